@@ -1,0 +1,29 @@
+"""flashjit: FlashAttention for PyTorch, compiled just in time for your GPU.
+
+Installing compiles nothing; the first call that needs a kernel specialization compiles it into a
+per-user cache (see flashjit.cache), and every later call, in any process, reuses it.
+
+`import flashjit` does not import torch (the CLI and build boxes stay fast); the tensor functions
+load it on first use.
+"""
+from ._version import __version__
+from .config import KernelConfig, default_config, get_autotuning_kernel_configs, get_kernels_to_build
+from .toolchain import ToolchainError
+
+_LAZY = {
+    "forward": "interface", "forward_timed": "interface", "attention_reference": "reference",
+    "CompileError": "jit",
+}
+
+__all__ = ["__version__", "KernelConfig", "default_config", "get_kernels_to_build",
+           "get_autotuning_kernel_configs", "ToolchainError", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'flashjit' has no attribute {name!r}")

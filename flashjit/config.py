@@ -1,0 +1,230 @@
+"""KernelConfig: every knob of the forward kernel, its validation, its canonical name, the build set
+and the autotuning space.
+
+Each field maps one-to-one onto a template parameter of ``flashjit::fwd::Kernel`` in
+``kernels/fwd_sm80.cuh``; every rule ``problems()`` enforces is also a ``static_assert`` there with
+the same message (tests/test_config.py checks that the messages stay in sync).
+"""
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass, fields
+
+DTYPES = ("fp16", "bf16")
+HEAD_DIMS = (32, 64, 96, 128, 160, 192, 256)
+BLOCK_ROWS = (64, 128)        # B_r: query rows per CTA
+BLOCK_COLS = (32, 64, 128)    # B_c: key/value rows per main-loop step
+WARPS = (4, 8)
+REGISTER_LIMIT = 255
+
+# The reasons, shared verbatim with the static_asserts in kernels/fwd_sm80.cuh.
+WHY_WARP_ROWS = "each warp must own 16 or 32 query rows: B_r / n_warps must be 16 or 32"
+WHY_DEPTH = "a fragment depth must be 0 (whole block up front) or a power of two dividing its k-tile count"
+WHY_EAGER = "eager_load_blocks needs async_copy: synchronous loads cannot overlap the matrix multiplies"
+WHY_DOUBLE_BUFFER = ("mma_double_buffer_loads needs a fragment depth that splits its k loop "
+                     "(0 < depth < k-tiles) for Q, K or V")
+WHY_REGISTERS = "the fragments of this config need more than 255 registers per thread and would spill"
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """One forward-kernel specialization.
+
+    dtype            'fp16' or 'bf16' (inputs and output; accumulation is always fp32)
+    d_head           head dimension D
+    B_r, B_c         query rows per CTA, key/value rows per main-loop step
+    n_warps          warps per CTA; each warp owns B_r / n_warps query rows (16 or 32)
+    async_copy       global->shared copies with cp.async (else 16-byte loads then shared stores)
+    eager_load_blocks  issue the next K/V tile's copy before computing on the current one, so
+                     copies overlap the tensor-core work (FlashAttention-2's pipelining)
+    swizzled         XOR-swizzle shared-memory rows so ldmatrix is bank-conflict free
+    q/k/v_frag_depth how many 16-wide k-tiles of Q (QK^T), K (QK^T) and V (PV) fragments are loaded
+                     from shared memory into registers at once; 0 = the whole block up front (for Q:
+                     once per CTA, kept in registers for the whole key loop)
+    mma_double_buffer_loads  load the next fragment chunk while the tensor cores work on this one
+    optimized_softmax  fold the softmax scale and log2(e) into one FMA feeding exp2 (else scale
+                     the scores, then expf)
+    causal           bottom-right aligned causal mask (flash-attn's convention when Sq != Sk)
+    """
+
+    dtype: str = "bf16"
+    d_head: int = 128
+    B_r: int = 128
+    B_c: int = 64
+    n_warps: int = 4
+    async_copy: bool = True
+    eager_load_blocks: bool = True
+    swizzled: bool = True
+    q_frag_depth: int = 1
+    k_frag_depth: int = 1
+    v_frag_depth: int = 1
+    mma_double_buffer_loads: bool = True
+    optimized_softmax: bool = True
+    causal: bool = False
+
+    # ---- derived quantities --------------------------------------------------------------
+    @property
+    def warp_rows(self) -> int:
+        return self.B_r // self.n_warps
+
+    @property
+    def threads(self) -> int:
+        return self.n_warps * 32
+
+    @property
+    def smem_bytes(self) -> int:
+        """Q tile + K tile + V tile, 2 bytes an element."""
+        return (self.B_r + 2 * self.B_c) * self.d_head * 2
+
+    def k_tiles(self, operand: str) -> int:
+        """k-tiles (16 wide) of the loop that loads this operand: D for Q and K, B_c for V."""
+        return (self.d_head if operand in "qk" else self.B_c) // 16
+
+    def register_estimate(self) -> int:
+        """32-bit registers for the fragments that are live at once, per thread (fp32 accumulators,
+        16-bit operands packed in pairs), plus a few for indices. A lower bound on the real count."""
+        m = self.warp_rows // 16
+        o_acc = m * (self.d_head // 8) * 4
+        s_acc = m * (self.B_c // 8) * 4
+
+        def chunk(operand: str, per_tile: int) -> int:
+            depth = getattr(self, f"{operand}_frag_depth")
+            tiles = self.k_tiles(operand) if depth == 0 else depth
+            buffers = 2 if self.mma_double_buffer_loads and 0 < depth < self.k_tiles(operand) else 1
+            return tiles * per_tile * buffers
+
+        q = chunk("q", m * 4)
+        k = chunk("k", (self.B_c // 8) * 2)
+        v = chunk("v", (self.d_head // 8) * 2)
+        q_resident = q if self.q_frag_depth == 0 else 0
+        qk_phase = o_acc + s_acc + q + k
+        pv_phase = o_acc + s_acc // 2 + v + q_resident
+        return max(qk_phase, pv_phase) + 8
+
+    # ---- validation ----------------------------------------------------------------------
+    def problems(self) -> list[str]:
+        """Every reason this config cannot be built (empty when it can)."""
+        out = []
+        if self.dtype not in DTYPES:
+            out.append(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.d_head not in HEAD_DIMS:
+            out.append(f"d_head must be one of {HEAD_DIMS}, got {self.d_head}")
+        if self.B_r not in BLOCK_ROWS:
+            out.append(f"B_r must be one of {BLOCK_ROWS}, got {self.B_r}")
+        if self.B_c not in BLOCK_COLS:
+            out.append(f"B_c must be one of {BLOCK_COLS}, got {self.B_c}")
+        if self.n_warps not in WARPS:
+            out.append(f"n_warps must be one of {WARPS}, got {self.n_warps}")
+        if out:
+            return out  # the rules below assume the basic shapes are sane
+        if self.warp_rows not in (16, 32):
+            out.append(WHY_WARP_ROWS)
+        for operand in "qkv":
+            depth, tiles = getattr(self, f"{operand}_frag_depth"), self.k_tiles(operand)
+            if depth != 0 and (depth & (depth - 1) or tiles % depth):
+                out.append(f"{operand}_frag_depth={depth}: {WHY_DEPTH} ({tiles})")
+        if self.eager_load_blocks and not self.async_copy:
+            out.append(WHY_EAGER)
+        if self.mma_double_buffer_loads and not any(
+                0 < getattr(self, f"{o}_frag_depth") < self.k_tiles(o) for o in "qkv"):
+            out.append(WHY_DOUBLE_BUFFER)
+        if not out and self.register_estimate() > REGISTER_LIMIT:
+            out.append(f"{WHY_REGISTERS} (about {self.register_estimate()}); "
+                       "use smaller fragment depths, fewer rows per warp or a smaller B_c")
+        return out
+
+    def validate(self) -> "KernelConfig":
+        problems = self.problems()
+        if problems:
+            raise ValueError(f"invalid KernelConfig {self}:\n  - " + "\n  - ".join(problems))
+        return self
+
+    def check_shared_memory(self, limit_bytes: int, device: str) -> None:
+        if self.smem_bytes > limit_bytes:
+            raise ValueError(
+                f"config {self.name} needs {self.smem_bytes // 1024} KiB of shared memory per block, "
+                f"but {device} allows {limit_bytes // 1024} KiB: choose a smaller B_r or B_c")
+
+    # ---- canonical name ------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        """Readable, parseable, unique: KernelConfig.from_name(c.name) == c."""
+        b = lambda flag: int(bool(flag))  # noqa: E731
+        return (f"fwd_{self.dtype}_d{self.d_head}_br{self.B_r}_bc{self.B_c}_w{self.n_warps}"
+                f"_ac{b(self.async_copy)}_el{b(self.eager_load_blocks)}_sw{b(self.swizzled)}"
+                f"_fq{self.q_frag_depth}_fk{self.k_frag_depth}_fv{self.v_frag_depth}"
+                f"_db{b(self.mma_double_buffer_loads)}_os{b(self.optimized_softmax)}"
+                f"_causal{b(self.causal)}")
+
+    _NAME_RE = re.compile(
+        r"^fwd_(?P<dtype>fp16|bf16)_d(?P<d_head>\d+)_br(?P<B_r>\d+)_bc(?P<B_c>\d+)_w(?P<n_warps>\d+)"
+        r"_ac(?P<async_copy>[01])_el(?P<eager_load_blocks>[01])_sw(?P<swizzled>[01])"
+        r"_fq(?P<q_frag_depth>\d+)_fk(?P<k_frag_depth>\d+)_fv(?P<v_frag_depth>\d+)"
+        r"_db(?P<mma_double_buffer_loads>[01])_os(?P<optimized_softmax>[01])_causal(?P<causal>[01])$")
+
+    @classmethod
+    def from_name(cls, name: str) -> "KernelConfig":
+        match = cls._NAME_RE.match(name)
+        if not match:
+            raise ValueError(f"{name!r} is not a flashjit kernel name (expected e.g. {cls().name!r})")
+        values = {}
+        for f in fields(cls):
+            raw = match.group(f.name)
+            values[f.name] = raw if f.type == "str" else (bool(int(raw)) if f.type == "bool" else int(raw))
+        return cls(**values)
+
+
+def default_config(dtype: str, d_head: int, causal: bool, seqlen_q: int = 4096, arch: str = "sm_80") -> KernelConfig:
+    """The config the dispatcher uses when no tuned table entry exists: measured on the H100
+    (docs/perf-log.md). 128 query rows on 4 warps (32 rows a warp) halves the shared-memory
+    fragment traffic per MMA; large heads drop to 16 rows a warp to stay inside the register file."""
+    if seqlen_q <= 64:
+        # One small block of queries (decoding-like): do not waste half a 128-row tile.
+        return _fit(KernelConfig(dtype=dtype, d_head=d_head, B_r=64, B_c=64 if d_head <= 128 else 32,
+                                 n_warps=4, causal=causal))
+    if d_head <= 64:
+        return _fit(KernelConfig(dtype=dtype, d_head=d_head, B_r=128, B_c=128, n_warps=4, causal=causal))
+    if d_head <= 128:
+        return _fit(KernelConfig(dtype=dtype, d_head=d_head, B_r=128, B_c=64, n_warps=4, causal=causal))
+    return _fit(KernelConfig(dtype=dtype, d_head=d_head, B_r=128, B_c=64 if d_head <= 192 else 32,
+                             n_warps=8, causal=causal))
+
+
+def _fit(cfg: KernelConfig) -> KernelConfig:
+    """Shrink fragment depths/double buffering until the config is valid (e.g. d_head=96 has 6 k-tiles)."""
+    if not cfg.problems():
+        return cfg
+    for db in (cfg.mma_double_buffer_loads, False):
+        for depth in (1,):
+            candidate = KernelConfig(**{**cfg.__dict__, "q_frag_depth": depth, "k_frag_depth": depth,
+                                        "v_frag_depth": depth, "mma_double_buffer_loads": db})
+            if not candidate.problems():
+                return candidate
+    return cfg.validate()
+
+
+def get_kernels_to_build() -> list[KernelConfig]:
+    """The default build set: the dispatcher's choice for every dtype, head dim and causal flag at
+    long and short sequence lengths (what `python -m flashjit precompile` builds without names)."""
+    configs = []
+    for dtype, d_head, causal, seqlen in itertools.product(DTYPES, HEAD_DIMS, (False, True), (4096, 1)):
+        cfg = default_config(dtype, d_head, causal, seqlen)
+        if cfg not in configs:
+            configs.append(cfg)
+    return configs
+
+
+def get_autotuning_kernel_configs(dtype: str = "bf16", d_head: int = 128, causal: bool = False,
+                                  exhaustive: bool = False) -> list[KernelConfig]:
+    """The search space for `flashjit.tune`. By default the knobs that only ever help (cp.async,
+    eager loading, swizzling, the fused softmax) stay on; exhaustive=True varies them too."""
+    flags = (True, False) if exhaustive else (True,)
+    depths = (0, 1, 2, 4)
+    out = []
+    for B_r, B_c, n_warps, ac, el, sw, fq, fk, fv, db, os_ in itertools.product(
+            BLOCK_ROWS, BLOCK_COLS, WARPS, flags, flags, flags, depths, depths, depths, (True, False), flags):
+        cfg = KernelConfig(dtype, d_head, B_r, B_c, n_warps, ac, el, sw, fq, fk, fv, db, os_, causal)
+        if not cfg.problems():
+            out.append(cfg)
+    return out

@@ -1,0 +1,42 @@
+"""Every FLASHJIT_* environment variable, declared in one place.
+
+Values are read when asked for (not at import), so a test or an application may set them at any
+time before the call that needs them. ``python -m flashjit info`` prints this table.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EnvVar:
+    name: str
+    default: str
+    doc: str
+
+    def get(self) -> str:
+        value = os.environ.get(self.name, "").strip()
+        return value if value else self.default
+
+    def flag(self) -> bool:
+        return self.get().lower() not in ("", "0", "false", "no", "off")
+
+
+CACHE_DIR = EnvVar(
+    "FLASHJIT_CACHE_DIR", "",
+    "Root of the kernel cache (default: the platform's per-user cache dir, e.g. ~/.cache/flashjit).")
+VERBOSE = EnvVar(
+    "FLASHJIT_VERBOSE", "0",
+    "1: show the compiler commands, and each new kernel's ptxas register/spill/shared-memory report.")
+CUDA_ARCH = EnvVar(
+    "FLASHJIT_CUDA_ARCH", "",
+    "Force the target arch instead of the GPU's own, e.g. sm_90a, sm_80 or 8.6.")
+BACKEND = EnvVar(
+    "FLASHJIT_BACKEND", "",
+    "'jit' (the compiled kernels; default when CUDA is available) or 'reference' (PyTorch, any device).")
+JOBS = EnvVar(
+    "FLASHJIT_JOBS", "",
+    "Default number of parallel compiles for `python -m flashjit precompile` (default: CPU count).")
+
+ALL = (CACHE_DIR, VERBOSE, CUDA_ARCH, BACKEND, JOBS)

@@ -1,0 +1,165 @@
+"""Public functions: input validation, config choice, and the launch on torch's current stream.
+
+    forward(q, k, v, config=None, causal=False, softmax_scale=None, return_lse=False)
+    forward_timed(q, k, v, config=None, causal=False, softmax_scale=None) -> (out, milliseconds)
+
+q: [B, Sq, H, D], k/v: [B, Sk, H_k, D], fp16 or bf16, one CUDA device, H divisible by H_k, any
+strides on B, S and H with a contiguous last dim (slices of a packed qkv tensor need no copy).
+Returns out [B, Sq, H, D] (q's dtype) and, if asked, lse [B, H, Sq] fp32 (natural log).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+
+import torch
+
+from . import jit
+from .config import HEAD_DIMS, KernelConfig, default_config
+from .launch import FwdParams
+
+log = logging.getLogger("flashjit")
+
+_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+_INT32_MAX = 2**31 - 1
+
+
+def check_qkv(q, k, v) -> None:
+    """ValueError/TypeError naming the offending argument, before anything is launched."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have 4 dims [batch, seqlen, heads, head_dim], got shape {tuple(t.shape)}")
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"{name} must be float16 or bfloat16, got {t.dtype}; cast it with .half() or .bfloat16()")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {t.stride()}; "
+                             f"pass {name}.contiguous()")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    batch, seqlen_q, heads, d_head = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != batch or k.shape[3] != d_head:
+        raise ValueError(f"k/v shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} in batch or head_dim")
+    if d_head not in HEAD_DIMS:
+        raise ValueError(f"head_dim {d_head} is not supported; flashjit supports {HEAD_DIMS} "
+                         "(pad the head dimension to the next supported size)")
+    heads_k = k.shape[2]
+    if heads_k == 0 or heads % heads_k:
+        raise ValueError(f"the number of query heads ({heads}) must be divisible by the number of key/value "
+                         f"heads ({heads_k}) for GQA/MQA")
+    if max(seqlen_q, k.shape[1], batch * heads) > _INT32_MAX:
+        raise ValueError("batch * heads and the sequence lengths must each fit in 32 bits")
+    if q.device.type != "cuda":
+        raise ValueError(f"q is on {q.device}: the JIT kernels need CUDA tensors. For CPU (or any device) use "
+                         "the PyTorch reference backend: FLASHJIT_BACKEND=reference")
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """The kernels copy 16-byte chunks: base pointer and row/head/batch strides must be multiples
+    of 8 elements. Views that are not (rare: odd slicing) are copied once."""
+    if t.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in t.stride()[:3]):
+        return t
+    log.debug("flashjit: copying a %s view with strides %s to meet 16-byte alignment", tuple(t.shape), t.stride())
+    return torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t)
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_limit(device_index: int) -> tuple[int, str]:
+    props = torch.cuda.get_device_properties(device_index)
+    return props.shared_memory_per_block_optin, props.name
+
+
+def resolve_config(q: torch.Tensor, k: torch.Tensor, config: KernelConfig | None, causal: bool) -> KernelConfig:
+    dtype, d_head = _DTYPES[q.dtype], q.shape[3]
+    if config is None:
+        config = default_config(dtype, d_head, causal, seqlen_q=q.shape[1])
+        log.debug("flashjit: dispatching [B=%d, Sq=%d, Sk=%d, H=%d, H_k=%d, D=%d] to %s (default for "
+                  "dtype/head dim/causal/seqlen)", q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2],
+                  d_head, config.name)
+        return config
+    if not isinstance(config, KernelConfig):
+        raise TypeError(f"config must be a flashjit.KernelConfig, got {type(config).__name__}")
+    for field, wanted, given in (("dtype", dtype, config.dtype), ("d_head", d_head, config.d_head),
+                                 ("causal", bool(causal), config.causal)):
+        if wanted != given:
+            raise ValueError(f"config.{field}={given!r} does not match the call ({field}={wanted!r}); "
+                             f"use dataclasses.replace(config, {field}={wanted!r})")
+    return config.validate()
+
+
+def _current_stream(device_index: int) -> int:
+    # The raw handle without building a torch.cuda.Stream object (a few microseconds a call).
+    getter = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    return getter(device_index) if getter else torch.cuda.current_stream(device_index).cuda_stream
+
+
+def _check_out(out, q) -> None:
+    if not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(f"out must be a tensor shaped like q {tuple(q.shape)} with dtype {q.dtype} on {q.device}")
+    if out.stride(-1) != 1 or out.data_ptr() % 16 or any(s % 8 for s in out.stride()[:3]):
+        raise ValueError(f"out must have a contiguous last dim and 16-byte aligned rows, got strides {out.stride()}")
+
+
+def _launch(q, k, v, config, causal, softmax_scale, out=None):
+    """Validate, choose and build the kernel, allocate outputs. Returns (run, out, lse)."""
+    check_qkv(q, k, v)
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    elif not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale) and softmax_scale > 0):
+        raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale!r}")
+    config = resolve_config(q, k, config, causal)
+    device_index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    limit, device_name = _smem_limit(device_index)
+    config.check_shared_memory(limit, device_name)
+    kernel = jit.get_kernel(config, jit.arch_for(device_index))
+
+    q, k, v = _aligned(q), _aligned(k), _aligned(v)
+    batch, seqlen_q, heads, d_head = q.shape
+    if out is None:
+        out = torch.empty((batch, seqlen_q, heads, d_head), dtype=q.dtype, device=q.device)
+    else:
+        _check_out(out, q)
+    lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
+    qs, ks, vs, os_ = q.stride(), k.stride(), v.stride(), out.stride()
+    params = FwdParams(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
+        qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], os_[0], os_[1], os_[2],
+        batch, seqlen_q, k.shape[1], heads, k.shape[2], softmax_scale)
+
+    def run():
+        if torch.cuda.current_device() == device_index:
+            kernel(params, _current_stream(device_index))
+        else:  # the CUDA runtime launches on the current device: make it q's
+            with torch.cuda.device(device_index):
+                kernel(params, _current_stream(device_index))
+
+    return run, out, lse
+
+
+def forward(q, k, v, config: KernelConfig | None = None, causal: bool = False,
+            softmax_scale: float | None = None, return_lse: bool = False, out: torch.Tensor | None = None):
+    """Attention forward with the JIT kernel `config` (default: the dispatcher's choice), written
+    into `out` when given (shaped like q)."""
+    run, out, lse = _launch(q, k, v, config, causal, softmax_scale, out)
+    run()
+    return (out, lse) if return_lse else out
+
+
+def forward_timed(q, k, v, config: KernelConfig | None = None, causal: bool = False,
+                  softmax_scale: float | None = None) -> tuple[torch.Tensor, float]:
+    """forward(), plus the kernel's own time in milliseconds from CUDA events around the launch
+    (compilation and input checks are outside the timed region). Synchronises the stream."""
+    run, out, _ = _launch(q, k, v, config, causal, softmax_scale)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with torch.cuda.device(q.device):
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+    return out, start.elapsed_time(end)

@@ -1,0 +1,201 @@
+"""Compile-or-load: in-process memo -> verified disk cache -> (lock, re-check, render, compile, publish).
+
+The first use of a kernel in a process costs a dict miss plus, when the disk cache has it, a dlopen;
+every later use is a dict lookup. Compiles go through torch.utils.cpp_extension.load on a TU with
+no torch headers (about 2 s instead of a minute), into a private staging directory.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from . import cache, codegen, envvars, toolchain
+from ._version import __version__
+from .config import KernelConfig
+from .launch import CompiledKernel
+
+log = logging.getLogger("flashjit")
+
+_memo: dict[tuple[str, str], CompiledKernel] = {}
+_memo_lock = threading.Lock()
+
+
+class CompileError(RuntimeError):
+    """nvcc (or the link) failed. Carries the compiler's log tail and the rendered source's path."""
+
+    def __init__(self, message: str, log_tail: str, source_path: Path):
+        super().__init__(message)
+        self.log_tail, self.source_path = log_tail, source_path
+
+    def __reduce__(self):  # picklable, so precompile's worker processes can report it
+        return (type(self), (str(self), self.log_tail, self.source_path))
+
+
+def notify(message: str) -> None:
+    """What a user must see without configuring anything (a compile is not a hang). If the
+    application configured logging, it decides; otherwise the line goes to stderr."""
+    if log.hasHandlers():
+        log.info(message)
+    else:
+        print(f"[flashjit] {message}", file=sys.stderr, flush=True)
+
+
+def build_flags(arch: str, toolkit: toolchain.Toolkit) -> list[str]:
+    return ["-O3", "-std=c++17", "-DNDEBUG", *toolchain.gencode_flags(arch, toolkit)]
+
+
+def key_inputs(config: KernelConfig, arch: str, toolkit: toolchain.Toolkit, flags: list[str]) -> dict:
+    """Everything that changes the binary. The torch version is there because cpp_extension's
+    own flags, compiler checks and link line come from it."""
+    import torch
+
+    return {
+        "config": config.name, "arch": arch, "nvcc": toolkit.version, "cuda_home": str(toolkit.home),
+        "flashjit": __version__, "codegen_abi": codegen.ABI_VERSION, "sources": codegen.sources_hash(),
+        "flags": flags, "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+    }
+
+
+@functools.lru_cache(maxsize=None)
+def _device_arch_cached(index: int) -> str:
+    return toolchain.device_arch(index)
+
+
+def arch_for(device_index: int) -> str:
+    forced = envvars.CUDA_ARCH.get()
+    return toolchain.normalize_arch(forced) if forced else _device_arch_cached(device_index)
+
+
+def get_kernel(config: KernelConfig, arch: str) -> CompiledKernel:
+    """The loaded kernel for (config, arch), compiling it on first use anywhere on this machine."""
+    memo_key = (config.name, arch)
+    kernel = _memo.get(memo_key)
+    if kernel is None:
+        with _memo_lock:
+            kernel = _memo.get(memo_key)
+            if kernel is None:
+                kernel = CompiledKernel(ensure_built(config, arch), config.name)
+                _memo[memo_key] = kernel
+    return kernel
+
+
+def ensure_built(config: KernelConfig, arch: str) -> Path:
+    """Path of the verified cached library for (config, arch), building it if needed. Needs no GPU."""
+    config.validate()
+    toolkit = toolchain.find_toolkit()
+    flags = build_flags(arch, toolkit)
+    inputs = key_inputs(config, arch, toolkit, flags)
+    entry = cache.Entry.for_key(arch, config.name, cache.key_hash(inputs))
+    library = entry.verified_library()
+    if library is None:
+        with entry.locked():
+            library = entry.verified_library()  # someone may have published it while we waited
+            if library is None:
+                library = _build(entry, config, arch, toolkit, flags, inputs)
+    return library
+
+
+@contextlib.contextmanager
+def _compiler_environment(toolkit: toolchain.Toolkit):
+    """Point cpp_extension at the real toolkit (its own guess breaks on nvcc wrapper scripts) and
+    make sure ninja is found even when the interpreter's bin directory is not on PATH."""
+    saved_env = {name: os.environ.get(name) for name in ("CUDA_HOME", "PATH")}
+    os.environ["CUDA_HOME"] = str(toolkit.home)  # before cpp_extension's import-time guess runs
+    quiet = logging.getLogger("torch.utils.cpp_extension")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its "No CUDA runtime is found" is expected on a GPU-less build box
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        quiet.setLevel(level)
+
+    saved_home = cpp_extension.CUDA_HOME
+    extra_path = [os.path.dirname(sys.executable)]
+    with contextlib.suppress(ImportError, AttributeError):
+        import ninja
+
+        extra_path.insert(0, ninja.BIN_DIR)
+    cpp_extension.CUDA_HOME = str(toolkit.home)
+    os.environ["PATH"] = os.pathsep.join([*extra_path, os.environ.get("PATH", "")])
+    try:
+        yield cpp_extension
+    finally:
+        cpp_extension.CUDA_HOME = saved_home
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _build(entry: cache.Entry, config: KernelConfig, arch: str, toolkit: toolchain.Toolkit,
+           flags: list[str], inputs: dict) -> Path:
+    staging = entry.staged_build()
+    source = staging.path / cache.SOURCE
+    source.write_text(codegen.render(config))
+    verbose = envvars.VERBOSE.flag()
+    notify(f"compiling kernel {config.name} for {arch} (first use on this machine; "
+           f"cached afterwards in {entry.path.parent})")
+    started = time.perf_counter()
+    try:
+        with _compiler_environment(toolkit) as cpp_extension:
+            try:
+                built = cpp_extension.load(
+                    name=f"flashjit_{entry.path.name.rsplit('-', 1)[1]}",
+                    sources=[str(source)],
+                    extra_cflags=["-O2"],
+                    # -Xptxas=-v only reports registers/spills; it does not change the binary.
+                    extra_cuda_cflags=flags + (["-Xptxas=-v"] if verbose else []),
+                    extra_include_paths=[str(codegen.kernels_dir())],
+                    # Static cudart, and no torch libraries: the TU uses none, and this keeps the
+                    # library loadable whatever libcudart the environment would otherwise find.
+                    extra_ldflags=[f"-L{toolkit.home / 'lib64'}", "-l:libcudart_static.a", "-ldl", "-lrt",
+                                   "-lpthread", "-Wl,--as-needed"],
+                    build_directory=str(_fresh_dir(staging.path / "build")),
+                    verbose=verbose,
+                    is_python_module=False,
+                )
+            except Exception as exc:  # cpp_extension raises RuntimeError/CalledProcessError
+                raise _compile_error(entry, config, arch, source, exc) from exc
+        shutil.move(str(built), str(staging.path / cache.LIBRARY))
+        shutil.rmtree(staging.path / "build", ignore_errors=True)
+        seconds = time.perf_counter() - started
+        library = staging.publish(dict(inputs, build_seconds=round(seconds, 3)))
+    except BaseException:
+        staging.discard()  # nothing half-written stays behind, also on KeyboardInterrupt
+        raise
+    notify(f"compiled {config.name} for {arch} in {seconds:.1f} s")
+    return library
+
+
+def _fresh_dir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _compile_error(entry: cache.Entry, config: KernelConfig, arch: str, source: Path,
+                   exc: Exception) -> CompileError:
+    """Keep the rendered source outside the cache (which stays clean) and say where it is."""
+    kept = Path(tempfile.gettempdir()) / "flashjit-failed" / entry.path.name
+    shutil.rmtree(kept, ignore_errors=True)
+    kept.mkdir(parents=True, exist_ok=True)
+    shutil.copy(source, kept / source.name)
+    text = str(exc)
+    for stream in ("output", "stdout", "stderr"):
+        extra = getattr(exc, stream, None)
+        if extra:
+            text += "\n" + (extra.decode(errors="replace") if isinstance(extra, bytes) else str(extra))
+    (kept / "build.log").write_text(text)
+    tail = "\n".join(text.strip().splitlines()[-40:])
+    return CompileError(
+        f"flashjit failed to compile {config.name} for {arch}.\n--- compiler log (tail) ---\n{tail}\n"
+        f"--- end ---\nRendered source: {kept / source.name}\nFull log: {kept / 'build.log'}",
+        tail, kept / source.name)

@@ -1,0 +1,24 @@
+// The plain parameter struct passed from Python (ctypes, flashjit/launch.py mirrors it field by
+// field; flashjit_fwd_params_size() lets Python check that the two agree).
+#pragma once
+#include <cstdint>
+
+namespace flashjit {
+
+// q: [B, Sq, H, D], k/v: [B, Sk, H_k, D], o: [B, Sq, H, D]; strides in elements, last dim contiguous.
+// lse: [B, H, Sq] fp32, contiguous.
+struct FwdParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* o;
+  float* lse;
+  int64_t q_batch_stride, q_row_stride, q_head_stride;
+  int64_t k_batch_stride, k_row_stride, k_head_stride;
+  int64_t v_batch_stride, v_row_stride, v_head_stride;
+  int64_t o_batch_stride, o_row_stride, o_head_stride;
+  int32_t batch, seqlen_q, seqlen_k, heads, heads_k;
+  float softmax_scale;
+};
+
+}  // namespace flashjit

@@ -1,0 +1,391 @@
+// FlashAttention-2 style forward pass for sm_80 and newer (mma.sync m16n8k16, ldmatrix, cp.async).
+//
+//   O[b, i, h, :] = sum_j softmax_j(scale * Q[b, i, h, :] . K[b, j, h_k, :]) V[b, j, h_k, :]
+//   lse[b, h, i]  = log sum_j exp(scale * Q . K)          (natural log; +inf for fully masked rows)
+//
+// q: [B, Sq, H, D], k/v: [B, Sk, H_k, D] with h_k = h / (H / H_k), o: [B, Sq, H, D].
+// One CTA owns B_r query rows of one (batch, head); each warp owns B_r / n_warps of them and walks
+// all key blocks of B_c rows, keeping its O rows and softmax statistics in registers.
+#pragma once
+#include <cstdint>
+#include <cuda_runtime.h>
+
+#include "common/params.cuh"
+#include "common/ptx.cuh"
+#include "common/smem_tile.cuh"
+
+namespace flashjit::fwd {
+
+// One template parameter per KernelConfig field (flashjit/config.py), in the same order.
+template <bool kBf16_, int kD_, int kBr_, int kBc_, int kWarps_, bool kAsync_, bool kEager_, bool kSwizzle_,
+          int kDepthQ_, int kDepthK_, int kDepthV_, bool kDoubleBuffer_, bool kOptSoftmax_, bool kCausal_>
+struct Config {
+  static constexpr bool kBf16 = kBf16_, kAsync = kAsync_, kEager = kEager_, kSwizzle = kSwizzle_;
+  static constexpr bool kDoubleBuffer = kDoubleBuffer_, kOptSoftmax = kOptSoftmax_, kCausal = kCausal_;
+  static constexpr int kD = kD_, kBr = kBr_, kBc = kBc_, kWarps = kWarps_;
+  static constexpr int kDepthQ = kDepthQ_, kDepthK = kDepthK_, kDepthV = kDepthV_;
+
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kWarpRows = kBr / kWarps;
+  static constexpr int kM = kWarpRows / 16;  // 16-row MMA tiles per warp
+  static constexpr int kKtD = kD / 16;       // k-tiles of QK^T (over the head dim)
+  static constexpr int kNtD = kD / 8;        // n-tiles of PV (over the head dim)
+  static constexpr int kNtC = kBc / 8;       // n-tiles of QK^T (over keys)
+  static constexpr int kKtC = kBc / 16;      // k-tiles of PV (over keys)
+  static constexpr int kSmemBytes = (kBr + 2 * kBc) * kD * 2;
+
+  // Chunk sizes (k-tiles loaded into registers at once) and whether each operand double-buffers.
+  static constexpr int kChunkQ = kDepthQ == 0 ? kKtD : kDepthQ;
+  static constexpr int kChunkK = kDepthK == 0 ? kKtD : kDepthK;
+  static constexpr int kChunkV = kDepthV == 0 ? kKtC : kDepthV;
+  static constexpr bool kDbQ = kDoubleBuffer && kDepthQ > 0 && kDepthQ < kKtD;
+  static constexpr bool kDbK = kDoubleBuffer && kDepthK > 0 && kDepthK < kKtD;
+  static constexpr bool kDbV = kDoubleBuffer && kDepthV > 0 && kDepthV < kKtC;
+
+  // Mirrors KernelConfig.register_estimate().
+  static constexpr int kRegQ = kChunkQ * kM * 4 * (kDbQ ? 2 : 1);
+  static constexpr int kRegK = kChunkK * kNtC * 2 * (kDbK ? 2 : 1);
+  static constexpr int kRegV = kChunkV * kNtD * 2 * (kDbV ? 2 : 1);
+  static constexpr int kRegO = kM * kNtD * 4, kRegS = kM * kNtC * 4;
+  static constexpr int kRegQK = kRegO + kRegS + kRegQ + kRegK;
+  static constexpr int kRegPV = kRegO + kRegS / 2 + kRegV + (kDepthQ == 0 ? kRegQ : 0);
+  static constexpr int kRegEstimate = (kRegQK > kRegPV ? kRegQK : kRegPV) + 8;
+
+  static constexpr bool depth_ok(int depth, int tiles) {
+    return depth == 0 || ((depth & (depth - 1)) == 0 && tiles % depth == 0);
+  }
+  static_assert(kD % 32 == 0 && kD <= 256, "d_head must be a multiple of 32, at most 256");
+  static_assert(kBc % 32 == 0, "B_c must be a multiple of 32");
+  static_assert(kWarpRows == 16 || kWarpRows == 32,
+                "each warp must own 16 or 32 query rows: B_r / n_warps must be 16 or 32");
+  static_assert(depth_ok(kDepthQ, kKtD) && depth_ok(kDepthK, kKtD) && depth_ok(kDepthV, kKtC),
+                "a fragment depth must be 0 (whole block up front) or a power of two dividing its k-tile count");
+  static_assert(!kEager || kAsync,
+                "eager_load_blocks needs async_copy: synchronous loads cannot overlap the matrix multiplies");
+  static_assert(!kDoubleBuffer || kDbQ || kDbK || kDbV,
+                "mma_double_buffer_loads needs a fragment depth that splits its k loop (0 < depth < k-tiles) for Q, K or V");
+  static_assert(kRegEstimate <= 255,
+                "the fragments of this config need more than 255 registers per thread and would spill");
+};
+
+using elem_t = uint16_t;  // fp16 or bf16 bits; only mma_16816/pack2 need to know which
+
+// ---- fragment loads (shared memory -> registers) ---------------------------------------------
+// Q as the A operand of QK^T: for each of the warp's 16-row tiles and 16-wide k-tile, one ldmatrix.x4
+// (matrices: rows 0-7/8-15 x cols 0-7/8-15, giving a0..a3 in mma order).
+template <class C>
+__device__ __forceinline__ void load_q(uint32_t (&qf)[C::kM][C::kKtD][4], const elem_t* sQ, int row0, int lane,
+                                       int kt0, int count) {
+  using L = SmemLayout<C::kD, C::kSwizzle>;
+#pragma unroll
+  for (int kt = kt0; kt < kt0 + count; ++kt)
+#pragma unroll
+    for (int mt = 0; mt < C::kM; ++mt)
+      ldmatrix_x4(qf[mt][kt], smem_addr(sQ + L::frag_offset(row0 + mt * 16, lane & 15, kt * 2, lane >> 4)));
+}
+
+// K as the B operand of QK^T (B[k][n] = K[n][k]): K rows are keys, so a plain ldmatrix of an 8x8
+// (keys x dims) block is already the col-major B fragment. One x4 = two n-tiles x both k halves.
+template <class C>
+__device__ __forceinline__ void load_k(uint32_t (&kf)[C::kKtD][C::kNtC][2], const elem_t* sK, int lane, int kt0,
+                                       int count) {
+  using L = SmemLayout<C::kD, C::kSwizzle>;
+#pragma unroll
+  for (int kt = kt0; kt < kt0 + count; ++kt)
+#pragma unroll
+    for (int nt = 0; nt < C::kNtC; nt += 2) {
+      uint32_t r[4];
+      ldmatrix_x4(r, smem_addr(sK + L::frag_offset(nt * 8, (lane >> 4) * 8 + (lane & 7), kt * 2, (lane >> 3) & 1)));
+      kf[kt][nt][0] = r[0], kf[kt][nt][1] = r[1], kf[kt][nt + 1][0] = r[2], kf[kt][nt + 1][1] = r[3];
+    }
+}
+
+// V as the B operand of PV (B[k][n] = V[k][n], k = key): rows of V are the k dimension, so the
+// fragment needs the transposing ldmatrix. One x4 = both k halves x two n-tiles (head-dim columns).
+template <class C>
+__device__ __forceinline__ void load_v(uint32_t (&vf)[C::kKtC][C::kNtD][2], const elem_t* sV, int lane, int kt0,
+                                       int count) {
+  using L = SmemLayout<C::kD, C::kSwizzle>;
+#pragma unroll
+  for (int kt = kt0; kt < kt0 + count; ++kt)
+#pragma unroll
+    for (int nt = 0; nt < C::kNtD; nt += 2) {
+      uint32_t r[4];
+      ldmatrix_x4_trans(r, smem_addr(sV + L::frag_offset(kt * 16, ((lane >> 3) & 1) * 8 + (lane & 7), nt, lane >> 4)));
+      vf[kt][nt][0] = r[0], vf[kt][nt][1] = r[1], vf[kt][nt + 1][0] = r[2], vf[kt][nt + 1][1] = r[3];
+    }
+}
+
+// Which chunk of fragments to fetch when the k loop reaches k-tile `kt`: the chunk starting at kt,
+// or with double buffering the one after it (the caller fetches chunk 0 before the loop starts).
+template <int kChunk, int kTiles, bool kDb>
+__device__ __forceinline__ bool fetch_chunk_at(int kt, int& first) {
+  if (kt % kChunk != 0) return false;
+  first = kDb ? kt + kChunk : kt;
+  return first < kTiles;
+}
+
+// ---- the two matrix products ------------------------------------------------------------------
+// S = Q K^T for the warp's rows: s[mt][nt] holds rows (lane/4, lane/4+8), cols 2*(lane%4)+{0,1}.
+template <class C>
+__device__ __forceinline__ void gemm_qk(float (&s)[C::kM][C::kNtC][4], uint32_t (&qf)[C::kM][C::kKtD][4],
+                                        const elem_t* sQ, const elem_t* sK, int row0, int lane) {
+  uint32_t kf[C::kKtD][C::kNtC][2];
+#pragma unroll
+  for (int mt = 0; mt < C::kM; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < C::kNtC; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
+#pragma unroll
+  for (int kt = 0; kt < C::kKtD; ++kt) {
+    int first;
+    if (C::kDepthQ != 0) {  // depth 0: the whole Q block sits in registers for the CTA's lifetime
+      if (C::kDbQ && kt == 0) load_q<C>(qf, sQ, row0, lane, 0, C::kChunkQ);
+      if (fetch_chunk_at<C::kChunkQ, C::kKtD, C::kDbQ>(kt, first)) load_q<C>(qf, sQ, row0, lane, first, C::kChunkQ);
+    }
+    if (C::kDbK && kt == 0) load_k<C>(kf, sK, lane, 0, C::kChunkK);
+    if (fetch_chunk_at<C::kChunkK, C::kKtD, C::kDbK>(kt, first)) load_k<C>(kf, sK, lane, first, C::kChunkK);
+#pragma unroll
+    for (int mt = 0; mt < C::kM; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < C::kNtC; ++nt) mma_16816<C::kBf16>(s[mt][nt], qf[mt][kt], kf[kt][nt]);
+  }
+}
+
+// O += P V, P given as A fragments (16-bit) built from the softmax'd S accumulators.
+template <class C>
+__device__ __forceinline__ void gemm_pv(float (&o)[C::kM][C::kNtD][4], const uint32_t (&p)[C::kM][C::kKtC][4],
+                                        const elem_t* sV, int lane) {
+  uint32_t vf[C::kKtC][C::kNtD][2];
+#pragma unroll
+  for (int kt = 0; kt < C::kKtC; ++kt) {
+    int first;
+    if (C::kDbV && kt == 0) load_v<C>(vf, sV, lane, 0, C::kChunkV);
+    if (fetch_chunk_at<C::kChunkV, C::kKtC, C::kDbV>(kt, first)) load_v<C>(vf, sV, lane, first, C::kChunkV);
+#pragma unroll
+    for (int mt = 0; mt < C::kM; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < C::kNtD; ++nt) mma_16816<C::kBf16>(o[mt][nt], p[mt][kt], vf[kt][nt]);
+  }
+}
+
+// ---- masking and online softmax -------------------------------------------------------------
+// Scores of keys past the end, and (causal) of keys right of the bottom-right aligned diagonal,
+// become -inf. row0/col0: global index of the warp's first row and the block's first key.
+template <class C>
+__device__ __forceinline__ void apply_mask(float (&s)[C::kM][C::kNtC][4], int row0, int col0, int seqlen_k,
+                                           int diag, int lane) {
+#pragma unroll
+  for (int mt = 0; mt < C::kM; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < C::kNtC; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = row0 + mt * 16 + (lane >> 2) + (e >> 1) * 8;
+        const int col = col0 + nt * 8 + (lane & 3) * 2 + (e & 1);
+        if (col >= seqlen_k || (C::kCausal && col > row + diag)) s[mt][nt][e] = -INFINITY;
+      }
+}
+
+// Rescale the running O and row sums to the new row maximum and turn S into unnormalised P.
+// Row statistics live per thread for rows lane/4 (+8); the max is reduced over the 4-lane quad that
+// shares a row, the sum only at the end. With kOptSoftmax, m is kept in raw-score units and the
+// scale * log2(e) is folded into one FMA per element feeding ex2.
+template <class C>
+__device__ __forceinline__ void online_softmax(float (&s)[C::kM][C::kNtC][4], float (&o)[C::kM][C::kNtD][4],
+                                               float (&m)[C::kM][2], float (&l)[C::kM][2], float scale,
+                                               float scale_log2) {
+#pragma unroll
+  for (int mt = 0; mt < C::kM; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      if (!C::kOptSoftmax) {
+#pragma unroll
+        for (int nt = 0; nt < C::kNtC; ++nt) s[mt][nt][2 * half] *= scale, s[mt][nt][2 * half + 1] *= scale;
+      }
+      float mx = m[mt][half];
+#pragma unroll
+      for (int nt = 0; nt < C::kNtC; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * half], s[mt][nt][2 * half + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      float alpha, sum = 0.f;
+      if (C::kOptSoftmax) {
+        const float m_scaled = mx == -INFINITY ? 0.f : mx * scale_log2;  // all masked so far: keep P = 0
+        alpha = fast_exp2(m[mt][half] * scale_log2 - m_scaled);
+#pragma unroll
+        for (int nt = 0; nt < C::kNtC; ++nt)
+#pragma unroll
+          for (int e = 2 * half; e < 2 * half + 2; ++e) {
+            s[mt][nt][e] = fast_exp2(fmaf(s[mt][nt][e], scale_log2, -m_scaled));
+            sum += s[mt][nt][e];
+          }
+      } else {
+        const float m_use = mx == -INFINITY ? 0.f : mx;
+        alpha = __expf(m[mt][half] - m_use);
+#pragma unroll
+        for (int nt = 0; nt < C::kNtC; ++nt)
+#pragma unroll
+          for (int e = 2 * half; e < 2 * half + 2; ++e) {
+            s[mt][nt][e] = __expf(s[mt][nt][e] - m_use);
+            sum += s[mt][nt][e];
+          }
+      }
+      m[mt][half] = mx;
+      l[mt][half] = l[mt][half] * alpha + sum;
+#pragma unroll
+      for (int nt = 0; nt < C::kNtD; ++nt) o[mt][nt][2 * half] *= alpha, o[mt][nt][2 * half + 1] *= alpha;
+    }
+}
+
+// The C fragments of S for n-tiles 2kt and 2kt+1 are exactly the A fragment of P for k-tile kt.
+template <class C>
+__device__ __forceinline__ void scores_to_p(const float (&s)[C::kM][C::kNtC][4], uint32_t (&p)[C::kM][C::kKtC][4]) {
+#pragma unroll
+  for (int mt = 0; mt < C::kM; ++mt)
+#pragma unroll
+    for (int kt = 0; kt < C::kKtC; ++kt) {
+      p[mt][kt][0] = pack2<C::kBf16>(s[mt][2 * kt][0], s[mt][2 * kt][1]);
+      p[mt][kt][1] = pack2<C::kBf16>(s[mt][2 * kt][2], s[mt][2 * kt][3]);
+      p[mt][kt][2] = pack2<C::kBf16>(s[mt][2 * kt + 1][0], s[mt][2 * kt + 1][1]);
+      p[mt][kt][3] = pack2<C::kBf16>(s[mt][2 * kt + 1][2], s[mt][2 * kt + 1][3]);
+    }
+}
+
+// ---- the kernel --------------------------------------------------------------------------------
+template <class C>
+__global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant__ FwdParams p) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  elem_t* sQ = reinterpret_cast<elem_t*>(smem_raw);
+  elem_t* sK = sQ + C::kBr * C::kD;
+  elem_t* sV = sK + C::kBc * C::kD;
+  using L = SmemLayout<C::kD, C::kSwizzle>;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  // 1-D grid: m-block fastest (neighbouring CTAs share K/V in L2), then head, then batch.
+  const int num_m = (p.seqlen_q + C::kBr - 1) / C::kBr;
+  int m_block = blockIdx.x % num_m;
+  const int bh = blockIdx.x / num_m, h = bh % p.heads, b = bh / p.heads;
+  if (C::kCausal) m_block = num_m - 1 - m_block;  // longest rows first: better tail balance
+  const int h_k = h / (p.heads / p.heads_k);
+
+  const int q_row0 = m_block * C::kBr;                 // first query row of the CTA
+  const int q_rows = min(C::kBr, p.seqlen_q - q_row0);  // valid query rows of the CTA
+  const int warp_row0 = warp * C::kWarpRows;           // first row of this warp within the CTA
+  const int diag = p.seqlen_k - p.seqlen_q;            // causal: key j visible to query i iff j <= i + diag
+  const elem_t* gQ = static_cast<const elem_t*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
+                     int64_t(q_row0) * p.q_row_stride;
+  const elem_t* gK = static_cast<const elem_t*>(p.k) + b * p.k_batch_stride + h_k * p.k_head_stride;
+  const elem_t* gV = static_cast<const elem_t*>(p.v) + b * p.v_batch_stride + h_k * p.v_head_stride;
+
+  int n_blocks = (p.seqlen_k + C::kBc - 1) / C::kBc;
+  if (C::kCausal) {
+    const int last_col = q_row0 + q_rows - 1 + diag;  // rightmost key any row of this CTA sees
+    n_blocks = last_col < 0 ? 0 : min(n_blocks, last_col / C::kBc + 1);
+  }
+  auto load_kv = [&](elem_t* dst, const elem_t* src, int64_t row_stride, int block) {
+    load_tile<C::kBc, C::kD, C::kSwizzle, C::kAsync, C::kThreads>(
+        dst, src + int64_t(block) * C::kBc * row_stride, row_stride, p.seqlen_k - block * C::kBc, tid);
+  };
+
+  float o[C::kM][C::kNtD][4];
+  float m[C::kM][2], l[C::kM][2];
+  uint32_t qf[C::kM][C::kKtD][4];
+#pragma unroll
+  for (int mt = 0; mt < C::kM; ++mt) {
+    m[mt][0] = m[mt][1] = -INFINITY;
+    l[mt][0] = l[mt][1] = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < C::kNtD; ++nt) o[mt][nt][0] = o[mt][nt][1] = o[mt][nt][2] = o[mt][nt][3] = 0.f;
+  }
+  const float scale = p.softmax_scale, scale_log2 = p.softmax_scale * 1.4426950408889634f;
+
+  load_tile<C::kBr, C::kD, C::kSwizzle, C::kAsync, C::kThreads>(sQ, gQ, p.q_row_stride, q_rows, tid);
+  if (C::kEager) {
+    cp_async_commit();
+    if (n_blocks > 0) load_kv(sK, gK, p.k_row_stride, 0);
+    cp_async_commit();
+  }
+
+  for (int j = 0; j < n_blocks; ++j) {
+    if (C::kEager) {
+      cp_async_wait<0>();  // K_j (and at j == 0, Q) has landed
+      __syncthreads();     // ... for every thread; and every warp is done reading V_{j-1}
+      load_kv(sV, gV, p.v_row_stride, j);  // V_j streams in under QK^T and the softmax
+      cp_async_commit();
+    } else {
+      __syncthreads();  // every warp is done with K_{j-1}, V_{j-1}
+      load_kv(sK, gK, p.k_row_stride, j);
+      load_kv(sV, gV, p.v_row_stride, j);
+      if (C::kAsync) cp_async_commit(), cp_async_wait<0>();
+      __syncthreads();
+    }
+    if (C::kDepthQ == 0 && j == 0) load_q<C>(qf, sQ, warp_row0, lane, 0, C::kKtD);
+
+    float s[C::kM][C::kNtC][4];
+    gemm_qk<C>(s, qf, sQ, sK, warp_row0, lane);
+    const int col0 = j * C::kBc;
+    const bool need_mask = col0 + C::kBc > p.seqlen_k ||
+                           (C::kCausal && col0 + C::kBc - 1 > q_row0 + warp_row0 + diag);
+    if (need_mask) apply_mask<C>(s, q_row0 + warp_row0, col0, p.seqlen_k, diag, lane);
+    online_softmax<C>(s, o, m, l, scale, scale_log2);
+    uint32_t pf[C::kM][C::kKtC][4];
+    scores_to_p<C>(s, pf);
+
+    if (C::kEager) {
+      cp_async_wait<0>();  // V_j has landed
+      __syncthreads();     // ... for every thread; and every warp is done reading K_j
+      if (j + 1 < n_blocks) load_kv(sK, gK, p.k_row_stride, j + 1);  // K_{j+1} streams in under PV
+      cp_async_commit();
+    }
+    gemm_pv<C>(o, pf, sV, lane);
+  }
+
+  // ---- epilogue: normalise, stage O through this warp's rows of sQ, 16-byte coalesced stores ----
+  if (C::kAsync) cp_async_wait<0>();
+  __syncthreads();  // sQ's copies (possibly issued by other threads) are complete before reuse
+  float* lse = p.lse + (int64_t(b) * p.heads + h) * p.seqlen_q;
+#pragma unroll
+  for (int mt = 0; mt < C::kM; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float sum = l[mt][half];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+      const int row = warp_row0 + mt * 16 + (lane >> 2) + half * 8;
+#pragma unroll
+      for (int nt = 0; nt < C::kNtD; ++nt) {
+        const uint32_t packed = pack2<C::kBf16>(o[mt][nt][2 * half] * inv, o[mt][nt][2 * half + 1] * inv);
+        *reinterpret_cast<uint32_t*>(sQ + L::offset(row, nt) + (lane & 3) * 2) = packed;
+      }
+      if ((lane & 3) == 0 && q_row0 + row < p.seqlen_q) {
+        const float m_nat = C::kOptSoftmax ? m[mt][half] * scale : m[mt][half];
+        lse[q_row0 + row] = sum > 0.f ? m_nat + logf(sum) : INFINITY;
+      }
+    }
+  __syncwarp();
+  elem_t* gO = static_cast<elem_t*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride +
+               int64_t(q_row0) * p.o_row_stride;
+#pragma unroll
+  for (int i = lane; i < C::kWarpRows * L::kChunks; i += 32) {
+    const int row = warp_row0 + i / L::kChunks, chunk = i % L::kChunks;
+    if (row < q_rows)
+      *reinterpret_cast<uint4*>(gO + int64_t(row) * p.o_row_stride + chunk * 8) =
+          *reinterpret_cast<const uint4*>(sQ + L::offset(row, chunk));
+  }
+}
+
+template <class C>
+cudaError_t launch(const FwdParams& p, cudaStream_t stream) {
+  if (p.batch == 0 || p.heads == 0 || p.seqlen_q == 0) return cudaSuccess;
+  const int64_t blocks = int64_t((p.seqlen_q + C::kBr - 1) / C::kBr) * p.heads * p.batch;
+  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  if (C::kSmemBytes > 48 * 1024) {  // above 48 KiB a kernel must opt in to dynamic shared memory
+    const cudaError_t err =
+        cudaFuncSetAttribute(fwd_kernel<C>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
+    if (err != cudaSuccess) return err;
+  }
+  fwd_kernel<C><<<unsigned(blocks), C::kThreads, C::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace flashjit::fwd

@@ -1,0 +1,131 @@
+"""Forward benchmark: flashjit vs PyTorch SDPA's flash (FlashAttention-2) and cuDNN backends, one run.
+
+Points: dtype x head dim x causal x seqlen, with batch * seqlen = --tokens and heads * head_dim =
+--hidden. TFLOP/s = 4 * B * H * S^2 * D (halved for causal) / time; times are the median of
+triton.testing.do_bench on random inputs. Writes JSON (+ a PNG plot when matplotlib is present) to
+--out and prints a table.
+
+    python scripts/bench_forward.py --out bench-out
+    python scripts/bench_forward.py --dtypes bf16 --head-dims 128 --seqlens 4096 --configs NAME [NAME ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.testing import do_bench
+
+import flashjit
+from flashjit import KernelConfig
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def tflops(batch, heads, seqlen, d_head, causal, ms, mode="fwd"):
+    flops = 4 * batch * heads * seqlen * seqlen * d_head / (2 if causal else 1)
+    return flops * (2.5 if mode == "bwd" else 1.0) / (ms * 1e-3) / 1e12
+
+
+def time_ms(fn) -> float | None:
+    try:
+        fn()
+        torch.cuda.synchronize()
+        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+    except RuntimeError as exc:  # a backend that does not support this point
+        print(f"    (skipped: {str(exc).splitlines()[0][:100]})")
+        return None
+
+
+def sdpa(backend, q, k, v, causal):
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D] views, no copies
+
+    def run():
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dtypes", default="bf16,fp16")
+    parser.add_argument("--head-dims", default="64,128,256")
+    parser.add_argument("--causal", default="0,1")
+    parser.add_argument("--seqlens", default="512,1024,2048,4096,8192,16384")
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--configs", nargs="*", help="kernel names to time instead of the default choice")
+    parser.add_argument("--out", default="bench-out")
+    args = parser.parse_args()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.cuda.get_device_name()
+    rows = []
+    for dtype in args.dtypes.split(","):
+        for d_head in map(int, args.head_dims.split(",")):
+            for causal in (bool(int(c)) for c in args.causal.split(",")):
+                for seqlen in map(int, args.seqlens.split(",")):
+                    batch, heads = max(1, args.tokens // seqlen), args.hidden // d_head
+                    torch.manual_seed(0)
+                    q, k, v = (torch.randn(batch, seqlen, heads, d_head, device="cuda", dtype=DTYPES[dtype])
+                               for _ in range(3))
+                    configs = [KernelConfig.from_name(n) for n in args.configs] if args.configs else [None]
+                    configs = [c for c in configs if c is None or (c.dtype, c.d_head, c.causal) == (dtype, d_head, causal)]
+                    point = dict(dtype=dtype, d_head=d_head, causal=causal, seqlen=seqlen, batch=batch, heads=heads)
+                    base = {}
+                    for label, backend in (("fa2", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+                        ms = time_ms(sdpa(backend, q, k, v, causal))
+                        base[label] = ms and tflops(batch, heads, seqlen, d_head, causal, ms)
+                    for config in configs:
+                        ms = time_ms(lambda: flashjit.forward(q, k, v, config=config, causal=causal))
+                        if ms is None:
+                            continue
+                        used = flashjit.interface.resolve_config(q, k, config, causal)
+                        ours = tflops(batch, heads, seqlen, d_head, causal, ms)
+                        row = dict(point, config=used.name, ms=ms, tflops=ours, fa2_tflops=base["fa2"],
+                                   cudnn_tflops=base["cudnn"],
+                                   vs_fa2=base["fa2"] and ours / base["fa2"],
+                                   vs_cudnn=base["cudnn"] and ours / base["cudnn"])
+                        rows.append(row)
+                        print(f"{dtype} d{d_head:<3} causal={int(causal)} S={seqlen:<5} B={batch:<3} H={heads:<3} "
+                              f"flashjit {ours:6.1f}  fa2 {base['fa2'] or 0:6.1f}  cudnn {base['cudnn'] or 0:6.1f} "
+                              f"TFLOP/s  x{row['vs_fa2'] or 0:.3f} fa2  x{row['vs_cudnn'] or 0:.3f} cudnn  {used.name}",
+                              flush=True)
+    result = dict(device=device, date=time.strftime("%Y-%m-%d"), torch=torch.__version__, rows=rows)
+    (out_dir / "bench_forward.json").write_text(json.dumps(result, indent=1))
+    plot(rows, device, out_dir / "bench_forward.png")
+
+
+def plot(rows, device, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    groups = sorted({(r["dtype"], r["d_head"], r["causal"]) for r in rows})
+    if not groups:
+        return
+    fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups), 3.2), squeeze=False, sharey=True)
+    for ax, (dtype, d_head, causal) in zip(axes[0], groups):
+        sel = [r for r in rows if (r["dtype"], r["d_head"], r["causal"]) == (dtype, d_head, causal)]
+        xs = [r["seqlen"] for r in sel]
+        for key, label in (("tflops", "flashjit"), ("fa2_tflops", "SDPA flash (FA2)"), ("cudnn_tflops", "SDPA cuDNN")):
+            ax.plot(xs, [r[key] or 0 for r in sel], marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{dtype} d{d_head}{' causal' if causal else ''}", fontsize=9)
+        ax.set_xlabel("seqlen")
+    axes[0][0].set_ylabel("TFLOP/s")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"forward, {device}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""JIT costs on the GPU machine: cold first call (compile + load + launch) with an empty cache, warm
+first call in a new process (import + load + first launch), and per-call host overhead at a tiny
+shape, each beside PyTorch SDPA's flash backend.
+
+    python scripts/bench_jit.py --out bench-out
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+FIRST_CALL = r"""
+import time, sys
+t0 = time.perf_counter()
+import torch
+t_torch = time.perf_counter()
+q = torch.randn(1, 16, 1, 64, device="cuda", dtype=torch.bfloat16)
+torch.cuda.synchronize()
+t_ready = time.perf_counter()
+if sys.argv[1] == "flashjit":
+    import flashjit
+    out = flashjit.forward(q, q, q)
+else:
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), q.transpose(1, 2), q.transpose(1, 2))
+torch.cuda.synchronize()
+t_done = time.perf_counter()
+print(f"{t_torch - t0:.4f} {t_ready - t_torch:.4f} {t_done - t_ready:.4f}")
+"""
+
+
+def first_call(backend: str, env: dict) -> dict:
+    out = subprocess.run([sys.executable, "-c", FIRST_CALL, backend], env=env, capture_output=True, text=True,
+                         check=True)
+    import_torch, cuda_init, first = map(float, out.stdout.split())
+    return dict(import_torch_s=import_torch, cuda_init_s=cuda_init, first_call_s=first, stderr=out.stderr[-500:])
+
+
+def host_overhead_us(fn, n=2000) -> float:
+    import torch
+
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(n):
+        fn()
+    elapsed = time.perf_counter() - started
+    torch.cuda.synchronize()
+    return elapsed / n * 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="bench-out")
+    args = parser.parse_args()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, FLASHJIT_CACHE_DIR=tempfile.mkdtemp(prefix="flashjit-cold-"))
+    result = {
+        "cold_flashjit": first_call("flashjit", env),   # empty cache: compiles
+        "warm_flashjit": first_call("flashjit", env),   # new process, cache filled
+        "sdpa_flash": first_call("sdpa", env),
+    }
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import flashjit
+
+    q = torch.randn(1, 16, 1, 64, device="cuda", dtype=torch.bfloat16)
+    qt = q.transpose(1, 2)
+    flashjit.forward(q, q, q)
+
+    def sdpa():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            F.scaled_dot_product_attention(qt, qt, qt)
+
+    def sdpa_plain():  # without the context manager's own cost
+        F.scaled_dot_product_attention(qt, qt, qt)
+
+    result["host_us"] = {
+        "flashjit.forward": host_overhead_us(lambda: flashjit.forward(q, q, q)),
+        "sdpa(flash, in sdpa_kernel)": host_overhead_us(sdpa),
+        "sdpa(default dispatch)": host_overhead_us(sdpa_plain),
+    }
+    (out_dir / "bench_jit.json").write_text(json.dumps(result, indent=1))
+    for key in ("cold_flashjit", "warm_flashjit", "sdpa_flash"):
+        r = result[key]
+        print(f"{key:14} import torch {r['import_torch_s']:.3f} s, CUDA init {r['cuda_init_s']:.3f} s, "
+              f"first call {r['first_call_s']:.3f} s")
+    for key, us in result["host_us"].items():
+        print(f"host overhead {key:28} {us:6.1f} us/call")
+
+
+if __name__ == "__main__":
+    main()

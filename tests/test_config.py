@@ -1,0 +1,91 @@
+"""KernelConfig: names round-trip, every rule rejects with its reason, and the C++ static_asserts
+carry the same reasons; the build set and the tuning space are valid."""
+import dataclasses
+import re
+
+import pytest
+
+import flashjit
+from flashjit import KernelConfig, codegen, config as cfgmod
+
+
+def test_name_round_trip_over_the_whole_space():
+    space = flashjit.get_autotuning_kernel_configs("fp16", 96, True, exhaustive=True)
+    assert len(space) > 100
+    names = {c.name for c in space}
+    assert len(names) == len(space)
+    for c in space:
+        assert KernelConfig.from_name(c.name) == c
+
+
+@pytest.mark.parametrize("bad", ["", "fwd_bf16", "fwd_bf16_d128_br128_bc64_w4", KernelConfig().name + "_x"])
+def test_from_name_rejects_garbage(bad):
+    with pytest.raises(ValueError, match="not a flashjit kernel name"):
+        KernelConfig.from_name(bad)
+
+
+@pytest.mark.parametrize("changes, reason", [
+    (dict(dtype="fp32"), "dtype must be one of"),
+    (dict(d_head=80), "d_head must be one of"),
+    (dict(B_r=32), "B_r must be one of"),
+    (dict(B_c=16), "B_c must be one of"),
+    (dict(n_warps=2), "n_warps must be one of"),
+    (dict(B_r=64, n_warps=8), cfgmod.WHY_WARP_ROWS),
+    (dict(q_frag_depth=3), cfgmod.WHY_DEPTH),
+    (dict(d_head=96, k_frag_depth=4), cfgmod.WHY_DEPTH),
+    (dict(async_copy=False, eager_load_blocks=True), cfgmod.WHY_EAGER),
+    (dict(B_r=64, q_frag_depth=0, k_frag_depth=0, v_frag_depth=0, mma_double_buffer_loads=True),
+     cfgmod.WHY_DOUBLE_BUFFER),
+    (dict(q_frag_depth=0, k_frag_depth=0, v_frag_depth=0, mma_double_buffer_loads=False), cfgmod.WHY_REGISTERS),
+])
+def test_invalid_configs_say_why(changes, reason):
+    config = dataclasses.replace(KernelConfig(), **changes)
+    assert any(reason in p for p in config.problems()), config.problems()
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        config.validate()
+
+
+def test_static_asserts_carry_the_same_reasons():
+    source = (codegen.kernels_dir() / "fwd_sm80.cuh").read_text()
+    for reason in (cfgmod.WHY_WARP_ROWS, cfgmod.WHY_DEPTH, cfgmod.WHY_EAGER, cfgmod.WHY_DOUBLE_BUFFER,
+                   cfgmod.WHY_REGISTERS):
+        assert f'"{reason}"' in source.replace('"\n                "', ""), reason
+
+
+def test_every_field_is_a_template_parameter():
+    text = codegen.render(KernelConfig())
+    for field in dataclasses.fields(KernelConfig):
+        label = "bf16" if field.name == "dtype" else field.name
+        assert f"/*{label}=*/" in text, field.name
+
+
+def test_every_knob_changes_the_rendered_code():
+    base = KernelConfig()
+    flips = dict(dtype="fp16", d_head=64, B_r=64, B_c=128, n_warps=8, async_copy=False, eager_load_blocks=False,
+                 swizzled=False, q_frag_depth=2, k_frag_depth=2, v_frag_depth=2, mma_double_buffer_loads=False,
+                 optimized_softmax=False, causal=True)
+    assert set(flips) == {f.name for f in dataclasses.fields(KernelConfig)}
+    for name, value in flips.items():
+        changed = dataclasses.replace(base, **{name: value})
+        if name == "async_copy":
+            changed = dataclasses.replace(changed, eager_load_blocks=False)
+        assert codegen.render(changed) != codegen.render(base), name
+
+
+def test_build_set_and_defaults_are_valid():
+    build = flashjit.get_kernels_to_build()
+    assert len(build) == len({c.name for c in build})
+    assert {(c.dtype, c.d_head, c.causal) for c in build} == {
+        (d, h, c) for d in cfgmod.DTYPES for h in cfgmod.HEAD_DIMS for c in (False, True)}
+    for c in build:
+        assert not c.problems(), c
+        assert c.smem_bytes <= 227 * 1024
+    for d in cfgmod.HEAD_DIMS:
+        for seqlen in (1, 64, 65, 100000):
+            flashjit.default_config("bf16", d, True, seqlen).validate()
+
+
+def test_shared_memory_check_names_the_device():
+    with pytest.raises(ValueError, match="RTX 3090 allows 99 KiB"):
+        KernelConfig(d_head=256, B_c=128, B_r=128, n_warps=8, k_frag_depth=1, v_frag_depth=1,
+                     mma_double_buffer_loads=False).check_shared_memory(99 * 1024, "RTX 3090")

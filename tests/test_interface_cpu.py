@@ -1,0 +1,85 @@
+"""What needs no GPU: input validation names the argument; the reference matches a naive loop;
+import stays light."""
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import flashjit
+from flashjit.interface import check_qkv
+from flashjit.reference import attention_reference
+
+
+def _qkv(b=1, sq=8, sk=8, h=2, hk=2, d=64, dtype=torch.float16, device="cpu"):
+    return (torch.randn(b, sq, h, d, dtype=dtype, device=device), torch.randn(b, sk, hk, d, dtype=dtype, device=device),
+            torch.randn(b, sk, hk, d, dtype=dtype, device=device))
+
+
+@pytest.mark.parametrize("mutate, exc, words", [
+    (lambda q, k, v: (q[0], k, v), ValueError, "q must have 4 dims"),
+    (lambda q, k, v: (q.float(), k, v), ValueError, "q must be float16 or bfloat16"),
+    (lambda q, k, v: (q, k.bfloat16(), v), ValueError, "share a dtype"),
+    (lambda q, k, v: (q, k, v[..., :32]), ValueError, "k and v must have the same shape"),
+    (lambda q, k, v: (q, k[..., :32], v[..., :32]), ValueError, "does not match q shape"),
+    (lambda q, k, v: (q[..., :48], k[..., :48], v[..., :48]), ValueError, "last dimension"),
+    (lambda q, k, v: (q.transpose(-1, -2), k, v), ValueError, "q must have a contiguous last dimension"),
+    (lambda q, k, v: (q[:, :, :, :40].contiguous(), k[..., :40].contiguous(), v[..., :40].contiguous()),
+     ValueError, "head_dim 40 is not supported"),
+    (lambda q, k, v: (torch.cat([q, q[:, :, :1]], 2), k, v), ValueError, "divisible by the number of key/value heads"),
+    (lambda q, k, v: ("q", k, v), TypeError, "q must be a torch.Tensor"),
+    (lambda q, k, v: (q, k, v), ValueError, "FLASHJIT_BACKEND=reference"),  # CPU tensors
+])
+def test_bad_inputs_name_the_argument(mutate, exc, words):
+    q, k, v = mutate(*_qkv())
+    with pytest.raises(exc, match=words.replace("(", r"\(")):
+        check_qkv(q, k, v)
+
+
+def _naive(q, k, v, causal, scale):
+    b, sq, h, d = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    out = torch.zeros(b, sq, h, d, dtype=torch.float64)
+    lse = torch.zeros(b, h, sq, dtype=torch.float64)
+    for bi in range(b):
+        for hi in range(h):
+            kh = hi // (h // hk)
+            for i in range(sq):
+                s = [float(q[bi, i, hi].double() @ k[bi, j, kh].double()) * scale for j in range(sk)
+                     if not causal or j <= i + sk - sq]
+                if not s:
+                    lse[bi, hi, i] = math.inf
+                    continue
+                m = max(s)
+                w = [math.exp(x - m) for x in s]
+                lse[bi, hi, i] = m + math.log(sum(w))
+                for j, wj in enumerate(w):
+                    out[bi, i, hi] += wj / sum(w) * v[bi, j, kh].double()
+    return out, lse
+
+
+@pytest.mark.parametrize("sq, sk, causal", [(5, 5, False), (3, 7, True), (7, 3, True), (1, 4, False)])
+def test_reference_matches_naive_loop(sq, sk, causal):
+    q, k, v = _qkv(b=2, sq=sq, sk=sk, h=4, hk=2, d=32, dtype=torch.float32)
+    out, lse = attention_reference(q, k, v, causal=causal, softmax_scale=0.2, compute_dtype=torch.float64)
+    n_out, n_lse = _naive(q, k, v, causal, 0.2)
+    assert torch.allclose(out, n_out, atol=1e-10)
+    assert torch.equal(torch.isinf(lse), torch.isinf(n_lse.float()))
+    assert torch.allclose(lse[torch.isfinite(lse)].double(), n_lse[torch.isfinite(n_lse)], atol=1e-5)
+
+
+def test_import_is_light():
+    code = "import sys, time; t = time.perf_counter(); import flashjit; print(time.perf_counter() - t, 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert float(out[0]) < 0.5 and out[1] == "False"
+
+
+def test_envvars_are_declared_and_documented():
+    from flashjit import envvars
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for var in envvars.ALL:
+        assert var.name.startswith("FLASHJIT_") and var.doc
+        assert var.name in readme, f"{var.name} missing from README"

@@ -1,0 +1,93 @@
+"""Toolkit discovery (including nvcc wrapper scripts), arch names and their errors."""
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import pytest
+
+from flashjit import toolchain
+
+
+@pytest.fixture(autouse=True)
+def _fresh_discovery():
+    toolchain._find.cache_clear()
+    yield
+    toolchain._find.cache_clear()
+
+
+@pytest.mark.parametrize("given, expected", [
+    ("sm_80", "sm_80"), ("8.0", "sm_80"), ("86", "sm_86"), ("sm_89", "sm_89"), ("9.0", "sm_90a"),
+    ("sm_90", "sm_90a"), ("sm_90a", "sm_90a"), ("compute_90", "sm_90a"), ("10.0", "sm_100"), ("sm_120", "sm_120"),
+])
+def test_normalize_arch(given, expected):
+    assert toolchain.normalize_arch(given) == expected
+
+
+@pytest.mark.parametrize("old", ["sm_75", "7.0", "sm_61"])
+def test_old_archs_are_rejected_clearly(old):
+    with pytest.raises(ValueError, match="older than sm_80"):
+        toolchain.normalize_arch(old)
+
+
+def test_garbage_arch():
+    with pytest.raises(ValueError, match="not an arch name"):
+        toolchain.normalize_arch("hopper")
+
+
+def test_forced_arch_env(monkeypatch):
+    monkeypatch.setenv("FLASHJIT_CUDA_ARCH", "8.6")
+    assert toolchain.device_arch() == "sm_86"
+
+
+def _real_toolkit():
+    try:
+        return toolchain.find_toolkit()
+    except toolchain.ToolchainError as exc:
+        pytest.skip(f"no CUDA toolkit here: {exc}")
+
+
+def test_nvcc_wrapper_script_on_path_finds_the_real_toolkit(tmp_path, monkeypatch):
+    real = _real_toolkit()
+    toolchain._find.cache_clear()
+    fake_bin = tmp_path / "usr" / "local" / "bin"   # like /usr/local/bin/nvcc on our machines
+    fake_bin.mkdir(parents=True)
+    wrapper = fake_bin / "nvcc"
+    wrapper.write_text(f"#!/bin/sh\nexec {real.nvcc} \"$@\"\n")
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}/usr/bin{os.pathsep}/bin")
+    found = toolchain.find_toolkit()
+    assert found.home == real.home and "PATH" in found.found_by
+    assert found.home != fake_bin.parent  # torch's guess would be this, and would fail to link
+
+
+def test_cuda_home_wins(monkeypatch):
+    real = _real_toolkit()
+    toolchain._find.cache_clear()
+    monkeypatch.setenv("CUDA_HOME", str(real.home))
+    found = toolchain.find_toolkit()
+    assert found.home == real.home and found.found_by == "$CUDA_HOME"
+    assert found.version.count(".") == 2
+
+
+def test_nothing_found_lists_what_was_tried(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "nope"))
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(toolchain, "DEFAULT_HOME", tmp_path / "no-cuda")
+    monkeypatch.setattr(toolchain, "_wheel_homes", lambda: [])
+    with pytest.raises(toolchain.ToolchainError) as info:
+        toolchain.find_toolkit()
+    text = str(info.value)
+    for tried in ("$CUDA_HOME=", "nvcc on PATH: not found", "no-cuda", "nvidia-cuda-nvcc wheel", "Fix:"):
+        assert tried in text
+
+
+def test_nvcc_too_old_for_the_gpu(monkeypatch):
+    real = _real_toolkit()
+    monkeypatch.setattr(toolchain, "supported_archs", lambda nvcc: frozenset({75, 80, 86}))
+    with pytest.raises(toolchain.ToolchainError, match="too old for this GPU"):
+        toolchain.gencode_flags("sm_90a", real)
+    assert toolchain.gencode_flags("sm_80", real) == ["-gencode=arch=compute_80,code=sm_80"]
