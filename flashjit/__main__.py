@@ -9,7 +9,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
 from . import __version__, cache, envvars, toolchain
-from .config import KernelConfig, get_kernels_to_build
+from .config import KernelConfig, get_kernels_to_build, smem_limit_for_arch
 
 
 def _human(size: int) -> str:
@@ -78,7 +78,7 @@ def cmd_precompile(args) -> int:
                   file=sys.stderr)
             return 2
         arch = jit.arch_for(torch.cuda.current_device())
-    names = args.configs or [c.name for c in get_kernels_to_build()]
+    names = args.configs or [c.name for c in get_kernels_to_build(smem_limit_for_arch(arch))]
     for name in names:
         KernelConfig.from_name(name).validate()  # fail fast on a typo, before any compile
     jobs = args.jobs or int(envvars.JOBS.get() or 0) or os.cpu_count() or 1

@@ -11,8 +11,9 @@ exports a C ABI that flashjit/launch.py calls through ctypes:
 """
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import functools
+import hashlib
 from pathlib import Path
 
 from .config import KernelConfig
@@ -69,7 +70,8 @@ def render(config: KernelConfig) -> str:
     from ._version import __version__
 
     config.validate()
-    values = {k: (str(v).lower() if isinstance(v, bool) else v) for k, v in config.__dict__.items()}
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    values = {k: (str(v).lower() if isinstance(v, bool) else v) for k, v in values.items()}
     values.update(bf16=str(config.dtype == "bf16").lower(), name=config.name, version=__version__,
                   abi=ABI_VERSION)
     return _TEMPLATE.format(**values)

@@ -7,6 +7,7 @@ the same message (tests/test_config.py checks that the messages stay in sync).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 from dataclasses import dataclass, fields
@@ -135,10 +136,13 @@ class KernelConfig:
         return out
 
     def validate(self) -> "KernelConfig":
-        problems = self.problems()
-        if problems:
-            raise ValueError(f"invalid KernelConfig {self}:\n  - " + "\n  - ".join(problems))
+        if self._problems_cached:
+            raise ValueError(f"invalid KernelConfig {self}:\n  - " + "\n  - ".join(self._problems_cached))
         return self
+
+    @functools.cached_property
+    def _problems_cached(self) -> tuple:
+        return tuple(self.problems())
 
     def check_shared_memory(self, limit_bytes: int, device: str) -> None:
         if self.smem_bytes > limit_bytes:
@@ -147,7 +151,7 @@ class KernelConfig:
                 f"but {device} allows {limit_bytes // 1024} KiB: choose a smaller B_r or B_c")
 
     # ---- canonical name ------------------------------------------------------------------
-    @property
+    @functools.cached_property  # frozen dataclass: computed once, stored in the instance dict
     def name(self) -> str:
         """Readable, parseable, unique: KernelConfig.from_name(c.name) == c."""
         b = lambda flag: int(bool(flag))  # noqa: E731
@@ -175,41 +179,50 @@ class KernelConfig:
         return cls(**values)
 
 
-def default_config(dtype: str, d_head: int, causal: bool, seqlen_q: int = 4096, arch: str = "sm_80") -> KernelConfig:
-    """The config the dispatcher uses when no tuned table entry exists: measured on the H100
-    (docs/perf-log.md). 128 query rows on 4 warps (32 rows a warp) halves the shared-memory
-    fragment traffic per MMA; large heads drop to 16 rows a warp to stay inside the register file."""
-    if seqlen_q <= 64:
-        # One small block of queries (decoding-like): do not waste half a 128-row tile.
-        return _fit(KernelConfig(dtype=dtype, d_head=d_head, B_r=64, B_c=64 if d_head <= 128 else 32,
-                                 n_warps=4, causal=causal))
-    if d_head <= 64:
-        return _fit(KernelConfig(dtype=dtype, d_head=d_head, B_r=128, B_c=128, n_warps=4, causal=causal))
-    if d_head <= 128:
-        return _fit(KernelConfig(dtype=dtype, d_head=d_head, B_r=128, B_c=64, n_warps=4, causal=causal))
-    return _fit(KernelConfig(dtype=dtype, d_head=d_head, B_r=128, B_c=64 if d_head <= 192 else 32,
-                             n_warps=8, causal=causal))
+# Measured preferences (docs/perf-log.md, H100 SXM, 2026-11-22), best first; the first that is valid
+# and fits the device's shared memory wins. Large heads prefer wide key blocks on 8 warps: at
+# d_head=256, 128x128 on 8 warps ran at 332 TFLOP/s against 248 for 128x32 (FA2: 322).
+_PREFERENCES = {
+    "short": [dict(B_r=64, B_c=64, n_warps=4), dict(B_r=64, B_c=32, n_warps=4, mma_double_buffer_loads=False)],
+    64: [dict(B_r=128, B_c=128, n_warps=4, mma_double_buffer_loads=False), dict(B_r=128, B_c=64, n_warps=4)],
+    128: [dict(B_r=128, B_c=64, n_warps=4), dict(B_r=64, B_c=64, n_warps=4)],
+    256: [dict(B_r=128, B_c=128, n_warps=8, mma_double_buffer_loads=False),
+          dict(B_r=128, B_c=64, n_warps=8, mma_double_buffer_loads=False),
+          dict(B_r=64, B_c=64, n_warps=4, mma_double_buffer_loads=False),
+          dict(B_r=64, B_c=32, n_warps=4, mma_double_buffer_loads=False)],
+}
+SMEM_LIMIT_SM90 = 227 * 1024
 
 
-def _fit(cfg: KernelConfig) -> KernelConfig:
-    """Shrink fragment depths/double buffering until the config is valid (e.g. d_head=96 has 6 k-tiles)."""
-    if not cfg.problems():
-        return cfg
-    for db in (cfg.mma_double_buffer_loads, False):
-        for depth in (1,):
-            candidate = KernelConfig(**{**cfg.__dict__, "q_frag_depth": depth, "k_frag_depth": depth,
-                                        "v_frag_depth": depth, "mma_double_buffer_loads": db})
-            if not candidate.problems():
-                return candidate
-    return cfg.validate()
+def smem_limit_for_arch(arch: str) -> int:
+    """Opt-in shared memory per block: 227 KiB on sm_90/sm_100, 163 KiB on sm_80/sm_87, else 99 KiB."""
+    number = int(re.match(r"sm_(\d+)", arch).group(1))
+    return {80: 163, 87: 163, 90: 227, 100: 227, 103: 227}.get(number, 99) * 1024
 
 
-def get_kernels_to_build() -> list[KernelConfig]:
+@functools.lru_cache(maxsize=None)
+def default_config(dtype: str, d_head: int, causal: bool, seqlen_q: int = 4096,
+                   smem_limit: int = SMEM_LIMIT_SM90) -> KernelConfig:
+    """The dispatcher's choice when no tuned entry exists for (dtype, d_head, causal, seqlen_q) on a
+    device allowing `smem_limit` bytes of shared memory per block. A single short block of queries
+    (decoding-like, Sq <= 64) gets a 64-row tile rather than wasting half of a 128-row one."""
+    key = "short" if seqlen_q <= 64 else (64 if d_head <= 64 else 128 if d_head <= 128 else 256)
+    for knobs in _PREFERENCES[key]:
+        for depth in (1, 2):  # d_head = 96 or 160 has 6 or 10 k-tiles: depth 1 always divides
+            cfg = KernelConfig(dtype=dtype, d_head=d_head, causal=causal, q_frag_depth=depth,
+                               k_frag_depth=depth, v_frag_depth=1, **knobs)
+            if not cfg.problems() and cfg.smem_bytes <= smem_limit:
+                return cfg
+    raise ValueError(f"no flashjit kernel for dtype={dtype} d_head={d_head} fits {smem_limit // 1024} KiB "
+                     "of shared memory per block")
+
+
+def get_kernels_to_build(smem_limit: int = SMEM_LIMIT_SM90) -> list[KernelConfig]:
     """The default build set: the dispatcher's choice for every dtype, head dim and causal flag at
     long and short sequence lengths (what `python -m flashjit precompile` builds without names)."""
     configs = []
     for dtype, d_head, causal, seqlen in itertools.product(DTYPES, HEAD_DIMS, (False, True), (4096, 1)):
-        cfg = default_config(dtype, d_head, causal, seqlen)
+        cfg = default_config(dtype, d_head, causal, seqlen, smem_limit)
         if cfg not in configs:
             configs.append(cfg)
     return configs

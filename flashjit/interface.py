@@ -75,13 +75,16 @@ def _smem_limit(device_index: int) -> tuple[int, str]:
     return props.shared_memory_per_block_optin, props.name
 
 
-def resolve_config(q: torch.Tensor, k: torch.Tensor, config: KernelConfig | None, causal: bool) -> KernelConfig:
+def resolve_config(q: torch.Tensor, k: torch.Tensor, config: KernelConfig | None, causal: bool,
+                   device_index: int | None = None) -> KernelConfig:
     dtype, d_head = _DTYPES[q.dtype], q.shape[3]
     if config is None:
-        config = default_config(dtype, d_head, causal, seqlen_q=q.shape[1])
-        log.debug("flashjit: dispatching [B=%d, Sq=%d, Sk=%d, H=%d, H_k=%d, D=%d] to %s (default for "
-                  "dtype/head dim/causal/seqlen)", q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2],
-                  d_head, config.name)
+        device_index = q.get_device() if device_index is None else device_index
+        config = default_config(dtype, d_head, bool(causal), q.shape[1], _smem_limit(device_index)[0])
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("flashjit: dispatching [B=%d, Sq=%d, Sk=%d, H=%d, H_k=%d, D=%d] to %s (default for "
+                  "dtype/head dim/causal/seqlen and shared memory)", q.shape[0], q.shape[1], k.shape[1], q.shape[2],
+                      k.shape[2], d_head, config.name)
         return config
     if not isinstance(config, KernelConfig):
         raise TypeError(f"config must be a flashjit.KernelConfig, got {type(config).__name__}")
@@ -113,8 +116,8 @@ def _launch(q, k, v, config, causal, softmax_scale, out=None):
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     elif not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale) and softmax_scale > 0):
         raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale!r}")
-    config = resolve_config(q, k, config, causal)
-    device_index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    device_index = q.get_device()
+    config = resolve_config(q, k, config, causal, device_index)
     limit, device_name = _smem_limit(device_index)
     config.check_shared_memory(limit, device_name)
     kernel = jit.get_kernel(config, jit.arch_for(device_index))

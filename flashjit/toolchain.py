@@ -45,7 +45,9 @@ def _is_toolkit(home: Path) -> bool:
 def _real_home_of(nvcc: str) -> Path | None:
     """Ask an nvcc (possibly a wrapper script) which toolkit it belongs to."""
     try:
-        out = subprocess.run([nvcc, "-dryrun", "--version"], capture_output=True, text=True, timeout=60)
+        # A dry-run compile prints the driver's variables (TOP=<toolkit>/bin/..) without running anything.
+        out = subprocess.run([nvcc, "-dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
         return None
     match = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, re.MULTILINE)

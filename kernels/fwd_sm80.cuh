@@ -379,10 +379,16 @@ cudaError_t launch(const FwdParams& p, cudaStream_t stream) {
   if (p.batch == 0 || p.heads == 0 || p.seqlen_q == 0) return cudaSuccess;
   const int64_t blocks = int64_t((p.seqlen_q + C::kBr - 1) / C::kBr) * p.heads * p.batch;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  if (C::kSmemBytes > 48 * 1024) {  // above 48 KiB a kernel must opt in to dynamic shared memory
-    const cudaError_t err =
-        cudaFuncSetAttribute(fwd_kernel<C>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
+  if (C::kSmemBytes > 48 * 1024) {  // above 48 KiB a kernel must opt in to dynamic shared memory,
+    int device = 0;                  // once per device (a driver call we keep off the per-launch path)
+    cudaError_t err = cudaGetDevice(&device);
     if (err != cudaSuccess) return err;
+    static bool opted_in[64] = {};
+    if (device >= 64 || !opted_in[device]) {
+      err = cudaFuncSetAttribute(fwd_kernel<C>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
+      if (err != cudaSuccess) return err;
+      if (device < 64) opted_in[device] = true;
+    }
   }
   fwd_kernel<C><<<unsigned(blocks), C::kThreads, C::kSmemBytes, stream>>>(p);
   return cudaGetLastError();

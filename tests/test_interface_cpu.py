@@ -23,7 +23,6 @@ def _qkv(b=1, sq=8, sk=8, h=2, hk=2, d=64, dtype=torch.float16, device="cpu"):
     (lambda q, k, v: (q, k.bfloat16(), v), ValueError, "share a dtype"),
     (lambda q, k, v: (q, k, v[..., :32]), ValueError, "k and v must have the same shape"),
     (lambda q, k, v: (q, k[..., :32], v[..., :32]), ValueError, "does not match q shape"),
-    (lambda q, k, v: (q[..., :48], k[..., :48], v[..., :48]), ValueError, "last dimension"),
     (lambda q, k, v: (q.transpose(-1, -2), k, v), ValueError, "q must have a contiguous last dimension"),
     (lambda q, k, v: (q[:, :, :, :40].contiguous(), k[..., :40].contiguous(), v[..., :40].contiguous()),
      ValueError, "head_dim 40 is not supported"),
