@@ -180,16 +180,18 @@ class KernelConfig:
 
 
 # Measured preferences (docs/perf-log.md, H100 SXM, 2026-11-22), best first; the first that is valid
-# and fits the device's shared memory wins. Large heads prefer wide key blocks on 8 warps: at
-# d_head=256, 128x128 on 8 warps ran at 332 TFLOP/s against 248 for 128x32 (FA2: 322).
-_PREFERENCES = {
-    "short": [dict(B_r=64, B_c=64, n_warps=4), dict(B_r=64, B_c=32, n_warps=4, mma_double_buffer_loads=False)],
-    64: [dict(B_r=128, B_c=128, n_warps=4, mma_double_buffer_loads=False), dict(B_r=128, B_c=64, n_warps=4)],
+# and fits the device's shared memory wins. At d_head=256, 128x128 on 8 warps ran at 332 TFLOP/s
+# against 248 for 128x32 (FA2: 322); with a causal mask 64x64 on 4 warps wastes less on the diagonal.
+_DB0 = dict(mma_double_buffer_loads=False)
+_PREFERENCES = {  # (head-dim class, causal) -> tiles, best first
+    "short": [dict(B_r=64, B_c=64, n_warps=4), dict(B_r=64, B_c=32, n_warps=4, **_DB0)],
+    64: [dict(B_r=128, B_c=128, n_warps=4, **_DB0), dict(B_r=128, B_c=64, n_warps=4)],
     128: [dict(B_r=128, B_c=64, n_warps=4), dict(B_r=64, B_c=64, n_warps=4)],
-    256: [dict(B_r=128, B_c=128, n_warps=8, mma_double_buffer_loads=False),
-          dict(B_r=128, B_c=64, n_warps=8, mma_double_buffer_loads=False),
-          dict(B_r=64, B_c=64, n_warps=4, mma_double_buffer_loads=False),
-          dict(B_r=64, B_c=32, n_warps=4, mma_double_buffer_loads=False)],
+    160: [dict(B_r=128, B_c=128, n_warps=8, **_DB0), dict(B_r=64, B_c=64, n_warps=4, **_DB0)],
+    192: [dict(B_r=64, B_c=64, n_warps=4, **_DB0), dict(B_r=64, B_c=32, n_warps=4, **_DB0)],
+    256: [dict(B_r=128, B_c=128, n_warps=8, **_DB0), dict(B_r=64, B_c=64, n_warps=4, **_DB0),
+          dict(B_r=64, B_c=32, n_warps=4, **_DB0)],
+    (256, True): [dict(B_r=64, B_c=64, n_warps=4, **_DB0), dict(B_r=64, B_c=32, n_warps=4, **_DB0)],
 }
 SMEM_LIMIT_SM90 = 227 * 1024
 
@@ -206,7 +208,8 @@ def default_config(dtype: str, d_head: int, causal: bool, seqlen_q: int = 4096,
     """The dispatcher's choice when no tuned entry exists for (dtype, d_head, causal, seqlen_q) on a
     device allowing `smem_limit` bytes of shared memory per block. A single short block of queries
     (decoding-like, Sq <= 64) gets a 64-row tile rather than wasting half of a 128-row one."""
-    key = "short" if seqlen_q <= 64 else (64 if d_head <= 64 else 128 if d_head <= 128 else 256)
+    size = next(c for c in (64, 128, 160, 192, 256) if d_head <= c)
+    key = "short" if seqlen_q <= 64 else (size, True) if (size, causal) in _PREFERENCES else size
     for knobs in _PREFERENCES[key]:
         for depth in (1, 2):  # d_head = 96 or 160 has 6 or 10 k-tiles: depth 1 always divides
             cfg = KernelConfig(dtype=dtype, d_head=d_head, causal=causal, q_frag_depth=depth,

@@ -26,7 +26,8 @@ _INT32_MAX = 2**31 - 1
 
 
 def check_qkv(q, k, v) -> None:
-    """ValueError/TypeError naming the offending argument, before anything is launched."""
+    """ValueError/TypeError naming the offending argument, before anything is launched. Ordered so
+    that the common, valid call costs a handful of attribute reads."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -42,20 +43,21 @@ def check_qkv(q, k, v) -> None:
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
     batch, seqlen_q, heads, d_head = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k.shape[0] != batch or k.shape[3] != d_head:
-        raise ValueError(f"k/v shape {tuple(k.shape)} does not match q shape {tuple(q.shape)} in batch or head_dim")
+    k_shape = k.shape
+    if k_shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k_shape)} and {tuple(v.shape)}")
+    if k_shape[0] != batch or k_shape[3] != d_head:
+        raise ValueError(f"k/v shape {tuple(k_shape)} does not match q shape {tuple(q.shape)} in batch or head_dim")
     if d_head not in HEAD_DIMS:
         raise ValueError(f"head_dim {d_head} is not supported; flashjit supports {HEAD_DIMS} "
                          "(pad the head dimension to the next supported size)")
-    heads_k = k.shape[2]
+    heads_k = k_shape[2]
     if heads_k == 0 or heads % heads_k:
         raise ValueError(f"the number of query heads ({heads}) must be divisible by the number of key/value "
                          f"heads ({heads_k}) for GQA/MQA")
-    if max(seqlen_q, k.shape[1], batch * heads) > _INT32_MAX:
+    if seqlen_q > _INT32_MAX or k_shape[1] > _INT32_MAX or batch * heads > _INT32_MAX:
         raise ValueError("batch * heads and the sequence lengths must each fit in 32 bits")
-    if q.device.type != "cuda":
+    if not q.is_cuda:
         raise ValueError(f"q is on {q.device}: the JIT kernels need CUDA tensors. For CPU (or any device) use "
                          "the PyTorch reference backend: FLASHJIT_BACKEND=reference")
 
@@ -63,7 +65,8 @@ def check_qkv(q, k, v) -> None:
 def _aligned(t: torch.Tensor) -> torch.Tensor:
     """The kernels copy 16-byte chunks: base pointer and row/head/batch strides must be multiples
     of 8 elements. Views that are not (rare: odd slicing) are copied once."""
-    if t.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in t.stride()[:3]):
+    b, r, h, _ = t.stride()
+    if not ((t.data_ptr() & 15) | (b & 7) | (r & 7) | (h & 7)):
         return t
     log.debug("flashjit: copying a %s view with strides %s to meet 16-byte alignment", tuple(t.shape), t.stride())
     return torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t)
@@ -96,6 +99,18 @@ def resolve_config(q: torch.Tensor, k: torch.Tensor, config: KernelConfig | None
     return config.validate()
 
 
+_kernels: dict = {}  # (config, device index) -> CompiledKernel: one dict lookup per call once loaded
+
+
+def _kernel_for(config: KernelConfig, device_index: int):
+    """First use of a config on a device: check its shared memory, find the arch (FLASHJIT_CUDA_ARCH
+    is read here), compile or load."""
+    limit, device_name = _smem_limit(device_index)
+    config.check_shared_memory(limit, device_name)
+    kernel = _kernels[(config, device_index)] = jit.get_kernel(config, jit.arch_for(device_index))
+    return kernel
+
+
 def _current_stream(device_index: int) -> int:
     # The raw handle without building a torch.cuda.Stream object (a few microseconds a call).
     getter = getattr(torch._C, "_cuda_getCurrentRawStream", None)
@@ -118,9 +133,7 @@ def _launch(q, k, v, config, causal, softmax_scale, out=None):
         raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale!r}")
     device_index = q.get_device()
     config = resolve_config(q, k, config, causal, device_index)
-    limit, device_name = _smem_limit(device_index)
-    config.check_shared_memory(limit, device_name)
-    kernel = jit.get_kernel(config, jit.arch_for(device_index))
+    kernel = _kernels.get((config, device_index)) or _kernel_for(config, device_index)
 
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     batch, seqlen_q, heads, d_head = q.shape

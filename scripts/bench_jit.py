@@ -44,18 +44,25 @@ def first_call(backend: str, env: dict) -> dict:
     return dict(import_torch_s=import_torch, cuda_init_s=cuda_init, first_call_s=first, stderr=out.stderr[-500:])
 
 
-def host_overhead_us(fn, n=2000) -> float:
+def host_overhead_us(fns: dict, n=1000, trials=9) -> dict:
+    """Host time per call (no synchronisation inside the loop), median over trials that interleave
+    the contenders so clock and load drift hit all of them alike."""
+    import statistics
+
     import torch
 
-    for _ in range(50):
-        fn()
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(n):
-        fn()
-    elapsed = time.perf_counter() - started
-    torch.cuda.synchronize()
-    return elapsed / n * 1e6
+    samples = {name: [] for name in fns}
+    for _ in range(trials):
+        for name, fn in fns.items():
+            for _ in range(50):
+                fn()
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            for _ in range(n):
+                fn()
+            samples[name].append((time.perf_counter() - started) / n * 1e6)
+            torch.cuda.synchronize()
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def main() -> None:
@@ -87,11 +94,11 @@ def main() -> None:
     def sdpa_plain():  # without the context manager's own cost
         F.scaled_dot_product_attention(qt, qt, qt)
 
-    result["host_us"] = {
-        "flashjit.forward": host_overhead_us(lambda: flashjit.forward(q, q, q)),
-        "sdpa(flash, in sdpa_kernel)": host_overhead_us(sdpa),
-        "sdpa(default dispatch)": host_overhead_us(sdpa_plain),
-    }
+    result["host_us"] = host_overhead_us({
+        "flashjit.forward": lambda: flashjit.forward(q, q, q),
+        "sdpa(flash, in sdpa_kernel)": sdpa,
+        "sdpa(default dispatch)": sdpa_plain,
+    })
     (out_dir / "bench_jit.json").write_text(json.dumps(result, indent=1))
     for key in ("cold_flashjit", "warm_flashjit", "sdpa_flash"):
         r = result[key]
