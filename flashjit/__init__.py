@@ -11,8 +11,9 @@ from .config import KernelConfig, default_config, get_autotuning_kernel_configs,
 from .toolchain import ToolchainError
 
 _LAZY = {
-    "forward": "interface", "forward_timed": "interface", "attention_reference": "reference",
-    "CompileError": "jit",
+    "forward": "interface", "forward_timed": "interface", "backward": "interface",
+    "flash_attn_func": "flash_api", "flash_attn_qkvpacked_func": "flash_api", "flash_attn_kvpacked_func": "flash_api",
+    "attention_reference": "reference", "CompileError": "jit",
 }
 
 __all__ = ["__version__", "KernelConfig", "default_config", "get_kernels_to_build",

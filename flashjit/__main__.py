@@ -9,7 +9,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
 from . import __version__, cache, envvars, toolchain
-from .config import KernelConfig, get_kernels_to_build, smem_limit_for_arch
+from .config import config_from_name, get_kernels_to_build, smem_limit_for_arch
 
 
 def _human(size: int) -> str:
@@ -61,7 +61,7 @@ def _build_one(name: str, arch: str) -> tuple[str, float]:
     from . import jit
 
     started = time.perf_counter()
-    jit.ensure_built(KernelConfig.from_name(name), arch)
+    jit.ensure_built(config_from_name(name), arch)
     return name, time.perf_counter() - started
 
 
@@ -80,7 +80,7 @@ def cmd_precompile(args) -> int:
         arch = jit.arch_for(torch.cuda.current_device())
     names = args.configs or [c.name for c in get_kernels_to_build(smem_limit_for_arch(arch))]
     for name in names:
-        KernelConfig.from_name(name).validate()  # fail fast on a typo, before any compile
+        config_from_name(name).validate()  # fail fast on a typo, before any compile
     jobs = args.jobs or int(envvars.JOBS.get() or 0) or os.cpu_count() or 1
     print(f"precompiling {len(names)} kernels for {arch} with {jobs} jobs into {cache.root()}")
     failed = 0
@@ -123,6 +123,8 @@ def cmd_check(args) -> int:
     shape = (args.batch, args.seqlen, args.heads, args.head_dim)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     q, k, v = (torch.randn(shape, device="cuda", dtype=dtype) for _ in range(3))
+    from .config import KernelConfig
+
     config = KernelConfig.from_name(args.config) if args.config else None
     out, ms = forward_timed(q, k, v, config=config, causal=args.causal)
     out, ms = forward_timed(q, k, v, config=config, causal=args.causal)  # warm

@@ -220,6 +220,89 @@ def default_config(dtype: str, d_head: int, causal: bool, seqlen_q: int = 4096,
                      "of shared memory per block")
 
 
+WHY_BWD_HEAD_DIM = "the backward pass supports d_head up to 128"
+WHY_BWD_REGISTERS = "the backward accumulators of this config need more than 255 registers"
+
+
+@dataclass(frozen=True)
+class BwdConfig:
+    """One backward specialization (kernels/bwd_sm80.cuh): dtype, d_head, n_warps (each warp owns 16
+    rows, so a CTA covers 16 * n_warps keys in the dK/dV pass and as many queries in the dQ pass),
+    causal. Always cp.async, swizzled shared memory and the fused exp2 softmax."""
+
+    dtype: str = "bf16"
+    d_head: int = 128
+    n_warps: int = 4
+    causal: bool = False
+
+    @property
+    def block(self) -> int:
+        return 16 * self.n_warps
+
+    @property
+    def smem_bytes(self) -> int:
+        return 4 * self.block * self.d_head * 2 + 2 * self.block * 4
+
+    def register_estimate(self) -> int:
+        return 2 * (self.d_head // 8) * 4 + 2 * (self.block // 8) * 4 + 32
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.dtype not in DTYPES:
+            out.append(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.d_head not in HEAD_DIMS:
+            out.append(f"d_head must be one of {HEAD_DIMS}, got {self.d_head}")
+        elif self.d_head > 128:
+            out.append(f"{WHY_BWD_HEAD_DIM} (got {self.d_head})")
+        if self.n_warps not in WARPS:
+            out.append(f"n_warps must be one of {WARPS}, got {self.n_warps}")
+        elif not out and self.register_estimate() > REGISTER_LIMIT:
+            out.append(f"{WHY_BWD_REGISTERS} (about {self.register_estimate()}); use 4 warps")
+        return out
+
+    @functools.cached_property
+    def _problems_cached(self) -> tuple:
+        return tuple(self.problems())
+
+    def validate(self) -> "BwdConfig":
+        if self._problems_cached:
+            raise ValueError(f"invalid BwdConfig {self}:\n  - " + "\n  - ".join(self._problems_cached))
+        return self
+
+    def check_shared_memory(self, limit_bytes: int, device: str) -> None:
+        if self.smem_bytes > limit_bytes:
+            raise ValueError(f"backward config {self.name} needs {self.smem_bytes // 1024} KiB of shared memory "
+                             f"per block, but {device} allows {limit_bytes // 1024} KiB")
+
+    @functools.cached_property
+    def name(self) -> str:
+        return f"bwd_{self.dtype}_d{self.d_head}_w{self.n_warps}_causal{int(self.causal)}"
+
+    _NAME_RE = re.compile(r"^bwd_(?P<dtype>fp16|bf16)_d(?P<d_head>\d+)_w(?P<n_warps>\d+)_causal(?P<causal>[01])$")
+
+    @classmethod
+    def from_name(cls, name: str) -> "BwdConfig":
+        match = cls._NAME_RE.match(name)
+        if not match:
+            raise ValueError(f"{name!r} is not a flashjit backward kernel name (expected e.g. {cls().name!r})")
+        return cls(match["dtype"], int(match["d_head"]), int(match["n_warps"]), bool(int(match["causal"])))
+
+
+@functools.lru_cache(maxsize=None)
+def default_bwd_config(dtype: str, d_head: int, causal: bool) -> BwdConfig:
+    """8 warps (128-row blocks) where the accumulators fit, else 4."""
+    for n_warps in (8, 4):
+        cfg = BwdConfig(dtype, d_head, n_warps, causal)
+        if not cfg.problems():
+            return cfg
+    return BwdConfig(dtype, d_head, 4, causal).validate()
+
+
+def config_from_name(name: str):
+    """A KernelConfig or BwdConfig from its canonical name."""
+    return BwdConfig.from_name(name) if name.startswith("bwd_") else KernelConfig.from_name(name)
+
+
 def get_kernels_to_build(smem_limit: int = SMEM_LIMIT_SM90) -> list[KernelConfig]:
     """The default build set: the dispatcher's choice for every dtype, head dim and causal flag at
     long and short sequence lengths (what `python -m flashjit precompile` builds without names)."""
@@ -228,6 +311,9 @@ def get_kernels_to_build(smem_limit: int = SMEM_LIMIT_SM90) -> list[KernelConfig
         cfg = default_config(dtype, d_head, causal, seqlen, smem_limit)
         if cfg not in configs:
             configs.append(cfg)
+    for dtype, d_head, causal in itertools.product(DTYPES, HEAD_DIMS, (False, True)):
+        if d_head <= 128:
+            configs.append(default_bwd_config(dtype, d_head, causal))
     return configs
 
 

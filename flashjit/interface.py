@@ -16,8 +16,8 @@ import math
 import torch
 
 from . import jit
-from .config import HEAD_DIMS, KernelConfig, default_config
-from .launch import FwdParams
+from .config import HEAD_DIMS, KernelConfig, default_bwd_config, default_config
+from .launch import BwdParams, FwdParams
 
 log = logging.getLogger("flashjit")
 
@@ -179,3 +179,34 @@ def forward_timed(q, k, v, config: KernelConfig | None = None, causal: bool = Fa
         end.record()
         end.synchronize()
     return out, start.elapsed_time(end)
+
+
+def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+             lse: torch.Tensor, causal: bool = False, softmax_scale: float | None = None):
+    """Gradients (dq, dk, dv) of forward() given dout (shaped like q) and the forward's out and lse.
+    GQA: dk/dv are summed over the query heads that share each key/value head. Deterministic: no
+    atomics, so repeated calls give bit-identical results. Head dims up to 128."""
+    check_qkv(q, k, v)
+    if dout.shape != q.shape or dout.dtype != q.dtype or dout.device != q.device:
+        raise ValueError(f"dout must match q: shape {tuple(q.shape)}, {q.dtype} on {q.device}; got "
+                         f"{tuple(dout.shape)}, {dout.dtype} on {dout.device}")
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    device_index = q.get_device()
+    config = default_bwd_config(_DTYPES[q.dtype], q.shape[3], bool(causal))
+    kernel = _kernels.get((config, device_index)) or _kernel_for(config, device_index)
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    q, k, v, out, dout = (_aligned(t) for t in (q, k, v, out, dout))
+    lse = lse.contiguous()
+    batch, seqlen_q, heads, _ = q.shape
+    dq, dk, dv = torch.empty_like(q, memory_format=torch.contiguous_format), \
+        torch.empty_like(k, memory_format=torch.contiguous_format), torch.empty_like(v, memory_format=torch.contiguous_format)
+    dvec = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
+    strides = [s for t in (q, k, v, out, dout, dq, dk, dv) for s in t.stride()[:3]]
+    params = BwdParams(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), dout.data_ptr(), lse.data_ptr(),
+                       dvec.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), *strides,
+                       batch, seqlen_q, k.shape[1], heads, k.shape[2], softmax_scale)
+    with torch.cuda.device(device_index):
+        kernel(params, _current_stream(device_index))
+    return dq, dk, dv

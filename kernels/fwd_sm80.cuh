@@ -12,6 +12,7 @@
 
 #include "common/params.cuh"
 #include "common/ptx.cuh"
+#include "common/fragments.cuh"
 #include "common/smem_tile.cuh"
 
 namespace flashjit::fwd {
@@ -68,54 +69,6 @@ struct Config {
                 "the fragments of this config need more than 255 registers per thread and would spill");
 };
 
-using elem_t = uint16_t;  // fp16 or bf16 bits; only mma_16816/pack2 need to know which
-
-// ---- fragment loads (shared memory -> registers) ---------------------------------------------
-// Q as the A operand of QK^T: for each of the warp's 16-row tiles and 16-wide k-tile, one ldmatrix.x4
-// (matrices: rows 0-7/8-15 x cols 0-7/8-15, giving a0..a3 in mma order).
-template <class C>
-__device__ __forceinline__ void load_q(uint32_t (&qf)[C::kM][C::kKtD][4], const elem_t* sQ, int row0, int lane,
-                                       int kt0, int count) {
-  using L = SmemLayout<C::kD, C::kSwizzle>;
-#pragma unroll
-  for (int kt = kt0; kt < kt0 + count; ++kt)
-#pragma unroll
-    for (int mt = 0; mt < C::kM; ++mt)
-      ldmatrix_x4(qf[mt][kt], smem_addr(sQ + L::frag_offset(row0 + mt * 16, lane & 15, kt * 2, lane >> 4)));
-}
-
-// K as the B operand of QK^T (B[k][n] = K[n][k]): K rows are keys, so a plain ldmatrix of an 8x8
-// (keys x dims) block is already the col-major B fragment. One x4 = two n-tiles x both k halves.
-template <class C>
-__device__ __forceinline__ void load_k(uint32_t (&kf)[C::kKtD][C::kNtC][2], const elem_t* sK, int lane, int kt0,
-                                       int count) {
-  using L = SmemLayout<C::kD, C::kSwizzle>;
-#pragma unroll
-  for (int kt = kt0; kt < kt0 + count; ++kt)
-#pragma unroll
-    for (int nt = 0; nt < C::kNtC; nt += 2) {
-      uint32_t r[4];
-      ldmatrix_x4(r, smem_addr(sK + L::frag_offset(nt * 8, (lane >> 4) * 8 + (lane & 7), kt * 2, (lane >> 3) & 1)));
-      kf[kt][nt][0] = r[0], kf[kt][nt][1] = r[1], kf[kt][nt + 1][0] = r[2], kf[kt][nt + 1][1] = r[3];
-    }
-}
-
-// V as the B operand of PV (B[k][n] = V[k][n], k = key): rows of V are the k dimension, so the
-// fragment needs the transposing ldmatrix. One x4 = both k halves x two n-tiles (head-dim columns).
-template <class C>
-__device__ __forceinline__ void load_v(uint32_t (&vf)[C::kKtC][C::kNtD][2], const elem_t* sV, int lane, int kt0,
-                                       int count) {
-  using L = SmemLayout<C::kD, C::kSwizzle>;
-#pragma unroll
-  for (int kt = kt0; kt < kt0 + count; ++kt)
-#pragma unroll
-    for (int nt = 0; nt < C::kNtD; nt += 2) {
-      uint32_t r[4];
-      ldmatrix_x4_trans(r, smem_addr(sV + L::frag_offset(kt * 16, ((lane >> 3) & 1) * 8 + (lane & 7), nt, lane >> 4)));
-      vf[kt][nt][0] = r[0], vf[kt][nt][1] = r[1], vf[kt][nt + 1][0] = r[2], vf[kt][nt + 1][1] = r[3];
-    }
-}
-
 // Which chunk of fragments to fetch when the k loop reaches k-tile `kt`: the chunk starting at kt,
 // or with double buffering the one after it (the caller fetches chunk 0 before the loop starts).
 template <int kChunk, int kTiles, bool kDb>
@@ -131,19 +84,18 @@ template <class C>
 __device__ __forceinline__ void gemm_qk(float (&s)[C::kM][C::kNtC][4], uint32_t (&qf)[C::kM][C::kKtD][4],
                                         const elem_t* sQ, const elem_t* sK, int row0, int lane) {
   uint32_t kf[C::kKtD][C::kNtC][2];
-#pragma unroll
-  for (int mt = 0; mt < C::kM; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < C::kNtC; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
+  zero(s);
 #pragma unroll
   for (int kt = 0; kt < C::kKtD; ++kt) {
     int first;
     if (C::kDepthQ != 0) {  // depth 0: the whole Q block sits in registers for the CTA's lifetime
-      if (C::kDbQ && kt == 0) load_q<C>(qf, sQ, row0, lane, 0, C::kChunkQ);
-      if (fetch_chunk_at<C::kChunkQ, C::kKtD, C::kDbQ>(kt, first)) load_q<C>(qf, sQ, row0, lane, first, C::kChunkQ);
+      if (C::kDbQ && kt == 0) load_a<C::kD, C::kSwizzle>(qf, sQ, row0, lane, 0, C::kChunkQ);
+      if (fetch_chunk_at<C::kChunkQ, C::kKtD, C::kDbQ>(kt, first))
+        load_a<C::kD, C::kSwizzle>(qf, sQ, row0, lane, first, C::kChunkQ);
     }
-    if (C::kDbK && kt == 0) load_k<C>(kf, sK, lane, 0, C::kChunkK);
-    if (fetch_chunk_at<C::kChunkK, C::kKtD, C::kDbK>(kt, first)) load_k<C>(kf, sK, lane, first, C::kChunkK);
+    if (C::kDbK && kt == 0) load_b_rows<C::kD, C::kSwizzle>(kf, sK, 0, lane, 0, C::kChunkK);
+    if (fetch_chunk_at<C::kChunkK, C::kKtD, C::kDbK>(kt, first))
+      load_b_rows<C::kD, C::kSwizzle>(kf, sK, 0, lane, first, C::kChunkK);
 #pragma unroll
     for (int mt = 0; mt < C::kM; ++mt)
 #pragma unroll
@@ -159,8 +111,9 @@ __device__ __forceinline__ void gemm_pv(float (&o)[C::kM][C::kNtD][4], const uin
 #pragma unroll
   for (int kt = 0; kt < C::kKtC; ++kt) {
     int first;
-    if (C::kDbV && kt == 0) load_v<C>(vf, sV, lane, 0, C::kChunkV);
-    if (fetch_chunk_at<C::kChunkV, C::kKtC, C::kDbV>(kt, first)) load_v<C>(vf, sV, lane, first, C::kChunkV);
+    if (C::kDbV && kt == 0) load_b_cols<C::kD, C::kSwizzle>(vf, sV, 0, lane, 0, C::kChunkV);
+    if (fetch_chunk_at<C::kChunkV, C::kKtC, C::kDbV>(kt, first))
+      load_b_cols<C::kD, C::kSwizzle>(vf, sV, 0, lane, first, C::kChunkV);
 #pragma unroll
     for (int mt = 0; mt < C::kM; ++mt)
 #pragma unroll
@@ -236,20 +189,6 @@ __device__ __forceinline__ void online_softmax(float (&s)[C::kM][C::kNtC][4], fl
     }
 }
 
-// The C fragments of S for n-tiles 2kt and 2kt+1 are exactly the A fragment of P for k-tile kt.
-template <class C>
-__device__ __forceinline__ void scores_to_p(const float (&s)[C::kM][C::kNtC][4], uint32_t (&p)[C::kM][C::kKtC][4]) {
-#pragma unroll
-  for (int mt = 0; mt < C::kM; ++mt)
-#pragma unroll
-    for (int kt = 0; kt < C::kKtC; ++kt) {
-      p[mt][kt][0] = pack2<C::kBf16>(s[mt][2 * kt][0], s[mt][2 * kt][1]);
-      p[mt][kt][1] = pack2<C::kBf16>(s[mt][2 * kt][2], s[mt][2 * kt][3]);
-      p[mt][kt][2] = pack2<C::kBf16>(s[mt][2 * kt + 1][0], s[mt][2 * kt + 1][1]);
-      p[mt][kt][3] = pack2<C::kBf16>(s[mt][2 * kt + 1][2], s[mt][2 * kt + 1][3]);
-    }
-}
-
 // ---- the kernel --------------------------------------------------------------------------------
 template <class C>
 __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant__ FwdParams p) {
@@ -318,7 +257,7 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
       if (C::kAsync) cp_async_commit(), cp_async_wait<0>();
       __syncthreads();
     }
-    if (C::kDepthQ == 0 && j == 0) load_q<C>(qf, sQ, warp_row0, lane, 0, C::kKtD);
+    if (C::kDepthQ == 0 && j == 0) load_a<C::kD, C::kSwizzle>(qf, sQ, warp_row0, lane, 0, C::kKtD);
 
     float s[C::kM][C::kNtC][4];
     gemm_qk<C>(s, qf, sQ, sK, warp_row0, lane);
@@ -328,7 +267,7 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
     if (need_mask) apply_mask<C>(s, q_row0 + warp_row0, col0, p.seqlen_k, diag, lane);
     online_softmax<C>(s, o, m, l, scale, scale_log2);
     uint32_t pf[C::kM][C::kKtC][4];
-    scores_to_p<C>(s, pf);
+    acc_to_a<C::kBf16>(s, pf);
 
     if (C::kEager) {
       cp_async_wait<0>();  // V_j has landed

@@ -83,4 +83,17 @@ __device__ __forceinline__ void load_tile(T* smem, const T* gmem, int64_t row_st
   }
 }
 
+// Copy rows [0, valid_rows) of a shared-memory tile to a row-strided global tile (16-byte stores).
+template <int kRows, int kD, bool kSwizzle, int kThreads, typename T>
+__device__ __forceinline__ void store_tile(T* gmem, int64_t row_stride, const T* smem, int valid_rows, int tid) {
+  using L = SmemLayout<kD, kSwizzle>;
+#pragma unroll
+  for (int i = tid; i < kRows * L::kChunks; i += kThreads) {
+    const int row = i / L::kChunks, chunk = i % L::kChunks;
+    if (row < valid_rows)
+      *reinterpret_cast<uint4*>(gmem + row * row_stride + chunk * 8) =
+          *reinterpret_cast<const uint4*>(smem + L::offset(row, chunk));
+  }
+}
+
 }  // namespace flashjit

@@ -1,0 +1,311 @@
+// FlashAttention-2 style backward pass for sm_80 and newer, in three deterministic kernels (no
+// atomics: every output element has exactly one writer, so gradients are bit-identical run to run).
+//
+// With P_ij = exp(scale * q_i . k_j - lse_i) (the forward's probabilities, recomputed) and
+// D_i = dO_i . O_i:
+//   dV_j = sum_i P_ij dO_i      dP_ij = dO_i . v_j      dS_ij = P_ij (dP_ij - D_i)
+//   dK_j = scale sum_i dS_ij q_i                       dQ_i = scale sum_j dS_ij k_j
+//
+// 1. dvec_kernel: D = rowsum(dO * O)                          [B, H, Sq] fp32
+// 2. dkdv_kernel: one CTA per (key block, kv head, batch); walks every query block of every query
+//    head of its GQA group, so dK/dV are summed over the group in registers. Works on S^T = K Q^T so
+//    each warp owns 16 key rows of the accumulators.
+// 3. dq_kernel:   one CTA per (query block, head, batch); walks the key blocks.
+#pragma once
+#include <cstdint>
+#include <cuda_runtime.h>
+
+#include "common/fragments.cuh"
+#include "common/params.cuh"
+#include "common/ptx.cuh"
+#include "common/smem_tile.cuh"
+
+namespace flashjit::bwd {
+
+// One template parameter per BwdConfig field (flashjit/config.py), in the same order.
+template <bool kBf16_, int kD_, int kWarps_, bool kCausal_>
+struct Config {
+  static constexpr bool kBf16 = kBf16_, kCausal = kCausal_, kSwizzle = true;
+  static constexpr int kD = kD_, kWarps = kWarps_, kThreads = kWarps * 32;
+  static constexpr int kBlock = 16 * kWarps;  // rows per CTA (each warp owns 16) and per inner step
+  static constexpr int kKtD = kD / 16, kNtD = kD / 8, kKtB = kBlock / 16, kNtB = kBlock / 8;
+  // Four [kBlock, kD] tiles (K, V, Q, dO) plus lse and D for one query block.
+  static constexpr int kSmemBytes = 4 * kBlock * kD * 2 + 2 * kBlock * 4;
+  static constexpr int kRegEstimate = 2 * kNtD * 4 + 2 * kNtB * 4 + 32;  // dK, dV, S^T, dP^T + operands
+  static_assert(kD % 32 == 0 && kD <= 128, "the backward pass supports d_head up to 128");
+  static_assert(kWarps == 4 || kWarps == 8, "the backward pass runs 4 or 8 warps");
+  static_assert(kRegEstimate <= 255, "the backward accumulators of this config need more than 255 registers");
+};
+
+// ---- 1. D = rowsum(dO * O): one warp per row ----------------------------------------------
+template <class C>
+__global__ void __launch_bounds__(128) dvec_kernel(const __grid_constant__ BwdParams p) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = int64_t(blockIdx.x) * 4 + (threadIdx.x >> 5);  // (b, h, i), i fastest
+  if (row >= int64_t(p.batch) * p.heads * p.seqlen_q) return;
+  const int i = int(row % p.seqlen_q), bh = int(row / p.seqlen_q), h = bh % p.heads, b = bh / p.heads;
+  float sum = 0.f;
+  if (lane < C::kD / 8) {
+    const uint4 o = *reinterpret_cast<const uint4*>(static_cast<const elem_t*>(p.o) + b * p.o_batch_stride +
+                                                    h * p.o_head_stride + i * p.o_row_stride + lane * 8);
+    const uint4 d = *reinterpret_cast<const uint4*>(static_cast<const elem_t*>(p.dout) + b * p.do_batch_stride +
+                                                    h * p.do_head_stride + i * p.do_row_stride + lane * 8);
+    const uint32_t ow[4] = {o.x, o.y, o.z, o.w}, dw[4] = {d.x, d.y, d.z, d.w};
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      float o0, o1, d0, d1;
+      unpack2<C::kBf16>(ow[w], o0, o1);
+      unpack2<C::kBf16>(dw[w], d0, d1);
+      sum = fmaf(o0, d0, fmaf(o1, d1, sum));
+    }
+  }
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+  if (lane == 0) p.dvec[row] = sum;
+}
+
+// Stage one query block's lse (in log2 units, +inf past the end: P = 0 there) and D in shared memory.
+template <class C>
+__device__ __forceinline__ void load_row_stats(float* s_lse, float* s_dvec, const BwdParams& p, int64_t bh,
+                                               int row0, int tid) {
+  for (int r = tid; r < C::kBlock; r += C::kThreads) {
+    const bool valid = row0 + r < p.seqlen_q;
+    s_lse[r] = valid ? p.lse[bh * p.seqlen_q + row0 + r] * 1.4426950408889634f : INFINITY;
+    s_dvec[r] = valid ? p.dvec[bh * p.seqlen_q + row0 + r] : 0.f;
+  }
+}
+
+// acc = A(rows of tile_a, the warp's 16) x B^T(rows of tile_b), k over the head dim.
+template <class C>
+__device__ __forceinline__ void gemm_rows_rows(float (&acc)[1][C::kNtB][4], const elem_t* tile_a, int a_row0,
+                                               const elem_t* tile_b, int lane) {
+  zero(acc);
+#pragma unroll
+  for (int kt = 0; kt < C::kKtD; ++kt) {
+    uint32_t a[1][C::kKtD][4], b[C::kKtD][C::kNtB][2];
+    load_a<C::kD, C::kSwizzle>(a, tile_a, a_row0, lane, kt, 1);
+    load_b_rows<C::kD, C::kSwizzle>(b, tile_b, 0, lane, kt, 1);
+#pragma unroll
+    for (int nt = 0; nt < C::kNtB; ++nt) mma_16816<C::kBf16>(acc[0][nt], a[0][kt], b[kt][nt]);
+  }
+}
+
+// acc += A (16-bit fragments over the block's rows) x tile (rows = k), n over the head dim.
+template <class C>
+__device__ __forceinline__ void gemm_frag_cols(float (&acc)[1][C::kNtD][4], const uint32_t (&a)[1][C::kKtB][4],
+                                               const elem_t* tile, int lane) {
+#pragma unroll
+  for (int kt = 0; kt < C::kKtB; ++kt) {
+    uint32_t b[C::kKtB][C::kNtD][2];
+    load_b_cols<C::kD, C::kSwizzle>(b, tile, 0, lane, kt, 1);
+#pragma unroll
+    for (int nt = 0; nt < C::kNtD; ++nt) mma_16816<C::kBf16>(acc[0][nt], a[0][kt], b[kt][nt]);
+  }
+}
+
+// ---- 2. dK, dV --------------------------------------------------------------------------------
+template <class C>
+__global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant__ BwdParams p) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  elem_t* sK = reinterpret_cast<elem_t*>(smem_raw);
+  elem_t* sV = sK + C::kBlock * C::kD;
+  elem_t* sQ = sV + C::kBlock * C::kD;
+  elem_t* sdO = sQ + C::kBlock * C::kD;
+  float* s_lse = reinterpret_cast<float*>(sdO + C::kBlock * C::kD);
+  float* s_dvec = s_lse + C::kBlock;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int num_n = (p.seqlen_k + C::kBlock - 1) / C::kBlock;
+  const int n_block = blockIdx.x % num_n, bh_k = blockIdx.x / num_n;
+  const int h_k = bh_k % p.heads_k, b = bh_k / p.heads_k, group = p.heads / p.heads_k;
+  const int key0 = n_block * C::kBlock, keys = min(C::kBlock, p.seqlen_k - key0);
+  const int diag = p.seqlen_k - p.seqlen_q;  // key j visible to query i iff j <= i + diag (causal)
+  const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
+
+  load_tile<C::kBlock, C::kD, C::kSwizzle, true, C::kThreads>(
+      sK, static_cast<const elem_t*>(p.k) + b * p.k_batch_stride + h_k * p.k_head_stride + int64_t(key0) * p.k_row_stride,
+      p.k_row_stride, keys, tid);
+  load_tile<C::kBlock, C::kD, C::kSwizzle, true, C::kThreads>(
+      sV, static_cast<const elem_t*>(p.v) + b * p.v_batch_stride + h_k * p.v_head_stride + int64_t(key0) * p.v_row_stride,
+      p.v_row_stride, keys, tid);
+  cp_async_commit();
+
+  float dk[1][C::kNtD][4], dv[1][C::kNtD][4];
+  zero(dk);
+  zero(dv);
+  const int num_m = (p.seqlen_q + C::kBlock - 1) / C::kBlock;
+  // Causal: query blocks wholly above this key block's first visible row contribute nothing.
+  const int first_m = C::kCausal ? max(0, (key0 - diag) / C::kBlock) : 0;
+  const int my_key0 = key0 + warp * 16 + (lane >> 2);  // key of accumulator row half 0 (+8 for half 1)
+
+  for (int g = 0; g < group; ++g) {
+    const int h = h_k * group + g;
+    const int64_t bh = int64_t(b) * p.heads + h;
+    for (int m = first_m; m < num_m; ++m) {
+      const int row0 = m * C::kBlock, rows = min(C::kBlock, p.seqlen_q - row0);
+      __syncthreads();  // every warp is done with the previous Q, dO and row statistics
+      load_tile<C::kBlock, C::kD, C::kSwizzle, true, C::kThreads>(
+          sQ, static_cast<const elem_t*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + int64_t(row0) * p.q_row_stride,
+          p.q_row_stride, rows, tid);
+      load_tile<C::kBlock, C::kD, C::kSwizzle, true, C::kThreads>(
+          sdO, static_cast<const elem_t*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride +
+                   int64_t(row0) * p.do_row_stride,
+          p.do_row_stride, rows, tid);
+      cp_async_commit();
+      load_row_stats<C>(s_lse, s_dvec, p, bh, row0, tid);
+      cp_async_wait<0>();
+      __syncthreads();
+
+      // P^T: rows = this warp's 16 keys, cols = the block's queries.
+      float pt[1][C::kNtB][4];
+      gemm_rows_rows<C>(pt, sK, warp * 16, sQ, lane);
+#pragma unroll
+      for (int nt = 0; nt < C::kNtB; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = nt * 8 + (lane & 3) * 2 + (e & 1);
+          const bool masked = C::kCausal && my_key0 + (e >> 1) * 8 > row0 + col + diag;
+          pt[0][nt][e] = masked ? 0.f : fast_exp2(fmaf(pt[0][nt][e], scale_log2, -s_lse[col]));
+        }
+      uint32_t pa[1][C::kKtB][4];
+      acc_to_a<C::kBf16>(pt, pa);
+      gemm_frag_cols<C>(dv, pa, sdO, lane);  // dV += P^T dO
+
+      float dpt[1][C::kNtB][4];
+      gemm_rows_rows<C>(dpt, sV, warp * 16, sdO, lane);  // dP^T = V dO^T
+#pragma unroll
+      for (int nt = 0; nt < C::kNtB; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = nt * 8 + (lane & 3) * 2 + (e & 1);
+          dpt[0][nt][e] = pt[0][nt][e] * (dpt[0][nt][e] - s_dvec[col]);  // dS^T
+        }
+      uint32_t dsa[1][C::kKtB][4];
+      acc_to_a<C::kBf16>(dpt, dsa);
+      gemm_frag_cols<C>(dk, dsa, sQ, lane);  // dK += dS^T Q
+    }
+  }
+
+  // Stage through sQ / sdO (each warp writes its own 16 rows), then coalesced stores.
+  cp_async_wait<0>();
+  __syncthreads();
+  store_acc<C::kD, C::kSwizzle, C::kBf16>(sQ, dk, warp * 16, lane, p.softmax_scale);
+  store_acc<C::kD, C::kSwizzle, C::kBf16>(sdO, dv, warp * 16, lane, 1.f);
+  __syncthreads();
+  store_tile<C::kBlock, C::kD, C::kSwizzle, C::kThreads>(
+      static_cast<elem_t*>(p.dk) + b * p.dk_batch_stride + h_k * p.dk_head_stride + int64_t(key0) * p.dk_row_stride,
+      p.dk_row_stride, sQ, keys, tid);
+  store_tile<C::kBlock, C::kD, C::kSwizzle, C::kThreads>(
+      static_cast<elem_t*>(p.dv) + b * p.dv_batch_stride + h_k * p.dv_head_stride + int64_t(key0) * p.dv_row_stride,
+      p.dv_row_stride, sdO, keys, tid);
+}
+
+// ---- 3. dQ --------------------------------------------------------------------------------------
+template <class C>
+__global__ void __launch_bounds__(C::kThreads) dq_kernel(const __grid_constant__ BwdParams p) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  elem_t* sQ = reinterpret_cast<elem_t*>(smem_raw);
+  elem_t* sdO = sQ + C::kBlock * C::kD;
+  elem_t* sK = sdO + C::kBlock * C::kD;
+  elem_t* sV = sK + C::kBlock * C::kD;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int num_m = (p.seqlen_q + C::kBlock - 1) / C::kBlock;
+  int m_block = blockIdx.x % num_m;
+  const int bh = blockIdx.x / num_m, h = bh % p.heads, b = bh / p.heads;
+  if (C::kCausal) m_block = num_m - 1 - m_block;  // longest rows first
+  const int h_k = h / (p.heads / p.heads_k);
+  const int row0 = m_block * C::kBlock, rows = min(C::kBlock, p.seqlen_q - row0);
+  const int diag = p.seqlen_k - p.seqlen_q;
+  const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
+
+  load_tile<C::kBlock, C::kD, C::kSwizzle, true, C::kThreads>(
+      sQ, static_cast<const elem_t*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + int64_t(row0) * p.q_row_stride,
+      p.q_row_stride, rows, tid);
+  load_tile<C::kBlock, C::kD, C::kSwizzle, true, C::kThreads>(
+      sdO, static_cast<const elem_t*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + int64_t(row0) * p.do_row_stride,
+      p.do_row_stride, rows, tid);
+  cp_async_commit();
+
+  // This thread's two rows: lse (log2 units; +inf past the end or for rows that saw no key) and D.
+  float lse2[2], dvec[2];
+  const int my_row0 = row0 + warp * 16 + (lane >> 2);
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int row = my_row0 + half * 8;
+    const bool valid = row < p.seqlen_q;
+    lse2[half] = valid ? p.lse[int64_t(bh) * p.seqlen_q + row] * 1.4426950408889634f : INFINITY;
+    dvec[half] = valid ? p.dvec[int64_t(bh) * p.seqlen_q + row] : 0.f;
+  }
+
+  int n_blocks = (p.seqlen_k + C::kBlock - 1) / C::kBlock;
+  if (C::kCausal) {
+    const int last_col = row0 + rows - 1 + diag;
+    n_blocks = last_col < 0 ? 0 : min(n_blocks, last_col / C::kBlock + 1);
+  }
+  const elem_t* gK = static_cast<const elem_t*>(p.k) + b * p.k_batch_stride + h_k * p.k_head_stride;
+  const elem_t* gV = static_cast<const elem_t*>(p.v) + b * p.v_batch_stride + h_k * p.v_head_stride;
+  float dq[1][C::kNtD][4];
+  zero(dq);
+  for (int j = 0; j < n_blocks; ++j) {
+    const int col0 = j * C::kBlock, cols = min(C::kBlock, p.seqlen_k - col0);
+    __syncthreads();  // every warp is done with K_{j-1}, V_{j-1}
+    load_tile<C::kBlock, C::kD, C::kSwizzle, true, C::kThreads>(sK, gK + int64_t(col0) * p.k_row_stride,
+                                                                 p.k_row_stride, cols, tid);
+    load_tile<C::kBlock, C::kD, C::kSwizzle, true, C::kThreads>(sV, gV + int64_t(col0) * p.v_row_stride,
+                                                                 p.v_row_stride, cols, tid);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+
+    float s[1][C::kNtB][4];
+    gemm_rows_rows<C>(s, sQ, warp * 16, sK, lane);  // S = Q K^T
+    float dp[1][C::kNtB][4];
+    gemm_rows_rows<C>(dp, sdO, warp * 16, sV, lane);  // dP = dO V^T
+#pragma unroll
+    for (int nt = 0; nt < C::kNtB; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int half = e >> 1, col = col0 + nt * 8 + (lane & 3) * 2 + (e & 1);
+        const bool masked = col >= p.seqlen_k || (C::kCausal && col > my_row0 + half * 8 + diag);
+        const float prob = masked ? 0.f : fast_exp2(fmaf(s[0][nt][e], scale_log2, -lse2[half]));
+        s[0][nt][e] = prob * (dp[0][nt][e] - dvec[half]);  // dS
+      }
+    uint32_t dsa[1][C::kKtB][4];
+    acc_to_a<C::kBf16>(s, dsa);
+    gemm_frag_cols<C>(dq, dsa, sK, lane);  // dQ += dS K
+  }
+
+  cp_async_wait<0>();
+  __syncwarp();  // sQ rows of this warp are read only by this warp
+  store_acc<C::kD, C::kSwizzle, C::kBf16>(sQ, dq, warp * 16, lane, p.softmax_scale);
+  __syncthreads();
+  store_tile<C::kBlock, C::kD, C::kSwizzle, C::kThreads>(
+      static_cast<elem_t*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride + int64_t(row0) * p.dq_row_stride,
+      p.dq_row_stride, sQ, rows, tid);
+}
+
+template <class C, class Kernel>
+cudaError_t opt_in_smem(Kernel kernel) {
+  if (C::kSmemBytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
+}
+
+template <class C>
+cudaError_t launch(const BwdParams& p, cudaStream_t stream) {
+  if (p.batch == 0 || p.heads == 0 || p.seqlen_q == 0) return cudaSuccess;
+  const int64_t rows = int64_t(p.batch) * p.heads * p.seqlen_q;
+  const int64_t kv_blocks = int64_t((p.seqlen_k + C::kBlock - 1) / C::kBlock) * p.heads_k * p.batch;
+  const int64_t q_blocks = int64_t((p.seqlen_q + C::kBlock - 1) / C::kBlock) * p.heads * p.batch;
+  if ((rows + 3) / 4 > 0x7fffffff || kv_blocks > 0x7fffffff || q_blocks > 0x7fffffff)
+    return cudaErrorInvalidConfiguration;
+  cudaError_t err;
+  if ((err = opt_in_smem<C>(dkdv_kernel<C>)) != cudaSuccess) return err;
+  if ((err = opt_in_smem<C>(dq_kernel<C>)) != cudaSuccess) return err;
+  dvec_kernel<C><<<unsigned((rows + 3) / 4), 128, 0, stream>>>(p);
+  if (kv_blocks > 0) dkdv_kernel<C><<<unsigned(kv_blocks), C::kThreads, C::kSmemBytes, stream>>>(p);
+  dq_kernel<C><<<unsigned(q_blocks), C::kThreads, C::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace flashjit::bwd

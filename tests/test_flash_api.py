@@ -1,0 +1,181 @@
+"""flash_attn_func and friends: gradients of the JIT backward against the fp32 reference, GQA,
+determinism, the reference backend's features (window, softcap, ALiBi, dropout) with autograd, the
+backend switch, NotImplementedError for what the JIT kernels lack, and a training step."""
+import math
+
+import pytest
+import torch
+
+import flashjit
+from flashjit import flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func
+from flashjit.reference import attention_reference
+
+gpu = pytest.mark.gpu
+DTYPES = [torch.float16, torch.bfloat16]
+
+
+def _qkv(b, sq, sk, h, hk, d, dtype, device, grad=True):
+    mk = lambda s, n: torch.randn(b, s, n, d, device=device, dtype=dtype, requires_grad=grad)  # noqa: E731
+    return mk(sq, h), mk(sk, hk), mk(sk, hk)
+
+
+def _grads(fn, q, k, v, dout):
+    for t in (q, k, v):
+        t.grad = None
+    out = fn(q, k, v)
+    out.backward(dout)
+    return out, q.grad.clone(), k.grad.clone(), v.grad.clone()
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(2, 17, 17, 3, 1, 64), (1, 300, 190, 4, 2, 128), (2, 129, 257, 2, 2, 32),
+                                   (1, 1, 65, 4, 4, 96), (1, 200, 77, 6, 2, 128), (3, 64, 64, 2, 1, 64)], ids=str)
+def test_jit_gradients_match_reference(shape, causal, dtype, monkeypatch):
+    monkeypatch.setenv("FLASHJIT_BACKEND", "jit")
+    b, sq, sk, h, hk, d = shape
+    q, k, v = _qkv(b, sq, sk, h, hk, d, dtype, "cuda")
+    dout = torch.randn(b, sq, h, d, device="cuda", dtype=dtype)
+    ours = _grads(lambda q, k, v: flash_attn_func(q, k, v, causal=causal), q, k, v, dout)
+    ref = _grads(lambda q, k, v: attention_reference(q, k, v, causal=causal)[0], q, k, v, dout.float())
+    low = _grads(lambda q, k, v: attention_reference(q, k, v, causal=causal, compute_dtype=None)[0], q, k, v, dout)
+    for name, a, r, lo in zip(("out", "dq", "dk", "dv"), ours, ref, low):
+        assert torch.isfinite(a).all(), name
+        err, low_err = (a.float() - r.float()).abs().max().item(), (lo.float() - r.float()).abs().max().item()
+        assert err <= 2 * low_err + 2e-3, f"{name}: {err:.3e} vs PyTorch low-precision {low_err:.3e}"
+
+
+@gpu
+def test_backward_is_deterministic_and_packed_views_work(monkeypatch):
+    monkeypatch.setenv("FLASHJIT_BACKEND", "jit")
+    qkv = torch.randn(2, 333, 3, 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dout = torch.randn(2, 333, 4, 64, device="cuda", dtype=torch.bfloat16)
+    grads = []
+    for _ in range(3):
+        qkv.grad = None
+        flash_attn_qkvpacked_func(qkv, causal=True, deterministic=True).backward(dout)
+        grads.append(qkv.grad.clone())
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[1], grads[2])
+    q, kv = qkv[:, :, 0].detach(), qkv[:, :, 1:].detach()
+    assert torch.equal(flash_attn_kvpacked_func(q, kv, causal=True), flash_attn_qkvpacked_func(qkv.detach(), causal=True))
+
+
+@gpu
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(dropout_p=0.1), "dropout_p"), (dict(window_size=(16, 16)), "window_size"), (dict(softcap=30.0), "softcap"),
+    (dict(alibi_slopes=torch.ones(2)), "alibi_slopes"),
+])
+def test_jit_names_what_it_does_not_implement(kwargs, name, monkeypatch):
+    monkeypatch.setenv("FLASHJIT_BACKEND", "jit")
+    q, k, v = _qkv(1, 32, 32, 2, 2, 64, torch.float16, "cuda", grad=False)
+    if "alibi_slopes" in kwargs:
+        kwargs = dict(alibi_slopes=kwargs["alibi_slopes"].cuda())
+    with pytest.raises(NotImplementedError, match=name) as info:
+        flash_attn_func(q, k, v, **kwargs)
+    assert "FLASHJIT_BACKEND=reference" in str(info.value)
+
+
+def test_jit_backend_on_cpu_names_the_switch(monkeypatch):
+    monkeypatch.setenv("FLASHJIT_BACKEND", "jit")
+    q, k, v = _qkv(1, 8, 8, 2, 2, 64, torch.float16, "cpu", grad=False)
+    with pytest.raises(ValueError, match="FLASHJIT_BACKEND=reference"):
+        flash_attn_func(q, k, v)
+
+
+def test_unknown_backend(monkeypatch):
+    monkeypatch.setenv("FLASHJIT_BACKEND", "triton")
+    q, k, v = _qkv(1, 8, 8, 2, 2, 64, torch.float16, "cpu", grad=False)
+    with pytest.raises(ValueError, match="FLASHJIT_BACKEND"):
+        flash_attn_func(q, k, v)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(dropout_p=1.0), "dropout_p"), (dict(softmax_scale=-1.0), "softmax_scale"),
+    (dict(window_size=(-2, 0)), "window_size"), (dict(softcap=-1.0), "softcap"),
+    (dict(alibi_slopes=torch.ones(3)), "alibi_slopes"),
+])
+def test_reference_backend_rejects_bad_arguments(kwargs, match, monkeypatch):
+    monkeypatch.setenv("FLASHJIT_BACKEND", "reference")
+    q, k, v = _qkv(1, 8, 8, 2, 2, 64, torch.float32, "cpu", grad=False)
+    with pytest.raises(ValueError, match=match):
+        flash_attn_func(q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [dict(causal=True), dict(window_size=(3, 2)), dict(softcap=2.0),
+                                    dict(alibi_slopes=torch.tensor([0.5, 0.25], dtype=torch.float32)),
+                                    dict(causal=True, window_size=(4, -1), softcap=1.5)], ids=str)
+def test_reference_backend_features_have_exact_gradients(kwargs, monkeypatch):
+    """The reference backend on CPU: autograd gradients agree with finite differences (float64)."""
+    monkeypatch.setenv("FLASHJIT_BACKEND", "reference")
+    q, k, v = (torch.randn(1, n, 2, 8, dtype=torch.float64, requires_grad=True) for n in (5, 7, 7))
+
+    def fn(q, k, v):
+        return attention_reference(q, k, v, compute_dtype=torch.float64, **{
+            **kwargs, "window_size": kwargs.get("window_size", (-1, -1)),
+            "causal": kwargs.get("causal", False)})[0]
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+    out = flash_attn_func(q, k, v, **kwargs)
+    assert torch.allclose(out, fn(q, k, v))
+
+
+def test_reference_window_matches_an_explicit_mask():
+    q = torch.randn(1, 6, 1, 8, dtype=torch.float64)
+    k, v = torch.randn(1, 9, 1, 8, dtype=torch.float64), torch.randn(1, 9, 1, 8, dtype=torch.float64)
+    out, _ = attention_reference(q, k, v, compute_dtype=torch.float64, window_size=(1, 2))
+    d = 9 - 6
+    for i in range(6):
+        keys = [j for j in range(9) if i + d - 1 <= j <= i + d + 2]
+        s = torch.stack([q[0, i, 0] @ k[0, j, 0] for j in keys]) / math.sqrt(8)
+        expected = (torch.softmax(s, 0)[:, None] * v[0, keys, 0]).sum(0)
+        assert torch.allclose(out[0, i, 0], expected)
+
+
+def test_reference_dropout_fraction_expectation_and_seed(monkeypatch):
+    monkeypatch.setenv("FLASHJIT_BACKEND", "reference")
+    q, k, v = _qkv(2, 64, 64, 2, 2, 16, torch.float32, "cpu", grad=False)
+    p = 0.3
+    torch.manual_seed(1)
+    _, _, probs = flash_attn_func(q, k, v, dropout_p=p, return_attn_probs=True)
+    kept = (probs >= 0).float().mean().item()
+    assert abs(kept - (1 - p)) < 0.02
+    torch.manual_seed(1)
+    a = flash_attn_func(q, k, v, dropout_p=p)
+    torch.manual_seed(1)
+    assert torch.equal(a, flash_attn_func(q, k, v, dropout_p=p))  # torch.manual_seed reproduces it
+    mean = torch.stack([flash_attn_func(q, k, v, dropout_p=p) for _ in range(400)]).mean(0)
+    exact = flash_attn_func(q, k, v)
+    assert (mean - exact).abs().mean().item() < 0.02  # E[dropout(P) / (1 - p)] = P
+
+
+class FlashSelfAttention(torch.nn.Module):
+    """The seed's module: nn.Linear qkv -> flash_attn_qkvpacked_func -> out_proj."""
+
+    def __init__(self, hidden, heads, causal=True):
+        super().__init__()
+        self.heads, self.causal = heads, causal
+        self.qkv = torch.nn.Linear(hidden, 3 * hidden)
+        self.out_proj = torch.nn.Linear(hidden, hidden)
+
+    def forward(self, x):
+        b, s, hidden = x.shape
+        qkv = self.qkv(x).view(b, s, 3, self.heads, hidden // self.heads)
+        return self.out_proj(flash_attn_qkvpacked_func(qkv, causal=self.causal).reshape(b, s, hidden))
+
+
+@gpu
+def test_training_step_matches_reference_backend(monkeypatch):
+    torch.manual_seed(0)
+    model = FlashSelfAttention(256, 4).cuda().to(torch.bfloat16)
+    x = torch.randn(2, 200, 256, device="cuda", dtype=torch.bfloat16)
+    target = torch.randn_like(x)
+    results = {}
+    for name in ("jit", "reference"):
+        monkeypatch.setenv("FLASHJIT_BACKEND", name)
+        model.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x).float(), target.float())
+        loss.backward()
+        results[name] = (loss.item(), [p.grad.float().clone() for p in model.parameters()])
+    assert abs(results["jit"][0] - results["reference"][0]) < 1e-2
+    for g_jit, g_ref in zip(results["jit"][1], results["reference"][1]):
+        assert torch.allclose(g_jit, g_ref, atol=2e-2, rtol=5e-2), (g_jit - g_ref).abs().max()
