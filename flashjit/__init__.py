@@ -7,7 +7,8 @@ per-user cache (see flashjit.cache), and every later call, in any process, reuse
 load it on first use.
 """
 from ._version import __version__
-from .config import KernelConfig, default_config, get_autotuning_kernel_configs, get_kernels_to_build
+from .config import (BwdConfig, KernelConfig, default_config, get_autotuning_kernel_configs,
+                     get_kernels_to_build)
 from .toolchain import ToolchainError
 
 _LAZY = {
@@ -16,7 +17,7 @@ _LAZY = {
     "attention_reference": "reference", "CompileError": "jit",
 }
 
-__all__ = ["__version__", "KernelConfig", "default_config", "get_kernels_to_build",
+__all__ = ["__version__", "KernelConfig", "BwdConfig", "default_config", "get_kernels_to_build",
            "get_autotuning_kernel_configs", "ToolchainError", *_LAZY]
 
 

@@ -124,7 +124,7 @@ def _check_out(out, q) -> None:
         raise ValueError(f"out must have a contiguous last dim and 16-byte aligned rows, got strides {out.stride()}")
 
 
-def _launch(q, k, v, config, causal, softmax_scale, out=None):
+def _launch(q, k, v, config, causal, softmax_scale, out=None, want_lse=True):
     """Validate, choose and build the kernel, allocate outputs. Returns (run, out, lse)."""
     check_qkv(q, k, v)
     if softmax_scale is None:
@@ -141,10 +141,10 @@ def _launch(q, k, v, config, causal, softmax_scale, out=None):
         out = torch.empty((batch, seqlen_q, heads, d_head), dtype=q.dtype, device=q.device)
     else:
         _check_out(out, q)
-    lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
+    lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device) if want_lse else None
     qs, ks, vs, os_ = q.stride(), k.stride(), v.stride(), out.stride()
     params = FwdParams(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr() if want_lse else None,
         qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], os_[0], os_[1], os_[2],
         batch, seqlen_q, k.shape[1], heads, k.shape[2], softmax_scale)
 
@@ -162,7 +162,7 @@ def forward(q, k, v, config: KernelConfig | None = None, causal: bool = False,
             softmax_scale: float | None = None, return_lse: bool = False, out: torch.Tensor | None = None):
     """Attention forward with the JIT kernel `config` (default: the dispatcher's choice), written
     into `out` when given (shaped like q)."""
-    run, out, lse = _launch(q, k, v, config, causal, softmax_scale, out)
+    run, out, lse = _launch(q, k, v, config, causal, softmax_scale, out, want_lse=return_lse)
     run()
     return (out, lse) if return_lse else out
 
@@ -171,7 +171,7 @@ def forward_timed(q, k, v, config: KernelConfig | None = None, causal: bool = Fa
                   softmax_scale: float | None = None) -> tuple[torch.Tensor, float]:
     """forward(), plus the kernel's own time in milliseconds from CUDA events around the launch
     (compilation and input checks are outside the timed region). Synchronises the stream."""
-    run, out, _ = _launch(q, k, v, config, causal, softmax_scale)
+    run, out, _ = _launch(q, k, v, config, causal, softmax_scale, want_lse=False)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     with torch.cuda.device(q.device):
         start.record()

@@ -281,7 +281,7 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
   // ---- epilogue: normalise, stage O through this warp's rows of sQ, 16-byte coalesced stores ----
   if (C::kAsync) cp_async_wait<0>();
   __syncthreads();  // sQ's copies (possibly issued by other threads) are complete before reuse
-  float* lse = p.lse + (int64_t(b) * p.heads + h) * p.seqlen_q;
+  float* lse = p.lse + (int64_t(b) * p.heads + h) * p.seqlen_q;  // unused when p.lse is null
 #pragma unroll
   for (int mt = 0; mt < C::kM; ++mt)
 #pragma unroll
@@ -296,7 +296,7 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
         const uint32_t packed = pack2<C::kBf16>(o[mt][nt][2 * half] * inv, o[mt][nt][2 * half + 1] * inv);
         *reinterpret_cast<uint32_t*>(sQ + L::offset(row, nt) + (lane & 3) * 2) = packed;
       }
-      if ((lane & 3) == 0 && q_row0 + row < p.seqlen_q) {
+      if (p.lse != nullptr && (lane & 3) == 0 && q_row0 + row < p.seqlen_q) {
         const float m_nat = C::kOptSoftmax ? m[mt][half] * scale : m[mt][half];
         lse[q_row0 + row] = sum > 0.f ? m_nat + logf(sum) : INFINITY;
       }

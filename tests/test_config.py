@@ -91,3 +91,20 @@ def test_shared_memory_check_names_the_device():
     with pytest.raises(ValueError, match="RTX 3090 allows 99 KiB"):
         KernelConfig(d_head=256, B_c=128, B_r=128, n_warps=8, k_frag_depth=1, v_frag_depth=1,
                      mma_double_buffer_loads=False).check_shared_memory(99 * 1024, "RTX 3090")
+
+
+def test_backward_configs():
+    from flashjit.config import BwdConfig, config_from_name, default_bwd_config
+
+    for dtype in cfgmod.DTYPES:
+        for d in (32, 64, 96, 128):
+            for causal in (False, True):
+                cfg = default_bwd_config(dtype, d, causal).validate()
+                assert config_from_name(cfg.name) == cfg and "bwd_sm80.cuh" in codegen.render(cfg)
+    assert any(cfgmod.WHY_BWD_HEAD_DIM in p for p in BwdConfig(d_head=256).problems())
+    assert any(cfgmod.WHY_BWD_REGISTERS in p for p in BwdConfig(d_head=128, n_warps=8).problems())
+    source = (codegen.kernels_dir() / "bwd_sm80.cuh").read_text()
+    for reason in (cfgmod.WHY_BWD_HEAD_DIM, cfgmod.WHY_BWD_REGISTERS):
+        assert f'"{reason}"' in source, reason
+    with pytest.raises(ValueError, match="backward kernel name"):
+        BwdConfig.from_name("bwd_bf16_d128")

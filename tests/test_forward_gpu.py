@@ -38,7 +38,8 @@ def _check(q, k, v, causal=False, config=None, softmax_scale=None):
     return out
 
 
-@pytest.mark.parametrize("config", flashjit.get_kernels_to_build(), ids=lambda c: c.name)
+@pytest.mark.parametrize("config", [c for c in flashjit.get_kernels_to_build() if isinstance(c, KernelConfig)],
+                         ids=lambda c: c.name)
 def test_build_set(config):
     torch.manual_seed(hash(config.name) % 2**31)
     seqlen = 1 if config.B_r == 64 else 333

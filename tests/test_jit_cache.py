@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from flashjit import KernelConfig, cache, jit
+from flashjit import BwdConfig, KernelConfig, cache, jit
 from flashjit.launch import CompiledKernel
 
 pytestmark = pytest.mark.compile
@@ -24,6 +24,8 @@ SUBSET = [  # both dtypes, several head dims, causal, knobs off, both archs
     ("sm_90a", KernelConfig(dtype="bf16", d_head=256, B_r=128, B_c=32, n_warps=8, mma_double_buffer_loads=False)),
     ("sm_80", KernelConfig(dtype="fp16", d_head=160, B_r=64, B_c=32, async_copy=False, eager_load_blocks=False,
                            swizzled=False, optimized_softmax=False)),
+    ("sm_90a", BwdConfig("bf16", 128, 4, True)),
+    ("sm_80", BwdConfig("fp16", 64, 8, False)),
 ]
 
 

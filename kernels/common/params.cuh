@@ -6,7 +6,7 @@
 namespace flashjit {
 
 // q: [B, Sq, H, D], k/v: [B, Sk, H_k, D], o: [B, Sq, H, D]; strides in elements, last dim contiguous.
-// lse: [B, H, Sq] fp32, contiguous.
+// lse: [B, H, Sq] fp32, contiguous, or null when the caller does not want it.
 struct FwdParams {
   const void* q;
   const void* k;
