@@ -28,8 +28,32 @@ WHY_DOUBLE_BUFFER = ("mma_double_buffer_loads needs a fragment depth that splits
 WHY_REGISTERS = "the fragments of this config need more than 255 registers per thread and would spill"
 
 
+class _Validated:
+    """What both kernel configs share: problems() lists every reason a config cannot be built;
+    validate() raises them (computed once per config); the shared-memory check against a device."""
+
+    def _choices(self, **allowed: tuple) -> list[str]:
+        return [f"{name} must be one of {values}, got {getattr(self, name)!r}"
+                for name, values in allowed.items() if getattr(self, name) not in values]
+
+    @functools.cached_property  # frozen dataclasses: stored in the instance dict, not a field
+    def _problems_cached(self) -> tuple:
+        return tuple(self.problems())
+
+    def validate(self):
+        if self._problems_cached:
+            raise ValueError(f"invalid {type(self).__name__} {self}:\n  - " + "\n  - ".join(self._problems_cached))
+        return self
+
+    def check_shared_memory(self, limit_bytes: int, device: str) -> None:
+        if self.smem_bytes > limit_bytes:
+            raise ValueError(
+                f"config {self.name} needs {self.smem_bytes // 1024} KiB of shared memory per block, "
+                f"but {device} allows {limit_bytes // 1024} KiB: choose a smaller tile")
+
+
 @dataclass(frozen=True)
-class KernelConfig:
+class KernelConfig(_Validated):
     """One forward-kernel specialization.
 
     dtype            'fp16' or 'bf16' (inputs and output; accumulation is always fp32)
@@ -106,17 +130,7 @@ class KernelConfig:
     # ---- validation ----------------------------------------------------------------------
     def problems(self) -> list[str]:
         """Every reason this config cannot be built (empty when it can)."""
-        out = []
-        if self.dtype not in DTYPES:
-            out.append(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.d_head not in HEAD_DIMS:
-            out.append(f"d_head must be one of {HEAD_DIMS}, got {self.d_head}")
-        if self.B_r not in BLOCK_ROWS:
-            out.append(f"B_r must be one of {BLOCK_ROWS}, got {self.B_r}")
-        if self.B_c not in BLOCK_COLS:
-            out.append(f"B_c must be one of {BLOCK_COLS}, got {self.B_c}")
-        if self.n_warps not in WARPS:
-            out.append(f"n_warps must be one of {WARPS}, got {self.n_warps}")
+        out = self._choices(dtype=DTYPES, d_head=HEAD_DIMS, B_r=BLOCK_ROWS, B_c=BLOCK_COLS, n_warps=WARPS)
         if out:
             return out  # the rules below assume the basic shapes are sane
         if self.warp_rows not in (16, 32):
@@ -134,21 +148,6 @@ class KernelConfig:
             out.append(f"{WHY_REGISTERS} (about {self.register_estimate()}); "
                        "use smaller fragment depths, fewer rows per warp or a smaller B_c")
         return out
-
-    def validate(self) -> "KernelConfig":
-        if self._problems_cached:
-            raise ValueError(f"invalid KernelConfig {self}:\n  - " + "\n  - ".join(self._problems_cached))
-        return self
-
-    @functools.cached_property
-    def _problems_cached(self) -> tuple:
-        return tuple(self.problems())
-
-    def check_shared_memory(self, limit_bytes: int, device: str) -> None:
-        if self.smem_bytes > limit_bytes:
-            raise ValueError(
-                f"config {self.name} needs {self.smem_bytes // 1024} KiB of shared memory per block, "
-                f"but {device} allows {limit_bytes // 1024} KiB: choose a smaller B_r or B_c")
 
     # ---- canonical name ------------------------------------------------------------------
     @functools.cached_property  # frozen dataclass: computed once, stored in the instance dict
@@ -225,7 +224,7 @@ WHY_BWD_REGISTERS = "the backward accumulators of this config need more than 255
 
 
 @dataclass(frozen=True)
-class BwdConfig:
+class BwdConfig(_Validated):
     """One backward specialization (kernels/bwd_sm80.cuh): dtype, d_head, n_warps (each warp owns 16
     rows, so a CTA covers 16 * n_warps keys in the dK/dV pass and as many queries in the dQ pass),
     causal. Always cp.async, swizzled shared memory and the fused exp2 softmax."""
@@ -247,32 +246,12 @@ class BwdConfig:
         return 2 * (self.d_head // 8) * 4 + 2 * (self.block // 8) * 4 + 32
 
     def problems(self) -> list[str]:
-        out = []
-        if self.dtype not in DTYPES:
-            out.append(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.d_head not in HEAD_DIMS:
-            out.append(f"d_head must be one of {HEAD_DIMS}, got {self.d_head}")
-        elif self.d_head > 128:
+        out = self._choices(dtype=DTYPES, d_head=HEAD_DIMS, n_warps=WARPS)
+        if not out and self.d_head > 128:
             out.append(f"{WHY_BWD_HEAD_DIM} (got {self.d_head})")
-        if self.n_warps not in WARPS:
-            out.append(f"n_warps must be one of {WARPS}, got {self.n_warps}")
-        elif not out and self.register_estimate() > REGISTER_LIMIT:
+        if not out and self.register_estimate() > REGISTER_LIMIT:
             out.append(f"{WHY_BWD_REGISTERS} (about {self.register_estimate()}); use 4 warps")
         return out
-
-    @functools.cached_property
-    def _problems_cached(self) -> tuple:
-        return tuple(self.problems())
-
-    def validate(self) -> "BwdConfig":
-        if self._problems_cached:
-            raise ValueError(f"invalid BwdConfig {self}:\n  - " + "\n  - ".join(self._problems_cached))
-        return self
-
-    def check_shared_memory(self, limit_bytes: int, device: str) -> None:
-        if self.smem_bytes > limit_bytes:
-            raise ValueError(f"backward config {self.name} needs {self.smem_bytes // 1024} KiB of shared memory "
-                             f"per block, but {device} allows {limit_bytes // 1024} KiB")
 
     @functools.cached_property
     def name(self) -> str:
