@@ -16,8 +16,8 @@ if torch.cuda.is_available():
           f"max |out - fp32 reference| = {(out.float() - ref).abs().max().item():.2e}")
 else:
     print("No CUDA GPU is visible: flashjit's JIT kernels cannot run here, so this runs the PyTorch "
-          "reference backend on the CPU instead.")
+          "reference backend (FLASHJIT_BACKEND=reference, the default without CUDA) on the CPU instead.")
     q, k, v = (torch.randn(batch, 256, heads, d_head, dtype=torch.bfloat16) for _ in range(3))
-    out, lse = flashjit.attention_reference(q, k, v, causal=True)
-    print(f"reference backend (CPU): out {tuple(out.shape)} {out.dtype}, lse {tuple(lse.shape)}, "
-          f"mean {out.mean().item():+.4f}")
+    out, lse, _ = flashjit.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    print(f"reference backend (CPU): out {tuple(out.shape)} {out.dtype}, softmax_lse {tuple(lse.shape)}, "
+          f"mean {out.float().mean().item():+.4f}")
