@@ -165,7 +165,9 @@ def _build(entry: cache.Entry, config: KernelConfig, arch: str, toolkit: toolcha
                 )
             except Exception as exc:  # cpp_extension raises RuntimeError/CalledProcessError
                 raise _compile_error(entry, config, arch, source, exc) from exc
-        shutil.move(str(built), str(staging.path / cache.LIBRARY))
+        # Publish a copy, not the file cpp_extension just dlopen'ed into this process: a later
+        # rewrite of the cache file (damage, a manual edit) must never alter pages this process has mapped.
+        shutil.copyfile(built, staging.path / cache.LIBRARY)
         shutil.rmtree(staging.path / "build", ignore_errors=True)
         seconds = time.perf_counter() - started
         library = staging.publish(dict(inputs, build_seconds=round(seconds, 3)))
