@@ -49,7 +49,7 @@ class _JitAttention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-def _check_args(q, k, v, dropout_p, softmax_scale, window_size, softcap, alibi_slopes):
+def _check_args(q, dropout_p, softmax_scale, window_size, softcap, alibi_slopes):
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
     if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and
@@ -94,7 +94,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     if causal:
         window_size = (window_size[0], 0)  # flash-attn's convention: causal is a window with right = 0
     if backend() == "reference":
-        _check_args(q, k, v, dropout_p, softmax_scale, window_size, softcap, alibi_slopes)
+        _check_args(q, dropout_p, softmax_scale, window_size, softcap, alibi_slopes)
         result = attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale,
                                      compute_dtype=torch.promote_types(q.dtype, torch.float32), window_size=tuple(window_size), softcap=softcap,
                                      alibi_slopes=alibi_slopes, dropout_p=dropout_p,
@@ -103,7 +103,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         return (out, result[1], result[2]) if return_attn_probs else out
 
     interface.check_qkv(q, k, v)  # device and shape errors first, naming the argument
-    _check_args(q, k, v, dropout_p, softmax_scale, window_size, softcap, alibi_slopes)
+    _check_args(q, dropout_p, softmax_scale, window_size, softcap, alibi_slopes)
     missing = _jit_unsupported(q, dropout_p, causal, window_size, softcap, alibi_slopes, return_attn_probs)
     if missing:
         raise NotImplementedError(

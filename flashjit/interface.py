@@ -17,7 +17,7 @@ import torch
 
 from . import jit
 from .config import HEAD_DIMS, KernelConfig, default_bwd_config, default_config
-from .launch import BwdParams, FwdParams
+from .launch import BwdParams, FwdParams, tensor_ref
 
 log = logging.getLogger("flashjit")
 
@@ -142,11 +142,9 @@ def _launch(q, k, v, config, causal, softmax_scale, out=None, want_lse=True):
     else:
         _check_out(out, q)
     lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device) if want_lse else None
-    qs, ks, vs, os_ = q.stride(), k.stride(), v.stride(), out.stride()
-    params = FwdParams(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr() if want_lse else None,
-        qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], os_[0], os_[1], os_[2],
-        batch, seqlen_q, k.shape[1], heads, k.shape[2], softmax_scale)
+    params = FwdParams(*tensor_ref(q), *tensor_ref(k), *tensor_ref(v), *tensor_ref(out),
+                       lse.data_ptr() if want_lse else None, batch, seqlen_q, k.shape[1], heads, k.shape[2],
+                       softmax_scale)
 
     def run():
         if torch.cuda.current_device() == device_index:
@@ -187,9 +185,16 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     GQA: dk/dv are summed over the query heads that share each key/value head. Deterministic: no
     atomics, so repeated calls give bit-identical results. Head dims up to 128."""
     check_qkv(q, k, v)
-    if dout.shape != q.shape or dout.dtype != q.dtype or dout.device != q.device:
-        raise ValueError(f"dout must match q: shape {tuple(q.shape)}, {q.dtype} on {q.device}; got "
-                         f"{tuple(dout.shape)}, {dout.dtype} on {dout.device}")
+    for name, t in (("dout", dout), ("out", out)):
+        if not isinstance(t, torch.Tensor) or t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"{name} must match q: shape {tuple(q.shape)}, {q.dtype} on {q.device}")
+    if out.stride(-1) != 1:
+        raise ValueError(f"out must have a contiguous last dimension, got strides {out.stride()}")
+    lse_shape = (q.shape[0], q.shape[2], q.shape[1])
+    if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != lse_shape or lse.dtype != torch.float32 \
+            or lse.device != q.device:
+        raise ValueError(f"lse must be the forward's float32 log-sum-exp of shape {lse_shape} [batch, heads, "
+                         f"seqlen_q] on {q.device} (forward(..., return_lse=True))")
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(q.shape[-1])
     device_index = q.get_device()
@@ -203,10 +208,9 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     dq, dk, dv = torch.empty_like(q, memory_format=torch.contiguous_format), \
         torch.empty_like(k, memory_format=torch.contiguous_format), torch.empty_like(v, memory_format=torch.contiguous_format)
     dvec = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
-    strides = [s for t in (q, k, v, out, dout, dq, dk, dv) for s in t.stride()[:3]]
-    params = BwdParams(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), dout.data_ptr(), lse.data_ptr(),
-                       dvec.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), *strides,
-                       batch, seqlen_q, k.shape[1], heads, k.shape[2], softmax_scale)
+    refs = [x for t in (q, k, v, out, dout, dq, dk, dv) for x in tensor_ref(t)]
+    params = BwdParams(*refs, lse.data_ptr(), dvec.data_ptr(), batch, seqlen_q, k.shape[1], heads, k.shape[2],
+                       softmax_scale)
     with torch.cuda.device(device_index):
         kernel(params, _current_stream(device_index))
     return dq, dk, dv

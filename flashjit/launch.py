@@ -11,31 +11,33 @@ from pathlib import Path
 _i64, _i32, _ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
 
 
-class FwdParams(ctypes.Structure):
-    """Field for field the C struct flashjit::FwdParams (strides in elements)."""
+def _tensor_refs(*names: str) -> list:
+    """flashjit::TensorRef {data, batch_stride, row_stride, head_stride} for each name, laid out flat
+    (same memory layout as the nested C structs; flat fields keep the per-call construction cheap)."""
+    return [(f"{n}{suffix}", kind) for n in names
+            for suffix, kind in (("", _ptr), ("_batch_stride", _i64), ("_row_stride", _i64), ("_head_stride", _i64))]
 
-    _fields_ = [
-        ("q", _ptr), ("k", _ptr), ("v", _ptr), ("o", _ptr), ("lse", _ptr),
-        ("q_batch_stride", _i64), ("q_row_stride", _i64), ("q_head_stride", _i64),
-        ("k_batch_stride", _i64), ("k_row_stride", _i64), ("k_head_stride", _i64),
-        ("v_batch_stride", _i64), ("v_row_stride", _i64), ("v_head_stride", _i64),
-        ("o_batch_stride", _i64), ("o_row_stride", _i64), ("o_head_stride", _i64),
-        ("batch", _i32), ("seqlen_q", _i32), ("seqlen_k", _i32), ("heads", _i32), ("heads_k", _i32),
-        ("softmax_scale", ctypes.c_float),
-    ]
+
+_SIZES = [("batch", _i32), ("seqlen_q", _i32), ("seqlen_k", _i32), ("heads", _i32), ("heads_k", _i32),
+          ("softmax_scale", ctypes.c_float)]
+
+
+class FwdParams(ctypes.Structure):
+    """flashjit::FwdParams: TensorRef q, k, v, o; float* lse; sizes; scale."""
+
+    _fields_ = [*_tensor_refs("q", "k", "v", "o"), ("lse", _ptr), *_SIZES]
 
 
 class BwdParams(ctypes.Structure):
-    """Field for field the C struct flashjit::BwdParams."""
+    """flashjit::BwdParams: TensorRef q, k, v, o, dout, dq, dk, dv; lse; dvec; sizes; scale."""
 
-    _fields_ = [
-        ("q", _ptr), ("k", _ptr), ("v", _ptr), ("o", _ptr), ("dout", _ptr), ("lse", _ptr), ("dvec", _ptr),
-        ("dq", _ptr), ("dk", _ptr), ("dv", _ptr),
-        *[(f"{t}_{s}_stride", _i64) for t in ("q", "k", "v", "o", "do", "dq", "dk", "dv")
-          for s in ("batch", "row", "head")],
-        ("batch", _i32), ("seqlen_q", _i32), ("seqlen_k", _i32), ("heads", _i32), ("heads_k", _i32),
-        ("softmax_scale", ctypes.c_float),
-    ]
+    _fields_ = [*_tensor_refs("q", "k", "v", "o", "dout", "dq", "dk", "dv"), ("lse", _ptr), ("dvec", _ptr), *_SIZES]
+
+
+def tensor_ref(t) -> tuple:
+    """The four TensorRef values of a [B, S, H, D] tensor, in field order."""
+    b, r, h, _ = t.stride()
+    return t.data_ptr(), b, r, h
 
 
 class KernelLibraryError(RuntimeError):

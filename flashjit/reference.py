@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 import torch
-from einops import rearrange, repeat
+from einops import repeat
 
 
 def visible_mask(seqlen_q: int, seqlen_k: int, device, causal: bool = False,

@@ -46,10 +46,8 @@ __global__ void __launch_bounds__(128) dvec_kernel(const __grid_constant__ BwdPa
   const int i = int(row % p.seqlen_q), bh = int(row / p.seqlen_q), h = bh % p.heads, b = bh / p.heads;
   float sum = 0.f;
   if (lane < C::kD / 8) {
-    const uint4 o = *reinterpret_cast<const uint4*>(static_cast<const elem_t*>(p.o) + b * p.o_batch_stride +
-                                                    h * p.o_head_stride + i * p.o_row_stride + lane * 8);
-    const uint4 d = *reinterpret_cast<const uint4*>(static_cast<const elem_t*>(p.dout) + b * p.do_batch_stride +
-                                                    h * p.do_head_stride + i * p.do_row_stride + lane * 8);
+    const uint4 o = *reinterpret_cast<const uint4*>(p.o.at<const elem_t>(b, h, i) + lane * 8);
+    const uint4 d = *reinterpret_cast<const uint4*>(p.dout.at<const elem_t>(b, h, i) + lane * 8);
     const uint32_t ow[4] = {o.x, o.y, o.z, o.w}, dw[4] = {d.x, d.y, d.z, d.w};
 #pragma unroll
     for (int w = 0; w < 4; ++w) {
@@ -62,6 +60,18 @@ __global__ void __launch_bounds__(128) dvec_kernel(const __grid_constant__ BwdPa
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
   if (lane == 0) p.dvec[row] = sum;
+}
+
+// Copy kBlock rows of head h (of batch b) starting at row0 between global memory and a tile.
+template <class C>
+__device__ __forceinline__ void load_rows(elem_t* tile, const TensorRef& t, int b, int h, int row0, int rows, int tid) {
+  load_tile<C::kBlock, C::kD, C::kSwizzle, true, C::kThreads>(tile, t.at<const elem_t>(b, h, row0), t.row_stride,
+                                                               rows, tid);
+}
+template <class C>
+__device__ __forceinline__ void store_rows(const TensorRef& t, int b, int h, int row0, const elem_t* tile, int rows,
+                                           int tid) {
+  store_tile<C::kBlock, C::kD, C::kSwizzle, C::kThreads>(t.at<elem_t>(b, h, row0), t.row_stride, tile, rows, tid);
 }
 
 // Stage one query block's lse (in log2 units, +inf past the end: P = 0 there) and D in shared memory.
@@ -122,12 +132,8 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
   const int diag = p.seqlen_k - p.seqlen_q;  // key j visible to query i iff j <= i + diag (causal)
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
 
-  load_tile<C::kBlock, C::kD, C::kSwizzle, true, C::kThreads>(
-      sK, static_cast<const elem_t*>(p.k) + b * p.k_batch_stride + h_k * p.k_head_stride + int64_t(key0) * p.k_row_stride,
-      p.k_row_stride, keys, tid);
-  load_tile<C::kBlock, C::kD, C::kSwizzle, true, C::kThreads>(
-      sV, static_cast<const elem_t*>(p.v) + b * p.v_batch_stride + h_k * p.v_head_stride + int64_t(key0) * p.v_row_stride,
-      p.v_row_stride, keys, tid);
+  load_rows<C>(sK, p.k, b, h_k, key0, keys, tid);
+  load_rows<C>(sV, p.v, b, h_k, key0, keys, tid);
   cp_async_commit();
 
   float dk[1][C::kNtD][4], dv[1][C::kNtD][4];
@@ -144,13 +150,8 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
     for (int m = first_m; m < num_m; ++m) {
       const int row0 = m * C::kBlock, rows = min(C::kBlock, p.seqlen_q - row0);
       __syncthreads();  // every warp is done with the previous Q, dO and row statistics
-      load_tile<C::kBlock, C::kD, C::kSwizzle, true, C::kThreads>(
-          sQ, static_cast<const elem_t*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + int64_t(row0) * p.q_row_stride,
-          p.q_row_stride, rows, tid);
-      load_tile<C::kBlock, C::kD, C::kSwizzle, true, C::kThreads>(
-          sdO, static_cast<const elem_t*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride +
-                   int64_t(row0) * p.do_row_stride,
-          p.do_row_stride, rows, tid);
+      load_rows<C>(sQ, p.q, b, h, row0, rows, tid);
+      load_rows<C>(sdO, p.dout, b, h, row0, rows, tid);
       cp_async_commit();
       load_row_stats<C>(s_lse, s_dvec, p, bh, row0, tid);
       cp_async_wait<0>();
@@ -192,12 +193,8 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
   store_acc<C::kD, C::kSwizzle, C::kBf16>(sQ, dk, warp * 16, lane, p.softmax_scale);
   store_acc<C::kD, C::kSwizzle, C::kBf16>(sdO, dv, warp * 16, lane, 1.f);
   __syncthreads();
-  store_tile<C::kBlock, C::kD, C::kSwizzle, C::kThreads>(
-      static_cast<elem_t*>(p.dk) + b * p.dk_batch_stride + h_k * p.dk_head_stride + int64_t(key0) * p.dk_row_stride,
-      p.dk_row_stride, sQ, keys, tid);
-  store_tile<C::kBlock, C::kD, C::kSwizzle, C::kThreads>(
-      static_cast<elem_t*>(p.dv) + b * p.dv_batch_stride + h_k * p.dv_head_stride + int64_t(key0) * p.dv_row_stride,
-      p.dv_row_stride, sdO, keys, tid);
+  store_rows<C>(p.dk, b, h_k, key0, sQ, keys, tid);
+  store_rows<C>(p.dv, b, h_k, key0, sdO, keys, tid);
 }
 
 // ---- 3. dQ --------------------------------------------------------------------------------------
@@ -219,12 +216,8 @@ __global__ void __launch_bounds__(C::kThreads) dq_kernel(const __grid_constant__
   const int diag = p.seqlen_k - p.seqlen_q;
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
 
-  load_tile<C::kBlock, C::kD, C::kSwizzle, true, C::kThreads>(
-      sQ, static_cast<const elem_t*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + int64_t(row0) * p.q_row_stride,
-      p.q_row_stride, rows, tid);
-  load_tile<C::kBlock, C::kD, C::kSwizzle, true, C::kThreads>(
-      sdO, static_cast<const elem_t*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + int64_t(row0) * p.do_row_stride,
-      p.do_row_stride, rows, tid);
+  load_rows<C>(sQ, p.q, b, h, row0, rows, tid);
+  load_rows<C>(sdO, p.dout, b, h, row0, rows, tid);
   cp_async_commit();
 
   // This thread's two rows: lse (log2 units; +inf past the end or for rows that saw no key) and D.
@@ -243,17 +236,13 @@ __global__ void __launch_bounds__(C::kThreads) dq_kernel(const __grid_constant__
     const int last_col = row0 + rows - 1 + diag;
     n_blocks = last_col < 0 ? 0 : min(n_blocks, last_col / C::kBlock + 1);
   }
-  const elem_t* gK = static_cast<const elem_t*>(p.k) + b * p.k_batch_stride + h_k * p.k_head_stride;
-  const elem_t* gV = static_cast<const elem_t*>(p.v) + b * p.v_batch_stride + h_k * p.v_head_stride;
   float dq[1][C::kNtD][4];
   zero(dq);
   for (int j = 0; j < n_blocks; ++j) {
     const int col0 = j * C::kBlock, cols = min(C::kBlock, p.seqlen_k - col0);
     __syncthreads();  // every warp is done with K_{j-1}, V_{j-1}
-    load_tile<C::kBlock, C::kD, C::kSwizzle, true, C::kThreads>(sK, gK + int64_t(col0) * p.k_row_stride,
-                                                                 p.k_row_stride, cols, tid);
-    load_tile<C::kBlock, C::kD, C::kSwizzle, true, C::kThreads>(sV, gV + int64_t(col0) * p.v_row_stride,
-                                                                 p.v_row_stride, cols, tid);
+    load_rows<C>(sK, p.k, b, h_k, col0, cols, tid);
+    load_rows<C>(sV, p.v, b, h_k, col0, cols, tid);
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
@@ -280,9 +269,7 @@ __global__ void __launch_bounds__(C::kThreads) dq_kernel(const __grid_constant__
   __syncwarp();  // sQ rows of this warp are read only by this warp
   store_acc<C::kD, C::kSwizzle, C::kBf16>(sQ, dq, warp * 16, lane, p.softmax_scale);
   __syncthreads();
-  store_tile<C::kBlock, C::kD, C::kSwizzle, C::kThreads>(
-      static_cast<elem_t*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride + int64_t(row0) * p.dq_row_stride,
-      p.dq_row_stride, sQ, rows, tid);
+  store_rows<C>(p.dq, b, h, row0, sQ, rows, tid);
 }
 
 template <class C, class Kernel>

@@ -210,10 +210,9 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
   const int q_rows = min(C::kBr, p.seqlen_q - q_row0);  // valid query rows of the CTA
   const int warp_row0 = warp * C::kWarpRows;           // first row of this warp within the CTA
   const int diag = p.seqlen_k - p.seqlen_q;            // causal: key j visible to query i iff j <= i + diag
-  const elem_t* gQ = static_cast<const elem_t*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride +
-                     int64_t(q_row0) * p.q_row_stride;
-  const elem_t* gK = static_cast<const elem_t*>(p.k) + b * p.k_batch_stride + h_k * p.k_head_stride;
-  const elem_t* gV = static_cast<const elem_t*>(p.v) + b * p.v_batch_stride + h_k * p.v_head_stride;
+  const elem_t* gQ = p.q.at<const elem_t>(b, h, q_row0);
+  const elem_t* gK = p.k.at<const elem_t>(b, h_k, 0);
+  const elem_t* gV = p.v.at<const elem_t>(b, h_k, 0);
 
   int n_blocks = (p.seqlen_k + C::kBc - 1) / C::kBc;
   if (C::kCausal) {
@@ -237,10 +236,10 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
   }
   const float scale = p.softmax_scale, scale_log2 = p.softmax_scale * 1.4426950408889634f;
 
-  load_tile<C::kBr, C::kD, C::kSwizzle, C::kAsync, C::kThreads>(sQ, gQ, p.q_row_stride, q_rows, tid);
+  load_tile<C::kBr, C::kD, C::kSwizzle, C::kAsync, C::kThreads>(sQ, gQ, p.q.row_stride, q_rows, tid);
   if (C::kEager) {
     cp_async_commit();
-    if (n_blocks > 0) load_kv(sK, gK, p.k_row_stride, 0);
+    if (n_blocks > 0) load_kv(sK, gK, p.k.row_stride, 0);
     cp_async_commit();
   }
 
@@ -248,12 +247,12 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
     if (C::kEager) {
       cp_async_wait<0>();  // K_j (and at j == 0, Q) has landed
       __syncthreads();     // ... for every thread; and every warp is done reading V_{j-1}
-      load_kv(sV, gV, p.v_row_stride, j);  // V_j streams in under QK^T and the softmax
+      load_kv(sV, gV, p.v.row_stride, j);  // V_j streams in under QK^T and the softmax
       cp_async_commit();
     } else {
       __syncthreads();  // every warp is done with K_{j-1}, V_{j-1}
-      load_kv(sK, gK, p.k_row_stride, j);
-      load_kv(sV, gV, p.v_row_stride, j);
+      load_kv(sK, gK, p.k.row_stride, j);
+      load_kv(sV, gV, p.v.row_stride, j);
       if (C::kAsync) cp_async_commit(), cp_async_wait<0>();
       __syncthreads();
     }
@@ -272,7 +271,7 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
     if (C::kEager) {
       cp_async_wait<0>();  // V_j has landed
       __syncthreads();     // ... for every thread; and every warp is done reading K_j
-      if (j + 1 < n_blocks) load_kv(sK, gK, p.k_row_stride, j + 1);  // K_{j+1} streams in under PV
+      if (j + 1 < n_blocks) load_kv(sK, gK, p.k.row_stride, j + 1);  // K_{j+1} streams in under PV
       cp_async_commit();
     }
     gemm_pv<C>(o, pf, sV, lane);
@@ -302,13 +301,12 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
       }
     }
   __syncwarp();
-  elem_t* gO = static_cast<elem_t*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride +
-               int64_t(q_row0) * p.o_row_stride;
+  elem_t* gO = p.o.at<elem_t>(b, h, q_row0);
 #pragma unroll
   for (int i = lane; i < C::kWarpRows * L::kChunks; i += 32) {
     const int row = warp_row0 + i / L::kChunks, chunk = i % L::kChunks;
     if (row < q_rows)
-      *reinterpret_cast<uint4*>(gO + int64_t(row) * p.o_row_stride + chunk * 8) =
+      *reinterpret_cast<uint4*>(gO + int64_t(row) * p.o.row_stride + chunk * 8) =
           *reinterpret_cast<const uint4*>(sQ + L::offset(row, chunk));
   }
 }

@@ -15,14 +15,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 from triton.testing import do_bench
 
 os.environ.setdefault("FLASHJIT_BACKEND", "jit")
 import flashjit  # noqa: E402
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+from bench_forward import add_grid_arguments, grid, sdpa  # noqa: E402  (same folder)
 
 
 def timings(attn, q, k, v, dout):
@@ -50,47 +48,33 @@ def timings(attn, q, k, v, dout):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--dtypes", default="bf16")
-    parser.add_argument("--head-dims", default="64,128")
-    parser.add_argument("--causal", default="0,1")
-    parser.add_argument("--seqlens", default="1024,2048,4096,8192,16384")
-    parser.add_argument("--tokens", type=int, default=16384)
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--out", default="bench-out")
+    add_grid_arguments(parser, "bf16", "64,128", "1024,2048,4096,8192,16384")
     args = parser.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for dtype in args.dtypes.split(","):
-        for d_head in map(int, args.head_dims.split(",")):
-            for causal in (bool(int(c)) for c in args.causal.split(",")):
-                for seqlen in map(int, args.seqlens.split(",")):
-                    batch, heads = max(1, args.tokens // seqlen), args.hidden // d_head
-                    torch.manual_seed(0)
-                    q, k, v = (torch.randn(batch, seqlen, heads, d_head, device="cuda", dtype=DTYPES[dtype],
-                                           requires_grad=True) for _ in range(3))
-                    dout = torch.randn_like(q)
-                    fwd_flops = 4 * batch * heads * seqlen * seqlen * d_head / (2 if causal else 1)
-                    row = dict(dtype=dtype, d_head=d_head, causal=causal, seqlen=seqlen, batch=batch, heads=heads)
-                    contenders = {"flashjit": lambda q, k, v: flashjit.flash_attn_func(q, k, v, causal=causal)}
-                    for label, backend in (("fa2", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
-                        def sdpa(q, k, v, backend=backend):
-                            with sdpa_kernel(backend):
-                                return F.scaled_dot_product_attention(
-                                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal
-                                ).transpose(1, 2)
-                        contenders[label] = sdpa
-                    for label, attn in contenders.items():
-                        t = timings(attn, q, k, v, dout)
-                        row[f"{label}_bwd_tflops"] = t and 2.5 * fwd_flops / (t[0] * 1e-3) / 1e12
-                        row[f"{label}_fwdbwd_tflops"] = t and 3.5 * fwd_flops / (t[1] * 1e-3) / 1e12
-                    rows.append(row)
-                    fmt = lambda x: f"{x:6.1f}" if x else "   n/a"  # noqa: E731
-                    print(f"{dtype} d{d_head:<3} causal={int(causal)} S={seqlen:<5} bwd: flashjit "
-                          f"{fmt(row['flashjit_bwd_tflops'])} fa2 {fmt(row['fa2_bwd_tflops'])} cudnn "
-                          f"{fmt(row['cudnn_bwd_tflops'])} | fwd+bwd: flashjit {fmt(row['flashjit_fwdbwd_tflops'])} "
-                          f"fa2 {fmt(row['fa2_fwdbwd_tflops'])} cudnn {fmt(row['cudnn_fwdbwd_tflops'])} TFLOP/s", flush=True)
-    result = dict(device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"), torch=torch.__version__, rows=rows)
+    for point, q, k, v in grid(args, requires_grad=True):
+        causal = point["causal"]
+        dout = torch.randn_like(q)
+        fwd_flops = 4 * point["batch"] * point["heads"] * point["seqlen"] ** 2 * point["d_head"] / (2 if causal else 1)
+        row = dict(point)
+        contenders = {"flashjit": lambda q, k, v: flashjit.flash_attn_func(q, k, v, causal=causal)}
+        for label, backend in (("fa2", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+            def attn(q, k, v, backend=backend):
+                return sdpa(backend, q, k, v, causal)().transpose(1, 2)
+            contenders[label] = attn
+        for label, fn in contenders.items():
+            t = timings(fn, q, k, v, dout)
+            row[f"{label}_bwd_tflops"] = t and 2.5 * fwd_flops / (t[0] * 1e-3) / 1e12
+            row[f"{label}_fwdbwd_tflops"] = t and 3.5 * fwd_flops / (t[1] * 1e-3) / 1e12
+        rows.append(row)
+        fmt = lambda x: f"{x:6.1f}" if x else "   n/a"  # noqa: E731
+        print(f"{point['dtype']} d{point['d_head']:<3} causal={int(causal)} S={point['seqlen']:<5} bwd: flashjit "
+              f"{fmt(row['flashjit_bwd_tflops'])} fa2 {fmt(row['fa2_bwd_tflops'])} cudnn "
+              f"{fmt(row['cudnn_bwd_tflops'])} | fwd+bwd: flashjit {fmt(row['flashjit_fwdbwd_tflops'])} "
+              f"fa2 {fmt(row['fa2_fwdbwd_tflops'])} cudnn {fmt(row['cudnn_fwdbwd_tflops'])} TFLOP/s", flush=True)
+    result = dict(device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"), torch=torch.__version__,
+                  rows=rows)
     (out_dir / "bench_backward.json").write_text(json.dumps(result, indent=1))
 
 

@@ -11,6 +11,7 @@ triton.testing.do_bench on random inputs. Writes JSON (+ a PNG plot when matplot
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -50,51 +51,61 @@ def sdpa(backend, q, k, v, causal):
     return run
 
 
+def add_grid_arguments(parser: argparse.ArgumentParser, dtypes: str, head_dims: str, seqlens: str) -> None:
+    """The benchmark grid, shared with bench_backward.py."""
+    parser.add_argument("--dtypes", default=dtypes)
+    parser.add_argument("--head-dims", default=head_dims)
+    parser.add_argument("--causal", default="0,1")
+    parser.add_argument("--seqlens", default=seqlens)
+    parser.add_argument("--tokens", type=int, default=16384, help="batch * seqlen")
+    parser.add_argument("--hidden", type=int, default=2048, help="heads * head_dim")
+    parser.add_argument("--out", default="bench-out")
+
+
+def grid(args, requires_grad: bool = False):
+    """(point, q, k, v) for every grid point: fresh random [B, S, H, D] inputs (seeded, never zeros)."""
+    for dtype, d_head, causal, seqlen in itertools.product(
+            args.dtypes.split(","), map(int, args.head_dims.split(",")),
+            [bool(int(c)) for c in args.causal.split(",")], list(map(int, args.seqlens.split(",")))):
+        batch, heads = max(1, args.tokens // seqlen), args.hidden // d_head
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(batch, seqlen, heads, d_head, device="cuda", dtype=DTYPES[dtype],
+                               requires_grad=requires_grad) for _ in range(3))
+        yield dict(dtype=dtype, d_head=d_head, causal=causal, seqlen=seqlen, batch=batch, heads=heads), q, k, v
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--dtypes", default="bf16,fp16")
-    parser.add_argument("--head-dims", default="64,128,256")
-    parser.add_argument("--causal", default="0,1")
-    parser.add_argument("--seqlens", default="512,1024,2048,4096,8192,16384")
-    parser.add_argument("--tokens", type=int, default=16384)
-    parser.add_argument("--hidden", type=int, default=2048)
+    add_grid_arguments(parser, "bf16,fp16", "64,128,256", "512,1024,2048,4096,8192,16384")
     parser.add_argument("--configs", nargs="*", help="kernel names to time instead of the default choice")
-    parser.add_argument("--out", default="bench-out")
     args = parser.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name()
     rows = []
-    for dtype in args.dtypes.split(","):
-        for d_head in map(int, args.head_dims.split(",")):
-            for causal in (bool(int(c)) for c in args.causal.split(",")):
-                for seqlen in map(int, args.seqlens.split(",")):
-                    batch, heads = max(1, args.tokens // seqlen), args.hidden // d_head
-                    torch.manual_seed(0)
-                    q, k, v = (torch.randn(batch, seqlen, heads, d_head, device="cuda", dtype=DTYPES[dtype])
-                               for _ in range(3))
-                    configs = [KernelConfig.from_name(n) for n in args.configs] if args.configs else [None]
-                    configs = [c for c in configs if c is None or (c.dtype, c.d_head, c.causal) == (dtype, d_head, causal)]
-                    point = dict(dtype=dtype, d_head=d_head, causal=causal, seqlen=seqlen, batch=batch, heads=heads)
-                    base = {}
-                    for label, backend in (("fa2", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
-                        ms = time_ms(sdpa(backend, q, k, v, causal))
-                        base[label] = ms and tflops(batch, heads, seqlen, d_head, causal, ms)
-                    for config in configs:
-                        ms = time_ms(lambda: flashjit.forward(q, k, v, config=config, causal=causal))
-                        if ms is None:
-                            continue
-                        used = flashjit.interface.resolve_config(q, k, config, causal)
-                        ours = tflops(batch, heads, seqlen, d_head, causal, ms)
-                        row = dict(point, config=used.name, ms=ms, tflops=ours, fa2_tflops=base["fa2"],
-                                   cudnn_tflops=base["cudnn"],
-                                   vs_fa2=base["fa2"] and ours / base["fa2"],
-                                   vs_cudnn=base["cudnn"] and ours / base["cudnn"])
-                        rows.append(row)
-                        print(f"{dtype} d{d_head:<3} causal={int(causal)} S={seqlen:<5} B={batch:<3} H={heads:<3} "
-                              f"flashjit {ours:6.1f}  fa2 {base['fa2'] or 0:6.1f}  cudnn {base['cudnn'] or 0:6.1f} "
-                              f"TFLOP/s  x{row['vs_fa2'] or 0:.3f} fa2  x{row['vs_cudnn'] or 0:.3f} cudnn  {used.name}",
-                              flush=True)
+    for point, q, k, v in grid(args):
+        dtype, d_head, causal, seqlen = point["dtype"], point["d_head"], point["causal"], point["seqlen"]
+        batch, heads = point["batch"], point["heads"]
+        configs = [KernelConfig.from_name(n) for n in args.configs] if args.configs else [None]
+        configs = [c for c in configs if c is None or (c.dtype, c.d_head, c.causal) == (dtype, d_head, causal)]
+        base = {}
+        for label, backend in (("fa2", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+            ms = time_ms(sdpa(backend, q, k, v, causal))
+            base[label] = ms and tflops(batch, heads, seqlen, d_head, causal, ms)
+        for config in configs:
+            ms = time_ms(lambda: flashjit.forward(q, k, v, config=config, causal=causal))
+            if ms is None:
+                continue
+            used = flashjit.interface.resolve_config(q, k, config, causal)
+            ours = tflops(batch, heads, seqlen, d_head, causal, ms)
+            row = dict(point, config=used.name, ms=ms, tflops=ours, fa2_tflops=base["fa2"],
+                       cudnn_tflops=base["cudnn"], vs_fa2=base["fa2"] and ours / base["fa2"],
+                       vs_cudnn=base["cudnn"] and ours / base["cudnn"])
+            rows.append(row)
+            print(f"{dtype} d{d_head:<3} causal={int(causal)} S={seqlen:<5} B={batch:<3} H={heads:<3} "
+                  f"flashjit {ours:6.1f}  fa2 {base['fa2'] or 0:6.1f}  cudnn {base['cudnn'] or 0:6.1f} "
+                  f"TFLOP/s  x{row['vs_fa2'] or 0:.3f} fa2  x{row['vs_cudnn'] or 0:.3f} cudnn  {used.name}",
+                  flush=True)
     result = dict(device=device, date=time.strftime("%Y-%m-%d"), torch=torch.__version__, rows=rows)
     (out_dir / "bench_forward.json").write_text(json.dumps(result, indent=1))
     plot(rows, device, out_dir / "bench_forward.png")

@@ -7,7 +7,6 @@ import sys
 import pytest
 import torch
 
-import flashjit
 from flashjit.interface import check_qkv
 from flashjit.reference import attention_reference
 
@@ -82,3 +81,23 @@ def test_envvars_are_declared_and_documented():
     for var in envvars.ALL:
         assert var.name.startswith("FLASHJIT_") and var.doc
         assert var.name in readme, f"{var.name} missing from README"
+
+
+@pytest.mark.parametrize("bad, words", [("dout", "dout must match q"), ("out", "out must match q"),
+                                        ("lse_shape", "lse must be"), ("lse_dtype", "lse must be")])
+def test_backward_checks_its_arguments(bad, words, monkeypatch):
+    import flashjit.interface as iface
+
+    monkeypatch.setattr(iface, "check_qkv", lambda *args: None)  # q/k/v are fine; only the CPU device is not
+    q, k, v = _qkv()
+    out, dout, lse = torch.randn_like(q), torch.randn_like(q), torch.randn(1, 2, 8)
+    if bad == "dout":
+        dout = dout[:, :4]
+    elif bad == "out":
+        out = out.float()
+    elif bad == "lse_shape":
+        lse = lse[:, :, :4]
+    else:
+        lse = lse.double()
+    with pytest.raises(ValueError, match=words):
+        iface.backward(dout, q, k, v, out, lse)

@@ -1,8 +1,6 @@
 """Toolkit discovery (including nvcc wrapper scripts), arch names and their errors."""
 import os
-import shutil
 import stat
-from pathlib import Path
 
 import pytest
 
