@@ -28,6 +28,15 @@ WHY_DOUBLE_BUFFER = ("mma_double_buffer_loads needs a fragment depth that splits
 WHY_REGISTERS = "the fragments of this config need more than 255 registers per thread and would spill"
 
 
+# Run-time-specialised score features shared by both configs; each appears in a name only when on,
+# so the common kernels keep short names.
+FEATURES = ("local", "softcap", "alibi")
+
+
+def features_suffix(config) -> str:
+    return "".join(f"_{f}" for f in FEATURES if getattr(config, f))
+
+
 class _Validated:
     """What both kernel configs share: problems() lists every reason a config cannot be built;
     validate() raises them (computed once per config); the shared-memory check against a device."""
@@ -71,6 +80,9 @@ class KernelConfig(_Validated):
     optimized_softmax  fold the softmax scale and log2(e) into one FMA feeding exp2 (else scale
                      the scores, then expf)
     causal           bottom-right aligned causal mask (flash-attn's convention when Sq != Sk)
+    local            sliding window (flash-attn's window_size; left/right are run-time values)
+    softcap          scores become softcap * tanh(scores / softcap) (softcap is a run-time value)
+    alibi            ALiBi: scores -= slope * |i + Sk - Sq - j| (slopes are a run-time tensor)
     """
 
     dtype: str = "bf16"
@@ -87,6 +99,9 @@ class KernelConfig(_Validated):
     mma_double_buffer_loads: bool = True
     optimized_softmax: bool = True
     causal: bool = False
+    local: bool = False
+    softcap: bool = False
+    alibi: bool = False
 
     # ---- derived quantities --------------------------------------------------------------
     @property
@@ -158,13 +173,14 @@ class KernelConfig(_Validated):
                 f"_ac{b(self.async_copy)}_el{b(self.eager_load_blocks)}_sw{b(self.swizzled)}"
                 f"_fq{self.q_frag_depth}_fk{self.k_frag_depth}_fv{self.v_frag_depth}"
                 f"_db{b(self.mma_double_buffer_loads)}_os{b(self.optimized_softmax)}"
-                f"_causal{b(self.causal)}")
+                f"_causal{b(self.causal)}{features_suffix(self)}")
 
     _NAME_RE = re.compile(
         r"^fwd_(?P<dtype>fp16|bf16)_d(?P<d_head>\d+)_br(?P<B_r>\d+)_bc(?P<B_c>\d+)_w(?P<n_warps>\d+)"
         r"_ac(?P<async_copy>[01])_el(?P<eager_load_blocks>[01])_sw(?P<swizzled>[01])"
         r"_fq(?P<q_frag_depth>\d+)_fk(?P<k_frag_depth>\d+)_fv(?P<v_frag_depth>\d+)"
-        r"_db(?P<mma_double_buffer_loads>[01])_os(?P<optimized_softmax>[01])_causal(?P<causal>[01])$")
+        r"_db(?P<mma_double_buffer_loads>[01])_os(?P<optimized_softmax>[01])_causal(?P<causal>[01])"
+        r"(?P<local>_local)?(?P<softcap>_softcap)?(?P<alibi>_alibi)?$")
 
     @classmethod
     def from_name(cls, name: str) -> "KernelConfig":
@@ -174,7 +190,10 @@ class KernelConfig(_Validated):
         values = {}
         for f in fields(cls):
             raw = match.group(f.name)
-            values[f.name] = raw if f.type == "str" else (bool(int(raw)) if f.type == "bool" else int(raw))
+            if f.name in FEATURES:
+                values[f.name] = raw is not None
+            else:
+                values[f.name] = raw if f.type == "str" else (bool(int(raw)) if f.type == "bool" else int(raw))
         return cls(**values)
 
 
@@ -203,7 +222,8 @@ def smem_limit_for_arch(arch: str) -> int:
 
 @functools.lru_cache(maxsize=None)
 def default_config(dtype: str, d_head: int, causal: bool, seqlen_q: int = 4096,
-                   smem_limit: int = SMEM_LIMIT_SM90) -> KernelConfig:
+                   smem_limit: int = SMEM_LIMIT_SM90, local: bool = False, softcap: bool = False,
+                   alibi: bool = False) -> KernelConfig:
     """The dispatcher's choice when no tuned entry exists for (dtype, d_head, causal, seqlen_q) on a
     device allowing `smem_limit` bytes of shared memory per block. A single short block of queries
     (decoding-like, Sq <= 64) gets a 64-row tile rather than wasting half of a 128-row one."""
@@ -212,7 +232,8 @@ def default_config(dtype: str, d_head: int, causal: bool, seqlen_q: int = 4096,
     for knobs in _PREFERENCES[key]:
         for depth in (1, 2):  # d_head = 96 or 160 has 6 or 10 k-tiles: depth 1 always divides
             cfg = KernelConfig(dtype=dtype, d_head=d_head, causal=causal, q_frag_depth=depth,
-                               k_frag_depth=depth, v_frag_depth=1, **knobs)
+                               k_frag_depth=depth, v_frag_depth=1, local=local, softcap=softcap, alibi=alibi,
+                               **knobs)
             if not cfg.problems() and cfg.smem_bytes <= smem_limit:
                 return cfg
     raise ValueError(f"no flashjit kernel for dtype={dtype} d_head={d_head} fits {smem_limit // 1024} KiB "
@@ -233,6 +254,9 @@ class BwdConfig(_Validated):
     d_head: int = 128
     n_warps: int = 4
     causal: bool = False
+    local: bool = False
+    softcap: bool = False
+    alibi: bool = False
 
     @property
     def block(self) -> int:
@@ -255,26 +279,29 @@ class BwdConfig(_Validated):
 
     @functools.cached_property
     def name(self) -> str:
-        return f"bwd_{self.dtype}_d{self.d_head}_w{self.n_warps}_causal{int(self.causal)}"
+        return f"bwd_{self.dtype}_d{self.d_head}_w{self.n_warps}_causal{int(self.causal)}{features_suffix(self)}"
 
-    _NAME_RE = re.compile(r"^bwd_(?P<dtype>fp16|bf16)_d(?P<d_head>\d+)_w(?P<n_warps>\d+)_causal(?P<causal>[01])$")
+    _NAME_RE = re.compile(r"^bwd_(?P<dtype>fp16|bf16)_d(?P<d_head>\d+)_w(?P<n_warps>\d+)_causal(?P<causal>[01])"
+                          r"(?P<local>_local)?(?P<softcap>_softcap)?(?P<alibi>_alibi)?$")
 
     @classmethod
     def from_name(cls, name: str) -> "BwdConfig":
         match = cls._NAME_RE.match(name)
         if not match:
             raise ValueError(f"{name!r} is not a flashjit backward kernel name (expected e.g. {cls().name!r})")
-        return cls(match["dtype"], int(match["d_head"]), int(match["n_warps"]), bool(int(match["causal"])))
+        return cls(match["dtype"], int(match["d_head"]), int(match["n_warps"]), bool(int(match["causal"])),
+                   *(match[f] is not None for f in FEATURES))
 
 
 @functools.lru_cache(maxsize=None)
-def default_bwd_config(dtype: str, d_head: int, causal: bool) -> BwdConfig:
+def default_bwd_config(dtype: str, d_head: int, causal: bool, local: bool = False, softcap: bool = False,
+                       alibi: bool = False) -> BwdConfig:
     """8 warps (128-row blocks) where the accumulators fit, else 4."""
     for n_warps in (8, 4):
-        cfg = BwdConfig(dtype, d_head, n_warps, causal)
+        cfg = BwdConfig(dtype, d_head, n_warps, causal, local, softcap, alibi)
         if not cfg.problems():
             return cfg
-    return BwdConfig(dtype, d_head, 4, causal).validate()
+    return BwdConfig(dtype, d_head, 4, causal, local, softcap, alibi).validate()
 
 
 def config_from_name(name: str):

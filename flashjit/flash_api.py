@@ -5,15 +5,14 @@ flash_attn.flash_attn_func / flash_attn_qkvpacked_func / flash_attn_kvpacked_fun
 
 Two backends, chosen by FLASHJIT_BACKEND: 'jit' (the compiled kernels, the default when CUDA is
 available) and 'reference' (PyTorch + einops on any device, autograd through plain tensor ops).
-The JIT backend implements causal/non-causal attention with any softmax scale, GQA/MQA and odd
-lengths, forward for head dims up to 256 and backward up to 128; a parameter it does not implement
-yet raises NotImplementedError naming it (never silently ignored) and pointing at the reference
-backend, which implements every parameter.
+The JIT backend implements causal/non-causal attention with any softmax scale, sliding windows,
+softcap and ALiBi, GQA/MQA and odd lengths, forward for head dims up to 256 and backward up to 128;
+what it does not implement yet (dropout) raises NotImplementedError naming it (never silently
+ignored) and pointing at the reference backend, which implements every parameter.
 """
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 
@@ -35,50 +34,31 @@ def backend() -> str:
 
 class _JitAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, softmax_scale, causal):
-        out, lse = interface.forward(q, k, v, causal=causal, softmax_scale=softmax_scale, return_lse=True)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.softmax_scale, ctx.causal = softmax_scale, causal
+    def forward(ctx, q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes):
+        out, lse = interface.forward(q, k, v, causal=causal, softmax_scale=softmax_scale, return_lse=True,
+                                     window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes)
+        ctx.save_for_backward(q, k, v, out, lse, alibi_slopes)
+        ctx.args = dict(causal=causal, softmax_scale=softmax_scale, window_size=window_size, softcap=softcap)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = interface.backward(dout, q, k, v, out, lse, ctx.causal, ctx.softmax_scale)
-        return dq, dk, dv, None, None
+        q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
+        dq, dk, dv = interface.backward(dout, q, k, v, out, lse, alibi_slopes=alibi_slopes, **ctx.args)
+        return dq, dk, dv, None, None, None, None, None
 
 
-def _check_args(q, dropout_p, softmax_scale, window_size, softcap, alibi_slopes):
+def _check_dropout(dropout_p) -> None:
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
-    if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and
-                                          math.isfinite(softmax_scale) and softmax_scale > 0):
-        raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale!r}")
-    if len(tuple(window_size)) != 2 or any(not isinstance(w, int) or w < -1 for w in window_size):
-        raise ValueError(f"window_size must be a pair of ints >= -1 (-1: unbounded), got {window_size!r}")
-    if not isinstance(softcap, (int, float)) or softcap < 0:
-        raise ValueError(f"softcap must be >= 0 (0 disables it), got {softcap!r}")
-    if alibi_slopes is not None:
-        heads = q.shape[2]
-        if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dtype != torch.float32 or \
-                tuple(alibi_slopes.shape) not in ((heads,), (q.shape[0], heads)):
-            raise ValueError(f"alibi_slopes must be a float32 tensor of shape ({heads},) or ({q.shape[0]}, {heads})")
 
 
-def _jit_unsupported(q, dropout_p, causal, window_size, softcap, alibi_slopes, return_attn_probs) -> str | None:
-    """Name of the first parameter the JIT kernels do not implement yet, or None."""
-    left, right = window_size
+def _jit_unsupported(q, dropout_p) -> str | None:
+    """Name of the first requested feature the JIT kernels do not implement yet, or None."""
     if dropout_p > 0:
         return "dropout_p"
-    if left != -1 or right != (0 if causal else -1):
-        return "window_size"
-    if softcap > 0:
-        return "softcap"
-    if alibi_slopes is not None:
-        return "alibi_slopes"
-    needs_grad = torch.is_grad_enabled() and q.requires_grad
-    if needs_grad and q.shape[-1] > 128:
+    if torch.is_grad_enabled() and q.requires_grad and q.shape[-1] > 128:
         return f"backward with head_dim {q.shape[-1]} (> 128)"
     return None
 
@@ -94,7 +74,9 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     if causal:
         window_size = (window_size[0], 0)  # flash-attn's convention: causal is a window with right = 0
     if backend() == "reference":
-        _check_args(q, dropout_p, softmax_scale, window_size, softcap, alibi_slopes)
+        _check_dropout(dropout_p)
+        interface.softmax_scale_or_default(q, softmax_scale)
+        interface.score_mods(q, causal, window_size, softcap, alibi_slopes)  # the same argument checks
         result = attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale,
                                      compute_dtype=torch.promote_types(q.dtype, torch.float32), window_size=tuple(window_size), softcap=softcap,
                                      alibi_slopes=alibi_slopes, dropout_p=dropout_p,
@@ -103,17 +85,21 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         return (out, result[1], result[2]) if return_attn_probs else out
 
     interface.check_qkv(q, k, v)  # device and shape errors first, naming the argument
-    _check_args(q, dropout_p, softmax_scale, window_size, softcap, alibi_slopes)
-    missing = _jit_unsupported(q, dropout_p, causal, window_size, softcap, alibi_slopes, return_attn_probs)
+    _check_dropout(dropout_p)
+    window_size = tuple(window_size)
+    interface.score_mods(q, causal, window_size, softcap, alibi_slopes)
+    missing = _jit_unsupported(q, dropout_p)
     if missing:
         raise NotImplementedError(
             f"flashjit's JIT kernels do not implement {missing} yet; the PyTorch reference backend does "
             f"(set {envvars.BACKEND.name}=reference)")
-    out, lse = _JitAttention.apply(q, k, v, softmax_scale, bool(causal))
+    out, lse = _JitAttention.apply(q, k, v, softmax_scale, bool(causal), window_size, softcap, alibi_slopes)
     if not return_attn_probs:
         return out
     with torch.no_grad():  # recomputed for inspection, as flash-attn's tests use it
-        _, _, probs = attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale, return_probs=True)
+        _, _, probs = attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale,
+                                          window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+                                          return_probs=True)
     return out, lse, probs
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -78,12 +79,66 @@ def _smem_limit(device_index: int) -> tuple[int, str]:
     return props.shared_memory_per_block_optin, props.name
 
 
+def softmax_scale_or_default(q: torch.Tensor, softmax_scale) -> float:
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(q.shape[-1])
+    if not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale) and softmax_scale > 0):
+        raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale!r}")
+    return float(softmax_scale)
+
+
+class ScoreMods(NamedTuple):
+    """The score features of a call: which kernel variants they need, and the ScoreParams values."""
+    local: bool = False
+    softcap: bool = False
+    alibi: bool = False
+    values: tuple = (-1, -1, 0.0, None, 0)  # window_left, window_right, softcap, slopes pointer, batch stride
+    slopes: torch.Tensor | None = None       # keeps the (possibly copied) slopes alive with the params
+
+    @property
+    def flags(self) -> tuple:
+        return self.local, self.softcap, self.alibi
+
+
+_NO_MODS = ScoreMods()
+
+
+def score_mods(q: torch.Tensor, causal: bool, window_size=(-1, -1), softcap=0.0, alibi_slopes=None) -> ScoreMods:
+    """Validate flash-attn's window_size/softcap/alibi_slopes (ValueError naming the argument) and
+    turn them into kernel flags and ScoreParams values. causal forces the window's right edge to 0."""
+    if window_size == (-1, -1) and not softcap and alibi_slopes is None:
+        return _NO_MODS
+    try:
+        left, right = (int(w) for w in window_size)
+        ok = all(w >= -1 and w == orig for w, orig in zip((left, right), window_size))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"window_size must be a pair of ints >= -1 (-1: unbounded), got {window_size!r}")
+    if causal:
+        right = 0
+    if not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap must be a finite number >= 0 (0 disables it), got {softcap!r}")
+    pointer, stride = None, 0
+    if alibi_slopes is not None:
+        batch, heads = q.shape[0], q.shape[2]
+        if not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dtype != torch.float32 or \
+                tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)) or alibi_slopes.device != q.device:
+            raise ValueError(f"alibi_slopes must be a float32 tensor of shape ({heads},) or ({batch}, {heads}) "
+                             f"on {q.device}")
+        alibi_slopes = alibi_slopes.contiguous()
+        pointer, stride = alibi_slopes.data_ptr(), (heads if alibi_slopes.dim() == 2 else 0)
+    local = left >= 0 or (not causal and right >= 0)
+    return ScoreMods(local, softcap > 0, alibi_slopes is not None, (left, right, float(softcap), pointer, stride),
+                     alibi_slopes)
+
+
 def resolve_config(q: torch.Tensor, k: torch.Tensor, config: KernelConfig | None, causal: bool,
-                   device_index: int | None = None) -> KernelConfig:
+                   device_index: int | None = None, mods: ScoreMods = _NO_MODS) -> KernelConfig:
     dtype, d_head = _DTYPES[q.dtype], q.shape[3]
     if config is None:
         device_index = q.get_device() if device_index is None else device_index
-        config = default_config(dtype, d_head, bool(causal), q.shape[1], _smem_limit(device_index)[0])
+        config = default_config(dtype, d_head, bool(causal), q.shape[1], _smem_limit(device_index)[0], *mods.flags)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("flashjit: dispatching [B=%d, Sq=%d, Sk=%d, H=%d, H_k=%d, D=%d] to %s (default for "
                   "dtype/head dim/causal/seqlen and shared memory)", q.shape[0], q.shape[1], k.shape[1], q.shape[2],
@@ -92,7 +147,8 @@ def resolve_config(q: torch.Tensor, k: torch.Tensor, config: KernelConfig | None
     if not isinstance(config, KernelConfig):
         raise TypeError(f"config must be a flashjit.KernelConfig, got {type(config).__name__}")
     for field, wanted, given in (("dtype", dtype, config.dtype), ("d_head", d_head, config.d_head),
-                                 ("causal", bool(causal), config.causal)):
+                                 ("causal", bool(causal), config.causal), ("local", mods.local, config.local),
+                                 ("softcap", mods.softcap, config.softcap), ("alibi", mods.alibi, config.alibi)):
         if wanted != given:
             raise ValueError(f"config.{field}={given!r} does not match the call ({field}={wanted!r}); "
                              f"use dataclasses.replace(config, {field}={wanted!r})")
@@ -124,15 +180,11 @@ def _check_out(out, q) -> None:
         raise ValueError(f"out must have a contiguous last dim and 16-byte aligned rows, got strides {out.stride()}")
 
 
-def _launch(q, k, v, config, causal, softmax_scale, out=None, want_lse=True):
-    """Validate, choose and build the kernel, allocate outputs. Returns (run, out, lse)."""
-    check_qkv(q, k, v)
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
-    elif not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale) and softmax_scale > 0):
-        raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale!r}")
+def _launch(q, k, v, config, causal, softmax_scale, out=None, want_lse=True, mods: ScoreMods = _NO_MODS):
+    """Choose and build the kernel (inputs already checked), allocate outputs. Returns (run, out, lse)."""
+    softmax_scale = softmax_scale_or_default(q, softmax_scale)
     device_index = q.get_device()
-    config = resolve_config(q, k, config, causal, device_index)
+    config = resolve_config(q, k, config, causal, device_index, mods)
     kernel = _kernels.get((config, device_index)) or _kernel_for(config, device_index)
 
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
@@ -144,7 +196,7 @@ def _launch(q, k, v, config, causal, softmax_scale, out=None, want_lse=True):
     lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device) if want_lse else None
     params = FwdParams(*tensor_ref(q), *tensor_ref(k), *tensor_ref(v), *tensor_ref(out),
                        lse.data_ptr() if want_lse else None, batch, seqlen_q, k.shape[1], heads, k.shape[2],
-                       softmax_scale)
+                       softmax_scale, *mods.values)
 
     def run():
         if torch.cuda.current_device() == device_index:
@@ -157,19 +209,25 @@ def _launch(q, k, v, config, causal, softmax_scale, out=None, want_lse=True):
 
 
 def forward(q, k, v, config: KernelConfig | None = None, causal: bool = False,
-            softmax_scale: float | None = None, return_lse: bool = False, out: torch.Tensor | None = None):
+            softmax_scale: float | None = None, return_lse: bool = False, out: torch.Tensor | None = None,
+            window_size=(-1, -1), softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None):
     """Attention forward with the JIT kernel `config` (default: the dispatcher's choice), written
-    into `out` when given (shaped like q)."""
-    run, out, lse = _launch(q, k, v, config, causal, softmax_scale, out, want_lse=return_lse)
+    into `out` when given (shaped like q). window_size/softcap/alibi_slopes as in flash-attn."""
+    check_qkv(q, k, v)
+    mods = score_mods(q, causal, window_size, softcap, alibi_slopes)
+    run, out, lse = _launch(q, k, v, config, causal, softmax_scale, out, want_lse=return_lse, mods=mods)
     run()
     return (out, lse) if return_lse else out
 
 
 def forward_timed(q, k, v, config: KernelConfig | None = None, causal: bool = False,
-                  softmax_scale: float | None = None) -> tuple[torch.Tensor, float]:
+                  softmax_scale: float | None = None, window_size=(-1, -1), softcap: float = 0.0,
+                  alibi_slopes: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """forward(), plus the kernel's own time in milliseconds from CUDA events around the launch
     (compilation and input checks are outside the timed region). Synchronises the stream."""
-    run, out, _ = _launch(q, k, v, config, causal, softmax_scale, want_lse=False)
+    check_qkv(q, k, v)
+    mods = score_mods(q, causal, window_size, softcap, alibi_slopes)
+    run, out, _ = _launch(q, k, v, config, causal, softmax_scale, want_lse=False, mods=mods)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     with torch.cuda.device(q.device):
         start.record()
@@ -180,7 +238,8 @@ def forward_timed(q, k, v, config: KernelConfig | None = None, causal: bool = Fa
 
 
 def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-             lse: torch.Tensor, causal: bool = False, softmax_scale: float | None = None):
+             lse: torch.Tensor, causal: bool = False, softmax_scale: float | None = None, window_size=(-1, -1),
+             softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None):
     """Gradients (dq, dk, dv) of forward() given dout (shaped like q) and the forward's out and lse.
     GQA: dk/dv are summed over the query heads that share each key/value head. Deterministic: no
     atomics, so repeated calls give bit-identical results. Head dims up to 128."""
@@ -195,10 +254,10 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
             or lse.device != q.device:
         raise ValueError(f"lse must be the forward's float32 log-sum-exp of shape {lse_shape} [batch, heads, "
                          f"seqlen_q] on {q.device} (forward(..., return_lse=True))")
-    if softmax_scale is None:
-        softmax_scale = 1.0 / math.sqrt(q.shape[-1])
+    softmax_scale = softmax_scale_or_default(q, softmax_scale)
+    mods = score_mods(q, causal, window_size, softcap, alibi_slopes)
     device_index = q.get_device()
-    config = default_bwd_config(_DTYPES[q.dtype], q.shape[3], bool(causal))
+    config = default_bwd_config(_DTYPES[q.dtype], q.shape[3], bool(causal), *mods.flags)
     kernel = _kernels.get((config, device_index)) or _kernel_for(config, device_index)
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
@@ -210,7 +269,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     dvec = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
     refs = [x for t in (q, k, v, out, dout, dq, dk, dv) for x in tensor_ref(t)]
     params = BwdParams(*refs, lse.data_ptr(), dvec.data_ptr(), batch, seqlen_q, k.shape[1], heads, k.shape[2],
-                       softmax_scale)
+                       softmax_scale, *mods.values)
     with torch.cuda.device(device_index):
         kernel(params, _current_stream(device_index))
     return dq, dk, dv

@@ -18,18 +18,20 @@ def _tensor_refs(*names: str) -> list:
             for suffix, kind in (("", _ptr), ("_batch_stride", _i64), ("_row_stride", _i64), ("_head_stride", _i64))]
 
 
+# Sizes, the scale and flashjit::ScoreParams (window, softcap, ALiBi slopes), flat.
 _SIZES = [("batch", _i32), ("seqlen_q", _i32), ("seqlen_k", _i32), ("heads", _i32), ("heads_k", _i32),
-          ("softmax_scale", ctypes.c_float)]
+          ("softmax_scale", ctypes.c_float), ("window_left", _i32), ("window_right", _i32),
+          ("softcap", ctypes.c_float), ("alibi_slopes", _ptr), ("alibi_batch_stride", _i64)]
 
 
 class FwdParams(ctypes.Structure):
-    """flashjit::FwdParams: TensorRef q, k, v, o; float* lse; sizes; scale."""
+    """flashjit::FwdParams: TensorRef q, k, v, o; float* lse; sizes; scale; ScoreParams."""
 
     _fields_ = [*_tensor_refs("q", "k", "v", "o"), ("lse", _ptr), *_SIZES]
 
 
 class BwdParams(ctypes.Structure):
-    """flashjit::BwdParams: TensorRef q, k, v, o, dout, dq, dk, dv; lse; dvec; sizes; scale."""
+    """flashjit::BwdParams: TensorRef q, k, v, o, dout, dq, dk, dv; lse; dvec; sizes; scale; ScoreParams."""
 
     _fields_ = [*_tensor_refs("q", "k", "v", "o", "dout", "dq", "dk", "dv"), ("lse", _ptr), ("dvec", _ptr), *_SIZES]
 

@@ -18,14 +18,16 @@
 #include "common/fragments.cuh"
 #include "common/params.cuh"
 #include "common/ptx.cuh"
+#include "common/score_mod.cuh"
 #include "common/smem_tile.cuh"
 
 namespace flashjit::bwd {
 
 // One template parameter per BwdConfig field (flashjit/config.py), in the same order.
-template <bool kBf16_, int kD_, int kWarps_, bool kCausal_>
+template <bool kBf16_, int kD_, int kWarps_, bool kCausal_, bool kLocal_, bool kSoftcap_, bool kAlibi_>
 struct Config {
   static constexpr bool kBf16 = kBf16_, kCausal = kCausal_, kSwizzle = true;
+  using Mod = ScoreMod<kCausal_, kLocal_, kSoftcap_, kAlibi_>;
   static constexpr int kD = kD_, kWarps = kWarps_, kThreads = kWarps * 32;
   static constexpr int kBlock = 16 * kWarps;  // rows per CTA (each warp owns 16) and per inner step
   static constexpr int kKtD = kD / 16, kNtD = kD / 8, kKtB = kBlock / 16, kNtB = kBlock / 8;
@@ -85,6 +87,17 @@ __device__ __forceinline__ void load_row_stats(float* s_lse, float* s_dvec, cons
   }
 }
 
+// P = exp(scaled(s) - lse) for a visible key, else 0; `grad` gets the softcap chain-rule factor
+// (d scaled / d (scale * s)); the final scale is applied when dK and dQ are written.
+template <class C>
+__device__ __forceinline__ float probability(const typename C::Mod& mod, float s, int i, int j, float lse2,
+                                             float scale_log2, float& grad) {
+  grad = 1.f;
+  if (!mod.visible(i, j)) return 0.f;
+  const float t = C::Mod::kTransforms ? mod.scaled(s, i, j, grad) * 1.4426950408889634f : s * scale_log2;
+  return fast_exp2(t - lse2);
+}
+
 // acc = A(rows of tile_a, the warp's 16) x B^T(rows of tile_b), k over the head dim.
 template <class C>
 __device__ __forceinline__ void gemm_rows_rows(float (&acc)[1][C::kNtB][4], const elem_t* tile_a, int a_row0,
@@ -129,7 +142,6 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
   const int n_block = blockIdx.x % num_n, bh_k = blockIdx.x / num_n;
   const int h_k = bh_k % p.heads_k, b = bh_k / p.heads_k, group = p.heads / p.heads_k;
   const int key0 = n_block * C::kBlock, keys = min(C::kBlock, p.seqlen_k - key0);
-  const int diag = p.seqlen_k - p.seqlen_q;  // key j visible to query i iff j <= i + diag (causal)
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
 
   load_rows<C>(sK, p.k, b, h_k, key0, keys, tid);
@@ -139,15 +151,23 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
   float dk[1][C::kNtD][4], dv[1][C::kNtD][4];
   zero(dk);
   zero(dv);
-  const int num_m = (p.seqlen_q + C::kBlock - 1) / C::kBlock;
-  // Causal: query blocks wholly above this key block's first visible row contribute nothing.
-  const int first_m = C::kCausal ? max(0, (key0 - diag) / C::kBlock) : 0;
+  // Query blocks that see any key of this block: [first_m, end_m). The window does not depend on
+  // the head, so one ScoreMod (head 0 of the group) bounds the loop for every head.
+  const typename C::Mod bounds(p.mods, p.seqlen_q, p.seqlen_k, p.softmax_scale, b, h_k * group);
+  int first_m = 0, end_m = (p.seqlen_q + C::kBlock - 1) / C::kBlock;
+  if (C::kCausal || (C::Mod::kLocal && bounds.right >= 0))
+    first_m = max(0, (key0 - bounds.diag - bounds.right) / C::kBlock);
+  if (C::Mod::kLocal && bounds.left >= 0) {
+    const int last_row = key0 + keys - 1 - bounds.diag + bounds.left;  // last query that sees a key here
+    end_m = last_row < 0 ? 0 : min(end_m, last_row / C::kBlock + 1);
+  }
   const int my_key0 = key0 + warp * 16 + (lane >> 2);  // key of accumulator row half 0 (+8 for half 1)
 
   for (int g = 0; g < group; ++g) {
     const int h = h_k * group + g;
     const int64_t bh = int64_t(b) * p.heads + h;
-    for (int m = first_m; m < num_m; ++m) {
+    const typename C::Mod mod(p.mods, p.seqlen_q, p.seqlen_k, p.softmax_scale, b, h);
+    for (int m = first_m; m < end_m; ++m) {
       const int row0 = m * C::kBlock, rows = min(C::kBlock, p.seqlen_q - row0);
       __syncthreads();  // every warp is done with the previous Q, dO and row statistics
       load_rows<C>(sQ, p.q, b, h, row0, rows, tid);
@@ -158,15 +178,15 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
       __syncthreads();
 
       // P^T: rows = this warp's 16 keys, cols = the block's queries.
-      float pt[1][C::kNtB][4];
+      float pt[1][C::kNtB][4], grad[1][C::kNtB][4];  // grad: used (and kept) only with softcap
       gemm_rows_rows<C>(pt, sK, warp * 16, sQ, lane);
 #pragma unroll
       for (int nt = 0; nt < C::kNtB; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int col = nt * 8 + (lane & 3) * 2 + (e & 1);
-          const bool masked = C::kCausal && my_key0 + (e >> 1) * 8 > row0 + col + diag;
-          pt[0][nt][e] = masked ? 0.f : fast_exp2(fmaf(pt[0][nt][e], scale_log2, -s_lse[col]));
+          pt[0][nt][e] = probability<C>(mod, pt[0][nt][e], row0 + col, my_key0 + (e >> 1) * 8, s_lse[col],
+                                        scale_log2, grad[0][nt][e]);
         }
       uint32_t pa[1][C::kKtB][4];
       acc_to_a<C::kBf16>(pt, pa);
@@ -180,6 +200,7 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
         for (int e = 0; e < 4; ++e) {
           const int col = nt * 8 + (lane & 3) * 2 + (e & 1);
           dpt[0][nt][e] = pt[0][nt][e] * (dpt[0][nt][e] - s_dvec[col]);  // dS^T
+          if (C::Mod::kSoftcap) dpt[0][nt][e] *= grad[0][nt][e];
         }
       uint32_t dsa[1][C::kKtB][4];
       acc_to_a<C::kBf16>(dpt, dsa);
@@ -213,7 +234,7 @@ __global__ void __launch_bounds__(C::kThreads) dq_kernel(const __grid_constant__
   if (C::kCausal) m_block = num_m - 1 - m_block;  // longest rows first
   const int h_k = h / (p.heads / p.heads_k);
   const int row0 = m_block * C::kBlock, rows = min(C::kBlock, p.seqlen_q - row0);
-  const int diag = p.seqlen_k - p.seqlen_q;
+  const typename C::Mod mod(p.mods, p.seqlen_q, p.seqlen_k, p.softmax_scale, b, h);
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
 
   load_rows<C>(sQ, p.q, b, h, row0, rows, tid);
@@ -231,14 +252,16 @@ __global__ void __launch_bounds__(C::kThreads) dq_kernel(const __grid_constant__
     dvec[half] = valid ? p.dvec[int64_t(bh) * p.seqlen_q + row] : 0.f;
   }
 
-  int n_blocks = (p.seqlen_k + C::kBlock - 1) / C::kBlock;
-  if (C::kCausal) {
-    const int last_col = row0 + rows - 1 + diag;
-    n_blocks = last_col < 0 ? 0 : min(n_blocks, last_col / C::kBlock + 1);
+  // Key blocks any row of this CTA sees: [j_begin, j_end) (as in the forward pass).
+  int j_begin = 0, j_end = (p.seqlen_k + C::kBlock - 1) / C::kBlock;
+  if (C::kCausal || (C::Mod::kLocal && mod.right >= 0)) {
+    const int last_col = row0 + rows - 1 + mod.diag + mod.right;
+    j_end = last_col < 0 ? 0 : min(j_end, last_col / C::kBlock + 1);
   }
+  if (C::Mod::kLocal && mod.left >= 0) j_begin = max(0, (row0 + mod.diag - mod.left) / C::kBlock);
   float dq[1][C::kNtD][4];
   zero(dq);
-  for (int j = 0; j < n_blocks; ++j) {
+  for (int j = j_begin; j < j_end; ++j) {
     const int col0 = j * C::kBlock, cols = min(C::kBlock, p.seqlen_k - col0);
     __syncthreads();  // every warp is done with K_{j-1}, V_{j-1}
     load_rows<C>(sK, p.k, b, h_k, col0, cols, tid);
@@ -256,9 +279,9 @@ __global__ void __launch_bounds__(C::kThreads) dq_kernel(const __grid_constant__
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int half = e >> 1, col = col0 + nt * 8 + (lane & 3) * 2 + (e & 1);
-        const bool masked = col >= p.seqlen_k || (C::kCausal && col > my_row0 + half * 8 + diag);
-        const float prob = masked ? 0.f : fast_exp2(fmaf(s[0][nt][e], scale_log2, -lse2[half]));
-        s[0][nt][e] = prob * (dp[0][nt][e] - dvec[half]);  // dS
+        float grad;
+        const float prob = probability<C>(mod, s[0][nt][e], my_row0 + half * 8, col, lse2[half], scale_log2, grad);
+        s[0][nt][e] = prob * (dp[0][nt][e] - dvec[half]) * grad;  // dS (grad: softcap's chain rule, else 1)
       }
     uint32_t dsa[1][C::kKtB][4];
     acc_to_a<C::kBf16>(s, dsa);

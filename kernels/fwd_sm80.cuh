@@ -12,6 +12,7 @@
 
 #include "common/params.cuh"
 #include "common/ptx.cuh"
+#include "common/score_mod.cuh"
 #include "common/fragments.cuh"
 #include "common/smem_tile.cuh"
 
@@ -19,10 +20,12 @@ namespace flashjit::fwd {
 
 // One template parameter per KernelConfig field (flashjit/config.py), in the same order.
 template <bool kBf16_, int kD_, int kBr_, int kBc_, int kWarps_, bool kAsync_, bool kEager_, bool kSwizzle_,
-          int kDepthQ_, int kDepthK_, int kDepthV_, bool kDoubleBuffer_, bool kOptSoftmax_, bool kCausal_>
+          int kDepthQ_, int kDepthK_, int kDepthV_, bool kDoubleBuffer_, bool kOptSoftmax_, bool kCausal_,
+          bool kLocal_, bool kSoftcap_, bool kAlibi_>
 struct Config {
   static constexpr bool kBf16 = kBf16_, kAsync = kAsync_, kEager = kEager_, kSwizzle = kSwizzle_;
   static constexpr bool kDoubleBuffer = kDoubleBuffer_, kOptSoftmax = kOptSoftmax_, kCausal = kCausal_;
+  using Mod = ScoreMod<kCausal_, kLocal_, kSoftcap_, kAlibi_>;
   static constexpr int kD = kD_, kBr = kBr_, kBc = kBc_, kWarps = kWarps_;
   static constexpr int kDepthQ = kDepthQ_, kDepthK = kDepthK_, kDepthV = kDepthV_;
 
@@ -121,12 +124,13 @@ __device__ __forceinline__ void gemm_pv(float (&o)[C::kM][C::kNtD][4], const uin
   }
 }
 
-// ---- masking and online softmax -------------------------------------------------------------
-// Scores of keys past the end, and (causal) of keys right of the bottom-right aligned diagonal,
-// become -inf. row0/col0: global index of the warp's first row and the block's first key.
+// ---- score modifiers, masking and online softmax -------------------------------------------
+// Transform the raw scores into softmax units when a modifier needs it (softcap, ALiBi), and set
+// invisible keys (past the end, causal, outside the window) to -inf. row0/col0: global index of the
+// warp's first row and the block's first key.
 template <class C>
-__device__ __forceinline__ void apply_mask(float (&s)[C::kM][C::kNtC][4], int row0, int col0, int seqlen_k,
-                                           int diag, int lane) {
+__device__ __forceinline__ void apply_score_mod(float (&s)[C::kM][C::kNtC][4], const typename C::Mod& mod, int row0,
+                                                int col0, bool need_mask, int lane) {
 #pragma unroll
   for (int mt = 0; mt < C::kM; ++mt)
 #pragma unroll
@@ -135,7 +139,9 @@ __device__ __forceinline__ void apply_mask(float (&s)[C::kM][C::kNtC][4], int ro
       for (int e = 0; e < 4; ++e) {
         const int row = row0 + mt * 16 + (lane >> 2) + (e >> 1) * 8;
         const int col = col0 + nt * 8 + (lane & 3) * 2 + (e & 1);
-        if (col >= seqlen_k || (C::kCausal && col > row + diag)) s[mt][nt][e] = -INFINITY;
+        float unused_grad;
+        if (C::Mod::kTransforms) s[mt][nt][e] = mod.scaled(s[mt][nt][e], row, col, unused_grad);
+        if (need_mask && !mod.visible(row, col)) s[mt][nt][e] = -INFINITY;
       }
 }
 
@@ -209,16 +215,18 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
   const int q_row0 = m_block * C::kBr;                 // first query row of the CTA
   const int q_rows = min(C::kBr, p.seqlen_q - q_row0);  // valid query rows of the CTA
   const int warp_row0 = warp * C::kWarpRows;           // first row of this warp within the CTA
-  const int diag = p.seqlen_k - p.seqlen_q;            // causal: key j visible to query i iff j <= i + diag
+  const typename C::Mod mod(p.mods, p.seqlen_q, p.seqlen_k, p.softmax_scale, b, h);
   const elem_t* gQ = p.q.at<const elem_t>(b, h, q_row0);
   const elem_t* gK = p.k.at<const elem_t>(b, h_k, 0);
   const elem_t* gV = p.v.at<const elem_t>(b, h_k, 0);
 
-  int n_blocks = (p.seqlen_k + C::kBc - 1) / C::kBc;
-  if (C::kCausal) {
-    const int last_col = q_row0 + q_rows - 1 + diag;  // rightmost key any row of this CTA sees
-    n_blocks = last_col < 0 ? 0 : min(n_blocks, last_col / C::kBc + 1);
+  // Key blocks any row of this CTA can see: [j_begin, j_end).
+  int j_begin = 0, j_end = (p.seqlen_k + C::kBc - 1) / C::kBc;
+  if (C::kCausal || (C::Mod::kLocal && mod.right >= 0)) {
+    const int last_col = q_row0 + q_rows - 1 + mod.diag + mod.right;  // rightmost visible key
+    j_end = last_col < 0 ? 0 : min(j_end, last_col / C::kBc + 1);
   }
+  if (C::Mod::kLocal && mod.left >= 0) j_begin = max(0, (q_row0 + mod.diag - mod.left) / C::kBc);
   auto load_kv = [&](elem_t* dst, const elem_t* src, int64_t row_stride, int block) {
     load_tile<C::kBc, C::kD, C::kSwizzle, C::kAsync, C::kThreads>(
         dst, src + int64_t(block) * C::kBc * row_stride, row_stride, p.seqlen_k - block * C::kBc, tid);
@@ -234,16 +242,17 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
 #pragma unroll
     for (int nt = 0; nt < C::kNtD; ++nt) o[mt][nt][0] = o[mt][nt][1] = o[mt][nt][2] = o[mt][nt][3] = 0.f;
   }
-  const float scale = p.softmax_scale, scale_log2 = p.softmax_scale * 1.4426950408889634f;
+  // Transformed scores are already in softmax units; otherwise the scale folds into the exp2 argument.
+  const float scale = C::Mod::kTransforms ? 1.f : p.softmax_scale, scale_log2 = scale * 1.4426950408889634f;
 
   load_tile<C::kBr, C::kD, C::kSwizzle, C::kAsync, C::kThreads>(sQ, gQ, p.q.row_stride, q_rows, tid);
   if (C::kEager) {
     cp_async_commit();
-    if (n_blocks > 0) load_kv(sK, gK, p.k.row_stride, 0);
+    if (j_begin < j_end) load_kv(sK, gK, p.k.row_stride, j_begin);
     cp_async_commit();
   }
 
-  for (int j = 0; j < n_blocks; ++j) {
+  for (int j = j_begin; j < j_end; ++j) {
     if (C::kEager) {
       cp_async_wait<0>();  // K_j (and at j == 0, Q) has landed
       __syncthreads();     // ... for every thread; and every warp is done reading V_{j-1}
@@ -256,14 +265,13 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
       if (C::kAsync) cp_async_commit(), cp_async_wait<0>();
       __syncthreads();
     }
-    if (C::kDepthQ == 0 && j == 0) load_a<C::kD, C::kSwizzle>(qf, sQ, warp_row0, lane, 0, C::kKtD);
+    if (C::kDepthQ == 0 && j == j_begin) load_a<C::kD, C::kSwizzle>(qf, sQ, warp_row0, lane, 0, C::kKtD);
 
     float s[C::kM][C::kNtC][4];
     gemm_qk<C>(s, qf, sQ, sK, warp_row0, lane);
     const int col0 = j * C::kBc;
-    const bool need_mask = col0 + C::kBc > p.seqlen_k ||
-                           (C::kCausal && col0 + C::kBc - 1 > q_row0 + warp_row0 + diag);
-    if (need_mask) apply_mask<C>(s, q_row0 + warp_row0, col0, p.seqlen_k, diag, lane);
+    const bool need_mask = mod.block_needs_mask(q_row0 + warp_row0, C::kWarpRows, col0, C::kBc);
+    if (need_mask || C::Mod::kTransforms) apply_score_mod<C>(s, mod, q_row0 + warp_row0, col0, need_mask, lane);
     online_softmax<C>(s, o, m, l, scale, scale_log2);
     uint32_t pf[C::kM][C::kKtC][4];
     acc_to_a<C::kBf16>(s, pf);
@@ -271,7 +279,7 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
     if (C::kEager) {
       cp_async_wait<0>();  // V_j has landed
       __syncthreads();     // ... for every thread; and every warp is done reading K_j
-      if (j + 1 < n_blocks) load_kv(sK, gK, p.k.row_stride, j + 1);  // K_{j+1} streams in under PV
+      if (j + 1 < j_end) load_kv(sK, gK, p.k.row_stride, j + 1);  // K_{j+1} streams in under PV
       cp_async_commit();
     }
     gemm_pv<C>(o, pf, sV, lane);

@@ -77,18 +77,43 @@ def test_backward_is_deterministic_and_packed_views_work(monkeypatch):
     assert torch.equal(flash_attn_kvpacked_func(q, kv, causal=True), flash_attn_qkvpacked_func(qkv.detach(), causal=True))
 
 
+FEATURES = [  # (kwargs, causal); slopes are made on the GPU in the test
+    (dict(window_size=(40, 17)), False), (dict(window_size=(25, -1)), True), (dict(window_size=(-1, 30)), False),
+    (dict(softcap=3.0), False), (dict(softcap=5.0), True), (dict(alibi_slopes="heads"), False),
+    (dict(alibi_slopes="batch_heads"), True), (dict(window_size=(33, 5), softcap=4.0, alibi_slopes="heads"), False),
+]
+
+
 @gpu
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(dropout_p=0.1), "dropout_p"), (dict(window_size=(16, 16)), "window_size"), (dict(softcap=30.0), "softcap"),
-    (dict(alibi_slopes=torch.ones(2)), "alibi_slopes"),
-])
-def test_jit_names_what_it_does_not_implement(kwargs, name, monkeypatch):
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kwargs, causal", FEATURES, ids=str)
+def test_jit_window_softcap_alibi_match_reference(kwargs, causal, dtype, monkeypatch):
+    """Forward and gradients of the in-kernel sliding window, softcap and ALiBi (with GQA, Sq != Sk)."""
+    monkeypatch.setenv("FLASHJIT_BACKEND", "jit")
+    b, sq, sk, h, hk, d = 2, 190, 257, 4, 2, 64
+    kwargs = dict(kwargs)
+    if kwargs.get("alibi_slopes") == "heads":
+        kwargs["alibi_slopes"] = torch.rand(h, device="cuda") * 0.3
+    elif kwargs.get("alibi_slopes") == "batch_heads":
+        kwargs["alibi_slopes"] = torch.rand(b, h, device="cuda") * 0.3
+    q, k, v = _qkv(b, sq, sk, h, hk, d, dtype, "cuda")
+    dout = torch.randn(b, sq, h, d, device="cuda", dtype=dtype)
+    ref_kwargs = dict(kwargs, causal=causal, window_size=kwargs.get("window_size", (-1, -1)))
+    ours = _grads(lambda q, k, v: flash_attn_func(q, k, v, causal=causal, **kwargs), q, k, v, dout)
+    ref = _grads(lambda q, k, v: attention_reference(q, k, v, **ref_kwargs)[0], q, k, v, dout.float())
+    low = _grads(lambda q, k, v: attention_reference(q, k, v, compute_dtype=None, **ref_kwargs)[0], q, k, v, dout)
+    for name, a, r, lo in zip(("out", "dq", "dk", "dv"), ours, ref, low):
+        assert torch.isfinite(a).all(), name
+        err, low_err = (a.float() - r.float()).abs().max().item(), (lo.float() - r.float()).abs().max().item()
+        assert err <= 2 * low_err + 2e-3, f"{name}: {err:.3e} vs PyTorch low-precision {low_err:.3e}"
+
+
+@gpu
+def test_jit_names_what_it_does_not_implement(monkeypatch):
     monkeypatch.setenv("FLASHJIT_BACKEND", "jit")
     q, k, v = _qkv(1, 32, 32, 2, 2, 64, torch.float16, "cuda", grad=False)
-    if "alibi_slopes" in kwargs:
-        kwargs = dict(alibi_slopes=kwargs["alibi_slopes"].cuda())
-    with pytest.raises(NotImplementedError, match=name) as info:
-        flash_attn_func(q, k, v, **kwargs)
+    with pytest.raises(NotImplementedError, match="dropout_p") as info:
+        flash_attn_func(q, k, v, dropout_p=0.1)
     assert "FLASHJIT_BACKEND=reference" in str(info.value)
 
 

@@ -26,6 +26,8 @@ SUBSET = [  # both dtypes, several head dims, causal, knobs off, both archs
                            swizzled=False, optimized_softmax=False)),
     ("sm_90a", BwdConfig("bf16", 128, 4, True)),
     ("sm_80", BwdConfig("fp16", 64, 8, False)),
+    ("sm_90a", KernelConfig(dtype="fp16", d_head=64, local=True, softcap=True, alibi=True)),
+    ("sm_80", BwdConfig("bf16", 96, 4, True, local=True, softcap=True, alibi=True)),
 ]
 
 

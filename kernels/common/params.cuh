@@ -17,6 +17,14 @@ struct TensorRef {
   }
 };
 
+// Score modifiers; each is read only by kernels built with the matching feature (common/score_mod.cuh).
+struct ScoreParams {
+  int32_t window_left, window_right;  // local: key j visible to query i iff i+d-left <= j <= i+d+right; -1 unbounded
+  float softcap;                      // scores become softcap * tanh(scores / softcap)
+  const float* alibi_slopes;          // [H] or [B, H] fp32: scores -= slope * |i + d - j|
+  int64_t alibi_batch_stride;         // 0 for [H]
+};
+
 // q: [B, Sq, H, D], k/v: [B, Sk, H_k, D], o: [B, Sq, H, D].
 // lse: [B, H, Sq] fp32, contiguous, or null when the caller does not want it.
 struct FwdParams {
@@ -24,6 +32,7 @@ struct FwdParams {
   float* lse;
   int32_t batch, seqlen_q, seqlen_k, heads, heads_k;
   float softmax_scale;
+  ScoreParams mods;
 };
 
 // Backward: dout/dq like q, dk/dv like k; lse and dvec (rowsum(dO * O), computed by the first
@@ -34,6 +43,7 @@ struct BwdParams {
   float* dvec;
   int32_t batch, seqlen_q, seqlen_k, heads, heads_k;
   float softmax_scale;
+  ScoreParams mods;
 };
 
 }  // namespace flashjit

@@ -1,0 +1,55 @@
+// Which keys a query sees, and what its raw score q.k becomes before the softmax: one definition
+// for the forward and both backward kernels. With d = Sk - Sq (flash-attn's bottom-right alignment):
+//   visible(i, j): j < Sk, and (causal) j <= i + d, and (local) i + d - left <= j <= i + d + right
+//   scaled(s):     scale * s, or softcap * tanh(scale * s / softcap); ALiBi then subtracts slope * |i + d - j|
+#pragma once
+#include <cstdint>
+#include "params.cuh"
+
+namespace flashjit {
+
+template <bool kCausal, bool kLocal_, bool kSoftcap_, bool kAlibi_>
+struct ScoreMod {
+  static constexpr bool kLocal = kLocal_, kSoftcap = kSoftcap_;
+  // Scores need transforming before the softmax (else the scale folds into the exp2 argument).
+  static constexpr bool kTransforms = kSoftcap_ || kAlibi_;
+  int diag, seqlen_k, left, right;
+  float scale, cap, slope;
+
+  __device__ __forceinline__ ScoreMod(const ScoreParams& m, int seqlen_q, int seqlen_k_, float scale_, int b, int h)
+      : diag(seqlen_k_ - seqlen_q), seqlen_k(seqlen_k_), left(m.window_left), right(kCausal ? 0 : m.window_right),
+        scale(scale_), cap(m.softcap), slope(0.f) {
+    if (kAlibi_) slope = m.alibi_slopes[b * m.alibi_batch_stride + h];
+  }
+
+  __device__ __forceinline__ bool visible(int i, int j) const {
+    if (j >= seqlen_k) return false;
+    if (kCausal && j > i + diag) return false;
+    if (kLocal && ((right >= 0 && j > i + diag + right) || (left >= 0 && j < i + diag - left))) return false;
+    return true;
+  }
+
+  // Any key of [col0, col0 + cols) invisible to some query of [row0, row0 + rows)? (Else the
+  // per-element mask can be skipped for the whole block.)
+  __device__ __forceinline__ bool block_needs_mask(int row0, int rows, int col0, int cols) const {
+    if (col0 + cols > seqlen_k) return true;
+    if ((kCausal || (kLocal && right >= 0)) && col0 + cols - 1 > row0 + diag + (kCausal ? 0 : right)) return true;
+    if (kLocal && left >= 0 && col0 < row0 + rows - 1 + diag - left) return true;
+    return false;
+  }
+
+  // The score in softmax units; `grad` gets d scaled / d (scale * s) (1 - tanh^2 with softcap, else 1).
+  __device__ __forceinline__ float scaled(float s, int i, int j, float& grad) const {
+    float t = s * scale;
+    grad = 1.f;
+    if (kSoftcap) {
+      const float th = tanhf(t / cap);
+      t = cap * th;
+      grad = 1.f - th * th;
+    }
+    if (kAlibi_) t -= slope * fabsf(float(i + diag - j));
+    return t;
+  }
+};
+
+}  // namespace flashjit
