@@ -30,7 +30,7 @@ WHY_REGISTERS = "the fragments of this config need more than 255 registers per t
 
 # Run-time-specialised score features shared by both configs; each appears in a name only when on,
 # so the common kernels keep short names.
-FEATURES = ("local", "softcap", "alibi")
+FEATURES = ("local", "softcap", "alibi", "dropout")
 
 
 def features_suffix(config) -> str:
@@ -83,6 +83,7 @@ class KernelConfig(_Validated):
     local            sliding window (flash-attn's window_size; left/right are run-time values)
     softcap          scores become softcap * tanh(scores / softcap) (softcap is a run-time value)
     alibi            ALiBi: scores -= slope * |i + Sk - Sq - j| (slopes are a run-time tensor)
+    dropout          dropout on the attention probabilities (Philox RNG; p and the seed are run-time)
     """
 
     dtype: str = "bf16"
@@ -102,6 +103,7 @@ class KernelConfig(_Validated):
     local: bool = False
     softcap: bool = False
     alibi: bool = False
+    dropout: bool = False
 
     # ---- derived quantities --------------------------------------------------------------
     @property
@@ -180,7 +182,7 @@ class KernelConfig(_Validated):
         r"_ac(?P<async_copy>[01])_el(?P<eager_load_blocks>[01])_sw(?P<swizzled>[01])"
         r"_fq(?P<q_frag_depth>\d+)_fk(?P<k_frag_depth>\d+)_fv(?P<v_frag_depth>\d+)"
         r"_db(?P<mma_double_buffer_loads>[01])_os(?P<optimized_softmax>[01])_causal(?P<causal>[01])"
-        r"(?P<local>_local)?(?P<softcap>_softcap)?(?P<alibi>_alibi)?$")
+        r"(?P<local>_local)?(?P<softcap>_softcap)?(?P<alibi>_alibi)?(?P<dropout>_dropout)?$")
 
     @classmethod
     def from_name(cls, name: str) -> "KernelConfig":
@@ -223,7 +225,7 @@ def smem_limit_for_arch(arch: str) -> int:
 @functools.lru_cache(maxsize=None)
 def default_config(dtype: str, d_head: int, causal: bool, seqlen_q: int = 4096,
                    smem_limit: int = SMEM_LIMIT_SM90, local: bool = False, softcap: bool = False,
-                   alibi: bool = False) -> KernelConfig:
+                   alibi: bool = False, dropout: bool = False) -> KernelConfig:
     """The dispatcher's choice when no tuned entry exists for (dtype, d_head, causal, seqlen_q) on a
     device allowing `smem_limit` bytes of shared memory per block. A single short block of queries
     (decoding-like, Sq <= 64) gets a 64-row tile rather than wasting half of a 128-row one."""
@@ -233,6 +235,7 @@ def default_config(dtype: str, d_head: int, causal: bool, seqlen_q: int = 4096,
         for depth in (1, 2):  # d_head = 96 or 160 has 6 or 10 k-tiles: depth 1 always divides
             cfg = KernelConfig(dtype=dtype, d_head=d_head, causal=causal, q_frag_depth=depth,
                                k_frag_depth=depth, v_frag_depth=1, local=local, softcap=softcap, alibi=alibi,
+                               dropout=dropout,
                                **knobs)
             if not cfg.problems() and cfg.smem_bytes <= smem_limit:
                 return cfg
@@ -257,6 +260,7 @@ class BwdConfig(_Validated):
     local: bool = False
     softcap: bool = False
     alibi: bool = False
+    dropout: bool = False
 
     @property
     def block(self) -> int:
@@ -282,7 +286,7 @@ class BwdConfig(_Validated):
         return f"bwd_{self.dtype}_d{self.d_head}_w{self.n_warps}_causal{int(self.causal)}{features_suffix(self)}"
 
     _NAME_RE = re.compile(r"^bwd_(?P<dtype>fp16|bf16)_d(?P<d_head>\d+)_w(?P<n_warps>\d+)_causal(?P<causal>[01])"
-                          r"(?P<local>_local)?(?P<softcap>_softcap)?(?P<alibi>_alibi)?$")
+                          r"(?P<local>_local)?(?P<softcap>_softcap)?(?P<alibi>_alibi)?(?P<dropout>_dropout)?$")
 
     @classmethod
     def from_name(cls, name: str) -> "BwdConfig":
@@ -295,13 +299,14 @@ class BwdConfig(_Validated):
 
 @functools.lru_cache(maxsize=None)
 def default_bwd_config(dtype: str, d_head: int, causal: bool, local: bool = False, softcap: bool = False,
-                       alibi: bool = False) -> BwdConfig:
+                       alibi: bool = False, dropout: bool = False) -> BwdConfig:
     """8 warps (128-row blocks) where the accumulators fit, else 4."""
+    features = (local, softcap, alibi, dropout)
     for n_warps in (8, 4):
-        cfg = BwdConfig(dtype, d_head, n_warps, causal, local, softcap, alibi)
+        cfg = BwdConfig(dtype, d_head, n_warps, causal, *features)
         if not cfg.problems():
             return cfg
-    return BwdConfig(dtype, d_head, 4, causal, local, softcap, alibi).validate()
+    return BwdConfig(dtype, d_head, 4, causal, *features).validate()
 
 
 def config_from_name(name: str):

@@ -5,10 +5,10 @@ flash_attn.flash_attn_func / flash_attn_qkvpacked_func / flash_attn_kvpacked_fun
 
 Two backends, chosen by FLASHJIT_BACKEND: 'jit' (the compiled kernels, the default when CUDA is
 available) and 'reference' (PyTorch + einops on any device, autograd through plain tensor ops).
-The JIT backend implements causal/non-causal attention with any softmax scale, sliding windows,
-softcap and ALiBi, GQA/MQA and odd lengths, forward for head dims up to 256 and backward up to 128;
-what it does not implement yet (dropout) raises NotImplementedError naming it (never silently
-ignored) and pointing at the reference backend, which implements every parameter.
+The JIT backend implements every parameter in the kernels: causal or not, any softmax scale, sliding
+windows, softcap, ALiBi and dropout (Philox RNG seeded from torch's CUDA generator, p rounded to a
+multiple of 1/256), GQA/MQA and odd lengths; forward for head dims up to 256, backward up to 128
+(beyond that the backward raises NotImplementedError naming it, never silently ignored).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import logging
 import torch
 
 from . import envvars, interface
-from .reference import attention_reference
+from .reference import attention_reference, philox_keep_mask
 
 log = logging.getLogger("flashjit")
 BACKENDS = ("jit", "reference")
@@ -34,11 +34,14 @@ def backend() -> str:
 
 class _JitAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes):
+    def forward(ctx, q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes, dropout_p, philox):
         out, lse = interface.forward(q, k, v, causal=causal, softmax_scale=softmax_scale, return_lse=True,
-                                     window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes)
+                                     window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+                                     dropout_p=dropout_p, philox=philox)
         ctx.save_for_backward(q, k, v, out, lse, alibi_slopes)
-        ctx.args = dict(causal=causal, softmax_scale=softmax_scale, window_size=window_size, softcap=softcap)
+        # The backward regenerates the dropout mask from the same (seed, offset).
+        ctx.args = dict(causal=causal, softmax_scale=softmax_scale, window_size=window_size, softcap=softcap,
+                        dropout_p=dropout_p, philox=philox)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -46,18 +49,11 @@ class _JitAttention(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
         dq, dk, dv = interface.backward(dout, q, k, v, out, lse, alibi_slopes=alibi_slopes, **ctx.args)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
-def _check_dropout(dropout_p) -> None:
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
-
-
-def _jit_unsupported(q, dropout_p) -> str | None:
+def _jit_unsupported(q) -> str | None:
     """Name of the first requested feature the JIT kernels do not implement yet, or None."""
-    if dropout_p > 0:
-        return "dropout_p"
     if torch.is_grad_enabled() and q.requires_grad and q.shape[-1] > 128:
         return f"backward with head_dim {q.shape[-1]} (> 128)"
     return None
@@ -74,7 +70,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     if causal:
         window_size = (window_size[0], 0)  # flash-attn's convention: causal is a window with right = 0
     if backend() == "reference":
-        _check_dropout(dropout_p)
+        interface.dropout_threshold(dropout_p)
         interface.softmax_scale_or_default(q, softmax_scale)
         interface.score_mods(q, causal, window_size, softcap, alibi_slopes)  # the same argument checks
         result = attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale,
@@ -85,21 +81,27 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         return (out, result[1], result[2]) if return_attn_probs else out
 
     interface.check_qkv(q, k, v)  # device and shape errors first, naming the argument
-    _check_dropout(dropout_p)
+    interface.dropout_threshold(dropout_p)
     window_size = tuple(window_size)
     interface.score_mods(q, causal, window_size, softcap, alibi_slopes)
-    missing = _jit_unsupported(q, dropout_p)
+    missing = _jit_unsupported(q)
     if missing:
         raise NotImplementedError(
             f"flashjit's JIT kernels do not implement {missing} yet; the PyTorch reference backend does "
             f"(set {envvars.BACKEND.name}=reference)")
-    out, lse = _JitAttention.apply(q, k, v, softmax_scale, bool(causal), window_size, softcap, alibi_slopes)
+    philox = interface.philox_state(q.get_device()) if dropout_p > 0 else None
+    out, lse = _JitAttention.apply(q, k, v, softmax_scale, bool(causal), window_size, softcap, alibi_slopes,
+                                   dropout_p, philox)
     if not return_attn_probs:
         return out
     with torch.no_grad():  # recomputed for inspection, as flash-attn's tests use it
+        mask = None
+        if philox is not None:
+            mask = philox_keep_mask(*philox, interface.dropout_threshold(dropout_p), q.shape[0], q.shape[2],
+                                    q.shape[1], k.shape[1], q.device)
         _, _, probs = attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale,
                                           window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
-                                          return_probs=True)
+                                          dropout_p=dropout_p, dropout_mask=mask, return_probs=True)
     return out, lse, probs
 
 

@@ -88,25 +88,49 @@ def softmax_scale_or_default(q: torch.Tensor, softmax_scale) -> float:
 
 
 class ScoreMods(NamedTuple):
-    """The score features of a call: which kernel variants they need, and the ScoreParams values."""
+    """The score features of a call (window, softcap, ALiBi, dropout): which kernel variants they
+    need, and the ScoreParams values."""
     local: bool = False
     softcap: bool = False
     alibi: bool = False
-    values: tuple = (-1, -1, 0.0, None, 0)  # window_left, window_right, softcap, slopes pointer, batch stride
+    dropout: bool = False
+    # window_left, window_right, softcap, slopes pointer, slopes batch stride, philox seed, philox
+    # offset, dropout threshold (of 256), dropout scale
+    values: tuple = (-1, -1, 0.0, None, 0, 0, 0, 0, 1.0)
     slopes: torch.Tensor | None = None       # keeps the (possibly copied) slopes alive with the params
 
     @property
     def flags(self) -> tuple:
-        return self.local, self.softcap, self.alibi
+        return self.local, self.softcap, self.alibi, self.dropout
 
 
 _NO_MODS = ScoreMods()
 
 
-def score_mods(q: torch.Tensor, causal: bool, window_size=(-1, -1), softcap=0.0, alibi_slopes=None) -> ScoreMods:
-    """Validate flash-attn's window_size/softcap/alibi_slopes (ValueError naming the argument) and
-    turn them into kernel flags and ScoreParams values. causal forces the window's right edge to 0."""
-    if window_size == (-1, -1) and not softcap and alibi_slopes is None:
+def dropout_threshold(dropout_p: float) -> int:
+    """The kernels drop an entry when its random byte is below this: p rounded to a multiple of
+    1/256 (at least 1/256 when p > 0). The effective p is threshold / 256; kept entries are scaled by
+    256 / (256 - threshold), so the output's expectation is exact."""
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    return 0 if dropout_p == 0 else min(255, max(1, round(dropout_p * 256)))
+
+
+def philox_state(device_index: int, increment: int = 4) -> tuple[int, int]:
+    """(seed, offset) for one dropout call, taken from torch's CUDA generator for the device and
+    advanced, so torch.manual_seed reproduces the masks and consecutive calls differ."""
+    gen = torch.cuda.default_generators[device_index]
+    offset = gen.get_offset()
+    gen.set_offset(offset + increment)
+    return gen.initial_seed(), offset
+
+
+def score_mods(q: torch.Tensor, causal: bool, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+               dropout_p: float = 0.0, philox: tuple[int, int] | None = None) -> ScoreMods:
+    """Validate flash-attn's window_size/softcap/alibi_slopes/dropout_p (ValueError naming the
+    argument) and turn them into kernel flags and ScoreParams values. causal forces the window's
+    right edge to 0. With dropout and no `philox` (seed, offset), one is drawn from torch's generator."""
+    if window_size == (-1, -1) and not softcap and alibi_slopes is None and not dropout_p:
         return _NO_MODS
     try:
         left, right = (int(w) for w in window_size)
@@ -129,7 +153,10 @@ def score_mods(q: torch.Tensor, causal: bool, window_size=(-1, -1), softcap=0.0,
         alibi_slopes = alibi_slopes.contiguous()
         pointer, stride = alibi_slopes.data_ptr(), (heads if alibi_slopes.dim() == 2 else 0)
     local = left >= 0 or (not causal and right >= 0)
-    return ScoreMods(local, softcap > 0, alibi_slopes is not None, (left, right, float(softcap), pointer, stride),
+    threshold = dropout_threshold(dropout_p)
+    seed, offset = (philox or philox_state(q.get_device())) if threshold else (0, 0)
+    return ScoreMods(local, softcap > 0, alibi_slopes is not None, threshold > 0,
+                     (left, right, float(softcap), pointer, stride, seed, offset, threshold, 256 / (256 - threshold)),
                      alibi_slopes)
 
 
@@ -148,7 +175,8 @@ def resolve_config(q: torch.Tensor, k: torch.Tensor, config: KernelConfig | None
         raise TypeError(f"config must be a flashjit.KernelConfig, got {type(config).__name__}")
     for field, wanted, given in (("dtype", dtype, config.dtype), ("d_head", d_head, config.d_head),
                                  ("causal", bool(causal), config.causal), ("local", mods.local, config.local),
-                                 ("softcap", mods.softcap, config.softcap), ("alibi", mods.alibi, config.alibi)):
+                                 ("softcap", mods.softcap, config.softcap), ("alibi", mods.alibi, config.alibi),
+                                 ("dropout", mods.dropout, config.dropout)):
         if wanted != given:
             raise ValueError(f"config.{field}={given!r} does not match the call ({field}={wanted!r}); "
                              f"use dataclasses.replace(config, {field}={wanted!r})")
@@ -210,11 +238,14 @@ def _launch(q, k, v, config, causal, softmax_scale, out=None, want_lse=True, mod
 
 def forward(q, k, v, config: KernelConfig | None = None, causal: bool = False,
             softmax_scale: float | None = None, return_lse: bool = False, out: torch.Tensor | None = None,
-            window_size=(-1, -1), softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None):
+            window_size=(-1, -1), softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
+            dropout_p: float = 0.0, philox: tuple[int, int] | None = None):
     """Attention forward with the JIT kernel `config` (default: the dispatcher's choice), written
-    into `out` when given (shaped like q). window_size/softcap/alibi_slopes as in flash-attn."""
+    into `out` when given (shaped like q). window_size/softcap/alibi_slopes/dropout_p as in
+    flash-attn; for dropout, pass the same `philox` (seed, offset) to backward() (philox_state()
+    draws one from torch's generator; without it forward draws its own)."""
     check_qkv(q, k, v)
-    mods = score_mods(q, causal, window_size, softcap, alibi_slopes)
+    mods = score_mods(q, causal, window_size, softcap, alibi_slopes, dropout_p, philox)
     run, out, lse = _launch(q, k, v, config, causal, softmax_scale, out, want_lse=return_lse, mods=mods)
     run()
     return (out, lse) if return_lse else out
@@ -222,11 +253,11 @@ def forward(q, k, v, config: KernelConfig | None = None, causal: bool = False,
 
 def forward_timed(q, k, v, config: KernelConfig | None = None, causal: bool = False,
                   softmax_scale: float | None = None, window_size=(-1, -1), softcap: float = 0.0,
-                  alibi_slopes: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
+                  alibi_slopes: torch.Tensor | None = None, dropout_p: float = 0.0) -> tuple[torch.Tensor, float]:
     """forward(), plus the kernel's own time in milliseconds from CUDA events around the launch
     (compilation and input checks are outside the timed region). Synchronises the stream."""
     check_qkv(q, k, v)
-    mods = score_mods(q, causal, window_size, softcap, alibi_slopes)
+    mods = score_mods(q, causal, window_size, softcap, alibi_slopes, dropout_p)
     run, out, _ = _launch(q, k, v, config, causal, softmax_scale, want_lse=False, mods=mods)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     with torch.cuda.device(q.device):
@@ -239,7 +270,8 @@ def forward_timed(q, k, v, config: KernelConfig | None = None, causal: bool = Fa
 
 def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
              lse: torch.Tensor, causal: bool = False, softmax_scale: float | None = None, window_size=(-1, -1),
-             softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None):
+             softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None, dropout_p: float = 0.0,
+             philox: tuple[int, int] | None = None):
     """Gradients (dq, dk, dv) of forward() given dout (shaped like q) and the forward's out and lse.
     GQA: dk/dv are summed over the query heads that share each key/value head. Deterministic: no
     atomics, so repeated calls give bit-identical results. Head dims up to 128."""
@@ -255,7 +287,9 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         raise ValueError(f"lse must be the forward's float32 log-sum-exp of shape {lse_shape} [batch, heads, "
                          f"seqlen_q] on {q.device} (forward(..., return_lse=True))")
     softmax_scale = softmax_scale_or_default(q, softmax_scale)
-    mods = score_mods(q, causal, window_size, softcap, alibi_slopes)
+    if dropout_p and philox is None:
+        raise ValueError("backward with dropout needs the forward's philox=(seed, offset) to regenerate its mask")
+    mods = score_mods(q, causal, window_size, softcap, alibi_slopes, dropout_p, philox)
     device_index = q.get_device()
     config = default_bwd_config(_DTYPES[q.dtype], q.shape[3], bool(causal), *mods.flags)
     kernel = _kernels.get((config, device_index)) or _kernel_for(config, device_index)

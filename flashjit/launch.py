@@ -18,10 +18,12 @@ def _tensor_refs(*names: str) -> list:
             for suffix, kind in (("", _ptr), ("_batch_stride", _i64), ("_row_stride", _i64), ("_head_stride", _i64))]
 
 
-# Sizes, the scale and flashjit::ScoreParams (window, softcap, ALiBi slopes), flat.
+# Sizes, the scale and flashjit::ScoreParams (window, softcap, ALiBi slopes, dropout), flat.
 _SIZES = [("batch", _i32), ("seqlen_q", _i32), ("seqlen_k", _i32), ("heads", _i32), ("heads_k", _i32),
           ("softmax_scale", ctypes.c_float), ("window_left", _i32), ("window_right", _i32),
-          ("softcap", ctypes.c_float), ("alibi_slopes", _ptr), ("alibi_batch_stride", _i64)]
+          ("softcap", ctypes.c_float), ("alibi_slopes", _ptr), ("alibi_batch_stride", _i64),
+          ("philox_seed", ctypes.c_uint64), ("philox_offset", ctypes.c_uint64), ("dropout_threshold", _i32),
+          ("dropout_scale", ctypes.c_float)]
 
 
 class FwdParams(ctypes.Structure):

@@ -75,3 +75,46 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
         encoded = probs if dropout_mask is None else torch.where(dropout_mask, probs, -probs)
         return out, lse, encoded
     return out, lse
+
+
+_U32 = 0xFFFFFFFF
+
+
+def _mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit halves of a * m for uint32 values held in int64, without overflow."""
+    a_hi, a_lo, m_hi, m_lo = a >> 16, a & 0xFFFF, m >> 16, m & 0xFFFF
+    mid = a_hi * m_lo + a_lo * m_hi
+    low = a_lo * m_lo + ((mid & 0xFFFF) << 16)
+    return (a_hi * m_hi + (mid >> 16) + (low >> 32)) & _U32, low & _U32
+
+
+def philox4x32_10(key: tuple[int, int], counter: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Philox4x32-10 on int64 tensors of uint32 words: kernels/common/dropout.cuh in PyTorch."""
+    k0, k1 = key
+    c0, c1, c2, c3 = counter
+    for _ in range(10):
+        hi0, lo0 = _mulhilo(c0, 0xD2511F53)
+        hi1, lo1 = _mulhilo(c2, 0xCD9E8D57)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + 0x9E3779B9) & _U32, (k1 + 0xBB67AE85) & _U32
+    return [c0, c1, c2, c3]
+
+
+def philox_keep_mask(seed: int, offset: int, threshold: int, batch: int, heads: int, seqlen_q: int, seqlen_k: int,
+                     device) -> torch.Tensor:
+    """The JIT kernels' dropout keep mask [B, H, Sq, Sk] (bool) for one (seed, offset): element
+    (i, j) of head bh keeps iff byte ((j >> 3) & 7) * 2 + (j & 1) of Philox(counter = (i,
+    4 (j >> 6) + ((j >> 1) & 3), bh, offset)) is >= threshold."""
+    key = (seed & _U32, ((seed >> 32) ^ (offset >> 32)) & _U32)
+    groups = ((seqlen_k + 63) // 64) * 4
+    shape = (batch * heads, seqlen_q, groups)
+    bh = torch.arange(batch * heads, device=device)[:, None, None].expand(shape)
+    i = torch.arange(seqlen_q, device=device)[None, :, None].expand(shape)
+    c1 = torch.arange(groups, device=device)[None, None, :].expand(shape)
+    words = philox4x32_10(key, [i, c1, bh, torch.full(shape, offset & _U32, device=device)])
+    shifts = torch.arange(4, device=device) * 8
+    random_bytes = torch.stack([(w[..., None] >> shifts) & 0xFF for w in words], dim=-2).flatten(-2)  # [.., 16]
+    j = torch.arange(seqlen_k, device=device)
+    group, byte = (j >> 6) * 4 + ((j >> 1) & 3), ((j >> 3) & 7) * 2 + (j & 1)
+    keep = random_bytes[:, :, group, byte] >= threshold
+    return keep.reshape(batch, heads, seqlen_q, seqlen_k)

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
+#include "common/dropout.cuh"
 #include "common/fragments.cuh"
 #include "common/params.cuh"
 #include "common/ptx.cuh"
@@ -24,10 +25,12 @@
 namespace flashjit::bwd {
 
 // One template parameter per BwdConfig field (flashjit/config.py), in the same order.
-template <bool kBf16_, int kD_, int kWarps_, bool kCausal_, bool kLocal_, bool kSoftcap_, bool kAlibi_>
+template <bool kBf16_, int kD_, int kWarps_, bool kCausal_, bool kLocal_, bool kSoftcap_, bool kAlibi_,
+          bool kDropout_>
 struct Config {
   static constexpr bool kBf16 = kBf16_, kCausal = kCausal_, kSwizzle = true;
   using Mod = ScoreMod<kCausal_, kLocal_, kSoftcap_, kAlibi_>;
+  static constexpr bool kDropout = kDropout_;
   static constexpr int kD = kD_, kWarps = kWarps_, kThreads = kWarps * 32;
   static constexpr int kBlock = 16 * kWarps;  // rows per CTA (each warp owns 16) and per inner step
   static constexpr int kKtD = kD / 16, kNtD = kD / 8, kKtB = kBlock / 16, kNtB = kBlock / 8;
@@ -167,6 +170,7 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
     const int h = h_k * group + g;
     const int64_t bh = int64_t(b) * p.heads + h;
     const typename C::Mod mod(p.mods, p.seqlen_q, p.seqlen_k, p.softmax_scale, b, h);
+    const Dropout drop(p.mods, int(bh));
     for (int m = first_m; m < end_m; ++m) {
       const int row0 = m * C::kBlock, rows = min(C::kBlock, p.seqlen_q - row0);
       __syncthreads();  // every warp is done with the previous Q, dO and row statistics
@@ -188,9 +192,27 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
           pt[0][nt][e] = probability<C>(mod, pt[0][nt][e], row0 + col, my_key0 + (e >> 1) * 8, s_lse[col],
                                         scale_log2, grad[0][nt][e]);
         }
+      // Dropout keep bits: element (nt, e) is query row0 + 8 nt + 2 (lane % 4) + (e & 1), key my_key0 + 8 (e >> 1);
+      // one Philox call per query covers both of this lane's keys.
+      uint32_t keep[C::kNtB];
+      if (C::kDropout) {
+#pragma unroll
+        for (int nt = 0; nt < C::kNtB; ++nt) {
+          keep[nt] = 0;
+#pragma unroll
+          for (int q = 0; q < 2; ++q) {
+            const uint4 flags = drop.keep_flags(row0 + nt * 8 + (lane & 3) * 2 + q, my_key0);
+#pragma unroll
+            for (int half = 0; half < 2; ++half)
+              keep[nt] |= uint32_t(Dropout::kept(flags, my_key0 + half * 8)) << (half * 2 + q);
+          }
+        }
+      }
+      const float rp = p.mods.dropout_scale;
+      auto dropped = [&](int, int nt, int e, float x) { return C::kDropout ? ((keep[nt] >> e) & 1u ? x * rp : 0.f) : x; };
       uint32_t pa[1][C::kKtB][4];
-      acc_to_a<C::kBf16>(pt, pa);
-      gemm_frag_cols<C>(dv, pa, sdO, lane);  // dV += P^T dO
+      acc_to_a<C::kBf16>(pt, pa, dropped);
+      gemm_frag_cols<C>(dv, pa, sdO, lane);  // dV += (P o Z / (1 - p))^T dO
 
       float dpt[1][C::kNtB][4];
       gemm_rows_rows<C>(dpt, sV, warp * 16, sdO, lane);  // dP^T = V dO^T
@@ -199,7 +221,7 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int col = nt * 8 + (lane & 3) * 2 + (e & 1);
-          dpt[0][nt][e] = pt[0][nt][e] * (dpt[0][nt][e] - s_dvec[col]);  // dS^T
+          dpt[0][nt][e] = pt[0][nt][e] * (dropped(0, nt, e, dpt[0][nt][e]) - s_dvec[col]);  // dS^T
           if (C::Mod::kSoftcap) dpt[0][nt][e] *= grad[0][nt][e];
         }
       uint32_t dsa[1][C::kKtB][4];
@@ -235,6 +257,7 @@ __global__ void __launch_bounds__(C::kThreads) dq_kernel(const __grid_constant__
   const int h_k = h / (p.heads / p.heads_k);
   const int row0 = m_block * C::kBlock, rows = min(C::kBlock, p.seqlen_q - row0);
   const typename C::Mod mod(p.mods, p.seqlen_q, p.seqlen_k, p.softmax_scale, b, h);
+  const Dropout drop(p.mods, bh);
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
 
   load_rows<C>(sQ, p.q, b, h, row0, rows, tid);
@@ -274,14 +297,23 @@ __global__ void __launch_bounds__(C::kThreads) dq_kernel(const __grid_constant__
     gemm_rows_rows<C>(s, sQ, warp * 16, sK, lane);  // S = Q K^T
     float dp[1][C::kNtB][4];
     gemm_rows_rows<C>(dp, sdO, warp * 16, sV, lane);  // dP = dO V^T
+    uint4 flags[2][(C::kNtB + 7) / 8];  // dropout: one Philox call per (row, 64-key chunk)
+    if (C::kDropout) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
+#pragma unroll
+        for (int chunk = 0; chunk < (C::kNtB + 7) / 8; ++chunk)
+          flags[half][chunk] = drop.keep_flags(my_row0 + half * 8, col0 + chunk * 64 + (lane & 3) * 2);
+    }
 #pragma unroll
     for (int nt = 0; nt < C::kNtB; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int half = e >> 1, col = col0 + nt * 8 + (lane & 3) * 2 + (e & 1);
-        float grad;
+        float grad, dp_kept = dp[0][nt][e];
+        if (C::kDropout) dp_kept = Dropout::kept(flags[half][nt / 8], col) ? dp_kept * p.mods.dropout_scale : 0.f;
         const float prob = probability<C>(mod, s[0][nt][e], my_row0 + half * 8, col, lse2[half], scale_log2, grad);
-        s[0][nt][e] = prob * (dp[0][nt][e] - dvec[half]) * grad;  // dS (grad: softcap's chain rule, else 1)
+        s[0][nt][e] = prob * (dp_kept - dvec[half]) * grad;  // dS (grad: softcap's chain rule, else 1)
       }
     uint32_t dsa[1][C::kKtB][4];
     acc_to_a<C::kBf16>(s, dsa);

@@ -13,6 +13,7 @@
 #include "common/params.cuh"
 #include "common/ptx.cuh"
 #include "common/score_mod.cuh"
+#include "common/dropout.cuh"
 #include "common/fragments.cuh"
 #include "common/smem_tile.cuh"
 
@@ -21,11 +22,12 @@ namespace flashjit::fwd {
 // One template parameter per KernelConfig field (flashjit/config.py), in the same order.
 template <bool kBf16_, int kD_, int kBr_, int kBc_, int kWarps_, bool kAsync_, bool kEager_, bool kSwizzle_,
           int kDepthQ_, int kDepthK_, int kDepthV_, bool kDoubleBuffer_, bool kOptSoftmax_, bool kCausal_,
-          bool kLocal_, bool kSoftcap_, bool kAlibi_>
+          bool kLocal_, bool kSoftcap_, bool kAlibi_, bool kDropout_>
 struct Config {
   static constexpr bool kBf16 = kBf16_, kAsync = kAsync_, kEager = kEager_, kSwizzle = kSwizzle_;
   static constexpr bool kDoubleBuffer = kDoubleBuffer_, kOptSoftmax = kOptSoftmax_, kCausal = kCausal_;
   using Mod = ScoreMod<kCausal_, kLocal_, kSoftcap_, kAlibi_>;
+  static constexpr bool kDropout = kDropout_;
   static constexpr int kD = kD_, kBr = kBr_, kBc = kBc_, kWarps = kWarps_;
   static constexpr int kDepthQ = kDepthQ_, kDepthK = kDepthK_, kDepthV = kDepthV_;
 
@@ -143,6 +145,28 @@ __device__ __forceinline__ void apply_score_mod(float (&s)[C::kM][C::kNtC][4], c
         if (C::Mod::kTransforms) s[mt][nt][e] = mod.scaled(s[mt][nt][e], row, col, unused_grad);
         if (need_mask && !mod.visible(row, col)) s[mt][nt][e] = -INFINITY;
       }
+}
+
+// Zero the dropped entries of P (after the row sums took them: the softmax is that of all keys).
+// One Philox call per (row, 64-key chunk) covers the 16 entries this lane holds there.
+template <class C>
+__device__ __forceinline__ void apply_dropout(float (&s)[C::kM][C::kNtC][4], const Dropout& drop, int row0, int col0,
+                                              int lane) {
+#pragma unroll
+  for (int mt = 0; mt < C::kM; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = row0 + mt * 16 + (lane >> 2) + half * 8;
+#pragma unroll
+      for (int chunk = 0; chunk < (C::kNtC + 7) / 8; ++chunk) {
+        const uint4 flags = drop.keep_flags(row, col0 + chunk * 64 + (lane & 3) * 2);
+#pragma unroll
+        for (int nt = chunk * 8; nt < chunk * 8 + 8 && nt < C::kNtC; ++nt)
+#pragma unroll
+          for (int e = 0; e < 2; ++e)
+            if (!Dropout::kept(flags, col0 + nt * 8 + (lane & 3) * 2 + e)) s[mt][nt][2 * half + e] = 0.f;
+      }
+    }
 }
 
 // Rescale the running O and row sums to the new row maximum and turn S into unnormalised P.
@@ -273,6 +297,7 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
     const bool need_mask = mod.block_needs_mask(q_row0 + warp_row0, C::kWarpRows, col0, C::kBc);
     if (need_mask || C::Mod::kTransforms) apply_score_mod<C>(s, mod, q_row0 + warp_row0, col0, need_mask, lane);
     online_softmax<C>(s, o, m, l, scale, scale_log2);
+    if (C::kDropout) apply_dropout<C>(s, Dropout(p.mods, bh), q_row0 + warp_row0, col0, lane);
     uint32_t pf[C::kM][C::kKtC][4];
     acc_to_a<C::kBf16>(s, pf);
 
@@ -296,7 +321,8 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
       float sum = l[mt][half];
       sum += __shfl_xor_sync(0xffffffffu, sum, 1);
       sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+      // Dropped entries still count in the softmax denominator; kept ones are scaled by 1 / (1 - p).
+      const float inv = sum > 0.f ? (C::kDropout ? p.mods.dropout_scale : 1.f) / sum : 0.f;
       const int row = warp_row0 + mt * 16 + (lane >> 2) + half * 8;
 #pragma unroll
       for (int nt = 0; nt < C::kNtD; ++nt) {

@@ -49,7 +49,9 @@ def timings(attn, q, k, v, dout):
 def main() -> None:
     parser = argparse.ArgumentParser()
     add_grid_arguments(parser, "bf16", "64,128", "1024,2048,4096,8192,16384")
+    parser.add_argument("--dropout-p", type=float, default=0.0, help="dropout for every contender")
     args = parser.parse_args()
+    drop = args.dropout_p
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -57,11 +59,11 @@ def main() -> None:
         causal = point["causal"]
         dout = torch.randn_like(q)
         fwd_flops = 4 * point["batch"] * point["heads"] * point["seqlen"] ** 2 * point["d_head"] / (2 if causal else 1)
-        row = dict(point)
-        contenders = {"flashjit": lambda q, k, v: flashjit.flash_attn_func(q, k, v, causal=causal)}
+        row = dict(point, dropout_p=drop)
+        contenders = {"flashjit": lambda q, k, v: flashjit.flash_attn_func(q, k, v, dropout_p=drop, causal=causal)}
         for label, backend in (("fa2", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
             def attn(q, k, v, backend=backend):
-                return sdpa(backend, q, k, v, causal)().transpose(1, 2)
+                return sdpa(backend, q, k, v, causal, drop)().transpose(1, 2)
             contenders[label] = attn
         for label, fn in contenders.items():
             t = timings(fn, q, k, v, dout)

@@ -42,12 +42,12 @@ def time_ms(fn) -> float | None:
         return None
 
 
-def sdpa(backend, q, k, v, causal):
+def sdpa(backend, q, k, v, causal, dropout_p=0.0):
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D] views, no copies
 
     def run():
         with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, dropout_p=dropout_p)
     return run
 
 

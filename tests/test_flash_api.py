@@ -111,10 +111,62 @@ def test_jit_window_softcap_alibi_match_reference(kwargs, causal, dtype, monkeyp
 @gpu
 def test_jit_names_what_it_does_not_implement(monkeypatch):
     monkeypatch.setenv("FLASHJIT_BACKEND", "jit")
-    q, k, v = _qkv(1, 32, 32, 2, 2, 64, torch.float16, "cuda", grad=False)
-    with pytest.raises(NotImplementedError, match="dropout_p") as info:
-        flash_attn_func(q, k, v, dropout_p=0.1)
+    q, k, v = _qkv(1, 32, 32, 2, 2, 256, torch.float16, "cuda")
+    with pytest.raises(NotImplementedError, match="backward with head_dim 256") as info:
+        flash_attn_func(q, k, v)
     assert "FLASHJIT_BACKEND=reference" in str(info.value)
+    with torch.no_grad():
+        assert flash_attn_func(q, k, v).shape == q.shape  # the forward alone runs
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal, shape", [(False, (2, 190, 257, 4, 2, 64)), (True, (1, 300, 200, 2, 1, 128)),
+                                           (False, (2, 77, 65, 2, 2, 96))], ids=str)
+def test_jit_dropout_matches_reference_with_the_same_mask(shape, causal, dtype):
+    """Forward and gradients with in-kernel dropout equal the reference given the kernels' own mask
+    (regenerated in PyTorch from the same Philox seed and offset): the forward and backward kernels
+    and reference.philox_keep_mask agree bit for bit on which entries are dropped."""
+    from flashjit import interface
+    from flashjit.reference import philox_keep_mask
+
+    b, sq, sk, h, hk, d = shape
+    p = 0.17
+    q, k, v = _qkv(b, sq, sk, h, hk, d, dtype, "cuda", grad=False)
+    dout = torch.randn(b, sq, h, d, device="cuda", dtype=dtype)
+    philox = (torch.randint(0, 2**62, ()).item(), 4 * torch.randint(0, 2**30, ()).item())
+    out, lse = interface.forward(q, k, v, causal=causal, return_lse=True, dropout_p=p, philox=philox)
+    grads = interface.backward(dout, q, k, v, out, lse, causal=causal, dropout_p=p, philox=philox)
+    threshold = interface.dropout_threshold(p)
+    mask = philox_keep_mask(*philox, threshold, b, h, sq, sk, "cuda")
+    assert abs(mask.float().mean().item() - (1 - threshold / 256)) < 0.02
+    ref_args = dict(causal=causal, dropout_p=threshold / 256, dropout_mask=mask)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref_out = attention_reference(*leaves, **ref_args)[0]
+    ref_out.backward(dout.float())
+    low_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    low_out = attention_reference(*low_leaves, compute_dtype=None, **ref_args)[0]
+    low_out.backward(dout)
+    for name, a, r, lo in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *(t.grad for t in leaves)),
+                              (low_out, *(t.grad for t in low_leaves))):
+        err, low_err = (a.float() - r.float()).abs().max().item(), (lo.float() - r.float()).abs().max().item()
+        assert err <= 2 * low_err + 2e-3, f"{name}: {err:.3e} vs PyTorch low-precision {low_err:.3e}"
+
+
+@gpu
+def test_jit_dropout_seed_fraction_and_expectation(monkeypatch):
+    monkeypatch.setenv("FLASHJIT_BACKEND", "jit")
+    q, k, v = _qkv(2, 128, 128, 2, 2, 64, torch.bfloat16, "cuda", grad=False)
+    torch.manual_seed(3)
+    a = flash_attn_func(q, k, v, dropout_p=0.25)
+    b = flash_attn_func(q, k, v, dropout_p=0.25)
+    torch.manual_seed(3)
+    assert torch.equal(a, flash_attn_func(q, k, v, dropout_p=0.25))  # torch.manual_seed reproduces it
+    assert not torch.equal(a, b)  # and consecutive calls draw new masks
+    _, _, probs = flash_attn_func(q, k, v, dropout_p=0.25, return_attn_probs=True)
+    assert abs((probs >= 0).float().mean().item() - 0.75) < 0.01
+    mean = torch.stack([flash_attn_func(q, k, v, dropout_p=0.25).float() for _ in range(300)]).mean(0)
+    assert (mean - flash_attn_func(q, k, v).float()).abs().mean().item() < 0.01  # E[out] = out without dropout
 
 
 def test_jit_backend_on_cpu_names_the_switch(monkeypatch):

@@ -101,3 +101,27 @@ def test_backward_checks_its_arguments(bad, words, monkeypatch):
         lse = lse.double()
     with pytest.raises(ValueError, match=words):
         iface.backward(dout, q, k, v, out, lse)
+
+
+def test_philox_matches_random123_known_answers():
+    """reference.philox4x32_10 (and so the kernels' mask, which the GPU tests check against it)
+    against Random123's published Philox4x32-10 test vectors."""
+    from flashjit.reference import philox4x32_10
+
+    zero = philox4x32_10((0, 0), [torch.tensor(0)] * 4)
+    assert [int(w) for w in zero] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    ones = philox4x32_10((0xFFFFFFFF, 0xFFFFFFFF), [torch.tensor(0xFFFFFFFF)] * 4)
+    assert [int(w) for w in ones] == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
+
+
+@pytest.mark.parametrize("p, threshold", [(0.0, 0), (0.1, 26), (0.5, 128), (0.001, 1), (0.999, 255)])
+def test_dropout_threshold_and_mask_fraction(p, threshold):
+    from flashjit.interface import dropout_threshold
+    from flashjit.reference import philox_keep_mask
+
+    assert dropout_threshold(p) == threshold
+    if threshold:
+        keep = philox_keep_mask(2**40 + 7, 12, threshold, 2, 2, 64, 300, "cpu")
+        assert abs(keep.float().mean().item() - (1 - threshold / 256)) < 0.01
+    with pytest.raises(ValueError, match="dropout_p"):
+        dropout_threshold(1.0)

@@ -28,6 +28,8 @@ SUBSET = [  # both dtypes, several head dims, causal, knobs off, both archs
     ("sm_80", BwdConfig("fp16", 64, 8, False)),
     ("sm_90a", KernelConfig(dtype="fp16", d_head=64, local=True, softcap=True, alibi=True)),
     ("sm_80", BwdConfig("bf16", 96, 4, True, local=True, softcap=True, alibi=True)),
+    ("sm_90a", KernelConfig(dtype="bf16", d_head=128, causal=True, dropout=True)),
+    ("sm_90a", BwdConfig("bf16", 128, 4, False, dropout=True)),
 ]
 
 

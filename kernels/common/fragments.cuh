@@ -62,17 +62,21 @@ __device__ __forceinline__ void load_b_cols(uint32_t (&b)[kKT][kNT][2], const el
 
 // The C fragments of n-tiles 2kt and 2kt+1 of an fp32 accumulator are exactly the A fragment of
 // k-tile kt of the same matrix in 16-bit: how P (and dS) feed the next product without shared memory.
-template <bool kBf16, int kMT, int kNT>
-__device__ __forceinline__ void acc_to_a(const float (&c)[kMT][kNT][4], uint32_t (&a)[kMT][kNT / 2][4]) {
+// `f(mt, nt, e, value)` may rewrite each element on the way (e.g. apply a dropout mask).
+struct Identity {
+  __device__ __forceinline__ float operator()(int, int, int, float x) const { return x; }
+};
+template <bool kBf16, int kMT, int kNT, class F = Identity>
+__device__ __forceinline__ void acc_to_a(const float (&c)[kMT][kNT][4], uint32_t (&a)[kMT][kNT / 2][4], F f = F()) {
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-    for (int kt = 0; kt < kNT / 2; ++kt) {
-      a[mt][kt][0] = pack2<kBf16>(c[mt][2 * kt][0], c[mt][2 * kt][1]);
-      a[mt][kt][1] = pack2<kBf16>(c[mt][2 * kt][2], c[mt][2 * kt][3]);
-      a[mt][kt][2] = pack2<kBf16>(c[mt][2 * kt + 1][0], c[mt][2 * kt + 1][1]);
-      a[mt][kt][3] = pack2<kBf16>(c[mt][2 * kt + 1][2], c[mt][2 * kt + 1][3]);
-    }
+    for (int kt = 0; kt < kNT / 2; ++kt)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {  // r: (row half, n-tile) = (r & 1, 2 kt + r / 2)
+        const int nt = 2 * kt + r / 2, e = (r & 1) * 2;
+        a[mt][kt][r] = pack2<kBf16>(f(mt, nt, e, c[mt][nt][e]), f(mt, nt, e + 1, c[mt][nt][e + 1]));
+      }
 }
 
 template <int kMT, int kNT>

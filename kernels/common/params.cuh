@@ -17,12 +17,16 @@ struct TensorRef {
   }
 };
 
-// Score modifiers; each is read only by kernels built with the matching feature (common/score_mod.cuh).
+// Score modifiers and dropout; each is read only by kernels built with the matching feature
+// (common/score_mod.cuh, common/dropout.cuh).
 struct ScoreParams {
   int32_t window_left, window_right;  // local: key j visible to query i iff i+d-left <= j <= i+d+right; -1 unbounded
   float softcap;                      // scores become softcap * tanh(scores / softcap)
   const float* alibi_slopes;          // [H] or [B, H] fp32: scores -= slope * |i + d - j|
   int64_t alibi_batch_stride;         // 0 for [H]
+  uint64_t philox_seed, philox_offset; // dropout RNG state (common/dropout.cuh)
+  int32_t dropout_threshold;           // drop iff random byte < threshold (p * 256, rounded)
+  float dropout_scale;                 // 256 / (256 - threshold)
 };
 
 // q: [B, Sq, H, D], k/v: [B, Sk, H_k, D], o: [B, Sq, H, D].
