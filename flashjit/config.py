@@ -268,7 +268,7 @@ class BwdConfig(_Validated):
 
     @property
     def smem_bytes(self) -> int:
-        return 4 * self.block * self.d_head * 2 + 2 * self.block * 4
+        return 6 * self.block * self.d_head * 2 + 2 * 2 * self.block * 4  # 6 tiles: two of them double-buffered
 
     def register_estimate(self) -> int:
         return 2 * (self.d_head // 8) * 4 + 2 * (self.block // 8) * 4 + 32

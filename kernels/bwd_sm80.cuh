@@ -34,8 +34,9 @@ struct Config {
   static constexpr int kD = kD_, kWarps = kWarps_, kThreads = kWarps * 32;
   static constexpr int kBlock = 16 * kWarps;  // rows per CTA (each warp owns 16) and per inner step
   static constexpr int kKtD = kD / 16, kNtD = kD / 8, kKtB = kBlock / 16, kNtB = kBlock / 8;
-  // Four [kBlock, kD] tiles (K, V, Q, dO) plus lse and D for one query block.
-  static constexpr int kSmemBytes = 4 * kBlock * kD * 2 + 2 * kBlock * 4;
+  // dK/dV pass: K, V, and two stages of (Q, dO, lse, D); dQ pass: Q, dO and two stages of (K, V).
+  static constexpr int kTile = kBlock * kD;
+  static constexpr int kSmemBytes = 6 * kTile * 2 + 2 * 2 * kBlock * 4;
   static constexpr int kRegEstimate = 2 * kNtD * 4 + 2 * kNtB * 4 + 32;  // dK, dV, S^T, dP^T + operands
   static_assert(kD % 32 == 0 && kD <= 128, "the backward pass supports d_head up to 128");
   static_assert(kWarps == 4 || kWarps == 8, "the backward pass runs 4 or 8 warps");
@@ -134,11 +135,11 @@ template <class C>
 __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant__ BwdParams p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   elem_t* sK = reinterpret_cast<elem_t*>(smem_raw);
-  elem_t* sV = sK + C::kBlock * C::kD;
-  elem_t* sQ = sV + C::kBlock * C::kD;
-  elem_t* sdO = sQ + C::kBlock * C::kD;
-  float* s_lse = reinterpret_cast<float*>(sdO + C::kBlock * C::kD);
-  float* s_dvec = s_lse + C::kBlock;
+  elem_t* sV = sK + C::kTile;
+  elem_t* sQ2 = sV + C::kTile;      // two stages of Q
+  elem_t* sdO2 = sQ2 + 2 * C::kTile;  // two stages of dO
+  float* s_lse2 = reinterpret_cast<float*>(sdO2 + 2 * C::kTile);
+  float* s_dvec2 = s_lse2 + 2 * C::kBlock;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int num_n = (p.seqlen_k + C::kBlock - 1) / C::kBlock;
@@ -166,20 +167,32 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
   }
   const int my_key0 = key0 + warp * 16 + (lane >> 2);  // key of accumulator row half 0 (+8 for half 1)
 
-  for (int g = 0; g < group; ++g) {
-    const int h = h_k * group + g;
-    const int64_t bh = int64_t(b) * p.heads + h;
-    const typename C::Mod mod(p.mods, p.seqlen_q, p.seqlen_k, p.softmax_scale, b, h);
-    const Dropout drop(p.mods, int(bh));
-    for (int m = first_m; m < end_m; ++m) {
-      const int row0 = m * C::kBlock, rows = min(C::kBlock, p.seqlen_q - row0);
-      __syncthreads();  // every warp is done with the previous Q, dO and row statistics
-      load_rows<C>(sQ, p.q, b, h, row0, rows, tid);
-      load_rows<C>(sdO, p.dout, b, h, row0, rows, tid);
-      cp_async_commit();
-      load_row_stats<C>(s_lse, s_dvec, p, bh, row0, tid);
-      cp_async_wait<0>();
-      __syncthreads();
+  // One step per (query head of the group, query block), software-pipelined over two buffers: the
+  // copy of step + 1 is in flight while step computes.
+  const int blocks = max(0, end_m - first_m), steps = group * blocks;
+  auto stage = [&](int step) {
+    const int h = h_k * group + step / blocks, row0 = (first_m + step % blocks) * C::kBlock;
+    const int rows = min(C::kBlock, p.seqlen_q - row0), buf = step & 1;
+    load_rows<C>(sQ2 + buf * C::kTile, p.q, b, h, row0, rows, tid);
+    load_rows<C>(sdO2 + buf * C::kTile, p.dout, b, h, row0, rows, tid);
+    load_row_stats<C>(s_lse2 + buf * C::kBlock, s_dvec2 + buf * C::kBlock, p, int64_t(b) * p.heads + h, row0, tid);
+  };
+  if (steps > 0) stage(0);
+  cp_async_commit();
+  for (int step = 0; step < steps; ++step) {
+    if (step + 1 < steps) stage(step + 1);  // its buffer was last read in step - 1, closed by a barrier
+    cp_async_commit();
+    cp_async_wait<1>();  // all but the copy just issued have landed: K, V and this step's block
+    __syncthreads();
+    {
+      const int h = h_k * group + step / blocks, row0 = (first_m + step % blocks) * C::kBlock, buf = step & 1;
+      const int64_t bh = int64_t(b) * p.heads + h;
+      const typename C::Mod mod(p.mods, p.seqlen_q, p.seqlen_k, p.softmax_scale, b, h);
+      const Dropout drop(p.mods, int(bh));
+      const elem_t* sQ = sQ2 + buf * C::kTile;
+      const elem_t* sdO = sdO2 + buf * C::kTile;
+      const float* s_lse = s_lse2 + buf * C::kBlock;
+      const float* s_dvec = s_dvec2 + buf * C::kBlock;
 
       // P^T: rows = this warp's 16 keys, cols = the block's queries.
       float pt[1][C::kNtB][4], grad[1][C::kNtB][4];  // grad: used (and kept) only with softcap
@@ -228,16 +241,17 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
       acc_to_a<C::kBf16>(dpt, dsa);
       gemm_frag_cols<C>(dk, dsa, sQ, lane);  // dK += dS^T Q
     }
+    __syncthreads();  // every warp is done with this buffer before step + 2 refills it
   }
 
-  // Stage through sQ / sdO (each warp writes its own 16 rows), then coalesced stores.
+  // Stage through the Q / dO buffers (each warp writes its own 16 rows), then coalesced stores.
   cp_async_wait<0>();
   __syncthreads();
-  store_acc<C::kD, C::kSwizzle, C::kBf16>(sQ, dk, warp * 16, lane, p.softmax_scale);
-  store_acc<C::kD, C::kSwizzle, C::kBf16>(sdO, dv, warp * 16, lane, 1.f);
+  store_acc<C::kD, C::kSwizzle, C::kBf16>(sQ2, dk, warp * 16, lane, p.softmax_scale);
+  store_acc<C::kD, C::kSwizzle, C::kBf16>(sdO2, dv, warp * 16, lane, 1.f);
   __syncthreads();
-  store_rows<C>(p.dk, b, h_k, key0, sQ, keys, tid);
-  store_rows<C>(p.dv, b, h_k, key0, sdO, keys, tid);
+  store_rows<C>(p.dk, b, h_k, key0, sQ2, keys, tid);
+  store_rows<C>(p.dv, b, h_k, key0, sdO2, keys, tid);
 }
 
 // ---- 3. dQ --------------------------------------------------------------------------------------
@@ -245,9 +259,9 @@ template <class C>
 __global__ void __launch_bounds__(C::kThreads) dq_kernel(const __grid_constant__ BwdParams p) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   elem_t* sQ = reinterpret_cast<elem_t*>(smem_raw);
-  elem_t* sdO = sQ + C::kBlock * C::kD;
-  elem_t* sK = sdO + C::kBlock * C::kD;
-  elem_t* sV = sK + C::kBlock * C::kD;
+  elem_t* sdO = sQ + C::kTile;
+  elem_t* sK2 = sdO + C::kTile;       // two stages of K
+  elem_t* sV2 = sK2 + 2 * C::kTile;   // two stages of V
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int num_m = (p.seqlen_q + C::kBlock - 1) / C::kBlock;
@@ -284,14 +298,22 @@ __global__ void __launch_bounds__(C::kThreads) dq_kernel(const __grid_constant__
   if (C::Mod::kLocal && mod.left >= 0) j_begin = max(0, (row0 + mod.diag - mod.left) / C::kBlock);
   float dq[1][C::kNtD][4];
   zero(dq);
+  // Software-pipelined over two K/V buffers: block j + 1 is copied while block j computes.
+  auto stage = [&](int j) {
+    const int col0 = j * C::kBlock, cols = min(C::kBlock, p.seqlen_k - col0), buf = (j - j_begin) & 1;
+    load_rows<C>(sK2 + buf * C::kTile, p.k, b, h_k, col0, cols, tid);
+    load_rows<C>(sV2 + buf * C::kTile, p.v, b, h_k, col0, cols, tid);
+  };
+  if (j_begin < j_end) stage(j_begin);
+  cp_async_commit();
   for (int j = j_begin; j < j_end; ++j) {
-    const int col0 = j * C::kBlock, cols = min(C::kBlock, p.seqlen_k - col0);
-    __syncthreads();  // every warp is done with K_{j-1}, V_{j-1}
-    load_rows<C>(sK, p.k, b, h_k, col0, cols, tid);
-    load_rows<C>(sV, p.v, b, h_k, col0, cols, tid);
+    const int col0 = j * C::kBlock, buf = (j - j_begin) & 1;
+    if (j + 1 < j_end) stage(j + 1);  // its buffer was last read in step j - 1, closed by a barrier
     cp_async_commit();
-    cp_async_wait<0>();
+    cp_async_wait<1>();  // all but the copy just issued have landed: Q, dO and K_j, V_j
     __syncthreads();
+    const elem_t* sK = sK2 + buf * C::kTile;
+    const elem_t* sV = sV2 + buf * C::kTile;
 
     float s[1][C::kNtB][4];
     gemm_rows_rows<C>(s, sQ, warp * 16, sK, lane);  // S = Q K^T
@@ -318,6 +340,7 @@ __global__ void __launch_bounds__(C::kThreads) dq_kernel(const __grid_constant__
     uint32_t dsa[1][C::kKtB][4];
     acc_to_a<C::kBf16>(s, dsa);
     gemm_frag_cols<C>(dq, dsa, sK, lane);  // dQ += dS K
+    __syncthreads();  // every warp is done with this buffer before step j + 2 refills it
   }
 
   cp_async_wait<0>();
