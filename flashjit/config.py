@@ -245,17 +245,22 @@ def default_config(dtype: str, d_head: int, causal: bool, seqlen_q: int = 4096,
 
 WHY_BWD_HEAD_DIM = "the backward pass supports d_head up to 128"
 WHY_BWD_REGISTERS = "the backward accumulators of this config need more than 255 registers"
+BWD_BLOCK_M = (64, 128)
 
 
 @dataclass(frozen=True)
 class BwdConfig(_Validated):
     """One backward specialization (kernels/bwd_sm80.cuh): dtype, d_head, n_warps (each warp owns 16
-    rows, so a CTA covers 16 * n_warps keys in the dK/dV pass and as many queries in the dQ pass),
-    causal. Always cp.async, swizzled shared memory and the fused exp2 softmax."""
+    keys, so a dK/dV CTA covers 16 * n_warps keys), block_m (queries per dK/dV step), deterministic
+    (dQ by a separate kernel that recomputes P and dP, bit-identical run to run; else dQ is added up
+    with fp32 atomics inside the dK/dV kernel: 5 matrix products per block pair instead of 7), causal
+    and the score features. Always cp.async, swizzled shared memory and the fused exp2 softmax."""
 
     dtype: str = "bf16"
     d_head: int = 128
     n_warps: int = 4
+    block_m: int = 64
+    deterministic: bool = False
     causal: bool = False
     local: bool = False
     softcap: bool = False
@@ -263,29 +268,36 @@ class BwdConfig(_Validated):
     dropout: bool = False
 
     @property
-    def block(self) -> int:
+    def block_n(self) -> int:
         return 16 * self.n_warps
 
     @property
     def smem_bytes(self) -> int:
-        return 6 * self.block * self.d_head * 2 + 2 * 2 * self.block * 4  # 6 tiles: two of them double-buffered
+        n_tile, m_tile = self.block_n * self.d_head * 2, self.block_m * self.d_head * 2
+        dkdv = 2 * n_tile + 4 * m_tile + 2 * 2 * self.block_m * 4 + (
+            0 if self.deterministic else 2 * self.block_n * self.block_m * 2)
+        return max(dkdv, 6 * n_tile) if self.deterministic else dkdv
 
     def register_estimate(self) -> int:
-        return 2 * (self.d_head // 8) * 4 + 2 * (self.block // 8) * 4 + 32
+        dkdv = 2 * (self.d_head // 8) * 4 + 2 * (self.block_m // 8) * 4 + 32
+        dq = (self.d_head // 8) * 4 + 2 * (self.block_n // 8) * 4 + 32
+        return max(dkdv, dq) if self.deterministic else dkdv
 
     def problems(self) -> list[str]:
-        out = self._choices(dtype=DTYPES, d_head=HEAD_DIMS, n_warps=WARPS)
+        out = self._choices(dtype=DTYPES, d_head=HEAD_DIMS, n_warps=WARPS, block_m=BWD_BLOCK_M)
         if not out and self.d_head > 128:
             out.append(f"{WHY_BWD_HEAD_DIM} (got {self.d_head})")
         if not out and self.register_estimate() > REGISTER_LIMIT:
-            out.append(f"{WHY_BWD_REGISTERS} (about {self.register_estimate()}); use 4 warps")
+            out.append(f"{WHY_BWD_REGISTERS} (about {self.register_estimate()}); use fewer warps or a smaller block_m")
         return out
 
     @functools.cached_property
     def name(self) -> str:
-        return f"bwd_{self.dtype}_d{self.d_head}_w{self.n_warps}_causal{int(self.causal)}{features_suffix(self)}"
+        return (f"bwd_{self.dtype}_d{self.d_head}_w{self.n_warps}_m{self.block_m}_det{int(self.deterministic)}"
+                f"_causal{int(self.causal)}{features_suffix(self)}")
 
-    _NAME_RE = re.compile(r"^bwd_(?P<dtype>fp16|bf16)_d(?P<d_head>\d+)_w(?P<n_warps>\d+)_causal(?P<causal>[01])"
+    _NAME_RE = re.compile(r"^bwd_(?P<dtype>fp16|bf16)_d(?P<d_head>\d+)_w(?P<n_warps>\d+)_m(?P<block_m>\d+)"
+                          r"_det(?P<det>[01])_causal(?P<causal>[01])"
                           r"(?P<local>_local)?(?P<softcap>_softcap)?(?P<alibi>_alibi)?(?P<dropout>_dropout)?$")
 
     @classmethod
@@ -293,20 +305,34 @@ class BwdConfig(_Validated):
         match = cls._NAME_RE.match(name)
         if not match:
             raise ValueError(f"{name!r} is not a flashjit backward kernel name (expected e.g. {cls().name!r})")
-        return cls(match["dtype"], int(match["d_head"]), int(match["n_warps"]), bool(int(match["causal"])),
-                   *(match[f] is not None for f in FEATURES))
+        return cls(match["dtype"], int(match["d_head"]), int(match["n_warps"]), int(match["block_m"]),
+                   bool(int(match["det"])), bool(int(match["causal"])), *(match[f] is not None for f in FEATURES))
+
+
+# Measured backward choices (n_warps, block_m) by deterministic, best first; the first that
+# validates (registers) and fits the GPU's shared memory is used. d_head <= 64 takes 8 x 128
+# (0.94-1.25x the speed of 8 x 64 on the H100, 2026-11-22); larger head dims cannot hold the
+# accumulators of 128-query steps and take 8 x 64. See docs/perf-log.md.
+_BWD_PREFERENCES = {
+    False: ((8, 128), (8, 64), (4, 64)),
+    True: ((8, 128), (4, 64)),
+}
 
 
 @functools.lru_cache(maxsize=None)
 def default_bwd_config(dtype: str, d_head: int, causal: bool, local: bool = False, softcap: bool = False,
-                       alibi: bool = False, dropout: bool = False) -> BwdConfig:
-    """8 warps (128-row blocks) where the accumulators fit, else 4."""
+                       alibi: bool = False, dropout: bool = False, deterministic: bool = False,
+                       smem_limit: int = SMEM_LIMIT_SM90) -> BwdConfig:
+    """The first preference that builds and fits `smem_limit` bytes of shared memory per block. The
+    last resort, the deterministic 4 warps x 64 (at most 49 KiB), fits every sm_80+ GPU: on those
+    with 99 KiB per block (sm_86, sm_89) the d_head 128 backward is deterministic either way."""
     features = (local, softcap, alibi, dropout)
-    for n_warps in (8, 4):
-        cfg = BwdConfig(dtype, d_head, n_warps, causal, *features)
-        if not cfg.problems():
+    for n_warps, block_m, det in (*((w, m, deterministic) for w, m in _BWD_PREFERENCES[deterministic]),
+                                  (4, 64, True)):
+        cfg = BwdConfig(dtype, d_head, n_warps, block_m, det, causal, *features)
+        if not cfg.problems() and cfg.smem_bytes <= smem_limit:
             return cfg
-    return BwdConfig(dtype, d_head, 4, causal, *features).validate()
+    return cfg.validate()
 
 
 def config_from_name(name: str):
@@ -322,9 +348,9 @@ def get_kernels_to_build(smem_limit: int = SMEM_LIMIT_SM90) -> list[KernelConfig
         cfg = default_config(dtype, d_head, causal, seqlen, smem_limit)
         if cfg not in configs:
             configs.append(cfg)
-    for dtype, d_head, causal in itertools.product(DTYPES, HEAD_DIMS, (False, True)):
+    for dtype, d_head, causal, det in itertools.product(DTYPES, HEAD_DIMS, (False, True), (False, True)):
         if d_head <= 128:
-            configs.append(default_bwd_config(dtype, d_head, causal))
+            configs.append(default_bwd_config(dtype, d_head, causal, deterministic=det))
     return configs
 
 

@@ -34,14 +34,15 @@ def backend() -> str:
 
 class _JitAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes, dropout_p, philox):
+    def forward(ctx, q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes, dropout_p, philox,
+                deterministic):
         out, lse = interface.forward(q, k, v, causal=causal, softmax_scale=softmax_scale, return_lse=True,
                                      window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
                                      dropout_p=dropout_p, philox=philox)
         ctx.save_for_backward(q, k, v, out, lse, alibi_slopes)
         # The backward regenerates the dropout mask from the same (seed, offset).
         ctx.args = dict(causal=causal, softmax_scale=softmax_scale, window_size=window_size, softcap=softcap,
-                        dropout_p=dropout_p, philox=philox)
+                        dropout_p=dropout_p, philox=philox, deterministic=deterministic)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -49,7 +50,7 @@ class _JitAttention(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
         dq, dk, dv = interface.backward(dout, q, k, v, out, lse, alibi_slopes=alibi_slopes, **ctx.args)
-        return dq, dk, dv, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 def _jit_unsupported(q) -> str | None:
@@ -65,8 +66,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
 
     Returns out [B, Sq, H, D]; with return_attn_probs, (out, softmax_lse [B, H, Sq], S_dmask
     [B, H, Sq, Sk]) where S_dmask holds the attention probabilities (negated where dropout dropped
-    them; for testing only: it is quadratic in memory). deterministic is accepted for
-    compatibility: flashjit's backward uses no atomics and is always deterministic."""
+    them; for testing only: it is quadratic in memory). deterministic=True makes the backward
+    bit-identical run to run (no atomics; slower), as in flash-attn."""
     if causal:
         window_size = (window_size[0], 0)  # flash-attn's convention: causal is a window with right = 0
     if backend() == "reference":
@@ -91,7 +92,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
             f"(set {envvars.BACKEND.name}=reference)")
     philox = interface.philox_state(q.get_device()) if dropout_p > 0 else None
     out, lse = _JitAttention.apply(q, k, v, softmax_scale, bool(causal), window_size, softcap, alibi_slopes,
-                                   dropout_p, philox)
+                                   dropout_p, philox, bool(deterministic))
     if not return_attn_probs:
         return out
     with torch.no_grad():  # recomputed for inspection, as flash-attn's tests use it

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 
 from . import jit
-from .config import HEAD_DIMS, KernelConfig, default_bwd_config, default_config
+from .config import FEATURES, HEAD_DIMS, BwdConfig, KernelConfig, default_bwd_config, default_config
 from .launch import BwdParams, FwdParams, tensor_ref
 
 log = logging.getLogger("flashjit")
@@ -271,10 +271,14 @@ def forward_timed(q, k, v, config: KernelConfig | None = None, causal: bool = Fa
 def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
              lse: torch.Tensor, causal: bool = False, softmax_scale: float | None = None, window_size=(-1, -1),
              softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None, dropout_p: float = 0.0,
-             philox: tuple[int, int] | None = None):
+             philox: tuple[int, int] | None = None, deterministic: bool = False,
+             config: BwdConfig | None = None):
     """Gradients (dq, dk, dv) of forward() given dout (shaped like q) and the forward's out and lse.
-    GQA: dk/dv are summed over the query heads that share each key/value head. Deterministic: no
-    atomics, so repeated calls give bit-identical results. Head dims up to 128."""
+    GQA: dk/dv are summed over the query heads that share each key/value head. Head dims up to 128.
+    deterministic=False (flash-attn's default) adds dQ up with fp32 atomics, so its last bits can
+    vary run to run; deterministic=True uses a separate dQ kernel with no atomics (bit-identical
+    results, about 1.2-1.4x the time). `config` overrides the dispatcher's BwdConfig (its
+    deterministic field then decides); its dtype, head dim and features must match the call."""
     check_qkv(q, k, v)
     for name, t in (("dout", dout), ("out", out)):
         if not isinstance(t, torch.Tensor) or t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
@@ -291,7 +295,16 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         raise ValueError("backward with dropout needs the forward's philox=(seed, offset) to regenerate its mask")
     mods = score_mods(q, causal, window_size, softcap, alibi_slopes, dropout_p, philox)
     device_index = q.get_device()
-    config = default_bwd_config(_DTYPES[q.dtype], q.shape[3], bool(causal), *mods.flags)
+    wanted = default_bwd_config(_DTYPES[q.dtype], q.shape[3], bool(causal), *mods.flags,
+                                deterministic=bool(deterministic), smem_limit=_smem_limit(device_index)[0])
+    if config is None:
+        config = wanted
+    else:
+        config.validate()
+        mismatched = [f"{f}={getattr(config, f)!r} (the call needs {getattr(wanted, f)!r})"
+                      for f in ("dtype", "d_head", "causal", *FEATURES) if getattr(config, f) != getattr(wanted, f)]
+        if mismatched:
+            raise ValueError(f"config {config.name} does not match the inputs: " + ", ".join(mismatched))
     kernel = _kernels.get((config, device_index)) or _kernel_for(config, device_index)
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
@@ -301,9 +314,12 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     dq, dk, dv = torch.empty_like(q, memory_format=torch.contiguous_format), \
         torch.empty_like(k, memory_format=torch.contiguous_format), torch.empty_like(v, memory_format=torch.contiguous_format)
     dvec = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
+    # The atomic path's fp32 dQ sums, zeroed by the first kernel.
+    dq_accum = None if config.deterministic else torch.empty((batch, heads, seqlen_q, q.shape[3]),
+                                                             dtype=torch.float32, device=q.device)
     refs = [x for t in (q, k, v, out, dout, dq, dk, dv) for x in tensor_ref(t)]
-    params = BwdParams(*refs, lse.data_ptr(), dvec.data_ptr(), batch, seqlen_q, k.shape[1], heads, k.shape[2],
-                       softmax_scale, *mods.values)
+    params = BwdParams(*refs, lse.data_ptr(), dvec.data_ptr(), 0 if dq_accum is None else dq_accum.data_ptr(),
+                       batch, seqlen_q, k.shape[1], heads, k.shape[2], softmax_scale, *mods.values)
     with torch.cuda.device(device_index):
         kernel(params, _current_stream(device_index))
     return dq, dk, dv

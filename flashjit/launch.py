@@ -33,9 +33,11 @@ class FwdParams(ctypes.Structure):
 
 
 class BwdParams(ctypes.Structure):
-    """flashjit::BwdParams: TensorRef q, k, v, o, dout, dq, dk, dv; lse; dvec; sizes; scale; ScoreParams."""
+    """flashjit::BwdParams: TensorRef q, k, v, o, dout, dq, dk, dv; lse; dvec; dq_accum; sizes; scale;
+    ScoreParams."""
 
-    _fields_ = [*_tensor_refs("q", "k", "v", "o", "dout", "dq", "dk", "dv"), ("lse", _ptr), ("dvec", _ptr), *_SIZES]
+    _fields_ = [*_tensor_refs("q", "k", "v", "o", "dout", "dq", "dk", "dv"), ("lse", _ptr), ("dvec", _ptr),
+                ("dq_accum", _ptr), *_SIZES]
 
 
 def tensor_ref(t) -> tuple:

@@ -3,8 +3,11 @@
 
 TFLOP/s conventions: forward 4 * B * H * S^2 * D (halved for causal), backward 2.5x that,
 forward+backward 3.5x. batch * seqlen = --tokens, heads * head_dim = --hidden.
+--candidates also times flashjit.backward alone (no autograd) for each listed (n_warps, block_m,
+deterministic) backward config: how the defaults in flashjit/config.py were chosen.
 
     python scripts/bench_backward.py --out bench-out
+    python scripts/bench_backward.py --candidates 8x64x0,4x64x0,8x64x1 --out bench-out
 """
 from __future__ import annotations
 
@@ -46,10 +49,32 @@ def timings(attn, q, k, v, dout):
             do_bench(fwd_bwd, warmup=25, rep=100, return_mode="median"))
 
 
+def candidate_tflops(spec: str, point, q, k, v, dout, drop: float, flops: float) -> dict:
+    """Backward TFLOP/s of flashjit.backward (kernels only) for each WARPSxBLOCK_MxDET in spec."""
+    philox = flashjit.interface.philox_state(q.get_device()) if drop else None
+    with torch.no_grad():
+        out, lse = flashjit.forward(q, k, v, causal=point["causal"], return_lse=True, dropout_p=drop, philox=philox)
+    out_tflops = {}
+    for item in spec.split(","):
+        n_warps, block_m, det = (int(x) for x in item.split("x"))
+        cfg = flashjit.BwdConfig(point["dtype"], point["d_head"], n_warps, block_m, bool(det), point["causal"],
+                                 dropout=drop > 0)
+        if cfg.problems():
+            out_tflops[cfg.name] = None
+            continue
+        run = lambda: flashjit.backward(dout, q, k, v, out, lse, causal=point["causal"], dropout_p=drop,  # noqa: E731
+                                        philox=philox, config=cfg)
+        run()
+        out_tflops[cfg.name] = flops / (do_bench(run, warmup=25, rep=100, return_mode="median") * 1e-3) / 1e12
+    return out_tflops
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     add_grid_arguments(parser, "bf16", "64,128", "1024,2048,4096,8192,16384")
     parser.add_argument("--dropout-p", type=float, default=0.0, help="dropout for every contender")
+    parser.add_argument("--deterministic", action="store_true", help="flashjit's deterministic backward")
+    parser.add_argument("--candidates", default="", help="comma-separated WARPSxBLOCK_MxDET backward configs")
     args = parser.parse_args()
     drop = args.dropout_p
     out_dir = Path(args.out)
@@ -60,7 +85,8 @@ def main() -> None:
         dout = torch.randn_like(q)
         fwd_flops = 4 * point["batch"] * point["heads"] * point["seqlen"] ** 2 * point["d_head"] / (2 if causal else 1)
         row = dict(point, dropout_p=drop)
-        contenders = {"flashjit": lambda q, k, v: flashjit.flash_attn_func(q, k, v, dropout_p=drop, causal=causal)}
+        contenders = {"flashjit": lambda q, k, v: flashjit.flash_attn_func(q, k, v, dropout_p=drop, causal=causal,
+                                                                          deterministic=args.deterministic)}
         for label, backend in (("fa2", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
             def attn(q, k, v, backend=backend):
                 return sdpa(backend, q, k, v, causal, drop)().transpose(1, 2)
@@ -75,6 +101,9 @@ def main() -> None:
               f"{fmt(row['flashjit_bwd_tflops'])} fa2 {fmt(row['fa2_bwd_tflops'])} cudnn "
               f"{fmt(row['cudnn_bwd_tflops'])} | fwd+bwd: flashjit {fmt(row['flashjit_fwdbwd_tflops'])} "
               f"fa2 {fmt(row['fa2_fwdbwd_tflops'])} cudnn {fmt(row['cudnn_fwdbwd_tflops'])} TFLOP/s", flush=True)
+        if args.candidates:
+            row["candidates"] = candidate_tflops(args.candidates, point, q, k, v, dout, drop, 2.5 * fwd_flops)
+            print("    " + "  ".join(f"{name}: {fmt(t)}" for name, t in row["candidates"].items()), flush=True)
     result = dict(device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"), torch=torch.__version__,
                   rows=rows)
     (out_dir / "bench_backward.json").write_text(json.dumps(result, indent=1))

@@ -1,6 +1,7 @@
 """KernelConfig: names round-trip, every rule rejects with its reason, and the C++ static_asserts
 carry the same reasons; the build set and the tuning space are valid."""
 import dataclasses
+import itertools
 import re
 
 import pytest
@@ -99,11 +100,14 @@ def test_backward_configs():
 
     for dtype in cfgmod.DTYPES:
         for d in (32, 64, 96, 128):
-            for causal in (False, True):
-                cfg = default_bwd_config(dtype, d, causal).validate()
+            for causal, det in itertools.product((False, True), (False, True)):
+                cfg = default_bwd_config(dtype, d, causal, deterministic=det).validate()
                 assert config_from_name(cfg.name) == cfg and "bwd_sm80.cuh" in codegen.render(cfg)
+                assert cfg.deterministic == det
+                assert default_bwd_config(dtype, d, causal, deterministic=det, smem_limit=99 * 1024).smem_bytes \
+                    <= 99 * 1024  # sm_86/sm_89
     assert any(cfgmod.WHY_BWD_HEAD_DIM in p for p in BwdConfig(d_head=256).problems())
-    assert any(cfgmod.WHY_BWD_REGISTERS in p for p in BwdConfig(d_head=128, n_warps=8).problems())
+    assert any(cfgmod.WHY_BWD_REGISTERS in p for p in BwdConfig(d_head=128, n_warps=8, block_m=128).problems())
     source = (codegen.kernels_dir() / "bwd_sm80.cuh").read_text()
     for reason in (cfgmod.WHY_BWD_HEAD_DIM, cfgmod.WHY_BWD_REGISTERS):
         assert f'"{reason}"' in source, reason

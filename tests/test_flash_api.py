@@ -54,7 +54,8 @@ def test_backward_build_set(config):
     q, k, v = _qkv(2, 150, 211, 4, 2, config.d_head, dtype, "cuda", grad=False)
     out, lse = flashjit.forward(q, k, v, causal=config.causal, return_lse=True)
     dout = torch.randn_like(q)
-    dq, dk, dv = flashjit.backward(dout, q, k, v, out, lse, causal=config.causal)
+    dq, dk, dv = flashjit.backward(dout, q, k, v, out, lse, causal=config.causal,
+                                   deterministic=config.deterministic)
     ref = [t.detach().requires_grad_() for t in (q, k, v)]
     attention_reference(*ref, causal=config.causal)[0].backward(dout.float())
     for name, ours, r in zip(("dq", "dk", "dv"), (dq, dk, dv), ref):
@@ -85,10 +86,12 @@ FEATURES = [  # (kwargs, causal); slopes are made on the GPU in the test
 
 
 @gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype, deterministic", [(torch.float16, False), (torch.bfloat16, False),
+                                                  (torch.bfloat16, True)], ids=str)
 @pytest.mark.parametrize("kwargs, causal", FEATURES, ids=str)
-def test_jit_window_softcap_alibi_match_reference(kwargs, causal, dtype, monkeypatch):
-    """Forward and gradients of the in-kernel sliding window, softcap and ALiBi (with GQA, Sq != Sk)."""
+def test_jit_window_softcap_alibi_match_reference(kwargs, causal, dtype, deterministic, monkeypatch):
+    """Forward and gradients of the in-kernel sliding window, softcap and ALiBi (with GQA, Sq != Sk),
+    through both dQ paths (atomic and deterministic)."""
     monkeypatch.setenv("FLASHJIT_BACKEND", "jit")
     b, sq, sk, h, hk, d = 2, 190, 257, 4, 2, 64
     kwargs = dict(kwargs)
@@ -99,7 +102,8 @@ def test_jit_window_softcap_alibi_match_reference(kwargs, causal, dtype, monkeyp
     q, k, v = _qkv(b, sq, sk, h, hk, d, dtype, "cuda")
     dout = torch.randn(b, sq, h, d, device="cuda", dtype=dtype)
     ref_kwargs = dict(kwargs, causal=causal, window_size=kwargs.get("window_size", (-1, -1)))
-    ours = _grads(lambda q, k, v: flash_attn_func(q, k, v, causal=causal, **kwargs), q, k, v, dout)
+    ours = _grads(lambda q, k, v: flash_attn_func(q, k, v, causal=causal, deterministic=deterministic, **kwargs),
+                  q, k, v, dout)
     ref = _grads(lambda q, k, v: attention_reference(q, k, v, **ref_kwargs)[0], q, k, v, dout.float())
     low = _grads(lambda q, k, v: attention_reference(q, k, v, compute_dtype=None, **ref_kwargs)[0], q, k, v, dout)
     for name, a, r, lo in zip(("out", "dq", "dk", "dv"), ours, ref, low):
@@ -121,9 +125,10 @@ def test_jit_names_what_it_does_not_implement(monkeypatch):
 
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("causal, shape", [(False, (2, 190, 257, 4, 2, 64)), (True, (1, 300, 200, 2, 1, 128)),
-                                           (False, (2, 77, 65, 2, 2, 96))], ids=str)
-def test_jit_dropout_matches_reference_with_the_same_mask(shape, causal, dtype):
+@pytest.mark.parametrize("causal, shape, deterministic", [
+    (False, (2, 190, 257, 4, 2, 64), False), (True, (1, 300, 200, 2, 1, 128), False),
+    (False, (2, 77, 65, 2, 2, 96), False), (True, (2, 190, 257, 4, 2, 64), True)], ids=str)
+def test_jit_dropout_matches_reference_with_the_same_mask(shape, causal, deterministic, dtype):
     """Forward and gradients with in-kernel dropout equal the reference given the kernels' own mask
     (regenerated in PyTorch from the same Philox seed and offset): the forward and backward kernels
     and reference.philox_keep_mask agree bit for bit on which entries are dropped."""
@@ -136,7 +141,8 @@ def test_jit_dropout_matches_reference_with_the_same_mask(shape, causal, dtype):
     dout = torch.randn(b, sq, h, d, device="cuda", dtype=dtype)
     philox = (torch.randint(0, 2**62, ()).item(), 4 * torch.randint(0, 2**30, ()).item())
     out, lse = interface.forward(q, k, v, causal=causal, return_lse=True, dropout_p=p, philox=philox)
-    grads = interface.backward(dout, q, k, v, out, lse, causal=causal, dropout_p=p, philox=philox)
+    grads = interface.backward(dout, q, k, v, out, lse, causal=causal, dropout_p=p, philox=philox,
+                               deterministic=deterministic)
     threshold = interface.dropout_threshold(p)
     mask = philox_keep_mask(*philox, threshold, b, h, sq, sk, "cuda")
     assert abs(mask.float().mean().item() - (1 - threshold / 256)) < 0.02

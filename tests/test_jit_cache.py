@@ -24,12 +24,12 @@ SUBSET = [  # both dtypes, several head dims, causal, knobs off, both archs
     ("sm_90a", KernelConfig(dtype="bf16", d_head=256, B_r=128, B_c=32, n_warps=8, mma_double_buffer_loads=False)),
     ("sm_80", KernelConfig(dtype="fp16", d_head=160, B_r=64, B_c=32, async_copy=False, eager_load_blocks=False,
                            swizzled=False, optimized_softmax=False)),
-    ("sm_90a", BwdConfig("bf16", 128, 4, True)),
-    ("sm_80", BwdConfig("fp16", 64, 8, False)),
+    ("sm_90a", BwdConfig("bf16", 128, 8, 64, causal=True)),
+    ("sm_80", BwdConfig("fp16", 64, 8, 128, deterministic=True)),
     ("sm_90a", KernelConfig(dtype="fp16", d_head=64, local=True, softcap=True, alibi=True)),
-    ("sm_80", BwdConfig("bf16", 96, 4, True, local=True, softcap=True, alibi=True)),
+    ("sm_80", BwdConfig("bf16", 96, 4, 64, causal=True, local=True, softcap=True, alibi=True)),
     ("sm_90a", KernelConfig(dtype="bf16", d_head=128, causal=True, dropout=True)),
-    ("sm_90a", BwdConfig("bf16", 128, 4, False, dropout=True)),
+    ("sm_90a", BwdConfig("bf16", 128, 8, 64, dropout=True)),
 ]
 
 

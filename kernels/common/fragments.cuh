@@ -43,21 +43,35 @@ __device__ __forceinline__ void load_b_rows(uint32_t (&b)[kKT][kNT][2], const el
     }
 }
 
-// b[kt][nt] with B[k][n] = tile[row0 + k][n]: tile rows are the k index, so the fragment needs the
-// transposing ldmatrix. One x4 = both k halves x two n-tiles.
+// b[kt][nt] with B[k][n] = tile[row0 + k][8 nt0 + n]: tile rows are the k index, so the fragment
+// needs the transposing ldmatrix. One x4 = both k halves x two n-tiles. nt0 must be even.
 template <int kD, bool kSwizzle, int kNT, int kKT>
 __device__ __forceinline__ void load_b_cols(uint32_t (&b)[kKT][kNT][2], const elem_t* tile, int row0, int lane,
-                                            int kt0, int count) {
+                                            int kt0, int count, int nt0 = 0) {
   using L = SmemLayout<kD, kSwizzle>;
 #pragma unroll
   for (int kt = kt0; kt < kt0 + count; ++kt)
 #pragma unroll
     for (int nt = 0; nt < kNT; nt += 2) {
       uint32_t r[4];
-      ldmatrix_x4_trans(r, smem_addr(tile + L::frag_offset(row0 + kt * 16, ((lane >> 3) & 1) * 8 + (lane & 7), nt,
-                                                             lane >> 4)));
+      ldmatrix_x4_trans(r, smem_addr(tile + L::frag_offset(row0 + kt * 16, ((lane >> 3) & 1) * 8 + (lane & 7),
+                                                             nt0 + nt, lane >> 4)));
       b[kt][nt][0] = r[0], b[kt][nt][1] = r[1], b[kt][nt + 1][0] = r[2], b[kt][nt + 1][1] = r[3];
     }
+}
+
+// a[mt][kt] with A[m][k] = tile[16 kt + k][m0 + 16 mt + m]: tile rows are the k index (dS^T staged
+// for dQ = dS K), so each 8x8 block is read transposed. m0 must be a multiple of 16.
+template <int kD, bool kSwizzle, int kMT, int kKT>
+__device__ __forceinline__ void load_a_trans(uint32_t (&a)[kMT][kKT][4], const elem_t* tile, int m0, int lane, int kt0,
+                                             int count) {
+  using L = SmemLayout<kD, kSwizzle>;
+#pragma unroll
+  for (int kt = kt0; kt < kt0 + count; ++kt)
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+      ldmatrix_x4_trans(a[mt][kt], smem_addr(tile + L::frag_offset(kt * 16, (lane >> 4) * 8 + (lane & 7),
+                                                                   (m0 >> 3) + mt * 2, (lane >> 3) & 1)));
 }
 
 // The C fragments of n-tiles 2kt and 2kt+1 of an fp32 accumulator are exactly the A fragment of
@@ -103,6 +117,21 @@ __device__ __forceinline__ void store_acc(elem_t* tile, const float (&c)[kMT][kN
         *reinterpret_cast<uint32_t*>(tile + L::offset(row, nt) + (lane & 3) * 2) =
             pack2<kBf16>(c[mt][nt][2 * half] * scale, c[mt][nt][2 * half + 1] * scale);
     }
+}
+
+// Store 16-bit A fragments a[mt][kt] (rows row0 + 16 mt + lane/4 (+8), cols 16 kt + 2 (lane%4) (+8))
+// into a tile: the inverse of load_a.
+template <int kD, bool kSwizzle, int kMT, int kKT>
+__device__ __forceinline__ void store_a(elem_t* tile, const uint32_t (&a)[kMT][kKT][4], int row0, int lane) {
+  using L = SmemLayout<kD, kSwizzle>;
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int kt = 0; kt < kKT; ++kt)
+#pragma unroll
+      for (int r = 0; r < 4; ++r)  // r: (row half, column half) = (r & 1, r / 2)
+        *reinterpret_cast<uint32_t*>(tile + L::offset(row0 + mt * 16 + (lane >> 2) + (r & 1) * 8, kt * 2 + r / 2) +
+                                     (lane & 3) * 2) = a[mt][kt][r];
 }
 
 }  // namespace flashjit

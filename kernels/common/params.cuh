@@ -40,11 +40,13 @@ struct FwdParams {
 };
 
 // Backward: dout/dq like q, dk/dv like k; lse and dvec (rowsum(dO * O), computed by the first
-// backward kernel) are [B, H, Sq] fp32, contiguous.
+// backward kernel) are [B, H, Sq] fp32, contiguous; dq_accum (the non-deterministic path's atomic
+// dQ sums) is [B, H, Sq, D] fp32, contiguous, or null for deterministic kernels.
 struct BwdParams {
   TensorRef q, k, v, o, dout, dq, dk, dv;
   const float* lse;
   float* dvec;
+  float* dq_accum;
   int32_t batch, seqlen_q, seqlen_k, heads, heads_k;
   float softmax_scale;
   ScoreParams mods;
