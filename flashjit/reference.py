@@ -103,18 +103,20 @@ def philox4x32_10(key: tuple[int, int], counter: list[torch.Tensor]) -> list[tor
 def philox_keep_mask(seed: int, offset: int, threshold: int, batch: int, heads: int, seqlen_q: int, seqlen_k: int,
                      device) -> torch.Tensor:
     """The JIT kernels' dropout keep mask [B, H, Sq, Sk] (bool) for one (seed, offset): element
-    (i, j) of head bh keeps iff byte ((j >> 3) & 7) * 2 + (j & 1) of Philox(counter = (i,
-    4 (j >> 6) + ((j >> 1) & 3), bh, offset)) is >= threshold."""
+    (i, j) of head bh keeps iff byte ((i >> 3) & 1) * 8 + ((j >> 3) & 3) * 2 + (j & 1) of
+    Philox(counter = ((i >> 4) * 8 + (i & 7), 4 (j >> 5) + ((j >> 1) & 3), bh, offset)) is >= threshold
+    (kernels/common/dropout.cuh)."""
     key = (seed & _U32, ((seed >> 32) ^ (offset >> 32)) & _U32)
-    groups = ((seqlen_k + 63) // 64) * 4
-    shape = (batch * heads, seqlen_q, groups)
+    rows, groups = ((seqlen_q + 15) // 16) * 8, ((seqlen_k + 31) // 32) * 4
+    shape = (batch * heads, rows, groups)
     bh = torch.arange(batch * heads, device=device)[:, None, None].expand(shape)
-    i = torch.arange(seqlen_q, device=device)[None, :, None].expand(shape)
+    c0 = torch.arange(rows, device=device)[None, :, None].expand(shape)
     c1 = torch.arange(groups, device=device)[None, None, :].expand(shape)
-    words = philox4x32_10(key, [i, c1, bh, torch.full(shape, offset & _U32, device=device)])
+    words = philox4x32_10(key, [c0, c1, bh, torch.full(shape, offset & _U32, device=device)])
     shifts = torch.arange(4, device=device) * 8
     random_bytes = torch.stack([(w[..., None] >> shifts) & 0xFF for w in words], dim=-2).flatten(-2)  # [.., 16]
-    j = torch.arange(seqlen_k, device=device)
-    group, byte = (j >> 6) * 4 + ((j >> 1) & 3), ((j >> 3) & 7) * 2 + (j & 1)
-    keep = random_bytes[:, :, group, byte] >= threshold
+    i, j = torch.arange(seqlen_q, device=device), torch.arange(seqlen_k, device=device)
+    row, group = ((i >> 4) * 8 + (i & 7))[:, None], ((j >> 5) * 4 + ((j >> 1) & 3))[None, :]
+    byte = ((i >> 3) & 1)[:, None] * 8 + (((j >> 3) & 3) * 2 + (j & 1))[None, :]
+    keep = random_bytes[:, row, group, byte] >= threshold
     return keep.reshape(batch, heads, seqlen_q, seqlen_k)

@@ -288,20 +288,34 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
         pt[0][nt][e] = probability<C>(mod, pt[0][nt][e], row0 + col, my_key0 + (e >> 1) * 8, s_lse[col],
                                       scale_log2, grad[0][nt][e]);
       }
-    // Dropout keep bits: element (nt, e) is query row0 + 8 nt + 2 (lane % 4) + (e & 1), key my_key0 + 8 (e >> 1);
-    // one Philox call per query covers both of this lane's keys.
+    // Dropout keep bits: element (nt, e) is query row0 + 8 nt + 2 (lane % 4) + (e & 1), key my_key0 + 8 (e >> 1).
+    // The call for a query pair (i, i + 8) covers this lane's two keys and those of lane ^ 4 (the
+    // neighbouring key, my_key0 ^ 1) for the same queries, and the two lanes need the same two
+    // calls (queries i and i ^ 1): each makes the one for its own key parity and passes its
+    // neighbour's 4 bits over, so a call serves 8 entries.
     uint32_t keep[C::kNtM];
     if (C::kDropout) {
+      const int parity = (lane >> 2) & 1;  // = my_key0 & 1, as key0 and 16 * warp are even
 #pragma unroll
-      for (int nt = 0; nt < C::kNtM; ++nt) {
-        keep[nt] = 0;
+      for (int nt = 0; nt < C::kNtM; nt += 2) {
+        const int i = row0 + nt * 8 + (lane & 3) * 2 + parity;
+        const uint4 flags = drop.keep_flags(i, my_key0);
+        uint32_t mine = 0, theirs = 0;  // bit 2 sub + half: query i + 8 sub, key (my_key0 or ^ 1) + 8 half
 #pragma unroll
-        for (int q = 0; q < 2; ++q) {
-          const uint4 flags = drop.keep_flags(row0 + nt * 8 + (lane & 3) * 2 + q, my_key0);
+        for (int sub = 0; sub < 2; ++sub)
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            mine |= uint32_t(Dropout::kept(flags, i + sub * 8, my_key0 + half * 8)) << (sub * 2 + half);
+            theirs |= uint32_t(Dropout::kept(flags, i + sub * 8, (my_key0 ^ 1) + half * 8)) << (sub * 2 + half);
+          }
+        const uint32_t received = __shfl_xor_sync(0xffffffffu, theirs, 4);  // query i ^ 1, my keys
+        keep[nt] = keep[nt + 1] = 0;
+#pragma unroll
+        for (int sub = 0; sub < 2; ++sub)
 #pragma unroll
           for (int half = 0; half < 2; ++half)
-            keep[nt] |= uint32_t(Dropout::kept(flags, my_key0 + half * 8)) << (half * 2 + q);
-        }
+            keep[nt + sub] |= ((mine >> (sub * 2 + half)) & 1u) << (half * 2 + parity) |
+                              ((received >> (sub * 2 + half)) & 1u) << (half * 2 + (parity ^ 1));
       }
     }
     const float rp = p.mods.dropout_scale;
@@ -422,13 +436,11 @@ __global__ void __launch_bounds__(C::kThreads) dq_kernel(const __grid_constant__
     gemm_rows_rows<C>(s, sQ, warp * 16, sK, lane);  // S = Q K^T
     float dp[1][C::kNtN][4];
     gemm_rows_rows<C>(dp, sdO, warp * 16, sV, lane);  // dP = dO V^T
-    uint4 flags[2][(C::kNtN + 7) / 8];  // dropout: one Philox call per (row, 64-key chunk)
+    uint4 flags[C::kNtN / 4];  // dropout: one Philox call per 32-key chunk covers both rows
     if (C::kDropout) {
 #pragma unroll
-      for (int half = 0; half < 2; ++half)
-#pragma unroll
-        for (int chunk = 0; chunk < (C::kNtN + 7) / 8; ++chunk)
-          flags[half][chunk] = drop.keep_flags(my_row0 + half * 8, col0 + chunk * 64 + (lane & 3) * 2);
+      for (int chunk = 0; chunk < C::kNtN / 4; ++chunk)
+        flags[chunk] = drop.keep_flags(my_row0, col0 + chunk * 32 + (lane & 3) * 2);
     }
 #pragma unroll
     for (int nt = 0; nt < C::kNtN; ++nt)
@@ -436,7 +448,8 @@ __global__ void __launch_bounds__(C::kThreads) dq_kernel(const __grid_constant__
       for (int e = 0; e < 4; ++e) {
         const int half = e >> 1, col = col0 + nt * 8 + (lane & 3) * 2 + (e & 1);
         float grad, dp_kept = dp[0][nt][e];
-        if (C::kDropout) dp_kept = Dropout::kept(flags[half][nt / 8], col) ? dp_kept * p.mods.dropout_scale : 0.f;
+        if (C::kDropout)
+          dp_kept = Dropout::kept(flags[nt / 4], my_row0 + half * 8, col) ? dp_kept * p.mods.dropout_scale : 0.f;
         const float prob = probability<C>(mod, s[0][nt][e], my_row0 + half * 8, col, lse2[half], scale_log2, grad);
         s[0][nt][e] = prob * (dp_kept - dvec[half]) * grad;  // dS (grad: softcap's chain rule, else 1)
       }

@@ -148,25 +148,23 @@ __device__ __forceinline__ void apply_score_mod(float (&s)[C::kM][C::kNtC][4], c
 }
 
 // Zero the dropped entries of P (after the row sums took them: the softmax is that of all keys).
-// One Philox call per (row, 64-key chunk) covers the 16 entries this lane holds there.
+// One Philox call per (m-tile, 32-key chunk) covers the 16 entries this lane holds there.
 template <class C>
 __device__ __forceinline__ void apply_dropout(float (&s)[C::kM][C::kNtC][4], const Dropout& drop, int row0, int col0,
                                               int lane) {
 #pragma unroll
-  for (int mt = 0; mt < C::kM; ++mt)
+  for (int mt = 0; mt < C::kM; ++mt) {
+    const int row = row0 + mt * 16 + (lane >> 2);  // and row + 8
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int row = row0 + mt * 16 + (lane >> 2) + half * 8;
+    for (int chunk = 0; chunk < C::kNtC / 4; ++chunk) {
+      const uint4 flags = drop.keep_flags(row, col0 + chunk * 32 + (lane & 3) * 2);
 #pragma unroll
-      for (int chunk = 0; chunk < (C::kNtC + 7) / 8; ++chunk) {
-        const uint4 flags = drop.keep_flags(row, col0 + chunk * 64 + (lane & 3) * 2);
+      for (int nt = chunk * 4; nt < chunk * 4 + 4; ++nt)
 #pragma unroll
-        for (int nt = chunk * 8; nt < chunk * 8 + 8 && nt < C::kNtC; ++nt)
-#pragma unroll
-          for (int e = 0; e < 2; ++e)
-            if (!Dropout::kept(flags, col0 + nt * 8 + (lane & 3) * 2 + e)) s[mt][nt][2 * half + e] = 0.f;
-      }
+        for (int e = 0; e < 4; ++e)
+          if (!Dropout::kept(flags, row + (e >> 1) * 8, col0 + nt * 8 + (lane & 3) * 2 + (e & 1))) s[mt][nt][e] = 0.f;
     }
+  }
 }
 
 // Rescale the running O and row sums to the new row maximum and turn S into unnormalised P.
