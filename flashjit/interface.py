@@ -277,7 +277,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     GQA: dk/dv are summed over the query heads that share each key/value head. Head dims up to 128.
     deterministic=False (flash-attn's default) adds dQ up with fp32 atomics, so its last bits can
     vary run to run; deterministic=True uses a separate dQ kernel with no atomics (bit-identical
-    results, about 1.2-1.4x the time). `config` overrides the dispatcher's BwdConfig (its
+    results, about 1.1-1.2x the time). `config` overrides the dispatcher's BwdConfig (its
     deterministic field then decides); its dtype, head dim and features must match the call."""
     check_qkv(q, k, v)
     for name, t in (("dout", dout), ("out", out)):
