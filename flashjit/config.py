@@ -309,13 +309,16 @@ class BwdConfig(_Validated):
                    bool(int(match["det"])), bool(int(match["causal"])), *(match[f] is not None for f in FEATURES))
 
 
-# Measured backward choices (n_warps, block_m) by deterministic, best first; the first that
-# validates (registers) and fits the GPU's shared memory is used. d_head <= 64 takes 8 x 128
+# Measured backward choices (n_warps, block_m) by (deterministic, dropout), best first; the first
+# that validates (registers) and fits the GPU's shared memory is used. d_head <= 64 takes 8 x 128
 # (0.94-1.25x the speed of 8 x 64 on the H100, 2026-11-22); larger head dims cannot hold the
-# accumulators of 128-query steps and take 8 x 64. See docs/perf-log.md.
+# accumulators of 128-query steps and take 8 x 64. With dropout, 128-query steps spill the Philox
+# state (136 B) and run 0.9-1.1x of 8 x 64, so dropout keeps 64. See docs/perf-log.md.
 _BWD_PREFERENCES = {
-    False: ((8, 128), (8, 64), (4, 64)),
-    True: ((8, 128), (4, 64)),
+    (False, False): ((8, 128), (8, 64), (4, 64)),
+    (False, True): ((8, 64), (4, 64)),
+    (True, False): ((8, 128), (4, 64)),
+    (True, True): ((4, 64),),
 }
 
 
@@ -327,10 +330,8 @@ def default_bwd_config(dtype: str, d_head: int, causal: bool, local: bool = Fals
     last resort, the deterministic 4 warps x 64 (at most 49 KiB), fits every sm_80+ GPU: on those
     with 99 KiB per block (sm_86, sm_89) the d_head 128 backward is deterministic either way."""
     features = (local, softcap, alibi, dropout)
-    for n_warps, block_m, det in (*((w, m, deterministic) for w, m in _BWD_PREFERENCES[deterministic]),
-                                  (4, 64, True)):
-        if dropout and block_m == 128:  # the Philox state then spills (136 B): 0.9-1.1x, 8 x 64 is steadier
-            continue
+    choices = [(w, m, deterministic) for w, m in _BWD_PREFERENCES[deterministic, dropout]] + [(4, 64, True)]
+    for n_warps, block_m, det in choices:
         cfg = BwdConfig(dtype, d_head, n_warps, block_m, det, causal, *features)
         if not cfg.problems() and cfg.smem_bytes <= smem_limit:
             return cfg

@@ -78,6 +78,20 @@ def test_backward_is_deterministic_and_packed_views_work(monkeypatch):
     assert torch.equal(flash_attn_kvpacked_func(q, kv, causal=True), flash_attn_qkvpacked_func(qkv.detach(), causal=True))
 
 
+@gpu
+def test_backward_takes_an_explicit_config_that_matches_the_call():
+    q, k, v = _qkv(1, 100, 100, 2, 2, 64, torch.bfloat16, "cuda", grad=False)
+    out, lse = flashjit.forward(q, k, v, causal=True, return_lse=True)
+    dout = torch.randn_like(q)
+    default = flashjit.backward(dout, q, k, v, out, lse, causal=True, deterministic=True)
+    explicit = flashjit.backward(dout, q, k, v, out, lse, causal=True,
+                                 config=flashjit.BwdConfig("bf16", 64, 4, 64, deterministic=True, causal=True))
+    for a, b in zip(default, explicit):  # different tilings of the same sums: equal up to rounding
+        assert (a.float() - b.float()).abs().max().item() <= 0.02 * b.float().abs().max().item() + 1e-3
+    with pytest.raises(ValueError, match=r"causal=False \(the call needs True\)"):
+        flashjit.backward(dout, q, k, v, out, lse, causal=True, config=flashjit.BwdConfig("bf16", 64, causal=False))
+
+
 FEATURES = [  # (kwargs, causal); slopes are made on the GPU in the test
     (dict(window_size=(40, 17)), False), (dict(window_size=(25, -1)), True), (dict(window_size=(-1, 30)), False),
     (dict(softcap=3.0), False), (dict(softcap=5.0), True), (dict(alibi_slopes="heads"), False),
