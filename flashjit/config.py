@@ -243,23 +243,29 @@ def default_config(dtype: str, d_head: int, causal: bool, seqlen_q: int = 4096,
                      "of shared memory per block")
 
 
-WHY_BWD_HEAD_DIM = "the backward pass supports d_head up to 128"
 WHY_BWD_REGISTERS = "the backward accumulators of this config need more than 255 registers"
-BWD_BLOCK_M = (64, 128)
+WHY_BWD_STAGING = ("dK/dV are staged through the Q / dO tiles: 2 * block_m must be at least the block's "
+                   "16 * n_warps / d_split keys")
+WHY_BWD_DQ_TILING = "no warp tiling of the fused dQ product"
+BWD_BLOCK_M = (32, 64, 128)
+BWD_D_SPLIT = (1, 2)
 
 
 @dataclass(frozen=True)
 class BwdConfig(_Validated):
-    """One backward specialization (kernels/bwd_sm80.cuh): dtype, d_head, n_warps (each warp owns 16
-    keys, so a dK/dV CTA covers 16 * n_warps keys), block_m (queries per dK/dV step), deterministic
-    (dQ by a separate kernel that recomputes P and dP, bit-identical run to run; else dQ is added up
-    with fp32 atomics inside the dK/dV kernel: 5 matrix products per block pair instead of 7), causal
-    and the score features. Always cp.async, swizzled shared memory and the fused exp2 softmax."""
+    """One backward specialization (kernels/bwd_sm80.cuh): dtype, d_head, n_warps, block_m (queries
+    per dK/dV step), d_split (warps sharing each 16 accumulator rows, each owning d_head / d_split
+    columns: a dK/dV CTA covers 16 * n_warps / d_split keys; 2 lets head dims above 128 fit their
+    accumulators in registers), deterministic (dQ by a separate kernel that recomputes P and dP,
+    bit-identical run to run; else dQ is added up with fp32 atomics inside the dK/dV kernel: 5 matrix
+    products per block pair instead of 7), causal and the score features. Always cp.async, swizzled
+    shared memory and the fused exp2 softmax."""
 
     dtype: str = "bf16"
     d_head: int = 128
     n_warps: int = 4
     block_m: int = 64
+    d_split: int = 1
     deterministic: bool = False
     causal: bool = False
     local: bool = False
@@ -267,37 +273,60 @@ class BwdConfig(_Validated):
     alibi: bool = False
     dropout: bool = False
 
+    # Sizes and rules mirror flashjit::bwd::Config (kernels/bwd_sm80.cuh); tests/test_jit_cache.py
+    # checks smem_bytes against the compiled kernel.
     @property
     def block_n(self) -> int:
-        return 16 * self.n_warps
+        return 16 * self.n_warps // self.d_split
 
     @property
     def smem_bytes(self) -> int:
-        n_tile, m_tile = self.block_n * self.d_head * 2, self.block_m * self.d_head * 2
-        dkdv = 2 * n_tile + 4 * m_tile + 2 * 2 * self.block_m * 4 + (
-            0 if self.deterministic else 2 * self.block_n * self.block_m * 2)
-        return max(dkdv, 6 * n_tile) if self.deterministic else dkdv
-
-    def register_estimate(self) -> int:
-        dkdv = 2 * (self.d_head // 8) * 4 + 2 * (self.block_m // 8) * 4 + 32
-        dq = (self.d_head // 8) * 4 + 2 * (self.block_n // 8) * 4 + 32
+        n_tile, m_tile, score_tile = (2 * self.block_n * self.d_head, 2 * self.block_m * self.d_head,
+                                      2 * self.block_n * self.block_m)
+        split = self.d_split > 1
+        ds_stages = (1 if split else 0) if self.deterministic else 2
+        dkdv = 2 * n_tile + 4 * m_tile + 2 * 2 * self.block_m * 4 + (ds_stages + split) * score_tile
+        dq = 6 * n_tile + (2 * self.block_n ** 2 if split else 0)
         return max(dkdv, dq) if self.deterministic else dkdv
 
+    def register_estimate(self) -> int:
+        acc_tiles = self.d_head // 8 // self.d_split
+        dkdv = 2 * acc_tiles * 4 + 2 * (self.block_m // self.d_split // 8) * 4 + 32
+        dq = acc_tiles * 4 + 2 * (self.block_n // self.d_split // 8) * 4 + 32
+        return max(dkdv, dq) if self.deterministic else dkdv
+
+    def _dq_tiling(self) -> int:
+        """m-tiles per warp of the fused dQ product (Config::dq_m_tiles), 0 if no tiling fits."""
+        n_tiles = self.d_head // 8
+        for m_tiles in (2, 4, 1):
+            rows = self.block_m // (16 * m_tiles)
+            if rows < 1 or self.block_m % (16 * m_tiles) or self.n_warps % rows:
+                continue
+            cols = self.n_warps // rows
+            if n_tiles % cols == 0 and (n_tiles // cols) % 2 == 0:
+                return m_tiles
+        return 0
+
     def problems(self) -> list[str]:
-        out = self._choices(dtype=DTYPES, d_head=HEAD_DIMS, n_warps=WARPS, block_m=BWD_BLOCK_M)
-        if not out and self.d_head > 128:
-            out.append(f"{WHY_BWD_HEAD_DIM} (got {self.d_head})")
-        if not out and self.register_estimate() > REGISTER_LIMIT:
-            out.append(f"{WHY_BWD_REGISTERS} (about {self.register_estimate()}); use fewer warps or a smaller block_m")
+        out = self._choices(dtype=DTYPES, d_head=HEAD_DIMS, n_warps=WARPS, block_m=BWD_BLOCK_M, d_split=BWD_D_SPLIT)
+        if out:
+            return out
+        if 2 * self.block_m < self.block_n:
+            out.append(f"{WHY_BWD_STAGING} (block_m={self.block_m}, {self.block_n} keys)")
+        if not self.deterministic and not self._dq_tiling():
+            out.append(f"{WHY_BWD_DQ_TILING} (d_head={self.d_head}, n_warps={self.n_warps}, block_m={self.block_m})")
+        if self.register_estimate() > REGISTER_LIMIT:
+            out.append(f"{WHY_BWD_REGISTERS} (about {self.register_estimate()}); use fewer warps, a smaller block_m "
+                       "or d_split=2")
         return out
 
     @functools.cached_property
     def name(self) -> str:
-        return (f"bwd_{self.dtype}_d{self.d_head}_w{self.n_warps}_m{self.block_m}_det{int(self.deterministic)}"
-                f"_causal{int(self.causal)}{features_suffix(self)}")
+        return (f"bwd_{self.dtype}_d{self.d_head}_w{self.n_warps}_m{self.block_m}_s{self.d_split}"
+                f"_det{int(self.deterministic)}_causal{int(self.causal)}{features_suffix(self)}")
 
     _NAME_RE = re.compile(r"^bwd_(?P<dtype>fp16|bf16)_d(?P<d_head>\d+)_w(?P<n_warps>\d+)_m(?P<block_m>\d+)"
-                          r"_det(?P<det>[01])_causal(?P<causal>[01])"
+                          r"_s(?P<d_split>\d+)_det(?P<det>[01])_causal(?P<causal>[01])"
                           r"(?P<local>_local)?(?P<softcap>_softcap)?(?P<alibi>_alibi)?(?P<dropout>_dropout)?$")
 
     @classmethod
@@ -306,36 +335,48 @@ class BwdConfig(_Validated):
         if not match:
             raise ValueError(f"{name!r} is not a flashjit backward kernel name (expected e.g. {cls().name!r})")
         return cls(match["dtype"], int(match["d_head"]), int(match["n_warps"]), int(match["block_m"]),
-                   bool(int(match["det"])), bool(int(match["causal"])), *(match[f] is not None for f in FEATURES))
+                   int(match["d_split"]), bool(int(match["det"])), bool(int(match["causal"])),
+                   *(match[f] is not None for f in FEATURES))
 
 
-# Measured backward choices (n_warps, block_m) by (deterministic, dropout), best first; the first
-# that validates (registers) and fits the GPU's shared memory is used. d_head <= 64 takes 8 x 128
-# (0.94-1.25x the speed of 8 x 64 on the H100, 2026-11-22); larger head dims cannot hold the
-# accumulators of 128-query steps and take 8 x 64. With dropout, 128-query steps spill the Philox
-# state (136 B) and run 0.9-1.1x of 8 x 64, so dropout keeps 64. See docs/perf-log.md.
+# Measured backward choices (n_warps, block_m, d_split) by (d_head > 128, deterministic, dropout),
+# best first; the first that validates (registers) and fits the GPU's shared memory is used, else
+# the last resort after it. d_head <= 64 takes 8 x 128 (0.94-1.25x the speed of 8 x 64 on the H100,
+# 2026-11-22); 96 and 128 cannot hold the accumulators of 128-query steps and take 8 x 64. With
+# dropout, 128-query steps spill the Philox state (136 B) and run 0.9-1.1x of 8 x 64, so dropout
+# keeps 64. Head dims above 128 need d_split=2 to hold dK/dV. See docs/perf-log.md.
 _BWD_PREFERENCES = {
-    (False, False): ((8, 128), (8, 64), (4, 64)),
-    (False, True): ((8, 64), (4, 64)),
-    (True, False): ((8, 128), (4, 64)),
-    (True, True): ((4, 64),),
+    (False, False, False): ((8, 128, 1), (8, 64, 1), (4, 64, 1)),
+    (False, False, True): ((8, 64, 1), (4, 64, 1)),
+    (False, True, False): ((8, 128, 1), (4, 64, 1)),
+    (False, True, True): ((4, 64, 1),),
+    (True, False, False): ((8, 64, 2), (8, 32, 2)),
+    (True, False, True): ((8, 64, 2), (8, 32, 2)),
+    (True, True, False): ((8, 64, 2), (4, 32, 2)),
+    (True, True, True): ((8, 64, 2), (4, 32, 2)),
 }
+# Deterministic, and the smallest: 49 KiB at d_head 128, 77 KiB at 192 (sm_86/sm_89 allow 99 KiB);
+# d_head 256 needs 101 KiB, which only sm_80/sm_90-class GPUs have.
+_BWD_LAST_RESORT = {False: (4, 64, 1), True: (4, 32, 2)}
 
 
 @functools.lru_cache(maxsize=None)
 def default_bwd_config(dtype: str, d_head: int, causal: bool, local: bool = False, softcap: bool = False,
                        alibi: bool = False, dropout: bool = False, deterministic: bool = False,
                        smem_limit: int = SMEM_LIMIT_SM90) -> BwdConfig:
-    """The first preference that builds and fits `smem_limit` bytes of shared memory per block. The
-    last resort, the deterministic 4 warps x 64 (at most 49 KiB), fits every sm_80+ GPU: on those
-    with 99 KiB per block (sm_86, sm_89) the d_head 128 backward is deterministic either way."""
-    features = (local, softcap, alibi, dropout)
-    choices = [(w, m, deterministic) for w, m in _BWD_PREFERENCES[deterministic, dropout]] + [(4, 64, True)]
-    for n_warps, block_m, det in choices:
-        cfg = BwdConfig(dtype, d_head, n_warps, block_m, det, causal, *features)
+    """The first preference that builds and fits `smem_limit` bytes of shared memory per block; if
+    none does, the deterministic last resort (on GPUs with 99 KiB per block, sm_86 and sm_89, the
+    d_head 128 backward is deterministic either way). Raises ValueError if even that does not fit."""
+    wide = d_head > 128
+    choices = [(*c, deterministic) for c in _BWD_PREFERENCES[wide, deterministic, dropout]]
+    for n_warps, block_m, d_split, det in choices + [(*_BWD_LAST_RESORT[wide], True)]:
+        cfg = BwdConfig(dtype, d_head, n_warps, block_m, d_split, det, causal, local, softcap, alibi, dropout)
         if not cfg.problems() and cfg.smem_bytes <= smem_limit:
             return cfg
-    return cfg.validate()
+    cfg.validate()  # the last resort builds; this only guards the table above
+    raise ValueError(f"no flashjit backward kernel for d_head={d_head} fits {smem_limit // 1024} KiB of shared "
+                     f"memory per block (the smallest, {cfg.name}, needs {cfg.smem_bytes // 1024} KiB); "
+                     "use a GPU with more shared memory or FLASHJIT_BACKEND=reference")
 
 
 def config_from_name(name: str):
@@ -352,8 +393,12 @@ def get_kernels_to_build(smem_limit: int = SMEM_LIMIT_SM90) -> list[KernelConfig
         if cfg not in configs:
             configs.append(cfg)
     for dtype, d_head, causal, det in itertools.product(DTYPES, HEAD_DIMS, (False, True), (False, True)):
-        if d_head <= 128:
-            configs.append(default_bwd_config(dtype, d_head, causal, deterministic=det))
+        try:
+            cfg = default_bwd_config(dtype, d_head, causal, deterministic=det, smem_limit=smem_limit)
+        except ValueError:  # d_head 256 on a 99 KiB GPU: no backward fits
+            continue
+        if cfg not in configs:
+            configs.append(cfg)
     return configs
 
 

@@ -7,8 +7,7 @@ Two backends, chosen by FLASHJIT_BACKEND: 'jit' (the compiled kernels, the defau
 available) and 'reference' (PyTorch + einops on any device, autograd through plain tensor ops).
 The JIT backend implements every parameter in the kernels: causal or not, any softmax scale, sliding
 windows, softcap, ALiBi and dropout (Philox RNG seeded from torch's CUDA generator, p rounded to a
-multiple of 1/256), GQA/MQA and odd lengths; forward for head dims up to 256, backward up to 128
-(beyond that the backward raises NotImplementedError naming it, never silently ignored).
+multiple of 1/256), GQA/MQA and odd lengths, forward and backward, for head dims up to 256.
 """
 from __future__ import annotations
 
@@ -53,13 +52,6 @@ class _JitAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
-def _jit_unsupported(q) -> str | None:
-    """Name of the first requested feature the JIT kernels do not implement yet, or None."""
-    if torch.is_grad_enabled() and q.requires_grad and q.shape[-1] > 128:
-        return f"backward with head_dim {q.shape[-1]} (> 128)"
-    return None
-
-
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                     softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
     """Attention over q [B, Sq, H, D], k/v [B, Sk, H_k, D] (H divisible by H_k), as flash-attn.
@@ -85,11 +77,6 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     interface.dropout_threshold(dropout_p)
     window_size = tuple(window_size)
     interface.score_mods(q, causal, window_size, softcap, alibi_slopes)
-    missing = _jit_unsupported(q)
-    if missing:
-        raise NotImplementedError(
-            f"flashjit's JIT kernels do not implement {missing} yet; the PyTorch reference backend does "
-            f"(set {envvars.BACKEND.name}=reference)")
     philox = interface.philox_state(q.get_device()) if dropout_p > 0 else None
     out, lse = _JitAttention.apply(q, k, v, softmax_scale, bool(causal), window_size, softcap, alibi_slopes,
                                    dropout_p, philox, bool(deterministic))

@@ -274,7 +274,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
              philox: tuple[int, int] | None = None, deterministic: bool = False,
              config: BwdConfig | None = None):
     """Gradients (dq, dk, dv) of forward() given dout (shaped like q) and the forward's out and lse.
-    GQA: dk/dv are summed over the query heads that share each key/value head. Head dims up to 128.
+    GQA: dk/dv are summed over the query heads that share each key/value head. Head dims up to 256.
     deterministic=False (flash-attn's default) adds dQ up with fp32 atomics, so its last bits can
     vary run to run; deterministic=True uses a separate dQ kernel with no atomics (bit-identical
     results, about 1.1-1.2x the time). `config` overrides the dispatcher's BwdConfig (its

@@ -9,6 +9,11 @@
 // 2. dkdv_kernel: one CTA per (key block, kv head, batch); walks every query block of every query
 //    head of its GQA group, so dK/dV are summed over the group in registers. Works on S^T = K Q^T so
 //    each warp owns 16 key rows of the accumulators.
+//    With d_split = 2 (head dims above 128, whose 16-row dK + dV accumulators would need 256+
+//    registers), two warps share each 16 rows and own half the head dim each. Each computes the
+//    scores for half of the block's queries only (nothing is computed twice), stages its P^T and
+//    dS^T in shared memory, and after a two-warp barrier reads the whole rows back as the A operand
+//    of its dV and dK products. The dQ kernel splits its keys the same way.
 // Then dQ, one of two ways (the kDeterministic template parameter):
 // 3a. fast (default, flash-attn's deterministic=False): dkdv_kernel also stages dS in shared memory,
 //     multiplies it by K and adds the block's dQ into an fp32 buffer with atomics (5 products per
@@ -31,23 +36,32 @@
 namespace flashjit::bwd {
 
 // One template parameter per BwdConfig field (flashjit/config.py), in the same order.
-template <bool kBf16_, int kD_, int kWarps_, int kBlockM_, bool kDeterministic_, bool kCausal_, bool kLocal_,
-          bool kSoftcap_, bool kAlibi_, bool kDropout_>
+template <bool kBf16_, int kD_, int kWarps_, int kBlockM_, int kDSplit_, bool kDeterministic_, bool kCausal_,
+          bool kLocal_, bool kSoftcap_, bool kAlibi_, bool kDropout_>
 struct Config {
   static constexpr bool kBf16 = kBf16_, kCausal = kCausal_, kSwizzle = true, kDeterministic = kDeterministic_;
   using Mod = ScoreMod<kCausal_, kLocal_, kSoftcap_, kAlibi_>;
   static constexpr bool kDropout = kDropout_;
   static constexpr int kD = kD_, kWarps = kWarps_, kThreads = kWarps * 32;
-  // Keys per dK/dV CTA (each warp owns 16); also the rows and the key step of the dQ kernel.
-  static constexpr int kBlockN = 16 * kWarps;
+  // kDSplit warps (a group) share 16 accumulator rows, each owning kD / kDSplit of the columns.
+  static constexpr int kDSplit = kDSplit_, kGroups = kWarps / kDSplit;
+  static constexpr bool kSplit = kDSplit > 1;
+  // Keys per dK/dV CTA (16 per group); also the rows and the key step of the dQ kernel.
+  static constexpr int kBlockN = 16 * kGroups;
   static constexpr int kBlockM = kBlockM_;  // queries per dK/dV step
   static constexpr int kKtD = kD / 16, kNtD = kD / 8, kKtM = kBlockM / 16, kNtM = kBlockM / 8;
   static constexpr int kKtN = kBlockN / 16, kNtN = kBlockN / 8;
-  static constexpr int kTileN = kBlockN * kD, kTileM = kBlockM * kD;
-  // dK/dV kernel: K, V, two stages of (Q, dO, lse, D) and, for the fused dQ product, of dS^T.
+  static constexpr int kNtDW = kNtD / kDSplit;                      // accumulator n-tiles per warp
+  static constexpr int kMW = kBlockM / kDSplit, kNtMW = kMW / 8;    // queries per warp in the dK/dV scores
+  static constexpr int kNW = kBlockN / kDSplit, kNtNW = kNW / 8;    // keys per warp in the dQ kernel's scores
+  static constexpr int kTileN = kBlockN * kD, kTileM = kBlockM * kD, kScoreTile = kBlockN * kBlockM;
+  // dK/dV kernel: K, V, two stages of (Q, dO, lse, D); dS^T (two stages for the fused dQ product,
+  // else one when split) and P^T when split.
+  static constexpr int kDsStages = kDeterministic ? (kSplit ? 1 : 0) : 2;
   static constexpr int kDkdvSmem = (2 * kTileN + 4 * kTileM) * 2 + 2 * 2 * kBlockM * 4 +
-                                   (kDeterministic ? 0 : 2 * kBlockN * kBlockM * 2);
-  static constexpr int kDqSmem = 6 * kTileN * 2;  // dQ kernel: Q, dO and two stages of (K, V)
+                                   (kDsStages + (kSplit ? 1 : 0)) * kScoreTile * 2;
+  // dQ kernel: Q, dO, two stages of (K, V) and, when split, dS.
+  static constexpr int kDqSmem = 6 * kTileN * 2 + (kSplit ? kBlockN * kBlockN * 2 : 0);
   static constexpr int kSmemBytes = kDeterministic && kDqSmem > kDkdvSmem ? kDqSmem : kDkdvSmem;
   // The fused dQ product tiles [kBlockM, kD] over the warps as kDqWM x kDqWD tiles of kDqMT m-tiles
   // x kDqNT n-tiles: two m-tiles where that divides evenly, so each loaded fragment feeds two MMAs.
@@ -63,11 +77,15 @@ struct Config {
   static constexpr int kDqMT = dq_m_tiles(), kDqWM = kDqMT ? kBlockM / (16 * kDqMT) : 1;
   static constexpr int kDqWD = kWarps / kDqWM, kDqNT = kNtD / kDqWD;
   // Accumulators + operands: dK, dV, S^T, dP^T in the dK/dV kernel; dQ, S, dP in the dQ kernel.
-  static constexpr int kDkdvRegs = 2 * kNtD * 4 + 2 * kNtM * 4 + 32, kDqRegs = kNtD * 4 + 2 * kNtN * 4 + 32;
+  static constexpr int kDkdvRegs = 2 * kNtDW * 4 + 2 * kNtMW * 4 + 32, kDqRegs = kNtDW * 4 + 2 * kNtNW * 4 + 32;
   static constexpr int kRegEstimate = kDeterministic && kDqRegs > kDkdvRegs ? kDqRegs : kDkdvRegs;
-  static_assert(kD % 32 == 0 && kD <= 128, "the backward pass supports d_head up to 128");
+  static_assert(kD % 32 == 0 && kD <= 256, "the backward pass supports d_head up to 256");
   static_assert(kWarps == 4 || kWarps == 8, "the backward pass runs 4 or 8 warps");
-  static_assert(kBlockM == 64 || kBlockM == 128, "block_m must be 64 or 128");
+  static_assert(kBlockM == 32 || kBlockM == 64 || kBlockM == 128, "block_m must be 32, 64 or 128");
+  static_assert(kDSplit == 1 || kDSplit == 2, "d_split must be 1 or 2");
+  static_assert(kMW % 16 == 0 && kNW % 16 == 0, "each warp's share of a score block must be whole 16-wide k-tiles");
+  static_assert(2 * kBlockM >= kBlockN,
+                "dK/dV are staged through the Q / dO tiles: 2 * block_m must be at least the block's 16 * n_warps / d_split keys");
   static_assert(kDeterministic || kDqMT > 0, "no warp tiling of the fused dQ product");
   static_assert(kRegEstimate <= 255, "the backward accumulators of this config need more than 255 registers");
 };
@@ -99,8 +117,9 @@ __global__ void __launch_bounds__(128) dvec_kernel(const __grid_constant__ BwdPa
       sum = fmaf(o0, d0, fmaf(o1, d1, sum));
     }
   }
-  if (!C::kDeterministic && lane < C::kD / 4)
-    reinterpret_cast<float4*>(p.dq_accum + row * C::kD)[lane] = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (!C::kDeterministic)
+    for (int c = lane; c < C::kD / 4; c += 32)
+      reinterpret_cast<float4*>(p.dq_accum + row * C::kD)[c] = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
   if (lane == 0) p.dvec[row] = sum;
@@ -140,16 +159,17 @@ __device__ __forceinline__ float probability(const typename C::Mod& mod, float s
   return fast_exp2(t - lse2);
 }
 
-// acc = A(kMT * 16 rows of tile_a from a_row0) x B^T(kNT * 8 rows of tile_b), k over the head dim.
+// acc = A(kMT * 16 rows of tile_a from a_row0) x B^T(kNT * 8 rows of tile_b from b_row0), k over the
+// head dim.
 template <class C, int kMT, int kNT>
 __device__ __forceinline__ void gemm_rows_rows(float (&acc)[kMT][kNT][4], const elem_t* tile_a, int a_row0,
-                                               const elem_t* tile_b, int lane) {
+                                               const elem_t* tile_b, int b_row0, int lane) {
   zero(acc);
 #pragma unroll
   for (int kt = 0; kt < C::kKtD; ++kt) {
     uint32_t a[kMT][C::kKtD][4], b[C::kKtD][kNT][2];
     load_a<C::kD, C::kSwizzle>(a, tile_a, a_row0, lane, kt, 1);
-    load_b_rows<C::kD, C::kSwizzle>(b, tile_b, 0, lane, kt, 1);
+    load_b_rows<C::kD, C::kSwizzle>(b, tile_b, b_row0, lane, kt, 1);
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
@@ -157,19 +177,38 @@ __device__ __forceinline__ void gemm_rows_rows(float (&acc)[kMT][kNT][4], const 
   }
 }
 
-// acc += A (16-bit fragments, k over kKT * 16 rows of the tile) x tile (rows = k), n over the head dim.
-template <class C, int kMT, int kKT>
-__device__ __forceinline__ void gemm_frag_cols(float (&acc)[kMT][C::kNtD][4], const uint32_t (&a)[kMT][kKT][4],
-                                               const elem_t* tile, int lane) {
+// acc += A (16-bit fragments, k over kKT * 16 rows of the tile) x tile (rows = k), n over kNT
+// n-tiles of the head dim from n-tile nt0.
+template <class C, int kMT, int kKT, int kNT>
+__device__ __forceinline__ void gemm_frag_cols(float (&acc)[kMT][kNT][4], const uint32_t (&a)[kMT][kKT][4],
+                                               const elem_t* tile, int nt0, int lane) {
 #pragma unroll
   for (int kt = 0; kt < kKT; ++kt) {
-    uint32_t b[kKT][C::kNtD][2];
-    load_b_cols<C::kD, C::kSwizzle>(b, tile, 0, lane, kt, 1);
+    uint32_t b[kKT][kNT][2];
+    load_b_cols<C::kD, C::kSwizzle>(b, tile, 0, lane, kt, 1, nt0);
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-      for (int nt = 0; nt < C::kNtD; ++nt) mma_16816<C::kBf16>(acc[mt][nt], a[mt][kt], b[kt][nt]);
+      for (int nt = 0; nt < kNT; ++nt) mma_16816<C::kBf16>(acc[mt][nt], a[mt][kt], b[kt][nt]);
   }
+}
+
+// The kDSplit warps of row group g share their staged score rows: a two-warp barrier when split,
+// else the warp only waits for its own lanes.
+template <class C>
+__device__ __forceinline__ void group_sync(int g) {
+  if constexpr (C::kSplit) named_barrier_sync(1 + g, 32 * C::kDSplit);
+  else __syncwarp();
+}
+
+// The score block rows of group g (16 rows, k over all kKT * 16 staged columns) x tile, into this
+// warp's kNT n-tiles from nt0: the second half of a split product, after group_sync.
+template <class C, int kScoreCols, int kNT>
+__device__ __forceinline__ void gemm_staged_cols(float (&acc)[1][kNT][4], const elem_t* scores, int g,
+                                                 const elem_t* tile, int nt0, int lane) {
+  uint32_t a[1][kScoreCols / 16][4];
+  load_a<kScoreCols, C::kSwizzle>(a, scores, g * 16, lane, 0, kScoreCols / 16);
+  gemm_frag_cols<C>(acc, a, tile, nt0, lane);
 }
 
 // Fast path: dQ[row0 .., :] += dS K for this CTA's keys, from dS^T staged in sdS ([kBlockN keys,
@@ -212,9 +251,13 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
   elem_t* sdO2 = sQ2 + 2 * C::kTileM;  // two stages of dO
   float* s_lse2 = reinterpret_cast<float*>(sdO2 + 2 * C::kTileM);
   float* s_dvec2 = s_lse2 + 2 * C::kBlockM;
-  elem_t* sdS2 = reinterpret_cast<elem_t*>(s_dvec2 + 2 * C::kBlockM);  // fast path: two stages of dS^T [kBlockN, kBlockM]
+  elem_t* sdS2 = reinterpret_cast<elem_t*>(s_dvec2 + 2 * C::kBlockM);  // kDsStages of dS^T [kBlockN, kBlockM]
+  elem_t* sP = sdS2 + C::kDsStages * C::kScoreTile;                     // split: P^T [kBlockN, kBlockM]
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  // This warp's 16 key rows (group g) and, when split, its half of the queries (score products)
+  // and of the head dim (accumulators).
+  const int g = warp / C::kDSplit, part = warp % C::kDSplit, q0 = part * C::kMW;
   const int num_n = (p.seqlen_k + C::kBlockN - 1) / C::kBlockN;
   const int n_block = blockIdx.x % num_n, bh_k = blockIdx.x / num_n;
   const int h_k = bh_k % p.heads_k, b = bh_k / p.heads_k, group = p.heads / p.heads_k;
@@ -225,7 +268,7 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
   load_rows<C, C::kBlockN>(sV, p.v, b, h_k, key0, keys, tid);
   cp_async_commit();
 
-  float dk[1][C::kNtD][4], dv[1][C::kNtD][4];
+  float dk[1][C::kNtDW][4], dv[1][C::kNtDW][4];
   zero(dk);
   zero(dv);
   // Query blocks that see any key of this block: [first_m, end_m). The window does not depend on
@@ -238,7 +281,7 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
     const int last_row = key0 + keys - 1 - bounds.diag + bounds.left;  // last query that sees a key here
     end_m = last_row < 0 ? 0 : min(end_m, last_row / C::kBlockM + 1);
   }
-  const int my_key0 = key0 + warp * 16 + (lane >> 2);  // key of accumulator row half 0 (+8 for half 1)
+  const int my_key0 = key0 + g * 16 + (lane >> 2);  // key of accumulator row half 0 (+8 for half 1)
 
   // One step per (query head of the group, query block), software-pipelined over two buffers: the
   // copy of step + 1 is in flight while step computes. One barrier per step: it publishes this
@@ -277,28 +320,28 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
     const float* s_lse = s_lse2 + buf * C::kBlockM;
     const float* s_dvec = s_dvec2 + buf * C::kBlockM;
 
-    // P^T: rows = this warp's 16 keys, cols = the block's queries.
-    float pt[1][C::kNtM][4], grad[1][C::kNtM][4];  // grad: used (and kept) only with softcap
-    gemm_rows_rows<C>(pt, sK, warp * 16, sQ, lane);
+    // P^T: rows = this warp's 16 keys, cols = its kMW queries of the block (from q0).
+    float pt[1][C::kNtMW][4], grad[1][C::kNtMW][4];  // grad: used (and kept) only with softcap
+    gemm_rows_rows<C>(pt, sK, g * 16, sQ, q0, lane);
 #pragma unroll
-    for (int nt = 0; nt < C::kNtM; ++nt)
+    for (int nt = 0; nt < C::kNtMW; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int col = nt * 8 + (lane & 3) * 2 + (e & 1);
+        const int col = q0 + nt * 8 + (lane & 3) * 2 + (e & 1);
         pt[0][nt][e] = probability<C>(mod, pt[0][nt][e], row0 + col, my_key0 + (e >> 1) * 8, s_lse[col],
                                       scale_log2, grad[0][nt][e]);
       }
-    // Dropout keep bits: element (nt, e) is query row0 + 8 nt + 2 (lane % 4) + (e & 1), key my_key0 + 8 (e >> 1).
+    // Dropout keep bits: element (nt, e) is query row0 + q0 + 8 nt + 2 (lane % 4) + (e & 1), key my_key0 + 8 (e >> 1).
     // The call for a query pair (i, i + 8) covers this lane's two keys and those of lane ^ 4 (the
     // neighbouring key, my_key0 ^ 1) for the same queries, and the two lanes need the same two
     // calls (queries i and i ^ 1): each makes the one for its own key parity and passes its
     // neighbour's 4 bits over, so a call serves 8 entries.
-    uint32_t keep[C::kNtM];
+    uint32_t keep[C::kNtMW];
     if (C::kDropout) {
-      const int parity = (lane >> 2) & 1;  // = my_key0 & 1, as key0 and 16 * warp are even
+      const int parity = (lane >> 2) & 1;  // = my_key0 & 1, as key0 and 16 * g are even
 #pragma unroll
-      for (int nt = 0; nt < C::kNtM; nt += 2) {
-        const int i = row0 + nt * 8 + (lane & 3) * 2 + parity;
+      for (int nt = 0; nt < C::kNtMW; nt += 2) {
+        const int i = row0 + q0 + nt * 8 + (lane & 3) * 2 + parity;
         const uint4 flags = drop.keep_flags(i, my_key0);
         uint32_t mine = 0, theirs = 0;  // bit 2 sub + half: query i + 8 sub, key (my_key0 or ^ 1) + 8 half
 #pragma unroll
@@ -320,35 +363,42 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
     }
     const float rp = p.mods.dropout_scale;
     auto dropped = [&](int, int nt, int e, float x) { return C::kDropout ? ((keep[nt] >> e) & 1u ? x * rp : 0.f) : x; };
-    uint32_t pa[1][C::kKtM][4];
+    uint32_t pa[1][C::kNtMW / 2][4];
     acc_to_a<C::kBf16>(pt, pa, dropped);
-    gemm_frag_cols<C>(dv, pa, sdO, lane);  // dV += (P o Z / (1 - p))^T dO
+    if constexpr (C::kSplit) store_a<C::kBlockM, C::kSwizzle>(sP, pa, g * 16, lane, q0 / 8);
+    else gemm_frag_cols<C>(dv, pa, sdO, 0, lane);  // dV += (P o Z / (1 - p))^T dO
 
-    float dpt[1][C::kNtM][4];
-    gemm_rows_rows<C>(dpt, sV, warp * 16, sdO, lane);  // dP^T = V dO^T
+    float dpt[1][C::kNtMW][4];
+    gemm_rows_rows<C>(dpt, sV, g * 16, sdO, q0, lane);  // dP^T = V dO^T
 #pragma unroll
-    for (int nt = 0; nt < C::kNtM; ++nt)
+    for (int nt = 0; nt < C::kNtMW; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int col = nt * 8 + (lane & 3) * 2 + (e & 1);
+        const int col = q0 + nt * 8 + (lane & 3) * 2 + (e & 1);
         dpt[0][nt][e] = pt[0][nt][e] * (dropped(0, nt, e, dpt[0][nt][e]) - s_dvec[col]);  // dS^T
         if (C::Mod::kSoftcap) dpt[0][nt][e] *= grad[0][nt][e];
       }
-    uint32_t dsa[1][C::kKtM][4];
+    uint32_t dsa[1][C::kNtMW / 2][4];
     acc_to_a<C::kBf16>(dpt, dsa);
-    gemm_frag_cols<C>(dk, dsa, sQ, lane);  // dK += dS^T Q
-    if constexpr (!C::kDeterministic) store_a<C::kBlockM, C::kSwizzle>(sdS2 + buf * C::kBlockN * C::kBlockM, dsa,
-                                                                       warp * 16, lane);
+    elem_t* sdS = sdS2 + (C::kDsStages == 2 ? buf : 0) * C::kScoreTile;
+    if constexpr (C::kSplit) {  // both halves of the group's P^T and dS^T rows, then this warp's columns
+      store_a<C::kBlockM, C::kSwizzle>(sdS, dsa, g * 16, lane, q0 / 8);
+      group_sync<C>(g);
+      gemm_staged_cols<C, C::kBlockM>(dv, sP, g, sdO, part * C::kNtDW, lane);
+      gemm_staged_cols<C, C::kBlockM>(dk, sdS, g, sQ, part * C::kNtDW, lane);
+    } else {
+      gemm_frag_cols<C>(dk, dsa, sQ, 0, lane);  // dK += dS^T Q
+      if constexpr (!C::kDeterministic) store_a<C::kBlockM, C::kSwizzle>(sdS, dsa, g * 16, lane);
+    }
   }
   cp_async_wait<0>();
   __syncthreads();  // the last dS^T is complete; every read of the Q / dO buffers is done
   if (!C::kDeterministic && steps > 0) dq_of(steps - 1);
 
-  // Stage through the Q / dO buffers (each warp writes its own 16 rows), then coalesced stores.
-  // Both hold at least kBlockN rows: two stages of kBlockM >= 64 rows each.
-  static_assert(2 * C::kBlockM >= C::kBlockN, "dK/dV are staged through the double-buffered Q / dO tiles");
-  store_acc<C::kD, C::kSwizzle, C::kBf16>(sQ2, dk, warp * 16, lane, p.softmax_scale);
-  store_acc<C::kD, C::kSwizzle, C::kBf16>(sdO2, dv, warp * 16, lane, 1.f);
+  // Stage through the Q / dO buffers (each warp writes its own rows and columns), then coalesced
+  // stores. Both hold 2 * kBlockM >= kBlockN rows.
+  store_acc<C::kD, C::kSwizzle, C::kBf16>(sQ2, dk, g * 16, lane, p.softmax_scale, part * C::kNtDW);
+  store_acc<C::kD, C::kSwizzle, C::kBf16>(sdO2, dv, g * 16, lane, 1.f, part * C::kNtDW);
   __syncthreads();
   store_rows<C, C::kBlockN>(p.dk, b, h_k, key0, sQ2, keys, tid);
   store_rows<C, C::kBlockN>(p.dv, b, h_k, key0, sdO2, keys, tid);
@@ -378,8 +428,12 @@ __global__ void __launch_bounds__(C::kThreads) dq_kernel(const __grid_constant__
   elem_t* sdO = sQ + C::kTileN;
   elem_t* sK2 = sdO + C::kTileN;       // two stages of K
   elem_t* sV2 = sK2 + 2 * C::kTileN;   // two stages of V
+  elem_t* sdS = sV2 + 2 * C::kTileN;   // split: dS [kRows queries, kRows keys]
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  // This warp's 16 query rows (group g) and, when split, its half of each key block (k0: score
+  // products) and of the head dim (accumulator).
+  const int g = warp / C::kDSplit, part = warp % C::kDSplit, k0 = part * C::kNW;
   const int num_m = (p.seqlen_q + kRows - 1) / kRows;
   int m_block = blockIdx.x % num_m;
   const int bh = blockIdx.x / num_m, h = bh % p.heads, b = bh / p.heads;
@@ -396,7 +450,7 @@ __global__ void __launch_bounds__(C::kThreads) dq_kernel(const __grid_constant__
 
   // This thread's two rows: lse (log2 units; +inf past the end or for rows that saw no key) and D.
   float lse2[2], dvec[2];
-  const int my_row0 = row0 + warp * 16 + (lane >> 2);
+  const int my_row0 = row0 + g * 16 + (lane >> 2);
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int row = my_row0 + half * 8;
@@ -412,7 +466,7 @@ __global__ void __launch_bounds__(C::kThreads) dq_kernel(const __grid_constant__
     j_end = last_col < 0 ? 0 : min(j_end, last_col / kRows + 1);
   }
   if (C::Mod::kLocal && mod.left >= 0) j_begin = max(0, (row0 + mod.diag - mod.left) / kRows);
-  float dq[1][C::kNtD][4];
+  float dq[1][C::kNtDW][4];
   zero(dq);
   // Software-pipelined over two K/V buffers: block j + 1 is copied while block j computes. One
   // barrier per step publishes block j and retires every read of the buffer block j + 1 refills.
@@ -432,35 +486,42 @@ __global__ void __launch_bounds__(C::kThreads) dq_kernel(const __grid_constant__
     const elem_t* sK = sK2 + buf * C::kTileN;
     const elem_t* sV = sV2 + buf * C::kTileN;
 
-    float s[1][C::kNtN][4];
-    gemm_rows_rows<C>(s, sQ, warp * 16, sK, lane);  // S = Q K^T
-    float dp[1][C::kNtN][4];
-    gemm_rows_rows<C>(dp, sdO, warp * 16, sV, lane);  // dP = dO V^T
-    uint4 flags[C::kNtN / 4];  // dropout: one Philox call per 32-key chunk covers both rows
+    float s[1][C::kNtNW][4];
+    gemm_rows_rows<C>(s, sQ, g * 16, sK, k0, lane);  // S = Q K^T (this warp's keys)
+    float dp[1][C::kNtNW][4];
+    gemm_rows_rows<C>(dp, sdO, g * 16, sV, k0, lane);  // dP = dO V^T
+    // Dropout: one Philox call per 32-key chunk covers both rows (a 16-key share uses half of one).
+    uint4 flags[(C::kNtNW + 3) / 4];
     if (C::kDropout) {
 #pragma unroll
-      for (int chunk = 0; chunk < C::kNtN / 4; ++chunk)
-        flags[chunk] = drop.keep_flags(my_row0, col0 + chunk * 32 + (lane & 3) * 2);
+      for (int chunk = 0; chunk < (C::kNtNW + 3) / 4; ++chunk)
+        flags[chunk] = drop.keep_flags(my_row0, col0 + k0 + chunk * 32 + (lane & 3) * 2);
     }
 #pragma unroll
-    for (int nt = 0; nt < C::kNtN; ++nt)
+    for (int nt = 0; nt < C::kNtNW; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int half = e >> 1, col = col0 + nt * 8 + (lane & 3) * 2 + (e & 1);
+        const int half = e >> 1, col = col0 + k0 + nt * 8 + (lane & 3) * 2 + (e & 1);
         float grad, dp_kept = dp[0][nt][e];
         if (C::kDropout)
           dp_kept = Dropout::kept(flags[nt / 4], my_row0 + half * 8, col) ? dp_kept * p.mods.dropout_scale : 0.f;
         const float prob = probability<C>(mod, s[0][nt][e], my_row0 + half * 8, col, lse2[half], scale_log2, grad);
         s[0][nt][e] = prob * (dp_kept - dvec[half]) * grad;  // dS (grad: softcap's chain rule, else 1)
       }
-    uint32_t dsa[1][C::kKtN][4];
+    uint32_t dsa[1][C::kNtNW / 2][4];
     acc_to_a<C::kBf16>(s, dsa);
-    gemm_frag_cols<C>(dq, dsa, sK, lane);  // dQ += dS K
+    if constexpr (C::kSplit) {  // both halves of the group's dS rows, then this warp's columns
+      store_a<kRows, C::kSwizzle>(sdS, dsa, g * 16, lane, k0 / 8);
+      group_sync<C>(g);
+      gemm_staged_cols<C, kRows>(dq, sdS, g, sK, part * C::kNtDW, lane);
+    } else {
+      gemm_frag_cols<C>(dq, dsa, sK, 0, lane);  // dQ += dS K
+    }
   }
 
   cp_async_wait<0>();
-  __syncwarp();  // sQ rows of this warp are read only by this warp
-  store_acc<C::kD, C::kSwizzle, C::kBf16>(sQ, dq, warp * 16, lane, p.softmax_scale);
+  group_sync<C>(g);  // sQ rows of this group are read only by its warps
+  store_acc<C::kD, C::kSwizzle, C::kBf16>(sQ, dq, g * 16, lane, p.softmax_scale, part * C::kNtDW);
   __syncthreads();
   store_rows<C, kRows>(p.dq, b, h, row0, sQ, rows, tid);
 }

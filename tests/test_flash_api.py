@@ -1,6 +1,6 @@
 """flash_attn_func and friends: gradients of the JIT backward against the fp32 reference, GQA,
 determinism, the reference backend's features (window, softcap, ALiBi, dropout) with autograd, the
-backend switch, NotImplementedError for what the JIT kernels lack, and a training step."""
+backend switch, every backward tiling (block sizes, split head dim, both dQ paths) and a training step."""
 import math
 
 import pytest
@@ -31,7 +31,9 @@ def _grads(fn, q, k, v, dout):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shape", [(2, 17, 17, 3, 1, 64), (1, 300, 190, 4, 2, 128), (2, 129, 257, 2, 2, 32),
-                                   (1, 1, 65, 4, 4, 96), (1, 200, 77, 6, 2, 128), (3, 64, 64, 2, 1, 64)], ids=str)
+                                   (1, 1, 65, 4, 4, 96), (1, 200, 77, 6, 2, 128), (3, 64, 64, 2, 1, 64),
+                                   (1, 77, 300, 4, 2, 256), (2, 100, 33, 2, 1, 160), (1, 129, 200, 2, 2, 192)],
+                         ids=str)
 def test_jit_gradients_match_reference(shape, causal, dtype, monkeypatch):
     monkeypatch.setenv("FLASHJIT_BACKEND", "jit")
     b, sq, sk, h, hk, d = shape
@@ -126,22 +128,42 @@ def test_jit_window_softcap_alibi_match_reference(kwargs, causal, dtype, determi
         assert err <= 2 * low_err + 2e-3, f"{name}: {err:.3e} vs PyTorch low-precision {low_err:.3e}"
 
 
+# Explicit backward configs beyond the dispatcher's defaults: (n_warps, block_m, d_split,
+# deterministic, d_head). Every tiling family: 32-query steps, a split head dim below 128 (where it
+# is optional), both dQ paths with a split, and the wide head dims on their smaller tilings.
+TILINGS = [(4, 32, 1, False, 64), (8, 128, 2, False, 128), (8, 64, 2, True, 64), (4, 32, 2, True, 96),
+           (4, 32, 2, False, 256), (8, 32, 2, False, 192), (4, 64, 2, False, 160), (4, 32, 2, True, 256)]
+
+
 @gpu
-def test_jit_names_what_it_does_not_implement(monkeypatch):
-    monkeypatch.setenv("FLASHJIT_BACKEND", "jit")
-    q, k, v = _qkv(1, 32, 32, 2, 2, 256, torch.float16, "cuda")
-    with pytest.raises(NotImplementedError, match="backward with head_dim 256") as info:
-        flash_attn_func(q, k, v)
-    assert "FLASHJIT_BACKEND=reference" in str(info.value)
-    with torch.no_grad():
-        assert flash_attn_func(q, k, v).shape == q.shape  # the forward alone runs
+@pytest.mark.parametrize("features", [False, True], ids=["plain", "window_softcap_alibi"])
+@pytest.mark.parametrize("tiling", TILINGS, ids=str)
+def test_backward_tilings_match_reference(tiling, features):
+    n_warps, block_m, d_split, deterministic, d = tiling
+    b, sq, sk, h, hk = 2, 150, 211, 4, 2
+    kwargs = dict(window_size=(70, 9), softcap=4.0, alibi_slopes=torch.rand(h, device="cuda") * 0.3) if features \
+        else {}
+    q, k, v = _qkv(b, sq, sk, h, hk, d, torch.bfloat16, "cuda", grad=False)
+    dout = torch.randn_like(q)
+    out, lse = flashjit.forward(q, k, v, return_lse=True, **kwargs)
+    config = flashjit.BwdConfig("bf16", d, n_warps, block_m, d_split, deterministic, False, local=features,
+                                softcap=features, alibi=features).validate()
+    grads = flashjit.backward(dout, q, k, v, out, lse, config=config, **kwargs)
+    ref = [t.detach().requires_grad_() for t in (q, k, v)]
+    attention_reference(*ref, **dict(kwargs, window_size=kwargs.get("window_size", (-1, -1))))[0].backward(
+        dout.float())
+    for name, ours, r in zip(("dq", "dk", "dv"), grads, ref):
+        assert torch.isfinite(ours).all(), name
+        scale = r.grad.abs().max().item()
+        assert (ours.float() - r.grad).abs().max().item() <= 0.02 * scale + 1e-3, name
 
 
 @gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("causal, shape, deterministic", [
     (False, (2, 190, 257, 4, 2, 64), False), (True, (1, 300, 200, 2, 1, 128), False),
-    (False, (2, 77, 65, 2, 2, 96), False), (True, (2, 190, 257, 4, 2, 64), True)], ids=str)
+    (False, (2, 77, 65, 2, 2, 96), False), (True, (2, 190, 257, 4, 2, 64), True),
+    (True, (1, 150, 211, 4, 2, 256), False), (False, (2, 100, 90, 2, 1, 192), True)], ids=str)
 def test_jit_dropout_matches_reference_with_the_same_mask(shape, causal, deterministic, dtype):
     """Forward and gradients with in-kernel dropout equal the reference given the kernels' own mask
     (regenerated in PyTorch from the same Philox seed and offset): the forward and backward kernels

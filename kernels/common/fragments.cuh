@@ -101,11 +101,11 @@ __device__ __forceinline__ void zero(float (&c)[kMT][kNT][4]) {
     for (int nt = 0; nt < kNT; ++nt) c[mt][nt][0] = c[mt][nt][1] = c[mt][nt][2] = c[mt][nt][3] = 0.f;
 }
 
-// Store an fp32 accumulator block (rows row0 + 16 mt + lane/4 (+8), cols 8 nt + 2 (lane%4)) as 16-bit
-// into a shared-memory tile, for a coalesced copy out.
+// Store an fp32 accumulator block (rows row0 + 16 mt + lane/4 (+8), cols 8 (chunk0 + nt) + 2 (lane%4))
+// as 16-bit into a shared-memory tile, for a coalesced copy out.
 template <int kD, bool kSwizzle, bool kBf16, int kMT, int kNT>
 __device__ __forceinline__ void store_acc(elem_t* tile, const float (&c)[kMT][kNT][4], int row0, int lane,
-                                          float scale) {
+                                          float scale, int chunk0 = 0) {
   using L = SmemLayout<kD, kSwizzle>;
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt)
@@ -114,15 +114,16 @@ __device__ __forceinline__ void store_acc(elem_t* tile, const float (&c)[kMT][kN
       const int row = row0 + mt * 16 + (lane >> 2) + half * 8;
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt)
-        *reinterpret_cast<uint32_t*>(tile + L::offset(row, nt) + (lane & 3) * 2) =
+        *reinterpret_cast<uint32_t*>(tile + L::offset(row, chunk0 + nt) + (lane & 3) * 2) =
             pack2<kBf16>(c[mt][nt][2 * half] * scale, c[mt][nt][2 * half + 1] * scale);
     }
 }
 
-// Store 16-bit A fragments a[mt][kt] (rows row0 + 16 mt + lane/4 (+8), cols 16 kt + 2 (lane%4) (+8))
-// into a tile: the inverse of load_a.
+// Store 16-bit A fragments a[mt][kt] (rows row0 + 16 mt + lane/4 (+8), cols 8 chunk0 + 16 kt +
+// 2 (lane%4) (+8)) into a tile: the inverse of load_a. chunk0 must be even.
 template <int kD, bool kSwizzle, int kMT, int kKT>
-__device__ __forceinline__ void store_a(elem_t* tile, const uint32_t (&a)[kMT][kKT][4], int row0, int lane) {
+__device__ __forceinline__ void store_a(elem_t* tile, const uint32_t (&a)[kMT][kKT][4], int row0, int lane,
+                                        int chunk0 = 0) {
   using L = SmemLayout<kD, kSwizzle>;
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt)
@@ -130,7 +131,7 @@ __device__ __forceinline__ void store_a(elem_t* tile, const uint32_t (&a)[kMT][k
     for (int kt = 0; kt < kKT; ++kt)
 #pragma unroll
       for (int r = 0; r < 4; ++r)  // r: (row half, column half) = (r & 1, r / 2)
-        *reinterpret_cast<uint32_t*>(tile + L::offset(row0 + mt * 16 + (lane >> 2) + (r & 1) * 8, kt * 2 + r / 2) +
+        *reinterpret_cast<uint32_t*>(tile + L::offset(row0 + mt * 16 + (lane >> 2) + (r & 1) * 8, chunk0 + kt * 2 + r / 2) +
                                      (lane & 3) * 2) = a[mt][kt][r];
 }
 
