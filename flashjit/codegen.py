@@ -40,7 +40,8 @@ _BWD_TEMPLATE = """\
 #include "bwd_sm80.cuh"
 
 using Cfg = flashjit::bwd::Config</*bf16=*/{bf16}, /*d_head=*/{d_head}, /*n_warps=*/{n_warps}, /*block_m=*/{block_m},
-                                  /*d_split=*/{d_split}, /*deterministic=*/{deterministic}, /*causal=*/{causal}, /*local=*/{local},
+                                  /*d_split=*/{d_split}, /*group_rows=*/{group_rows},
+                                  /*deterministic=*/{deterministic}, /*causal=*/{causal}, /*local=*/{local},
                                   /*softcap=*/{softcap}, /*alibi=*/{alibi}, /*dropout=*/{dropout}>;
 
 {entry}"""

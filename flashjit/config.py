@@ -245,27 +245,33 @@ def default_config(dtype: str, d_head: int, causal: bool, seqlen_q: int = 4096,
 
 WHY_BWD_REGISTERS = "the backward accumulators of this config need more than 255 registers"
 WHY_BWD_STAGING = ("dK/dV are staged through the Q / dO tiles: 2 * block_m must be at least the block's "
-                   "16 * n_warps / d_split keys")
+                   "group_rows * n_warps / d_split keys")
 WHY_BWD_DQ_TILING = "no warp tiling of the fused dQ product"
+WHY_BWD_SHARES = "each warp's share of a score block must be whole 16-wide k-tiles"
+WHY_BWD_COLUMNS = "each warp's share of the head dim must be whole 16-column pairs"
 BWD_BLOCK_M = (32, 64, 128)
-BWD_D_SPLIT = (1, 2)
+BWD_D_SPLIT = (1, 2, 4)
+BWD_GROUP_ROWS = (16, 32)
 
 
 @dataclass(frozen=True)
 class BwdConfig(_Validated):
     """One backward specialization (kernels/bwd_sm80.cuh): dtype, d_head, n_warps, block_m (queries
-    per dK/dV step), d_split (warps sharing each 16 accumulator rows, each owning d_head / d_split
-    columns: a dK/dV CTA covers 16 * n_warps / d_split keys; 2 lets head dims above 128 fit their
-    accumulators in registers), deterministic (dQ by a separate kernel that recomputes P and dP,
-    bit-identical run to run; else dQ is added up with fp32 atomics inside the dK/dV kernel: 5 matrix
-    products per block pair instead of 7), causal and the score features. Always cp.async, swizzled
-    shared memory and the fused exp2 softmax."""
+    per dK/dV step), d_split and group_rows (a group of d_split warps owns group_rows accumulator
+    rows, each warp d_head / d_split of the columns, so a dK/dV CTA covers group_rows * n_warps /
+    d_split keys; a split group shares its score rows through shared memory, which lets head dims
+    above 128 fit their accumulators in registers and makes each warp's tiles squarer),
+    deterministic (dQ by a separate kernel that recomputes P and dP, bit-identical run to run; else
+    dQ is added up with fp32 atomics inside the dK/dV kernel: 5 matrix products per block pair
+    instead of 7), causal and the score features. Always cp.async, swizzled shared memory and the
+    fused exp2 softmax."""
 
     dtype: str = "bf16"
     d_head: int = 128
     n_warps: int = 4
     block_m: int = 64
     d_split: int = 1
+    group_rows: int = 16
     deterministic: bool = False
     causal: bool = False
     local: bool = False
@@ -277,7 +283,7 @@ class BwdConfig(_Validated):
     # checks smem_bytes against the compiled kernel.
     @property
     def block_n(self) -> int:
-        return 16 * self.n_warps // self.d_split
+        return self.group_rows * self.n_warps // self.d_split
 
     @property
     def smem_bytes(self) -> int:
@@ -290,9 +296,9 @@ class BwdConfig(_Validated):
         return max(dkdv, dq) if self.deterministic else dkdv
 
     def register_estimate(self) -> int:
-        acc_tiles = self.d_head // 8 // self.d_split
-        dkdv = 2 * acc_tiles * 4 + 2 * (self.block_m // self.d_split // 8) * 4 + 32
-        dq = acc_tiles * 4 + 2 * (self.block_n // self.d_split // 8) * 4 + 32
+        acc_tiles, row_tiles = self.d_head // 8 // self.d_split, self.group_rows // 16
+        dkdv = row_tiles * (2 * acc_tiles * 4 + 2 * (self.block_m // self.d_split // 8) * 4) + 32
+        dq = row_tiles * (acc_tiles * 4 + 2 * (self.block_n // self.d_split // 8) * 4) + 32
         return max(dkdv, dq) if self.deterministic else dkdv
 
     def _dq_tiling(self) -> int:
@@ -308,9 +314,14 @@ class BwdConfig(_Validated):
         return 0
 
     def problems(self) -> list[str]:
-        out = self._choices(dtype=DTYPES, d_head=HEAD_DIMS, n_warps=WARPS, block_m=BWD_BLOCK_M, d_split=BWD_D_SPLIT)
+        out = self._choices(dtype=DTYPES, d_head=HEAD_DIMS, n_warps=WARPS, block_m=BWD_BLOCK_M, d_split=BWD_D_SPLIT,
+                            group_rows=BWD_GROUP_ROWS)
         if out:
             return out
+        if (self.block_m // self.d_split) % 16 or (self.block_n // self.d_split) % 16:
+            out.append(f"{WHY_BWD_SHARES} (block_m={self.block_m} and {self.block_n} keys over d_split={self.d_split})")
+        if (self.d_head // 8 // self.d_split) % 2:
+            out.append(f"{WHY_BWD_COLUMNS} (d_head={self.d_head}, d_split={self.d_split})")
         if 2 * self.block_m < self.block_n:
             out.append(f"{WHY_BWD_STAGING} (block_m={self.block_m}, {self.block_n} keys)")
         if not self.deterministic and not self._dq_tiling():
@@ -322,11 +333,11 @@ class BwdConfig(_Validated):
 
     @functools.cached_property
     def name(self) -> str:
-        return (f"bwd_{self.dtype}_d{self.d_head}_w{self.n_warps}_m{self.block_m}_s{self.d_split}"
+        return (f"bwd_{self.dtype}_d{self.d_head}_w{self.n_warps}_m{self.block_m}_s{self.d_split}_r{self.group_rows}"
                 f"_det{int(self.deterministic)}_causal{int(self.causal)}{features_suffix(self)}")
 
     _NAME_RE = re.compile(r"^bwd_(?P<dtype>fp16|bf16)_d(?P<d_head>\d+)_w(?P<n_warps>\d+)_m(?P<block_m>\d+)"
-                          r"_s(?P<d_split>\d+)_det(?P<det>[01])_causal(?P<causal>[01])"
+                          r"_s(?P<d_split>\d+)_r(?P<group_rows>\d+)_det(?P<det>[01])_causal(?P<causal>[01])"
                           r"(?P<local>_local)?(?P<softcap>_softcap)?(?P<alibi>_alibi)?(?P<dropout>_dropout)?$")
 
     @classmethod
@@ -335,29 +346,37 @@ class BwdConfig(_Validated):
         if not match:
             raise ValueError(f"{name!r} is not a flashjit backward kernel name (expected e.g. {cls().name!r})")
         return cls(match["dtype"], int(match["d_head"]), int(match["n_warps"]), int(match["block_m"]),
-                   int(match["d_split"]), bool(int(match["det"])), bool(int(match["causal"])),
+                   int(match["d_split"]), int(match["group_rows"]), bool(int(match["det"])), bool(int(match["causal"])),
                    *(match[f] is not None for f in FEATURES))
 
 
-# Measured backward choices (n_warps, block_m, d_split) by (d_head > 128, deterministic, dropout),
-# best first; the first that validates (registers) and fits the GPU's shared memory is used, else
-# the last resort after it. d_head <= 64 takes 8 x 128 (0.94-1.25x the speed of 8 x 64 on the H100,
-# 2026-11-22); 96 and 128 cannot hold the accumulators of 128-query steps and take 8 x 64. With
-# dropout, 128-query steps spill the Philox state (136 B) and run 0.9-1.1x of 8 x 64, so dropout
-# keeps 64. Head dims above 128 need d_split=2 to hold dK/dV. See docs/perf-log.md.
+# Measured backward choices (n_warps, block_m, d_split, group_rows) by (head-dim class,
+# deterministic, dropout), best first; the first that validates (registers) and fits the GPU's
+# shared memory is used, else the last resort after it. H100, bf16, docs/perf-log.md:
+# - d_head <= 96 takes 8 x 128 (0.94-1.25x the speed of 8 x 64 at d64); with dropout, 128-query
+#   steps spill the Philox state and run 0.9-1.1x of 8 x 64, so dropout keeps 64.
+# - d_head 128: split groups of two warps over 32 keys (squarer warp tiles: 18% fewer ldmatrix)
+#   run 1.05-1.06x of 8 x 64 unsplit, 1.02-1.07x of 4 x 64 deterministic; with dropout they spill
+#   and lose (0.93-0.99x), so dropout keeps 8 x 64 unsplit.
+# - d_head > 128 needs a split to hold dK/dV: groups of four warps over 32 keys run 1.06-1.09x of
+#   pairs over 16 keys (d_head 160 cannot split its 20 column tiles four ways and takes pairs).
 _BWD_PREFERENCES = {
-    (False, False, False): ((8, 128, 1), (8, 64, 1), (4, 64, 1)),
-    (False, False, True): ((8, 64, 1), (4, 64, 1)),
-    (False, True, False): ((8, 128, 1), (4, 64, 1)),
-    (False, True, True): ((4, 64, 1),),
-    (True, False, False): ((8, 64, 2), (8, 32, 2)),
-    (True, False, True): ((8, 64, 2), (8, 32, 2)),
-    (True, True, False): ((8, 64, 2), (4, 32, 2)),
-    (True, True, True): ((8, 64, 2), (4, 32, 2)),
+    ("narrow", False, False): ((8, 128, 1, 16), (8, 64, 1, 16), (4, 64, 1, 16)),
+    ("narrow", False, True): ((8, 64, 1, 16), (4, 64, 1, 16)),
+    ("narrow", True, False): ((8, 128, 1, 16), (4, 64, 1, 16)),
+    ("narrow", True, True): ((4, 64, 1, 16),),
+    (128, False, False): ((8, 64, 2, 32), (8, 64, 1, 16), (4, 64, 1, 16)),
+    (128, False, True): ((8, 64, 1, 16), (4, 64, 1, 16)),
+    (128, True, False): ((8, 64, 2, 32), (4, 64, 1, 16)),
+    (128, True, True): ((4, 64, 1, 16),),
+    ("wide", False, False): ((8, 64, 4, 32), (8, 64, 2, 16), (8, 32, 2, 16)),
+    ("wide", False, True): ((8, 64, 4, 32), (8, 64, 2, 16), (8, 32, 2, 16)),
+    ("wide", True, False): ((8, 64, 4, 32), (8, 64, 2, 16), (4, 32, 2, 16)),
+    ("wide", True, True): ((8, 64, 4, 32), (8, 64, 2, 16), (4, 32, 2, 16)),
 }
 # Deterministic, and the smallest: 49 KiB at d_head 128, 77 KiB at 192 (sm_86/sm_89 allow 99 KiB);
 # d_head 256 needs 101 KiB, which only sm_80/sm_90-class GPUs have.
-_BWD_LAST_RESORT = {False: (4, 64, 1), True: (4, 32, 2)}
+_BWD_LAST_RESORT = {False: (4, 64, 1, 16), True: (4, 32, 2, 16)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -367,10 +386,11 @@ def default_bwd_config(dtype: str, d_head: int, causal: bool, local: bool = Fals
     """The first preference that builds and fits `smem_limit` bytes of shared memory per block; if
     none does, the deterministic last resort (on GPUs with 99 KiB per block, sm_86 and sm_89, the
     d_head 128 backward is deterministic either way). Raises ValueError if even that does not fit."""
-    wide = d_head > 128
-    choices = [(*c, deterministic) for c in _BWD_PREFERENCES[wide, deterministic, dropout]]
-    for n_warps, block_m, d_split, det in choices + [(*_BWD_LAST_RESORT[wide], True)]:
-        cfg = BwdConfig(dtype, d_head, n_warps, block_m, d_split, det, causal, local, softcap, alibi, dropout)
+    size = "wide" if d_head > 128 else 128 if d_head == 128 else "narrow"
+    choices = [(*c, deterministic) for c in _BWD_PREFERENCES[size, deterministic, dropout]]
+    for n_warps, block_m, d_split, group_rows, det in choices + [(*_BWD_LAST_RESORT[d_head > 128], True)]:
+        cfg = BwdConfig(dtype, d_head, n_warps, block_m, d_split, group_rows, det, causal, local, softcap, alibi,
+                        dropout)
         if not cfg.problems() and cfg.smem_bytes <= smem_limit:
             return cfg
     cfg.validate()  # the last resort builds; this only guards the table above

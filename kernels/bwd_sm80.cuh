@@ -36,18 +36,20 @@
 namespace flashjit::bwd {
 
 // One template parameter per BwdConfig field (flashjit/config.py), in the same order.
-template <bool kBf16_, int kD_, int kWarps_, int kBlockM_, int kDSplit_, bool kDeterministic_, bool kCausal_,
-          bool kLocal_, bool kSoftcap_, bool kAlibi_, bool kDropout_>
+template <bool kBf16_, int kD_, int kWarps_, int kBlockM_, int kDSplit_, int kGroupRows_, bool kDeterministic_,
+          bool kCausal_, bool kLocal_, bool kSoftcap_, bool kAlibi_, bool kDropout_>
 struct Config {
   static constexpr bool kBf16 = kBf16_, kCausal = kCausal_, kSwizzle = true, kDeterministic = kDeterministic_;
   using Mod = ScoreMod<kCausal_, kLocal_, kSoftcap_, kAlibi_>;
   static constexpr bool kDropout = kDropout_;
   static constexpr int kD = kD_, kWarps = kWarps_, kThreads = kWarps * 32;
-  // kDSplit warps (a group) share 16 accumulator rows, each owning kD / kDSplit of the columns.
-  static constexpr int kDSplit = kDSplit_, kGroups = kWarps / kDSplit;
+  // kDSplit warps (a group) share kGroupRows accumulator rows (kRT m-tiles), each owning kD / kDSplit
+  // of the columns.
+  static constexpr int kDSplit = kDSplit_, kGroups = kWarps / kDSplit, kGroupRows = kGroupRows_;
+  static constexpr int kRT = kGroupRows / 16;
   static constexpr bool kSplit = kDSplit > 1;
-  // Keys per dK/dV CTA (16 per group); also the rows and the key step of the dQ kernel.
-  static constexpr int kBlockN = 16 * kGroups;
+  // Keys per dK/dV CTA (kGroupRows per group); also the rows and the key step of the dQ kernel.
+  static constexpr int kBlockN = kGroupRows * kGroups;
   static constexpr int kBlockM = kBlockM_;  // queries per dK/dV step
   static constexpr int kKtD = kD / 16, kNtD = kD / 8, kKtM = kBlockM / 16, kNtM = kBlockM / 8;
   static constexpr int kKtN = kBlockN / 16, kNtN = kBlockN / 8;
@@ -77,15 +79,18 @@ struct Config {
   static constexpr int kDqMT = dq_m_tiles(), kDqWM = kDqMT ? kBlockM / (16 * kDqMT) : 1;
   static constexpr int kDqWD = kWarps / kDqWM, kDqNT = kNtD / kDqWD;
   // Accumulators + operands: dK, dV, S^T, dP^T in the dK/dV kernel; dQ, S, dP in the dQ kernel.
-  static constexpr int kDkdvRegs = 2 * kNtDW * 4 + 2 * kNtMW * 4 + 32, kDqRegs = kNtDW * 4 + 2 * kNtNW * 4 + 32;
+  static constexpr int kDkdvRegs = kRT * (2 * kNtDW * 4 + 2 * kNtMW * 4) + 32;
+  static constexpr int kDqRegs = kRT * (kNtDW * 4 + 2 * kNtNW * 4) + 32;
   static constexpr int kRegEstimate = kDeterministic && kDqRegs > kDkdvRegs ? kDqRegs : kDkdvRegs;
   static_assert(kD % 32 == 0 && kD <= 256, "the backward pass supports d_head up to 256");
   static_assert(kWarps == 4 || kWarps == 8, "the backward pass runs 4 or 8 warps");
   static_assert(kBlockM == 32 || kBlockM == 64 || kBlockM == 128, "block_m must be 32, 64 or 128");
-  static_assert(kDSplit == 1 || kDSplit == 2, "d_split must be 1 or 2");
+  static_assert(kDSplit == 1 || kDSplit == 2 || kDSplit == 4, "d_split must be 1, 2 or 4");
+  static_assert(kGroupRows == 16 || kGroupRows == 32, "group_rows must be 16 or 32");
+  static_assert(kNtDW % 2 == 0, "each warp's share of the head dim must be whole 16-column pairs");
   static_assert(kMW % 16 == 0 && kNW % 16 == 0, "each warp's share of a score block must be whole 16-wide k-tiles");
   static_assert(2 * kBlockM >= kBlockN,
-                "dK/dV are staged through the Q / dO tiles: 2 * block_m must be at least the block's 16 * n_warps / d_split keys");
+                "dK/dV are staged through the Q / dO tiles: 2 * block_m must be at least the block's group_rows * n_warps / d_split keys");
   static_assert(kDeterministic || kDqMT > 0, "no warp tiling of the fused dQ product");
   static_assert(kRegEstimate <= 255, "the backward accumulators of this config need more than 255 registers");
 };
@@ -193,7 +198,7 @@ __device__ __forceinline__ void gemm_frag_cols(float (&acc)[kMT][kNT][4], const 
   }
 }
 
-// The kDSplit warps of row group g share their staged score rows: a two-warp barrier when split,
+// The kDSplit warps of row group g share their staged score rows: a barrier among them when split,
 // else the warp only waits for its own lanes.
 template <class C>
 __device__ __forceinline__ void group_sync(int g) {
@@ -201,14 +206,22 @@ __device__ __forceinline__ void group_sync(int g) {
   else __syncwarp();
 }
 
-// The score block rows of group g (16 rows, k over all kKT * 16 staged columns) x tile, into this
-// warp's kNT n-tiles from nt0: the second half of a split product, after group_sync.
-template <class C, int kScoreCols, int kNT>
-__device__ __forceinline__ void gemm_staged_cols(float (&acc)[1][kNT][4], const elem_t* scores, int g,
+// acc += staged score rows [row0, row0 + 16 kMT) (k over all kScoreCols columns) x tile (rows = k),
+// into this warp's kNT n-tiles from nt0: the second half of a split product, after group_sync.
+template <class C, int kScoreCols, int kMT, int kNT>
+__device__ __forceinline__ void gemm_staged_cols(float (&acc)[kMT][kNT][4], const elem_t* scores, int row0,
                                                  const elem_t* tile, int nt0, int lane) {
-  uint32_t a[1][kScoreCols / 16][4];
-  load_a<kScoreCols, C::kSwizzle>(a, scores, g * 16, lane, 0, kScoreCols / 16);
-  gemm_frag_cols<C>(acc, a, tile, nt0, lane);
+  constexpr int kKT = kScoreCols / 16;
+#pragma unroll
+  for (int kt = 0; kt < kKT; ++kt) {
+    uint32_t a[kMT][kKT][4], b[kKT][kNT][2];
+    load_a<kScoreCols, C::kSwizzle>(a, scores, row0, lane, kt, 1);
+    load_b_cols<C::kD, C::kSwizzle>(b, tile, 0, lane, kt, 1, nt0);
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt) mma_16816<C::kBf16>(acc[mt][nt], a[mt][kt], b[kt][nt]);
+  }
 }
 
 // Fast path: dQ[row0 .., :] += dS K for this CTA's keys, from dS^T staged in sdS ([kBlockN keys,
@@ -255,9 +268,9 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
   elem_t* sP = sdS2 + C::kDsStages * C::kScoreTile;                     // split: P^T [kBlockN, kBlockM]
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  // This warp's 16 key rows (group g) and, when split, its half of the queries (score products)
-  // and of the head dim (accumulators).
-  const int g = warp / C::kDSplit, part = warp % C::kDSplit, q0 = part * C::kMW;
+  // This warp's kGroupRows key rows (group g, from r0) and, when split, its share of the queries
+  // (score products) and of the head dim (accumulators).
+  const int g = warp / C::kDSplit, part = warp % C::kDSplit, q0 = part * C::kMW, r0 = g * C::kGroupRows;
   const int num_n = (p.seqlen_k + C::kBlockN - 1) / C::kBlockN;
   const int n_block = blockIdx.x % num_n, bh_k = blockIdx.x / num_n;
   const int h_k = bh_k % p.heads_k, b = bh_k / p.heads_k, group = p.heads / p.heads_k;
@@ -268,7 +281,7 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
   load_rows<C, C::kBlockN>(sV, p.v, b, h_k, key0, keys, tid);
   cp_async_commit();
 
-  float dk[1][C::kNtDW][4], dv[1][C::kNtDW][4];
+  float dk[C::kRT][C::kNtDW][4], dv[C::kRT][C::kNtDW][4];
   zero(dk);
   zero(dv);
   // Query blocks that see any key of this block: [first_m, end_m). The window does not depend on
@@ -281,7 +294,7 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
     const int last_row = key0 + keys - 1 - bounds.diag + bounds.left;  // last query that sees a key here
     end_m = last_row < 0 ? 0 : min(end_m, last_row / C::kBlockM + 1);
   }
-  const int my_key0 = key0 + g * 16 + (lane >> 2);  // key of accumulator row half 0 (+8 for half 1)
+  const int my_key0 = key0 + r0 + (lane >> 2);  // key of m-tile mt, row half h: my_key0 + 16 mt + 8 h
 
   // One step per (query head of the group, query block), software-pipelined over two buffers: the
   // copy of step + 1 is in flight while step computes. One barrier per step: it publishes this
@@ -320,75 +333,87 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
     const float* s_lse = s_lse2 + buf * C::kBlockM;
     const float* s_dvec = s_dvec2 + buf * C::kBlockM;
 
-    // P^T: rows = this warp's 16 keys, cols = its kMW queries of the block (from q0).
-    float pt[1][C::kNtMW][4], grad[1][C::kNtMW][4];  // grad: used (and kept) only with softcap
-    gemm_rows_rows<C>(pt, sK, g * 16, sQ, q0, lane);
+    // P^T: rows = this warp's kGroupRows keys, cols = its kMW queries of the block (from q0).
+    float pt[C::kRT][C::kNtMW][4], grad[C::kRT][C::kNtMW][4];  // grad: used (and kept) only with softcap
+    gemm_rows_rows<C>(pt, sK, r0, sQ, q0, lane);
 #pragma unroll
-    for (int nt = 0; nt < C::kNtMW; ++nt)
+    for (int mt = 0; mt < C::kRT; ++mt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = q0 + nt * 8 + (lane & 3) * 2 + (e & 1);
-        pt[0][nt][e] = probability<C>(mod, pt[0][nt][e], row0 + col, my_key0 + (e >> 1) * 8, s_lse[col],
-                                      scale_log2, grad[0][nt][e]);
-      }
-    // Dropout keep bits: element (nt, e) is query row0 + q0 + 8 nt + 2 (lane % 4) + (e & 1), key my_key0 + 8 (e >> 1).
-    // The call for a query pair (i, i + 8) covers this lane's two keys and those of lane ^ 4 (the
-    // neighbouring key, my_key0 ^ 1) for the same queries, and the two lanes need the same two
-    // calls (queries i and i ^ 1): each makes the one for its own key parity and passes its
-    // neighbour's 4 bits over, so a call serves 8 entries.
-    uint32_t keep[C::kNtMW];
+      for (int nt = 0; nt < C::kNtMW; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = q0 + nt * 8 + (lane & 3) * 2 + (e & 1);
+          pt[mt][nt][e] = probability<C>(mod, pt[mt][nt][e], row0 + col, my_key0 + mt * 16 + (e >> 1) * 8,
+                                         s_lse[col], scale_log2, grad[mt][nt][e]);
+        }
+    // Dropout keep bits: element (mt, nt, e) is query row0 + q0 + 8 nt + 2 (lane % 4) + (e & 1), key
+    // my_key0 + 16 mt + 8 (e >> 1). The call for a query pair (i, i + 8) covers this lane's two keys
+    // and those of lane ^ 4 (the neighbouring key, key ^ 1) for the same queries, and the two lanes
+    // need the same two calls (queries i and i ^ 1): each makes the one for its own key parity and
+    // passes its neighbour's 4 bits over, so a call serves 8 entries. A call covers 8 keys spread
+    // over a 32-key chunk, and 32-row groups are 32-aligned: there one call serves both m-tiles.
+    static_assert(C::kRT == 1 || C::kGroupRows == 32, "a Philox call covers at most a 32-key chunk");
+    uint32_t keep[C::kRT][C::kNtMW];
     if (C::kDropout) {
-      const int parity = (lane >> 2) & 1;  // = my_key0 & 1, as key0 and 16 * g are even
+      const int parity = (lane >> 2) & 1;  // = my_key0 & 1, as key0 and r0 are even
 #pragma unroll
       for (int nt = 0; nt < C::kNtMW; nt += 2) {
         const int i = row0 + q0 + nt * 8 + (lane & 3) * 2 + parity;
         const uint4 flags = drop.keep_flags(i, my_key0);
-        uint32_t mine = 0, theirs = 0;  // bit 2 sub + half: query i + 8 sub, key (my_key0 or ^ 1) + 8 half
 #pragma unroll
-        for (int sub = 0; sub < 2; ++sub)
+        for (int mt = 0; mt < C::kRT; ++mt) {
+          const int key = my_key0 + mt * 16;
+          uint32_t mine = 0, theirs = 0;  // bit 2 sub + half: query i + 8 sub, key (key or ^ 1) + 8 half
 #pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            mine |= uint32_t(Dropout::kept(flags, i + sub * 8, my_key0 + half * 8)) << (sub * 2 + half);
-            theirs |= uint32_t(Dropout::kept(flags, i + sub * 8, (my_key0 ^ 1) + half * 8)) << (sub * 2 + half);
-          }
-        const uint32_t received = __shfl_xor_sync(0xffffffffu, theirs, 4);  // query i ^ 1, my keys
-        keep[nt] = keep[nt + 1] = 0;
+          for (int sub = 0; sub < 2; ++sub)
 #pragma unroll
-        for (int sub = 0; sub < 2; ++sub)
+            for (int half = 0; half < 2; ++half) {
+              mine |= uint32_t(Dropout::kept(flags, i + sub * 8, key + half * 8)) << (sub * 2 + half);
+              theirs |= uint32_t(Dropout::kept(flags, i + sub * 8, (key ^ 1) + half * 8)) << (sub * 2 + half);
+            }
+          const uint32_t received = __shfl_xor_sync(0xffffffffu, theirs, 4);  // query i ^ 1, my keys
+          keep[mt][nt] = keep[mt][nt + 1] = 0;
 #pragma unroll
-          for (int half = 0; half < 2; ++half)
-            keep[nt + sub] |= ((mine >> (sub * 2 + half)) & 1u) << (half * 2 + parity) |
-                              ((received >> (sub * 2 + half)) & 1u) << (half * 2 + (parity ^ 1));
+          for (int sub = 0; sub < 2; ++sub)
+#pragma unroll
+            for (int half = 0; half < 2; ++half)
+              keep[mt][nt + sub] |= ((mine >> (sub * 2 + half)) & 1u) << (half * 2 + parity) |
+                                    ((received >> (sub * 2 + half)) & 1u) << (half * 2 + (parity ^ 1));
+        }
       }
     }
     const float rp = p.mods.dropout_scale;
-    auto dropped = [&](int, int nt, int e, float x) { return C::kDropout ? ((keep[nt] >> e) & 1u ? x * rp : 0.f) : x; };
-    uint32_t pa[1][C::kNtMW / 2][4];
+    auto dropped = [&](int mt, int nt, int e, float x) {
+      return C::kDropout ? ((keep[mt][nt] >> e) & 1u ? x * rp : 0.f) : x;
+    };
+    uint32_t pa[C::kRT][C::kNtMW / 2][4];
     acc_to_a<C::kBf16>(pt, pa, dropped);
-    if constexpr (C::kSplit) store_a<C::kBlockM, C::kSwizzle>(sP, pa, g * 16, lane, q0 / 8);
+    if constexpr (C::kSplit) store_a<C::kBlockM, C::kSwizzle>(sP, pa, r0, lane, q0 / 8);
     else gemm_frag_cols<C>(dv, pa, sdO, 0, lane);  // dV += (P o Z / (1 - p))^T dO
 
-    float dpt[1][C::kNtMW][4];
-    gemm_rows_rows<C>(dpt, sV, g * 16, sdO, q0, lane);  // dP^T = V dO^T
+    float dpt[C::kRT][C::kNtMW][4];
+    gemm_rows_rows<C>(dpt, sV, r0, sdO, q0, lane);  // dP^T = V dO^T
 #pragma unroll
-    for (int nt = 0; nt < C::kNtMW; ++nt)
+    for (int mt = 0; mt < C::kRT; ++mt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = q0 + nt * 8 + (lane & 3) * 2 + (e & 1);
-        dpt[0][nt][e] = pt[0][nt][e] * (dropped(0, nt, e, dpt[0][nt][e]) - s_dvec[col]);  // dS^T
-        if (C::Mod::kSoftcap) dpt[0][nt][e] *= grad[0][nt][e];
-      }
-    uint32_t dsa[1][C::kNtMW / 2][4];
+      for (int nt = 0; nt < C::kNtMW; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = q0 + nt * 8 + (lane & 3) * 2 + (e & 1);
+          dpt[mt][nt][e] = pt[mt][nt][e] * (dropped(mt, nt, e, dpt[mt][nt][e]) - s_dvec[col]);  // dS^T
+          if (C::Mod::kSoftcap) dpt[mt][nt][e] *= grad[mt][nt][e];
+        }
+    uint32_t dsa[C::kRT][C::kNtMW / 2][4];
     acc_to_a<C::kBf16>(dpt, dsa);
     elem_t* sdS = sdS2 + (C::kDsStages == 2 ? buf : 0) * C::kScoreTile;
-    if constexpr (C::kSplit) {  // both halves of the group's P^T and dS^T rows, then this warp's columns
-      store_a<C::kBlockM, C::kSwizzle>(sdS, dsa, g * 16, lane, q0 / 8);
+    if constexpr (C::kSplit) {  // every share of the group's P^T and dS^T rows, then this warp's columns
+      store_a<C::kBlockM, C::kSwizzle>(sdS, dsa, r0, lane, q0 / 8);
       group_sync<C>(g);
-      gemm_staged_cols<C, C::kBlockM>(dv, sP, g, sdO, part * C::kNtDW, lane);
-      gemm_staged_cols<C, C::kBlockM>(dk, sdS, g, sQ, part * C::kNtDW, lane);
+      gemm_staged_cols<C, C::kBlockM>(dv, sP, r0, sdO, part * C::kNtDW, lane);
+      gemm_staged_cols<C, C::kBlockM>(dk, sdS, r0, sQ, part * C::kNtDW, lane);
     } else {
       gemm_frag_cols<C>(dk, dsa, sQ, 0, lane);  // dK += dS^T Q
-      if constexpr (!C::kDeterministic) store_a<C::kBlockM, C::kSwizzle>(sdS, dsa, g * 16, lane);
+      if constexpr (!C::kDeterministic) store_a<C::kBlockM, C::kSwizzle>(sdS, dsa, r0, lane);
     }
   }
   cp_async_wait<0>();
@@ -397,8 +422,8 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
 
   // Stage through the Q / dO buffers (each warp writes its own rows and columns), then coalesced
   // stores. Both hold 2 * kBlockM >= kBlockN rows.
-  store_acc<C::kD, C::kSwizzle, C::kBf16>(sQ2, dk, g * 16, lane, p.softmax_scale, part * C::kNtDW);
-  store_acc<C::kD, C::kSwizzle, C::kBf16>(sdO2, dv, g * 16, lane, 1.f, part * C::kNtDW);
+  store_acc<C::kD, C::kSwizzle, C::kBf16>(sQ2, dk, r0, lane, p.softmax_scale, part * C::kNtDW);
+  store_acc<C::kD, C::kSwizzle, C::kBf16>(sdO2, dv, r0, lane, 1.f, part * C::kNtDW);
   __syncthreads();
   store_rows<C, C::kBlockN>(p.dk, b, h_k, key0, sQ2, keys, tid);
   store_rows<C, C::kBlockN>(p.dv, b, h_k, key0, sdO2, keys, tid);
@@ -431,9 +456,9 @@ __global__ void __launch_bounds__(C::kThreads) dq_kernel(const __grid_constant__
   elem_t* sdS = sV2 + 2 * C::kTileN;   // split: dS [kRows queries, kRows keys]
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  // This warp's 16 query rows (group g) and, when split, its half of each key block (k0: score
-  // products) and of the head dim (accumulator).
-  const int g = warp / C::kDSplit, part = warp % C::kDSplit, k0 = part * C::kNW;
+  // This warp's kGroupRows query rows (group g, from r0) and, when split, its share of each key
+  // block (k0: score products) and of the head dim (accumulator).
+  const int g = warp / C::kDSplit, part = warp % C::kDSplit, k0 = part * C::kNW, r0 = g * C::kGroupRows;
   const int num_m = (p.seqlen_q + kRows - 1) / kRows;
   int m_block = blockIdx.x % num_m;
   const int bh = blockIdx.x / num_m, h = bh % p.heads, b = bh / p.heads;
@@ -448,16 +473,19 @@ __global__ void __launch_bounds__(C::kThreads) dq_kernel(const __grid_constant__
   load_rows<C, kRows>(sdO, p.dout, b, h, row0, rows, tid);
   cp_async_commit();
 
-  // This thread's two rows: lse (log2 units; +inf past the end or for rows that saw no key) and D.
-  float lse2[2], dvec[2];
-  const int my_row0 = row0 + g * 16 + (lane >> 2);
+  // This thread's rows my_row0 + 16 mt + 8 half: lse (log2 units; +inf past the end or for rows
+  // that saw no key) and D.
+  float lse2[C::kRT][2], dvec[C::kRT][2];
+  const int my_row0 = row0 + r0 + (lane >> 2);
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int row = my_row0 + half * 8;
-    const bool valid = row < p.seqlen_q;
-    lse2[half] = valid ? p.lse[int64_t(bh) * p.seqlen_q + row] * 1.4426950408889634f : INFINITY;
-    dvec[half] = valid ? p.dvec[int64_t(bh) * p.seqlen_q + row] : 0.f;
-  }
+  for (int mt = 0; mt < C::kRT; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = my_row0 + mt * 16 + half * 8;
+      const bool valid = row < p.seqlen_q;
+      lse2[mt][half] = valid ? p.lse[int64_t(bh) * p.seqlen_q + row] * 1.4426950408889634f : INFINITY;
+      dvec[mt][half] = valid ? p.dvec[int64_t(bh) * p.seqlen_q + row] : 0.f;
+    }
 
   // Key blocks any row of this CTA sees: [j_begin, j_end) (as in the forward pass).
   int j_begin = 0, j_end = (p.seqlen_k + kRows - 1) / kRows;
@@ -466,7 +494,7 @@ __global__ void __launch_bounds__(C::kThreads) dq_kernel(const __grid_constant__
     j_end = last_col < 0 ? 0 : min(j_end, last_col / kRows + 1);
   }
   if (C::Mod::kLocal && mod.left >= 0) j_begin = max(0, (row0 + mod.diag - mod.left) / kRows);
-  float dq[1][C::kNtDW][4];
+  float dq[C::kRT][C::kNtDW][4];
   zero(dq);
   // Software-pipelined over two K/V buffers: block j + 1 is copied while block j computes. One
   // barrier per step publishes block j and retires every read of the buffer block j + 1 refills.
@@ -486,34 +514,38 @@ __global__ void __launch_bounds__(C::kThreads) dq_kernel(const __grid_constant__
     const elem_t* sK = sK2 + buf * C::kTileN;
     const elem_t* sV = sV2 + buf * C::kTileN;
 
-    float s[1][C::kNtNW][4];
-    gemm_rows_rows<C>(s, sQ, g * 16, sK, k0, lane);  // S = Q K^T (this warp's keys)
-    float dp[1][C::kNtNW][4];
-    gemm_rows_rows<C>(dp, sdO, g * 16, sV, k0, lane);  // dP = dO V^T
-    // Dropout: one Philox call per 32-key chunk covers both rows (a 16-key share uses half of one).
-    uint4 flags[(C::kNtNW + 3) / 4];
-    if (C::kDropout) {
+    float s[C::kRT][C::kNtNW][4];
+    gemm_rows_rows<C>(s, sQ, r0, sK, k0, lane);  // S = Q K^T (this warp's keys)
+    float dp[C::kRT][C::kNtNW][4];
+    gemm_rows_rows<C>(dp, sdO, r0, sV, k0, lane);  // dP = dO V^T
 #pragma unroll
-      for (int chunk = 0; chunk < (C::kNtNW + 3) / 4; ++chunk)
-        flags[chunk] = drop.keep_flags(my_row0, col0 + k0 + chunk * 32 + (lane & 3) * 2);
-    }
+    for (int mt = 0; mt < C::kRT; ++mt) {
+      const int i = my_row0 + mt * 16;
+      // Dropout: one Philox call per 32-key chunk covers both rows (a 16-key share uses half of one).
+      uint4 flags[(C::kNtNW + 3) / 4];
+      if (C::kDropout) {
 #pragma unroll
-    for (int nt = 0; nt < C::kNtNW; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int half = e >> 1, col = col0 + k0 + nt * 8 + (lane & 3) * 2 + (e & 1);
-        float grad, dp_kept = dp[0][nt][e];
-        if (C::kDropout)
-          dp_kept = Dropout::kept(flags[nt / 4], my_row0 + half * 8, col) ? dp_kept * p.mods.dropout_scale : 0.f;
-        const float prob = probability<C>(mod, s[0][nt][e], my_row0 + half * 8, col, lse2[half], scale_log2, grad);
-        s[0][nt][e] = prob * (dp_kept - dvec[half]) * grad;  // dS (grad: softcap's chain rule, else 1)
+        for (int chunk = 0; chunk < (C::kNtNW + 3) / 4; ++chunk)
+          flags[chunk] = drop.keep_flags(i, col0 + k0 + chunk * 32 + (lane & 3) * 2);
       }
-    uint32_t dsa[1][C::kNtNW / 2][4];
+#pragma unroll
+      for (int nt = 0; nt < C::kNtNW; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int half = e >> 1, col = col0 + k0 + nt * 8 + (lane & 3) * 2 + (e & 1);
+          float grad, dp_kept = dp[mt][nt][e];
+          if (C::kDropout)
+            dp_kept = Dropout::kept(flags[nt / 4], i + half * 8, col) ? dp_kept * p.mods.dropout_scale : 0.f;
+          const float prob = probability<C>(mod, s[mt][nt][e], i + half * 8, col, lse2[mt][half], scale_log2, grad);
+          s[mt][nt][e] = prob * (dp_kept - dvec[mt][half]) * grad;  // dS (grad: softcap's chain rule, else 1)
+        }
+    }
+    uint32_t dsa[C::kRT][C::kNtNW / 2][4];
     acc_to_a<C::kBf16>(s, dsa);
-    if constexpr (C::kSplit) {  // both halves of the group's dS rows, then this warp's columns
-      store_a<kRows, C::kSwizzle>(sdS, dsa, g * 16, lane, k0 / 8);
+    if constexpr (C::kSplit) {  // every share of the group's dS rows, then this warp's columns
+      store_a<kRows, C::kSwizzle>(sdS, dsa, r0, lane, k0 / 8);
       group_sync<C>(g);
-      gemm_staged_cols<C, kRows>(dq, sdS, g, sK, part * C::kNtDW, lane);
+      gemm_staged_cols<C, kRows>(dq, sdS, r0, sK, part * C::kNtDW, lane);
     } else {
       gemm_frag_cols<C>(dq, dsa, sK, 0, lane);  // dQ += dS K
     }
@@ -521,7 +553,7 @@ __global__ void __launch_bounds__(C::kThreads) dq_kernel(const __grid_constant__
 
   cp_async_wait<0>();
   group_sync<C>(g);  // sQ rows of this group are read only by its warps
-  store_acc<C::kD, C::kSwizzle, C::kBf16>(sQ, dq, g * 16, lane, p.softmax_scale, part * C::kNtDW);
+  store_acc<C::kD, C::kSwizzle, C::kBf16>(sQ, dq, r0, lane, p.softmax_scale, part * C::kNtDW);
   __syncthreads();
   store_rows<C, kRows>(p.dq, b, h, row0, sQ, rows, tid);
 }

@@ -4,10 +4,10 @@
 TFLOP/s conventions: forward 4 * B * H * S^2 * D (halved for causal), backward 2.5x that,
 forward+backward 3.5x. batch * seqlen = --tokens, heads * head_dim = --hidden.
 --candidates also times flashjit.backward alone (no autograd) for each listed (n_warps, block_m,
-deterministic[, d_split]) backward config: how the defaults in flashjit/config.py were chosen.
+deterministic[, d_split[, group_rows]]) backward config: how the defaults in flashjit/config.py were chosen.
 
     python scripts/bench_backward.py --out bench-out
-    python scripts/bench_backward.py --candidates 8x64x0,4x64x0,8x64x1,8x128x0x2 --out bench-out
+    python scripts/bench_backward.py --candidates 8x64x0,4x64x0,8x64x1,8x64x0x2x32 --out bench-out
 """
 from __future__ import annotations
 
@@ -50,14 +50,15 @@ def timings(attn, q, k, v, dout):
 
 
 def candidate_tflops(spec: str, point, q, k, v, dout, drop: float, flops: float) -> dict:
-    """Backward TFLOP/s of flashjit.backward (kernels only) for each WARPSxBLOCK_MxDET[xD_SPLIT] in spec."""
+    """Backward TFLOP/s of flashjit.backward (kernels only) for each WARPSxBLOCK_MxDET[xD_SPLIT[xGROUP_ROWS]] in spec."""
     philox = flashjit.interface.philox_state(q.get_device()) if drop else None
     with torch.no_grad():
         out, lse = flashjit.forward(q, k, v, causal=point["causal"], return_lse=True, dropout_p=drop, philox=philox)
     out_tflops = {}
     for item in spec.split(","):
-        n_warps, block_m, det, d_split = (int(x) for x in (item + "x1").split("x")[:4])
-        cfg = flashjit.BwdConfig(point["dtype"], point["d_head"], n_warps, block_m, d_split, bool(det),
+        values = [int(x) for x in item.split("x")]
+        n_warps, block_m, det, d_split, group_rows = values + [1, 16][len(values) - 3:]  # defaults: 1, 16
+        cfg = flashjit.BwdConfig(point["dtype"], point["d_head"], n_warps, block_m, d_split, group_rows, bool(det),
                                  point["causal"], dropout=drop > 0)
         if cfg.problems():
             out_tflops[cfg.name] = None
@@ -74,7 +75,7 @@ def main() -> None:
     add_grid_arguments(parser, "bf16", "64,128", "1024,2048,4096,8192,16384")
     parser.add_argument("--dropout-p", type=float, default=0.0, help="dropout for every contender")
     parser.add_argument("--deterministic", action="store_true", help="flashjit's deterministic backward")
-    parser.add_argument("--candidates", default="", help="comma-separated WARPSxBLOCK_MxDET[xD_SPLIT] backward configs")
+    parser.add_argument("--candidates", default="", help="comma-separated WARPSxBLOCK_MxDET[xD_SPLIT[xGROUP_ROWS]] backward configs")
     args = parser.parse_args()
     drop = args.dropout_p
     out_dir = Path(args.out)

@@ -102,7 +102,7 @@ def test_backward_configs():
         for causal, det in itertools.product((False, True), (False, True)):
             cfg = default_bwd_config(dtype, d, causal, deterministic=det).validate()
             assert config_from_name(cfg.name) == cfg and "bwd_sm80.cuh" in codegen.render(cfg)
-            assert cfg.deterministic == det and cfg.d_split == (2 if d > 128 else 1)
+            assert cfg.deterministic == det and (cfg.d_split > 1 or d <= 128)
             for limit in (163 * 1024, 99 * 1024):  # sm_80, sm_86/sm_89
                 if d == 256 and limit == 99 * 1024:
                     with pytest.raises(ValueError, match="d_head=256 fits 99 KiB"):
@@ -117,7 +117,11 @@ def test_backward_configs():
     assert any(cfgmod.WHY_BWD_DQ_TILING in p for p in BwdConfig(d_head=160, n_warps=8, block_m=32, d_split=2).problems())
     assert not BwdConfig(d_head=160, n_warps=8, block_m=32, d_split=2, deterministic=True).problems()
     source = (codegen.kernels_dir() / "bwd_sm80.cuh").read_text()
-    for reason in (cfgmod.WHY_BWD_REGISTERS, cfgmod.WHY_BWD_STAGING, cfgmod.WHY_BWD_DQ_TILING):
+    assert any(cfgmod.WHY_BWD_SHARES in p for p in BwdConfig(n_warps=8, block_m=32, d_split=4).problems())
+    assert any(cfgmod.WHY_BWD_COLUMNS in p for p in BwdConfig(d_head=160, n_warps=8, d_split=4, group_rows=32).problems())
+    assert not BwdConfig(d_head=256, n_warps=8, block_m=64, d_split=4, group_rows=32).problems()
+    for reason in (cfgmod.WHY_BWD_REGISTERS, cfgmod.WHY_BWD_STAGING, cfgmod.WHY_BWD_DQ_TILING, cfgmod.WHY_BWD_SHARES,
+                   cfgmod.WHY_BWD_COLUMNS):
         assert f'"{reason}"' in source, reason
     with pytest.raises(ValueError, match="backward kernel name"):
         BwdConfig.from_name("bwd_bf16_d128")

@@ -128,26 +128,29 @@ def test_jit_window_softcap_alibi_match_reference(kwargs, causal, dtype, determi
         assert err <= 2 * low_err + 2e-3, f"{name}: {err:.3e} vs PyTorch low-precision {low_err:.3e}"
 
 
-# Explicit backward configs beyond the dispatcher's defaults: (n_warps, block_m, d_split,
-# deterministic, d_head). Every tiling family: 32-query steps, a split head dim below 128 (where it
-# is optional), both dQ paths with a split, and the wide head dims on their smaller tilings.
-TILINGS = [(4, 32, 1, False, 64), (8, 128, 2, False, 128), (8, 64, 2, True, 64), (4, 32, 2, True, 96),
-           (4, 32, 2, False, 256), (8, 32, 2, False, 192), (4, 64, 2, False, 160), (4, 32, 2, True, 256)]
+# Explicit backward configs beyond the dispatcher's defaults: (n_warps, block_m, d_split, group_rows,
+# deterministic, d_head). Every tiling family: 32-query steps, split head dims below 128 (where they
+# are optional), 32-row groups, both dQ paths with a split, and the wide head dims on other tilings.
+TILINGS = [(4, 32, 1, 16, False, 64), (8, 128, 2, 16, False, 128), (8, 64, 2, 16, True, 64),
+           (4, 32, 2, 16, True, 96), (4, 32, 2, 16, False, 256), (8, 32, 2, 16, False, 192),
+           (4, 64, 2, 16, False, 160), (4, 32, 2, 16, True, 256), (8, 64, 2, 32, False, 128),
+           (8, 64, 2, 32, True, 96), (8, 64, 4, 32, False, 256), (8, 64, 4, 32, True, 192),
+           (4, 64, 1, 32, False, 32)]
 
 
 @gpu
 @pytest.mark.parametrize("features", [False, True], ids=["plain", "window_softcap_alibi"])
 @pytest.mark.parametrize("tiling", TILINGS, ids=str)
 def test_backward_tilings_match_reference(tiling, features):
-    n_warps, block_m, d_split, deterministic, d = tiling
+    n_warps, block_m, d_split, group_rows, deterministic, d = tiling
     b, sq, sk, h, hk = 2, 150, 211, 4, 2
     kwargs = dict(window_size=(70, 9), softcap=4.0, alibi_slopes=torch.rand(h, device="cuda") * 0.3) if features \
         else {}
     q, k, v = _qkv(b, sq, sk, h, hk, d, torch.bfloat16, "cuda", grad=False)
     dout = torch.randn_like(q)
     out, lse = flashjit.forward(q, k, v, return_lse=True, **kwargs)
-    config = flashjit.BwdConfig("bf16", d, n_warps, block_m, d_split, deterministic, False, local=features,
-                                softcap=features, alibi=features).validate()
+    config = flashjit.BwdConfig("bf16", d, n_warps, block_m, d_split, group_rows, deterministic, False,
+                                local=features, softcap=features, alibi=features).validate()
     grads = flashjit.backward(dout, q, k, v, out, lse, config=config, **kwargs)
     ref = [t.detach().requires_grad_() for t in (q, k, v)]
     attention_reference(*ref, **dict(kwargs, window_size=kwargs.get("window_size", (-1, -1))))[0].backward(

@@ -30,7 +30,8 @@ SUBSET = [  # both dtypes, several head dims, causal, knobs off, both archs
     ("sm_80", BwdConfig("bf16", 96, 4, 64, causal=True, local=True, softcap=True, alibi=True)),
     ("sm_90a", KernelConfig(dtype="bf16", d_head=128, causal=True, dropout=True)),
     ("sm_90a", BwdConfig("bf16", 128, 8, 64, dropout=True)),
-    ("sm_90a", BwdConfig("bf16", 256, 8, 64, 2, causal=True)),
+    ("sm_90a", BwdConfig("bf16", 256, 8, 64, 4, 32, causal=True)),
+    ("sm_80", BwdConfig("bf16", 128, 8, 64, 2, 32, dropout=True)),
     ("sm_80", BwdConfig("fp16", 192, 4, 32, 2, deterministic=True, dropout=True)),
 ]
 
