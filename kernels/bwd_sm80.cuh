@@ -9,11 +9,13 @@
 // 2. dkdv_kernel: one CTA per (key block, kv head, batch); walks every query block of every query
 //    head of its GQA group, so dK/dV are summed over the group in registers. Works on S^T = K Q^T so
 //    each warp owns 16 key rows of the accumulators.
-//    With d_split = 2 (head dims above 128, whose 16-row dK + dV accumulators would need 256+
-//    registers), two warps share each 16 rows and own half the head dim each. Each computes the
-//    scores for half of the block's queries only (nothing is computed twice), stages its P^T and
-//    dS^T in shared memory, and after a two-warp barrier reads the whole rows back as the A operand
-//    of its dV and dK products. The dQ kernel splits its keys the same way.
+//    A group of d_split warps owns group_rows (16 or 32) accumulator rows, each warp d_head /
+//    d_split of the columns. Split (d_split > 1), each warp computes the scores for its share of the
+//    block's queries only (nothing is computed twice), stages its P^T and dS^T in shared memory,
+//    and after a barrier among the group reads the whole rows back as the A operand of its dV and dK
+//    products. That fits head dims above 128, whose 16-row dK + dV would need 256+ registers, and
+//    with 32-row groups gives FlashAttention-2's squarer warp tiles (18% fewer ldmatrix at d128).
+//    The dQ kernel splits its keys the same way.
 // Then dQ, one of two ways (the kDeterministic template parameter):
 // 3a. fast (default, flash-attn's deterministic=False): dkdv_kernel also stages dS in shared memory,
 //     multiplies it by K and adds the block's dQ into an fp32 buffer with atomics (5 products per
