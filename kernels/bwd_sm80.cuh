@@ -177,10 +177,7 @@ __device__ __forceinline__ void gemm_rows_rows(float (&acc)[kMT][kNT][4], const 
     uint32_t a[kMT][C::kKtD][4], b[C::kKtD][kNT][2];
     load_a<C::kD, C::kSwizzle>(a, tile_a, a_row0, lane, kt, 1);
     load_b_rows<C::kD, C::kSwizzle>(b, tile_b, b_row0, lane, kt, 1);
-#pragma unroll
-    for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) mma_16816<C::kBf16>(acc[mt][nt], a[mt][kt], b[kt][nt]);
+    mma_k_tile<C::kBf16>(acc, a, b, kt);
   }
 }
 
@@ -193,10 +190,7 @@ __device__ __forceinline__ void gemm_frag_cols(float (&acc)[kMT][kNT][4], const 
   for (int kt = 0; kt < kKT; ++kt) {
     uint32_t b[kKT][kNT][2];
     load_b_cols<C::kD, C::kSwizzle>(b, tile, 0, lane, kt, 1, nt0);
-#pragma unroll
-    for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) mma_16816<C::kBf16>(acc[mt][nt], a[mt][kt], b[kt][nt]);
+    mma_k_tile<C::kBf16>(acc, a, b, kt);
   }
 }
 
@@ -219,10 +213,7 @@ __device__ __forceinline__ void gemm_staged_cols(float (&acc)[kMT][kNT][4], cons
     uint32_t a[kMT][kKT][4], b[kKT][kNT][2];
     load_a<kScoreCols, C::kSwizzle>(a, scores, row0, lane, kt, 1);
     load_b_cols<C::kD, C::kSwizzle>(b, tile, 0, lane, kt, 1, nt0);
-#pragma unroll
-    for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < kNT; ++nt) mma_16816<C::kBf16>(acc[mt][nt], a[mt][kt], b[kt][nt]);
+    mma_k_tile<C::kBf16>(acc, a, b, kt);
   }
 }
 
@@ -239,10 +230,7 @@ __device__ __forceinline__ void accumulate_dq(const BwdParams& p, const elem_t* 
     uint32_t a[C::kDqMT][C::kKtN][4], b[C::kKtN][C::kDqNT][2];
     load_a_trans<C::kBlockM, C::kSwizzle>(a, sdS, wm * C::kDqMT * 16, lane, kt, 1);
     load_b_cols<C::kD, C::kSwizzle>(b, sK, 0, lane, kt, 1, wd * C::kDqNT);
-#pragma unroll
-    for (int mt = 0; mt < C::kDqMT; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < C::kDqNT; ++nt) mma_16816<C::kBf16>(dq[mt][nt], a[mt][kt], b[kt][nt]);
+    mma_k_tile<C::kBf16>(dq, a, b, kt);
   }
 #pragma unroll
   for (int mt = 0; mt < C::kDqMT; ++mt)

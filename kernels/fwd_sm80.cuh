@@ -101,10 +101,7 @@ __device__ __forceinline__ void gemm_qk(float (&s)[C::kM][C::kNtC][4], uint32_t 
     if (C::kDbK && kt == 0) load_b_rows<C::kD, C::kSwizzle>(kf, sK, 0, lane, 0, C::kChunkK);
     if (fetch_chunk_at<C::kChunkK, C::kKtD, C::kDbK>(kt, first))
       load_b_rows<C::kD, C::kSwizzle>(kf, sK, 0, lane, first, C::kChunkK);
-#pragma unroll
-    for (int mt = 0; mt < C::kM; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < C::kNtC; ++nt) mma_16816<C::kBf16>(s[mt][nt], qf[mt][kt], kf[kt][nt]);
+    mma_k_tile<C::kBf16>(s, qf, kf, kt);
   }
 }
 
@@ -119,10 +116,7 @@ __device__ __forceinline__ void gemm_pv(float (&o)[C::kM][C::kNtD][4], const uin
     if (C::kDbV && kt == 0) load_b_cols<C::kD, C::kSwizzle>(vf, sV, 0, lane, 0, C::kChunkV);
     if (fetch_chunk_at<C::kChunkV, C::kKtC, C::kDbV>(kt, first))
       load_b_cols<C::kD, C::kSwizzle>(vf, sV, 0, lane, first, C::kChunkV);
-#pragma unroll
-    for (int mt = 0; mt < C::kM; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < C::kNtD; ++nt) mma_16816<C::kBf16>(o[mt][nt], p[mt][kt], vf[kt][nt]);
+    mma_k_tile<C::kBf16>(o, p, vf, kt);
   }
 }
 

@@ -74,6 +74,16 @@ __device__ __forceinline__ void load_a_trans(uint32_t (&a)[kMT][kKT][4], const e
                                                                    (m0 >> 3) + mt * 2, (lane >> 3) & 1)));
 }
 
+// acc[mt][nt] += a[mt][kt] x b[kt][nt] for every m- and n-tile: k-tile kt of a warp's block product.
+template <bool kBf16, int kMT, int kNT, int kKTA, int kKTB>
+__device__ __forceinline__ void mma_k_tile(float (&acc)[kMT][kNT][4], const uint32_t (&a)[kMT][kKTA][4],
+                                           const uint32_t (&b)[kKTB][kNT][2], int kt) {
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt) mma_16816<kBf16>(acc[mt][nt], a[mt][kt], b[kt][nt]);
+}
+
 // The C fragments of n-tiles 2kt and 2kt+1 of an fp32 accumulator are exactly the A fragment of
 // k-tile kt of the same matrix in 16-bit: how P (and dS) feed the next product without shared memory.
 // `f(mt, nt, e, value)` may rewrite each element on the way (e.g. apply a dropout mask).
