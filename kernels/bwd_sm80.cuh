@@ -326,16 +326,12 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
     // P^T: rows = this warp's kGroupRows keys, cols = its kMW queries of the block (from q0).
     float pt[C::kRT][C::kNtMW][4], grad[C::kRT][C::kNtMW][4];  // grad: used (and kept) only with softcap
     gemm_rows_rows<C>(pt, sK, r0, sQ, q0, lane);
-#pragma unroll
-    for (int mt = 0; mt < C::kRT; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < C::kNtMW; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = q0 + nt * 8 + (lane & 3) * 2 + (e & 1);
-          pt[mt][nt][e] = probability<C>(mod, pt[mt][nt][e], row0 + col, my_key0 + mt * 16 + (e >> 1) * 8,
-                                         s_lse[col], scale_log2, grad[mt][nt][e]);
-        }
+    const auto query = [&](int nt, int e) { return q0 + nt * 8 + (lane & 3) * 2 + (e & 1); };  // in the block
+    for_each_acc<C::kRT, C::kNtMW>([&](int mt, int nt, int e) {
+      const int col = query(nt, e);
+      pt[mt][nt][e] = probability<C>(mod, pt[mt][nt][e], row0 + col, my_key0 + mt * 16 + (e >> 1) * 8, s_lse[col],
+                                     scale_log2, grad[mt][nt][e]);
+    });
     // Dropout keep bits: element (mt, nt, e) is query row0 + q0 + 8 nt + 2 (lane % 4) + (e & 1), key
     // my_key0 + 16 mt + 8 (e >> 1). The call for a query pair (i, i + 8) covers this lane's two keys
     // and those of lane ^ 4 (the neighbouring key, key ^ 1) for the same queries, and the two lanes
@@ -383,16 +379,10 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
 
     float dpt[C::kRT][C::kNtMW][4];
     gemm_rows_rows<C>(dpt, sV, r0, sdO, q0, lane);  // dP^T = V dO^T
-#pragma unroll
-    for (int mt = 0; mt < C::kRT; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < C::kNtMW; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = q0 + nt * 8 + (lane & 3) * 2 + (e & 1);
-          dpt[mt][nt][e] = pt[mt][nt][e] * (dropped(mt, nt, e, dpt[mt][nt][e]) - s_dvec[col]);  // dS^T
-          if (C::Mod::kSoftcap) dpt[mt][nt][e] *= grad[mt][nt][e];
-        }
+    for_each_acc<C::kRT, C::kNtMW>([&](int mt, int nt, int e) {
+      dpt[mt][nt][e] = pt[mt][nt][e] * (dropped(mt, nt, e, dpt[mt][nt][e]) - s_dvec[query(nt, e)]);  // dS^T
+      if (C::Mod::kSoftcap) dpt[mt][nt][e] *= grad[mt][nt][e];
+    });
     uint32_t dsa[C::kRT][C::kNtMW / 2][4];
     acc_to_a<C::kBf16>(dpt, dsa);
     elem_t* sdS = sdS2 + (C::kDsStages == 2 ? buf : 0) * C::kScoreTile;

@@ -84,6 +84,18 @@ __device__ __forceinline__ void mma_k_tile(float (&acc)[kMT][kNT][4], const uint
     for (int nt = 0; nt < kNT; ++nt) mma_16816<kBf16>(acc[mt][nt], a[mt][kt], b[kt][nt]);
 }
 
+// f(mt, nt, e) for every element of a [kMT][kNT][4] accumulator block, unrolled: element-wise passes
+// over scores (row 16 mt + lane/4 + 8 (e >> 1), column 8 nt + 2 (lane%4) + (e & 1)).
+template <int kMT, int kNT, class F>
+__device__ __forceinline__ void for_each_acc(F f) {
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) f(mt, nt, e);
+}
+
 // The C fragments of n-tiles 2kt and 2kt+1 of an fp32 accumulator are exactly the A fragment of
 // k-tile kt of the same matrix in 16-bit: how P (and dS) feed the next product without shared memory.
 // `f(mt, nt, e, value)` may rewrite each element on the way (e.g. apply a dropout mask).
