@@ -353,22 +353,22 @@ class BwdConfig(_Validated):
 # Measured backward choices (n_warps, block_m, d_split, group_rows) by (head-dim class,
 # deterministic, dropout), best first; the first that validates (registers) and fits the GPU's
 # shared memory is used, else the last resort after it. H100, bf16, docs/perf-log.md:
-# - d_head <= 96 takes 8 x 128 (0.94-1.25x the speed of 8 x 64 at d64); with dropout, 128-query
-#   steps spill the Philox state and run 0.9-1.1x of 8 x 64, so dropout keeps 64.
+# - d_head <= 96 takes 8 x 128 (0.94-1.25x the speed of 8 x 64 at d64), with dropout too since
+#   the mask costs no spills (1.08-1.12x of 8 x 64; deterministic 1.01-1.11x of 4 x 64).
 # - d_head 128: split groups of two warps over 32 keys (squarer warp tiles: 18% fewer ldmatrix)
-#   run 1.05-1.06x of 8 x 64 unsplit, 1.02-1.07x of 4 x 64 deterministic; with dropout they spill
-#   and lose (0.93-0.99x), so dropout keeps 8 x 64 unsplit.
+#   run 1.05-1.06x of 8 x 64 unsplit, 1.02-1.07x of 4 x 64 deterministic; with dropout 1.0-1.05x
+#   of 8 x 64 unsplit (deterministic: 0.98-1.06x of 4 x 64).
 # - d_head > 128 needs a split to hold dK/dV: groups of four warps over 32 keys run 1.06-1.09x of
 #   pairs over 16 keys (d_head 160 cannot split its 20 column tiles four ways and takes pairs).
 _BWD_PREFERENCES = {
     ("narrow", False, False): ((8, 128, 1, 16), (8, 64, 1, 16), (4, 64, 1, 16)),
-    ("narrow", False, True): ((8, 64, 1, 16), (4, 64, 1, 16)),
+    ("narrow", False, True): ((8, 128, 1, 16), (8, 64, 1, 16), (4, 64, 1, 16)),
     ("narrow", True, False): ((8, 128, 1, 16), (4, 64, 1, 16)),
-    ("narrow", True, True): ((4, 64, 1, 16),),
+    ("narrow", True, True): ((8, 128, 1, 16), (4, 64, 1, 16)),
     (128, False, False): ((8, 64, 2, 32), (8, 64, 1, 16), (4, 64, 1, 16)),
-    (128, False, True): ((8, 64, 1, 16), (4, 64, 1, 16)),
+    (128, False, True): ((8, 64, 2, 32), (8, 64, 1, 16), (4, 64, 1, 16)),
     (128, True, False): ((8, 64, 2, 32), (4, 64, 1, 16)),
-    (128, True, True): ((4, 64, 1, 16),),
+    (128, True, True): ((8, 64, 2, 32), (4, 64, 1, 16)),
     ("wide", False, False): ((8, 64, 4, 32), (8, 64, 2, 16), (8, 32, 2, 16)),
     ("wide", False, True): ((8, 64, 4, 32), (8, 64, 2, 16), (8, 32, 2, 16)),
     ("wide", True, False): ((8, 64, 4, 32), (8, 64, 2, 16), (4, 32, 2, 16)),

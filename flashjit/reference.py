@@ -103,11 +103,11 @@ def philox4x32_10(key: tuple[int, int], counter: list[torch.Tensor]) -> list[tor
 def philox_keep_mask(seed: int, offset: int, threshold: int, batch: int, heads: int, seqlen_q: int, seqlen_k: int,
                      device) -> torch.Tensor:
     """The JIT kernels' dropout keep mask [B, H, Sq, Sk] (bool) for one (seed, offset): element
-    (i, j) of head bh keeps iff byte ((i >> 3) & 1) * 8 + ((j >> 3) & 3) * 2 + (j & 1) of
-    Philox(counter = ((i >> 4) * 8 + (i & 7), 4 (j >> 5) + ((j >> 1) & 3), bh, offset)) is >= threshold
+    (i, j) of head bh keeps iff byte (j & 1) * 8 + ((i >> 3) & 3) * 2 + ((j >> 3) & 1) of
+    Philox(counter = ((i >> 5) * 8 + (i & 7), 4 (j >> 4) + ((j >> 1) & 3), bh, offset)) is >= threshold
     (kernels/common/dropout.cuh)."""
     key = (seed & _U32, ((seed >> 32) ^ (offset >> 32)) & _U32)
-    rows, groups = ((seqlen_q + 15) // 16) * 8, ((seqlen_k + 31) // 32) * 4
+    rows, groups = ((seqlen_q + 31) // 32) * 8, ((seqlen_k + 15) // 16) * 4
     shape = (batch * heads, rows, groups)
     bh = torch.arange(batch * heads, device=device)[:, None, None].expand(shape)
     c0 = torch.arange(rows, device=device)[None, :, None].expand(shape)
@@ -116,7 +116,7 @@ def philox_keep_mask(seed: int, offset: int, threshold: int, batch: int, heads: 
     shifts = torch.arange(4, device=device) * 8
     random_bytes = torch.stack([(w[..., None] >> shifts) & 0xFF for w in words], dim=-2).flatten(-2)  # [.., 16]
     i, j = torch.arange(seqlen_q, device=device), torch.arange(seqlen_k, device=device)
-    row, group = ((i >> 4) * 8 + (i & 7))[:, None], ((j >> 5) * 4 + ((j >> 1) & 3))[None, :]
-    byte = ((i >> 3) & 1)[:, None] * 8 + (((j >> 3) & 3) * 2 + (j & 1))[None, :]
+    row, group = ((i >> 5) * 8 + (i & 7))[:, None], ((j >> 4) * 4 + ((j >> 1) & 3))[None, :]
+    byte = ((i >> 3) & 3)[:, None] * 2 + ((j & 1) * 8 + ((j >> 3) & 1))[None, :]
     keep = random_bytes[:, row, group, byte] >= threshold
     return keep.reshape(batch, heads, seqlen_q, seqlen_k)

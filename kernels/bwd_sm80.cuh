@@ -44,6 +44,10 @@ struct Config {
   static constexpr bool kBf16 = kBf16_, kCausal = kCausal_, kSwizzle = true, kDeterministic = kDeterministic_;
   using Mod = ScoreMod<kCausal_, kLocal_, kSoftcap_, kAlibi_>;
   static constexpr bool kDropout = kDropout_;
+  // 1 / (1 - p): the kernels accumulate gradients of the unscaled P o Z and apply it once at the end.
+  __device__ __forceinline__ static float dropout_scale(const BwdParams& p) {
+    return kDropout ? p.mods.dropout_scale : 1.f;
+  }
   static constexpr int kD = kD_, kWarps = kWarps_, kThreads = kWarps * 32;
   // kDSplit warps (a group) share kGroupRows accumulator rows (kRT m-tiles), each owning kD / kDSplit
   // of the columns.
@@ -129,7 +133,7 @@ __global__ void __launch_bounds__(128) dvec_kernel(const __grid_constant__ BwdPa
       reinterpret_cast<float4*>(p.dq_accum + row * C::kD)[c] = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-  if (lane == 0) p.dvec[row] = sum;
+  if (lane == 0) p.dvec[row] = C::kDropout ? sum / p.mods.dropout_scale : sum;  // D (1 - p): see dkdv_kernel
 }
 
 // Copy kRows rows of head h (of batch b) starting at row0 between global memory and a tile.
@@ -332,55 +336,58 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
       pt[mt][nt][e] = probability<C>(mod, pt[mt][nt][e], row0 + col, my_key0 + mt * 16 + (e >> 1) * 8, s_lse[col],
                                      scale_log2, grad[mt][nt][e]);
     });
-    // Dropout keep bits: element (mt, nt, e) is query row0 + q0 + 8 nt + 2 (lane % 4) + (e & 1), key
-    // my_key0 + 16 mt + 8 (e >> 1). The call for a query pair (i, i + 8) covers this lane's two keys
-    // and those of lane ^ 4 (the neighbouring key, key ^ 1) for the same queries, and the two lanes
-    // need the same two calls (queries i and i ^ 1): each makes the one for its own key parity and
-    // passes its neighbour's 4 bits over, so a call serves 8 entries. A call covers 8 keys spread
-    // over a 32-key chunk, and 32-row groups are 32-aligned: there one call serves both m-tiles.
-    static_assert(C::kRT == 1 || C::kGroupRows == 32, "a Philox call covers at most a 32-key chunk");
-    uint32_t keep[C::kRT][C::kNtMW];
+    // Dropout (common/dropout.cuh): this lane's entries of m-tile mt and 32-query span are the half
+    // e = (its key parity) of two calls, those of query residues 2 (lane % 4) and 2 (lane % 4) + 1.
+    // It makes the call of its own parity's residue and swaps the other half with lane ^ 4, so
+    // each call serves 16 entries. flags[mt][span][res][w]: word w of the half for residue + res.
+    constexpr int kSpans = (C::kNtMW + 3) / 4;
+    uint32_t flags[C::kRT][kSpans][2][2];
     if (C::kDropout) {
       const int parity = (lane >> 2) & 1;  // = my_key0 & 1, as key0 and r0 are even
 #pragma unroll
-      for (int nt = 0; nt < C::kNtMW; nt += 2) {
-        const int i = row0 + q0 + nt * 8 + (lane & 3) * 2 + parity;
-        const uint4 flags = drop.keep_flags(i, my_key0);
+      for (int mt = 0; mt < C::kRT; ++mt)
 #pragma unroll
-        for (int mt = 0; mt < C::kRT; ++mt) {
-          const int key = my_key0 + mt * 16;
-          uint32_t mine = 0, theirs = 0;  // bit 2 sub + half: query i + 8 sub, key (key or ^ 1) + 8 half
+        for (int span = 0; span < kSpans; ++span) {
+          const uint4 f = drop.keep_flags(row0 + q0 + span * 32 + (lane & 3) * 2 + parity, my_key0 + mt * 16);
 #pragma unroll
-          for (int sub = 0; sub < 2; ++sub)
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {
-              mine |= uint32_t(Dropout::kept(flags, i + sub * 8, key + half * 8)) << (sub * 2 + half);
-              theirs |= uint32_t(Dropout::kept(flags, i + sub * 8, (key ^ 1) + half * 8)) << (sub * 2 + half);
-            }
-          const uint32_t received = __shfl_xor_sync(0xffffffffu, theirs, 4);  // query i ^ 1, my keys
-          keep[mt][nt] = keep[mt][nt + 1] = 0;
-#pragma unroll
-          for (int sub = 0; sub < 2; ++sub)
-#pragma unroll
-            for (int half = 0; half < 2; ++half)
-              keep[mt][nt + sub] |= ((mine >> (sub * 2 + half)) & 1u) << (half * 2 + parity) |
-                                    ((received >> (sub * 2 + half)) & 1u) << (half * 2 + (parity ^ 1));
+          for (int w = 0; w < 2; ++w) {
+            const uint32_t mine = Dropout::word(f, 2 * parity + w), theirs = Dropout::word(f, 2 * (parity ^ 1) + w);
+            const uint32_t received = __shfl_xor_sync(0xffffffffu, theirs, 4);
+            flags[mt][span][0][w] = parity ? received : mine;
+            flags[mt][span][1][w] = parity ? mine : received;
+          }
         }
-      }
     }
-    const float rp = p.mods.dropout_scale;
-    auto dropped = [&](int mt, int nt, int e, float x) {
-      return C::kDropout ? ((keep[mt][nt] >> e) & 1u ? x * rp : 0.f) : x;
+    // Element (mt, nt, e) is in 8-query group a = ((q0 + 8 nt) >> 3) & 3 of its span: word a >> 1,
+    // byte (a & 1) * 2 + (e >> 1) of residue e & 1. q0 is a multiple of 16 (of 32 if kNtMW >= 4).
+    auto keep_word = [&](int mt, int nt, int res) {
+      const uint32_t(&w)[2] = flags[mt][nt / 4][res];
+      return C::kNtMW >= 4 ? w[(nt >> 1) & 1] : ((q0 >> 4) & 1 ? w[1] : w[0]);
     };
+    auto keep_byte = [](int nt, int e) { return (nt & 1) * 2 + (e >> 1); };
     uint32_t pa[C::kRT][C::kNtMW / 2][4];
-    acc_to_a<C::kBf16>(pt, pa, dropped);
+    acc_to_a<C::kBf16>(pt, pa);
+    if (C::kDropout) {  // P o Z, a packed pair (queries of residues +0, +1) at a time
+#pragma unroll
+      for (int mt = 0; mt < C::kRT; ++mt)
+#pragma unroll
+        for (int kt = 0; kt < C::kNtMW / 2; ++kt)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {  // elements (nt, e) = (2 kt + r / 2, 2 (r & 1) + {0, 1})
+            const int nt = 2 * kt + r / 2, byte = keep_byte(nt, 2 * (r & 1));
+            pa[mt][kt][r] &= Dropout::mask2(keep_word(mt, nt, 0), keep_word(mt, nt, 1), byte);
+          }
+    }
     if constexpr (C::kSplit) store_a<C::kBlockM, C::kSwizzle>(sP, pa, r0, lane, q0 / 8);
-    else gemm_frag_cols<C>(dv, pa, sdO, 0, lane);  // dV += (P o Z / (1 - p))^T dO
+    else gemm_frag_cols<C>(dv, pa, sdO, 0, lane);  // dV += (P o Z)^T dO (times 1 / (1 - p) at the end)
 
     float dpt[C::kRT][C::kNtMW][4];
     gemm_rows_rows<C>(dpt, sV, r0, sdO, q0, lane);  // dP^T = V dO^T
     for_each_acc<C::kRT, C::kNtMW>([&](int mt, int nt, int e) {
-      dpt[mt][nt][e] = pt[mt][nt][e] * (dropped(mt, nt, e, dpt[mt][nt][e]) - s_dvec[query(nt, e)]);  // dS^T
+      // dS^T / rp, rp = 1 / (1 - p): dS = P o (Z o dP rp - D), and s_dvec holds D / rp.
+      float dp = dpt[mt][nt][e];
+      if (C::kDropout) dp = Dropout::masked(dp, Dropout::mask(keep_word(mt, nt, e & 1), keep_byte(nt, e)));
+      dpt[mt][nt][e] = pt[mt][nt][e] * (dp - s_dvec[query(nt, e)]);
       if (C::Mod::kSoftcap) dpt[mt][nt][e] *= grad[mt][nt][e];
     });
     uint32_t dsa[C::kRT][C::kNtMW / 2][4];
@@ -402,8 +409,8 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
 
   // Stage through the Q / dO buffers (each warp writes its own rows and columns), then coalesced
   // stores. Both hold 2 * kBlockM >= kBlockN rows.
-  store_acc<C::kD, C::kSwizzle, C::kBf16>(sQ2, dk, r0, lane, p.softmax_scale, part * C::kNtDW);
-  store_acc<C::kD, C::kSwizzle, C::kBf16>(sdO2, dv, r0, lane, 1.f, part * C::kNtDW);
+  store_acc<C::kD, C::kSwizzle, C::kBf16>(sQ2, dk, r0, lane, p.softmax_scale * C::dropout_scale(p), part * C::kNtDW);
+  store_acc<C::kD, C::kSwizzle, C::kBf16>(sdO2, dv, r0, lane, C::dropout_scale(p), part * C::kNtDW);
   __syncthreads();
   store_rows<C, C::kBlockN>(p.dk, b, h_k, key0, sQ2, keys, tid);
   store_rows<C, C::kBlockN>(p.dv, b, h_k, key0, sdO2, keys, tid);
@@ -418,7 +425,7 @@ __global__ void __launch_bounds__(128) dq_convert_kernel(const __grid_constant__
   const RowIndex at(row, p);
   const float4* src = reinterpret_cast<const float4*>(p.dq_accum + row * C::kD) + lane * 2;
   const float4 x = src[0], y = src[1];
-  const float s = p.softmax_scale;
+  const float s = p.softmax_scale * C::dropout_scale(p);
   *reinterpret_cast<uint4*>(p.dq.at<elem_t>(at.b, at.h, at.i) + lane * 8) =
       make_uint4(pack2<C::kBf16>(x.x * s, x.y * s), pack2<C::kBf16>(x.z * s, x.w * s),
                  pack2<C::kBf16>(y.x * s, y.y * s), pack2<C::kBf16>(y.z * s, y.w * s));
@@ -496,28 +503,33 @@ __global__ void __launch_bounds__(C::kThreads) dq_kernel(const __grid_constant__
 
     float s[C::kRT][C::kNtNW][4];
     gemm_rows_rows<C>(s, sQ, r0, sK, k0, lane);  // S = Q K^T (this warp's keys)
-    float dp[C::kRT][C::kNtNW][4];
-    gemm_rows_rows<C>(dp, sdO, r0, sV, k0, lane);  // dP = dO V^T
+    float dp_acc[C::kRT][C::kNtNW][4];
+    gemm_rows_rows<C>(dp_acc, sdO, r0, sV, k0, lane);  // dP = dO V^T
+    // Dropout (common/dropout.cuh): one call per (32-row span, 16-key chunk) covers this lane's
+    // entries there (a 16-row group uses half of it).
+    constexpr int kSpanTiles = C::kRT;  // 16-row m-tiles per 32-row span that this warp holds
+    uint4 flags[C::kNtNW / 2];
 #pragma unroll
     for (int mt = 0; mt < C::kRT; ++mt) {
       const int i = my_row0 + mt * 16;
-      // Dropout: one Philox call per 32-key chunk covers both rows (a 16-key share uses half of one).
-      uint4 flags[(C::kNtNW + 3) / 4];
-      if (C::kDropout) {
+      if (C::kDropout && mt % kSpanTiles == 0) {
 #pragma unroll
-        for (int chunk = 0; chunk < (C::kNtNW + 3) / 4; ++chunk)
-          flags[chunk] = drop.keep_flags(i, col0 + k0 + chunk * 32 + (lane & 3) * 2);
+        for (int chunk = 0; chunk < C::kNtNW / 2; ++chunk)
+          flags[chunk] = drop.keep_flags(i, col0 + k0 + chunk * 16 + (lane & 3) * 2);
       }
+      const int half16 = kSpanTiles == 2 ? mt : (i >> 4) & 1;  // 16-row half of the span
 #pragma unroll
       for (int nt = 0; nt < C::kNtNW; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int half = e >> 1, col = col0 + k0 + nt * 8 + (lane & 3) * 2 + (e & 1);
-          float grad, dp_kept = dp[mt][nt][e];
-          if (C::kDropout)
-            dp_kept = Dropout::kept(flags[nt / 4], i + half * 8, col) ? dp_kept * p.mods.dropout_scale : 0.f;
+          float grad, dp = dp_acc[mt][nt][e];
+          if (C::kDropout)  // byte (e & 1) * 8 + (2 half16 + half) * 2 + (nt & 1): see common/dropout.cuh
+            dp = Dropout::masked(dp, Dropout::mask(Dropout::word(flags[nt / 2], (e & 1) * 2 + half16),
+                                                   half * 2 + (nt & 1)));
           const float prob = probability<C>(mod, s[mt][nt][e], i + half * 8, col, lse2[mt][half], scale_log2, grad);
-          s[mt][nt][e] = prob * (dp_kept - dvec[mt][half]) * grad;  // dS (grad: softcap's chain rule, else 1)
+          // dS / rp, rp = 1 / (1 - p) (applied when dQ is written): dvec holds D / rp.
+          s[mt][nt][e] = prob * (dp - dvec[mt][half]) * grad;  // grad: softcap's chain rule, else 1
         }
     }
     uint32_t dsa[C::kRT][C::kNtNW / 2][4];
@@ -533,7 +545,7 @@ __global__ void __launch_bounds__(C::kThreads) dq_kernel(const __grid_constant__
 
   cp_async_wait<0>();
   group_sync<C>(g);  // sQ rows of this group are read only by its warps
-  store_acc<C::kD, C::kSwizzle, C::kBf16>(sQ, dq, r0, lane, p.softmax_scale, part * C::kNtDW);
+  store_acc<C::kD, C::kSwizzle, C::kBf16>(sQ, dq, r0, lane, p.softmax_scale * C::dropout_scale(p), part * C::kNtDW);
   __syncthreads();
   store_rows<C, kRows>(p.dq, b, h, row0, sQ, rows, tid);
 }

@@ -141,22 +141,31 @@ __device__ __forceinline__ void apply_score_mod(float (&s)[C::kM][C::kNtC][4], c
       }
 }
 
-// Zero the dropped entries of P (after the row sums took them: the softmax is that of all keys).
-// One Philox call per (m-tile, 32-key chunk) covers the 16 entries this lane holds there.
+// Zero the dropped entries of P (after the row sums took them: the softmax is that of all keys;
+// the epilogue scales O by 1 / (1 - p)). One Philox call per (32-row span, 16-key chunk) covers
+// the lane's 16 entries there (common/dropout.cuh); a 16-row warp uses half of each call.
 template <class C>
 __device__ __forceinline__ void apply_dropout(float (&s)[C::kM][C::kNtC][4], const Dropout& drop, int row0, int col0,
                                               int lane) {
+  static_assert(C::kM <= 2 || C::kM % 2 == 0, "m-tiles pair up into 32-row spans");
+  constexpr int kSpanTiles = C::kM < 2 ? C::kM : 2;
 #pragma unroll
-  for (int mt = 0; mt < C::kM; ++mt) {
-    const int row = row0 + mt * 16 + (lane >> 2);  // and row + 8
+  for (int mt0 = 0; mt0 < C::kM; mt0 += kSpanTiles) {
+    const int row = row0 + mt0 * 16 + (lane >> 2);
 #pragma unroll
-    for (int chunk = 0; chunk < C::kNtC / 4; ++chunk) {
-      const uint4 flags = drop.keep_flags(row, col0 + chunk * 32 + (lane & 3) * 2);
+    for (int chunk = 0; chunk < C::kNtC / 2; ++chunk) {
+      const uint4 flags = drop.keep_flags(row, col0 + chunk * 16 + (lane & 3) * 2);
 #pragma unroll
-      for (int nt = chunk * 4; nt < chunk * 4 + 4; ++nt)
+      for (int mt = mt0; mt < mt0 + kSpanTiles; ++mt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e)
-          if (!Dropout::kept(flags, row + (e >> 1) * 8, col0 + nt * 8 + (lane & 3) * 2 + (e & 1))) s[mt][nt][e] = 0.f;
+        for (int nt = chunk * 2; nt < chunk * 2 + 2; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            // byte (e & 1) * 8 + a * 2 + (nt & 1) with a = 2 * (16-row half of the span) + (e >> 1)
+            const int half = kSpanTiles == 2 ? mt & 1 : (row >> 4) & 1;
+            const uint32_t w = Dropout::word(flags, (e & 1) * 2 + half);
+            s[mt][nt][e] = Dropout::masked(s[mt][nt][e], Dropout::mask(w, (e >> 1) * 2 + (nt & 1)));
+          }
     }
   }
 }

@@ -139,26 +139,40 @@ TILINGS = [(4, 32, 1, 16, False, 64), (8, 128, 2, 16, False, 128), (8, 64, 2, 16
 
 
 @gpu
-@pytest.mark.parametrize("features", [False, True], ids=["plain", "window_softcap_alibi"])
+@pytest.mark.parametrize("features", ["plain", "window_softcap_alibi", "dropout"])
 @pytest.mark.parametrize("tiling", TILINGS, ids=str)
 def test_backward_tilings_match_reference(tiling, features):
+    """Each tiling holds the score and dropout-mask fragments in its own layout (32-query spans
+    split over warps, 16- or 32-row groups, both dQ kernels): gradients against the fp32 reference,
+    with dropout given the kernels' own mask."""
+    from flashjit import interface
+    from flashjit.reference import philox_keep_mask
+
     n_warps, block_m, d_split, group_rows, deterministic, d = tiling
     b, sq, sk, h, hk = 2, 150, 211, 4, 2
-    kwargs = dict(window_size=(70, 9), softcap=4.0, alibi_slopes=torch.rand(h, device="cuda") * 0.3) if features \
-        else {}
+    mods = features == "window_softcap_alibi"
+    kwargs = dict(window_size=(70, 9), softcap=4.0, alibi_slopes=torch.rand(h, device="cuda") * 0.3) if mods else {}
+    ref_kwargs = dict(window_size=kwargs.get("window_size", (-1, -1)), softcap=kwargs.get("softcap", 0.0),
+                      alibi_slopes=kwargs.get("alibi_slopes"))
+    if features == "dropout":
+        philox = (torch.randint(0, 2**62, ()).item(), 4 * torch.randint(0, 2**30, ()).item())
+        kwargs = dict(dropout_p=0.17, philox=philox)
+        threshold = interface.dropout_threshold(0.17)
+        ref_kwargs.update(dropout_p=threshold / 256,
+                          dropout_mask=philox_keep_mask(*philox, threshold, b, h, sq, sk, "cuda"))
     q, k, v = _qkv(b, sq, sk, h, hk, d, torch.bfloat16, "cuda", grad=False)
     dout = torch.randn_like(q)
-    out, lse = flashjit.forward(q, k, v, return_lse=True, **kwargs)
+    out, lse = interface.forward(q, k, v, return_lse=True, **kwargs)
     config = flashjit.BwdConfig("bf16", d, n_warps, block_m, d_split, group_rows, deterministic, False,
-                                local=features, softcap=features, alibi=features).validate()
-    grads = flashjit.backward(dout, q, k, v, out, lse, config=config, **kwargs)
+                                local=mods, softcap=mods, alibi=mods, dropout=features == "dropout").validate()
+    grads = interface.backward(dout, q, k, v, out, lse, config=config, **kwargs)
     ref = [t.detach().requires_grad_() for t in (q, k, v)]
-    attention_reference(*ref, **dict(kwargs, window_size=kwargs.get("window_size", (-1, -1))))[0].backward(
-        dout.float())
-    for name, ours, r in zip(("dq", "dk", "dv"), grads, ref):
+    ref_out = attention_reference(*ref, **ref_kwargs)[0]
+    ref_out.backward(dout.float())
+    for name, ours, r in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *(t.grad for t in ref))):
         assert torch.isfinite(ours).all(), name
-        scale = r.grad.abs().max().item()
-        assert (ours.float() - r.grad).abs().max().item() <= 0.02 * scale + 1e-3, name
+        scale = r.abs().max().item()
+        assert (ours.float() - r).abs().max().item() <= 0.02 * scale + 1e-3, name
 
 
 @gpu
