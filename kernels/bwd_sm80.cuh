@@ -516,28 +516,25 @@ __global__ void __launch_bounds__(C::kThreads) dq_kernel(const __grid_constant__
     gemm_rows_rows<C>(s, sQ, r0, sK, k0, lane);  // S = Q K^T (this warp's keys)
     float dp_acc[C::kRT][C::kNtNW][4];
     gemm_rows_rows<C>(dp_acc, sdO, r0, sV, k0, lane);  // dP = dO V^T
-    // Dropout (common/dropout.cuh): one call per (32-row span, 16-key chunk) covers this lane's
-    // entries there (a 16-row group uses half of it).
-    constexpr int kSpanTiles = C::kRT;  // 16-row m-tiles per 32-row span that this warp holds
+    // Dropout (common/dropout.cuh): one call per 16-key chunk covers this lane's entries of its
+    // 32-row span there (a 16-row group uses half of each call).
     uint4 flags[C::kNtNW / 2];
+    if (C::kDropout) {
+#pragma unroll
+      for (int chunk = 0; chunk < C::kNtNW / 2; ++chunk)
+        flags[chunk] = drop.keep_flags(my_row0, col0 + k0 + chunk * 16 + (lane & 3) * 2);
+    }
 #pragma unroll
     for (int mt = 0; mt < C::kRT; ++mt) {
       const int i = my_row0 + mt * 16;
-      if (C::kDropout && mt % kSpanTiles == 0) {
-#pragma unroll
-        for (int chunk = 0; chunk < C::kNtNW / 2; ++chunk)
-          flags[chunk] = drop.keep_flags(i, col0 + k0 + chunk * 16 + (lane & 3) * 2);
-      }
-      const int half16 = kSpanTiles == 2 ? mt : (i >> 4) & 1;  // 16-row half of the span
+      const int half16 = C::kRT == 2 ? mt : (i >> 4) & 1;  // 16-row half of the span
 #pragma unroll
       for (int nt = 0; nt < C::kNtNW; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int half = e >> 1, col = col0 + k0 + nt * 8 + (lane & 3) * 2 + (e & 1);
           float grad, dp = dp_acc[mt][nt][e];
-          if (C::kDropout)  // byte (e & 1) * 8 + (2 half16 + half) * 2 + (nt & 1): see common/dropout.cuh
-            dp = Dropout::masked(dp, Dropout::mask(Dropout::word(flags[nt / 2], (e & 1) * 2 + half16),
-                                                   half * 2 + (nt & 1)));
+          if (C::kDropout) dp = Dropout::masked(dp, Dropout::query_rows_mask(flags[nt / 2], half16, nt, e));
           const float prob = probability<C>(mod, s[mt][nt][e], i + half * 8, col, lse2[mt][half], scale_log2, grad);
           // dS / rp, rp = 1 / (1 - p) (applied when dQ is written): dvec holds D / rp.
           s[mt][nt][e] = prob * (dp - dvec[mt][half]) * grad;  // grad: softcap's chain rule, else 1

@@ -147,26 +147,20 @@ __device__ __forceinline__ void apply_score_mod(float (&s)[C::kM][C::kNtC][4], c
 template <class C>
 __device__ __forceinline__ void apply_dropout(float (&s)[C::kM][C::kNtC][4], const Dropout& drop, int row0, int col0,
                                               int lane) {
-  static_assert(C::kM <= 2 || C::kM % 2 == 0, "m-tiles pair up into 32-row spans");
-  constexpr int kSpanTiles = C::kM < 2 ? C::kM : 2;
+  static_assert(C::kM <= 2, "a warp's 16 or 32 rows lie in one 32-row span (row0 is 16 kM-aligned)");
+  const int row = row0 + (lane >> 2);
 #pragma unroll
-  for (int mt0 = 0; mt0 < C::kM; mt0 += kSpanTiles) {
-    const int row = row0 + mt0 * 16 + (lane >> 2);
+  for (int chunk = 0; chunk < C::kNtC / 2; ++chunk) {
+    const uint4 flags = drop.keep_flags(row, col0 + chunk * 16 + (lane & 3) * 2);
 #pragma unroll
-    for (int chunk = 0; chunk < C::kNtC / 2; ++chunk) {
-      const uint4 flags = drop.keep_flags(row, col0 + chunk * 16 + (lane & 3) * 2);
+    for (int mt = 0; mt < C::kM; ++mt)
 #pragma unroll
-      for (int mt = mt0; mt < mt0 + kSpanTiles; ++mt)
+      for (int nt = chunk * 2; nt < chunk * 2 + 2; ++nt)
 #pragma unroll
-        for (int nt = chunk * 2; nt < chunk * 2 + 2; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            // byte (e & 1) * 8 + a * 2 + (nt & 1) with a = 2 * (16-row half of the span) + (e >> 1)
-            const int half = kSpanTiles == 2 ? mt & 1 : (row >> 4) & 1;
-            const uint32_t w = Dropout::word(flags, (e & 1) * 2 + half);
-            s[mt][nt][e] = Dropout::masked(s[mt][nt][e], Dropout::mask(w, (e >> 1) * 2 + (nt & 1)));
-          }
-    }
+        for (int e = 0; e < 4; ++e) {
+          const int half16 = C::kM == 2 ? mt : (row0 >> 4) & 1;  // of the 32-row span
+          s[mt][nt][e] = Dropout::masked(s[mt][nt][e], Dropout::query_rows_mask(flags, half16, nt, e));
+        }
   }
 }
 

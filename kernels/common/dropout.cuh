@@ -73,6 +73,13 @@ struct Dropout {
     return m;
   }
 
+  // With rows = queries: the mask of accumulator element (nt, e) (8-key n-tile nt, element e of the
+  // mma.sync C fragment) in 16-row half `half16` of the call's 32-query span. Its query group is
+  // a = 2 half16 + (e >> 1), its key n = nt & 1, e' = e & 1: byte e' * 8 + a * 2 + n.
+  __device__ __forceinline__ static uint32_t query_rows_mask(const uint4& f, int half16, int nt, int e) {
+    return mask(word(f, (e & 1) * 2 + half16), (e >> 1) * 2 + (nt & 1));
+  }
+
   // Word w (0..3) of a call's flags.
   __device__ __forceinline__ static uint32_t word(const uint4& f, int w) {
     return w < 2 ? (w == 0 ? f.x : f.y) : (w == 2 ? f.z : f.w);
