@@ -78,7 +78,7 @@ def cmd_precompile(args) -> int:
                   file=sys.stderr)
             return 2
         arch = jit.arch_for(torch.cuda.current_device())
-    names = args.configs or [c.name for c in get_kernels_to_build(smem_limit_for_arch(arch))]
+    names = args.configs or [c.name for c in get_kernels_to_build(smem_limit_for_arch(arch), arch)]
     for name in names:
         config_from_name(name).validate()  # fail fast on a typo, before any compile
     jobs = args.jobs or int(envvars.JOBS.get() or 0) or os.cpu_count() or 1

@@ -249,6 +249,12 @@ WHY_BWD_STAGING = ("dK/dV are staged through the Q / dO tiles: 2 * block_m must 
 WHY_BWD_DQ_TILING = "no warp tiling of the fused dQ product"
 WHY_BWD_SHARES = "each warp's share of a score block must be whole 16-wide k-tiles"
 WHY_BWD_COLUMNS = "each warp's share of the head dim must be whole 16-column pairs"
+# The reasons, shared verbatim with the static_asserts in kernels/bwd_sm90.cuh.
+WHY_WGMMA_WARPS = "the wgmma backward runs two warpgroups of 64 keys: n_warps=8, d_split=1, group_rows=16"
+WHY_WGMMA_SHAPES = "the wgmma backward supports d_head 64 with block_m 128 and d_head 128 with block_m 64"
+WHY_WGMMA_VARIANTS = "the wgmma backward has no deterministic or dropout variant"
+WGMMA_SHAPES = ((64, 128), (128, 64))
+WGMMA_ARCH = "sm_90a"
 BWD_BLOCK_M = (32, 64, 128)
 BWD_D_SPLIT = (1, 2, 4)
 BWD_GROUP_ROWS = (16, 32)
@@ -278,15 +284,20 @@ class BwdConfig(_Validated):
     softcap: bool = False
     alibi: bool = False
     dropout: bool = False
+    wgmma: bool = False
 
-    # Sizes and rules mirror flashjit::bwd::Config (kernels/bwd_sm80.cuh); tests/test_jit_cache.py
-    # checks smem_bytes against the compiled kernel.
+    # Sizes and rules mirror flashjit::bwd::Config (kernels/bwd_sm80.cuh) and, with wgmma,
+    # flashjit::bwd_sm90::Config (kernels/bwd_sm90.cuh); tests/test_jit_cache.py checks smem_bytes
+    # against the compiled kernel.
     @property
     def block_n(self) -> int:
         return self.group_rows * self.n_warps // self.d_split
 
     @property
     def smem_bytes(self) -> int:
+        if self.wgmma:  # 1 KiB alignment slack, K, V, two stages of Q and dO, dS^T, lse and D
+            return 1024 + 2 * 2 * self.block_n * self.d_head + 4 * 2 * self.block_m * self.d_head + \
+                2 * self.block_n * self.block_m + 2 * 2 * self.block_m * 4
         n_tile, m_tile, score_tile = (2 * self.block_n * self.d_head, 2 * self.block_m * self.d_head,
                                       2 * self.block_n * self.block_m)
         split = self.d_split > 1
@@ -318,6 +329,8 @@ class BwdConfig(_Validated):
                             group_rows=BWD_GROUP_ROWS)
         if out:
             return out
+        if self.wgmma:
+            return self._wgmma_problems()
         if (self.block_m // self.d_split) % 16 or (self.block_n // self.d_split) % 16:
             out.append(f"{WHY_BWD_SHARES} (block_m={self.block_m} and {self.block_n} keys over d_split={self.d_split})")
         if (self.d_head // 8 // self.d_split) % 2:
@@ -331,14 +344,27 @@ class BwdConfig(_Validated):
                        "or d_split=2")
         return out
 
+    def _wgmma_problems(self) -> list[str]:
+        out = []
+        if (self.n_warps, self.d_split, self.group_rows) != (8, 1, 16):
+            out.append(f"{WHY_WGMMA_WARPS} (n_warps={self.n_warps}, d_split={self.d_split}, "
+                       f"group_rows={self.group_rows})")
+        if (self.d_head, self.block_m) not in WGMMA_SHAPES:
+            out.append(f"{WHY_WGMMA_SHAPES} (d_head={self.d_head}, block_m={self.block_m})")
+        if self.deterministic or self.dropout:
+            out.append(f"{WHY_WGMMA_VARIANTS} (deterministic={self.deterministic}, dropout={self.dropout})")
+        return out
+
     @functools.cached_property
     def name(self) -> str:
         return (f"bwd_{self.dtype}_d{self.d_head}_w{self.n_warps}_m{self.block_m}_s{self.d_split}_r{self.group_rows}"
-                f"_det{int(self.deterministic)}_causal{int(self.causal)}{features_suffix(self)}")
+                f"_det{int(self.deterministic)}_causal{int(self.causal)}{features_suffix(self)}"
+                f"{'_wgmma' if self.wgmma else ''}")
 
     _NAME_RE = re.compile(r"^bwd_(?P<dtype>fp16|bf16)_d(?P<d_head>\d+)_w(?P<n_warps>\d+)_m(?P<block_m>\d+)"
                           r"_s(?P<d_split>\d+)_r(?P<group_rows>\d+)_det(?P<det>[01])_causal(?P<causal>[01])"
-                          r"(?P<local>_local)?(?P<softcap>_softcap)?(?P<alibi>_alibi)?(?P<dropout>_dropout)?$")
+                          r"(?P<local>_local)?(?P<softcap>_softcap)?(?P<alibi>_alibi)?(?P<dropout>_dropout)?"
+                          r"(?P<wgmma>_wgmma)?$")
 
     @classmethod
     def from_name(cls, name: str) -> "BwdConfig":
@@ -347,7 +373,7 @@ class BwdConfig(_Validated):
             raise ValueError(f"{name!r} is not a flashjit backward kernel name (expected e.g. {cls().name!r})")
         return cls(match["dtype"], int(match["d_head"]), int(match["n_warps"]), int(match["block_m"]),
                    int(match["d_split"]), int(match["group_rows"]), bool(int(match["det"])), bool(int(match["causal"])),
-                   *(match[f] is not None for f in FEATURES))
+                   *(match[f] is not None for f in FEATURES), match["wgmma"] is not None)
 
 
 # Measured backward choices (n_warps, block_m, d_split, group_rows) by (head-dim class,
@@ -382,10 +408,15 @@ _BWD_LAST_RESORT = {False: (4, 64, 1, 16), True: (4, 32, 2, 16)}
 @functools.lru_cache(maxsize=None)
 def default_bwd_config(dtype: str, d_head: int, causal: bool, local: bool = False, softcap: bool = False,
                        alibi: bool = False, dropout: bool = False, deterministic: bool = False,
-                       smem_limit: int = SMEM_LIMIT_SM90) -> BwdConfig:
+                       smem_limit: int = SMEM_LIMIT_SM90, wgmma: bool = False) -> BwdConfig:
     """The first preference that builds and fits `smem_limit` bytes of shared memory per block; if
     none does, the deterministic last resort (on GPUs with 99 KiB per block, sm_86 and sm_89, the
-    d_head 128 backward is deterministic either way). Raises ValueError if even that does not fit."""
+    d_head 128 backward is deterministic either way). Raises ValueError if even that does not fit.
+    wgmma=True (the target is sm_90a) puts the Hopper kernel first where it exists."""
+    for d, block_m in WGMMA_SHAPES if wgmma else ():
+        cfg = BwdConfig(dtype, d_head, 8, block_m, 1, 16, deterministic, causal, local, softcap, alibi, dropout, True)
+        if d == d_head and not cfg.problems() and cfg.smem_bytes <= smem_limit:
+            return cfg
     size = "wide" if d_head > 128 else 128 if d_head == 128 else "narrow"
     choices = [(*c, deterministic) for c in _BWD_PREFERENCES[size, deterministic, dropout]]
     for n_warps, block_m, d_split, group_rows, det in choices + [(*_BWD_LAST_RESORT[d_head > 128], True)]:
@@ -404,9 +435,10 @@ def config_from_name(name: str):
     return BwdConfig.from_name(name) if name.startswith("bwd_") else KernelConfig.from_name(name)
 
 
-def get_kernels_to_build(smem_limit: int = SMEM_LIMIT_SM90) -> list[KernelConfig]:
-    """The default build set: the dispatcher's choice for every dtype, head dim and causal flag at
-    long and short sequence lengths (what `python -m flashjit precompile` builds without names)."""
+def get_kernels_to_build(smem_limit: int = SMEM_LIMIT_SM90, arch: str | None = None) -> list[KernelConfig]:
+    """The default build set for `arch` (None: any, so no sm_90a-only kernel): the dispatcher's
+    choice for every dtype, head dim and causal flag at long and short sequence lengths (what
+    `python -m flashjit precompile` builds without names)."""
     configs = []
     for dtype, d_head, causal, seqlen in itertools.product(DTYPES, HEAD_DIMS, (False, True), (4096, 1)):
         cfg = default_config(dtype, d_head, causal, seqlen, smem_limit)
@@ -414,7 +446,8 @@ def get_kernels_to_build(smem_limit: int = SMEM_LIMIT_SM90) -> list[KernelConfig
             configs.append(cfg)
     for dtype, d_head, causal, det in itertools.product(DTYPES, HEAD_DIMS, (False, True), (False, True)):
         try:
-            cfg = default_bwd_config(dtype, d_head, causal, deterministic=det, smem_limit=smem_limit)
+            cfg = default_bwd_config(dtype, d_head, causal, deterministic=det, smem_limit=smem_limit,
+                                     wgmma=arch == WGMMA_ARCH)
         except ValueError:  # d_head 256 on a 99 KiB GPU: no backward fits
             continue
         if cfg not in configs:

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 
 from . import jit
-from .config import FEATURES, HEAD_DIMS, BwdConfig, KernelConfig, default_bwd_config, default_config
+from .config import FEATURES, HEAD_DIMS, WGMMA_ARCH, BwdConfig, KernelConfig, default_bwd_config, default_config
 from .launch import BwdParams, FwdParams, tensor_ref
 
 log = logging.getLogger("flashjit")
@@ -296,7 +296,8 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     mods = score_mods(q, causal, window_size, softcap, alibi_slopes, dropout_p, philox)
     device_index = q.get_device()
     wanted = default_bwd_config(_DTYPES[q.dtype], q.shape[3], bool(causal), *mods.flags,
-                                deterministic=bool(deterministic), smem_limit=_smem_limit(device_index)[0])
+                                deterministic=bool(deterministic), smem_limit=_smem_limit(device_index)[0],
+                                wgmma=jit.arch_for(device_index) == WGMMA_ARCH)
     if config is None:
         config = wanted
     else:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import cache, codegen, envvars, toolchain
 from ._version import __version__
-from .config import KernelConfig
+from .config import WGMMA_ARCH, KernelConfig
 from .launch import CompiledKernel
 
 log = logging.getLogger("flashjit")
@@ -90,6 +90,9 @@ def get_kernel(config: KernelConfig, arch: str) -> CompiledKernel:
 def ensure_built(config: KernelConfig, arch: str) -> Path:
     """Path of the verified cached library for (config, arch), building it if needed. Needs no GPU."""
     config.validate()
+    if getattr(config, "wgmma", False) and arch != WGMMA_ARCH:
+        raise ValueError(f"config {config.name} uses Hopper's wgmma and builds only for {WGMMA_ARCH}, not {arch}; "
+                         "use the same config with wgmma=False")
     toolkit = toolchain.find_toolkit()
     flags = build_flags(arch, toolkit)
     inputs = key_inputs(config, arch, toolkit, flags)

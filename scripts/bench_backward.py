@@ -23,6 +23,7 @@ from triton.testing import do_bench
 
 os.environ.setdefault("FLASHJIT_BACKEND", "jit")
 import flashjit  # noqa: E402
+from flashjit.config import WGMMA_SHAPES  # noqa: E402
 from bench_forward import add_grid_arguments, grid, sdpa  # noqa: E402  (same folder)
 
 
@@ -56,10 +57,15 @@ def candidate_tflops(spec: str, point, q, k, v, dout, drop: float, flops: float)
         out, lse = flashjit.forward(q, k, v, causal=point["causal"], return_lse=True, dropout_p=drop, philox=philox)
     out_tflops = {}
     for item in spec.split(","):
-        values = [int(x) for x in item.split("x")]
-        n_warps, block_m, det, d_split, group_rows = values + [1, 16][len(values) - 3:]  # defaults: 1, 16
+        if item == "wgmma":  # the Hopper kernel's shape for this head dim
+            block_m = dict(WGMMA_SHAPES).get(point["d_head"], 0)
+            n_warps, det, d_split, group_rows, wgmma = 8, 0, 1, 16, True
+        else:
+            values = [int(x) for x in item.split("x")]
+            n_warps, block_m, det, d_split, group_rows = values + [1, 16][len(values) - 3:]  # defaults: 1, 16
+            wgmma = False
         cfg = flashjit.BwdConfig(point["dtype"], point["d_head"], n_warps, block_m, d_split, group_rows, bool(det),
-                                 point["causal"], dropout=drop > 0)
+                                 point["causal"], dropout=drop > 0, wgmma=wgmma)
         if cfg.problems():
             out_tflops[cfg.name] = None
             continue
@@ -75,7 +81,8 @@ def main() -> None:
     add_grid_arguments(parser, "bf16", "64,128", "1024,2048,4096,8192,16384")
     parser.add_argument("--dropout-p", type=float, default=0.0, help="dropout for every contender")
     parser.add_argument("--deterministic", action="store_true", help="flashjit's deterministic backward")
-    parser.add_argument("--candidates", default="", help="comma-separated WARPSxBLOCK_MxDET[xD_SPLIT[xGROUP_ROWS]] backward configs")
+    parser.add_argument("--candidates", default="", help="comma-separated WARPSxBLOCK_MxDET[xD_SPLIT[xGROUP_ROWS]] backward configs, or "
+                        "'wgmma' for the Hopper kernel")
     args = parser.parse_args()
     drop = args.dropout_p
     out_dir = Path(args.out)

@@ -49,15 +49,16 @@ def test_jit_gradients_match_reference(shape, causal, dtype, monkeypatch):
 
 
 @gpu
-@pytest.mark.parametrize("config", [c for c in flashjit.get_kernels_to_build() if isinstance(c, flashjit.BwdConfig)],
-                         ids=lambda c: c.name)
+@pytest.mark.parametrize("config", [c for c in flashjit.get_kernels_to_build(arch="sm_90a")
+                                    if isinstance(c, flashjit.BwdConfig)], ids=lambda c: c.name)
 def test_backward_build_set(config):
+    if config.wgmma and _device_arch() != "sm_90a":
+        pytest.skip("the wgmma backward needs sm_90a")
     dtype = torch.bfloat16 if config.dtype == "bf16" else torch.float16
     q, k, v = _qkv(2, 150, 211, 4, 2, config.d_head, dtype, "cuda", grad=False)
     out, lse = flashjit.forward(q, k, v, causal=config.causal, return_lse=True)
     dout = torch.randn_like(q)
-    dq, dk, dv = flashjit.backward(dout, q, k, v, out, lse, causal=config.causal,
-                                   deterministic=config.deterministic)
+    dq, dk, dv = flashjit.backward(dout, q, k, v, out, lse, causal=config.causal, config=config)
     ref = [t.detach().requires_grad_() for t in (q, k, v)]
     attention_reference(*ref, causal=config.causal)[0].backward(dout.float())
     for name, ours, r in zip(("dq", "dk", "dv"), (dq, dk, dv), ref):
@@ -136,24 +137,35 @@ TILINGS = [(4, 32, 1, 16, False, 64), (8, 128, 2, 16, False, 128), (8, 64, 2, 16
            (4, 64, 2, 16, False, 160), (4, 32, 2, 16, True, 256), (8, 64, 2, 32, False, 128),
            (8, 64, 2, 32, True, 96), (8, 64, 4, 32, False, 256), (8, 64, 4, 32, True, 192),
            (4, 64, 1, 32, False, 32)]
+# The Hopper kernel (kernels/bwd_sm90.cuh): its two shapes, without dropout.
+WGMMA_TILINGS = [(8, 128, 1, 16, False, 64, True), (8, 64, 1, 16, False, 128, True)]
+
+
+def _device_arch():
+    from flashjit import jit
+    return jit.arch_for(torch.cuda.current_device())
 
 
 @gpu
-@pytest.mark.parametrize("features", ["plain", "window_softcap_alibi", "dropout"])
-@pytest.mark.parametrize("tiling", TILINGS, ids=str)
+@pytest.mark.parametrize("tiling, features", [
+    *((t, f) for t in TILINGS for f in ("plain", "causal", "window_softcap_alibi", "dropout")),
+    *((t, f) for t in WGMMA_TILINGS for f in ("plain", "causal", "window_softcap_alibi"))], ids=str)
 def test_backward_tilings_match_reference(tiling, features):
     """Each tiling holds the score and dropout-mask fragments in its own layout (32-query spans
-    split over warps, 16- or 32-row groups, both dQ kernels): gradients against the fp32 reference,
-    with dropout given the kernels' own mask."""
+    split over warps, 16- or 32-row groups, both dQ kernels, warpgroup MMAs): gradients against
+    the fp32 reference, with dropout given the kernels' own mask."""
     from flashjit import interface
+    from flashjit.config import WGMMA_ARCH
     from flashjit.reference import philox_keep_mask
 
-    n_warps, block_m, d_split, group_rows, deterministic, d = tiling
+    n_warps, block_m, d_split, group_rows, deterministic, d, *wgmma = tiling
+    if wgmma and _device_arch() != WGMMA_ARCH:
+        pytest.skip(f"the wgmma backward needs {WGMMA_ARCH}")
     b, sq, sk, h, hk = 2, 150, 211, 4, 2
-    mods = features == "window_softcap_alibi"
+    mods, causal = features == "window_softcap_alibi", features == "causal"
     kwargs = dict(window_size=(70, 9), softcap=4.0, alibi_slopes=torch.rand(h, device="cuda") * 0.3) if mods else {}
     ref_kwargs = dict(window_size=kwargs.get("window_size", (-1, -1)), softcap=kwargs.get("softcap", 0.0),
-                      alibi_slopes=kwargs.get("alibi_slopes"))
+                      alibi_slopes=kwargs.get("alibi_slopes"), causal=causal)
     if features == "dropout":
         philox = (torch.randint(0, 2**62, ()).item(), 4 * torch.randint(0, 2**30, ()).item())
         kwargs = dict(dropout_p=0.17, philox=philox)
@@ -162,10 +174,11 @@ def test_backward_tilings_match_reference(tiling, features):
                           dropout_mask=philox_keep_mask(*philox, threshold, b, h, sq, sk, "cuda"))
     q, k, v = _qkv(b, sq, sk, h, hk, d, torch.bfloat16, "cuda", grad=False)
     dout = torch.randn_like(q)
-    out, lse = interface.forward(q, k, v, return_lse=True, **kwargs)
-    config = flashjit.BwdConfig("bf16", d, n_warps, block_m, d_split, group_rows, deterministic, False,
-                                local=mods, softcap=mods, alibi=mods, dropout=features == "dropout").validate()
-    grads = interface.backward(dout, q, k, v, out, lse, config=config, **kwargs)
+    out, lse = interface.forward(q, k, v, return_lse=True, causal=causal, **kwargs)
+    config = flashjit.BwdConfig("bf16", d, n_warps, block_m, d_split, group_rows, deterministic, causal,
+                                local=mods, softcap=mods, alibi=mods, dropout=features == "dropout",
+                                wgmma=bool(wgmma)).validate()
+    grads = interface.backward(dout, q, k, v, out, lse, causal=causal, config=config, **kwargs)
     ref = [t.detach().requires_grad_() for t in (q, k, v)]
     ref_out = attention_reference(*ref, **ref_kwargs)[0]
     ref_out.backward(dout.float())

@@ -1,0 +1,257 @@
+// Backward pass for Hopper (sm_90a): the dK/dV kernel of bwd_sm80.cuh with warpgroup MMAs.
+//
+// Same algorithm and the same first and last kernels (dvec_kernel, dq_convert_kernel); the dK/dV
+// kernel (fast dQ path: atomics) is rewritten around wgmma. One CTA per (128-key block, kv head,
+// batch): two warpgroups, each owning 64 keys of the accumulators, walk the query blocks of every
+// query head of the GQA group. Per step, warpgroup g (keys 64 g ..):
+//   S^T  = K_g Q^T,  dP^T = V_g dO^T          A and B from shared memory (both K-major)
+//   P^T, dS^T element-wise in registers       (the accumulator layout is mma.sync's)
+//   dV_g += P^T dO,  dK_g += dS^T Q           A from registers, B N-major from shared memory
+//   dS^T -> shared memory; barrier; dQ (this block's share) = dS K, added to the fp32 buffer with
+//   atomics: the two warpgroups split it by query rows (block_m 128) or head-dim columns (64).
+// Every product is asynchronous: P^T is computed while dP^T is still on the tensor cores, dS^T
+// while dV is, and dS^T is stored while dK is. Unlike mma.sync, B never passes through registers,
+// which is what frees the registers and the issue slots the sm_80 kernel runs out of.
+#pragma once
+#include "bwd_sm80.cuh"
+#include "common/wgmma.cuh"
+
+namespace flashjit::bwd_sm90 {
+
+using bwd::RowIndex;
+
+// One template parameter per BwdConfig field (flashjit/config.py), in the same order; the fields
+// this kernel fixes must have the values config.py's wgmma rules require.
+template <bool kBf16_, int kD_, int kWarps_, int kBlockM_, int kDSplit_, int kGroupRows_, bool kDeterministic_,
+          bool kCausal_, bool kLocal_, bool kSoftcap_, bool kAlibi_, bool kDropout_>
+struct Config {
+  static constexpr bool kBf16 = kBf16_, kCausal = kCausal_, kSwizzle = true, kDeterministic = kDeterministic_;
+  static constexpr bool kDropout = kDropout_;
+  using Mod = ScoreMod<kCausal_, kLocal_, kSoftcap_, kAlibi_>;
+  __device__ __forceinline__ static float dropout_scale(const BwdParams&) { return 1.f; }
+  static constexpr int kD = kD_, kWarps = kWarps_, kThreads = kWarps * 32;
+  static constexpr int kBlockM = kBlockM_, kBlockN = 128;  // queries per step, keys per CTA (64 per warpgroup)
+  static constexpr int kNtM = kBlockM / 8, kNtD = kD / 8, kKsD = kD / 16, kKsM = kBlockM / 16, kKsN = kBlockN / 16;
+  // dQ of a step, [kBlockM, kD]: each warpgroup computes a 64 x 64 share, by rows when kBlockM = 128
+  // (then kD = 64), else by columns (kD = 128).
+  static constexpr bool kDqByRows = kBlockM == 128;
+  using TileN = GmmaTile<kBlockN, kD>;       // K, V
+  using TileM = GmmaTile<kBlockM, kD>;       // Q, dO (two stages each)
+  using TileS = GmmaTile<kBlockN, kBlockM>;  // dS^T
+  // 1 KiB of slack: the dynamic shared memory is aligned up to the swizzle's 1024 bytes by hand.
+  static constexpr int kSmemBytes = 1024 + 2 * TileN::kBytes + 4 * TileM::kBytes + TileS::kBytes + 2 * 2 * kBlockM * 4;
+  static_assert(kWarps == 8 && kDSplit_ == 1 && kGroupRows_ == 16,
+                "the wgmma backward runs two warpgroups of 64 keys: n_warps=8, d_split=1, group_rows=16");
+  static_assert((kD == 64 && kBlockM == 128) || (kD == 128 && kBlockM == 64),
+                "the wgmma backward supports d_head 64 with block_m 128 and d_head 128 with block_m 64");
+  static_assert(!kDeterministic && !kDropout, "the wgmma backward has no deterministic or dropout variant");
+  // dK and dV are staged for the copy out through the two Q stages and the two dO stages.
+  static_assert(2 * kBlockM >= kBlockN, "dK/dV are staged through the Q / dO tiles");
+};
+
+// Store A fragments (a[kt], 16 columns each, from the accumulator rows r0 + lane / 4 (+ 8)) into a
+// GmmaTile: dS^T for the dQ product. Conflict-free: the 8 rows of a store hit 8 different chunks.
+template <class Tile, int kKT>
+__device__ __forceinline__ void store_frags(elem_t* tile, const uint32_t (&a)[kKT][4], int r0, int lane) {
+#pragma unroll
+  for (int kt = 0; kt < kKT; ++kt)
+#pragma unroll
+    for (int r = 0; r < 4; ++r)  // r: (row half, column half) = (r & 1, r / 2)
+      *reinterpret_cast<uint32_t*>(tile + Tile::offset(r0 + (lane >> 2) + (r & 1) * 8, kt * 2 + r / 2) +
+                                   (lane & 3) * 2) = a[kt][r];
+}
+
+template <class C>
+__global__ void __launch_bounds__(C::kThreads, 1) dkdv_kernel(const __grid_constant__ BwdParams p) {
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t base = (smem_addr(smem_raw) + 1023) & ~1023u;
+  unsigned char* smem = smem_raw + (base - smem_addr(smem_raw));
+  elem_t* sK = reinterpret_cast<elem_t*>(smem);
+  elem_t* sV = sK + C::TileN::kBytes / 2;
+  elem_t* sQ2 = sV + C::TileN::kBytes / 2;       // two stages of Q
+  elem_t* sdO2 = sQ2 + 2 * C::TileM::kBytes / 2;  // two stages of dO
+  elem_t* sdS = sdO2 + 2 * C::TileM::kBytes / 2;  // dS^T [kBlockN keys, kBlockM queries]
+  float* s_lse2 = reinterpret_cast<float*>(sdS + C::TileS::kBytes / 2);
+  float* s_dvec2 = s_lse2 + 2 * C::kBlockM;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
+  const int r0 = warp * 16;  // this warp's first key row: warpgroup wg's 64 keys, 16 per warp
+  const int num_n = (p.seqlen_k + C::kBlockN - 1) / C::kBlockN;
+  const int n_block = blockIdx.x % num_n, bh_k = blockIdx.x / num_n;
+  const int h_k = bh_k % p.heads_k, b = bh_k / p.heads_k, group = p.heads / p.heads_k;
+  const int key0 = n_block * C::kBlockN, keys = min(C::kBlockN, p.seqlen_k - key0);
+  const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
+
+  load_gmma_tile<C::kBlockN, C::kD, C::kThreads>(sK, p.k.at<const elem_t>(b, h_k, key0), p.k.row_stride, keys, tid);
+  load_gmma_tile<C::kBlockN, C::kD, C::kThreads>(sV, p.v.at<const elem_t>(b, h_k, key0), p.v.row_stride, keys, tid);
+  cp_async_commit();
+
+  float dk[1][C::kNtD][4], dv[1][C::kNtD][4];
+  zero(dk);
+  zero(dv);
+  // Query blocks that see any key of this block: [first_m, end_m), as in bwd_sm80.cuh.
+  const typename C::Mod bounds(p.mods, p.seqlen_q, p.seqlen_k, p.softmax_scale, b, h_k * group);
+  int first_m = 0, end_m = (p.seqlen_q + C::kBlockM - 1) / C::kBlockM;
+  if (C::kCausal || (C::Mod::kLocal && bounds.right >= 0))
+    first_m = max(0, (key0 - bounds.diag - bounds.right) / C::kBlockM);
+  if (C::Mod::kLocal && bounds.left >= 0) {
+    const int last_row = key0 + keys - 1 - bounds.diag + bounds.left;
+    end_m = last_row < 0 ? 0 : min(end_m, last_row / C::kBlockM + 1);
+  }
+  const int my_key0 = key0 + r0 + (lane >> 2);  // key of row half h: my_key0 + 8 h
+
+  // Descriptors: K and V as K-major A (this warpgroup's 64 rows), Q and dO as K-major B (scores)
+  // and as N-major B (dV, dK), K as N-major B and dS^T as M-major A (dQ).
+  const uint64_t dK_a = gmma_desc(smem_addr(sK) + wg * 64 * 128, 16);
+  const uint64_t dV_a = gmma_desc(smem_addr(sV) + wg * 64 * 128, 16);
+  const uint64_t dQ_b = gmma_desc(smem_addr(sQ2), C::TileM::kBlockBytes);
+  const uint64_t ddO_b = gmma_desc(smem_addr(sdO2), C::TileM::kBlockBytes);
+  const uint64_t dS_a = gmma_desc(smem_addr(sdS) + (C::kDqByRows ? wg * C::TileS::kBlockBytes : 0),
+                                  C::TileS::kBlockBytes);
+  const uint64_t dKq_b = gmma_desc(smem_addr(sK) + (C::kDqByRows ? 0 : wg * C::TileN::kBlockBytes),
+                                   C::TileN::kBlockBytes);
+  // This thread's dQ rows and columns within the step's [kBlockM, kD] block.
+  const int dq_row = (C::kDqByRows ? wg * 64 : 0) + (warp & 3) * 16 + (lane >> 2);
+  const int dq_col = (C::kDqByRows ? 0 : wg * 64) + (lane & 3) * 2;
+
+  // One step per (query head of the group, query block), software-pipelined over two Q / dO
+  // stages as in bwd_sm80.cuh. Two barriers per step: the first publishes the step's copy and
+  // retires every read of the stage the next copy refills and of dS^T; the second publishes dS^T.
+  const int steps = group * max(0, end_m - first_m);
+  struct StepPos {
+    int h, row0;
+  };
+  const int row_begin = first_m * C::kBlockM, row_end = end_m * C::kBlockM;
+  auto advance = [&](StepPos s) {
+    s.row0 += C::kBlockM;
+    if (s.row0 >= row_end) s.row0 = row_begin, ++s.h;
+    return s;
+  };
+  auto stage = [&](StepPos s, int buf) {
+    const int rows = min(C::kBlockM, p.seqlen_q - s.row0);
+    load_gmma_tile<C::kBlockM, C::kD, C::kThreads>(sQ2 + buf * C::TileM::kBytes / 2,
+                                                   p.q.at<const elem_t>(b, s.h, s.row0), p.q.row_stride, rows, tid);
+    load_gmma_tile<C::kBlockM, C::kD, C::kThreads>(sdO2 + buf * C::TileM::kBytes / 2,
+                                                   p.dout.at<const elem_t>(b, s.h, s.row0), p.dout.row_stride, rows,
+                                                   tid);
+    bwd::load_row_stats<C>(s_lse2 + buf * C::kBlockM, s_dvec2 + buf * C::kBlockM, p, int64_t(b) * p.heads + s.h,
+                           s.row0, tid);
+  };
+  StepPos cur{h_k * group, row_begin};
+  if (steps > 0) stage(cur, 0);
+  cp_async_commit();
+  for (int step = 0; step < steps; ++step) {
+    cp_async_wait<0>();  // K, V and this step's block have landed (for this thread)
+    fence_proxy_async();
+    __syncthreads();
+    const StepPos next = advance(cur);
+    if (step + 1 < steps) stage(next, (step + 1) & 1);
+    cp_async_commit();
+    const int h = cur.h, row0 = cur.row0, buf = step & 1;
+    const int64_t bh = int64_t(b) * p.heads + h;
+    const typename C::Mod mod(p.mods, p.seqlen_q, p.seqlen_k, p.softmax_scale, b, h);
+    const float* s_lse = s_lse2 + buf * C::kBlockM;
+    const float* s_dvec = s_dvec2 + buf * C::kBlockM;
+    const uint32_t stage_bytes = buf * C::TileM::kBytes;
+
+    // S^T = K Q^T and dP^T = V dO^T, two commit groups.
+    float st[1][C::kNtM][4], dpt[1][C::kNtM][4];
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < C::kKsD; ++ks)
+      wgmma_ss<C::kBlockM, C::kBf16, 0, 0>(st[0], gmma_desc_add(dK_a, kmajor_step<C::kBlockN>(ks)),
+                                           gmma_desc_add(dQ_b, stage_bytes + kmajor_step<C::kBlockM>(ks)), ks > 0);
+    wgmma_commit();
+#pragma unroll
+    for (int ks = 0; ks < C::kKsD; ++ks)
+      wgmma_ss<C::kBlockM, C::kBf16, 0, 0>(dpt[0], gmma_desc_add(dV_a, kmajor_step<C::kBlockN>(ks)),
+                                           gmma_desc_add(ddO_b, stage_bytes + kmajor_step<C::kBlockM>(ks)), ks > 0);
+    wgmma_commit();
+
+    // P^T (rows = keys, columns = queries) while dP^T runs.
+    wgmma_wait<1>();
+    wgmma_settle(st[0]);
+    float grad[1][C::kNtM][4];  // softcap's chain-rule factor (kept only with softcap)
+    const auto query = [&](int nt, int e) { return nt * 8 + (lane & 3) * 2 + (e & 1); };  // in the block
+    for_each_acc<1, C::kNtM>([&](int, int nt, int e) {
+      const int col = query(nt, e);
+      st[0][nt][e] = bwd::probability<C>(mod, st[0][nt][e], row0 + col, my_key0 + (e >> 1) * 8, s_lse[col],
+                                         scale_log2, grad[0][nt][e]);
+    });
+    uint32_t pa[1][C::kNtM / 2][4];
+    acc_to_a<C::kBf16>(st, pa);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < C::kKsM; ++ks)  // dV += P^T dO
+      wgmma_rs<C::kD, C::kBf16, 1>(dv[0], pa[0][ks], gmma_desc_add(ddO_b, stage_bytes + mnmajor_step(ks)), true);
+    wgmma_commit();
+
+    // dS^T = P^T o (dP^T - D) while dV runs.
+    wgmma_wait<1>();
+    wgmma_settle(dpt[0]);
+    for_each_acc<1, C::kNtM>([&](int, int nt, int e) {
+      dpt[0][nt][e] = st[0][nt][e] * (dpt[0][nt][e] - s_dvec[query(nt, e)]);
+      if (C::Mod::kSoftcap) dpt[0][nt][e] *= grad[0][nt][e];
+    });
+    uint32_t dsa[1][C::kNtM / 2][4];
+    acc_to_a<C::kBf16>(dpt, dsa);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < C::kKsM; ++ks)  // dK += dS^T Q
+      wgmma_rs<C::kD, C::kBf16, 1>(dk[0], dsa[0][ks], gmma_desc_add(dQ_b, stage_bytes + mnmajor_step(ks)), true);
+    wgmma_commit();
+
+    // dS^T to shared memory while dK runs; then this warpgroup's share of dQ = dS K.
+    store_frags<typename C::TileS>(sdS, dsa[0], r0, lane);
+    fence_proxy_async();
+    __syncthreads();
+    float dq[64 / 8][4];
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < C::kKsN; ++ks)
+      wgmma_ss<64, C::kBf16, 1, 1>(dq, gmma_desc_add(dS_a, mnmajor_step(ks)), gmma_desc_add(dKq_b, mnmajor_step(ks)),
+                                   ks > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_settle(dq);
+    wgmma_settle(dk[0]);
+    wgmma_settle(dv[0]);
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = row0 + dq_row + half * 8;
+      if (row >= p.seqlen_q) continue;
+      float* dst = p.dq_accum + (bh * p.seqlen_q + row) * C::kD + dq_col;
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) red_add_f32x2(dst + nt * 8, dq[nt][2 * half], dq[nt][2 * half + 1]);
+    }
+    cur = next;
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // every wgmma read of the Q / dO stages is done (each warpgroup waited for its own)
+
+  // Stage dK and dV through the Q / dO stages (plain swizzled rows, as bwd_sm80.cuh), then
+  // coalesced stores. Both hold 2 * kBlockM >= kBlockN rows.
+  store_acc<C::kD, C::kSwizzle, C::kBf16>(sQ2, dk, r0, lane, p.softmax_scale);
+  store_acc<C::kD, C::kSwizzle, C::kBf16>(sdO2, dv, r0, lane, 1.f);
+  __syncthreads();
+  bwd::store_rows<C, C::kBlockN>(p.dk, b, h_k, key0, sQ2, keys, tid);
+  bwd::store_rows<C, C::kBlockN>(p.dv, b, h_k, key0, sdO2, keys, tid);
+}
+
+template <class C>
+cudaError_t launch(const BwdParams& p, cudaStream_t stream) {
+  if (p.batch == 0 || p.heads == 0 || p.seqlen_q == 0) return cudaSuccess;
+  if (p.dq_accum == nullptr) return cudaErrorInvalidValue;
+  const int64_t rows = int64_t(p.batch) * p.heads * p.seqlen_q;
+  const int64_t kv_blocks = int64_t((p.seqlen_k + C::kBlockN - 1) / C::kBlockN) * p.heads_k * p.batch;
+  if ((rows + 3) / 4 > 0x7fffffff || kv_blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  cudaError_t err = cudaFuncSetAttribute(dkdv_kernel<C>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  const unsigned row_blocks = unsigned((rows + 3) / 4);
+  bwd::dvec_kernel<C><<<row_blocks, 128, 0, stream>>>(p);
+  if (kv_blocks > 0) dkdv_kernel<C><<<unsigned(kv_blocks), C::kThreads, C::kSmemBytes, stream>>>(p);
+  bwd::dq_convert_kernel<C><<<row_blocks, 128, 0, stream>>>(p);  // with Sk = 0 the buffer stays zero: dQ = 0
+  return cudaGetLastError();
+}
+
+}  // namespace flashjit::bwd_sm90

@@ -1,0 +1,158 @@
+// Hopper (sm_90a) warpgroup MMA: wgmma.mma_async PTX wrappers, shared-memory matrix descriptors and
+// the 128-byte-swizzle tile layout they read. Like ptx.cuh, the only place that spells these out.
+//
+// A warpgroup (4 consecutive warps, 128 threads) computes D[64 x N] (+)= A[64 x 16] B[16 x N] per
+// instruction. B always comes from shared memory (a descriptor); A from shared memory or from
+// registers (the same fragment layout as mma.sync m16n8k16's A, warp w holding rows 16w..16w+15).
+// The fp32 accumulator is warp w's rows in the mma.sync C layout, n-tile by n-tile: d[nt][e] is
+// row 16 w + lane / 4 + 8 (e >> 1), column 8 nt + 2 (lane % 4) + (e & 1). So every element-wise
+// helper of fragments.cuh works on wgmma accumulators as on one m-tile of mma.sync ones.
+#pragma once
+#include <cstdint>
+#include "ptx.cuh"
+
+namespace flashjit {
+
+// ---- The tile layout: rows of 16-bit elements in 64-column blocks, 128-byte swizzle --------------
+// Column block c / 64 of the tile is a [kRows x 64] array (128 bytes a row); within it the 16-byte
+// chunk index is XOR-ed with row % 8. That is wgmma's canonical 128B-swizzle layout both ways:
+// read with rows as M/N it is "K-major" (k along a row), with rows as K it is "MN-major". The
+// hardware applies the XOR to address bits [4:6] from bits [7:9], so tiles start 1024-byte aligned.
+template <int kRows, int kCols>
+struct GmmaTile {
+  static_assert(kCols % 64 == 0 && kRows % 8 == 0, "wgmma tiles are whole 8-row x 64-column swizzle atoms");
+  static constexpr int kBlockBytes = kRows * 128, kBytes = kBlockBytes * (kCols / 64);
+
+  // Offset in elements of (row, 16-byte chunk).
+  __device__ __forceinline__ static int offset(int row, int chunk) {
+    return (chunk >> 3) * (kRows * 64) + row * 64 + (((chunk & 7) ^ (row & 7)) << 3);
+  }
+};
+
+// Copy rows [0, kRows) of a row-strided global [rows x kCols] tile into a GmmaTile with cp.async;
+// rows >= valid_rows are zero-filled and never read.
+template <int kRows, int kCols, int kThreads, typename T>
+__device__ __forceinline__ void load_gmma_tile(T* smem, const T* gmem, int64_t row_stride, int valid_rows, int tid) {
+  constexpr int kChunks = kCols / 8, kRowStep = kThreads / kChunks;
+  static_assert(kThreads % kChunks == 0 && kRows % kRowStep == 0, "the copy must tile the thread block evenly");
+  const int chunk = tid % kChunks;
+  int row = tid / kChunks;
+  const T* src = gmem + row * row_stride + chunk * 8;  // a running pointer: one live address, not one per copy
+  const int64_t src_step = kRowStep * row_stride;
+#pragma unroll
+  for (int it = 0; it < kRows / kRowStep; ++it, row += kRowStep, src += src_step) {
+    const bool valid = row < valid_rows;
+    cp_async_16(smem_addr(smem + GmmaTile<kRows, kCols>::offset(row, chunk)), valid ? src : gmem, valid);
+  }
+}
+
+// ---- Descriptors ---------------------------------------------------------------------------------
+// A descriptor of a GmmaTile (128B swizzle): start address, leading and stride byte offsets, all in
+// 16-byte units. K-major reads use only the stride offset (1024 B between 8-row groups); MN-major
+// reads use the leading offset to step from one 64-column block to the next.
+__device__ __forceinline__ uint64_t gmma_desc(uint32_t smem_byte_addr, uint32_t leading_bytes) {
+  return uint64_t((smem_byte_addr & 0x3ffff) >> 4) | uint64_t(leading_bytes >> 4) << 16 |
+         uint64_t(1024 >> 4) << 32 | uint64_t(1) << 62;
+}
+// The same descriptor moved on by `bytes` (a multiple of 16 that stays inside shared memory).
+__device__ __forceinline__ uint64_t gmma_desc_add(uint64_t desc, uint32_t bytes) { return desc + (bytes >> 4); }
+
+// Byte offset of k-step ks (16 columns) of a K-major read of a GmmaTile<kRows, ...>: 32 bytes along
+// a 128-byte row, then on to the next column block.
+template <int kRows>
+__device__ __forceinline__ constexpr uint32_t kmajor_step(int ks) {
+  return (ks >> 2) * (kRows * 128) + (ks & 3) * 32;
+}
+// Byte offset of k-step ks (16 rows) of an MN-major read.
+__device__ __forceinline__ constexpr uint32_t mnmajor_step(int ks) { return ks * 16 * 128; }
+
+// ---- Synchronisation -----------------------------------------------------------------------------
+// Before the first wgmma of a batch: orders earlier register writes (accumulators, A fragments).
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+// Wait until at most kPending committed groups are still running (groups finish in order).
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+}
+// The compiler sees a wgmma write its accumulators when it is issued; this ties every later use of
+// them to a point after the wgmma_wait (no read moves above it).
+template <int kNT>
+__device__ __forceinline__ void wgmma_settle(float (&d)[kNT][4]) {
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[nt][e])::"memory");
+}
+// Shared-memory writes by threads (st.shared, cp.async) become visible to wgmma's reads (the async
+// proxy) only through this fence, before the barrier that publishes them.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// ---- The MMAs ------------------------------------------------------------------------------------
+// Inline assembly has no loops, so the 32 or 64 accumulator operands are written out.
+#define FJ_ACC32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
+                 "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define FJ_ACC64 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
+                 "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, "  \
+                 "%39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, "  \
+                 "%58, %59, %60, %61, %62, %63}"
+#define FJ_F8(d, i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
+                    "+f"(d[i + 6]), "+f"(d[i + 7])
+#define FJ_F32(d) FJ_F8(d, 0), FJ_F8(d, 8), FJ_F8(d, 16), FJ_F8(d, 24)
+#define FJ_F64(d) FJ_F32(d), FJ_F8(d, 32), FJ_F8(d, 40), FJ_F8(d, 48), FJ_F8(d, 56)
+// scale-d (accumulate or overwrite) is a predicate set from a register; scale-a/b are +1.
+#define FJ_WGMMA(N, T, ACC, OPERANDS, S) \
+  "{\n.reg .pred p;\nsetp.ne.b32 p, " S ", 0;\nwgmma.mma_async.sync.aligned.m64n" #N "k16.f32." T "." T " " ACC \
+  ", " OPERANDS ";\n}\n"
+
+// d (+)= A B, A and B from shared memory; kTransA / kTransB: A is M-major / B is N-major.
+template <int N, bool kBf16, int kTransA, int kTransB>
+__device__ __forceinline__ void wgmma_ss(float (&d)[N / 8][4], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
+  float* f = &d[0][0];
+  const int acc = accumulate;
+  if constexpr (N == 64 && kBf16)
+    asm volatile(FJ_WGMMA(64, "bf16", FJ_ACC32, "%32, %33, p, 1, 1, %35, %36", "%34")
+                 : FJ_F32(f) : "l"(desc_a), "l"(desc_b), "r"(acc), "n"(kTransA), "n"(kTransB));
+  else if constexpr (N == 64)
+    asm volatile(FJ_WGMMA(64, "f16", FJ_ACC32, "%32, %33, p, 1, 1, %35, %36", "%34")
+                 : FJ_F32(f) : "l"(desc_a), "l"(desc_b), "r"(acc), "n"(kTransA), "n"(kTransB));
+  else if constexpr (N == 128 && kBf16)
+    asm volatile(FJ_WGMMA(128, "bf16", FJ_ACC64, "%64, %65, p, 1, 1, %67, %68", "%66")
+                 : FJ_F64(f) : "l"(desc_a), "l"(desc_b), "r"(acc), "n"(kTransA), "n"(kTransB));
+  else {
+    static_assert(N == 128, "wgmma_ss is written out for N = 64 and 128");
+    asm volatile(FJ_WGMMA(128, "f16", FJ_ACC64, "%64, %65, p, 1, 1, %67, %68", "%66")
+                 : FJ_F64(f) : "l"(desc_a), "l"(desc_b), "r"(acc), "n"(kTransA), "n"(kTransB));
+  }
+}
+
+// d (+)= A B, A from registers (a: this thread's fragment of a 64 x 16 k-step), B from shared memory.
+template <int N, bool kBf16, int kTransB>
+__device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t desc_b,
+                                         bool accumulate) {
+  float* f = &d[0][0];
+  const int acc = accumulate;
+  if constexpr (N == 64 && kBf16)
+    asm volatile(FJ_WGMMA(64, "bf16", FJ_ACC32, "{%32, %33, %34, %35}, %36, p, 1, 1, %38", "%37")
+                 : FJ_F32(f) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(acc), "n"(kTransB));
+  else if constexpr (N == 64)
+    asm volatile(FJ_WGMMA(64, "f16", FJ_ACC32, "{%32, %33, %34, %35}, %36, p, 1, 1, %38", "%37")
+                 : FJ_F32(f) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(acc), "n"(kTransB));
+  else if constexpr (N == 128 && kBf16)
+    asm volatile(FJ_WGMMA(128, "bf16", FJ_ACC64, "{%64, %65, %66, %67}, %68, p, 1, 1, %70", "%69")
+                 : FJ_F64(f) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(acc), "n"(kTransB));
+  else {
+    static_assert(N == 128, "wgmma_rs is written out for N = 64 and 128");
+    asm volatile(FJ_WGMMA(128, "f16", FJ_ACC64, "{%64, %65, %66, %67}, %68, p, 1, 1, %70", "%69")
+                 : FJ_F64(f) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(acc), "n"(kTransB));
+  }
+}
+
+#undef FJ_WGMMA
+#undef FJ_F64
+#undef FJ_F32
+#undef FJ_F8
+#undef FJ_ACC64
+#undef FJ_ACC32
+
+}  // namespace flashjit
