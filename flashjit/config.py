@@ -252,7 +252,8 @@ WHY_BWD_COLUMNS = "each warp's share of the head dim must be whole 16-column pai
 # The reasons, shared verbatim with the static_asserts in kernels/bwd_sm90.cuh.
 WHY_WGMMA_WARPS = "the wgmma backward runs two warpgroups of 64 keys: n_warps=8, d_split=1, group_rows=16"
 WHY_WGMMA_SHAPES = "the wgmma backward supports d_head 64 with block_m 128 and d_head 128 with block_m 64"
-WHY_WGMMA_VARIANTS = "the wgmma backward has no deterministic or dropout variant"
+WHY_WGMMA_VARIANTS = "the wgmma backward has no deterministic variant"
+WHY_WGMMA_SOFTCAP = "softcap's factors push the d_head 64 wgmma backward (128-query steps) past 255 registers"
 WGMMA_SHAPES = ((64, 128), (128, 64))
 WGMMA_ARCH = "sm_90a"
 BWD_BLOCK_M = (32, 64, 128)
@@ -351,8 +352,10 @@ class BwdConfig(_Validated):
                        f"group_rows={self.group_rows})")
         if (self.d_head, self.block_m) not in WGMMA_SHAPES:
             out.append(f"{WHY_WGMMA_SHAPES} (d_head={self.d_head}, block_m={self.block_m})")
-        if self.deterministic or self.dropout:
-            out.append(f"{WHY_WGMMA_VARIANTS} (deterministic={self.deterministic}, dropout={self.dropout})")
+        if self.deterministic:
+            out.append(WHY_WGMMA_VARIANTS)
+        if self.softcap and self.block_m == 128:
+            out.append(WHY_WGMMA_SOFTCAP)
         return out
 
     @functools.cached_property

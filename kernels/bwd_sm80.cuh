@@ -345,48 +345,11 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
       pt[mt][nt][e] = probability<C>(mod, pt[mt][nt][e], row0 + col, my_key0 + mt * 16 + (e >> 1) * 8, s_lse[col],
                                      scale_log2, grad[mt][nt][e]);
     });
-    // Dropout (common/dropout.cuh): this lane's entries of m-tile mt and 32-query span are the half
-    // e = (its key parity) of two calls, those of query residues 2 (lane % 4) and 2 (lane % 4) + 1.
-    // It makes the call of its own parity's residue and swaps the other half with lane ^ 4, so
-    // each call serves 16 entries. flags[mt][span][res][w]: word w of the half for residue + res.
-    constexpr int kSpans = (C::kNtMW + 3) / 4;
-    uint32_t flags[C::kRT][kSpans][2][2];
-    if (C::kDropout) {
-      const int parity = (lane >> 2) & 1;  // = my_key0 & 1, as key0 and r0 are even
-#pragma unroll
-      for (int mt = 0; mt < C::kRT; ++mt)
-#pragma unroll
-        for (int span = 0; span < kSpans; ++span) {
-          const uint4 f = drop.keep_flags(row0 + q0 + span * 32 + (lane & 3) * 2 + parity, my_key0 + mt * 16);
-#pragma unroll
-          for (int w = 0; w < 2; ++w) {
-            const uint32_t mine = Dropout::word(f, 2 * parity + w), theirs = Dropout::word(f, 2 * (parity ^ 1) + w);
-            const uint32_t received = __shfl_xor_sync(0xffffffffu, theirs, 4);
-            flags[mt][span][0][w] = parity ? received : mine;
-            flags[mt][span][1][w] = parity ? mine : received;
-          }
-        }
-    }
-    // Element (mt, nt, e) is in 8-query group a = ((q0 + 8 nt) >> 3) & 3 of its span: word a >> 1,
-    // byte (a & 1) * 2 + (e >> 1) of residue e & 1. q0 is a multiple of 16 (of 32 if kNtMW >= 4).
-    auto keep_word = [&](int mt, int nt, int res) {
-      const uint32_t(&w)[2] = flags[mt][nt / 4][res];
-      return C::kNtMW >= 4 ? w[(nt >> 1) & 1] : ((q0 >> 4) & 1 ? w[1] : w[0]);
-    };
-    auto keep_byte = [](int nt, int e) { return (nt & 1) * 2 + (e >> 1); };
+    // Dropout (common/dropout.cuh): this warp's masks, rows = keys.
+    const KeyRowsMask<C::kRT, C::kNtMW> keep(C::kDropout, drop, row0 + q0, my_key0, lane);
     uint32_t pa[C::kRT][C::kNtMW / 2][4];
     acc_to_a<C::kBf16>(pt, pa);
-    if (C::kDropout) {  // P o Z, a packed pair (queries of residues +0, +1) at a time
-#pragma unroll
-      for (int mt = 0; mt < C::kRT; ++mt)
-#pragma unroll
-        for (int kt = 0; kt < C::kNtMW / 2; ++kt)
-#pragma unroll
-          for (int r = 0; r < 4; ++r) {  // elements (nt, e) = (2 kt + r / 2, 2 (r & 1) + {0, 1})
-            const int nt = 2 * kt + r / 2, byte = keep_byte(nt, 2 * (r & 1));
-            pa[mt][kt][r] &= Dropout::mask2(keep_word(mt, nt, 0), keep_word(mt, nt, 1), byte);
-          }
-    }
+    if (C::kDropout) keep.apply(pa);  // P o Z
     if constexpr (C::kSplit) store_a<C::kBlockM, C::kSwizzle>(sP, pa, r0, lane, q0 / 8);
     else gemm_frag_cols<C>(dv, pa, sdO, 0, lane);  // dV += (P o Z)^T dO (times 1 / (1 - p) at the end)
 
@@ -395,7 +358,7 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
     for_each_acc<C::kRT, C::kNtMW>([&](int mt, int nt, int e) {
       // dS^T / rp, rp = 1 / (1 - p): dS = P o (Z o dP rp - D), and s_dvec holds D / rp.
       float dp = dpt[mt][nt][e];
-      if (C::kDropout) dp = Dropout::masked(dp, Dropout::mask(keep_word(mt, nt, e & 1), keep_byte(nt, e)));
+      if (C::kDropout) dp = Dropout::masked(dp, keep.keep(mt, nt, e));
       dpt[mt][nt][e] = pt[mt][nt][e] * (dp - s_dvec[query(nt, e)]);
       if (C::Mod::kSoftcap) dpt[mt][nt][e] *= grad[mt][nt][e];
     });

@@ -28,7 +28,10 @@ struct Config {
   static constexpr bool kBf16 = kBf16_, kCausal = kCausal_, kSwizzle = true, kDeterministic = kDeterministic_;
   static constexpr bool kDropout = kDropout_;
   using Mod = ScoreMod<kCausal_, kLocal_, kSoftcap_, kAlibi_>;
-  __device__ __forceinline__ static float dropout_scale(const BwdParams&) { return 1.f; }
+  // 1 / (1 - p), applied once to dK, dV and dQ (see bwd_sm80.cuh).
+  __device__ __forceinline__ static float dropout_scale(const BwdParams& p) {
+    return kDropout ? p.mods.dropout_scale : 1.f;
+  }
   static constexpr int kD = kD_, kWarps = kWarps_, kThreads = kWarps * 32;
   static constexpr int kBlockM = kBlockM_, kBlockN = 128;  // queries per step, keys per CTA (64 per warpgroup)
   static constexpr int kNtM = kBlockM / 8, kNtD = kD / 8, kKsD = kD / 16, kKsM = kBlockM / 16, kKsN = kBlockN / 16;
@@ -44,7 +47,9 @@ struct Config {
                 "the wgmma backward runs two warpgroups of 64 keys: n_warps=8, d_split=1, group_rows=16");
   static_assert((kD == 64 && kBlockM == 128) || (kD == 128 && kBlockM == 64),
                 "the wgmma backward supports d_head 64 with block_m 128 and d_head 128 with block_m 64");
-  static_assert(!kDeterministic && !kDropout, "the wgmma backward has no deterministic or dropout variant");
+  static_assert(!kDeterministic, "the wgmma backward has no deterministic variant");
+  static_assert(!(kSoftcap_ && kBlockM == 128),
+                "softcap's factors push the d_head 64 wgmma backward (128-query steps) past 255 registers");
   // dK and dV are staged for the copy out through the two Q stages and the two dO stages.
   static_assert(2 * kBlockM >= kBlockN, "dK/dV are staged through the Q / dO tiles");
 };
@@ -167,31 +172,50 @@ __global__ void __launch_bounds__(C::kThreads, 1) dkdv_kernel(const __grid_const
       wgmma_ss<C::kBlockM, C::kBf16, 0, 0>(dpt[0], gmma_desc_add(dV_a, kmajor_step<C::kBlockN>(ks)),
                                            gmma_desc_add(ddO_b, stage_bytes + kmajor_step<C::kBlockM>(ks)), ks > 0);
     wgmma_commit();
+    // Dropout (common/dropout.cuh): this warp's masks, rows = keys, made while the products run.
+    const KeyRowsMask<1, C::kNtM> keep(C::kDropout, Dropout(p.mods, int(bh)), row0, my_key0, lane);
 
     // P^T (rows = keys, columns = queries) while dP^T runs.
     wgmma_wait<1>();
     wgmma_settle(st[0]);
-    float grad[1][C::kNtM][4];  // softcap's chain-rule factor (kept only with softcap)
+    // Softcap's chain-rule factors (in [0, 1]) as fp16 pairs: as fp32 they pushed d_head 64 into spills.
+    uint32_t grad[C::Mod::kSoftcap ? C::kNtM : 1][2];
     const auto query = [&](int nt, int e) { return nt * 8 + (lane & 3) * 2 + (e & 1); };  // in the block
-    for_each_acc<1, C::kNtM>([&](int, int nt, int e) {
-      const int col = query(nt, e);
-      st[0][nt][e] = bwd::probability<C>(mod, st[0][nt][e], row0 + col, my_key0 + (e >> 1) * 8, s_lse[col],
-                                         scale_log2, grad[0][nt][e]);
-    });
+#pragma unroll
+    for (int nt = 0; nt < C::kNtM; ++nt)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        float g[2];
+#pragma unroll
+        for (int e = 2 * half; e < 2 * half + 2; ++e) {
+          const int col = query(nt, e);
+          st[0][nt][e] = bwd::probability<C>(mod, st[0][nt][e], row0 + col, my_key0 + half * 8, s_lse[col],
+                                             scale_log2, g[e & 1]);
+        }
+        if (C::Mod::kSoftcap) grad[nt][half] = pack2<false>(g[0], g[1]);
+      }
     uint32_t pa[1][C::kNtM / 2][4];
     acc_to_a<C::kBf16>(st, pa);
+    if (C::kDropout) keep.apply(pa);  // P o Z
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < C::kKsM; ++ks)  // dV += P^T dO
       wgmma_rs<C::kD, C::kBf16, 1>(dv[0], pa[0][ks], gmma_desc_add(ddO_b, stage_bytes + mnmajor_step(ks)), true);
     wgmma_commit();
 
-    // dS^T = P^T o (dP^T - D) while dV runs.
+    // dS^T = P^T o (Z o dP^T - D) while dV runs.
     wgmma_wait<1>();
     wgmma_settle(dpt[0]);
     for_each_acc<1, C::kNtM>([&](int, int nt, int e) {
-      dpt[0][nt][e] = st[0][nt][e] * (dpt[0][nt][e] - s_dvec[query(nt, e)]);
-      if (C::Mod::kSoftcap) dpt[0][nt][e] *= grad[0][nt][e];
+      // dS^T / rp, rp = 1 / (1 - p): dS = P o (Z o dP rp - D), and s_dvec holds D / rp.
+      float dp = dpt[0][nt][e];
+      if (C::kDropout) dp = Dropout::masked(dp, keep.keep(0, nt, e));
+      dpt[0][nt][e] = st[0][nt][e] * (dp - s_dvec[query(nt, e)]);
+      if constexpr (C::Mod::kSoftcap) {
+        float g[2];
+        unpack2<false>(grad[nt][e >> 1], g[0], g[1]);
+        dpt[0][nt][e] *= g[e & 1];
+      }
     });
     uint32_t dsa[1][C::kNtM / 2][4];
     acc_to_a<C::kBf16>(dpt, dsa);
@@ -231,8 +255,8 @@ __global__ void __launch_bounds__(C::kThreads, 1) dkdv_kernel(const __grid_const
 
   // Stage dK and dV through the Q / dO stages (plain swizzled rows, as bwd_sm80.cuh), then
   // coalesced stores. Both hold 2 * kBlockM >= kBlockN rows.
-  store_acc<C::kD, C::kSwizzle, C::kBf16>(sQ2, dk, r0, lane, p.softmax_scale);
-  store_acc<C::kD, C::kSwizzle, C::kBf16>(sdO2, dv, r0, lane, 1.f);
+  store_acc<C::kD, C::kSwizzle, C::kBf16>(sQ2, dk, r0, lane, p.softmax_scale * C::dropout_scale(p));
+  store_acc<C::kD, C::kSwizzle, C::kBf16>(sdO2, dv, r0, lane, C::dropout_scale(p));
   __syncthreads();
   bwd::store_rows<C, C::kBlockN>(p.dk, b, h_k, key0, sQ2, keys, tid);
   bwd::store_rows<C, C::kBlockN>(p.dv, b, h_k, key0, sdO2, keys, tid);

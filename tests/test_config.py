@@ -125,3 +125,31 @@ def test_backward_configs():
         assert f'"{reason}"' in source, reason
     with pytest.raises(ValueError, match="backward kernel name"):
         BwdConfig.from_name("bwd_bf16_d128")
+
+
+def test_wgmma_backward_configs():
+    """On sm_90a the Hopper kernel is the default where it exists; elsewhere the sm_80 one."""
+    from flashjit import jit
+    from flashjit.config import BwdConfig, config_from_name, default_bwd_config
+
+    for dtype, d, causal, det, dropout, softcap in itertools.product(cfgmod.DTYPES, cfgmod.HEAD_DIMS, (False, True),
+                                                                     (False, True), (False, True), (False, True)):
+        cfg = default_bwd_config(dtype, d, causal, softcap=softcap, dropout=dropout, deterministic=det, wgmma=True)
+        expected = (d, 64 if d == 128 else 128) in cfgmod.WGMMA_SHAPES and not det and not (softcap and d == 64)
+        assert cfg.wgmma == expected and config_from_name(cfg.name) == cfg and not cfg.problems()
+        assert ("bwd_sm90.cuh" if expected else "bwd_sm80.cuh") in codegen.render(cfg)
+        assert not default_bwd_config(dtype, d, causal, softcap=softcap, dropout=dropout, deterministic=det).wgmma
+    assert [c for c in flashjit.get_kernels_to_build(arch="sm_90a") if getattr(c, "wgmma", False)]
+    assert not [c for c in flashjit.get_kernels_to_build(arch="sm_80") if getattr(c, "wgmma", False)]
+    for bad, reason in ((BwdConfig(d_head=128, n_warps=4, wgmma=True), cfgmod.WHY_WGMMA_WARPS),
+                        (BwdConfig(d_head=128, n_warps=8, block_m=128, wgmma=True), cfgmod.WHY_WGMMA_SHAPES),
+                        (BwdConfig(d_head=96, n_warps=8, block_m=64, wgmma=True), cfgmod.WHY_WGMMA_SHAPES),
+                        (BwdConfig(d_head=128, n_warps=8, deterministic=True, wgmma=True), cfgmod.WHY_WGMMA_VARIANTS),
+                        (BwdConfig(d_head=64, n_warps=8, block_m=128, softcap=True, wgmma=True),
+                         cfgmod.WHY_WGMMA_SOFTCAP)):
+        assert any(reason in p for p in bad.problems()), bad
+    source = (codegen.kernels_dir() / "bwd_sm90.cuh").read_text()
+    for reason in (cfgmod.WHY_WGMMA_WARPS, cfgmod.WHY_WGMMA_SHAPES, cfgmod.WHY_WGMMA_VARIANTS, cfgmod.WHY_WGMMA_SOFTCAP):
+        assert f'"{reason}"' in source, reason
+    with pytest.raises(ValueError, match="builds only for sm_90a, not sm_80"):
+        jit.ensure_built(BwdConfig(d_head=128, n_warps=8, wgmma=True), "sm_80")

@@ -33,6 +33,8 @@ SUBSET = [  # both dtypes, several head dims, causal, knobs off, both archs
     ("sm_90a", BwdConfig("bf16", 256, 8, 64, 4, 32, causal=True)),
     ("sm_80", BwdConfig("bf16", 128, 8, 64, 2, 32, dropout=True)),
     ("sm_80", BwdConfig("fp16", 192, 4, 32, 2, deterministic=True, dropout=True)),
+    ("sm_90a", BwdConfig("bf16", 128, 8, 64, causal=True, dropout=True, wgmma=True)),
+    ("sm_90a", BwdConfig("fp16", 64, 8, 128, local=True, alibi=True, wgmma=True)),
 ]
 
 

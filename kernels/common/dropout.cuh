@@ -91,4 +91,64 @@ struct Dropout {
   }
 };
 
+// With rows = keys (the dK/dV kernels): the masks of a warp's kRT m-tiles of 16 keys (this lane's
+// keys my_key0 + 16 mt + 8 h) x kNt n-tiles of 8 queries from query0 (a multiple of 16, of 32 when
+// kNt >= 4). This lane's entries of m-tile mt and 32-query span are the half e = (its key parity)
+// of two calls, those of query residues 2 (lane % 4) and 2 (lane % 4) + 1: it makes the call of its
+// own parity's residue and swaps the other half with lane ^ 4, so each call serves 16 entries.
+template <int kRT, int kNt>
+struct KeyRowsMask {
+  static constexpr int kSpans = (kNt + 3) / 4;
+  uint32_t flags[kRT][kSpans][2][2];  // [mt][span][res][w]: word w of the half for residue + res
+  int half16;                         // with one 16-query share per span: which half of it
+
+  // With enabled == false (no dropout) nothing is computed and nothing may be read.
+  __device__ __forceinline__ KeyRowsMask(bool enabled, const Dropout& drop, int query0, int my_key0, int lane)
+      : half16(kNt >= 4 ? 0 : (query0 >> 4) & 1) {
+    if (!enabled) return;
+    const int parity = (lane >> 2) & 1;  // = my_key0 & 1
+#pragma unroll
+    for (int mt = 0; mt < kRT; ++mt)
+#pragma unroll
+      for (int span = 0; span < kSpans; ++span) {
+        const uint4 f = drop.keep_flags(query0 + span * 32 + (lane & 3) * 2 + parity, my_key0 + mt * 16);
+#pragma unroll
+        for (int w = 0; w < 2; ++w) {
+          const uint32_t mine = Dropout::word(f, 2 * parity + w), theirs = Dropout::word(f, 2 * (parity ^ 1) + w);
+          const uint32_t received = __shfl_xor_sync(0xffffffffu, theirs, 4);
+          flags[mt][span][0][w] = parity ? received : mine;
+          flags[mt][span][1][w] = parity ? mine : received;
+        }
+      }
+  }
+
+  // Element (mt, nt, e) is in 8-query group a = (nt + 2 half16) & 3 of its span: word a >> 1, byte
+  // (a & 1) * 2 + (e >> 1) of residue e & 1.
+  __device__ __forceinline__ uint32_t word(int mt, int nt, int res) const {
+    const uint32_t(&w)[2] = flags[mt][nt / 4][res];
+    return kNt >= 4 ? w[(nt >> 1) & 1] : (half16 ? w[1] : w[0]);
+  }
+  __device__ __forceinline__ static int byte(int nt, int e) { return (nt & 1) * 2 + (e >> 1); }
+
+  // The mask of accumulator element (mt, nt, e).
+  __device__ __forceinline__ uint32_t keep(int mt, int nt, int e) const {
+    return Dropout::mask(word(mt, nt, e & 1), byte(nt, e));
+  }
+
+  // P o Z on 16-bit A fragments (pa[mt][kt]: n-tiles 2 kt, 2 kt + 1), a packed pair (queries of
+  // residues +0, +1) at a time.
+  template <int kKT>
+  __device__ __forceinline__ void apply(uint32_t (&pa)[kRT][kKT][4]) const {
+#pragma unroll
+    for (int mt = 0; mt < kRT; ++mt)
+#pragma unroll
+      for (int kt = 0; kt < kKT; ++kt)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {  // elements (nt, e) = (2 kt + r / 2, 2 (r & 1) + {0, 1})
+          const int nt = 2 * kt + r / 2, b = byte(nt, 2 * (r & 1));
+          pa[mt][kt][r] &= Dropout::mask2(word(mt, nt, 0), word(mt, nt, 1), b);
+        }
+  }
+};
+
 }  // namespace flashjit
