@@ -79,7 +79,8 @@ __global__ void __launch_bounds__(C::kThreads, 1) dkdv_kernel(const __grid_const
   float* s_lse2 = reinterpret_cast<float*>(sdS + C::TileS::kBytes / 2);
   float* s_dvec2 = s_lse2 + 2 * C::kBlockM;
 
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wg = __shfl_sync(0xffffffffu, warp >> 2, 0);  // warpgroup: a shuffle makes it warp-uniform to the compiler
   const int r0 = warp * 16;  // this warp's first key row: warpgroup wg's 64 keys, 16 per warp
   const int num_n = (p.seqlen_k + C::kBlockN - 1) / C::kBlockN;
   const int n_block = blockIdx.x % num_n, bh_k = blockIdx.x / num_n;
