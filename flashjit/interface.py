@@ -295,11 +295,16 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         raise ValueError("backward with dropout needs the forward's philox=(seed, offset) to regenerate its mask")
     mods = score_mods(q, causal, window_size, softcap, alibi_slopes, dropout_p, philox)
     device_index = q.get_device()
+    arch = jit.arch_for(device_index)
     wanted = default_bwd_config(_DTYPES[q.dtype], q.shape[3], bool(causal), *mods.flags,
                                 deterministic=bool(deterministic), smem_limit=_smem_limit(device_index)[0],
-                                wgmma=jit.arch_for(device_index) == WGMMA_ARCH)
+                                wgmma=arch == WGMMA_ARCH)
     if config is None:
         config = wanted
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("flashjit: backward [B=%d, Sq=%d, Sk=%d, H=%d, H_k=%d, D=%d] dispatched to %s (default for "
+                      "dtype/head dim/features/deterministic on %s and its shared memory)", q.shape[0], q.shape[1],
+                      k.shape[1], q.shape[2], k.shape[2], q.shape[3], config.name, arch)
     else:
         config.validate()
         mismatched = [f"{f}={getattr(config, f)!r} (the call needs {getattr(wanted, f)!r})"

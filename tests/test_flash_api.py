@@ -345,3 +345,18 @@ def test_training_step_matches_reference_backend(monkeypatch):
     assert abs(results["jit"][0] - results["reference"][0]) < 1e-2
     for g_jit, g_ref in zip(results["jit"][1], results["reference"][1]):
         assert torch.allclose(g_jit, g_ref, atol=2e-2, rtol=5e-2), (g_jit - g_ref).abs().max()
+
+
+@gpu
+def test_backward_logs_its_dispatch(caplog, monkeypatch):
+    """DEBUG logging names the backward kernel each call dispatched to, and the arch that chose it."""
+    import logging
+
+    monkeypatch.setenv("FLASHJIT_BACKEND", "jit")
+    q, k, v = _qkv(1, 130, 130, 2, 2, 128, torch.bfloat16, "cuda", grad=True)
+    with caplog.at_level(logging.DEBUG, logger="flashjit"):
+        flashjit.flash_attn_func(q, k, v, causal=True).sum().backward()
+    arch = _device_arch()
+    line = next(r.getMessage() for r in caplog.records if "backward [B=1, Sq=130" in r.getMessage())
+    assert f"on {arch}" in line and "bwd_bf16_d128_" in line
+    assert line.split(" dispatched to ")[1].split()[0].endswith("_wgmma") == (arch == "sm_90a")
