@@ -136,6 +136,36 @@ __global__ void __launch_bounds__(128) dvec_kernel(const __grid_constant__ BwdPa
   if (lane == 0) p.dvec[row] = C::kDropout ? sum / p.mods.dropout_scale : sum;  // D (1 - p): see dkdv_kernel
 }
 
+// The steps of a dK/dV CTA: one per (query head of the GQA group, query block that sees any key of
+// [key0, key0 + keys)), the head outermost. A step's (head, first row) is advanced by increments:
+// no division per step. The window does not depend on the head, so one ScoreMod (head 0 of the
+// group) bounds the query blocks for every head.
+template <class C>
+struct QuerySteps {
+  struct Pos {
+    int h, row0;
+  };
+  int row_begin, row_end, count;
+
+  __device__ __forceinline__ QuerySteps(const BwdParams& p, int b, int h_k, int group, int key0, int keys) {
+    const typename C::Mod bounds(p.mods, p.seqlen_q, p.seqlen_k, p.softmax_scale, b, h_k * group);
+    int first_m = 0, end_m = (p.seqlen_q + C::kBlockM - 1) / C::kBlockM;
+    if (C::kCausal || (C::Mod::kLocal && bounds.right >= 0))
+      first_m = max(0, (key0 - bounds.diag - bounds.right) / C::kBlockM);
+    if (C::Mod::kLocal && bounds.left >= 0) {
+      const int last_row = key0 + keys - 1 - bounds.diag + bounds.left;  // last query that sees a key here
+      end_m = last_row < 0 ? 0 : min(end_m, last_row / C::kBlockM + 1);
+    }
+    row_begin = first_m * C::kBlockM, row_end = end_m * C::kBlockM, count = group * max(0, end_m - first_m);
+  }
+  __device__ __forceinline__ Pos first(int h_k, int group) const { return {h_k * group, row_begin}; }
+  __device__ __forceinline__ Pos next(Pos s) const {
+    s.row0 += C::kBlockM;
+    if (s.row0 >= row_end) s.row0 = row_begin, ++s.h;
+    return s;
+  }
+};
+
 // Copy kRows rows of head h (of batch b) starting at row0 between global memory and a tile.
 template <class C, int kRows>
 __device__ __forceinline__ void load_rows(elem_t* tile, const TensorRef& t, int b, int h, int row0, int rows, int tid) {
@@ -279,16 +309,6 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
   float dk[C::kRT][C::kNtDW][4], dv[C::kRT][C::kNtDW][4];
   zero(dk);
   zero(dv);
-  // Query blocks that see any key of this block: [first_m, end_m). The window does not depend on
-  // the head, so one ScoreMod (head 0 of the group) bounds the loop for every head.
-  const typename C::Mod bounds(p.mods, p.seqlen_q, p.seqlen_k, p.softmax_scale, b, h_k * group);
-  int first_m = 0, end_m = (p.seqlen_q + C::kBlockM - 1) / C::kBlockM;
-  if (C::kCausal || (C::Mod::kLocal && bounds.right >= 0))
-    first_m = max(0, (key0 - bounds.diag - bounds.right) / C::kBlockM);
-  if (C::Mod::kLocal && bounds.left >= 0) {
-    const int last_row = key0 + keys - 1 - bounds.diag + bounds.left;  // last query that sees a key here
-    end_m = last_row < 0 ? 0 : min(end_m, last_row / C::kBlockM + 1);
-  }
   const int my_key0 = key0 + r0 + (lane >> 2);  // key of m-tile mt, row half h: my_key0 + 16 mt + 8 h
 
   // One step per (query head of the group, query block), software-pipelined over two buffers: the
@@ -296,17 +316,9 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
   // step's copy and the previous step's dS^T, and retires every read of the buffers the next copy
   // and this step's dS^T overwrite (both last read in step - 1). The fast path's dQ product for a
   // step runs at the start of the next one, so it needs no barrier of its own.
-  const int steps = group * max(0, end_m - first_m);
-  // A step's query head and first row, advanced by increments (no division per step).
-  struct StepPos {
-    int h, row0;
-  };
-  const int row_begin = first_m * C::kBlockM, row_end = end_m * C::kBlockM;
-  auto advance = [&](StepPos s) {
-    s.row0 += C::kBlockM;
-    if (s.row0 >= row_end) s.row0 = row_begin, ++s.h;
-    return s;
-  };
+  const QuerySteps<C> schedule(p, b, h_k, group, key0, keys);
+  using StepPos = typename QuerySteps<C>::Pos;
+  const int steps = schedule.count;
   auto stage = [&](StepPos s, int buf) {
     const int rows = min(C::kBlockM, p.seqlen_q - s.row0);
     load_rows<C, C::kBlockM>(sQ2 + buf * C::kTileM, p.q, b, s.h, s.row0, rows, tid);
@@ -317,13 +329,13 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
   auto dq_of = [&](StepPos s, int buf) {  // fast path: dQ of a step from its dS^T
     accumulate_dq<C>(p, sdS2 + buf * C::kBlockN * C::kBlockM, sK, int64_t(b) * p.heads + s.h, s.row0, warp, lane);
   };
-  StepPos cur{h_k * group, row_begin}, prev = cur;
+  StepPos cur = schedule.first(h_k, group), prev = cur;
   if (steps > 0) stage(cur, 0);
   cp_async_commit();
   for (int step = 0; step < steps; ++step) {
     cp_async_wait<0>();  // K, V and this step's block have landed (for this thread)
     __syncthreads();
-    const StepPos next = advance(cur);
+    const StepPos next = schedule.next(cur);
     if (step + 1 < steps) stage(next, (step + 1) & 1);
     cp_async_commit();
     if (!C::kDeterministic && step > 0) dq_of(prev, (step - 1) & 1);

@@ -95,15 +95,6 @@ __global__ void __launch_bounds__(C::kThreads, 1) dkdv_kernel(const __grid_const
   float dk[1][C::kNtD][4], dv[1][C::kNtD][4];
   zero(dk);
   zero(dv);
-  // Query blocks that see any key of this block: [first_m, end_m), as in bwd_sm80.cuh.
-  const typename C::Mod bounds(p.mods, p.seqlen_q, p.seqlen_k, p.softmax_scale, b, h_k * group);
-  int first_m = 0, end_m = (p.seqlen_q + C::kBlockM - 1) / C::kBlockM;
-  if (C::kCausal || (C::Mod::kLocal && bounds.right >= 0))
-    first_m = max(0, (key0 - bounds.diag - bounds.right) / C::kBlockM);
-  if (C::Mod::kLocal && bounds.left >= 0) {
-    const int last_row = key0 + keys - 1 - bounds.diag + bounds.left;
-    end_m = last_row < 0 ? 0 : min(end_m, last_row / C::kBlockM + 1);
-  }
   const int my_key0 = key0 + r0 + (lane >> 2);  // key of row half h: my_key0 + 8 h
 
   // Descriptors: K and V as K-major A (this warpgroup's 64 rows), Q and dO as K-major B (scores)
@@ -123,16 +114,9 @@ __global__ void __launch_bounds__(C::kThreads, 1) dkdv_kernel(const __grid_const
   // One step per (query head of the group, query block), software-pipelined over two Q / dO
   // stages as in bwd_sm80.cuh. Two barriers per step: the first publishes the step's copy and
   // retires every read of the stage the next copy refills and of dS^T; the second publishes dS^T.
-  const int steps = group * max(0, end_m - first_m);
-  struct StepPos {
-    int h, row0;
-  };
-  const int row_begin = first_m * C::kBlockM, row_end = end_m * C::kBlockM;
-  auto advance = [&](StepPos s) {
-    s.row0 += C::kBlockM;
-    if (s.row0 >= row_end) s.row0 = row_begin, ++s.h;
-    return s;
-  };
+  const bwd::QuerySteps<C> schedule(p, b, h_k, group, key0, keys);
+  using StepPos = typename bwd::QuerySteps<C>::Pos;
+  const int steps = schedule.count;
   auto stage = [&](StepPos s, int buf) {
     const int rows = min(C::kBlockM, p.seqlen_q - s.row0);
     load_gmma_tile<C::kBlockM, C::kD, C::kThreads>(sQ2 + buf * C::TileM::kBytes / 2,
@@ -143,14 +127,14 @@ __global__ void __launch_bounds__(C::kThreads, 1) dkdv_kernel(const __grid_const
     bwd::load_row_stats<C>(s_lse2 + buf * C::kBlockM, s_dvec2 + buf * C::kBlockM, p, int64_t(b) * p.heads + s.h,
                            s.row0, tid);
   };
-  StepPos cur{h_k * group, row_begin};
+  StepPos cur = schedule.first(h_k, group);
   if (steps > 0) stage(cur, 0);
   cp_async_commit();
   for (int step = 0; step < steps; ++step) {
     cp_async_wait<0>();  // K, V and this step's block have landed (for this thread)
     fence_proxy_async();
     __syncthreads();
-    const StepPos next = advance(cur);
+    const StepPos next = schedule.next(cur);
     if (step + 1 < steps) stage(next, (step + 1) & 1);
     cp_async_commit();
     const int h = cur.h, row0 = cur.row0, buf = step & 1;
