@@ -416,9 +416,10 @@ def default_bwd_config(dtype: str, d_head: int, causal: bool, local: bool = Fals
     none does, the deterministic last resort (on GPUs with 99 KiB per block, sm_86 and sm_89, the
     d_head 128 backward is deterministic either way). Raises ValueError if even that does not fit.
     wgmma=True (the target is sm_90a) puts the Hopper kernel first where it exists."""
-    for d, block_m in WGMMA_SHAPES if wgmma else ():
+    block_m = dict(WGMMA_SHAPES).get(d_head) if wgmma else None
+    if block_m:
         cfg = BwdConfig(dtype, d_head, 8, block_m, 1, 16, deterministic, causal, local, softcap, alibi, dropout, True)
-        if d == d_head and not cfg.problems() and cfg.smem_bytes <= smem_limit:
+        if not cfg.problems() and cfg.smem_bytes <= smem_limit:
             return cfg
     size = "wide" if d_head > 128 else 128 if d_head == 128 else "narrow"
     choices = [(*c, deterministic) for c in _BWD_PREFERENCES[size, deterministic, dropout]]

@@ -539,8 +539,9 @@ cudaError_t opt_in_smem(Kernel kernel) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
 }
 
-template <class C>
-cudaError_t launch(const BwdParams& p, cudaStream_t stream) {
+// The D kernel, `dkdv` (this file's dkdv_kernel, or bwd_sm90.cuh's), then dQ's conversion or kernel.
+template <class C, class Kernel>
+cudaError_t launch_with(const BwdParams& p, cudaStream_t stream, Kernel dkdv) {
   if (p.batch == 0 || p.heads == 0 || p.seqlen_q == 0) return cudaSuccess;
   if (!C::kDeterministic && p.dq_accum == nullptr) return cudaErrorInvalidValue;
   const int64_t rows = int64_t(p.batch) * p.heads * p.seqlen_q;
@@ -549,10 +550,10 @@ cudaError_t launch(const BwdParams& p, cudaStream_t stream) {
   if ((rows + 3) / 4 > 0x7fffffff || kv_blocks > 0x7fffffff || q_blocks > 0x7fffffff)
     return cudaErrorInvalidConfiguration;
   cudaError_t err;
-  if ((err = opt_in_smem<C>(dkdv_kernel<C>)) != cudaSuccess) return err;
+  if ((err = opt_in_smem<C>(dkdv)) != cudaSuccess) return err;
   const unsigned row_blocks = unsigned((rows + 3) / 4);
   dvec_kernel<C><<<row_blocks, 128, 0, stream>>>(p);
-  if (kv_blocks > 0) dkdv_kernel<C><<<unsigned(kv_blocks), C::kThreads, C::kSmemBytes, stream>>>(p);
+  if (kv_blocks > 0) dkdv<<<unsigned(kv_blocks), C::kThreads, C::kSmemBytes, stream>>>(p);
   if constexpr (C::kDeterministic) {
     if ((err = opt_in_smem<C>(dq_kernel<C>)) != cudaSuccess) return err;
     dq_kernel<C><<<unsigned(q_blocks), C::kThreads, C::kSmemBytes, stream>>>(p);
@@ -560,6 +561,11 @@ cudaError_t launch(const BwdParams& p, cudaStream_t stream) {
     dq_convert_kernel<C><<<row_blocks, 128, 0, stream>>>(p);
   }
   return cudaGetLastError();
+}
+
+template <class C>
+cudaError_t launch(const BwdParams& p, cudaStream_t stream) {
+  return launch_with<C>(p, stream, dkdv_kernel<C>);
 }
 
 }  // namespace flashjit::bwd

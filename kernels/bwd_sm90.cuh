@@ -18,8 +18,6 @@
 
 namespace flashjit::bwd_sm90 {
 
-using bwd::RowIndex;
-
 // One template parameter per BwdConfig field (flashjit/config.py), in the same order; the fields
 // this kernel fixes must have the values config.py's wgmma rules require.
 template <bool kBf16_, int kD_, int kWarps_, int kBlockM_, int kDSplit_, int kGroupRows_, bool kDeterministic_,
@@ -53,18 +51,6 @@ struct Config {
   // dK and dV are staged for the copy out through the two Q stages and the two dO stages.
   static_assert(2 * kBlockM >= kBlockN, "dK/dV are staged through the Q / dO tiles");
 };
-
-// Store A fragments (a[kt], 16 columns each, from the accumulator rows r0 + lane / 4 (+ 8)) into a
-// GmmaTile: dS^T for the dQ product. Conflict-free: the 8 rows of a store hit 8 different chunks.
-template <class Tile, int kKT>
-__device__ __forceinline__ void store_frags(elem_t* tile, const uint32_t (&a)[kKT][4], int r0, int lane) {
-#pragma unroll
-  for (int kt = 0; kt < kKT; ++kt)
-#pragma unroll
-    for (int r = 0; r < 4; ++r)  // r: (row half, column half) = (r & 1, r / 2)
-      *reinterpret_cast<uint32_t*>(tile + Tile::offset(r0 + (lane >> 2) + (r & 1) * 8, kt * 2 + r / 2) +
-                                   (lane & 3) * 2) = a[kt][r];
-}
 
 template <class C>
 __global__ void __launch_bounds__(C::kThreads, 1) dkdv_kernel(const __grid_constant__ BwdParams p) {
@@ -211,7 +197,7 @@ __global__ void __launch_bounds__(C::kThreads, 1) dkdv_kernel(const __grid_const
     wgmma_commit();
 
     // dS^T to shared memory while dK runs; then this warpgroup's share of dQ = dS K.
-    store_frags<typename C::TileS>(sdS, dsa[0], r0, lane);
+    store_a_in<typename C::TileS>(sdS, dsa, r0, lane);  // conflict-free: 8 rows, 8 different chunks
     fence_proxy_async();
     __syncthreads();
     float dq[64 / 8][4];
@@ -247,20 +233,10 @@ __global__ void __launch_bounds__(C::kThreads, 1) dkdv_kernel(const __grid_const
   bwd::store_rows<C, C::kBlockN>(p.dv, b, h_k, key0, sdO2, keys, tid);
 }
 
+// The D kernel, this dK/dV kernel, the dQ conversion: bwd_sm80.cuh's launch sequence.
 template <class C>
 cudaError_t launch(const BwdParams& p, cudaStream_t stream) {
-  if (p.batch == 0 || p.heads == 0 || p.seqlen_q == 0) return cudaSuccess;
-  if (p.dq_accum == nullptr) return cudaErrorInvalidValue;
-  const int64_t rows = int64_t(p.batch) * p.heads * p.seqlen_q;
-  const int64_t kv_blocks = int64_t((p.seqlen_k + C::kBlockN - 1) / C::kBlockN) * p.heads_k * p.batch;
-  if ((rows + 3) / 4 > 0x7fffffff || kv_blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  cudaError_t err = cudaFuncSetAttribute(dkdv_kernel<C>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
-  if (err != cudaSuccess) return err;
-  const unsigned row_blocks = unsigned((rows + 3) / 4);
-  bwd::dvec_kernel<C><<<row_blocks, 128, 0, stream>>>(p);
-  if (kv_blocks > 0) dkdv_kernel<C><<<unsigned(kv_blocks), C::kThreads, C::kSmemBytes, stream>>>(p);
-  bwd::dq_convert_kernel<C><<<row_blocks, 128, 0, stream>>>(p);  // with Sk = 0 the buffer stays zero: dQ = 0
-  return cudaGetLastError();
+  return bwd::launch_with<C>(p, stream, dkdv_kernel<C>);
 }
 
 }  // namespace flashjit::bwd_sm90

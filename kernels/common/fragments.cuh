@@ -142,11 +142,11 @@ __device__ __forceinline__ void store_acc(elem_t* tile, const float (&c)[kMT][kN
 }
 
 // Store 16-bit A fragments a[mt][kt] (rows row0 + 16 mt + lane/4 (+8), cols 8 chunk0 + 16 kt +
-// 2 (lane%4) (+8)) into a tile: the inverse of load_a. chunk0 must be even.
-template <int kD, bool kSwizzle, int kMT, int kKT>
-__device__ __forceinline__ void store_a(elem_t* tile, const uint32_t (&a)[kMT][kKT][4], int row0, int lane,
-                                        int chunk0 = 0) {
-  using L = SmemLayout<kD, kSwizzle>;
+// 2 (lane%4) (+8)) into a tile of layout L (anything with a static offset(row, 16-byte chunk)):
+// the inverse of load_a. chunk0 must be even.
+template <class L, int kMT, int kKT>
+__device__ __forceinline__ void store_a_in(elem_t* tile, const uint32_t (&a)[kMT][kKT][4], int row0, int lane,
+                                           int chunk0 = 0) {
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
@@ -155,6 +155,12 @@ __device__ __forceinline__ void store_a(elem_t* tile, const uint32_t (&a)[kMT][k
       for (int r = 0; r < 4; ++r)  // r: (row half, column half) = (r & 1, r / 2)
         *reinterpret_cast<uint32_t*>(tile + L::offset(row0 + mt * 16 + (lane >> 2) + (r & 1) * 8, chunk0 + kt * 2 + r / 2) +
                                      (lane & 3) * 2) = a[mt][kt][r];
+}
+
+template <int kD, bool kSwizzle, int kMT, int kKT>
+__device__ __forceinline__ void store_a(elem_t* tile, const uint32_t (&a)[kMT][kKT][4], int row0, int lane,
+                                        int chunk0 = 0) {
+  store_a_in<SmemLayout<kD, kSwizzle>>(tile, a, row0, lane, chunk0);
 }
 
 }  // namespace flashjit
