@@ -88,11 +88,14 @@ def _mulhilo(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (a_hi * m_hi + (mid >> 16) + (low >> 32)) & _U32, low & _U32
 
 
-def philox4x32_10(key: tuple[int, int], counter: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Philox4x32-10 on int64 tensors of uint32 words: kernels/common/dropout.cuh in PyTorch."""
+PHILOX_ROUNDS = 7  # kernels/common/dropout.cuh:kPhiloxRounds (FlashAttention-2's Philox4x32-7)
+
+
+def philox4x32(key: tuple[int, int], counter: list[torch.Tensor], rounds: int = PHILOX_ROUNDS) -> list[torch.Tensor]:
+    """Philox4x32-`rounds` on int64 tensors of uint32 words: kernels/common/dropout.cuh in PyTorch."""
     k0, k1 = key
     c0, c1, c2, c3 = counter
-    for _ in range(10):
+    for _ in range(rounds):
         hi0, lo0 = _mulhilo(c0, 0xD2511F53)
         hi1, lo1 = _mulhilo(c2, 0xCD9E8D57)
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
@@ -112,7 +115,7 @@ def philox_keep_mask(seed: int, offset: int, threshold: int, batch: int, heads: 
     bh = torch.arange(batch * heads, device=device)[:, None, None].expand(shape)
     c0 = torch.arange(rows, device=device)[None, :, None].expand(shape)
     c1 = torch.arange(groups, device=device)[None, None, :].expand(shape)
-    words = philox4x32_10(key, [c0, c1, bh, torch.full(shape, offset & _U32, device=device)])
+    words = philox4x32(key, [c0, c1, bh, torch.full(shape, offset & _U32, device=device)])
     shifts = torch.arange(4, device=device) * 8
     random_bytes = torch.stack([(w[..., None] >> shifts) & 0xFF for w in words], dim=-2).flatten(-2)  # [.., 16]
     i, j = torch.arange(seqlen_q, device=device), torch.arange(seqlen_k, device=device)

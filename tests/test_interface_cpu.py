@@ -103,15 +103,23 @@ def test_backward_checks_its_arguments(bad, words, monkeypatch):
         iface.backward(dout, q, k, v, out, lse)
 
 
-def test_philox_matches_random123_known_answers():
-    """reference.philox4x32_10 (and so the kernels' mask, which the GPU tests check against it)
-    against Random123's published Philox4x32-10 test vectors."""
-    from flashjit.reference import philox4x32_10
+@pytest.mark.parametrize("rounds, zero_out, ones_out", [
+    (7, [0x5F6FB709, 0x0D893F64, 0x4F121F81, 0x4F730A48], [0x5207DDC2, 0x45165E59, 0x4D8EE751, 0x8C52F662]),
+    (10, [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8], [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]),
+])
+def test_philox_matches_random123_known_answers(rounds, zero_out, ones_out):
+    """reference.philox4x32 (and so the kernels' mask, which the GPU tests check against it)
+    against Random123's published Philox4x32 test vectors (kat_vectors), at the kernels' 7 rounds
+    and at 10."""
+    from flashjit.codegen import kernels_dir
+    from flashjit.reference import PHILOX_ROUNDS, philox4x32
 
-    zero = philox4x32_10((0, 0), [torch.tensor(0)] * 4)
-    assert [int(w) for w in zero] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
-    ones = philox4x32_10((0xFFFFFFFF, 0xFFFFFFFF), [torch.tensor(0xFFFFFFFF)] * 4)
-    assert [int(w) for w in ones] == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
+    source = (kernels_dir() / "common" / "dropout.cuh").read_text()
+    assert f"constexpr int kPhiloxRounds = {PHILOX_ROUNDS};" in source  # the reference is the kernels' RNG
+    zero = philox4x32((0, 0), [torch.tensor(0)] * 4, rounds)
+    assert [int(w) for w in zero] == zero_out
+    ones = philox4x32((0xFFFFFFFF, 0xFFFFFFFF), [torch.tensor(0xFFFFFFFF)] * 4, rounds)
+    assert [int(w) for w in ones] == ones_out
 
 
 @pytest.mark.parametrize("p, threshold", [(0.0, 0), (0.1, 26), (0.5, 128), (0.001, 1), (0.999, 255)])
