@@ -116,6 +116,15 @@ __global__ void __launch_bounds__(C::kThreads, 1) dkdv_kernel(const __grid_const
   StepPos cur = schedule.first(h_k, group);
   if (steps > 0) stage(cur, 0);
   cp_async_commit();
+  // Dropout (common/dropout.cuh): this warp's masks, rows = keys, for the current step. Each step
+  // makes the next step's right after its dQ atomics: the warps would otherwise stall there until
+  // the atomics drain (the fence at the top of the loop waits for them), while made inside the
+  // step, ptxas put the Philox calls after the wait for S^T, on the path to the dV product.
+  using Mask = KeyRowsMask<1, C::kNtM>;
+  const auto masks = [&](StepPos s) {
+    return Mask(C::kDropout, Dropout(p.mods, int(int64_t(b) * p.heads + s.h)), s.row0, my_key0, lane);
+  };
+  Mask keep = masks(cur);
   for (int step = 0; step < steps; ++step) {
     cp_async_wait<0>();  // K, V and this step's block have landed (for this thread)
     fence_proxy_async();
@@ -143,8 +152,6 @@ __global__ void __launch_bounds__(C::kThreads, 1) dkdv_kernel(const __grid_const
       wgmma_ss<C::kBlockM, C::kBf16, 0, 0>(dpt[0], gmma_desc_add(dV_a, kmajor_step<C::kBlockN>(ks)),
                                            gmma_desc_add(ddO_b, stage_bytes + kmajor_step<C::kBlockM>(ks)), ks > 0);
     wgmma_commit();
-    // Dropout (common/dropout.cuh): this warp's masks, rows = keys, made while the products run.
-    const KeyRowsMask<1, C::kNtM> keep(C::kDropout, Dropout(p.mods, int(bh)), row0, my_key0, lane);
 
     // P^T (rows = keys, columns = queries) while dP^T runs.
     wgmma_wait<1>();
@@ -219,6 +226,7 @@ __global__ void __launch_bounds__(C::kThreads, 1) dkdv_kernel(const __grid_const
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt) red_add_f32x2(dst + nt * 8, dq[nt][2 * half], dq[nt][2 * half + 1]);
     }
+    if (step + 1 < steps) keep = masks(next);
     cur = next;
   }
   cp_async_wait<0>();
