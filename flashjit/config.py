@@ -296,9 +296,9 @@ class BwdConfig(_Validated):
 
     @property
     def smem_bytes(self) -> int:
-        if self.wgmma:  # 1 KiB alignment slack, K, V, two stages of Q and dO, dS^T, lse and D
+        if self.wgmma:  # 1 KiB alignment slack, K, V, two stages of Q and dO, dS^T, lse and D, dQ staging
             return 1024 + 2 * 2 * self.block_n * self.d_head + 4 * 2 * self.block_m * self.d_head + \
-                2 * self.block_n * self.block_m + 2 * 2 * self.block_m * 4
+                2 * self.block_n * self.block_m + 2 * 2 * self.block_m * 4 + self.n_warps * 16 * 64 * 4
         n_tile, m_tile, score_tile = (2 * self.block_n * self.d_head, 2 * self.block_m * self.d_head,
                                       2 * self.block_n * self.block_m)
         split = self.d_split > 1

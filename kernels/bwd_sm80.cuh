@@ -49,6 +49,7 @@ struct Config {
     return kDropout ? p.mods.dropout_scale : 1.f;
   }
   static constexpr int kD = kD_, kWarps = kWarps_, kThreads = kWarps * 32;
+  static constexpr bool kDqTiled = false;  // dq_accum is [B, H, Sq, kD] (bwd_sm90.cuh tiles it)
   // kDSplit warps (a group) share kGroupRows accumulator rows (kRT m-tiles), each owning kD / kDSplit
   // of the columns.
   static constexpr int kDSplit = kDSplit_, kGroups = kWarps / kDSplit, kGroupRows = kGroupRows_;
@@ -409,8 +410,17 @@ __global__ void __launch_bounds__(128) dq_convert_kernel(const __grid_constant__
   const int64_t row = int64_t(blockIdx.x) * 4 + (threadIdx.x >> 5);
   if (row >= int64_t(p.batch) * p.heads * p.seqlen_q || lane >= C::kD / 8) return;
   const RowIndex at(row, p);
-  const float4* src = reinterpret_cast<const float4*>(p.dq_accum + row * C::kD) + lane * 2;
-  const float4 x = src[0], y = src[1];
+  float4 x, y;
+  if constexpr (C::kDqTiled) {  // bwd_sm90.cuh's layout: 64-column halves, 16-byte chunks swizzled
+    const int64_t half = lane / 8, bh = row / p.seqlen_q;
+    const float4* src =
+        reinterpret_cast<const float4*>(p.dq_accum + ((bh * (C::kD / 64) + half) * p.seqlen_q + at.i) * 64);
+    x = src[((lane % 8) * 2) ^ (at.i & 7)];
+    y = src[((lane % 8) * 2 + 1) ^ (at.i & 7)];
+  } else {
+    const float4* src = reinterpret_cast<const float4*>(p.dq_accum + row * C::kD) + lane * 2;
+    x = src[0], y = src[1];
+  }
   const float s = p.softmax_scale * C::dropout_scale(p);
   *reinterpret_cast<uint4*>(p.dq.at<elem_t>(at.b, at.h, at.i) + lane * 8) =
       make_uint4(pack2<C::kBf16>(x.x * s, x.y * s), pack2<C::kBf16>(x.z * s, x.w * s),

@@ -1,14 +1,15 @@
 // Backward pass for Hopper (sm_90a): the dK/dV kernel of bwd_sm80.cuh with warpgroup MMAs.
 //
 // Same algorithm and the same first and last kernels (dvec_kernel, dq_convert_kernel); the dK/dV
-// kernel (fast dQ path: atomics) is rewritten around wgmma. One CTA per (128-key block, kv head,
-// batch): two warpgroups, each owning 64 keys of the accumulators, walk the query blocks of every
+// kernel (fast dQ path: an fp32 buffer) is rewritten around wgmma. One CTA per (128-key block, kv
+// head, batch): two warpgroups, each owning 64 keys of the accumulators, walk the query blocks of every
 // query head of the GQA group. Per step, warpgroup g (keys 64 g ..):
 //   S^T  = K_g Q^T,  dP^T = V_g dO^T          A and B from shared memory (both K-major)
 //   P^T, dS^T element-wise in registers       (the accumulator layout is mma.sync's)
 //   dV_g += P^T dO,  dK_g += dS^T Q           A from registers, B N-major from shared memory
-//   dS^T -> shared memory; barrier; dQ (this block's share) = dS K, added to the fp32 buffer with
-//   atomics: the two warpgroups split it by query rows (block_m 128) or head-dim columns (64).
+//   dS^T -> shared memory; barrier; dQ (this block's share) = dS K, added to the fp32 buffer by the
+//   TMA unit (a bulk reduction per warp): the warpgroups split it by query rows (block_m 128) or
+//   head-dim columns (64).
 // Every product is asynchronous: P^T is computed while dP^T is still on the tensor cores, dS^T
 // while dV is, and dS^T is stored while dK is. Unlike mma.sync, B never passes through registers,
 // which is what frees the registers and the issue slots the sm_80 kernel runs out of.
@@ -36,11 +37,17 @@ struct Config {
   // dQ of a step, [kBlockM, kD]: each warpgroup computes a 64 x 64 share, by rows when kBlockM = 128
   // (then kD = 64), else by columns (kD = 128).
   static constexpr bool kDqByRows = kBlockM == 128;
+  // dq_accum, [B, H, kD / 64, Sq, 64] fp32 with the 16-byte chunks of row i at chunk ^ (i % 8): each
+  // warp's 16 x 64 share of a step's dQ is 4 KiB in one piece, staged conflict-free in shared memory
+  // and added with one bulk reduction (bwd_sm80.cuh's dq_convert_kernel reads this layout).
+  static constexpr bool kDqTiled = true;
+  static constexpr int kDqStageBytes = 16 * 64 * 4;  // per warp
   using TileN = GmmaTile<kBlockN, kD>;       // K, V
   using TileM = GmmaTile<kBlockM, kD>;       // Q, dO (two stages each)
   using TileS = GmmaTile<kBlockN, kBlockM>;  // dS^T
   // 1 KiB of slack: the dynamic shared memory is aligned up to the swizzle's 1024 bytes by hand.
-  static constexpr int kSmemBytes = 1024 + 2 * TileN::kBytes + 4 * TileM::kBytes + TileS::kBytes + 2 * 2 * kBlockM * 4;
+  static constexpr int kSmemBytes =
+      1024 + 2 * TileN::kBytes + 4 * TileM::kBytes + TileS::kBytes + 2 * 2 * kBlockM * 4 + kWarps * kDqStageBytes;
   static_assert(kWarps == 8 && kDSplit_ == 1 && kGroupRows_ == 16,
                 "the wgmma backward runs two warpgroups of 64 keys: n_warps=8, d_split=1, group_rows=16");
   static_assert((kD == 64 && kBlockM == 128) || (kD == 128 && kBlockM == 64),
@@ -94,8 +101,10 @@ __global__ void __launch_bounds__(C::kThreads, 1) dkdv_kernel(const __grid_const
   const uint64_t dKq_b = gmma_desc(smem_addr(sK) + (C::kDqByRows ? 0 : wg * C::TileN::kBlockBytes),
                                    C::TileN::kBlockBytes);
   // This thread's dQ rows and columns within the step's [kBlockM, kD] block.
-  const int dq_row = (C::kDqByRows ? wg * 64 : 0) + (warp & 3) * 16 + (lane >> 2);
-  const int dq_col = (C::kDqByRows ? 0 : wg * 64) + (lane & 3) * 2;
+  // This warp's 16 rows of the step's dQ block, in 64-column half dq_half of dq_accum, and where
+  // its 16 x 64 share is staged for the bulk reduction.
+  const int dq_row = (C::kDqByRows ? wg * 64 : 0) + (warp & 3) * 16, dq_half = C::kDqByRows ? 0 : wg;
+  float* s_dq = s_dvec2 + 2 * C::kBlockM + warp * (C::kDqStageBytes / 4);
 
   // One step per (query head of the group, query block), software-pipelined over two Q / dO
   // stages as in bwd_sm80.cuh. Two barriers per step: the first publishes the step's copy and
@@ -117,9 +126,9 @@ __global__ void __launch_bounds__(C::kThreads, 1) dkdv_kernel(const __grid_const
   if (steps > 0) stage(cur, 0);
   cp_async_commit();
   // Dropout (common/dropout.cuh): this warp's masks, rows = keys, for the current step. Each step
-  // makes the next step's right after its dQ atomics: the warps would otherwise stall there until
-  // the atomics drain (the fence at the top of the loop waits for them), while made inside the
-  // step, ptxas put the Philox calls after the wait for S^T, on the path to the dV product.
+  // makes the next step's at its very end, where the warps would otherwise wait at the top of the
+  // loop for the next block and the other warpgroup. Made inside the step, ptxas put the Philox
+  // calls after the wait for S^T, on the path to the dV product (d64: 15-20% cost, now 6-9%).
   using Mask = KeyRowsMask<1, C::kNtM>;
   const auto masks = [&](StepPos s) {
     return Mask(C::kDropout, Dropout(p.mods, int(int64_t(b) * p.heads + s.h)), s.row0, my_key0, lane);
@@ -218,18 +227,28 @@ __global__ void __launch_bounds__(C::kThreads, 1) dkdv_kernel(const __grid_const
     wgmma_settle(dq);
     wgmma_settle(dk[0]);
     wgmma_settle(dv[0]);
+    // dQ: staged (once the previous step's reduction has read the buffer), then one bulk reduction.
+    if (lane == 0) bulk_wait_read<0>();
+    __syncwarp();
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int row = row0 + dq_row + half * 8;
-      if (row >= p.seqlen_q) continue;
-      float* dst = p.dq_accum + (bh * p.seqlen_q + row) * C::kD + dq_col;
+      const int r = (lane >> 2) + half * 8;  // row & 7 = r & 7: dq_row and row0 are multiples of 16
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt) red_add_f32x2(dst + nt * 8, dq[nt][2 * half], dq[nt][2 * half + 1]);
+      for (int nt = 0; nt < 8; ++nt)
+        *reinterpret_cast<float2*>(s_dq + r * 64 + (((2 * nt + (lane & 3) / 2) ^ (r & 7)) * 4) + (lane & 1) * 2) =
+            make_float2(dq[nt][2 * half], dq[nt][2 * half + 1]);
     }
+    fence_proxy_async();
+    __syncwarp();
+    const int dq_rows = min(16, p.seqlen_q - row0 - dq_row);
+    if (lane == 0 && dq_rows > 0)
+      bulk_reduce_add_f32(p.dq_accum + ((bh * (C::kD / 64) + dq_half) * p.seqlen_q + row0 + dq_row) * 64, s_dq,
+                          uint32_t(dq_rows) * 64 * 4);
     if (step + 1 < steps) keep = masks(next);
     cur = next;
   }
   cp_async_wait<0>();
+  if (lane == 0) bulk_wait_all();  // the dQ reductions have read shared memory (and are done)
   __syncthreads();  // every wgmma read of the Q / dO stages is done (each warpgroup waited for its own)
 
   // Stage dK and dV through the Q / dO stages (plain swizzled rows, as bwd_sm80.cuh), then

@@ -40,8 +40,9 @@ struct FwdParams {
 };
 
 // Backward: dout/dq like q, dk/dv like k; lse and dvec (rowsum(dO * O), computed by the first
-// backward kernel) are [B, H, Sq] fp32, contiguous; dq_accum (the non-deterministic path's atomic
-// dQ sums) is [B, H, Sq, D] fp32, contiguous, or null for deterministic kernels.
+// backward kernel) are [B, H, Sq] fp32, contiguous; dq_accum (the non-deterministic path's dQ
+// sums) is B * H * Sq * D fp32, contiguous ([B, H, Sq, D], or the tiling of bwd_sm90.cuh's Config),
+// or null for deterministic kernels.
 struct BwdParams {
   TensorRef q, k, v, o, dout, dq, dk, dv;
   const float* lse;

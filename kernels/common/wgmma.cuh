@@ -88,6 +88,22 @@ __device__ __forceinline__ void wgmma_settle(float (&d)[kNT][4]) {
 // proxy) only through this fence, before the barrier that publishes them.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
+// ---- Bulk reductions (the TMA unit adds a shared-memory buffer into global memory) --------------
+// dst += src, `bytes` (a multiple of 16) of fp32, both 16-byte aligned; asynchronous: src may be
+// rewritten only after bulk_wait_read, and the writes become visible to later kernels.
+__device__ __forceinline__ void bulk_reduce_add_f32(float* dst, const float* src, uint32_t bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
+               ::"l"(dst), "r"(smem_addr(src)), "r"(bytes) : "memory");
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+}
+// Until this thread's bulk reductions have read their sources (all but kPending).
+template <int kPending>
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(kPending) : "memory");
+}
+// Until this thread's bulk reductions are complete.
+__device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+
 // ---- The MMAs ------------------------------------------------------------------------------------
 // Inline assembly has no loops, so the 32 or 64 accumulator operands are written out.
 #define FJ_ACC32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
