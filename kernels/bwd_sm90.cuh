@@ -100,7 +100,6 @@ __global__ void __launch_bounds__(C::kThreads, 1) dkdv_kernel(const __grid_const
                                   C::TileS::kBlockBytes);
   const uint64_t dKq_b = gmma_desc(smem_addr(sK) + (C::kDqByRows ? 0 : wg * C::TileN::kBlockBytes),
                                    C::TileN::kBlockBytes);
-  // This thread's dQ rows and columns within the step's [kBlockM, kD] block.
   // This warp's 16 rows of the step's dQ block, in 64-column half dq_half of dq_accum, and where
   // its 16 x 64 share is staged for the bulk reduction.
   const int dq_row = (C::kDqByRows ? wg * 64 : 0) + (warp & 3) * 16, dq_half = C::kDqByRows ? 0 : wg;

@@ -1,7 +1,6 @@
 // Dropout with a counter-based RNG (Philox4x32-7, as FlashAttention-2's: 7 rounds pass BigCrush and
-// cost 30% less than the 10 of cuRAND, which at d_head 64 decided whether dropout fits in 15% of
-// the backward), so the backward regenerates the forward's mask from (seed, offset) instead of
-// storing it.
+// cost 30% less than cuRAND's 10), so the backward regenerates the forward's mask from (seed,
+// offset) instead of storing it.
 //
 // One call covers a 4 x 4 patch of (query, key) entries: queries {32 a' + 8 a + r : a < 4} (one
 // residue r mod 8 of a 32-query span) x keys {16 c + 8 n + 2 t + e : n, e < 2} (one pair t of a
@@ -51,7 +50,7 @@ struct Dropout {
   // entry is kept (the other bits are garbage; mask() reads only the top one).
   __device__ __forceinline__ uint4 keep_flags(int i, int j) const {
     const uint4 r = philox4x32(key, make_uint4(uint32_t((i >> 5) * 8 + (i & 7)), uint32_t((j >> 4) * 4 + ((j >> 1) & 3)),
-                                                  bh, offset));
+                                               bh, offset));
     return make_uint4(at_least(r.x), at_least(r.y), at_least(r.z), at_least(r.w));
   }
 
