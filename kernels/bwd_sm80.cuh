@@ -412,7 +412,7 @@ __global__ void __launch_bounds__(128) dq_convert_kernel(const __grid_constant__
   const RowIndex at(row, p);
   float4 x, y;
   if constexpr (C::kDqTiled) {  // bwd_sm90.cuh's layout: 64-column halves, 16-byte chunks swizzled
-    const int64_t half = lane / 8, bh = row / p.seqlen_q;
+    const int64_t half = lane / 8, bh = int64_t(at.b) * p.heads + at.h;
     const float4* src =
         reinterpret_cast<const float4*>(p.dq_accum + ((bh * (C::kD / 64) + half) * p.seqlen_q + at.i) * 64);
     x = src[((lane % 8) * 2) ^ (at.i & 7)];
