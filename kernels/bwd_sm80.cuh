@@ -537,7 +537,10 @@ __global__ void __launch_bounds__(C::kThreads) dq_kernel(const __grid_constant__
   }
 
   cp_async_wait<0>();
-  group_sync<C>(g);  // sQ rows of this group are read only by its warps
+  // A CTA-wide barrier, not the group's: when no key block is visible (rows that see no key) the
+  // loop's barrier never ran, and Q copies issued by other groups' threads may still be landing in
+  // this group's sQ rows, which are about to hold dQ.
+  __syncthreads();
   store_acc<C::kD, C::kSwizzle, C::kBf16>(sQ, dq, r0, lane, p.softmax_scale * C::dropout_scale(p), part * C::kNtDW);
   __syncthreads();
   store_rows<C, kRows>(p.dq, b, h, row0, sQ, rows, tid);
