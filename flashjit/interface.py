@@ -109,8 +109,10 @@ _NO_MODS = ScoreMods()
 
 def dropout_threshold(dropout_p: float) -> int:
     """The kernels drop an entry when its random byte is below this: p rounded to a multiple of
-    1/256 (at least 1/256 when p > 0). The effective p is threshold / 256; kept entries are scaled by
-    256 / (256 - threshold), so the output's expectation is exact."""
+    1/256 (at least 1/256 when p > 0), so entries are dropped with probability threshold / 256. Kept
+    entries are scaled by 1 / (1 - p) for the requested p, as flash-attn does: outputs match
+    flash-attn's, and the expectation is off by a factor (1 - threshold / 256) / (1 - p), within
+    1 / (512 (1 - p)) of 1 (flash-attn has the same bias)."""
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
     return 0 if dropout_p == 0 else min(255, max(1, round(dropout_p * 256)))
@@ -156,7 +158,7 @@ def score_mods(q: torch.Tensor, causal: bool, window_size=(-1, -1), softcap=0.0,
     threshold = dropout_threshold(dropout_p)
     seed, offset = (philox or philox_state(q.get_device())) if threshold else (0, 0)
     return ScoreMods(local, softcap > 0, alibi_slopes is not None, threshold > 0,
-                     (left, right, float(softcap), pointer, stride, seed, offset, threshold, 256 / (256 - threshold)),
+                     (left, right, float(softcap), pointer, stride, seed, offset, threshold, 1.0 / (1.0 - dropout_p)),
                      alibi_slopes)
 
 
@@ -201,11 +203,23 @@ def _current_stream(device_index: int) -> int:
     return getter(device_index) if getter else torch.cuda.current_stream(device_index).cuda_stream
 
 
-def _check_out(out, q) -> None:
-    if not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
-        raise ValueError(f"out must be a tensor shaped like q {tuple(q.shape)} with dtype {q.dtype} on {q.device}")
-    if out.stride(-1) != 1 or out.data_ptr() % 16 or any(s % 8 for s in out.stride()[:3]):
-        raise ValueError(f"out must have a contiguous last dim and 16-byte aligned rows, got strides {out.stride()}")
+def _check_output(given, like: torch.Tensor, name: str) -> torch.Tensor:
+    """An output tensor the caller passed: shaped, typed and placed like `like`, with a contiguous last
+    dim and 16-byte aligned rows (the kernels store 16-byte chunks)."""
+    if not isinstance(given, torch.Tensor) or given.shape != like.shape or given.dtype != like.dtype \
+            or given.device != like.device:
+        raise ValueError(f"{name} must be a tensor of shape {tuple(like.shape)} and dtype {like.dtype} on {like.device}")
+    if given.stride(-1) != 1 or given.data_ptr() % 16 or any(s % 8 for s in given.stride()[:3]):
+        raise ValueError(f"{name} must have a contiguous last dim and 16-byte aligned rows, got strides "
+                         f"{given.stride()}")
+    return given
+
+
+def _grad_out(given, like: torch.Tensor, name: str) -> torch.Tensor:
+    """A gradient output shaped like `like`: the caller's (checked), else a fresh contiguous one."""
+    if given is None:
+        return torch.empty_like(like, memory_format=torch.contiguous_format)
+    return _check_output(given, like, name)
 
 
 def _launch(q, k, v, config, causal, softmax_scale, out=None, want_lse=True, mods: ScoreMods = _NO_MODS):
@@ -220,7 +234,7 @@ def _launch(q, k, v, config, causal, softmax_scale, out=None, want_lse=True, mod
     if out is None:
         out = torch.empty((batch, seqlen_q, heads, d_head), dtype=q.dtype, device=q.device)
     else:
-        _check_out(out, q)
+        _check_output(out, q, "out")
     lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device) if want_lse else None
     params = FwdParams(*tensor_ref(q), *tensor_ref(k), *tensor_ref(v), *tensor_ref(out),
                        lse.data_ptr() if want_lse else None, batch, seqlen_q, k.shape[1], heads, k.shape[2],
@@ -272,13 +286,16 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
              lse: torch.Tensor, causal: bool = False, softmax_scale: float | None = None, window_size=(-1, -1),
              softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None, dropout_p: float = 0.0,
              philox: tuple[int, int] | None = None, deterministic: bool = False,
-             config: BwdConfig | None = None):
+             config: BwdConfig | None = None, dq: torch.Tensor | None = None, dk: torch.Tensor | None = None,
+             dv: torch.Tensor | None = None):
     """Gradients (dq, dk, dv) of forward() given dout (shaped like q) and the forward's out and lse.
     GQA: dk/dv are summed over the query heads that share each key/value head. Head dims up to 256.
     deterministic=False (flash-attn's default) adds dQ up with fp32 atomics, so its last bits can
     vary run to run; deterministic=True uses a separate dQ kernel with no atomics (bit-identical
     results, about 1.1-1.2x the time). `config` overrides the dispatcher's BwdConfig (its
-    deterministic field then decides); its dtype, head dim and features must match the call."""
+    deterministic field then decides); its dtype, head dim and features must match the call.
+    dq, dk, dv: optional output tensors (as flash-attn's low-level backward takes), shaped and typed
+    like q, k, v with a contiguous last dim and 16-byte aligned rows; every element is written."""
     check_qkv(q, k, v)
     for name, t in (("dout", dout), ("out", out)):
         if not isinstance(t, torch.Tensor) or t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
@@ -317,8 +334,10 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     q, k, v, out, dout = (_aligned(t) for t in (q, k, v, out, dout))
     lse = lse.contiguous()
     batch, seqlen_q, heads, _ = q.shape
-    dq, dk, dv = torch.empty_like(q, memory_format=torch.contiguous_format), \
-        torch.empty_like(k, memory_format=torch.contiguous_format), torch.empty_like(v, memory_format=torch.contiguous_format)
+    dq, dk, dv = (_grad_out(given, like, name) for given, like, name in ((dq, q, "dq"), (dk, k, "dk"), (dv, v, "dv")))
+    if seqlen_q == 0:  # no query reaches any key: the kernels are skipped, and dK = dV = 0 exactly
+        dk.zero_(), dv.zero_()
+        return dq, dk, dv
     dvec = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
     # The atomic path's fp32 dQ sums, zeroed by the first kernel.
     dq_accum = None if config.deterministic else torch.empty((batch, heads, seqlen_q, q.shape[3]),

@@ -213,7 +213,7 @@ def test_jit_dropout_matches_reference_with_the_same_mask(shape, causal, determi
     threshold = interface.dropout_threshold(p)
     mask = philox_keep_mask(*philox, threshold, b, h, sq, sk, "cuda")
     assert abs(mask.float().mean().item() - (1 - threshold / 256)) < 0.02
-    ref_args = dict(causal=causal, dropout_p=threshold / 256, dropout_mask=mask)
+    ref_args = dict(causal=causal, dropout_p=p, dropout_mask=mask)  # flash-attn's scale: 1 / (1 - p)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     ref_out = attention_reference(*leaves, **ref_args)[0]
     ref_out.backward(dout.float())

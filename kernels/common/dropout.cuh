@@ -14,8 +14,8 @@
 //   for the residue of its own parity and swaps the other half with the lane of the other parity.
 // Every byte of every call is used once, and no entry needs more than a byte permute to become a
 // mask. Keep iff byte >= threshold (p rounded to a multiple of 1/256). Kept values are scaled by
-// 256 / (256 - threshold), so the expectation is exact; the kernels apply that scale once, to the
-// accumulated output or gradients, and mask with a bitwise AND.
+// 1 / (1 - p) for the requested p, as flash-attn does (ScoreParams::dropout_scale); the kernels apply
+// that scale once, to the accumulated output or gradients, and mask with a bitwise AND.
 // flashjit/reference.py:philox_keep_mask is the same function in PyTorch.
 #pragma once
 #include <cstdint>

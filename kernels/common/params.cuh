@@ -26,7 +26,7 @@ struct ScoreParams {
   int64_t alibi_batch_stride;         // 0 for [H]
   uint64_t philox_seed, philox_offset; // dropout RNG state (common/dropout.cuh)
   int32_t dropout_threshold;           // drop iff random byte < threshold (p * 256, rounded)
-  float dropout_scale;                 // 256 / (256 - threshold)
+  float dropout_scale;                 // 1 / (1 - p), p as requested (flash-attn's scale)
 };
 
 // q: [B, Sq, H, D], k/v: [B, Sk, H_k, D], o: [B, Sq, H, D].
