@@ -13,19 +13,33 @@ import re
 from dataclasses import dataclass, fields
 
 DTYPES = ("fp16", "bf16")
-HEAD_DIMS = (32, 64, 96, 128, 160, 192, 256)
+HEAD_DIMS = (32, 64, 96, 128, 160, 192, 256)  # the tile widths; any multiple of 8 up to 256 runs in the next one
+MAX_HEAD_DIM = 256
 BLOCK_ROWS = (64, 128)        # B_r: query rows per CTA
 BLOCK_COLS = (32, 64, 128)    # B_c: key/value rows per main-loop step
 WARPS = (4, 8)
 REGISTER_LIMIT = 255
 
 # The reasons, shared verbatim with the static_asserts in kernels/fwd_sm80.cuh.
+WHY_HEAD_DIM = "d_head must be a multiple of 8 from 8 to 256"
 WHY_WARP_ROWS = "each warp must own 16 or 32 query rows: B_r / n_warps must be 16 or 32"
 WHY_DEPTH = "a fragment depth must be 0 (whole block up front) or a power of two dividing its k-tile count"
 WHY_EAGER = "eager_load_blocks needs async_copy: synchronous loads cannot overlap the matrix multiplies"
 WHY_DOUBLE_BUFFER = ("mma_double_buffer_loads needs a fragment depth that splits its k loop "
                      "(0 < depth < k-tiles) for Q, K or V")
 WHY_REGISTERS = "the fragments of this config need more than 255 registers per thread and would spill"
+
+
+def head_dim_tile(d_head: int) -> int:
+    """The tile width a head dim runs in (kernels/common/params.cuh: head_dim_tile): the next multiple
+    of 32 up to 192, else 256. The kernels load and store only the real d_head columns (the rest of
+    the tile is zero in shared memory), so q/k/v are never copied to a padded width."""
+    return (d_head + 31) // 32 * 32 if d_head <= 192 else MAX_HEAD_DIM
+
+
+def head_dim_problem(d_head) -> list[str]:
+    ok = isinstance(d_head, int) and d_head % 8 == 0 and 8 <= d_head <= MAX_HEAD_DIM
+    return [] if ok else [f"{WHY_HEAD_DIM}, got {d_head!r}"]
 
 
 # Run-time-specialised score features shared by both configs; each appears in a name only when on,
@@ -66,7 +80,7 @@ class KernelConfig(_Validated):
     """One forward-kernel specialization.
 
     dtype            'fp16' or 'bf16' (inputs and output; accumulation is always fp32)
-    d_head           head dimension D
+    d_head           head dimension D: a multiple of 8 up to 256, run in a tile of width d_tile
     B_r, B_c         query rows per CTA, key/value rows per main-loop step
     n_warps          warps per CTA; each warp owns B_r / n_warps query rows (16 or 32)
     async_copy       global->shared copies with cp.async (else 16-byte loads then shared stores)
@@ -107,6 +121,10 @@ class KernelConfig(_Validated):
 
     # ---- derived quantities --------------------------------------------------------------
     @property
+    def d_tile(self) -> int:
+        return head_dim_tile(self.d_head)
+
+    @property
     def warp_rows(self) -> int:
         return self.B_r // self.n_warps
 
@@ -117,17 +135,17 @@ class KernelConfig(_Validated):
     @property
     def smem_bytes(self) -> int:
         """Q tile + K tile + V tile, 2 bytes an element."""
-        return (self.B_r + 2 * self.B_c) * self.d_head * 2
+        return (self.B_r + 2 * self.B_c) * self.d_tile * 2
 
     def k_tiles(self, operand: str) -> int:
         """k-tiles (16 wide) of the loop that loads this operand: D for Q and K, B_c for V."""
-        return (self.d_head if operand in "qk" else self.B_c) // 16
+        return (self.d_tile if operand in "qk" else self.B_c) // 16
 
     def register_estimate(self) -> int:
         """32-bit registers for the fragments that are live at once, per thread (fp32 accumulators,
         16-bit operands packed in pairs), plus a few for indices. A lower bound on the real count."""
         m = self.warp_rows // 16
-        o_acc = m * (self.d_head // 8) * 4
+        o_acc = m * (self.d_tile // 8) * 4
         s_acc = m * (self.B_c // 8) * 4
 
         def chunk(operand: str, per_tile: int) -> int:
@@ -138,7 +156,7 @@ class KernelConfig(_Validated):
 
         q = chunk("q", m * 4)
         k = chunk("k", (self.B_c // 8) * 2)
-        v = chunk("v", (self.d_head // 8) * 2)
+        v = chunk("v", (self.d_tile // 8) * 2)
         q_resident = q if self.q_frag_depth == 0 else 0
         qk_phase = o_acc + s_acc + q + k
         pv_phase = o_acc + s_acc // 2 + v + q_resident
@@ -147,7 +165,8 @@ class KernelConfig(_Validated):
     # ---- validation ----------------------------------------------------------------------
     def problems(self) -> list[str]:
         """Every reason this config cannot be built (empty when it can)."""
-        out = self._choices(dtype=DTYPES, d_head=HEAD_DIMS, B_r=BLOCK_ROWS, B_c=BLOCK_COLS, n_warps=WARPS)
+        out = self._choices(dtype=DTYPES, B_r=BLOCK_ROWS, B_c=BLOCK_COLS, n_warps=WARPS)
+        out += head_dim_problem(self.d_head)
         if out:
             return out  # the rules below assume the basic shapes are sane
         if self.warp_rows not in (16, 32):
@@ -251,7 +270,7 @@ WHY_BWD_SHARES = "each warp's share of a score block must be whole 16-wide k-til
 WHY_BWD_COLUMNS = "each warp's share of the head dim must be whole 16-column pairs"
 # The reasons, shared verbatim with the static_asserts in kernels/bwd_sm90.cuh.
 WHY_WGMMA_WARPS = "the wgmma backward runs two warpgroups of 64 keys: n_warps=8, d_split=1, group_rows=16"
-WHY_WGMMA_SHAPES = "the wgmma backward supports d_head 64 with block_m 128 and d_head 128 with block_m 64"
+WHY_WGMMA_SHAPES = "the wgmma backward supports head dims of tile 64 with block_m 128 and of tile 128 with block_m 64"
 WHY_WGMMA_VARIANTS = "the wgmma backward has no deterministic variant"
 WHY_WGMMA_SOFTCAP = "softcap's factors push the d_head 64 wgmma backward (128-query steps) past 255 registers"
 WGMMA_SHAPES = ((64, 128), (128, 64))
@@ -291,15 +310,19 @@ class BwdConfig(_Validated):
     # flashjit::bwd_sm90::Config (kernels/bwd_sm90.cuh); tests/test_jit_cache.py checks smem_bytes
     # against the compiled kernel.
     @property
+    def d_tile(self) -> int:
+        return head_dim_tile(self.d_head)
+
+    @property
     def block_n(self) -> int:
         return self.group_rows * self.n_warps // self.d_split
 
     @property
     def smem_bytes(self) -> int:
         if self.wgmma:  # 1 KiB alignment slack, K, V, two stages of Q and dO, dS^T, lse and D, dQ staging
-            return 1024 + 2 * 2 * self.block_n * self.d_head + 4 * 2 * self.block_m * self.d_head + \
+            return 1024 + 2 * 2 * self.block_n * self.d_tile + 4 * 2 * self.block_m * self.d_tile + \
                 2 * self.block_n * self.block_m + 2 * 2 * self.block_m * 4 + self.n_warps * 16 * 64 * 4
-        n_tile, m_tile, score_tile = (2 * self.block_n * self.d_head, 2 * self.block_m * self.d_head,
+        n_tile, m_tile, score_tile = (2 * self.block_n * self.d_tile, 2 * self.block_m * self.d_tile,
                                       2 * self.block_n * self.block_m)
         split = self.d_split > 1
         ds_stages = (1 if split else 0) if self.deterministic else 2
@@ -308,14 +331,14 @@ class BwdConfig(_Validated):
         return max(dkdv, dq) if self.deterministic else dkdv
 
     def register_estimate(self) -> int:
-        acc_tiles, row_tiles = self.d_head // 8 // self.d_split, self.group_rows // 16
+        acc_tiles, row_tiles = self.d_tile // 8 // self.d_split, self.group_rows // 16
         dkdv = row_tiles * (2 * acc_tiles * 4 + 2 * (self.block_m // self.d_split // 8) * 4) + 32
         dq = row_tiles * (acc_tiles * 4 + 2 * (self.block_n // self.d_split // 8) * 4) + 32
         return max(dkdv, dq) if self.deterministic else dkdv
 
     def _dq_tiling(self) -> int:
         """m-tiles per warp of the fused dQ product (Config::dq_m_tiles), 0 if no tiling fits."""
-        n_tiles = self.d_head // 8
+        n_tiles = self.d_tile // 8
         for m_tiles in (2, 4, 1):
             rows = self.block_m // (16 * m_tiles)
             if rows < 1 or self.block_m % (16 * m_tiles) or self.n_warps % rows:
@@ -326,16 +349,16 @@ class BwdConfig(_Validated):
         return 0
 
     def problems(self) -> list[str]:
-        out = self._choices(dtype=DTYPES, d_head=HEAD_DIMS, n_warps=WARPS, block_m=BWD_BLOCK_M, d_split=BWD_D_SPLIT,
-                            group_rows=BWD_GROUP_ROWS)
+        out = self._choices(dtype=DTYPES, n_warps=WARPS, block_m=BWD_BLOCK_M, d_split=BWD_D_SPLIT,
+                            group_rows=BWD_GROUP_ROWS) + head_dim_problem(self.d_head)
         if out:
             return out
         if self.wgmma:
             return self._wgmma_problems()
         if (self.block_m // self.d_split) % 16 or (self.block_n // self.d_split) % 16:
             out.append(f"{WHY_BWD_SHARES} (block_m={self.block_m} and {self.block_n} keys over d_split={self.d_split})")
-        if (self.d_head // 8 // self.d_split) % 2:
-            out.append(f"{WHY_BWD_COLUMNS} (d_head={self.d_head}, d_split={self.d_split})")
+        if (self.d_tile // 8 // self.d_split) % 2:
+            out.append(f"{WHY_BWD_COLUMNS} (d_head={self.d_head} in a {self.d_tile} tile, d_split={self.d_split})")
         if 2 * self.block_m < self.block_n:
             out.append(f"{WHY_BWD_STAGING} (block_m={self.block_m}, {self.block_n} keys)")
         if not self.deterministic and not self._dq_tiling():
@@ -350,8 +373,8 @@ class BwdConfig(_Validated):
         if (self.n_warps, self.d_split, self.group_rows) != (8, 1, 16):
             out.append(f"{WHY_WGMMA_WARPS} (n_warps={self.n_warps}, d_split={self.d_split}, "
                        f"group_rows={self.group_rows})")
-        if (self.d_head, self.block_m) not in WGMMA_SHAPES:
-            out.append(f"{WHY_WGMMA_SHAPES} (d_head={self.d_head}, block_m={self.block_m})")
+        if (self.d_tile, self.block_m) not in WGMMA_SHAPES:
+            out.append(f"{WHY_WGMMA_SHAPES} (d_head={self.d_head} in a {self.d_tile} tile, block_m={self.block_m})")
         if self.deterministic:
             out.append(WHY_WGMMA_VARIANTS)
         if self.softcap and self.block_m == 128:
@@ -416,12 +439,12 @@ def default_bwd_config(dtype: str, d_head: int, causal: bool, local: bool = Fals
     none does, the deterministic last resort (on GPUs with 99 KiB per block, sm_86 and sm_89, the
     d_head 128 backward is deterministic either way). Raises ValueError if even that does not fit.
     wgmma=True (the target is sm_90a) puts the Hopper kernel first where it exists."""
-    block_m = dict(WGMMA_SHAPES).get(d_head) if wgmma else None
+    block_m = dict(WGMMA_SHAPES).get(head_dim_tile(d_head)) if wgmma else None
     if block_m:
         cfg = BwdConfig(dtype, d_head, 8, block_m, 1, 16, deterministic, causal, local, softcap, alibi, dropout, True)
         if not cfg.problems() and cfg.smem_bytes <= smem_limit:
             return cfg
-    size = "wide" if d_head > 128 else 128 if d_head == 128 else "narrow"
+    size = "wide" if d_head > 128 else 128 if head_dim_tile(d_head) == 128 else "narrow"
     choices = [(*c, deterministic) for c in _BWD_PREFERENCES[size, deterministic, dropout]]
     for n_warps, block_m, d_split, group_rows, det in choices + [(*_BWD_LAST_RESORT[d_head > 128], True)]:
         cfg = BwdConfig(dtype, d_head, n_warps, block_m, d_split, group_rows, det, causal, local, softcap, alibi,

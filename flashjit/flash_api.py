@@ -63,6 +63,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     if causal:
         window_size = (window_size[0], 0)  # flash-attn's convention: causal is a window with right = 0
     if backend() == "reference":
+        interface.check_qkv(q, k, v, reference=True)  # the kernels' checks and messages (fp32 and CPU allowed)
         interface.dropout_threshold(dropout_p)
         interface.softmax_scale_or_default(q, softmax_scale)
         interface.score_mods(q, causal, window_size, softcap, alibi_slopes)  # the same argument checks

@@ -17,25 +17,30 @@ from typing import NamedTuple
 import torch
 
 from . import jit
-from .config import FEATURES, HEAD_DIMS, WGMMA_ARCH, BwdConfig, KernelConfig, default_bwd_config, default_config
+from .config import FEATURES, MAX_HEAD_DIM, WGMMA_ARCH, BwdConfig, KernelConfig, default_bwd_config, default_config
 from .launch import BwdParams, FwdParams, tensor_ref
 
 log = logging.getLogger("flashjit")
 
 _DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+# The reference backend (PyTorch on any device) also computes in fp32 and fp64 (for gradcheck).
+_REFERENCE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT32_MAX = 2**31 - 1
 
 
-def check_qkv(q, k, v) -> None:
+def check_qkv(q, k, v, reference: bool = False) -> None:
     """ValueError/TypeError naming the offending argument, before anything is launched. Ordered so
-    that the common, valid call costs a handful of attribute reads."""
+    that the common, valid call costs a handful of attribute reads. reference=True: the checks of
+    the reference backend, which also takes fp32/fp64 and tensors on any device."""
+    dtypes, allowed = ((_REFERENCE_DTYPES, "float16, bfloat16, float32 or float64 (reference backend)") if reference
+                       else (_DTYPES, "float16 or bfloat16"))
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must have 4 dims [batch, seqlen, heads, head_dim], got shape {tuple(t.shape)}")
-        if t.dtype not in _DTYPES:
-            raise ValueError(f"{name} must be float16 or bfloat16, got {t.dtype}; cast it with .half() or .bfloat16()")
+        if t.dtype not in dtypes:
+            raise ValueError(f"{name} must be {allowed}, got {t.dtype}; cast it with .half() or .bfloat16()")
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {t.stride()}; "
                              f"pass {name}.contiguous()")
@@ -49,18 +54,32 @@ def check_qkv(q, k, v) -> None:
         raise ValueError(f"k and v must have the same shape, got {tuple(k_shape)} and {tuple(v.shape)}")
     if k_shape[0] != batch or k_shape[3] != d_head:
         raise ValueError(f"k/v shape {tuple(k_shape)} does not match q shape {tuple(q.shape)} in batch or head_dim")
-    if d_head not in HEAD_DIMS:
-        raise ValueError(f"head_dim {d_head} is not supported; flashjit supports {HEAD_DIMS} "
-                         "(pad the head dimension to the next supported size)")
+    if not 0 < d_head <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim {d_head} is not supported: flashjit supports head dims from 1 to {MAX_HEAD_DIM} "
+                         "(as flash-attn)")
     heads_k = k_shape[2]
     if heads_k == 0 or heads % heads_k:
         raise ValueError(f"the number of query heads ({heads}) must be divisible by the number of key/value "
                          f"heads ({heads_k}) for GQA/MQA")
     if seqlen_q > _INT32_MAX or k_shape[1] > _INT32_MAX or batch * heads > _INT32_MAX:
         raise ValueError("batch * heads and the sequence lengths must each fit in 32 bits")
-    if not q.is_cuda:
+    if not q.is_cuda and not reference:
         raise ValueError(f"q is on {q.device}: the JIT kernels need CUDA tensors. For CPU (or any device) use "
                          "the PyTorch reference backend: FLASHJIT_BACKEND=reference")
+
+
+def _pad_head_dim(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Zero-padded copies of [B, S, H, D] tensors with D rounded up to a multiple of 8. The kernels
+    move 16-byte chunks, so a head dim like 59 or 111 is padded once, as flash-attn pads it (the cost:
+    one copy of each input, and the outputs are views of padded results). Multiples of 8 never get
+    here: they run natively in the next tile width."""
+    return tuple(torch.nn.functional.pad(t, (0, -t.shape[-1] % 8)) for t in tensors)
+
+
+def _unpad_into(given: torch.Tensor | None, padded: torch.Tensor, d_head: int) -> torch.Tensor:
+    """The first d_head columns of a padded result: a view, or copied into the caller's tensor."""
+    result = padded[..., :d_head]
+    return result if given is None else given.copy_(result)
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -259,6 +278,13 @@ def forward(q, k, v, config: KernelConfig | None = None, causal: bool = False,
     flash-attn; for dropout, pass the same `philox` (seed, offset) to backward() (philox_state()
     draws one from torch's generator; without it forward draws its own)."""
     check_qkv(q, k, v)
+    if q.shape[-1] % 8:
+        padded = forward(*_pad_head_dim(q, k, v), config=config, causal=causal,
+                         softmax_scale=softmax_scale_or_default(q, softmax_scale), return_lse=True,
+                         window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+                         philox=philox)
+        out = _unpad_into(out if out is None else _check_output(out, q, "out"), padded[0], q.shape[-1])
+        return (out, padded[1]) if return_lse else out
     mods = score_mods(q, causal, window_size, softcap, alibi_slopes, dropout_p, philox)
     run, out, lse = _launch(q, k, v, config, causal, softmax_scale, out, want_lse=return_lse, mods=mods)
     run()
@@ -271,6 +297,10 @@ def forward_timed(q, k, v, config: KernelConfig | None = None, causal: bool = Fa
     """forward(), plus the kernel's own time in milliseconds from CUDA events around the launch
     (compilation and input checks are outside the timed region). Synchronises the stream."""
     check_qkv(q, k, v)
+    d_head = q.shape[-1]
+    if d_head % 8:
+        softmax_scale = softmax_scale_or_default(q, softmax_scale)
+        q, k, v = _pad_head_dim(q, k, v)
     mods = score_mods(q, causal, window_size, softcap, alibi_slopes, dropout_p)
     run, out, _ = _launch(q, k, v, config, causal, softmax_scale, want_lse=False, mods=mods)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -279,7 +309,7 @@ def forward_timed(q, k, v, config: KernelConfig | None = None, causal: bool = Fa
         run()
         end.record()
         end.synchronize()
-    return out, start.elapsed_time(end)
+    return out[..., :d_head], start.elapsed_time(end)
 
 
 def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -308,6 +338,11 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         raise ValueError(f"lse must be the forward's float32 log-sum-exp of shape {lse_shape} [batch, heads, "
                          f"seqlen_q] on {q.device} (forward(..., return_lse=True))")
     softmax_scale = softmax_scale_or_default(q, softmax_scale)
+    if q.shape[-1] % 8:
+        padded = backward(*_pad_head_dim(dout, q, k, v, out), lse, causal, softmax_scale, window_size, softcap,
+                          alibi_slopes, dropout_p, philox, deterministic, config)
+        return tuple(_unpad_into(None if given is None else _check_output(given, like, name), grad, q.shape[-1])
+                     for given, like, name, grad in zip((dq, dk, dv), (q, k, v), ("dq", "dk", "dv"), padded))
     if dropout_p and philox is None:
         raise ValueError("backward with dropout needs the forward's philox=(seed, offset) to regenerate its mask")
     mods = score_mods(q, causal, window_size, softcap, alibi_slopes, dropout_p, philox)
@@ -340,7 +375,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         return dq, dk, dv
     dvec = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
     # The atomic path's fp32 dQ sums, zeroed by the first kernel.
-    dq_accum = None if config.deterministic else torch.empty((batch, heads, seqlen_q, q.shape[3]),
+    dq_accum = None if config.deterministic else torch.empty((batch, heads, seqlen_q, config.d_tile),
                                                              dtype=torch.float32, device=q.device)
     refs = [x for t in (q, k, v, out, dout, dq, dk, dv) for x in tensor_ref(t)]
     params = BwdParams(*refs, lse.data_ptr(), dvec.data_ptr(), 0 if dq_accum is None else dq_accum.data_ptr(),

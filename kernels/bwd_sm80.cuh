@@ -38,7 +38,7 @@
 namespace flashjit::bwd {
 
 // One template parameter per BwdConfig field (flashjit/config.py), in the same order.
-template <bool kBf16_, int kD_, int kWarps_, int kBlockM_, int kDSplit_, int kGroupRows_, bool kDeterministic_,
+template <bool kBf16_, int kDHead_, int kWarps_, int kBlockM_, int kDSplit_, int kGroupRows_, bool kDeterministic_,
           bool kCausal_, bool kLocal_, bool kSoftcap_, bool kAlibi_, bool kDropout_>
 struct Config {
   static constexpr bool kBf16 = kBf16_, kCausal = kCausal_, kSwizzle = true, kDeterministic = kDeterministic_;
@@ -48,7 +48,9 @@ struct Config {
   __device__ __forceinline__ static float dropout_scale(const BwdParams& p) {
     return kDropout ? p.mods.dropout_scale : 1.f;
   }
-  static constexpr int kD = kD_, kWarps = kWarps_, kThreads = kWarps * 32;
+  // kDHead: the real head dim (a multiple of 8); kD: the tile width it runs in (zero columns past
+  // kDHead; dq_accum rows are kD wide).
+  static constexpr int kDHead = kDHead_, kD = head_dim_tile(kDHead_), kWarps = kWarps_, kThreads = kWarps * 32;
   static constexpr bool kDqTiled = false;  // dq_accum is [B, H, Sq, kD] (bwd_sm90.cuh tiles it)
   // kDSplit warps (a group) share kGroupRows accumulator rows (kRT m-tiles), each owning kD / kDSplit
   // of the columns.
@@ -89,7 +91,7 @@ struct Config {
   static constexpr int kDkdvRegs = kRT * (2 * kNtDW * 4 + 2 * kNtMW * 4) + 32;
   static constexpr int kDqRegs = kRT * (kNtDW * 4 + 2 * kNtNW * 4) + 32;
   static constexpr int kRegEstimate = kDeterministic && kDqRegs > kDkdvRegs ? kDqRegs : kDkdvRegs;
-  static_assert(kD % 32 == 0 && kD <= 256, "the backward pass supports d_head up to 256");
+  static_assert(kDHead % 8 == 0 && kDHead >= 8 && kDHead <= 256, "d_head must be a multiple of 8 from 8 to 256");
   static_assert(kWarps == 4 || kWarps == 8, "the backward pass runs 4 or 8 warps");
   static_assert(kBlockM == 32 || kBlockM == 64 || kBlockM == 128, "block_m must be 32, 64 or 128");
   static_assert(kDSplit == 1 || kDSplit == 2 || kDSplit == 4, "d_split must be 1, 2 or 4");
@@ -117,7 +119,7 @@ __global__ void __launch_bounds__(128) dvec_kernel(const __grid_constant__ BwdPa
   if (row >= int64_t(p.batch) * p.heads * p.seqlen_q) return;
   const RowIndex at(row, p);
   float sum = 0.f;
-  if (lane < C::kD / 8) {
+  if (lane < C::kDHead / 8) {
     const uint4 o = *reinterpret_cast<const uint4*>(p.o.at<const elem_t>(at.b, at.h, at.i) + lane * 8);
     const uint4 d = *reinterpret_cast<const uint4*>(p.dout.at<const elem_t>(at.b, at.h, at.i) + lane * 8);
     const uint32_t ow[4] = {o.x, o.y, o.z, o.w}, dw[4] = {d.x, d.y, d.z, d.w};
@@ -170,13 +172,13 @@ struct QuerySteps {
 // Copy kRows rows of head h (of batch b) starting at row0 between global memory and a tile.
 template <class C, int kRows>
 __device__ __forceinline__ void load_rows(elem_t* tile, const TensorRef& t, int b, int h, int row0, int rows, int tid) {
-  load_tile<kRows, C::kD, C::kSwizzle, true, C::kThreads>(tile, t.at<const elem_t>(b, h, row0), t.row_stride, rows,
+  load_tile<kRows, C::kD, C::kSwizzle, true, C::kThreads, C::kDHead>(tile, t.at<const elem_t>(b, h, row0), t.row_stride, rows,
                                                           tid);
 }
 template <class C, int kRows>
 __device__ __forceinline__ void store_rows(const TensorRef& t, int b, int h, int row0, const elem_t* tile, int rows,
                                            int tid) {
-  store_tile<kRows, C::kD, C::kSwizzle, C::kThreads>(t.at<elem_t>(b, h, row0), t.row_stride, tile, rows, tid);
+  store_tile<kRows, C::kD, C::kSwizzle, C::kThreads, C::kDHead>(t.at<elem_t>(b, h, row0), t.row_stride, tile, rows, tid);
 }
 
 // Stage one query block's lse (in log2 units, +inf past the end: P = 0 there) and D in shared memory.
@@ -408,7 +410,7 @@ template <class C>
 __global__ void __launch_bounds__(128) dq_convert_kernel(const __grid_constant__ BwdParams p) {
   const int lane = threadIdx.x & 31;
   const int64_t row = int64_t(blockIdx.x) * 4 + (threadIdx.x >> 5);
-  if (row >= int64_t(p.batch) * p.heads * p.seqlen_q || lane >= C::kD / 8) return;
+  if (row >= int64_t(p.batch) * p.heads * p.seqlen_q || lane >= C::kDHead / 8) return;
   const RowIndex at(row, p);
   float4 x, y;
   if constexpr (C::kDqTiled) {  // bwd_sm90.cuh's layout: 64-column halves, 16-byte chunks swizzled

@@ -21,7 +21,7 @@ namespace flashjit::bwd_sm90 {
 
 // One template parameter per BwdConfig field (flashjit/config.py), in the same order; the fields
 // this kernel fixes must have the values config.py's wgmma rules require.
-template <bool kBf16_, int kD_, int kWarps_, int kBlockM_, int kDSplit_, int kGroupRows_, bool kDeterministic_,
+template <bool kBf16_, int kDHead_, int kWarps_, int kBlockM_, int kDSplit_, int kGroupRows_, bool kDeterministic_,
           bool kCausal_, bool kLocal_, bool kSoftcap_, bool kAlibi_, bool kDropout_>
 struct Config {
   static constexpr bool kBf16 = kBf16_, kCausal = kCausal_, kSwizzle = true, kDeterministic = kDeterministic_;
@@ -31,7 +31,8 @@ struct Config {
   __device__ __forceinline__ static float dropout_scale(const BwdParams& p) {
     return kDropout ? p.mods.dropout_scale : 1.f;
   }
-  static constexpr int kD = kD_, kWarps = kWarps_, kThreads = kWarps * 32;
+  // kDHead: the real head dim; kD: its tile width (bwd_sm80.cuh).
+  static constexpr int kDHead = kDHead_, kD = head_dim_tile(kDHead_), kWarps = kWarps_, kThreads = kWarps * 32;
   static constexpr int kBlockM = kBlockM_, kBlockN = 128;  // queries per step, keys per CTA (64 per warpgroup)
   static constexpr int kNtM = kBlockM / 8, kNtD = kD / 8, kKsD = kD / 16, kKsM = kBlockM / 16, kKsN = kBlockN / 16;
   // dQ of a step, [kBlockM, kD]: each warpgroup computes a 64 x 64 share, by rows when kBlockM = 128
@@ -51,7 +52,7 @@ struct Config {
   static_assert(kWarps == 8 && kDSplit_ == 1 && kGroupRows_ == 16,
                 "the wgmma backward runs two warpgroups of 64 keys: n_warps=8, d_split=1, group_rows=16");
   static_assert((kD == 64 && kBlockM == 128) || (kD == 128 && kBlockM == 64),
-                "the wgmma backward supports d_head 64 with block_m 128 and d_head 128 with block_m 64");
+                "the wgmma backward supports head dims of tile 64 with block_m 128 and of tile 128 with block_m 64");
   static_assert(!kDeterministic, "the wgmma backward has no deterministic variant");
   static_assert(!(kSoftcap_ && kBlockM == 128),
                 "softcap's factors push the d_head 64 wgmma backward (128-query steps) past 255 registers");
@@ -81,8 +82,8 @@ __global__ void __launch_bounds__(C::kThreads, 1) dkdv_kernel(const __grid_const
   const int key0 = n_block * C::kBlockN, keys = min(C::kBlockN, p.seqlen_k - key0);
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
 
-  load_gmma_tile<C::kBlockN, C::kD, C::kThreads>(sK, p.k.at<const elem_t>(b, h_k, key0), p.k.row_stride, keys, tid);
-  load_gmma_tile<C::kBlockN, C::kD, C::kThreads>(sV, p.v.at<const elem_t>(b, h_k, key0), p.v.row_stride, keys, tid);
+  load_gmma_tile<C::kBlockN, C::kD, C::kThreads, C::kDHead>(sK, p.k.at<const elem_t>(b, h_k, key0), p.k.row_stride, keys, tid);
+  load_gmma_tile<C::kBlockN, C::kD, C::kThreads, C::kDHead>(sV, p.v.at<const elem_t>(b, h_k, key0), p.v.row_stride, keys, tid);
   cp_async_commit();
 
   float dk[1][C::kNtD][4], dv[1][C::kNtD][4];
@@ -113,11 +114,11 @@ __global__ void __launch_bounds__(C::kThreads, 1) dkdv_kernel(const __grid_const
   const int steps = schedule.count;
   auto stage = [&](StepPos s, int buf) {
     const int rows = min(C::kBlockM, p.seqlen_q - s.row0);
-    load_gmma_tile<C::kBlockM, C::kD, C::kThreads>(sQ2 + buf * C::TileM::kBytes / 2,
-                                                   p.q.at<const elem_t>(b, s.h, s.row0), p.q.row_stride, rows, tid);
-    load_gmma_tile<C::kBlockM, C::kD, C::kThreads>(sdO2 + buf * C::TileM::kBytes / 2,
-                                                   p.dout.at<const elem_t>(b, s.h, s.row0), p.dout.row_stride, rows,
-                                                   tid);
+    load_gmma_tile<C::kBlockM, C::kD, C::kThreads, C::kDHead>(sQ2 + buf * C::TileM::kBytes / 2,
+                                                              p.q.at<const elem_t>(b, s.h, s.row0), p.q.row_stride, rows, tid);
+    load_gmma_tile<C::kBlockM, C::kD, C::kThreads, C::kDHead>(sdO2 + buf * C::TileM::kBytes / 2,
+                                                              p.dout.at<const elem_t>(b, s.h, s.row0),
+                                                              p.dout.row_stride, rows, tid);
     bwd::load_row_stats<C>(s_lse2 + buf * C::kBlockM, s_dvec2 + buf * C::kBlockM, p, int64_t(b) * p.heads + s.h,
                            s.row0, tid);
   };

@@ -20,7 +20,7 @@
 namespace flashjit::fwd {
 
 // One template parameter per KernelConfig field (flashjit/config.py), in the same order.
-template <bool kBf16_, int kD_, int kBr_, int kBc_, int kWarps_, bool kAsync_, bool kEager_, bool kSwizzle_,
+template <bool kBf16_, int kDHead_, int kBr_, int kBc_, int kWarps_, bool kAsync_, bool kEager_, bool kSwizzle_,
           int kDepthQ_, int kDepthK_, int kDepthV_, bool kDoubleBuffer_, bool kOptSoftmax_, bool kCausal_,
           bool kLocal_, bool kSoftcap_, bool kAlibi_, bool kDropout_>
 struct Config {
@@ -28,7 +28,8 @@ struct Config {
   static constexpr bool kDoubleBuffer = kDoubleBuffer_, kOptSoftmax = kOptSoftmax_, kCausal = kCausal_;
   using Mod = ScoreMod<kCausal_, kLocal_, kSoftcap_, kAlibi_>;
   static constexpr bool kDropout = kDropout_;
-  static constexpr int kD = kD_, kBr = kBr_, kBc = kBc_, kWarps = kWarps_;
+  // kDHead: the real head dim (a multiple of 8); kD: the tile width it runs in (zero columns past kDHead).
+  static constexpr int kDHead = kDHead_, kD = head_dim_tile(kDHead_), kBr = kBr_, kBc = kBc_, kWarps = kWarps_;
   static constexpr int kDepthQ = kDepthQ_, kDepthK = kDepthK_, kDepthV = kDepthV_;
 
   static constexpr int kThreads = kWarps * 32;
@@ -60,7 +61,7 @@ struct Config {
   static constexpr bool depth_ok(int depth, int tiles) {
     return depth == 0 || ((depth & (depth - 1)) == 0 && tiles % depth == 0);
   }
-  static_assert(kD % 32 == 0 && kD <= 256, "d_head must be a multiple of 32, at most 256");
+  static_assert(kDHead % 8 == 0 && kDHead >= 8 && kDHead <= 256, "d_head must be a multiple of 8 from 8 to 256");
   static_assert(kBc % 32 == 0, "B_c must be a multiple of 32");
   static_assert(kWarpRows == 16 || kWarpRows == 32,
                 "each warp must own 16 or 32 query rows: B_r / n_warps must be 16 or 32");
@@ -247,7 +248,7 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
   }
   if (C::Mod::kLocal && mod.left >= 0) j_begin = max(0, (q_row0 + mod.diag - mod.left) / C::kBc);
   auto load_kv = [&](elem_t* dst, const elem_t* src, int64_t row_stride, int block) {
-    load_tile<C::kBc, C::kD, C::kSwizzle, C::kAsync, C::kThreads>(
+    load_tile<C::kBc, C::kD, C::kSwizzle, C::kAsync, C::kThreads, C::kDHead>(
         dst, src + int64_t(block) * C::kBc * row_stride, row_stride, p.seqlen_k - block * C::kBc, tid);
   };
 
@@ -264,7 +265,7 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
   // Transformed scores are already in softmax units; otherwise the scale folds into the exp2 argument.
   const float scale = C::Mod::kTransforms ? 1.f : p.softmax_scale, scale_log2 = scale * 1.4426950408889634f;
 
-  load_tile<C::kBr, C::kD, C::kSwizzle, C::kAsync, C::kThreads>(sQ, gQ, p.q.row_stride, q_rows, tid);
+  load_tile<C::kBr, C::kD, C::kSwizzle, C::kAsync, C::kThreads, C::kDHead>(sQ, gQ, p.q.row_stride, q_rows, tid);
   if (C::kEager) {
     cp_async_commit();
     if (j_begin < j_end) load_kv(sK, gK, p.k.row_stride, j_begin);
@@ -334,7 +335,7 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
 #pragma unroll
   for (int i = lane; i < C::kWarpRows * L::kChunks; i += 32) {
     const int row = warp_row0 + i / L::kChunks, chunk = i % L::kChunks;
-    if (row < q_rows)
+    if (row < q_rows && chunk < C::kDHead / 8)
       *reinterpret_cast<uint4*>(gO + int64_t(row) * p.o.row_stride + chunk * 8) =
           *reinterpret_cast<const uint4*>(sQ + L::offset(row, chunk));
   }

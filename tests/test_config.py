@@ -7,7 +7,7 @@ import re
 import pytest
 
 import flashjit
-from flashjit import KernelConfig, codegen, config as cfgmod
+from flashjit import BwdConfig, KernelConfig, codegen, config as cfgmod
 
 
 def test_name_round_trip_over_the_whole_space():
@@ -27,7 +27,9 @@ def test_from_name_rejects_garbage(bad):
 
 @pytest.mark.parametrize("changes, reason", [
     (dict(dtype="fp32"), "dtype must be one of"),
-    (dict(d_head=80), "d_head must be one of"),
+    (dict(d_head=84), cfgmod.WHY_HEAD_DIM),
+    (dict(d_head=264), cfgmod.WHY_HEAD_DIM),
+    (dict(d_head=0), cfgmod.WHY_HEAD_DIM),
     (dict(B_r=32), "B_r must be one of"),
     (dict(B_c=16), "B_c must be one of"),
     (dict(n_warps=2), "n_warps must be one of"),
@@ -49,8 +51,27 @@ def test_invalid_configs_say_why(changes, reason):
 def test_static_asserts_carry_the_same_reasons():
     source = (codegen.kernels_dir() / "fwd_sm80.cuh").read_text()
     for reason in (cfgmod.WHY_WARP_ROWS, cfgmod.WHY_DEPTH, cfgmod.WHY_EAGER, cfgmod.WHY_DOUBLE_BUFFER,
-                   cfgmod.WHY_REGISTERS):
+                   cfgmod.WHY_REGISTERS, cfgmod.WHY_HEAD_DIM):
         assert f'"{reason}"' in source, reason
+    assert f'"{cfgmod.WHY_HEAD_DIM}"' in (codegen.kernels_dir() / "bwd_sm80.cuh").read_text()
+
+
+@pytest.mark.parametrize("d_head, tile", [(8, 32), (32, 32), (40, 64), (80, 96), (96, 96), (112, 128), (136, 160),
+                                          (168, 192), (200, 256), (224, 256), (256, 256)])
+def test_head_dims_run_in_the_next_tile(d_head, tile):
+    """Any multiple of 8 up to 256 is a valid config whose geometry (shared memory, registers) is its
+    tile's, and the kernels' head_dim_tile agrees with the Python one."""
+    assert cfgmod.head_dim_tile(d_head) == tile
+    fwd = flashjit.default_config("bf16", d_head, False)
+    assert fwd.d_head == d_head and fwd.d_tile == tile and not fwd.problems()
+    assert fwd.smem_bytes == dataclasses.replace(fwd, d_head=tile).smem_bytes
+    for wgmma in (False, True):
+        bwd = cfgmod.default_bwd_config("bf16", d_head, False, wgmma=wgmma)
+        assert bwd.d_head == d_head and not bwd.problems()
+        assert bwd.wgmma == (wgmma and tile in (64, 128))
+    assert BwdConfig.from_name(bwd.name) == bwd and KernelConfig.from_name(fwd.name) == fwd
+    source = (codegen.kernels_dir() / "common" / "params.cuh").read_text()
+    assert "constexpr int head_dim_tile(int d) { return d <= 192 ? (d + 31) / 32 * 32 : 256; }" in source
 
 
 def test_every_field_is_a_template_parameter():

@@ -23,8 +23,8 @@ def _qkv(b=1, sq=8, sk=8, h=2, hk=2, d=64, dtype=torch.float16, device="cpu"):
     (lambda q, k, v: (q, k, v[..., :32]), ValueError, "k and v must have the same shape"),
     (lambda q, k, v: (q, k[..., :32], v[..., :32]), ValueError, "does not match q shape"),
     (lambda q, k, v: (q.transpose(-1, -2), k, v), ValueError, "q must have a contiguous last dimension"),
-    (lambda q, k, v: (q[:, :, :, :40].contiguous(), k[..., :40].contiguous(), v[..., :40].contiguous()),
-     ValueError, "head_dim 40 is not supported"),
+    (lambda q, k, v: tuple(torch.cat([t, t, t, t, t], -1)[..., :264].contiguous() for t in (q, k, v)),
+     ValueError, "head_dim 264 is not supported"),
     (lambda q, k, v: (torch.cat([q, q[:, :, :1]], 2), k, v), ValueError, "divisible by the number of key/value heads"),
     (lambda q, k, v: ("q", k, v), TypeError, "q must be a torch.Tensor"),
     (lambda q, k, v: (q, k, v), ValueError, "FLASHJIT_BACKEND=reference"),  # CPU tensors

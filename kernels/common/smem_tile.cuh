@@ -41,8 +41,9 @@ struct SmemLayout {
   }
 };
 
-// Copy rows [0, kRows) of a row-strided global tile into shared memory; rows >= valid_rows are
-// zero-filled and never read from global memory.
+// Copy rows [0, kRows) of a row-strided global tile into shared memory; rows >= valid_rows and the
+// chunks past the kCols real columns (a head dim narrower than its tile) are zero-filled and never
+// read from global memory.
 template <int kD, bool kSwizzle, bool kAsync, typename T>
 __device__ __forceinline__ void copy_chunk(T* smem, const T* gmem, const T* src, int row, int chunk, bool valid) {
   T* dst = smem + SmemLayout<kD, kSwizzle>::offset(row, chunk);
@@ -54,9 +55,10 @@ __device__ __forceinline__ void copy_chunk(T* smem, const T* gmem, const T* src,
   }
 }
 
-template <int kRows, int kD, bool kSwizzle, bool kAsync, int kThreads, typename T>
+template <int kRows, int kD, bool kSwizzle, bool kAsync, int kThreads, int kCols = kD, typename T>
 __device__ __forceinline__ void load_tile(T* smem, const T* gmem, int64_t row_stride, int valid_rows, int tid) {
-  constexpr int kChunks = SmemLayout<kD, kSwizzle>::kChunks;
+  constexpr int kChunks = SmemLayout<kD, kSwizzle>::kChunks, kValidChunks = kCols / 8;
+  static_assert(kCols % 8 == 0 && kCols <= kD, "the real columns must be whole 16-byte chunks of the tile");
   constexpr int kTotal = kRows * kChunks;
   constexpr int kIters = (kTotal + kThreads - 1) / kThreads;
   if constexpr (kThreads % kChunks == 0) {
@@ -65,32 +67,34 @@ __device__ __forceinline__ void load_tile(T* smem, const T* gmem, int64_t row_st
     // unrolled copy out of the key loop and keep them all live.
     constexpr int kRowStep = kThreads / kChunks;
     const int chunk = tid % kChunks;
+    const int rows = kValidChunks == kChunks || chunk < kValidChunks ? valid_rows : 0;  // this thread's column
     int row = tid / kChunks;
     const T* src = gmem + row * row_stride + chunk * 8;
     const int64_t src_step = kRowStep * row_stride;
 #pragma unroll
     for (int it = 0; it < kIters; ++it, row += kRowStep, src += src_step)
       if (kTotal % kThreads == 0 || row < kRows)
-        copy_chunk<kD, kSwizzle, kAsync>(smem, gmem, src, row, chunk, row < valid_rows);
+        copy_chunk<kD, kSwizzle, kAsync>(smem, gmem, src, row, chunk, row < rows);
   } else {  // d_head = 96 or 160: rows of 12 or 20 chunks do not tile the thread block evenly
 #pragma unroll
     for (int it = 0; it < kIters; ++it) {
       const int i = it * kThreads + tid, row = i / kChunks, chunk = i % kChunks;
       if (kTotal % kThreads == 0 || i < kTotal)
         copy_chunk<kD, kSwizzle, kAsync>(smem, gmem, gmem + row * row_stride + chunk * 8, row, chunk,
-                                          row < valid_rows);
+                                          row < valid_rows && (kValidChunks == kChunks || chunk < kValidChunks));
     }
   }
 }
 
-// Copy rows [0, valid_rows) of a shared-memory tile to a row-strided global tile (16-byte stores).
-template <int kRows, int kD, bool kSwizzle, int kThreads, typename T>
+// Copy rows [0, valid_rows) and the first kCols columns of a shared-memory tile to a row-strided
+// global tile (16-byte stores).
+template <int kRows, int kD, bool kSwizzle, int kThreads, int kCols = kD, typename T>
 __device__ __forceinline__ void store_tile(T* gmem, int64_t row_stride, const T* smem, int valid_rows, int tid) {
   using L = SmemLayout<kD, kSwizzle>;
 #pragma unroll
   for (int i = tid; i < kRows * L::kChunks; i += kThreads) {
     const int row = i / L::kChunks, chunk = i % L::kChunks;
-    if (row < valid_rows)
+    if (row < valid_rows && chunk < kCols / 8)
       *reinterpret_cast<uint4*>(gmem + row * row_stride + chunk * 8) =
           *reinterpret_cast<const uint4*>(smem + L::offset(row, chunk));
   }

@@ -30,12 +30,15 @@ struct GmmaTile {
 };
 
 // Copy rows [0, kRows) of a row-strided global [rows x kCols] tile into a GmmaTile with cp.async;
-// rows >= valid_rows are zero-filled and never read.
-template <int kRows, int kCols, int kThreads, typename T>
+// rows >= valid_rows and the columns past kValidCols (a head dim narrower than its tile) are
+// zero-filled and never read.
+template <int kRows, int kCols, int kThreads, int kValidCols = kCols, typename T>
 __device__ __forceinline__ void load_gmma_tile(T* smem, const T* gmem, int64_t row_stride, int valid_rows, int tid) {
   constexpr int kChunks = kCols / 8, kRowStep = kThreads / kChunks;
   static_assert(kThreads % kChunks == 0 && kRows % kRowStep == 0, "the copy must tile the thread block evenly");
+  static_assert(kValidCols % 8 == 0 && kValidCols <= kCols, "the real columns must be whole 16-byte chunks");
   const int chunk = tid % kChunks;
+  if (kValidCols < kCols && chunk >= kValidCols / 8) valid_rows = 0;  // this thread's column is padding
   int row = tid / kChunks;
   const T* src = gmem + row * row_stride + chunk * 8;  // a running pointer: one live address, not one per copy
   const int64_t src_step = kRowStep * row_stride;
