@@ -222,13 +222,13 @@ def _current_stream(device_index: int) -> int:
     return getter(device_index) if getter else torch.cuda.current_stream(device_index).cuda_stream
 
 
-def _check_output(given, like: torch.Tensor, name: str) -> torch.Tensor:
-    """An output tensor the caller passed: shaped, typed and placed like `like`, with a contiguous last
-    dim and 16-byte aligned rows (the kernels store 16-byte chunks)."""
+def _check_output(given, like: torch.Tensor, name: str, kernel_writes: bool = True) -> torch.Tensor:
+    """An output tensor the caller passed: shaped, typed and placed like `like` and, where a kernel
+    writes it directly, with a contiguous last dim and 16-byte aligned rows (16-byte stores)."""
     if not isinstance(given, torch.Tensor) or given.shape != like.shape or given.dtype != like.dtype \
             or given.device != like.device:
         raise ValueError(f"{name} must be a tensor of shape {tuple(like.shape)} and dtype {like.dtype} on {like.device}")
-    if given.stride(-1) != 1 or given.data_ptr() % 16 or any(s % 8 for s in given.stride()[:3]):
+    if kernel_writes and (given.stride(-1) != 1 or given.data_ptr() % 16 or any(s % 8 for s in given.stride()[:3])):
         raise ValueError(f"{name} must have a contiguous last dim and 16-byte aligned rows, got strides "
                          f"{given.stride()}")
     return given
@@ -283,7 +283,7 @@ def forward(q, k, v, config: KernelConfig | None = None, causal: bool = False,
                          softmax_scale=softmax_scale_or_default(q, softmax_scale), return_lse=True,
                          window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
                          philox=philox)
-        out = _unpad_into(out if out is None else _check_output(out, q, "out"), padded[0], q.shape[-1])
+        out = _unpad_into(out if out is None else _check_output(out, q, "out", False), padded[0], q.shape[-1])
         return (out, padded[1]) if return_lse else out
     mods = score_mods(q, causal, window_size, softcap, alibi_slopes, dropout_p, philox)
     run, out, lse = _launch(q, k, v, config, causal, softmax_scale, out, want_lse=return_lse, mods=mods)
@@ -341,8 +341,9 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     if q.shape[-1] % 8:
         padded = backward(*_pad_head_dim(dout, q, k, v, out), lse, causal, softmax_scale, window_size, softcap,
                           alibi_slopes, dropout_p, philox, deterministic, config)
-        return tuple(_unpad_into(None if given is None else _check_output(given, like, name), grad, q.shape[-1])
-                     for given, like, name, grad in zip((dq, dk, dv), (q, k, v), ("dq", "dk", "dv"), padded))
+        given = [None if t is None else _check_output(t, like, name, False)
+                 for t, like, name in zip((dq, dk, dv), (q, k, v), ("dq", "dk", "dv"))]
+        return tuple(_unpad_into(t, grad, q.shape[-1]) for t, grad in zip(given, padded))
     if dropout_p and philox is None:
         raise ValueError("backward with dropout needs the forward's philox=(seed, offset) to regenerate its mask")
     mods = score_mods(q, causal, window_size, softcap, alibi_slopes, dropout_p, philox)

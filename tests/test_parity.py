@@ -50,10 +50,20 @@ def _reference(q, k, v, dout, dropout_mask=None, **kw):
     return results
 
 
-def _check_all(got, ref, low, names=("out", "dq", "dk", "dv")):
+def _dq_allowance(q, k, out, dout, softmax_scale=None) -> float:
+    """An absolute allowance for dq where every visible row sees a single key: there dq is exactly 0
+    (P = 1, dP = D), but FlashAttention computes D = rowsum(dO o O) from the rounded output, so dS
+    carries eps |D| and dq eps |D| |k| scale (flash-attn has the same)."""
+    eps = torch.finfo(q.dtype).eps
+    d_row = (dout.float() * out.float()).sum(-1).abs().max().item()
+    scale = softmax_scale or q.shape[-1] ** -0.5
+    return 2 * eps * d_row * k.float().abs().max().item() * scale
+
+
+def _check_all(got, ref, low, names=("out", "dq", "dk", "dv"), atol=(0.0, 0.0, 0.0, 0.0)):
     out, lse, *grads = got
-    for name, a, r, lo in zip(names, (out, *grads), (ref[0], *ref[2:]), (low[0], *low[2:])):
-        assert_close(name, a.float(), r.float(), lo.float())
+    for name, a, r, lo, tol in zip(names, (out, *grads), (ref[0], *ref[2:]), (low[0], *low[2:]), atol):
+        assert_close(name, a.float(), r.float(), lo.float(), atol=tol)
     finite = torch.isfinite(ref[1])
     assert torch.equal(torch.isfinite(lse), finite), "lse must be +inf exactly where a row sees no key"
     assert torch.allclose(lse[finite], ref[1][finite], atol=2e-3, rtol=1e-4)
@@ -63,8 +73,8 @@ def _check_all(got, ref, low, names=("out", "dq", "dk", "dv")):
 EMPTY_ROWS = [  # (Sq, Sk, d, causal, window): the issue's reported shapes, then windows on each side
     (239, 1, 160, True, (-1, -1)), (512, 256, 64, True, (-1, -1)), (799, 3, 96, True, (-1, -1)),
     (203, 113, 256, True, (-1, -1)), (799, 3, 96, False, (0, 0)), (800, 64, 160, False, (16, 0)),
-    (300, 77, 128, False, (8, -1)), (300, 77, 64, False, (-1, 4)), (257, 1, 32, False, (2, 3)),
-]
+    (300, 77, 128, False, (3, 2)), (300, 77, 64, False, (-1, 4)), (257, 1, 32, False, (2, 3)),
+]  # a left edge alone never empties a row (bottom-right alignment): left windows come with a right one
 
 
 @gpu
@@ -89,7 +99,8 @@ def test_empty_rows_are_exact_and_repeatable(sq, sk, d, causal, window, dropout_
     if dropout_p:
         mask = philox_keep_mask(*philox, interface.dropout_threshold(dropout_p), 2, 3, sq, sk, "cuda")
     ref, low = _reference(q, k, v, dout, mask, **kw)
-    _check_all(got, ref, low)
+    single_key = not ref[2].any()  # every row sees at most one key: dq is 0 in exact arithmetic
+    _check_all(got, ref, low, atol=(0.0, _dq_allowance(q, k, got[0], dout) if single_key else 0.0, 0.0, 0.0))
     if deterministic:
         for _ in range(19):
             again = _run(q, k, v, dout, deterministic, philox, **kw)
