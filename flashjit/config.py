@@ -125,6 +125,11 @@ class KernelConfig(_Validated):
         return head_dim_tile(self.d_head)
 
     @property
+    def d_mma(self) -> int:
+        """The head-dim extent of the matrix products: d_head rounded up to 16 (Config::kDMma)."""
+        return (self.d_head + 15) // 16 * 16
+
+    @property
     def warp_rows(self) -> int:
         return self.B_r // self.n_warps
 
@@ -139,13 +144,13 @@ class KernelConfig(_Validated):
 
     def k_tiles(self, operand: str) -> int:
         """k-tiles (16 wide) of the loop that loads this operand: D for Q and K, B_c for V."""
-        return (self.d_tile if operand in "qk" else self.B_c) // 16
+        return (self.d_mma if operand in "qk" else self.B_c) // 16
 
     def register_estimate(self) -> int:
         """32-bit registers for the fragments that are live at once, per thread (fp32 accumulators,
         16-bit operands packed in pairs), plus a few for indices. A lower bound on the real count."""
         m = self.warp_rows // 16
-        o_acc = m * (self.d_tile // 8) * 4
+        o_acc = m * (self.d_mma // 8) * 4
         s_acc = m * (self.B_c // 8) * 4
 
         def chunk(operand: str, per_tile: int) -> int:
@@ -156,7 +161,7 @@ class KernelConfig(_Validated):
 
         q = chunk("q", m * 4)
         k = chunk("k", (self.B_c // 8) * 2)
-        v = chunk("v", (self.d_tile // 8) * 2)
+        v = chunk("v", (self.d_mma // 8) * 2)
         q_resident = q if self.q_frag_depth == 0 else 0
         qk_phase = o_acc + s_acc + q + k
         pv_phase = o_acc + s_acc // 2 + v + q_resident

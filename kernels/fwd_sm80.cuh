@@ -35,8 +35,11 @@ struct Config {
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kWarpRows = kBr / kWarps;
   static constexpr int kM = kWarpRows / 16;  // 16-row MMA tiles per warp
-  static constexpr int kKtD = kD / 16;       // k-tiles of QK^T (over the head dim)
-  static constexpr int kNtD = kD / 8;        // n-tiles of PV (over the head dim)
+  // The matrix products cover the real head dim rounded up to 16, not the whole tile: at d_head 80
+  // (tile 96) that is 5 k-tiles of QK^T and 10 n-tiles of PV instead of 6 and 12.
+  static constexpr int kDMma = (kDHead + 15) / 16 * 16;
+  static constexpr int kKtD = kDMma / 16;    // k-tiles of QK^T (over the head dim)
+  static constexpr int kNtD = kDMma / 8;     // n-tiles of PV (over the head dim)
   static constexpr int kNtC = kBc / 8;       // n-tiles of QK^T (over keys)
   static constexpr int kKtC = kBc / 16;      // k-tiles of PV (over keys)
   static constexpr int kSmemBytes = (kBr + 2 * kBc) * kD * 2;
