@@ -44,3 +44,87 @@ def assert_close(name: str, actual: torch.Tensor, ref: torch.Tensor, low: torch.
 def poisoned_like(t: torch.Tensor, memory_format=torch.contiguous_format) -> torch.Tensor:
     """An output buffer full of NaN: every element a kernel fails to write shows up."""
     return torch.full_like(t, float("nan"), memory_format=memory_format)
+
+
+# ---- helpers for the GPU tests (added for issue 19) ----------------------------------------------
+
+def reference_and_low(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor | None = None,
+                      **kwargs):
+    """(ref, low) for attention_reference(q, k, v, **kwargs): ref computed in fp32 from fp32 copies of
+    the inputs (its gradients are fp32 too, never rounded to the inputs' dtype), low in the inputs'
+    own precision (PyTorch's low-precision math: the baseline of assert_close). Each is a tuple
+    (out, lse) without dout, else (out, dq, dk, dv) from autograd with dout (dout.float() for ref)."""
+    from flashjit.reference import attention_reference
+
+    results = []
+    for dtype, compute in ((torch.float32, torch.float32), (q.dtype, None)):
+        leaves = [t.detach().to(dtype).requires_grad_(dout is not None) for t in (q, k, v)]
+        out, lse = attention_reference(*leaves, compute_dtype=compute, **kwargs)
+        if dout is None:
+            results.append((out.detach(), lse.detach()))
+        else:
+            out.backward(dout.to(dtype if compute is None else torch.float32))
+            results.append((out.detach(), *(t.grad for t in leaves)))
+    return results[0], results[1]
+
+
+def assert_all_close(names, actual, ref, low, **kwargs) -> None:
+    """assert_close over parallel sequences (e.g. out, dq, dk, dv)."""
+    assert len(names) == len(actual) == len(ref) == len(low)
+    for name, a, r, lo in zip(names, actual, ref, low):
+        assert_close(name, a, r, lo, **kwargs)
+
+
+def assert_lse_close(lse: torch.Tensor, ref_lse: torch.Tensor, low_lse: torch.Tensor) -> None:
+    """The kernel's log-sum-exp: +inf exactly where the reference's is (rows that see no key), and
+    elsewhere within 2x the error of PyTorch's low-precision scores and within 2e-3 + 1e-4 |lse|
+    (the kernel computes it in fp32: its own, tighter tolerance)."""
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite), "lse must be +inf exactly for rows that see no key"
+    assert torch.equal(lse[~finite], ref_lse[~finite]), "lse of rows that see no key must be +inf"
+    assert_close("lse", lse[finite], ref_lse[finite], low_lse[finite])
+    err = (lse[finite].double() - ref_lse[finite].double()).abs()
+    bound = 2e-3 + 1e-4 * ref_lse[finite].double().abs()
+    assert bool((err <= bound).all()), f"lse: max error {err.max().item():.3e} beyond 2e-3 + 1e-4 |lse|"
+
+
+def forward_keep_mask(run, batch: int, seqlen_q: int, seqlen_k: int, heads: int, d: int, dropout_p: float,
+                      heads_k: int | None = None, dtype=torch.float16, before_each=None) -> torch.Tensor:
+    """The dropout keep mask [B, H, Sq, Sk] (bool) that a forward kernel used, read exactly from its
+    output: run(q, k, v) -> out is called with q = 0 (every score 0, so P = 1/Sk: non-causal, no
+    window) and one-hot values, v[j] = e_(j - c0) for the keys of one chunk of d keys (0 elsewhere),
+    so out[b, i, h, j - c0] = Z_ij / (Sk (1 - p)): exactly 0 where dropped (the kernels mask with a
+    bitwise AND), and fp16(fp32(1 / (1 - p)) / Sk) where kept (checked within one fp16 ulp: a kept
+    entry scaled by 256 / (256 - threshold) instead of flash-attn's 1 / (1 - p) fails). One call per
+    chunk of d keys; before_each() runs before each call (e.g. to reset torch's generator offset)."""
+    heads_k = heads if heads_k is None else heads_k
+    q = torch.zeros(batch, seqlen_q, heads, d, device="cuda", dtype=dtype)
+    # k is irrelevant (q = 0), and drawn on the CPU so that torch's CUDA generator, which dropout
+    # draws its (seed, offset) from, is not advanced between a caller's reading it and the call.
+    k = torch.randn(batch, seqlen_k, heads_k, d, generator=torch.Generator().manual_seed(seqlen_k)).to("cuda", dtype)
+    mask = torch.empty(batch, heads, seqlen_q, seqlen_k, dtype=torch.bool, device="cuda")
+    kept_value = (torch.tensor(1.0 / (1.0 - dropout_p), dtype=torch.float32) / seqlen_k).to(dtype).double().item()
+    ulp = 2.0 ** (-10 if dtype == torch.float16 else -7)
+    for c0 in range(0, seqlen_k, d):
+        n = min(d, seqlen_k - c0)
+        v = torch.zeros(batch, seqlen_k, heads_k, d, device="cuda", dtype=dtype)
+        keys = torch.arange(c0, c0 + n, device="cuda")
+        v[:, keys, :, keys - c0] = 1
+        if before_each is not None:
+            before_each()
+        out = run(q, k, v).double()
+        assert torch.isfinite(out).all(), "dropout readout: non-finite output"
+        assert not out[..., n:].any(), "dropout readout: columns past the chunk must be exactly 0"
+        chunk = out[..., :n].permute(0, 2, 1, 3)  # [B, H, Sq, n]
+        kept = chunk != 0
+        bad = (chunk[kept] - kept_value).abs() > ulp * kept_value
+        assert not bad.any(), (f"dropout readout: {int(bad.sum())} kept entries differ from fp16(1/((1-p) Sk)) = "
+                               f"{kept_value:.6e}, e.g. {chunk[kept][bad][:4].tolist()}")
+        mask[..., c0:c0 + n] = kept
+    return mask
+
+
+def mask_mismatch(name: str, got: torch.Tensor, want: torch.Tensor) -> str:
+    """A message locating the first entries where two keep masks [B, H, Sq, Sk] differ."""
+    diff = (got != want).nonzero()
+    return f"{name}: {diff.shape[0]} of {got.numel()} keep bits differ, first [b, h, i, j]: {diff[:5].tolist()}"
