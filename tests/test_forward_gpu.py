@@ -1,15 +1,20 @@
 """Forward kernels on the GPU against an fp32 reference: every config of the build set, each knob,
-odd shapes, GQA, strided views, causal with Sq != Sk. Fresh random inputs, outputs poisoned with NaN.
-Tolerance: no more than twice the error of PyTorch's own low-precision math (+ a small floor)."""
+odd shapes, GQA, strided views, causal with Sq != Sk, the launch stream, the A100 and RTX default
+configs, and the dropout mask read exactly from the output. Fresh random inputs (seeded per test by
+conftest.py), outputs poisoned with NaN. Tolerance: tests/numerics.py (no more than twice the error
+of PyTorch's own low-precision math, plus a floor relative to the reference's magnitude)."""
 import dataclasses
+import itertools
 import math
 
 import pytest
 import torch
 
 import flashjit
-from flashjit import KernelConfig
-from flashjit.reference import attention_reference
+from flashjit import KernelConfig, interface
+from flashjit.config import HEAD_DIMS, default_config
+from flashjit.reference import philox_keep_mask
+from numerics import assert_close, assert_lse_close, forward_keep_mask, mask_mismatch, poisoned_like, reference_and_low
 
 pytestmark = pytest.mark.gpu
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -23,25 +28,18 @@ def _inputs(batch, seqlen_q, seqlen_k, heads, heads_k, d_head, dtype):
 
 
 def _check(q, k, v, causal=False, config=None, softmax_scale=None):
-    out = torch.full_like(q, float("nan"))  # poisoned: every element must be written
+    out = poisoned_like(q)  # every element must be written
     out, lse = flashjit.forward(q, k, v, config=config, causal=causal, softmax_scale=softmax_scale,
                                 return_lse=True, out=out)
-    ref, ref_lse = attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale)
-    low, _ = attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale, compute_dtype=None)
-    assert torch.isfinite(out).all(), "unwritten (NaN) or non-finite output elements"
-    err = (out.float() - ref).abs().max().item()
-    low_err = (low.float() - ref).abs().max().item()
-    assert err <= 2 * low_err + 1e-3, f"max error {err:.3e} > 2 x PyTorch low-precision error {low_err:.3e}"
-    finite = torch.isfinite(ref_lse)
-    assert torch.equal(torch.isfinite(lse), finite), "lse must be +inf exactly for rows that see no key"
-    assert torch.allclose(lse[finite], ref_lse[finite], atol=2e-3, rtol=1e-4)
+    (ref, ref_lse), (low, low_lse) = reference_and_low(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    assert_close("out", out, ref, low)
+    assert_lse_close(lse, ref_lse, low_lse)
     return out
 
 
 @pytest.mark.parametrize("config", [c for c in flashjit.get_kernels_to_build() if isinstance(c, KernelConfig)],
                          ids=lambda c: c.name)
 def test_build_set(config):
-    torch.manual_seed(hash(config.name) % 2**31)
     seqlen = 1 if config.B_r == 64 else 333
     q, k, v = _inputs(2, seqlen, 301, 3, 3, config.d_head, DTYPES[config.dtype])
     _check(q, k, v, causal=config.causal, config=config)
@@ -101,15 +99,31 @@ def test_misaligned_view_is_handled():
     _check(q, k, v)
 
 
-def test_forward_timed_and_stream():
+def test_forward_timed():
     q, k, v = _inputs(1, 512, 512, 4, 4, 128, torch.bfloat16)
     out, ms = flashjit.forward_timed(q, k, v)
     assert ms > 0 and math.isfinite(ms)
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        out2 = flashjit.forward(q, k, v)
-    stream.synchronize()
-    assert torch.equal(out, out2)
+    (ref, _), (low, _) = reference_and_low(q, k, v)
+    assert_close("out", out, ref, low)
+
+
+def test_forward_runs_on_the_current_stream():
+    """The kernel must run on torch's current stream: a side stream sleeps, then overwrites q, then
+    forward is called under it. On the right stream the kernel reads the new q; launched on any
+    other stream it runs at once, reads the old q and fails the comparison with the new one."""
+    q, k, v = _inputs(2, 300, 257, 4, 2, 128, torch.bfloat16)
+    new_q = torch.randn_like(q)
+    flashjit.forward(q, k, v, causal=True)  # compiled and loaded: the timed part below is launch only
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time before the copy lands
+        q.copy_(new_q)
+        out = flashjit.forward(q, k, v, causal=True, out=poisoned_like(q))
+    torch.cuda.synchronize()
+    (ref, _), (low, _) = reference_and_low(new_q, k, v, causal=True)
+    assert_close("out (launched under a side stream)", out, ref, low)
 
 
 def test_config_mismatch_is_rejected():
@@ -118,3 +132,55 @@ def test_config_mismatch_is_rejected():
         flashjit.forward(q, k, v, config=KernelConfig(dtype="bf16", d_head=64))
     with pytest.raises(ValueError, match="config.causal"):
         flashjit.forward(q, k, v, config=KernelConfig(dtype="fp16", d_head=64), causal=True)
+
+
+# ---- the kernels A100 (sm_80: 163 KiB of shared memory per block) and RTX 30xx/40xx (sm_86/89:
+# 99 KiB) users get by default, run here as explicit configs ---------------------------------------
+SMEM_LIMITS = {"A100": 166912, "RTX": 101376}
+
+
+def _other_gpu_configs() -> list:
+    """The dispatcher's forward configs for those shared-memory limits, every head dim, causal or not,
+    long and short query lengths: one entry per distinct config not already in test_build_set's
+    list (bf16; the dtype is only a template flag)."""
+    tested = set(flashjit.get_kernels_to_build())
+    configs = {}
+    for (gpu, limit), d, causal, seqlen in itertools.product(SMEM_LIMITS.items(), HEAD_DIMS, (False, True),
+                                                             (4096, 1)):
+        cfg = default_config("bf16", d, causal, seqlen, limit)
+        if cfg not in tested:
+            configs.setdefault(cfg, f"{gpu}-{cfg.name}")
+    return sorted(configs.items(), key=lambda item: item[1])
+
+
+@pytest.mark.parametrize("config, label", _other_gpu_configs(), ids=[label for _, label in _other_gpu_configs()])
+def test_a100_and_rtx_default_configs(config, label):
+    """The forward kernels A100 and RTX users get by default (never the H100's), against the reference."""
+    if config.smem_bytes > interface._smem_limit(torch.cuda.current_device())[0]:
+        pytest.skip(f"{config.name} needs more shared memory than this GPU has")
+    for shape in ((2, 190, 257, 4, 2), (1, 17, 300, 2, 1)):
+        _check(*_inputs(*shape, config.d_head, torch.bfloat16), causal=config.causal, config=config)
+
+
+# ---- the dropout mask, read exactly from the kernel's output ------------------------------------
+@pytest.mark.parametrize("p", [0.17, 0.333, 0.7519])  # none a multiple of 1/256
+@pytest.mark.parametrize("shape, config", [
+    ((2, 77, 256, 3, 3, 256), None), ((1, 300, 200, 2, 1, 128), None), ((2, 129, 64, 2, 2, 64), None),
+    ((2, 150, 300, 2, 1, 128), KernelConfig("fp16", 128, B_r=64, B_c=64, dropout=True)),
+    ((1, 65, 100, 3, 3, 64), KernelConfig("fp16", 64, B_r=128, B_c=32, n_warps=8, mma_double_buffer_loads=False,
+                                          dropout=True)),
+], ids=lambda x: x.name if isinstance(x, KernelConfig) else "default" if x is None else str(x))
+def test_dropout_mask_is_philox_keep_mask_bit_for_bit(shape, config, p):
+    """The forward kernel's keep mask (numerics.forward_keep_mask: q = 0 and one-hot v make each
+    output element one keep bit, exactly 0 when dropped) equals reference.philox_keep_mask bit for bit
+    (torch.equal), for p not a multiple of 1/256 and Philox offsets past 2**32 (whose high bits go
+    into the key), over several batches and heads, GQA and several tilings; kept entries are scaled
+    by exactly 1/(1 - p) for the requested p (one fp16 ulp)."""
+    b, sq, sk, h, hk, d = shape
+    for philox in ((torch.randint(0, 2**63 - 1, ()).item(), 2**32 * torch.randint(1, 2**31, ()).item() + 12345),
+                   (torch.randint(0, 2**63 - 1, ()).item(), torch.randint(0, 2**32, ()).item())):
+        got = forward_keep_mask(lambda q, k, v: flashjit.forward(q, k, v, config=config, dropout_p=p, philox=philox,
+                                                                 out=poisoned_like(q)),
+                                b, sq, sk, h, d, p, heads_k=hk)
+        want = philox_keep_mask(*philox, interface.dropout_threshold(p), b, h, sq, sk, "cuda")
+        assert torch.equal(got, want), mask_mismatch(f"forward, philox {philox}", got, want)
