@@ -279,8 +279,8 @@ def test_a100_and_rtx_default_backward_configs(config, label):
 
 
 # ---- odd shapes through every kernel variant (scripts/sanitize.py runs these) --------------------
-ODD = [  # (B, Sq, Sk, H, H_k, d, causal, variant)
-    (1, 1, 1, 1, 1, 64, False, "atomic"), (2, 17, 33, 3, 1, 64, True, "deterministic"),
+ODD = [  # (B, Sq, Sk, H, H_k, d, causal, variant); single-key problems (dq = 0 exactly): test_parity.py
+    (1, 1, 3, 1, 1, 64, False, "atomic"), (2, 17, 33, 3, 1, 64, True, "deterministic"),
     (1, 33, 17, 2, 2, 96, True, "atomic"), (1, 70, 45, 2, 1, 128, False, "wgmma"),
     (1, 45, 130, 2, 2, 64, True, "wgmma"), (1, 40, 71, 2, 1, 256, True, "atomic"),
     (1, 50, 37, 2, 2, 128, False, "dropout"), (1, 37, 50, 2, 1, 160, True, "features"),
