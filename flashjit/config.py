@@ -275,10 +275,17 @@ WHY_BWD_SHARES = "each warp's share of a score block must be whole 16-wide k-til
 WHY_BWD_COLUMNS = "each warp's share of the head dim must be whole 16-column pairs"
 # The reasons, shared verbatim with the static_asserts in kernels/bwd_sm90.cuh.
 WHY_WGMMA_WARPS = "the wgmma backward runs two warpgroups of 64 keys: n_warps=8, d_split=1, group_rows=16"
-WHY_WGMMA_SHAPES = "the wgmma backward supports head dims of tile 64 with block_m 128 and of tile 128 with block_m 64"
+WHY_WGMMA_SHAPES = "the wgmma backward supports d_head up to 64 with block_m 128 and up to 128 with block_m 64"
 WHY_WGMMA_VARIANTS = "the wgmma backward has no deterministic variant"
 WHY_WGMMA_SOFTCAP = "softcap's factors push the d_head 64 wgmma backward (128-query steps) past 255 registers"
-WGMMA_SHAPES = ((64, 128), (128, 64))
+WGMMA_SHAPES = ((64, 128), (128, 64))  # (tile width, block_m)
+
+
+def wgmma_tile(d_head: int) -> int:
+    """The wgmma backward's tile width (kernels/bwd_sm90.cuh: Config::kD): 64 or 128, one or two
+    64-column swizzle blocks, never 96: at d_head 80 its 128 tile ran 1.0-1.2x the sm_80 kernel's
+    96 tile (H200, docs/perf-log.md)."""
+    return 64 if d_head <= 64 else 128 if d_head <= 128 else head_dim_tile(d_head)
 WGMMA_ARCH = "sm_90a"
 BWD_BLOCK_M = (32, 64, 128)
 BWD_D_SPLIT = (1, 2, 4)
@@ -316,7 +323,7 @@ class BwdConfig(_Validated):
     # against the compiled kernel.
     @property
     def d_tile(self) -> int:
-        return head_dim_tile(self.d_head)
+        return wgmma_tile(self.d_head) if self.wgmma else head_dim_tile(self.d_head)
 
     @property
     def block_n(self) -> int:
@@ -444,7 +451,7 @@ def default_bwd_config(dtype: str, d_head: int, causal: bool, local: bool = Fals
     none does, the deterministic last resort (on GPUs with 99 KiB per block, sm_86 and sm_89, the
     d_head 128 backward is deterministic either way). Raises ValueError if even that does not fit.
     wgmma=True (the target is sm_90a) puts the Hopper kernel first where it exists."""
-    block_m = dict(WGMMA_SHAPES).get(head_dim_tile(d_head)) if wgmma else None
+    block_m = dict(WGMMA_SHAPES).get(wgmma_tile(d_head)) if wgmma else None
     if block_m:
         cfg = BwdConfig(dtype, d_head, 8, block_m, 1, 16, deterministic, causal, local, softcap, alibi, dropout, True)
         if not cfg.problems() and cfg.smem_bytes <= smem_limit:

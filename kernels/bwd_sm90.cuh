@@ -31,8 +31,9 @@ struct Config {
   __device__ __forceinline__ static float dropout_scale(const BwdParams& p) {
     return kDropout ? p.mods.dropout_scale : 1.f;
   }
-  // kDHead: the real head dim; kD: its tile width (bwd_sm80.cuh).
-  static constexpr int kDHead = kDHead_, kD = head_dim_tile(kDHead_), kWarps = kWarps_, kThreads = kWarps * 32;
+  // kDHead: the real head dim; kD: its tile, one or two 64-column swizzle blocks (config.py: wgmma_tile).
+  static constexpr int kDHead = kDHead_, kWarps = kWarps_, kThreads = kWarps * 32;
+  static constexpr int kD = kDHead <= 64 ? 64 : kDHead <= 128 ? 128 : head_dim_tile(kDHead);
   static constexpr int kBlockM = kBlockM_, kBlockN = 128;  // queries per step, keys per CTA (64 per warpgroup)
   static constexpr int kNtM = kBlockM / 8, kNtD = kD / 8, kKsD = kD / 16, kKsM = kBlockM / 16, kKsN = kBlockN / 16;
   // dQ of a step, [kBlockM, kD]: each warpgroup computes a 64 x 64 share, by rows when kBlockM = 128
@@ -52,7 +53,7 @@ struct Config {
   static_assert(kWarps == 8 && kDSplit_ == 1 && kGroupRows_ == 16,
                 "the wgmma backward runs two warpgroups of 64 keys: n_warps=8, d_split=1, group_rows=16");
   static_assert((kD == 64 && kBlockM == 128) || (kD == 128 && kBlockM == 64),
-                "the wgmma backward supports head dims of tile 64 with block_m 128 and of tile 128 with block_m 64");
+                "the wgmma backward supports d_head up to 64 with block_m 128 and up to 128 with block_m 64");
   static_assert(!kDeterministic, "the wgmma backward has no deterministic variant");
   static_assert(!(kSoftcap_ && kBlockM == 128),
                 "softcap's factors push the d_head 64 wgmma backward (128-query steps) past 255 registers");

@@ -68,7 +68,8 @@ def test_head_dims_run_in_the_next_tile(d_head, tile):
     for wgmma in (False, True):
         bwd = cfgmod.default_bwd_config("bf16", d_head, False, wgmma=wgmma)
         assert bwd.d_head == d_head and not bwd.problems()
-        assert bwd.wgmma == (wgmma and tile in (64, 128))
+        assert bwd.wgmma == (wgmma and d_head <= 128)
+        assert bwd.d_tile == (cfgmod.wgmma_tile(d_head) if bwd.wgmma else tile)
     assert BwdConfig.from_name(bwd.name) == bwd and KernelConfig.from_name(fwd.name) == fwd
     source = (codegen.kernels_dir() / "common" / "params.cuh").read_text()
     assert "constexpr int head_dim_tile(int d) { return d <= 192 ? (d + 31) / 32 * 32 : 256; }" in source
@@ -156,7 +157,7 @@ def test_wgmma_backward_configs():
     for dtype, d, causal, det, dropout, softcap in itertools.product(cfgmod.DTYPES, cfgmod.HEAD_DIMS, (False, True),
                                                                      (False, True), (False, True), (False, True)):
         cfg = default_bwd_config(dtype, d, causal, softcap=softcap, dropout=dropout, deterministic=det, wgmma=True)
-        expected = (d, 64 if d == 128 else 128) in cfgmod.WGMMA_SHAPES and not det and not (softcap and d == 64)
+        expected = d <= 128 and not det and not (softcap and d <= 64)  # 32 and 96 run in its 64 and 128 tiles
         assert cfg.wgmma == expected and config_from_name(cfg.name) == cfg and not cfg.problems()
         assert ("bwd_sm90.cuh" if expected else "bwd_sm80.cuh") in codegen.render(cfg)
         assert not default_bwd_config(dtype, d, causal, softcap=softcap, dropout=dropout, deterministic=det).wgmma
@@ -164,7 +165,7 @@ def test_wgmma_backward_configs():
     assert not [c for c in flashjit.get_kernels_to_build(arch="sm_80") if getattr(c, "wgmma", False)]
     for bad, reason in ((BwdConfig(d_head=128, n_warps=4, wgmma=True), cfgmod.WHY_WGMMA_WARPS),
                         (BwdConfig(d_head=128, n_warps=8, block_m=128, wgmma=True), cfgmod.WHY_WGMMA_SHAPES),
-                        (BwdConfig(d_head=96, n_warps=8, block_m=64, wgmma=True), cfgmod.WHY_WGMMA_SHAPES),
+                        (BwdConfig(d_head=96, n_warps=8, block_m=128, wgmma=True), cfgmod.WHY_WGMMA_SHAPES),
                         (BwdConfig(d_head=128, n_warps=8, deterministic=True, wgmma=True), cfgmod.WHY_WGMMA_VARIANTS),
                         (BwdConfig(d_head=64, n_warps=8, block_m=128, softcap=True, wgmma=True),
                          cfgmod.WHY_WGMMA_SOFTCAP)):
