@@ -283,9 +283,12 @@ WGMMA_SHAPES = ((64, 128), (128, 64))  # (tile width, block_m)
 
 def wgmma_tile(d_head: int) -> int:
     """The wgmma backward's tile width (kernels/bwd_sm90.cuh: Config::kD): 64 or 128, one or two
-    64-column swizzle blocks, never 96: at d_head 80 its 128 tile ran 1.0-1.2x the sm_80 kernel's
-    96 tile (H200, docs/perf-log.md)."""
-    return 64 if d_head <= 64 else 128 if d_head <= 128 else head_dim_tile(d_head)
+    64-column swizzle blocks, never 96. Measured on an H200 (docs/perf-log.md): at d_head 80 its 128
+    tile ran 1.10-1.17x FA2 where the sm_80 kernel's 96 tile ran 0.98-1.04x; at d_head 32 its 64
+    tile ran 0.76-0.86x FA2, so head dims up to 32 keep the sm_80 kernel's own 32 tile."""
+    if 32 < d_head <= 64:
+        return 64
+    return 128 if 64 < d_head <= 128 else head_dim_tile(d_head)
 WGMMA_ARCH = "sm_90a"
 BWD_BLOCK_M = (32, 64, 128)
 BWD_D_SPLIT = (1, 2, 4)

@@ -23,7 +23,7 @@ from triton.testing import do_bench
 
 os.environ.setdefault("FLASHJIT_BACKEND", "jit")
 import flashjit  # noqa: E402
-from flashjit.config import WGMMA_SHAPES  # noqa: E402
+from flashjit.config import WGMMA_SHAPES, wgmma_tile  # noqa: E402
 from bench_forward import add_grid_arguments, grid, sdpa  # noqa: E402  (same folder)
 
 
@@ -58,7 +58,7 @@ def candidate_tflops(spec: str, point, q, k, v, dout, drop: float, flops: float)
     out_tflops = {}
     for item in spec.split(","):
         if item == "wgmma":  # the Hopper kernel's shape for this head dim
-            block_m = dict(WGMMA_SHAPES).get(point["d_head"], 0)
+            block_m = dict(WGMMA_SHAPES).get(wgmma_tile(point["d_head"]), 0)
             n_warps, det, d_split, group_rows, wgmma = 8, 0, 1, 16, True
         else:
             values = [int(x) for x in item.split("x")]

@@ -68,7 +68,7 @@ def test_head_dims_run_in_the_next_tile(d_head, tile):
     for wgmma in (False, True):
         bwd = cfgmod.default_bwd_config("bf16", d_head, False, wgmma=wgmma)
         assert bwd.d_head == d_head and not bwd.problems()
-        assert bwd.wgmma == (wgmma and d_head <= 128)
+        assert bwd.wgmma == (wgmma and 32 < d_head <= 128)
         assert bwd.d_tile == (cfgmod.wgmma_tile(d_head) if bwd.wgmma else tile)
     assert BwdConfig.from_name(bwd.name) == bwd and KernelConfig.from_name(fwd.name) == fwd
     source = (codegen.kernels_dir() / "common" / "params.cuh").read_text()
@@ -157,7 +157,7 @@ def test_wgmma_backward_configs():
     for dtype, d, causal, det, dropout, softcap in itertools.product(cfgmod.DTYPES, cfgmod.HEAD_DIMS, (False, True),
                                                                      (False, True), (False, True), (False, True)):
         cfg = default_bwd_config(dtype, d, causal, softcap=softcap, dropout=dropout, deterministic=det, wgmma=True)
-        expected = d <= 128 and not det and not (softcap and d <= 64)  # 32 and 96 run in its 64 and 128 tiles
+        expected = 32 < d <= 128 and not det and not (softcap and d <= 64)  # 96 runs in its 128 tile
         assert cfg.wgmma == expected and config_from_name(cfg.name) == cfg and not cfg.problems()
         assert ("bwd_sm90.cuh" if expected else "bwd_sm80.cuh") in codegen.render(cfg)
         assert not default_bwd_config(dtype, d, causal, softcap=softcap, dropout=dropout, deterministic=det).wgmma
