@@ -140,8 +140,10 @@ def restore(path: Path, original: bytes) -> None:
 
 
 def judge(rc, summary: str) -> str:
-    """pytest's verdict on a mutation: 1 = some test failed (caught); 0 = passed; else a problem."""
-    if rc == 1:
+    """pytest's verdict on a mutation: 1 = some test failed (caught); 0 = passed; else a problem.
+    Under pytest-xdist, -x ends the run with exit status 2 (xdist's Interrupted) after the first
+    failure: caught too, when the summary line counts failures."""
+    if rc == 1 or (rc == 2 and " failed" in summary):
         return "failed (caught)"
     if rc == 0:
         return "passed (BAD)" if " passed" in summary else "all skipped (BAD)"

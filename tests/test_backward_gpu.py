@@ -167,6 +167,19 @@ def test_backward_runs_on_the_current_stream(deterministic):
     torch.cuda.synchronize()
     ref, low = reference_and_low(q, k, v, new_dout, causal=True)
     assert_all_close(GRADS, grads, ref[1:], low[1:])
+    # A launch on the legacy default stream would pass the check above (that stream waits for every
+    # blocking stream); under CUDA-graph capture it is an error, or runs outside the graph.
+    for g in grads:
+        g.fill_(float("nan"))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        flashjit.backward(dout, q, k, v, out, lse, causal=True, deterministic=deterministic,
+                          dq=grads[0], dk=grads[1], dv=grads[2])
+    torch.cuda.synchronize()
+    assert all(g.isnan().all() for g in grads), "the capture ran the kernels instead of recording them"
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_all_close(GRADS, grads, ref[1:], low[1:])
 
 
 # ---- the dropout mask, read exactly from dQ and dV -----------------------------------------------

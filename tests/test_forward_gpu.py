@@ -124,6 +124,17 @@ def test_forward_runs_on_the_current_stream():
     torch.cuda.synchronize()
     (ref, _), (low, _) = reference_and_low(new_q, k, v, causal=True)
     assert_close("out (launched under a side stream)", out, ref, low)
+    # A launch on the legacy default stream would pass the check above (that stream waits for every
+    # blocking stream); under CUDA-graph capture it is an error, or runs outside the graph.
+    out.fill_(float("nan"))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        flashjit.forward(q, k, v, causal=True, out=out)
+    torch.cuda.synchronize()
+    assert out.isnan().all(), "the capture ran the kernel instead of recording it"
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close("out (graph replay)", out, ref, low)
 
 
 def test_config_mismatch_is_rejected():
