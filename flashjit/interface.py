@@ -330,8 +330,6 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     for name, t in (("dout", dout), ("out", out)):
         if not isinstance(t, torch.Tensor) or t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
             raise ValueError(f"{name} must match q: shape {tuple(q.shape)}, {q.dtype} on {q.device}")
-    if out.stride(-1) != 1:
-        raise ValueError(f"out must have a contiguous last dimension, got strides {out.stride()}")
     lse_shape = (q.shape[0], q.shape[2], q.shape[1])
     if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != lse_shape or lse.dtype != torch.float32 \
             or lse.device != q.device:
@@ -365,8 +363,8 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         if mismatched:
             raise ValueError(f"config {config.name} does not match the inputs: " + ", ".join(mismatched))
     kernel = _kernels.get((config, device_index)) or _kernel_for(config, device_index)
-    if dout.stride(-1) != 1:
-        dout = dout.contiguous()
+    # out and dout are only read: a layout the kernels cannot address is copied once (as _aligned does)
+    out, dout = (t if t.stride(-1) == 1 else t.contiguous() for t in (out, dout))
     q, k, v, out, dout = (_aligned(t) for t in (q, k, v, out, dout))
     lse = lse.contiguous()
     batch, seqlen_q, heads, _ = q.shape
