@@ -21,8 +21,6 @@ Without a GPU it says so in one line and exits 0, touching no file.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -109,15 +107,7 @@ MUTATIONS = [
 def pytest_run(selection: list, env: dict, workers: str | None, log: Path, timeout: float):
     """(exit status or 'timeout', summary line) of one pytest run; its output goes to `log`."""
     extra = ["-x"] + (["-n", workers] if workers else [])
-    cmd = sanitize.pytest_command(selection, extra)
-    with open(log, "w") as sink:
-        sink.write("$ " + " ".join(cmd) + "\n")
-        sink.flush()
-        try:
-            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT,
-                                timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
+    rc = sanitize.run_logged(sanitize.pytest_command(selection, extra), env, log, timeout)
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
     return rc, (lines[-1] if lines else "")
 

@@ -106,20 +106,26 @@ def pytest_command(selection: list[str], extra: list[str] = ()) -> list[str]:
     return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", *extra, *selection]
 
 
+def run_logged(cmd: list[str], env: dict, log: Path, timeout: float):
+    """Run cmd from the repository root with its output (after the command line) in `log`: its exit
+    status, or 'timeout'. Shared with mutations.py."""
+    with open(log, "w") as sink:
+        sink.write("$ " + " ".join(cmd) + "\n")
+        sink.flush()
+        try:
+            return subprocess.run(cmd, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT,
+                                  timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            return "timeout"
+
+
 def run_tool(sanitizer: str, tool: str, selection: list[str], out: Path, env: dict, timeout: float) -> dict:
     """One tool over the selection: (pytest's exit status, classified report, log paths)."""
     log, pytest_log = out / f"{tool}.log", out / f"{tool}.pytest.log"
     cmd = [sanitizer, "--tool", tool, "--target-processes", "all", "--log-file", str(log), "--print-limit", "10000",
            *pytest_command(selection, ["-p", "no:xdist"])]
     started = time.time()
-    with open(pytest_log, "w") as sink:
-        sink.write("$ " + " ".join(cmd) + "\n")
-        sink.flush()
-        try:
-            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT,
-                                timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            rc = "timeout"
+    rc = run_logged(cmd, env, pytest_log, timeout)
     report = log.read_text(errors="replace") if log.exists() else ""
     return dict(rc=rc, seconds=time.time() - started, log=log, pytest_log=pytest_log, **classify(report))
 

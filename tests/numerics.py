@@ -128,3 +128,34 @@ def mask_mismatch(name: str, got: torch.Tensor, want: torch.Tensor) -> str:
     """A message locating the first entries where two keep masks [B, H, Sq, Sk] differ."""
     diff = (got != want).nonzero()
     return f"{name}: {diff.shape[0]} of {got.numel()} keep bits differ, first [b, h, i, j]: {diff[:5].tolist()}"
+
+
+def after_a_late_write(dst: torch.Tensor, src: torch.Tensor, fn):
+    """fn() called under a side stream on which dst.copy_(src) lands only after ~0.1 s of GPU sleep:
+    a kernel launched on the current stream reads src's values; one launched on another (non-legacy)
+    stream runs at once and reads dst's old values."""
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)
+        dst.copy_(src)
+        result = fn()
+    torch.cuda.synchronize()
+    return result
+
+
+def captured_and_replayed(fn, outputs) -> None:
+    """Capture fn() in a CUDA graph with `outputs` NaN-poisoned, check that the capture ran nothing,
+    then replay it. A launch on the legacy default stream, which the late-write check above cannot
+    see (that stream waits for every blocking stream), is an error under capture or runs outside
+    the graph."""
+    for t in outputs:
+        t.fill_(float("nan"))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize()
+    assert all(t.isnan().all() for t in outputs), "the capture ran the kernels instead of recording them"
+    graph.replay()
+    torch.cuda.synchronize()
