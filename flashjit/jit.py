@@ -59,6 +59,7 @@ def key_inputs(config: KernelConfig, arch: str, toolkit: toolchain.Toolkit, flag
 
     return {
         "config": config.name, "arch": arch, "nvcc": toolkit.version, "cuda_home": str(toolkit.home),
+        "toolkit": toolkit.identity,  # the pip wheels' versions and how cudart is linked
         "flashjit": __version__, "codegen_abi": codegen.ABI_VERSION, "sources": codegen.sources_hash(),
         "flags": flags, "torch": torch.__version__, "torch_cuda": torch.version.cuda,
     }
@@ -158,10 +159,12 @@ def _build(entry: cache.Entry, config: KernelConfig, arch: str, toolkit: toolcha
                     # -Xptxas=-v only reports registers/spills; it does not change the binary.
                     extra_cuda_cflags=flags + (["-Xptxas=-v"] if verbose else []),
                     extra_include_paths=[str(codegen.kernels_dir())],
-                    # Static cudart, and no torch libraries: the TU uses none, and this keeps the
-                    # library loadable whatever libcudart the environment would otherwise find.
-                    extra_ldflags=[f"-L{toolkit.home / 'lib64'}", "-l:libcudart_static.a", "-ldl", "-lrt",
-                                   "-lpthread", "-Wl,--as-needed"],
+                    # Static cudart (where the toolkit has it: system toolkits and the CUDA 13 wheels),
+                    # and no torch libraries: the TU uses none, and this keeps the library loadable
+                    # whatever libcudart the environment would otherwise find. --as-needed drops the
+                    # torch libraries and the -lcudart that cpp_extension appends after these flags.
+                    extra_ldflags=[*toolchain.cudart_link_flags(toolkit), "-ldl", "-lrt", "-lpthread",
+                                   *toolchain.link_shim(toolkit, staging.path / "link"), "-Wl,--as-needed"],
                     build_directory=str(_fresh_dir(staging.path / "build")),
                     verbose=verbose,
                     is_python_module=False,
@@ -172,6 +175,7 @@ def _build(entry: cache.Entry, config: KernelConfig, arch: str, toolkit: toolcha
         # rewrite of the cache file (damage, a manual edit) must never alter pages this process has mapped.
         shutil.copyfile(built, staging.path / cache.LIBRARY)
         shutil.rmtree(staging.path / "build", ignore_errors=True)
+        shutil.rmtree(staging.path / "link", ignore_errors=True)
         seconds = time.perf_counter() - started
         library = staging.publish(dict(inputs, build_seconds=round(seconds, 3)))
     except BaseException:

@@ -1,12 +1,20 @@
-"""Finding the CUDA toolkit, its nvcc version, and the arch to compile for.
+"""Finding the CUDA toolkit, its nvcc version, how to link its runtime, and the arch to compile for.
 
 torch.utils.cpp_extension guesses CUDA_HOME as dirname(dirname(which nvcc)); when nvcc on PATH is a
 wrapper script (``/usr/local/bin/nvcc`` -> ``exec /usr/local/cuda-13.0/bin/nvcc``) that guess is
 ``/usr/local`` and linking fails. We ask nvcc itself where it lives (``nvcc -dryrun`` prints TOP=...).
+
+Without a system toolkit, ``pip install "flashjit[cuda]"`` brings NVIDIA's CUDA 13 wheels, which all
+unpack into one root, ``site-packages/nvidia/cu13``: ``bin/nvcc`` (nvidia-cuda-nvcc), ``nvvm/bin/cicc``
+(nvidia-nvvm), ``include/crt`` (nvidia-cuda-crt), ``include/cuda_runtime.h`` and ``lib/libcudart.so.13``
+plus ``lib/libcudart_static.a`` (nvidia-cuda-runtime, which torch itself depends on) and
+``include/cccl`` (nvidia-cuda-cccl). The runtime lives in ``lib/``, not ``lib64/``, and there is no
+unversioned ``libcudart.so``: see cudart_link_flags and link_shim.
 """
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import importlib.util
 import os
 import re
@@ -19,6 +27,15 @@ from . import envvars
 
 DEFAULT_HOME = Path("/usr/local/cuda")
 MIN_ARCH = 80  # mma.sync m16n8k16 with bf16, ldmatrix and cp.async all need sm_80
+# What the "no toolkit" error tells a user to run: the CUDA compiler, runtime and headers as wheels.
+PIP_ADVICE = 'pip install "flashjit[cuda]"'
+# The CUDA wheels that make up a pip toolkit, per root under site-packages/nvidia (their versions
+# enter the cache key: a wheel upgrade in place keeps the same root path).
+WHEEL_COMPONENTS = {
+    "cu13": ("nvidia-cuda-nvcc", "nvidia-cuda-crt", "nvidia-nvvm", "nvidia-cuda-runtime", "nvidia-cuda-cccl"),
+    "cu12": ("nvidia-cuda-nvcc-cu12", "nvidia-cuda-runtime-cu12", "nvidia-cuda-cccl-cu12"),
+    "cuda_nvcc": ("nvidia-cuda-nvcc-cu12", "nvidia-cuda-runtime-cu12"),
+}
 
 
 class ToolchainError(RuntimeError):
@@ -31,11 +48,63 @@ class Toolkit:
     nvcc: Path
     version: str        # e.g. "13.0.88" (from "Cuda compilation tools, release 13.0, V13.0.88")
     found_by: str       # how it was found, for `flashjit info` and error messages
+    components: tuple[tuple[str, str], ...] = ()  # pip wheels it is made of: (distribution, version)
 
     @property
     def version_tuple(self) -> tuple[int, int]:
         major, minor = self.version.split(".")[:2]
         return int(major), int(minor)
+
+    @property
+    def lib_dir(self) -> Path:
+        """Where the CUDA runtime library is: lib64/ in a system toolkit, lib/ in the pip wheels."""
+        for sub in ("lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib"):
+            lib = self.home / sub
+            if (lib / "libcudart_static.a").is_file() or _shared_cudart(lib):
+                return lib
+        return self.home / "lib64"
+
+    @property
+    def identity(self) -> dict:
+        """What, beyond nvcc's version and the root path, decides the binary: the wheels' versions and
+        how cudart is linked. Part of the cache key."""
+        return {"components": dict(self.components), "cudart": cudart_link_flags(self)}
+
+
+def _shared_cudart(lib: Path) -> Path | None:
+    """The versioned shared runtime (libcudart.so.13) in `lib`, if any."""
+    found = sorted(lib.glob("libcudart.so.*"), key=lambda p: len(p.name)) if lib.is_dir() else []
+    return found[0] if found else None
+
+
+def cudart_link_flags(toolkit: Toolkit) -> list[str]:
+    """Link cudart statically when the toolkit has libcudart_static.a (every system toolkit, and
+    nvidia-cuda-runtime 13.x), so a library needs no libcudart at load time. Otherwise link the
+    versioned shared library by its full path with an rpath to its directory (a process that
+    imported a CUDA build of torch has that library loaded already)."""
+    lib = toolkit.lib_dir
+    if (lib / "libcudart_static.a").is_file():
+        return [f"-L{lib}", "-l:libcudart_static.a"]
+    shared = _shared_cudart(lib)
+    if shared is None:
+        raise ToolchainError(f"the CUDA toolkit at {toolkit.home} has no CUDA runtime library "
+                             f"(libcudart_static.a or libcudart.so.*) in {lib}. Fix: {PIP_ADVICE}")
+    return [f"-L{lib}", str(shared), f"-Wl,-rpath,{lib}"]
+
+
+def link_shim(toolkit: Toolkit, scratch: Path) -> list[str]:
+    """torch's cpp_extension always appends ``-L<CUDA_HOME>/lib64`` (or ``lib``) and ``-lcudart``. The
+    wheels have no unversioned libcudart.so, so that ``-lcudart`` fails the link. Give the linker a
+    ``libcudart.so`` that is an empty linker script (cudart is already linked by cudart_link_flags)
+    in `scratch`, only when the toolkit lacks a real one: a system toolkit links exactly as before."""
+    home_lib = toolkit.home / "lib64"
+    if not home_lib.exists() and (toolkit.home / "lib").exists():
+        home_lib = toolkit.home / "lib"  # cpp_extension's own choice
+    if (home_lib / "libcudart.so").exists():
+        return []
+    scratch.mkdir(parents=True, exist_ok=True)
+    (scratch / "libcudart.so").write_text("/* flashjit: cudart is linked explicitly, see flashjit/toolchain.py */\n")
+    return [f"-L{scratch}"]
 
 
 def _is_toolkit(home: Path) -> bool:
@@ -60,15 +129,31 @@ def _real_home_of(nvcc: str) -> Path | None:
 
 
 def _wheel_homes() -> list[Path]:
-    """Toolkit roots that the nvidia-cuda-nvcc wheels install into site-packages."""
+    """Toolkit roots that the nvidia-cuda-nvcc wheels install into site-packages (CUDA 13 first)."""
     spec = importlib.util.find_spec("nvidia")
     if spec is None or not spec.submodule_search_locations:
         return []
     roots = []
     for base in spec.submodule_search_locations:
-        for sub in ("cuda_nvcc", "cu13", "cu12"):
+        for sub in WHEEL_COMPONENTS:
             roots.append(Path(base) / sub)
     return roots
+
+
+def _wheel_components(home: Path) -> tuple[tuple[str, str], ...]:
+    found = []
+    for dist in WHEEL_COMPONENTS.get(home.name, ()):
+        try:
+            found.append((dist, importlib.metadata.version(dist)))
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return tuple(found)
+
+
+def _wheel_problem(home: Path) -> str:
+    missing = [name for name, part in (("nvcc", "bin/nvcc"), ("the runtime headers", "include/cuda_runtime.h"))
+               if not (home / part).is_file()]
+    return f"{home}: no {' and no '.join(missing)}"
 
 
 def _nvcc_version(nvcc: Path) -> str:
@@ -111,15 +196,22 @@ def _find(cuda_home: str, cuda_path: str, path: str) -> Toolkit:
     if _is_toolkit(DEFAULT_HOME):
         return found(DEFAULT_HOME.resolve(), str(DEFAULT_HOME))
     tried.append(f"{DEFAULT_HOME}: not a CUDA toolkit")
-    for home in _wheel_homes():
+    wheel_roots = [home for home in _wheel_homes() if home.exists()]
+    for home in wheel_roots:
         if _is_toolkit(home):
-            return found(home, f"the nvidia-cuda-nvcc wheel ({home})")
-    tried.append("the nvidia-cuda-nvcc wheel in site-packages: not installed")
+            nvcc = home / "bin" / "nvcc"
+            return Toolkit(home=home, nvcc=nvcc, version=_nvcc_version(nvcc),
+                           found_by=f"the nvidia-cuda-nvcc wheel ({home})", components=_wheel_components(home))
+    if wheel_roots:
+        tried.extend(f"the nvidia-cuda-nvcc wheel: {_wheel_problem(home)}" for home in wheel_roots)
+    else:
+        tried.append("the nvidia-cuda-nvcc wheel in site-packages: not installed")
     raise ToolchainError(
         "flashjit compiles its kernels on first use and needs the CUDA compiler (nvcc), "
         "but no CUDA toolkit was found. Tried:\n  - " + "\n  - ".join(tried) + "\n"
-        "Fix: install the CUDA toolkit matching torch.version.cuda and set CUDA_HOME to its root "
-        "(the directory holding bin/nvcc), or `pip install nvidia-cuda-nvcc`.")
+        f"Fix: {PIP_ADVICE}\n"
+        "(the CUDA compiler, runtime and headers as pip wheels), or set CUDA_HOME to a CUDA toolkit's "
+        "root (the directory holding bin/nvcc).")
 
 
 def find_toolkit() -> Toolkit:
