@@ -27,6 +27,10 @@ from . import envvars
 
 DEFAULT_HOME = Path("/usr/local/cuda")
 MIN_ARCH = 80  # mma.sync m16n8k16 with bf16, ldmatrix and cp.async all need sm_80
+# Archs that get nvcc's arch-specific ("a") target: Hopper (wgmma, setmaxnreg) and datacenter
+# Blackwell (tcgen05). The sm_80 kernel family builds for them too; consumer Blackwell (sm_120) keeps
+# mma.sync and needs no "a".
+ARCH_SPECIFIC = frozenset({90, 100})
 # What the "no toolkit" error tells a user to run: the CUDA compiler, runtime and headers as wheels.
 PIP_ADVICE = 'pip install "flashjit[cuda]"'
 # The CUDA wheels that make up a pip toolkit, per root under site-packages/nvidia (their versions
@@ -234,7 +238,8 @@ _ARCH_RE = re.compile(r"^(?:sm_?|compute_)?(\d+)(?:\.(\d+))?([af]?)$")
 
 
 def normalize_arch(arch: str) -> str:
-    """'sm_90a', '90a', '9.0', 'sm90' -> canonical 'sm_90a' (Hopper gets the 'a' target: wgmma, setmaxnreg)."""
+    """'sm_90a', '90a', '9.0', 'sm90' -> canonical 'sm_90a'. Hopper and datacenter Blackwell get the
+    arch-specific 'a' target (sm_90a: wgmma, setmaxnreg; sm_100a: tcgen05); sm_120 stays plain."""
     match = _ARCH_RE.match(arch.strip().lower())
     if not match:
         raise ValueError(f"arch {arch!r} is not an arch name; expected e.g. 'sm_80', 'sm_90a' or '8.6'")
@@ -244,7 +249,7 @@ def normalize_arch(arch: str) -> str:
         raise ValueError(
             f"arch sm_{number} is older than sm_{MIN_ARCH}: flashjit's kernels need Ampere or newer "
             "(mma.sync with bf16, ldmatrix, cp.async)")
-    if number == 90:
+    if number in ARCH_SPECIFIC:
         suffix = "a"
     return f"sm_{number}{suffix}"
 
