@@ -114,7 +114,7 @@ class Entry:
         except (OSError, KeyError, TypeError):
             ok = False
         if not ok:
-            log.warning("flashjit: cache entry %s is incomplete or corrupted; it will be rebuilt", self.path)
+            log.warning("cache entry %s is incomplete or corrupted; it will be rebuilt", self.path)
             return None
         return self.library
 
@@ -129,7 +129,7 @@ class Entry:
         try:
             lock.acquire(timeout=0)
         except Timeout:  # another process is building this entry: wait for it, then re-check
-            log.info("flashjit: waiting for another process to finish compiling %s", self.path.name)
+            log.info("waiting for another process to finish compiling %s", self.path.name)
             lock.acquire()
         try:
             yield

@@ -88,7 +88,7 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
     b, r, h, _ = t.stride()
     if not ((t.data_ptr() & 15) | (b & 7) | (r & 7) | (h & 7)):
         return t
-    log.debug("flashjit: copying a %s view with strides %s to meet 16-byte alignment", tuple(t.shape), t.stride())
+    log.debug("copying a %s view with strides %s to meet 16-byte alignment", tuple(t.shape), t.stride())
     return torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t)
 
 
@@ -188,7 +188,7 @@ def resolve_config(q: torch.Tensor, k: torch.Tensor, config: KernelConfig | None
         device_index = q.get_device() if device_index is None else device_index
         config = default_config(dtype, d_head, bool(causal), q.shape[1], _smem_limit(device_index)[0], *mods.flags)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("flashjit: dispatching [B=%d, Sq=%d, Sk=%d, H=%d, H_k=%d, D=%d] to %s (default for "
+            log.debug("dispatching [B=%d, Sq=%d, Sk=%d, H=%d, H_k=%d, D=%d] to %s (default for "
                   "dtype/head dim/causal/seqlen and shared memory)", q.shape[0], q.shape[1], k.shape[1], q.shape[2],
                       k.shape[2], d_head, config.name)
         return config
@@ -353,7 +353,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     if config is None:
         config = wanted
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("flashjit: backward [B=%d, Sq=%d, Sk=%d, H=%d, H_k=%d, D=%d] dispatched to %s (default for "
+            log.debug("backward [B=%d, Sq=%d, Sk=%d, H=%d, H_k=%d, D=%d] dispatched to %s (default for "
                       "dtype/head dim/features/deterministic on %s and its shared memory)", q.shape[0], q.shape[1],
                       k.shape[1], q.shape[2], k.shape[2], q.shape[3], config.name, arch)
     else:

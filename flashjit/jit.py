@@ -39,11 +39,13 @@ class CompileError(RuntimeError):
         return (type(self), (str(self), self.log_tail, self.source_path))
 
 
-def notify(message: str) -> None:
-    """What a user must see without configuring anything (a compile is not a hang). If the
-    application configured logging, it decides; otherwise the line goes to stderr."""
+def notify(message: str, level: int = logging.INFO) -> None:
+    """What a user must see without configuring anything (a compile is not a hang; also fit for a
+    cache wait or a damaged entry). If the application configured logging, the flashjit logger
+    gets it at `level` and the application decides; otherwise the line goes to stderr with the one
+    "[flashjit] " prefix (messages carry no prefix of their own)."""
     if log.hasHandlers():
-        log.info(message)
+        log.log(level, message)
     else:
         print(f"[flashjit] {message}", file=sys.stderr, flush=True)
 
