@@ -1,15 +1,29 @@
-"""Command line: python -m flashjit {info, precompile, cache list|clear, check}."""
+"""Command line: python -m flashjit {info, precompile, cache list|clear, check}.
+
+`python -m flashjit precompile --arch sm_90a --list` shows what would be built; --dry-run also says
+which of those are cached already. Nothing here imports torch unless it must: a precompile whose
+kernels are all cached, --list and --dry-run with --arch, and `cache` run without it.
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fnmatch
+import functools
+import importlib.util
+import logging
 import os
 import platform
 import sys
 import time
+import types
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
 
 from . import __version__, cache, envvars, toolchain
-from .config import config_from_name, get_kernels_to_build, smem_limit_for_arch
+from .config import WGMMA_ARCH, config_from_name, get_kernels_to_build, smem_limit_for_arch
+
+log = logging.getLogger("flashjit")
 
 
 def _human(size: int) -> str:
@@ -18,6 +32,16 @@ def _human(size: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return ""
+
+
+def _log_to_stderr(level: int = logging.INFO) -> None:
+    """The CLI is an application: show the flashjit logger's records (compiles, cache waits, damaged
+    entries) on stderr, each with one "[flashjit] " prefix, as jit.notify does without a handler."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[flashjit] %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
 
 
 def cmd_info(_args) -> int:
@@ -57,7 +81,70 @@ def cmd_info(_args) -> int:
     return 0
 
 
+# --- precompile --------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def torch_versions() -> tuple[str, str | None]:
+    """(torch.__version__, torch.version.cuda) without importing torch (2-3 s): read from the
+    installed torch/version.py, where `import torch` itself takes them from."""
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("torch is not installed; flashjit needs a CUDA build of PyTorch")
+    path = Path(next(iter(spec.submodule_search_locations))) / "version.py"
+    namespace: dict = {}
+    exec(compile(path.read_text(), str(path), "exec"), namespace)
+    return namespace["__version__"], namespace["cuda"]
+
+
+@contextlib.contextmanager
+def _torch_versions_only():
+    """While jit.key_inputs runs in this (single-threaded) process: if torch is not imported yet,
+    its `import torch` gets a stand-in that holds only torch's version strings. The key is then
+    computed by jit's own function, so it cannot drift from what ensure_built uses; anything else
+    asked of the stand-in raises, and the caller falls back to the real torch."""
+    if "torch" in sys.modules:
+        yield
+        return
+    version, cuda = torch_versions()
+    stand_in = types.ModuleType("torch")
+    stand_in.__version__, stand_in.version = version, types.SimpleNamespace(cuda=cuda)
+    sys.modules["torch"] = stand_in
+    try:
+        yield
+    finally:
+        if sys.modules.get("torch") is stand_in:
+            del sys.modules["torch"]
+
+
+def key_inputs(config, arch: str) -> dict:
+    """jit.key_inputs for (config, arch) with the toolkit and flags jit.ensure_built uses, computed
+    without importing torch where that works (tests/test_cli.py checks it matches the real one)."""
+    from . import jit
+
+    toolkit = toolchain.find_toolkit()
+    flags = jit.build_flags(arch, toolkit)
+    try:
+        with _torch_versions_only():
+            return jit.key_inputs(config, arch, toolkit, flags)
+    except (AttributeError, ImportError):  # key_inputs wants more of torch than its versions
+        return jit.key_inputs(config, arch, toolkit, flags)
+
+
+def cached_library(config, arch: str) -> Path | None:
+    """The verified cached library for (config, arch), or None: what jit.ensure_built would load,
+    found without compiling (and, where key_inputs allows, without importing torch)."""
+    entry = cache.Entry.for_key(arch, config.name, cache.key_hash(key_inputs(config, arch)))
+    return entry.verified_library()
+
+
+def _quiet_worker() -> None:
+    """Precompile workers: the parent prints one progress line per kernel, so drop jit's own
+    "compiling .../compiled ..." lines; warnings (a damaged entry) still show."""
+    _log_to_stderr(logging.WARNING)
+
+
 def _build_one(name: str, arch: str) -> tuple[str, float]:
+    """In a worker, for a kernel the parent found missing: (name, seconds to build it)."""
     from . import jit
 
     started = time.perf_counter()
@@ -65,36 +152,98 @@ def _build_one(name: str, arch: str) -> tuple[str, float]:
     return name, time.perf_counter() - started
 
 
-def cmd_precompile(args) -> int:
+def matches(name: str, patterns: list[str]) -> bool:
+    """Whether a kernel name matches any --filter: a glob when it has *, ? or [, else a substring."""
+    return any(fnmatch.fnmatchcase(name, p) if any(c in p for c in "*?[") else p in name for p in patterns)
+
+
+def _precompile_arch(args) -> str:
     if args.arch:
-        arch = toolchain.normalize_arch(args.arch)
-    else:
-        from . import jit
+        return toolchain.normalize_arch(args.arch)
+    if envvars.CUDA_ARCH.get():
+        return toolchain.normalize_arch(envvars.CUDA_ARCH.get())
+    import torch
 
-        import torch
+    if not torch.cuda.is_available():
+        raise _Usage("no GPU is visible: pass --arch (e.g. --arch sm_90a) to precompile for another machine")
+    from . import jit
 
-        if not torch.cuda.is_available():
-            print("no GPU is visible: pass --arch (e.g. --arch sm_90a) to precompile for another machine",
-                  file=sys.stderr)
-            return 2
-        arch = jit.arch_for(torch.cuda.current_device())
-    names = args.configs or [c.name for c in get_kernels_to_build(smem_limit_for_arch(arch), arch)]
-    for name in names:
-        config_from_name(name).validate()  # fail fast on a typo, before any compile
-    jobs = args.jobs or int(envvars.JOBS.get() or 0) or os.cpu_count() or 1
-    print(f"precompiling {len(names)} kernels for {arch} with {jobs} jobs into {cache.root()}")
-    failed = 0
-    with ProcessPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(_build_one, name, arch): name for name in names}
-        for future in as_completed(futures):
-            try:
-                name, seconds = future.result()
-                print(f"  ok    {seconds:6.1f} s  {name}")
-            except Exception as exc:  # report every failure, keep building the rest
-                failed += 1
-                print(f"  FAIL  {futures[future]}: {exc}", file=sys.stderr)
+    return jit.arch_for(torch.cuda.current_device())
+
+
+class _Usage(Exception):
+    """A command line that cannot be served: its message is printed, exit status 2."""
+
+
+def cmd_precompile(args) -> int:
+    arch = _precompile_arch(args)
+    names = args.names or [c.name for c in get_kernels_to_build(smem_limit_for_arch(arch), arch)]
+    configs = [config_from_name(name) for name in names]  # a typo fails here, before any compile
+    for config in configs:
+        config.validate()
+        if getattr(config, "wgmma", False) and arch != WGMMA_ARCH:
+            raise ValueError(f"{config.name} uses Hopper's wgmma and builds only for {WGMMA_ARCH}, not {arch}")
+    if args.filter:
+        configs = [c for c in configs if matches(c.name, args.filter)]
+        if not configs:
+            raise _Usage(f"no kernel name matches --filter {' --filter '.join(args.filter)} "
+                         f"(of {len(names)} names; `precompile --arch {arch} --list` shows them)")
+    total = len(configs)
+    if args.list:
+        for config in configs:
+            print(f"{arch}  {config.name}")
+        n_bwd = sum(c.name.startswith("bwd_") for c in configs)
+        print(f"{total} kernels for {arch} ({total - n_bwd} forward, {n_bwd} backward); nothing compiled",
+              file=sys.stderr)
+        return 0
+
+    started = time.perf_counter()
+    todo = []
+    for config in configs:
+        if cached_library(config, arch) is None:
+            todo.append(config)
+        elif args.dry_run:
+            print(f"cached   {arch}  {config.name}")
+    if args.dry_run:
+        for config in todo:
+            print(f"compile  {arch}  {config.name}")
+        print(f"{len(todo)} of {total} kernels for {arch} would be compiled, {total - len(todo)} are cached in "
+              f"{cache.root()}; nothing was built (--dry-run)", file=sys.stderr)
+        return 0
+
+    jobs = max(1, min(args.jobs or int(envvars.JOBS.get() or 0) or os.cpu_count() or 1, len(todo) or 1))
+    print(f"precompiling {total} kernels for {arch} into {cache.root()}: {total - len(todo)} cached, "
+          f"{len(todo)} to compile" + (f" with {jobs} jobs" if todo else ""), flush=True)
+    done = failed = 0
+    width = len(str(total))
+
+    def progress(name: str, seconds: float, state: str) -> None:
+        nonlocal done
+        done += 1
+        print(f"[{done:>{width}}/{total}] {state:8} {seconds:6.1f} s  {name}", flush=True)
+
+    cached = {c.name for c in configs} - {c.name for c in todo}
+    for config in configs:
+        if config.name in cached:
+            progress(config.name, 0.0, "cached")
+    if todo:
+        # Only kernels missing from the cache reach a worker, and a worker imports torch only to compile.
+        with ProcessPoolExecutor(max_workers=jobs, initializer=_quiet_worker) as pool:
+            futures = {pool.submit(_build_one, c.name, arch): c.name for c in todo}
+            for future in as_completed(futures):
+                try:
+                    progress(*future.result(), "compiled")
+                except Exception as exc:  # report every failure, keep building the rest
+                    failed += 1
+                    progress(futures[future], 0.0, "FAILED")
+                    print(f"[flashjit] {futures[future]}: {exc}", file=sys.stderr, flush=True)
+    print(f"{total - failed} of {total} kernels for {arch} ready ({len(todo) - failed} compiled, "
+          f"{total - len(todo)} cached{f', {failed} FAILED' if failed else ''}) in "
+          f"{time.perf_counter() - started:.1f} s")
     return 1 if failed else 0
 
+
+# --- cache, check ------------------------------------------------------------------------------
 
 def cmd_cache(args) -> int:
     if args.action == "clear":
@@ -112,18 +261,18 @@ def cmd_cache(args) -> int:
 def cmd_check(args) -> int:
     import torch
 
-    from .interface import forward_timed
+    from . import flash_api
     from .reference import attention_reference
 
-    if not torch.cuda.is_available():
-        print("flashjit check: no CUDA GPU is visible, so the JIT kernels cannot run here. "
-              "(FLASHJIT_BACKEND=reference runs the PyTorch reference on any device.)", file=sys.stderr)
-        return 1
     torch.manual_seed(0)
     shape = (args.batch, args.seqlen, args.heads, args.head_dim)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+    flops = 4 * args.batch * args.heads * args.seqlen * args.seqlen * args.head_dim / (2 if args.causal else 1)
+    if flash_api.backend() == "reference":
+        return _check_reference(args, shape, dtype)
     q, k, v = (torch.randn(shape, device="cuda", dtype=dtype) for _ in range(3))
     from .config import KernelConfig
+    from .interface import forward_timed, resolve_config
 
     config = KernelConfig.from_name(args.config) if args.config else None
     out, ms = forward_timed(q, k, v, config=config, causal=args.causal)
@@ -132,10 +281,7 @@ def cmd_check(args) -> int:
     err = (out.float() - ref).abs().max().item()
     low, _ = attention_reference(q, k, v, causal=args.causal, compute_dtype=None)
     low_err = (low.float() - ref).abs().max().item()
-    from .interface import resolve_config
-
     used = resolve_config(q, k, config, args.causal)
-    flops = 4 * args.batch * args.heads * args.seqlen * args.seqlen * args.head_dim / (2 if args.causal else 1)
     ok = err <= max(2 * low_err, 1e-3) and torch.isfinite(out).all().item()
     print(f"{torch.cuda.get_device_name()}  shape [B,S,H,D]={list(shape)} {args.dtype} causal={args.causal}")
     print(f"config   {used.name}")
@@ -145,32 +291,114 @@ def cmd_check(args) -> int:
     return 0 if ok else 1
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flashjit", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="versions, GPUs, nvcc, cache").set_defaults(func=cmd_info)
-    pre = sub.add_parser("precompile", help="compile kernels into the cache ahead of use")
-    pre.add_argument("configs", nargs="*", help="kernel names (default: the build set)")
-    pre.add_argument("--arch", help="target arch, e.g. sm_90a (default: the local GPU's)")
-    pre.add_argument("--jobs", type=int, default=0, help="parallel compiles (default: CPU count)")
+def _check_reference(args, shape, dtype) -> int:
+    """FLASHJIT_BACKEND=reference, or no CUDA GPU: check what would run, the PyTorch reference path
+    (flash_attn_func forward and backward), and say plainly that no JIT kernel was involved."""
+    import torch
+
+    from .flash_api import flash_attn_func
+    from .reference import attention_reference
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    why = (f"{envvars.BACKEND.name}=reference" if envvars.BACKEND.get().lower() == "reference"
+           else "no CUDA GPU is visible")
+    if args.config:
+        print(f"--config {args.config} is ignored: the reference backend runs no kernel", file=sys.stderr)
+    print(f"reference backend ({why}): flashjit's JIT kernels were not compiled or run; this checks the "
+          f"PyTorch reference path on {device} instead", file=sys.stderr)
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    started = time.perf_counter()
+    out = flash_attn_func(q, k, v, causal=args.causal)
+    out.backward(torch.randn_like(out))
+    seconds = time.perf_counter() - started
+    with torch.no_grad():
+        ref, _ = attention_reference(q, k, v, causal=args.causal)
+        err = (out.float() - ref).abs().max().item()
+        low, _ = attention_reference(q, k, v, causal=args.causal, compute_dtype=None)
+        low_err = (low.float() - ref).abs().max().item()
+    finite = all(torch.isfinite(t).all().item() for t in (out, q.grad, k.grad, v.grad))
+    ok = finite and err <= max(2 * low_err, 1e-3)
+    print(f"reference ({device})  shape [B,S,H,D]={list(shape)} {args.dtype} causal={args.causal}")
+    print(f"max|err| {err:.3e} vs fp32 reference (PyTorch {args.dtype} math: {low_err:.3e}); "
+          f"gradients {'finite' if finite else 'NOT finite'}")
+    print(f"time     {seconds * 1e3:.1f} ms forward + backward (PyTorch on {device}, not a kernel timing)")
+    print("PASS (reference backend)" if ok else "FAIL (reference backend)")
+    return 0 if ok else 1
+
+
+# --- the parser --------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m flashjit", description=__doc__.split("\n\n")[0],
+        epilog="Environment: " + ", ".join(v.name for v in envvars.ALL) + " (`info` prints what each means).")
+    parser.add_argument("--version", action="version", version=f"flashjit {__version__}",
+                        help="print flashjit's version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="what to do; `python -m flashjit COMMAND --help` says more")
+    sub.add_parser("info", help="versions, GPUs and their arch, nvcc and how it was found, the cache",
+                   description="Versions, GPUs and their arch, nvcc and how it was found, the cache and "
+                   "every FLASHJIT_* variable.").set_defaults(func=cmd_info)
+
+    pre = sub.add_parser(
+        "precompile", help="compile kernels into the cache ahead of use (or --list/--dry-run them)",
+        description="Compile kernels into the cache ahead of their first use: the default build set for "
+        "the arch (the dispatcher's choice for every dtype, head dim, causal flag and backward mode) or the "
+        "NAMEs given. Kernels already cached are skipped without starting a worker.")
+    pre.add_argument("names", nargs="*", metavar="NAME",
+                     help="kernel names, e.g. from --list or `cache list` (default: the build set for the arch)")
+    pre.add_argument("--arch", help="target arch, e.g. sm_80, sm_86, sm_90a or 8.6 (default: FLASHJIT_CUDA_ARCH, "
+                     "else the local GPU's); with it no GPU is needed")
+    pre.add_argument("--filter", action="append", metavar="PATTERN",
+                     help="keep only names containing PATTERN, or matching it as a glob when it has * ? [ "
+                     "(e.g. 'bwd_*', '_d128_'); repeat to keep names matching any")
+    pre.add_argument("--list", action="store_true",
+                     help="print the names that would be built, with the arch, and exit: nothing is compiled "
+                     "(needs no nvcc)")
+    pre.add_argument("--dry-run", action="store_true",
+                     help="say which kernels would be compiled and which are cached already; build nothing")
+    pre.add_argument("--jobs", type=int, default=0, metavar="N",
+                     help=f"parallel compiles (default: {envvars.JOBS.name}, else the CPU count)")
     pre.set_defaults(func=cmd_precompile)
-    cache_cmd = sub.add_parser("cache", help="list or clear the kernel cache")
-    cache_cmd.add_argument("action", choices=("list", "clear"))
+
+    cache_cmd = sub.add_parser("cache", help="list or clear the kernel cache",
+                               description="List the cached kernels (arch, size, build time, name) or "
+                               "remove them all.")
+    cache_cmd.add_argument("action", choices=("list", "clear"),
+                           help="list: every cached kernel and the total size; clear: remove every kernel")
     cache_cmd.set_defaults(func=cmd_cache)
-    check = sub.add_parser("check", help="run one attention call on the GPU and compare with the reference")
-    check.add_argument("--batch", type=int, default=2)
-    check.add_argument("--seqlen", type=int, default=1024)
-    check.add_argument("--heads", type=int, default=16)
-    check.add_argument("--head-dim", type=int, default=128)
-    check.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
-    check.add_argument("--causal", action="store_true")
-    check.add_argument("--config", help="a kernel name (default: the dispatcher's choice)")
+
+    check = sub.add_parser(
+        "check", help="run one attention call and compare it with the fp32 reference",
+        description="Run one forward call on the local GPU and compare it with the fp32 PyTorch reference: "
+        "error, kernel config, time. With FLASHJIT_BACKEND=reference, or without a CUDA GPU, it checks the "
+        "PyTorch reference path (forward and backward) instead and says so.")
+    check.add_argument("--batch", type=int, default=2, help="batch size (default: 2)")
+    check.add_argument("--seqlen", type=int, default=1024, help="query and key length (default: 1024)")
+    check.add_argument("--heads", type=int, default=16, help="number of heads (default: 16)")
+    check.add_argument("--head-dim", type=int, default=128, help="head dim, 1 to 256 (default: 128)")
+    check.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="input dtype (default: bf16)")
+    check.add_argument("--causal", action="store_true", help="causal masking (bottom-right aligned)")
+    check.add_argument("--config", metavar="NAME", help="a forward kernel name (default: the dispatcher's choice)")
     check.set_defaults(func=cmd_check)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _error(message: str) -> None:
+    """One "flashjit: " in front of a message, also when the message already names flashjit."""
+    print(message if message.startswith("flashjit") else f"flashjit: {message}", file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    _log_to_stderr()
     try:
         return args.func(args)
+    except _Usage as exc:
+        _error(str(exc))
+        return 2
     except (toolchain.ToolchainError, cache.CacheError, ValueError) as exc:
-        print(f"flashjit: {exc}", file=sys.stderr)
+        _error(str(exc))
         return 2
 
 

@@ -1,0 +1,153 @@
+"""The command line and the scripts' behaviour without a GPU. CPU tier except one `compile` test
+(one cheap real compile), each command run as a user runs it: a fresh `python -m flashjit`."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flashjit import KernelConfig, __version__, __main__ as cli, jit, toolchain
+from flashjit.config import get_kernels_to_build, smem_limit_for_arch
+
+REPO = Path(__file__).resolve().parents[1]
+CHEAP = KernelConfig(dtype="fp16", d_head=32, B_r=64, B_c=64, n_warps=4)  # ~1.5 s to compile
+SM90_SET = [c.name for c in get_kernels_to_build(smem_limit_for_arch("sm_90a"), "sm_90a")]
+
+
+def run(*args, env=None, python_flags=()):
+    return subprocess.run([sys.executable, *python_flags, "-m", "flashjit", *args], cwd=REPO, capture_output=True,
+                          text=True, env=dict(os.environ, **(env or {})), timeout=300)
+
+
+def test_version():
+    for result in (run("--version"), subprocess.run(["flashjit", "--version"], capture_output=True, text=True)
+                   if any((Path(p) / "flashjit").exists() for p in os.environ["PATH"].split(os.pathsep)) else None):
+        if result is not None:
+            assert result.returncode == 0 and result.stdout.strip() == f"flashjit {__version__}"
+
+
+def test_every_subcommand_and_option_has_help():
+    parser = cli.build_parser()
+    subparsers = next(a for a in parser._actions if a.choices and isinstance(a.choices, dict))
+    assert set(subparsers.choices) == {"info", "precompile", "cache", "check"}
+    assert all(choice.help for choice in subparsers._choices_actions)
+    for name, sub in [("", parser), *subparsers.choices.items()]:
+        for action in sub._actions:
+            assert action.help, f"`{name}` option {action.option_strings or action.dest} has no help text"
+
+
+def test_list_is_the_build_set_with_the_arch(private_cache):
+    result = run("precompile", "--arch", "sm_90a", "--list", env={"PATH": ""})  # no nvcc needed, nothing built
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines == [f"sm_90a  {name}" for name in SM90_SET]
+    assert f"{len(SM90_SET)} kernels for sm_90a" in result.stderr and "nothing compiled" in result.stderr
+    assert not list(private_cache.rglob("kernel.so"))
+
+
+@pytest.mark.parametrize("filters, expect", [
+    (["bwd_*"], lambda n: n.startswith("bwd_")),                       # glob
+    (["_d128_"], lambda n: "_d128_" in n),                               # substring
+    (["*_wgmma", "fwd_bf16_d64_"], lambda n: n.endswith("_wgmma") or "fwd_bf16_d64_" in n),  # any of several
+])
+def test_filters(filters, expect):
+    args = [arg for f in filters for arg in ("--filter", f)]
+    result = run("precompile", "--arch", "sm_90a", "--list", *args)
+    assert result.returncode == 0, result.stderr
+    listed = [line.split()[1] for line in result.stdout.splitlines()]
+    assert listed == [n for n in SM90_SET if expect(n)] and listed
+
+
+def test_filter_applies_to_given_names_and_says_when_nothing_matches():
+    names = [n for n in SM90_SET if n.startswith("fwd_")][:3]
+    result = run("precompile", "--arch", "sm_90a", "--list", "--filter", "causal1", *names)
+    assert [line.split()[1] for line in result.stdout.splitlines()] == [n for n in names if "causal1" in n]
+    none = run("precompile", "--arch", "sm_90a", "--list", "--filter", "no_such_kernel")
+    assert none.returncode == 2 and "no kernel name matches --filter no_such_kernel" in none.stderr
+    assert "Traceback" not in none.stderr
+
+
+def test_bad_names_fail_before_anything_is_built():
+    bad = run("precompile", "--arch", "sm_90a", "--list", "bwd_bf16_d128_w4_causal1_local")
+    assert bad.returncode == 2 and "is not a flashjit backward kernel name" in bad.stderr
+    assert not bad.stderr.startswith("flashjit: flashjit")
+    wgmma = next(n for n in SM90_SET if n.endswith("_wgmma"))
+    wrong_arch = run("precompile", "--arch", "sm_80", "--list", wgmma)
+    assert wrong_arch.returncode == 2 and "only for sm_90a" in wrong_arch.stderr
+
+
+def test_key_inputs_without_torch_are_jits_own():
+    """The CLI's cache check computes jit.key_inputs with a stand-in for torch's versions; the key
+    must be exactly the one jit.ensure_built uses (else --dry-run and precompile would lie)."""
+    pytest.importorskip("torch")
+    try:
+        toolkit = toolchain.find_toolkit()
+    except toolchain.ToolchainError as exc:
+        pytest.skip(str(exc).splitlines()[0])
+    code = ("import json, sys; from flashjit import KernelConfig, __main__ as cli; "
+            "c = KernelConfig(dtype='fp16', d_head=32, B_r=64, B_c=64, n_warps=4); "
+            "print(json.dumps(cli.key_inputs(c, 'sm_90a'))); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    inputs, imported_torch = out.stdout.splitlines()
+    assert imported_torch == "False"
+    assert json.loads(inputs) == json.loads(json.dumps(jit.key_inputs(CHEAP, "sm_90a", toolkit,
+                                                                      jit.build_flags("sm_90a", toolkit))))
+
+
+@pytest.mark.compile
+def test_precompile_progress_dry_run_and_no_torch_when_cached(private_cache):
+    other = next(n for n in SM90_SET if n.startswith("bwd_"))
+    cold = run("precompile", "--arch", "sm_90a", "--jobs", "2", CHEAP.name)
+    assert cold.returncode == 0, cold.stderr
+    assert "0 cached, 1 to compile" in cold.stdout
+    assert any(line.startswith("[1/1] compiled") and line.endswith(CHEAP.name) for line in cold.stdout.splitlines())
+    assert "[flashjit] compiling" not in cold.stderr  # the progress line says it once
+
+    dry = run("precompile", "--arch", "sm_90a", "--dry-run", CHEAP.name, other)
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.splitlines() == [f"cached   sm_90a  {CHEAP.name}", f"compile  sm_90a  {other}"]
+    assert "1 of 2 kernels for sm_90a would be compiled, 1 are cached" in dry.stderr
+    assert len(list(private_cache.rglob("kernel.so"))) == 1  # nothing built
+
+    warm = run("precompile", "--arch", "sm_90a", CHEAP.name, python_flags=("-X", "importtime"))
+    assert warm.returncode == 0, warm.stderr
+    assert f"[1/1] cached      0.0 s  {CHEAP.name}" in warm.stdout
+    imported = {line.split("|")[-1].strip() for line in warm.stderr.splitlines() if line.startswith("import time:")}
+    assert "torch" not in imported, "a precompile of cached kernels imported torch"
+
+    listing = run("cache", "list")
+    assert CHEAP.name in listing.stdout and "1 kernels" in listing.stdout
+
+
+def test_check_runs_the_reference_backend_and_says_so():
+    pytest.importorskip("torch")
+    small = ["check", "--batch", "1", "--seqlen", "64", "--heads", "2", "--head-dim", "64"]
+    result = run(*small, env={"FLASHJIT_BACKEND": "reference"})
+    assert result.returncode == 0, result.stderr
+    assert "reference backend (FLASHJIT_BACKEND=reference)" in result.stderr
+    assert "PASS (reference backend)" in result.stdout and "Traceback" not in result.stderr
+    hidden = run(*small, "--causal", env={"CUDA_VISIBLE_DEVICES": "", "FLASHJIT_BACKEND": ""})
+    assert hidden.returncode == 0, hidden.stderr
+    assert "no CUDA GPU is visible" in hidden.stderr and "PASS (reference backend)" in hidden.stdout
+
+
+@pytest.mark.parametrize("script", ["bench_forward.py", "bench_backward.py", "bench_jit.py"])
+def test_benchmarks_without_a_gpu_say_so_in_one_line(script):
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--out", "unused"], cwd=REPO,
+                            capture_output=True, text=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""),
+                            timeout=120)
+    assert result.returncode == 1
+    assert result.stdout == "" and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"{script}: no CUDA GPU is visible")
+
+
+def test_import_and_cli_show_no_numpy_warning():
+    """torch warns ("Failed to initialize NumPy", "compiled using NumPy 1.x") when numpy does not
+    match it; `import flashjit` does not import torch, and the CLI must not print such a warning."""
+    for result in (subprocess.run([sys.executable, "-c", "import flashjit"], capture_output=True, text=True),
+                   run("precompile", "--arch", "sm_90a", "--list", "--filter", "_d32_")):
+        assert "NumPy" not in result.stderr
