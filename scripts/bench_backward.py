@@ -14,17 +14,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
-import torch
-from torch.nn.attention import SDPBackend
-from triton.testing import do_bench
+from bench_forward import _require_torch_cuda, add_grid_arguments, exit_unless_gpu, grid, sdpa  # same folder
+
+if __name__ == "__main__" and not {"-h", "--help"} & set(sys.argv[1:]):
+    exit_unless_gpu("bench_backward.py")  # before the heavy imports: one line, no traceback
+
+import torch  # noqa: E402
+from torch.nn.attention import SDPBackend  # noqa: E402
+from triton.testing import do_bench  # noqa: E402
 
 os.environ.setdefault("FLASHJIT_BACKEND", "jit")
 import flashjit  # noqa: E402
 from flashjit.config import WGMMA_SHAPES, wgmma_tile  # noqa: E402
-from bench_forward import add_grid_arguments, grid, sdpa  # noqa: E402  (same folder)
 
 
 def timings(attn, q, k, v, dout):
@@ -84,6 +89,7 @@ def main() -> None:
     parser.add_argument("--candidates", default="", help="comma-separated WARPSxBLOCK_MxDET[xD_SPLIT[xGROUP_ROWS]] backward configs, or "
                         "'wgmma' for the Hopper kernel")
     args = parser.parse_args()
+    _require_torch_cuda("bench_backward.py")
     drop = args.dropout_p
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

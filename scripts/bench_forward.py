@@ -11,20 +11,51 @@ triton.testing.do_bench on random inputs. Writes JSON (+ a PNG plot when matplot
 from __future__ import annotations
 
 import argparse
+import ctypes
 import itertools
 import json
+import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from triton.testing import do_bench
+# torch, triton and flashjit are imported inside the functions: importing this module (as
+# bench_backward.py does) or running it without a GPU costs nothing before exit_unless_gpu() speaks.
+DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 
-import flashjit
-from flashjit import KernelConfig
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+def cuda_device_count() -> int:
+    """CUDA devices the driver shows this process (honouring CUDA_VISIBLE_DEVICES), asked of the
+    driver library directly: milliseconds, where importing torch takes seconds."""
+    for library in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            cuda = ctypes.CDLL(library)
+            break
+        except OSError:
+            continue
+    else:
+        return 0  # no NVIDIA driver installed
+    count = ctypes.c_int(0)
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0  # e.g. CUDA_ERROR_NO_DEVICE with CUDA_VISIBLE_DEVICES=""
+    return count.value
+
+
+def exit_unless_gpu(script: str) -> None:
+    """Without a CUDA GPU a benchmark has nothing to time: one line on stderr and exit status 1 (it
+    produced no results, so a pipeline running it must notice), not a traceback from deep in torch."""
+    if cuda_device_count() == 0:
+        sys.exit(f"{script}: no CUDA GPU is visible, so there is nothing to benchmark; run it on a machine "
+                 "with one (`python -m flashjit precompile --arch ...` and the CPU tests work without)")
+
+
+def _require_torch_cuda(script: str):
+    """torch, once the driver has shown a GPU; exits the same way if this torch cannot use it (a CPU build)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.exit(f"{script}: torch {torch.__version__} sees no CUDA GPU (torch.cuda.is_available() is False); "
+                 "install a CUDA build of torch for this driver")
+    return torch
 
 
 def tflops(batch, heads, seqlen, d_head, causal, ms, mode="fwd"):
@@ -33,6 +64,9 @@ def tflops(batch, heads, seqlen, d_head, causal, ms, mode="fwd"):
 
 
 def time_ms(fn) -> float | None:
+    import torch
+    from triton.testing import do_bench
+
     try:
         fn()
         torch.cuda.synchronize()
@@ -43,6 +77,9 @@ def time_ms(fn) -> float | None:
 
 
 def sdpa(backend, q, k, v, causal, dropout_p=0.0):
+    import torch.nn.functional as F
+    from torch.nn.attention import sdpa_kernel
+
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D] views, no copies
 
     def run():
@@ -64,12 +101,14 @@ def add_grid_arguments(parser: argparse.ArgumentParser, dtypes: str, head_dims: 
 
 def grid(args, requires_grad: bool = False):
     """(point, q, k, v) for every grid point: fresh random [B, S, H, D] inputs (seeded, never zeros)."""
+    import torch
+
     for dtype, d_head, causal, seqlen in itertools.product(
             args.dtypes.split(","), map(int, args.head_dims.split(",")),
             [bool(int(c)) for c in args.causal.split(",")], list(map(int, args.seqlens.split(",")))):
         batch, heads = max(1, args.tokens // seqlen), args.hidden // d_head
         torch.manual_seed(0)
-        q, k, v = (torch.randn(batch, seqlen, heads, d_head, device="cuda", dtype=DTYPES[dtype],
+        q, k, v = (torch.randn(batch, seqlen, heads, d_head, device="cuda", dtype=getattr(torch, DTYPES[dtype]),
                                requires_grad=requires_grad) for _ in range(3))
         yield dict(dtype=dtype, d_head=d_head, causal=causal, seqlen=seqlen, batch=batch, heads=heads), q, k, v
 
@@ -79,6 +118,13 @@ def main() -> None:
     add_grid_arguments(parser, "bf16,fp16", "64,128,256", "512,1024,2048,4096,8192,16384")
     parser.add_argument("--configs", nargs="*", help="kernel names to time instead of the default choice")
     args = parser.parse_args()
+    exit_unless_gpu("bench_forward.py")
+    torch = _require_torch_cuda("bench_forward.py")
+    from torch.nn.attention import SDPBackend
+
+    import flashjit
+    from flashjit import KernelConfig
+
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name()

@@ -69,6 +69,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench-out")
     args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_forward import _require_torch_cuda, exit_unless_gpu  # same folder; imports no torch
+
+    exit_unless_gpu("bench_jit.py")
+    _require_torch_cuda("bench_jit.py")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, FLASHJIT_CACHE_DIR=tempfile.mkdtemp(prefix="flashjit-cold-"))
