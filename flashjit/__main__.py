@@ -7,16 +7,12 @@ kernels are all cached, --list and --dry-run with --arch, and `cache` run withou
 from __future__ import annotations
 
 import argparse
-import contextlib
 import fnmatch
-import functools
-import importlib.util
 import logging
 import os
 import platform
 import sys
 import time
-import types
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -83,51 +79,13 @@ def cmd_info(_args) -> int:
 
 # --- precompile --------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
-def torch_versions() -> tuple[str, str | None]:
-    """(torch.__version__, torch.version.cuda) without importing torch (2-3 s): read from the
-    installed torch/version.py, where `import torch` itself takes them from."""
-    spec = importlib.util.find_spec("torch")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("torch is not installed; flashjit needs a CUDA build of PyTorch")
-    path = Path(next(iter(spec.submodule_search_locations))) / "version.py"
-    namespace: dict = {}
-    exec(compile(path.read_text(), str(path), "exec"), namespace)
-    return namespace["__version__"], namespace["cuda"]
-
-
-@contextlib.contextmanager
-def _torch_versions_only():
-    """While jit.key_inputs runs in this (single-threaded) process: if torch is not imported yet,
-    its `import torch` gets a stand-in that holds only torch's version strings. The key is then
-    computed by jit's own function, so it cannot drift from what ensure_built uses; anything else
-    asked of the stand-in raises, and the caller falls back to the real torch."""
-    if "torch" in sys.modules:
-        yield
-        return
-    version, cuda = torch_versions()
-    stand_in = types.ModuleType("torch")
-    stand_in.__version__, stand_in.version = version, types.SimpleNamespace(cuda=cuda)
-    sys.modules["torch"] = stand_in
-    try:
-        yield
-    finally:
-        if sys.modules.get("torch") is stand_in:
-            del sys.modules["torch"]
-
-
 def key_inputs(config, arch: str) -> dict:
-    """jit.key_inputs for (config, arch) with the toolkit and flags jit.ensure_built uses, computed
-    without importing torch where that works (tests/test_cli.py checks it matches the real one)."""
+    """jit.key_inputs for (config, arch) with the toolkit and flags jit.ensure_built uses (it reads
+    torch's version without importing torch)."""
     from . import jit
 
     toolkit = toolchain.find_toolkit()
-    flags = jit.build_flags(arch, toolkit)
-    try:
-        with _torch_versions_only():
-            return jit.key_inputs(config, arch, toolkit, flags)
-    except (AttributeError, ImportError):  # key_inputs wants more of torch than its versions
-        return jit.key_inputs(config, arch, toolkit, flags)
+    return jit.key_inputs(config, arch, toolkit, jit.build_flags(arch, toolkit))
 
 
 def cached_library(config, arch: str) -> Path | None:

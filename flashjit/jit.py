@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import logging
 import os
 import shutil
@@ -54,16 +55,36 @@ def build_flags(arch: str, toolkit: toolchain.Toolkit) -> list[str]:
     return ["-O3", "-std=c++17", "-DNDEBUG", *toolchain.gencode_flags(arch, toolkit)]
 
 
+@functools.lru_cache(maxsize=None)
+def _torch_versions_from_disk() -> tuple[str, str | None]:
+    spec = importlib.util.find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("torch is not installed; flashjit needs a CUDA build of PyTorch")
+    path = Path(next(iter(spec.submodule_search_locations))) / "version.py"
+    namespace: dict = {}
+    exec(compile(path.read_text(), str(path), "exec"), namespace)
+    return namespace["__version__"], namespace["cuda"]
+
+
+def torch_versions() -> tuple[str, str | None]:
+    """(torch.__version__, torch.version.cuda). Without importing torch (2-3 s) when it is not
+    imported yet: they are read from the installed torch/version.py, where `import torch` takes
+    them from; so a cache lookup (precompile of cached kernels, the CLI) needs no torch."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return torch.__version__, torch.version.cuda
+    return _torch_versions_from_disk()
+
+
 def key_inputs(config: KernelConfig, arch: str, toolkit: toolchain.Toolkit, flags: list[str]) -> dict:
     """Everything that changes the binary. The torch version is there because cpp_extension's
     own flags, compiler checks and link line come from it."""
-    import torch
-
+    torch_version, torch_cuda = torch_versions()
     return {
         "config": config.name, "arch": arch, "nvcc": toolkit.version, "cuda_home": str(toolkit.home),
         "toolkit": toolkit.identity,  # the pip wheels' versions and how cudart is linked
         "flashjit": __version__, "codegen_abi": codegen.ABI_VERSION, "sources": codegen.sources_hash(),
-        "flags": flags, "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+        "flags": flags, "torch": torch_version, "torch_cuda": torch_cuda,
     }
 
 

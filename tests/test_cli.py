@@ -81,8 +81,9 @@ def test_bad_names_fail_before_anything_is_built():
 
 
 def test_key_inputs_without_torch_are_jits_own():
-    """The CLI's cache check computes jit.key_inputs with a stand-in for torch's versions; the key
-    must be exactly the one jit.ensure_built uses (else --dry-run and precompile would lie)."""
+    """The CLI's cache check computes jit.key_inputs without importing torch (its versions are read
+    from torch/version.py); the key must be exactly the one it gives with torch imported (the one
+    jit.ensure_built uses), else --dry-run and precompile would lie."""
     pytest.importorskip("torch")
     try:
         toolkit = toolchain.find_toolkit()
