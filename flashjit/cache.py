@@ -29,8 +29,7 @@ from pathlib import Path
 from typing import Iterator
 
 from . import envvars
-
-log = logging.getLogger("flashjit")
+from .notify import notify
 
 LAYOUT = "v1"
 LIBRARY = "kernel.so"
@@ -114,7 +113,7 @@ class Entry:
         except (OSError, KeyError, TypeError):
             ok = False
         if not ok:
-            log.warning("cache entry %s is incomplete or corrupted; it will be rebuilt", self.path)
+            notify(f"cache entry {self.path} is incomplete or corrupted; it will be rebuilt", logging.WARNING)
             return None
         return self.library
 
@@ -129,7 +128,7 @@ class Entry:
         try:
             lock.acquire(timeout=0)
         except Timeout:  # another process is building this entry: wait for it, then re-check
-            log.info("waiting for another process to finish compiling %s", self.path.name)
+            notify(f"waiting for another process to finish compiling {self.path.name}")
             lock.acquire()
         try:
             yield

@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 
 from . import cache, codegen, envvars, toolchain
+from .notify import notify
 from ._version import __version__
 from .config import WGMMA_ARCH, KernelConfig
 from .launch import CompiledKernel
 
-log = logging.getLogger("flashjit")
 
 _memo: dict[tuple[str, str], CompiledKernel] = {}
 _memo_lock = threading.Lock()
@@ -38,17 +38,6 @@ class CompileError(RuntimeError):
 
     def __reduce__(self):  # picklable, so precompile's worker processes can report it
         return (type(self), (str(self), self.log_tail, self.source_path))
-
-
-def notify(message: str, level: int = logging.INFO) -> None:
-    """What a user must see without configuring anything (a compile is not a hang; also fit for a
-    cache wait or a damaged entry). If the application configured logging, the flashjit logger
-    gets it at `level` and the application decides; otherwise the line goes to stderr with the one
-    "[flashjit] " prefix (messages carry no prefix of their own)."""
-    if log.hasHandlers():
-        log.log(level, message)
-    else:
-        print(f"[flashjit] {message}", file=sys.stderr, flush=True)
 
 
 def build_flags(arch: str, toolkit: toolchain.Toolkit) -> list[str]:
