@@ -38,5 +38,13 @@ BACKEND = EnvVar(
 JOBS = EnvVar(
     "FLASHJIT_JOBS", "",
     "Default number of parallel compiles for `python -m flashjit precompile` (default: CPU count).")
+PREBUILT = EnvVar(
+    "FLASHJIT_PREBUILT", "",
+    "Kernel bundles written by `python -m flashjit precompile --out DIR`, searched in order before the "
+    "cache: DIR[:DIR...]. A lookup there needs no nvcc and no write access.")
+DISABLE_JIT = EnvVar(
+    "FLASHJIT_DISABLE_JIT", "0",
+    "1: never compile. A kernel found in no bundle and not in the cache raises an error naming the "
+    "`precompile --out` command that builds it.")
 
-ALL = (CACHE_DIR, VERBOSE, CUDA_ARCH, BACKEND, JOBS)
+ALL = (CACHE_DIR, VERBOSE, CUDA_ARCH, BACKEND, JOBS, PREBUILT, DISABLE_JIT)

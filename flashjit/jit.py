@@ -1,8 +1,16 @@
-"""Compile-or-load: in-process memo -> verified disk cache -> (lock, re-check, render, compile, publish).
+"""Compile-or-load: in-process memo -> prebuilt bundles -> verified disk cache -> (lock, re-check,
+render, compile, publish).
 
-The first use of a kernel in a process costs a dict miss plus, when the disk cache has it, a dlopen;
-every later use is a dict lookup. Compiles go through torch.utils.cpp_extension.load on a TU with
-no torch headers (about 2 s instead of a minute), into a private staging directory.
+The first use of a kernel in a process costs a dict miss plus, when a bundle or the disk cache has
+it, a dlopen; every later use is a dict lookup. Compiles go through torch.utils.cpp_extension.load on
+a TU with no torch headers (about 2 s instead of a minute), into a private staging directory.
+
+The key of an entry hashes key_inputs: the config and arch, what this process knows by itself
+(local_inputs: flashjit, codegen ABI, sources hash, torch and its CUDA) and what only the toolchain
+can tell (toolchain_inputs and the flags: nvcc's version, the toolkit root and identity). A cache
+lookup asks nvcc for the latter; a bundle lookup (FLASHJIT_PREBUILT) takes them from the bundle's
+manifest, the toolchain it was built with, and needs no nvcc: a bundle of another flashjit, sources
+or torch gives another key, a miss, never a stale hit.
 """
 from __future__ import annotations
 
@@ -11,6 +19,7 @@ import functools
 import importlib.util
 import logging
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -27,6 +36,10 @@ from .launch import CompiledKernel
 
 _memo: dict[tuple[str, str], CompiledKernel] = {}
 _memo_lock = threading.Lock()
+
+
+class JitDisabledError(RuntimeError):
+    """FLASHJIT_DISABLE_JIT=1 and the kernel is in no bundle and not in the cache."""
 
 
 class CompileError(RuntimeError):
@@ -65,16 +78,33 @@ def torch_versions() -> tuple[str, str | None]:
     return _torch_versions_from_disk()
 
 
-def key_inputs(config: KernelConfig, arch: str, toolkit: toolchain.Toolkit, flags: list[str]) -> dict:
-    """Everything that changes the binary. The torch version is there because cpp_extension's
-    own flags, compiler checks and link line come from it."""
+def toolchain_inputs(toolkit: toolchain.Toolkit) -> dict:
+    """The key inputs that only the toolchain can tell (finding it runs nvcc); a bundle records them."""
+    return {"nvcc": toolkit.version, "cuda_home": str(toolkit.home),
+            "toolkit": toolkit.identity}  # the pip wheels' versions and how cudart is linked
+
+
+def local_inputs() -> dict:
+    """The key inputs this process knows without a toolchain. The torch version is there because
+    cpp_extension's own flags, compiler checks and link line come from it."""
     torch_version, torch_cuda = torch_versions()
-    return {
-        "config": config.name, "arch": arch, "nvcc": toolkit.version, "cuda_home": str(toolkit.home),
-        "toolkit": toolkit.identity,  # the pip wheels' versions and how cudart is linked
-        "flashjit": __version__, "codegen_abi": codegen.ABI_VERSION, "sources": codegen.sources_hash(),
-        "flags": flags, "torch": torch_version, "torch_cuda": torch_cuda,
-    }
+    return {"flashjit": __version__, "codegen_abi": codegen.ABI_VERSION, "sources": codegen.sources_hash(),
+            "torch": torch_version, "torch_cuda": torch_cuda}
+
+
+TOOLCHAIN_KEYS = ("nvcc", "cuda_home", "toolkit")  # what toolchain_inputs gives, and a bundle records
+
+
+def _key_inputs(config: KernelConfig, arch: str, toolchain_part: dict, flags: list[str]) -> dict:
+    """The key's inputs from a toolchain's part (this machine's, or a bundle's record of its build
+    machine's: only TOOLCHAIN_KEYS are taken from it) and this process's own part."""
+    return {**{k: toolchain_part[k] for k in TOOLCHAIN_KEYS}, "config": config.name, "arch": arch,
+            **local_inputs(), "flags": flags}
+
+
+def key_inputs(config: KernelConfig, arch: str, toolkit: toolchain.Toolkit, flags: list[str]) -> dict:
+    """Everything that changes the binary, with this machine's toolkit."""
+    return _key_inputs(config, arch, toolchain_inputs(toolkit), flags)
 
 
 @functools.lru_cache(maxsize=None)
@@ -101,22 +131,124 @@ def get_kernel(config: KernelConfig, arch: str) -> CompiledKernel:
 
 
 def ensure_built(config: KernelConfig, arch: str) -> Path:
-    """Path of the verified cached library for (config, arch), building it if needed. Needs no GPU."""
+    """Path of the verified library for (config, arch): from the first FLASHJIT_PREBUILT bundle that
+    has it (no nvcc, no writes), else from the cache, compiling it there if needed (unless
+    FLASHJIT_DISABLE_JIT). Needs no GPU."""
+    _check(config, arch)
+    searched = []
+    for bundle in cache.prebuilt():
+        library, note = _from_bundle(bundle, config, arch)
+        if library is not None:
+            return library
+        searched.append(f"bundle {bundle.path} ({envvars.PREBUILT.name}): {note}")
+    if not envvars.DISABLE_JIT.flag():
+        return build(config, arch)
+    library, note = _from_cache_without_building(config, arch)
+    if library is not None:
+        return library
+    searched.append(note)
+    raise JitDisabledError(_disabled_message(config, arch, searched))
+
+
+def _check(config: KernelConfig, arch: str) -> None:
     config.validate()
     if getattr(config, "wgmma", False) and arch != WGMMA_ARCH:
         raise ValueError(f"config {config.name} uses Hopper's wgmma and builds only for {WGMMA_ARCH}, not {arch}; "
                          "use the same config with wgmma=False")
+
+
+def build(config: KernelConfig, arch: str, bundle: Path | None = None) -> Path:
+    """The verified library in the cache (or in the bundle at `bundle`, for precompile --out),
+    compiling it there under the entry's lock if it is missing or damaged."""
+    _check(config, arch)
     toolkit = toolchain.find_toolkit()
     flags = build_flags(arch, toolkit)
     inputs = key_inputs(config, arch, toolkit, flags)
-    entry = cache.Entry.for_key(arch, config.name, cache.key_hash(inputs))
+    key = cache.key_hash(inputs)
+    if bundle is None:  # look before demanding a writable cache: a read-only one still serves hits
+        entry = cache.Entry.for_key(arch, config.name, key, base=cache.location())
+    else:
+        entry = cache.Bundle(Path(bundle)).entry(arch, config.name, key)
     library = entry.verified_library()
     if library is None:
+        if bundle is None:
+            cache.root()  # CacheError with the fix when the cache cannot be written
         with entry.locked():
             library = entry.verified_library()  # someone may have published it while we waited
             if library is None:
                 library = _build(entry, config, arch, toolkit, flags, inputs)
     return library
+
+
+def bundle_build_header(toolkit: toolchain.Toolkit) -> tuple[dict, str, dict]:
+    """(toolchain inputs, how the toolkit was found, local inputs): what a bundle records of its build."""
+    return toolchain_inputs(toolkit), toolkit.found_by, local_inputs()
+
+
+def _from_bundle(bundle: cache.Bundle, config: KernelConfig, arch: str) -> tuple[Path | None, str]:
+    """(library, None) from `bundle`, or (None, why not). Reads files only: no nvcc, no writes."""
+    manifest = bundle.manifest()
+    if manifest is None:
+        why = (f"not a flashjit bundle (no readable {cache.BUNDLE_MANIFEST})" if bundle.path.is_dir()
+               else "no such directory")
+        _warn_once(bundle.path, f"{envvars.PREBUILT.name} names {bundle.path}: {why}; it is skipped")
+        return None, why
+    try:
+        flags = manifest["flags"].get(arch)
+        if flags is None:
+            held = ", ".join(sorted(manifest["flags"])) or "none"
+            return None, f"it holds no kernels for {arch} (archs: {held})"
+        # The toolchain's part of the key comes from the bundle; the rest is this process's own.
+        inputs = _key_inputs(config, arch, manifest["toolchain"], flags)
+    except (KeyError, TypeError, AttributeError):
+        return None, f"its {cache.BUNDLE_MANIFEST} is not one this flashjit can read"
+    entry = bundle.entry(arch, config.name, cache.key_hash(inputs))
+    if not entry.path.is_dir():
+        built_with, mine = manifest.get("built_with") or {}, local_inputs()
+        differ = [f"{k} {built_with.get(k)} (here {v})" for k, v in mine.items() if built_with.get(k) != v]
+        return None, ("no entry for this kernel" + (f"; it was built with {', '.join(differ)}" if differ else ""))
+    library = entry.verified_library(damaged="bundle entry {path} is damaged (its library does not match the "
+                                     "size and sha256 in its manifest); it is not loaded")
+    if library is None:
+        return None, f"its entry {entry.path} is damaged (library size/sha256 differ from its manifest); not loaded"
+    return library, ""
+
+
+_warned: set[Path] = set()
+
+
+def _warn_once(path: Path, message: str) -> None:
+    if path not in _warned:
+        _warned.add(path)
+        notify(message, logging.WARNING)
+
+
+def _from_cache_without_building(config: KernelConfig, arch: str) -> tuple[Path | None, str]:
+    """(library, "") from the cache without compiling or writing, or (None, what was searched)."""
+    where = f"the kernel cache {cache.location()}"
+    try:
+        toolkit = toolchain.find_toolkit()
+        flags = build_flags(arch, toolkit)
+    except toolchain.ToolchainError as exc:
+        return None, f"{where}: not searched, its keys need nvcc ({str(exc).splitlines()[0]})"
+    entry = cache.Entry.for_key(arch, config.name, cache.key_hash(key_inputs(config, arch, toolkit, flags)),
+                                base=cache.location())
+    library = entry.verified_library(damaged="cache entry {path} is damaged; not loaded (FLASHJIT_DISABLE_JIT)")
+    return library, (f"{where}: no entry" if not entry.path.is_dir() else f"{where}: entry {entry.path} damaged")
+
+
+def _disabled_message(config: KernelConfig, arch: str, searched: list[str]) -> str:
+    bundles = cache.prebuilt()
+    if not bundles:
+        searched.insert(0, f"no bundles ({envvars.PREBUILT.name} is not set)")
+    out = shlex.quote(str(bundles[0].path)) if bundles else "DIR"
+    command = f"python -m flashjit precompile --arch {arch} --out {out} {config.name}"
+    return (f"flashjit: kernel {config.name} for {arch} is not prebuilt, and {envvars.DISABLE_JIT.name}=1 "
+            "forbids compiling it. Searched:\n  - " + "\n  - ".join(searched) + "\n"
+            f"Build it on a machine with nvcc and this flashjit and torch ({__version__}, {torch_versions()[0]}):\n"
+            f"  {command}\n"
+            f"then ship that directory and list it in {envvars.PREBUILT.name} (or unset "
+            f"{envvars.DISABLE_JIT.name} to compile on first use).")
 
 
 @contextlib.contextmanager
