@@ -1,8 +1,10 @@
 """Command line: python -m flashjit {info, precompile, cache list|clear, check}.
 
 `python -m flashjit precompile --arch sm_90a --list` shows what would be built; --dry-run also says
-which of those are cached already. Nothing here imports torch unless it must: a precompile whose
-kernels are all cached, --list and --dry-run with --arch, and `cache` run without it.
+which of those are cached already. `precompile --out DIR` builds into a bundle at DIR instead of
+the cache: relocatable, usable read-only and without nvcc through FLASHJIT_PREBUILT. Nothing here
+imports torch unless it must: a precompile whose kernels are all cached, --list and --dry-run with
+--arch, and `cache` run without it.
 """
 from __future__ import annotations
 
@@ -71,6 +73,16 @@ def cmd_info(_args) -> int:
         print(f"cache         {cache.root()}: {len(listed)} kernels, {_human(sum(s for _, _, s in listed))}")
     except cache.CacheError as exc:
         print(f"cache         UNUSABLE: {exc}")
+    for bundle in cache.prebuilt():
+        manifest = bundle.manifest()
+        if manifest is None:
+            print(f"bundle        {bundle.path}: NOT A BUNDLE (no readable {cache.BUNDLE_MANIFEST}); skipped")
+            continue
+        held = manifest.get("kernels") or {}
+        built = manifest.get("built_with") or {}
+        print(f"bundle        {bundle.path}: " + (", ".join(f"{len(v)} for {k}" for k, v in held.items()) or "empty")
+              + f" (flashjit {built.get('flashjit')}, torch {built.get('torch')}, "
+              f"nvcc {(manifest.get('toolchain') or {}).get('nvcc')})")
     print("environment:")
     for var in envvars.ALL:
         print(f"  {var.name}={os.environ.get(var.name, '')!r:<14} {var.doc}")
@@ -88,11 +100,13 @@ def key_inputs(config, arch: str) -> dict:
     return jit.key_inputs(config, arch, toolkit, jit.build_flags(arch, toolkit))
 
 
-def cached_library(config, arch: str) -> Path | None:
-    """The verified cached library for (config, arch), or None: what jit.ensure_built would load,
-    found without compiling (and, where key_inputs allows, without importing torch)."""
-    entry = cache.Entry.for_key(arch, config.name, cache.key_hash(key_inputs(config, arch)))
-    return entry.verified_library()
+def cached_library(config, arch: str, bundle: Path | None = None) -> Path | None:
+    """The verified library for (config, arch) in the cache (or in the bundle at `bundle`), or None:
+    what jit.build would return, found without compiling (and without importing torch)."""
+    key = cache.key_hash(key_inputs(config, arch))
+    if bundle is not None:
+        return cache.Bundle(bundle).entry(arch, config.name, key).verified_library()
+    return cache.Entry.for_key(arch, config.name, key, base=cache.location()).verified_library()
 
 
 def _quiet_worker() -> None:
@@ -101,12 +115,13 @@ def _quiet_worker() -> None:
     _log_to_stderr(logging.WARNING)
 
 
-def _build_one(name: str, arch: str) -> tuple[str, float]:
-    """In a worker, for a kernel the parent found missing: (name, seconds to build it)."""
+def _build_one(name: str, arch: str, bundle: Path | None = None) -> tuple[str, float]:
+    """In a worker, for a kernel the parent found missing: (name, seconds to build it) into the
+    cache or the bundle (never satisfied from FLASHJIT_PREBUILT, never refused by FLASHJIT_DISABLE_JIT)."""
     from . import jit
 
     started = time.perf_counter()
-    jit.ensure_built(config_from_name(name), arch)
+    jit.build(config_from_name(name), arch, bundle)
     return name, time.perf_counter() - started
 
 
@@ -156,9 +171,13 @@ def cmd_precompile(args) -> int:
         return 0
 
     started = time.perf_counter()
+    bundle = Path(args.out).expanduser().absolute() if args.out else None
+    where = f"the bundle {bundle}" if bundle else str(cache.location())
+    if bundle is not None and not args.dry_run:
+        _open_bundle(bundle, arch)
     todo = []
     for config in configs:
-        if cached_library(config, arch) is None:
+        if cached_library(config, arch, bundle) is None:
             todo.append(config)
         elif args.dry_run:
             print(f"cached   {arch}  {config.name}")
@@ -166,11 +185,12 @@ def cmd_precompile(args) -> int:
         for config in todo:
             print(f"compile  {arch}  {config.name}")
         print(f"{len(todo)} of {total} kernels for {arch} would be compiled, {total - len(todo)} are cached in "
-              f"{cache.root()}; nothing was built (--dry-run)", file=sys.stderr)
+              f"{where}; nothing was built (--dry-run)", file=sys.stderr)
         return 0
 
     jobs = max(1, min(args.jobs or int(envvars.JOBS.get() or 0) or os.cpu_count() or 1, len(todo) or 1))
-    print(f"precompiling {total} kernels for {arch} into {cache.root()}: {total - len(todo)} cached, "
+    print(f"precompiling {total} kernels for {arch} into {bundle if bundle else cache.root()}: "
+          f"{total - len(todo)} cached, "
           f"{len(todo)} to compile" + (f" with {jobs} jobs" if todo else ""), flush=True)
     done = failed = 0
     width = len(str(total))
@@ -187,7 +207,7 @@ def cmd_precompile(args) -> int:
     if todo:
         # Only kernels missing from the cache reach a worker, and a worker imports torch only to compile.
         with ProcessPoolExecutor(max_workers=jobs, initializer=_quiet_worker) as pool:
-            futures = {pool.submit(_build_one, c.name, arch): c.name for c in todo}
+            futures = {pool.submit(_build_one, c.name, arch, bundle): c.name for c in todo}
             for future in as_completed(futures):
                 try:
                     progress(*future.result(), "compiled")
@@ -195,10 +215,25 @@ def cmd_precompile(args) -> int:
                     failed += 1
                     progress(futures[future], 0.0, "FAILED")
                     print(f"[flashjit] {futures[future]}: {exc}", file=sys.stderr, flush=True)
+    if bundle is not None:
+        held = cache.Bundle(bundle).record_contents()["kernels"]
+        print(f"bundle {bundle}: {sum(map(len, held.values()))} kernels ("
+              + ", ".join(f"{len(names)} for {a}" for a, names in held.items())
+              + f"); use it with {envvars.PREBUILT.name}={bundle}")
     print(f"{total - failed} of {total} kernels for {arch} ready ({len(todo) - failed} compiled, "
           f"{total - len(todo)} cached{f', {failed} FAILED' if failed else ''}) in "
           f"{time.perf_counter() - started:.1f} s")
     return 1 if failed else 0
+
+
+def _open_bundle(path: Path, arch: str) -> None:
+    """Create the bundle at `path` (or check that it holds kernels of this very build) and record
+    this build's toolchain and flags in its manifest before any kernel is built into it."""
+    from . import jit
+
+    toolkit = toolchain.find_toolkit()
+    toolchain_part, found_by, built_with = jit.bundle_build_header(toolkit)
+    cache.Bundle(path).open_for_build(toolchain_part, found_by, built_with, arch, jit.build_flags(arch, toolkit))
 
 
 # --- cache, check ------------------------------------------------------------------------------
@@ -302,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
         "precompile", help="compile kernels into the cache ahead of use (or --list/--dry-run them)",
         description="Compile kernels into the cache ahead of their first use: the default build set for "
         "the arch (the dispatcher's choice for every dtype, head dim, causal flag and backward mode) or the "
-        "NAMEs given. Kernels already cached are skipped without starting a worker.")
+        "NAMEs given. Kernels already cached are skipped without starting a worker. With --out DIR they go "
+        "into a bundle at DIR instead, for machines without nvcc (FLASHJIT_PREBUILT=DIR).")
     pre.add_argument("names", nargs="*", metavar="NAME",
                      help="kernel names, e.g. from --list or `cache list` (default: the build set for the arch)")
     pre.add_argument("--arch", help="target arch, e.g. sm_80, sm_86, sm_90a or 8.6 (default: FLASHJIT_CUDA_ARCH, "
@@ -315,6 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "(needs no nvcc)")
     pre.add_argument("--dry-run", action="store_true",
                      help="say which kernels would be compiled and which are cached already; build nothing")
+    pre.add_argument("--out", metavar="DIR",
+                     help="build into a relocatable bundle at DIR instead of the cache: kernels plus a manifest "
+                     f"of the toolchain, torch and flashjit versions; machines list it in {envvars.PREBUILT.name} "
+                     "and load from it without nvcc or write access")
     pre.add_argument("--jobs", type=int, default=0, metavar="N",
                      help=f"parallel compiles (default: {envvars.JOBS.name}, else the CPU count)")
     pre.set_defaults(func=cmd_precompile)
