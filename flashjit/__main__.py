@@ -263,6 +263,10 @@ def cmd_check(args) -> int:
     flops = 4 * args.batch * args.heads * args.seqlen * args.seqlen * args.head_dim / (2 if args.causal else 1)
     if flash_api.backend() == "reference":
         return _check_reference(args, shape, dtype)
+    if not torch.cuda.is_available():  # FLASHJIT_BACKEND=jit forced on a machine without a GPU
+        print("check: FLASHJIT_BACKEND=jit needs a CUDA GPU and none is visible; unset it to check the "
+              "reference backend", file=sys.stderr)
+        return 1
     q, k, v = (torch.randn(shape, device="cuda", dtype=dtype) for _ in range(3))
     from .config import KernelConfig
     from .interface import forward_timed, resolve_config
@@ -336,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre = sub.add_parser(
         "precompile", help="compile kernels into the cache ahead of use (or --list/--dry-run them)",
         description="Compile kernels into the cache ahead of their first use: the default build set for "
-        "the arch (the dispatcher's choice for every dtype, head dim, causal flag and backward mode) or the "
+        "the arch (the dispatcher's choice for every dtype, tile-width head dim (32, 64, ..., 256), causal flag "
+        "and backward mode; another head dim, e.g. 80, is a kernel of its own: name it) or the "
         "NAMEs given. Kernels already cached are skipped without starting a worker. With --out DIR they go "
         "into a bundle at DIR instead, for machines without nvcc (FLASHJIT_PREBUILT=DIR).")
     pre.add_argument("names", nargs="*", metavar="NAME",

@@ -277,7 +277,7 @@ WHY_BWD_SHARES = "each warp's share of a score block must be whole 16-wide k-til
 WHY_BWD_COLUMNS = "each warp's share of the head dim must be whole 16-column pairs"
 # The reasons, shared verbatim with the static_asserts in kernels/bwd_sm90.cuh.
 WHY_WGMMA_WARPS = "the wgmma backward runs two warpgroups of 64 keys: n_warps=8, d_split=1, group_rows=16"
-WHY_WGMMA_SHAPES = "the wgmma backward supports d_head up to 64 with block_m 128 and up to 128 with block_m 64"
+WHY_WGMMA_SHAPES = "the wgmma backward supports d_head 33-64 with block_m 128 and 65-128 with block_m 64"
 WHY_WGMMA_VARIANTS = "the wgmma backward has no deterministic variant"
 WHY_WGMMA_SOFTCAP = "softcap's factors push the d_head 64 wgmma backward (128-query steps) past 255 registers"
 WGMMA_SHAPES = ((64, 128), (128, 64))  # (tile width, block_m)
@@ -481,8 +481,9 @@ def config_from_name(name: str):
 
 def get_kernels_to_build(smem_limit: int = SMEM_LIMIT_SM90, arch: str | None = None) -> list[KernelConfig]:
     """The default build set for `arch` (None: any, so no sm_90a-only kernel): the dispatcher's
-    choice for every dtype, head dim and causal flag at long and short sequence lengths (what
-    `python -m flashjit precompile` builds without names)."""
+    choice for every dtype, tile-width head dim (HEAD_DIMS) and causal flag at long and short sequence
+    lengths (what `python -m flashjit precompile` builds without names). Other head dims, e.g. 80, are
+    kernels of their own (their d_head is a template parameter): precompile names them."""
     configs = []
     for dtype, d_head, causal, seqlen in itertools.product(DTYPES, HEAD_DIMS, (False, True), (4096, 1)):
         cfg = default_config(dtype, d_head, causal, seqlen, smem_limit)

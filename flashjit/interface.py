@@ -362,16 +362,16 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                       for f in ("dtype", "d_head", "causal", *FEATURES) if getattr(config, f) != getattr(wanted, f)]
         if mismatched:
             raise ValueError(f"config {config.name} does not match the inputs: " + ", ".join(mismatched))
+    dq, dk, dv = (_grad_out(given, like, name) for given, like, name in ((dq, q, "dq"), (dk, k, "dk"), (dv, v, "dv")))
+    if q.numel() == 0:  # Sq = 0 (or no batch or heads): no query reaches any key, dK = dV = 0 exactly
+        dk.zero_(), dv.zero_()
+        return dq, dk, dv
     kernel = _kernels.get((config, device_index)) or _kernel_for(config, device_index)
     # out and dout are only read: a layout the kernels cannot address is copied once (as _aligned does)
     out, dout = (t if t.stride(-1) == 1 else t.contiguous() for t in (out, dout))
     q, k, v, out, dout = (_aligned(t) for t in (q, k, v, out, dout))
     lse = lse.contiguous()
     batch, seqlen_q, heads, _ = q.shape
-    dq, dk, dv = (_grad_out(given, like, name) for given, like, name in ((dq, q, "dq"), (dk, k, "dk"), (dv, v, "dv")))
-    if seqlen_q == 0:  # no query reaches any key: the kernels are skipped, and dK = dV = 0 exactly
-        dk.zero_(), dv.zero_()
-        return dq, dk, dv
     dvec = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
     # The atomic path's fp32 dQ sums, zeroed by the first kernel.
     dq_accum = None if config.deterministic else torch.empty((batch, heads, seqlen_q, config.d_tile),

@@ -226,13 +226,12 @@ def _warn_once(path: Path, message: str) -> None:
 def _from_cache_without_building(config: KernelConfig, arch: str) -> tuple[Path | None, str]:
     """(library, "") from the cache without compiling or writing, or (None, what was searched)."""
     where = f"the kernel cache {cache.location()}"
-    try:
+    try:  # the key needs the toolkit (nvcc's version, how cudart links): any of it may be missing
         toolkit = toolchain.find_toolkit()
-        flags = build_flags(arch, toolkit)
+        key = cache.key_hash(key_inputs(config, arch, toolkit, build_flags(arch, toolkit)))
     except toolchain.ToolchainError as exc:
         return None, f"{where}: not searched, its keys need nvcc ({str(exc).splitlines()[0]})"
-    entry = cache.Entry.for_key(arch, config.name, cache.key_hash(key_inputs(config, arch, toolkit, flags)),
-                                base=cache.location())
+    entry = cache.Entry.for_key(arch, config.name, key, base=cache.location())
     library = entry.verified_library(damaged="cache entry {path} is damaged; not loaded (FLASHJIT_DISABLE_JIT)")
     return library, (f"{where}: no entry" if not entry.path.is_dir() else f"{where}: entry {entry.path} damaged")
 

@@ -176,8 +176,11 @@ def _find(cuda_home: str, cuda_path: str, path: str) -> Toolkit:
     tried: list[str] = []
 
     def found(home: Path, how: str) -> Toolkit:
+        # The pip wheels' versions go into the key however their root was found (wheel search,
+        # CUDA_HOME or nvcc on PATH pointing into site-packages/nvidia/cuXX): an upgrade rebuilds.
         nvcc = home / "bin" / "nvcc"
-        return Toolkit(home=home, nvcc=nvcc, version=_nvcc_version(nvcc), found_by=how)
+        components = _wheel_components(home) if home.parent.name == "nvidia" else ()
+        return Toolkit(home=home, nvcc=nvcc, version=_nvcc_version(nvcc), found_by=how, components=components)
 
     for var, value in (("CUDA_HOME", cuda_home), ("CUDA_PATH", cuda_path)):
         if value:
@@ -203,9 +206,7 @@ def _find(cuda_home: str, cuda_path: str, path: str) -> Toolkit:
     wheel_roots = [home for home in _wheel_homes() if home.exists()]
     for home in wheel_roots:
         if _is_toolkit(home):
-            nvcc = home / "bin" / "nvcc"
-            return Toolkit(home=home, nvcc=nvcc, version=_nvcc_version(nvcc),
-                           found_by=f"the nvidia-cuda-nvcc wheel ({home})", components=_wheel_components(home))
+            return found(home, f"the nvidia-cuda-nvcc wheel ({home})")
     if wheel_roots:
         tried.extend(f"the nvidia-cuda-nvcc wheel: {_wheel_problem(home)}" for home in wheel_roots)
     else:

@@ -53,7 +53,7 @@ struct Config {
   static_assert(kWarps == 8 && kDSplit_ == 1 && kGroupRows_ == 16,
                 "the wgmma backward runs two warpgroups of 64 keys: n_warps=8, d_split=1, group_rows=16");
   static_assert((kD == 64 && kBlockM == 128) || (kD == 128 && kBlockM == 64),
-                "the wgmma backward supports d_head up to 64 with block_m 128 and up to 128 with block_m 64");
+                "the wgmma backward supports d_head 33-64 with block_m 128 and 65-128 with block_m 64");
   static_assert(!kDeterministic, "the wgmma backward has no deterministic variant");
   static_assert(!(kSoftcap_ && kBlockM == 128),
                 "softcap's factors push the d_head 64 wgmma backward (128-query steps) past 255 registers");
