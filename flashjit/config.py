@@ -245,7 +245,7 @@ def smem_limit_for_arch(arch: str) -> int:
     163 KiB on sm_80/sm_87, 99 KiB on sm_86/sm_89 and consumer Blackwell (sm_120/sm_121: 100 KiB per
     SM, as CUTLASS's sm120_smem_capacity_bytes = 101376 records), and 99 KiB for any other arch."""
     number = int(re.match(r"sm_(\d+)", arch).group(1))
-    return {80: 163, 87: 163, 90: 227, 100: 227, 103: 227, 120: 99, 121: 99}.get(number, 99) * 1024
+    return {80: 163, 87: 163, 90: 227, 100: 227, 103: 227}.get(number, 99) * 1024  # 120/121: the 99 default
 
 
 @functools.lru_cache(maxsize=None)

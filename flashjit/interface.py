@@ -279,11 +279,13 @@ def forward(q, k, v, config: KernelConfig | None = None, causal: bool = False,
     draws one from torch's generator; without it forward draws its own)."""
     check_qkv(q, k, v)
     if q.shape[-1] % 8:
+        if out is not None:  # checked before anything runs; written by a copy, so any layout does
+            _check_output(out, q, "out", kernel_writes=False)
         padded = forward(*_pad_head_dim(q, k, v), config=config, causal=causal,
-                         softmax_scale=softmax_scale_or_default(q, softmax_scale), return_lse=True,
+                         softmax_scale=softmax_scale_or_default(q, softmax_scale), return_lse=return_lse,
                          window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
                          philox=philox)
-        out = _unpad_into(out if out is None else _check_output(out, q, "out", False), padded[0], q.shape[-1])
+        out = _unpad_into(out, padded[0] if return_lse else padded, q.shape[-1])
         return (out, padded[1]) if return_lse else out
     mods = score_mods(q, causal, window_size, softcap, alibi_slopes, dropout_p, philox)
     run, out, lse = _launch(q, k, v, config, causal, softmax_scale, out, want_lse=return_lse, mods=mods)
@@ -337,10 +339,10 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                          f"seqlen_q] on {q.device} (forward(..., return_lse=True))")
     softmax_scale = softmax_scale_or_default(q, softmax_scale)
     if q.shape[-1] % 8:
+        given = [None if t is None else _check_output(t, like, name, kernel_writes=False)
+                 for t, like, name in zip((dq, dk, dv), (q, k, v), ("dq", "dk", "dv"))]
         padded = backward(*_pad_head_dim(dout, q, k, v, out), lse, causal, softmax_scale, window_size, softcap,
                           alibi_slopes, dropout_p, philox, deterministic, config)
-        given = [None if t is None else _check_output(t, like, name, False)
-                 for t, like, name in zip((dq, dk, dv), (q, k, v), ("dq", "dk", "dv"))]
         return tuple(_unpad_into(t, grad, q.shape[-1]) for t, grad in zip(given, padded))
     if dropout_p and philox is None:
         raise ValueError("backward with dropout needs the forward's philox=(seed, offset) to regenerate its mask")

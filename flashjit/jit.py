@@ -78,10 +78,13 @@ def torch_versions() -> tuple[str, str | None]:
     return _torch_versions_from_disk()
 
 
+# The key inputs that only the toolchain can tell (finding it runs nvcc); a bundle records them.
+_TOOLCHAIN_KEYS = ("nvcc", "cuda_home", "toolkit")
+
+
 def toolchain_inputs(toolkit: toolchain.Toolkit) -> dict:
-    """The key inputs that only the toolchain can tell (finding it runs nvcc); a bundle records them."""
-    return {"nvcc": toolkit.version, "cuda_home": str(toolkit.home),
-            "toolkit": toolkit.identity}  # the pip wheels' versions and how cudart is linked
+    """_TOOLCHAIN_KEYS' values for `toolkit`; "toolkit" is the pip wheels' versions and how cudart links."""
+    return dict(zip(_TOOLCHAIN_KEYS, (toolkit.version, str(toolkit.home), toolkit.identity)))
 
 
 def local_inputs() -> dict:
@@ -92,13 +95,10 @@ def local_inputs() -> dict:
             "torch": torch_version, "torch_cuda": torch_cuda}
 
 
-TOOLCHAIN_KEYS = ("nvcc", "cuda_home", "toolkit")  # what toolchain_inputs gives, and a bundle records
-
-
 def _key_inputs(config: KernelConfig, arch: str, toolchain_part: dict, flags: list[str]) -> dict:
     """The key's inputs from a toolchain's part (this machine's, or a bundle's record of its build
-    machine's: only TOOLCHAIN_KEYS are taken from it) and this process's own part."""
-    return {**{k: toolchain_part[k] for k in TOOLCHAIN_KEYS}, "config": config.name, "arch": arch,
+    machine's: only the fields toolchain_inputs gives are taken from it) and this process's own part."""
+    return {**{k: toolchain_part[k] for k in _TOOLCHAIN_KEYS}, "config": config.name, "arch": arch,
             **local_inputs(), "flags": flags}
 
 

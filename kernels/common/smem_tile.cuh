@@ -75,7 +75,7 @@ __device__ __forceinline__ void load_tile(T* smem, const T* gmem, int64_t row_st
     for (int it = 0; it < kIters; ++it, row += kRowStep, src += src_step)
       if (kTotal % kThreads == 0 || row < kRows)
         copy_chunk<kD, kSwizzle, kAsync>(smem, gmem, src, row, chunk, row < rows);
-  } else {  // d_head = 96 or 160: rows of 12 or 20 chunks do not tile the thread block evenly
+  } else {  // tiles 96, 160, 192: rows of 12, 20 or 24 chunks do not tile the thread block evenly
 #pragma unroll
     for (int it = 0; it < kIters; ++it) {
       const int i = it * kThreads + tid, row = i / kChunks, chunk = i % kChunks;
