@@ -168,14 +168,16 @@ __device__ __forceinline__ void apply_dropout(float (&s)[C::kM][C::kNtC][4], con
   }
 }
 
-// Rescale the running O and row sums to the new row maximum and turn S into unnormalised P.
-// Row statistics live per thread for rows lane/4 (+8); the max is reduced over the 4-lane quad that
-// shares a row, the sum only at the end. With kOptSoftmax, m is kept in raw-score units and the
-// scale * log2(e) is folded into one FMA per element feeding ex2.
+// The online softmax of one key block, in two parts so a Hopper kernel can run the first while the
+// tensor cores still add the previous block into O: softmax_rows turns S into unnormalised P against
+// the new row maxima and rescales the row sums, returning each row's factor alpha; rescale_o applies
+// alpha to O. Row statistics live per thread for rows lane/4 (+8); the max is reduced over the 4-lane
+// quad that shares a row, the sum only at the end. With kOptSoftmax, m is kept in raw-score units
+// and the scale * log2(e) is folded into one FMA per element feeding ex2.
 template <class C>
-__device__ __forceinline__ void online_softmax(float (&s)[C::kM][C::kNtC][4], float (&o)[C::kM][C::kNtD][4],
-                                               float (&m)[C::kM][2], float (&l)[C::kM][2], float scale,
-                                               float scale_log2) {
+__device__ __forceinline__ void softmax_rows(float (&s)[C::kM][C::kNtC][4], float (&m)[C::kM][2],
+                                             float (&l)[C::kM][2], float (&alpha)[C::kM][2], float scale,
+                                             float scale_log2) {
 #pragma unroll
   for (int mt = 0; mt < C::kM; ++mt)
 #pragma unroll
@@ -189,10 +191,10 @@ __device__ __forceinline__ void online_softmax(float (&s)[C::kM][C::kNtC][4], fl
       for (int nt = 0; nt < C::kNtC; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * half], s[mt][nt][2 * half + 1]));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      float alpha, sum = 0.f;
+      float sum = 0.f;
       if (C::kOptSoftmax) {
         const float m_scaled = mx == -INFINITY ? 0.f : mx * scale_log2;  // all masked so far: keep P = 0
-        alpha = fast_exp2(m[mt][half] * scale_log2 - m_scaled);
+        alpha[mt][half] = fast_exp2(m[mt][half] * scale_log2 - m_scaled);
 #pragma unroll
         for (int nt = 0; nt < C::kNtC; ++nt)
 #pragma unroll
@@ -202,7 +204,7 @@ __device__ __forceinline__ void online_softmax(float (&s)[C::kM][C::kNtC][4], fl
           }
       } else {
         const float m_use = mx == -INFINITY ? 0.f : mx;
-        alpha = __expf(m[mt][half] - m_use);
+        alpha[mt][half] = __expf(m[mt][half] - m_use);
 #pragma unroll
         for (int nt = 0; nt < C::kNtC; ++nt)
 #pragma unroll
@@ -212,10 +214,27 @@ __device__ __forceinline__ void online_softmax(float (&s)[C::kM][C::kNtC][4], fl
           }
       }
       m[mt][half] = mx;
-      l[mt][half] = l[mt][half] * alpha + sum;
-#pragma unroll
-      for (int nt = 0; nt < C::kNtD; ++nt) o[mt][nt][2 * half] *= alpha, o[mt][nt][2 * half + 1] *= alpha;
+      l[mt][half] = l[mt][half] * alpha[mt][half] + sum;
     }
+}
+
+template <class C>
+__device__ __forceinline__ void rescale_o(float (&o)[C::kM][C::kNtD][4], const float (&alpha)[C::kM][2]) {
+#pragma unroll
+  for (int mt = 0; mt < C::kM; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < C::kNtD; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[mt][nt][e] *= alpha[mt][e >> 1];
+}
+
+template <class C>
+__device__ __forceinline__ void online_softmax(float (&s)[C::kM][C::kNtC][4], float (&o)[C::kM][C::kNtD][4],
+                                               float (&m)[C::kM][2], float (&l)[C::kM][2], float scale,
+                                               float scale_log2) {
+  float alpha[C::kM][2];
+  softmax_rows<C>(s, m, l, alpha, scale, scale_log2);
+  rescale_o<C>(o, alpha);
 }
 
 // ---- the kernel --------------------------------------------------------------------------------

@@ -108,70 +108,132 @@ __device__ __forceinline__ void bulk_wait_read() {
 __device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
 
 // ---- The MMAs ------------------------------------------------------------------------------------
-// Inline assembly has no loops, so the 32 or 64 accumulator operands are written out.
-#define FJ_ACC32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
-                 "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
-#define FJ_ACC64 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
-                 "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, "  \
-                 "%39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, "  \
-                 "%58, %59, %60, %61, %62, %63}"
+// Inline assembly has no loops, so the N / 2 accumulator operands of each shape are written out:
+// FJ_ACC<n> is the operand list "{%0, ..., %(n-1)}", FJ_F<n>(d) binds d[0..n-1].
+#define FJ_ACC32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, "  \
+  "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define FJ_ACC48 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, "  \
+  "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, "  \
+  "%40, %41, %42, %43, %44, %45, %46, %47}"
+#define FJ_ACC64 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, "  \
+  "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, "  \
+  "%40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, "  \
+  "%59, %60, %61, %62, %63}"
+#define FJ_ACC96 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, "  \
+  "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, "  \
+  "%40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, "  \
+  "%59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, "  \
+  "%78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95}"
+#define FJ_ACC128 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, "  \
+  "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, "  \
+  "%40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, "  \
+  "%59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, "  \
+  "%78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, "  \
+  "%97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, "  \
+  "%113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}"
 #define FJ_F8(d, i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
                     "+f"(d[i + 6]), "+f"(d[i + 7])
-#define FJ_F32(d) FJ_F8(d, 0), FJ_F8(d, 8), FJ_F8(d, 16), FJ_F8(d, 24)
-#define FJ_F64(d) FJ_F32(d), FJ_F8(d, 32), FJ_F8(d, 40), FJ_F8(d, 48), FJ_F8(d, 56)
+#define FJ_F16(d, i) FJ_F8(d, i), FJ_F8(d, i + 8)
+#define FJ_F32(d) FJ_F16(d, 0), FJ_F16(d, 16)
+#define FJ_F48(d) FJ_F32(d), FJ_F16(d, 32)
+#define FJ_F64(d) FJ_F32(d), FJ_F16(d, 32), FJ_F16(d, 48)
+#define FJ_F96(d) FJ_F64(d), FJ_F16(d, 64), FJ_F16(d, 80)
+#define FJ_F128(d) FJ_F96(d), FJ_F16(d, 96), FJ_F16(d, 112)
 // scale-d (accumulate or overwrite) is a predicate set from a register; scale-a/b are +1.
 #define FJ_WGMMA(N, T, ACC, OPERANDS, S) \
   "{\n.reg .pred p;\nsetp.ne.b32 p, " S ", 0;\nwgmma.mma_async.sync.aligned.m64n" #N "k16.f32." T "." T " " ACC \
   ", " OPERANDS ";\n}\n"
+// One asm statement per (N, type): the type and N are part of the instruction's name.
 
 // d (+)= A B, A and B from shared memory; kTransA / kTransB: A is M-major / B is N-major.
 template <int N, bool kBf16, int kTransA, int kTransB>
 __device__ __forceinline__ void wgmma_ss(float (&d)[N / 8][4], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
+  static_assert(N == 64 || N == 96 || N == 128 || N == 192 || N == 256, "wgmma_ss is written out for N = 64, 96, 128, 192, 256");
   float* f = &d[0][0];
   const int acc = accumulate;
   if constexpr (N == 64 && kBf16)
     asm volatile(FJ_WGMMA(64, "bf16", FJ_ACC32, "%32, %33, p, 1, 1, %35, %36", "%34")
                  : FJ_F32(f) : "l"(desc_a), "l"(desc_b), "r"(acc), "n"(kTransA), "n"(kTransB));
-  else if constexpr (N == 64)
+  else if constexpr (N == 64 && !kBf16)
     asm volatile(FJ_WGMMA(64, "f16", FJ_ACC32, "%32, %33, p, 1, 1, %35, %36", "%34")
                  : FJ_F32(f) : "l"(desc_a), "l"(desc_b), "r"(acc), "n"(kTransA), "n"(kTransB));
+  else if constexpr (N == 96 && kBf16)
+    asm volatile(FJ_WGMMA(96, "bf16", FJ_ACC48, "%48, %49, p, 1, 1, %51, %52", "%50")
+                 : FJ_F48(f) : "l"(desc_a), "l"(desc_b), "r"(acc), "n"(kTransA), "n"(kTransB));
+  else if constexpr (N == 96 && !kBf16)
+    asm volatile(FJ_WGMMA(96, "f16", FJ_ACC48, "%48, %49, p, 1, 1, %51, %52", "%50")
+                 : FJ_F48(f) : "l"(desc_a), "l"(desc_b), "r"(acc), "n"(kTransA), "n"(kTransB));
   else if constexpr (N == 128 && kBf16)
     asm volatile(FJ_WGMMA(128, "bf16", FJ_ACC64, "%64, %65, p, 1, 1, %67, %68", "%66")
                  : FJ_F64(f) : "l"(desc_a), "l"(desc_b), "r"(acc), "n"(kTransA), "n"(kTransB));
-  else {
-    static_assert(N == 128, "wgmma_ss is written out for N = 64 and 128");
+  else if constexpr (N == 128 && !kBf16)
     asm volatile(FJ_WGMMA(128, "f16", FJ_ACC64, "%64, %65, p, 1, 1, %67, %68", "%66")
                  : FJ_F64(f) : "l"(desc_a), "l"(desc_b), "r"(acc), "n"(kTransA), "n"(kTransB));
-  }
+  else if constexpr (N == 192 && kBf16)
+    asm volatile(FJ_WGMMA(192, "bf16", FJ_ACC96, "%96, %97, p, 1, 1, %99, %100", "%98")
+                 : FJ_F96(f) : "l"(desc_a), "l"(desc_b), "r"(acc), "n"(kTransA), "n"(kTransB));
+  else if constexpr (N == 192 && !kBf16)
+    asm volatile(FJ_WGMMA(192, "f16", FJ_ACC96, "%96, %97, p, 1, 1, %99, %100", "%98")
+                 : FJ_F96(f) : "l"(desc_a), "l"(desc_b), "r"(acc), "n"(kTransA), "n"(kTransB));
+  else if constexpr (N == 256 && kBf16)
+    asm volatile(FJ_WGMMA(256, "bf16", FJ_ACC128, "%128, %129, p, 1, 1, %131, %132", "%130")
+                 : FJ_F128(f) : "l"(desc_a), "l"(desc_b), "r"(acc), "n"(kTransA), "n"(kTransB));
+  else if constexpr (N == 256 && !kBf16)
+    asm volatile(FJ_WGMMA(256, "f16", FJ_ACC128, "%128, %129, p, 1, 1, %131, %132", "%130")
+                 : FJ_F128(f) : "l"(desc_a), "l"(desc_b), "r"(acc), "n"(kTransA), "n"(kTransB));
 }
 
 // d (+)= A B, A from registers (a: this thread's fragment of a 64 x 16 k-step), B from shared memory.
 template <int N, bool kBf16, int kTransB>
 __device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t desc_b,
                                          bool accumulate) {
+  static_assert(N == 64 || N == 96 || N == 128 || N == 192 || N == 256, "wgmma_rs is written out for N = 64, 96, 128, 192, 256");
   float* f = &d[0][0];
   const int acc = accumulate;
   if constexpr (N == 64 && kBf16)
     asm volatile(FJ_WGMMA(64, "bf16", FJ_ACC32, "{%32, %33, %34, %35}, %36, p, 1, 1, %38", "%37")
                  : FJ_F32(f) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(acc), "n"(kTransB));
-  else if constexpr (N == 64)
+  else if constexpr (N == 64 && !kBf16)
     asm volatile(FJ_WGMMA(64, "f16", FJ_ACC32, "{%32, %33, %34, %35}, %36, p, 1, 1, %38", "%37")
                  : FJ_F32(f) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(acc), "n"(kTransB));
+  else if constexpr (N == 96 && kBf16)
+    asm volatile(FJ_WGMMA(96, "bf16", FJ_ACC48, "{%48, %49, %50, %51}, %52, p, 1, 1, %54", "%53")
+                 : FJ_F48(f) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(acc), "n"(kTransB));
+  else if constexpr (N == 96 && !kBf16)
+    asm volatile(FJ_WGMMA(96, "f16", FJ_ACC48, "{%48, %49, %50, %51}, %52, p, 1, 1, %54", "%53")
+                 : FJ_F48(f) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(acc), "n"(kTransB));
   else if constexpr (N == 128 && kBf16)
     asm volatile(FJ_WGMMA(128, "bf16", FJ_ACC64, "{%64, %65, %66, %67}, %68, p, 1, 1, %70", "%69")
                  : FJ_F64(f) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(acc), "n"(kTransB));
-  else {
-    static_assert(N == 128, "wgmma_rs is written out for N = 64 and 128");
+  else if constexpr (N == 128 && !kBf16)
     asm volatile(FJ_WGMMA(128, "f16", FJ_ACC64, "{%64, %65, %66, %67}, %68, p, 1, 1, %70", "%69")
                  : FJ_F64(f) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(acc), "n"(kTransB));
-  }
+  else if constexpr (N == 192 && kBf16)
+    asm volatile(FJ_WGMMA(192, "bf16", FJ_ACC96, "{%96, %97, %98, %99}, %100, p, 1, 1, %102", "%101")
+                 : FJ_F96(f) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(acc), "n"(kTransB));
+  else if constexpr (N == 192 && !kBf16)
+    asm volatile(FJ_WGMMA(192, "f16", FJ_ACC96, "{%96, %97, %98, %99}, %100, p, 1, 1, %102", "%101")
+                 : FJ_F96(f) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(acc), "n"(kTransB));
+  else if constexpr (N == 256 && kBf16)
+    asm volatile(FJ_WGMMA(256, "bf16", FJ_ACC128, "{%128, %129, %130, %131}, %132, p, 1, 1, %134", "%133")
+                 : FJ_F128(f) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(acc), "n"(kTransB));
+  else if constexpr (N == 256 && !kBf16)
+    asm volatile(FJ_WGMMA(256, "f16", FJ_ACC128, "{%128, %129, %130, %131}, %132, p, 1, 1, %134", "%133")
+                 : FJ_F128(f) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(acc), "n"(kTransB));
 }
 
 #undef FJ_WGMMA
+#undef FJ_F128
+#undef FJ_F96
 #undef FJ_F64
+#undef FJ_F48
 #undef FJ_F32
+#undef FJ_F16
 #undef FJ_F8
+#undef FJ_ACC128
+#undef FJ_ACC96
 #undef FJ_ACC64
+#undef FJ_ACC48
 #undef FJ_ACC32
 
 }  // namespace flashjit

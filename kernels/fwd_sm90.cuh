@@ -1,0 +1,345 @@
+// Forward pass for Hopper (sm_90a): warp-specialised, TMA loads into a ring of stages, wgmma.
+//
+// Same result as fwd_sm80.cuh (same masks, softmax, dropout mask and lse), different machine:
+//   O[b, i, h, :] = sum_j softmax_j(scale * Q[b, i, h, :] . K[b, j, h_k, :]) V[b, j, h_k, :]
+// q: [B, Sq, H, D], k/v: [B, Sk, H_k, D], o: [B, Sq, H, D]; lse: [B, H, Sq] fp32 or null.
+//
+// Roles. One CTA owns kBlockM query rows of one (batch, head):
+//   warpgroup 0            producer: one thread issues every TMA load, the rest only wait; it gives
+//                          its registers to the consumers (setmaxnreg).
+//   warpgroups 1..kWG      consumers: 64 query rows each, O and the softmax statistics in registers.
+// Barriers (who arrives / who waits):
+//   q_full                 producer (expect_tx: the Q tile)      / every consumer thread, once
+//   k.full[s], v.full[s]   producer (expect_tx: the K / V tile)   / every consumer thread
+//   k.empty[s], v.empty[s] every consumer thread, once its QK^T /  / the producer, before refilling
+//                          PV product has retired                    stage s
+//   Barrier::kEpilogue+g   consumer warpgroup g's 128 threads, before its thread 0 stores O by TMA
+//   Barrier::kPingPong+g   (ping-pong) warpgroup g may issue its next matrix products
+// Schedule of consumer warpgroup g over its key blocks j (stage s = j mod kStages):
+//   wait k.full[s]; S = Q_g K_j^T (wgmma, A and B from shared memory); release k.empty[s]
+//   mask, online softmax in registers, P = exp(S - m)     [under the previous block's PV with overlap]
+//   wait v.full[s]; O += P V_j (wgmma, P from registers, V from shared memory); release v.empty[s]
+//   epilogue: O / l into this warpgroup's rows of the Q tile, TMA store; lse from registers.
+// With kOverlap the QK^T of block j+1 is issued before the softmax of block j, and PV of block j runs
+// while the softmax of block j+1 computes its exponentials (FlashAttention-3's intra-warpgroup
+// overlap). With kPingPong the warpgroups take turns issuing their matrix products, so one's softmax
+// runs under the other's tensor-core work.
+#pragma once
+#include "fwd_sm80.cuh"
+#include "common/wgmma.cuh"
+#include "common/sm90/mbarrier.cuh"
+#include "common/sm90/tma.cuh"
+#include "common/sm90/warpgroup.cuh"
+
+namespace flashjit::fwd_sm90 {
+
+using namespace flashjit::sm90;
+
+// Named barrier ids (0 is __syncthreads).
+enum class Barrier : int { kEpilogue = 1, kPingPong = 5 };
+
+// One template parameter per Sm90FwdConfig field (flashjit/configs/fwd_sm90.py), in the same order.
+template <bool kBf16_, int kDHead_, int kBlockM_, int kBlockN_, int kStages_, bool kOverlap_, bool kPingPong_,
+          bool kCausal_, bool kLocal_, bool kSoftcap_, bool kAlibi_, bool kDropout_>
+struct Config {
+  static constexpr bool kBf16 = kBf16_, kOverlap = kOverlap_, kPingPong = kPingPong_, kCausal = kCausal_;
+  static constexpr bool kDropout = kDropout_;
+  using Mod = ScoreMod<kCausal_, kLocal_, kSoftcap_, kAlibi_>;
+  // kD: the tile width, whole 64-column swizzle blocks (TMA boxes); kDMma: the QK^T k extent.
+  static constexpr int kDHead = kDHead_, kD = (kDHead_ + 63) / 64 * 64, kDMma = (kDHead_ + 15) / 16 * 16;
+  static constexpr int kBlockM = kBlockM_, kBlockN = kBlockN_, kStages = kStages_;
+  static constexpr int kConsumers = kBlockM / 64, kThreads = 128 * (kConsumers + 1);
+  // The register file (64 K) split: 24 or 32 for the producer, the rest for the consumers.
+  static constexpr int kProducerRegs = kConsumers == 2 ? 24 : 32, kConsumerRegs = kConsumers == 2 ? 240 : 160;
+  using TileQ = GmmaTile<kBlockM, kD>;
+  using TileKV = GmmaTile<kBlockN, kD>;
+  // 1 KiB of slack (the swizzle needs 1024-byte aligned tiles), Q, the K/V ring, the barriers.
+  static constexpr int kBarrierBytes = 8 * (1 + 4 * kStages);
+  static constexpr int kSmemBytes = 1024 + TileQ::kBytes + 2 * kStages * TileKV::kBytes + kBarrierBytes;
+
+  // The element-wise passes of fwd_sm80.cuh, seen from one consumer warp: 16 rows (one m-tile).
+  struct Warp {
+    static constexpr int kM = 1, kNtC = kBlockN / 8, kKtC = kBlockN / 16, kNtD = kD / 8;
+    static constexpr bool kOptSoftmax = true, kBf16 = kBf16_;
+    using Mod = Config::Mod;
+  };
+
+  static_assert(kDHead % 8 == 0 && kDHead >= 8 && kDHead <= 256, "d_head must be a multiple of 8 from 8 to 256");
+  static_assert(kBlockM == 128 || kBlockM == 192, "block_m must be 128 or 192 (two or three consumer warpgroups)");
+  static_assert(kBlockN == 64 || kBlockN == 96 || kBlockN == 128 || kBlockN == 192,
+                "block_n must be 64, 96, 128 or 192");
+  static_assert(kStages >= 2 && kStages <= 4, "stages must be 2, 3 or 4");
+  static_assert(!kPingPong || (kConsumers == 2 && kOverlap),
+                "ping-pong alternates two consumer warpgroups (block_m 128) and needs the overlap");
+  // Per consumer thread: O (kD / 2 fp32), S (kBlockN / 2 fp32) and P (kBlockN / 4 packed pairs).
+  static constexpr int kRegEstimate = kD / 2 + kBlockN / 2 + kBlockN / 4 + 32;
+  static_assert(kRegEstimate <= kConsumerRegs, "O, S and P of this config do not fit the consumers' registers");
+  static_assert(kSmemBytes <= 227 * 1024, "Q and the K/V stages of this config need more than 227 KiB of shared memory");
+};
+
+// The kernel's parameters: the plain ones and a TMA map per tensor (encoded by launch()).
+struct Args {
+  FwdParams p;
+  CUtensorMap q, k, v, o;
+};
+
+// ---- consumer steps ------------------------------------------------------------------------------
+// S = Q_g K^T over the real head dim's 16-wide k-steps; asynchronous (commit only).
+template <class C>
+__device__ __forceinline__ void issue_qk(float (&s)[C::kBlockN / 8][4], uint64_t q_desc, uint64_t k_desc) {
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < C::kDMma / 16; ++ks)
+    wgmma_ss<C::kBlockN, C::kBf16, 0, 0>(s, gmma_desc_add(q_desc, kmajor_step<C::kBlockM>(ks)),
+                                         gmma_desc_add(k_desc, kmajor_step<C::kBlockN>(ks)), ks > 0);
+  wgmma_commit();
+}
+
+// O += P V; asynchronous (commit only).
+template <class C>
+__device__ __forceinline__ void issue_pv(float (&o)[C::kD / 8][4], const uint32_t (&pf)[1][C::kBlockN / 16][4],
+                                         uint64_t v_desc) {
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < C::kBlockN / 16; ++ks)
+    wgmma_rs<C::kD, C::kBf16, 1>(o, pf[0][ks], gmma_desc_add(v_desc, mnmajor_step(ks)), true);
+  wgmma_commit();
+}
+
+// Score modifiers and masks of block j for this warp's 16 rows (row0: global index of its first).
+template <class C>
+__device__ __forceinline__ void mask_scores(float (&s)[1][C::kBlockN / 8][4], const typename C::Mod& mod, int row0,
+                                            int j, int lane) {
+  using W = typename C::Warp;
+  const int col0 = j * C::kBlockN;
+  const bool need_mask = mod.block_needs_mask(row0, 16, col0, C::kBlockN);
+  if (need_mask || C::Mod::kTransforms) fwd::apply_score_mod<W>(s, mod, row0, col0, need_mask, lane);
+}
+
+// Softmax'd (and dropped-out) S as the A fragments of PV.
+template <class C>
+__device__ __forceinline__ void scores_to_p(float (&s)[1][C::kBlockN / 8][4], uint32_t (&pf)[1][C::kBlockN / 16][4],
+                                            const FwdParams& p, int bh, int row0, int j, int lane) {
+  if (C::kDropout) fwd::apply_dropout<typename C::Warp>(s, Dropout(p.mods, bh), row0, j * C::kBlockN, lane);
+  acc_to_a<C::kBf16>(s, pf);
+}
+
+template <class C>
+__global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_constant__ Args args) {
+  const FwdParams& p = args.p;
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t base = (smem_addr(smem_raw) + 1023) & ~1023u;
+  unsigned char* smem = smem_raw + (base - smem_addr(smem_raw));
+  elem_t* sQ = reinterpret_cast<elem_t*>(smem);
+  elem_t* sK = sQ + C::TileQ::kBytes / 2;                 // kStages K tiles
+  elem_t* sV = sK + C::kStages * C::TileKV::kBytes / 2;  // kStages V tiles
+  uint64_t* q_full = reinterpret_cast<uint64_t*>(sV + C::kStages * C::TileKV::kBytes / 2);
+  Ring<C::kStages>& k_ring = *reinterpret_cast<Ring<C::kStages>*>(q_full + 1);
+  Ring<C::kStages>& v_ring = *(&k_ring + 1);
+
+  const int tid = threadIdx.x;
+  const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);  // warp-uniform to the compiler
+  // 1-D grid: m-block fastest (neighbouring CTAs share K/V in L2), then head, then batch.
+  const int num_m = (p.seqlen_q + C::kBlockM - 1) / C::kBlockM;
+  int m_block = blockIdx.x % num_m;
+  const int bh = blockIdx.x / num_m, h = bh % p.heads, b = bh / p.heads;
+  if (C::kCausal) m_block = num_m - 1 - m_block;  // longest rows first: better tail balance
+  const int h_k = h / (p.heads / p.heads_k);
+  const int q_row0 = m_block * C::kBlockM, q_rows = min(C::kBlockM, p.seqlen_q - q_row0);
+  const typename C::Mod mod(p.mods, p.seqlen_q, p.seqlen_k, p.softmax_scale, b, h);
+
+  // Key blocks any row of this CTA can see: [j_begin, j_end) (as fwd_sm80.cuh).
+  int j_begin = 0, j_end = (p.seqlen_k + C::kBlockN - 1) / C::kBlockN;
+  if (C::kCausal || (C::Mod::kLocal && mod.right >= 0)) {
+    const int last_col = q_row0 + q_rows - 1 + mod.diag + mod.right;
+    j_end = last_col < 0 ? 0 : min(j_end, last_col / C::kBlockN + 1);
+  }
+  if (C::Mod::kLocal && mod.left >= 0) j_begin = max(0, (q_row0 + mod.diag - mod.left) / C::kBlockN);
+
+  if (tid == 0) {
+    mbarrier_init(q_full, 1);
+    k_ring.init(C::kConsumers * 128);
+    v_ring.init(C::kConsumers * 128);
+    mbarrier_init_fence();
+  }
+  __syncthreads();
+
+  if (wg == 0) {  // ---- producer -----------------------------------------------------------------
+    warpgroup_release_registers<C::kProducerRegs>();
+    if (tid == 0 && j_begin < j_end) {
+      tma_prefetch_map(&args.q);
+      tma_prefetch_map(&args.k);
+      tma_prefetch_map(&args.v);
+      mbarrier_arrive_expect_tx(q_full, C::TileQ::kBytes);
+#pragma unroll
+      for (int c = 0; c < C::kD / 64; ++c)
+        tma_load_4d(sQ + c * C::TileQ::kBlockBytes / 2, &args.q, q_full, c * 64, q_row0, h, b);
+      RingState<C::kStages> st;
+      for (int j = j_begin; j < j_end; ++j, st.advance()) {
+        elem_t* k_dst = sK + st.stage * C::TileKV::kBytes / 2;
+        elem_t* v_dst = sV + st.stage * C::TileKV::kBytes / 2;
+        uint64_t* full = k_ring.acquire(st, C::TileKV::kBytes);
+#pragma unroll
+        for (int c = 0; c < C::kD / 64; ++c)
+          tma_load_4d(k_dst + c * C::TileKV::kBlockBytes / 2, &args.k, full, c * 64, j * C::kBlockN, h_k, b);
+        full = v_ring.acquire(st, C::TileKV::kBytes);
+#pragma unroll
+        for (int c = 0; c < C::kD / 64; ++c)
+          tma_load_4d(v_dst + c * C::TileKV::kBlockBytes / 2, &args.v, full, c * 64, j * C::kBlockN, h_k, b);
+      }
+    }
+    return;
+  }
+
+  // ---- consumers -----------------------------------------------------------------------------------
+  warpgroup_claim_registers<C::kConsumerRegs>();
+  const int g = wg - 1, t = tid % 128, lane = t & 31;
+  const int row_cta = g * 64 + (t / 32) * 16;  // this warp's first row within the CTA
+  const int row0 = q_row0 + row_cta;           // ... and globally
+  const float scale = C::Mod::kTransforms ? 1.f : p.softmax_scale, scale_log2 = scale * 1.4426950408889634f;
+  using W = typename C::Warp;
+
+  float o[1][C::kD / 8][4];
+  float m[1][2] = {{-INFINITY, -INFINITY}}, l[1][2] = {{0.f, 0.f}};
+  zero(o);
+  if (j_begin < j_end) {
+    const uint64_t q_desc = gmma_desc(smem_addr(sQ) + g * 64 * 128, 16);
+    auto k_desc = [&](int stage) { return gmma_desc(smem_addr(sK + stage * C::TileKV::kBytes / 2), 16); };
+    auto v_desc = [&](int stage) {
+      return gmma_desc(smem_addr(sV + stage * C::TileKV::kBytes / 2), C::TileKV::kBlockBytes);
+    };
+    // Ping-pong: warpgroup g issues its matrix products only while it holds the token (barrier
+    // kPingPong + g, completed by the other warpgroup's arrival), and hands it over right after
+    // issuing, so its softmax runs under the other's products. Warpgroup 1 hands it to 0 first; its
+    // last hand-over is skipped so every arrival is waited for.
+    auto take_token = [&] {
+      if (C::kPingPong) named_sync(int(Barrier::kPingPong) + g, 256);
+    };
+    auto pass_token = [&](bool last) {
+      if (C::kPingPong && !(last && g == 1)) named_arrive(int(Barrier::kPingPong) + 1 - g, 256);
+    };
+    if (C::kPingPong && g == 1) named_arrive(int(Barrier::kPingPong), 256);
+    mbarrier_wait(q_full, 0);
+    RingState<C::kStages> st;
+    float s[1][C::kBlockN / 8][4];
+    uint32_t pf[1][C::kBlockN / 16][4];
+    if (!C::kOverlap) {
+      for (int j = j_begin; j < j_end; ++j, st.advance()) {
+        k_ring.wait(st);
+        issue_qk<C>(s[0], q_desc, k_desc(st.stage));
+        wgmma_wait<0>();
+        wgmma_settle(s[0]);
+        k_ring.release(st);
+        mask_scores<C>(s, mod, row0, j, lane);
+        fwd::online_softmax<W>(s, o, m, l, scale, scale_log2);
+        scores_to_p<C>(s, pf, p, bh, row0, j, lane);
+        v_ring.wait(st);
+        issue_pv<C>(o[0], pf, v_desc(st.stage));
+        wgmma_wait<0>();
+        wgmma_settle(o[0]);
+        v_ring.release(st);
+      }
+    } else {
+      // Block j_begin alone: its scores; then per block j, its QK^T is issued with block j-1's PV,
+      // and block j's exponentials run under that PV (O is rescaled once the PV has retired).
+      k_ring.wait(st);
+      take_token();
+      issue_qk<C>(s[0], q_desc, k_desc(st.stage));
+      pass_token(false);
+      wgmma_wait<0>();
+      wgmma_settle(s[0]);
+      k_ring.release(st);
+      mask_scores<C>(s, mod, row0, j_begin, lane);
+      fwd::online_softmax<W>(s, o, m, l, scale, scale_log2);
+      scores_to_p<C>(s, pf, p, bh, row0, j_begin, lane);
+      RingState<C::kStages> prev = st;
+      st.advance();
+      for (int j = j_begin + 1; j < j_end; ++j, st.advance()) {
+        k_ring.wait(st);
+        v_ring.wait(prev);
+        take_token();
+        issue_qk<C>(s[0], q_desc, k_desc(st.stage));
+        issue_pv<C>(o[0], pf, v_desc(prev.stage));
+        pass_token(false);
+        wgmma_wait<1>();  // S_j is ready; PV_{j-1} may still run
+        wgmma_settle(s[0]);
+        k_ring.release(st);
+        mask_scores<C>(s, mod, row0, j, lane);
+        float alpha[1][2];
+        fwd::softmax_rows<W>(s, m, l, alpha, scale, scale_log2);
+        wgmma_wait<0>();
+        wgmma_settle(o[0]);
+        v_ring.release(prev);
+        fwd::rescale_o<W>(o, alpha);
+        scores_to_p<C>(s, pf, p, bh, row0, j, lane);
+        prev = st;
+      }
+      v_ring.wait(prev);
+      take_token();
+      issue_pv<C>(o[0], pf, v_desc(prev.stage));
+      pass_token(true);
+      wgmma_wait<0>();
+      wgmma_settle(o[0]);
+      v_ring.release(prev);
+    }
+  }
+
+  // ---- epilogue: normalise, O into this warpgroup's rows of the Q tile, TMA store; lse ----------
+  float* lse = p.lse + (int64_t(b) * p.heads + h) * p.seqlen_q;  // unused when p.lse is null
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    float sum = l[0][half];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    // Dropped entries still count in the softmax denominator; kept ones are scaled by 1 / (1 - p).
+    const float inv = sum > 0.f ? (C::kDropout ? p.mods.dropout_scale : 1.f) / sum : 0.f;
+    const int row = row_cta + (lane >> 2) + half * 8;
+#pragma unroll
+    for (int nt = 0; nt < C::kD / 8; ++nt)
+      *reinterpret_cast<uint32_t*>(sQ + C::TileQ::offset(row, nt) + (lane & 3) * 2) =
+          pack2<C::kBf16>(o[0][nt][2 * half] * inv, o[0][nt][2 * half + 1] * inv);
+    if (p.lse != nullptr && (lane & 3) == 0 && q_row0 + row < p.seqlen_q)
+      lse[q_row0 + row] = sum > 0.f ? m[0][half] * scale + logf(sum) : INFINITY;  // m: raw-score units
+  }
+  fence_proxy_async();  // the stores above, visible to the TMA unit
+  named_sync(int(Barrier::kEpilogue) + g, 128);
+  if (t == 0) {
+#pragma unroll
+    for (int c = 0; c < C::kD / 64; ++c)
+      tma_store_4d(&args.o, sQ + c * C::TileQ::kBlockBytes / 2 + g * 64 * 64, c * 64, q_row0 + g * 64, h, b);
+    tma_store_commit();
+    tma_store_wait_read();
+  }
+}
+
+template <class C>
+cudaError_t launch(const FwdParams& p, cudaStream_t stream) {
+  if (p.batch == 0 || p.heads == 0 || p.seqlen_q == 0) return cudaSuccess;
+  const int64_t blocks = int64_t((p.seqlen_q + C::kBlockM - 1) / C::kBlockM) * p.heads * p.batch;
+  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  Args args;
+  args.p = p;
+  // With Sk = 0 no K/V tile is ever loaded; the maps must still encode, so they describe Q.
+  const bool no_keys = p.seqlen_k == 0;
+  const TensorRef& k = no_keys ? p.q : p.k;
+  const TensorRef& v = no_keys ? p.q : p.v;
+  const int kv_rows = no_keys ? p.seqlen_q : p.seqlen_k, kv_heads = no_keys ? p.heads : p.heads_k;
+  if (!encode_bshd(&args.q, p.q, C::kBf16, p.batch, p.seqlen_q, p.heads, C::kDHead, C::kBlockM) ||
+      !encode_bshd(&args.k, k, C::kBf16, p.batch, kv_rows, kv_heads, C::kDHead, C::kBlockN) ||
+      !encode_bshd(&args.v, v, C::kBf16, p.batch, kv_rows, kv_heads, C::kDHead, C::kBlockN) ||
+      !encode_bshd(&args.o, p.o, C::kBf16, p.batch, p.seqlen_q, p.heads, C::kDHead, 64))
+    return cudaErrorInvalidValue;
+  int device = 0;  // above 48 KiB a kernel must opt in to dynamic shared memory, once per device
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  static bool opted_in[64] = {};
+  if (device >= 64 || !opted_in[device]) {
+    err = cudaFuncSetAttribute(fwd_kernel<C>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
+    if (err != cudaSuccess) return err;
+    if (device < 64) opted_in[device] = true;
+  }
+  fwd_kernel<C><<<unsigned(blocks), C::kThreads, C::kSmemBytes, stream>>>(args);
+  return cudaGetLastError();
+}
+
+}  // namespace flashjit::fwd_sm90
