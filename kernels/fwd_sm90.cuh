@@ -8,8 +8,11 @@
 //   warpgroup 0            producer: one thread issues every TMA load, the rest only wait; it gives
 //                          its registers to the consumers (setmaxnreg).
 //   warpgroups 1..kWG      consumers: 64 query rows each, O and the softmax statistics in registers.
+// Persistent, a CTA per SM walks tiles blockIdx.x, + gridDim.x, ...; the rings run on across tiles.
 // Barriers (who arrives / who waits):
-//   q_full                 producer (expect_tx: the Q tile)      / every consumer thread, once
+//   q_full                 producer (expect_tx: the Q tile)      / every consumer thread, once a tile
+//   q_empty                every consumer thread, after its last  / the producer, before the next
+//                          QK^T of the tile retired                  tile's Q
 //   k.full[s], v.full[s]   producer (expect_tx: the K / V tile)   / every consumer thread
 //   k.empty[s], v.empty[s] every consumer thread, once its QK^T /  / the producer, before refilling
 //                          PV product has retired                    stage s
@@ -19,7 +22,8 @@
 //   wait k.full[s]; S = Q_g K_j^T (wgmma, A and B from shared memory); release k.empty[s]
 //   mask, online softmax in registers, P = exp(S - m)     [under the previous block's PV with overlap]
 //   wait v.full[s]; O += P V_j (wgmma, P from registers, V from shared memory); release v.empty[s]
-//   epilogue: O / l into this warpgroup's rows of the Q tile, TMA store; lse from registers.
+//   epilogue: O / l into this warpgroup's rows of the Q tile, TMA store (persistent: straight from
+//   registers, the Q tile may hold the next tile already); lse from registers.
 // With kOverlap the QK^T of block j+1 is issued before the softmax of block j, and PV of block j runs
 // while the softmax of block j+1 computes its exponentials (FlashAttention-3's intra-warpgroup
 // overlap). With kPingPong the warpgroups take turns issuing their matrix products, so one's softmax
@@ -38,11 +42,13 @@ using namespace flashjit::sm90;
 // Named barrier ids (0 is __syncthreads).
 enum class Barrier : int { kEpilogue = 1, kPingPong = 5 };
 
-// One template parameter per Sm90FwdConfig field (flashjit/configs/fwd_sm90.py), in the same order.
+// One template parameter per Sm90FwdConfig field (flashjit/configs/fwd_sm90.py), in the same order; every
+// static_assert message is one of its WHY_* reasons, verbatim.
 template <bool kBf16_, int kDHead_, int kBlockM_, int kBlockN_, int kStages_, bool kOverlap_, bool kPingPong_,
-          bool kCausal_, bool kLocal_, bool kSoftcap_, bool kAlibi_, bool kDropout_>
+          bool kPersistent_, bool kCausal_, bool kLocal_, bool kSoftcap_, bool kAlibi_, bool kDropout_>
 struct Config {
   static constexpr bool kBf16 = kBf16_, kOverlap = kOverlap_, kPingPong = kPingPong_, kCausal = kCausal_;
+  static constexpr bool kPersistent = kPersistent_;
   static constexpr bool kDropout = kDropout_;
   using Mod = ScoreMod<kCausal_, kLocal_, kSoftcap_, kAlibi_>;
   // kD: the tile width, whole 64-column swizzle blocks (TMA boxes); kDMma: the QK^T k extent.
@@ -54,7 +60,7 @@ struct Config {
   using TileQ = GmmaTile<kBlockM, kD>;
   using TileKV = GmmaTile<kBlockN, kD>;
   // 1 KiB of slack (the swizzle needs 1024-byte aligned tiles), Q, the K/V ring, the barriers.
-  static constexpr int kBarrierBytes = 8 * (1 + 4 * kStages);
+  static constexpr int kBarrierBytes = 8 * (2 + 4 * kStages);
   static constexpr int kSmemBytes = 1024 + TileQ::kBytes + 2 * kStages * TileKV::kBytes + kBarrierBytes;
 
   // The element-wise passes of fwd_sm80.cuh, seen from one consumer warp: 16 rows (one m-tile).
@@ -124,168 +130,62 @@ __device__ __forceinline__ void scores_to_p(float (&s)[1][C::kBlockN / 8][4], ui
   acc_to_a<C::kBf16>(s, pf);
 }
 
+// One tile of work: kBlockM query rows of one (batch, head) and the key blocks [j_begin, j_end) any
+// of its rows can see (as fwd_sm80.cuh). Tiles are numbered m-block fastest (neighbouring CTAs share
+// K/V in L2), then head, then batch; with a causal mask the longest rows come first.
 template <class C>
-__global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_constant__ Args args) {
+struct Tile {
+  int bh, b, h, h_k, q_row0, q_rows, j_begin, j_end;
+  typename C::Mod mod;
+
+  __device__ __forceinline__ Tile(const FwdParams& p, int tile, int num_m)
+      : bh(tile / num_m), b(bh / p.heads), h(bh % p.heads), h_k(h / (p.heads / p.heads_k)),
+        mod(p.mods, p.seqlen_q, p.seqlen_k, p.softmax_scale, bh / p.heads, bh % p.heads) {
+    const int m_block = C::kCausal ? num_m - 1 - tile % num_m : tile % num_m;
+    q_row0 = m_block * C::kBlockM;
+    q_rows = min(C::kBlockM, p.seqlen_q - q_row0);
+    j_begin = 0;
+    j_end = (p.seqlen_k + C::kBlockN - 1) / C::kBlockN;
+    if (C::kCausal || (C::Mod::kLocal && mod.right >= 0)) {
+      const int last_col = q_row0 + q_rows - 1 + mod.diag + mod.right;  // rightmost visible key
+      j_end = last_col < 0 ? 0 : min(j_end, last_col / C::kBlockN + 1);
+    }
+    if (C::Mod::kLocal && mod.left >= 0) j_begin = max(0, (q_row0 + mod.diag - mod.left) / C::kBlockN);
+  }
+  __device__ __forceinline__ bool empty() const { return j_begin >= j_end; }
+};
+
+// The shared memory: Q, the K and V rings, the barriers (q_empty: every consumer thread has issued
+// and retired its last QK^T of a tile, so the persistent producer may load the next Q).
+template <class C>
+struct Smem {
+  elem_t *q, *k, *v;
+  uint64_t *q_full, *q_empty;
+  sm90::Ring<C::kStages>*k_ring, *v_ring;
+
+  __device__ __forceinline__ explicit Smem(unsigned char* base) {
+    q = reinterpret_cast<elem_t*>(base);
+    k = q + C::TileQ::kBytes / 2;
+    v = k + C::kStages * C::TileKV::kBytes / 2;
+    q_full = reinterpret_cast<uint64_t*>(v + C::kStages * C::TileKV::kBytes / 2);
+    q_empty = q_full + 1;
+    k_ring = reinterpret_cast<sm90::Ring<C::kStages>*>(q_empty + 1);
+    v_ring = k_ring + 1;
+  }
+  __device__ __forceinline__ elem_t* k_stage(int s) const { return k + s * C::TileKV::kBytes / 2; }
+  __device__ __forceinline__ elem_t* v_stage(int s) const { return v + s * C::TileKV::kBytes / 2; }
+};
+
+// Normalise O and write it with lse. One CTA per tile: O goes through this warpgroup's rows of the Q
+// tile and out with a TMA store (clipped to Sq and d_head by the map). Persistent: the Q tile may
+// already hold the next tile's rows, so each thread stores its pairs straight from registers (a
+// quad writes 16 contiguous bytes of a row; O is a small share of the traffic).
+template <class C>
+__device__ __forceinline__ void epilogue(const Args& args, const Smem<C>& sm, const Tile<C>& T, float (&o)[1][C::kD / 8][4],
+                                         const float (&m)[1][2], const float (&l)[1][2], float scale, int g, int t) {
   const FwdParams& p = args.p;
-  extern __shared__ unsigned char smem_raw[];
-  const uint32_t base = (smem_addr(smem_raw) + 1023) & ~1023u;
-  unsigned char* smem = smem_raw + (base - smem_addr(smem_raw));
-  elem_t* sQ = reinterpret_cast<elem_t*>(smem);
-  elem_t* sK = sQ + C::TileQ::kBytes / 2;                 // kStages K tiles
-  elem_t* sV = sK + C::kStages * C::TileKV::kBytes / 2;  // kStages V tiles
-  uint64_t* q_full = reinterpret_cast<uint64_t*>(sV + C::kStages * C::TileKV::kBytes / 2);
-  Ring<C::kStages>& k_ring = *reinterpret_cast<Ring<C::kStages>*>(q_full + 1);
-  Ring<C::kStages>& v_ring = *(&k_ring + 1);
-
-  const int tid = threadIdx.x;
-  const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);  // warp-uniform to the compiler
-  // 1-D grid: m-block fastest (neighbouring CTAs share K/V in L2), then head, then batch.
-  const int num_m = (p.seqlen_q + C::kBlockM - 1) / C::kBlockM;
-  int m_block = blockIdx.x % num_m;
-  const int bh = blockIdx.x / num_m, h = bh % p.heads, b = bh / p.heads;
-  if (C::kCausal) m_block = num_m - 1 - m_block;  // longest rows first: better tail balance
-  const int h_k = h / (p.heads / p.heads_k);
-  const int q_row0 = m_block * C::kBlockM, q_rows = min(C::kBlockM, p.seqlen_q - q_row0);
-  const typename C::Mod mod(p.mods, p.seqlen_q, p.seqlen_k, p.softmax_scale, b, h);
-
-  // Key blocks any row of this CTA can see: [j_begin, j_end) (as fwd_sm80.cuh).
-  int j_begin = 0, j_end = (p.seqlen_k + C::kBlockN - 1) / C::kBlockN;
-  if (C::kCausal || (C::Mod::kLocal && mod.right >= 0)) {
-    const int last_col = q_row0 + q_rows - 1 + mod.diag + mod.right;
-    j_end = last_col < 0 ? 0 : min(j_end, last_col / C::kBlockN + 1);
-  }
-  if (C::Mod::kLocal && mod.left >= 0) j_begin = max(0, (q_row0 + mod.diag - mod.left) / C::kBlockN);
-
-  if (tid == 0) {
-    mbarrier_init(q_full, 1);
-    k_ring.init(C::kConsumers * 128);
-    v_ring.init(C::kConsumers * 128);
-    mbarrier_init_fence();
-  }
-  __syncthreads();
-
-  if (wg == 0) {  // ---- producer -----------------------------------------------------------------
-    warpgroup_release_registers<C::kProducerRegs>();
-    if (tid == 0 && j_begin < j_end) {
-      tma_prefetch_map(&args.q);
-      tma_prefetch_map(&args.k);
-      tma_prefetch_map(&args.v);
-      mbarrier_arrive_expect_tx(q_full, C::TileQ::kBytes);
-#pragma unroll
-      for (int c = 0; c < C::kD / 64; ++c)
-        tma_load_4d(sQ + c * C::TileQ::kBlockBytes / 2, &args.q, q_full, c * 64, q_row0, h, b);
-      RingState<C::kStages> st;
-      for (int j = j_begin; j < j_end; ++j, st.advance()) {
-        elem_t* k_dst = sK + st.stage * C::TileKV::kBytes / 2;
-        elem_t* v_dst = sV + st.stage * C::TileKV::kBytes / 2;
-        uint64_t* full = k_ring.acquire(st, C::TileKV::kBytes);
-#pragma unroll
-        for (int c = 0; c < C::kD / 64; ++c)
-          tma_load_4d(k_dst + c * C::TileKV::kBlockBytes / 2, &args.k, full, c * 64, j * C::kBlockN, h_k, b);
-        full = v_ring.acquire(st, C::TileKV::kBytes);
-#pragma unroll
-        for (int c = 0; c < C::kD / 64; ++c)
-          tma_load_4d(v_dst + c * C::TileKV::kBlockBytes / 2, &args.v, full, c * 64, j * C::kBlockN, h_k, b);
-      }
-    }
-    return;
-  }
-
-  // ---- consumers -----------------------------------------------------------------------------------
-  warpgroup_claim_registers<C::kConsumerRegs>();
-  const int g = wg - 1, t = tid % 128, lane = t & 31;
-  const int row_cta = g * 64 + (t / 32) * 16;  // this warp's first row within the CTA
-  const int row0 = q_row0 + row_cta;           // ... and globally
-  const float scale = C::Mod::kTransforms ? 1.f : p.softmax_scale, scale_log2 = scale * 1.4426950408889634f;
-  using W = typename C::Warp;
-
-  float o[1][C::kD / 8][4];
-  float m[1][2] = {{-INFINITY, -INFINITY}}, l[1][2] = {{0.f, 0.f}};
-  zero(o);
-  if (j_begin < j_end) {
-    const uint64_t q_desc = gmma_desc(smem_addr(sQ) + g * 64 * 128, 16);
-    auto k_desc = [&](int stage) { return gmma_desc(smem_addr(sK + stage * C::TileKV::kBytes / 2), 16); };
-    auto v_desc = [&](int stage) {
-      return gmma_desc(smem_addr(sV + stage * C::TileKV::kBytes / 2), C::TileKV::kBlockBytes);
-    };
-    // Ping-pong: warpgroup g issues its matrix products only while it holds the token (barrier
-    // kPingPong + g, completed by the other warpgroup's arrival), and hands it over right after
-    // issuing, so its softmax runs under the other's products. Warpgroup 1 hands it to 0 first; its
-    // last hand-over is skipped so every arrival is waited for.
-    auto take_token = [&] {
-      if (C::kPingPong) named_sync(int(Barrier::kPingPong) + g, 256);
-    };
-    auto pass_token = [&](bool last) {
-      if (C::kPingPong && !(last && g == 1)) named_arrive(int(Barrier::kPingPong) + 1 - g, 256);
-    };
-    if (C::kPingPong && g == 1) named_arrive(int(Barrier::kPingPong), 256);
-    mbarrier_wait(q_full, 0);
-    RingState<C::kStages> st;
-    float s[1][C::kBlockN / 8][4];
-    uint32_t pf[1][C::kBlockN / 16][4];
-    if (!C::kOverlap) {
-      for (int j = j_begin; j < j_end; ++j, st.advance()) {
-        k_ring.wait(st);
-        issue_qk<C>(s[0], q_desc, k_desc(st.stage));
-        wgmma_wait<0>();
-        wgmma_settle(s[0]);
-        k_ring.release(st);
-        mask_scores<C>(s, mod, row0, j, lane);
-        fwd::online_softmax<W>(s, o, m, l, scale, scale_log2);
-        scores_to_p<C>(s, pf, p, bh, row0, j, lane);
-        v_ring.wait(st);
-        issue_pv<C>(o[0], pf, v_desc(st.stage));
-        wgmma_wait<0>();
-        wgmma_settle(o[0]);
-        v_ring.release(st);
-      }
-    } else {
-      // Block j_begin alone: its scores; then per block j, its QK^T is issued with block j-1's PV,
-      // and block j's exponentials run under that PV (O is rescaled once the PV has retired).
-      k_ring.wait(st);
-      take_token();
-      issue_qk<C>(s[0], q_desc, k_desc(st.stage));
-      pass_token(false);
-      wgmma_wait<0>();
-      wgmma_settle(s[0]);
-      k_ring.release(st);
-      mask_scores<C>(s, mod, row0, j_begin, lane);
-      fwd::online_softmax<W>(s, o, m, l, scale, scale_log2);
-      scores_to_p<C>(s, pf, p, bh, row0, j_begin, lane);
-      RingState<C::kStages> prev = st;
-      st.advance();
-      for (int j = j_begin + 1; j < j_end; ++j, st.advance()) {
-        k_ring.wait(st);
-        v_ring.wait(prev);
-        take_token();
-        issue_qk<C>(s[0], q_desc, k_desc(st.stage));
-        issue_pv<C>(o[0], pf, v_desc(prev.stage));
-        pass_token(false);
-        wgmma_wait<1>();  // S_j is ready; PV_{j-1} may still run
-        wgmma_settle(s[0]);
-        k_ring.release(st);
-        mask_scores<C>(s, mod, row0, j, lane);
-        float alpha[1][2];
-        fwd::softmax_rows<W>(s, m, l, alpha, scale, scale_log2);
-        wgmma_wait<0>();
-        wgmma_settle(o[0]);
-        v_ring.release(prev);
-        fwd::rescale_o<W>(o, alpha);
-        scores_to_p<C>(s, pf, p, bh, row0, j, lane);
-        prev = st;
-      }
-      v_ring.wait(prev);
-      take_token();
-      issue_pv<C>(o[0], pf, v_desc(prev.stage));
-      pass_token(true);
-      wgmma_wait<0>();
-      wgmma_settle(o[0]);
-      v_ring.release(prev);
-    }
-  }
-
-  // ---- epilogue: normalise, O into this warpgroup's rows of the Q tile, TMA store; lse ----------
-  float* lse = p.lse + (int64_t(b) * p.heads + h) * p.seqlen_q;  // unused when p.lse is null
+  const int lane = t & 31, row_cta = g * 64 + (t / 32) * 16;
+  float* lse = p.lse + (int64_t(T.b) * p.heads + T.h) * p.seqlen_q;  // unused when p.lse is null
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     float sum = l[0][half];
@@ -293,22 +193,199 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
     // Dropped entries still count in the softmax denominator; kept ones are scaled by 1 / (1 - p).
     const float inv = sum > 0.f ? (C::kDropout ? p.mods.dropout_scale : 1.f) / sum : 0.f;
-    const int row = row_cta + (lane >> 2) + half * 8;
+    const int row = row_cta + (lane >> 2) + half * 8, q_row = T.q_row0 + row;
+    if (C::kPersistent) {
+      elem_t* dst = p.o.at<elem_t>(T.b, T.h, q_row);
 #pragma unroll
-    for (int nt = 0; nt < C::kD / 8; ++nt)
-      *reinterpret_cast<uint32_t*>(sQ + C::TileQ::offset(row, nt) + (lane & 3) * 2) =
-          pack2<C::kBf16>(o[0][nt][2 * half] * inv, o[0][nt][2 * half + 1] * inv);
-    if (p.lse != nullptr && (lane & 3) == 0 && q_row0 + row < p.seqlen_q)
-      lse[q_row0 + row] = sum > 0.f ? m[0][half] * scale + logf(sum) : INFINITY;  // m: raw-score units
+      for (int nt = 0; nt < C::kD / 8; ++nt) {
+        const int col = nt * 8 + (lane & 3) * 2;
+        if (q_row < p.seqlen_q && col < C::kDHead)
+          *reinterpret_cast<uint32_t*>(dst + col) = pack2<C::kBf16>(o[0][nt][2 * half] * inv, o[0][nt][2 * half + 1] * inv);
+      }
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < C::kD / 8; ++nt)
+        *reinterpret_cast<uint32_t*>(sm.q + C::TileQ::offset(row, nt) + (lane & 3) * 2) =
+            pack2<C::kBf16>(o[0][nt][2 * half] * inv, o[0][nt][2 * half + 1] * inv);
+    }
+    if (p.lse != nullptr && (lane & 3) == 0 && q_row < p.seqlen_q)
+      lse[q_row] = sum > 0.f ? m[0][half] * scale + logf(sum) : INFINITY;  // m: raw-score units
   }
-  fence_proxy_async();  // the stores above, visible to the TMA unit
-  named_sync(int(Barrier::kEpilogue) + g, 128);
-  if (t == 0) {
+  if (!C::kPersistent) {
+    fence_proxy_async();  // the stores above, visible to the TMA unit
+    named_sync(int(Barrier::kEpilogue) + g, 128);
+    if (t == 0) {
 #pragma unroll
-    for (int c = 0; c < C::kD / 64; ++c)
-      tma_store_4d(&args.o, sQ + c * C::TileQ::kBlockBytes / 2 + g * 64 * 64, c * 64, q_row0 + g * 64, h, b);
-    tma_store_commit();
-    tma_store_wait_read();
+      for (int c = 0; c < C::kD / 64; ++c)
+        tma_store_4d(&args.o, sm.q + c * C::TileQ::kBlockBytes / 2 + g * 64 * 64, c * 64, T.q_row0 + g * 64, T.h, T.b);
+      tma_store_commit();
+      tma_store_wait_read();
+    }
+  }
+}
+
+// The producer thread: per tile, Q once (after the previous tile released it) and K/V block by
+// block into the rings, which run on across tiles so the next tile's first blocks load under the
+// current tile's last ones. K_{j_begin} goes first: it does not wait for Q's release.
+template <class C>
+__device__ __forceinline__ void produce(const Args& args, const Smem<C>& sm, int num_m, int num_tiles) {
+  const FwdParams& p = args.p;
+  tma_prefetch_map(&args.q);
+  tma_prefetch_map(&args.k);
+  tma_prefetch_map(&args.v);
+  RingState<C::kStages> st;
+  int it = 0;
+  for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x, ++it) {
+    const Tile<C> T(p, tile, num_m);
+    auto load = [&](const CUtensorMap* map, elem_t* dst, uint64_t* bar, int row0, int rows_block_bytes, int head) {
+#pragma unroll
+      for (int c = 0; c < C::kD / 64; ++c) tma_load_4d(dst + c * rows_block_bytes / 2, map, bar, c * 64, row0, head, T.b);
+    };
+    for (int j = T.j_begin; j < T.j_end; ++j, st.advance()) {
+      load(&args.k, sm.k_stage(st.stage), sm.k_ring->acquire(st, C::TileKV::kBytes), j * C::kBlockN,
+           C::TileKV::kBlockBytes, T.h_k);
+      if (j == T.j_begin) {
+        mbarrier_wait(sm.q_empty, (it & 1) ^ 1);
+        mbarrier_arrive_expect_tx(sm.q_full, C::TileQ::kBytes);
+        load(&args.q, sm.q, sm.q_full, T.q_row0, C::TileQ::kBlockBytes, T.h);
+      }
+      load(&args.v, sm.v_stage(st.stage), sm.v_ring->acquire(st, C::TileKV::kBytes), j * C::kBlockN,
+           C::TileKV::kBlockBytes, T.h_k);
+    }
+    if (T.empty()) {  // nothing to load: the phase still turns, so both sides keep counting tiles
+      mbarrier_wait(sm.q_empty, (it & 1) ^ 1);
+      mbarrier_arrive(sm.q_full);
+    }
+  }
+}
+
+template <class C>
+__global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_constant__ Args args) {
+  const FwdParams& p = args.p;
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t base = (smem_addr(smem_raw) + 1023) & ~1023u;
+  const Smem<C> sm(smem_raw + (base - smem_addr(smem_raw)));
+  const int tid = threadIdx.x;
+  const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);  // warp-uniform to the compiler
+  const int num_m = (p.seqlen_q + C::kBlockM - 1) / C::kBlockM;
+  const int num_tiles = num_m * p.heads * p.batch;  // the launch is one CTA per tile unless persistent
+
+  if (tid == 0) {
+    mbarrier_init(sm.q_full, 1);
+    mbarrier_init(sm.q_empty, C::kConsumers * 128);
+    sm.k_ring->init(C::kConsumers * 128);
+    sm.v_ring->init(C::kConsumers * 128);
+    mbarrier_init_fence();
+  }
+  __syncthreads();
+
+  if (wg == 0) {  // ---- producer -----------------------------------------------------------------
+    warpgroup_release_registers<C::kProducerRegs>();
+    if (tid == 0) produce<C>(args, sm, num_m, num_tiles);
+    return;
+  }
+
+  // ---- consumers -----------------------------------------------------------------------------------
+  warpgroup_claim_registers<C::kConsumerRegs>();
+  const int g = wg - 1, t = tid % 128, lane = t & 31;
+  const int row_cta = g * 64 + (t / 32) * 16;  // this warp's first row within the tile
+  // Transformed scores are already in softmax units; otherwise the scale folds into the exp2 argument.
+  const float scale = C::Mod::kTransforms ? 1.f : p.softmax_scale;
+  const float scale_log2 = scale * 1.4426950408889634f;
+  using W = typename C::Warp;
+  const uint64_t q_desc = gmma_desc(smem_addr(sm.q) + g * 64 * 128, 16);
+  auto k_desc = [&](int stage) { return gmma_desc(smem_addr(sm.k_stage(stage)), 16); };
+  auto v_desc = [&](int stage) { return gmma_desc(smem_addr(sm.v_stage(stage)), C::TileKV::kBlockBytes); };
+  RingState<C::kStages> st;
+  int it = 0;
+  for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x, ++it) {
+    const Tile<C> T(p, tile, num_m);
+    const int row0 = T.q_row0 + row_cta;  // this warp's first row, globally
+    float o[1][C::kD / 8][4];
+    float m[1][2] = {{-INFINITY, -INFINITY}}, l[1][2] = {{0.f, 0.f}};
+    zero(o);
+    mbarrier_wait(sm.q_full, it & 1);
+    // Q is released once this thread's last QK^T of the tile has retired.
+    auto q_done = [&](int j) {
+      if (j == T.j_end - 1) mbarrier_arrive(sm.q_empty);
+    };
+    if (T.empty()) mbarrier_arrive(sm.q_empty);
+    // Ping-pong: warpgroup g issues its matrix products only while it holds the token (barrier
+    // kPingPong + g, completed by the other warpgroup's arrival) and hands it over right after
+    // issuing, so its softmax runs under the other's products. Per tile, warpgroup 1 hands the token
+    // to 0 first and skips its own last hand-over, so every arrival is waited for.
+    auto take_token = [&] {
+      if (C::kPingPong) named_sync(int(Barrier::kPingPong) + g, 256);
+    };
+    auto pass_token = [&](bool last) {
+      if (C::kPingPong && !(last && g == 1)) named_arrive(int(Barrier::kPingPong) + 1 - g, 256);
+    };
+    float s[1][C::kBlockN / 8][4];
+    uint32_t pf[1][C::kBlockN / 16][4];
+    if (!C::kOverlap) {
+      for (int j = T.j_begin; j < T.j_end; ++j, st.advance()) {
+        sm.k_ring->wait(st);
+        issue_qk<C>(s[0], q_desc, k_desc(st.stage));
+        wgmma_wait<0>();
+        wgmma_settle(s[0]);
+        sm.k_ring->release(st);
+        q_done(j);
+        mask_scores<C>(s, T.mod, row0, j, lane);
+        fwd::online_softmax<W>(s, o, m, l, scale, scale_log2);
+        scores_to_p<C>(s, pf, p, T.bh, row0, j, lane);
+        sm.v_ring->wait(st);
+        issue_pv<C>(o[0], pf, v_desc(st.stage));
+        wgmma_wait<0>();
+        wgmma_settle(o[0]);
+        sm.v_ring->release(st);
+      }
+    } else if (!T.empty()) {
+      // Block j_begin alone: its scores; then per block j, its QK^T is issued with block j-1's PV,
+      // and block j's exponentials run under that PV (O is rescaled once the PV has retired).
+      if (C::kPingPong && g == 1) named_arrive(int(Barrier::kPingPong), 256);
+      sm.k_ring->wait(st);
+      take_token();
+      issue_qk<C>(s[0], q_desc, k_desc(st.stage));
+      pass_token(false);
+      wgmma_wait<0>();
+      wgmma_settle(s[0]);
+      sm.k_ring->release(st);
+      q_done(T.j_begin);
+      mask_scores<C>(s, T.mod, row0, T.j_begin, lane);
+      fwd::online_softmax<W>(s, o, m, l, scale, scale_log2);
+      scores_to_p<C>(s, pf, p, T.bh, row0, T.j_begin, lane);
+      RingState<C::kStages> prev = st;
+      st.advance();
+      for (int j = T.j_begin + 1; j < T.j_end; ++j, st.advance()) {
+        sm.k_ring->wait(st);
+        sm.v_ring->wait(prev);
+        take_token();
+        issue_qk<C>(s[0], q_desc, k_desc(st.stage));
+        issue_pv<C>(o[0], pf, v_desc(prev.stage));
+        pass_token(false);
+        wgmma_wait<1>();  // S_j is ready; PV_{j-1} may still run
+        wgmma_settle(s[0]);
+        sm.k_ring->release(st);
+        q_done(j);
+        mask_scores<C>(s, T.mod, row0, j, lane);
+        float alpha[1][2];
+        fwd::softmax_rows<W>(s, m, l, alpha, scale, scale_log2);
+        wgmma_wait<0>();
+        wgmma_settle(o[0]);
+        sm.v_ring->release(prev);
+        fwd::rescale_o<W>(o, alpha);
+        scores_to_p<C>(s, pf, p, T.bh, row0, j, lane);
+        prev = st;
+      }
+      sm.v_ring->wait(prev);
+      take_token();
+      issue_pv<C>(o[0], pf, v_desc(prev.stage));
+      pass_token(true);
+      wgmma_wait<0>();
+      wgmma_settle(o[0]);
+      sm.v_ring->release(prev);
+    }
+    epilogue<C>(args, sm, T, o, m, l, scale, g, t);
   }
 }
 
@@ -338,7 +415,19 @@ cudaError_t launch(const FwdParams& p, cudaStream_t stream) {
     if (err != cudaSuccess) return err;
     if (device < 64) opted_in[device] = true;
   }
-  fwd_kernel<C><<<unsigned(blocks), C::kThreads, C::kSmemBytes, stream>>>(args);
+  unsigned grid = unsigned(blocks);
+  if (C::kPersistent) {  // one CTA per SM, each walking tiles blockIdx.x, + gridDim.x, ...
+    static int sm_count[64] = {};
+    if (device >= 64 || sm_count[device] == 0) {
+      int count = 0;
+      err = cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
+      if (err != cudaSuccess) return err;
+      if (device >= 64) grid = min(grid, unsigned(count));
+      else sm_count[device] = count;
+    }
+    if (device < 64) grid = min(grid, unsigned(sm_count[device]));
+  }
+  fwd_kernel<C><<<grid, C::kThreads, C::kSmemBytes, stream>>>(args);
   return cudaGetLastError();
 }
 
