@@ -12,67 +12,20 @@ import itertools
 import re
 from dataclasses import dataclass, fields
 
-DTYPES = ("fp16", "bf16")
-HEAD_DIMS = (32, 64, 96, 128, 160, 192, 256)  # the tile widths; any multiple of 8 up to 256 runs in the next one
-MAX_HEAD_DIM = 256
+from .configs.common import (DTYPES, FEATURES, HEAD_DIMS, MAX_HEAD_DIM, REGISTER_LIMIT, SMEM_LIMIT_SM90, WARPS,
+                             WHY_HEAD_DIM, _Validated, features_suffix, head_dim_problem, head_dim_tile,
+                             smem_limit_for_arch)
+
 BLOCK_ROWS = (64, 128)        # B_r: query rows per CTA
 BLOCK_COLS = (32, 64, 128)    # B_c: key/value rows per main-loop step
-WARPS = (4, 8)
-REGISTER_LIMIT = 255
 
 # The reasons, shared verbatim with the static_asserts in kernels/fwd_sm80.cuh.
-WHY_HEAD_DIM = "d_head must be a multiple of 8 from 8 to 256"
 WHY_WARP_ROWS = "each warp must own 16 or 32 query rows: B_r / n_warps must be 16 or 32"
 WHY_DEPTH = "a fragment depth must be 0 (whole block up front) or a power of two dividing its k-tile count"
 WHY_EAGER = "eager_load_blocks needs async_copy: synchronous loads cannot overlap the matrix multiplies"
 WHY_DOUBLE_BUFFER = ("mma_double_buffer_loads needs a fragment depth that splits its k loop "
                      "(0 < depth < k-tiles) for Q, K or V")
 WHY_REGISTERS = "the fragments of this config need more than 255 registers per thread and would spill"
-
-
-def head_dim_tile(d_head: int) -> int:
-    """The tile width a head dim runs in (kernels/common/params.cuh: head_dim_tile): the next multiple
-    of 32 up to 192, else 256. The kernels load and store only the real d_head columns (the rest of
-    the tile is zero in shared memory), so q/k/v are never copied to a padded width."""
-    return (d_head + 31) // 32 * 32 if d_head <= 192 else MAX_HEAD_DIM
-
-
-def head_dim_problem(d_head) -> list[str]:
-    ok = isinstance(d_head, int) and d_head % 8 == 0 and 8 <= d_head <= MAX_HEAD_DIM
-    return [] if ok else [f"{WHY_HEAD_DIM}, got {d_head!r}"]
-
-
-# Run-time-specialised score features shared by both configs; each appears in a name only when on,
-# so the common kernels keep short names.
-FEATURES = ("local", "softcap", "alibi", "dropout")
-
-
-def features_suffix(config) -> str:
-    return "".join(f"_{f}" for f in FEATURES if getattr(config, f))
-
-
-class _Validated:
-    """What both kernel configs share: problems() lists every reason a config cannot be built;
-    validate() raises them (computed once per config); the shared-memory check against a device."""
-
-    def _choices(self, **allowed: tuple) -> list[str]:
-        return [f"{name} must be one of {values}, got {getattr(self, name)!r}"
-                for name, values in allowed.items() if getattr(self, name) not in values]
-
-    @functools.cached_property  # frozen dataclasses: stored in the instance dict, not a field
-    def _problems_cached(self) -> tuple:
-        return tuple(self.problems())
-
-    def validate(self):
-        if self._problems_cached:
-            raise ValueError(f"invalid {type(self).__name__} {self}:\n  - " + "\n  - ".join(self._problems_cached))
-        return self
-
-    def check_shared_memory(self, limit_bytes: int, device: str) -> None:
-        if self.smem_bytes > limit_bytes:
-            raise ValueError(
-                f"config {self.name} needs {self.smem_bytes // 1024} KiB of shared memory per block, "
-                f"but {device} allows {limit_bytes // 1024} KiB: choose a smaller tile")
 
 
 @dataclass(frozen=True)
@@ -237,15 +190,6 @@ _PREFERENCES = {  # (head-dim class, causal) -> tiles, best first
           dict(B_r=64, B_c=32, n_warps=4, **_DB0)],
     (256, True): [dict(B_r=64, B_c=64, n_warps=4, **_DB0), dict(B_r=64, B_c=32, n_warps=4, **_DB0)],
 }
-SMEM_LIMIT_SM90 = 227 * 1024
-
-
-def smem_limit_for_arch(arch: str) -> int:
-    """Opt-in shared memory per block: 227 KiB on sm_90 and datacenter Blackwell (sm_100/sm_103),
-    163 KiB on sm_80/sm_87, 99 KiB on sm_86/sm_89 and consumer Blackwell (sm_120/sm_121: 100 KiB per
-    SM, as CUTLASS's sm120_smem_capacity_bytes = 101376 records), and 99 KiB for any other arch."""
-    number = int(re.match(r"sm_(\d+)", arch).group(1))
-    return {80: 163, 87: 163, 90: 227, 100: 227, 103: 227}.get(number, 99) * 1024  # 120/121: the 99 default
 
 
 @functools.lru_cache(maxsize=None)
@@ -513,3 +457,15 @@ def get_autotuning_kernel_configs(dtype: str = "bf16", d_head: int = 128, causal
         if not cfg.problems():
             out.append(cfg)
     return out
+
+
+# Defined here or moved to flashjit/configs/: all still importable from flashjit.config.
+__all__ = [
+    "DTYPES", "FEATURES", "HEAD_DIMS", "MAX_HEAD_DIM", "REGISTER_LIMIT", "SMEM_LIMIT_SM90", "WARPS", "WHY_HEAD_DIM",
+    "_Validated", "features_suffix", "head_dim_problem", "head_dim_tile", "smem_limit_for_arch", "BLOCK_ROWS",
+    "BLOCK_COLS", "WHY_WARP_ROWS", "WHY_DEPTH", "WHY_EAGER", "WHY_DOUBLE_BUFFER", "WHY_REGISTERS", "KernelConfig",
+    "default_config", "WHY_BWD_REGISTERS", "WHY_BWD_STAGING", "WHY_BWD_DQ_TILING", "WHY_BWD_SHARES",
+    "WHY_BWD_COLUMNS", "WHY_WGMMA_WARPS", "WHY_WGMMA_SHAPES", "WHY_WGMMA_VARIANTS", "WHY_WGMMA_SOFTCAP",
+    "WGMMA_SHAPES", "wgmma_tile", "WGMMA_ARCH", "BWD_BLOCK_M", "BWD_D_SPLIT", "BWD_GROUP_ROWS", "BwdConfig",
+    "default_bwd_config", "config_from_name", "get_kernels_to_build", "get_autotuning_kernel_configs",
+]
