@@ -19,7 +19,7 @@
 
 namespace flashjit::fwd {
 
-// One template parameter per KernelConfig field (flashjit/config.py), in the same order.
+// One template parameter per KernelConfig field (flashjit/configs/fwd_sm80.py), in the same order.
 template <bool kBf16_, int kDHead_, int kBr_, int kBc_, int kWarps_, bool kAsync_, bool kEager_, bool kSwizzle_,
           int kDepthQ_, int kDepthK_, int kDepthV_, bool kDoubleBuffer_, bool kOptSoftmax_, bool kCausal_,
           bool kLocal_, bool kSoftcap_, bool kAlibi_, bool kDropout_>

@@ -1,7 +1,14 @@
 """The kernel families and their registry.
 
-common.py holds what every config shares; registry.py the Family record, register() and the lookups.
+One module a family (fwd_sm80: its config class, WHY_* reasons and Family record) over common.py
+(what every config shares) and registry.py (Family, register, the lookups). A new family is a new
+module plus one register() line below.
 """
 from .registry import FAMILIES, Family, config_from_name, families, family_of, register
+from . import fwd_sm80
+
+# The order config_from_name tries them in (their names are disjoint, so only speed and error
+# messages depend on it).
+register(fwd_sm80.FAMILY)
 
 __all__ = ["FAMILIES", "Family", "config_from_name", "families", "family_of", "register"]

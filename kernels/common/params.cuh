@@ -5,7 +5,7 @@
 
 namespace flashjit {
 
-// The tile width a head dim runs in: the next multiple of 32 up to 192, else 256 (flashjit/config.py:
+// The tile width a head dim runs in: the next multiple of 32 up to 192, else 256 (flashjit/configs/common.py:
 // head_dim_tile). Columns past the real head dim are zero in shared memory and never read from or
 // written to global memory, so q/k/v need no padded copy.
 constexpr int head_dim_tile(int d) { return d <= 192 ? (d + 31) / 32 * 32 : 256; }
