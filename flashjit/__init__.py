@@ -7,8 +7,10 @@ per-user cache (see flashjit.cache), and every later call, in any process, reuse
 load it on first use.
 """
 from ._version import __version__
-from .config import (BwdConfig, KernelConfig, default_config, get_autotuning_kernel_configs,
-                     get_kernels_to_build)
+from .config import default_config, get_autotuning_kernel_configs, get_kernels_to_build
+from .configs.bwd_sm80 import BwdConfig
+from .configs.bwd_sm90 import BwdSm90Config
+from .configs.fwd_sm80 import KernelConfig
 from .toolchain import ToolchainError
 
 _LAZY = {
@@ -17,7 +19,7 @@ _LAZY = {
     "attention_reference": "reference", "CompileError": "jit",
 }
 
-__all__ = ["__version__", "KernelConfig", "BwdConfig", "default_config", "get_kernels_to_build",
+__all__ = ["__version__", "KernelConfig", "BwdConfig", "BwdSm90Config", "default_config", "get_kernels_to_build",
            "get_autotuning_kernel_configs", "ToolchainError", *_LAZY]
 
 

@@ -19,7 +19,9 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from . import __version__, cache, envvars, toolchain
-from .config import WGMMA_ARCH, config_from_name, get_kernels_to_build, smem_limit_for_arch
+from .config import get_kernels_to_build
+from .configs import config_from_name, family_of
+from .configs.common import smem_limit_for_arch
 
 log = logging.getLogger("flashjit")
 
@@ -154,8 +156,7 @@ def cmd_precompile(args) -> int:
     configs = [config_from_name(name) for name in names]  # a typo fails here, before any compile
     for config in configs:
         config.validate()
-        if getattr(config, "wgmma", False) and arch != WGMMA_ARCH:
-            raise ValueError(f"{config.name} uses Hopper's wgmma and builds only for {WGMMA_ARCH}, not {arch}")
+        family_of(config).check_arch(arch, config.name)
     if args.filter:
         configs = [c for c in configs if matches(c.name, args.filter)]
         if not configs:
@@ -165,7 +166,7 @@ def cmd_precompile(args) -> int:
     if args.list:
         for config in configs:
             print(f"{arch}  {config.name}")
-        n_bwd = sum(c.name.startswith("bwd_") for c in configs)
+        n_bwd = sum(family_of(c).direction == "bwd" for c in configs)
         print(f"{total} kernels for {arch} ({total - n_bwd} forward, {n_bwd} backward); nothing compiled",
               file=sys.stderr)
         return 0
@@ -268,10 +269,11 @@ def cmd_check(args) -> int:
               "reference backend", file=sys.stderr)
         return 1
     q, k, v = (torch.randn(shape, device="cuda", dtype=dtype) for _ in range(3))
-    from .config import KernelConfig
     from .interface import forward_timed, resolve_config
 
-    config = KernelConfig.from_name(args.config) if args.config else None
+    config = config_from_name(args.config) if args.config else None
+    if config is not None and family_of(config).direction != "fwd":
+        raise _Usage(f"--config takes a forward kernel name; {args.config} is a {family_of(config).name} kernel")
     out, ms = forward_timed(q, k, v, config=config, causal=args.causal)
     out, ms = forward_timed(q, k, v, config=config, causal=args.causal)  # warm
     ref, _ = attention_reference(q, k, v, causal=args.causal)

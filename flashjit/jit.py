@@ -30,7 +30,8 @@ from pathlib import Path
 from . import cache, codegen, envvars, toolchain
 from .notify import notify
 from ._version import __version__
-from .config import WGMMA_ARCH, KernelConfig
+from .configs import family_of
+from .configs.common import ConfigBase
 from .launch import CompiledKernel
 
 
@@ -95,14 +96,14 @@ def local_inputs() -> dict:
             "torch": torch_version, "torch_cuda": torch_cuda}
 
 
-def _key_inputs(config: KernelConfig, arch: str, toolchain_part: dict, flags: list[str]) -> dict:
+def _key_inputs(config: ConfigBase, arch: str, toolchain_part: dict, flags: list[str]) -> dict:
     """The key's inputs from a toolchain's part (this machine's, or a bundle's record of its build
     machine's: only the fields toolchain_inputs gives are taken from it) and this process's own part."""
     return {**{k: toolchain_part[k] for k in _TOOLCHAIN_KEYS}, "config": config.name, "arch": arch,
             **local_inputs(), "flags": flags}
 
 
-def key_inputs(config: KernelConfig, arch: str, toolkit: toolchain.Toolkit, flags: list[str]) -> dict:
+def key_inputs(config: ConfigBase, arch: str, toolkit: toolchain.Toolkit, flags: list[str]) -> dict:
     """Everything that changes the binary, with this machine's toolkit."""
     return _key_inputs(config, arch, toolchain_inputs(toolkit), flags)
 
@@ -117,7 +118,7 @@ def arch_for(device_index: int) -> str:
     return toolchain.normalize_arch(forced) if forced else _device_arch_cached(device_index)
 
 
-def get_kernel(config: KernelConfig, arch: str) -> CompiledKernel:
+def get_kernel(config: ConfigBase, arch: str) -> CompiledKernel:
     """The loaded kernel for (config, arch), compiling it on first use anywhere on this machine."""
     memo_key = (config.name, arch)
     kernel = _memo.get(memo_key)
@@ -130,7 +131,7 @@ def get_kernel(config: KernelConfig, arch: str) -> CompiledKernel:
     return kernel
 
 
-def ensure_built(config: KernelConfig, arch: str) -> Path:
+def ensure_built(config: ConfigBase, arch: str) -> Path:
     """Path of the verified library for (config, arch): from the first FLASHJIT_PREBUILT bundle that
     has it (no nvcc, no writes), else from the cache, compiling it there if needed (unless
     FLASHJIT_DISABLE_JIT). Needs no GPU."""
@@ -150,14 +151,13 @@ def ensure_built(config: KernelConfig, arch: str) -> Path:
     raise JitDisabledError(_disabled_message(config, arch, searched))
 
 
-def _check(config: KernelConfig, arch: str) -> None:
+def _check(config: ConfigBase, arch: str) -> None:
+    """A valid config of a registered family whose arch (if it has one) is `arch`."""
     config.validate()
-    if getattr(config, "wgmma", False) and arch != WGMMA_ARCH:
-        raise ValueError(f"config {config.name} uses Hopper's wgmma and builds only for {WGMMA_ARCH}, not {arch}; "
-                         "use the same config with wgmma=False")
+    family_of(config).check_arch(arch, config.name)
 
 
-def build(config: KernelConfig, arch: str, bundle: Path | None = None) -> Path:
+def build(config: ConfigBase, arch: str, bundle: Path | None = None) -> Path:
     """The verified library in the cache (or in the bundle at `bundle`, for precompile --out),
     compiling it there under the entry's lock if it is missing or damaged."""
     _check(config, arch)
@@ -185,7 +185,7 @@ def bundle_build_header(toolkit: toolchain.Toolkit) -> tuple[dict, str, dict]:
     return toolchain_inputs(toolkit), toolkit.found_by, local_inputs()
 
 
-def _from_bundle(bundle: cache.Bundle, config: KernelConfig, arch: str) -> tuple[Path | None, str]:
+def _from_bundle(bundle: cache.Bundle, config: ConfigBase, arch: str) -> tuple[Path | None, str]:
     """(library, None) from `bundle`, or (None, why not). Reads files only: no nvcc, no writes."""
     manifest = bundle.manifest()
     if manifest is None:
@@ -223,7 +223,7 @@ def _warn_once(path: Path, message: str) -> None:
         notify(message, logging.WARNING)
 
 
-def _from_cache_without_building(config: KernelConfig, arch: str) -> tuple[Path | None, str]:
+def _from_cache_without_building(config: ConfigBase, arch: str) -> tuple[Path | None, str]:
     """(library, "") from the cache without compiling or writing, or (None, what was searched)."""
     where = f"the kernel cache {cache.location()}"
     try:  # the key needs the toolkit (nvcc's version, how cudart links): any of it may be missing
@@ -236,7 +236,7 @@ def _from_cache_without_building(config: KernelConfig, arch: str) -> tuple[Path 
     return library, (f"{where}: no entry" if not entry.path.is_dir() else f"{where}: entry {entry.path} damaged")
 
 
-def _disabled_message(config: KernelConfig, arch: str, searched: list[str]) -> str:
+def _disabled_message(config: ConfigBase, arch: str, searched: list[str]) -> str:
     bundles = cache.prebuilt()
     if not bundles:
         searched.insert(0, f"no bundles ({envvars.PREBUILT.name} is not set)")
@@ -283,7 +283,7 @@ def _compiler_environment(toolkit: toolchain.Toolkit):
                 os.environ[name] = value
 
 
-def _build(entry: cache.Entry, config: KernelConfig, arch: str, toolkit: toolchain.Toolkit,
+def _build(entry: cache.Entry, config: ConfigBase, arch: str, toolkit: toolchain.Toolkit,
            flags: list[str], inputs: dict) -> Path:
     staging = entry.staged_build()
     source = staging.path / cache.SOURCE
@@ -333,7 +333,7 @@ def _fresh_dir(path: Path) -> Path:
     return path
 
 
-def _compile_error(entry: cache.Entry, config: KernelConfig, arch: str, source: Path,
+def _compile_error(entry: cache.Entry, config: ConfigBase, arch: str, source: Path,
                    exc: Exception) -> CompileError:
     """Keep the rendered source outside the cache (which stays clean) and say where it is."""
     kept = Path(tempfile.gettempdir()) / "flashjit-failed" / entry.path.name

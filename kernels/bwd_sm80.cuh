@@ -37,7 +37,7 @@
 
 namespace flashjit::bwd {
 
-// One template parameter per BwdConfig field (flashjit/config.py), in the same order.
+// One template parameter per BwdConfig field (flashjit/configs/bwd_sm80.py), in the same order.
 template <bool kBf16_, int kDHead_, int kWarps_, int kBlockM_, int kDSplit_, int kGroupRows_, bool kDeterministic_,
           bool kCausal_, bool kLocal_, bool kSoftcap_, bool kAlibi_, bool kDropout_>
 struct Config {

@@ -19,20 +19,22 @@
 
 namespace flashjit::bwd_sm90 {
 
-// One template parameter per BwdConfig field (flashjit/config.py), in the same order; the fields
-// this kernel fixes must have the values config.py's wgmma rules require.
-template <bool kBf16_, int kDHead_, int kWarps_, int kBlockM_, int kDSplit_, int kGroupRows_, bool kDeterministic_,
-          bool kCausal_, bool kLocal_, bool kSoftcap_, bool kAlibi_, bool kDropout_>
+// One template parameter per BwdSm90Config field (flashjit/configs/bwd_sm90.py), in the same order.
+// What this kernel fixes (two warpgroups of 64 keys, one 16-row group a warp, dQ by fp32 bulk
+// reductions, never the deterministic dQ kernel) is a constant here and a class constant there.
+template <bool kBf16_, int kDHead_, int kBlockM_, bool kCausal_, bool kLocal_, bool kSoftcap_, bool kAlibi_,
+          bool kDropout_>
 struct Config {
-  static constexpr bool kBf16 = kBf16_, kCausal = kCausal_, kSwizzle = true, kDeterministic = kDeterministic_;
+  static constexpr bool kBf16 = kBf16_, kCausal = kCausal_, kSwizzle = true, kDeterministic = false;
   static constexpr bool kDropout = kDropout_;
   using Mod = ScoreMod<kCausal_, kLocal_, kSoftcap_, kAlibi_>;
   // 1 / (1 - p), applied once to dK, dV and dQ (see bwd_sm80.cuh).
   __device__ __forceinline__ static float dropout_scale(const BwdParams& p) {
     return kDropout ? p.mods.dropout_scale : 1.f;
   }
-  // kDHead: the real head dim; kD: its tile, one or two 64-column swizzle blocks (config.py: wgmma_tile).
-  static constexpr int kDHead = kDHead_, kWarps = kWarps_, kThreads = kWarps * 32;
+  // kDHead: the real head dim; kD: its tile, one or two 64-column swizzle blocks (configs/bwd_sm90.py:
+  // wgmma_tile).
+  static constexpr int kDHead = kDHead_, kWarps = 8, kThreads = kWarps * 32;
   static constexpr int kD = kDHead > 32 && kDHead <= 64 ? 64 : kDHead > 64 && kDHead <= 128 ? 128 : head_dim_tile(kDHead);
   static constexpr int kBlockM = kBlockM_, kBlockN = 128;  // queries per step, keys per CTA (64 per warpgroup)
   static constexpr int kNtM = kBlockM / 8, kNtD = kD / 8, kKsD = kD / 16, kKsM = kBlockM / 16, kKsN = kBlockN / 16;
@@ -50,11 +52,8 @@ struct Config {
   // 1 KiB of slack: the dynamic shared memory is aligned up to the swizzle's 1024 bytes by hand.
   static constexpr int kSmemBytes =
       1024 + 2 * TileN::kBytes + 4 * TileM::kBytes + TileS::kBytes + 2 * 2 * kBlockM * 4 + kWarps * kDqStageBytes;
-  static_assert(kWarps == 8 && kDSplit_ == 1 && kGroupRows_ == 16,
-                "the wgmma backward runs two warpgroups of 64 keys: n_warps=8, d_split=1, group_rows=16");
   static_assert((kD == 64 && kBlockM == 128) || (kD == 128 && kBlockM == 64),
                 "the wgmma backward supports d_head 33-64 with block_m 128 and 65-128 with block_m 64");
-  static_assert(!kDeterministic, "the wgmma backward has no deterministic variant");
   static_assert(!(kSoftcap_ && kBlockM == 128),
                 "softcap's factors push the d_head 64 wgmma backward (128-query steps) past 255 registers");
   // dK and dV are staged for the copy out through the two Q stages and the two dO stages.

@@ -29,7 +29,7 @@ from triton.testing import do_bench  # noqa: E402
 
 os.environ.setdefault("FLASHJIT_BACKEND", "jit")
 import flashjit  # noqa: E402
-from flashjit.config import WGMMA_SHAPES, wgmma_tile  # noqa: E402
+from flashjit.configs.bwd_sm90 import WGMMA_SHAPES, wgmma_tile  # noqa: E402
 
 
 def timings(attn, q, k, v, dout):
@@ -64,13 +64,12 @@ def candidate_tflops(spec: str, point, q, k, v, dout, drop: float, flops: float)
     for item in spec.split(","):
         if item == "wgmma":  # the Hopper kernel's shape for this head dim
             block_m = dict(WGMMA_SHAPES).get(wgmma_tile(point["d_head"]), 0)
-            n_warps, det, d_split, group_rows, wgmma = 8, 0, 1, 16, True
+            cfg = flashjit.BwdSm90Config(point["dtype"], point["d_head"], block_m, point["causal"], dropout=drop > 0)
         else:
             values = [int(x) for x in item.split("x")]
             n_warps, block_m, det, d_split, group_rows = values + [1, 16][len(values) - 3:]  # defaults: 1, 16
-            wgmma = False
-        cfg = flashjit.BwdConfig(point["dtype"], point["d_head"], n_warps, block_m, d_split, group_rows, bool(det),
-                                 point["causal"], dropout=drop > 0, wgmma=wgmma)
+            cfg = flashjit.BwdConfig(point["dtype"], point["d_head"], n_warps, block_m, d_split, group_rows, bool(det),
+                                     point["causal"], dropout=drop > 0)
         if cfg.problems():
             out_tflops[cfg.name] = None
             continue

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 import flashjit
-from flashjit import BwdConfig, flash_attn_kvpacked_func, flash_attn_qkvpacked_func, interface, jit
-from flashjit.config import HEAD_DIMS, WGMMA_ARCH, default_bwd_config
+from flashjit import BwdConfig, BwdSm90Config, flash_attn_kvpacked_func, flash_attn_qkvpacked_func, interface, jit
+from flashjit.configs.bwd_sm90 import WGMMA_ARCH
+from flashjit.configs.common import HEAD_DIMS
+from flashjit.config import default_bwd_config
 from flashjit.reference import philox_keep_mask
 from numerics import (after_a_late_write, assert_all_close, captured_and_replayed, mask_mismatch, poisoned_like,
                       reference_and_low)
@@ -25,9 +27,9 @@ def _arch() -> str:
     return jit.arch_for(torch.cuda.current_device())
 
 
-def _skip_unless_buildable(config: BwdConfig) -> None:
-    if config.wgmma and _arch() != WGMMA_ARCH:
-        pytest.skip(f"the wgmma backward is built for {WGMMA_ARCH} only (this GPU: {_arch()})")
+def _skip_unless_buildable(config: BwdConfig | BwdSm90Config) -> None:
+    if config.family.arch not in (None, _arch()):
+        pytest.skip(f"the {config.family.name} backward is built for {config.family.arch} only (this GPU: {_arch()})")
     if config.smem_bytes > interface._smem_limit(torch.cuda.current_device())[0]:
         pytest.skip(f"{config.name} needs more shared memory per block than this GPU has")
 
@@ -222,14 +224,14 @@ BWD_MASK_CASES = [  # (Sq, Sk, d, deterministic, explicit config): every kernel 
     (150, 100, 64, False, BwdConfig("fp16", 64, 4, 32, 1, 16, dropout=True)),
     (100, 130, 96, True, BwdConfig("fp16", 96, 4, 32, 2, 16, True, dropout=True)),
     (300, 200, 256, False, BwdConfig("fp16", 256, 8, 64, 4, 32, dropout=True)),
-    (300, 100, 64, False, BwdConfig("fp16", 64, 8, 128, 1, 16, dropout=True, wgmma=True)),
-    (200, 150, 128, False, BwdConfig("fp16", 128, 8, 64, 1, 16, dropout=True, wgmma=True)),
+    (300, 100, 64, False, BwdSm90Config("fp16", 64, 128, dropout=True)),
+    (200, 150, 128, False, BwdSm90Config("fp16", 128, 64, dropout=True)),
 ]
 
 
 @pytest.mark.parametrize("p", [0.17, 0.333])  # not multiples of 1/256
 @pytest.mark.parametrize("sq, sk, d, deterministic, config", BWD_MASK_CASES,
-                         ids=lambda x: x.name if isinstance(x, BwdConfig) else str(x))
+                         ids=lambda x: x.name if isinstance(x, (BwdConfig, BwdSm90Config)) else str(x))
 def test_backward_dropout_mask_is_philox_keep_mask_bit_for_bit(sq, sk, d, deterministic, config, p):
     """The mask each backward kernel regenerates (dK/dV kernel with keys as rows: read through dV;
     the dQ path, atomic or the deterministic kernel with queries as rows: read through dQ) equals
@@ -299,7 +301,7 @@ def test_odd_shape_backward(shape):
     if variant in ("atomic", "deterministic", "wgmma"):
         config = default_bwd_config("bf16", d, causal, deterministic=variant == "deterministic",
                                     wgmma=variant == "wgmma")
-        assert config.wgmma == (variant == "wgmma")
+        assert isinstance(config, BwdSm90Config) == (variant == "wgmma")
         _skip_unless_buildable(config)
     elif variant == "dropout":
         philox = (torch.randint(0, 2**63 - 1, ()).item(), 2**32 + torch.randint(0, 2**32, ()).item())

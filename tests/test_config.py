@@ -1,5 +1,5 @@
-"""KernelConfig: names round-trip, every rule rejects with its reason, and the C++ static_asserts
-carry the same reasons; the build set and the tuning space are valid."""
+"""The kernel configs of every family: names round-trip, every rule rejects with its reason, and the
+C++ static_asserts carry the same reasons; the build set and the tuning space are valid."""
 import dataclasses
 import itertools
 import re
@@ -7,7 +7,8 @@ import re
 import pytest
 
 import flashjit
-from flashjit import BwdConfig, KernelConfig, codegen, config as cfgmod
+from flashjit import BwdConfig, BwdSm90Config, KernelConfig, codegen, config as cfgmod, jit
+from flashjit.configs import FAMILIES, Family, bwd_sm80, bwd_sm90, common, config_from_name, fwd_sm80
 
 
 def test_name_round_trip_over_the_whole_space():
@@ -27,19 +28,19 @@ def test_from_name_rejects_garbage(bad):
 
 @pytest.mark.parametrize("changes, reason", [
     (dict(dtype="fp32"), "dtype must be one of"),
-    (dict(d_head=84), cfgmod.WHY_HEAD_DIM),
-    (dict(d_head=264), cfgmod.WHY_HEAD_DIM),
-    (dict(d_head=0), cfgmod.WHY_HEAD_DIM),
+    (dict(d_head=84), common.WHY_HEAD_DIM),
+    (dict(d_head=264), common.WHY_HEAD_DIM),
+    (dict(d_head=0), common.WHY_HEAD_DIM),
     (dict(B_r=32), "B_r must be one of"),
     (dict(B_c=16), "B_c must be one of"),
     (dict(n_warps=2), "n_warps must be one of"),
-    (dict(B_r=64, n_warps=8), cfgmod.WHY_WARP_ROWS),
-    (dict(q_frag_depth=3), cfgmod.WHY_DEPTH),
-    (dict(d_head=96, k_frag_depth=4), cfgmod.WHY_DEPTH),
-    (dict(async_copy=False, eager_load_blocks=True), cfgmod.WHY_EAGER),
+    (dict(B_r=64, n_warps=8), fwd_sm80.WHY_WARP_ROWS),
+    (dict(q_frag_depth=3), fwd_sm80.WHY_DEPTH),
+    (dict(d_head=96, k_frag_depth=4), fwd_sm80.WHY_DEPTH),
+    (dict(async_copy=False, eager_load_blocks=True), fwd_sm80.WHY_EAGER),
     (dict(B_r=64, q_frag_depth=0, k_frag_depth=0, v_frag_depth=0, mma_double_buffer_loads=True),
-     cfgmod.WHY_DOUBLE_BUFFER),
-    (dict(q_frag_depth=0, k_frag_depth=0, v_frag_depth=0, mma_double_buffer_loads=False), cfgmod.WHY_REGISTERS),
+     fwd_sm80.WHY_DOUBLE_BUFFER),
+    (dict(q_frag_depth=0, k_frag_depth=0, v_frag_depth=0, mma_double_buffer_loads=False), fwd_sm80.WHY_REGISTERS),
 ])
 def test_invalid_configs_say_why(changes, reason):
     config = dataclasses.replace(KernelConfig(), **changes)
@@ -48,12 +49,24 @@ def test_invalid_configs_say_why(changes, reason):
         config.validate()
 
 
-def test_static_asserts_carry_the_same_reasons():
-    source = (codegen.kernels_dir() / "fwd_sm80.cuh").read_text()
-    for reason in (cfgmod.WHY_WARP_ROWS, cfgmod.WHY_DEPTH, cfgmod.WHY_EAGER, cfgmod.WHY_DOUBLE_BUFFER,
-                   cfgmod.WHY_REGISTERS, cfgmod.WHY_HEAD_DIM):
+def _family_module(family: Family):
+    import sys
+
+    return sys.modules[family.config.__module__]
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_static_asserts_carry_the_same_reasons(family):
+    """Each family's reasons are static_asserts of its template, verbatim; a WHY_* of its module that
+    is not one of its reasons is not (a rule Python enforces alone, or a message kept for another use)."""
+    source = (codegen.kernels_dir() / family.template).read_text()
+    assert family.reasons
+    for reason in family.reasons:
         assert f'"{reason}"' in source, reason
-    assert f'"{cfgmod.WHY_HEAD_DIM}"' in (codegen.kernels_dir() / "bwd_sm80.cuh").read_text()
+    module = _family_module(family)
+    for name in dir(module):
+        if name.startswith("WHY_") and getattr(module, name) not in family.reasons:
+            assert f'"{getattr(module, name)}"' not in source, f"{name} is a static_assert: add it to the reasons"
 
 
 @pytest.mark.parametrize("d_head, tile", [(8, 32), (32, 32), (40, 64), (80, 96), (96, 96), (112, 128), (136, 160),
@@ -61,16 +74,18 @@ def test_static_asserts_carry_the_same_reasons():
 def test_head_dims_run_in_the_next_tile(d_head, tile):
     """Any multiple of 8 up to 256 is a valid config whose geometry (shared memory, registers) is its
     tile's, and the kernels' head_dim_tile agrees with the Python one."""
-    assert cfgmod.head_dim_tile(d_head) == tile
+    assert common.head_dim_tile(d_head) == tile
     fwd = flashjit.default_config("bf16", d_head, False)
     assert fwd.d_head == d_head and fwd.d_tile == tile and not fwd.problems()
     assert fwd.smem_bytes == dataclasses.replace(fwd, d_head=tile).smem_bytes
     for wgmma in (False, True):
         bwd = cfgmod.default_bwd_config("bf16", d_head, False, wgmma=wgmma)
         assert bwd.d_head == d_head and not bwd.problems()
-        assert bwd.wgmma == (wgmma and 32 < d_head <= 128)
-        assert bwd.d_tile == (cfgmod.wgmma_tile(d_head) if bwd.wgmma else tile)
-    assert BwdConfig.from_name(bwd.name) == bwd and KernelConfig.from_name(fwd.name) == fwd
+        hopper = isinstance(bwd, BwdSm90Config)
+        assert hopper == (wgmma and 32 < d_head <= 128)
+        assert bwd.d_tile == (bwd_sm90.wgmma_tile(d_head) if hopper else tile)
+        assert config_from_name(bwd.name) == bwd
+    assert KernelConfig.from_name(fwd.name) == fwd
     source = (codegen.kernels_dir() / "common" / "params.cuh").read_text()
     assert "constexpr int head_dim_tile(int d) { return d <= 192 ? (d + 31) / 32 * 32 : 256; }" in source
 
@@ -102,11 +117,11 @@ def test_build_set_and_defaults_are_valid():
     build = flashjit.get_kernels_to_build()
     assert len(build) == len({c.name for c in build})
     assert {(c.dtype, c.d_head, c.causal) for c in build} == {
-        (d, h, c) for d in cfgmod.DTYPES for h in cfgmod.HEAD_DIMS for c in (False, True)}
+        (d, h, c) for d in common.DTYPES for h in common.HEAD_DIMS for c in (False, True)}
     for c in build:
         assert not c.problems(), c
         assert c.smem_bytes <= 227 * 1024
-    for d in cfgmod.HEAD_DIMS:
+    for d in common.HEAD_DIMS:
         for seqlen in (1, 64, 65, 100000):
             flashjit.default_config("bf16", d, True, seqlen).validate()
 
@@ -118,9 +133,8 @@ def test_shared_memory_check_names_the_device():
 
 
 def test_backward_configs():
-    from flashjit.config import BwdConfig, config_from_name, default_bwd_config
-
-    for dtype, d in itertools.product(cfgmod.DTYPES, cfgmod.HEAD_DIMS):
+    default_bwd_config = cfgmod.default_bwd_config
+    for dtype, d in itertools.product(common.DTYPES, common.HEAD_DIMS):
         for causal, det in itertools.product((False, True), (False, True)):
             cfg = default_bwd_config(dtype, d, causal, deterministic=det).validate()
             assert config_from_name(cfg.name) == cfg and "bwd_sm80.cuh" in codegen.render(cfg)
@@ -132,46 +146,78 @@ def test_backward_configs():
                 else:
                     assert default_bwd_config(dtype, d, causal, deterministic=det, smem_limit=limit).smem_bytes \
                         <= limit
-    assert any(cfgmod.WHY_BWD_REGISTERS in p for p in BwdConfig(d_head=128, n_warps=8, block_m=128).problems())
-    assert any(cfgmod.WHY_BWD_REGISTERS in p for p in BwdConfig(d_head=256, n_warps=8, block_m=64).problems())
+    assert any(bwd_sm80.WHY_BWD_REGISTERS in p for p in BwdConfig(d_head=128, n_warps=8, block_m=128).problems())
+    assert any(bwd_sm80.WHY_BWD_REGISTERS in p for p in BwdConfig(d_head=256, n_warps=8, block_m=64).problems())
     assert not BwdConfig(d_head=256, n_warps=8, block_m=64, d_split=2).problems()
-    assert any(cfgmod.WHY_BWD_STAGING in p for p in BwdConfig(n_warps=8, block_m=32).problems())
-    assert any(cfgmod.WHY_BWD_DQ_TILING in p for p in BwdConfig(d_head=160, n_warps=8, block_m=32, d_split=2).problems())
+    assert any(bwd_sm80.WHY_BWD_STAGING in p for p in BwdConfig(n_warps=8, block_m=32).problems())
+    assert any(bwd_sm80.WHY_BWD_DQ_TILING in p
+               for p in BwdConfig(d_head=160, n_warps=8, block_m=32, d_split=2).problems())
     assert not BwdConfig(d_head=160, n_warps=8, block_m=32, d_split=2, deterministic=True).problems()
-    source = (codegen.kernels_dir() / "bwd_sm80.cuh").read_text()
-    assert any(cfgmod.WHY_BWD_SHARES in p for p in BwdConfig(n_warps=8, block_m=32, d_split=4).problems())
-    assert any(cfgmod.WHY_BWD_COLUMNS in p for p in BwdConfig(d_head=160, n_warps=8, d_split=4, group_rows=32).problems())
+    assert any(bwd_sm80.WHY_BWD_SHARES in p for p in BwdConfig(n_warps=8, block_m=32, d_split=4).problems())
+    assert any(bwd_sm80.WHY_BWD_COLUMNS in p
+               for p in BwdConfig(d_head=160, n_warps=8, d_split=4, group_rows=32).problems())
     assert not BwdConfig(d_head=256, n_warps=8, block_m=64, d_split=4, group_rows=32).problems()
-    for reason in (cfgmod.WHY_BWD_REGISTERS, cfgmod.WHY_BWD_STAGING, cfgmod.WHY_BWD_DQ_TILING, cfgmod.WHY_BWD_SHARES,
-                   cfgmod.WHY_BWD_COLUMNS):
-        assert f'"{reason}"' in source, reason
     with pytest.raises(ValueError, match="backward kernel name"):
         BwdConfig.from_name("bwd_bf16_d128")
 
 
-def test_wgmma_backward_configs():
-    """On sm_90a the Hopper kernel is the default where it exists; elsewhere the sm_80 one."""
-    from flashjit import jit
-    from flashjit.config import BwdConfig, config_from_name, default_bwd_config
-
-    for dtype, d, causal, det, dropout, softcap in itertools.product(cfgmod.DTYPES, cfgmod.HEAD_DIMS, (False, True),
+def test_sm90_backward_configs():
+    """On sm_90a the Hopper kernel (BwdSm90Config) is the default where it exists; elsewhere the sm_80 one."""
+    for dtype, d, causal, det, dropout, softcap in itertools.product(common.DTYPES, common.HEAD_DIMS, (False, True),
                                                                      (False, True), (False, True), (False, True)):
-        cfg = default_bwd_config(dtype, d, causal, softcap=softcap, dropout=dropout, deterministic=det, wgmma=True)
+        cfg = cfgmod.default_bwd_config(dtype, d, causal, softcap=softcap, dropout=dropout, deterministic=det,
+                                          wgmma=True)
         expected = 32 < d <= 128 and not det and not (softcap and d <= 64)  # 96 runs in its 128 tile
-        assert cfg.wgmma == expected and config_from_name(cfg.name) == cfg and not cfg.problems()
+        assert isinstance(cfg, BwdSm90Config) == expected and config_from_name(cfg.name) == cfg and not cfg.problems()
         assert ("bwd_sm90.cuh" if expected else "bwd_sm80.cuh") in codegen.render(cfg)
-        assert not default_bwd_config(dtype, d, causal, softcap=softcap, dropout=dropout, deterministic=det).wgmma
-    assert [c for c in flashjit.get_kernels_to_build(arch="sm_90a") if getattr(c, "wgmma", False)]
-    assert not [c for c in flashjit.get_kernels_to_build(arch="sm_80") if getattr(c, "wgmma", False)]
-    for bad, reason in ((BwdConfig(d_head=128, n_warps=4, wgmma=True), cfgmod.WHY_WGMMA_WARPS),
-                        (BwdConfig(d_head=128, n_warps=8, block_m=128, wgmma=True), cfgmod.WHY_WGMMA_SHAPES),
-                        (BwdConfig(d_head=96, n_warps=8, block_m=128, wgmma=True), cfgmod.WHY_WGMMA_SHAPES),
-                        (BwdConfig(d_head=128, n_warps=8, deterministic=True, wgmma=True), cfgmod.WHY_WGMMA_VARIANTS),
-                        (BwdConfig(d_head=64, n_warps=8, block_m=128, softcap=True, wgmma=True),
-                         cfgmod.WHY_WGMMA_SOFTCAP)):
+        assert cfg.deterministic == det  # the Hopper kernel is never picked for a deterministic call
+        assert isinstance(cfgmod.default_bwd_config(dtype, d, causal, softcap=softcap, dropout=dropout,
+                                                      deterministic=det), BwdConfig)
+    assert [c for c in flashjit.get_kernels_to_build(arch="sm_90a") if isinstance(c, BwdSm90Config)]
+    assert not [c for c in flashjit.get_kernels_to_build(arch="sm_80") if isinstance(c, BwdSm90Config)]
+    for bad, reason in ((BwdSm90Config(d_head=128, block_m=128), bwd_sm90.WHY_WGMMA_SHAPES),
+                        (BwdSm90Config(d_head=96, block_m=128), bwd_sm90.WHY_WGMMA_SHAPES),
+                        (BwdSm90Config(d_head=32, block_m=128), bwd_sm90.WHY_WGMMA_SHAPES),
+                        (BwdSm90Config(d_head=64, block_m=128, softcap=True), bwd_sm90.WHY_WGMMA_SOFTCAP)):
         assert any(reason in p for p in bad.problems()), bad
-    source = (codegen.kernels_dir() / "bwd_sm90.cuh").read_text()
-    for reason in (cfgmod.WHY_WGMMA_WARPS, cfgmod.WHY_WGMMA_SHAPES, cfgmod.WHY_WGMMA_VARIANTS, cfgmod.WHY_WGMMA_SOFTCAP):
-        assert f'"{reason}"' in source, reason
+    assert not BwdSm90Config(d_head=64, block_m=128).problems() and not BwdSm90Config().problems()
+    fixed = BwdSm90Config()
+    assert (fixed.n_warps, fixed.d_split, fixed.group_rows, fixed.deterministic, fixed.block_n) == \
+        (8, 1, 16, False, 128)
+    assert {f.name for f in dataclasses.fields(BwdSm90Config)} == {
+        "dtype", "d_head", "block_m", "causal", *common.FEATURES}
     with pytest.raises(ValueError, match="builds only for sm_90a, not sm_80"):
-        jit.ensure_built(BwdConfig(d_head=128, n_warps=8, wgmma=True), "sm_80")
+        jit.ensure_built(BwdSm90Config(d_head=128), "sm_80")
+
+
+def test_old_wgmma_names_parse_to_bwd_sm90_config():
+    """BwdSm90Config keeps the name BwdConfig(wgmma=True) gave, so cache entries, bundles and names
+    users wrote down still resolve; names with other values of what the kernel fixes never existed."""
+    name = "bwd_bf16_d128_w8_m64_s1_r16_det0_causal0_wgmma"
+    assert config_from_name(name) == BwdSm90Config("bf16", 128, 64) == BwdSm90Config.from_name(name)
+    assert BwdSm90Config("bf16", 128, 64).name == name
+    featured = "bwd_fp16_d40_w8_m128_s1_r16_det0_causal1_local_alibi_dropout_wgmma"
+    assert config_from_name(featured) == BwdSm90Config("fp16", 40, 128, True, local=True, alibi=True, dropout=True)
+    assert config_from_name(featured).name == featured
+    for never in (name.replace("_w8_", "_w4_"), name.replace("_det0_", "_det1_"), name.replace("_s1_", "_s2_")):
+        with pytest.raises(ValueError, match="is not a flashjit backward kernel name"):
+            config_from_name(never)
+    with pytest.raises(ValueError, match="backward kernel name"):
+        BwdConfig.from_name(name)
+
+
+def test_deprecated_bwd_config_wgmma_gives_a_bwd_sm90_config():
+    with pytest.warns(DeprecationWarning, match="BwdSm90Config"):
+        cfg = BwdConfig("bf16", 128, 8, 64, causal=True, dropout=True, wgmma=True)
+    assert cfg == BwdSm90Config("bf16", 128, 64, causal=True, dropout=True)
+    with pytest.warns(DeprecationWarning):  # positionally, as the 13th argument
+        assert BwdConfig("fp16", 64, 8, 128, 1, 16, False, False, False, False, True, False, True) == \
+            BwdSm90Config("fp16", 64, 128, alibi=True)
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match=re.escape(bwd_sm90.WHY_WGMMA_WARPS)):
+        BwdConfig(d_head=128, wgmma=True)  # n_warps=4: never a Hopper kernel
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match=bwd_sm90.WHY_WGMMA_VARIANTS):
+        BwdConfig(d_head=128, n_warps=8, deterministic=True, wgmma=True)
+    plain = BwdConfig("bf16", 128, wgmma=False)
+    assert type(plain) is BwdConfig and plain == BwdConfig()
+    assert "wgmma" not in {f.name for f in dataclasses.fields(plain)}
+    assert dataclasses.replace(plain, block_m=32) == BwdConfig(block_m=32)

@@ -61,10 +61,10 @@ def test_jit_gradients_match_reference(shape, causal, dtype, monkeypatch):
 
 @gpu
 @pytest.mark.parametrize("config", [c for c in flashjit.get_kernels_to_build(arch="sm_90a")
-                                    if isinstance(c, flashjit.BwdConfig)], ids=lambda c: c.name)
+                                    if c.family.direction == "bwd"], ids=lambda c: c.name)
 def test_backward_build_set(config):
-    if config.wgmma and _device_arch() != "sm_90a":
-        pytest.skip("the wgmma backward needs sm_90a")
+    if config.family.arch not in (None, _device_arch()):
+        pytest.skip(f"the {config.family.name} backward needs {config.family.arch}")
     dtype = torch.bfloat16 if config.dtype == "bf16" else torch.float16
     q, k, v = _qkv(2, 150, 211, 4, 2, config.d_head, dtype, "cuda", grad=False)
     out, lse = flashjit.forward(q, k, v, causal=config.causal, return_lse=True)
@@ -170,7 +170,7 @@ def test_backward_tilings_match_reference(tiling, features):
     split over warps, 16- or 32-row groups, both dQ kernels, warpgroup MMAs): gradients against
     the fp32 reference (with dropout given the kernels' own mask), all at a softmax scale other
     than 1/sqrt(d), with NaN-poisoned dq/dk/dv."""
-    from flashjit.config import WGMMA_ARCH
+    from flashjit.configs.bwd_sm90 import WGMMA_ARCH
 
     n_warps, block_m, d_split, group_rows, deterministic, d, *wgmma = tiling
     if wgmma and _device_arch() != WGMMA_ARCH:
@@ -197,9 +197,12 @@ def test_backward_tilings_match_reference(tiling, features):
     out, lse = interface.forward(q, k, v, return_lse=True, causal=causal, softmax_scale=scale, out=poisoned_like(q),
                                  **kwargs)
     local = features.startswith("window")
-    config = flashjit.BwdConfig("bf16", d, n_warps, block_m, d_split, group_rows, deterministic, causal,
-                                local=local, softcap="softcap" in features, alibi=local, dropout=dropout,
-                                wgmma=bool(wgmma)).validate()
+    flags = dict(local=local, softcap="softcap" in features, alibi=local, dropout=dropout)
+    if wgmma:  # the Hopper kernel fixes the warps (8, d_split 1, 16-row groups) and is never deterministic
+        config = flashjit.BwdSm90Config("bf16", d, block_m, causal, **flags).validate()
+    else:
+        config = flashjit.BwdConfig("bf16", d, n_warps, block_m, d_split, group_rows, deterministic, causal,
+                                    **flags).validate()
     grads = interface.backward(dout, q, k, v, out, lse, causal=causal, softmax_scale=scale, config=config,
                                **kwargs, **_poisoned_grads(q, k, v))
     ref, low = reference_and_low(q, k, v, dout, **ref_kwargs)

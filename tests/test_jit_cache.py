@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from flashjit import BwdConfig, KernelConfig, cache, codegen, jit, toolchain
+from flashjit import BwdConfig, BwdSm90Config, KernelConfig, cache, codegen, jit, toolchain
 from flashjit.launch import CompiledKernel
 
 pytestmark = pytest.mark.compile
@@ -35,8 +35,8 @@ SUBSET = [  # both dtypes, several head dims, causal, knobs off, both archs
     ("sm_90a", BwdConfig("bf16", 256, 8, 64, 4, 32, causal=True)),
     ("sm_80", BwdConfig("bf16", 128, 8, 64, 2, 32, dropout=True)),
     ("sm_80", BwdConfig("fp16", 192, 4, 32, 2, deterministic=True, dropout=True)),
-    ("sm_90a", BwdConfig("bf16", 128, 8, 64, causal=True, dropout=True, wgmma=True)),
-    ("sm_90a", BwdConfig("fp16", 64, 8, 128, local=True, alibi=True, wgmma=True)),
+    ("sm_90a", BwdSm90Config("bf16", 128, 64, causal=True, dropout=True)),
+    ("sm_90a", BwdSm90Config("fp16", 64, 128, local=True, alibi=True)),
 ]
 
 

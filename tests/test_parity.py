@@ -178,7 +178,7 @@ def test_head_dims_with_every_feature(d, kwargs):
 def test_wgmma_backward_at_narrower_head_dims(d):
     """The default backward on Hopper for head dims in the 64 and 128 tiles is the wgmma kernel."""
     config = flashjit.config.default_bwd_config("bf16", d, False, wgmma=True)
-    assert config.wgmma
+    assert isinstance(config, flashjit.BwdSm90Config)
     q, k, v = _inputs(1, 200, 333, 4, 4, d, torch.bfloat16)
     dout = torch.randn_like(q)
     ref, low = _reference(q, k, v, dout)
@@ -246,8 +246,8 @@ def test_reference_backend_runs_fp32_on_cpu(monkeypatch):
     ("sm_90a", flashjit.KernelConfig(dtype="bf16", d_head=200, B_r=64, B_c=64, n_warps=4,
                                      mma_double_buffer_loads=False, dropout=True)),
     ("sm_80", flashjit.BwdConfig("bf16", 72, 4, 64, deterministic=True, local=True)),
-    ("sm_90a", flashjit.BwdConfig("bf16", 112, 8, 64, causal=True, dropout=True, wgmma=True)),
-    ("sm_90a", flashjit.BwdConfig("fp16", 40, 8, 128, alibi=True, wgmma=True)),
+    ("sm_90a", flashjit.BwdSm90Config("bf16", 112, 64, causal=True, dropout=True)),
+    ("sm_90a", flashjit.BwdSm90Config("fp16", 40, 128, alibi=True)),
     ("sm_80", flashjit.BwdConfig("fp16", 224, 8, 64, 4, 32)),
 ], ids=lambda x: x if isinstance(x, str) else x.name)
 def test_head_dims_off_the_tile_compile(arch, config):

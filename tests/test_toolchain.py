@@ -5,8 +5,8 @@ import stat
 
 import pytest
 
-from flashjit import BwdConfig, KernelConfig, cache, jit, toolchain
-from flashjit.config import smem_limit_for_arch
+from flashjit import BwdConfig, BwdSm90Config, KernelConfig, cache, jit, toolchain
+from flashjit.configs.common import smem_limit_for_arch
 from flashjit.launch import CompiledKernel
 
 
@@ -126,7 +126,7 @@ def test_shared_memory_limits(arch, kib):
 @pytest.mark.parametrize("arch", ["sm_80", "sm_100a", "sm_120"])
 def test_wgmma_stays_sm90a_only(arch):
     with pytest.raises(ValueError, match="builds only for sm_90a"):
-        jit.ensure_built(BwdConfig("bf16", 128, 8, 64, wgmma=True), arch)
+        jit.ensure_built(BwdSm90Config("bf16", 128, 64), arch)
 
 
 # Blackwell runs the sm_80 family (mma.sync, ldmatrix, cp.async): one cheap forward and one cheap

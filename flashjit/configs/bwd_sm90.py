@@ -1,0 +1,119 @@
+"""The sm_90a backward family (kernels/bwd_sm90.cuh, Hopper only: wgmma and TMA bulk reductions):
+BwdSm90Config, its validation and its canonical name.
+
+The kernel fixes its warps (two warpgroups of 64 keys: n_warps 8, d_split 1, group_rows 16) and has
+no deterministic variant, so those are class constants here, as they are constants of
+``flashjit::bwd_sm90::Config``; the fields map one-to-one onto that template's parameters.
+"""
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+from .common import DTYPES, FEATURES, FEATURES_RE, ConfigBase, features_suffix, head_dim_problem, head_dim_tile
+from .registry import Family
+
+WGMMA_ARCH = "sm_90a"
+WGMMA_SHAPES = ((64, 128), (128, 64))  # (tile width, block_m)
+
+# The reasons, shared verbatim with the static_asserts in kernels/bwd_sm90.cuh.
+WHY_WGMMA_SHAPES = "the wgmma backward supports d_head 33-64 with block_m 128 and 65-128 with block_m 64"
+WHY_WGMMA_SOFTCAP = "softcap's factors push the d_head 64 wgmma backward (128-query steps) past 255 registers"
+# Not rules any more (the kernel fixes these): what the deprecated BwdConfig(..., wgmma=True) says
+# when it is given other values.
+WHY_WGMMA_WARPS = "the wgmma backward runs two warpgroups of 64 keys: n_warps=8, d_split=1, group_rows=16"
+WHY_WGMMA_VARIANTS = "the wgmma backward has no deterministic variant"
+
+
+def wgmma_tile(d_head: int) -> int:
+    """The wgmma backward's tile width (kernels/bwd_sm90.cuh: Config::kD): 64 or 128, one or two
+    64-column swizzle blocks, never 96. Measured on an H200 (docs/perf-log.md): at d_head 80 its 128
+    tile ran 1.10-1.17x FA2 where the sm_80 kernel's 96 tile ran 0.98-1.04x; at d_head 32 its 64
+    tile ran 0.76-0.86x FA2, so head dims up to 32 keep the sm_80 kernel's own 32 tile."""
+    if 32 < d_head <= 64:
+        return 64
+    return 128 if 64 < d_head <= 128 else head_dim_tile(d_head)
+
+
+@dataclass(frozen=True)
+class BwdSm90Config(ConfigBase):
+    """One sm_90a backward specialization (kernels/bwd_sm90.cuh): dtype, d_head (33 to 128, run in a
+    64 or 128 tile), block_m (queries per step: 128 for the 64 tile, 64 for the 128 one), causal and
+    the score features. Each CTA's two warpgroups own 64 keys each; dQ is added up in fp32 by TMA bulk
+    reductions (no deterministic variant). bwd_sm80.cuh's first and last kernels (D, dQ conversion)."""
+
+    dtype: str = "bf16"
+    d_head: int = 128
+    block_m: int = 64
+    causal: bool = False
+    local: bool = False
+    softcap: bool = False
+    alibi: bool = False
+    dropout: bool = False
+
+    # Fixed by the kernel (Config::kWarps, two warpgroups; one 16-row group a warp; fp32 atomics for
+    # dQ); readable like BwdConfig's fields, so code that reads any backward config needs no branch.
+    n_warps: ClassVar[int] = 8
+    d_split: ClassVar[int] = 1
+    group_rows: ClassVar[int] = 16
+    deterministic: ClassVar[bool] = False
+    block_n: ClassVar[int] = 128  # keys per CTA (Config::kBlockN)
+
+    _WHAT = "sm_90a backward kernel"
+
+    @property
+    def d_tile(self) -> int:
+        return wgmma_tile(self.d_head)
+
+    @property
+    def smem_bytes(self) -> int:
+        """Config::kSmemBytes: 1 KiB alignment slack, K, V, two stages of Q and dO, dS^T, lse and D, dQ
+        staging; tests/test_jit_cache.py checks it against the compiled kernel."""
+        return 1024 + 2 * 2 * self.block_n * self.d_tile + 4 * 2 * self.block_m * self.d_tile + \
+            2 * self.block_n * self.block_m + 2 * 2 * self.block_m * 4 + self.n_warps * 16 * 64 * 4
+
+    def problems(self) -> list[str]:
+        out = self._choices(dtype=DTYPES) + head_dim_problem(self.d_head)
+        if out:
+            return out
+        if (self.d_tile, self.block_m) not in WGMMA_SHAPES:
+            out.append(f"{WHY_WGMMA_SHAPES} (d_head={self.d_head} in a {self.d_tile} tile, block_m={self.block_m})")
+        if self.softcap and self.block_m == 128:
+            out.append(WHY_WGMMA_SOFTCAP)
+        return out
+
+    @functools.cached_property
+    def name(self) -> str:
+        """BwdConfig's name pattern with the fixed values and a _wgmma tail: the name the kernel had as
+        BwdConfig(wgmma=True), so caches, bundles and names users wrote down keep working."""
+        return (f"bwd_{self.dtype}_d{self.d_head}_w{self.n_warps}_m{self.block_m}_s{self.d_split}_r{self.group_rows}"
+                f"_det{int(self.deterministic)}_causal{int(self.causal)}{features_suffix(self)}_wgmma")
+
+    _NAME_RE = re.compile(r"^bwd_(?P<dtype>fp16|bf16)_d(?P<d_head>\d+)_w8_m(?P<block_m>\d+)_s1_r16_det0"
+                          r"_causal(?P<causal>[01])" + FEATURES_RE + "_wgmma$")
+
+    @classmethod
+    def parse_name(cls, name: str) -> "BwdSm90Config | None":
+        match = cls._NAME_RE.match(name)
+        if not match:
+            return None
+        return cls(match["dtype"], int(match["d_head"]), int(match["block_m"]), bool(int(match["causal"])),
+                   *(match[f] is not None for f in FEATURES))
+
+
+def from_wgmma_bwd_config(values: dict) -> BwdSm90Config:
+    """The config that BwdConfig(**values, wgmma=True) meant (the deprecated spelling); ValueError
+    when it asks for what this kernel fixes otherwise."""
+    if values["deterministic"]:
+        raise ValueError(f"BwdConfig(..., deterministic=True, wgmma=True): {WHY_WGMMA_VARIANTS}")
+    fixed = {k: values[k] for k in ("n_warps", "d_split", "group_rows")}
+    if fixed != {k: getattr(BwdSm90Config, k) for k in fixed}:
+        raise ValueError(f"BwdConfig(..., wgmma=True) with {fixed}: {WHY_WGMMA_WARPS}")
+    return BwdSm90Config(**{f.name: values[f.name] for f in fields(BwdSm90Config)})
+
+
+BwdSm90Config.family = FAMILY = Family(
+    "bwd_sm90", BwdSm90Config, template="bwd_sm90.cuh", namespace="bwd_sm90", params="BwdParams", direction="bwd",
+    arch=WGMMA_ARCH, reasons=(WHY_WGMMA_SHAPES, WHY_WGMMA_SOFTCAP))
