@@ -126,7 +126,7 @@ def get_kernel(config: ConfigBase, arch: str) -> CompiledKernel:
         with _memo_lock:
             kernel = _memo.get(memo_key)
             if kernel is None:
-                kernel = CompiledKernel(ensure_built(config, arch), config.name)
+                kernel = CompiledKernel(ensure_built(config, arch), config)
                 _memo[memo_key] = kernel
     return kernel
 

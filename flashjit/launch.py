@@ -8,6 +8,8 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
+from .configs import config_from_name, family_of
+
 _i64, _i32, _ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
 
 
@@ -40,6 +42,10 @@ class BwdParams(ctypes.Structure):
                 ("dq_accum", _ptr), *_SIZES]
 
 
+# The params struct of each Family.params (kernels/common/params.cuh has one struct a direction).
+PARAMS = {"FwdParams": FwdParams, "BwdParams": BwdParams}
+
+
 def tensor_ref(t) -> tuple:
     """The four TensorRef values of a [B, S, H, D] tensor, in field order."""
     b, r, h, _ = t.stride()
@@ -51,10 +57,12 @@ class KernelLibraryError(RuntimeError):
 
 
 class CompiledKernel:
-    """One loaded kernel library; calling it launches its kernel(s) on `stream`."""
+    """One loaded kernel library; calling it launches its kernel(s) on `stream`. `config` is the
+    config it was built from, or its name; its family names the params struct the library takes."""
 
-    def __init__(self, path: Path, name: str):
-        params_type = BwdParams if name.startswith("bwd_") else FwdParams
+    def __init__(self, path: Path, config):
+        config = config_from_name(config) if isinstance(config, str) else config
+        name, params_type = config.name, PARAMS[family_of(config).params]
         try:
             self.lib = ctypes.CDLL(str(path))
             fn = self.lib.flashjit_run
