@@ -17,7 +17,12 @@ from typing import NamedTuple
 import torch
 
 from . import jit
-from .config import FEATURES, MAX_HEAD_DIM, WGMMA_ARCH, BwdConfig, KernelConfig, default_bwd_config, default_config
+from .config import default_bwd_config, default_config
+from .configs import families
+from .configs.bwd_sm80 import BwdConfig
+from .configs.bwd_sm90 import WGMMA_ARCH, BwdSm90Config
+from .configs.common import FEATURES, MAX_HEAD_DIM, ConfigBase
+from .configs.fwd_sm80 import KernelConfig
 from .launch import BwdParams, FwdParams, tensor_ref
 
 log = logging.getLogger("flashjit")
@@ -181,6 +186,15 @@ def score_mods(q: torch.Tensor, causal: bool, window_size=(-1, -1), softcap=0.0,
                      alibi_slopes)
 
 
+def _check_config_type(config, direction: str) -> None:
+    """TypeError unless `config` is a config of a `direction` ("fwd"/"bwd") family: a backward
+    kernel called with forward params (or the other way round) would read garbage."""
+    family = getattr(type(config), "family", None)  # two lookups: forward() runs this on every call
+    if family is None or family.direction != direction:
+        accepted = " or ".join(f"flashjit.{f.config.__name__}" for f in families(direction))
+        raise TypeError(f"config must be a {accepted}, got {type(config).__name__}")
+
+
 def resolve_config(q: torch.Tensor, k: torch.Tensor, config: KernelConfig | None, causal: bool,
                    device_index: int | None = None, mods: ScoreMods = _NO_MODS) -> KernelConfig:
     dtype, d_head = _DTYPES[q.dtype], q.shape[3]
@@ -192,8 +206,7 @@ def resolve_config(q: torch.Tensor, k: torch.Tensor, config: KernelConfig | None
                   "dtype/head dim/causal/seqlen and shared memory)", q.shape[0], q.shape[1], k.shape[1], q.shape[2],
                       k.shape[2], d_head, config.name)
         return config
-    if not isinstance(config, KernelConfig):
-        raise TypeError(f"config must be a flashjit.KernelConfig, got {type(config).__name__}")
+    _check_config_type(config, "fwd")
     for field, wanted, given in (("dtype", dtype, config.dtype), ("d_head", d_head, config.d_head),
                                  ("causal", bool(causal), config.causal), ("local", mods.local, config.local),
                                  ("softcap", mods.softcap, config.softcap), ("alibi", mods.alibi, config.alibi),
@@ -207,7 +220,7 @@ def resolve_config(q: torch.Tensor, k: torch.Tensor, config: KernelConfig | None
 _kernels: dict = {}  # (config, device index) -> CompiledKernel: one dict lookup per call once loaded
 
 
-def _kernel_for(config: KernelConfig, device_index: int):
+def _kernel_for(config: ConfigBase, device_index: int):
     """First use of a config on a device: check its shared memory, find the arch (FLASHJIT_CUDA_ARCH
     is read here), compile or load."""
     limit, device_name = _smem_limit(device_index)
@@ -318,14 +331,15 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
              lse: torch.Tensor, causal: bool = False, softmax_scale: float | None = None, window_size=(-1, -1),
              softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None, dropout_p: float = 0.0,
              philox: tuple[int, int] | None = None, deterministic: bool = False,
-             config: BwdConfig | None = None, dq: torch.Tensor | None = None, dk: torch.Tensor | None = None,
-             dv: torch.Tensor | None = None):
+             config: BwdConfig | BwdSm90Config | None = None, dq: torch.Tensor | None = None,
+             dk: torch.Tensor | None = None, dv: torch.Tensor | None = None):
     """Gradients (dq, dk, dv) of forward() given dout (shaped like q) and the forward's out and lse.
     GQA: dk/dv are summed over the query heads that share each key/value head. Head dims up to 256.
     deterministic=False (flash-attn's default) adds dQ up with fp32 atomics, so its last bits can
     vary run to run; deterministic=True uses a separate dQ kernel with no atomics (bit-identical
-    results, about 1.1-1.2x the time). `config` overrides the dispatcher's BwdConfig (its
-    deterministic field then decides); its dtype, head dim and features must match the call.
+    results, about 1.1-1.2x the time). `config` (a BwdConfig, or a BwdSm90Config on sm_90a) overrides
+    the dispatcher's choice (its deterministic then decides: always False for a BwdSm90Config); its
+    dtype, head dim and features must match the call.
     dq, dk, dv: optional output tensors (as flash-attn's low-level backward takes), shaped and typed
     like q, k, v with a contiguous last dim and 16-byte aligned rows; every element is written."""
     check_qkv(q, k, v)
@@ -359,6 +373,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                       "dtype/head dim/features/deterministic on %s and its shared memory)", q.shape[0], q.shape[1],
                       k.shape[1], q.shape[2], k.shape[2], q.shape[3], config.name, arch)
     else:
+        _check_config_type(config, "bwd")
         config.validate()
         mismatched = [f"{f}={getattr(config, f)!r} (the call needs {getattr(wanted, f)!r})"
                       for f in ("dtype", "d_head", "causal", *FEATURES) if getattr(config, f) != getattr(wanted, f)]

@@ -103,6 +103,25 @@ def test_backward_checks_its_arguments(bad, words, monkeypatch):
         iface.backward(dout, q, k, v, out, lse)
 
 
+def test_configs_of_the_other_direction_are_refused(monkeypatch):
+    """forward takes a forward family's config, backward a backward family's: the other would run a
+    kernel on a params struct it does not read (TypeError naming the accepted classes)."""
+    import flashjit.interface as iface
+    from flashjit import BwdConfig, BwdSm90Config, KernelConfig
+
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match="config must be a flashjit.KernelConfig, got BwdConfig"):
+        iface.resolve_config(q, k, BwdConfig(d_head=64), False)
+    monkeypatch.setattr(iface, "check_qkv", lambda *args: None)  # q/k/v are fine; only the CPU device is not
+    monkeypatch.setattr(iface.jit, "arch_for", lambda device_index: "sm_90a")
+    monkeypatch.setattr(iface, "_smem_limit", lambda device_index: (227 * 1024, "H100"))
+    out, dout, lse = torch.randn_like(q), torch.randn_like(q), torch.randn(1, 2, 8)
+    with pytest.raises(TypeError, match="config must be a flashjit.BwdConfig or flashjit.BwdSm90Config, got Kernel"):
+        iface.backward(dout, q, k, v, out, lse, config=KernelConfig(dtype="fp16", d_head=64))
+    with pytest.raises(ValueError, match="does not match the inputs: dtype='bf16'"):  # a backward config passes
+        iface.backward(dout, q, k, v, out, lse, config=BwdSm90Config(d_head=64, block_m=128))
+
+
 @pytest.mark.parametrize("rounds, zero_out, ones_out", [
     (7, [0x5F6FB709, 0x0D893F64, 0x4F121F81, 0x4F730A48], [0x5207DDC2, 0x45165E59, 0x4D8EE751, 0x8C52F662]),
     (10, [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8], [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]),
