@@ -7,10 +7,10 @@ per-user cache (see flashjit.cache), and every later call, in any process, reuse
 load it on first use.
 """
 from ._version import __version__
-from .config import default_config, get_autotuning_kernel_configs, get_kernels_to_build
 from .configs.bwd_sm80 import BwdConfig
 from .configs.bwd_sm90 import BwdSm90Config
 from .configs.fwd_sm80 import KernelConfig
+from .dispatch import default_config, get_autotuning_kernel_configs, get_kernels_to_build
 from .toolchain import ToolchainError
 
 _LAZY = {

@@ -19,9 +19,9 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from . import __version__, cache, envvars, toolchain
-from .config import get_kernels_to_build
 from .configs import config_from_name, family_of
 from .configs.common import smem_limit_for_arch
+from .dispatch import get_kernels_to_build
 
 log = logging.getLogger("flashjit")
 

@@ -1,158 +1,32 @@
-"""The dispatcher's defaults, the build set and the autotuning space. The configs moved to their
-families' modules in flashjit/configs/ (fwd_sm80: KernelConfig, bwd_sm80: BwdConfig, bwd_sm90:
-BwdSm90Config) and are importable from here too.
+"""Compatibility: everything flashjit.config used to define, from where it lives now.
+
+The configs are one module a kernel family under flashjit/configs/ (fwd_sm80: KernelConfig,
+bwd_sm80: BwdConfig, bwd_sm90: BwdSm90Config) with their registry; the dispatcher's defaults, the
+build set and the tuning space are flashjit/dispatch.py. New code imports from those; this module
+keeps `from flashjit.config import ...` in users' code, scripts and tests working.
 """
-from __future__ import annotations
-
-import functools
-import itertools
-
 from .configs import config_from_name
-from .configs.common import (DTYPES, FEATURES, HEAD_DIMS, MAX_HEAD_DIM, REGISTER_LIMIT, SMEM_LIMIT_SM90, WARPS,
-                             WHY_HEAD_DIM, _Validated, features_suffix, head_dim_problem, head_dim_tile,
-                             smem_limit_for_arch)
 from .configs.bwd_sm80 import (BWD_BLOCK_M, BWD_D_SPLIT, BWD_GROUP_ROWS, WHY_BWD_COLUMNS, WHY_BWD_DQ_TILING,
                                WHY_BWD_REGISTERS, WHY_BWD_SHARES, WHY_BWD_STAGING, BwdConfig)
 from .configs.bwd_sm90 import (WGMMA_ARCH, WGMMA_SHAPES, WHY_WGMMA_SHAPES, WHY_WGMMA_SOFTCAP, WHY_WGMMA_VARIANTS,
                                WHY_WGMMA_WARPS, BwdSm90Config, wgmma_tile)
+from .configs.common import (DTYPES, FEATURES, HEAD_DIMS, MAX_HEAD_DIM, REGISTER_LIMIT, SMEM_LIMIT_SM90, WARPS,
+                             WHY_HEAD_DIM, _Validated, features_suffix, head_dim_problem, head_dim_tile,
+                             smem_limit_for_arch)
 from .configs.fwd_sm80 import (BLOCK_COLS, BLOCK_ROWS, WHY_DEPTH, WHY_DOUBLE_BUFFER, WHY_EAGER, WHY_REGISTERS,
                                WHY_WARP_ROWS, KernelConfig)
+from .dispatch import (_BWD_LAST_RESORT, _BWD_PREFERENCES, _DB0, _PREFERENCES, default_bwd_config, default_config,
+                       get_autotuning_kernel_configs, get_kernels_to_build)
 
-# Measured preferences (docs/perf-log.md, H100 SXM, 2026-11-22), best first; the first that is valid
-# and fits the device's shared memory wins. At d_head=256, 128x128 on 8 warps ran at 332 TFLOP/s
-# against 248 for 128x32 (FA2: 322); with a causal mask 64x64 on 4 warps wastes less on the diagonal.
-_DB0 = dict(mma_double_buffer_loads=False)
-_PREFERENCES = {  # (head-dim class, causal) -> tiles, best first
-    "short": [dict(B_r=64, B_c=64, n_warps=4), dict(B_r=64, B_c=32, n_warps=4, **_DB0)],
-    64: [dict(B_r=128, B_c=128, n_warps=4, **_DB0), dict(B_r=128, B_c=64, n_warps=4)],
-    128: [dict(B_r=128, B_c=64, n_warps=4), dict(B_r=64, B_c=64, n_warps=4)],
-    160: [dict(B_r=128, B_c=128, n_warps=8, **_DB0), dict(B_r=64, B_c=64, n_warps=4, **_DB0)],
-    192: [dict(B_r=64, B_c=64, n_warps=4, **_DB0), dict(B_r=64, B_c=32, n_warps=4, **_DB0)],
-    256: [dict(B_r=128, B_c=128, n_warps=8, **_DB0), dict(B_r=64, B_c=64, n_warps=4, **_DB0),
-          dict(B_r=64, B_c=32, n_warps=4, **_DB0)],
-    (256, True): [dict(B_r=64, B_c=64, n_warps=4, **_DB0), dict(B_r=64, B_c=32, n_warps=4, **_DB0)],
-}
-
-
-@functools.lru_cache(maxsize=None)
-def default_config(dtype: str, d_head: int, causal: bool, seqlen_q: int = 4096,
-                   smem_limit: int = SMEM_LIMIT_SM90, local: bool = False, softcap: bool = False,
-                   alibi: bool = False, dropout: bool = False) -> KernelConfig:
-    """The dispatcher's choice when no tuned entry exists for (dtype, d_head, causal, seqlen_q) on a
-    device allowing `smem_limit` bytes of shared memory per block. A single short block of queries
-    (decoding-like, Sq <= 64) gets a 64-row tile rather than wasting half of a 128-row one."""
-    size = next(c for c in (64, 128, 160, 192, 256) if d_head <= c)
-    key = "short" if seqlen_q <= 64 else (size, True) if (size, causal) in _PREFERENCES else size
-    for knobs in _PREFERENCES[key]:
-        for depth in (1, 2):  # d_head = 96 or 160 has 6 or 10 k-tiles: depth 1 always divides
-            cfg = KernelConfig(dtype=dtype, d_head=d_head, causal=causal, q_frag_depth=depth,
-                               k_frag_depth=depth, v_frag_depth=1, local=local, softcap=softcap, alibi=alibi,
-                               dropout=dropout,
-                               **knobs)
-            if not cfg.problems() and cfg.smem_bytes <= smem_limit:
-                return cfg
-    raise ValueError(f"no flashjit kernel for dtype={dtype} d_head={d_head} fits {smem_limit // 1024} KiB "
-                     "of shared memory per block")
-
-
-# Measured backward choices (n_warps, block_m, d_split, group_rows) by (head-dim class,
-# deterministic, dropout), best first; the first that validates (registers) and fits the GPU's
-# shared memory is used, else the last resort after it. H100, bf16, docs/perf-log.md:
-# - d_head <= 96 takes 8 x 128 (0.94-1.25x the speed of 8 x 64 at d64), with dropout too since
-#   the mask costs no spills (1.08-1.12x of 8 x 64; deterministic 1.01-1.11x of 4 x 64).
-# - d_head 128: split groups of two warps over 32 keys (squarer warp tiles: 18% fewer ldmatrix)
-#   run 1.05-1.06x of 8 x 64 unsplit, 1.02-1.07x of 4 x 64 deterministic; with dropout 1.0-1.05x
-#   of 8 x 64 unsplit (deterministic: 0.98-1.06x of 4 x 64).
-# - d_head > 128 needs a split to hold dK/dV: groups of four warps over 32 keys run 1.06-1.09x of
-#   pairs over 16 keys (d_head 160 cannot split its 20 column tiles four ways and takes pairs).
-_BWD_PREFERENCES = {
-    ("narrow", False, False): ((8, 128, 1, 16), (8, 64, 1, 16), (4, 64, 1, 16)),
-    ("narrow", False, True): ((8, 128, 1, 16), (8, 64, 1, 16), (4, 64, 1, 16)),
-    ("narrow", True, False): ((8, 128, 1, 16), (4, 64, 1, 16)),
-    ("narrow", True, True): ((8, 128, 1, 16), (4, 64, 1, 16)),
-    (128, False, False): ((8, 64, 2, 32), (8, 64, 1, 16), (4, 64, 1, 16)),
-    (128, False, True): ((8, 64, 2, 32), (8, 64, 1, 16), (4, 64, 1, 16)),
-    (128, True, False): ((8, 64, 2, 32), (4, 64, 1, 16)),
-    (128, True, True): ((8, 64, 2, 32), (4, 64, 1, 16)),
-    ("wide", False, False): ((8, 64, 4, 32), (8, 64, 2, 16), (8, 32, 2, 16)),
-    ("wide", False, True): ((8, 64, 4, 32), (8, 64, 2, 16), (8, 32, 2, 16)),
-    ("wide", True, False): ((8, 64, 4, 32), (8, 64, 2, 16), (4, 32, 2, 16)),
-    ("wide", True, True): ((8, 64, 4, 32), (8, 64, 2, 16), (4, 32, 2, 16)),
-}
-# Deterministic, and the smallest: 49 KiB at d_head 128, 77 KiB at 192 (sm_86/sm_89 allow 99 KiB);
-# d_head 256 needs 101 KiB, which only sm_80/sm_90-class GPUs have.
-_BWD_LAST_RESORT = {False: (4, 64, 1, 16), True: (4, 32, 2, 16)}
-
-
-@functools.lru_cache(maxsize=None)
-def default_bwd_config(dtype: str, d_head: int, causal: bool, local: bool = False, softcap: bool = False,
-                       alibi: bool = False, dropout: bool = False, deterministic: bool = False,
-                       smem_limit: int = SMEM_LIMIT_SM90, wgmma: bool = False) -> BwdConfig | BwdSm90Config:
-    """The first preference that builds and fits `smem_limit` bytes of shared memory per block; if
-    none does, the deterministic last resort (on GPUs with 99 KiB per block, sm_86 and sm_89, the
-    d_head 128 backward is deterministic either way). Raises ValueError if even that does not fit.
-    wgmma=True (the target is sm_90a) puts the Hopper kernel (BwdSm90Config) first where it exists."""
-    block_m = dict(WGMMA_SHAPES).get(wgmma_tile(d_head)) if wgmma else None
-    if block_m and not deterministic:  # the Hopper kernel has no deterministic variant
-        cfg = BwdSm90Config(dtype, d_head, block_m, causal, local, softcap, alibi, dropout)
-        if not cfg.problems() and cfg.smem_bytes <= smem_limit:
-            return cfg
-    size = "wide" if d_head > 128 else 128 if head_dim_tile(d_head) == 128 else "narrow"
-    choices = [(*c, deterministic) for c in _BWD_PREFERENCES[size, deterministic, dropout]]
-    for n_warps, block_m, d_split, group_rows, det in choices + [(*_BWD_LAST_RESORT[d_head > 128], True)]:
-        cfg = BwdConfig(dtype, d_head, n_warps, block_m, d_split, group_rows, det, causal, local, softcap, alibi,
-                        dropout)
-        if not cfg.problems() and cfg.smem_bytes <= smem_limit:
-            return cfg
-    cfg.validate()  # the last resort builds; this only guards the table above
-    raise ValueError(f"no flashjit backward kernel for d_head={d_head} fits {smem_limit // 1024} KiB of shared "
-                     f"memory per block (the smallest, {cfg.name}, needs {cfg.smem_bytes // 1024} KiB); "
-                     "use a GPU with more shared memory or FLASHJIT_BACKEND=reference")
-
-
-def get_kernels_to_build(smem_limit: int = SMEM_LIMIT_SM90, arch: str | None = None) -> list:
-    """The default build set for `arch` (None: any, so no sm_90a-only kernel): the dispatcher's
-    choice for every dtype, tile-width head dim (HEAD_DIMS) and causal flag at long and short sequence
-    lengths (what `python -m flashjit precompile` builds without names). Other head dims, e.g. 80, are
-    kernels of their own (their d_head is a template parameter): precompile names them."""
-    configs = []
-    for dtype, d_head, causal, seqlen in itertools.product(DTYPES, HEAD_DIMS, (False, True), (4096, 1)):
-        cfg = default_config(dtype, d_head, causal, seqlen, smem_limit)
-        if cfg not in configs:
-            configs.append(cfg)
-    for dtype, d_head, causal, det in itertools.product(DTYPES, HEAD_DIMS, (False, True), (False, True)):
-        try:
-            cfg = default_bwd_config(dtype, d_head, causal, deterministic=det, smem_limit=smem_limit,
-                                     wgmma=arch == WGMMA_ARCH)
-        except ValueError:  # d_head 256 on a 99 KiB GPU: no backward fits
-            continue
-        if cfg not in configs:
-            configs.append(cfg)
-    return configs
-
-
-def get_autotuning_kernel_configs(dtype: str = "bf16", d_head: int = 128, causal: bool = False,
-                                  exhaustive: bool = False) -> list[KernelConfig]:
-    """The search space for `flashjit.tune`. By default the knobs that only ever help (cp.async,
-    eager loading, swizzling, the fused softmax) stay on; exhaustive=True varies them too."""
-    flags = (True, False) if exhaustive else (True,)
-    depths = (0, 1, 2, 4)
-    out = []
-    for B_r, B_c, n_warps, ac, el, sw, fq, fk, fv, db, os_ in itertools.product(
-            BLOCK_ROWS, BLOCK_COLS, WARPS, flags, flags, flags, depths, depths, depths, (True, False), flags):
-        cfg = KernelConfig(dtype, d_head, B_r, B_c, n_warps, ac, el, sw, fq, fk, fv, db, os_, causal)
-        if not cfg.problems():
-            out.append(cfg)
-    return out
-
-
-# Defined here or moved to flashjit/configs/: all still importable from flashjit.config.
 __all__ = [
-    "DTYPES", "FEATURES", "HEAD_DIMS", "MAX_HEAD_DIM", "REGISTER_LIMIT", "SMEM_LIMIT_SM90", "WARPS", "WHY_HEAD_DIM",
-    "_Validated", "features_suffix", "head_dim_problem", "head_dim_tile", "smem_limit_for_arch", "config_from_name",
-    "BWD_BLOCK_M", "BWD_D_SPLIT", "BWD_GROUP_ROWS", "WHY_BWD_COLUMNS", "WHY_BWD_DQ_TILING", "WHY_BWD_REGISTERS",
-    "WHY_BWD_SHARES", "WHY_BWD_STAGING", "BwdConfig", "WGMMA_ARCH", "WGMMA_SHAPES", "WHY_WGMMA_SHAPES",
-    "WHY_WGMMA_SOFTCAP", "WHY_WGMMA_VARIANTS", "WHY_WGMMA_WARPS", "BwdSm90Config", "wgmma_tile", "BLOCK_COLS",
-    "BLOCK_ROWS", "WHY_DEPTH", "WHY_DOUBLE_BUFFER", "WHY_EAGER", "WHY_REGISTERS", "WHY_WARP_ROWS", "KernelConfig",
-    "default_config", "default_bwd_config", "get_kernels_to_build", "get_autotuning_kernel_configs",
+    "DTYPES", "HEAD_DIMS", "MAX_HEAD_DIM", "WARPS", "REGISTER_LIMIT", "FEATURES", "SMEM_LIMIT_SM90", "WHY_HEAD_DIM",
+    "head_dim_tile", "head_dim_problem", "features_suffix", "smem_limit_for_arch", "_Validated",
+    "KernelConfig", "BLOCK_ROWS", "BLOCK_COLS", "WHY_WARP_ROWS", "WHY_DEPTH", "WHY_EAGER", "WHY_DOUBLE_BUFFER",
+    "WHY_REGISTERS",
+    "BwdConfig", "BWD_BLOCK_M", "BWD_D_SPLIT", "BWD_GROUP_ROWS", "WHY_BWD_REGISTERS", "WHY_BWD_STAGING",
+    "WHY_BWD_DQ_TILING", "WHY_BWD_SHARES", "WHY_BWD_COLUMNS",
+    "BwdSm90Config", "WGMMA_ARCH", "WGMMA_SHAPES", "wgmma_tile", "WHY_WGMMA_SHAPES", "WHY_WGMMA_SOFTCAP",
+    "WHY_WGMMA_WARPS", "WHY_WGMMA_VARIANTS",
+    "config_from_name", "default_config", "default_bwd_config", "get_kernels_to_build",
+    "get_autotuning_kernel_configs", "_DB0", "_PREFERENCES", "_BWD_PREFERENCES", "_BWD_LAST_RESORT",
 ]

@@ -17,12 +17,12 @@ from typing import NamedTuple
 import torch
 
 from . import jit
-from .config import default_bwd_config, default_config
 from .configs import families
 from .configs.bwd_sm80 import BwdConfig
 from .configs.bwd_sm90 import WGMMA_ARCH, BwdSm90Config
 from .configs.common import FEATURES, MAX_HEAD_DIM, ConfigBase
 from .configs.fwd_sm80 import KernelConfig
+from .dispatch import default_bwd_config, default_config
 from .launch import BwdParams, FwdParams, tensor_ref
 
 log = logging.getLogger("flashjit")

@@ -4,7 +4,7 @@
 TFLOP/s conventions: forward 4 * B * H * S^2 * D (halved for causal), backward 2.5x that,
 forward+backward 3.5x. batch * seqlen = --tokens, heads * head_dim = --hidden.
 --candidates also times flashjit.backward alone (no autograd) for each listed (n_warps, block_m,
-deterministic[, d_split[, group_rows]]) backward config: how the defaults in flashjit/config.py were chosen.
+deterministic[, d_split[, group_rows]]) backward config: how the defaults in flashjit/dispatch.py were chosen.
 
     python scripts/bench_backward.py --out bench-out
     python scripts/bench_backward.py --candidates 8x64x0,4x64x0,8x64x1,8x64x0x2x32 --out bench-out

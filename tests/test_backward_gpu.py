@@ -14,7 +14,7 @@ import flashjit
 from flashjit import BwdConfig, BwdSm90Config, flash_attn_kvpacked_func, flash_attn_qkvpacked_func, interface, jit
 from flashjit.configs.bwd_sm90 import WGMMA_ARCH
 from flashjit.configs.common import HEAD_DIMS
-from flashjit.config import default_bwd_config
+from flashjit.dispatch import default_bwd_config
 from flashjit.reference import philox_keep_mask
 from numerics import (after_a_late_write, assert_all_close, captured_and_replayed, mask_mismatch, poisoned_like,
                       reference_and_low)

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from flashjit import KernelConfig, __version__, __main__ as cli, jit, toolchain
-from flashjit.config import get_kernels_to_build, smem_limit_for_arch
+from flashjit.configs.common import smem_limit_for_arch
+from flashjit.dispatch import get_kernels_to_build
 
 REPO = Path(__file__).resolve().parents[1]
 CHEAP = KernelConfig(dtype="fp16", d_head=32, B_r=64, B_c=64, n_warps=4)  # ~1.5 s to compile

@@ -7,7 +7,7 @@ import re
 import pytest
 
 import flashjit
-from flashjit import BwdConfig, BwdSm90Config, KernelConfig, codegen, config as cfgmod, jit
+from flashjit import BwdConfig, BwdSm90Config, KernelConfig, codegen, dispatch, jit
 from flashjit.configs import FAMILIES, Family, bwd_sm80, bwd_sm90, common, config_from_name, fwd_sm80
 
 
@@ -79,7 +79,7 @@ def test_head_dims_run_in_the_next_tile(d_head, tile):
     assert fwd.d_head == d_head and fwd.d_tile == tile and not fwd.problems()
     assert fwd.smem_bytes == dataclasses.replace(fwd, d_head=tile).smem_bytes
     for wgmma in (False, True):
-        bwd = cfgmod.default_bwd_config("bf16", d_head, False, wgmma=wgmma)
+        bwd = dispatch.default_bwd_config("bf16", d_head, False, wgmma=wgmma)
         assert bwd.d_head == d_head and not bwd.problems()
         hopper = isinstance(bwd, BwdSm90Config)
         assert hopper == (wgmma and 32 < d_head <= 128)
@@ -133,7 +133,7 @@ def test_shared_memory_check_names_the_device():
 
 
 def test_backward_configs():
-    default_bwd_config = cfgmod.default_bwd_config
+    default_bwd_config = dispatch.default_bwd_config
     for dtype, d in itertools.product(common.DTYPES, common.HEAD_DIMS):
         for causal, det in itertools.product((False, True), (False, True)):
             cfg = default_bwd_config(dtype, d, causal, deterministic=det).validate()
@@ -165,13 +165,13 @@ def test_sm90_backward_configs():
     """On sm_90a the Hopper kernel (BwdSm90Config) is the default where it exists; elsewhere the sm_80 one."""
     for dtype, d, causal, det, dropout, softcap in itertools.product(common.DTYPES, common.HEAD_DIMS, (False, True),
                                                                      (False, True), (False, True), (False, True)):
-        cfg = cfgmod.default_bwd_config(dtype, d, causal, softcap=softcap, dropout=dropout, deterministic=det,
+        cfg = dispatch.default_bwd_config(dtype, d, causal, softcap=softcap, dropout=dropout, deterministic=det,
                                           wgmma=True)
         expected = 32 < d <= 128 and not det and not (softcap and d <= 64)  # 96 runs in its 128 tile
         assert isinstance(cfg, BwdSm90Config) == expected and config_from_name(cfg.name) == cfg and not cfg.problems()
         assert ("bwd_sm90.cuh" if expected else "bwd_sm80.cuh") in codegen.render(cfg)
         assert cfg.deterministic == det  # the Hopper kernel is never picked for a deterministic call
-        assert isinstance(cfgmod.default_bwd_config(dtype, d, causal, softcap=softcap, dropout=dropout,
+        assert isinstance(dispatch.default_bwd_config(dtype, d, causal, softcap=softcap, dropout=dropout,
                                                       deterministic=det), BwdConfig)
     assert [c for c in flashjit.get_kernels_to_build(arch="sm_90a") if isinstance(c, BwdSm90Config)]
     assert not [c for c in flashjit.get_kernels_to_build(arch="sm_80") if isinstance(c, BwdSm90Config)]

@@ -12,7 +12,8 @@ import torch
 
 import flashjit
 from flashjit import KernelConfig, interface
-from flashjit.config import HEAD_DIMS, default_config
+from flashjit.configs.common import HEAD_DIMS
+from flashjit.dispatch import default_config
 from flashjit.reference import philox_keep_mask
 from numerics import (after_a_late_write, assert_close, assert_lse_close, captured_and_replayed, forward_keep_mask,
                       mask_mismatch, poisoned_like, reference_and_low)

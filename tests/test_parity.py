@@ -177,7 +177,7 @@ def test_head_dims_with_every_feature(d, kwargs):
 @pytest.mark.parametrize("d", [40, 104, 112])
 def test_wgmma_backward_at_narrower_head_dims(d):
     """The default backward on Hopper for head dims in the 64 and 128 tiles is the wgmma kernel."""
-    config = flashjit.config.default_bwd_config("bf16", d, False, wgmma=True)
+    config = flashjit.dispatch.default_bwd_config("bf16", d, False, wgmma=True)
     assert isinstance(config, flashjit.BwdSm90Config)
     q, k, v = _inputs(1, 200, 333, 4, 4, d, torch.bfloat16)
     dout = torch.randn_like(q)
