@@ -1,14 +1,18 @@
-"""The kernel configs of every family: names round-trip, every rule rejects with its reason, and the
-C++ static_asserts carry the same reasons; the build set and the tuning space are valid."""
+"""The kernel configs of every family: names round-trip, every rule rejects with its reason, the C++
+static_asserts carry the same reasons and the template parameters mirror the fields; the registry
+(config_from_name, family_of, register); the build set and the tuning space are valid."""
 import dataclasses
 import itertools
 import re
+from dataclasses import dataclass
 
 import pytest
 
 import flashjit
-from flashjit import BwdConfig, BwdSm90Config, KernelConfig, codegen, dispatch, jit
-from flashjit.configs import FAMILIES, Family, bwd_sm80, bwd_sm90, common, config_from_name, fwd_sm80
+from flashjit import BwdConfig, BwdSm90Config, KernelConfig, codegen, config as cfgmod, dispatch, jit, launch
+from flashjit.configs import (FAMILIES, Family, bwd_sm80, bwd_sm90, common, config_from_name, family_of, fwd_sm80,
+                              register)
+from flashjit.configs.common import ConfigBase, smem_limit_for_arch
 
 
 def test_name_round_trip_over_the_whole_space():
@@ -69,6 +73,27 @@ def test_static_asserts_carry_the_same_reasons(family):
             assert f'"{getattr(module, name)}"' not in source, f"{name} is a static_assert: add it to the reasons"
 
 
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_template_parameters_mirror_the_fields(family):
+    """flashjit::<namespace>::Config takes one parameter per field, in field order (dtype as bf16), of
+    the same kind (bool or int), and the rendered TU names the family's template, namespace and params."""
+    config = family.config()
+    args = config.template_args()
+    assert [name for name, _ in args] == ["bf16"] + [f.name for f in dataclasses.fields(config) if f.name != "dtype"]
+    source = (codegen.kernels_dir() / family.template).read_text()
+    declared = re.search(r"namespace flashjit::" + family.namespace + r" \{.*?template <([^>]*)>\s*struct Config\s*\{",
+                         source, re.S)
+    assert declared, f"no flashjit::{family.namespace}::Config in {family.template}"
+    kinds = [p.split()[0] for p in declared.group(1).split(",")]
+    assert kinds == ["bool" if isinstance(value, bool) else "int" for _, value in args]
+    text = codegen.render(config)
+    for name, _ in args:
+        assert f"/*{name}=*/" in text, name
+    assert f'#include "{family.template}"' in text and f"using Cfg = flashjit::{family.namespace}::Config<" in text
+    assert f"flashjit::{family.namespace}::launch<Cfg>" in text and f"const flashjit::{family.params}* params" in text
+    assert f'flashjit_config_name() {{ return "{config.name}"; }}' in text
+
+
 @pytest.mark.parametrize("d_head, tile", [(8, 32), (32, 32), (40, 64), (80, 96), (96, 96), (112, 128), (136, 160),
                                           (168, 192), (200, 256), (224, 256), (256, 256)])
 def test_head_dims_run_in_the_next_tile(d_head, tile):
@@ -88,13 +113,6 @@ def test_head_dims_run_in_the_next_tile(d_head, tile):
     assert KernelConfig.from_name(fwd.name) == fwd
     source = (codegen.kernels_dir() / "common" / "params.cuh").read_text()
     assert "constexpr int head_dim_tile(int d) { return d <= 192 ? (d + 31) / 32 * 32 : 256; }" in source
-
-
-def test_every_field_is_a_template_parameter():
-    text = codegen.render(KernelConfig())
-    for field in dataclasses.fields(KernelConfig):
-        label = "bf16" if field.name == "dtype" else field.name
-        assert f"/*{label}=*/" in text, field.name
 
 
 def test_every_knob_changes_the_rendered_code():
@@ -221,3 +239,94 @@ def test_deprecated_bwd_config_wgmma_gives_a_bwd_sm90_config():
     assert type(plain) is BwdConfig and plain == BwdConfig()
     assert "wgmma" not in {f.name for f in dataclasses.fields(plain)}
     assert dataclasses.replace(plain, block_m=32) == BwdConfig(block_m=32)
+
+
+# ---- the registry ----------------------------------------------------------------------------
+
+def test_every_familys_build_set_names_round_trip():
+    """Every family has kernels in some arch's build set; each name is parsed by exactly its own
+    family, starts with the family's direction, and gives the config back."""
+    seen = set()
+    for arch in ("sm_80", "sm_86", "sm_90a", "sm_100a", "sm_120"):
+        for config in dispatch.get_kernels_to_build(smem_limit_for_arch(arch), arch):
+            family = family_of(config)
+            seen.add(family.name)
+            assert [f for f in FAMILIES if f.config.parse_name(config.name) is not None] == [family]
+            assert config.name.startswith(family.direction + "_") and config_from_name(config.name) == config
+            if family.arch is not None:
+                assert arch == family.arch, f"{config.name} is in the {arch} build set"
+    assert seen == {f.name for f in FAMILIES}
+
+
+@pytest.mark.parametrize("bad, what", [("fwd_bf16_d128", "kernel name"), ("bwd_bf16_d128", "backward kernel name"),
+                                       ("attention", "kernel name")])
+def test_config_from_name_says_what_a_name_looks_like(bad, what):
+    with pytest.raises(ValueError, match=f"is not a flashjit {what} \\(expected e.g. ") as info:
+        config_from_name(bad)
+    for family in FAMILIES:  # examples of the name's direction (all, for an unknown one)
+        assert (family.config().name in str(info.value)) == (bad[:3] in (family.direction, "att"))
+
+
+def test_family_of_and_register_refuse_what_is_not_a_family():
+    assert [family_of(f.config()) for f in FAMILIES] == FAMILIES
+    with pytest.raises(TypeError, match="not a flashjit kernel config"):
+        family_of("fwd_bf16_d128")
+    with pytest.raises(ValueError, match="registered twice"):
+        register(FAMILIES[0])
+
+
+@dataclass(frozen=True)
+class _ToyConfig(ConfigBase):
+    dtype: str = "bf16"
+    d_head: int = 64
+    smem_bytes = 0
+
+    def problems(self) -> list[str]:
+        return []
+
+    @property
+    def name(self) -> str:
+        return f"fwd_toy_{self.dtype}_d{self.d_head}"
+
+    @classmethod
+    def parse_name(cls, name: str):
+        match = re.fullmatch(r"fwd_toy_(fp16|bf16)_d(\d+)", name)
+        return match and cls(match[1], int(match[2]))
+
+
+def test_a_new_family_is_a_module_and_a_register_line():
+    """A family registered at run time (as the Hopper forward will be) is parsed, rendered, checked
+    for its arch, launched with its params and accepted by the forward call, with no other edit."""
+    from flashjit import interface
+
+    toy = Family("fwd_toy", _ToyConfig, template="fwd_toy.cuh", namespace="fwd_toy", params="FwdParams",
+                 direction="fwd", arch="sm_90a")
+    _ToyConfig.family = toy
+    register(toy)
+    try:
+        config = config_from_name("fwd_toy_fp16_d64")
+        assert config == _ToyConfig("fp16", 64) and family_of(config) is toy
+        text = codegen.render(config)
+        assert '#include "fwd_toy.cuh"' in text and "const flashjit::FwdParams*" in text
+        assert "flashjit::fwd_toy::Config<\n    /*bf16=*/false,\n    /*d_head=*/64>;" in text
+        assert "flashjit::fwd_toy::launch<Cfg>(*params" in text
+        with pytest.raises(ValueError, match="fwd_toy kernel .* builds only for sm_90a, not sm_80"):
+            jit._check(config, "sm_80")
+        jit._check(config, "sm_90a")
+        assert launch.PARAMS[toy.params] is launch.FwdParams
+        interface._check_config_type(config, "fwd")
+        with pytest.raises(TypeError, match="config must be a flashjit.BwdConfig or flashjit.BwdSm90Config, got _Toy"):
+            interface._check_config_type(config, "bwd")
+    finally:
+        FAMILIES.remove(toy)
+
+
+def test_flashjit_config_still_exports_what_it_did():
+    """flashjit.config is a compatibility module: the same objects as their new homes."""
+    assert cfgmod.KernelConfig is fwd_sm80.KernelConfig and cfgmod.BwdConfig is bwd_sm80.BwdConfig
+    assert cfgmod.BwdSm90Config is bwd_sm90.BwdSm90Config and cfgmod.config_from_name is config_from_name
+    for name in ("default_config", "default_bwd_config", "get_kernels_to_build", "get_autotuning_kernel_configs"):
+        assert getattr(cfgmod, name) is getattr(dispatch, name) is getattr(flashjit, name, getattr(dispatch, name))
+    for name in ("WGMMA_ARCH", "WGMMA_SHAPES", "wgmma_tile", "WHY_WGMMA_WARPS", "WHY_WGMMA_VARIANTS", "HEAD_DIMS",
+                 "smem_limit_for_arch", "SMEM_LIMIT_SM90", "_Validated", "WHY_BWD_STAGING", "WHY_HEAD_DIM"):
+        assert hasattr(cfgmod, name), name
