@@ -10,6 +10,7 @@ from ._version import __version__
 from .configs.bwd_sm80 import BwdConfig
 from .configs.bwd_sm90 import BwdSm90Config
 from .configs.fwd_sm80 import KernelConfig
+from .configs.fwd_sm90 import FwdSm90Config
 from .dispatch import default_config, get_autotuning_kernel_configs, get_kernels_to_build
 from .toolchain import ToolchainError
 
@@ -19,8 +20,8 @@ _LAZY = {
     "attention_reference": "reference", "CompileError": "jit",
 }
 
-__all__ = ["__version__", "KernelConfig", "BwdConfig", "BwdSm90Config", "default_config", "get_kernels_to_build",
-           "get_autotuning_kernel_configs", "ToolchainError", *_LAZY]
+__all__ = ["__version__", "KernelConfig", "FwdSm90Config", "BwdConfig", "BwdSm90Config", "default_config",
+           "get_kernels_to_build", "get_autotuning_kernel_configs", "ToolchainError", *_LAZY]
 
 
 def __getattr__(name):

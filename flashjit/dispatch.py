@@ -13,6 +13,7 @@ from .configs.bwd_sm80 import BwdConfig
 from .configs.bwd_sm90 import WGMMA_ARCH, WGMMA_SHAPES, BwdSm90Config, wgmma_tile
 from .configs.common import DTYPES, HEAD_DIMS, SMEM_LIMIT_SM90, WARPS, head_dim_tile
 from .configs.fwd_sm80 import BLOCK_COLS, BLOCK_ROWS, KernelConfig
+from .configs.fwd_sm90 import FwdSm90Config, sm90_tile
 
 # Measured preferences (docs/perf-log.md, H100 SXM, 2026-11-22), best first; the first that is valid
 # and fits the device's shared memory wins. At d_head=256, 128x128 on 8 warps ran at 332 TFLOP/s
@@ -30,13 +31,32 @@ _PREFERENCES = {  # (head-dim class, causal) -> tiles, best first
 }
 
 
+# The Hopper forward (FwdSm90Config) by tile width, measured on an H200 (docs/perf-log.md, ninth
+# session, bf16 16k tokens): d128 128x128 with overlap + ping-pong ran 0.90-0.96x cuDNN against 0.77-0.88x
+# without the overlap, 128x192 and 128x64 lost 5-20%; d64 192x128 over 4 stages, persistent, 1.04x at
+# S=4k (0.93x one CTA per tile); d192 128x96 0.95-1.05x; d256 128x64 0.93-1.02x. Persistent CTAs lost
+# 3-16% at d>64 (the static tile order), so only d64 takes them.
+_SM90_PREFERENCES = {
+    64: dict(block_m=192, block_n=128, stages=4, overlap=True, pingpong=False, persistent=True),
+    128: dict(block_m=128, block_n=128, stages=2),
+    192: dict(block_m=128, block_n=96, stages=2),
+    256: dict(block_m=128, block_n=64, stages=2),
+}
+
+
 @functools.lru_cache(maxsize=None)
 def default_config(dtype: str, d_head: int, causal: bool, seqlen_q: int = 4096,
                    smem_limit: int = SMEM_LIMIT_SM90, local: bool = False, softcap: bool = False,
-                   alibi: bool = False, dropout: bool = False) -> KernelConfig:
+                   alibi: bool = False, dropout: bool = False, arch: str | None = None) -> KernelConfig | FwdSm90Config:
     """The dispatcher's choice when no tuned entry exists for (dtype, d_head, causal, seqlen_q) on a
-    device allowing `smem_limit` bytes of shared memory per block. A single short block of queries
-    (decoding-like, Sq <= 64) gets a 64-row tile rather than wasting half of a 128-row one."""
+    device allowing `smem_limit` bytes of shared memory per block. On sm_90a (`arch`) the Hopper
+    family, except for a single short block of queries (decoding-like, Sq <= 64), which gets the sm_80
+    kernel's 64-row tile rather than wasting most of a 128-row one."""
+    if arch == WGMMA_ARCH and seqlen_q > 64:
+        cfg = FwdSm90Config(dtype, d_head, causal=causal, local=local, softcap=softcap, alibi=alibi, dropout=dropout,
+                            **_SM90_PREFERENCES[sm90_tile(d_head)])
+        if not cfg.problems() and cfg.smem_bytes <= smem_limit:
+            return cfg
     size = next(c for c in (64, 128, 160, 192, 256) if d_head <= c)
     key = "short" if seqlen_q <= 64 else (size, True) if (size, causal) in _PREFERENCES else size
     for knobs in _PREFERENCES[key]:
@@ -113,7 +133,7 @@ def get_kernels_to_build(smem_limit: int = SMEM_LIMIT_SM90, arch: str | None = N
     kernels of their own (their d_head is a template parameter): precompile names them."""
     configs = []
     for dtype, d_head, causal, seqlen in itertools.product(DTYPES, HEAD_DIMS, (False, True), (4096, 1)):
-        cfg = default_config(dtype, d_head, causal, seqlen, smem_limit)
+        cfg = default_config(dtype, d_head, causal, seqlen, smem_limit, arch=arch)
         if cfg not in configs:
             configs.append(cfg)
     for dtype, d_head, causal, det in itertools.product(DTYPES, HEAD_DIMS, (False, True), (False, True)):
@@ -128,9 +148,19 @@ def get_kernels_to_build(smem_limit: int = SMEM_LIMIT_SM90, arch: str | None = N
 
 
 def get_autotuning_kernel_configs(dtype: str = "bf16", d_head: int = 128, causal: bool = False,
-                                  exhaustive: bool = False) -> list[KernelConfig]:
-    """The search space for `flashjit.tune`. By default the knobs that only ever help (cp.async,
-    eager loading, swizzling, the fused softmax) stay on; exhaustive=True varies them too."""
+                                  exhaustive: bool = False, arch: str | None = None) -> list:
+    """The search space for `flashjit.tune`. On sm_90a (`arch`): the Hopper family's tiles, stages,
+    overlap, ping-pong and persistence (every combination that builds). Else the sm_80 kernel's: by
+    default the knobs that only ever help (cp.async, eager loading, swizzling, the fused softmax) stay
+    on; exhaustive=True varies them too."""
+    if arch == WGMMA_ARCH:
+        out = []
+        for block_m, block_n, stages, overlap, pingpong, persistent in itertools.product(
+                (128, 192), (64, 96, 128, 192), (2, 3, 4), (True, False), (True, False), (False, True)):
+            cfg = FwdSm90Config(dtype, d_head, block_m, block_n, stages, overlap, pingpong, persistent, causal)
+            if not cfg.problems():
+                out.append(cfg)
+        return out
     flags = (True, False) if exhaustive else (True,)
     depths = (0, 1, 2, 4)
     out = []

@@ -21,7 +21,6 @@ from .configs import families
 from .configs.bwd_sm80 import BwdConfig
 from .configs.bwd_sm90 import WGMMA_ARCH, BwdSm90Config
 from .configs.common import FEATURES, MAX_HEAD_DIM, ConfigBase
-from .configs.fwd_sm80 import KernelConfig
 from .dispatch import default_bwd_config, default_config
 from .launch import BwdParams, FwdParams, tensor_ref
 
@@ -195,18 +194,41 @@ def _check_config_type(config, direction: str) -> None:
         raise TypeError(f"config must be a {accepted}, got {type(config).__name__}")
 
 
-def resolve_config(q: torch.Tensor, k: torch.Tensor, config: KernelConfig | None, causal: bool,
-                   device_index: int | None = None, mods: ScoreMods = _NO_MODS) -> KernelConfig:
+def _tma_unaddressable(*tensors) -> str | None:
+    """Why a TMA map cannot describe one of these [B, S, H, D] tensors, or None. The kernels' inputs
+    are 16-byte aligned by then (_aligned, _check_output); what is left is a zero stride over an extent
+    above 1 (a tensor broadcast with expand), which the map's encoder refuses."""
+    for t in tensors:
+        if t is not None and any(stride == 0 and extent > 1 for stride, extent in zip(t.stride()[:3], t.shape[:3])):
+            return f"a [B, S, H, D] input with strides {t.stride()} (a zero stride: broadcast by expand?)"
+    return None
+
+
+def resolve_config(q: torch.Tensor, k: torch.Tensor, config: ConfigBase | None, causal: bool,
+                   device_index: int | None = None, mods: ScoreMods = _NO_MODS, v: torch.Tensor | None = None,
+                   out: torch.Tensor | None = None) -> ConfigBase:
+    """The forward config for this call: the dispatcher's choice for the device's arch when `config`
+    is None (the Hopper family on sm_90a unless TMA cannot address a tensor: then the sm_80 family,
+    with a DEBUG line), else `config`, checked against the call."""
     dtype, d_head = _DTYPES[q.dtype], q.shape[3]
     if config is None:
         device_index = q.get_device() if device_index is None else device_index
-        config = default_config(dtype, d_head, bool(causal), q.shape[1], _smem_limit(device_index)[0], *mods.flags)
+        arch = jit.arch_for(device_index)
+        config = default_config(dtype, d_head, bool(causal), q.shape[1], _smem_limit(device_index)[0], *mods.flags,
+                                arch=arch)
+        if config.family.arch is not None and (why := _tma_unaddressable(q, k, v, out)):
+            config = default_config(dtype, d_head, bool(causal), q.shape[1], _smem_limit(device_index)[0],
+                                    *mods.flags)
+            log.debug("TMA cannot address %s: running the %s family instead", why, config.family.name)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("dispatching [B=%d, Sq=%d, Sk=%d, H=%d, H_k=%d, D=%d] to %s (default for "
                   "dtype/head dim/causal/seqlen and shared memory)", q.shape[0], q.shape[1], k.shape[1], q.shape[2],
                       k.shape[2], d_head, config.name)
         return config
     _check_config_type(config, "fwd")
+    if config.family.arch is not None and (why := _tma_unaddressable(q, k, v, out)):
+        raise ValueError(f"config {config.name} loads with TMA, which cannot address {why}; pass contiguous "
+                         "tensors (e.g. k.contiguous()) or a flashjit.KernelConfig")
     for field, wanted, given in (("dtype", dtype, config.dtype), ("d_head", d_head, config.d_head),
                                  ("causal", bool(causal), config.causal), ("local", mods.local, config.local),
                                  ("softcap", mods.softcap, config.softcap), ("alibi", mods.alibi, config.alibi),
@@ -258,7 +280,7 @@ def _launch(q, k, v, config, causal, softmax_scale, out=None, want_lse=True, mod
     """Choose and build the kernel (inputs already checked), allocate outputs. Returns (run, out, lse)."""
     softmax_scale = softmax_scale_or_default(q, softmax_scale)
     device_index = q.get_device()
-    config = resolve_config(q, k, config, causal, device_index, mods)
+    config = resolve_config(q, k, config, causal, device_index, mods, v=v, out=out)
     kernel = _kernels.get((config, device_index)) or _kernel_for(config, device_index)
 
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
@@ -282,7 +304,7 @@ def _launch(q, k, v, config, causal, softmax_scale, out=None, want_lse=True, mod
     return run, out, lse
 
 
-def forward(q, k, v, config: KernelConfig | None = None, causal: bool = False,
+def forward(q, k, v, config: ConfigBase | None = None, causal: bool = False,
             softmax_scale: float | None = None, return_lse: bool = False, out: torch.Tensor | None = None,
             window_size=(-1, -1), softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
             dropout_p: float = 0.0, philox: tuple[int, int] | None = None):
@@ -306,7 +328,7 @@ def forward(q, k, v, config: KernelConfig | None = None, causal: bool = False,
     return (out, lse) if return_lse else out
 
 
-def forward_timed(q, k, v, config: KernelConfig | None = None, causal: bool = False,
+def forward_timed(q, k, v, config: ConfigBase | None = None, causal: bool = False,
                   softmax_scale: float | None = None, window_size=(-1, -1), softcap: float = 0.0,
                   alibi_slopes: torch.Tensor | None = None, dropout_p: float = 0.0) -> tuple[torch.Tensor, float]:
     """forward(), plus the kernel's own time in milliseconds from CUDA events around the launch

@@ -42,7 +42,7 @@ using namespace flashjit::sm90;
 // Named barrier ids (0 is __syncthreads).
 enum class Barrier : int { kEpilogue = 1, kPingPong = 5 };
 
-// One template parameter per Sm90FwdConfig field (flashjit/configs/fwd_sm90.py), in the same order; every
+// One template parameter per FwdSm90Config field (flashjit/configs/fwd_sm90.py), in the same order; every
 // static_assert message is one of its WHY_* reasons, verbatim.
 template <bool kBf16_, int kDHead_, int kBlockM_, int kBlockN_, int kStages_, bool kOverlap_, bool kPingPong_,
           bool kPersistent_, bool kCausal_, bool kLocal_, bool kSoftcap_, bool kAlibi_, bool kDropout_>

@@ -1,0 +1,136 @@
+"""The Hopper forward family (kernels/fwd_sm90.cuh, sm_90a only): FwdSm90Config, its knobs, rules and
+name. A producer warpgroup loads Q once and K/V through a ring of `stages` shared-memory buffers with
+TMA; block_m / 64 consumer warpgroups run S = QK^T and O += PV on wgmma with the online softmax in
+registers. Each field is one template parameter of ``flashjit::fwd_sm90::Config``, in order; every
+rule ``problems()`` enforces is a ``static_assert`` there with the same message (FAMILY.reasons).
+"""
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+
+from .common import DTYPES, FEATURES, FEATURES_RE, WHY_HEAD_DIM, ConfigBase, features_suffix, head_dim_problem
+from .registry import Family
+
+ARCH = "sm_90a"
+BLOCK_M = (128, 192)        # query rows per CTA: 64 per consumer warpgroup
+BLOCK_N = (64, 96, 128, 192)  # keys per main-loop step (the QK^T wgmma's N)
+STAGES = (2, 3, 4)
+SMEM_LIMIT = 227 * 1024
+
+# The reasons, shared verbatim with the static_asserts in kernels/fwd_sm90.cuh.
+WHY_BLOCK_M = "block_m must be 128 or 192 (two or three consumer warpgroups)"
+WHY_BLOCK_N = "block_n must be 64, 96, 128 or 192"
+WHY_STAGES = "stages must be 2, 3 or 4"
+WHY_PINGPONG = "ping-pong alternates two consumer warpgroups (block_m 128) and needs the overlap"
+WHY_REGISTERS = "O, S and P of this config do not fit the consumers' registers"
+WHY_SMEM = "Q and the K/V stages of this config need more than 227 KiB of shared memory"
+
+
+def sm90_tile(d_head: int) -> int:
+    """The tile width (Config::kD): whole 64-column blocks, the TMA box and wgmma swizzle unit. The
+    QK^T product covers only d_head rounded up to 16; PV covers the whole tile (wgmma's N)."""
+    return (d_head + 63) // 64 * 64
+
+
+@dataclass(frozen=True)
+class FwdSm90Config(ConfigBase):
+    """One Hopper forward specialization.
+
+    dtype        'fp16' or 'bf16'
+    d_head       head dimension: a multiple of 8 up to 256, run in a tile of whole 64-column blocks
+    block_m      query rows per CTA: 128 (two consumer warpgroups) or 192 (three)
+    block_n      keys per main-loop step
+    stages       K/V shared-memory buffers in the TMA ring (how far the producer runs ahead)
+    overlap      issue block j's QK^T with block j-1's PV and compute block j's exponentials while
+                 that PV runs (FlashAttention-3's intra-warpgroup overlap); speed only
+    pingpong     the two consumer warpgroups take turns issuing their products, so one's softmax
+                 runs under the other's (named barriers); speed only; needs overlap and block_m 128
+    persistent   one CTA per SM walks the tiles (the K/V ring runs on into the next tile, whose Q
+                 loads once the last QK^T of the current one retired; O is stored from registers)
+                 instead of one CTA per tile (O through shared memory and a TMA store); speed only
+    causal, local, softcap, alibi, dropout   as KernelConfig (same masks, same Philox dropout mask)
+    """
+
+    dtype: str = "bf16"
+    d_head: int = 128
+    block_m: int = 128
+    block_n: int = 128
+    stages: int = 2
+    overlap: bool = True
+    pingpong: bool = True
+    persistent: bool = False
+    causal: bool = False
+    local: bool = False
+    softcap: bool = False
+    alibi: bool = False
+    dropout: bool = False
+
+    @property
+    def d_tile(self) -> int:
+        return sm90_tile(self.d_head)
+
+    @property
+    def consumers(self) -> int:
+        return self.block_m // 64
+
+    @property
+    def smem_bytes(self) -> int:
+        """Alignment slack, Q, `stages` K and V tiles, the mbarriers (Config::kSmemBytes)."""
+        return 1024 + 2 * self.block_m * self.d_tile + 2 * 2 * self.stages * self.block_n * self.d_tile + \
+            8 * (2 + 4 * self.stages)
+
+    def register_estimate(self) -> int:
+        """Per consumer thread: O, S and P fragments plus indices (Config::kRegEstimate)."""
+        return self.d_tile // 2 + self.block_n // 2 + self.block_n // 4 + 32
+
+    @property
+    def register_budget(self) -> int:
+        """What setmaxnreg gives each consumer thread: 240 with two consumer warpgroups, 160 with three."""
+        return 240 if self.consumers == 2 else 160
+
+    def problems(self) -> list[str]:
+        out = self._choices(dtype=DTYPES) + head_dim_problem(self.d_head)
+        if self.block_m not in BLOCK_M:
+            out.append(f"{WHY_BLOCK_M}, got {self.block_m!r}")
+        if self.block_n not in BLOCK_N:
+            out.append(f"{WHY_BLOCK_N}, got {self.block_n!r}")
+        if self.stages not in STAGES:
+            out.append(f"{WHY_STAGES}, got {self.stages!r}")
+        if out:
+            return out
+        if self.pingpong and (self.consumers != 2 or not self.overlap):
+            out.append(WHY_PINGPONG)
+        if self.register_estimate() > self.register_budget:
+            out.append(f"{WHY_REGISTERS} (about {self.register_estimate()} of {self.register_budget}); "
+                       "use a smaller block_n or block_m 128")
+        if self.smem_bytes > SMEM_LIMIT:
+            out.append(f"{WHY_SMEM} ({self.smem_bytes // 1024} KiB); use fewer stages or a smaller block_n")
+        return out
+
+    @functools.cached_property
+    def name(self) -> str:
+        return (f"fwd_sm90_{self.dtype}_d{self.d_head}_m{self.block_m}_n{self.block_n}_st{self.stages}"
+                f"_ov{int(self.overlap)}_pp{int(self.pingpong)}_ps{int(self.persistent)}_causal{int(self.causal)}"
+                f"{features_suffix(self)}")
+
+    _NAME_RE = re.compile(r"^fwd_sm90_(?P<dtype>fp16|bf16)_d(?P<d_head>\d+)_m(?P<block_m>\d+)_n(?P<block_n>\d+)"
+                          r"_st(?P<stages>\d+)_ov(?P<overlap>[01])_pp(?P<pingpong>[01])_ps(?P<persistent>[01])"
+                          r"_causal(?P<causal>[01])"
+                          + FEATURES_RE + "$")
+
+    @classmethod
+    def parse_name(cls, name: str) -> "FwdSm90Config | None":
+        match = cls._NAME_RE.match(name)
+        if not match:
+            return None
+        return cls(match["dtype"], int(match["d_head"]), int(match["block_m"]), int(match["block_n"]),
+                   int(match["stages"]), match["overlap"] == "1", match["pingpong"] == "1", match["persistent"] == "1",
+                   match["causal"] == "1",
+                   *(match[f] is not None for f in FEATURES))
+
+
+FwdSm90Config.family = FAMILY = Family(
+    "fwd_sm90", FwdSm90Config, template="fwd_sm90.cuh", namespace="fwd_sm90", params="FwdParams", direction="fwd",
+    arch=ARCH, reasons=(WHY_HEAD_DIM, WHY_BLOCK_M, WHY_BLOCK_N, WHY_STAGES, WHY_PINGPONG, WHY_REGISTERS, WHY_SMEM))
