@@ -75,7 +75,7 @@ def _entry(root: Path) -> Path:
 
 def test_precompile_out_writes_a_bundle(built, private_cache, tmp_path):
     bundle, user_cache, result = built
-    assert f"0 cached, 1 to compile" in result.stdout and f"FLASHJIT_PREBUILT={bundle}" in result.stdout
+    assert "0 cached, 1 to compile" in result.stdout and f"FLASHJIT_PREBUILT={bundle}" in result.stdout
     assert sorted(p.name for p in bundle.iterdir()) == ["flashjit-bundle.json", "sm_80"]  # no locks, no staging
     assert not user_cache.exists()  # the user's cache is not involved
     toolkit = toolchain.find_toolkit()

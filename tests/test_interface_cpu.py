@@ -110,7 +110,7 @@ def test_configs_of_the_other_direction_are_refused(monkeypatch):
     from flashjit import BwdConfig, BwdSm90Config, KernelConfig
 
     q, k, v = _qkv()
-    with pytest.raises(TypeError, match="config must be a flashjit.KernelConfig, got BwdConfig"):
+    with pytest.raises(TypeError, match="config must be a flashjit.KernelConfig or flashjit.FwdSm90Config, got BwdConfig"):
         iface.resolve_config(q, k, BwdConfig(d_head=64), False)
     monkeypatch.setattr(iface, "check_qkv", lambda *args: None)  # q/k/v are fine; only the CPU device is not
     monkeypatch.setattr(iface.jit, "arch_for", lambda device_index: "sm_90a")

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from flashjit import BwdConfig, BwdSm90Config, KernelConfig, cache, codegen, jit, toolchain
+from flashjit import (BwdConfig, BwdSm90Config, FwdSm90Config, KernelConfig, cache, codegen, get_kernels_to_build, jit,
+                      toolchain)
 from flashjit.launch import CompiledKernel
 
 pytestmark = pytest.mark.compile
@@ -37,6 +38,10 @@ SUBSET = [  # both dtypes, several head dims, causal, knobs off, both archs
     ("sm_80", BwdConfig("fp16", 192, 4, 32, 2, deterministic=True, dropout=True)),
     ("sm_90a", BwdSm90Config("bf16", 128, 64, causal=True, dropout=True)),
     ("sm_90a", BwdSm90Config("fp16", 64, 128, local=True, alibi=True)),
+    ("sm_90a", FwdSm90Config("bf16", 128)),
+    ("sm_90a", FwdSm90Config("fp16", 64, 192, 128, 4, True, False, True, causal=True, local=True, softcap=True,
+                             alibi=True, dropout=True)),
+    ("sm_90a", FwdSm90Config("bf16", 256, 128, 64, 2, False, False, dropout=True)),
 ]
 
 
@@ -419,6 +424,17 @@ def test_key_follows_the_arch(private_cache):
         assert path.parent.name == arch
     hashes = {path.name.rsplit("-", 1)[1] for path in dirs.values()}
     assert len(hashes) == len(dirs)  # a different key, not only a different folder
+
+
+def test_hopper_forward_build_set_compiles(private_cache):
+    """Every fwd_sm90 kernel of the sm_90a build set compiles (the GPU tests run them on an H100/H200;
+    this keeps a template change that breaks one tile or head dim from reaching them)."""
+    env = dict(os.environ, FLASHJIT_CACHE_DIR=str(private_cache))
+    wanted = {c.name for c in get_kernels_to_build(arch="sm_90a") if c.family.name == "fwd_sm90"}
+    pre = subprocess.run([sys.executable, "-m", "flashjit", "precompile", "--arch", "sm_90a", "--jobs", "2",
+                          "--filter", "fwd_sm90_*"], env=env, cwd=REPO, capture_output=True, text=True)
+    assert pre.returncode == 0, pre.stderr[-3000:]
+    assert wanted and {manifest["config"] for _, manifest, _ in cache.entries()} == wanted
 
 
 def test_cli_precompile_list_clear(private_cache):

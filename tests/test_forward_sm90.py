@@ -1,0 +1,143 @@
+"""The Hopper forward family (kernels/fwd_sm90.cuh) on an sm_90a GPU: every build-set config, every
+knob, every feature, odd shapes with several tiles per persistent CTA, head dims that are not whole
+tiles, and equality with the sm_80 family within the tolerance rule (tests/numerics.py). The default
+forward tests (test_forward_gpu.py, test_flash_api.py) run this family too: it is the dispatcher's
+choice on sm_90a. Outputs are NaN-poisoned; inputs fresh, seeded per test."""
+import dataclasses
+import logging
+
+import pytest
+import torch
+
+import flashjit
+from flashjit import FwdSm90Config, KernelConfig, dispatch, interface, jit
+from flashjit.reference import philox_keep_mask
+from numerics import assert_close, assert_lse_close, forward_keep_mask, mask_mismatch, poisoned_like, reference_and_low
+
+pytestmark = pytest.mark.gpu
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@pytest.fixture(autouse=True)
+def _hopper_only():
+    if jit.arch_for(torch.cuda.current_device()) != "sm_90a":
+        pytest.skip("the Hopper forward family builds and runs only on sm_90a GPUs (H100/H200)")
+
+
+def _inputs(batch, sq, sk, h, hk, d, dtype):
+    return (torch.randn(batch, sq, h, d, device="cuda", dtype=dtype),
+            torch.randn(batch, sk, hk, d, device="cuda", dtype=dtype),
+            torch.randn(batch, sk, hk, d, device="cuda", dtype=dtype))
+
+
+def _check(q, k, v, config, causal=False, **kw):
+    out = poisoned_like(q)
+    out, lse = flashjit.forward(q, k, v, config=config, causal=causal, return_lse=True, out=out, **kw)
+    (ref, ref_lse), (low, low_lse) = reference_and_low(q, k, v, causal=causal, **kw)
+    assert_close("out", out, ref, low)
+    assert_lse_close(lse, ref_lse, low_lse)
+    return out
+
+
+def test_default_on_hopper_is_this_family():
+    q, k, v = _inputs(1, 300, 300, 2, 2, 128, torch.bfloat16)
+    assert isinstance(interface.resolve_config(q, k, None, False), FwdSm90Config)
+
+
+@pytest.mark.parametrize("config", [c for c in dispatch.get_kernels_to_build(arch="sm_90a")
+                                    if isinstance(c, FwdSm90Config)], ids=lambda c: c.name)
+def test_build_set(config):
+    q, k, v = _inputs(2, 333, 301, 4, 2, config.d_head, DTYPES[config.dtype])
+    _check(q, k, v, config, causal=config.causal)
+
+
+KNOBS = [dict(), dict(overlap=False, pingpong=False), dict(pingpong=False), dict(persistent=True),
+         dict(stages=3), dict(stages=4, block_n=64), dict(block_n=96), dict(block_n=192, stages=2),
+         dict(block_m=192, pingpong=False), dict(block_m=192, pingpong=False, overlap=False, persistent=True)]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("knobs", KNOBS, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()) or "defaults")
+def test_knobs(knobs, causal):
+    """Each knob on shapes with more tiles than SMs (a persistent CTA walks several, its rings running
+    on across tiles, some tiles empty under the causal mask) and GQA."""
+    d = 64 if knobs.get("block_m") == 192 else 128
+    config = dataclasses.replace(FwdSm90Config(dtype="fp16", d_head=d, causal=causal), **knobs).validate()
+    q, k, v = _inputs(3, 1000, 777, 8, 2, d, torch.float16)
+    _check(q, k, v, config, causal=causal)
+
+
+ODD = [  # batch, Sq, Sk, H, H_k, D
+    (1, 1, 1, 1, 1, 64), (2, 17, 17, 3, 1, 8), (1, 300, 17, 2, 1, 40), (2, 17, 300, 4, 2, 72), (1, 77, 513, 2, 2, 80),
+    (1, 200, 129, 4, 4, 136), (2, 65, 1025, 2, 1, 200), (1, 129, 0, 2, 2, 128), (1, 1000, 3, 2, 1, 248),
+    (3, 1, 300, 4, 4, 192),
+]
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", ODD, ids=str)
+def test_odd_shapes(shape, causal, persistent):
+    batch, sq, sk, h, hk, d = shape
+    # The dispatcher's Hopper tile for this head dim (at Sq <= 64 it would pick the sm_80 family).
+    config = dataclasses.replace(dispatch.default_config("bf16", d, causal, 4096, arch="sm_90a"), persistent=persistent)
+    q, k, v = _inputs(batch, sq, sk, h, hk, d, torch.bfloat16)
+    out = _check(q, k, v, config, causal=causal)
+    if causal and sq > sk:  # rows that see no key are exactly zero
+        assert out[:, : sq - sk].abs().max().item() == 0
+
+
+FEATURES = [dict(window_size=(37, 11)), dict(window_size=(-1, 5)), dict(window_size=(20, -1)), dict(softcap=5.0),
+            dict(alibi_slopes="bh"), dict(softcap=3.0, window_size=(64, 0), alibi_slopes="h")]
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+@pytest.mark.parametrize("feature", FEATURES, ids=lambda d: ",".join(d))
+def test_features(feature, persistent):
+    q, k, v = _inputs(2, 600, 433, 4, 2, 96, torch.float16)
+    kw = dict(feature)
+    if "alibi_slopes" in kw:
+        kw["alibi_slopes"] = torch.rand(*((2, 4) if kw["alibi_slopes"] == "bh" else (4,)), device="cuda") * 0.3
+    mods = interface.score_mods(q, False, kw.get("window_size", (-1, -1)), kw.get("softcap", 0.0), kw.get("alibi_slopes"))
+    config = FwdSm90Config("fp16", 96, persistent=persistent, local=mods.local, softcap=mods.softcap, alibi=mods.alibi)
+    _check(q, k, v, config, **kw)
+
+
+@pytest.mark.parametrize("p", [0.17, 0.5])
+@pytest.mark.parametrize("config", [FwdSm90Config("fp16", 64, dropout=True),
+                                    FwdSm90Config("fp16", 64, block_m=192, pingpong=False, persistent=True, dropout=True),
+                                    FwdSm90Config("fp16", 128, block_n=64, stages=3, dropout=True)], ids=lambda c: c.name)
+def test_dropout_mask_is_philox_keep_mask_bit_for_bit(config, p):
+    """The same Philox keep mask as the sm_80 family and reference.philox_keep_mask (so the existing
+    backward regenerates it), read exactly from the output (numerics.forward_keep_mask)."""
+    b, sq, sk, h, hk = 2, 300, 200, 3, 1
+    philox = (torch.randint(0, 2**63 - 1, ()).item(), 2**32 * torch.randint(1, 2**31, ()).item() + 12345)
+    got = forward_keep_mask(lambda q, k, v: flashjit.forward(q, k, v, config=config, dropout_p=p, philox=philox,
+                                                             out=poisoned_like(q)),
+                            b, sq, sk, h, config.d_head, p, heads_k=hk)
+    want = philox_keep_mask(*philox, interface.dropout_threshold(p), b, h, sq, sk, "cuda")
+    assert torch.equal(got, want), mask_mismatch(f"forward, philox {philox}", got, want)
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_equals_the_sm80_family(d):
+    """The two families on the same inputs agree within the tolerance rule (each against the fp32
+    reference, and with each other in its place)."""
+    q, k, v = _inputs(2, 513, 700, 4, 1, d, torch.bfloat16)
+    hopper = flashjit.forward(q, k, v, config=dispatch.default_config("bf16", d, True, 513, arch="sm_90a"), causal=True)
+    ampere = flashjit.forward(q, k, v, config=dispatch.default_config("bf16", d, True, 513), causal=True)
+    assert isinstance(ampere, torch.Tensor)
+    (ref, _), (low, _) = reference_and_low(q, k, v, causal=True)
+    assert_close("sm90 out", hopper, ref, low)
+    assert_close("sm90 against sm80", hopper.float(), ampere.float(), low)
+
+
+def test_layout_tma_cannot_address_falls_back(caplog):
+    """K/V broadcast over heads with stride 0 (expand): a TMA map needs non-zero strides, so the
+    dispatcher picks the sm_80 family and says so at DEBUG."""
+    q, k, v = _inputs(1, 300, 300, 4, 1, 128, torch.bfloat16)
+    k, v = k.expand(1, 300, 4, 128), v.expand(1, 300, 4, 128)
+    with caplog.at_level(logging.DEBUG, logger="flashjit"):
+        config = interface.resolve_config(q, k, None, False, v=v)
+    assert isinstance(config, KernelConfig) and "TMA" in caplog.text
+    _check(q, k, v, None)
