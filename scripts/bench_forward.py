@@ -1,12 +1,14 @@
-"""Forward benchmark: flashjit vs PyTorch SDPA's flash (FlashAttention-2) and cuDNN backends, one run.
+"""Forward benchmark: flashjit vs PyTorch SDPA's flash (FlashAttention-2) and cuDNN backends and
+FlexAttention (torch.compile(flex_attention), a causal block mask when causal), one run.
 
 Points: dtype x head dim x causal x seqlen, with batch * seqlen = --tokens and heads * head_dim =
---hidden. TFLOP/s = 4 * B * H * S^2 * D (halved for causal) / time; times are the median of
-triton.testing.do_bench on random inputs. Writes JSON (+ a PNG plot when matplotlib is present) to
---out and prints a table.
+--hidden, plus --gqa points (B=1, S, 32 query / 8 KV heads, as long-context serving runs). TFLOP/s =
+4 * B * H * S^2 * D (halved for causal) / time; times are the median of triton.testing.do_bench on
+random inputs. Writes JSON (+ a PNG plot when matplotlib is present) to --out and prints a table.
 
     python scripts/bench_forward.py --out bench-out
     python scripts/bench_forward.py --dtypes bf16 --head-dims 128 --seqlens 4096 --configs NAME [NAME ...]
+    python scripts/bench_forward.py --no-flex          # skip FlexAttention (its compile takes ~10 s a shape)
 """
 from __future__ import annotations
 
@@ -88,6 +90,33 @@ def sdpa(backend, q, k, v, causal, dropout_p=0.0):
     return run
 
 
+def flex(q, k, v, causal):
+    """FlexAttention as users run it: the compiled flex_attention, GQA through enable_gqa, causal as a
+    block mask (built once, outside the timed region)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    compiled = _compiled_flex()
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    mask = None
+    if causal:
+        sq, sk = q.shape[1], k.shape[1]
+        mask = create_block_mask(lambda b, h, i, j: j <= i + (sk - sq), None, None, sq, sk, device=q.device)
+    gqa = q.shape[2] != k.shape[2]
+    return lambda: compiled(qt, kt, vt, block_mask=mask, enable_gqa=gqa)
+
+
+_FLEX = []
+
+
+def _compiled_flex():
+    import torch
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not _FLEX:
+        _FLEX.append(torch.compile(flex_attention, dynamic=False))
+    return _FLEX[0]
+
+
 def add_grid_arguments(parser: argparse.ArgumentParser, dtypes: str, head_dims: str, seqlens: str) -> None:
     """The benchmark grid, shared with bench_backward.py."""
     parser.add_argument("--dtypes", default=dtypes)
@@ -113,45 +142,66 @@ def grid(args, requires_grad: bool = False):
         yield dict(dtype=dtype, d_head=d_head, causal=causal, seqlen=seqlen, batch=batch, heads=heads), q, k, v
 
 
+def gqa_points(args):
+    """(point, q, k, v) for the small-batch GQA long-context points: B=1, 32 query and 8 KV heads."""
+    import torch
+
+    for dtype, d_head, causal in itertools.product(args.dtypes.split(","), map(int, args.head_dims.split(",")),
+                                                   [bool(int(c)) for c in args.causal.split(",")]):
+        for seqlen in (int(s) for s in args.gqa.split(",") if s):
+            torch.manual_seed(0)
+            dt = getattr(torch, DTYPES[dtype])
+            q = torch.randn(1, seqlen, 32, d_head, device="cuda", dtype=dt)
+            k, v = (torch.randn(1, seqlen, 8, d_head, device="cuda", dtype=dt) for _ in range(2))
+            yield dict(dtype=dtype, d_head=d_head, causal=causal, seqlen=seqlen, batch=1, heads=32, heads_k=8), q, k, v
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     add_grid_arguments(parser, "bf16,fp16", "64,128,256", "512,1024,2048,4096,8192,16384")
     parser.add_argument("--configs", nargs="*", help="kernel names to time instead of the default choice")
+    parser.add_argument("--gqa", default="8192", help="seqlens of the B=1, 32/8-head GQA points ('' for none)")
+    parser.add_argument("--no-flex", action="store_true", help="do not time FlexAttention")
     args = parser.parse_args()
     exit_unless_gpu("bench_forward.py")
     torch = _require_torch_cuda("bench_forward.py")
     from torch.nn.attention import SDPBackend
 
     import flashjit
-    from flashjit import KernelConfig
+    from flashjit.configs import config_from_name
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name()
     rows = []
-    for point, q, k, v in grid(args):
+    for point, q, k, v in itertools.chain(grid(args), gqa_points(args)):
         dtype, d_head, causal, seqlen = point["dtype"], point["d_head"], point["causal"], point["seqlen"]
         batch, heads = point["batch"], point["heads"]
-        configs = [KernelConfig.from_name(n) for n in args.configs] if args.configs else [None]
+        configs = [config_from_name(n) for n in args.configs] if args.configs else [None]
         configs = [c for c in configs if c is None or (c.dtype, c.d_head, c.causal) == (dtype, d_head, causal)]
         base = {}
         for label, backend in (("fa2", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
             ms = time_ms(sdpa(backend, q, k, v, causal))
             base[label] = ms and tflops(batch, heads, seqlen, d_head, causal, ms)
+        base["flex"] = None
+        if not args.no_flex:
+            ms = time_ms(flex(q, k, v, causal))
+            base["flex"] = ms and tflops(batch, heads, seqlen, d_head, causal, ms)
         for config in configs:
             ms = time_ms(lambda: flashjit.forward(q, k, v, config=config, causal=causal))
             if ms is None:
                 continue
-            used = flashjit.interface.resolve_config(q, k, config, causal)
+            used = flashjit.interface.resolve_config(q, k, config, causal, v=v)
             ours = tflops(batch, heads, seqlen, d_head, causal, ms)
             row = dict(point, config=used.name, ms=ms, tflops=ours, fa2_tflops=base["fa2"],
-                       cudnn_tflops=base["cudnn"], vs_fa2=base["fa2"] and ours / base["fa2"],
-                       vs_cudnn=base["cudnn"] and ours / base["cudnn"])
+                       cudnn_tflops=base["cudnn"], flex_tflops=base["flex"], vs_fa2=base["fa2"] and ours / base["fa2"],
+                       vs_cudnn=base["cudnn"] and ours / base["cudnn"], vs_flex=base["flex"] and ours / base["flex"])
             rows.append(row)
-            print(f"{dtype} d{d_head:<3} causal={int(causal)} S={seqlen:<5} B={batch:<3} H={heads:<3} "
-                  f"flashjit {ours:6.1f}  fa2 {base['fa2'] or 0:6.1f}  cudnn {base['cudnn'] or 0:6.1f} "
-                  f"TFLOP/s  x{row['vs_fa2'] or 0:.3f} fa2  x{row['vs_cudnn'] or 0:.3f} cudnn  {used.name}",
-                  flush=True)
+            hk = f"/{point['heads_k']}" if "heads_k" in point else ""
+            print(f"{dtype} d{d_head:<3} causal={int(causal)} S={seqlen:<5} B={batch:<3} H={heads}{hk:<3} "
+                  f"flashjit {ours:6.1f}  fa2 {base['fa2'] or 0:6.1f}  cudnn {base['cudnn'] or 0:6.1f}  "
+                  f"flex {base['flex'] or 0:6.1f} TFLOP/s  x{row['vs_cudnn'] or 0:.3f} cudnn  "
+                  f"x{row['vs_flex'] or 0:.3f} flex  x{row['vs_fa2'] or 0:.3f} fa2  {used.name}", flush=True)
     result = dict(device=device, date=time.strftime("%Y-%m-%d"), torch=torch.__version__, rows=rows)
     (out_dir / "bench_forward.json").write_text(json.dumps(result, indent=1))
     plot(rows, device, out_dir / "bench_forward.png")
