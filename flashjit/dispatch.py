@@ -47,14 +47,15 @@ _SM90_PREFERENCES = {
 @functools.lru_cache(maxsize=None)
 def default_config(dtype: str, d_head: int, causal: bool, seqlen_q: int = 4096,
                    smem_limit: int = SMEM_LIMIT_SM90, local: bool = False, softcap: bool = False,
-                   alibi: bool = False, dropout: bool = False, arch: str | None = None) -> KernelConfig | FwdSm90Config:
+                   alibi: bool = False, dropout: bool = False, arch: str | None = None,
+                   sink: bool = False) -> KernelConfig | FwdSm90Config:
     """The dispatcher's choice when no tuned entry exists for (dtype, d_head, causal, seqlen_q) on a
     device allowing `smem_limit` bytes of shared memory per block. On sm_90a (`arch`) the Hopper
     family, except for a single short block of queries (decoding-like, Sq <= 64), which gets the sm_80
     kernel's 64-row tile rather than wasting most of a 128-row one."""
     if arch == WGMMA_ARCH and seqlen_q > 64:
         cfg = FwdSm90Config(dtype, d_head, causal=causal, local=local, softcap=softcap, alibi=alibi, dropout=dropout,
-                            **_SM90_PREFERENCES[sm90_tile(d_head)])
+                            sink=sink, **_SM90_PREFERENCES[sm90_tile(d_head)])
         if not cfg.problems() and cfg.smem_bytes <= smem_limit:
             return cfg
     size = next(c for c in (64, 128, 160, 192, 256) if d_head <= c)
@@ -63,8 +64,7 @@ def default_config(dtype: str, d_head: int, causal: bool, seqlen_q: int = 4096,
         for depth in (1, 2):  # d_head = 96 or 160 has 6 or 10 k-tiles: depth 1 always divides
             cfg = KernelConfig(dtype=dtype, d_head=d_head, causal=causal, q_frag_depth=depth,
                                k_frag_depth=depth, v_frag_depth=1, local=local, softcap=softcap, alibi=alibi,
-                               dropout=dropout,
-                               **knobs)
+                               dropout=dropout, sink=sink, **knobs)
             if not cfg.problems() and cfg.smem_bytes <= smem_limit:
                 return cfg
     raise ValueError(f"no flashjit kernel for dtype={dtype} d_head={d_head} fits {smem_limit // 1024} KiB "

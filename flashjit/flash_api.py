@@ -34,11 +34,11 @@ def backend() -> str:
 class _JitAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes, dropout_p, philox,
-                deterministic):
+                deterministic, learnable_sink):
         out, lse = interface.forward(q, k, v, causal=causal, softmax_scale=softmax_scale, return_lse=True,
                                      window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
-                                     dropout_p=dropout_p, philox=philox)
-        ctx.save_for_backward(q, k, v, out, lse, alibi_slopes)
+                                     dropout_p=dropout_p, philox=philox, learnable_sink=learnable_sink)
+        ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, learnable_sink)
         # The backward regenerates the dropout mask from the same (seed, offset).
         ctx.args = dict(causal=causal, softmax_scale=softmax_scale, window_size=window_size, softcap=softcap,
                         dropout_p=dropout_p, philox=philox, deterministic=deterministic)
@@ -47,40 +47,46 @@ class _JitAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
-        dq, dk, dv = interface.backward(dout, q, k, v, out, lse, alibi_slopes=alibi_slopes, **ctx.args)
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+        q, k, v, out, lse, alibi_slopes, learnable_sink = ctx.saved_tensors
+        grads = interface.backward(dout, q, k, v, out, lse, alibi_slopes=alibi_slopes, learnable_sink=learnable_sink,
+                                   **ctx.args)
+        dsink = grads[3] if learnable_sink is not None and ctx.needs_input_grad[11] else None
+        return (*grads[:3], None, None, None, None, None, None, None, None, dsink)
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, learnable_sink=None):
     """Attention over q [B, Sq, H, D], k/v [B, Sk, H_k, D] (H divisible by H_k), as flash-attn.
 
     Returns out [B, Sq, H, D]; with return_attn_probs, (out, softmax_lse [B, H, Sq], S_dmask
     [B, H, Sq, Sk]) where S_dmask holds the attention probabilities (negated where dropout dropped
     them; for testing only: it is quadratic in memory). deterministic=True makes the backward
-    bit-identical run to run (no atomics; slower), as in flash-attn."""
+    bit-identical run to run (no atomics; slower), as in flash-attn. learnable_sink [H] (keyword, as
+    FlashAttention-4 names it): gpt-oss-style sink logits, one per query head, in every row's softmax
+    denominator (not its numerator); differentiable (its gradient is fp32 math, returned in its dtype);
+    softmax_lse then includes it."""
     if causal:
         window_size = (window_size[0], 0)  # flash-attn's convention: causal is a window with right = 0
     if backend() == "reference":
         interface.check_qkv(q, k, v, reference=True)  # the kernels' checks and messages (fp32 and CPU allowed)
         interface.dropout_threshold(dropout_p)
         interface.softmax_scale_or_default(q, softmax_scale)
-        interface.score_mods(q, causal, window_size, softcap, alibi_slopes)  # the same argument checks
+        interface.score_mods(q, causal, window_size, softcap, alibi_slopes,  # the same argument checks
+                             learnable_sink=learnable_sink)
         result = attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale,
-                                     compute_dtype=torch.promote_types(q.dtype, torch.float32), window_size=tuple(window_size), softcap=softcap,
-                                     alibi_slopes=alibi_slopes, dropout_p=dropout_p,
-                                     return_probs=return_attn_probs)
+                                     compute_dtype=torch.promote_types(q.dtype, torch.float32),
+                                     window_size=tuple(window_size), softcap=softcap, alibi_slopes=alibi_slopes,
+                                     dropout_p=dropout_p, return_probs=return_attn_probs, learnable_sink=learnable_sink)
         out = result[0].to(q.dtype)
         return (out, result[1], result[2]) if return_attn_probs else out
 
     interface.check_qkv(q, k, v)  # device and shape errors first, naming the argument
     interface.dropout_threshold(dropout_p)
     window_size = tuple(window_size)
-    interface.score_mods(q, causal, window_size, softcap, alibi_slopes)
+    interface.score_mods(q, causal, window_size, softcap, alibi_slopes, learnable_sink=learnable_sink)
     philox = interface.philox_state(q.get_device()) if dropout_p > 0 else None
     out, lse = _JitAttention.apply(q, k, v, softmax_scale, bool(causal), window_size, softcap, alibi_slopes,
-                                   dropout_p, philox, bool(deterministic))
+                                   dropout_p, philox, bool(deterministic), learnable_sink)
     if not return_attn_probs:
         return out
     with torch.no_grad():  # recomputed for inspection, as flash-attn's tests use it
@@ -90,27 +96,30 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                                     q.shape[1], k.shape[1], q.device)
         _, _, probs = attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale,
                                           window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
-                                          dropout_p=dropout_p, dropout_mask=mask, return_probs=True)
+                                          dropout_p=dropout_p, dropout_mask=mask, return_probs=True,
+                                          learnable_sink=learnable_sink)
     return out, lse, probs
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False,
+                              learnable_sink=None):
     """qkv [B, S, 3, H, D]: the three slices are passed as strided views, without copies."""
     if not isinstance(qkv, torch.Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"qkv must have shape [batch, seqlen, 3, heads, head_dim], got "
                          f"{tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__}")
     q, k, v = qkv.unbind(2)
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                           deterministic, return_attn_probs)
+                           deterministic, return_attn_probs, learnable_sink=learnable_sink)
 
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False):
+                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False,
+                             learnable_sink=None):
     """q [B, Sq, H, D], kv [B, Sk, 2, H_k, D]."""
     if not isinstance(kv, torch.Tensor) or kv.dim() != 5 or kv.shape[2] != 2:
         raise ValueError(f"kv must have shape [batch, seqlen, 2, heads_k, head_dim], got "
                          f"{tuple(kv.shape) if isinstance(kv, torch.Tensor) else type(kv).__name__}")
     k, v = kv.unbind(2)
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                           deterministic, return_attn_probs)
+                           deterministic, return_attn_probs, learnable_sink=learnable_sink)

@@ -111,16 +111,17 @@ def softmax_scale_or_default(q: torch.Tensor, softmax_scale) -> float:
 
 
 class ScoreMods(NamedTuple):
-    """The score features of a call (window, softcap, ALiBi, dropout): which kernel variants they
-    need, and the ScoreParams values."""
+    """The score features of a call (window, softcap, ALiBi, dropout, learnable sinks): which kernel
+    variants they need, and the ScoreParams values."""
     local: bool = False
     softcap: bool = False
     alibi: bool = False
     dropout: bool = False
     # window_left, window_right, softcap, slopes pointer, slopes batch stride, philox seed, philox
-    # offset, dropout threshold (of 256), dropout scale
-    values: tuple = (-1, -1, 0.0, None, 0, 0, 0, 0, 1.0)
+    # offset, dropout threshold (of 256), dropout scale, sink logits pointer
+    values: tuple = (-1, -1, 0.0, None, 0, 0, 0, 0, 1.0, None)
     slopes: torch.Tensor | None = None       # keeps the (possibly copied) slopes alive with the params
+    sink: torch.Tensor | None = None         # the sink logits as the kernels read them: [H] fp32, contiguous
 
     @property
     def flags(self) -> tuple:
@@ -151,11 +152,12 @@ def philox_state(device_index: int, increment: int = 4) -> tuple[int, int]:
 
 
 def score_mods(q: torch.Tensor, causal: bool, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-               dropout_p: float = 0.0, philox: tuple[int, int] | None = None) -> ScoreMods:
+               dropout_p: float = 0.0, philox: tuple[int, int] | None = None, learnable_sink=None) -> ScoreMods:
     """Validate flash-attn's window_size/softcap/alibi_slopes/dropout_p (ValueError naming the
     argument) and turn them into kernel flags and ScoreParams values. causal forces the window's
-    right edge to 0. With dropout and no `philox` (seed, offset), one is drawn from torch's generator."""
-    if window_size == (-1, -1) and not softcap and alibi_slopes is None and not dropout_p:
+    right edge to 0. With dropout and no `philox` (seed, offset), one is drawn from torch's generator.
+    learnable_sink: [H] logits of any float dtype on q's device, read as fp32."""
+    if window_size == (-1, -1) and not softcap and alibi_slopes is None and not dropout_p and learnable_sink is None:
         return _NO_MODS
     try:
         left, right = (int(w) for w in window_size)
@@ -177,12 +179,23 @@ def score_mods(q: torch.Tensor, causal: bool, window_size=(-1, -1), softcap=0.0,
                              f"on {q.device}")
         alibi_slopes = alibi_slopes.contiguous()
         pointer, stride = alibi_slopes.data_ptr(), (heads if alibi_slopes.dim() == 2 else 0)
+    sink = None
+    if learnable_sink is not None:
+        heads = q.shape[2]
+        if not isinstance(learnable_sink, torch.Tensor) or not learnable_sink.is_floating_point() or \
+                tuple(learnable_sink.shape) != (heads,) or learnable_sink.device != q.device:
+            got = (f"{tuple(learnable_sink.shape)} {learnable_sink.dtype} on {learnable_sink.device}"
+                   if isinstance(learnable_sink, torch.Tensor) else type(learnable_sink).__name__)
+            raise ValueError(f"learnable_sink must be a floating-point tensor of shape ({heads},) (one logit per "
+                             f"query head) on {q.device}, got {got}")
+        sink = learnable_sink.detach().to(torch.float32).contiguous()
     local = left >= 0 or (not causal and right >= 0)
     threshold = dropout_threshold(dropout_p)
     seed, offset = (philox or philox_state(q.get_device())) if threshold else (0, 0)
     return ScoreMods(local, softcap > 0, alibi_slopes is not None, threshold > 0,
-                     (left, right, float(softcap), pointer, stride, seed, offset, threshold, 1.0 / (1.0 - dropout_p)),
-                     alibi_slopes)
+                     (left, right, float(softcap), pointer, stride, seed, offset, threshold, 1.0 / (1.0 - dropout_p),
+                      None if sink is None else sink.data_ptr()),
+                     alibi_slopes, sink)
 
 
 def _check_config_type(config, direction: str) -> None:
@@ -214,11 +227,12 @@ def resolve_config(q: torch.Tensor, k: torch.Tensor, config: ConfigBase | None, 
     if config is None:
         device_index = q.get_device() if device_index is None else device_index
         arch = jit.arch_for(device_index)
+        sink = mods.sink is not None
         config = default_config(dtype, d_head, bool(causal), q.shape[1], _smem_limit(device_index)[0], *mods.flags,
-                                arch=arch)
+                                arch=arch, sink=sink)
         if config.family.arch is not None and (why := _tma_unaddressable(q, k, v, out)):
             config = default_config(dtype, d_head, bool(causal), q.shape[1], _smem_limit(device_index)[0],
-                                    *mods.flags)
+                                    *mods.flags, sink=sink)
             log.debug("TMA cannot address %s: running the %s family instead", why, config.family.name)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("dispatching [B=%d, Sq=%d, Sk=%d, H=%d, H_k=%d, D=%d] to %s (default for "
@@ -232,7 +246,7 @@ def resolve_config(q: torch.Tensor, k: torch.Tensor, config: ConfigBase | None, 
     for field, wanted, given in (("dtype", dtype, config.dtype), ("d_head", d_head, config.d_head),
                                  ("causal", bool(causal), config.causal), ("local", mods.local, config.local),
                                  ("softcap", mods.softcap, config.softcap), ("alibi", mods.alibi, config.alibi),
-                                 ("dropout", mods.dropout, config.dropout)):
+                                 ("dropout", mods.dropout, config.dropout), ("sink", mods.sink is not None, config.sink)):
         if wanted != given:
             raise ValueError(f"config.{field}={given!r} does not match the call ({field}={wanted!r}); "
                              f"use dataclasses.replace(config, {field}={wanted!r})")
@@ -307,11 +321,14 @@ def _launch(q, k, v, config, causal, softmax_scale, out=None, want_lse=True, mod
 def forward(q, k, v, config: ConfigBase | None = None, causal: bool = False,
             softmax_scale: float | None = None, return_lse: bool = False, out: torch.Tensor | None = None,
             window_size=(-1, -1), softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
-            dropout_p: float = 0.0, philox: tuple[int, int] | None = None):
+            dropout_p: float = 0.0, philox: tuple[int, int] | None = None, learnable_sink: torch.Tensor | None = None):
     """Attention forward with the JIT kernel `config` (default: the dispatcher's choice), written
     into `out` when given (shaped like q). window_size/softcap/alibi_slopes/dropout_p as in
     flash-attn; for dropout, pass the same `philox` (seed, offset) to backward() (philox_state()
-    draws one from torch's generator; without it forward draws its own)."""
+    draws one from torch's generator; without it forward draws its own). learnable_sink: [H] logits
+    (gpt-oss sinks, FlashAttention-4's name), one per query head in the units of the scaled scores,
+    each joining its head's softmax denominators; the lse returned includes it (a row that sees no
+    key then has lse = its sink, out = 0)."""
     check_qkv(q, k, v)
     if q.shape[-1] % 8:
         if out is not None:  # checked before anything runs; written by a copy, so any layout does
@@ -319,10 +336,10 @@ def forward(q, k, v, config: ConfigBase | None = None, causal: bool = False,
         padded = forward(*_pad_head_dim(q, k, v), config=config, causal=causal,
                          softmax_scale=softmax_scale_or_default(q, softmax_scale), return_lse=return_lse,
                          window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
-                         philox=philox)
+                         philox=philox, learnable_sink=learnable_sink)
         out = _unpad_into(out, padded[0] if return_lse else padded, q.shape[-1])
         return (out, padded[1]) if return_lse else out
-    mods = score_mods(q, causal, window_size, softcap, alibi_slopes, dropout_p, philox)
+    mods = score_mods(q, causal, window_size, softcap, alibi_slopes, dropout_p, philox, learnable_sink)
     run, out, lse = _launch(q, k, v, config, causal, softmax_scale, out, want_lse=return_lse, mods=mods)
     run()
     return (out, lse) if return_lse else out
@@ -330,7 +347,8 @@ def forward(q, k, v, config: ConfigBase | None = None, causal: bool = False,
 
 def forward_timed(q, k, v, config: ConfigBase | None = None, causal: bool = False,
                   softmax_scale: float | None = None, window_size=(-1, -1), softcap: float = 0.0,
-                  alibi_slopes: torch.Tensor | None = None, dropout_p: float = 0.0) -> tuple[torch.Tensor, float]:
+                  alibi_slopes: torch.Tensor | None = None, dropout_p: float = 0.0,
+                  learnable_sink: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """forward(), plus the kernel's own time in milliseconds from CUDA events around the launch
     (compilation and input checks are outside the timed region). Synchronises the stream."""
     check_qkv(q, k, v)
@@ -338,7 +356,7 @@ def forward_timed(q, k, v, config: ConfigBase | None = None, causal: bool = Fals
     if d_head % 8:
         softmax_scale = softmax_scale_or_default(q, softmax_scale)
         q, k, v = _pad_head_dim(q, k, v)
-    mods = score_mods(q, causal, window_size, softcap, alibi_slopes, dropout_p)
+    mods = score_mods(q, causal, window_size, softcap, alibi_slopes, dropout_p, learnable_sink=learnable_sink)
     run, out, _ = _launch(q, k, v, config, causal, softmax_scale, want_lse=False, mods=mods)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     with torch.cuda.device(q.device):
@@ -354,8 +372,11 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
              softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None, dropout_p: float = 0.0,
              philox: tuple[int, int] | None = None, deterministic: bool = False,
              config: BwdConfig | BwdSm90Config | None = None, dq: torch.Tensor | None = None,
-             dk: torch.Tensor | None = None, dv: torch.Tensor | None = None):
-    """Gradients (dq, dk, dv) of forward() given dout (shaped like q) and the forward's out and lse.
+             dk: torch.Tensor | None = None, dv: torch.Tensor | None = None,
+             learnable_sink: torch.Tensor | None = None):
+    """Gradients (dq, dk, dv) of forward() given dout (shaped like q) and the forward's out and lse;
+    (dq, dk, dv, dsink) when the forward had learnable_sink (dsink shaped and typed like it: per head,
+    -sum over batch and rows of P_sink * rowsum(dO o O), P_sink = exp(sink - lse), computed in fp32).
     GQA: dk/dv are summed over the query heads that share each key/value head. Head dims up to 256.
     deterministic=False (flash-attn's default) adds dQ up with fp32 atomics, so its last bits can
     vary run to run; deterministic=True uses a separate dQ kernel with no atomics (bit-identical
@@ -378,11 +399,12 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         given = [None if t is None else _check_output(t, like, name, kernel_writes=False)
                  for t, like, name in zip((dq, dk, dv), (q, k, v), ("dq", "dk", "dv"))]
         padded = backward(*_pad_head_dim(dout, q, k, v, out), lse, causal, softmax_scale, window_size, softcap,
-                          alibi_slopes, dropout_p, philox, deterministic, config)
-        return tuple(_unpad_into(t, grad, q.shape[-1]) for t, grad in zip(given, padded))
+                          alibi_slopes, dropout_p, philox, deterministic, config, learnable_sink=learnable_sink)
+        grads = tuple(_unpad_into(t, grad, q.shape[-1]) for t, grad in zip(given, padded))
+        return grads + padded[3:]
     if dropout_p and philox is None:
         raise ValueError("backward with dropout needs the forward's philox=(seed, offset) to regenerate its mask")
-    mods = score_mods(q, causal, window_size, softcap, alibi_slopes, dropout_p, philox)
+    mods = score_mods(q, causal, window_size, softcap, alibi_slopes, dropout_p, philox, learnable_sink)
     device_index = q.get_device()
     arch = jit.arch_for(device_index)
     wanted = default_bwd_config(_DTYPES[q.dtype], q.shape[3], bool(causal), *mods.flags,
@@ -404,7 +426,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     dq, dk, dv = (_grad_out(given, like, name) for given, like, name in ((dq, q, "dq"), (dk, k, "dk"), (dv, v, "dv")))
     if q.numel() == 0:  # Sq = 0 (or no batch or heads): no query reaches any key, dK = dV = 0 exactly
         dk.zero_(), dv.zero_()
-        return dq, dk, dv
+        return (dq, dk, dv) if learnable_sink is None else (dq, dk, dv, torch.zeros_like(learnable_sink))
     kernel = _kernels.get((config, device_index)) or _kernel_for(config, device_index)
     # out and dout are only read: a layout the kernels cannot address is copied once (as _aligned does)
     out, dout = (t if t.stride(-1) == 1 else t.contiguous() for t in (out, dout))
@@ -420,4 +442,10 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                        batch, seqlen_q, k.shape[1], heads, k.shape[2], softmax_scale, *mods.values)
     with torch.cuda.device(device_index):
         kernel(params, _current_stream(device_index))
-    return dq, dk, dv
+    if learnable_sink is None:
+        return dq, dk, dv
+    # The sink's gradient needs no kernel: dL/dsink = -sum_i P_sink,i D_i with D = rowsum(dO o O),
+    # which the first backward kernel left in dvec (times 1 - p with dropout).
+    rowsum = dvec * mods.values[8] if mods.dropout else dvec
+    dsink = -(torch.exp(mods.sink[None, :, None] - lse) * rowsum).sum((0, 2))
+    return dq, dk, dv, dsink.to(learnable_sink.dtype)

@@ -25,7 +25,7 @@ _SIZES = [("batch", _i32), ("seqlen_q", _i32), ("seqlen_k", _i32), ("heads", _i3
           ("softmax_scale", ctypes.c_float), ("window_left", _i32), ("window_right", _i32),
           ("softcap", ctypes.c_float), ("alibi_slopes", _ptr), ("alibi_batch_stride", _i64),
           ("philox_seed", ctypes.c_uint64), ("philox_offset", ctypes.c_uint64), ("dropout_threshold", _i32),
-          ("dropout_scale", ctypes.c_float)]
+          ("dropout_scale", ctypes.c_float), ("sink", _ptr)]
 
 
 class FwdParams(ctypes.Structure):

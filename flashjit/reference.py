@@ -32,7 +32,8 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
                         softmax_scale: float | None = None, compute_dtype: torch.dtype | None = torch.float32,
                         window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
                         alibi_slopes: torch.Tensor | None = None, dropout_p: float = 0.0,
-                        dropout_mask: torch.Tensor | None = None, return_probs: bool = False):
+                        dropout_mask: torch.Tensor | None = None, return_probs: bool = False,
+                        learnable_sink: torch.Tensor | None = None):
     """(out [B, Sq, H, D] in `compute_dtype`, lse [B, H, Sq] fp32), computed in `compute_dtype` (None: q's
     own dtype, which is what "PyTorch's low-precision math" means in the tests' tolerance rule).
     Rows that see no key at all get out = 0 and lse = +inf, as the kernels produce.
@@ -41,6 +42,9 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
     scores - slope * |i + Sk - Sq - j|; masked by `visible_mask`; P = softmax(scores); dropout keeps
     each P entry with probability 1 - dropout_p (mask [B, H, Sq, Sk] bool, drawn from torch's RNG when
     not given) and rescales by 1 / (1 - dropout_p). lse is that of the scores before dropout.
+    learnable_sink [H]: a logit per query head that joins every row's softmax as one more key without
+    a value (its probability is in no output); lse includes it, so a row that sees no key has lse =
+    its sink and out = 0.
     Differentiable: autograd through it is the reference backward. With return_probs, a third value
     is P with dropped entries negated (flash-attn's S_dmask encoding)."""
     heads, heads_k = q.shape[2], k.shape[2]
@@ -62,8 +66,13 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
     if causal or window_size != (-1, -1):
         visible = visible_mask(seqlen_q, seqlen_k, q.device, causal, tuple(window_size))
         scores = scores.masked_fill(~visible, float("-inf"))
+    if learnable_sink is not None:  # one more column, then dropped: it is in every denominator only
+        sink = learnable_sink.to(dtype).reshape(1, heads, 1, 1).expand(*scores.shape[:3], 1)
+        scores = torch.cat([scores, sink], dim=-1)
     lse = torch.logsumexp(scores.float(), dim=-1)
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully masked rows: NaN -> 0
+    if learnable_sink is not None:
+        probs = probs[..., :-1]
     kept = probs
     if dropout_p > 0:
         if dropout_mask is None:

@@ -22,12 +22,12 @@ namespace flashjit::fwd {
 // One template parameter per KernelConfig field (flashjit/configs/fwd_sm80.py), in the same order.
 template <bool kBf16_, int kDHead_, int kBr_, int kBc_, int kWarps_, bool kAsync_, bool kEager_, bool kSwizzle_,
           int kDepthQ_, int kDepthK_, int kDepthV_, bool kDoubleBuffer_, bool kOptSoftmax_, bool kCausal_,
-          bool kLocal_, bool kSoftcap_, bool kAlibi_, bool kDropout_>
+          bool kLocal_, bool kSoftcap_, bool kAlibi_, bool kDropout_, bool kSink_>
 struct Config {
   static constexpr bool kBf16 = kBf16_, kAsync = kAsync_, kEager = kEager_, kSwizzle = kSwizzle_;
   static constexpr bool kDoubleBuffer = kDoubleBuffer_, kOptSoftmax = kOptSoftmax_, kCausal = kCausal_;
   using Mod = ScoreMod<kCausal_, kLocal_, kSoftcap_, kAlibi_>;
-  static constexpr bool kDropout = kDropout_;
+  static constexpr bool kDropout = kDropout_, kSink = kSink_;
   // kDHead: the real head dim (a multiple of 8); kD: the tile width it runs in (zero columns past kDHead).
   static constexpr int kDHead = kDHead_, kD = head_dim_tile(kDHead_), kBr = kBr_, kBc = kBc_, kWarps = kWarps_;
   static constexpr int kDepthQ = kDepthQ_, kDepthK = kDepthK_, kDepthV = kDepthV_;
@@ -339,18 +339,18 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
       float sum = l[mt][half];
       sum += __shfl_xor_sync(0xffffffffu, sum, 1);
       sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      float m_nat = C::kOptSoftmax ? m[mt][half] * scale : m[mt][half];  // natural-log units
+      const float corr = C::kSink ? fold_sink(p.mods.sink[h], m_nat, sum) : 1.f;
       // Dropped entries still count in the softmax denominator; kept ones are scaled by 1 / (1 - p).
-      const float inv = sum > 0.f ? (C::kDropout ? p.mods.dropout_scale : 1.f) / sum : 0.f;
+      const float inv = sum > 0.f ? (C::kDropout ? p.mods.dropout_scale : 1.f) * corr / sum : 0.f;
       const int row = warp_row0 + mt * 16 + (lane >> 2) + half * 8;
 #pragma unroll
       for (int nt = 0; nt < C::kNtD; ++nt) {
         const uint32_t packed = pack2<C::kBf16>(o[mt][nt][2 * half] * inv, o[mt][nt][2 * half + 1] * inv);
         *reinterpret_cast<uint32_t*>(sQ + L::offset(row, nt) + (lane & 3) * 2) = packed;
       }
-      if (p.lse != nullptr && (lane & 3) == 0 && q_row0 + row < p.seqlen_q) {
-        const float m_nat = C::kOptSoftmax ? m[mt][half] * scale : m[mt][half];
+      if (p.lse != nullptr && (lane & 3) == 0 && q_row0 + row < p.seqlen_q)
         lse[q_row0 + row] = sum > 0.f ? m_nat + logf(sum) : INFINITY;
-      }
     }
   __syncwarp();
   elem_t* gO = p.o.at<elem_t>(b, h, q_row0);

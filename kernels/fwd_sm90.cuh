@@ -45,11 +45,11 @@ enum class Barrier : int { kEpilogue = 1, kPingPong = 5 };
 // One template parameter per FwdSm90Config field (flashjit/configs/fwd_sm90.py), in the same order; every
 // static_assert message is one of its WHY_* reasons, verbatim.
 template <bool kBf16_, int kDHead_, int kBlockM_, int kBlockN_, int kStages_, bool kOverlap_, bool kPingPong_,
-          bool kPersistent_, bool kCausal_, bool kLocal_, bool kSoftcap_, bool kAlibi_, bool kDropout_>
+          bool kPersistent_, bool kCausal_, bool kLocal_, bool kSoftcap_, bool kAlibi_, bool kDropout_, bool kSink_>
 struct Config {
   static constexpr bool kBf16 = kBf16_, kOverlap = kOverlap_, kPingPong = kPingPong_, kCausal = kCausal_;
   static constexpr bool kPersistent = kPersistent_;
-  static constexpr bool kDropout = kDropout_;
+  static constexpr bool kDropout = kDropout_, kSink = kSink_;
   using Mod = ScoreMod<kCausal_, kLocal_, kSoftcap_, kAlibi_>;
   // kD: the tile width, whole 64-column swizzle blocks (TMA boxes); kDMma: the QK^T k extent.
   static constexpr int kDHead = kDHead_, kD = (kDHead_ + 63) / 64 * 64, kDMma = (kDHead_ + 15) / 16 * 16;
@@ -191,8 +191,10 @@ __device__ __forceinline__ void epilogue(const Args& args, const Smem<C>& sm, co
     float sum = l[0][half];
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    float m_nat = m[0][half] * scale;  // natural-log units (m: raw-score units)
+    const float corr = C::kSink ? fold_sink(p.mods.sink[T.h], m_nat, sum) : 1.f;
     // Dropped entries still count in the softmax denominator; kept ones are scaled by 1 / (1 - p).
-    const float inv = sum > 0.f ? (C::kDropout ? p.mods.dropout_scale : 1.f) / sum : 0.f;
+    const float inv = sum > 0.f ? (C::kDropout ? p.mods.dropout_scale : 1.f) * corr / sum : 0.f;
     const int row = row_cta + (lane >> 2) + half * 8, q_row = T.q_row0 + row;
     if (C::kPersistent) {
       elem_t* dst = p.o.at<elem_t>(T.b, T.h, q_row);
@@ -209,7 +211,7 @@ __device__ __forceinline__ void epilogue(const Args& args, const Smem<C>& sm, co
             pack2<C::kBf16>(o[0][nt][2 * half] * inv, o[0][nt][2 * half + 1] * inv);
     }
     if (p.lse != nullptr && (lane & 3) == 0 && q_row < p.seqlen_q)
-      lse[q_row] = sum > 0.f ? m[0][half] * scale + logf(sum) : INFINITY;  // m: raw-score units
+      lse[q_row] = sum > 0.f ? m_nat + logf(sum) : INFINITY;
   }
   if (!C::kPersistent) {
     fence_proxy_async();  // the stores above, visible to the TMA unit

@@ -53,13 +53,18 @@ def reference_and_low(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: t
     """(ref, low) for attention_reference(q, k, v, **kwargs): ref computed in fp32 from fp32 copies of
     the inputs (its gradients are fp32 too, never rounded to the inputs' dtype), low in the inputs'
     own precision (PyTorch's low-precision math: the baseline of assert_close). Each is a tuple
-    (out, lse) without dout, else (out, dq, dk, dv) from autograd with dout (dout.float() for ref)."""
+    (out, lse) without dout, else (out, dq, dk, dv) from autograd with dout (dout.float() for ref),
+    and dsink last when kwargs has a learnable_sink."""
     from flashjit.reference import attention_reference
 
     results = []
+    sink = kwargs.pop("learnable_sink", None)
     for dtype, compute in ((torch.float32, torch.float32), (q.dtype, None)):
         leaves = [t.detach().to(dtype).requires_grad_(dout is not None) for t in (q, k, v)]
-        out, lse = attention_reference(*leaves, compute_dtype=compute, **kwargs)
+        if sink is not None:
+            leaves.append(sink.detach().to(dtype).requires_grad_(dout is not None))
+            kwargs["learnable_sink"] = leaves[3]
+        out, lse = attention_reference(*leaves[:3], compute_dtype=compute, **kwargs)
         if dout is None:
             results.append((out.detach(), lse.detach()))
         else:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 
 import flashjit
-from flashjit import BwdConfig, BwdSm90Config, KernelConfig, codegen, config as cfgmod, dispatch, jit, launch
+from flashjit import BwdConfig, BwdSm90Config, FwdSm90Config, KernelConfig, codegen, config as cfgmod, dispatch, jit, launch
 from flashjit.configs import (FAMILIES, Family, bwd_sm80, bwd_sm90, common, config_from_name, family_of, fwd_sm80,
                               register)
 from flashjit.configs.common import ConfigBase, smem_limit_for_arch
@@ -120,7 +120,7 @@ def test_every_knob_changes_the_rendered_code():
     flips = dict(dtype="fp16", d_head=64, B_r=128, B_c=32, n_warps=8, async_copy=False, eager_load_blocks=False,
                  swizzled=False, q_frag_depth=2, k_frag_depth=2, v_frag_depth=2, mma_double_buffer_loads=False,
                  optimized_softmax=False, causal=True, local=True, softcap=True, alibi=True,
-                 dropout=True)
+                 dropout=True, sink=True)
     assert set(flips) == {f.name for f in dataclasses.fields(KernelConfig)}
     for name, value in flips.items():
         changed = dataclasses.replace(base, **{name: value})
@@ -129,6 +129,15 @@ def test_every_knob_changes_the_rendered_code():
         if name == "n_warps":
             changed = dataclasses.replace(changed, B_r=128)
         assert codegen.render(changed) != codegen.render(base), name
+
+
+def test_every_hopper_forward_knob_changes_the_rendered_code():
+    base = FwdSm90Config(d_head=64, pingpong=False)  # ping-pong needs block_m 128 and the overlap: flipped on alone
+    flips = dict(dtype="fp16", d_head=128, block_m=192, block_n=64, stages=3, overlap=False, pingpong=True,
+                 persistent=True, causal=True, local=True, softcap=True, alibi=True, dropout=True, sink=True)
+    assert set(flips) == {f.name for f in dataclasses.fields(FwdSm90Config)}
+    for name, value in flips.items():
+        assert codegen.render(dataclasses.replace(base, **{name: value})) != codegen.render(base), name
 
 
 def test_build_set_and_defaults_are_valid():

@@ -12,7 +12,7 @@ import torch
 import flashjit
 from flashjit import flash_attn_func, interface
 from flashjit.reference import attention_reference, philox_keep_mask, visible_mask
-from numerics import assert_close, poisoned_like
+from numerics import assert_close, poisoned_like, reference_and_low
 
 gpu = pytest.mark.gpu
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -206,8 +206,104 @@ def test_dropout_scale_is_flash_attns(p):
     """Kept entries are scaled by 1/(1 - p) for the requested p (flash-attn), not the rounded one."""
     q = torch.zeros(1, 1, 1, 64)
     mods = interface.score_mods(q, False, dropout_p=p, philox=(1, 0))
-    assert mods.values[-2] == interface.dropout_threshold(p) == round(256 * p)
-    assert mods.values[-1] == 1.0 / (1.0 - p)
+    assert mods.values[7] == interface.dropout_threshold(p) == round(256 * p)
+    assert mods.values[8] == 1.0 / (1.0 - p)
+
+
+# ---- 4. learnable sinks ------------------------------------------------------------------------
+SINK_CASES = [  # (B, Sq, Sk, H, H_k, d, causal, window, dropout_p)
+    (2, 300, 300, 4, 2, 128, False, (-1, -1), 0.0), (1, 513, 257, 4, 4, 64, True, (-1, -1), 0.0),
+    (2, 257, 129, 2, 1, 96, True, (-1, -1), 0.0),  # Sq > Sk causal: empty rows (lse = sink, out = 0)
+    (1, 200, 333, 4, 1, 256, False, (32, 8), 0.0), (2, 77, 190, 3, 3, 80, False, (-1, -1), 0.17),
+    (1, 64, 64, 2, 2, 40, True, (-1, -1), 0.0),  # Sq <= 64: the sm_80 forward on every GPU
+]
+
+
+def _sink_case(case, dtype):
+    b, sq, sk, h, hk, d, causal, window, p = case
+    q, k, v = _inputs(b, sq, sk, h, hk, d, dtype)
+    sink = torch.randn(h, device="cuda") * 2  # logits around the scores' range: the sink matters
+    return q, k, v, sink, dict(causal=causal, window_size=window, dropout_p=p)
+
+
+@gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("family", ["default", "sm80"])
+@pytest.mark.parametrize("case", SINK_CASES, ids=str)
+def test_learnable_sink_forward_and_backward(case, family, deterministic):
+    """out, lse (which includes the sink), dq, dk, dv and dsink against the reference through
+    autograd, in each forward family (the dispatcher's, which is the Hopper family on sm_90a, and an
+    explicit sm_80 config) and both backward modes; rows that see no key give out = 0, lse = sink."""
+    q, k, v, sink, kw = _sink_case(case, torch.bfloat16)
+    dout = torch.randn_like(q)
+    philox = (99, 2**32 + 5) if kw["dropout_p"] else None
+    mods = interface.score_mods(q, kw["causal"], kw["window_size"], dropout_p=kw["dropout_p"], philox=philox,
+                                learnable_sink=sink)
+    config = None if family == "default" else flashjit.default_config(
+        "bf16", q.shape[-1], kw["causal"], q.shape[1], *mods.flags, sink=True)
+    out, lse = flashjit.forward(q, k, v, config=config, return_lse=True, out=poisoned_like(q), philox=philox,
+                                learnable_sink=sink, **kw)
+    grads = flashjit.backward(dout, q, k, v, out, lse, philox=philox, deterministic=deterministic,
+                              learnable_sink=sink, **kw)
+    assert len(grads) == 4 and grads[3].dtype == sink.dtype and grads[3].shape == sink.shape
+    mask = None
+    if kw["dropout_p"]:
+        mask = philox_keep_mask(*philox, interface.dropout_threshold(kw["dropout_p"]), q.shape[0], q.shape[2],
+                                q.shape[1], k.shape[1], "cuda")
+    ref, low = reference_and_low(q, k, v, dout, dropout_mask=mask, learnable_sink=sink, **kw)
+    names = ("out", "dq", "dk", "dv", "dsink")
+    for name, a, r, lo in zip(names, (out, *grads), ref, low):
+        assert_close(name, a.float(), r.float(), lo.float())
+    ref_lse = attention_reference(q.float(), k.float(), v.float(), learnable_sink=sink, **kw,
+                                  dropout_mask=mask)[1]
+    assert torch.isfinite(lse).all(), "with a sink every row has a finite lse"
+    assert torch.allclose(lse, ref_lse, atol=2e-3, rtol=1e-4)
+    empty = ~visible_mask(q.shape[1], k.shape[1], "cuda", kw["causal"], kw["window_size"]).any(1)
+    if empty.any():
+        assert (out[:, empty] == 0).all() and (grads[0][:, empty] == 0).all()
+        assert torch.equal(lse[:, :, empty], sink[None, :, None].expand_as(lse[:, :, empty]))
+
+
+@gpu
+def test_learnable_sink_through_flash_attn_func_autograd():
+    """flash_attn_func(learnable_sink=...) trains the sink: autograd returns its gradient, in its dtype,
+    equal to the low-level backward's; the packed variant takes it too."""
+    q, k, v = (t.requires_grad_() for t in _inputs(2, 200, 200, 4, 4, 64, torch.float16))
+    sink = (torch.randn(4, device="cuda") * 2).requires_grad_()
+    out = flash_attn_func(q, k, v, causal=True, learnable_sink=sink)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    ref, low = reference_and_low(q, k, v, dout, causal=True, learnable_sink=sink)
+    for name, a, r, lo in zip(("out", "dq", "dk", "dv", "dsink"), (out, q.grad, k.grad, v.grad, sink.grad), ref, low):
+        assert_close(name, a.float(), r.float(), lo.float())
+    qkv = torch.stack([q.detach(), k.detach(), v.detach()], 2)
+    packed = flashjit.flash_attn_qkvpacked_func(qkv, causal=True, learnable_sink=sink.detach())
+    assert torch.equal(packed, out.detach())
+
+
+def test_learnable_sink_reference_gradient_is_exact():
+    """The reference (the tests' ground truth for dsink) by finite differences in fp64 (gradcheck),
+    with empty rows (causal Sq > Sk) and GQA, and the reference backend's autograd through
+    flash_attn_func."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 7, 4, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 5, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    sink = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    fn = lambda q, k, v, s: attention_reference(q, k, v, causal=True, compute_dtype=torch.float64,  # noqa: E731
+                                                learnable_sink=s)[0]
+    assert torch.autograd.gradcheck(fn, (q, k, v, sink))
+    out, lse = attention_reference(q, k, v, causal=True, compute_dtype=torch.float64, learnable_sink=sink)
+    assert (out[:, :2] == 0).all()  # rows 0-1 see no key (Sq - Sk = 2): out = 0, lse = the sink (fp32)
+    assert torch.allclose(lse[:, :, :2].double(), sink.detach()[None, :, None].expand(2, 4, 2), rtol=1e-6)
+
+
+def test_learnable_sink_argument_errors(monkeypatch):
+    monkeypatch.setenv("FLASHJIT_BACKEND", "reference")
+    q, k, v = (torch.randn(1, 4, 2, 16) for _ in range(3))
+    for bad, words in ((torch.randn(3), r"shape \(2,\)"), (torch.zeros(2, dtype=torch.int64), "floating-point"),
+                       ([0.0, 0.0], "got list")):
+        with pytest.raises(ValueError, match=words):
+            flash_attn_func(q, k, v, learnable_sink=bad)
 
 
 # ---- 6. the reference backend validates like the kernels ---------------------------------------

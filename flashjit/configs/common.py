@@ -43,8 +43,14 @@ FEATURES = ("local", "softcap", "alibi", "dropout")
 FEATURES_RE = "".join(f"(?P<{f}>_{f})?" for f in FEATURES)
 
 
+# The forward families have one more: learnable sinks, folded into each row's softmax denominator
+# in the epilogue. The backward needs no variant (the forward's lse includes the sink).
+FWD_FEATURES = FEATURES + ("sink",)
+FWD_FEATURES_RE = FEATURES_RE + "(?P<sink>_sink)?"
+
+
 def features_suffix(config) -> str:
-    return "".join(f"_{f}" for f in FEATURES if getattr(config, f))
+    return "".join(f"_{f}" for f in FWD_FEATURES if getattr(config, f, False))
 
 
 SMEM_LIMIT_SM90 = 227 * 1024

@@ -11,7 +11,7 @@ import functools
 import re
 from dataclasses import dataclass, fields
 
-from .common import (DTYPES, FEATURES, FEATURES_RE, REGISTER_LIMIT, WARPS, WHY_HEAD_DIM, ConfigBase,
+from .common import (DTYPES, FWD_FEATURES, FWD_FEATURES_RE, REGISTER_LIMIT, WARPS, WHY_HEAD_DIM, ConfigBase,
                      features_suffix, head_dim_problem, head_dim_tile)
 from .registry import Family
 
@@ -50,6 +50,8 @@ class KernelConfig(ConfigBase):
     softcap          scores become softcap * tanh(scores / softcap) (softcap is a run-time value)
     alibi            ALiBi: scores -= slope * |i + Sk - Sq - j| (slopes are a run-time tensor)
     dropout          dropout on the attention probabilities (Philox RNG; p and the seed are run-time)
+    sink             learnable sinks: a logit per query head in every row's softmax denominator
+                     (the logits are a run-time tensor)
     """
 
     dtype: str = "bf16"
@@ -70,6 +72,7 @@ class KernelConfig(ConfigBase):
     softcap: bool = False
     alibi: bool = False
     dropout: bool = False
+    sink: bool = False
 
     # ---- derived quantities --------------------------------------------------------------
     @property
@@ -158,7 +161,7 @@ class KernelConfig(ConfigBase):
         r"_ac(?P<async_copy>[01])_el(?P<eager_load_blocks>[01])_sw(?P<swizzled>[01])"
         r"_fq(?P<q_frag_depth>\d+)_fk(?P<k_frag_depth>\d+)_fv(?P<v_frag_depth>\d+)"
         r"_db(?P<mma_double_buffer_loads>[01])_os(?P<optimized_softmax>[01])_causal(?P<causal>[01])"
-        + FEATURES_RE + "$")
+        + FWD_FEATURES_RE + "$")
 
     @classmethod
     def parse_name(cls, name: str) -> "KernelConfig | None":
@@ -168,7 +171,7 @@ class KernelConfig(ConfigBase):
         values = {}
         for f in fields(cls):
             raw = match.group(f.name)
-            if f.name in FEATURES:
+            if f.name in FWD_FEATURES:
                 values[f.name] = raw is not None
             else:
                 values[f.name] = raw if f.type == "str" else (bool(int(raw)) if f.type == "bool" else int(raw))

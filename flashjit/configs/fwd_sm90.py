@@ -10,7 +10,7 @@ import functools
 import re
 from dataclasses import dataclass
 
-from .common import DTYPES, FEATURES, FEATURES_RE, WHY_HEAD_DIM, ConfigBase, features_suffix, head_dim_problem
+from .common import DTYPES, FEATURES, FWD_FEATURES_RE, WHY_HEAD_DIM, ConfigBase, features_suffix, head_dim_problem
 from .registry import Family
 
 ARCH = "sm_90a"
@@ -50,7 +50,7 @@ class FwdSm90Config(ConfigBase):
     persistent   one CTA per SM walks the tiles (the K/V ring runs on into the next tile, whose Q
                  loads once the last QK^T of the current one retired; O is stored from registers)
                  instead of one CTA per tile (O through shared memory and a TMA store); speed only
-    causal, local, softcap, alibi, dropout   as KernelConfig (same masks, same Philox dropout mask)
+    causal, local, softcap, alibi, dropout, sink   as KernelConfig (same masks, same Philox dropout mask)
     """
 
     dtype: str = "bf16"
@@ -66,6 +66,7 @@ class FwdSm90Config(ConfigBase):
     softcap: bool = False
     alibi: bool = False
     dropout: bool = False
+    sink: bool = False
 
     @property
     def d_tile(self) -> int:
@@ -118,7 +119,7 @@ class FwdSm90Config(ConfigBase):
     _NAME_RE = re.compile(r"^fwd_sm90_(?P<dtype>fp16|bf16)_d(?P<d_head>\d+)_m(?P<block_m>\d+)_n(?P<block_n>\d+)"
                           r"_st(?P<stages>\d+)_ov(?P<overlap>[01])_pp(?P<pingpong>[01])_ps(?P<persistent>[01])"
                           r"_causal(?P<causal>[01])"
-                          + FEATURES_RE + "$")
+                          + FWD_FEATURES_RE + "$")
 
     @classmethod
     def parse_name(cls, name: str) -> "FwdSm90Config | None":
@@ -128,7 +129,7 @@ class FwdSm90Config(ConfigBase):
         return cls(match["dtype"], int(match["d_head"]), int(match["block_m"]), int(match["block_n"]),
                    int(match["stages"]), match["overlap"] == "1", match["pingpong"] == "1", match["persistent"] == "1",
                    match["causal"] == "1",
-                   *(match[f] is not None for f in FEATURES))
+                   *(match[f] is not None for f in FEATURES), match["sink"] is not None)
 
 
 FwdSm90Config.family = FAMILY = Family(

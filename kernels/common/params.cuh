@@ -32,6 +32,7 @@ struct ScoreParams {
   uint64_t philox_seed, philox_offset; // dropout RNG state (common/dropout.cuh)
   int32_t dropout_threshold;           // drop iff random byte < threshold (p * 256, rounded)
   float dropout_scale;                 // 1 / (1 - p), p as requested (flash-attn's scale)
+  const float* sink;                   // [H] fp32 learnable sink logits (forward kernels built with sinks)
 };
 
 // q: [B, Sq, H, D], k/v: [B, Sk, H_k, D], o: [B, Sq, H, D].

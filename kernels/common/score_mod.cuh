@@ -52,4 +52,17 @@ struct ScoreMod {
   }
 };
 
+// A learnable sink (gpt-oss; FlashAttention-4's learnable_sink): one more logit per query head, in
+// natural-log units like the scaled scores, that joins every row's softmax denominator but not its
+// numerator. Folds it into a finished row's max m_nat (natural-log units, -inf if the row saw no key)
+// and sum of exp(score - m_nat); returns the factor the row's unnormalised output takes (0 when the
+// row saw no key: its output stays 0 and its lse becomes the sink's logit).
+__device__ __forceinline__ float fold_sink(float sink, float& m_nat, float& sum) {
+  const float m_new = fmaxf(m_nat, sink);
+  const float corr = m_nat == -INFINITY ? 0.f : __expf(m_nat - m_new);
+  sum = sum * corr + __expf(sink - m_new);
+  m_nat = m_new;
+  return corr;
+}
+
 }  // namespace flashjit
