@@ -85,6 +85,7 @@ def main() -> None:
     add_grid_arguments(parser, "bf16", "64,128", "1024,2048,4096,8192,16384")
     parser.add_argument("--dropout-p", type=float, default=0.0, help="dropout for every contender")
     parser.add_argument("--deterministic", action="store_true", help="flashjit's deterministic backward")
+    parser.add_argument("--sink", action="store_true", help="also time flashjit with learnable sinks (their cost)")
     parser.add_argument("--candidates", default="", help="comma-separated WARPSxBLOCK_MxDET[xD_SPLIT[xGROUP_ROWS]] backward configs, or "
                         "'wgmma' for the Hopper kernel")
     args = parser.parse_args()
@@ -100,6 +101,10 @@ def main() -> None:
         row = dict(point, dropout_p=drop)
         contenders = {"flashjit": lambda q, k, v: flashjit.flash_attn_func(q, k, v, dropout_p=drop, causal=causal,
                                                                           deterministic=args.deterministic)}
+        if args.sink:
+            sink = torch.randn(point["heads"], device="cuda", requires_grad=True)
+            contenders["flashjit_sink"] = lambda q, k, v: flashjit.flash_attn_func(
+                q, k, v, dropout_p=drop, causal=causal, deterministic=args.deterministic, learnable_sink=sink)
         for label, backend in (("fa2", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
             def attn(q, k, v, backend=backend):
                 return sdpa(backend, q, k, v, causal, drop)().transpose(1, 2)
@@ -114,6 +119,10 @@ def main() -> None:
               f"{fmt(row['flashjit_bwd_tflops'])} fa2 {fmt(row['fa2_bwd_tflops'])} cudnn "
               f"{fmt(row['cudnn_bwd_tflops'])} | fwd+bwd: flashjit {fmt(row['flashjit_fwdbwd_tflops'])} "
               f"fa2 {fmt(row['fa2_fwdbwd_tflops'])} cudnn {fmt(row['cudnn_fwdbwd_tflops'])} TFLOP/s", flush=True)
+        if args.sink:
+            print(f"    with sinks: bwd {fmt(row['flashjit_sink_bwd_tflops'])} fwd+bwd "
+                  f"{fmt(row['flashjit_sink_fwdbwd_tflops'])} TFLOP/s (time x"
+                  f"{row['flashjit_fwdbwd_tflops'] / row['flashjit_sink_fwdbwd_tflops']:.3f} of without)", flush=True)
         if args.candidates:
             row["candidates"] = candidate_tflops(args.candidates, point, q, k, v, dout, drop, 2.5 * fwd_flops)
             print("    " + "  ".join(f"{name}: {fmt(t)}" for name, t in row["candidates"].items()), flush=True)

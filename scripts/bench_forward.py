@@ -162,6 +162,7 @@ def main() -> None:
     parser.add_argument("--configs", nargs="*", help="kernel names to time instead of the default choice")
     parser.add_argument("--gqa", default="8192", help="seqlens of the B=1, 32/8-head GQA points ('' for none)")
     parser.add_argument("--no-flex", action="store_true", help="do not time FlexAttention")
+    parser.add_argument("--sink", action="store_true", help="also time flashjit with learnable sinks (their cost)")
     args = parser.parse_args()
     exit_unless_gpu("bench_forward.py")
     torch = _require_torch_cuda("bench_forward.py")
@@ -191,6 +192,10 @@ def main() -> None:
             ms = time_ms(lambda: flashjit.forward(q, k, v, config=config, causal=causal))
             if ms is None:
                 continue
+            if args.sink:
+                sink = torch.randn(heads, device="cuda")
+                sink_ms = time_ms(lambda: flashjit.forward(q, k, v, causal=causal, learnable_sink=sink))
+                print(f"    with sinks: time x{sink_ms / ms:.3f} of without", flush=True)
             used = flashjit.interface.resolve_config(q, k, config, causal, v=v)
             ours = tflops(batch, heads, seqlen, d_head, causal, ms)
             row = dict(point, config=used.name, ms=ms, tflops=ours, fa2_tflops=base["fa2"],
