@@ -1,4 +1,4 @@
-"""Command line: python -m flashjit {info, precompile, cache list|clear, check}.
+"""Command line: python -m flashjit {info, precompile, cache list|clear, check, tune}.
 
 `python -m flashjit precompile --arch sm_90a --list` shows what would be built; --dry-run also says
 which of those are cached already. `precompile --out DIR` builds into a bundle at DIR instead of
@@ -290,6 +290,45 @@ def cmd_check(args) -> int:
     return 0 if ok else 1
 
 
+def cmd_tune(args) -> int:
+    """Time the candidates of each problem on the local GPU and store the winners (flashjit/tuning.py)."""
+    import itertools
+
+    import torch
+
+    from . import jit, tuning
+
+    if not torch.cuda.is_available():
+        print("tune: it times kernels on the local GPU and no CUDA GPU is visible; nothing was tuned",
+              file=sys.stderr)
+        return 1
+    device = torch.cuda.current_device()
+    identity = tuning.device_identity(device)
+    passes = {"both": ("fwd", "bwd"), "fwd": ("fwd",), "bwd": ("bwd",)}[args.passes]
+    problems = list(itertools.product(passes, args.dtypes.split(","), [int(d) for d in args.head_dims.split(",")],
+                                      [bool(int(c)) for c in args.causal.split(",")],
+                                      [int(s) for s in args.seqlens.split(",")]))
+    print(f"tuning {len(problems)} problems on {identity['name']} ({jit.arch_for(device)}, {identity['sm_count']} SMs, "
+          f"driver {identity['driver']})", flush=True)
+    entries = {}
+    for i, (direction, dtype, d_head, causal, seqlen) in enumerate(problems, 1):
+        key = tuning.problem_key(direction, dtype, d_head, causal, seqlen, args.deterministic and direction == "bwd")
+        entry = tuning.tune_problem(direction, dtype, d_head, causal, seqlen, device, args.tokens, args.hidden,
+                                    args.deterministic and direction == "bwd", args.max_candidates,
+                                    args.jobs or os.cpu_count() or 1)
+        entries[key] = entry
+        gain = entry["default_ms"] / entry["ms"]
+        print(f"[{i}/{len(problems)}] {key}: {entry['candidates']} candidates, best {entry['config']} "
+              f"{entry['ms']:.3f} ms, default {entry['default_ms']:.3f} ms (x{gain:.3f})", flush=True)
+    if args.dry_run:
+        print("--dry-run: nothing was stored")
+        return 0
+    path = tuning.write_table(identity, entries)
+    print(f"stored {len(entries)} entries in {path}; the dispatcher uses them from now on "
+          f"({envvars.TUNED.name}=0 ignores them)")
+    return 0
+
+
 def _check_reference(args, shape, dtype) -> int:
     """FLASHJIT_BACKEND=reference, or no CUDA GPU: check what would run, the PyTorch reference path
     (flash_attn_func forward and backward), and say plainly that no JIT kernel was involved."""
@@ -386,6 +425,27 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--causal", action="store_true", help="causal masking (bottom-right aligned)")
     check.add_argument("--config", metavar="NAME", help="a forward kernel name (default: the dispatcher's choice)")
     check.set_defaults(func=cmd_check)
+
+    tune = sub.add_parser(
+        "tune", help="time the kernel candidates on the local GPU and store the winners for the dispatcher",
+        description="For each problem (pass x dtype x head dim x causal x seqlen, batch * seqlen = --tokens, "
+        "heads * head dim = --hidden), compile and time the autotuning candidates of the kernel families this "
+        "GPU runs, and store the fastest per problem in the cache, for this GPU, driver and flashjit version. "
+        "Later calls of any process use it (the nearest tuned seqlen; the call's features on the tuned tiles); "
+        f"{envvars.TUNED.name}=0 ignores it.")
+    tune.add_argument("--passes", choices=("both", "fwd", "bwd"), default="both", help="which passes (default: both)")
+    tune.add_argument("--dtypes", default="bf16", help="comma-separated (default: bf16)")
+    tune.add_argument("--head-dims", default="64,128", help="comma-separated (default: 64,128)")
+    tune.add_argument("--causal", default="0,1", help="comma-separated 0/1 (default: 0,1)")
+    tune.add_argument("--seqlens", default="1024,4096", help="comma-separated (default: 1024,4096)")
+    tune.add_argument("--tokens", type=int, default=16384, help="batch * seqlen (default: 16384)")
+    tune.add_argument("--hidden", type=int, default=2048, help="heads * head dim (default: 2048)")
+    tune.add_argument("--deterministic", action="store_true", help="tune the deterministic backward")
+    tune.add_argument("--max-candidates", type=int, default=32, metavar="N",
+                      help="time at most N candidates a problem, the default among them (0: all; default 32)")
+    tune.add_argument("--jobs", type=int, default=0, metavar="N", help="parallel compiles (default: the CPU count)")
+    tune.add_argument("--dry-run", action="store_true", help="time and report, store nothing")
+    tune.set_defaults(func=cmd_tune)
     return parser
 
 

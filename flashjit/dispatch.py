@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import itertools
 
-from .configs.bwd_sm80 import BwdConfig
+from .configs.bwd_sm80 import BWD_BLOCK_M, BWD_D_SPLIT, BWD_GROUP_ROWS, BwdConfig
 from .configs.bwd_sm90 import WGMMA_ARCH, WGMMA_SHAPES, BwdSm90Config, wgmma_tile
 from .configs.common import DTYPES, HEAD_DIMS, SMEM_LIMIT_SM90, WARPS, head_dim_tile
 from .configs.fwd_sm80 import BLOCK_COLS, BLOCK_ROWS, KernelConfig
@@ -145,6 +145,21 @@ def get_kernels_to_build(smem_limit: int = SMEM_LIMIT_SM90, arch: str | None = N
         if cfg not in configs:
             configs.append(cfg)
     return configs
+
+
+def get_autotuning_bwd_configs(dtype: str = "bf16", d_head: int = 128, causal: bool = False,
+                               deterministic: bool = False, arch: str | None = None) -> list:
+    """The backward's search space for `flashjit tune`: every sm_80-kernel tiling (warps, block_m,
+    d_split, group_rows) that builds in this mode, and on sm_90a the wgmma kernel's block_m choices
+    (it has no deterministic variant)."""
+    out = []
+    for n_warps, block_m, d_split, group_rows in itertools.product(WARPS, BWD_BLOCK_M, BWD_D_SPLIT, BWD_GROUP_ROWS):
+        cfg = BwdConfig(dtype, d_head, n_warps, block_m, d_split, group_rows, deterministic, causal)
+        if not cfg.problems():
+            out.append(cfg)
+    if arch == WGMMA_ARCH and not deterministic:
+        out += [c for c in (BwdSm90Config(dtype, d_head, block_m, causal) for block_m in (64, 128)) if not c.problems()]
+    return out
 
 
 def get_autotuning_kernel_configs(dtype: str = "bf16", d_head: int = 128, causal: bool = False,

@@ -47,4 +47,8 @@ DISABLE_JIT = EnvVar(
     "1: never compile. A kernel found in no bundle and not in the cache raises an error naming the "
     "`precompile --out` command that builds it.")
 
-ALL = (CACHE_DIR, VERBOSE, CUDA_ARCH, BACKEND, JOBS, PREBUILT, DISABLE_JIT)
+TUNED = EnvVar(
+    "FLASHJIT_TUNED", "1",
+    "0: ignore the tables `python -m flashjit tune` wrote; the dispatcher uses its built-in defaults.")
+
+ALL = (CACHE_DIR, VERBOSE, CUDA_ARCH, BACKEND, JOBS, PREBUILT, DISABLE_JIT, TUNED)

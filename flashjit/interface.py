@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import jit
+from . import jit, tuning
 from .configs import families
 from .configs.bwd_sm80 import BwdConfig
 from .configs.bwd_sm90 import WGMMA_ARCH, BwdSm90Config
@@ -228,16 +228,18 @@ def resolve_config(q: torch.Tensor, k: torch.Tensor, config: ConfigBase | None, 
         device_index = q.get_device() if device_index is None else device_index
         arch = jit.arch_for(device_index)
         sink = mods.sink is not None
-        config = default_config(dtype, d_head, bool(causal), q.shape[1], _smem_limit(device_index)[0], *mods.flags,
-                                arch=arch, sink=sink)
+        features = (*zip(FEATURES, mods.flags), ("sink", sink))
+        config = tuning.lookup(device_index, "fwd", dtype, d_head, bool(causal), q.shape[1], features) or \
+            default_config(dtype, d_head, bool(causal), q.shape[1], _smem_limit(device_index)[0], *mods.flags,
+                           arch=arch, sink=sink)
         if config.family.arch is not None and (why := _tma_unaddressable(q, k, v, out)):
             config = default_config(dtype, d_head, bool(causal), q.shape[1], _smem_limit(device_index)[0],
                                     *mods.flags, sink=sink)
             log.debug("TMA cannot address %s: running the %s family instead", why, config.family.name)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("dispatching [B=%d, Sq=%d, Sk=%d, H=%d, H_k=%d, D=%d] to %s (default for "
-                  "dtype/head dim/causal/seqlen and shared memory)", q.shape[0], q.shape[1], k.shape[1], q.shape[2],
-                      k.shape[2], d_head, config.name)
+            log.debug("dispatching [B=%d, Sq=%d, Sk=%d, H=%d, H_k=%d, D=%d] to %s (tuned table, else the default "
+                      "for dtype/head dim/causal/seqlen and shared memory)", q.shape[0], q.shape[1], k.shape[1],
+                      q.shape[2], k.shape[2], d_head, config.name)
         return config
     _check_config_type(config, "fwd")
     if config.family.arch is not None and (why := _tma_unaddressable(q, k, v, out)):
@@ -411,7 +413,8 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                                 deterministic=bool(deterministic), smem_limit=_smem_limit(device_index)[0],
                                 wgmma=arch == WGMMA_ARCH)
     if config is None:
-        config = wanted
+        config = tuning.lookup(device_index, "bwd", _DTYPES[q.dtype], q.shape[3], bool(causal), q.shape[1],
+                               tuple(zip(FEATURES, mods.flags)), bool(deterministic)) or wanted
         if log.isEnabledFor(logging.DEBUG):
             log.debug("backward [B=%d, Sq=%d, Sk=%d, H=%d, H_k=%d, D=%d] dispatched to %s (default for "
                       "dtype/head dim/features/deterministic on %s and its shared memory)", q.shape[0], q.shape[1],
