@@ -11,7 +11,7 @@ import torch
 
 import flashjit
 from flashjit import flash_attn_func, interface
-from flashjit.configs.common import FEATURES
+from flashjit.configs.common import FEATURES as SCORE_FEATURES
 from flashjit.reference import attention_reference, philox_keep_mask, visible_mask
 from numerics import assert_close, poisoned_like, reference_and_low
 
@@ -241,7 +241,7 @@ def test_learnable_sink_forward_and_backward(case, family, deterministic):
     mods = interface.score_mods(q, kw["causal"], kw["window_size"], dropout_p=kw["dropout_p"], philox=philox,
                                 learnable_sink=sink)
     config = None if family == "default" else flashjit.default_config(
-        "bf16", q.shape[-1], kw["causal"], q.shape[1], **dict(zip(FEATURES, mods.flags)), sink=True)
+        "bf16", q.shape[-1], kw["causal"], q.shape[1], **dict(zip(SCORE_FEATURES, mods.flags)), sink=True)
     out, lse = flashjit.forward(q, k, v, config=config, return_lse=True, out=poisoned_like(q), philox=philox,
                                 learnable_sink=sink, **kw)
     grads = flashjit.backward(dout, q, k, v, out, lse, philox=philox, deterministic=deterministic,
