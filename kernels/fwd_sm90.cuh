@@ -29,6 +29,7 @@
 // overlap). With kPingPong the warpgroups take turns issuing their matrix products, so one's softmax
 // runs under the other's tensor-core work.
 #pragma once
+#include <type_traits>
 #include "fwd_sm80.cuh"
 #include "common/wgmma.cuh"
 #include "common/sm90/mbarrier.cuh"
@@ -113,13 +114,19 @@ __device__ __forceinline__ void issue_pv(float (&o)[C::kD / 8][4], const uint32_
 }
 
 // Score modifiers and masks of block j for this warp's 16 rows (row0: global index of its first).
-template <class C>
+// kMask: the block has keys some row of the tile cannot see (a compile-time choice, so the
+// overlapped step has no branch between its two wgmma waits: ptxas otherwise hoists the second
+// wait above the exponentials it is meant to overlap).
+template <class C, bool kMask>
 __device__ __forceinline__ void mask_scores(float (&s)[1][C::kBlockN / 8][4], const typename C::Mod& mod, int row0,
                                             int j, int lane) {
-  using W = typename C::Warp;
-  const int col0 = j * C::kBlockN;
-  const bool need_mask = mod.block_needs_mask(row0, 16, col0, C::kBlockN);
-  if (need_mask || C::Mod::kTransforms) fwd::apply_score_mod<W>(s, mod, row0, col0, need_mask, lane);
+  if constexpr (kMask || C::Mod::kTransforms)
+    fwd::apply_score_mod<typename C::Warp>(s, mod, row0, j * C::kBlockN, kMask, lane);
+}
+// Whether block j needs the per-element mask for any row of the tile (uniform across the CTA).
+template <class C>
+__device__ __forceinline__ bool block_masked(const typename C::Mod& mod, int q_row0, int j) {
+  return mod.block_needs_mask(q_row0, C::kBlockM, j * C::kBlockN, C::kBlockN);
 }
 
 // Softmax'd (and dropped-out) S as the A fragments of PV.
@@ -332,7 +339,8 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
         wgmma_settle(s[0]);
         sm.k_ring->release(st);
         q_done(j);
-        mask_scores<C>(s, T.mod, row0, j, lane);
+        if (block_masked<C>(T.mod, T.q_row0, j)) mask_scores<C, true>(s, T.mod, row0, j, lane);
+        else mask_scores<C, false>(s, T.mod, row0, j, lane);
         fwd::online_softmax<W>(s, o, m, l, scale, scale_log2);
         scores_to_p<C>(s, pf, p, T.bh, row0, j, lane);
         sm.v_ring->wait(st);
@@ -353,12 +361,15 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
       wgmma_settle(s[0]);
       sm.k_ring->release(st);
       q_done(T.j_begin);
-      mask_scores<C>(s, T.mod, row0, T.j_begin, lane);
+      if (block_masked<C>(T.mod, T.q_row0, T.j_begin)) mask_scores<C, true>(s, T.mod, row0, T.j_begin, lane);
+      else mask_scores<C, false>(s, T.mod, row0, T.j_begin, lane);
       fwd::online_softmax<W>(s, o, m, l, scale, scale_log2);
       scores_to_p<C>(s, pf, p, T.bh, row0, T.j_begin, lane);
       RingState<C::kStages> prev = st;
       st.advance();
-      for (int j = T.j_begin + 1; j < T.j_end; ++j, st.advance()) {
+      // One steady-state step, compiled twice (masked or not): between its two waits there is no
+      // branch, so the exponentials stay under the PV product.
+      auto step = [&](int j, auto masked) {
         sm.k_ring->wait(st);
         sm.v_ring->wait(prev);
         take_token();
@@ -368,16 +379,20 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
         wgmma_wait<1>();  // S_j is ready; PV_{j-1} may still run
         wgmma_settle(s[0]);
         sm.k_ring->release(st);
-        q_done(j);
-        mask_scores<C>(s, T.mod, row0, j, lane);
+        mask_scores<C, decltype(masked)::value>(s, T.mod, row0, j, lane);
         float alpha[1][2];
         fwd::softmax_rows<W>(s, m, l, alpha, scale, scale_log2);
         wgmma_wait<0>();
         wgmma_settle(o[0]);
         sm.v_ring->release(prev);
+        q_done(j);
         fwd::rescale_o<W>(o, alpha);
         scores_to_p<C>(s, pf, p, T.bh, row0, j, lane);
         prev = st;
+      };
+      for (int j = T.j_begin + 1; j < T.j_end; ++j, st.advance()) {
+        if (block_masked<C>(T.mod, T.q_row0, j)) step(j, std::true_type{});
+        else step(j, std::false_type{});
       }
       sm.v_ring->wait(prev);
       take_token();
