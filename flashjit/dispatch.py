@@ -36,11 +36,13 @@ _PREFERENCES = {  # (head-dim class, causal) -> tiles, best first
 # without the overlap, 128x192 and 128x64 lost 5-20%; d64 192x128 over 4 stages, persistent, 1.04x at
 # S=4k (0.93x one CTA per tile); d192 128x96 0.95-1.05x; d256 128x64 0.93-1.02x. Persistent CTAs lost
 # 3-16% at d>64 (the static tile order), so only d64 takes them.
+# With score features the 192-row tile's 160 registers a consumer thread spill: d64 then takes 128 rows.
 _SM90_PREFERENCES = {
-    64: dict(block_m=192, block_n=128, stages=4, overlap=True, pingpong=False, persistent=True),
-    128: dict(block_m=128, block_n=128, stages=2),
-    192: dict(block_m=128, block_n=96, stages=2),
-    256: dict(block_m=128, block_n=64, stages=2),
+    64: [dict(block_m=192, block_n=128, stages=4, overlap=True, pingpong=False, persistent=True),
+         dict(block_m=128, block_n=128, stages=4)],
+    128: [dict(block_m=128, block_n=128, stages=2)],
+    192: [dict(block_m=128, block_n=96, stages=2)],
+    256: [dict(block_m=128, block_n=64, stages=2)],
 }
 
 
@@ -54,10 +56,11 @@ def default_config(dtype: str, d_head: int, causal: bool, seqlen_q: int = 4096,
     family, except for a single short block of queries (decoding-like, Sq <= 64), which gets the sm_80
     kernel's 64-row tile rather than wasting most of a 128-row one."""
     if arch == WGMMA_ARCH and seqlen_q > 64:
-        cfg = FwdSm90Config(dtype, d_head, causal=causal, local=local, softcap=softcap, alibi=alibi, dropout=dropout,
-                            sink=sink, **_SM90_PREFERENCES[sm90_tile(d_head)])
-        if not cfg.problems() and cfg.smem_bytes <= smem_limit:
-            return cfg
+        for knobs in _SM90_PREFERENCES[sm90_tile(d_head)]:
+            cfg = FwdSm90Config(dtype, d_head, causal=causal, local=local, softcap=softcap, alibi=alibi,
+                                dropout=dropout, sink=sink, **knobs)
+            if not cfg.problems() and cfg.smem_bytes <= smem_limit:
+                return cfg
     size = next(c for c in (64, 128, 160, 192, 256) if d_head <= c)
     key = "short" if seqlen_q <= 64 else (size, True) if (size, causal) in _PREFERENCES else size
     for knobs in _PREFERENCES[key]:

@@ -79,7 +79,10 @@ struct Config {
   static_assert(!kPingPong || (kConsumers == 2 && kOverlap),
                 "ping-pong alternates two consumer warpgroups (block_m 128) and needs the overlap");
   // Per consumer thread: O (kD / 2 fp32), S (kBlockN / 2 fp32) and P (kBlockN / 4 packed pairs).
-  static constexpr int kRegEstimate = kD / 2 + kBlockN / 2 + kBlockN / 4 + 32;
+  // Each score feature keeps a few more values live (window bounds, slopes, the Philox state): 8 each,
+  // measured as spills of the 160-register block_m 192 tile with any of them.
+  static constexpr int kRegEstimate =
+      kD / 2 + kBlockN / 2 + kBlockN / 4 + 32 + 8 * (int(kLocal_) + int(kSoftcap_) + int(kAlibi_) + int(kDropout_));
   static_assert(kRegEstimate <= kConsumerRegs, "O, S and P of this config do not fit the consumers' registers");
   static_assert(kSmemBytes <= 227 * 1024, "Q and the K/V stages of this config need more than 227 KiB of shared memory");
 };

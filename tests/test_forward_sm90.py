@@ -67,6 +67,19 @@ def test_knobs(knobs, causal):
     _check(q, k, v, config, causal=causal)
 
 
+@pytest.mark.parametrize("causal, window", [(False, (-1, -1)), (True, (-1, -1)), (False, (100, 0))])
+def test_persistent_ctas_walk_many_tiles(causal, window):
+    """Several tiles per persistent CTA (so the q_full/q_empty parities and the rings wrap many times),
+    with empty tiles mixed in: causal with Sq > Sk leaves the first 800 rows without keys, a window
+    with Sq > Sk likewise."""
+    local = window != (-1, -1)  # a feature: the 192-row tile's registers would spill, so 128 rows with ping-pong
+    config = FwdSm90Config("bf16", 64, 128 if local else 192, 128, 4, True, local, True, causal=causal, local=local)
+    q, k, v = _inputs(8, 1100, 300, 16, 4, 64, torch.bfloat16)
+    out = _check(q, k, v, config, causal=causal, window_size=window)
+    if causal:
+        assert out[:, :800].abs().max().item() == 0
+
+
 ODD = [  # batch, Sq, Sk, H, H_k, D
     (1, 1, 1, 1, 1, 64), (2, 17, 17, 3, 1, 8), (1, 300, 17, 2, 1, 40), (2, 17, 300, 4, 2, 72), (1, 77, 513, 2, 2, 80),
     (1, 200, 129, 4, 4, 136), (2, 65, 1025, 2, 1, 200), (1, 129, 0, 2, 2, 128), (1, 1000, 3, 2, 1, 248),
@@ -105,7 +118,7 @@ def test_features(feature, persistent):
 
 @pytest.mark.parametrize("p", [0.17, 0.5])
 @pytest.mark.parametrize("config", [FwdSm90Config("fp16", 64, dropout=True),
-                                    FwdSm90Config("fp16", 64, block_m=192, pingpong=False, persistent=True, dropout=True),
+                                    FwdSm90Config("fp16", 64, stages=4, persistent=True, dropout=True),
                                     FwdSm90Config("fp16", 128, block_n=64, stages=3, dropout=True)], ids=lambda c: c.name)
 def test_dropout_mask_is_philox_keep_mask_bit_for_bit(config, p):
     """The same Philox keep mask as the sm_80 family and reference.philox_keep_mask (so the existing

@@ -39,7 +39,7 @@ SUBSET = [  # both dtypes, several head dims, causal, knobs off, both archs
     ("sm_90a", BwdSm90Config("bf16", 128, 64, causal=True, dropout=True)),
     ("sm_90a", BwdSm90Config("fp16", 64, 128, local=True, alibi=True)),
     ("sm_90a", FwdSm90Config("bf16", 128)),
-    ("sm_90a", FwdSm90Config("fp16", 64, 192, 128, 4, True, False, True, causal=True, local=True, softcap=True,
+    ("sm_90a", FwdSm90Config("fp16", 64, 128, 128, 4, True, True, True, causal=True, local=True, softcap=True,
                              alibi=True, dropout=True)),
     ("sm_90a", FwdSm90Config("bf16", 256, 128, 64, 2, False, False, dropout=True)),
 ]

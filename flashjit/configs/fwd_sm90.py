@@ -83,8 +83,10 @@ class FwdSm90Config(ConfigBase):
             8 * (2 + 4 * self.stages)
 
     def register_estimate(self) -> int:
-        """Per consumer thread: O, S and P fragments plus indices (Config::kRegEstimate)."""
-        return self.d_tile // 2 + self.block_n // 2 + self.block_n // 4 + 32
+        """Per consumer thread: O, S and P fragments plus indices, and 8 for each score feature
+        (Config::kRegEstimate; with any feature the 160-register block_m 192 tile spilled)."""
+        features = self.local + self.softcap + self.alibi + self.dropout
+        return self.d_tile // 2 + self.block_n // 2 + self.block_n // 4 + 32 + 8 * features
 
     @property
     def register_budget(self) -> int:
