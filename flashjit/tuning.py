@@ -57,8 +57,22 @@ def device_identity(device_index: int) -> dict:
     from ._version import __version__
 
     props = torch.cuda.get_device_properties(device_index)
-    driver = torch._C._cuda_getDriverVersion() if hasattr(torch._C, "_cuda_getDriverVersion") else 0
-    return dict(name=props.name, sm_count=props.multi_processor_count, driver=int(driver), flashjit=__version__)
+    return dict(name=props.name, sm_count=props.multi_processor_count, driver=_driver_version(), flashjit=__version__)
+
+
+def _driver_version() -> int:
+    """The CUDA driver's version (e.g. 13000), asked of libcuda (torch exposes no public call for it)."""
+    import ctypes
+
+    for library in ("libcuda.so.1", "nvcuda.dll"):
+        try:
+            cuda = ctypes.CDLL(library)
+        except OSError:
+            continue
+        version = ctypes.c_int(0)
+        if cuda.cuDriverGetVersion(ctypes.byref(version)) == 0:
+            return version.value
+    return 0
 
 
 def read_table(path: Path) -> dict:

@@ -84,9 +84,11 @@ def sdpa(backend, q, k, v, causal, dropout_p=0.0):
 
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D] views, no copies
 
+    gqa = q.shape[2] != k.shape[2]  # SDPA broadcasts KV heads only when asked
+
     def run():
         with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, dropout_p=dropout_p)
+            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, dropout_p=dropout_p, enable_gqa=gqa)
     return run
 
 
