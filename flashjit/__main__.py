@@ -296,7 +296,7 @@ def cmd_tune(args) -> int:
 
     import torch
 
-    from . import jit, tuning
+    from . import jit, tuner, tuning
 
     if not torch.cuda.is_available():
         print("tune: it times kernels on the local GPU and no CUDA GPU is visible; nothing was tuned",
@@ -313,7 +313,7 @@ def cmd_tune(args) -> int:
     entries = {}
     for i, (direction, dtype, d_head, causal, seqlen) in enumerate(problems, 1):
         key = tuning.problem_key(direction, dtype, d_head, causal, seqlen, args.deterministic and direction == "bwd")
-        entry = tuning.tune_problem(direction, dtype, d_head, causal, seqlen, device, args.tokens, args.hidden,
+        entry = tuner.tune_problem(direction, dtype, d_head, causal, seqlen, device, args.tokens, args.hidden,
                                     args.deterministic and direction == "bwd", args.max_candidates,
                                     args.jobs or os.cpu_count() or 1)
         entries[key] = entry

@@ -1,5 +1,6 @@
-"""Autotuning that persists: `python -m flashjit tune` times the candidates of each kernel family on
-the local GPU and stores the winners; the dispatcher prefers them to its built-in defaults.
+"""Autotuning that persists, the table: `python -m flashjit tune` (flashjit/tuner.py) times the
+candidates of each kernel family on the local GPU and stores the winners here; the dispatcher
+prefers them to its built-in defaults.
 
 A table belongs to one GPU identity (name, SM count, driver version, flashjit version): another GPU,
 a driver update or a flashjit upgrade starts from the defaults again. It lives in the cache at
@@ -137,85 +138,3 @@ def _lookup(device_index, direction, dtype, d_head, causal, seqlen, features, de
         log.warning("ignoring a tuned entry for %s d%d (%s)", dtype, d_head, exc)
         return None
     return None if config.problems() else config
-
-
-def time_ms(fn, warmup: int = 10, reps: int = 30) -> float:
-    """Median of `reps` CUDA-event timings of fn() after `warmup` calls."""
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
-def candidates(direction: str, dtype: str, d_head: int, causal: bool, arch: str, smem_limit: int,
-               deterministic: bool = False, limit: int = 0) -> list:
-    """The configs `tune` times for a problem: the family's autotuning space for `arch` that fits the
-    GPU, the dispatcher's default first. limit > 0 keeps an evenly spread subset of that many."""
-    from . import dispatch
-
-    if direction == "fwd":
-        default = dispatch.default_config(dtype, d_head, causal, 4096, smem_limit, arch=arch)
-        space = dispatch.get_autotuning_kernel_configs(dtype, d_head, causal, arch=arch)
-    else:
-        default = dispatch.default_bwd_config(dtype, d_head, causal, deterministic=deterministic,
-                                              smem_limit=smem_limit, wgmma=arch == "sm_90a")
-        space = dispatch.get_autotuning_bwd_configs(dtype, d_head, causal, deterministic, arch=arch)
-    space = [c for c in space if c != default and c.smem_bytes <= smem_limit]
-    if limit and len(space) > limit - 1:
-        step = len(space) / (limit - 1)
-        space = [space[int(i * step)] for i in range(limit - 1)]
-    return [default, *space]
-
-
-def tune_problem(direction: str, dtype: str, d_head: int, causal: bool, seqlen: int, device_index: int,
-                 tokens: int = 16384, hidden: int = 2048, deterministic: bool = False, limit: int = 0,
-                 jobs: int = 8) -> dict:
-    """Compile and time every candidate for one problem (batch * seqlen = tokens, heads * d_head =
-    hidden, random inputs) on the device; the winner's entry for the table."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import torch
-
-    from . import interface, jit
-
-    arch = jit.arch_for(device_index)
-    smem_limit = interface._smem_limit(device_index)[0]
-    configs = candidates(direction, dtype, d_head, causal, arch, smem_limit, deterministic, limit)
-
-    def build(config):  # nvcc runs outside the GIL: threads compile in parallel
-        try:
-            jit.ensure_built(config, arch)
-            return config
-        except Exception as exc:  # one candidate that does not build must not stop the others
-            log.warning("tune: skipping %s (%s)", config.name, str(exc).splitlines()[0])
-            return None
-
-    with ThreadPoolExecutor(max(1, jobs)) as pool:
-        configs = [c for c in pool.map(build, configs) if c is not None]
-    batch, heads = max(1, tokens // seqlen), max(1, hidden // d_head)
-    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float16
-    with torch.cuda.device(device_index):
-        q, k, v, dout = (torch.randn(batch, seqlen, heads, d_head, device="cuda", dtype=torch_dtype) for _ in range(4))
-        out, lse = interface.forward(q, k, v, causal=causal, return_lse=True)
-        grads = [torch.empty_like(t) for t in (q, k, v)]
-        timed = {}
-        for config in configs:
-            if direction == "fwd":
-                fn = lambda c=config: interface.forward(q, k, v, config=c, causal=causal, out=out)  # noqa: E731
-            else:
-                fn = lambda c=config: interface.backward(dout, q, k, v, out, lse, causal=causal, config=c,  # noqa: E731
-                                                         deterministic=deterministic, dq=grads[0], dk=grads[1],
-                                                         dv=grads[2])
-            timed[config.name] = time_ms(fn)
-    default = configs[0].name
-    best = min(timed, key=timed.get)
-    return dict(config=best, ms=timed[best], default=default, default_ms=timed[default], candidates=len(timed))

@@ -10,7 +10,7 @@ import logging
 import pytest
 import torch
 
-from flashjit import BwdConfig, FwdSm90Config, KernelConfig, interface, tuning
+from flashjit import BwdConfig, FwdSm90Config, KernelConfig, interface, tuner, tuning
 
 H200 = dict(name="NVIDIA H200", sm_count=132, driver=13000, flashjit="0.1.0")
 TUNED_FWD = FwdSm90Config("bf16", 128, block_n=96, stages=3, pingpong=False)
@@ -93,9 +93,9 @@ def test_writes_merge_and_are_whole(table):
 
 
 def test_candidates_put_the_default_first_and_fit():
-    fwd = tuning.candidates("fwd", "bf16", 128, False, "sm_90a", 227 * 1024, limit=8)
+    fwd = tuner.candidates("fwd", "bf16", 128, False, "sm_90a", 227 * 1024, limit=8)
     assert len(fwd) == 8 and len(set(fwd)) == 8 and isinstance(fwd[0], FwdSm90Config)
-    bwd = tuning.candidates("bwd", "bf16", 128, False, "sm_80", 99 * 1024)
+    bwd = tuner.candidates("bwd", "bf16", 128, False, "sm_80", 99 * 1024)
     assert all(c.smem_bytes <= 99 * 1024 for c in bwd) and all(isinstance(c, BwdConfig) for c in bwd)
     assert not any(c.deterministic for c in bwd[1:])  # (the default at 99 KiB and d128 is the deterministic one)
 
@@ -119,7 +119,7 @@ def test_tune_on_the_gpu(private_cache):
     device = torch.cuda.current_device()
     tuning._entries_for.cache_clear()
     tuning._lookup.cache_clear()
-    entry = tuning.tune_problem("fwd", "bf16", 64, False, 512, device, tokens=2048, hidden=256, limit=3)
+    entry = tuner.tune_problem("fwd", "bf16", 64, False, 512, device, tokens=2048, hidden=256, limit=3)
     assert entry["candidates"] == 3 and entry["ms"] <= entry["default_ms"]
     identity = tuning.device_identity(device)
     tuning.write_table(identity, {tuning.problem_key("fwd", "bf16", 64, False, 512): entry})
