@@ -18,6 +18,7 @@ import itertools
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 # torch, triton and flashjit are imported inside the functions: importing this module (as
@@ -166,6 +167,8 @@ def main() -> None:
     parser.add_argument("--no-flex", action="store_true", help="do not time FlexAttention")
     parser.add_argument("--sink", action="store_true", help="also time flashjit with learnable sinks (their cost)")
     args = parser.parse_args()
+    # SDPA says, once per shape, why a backend it was asked for declines: the table says it (0.0).
+    warnings.filterwarnings("ignore", message=".*(not used because|runtime disabled|same num_heads)")
     exit_unless_gpu("bench_forward.py")
     torch = _require_torch_cuda("bench_forward.py")
     from torch.nn.attention import SDPBackend
