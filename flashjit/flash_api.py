@@ -48,10 +48,11 @@ class _JitAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, alibi_slopes, learnable_sink = ctx.saved_tensors
-        grads = interface.backward(dout, q, k, v, out, lse, alibi_slopes=alibi_slopes, learnable_sink=learnable_sink,
-                                   **ctx.args)
-        dsink = grads[3] if learnable_sink is not None and ctx.needs_input_grad[11] else None
-        return (*grads[:3], None, None, None, None, None, None, None, None, dsink)
+        # The backward kernels need no sink (the lse includes it); pass it only for its gradient.
+        wants_dsink = learnable_sink is not None and ctx.needs_input_grad[11]
+        grads = interface.backward(dout, q, k, v, out, lse, alibi_slopes=alibi_slopes,
+                                   learnable_sink=learnable_sink if wants_dsink else None, **ctx.args)
+        return (*grads[:3], None, None, None, None, None, None, None, None, grads[3] if wants_dsink else None)
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),

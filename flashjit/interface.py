@@ -226,15 +226,13 @@ def resolve_config(q: torch.Tensor, k: torch.Tensor, config: ConfigBase | None, 
     dtype, d_head = _DTYPES[q.dtype], q.shape[3]
     if config is None:
         device_index = q.get_device() if device_index is None else device_index
-        arch = jit.arch_for(device_index)
+        arch, limit = jit.arch_for(device_index), _smem_limit(device_index)[0]
         sink = mods.sink is not None
         features = (*zip(FEATURES, mods.flags), ("sink", sink))
         config = tuning.lookup(device_index, "fwd", dtype, d_head, bool(causal), q.shape[1], features) or \
-            default_config(dtype, d_head, bool(causal), q.shape[1], _smem_limit(device_index)[0], *mods.flags,
-                           arch=arch, sink=sink)
+            default_config(dtype, d_head, bool(causal), q.shape[1], limit, *mods.flags, arch=arch, sink=sink)
         if config.family.arch is not None and (why := _tma_unaddressable(q, k, v, out)):
-            config = default_config(dtype, d_head, bool(causal), q.shape[1], _smem_limit(device_index)[0],
-                                    *mods.flags, sink=sink)
+            config = default_config(dtype, d_head, bool(causal), q.shape[1], limit, *mods.flags, sink=sink)
             log.debug("TMA cannot address %s: running the %s family instead", why, config.family.name)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("dispatching [B=%d, Sq=%d, Sk=%d, H=%d, H_k=%d, D=%d] to %s (tuned table, else the default "

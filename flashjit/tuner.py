@@ -27,17 +27,18 @@ def time_ms(fn, warmup: int = 10, reps: int = 30) -> float:
 
 
 def candidates(direction: str, dtype: str, d_head: int, causal: bool, arch: str, smem_limit: int,
-               deterministic: bool = False, limit: int = 0) -> list:
+               deterministic: bool = False, limit: int = 0, seqlen: int = 4096) -> list:
     """The configs `tune` times for a problem: the family's autotuning space for `arch` that fits the
-    GPU, the dispatcher's default first. limit > 0 keeps an evenly spread subset of that many."""
+    GPU, the dispatcher's default for the problem (its seqlen included) first. limit > 0 keeps an
+    evenly spread subset of that many."""
     from . import dispatch
 
     if direction == "fwd":
-        default = dispatch.default_config(dtype, d_head, causal, 4096, smem_limit, arch=arch)
+        default = dispatch.default_config(dtype, d_head, causal, seqlen, smem_limit, arch=arch)
         space = dispatch.get_autotuning_kernel_configs(dtype, d_head, causal, arch=arch)
     else:
         default = dispatch.default_bwd_config(dtype, d_head, causal, deterministic=deterministic,
-                                              smem_limit=smem_limit, wgmma=arch == "sm_90a")
+                                              smem_limit=smem_limit, wgmma=arch == dispatch.WGMMA_ARCH)
         space = dispatch.get_autotuning_bwd_configs(dtype, d_head, causal, deterministic, arch=arch)
     space = [c for c in space if c != default and c.smem_bytes <= smem_limit]
     if limit and len(space) > limit - 1:
@@ -59,7 +60,7 @@ def tune_problem(direction: str, dtype: str, d_head: int, causal: bool, seqlen: 
 
     arch = jit.arch_for(device_index)
     smem_limit = interface._smem_limit(device_index)[0]
-    configs = candidates(direction, dtype, d_head, causal, arch, smem_limit, deterministic, limit)
+    configs = candidates(direction, dtype, d_head, causal, arch, smem_limit, deterministic, limit, seqlen)
 
     def build(config):  # nvcc runs outside the GIL: threads compile in parallel
         try:

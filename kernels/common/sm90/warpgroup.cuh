@@ -28,7 +28,4 @@ __device__ __forceinline__ void named_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
-// One lane of the warp, the same one every time (TMA copies are issued by a single thread).
-__device__ __forceinline__ bool elect_lane0() { return (threadIdx.x & 31) == 0; }
-
 }  // namespace flashjit::sm90
