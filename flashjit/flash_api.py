@@ -22,10 +22,15 @@ log = logging.getLogger("flashjit")
 BACKENDS = ("jit", "reference")
 
 
+_cuda_seen = False  # once CUDA is available it stays so: asked of torch until then, not on every call
+
+
 def backend() -> str:
+    global _cuda_seen
     chosen = envvars.BACKEND.get().lower()
     if not chosen:
-        return "jit" if torch.cuda.is_available() else "reference"
+        _cuda_seen = _cuda_seen or torch.cuda.is_available()
+        return "jit" if _cuda_seen else "reference"
     if chosen not in BACKENDS:
         raise ValueError(f"{envvars.BACKEND.name}={chosen!r}: expected one of {BACKENDS}")
     return chosen
@@ -68,6 +73,9 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     softmax_lse then includes it."""
     if causal:
         window_size = (window_size[0], 0)  # flash-attn's convention: causal is a window with right = 0
+    if torch.compiler.is_compiling():  # a custom op: dynamo cannot trace the launch (flashjit/ops.py)
+        return _compiled(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                         return_attn_probs, learnable_sink)
     if backend() == "reference":
         interface.check_qkv(q, k, v, reference=True)  # the kernels' checks and messages (fp32 and CPU allowed)
         interface.dropout_threshold(dropout_p)
@@ -81,6 +89,18 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         out = result[0].to(q.dtype)
         return (out, result[1], result[2]) if return_attn_probs else out
 
+    # No gradient wanted: straight to interface.forward, whose launch plan makes a repeated call cheap
+    # (its checks run on a shape's first call); an autograd.Function would only add its own cost.
+    if not return_attn_probs and not (torch.is_grad_enabled() and (
+            getattr(q, "requires_grad", False) or getattr(k, "requires_grad", False)
+            or getattr(v, "requires_grad", False) or getattr(learnable_sink, "requires_grad", False))):
+        return interface.forward(q, k, v, causal=bool(causal), softmax_scale=softmax_scale, window_size=window_size,
+                                 softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
+                                 learnable_sink=learnable_sink)
+    if not return_attn_probs:  # the checks run inside interface.forward (planned calls skip them)
+        philox = interface.philox_state(q.get_device()) if interface.dropout_threshold(dropout_p) else None
+        return _JitAttention.apply(q, k, v, softmax_scale, bool(causal), window_size, softcap, alibi_slopes,
+                                   dropout_p, philox, bool(deterministic), learnable_sink)[0]
     interface.check_qkv(q, k, v)  # device and shape errors first, naming the argument
     interface.dropout_threshold(dropout_p)
     window_size = tuple(window_size)
@@ -100,6 +120,19 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                                           dropout_p=dropout_p, dropout_mask=mask, return_probs=True,
                                           learnable_sink=learnable_sink)
     return out, lse, probs
+
+
+def _compiled(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+              return_attn_probs, learnable_sink):
+    """flash_attn_func inside torch.compile: the custom op, whose own checks run when it runs."""
+    from . import ops
+
+    if return_attn_probs:
+        raise ValueError("return_attn_probs=True is not supported under torch.compile (it is for tests: it "
+                         "materialises [B, H, Sq, Sk]); call flash_attn_func eagerly for it")
+    left, right = window_size
+    return ops.fwd(q, k, v, alibi_slopes, learnable_sink, softmax_scale, bool(causal), int(left), int(right),
+                   float(softcap), float(dropout_p), bool(deterministic))[0]
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),

@@ -290,13 +290,79 @@ def _grad_out(given, like: torch.Tensor, name: str) -> torch.Tensor:
     return _check_output(given, like, name)
 
 
-def _launch(q, k, v, config, causal, softmax_scale, out=None, want_lse=True, mods: ScoreMods = _NO_MODS):
-    """Choose and build the kernel (inputs already checked), allocate outputs. Returns (run, out, lse)."""
+def _run(kernel, params, device_index: int) -> None:
+    """Launch on torch's current stream of the tensors' device (the CUDA runtime launches on the
+    current device: make it theirs when it is not)."""
+    if torch.cuda.current_device() == device_index:
+        kernel(params, _current_stream(device_index))
+    else:
+        with torch.cuda.device(device_index):
+            kernel(params, _current_stream(device_index))
+
+
+class _Plan:
+    """A repeated forward call, worked out once: the kernel and its params with every size, stride and
+    score value filled in. Made by the first call of a (shapes, strides, dtypes, devices, flags) key that
+    the dispatcher chose a kernel for with no copies; later calls with that key skip the input checks,
+    the config choice and the params packing: two allocations, four or five pointers, the launch.
+    FLASHJIT_TUNED and FLASHJIT_CUDA_ARCH are read when a key is first seen; a table written in this
+    process (tuning.generation) retires the plans made before it."""
+
+    __slots__ = ("kernel", "template", "device_index", "device", "dtype", "out_shape", "lse_shape", "dropout",
+                 "generation")
+
+    def __init__(self, kernel, params, q: torch.Tensor, want_lse: bool, dropout: bool):
+        self.kernel, self.template, self.dropout = kernel, bytes(params), dropout
+        self.device_index, self.device, self.dtype = q.get_device(), q.device, q.dtype
+        batch, seqlen_q, heads, d_head = q.shape
+        self.out_shape, self.lse_shape = q.shape, ((batch, heads, seqlen_q) if want_lse else None)
+        self.generation = tuning.generation
+
+    def launch(self, q, k, v, philox):
+        """(out, lse or None), or None when this call cannot use the plan (an input not 16-byte aligned,
+        or a tuned table written since)."""
+        if (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15 or self.generation != tuning.generation:
+            return None
+        out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
+        params = FwdParams.from_buffer_copy(self.template)
+        params.q, params.k, params.v, params.o = q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()
+        lse = None
+        if self.lse_shape is not None:
+            lse = torch.empty(self.lse_shape, dtype=torch.float32, device=self.device)
+            params.lse = lse.data_ptr()
+        if self.dropout:
+            params.philox_seed, params.philox_offset = philox or philox_state(self.device_index)
+        _run(self.kernel, params, self.device_index)
+        return out, lse
+
+
+_plans: dict = {}  # plan key -> _Plan
+
+
+def _plan_key(q, k, v, *flags):
+    """The key of a forward call for _plans: everything its checks, config and params depend on but
+    the data pointers. None when an argument is not what a plan can describe."""
+    try:
+        key = (q.shape, q.stride(), q.dtype, q.get_device(), k.shape, k.stride(), k.dtype, k.get_device(),
+               v.shape, v.stride(), v.dtype, v.get_device(), *flags)
+        hash(key)
+        return key
+    except (AttributeError, TypeError):  # not tensors, or a window_size given as a list
+        return None
+
+
+def _launch(q, k, v, config, causal, softmax_scale, out=None, want_lse=True, mods: ScoreMods = _NO_MODS,
+            plan_key=None):
+    """Choose and build the kernel (inputs already checked), allocate outputs. Returns (run, out, lse).
+    With a plan_key, the call's _Plan is recorded when the dispatcher chose the kernel and no input
+    needed a copy."""
     softmax_scale = softmax_scale_or_default(q, softmax_scale)
     device_index = q.get_device()
+    chosen = config is None
     config = resolve_config(q, k, config, causal, device_index, mods, v=v, out=out)
     kernel = _kernels.get((config, device_index)) or _kernel_for(config, device_index)
 
+    given = (q, k, v)
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     batch, seqlen_q, heads, d_head = q.shape
     if out is None:
@@ -307,13 +373,11 @@ def _launch(q, k, v, config, causal, softmax_scale, out=None, want_lse=True, mod
     params = FwdParams(*tensor_ref(q), *tensor_ref(k), *tensor_ref(v), *tensor_ref(out),
                        lse.data_ptr() if want_lse else None, batch, seqlen_q, k.shape[1], heads, k.shape[2],
                        softmax_scale, *mods.values)
+    if plan_key is not None and chosen and all(a is b for a, b in zip(given, (q, k, v))) and not mods.alibi and mods.sink is None:
+        _plans[plan_key] = _Plan(kernel, params, q, want_lse, mods.dropout)
 
     def run():
-        if torch.cuda.current_device() == device_index:
-            kernel(params, _current_stream(device_index))
-        else:  # the CUDA runtime launches on the current device: make it q's
-            with torch.cuda.device(device_index):
-                kernel(params, _current_stream(device_index))
+        _run(kernel, params, device_index)
 
     return run, out, lse
 
@@ -329,6 +393,12 @@ def forward(q, k, v, config: ConfigBase | None = None, causal: bool = False,
     (gpt-oss sinks, FlashAttention-4's name), one per query head in the units of the scaled scores,
     each joining its head's softmax denominators; the lse returned includes it (a row that sees no
     key then has lse = its sink, out = 0)."""
+    plan_key = None
+    if config is None and out is None and alibi_slopes is None and learnable_sink is None:
+        plan_key = _plan_key(q, k, v, causal, softmax_scale, window_size, softcap, dropout_p, return_lse)
+        plan = _plans.get(plan_key) if plan_key is not None else None
+        if plan is not None and (result := plan.launch(q, k, v, philox)) is not None:
+            return result if return_lse else result[0]
     check_qkv(q, k, v)
     if q.shape[-1] % 8:
         if out is not None:  # checked before anything runs; written by a copy, so any layout does
@@ -340,7 +410,8 @@ def forward(q, k, v, config: ConfigBase | None = None, causal: bool = False,
         out = _unpad_into(out, padded[0] if return_lse else padded, q.shape[-1])
         return (out, padded[1]) if return_lse else out
     mods = score_mods(q, causal, window_size, softcap, alibi_slopes, dropout_p, philox, learnable_sink)
-    run, out, lse = _launch(q, k, v, config, causal, softmax_scale, out, want_lse=return_lse, mods=mods)
+    run, out, lse = _launch(q, k, v, config, causal, softmax_scale, out, want_lse=return_lse, mods=mods,
+                            plan_key=plan_key)
     run()
     return (out, lse) if return_lse else out
 
@@ -441,8 +512,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     refs = [x for t in (q, k, v, out, dout, dq, dk, dv) for x in tensor_ref(t)]
     params = BwdParams(*refs, lse.data_ptr(), dvec.data_ptr(), 0 if dq_accum is None else dq_accum.data_ptr(),
                        batch, seqlen_q, k.shape[1], heads, k.shape[2], softmax_scale, *mods.values)
-    with torch.cuda.device(device_index):
-        kernel(params, _current_stream(device_index))
+    _run(kernel, params, device_index)
     if learnable_sink is None:
         return dq, dk, dv
     # The sink's gradient needs no kernel: dL/dsink = -sum_i P_sink,i D_i with D = rowsum(dO o O),

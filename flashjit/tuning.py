@@ -33,6 +33,7 @@ from .configs import config_from_name
 
 log = logging.getLogger("flashjit")
 TABLE_VERSION = 1
+generation = 0  # bumped by write_table: launch plans made before a table was written are retired
 
 
 def problem_key(direction: str, dtype: str, d_head: int, causal: bool, seqlen: int, deterministic: bool = False) -> str:
@@ -99,6 +100,8 @@ def write_table(identity: dict, entries: dict) -> Path:
     with os.fdopen(fd, "w") as f:
         json.dump(dict(version=TABLE_VERSION, identity=identity, entries=merged), f, indent=1, sort_keys=True)
     os.replace(tmp, path)
+    global generation
+    generation += 1
     _entries_for.cache_clear()
     _lookup.cache_clear()
     return path

@@ -68,6 +68,7 @@ def host_overhead_us(fns: dict, n=1000, trials=9) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench-out")
+    parser.add_argument("--profile", action="store_true", help="print a cProfile of flash_attn_func (grad) calls")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_forward import _require_torch_cuda, exit_unless_gpu  # same folder; imports no torch
@@ -89,28 +90,45 @@ def main() -> None:
     import flashjit
 
     q = torch.randn(1, 16, 1, 64, device="cuda", dtype=torch.bfloat16)
-    qt = q.transpose(1, 2)
+    qg = q.clone().requires_grad_()
+    qt, qgt = q.transpose(1, 2), qg.transpose(1, 2)
     flashjit.forward(q, q, q)
 
     def sdpa():
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             F.scaled_dot_product_attention(qt, qt, qt)
 
-    def sdpa_plain():  # without the context manager's own cost
-        F.scaled_dot_product_attention(qt, qt, qt)
-
-    result["host_us"] = host_overhead_us({
+    contenders = {  # the forward call only (with grad: the autograd graph is built, no backward runs)
         "flashjit.forward": lambda: flashjit.forward(q, q, q),
+        "flash_attn_func": lambda: flashjit.flash_attn_func(q, q, q, causal=True),
+        "flash_attn_func (grad)": lambda: flashjit.flash_attn_func(qg, qg, qg, causal=True),
         "sdpa(flash, in sdpa_kernel)": sdpa,
-        "sdpa(default dispatch)": sdpa_plain,
-    })
+        "sdpa(default dispatch)": lambda: F.scaled_dot_product_attention(qt, qt, qt, is_causal=True),
+        "sdpa(default dispatch, grad)": lambda: F.scaled_dot_product_attention(qgt, qgt, qgt, is_causal=True),
+    }
+    for fn in contenders.values():
+        fn()
+    result["host_us"] = host_overhead_us(contenders)
+    if args.profile:  # where a call's microseconds go: cProfile over the grad-requiring call
+        import cProfile
+        import io
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(2000):
+            contenders["flash_attn_func (grad)"]()
+        profiler.disable()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(18)
+        print(text.getvalue())
     (out_dir / "bench_jit.json").write_text(json.dumps(result, indent=1))
     for key in ("cold_flashjit", "warm_flashjit", "sdpa_flash"):
         r = result[key]
         print(f"{key:14} import torch {r['import_torch_s']:.3f} s, CUDA init {r['cuda_init_s']:.3f} s, "
               f"first call {r['first_call_s']:.3f} s")
     for key, us in result["host_us"].items():
-        print(f"host overhead {key:28} {us:6.1f} us/call")
+        print(f"host overhead {key:30} {us:6.1f} us/call")
 
 
 if __name__ == "__main__":
