@@ -18,6 +18,7 @@ _LAZY = {
     "forward": "interface", "forward_timed": "interface", "backward": "interface",
     "flash_attn_func": "flash_api", "flash_attn_qkvpacked_func": "flash_api", "flash_attn_kvpacked_func": "flash_api",
     "attention_reference": "reference", "CompileError": "jit",
+    "unpad_input": "bert_padding", "pad_input": "bert_padding", "install_flash_attn_alias": "alias",
 }
 
 __all__ = ["__version__", "KernelConfig", "FwdSm90Config", "BwdConfig", "BwdSm90Config", "default_config",

@@ -1,4 +1,4 @@
-"""Command line: python -m flashjit {info, precompile, cache list|clear, check, tune}.
+"""Command line: python -m flashjit {info, precompile, cache list|clear, check, tune, run}.
 
 `python -m flashjit precompile --arch sm_90a --list` shows what would be built; --dry-run also says
 which of those are cached already. `precompile --out DIR` builds into a bundle at DIR instead of
@@ -364,6 +364,36 @@ def _check_reference(args, shape, dtype) -> int:
     return 0 if ok else 1
 
 
+def cmd_run(args) -> int:
+    """Run a script written for flash-attn on flashjit: install the `flash_attn` alias, then run the
+    script as `python script.py args...` would (as __main__, with its sys.argv and its directory first
+    on sys.path)."""
+    import runpy
+    import traceback
+
+    from .alias import install_flash_attn_alias
+
+    if not os.path.isfile(args.script):
+        raise _Usage(f"run: no such file: {args.script}")
+    try:
+        install_flash_attn_alias()
+    except RuntimeError as exc:  # a real flash-attn is installed: the alias refuses to shadow it
+        _error(f"run: {exc}")
+        return 1
+    # The script's run, not the CLI's: flashjit's log records go where the script's logging sends them.
+    log.handlers.clear()
+    log.setLevel(logging.NOTSET)
+    log.propagate = True
+    sys.argv = [args.script, *args.args]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(args.script)))
+    try:
+        runpy.run_path(args.script, run_name="__main__")
+    except Exception:  # as Python reports a failing script (main() would print only the message of some)
+        traceback.print_exc()
+        return 1
+    return 0
+
+
 # --- the parser --------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -446,6 +476,16 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--jobs", type=int, default=0, metavar="N", help="parallel compiles (default: the CPU count)")
     tune.add_argument("--dry-run", action="store_true", help="time and report, store nothing")
     tune.set_defaults(func=cmd_tune)
+
+    run = sub.add_parser(
+        "run", help="run a script written for flash-attn on flashjit (`import flash_attn` gives flashjit)",
+        description="Install flashjit's flash-attn alias (flash_attn, flash_attn.flash_attn_interface, "
+        "flash_attn.bert_padding map to flashjit's functions) and run SCRIPT as __main__ with ARGS as its "
+        "sys.argv[1:], unchanged. Refuses if a real flash-attn is installed: the alias never shadows it.")
+    run.add_argument("script", metavar="SCRIPT", help="the Python script to run (path)")
+    run.add_argument("args", nargs=argparse.REMAINDER, metavar="ARGS",
+                     help="arguments passed to the script, options included, as its sys.argv[1:]")
+    run.set_defaults(func=cmd_run)
     return parser
 
 
