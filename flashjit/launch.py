@@ -28,18 +28,23 @@ _SIZES = [("batch", _i32), ("seqlen_q", _i32), ("seqlen_k", _i32), ("heads", _i3
           ("dropout_scale", ctypes.c_float), ("sink", _ptr)]
 
 
-class FwdParams(ctypes.Structure):
-    """flashjit::FwdParams: TensorRef q, k, v, o; float* lse; sizes; scale; ScoreParams."""
+# flashjit::VarlenParams, last in both structs: a dense call's positional construction leaves it
+# null (cu_seqlens_q = None: dense). flashjit/varlen.py sets it for variable-length batches.
+_VARLEN = [("cu_seqlens_q", _ptr), ("cu_seqlens_k", _ptr), ("total_q", _i32), ("total_k", _i32)]
 
-    _fields_ = [*_tensor_refs("q", "k", "v", "o"), ("lse", _ptr), *_SIZES]
+
+class FwdParams(ctypes.Structure):
+    """flashjit::FwdParams: TensorRef q, k, v, o; float* lse; sizes; scale; ScoreParams; VarlenParams."""
+
+    _fields_ = [*_tensor_refs("q", "k", "v", "o"), ("lse", _ptr), *_SIZES, *_VARLEN]
 
 
 class BwdParams(ctypes.Structure):
     """flashjit::BwdParams: TensorRef q, k, v, o, dout, dq, dk, dv; lse; dvec; dq_accum; sizes; scale;
-    ScoreParams."""
+    ScoreParams; VarlenParams."""
 
     _fields_ = [*_tensor_refs("q", "k", "v", "o", "dout", "dq", "dk", "dv"), ("lse", _ptr), ("dvec", _ptr),
-                ("dq_accum", _ptr), *_SIZES]
+                ("dq_accum", _ptr), *_SIZES, *_VARLEN]
 
 
 # The params struct of each Family.params (kernels/common/params.cuh has one struct a direction).

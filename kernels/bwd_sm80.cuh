@@ -5,7 +5,7 @@
 //   dV_j = sum_i P_ij dO_i      dP_ij = dO_i . v_j      dS_ij = P_ij (dP_ij - D_i)
 //   dK_j = scale sum_i dS_ij q_i                       dQ_i = scale sum_j dS_ij k_j
 //
-// 1. dvec_kernel: D = rowsum(dO * O)                          [B, H, Sq] fp32
+// 1. dvec_kernel: D = rowsum(dO * O)                          [B, H, Sq] fp32 (varlen: [H, total_q])
 // 2. dkdv_kernel: one CTA per (key block, kv head, batch); walks every query block of every query
 //    head of its GQA group, so dK/dV are summed over the group in registers. Works on S^T = K Q^T so
 //    each warp owns 16 key rows of the accumulators.
@@ -24,6 +24,9 @@
 // 3b. deterministic: dq_kernel, one CTA per (query block, head, batch), walks the key blocks and
 //     recomputes P and dP (7 products per block pair, but every output has exactly one writer, so
 //     gradients are bit-identical run to run).
+// Variable-length batches (common/params.cuh: VarlenParams): every CTA finds its sequence's rows with
+// common/varlen.cuh's Seq and exits when its block starts past the sequence's end; the row kernels
+// (1, 3a) walk H * total_q rows, which need no sequence bounds at all.
 #pragma once
 #include <cstdint>
 #include <cuda_runtime.h>
@@ -34,6 +37,7 @@
 #include "common/ptx.cuh"
 #include "common/score_mod.cuh"
 #include "common/smem_tile.cuh"
+#include "common/varlen.cuh"
 
 namespace flashjit::bwd {
 
@@ -105,19 +109,21 @@ struct Config {
 };
 
 // ---- 1. D = rowsum(dO * O), one warp per row; the fast path also zeroes the row's fp32 dQ ---------
-// Row `row` of [B, H, Sq] (i fastest) as (b, h, i).
+// Row `row` of the statistics (planes of rows, i fastest: common/varlen.cuh) as (plane, b, h, i):
+// dense [B, H, Sq], plane b * H + h; varlen [H, total_q], plane h, b = 0 and i the packed row (the
+// TensorRefs' batch stride is 0), so q.at(b, h, i) addresses the row either way.
 struct RowIndex {
-  int b, h, i;
-  __device__ __forceinline__ RowIndex(int64_t row, const BwdParams& p)
-      : b(int(row / p.seqlen_q) / p.heads), h(int(row / p.seqlen_q) % p.heads), i(int(row % p.seqlen_q)) {}
+  int plane, b, h, i;
+  __device__ __forceinline__ RowIndex(int64_t row, const BwdParams& p, int rows)
+      : plane(int(row / rows)), b(plane / p.heads), h(plane % p.heads), i(int(row % rows)) {}
 };
 
 template <class C>
 __global__ void __launch_bounds__(128) dvec_kernel(const __grid_constant__ BwdParams p) {
   const int lane = threadIdx.x & 31;
   const int64_t row = int64_t(blockIdx.x) * 4 + (threadIdx.x >> 5);
-  if (row >= int64_t(p.batch) * p.heads * p.seqlen_q) return;
-  const RowIndex at(row, p);
+  if (row >= stat_rows(p)) return;
+  const RowIndex at(row, p, stat_plane_rows(p));
   float sum = 0.f;
   if (lane < C::kDHead / 8) {
     const uint4 o = *reinterpret_cast<const uint4*>(p.o.at<const elem_t>(at.b, at.h, at.i) + lane * 8);
@@ -150,9 +156,10 @@ struct QuerySteps {
   };
   int row_begin, row_end, count;
 
-  __device__ __forceinline__ QuerySteps(const BwdParams& p, int b, int h_k, int group, int key0, int keys) {
-    const typename C::Mod bounds(p.mods, p.seqlen_q, p.seqlen_k, p.softmax_scale, b, h_k * group);
-    int first_m = 0, end_m = (p.seqlen_q + C::kBlockM - 1) / C::kBlockM;
+  __device__ __forceinline__ QuerySteps(const BwdParams& p, const Seq& seq, int b, int h_k, int group, int key0,
+                                        int keys) {
+    const typename C::Mod bounds(p.mods, seq.len_q, seq.len_k, p.softmax_scale, b, h_k * group);
+    int first_m = 0, end_m = (seq.len_q + C::kBlockM - 1) / C::kBlockM;
     if (C::kCausal || (C::Mod::kLocal && bounds.right >= 0))
       first_m = max(0, (key0 - bounds.diag - bounds.right) / C::kBlockM);
     if (C::Mod::kLocal && bounds.left >= 0) {
@@ -182,14 +189,15 @@ __device__ __forceinline__ void store_rows(const TensorRef& t, int b, int h, int
 }
 
 // Stage one query block's lse (in log2 units, +inf past the end: P = 0 there) and D in shared memory.
+// stat0: the statistic of the head's row 0 (Seq::stat_row(h, 0)); len_q: the sequence's queries.
 // Plain loads: staging these through cp.async with the block's Q and dO measured 2-5% slower.
 template <class C>
-__device__ __forceinline__ void load_row_stats(float* s_lse, float* s_dvec, const BwdParams& p, int64_t bh,
-                                               int row0, int tid) {
+__device__ __forceinline__ void load_row_stats(float* s_lse, float* s_dvec, const BwdParams& p, int64_t stat0,
+                                               int len_q, int row0, int tid) {
   for (int r = tid; r < C::kBlockM; r += C::kThreads) {
-    const bool valid = row0 + r < p.seqlen_q;
-    s_lse[r] = valid ? p.lse[bh * p.seqlen_q + row0 + r] * 1.4426950408889634f : INFINITY;
-    s_dvec[r] = valid ? p.dvec[bh * p.seqlen_q + row0 + r] : 0.f;
+    const bool valid = row0 + r < len_q;
+    s_lse[r] = valid ? p.lse[stat0 + row0 + r] * 1.4426950408889634f : INFINITY;
+    s_dvec[r] = valid ? p.dvec[stat0 + row0 + r] : 0.f;
   }
 }
 
@@ -257,9 +265,10 @@ __device__ __forceinline__ void gemm_staged_cols(float (&acc)[kMT][kNT][4], cons
 
 // Fast path: dQ[row0 .., :] += dS K for this CTA's keys, from dS^T staged in sdS ([kBlockN keys,
 // kBlockM queries]); each warp adds its kDqMT x kDqNT tiles into the fp32 buffer with atomics.
+// stat0, len_q: as load_row_stats (dq_accum's rows are the statistics' rows, kD floats each).
 template <class C>
-__device__ __forceinline__ void accumulate_dq(const BwdParams& p, const elem_t* sdS, const elem_t* sK, int64_t bh,
-                                              int row0, int warp, int lane) {
+__device__ __forceinline__ void accumulate_dq(const BwdParams& p, const elem_t* sdS, const elem_t* sK, int64_t stat0,
+                                              int len_q, int row0, int warp, int lane) {
   const int wm = warp / C::kDqWD, wd = warp % C::kDqWD;
   float dq[C::kDqMT][C::kDqNT][4];
   zero(dq);
@@ -275,8 +284,8 @@ __device__ __forceinline__ void accumulate_dq(const BwdParams& p, const elem_t* 
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int row = row0 + (wm * C::kDqMT + mt) * 16 + (lane >> 2) + half * 8;
-      if (row >= p.seqlen_q) continue;
-      float* dst = p.dq_accum + (bh * p.seqlen_q + row) * C::kD + wd * C::kDqNT * 8 + (lane & 3) * 2;
+      if (row >= len_q) continue;
+      float* dst = p.dq_accum + (stat0 + row) * C::kD + wd * C::kDqNT * 8 + (lane & 3) * 2;
 #pragma unroll
       for (int nt = 0; nt < C::kDqNT; ++nt) red_add_f32x2(dst + nt * 8, dq[mt][nt][2 * half], dq[mt][nt][2 * half + 1]);
     }
@@ -302,11 +311,14 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
   const int num_n = (p.seqlen_k + C::kBlockN - 1) / C::kBlockN;
   const int n_block = blockIdx.x % num_n, bh_k = blockIdx.x / num_n;
   const int h_k = bh_k % p.heads_k, b = bh_k / p.heads_k, group = p.heads / p.heads_k;
-  const int key0 = n_block * C::kBlockN, keys = min(C::kBlockN, p.seqlen_k - key0);
+  const Seq seq(p, b);
+  const int key0 = n_block * C::kBlockN;
+  if (key0 >= seq.len_k) return;  // varlen: past this sequence's keys (the grid fits the longest)
+  const int keys = min(C::kBlockN, seq.len_k - key0);
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
 
-  load_rows<C, C::kBlockN>(sK, p.k, b, h_k, key0, keys, tid);
-  load_rows<C, C::kBlockN>(sV, p.v, b, h_k, key0, keys, tid);
+  load_rows<C, C::kBlockN>(sK, p.k, b, h_k, seq.k_start + key0, keys, tid);
+  load_rows<C, C::kBlockN>(sV, p.v, b, h_k, seq.k_start + key0, keys, tid);
   cp_async_commit();
 
   float dk[C::kRT][C::kNtDW][4], dv[C::kRT][C::kNtDW][4];
@@ -319,18 +331,19 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
   // step's copy and the previous step's dS^T, and retires every read of the buffers the next copy
   // and this step's dS^T overwrite (both last read in step - 1). The fast path's dQ product for a
   // step runs at the start of the next one, so it needs no barrier of its own.
-  const QuerySteps<C> schedule(p, b, h_k, group, key0, keys);
+  const QuerySteps<C> schedule(p, seq, b, h_k, group, key0, keys);
   using StepPos = typename QuerySteps<C>::Pos;
   const int steps = schedule.count;
   auto stage = [&](StepPos s, int buf) {
-    const int rows = min(C::kBlockM, p.seqlen_q - s.row0);
-    load_rows<C, C::kBlockM>(sQ2 + buf * C::kTileM, p.q, b, s.h, s.row0, rows, tid);
-    load_rows<C, C::kBlockM>(sdO2 + buf * C::kTileM, p.dout, b, s.h, s.row0, rows, tid);
-    load_row_stats<C>(s_lse2 + buf * C::kBlockM, s_dvec2 + buf * C::kBlockM, p, int64_t(b) * p.heads + s.h, s.row0,
-                      tid);
+    const int rows = min(C::kBlockM, seq.len_q - s.row0);
+    load_rows<C, C::kBlockM>(sQ2 + buf * C::kTileM, p.q, b, s.h, seq.q_start + s.row0, rows, tid);
+    load_rows<C, C::kBlockM>(sdO2 + buf * C::kTileM, p.dout, b, s.h, seq.q_start + s.row0, rows, tid);
+    load_row_stats<C>(s_lse2 + buf * C::kBlockM, s_dvec2 + buf * C::kBlockM, p, seq.stat_row(s.h, 0), seq.len_q,
+                      s.row0, tid);
   };
   auto dq_of = [&](StepPos s, int buf) {  // fast path: dQ of a step from its dS^T
-    accumulate_dq<C>(p, sdS2 + buf * C::kBlockN * C::kBlockM, sK, int64_t(b) * p.heads + s.h, s.row0, warp, lane);
+    accumulate_dq<C>(p, sdS2 + buf * C::kBlockN * C::kBlockM, sK, seq.stat_row(s.h, 0), seq.len_q, s.row0, warp,
+                     lane);
   };
   StepPos cur = schedule.first(h_k, group), prev = cur;
   if (steps > 0) stage(cur, 0);
@@ -344,7 +357,7 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
     if (!C::kDeterministic && step > 0) dq_of(prev, (step - 1) & 1);
     const int h = cur.h, row0 = cur.row0, buf = step & 1;
     const int64_t bh = int64_t(b) * p.heads + h;
-    const typename C::Mod mod(p.mods, p.seqlen_q, p.seqlen_k, p.softmax_scale, b, h);
+    const typename C::Mod mod(p.mods, seq.len_q, seq.len_k, p.softmax_scale, b, h);
     const Dropout drop(p.mods, int(bh));
     const elem_t* sQ = sQ2 + buf * C::kTileM;
     const elem_t* sdO = sdO2 + buf * C::kTileM;
@@ -401,8 +414,8 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
   store_acc<C::kD, C::kSwizzle, C::kBf16>(sQ2, dk, r0, lane, p.softmax_scale * C::dropout_scale(p), part * C::kNtDW);
   store_acc<C::kD, C::kSwizzle, C::kBf16>(sdO2, dv, r0, lane, C::dropout_scale(p), part * C::kNtDW);
   __syncthreads();
-  store_rows<C, C::kBlockN>(p.dk, b, h_k, key0, sQ2, keys, tid);
-  store_rows<C, C::kBlockN>(p.dv, b, h_k, key0, sdO2, keys, tid);
+  store_rows<C, C::kBlockN>(p.dk, b, h_k, seq.k_start + key0, sQ2, keys, tid);
+  store_rows<C, C::kBlockN>(p.dv, b, h_k, seq.k_start + key0, sdO2, keys, tid);
 }
 
 // ---- 3a. dQ = scale * the fp32 buffer, rounded: one warp per row ------------------------------
@@ -410,13 +423,14 @@ template <class C>
 __global__ void __launch_bounds__(128) dq_convert_kernel(const __grid_constant__ BwdParams p) {
   const int lane = threadIdx.x & 31;
   const int64_t row = int64_t(blockIdx.x) * 4 + (threadIdx.x >> 5);
-  if (row >= int64_t(p.batch) * p.heads * p.seqlen_q || lane >= C::kDHead / 8) return;
-  const RowIndex at(row, p);
+  const int rows = stat_plane_rows(p);
+  if (row >= stat_rows(p) || lane >= C::kDHead / 8) return;
+  const RowIndex at(row, p, rows);
   float4 x, y;
   if constexpr (C::kDqTiled) {  // bwd_sm90.cuh's layout: 64-column halves, 16-byte chunks swizzled
-    const int64_t half = lane / 8, bh = int64_t(at.b) * p.heads + at.h;
+    const int64_t half = lane / 8;
     const float4* src =
-        reinterpret_cast<const float4*>(p.dq_accum + ((bh * (C::kD / 64) + half) * p.seqlen_q + at.i) * 64);
+        reinterpret_cast<const float4*>(p.dq_accum + ((int64_t(at.plane) * (C::kD / 64) + half) * rows + at.i) * 64);
     x = src[((lane % 8) * 2) ^ (at.i & 7)];
     y = src[((lane % 8) * 2 + 1) ^ (at.i & 7)];
   } else {
@@ -449,13 +463,16 @@ __global__ void __launch_bounds__(C::kThreads) dq_kernel(const __grid_constant__
   const int bh = blockIdx.x / num_m, h = bh % p.heads, b = bh / p.heads;
   if (C::kCausal) m_block = num_m - 1 - m_block;  // longest rows first
   const int h_k = h / (p.heads / p.heads_k);
-  const int row0 = m_block * kRows, rows = min(kRows, p.seqlen_q - row0);
-  const typename C::Mod mod(p.mods, p.seqlen_q, p.seqlen_k, p.softmax_scale, b, h);
+  const Seq seq(p, b);
+  const int row0 = m_block * kRows;
+  if (row0 >= seq.len_q) return;  // varlen: past this sequence's end (the grid fits the longest)
+  const int rows = min(kRows, seq.len_q - row0);
+  const typename C::Mod mod(p.mods, seq.len_q, seq.len_k, p.softmax_scale, b, h);
   const Dropout drop(p.mods, bh);
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
 
-  load_rows<C, kRows>(sQ, p.q, b, h, row0, rows, tid);
-  load_rows<C, kRows>(sdO, p.dout, b, h, row0, rows, tid);
+  load_rows<C, kRows>(sQ, p.q, b, h, seq.q_start + row0, rows, tid);
+  load_rows<C, kRows>(sdO, p.dout, b, h, seq.q_start + row0, rows, tid);
   cp_async_commit();
 
   // This thread's rows my_row0 + 16 mt + 8 half: lse (log2 units; +inf past the end or for rows
@@ -467,13 +484,13 @@ __global__ void __launch_bounds__(C::kThreads) dq_kernel(const __grid_constant__
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int row = my_row0 + mt * 16 + half * 8;
-      const bool valid = row < p.seqlen_q;
-      lse2[mt][half] = valid ? p.lse[int64_t(bh) * p.seqlen_q + row] * 1.4426950408889634f : INFINITY;
-      dvec[mt][half] = valid ? p.dvec[int64_t(bh) * p.seqlen_q + row] : 0.f;
+      const bool valid = row < seq.len_q;
+      lse2[mt][half] = valid ? p.lse[seq.stat_row(h, row)] * 1.4426950408889634f : INFINITY;
+      dvec[mt][half] = valid ? p.dvec[seq.stat_row(h, row)] : 0.f;
     }
 
   // Key blocks any row of this CTA sees: [j_begin, j_end) (as in the forward pass).
-  int j_begin = 0, j_end = (p.seqlen_k + kRows - 1) / kRows;
+  int j_begin = 0, j_end = (seq.len_k + kRows - 1) / kRows;
   if (C::kCausal || (C::Mod::kLocal && mod.right >= 0)) {
     const int last_col = row0 + rows - 1 + mod.diag + mod.right;
     j_end = last_col < 0 ? 0 : min(j_end, last_col / kRows + 1);
@@ -484,9 +501,9 @@ __global__ void __launch_bounds__(C::kThreads) dq_kernel(const __grid_constant__
   // Software-pipelined over two K/V buffers: block j + 1 is copied while block j computes. One
   // barrier per step publishes block j and retires every read of the buffer block j + 1 refills.
   auto stage = [&](int j) {
-    const int col0 = j * kRows, cols = min(kRows, p.seqlen_k - col0), buf = (j - j_begin) & 1;
-    load_rows<C, kRows>(sK2 + buf * C::kTileN, p.k, b, h_k, col0, cols, tid);
-    load_rows<C, kRows>(sV2 + buf * C::kTileN, p.v, b, h_k, col0, cols, tid);
+    const int col0 = j * kRows, cols = min(kRows, seq.len_k - col0), buf = (j - j_begin) & 1;
+    load_rows<C, kRows>(sK2 + buf * C::kTileN, p.k, b, h_k, seq.k_start + col0, cols, tid);
+    load_rows<C, kRows>(sV2 + buf * C::kTileN, p.v, b, h_k, seq.k_start + col0, cols, tid);
   };
   if (j_begin < j_end) stage(j_begin);
   cp_async_commit();
@@ -545,7 +562,7 @@ __global__ void __launch_bounds__(C::kThreads) dq_kernel(const __grid_constant__
   __syncthreads();
   store_acc<C::kD, C::kSwizzle, C::kBf16>(sQ, dq, r0, lane, p.softmax_scale * C::dropout_scale(p), part * C::kNtDW);
   __syncthreads();
-  store_rows<C, kRows>(p.dq, b, h, row0, sQ, rows, tid);
+  store_rows<C, kRows>(p.dq, b, h, seq.q_start + row0, sQ, rows, tid);
 }
 
 template <class C, class Kernel>
@@ -559,7 +576,7 @@ template <class C, class Kernel>
 cudaError_t launch_with(const BwdParams& p, cudaStream_t stream, Kernel dkdv) {
   if (p.batch == 0 || p.heads == 0 || p.seqlen_q == 0) return cudaSuccess;
   if (!C::kDeterministic && p.dq_accum == nullptr) return cudaErrorInvalidValue;
-  const int64_t rows = int64_t(p.batch) * p.heads * p.seqlen_q;
+  const int64_t rows = stat_rows(p);  // of the row kernels: B * H * Sq, or H * total_q for a varlen batch
   const int64_t kv_blocks = int64_t((p.seqlen_k + C::kBlockN - 1) / C::kBlockN) * p.heads_k * p.batch;
   const int64_t q_blocks = int64_t((p.seqlen_q + C::kBlockN - 1) / C::kBlockN) * p.heads * p.batch;
   if ((rows + 3) / 4 > 0x7fffffff || kv_blocks > 0x7fffffff || q_blocks > 0x7fffffff)

@@ -13,6 +13,7 @@
 // Every product is asynchronous: P^T is computed while dP^T is still on the tensor cores, dS^T
 // while dV is, and dS^T is stored while dK is. Unlike mma.sync, B never passes through registers,
 // which is what frees the registers and the issue slots the sm_80 kernel runs out of.
+// Variable-length batches as in bwd_sm80.cuh (common/varlen.cuh's Seq).
 #pragma once
 #include "bwd_sm80.cuh"
 #include "common/wgmma.cuh"
@@ -41,7 +42,8 @@ struct Config {
   // dQ of a step, [kBlockM, kD]: each warpgroup computes a 64 x 64 share, by rows when kBlockM = 128
   // (then kD = 64), else by columns (kD = 128).
   static constexpr bool kDqByRows = kBlockM == 128;
-  // dq_accum, [B, H, kD / 64, Sq, 64] fp32 with the 16-byte chunks of row i at chunk ^ (i % 8): each
+  // dq_accum, [B, H, kD / 64, Sq, 64] fp32 (varlen [H, kD / 64, total_q, 64], i the packed row) with
+  // the 16-byte chunks of row i at chunk ^ (i % 8): each
   // warp's 16 x 64 share of a step's dQ is 4 KiB in one piece, staged conflict-free in shared memory
   // and added with one bulk reduction (bwd_sm80.cuh's dq_convert_kernel reads this layout).
   static constexpr bool kDqTiled = true;
@@ -79,11 +81,16 @@ __global__ void __launch_bounds__(C::kThreads, 1) dkdv_kernel(const __grid_const
   const int num_n = (p.seqlen_k + C::kBlockN - 1) / C::kBlockN;
   const int n_block = blockIdx.x % num_n, bh_k = blockIdx.x / num_n;
   const int h_k = bh_k % p.heads_k, b = bh_k / p.heads_k, group = p.heads / p.heads_k;
-  const int key0 = n_block * C::kBlockN, keys = min(C::kBlockN, p.seqlen_k - key0);
+  const Seq seq(p, b);
+  const int key0 = n_block * C::kBlockN;
+  if (key0 >= seq.len_k) return;  // varlen: past this sequence's keys (the grid fits the longest)
+  const int keys = min(C::kBlockN, seq.len_k - key0);
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
 
-  load_gmma_tile<C::kBlockN, C::kD, C::kThreads, C::kDHead>(sK, p.k.at<const elem_t>(b, h_k, key0), p.k.row_stride, keys, tid);
-  load_gmma_tile<C::kBlockN, C::kD, C::kThreads, C::kDHead>(sV, p.v.at<const elem_t>(b, h_k, key0), p.v.row_stride, keys, tid);
+  load_gmma_tile<C::kBlockN, C::kD, C::kThreads, C::kDHead>(sK, p.k.at<const elem_t>(b, h_k, seq.k_start + key0),
+                                                            p.k.row_stride, keys, tid);
+  load_gmma_tile<C::kBlockN, C::kD, C::kThreads, C::kDHead>(sV, p.v.at<const elem_t>(b, h_k, seq.k_start + key0),
+                                                            p.v.row_stride, keys, tid);
   cp_async_commit();
 
   float dk[1][C::kNtD][4], dv[1][C::kNtD][4];
@@ -109,18 +116,19 @@ __global__ void __launch_bounds__(C::kThreads, 1) dkdv_kernel(const __grid_const
   // One step per (query head of the group, query block), software-pipelined over two Q / dO
   // stages as in bwd_sm80.cuh. Two barriers per step: the first publishes the step's copy and
   // retires every read of the stage the next copy refills and of dS^T; the second publishes dS^T.
-  const bwd::QuerySteps<C> schedule(p, b, h_k, group, key0, keys);
+  const bwd::QuerySteps<C> schedule(p, seq, b, h_k, group, key0, keys);
   using StepPos = typename bwd::QuerySteps<C>::Pos;
   const int steps = schedule.count;
   auto stage = [&](StepPos s, int buf) {
-    const int rows = min(C::kBlockM, p.seqlen_q - s.row0);
+    const int rows = min(C::kBlockM, seq.len_q - s.row0);
     load_gmma_tile<C::kBlockM, C::kD, C::kThreads, C::kDHead>(sQ2 + buf * C::TileM::kBytes / 2,
-                                                              p.q.at<const elem_t>(b, s.h, s.row0), p.q.row_stride, rows, tid);
+                                                              p.q.at<const elem_t>(b, s.h, seq.q_start + s.row0),
+                                                              p.q.row_stride, rows, tid);
     load_gmma_tile<C::kBlockM, C::kD, C::kThreads, C::kDHead>(sdO2 + buf * C::TileM::kBytes / 2,
-                                                              p.dout.at<const elem_t>(b, s.h, s.row0),
+                                                              p.dout.at<const elem_t>(b, s.h, seq.q_start + s.row0),
                                                               p.dout.row_stride, rows, tid);
-    bwd::load_row_stats<C>(s_lse2 + buf * C::kBlockM, s_dvec2 + buf * C::kBlockM, p, int64_t(b) * p.heads + s.h,
-                           s.row0, tid);
+    bwd::load_row_stats<C>(s_lse2 + buf * C::kBlockM, s_dvec2 + buf * C::kBlockM, p, seq.stat_row(s.h, 0),
+                           seq.len_q, s.row0, tid);
   };
   StepPos cur = schedule.first(h_k, group);
   if (steps > 0) stage(cur, 0);
@@ -142,8 +150,7 @@ __global__ void __launch_bounds__(C::kThreads, 1) dkdv_kernel(const __grid_const
     if (step + 1 < steps) stage(next, (step + 1) & 1);
     cp_async_commit();
     const int h = cur.h, row0 = cur.row0, buf = step & 1;
-    const int64_t bh = int64_t(b) * p.heads + h;
-    const typename C::Mod mod(p.mods, p.seqlen_q, p.seqlen_k, p.softmax_scale, b, h);
+    const typename C::Mod mod(p.mods, seq.len_q, seq.len_k, p.softmax_scale, b, h);
     const float* s_lse = s_lse2 + buf * C::kBlockM;
     const float* s_dvec = s_dvec2 + buf * C::kBlockM;
     const uint32_t stage_bytes = buf * C::TileM::kBytes;
@@ -232,18 +239,21 @@ __global__ void __launch_bounds__(C::kThreads, 1) dkdv_kernel(const __grid_const
     __syncwarp();
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int r = (lane >> 2) + half * 8;  // row & 7 = r & 7: dq_row and row0 are multiples of 16
+      // The swizzle key is the buffer row's: q_start + row0 + dq_row + r, and row0, dq_row are
+      // multiples of 16 (q_start, a varlen sequence's first row, is 0 when dense).
+      const int r = (lane >> 2) + half * 8, key = (r + seq.q_start) & 7;
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt)
-        *reinterpret_cast<float2*>(s_dq + r * 64 + (((2 * nt + (lane & 3) / 2) ^ (r & 7)) * 4) + (lane & 1) * 2) =
+        *reinterpret_cast<float2*>(s_dq + r * 64 + (((2 * nt + (lane & 3) / 2) ^ key) * 4) + (lane & 1) * 2) =
             make_float2(dq[nt][2 * half], dq[nt][2 * half + 1]);
     }
     fence_proxy_async();
     __syncwarp();
-    const int dq_rows = min(16, p.seqlen_q - row0 - dq_row);
+    const int dq_rows = min(16, seq.len_q - row0 - dq_row);
     if (lane == 0 && dq_rows > 0)
-      bulk_reduce_add_f32(p.dq_accum + ((bh * (C::kD / 64) + dq_half) * p.seqlen_q + row0 + dq_row) * 64, s_dq,
-                          uint32_t(dq_rows) * 64 * 4);
+      bulk_reduce_add_f32(p.dq_accum + ((int64_t(seq.plane0 + h) * (C::kD / 64) + dq_half) * seq.plane_rows +
+                                        seq.q_start + row0 + dq_row) * 64,
+                          s_dq, uint32_t(dq_rows) * 64 * 4);
     if (step + 1 < steps) keep = masks(next);
     cur = next;
   }
@@ -256,8 +266,8 @@ __global__ void __launch_bounds__(C::kThreads, 1) dkdv_kernel(const __grid_const
   store_acc<C::kD, C::kSwizzle, C::kBf16>(sQ2, dk, r0, lane, p.softmax_scale * C::dropout_scale(p));
   store_acc<C::kD, C::kSwizzle, C::kBf16>(sdO2, dv, r0, lane, C::dropout_scale(p));
   __syncthreads();
-  bwd::store_rows<C, C::kBlockN>(p.dk, b, h_k, key0, sQ2, keys, tid);
-  bwd::store_rows<C, C::kBlockN>(p.dv, b, h_k, key0, sdO2, keys, tid);
+  bwd::store_rows<C, C::kBlockN>(p.dk, b, h_k, seq.k_start + key0, sQ2, keys, tid);
+  bwd::store_rows<C, C::kBlockN>(p.dv, b, h_k, seq.k_start + key0, sdO2, keys, tid);
 }
 
 // The D kernel, this dK/dV kernel, the dQ conversion: bwd_sm80.cuh's launch sequence.

@@ -3,8 +3,9 @@
 //   O[b, i, h, :] = sum_j softmax_j(scale * Q[b, i, h, :] . K[b, j, h_k, :]) V[b, j, h_k, :]
 //   lse[b, h, i]  = log sum_j exp(scale * Q . K)          (natural log; +inf for fully masked rows)
 //
-// q: [B, Sq, H, D], k/v: [B, Sk, H_k, D] with h_k = h / (H / H_k), o: [B, Sq, H, D].
-// One CTA owns B_r query rows of one (batch, head); each warp owns B_r / n_warps of them and walks
+// q: [B, Sq, H, D], k/v: [B, Sk, H_k, D] with h_k = h / (H / H_k), o: [B, Sq, H, D]; or a
+// variable-length batch packed along the rows (common/params.cuh: VarlenParams), each sequence
+// computed as a dense call of its own lengths. One CTA owns B_r query rows of one (batch, head); each warp owns B_r / n_warps of them and walks
 // all key blocks of B_c rows, keeping its O rows and softmax statistics in registers.
 #pragma once
 #include <cstdint>
@@ -16,6 +17,7 @@
 #include "common/dropout.cuh"
 #include "common/fragments.cuh"
 #include "common/smem_tile.cuh"
+#include "common/varlen.cuh"
 
 namespace flashjit::fwd {
 
@@ -253,17 +255,19 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
   const int bh = blockIdx.x / num_m, h = bh % p.heads, b = bh / p.heads;
   if (C::kCausal) m_block = num_m - 1 - m_block;  // longest rows first: better tail balance
   const int h_k = h / (p.heads / p.heads_k);
+  const Seq seq(p, b);  // this sequence's rows (dense: the whole batch entry)
 
   const int q_row0 = m_block * C::kBr;                 // first query row of the CTA
-  const int q_rows = min(C::kBr, p.seqlen_q - q_row0);  // valid query rows of the CTA
+  if (q_row0 >= seq.len_q) return;                     // varlen: past this sequence's end (the grid fits the longest)
+  const int q_rows = min(C::kBr, seq.len_q - q_row0);  // valid query rows of the CTA
   const int warp_row0 = warp * C::kWarpRows;           // first row of this warp within the CTA
-  const typename C::Mod mod(p.mods, p.seqlen_q, p.seqlen_k, p.softmax_scale, b, h);
-  const elem_t* gQ = p.q.at<const elem_t>(b, h, q_row0);
-  const elem_t* gK = p.k.at<const elem_t>(b, h_k, 0);
-  const elem_t* gV = p.v.at<const elem_t>(b, h_k, 0);
+  const typename C::Mod mod(p.mods, seq.len_q, seq.len_k, p.softmax_scale, b, h);
+  const elem_t* gQ = p.q.at<const elem_t>(b, h, seq.q_start + q_row0);
+  const elem_t* gK = p.k.at<const elem_t>(b, h_k, seq.k_start);
+  const elem_t* gV = p.v.at<const elem_t>(b, h_k, seq.k_start);
 
   // Key blocks any row of this CTA can see: [j_begin, j_end).
-  int j_begin = 0, j_end = (p.seqlen_k + C::kBc - 1) / C::kBc;
+  int j_begin = 0, j_end = (seq.len_k + C::kBc - 1) / C::kBc;
   if (C::kCausal || (C::Mod::kLocal && mod.right >= 0)) {
     const int last_col = q_row0 + q_rows - 1 + mod.diag + mod.right;  // rightmost visible key
     j_end = last_col < 0 ? 0 : min(j_end, last_col / C::kBc + 1);
@@ -271,7 +275,7 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
   if (C::Mod::kLocal && mod.left >= 0) j_begin = max(0, (q_row0 + mod.diag - mod.left) / C::kBc);
   auto load_kv = [&](elem_t* dst, const elem_t* src, int64_t row_stride, int block) {
     load_tile<C::kBc, C::kD, C::kSwizzle, C::kAsync, C::kThreads, C::kDHead>(
-        dst, src + int64_t(block) * C::kBc * row_stride, row_stride, p.seqlen_k - block * C::kBc, tid);
+        dst, src + int64_t(block) * C::kBc * row_stride, row_stride, seq.len_k - block * C::kBc, tid);
   };
 
   float o[C::kM][C::kNtD][4];
@@ -331,7 +335,8 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
   // ---- epilogue: normalise, stage O through this warp's rows of sQ, 16-byte coalesced stores ----
   if (C::kAsync) cp_async_wait<0>();
   __syncthreads();  // sQ's copies (possibly issued by other threads) are complete before reuse
-  float* lse = p.lse + (int64_t(b) * p.heads + h) * p.seqlen_q;  // unused when p.lse is null
+  const Seq tail(p, b);
+  float* lse = p.lse + tail.stat_row(h, 0);  // unused when p.lse is null
 #pragma unroll
   for (int mt = 0; mt < C::kM; ++mt)
 #pragma unroll
@@ -349,15 +354,15 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
         const uint32_t packed = pack2<C::kBf16>(o[mt][nt][2 * half] * inv, o[mt][nt][2 * half + 1] * inv);
         *reinterpret_cast<uint32_t*>(sQ + L::offset(row, nt) + (lane & 3) * 2) = packed;
       }
-      if (p.lse != nullptr && (lane & 3) == 0 && q_row0 + row < p.seqlen_q)
+      if (p.lse != nullptr && (lane & 3) == 0 && q_row0 + row < tail.len_q)
         lse[q_row0 + row] = sum > 0.f ? m_nat + logf(sum) : INFINITY;
     }
   __syncwarp();
-  elem_t* gO = p.o.at<elem_t>(b, h, q_row0);
+  elem_t* gO = p.o.at<elem_t>(b, h, tail.q_start + q_row0);
 #pragma unroll
   for (int i = lane; i < C::kWarpRows * L::kChunks; i += 32) {
     const int row = warp_row0 + i / L::kChunks, chunk = i % L::kChunks;
-    if (row < q_rows && chunk < C::kDHead / 8)
+    if (row < tail.len_q - q_row0 && chunk < C::kDHead / 8)
       *reinterpret_cast<uint4*>(gO + int64_t(row) * p.o.row_stride + chunk * 8) =
           *reinterpret_cast<const uint4*>(sQ + L::offset(row, chunk));
   }

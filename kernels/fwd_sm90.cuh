@@ -411,6 +411,9 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
 
 template <class C>
 cudaError_t launch(const FwdParams& p, cudaStream_t stream) {
+  // The TMA maps describe [B, S, H, D] tensors per batch entry: variable-length batches run in the
+  // sm_80 family (flashjit/varlen.py routes them there), and a varlen call reaching this kernel is refused.
+  if (p.varlen.cu_seqlens_q != nullptr) return cudaErrorInvalidValue;
   if (p.batch == 0 || p.heads == 0 || p.seqlen_q == 0) return cudaSuccess;
   const int64_t blocks = int64_t((p.seqlen_q + C::kBlockM - 1) / C::kBlockM) * p.heads * p.batch;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;

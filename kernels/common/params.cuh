@@ -35,20 +35,41 @@ struct ScoreParams {
   const float* sink;                   // [H] fp32 learnable sink logits (forward kernels built with sinks)
 };
 
-// q: [B, Sq, H, D], k/v: [B, Sk, H_k, D], o: [B, Sq, H, D].
-// lse: [B, H, Sq] fp32, contiguous, or null when the caller does not want it.
+// Variable-length batches (flash_attn_varlen_func): all null / 0 for a dense call. The batch's B
+// sequences are packed along the rows: q/o are [total_q, H, D], k/v [total_k, H_k, D], passed as
+// TensorRefs with batch_stride 0, and sequence b owns rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]) of
+// q/o and [cu_seqlens_k[b], cu_seqlens_k[b + 1]) of k/v. The params' seqlen_q / seqlen_k are then the
+// longest sequence's (they size the grid; a CTA past its own sequence's end exits at once), and all
+// of a sequence's masks (causal bottom-right, window, ALiBi distances) and its dropout numbering
+// (row, column, b * H + h) are those of a dense call of its own lengths.
+// Row statistics (lse, dvec, dq_accum) are planes of rows, one per (batch, head) when dense: plane
+// b * H + h of Sq rows; varlen, one per head: plane h of total_q rows ([H, total_q], flash-attn's
+// varlen softmax_lse layout), sequence b's rows from cu_seqlens_q[b] (common/varlen.cuh: Seq).
+// A runtime null check rather than a template flag: one uniform branch a CTA, and no kernel twice.
+struct VarlenParams {
+  const int32_t* cu_seqlens_q;  // [B + 1] int32, non-decreasing from 0 to total_q, or null (dense)
+  const int32_t* cu_seqlens_k;  // [B + 1] int32, non-decreasing from 0 to total_k (read iff cu_seqlens_q is set)
+  // Rows of q/o and of k/v. The kernels clamp every cu_seqlens value to [previous, total]: whatever
+  // the (unchecked, device-resident) offsets hold, no row outside the tensors is read or written.
+  // total_q also sizes the backward's row kernels (dvec, the dQ conversion): H * total_q rows.
+  int32_t total_q, total_k;
+};
+
+// q: [B, Sq, H, D], k/v: [B, Sk, H_k, D], o: [B, Sq, H, D] (varlen: see VarlenParams).
+// lse: [B, H, Sq] fp32, contiguous (varlen [H, total_q]), or null when the caller does not want it.
 struct FwdParams {
   TensorRef q, k, v, o;
   float* lse;
   int32_t batch, seqlen_q, seqlen_k, heads, heads_k;
   float softmax_scale;
   ScoreParams mods;
+  VarlenParams varlen;  // last, so a dense caller's positional initialisation leaves it null
 };
 
 // Backward: dout/dq like q, dk/dv like k; lse and dvec (rowsum(dO * O), computed by the first
-// backward kernel) are [B, H, Sq] fp32, contiguous; dq_accum (the non-deterministic path's dQ
-// sums) is B * H * Sq * D fp32, contiguous ([B, H, Sq, D], or the tiling of bwd_sm90.cuh's Config),
-// or null for deterministic kernels.
+// backward kernel) are [B, H, Sq] fp32, contiguous (varlen [H, total_q]); dq_accum (the
+// non-deterministic path's dQ sums) is B * H * Sq * D fp32, contiguous ([B, H, Sq, D], varlen
+// [H, total_q, D], or the tiling of bwd_sm90.cuh's Config), or null for deterministic kernels.
 struct BwdParams {
   TensorRef q, k, v, o, dout, dq, dk, dv;
   const float* lse;
@@ -57,6 +78,7 @@ struct BwdParams {
   int32_t batch, seqlen_q, seqlen_k, heads, heads_k;
   float softmax_scale;
   ScoreParams mods;
+  VarlenParams varlen;  // last, as in FwdParams
 };
 
 }  // namespace flashjit

@@ -1,0 +1,62 @@
+// One sequence of a batch as a CTA sees it: where its rows start in the packed tensors and how many
+// there are, and where its row statistics (lse, dvec, dq_accum) live. Dense calls and variable-length
+// batches (params.cuh: VarlenParams) differ only here; read once per CTA, as FlashAttention-3's
+// SeqlenInfo.
+//
+//   dense:  q_start = k_start = 0, len_q/len_k = the params' seqlen_q/seqlen_k,
+//           statistics plane b * H + h of seqlen_q rows            ([B, H, Sq])
+//   varlen: q_start = cu_seqlens_q[b], len_q = cu_seqlens_q[b + 1] - q_start (k alike, clamped),
+//           statistics plane h of total_q rows, from row q_start   ([H, total_q])
+//
+// Row i of head h of the sequence is then q.at(b, h, q_start + i) (varlen TensorRefs have batch
+// stride 0) and its statistic is stat_row(h, i).
+#pragma once
+#include <cstdint>
+#include "params.cuh"
+
+namespace flashjit {
+
+// Statistic rows per plane and planes' total rows, for kernels that walk every row (bwd_sm80.cuh's
+// dvec and dQ conversion kernels): a plane is a (batch, head) when dense, a head when varlen.
+template <class P>
+__host__ __device__ __forceinline__ int stat_plane_rows(const P& p) {
+  return p.varlen.cu_seqlens_q != nullptr ? p.varlen.total_q : p.seqlen_q;
+}
+template <class P>
+__host__ __device__ __forceinline__ int64_t stat_rows(const P& p) {
+  return int64_t(p.varlen.cu_seqlens_q != nullptr ? p.heads : p.batch * p.heads) * stat_plane_rows(p);
+}
+
+struct Seq {
+  int q_start, k_start;   // first row of the sequence in q/o and in k/v
+  int len_q, len_k;       // its query and key counts
+  int plane0, plane_rows; // its statistics: row i of head h at (plane0 + h) * plane_rows + q_start + i
+
+  template <class P>
+  __device__ __forceinline__ Seq(const P& p, int b) {
+    if (p.varlen.cu_seqlens_q == nullptr) {  // uniform across the grid: no divergence, one predicate
+      q_start = k_start = 0;
+      len_q = p.seqlen_q, len_k = p.seqlen_k;
+      plane0 = b * p.heads, plane_rows = p.seqlen_q;
+    } else {
+      q_start = bounded(p.varlen.cu_seqlens_q, b, p.varlen.total_q, len_q);
+      k_start = bounded(p.varlen.cu_seqlens_k, b, p.varlen.total_k, len_k);
+      plane0 = 0, plane_rows = p.varlen.total_q;
+    }
+  }
+
+  __device__ __forceinline__ int64_t stat_row(int h, int i) const {
+    return int64_t(plane0 + h) * plane_rows + q_start + i;
+  }
+
+  // [cu[b], cu[b + 1]) clamped into [0, total] and to a non-negative length: offsets that break
+  // the contract (not checked on the host: that would need a device sync) give wrong sequences,
+  // never an access outside the tensors.
+  __device__ __forceinline__ static int bounded(const int32_t* cu, int b, int total, int& len) {
+    const int start = min(max(cu[b], 0), total);
+    len = min(max(cu[b + 1], start), total) - start;
+    return start;
+  }
+};
+
+}  // namespace flashjit
