@@ -1,0 +1,479 @@
+"""Variable-length batches: flash-attn 2.x's flash_attn_varlen_func and its packed forms, with autograd.
+
+    q [total_q, H, D], k/v [total_k, H_k, D]   the batch's B sequences packed along the rows
+    cu_seqlens_q, cu_seqlens_k                  int32 [B + 1] on q's device: sequence b is rows
+                                                cu_seqlens[b]:cu_seqlens[b + 1] (0, non-decreasing, total)
+    max_seqlen_q, max_seqlen_k                  Python ints, at least every sequence's length
+    -> out [total_q, H, D]; with return_attn_probs also softmax_lse [H, total_q] fp32 (flash-attn's
+       varlen layout) and S_dmask [B, H, max_seqlen_q, max_seqlen_k] (each sequence's probabilities,
+       zero-padded; dropped entries negated)
+
+Each sequence is computed exactly as a dense call of its own lengths: causal is bottom-right aligned
+per sequence, windows and ALiBi distances count from its own diagonal, zero-length sequences are
+allowed (a sequence with no keys gives out = 0 and lse = +inf, or its sink), and dropout keeps entry
+(i, j) of head h of sequence b iff a dense [B, H, max_seqlen_q, max_seqlen_k] call with the same
+Philox state would (flashjit.reference.philox_keep_mask, sliced to the sequence).
+
+The kernels are the dense ones (kernels/common/params.cuh: VarlenParams): a CTA reads its sequence's
+bounds from cu_seqlens and exits when its block lies past the sequence's end. On sm_90a the forward
+runs in the sm_80 family (the Hopper forward's TMA maps describe one [B, S, H, D] tensor per batch
+entry; a DEBUG line says so); the backward's wgmma kernel takes variable lengths.
+
+What is checked without a device sync: dtypes, devices, shapes, strides, that max_seqlen_* are ints
+and 0 only for empty tensors. What is not: cu_seqlens' values (monotonic, from 0 to the totals) and
+that max_seqlen_* bound every sequence. The kernels clamp every offset to the tensors, so offsets that
+break the contract give wrong results but never an access outside q, k, v or the outputs; rows that
+no sequence covers are left unwritten, as in flash-attn. The reference backend (FLASHJIT_BACKEND=
+reference) reads the offsets on the host and checks them all.
+"""
+from __future__ import annotations
+
+import logging
+import operator
+
+import torch
+
+from . import interface, jit, tuning
+from .configs.bwd_sm90 import WGMMA_ARCH
+from .configs.common import FEATURES
+from .dispatch import default_bwd_config, default_config
+from .flash_api import backend
+from .launch import BwdParams, FwdParams
+from .reference import attention_reference, philox_keep_mask
+
+log = logging.getLogger("flashjit")
+_INT32_MAX = 2**31 - 1
+
+
+# ---- argument checks -------------------------------------------------------------------------------
+
+def _check_max_seqlen(value, name: str, total: int, total_name: str) -> int:
+    """max_seqlen_q/_k as an int (flash-attn takes host ints: a tensor would cost a device sync), at
+    most the total (no sequence is longer, so a larger bound only launches CTAs that exit)."""
+    if isinstance(value, torch.Tensor) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a Python int (the longest sequence's length, as flash-attn takes it), got "
+                        f"{type(value).__name__}; compute it on the host, e.g. int(seqlens.max())")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a Python int (the longest sequence's length), got {value!r}") from None
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    if value == 0 and total > 0:
+        raise ValueError(f"{name} is 0 but {total_name} has {total} rows: it must be at least the longest sequence's "
+                         "length")
+    return min(value, total)
+
+
+def _check_cu_seqlens(cu, name: str, device, reference: bool) -> torch.Tensor:
+    """int32 [B + 1], 1-D, on `device` (any device for the reference backend); contiguous (copied if not)."""
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of dtype int32, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise ValueError(f"{name} must have dtype torch.int32 (cumulative sequence lengths, as flash-attn), got "
+                         f"{cu.dtype}; pass {name}.to(torch.int32)")
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{name} must be 1-D of shape [batch + 1] with batch >= 1, got shape {tuple(cu.shape)}")
+    if not reference and cu.device != device:
+        raise ValueError(f"{name} must be on q's device {device}, got {cu.device}")
+    return cu.contiguous()
+
+
+def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, reference: bool = False):
+    """ValueError/TypeError naming the argument, before anything is launched. Returns (batch,
+    max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k), the maxima clamped to the totals."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            what = "total_q" if name == "q" else "total_k"
+            raise ValueError(f"{name} must have 3 dims [{what}, heads, head_dim] (a variable-length batch packed "
+                             f"along the rows), got shape {tuple(t.shape)}; for [batch, seqlen, heads, head_dim] use "
+                             "flash_attn_func")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[2] != q.shape[2]:
+        raise ValueError(f"k/v head_dim {k.shape[2]} does not match q's {q.shape[2]}")
+    # The dense checks (dtype, device, last-dim stride, head dim, GQA ratio, 32-bit sizes) on
+    # [1, total, H, D] views, with the dense path's messages.
+    interface.check_qkv(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), reference=reference)
+    cu_seqlens_q = _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.device, reference)
+    cu_seqlens_k = _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q.device, reference)
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must both have batch + 1 entries, got "
+                         f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
+    batch = cu_seqlens_q.numel() - 1
+    if batch * q.shape[1] > _INT32_MAX:
+        raise ValueError("batch * heads must fit in 32 bits")
+    max_seqlen_q = _check_max_seqlen(max_seqlen_q, "max_seqlen_q", q.shape[0], "q")
+    max_seqlen_k = _check_max_seqlen(max_seqlen_k, "max_seqlen_k", k.shape[0], "k")
+    return batch, max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k
+
+
+def _batch_view(q: torch.Tensor, batch: int) -> torch.Tensor:
+    """A [batch, total_q, H, D] view of q (stride 0 over the batch; no copy) for interface.score_mods,
+    which reads the batch and head counts (ALiBi slopes [H] or [B, H], sinks [H]) and the device."""
+    return q.unsqueeze(0).expand(batch, -1, -1, -1)
+
+
+def _check_block_table(block_table) -> None:
+    if block_table is not None:
+        raise NotImplementedError("block_table (a paged K/V cache) is not supported by flashjit's varlen functions "
+                                  "yet: pass k and v as [total_k, heads_k, head_dim] tensors")
+
+
+# ---- the kernels -----------------------------------------------------------------------------------
+
+def _ref(t: torch.Tensor) -> tuple:
+    """flashjit::TensorRef of a packed [total, H, D] tensor: batch stride 0 (kernels/common/params.cuh:
+    VarlenParams; the rows carry the sequences)."""
+    return t.data_ptr(), 0, t.stride(0), t.stride(1)
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """interface._aligned for [total, H, D]: the kernels copy 16-byte chunks, so the base pointer and
+    the row and head strides must be multiples of 8 elements; a view that is not is copied once."""
+    if not ((t.data_ptr() & 15) | (t.stride(0) & 7) | (t.stride(1) & 7)):
+        return t
+    return t.contiguous() if not t.is_contiguous() else t.clone()
+
+
+def _output(given, like: torch.Tensor, name: str) -> torch.Tensor:
+    """An output a kernel writes directly: the caller's (shaped, typed and placed like `like`, with a
+    contiguous last dim and 16-byte aligned rows and heads), else a fresh contiguous one."""
+    if given is None:
+        return torch.empty_like(like, memory_format=torch.contiguous_format)
+    if not isinstance(given, torch.Tensor) or given.shape != like.shape or given.dtype != like.dtype \
+            or given.device != like.device:
+        raise ValueError(f"{name} must be a tensor of shape {tuple(like.shape)} and dtype {like.dtype} on {like.device}")
+    if given.stride(-1) != 1 or given.data_ptr() % 16 or given.stride(0) % 8 or given.stride(1) % 8:
+        raise ValueError(f"{name} must have a contiguous last dim and 16-byte aligned rows, got strides "
+                         f"{given.stride()}")
+    return given
+
+
+def _launch(kernel, params, device_index: int) -> None:
+    """On torch's current stream of the tensors' device (the CUDA runtime launches on the current device)."""
+    if torch.cuda.current_device() == device_index:
+        kernel(params, interface._current_stream(device_index))
+    else:
+        with torch.cuda.device(device_index):
+            kernel(params, interface._current_stream(device_index))
+
+
+def _kernel(config, device_index: int):
+    return interface._kernels.get((config, device_index)) or interface._kernel_for(config, device_index)
+
+
+def _forward_config(q, config, causal: bool, max_seqlen_q: int, mods, device_index: int):
+    """The sm_80 forward family on every arch: the tuned table's entry when it is of that family, else
+    the dispatcher's default for the longest sequence. An explicit config must match the call."""
+    dtype, d_head = interface._DTYPES[q.dtype], q.shape[-1]
+    sink = mods.sink is not None
+    if config is None:
+        features = (*zip(FEATURES, mods.flags), ("sink", sink))
+        config = tuning.lookup(device_index, "fwd", dtype, d_head, causal, max_seqlen_q, features)
+        if config is None or config.family.arch is not None:
+            config = default_config(dtype, d_head, causal, max_seqlen_q, interface._smem_limit(device_index)[0],
+                                    *mods.flags, sink=sink)
+        if log.isEnabledFor(logging.DEBUG):
+            arch = jit.arch_for(device_index)
+            log.debug("varlen forward [total_q=%d, H=%d, D=%d, max_seqlen_q=%d] dispatched to %s%s", q.shape[0],
+                      q.shape[1], d_head, max_seqlen_q, config.name,
+                      " (the sm_80 family: the Hopper forward's TMA maps are per batch entry)"
+                      if arch == WGMMA_ARCH else "")
+        return config
+    interface._check_config_type(config, "fwd")
+    if config.family.arch is not None:
+        raise ValueError(f"config {config.name} is a {config.family.name} kernel, whose TMA maps cannot describe a "
+                         "variable-length batch; pass a flashjit.KernelConfig (or None)")
+    for field, wanted in (("dtype", dtype), ("d_head", d_head), ("causal", causal), *zip(FEATURES, mods.flags),
+                          ("sink", sink)):
+        if getattr(config, field) != wanted:
+            raise ValueError(f"config.{field}={getattr(config, field)!r} does not match the call ({field}={wanted!r}); "
+                             f"use dataclasses.replace(config, {field}={wanted!r})")
+    return config.validate()
+
+
+def _backward_config(q, config, causal: bool, max_seqlen_q: int, mods, deterministic: bool, device_index: int):
+    dtype, d_head = interface._DTYPES[q.dtype], q.shape[-1]
+    wanted = default_bwd_config(dtype, d_head, causal, *mods.flags, deterministic=deterministic,
+                                smem_limit=interface._smem_limit(device_index)[0],
+                                wgmma=jit.arch_for(device_index) == WGMMA_ARCH)
+    if config is None:
+        return tuning.lookup(device_index, "bwd", dtype, d_head, causal, max_seqlen_q, tuple(zip(FEATURES, mods.flags)),
+                             deterministic) or wanted
+    interface._check_config_type(config, "bwd")
+    config.validate()
+    mismatched = [f"{f}={getattr(config, f)!r} (the call needs {getattr(wanted, f)!r})"
+                  for f in ("dtype", "d_head", "causal", *FEATURES) if getattr(config, f) != getattr(wanted, f)]
+    if mismatched:
+        raise ValueError(f"config {config.name} does not match the inputs: " + ", ".join(mismatched))
+    return config
+
+
+def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, causal: bool = False,
+                   softmax_scale: float | None = None, window_size=(-1, -1), softcap: float = 0.0,
+                   alibi_slopes: torch.Tensor | None = None, dropout_p: float = 0.0, philox: tuple[int, int] | None = None,
+                   learnable_sink: torch.Tensor | None = None, config=None, out: torch.Tensor | None = None):
+    """(out [total_q, H, D], lse [H, total_q] fp32) of a variable-length batch with the JIT kernels: the
+    low-level call under flash_attn_varlen_func, as interface.forward is under flash_attn_func. For
+    dropout pass the same `philox` (seed, offset) to varlen_backward (interface.philox_state() draws
+    one; without it this draws its own). `out`, when given, is written (shaped like q)."""
+    batch, max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k = _check_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if q.shape[-1] % 8:  # padded with zeros to a multiple of 8, as flash-attn (interface._pad_head_dim)
+        if out is not None:
+            interface._check_output(out, q, "out", kernel_writes=False)
+        padded, lse = varlen_forward(*interface._pad_head_dim(q, k, v), cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                     max_seqlen_k, causal, interface.softmax_scale_or_default(q, softmax_scale),
+                                     window_size, softcap, alibi_slopes, dropout_p, philox, learnable_sink, config)
+        return interface._unpad_into(out, padded, q.shape[-1]), lse
+    causal = bool(causal)
+    mods = interface.score_mods(_batch_view(q, batch), causal, window_size, softcap, alibi_slopes, dropout_p, philox,
+                                learnable_sink)
+    softmax_scale = interface.softmax_scale_or_default(q, softmax_scale)
+    device_index = q.get_device()
+    config = _forward_config(q, config, causal, max_seqlen_q, mods, device_index)
+    kernel = _kernel(config, device_index)
+    q, k, v = _aligned(q), _aligned(k), _aligned(v)
+    out = _output(out, q, "out")
+    total_q, heads = q.shape[0], q.shape[1]
+    lse = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
+    if total_q == 0:
+        return out, lse
+    params = FwdParams(*_ref(q), *_ref(k), *_ref(v), *_ref(out), lse.data_ptr(), batch, max_seqlen_q, max_seqlen_k,
+                       heads, k.shape[1], softmax_scale, *mods.values, cu_seqlens_q.data_ptr(),
+                       cu_seqlens_k.data_ptr(), total_q, k.shape[0])
+    _launch(kernel, params, device_index)
+    return out, lse
+
+
+def varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+                    causal: bool = False, softmax_scale: float | None = None, window_size=(-1, -1),
+                    softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None, dropout_p: float = 0.0,
+                    philox: tuple[int, int] | None = None, deterministic: bool = False, config=None,
+                    dq: torch.Tensor | None = None, dk: torch.Tensor | None = None, dv: torch.Tensor | None = None,
+                    learnable_sink: torch.Tensor | None = None):
+    """Gradients (dq, dk, dv) of varlen_forward given dout (shaped like q), its out and lse [H, total_q];
+    (dq, dk, dv, dsink) with learnable_sink, as interface.backward. GQA: dk/dv summed over the query
+    heads of each key/value head. dq, dk, dv: optional outputs, every element written."""
+    batch, max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k = _check_varlen(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    for name, t in (("dout", dout), ("out", out)):
+        if not isinstance(t, torch.Tensor) or t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"{name} must match q: shape {tuple(q.shape)}, {q.dtype} on {q.device}")
+    lse_shape = (q.shape[1], q.shape[0])
+    if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != lse_shape or lse.dtype != torch.float32 \
+            or lse.device != q.device:
+        raise ValueError(f"lse must be the forward's float32 log-sum-exp of shape {lse_shape} [heads, total_q] on "
+                         f"{q.device} (varlen_forward's second result)")
+    softmax_scale = interface.softmax_scale_or_default(q, softmax_scale)
+    if q.shape[-1] % 8:
+        given = [None if t is None else interface._check_output(t, like, name, kernel_writes=False)
+                 for t, like, name in zip((dq, dk, dv), (q, k, v), ("dq", "dk", "dv"))]
+        padded = varlen_backward(*interface._pad_head_dim(dout, q, k, v, out), lse, cu_seqlens_q, cu_seqlens_k,
+                                 max_seqlen_q, max_seqlen_k, causal, softmax_scale, window_size, softcap, alibi_slopes,
+                                 dropout_p, philox, deterministic, config, learnable_sink=learnable_sink)
+        grads = tuple(interface._unpad_into(t, grad, q.shape[-1]) for t, grad in zip(given, padded))
+        return grads + padded[3:]
+    if dropout_p and philox is None:
+        raise ValueError("varlen_backward with dropout needs the forward's philox=(seed, offset) to regenerate its mask")
+    causal = bool(causal)
+    mods = interface.score_mods(_batch_view(q, batch), causal, window_size, softcap, alibi_slopes, dropout_p, philox,
+                                learnable_sink)
+    device_index = q.get_device()
+    config = _backward_config(q, config, causal, max_seqlen_q, mods, bool(deterministic), device_index)
+    dq, dk, dv = (_output(given, like, name) for given, like, name in ((dq, q, "dq"), (dk, k, "dk"), (dv, v, "dv")))
+    total_q, heads = q.shape[0], q.shape[1]
+    if total_q == 0:  # no query reaches any key: dK = dV = 0 exactly
+        dk.zero_(), dv.zero_()
+        return (dq, dk, dv) if learnable_sink is None else (dq, dk, dv, torch.zeros_like(learnable_sink))
+    kernel = _kernel(config, device_index)
+    q, k, v, out, dout = (_aligned(t if t.stride(-1) == 1 else t.contiguous()) for t in (q, k, v, out, dout))
+    lse = lse.contiguous()
+    dvec = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
+    # The atomic path's fp32 dQ sums ([H, total_q, d_tile], or bwd_sm90.cuh's tiling of as many floats).
+    dq_accum = None if config.deterministic else torch.empty((heads, total_q, config.d_tile), dtype=torch.float32,
+                                                             device=q.device)
+    refs = [x for t in (q, k, v, out, dout, dq, dk, dv) for x in _ref(t)]
+    params = BwdParams(*refs, lse.data_ptr(), dvec.data_ptr(), 0 if dq_accum is None else dq_accum.data_ptr(),
+                       batch, max_seqlen_q, max_seqlen_k, heads, k.shape[1], softmax_scale, *mods.values,
+                       cu_seqlens_q.data_ptr(), cu_seqlens_k.data_ptr(), total_q, k.shape[0])
+    _launch(kernel, params, device_index)
+    if learnable_sink is None:
+        return dq, dk, dv
+    # dL/dsink = -sum_i P_sink,i D_i over every row, D = rowsum(dO o O) from the first kernel (times
+    # 1 - p with dropout), as interface.backward computes it.
+    rowsum = dvec * mods.values[8] if mods.dropout else dvec
+    dsink = -(torch.exp(mods.sink[:, None] - lse) * rowsum).sum(1)
+    return dq, dk, dv, dsink.to(learnable_sink.dtype)
+
+
+class _VarlenAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                window_size, softcap, alibi_slopes, dropout_p, philox, deterministic, learnable_sink):
+        out, lse = varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                                  softmax_scale, window_size, softcap, alibi_slopes, dropout_p, philox, learnable_sink)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, learnable_sink)
+        # The backward regenerates the dropout mask from the same (seed, offset).
+        ctx.args = dict(max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, causal=causal,
+                        softmax_scale=softmax_scale, window_size=window_size, softcap=softcap, dropout_p=dropout_p,
+                        philox=philox, deterministic=deterministic)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes, learnable_sink = ctx.saved_tensors
+        wants_dsink = learnable_sink is not None and ctx.needs_input_grad[15]
+        grads = varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes=alibi_slopes,
+                                learnable_sink=learnable_sink if wants_dsink else None, **ctx.args)
+        return (*grads[:3], *([None] * 12), grads[3] if wants_dsink else None)
+
+
+# ---- the reference backend ----------------------------------------------------------------------------
+
+def _host_offsets(cu: torch.Tensor, name: str, total: int, max_seqlen: int, max_name: str) -> list[int]:
+    """The reference backend reads cu_seqlens on the host and checks what the kernels cannot."""
+    offsets = cu.tolist()
+    if offsets[0] != 0 or offsets[-1] != total or any(b < a for a, b in zip(offsets, offsets[1:])):
+        raise ValueError(f"{name} must be non-decreasing from 0 to {total} (the rows of the packed tensor), got "
+                         f"{offsets if len(offsets) <= 12 else offsets[:6] + ['...'] + offsets[-3:]}")
+    longest = max(b - a for a, b in zip(offsets, offsets[1:]))
+    if longest > max_seqlen:
+        raise ValueError(f"{max_name}={max_seqlen} is less than the longest sequence in {name} ({longest})")
+    return offsets
+
+
+def _reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
+               window_size, softcap, alibi_slopes, return_attn_probs, learnable_sink):
+    """flashjit.reference.attention_reference per sequence (autograd through plain tensor ops)."""
+    batch, _, _, cu_q, cu_k = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                            reference=True)
+    interface.dropout_threshold(dropout_p)
+    interface.softmax_scale_or_default(q, softmax_scale)
+    interface.score_mods(_batch_view(q, batch), causal, window_size, softcap, alibi_slopes,  # the same checks
+                         learnable_sink=learnable_sink)
+    offsets_q = _host_offsets(cu_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, "max_seqlen_q")
+    offsets_k = _host_offsets(cu_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, "max_seqlen_k")
+    compute = torch.promote_types(q.dtype, torch.float32)
+    outs, lses, probs = [], [], []
+    heads = q.shape[1]
+    for b in range(batch):
+        rows, keys = slice(offsets_q[b], offsets_q[b + 1]), slice(offsets_k[b], offsets_k[b + 1])
+        slopes = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b]
+        result = attention_reference(q[rows][None], k[keys][None], v[keys][None], causal=causal,
+                                     softmax_scale=softmax_scale, compute_dtype=compute,
+                                     window_size=tuple(window_size), softcap=softcap, alibi_slopes=slopes,
+                                     dropout_p=dropout_p, return_probs=return_attn_probs,
+                                     learnable_sink=learnable_sink)
+        outs.append(result[0][0])
+        lses.append(result[1][0])
+        if return_attn_probs:
+            probs.append(result[2][0])
+    out = torch.cat(outs).to(q.dtype) if outs else q.new_empty(q.shape)
+    lse = torch.cat(lses, dim=1)
+    if not return_attn_probs:
+        return out
+    return out, lse, _padded_probs(probs, batch, heads, max_seqlen_q, max_seqlen_k, lse.device)
+
+
+def _padded_probs(probs: list, batch: int, heads: int, max_q: int, max_k: int, device) -> torch.Tensor:
+    """flash-attn's S_dmask for a varlen batch: [B, H, max_seqlen_q, max_seqlen_k], sequence b's
+    [H, Sq_b, Sk_b] probabilities in its top-left corner, zeros elsewhere."""
+    dtype = probs[0].dtype if probs else torch.float32
+    padded = torch.zeros(batch, heads, max_q, max_k, dtype=dtype, device=device)
+    for b, p in enumerate(probs):
+        padded[b, :, :p.shape[1], :p.shape[2]] = p
+    return padded
+
+
+# ---- flash-attn's functions -------------------------------------------------------------------------------
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False, block_table=None, *, learnable_sink=None):
+    """Attention over a variable-length batch, as flash-attn 2.x's flash_attn_varlen_func.
+
+    q [total_q, H, D], k/v [total_k, H_k, D] (H divisible by H_k), cu_seqlens_q/_k int32 [B + 1] on
+    q's device, max_seqlen_q/_k ints. Returns out [total_q, H, D]; with return_attn_probs, (out,
+    softmax_lse [H, total_q] fp32, S_dmask [B, H, max_seqlen_q, max_seqlen_k]: per-sequence
+    probabilities, zero-padded, negated where dropout dropped them; for tests only).
+    dropout_p, softmax_scale, causal (bottom-right per sequence), window_size, softcap, alibi_slopes
+    ([H] or [B, H]), deterministic and learnable_sink ([H], keyword) as flash_attn_func.
+    block_table (a paged K/V cache) is not supported yet: NotImplementedError."""
+    _check_block_table(block_table)
+    if causal:
+        window_size = (window_size[0], 0)  # flash-attn's convention: causal is a window with right = 0
+    if backend() == "reference":
+        return _reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
+                          bool(causal), window_size, softcap, alibi_slopes, return_attn_probs, learnable_sink)
+    # The checks before any generator state is drawn (varlen_forward repeats the cheap ones).
+    batch, _, _, _, _ = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    window_size = tuple(window_size)
+    threshold = interface.dropout_threshold(dropout_p)
+    interface.score_mods(_batch_view(q, batch), bool(causal), window_size, softcap, alibi_slopes,
+                         learnable_sink=learnable_sink)
+    philox = interface.philox_state(q.get_device()) if threshold else None
+    out, lse = _VarlenAttention.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                                      bool(causal), window_size, softcap, alibi_slopes, dropout_p, philox,
+                                      bool(deterministic), learnable_sink)
+    if not return_attn_probs:
+        return out
+    return out, lse, _attn_probs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, philox,
+                                 softmax_scale, bool(causal), window_size, softcap, alibi_slopes, learnable_sink)
+
+
+@torch.no_grad()
+def _attn_probs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, philox, softmax_scale,
+                causal, window_size, softcap, alibi_slopes, learnable_sink) -> torch.Tensor:
+    """S_dmask recomputed per sequence by the reference, with the kernels' dropout mask (for
+    inspection, as flash-attn's tests use it; reads cu_seqlens on the host)."""
+    batch, heads = cu_seqlens_q.numel() - 1, q.shape[1]
+    offsets_q, offsets_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    mask = None
+    if philox is not None:
+        mask = philox_keep_mask(*philox, interface.dropout_threshold(dropout_p), batch, heads, max_seqlen_q,
+                                max_seqlen_k, q.device)
+    probs = []
+    for b in range(batch):
+        rows, keys = slice(offsets_q[b], offsets_q[b + 1]), slice(offsets_k[b], offsets_k[b + 1])
+        sq, sk = rows.stop - rows.start, keys.stop - keys.start
+        slopes = alibi_slopes if alibi_slopes is None or alibi_slopes.dim() == 1 else alibi_slopes[b]
+        _, _, p = attention_reference(q[rows][None], k[keys][None], v[keys][None], causal=causal,
+                                      softmax_scale=softmax_scale, window_size=window_size, softcap=softcap,
+                                      alibi_slopes=slopes, dropout_p=dropout_p,
+                                      dropout_mask=None if mask is None else mask[b:b + 1, :, :sq, :sk],
+                                      return_probs=True, learnable_sink=learnable_sink)
+        probs.append(p[0])
+    return _padded_probs(probs, batch, heads, max_seqlen_q, max_seqlen_k, q.device)
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+                                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+                                     return_attn_probs=False, *, learnable_sink=None):
+    """qkv [total, 3, H, D], one cu_seqlens and max_seqlen for queries and keys; the three slices are
+    passed as strided views, without copies."""
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 4 or qkv.shape[1] != 3:
+        raise ValueError(f"qkv must have shape [total, 3, heads, head_dim], got "
+                         f"{tuple(qkv.shape) if isinstance(qkv, torch.Tensor) else type(qkv).__name__}")
+    q, k, v = qkv.unbind(1)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale,
+                                  causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+                                  learnable_sink=learnable_sink)
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                                    softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *,
+                                    learnable_sink=None):
+    """q [total_q, H, D], kv [total_k, 2, H_k, D]."""
+    if not isinstance(kv, torch.Tensor) or kv.dim() != 4 or kv.shape[1] != 2:
+        raise ValueError(f"kv must have shape [total_k, 2, heads_k, head_dim], got "
+                         f"{tuple(kv.shape) if isinstance(kv, torch.Tensor) else type(kv).__name__}")
+    k, v = kv.unbind(1)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs, learnable_sink=learnable_sink)
