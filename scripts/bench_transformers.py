@@ -1,0 +1,139 @@
+"""transformers benchmark: a Llama (4 layers, hidden 2048, 16 heads of dim 128, bf16, random init from
+its config) with attn_implementation="sdpa" vs flashjit's ("fjit", flashjit.integrations.transformers),
+one model switched between the two with set_attn_implementation (the same weights):
+
+- a training step (forward + backward of the LM loss, no KV cache) at [1, 4096] and [4, 2048];
+- a forward over a left-padded batch [8, 1024] (row i padded by 96 i tokens). flashjit runs padding
+  through flashjit.flash_attn_varlen_func; without it that point is skipped for flashjit, with a message.
+
+Times: CUDA events around each iteration, the median of --iters after --warmup (the warmup also
+compiles flashjit's kernels); peak memory allocated. Prints a table and writes
+bench_transformers.json to --out. The loss of both implementations is printed as a sanity check.
+
+    python scripts/bench_transformers.py --out bench-out
+    python scripts/bench_transformers.py --iters 20 --layers 8
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+from bench_forward import _require_torch_cuda, exit_unless_gpu  # same folder
+
+if __name__ == "__main__" and not {"-h", "--help"} & set(sys.argv[1:]):
+    exit_unless_gpu("bench_transformers.py")  # before the heavy imports: one line, no traceback
+
+import torch  # noqa: E402
+
+os.environ.setdefault("FLASHJIT_BACKEND", "jit")
+import flashjit  # noqa: E402
+
+TRAIN_SHAPES = [(1, 4096), (4, 2048)]
+PADDED_SHAPE, PAD_STEP = (8, 1024), 96
+
+
+def time_ms(fn, warmup: int, iters: int) -> tuple[float, float]:
+    """(median ms over iters, peak GiB allocated), CUDA events around each call of fn."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
+
+
+def cell(result, key: str, fmt: str) -> str:
+    return format(result[key], fmt) if result else "-"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for bench_transformers.json")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    args = parser.parse_args()
+    _require_torch_cuda("bench_transformers.py")
+    import transformers
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from flashjit.integrations.transformers import register, varlen_func
+
+    name = register()
+    config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=args.layers,
+                         num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=8192, pad_token_id=0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.bfloat16).cuda()
+    has_varlen = varlen_func() is not None
+
+    cases = []  # (label, needs varlen, fn(model) -> loss or None)
+    for batch, seqlen in TRAIN_SHAPES:
+        ids = torch.randint(1, config.vocab_size, (batch, seqlen), device="cuda")
+
+        def train_step(ids=ids):
+            model.zero_grad(set_to_none=True)
+            loss = model(ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            return loss
+        cases.append((f"train step [{batch}, {seqlen}]", False, train_step))
+    batch, seqlen = PADDED_SHAPE
+    ids = torch.randint(1, config.vocab_size, (batch, seqlen), device="cuda")
+    mask = (torch.arange(seqlen, device="cuda")[None] >= PAD_STEP * torch.arange(batch, device="cuda")[:, None]).long()
+    ids = ids.masked_fill(mask == 0, 0)
+
+    @torch.no_grad()
+    def padded_forward():
+        labels = ids.masked_fill(~(mask.bool() & mask.bool().roll(1, 1)), -100)  # real tokens predicting real tokens
+        return model(ids, attention_mask=mask, labels=labels, use_cache=False).loss
+    cases.append((f"padded forward [{batch}, {seqlen}] (left)", True, padded_forward))
+
+    rows = []
+    print(f"{torch.cuda.get_device_name()}: Llama {args.layers} layers, hidden 2048, 16 heads x d128, bf16; "
+          f"median of {args.iters} iterations")
+    print(f"{'case':<34} {'sdpa ms':>9} {name + ' ms':>9} {'speedup':>8} {'sdpa GiB':>9} {name + ' GiB':>9}  loss diff")
+    for label, needs_varlen, fn in cases:
+        row = {"case": label}
+        losses = {}
+        for implementation in ("sdpa", name):
+            if implementation == name and needs_varlen and not has_varlen:
+                print(f"    ({name} skipped for {label}: flashjit has no flash_attn_varlen_func, which padding needs)")
+                row[implementation] = None
+                continue
+            model.set_attn_implementation(implementation)
+            try:
+                losses[implementation] = fn().item()
+                ms, gib = time_ms(fn, args.warmup, args.iters)
+                row[implementation] = {"ms": ms, "peak_gib": gib}
+            except (RuntimeError, NotImplementedError, ValueError) as exc:
+                print(f"    ({implementation} failed on {label}: {str(exc).splitlines()[0][:120]})")
+                row[implementation] = None
+        rows.append(row)
+        s, f = row.get("sdpa"), row.get(name)
+        speedup = f"{s['ms'] / f['ms']:.2f}x" if s and f else "-"
+        diff = f"{abs(losses['sdpa'] - losses[name]):.1e}" if len(losses) == 2 else "-"
+        print(f"{label:<34} {cell(s, 'ms', '9.2f'):>9} {cell(f, 'ms', '9.2f'):>9} {speedup:>8} "
+              f"{cell(s, 'peak_gib', '9.2f'):>9} {cell(f, 'peak_gib', '9.2f'):>9}  {diff}")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "transformers": transformers.__version__, "flashjit": flashjit.__version__, "name": name,
+              "layers": args.layers, "warmup": args.warmup, "iters": args.iters, "has_varlen": has_varlen,
+              "rows": rows}
+    path = args.out / "bench_transformers.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
