@@ -56,7 +56,7 @@ struct Seq {
   // in the backward's step loop).
   __device__ __forceinline__ static int bounded(const int32_t* cu, int b, int total, int& len) {
     const int start = max(min(cu[b], total), 0);
-    len = max(min(cu[b + 1], total) - start, 0);
+    len = max(min(cu[b + 1], total), start) - start;  // in [0, total - start]: no overflow whatever cu holds
     return start;
   }
 };
