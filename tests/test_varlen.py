@@ -491,3 +491,19 @@ def test_params_structs_end_with_the_varlen_fields():
         assert struct.cu_seqlens_q.offset == struct.sink.offset + 8
         assert __import__("ctypes").sizeof(struct) == struct.total_k.offset + 4 == struct.cu_seqlens_q.offset + 24
     assert not FwdParams().cu_seqlens_q, "a dense call leaves the varlen fields null"
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
+def test_varlen_default_kernels_compile_with_the_params_struct(arch):
+    """What a varlen call dispatches to (the sm_80 forward family on every arch; the backward the dense
+    dispatcher picks, wgmma on sm_90a) builds, and its library's params struct is launch.py's size (the
+    CompiledKernel load checks it)."""
+    from flashjit import jit
+    from flashjit.launch import CompiledKernel
+
+    fwd = default_config("bf16", 128, True, 1000, 227 * 1024)
+    bwd = default_bwd_config("bf16", 128, True, wgmma=arch == WGMMA_ARCH)
+    for config in (fwd, bwd):
+        assert config.family.arch in (None, arch)
+        CompiledKernel(jit.ensure_built(config, arch), config)
