@@ -89,8 +89,10 @@ def _unpad_into(given: torch.Tensor | None, padded: torch.Tensor, d_head: int) -
 def _aligned(t: torch.Tensor) -> torch.Tensor:
     """The kernels copy 16-byte chunks: base pointer and row/head/batch strides must be multiples
     of 8 elements. Views that are not (rare: odd slicing) are copied once."""
-    b, r, h, _ = t.stride()
-    if not ((t.data_ptr() & 15) | (b & 7) | (r & 7) | (h & 7)):
+    misaligned = t.data_ptr() & 15
+    for stride in t.stride()[:-1]:  # [B, S, H, D], or varlen's [total, H, D]
+        misaligned |= stride & 7
+    if not misaligned:
         return t
     log.debug("copying a %s view with strides %s to meet 16-byte alignment", tuple(t.shape), t.stride())
     return torch.empty_like(t, memory_format=torch.contiguous_format).copy_(t)
@@ -277,7 +279,7 @@ def _check_output(given, like: torch.Tensor, name: str, kernel_writes: bool = Tr
     if not isinstance(given, torch.Tensor) or given.shape != like.shape or given.dtype != like.dtype \
             or given.device != like.device:
         raise ValueError(f"{name} must be a tensor of shape {tuple(like.shape)} and dtype {like.dtype} on {like.device}")
-    if kernel_writes and (given.stride(-1) != 1 or given.data_ptr() % 16 or any(s % 8 for s in given.stride()[:3])):
+    if kernel_writes and (given.stride(-1) != 1 or given.data_ptr() % 16 or any(s % 8 for s in given.stride()[:-1])):
         raise ValueError(f"{name} must have a contiguous last dim and 16-byte aligned rows, got strides "
                          f"{given.stride()}")
     return given

@@ -130,35 +130,9 @@ def _ref(t: torch.Tensor) -> tuple:
     return t.data_ptr(), 0, t.stride(0), t.stride(1)
 
 
-def _aligned(t: torch.Tensor) -> torch.Tensor:
-    """interface._aligned for [total, H, D]: the kernels copy 16-byte chunks, so the base pointer and
-    the row and head strides must be multiples of 8 elements; a view that is not is copied once."""
-    if not ((t.data_ptr() & 15) | (t.stride(0) & 7) | (t.stride(1) & 7)):
-        return t
-    return t.contiguous() if not t.is_contiguous() else t.clone()
-
-
-def _output(given, like: torch.Tensor, name: str) -> torch.Tensor:
-    """An output a kernel writes directly: the caller's (shaped, typed and placed like `like`, with a
-    contiguous last dim and 16-byte aligned rows and heads), else a fresh contiguous one."""
-    if given is None:
-        return torch.empty_like(like, memory_format=torch.contiguous_format)
-    if not isinstance(given, torch.Tensor) or given.shape != like.shape or given.dtype != like.dtype \
-            or given.device != like.device:
-        raise ValueError(f"{name} must be a tensor of shape {tuple(like.shape)} and dtype {like.dtype} on {like.device}")
-    if given.stride(-1) != 1 or given.data_ptr() % 16 or given.stride(0) % 8 or given.stride(1) % 8:
-        raise ValueError(f"{name} must have a contiguous last dim and 16-byte aligned rows, got strides "
-                         f"{given.stride()}")
-    return given
-
-
-def _launch(kernel, params, device_index: int) -> None:
-    """On torch's current stream of the tensors' device (the CUDA runtime launches on the current device)."""
-    if torch.cuda.current_device() == device_index:
-        kernel(params, interface._current_stream(device_index))
-    else:
-        with torch.cuda.device(device_index):
-            kernel(params, interface._current_stream(device_index))
+_aligned = interface._aligned      # any rank: [total, H, D] here
+_launch = interface._run
+_output = interface._grad_out      # an output a kernel writes: the caller's (checked), else a fresh one
 
 
 def _kernel(config, device_index: int):

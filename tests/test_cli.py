@@ -34,7 +34,7 @@ def test_version():
 def test_every_subcommand_and_option_has_help():
     parser = cli.build_parser()
     subparsers = next(a for a in parser._actions if a.choices and isinstance(a.choices, dict))
-    assert set(subparsers.choices) == {"info", "precompile", "cache", "check", "tune"}
+    assert set(subparsers.choices) == {"info", "precompile", "cache", "check", "tune", "run"}
     assert all(choice.help for choice in subparsers._choices_actions)
     for name, sub in [("", parser), *subparsers.choices.items()]:
         for action in sub._actions:

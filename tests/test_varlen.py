@@ -14,8 +14,7 @@ import math
 import pytest
 import torch
 
-from flashjit import interface, varlen
-from flashjit.configs.bwd_sm80 import BwdConfig
+from flashjit import interface
 from flashjit.configs.bwd_sm90 import WGMMA_ARCH
 from flashjit.dispatch import default_bwd_config, default_config
 from flashjit.reference import attention_reference, philox_keep_mask
