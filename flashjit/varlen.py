@@ -381,6 +381,15 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     _check_block_table(block_table)
     if causal:
         window_size = (window_size[0], 0)  # flash-attn's convention: causal is a window with right = 0
+    if torch.compiler.is_compiling():  # a custom op, as flash_attn_func (flashjit/ops.py)
+        from . import ops
+
+        if return_attn_probs:
+            raise ValueError("return_attn_probs=True is not supported under torch.compile; call "
+                             "flash_attn_varlen_func eagerly for it")
+        return ops.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
+                              learnable_sink, softmax_scale, bool(causal), int(window_size[0]), int(window_size[1]),
+                              float(softcap), float(dropout_p), bool(deterministic))[0]
     if backend() == "reference":
         return _reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
                           bool(causal), window_size, softcap, alibi_slopes, return_attn_probs, learnable_sink)
