@@ -12,6 +12,8 @@ unique), with autograd: the backward of a gather is the scatter of the gradient,
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -30,17 +32,22 @@ def _scatter_rows(rows: torch.Tensor, indices: torch.Tensor, first_axis_dim: int
     return out.scatter_(0, _row_index(indices, rows), rows)
 
 
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """[N, ...] as [N, prod(...)]: spelled out, since reshape(N, -1) is ambiguous when N = 0."""
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))
+
+
 class _IndexFirstAxis(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, indices):
         ctx.save_for_backward(indices)
         ctx.first_axis_dim = input.shape[0]
-        return _gather_rows(input.reshape(input.shape[0], -1), indices).reshape(-1, *input.shape[1:])
+        return _gather_rows(_flat(input), indices).reshape(indices.shape[0], *input.shape[1:])
 
     @staticmethod
     def backward(ctx, grad_output):
         (indices,) = ctx.saved_tensors
-        grad = _scatter_rows(grad_output.reshape(grad_output.shape[0], -1), indices, ctx.first_axis_dim)
+        grad = _scatter_rows(_flat(grad_output), indices, ctx.first_axis_dim)
         return grad.reshape(ctx.first_axis_dim, *grad_output.shape[1:]), None
 
 
@@ -48,14 +55,14 @@ class _IndexPutFirstAxis(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values, indices, first_axis_dim):
         ctx.save_for_backward(indices)
-        out = _scatter_rows(values.reshape(values.shape[0], -1), indices, first_axis_dim)
+        out = _scatter_rows(_flat(values), indices, first_axis_dim)
         return out.reshape(first_axis_dim, *values.shape[1:])
 
     @staticmethod
     def backward(ctx, grad_output):
         (indices,) = ctx.saved_tensors
-        grad = _gather_rows(grad_output.reshape(grad_output.shape[0], -1), indices)
-        return grad.reshape(-1, *grad_output.shape[1:]), None, None
+        grad = _gather_rows(_flat(grad_output), indices)
+        return grad.reshape(indices.shape[0], *grad_output.shape[1:]), None, None
 
 
 def index_first_axis(input: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

@@ -98,7 +98,10 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                                  softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
                                  learnable_sink=learnable_sink)
     if not return_attn_probs:  # the checks run inside interface.forward (planned calls skip them)
-        philox = interface.philox_state(q.get_device()) if interface.dropout_threshold(dropout_p) else None
+        philox = None
+        if interface.dropout_threshold(dropout_p):  # inputs checked before the generator advances
+            interface.check_qkv(q, k, v)
+            philox = interface.philox_state(q.get_device())
         return _JitAttention.apply(q, k, v, softmax_scale, bool(causal), window_size, softcap, alibi_slopes,
                                    dropout_p, philox, bool(deterministic), learnable_sink)[0]
     interface.check_qkv(q, k, v)  # device and shape errors first, naming the argument

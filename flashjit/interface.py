@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections import OrderedDict
 import math
 from typing import NamedTuple
 
@@ -307,8 +308,9 @@ class _Plan:
     score value filled in. Made by the first call of a (shapes, strides, dtypes, devices, flags) key that
     the dispatcher chose a kernel for with no copies; later calls with that key skip the input checks,
     the config choice and the params packing: two allocations, four or five pointers, the launch.
-    FLASHJIT_TUNED and FLASHJIT_CUDA_ARCH are read when a key is first seen; a table written in this
-    process (tuning.generation) retires the plans made before it."""
+    FLASHJIT_CUDA_ARCH is read when a key is first seen (as for every kernel); a tuned table written in
+    this process (tuning.generation) retires the plans made before it, and so does a change of
+    FLASHJIT_TUNED (its value is part of that generation)."""
 
     __slots__ = ("kernel", "template", "device_index", "device", "dtype", "out_shape", "lse_shape", "dropout",
                  "generation")
@@ -318,12 +320,12 @@ class _Plan:
         self.device_index, self.device, self.dtype = q.get_device(), q.device, q.dtype
         batch, seqlen_q, heads, d_head = q.shape
         self.out_shape, self.lse_shape = q.shape, ((batch, heads, seqlen_q) if want_lse else None)
-        self.generation = tuning.generation
+        self.generation = tuning.current_generation()
 
     def launch(self, q, k, v, philox):
         """(out, lse or None), or None when this call cannot use the plan (an input not 16-byte aligned,
         or a tuned table written since)."""
-        if (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15 or self.generation != tuning.generation:
+        if (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15 or self.generation != tuning.current_generation():
             return None
         out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
         params = FwdParams.from_buffer_copy(self.template)
@@ -338,15 +340,16 @@ class _Plan:
         return out, lse
 
 
-_plans: dict = {}  # plan key -> _Plan
+_plans: OrderedDict = OrderedDict()  # plan key -> _Plan, least recently made first
+_MAX_PLANS = 2048  # a server decoding against a growing cache makes a key per length: bounded, oldest out
 
 
 def _plan_key(q, k, v, *flags):
     """The key of a forward call for _plans: everything its checks, config and params depend on but
     the data pointers. None when an argument is not what a plan can describe."""
     try:
-        key = (q.shape, q.stride(), q.dtype, q.get_device(), k.shape, k.stride(), k.dtype, k.get_device(),
-               v.shape, v.stride(), v.dtype, v.get_device(), *flags)
+        key = (q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device,
+               v.shape, v.stride(), v.dtype, v.device, *flags)
         hash(key)
         return key
     except (AttributeError, TypeError):  # not tensors, or a window_size given as a list
@@ -377,6 +380,8 @@ def _launch(q, k, v, config, causal, softmax_scale, out=None, want_lse=True, mod
                        softmax_scale, *mods.values)
     if plan_key is not None and chosen and all(a is b for a, b in zip(given, (q, k, v))) and not mods.alibi and mods.sink is None:
         _plans[plan_key] = _Plan(kernel, params, q, want_lse, mods.dropout)
+        if len(_plans) > _MAX_PLANS:
+            _plans.popitem(last=False)
 
     def run():
         _run(kernel, params, device_index)

@@ -40,14 +40,21 @@ def _rng_state(q: Tensor, dropout_p: float) -> Tensor:
         seed, offset = interface.philox_state(q.get_device())
     else:  # the reference on the CPU: a seed from torch's CPU generator (torch.manual_seed reproduces it)
         seed, offset = int(torch.randint(0, 2**62, (1,)).item()), 0
-    return torch.tensor([seed, offset], dtype=torch.int64)
+    # int64 holds the same 64 bits (a CUDA seed may exceed 2**63); the kernels' uint64 params and
+    # philox_keep_mask read them back as unsigned
+    return torch.tensor([x - (1 << 64) if x >= 1 << 63 else x for x in (seed, offset)], dtype=torch.int64)
+
+
+def _philox(rng_state: Tensor, dropout_p: float):
+    """The (seed, offset) of _rng_state as unsigned ints, or None without dropout."""
+    return tuple(x & ((1 << 64) - 1) for x in rng_state.tolist()) if dropout_p > 0 else None
 
 
 def _reference(q, k, v, alibi_slopes, learnable_sink, softmax_scale, causal, window, softcap, dropout_p, rng_state):
     """(out in q's dtype, lse) of the reference, with the dropout mask the kernels' Philox stream gives."""
     mask = None
     if dropout_p > 0:
-        seed, offset = rng_state.tolist()
+        seed, offset = _philox(rng_state, dropout_p)
         mask = philox_keep_mask(seed, offset, interface.dropout_threshold(dropout_p), q.shape[0], q.shape[2],
                                 q.shape[1], k.shape[1], q.device)
     out, lse = attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale,
@@ -70,7 +77,7 @@ def fwd(q: Tensor, k: Tensor, v: Tensor, alibi_slopes: Optional[Tensor], learnab
     else:
         out, lse = interface.forward(q, k, v, causal=causal, softmax_scale=softmax_scale, return_lse=True,
                                      window_size=window, softcap=softcap, alibi_slopes=alibi_slopes,
-                                     dropout_p=dropout_p, philox=tuple(rng_state.tolist()) if dropout_p > 0 else None,
+                                     dropout_p=dropout_p, philox=_philox(rng_state, dropout_p),
                                      learnable_sink=learnable_sink)
     return out.contiguous(), lse, rng_state  # contiguous: odd head dims return views of a padded result
 
@@ -103,7 +110,7 @@ def bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
         _, vjp = torch.func.vjp(recompute, q, k, v, *(() if learnable_sink is None else (learnable_sink,)))
         grads = vjp(dout)
     else:
-        philox = tuple(rng_state.tolist()) if dropout_p > 0 else None
+        philox = _philox(rng_state, dropout_p)
         grads = interface.backward(dout, q, k, v, out, lse, causal=causal, softmax_scale=softmax_scale,
                                    window_size=window, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
                                    philox=philox, deterministic=deterministic, learnable_sink=learnable_sink)
@@ -172,7 +179,7 @@ def varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens
     else:
         out, lse = varlen.varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
                                          softmax_scale, window, softcap, alibi_slopes, dropout_p,
-                                         tuple(rng_state.tolist()) if dropout_p > 0 else None, learnable_sink)
+                                         _philox(rng_state, dropout_p), learnable_sink)
     return out.contiguous(), lse, rng_state
 
 
@@ -205,7 +212,7 @@ def varlen_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: 
     else:
         grads = varlen.varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                        causal, softmax_scale, window, softcap, alibi_slopes, dropout_p,
-                                       tuple(rng_state.tolist()) if dropout_p > 0 else None, deterministic,
+                                       _philox(rng_state, dropout_p), deterministic,
                                        learnable_sink=learnable_sink)
     dsink = grads[3] if learnable_sink is not None else q.new_empty(0, dtype=torch.float32)
     return grads[0].contiguous(), grads[1].contiguous(), grads[2].contiguous(), dsink

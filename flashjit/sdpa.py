@@ -155,6 +155,10 @@ def _forward(original, keyset, query, key, value, dropout_p=0.0, is_causal=False
     args = (keyset, query, key, value, dropout_p, is_causal, return_debug_mask)
     if return_debug_mask:  # flashjit does not write PyTorch's debug mask layout
         return _fallback(original, FORWARD_OP, "return_debug_mask=True", *args, scale=scale)
+    if dropout_p > 0 and query.is_cuda and torch.cuda.is_current_stream_capturing():
+        # flashjit draws its seed on the host: a captured graph would replay one mask forever. PyTorch's
+        # kernel keeps its RNG state on the device, graph-safe (and its backward follows, by rng_state).
+        return _fallback(original, FORWARD_OP, "dropout inside CUDA graph capture", *args, scale=scale)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     philox = interface.philox_state(q.get_device()) if dropout_p > 0 else None
     try:

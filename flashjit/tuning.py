@@ -36,6 +36,11 @@ TABLE_VERSION = 1
 generation = 0  # bumped by write_table: launch plans made before a table was written are retired
 
 
+def current_generation() -> tuple:
+    """What launch plans depend on in the tuned tables: the tables written and whether they are used."""
+    return generation, os.environ.get(envvars.TUNED.name)
+
+
 def problem_key(direction: str, dtype: str, d_head: int, causal: bool, seqlen: int, deterministic: bool = False) -> str:
     mode = ":det" if deterministic else ""
     return f"{direction}:{dtype}:d{d_head}:c{int(bool(causal))}:s{seqlen}{mode}"

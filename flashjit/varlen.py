@@ -231,7 +231,8 @@ def varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seq
                     learnable_sink: torch.Tensor | None = None):
     """Gradients (dq, dk, dv) of varlen_forward given dout (shaped like q), its out and lse [H, total_q];
     (dq, dk, dv, dsink) with learnable_sink, as interface.backward. GQA: dk/dv summed over the query
-    heads of each key/value head. dq, dk, dv: optional outputs, every element written."""
+    heads of each key/value head. dq, dk, dv: optional outputs; rows that no sequence covers (past
+    cu_seqlens[-1]) stay unwritten, as in flash-attn."""
     batch, max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k = _check_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     for name, t in (("dout", dout), ("out", out)):

@@ -72,3 +72,14 @@ def test_index_helpers_match_indexing_and_pass_gradcheck():
 
 def test_exported_from_flashjit():
     assert flashjit.unpad_input is unpad_input and flashjit.pad_input is pad_input
+
+
+def test_no_tokens_at_all():
+    """An all-padding mask: zero packed rows, and pad_input/backward still work (reshape(0, -1) would not)."""
+    x = torch.randn(2, 5, 3, requires_grad=True)
+    packed, indices, cu_seqlens, max_seqlen, _ = unpad_input(x, torch.zeros(2, 5, dtype=torch.int32))
+    assert packed.shape == (0, 3) and cu_seqlens.tolist() == [0, 0, 0] and max_seqlen == 0
+    padded = pad_input(packed, indices, 2, 5)
+    padded.sum().backward()
+    assert padded.shape == (2, 5, 3) and not padded.any() and not x.grad.any()
+    assert index_first_axis(torch.randn(0, 4), torch.zeros(0, dtype=torch.long)).shape == (0, 4)
