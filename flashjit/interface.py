@@ -484,24 +484,12 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         raise ValueError("backward with dropout needs the forward's philox=(seed, offset) to regenerate its mask")
     mods = score_mods(q, causal, window_size, softcap, alibi_slopes, dropout_p, philox, learnable_sink)
     device_index = q.get_device()
-    arch = jit.arch_for(device_index)
-    wanted = default_bwd_config(_DTYPES[q.dtype], q.shape[3], bool(causal), *mods.flags,
-                                deterministic=bool(deterministic), smem_limit=_smem_limit(device_index)[0],
-                                wgmma=arch == WGMMA_ARCH)
-    if config is None:
-        config = tuning.lookup(device_index, "bwd", _DTYPES[q.dtype], q.shape[3], bool(causal), q.shape[1],
-                               tuple(zip(FEATURES, mods.flags)), bool(deterministic)) or wanted
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("backward [B=%d, Sq=%d, Sk=%d, H=%d, H_k=%d, D=%d] dispatched to %s (default for "
-                      "dtype/head dim/features/deterministic on %s and its shared memory)", q.shape[0], q.shape[1],
-                      k.shape[1], q.shape[2], k.shape[2], q.shape[3], config.name, arch)
-    else:
-        _check_config_type(config, "bwd")
-        config.validate()
-        mismatched = [f"{f}={getattr(config, f)!r} (the call needs {getattr(wanted, f)!r})"
-                      for f in ("dtype", "d_head", "causal", *FEATURES) if getattr(config, f) != getattr(wanted, f)]
-        if mismatched:
-            raise ValueError(f"config {config.name} does not match the inputs: " + ", ".join(mismatched))
+    chosen = config is None
+    config = bwd_config(config, q.dtype, q.shape[3], causal, q.shape[1], mods, deterministic, device_index)
+    if chosen and log.isEnabledFor(logging.DEBUG):
+        log.debug("backward [B=%d, Sq=%d, Sk=%d, H=%d, H_k=%d, D=%d] dispatched to %s (default for dtype/head "
+                  "dim/features/deterministic on %s and its shared memory)", q.shape[0], q.shape[1], k.shape[1],
+                  q.shape[2], k.shape[2], q.shape[3], config.name, jit.arch_for(device_index))
     dq, dk, dv = (_grad_out(given, like, name) for given, like, name in ((dq, q, "dq"), (dk, k, "dk"), (dv, v, "dv")))
     if q.numel() == 0:  # Sq = 0 (or no batch or heads): no query reaches any key, dK = dV = 0 exactly
         dk.zero_(), dv.zero_()
@@ -522,8 +510,33 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     _run(kernel, params, device_index)
     if learnable_sink is None:
         return dq, dk, dv
-    # The sink's gradient needs no kernel: dL/dsink = -sum_i P_sink,i D_i with D = rowsum(dO o O),
-    # which the first backward kernel left in dvec (times 1 - p with dropout).
+    return dq, dk, dv, sink_grad(mods, lse, dvec, head_dim=1).to(learnable_sink.dtype)
+
+
+def bwd_config(config, dtype: torch.dtype, d_head: int, causal: bool, seqlen_q: int, mods: ScoreMods,
+               deterministic: bool, device_index: int):
+    """The backward config of a call: `config` checked against it, or the tuned table's entry for the
+    problem, else the dispatcher's default for the device's arch and shared memory."""
+    wanted = default_bwd_config(_DTYPES[dtype], d_head, bool(causal), *mods.flags, deterministic=bool(deterministic),
+                                smem_limit=_smem_limit(device_index)[0], wgmma=jit.arch_for(device_index) == WGMMA_ARCH)
+    if config is None:
+        return tuning.lookup(device_index, "bwd", _DTYPES[dtype], d_head, bool(causal), seqlen_q,
+                             tuple(zip(FEATURES, mods.flags)), bool(deterministic)) or wanted
+    _check_config_type(config, "bwd")
+    config.validate()
+    mismatched = [f"{f}={getattr(config, f)!r} (the call needs {getattr(wanted, f)!r})"
+                  for f in ("dtype", "d_head", "causal", *FEATURES) if getattr(config, f) != getattr(wanted, f)]
+    if mismatched:
+        raise ValueError(f"config {config.name} does not match the inputs: " + ", ".join(mismatched))
+    return config
+
+
+def sink_grad(mods: ScoreMods, lse: torch.Tensor, dvec: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """dL/dsink per head, in fp32: -sum over rows of P_sink D, with P_sink = exp(sink - lse) and D =
+    rowsum(dO o O), which the first backward kernel left in dvec (times 1 - p with dropout). No kernel
+    needed. lse/dvec hold the heads in dimension `head_dim` ([B, H, Sq]: 1; varlen's [H, total_q]: 0)."""
     rowsum = dvec * mods.values[8] if mods.dropout else dvec
-    dsink = -(torch.exp(mods.sink[None, :, None] - lse) * rowsum).sum((0, 2))
-    return dq, dk, dv, dsink.to(learnable_sink.dtype)
+    shape = [1] * lse.dim()
+    shape[head_dim] = -1
+    terms = torch.exp(mods.sink.view(shape) - lse) * rowsum
+    return -terms.sum([d for d in range(lse.dim()) if d != head_dim])

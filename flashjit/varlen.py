@@ -36,7 +36,7 @@ import torch
 from . import interface, jit, tuning
 from .configs.bwd_sm90 import WGMMA_ARCH
 from .configs.common import FEATURES
-from .dispatch import default_bwd_config, default_config
+from .dispatch import default_config
 from .flash_api import backend
 from .launch import BwdParams, FwdParams
 from .reference import attention_reference, philox_keep_mask
@@ -169,23 +169,6 @@ def _forward_config(q, config, causal: bool, max_seqlen_q: int, mods, device_ind
     return config.validate()
 
 
-def _backward_config(q, config, causal: bool, max_seqlen_q: int, mods, deterministic: bool, device_index: int):
-    dtype, d_head = interface._DTYPES[q.dtype], q.shape[-1]
-    wanted = default_bwd_config(dtype, d_head, causal, *mods.flags, deterministic=deterministic,
-                                smem_limit=interface._smem_limit(device_index)[0],
-                                wgmma=jit.arch_for(device_index) == WGMMA_ARCH)
-    if config is None:
-        return tuning.lookup(device_index, "bwd", dtype, d_head, causal, max_seqlen_q, tuple(zip(FEATURES, mods.flags)),
-                             deterministic) or wanted
-    interface._check_config_type(config, "bwd")
-    config.validate()
-    mismatched = [f"{f}={getattr(config, f)!r} (the call needs {getattr(wanted, f)!r})"
-                  for f in ("dtype", "d_head", "causal", *FEATURES) if getattr(config, f) != getattr(wanted, f)]
-    if mismatched:
-        raise ValueError(f"config {config.name} does not match the inputs: " + ", ".join(mismatched))
-    return config
-
-
 def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, causal: bool = False,
                    softmax_scale: float | None = None, window_size=(-1, -1), softcap: float = 0.0,
                    alibi_slopes: torch.Tensor | None = None, dropout_p: float = 0.0, philox: tuple[int, int] | None = None,
@@ -258,7 +241,8 @@ def varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seq
     mods = interface.score_mods(_batch_view(q, batch), causal, window_size, softcap, alibi_slopes, dropout_p, philox,
                                 learnable_sink)
     device_index = q.get_device()
-    config = _backward_config(q, config, causal, max_seqlen_q, mods, bool(deterministic), device_index)
+    config = interface.bwd_config(config, q.dtype, q.shape[-1], causal, max_seqlen_q, mods, bool(deterministic),
+                                  device_index)
     dq, dk, dv = (_output(given, like, name) for given, like, name in ((dq, q, "dq"), (dk, k, "dk"), (dv, v, "dv")))
     total_q, heads = q.shape[0], q.shape[1]
     if total_q == 0:  # no query reaches any key: dK = dV = 0 exactly
@@ -278,11 +262,7 @@ def varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seq
     _launch(kernel, params, device_index)
     if learnable_sink is None:
         return dq, dk, dv
-    # dL/dsink = -sum_i P_sink,i D_i over every row, D = rowsum(dO o O) from the first kernel (times
-    # 1 - p with dropout), as interface.backward computes it.
-    rowsum = dvec * mods.values[8] if mods.dropout else dvec
-    dsink = -(torch.exp(mods.sink[:, None] - lse) * rowsum).sum(1)
-    return dq, dk, dv, dsink.to(learnable_sink.dtype)
+    return dq, dk, dv, interface.sink_grad(mods, lse, dvec, head_dim=0).to(learnable_sink.dtype)
 
 
 class _VarlenAttention(torch.autograd.Function):

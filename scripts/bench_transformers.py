@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -37,20 +36,11 @@ PADDED_SHAPE, PAD_STEP = (8, 1024), 96
 
 
 def time_ms(fn, warmup: int, iters: int) -> tuple[float, float]:
-    """(median ms over iters, peak GiB allocated), CUDA events around each call of fn."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
+    """(median ms over iters, peak GiB allocated), CUDA events around each call of fn (flashjit.tuner's)."""
+    from flashjit.tuner import time_ms as median_ms
+
     torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
+    return median_ms(fn, warmup, iters), torch.cuda.max_memory_allocated() / 2**30
 
 
 def cell(result, key: str, fmt: str) -> str:
