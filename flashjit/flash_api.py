@@ -15,25 +15,11 @@ import logging
 
 import torch
 
-from . import envvars, interface
+from . import interface
 from .reference import attention_reference, philox_keep_mask
 
 log = logging.getLogger("flashjit")
-BACKENDS = ("jit", "reference")
-
-
-_cuda_seen = False  # once CUDA is available it stays so: asked of torch until then, not on every call
-
-
-def backend() -> str:
-    global _cuda_seen
-    chosen = envvars.BACKEND.get().lower()
-    if not chosen:
-        _cuda_seen = _cuda_seen or torch.cuda.is_available()
-        return "jit" if _cuda_seen else "reference"
-    if chosen not in BACKENDS:
-        raise ValueError(f"{envvars.BACKEND.name}={chosen!r}: expected one of {BACKENDS}")
-    return chosen
+BACKENDS, backend = interface.BACKENDS, interface.backend  # (where flashjit.flash_api.backend was)
 
 
 class _JitAttention(torch.autograd.Function):

@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import jit, tuning
+from . import envvars, jit, tuning
 from .configs import families
 from .configs.bwd_sm80 import BwdConfig
 from .configs.bwd_sm90 import WGMMA_ARCH, BwdSm90Config
@@ -26,6 +26,23 @@ from .dispatch import default_bwd_config, default_config
 from .launch import BwdParams, FwdParams, tensor_ref
 
 log = logging.getLogger("flashjit")
+
+BACKENDS = ("jit", "reference")
+
+
+_cuda_seen = False  # once CUDA is available it stays so: asked of torch until then, not on every call
+
+
+def backend() -> str:
+    global _cuda_seen
+    chosen = envvars.BACKEND.get().lower()
+    if not chosen:
+        _cuda_seen = _cuda_seen or torch.cuda.is_available()
+        return "jit" if _cuda_seen else "reference"
+    if chosen not in BACKENDS:
+        raise ValueError(f"{envvars.BACKEND.name}={chosen!r}: expected one of {BACKENDS}")
+    return chosen
+
 
 _DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 # The reference backend (PyTorch on any device) also computes in fp32 and fp64 (for gradcheck).

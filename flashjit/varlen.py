@@ -30,14 +30,16 @@ from __future__ import annotations
 
 import logging
 import operator
+from typing import Optional
 
 import torch
+from torch import Tensor
 
-from . import interface, jit, tuning
+from . import interface, jit, ops, tuning
 from .configs.bwd_sm90 import WGMMA_ARCH
 from .configs.common import FEATURES
 from .dispatch import default_config
-from .flash_api import backend
+from .interface import backend
 from .launch import BwdParams, FwdParams
 from .reference import attention_reference, philox_keep_mask
 
@@ -363,12 +365,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if causal:
         window_size = (window_size[0], 0)  # flash-attn's convention: causal is a window with right = 0
     if torch.compiler.is_compiling():  # a custom op, as flash_attn_func (flashjit/ops.py)
-        from . import ops
-
         if return_attn_probs:
             raise ValueError("return_attn_probs=True is not supported under torch.compile; call "
                              "flash_attn_varlen_func eagerly for it")
-        return ops.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
+        return varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
                               learnable_sink, softmax_scale, bool(causal), int(window_size[0]), int(window_size[1]),
                               float(softcap), float(dropout_p), bool(deterministic))[0]
     if backend() == "reference":
@@ -441,3 +441,92 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
     return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                                   softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                                   return_attn_probs, learnable_sink=learnable_sink)
+
+
+# ---- custom ops for torch.compile, as flashjit/ops.py's: q [total_q, H, D], lse [H, total_q] ------------------
+
+def _varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, learnable_sink,
+                      softmax_scale, causal, window, softcap, dropout_p, rng_state):
+    """(out, lse) of the per-sequence reference; its dropout masks come from torch's generator seeded
+    with the op's seed, so the backward's recomputation draws the same ones."""
+    with torch.random.fork_rng(devices=[q.device] if q.is_cuda else []):
+        if dropout_p > 0:
+            torch.manual_seed(int(rng_state[0]))
+        out, lse, _ = _reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                        softmax_scale, causal, window, softcap, alibi_slopes, True, learnable_sink)
+    return out, lse
+
+
+@torch.library.custom_op("flashjit::varlen_fwd", mutates_args=())
+def varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+               max_seqlen_k: int, alibi_slopes: Optional[Tensor], learnable_sink: Optional[Tensor],
+               softmax_scale: Optional[float], causal: bool, window_left: int, window_right: int, softcap: float,
+               dropout_p: float, deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """flashjit::fwd for a variable-length batch: (out [total_q, H, D], lse [H, total_q], rng_state)."""
+    rng_state = ops._rng_state(q, dropout_p)
+    window = (window_left, window_right)
+    if ops._on_reference():
+        out, lse = _varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
+                                     learnable_sink, softmax_scale, causal, window, softcap, dropout_p, rng_state)
+    else:
+        out, lse = varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                                         softmax_scale, window, softcap, alibi_slopes, dropout_p,
+                                         ops._philox(rng_state, dropout_p), learnable_sink)
+    return out.contiguous(), lse, rng_state
+
+
+@varlen_fwd.register_fake
+def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, learnable_sink,
+                     softmax_scale, causal, window_left, window_right, softcap, dropout_p, deterministic):
+    rng_state = (torch.empty(2, dtype=torch.int64, device="cpu") if dropout_p > 0
+                 else torch.empty(0, dtype=torch.int64, device=q.device))
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32), rng_state)
+
+
+@torch.library.custom_op("flashjit::varlen_bwd", mutates_args=())
+def varlen_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, rng_state: Tensor,
+               cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
+               alibi_slopes: Optional[Tensor], learnable_sink: Optional[Tensor], softmax_scale: Optional[float],
+               causal: bool, window_left: int, window_right: int, softcap: float, dropout_p: float,
+               deterministic: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """flashjit::bwd for a variable-length batch."""
+    window = (window_left, window_right)
+    if ops._on_reference():
+        def recompute(q, k, v, *sink):
+            return _varlen_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
+                                     *sink or (None,), softmax_scale, causal, window, softcap, dropout_p, rng_state)[0]
+
+        _, vjp = torch.func.vjp(recompute, q, k, v, *(() if learnable_sink is None else (learnable_sink,)))
+        grads = vjp(dout)
+    else:
+        grads = varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                       causal, softmax_scale, window, softcap, alibi_slopes, dropout_p,
+                                       ops._philox(rng_state, dropout_p), deterministic,
+                                       learnable_sink=learnable_sink)
+    dsink = grads[3] if learnable_sink is not None else q.new_empty(0, dtype=torch.float32)
+    return grads[0].contiguous(), grads[1].contiguous(), grads[2].contiguous(), dsink
+
+
+@varlen_bwd.register_fake
+def _varlen_bwd_fake(dout, q, k, v, out, lse, rng_state, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                     alibi_slopes, learnable_sink, *args):
+    return ops._grads_like(q, k, v, learnable_sink)
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, learnable_sink, *flags = inputs
+    out, lse, rng_state = output
+    ctx.save_for_backward(q, k, v, out, lse, rng_state, cu_seqlens_q, cu_seqlens_k, alibi_slopes, learnable_sink)
+    ctx.max_seqlens, ctx.flags = (max_seqlen_q, max_seqlen_k), flags
+
+
+def _varlen_backward(ctx, dout, _dlse, _drng):
+    q, k, v, out, lse, rng_state, cu_q, cu_k, alibi_slopes, learnable_sink = ctx.saved_tensors
+    wants_dsink = learnable_sink is not None and ctx.needs_input_grad[8]
+    dq, dk, dv, dsink = varlen_bwd(dout, q, k, v, out, lse, rng_state, cu_q, cu_k, *ctx.max_seqlens, alibi_slopes,
+                                   learnable_sink if wants_dsink else None, *ctx.flags)
+    return dq, dk, dv, None, None, None, None, None, dsink if wants_dsink else None, *(None,) * 7
+
+
+varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
