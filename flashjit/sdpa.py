@@ -161,9 +161,10 @@ def _forward(original, keyset, query, key, value, dropout_p=0.0, is_causal=False
         return _fallback(original, FORWARD_OP, "dropout inside CUDA graph capture", *args, scale=scale)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     philox = interface.philox_state(q.get_device()) if dropout_p > 0 else None
+    out = _laid_out_like(query)
     try:
         out, lse = interface.forward(q, k, v, causal=is_causal, softmax_scale=scale, return_lse=True,
-                                     dropout_p=dropout_p, philox=philox)
+                                     dropout_p=dropout_p, philox=philox, out=out)
     except ValueError as exc:  # flashjit's refusals come before any launch
         return _fallback(original, FORWARD_OP, str(exc), *args, scale=scale)
     if philox is None:
@@ -172,7 +173,7 @@ def _forward(original, keyset, query, key, value, dropout_p=0.0, is_causal=False
         rng_state = _pack_philox(*philox)
     unused = torch.empty((), dtype=torch.uint64, device=query.device)
     debug_mask = torch.empty(0, dtype=query.dtype, device=query.device)
-    return (out.transpose(1, 2), lse, None, None, query.shape[2], key.shape[2], rng_state, unused, debug_mask)
+    return (_relaid(out, query), lse, None, None, query.shape[2], key.shape[2], rng_state, unused, debug_mask)
 
 
 def _backward(original, keyset, grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_seq_k, max_q, max_k,
@@ -188,14 +189,35 @@ def _backward(original, keyset, grad_out, query, key, value, out, logsumexp, cum
         philox = _unpack_philox(philox_seed)
     dout, q, k, v, o = (t.transpose(1, 2) for t in (grad_out, query, key, value, out))
     try:
+        dq, dk, dv = (_laid_out_like(t) for t in (query, key, value))
         grads = interface.backward(dout, q, k, v, o, logsumexp, causal=is_causal, softmax_scale=scale,
-                                   dropout_p=dropout_p, philox=philox,
+                                   dropout_p=dropout_p, philox=philox, dq=dq, dk=dk, dv=dv,
                                    deterministic=torch.are_deterministic_algorithms_enabled())
     except ValueError as exc:
         if philox is not None:  # PyTorch's backward cannot regenerate flashjit's dropout mask
             raise RuntimeError(f"flashjit SDPA backward with dropout: {exc}") from exc
         return _fallback(original, BACKWARD_OP, str(exc), *args, scale=scale)
-    return tuple(g.transpose(1, 2) for g in grads[:3])
+    return tuple(_relaid(g, t) for g, t in zip(grads[:3], (query, key, value)))
+
+
+def _laid_out_like(t: torch.Tensor):
+    """The output buffer (flash layout, a [B, S, H, D] view) for a result shaped like t [B, H, S, D]: laid
+    out like t, as PyTorch's kernels and their meta functions (which torch.compile trusts) lay out
+    results; None where flashjit's own [B, S, H, D]-contiguous allocation already is, or where the
+    kernel cannot write the layout directly (head dims that are not a multiple of 8: see _relaid)."""
+    if t.transpose(1, 2).is_contiguous() or t.shape[-1] % 8:  # the common case first: no allocation to compare
+        return None
+    want = torch.empty_like(t).transpose(1, 2)
+    return None if want.is_contiguous() else want
+
+
+def _relaid(result: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """result (flash layout) as a [B, H, S, D] view laid out like `like` (copied only when it is not)."""
+    result = result.transpose(1, 2)
+    if result.stride() == like.stride():
+        return result
+    want = torch.empty_like(like)
+    return result if result.stride() == want.stride() else want.copy_(result)
 
 
 try:  # known to torch's registry on import (not activated: users opt in)

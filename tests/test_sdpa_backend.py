@@ -105,16 +105,22 @@ class FakeFlashjit:
     def philox_state(self, device_index):
         return 2**63 + 11, 4096
 
-    def forward(self, q, k, v, causal=False, softmax_scale=None, return_lse=False, dropout_p=0.0, philox=None):
+    def forward(self, q, k, v, causal=False, softmax_scale=None, return_lse=False, dropout_p=0.0, philox=None,
+                out=None):
         self.calls.append(("forward", q, k, v, dict(causal=causal, scale=softmax_scale, p=dropout_p, philox=philox)))
-        out = torch.empty_like(q, memory_format=torch.contiguous_format).copy_(q * 2)  # [B, Sq, H, D] memory
-        return out, torch.full((q.shape[0], q.shape[2], q.shape[1]), 0.5)
+        if out is None:  # like the kernels: a fresh [B, Sq, H, D]-contiguous output
+            out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        return out.copy_(q * 2), torch.full((q.shape[0], q.shape[2], q.shape[1]), 0.5)
 
     def backward(self, dout, q, k, v, out, lse, causal=False, softmax_scale=None, dropout_p=0.0, philox=None,
-                 deterministic=False):
+                 deterministic=False, dq=None, dk=None, dv=None):
         self.calls.append(("backward", dout, q, k, v, out, dict(causal=causal, scale=softmax_scale, p=dropout_p,
                                                                   philox=philox, deterministic=deterministic)))
-        return 3 * dout, 4 * k.contiguous(), 5 * v.contiguous()
+        grads = []
+        for given, like, value in ((dq, q, 3 * dout), (dk, k, 4 * k), (dv, v, 5 * v)):
+            given = torch.empty_like(like, memory_format=torch.contiguous_format) if given is None else given
+            grads.append(given.copy_(value))
+        return tuple(grads)
 
 
 @pytest.fixture
@@ -128,12 +134,18 @@ def on_cpu(monkeypatch):
     handle.remove()
 
 
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
 @pytest.mark.parametrize("heads_k, sq, sk, causal, p", [(4, 5, 5, False, 0.0), (2, 3, 9, True, 0.0),
                                                         (1, 6, 6, True, 0.25)])
-def test_op_glue_passes_views_arguments_and_philox(on_cpu, heads_k, sq, sk, causal, p):
+def test_op_glue_passes_views_arguments_and_philox(on_cpu, heads_k, sq, sk, causal, p, layout):
     b, h, d = 2, 4, 8
-    q = torch.randn(b, h, sq, d, requires_grad=True)
-    k, v = (torch.randn(b, heads_k, sk, d, requires_grad=True) for _ in range(2))
+
+    def make(*shape):  # [B, H, S, D], contiguous or a transposed [B, S, H, D] (as models project it)
+        t = torch.randn(*shape) if layout == "bhsd" else torch.randn(shape[0], shape[2], shape[1], d).transpose(1, 2)
+        return t.requires_grad_()
+
+    q = make(b, h, sq, d)
+    k, v = (make(b, heads_k, sk, d) for _ in range(2))
     result = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, p, causal, scale=0.3)
     out, lse, cum_q, cum_k, max_q, max_k, rng_state, unused, debug_mask = result
     name, fq, fk, fv, args = on_cpu.calls[0]
@@ -141,7 +153,8 @@ def test_op_glue_passes_views_arguments_and_philox(on_cpu, heads_k, sq, sk, caus
                                               philox=(2**63 + 11, 4096) if p else None)
     for given, seen in ((q, fq), (k, fk), (v, fv)):  # [B, S, H, D] views of the caller's memory: no copies
         assert seen.data_ptr() == given.data_ptr() and seen.shape == given.transpose(1, 2).shape
-    assert out.shape == q.shape and out.transpose(1, 2).is_contiguous()  # PyTorch's flash layout
+    # Laid out like q, as PyTorch's kernel and meta function (which torch.compile trusts) lay it out.
+    assert out.shape == q.shape and out.stride() == q.stride()
     torch.testing.assert_close(out, q.detach() * 2)
     assert lse.shape == (b, h, sq) and cum_q is None and cum_k is None and (max_q, max_k) == (sq, sk)
     assert unused.shape == () and debug_mask.numel() == 0
@@ -157,6 +170,7 @@ def test_op_glue_passes_views_arguments_and_philox(on_cpu, heads_k, sq, sk, caus
     torch.testing.assert_close(q.grad, 3 * dout)
     torch.testing.assert_close(k.grad, 4 * k.detach())
     assert k.grad.shape == (b, heads_k, sk, d)
+    assert all(t.grad.stride() == t.stride() for t in (q, k, v))  # gradients laid out like their inputs too
 
 
 class FakeOriginal:
