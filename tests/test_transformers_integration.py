@@ -130,9 +130,10 @@ def test_register_avoids_transformers_flash_path(tmp_path):
         with pytest.raises(ValueError, match="choose another"):
             fjt.register(bad)
     AutoModelForCausalLM.from_config(CONFIGS["llama"]()).save_pretrained(tmp_path)  # from_pretrained too
-    model = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=NAME)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the kernels take CUDA bf16/fp16 tensors
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=NAME, dtype=torch.bfloat16).to(dev)
     assert model.config._attn_implementation == NAME
-    assert torch.isfinite(model(torch.randint(1, VOCAB, (1, 9))).logits).all()
+    assert torch.isfinite(model(torch.randint(1, VOCAB, (1, 9), device=dev)).logits).all()
 
 
 @pytest.mark.parametrize("arch", CONFIGS)

@@ -63,6 +63,10 @@ def register(name: str = NAME) -> str:
     return name
 
 
+# Under torch.compile (generate() compiles the forward for static caches on CUDA), the mask and the
+# unpadding plan run eagerly: both read data-dependent sizes (one sync per mask), and tracing them would
+# specialise on the cache offset, recompiling at every decoding step.
+@torch.compiler.disable
 def build_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None,
                use_vmap=False, device="cpu", **kwargs):
     """The mask attention_forward receives: None when each query sees all keys that causal (or no)
@@ -170,6 +174,7 @@ def _masked(q, k, v, segments, sliding_window, args):
     return out.new_zeros(*q.shape[:3], out.shape[-1]).index_put((q_rows, q_cols), out)  # padded queries: 0
 
 
+@torch.compiler.disable
 def _plan(segments, q_len, causal, windowed):
     """Unpadding for varlen from segment ids [B, L]: the (row, slot) indices of the queries and keys in
     sequence order, cu_seqlens, max seqlens and whether a sequence has holes; None when every slot is
