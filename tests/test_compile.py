@@ -226,7 +226,9 @@ def test_opcheck_of_the_ops_on_the_kernels():
     sink = torch.randn(q.shape[2], device="cuda", requires_grad=True)
     torch.library.opcheck(ops.fwd, (q, k, v, None, sink, None, True, -1, 0, 0.0, 0.0, False))
     out, lse, rng = ops.fwd(q, k, v, None, sink, None, True, -1, 0, 0.0, 0.0, True)
-    torch.library.opcheck(ops.bwd, (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse, rng,
+    # The backward op's inputs detached: it has no autograd formula of its own (no double backward).
+    torch.library.opcheck(ops.bwd, (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(),
+                                    lse.detach(), rng,
                                     None, sink.detach(), None, True, -1, 0, 0.0, 0.0, True))
 
 
