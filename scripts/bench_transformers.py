@@ -43,6 +43,31 @@ def time_ms(fn, warmup: int, iters: int) -> tuple[float, float]:
     return median_ms(fn, warmup, iters), torch.cuda.max_memory_allocated() / 2**30
 
 
+def kernel_totals(fn) -> dict:
+    """{CUDA kernel name: total us} over one call of fn, from torch.profiler (host gaps are not kernels:
+    compare the sum with the measured time to see them)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    totals = {}
+    for event in prof.key_averages():
+        us = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)
+        if us and event.device_type.name == "CUDA":
+            totals[event.key[:70]] = totals.get(event.key[:70], 0.0) + us
+    return totals
+
+
+def print_kernel_diff(sdpa: dict, ours: dict, name: str, top: int = 8) -> None:
+    """The kernels (by name) whose per-step totals differ most, and each side's sum."""
+    keys = sorted(set(sdpa) | set(ours), key=lambda k: -abs(ours.get(k, 0.0) - sdpa.get(k, 0.0)))
+    print(f"    kernel totals: sdpa {sum(sdpa.values()) / 1e3:.2f} ms, {name} {sum(ours.values()) / 1e3:.2f} ms; "
+          "largest differences (us):")
+    for key in keys[:top]:
+        print(f"    {sdpa.get(key, 0.0):9.0f} {ours.get(key, 0.0):9.0f}  {key}")
+
+
 def cell(result, key: str, fmt: str) -> str:
     return format(result[key], fmt) if result else "-"
 
@@ -52,6 +77,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for bench_transformers.json")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--profile", action="store_true",
+                        help="after timing, print each case's CUDA kernels whose totals differ most between the two")
     parser.add_argument("--iters", type=int, default=10)
     args = parser.parse_args()
     _require_torch_cuda("bench_transformers.py")
@@ -105,6 +132,8 @@ def main() -> None:
                 losses[implementation] = fn().item()
                 ms, gib = time_ms(fn, args.warmup, args.iters)
                 row[implementation] = {"ms": ms, "peak_gib": gib}
+                if args.profile:
+                    row[implementation]["kernels_us"] = kernel_totals(fn)
             except (RuntimeError, NotImplementedError, ValueError) as exc:
                 print(f"    ({implementation} failed on {label}: {str(exc).splitlines()[0][:120]})")
                 row[implementation] = None
@@ -114,6 +143,8 @@ def main() -> None:
         diff = f"{abs(losses['sdpa'] - losses[name]):.1e}" if len(losses) == 2 else "-"
         print(f"{label:<34} {cell(s, 'ms', '9.2f'):>9} {cell(f, 'ms', '9.2f'):>9} {speedup:>8} "
               f"{cell(s, 'peak_gib', '9.2f'):>9} {cell(f, 'peak_gib', '9.2f'):>9}  {diff}")
+        if args.profile and s and f:
+            print_kernel_diff(s["kernels_us"], f["kernels_us"], name)
 
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
