@@ -18,7 +18,7 @@ from pathlib import Path
 from .configs import FAMILIES, family_of
 from .configs.common import ConfigBase
 
-ABI_VERSION = 9
+ABI_VERSION = 10
 
 # One template for every family: the family names the header, the namespace and the params struct,
 # the config its Config<...> arguments (configs/common.py: ConfigBase.template_args).

@@ -32,11 +32,17 @@ _SIZES = [("batch", _i32), ("seqlen_q", _i32), ("seqlen_k", _i32), ("heads", _i3
 # null (cu_seqlens_q = None: dense). flashjit/varlen.py sets it for variable-length batches.
 _VARLEN = [("cu_seqlens_q", _ptr), ("cu_seqlens_k", _ptr), ("total_q", _i32), ("total_k", _i32)]
 
+# flashjit::CacheParams, after VarlenParams in FwdParams only: null unless flashjit/kvattn.py sets it.
+_CACHE = [("seqused_k", _ptr), ("leftpad_k", _ptr), ("batch_idx", _ptr), ("block_table", _ptr),
+          ("table_stride", _i32), ("page_size", _i32), ("num_rows", _i32), ("num_splits", _i32),
+          ("o_accum", _ptr), ("lse_accum", _ptr)]
+
 
 class FwdParams(ctypes.Structure):
-    """flashjit::FwdParams: TensorRef q, k, v, o; float* lse; sizes; scale; ScoreParams; VarlenParams."""
+    """flashjit::FwdParams: TensorRef q, k, v, o; float* lse; sizes; scale; ScoreParams; VarlenParams;
+    CacheParams."""
 
-    _fields_ = [*_tensor_refs("q", "k", "v", "o"), ("lse", _ptr), *_SIZES, *_VARLEN]
+    _fields_ = [*_tensor_refs("q", "k", "v", "o"), ("lse", _ptr), *_SIZES, *_VARLEN, *_CACHE]
 
 
 class BwdParams(ctypes.Structure):

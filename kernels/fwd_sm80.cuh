@@ -5,7 +5,9 @@
 //
 // q: [B, Sq, H, D], k/v: [B, Sk, H_k, D] with h_k = h / (H / H_k), o: [B, Sq, H, D]; or a
 // variable-length batch packed along the rows (common/params.cuh: VarlenParams), each sequence
-// computed as a dense call of its own lengths. One CTA owns B_r query rows of one (batch, head); each warp owns B_r / n_warps of them and walks
+// computed as a dense call of its own lengths; or, built with kvcache, queries over a (paged) KV cache
+// with per-entry lengths, the key range optionally split across CTAs (common/params.cuh: CacheParams).
+// One CTA owns B_r query rows of one (batch, head); each warp owns B_r / n_warps of them and walks
 // all key blocks of B_c rows, keeping its O rows and softmax statistics in registers.
 #pragma once
 #include <cstdint>
@@ -24,12 +26,12 @@ namespace flashjit::fwd {
 // One template parameter per KernelConfig field (flashjit/configs/fwd_sm80.py), in the same order.
 template <bool kBf16_, int kDHead_, int kBr_, int kBc_, int kWarps_, bool kAsync_, bool kEager_, bool kSwizzle_,
           int kDepthQ_, int kDepthK_, int kDepthV_, bool kDoubleBuffer_, bool kOptSoftmax_, bool kCausal_,
-          bool kLocal_, bool kSoftcap_, bool kAlibi_, bool kDropout_, bool kSink_>
+          bool kLocal_, bool kSoftcap_, bool kAlibi_, bool kDropout_, bool kSink_, bool kKvCache_>
 struct Config {
   static constexpr bool kBf16 = kBf16_, kAsync = kAsync_, kEager = kEager_, kSwizzle = kSwizzle_;
   static constexpr bool kDoubleBuffer = kDoubleBuffer_, kOptSoftmax = kOptSoftmax_, kCausal = kCausal_;
   using Mod = ScoreMod<kCausal_, kLocal_, kSoftcap_, kAlibi_>;
-  static constexpr bool kDropout = kDropout_, kSink = kSink_;
+  static constexpr bool kDropout = kDropout_, kSink = kSink_, kKvCache = kKvCache_;
   // kDHead: the real head dim (a multiple of 8); kD: the tile width it runs in (zero columns past kDHead).
   static constexpr int kDHead = kDHead_, kD = head_dim_tile(kDHead_), kBr = kBr_, kBc = kBc_, kWarps = kWarps_;
   static constexpr int kDepthQ = kDepthQ_, kDepthK = kDepthK_, kDepthV = kDepthV_;
@@ -76,6 +78,7 @@ struct Config {
                 "eager_load_blocks needs async_copy: synchronous loads cannot overlap the matrix multiplies");
   static_assert(!kDoubleBuffer || kDbQ || kDbK || kDbV,
                 "mma_double_buffer_loads needs a fragment depth that splits its k loop (0 < depth < k-tiles) for Q, K or V");
+  static_assert(!(kKvCache && kDropout), "kvcache kernels have no dropout (flash_attn_with_kvcache has none)");
   static_assert(kRegEstimate <= 255,
                 "the fragments of this config need more than 255 registers per thread and would spill");
 };
@@ -239,6 +242,105 @@ __device__ __forceinline__ void online_softmax(float (&s)[C::kM][C::kNtC][4], fl
   rescale_o<C>(o, alpha);
 }
 
+// The sum over the 4 lanes of a quad (the lanes that share an accumulator row).
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// ---- a KV cache (kvcache kernels; common/params.cuh: CacheParams) --------------------------------
+// Batch entry b's keys: the valid slots [leftpad, seqused) of its cache row, every value clamped to
+// what the tensors hold (capacity: the slots a row has).
+__device__ __forceinline__ void cache_keys(const CacheParams& c, int b, int capacity, int& k_start, int& len_k,
+                                           int& kv_b) {
+  const int end = c.seqused_k != nullptr ? min(max(c.seqused_k[b], 0), capacity) : capacity;
+  k_start = c.leftpad_k != nullptr ? min(max(c.leftpad_k[b], 0), end) : 0;
+  len_k = end - k_start;
+  if (c.batch_idx != nullptr) kv_b = min(max(c.batch_idx[b], 0), c.num_rows - 1);
+}
+
+// Row `slot` (logical) of head h_k of a paged cache: its page from the table, clamped to the pages.
+__device__ __forceinline__ const elem_t* paged_row(const CacheParams& c, const int32_t* table, const TensorRef& t,
+                                                   int slot, int h_k) {
+  const int page = min(max(table[slot / c.page_size], 0), c.num_rows - 1);
+  return t.at<const elem_t>(page, h_k, slot % c.page_size);
+}
+
+// Split-KV: this CTA's rows normalised over its own key blocks, in fp32, and their lse (-inf where
+// it saw no key), planes [split, b, h] of Sq rows. The learnable sink joins in the combine.
+template <class C>
+__device__ __forceinline__ void store_partial(const FwdParams& p, const float (&o)[C::kM][C::kNtD][4],
+                                              const float (&m)[C::kM][2], const float (&l)[C::kM][2], float scale,
+                                              int b, int h, int q_row0, int q_rows, int warp_row0, int lane) {
+  const int64_t plane = (int64_t(blockIdx.y) * p.batch + b) * p.heads + h;
+  float* o_part = p.cache.o_accum + (plane * p.seqlen_q + q_row0) * C::kDHead;
+  float* lse_part = p.cache.lse_accum + plane * p.seqlen_q + q_row0;
+#pragma unroll
+  for (int mt = 0; mt < C::kM; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const float sum = quad_sum(l[mt][half]);  // the row's sum: its 4 lanes' shares
+      const int row = warp_row0 + mt * 16 + (lane >> 2) + half * 8;
+      if (row >= q_rows) continue;
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+#pragma unroll
+      for (int nt = 0; nt < C::kNtD; ++nt) {
+        const int col = nt * 8 + (lane & 3) * 2;  // even, and d_head a multiple of 8: col + 1 too
+        if (col < C::kDHead)
+          *reinterpret_cast<float2*>(o_part + int64_t(row) * C::kDHead + col) =
+              make_float2(o[mt][nt][2 * half] * inv, o[mt][nt][2 * half + 1] * inv);
+      }
+      const float m_nat = C::kOptSoftmax ? m[mt][half] * scale : m[mt][half];
+      if ((lane & 3) == 0) lse_part[row] = sum > 0.f ? m_nat + logf(sum) : -INFINITY;
+    }
+}
+
+// Split-KV: one warp a query row weighs the splits' partials by exp(lse_s - lse) into o and lse
+// (+inf for a row that saw no key; with a learnable sink, lse includes it and O shrinks by
+// exp(lse_keys - lse)). Splits are at most kMaxSplits (the host's bound).
+constexpr int kMaxSplits = 128;
+template <class C>
+__global__ void __launch_bounds__(128) combine_kernel(const __grid_constant__ FwdParams p) {
+  __shared__ float weights[4][kMaxSplits];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t rows = int64_t(p.batch) * p.heads * p.seqlen_q, r = int64_t(blockIdx.x) * 4 + warp;
+  if (r >= rows) return;
+  const int splits = p.cache.num_splits, i = int(r % p.seqlen_q);
+  const int bh = int(r / p.seqlen_q), h = bh % p.heads, b = bh / p.heads;
+  const float* lse_part = p.cache.lse_accum + r;  // split s at lse_part[s * rows]
+  float mx = -INFINITY;
+  for (int s = lane; s < splits; s += 32) mx = fmaxf(mx, lse_part[s * rows]);
+#pragma unroll
+  for (int d = 16; d > 0; d >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, d));
+  float sum = 0.f;
+  if (mx != -INFINITY)
+    for (int s = lane; s < splits; s += 32) sum += __expf(lse_part[s * rows] - mx);
+#pragma unroll
+  for (int d = 16; d > 0; d >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, d);
+  const float lse_keys = mx == -INFINITY ? -INFINITY : mx + logf(sum);
+  float lse = lse_keys == -INFINITY ? INFINITY : lse_keys, shrink = 1.f;
+  if (C::kSink) {
+    const float sink = p.mods.sink[h];
+    lse = lse_keys == -INFINITY ? sink : fmaxf(lse_keys, sink) + log1pf(__expf(-fabsf(lse_keys - sink)));
+    shrink = lse_keys == -INFINITY ? 0.f : __expf(lse_keys - lse);
+  }
+  for (int s = lane; s < splits; s += 32)
+    weights[warp][s] = lse_keys == -INFINITY ? 0.f : __expf(lse_part[s * rows] - lse_keys) * shrink;
+  __syncwarp();
+  if (p.lse != nullptr && lane == 0) p.lse[r] = lse;
+  const float* o_part = p.cache.o_accum + r * C::kDHead;  // split s at o_part[s * rows * kDHead]
+  elem_t* out = p.o.at<elem_t>(b, h, i);
+  for (int c = lane * 4; c < C::kDHead; c += 128) {
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int s = 0; s < splits; ++s) {
+      const float w = weights[warp][s];
+      const float4 x = *reinterpret_cast<const float4*>(o_part + int64_t(s) * rows * C::kDHead + c);
+      acc.x += w * x.x, acc.y += w * x.y, acc.z += w * x.z, acc.w += w * x.w;
+    }
+    *reinterpret_cast<uint2*>(out + c) = make_uint2(pack2<C::kBf16>(acc.x, acc.y), pack2<C::kBf16>(acc.z, acc.w));
+  }
+}
+
 // ---- the kernel --------------------------------------------------------------------------------
 template <class C>
 __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant__ FwdParams p) {
@@ -249,33 +351,52 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
   using L = SmemLayout<C::kD, C::kSwizzle>;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  // 1-D grid: m-block fastest (neighbouring CTAs share K/V in L2), then head, then batch.
+  // 1-D grid: m-block fastest (neighbouring CTAs share K/V in L2), then head, then batch; split-KV
+  // (kvcache) CTAs in gridDim.y.
   const int num_m = (p.seqlen_q + C::kBr - 1) / C::kBr;
   int m_block = blockIdx.x % num_m;
   const int bh = blockIdx.x / num_m, h = bh % p.heads, b = bh / p.heads;
   if (C::kCausal) m_block = num_m - 1 - m_block;  // longest rows first: better tail balance
   const int h_k = h / (p.heads / p.heads_k);
   const Seq seq(p, b);  // this sequence's rows (dense: the whole batch entry)
+  // Its keys: rows [k_start, k_start + len_k) of k/v batch entry kv_b (a KV cache: see CacheParams).
+  int k_start = seq.k_start, len_k = seq.len_k, kv_b = b;
+  if (C::kKvCache) cache_keys(p.cache, b, p.seqlen_k, k_start, len_k, kv_b);
 
   const int q_row0 = m_block * C::kBr;                 // first query row of the CTA
   if (q_row0 >= seq.len_q) return;                     // varlen: past this sequence's end (the grid fits the longest)
   const int q_rows = min(C::kBr, seq.len_q - q_row0);  // valid query rows of the CTA
   const int warp_row0 = warp * C::kWarpRows;           // first row of this warp within the CTA
-  const typename C::Mod mod(p.mods, seq.len_q, seq.len_k, p.softmax_scale, b, h);
+  const typename C::Mod mod(p.mods, seq.len_q, len_k, p.softmax_scale, b, h);
   const elem_t* gQ = p.q.at<const elem_t>(b, h, seq.q_start + q_row0);
-  const elem_t* gK = p.k.at<const elem_t>(b, h_k, seq.k_start);
-  const elem_t* gV = p.v.at<const elem_t>(b, h_k, seq.k_start);
+  const elem_t* gK = p.k.at<const elem_t>(kv_b, h_k, k_start);  // paged: unused (rows come from the table)
+  const elem_t* gV = p.v.at<const elem_t>(kv_b, h_k, k_start);
 
   // Key blocks any row of this CTA can see: [j_begin, j_end).
-  int j_begin = 0, j_end = (seq.len_k + C::kBc - 1) / C::kBc;
+  int j_begin = 0, j_end = (len_k + C::kBc - 1) / C::kBc;
   if (C::kCausal || (C::Mod::kLocal && mod.right >= 0)) {
     const int last_col = q_row0 + q_rows - 1 + mod.diag + mod.right;  // rightmost visible key
     j_end = last_col < 0 ? 0 : min(j_end, last_col / C::kBc + 1);
   }
   if (C::Mod::kLocal && mod.left >= 0) j_begin = max(0, (q_row0 + mod.diag - mod.left) / C::kBc);
-  auto load_kv = [&](elem_t* dst, const elem_t* src, int64_t row_stride, int block) {
+  const bool split = C::kKvCache && p.cache.num_splits > 1;
+  if (split) {  // this CTA's share of the row's key blocks, an even cut of all of them
+    const int per = ((len_k + C::kBc - 1) / C::kBc + p.cache.num_splits - 1) / p.cache.num_splits;
+    j_begin = max(j_begin, int(blockIdx.y) * per), j_end = min(j_end, int(blockIdx.y + 1) * per);
+  }
+  auto load_kv = [&](elem_t* dst, const elem_t* src, const TensorRef& t, int block) {
+    if constexpr (C::kKvCache) {
+      if (p.cache.block_table != nullptr) {  // paged: each row's page from the table
+        const int32_t* table = p.cache.block_table + int64_t(b) * p.cache.table_stride;
+        const int slot0 = k_start + block * C::kBc;
+        const auto row_ptr = [&](int row) { return paged_row(p.cache, table, t, slot0 + row, h_k); };
+        load_tile_rows<C::kBc, C::kD, C::kSwizzle, C::kAsync, C::kThreads, C::kDHead>(
+            dst, static_cast<const elem_t*>(t.data), row_ptr, len_k - block * C::kBc, tid);
+        return;
+      }
+    }
     load_tile<C::kBc, C::kD, C::kSwizzle, C::kAsync, C::kThreads, C::kDHead>(
-        dst, src + int64_t(block) * C::kBc * row_stride, row_stride, seq.len_k - block * C::kBc, tid);
+        dst, src + int64_t(block) * C::kBc * t.row_stride, t.row_stride, len_k - block * C::kBc, tid);
   };
 
   float o[C::kM][C::kNtD][4];
@@ -294,7 +415,7 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
   load_tile<C::kBr, C::kD, C::kSwizzle, C::kAsync, C::kThreads, C::kDHead>(sQ, gQ, p.q.row_stride, q_rows, tid);
   if (C::kEager) {
     cp_async_commit();
-    if (j_begin < j_end) load_kv(sK, gK, p.k.row_stride, j_begin);
+    if (j_begin < j_end) load_kv(sK, gK, p.k, j_begin);
     cp_async_commit();
   }
 
@@ -302,12 +423,12 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
     if (C::kEager) {
       cp_async_wait<0>();  // K_j (and at j == 0, Q) has landed
       __syncthreads();     // ... for every thread; and every warp is done reading V_{j-1}
-      load_kv(sV, gV, p.v.row_stride, j);  // V_j streams in under QK^T and the softmax
+      load_kv(sV, gV, p.v, j);  // V_j streams in under QK^T and the softmax
       cp_async_commit();
     } else {
       __syncthreads();  // every warp is done with K_{j-1}, V_{j-1}
-      load_kv(sK, gK, p.k.row_stride, j);
-      load_kv(sV, gV, p.v.row_stride, j);
+      load_kv(sK, gK, p.k, j);
+      load_kv(sV, gV, p.v, j);
       if (C::kAsync) cp_async_commit(), cp_async_wait<0>();
       __syncthreads();
     }
@@ -326,7 +447,7 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
     if (C::kEager) {
       cp_async_wait<0>();  // V_j has landed
       __syncthreads();     // ... for every thread; and every warp is done reading K_j
-      if (j + 1 < j_end) load_kv(sK, gK, p.k.row_stride, j + 1);  // K_{j+1} streams in under PV
+      if (j + 1 < j_end) load_kv(sK, gK, p.k, j + 1);  // K_{j+1} streams in under PV
       cp_async_commit();
     }
     gemm_pv<C>(o, pf, sV, lane);
@@ -334,6 +455,10 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
 
   // ---- epilogue: normalise, stage O through this warp's rows of sQ, 16-byte coalesced stores ----
   if (C::kAsync) cp_async_wait<0>();
+  if (split) {  // a partial for the combine kernel instead
+    store_partial<C>(p, o, m, l, scale, b, h, q_row0, q_rows, warp_row0, lane);
+    return;
+  }
   __syncthreads();  // sQ's copies (possibly issued by other threads) are complete before reuse
   const Seq tail(p, b);
   float* lse = p.lse + tail.stat_row(h, 0);  // unused when p.lse is null
@@ -341,9 +466,7 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
   for (int mt = 0; mt < C::kM; ++mt)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      float sum = l[mt][half];
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      float sum = quad_sum(l[mt][half]);  // the row's sum: its 4 lanes' shares (fold_sink updates it)
       float m_nat = C::kOptSoftmax ? m[mt][half] * scale : m[mt][half];  // natural-log units
       const float corr = C::kSink ? fold_sink(p.mods.sink[h], m_nat, sum) : 1.f;
       // Dropped entries still count in the softmax denominator; kept ones are scaled by 1 / (1 - p).
@@ -384,7 +507,17 @@ cudaError_t launch(const FwdParams& p, cudaStream_t stream) {
       if (device < 64) opted_in[device] = true;
     }
   }
-  fwd_kernel<C><<<unsigned(blocks), C::kThreads, C::kSmemBytes, stream>>>(p);
+  const int splits = C::kKvCache && p.cache.num_splits > 1 ? p.cache.num_splits : 1;
+  if (splits > kMaxSplits) return cudaErrorInvalidValue;
+  fwd_kernel<C><<<dim3(unsigned(blocks), unsigned(splits)), C::kThreads, C::kSmemBytes, stream>>>(p);
+  if constexpr (C::kKvCache) {
+    if (splits > 1) {
+      const cudaError_t err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+      const int64_t rows = int64_t(p.batch) * p.heads * p.seqlen_q;
+      combine_kernel<C><<<unsigned((rows + 3) / 4), 128, 0, stream>>>(p);
+    }
+  }
   return cudaGetLastError();
 }
 

@@ -120,7 +120,7 @@ def test_every_knob_changes_the_rendered_code():
     flips = dict(dtype="fp16", d_head=64, B_r=128, B_c=32, n_warps=8, async_copy=False, eager_load_blocks=False,
                  swizzled=False, q_frag_depth=2, k_frag_depth=2, v_frag_depth=2, mma_double_buffer_loads=False,
                  optimized_softmax=False, causal=True, local=True, softcap=True, alibi=True,
-                 dropout=True, sink=True)
+                 dropout=True, sink=True, kvcache=True)
     assert set(flips) == {f.name for f in dataclasses.fields(KernelConfig)}
     for name, value in flips.items():
         changed = dataclasses.replace(base, **{name: value})

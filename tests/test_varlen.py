@@ -480,15 +480,19 @@ def test_qkvpacked_reference_shape_check(monkeypatch):
 
 
 def test_params_structs_end_with_the_varlen_fields():
-    """flashjit/launch.py mirrors kernels/common/params.cuh: VarlenParams last in both structs (a dense
-    caller's positional construction leaves it null), two pointers and two int32 (24 bytes)."""
+    """flashjit/launch.py mirrors kernels/common/params.cuh: VarlenParams after the sizes and score
+    values in both structs (a dense caller's positional construction leaves it null), two pointers and
+    two int32 (24 bytes); the backward's last, the forward's followed only by CacheParams."""
     from flashjit.launch import BwdParams, FwdParams
 
     for struct in (FwdParams, BwdParams):
         names = [name for name, _ in struct._fields_]
-        assert names[-4:] == ["cu_seqlens_q", "cu_seqlens_k", "total_q", "total_k"]
+        end = names.index("total_k") + 1
+        assert names[end - 4:end] == ["cu_seqlens_q", "cu_seqlens_k", "total_q", "total_k"]
+        assert names[end:] == ([] if struct is BwdParams else [n for n, _ in __import__("flashjit.launch").launch._CACHE])
         assert struct.cu_seqlens_q.offset == struct.sink.offset + 8
-        assert __import__("ctypes").sizeof(struct) == struct.total_k.offset + 4 == struct.cu_seqlens_q.offset + 24
+        assert struct.total_k.offset + 4 == struct.cu_seqlens_q.offset + 24
+    assert __import__("ctypes").sizeof(BwdParams) == BwdParams.total_k.offset + 4
     assert not FwdParams().cu_seqlens_q, "a dense call leaves the varlen fields null"
 
 

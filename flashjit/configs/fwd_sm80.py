@@ -24,6 +24,7 @@ WHY_DEPTH = "a fragment depth must be 0 (whole block up front) or a power of two
 WHY_EAGER = "eager_load_blocks needs async_copy: synchronous loads cannot overlap the matrix multiplies"
 WHY_DOUBLE_BUFFER = ("mma_double_buffer_loads needs a fragment depth that splits its k loop "
                      "(0 < depth < k-tiles) for Q, K or V")
+WHY_KVCACHE = "kvcache kernels have no dropout (flash_attn_with_kvcache has none)"
 WHY_REGISTERS = "the fragments of this config need more than 255 registers per thread and would spill"
 
 
@@ -52,6 +53,9 @@ class KernelConfig(ConfigBase):
     dropout          dropout on the attention probabilities (Philox RNG; p and the seed are run-time)
     sink             learnable sinks: a logit per query head in every row's softmax denominator
                      (the logits are a run-time tensor)
+    kvcache          queries over a KV cache (flash_attn_with_kvcache, flashjit/kvattn.py): per-entry
+                     key ranges, cache rows, a paged layout and split-KV with a combine kernel, each
+                     chosen at run time (kernels/common/params.cuh: CacheParams)
     """
 
     dtype: str = "bf16"
@@ -73,6 +77,7 @@ class KernelConfig(ConfigBase):
     alibi: bool = False
     dropout: bool = False
     sink: bool = False
+    kvcache: bool = False
 
     # ---- derived quantities --------------------------------------------------------------
     @property
@@ -135,6 +140,8 @@ class KernelConfig(ConfigBase):
             depth, tiles = getattr(self, f"{operand}_frag_depth"), self.k_tiles(operand)
             if depth != 0 and (depth & (depth - 1) or tiles % depth):
                 out.append(f"{operand}_frag_depth={depth}: {WHY_DEPTH} ({tiles})")
+        if self.kvcache and self.dropout:
+            out.append(WHY_KVCACHE)
         if self.eager_load_blocks and not self.async_copy:
             out.append(WHY_EAGER)
         if self.mma_double_buffer_loads and not any(
@@ -154,14 +161,14 @@ class KernelConfig(ConfigBase):
                 f"_ac{b(self.async_copy)}_el{b(self.eager_load_blocks)}_sw{b(self.swizzled)}"
                 f"_fq{self.q_frag_depth}_fk{self.k_frag_depth}_fv{self.v_frag_depth}"
                 f"_db{b(self.mma_double_buffer_loads)}_os{b(self.optimized_softmax)}"
-                f"_causal{b(self.causal)}{features_suffix(self)}")
+                f"_causal{b(self.causal)}{features_suffix(self)}{'_kvcache' if self.kvcache else ''}")
 
     _NAME_RE = re.compile(
         r"^fwd_(?P<dtype>fp16|bf16)_d(?P<d_head>\d+)_br(?P<B_r>\d+)_bc(?P<B_c>\d+)_w(?P<n_warps>\d+)"
         r"_ac(?P<async_copy>[01])_el(?P<eager_load_blocks>[01])_sw(?P<swizzled>[01])"
         r"_fq(?P<q_frag_depth>\d+)_fk(?P<k_frag_depth>\d+)_fv(?P<v_frag_depth>\d+)"
         r"_db(?P<mma_double_buffer_loads>[01])_os(?P<optimized_softmax>[01])_causal(?P<causal>[01])"
-        + FWD_FEATURES_RE + "$")
+        + FWD_FEATURES_RE + "(?P<kvcache>_kvcache)?$")
 
     @classmethod
     def parse_name(cls, name: str) -> "KernelConfig | None":
@@ -171,7 +178,7 @@ class KernelConfig(ConfigBase):
         values = {}
         for f in fields(cls):
             raw = match.group(f.name)
-            if f.name in FWD_FEATURES:
+            if f.name in FWD_FEATURES or f.name == "kvcache":
                 values[f.name] = raw is not None
             else:
                 values[f.name] = raw if f.type == "str" else (bool(int(raw)) if f.type == "bool" else int(raw))
@@ -180,4 +187,4 @@ class KernelConfig(ConfigBase):
 
 KernelConfig.family = FAMILY = Family(
     "fwd_sm80", KernelConfig, template="fwd_sm80.cuh", namespace="fwd", params="FwdParams", direction="fwd",
-    reasons=(WHY_HEAD_DIM, WHY_WARP_ROWS, WHY_DEPTH, WHY_EAGER, WHY_DOUBLE_BUFFER, WHY_REGISTERS))
+    reasons=(WHY_HEAD_DIM, WHY_WARP_ROWS, WHY_DEPTH, WHY_EAGER, WHY_DOUBLE_BUFFER, WHY_KVCACHE, WHY_REGISTERS))

@@ -55,6 +55,30 @@ struct VarlenParams {
   int32_t total_q, total_k;
 };
 
+// Attention over a KV cache (flash_attn_with_kvcache; read only by forward kernels built with kvcache,
+// flashjit/kvattn.py): per batch entry b the valid keys are cache slots [leftpad_k[b], seqused_k[b]) of
+// cache row batch_idx[b] (dense [B_c, S_cache, H_k, D]: k/v batch stride is a cache row's), or, paged,
+// logical slots of block_table[b] (k/v [num_pages, page_size, H_k, D]: batch stride is a page's; slot s
+// lives in page block_table[b][s / page_size] at row s % page_size). seqlen_k is then the slots a row
+// can hold (S_cache, or table_stride * page_size). The kernels clamp every index they read to those
+// bounds (batch_idx and table entries to [0, num_rows)), so unchecked device-resident values give wrong
+// results, never an access outside the tensors. Masks count keys from the first valid slot (causal is
+// bottom-right on the len = seqused - leftpad valid keys).
+// Split-KV: with num_splits > 1 the CTAs of gridDim.y split each row's key blocks evenly; each writes
+// its normalised partial O and its lse (-inf: no key) to o_accum / lse_accum, and a combine kernel
+// weighs them into o and lse (folding in the learnable sink, if any).
+struct CacheParams {
+  const int32_t* seqused_k;    // [B] one past the last valid slot, or null: seqlen_k
+  const int32_t* leftpad_k;    // [B] first valid slot, or null: 0
+  const int32_t* batch_idx;    // [B] the cache row of batch entry b (dense caches), or null: b
+  const int32_t* block_table;  // [B, table_stride] pages, or null: a dense cache
+  int32_t table_stride, page_size;
+  int32_t num_rows;            // pages (paged) or cache rows (dense): what batch_idx / table entries index
+  int32_t num_splits;          // 0 or 1: no split
+  float* o_accum;              // [num_splits, B, H, Sq, d_head] fp32
+  float* lse_accum;            // [num_splits, B, H, Sq] fp32
+};
+
 // q: [B, Sq, H, D], k/v: [B, Sk, H_k, D], o: [B, Sq, H, D] (varlen: see VarlenParams).
 // lse: [B, H, Sq] fp32, contiguous (varlen [H, total_q]), or null when the caller does not want it.
 struct FwdParams {
@@ -63,7 +87,8 @@ struct FwdParams {
   int32_t batch, seqlen_q, seqlen_k, heads, heads_k;
   float softmax_scale;
   ScoreParams mods;
-  VarlenParams varlen;  // last, so a dense caller's positional initialisation leaves it null
+  VarlenParams varlen;  // after the sizes, so a dense caller's positional initialisation leaves it null
+  CacheParams cache;    // likewise: null unless the kernel is a kvcache one
 };
 
 // Backward: dout/dq like q, dk/dv like k; lse and dvec (rowsum(dO * O), computed by the first

@@ -1,0 +1,178 @@
+"""Queries over a KV cache on the kernels: the jit backend of flash_attn_with_kvcache (flashjit/kvcache.py).
+
+    forward_kvcache(q [B, Sq, H, D], k_cache, v_cache, seqlens_k int32 [B], ...) -> (out, lse)
+
+The cache is dense [B_c, S_cache, H_k, D] (batch entry b reads row kv_batch_idx[b], or b) or paged
+[num_pages, page_size, H_k, D] through block_table [B, max_pages] int32 (slot s of entry b lives in page
+block_table[b, s // page_size], row s % page_size). Entry b attends to slots [leftpad_k[b], seqlens_k[b]);
+masks count from the first of them (causal is bottom-right on those keys).
+
+It runs in the sm_80 forward family built with `kvcache` (kernels/fwd_sm80.cuh, common/params.cuh:
+CacheParams), on every arch, with two things done for decoding, where one query row per head would leave
+the GPU idle and read every K/V byte once per query head:
+- GQA packing: with Sq = 1 the H / H_k query heads that share a KV head become the rows of one tile
+  (q viewed as [B, H / H_k, H_k, D], no copy), so each K/V byte is read once per KV head. Not with
+  ALiBi, sinks or a window, whose values depend on the real head or row (as in flash-attn).
+- Split-KV: when batch x heads x query blocks cannot fill the GPU, each row's key blocks are split over
+  num_splits CTAs (0: chosen here, flash-attn's heuristic); their fp32 partials are combined by a
+  second kernel. Useful for prefill chunks against a long cache too.
+
+Not checked (they would need a device sync): the values of seqlens_k, leftpad_k, kv_batch_idx and
+block_table. The kernels clamp each to the tensors' bounds, so bad values give wrong results, never an
+access outside q, the cache or the outputs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+
+import torch
+
+from . import interface
+from .dispatch import default_config
+from .launch import FwdParams, tensor_ref
+
+log = logging.getLogger("flashjit")
+MAX_SPLITS = 128  # kernels/fwd_sm80.cuh: kMaxSplits
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=4096)  # per (grid, GPU, cache length): decoding asks the same every step
+def num_splits_heuristic(ctas: int, sms: int, key_blocks: int, max_splits: int = MAX_SPLITS) -> int:
+    """flash-attn 2's choice: no split when the CTAs already fill 80% of the GPU's slots; else the fewest
+    splits whose wave efficiency (CTAs / SM slots, against whole waves) is within 85% of the best,
+    counting only split counts that change the blocks per split."""
+    if ctas >= 0.8 * sms:
+        return 1
+    max_splits = min(max_splits, sms, key_blocks)
+    if max_splits <= 1:
+        return 1
+
+    def eligible(s):
+        return s == 1 or -(-key_blocks // s) != -(-key_blocks // (s - 1))
+
+    def efficiency(s):
+        waves = ctas * s / sms
+        return waves / -(-waves // 1)
+
+    best = max(efficiency(s) for s in range(1, max_splits + 1) if eligible(s))
+    return next(s for s in range(1, max_splits + 1) if eligible(s) and efficiency(s) >= 0.85 * best)
+
+
+@functools.lru_cache(maxsize=None)
+def _config(dtype: torch.dtype, d_head: int, causal: bool, short: bool, local: bool, softcap: bool, alibi: bool,
+            sink: bool, smem_limit: int):
+    """The sm_80 forward family's default for these rows (short: at most 64, decoding), built with
+    kvcache; for decoding flash-attn's tile (128 keys a step up to d128) where the registers allow."""
+    config = default_config(interface._DTYPES[dtype], d_head, causal, 64 if short else 4096, smem_limit, local,
+                            softcap, alibi, sink=sink)
+    config = dataclasses.replace(config, kvcache=True)
+    wide = dataclasses.replace(config, B_c=128)
+    if short and d_head <= 128 and not wide.problems() and wide.smem_bytes <= smem_limit:
+        config = wide
+    return config.validate()
+
+
+def _check(q, k_cache, v_cache, seqlens_k, leftpad_k, block_table, kv_batch_idx):
+    """What the kernels rely on, as ValueErrors naming the argument (flashjit/kvcache.py checks the
+    user-facing arguments before this)."""
+    batch = q.shape[0] if isinstance(q, torch.Tensor) and q.dim() == 4 else 0
+
+    def rows_as_batch(t):  # check_qkv compares batch sizes; a cache's rows are not the batch
+        return t[:1].expand(batch, *t.shape[1:]) if isinstance(t, torch.Tensor) and t.dim() == 4 and len(t) else t
+
+    # dtypes, devices, 4 dims, contiguous last dims, head dims, GQA divisibility
+    interface.check_qkv(q, rows_as_batch(k_cache), rows_as_batch(v_cache))
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
+                         f"{tuple(v_cache.shape)}")
+    if q.shape[-1] % 8:
+        raise ValueError(f"head dim {q.shape[-1]} of a KV cache must be a multiple of 8 (a padded copy of the cache "
+                         "would be made on every call); pad the cache's head dim once, when allocating it")
+    for name, t, shape in (("seqlens_k", seqlens_k, (batch,)), ("leftpad_k", leftpad_k, (batch,)),
+                           ("kv_batch_idx", kv_batch_idx, (batch,)),
+                           ("block_table", block_table, (batch, None))):
+        if t is None and name != "seqlens_k":
+            continue
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.device != q.device or t.dim() != len(shape) \
+                or any(want is not None and got != want for got, want in zip(t.shape, shape)):
+            raise ValueError(f"{name} must be an int32 tensor of shape {tuple('n' if s is None else s for s in shape)} "
+                             f"on {q.device}, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}"
+                             f"{' ' + str(t.dtype) if isinstance(t, torch.Tensor) else ''}")
+    if block_table is not None:
+        if kv_batch_idx is not None:
+            raise ValueError("kv_batch_idx (cache_batch_idx) cannot be combined with a paged cache (block_table)")
+        if k_cache.shape[1] % 16:
+            raise ValueError(f"the paged cache's page size (k_cache.shape[1] = {k_cache.shape[1]}) must be a "
+                             "multiple of 16")
+    elif kv_batch_idx is None and k_cache.shape[0] != batch:
+        raise ValueError(f"k_cache has {k_cache.shape[0]} rows for a batch of {batch}: pass kv_batch_idx "
+                         "(cache_batch_idx) to pick each entry's row")
+
+
+def forward_kvcache(q, k_cache, v_cache, seqlens_k, leftpad_k=None, block_table=None, kv_batch_idx=None,
+                    causal: bool = False, softmax_scale: float | None = None, window_size=(-1, -1),
+                    softcap: float = 0.0, alibi_slopes=None, num_splits: int = 0, learnable_sink=None,
+                    return_lse: bool = False):
+    """out [B, Sq, H, D] (and lse [B, H, Sq] fp32: +inf, or the sink, for a row that sees no key) of q over
+    the cache (module docstring). num_splits: 0 chooses, 1 never splits, n > 1 splits each row's keys n
+    ways (at most 128)."""
+    _check(q, k_cache, v_cache, seqlens_k, leftpad_k, block_table, kv_batch_idx)
+    seqlens_k, leftpad_k, block_table, kv_batch_idx = (  # the kernels index them densely
+        None if t is None else t.contiguous() for t in (seqlens_k, leftpad_k, block_table, kv_batch_idx))
+    if not isinstance(num_splits, int) or isinstance(num_splits, bool) or not 0 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits must be an int from 0 (choose) to {MAX_SPLITS}, got {num_splits!r}")
+    batch, seqlen_q, heads, d_head = q.shape
+    heads_k = k_cache.shape[2]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        lse.fill_(float("inf"))
+        return (out, lse) if return_lse else out
+    softmax_scale = interface.softmax_scale_or_default(q, softmax_scale)
+    causal = bool(causal)
+    window_size = tuple(window_size)
+    if seqlen_q == 1 and causal:  # the one query is the last position: it sees every key to its left
+        causal, window_size = False, (window_size[0], -1)
+    mods = interface.score_mods(q, causal, window_size, softcap, alibi_slopes, learnable_sink=learnable_sink)
+    q_run, out_run = q, out
+    if seqlen_q == 1 and heads > heads_k and not mods.flags[0] and not mods.alibi and mods.sink is None:
+        # GQA packing: the group's query heads as rows of one KV head (views; lse [B, H_k, G] is [B, H, 1])
+        group = heads // heads_k
+        q_run, out_run = (t.squeeze(1).unflatten(1, (heads_k, group)).transpose(1, 2) for t in (q, out))
+    device_index = q.get_device()
+    config = _config(q.dtype, d_head, causal, q_run.shape[1] <= 64, *mods.flags[:3], mods.sink is not None,
+                     interface._smem_limit(device_index)[0])
+    kernel = interface._kernels.get((config, device_index)) or interface._kernel_for(config, device_index)
+    q_run, k_cache, v_cache = (interface._aligned(t) for t in (q_run, k_cache, v_cache))
+    b, rows, h_run, _ = q_run.shape
+    capacity = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
+    if num_splits == 0:
+        ctas = b * h_run * -(-rows // config.B_r)
+        num_splits = num_splits_heuristic(ctas, 2 * _sm_count(device_index), -(-capacity // config.B_c))
+    params = FwdParams(*tensor_ref(q_run), *tensor_ref(k_cache), *tensor_ref(v_cache), *tensor_ref(out_run),
+                       lse.data_ptr(), b, rows, capacity, h_run, heads_k, softmax_scale, *mods.values)
+    params.seqused_k = seqlens_k.data_ptr()
+    params.leftpad_k = None if leftpad_k is None else leftpad_k.data_ptr()
+    params.batch_idx = None if kv_batch_idx is None else kv_batch_idx.data_ptr()
+    params.num_rows = k_cache.shape[0]
+    if block_table is not None:
+        params.block_table = block_table.data_ptr()
+        params.table_stride, params.page_size = block_table.stride(0), k_cache.shape[1]
+    if num_splits > 1:  # one buffer: the partial O [splits, B, H, Sq, D], then their lse [splits, B, H, Sq]
+        partials = num_splits * b * h_run * rows
+        accum = torch.empty(partials * (d_head + 1), dtype=torch.float32, device=q.device)
+        params.num_splits = num_splits
+        params.o_accum, params.lse_accum = accum.data_ptr(), accum.data_ptr() + partials * d_head * 4
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("kvcache forward [B=%d, Sq=%d, H=%d, H_k=%d, D=%d, capacity=%d%s] on %s, %d split(s)%s", batch,
+                  seqlen_q, heads, heads_k, d_head, capacity, ", paged" if block_table is not None else "",
+                  config.name, max(num_splits, 1), ", GQA packed" if q_run.shape[1] != seqlen_q else "")
+    interface._run(kernel, params, device_index)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,92 @@
+"""Decode benchmark: one query token per sequence against a KV cache (GQA 32 query / 8 KV heads, d128,
+bf16 by default), flashjit's kvcache kernel (flashjit/kvattn.py: GQA packing + split-KV) against
+flash_attn_func on the cache (the dense path), PyTorch SDPA's flash (FlashAttention-2) and cuDNN
+backends, in one run. Bandwidth = bytes of K and V read / time (the whole cache is valid), beside a
+device-to-device copy of the same bytes. Paged points use 64-slot pages in shuffled order. "graph" is
+the same kvcache call replayed from a CUDA graph: the kernels' own time, without Python's (the eager
+columns include the host time per call, which bounds short calls).
+
+    python scripts/bench_decode.py --out bench-out
+    python scripts/bench_decode.py --points 1x32768 32x2048 --page-size 16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from bench_forward import _require_torch_cuda, exit_unless_gpu, sdpa, time_ms  # same folder
+
+POINTS = ["1x32768", "32x2048", "32x8192", "128x1024"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    parser.add_argument("--points", nargs="+", default=POINTS, help="BATCHxCACHE_LENGTH")
+    parser.add_argument("--heads", default="32/8", help="query/KV heads")
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    parser.add_argument("--page-size", type=int, default=64)
+    args = parser.parse_args()
+    exit_unless_gpu("bench_decode.py")
+    _require_torch_cuda("bench_decode.py")
+    import torch
+    from torch.nn.attention import SDPBackend
+
+    import flashjit
+    from flashjit import kvattn
+
+    dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[args.dtype])
+    h, hk = map(int, args.heads.split("/"))
+    d = args.head_dim
+    rows = []
+    print(f"{torch.cuda.get_device_name()}: decode, {h}/{hk} heads, d{d}, {args.dtype}; GB/s of K+V read")
+    names = ("copy", "fjit", "graph", "paged", "dense fn", "FA2", "cuDNN")
+    print(f"{'batch x cache':>14} " + " ".join(f"{n:>8}" for n in names))
+    for point in args.points:
+        batch, length = map(int, point.split("x"))
+        q = torch.randn(batch, 1, h, d, dtype=dtype, device="cuda")
+        k, v = (torch.randn(batch, length, hk, d, dtype=dtype, device="cuda") for _ in range(2))
+        lengths = torch.full((batch,), length, dtype=torch.int32, device="cuda")
+        per = -(-length // args.page_size)
+        pages = torch.randperm(batch * per, device="cuda")
+        table = pages.view(batch, per).to(torch.int32)
+        kp, vp = (torch.empty(batch * per, args.page_size, hk, d, dtype=dtype, device="cuda") for _ in range(2))
+        for src, dst in ((k, kp), (v, vp)):  # page i of entry b holds slots [i * size, (i + 1) * size)
+            padded = torch.nn.functional.pad(src, (0, 0, 0, 0, 0, per * args.page_size - length))
+            dst[pages] = padded.view(batch * per, args.page_size, hk, d)
+        nbytes = 2 * k.numel() * k.element_size()
+        copy_dst = torch.empty_like(k)
+        kvattn.forward_kvcache(q, k, v, lengths)  # compiled and warm before the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            kvattn.forward_kvcache(q, k, v, lengths)
+        fns = {
+            "copy": lambda: (copy_dst.copy_(k), copy_dst.copy_(v)),
+            "fjit": lambda: kvattn.forward_kvcache(q, k, v, lengths),
+            "graph": graph.replay,
+            "paged": lambda: kvattn.forward_kvcache(q, kp, vp, lengths, block_table=table),
+            "dense fn": lambda: flashjit.flash_attn_func(q, k, v, causal=True),
+            "FA2": sdpa(SDPBackend.FLASH_ATTENTION, q, k, v, False),
+            "cuDNN": sdpa(SDPBackend.CUDNN_ATTENTION, q, k, v, False),
+        }
+        row = {"batch": batch, "cache": length}
+        for name, fn in fns.items():
+            ms = time_ms(fn)
+            row[name] = None if ms is None else nbytes / (ms * 1e-3) / 1e9
+        ref = fns["FA2"]()
+        row["max_abs_diff_vs_fa2"] = (fns["fjit"]().float() - ref.transpose(1, 2).float()).abs().max().item()
+        rows.append(row)
+        print(f"{point:>14} " + " ".join(f"{row[n]:8.0f}" if row[n] else "       -" for n in names))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_decode.json").write_text(json.dumps(
+        {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "heads": args.heads, "head_dim": d,
+         "dtype": args.dtype, "page_size": args.page_size, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    if not {"-h", "--help"} & set(sys.argv[1:]):
+        exit_unless_gpu("bench_decode.py")
+    main()

@@ -1,0 +1,194 @@
+"""The kvcache kernels (flashjit/kvattn.py over kernels/fwd_sm80.cuh built with kvcache): queries over a
+dense or paged KV cache with per-entry lengths, left padding, cache rows picked per entry, GQA packing
+and split-KV, against flashjit.reference per batch entry (tests/numerics.py's tolerance). Cache slots
+that no entry may read hold NaN, as do the outputs before the call."""
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+
+import pytest
+import torch
+
+from flashjit import kvattn
+from flashjit.configs.fwd_sm80 import WHY_KVCACHE, KernelConfig
+from flashjit.launch import FwdParams
+from numerics import assert_close, assert_lse_close, reference_and_low
+
+
+# ---- CPU: the split heuristic, the config, the params struct ----------------------------------------
+
+def test_split_heuristic_fills_the_gpu_and_never_splits_a_full_one():
+    assert kvattn.num_splits_heuristic(ctas=300, sms=264, key_blocks=500) == 1  # 80% full already
+    s = kvattn.num_splits_heuristic(ctas=8, sms=264, key_blocks=256)
+    assert 8 * s >= 0.8 * 264 * 0.85 and s <= 128
+    assert kvattn.num_splits_heuristic(ctas=8, sms=264, key_blocks=3) <= 3  # no more splits than key blocks
+    assert kvattn.num_splits_heuristic(ctas=1, sms=264, key_blocks=1) == 1
+
+
+def test_kvcache_config_name_and_rules():
+    config = KernelConfig(d_head=80, B_r=64, B_c=128, kvcache=True, causal=True, local=True)
+    assert config.name.endswith("_local_kvcache") and KernelConfig.from_name(config.name) == config
+    assert not KernelConfig(kvcache=True).problems()
+    assert WHY_KVCACHE in KernelConfig(kvcache=True, dropout=True).problems()
+
+
+def test_cache_params_follow_the_varlen_params():
+    """CacheParams sits after VarlenParams (kernels/common/params.cuh), so dense and varlen callers'
+    positional construction leaves it null."""
+    assert FwdParams.seqused_k.offset == (FwdParams.total_k.offset + 4 + 7) // 8 * 8  # the next pointer slot
+    assert ctypes.sizeof(FwdParams) == FwdParams.lse_accum.offset + 8
+    params = FwdParams()
+    assert not params.seqused_k and not params.block_table and params.num_splits == 0
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
+def test_kvcache_kernels_compile(arch):
+    """A decode kernel (64 rows, 128 keys, split-KV and the combine kernel) and a causal prefill one with
+    a sink and a window build, and load with launch.py's params size."""
+    from flashjit import jit
+    from flashjit.launch import CompiledKernel
+
+    for config in (KernelConfig(d_head=128, B_r=64, B_c=128, kvcache=True),
+                   KernelConfig(dtype="fp16", d_head=96, B_r=64, B_c=64, causal=True, local=True, sink=True,
+                                kvcache=True)):
+        CompiledKernel(jit.ensure_built(config, arch), config)
+
+
+# ---- GPU ------------------------------------------------------------------------------------------
+
+def _cache(batch, capacity, heads_k, d, dtype, page_size=None, rows=None):
+    """(k_cache, v_cache, block_table or None, slots(b) -> (k [n, H_k, D], v) of logical slots 0..capacity).
+    Paged: pages shuffled, plus spare pages no table names; everything starts as NaN but the slots the
+    test fills."""
+    nan = float("nan")
+    if page_size is None:
+        rows = rows or batch
+        k, v = (torch.full((rows, capacity, heads_k, d), nan, dtype=dtype, device="cuda") for _ in range(2))
+        return k, v, None
+    per = -(-capacity // page_size)
+    pages = batch * per + 3
+    k, v = (torch.full((pages, page_size, heads_k, d), nan, dtype=dtype, device="cuda") for _ in range(2))
+    table = torch.randperm(pages, device="cuda")[:batch * per].view(batch, per).to(torch.int32)
+    return k, v, table
+
+
+def _slots(cache, table, row, start, end, page_size):
+    """Logical slots [start, end) of batch entry `row` (or cache row `row` when dense), as [n, H_k, D]."""
+    if table is None:
+        return cache[row, start:end]
+    idx = torch.arange(start, end, device="cuda")
+    return cache[table[row, idx // page_size].long(), idx % page_size]
+
+
+def _fill(cache, table, row, start, end, page_size):
+    values = torch.randn((end - start, *cache.shape[2:]), dtype=cache.dtype, device="cuda")
+    if table is None:
+        cache[row, start:end] = values
+    else:
+        idx = torch.arange(start, end, device="cuda")
+        cache[table[row, idx // page_size].long(), idx % page_size] = values
+
+
+CASES = [  # (name, kwargs): every knob of the contract, one or two at a time
+    ("decode dense", dict()),
+    ("decode paged 16", dict(page_size=16)),
+    ("decode paged 48", dict(page_size=48, heads=(4, 4))),
+    ("decode paged 256 leftpad", dict(page_size=256, leftpad=True)),
+    ("decode leftpad batch_idx", dict(leftpad=True, batch_idx=True)),
+    ("decode MQA", dict(heads=(8, 1))),
+    ("decode softcap", dict(softcap=20.0)),
+    ("decode window", dict(window=(37, 0), causal=True)),
+    ("decode alibi", dict(alibi=True)),
+    ("decode sink", dict(sink=True)),
+    ("chunk causal", dict(sq=5, causal=True)),
+    ("chunk causal paged window", dict(sq=3, causal=True, page_size=32, window=(50, 0))),
+    ("chunk causal sink alibi", dict(sq=4, causal=True, sink=True, alibi=True)),
+    ("prefill-like non-causal", dict(sq=70)),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [0, 1, 3, 17])
+@pytest.mark.parametrize("name, case", CASES, ids=[c[0] for c in CASES])
+def test_forward_kvcache_matches_the_reference(name, case, splits):
+    _run_case(splits=splits, **case)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [40, 64, 80, 96, 128, 160, 256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_every_head_dim_and_dtype(d, dtype):
+    _run_case(d=d, dtype=dtype, splits=0, page_size=16 if d % 16 else None, sq=1 if d < 128 else 2, causal=d >= 128)
+
+
+def _run_case(splits, sq=1, heads=(8, 2), d=64, dtype=torch.bfloat16, page_size=None, leftpad=False,
+              batch_idx=False, causal=False, window=(-1, -1), softcap=0.0, alibi=False, sink=False):
+    batch, capacity = 5, 700
+    h, hk = heads
+    lengths = [0, 1, 129, 700, 333]  # an empty entry, one key, a full one
+    starts = [0, 0, 17, 0, 100] if leftpad else [0] * batch
+    cache_rows = [3, 0, 5, 1, 2] if batch_idx else list(range(batch))
+    k, v, table = _cache(batch, capacity, hk, d, dtype, page_size, rows=6 if batch_idx else None)
+    for b in range(batch):
+        for cache in (k, v):
+            _fill(cache, table, cache_rows[b] if table is None else b, starts[b], lengths[b], page_size)
+    q = torch.randn(batch, sq, h, d, dtype=dtype, device="cuda")
+    slopes = torch.rand(batch, h, device="cuda") * 0.3 if alibi else None
+    sinks = torch.randn(h, device="cuda") if sink else None
+    i32 = dict(dtype=torch.int32, device="cuda")
+    out, lse = kvattn.forward_kvcache(
+        q, k, v, torch.tensor(lengths, **i32), leftpad_k=torch.tensor(starts, **i32) if leftpad else None,
+        block_table=table, kv_batch_idx=torch.tensor(cache_rows, **i32) if batch_idx else None, causal=causal,
+        window_size=window, softcap=softcap, alibi_slopes=slopes, num_splits=splits, learnable_sink=sinks,
+        return_lse=True)
+    for b in range(batch):
+        row = cache_rows[b] if table is None else b
+        kb, vb = (_slots(c, table, row, starts[b], lengths[b], page_size)[None] for c in (k, v))
+        ref, low = reference_and_low(q[b:b + 1], kb, vb, causal=causal, window_size=window, softcap=softcap,
+                                     alibi_slopes=None if slopes is None else slopes[b], learnable_sink=sinks)
+        assert_close(f"out[{b}]", out[b:b + 1], ref[0], low[0])
+        assert_lse_close(lse[b:b + 1], ref[1], low[1])
+
+
+@pytest.mark.gpu
+def test_gqa_packing_and_splits_agree_with_the_unpacked_kernel():
+    """Packing (Sq = 1, 32/8 heads) and splitting change only the rounding order: within fp32 noise of the
+    plain launch (which sees the same cache through alibi slopes of 0, a feature that disables packing)."""
+    q = torch.randn(2, 1, 32, 128, dtype=torch.bfloat16, device="cuda")
+    k, v = (torch.randn(2, 3000, 8, 128, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    lengths = torch.tensor([3000, 1234], dtype=torch.int32, device="cuda")
+    plain = kvattn.forward_kvcache(q, k, v, lengths, num_splits=1, alibi_slopes=torch.zeros(32, device="cuda"))
+    for splits in (1, 2, 9, 64):
+        packed = kvattn.forward_kvcache(q, k, v, lengths, num_splits=splits)
+        assert (packed.float() - plain.float()).abs().max().item() < 2e-2
+
+
+@pytest.mark.gpu
+def test_bad_arguments_are_named():
+    q = torch.randn(2, 1, 4, 64, dtype=torch.bfloat16, device="cuda")
+    k = torch.randn(2, 64, 2, 64, dtype=torch.bfloat16, device="cuda")
+    good = torch.tensor([3, 4], dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match="seqlens_k must be an int32"):
+        kvattn.forward_kvcache(q, k, k, good.long())
+    with pytest.raises(ValueError, match="page size"):
+        kvattn.forward_kvcache(q, k[:, :40], k[:, :40], good, block_table=torch.zeros(2, 1, dtype=torch.int32,
+                                                                                      device="cuda"))
+    with pytest.raises(ValueError, match="kv_batch_idx"):
+        kvattn.forward_kvcache(q, k[:1], k[:1], good)
+    with pytest.raises(ValueError, match="num_splits"):
+        kvattn.forward_kvcache(q, k, k, good, num_splits=129)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        kvattn.forward_kvcache(q[..., :60], k[..., :60], k[..., :60], good)
+
+
+@pytest.mark.gpu
+def test_config_is_a_kvcache_one_and_reused(caplog):
+    q = torch.randn(1, 1, 8, 64, dtype=torch.bfloat16, device="cuda")
+    k = torch.randn(1, 100, 2, 64, dtype=torch.bfloat16, device="cuda")
+    config = kvattn._config(q.dtype, 64, False, True, False, False, False, False, 227 * 1024)
+    assert config.kvcache and dataclasses.replace(config, kvcache=False).name + "_kvcache" == config.name
+    with caplog.at_level("DEBUG", logger="flashjit"):
+        kvattn.forward_kvcache(q, k, k, torch.tensor([100], dtype=torch.int32, device="cuda"))
+    assert "GQA packed" in caplog.text
