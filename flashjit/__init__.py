@@ -19,7 +19,7 @@ _LAZY = {
     "flash_attn_func": "flash_api", "flash_attn_qkvpacked_func": "flash_api", "flash_attn_kvpacked_func": "flash_api",
     "attention_reference": "reference", "CompileError": "jit",
     "flash_attn_varlen_func": "varlen", "flash_attn_varlen_qkvpacked_func": "varlen",
-    "flash_attn_varlen_kvpacked_func": "varlen",
+    "flash_attn_varlen_kvpacked_func": "varlen", "flash_attn_with_kvcache": "kvcache",
     "unpad_input": "bert_padding", "pad_input": "bert_padding", "install_flash_attn_alias": "alias",
 }
 

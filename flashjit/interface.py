@@ -50,6 +50,16 @@ _REFERENCE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64
 _INT32_MAX = 2**31 - 1
 
 
+def check_4d(name: str, t, layout: str, dtypes, allowed: str) -> None:
+    """TypeError/ValueError naming argument `name` unless t is a 4-dim tensor (`layout`) of one of `dtypes`."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} must have 4 dims {layout}, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        raise ValueError(f"{name} must be {allowed}, got {t.dtype}; cast it with .half() or .bfloat16()")
+
+
 def check_qkv(q, k, v, reference: bool = False) -> None:
     """ValueError/TypeError naming the offending argument, before anything is launched. Ordered so
     that the common, valid call costs a handful of attribute reads. reference=True: the checks of
@@ -57,12 +67,7 @@ def check_qkv(q, k, v, reference: bool = False) -> None:
     dtypes, allowed = ((_REFERENCE_DTYPES, "float16, bfloat16, float32 or float64 (reference backend)") if reference
                        else (_DTYPES, "float16 or bfloat16"))
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must have 4 dims [batch, seqlen, heads, head_dim], got shape {tuple(t.shape)}")
-        if t.dtype not in dtypes:
-            raise ValueError(f"{name} must be {allowed}, got {t.dtype}; cast it with .half() or .bfloat16()")
+        check_4d(name, t, "[batch, seqlen, heads, head_dim]", dtypes, allowed)
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {t.stride()}; "
                              f"pass {name}.contiguous()")
