@@ -153,8 +153,21 @@ def _masked(q, k, v, segments, sliding_window, args):
             f"attn_implementation={NAME!r} got an attention mask of shape {tuple(getattr(segments, 'shape', ()))}: it "
             "runs the masks its own mask function builds from a 2D padding mask, not custom 4D masks; "
             "use 'sdpa' or 'eager' for those")
-    plan = _plan(segments, q.shape[1], args["causal"], bool(sliding_window))
     k, v = k[:, :segments.shape[1]], v[:, :segments.shape[1]]  # later slots: unfilled static-cache entries
+    if not torch.compiler.is_compiling() and not args["dropout_p"] and args["causal"] and q.shape[-1] % 8 == 0 \
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
+        leftpad = _left_padding(segments, q.shape[1])
+        if leftpad is not None:  # each row one run of valid slots ending at the last: no unpadding needed
+            from flashjit import kvattn, kvcache
+
+            run = kvattn.forward_kvcache if flashjit.interface.backend() == "jit" else kvcache.reference_kvcache_attention
+            with torch.no_grad():
+                out = run(q, k, v, torch.full_like(leftpad, k.shape[1]), leftpad_k=leftpad, causal=True,
+                          softmax_scale=args["softmax_scale"], softcap=args["softcap"],
+                          window_size=_window(sliding_window, True, k.shape[1]),
+                          learnable_sink=args.get("learnable_sink"))
+            return out[0] if isinstance(out, tuple) else out
+    plan = _plan(segments, q.shape[1], args["causal"], bool(sliding_window))
     if plan is None:  # every slot valid, one sequence per row (a static cache without padding)
         return flashjit.flash_attn_func(q, k, v, window_size=_window(sliding_window, args["causal"], k.shape[1]),
                                         **args)
@@ -172,6 +185,23 @@ def _masked(q, k, v, segments, sliding_window, args):
     out = varlen(q[q_rows, q_cols], k[k_rows, k_cols], v[k_rows, k_cols], cu_q, cu_k, max_q, max_k,
                  window_size=_window(sliding_window, args["causal"], max_k), **args)
     return out.new_zeros(*q.shape[:3], out.shape[-1]).index_put((q_rows, q_cols), out)  # padded queries: 0
+
+
+@torch.compiler.disable
+def _left_padding(segments, q_len):
+    """Each row's count of leading padding slots (int32 [B]) when every row is one run of valid slots
+    that ends at the last slot (left padding, as generate() pads, and no packed sequences) and the
+    queries are the last q_len slots; else None. Then the KV-cache kernel (flashjit/kvattn.py) runs the
+    padded batch in place, its left padding as cache_leftpad, with no gather and no scatter: causal
+    bottom-right on each row's valid keys is exactly transformers' mask there, and a padded query row
+    sees no key (out 0). Memoised on the mask, as _plan."""
+    memo = segments.__dict__.setdefault("_flashjit_leftpad", {})
+    if q_len not in memo:
+        length = segments.shape[1]
+        ok = q_len <= length and bool(((segments[:, 1:] >= segments[:, :-1]).all() & (segments <= 1).all()
+                                       & (segments[:, -1] == 1).all()))  # one device sync per mask
+        memo[q_len] = (segments == 0).sum(1, dtype=torch.int32) if ok else None
+    return memo[q_len]
 
 
 @torch.compiler.disable
