@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+from collections import OrderedDict
 
 import torch
 
@@ -116,6 +117,50 @@ def _check(q, k_cache, v_cache, seqlens_k, leftpad_k, block_table, kv_batch_idx)
                          "(cache_batch_idx) to pick each entry's row")
 
 
+class _Plan:
+    """A repeated call (decoding: the same shapes every step, only the lengths' values change), worked
+    out once: kernel, params with every size and stride, the workspace size. A hit skips the checks,
+    the config and split choice and the params packing: three allocations, the pointers, the launch."""
+
+    __slots__ = ("kernel", "template", "device_index", "device", "dtype", "out_shape", "lse_shape", "partials",
+                 "d_head")
+
+    def __init__(self, kernel, params, q, lse_shape, partials: int, d_head: int):
+        self.kernel, self.template, self.device_index = kernel, bytes(params), q.get_device()
+        self.device, self.dtype, self.out_shape, self.lse_shape = q.device, q.dtype, q.shape, lse_shape
+        self.partials, self.d_head = partials, d_head
+
+    def launch(self, q, k_cache, v_cache, seqlens_k, leftpad_k, block_table, kv_batch_idx):
+        if (q.data_ptr() | k_cache.data_ptr() | v_cache.data_ptr()) & 15:
+            return None  # the plan's kernel needs 16-byte aligned rows
+        out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
+        lse = torch.empty(self.lse_shape, dtype=torch.float32, device=self.device)
+        params = FwdParams.from_buffer_copy(self.template)
+        params.q, params.k, params.v, params.o = q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr()
+        params.lse, params.seqused_k = lse.data_ptr(), seqlens_k.data_ptr()
+        _set_indices(params, leftpad_k, block_table, kv_batch_idx)
+        if self.partials:
+            accum = torch.empty(self.partials * (self.d_head + 1), dtype=torch.float32, device=self.device)
+            params.o_accum, params.lse_accum = accum.data_ptr(), accum.data_ptr() + self.partials * self.d_head * 4
+        interface._run(self.kernel, params, self.device_index)
+        return out, lse
+
+
+_plans: OrderedDict = OrderedDict()
+_MAX_PLANS = 1024
+
+
+def _set_indices(params, leftpad_k, block_table, kv_batch_idx) -> None:
+    params.leftpad_k = None if leftpad_k is None else leftpad_k.data_ptr()
+    params.batch_idx = None if kv_batch_idx is None else kv_batch_idx.data_ptr()
+    params.block_table = None if block_table is None else block_table.data_ptr()
+
+
+def _signature(t):
+    """What a plan key records of an index tensor (its values are read by the kernel, not the host)."""
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+
+
 def forward_kvcache(q, k_cache, v_cache, seqlens_k, leftpad_k=None, block_table=None, kv_batch_idx=None,
                     causal: bool = False, softmax_scale: float | None = None, window_size=(-1, -1),
                     softcap: float = 0.0, alibi_slopes=None, num_splits: int = 0, learnable_sink=None,
@@ -123,9 +168,19 @@ def forward_kvcache(q, k_cache, v_cache, seqlens_k, leftpad_k=None, block_table=
     """out [B, Sq, H, D] (and lse [B, H, Sq] fp32: +inf, or the sink, for a row that sees no key) of q over
     the cache (module docstring). num_splits: 0 chooses, 1 never splits, n > 1 splits each row's keys n
     ways (at most 128)."""
+    plan_key = None
+    if alibi_slopes is None and learnable_sink is None:  # their tensors would need keeping alive: no plan
+        plan_key = interface._plan_key(q, k_cache, v_cache, causal, softmax_scale, window_size, softcap, num_splits,
+                                       *map(_signature, (seqlens_k, leftpad_k, block_table, kv_batch_idx)))
+        plan = _plans.get(plan_key) if plan_key is not None else None
+        if plan is not None and (result := plan.launch(q, k_cache, v_cache, seqlens_k, leftpad_k, block_table,
+                                                       kv_batch_idx)) is not None:
+            return result if return_lse else result[0]
     _check(q, k_cache, v_cache, seqlens_k, leftpad_k, block_table, kv_batch_idx)
-    seqlens_k, leftpad_k, block_table, kv_batch_idx = (  # the kernels index them densely
-        None if t is None else t.contiguous() for t in (seqlens_k, leftpad_k, block_table, kv_batch_idx))
+    indices = (seqlens_k, leftpad_k, block_table, kv_batch_idx)
+    if any(t is not None and not t.is_contiguous() for t in indices):
+        plan_key = None  # the kernels index them densely: copies, which a plan would not make
+        seqlens_k, leftpad_k, block_table, kv_batch_idx = (None if t is None else t.contiguous() for t in indices)
     if not isinstance(num_splits, int) or isinstance(num_splits, bool) or not 0 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"num_splits must be an int from 0 (choose) to {MAX_SPLITS}, got {num_splits!r}")
     batch, seqlen_q, heads, d_head = q.shape
@@ -150,7 +205,10 @@ def forward_kvcache(q, k_cache, v_cache, seqlens_k, leftpad_k=None, block_table=
     config = _config(q.dtype, d_head, causal, q_run.shape[1] <= 64, *mods.flags[:3], mods.sink is not None,
                      interface._smem_limit(device_index)[0])
     kernel = interface._kernels.get((config, device_index)) or interface._kernel_for(config, device_index)
-    q_run, k_cache, v_cache = (interface._aligned(t) for t in (q_run, k_cache, v_cache))
+    given = (q_run, k_cache, v_cache)
+    q_run, k_cache, v_cache = (interface._aligned(t) for t in given)
+    if any(a is not b for a, b in zip(given, (q_run, k_cache, v_cache))):
+        plan_key = None
     b, rows, h_run, _ = q_run.shape
     capacity = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
     if num_splits == 0:
@@ -159,17 +217,20 @@ def forward_kvcache(q, k_cache, v_cache, seqlens_k, leftpad_k=None, block_table=
     params = FwdParams(*tensor_ref(q_run), *tensor_ref(k_cache), *tensor_ref(v_cache), *tensor_ref(out_run),
                        lse.data_ptr(), b, rows, capacity, h_run, heads_k, softmax_scale, *mods.values)
     params.seqused_k = seqlens_k.data_ptr()
-    params.leftpad_k = None if leftpad_k is None else leftpad_k.data_ptr()
-    params.batch_idx = None if kv_batch_idx is None else kv_batch_idx.data_ptr()
+    _set_indices(params, leftpad_k, block_table, kv_batch_idx)
     params.num_rows = k_cache.shape[0]
     if block_table is not None:
-        params.block_table = block_table.data_ptr()
         params.table_stride, params.page_size = block_table.stride(0), k_cache.shape[1]
+    partials = 0
     if num_splits > 1:  # one buffer: the partial O [splits, B, H, Sq, D], then their lse [splits, B, H, Sq]
         partials = num_splits * b * h_run * rows
         accum = torch.empty(partials * (d_head + 1), dtype=torch.float32, device=q.device)
         params.num_splits = num_splits
         params.o_accum, params.lse_accum = accum.data_ptr(), accum.data_ptr() + partials * d_head * 4
+    if plan_key is not None:
+        _plans[plan_key] = _Plan(kernel, params, q, lse.shape, partials, d_head)
+        if len(_plans) > _MAX_PLANS:
+            _plans.popitem(last=False)
     if log.isEnabledFor(logging.DEBUG):
         log.debug("kvcache forward [B=%d, Sq=%d, H=%d, H_k=%d, D=%d, capacity=%d%s] on %s, %d split(s)%s", batch,
                   seqlen_q, heads, heads_k, d_head, capacity, ", paged" if block_table is not None else "",

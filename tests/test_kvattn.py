@@ -192,3 +192,25 @@ def test_config_is_a_kvcache_one_and_reused(caplog):
     with caplog.at_level("DEBUG", logger="flashjit"):
         kvattn.forward_kvcache(q, k, k, torch.tensor([100], dtype=torch.int32, device="cuda"))
     assert "GQA packed" in caplog.text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("paged", [False, True])
+def test_repeated_calls_run_a_plan_and_read_the_new_values(paged):
+    """Decoding repeats shapes with new lengths and data every step: the second call runs the plan the
+    first made (no checks, no packing) and must read the new pointers and lengths."""
+    kvattn._plans.clear()
+    for step, lengths in enumerate(([700, 3, 0], [701, 64, 1])):
+        k, v, table = _cache(3, 704, 2, 64, torch.bfloat16, 16 if paged else None)
+        for b, n in enumerate(lengths):
+            for cache in (k, v):
+                _fill(cache, table, b, 0, n, 16 if paged else None)
+        q = torch.randn(3, 1, 8, 64, dtype=torch.bfloat16, device="cuda")
+        out, lse = kvattn.forward_kvcache(q, k, v, torch.tensor(lengths, dtype=torch.int32, device="cuda"),
+                                          block_table=table, num_splits=3, return_lse=True)
+        assert len(kvattn._plans) == 1, "one plan for one call signature"
+        for b, n in enumerate(lengths):
+            kb, vb = (_slots(c, table, b, 0, n, 16 if paged else None)[None] for c in (k, v))
+            ref, low = reference_and_low(q[b:b + 1], kb, vb)
+            assert_close(f"step {step} out[{b}]", out[b:b + 1], ref[0], low[0])
+            assert_lse_close(lse[b:b + 1], ref[1], low[1])
