@@ -4,7 +4,8 @@ flash_attn_func on the cache (the dense path), PyTorch SDPA's flash (FlashAttent
 backends, in one run. Bandwidth = bytes of K and V read / time (the whole cache is valid), beside a
 device-to-device copy of the same bytes. Paged points use 64-slot pages in shuffled order. "graph" is
 the same kvcache call replayed from a CUDA graph: the kernels' own time, without Python's (the eager
-columns include the host time per call, which bounds short calls).
+columns include the host time per call, which bounds short calls). "api" is a whole decoding step
+through flash_attn_with_kvcache: the checks, appending one new key/value in place, the attention.
 
     python scripts/bench_decode.py --out bench-out
     python scripts/bench_decode.py --points 1x32768 32x2048 --page-size 16
@@ -43,13 +44,15 @@ def main() -> None:
     d = args.head_dim
     rows = []
     print(f"{torch.cuda.get_device_name()}: decode, {h}/{hk} heads, d{d}, {args.dtype}; GB/s of K+V read")
-    names = ("copy", "fjit", "graph", "paged", "dense fn", "FA2", "cuDNN")
+    names = ("copy", "fjit", "graph", "api", "paged", "dense fn", "FA2", "cuDNN")
     print(f"{'batch x cache':>14} " + " ".join(f"{n:>8}" for n in names))
     for point in args.points:
         batch, length = map(int, point.split("x"))
         q = torch.randn(batch, 1, h, d, dtype=dtype, device="cuda")
         k, v = (torch.randn(batch, length, hk, d, dtype=dtype, device="cuda") for _ in range(2))
         lengths = torch.full((batch,), length, dtype=torch.int32, device="cuda")
+        before = lengths - 1  # the api column appends the last slot's key and value again
+        k_new, v_new = (torch.randn(batch, 1, hk, d, dtype=dtype, device="cuda") for _ in range(2))
         per = -(-length // args.page_size)
         pages = torch.randperm(batch * per, device="cuda")
         table = pages.view(batch, per).to(torch.int32)
@@ -67,6 +70,7 @@ def main() -> None:
             "copy": lambda: (copy_dst.copy_(k), copy_dst.copy_(v)),
             "fjit": lambda: kvattn.forward_kvcache(q, k, v, lengths),
             "graph": graph.replay,
+            "api": lambda: flashjit.flash_attn_with_kvcache(q, k, v, k=k_new, v=v_new, cache_seqlens=before),
             "paged": lambda: kvattn.forward_kvcache(q, kp, vp, lengths, block_table=table),
             "dense fn": lambda: flashjit.flash_attn_func(q, k, v, causal=True),
             "FA2": sdpa(SDPBackend.FLASH_ATTENTION, q, k, v, False),
