@@ -259,11 +259,54 @@ __device__ __forceinline__ void cache_keys(const CacheParams& c, int b, int capa
   if (c.batch_idx != nullptr) kv_b = min(max(c.batch_idx[b], 0), c.num_rows - 1);
 }
 
-// Row `slot` (logical) of head h_k of a paged cache: its page from the table, clamped to the pages.
+// Row `slot` (logical) of head h_k of a paged cache: its page from the table (entries past the table
+// and page numbers past the pages clamped), then the row within the page.
 __device__ __forceinline__ const elem_t* paged_row(const CacheParams& c, const int32_t* table, const TensorRef& t,
-                                                   int slot, int h_k) {
-  const int page = min(max(table[slot / c.page_size], 0), c.num_rows - 1);
-  return t.at<const elem_t>(page, h_k, slot % c.page_size);
+                                                   int page_index, int in_page, int h_k) {
+  const int page = min(max(table[min(page_index, c.table_stride - 1)], 0), c.num_rows - 1);
+  return t.at<const elem_t>(page, h_k, in_page);
+}
+
+// load_tile for kRows logical slots from slot0 of a paged cache. Each thread copies one chunk of
+// kPer consecutive rows (not of every kThreads / kChunks-th row, as load_tile), so it looks its page
+// up once, and again only where its rows cross into the next page: one table read and one division a
+// thread and tile instead of one per row, which put a dependent global load before every copy.
+template <int kRows, int kD, bool kSwizzle, bool kAsync, int kThreads, int kCols>
+__device__ __forceinline__ void load_tile_paged(elem_t* smem, const CacheParams& c, const int32_t* table,
+                                                const TensorRef& t, int h_k, int slot0, int valid_rows, int tid) {
+  constexpr int kChunks = SmemLayout<kD, kSwizzle>::kChunks, kValidChunks = kCols / 8;
+  const elem_t* fallback = static_cast<const elem_t*>(t.data);
+  if constexpr (kThreads % kChunks == 0 && (kRows * kChunks) % kThreads == 0) {
+    constexpr int kPer = kRows * kChunks / kThreads;
+    const int chunk = tid % kChunks, row0 = (tid / kChunks) * kPer;
+    const int rows = kValidChunks == kChunks || chunk < kValidChunks ? valid_rows : 0;  // this thread's column
+    int page_index = (slot0 + row0) / c.page_size, in_page = slot0 + row0 - page_index * c.page_size;
+    const elem_t* src = paged_row(c, table, t, page_index, in_page, h_k) + chunk * 8;
+#pragma unroll
+    for (int it = 0; it < kPer; ++it) {
+      const int row = row0 + it;
+      copy_chunk<kD, kSwizzle, kAsync>(smem, fallback, row < rows ? src : fallback, row, chunk, row < rows);
+      if (++in_page == c.page_size) {  // the next row starts the next page
+        ++page_index, in_page = 0;
+        if (it + 1 < kPer && row + 1 < rows) src = paged_row(c, table, t, page_index, 0, h_k) + chunk * 8;
+      } else {
+        src += t.row_stride;
+      }
+    }
+  } else {  // tiles whose chunks do not divide evenly among the threads: a lookup per row
+    constexpr int kTotal = kRows * kChunks, kIters = (kTotal + kThreads - 1) / kThreads;
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      const int i = it * kThreads + tid, row = i / kChunks, chunk = i % kChunks;
+      if (kTotal % kThreads == 0 || i < kTotal) {
+        const bool valid = row < valid_rows && (kValidChunks == kChunks || chunk < kValidChunks);
+        const int slot = slot0 + row, page_index = slot / c.page_size;
+        copy_chunk<kD, kSwizzle, kAsync>(
+            smem, fallback, valid ? paged_row(c, table, t, page_index, slot - page_index * c.page_size, h_k) + chunk * 8
+                                  : fallback, row, chunk, valid);
+      }
+    }
+  }
 }
 
 // Split-KV: this CTA's rows normalised over its own key blocks, in fp32, and their lse (-inf where
@@ -389,9 +432,8 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
       if (p.cache.block_table != nullptr) {  // paged: each row's page from the table
         const int32_t* table = p.cache.block_table + int64_t(b) * p.cache.table_stride;
         const int slot0 = k_start + block * C::kBc;
-        const auto row_ptr = [&](int row) { return paged_row(p.cache, table, t, slot0 + row, h_k); };
-        load_tile_rows<C::kBc, C::kD, C::kSwizzle, C::kAsync, C::kThreads, C::kDHead>(
-            dst, static_cast<const elem_t*>(t.data), row_ptr, len_k - block * C::kBc, tid);
+        load_tile_paged<C::kBc, C::kD, C::kSwizzle, C::kAsync, C::kThreads, C::kDHead>(
+            dst, p.cache, table, t, h_k, slot0, len_k - block * C::kBc, tid);
         return;
       }
     }

@@ -86,24 +86,6 @@ __device__ __forceinline__ void load_tile(T* smem, const T* gmem, int64_t row_st
   }
 }
 
-// load_tile for rows that are not evenly strided (a paged KV cache): row_ptr(row) gives each valid
-// row's global address; one call per (row, thread), since every thread copies one chunk of a row.
-template <int kRows, int kD, bool kSwizzle, bool kAsync, int kThreads, int kCols = kD, typename T, class RowPtr>
-__device__ __forceinline__ void load_tile_rows(T* smem, const T* fallback, const RowPtr& row_ptr, int valid_rows,
-                                               int tid) {
-  constexpr int kChunks = SmemLayout<kD, kSwizzle>::kChunks, kValidChunks = kCols / 8;
-  constexpr int kTotal = kRows * kChunks, kIters = (kTotal + kThreads - 1) / kThreads;
-#pragma unroll
-  for (int it = 0; it < kIters; ++it) {
-    const int i = it * kThreads + tid, row = i / kChunks, chunk = i % kChunks;
-    if (kTotal % kThreads == 0 || i < kTotal) {
-      const bool valid = row < valid_rows && (kValidChunks == kChunks || chunk < kValidChunks);
-      copy_chunk<kD, kSwizzle, kAsync>(smem, fallback, valid ? row_ptr(row) + chunk * 8 : fallback, row, chunk,
-                                        valid);
-    }
-  }
-}
-
 // Copy rows [0, valid_rows) and the first kCols columns of a shared-memory tile to a row-strided
 // global tile (16-byte stores).
 template <int kRows, int kD, bool kSwizzle, int kThreads, int kCols = kD, typename T>
