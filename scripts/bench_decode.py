@@ -2,7 +2,7 @@
 bf16 by default), flashjit's kvcache kernel (flashjit/kvattn.py: GQA packing + split-KV) against
 flash_attn_func on the cache (the dense path), PyTorch SDPA's flash (FlashAttention-2) and cuDNN
 backends, in one run. Bandwidth = bytes of K and V read / time (the whole cache is valid), beside a
-device-to-device copy of the same bytes. Paged points use 64-slot pages in shuffled order. "graph" is
+device-to-device copy of the same bytes. Paged points use 16-slot pages (the issue's target size) in shuffled order. "graph" is
 the same kvcache call replayed from a CUDA graph: the kernels' own time, without Python's (the eager
 columns include the host time per call, which bounds short calls). "api" is a whole decoding step
 through flash_attn_with_kvcache: the checks, appending one new key/value in place, the attention.
@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--heads", default="32/8", help="query/KV heads")
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
-    parser.add_argument("--page-size", type=int, default=64)
+    parser.add_argument("--page-size", type=int, default=16)
     args = parser.parse_args()
     exit_unless_gpu("bench_decode.py")
     _require_torch_cuda("bench_decode.py")
