@@ -5,7 +5,9 @@
 The cache is dense [B_c, S_cache, H_k, D] (batch entry b reads row kv_batch_idx[b], or b) or paged
 [num_pages, page_size, H_k, D] through block_table [B, max_pages] int32 (slot s of entry b lives in page
 block_table[b, s // page_size], row s % page_size). Entry b attends to slots [leftpad_k[b], seqlens_k[b]);
-masks count from the first of them (causal is bottom-right on those keys).
+masks count from the first of them (causal is bottom-right on those keys). With k_new/v_new
+[B, S_new, H_k, D], a kernel first appends them at slots [seqlens_k[b], seqlens_k[b] + S_new) (in place,
+before the attention, in the same launch) and the valid slots then end at seqlens_k[b] + S_new.
 
 It runs in the sm_80 forward family built with `kvcache` (kernels/fwd_sm80.cuh, common/params.cuh:
 CacheParams), on every arch, with two things done for decoding, where one query row per head would leave
@@ -130,8 +132,11 @@ class _Plan:
         self.device, self.dtype, self.out_shape, self.lse_shape = q.device, q.dtype, q.shape, lse_shape
         self.partials, self.d_head = partials, d_head
 
-    def launch(self, q, k_cache, v_cache, seqlens_k, leftpad_k, block_table, kv_batch_idx):
-        if (q.data_ptr() | k_cache.data_ptr() | v_cache.data_ptr()) & 15:
+    def launch(self, q, k_cache, v_cache, seqlens_k, leftpad_k, block_table, kv_batch_idx, k_new, v_new):
+        pointers = q.data_ptr() | k_cache.data_ptr() | v_cache.data_ptr()
+        if k_new is not None:
+            pointers |= k_new.data_ptr() | v_new.data_ptr()
+        if pointers & 15:
             return None  # the plan's kernel needs 16-byte aligned rows
         out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
         lse = torch.empty(self.lse_shape, dtype=torch.float32, device=self.device)
@@ -139,6 +144,8 @@ class _Plan:
         params.q, params.k, params.v, params.o = q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr()
         params.lse, params.seqused_k = lse.data_ptr(), seqlens_k.data_ptr()
         _set_indices(params, leftpad_k, block_table, kv_batch_idx)
+        if k_new is not None:
+            params.k_new, params.v_new = k_new.data_ptr(), v_new.data_ptr()
         if self.partials:
             accum = torch.empty(self.partials * (self.d_head + 1), dtype=torch.float32, device=self.device)
             params.o_accum, params.lse_accum = accum.data_ptr(), accum.data_ptr() + self.partials * self.d_head * 4
@@ -161,22 +168,39 @@ def _signature(t):
     return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
 
 
+def _check_new(q, k_cache, k_new, v_new) -> None:
+    want = (q.shape[0], None, k_cache.shape[2], k_cache.shape[3])
+    for name, t in (("k_new", k_new), ("v_new", v_new)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.dtype != q.dtype or t.device != q.device \
+                or t.stride(-1) != 1 or any(w is not None and g != w for g, w in zip(t.shape, want)):
+            raise ValueError(f"{name} must be a {q.dtype} tensor [batch, new, heads_k, head_dim] = [{want[0]}, n, "
+                             f"{want[2]}, {want[3]}] on {q.device} with a contiguous last dim, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if k_new.shape != v_new.shape:
+        raise ValueError(f"k_new and v_new must have the same shape, got {tuple(k_new.shape)} and {tuple(v_new.shape)}")
+    if q.numel() == 0:
+        raise ValueError("appending (k_new/v_new) needs a non-empty q: the append runs in the attention's launch")
+
+
 def forward_kvcache(q, k_cache, v_cache, seqlens_k, leftpad_k=None, block_table=None, kv_batch_idx=None,
                     causal: bool = False, softmax_scale: float | None = None, window_size=(-1, -1),
                     softcap: float = 0.0, alibi_slopes=None, num_splits: int = 0, learnable_sink=None,
-                    return_lse: bool = False):
+                    return_lse: bool = False, k_new=None, v_new=None):
     """out [B, Sq, H, D] (and lse [B, H, Sq] fp32: +inf, or the sink, for a row that sees no key) of q over
     the cache (module docstring). num_splits: 0 chooses, 1 never splits, n > 1 splits each row's keys n
-    ways (at most 128)."""
+    ways (at most 128). k_new/v_new: appended first (module docstring); q must then not be empty."""
     plan_key = None
     if alibi_slopes is None and learnable_sink is None:  # their tensors would need keeping alive: no plan
         plan_key = interface._plan_key(q, k_cache, v_cache, causal, softmax_scale, window_size, softcap, num_splits,
-                                       *map(_signature, (seqlens_k, leftpad_k, block_table, kv_batch_idx)))
+                                       *map(_signature, (seqlens_k, leftpad_k, block_table, kv_batch_idx, k_new,
+                                                         v_new)))
         plan = _plans.get(plan_key) if plan_key is not None else None
         if plan is not None and (result := plan.launch(q, k_cache, v_cache, seqlens_k, leftpad_k, block_table,
-                                                       kv_batch_idx)) is not None:
+                                                       kv_batch_idx, k_new, v_new)) is not None:
             return result if return_lse else result[0]
     _check(q, k_cache, v_cache, seqlens_k, leftpad_k, block_table, kv_batch_idx)
+    if k_new is not None or v_new is not None:
+        _check_new(q, k_cache, k_new, v_new)
     indices = (seqlens_k, leftpad_k, block_table, kv_batch_idx)
     if any(t is not None and not t.is_contiguous() for t in indices):
         plan_key = None  # the kernels index them densely: copies, which a plan would not make
@@ -205,9 +229,12 @@ def forward_kvcache(q, k_cache, v_cache, seqlens_k, leftpad_k=None, block_table=
     config = _config(q.dtype, d_head, causal, q_run.shape[1] <= 64, *mods.flags[:3], mods.sink is not None,
                      interface._smem_limit(device_index)[0])
     kernel = interface._kernels.get((config, device_index)) or interface._kernel_for(config, device_index)
-    given = (q_run, k_cache, v_cache)
-    q_run, k_cache, v_cache = (interface._aligned(t) for t in given)
-    if any(a is not b for a, b in zip(given, (q_run, k_cache, v_cache))):
+    given = (q_run, k_cache, v_cache, k_new, v_new)
+    q_run, k_cache, v_cache, k_new, v_new = (None if t is None else interface._aligned(t) for t in given)
+    if any(a is not b for a, b in zip(given, (q_run, k_cache, v_cache, k_new, v_new))):
+        if k_new is not None and (k_cache is not given[1] or v_cache is not given[2]):
+            raise ValueError("appending needs k_cache/v_cache rows 16-byte aligned (base and strides multiples of 8 "
+                             "elements): the kernel writes into the cache itself, not a copy")
         plan_key = None
     b, rows, h_run, _ = q_run.shape
     capacity = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
@@ -219,6 +246,10 @@ def forward_kvcache(q, k_cache, v_cache, seqlens_k, leftpad_k=None, block_table=
     params.seqused_k = seqlens_k.data_ptr()
     _set_indices(params, leftpad_k, block_table, kv_batch_idx)
     params.num_rows = k_cache.shape[0]
+    if k_new is not None:
+        params.k_new_batch_stride, params.k_new_row_stride, params.k_new_head_stride = k_new.stride()[:3]
+        params.v_new_batch_stride, params.v_new_row_stride, params.v_new_head_stride = v_new.stride()[:3]
+        params.k_new, params.v_new, params.new_rows = k_new.data_ptr(), v_new.data_ptr(), k_new.shape[1]
     if block_table is not None:
         params.table_stride, params.page_size = block_table.stride(0), k_cache.shape[1]
     partials = 0

@@ -352,13 +352,18 @@ def _kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, c
                              f"{int(q_positions.max())} (cache_seqlens + its index)")
         q = apply_rotary(q, rotary_cos, rotary_sin, q_positions.clamp(0, rotary_cos.shape[0] - 1),
                          rotary_interleaved)
-    if k is not None and new > 0:
+    # The kernels append the new keys themselves, in the attention's launch (kvattn's k_new); the
+    # reference backend, and an empty q (no launch), append here.
+    fused = not reference and new > 0 and q.numel() > 0
+    if k is not None and new > 0 and (rotary_cos is not None or not fused):
         positions = lengths.long()[:, None] + torch.arange(new, device=device)  # [B, S_new]: absolute slots
         if rotary_cos is not None:
             k = apply_rotary(k, rotary_cos, rotary_sin, positions.clamp(0, rotary_cos.shape[0] - 1),
                              rotary_interleaved)
-        _append(k_cache, v_cache, k, v, positions, cache_batch_idx, block_table, capacity)
-    seqlens_k = lengths + new if new else lengths  # int32 [B]: each entry's keys end at this slot
+        if not fused:
+            _append(k_cache, v_cache, k, v, positions, cache_batch_idx, block_table, capacity)
+    # int32 [B]: where each entry's keys end (fused: where they end before the kernel's append)
+    seqlens_k = lengths + new if new and not fused else lengths
 
     kwargs = dict(leftpad_k=cache_leftpad, block_table=block_table, kv_batch_idx=cache_batch_idx, causal=causal,
                   softmax_scale=softmax_scale, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
@@ -371,7 +376,7 @@ def _kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, c
         if block_table is None and cache_batch_idx is None:  # flash-attn reads rows 0..B-1 of a larger cache
             k_cache, v_cache = k_cache[:batch], v_cache[:batch]
         out, lse = kvattn.forward_kvcache(q, k_cache, v_cache, seqlens_k, num_splits=num_splits, return_lse=True,
-                                          **kwargs)
+                                          k_new=k if fused else None, v_new=v if fused else None, **kwargs)
     return (out, lse) if return_softmax_lse else out
 
 

@@ -35,7 +35,7 @@ _VARLEN = [("cu_seqlens_q", _ptr), ("cu_seqlens_k", _ptr), ("total_q", _i32), ("
 # flashjit::CacheParams, after VarlenParams in FwdParams only: null unless flashjit/kvattn.py sets it.
 _CACHE = [("seqused_k", _ptr), ("leftpad_k", _ptr), ("batch_idx", _ptr), ("block_table", _ptr),
           ("table_stride", _i32), ("page_size", _i32), ("num_rows", _i32), ("num_splits", _i32),
-          ("o_accum", _ptr), ("lse_accum", _ptr)]
+          ("o_accum", _ptr), ("lse_accum", _ptr), *_tensor_refs("k_new", "v_new"), ("new_rows", _i32)]
 
 
 class FwdParams(ctypes.Structure):

@@ -253,7 +253,7 @@ __device__ __forceinline__ float quad_sum(float x) {
 // what the tensors hold (capacity: the slots a row has).
 __device__ __forceinline__ void cache_keys(const CacheParams& c, int b, int capacity, int& k_start, int& len_k,
                                            int& kv_b) {
-  const int end = c.seqused_k != nullptr ? min(max(c.seqused_k[b], 0), capacity) : capacity;
+  const int end = c.seqused_k != nullptr ? min(max(c.seqused_k[b], 0) + c.new_rows, capacity) : capacity;
   k_start = c.leftpad_k != nullptr ? min(max(c.leftpad_k[b], 0), end) : 0;
   len_k = end - k_start;
   if (c.batch_idx != nullptr) kv_b = min(max(c.batch_idx[b], 0), c.num_rows - 1);
@@ -306,6 +306,32 @@ __device__ __forceinline__ void load_tile_paged(elem_t* smem, const CacheParams&
                                   : fallback, row, chunk, valid);
       }
     }
+  }
+}
+
+// Appending: one CTA a new row (b, i) copies its keys and values, all H_k heads, into slot
+// seqused_k[b] + i of entry b's cache (a slot past the capacity is dropped: never outside the cache).
+template <class C>
+__global__ void __launch_bounds__(128) append_kernel(const __grid_constant__ FwdParams p) {
+  const CacheParams& c = p.cache;
+  const int b = blockIdx.x / c.new_rows, i = blockIdx.x % c.new_rows;
+  const int slot = max(c.seqused_k[b], 0) + i;
+  if (slot >= p.seqlen_k) return;
+  constexpr int kChunks = C::kDHead / 8;  // 16-byte chunks a head
+  for (int idx = threadIdx.x; idx < 2 * p.heads_k * kChunks; idx += blockDim.x) {
+    const int which = idx / (p.heads_k * kChunks), h = idx / kChunks % p.heads_k, chunk = idx % kChunks;
+    const TensorRef& dst = which ? p.v : p.k;
+    const TensorRef& src = which ? c.v_new : c.k_new;
+    elem_t* to;
+    if (c.block_table != nullptr) {
+      const int32_t* table = c.block_table + int64_t(b) * c.table_stride;
+      const int page_index = slot / c.page_size;
+      to = const_cast<elem_t*>(paged_row(c, table, dst, page_index, slot - page_index * c.page_size, h));
+    } else {
+      const int row = c.batch_idx != nullptr ? min(max(c.batch_idx[b], 0), c.num_rows - 1) : b;
+      to = dst.at<elem_t>(row, h, slot);
+    }
+    *reinterpret_cast<uint4*>(to + chunk * 8) = *reinterpret_cast<const uint4*>(src.at<const elem_t>(b, h, i) + chunk * 8);
   }
 }
 
@@ -551,6 +577,13 @@ cudaError_t launch(const FwdParams& p, cudaStream_t stream) {
   }
   const int splits = C::kKvCache && p.cache.num_splits > 1 ? p.cache.num_splits : 1;
   if (splits > kMaxSplits) return cudaErrorInvalidValue;
+  if constexpr (C::kKvCache) {
+    if (p.cache.new_rows > 0) {
+      append_kernel<C><<<unsigned(p.batch * p.cache.new_rows), 128, 0, stream>>>(p);
+      const cudaError_t err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+    }
+  }
   fwd_kernel<C><<<dim3(unsigned(blocks), unsigned(splits)), C::kThreads, C::kSmemBytes, stream>>>(p);
   if constexpr (C::kKvCache) {
     if (splits > 1) {

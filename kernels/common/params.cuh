@@ -64,11 +64,14 @@ struct VarlenParams {
 // bounds (batch_idx and table entries to [0, num_rows)), so unchecked device-resident values give wrong
 // results, never an access outside the tensors. Masks count keys from the first valid slot (causal is
 // bottom-right on the len = seqused - leftpad valid keys).
+// Appending (new_rows > 0): k_new/v_new [B, new_rows, H_k, D] are first copied into the cache at slots
+// [seqused_k[b], seqused_k[b] + new_rows) of entry b (a kernel of their own, before the attention, on the
+// same stream), and the valid slots end at seqused_k[b] + new_rows.
 // Split-KV: with num_splits > 1 the CTAs of gridDim.y split each row's key blocks evenly; each writes
 // its normalised partial O and its lse (-inf: no key) to o_accum / lse_accum, and a combine kernel
 // weighs them into o and lse (folding in the learnable sink, if any).
 struct CacheParams {
-  const int32_t* seqused_k;    // [B] one past the last valid slot, or null: seqlen_k
+  const int32_t* seqused_k;    // [B] one past the last valid slot (before an append), or null: seqlen_k
   const int32_t* leftpad_k;    // [B] first valid slot, or null: 0
   const int32_t* batch_idx;    // [B] the cache row of batch entry b (dense caches), or null: b
   const int32_t* block_table;  // [B, table_stride] pages, or null: a dense cache
@@ -77,6 +80,8 @@ struct CacheParams {
   int32_t num_splits;          // 0 or 1: no split
   float* o_accum;              // [num_splits, B, H, Sq, d_head] fp32
   float* lse_accum;            // [num_splits, B, H, Sq] fp32
+  TensorRef k_new, v_new;      // [B, new_rows, H_k, D]: appended first (null data when new_rows = 0)
+  int32_t new_rows;
 };
 
 // q: [B, Sq, H, D], k/v: [B, Sk, H_k, D], o: [B, Sq, H, D] (varlen: see VarlenParams).
