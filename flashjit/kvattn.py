@@ -38,6 +38,7 @@ from .launch import FwdParams, tensor_ref
 
 log = logging.getLogger("flashjit")
 MAX_SPLITS = 128  # kernels/fwd_sm80.cuh: kMaxSplits
+PAGE_MULTIPLE = 16  # page sizes the kernels take: multiples of 16 rows (flash-attn 2 asks for multiples of 256)
 
 
 @functools.lru_cache(maxsize=None)
@@ -111,9 +112,9 @@ def _check(q, k_cache, v_cache, seqlens_k, leftpad_k, block_table, kv_batch_idx)
     if block_table is not None:
         if kv_batch_idx is not None:
             raise ValueError("kv_batch_idx (cache_batch_idx) cannot be combined with a paged cache (block_table)")
-        if k_cache.shape[1] % 16:
+        if k_cache.shape[1] % PAGE_MULTIPLE:
             raise ValueError(f"the paged cache's page size (k_cache.shape[1] = {k_cache.shape[1]}) must be a "
-                             "multiple of 16")
+                             f"multiple of {PAGE_MULTIPLE}")
     elif kv_batch_idx is None and k_cache.shape[0] != batch:
         raise ValueError(f"k_cache has {k_cache.shape[0]} rows for a batch of {batch}: pass kv_batch_idx "
                          "(cache_batch_idx) to pick each entry's row")
@@ -165,7 +166,9 @@ def _set_indices(params, leftpad_k, block_table, kv_batch_idx) -> None:
 
 def _signature(t):
     """What a plan key records of an index tensor (its values are read by the kernel, not the host)."""
-    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+    if not isinstance(t, torch.Tensor):  # None, or what _check then refuses by name
+        return type(t)
+    return t.shape, t.stride(), t.dtype, t.device
 
 
 def _check_new(q, k_cache, k_new, v_new) -> None:
@@ -251,7 +254,9 @@ def forward_kvcache(q, k_cache, v_cache, seqlens_k, leftpad_k=None, block_table=
         params.v_new_batch_stride, params.v_new_row_stride, params.v_new_head_stride = v_new.stride()[:3]
         params.k_new, params.v_new, params.new_rows = k_new.data_ptr(), v_new.data_ptr(), k_new.shape[1]
     if block_table is not None:
-        params.table_stride, params.page_size = block_table.stride(0), k_cache.shape[1]
+        # the row width, not stride(0): a one-row table is "contiguous" with any stride(0) (even 0), and
+        # the kernels also clamp table indices to it
+        params.table_stride, params.page_size = block_table.shape[1], k_cache.shape[1]
     partials = 0
     if num_splits > 1:  # one buffer: the partial O [splits, B, H, Sq, D], then their lse [splits, B, H, Sq]
         partials = num_splits * b * h_run * rows

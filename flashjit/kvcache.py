@@ -23,17 +23,17 @@ Rotary embeddings (rotary_cos/rotary_sin [seqlen_ro, rotary_dim / 2]) rotate the
 channels of the new keys at their slots, and of q: query i at slot cache_seqlens[b] + i when causal or
 local, else every query at cache_seqlens[b] (flash-attn's rule). flash-attn fuses this into the
 kernel; here it is a handful of PyTorch ops before the kernel (`apply_rotary`, fp32 math rounded
-once), and so is the append: for decoding (S_new = 1) that is about ten small launches per call
-(twice that with rotary), comparable to the attention kernel itself at short cache lengths. None
-of it syncs the device, so as far as this module goes a call can be captured in a CUDA graph.
+once, about ten small launches). The append runs in the kernels' own launch (an append kernel
+before the attention, flashjit/kvattn.py); the reference backend, and a call with an empty q, append
+with PyTorch indexing here. None of it syncs the device, so a call can be captured in a CUDA graph.
 
 What is checked on the host, without a device sync (ValueError/TypeError naming the argument):
 dtypes, devices, shapes, strides, the GQA ratio, block_table's dtype and batch, the page size, an
 int cache_seqlens and S_new against the capacity, rotary shapes and that seqlen_ro covers the
 capacity. What is not, on the JIT backend: the values of cache_seqlens, cache_leftpad,
 cache_batch_idx and block_table. Values that break the contract give wrong results but never an
-access outside the tensors: the append and the rotary lookup clamp their indices here, and the
-kernel (flashjit/kvattn.py) clamps its own. The reference backend (FLASHJIT_BACKEND=reference) reads
+access outside the tensors: the rotary lookup (and a PyTorch append) clamp their indices here, and
+the kernels (flashjit/kvattn.py) clamp their own. The reference backend (FLASHJIT_BACKEND=reference) reads
 them on the host and checks them all, before anything is written.
 
 Beyond flash-attn 2: page sizes that are multiples of 16, cache_leftpad with a paged cache, rotary
@@ -53,10 +53,8 @@ from torch import Tensor
 
 from . import interface
 from .interface import backend
+from .kvattn import MAX_SPLITS, PAGE_MULTIPLE  # the kernels' limits (MAX_SPLITS is flash-attn 2's cap too)
 from .reference import attention_reference
-
-PAGE_MULTIPLE = 16  # page sizes the kernels take: multiples of 16 rows (flash-attn 2 asks for multiples of 256)
-MAX_SPLITS = 128  # flash-attn 2's limit on num_splits, and flashjit/kvattn.py's
 
 
 # ---- rotary embeddings -----------------------------------------------------------------------------
@@ -320,6 +318,9 @@ def _kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, c
     capacity, cache_seqlens, lengths, cache_batch_idx, cache_leftpad, block_table = _check_call(
         q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
         block_table, num_splits, reference)
+    if not reference and q.shape[-1] % 8:  # kvattn refuses it too, but only after an empty q's append here
+        raise ValueError(f"head dim {q.shape[-1]} of a KV cache must be a multiple of 8 for the kernels (a padded "
+                         "copy of the cache would be made on every call); pad the cache's head dim when allocating it")
     causal = bool(causal)
     if causal:
         window_size = (window_size[0], 0)  # flash-attn's convention: causal is a window with right = 0
@@ -347,7 +348,7 @@ def _kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, c
         # at cache_seqlens (whatever the mask's bottom-right alignment says when Sq != S_new).
         per_row = causal or window_size != (-1, -1)
         q_positions = lengths.long()[:, None] + (torch.arange(seqlen_q, device=device) if per_row else 0)
-        if reference and int(q_positions.max()) >= rotary_cos.shape[0]:  # before anything is written
+        if reference and q_positions.numel() and int(q_positions.max()) >= rotary_cos.shape[0]:  # before any write
             raise ValueError(f"rotary_cos/rotary_sin have {rotary_cos.shape[0]} rows but a query sits at position "
                              f"{int(q_positions.max())} (cache_seqlens + its index)")
         q = apply_rotary(q, rotary_cos, rotary_sin, q_positions.clamp(0, rotary_cos.shape[0] - 1),

@@ -214,10 +214,16 @@ def _laid_out_like(t: torch.Tensor):
 def _relaid(result: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """result (flash layout) as a [B, H, S, D] view laid out like `like` (copied only when it is not)."""
     result = result.transpose(1, 2)
-    if result.stride() == like.stride():
+    if _same_layout(result, like):
         return result
     want = torch.empty_like(like)
-    return result if result.stride() == want.stride() else want.copy_(result)
+    return result if _same_layout(result, want) else want.copy_(result)
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal strides where they matter: a size-1 dim's stride is never used (and PyTorch's layout
+    checks ignore it), so a decoding query [B, H, 1, D] needs no copy for it."""
+    return all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
 
 
 try:  # known to torch's registry on import (not activated: users opt in)

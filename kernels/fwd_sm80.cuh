@@ -253,10 +253,15 @@ __device__ __forceinline__ float quad_sum(float x) {
 // what the tensors hold (capacity: the slots a row has).
 __device__ __forceinline__ void cache_keys(const CacheParams& c, int b, int capacity, int& k_start, int& len_k,
                                            int& kv_b) {
-  const int end = c.seqused_k != nullptr ? min(max(c.seqused_k[b], 0) + c.new_rows, capacity) : capacity;
+  int end = capacity;
+  if (c.seqused_k != nullptr) {  // clamped before adding the appended rows: no overflow whatever it holds
+    const int used = min(max(c.seqused_k[b], 0), capacity);
+    end = used + min(c.new_rows, capacity - used);
+  }
   k_start = c.leftpad_k != nullptr ? min(max(c.leftpad_k[b], 0), end) : 0;
   len_k = end - k_start;
   if (c.batch_idx != nullptr) kv_b = min(max(c.batch_idx[b], 0), c.num_rows - 1);
+  if (c.block_table != nullptr) kv_b = 0;  // paged: rows come from the table (keep the unused base in the tensor)
 }
 
 // Row `slot` (logical) of head h_k of a paged cache: its page from the table (entries past the table
@@ -310,13 +315,16 @@ __device__ __forceinline__ void load_tile_paged(elem_t* smem, const CacheParams&
 }
 
 // Appending: one CTA a new row (b, i) copies its keys and values, all H_k heads, into slot
-// seqused_k[b] + i of entry b's cache (a slot past the capacity is dropped: never outside the cache).
+// seqused_k[b] + i of entry b's cache (seqused_k is required then). Slots past the capacity are
+// dropped, with seqused_k clamped first (no overflow), so no value writes outside the cache; entries
+// that share a cache row or page and append to one slot race, as in flash-attn (undefined contents).
 template <class C>
 __global__ void __launch_bounds__(128) append_kernel(const __grid_constant__ FwdParams p) {
   const CacheParams& c = p.cache;
   const int b = blockIdx.x / c.new_rows, i = blockIdx.x % c.new_rows;
-  const int slot = max(c.seqused_k[b], 0) + i;
-  if (slot >= p.seqlen_k) return;
+  const int used = min(max(c.seqused_k[b], 0), p.seqlen_k);
+  if (i >= p.seqlen_k - used) return;
+  const int slot = used + i;
   constexpr int kChunks = C::kDHead / 8;  // 16-byte chunks a head
   for (int idx = threadIdx.x; idx < 2 * p.heads_k * kChunks; idx += blockDim.x) {
     const int which = idx / (p.heads_k * kChunks), h = idx / kChunks % p.heads_k, chunk = idx % kChunks;

@@ -215,3 +215,32 @@ def test_repeated_calls_run_a_plan_and_read_the_new_values(paged):
             ref, low = reference_and_low(q[b:b + 1], kb, vb)
             assert_close(f"step {step} out[{b}]", out[b:b + 1], ref[0], low[0])
             assert_lse_close(lse[b:b + 1], ref[1], low[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("paged", [False, True])
+def test_hostile_index_values_stay_inside_the_tensors(paged):
+    """Unchecked device-resident values (lengths near INT32_MAX or negative, page and row numbers out of
+    range, a one-row table whose stride(0) is 0) may give wrong results, never a read or write outside the
+    tensors: the cache sits between two guard regions that must come back untouched, and the call must
+    not fault (the next synchronisation would raise)."""
+    hk, d, slots = 2, 64, 64
+    rows = 4 if paged else 2
+    buffer = torch.zeros(rows + 2, slots, hk, d, dtype=torch.bfloat16, device="cuda")
+    k = buffer[1:-1]  # the guards: buffer[0] and buffer[-1]
+    v = torch.zeros_like(k)
+    q = torch.randn(2, 3, 8, d, dtype=torch.bfloat16, device="cuda")
+    k_new, v_new = (torch.randn(2, 3, hk, d, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    i32 = dict(dtype=torch.int32, device="cuda")
+    hostile = torch.tensor([2**31 - 1, -5], **i32)
+    kwargs = dict(leftpad_k=torch.tensor([2**31 - 2, -7], **i32), num_splits=3, k_new=k_new, v_new=v_new,
+                  causal=True)
+    if paged:  # one entry whose one-row table has stride(0) = 0 (still "contiguous": a size-1 dim)
+        table = torch.tensor([[2**31 - 1, -1, 7, 0]], **i32).as_strided((1, 4), (0, 1))
+        kwargs.update(leftpad_k=kwargs["leftpad_k"][:1], k_new=k_new[:1], v_new=v_new[:1])
+        kvattn.forward_kvcache(q[:1], k, v, hostile[:1], block_table=table, **kwargs)
+    else:
+        kwargs["kv_batch_idx"] = torch.tensor([5, -3], **i32)
+        kvattn.forward_kvcache(q, k, v, hostile, **kwargs)
+    torch.cuda.synchronize()
+    assert not buffer[0].any() and not buffer[-1].any(), "a write landed outside the cache"

@@ -156,8 +156,11 @@ def _masked(q, k, v, segments, sliding_window, args):
     k, v = k[:, :segments.shape[1]], v[:, :segments.shape[1]]  # later slots: unfilled static-cache entries
     if not torch.compiler.is_compiling() and not args["dropout_p"] and args["causal"] and q.shape[-1] % 8 == 0 \
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
-        leftpad = _left_padding(segments, q.shape[1])
-        if leftpad is not None:  # each row one run of valid slots ending at the last: no unpadding needed
+        leftpad, padded = _left_padding(segments, q.shape[1])
+        # Each row one run of valid slots ending at the last: no unpadding needed. Without padding (a
+        # static cache's filled part) a prefill keeps flash_attn_func's kernels (on Hopper, the TMA
+        # forward; the KV-cache kernels are the sm_80 family) and decoding takes the KV-cache kernel.
+        if leftpad is not None and (padded or q.shape[1] <= 64):
             from flashjit import kvattn, kvcache
 
             run = kvattn.forward_kvcache if flashjit.interface.backend() == "jit" else kvcache.reference_kvcache_attention
@@ -187,20 +190,20 @@ def _masked(q, k, v, segments, sliding_window, args):
     return out.new_zeros(*q.shape[:3], out.shape[-1]).index_put((q_rows, q_cols), out)  # padded queries: 0
 
 
-@torch.compiler.disable
 def _left_padding(segments, q_len):
-    """Each row's count of leading padding slots (int32 [B]) when every row is one run of valid slots
-    that ends at the last slot (left padding, as generate() pads, and no packed sequences) and the
-    queries are the last q_len slots; else None. Then the KV-cache kernel (flashjit/kvattn.py) runs the
+    """(each row's count of leading padding slots, int32 [B], and whether any row has some) when every
+    row is one run of valid slots that ends at the last slot (left padding, as generate() pads, and no
+    packed sequences) and the queries are the last q_len slots; else (None, False). Then the KV-cache kernel (flashjit/kvattn.py) runs the
     padded batch in place, its left padding as cache_leftpad, with no gather and no scatter: causal
     bottom-right on each row's valid keys is exactly transformers' mask there, and a padded query row
     sees no key (out 0). Memoised on the mask, as _plan."""
     memo = segments.__dict__.setdefault("_flashjit_leftpad", {})
     if q_len not in memo:
-        length = segments.shape[1]
-        ok = q_len <= length and bool(((segments[:, 1:] >= segments[:, :-1]).all() & (segments <= 1).all()
-                                       & (segments[:, -1] == 1).all()))  # one device sync per mask
-        memo[q_len] = (segments == 0).sum(1, dtype=torch.int32) if ok else None
+        leftpad = (segments == 0).sum(1, dtype=torch.int32)
+        ok = torch.stack([(segments[:, 1:] >= segments[:, :-1]).all() & (segments <= 1).all()
+                          & (segments[:, -1] == 1).all(), leftpad.any()])
+        ok, padded = ok.tolist() if q_len <= segments.shape[1] else (False, False)  # one device sync per mask
+        memo[q_len] = (leftpad if ok else None, bool(ok and padded))
     return memo[q_len]
 
 

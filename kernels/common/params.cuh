@@ -72,6 +72,7 @@ struct VarlenParams {
 // weighs them into o and lse (folding in the learnable sink, if any).
 struct CacheParams {
   const int32_t* seqused_k;    // [B] one past the last valid slot (before an append), or null: seqlen_k
+                               // (required with new_rows > 0)
   const int32_t* leftpad_k;    // [B] first valid slot, or null: 0
   const int32_t* batch_idx;    // [B] the cache row of batch entry b (dense caches), or null: b
   const int32_t* block_table;  // [B, table_stride] pages, or null: a dense cache
