@@ -156,7 +156,7 @@ def _masked(q, k, v, segments, sliding_window, args):
     k, v = k[:, :segments.shape[1]], v[:, :segments.shape[1]]  # later slots: unfilled static-cache entries
     if not torch.compiler.is_compiling() and not args["dropout_p"] and args["causal"] and q.shape[-1] % 8 == 0 \
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
-        leftpad, padded = _left_padding(segments, q.shape[1])
+        leftpad, ends, padded = _left_padding(segments, q.shape[1])
         # Each row one run of valid slots ending at the last: no unpadding needed. Without padding (a
         # static cache's filled part) a prefill keeps flash_attn_func's kernels (on Hopper, the TMA
         # forward; the KV-cache kernels are the sm_80 family) and decoding takes the KV-cache kernel.
@@ -165,7 +165,7 @@ def _masked(q, k, v, segments, sliding_window, args):
 
             run = kvattn.forward_kvcache if flashjit.interface.backend() == "jit" else kvcache.reference_kvcache_attention
             with torch.no_grad():
-                out = run(q, k, v, torch.full_like(leftpad, k.shape[1]), leftpad_k=leftpad, causal=True,
+                out = run(q, k, v, ends, leftpad_k=leftpad, causal=True,
                           softmax_scale=args["softmax_scale"], softcap=args["softcap"],
                           window_size=_window(sliding_window, True, k.shape[1]),
                           learnable_sink=args.get("learnable_sink"))
@@ -191,9 +191,10 @@ def _masked(q, k, v, segments, sliding_window, args):
 
 
 def _left_padding(segments, q_len):
-    """(each row's count of leading padding slots, int32 [B], and whether any row has some) when every
-    row is one run of valid slots that ends at the last slot (left padding, as generate() pads, and no
-    packed sequences) and the queries are the last q_len slots; else (None, False). Then the KV-cache kernel (flashjit/kvattn.py) runs the
+    """(each row's count of leading padding slots, int32 [B]; where its slots end, int32 [B]; whether any
+    row has padding) when every row is one run of valid slots that ends at the last slot (left padding,
+    as generate() pads, and no packed sequences) and the queries are the last q_len slots; else
+    (None, None, False). Then the KV-cache kernel (flashjit/kvattn.py) runs the
     padded batch in place, its left padding as cache_leftpad, with no gather and no scatter: causal
     bottom-right on each row's valid keys is exactly transformers' mask there, and a padded query row
     sees no key (out 0). Memoised on the mask, as _plan."""
@@ -203,7 +204,8 @@ def _left_padding(segments, q_len):
         ok = torch.stack([(segments[:, 1:] >= segments[:, :-1]).all() & (segments <= 1).all()
                           & (segments[:, -1] == 1).all(), leftpad.any()])
         ok, padded = ok.tolist() if q_len <= segments.shape[1] else (False, False)  # one device sync per mask
-        memo[q_len] = (leftpad if ok else None, bool(ok and padded))
+        memo[q_len] = ((leftpad, torch.full_like(leftpad, segments.shape[1]), bool(padded)) if ok
+                       else (None, None, False))
     return memo[q_len]
 
 
