@@ -72,12 +72,13 @@ def num_splits_heuristic(ctas: int, sms: int, key_blocks: int, max_splits: int =
 def _config(dtype: torch.dtype, d_head: int, causal: bool, short: bool, local: bool, softcap: bool, alibi: bool,
             sink: bool, smem_limit: int):
     """The sm_80 forward family's default for these rows (short: at most 64, decoding), built with
-    kvcache; for decoding flash-attn's tile (128 keys a step up to d128) where the registers allow."""
+    kvcache; for decoding flash-attn's tile (128 keys a step up to d128) where it does not spill: ptxas
+    13.0 spills the 96-wide head-dim tile (d 72-96) at 128 keys (8-52 bytes), so those keep 64."""
     config = default_config(interface._DTYPES[dtype], d_head, causal, 64 if short else 4096, smem_limit, local,
                             softcap, alibi, sink=sink)
     config = dataclasses.replace(config, kvcache=True)
     wide = dataclasses.replace(config, B_c=128)
-    if short and d_head <= 128 and not wide.problems() and wide.smem_bytes <= smem_limit:
+    if short and wide.d_tile in (32, 64, 128) and not wide.problems() and wide.smem_bytes <= smem_limit:
         config = wide
     return config.validate()
 
