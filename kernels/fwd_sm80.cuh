@@ -249,6 +249,11 @@ __device__ __forceinline__ float quad_sum(float x) {
 }
 
 // ---- a KV cache (kvcache kernels; common/params.cuh: CacheParams) --------------------------------
+// The dense cache's row of batch entry b (batch_idx clamped to the rows).
+__device__ __forceinline__ int cache_row(const CacheParams& c, int b) {
+  return c.batch_idx != nullptr ? min(max(c.batch_idx[b], 0), c.num_rows - 1) : b;
+}
+
 // Batch entry b's keys: the valid slots [leftpad, seqused) of its cache row, every value clamped to
 // what the tensors hold (capacity: the slots a row has).
 __device__ __forceinline__ void cache_keys(const CacheParams& c, int b, int capacity, int& k_start, int& len_k,
@@ -260,7 +265,7 @@ __device__ __forceinline__ void cache_keys(const CacheParams& c, int b, int capa
   }
   k_start = c.leftpad_k != nullptr ? min(max(c.leftpad_k[b], 0), end) : 0;
   len_k = end - k_start;
-  if (c.batch_idx != nullptr) kv_b = min(max(c.batch_idx[b], 0), c.num_rows - 1);
+  kv_b = cache_row(c, b);
   if (c.block_table != nullptr) kv_b = 0;  // paged: rows come from the table (keep the unused base in the tensor)
 }
 
@@ -270,6 +275,13 @@ __device__ __forceinline__ const elem_t* paged_row(const CacheParams& c, const i
                                                    int page_index, int in_page, int h_k) {
   const int page = min(max(table[min(page_index, c.table_stride - 1)], 0), c.num_rows - 1);
   return t.at<const elem_t>(page, h_k, in_page);
+}
+
+// paged_row of a logical slot.
+__device__ __forceinline__ const elem_t* paged_slot(const CacheParams& c, const int32_t* table, const TensorRef& t,
+                                                    int slot, int h_k) {
+  const int page_index = slot / c.page_size;
+  return paged_row(c, table, t, page_index, slot - page_index * c.page_size, h_k);
 }
 
 // load_tile for kRows logical slots from slot0 of a paged cache. Each thread copies one chunk of
@@ -305,10 +317,8 @@ __device__ __forceinline__ void load_tile_paged(elem_t* smem, const CacheParams&
       const int i = it * kThreads + tid, row = i / kChunks, chunk = i % kChunks;
       if (kTotal % kThreads == 0 || i < kTotal) {
         const bool valid = row < valid_rows && (kValidChunks == kChunks || chunk < kValidChunks);
-        const int slot = slot0 + row, page_index = slot / c.page_size;
-        copy_chunk<kD, kSwizzle, kAsync>(
-            smem, fallback, valid ? paged_row(c, table, t, page_index, slot - page_index * c.page_size, h_k) + chunk * 8
-                                  : fallback, row, chunk, valid);
+        copy_chunk<kD, kSwizzle, kAsync>(smem, fallback, valid ? paged_slot(c, table, t, slot0 + row, h_k) + chunk * 8
+                                                               : fallback, row, chunk, valid);
       }
     }
   }
@@ -330,15 +340,9 @@ __global__ void __launch_bounds__(128) append_kernel(const __grid_constant__ Fwd
     const int which = idx / (p.heads_k * kChunks), h = idx / kChunks % p.heads_k, chunk = idx % kChunks;
     const TensorRef& dst = which ? p.v : p.k;
     const TensorRef& src = which ? c.v_new : c.k_new;
-    elem_t* to;
-    if (c.block_table != nullptr) {
-      const int32_t* table = c.block_table + int64_t(b) * c.table_stride;
-      const int page_index = slot / c.page_size;
-      to = const_cast<elem_t*>(paged_row(c, table, dst, page_index, slot - page_index * c.page_size, h));
-    } else {
-      const int row = c.batch_idx != nullptr ? min(max(c.batch_idx[b], 0), c.num_rows - 1) : b;
-      to = dst.at<elem_t>(row, h, slot);
-    }
+    elem_t* to = c.block_table != nullptr
+                     ? const_cast<elem_t*>(paged_slot(c, c.block_table + int64_t(b) * c.table_stride, dst, slot, h))
+                     : dst.at<elem_t>(cache_row(c, b), h, slot);
     *reinterpret_cast<uint4*>(to + chunk * 8) = *reinterpret_cast<const uint4*>(src.at<const elem_t>(b, h, i) + chunk * 8);
   }
 }

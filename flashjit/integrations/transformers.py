@@ -161,15 +161,10 @@ def _masked(q, k, v, segments, sliding_window, args):
         # static cache's filled part) a prefill keeps flash_attn_func's kernels (on Hopper, the TMA
         # forward; the KV-cache kernels are the sm_80 family) and decoding takes the KV-cache kernel.
         if leftpad is not None and (padded or q.shape[1] <= 64):
-            from flashjit import kvattn, kvcache
-
-            run = kvattn.forward_kvcache if flashjit.interface.backend() == "jit" else kvcache.reference_kvcache_attention
-            with torch.no_grad():
-                out = run(q, k, v, ends, leftpad_k=leftpad, causal=True,
-                          softmax_scale=args["softmax_scale"], softcap=args["softcap"],
-                          window_size=_window(sliding_window, True, k.shape[1]),
-                          learnable_sink=args.get("learnable_sink"))
-            return out[0] if isinstance(out, tuple) else out
+            return flashjit.flash_attn_with_kvcache(q, k, v, cache_seqlens=ends, cache_leftpad=leftpad, causal=True,
+                                                    softmax_scale=args["softmax_scale"], softcap=args["softcap"],
+                                                    window_size=_window(sliding_window, True, k.shape[1]),
+                                                    learnable_sink=args.get("learnable_sink"))
     plan = _plan(segments, q.shape[1], args["causal"], bool(sliding_window))
     if plan is None:  # every slot valid, one sequence per row (a static cache without padding)
         return flashjit.flash_attn_func(q, k, v, window_size=_window(sliding_window, args["causal"], k.shape[1]),
