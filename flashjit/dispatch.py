@@ -50,15 +50,17 @@ _SM90_PREFERENCES = {
 def default_config(dtype: str, d_head: int, causal: bool, seqlen_q: int = 4096,
                    smem_limit: int = SMEM_LIMIT_SM90, local: bool = False, softcap: bool = False,
                    alibi: bool = False, dropout: bool = False, arch: str | None = None,
-                   sink: bool = False) -> KernelConfig | FwdSm90Config:
+                   sink: bool = False, d_v: int = 0) -> KernelConfig | FwdSm90Config:
     """The dispatcher's choice when no tuned entry exists for (dtype, d_head, causal, seqlen_q) on a
     device allowing `smem_limit` bytes of shared memory per block. On sm_90a (`arch`) the Hopper
     family, except for a single short block of queries (decoding-like, Sq <= 64), which gets the sm_80
-    kernel's 64-row tile rather than wasting most of a 128-row one."""
+    kernel's 64-row tile rather than wasting most of a 128-row one. A value head dim `d_v` other than
+    d_head (MLA-style) takes the tiles of d_head (QK^T's width)."""
+    d_v = 0 if d_v == d_head else d_v
     if arch == WGMMA_ARCH and seqlen_q > 64:
         for knobs in _SM90_PREFERENCES[sm90_tile(d_head)]:
             cfg = FwdSm90Config(dtype, d_head, causal=causal, local=local, softcap=softcap, alibi=alibi,
-                                dropout=dropout, sink=sink, **knobs)
+                                dropout=dropout, sink=sink, d_v=d_v, **knobs)
             if not cfg.problems() and cfg.smem_bytes <= smem_limit:
                 return cfg
     size = next(c for c in (64, 128, 160, 192, 256) if d_head <= c)
@@ -67,9 +69,10 @@ def default_config(dtype: str, d_head: int, causal: bool, seqlen_q: int = 4096,
         for depth in (1, 2):  # d_head = 96 or 160 has 6 or 10 k-tiles: depth 1 always divides
             cfg = KernelConfig(dtype=dtype, d_head=d_head, causal=causal, q_frag_depth=depth,
                                k_frag_depth=depth, v_frag_depth=1, local=local, softcap=softcap, alibi=alibi,
-                               dropout=dropout, sink=sink, **knobs)
+                               dropout=dropout, sink=sink, d_v=d_v, **knobs)
             if not cfg.problems() and cfg.smem_bytes <= smem_limit:
                 return cfg
+    cfg.validate()  # a d_v the kernels do not build says why; the table's tiles always build
     raise ValueError(f"no flashjit kernel for dtype={dtype} d_head={d_head} fits {smem_limit // 1024} KiB "
                      "of shared memory per block")
 
@@ -106,12 +109,15 @@ _BWD_LAST_RESORT = {False: (4, 64, 1, 16), True: (4, 32, 2, 16)}
 @functools.lru_cache(maxsize=None)
 def default_bwd_config(dtype: str, d_head: int, causal: bool, local: bool = False, softcap: bool = False,
                        alibi: bool = False, dropout: bool = False, deterministic: bool = False,
-                       smem_limit: int = SMEM_LIMIT_SM90, wgmma: bool = False) -> BwdConfig | BwdSm90Config:
+                       smem_limit: int = SMEM_LIMIT_SM90, wgmma: bool = False,
+                       d_v: int = 0) -> BwdConfig | BwdSm90Config:
     """The first preference that builds and fits `smem_limit` bytes of shared memory per block; if
     none does, the deterministic last resort (on GPUs with 99 KiB per block, sm_86 and sm_89, the
     d_head 128 backward is deterministic either way). Raises ValueError if even that does not fit.
-    wgmma=True (the target is sm_90a) puts the Hopper kernel (BwdSm90Config) first where it exists."""
-    block_m = dict(WGMMA_SHAPES).get(wgmma_tile(d_head)) if wgmma else None
+    wgmma=True (the target is sm_90a) puts the Hopper kernel (BwdSm90Config) first where it exists;
+    a value head dim `d_v` other than d_head runs the sm_80 family (the only one that has it)."""
+    d_v = 0 if d_v == d_head else d_v
+    block_m = dict(WGMMA_SHAPES).get(wgmma_tile(d_head)) if wgmma and not d_v else None
     if block_m and not deterministic:  # the Hopper kernel has no deterministic variant
         cfg = BwdSm90Config(dtype, d_head, block_m, causal, local, softcap, alibi, dropout)
         if not cfg.problems() and cfg.smem_bytes <= smem_limit:
@@ -120,7 +126,7 @@ def default_bwd_config(dtype: str, d_head: int, causal: bool, local: bool = Fals
     choices = [(*c, deterministic) for c in _BWD_PREFERENCES[size, deterministic, dropout]]
     for n_warps, block_m, d_split, group_rows, det in choices + [(*_BWD_LAST_RESORT[d_head > 128], True)]:
         cfg = BwdConfig(dtype, d_head, n_warps, block_m, d_split, group_rows, det, causal, local, softcap, alibi,
-                        dropout)
+                        dropout, d_v=d_v)
         if not cfg.problems() and cfg.smem_bytes <= smem_limit:
             return cfg
     cfg.validate()  # the last resort builds; this only guards the table above

@@ -5,6 +5,8 @@
 //   dV_j = sum_i P_ij dO_i      dP_ij = dO_i . v_j      dS_ij = P_ij (dP_ij - D_i)
 //   dK_j = scale sum_i dS_ij q_i                       dQ_i = scale sum_j dS_ij k_j
 //
+// q, k: head dim D; v, o, dO (and dV): D_v <= D (MLA-style value heads; usually D_v = D).
+//
 // 1. dvec_kernel: D = rowsum(dO * O)                          [B, H, Sq] fp32 (varlen: [H, total_q])
 // 2. dkdv_kernel: one CTA per (key block, kv head, batch); walks every query block of every query
 //    head of its GQA group, so dK/dV are summed over the group in registers. Works on S^T = K Q^T so
@@ -43,7 +45,7 @@ namespace flashjit::bwd {
 
 // One template parameter per BwdConfig field (flashjit/configs/bwd_sm80.py), in the same order.
 template <bool kBf16_, int kDHead_, int kWarps_, int kBlockM_, int kDSplit_, int kGroupRows_, bool kDeterministic_,
-          bool kCausal_, bool kLocal_, bool kSoftcap_, bool kAlibi_, bool kDropout_>
+          bool kCausal_, bool kLocal_, bool kSoftcap_, bool kAlibi_, bool kDropout_, int kDHeadV_>
 struct Config {
   static constexpr bool kBf16 = kBf16_, kCausal = kCausal_, kSwizzle = true, kDeterministic = kDeterministic_;
   using Mod = ScoreMod<kCausal_, kLocal_, kSoftcap_, kAlibi_>;
@@ -55,6 +57,8 @@ struct Config {
   // kDHead: the real head dim (a multiple of 8); kD: the tile width it runs in (zero columns past
   // kDHead; dq_accum rows are kD wide).
   static constexpr int kDHead = kDHead_, kD = head_dim_tile(kDHead_), kWarps = kWarps_, kThreads = kWarps * 32;
+  // The value head dim (v, o, dO, dV; kDHeadV_ == 0: kDHead) and its tile.
+  static constexpr int kDHeadV = kDHeadV_ == 0 ? kDHead_ : kDHeadV_, kDV = head_dim_tile(kDHeadV);
   static constexpr bool kDqTiled = false;  // dq_accum is [B, H, Sq, kD] (bwd_sm90.cuh tiles it)
   // kDSplit warps (a group) share kGroupRows accumulator rows (kRT m-tiles), each owning kD / kDSplit
   // of the columns.
@@ -64,19 +68,21 @@ struct Config {
   // Keys per dK/dV CTA (kGroupRows per group); also the rows and the key step of the dQ kernel.
   static constexpr int kBlockN = kGroupRows * kGroups;
   static constexpr int kBlockM = kBlockM_;  // queries per dK/dV step
-  static constexpr int kKtD = kD / 16, kNtD = kD / 8, kKtM = kBlockM / 16, kNtM = kBlockM / 8;
+  static constexpr int kNtD = kD / 8, kKtM = kBlockM / 16, kNtM = kBlockM / 8;
   static constexpr int kKtN = kBlockN / 16, kNtN = kBlockN / 8;
-  static constexpr int kNtDW = kNtD / kDSplit;                      // accumulator n-tiles per warp
+  static constexpr int kNtDW = kNtD / kDSplit;                      // dK (dQ) accumulator n-tiles per warp
+  static constexpr int kNtDWV = kDV / 8 / kDSplit;                  // dV accumulator n-tiles per warp
   static constexpr int kMW = kBlockM / kDSplit, kNtMW = kMW / 8;    // queries per warp in the dK/dV scores
   static constexpr int kNW = kBlockN / kDSplit, kNtNW = kNW / 8;    // keys per warp in the dQ kernel's scores
   static constexpr int kTileN = kBlockN * kD, kTileM = kBlockM * kD, kScoreTile = kBlockN * kBlockM;
+  static constexpr int kTileNV = kBlockN * kDV, kTileMV = kBlockM * kDV;  // V, dO
   // dK/dV kernel: K, V, two stages of (Q, dO, lse, D); dS^T (two stages for the fused dQ product,
   // else one when split) and P^T when split.
   static constexpr int kDsStages = kDeterministic ? (kSplit ? 1 : 0) : 2;
-  static constexpr int kDkdvSmem = (2 * kTileN + 4 * kTileM) * 2 + 2 * 2 * kBlockM * 4 +
+  static constexpr int kDkdvSmem = (kTileN + kTileNV + 2 * (kTileM + kTileMV)) * 2 + 2 * 2 * kBlockM * 4 +
                                    (kDsStages + (kSplit ? 1 : 0)) * kScoreTile * 2;
   // dQ kernel: Q, dO, two stages of (K, V) and, when split, dS.
-  static constexpr int kDqSmem = 6 * kTileN * 2 + (kSplit ? kBlockN * kBlockN * 2 : 0);
+  static constexpr int kDqSmem = 3 * (kTileN + kTileNV) * 2 + (kSplit ? kBlockN * kBlockN * 2 : 0);
   static constexpr int kSmemBytes = kDeterministic && kDqSmem > kDkdvSmem ? kDqSmem : kDkdvSmem;
   // The fused dQ product tiles [kBlockM, kD] over the warps as kDqWM x kDqWD tiles of kDqMT m-tiles
   // x kDqNT n-tiles: two m-tiles where that divides evenly, so each loaded fragment feeds two MMAs.
@@ -92,15 +98,17 @@ struct Config {
   static constexpr int kDqMT = dq_m_tiles(), kDqWM = kDqMT ? kBlockM / (16 * kDqMT) : 1;
   static constexpr int kDqWD = kWarps / kDqWM, kDqNT = kNtD / kDqWD;
   // Accumulators + operands: dK, dV, S^T, dP^T in the dK/dV kernel; dQ, S, dP in the dQ kernel.
-  static constexpr int kDkdvRegs = kRT * (2 * kNtDW * 4 + 2 * kNtMW * 4) + 32;
+  static constexpr int kDkdvRegs = kRT * ((kNtDW + kNtDWV) * 4 + 2 * kNtMW * 4) + 32;
   static constexpr int kDqRegs = kRT * (kNtDW * 4 + 2 * kNtNW * 4) + 32;
   static constexpr int kRegEstimate = kDeterministic && kDqRegs > kDkdvRegs ? kDqRegs : kDkdvRegs;
   static_assert(kDHead % 8 == 0 && kDHead >= 8 && kDHead <= 256, "d_head must be a multiple of 8 from 8 to 256");
+  static_assert(kDHeadV_ == 0 || (kDHeadV_ % 8 == 0 && kDHeadV_ >= 8 && kDHeadV_ <= kDHead_),
+                "d_v must be 0 (the same as d_head) or a multiple of 8 from 8 to d_head");
   static_assert(kWarps == 4 || kWarps == 8, "the backward pass runs 4 or 8 warps");
   static_assert(kBlockM == 32 || kBlockM == 64 || kBlockM == 128, "block_m must be 32, 64 or 128");
   static_assert(kDSplit == 1 || kDSplit == 2 || kDSplit == 4, "d_split must be 1, 2 or 4");
   static_assert(kGroupRows == 16 || kGroupRows == 32, "group_rows must be 16 or 32");
-  static_assert(kNtDW % 2 == 0, "each warp's share of the head dim must be whole 16-column pairs");
+  static_assert(kNtDW % 2 == 0 && kNtDWV % 2 == 0, "each warp's share of the head dim must be whole 16-column pairs");
   static_assert(kMW % 16 == 0 && kNW % 16 == 0, "each warp's share of a score block must be whole 16-wide k-tiles");
   static_assert(2 * kBlockM >= kBlockN,
                 "dK/dV are staged through the Q / dO tiles: 2 * block_m must be at least the block's group_rows * n_warps / d_split keys");
@@ -125,7 +133,7 @@ __global__ void __launch_bounds__(128) dvec_kernel(const __grid_constant__ BwdPa
   if (row >= stat_rows(p)) return;
   const RowIndex at(row, p, stat_plane_rows(p));
   float sum = 0.f;
-  if (lane < C::kDHead / 8) {
+  if (lane < C::kDHeadV / 8) {
     const uint4 o = *reinterpret_cast<const uint4*>(p.o.at<const elem_t>(at.b, at.h, at.i) + lane * 8);
     const uint4 d = *reinterpret_cast<const uint4*>(p.dout.at<const elem_t>(at.b, at.h, at.i) + lane * 8);
     const uint32_t ow[4] = {o.x, o.y, o.z, o.w}, dw[4] = {d.x, d.y, d.z, d.w};
@@ -176,16 +184,19 @@ struct QuerySteps {
   }
 };
 
-// Copy kRows rows of head h (of batch b) starting at row0 between global memory and a tile.
-template <class C, int kRows>
+// Copy kRows rows of head h (of batch b) starting at row0 between global memory and a tile: of q/k
+// (kValue false: kDHead columns in a kD tile) or of v/o/dO (kValue: kDHeadV in kDV).
+template <class C, int kRows, bool kValue = false>
 __device__ __forceinline__ void load_rows(elem_t* tile, const TensorRef& t, int b, int h, int row0, int rows, int tid) {
-  load_tile<kRows, C::kD, C::kSwizzle, true, C::kThreads, C::kDHead>(tile, t.at<const elem_t>(b, h, row0), t.row_stride, rows,
-                                                          tid);
+  constexpr int kW = kValue ? C::kDV : C::kD, kCols = kValue ? C::kDHeadV : C::kDHead;
+  load_tile<kRows, kW, C::kSwizzle, true, C::kThreads, kCols>(tile, t.at<const elem_t>(b, h, row0), t.row_stride, rows,
+                                                              tid);
 }
-template <class C, int kRows>
+template <class C, int kRows, bool kValue = false>
 __device__ __forceinline__ void store_rows(const TensorRef& t, int b, int h, int row0, const elem_t* tile, int rows,
                                            int tid) {
-  store_tile<kRows, C::kD, C::kSwizzle, C::kThreads, C::kDHead>(t.at<elem_t>(b, h, row0), t.row_stride, tile, rows, tid);
+  constexpr int kW = kValue ? C::kDV : C::kD, kCols = kValue ? C::kDHeadV : C::kDHead;
+  store_tile<kRows, kW, C::kSwizzle, C::kThreads, kCols>(t.at<elem_t>(b, h, row0), t.row_stride, tile, rows, tid);
 }
 
 // Stage one query block's lse (in log2 units, +inf past the end: P = 0 there) and D in shared memory.
@@ -212,30 +223,31 @@ __device__ __forceinline__ float probability(const typename C::Mod& mod, float s
   return fast_exp2(t - lse2);
 }
 
-// acc = A(kMT * 16 rows of tile_a from a_row0) x B^T(kNT * 8 rows of tile_b from b_row0), k over the
-// head dim.
-template <class C, int kMT, int kNT>
+// acc = A(kMT * 16 rows of tile_a from a_row0) x B^T(kNT * 8 rows of tile_b from b_row0), k over a
+// head dim of tile width kW (kD: q/k, kDV: v/dO).
+template <class C, int kW, int kMT, int kNT>
 __device__ __forceinline__ void gemm_rows_rows(float (&acc)[kMT][kNT][4], const elem_t* tile_a, int a_row0,
                                                const elem_t* tile_b, int b_row0, int lane) {
+  constexpr int kKt = kW / 16;
   zero(acc);
 #pragma unroll
-  for (int kt = 0; kt < C::kKtD; ++kt) {
-    uint32_t a[kMT][C::kKtD][4], b[C::kKtD][kNT][2];
-    load_a<C::kD, C::kSwizzle>(a, tile_a, a_row0, lane, kt, 1);
-    load_b_rows<C::kD, C::kSwizzle>(b, tile_b, b_row0, lane, kt, 1);
+  for (int kt = 0; kt < kKt; ++kt) {
+    uint32_t a[kMT][kKt][4], b[kKt][kNT][2];
+    load_a<kW, C::kSwizzle>(a, tile_a, a_row0, lane, kt, 1);
+    load_b_rows<kW, C::kSwizzle>(b, tile_b, b_row0, lane, kt, 1);
     mma_k_tile<C::kBf16>(acc, a, b, kt);
   }
 }
 
-// acc += A (16-bit fragments, k over kKT * 16 rows of the tile) x tile (rows = k), n over kNT
-// n-tiles of the head dim from n-tile nt0.
-template <class C, int kMT, int kKT, int kNT>
+// acc += A (16-bit fragments, k over kKT * 16 rows of the tile) x tile (rows = k, kW wide), n over
+// kNT n-tiles of the head dim from n-tile nt0.
+template <class C, int kW, int kMT, int kKT, int kNT>
 __device__ __forceinline__ void gemm_frag_cols(float (&acc)[kMT][kNT][4], const uint32_t (&a)[kMT][kKT][4],
                                                const elem_t* tile, int nt0, int lane) {
 #pragma unroll
   for (int kt = 0; kt < kKT; ++kt) {
     uint32_t b[kKT][kNT][2];
-    load_b_cols<C::kD, C::kSwizzle>(b, tile, 0, lane, kt, 1, nt0);
+    load_b_cols<kW, C::kSwizzle>(b, tile, 0, lane, kt, 1, nt0);
     mma_k_tile<C::kBf16>(acc, a, b, kt);
   }
 }
@@ -248,9 +260,9 @@ __device__ __forceinline__ void group_sync(int g) {
   else __syncwarp();
 }
 
-// acc += staged score rows [row0, row0 + 16 kMT) (k over all kScoreCols columns) x tile (rows = k),
-// into this warp's kNT n-tiles from nt0: the second half of a split product, after group_sync.
-template <class C, int kScoreCols, int kMT, int kNT>
+// acc += staged score rows [row0, row0 + 16 kMT) (k over all kScoreCols columns) x tile (rows = k,
+// kW wide), into this warp's kNT n-tiles from nt0: the second half of a split product, after group_sync.
+template <class C, int kScoreCols, int kW, int kMT, int kNT>
 __device__ __forceinline__ void gemm_staged_cols(float (&acc)[kMT][kNT][4], const elem_t* scores, int row0,
                                                  const elem_t* tile, int nt0, int lane) {
   constexpr int kKT = kScoreCols / 16;
@@ -258,7 +270,7 @@ __device__ __forceinline__ void gemm_staged_cols(float (&acc)[kMT][kNT][4], cons
   for (int kt = 0; kt < kKT; ++kt) {
     uint32_t a[kMT][kKT][4], b[kKT][kNT][2];
     load_a<kScoreCols, C::kSwizzle>(a, scores, row0, lane, kt, 1);
-    load_b_cols<C::kD, C::kSwizzle>(b, tile, 0, lane, kt, 1, nt0);
+    load_b_cols<kW, C::kSwizzle>(b, tile, 0, lane, kt, 1, nt0);
     mma_k_tile<C::kBf16>(acc, a, b, kt);
   }
 }
@@ -297,9 +309,9 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
   extern __shared__ __align__(128) unsigned char smem_raw[];
   elem_t* sK = reinterpret_cast<elem_t*>(smem_raw);
   elem_t* sV = sK + C::kTileN;
-  elem_t* sQ2 = sV + C::kTileN;        // two stages of Q
+  elem_t* sQ2 = sV + C::kTileNV;       // two stages of Q
   elem_t* sdO2 = sQ2 + 2 * C::kTileM;  // two stages of dO
-  float* s_lse2 = reinterpret_cast<float*>(sdO2 + 2 * C::kTileM);
+  float* s_lse2 = reinterpret_cast<float*>(sdO2 + 2 * C::kTileMV);
   float* s_dvec2 = s_lse2 + 2 * C::kBlockM;
   elem_t* sdS2 = reinterpret_cast<elem_t*>(s_dvec2 + 2 * C::kBlockM);  // kDsStages of dS^T [kBlockN, kBlockM]
   elem_t* sP = sdS2 + C::kDsStages * C::kScoreTile;                     // split: P^T [kBlockN, kBlockM]
@@ -318,10 +330,10 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
 
   load_rows<C, C::kBlockN>(sK, p.k, b, h_k, seq.k_start + key0, keys, tid);
-  load_rows<C, C::kBlockN>(sV, p.v, b, h_k, seq.k_start + key0, keys, tid);
+  load_rows<C, C::kBlockN, true>(sV, p.v, b, h_k, seq.k_start + key0, keys, tid);
   cp_async_commit();
 
-  float dk[C::kRT][C::kNtDW][4], dv[C::kRT][C::kNtDW][4];
+  float dk[C::kRT][C::kNtDW][4], dv[C::kRT][C::kNtDWV][4];
   zero(dk);
   zero(dv);
   const int my_key0 = key0 + r0 + (lane >> 2);  // key of m-tile mt, row half h: my_key0 + 16 mt + 8 h
@@ -337,7 +349,7 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
   auto stage = [&](StepPos s, int buf) {
     const int rows = min(C::kBlockM, seq.len_q - s.row0);
     load_rows<C, C::kBlockM>(sQ2 + buf * C::kTileM, p.q, b, s.h, seq.q_start + s.row0, rows, tid);
-    load_rows<C, C::kBlockM>(sdO2 + buf * C::kTileM, p.dout, b, s.h, seq.q_start + s.row0, rows, tid);
+    load_rows<C, C::kBlockM, true>(sdO2 + buf * C::kTileMV, p.dout, b, s.h, seq.q_start + s.row0, rows, tid);
     load_row_stats<C>(s_lse2 + buf * C::kBlockM, s_dvec2 + buf * C::kBlockM, p, seq.stat_row(s.h, 0), seq.len_q,
                       s.row0, tid);
   };
@@ -360,13 +372,13 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
     const typename C::Mod mod(p.mods, seq.len_q, seq.len_k, p.softmax_scale, b, h);
     const Dropout drop(p.mods, int(bh));
     const elem_t* sQ = sQ2 + buf * C::kTileM;
-    const elem_t* sdO = sdO2 + buf * C::kTileM;
+    const elem_t* sdO = sdO2 + buf * C::kTileMV;
     const float* s_lse = s_lse2 + buf * C::kBlockM;
     const float* s_dvec = s_dvec2 + buf * C::kBlockM;
 
     // P^T: rows = this warp's kGroupRows keys, cols = its kMW queries of the block (from q0).
     float pt[C::kRT][C::kNtMW][4], grad[C::kRT][C::kNtMW][4];  // grad: used (and kept) only with softcap
-    gemm_rows_rows<C>(pt, sK, r0, sQ, q0, lane);
+    gemm_rows_rows<C, C::kD>(pt, sK, r0, sQ, q0, lane);
     const auto query = [&](int nt, int e) { return q0 + nt * 8 + (lane & 3) * 2 + (e & 1); };  // in the block
     for_each_acc<C::kRT, C::kNtMW>([&](int mt, int nt, int e) {
       const int col = query(nt, e);
@@ -379,10 +391,10 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
     acc_to_a<C::kBf16>(pt, pa);
     if (C::kDropout) keep.apply(pa);  // P o Z
     if constexpr (C::kSplit) store_a<C::kBlockM, C::kSwizzle>(sP, pa, r0, lane, q0 / 8);
-    else gemm_frag_cols<C>(dv, pa, sdO, 0, lane);  // dV += (P o Z)^T dO (times 1 / (1 - p) at the end)
+    else gemm_frag_cols<C, C::kDV>(dv, pa, sdO, 0, lane);  // dV += (P o Z)^T dO (times 1 / (1 - p) at the end)
 
     float dpt[C::kRT][C::kNtMW][4];
-    gemm_rows_rows<C>(dpt, sV, r0, sdO, q0, lane);  // dP^T = V dO^T
+    gemm_rows_rows<C, C::kDV>(dpt, sV, r0, sdO, q0, lane);  // dP^T = V dO^T
     for_each_acc<C::kRT, C::kNtMW>([&](int mt, int nt, int e) {
       // dS^T / rp, rp = 1 / (1 - p): dS = P o (Z o dP rp - D), and s_dvec holds D / rp.
       float dp = dpt[mt][nt][e];
@@ -396,10 +408,10 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
     if constexpr (C::kSplit) {  // every share of the group's P^T and dS^T rows, then this warp's columns
       store_a<C::kBlockM, C::kSwizzle>(sdS, dsa, r0, lane, q0 / 8);
       group_sync<C>(g);
-      gemm_staged_cols<C, C::kBlockM>(dv, sP, r0, sdO, part * C::kNtDW, lane);
-      gemm_staged_cols<C, C::kBlockM>(dk, sdS, r0, sQ, part * C::kNtDW, lane);
+      gemm_staged_cols<C, C::kBlockM, C::kDV>(dv, sP, r0, sdO, part * C::kNtDWV, lane);
+      gemm_staged_cols<C, C::kBlockM, C::kD>(dk, sdS, r0, sQ, part * C::kNtDW, lane);
     } else {
-      gemm_frag_cols<C>(dk, dsa, sQ, 0, lane);  // dK += dS^T Q
+      gemm_frag_cols<C, C::kD>(dk, dsa, sQ, 0, lane);  // dK += dS^T Q
       if constexpr (!C::kDeterministic) store_a<C::kBlockM, C::kSwizzle>(sdS, dsa, r0, lane);
     }
     prev = cur;
@@ -412,10 +424,10 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
   // Stage through the Q / dO buffers (each warp writes its own rows and columns), then coalesced
   // stores. Both hold 2 * kBlockM >= kBlockN rows.
   store_acc<C::kD, C::kSwizzle, C::kBf16>(sQ2, dk, r0, lane, p.softmax_scale * C::dropout_scale(p), part * C::kNtDW);
-  store_acc<C::kD, C::kSwizzle, C::kBf16>(sdO2, dv, r0, lane, C::dropout_scale(p), part * C::kNtDW);
+  store_acc<C::kDV, C::kSwizzle, C::kBf16>(sdO2, dv, r0, lane, C::dropout_scale(p), part * C::kNtDWV);
   __syncthreads();
   store_rows<C, C::kBlockN>(p.dk, b, h_k, seq.k_start + key0, sQ2, keys, tid);
-  store_rows<C, C::kBlockN>(p.dv, b, h_k, seq.k_start + key0, sdO2, keys, tid);
+  store_rows<C, C::kBlockN, true>(p.dv, b, h_k, seq.k_start + key0, sdO2, keys, tid);
 }
 
 // ---- 3a. dQ = scale * the fp32 buffer, rounded: one warp per row ------------------------------
@@ -450,9 +462,9 @@ __global__ void __launch_bounds__(C::kThreads) dq_kernel(const __grid_constant__
   constexpr int kRows = C::kBlockN;  // query rows per CTA and keys per step
   elem_t* sQ = reinterpret_cast<elem_t*>(smem_raw);
   elem_t* sdO = sQ + C::kTileN;
-  elem_t* sK2 = sdO + C::kTileN;       // two stages of K
+  elem_t* sK2 = sdO + C::kTileNV;      // two stages of K
   elem_t* sV2 = sK2 + 2 * C::kTileN;   // two stages of V
-  elem_t* sdS = sV2 + 2 * C::kTileN;   // split: dS [kRows queries, kRows keys]
+  elem_t* sdS = sV2 + 2 * C::kTileNV;  // split: dS [kRows queries, kRows keys]
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   // This warp's kGroupRows query rows (group g, from r0) and, when split, its share of each key
@@ -472,7 +484,7 @@ __global__ void __launch_bounds__(C::kThreads) dq_kernel(const __grid_constant__
   const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
 
   load_rows<C, kRows>(sQ, p.q, b, h, seq.q_start + row0, rows, tid);
-  load_rows<C, kRows>(sdO, p.dout, b, h, seq.q_start + row0, rows, tid);
+  load_rows<C, kRows, true>(sdO, p.dout, b, h, seq.q_start + row0, rows, tid);
   cp_async_commit();
 
   // This thread's rows my_row0 + 16 mt + 8 half: lse (log2 units; +inf past the end or for rows
@@ -503,7 +515,7 @@ __global__ void __launch_bounds__(C::kThreads) dq_kernel(const __grid_constant__
   auto stage = [&](int j) {
     const int col0 = j * kRows, cols = min(kRows, seq.len_k - col0), buf = (j - j_begin) & 1;
     load_rows<C, kRows>(sK2 + buf * C::kTileN, p.k, b, h_k, seq.k_start + col0, cols, tid);
-    load_rows<C, kRows>(sV2 + buf * C::kTileN, p.v, b, h_k, seq.k_start + col0, cols, tid);
+    load_rows<C, kRows, true>(sV2 + buf * C::kTileNV, p.v, b, h_k, seq.k_start + col0, cols, tid);
   };
   if (j_begin < j_end) stage(j_begin);
   cp_async_commit();
@@ -514,12 +526,12 @@ __global__ void __launch_bounds__(C::kThreads) dq_kernel(const __grid_constant__
     if (j + 1 < j_end) stage(j + 1);
     cp_async_commit();
     const elem_t* sK = sK2 + buf * C::kTileN;
-    const elem_t* sV = sV2 + buf * C::kTileN;
+    const elem_t* sV = sV2 + buf * C::kTileNV;
 
     float s[C::kRT][C::kNtNW][4];
-    gemm_rows_rows<C>(s, sQ, r0, sK, k0, lane);  // S = Q K^T (this warp's keys)
+    gemm_rows_rows<C, C::kD>(s, sQ, r0, sK, k0, lane);  // S = Q K^T (this warp's keys)
     float dp_acc[C::kRT][C::kNtNW][4];
-    gemm_rows_rows<C>(dp_acc, sdO, r0, sV, k0, lane);  // dP = dO V^T
+    gemm_rows_rows<C, C::kDV>(dp_acc, sdO, r0, sV, k0, lane);  // dP = dO V^T
     // Dropout (common/dropout.cuh): one call per 16-key chunk covers this lane's entries of its
     // 32-row span there (a 16-row group uses half of each call).
     uint4 flags[C::kNtNW / 2];
@@ -549,9 +561,9 @@ __global__ void __launch_bounds__(C::kThreads) dq_kernel(const __grid_constant__
     if constexpr (C::kSplit) {  // every share of the group's dS rows, then this warp's columns
       store_a<kRows, C::kSwizzle>(sdS, dsa, r0, lane, k0 / 8);
       group_sync<C>(g);
-      gemm_staged_cols<C, kRows>(dq, sdS, r0, sK, part * C::kNtDW, lane);
+      gemm_staged_cols<C, kRows, C::kD>(dq, sdS, r0, sK, part * C::kNtDW, lane);
     } else {
-      gemm_frag_cols<C>(dq, dsa, sK, 0, lane);  // dQ += dS K
+      gemm_frag_cols<C, C::kD>(dq, dsa, sK, 0, lane);  // dQ += dS K
     }
   }
 

@@ -37,6 +37,7 @@ struct Config {
   // wgmma_tile).
   static constexpr int kDHead = kDHead_, kWarps = 8, kThreads = kWarps * 32;
   static constexpr int kD = kDHead > 32 && kDHead <= 64 ? 64 : kDHead > 64 && kDHead <= 128 ? 128 : head_dim_tile(kDHead);
+  static constexpr int kDHeadV = kDHead, kDV = kD;  // v's head dim is q/k's (bwd_sm80.cuh's helpers read these)
   static constexpr int kBlockM = kBlockM_, kBlockN = 128;  // queries per step, keys per CTA (64 per warpgroup)
   static constexpr int kNtM = kBlockM / 8, kNtD = kD / 8, kKsD = kD / 16, kKsM = kBlockM / 16, kKsN = kBlockN / 16;
   // dQ of a step, [kBlockM, kD]: each warpgroup computes a 64 x 64 share, by rows when kBlockM = 128

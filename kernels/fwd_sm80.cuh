@@ -3,7 +3,8 @@
 //   O[b, i, h, :] = sum_j softmax_j(scale * Q[b, i, h, :] . K[b, j, h_k, :]) V[b, j, h_k, :]
 //   lse[b, h, i]  = log sum_j exp(scale * Q . K)          (natural log; +inf for fully masked rows)
 //
-// q: [B, Sq, H, D], k/v: [B, Sk, H_k, D] with h_k = h / (H / H_k), o: [B, Sq, H, D]; or a
+// q: [B, Sq, H, D], k: [B, Sk, H_k, D], v: [B, Sk, H_k, D_v] with h_k = h / (H / H_k) and D_v <= D
+// (MLA-style value heads; usually D_v = D), o: [B, Sq, H, D_v]; or a
 // variable-length batch packed along the rows (common/params.cuh: VarlenParams), each sequence
 // computed as a dense call of its own lengths; or, built with kvcache, queries over a (paged) KV cache
 // with per-entry lengths, the key range optionally split across CTAs (common/params.cuh: CacheParams).
@@ -26,7 +27,7 @@ namespace flashjit::fwd {
 // One template parameter per KernelConfig field (flashjit/configs/fwd_sm80.py), in the same order.
 template <bool kBf16_, int kDHead_, int kBr_, int kBc_, int kWarps_, bool kAsync_, bool kEager_, bool kSwizzle_,
           int kDepthQ_, int kDepthK_, int kDepthV_, bool kDoubleBuffer_, bool kOptSoftmax_, bool kCausal_,
-          bool kLocal_, bool kSoftcap_, bool kAlibi_, bool kDropout_, bool kSink_, bool kKvCache_>
+          bool kLocal_, bool kSoftcap_, bool kAlibi_, bool kDropout_, bool kSink_, bool kKvCache_, int kDHeadV_>
 struct Config {
   static constexpr bool kBf16 = kBf16_, kAsync = kAsync_, kEager = kEager_, kSwizzle = kSwizzle_;
   static constexpr bool kDoubleBuffer = kDoubleBuffer_, kOptSoftmax = kOptSoftmax_, kCausal = kCausal_;
@@ -34,19 +35,21 @@ struct Config {
   static constexpr bool kDropout = kDropout_, kSink = kSink_, kKvCache = kKvCache_;
   // kDHead: the real head dim (a multiple of 8); kD: the tile width it runs in (zero columns past kDHead).
   static constexpr int kDHead = kDHead_, kD = head_dim_tile(kDHead_), kBr = kBr_, kBc = kBc_, kWarps = kWarps_;
+  // The value head dim (of V and O; kDHeadV_ == 0: kDHead) and its tile.
+  static constexpr int kDHeadV = kDHeadV_ == 0 ? kDHead_ : kDHeadV_, kDV = head_dim_tile(kDHeadV);
   static constexpr int kDepthQ = kDepthQ_, kDepthK = kDepthK_, kDepthV = kDepthV_;
 
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kWarpRows = kBr / kWarps;
   static constexpr int kM = kWarpRows / 16;  // 16-row MMA tiles per warp
-  // The matrix products cover the real head dim rounded up to 16, not the whole tile: at d_head 80
+  // The matrix products cover the real head dims rounded up to 16, not the whole tiles: at d_head 80
   // (tile 96) that is 5 k-tiles of QK^T and 10 n-tiles of PV instead of 6 and 12.
-  static constexpr int kDMma = (kDHead + 15) / 16 * 16;
+  static constexpr int kDMma = (kDHead + 15) / 16 * 16, kDMmaV = (kDHeadV + 15) / 16 * 16;
   static constexpr int kKtD = kDMma / 16;    // k-tiles of QK^T (over the head dim)
-  static constexpr int kNtD = kDMma / 8;     // n-tiles of PV (over the head dim)
+  static constexpr int kNtD = kDMmaV / 8;    // n-tiles of PV (over the value head dim)
   static constexpr int kNtC = kBc / 8;       // n-tiles of QK^T (over keys)
   static constexpr int kKtC = kBc / 16;      // k-tiles of PV (over keys)
-  static constexpr int kSmemBytes = (kBr + 2 * kBc) * kD * 2;
+  static constexpr int kSmemBytes = ((kBr + kBc) * kD + kBc * kDV) * 2;  // Q, K, V
 
   // Chunk sizes (k-tiles loaded into registers at once) and whether each operand double-buffers.
   static constexpr int kChunkQ = kDepthQ == 0 ? kKtD : kDepthQ;
@@ -69,6 +72,10 @@ struct Config {
     return depth == 0 || ((depth & (depth - 1)) == 0 && tiles % depth == 0);
   }
   static_assert(kDHead % 8 == 0 && kDHead >= 8 && kDHead <= 256, "d_head must be a multiple of 8 from 8 to 256");
+  static_assert(kDHeadV_ == 0 || (kDHeadV_ % 8 == 0 && kDHeadV_ >= 8 && kDHeadV_ <= kDHead_),
+                "d_v must be 0 (the same as d_head) or a multiple of 8 from 8 to d_head");
+  static_assert(!(kKvCache && kDHeadV != kDHead),
+                "kvcache kernels need d_v == d_head (flash_attn_with_kvcache's caches share a head dim)");
   static_assert(kBc % 32 == 0, "B_c must be a multiple of 32");
   static_assert(kWarpRows == 16 || kWarpRows == 32,
                 "each warp must own 16 or 32 query rows: B_r / n_warps must be 16 or 32");
@@ -122,9 +129,9 @@ __device__ __forceinline__ void gemm_pv(float (&o)[C::kM][C::kNtD][4], const uin
 #pragma unroll
   for (int kt = 0; kt < C::kKtC; ++kt) {
     int first;
-    if (C::kDbV && kt == 0) load_b_cols<C::kD, C::kSwizzle>(vf, sV, 0, lane, 0, C::kChunkV);
+    if (C::kDbV && kt == 0) load_b_cols<C::kDV, C::kSwizzle>(vf, sV, 0, lane, 0, C::kChunkV);
     if (fetch_chunk_at<C::kChunkV, C::kKtC, C::kDbV>(kt, first))
-      load_b_cols<C::kD, C::kSwizzle>(vf, sV, 0, lane, first, C::kChunkV);
+      load_b_cols<C::kDV, C::kSwizzle>(vf, sV, 0, lane, first, C::kChunkV);
     mma_k_tile<C::kBf16>(o, p, vf, kt);
   }
 }
@@ -429,7 +436,7 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
   elem_t* sQ = reinterpret_cast<elem_t*>(smem_raw);
   elem_t* sK = sQ + C::kBr * C::kD;
   elem_t* sV = sK + C::kBc * C::kD;
-  using L = SmemLayout<C::kD, C::kSwizzle>;
+  using LO = SmemLayout<C::kDV, C::kSwizzle>;  // O staged in sQ (kDV <= kD: it fits)
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   // 1-D grid: m-block fastest (neighbouring CTAs share K/V in L2), then head, then batch; split-KV
@@ -465,19 +472,23 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
     const int per = ((len_k + C::kBc - 1) / C::kBc + p.cache.num_splits - 1) / p.cache.num_splits;
     j_begin = max(j_begin, int(blockIdx.y) * per), j_end = min(j_end, int(blockIdx.y + 1) * per);
   }
-  auto load_kv = [&](elem_t* dst, const elem_t* src, const TensorRef& t, int block) {
+  // Block `block` of K (kW = kD, kCols = kDHead) or V (kDV, kDHeadV) into its tile.
+  auto load_kv = [&](auto width, auto cols, elem_t* dst, const elem_t* src, const TensorRef& t, int block) {
+    constexpr int kW = decltype(width)::value, kCols = decltype(cols)::value;
     if constexpr (C::kKvCache) {
       if (p.cache.block_table != nullptr) {  // paged: each row's page from the table
         const int32_t* table = p.cache.block_table + int64_t(b) * p.cache.table_stride;
         const int slot0 = k_start + block * C::kBc;
-        load_tile_paged<C::kBc, C::kD, C::kSwizzle, C::kAsync, C::kThreads, C::kDHead>(
+        load_tile_paged<C::kBc, kW, C::kSwizzle, C::kAsync, C::kThreads, kCols>(
             dst, p.cache, table, t, h_k, slot0, len_k - block * C::kBc, tid);
         return;
       }
     }
-    load_tile<C::kBc, C::kD, C::kSwizzle, C::kAsync, C::kThreads, C::kDHead>(
+    load_tile<C::kBc, kW, C::kSwizzle, C::kAsync, C::kThreads, kCols>(
         dst, src + int64_t(block) * C::kBc * t.row_stride, t.row_stride, len_k - block * C::kBc, tid);
   };
+  auto load_k = [&](int block) { load_kv(Int<C::kD>(), Int<C::kDHead>(), sK, gK, p.k, block); };
+  auto load_v = [&](int block) { load_kv(Int<C::kDV>(), Int<C::kDHeadV>(), sV, gV, p.v, block); };
 
   float o[C::kM][C::kNtD][4];
   float m[C::kM][2], l[C::kM][2];
@@ -495,7 +506,7 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
   load_tile<C::kBr, C::kD, C::kSwizzle, C::kAsync, C::kThreads, C::kDHead>(sQ, gQ, p.q.row_stride, q_rows, tid);
   if (C::kEager) {
     cp_async_commit();
-    if (j_begin < j_end) load_kv(sK, gK, p.k, j_begin);
+    if (j_begin < j_end) load_k(j_begin);
     cp_async_commit();
   }
 
@@ -503,12 +514,12 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
     if (C::kEager) {
       cp_async_wait<0>();  // K_j (and at j == 0, Q) has landed
       __syncthreads();     // ... for every thread; and every warp is done reading V_{j-1}
-      load_kv(sV, gV, p.v, j);  // V_j streams in under QK^T and the softmax
+      load_v(j);  // V_j streams in under QK^T and the softmax
       cp_async_commit();
     } else {
       __syncthreads();  // every warp is done with K_{j-1}, V_{j-1}
-      load_kv(sK, gK, p.k, j);
-      load_kv(sV, gV, p.v, j);
+      load_k(j);
+      load_v(j);
       if (C::kAsync) cp_async_commit(), cp_async_wait<0>();
       __syncthreads();
     }
@@ -527,7 +538,7 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
     if (C::kEager) {
       cp_async_wait<0>();  // V_j has landed
       __syncthreads();     // ... for every thread; and every warp is done reading K_j
-      if (j + 1 < j_end) load_kv(sK, gK, p.k, j + 1);  // K_{j+1} streams in under PV
+      if (j + 1 < j_end) load_k(j + 1);  // K_{j+1} streams in under PV
       cp_async_commit();
     }
     gemm_pv<C>(o, pf, sV, lane);
@@ -555,7 +566,7 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
 #pragma unroll
       for (int nt = 0; nt < C::kNtD; ++nt) {
         const uint32_t packed = pack2<C::kBf16>(o[mt][nt][2 * half] * inv, o[mt][nt][2 * half + 1] * inv);
-        *reinterpret_cast<uint32_t*>(sQ + L::offset(row, nt) + (lane & 3) * 2) = packed;
+        *reinterpret_cast<uint32_t*>(sQ + LO::offset(row, nt) + (lane & 3) * 2) = packed;
       }
       if (p.lse != nullptr && (lane & 3) == 0 && q_row0 + row < tail.len_q)
         lse[q_row0 + row] = sum > 0.f ? m_nat + logf(sum) : INFINITY;
@@ -563,11 +574,11 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
   __syncwarp();
   elem_t* gO = p.o.at<elem_t>(b, h, tail.q_start + q_row0);
 #pragma unroll
-  for (int i = lane; i < C::kWarpRows * L::kChunks; i += 32) {
-    const int row = warp_row0 + i / L::kChunks, chunk = i % L::kChunks;
-    if (row < tail.len_q - q_row0 && chunk < C::kDHead / 8)
+  for (int i = lane; i < C::kWarpRows * LO::kChunks; i += 32) {
+    const int row = warp_row0 + i / LO::kChunks, chunk = i % LO::kChunks;
+    if (row < tail.len_q - q_row0 && chunk < C::kDHeadV / 8)
       *reinterpret_cast<uint4*>(gO + int64_t(row) * p.o.row_stride + chunk * 8) =
-          *reinterpret_cast<const uint4*>(sQ + L::offset(row, chunk));
+          *reinterpret_cast<const uint4*>(sQ + LO::offset(row, chunk));
   }
 }
 

@@ -2,7 +2,8 @@
 //
 // Same result as fwd_sm80.cuh (same masks, softmax, dropout mask and lse), different machine:
 //   O[b, i, h, :] = sum_j softmax_j(scale * Q[b, i, h, :] . K[b, j, h_k, :]) V[b, j, h_k, :]
-// q: [B, Sq, H, D], k/v: [B, Sk, H_k, D], o: [B, Sq, H, D]; lse: [B, H, Sq] fp32 or null.
+// q: [B, Sq, H, D], k: [B, Sk, H_k, D], v: [B, Sk, H_k, D_v], o: [B, Sq, H, D_v] (D_v <= D; usually
+// D_v = D); lse: [B, H, Sq] fp32 or null.
 //
 // Roles. One CTA owns kBlockM query rows of one (batch, head):
 //   warpgroup 0            producer: one thread issues every TMA load, the rest only wait; it gives
@@ -46,7 +47,8 @@ enum class Barrier : int { kEpilogue = 1, kPingPong = 5 };
 // One template parameter per FwdSm90Config field (flashjit/configs/fwd_sm90.py), in the same order; every
 // static_assert message is one of its WHY_* reasons, verbatim.
 template <bool kBf16_, int kDHead_, int kBlockM_, int kBlockN_, int kStages_, bool kOverlap_, bool kPingPong_,
-          bool kPersistent_, bool kCausal_, bool kLocal_, bool kSoftcap_, bool kAlibi_, bool kDropout_, bool kSink_>
+          bool kPersistent_, bool kCausal_, bool kLocal_, bool kSoftcap_, bool kAlibi_, bool kDropout_, bool kSink_,
+          int kDHeadV_>
 struct Config {
   static constexpr bool kBf16 = kBf16_, kOverlap = kOverlap_, kPingPong = kPingPong_, kCausal = kCausal_;
   static constexpr bool kPersistent = kPersistent_;
@@ -54,35 +56,40 @@ struct Config {
   using Mod = ScoreMod<kCausal_, kLocal_, kSoftcap_, kAlibi_>;
   // kD: the tile width, whole 64-column swizzle blocks (TMA boxes); kDMma: the QK^T k extent.
   static constexpr int kDHead = kDHead_, kD = (kDHead_ + 63) / 64 * 64, kDMma = (kDHead_ + 15) / 16 * 16;
+  // The value head dim (of V and O; kDHeadV_ == 0: kDHead) and its tile, PV's N.
+  static constexpr int kDHeadV = kDHeadV_ == 0 ? kDHead_ : kDHeadV_, kDV = (kDHeadV + 63) / 64 * 64;
   static constexpr int kBlockM = kBlockM_, kBlockN = kBlockN_, kStages = kStages_;
   static constexpr int kConsumers = kBlockM / 64, kThreads = 128 * (kConsumers + 1);
   // The register file (64 K) split: 24 or 32 for the producer, the rest for the consumers.
   static constexpr int kProducerRegs = kConsumers == 2 ? 24 : 32, kConsumerRegs = kConsumers == 2 ? 240 : 160;
   using TileQ = GmmaTile<kBlockM, kD>;
-  using TileKV = GmmaTile<kBlockN, kD>;
+  using TileKV = GmmaTile<kBlockN, kD>;  // a K stage
+  using TileV = GmmaTile<kBlockN, kDV>;  // a V stage
   // 1 KiB of slack (the swizzle needs 1024-byte aligned tiles), Q, the K/V ring, the barriers.
   static constexpr int kBarrierBytes = 8 * (2 + 4 * kStages);
-  static constexpr int kSmemBytes = 1024 + TileQ::kBytes + 2 * kStages * TileKV::kBytes + kBarrierBytes;
+  static constexpr int kSmemBytes = 1024 + TileQ::kBytes + kStages * (TileKV::kBytes + TileV::kBytes) + kBarrierBytes;
 
   // The element-wise passes of fwd_sm80.cuh, seen from one consumer warp: 16 rows (one m-tile).
   struct Warp {
-    static constexpr int kM = 1, kNtC = kBlockN / 8, kKtC = kBlockN / 16, kNtD = kD / 8;
+    static constexpr int kM = 1, kNtC = kBlockN / 8, kKtC = kBlockN / 16, kNtD = kDV / 8;
     static constexpr bool kOptSoftmax = true, kBf16 = kBf16_;
     using Mod = Config::Mod;
   };
 
   static_assert(kDHead % 8 == 0 && kDHead >= 8 && kDHead <= 256, "d_head must be a multiple of 8 from 8 to 256");
+  static_assert(kDHeadV_ == 0 || (kDHeadV_ % 8 == 0 && kDHeadV_ >= 8 && kDHeadV_ <= kDHead_),
+                "d_v must be 0 (the same as d_head) or a multiple of 8 from 8 to d_head");
   static_assert(kBlockM == 128 || kBlockM == 192, "block_m must be 128 or 192 (two or three consumer warpgroups)");
   static_assert(kBlockN == 64 || kBlockN == 96 || kBlockN == 128 || kBlockN == 192,
                 "block_n must be 64, 96, 128 or 192");
   static_assert(kStages >= 2 && kStages <= 4, "stages must be 2, 3 or 4");
   static_assert(!kPingPong || (kConsumers == 2 && kOverlap),
                 "ping-pong alternates two consumer warpgroups (block_m 128) and needs the overlap");
-  // Per consumer thread: O (kD / 2 fp32), S (kBlockN / 2 fp32) and P (kBlockN / 4 packed pairs).
+  // Per consumer thread: O (kDV / 2 fp32), S (kBlockN / 2 fp32) and P (kBlockN / 4 packed pairs).
   // Each score feature keeps a few more values live (window bounds, slopes, the Philox state): 8 each,
   // measured as spills of the 160-register block_m 192 tile with any of them.
   static constexpr int kRegEstimate =
-      kD / 2 + kBlockN / 2 + kBlockN / 4 + 32 + 8 * (int(kLocal_) + int(kSoftcap_) + int(kAlibi_) + int(kDropout_));
+      kDV / 2 + kBlockN / 2 + kBlockN / 4 + 32 + 8 * (int(kLocal_) + int(kSoftcap_) + int(kAlibi_) + int(kDropout_));
   static_assert(kRegEstimate <= kConsumerRegs, "O, S and P of this config do not fit the consumers' registers");
   static_assert(kSmemBytes <= 227 * 1024, "Q and the K/V stages of this config need more than 227 KiB of shared memory");
 };
@@ -107,12 +114,12 @@ __device__ __forceinline__ void issue_qk(float (&s)[C::kBlockN / 8][4], uint64_t
 
 // O += P V; asynchronous (commit only).
 template <class C>
-__device__ __forceinline__ void issue_pv(float (&o)[C::kD / 8][4], const uint32_t (&pf)[1][C::kBlockN / 16][4],
+__device__ __forceinline__ void issue_pv(float (&o)[C::kDV / 8][4], const uint32_t (&pf)[1][C::kBlockN / 16][4],
                                          uint64_t v_desc) {
   wgmma_fence();
 #pragma unroll
   for (int ks = 0; ks < C::kBlockN / 16; ++ks)
-    wgmma_rs<C::kD, C::kBf16, 1>(o, pf[0][ks], gmma_desc_add(v_desc, mnmajor_step(ks)), true);
+    wgmma_rs<C::kDV, C::kBf16, 1>(o, pf[0][ks], gmma_desc_add(v_desc, mnmajor_step(ks)), true);
   wgmma_commit();
 }
 
@@ -177,13 +184,13 @@ struct Smem {
     q = reinterpret_cast<elem_t*>(base);
     k = q + C::TileQ::kBytes / 2;
     v = k + C::kStages * C::TileKV::kBytes / 2;
-    q_full = reinterpret_cast<uint64_t*>(v + C::kStages * C::TileKV::kBytes / 2);
+    q_full = reinterpret_cast<uint64_t*>(v + C::kStages * C::TileV::kBytes / 2);
     q_empty = q_full + 1;
     k_ring = reinterpret_cast<sm90::Ring<C::kStages>*>(q_empty + 1);
     v_ring = k_ring + 1;
   }
   __device__ __forceinline__ elem_t* k_stage(int s) const { return k + s * C::TileKV::kBytes / 2; }
-  __device__ __forceinline__ elem_t* v_stage(int s) const { return v + s * C::TileKV::kBytes / 2; }
+  __device__ __forceinline__ elem_t* v_stage(int s) const { return v + s * C::TileV::kBytes / 2; }
 };
 
 // Normalise O and write it with lse. One CTA per tile: O goes through this warpgroup's rows of the Q
@@ -191,7 +198,7 @@ struct Smem {
 // already hold the next tile's rows, so each thread stores its pairs straight from registers (a
 // quad writes 16 contiguous bytes of a row; O is a small share of the traffic).
 template <class C>
-__device__ __forceinline__ void epilogue(const Args& args, const Smem<C>& sm, const Tile<C>& T, float (&o)[1][C::kD / 8][4],
+__device__ __forceinline__ void epilogue(const Args& args, const Smem<C>& sm, const Tile<C>& T, float (&o)[1][C::kDV / 8][4],
                                          const float (&m)[1][2], const float (&l)[1][2], float scale, int g, int t) {
   const FwdParams& p = args.p;
   const int lane = t & 31, row_cta = g * 64 + (t / 32) * 16;
@@ -209,14 +216,14 @@ __device__ __forceinline__ void epilogue(const Args& args, const Smem<C>& sm, co
     if (C::kPersistent) {
       elem_t* dst = p.o.at<elem_t>(T.b, T.h, q_row);
 #pragma unroll
-      for (int nt = 0; nt < C::kD / 8; ++nt) {
+      for (int nt = 0; nt < C::kDV / 8; ++nt) {
         const int col = nt * 8 + (lane & 3) * 2;
-        if (q_row < p.seqlen_q && col < C::kDHead)
+        if (q_row < p.seqlen_q && col < C::kDHeadV)
           *reinterpret_cast<uint32_t*>(dst + col) = pack2<C::kBf16>(o[0][nt][2 * half] * inv, o[0][nt][2 * half + 1] * inv);
       }
     } else {
 #pragma unroll
-      for (int nt = 0; nt < C::kD / 8; ++nt)
+      for (int nt = 0; nt < C::kDV / 8; ++nt)  // O's 64-column blocks are the Q tile's first kDV / 64
         *reinterpret_cast<uint32_t*>(sm.q + C::TileQ::offset(row, nt) + (lane & 3) * 2) =
             pack2<C::kBf16>(o[0][nt][2 * half] * inv, o[0][nt][2 * half + 1] * inv);
     }
@@ -228,7 +235,7 @@ __device__ __forceinline__ void epilogue(const Args& args, const Smem<C>& sm, co
     named_sync(int(Barrier::kEpilogue) + g, 128);
     if (t == 0) {
 #pragma unroll
-      for (int c = 0; c < C::kD / 64; ++c)
+      for (int c = 0; c < C::kDV / 64; ++c)
         tma_store_4d(&args.o, sm.q + c * C::TileQ::kBlockBytes / 2 + g * 64 * 64, c * 64, T.q_row0 + g * 64, T.h, T.b);
       tma_store_commit();
       tma_store_wait_read();
@@ -249,20 +256,22 @@ __device__ __forceinline__ void produce(const Args& args, const Smem<C>& sm, int
   int it = 0;
   for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x, ++it) {
     const Tile<C> T(p, tile, num_m);
-    auto load = [&](const CUtensorMap* map, elem_t* dst, uint64_t* bar, int row0, int rows_block_bytes, int head) {
+    // A tile of `width` columns: one TMA box per 64-column block.
+    auto load = [&](const CUtensorMap* map, elem_t* dst, uint64_t* bar, int row0, int rows_block_bytes, int head,
+                    int width) {
 #pragma unroll
-      for (int c = 0; c < C::kD / 64; ++c) tma_load_4d(dst + c * rows_block_bytes / 2, map, bar, c * 64, row0, head, T.b);
+      for (int c = 0; c < width / 64; ++c) tma_load_4d(dst + c * rows_block_bytes / 2, map, bar, c * 64, row0, head, T.b);
     };
     for (int j = T.j_begin; j < T.j_end; ++j, st.advance()) {
       load(&args.k, sm.k_stage(st.stage), sm.k_ring->acquire(st, C::TileKV::kBytes), j * C::kBlockN,
-           C::TileKV::kBlockBytes, T.h_k);
+           C::TileKV::kBlockBytes, T.h_k, C::kD);
       if (j == T.j_begin) {
         mbarrier_wait(sm.q_empty, (it & 1) ^ 1);
         mbarrier_arrive_expect_tx(sm.q_full, C::TileQ::kBytes);
-        load(&args.q, sm.q, sm.q_full, T.q_row0, C::TileQ::kBlockBytes, T.h);
+        load(&args.q, sm.q, sm.q_full, T.q_row0, C::TileQ::kBlockBytes, T.h, C::kD);
       }
-      load(&args.v, sm.v_stage(st.stage), sm.v_ring->acquire(st, C::TileKV::kBytes), j * C::kBlockN,
-           C::TileKV::kBlockBytes, T.h_k);
+      load(&args.v, sm.v_stage(st.stage), sm.v_ring->acquire(st, C::TileV::kBytes), j * C::kBlockN,
+           C::TileV::kBlockBytes, T.h_k, C::kDV);
     }
     if (T.empty()) {  // nothing to load: the phase still turns, so both sides keep counting tiles
       mbarrier_wait(sm.q_empty, (it & 1) ^ 1);
@@ -307,13 +316,13 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
   using W = typename C::Warp;
   const uint64_t q_desc = gmma_desc(smem_addr(sm.q) + g * 64 * 128, 16);
   auto k_desc = [&](int stage) { return gmma_desc(smem_addr(sm.k_stage(stage)), 16); };
-  auto v_desc = [&](int stage) { return gmma_desc(smem_addr(sm.v_stage(stage)), C::TileKV::kBlockBytes); };
+  auto v_desc = [&](int stage) { return gmma_desc(smem_addr(sm.v_stage(stage)), C::TileV::kBlockBytes); };
   RingState<C::kStages> st;
   int it = 0;
   for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x, ++it) {
     const Tile<C> T(p, tile, num_m);
     const int row0 = T.q_row0 + row_cta;  // this warp's first row, globally
-    float o[1][C::kD / 8][4];
+    float o[1][C::kDV / 8][4];
     float m[1][2] = {{-INFINITY, -INFINITY}}, l[1][2] = {{0.f, 0.f}};
     zero(o);
     mbarrier_wait(sm.q_full, it & 1);
@@ -426,8 +435,8 @@ cudaError_t launch(const FwdParams& p, cudaStream_t stream) {
   const int kv_rows = no_keys ? p.seqlen_q : p.seqlen_k, kv_heads = no_keys ? p.heads : p.heads_k;
   if (!encode_bshd(&args.q, p.q, C::kBf16, p.batch, p.seqlen_q, p.heads, C::kDHead, C::kBlockM) ||
       !encode_bshd(&args.k, k, C::kBf16, p.batch, kv_rows, kv_heads, C::kDHead, C::kBlockN) ||
-      !encode_bshd(&args.v, v, C::kBf16, p.batch, kv_rows, kv_heads, C::kDHead, C::kBlockN) ||
-      !encode_bshd(&args.o, p.o, C::kBf16, p.batch, p.seqlen_q, p.heads, C::kDHead, 64))
+      !encode_bshd(&args.v, v, C::kBf16, p.batch, kv_rows, kv_heads, no_keys ? C::kDHead : C::kDHeadV, C::kBlockN) ||
+      !encode_bshd(&args.o, p.o, C::kBf16, p.batch, p.seqlen_q, p.heads, C::kDHeadV, 64))
     return cudaErrorInvalidValue;
   int device = 0;  // above 48 KiB a kernel must opt in to dynamic shared memory, once per device
   cudaError_t err = cudaGetDevice(&device);

@@ -120,7 +120,7 @@ def test_every_knob_changes_the_rendered_code():
     flips = dict(dtype="fp16", d_head=64, B_r=128, B_c=32, n_warps=8, async_copy=False, eager_load_blocks=False,
                  swizzled=False, q_frag_depth=2, k_frag_depth=2, v_frag_depth=2, mma_double_buffer_loads=False,
                  optimized_softmax=False, causal=True, local=True, softcap=True, alibi=True,
-                 dropout=True, sink=True, kvcache=True)
+                 dropout=True, sink=True, kvcache=True, d_v=64)
     assert set(flips) == {f.name for f in dataclasses.fields(KernelConfig)}
     for name, value in flips.items():
         changed = dataclasses.replace(base, **{name: value})
@@ -134,7 +134,7 @@ def test_every_knob_changes_the_rendered_code():
 def test_every_hopper_forward_knob_changes_the_rendered_code():
     base = FwdSm90Config(d_head=64, pingpong=False)  # ping-pong needs block_m 128 and the overlap: flipped on alone
     flips = dict(dtype="fp16", d_head=128, block_m=192, block_n=64, stages=3, overlap=False, pingpong=True,
-                 persistent=True, causal=True, local=True, softcap=True, alibi=True, dropout=True, sink=True)
+                 persistent=True, causal=True, local=True, softcap=True, alibi=True, dropout=True, sink=True, d_v=32)
     assert set(flips) == {f.name for f in dataclasses.fields(FwdSm90Config)}
     for name, value in flips.items():
         assert codegen.render(dataclasses.replace(base, **{name: value})) != codegen.render(base), name
@@ -186,6 +186,36 @@ def test_backward_configs():
     assert not BwdConfig(d_head=256, n_warps=8, block_m=64, d_split=4, group_rows=32).problems()
     with pytest.raises(ValueError, match="backward kernel name"):
         BwdConfig.from_name("bwd_bf16_d128")
+
+
+def test_value_head_dim_configs():
+    """d_v (MLA-style d_qk != d_v): 0 means d_head, so d_v == d_head is that same config; names carry
+    it only when set (every older name stands); it must be a multiple of 8 up to d_head; kvcache
+    kernels refuse it; the dispatcher keeps the arch's family (the wgmma backward has no d_v, so the
+    sm_80 backward serves it on sm_90a) and sizes V's tiles by d_v."""
+    assert KernelConfig(d_head=128, d_v=128) == KernelConfig() and "_dv" not in KernelConfig().name
+    for cfg in (KernelConfig(d_head=192, B_r=64, B_c=64, mma_double_buffer_loads=False, d_v=128),
+                BwdConfig("fp16", 192, 8, 64, 4, 32, deterministic=True, causal=True, dropout=True, d_v=128),
+                FwdSm90Config("bf16", 128, causal=True, local=True, sink=True, d_v=64)):
+        assert cfg.name.endswith("_dv" + str(cfg.d_v)) and config_from_name(cfg.name) == cfg
+        assert not cfg.problems() and cfg.head_dim_v == cfg.d_v and "/*d_v=*/" + str(cfg.d_v) in codegen.render(cfg)
+    for family_config in (KernelConfig, lambda **kw: BwdConfig(**kw), FwdSm90Config):
+        for bad in (136, 12, -8):
+            assert any(common.WHY_HEAD_DIM_V in p for p in family_config(d_head=128, d_v=bad).problems())
+    assert any(fwd_sm80.WHY_KVCACHE_D_V in p for p in KernelConfig(d_v=64, kvcache=True).problems())
+    # V's tile is d_v wide: less shared memory than d_v == d_head.
+    assert KernelConfig(d_head=192, d_v=128).smem_bytes == ((128 + 64) * 192 + 64 * 128) * 2
+    assert BwdConfig("bf16", 192, 8, 64, 4, 32, d_v=128).smem_bytes < BwdConfig("bf16", 192, 8, 64, 4, 32).smem_bytes
+    fwd = dispatch.default_config("bf16", 192, True, 4096, arch="sm_90a", d_v=128)
+    assert isinstance(fwd, FwdSm90Config) and fwd.d_v == 128
+    assert isinstance(dispatch.default_config("bf16", 192, True, 4096, arch="sm_80", d_v=128), KernelConfig)
+    for det in (False, True):
+        bwd = dispatch.default_bwd_config("bf16", 128, False, deterministic=det, wgmma=True, d_v=64)
+        assert isinstance(bwd, BwdConfig) and bwd.d_v == 64 and bwd.deterministic == det
+    with pytest.raises(ValueError, match="d_v must be"):
+        dispatch.default_config("bf16", 64, False, 4096, arch="sm_80", d_v=128)
+    with pytest.raises(ValueError, match="wgmma backward needs d_v == d_head"):
+        BwdConfig(d_head=128, n_warps=8, d_v=64, wgmma=True)
 
 
 def test_sm90_backward_configs():

@@ -42,6 +42,11 @@ SUBSET = [  # both dtypes, several head dims, causal, knobs off, both archs
     ("sm_90a", FwdSm90Config("fp16", 64, 128, 128, 4, True, True, True, causal=True, local=True, softcap=True,
                              alibi=True, dropout=True)),
     ("sm_90a", FwdSm90Config("bf16", 256, 128, 64, 2, False, False, dropout=True)),
+    # A value head dim below q/k's (MLA-style d_qk != d_v): every family that has it.
+    ("sm_90a", KernelConfig(d_head=192, B_r=64, B_c=64, mma_double_buffer_loads=False, causal=True, d_v=128)),
+    ("sm_90a", BwdConfig("bf16", 192, 8, 64, 4, 32, d_v=128)),
+    ("sm_80", BwdConfig("fp16", 128, 8, 64, 2, 32, deterministic=True, dropout=True, d_v=64)),
+    ("sm_90a", FwdSm90Config("bf16", 192, 128, 96, causal=True, d_v=128)),
 ]
 
 

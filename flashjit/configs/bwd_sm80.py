@@ -11,8 +11,8 @@ import re
 import warnings
 from dataclasses import InitVar, dataclass, fields
 
-from .common import (DTYPES, FEATURES, FEATURES_RE, REGISTER_LIMIT, WARPS, WHY_HEAD_DIM, ConfigBase,
-                     features_suffix, head_dim_problem, head_dim_tile)
+from .common import (D_V_RE, DTYPES, FEATURES, FEATURES_RE, REGISTER_LIMIT, WARPS, WHY_HEAD_DIM, WHY_HEAD_DIM_V,
+                     ConfigBase, d_v_suffix, features_suffix, head_dim_problem, head_dim_tile, head_dim_v_problem)
 from .registry import Family
 
 BWD_BLOCK_M = (32, 64, 128)
@@ -38,7 +38,8 @@ class BwdConfig(ConfigBase):
     deterministic (dQ by a separate kernel that recomputes P and dP, bit-identical run to run; else
     dQ is added up with fp32 atomics inside the dK/dV kernel: 5 matrix products per block pair
     instead of 7), causal and the score features. Always cp.async, swizzled shared memory and the
-    fused exp2 softmax. The sm_90a backward is BwdSm90Config."""
+    fused exp2 softmax. d_v: v's head dim when it differs from d_head (0 = d_head; a multiple of 8 up
+    to d_head), as KernelConfig. The sm_90a backward is BwdSm90Config."""
 
     dtype: str = "bf16"
     d_head: int = 128
@@ -54,13 +55,17 @@ class BwdConfig(ConfigBase):
     dropout: bool = False
     # Deprecated, not a field: wgmma=True was the sm_90a kernel, now BwdSm90Config (see __new__).
     wgmma: InitVar[bool] = False
+    d_v: int = 0  # after wgmma, which callers may still pass positionally
+
+    def __post_init__(self, wgmma):
+        super().__post_init__()
 
     _WHAT = "backward kernel"
 
     def __new__(cls, *args, **kwargs):
         """BwdConfig(..., wgmma=True), the sm_90a kernel's spelling before it had a class of its own,
         still gives that kernel's config, a BwdSm90Config, with a DeprecationWarning."""
-        given = dict(zip([f.name for f in fields(cls)] + ["wgmma"], args), **kwargs)
+        given = dict(zip([f.name for f in fields(cls) if f.name != "d_v"] + ["wgmma", "d_v"], args), **kwargs)
         if not given.get("wgmma"):
             return super().__new__(cls)
         from .bwd_sm90 import from_wgmma_bwd_config  # only here: the sm_80 family needs nothing else of it
@@ -76,22 +81,28 @@ class BwdConfig(ConfigBase):
         return head_dim_tile(self.d_head)
 
     @property
+    def d_tile_v(self) -> int:
+        return head_dim_tile(self.head_dim_v)
+
+    @property
     def block_n(self) -> int:
         return self.group_rows * self.n_warps // self.d_split
 
     @property
     def smem_bytes(self) -> int:
-        n_tile, m_tile, score_tile = (2 * self.block_n * self.d_tile, 2 * self.block_m * self.d_tile,
-                                      2 * self.block_n * self.block_m)
+        # K and Q tiles are d_tile wide, V and dO tiles d_tile_v (2 bytes an element).
+        n_tiles, m_tiles = 2 * self.block_n * (self.d_tile + self.d_tile_v), 2 * self.block_m * (self.d_tile + self.d_tile_v)
+        score_tile = 2 * self.block_n * self.block_m
         split = self.d_split > 1
         ds_stages = (1 if split else 0) if self.deterministic else 2
-        dkdv = 2 * n_tile + 4 * m_tile + 2 * 2 * self.block_m * 4 + (ds_stages + split) * score_tile
-        dq = 6 * n_tile + (2 * self.block_n ** 2 if split else 0)
+        dkdv = n_tiles + 2 * m_tiles + 2 * 2 * self.block_m * 4 + (ds_stages + split) * score_tile
+        dq = 3 * n_tiles + (2 * self.block_n ** 2 if split else 0)
         return max(dkdv, dq) if self.deterministic else dkdv
 
     def register_estimate(self) -> int:
         acc_tiles, row_tiles = self.d_tile // 8 // self.d_split, self.group_rows // 16
-        dkdv = row_tiles * (2 * acc_tiles * 4 + 2 * (self.block_m // self.d_split // 8) * 4) + 32
+        acc_tiles_v = self.d_tile_v // 8 // self.d_split
+        dkdv = row_tiles * ((acc_tiles + acc_tiles_v) * 4 + 2 * (self.block_m // self.d_split // 8) * 4) + 32
         dq = row_tiles * (acc_tiles * 4 + 2 * (self.block_n // self.d_split // 8) * 4) + 32
         return max(dkdv, dq) if self.deterministic else dkdv
 
@@ -112,10 +123,14 @@ class BwdConfig(ConfigBase):
                             group_rows=BWD_GROUP_ROWS) + head_dim_problem(self.d_head)
         if out:
             return out
+        out += head_dim_v_problem(self.d_head, self.d_v)
+        if out:
+            return out
         if (self.block_m // self.d_split) % 16 or (self.block_n // self.d_split) % 16:
             out.append(f"{WHY_BWD_SHARES} (block_m={self.block_m} and {self.block_n} keys over d_split={self.d_split})")
-        if (self.d_tile // 8 // self.d_split) % 2:
-            out.append(f"{WHY_BWD_COLUMNS} (d_head={self.d_head} in a {self.d_tile} tile, d_split={self.d_split})")
+        for what, dim, tile in (("d_head", self.d_head, self.d_tile), ("d_v", self.head_dim_v, self.d_tile_v)):
+            if (tile // 8 // self.d_split) % 2 and (what == "d_head" or self.d_v):
+                out.append(f"{WHY_BWD_COLUMNS} ({what}={dim} in a {tile} tile, d_split={self.d_split})")
         if 2 * self.block_m < self.block_n:
             out.append(f"{WHY_BWD_STAGING} (block_m={self.block_m}, {self.block_n} keys)")
         if not self.deterministic and not self._dq_tiling():
@@ -128,11 +143,11 @@ class BwdConfig(ConfigBase):
     @functools.cached_property
     def name(self) -> str:
         return (f"bwd_{self.dtype}_d{self.d_head}_w{self.n_warps}_m{self.block_m}_s{self.d_split}_r{self.group_rows}"
-                f"_det{int(self.deterministic)}_causal{int(self.causal)}{features_suffix(self)}")
+                f"_det{int(self.deterministic)}_causal{int(self.causal)}{features_suffix(self)}{d_v_suffix(self)}")
 
     _NAME_RE = re.compile(r"^bwd_(?P<dtype>fp16|bf16)_d(?P<d_head>\d+)_w(?P<n_warps>\d+)_m(?P<block_m>\d+)"
                           r"_s(?P<d_split>\d+)_r(?P<group_rows>\d+)_det(?P<det>[01])_causal(?P<causal>[01])"
-                          + FEATURES_RE + "$")
+                          + FEATURES_RE + D_V_RE + "$")
 
     @classmethod
     def parse_name(cls, name: str) -> "BwdConfig | None":
@@ -141,9 +156,9 @@ class BwdConfig(ConfigBase):
             return None
         return cls(match["dtype"], int(match["d_head"]), int(match["n_warps"]), int(match["block_m"]),
                    int(match["d_split"]), int(match["group_rows"]), bool(int(match["det"])), bool(int(match["causal"])),
-                   *(match[f] is not None for f in FEATURES))
+                   *(match[f] is not None for f in FEATURES), d_v=int(match["d_v"] or 0))
 
 
 BwdConfig.family = FAMILY = Family(
     "bwd_sm80", BwdConfig, template="bwd_sm80.cuh", namespace="bwd", params="BwdParams", direction="bwd",
-    reasons=(WHY_HEAD_DIM, WHY_BWD_REGISTERS, WHY_BWD_STAGING, WHY_BWD_DQ_TILING, WHY_BWD_SHARES, WHY_BWD_COLUMNS))
+    reasons=(WHY_HEAD_DIM, WHY_HEAD_DIM_V, WHY_BWD_REGISTERS, WHY_BWD_STAGING, WHY_BWD_DQ_TILING, WHY_BWD_SHARES, WHY_BWD_COLUMNS))

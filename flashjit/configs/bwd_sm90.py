@@ -108,6 +108,9 @@ def from_wgmma_bwd_config(values: dict) -> BwdSm90Config:
     when it asks for what this kernel fixes otherwise."""
     if values["deterministic"]:
         raise ValueError(f"BwdConfig(..., deterministic=True, wgmma=True): {WHY_WGMMA_VARIANTS}")
+    if values.get("d_v", 0) not in (0, values["d_head"]):
+        raise ValueError("BwdConfig(..., d_v=..., wgmma=True): the wgmma backward needs d_v == d_head; use the "
+                         "sm_80 BwdConfig for a different value head dim")
     fixed = {k: values[k] for k in ("n_warps", "d_split", "group_rows")}
     if fixed != {k: getattr(BwdSm90Config, k) for k in fixed}:
         raise ValueError(f"BwdConfig(..., wgmma=True) with {fixed}: {WHY_WGMMA_WARPS}")

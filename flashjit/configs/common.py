@@ -22,6 +22,7 @@ REGISTER_LIMIT = 255
 
 # Shared verbatim with the static_asserts of the kernels that check the head dim.
 WHY_HEAD_DIM = "d_head must be a multiple of 8 from 8 to 256"
+WHY_HEAD_DIM_V = "d_v must be 0 (the same as d_head) or a multiple of 8 from 8 to d_head"
 
 
 def head_dim_tile(d_head: int) -> int:
@@ -34,6 +35,21 @@ def head_dim_tile(d_head: int) -> int:
 def head_dim_problem(d_head) -> list[str]:
     ok = isinstance(d_head, int) and d_head % 8 == 0 and 8 <= d_head <= MAX_HEAD_DIM
     return [] if ok else [f"{WHY_HEAD_DIM}, got {d_head!r}"]
+
+
+def head_dim_v_problem(d_head: int, d_v) -> list[str]:
+    """The value head dim of the sm_80 families (MLA-style d_qk != d_v): 0 for d_head, else at most
+    d_head, so O stages through the Q tile and V's tile is never the wider one."""
+    ok = d_v == 0 or (isinstance(d_v, int) and d_v % 8 == 0 and 8 <= d_v <= d_head)
+    return [] if ok else [f"{WHY_HEAD_DIM_V}, got d_v={d_v!r} with d_head={d_head}"]
+
+
+def d_v_suffix(config) -> str:
+    """The name's tail for a value head dim other than d_head (absent otherwise: old names stand)."""
+    return f"_dv{config.d_v}" if getattr(config, "d_v", 0) else ""
+
+
+D_V_RE = r"(?:_dv(?P<d_v>\d+))?"
 
 
 # Run-time-specialised score features shared by every family; each appears in a name only when on,
@@ -73,6 +89,16 @@ class ConfigBase:
 
     family: ClassVar["Family"]
     _WHAT: ClassVar[str] = "kernel"  # what from_name's error calls this family's names
+
+    def __post_init__(self):
+        # d_v == d_head is the same kernel as d_v == 0: one config (and name, and cache entry) for it.
+        if getattr(self, "d_v", 0) == self.d_head:
+            object.__setattr__(self, "d_v", 0)
+
+    @property
+    def head_dim_v(self) -> int:
+        """The head dim of v and of the output: d_v where a family has it and it is set, else d_head."""
+        return getattr(self, "d_v", 0) or self.d_head
 
     def _choices(self, **allowed: tuple) -> list[str]:
         return [f"{name} must be one of {values}, got {getattr(self, name)!r}"

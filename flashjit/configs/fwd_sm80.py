@@ -11,8 +11,9 @@ import functools
 import re
 from dataclasses import dataclass, fields
 
-from .common import (DTYPES, FWD_FEATURES, FWD_FEATURES_RE, REGISTER_LIMIT, WARPS, WHY_HEAD_DIM, ConfigBase,
-                     features_suffix, head_dim_problem, head_dim_tile)
+from .common import (D_V_RE, DTYPES, FWD_FEATURES, FWD_FEATURES_RE, REGISTER_LIMIT, WARPS, WHY_HEAD_DIM,
+                     WHY_HEAD_DIM_V, ConfigBase, d_v_suffix, features_suffix, head_dim_problem, head_dim_tile,
+                     head_dim_v_problem)
 from .registry import Family
 
 BLOCK_ROWS = (64, 128)        # B_r: query rows per CTA
@@ -25,6 +26,7 @@ WHY_EAGER = "eager_load_blocks needs async_copy: synchronous loads cannot overla
 WHY_DOUBLE_BUFFER = ("mma_double_buffer_loads needs a fragment depth that splits its k loop "
                      "(0 < depth < k-tiles) for Q, K or V")
 WHY_KVCACHE = "kvcache kernels have no dropout (flash_attn_with_kvcache has none)"
+WHY_KVCACHE_D_V = "kvcache kernels need d_v == d_head (flash_attn_with_kvcache's caches share a head dim)"
 WHY_REGISTERS = "the fragments of this config need more than 255 registers per thread and would spill"
 
 
@@ -56,6 +58,9 @@ class KernelConfig(ConfigBase):
     kvcache          queries over a KV cache (flash_attn_with_kvcache, flashjit/kvattn.py): per-entry
                      key ranges, cache rows, a paged layout and split-KV with a combine kernel, each
                      chosen at run time (kernels/common/params.cuh: CacheParams)
+    d_v              the head dim of v and of the output when it differs from d_head (MLA-style,
+                     e.g. 192/128): 0 = d_head; otherwise a multiple of 8 up to d_head. V and O
+                     run in a tile of width d_tile_v, QK^T in d_tile
     """
 
     dtype: str = "bf16"
@@ -78,6 +83,7 @@ class KernelConfig(ConfigBase):
     dropout: bool = False
     sink: bool = False
     kvcache: bool = False
+    d_v: int = 0
 
     # ---- derived quantities --------------------------------------------------------------
     @property
@@ -85,9 +91,18 @@ class KernelConfig(ConfigBase):
         return head_dim_tile(self.d_head)
 
     @property
+    def d_tile_v(self) -> int:
+        return head_dim_tile(self.head_dim_v)
+
+    @property
     def d_mma(self) -> int:
-        """The head-dim extent of the matrix products: d_head rounded up to 16 (Config::kDMma)."""
+        """The head-dim extent of QK^T: d_head rounded up to 16 (Config::kDMma)."""
         return (self.d_head + 15) // 16 * 16
+
+    @property
+    def d_mma_v(self) -> int:
+        """The head-dim extent of PV: the value head dim rounded up to 16 (Config::kDMmaV)."""
+        return (self.head_dim_v + 15) // 16 * 16
 
     @property
     def warp_rows(self) -> int:
@@ -100,7 +115,7 @@ class KernelConfig(ConfigBase):
     @property
     def smem_bytes(self) -> int:
         """Q tile + K tile + V tile, 2 bytes an element."""
-        return (self.B_r + 2 * self.B_c) * self.d_tile * 2
+        return ((self.B_r + self.B_c) * self.d_tile + self.B_c * self.d_tile_v) * 2
 
     def k_tiles(self, operand: str) -> int:
         """k-tiles (16 wide) of the loop that loads this operand: D for Q and K, B_c for V."""
@@ -110,7 +125,7 @@ class KernelConfig(ConfigBase):
         """32-bit registers for the fragments that are live at once, per thread (fp32 accumulators,
         16-bit operands packed in pairs), plus a few for indices. A lower bound on the real count."""
         m = self.warp_rows // 16
-        o_acc = m * (self.d_mma // 8) * 4
+        o_acc = m * (self.d_mma_v // 8) * 4
         s_acc = m * (self.B_c // 8) * 4
 
         def chunk(operand: str, per_tile: int) -> int:
@@ -121,7 +136,7 @@ class KernelConfig(ConfigBase):
 
         q = chunk("q", m * 4)
         k = chunk("k", (self.B_c // 8) * 2)
-        v = chunk("v", (self.d_mma // 8) * 2)
+        v = chunk("v", (self.d_mma_v // 8) * 2)
         q_resident = q if self.q_frag_depth == 0 else 0
         qk_phase = o_acc + s_acc + q + k
         pv_phase = o_acc + s_acc // 2 + v + q_resident
@@ -134,6 +149,9 @@ class KernelConfig(ConfigBase):
         out += head_dim_problem(self.d_head)
         if out:
             return out  # the rules below assume the basic shapes are sane
+        out += head_dim_v_problem(self.d_head, self.d_v)
+        if self.kvcache and self.d_v:
+            out.append(WHY_KVCACHE_D_V)
         if self.warp_rows not in (16, 32):
             out.append(WHY_WARP_ROWS)
         for operand in "qkv":
@@ -161,14 +179,14 @@ class KernelConfig(ConfigBase):
                 f"_ac{b(self.async_copy)}_el{b(self.eager_load_blocks)}_sw{b(self.swizzled)}"
                 f"_fq{self.q_frag_depth}_fk{self.k_frag_depth}_fv{self.v_frag_depth}"
                 f"_db{b(self.mma_double_buffer_loads)}_os{b(self.optimized_softmax)}"
-                f"_causal{b(self.causal)}{features_suffix(self)}{'_kvcache' if self.kvcache else ''}")
+                f"_causal{b(self.causal)}{features_suffix(self)}{'_kvcache' if self.kvcache else ''}{d_v_suffix(self)}")
 
     _NAME_RE = re.compile(
         r"^fwd_(?P<dtype>fp16|bf16)_d(?P<d_head>\d+)_br(?P<B_r>\d+)_bc(?P<B_c>\d+)_w(?P<n_warps>\d+)"
         r"_ac(?P<async_copy>[01])_el(?P<eager_load_blocks>[01])_sw(?P<swizzled>[01])"
         r"_fq(?P<q_frag_depth>\d+)_fk(?P<k_frag_depth>\d+)_fv(?P<v_frag_depth>\d+)"
         r"_db(?P<mma_double_buffer_loads>[01])_os(?P<optimized_softmax>[01])_causal(?P<causal>[01])"
-        + FWD_FEATURES_RE + "(?P<kvcache>_kvcache)?$")
+        + FWD_FEATURES_RE + "(?P<kvcache>_kvcache)?" + D_V_RE + "$")
 
     @classmethod
     def parse_name(cls, name: str) -> "KernelConfig | None":
@@ -178,7 +196,9 @@ class KernelConfig(ConfigBase):
         values = {}
         for f in fields(cls):
             raw = match.group(f.name)
-            if f.name in FWD_FEATURES or f.name == "kvcache":
+            if f.name == "d_v":
+                values[f.name] = int(raw or 0)
+            elif f.name in FWD_FEATURES or f.name == "kvcache":
                 values[f.name] = raw is not None
             else:
                 values[f.name] = raw if f.type == "str" else (bool(int(raw)) if f.type == "bool" else int(raw))
@@ -187,4 +207,5 @@ class KernelConfig(ConfigBase):
 
 KernelConfig.family = FAMILY = Family(
     "fwd_sm80", KernelConfig, template="fwd_sm80.cuh", namespace="fwd", params="FwdParams", direction="fwd",
-    reasons=(WHY_HEAD_DIM, WHY_WARP_ROWS, WHY_DEPTH, WHY_EAGER, WHY_DOUBLE_BUFFER, WHY_KVCACHE, WHY_REGISTERS))
+    reasons=(WHY_HEAD_DIM, WHY_HEAD_DIM_V, WHY_WARP_ROWS, WHY_DEPTH, WHY_EAGER, WHY_DOUBLE_BUFFER, WHY_KVCACHE,
+             WHY_KVCACHE_D_V, WHY_REGISTERS))

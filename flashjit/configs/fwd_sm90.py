@@ -10,7 +10,8 @@ import functools
 import re
 from dataclasses import dataclass
 
-from .common import DTYPES, FEATURES, FWD_FEATURES_RE, WHY_HEAD_DIM, ConfigBase, features_suffix, head_dim_problem
+from .common import (D_V_RE, DTYPES, FEATURES, FWD_FEATURES_RE, WHY_HEAD_DIM, WHY_HEAD_DIM_V, ConfigBase, d_v_suffix,
+                     features_suffix, head_dim_problem, head_dim_v_problem)
 from .registry import Family
 
 ARCH = "sm_90a"
@@ -51,6 +52,8 @@ class FwdSm90Config(ConfigBase):
                  loads once the last QK^T of the current one retired; O is stored from registers)
                  instead of one CTA per tile (O through shared memory and a TMA store); speed only
     causal, local, softcap, alibi, dropout, sink   as KernelConfig (same masks, same Philox dropout mask)
+    d_v          v's and the output's head dim when it differs from d_head (0 = d_head; a multiple of 8
+                 up to d_head): V stages and PV's N are d_tile_v wide
     """
 
     dtype: str = "bf16"
@@ -67,10 +70,15 @@ class FwdSm90Config(ConfigBase):
     alibi: bool = False
     dropout: bool = False
     sink: bool = False
+    d_v: int = 0
 
     @property
     def d_tile(self) -> int:
         return sm90_tile(self.d_head)
+
+    @property
+    def d_tile_v(self) -> int:
+        return sm90_tile(self.head_dim_v)
 
     @property
     def consumers(self) -> int:
@@ -79,14 +87,14 @@ class FwdSm90Config(ConfigBase):
     @property
     def smem_bytes(self) -> int:
         """Alignment slack, Q, `stages` K and V tiles, the mbarriers (Config::kSmemBytes)."""
-        return 1024 + 2 * self.block_m * self.d_tile + 2 * 2 * self.stages * self.block_n * self.d_tile + \
+        return 1024 + 2 * self.block_m * self.d_tile + 2 * self.stages * self.block_n * (self.d_tile + self.d_tile_v) + \
             8 * (2 + 4 * self.stages)
 
     def register_estimate(self) -> int:
         """Per consumer thread: O, S and P fragments plus indices, and 8 for each score feature
         (Config::kRegEstimate; with any feature the 160-register block_m 192 tile spilled)."""
         features = self.local + self.softcap + self.alibi + self.dropout
-        return self.d_tile // 2 + self.block_n // 2 + self.block_n // 4 + 32 + 8 * features
+        return self.d_tile_v // 2 + self.block_n // 2 + self.block_n // 4 + 32 + 8 * features
 
     @property
     def register_budget(self) -> int:
@@ -101,6 +109,7 @@ class FwdSm90Config(ConfigBase):
             out.append(f"{WHY_BLOCK_N}, got {self.block_n!r}")
         if self.stages not in STAGES:
             out.append(f"{WHY_STAGES}, got {self.stages!r}")
+        out += head_dim_v_problem(self.d_head, self.d_v)
         if out:
             return out
         if self.pingpong and (self.consumers != 2 or not self.overlap):
@@ -116,12 +125,12 @@ class FwdSm90Config(ConfigBase):
     def name(self) -> str:
         return (f"fwd_sm90_{self.dtype}_d{self.d_head}_m{self.block_m}_n{self.block_n}_st{self.stages}"
                 f"_ov{int(self.overlap)}_pp{int(self.pingpong)}_ps{int(self.persistent)}_causal{int(self.causal)}"
-                f"{features_suffix(self)}")
+                f"{features_suffix(self)}{d_v_suffix(self)}")
 
     _NAME_RE = re.compile(r"^fwd_sm90_(?P<dtype>fp16|bf16)_d(?P<d_head>\d+)_m(?P<block_m>\d+)_n(?P<block_n>\d+)"
                           r"_st(?P<stages>\d+)_ov(?P<overlap>[01])_pp(?P<pingpong>[01])_ps(?P<persistent>[01])"
                           r"_causal(?P<causal>[01])"
-                          + FWD_FEATURES_RE + "$")
+                          + FWD_FEATURES_RE + D_V_RE + "$")
 
     @classmethod
     def parse_name(cls, name: str) -> "FwdSm90Config | None":
@@ -131,9 +140,9 @@ class FwdSm90Config(ConfigBase):
         return cls(match["dtype"], int(match["d_head"]), int(match["block_m"]), int(match["block_n"]),
                    int(match["stages"]), match["overlap"] == "1", match["pingpong"] == "1", match["persistent"] == "1",
                    match["causal"] == "1",
-                   *(match[f] is not None for f in FEATURES), match["sink"] is not None)
+                   *(match[f] is not None for f in FEATURES), match["sink"] is not None, int(match["d_v"] or 0))
 
 
 FwdSm90Config.family = FAMILY = Family(
     "fwd_sm90", FwdSm90Config, template="fwd_sm90.cuh", namespace="fwd_sm90", params="FwdParams", direction="fwd",
-    arch=ARCH, reasons=(WHY_HEAD_DIM, WHY_BLOCK_M, WHY_BLOCK_N, WHY_STAGES, WHY_PINGPONG, WHY_REGISTERS, WHY_SMEM))
+    arch=ARCH, reasons=(WHY_HEAD_DIM, WHY_HEAD_DIM_V, WHY_BLOCK_M, WHY_BLOCK_N, WHY_STAGES, WHY_PINGPONG, WHY_REGISTERS, WHY_SMEM))

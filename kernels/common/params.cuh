@@ -10,6 +10,12 @@ namespace flashjit {
 // written to global memory, so q/k/v need no padded copy.
 constexpr int head_dim_tile(int d) { return d <= 192 ? (d + 31) / 32 * 32 : 256; }
 
+// A compile-time int as a value: lets one generic lambda serve tiles of different widths.
+template <int N>
+struct Int {
+  static constexpr int value = N;
+};
+
 // A [B, S, H, D] tensor with a contiguous last dim; strides in elements.
 struct TensorRef {
   void* data;
