@@ -2,12 +2,15 @@
 
 Same signatures, defaults, layouts (q [B, S, H, D], k/v [B, S, H_k, D]) and return values as
 flash_attn.flash_attn_func / flash_attn_qkvpacked_func / flash_attn_kvpacked_func, with autograd.
+flash_attn_func also takes v with a smaller head dim than q/k (v [B, S, H_k, D_v], D_v <= D, as
+DeepSeek's MLA uses: out is then [B, S, H, D_v]).
 
 Two backends, chosen by FLASHJIT_BACKEND: 'jit' (the compiled kernels, the default when CUDA is
 available) and 'reference' (PyTorch + einops on any device, autograd through plain tensor ops).
 The JIT backend implements every parameter in the kernels: causal or not, any softmax scale, sliding
 windows, softcap, ALiBi and dropout (Philox RNG seeded from torch's CUDA generator, p rounded to a
-multiple of 1/256), GQA/MQA and odd lengths, forward and backward, for head dims up to 256.
+multiple of 1/256), GQA/MQA and odd lengths, forward and backward, for head dims up to 256 (and a
+value head dim D_v up to q/k's).
 """
 from __future__ import annotations
 
@@ -48,9 +51,10 @@ class _JitAttention(torch.autograd.Function):
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                     softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, learnable_sink=None):
-    """Attention over q [B, Sq, H, D], k/v [B, Sk, H_k, D] (H divisible by H_k), as flash-attn.
+    """Attention over q [B, Sq, H, D], k [B, Sk, H_k, D], v [B, Sk, H_k, D_v] (H divisible by H_k;
+    D_v <= D, usually equal), as flash-attn. The default softmax_scale is 1/sqrt(D) (q's head dim).
 
-    Returns out [B, Sq, H, D]; with return_attn_probs, (out, softmax_lse [B, H, Sq], S_dmask
+    Returns out [B, Sq, H, D_v]; with return_attn_probs, (out, softmax_lse [B, H, Sq], S_dmask
     [B, H, Sq, Sk]) where S_dmask holds the attention probabilities (negated where dropout dropped
     them; for testing only: it is quadratic in memory). deterministic=True makes the backward
     bit-identical run to run (no atomics; slower), as in flash-attn. learnable_sink [H] (keyword, as

@@ -3,9 +3,10 @@
     forward(q, k, v, config=None, causal=False, softmax_scale=None, return_lse=False)
     forward_timed(q, k, v, config=None, causal=False, softmax_scale=None) -> (out, milliseconds)
 
-q: [B, Sq, H, D], k/v: [B, Sk, H_k, D], fp16 or bf16, one CUDA device, H divisible by H_k, any
-strides on B, S and H with a contiguous last dim (slices of a packed qkv tensor need no copy).
-Returns out [B, Sq, H, D] (q's dtype) and, if asked, lse [B, H, Sq] fp32 (natural log).
+q/k: [B, Sq/Sk, H/H_k, D], v: [B, Sk, H_k, D_v] with D_v <= D (MLA-style, e.g. 192/128; usually
+D_v = D), fp16 or bf16, one CUDA device, H divisible by H_k, any strides on B, S and H with a
+contiguous last dim (slices of a packed qkv tensor need no copy).
+Returns out [B, Sq, H, D_v] (q's dtype) and, if asked, lse [B, H, Sq] fp32 (natural log).
 """
 from __future__ import annotations
 
@@ -76,14 +77,18 @@ def check_qkv(q, k, v, reference: bool = False) -> None:
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
     batch, seqlen_q, heads, d_head = q.shape
-    k_shape = k.shape
-    if k_shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k_shape)} and {tuple(v.shape)}")
+    k_shape, d_v = k.shape, v.shape[3]
+    if k_shape[:3] != v.shape[:3]:
+        raise ValueError(f"k and v must have the same shape (but for v's head_dim, which may be smaller), got "
+                         f"{tuple(k_shape)} and {tuple(v.shape)}")
     if k_shape[0] != batch or k_shape[3] != d_head:
-        raise ValueError(f"k/v shape {tuple(k_shape)} does not match q shape {tuple(q.shape)} in batch or head_dim")
+        raise ValueError(f"k shape {tuple(k_shape)} does not match q shape {tuple(q.shape)} in batch or head_dim")
     if not 0 < d_head <= MAX_HEAD_DIM:
         raise ValueError(f"head_dim {d_head} is not supported: flashjit supports head dims from 1 to {MAX_HEAD_DIM} "
                          "(as flash-attn)")
+    if not 0 < d_v <= d_head:  # the kernels stage O through Q's tile, so V's may not be the wider one
+        raise ValueError(f"v has head_dim {d_v} with q/k's {d_head}: the kernels need 0 < d_v <= d_qk (the head_dim "
+                         "of v must not exceed q's and k's)")
     heads_k = k_shape[2]
     if heads_k == 0 or heads % heads_k:
         raise ValueError(f"the number of query heads ({heads}) must be divisible by the number of key/value "
@@ -96,17 +101,23 @@ def check_qkv(q, k, v, reference: bool = False) -> None:
 
 
 def _pad_head_dim(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Zero-padded copies of [B, S, H, D] tensors with D rounded up to a multiple of 8. The kernels
+    """[B, S, H, D] tensors with D rounded up to a multiple of 8, each on its own (q/k and v may have
+    different head dims): zero-padded copies, or the tensor itself where D already is one. The kernels
     move 16-byte chunks, so a head dim like 59 or 111 is padded once, as flash-attn pads it (the cost:
-    one copy of each input, and the outputs are views of padded results). Multiples of 8 never get
-    here: they run natively in the next tile width."""
-    return tuple(torch.nn.functional.pad(t, (0, -t.shape[-1] % 8)) for t in tensors)
+    one copy of each such input, and the outputs are views of padded results). Multiples of 8 run
+    natively in the next tile width."""
+    return tuple(t if t.shape[-1] % 8 == 0 else torch.nn.functional.pad(t, (0, -t.shape[-1] % 8)) for t in tensors)
 
 
 def _unpad_into(given: torch.Tensor | None, padded: torch.Tensor, d_head: int) -> torch.Tensor:
     """The first d_head columns of a padded result: a view, or copied into the caller's tensor."""
     result = padded[..., :d_head]
     return result if given is None else given.copy_(result)
+
+
+def out_shape(q: torch.Tensor, v: torch.Tensor) -> tuple:
+    """The shape of out (and dout): q's with v's head dim ([B, Sq, H, D_v], or varlen's [total_q, H, D_v])."""
+    return (*q.shape[:-1], v.shape[-1])
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -249,20 +260,23 @@ def resolve_config(q: torch.Tensor, k: torch.Tensor, config: ConfigBase | None, 
     is None (the Hopper family on sm_90a unless TMA cannot address a tensor: then the sm_80 family,
     with a DEBUG line), else `config`, checked against the call."""
     dtype, d_head = _DTYPES[q.dtype], q.shape[3]
+    d_v = d_head if v is None else v.shape[3]
     if config is None:
         device_index = q.get_device() if device_index is None else device_index
         arch, limit = jit.arch_for(device_index), _smem_limit(device_index)[0]
         sink = mods.sink is not None
         features = (*zip(FEATURES, mods.flags), ("sink", sink))
-        config = tuning.lookup(device_index, "fwd", dtype, d_head, bool(causal), q.shape[1], features) or \
-            default_config(dtype, d_head, bool(causal), q.shape[1], limit, *mods.flags, arch=arch, sink=sink)
+        # tuned entries are for d_v == d_head: another d_v takes the dispatcher's default
+        config = (d_v == d_head and tuning.lookup(device_index, "fwd", dtype, d_head, bool(causal), q.shape[1],
+                                                  features)) or \
+            default_config(dtype, d_head, bool(causal), q.shape[1], limit, *mods.flags, arch=arch, sink=sink, d_v=d_v)
         if config.family.arch is not None and (why := _tma_unaddressable(q, k, v, out)):
-            config = default_config(dtype, d_head, bool(causal), q.shape[1], limit, *mods.flags, sink=sink)
+            config = default_config(dtype, d_head, bool(causal), q.shape[1], limit, *mods.flags, sink=sink, d_v=d_v)
             log.debug("TMA cannot address %s: running the %s family instead", why, config.family.name)
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("dispatching [B=%d, Sq=%d, Sk=%d, H=%d, H_k=%d, D=%d] to %s (tuned table, else the default "
-                      "for dtype/head dim/causal/seqlen and shared memory)", q.shape[0], q.shape[1], k.shape[1],
-                      q.shape[2], k.shape[2], d_head, config.name)
+            log.debug("dispatching [B=%d, Sq=%d, Sk=%d, H=%d, H_k=%d, D=%d, D_v=%d] to %s (tuned table, else the "
+                      "default for dtype/head dims/causal/seqlen and shared memory)", q.shape[0], q.shape[1],
+                      k.shape[1], q.shape[2], k.shape[2], d_head, d_v, config.name)
         return config
     _check_config_type(config, "fwd")
     if config.family.arch is not None and (why := _tma_unaddressable(q, k, v, out)):
@@ -275,7 +289,18 @@ def resolve_config(q: torch.Tensor, k: torch.Tensor, config: ConfigBase | None, 
         if wanted != given:
             raise ValueError(f"config.{field}={given!r} does not match the call ({field}={wanted!r}); "
                              f"use dataclasses.replace(config, {field}={wanted!r})")
+    check_head_dim_v(config, d_v)
     return config.validate()
+
+
+def check_head_dim_v(config: ConfigBase, d_v: int) -> None:
+    """ValueError unless a caller's config computes v's head dim (config.head_dim_v: its d_v, or
+    d_head where d_v is 0 or the family has none)."""
+    if config.head_dim_v != d_v:
+        fix = (f"use dataclasses.replace(config, d_v={d_v})" if hasattr(type(config), "d_v") else
+               f"{type(config).__name__} has no d_v: pass a config of a family that has (flashjit.BwdConfig for the "
+               "backward), or None")
+        raise ValueError(f"config {config.name} has head_dim_v={config.head_dim_v} but v's head_dim is {d_v}; {fix}")
 
 
 _kernels: dict = {}  # (config, device index) -> CompiledKernel: one dict lookup per call once loaded
@@ -296,12 +321,14 @@ def _current_stream(device_index: int) -> int:
     return getter(device_index) if getter else torch.cuda.current_stream(device_index).cuda_stream
 
 
-def _check_output(given, like: torch.Tensor, name: str, kernel_writes: bool = True) -> torch.Tensor:
-    """An output tensor the caller passed: shaped, typed and placed like `like` and, where a kernel
-    writes it directly, with a contiguous last dim and 16-byte aligned rows (16-byte stores)."""
-    if not isinstance(given, torch.Tensor) or given.shape != like.shape or given.dtype != like.dtype \
+def _check_output(given, like: torch.Tensor, name: str, kernel_writes: bool = True, shape=None) -> torch.Tensor:
+    """An output tensor the caller passed: shaped like `like` (or `shape`), typed and placed like it
+    and, where a kernel writes it directly, with a contiguous last dim and 16-byte aligned rows
+    (16-byte stores)."""
+    shape = like.shape if shape is None else shape
+    if not isinstance(given, torch.Tensor) or given.shape != shape or given.dtype != like.dtype \
             or given.device != like.device:
-        raise ValueError(f"{name} must be a tensor of shape {tuple(like.shape)} and dtype {like.dtype} on {like.device}")
+        raise ValueError(f"{name} must be a tensor of shape {tuple(shape)} and dtype {like.dtype} on {like.device}")
     if kernel_writes and (given.stride(-1) != 1 or given.data_ptr() % 16 or any(s % 8 for s in given.stride()[:-1])):
         raise ValueError(f"{name} must have a contiguous last dim and 16-byte aligned rows, got strides "
                          f"{given.stride()}")
@@ -313,6 +340,13 @@ def _grad_out(given, like: torch.Tensor, name: str) -> torch.Tensor:
     if given is None:
         return torch.empty_like(like, memory_format=torch.contiguous_format)
     return _check_output(given, like, name)
+
+
+def _out_for(given, q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The out a forward kernel writes ([.., D_v]): the caller's (checked), else a fresh contiguous one."""
+    if given is None:
+        return torch.empty(out_shape(q, v), dtype=q.dtype, device=q.device)
+    return _check_output(given, q, "out", shape=out_shape(q, v))
 
 
 def _run(kernel, params, device_index: int) -> None:
@@ -337,11 +371,11 @@ class _Plan:
     __slots__ = ("kernel", "template", "device_index", "device", "dtype", "out_shape", "lse_shape", "dropout",
                  "generation")
 
-    def __init__(self, kernel, params, q: torch.Tensor, want_lse: bool, dropout: bool):
+    def __init__(self, kernel, params, q: torch.Tensor, out: torch.Tensor, want_lse: bool, dropout: bool):
         self.kernel, self.template, self.dropout = kernel, bytes(params), dropout
         self.device_index, self.device, self.dtype = q.get_device(), q.device, q.dtype
-        batch, seqlen_q, heads, d_head = q.shape
-        self.out_shape, self.lse_shape = q.shape, ((batch, heads, seqlen_q) if want_lse else None)
+        batch, seqlen_q, heads, _ = q.shape
+        self.out_shape, self.lse_shape = out.shape, ((batch, heads, seqlen_q) if want_lse else None)
         self.generation = tuning.current_generation()
 
     def launch(self, q, k, v, philox):
@@ -391,17 +425,14 @@ def _launch(q, k, v, config, causal, softmax_scale, out=None, want_lse=True, mod
 
     given = (q, k, v)
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
-    batch, seqlen_q, heads, d_head = q.shape
-    if out is None:
-        out = torch.empty((batch, seqlen_q, heads, d_head), dtype=q.dtype, device=q.device)
-    else:
-        _check_output(out, q, "out")
+    batch, seqlen_q, heads, _ = q.shape
+    out = _out_for(out, q, v)
     lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device) if want_lse else None
     params = FwdParams(*tensor_ref(q), *tensor_ref(k), *tensor_ref(v), *tensor_ref(out),
                        lse.data_ptr() if want_lse else None, batch, seqlen_q, k.shape[1], heads, k.shape[2],
                        softmax_scale, *mods.values)
     if plan_key is not None and chosen and all(a is b for a, b in zip(given, (q, k, v))) and not mods.alibi and mods.sink is None:
-        _plans[plan_key] = _Plan(kernel, params, q, want_lse, mods.dropout)
+        _plans[plan_key] = _Plan(kernel, params, q, out, want_lse, mods.dropout)
         if len(_plans) > _MAX_PLANS:
             _plans.popitem(last=False)
 
@@ -416,12 +447,12 @@ def forward(q, k, v, config: ConfigBase | None = None, causal: bool = False,
             window_size=(-1, -1), softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
             dropout_p: float = 0.0, philox: tuple[int, int] | None = None, learnable_sink: torch.Tensor | None = None):
     """Attention forward with the JIT kernel `config` (default: the dispatcher's choice), written
-    into `out` when given (shaped like q). window_size/softcap/alibi_slopes/dropout_p as in
-    flash-attn; for dropout, pass the same `philox` (seed, offset) to backward() (philox_state()
-    draws one from torch's generator; without it forward draws its own). learnable_sink: [H] logits
-    (gpt-oss sinks, FlashAttention-4's name), one per query head in the units of the scaled scores,
-    each joining its head's softmax denominators; the lse returned includes it (a row that sees no
-    key then has lse = its sink, out = 0)."""
+    into `out` when given (shaped [B, Sq, H, D_v]: q's with v's head dim). window_size/softcap/
+    alibi_slopes/dropout_p as in flash-attn; for dropout, pass the same `philox` (seed, offset) to
+    backward() (philox_state() draws one from torch's generator; without it forward draws its own).
+    learnable_sink: [H] logits (gpt-oss sinks, FlashAttention-4's name), one per query head in the
+    units of the scaled scores, each joining its head's softmax denominators; the lse returned
+    includes it (a row that sees no key then has lse = its sink, out = 0)."""
     plan_key = None
     if config is None and out is None and alibi_slopes is None and learnable_sink is None:
         plan_key = _plan_key(q, k, v, causal, softmax_scale, window_size, softcap, dropout_p, return_lse)
@@ -429,14 +460,14 @@ def forward(q, k, v, config: ConfigBase | None = None, causal: bool = False,
         if plan is not None and (result := plan.launch(q, k, v, philox)) is not None:
             return result if return_lse else result[0]
     check_qkv(q, k, v)
-    if q.shape[-1] % 8:
+    if q.shape[-1] % 8 or v.shape[-1] % 8:
         if out is not None:  # checked before anything runs; written by a copy, so any layout does
-            _check_output(out, q, "out", kernel_writes=False)
+            _check_output(out, q, "out", kernel_writes=False, shape=out_shape(q, v))
         padded = forward(*_pad_head_dim(q, k, v), config=config, causal=causal,
                          softmax_scale=softmax_scale_or_default(q, softmax_scale), return_lse=return_lse,
                          window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
                          philox=philox, learnable_sink=learnable_sink)
-        out = _unpad_into(out, padded[0] if return_lse else padded, q.shape[-1])
+        out = _unpad_into(out, padded[0] if return_lse else padded, v.shape[-1])
         return (out, padded[1]) if return_lse else out
     mods = score_mods(q, causal, window_size, softcap, alibi_slopes, dropout_p, philox, learnable_sink)
     run, out, lse = _launch(q, k, v, config, causal, softmax_scale, out, want_lse=return_lse, mods=mods,
@@ -452,8 +483,8 @@ def forward_timed(q, k, v, config: ConfigBase | None = None, causal: bool = Fals
     """forward(), plus the kernel's own time in milliseconds from CUDA events around the launch
     (compilation and input checks are outside the timed region). Synchronises the stream."""
     check_qkv(q, k, v)
-    d_head = q.shape[-1]
-    if d_head % 8:
+    d_v = v.shape[-1]
+    if q.shape[-1] % 8 or d_v % 8:
         softmax_scale = softmax_scale_or_default(q, softmax_scale)
         q, k, v = _pad_head_dim(q, k, v)
     mods = score_mods(q, causal, window_size, softcap, alibi_slopes, dropout_p, learnable_sink=learnable_sink)
@@ -464,7 +495,7 @@ def forward_timed(q, k, v, config: ConfigBase | None = None, causal: bool = Fals
         run()
         end.record()
         end.synchronize()
-    return out[..., :d_head], start.elapsed_time(end)
+    return out[..., :d_v], start.elapsed_time(end)
 
 
 def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -474,7 +505,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
              config: BwdConfig | BwdSm90Config | None = None, dq: torch.Tensor | None = None,
              dk: torch.Tensor | None = None, dv: torch.Tensor | None = None,
              learnable_sink: torch.Tensor | None = None):
-    """Gradients (dq, dk, dv) of forward() given dout (shaped like q) and the forward's out and lse;
+    """Gradients (dq, dk, dv) of forward() given dout and the forward's out (both [B, Sq, H, D_v]) and lse;
     (dq, dk, dv, dsink) when the forward had learnable_sink (dsink shaped and typed like it: per head,
     -sum over batch and rows of P_sink * rowsum(dO o O), P_sink = exp(sink - lse), computed in fp32).
     GQA: dk/dv are summed over the query heads that share each key/value head. Head dims up to 256.
@@ -486,32 +517,31 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     dq, dk, dv: optional output tensors (as flash-attn's low-level backward takes), shaped and typed
     like q, k, v with a contiguous last dim and 16-byte aligned rows; every element is written."""
     check_qkv(q, k, v)
-    for name, t in (("dout", dout), ("out", out)):
-        if not isinstance(t, torch.Tensor) or t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
-            raise ValueError(f"{name} must match q: shape {tuple(q.shape)}, {q.dtype} on {q.device}")
+    check_douts(dout, out, q, v)
     lse_shape = (q.shape[0], q.shape[2], q.shape[1])
     if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != lse_shape or lse.dtype != torch.float32 \
             or lse.device != q.device:
         raise ValueError(f"lse must be the forward's float32 log-sum-exp of shape {lse_shape} [batch, heads, "
                          f"seqlen_q] on {q.device} (forward(..., return_lse=True))")
     softmax_scale = softmax_scale_or_default(q, softmax_scale)
-    if q.shape[-1] % 8:
+    if q.shape[-1] % 8 or v.shape[-1] % 8:
         given = [None if t is None else _check_output(t, like, name, kernel_writes=False)
                  for t, like, name in zip((dq, dk, dv), (q, k, v), ("dq", "dk", "dv"))]
         padded = backward(*_pad_head_dim(dout, q, k, v, out), lse, causal, softmax_scale, window_size, softcap,
                           alibi_slopes, dropout_p, philox, deterministic, config, learnable_sink=learnable_sink)
-        grads = tuple(_unpad_into(t, grad, q.shape[-1]) for t, grad in zip(given, padded))
+        grads = tuple(_unpad_into(t, grad, like.shape[-1]) for t, grad, like in zip(given, padded, (q, k, v)))
         return grads + padded[3:]
     if dropout_p and philox is None:
         raise ValueError("backward with dropout needs the forward's philox=(seed, offset) to regenerate its mask")
     mods = score_mods(q, causal, window_size, softcap, alibi_slopes, dropout_p, philox, learnable_sink)
     device_index = q.get_device()
     chosen = config is None
-    config = bwd_config(config, q.dtype, q.shape[3], causal, q.shape[1], mods, deterministic, device_index)
+    config = bwd_config(config, q.dtype, q.shape[3], causal, q.shape[1], mods, deterministic, device_index,
+                        d_v=v.shape[3])
     if chosen and log.isEnabledFor(logging.DEBUG):
-        log.debug("backward [B=%d, Sq=%d, Sk=%d, H=%d, H_k=%d, D=%d] dispatched to %s (default for dtype/head "
-                  "dim/features/deterministic on %s and its shared memory)", q.shape[0], q.shape[1], k.shape[1],
-                  q.shape[2], k.shape[2], q.shape[3], config.name, jit.arch_for(device_index))
+        log.debug("backward [B=%d, Sq=%d, Sk=%d, H=%d, H_k=%d, D=%d, D_v=%d] dispatched to %s (default for "
+                  "dtype/head dims/features/deterministic on %s and its shared memory)", q.shape[0], q.shape[1],
+                  k.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3], config.name, jit.arch_for(device_index))
     dq, dk, dv = (_grad_out(given, like, name) for given, like, name in ((dq, q, "dq"), (dk, k, "dk"), (dv, v, "dv")))
     if q.numel() == 0:  # Sq = 0 (or no batch or heads): no query reaches any key, dK = dV = 0 exactly
         dk.zero_(), dv.zero_()
@@ -523,7 +553,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     lse = lse.contiguous()
     batch, seqlen_q, heads, _ = q.shape
     dvec = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
-    # The atomic path's fp32 dQ sums, zeroed by the first kernel.
+    # The atomic path's fp32 dQ sums, zeroed by the first kernel (dQ is q's width: d_tile, whatever D_v).
     dq_accum = None if config.deterministic else torch.empty((batch, heads, seqlen_q, config.d_tile),
                                                              dtype=torch.float32, device=q.device)
     refs = [x for t in (q, k, v, out, dout, dq, dk, dv) for x in tensor_ref(t)]
@@ -536,21 +566,34 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
 
 def bwd_config(config, dtype: torch.dtype, d_head: int, causal: bool, seqlen_q: int, mods: ScoreMods,
-               deterministic: bool, device_index: int):
-    """The backward config of a call: `config` checked against it, or the tuned table's entry for the
-    problem, else the dispatcher's default for the device's arch and shared memory."""
+               deterministic: bool, device_index: int, d_v: int | None = None):
+    """The backward config of a call (d_v: v's head dim, None for d_head): `config` checked against
+    it, or the tuned table's entry for the problem, else the dispatcher's default for the device's arch
+    and shared memory."""
+    d_v = d_head if d_v is None else d_v
     wanted = default_bwd_config(_DTYPES[dtype], d_head, bool(causal), *mods.flags, deterministic=bool(deterministic),
-                                smem_limit=_smem_limit(device_index)[0], wgmma=jit.arch_for(device_index) == WGMMA_ARCH)
-    if config is None:
-        return tuning.lookup(device_index, "bwd", _DTYPES[dtype], d_head, bool(causal), seqlen_q,
-                             tuple(zip(FEATURES, mods.flags)), bool(deterministic)) or wanted
+                                smem_limit=_smem_limit(device_index)[0], wgmma=jit.arch_for(device_index) == WGMMA_ARCH,
+                                d_v=d_v)
+    if config is None:  # tuned entries are for d_v == d_head
+        return (d_v == d_head and tuning.lookup(device_index, "bwd", _DTYPES[dtype], d_head, bool(causal), seqlen_q,
+                                                tuple(zip(FEATURES, mods.flags)), bool(deterministic))) or wanted
     _check_config_type(config, "bwd")
     config.validate()
     mismatched = [f"{f}={getattr(config, f)!r} (the call needs {getattr(wanted, f)!r})"
                   for f in ("dtype", "d_head", "causal", *FEATURES) if getattr(config, f) != getattr(wanted, f)]
     if mismatched:
         raise ValueError(f"config {config.name} does not match the inputs: " + ", ".join(mismatched))
+    check_head_dim_v(config, d_v)
     return config
+
+
+def check_douts(dout, out, q: torch.Tensor, v: torch.Tensor) -> None:
+    """ValueError unless dout and out are shaped like q with v's head dim, in q's dtype on its device
+    (dense [B, Sq, H, D_v] or varlen [total_q, H, D_v])."""
+    shape = out_shape(q, v)
+    for name, t in (("dout", dout), ("out", out)):
+        if not isinstance(t, torch.Tensor) or t.shape != shape or t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"{name} must match q (with v's head_dim): shape {shape}, {q.dtype} on {q.device}")
 
 
 def sink_grad(mods: ScoreMods, lse: torch.Tensor, dvec: torch.Tensor, head_dim: int) -> torch.Tensor:

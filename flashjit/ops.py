@@ -66,10 +66,11 @@ def _reference(q, k, v, alibi_slopes, learnable_sink, softmax_scale, causal, win
 def fwd(q: Tensor, k: Tensor, v: Tensor, alibi_slopes: Optional[Tensor], learnable_sink: Optional[Tensor],
         softmax_scale: Optional[float], causal: bool, window_left: int, window_right: int, softcap: float,
         dropout_p: float, deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(out [B, Sq, H, D] contiguous, lse [B, H, Sq] fp32, rng_state). deterministic is the backward's."""
+    """(out [B, Sq, H, D_v] contiguous, lse [B, H, Sq] fp32, rng_state). deterministic is the backward's."""
     rng_state = _rng_state(q, dropout_p)
     window = (window_left, window_right)
     if _on_reference():
+        interface.check_qkv(q, k, v, reference=True)  # the kernels' checks and messages, as flash_attn_func's
         out, lse = _reference(q, k, v, alibi_slopes, learnable_sink, softmax_scale, causal, window, softcap,
                               dropout_p, rng_state)
     else:
@@ -86,8 +87,8 @@ def _fwd_fake(q, k, v, alibi_slopes, learnable_sink, softmax_scale, causal, wind
     batch, seqlen_q, heads, _ = q.shape
     rng_state = (torch.empty(2, dtype=torch.int64, device="cpu") if dropout_p > 0
                  else torch.empty(0, dtype=torch.int64, device=q.device))
-    return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            q.new_empty((batch, heads, seqlen_q), dtype=torch.float32), rng_state)
+    return (q.new_empty(interface.out_shape(q, v)), q.new_empty((batch, heads, seqlen_q), dtype=torch.float32),
+            rng_state)
 
 
 @torch.library.custom_op("flashjit::bwd", mutates_args=())

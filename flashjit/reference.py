@@ -1,6 +1,7 @@
 """PyTorch reference attention: the ground truth for tests and the FLASHJIT_BACKEND=reference path.
 
-Runs on any device. Same layout as the kernels: q [B, Sq, H, D], k/v [B, Sk, H_k, D].
+Runs on any device. Same layout as the kernels: q [B, Sq, H, D], k [B, Sk, H_k, D], v [B, Sk, H_k, D_v]
+(D_v may differ from D, as in MLA; callers check shapes with interface.check_qkv(..., reference=True)).
 """
 from __future__ import annotations
 
@@ -34,12 +35,13 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
                         alibi_slopes: torch.Tensor | None = None, dropout_p: float = 0.0,
                         dropout_mask: torch.Tensor | None = None, return_probs: bool = False,
                         learnable_sink: torch.Tensor | None = None):
-    """(out [B, Sq, H, D] in `compute_dtype`, lse [B, H, Sq] fp32), computed in `compute_dtype` (None: q's
+    """(out [B, Sq, H, D_v] in `compute_dtype`, lse [B, H, Sq] fp32), computed in `compute_dtype` (None: q's
     own dtype, which is what "PyTorch's low-precision math" means in the tests' tolerance rule).
     Rows that see no key at all get out = 0 and lse = +inf, as the kernels produce.
 
-    scores = scale * q.k; softcap: softcap * tanh(scores / softcap); ALiBi (slopes [H] or [B, H]):
-    scores - slope * |i + Sk - Sq - j|; masked by `visible_mask`; P = softmax(scores); dropout keeps
+    scores = scale * q.k (default scale 1/sqrt(D), q's head dim); softcap: softcap * tanh(scores /
+    softcap); ALiBi (slopes [H] or [B, H]): scores - slope * |i + Sk - Sq - j|; masked by
+    `visible_mask`; P = softmax(scores); out = P v (D_v wide); dropout keeps
     each P entry with probability 1 - dropout_p (mask [B, H, Sq, Sk] bool, drawn from torch's RNG when
     not given) and rescales by 1 / (1 - dropout_p). lse is that of the scores before dropout.
     learnable_sink [H]: a logit per query head that joins every row's softmax as one more key without

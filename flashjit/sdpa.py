@@ -33,9 +33,11 @@ Semantics matched:
   a CPU tensor keeps CUDA graphs (torch.compile's "reduce-overhead") off graphs with dropout, whose
   replays would repeat the captured seed. Without dropout, rng_state/unused are empty CUDA tensors,
   as the FA4 adapter returns.
-- Anything flashjit refuses (it raises ValueError before launching: dtype, head dim, shapes), and
-  return_debug_mask=True, runs PyTorch's original kernel instead (torch.library.get_kernel, taken
-  before flashjit overrides it), with a DEBUG line on the "flashjit" logger. A backward whose
+- Anything flashjit refuses (it raises ValueError before launching: dtype, head dim, shapes), a value
+  head dim other than query's (SDPA sends the flash backend none: sdp_utils' check_head_dim_size_flash
+  wants equal head dims, and the op's meta function shapes out like query; flash_attn_func takes
+  them), and return_debug_mask=True, runs PyTorch's original kernel instead (torch.library.get_kernel,
+  taken before flashjit overrides it), with a DEBUG line on the "flashjit" logger. A backward whose
   forward ran on PyTorch's kernel with dropout (its rng_state is a CUDA tensor) also runs PyTorch's
   backward, which alone can regenerate that mask. Keep flashjit active from a dropout forward to its
   backward: PyTorch's backward cannot regenerate flashjit's mask.
@@ -155,6 +157,8 @@ def _forward(original, keyset, query, key, value, dropout_p=0.0, is_causal=False
     args = (keyset, query, key, value, dropout_p, is_causal, return_debug_mask)
     if return_debug_mask:  # flashjit does not write PyTorch's debug mask layout
         return _fallback(original, FORWARD_OP, "return_debug_mask=True", *args, scale=scale)
+    if value.shape[-1] != query.shape[-1]:  # the op's out is shaped like query (module docstring)
+        return _fallback(original, FORWARD_OP, "value's head dim differs from query's", *args, scale=scale)
     if dropout_p > 0 and query.is_cuda and torch.cuda.is_current_stream_capturing():
         # flashjit draws its seed on the host: a captured graph would replay one mask forever. PyTorch's
         # kernel keeps its RNG state on the device, graph-safe (and its backward follows, by rng_state).
@@ -181,6 +185,8 @@ def _backward(original, keyset, grad_out, query, key, value, out, logsumexp, cum
     """aten::_scaled_dot_product_flash_attention_backward on flashjit -> (dq, dk, dv), [B, H, S, D] views."""
     args = (keyset, grad_out, query, key, value, out, logsumexp, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p,
             is_causal, philox_seed, philox_offset)
+    if value.shape[-1] != query.shape[-1]:  # its forward ran on PyTorch's kernel too
+        return _fallback(original, BACKWARD_OP, "value's head dim differs from query's", *args, scale=scale)
     philox = None
     if dropout_p > 0:
         if philox_seed.device.type != "cpu":  # PyTorch's forward drew this mask: only its backward knows it

@@ -1,10 +1,11 @@
 """Variable-length batches: flash-attn 2.x's flash_attn_varlen_func and its packed forms, with autograd.
 
-    q [total_q, H, D], k/v [total_k, H_k, D]   the batch's B sequences packed along the rows
+    q [total_q, H, D], k [total_k, H_k, D]      the batch's B sequences packed along the rows
+    v [total_k, H_k, D_v]                       D_v <= D (MLA-style, e.g. 192/128; usually D_v = D)
     cu_seqlens_q, cu_seqlens_k                  int32 [B + 1] on q's device: sequence b is rows
                                                 cu_seqlens[b]:cu_seqlens[b + 1] (0, non-decreasing, total)
     max_seqlen_q, max_seqlen_k                  Python ints, at least every sequence's length
-    -> out [total_q, H, D]; with return_attn_probs also softmax_lse [H, total_q] fp32 (flash-attn's
+    -> out [total_q, H, D_v]; with return_attn_probs also softmax_lse [H, total_q] fp32 (flash-attn's
        varlen layout) and S_dmask [B, H, max_seqlen_q, max_seqlen_k] (each sequence's probabilities,
        zero-padded; dropped entries negated)
 
@@ -92,11 +93,12 @@ def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
             raise ValueError(f"{name} must have 3 dims [{what}, heads, head_dim] (a variable-length batch packed "
                              f"along the rows), got shape {tuple(t.shape)}; for [batch, seqlen, heads, head_dim] use "
                              "flash_attn_func")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[:2] != v.shape[:2]:
+        raise ValueError(f"k and v must have the same shape (but for v's head_dim, which may be smaller), got "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
     if k.shape[2] != q.shape[2]:
-        raise ValueError(f"k/v head_dim {k.shape[2]} does not match q's {q.shape[2]}")
-    # The dense checks (dtype, device, last-dim stride, head dim, GQA ratio, 32-bit sizes) on
+        raise ValueError(f"k head_dim {k.shape[2]} does not match q's {q.shape[2]}")
+    # The dense checks (dtype, device, last-dim stride, head dims, GQA ratio, 32-bit sizes) on
     # [1, total, H, D] views, with the dense path's messages.
     interface.check_qkv(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), reference=reference)
     cu_seqlens_q = _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.device, reference)
@@ -141,21 +143,23 @@ def _kernel(config, device_index: int):
     return interface._kernels.get((config, device_index)) or interface._kernel_for(config, device_index)
 
 
-def _forward_config(q, config, causal: bool, max_seqlen_q: int, mods, device_index: int):
-    """The sm_80 forward family on every arch: the tuned table's entry when it is of that family, else
-    the dispatcher's default for the longest sequence. An explicit config must match the call."""
-    dtype, d_head = interface._DTYPES[q.dtype], q.shape[-1]
+def _forward_config(q, v, config, causal: bool, max_seqlen_q: int, mods, device_index: int):
+    """The sm_80 forward family on every arch: the tuned table's entry when it is of that family (and
+    d_v == d_head, which tuned entries are for), else the dispatcher's default for the longest
+    sequence. An explicit config must match the call."""
+    dtype, d_head, d_v = interface._DTYPES[q.dtype], q.shape[-1], v.shape[-1]
     sink = mods.sink is not None
     if config is None:
         features = (*zip(FEATURES, mods.flags), ("sink", sink))
-        config = tuning.lookup(device_index, "fwd", dtype, d_head, causal, max_seqlen_q, features)
+        config = tuning.lookup(device_index, "fwd", dtype, d_head, causal, max_seqlen_q, features) if d_v == d_head \
+            else None
         if config is None or config.family.arch is not None:
             config = default_config(dtype, d_head, causal, max_seqlen_q, interface._smem_limit(device_index)[0],
-                                    *mods.flags, sink=sink)
+                                    *mods.flags, sink=sink, d_v=d_v)
         if log.isEnabledFor(logging.DEBUG):
             arch = jit.arch_for(device_index)
-            log.debug("varlen forward [total_q=%d, H=%d, D=%d, max_seqlen_q=%d] dispatched to %s%s", q.shape[0],
-                      q.shape[1], d_head, max_seqlen_q, config.name,
+            log.debug("varlen forward [total_q=%d, H=%d, D=%d, D_v=%d, max_seqlen_q=%d] dispatched to %s%s",
+                      q.shape[0], q.shape[1], d_head, d_v, max_seqlen_q, config.name,
                       " (the sm_80 family: the Hopper forward's TMA maps are per batch entry)"
                       if arch == WGMMA_ARCH else "")
         return config
@@ -168,6 +172,7 @@ def _forward_config(q, config, causal: bool, max_seqlen_q: int, mods, device_ind
         if getattr(config, field) != wanted:
             raise ValueError(f"config.{field}={getattr(config, field)!r} does not match the call ({field}={wanted!r}); "
                              f"use dataclasses.replace(config, {field}={wanted!r})")
+    interface.check_head_dim_v(config, d_v)
     return config.validate()
 
 
@@ -175,28 +180,28 @@ def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_s
                    softmax_scale: float | None = None, window_size=(-1, -1), softcap: float = 0.0,
                    alibi_slopes: torch.Tensor | None = None, dropout_p: float = 0.0, philox: tuple[int, int] | None = None,
                    learnable_sink: torch.Tensor | None = None, config=None, out: torch.Tensor | None = None):
-    """(out [total_q, H, D], lse [H, total_q] fp32) of a variable-length batch with the JIT kernels: the
+    """(out [total_q, H, D_v], lse [H, total_q] fp32) of a variable-length batch with the JIT kernels: the
     low-level call under flash_attn_varlen_func, as interface.forward is under flash_attn_func. For
     dropout pass the same `philox` (seed, offset) to varlen_backward (interface.philox_state() draws
-    one; without it this draws its own). `out`, when given, is written (shaped like q)."""
+    one; without it this draws its own). `out`, when given, is written ([total_q, H, D_v])."""
     batch, max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k = _check_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    if q.shape[-1] % 8:  # padded with zeros to a multiple of 8, as flash-attn (interface._pad_head_dim)
+    if q.shape[-1] % 8 or v.shape[-1] % 8:  # zero-padded to multiples of 8, as flash-attn (interface._pad_head_dim)
         if out is not None:
-            interface._check_output(out, q, "out", kernel_writes=False)
+            interface._check_output(out, q, "out", kernel_writes=False, shape=interface.out_shape(q, v))
         padded, lse = varlen_forward(*interface._pad_head_dim(q, k, v), cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                      max_seqlen_k, causal, interface.softmax_scale_or_default(q, softmax_scale),
                                      window_size, softcap, alibi_slopes, dropout_p, philox, learnable_sink, config)
-        return interface._unpad_into(out, padded, q.shape[-1]), lse
+        return interface._unpad_into(out, padded, v.shape[-1]), lse
     causal = bool(causal)
     mods = interface.score_mods(_batch_view(q, batch), causal, window_size, softcap, alibi_slopes, dropout_p, philox,
                                 learnable_sink)
     softmax_scale = interface.softmax_scale_or_default(q, softmax_scale)
     device_index = q.get_device()
-    config = _forward_config(q, config, causal, max_seqlen_q, mods, device_index)
+    config = _forward_config(q, v, config, causal, max_seqlen_q, mods, device_index)
     kernel = _kernel(config, device_index)
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
-    out = _output(out, q, "out")
+    out = interface._out_for(out, q, v)
     total_q, heads = q.shape[0], q.shape[1]
     lse = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
     if total_q == 0:
@@ -214,28 +219,27 @@ def varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seq
                     philox: tuple[int, int] | None = None, deterministic: bool = False, config=None,
                     dq: torch.Tensor | None = None, dk: torch.Tensor | None = None, dv: torch.Tensor | None = None,
                     learnable_sink: torch.Tensor | None = None):
-    """Gradients (dq, dk, dv) of varlen_forward given dout (shaped like q), its out and lse [H, total_q];
+    """Gradients (dq, dk, dv) of varlen_forward given dout and its out ([total_q, H, D_v]) and lse [H, total_q];
     (dq, dk, dv, dsink) with learnable_sink, as interface.backward. GQA: dk/dv summed over the query
     heads of each key/value head. dq, dk, dv: optional outputs; rows that no sequence covers (past
     cu_seqlens[-1]) stay unwritten, as in flash-attn."""
     batch, max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k = _check_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    for name, t in (("dout", dout), ("out", out)):
-        if not isinstance(t, torch.Tensor) or t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
-            raise ValueError(f"{name} must match q: shape {tuple(q.shape)}, {q.dtype} on {q.device}")
+    interface.check_douts(dout, out, q, v)
     lse_shape = (q.shape[1], q.shape[0])
     if not isinstance(lse, torch.Tensor) or tuple(lse.shape) != lse_shape or lse.dtype != torch.float32 \
             or lse.device != q.device:
         raise ValueError(f"lse must be the forward's float32 log-sum-exp of shape {lse_shape} [heads, total_q] on "
                          f"{q.device} (varlen_forward's second result)")
     softmax_scale = interface.softmax_scale_or_default(q, softmax_scale)
-    if q.shape[-1] % 8:
+    if q.shape[-1] % 8 or v.shape[-1] % 8:
         given = [None if t is None else interface._check_output(t, like, name, kernel_writes=False)
                  for t, like, name in zip((dq, dk, dv), (q, k, v), ("dq", "dk", "dv"))]
         padded = varlen_backward(*interface._pad_head_dim(dout, q, k, v, out), lse, cu_seqlens_q, cu_seqlens_k,
                                  max_seqlen_q, max_seqlen_k, causal, softmax_scale, window_size, softcap, alibi_slopes,
                                  dropout_p, philox, deterministic, config, learnable_sink=learnable_sink)
-        grads = tuple(interface._unpad_into(t, grad, q.shape[-1]) for t, grad in zip(given, padded))
+        grads = tuple(interface._unpad_into(t, grad, like.shape[-1])
+                      for t, grad, like in zip(given, padded, (q, k, v)))
         return grads + padded[3:]
     if dropout_p and philox is None:
         raise ValueError("varlen_backward with dropout needs the forward's philox=(seed, offset) to regenerate its mask")
@@ -244,7 +248,7 @@ def varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seq
                                 learnable_sink)
     device_index = q.get_device()
     config = interface.bwd_config(config, q.dtype, q.shape[-1], causal, max_seqlen_q, mods, bool(deterministic),
-                                  device_index)
+                                  device_index, d_v=v.shape[-1])
     dq, dk, dv = (_output(given, like, name) for given, like, name in ((dq, q, "dq"), (dk, k, "dk"), (dv, v, "dv")))
     total_q, heads = q.shape[0], q.shape[1]
     if total_q == 0:  # no query reaches any key: dK = dV = 0 exactly
@@ -330,7 +334,7 @@ def _reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
         lses.append(result[1][0])
         if return_attn_probs:
             probs.append(result[2][0])
-    out = torch.cat(outs).to(q.dtype) if outs else q.new_empty(q.shape)
+    out = torch.cat(outs).to(q.dtype) if outs else q.new_empty(interface.out_shape(q, v))
     lse = torch.cat(lses, dim=1)
     if not return_attn_probs:
         return out
@@ -354,10 +358,11 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                            deterministic=False, return_attn_probs=False, block_table=None, *, learnable_sink=None):
     """Attention over a variable-length batch, as flash-attn 2.x's flash_attn_varlen_func.
 
-    q [total_q, H, D], k/v [total_k, H_k, D] (H divisible by H_k), cu_seqlens_q/_k int32 [B + 1] on
-    q's device, max_seqlen_q/_k ints. Returns out [total_q, H, D]; with return_attn_probs, (out,
-    softmax_lse [H, total_q] fp32, S_dmask [B, H, max_seqlen_q, max_seqlen_k]: per-sequence
-    probabilities, zero-padded, negated where dropout dropped them; for tests only).
+    q [total_q, H, D], k [total_k, H_k, D], v [total_k, H_k, D_v] (H divisible by H_k; D_v <= D),
+    cu_seqlens_q/_k int32 [B + 1] on q's device, max_seqlen_q/_k ints. Returns out [total_q, H, D_v];
+    with return_attn_probs, (out, softmax_lse [H, total_q] fp32, S_dmask [B, H, max_seqlen_q,
+    max_seqlen_k]: per-sequence probabilities, zero-padded, negated where dropout dropped them; for
+    tests only).
     dropout_p, softmax_scale, causal (bottom-right per sequence), window_size, softcap, alibi_slopes
     ([H] or [B, H]), deterministic and learnable_sink ([H], keyword) as flash_attn_func.
     block_table (a paged K/V cache) is not supported yet: NotImplementedError."""
@@ -462,7 +467,7 @@ def varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens
                max_seqlen_k: int, alibi_slopes: Optional[Tensor], learnable_sink: Optional[Tensor],
                softmax_scale: Optional[float], causal: bool, window_left: int, window_right: int, softcap: float,
                dropout_p: float, deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """flashjit::fwd for a variable-length batch: (out [total_q, H, D], lse [H, total_q], rng_state)."""
+    """flashjit::fwd for a variable-length batch: (out [total_q, H, D_v], lse [H, total_q], rng_state)."""
     rng_state = ops._rng_state(q, dropout_p)
     window = (window_left, window_right)
     if ops._on_reference():
@@ -480,8 +485,7 @@ def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                      softmax_scale, causal, window_left, window_right, softcap, dropout_p, deterministic):
     rng_state = (torch.empty(2, dtype=torch.int64, device="cpu") if dropout_p > 0
                  else torch.empty(0, dtype=torch.int64, device=q.device))
-    return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32), rng_state)
+    return q.new_empty(interface.out_shape(q, v)), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32), rng_state
 
 
 @torch.library.custom_op("flashjit::varlen_bwd", mutates_args=())

@@ -20,7 +20,7 @@ def _qkv(b=1, sq=8, sk=8, h=2, hk=2, d=64, dtype=torch.float16, device="cpu"):
     (lambda q, k, v: (q[0], k, v), ValueError, "q must have 4 dims"),
     (lambda q, k, v: (q.float(), k, v), ValueError, "q must be float16 or bfloat16"),
     (lambda q, k, v: (q, k.bfloat16(), v), ValueError, "share a dtype"),
-    (lambda q, k, v: (q, k, v[..., :32]), ValueError, "k and v must have the same shape"),
+    (lambda q, k, v: (q, k, v[:, :4]), ValueError, "k and v must have the same shape"),
     (lambda q, k, v: (q, k[..., :32], v[..., :32]), ValueError, "does not match q shape"),
     (lambda q, k, v: (q.transpose(-1, -2), k, v), ValueError, "q must have a contiguous last dimension"),
     (lambda q, k, v: tuple(torch.cat([t, t, t, t, t], -1)[..., :264].contiguous() for t in (q, k, v)),

@@ -7,8 +7,9 @@
 transformers looks the name up in two registries, and register() fills both:
 - AttentionInterface: the per-layer function, attention_forward(module, query, key, value,
   attention_mask, dropout, scaling, sliding_window, softcap, is_causal, s_aux, **kwargs) with query
-  [B, H, Sq, D] and key/value [B, H_k, Sk, D] (GQA: passed with their H_k heads, no repeat), which
-  returns (out [B, Sq, H, D], None).
+  [B, H, Sq, D], key [B, H_k, Sk, D] and value [B, H_k, Sk, D_v] (GQA: passed with their H_k heads,
+  no repeat; MLA models such as DeepSeek-V3 have D_v < D, which the kernels take as is), which
+  returns (out [B, Sq, H, D_v], None).
 - AttentionMaskInterface: build_mask turns the model's 2D padding mask, cache offsets and mask pattern
   into what attention_forward receives, once per forward. A name without one gets no mask at all
   (masking_utils skips names it does not know), so padding would be silently ignored.
@@ -116,15 +117,12 @@ def _window(sliding_window, causal, seqlen_k):
 
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
                       softcap=None, is_causal=None, s_aux=None, **kwargs):
-    """transformers' attention-function protocol on flashjit: query [B, H, Sq, D], key/value
-    [B, H_k, Sk, D], attention_mask from build_mask -> (out [B, Sq, H, D], None). Causal is bottom-right
-    aligned, so decoding (Sq = 1 or a chunk) against a longer KV cache needs no mask. s_aux: gpt-oss's
-    per-head sink logits, flashjit's learnable_sink."""
+    """transformers' attention-function protocol on flashjit: query [B, H, Sq, D], key [B, H_k, Sk, D],
+    value [B, H_k, Sk, D_v] (D_v <= D), attention_mask from build_mask -> (out [B, Sq, H, D_v], None).
+    Causal is bottom-right aligned, so decoding (Sq = 1 or a chunk) against a longer KV cache needs no
+    mask. s_aux: gpt-oss's per-head sink logits, flashjit's learnable_sink."""
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # flash layout [B, S, H, D], views
-    d_v = v.shape[-1]
-    if d_v < q.shape[-1]:  # one head dim per kernel: pad a smaller value head dim (MLA), crop the output
-        v = F.pad(v, (0, q.shape[-1] - d_v))
     args = dict(dropout_p=dropout, softmax_scale=scaling, causal=causal, softcap=softcap or 0.0,
                 deterministic=torch.are_deterministic_algorithms_enabled())
     if s_aux is not None:
@@ -133,7 +131,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         out = flashjit.flash_attn_func(q, k, v, window_size=_window(sliding_window, causal, k.shape[1]), **args)
     else:
         out = _masked(q, k, v, attention_mask, sliding_window, args)
-    return out[..., :d_v], None
+    return out, None
 
 
 def varlen_func():
@@ -154,7 +152,10 @@ def _masked(q, k, v, segments, sliding_window, args):
             "runs the masks its own mask function builds from a 2D padding mask, not custom 4D masks; "
             "use 'sdpa' or 'eager' for those")
     k, v = k[:, :segments.shape[1]], v[:, :segments.shape[1]]  # later slots: unfilled static-cache entries
+    # The KV-cache kernels need v's head dim to be k's (flash_attn_with_kvcache's caches share one): MLA's
+    # smaller value head dim takes the varlen path below.
     if not torch.compiler.is_compiling() and not args["dropout_p"] and args["causal"] and q.shape[-1] % 8 == 0 \
+            and v.shape[-1] == q.shape[-1] \
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
         leftpad, ends, padded = _left_padding(segments, q.shape[1])
         # Each row one run of valid slots ending at the last: no unpadding needed. Without padding (a
