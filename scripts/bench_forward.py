@@ -116,6 +116,9 @@ def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
     if not _FLEX:
+        # dynamic=False compiles once a shape, mask and grad mode: past dynamo's recompile limit (8) it
+        # would fall back to eager flex_attention, silently, and that is what would be timed.
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
         _FLEX.append(torch.compile(flex_attention, dynamic=False))
     return _FLEX[0]
 
