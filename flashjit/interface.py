@@ -23,7 +23,7 @@ from .configs import families
 from .configs.bwd_sm80 import BwdConfig
 from .configs.bwd_sm90 import WGMMA_ARCH, BwdSm90Config
 from .configs.common import FEATURES, MAX_HEAD_DIM, ConfigBase
-from .dispatch import default_bwd_config, default_config
+from .dispatch import backward_pads_value, default_bwd_config, default_config
 from .launch import BwdParams, FwdParams, tensor_ref
 
 log = logging.getLogger("flashjit")
@@ -535,6 +535,11 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         raise ValueError("backward with dropout needs the forward's philox=(seed, offset) to regenerate its mask")
     mods = score_mods(q, causal, window_size, softcap, alibi_slopes, dropout_p, philox, learnable_sink)
     device_index = q.get_device()
+    if config is None and _pads_value(q, v, causal, mods, deterministic, device_index):
+        grads = backward(pad_value(dout, q), q, k, pad_value(v, q), pad_value(out, q), lse, causal, softmax_scale, window_size,
+                         softcap, alibi_slopes, dropout_p, philox, deterministic, dq=dq, dk=dk,
+                         learnable_sink=learnable_sink)
+        return (*grads[:2], _unpad_into(dv, grads[2], v.shape[-1]), *grads[3:])
     chosen = config is None
     config = bwd_config(config, q.dtype, q.shape[3], causal, q.shape[1], mods, deterministic, device_index,
                         d_v=v.shape[3])
@@ -563,6 +568,20 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     if learnable_sink is None:
         return dq, dk, dv
     return dq, dk, dv, sink_grad(mods, lse, dvec, head_dim=1).to(learnable_sink.dtype)
+
+
+def _pads_value(q: torch.Tensor, v: torch.Tensor, causal: bool, mods: ScoreMods, deterministic: bool,
+                device_index: int) -> bool:
+    """Whether the dispatcher's backward for this call runs v (and out, dout) zero-padded to q's head
+    dim on the wgmma kernel, as faster than the native d_v kernel (dispatch.backward_pads_value)."""
+    return v.shape[-1] != q.shape[-1] and backward_pads_value(
+        _DTYPES[q.dtype], q.shape[-1], v.shape[-1], bool(causal), *mods.flags, deterministic=bool(deterministic),
+        smem_limit=_smem_limit(device_index)[0], wgmma=jit.arch_for(device_index) == WGMMA_ARCH)
+
+
+def pad_value(t: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """v, out or dout zero-padded to q's head dim (the padded columns give out, D and dP nothing, and dv 0)."""
+    return torch.nn.functional.pad(t, (0, q.shape[-1] - t.shape[-1]))
 
 
 def bwd_config(config, dtype: torch.dtype, d_head: int, causal: bool, seqlen_q: int, mods: ScoreMods,

@@ -247,6 +247,12 @@ def varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seq
     mods = interface.score_mods(_batch_view(q, batch), causal, window_size, softcap, alibi_slopes, dropout_p, philox,
                                 learnable_sink)
     device_index = q.get_device()
+    if config is None and interface._pads_value(q, v, causal, mods, deterministic, device_index):
+        dout_w, v_w, out_w = (interface.pad_value(t, q) for t in (dout, v, out))  # as interface.backward
+        grads = varlen_backward(dout_w, q, k, v_w, out_w, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                causal, softmax_scale, window_size, softcap, alibi_slopes, dropout_p, philox,
+                                deterministic, dq=dq, dk=dk, learnable_sink=learnable_sink)
+        return (*grads[:2], interface._unpad_into(dv, grads[2], v.shape[-1]), *grads[3:])
     config = interface.bwd_config(config, q.dtype, q.shape[-1], causal, max_seqlen_q, mods, bool(deterministic),
                                   device_index, d_v=v.shape[-1])
     dq, dk, dv = (_output(given, like, name) for given, like, name in ((dq, q, "dq"), (dk, k, "dk"), (dv, v, "dv")))

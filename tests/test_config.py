@@ -218,6 +218,20 @@ def test_value_head_dim_configs():
         BwdConfig(d_head=128, n_warps=8, d_v=64, wgmma=True)
 
 
+@pytest.mark.parametrize("d_head, d_v, features, pads", [
+    (128, 64, {}, True), (64, 32, {}, True), (40, 24, {}, True),     # d_head fills its wgmma tile
+    (96, 64, {}, False),                                             # the 128 tile would be a quarter padding
+    (192, 128, {}, False),                                           # no wgmma kernel for 192
+    (128, 128, {}, False),                                           # nothing to pad
+    (64, 32, dict(softcap=True), False),                             # no d64 wgmma kernel with softcap
+    (128, 64, dict(deterministic=True), False),                      # the wgmma kernel has no deterministic variant
+    (128, 64, dict(wgmma=False), False),                             # not sm_90a
+])
+def test_backward_pads_value_where_the_wgmma_kernel_then_serves(d_head, d_v, features, pads):
+    features = dict(dict(wgmma=True), **features)
+    assert dispatch.backward_pads_value("bf16", d_head, d_v, False, **features) == pads
+
+
 def test_sm90_backward_configs():
     """On sm_90a the Hopper kernel (BwdSm90Config) is the default where it exists; elsewhere the sm_80 one."""
     for dtype, d, causal, det, dropout, softcap in itertools.product(common.DTYPES, common.HEAD_DIMS, (False, True),

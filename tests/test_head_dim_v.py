@@ -171,6 +171,58 @@ def test_padding_each_head_dim_on_its_own_and_cropping(d_qk, d_v, padded, monkey
         assert interface._pad_head_dim(v)[0] is v
 
 
+def test_backward_pads_v_where_the_wgmma_kernel_is_faster(monkeypatch):
+    """Where dispatch.backward_pads_value says so (sm_90a, e.g. 128/64), the backward runs v, out and
+    dout zero-padded to q's head dim (the wgmma kernel's) and returns dv cropped to d_v: the kernels
+    see d_v = d_qk, the gradients are those of the unpadded problem, a caller's dv is filled."""
+    seen, original = [], interface.backward
+    check = interface.check_qkv
+
+    def kernels_backward(dout, q, k, v, out, lse, causal=False, softmax_scale=None, *args, **kwargs):
+        if v.shape[-1] != q.shape[-1]:  # the real interface.backward, which pads and calls backward() again
+            return original(dout, q, k, v, out, lse, causal, softmax_scale, *args, **kwargs)
+        seen.append((q.shape[-1], v.shape[-1], dout.shape[-1], out.shape[-1]))
+        _, vjp = torch.func.vjp(lambda q, k, v: attention_reference(q, k, v, causal=causal,
+                                                                    softmax_scale=softmax_scale)[0], q, k, v)
+        return vjp(dout)
+
+    monkeypatch.setattr(interface, "check_qkv", lambda q, k, v, reference=False: check(q, k, v, reference=True))
+    monkeypatch.setattr(interface, "_pads_value", lambda q, v, *args: True)
+    monkeypatch.setattr(interface, "backward", kernels_backward)
+    q, k, v = _qkv(2, 9, 13, 4, 2, 128, 64)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = attention_reference(*leaves, causal=True)
+    dout = torch.randn_like(out)
+    given_dv = torch.full_like(v, float("nan"))
+    grads = interface.backward(dout, q, k, v, out.detach(), lse.detach(), causal=True, dv=given_dv)
+    out.backward(dout)
+    assert seen == [(128, 128, 128, 128)] and grads[2] is given_dv
+    for grad, leaf in zip(grads, leaves):
+        torch.testing.assert_close(grad, leaf.grad)
+
+
+def test_varlen_backward_pads_v_where_the_wgmma_kernel_is_faster(monkeypatch):
+    """varlen_backward routes a 128/64 batch as interface.backward does (the same rule and padding)."""
+    seen, original = [], varlen.varlen_backward
+    check = interface.check_qkv
+
+    def kernels_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal=False, *args, **kwargs):
+        if v.shape[-1] != q.shape[-1]:
+            return original(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, *args, **kwargs)
+        seen.append((q.shape[-1], v.shape[-1], dout.shape[-1], out.shape[-1]))
+        return tuple(torch.zeros_like(t) for t in (q, k, v))
+
+    monkeypatch.setattr(interface, "check_qkv", lambda q, k, v, reference=False: check(q, k, v, reference=True))
+    monkeypatch.setattr(interface, "_pads_value", lambda q, v, *args: True)
+    monkeypatch.setattr(varlen, "varlen_backward", kernels_backward)
+    lens = [3, 5]
+    q, k, v = (t[0] for t in _qkv(1, sum(lens), sum(lens), 4, 2, 128, 64))
+    out, dout = torch.randn(sum(lens), 4, 64), torch.randn(sum(lens), 4, 64)
+    lse = torch.randn(4, sum(lens))
+    grads = varlen.varlen_backward(dout, q, k, v, out, lse, _cu(lens), _cu(lens), 5, 5, causal=True)
+    assert seen == [(128, 128, 128, 128)] and [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+
+
 # ---- CPU: explicit configs and the dispatcher ------------------------------------------------------------
 def test_explicit_configs_must_compute_v_s_head_dim(monkeypatch):
     """A config whose head_dim_v is not v's head dim is refused, naming both and the fix; on sm_90a the
