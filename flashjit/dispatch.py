@@ -106,6 +106,13 @@ _BWD_PREFERENCES = {
 _BWD_LAST_RESORT = {False: (4, 64, 1, 16), True: (4, 32, 2, 16)}
 
 
+# A smaller d_v lowers the estimate of the 8 x 128 tiling at d_head 72-96 to 240 registers, under the limit
+# that keeps it off at d_v = d_head (256). ptxas 13.0 (sm_90a) spills it 36-84 bytes, which still ran
+# 1.05x the wgmma kernel on v padded at 96/64 (H200), but 388 bytes with softcap + window + ALiBi, where
+# 8 x 64 fits with none: for d_v pairs each score feature counts 8 registers more (as FwdSm90Config's).
+_BWD_FEATURE_REGISTERS = 8
+
+
 @functools.lru_cache(maxsize=None)
 def default_bwd_config(dtype: str, d_head: int, causal: bool, local: bool = False, softcap: bool = False,
                        alibi: bool = False, dropout: bool = False, deterministic: bool = False,
@@ -127,6 +134,8 @@ def default_bwd_config(dtype: str, d_head: int, causal: bool, local: bool = Fals
     for n_warps, block_m, d_split, group_rows, det in choices + [(*_BWD_LAST_RESORT[d_head > 128], True)]:
         cfg = BwdConfig(dtype, d_head, n_warps, block_m, d_split, group_rows, det, causal, local, softcap, alibi,
                         dropout, d_v=d_v)
+        if d_v and cfg.register_estimate() + _BWD_FEATURE_REGISTERS * (local + softcap + alibi + dropout) > 255:
+            continue
         if not cfg.problems() and cfg.smem_bytes <= smem_limit:
             return cfg
     cfg.validate()  # the last resort builds; this only guards the table above
@@ -144,9 +153,9 @@ def backward_pads_value(dtype: str, d_head: int, d_v: int, causal: bool, local: 
     column the native kernel's tile did not already hold for q. Measured on an H200 (bf16, S=4k, 16k tokens,
     TFLOP/s, causal 0/1): 128/64 natively 240/212, padded on wgmma 281/250; 96/64 natively 251/226,
     padded 239/212 (the wgmma tile is 128 wide, a quarter of it padding at d96); 192/128 has no wgmma
-    kernel."""
-    if not wgmma or not 0 < d_v < d_head or head_dim_tile(d_head) != wgmma_tile(d_head):
-        return False
+    kernel. Pairs with d_v below d_head / 2 stay native (not measured)."""
+    if not wgmma or not d_head / 2 <= d_v < d_head or head_dim_tile(d_head) != wgmma_tile(d_head):
+        return False  # a d_v below d_head / 2 (unmeasured) would have the padding more than double V's work
     chosen = default_bwd_config(dtype, d_head, causal, local, softcap, alibi, dropout, deterministic=deterministic,
                                 smem_limit=smem_limit, wgmma=wgmma)
     return isinstance(chosen, BwdSm90Config)

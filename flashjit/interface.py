@@ -535,7 +535,9 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         raise ValueError("backward with dropout needs the forward's philox=(seed, offset) to regenerate its mask")
     mods = score_mods(q, causal, window_size, softcap, alibi_slopes, dropout_p, philox, learnable_sink)
     device_index = q.get_device()
-    if config is None and _pads_value(q, v, causal, mods, deterministic, device_index):
+    if config is None and _pads_value(q, v, causal, mods, deterministic, device_index, q.shape[1]):
+        if dv is not None:  # written by a copy after the kernels: checked now, as the native route would
+            _check_output(dv, v, "dv", kernel_writes=False)
         grads = backward(pad_value(dout, q), q, k, pad_value(v, q), pad_value(out, q), lse, causal, softmax_scale, window_size,
                          softcap, alibi_slopes, dropout_p, philox, deterministic, dq=dq, dk=dk,
                          learnable_sink=learnable_sink)
@@ -571,12 +573,17 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
 
 def _pads_value(q: torch.Tensor, v: torch.Tensor, causal: bool, mods: ScoreMods, deterministic: bool,
-                device_index: int) -> bool:
+                device_index: int, seqlen_q: int) -> bool:
     """Whether the dispatcher's backward for this call runs v (and out, dout) zero-padded to q's head
-    dim on the wgmma kernel, as faster than the native d_v kernel (dispatch.backward_pads_value)."""
-    return v.shape[-1] != q.shape[-1] and backward_pads_value(
-        _DTYPES[q.dtype], q.shape[-1], v.shape[-1], bool(causal), *mods.flags, deterministic=bool(deterministic),
-        smem_limit=_smem_limit(device_index)[0], wgmma=jit.arch_for(device_index) == WGMMA_ARCH)
+    dim on the wgmma kernel, as faster than the native d_v kernel (dispatch.backward_pads_value), and no
+    tuned entry for the padded problem picks another kernel (then padding would only cost)."""
+    if v.shape[-1] == q.shape[-1] or not backward_pads_value(
+            _DTYPES[q.dtype], q.shape[-1], v.shape[-1], bool(causal), *mods.flags, deterministic=bool(deterministic),
+            smem_limit=_smem_limit(device_index)[0], wgmma=jit.arch_for(device_index) == WGMMA_ARCH):
+        return False
+    tuned = tuning.lookup(device_index, "bwd", _DTYPES[q.dtype], q.shape[-1], bool(causal), seqlen_q,
+                          tuple(zip(FEATURES, mods.flags)), bool(deterministic))
+    return tuned is None or isinstance(tuned, BwdSm90Config)
 
 
 def pad_value(t: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

@@ -247,7 +247,9 @@ def varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seq
     mods = interface.score_mods(_batch_view(q, batch), causal, window_size, softcap, alibi_slopes, dropout_p, philox,
                                 learnable_sink)
     device_index = q.get_device()
-    if config is None and interface._pads_value(q, v, causal, mods, deterministic, device_index):
+    if config is None and interface._pads_value(q, v, causal, mods, deterministic, device_index, max_seqlen_q):
+        if dv is not None:  # written by a copy after the kernels: checked now, as the native route would
+            interface._check_output(dv, v, "dv", kernel_writes=False)
         dout_w, v_w, out_w = (interface.pad_value(t, q) for t in (dout, v, out))  # as interface.backward
         grads = varlen_backward(dout_w, q, k, v_w, out_w, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                 causal, softmax_scale, window_size, softcap, alibi_slopes, dropout_p, philox,

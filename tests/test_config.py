@@ -221,6 +221,7 @@ def test_value_head_dim_configs():
 @pytest.mark.parametrize("d_head, d_v, features, pads", [
     (128, 64, {}, True), (64, 32, {}, True), (40, 24, {}, True),     # d_head fills its wgmma tile
     (96, 64, {}, False),                                             # the 128 tile would be a quarter padding
+    (128, 48, {}, False), (64, 16, {}, False),                       # d_v < d_head / 2: padding would double V's work
     (192, 128, {}, False),                                           # no wgmma kernel for 192
     (128, 128, {}, False),                                           # nothing to pad
     (64, 32, dict(softcap=True), False),                             # no d64 wgmma kernel with softcap

@@ -21,7 +21,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import flashjit
-from flashjit import BwdConfig, FwdSm90Config, KernelConfig, flash_attn_func, interface, ops, varlen
+from flashjit import BwdConfig, BwdSm90Config, FwdSm90Config, KernelConfig, flash_attn_func, interface, ops, varlen
 from flashjit.reference import attention_reference, philox_keep_mask
 from numerics import assert_all_close, poisoned_like, reference_and_low
 
@@ -199,6 +199,20 @@ def test_backward_pads_v_where_the_wgmma_kernel_is_faster(monkeypatch):
     assert seen == [(128, 128, 128, 128)] and grads[2] is given_dv
     for grad, leaf in zip(grads, leaves):
         torch.testing.assert_close(grad, leaf.grad)
+    with pytest.raises(ValueError, match="dv must be a tensor of shape"):  # before anything runs, as natively
+        interface.backward(dout, q, k, v, out.detach(), lse.detach(), causal=True, dv=given_dv.double())
+    assert len(seen) == 1
+
+
+def test_a_tuned_sm80_backward_keeps_the_native_route(monkeypatch):
+    """A tuned entry for the padded problem that is not the wgmma kernel: padding would only cost."""
+    q, k, v = _qkv(1, 8, 8, 2, 2, 128, 64, dtype=torch.bfloat16)
+    monkeypatch.setattr(interface, "backward_pads_value", lambda *args, **kwargs: True)
+    monkeypatch.setattr(interface, "_smem_limit", lambda device_index: (227 * 1024, "test GPU"))
+    monkeypatch.setattr(interface.jit, "arch_for", lambda device_index: "sm_90a")
+    for tuned, pads in ((None, True), (BwdSm90Config("bf16", 128), True), (BwdConfig(), False)):
+        monkeypatch.setattr(interface.tuning, "lookup", lambda *args, tuned=tuned: tuned)
+        assert interface._pads_value(q, v, False, interface._NO_MODS, False, 0, 8) == pads
 
 
 def test_varlen_backward_pads_v_where_the_wgmma_kernel_is_faster(monkeypatch):
@@ -295,8 +309,8 @@ def test_sdpa_runs_pytorchs_kernel_for_a_smaller_value_head_dim():
 
 def test_transformers_passes_v_as_it_is(reference_backend, monkeypatch):
     """MLA through attn_implementation: v keeps its head dim (no padding to q's), out is
-    [B, Sq, H, d_v]; a left-padded batch takes varlen (the KV-cache kernels need v_cache's head dim to
-    be k_cache's), with padded query rows 0."""
+    [B, Sq, H, d_v]; a left-padded batch keeps the KV-cache kernel (whose caches share one head dim:
+    v padded to q's there, out cropped), with padded query rows 0."""
     integration = pytest.importorskip("flashjit.integrations.transformers")
     b, s, h, hk, d_qk, d_v = 2, 9, 4, 2, 24, 16
     q, k, v = _qkv(b, s, s, h, hk, d_qk, d_v)
@@ -310,15 +324,14 @@ def test_transformers_passes_v_as_it_is(reference_backend, monkeypatch):
     assert seen == [d_v] and out.shape == (b, s, h, d_v)
     torch.testing.assert_close(out, attention_reference(q, k, v, causal=True, softmax_scale=0.3)[0])
 
-    def no_kvcache(*args, **kwargs):
-        raise AssertionError("flash_attn_with_kvcache needs v_cache's head dim to be k_cache's")
-
-    monkeypatch.setattr(flashjit, "flash_attn_with_kvcache", no_kvcache)
+    cache_dims, with_kvcache = [], flashjit.flash_attn_with_kvcache
+    monkeypatch.setattr(flashjit, "flash_attn_with_kvcache",
+                        lambda q, k, v, **kw: cache_dims.append(v.shape[-1]) or with_kvcache(q, k, v, **kw))
     segments = torch.ones(b, s, dtype=torch.int32)
     segments[0, :3] = 0  # row 0 left-padded by 3
     with torch.no_grad():
         out, _ = integration.attention_forward(module, query, key, value, segments, scaling=0.3)
-    assert out.shape == (b, s, h, d_v) and not out[0, :3].any()
+    assert cache_dims == [d_qk] and out.shape == (b, s, h, d_v) and not out[0, :3].any()
     torch.testing.assert_close(out[0, 3:], attention_reference(q[:1, 3:], k[:1, 3:], v[:1, 3:], causal=True,
                                                                softmax_scale=0.3)[0][0])
     torch.testing.assert_close(out[1], attention_reference(q[1:], k[1:], v[1:], causal=True, softmax_scale=0.3)[0][0])

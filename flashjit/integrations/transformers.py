@@ -152,20 +152,24 @@ def _masked(q, k, v, segments, sliding_window, args):
             "runs the masks its own mask function builds from a 2D padding mask, not custom 4D masks; "
             "use 'sdpa' or 'eager' for those")
     k, v = k[:, :segments.shape[1]], v[:, :segments.shape[1]]  # later slots: unfilled static-cache entries
-    # The KV-cache kernels need v's head dim to be k's (flash_attn_with_kvcache's caches share one): MLA's
-    # smaller value head dim takes the varlen path below.
     if not torch.compiler.is_compiling() and not args["dropout_p"] and args["causal"] and q.shape[-1] % 8 == 0 \
-            and v.shape[-1] == q.shape[-1] \
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))):
         leftpad, ends, padded = _left_padding(segments, q.shape[1])
         # Each row one run of valid slots ending at the last: no unpadding needed. Without padding (a
         # static cache's filled part) a prefill keeps flash_attn_func's kernels (on Hopper, the TMA
         # forward; the KV-cache kernels are the sm_80 family) and decoding takes the KV-cache kernel.
         if leftpad is not None and (padded or q.shape[1] <= 64):
-            return flashjit.flash_attn_with_kvcache(q, k, v, cache_seqlens=ends, cache_leftpad=leftpad, causal=True,
-                                                    softmax_scale=args["softmax_scale"], softcap=args["softcap"],
-                                                    window_size=_window(sliding_window, True, k.shape[1]),
-                                                    learnable_sink=args.get("learnable_sink"))
+            # The KV-cache kernels share one head dim for k and v (as flash-attn's caches): an MLA model's
+            # smaller value head dim is zero-padded for them and the output cropped, which keeps decoding
+            # on the split-KV kernel instead of a varlen gather of the whole cache each layer and step.
+            d_v = v.shape[-1]
+            v_cache = v if d_v == q.shape[-1] else F.pad(v, (0, q.shape[-1] - d_v))
+            out = flashjit.flash_attn_with_kvcache(q, k, v_cache, cache_seqlens=ends,
+                                                   cache_leftpad=leftpad, causal=True,
+                                                   softmax_scale=args["softmax_scale"], softcap=args["softcap"],
+                                                   window_size=_window(sliding_window, True, k.shape[1]),
+                                                   learnable_sink=args.get("learnable_sink"))
+            return out if d_v == q.shape[-1] else out[..., :d_v]
     plan = _plan(segments, q.shape[1], args["causal"], bool(sliding_window))
     if plan is None:  # every slot valid, one sequence per row (a static cache without padding)
         return flashjit.flash_attn_func(q, k, v, window_size=_window(sliding_window, args["causal"], k.shape[1]),
