@@ -120,10 +120,74 @@ def _batch_view(q: torch.Tensor, batch: int) -> torch.Tensor:
     return q.unsqueeze(0).expand(batch, -1, -1, -1)
 
 
-def _check_block_table(block_table) -> None:
-    if block_table is not None:
-        raise NotImplementedError("block_table (a paged K/V cache) is not supported by flashjit's varlen functions "
-                                  "yet: pass k and v as [total_k, heads_k, head_dim] tensors")
+def _check_paged(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                 reference: bool):
+    """flash_attn_varlen_func's checks with block_table: q [total_q, H, D], k/v caches [num_pages,
+    page_size, H_k, D] (pages a multiple of 16 rows, one head dim for both, a multiple of 8, as
+    flash_attn_with_kvcache's), block_table int32 [B, max_pages]. Returns (batch, max_seqlen_q,
+    max_seqlen_k, cu_seqlens_q, cu_seqlens_k, block_table), block_table contiguous."""
+    from .kvattn import PAGE_MULTIPLE  # the KV-cache kernels' page rule
+
+    for name, t, dims, layout in (("q", q, 3, "[total_q, heads, head_dim]"),
+                                  ("k", k_cache, 4, "[num_pages, page_size, heads_k, head_dim] (a paged cache)"),
+                                  ("v", v_cache, 4, "[num_pages, page_size, heads_k, head_dim] (a paged cache)")):
+        if not isinstance(t, torch.Tensor) or t.dim() != dims:
+            raise ValueError(f"with block_table, {name} must be a tensor of {dims} dims {layout}, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if k_cache.shape != v_cache.shape or len(k_cache) == 0:
+        raise ValueError(f"with block_table, k and v must be paged caches of one non-empty shape (flash-attn's "
+                         f"caches share a head dim), got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    interface.check_qkv(q.unsqueeze(0), k_cache[:1], v_cache[:1], reference=reference)  # dtypes, devices, heads
+    if k_cache.shape[1] % PAGE_MULTIPLE or q.shape[-1] % 8:
+        raise ValueError(f"with block_table, the page size (k.shape[1] = {k_cache.shape[1]}) must be a multiple of "
+                         f"{PAGE_MULTIPLE} and the head dim ({q.shape[-1]}) a multiple of 8")
+    cu_seqlens_q = _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.device, reference)
+    cu_seqlens_k = _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q.device, reference)
+    batch = cu_seqlens_q.numel() - 1
+    if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2 \
+            or len(block_table) != batch or cu_seqlens_k.numel() != batch + 1 \
+            or (not reference and block_table.device != q.device):
+        raise ValueError(f"block_table must be an int32 tensor of shape ({batch}, max_pages) on {q.device} (a row of "
+                         f"page numbers a sequence, as cu_seqlens_q/_k's {batch} sequences), got "
+                         f"{tuple(block_table.shape) if isinstance(block_table, torch.Tensor) else block_table!r}")
+    slots = k_cache.shape[1] * block_table.shape[1]
+    max_seqlen_q = _check_max_seqlen(max_seqlen_q, "max_seqlen_q", q.shape[0], "q")
+    max_seqlen_k = _check_max_seqlen(max_seqlen_k, "max_seqlen_k", slots, "a block_table row's slots")
+    return batch, max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k, block_table.contiguous()
+
+
+def _paged(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+           softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs, learnable_sink):
+    """flash_attn_varlen_func over a paged K/V cache: sequence b's keys are the first cu_seqlens_k[b + 1]
+    - cu_seqlens_k[b] slots of its block_table row (slot s in page block_table[b, s // page_size], row
+    s % page_size). Inference only, as flash-attn's (no backward, no dropout); the KV-cache kernels."""
+    if torch.compiler.is_compiling():
+        raise NotImplementedError("flash_attn_varlen_func with block_table is not supported under torch.compile; "
+                                  "call it eagerly")
+    if return_attn_probs or dropout_p:
+        raise ValueError("flash_attn_varlen_func with block_table takes neither dropout_p nor return_attn_probs "
+                         "(the paged cache's kernels, as flash_attn_with_kvcache's, have neither)")
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                       for t in (q, k_cache, v_cache, learnable_sink)):
+        raise ValueError("flash_attn_varlen_func with block_table has no backward (as flash-attn's): run it under "
+                         "torch.no_grad() or pass k and v as [total_k, heads_k, head_dim] tensors")
+    reference = backend() == "reference"
+    batch, max_seqlen_q, max_seqlen_k, cu_q, cu_k, block_table = _check_paged(
+        q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, reference)
+    if reference:  # the keys gathered page by page into a packed batch, then the dense varlen reference
+        offsets = cu_k.tolist()
+        if offsets[0] != 0 or any(b < a for a, b in zip(offsets, offsets[1:])):
+            raise ValueError(f"cu_seqlens_k must be non-decreasing from 0, got {offsets[:12]}")
+        rows = [torch.arange(n) for n in (b - a for a, b in zip(offsets, offsets[1:]))]
+        pages = [block_table[b, r // k_cache.shape[1]].long().cpu() for b, r in enumerate(rows)]
+        index = (torch.cat(pages) if pages else torch.zeros(0, dtype=torch.long), torch.cat(rows) % k_cache.shape[1])
+        k, v = (cache[index[0].to(cache.device), index[1].to(cache.device)] for cache in (k_cache, v_cache))
+        return _reference(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, 0.0, softmax_scale, causal, window_size,
+                          softcap, alibi_slopes, False, learnable_sink)
+    from .kvattn import forward_paged_varlen  # the KV-cache kernels' launcher
+
+    return forward_paged_varlen(q, k_cache, v_cache, block_table, cu_q, cu_k, batch, max_seqlen_q, causal,
+                                softmax_scale, window_size, softcap, alibi_slopes, learnable_sink)
 
 
 # ---- the kernels -----------------------------------------------------------------------------------
@@ -373,10 +437,15 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     tests only).
     dropout_p, softmax_scale, causal (bottom-right per sequence), window_size, softcap, alibi_slopes
     ([H] or [B, H]), deterministic and learnable_sink ([H], keyword) as flash_attn_func.
-    block_table (a paged K/V cache) is not supported yet: NotImplementedError."""
-    _check_block_table(block_table)
+    block_table (int32 [B, max_pages]) makes k and v a paged cache [num_pages, page_size, H_k, D] (pages a
+    multiple of 16 rows): sequence b's keys are the first cu_seqlens_k[b + 1] - cu_seqlens_k[b] slots of
+    its row of pages; inference only, as in flash-attn (no backward, dropout or return_attn_probs)."""
     if causal:
         window_size = (window_size[0], 0)  # flash-attn's convention: causal is a window with right = 0
+    if block_table is not None:
+        return _paged(q, k, v, block_table, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                      softmax_scale, bool(causal), tuple(window_size), softcap, alibi_slopes, return_attn_probs,
+                      learnable_sink)
     if torch.compiler.is_compiling():  # a custom op, as flash_attn_func (flashjit/ops.py)
         if return_attn_probs:
             raise ValueError("return_attn_probs=True is not supported under torch.compile; call "

@@ -448,8 +448,12 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
   const int h_k = h / (p.heads / p.heads_k);
   const Seq seq(p, b);  // this sequence's rows (dense: the whole batch entry)
   // Its keys: rows [k_start, k_start + len_k) of k/v batch entry kv_b (a KV cache: see CacheParams).
+  // A variable-length batch over a paged cache (flash_attn_varlen_func's block_table) takes each
+  // sequence's key count from cu_seqlens_k, within the slots its table row holds (seqlen_k).
   int k_start = seq.k_start, len_k = seq.len_k, kv_b = b;
-  if (C::kKvCache) cache_keys(p.cache, b, p.seqlen_k, k_start, len_k, kv_b);
+  if (C::kKvCache)
+    cache_keys(p.cache, b, p.varlen.cu_seqlens_q != nullptr ? min(seq.len_k, p.seqlen_k) : p.seqlen_k, k_start, len_k,
+               kv_b);
 
   const int q_row0 = m_block * C::kBr;                 // first query row of the CTA
   if (q_row0 >= seq.len_q) return;                     // varlen: past this sequence's end (the grid fits the longest)

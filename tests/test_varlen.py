@@ -387,7 +387,7 @@ def _cpu_batch(lens_q=(3, 0, 5), lens_k=(4, 2, 5), h=2, hk=1, d=8, dtype=torch.f
     (dict(cu_seqlens_q="decreasing"), ValueError, "cu_seqlens_q must be non-decreasing from 0 to 8"),
     (dict(cu_seqlens_k="total"), ValueError, "cu_seqlens_k must be non-decreasing from 0 to 11"),
     (dict(max_seqlen_k=3), ValueError, "max_seqlen_k=3 is less than the longest sequence"),
-    (dict(block_table="given"), NotImplementedError, "block_table"),
+    (dict(block_table="given"), ValueError, "with block_table, k must be a tensor of 4 dims"),  # packed k, not pages
     (dict(dropout_p=1.5), ValueError, "dropout_p"),
 ], ids=str)
 def test_argument_errors_name_the_argument(change, error, match, monkeypatch):
@@ -420,8 +420,10 @@ def test_jit_backend_on_cpu_names_the_switch(monkeypatch):
     q, k, v, cu_q, cu_k, max_q, max_k = _cpu_batch(dtype=torch.float16)
     with pytest.raises(ValueError, match="FLASHJIT_BACKEND=reference"):
         flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k)
-    with pytest.raises(NotImplementedError, match="block_table"):
-        flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, block_table=cu_q)
+    k_cache, v_cache = (t[:, None].expand(-1, 16, -1, -1) for t in (k, v))  # pages of 16 rows
+    with pytest.raises(ValueError, match="FLASHJIT_BACKEND=reference"):
+        flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, max_q, max_k,
+                               block_table=torch.zeros(len(cu_q) - 1, 1, dtype=torch.int32))
 
 
 @pytest.mark.parametrize("kwargs", [dict(causal=True), dict(window_size=(2, 1), softcap=1.5),

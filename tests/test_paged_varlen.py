@@ -1,0 +1,111 @@
+"""flash_attn_varlen_func with block_table (flashjit/varlen.py: _paged; the KV-cache kernels through
+kvattn.forward_paged_varlen): a variable-length batch over a paged K/V cache, inference only.
+
+Each test lays a packed batch's keys into shuffled pages (with spare pages no sequence owns and table
+entries past a sequence's keys pointing anywhere) and checks the paged call against the dense varlen
+call on the packed keys: on the reference backend (CPU, CI) and the kernels (GPU) against the fp32
+reference per sequence. Also the argument checks."""
+import itertools
+
+import pytest
+import torch
+
+from flashjit.varlen import flash_attn_varlen_func
+from numerics import assert_close, reference_and_low
+
+gpu = pytest.mark.gpu
+# (query lengths, key lengths): an empty query sequence, a sequence with no keys, Sq > Sk (causal rows
+# that see nothing), a one-token decode-like query, several pages.
+LENS = ([5, 0, 9, 1, 70], [33, 20, 0, 47, 130])
+
+
+def _cu(lens, device):
+    return torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=device)
+
+
+def _paged(k, v, lens_k, page, spare=2, device="cpu"):
+    """k/v [total_k, H_k, D] laid into [pages, page, H_k, D] caches page by page in a shuffled order,
+    and the block_table [B, max_pages] (entries past a sequence's pages: any page)."""
+    per_seq = [-(-n // page) for n in lens_k]
+    width, total = max(max(per_seq), 1), sum(per_seq) + spare
+    order = torch.randperm(total)
+    k_cache = torch.randn(total, page, *k.shape[1:], dtype=k.dtype, device=device)
+    v_cache = torch.randn(total, page, *v.shape[1:], dtype=v.dtype, device=device)
+    table = torch.randint(0, total, (len(lens_k), width), dtype=torch.int32)
+    start, used = 0, 0
+    for b, n in enumerate(lens_k):
+        for j in range(per_seq[b]):
+            rows = slice(start + j * page, min(start + (j + 1) * page, start + n))
+            target = int(order[used])
+            count = rows.stop - rows.start
+            k_cache[target, :count], v_cache[target, :count] = k[rows], v[rows]
+            table[b, j] = target
+            used += 1
+        start += n
+    return k_cache, v_cache, table.to(device)
+
+
+def _batch(h, hk, d, dtype, device):
+    lens_q, lens_k = LENS
+    q = torch.randn(sum(lens_q), h, d, dtype=dtype, device=device)
+    k = torch.randn(sum(lens_k), hk, d, dtype=dtype, device=device)
+    v = torch.randn(sum(lens_k), hk, d, dtype=dtype, device=device)
+    return q, k, v, _cu(lens_q, device), _cu(lens_k, device)
+
+
+@pytest.mark.parametrize("page", [16, 48])
+@pytest.mark.parametrize("causal", [False, True])
+def test_reference_backend_reads_the_pages(page, causal, monkeypatch):
+    monkeypatch.setenv("FLASHJIT_BACKEND", "reference")
+    q, k, v, cu_q, cu_k = _batch(4, 2, 32, torch.float32, "cpu")
+    k_cache, v_cache, table = _paged(k, v, LENS[1], page)
+    args = (cu_q, cu_k, max(LENS[0]), max(LENS[1]))
+    out = flash_attn_varlen_func(q, k_cache, v_cache, *args, causal=causal, softcap=2.0, block_table=table)
+    torch.testing.assert_close(out, flash_attn_varlen_func(q, k, v, *args, causal=causal, softcap=2.0))
+
+
+def test_paged_varlen_refuses_what_it_cannot_do(monkeypatch):
+    monkeypatch.setenv("FLASHJIT_BACKEND", "reference")
+    q, k, v, cu_q, cu_k = _batch(4, 2, 32, torch.float32, "cpu")
+    k_cache, v_cache, table = _paged(k, v, LENS[1], 16)
+    args = (cu_q, cu_k, max(LENS[0]), max(LENS[1]))
+    with pytest.raises(ValueError, match="neither dropout_p nor return_attn_probs"):
+        flash_attn_varlen_func(q, k_cache, v_cache, *args, dropout_p=0.1, block_table=table)
+    with pytest.raises(ValueError, match="has no backward"):
+        flash_attn_varlen_func(q.requires_grad_(), k_cache, v_cache, *args, block_table=table)
+    q = q.detach()
+    with pytest.raises(ValueError, match="page size .* multiple of 16"):
+        flash_attn_varlen_func(q, k_cache[:, :8], v_cache[:, :8], *args, block_table=table)
+    with pytest.raises(ValueError, match="block_table must be an int32 tensor of shape \\(5, max_pages\\)"):
+        flash_attn_varlen_func(q, k_cache, v_cache, *args, block_table=table.long())
+    with pytest.raises(ValueError, match="paged caches of one non-empty shape"):
+        flash_attn_varlen_func(q, k_cache, v_cache[..., :16], *args, block_table=table)
+    with pytest.raises(ValueError, match="k must be a tensor of 4 dims"):
+        flash_attn_varlen_func(q, k, v, *args, block_table=table)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("page, d, features", [
+    (16, 64, {}), (48, 128, dict(causal=True)), (256, 128, dict(causal=True, window_size=(40, 0))),
+    (32, 96, dict(softcap=5.0)), (16, 128, dict(alibi=True)), (64, 64, dict(causal=True, sink=True))])
+def test_kernels_match_the_reference_per_sequence(dtype, page, d, features):
+    h, hk = 4, 2
+    q, k, v, cu_q, cu_k = _batch(h, hk, d, dtype, "cuda")
+    k_cache, v_cache, table = _paged(k, v, LENS[1], page, device="cuda")
+    kwargs = {key: val for key, val in features.items() if key not in ("alibi", "sink")}
+    if features.get("alibi"):
+        kwargs["alibi_slopes"] = torch.rand(h, device="cuda")
+    if features.get("sink"):
+        kwargs["learnable_sink"] = torch.randn(h, device="cuda")
+    with torch.no_grad():
+        out = flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, max(LENS[0]), max(LENS[1]), block_table=table,
+                                     **kwargs)
+    assert out.shape == q.shape and out.dtype == dtype
+    starts_q, starts_k = [0, *itertools.accumulate(LENS[0])], [0, *itertools.accumulate(LENS[1])]
+    for b in range(len(LENS[0])):
+        rows, keys = slice(starts_q[b], starts_q[b + 1]), slice(starts_k[b], starts_k[b + 1])
+        if rows.stop == rows.start:
+            continue
+        (ref, _), (low, _) = reference_and_low(q[rows][None], k[keys][None], v[keys][None], **kwargs)
+        assert_close(f"sequence {b}", out[rows][None], ref, low)
