@@ -45,6 +45,13 @@ SELECTION = [  # small odd shapes: forward (both dtypes, causal, GQA, Sq > Sk), 
     "tests/test_head_dim_v.py::test_flash_attn_func_matches_reference[96-64-torch.bfloat16-True-(1, 300, 17, 4, 2)-sm80]",
     "tests/test_head_dim_v.py::test_flash_attn_func_matches_reference[192-128-torch.bfloat16-True-(2, 77, 300, 4, 2)-dispatched]",
     "tests/test_head_dim_v.py::test_varlen_matches_each_sequence_alone[128-64-False-True]",
+    # The KV-cache kernels: paged decode over 3 splits and the combine, a causal windowed chunk, the
+    # append, hostile index values (clamped in the kernels), a varlen batch over pages.
+    "tests/test_kvattn.py::test_forward_kvcache_matches_the_reference[decode paged 48-3]",
+    "tests/test_kvattn.py::test_forward_kvcache_matches_the_reference[chunk causal paged window-17]",
+    "tests/test_kvattn.py::test_hostile_index_values_stay_inside_the_tensors[True]",
+    "tests/test_kvcache.py::test_jit_matches_the_reference[128-torch.float16-{'new': 3, 'sq': 3, 'causal': True}-3]",
+    "tests/test_paged_varlen.py::test_kernels_match_the_reference_per_sequence[48-128-features1-bf16]",
 ]
 # Record headers that are summaries, not findings.
 _NOT_FINDINGS = re.compile(r"(ERROR SUMMARY|RACECHECK SUMMARY|LEAK SUMMARY|COMPUTE-SANITIZER|Target application "

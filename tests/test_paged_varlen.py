@@ -85,7 +85,7 @@ def test_paged_varlen_refuses_what_it_cannot_do(monkeypatch):
 
 
 @gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("page, d, features", [
     (16, 64, {}), (48, 128, dict(causal=True)), (256, 128, dict(causal=True, window_size=(40, 0))),
     (32, 96, dict(softcap=5.0)), (16, 128, dict(alibi=True)), (64, 64, dict(causal=True, sink=True))])
