@@ -287,7 +287,6 @@ def forward_paged_varlen(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seql
 
     total_q, heads, d_head = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
     if total_q == 0:
         return out
     mods = interface.score_mods(_batch_view(q, batch), causal, window_size, softcap, alibi_slopes,
@@ -298,7 +297,7 @@ def forward_paged_varlen(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seql
     kernel = interface._kernels.get((config, device_index)) or interface._kernel_for(config, device_index)
     q, k_cache, v_cache = (interface._aligned(t) for t in (q, k_cache, v_cache))
     slots = k_cache.shape[1] * block_table.shape[1]
-    params = FwdParams(*_ref(q), *tensor_ref(k_cache), *tensor_ref(v_cache), *_ref(out), lse.data_ptr(), batch,
+    params = FwdParams(*_ref(q), *tensor_ref(k_cache), *tensor_ref(v_cache), *_ref(out), None, batch,  # no lse
                        max_seqlen_q, slots, heads, k_cache.shape[2], interface.softmax_scale_or_default(q, softmax_scale),
                        *mods.values, cu_seqlens_q.data_ptr(), cu_seqlens_k.data_ptr(), total_q, 2**31 - 1)
     _set_indices(params, None, block_table, None)
