@@ -536,12 +536,9 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     mods = score_mods(q, causal, window_size, softcap, alibi_slopes, dropout_p, philox, learnable_sink)
     device_index = q.get_device()
     if config is None and _pads_value(q, v, causal, mods, deterministic, device_index, q.shape[1]):
-        if dv is not None:  # written by a copy after the kernels: checked now, as the native route would
-            _check_output(dv, v, "dv", kernel_writes=False)
-        grads = backward(pad_value(dout, q), q, k, pad_value(v, q), pad_value(out, q), lse, causal, softmax_scale, window_size,
-                         softcap, alibi_slopes, dropout_p, philox, deterministic, dq=dq, dk=dk,
-                         learnable_sink=learnable_sink)
-        return (*grads[:2], _unpad_into(dv, grads[2], v.shape[-1]), *grads[3:])
+        return with_value_padded(lambda dout, v, out: backward(
+            dout, q, k, v, out, lse, causal, softmax_scale, window_size, softcap, alibi_slopes, dropout_p, philox,
+            deterministic, dq=dq, dk=dk, learnable_sink=learnable_sink), dout, q, v, out, dv)
     chosen = config is None
     config = bwd_config(config, q.dtype, q.shape[3], causal, q.shape[1], mods, deterministic, device_index,
                         d_v=v.shape[3])
@@ -586,9 +583,14 @@ def _pads_value(q: torch.Tensor, v: torch.Tensor, causal: bool, mods: ScoreMods,
     return tuned is None or isinstance(tuned, BwdSm90Config)
 
 
-def pad_value(t: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """v, out or dout zero-padded to q's head dim (the padded columns give out, D and dP nothing, and dv 0)."""
-    return torch.nn.functional.pad(t, (0, q.shape[-1] - t.shape[-1]))
+def with_value_padded(run, dout: torch.Tensor, q: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dv):
+    """The _pads_value route of backward() and varlen_backward(): run(dout, v, out) with the three
+    zero-padded to q's head dim (the padded columns give out, D and dP nothing, and dv 0), its dv
+    cropped back, into the caller's dv when given (checked first: it is written by a copy afterwards)."""
+    if dv is not None:
+        _check_output(dv, v, "dv", kernel_writes=False)
+    grads = run(*(torch.nn.functional.pad(t, (0, q.shape[-1] - t.shape[-1])) for t in (dout, v, out)))
+    return (*grads[:2], _unpad_into(dv, grads[2], v.shape[-1]), *grads[3:])
 
 
 def bwd_config(config, dtype: torch.dtype, d_head: int, causal: bool, seqlen_q: int, mods: ScoreMods,

@@ -275,35 +275,3 @@ def forward_kvcache(q, k_cache, v_cache, seqlens_k, leftpad_k=None, block_table=
     interface._run(kernel, params, device_index)
     return (out, lse) if return_lse else out
 
-
-def forward_paged_varlen(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, batch: int, max_seqlen_q: int,
-                         causal: bool, softmax_scale, window_size, softcap, alibi_slopes, learnable_sink):
-    """out [total_q, H, D] of a variable-length batch (q packed, flashjit/varlen.py checked everything)
-    over a paged cache: the kvcache kernels with the queries' VarlenParams, each sequence's keys the
-    first cu_seqlens_k[b + 1] - cu_seqlens_k[b] slots of its block_table row (kernels/fwd_sm80.cuh
-    clamps them to the row's slots). One CTA a query block: no split-KV, whose partials are laid out
-    per dense batch entry."""
-    from .varlen import _batch_view, _ref  # the packed layout's TensorRef and [B, ...] view for score_mods
-
-    total_q, heads, d_head = q.shape
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if total_q == 0:
-        return out
-    mods = interface.score_mods(_batch_view(q, batch), causal, window_size, softcap, alibi_slopes,
-                                learnable_sink=learnable_sink)
-    device_index = q.get_device()
-    config = _config(q.dtype, d_head, causal, max_seqlen_q <= 64, *mods.flags[:3], mods.sink is not None,
-                     interface._smem_limit(device_index)[0])
-    kernel = interface._kernels.get((config, device_index)) or interface._kernel_for(config, device_index)
-    q, k_cache, v_cache = (interface._aligned(t) for t in (q, k_cache, v_cache))
-    slots = k_cache.shape[1] * block_table.shape[1]
-    params = FwdParams(*_ref(q), *tensor_ref(k_cache), *tensor_ref(v_cache), *_ref(out), None, batch,  # no lse
-                       max_seqlen_q, slots, heads, k_cache.shape[2], interface.softmax_scale_or_default(q, softmax_scale),
-                       *mods.values, cu_seqlens_q.data_ptr(), cu_seqlens_k.data_ptr(), total_q, 2**31 - 1)
-    _set_indices(params, None, block_table, None)
-    params.table_stride, params.page_size, params.num_rows = block_table.shape[1], k_cache.shape[1], k_cache.shape[0]
-    if log.isEnabledFor(logging.DEBUG):
-        log.debug("paged varlen forward [total_q=%d, B=%d, H=%d, H_k=%d, D=%d, pages of %d] on %s", total_q, batch,
-                  heads, k_cache.shape[2], d_head, k_cache.shape[1], config.name)
-    interface._run(kernel, params, device_index)
-    return out

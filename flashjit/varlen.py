@@ -36,12 +36,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import interface, jit, ops, tuning
+from . import interface, jit, kvattn, ops, tuning
 from .configs.bwd_sm90 import WGMMA_ARCH
 from .configs.common import FEATURES
 from .dispatch import default_config
 from .interface import backend
-from .launch import BwdParams, FwdParams
+from .launch import BwdParams, FwdParams, tensor_ref
 from .reference import attention_reference, philox_keep_mask
 
 log = logging.getLogger("flashjit")
@@ -126,8 +126,6 @@ def _check_paged(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, m
     page_size, H_k, D] (pages a multiple of 16 rows, one head dim for both, a multiple of 8, as
     flash_attn_with_kvcache's), block_table int32 [B, max_pages]. Returns (batch, max_seqlen_q,
     max_seqlen_k, cu_seqlens_q, cu_seqlens_k, block_table), block_table contiguous."""
-    from .kvattn import PAGE_MULTIPLE  # the KV-cache kernels' page rule
-
     for name, t, dims, layout in (("q", q, 3, "[total_q, heads, head_dim]"),
                                   ("k", k_cache, 4, "[num_pages, page_size, heads_k, head_dim] (a paged cache)"),
                                   ("v", v_cache, 4, "[num_pages, page_size, heads_k, head_dim] (a paged cache)")):
@@ -138,9 +136,9 @@ def _check_paged(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, m
         raise ValueError(f"with block_table, k and v must be paged caches of one non-empty shape (flash-attn's "
                          f"caches share a head dim), got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
     interface.check_qkv(q.unsqueeze(0), k_cache[:1], v_cache[:1], reference=reference)  # dtypes, devices, heads
-    if k_cache.shape[1] % PAGE_MULTIPLE or q.shape[-1] % 8:
+    if k_cache.shape[1] % kvattn.PAGE_MULTIPLE or q.shape[-1] % 8:
         raise ValueError(f"with block_table, the page size (k.shape[1] = {k_cache.shape[1]}) must be a multiple of "
-                         f"{PAGE_MULTIPLE} and the head dim ({q.shape[-1]}) a multiple of 8")
+                         f"{kvattn.PAGE_MULTIPLE} and the head dim ({q.shape[-1]}) a multiple of 8")
     cu_seqlens_q = _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.device, reference)
     cu_seqlens_k = _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q.device, reference)
     batch = cu_seqlens_q.numel() - 1
@@ -174,23 +172,49 @@ def _paged(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, max_seq
     reference = backend() == "reference"
     batch, max_seqlen_q, max_seqlen_k, cu_q, cu_k, block_table = _check_paged(
         q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, reference)
-    if reference:  # the keys gathered page by page into a packed batch, then the dense varlen reference
-        offsets = cu_k.tolist()
-        if offsets[0] != 0 or any(b < a for a, b in zip(offsets, offsets[1:])):
-            raise ValueError(f"cu_seqlens_k must be non-decreasing from 0, got {offsets[:12]}")
-        rows = [torch.arange(n) for n in (b - a for a, b in zip(offsets, offsets[1:]))]
-        pages = [block_table[b, r // k_cache.shape[1]].long().cpu() for b, r in enumerate(rows)]
-        index = (torch.cat(pages) if pages else torch.zeros(0, dtype=torch.long), torch.cat(rows) % k_cache.shape[1])
-        k, v = (cache[index[0].to(cache.device), index[1].to(cache.device)] for cache in (k_cache, v_cache))
+    if reference:  # each sequence's pages in table order, cut to its keys: the dense varlen reference on them
+        offsets = _host_offsets(cu_k, "cu_seqlens_k", int(cu_k[-1]), max_seqlen_k, "max_seqlen_k")
+        lens = [b - a for a, b in zip(offsets, offsets[1:])]
+        k, v = (torch.cat([cache[block_table[b].long().to(cache.device)].flatten(0, 1)[:n] for b, n in enumerate(lens)])
+                for cache in (k_cache, v_cache))
         return _reference(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, 0.0, softmax_scale, causal, window_size,
                           softcap, alibi_slopes, False, learnable_sink)
-    from .kvattn import forward_paged_varlen  # the KV-cache kernels' launcher
-
-    return forward_paged_varlen(q, k_cache, v_cache, block_table, cu_q, cu_k, batch, max_seqlen_q, causal,
+    return _paged_kernels(q, k_cache, v_cache, block_table, cu_q, cu_k, batch, max_seqlen_q, causal,
                                 softmax_scale, window_size, softcap, alibi_slopes, learnable_sink)
 
 
 # ---- the kernels -----------------------------------------------------------------------------------
+def _paged_kernels(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, batch: int, max_seqlen_q: int,
+                         causal: bool, softmax_scale, window_size, softcap, alibi_slopes, learnable_sink):
+    """out [total_q, H, D] of a variable-length batch (q packed, flashjit/varlen.py checked everything)
+    over a paged cache: the kvcache kernels with the queries' VarlenParams, each sequence's keys the
+    first cu_seqlens_k[b + 1] - cu_seqlens_k[b] slots of its block_table row (kernels/fwd_sm80.cuh
+    clamps them to the row's slots). One CTA a query block: no split-KV, whose partials are laid out
+    per dense batch entry. The kvcache kernels: kvattn.py's config and index fields."""
+    total_q, heads, d_head = q.shape
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if total_q == 0:
+        return out
+    mods = interface.score_mods(_batch_view(q, batch), causal, window_size, softcap, alibi_slopes,
+                                learnable_sink=learnable_sink)
+    device_index = q.get_device()
+    config = kvattn._config(q.dtype, d_head, causal, max_seqlen_q <= 64, *mods.flags[:3], mods.sink is not None,
+                     interface._smem_limit(device_index)[0])
+    kernel = interface._kernels.get((config, device_index)) or interface._kernel_for(config, device_index)
+    q, k_cache, v_cache = (interface._aligned(t) for t in (q, k_cache, v_cache))
+    slots = k_cache.shape[1] * block_table.shape[1]
+    params = FwdParams(*_ref(q), *tensor_ref(k_cache), *tensor_ref(v_cache), *_ref(out), None, batch,  # no lse
+                       max_seqlen_q, slots, heads, k_cache.shape[2], interface.softmax_scale_or_default(q, softmax_scale),
+                       *mods.values, cu_seqlens_q.data_ptr(), cu_seqlens_k.data_ptr(), total_q, 2**31 - 1)
+    kvattn._set_indices(params, None, block_table, None)
+    params.table_stride, params.page_size, params.num_rows = block_table.shape[1], k_cache.shape[1], k_cache.shape[0]
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("paged varlen forward [total_q=%d, B=%d, H=%d, H_k=%d, D=%d, pages of %d] on %s", total_q, batch,
+                  heads, k_cache.shape[2], d_head, k_cache.shape[1], config.name)
+    interface._run(kernel, params, device_index)
+    return out
+
+
 
 def _ref(t: torch.Tensor) -> tuple:
     """flashjit::TensorRef of a packed [total, H, D] tensor: batch stride 0 (kernels/common/params.cuh:
@@ -312,13 +336,10 @@ def varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seq
                                 learnable_sink)
     device_index = q.get_device()
     if config is None and interface._pads_value(q, v, causal, mods, deterministic, device_index, max_seqlen_q):
-        if dv is not None:  # written by a copy after the kernels: checked now, as the native route would
-            interface._check_output(dv, v, "dv", kernel_writes=False)
-        dout_w, v_w, out_w = (interface.pad_value(t, q) for t in (dout, v, out))  # as interface.backward
-        grads = varlen_backward(dout_w, q, k, v_w, out_w, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                causal, softmax_scale, window_size, softcap, alibi_slopes, dropout_p, philox,
-                                deterministic, dq=dq, dk=dk, learnable_sink=learnable_sink)
-        return (*grads[:2], interface._unpad_into(dv, grads[2], v.shape[-1]), *grads[3:])
+        return interface.with_value_padded(lambda dout, v, out: varlen_backward(
+            dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
+            window_size, softcap, alibi_slopes, dropout_p, philox, deterministic, dq=dq, dk=dk,
+            learnable_sink=learnable_sink), dout, q, v, out, dv)
     config = interface.bwd_config(config, q.dtype, q.shape[-1], causal, max_seqlen_q, mods, bool(deterministic),
                                   device_index, d_v=v.shape[-1])
     dq, dk, dv = (_output(given, like, name) for given, like, name in ((dq, q, "dq"), (dk, k, "dk"), (dv, v, "dv")))
