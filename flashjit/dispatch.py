@@ -161,6 +161,28 @@ def backward_pads_value(dtype: str, d_head: int, d_v: int, causal: bool, local: 
     return isinstance(chosen, BwdSm90Config)
 
 
+# backward_splits_heads: the kv-head grid, in waves of one CTA per SM, below which the wgmma backward
+# runs one dK/dV CTA per query head instead: causal (uneven CTAs), and without a mask (even ones).
+HEAD_SPLIT_WAVES_CAUSAL = 4
+HEAD_SPLIT_WAVES = 0.75
+
+
+def backward_splits_heads(batch: int, heads: int, heads_k: int, seqlen_k: int, block_n: int, sm_count: int,
+                          causal: bool) -> bool:
+    """Whether the wgmma backward of a GQA call (heads > heads_k) runs one dK/dV CTA per query head,
+    adding dK/dV to fp32 sums and rounding them afterwards, instead of one per key/value head walking
+    the whole group. Measured on an H200 (132 SMs; bf16, d64/d128, kernels alone, TFLOP/s split vs
+    group; docs/perf-log.md, thirteenth session): causal, the first key blocks' CTAs walk every query
+    block and the last ones almost none, so a short grid ends on a few long CTAs: split won 1.11-1.12x
+    at B=1 S=8k 32/8 heads (512 kv-head CTAs), 1.49-1.56x at B=2 S=2k 32/4 (128), 1.68-1.73x at B=1
+    S=4k 16/4 (128). Without a mask every CTA has the same work and the fp32 sums cost 3-8%: group won
+    at all three (1.02-1.09x), so it splits only a grid that leaves SMs idle."""
+    if heads <= heads_k:
+        return False
+    ctas = batch * heads_k * -(-seqlen_k // block_n)
+    return ctas < (HEAD_SPLIT_WAVES_CAUSAL if causal else HEAD_SPLIT_WAVES) * sm_count
+
+
 def get_kernels_to_build(smem_limit: int = SMEM_LIMIT_SM90, arch: str | None = None) -> list:
     """The default build set for `arch` (None: any, so no sm_90a-only kernel): the dispatcher's
     choice for every dtype, tile-width head dim (HEAD_DIMS) and causal flag at long and short sequence

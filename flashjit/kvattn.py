@@ -41,11 +41,6 @@ MAX_SPLITS = 128  # kernels/fwd_sm80.cuh: kMaxSplits
 PAGE_MULTIPLE = 16  # page sizes the kernels take: multiples of 16 rows (flash-attn 2 asks for multiples of 256)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 @functools.lru_cache(maxsize=4096)  # per (grid, GPU, cache length): decoding asks the same every step
 def num_splits_heuristic(ctas: int, sms: int, key_blocks: int, max_splits: int = MAX_SPLITS) -> int:
     """flash-attn 2's choice: no split when the CTAs already fill 80% of the GPU's slots; else the fewest
@@ -244,7 +239,7 @@ def forward_kvcache(q, k_cache, v_cache, seqlens_k, leftpad_k=None, block_table=
     capacity = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
     if num_splits == 0:
         ctas = b * h_run * -(-rows // config.B_r)
-        num_splits = num_splits_heuristic(ctas, 2 * _sm_count(device_index), -(-capacity // config.B_c))
+        num_splits = num_splits_heuristic(ctas, 2 * interface.sm_count(device_index), -(-capacity // config.B_c))
     params = FwdParams(*tensor_ref(q_run), *tensor_ref(k_cache), *tensor_ref(v_cache), *tensor_ref(out_run),
                        lse.data_ptr(), b, rows, capacity, h_run, heads_k, softmax_scale, *mods.values)
     params.seqused_k = seqlens_k.data_ptr()

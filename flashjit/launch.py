@@ -47,10 +47,10 @@ class FwdParams(ctypes.Structure):
 
 class BwdParams(ctypes.Structure):
     """flashjit::BwdParams: TensorRef q, k, v, o, dout, dq, dk, dv; lse; dvec; dq_accum; sizes; scale;
-    ScoreParams; VarlenParams."""
+    ScoreParams; VarlenParams; dkv_accum (set by keyword: the wgmma kernel's one CTA per query head)."""
 
     _fields_ = [*_tensor_refs("q", "k", "v", "o", "dout", "dq", "dk", "dv"), ("lse", _ptr), ("dvec", _ptr),
-                ("dq_accum", _ptr), *_SIZES, *_VARLEN]
+                ("dq_accum", _ptr), *_SIZES, *_VARLEN, ("dkv_accum", _ptr)]
 
 
 # The params struct of each Family.params (kernels/common/params.cuh has one struct a direction).

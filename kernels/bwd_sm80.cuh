@@ -60,6 +60,7 @@ struct Config {
   // The value head dim (v, o, dO, dV; kDHeadV_ == 0: kDHead) and its tile.
   static constexpr int kDHeadV = kDHeadV_ == 0 ? kDHead_ : kDHeadV_, kDV = head_dim_tile(kDHeadV);
   static constexpr bool kDqTiled = false;  // dq_accum is [B, H, Sq, kD] (bwd_sm90.cuh tiles it)
+  static constexpr bool kHeadSplit = false;  // one dK/dV CTA per GQA group (bwd_sm90.cuh can split it)
   // kDSplit warps (a group) share kGroupRows accumulator rows (kRT m-tiles), each owning kD / kDSplit
   // of the columns.
   static constexpr int kDSplit = kDSplit_, kGroups = kWarps / kDSplit, kGroupRows = kGroupRows_;
@@ -120,10 +121,11 @@ struct Config {
 // Row `row` of the statistics (planes of rows, i fastest: common/varlen.cuh) as (plane, b, h, i):
 // dense [B, H, Sq], plane b * H + h; varlen [H, total_q], plane h, b = 0 and i the packed row (the
 // TensorRefs' batch stride is 0), so q.at(b, h, i) addresses the row either way.
+// bwd_sm90.cuh's dK/dV sums walk k's rows the same way (heads_k planes of key rows).
 struct RowIndex {
   int plane, b, h, i;
-  __device__ __forceinline__ RowIndex(int64_t row, const BwdParams& p, int rows)
-      : plane(int(row / rows)), b(plane / p.heads), h(plane % p.heads), i(int(row % rows)) {}
+  __device__ __forceinline__ RowIndex(int64_t row, int heads, int rows)
+      : plane(int(row / rows)), b(plane / heads), h(plane % heads), i(int(row % rows)) {}
 };
 
 template <class C>
@@ -131,7 +133,7 @@ __global__ void __launch_bounds__(128) dvec_kernel(const __grid_constant__ BwdPa
   const int lane = threadIdx.x & 31;
   const int64_t row = int64_t(blockIdx.x) * 4 + (threadIdx.x >> 5);
   if (row >= stat_rows(p)) return;
-  const RowIndex at(row, p, stat_plane_rows(p));
+  const RowIndex at(row, p.heads, stat_plane_rows(p));
   float sum = 0.f;
   if (lane < C::kDHeadV / 8) {
     const uint4 o = *reinterpret_cast<const uint4*>(p.o.at<const elem_t>(at.b, at.h, at.i) + lane * 8);
@@ -153,20 +155,21 @@ __global__ void __launch_bounds__(128) dvec_kernel(const __grid_constant__ BwdPa
   if (lane == 0) p.dvec[row] = C::kDropout ? sum / p.mods.dropout_scale : sum;  // D (1 - p): see dkdv_kernel
 }
 
-// The steps of a dK/dV CTA: one per (query head of the GQA group, query block that sees any key of
-// [key0, key0 + keys)), the head outermost. A step's (head, first row) is advanced by increments:
-// no division per step. The window does not depend on the head, so one ScoreMod (head 0 of the
-// group) bounds the query blocks for every head.
+// The steps of a dK/dV CTA: one per (query head h0 .. h0 + heads - 1, query block that sees any key
+// of [key0, key0 + keys)), the head outermost: the GQA group of a kv head, or one query head of it.
+// A step's (head, first row) is advanced by increments: no division per step. The window does not
+// depend on the head, so one ScoreMod (head h0) bounds the query blocks for every head.
 template <class C>
 struct QuerySteps {
   struct Pos {
     int h, row0;
   };
-  int row_begin, row_end, count;
+  int h0, row_begin, row_end, count;
 
-  __device__ __forceinline__ QuerySteps(const BwdParams& p, const Seq& seq, int b, int h_k, int group, int key0,
-                                        int keys) {
-    const typename C::Mod bounds(p.mods, seq.len_q, seq.len_k, p.softmax_scale, b, h_k * group);
+  __device__ __forceinline__ QuerySteps(const BwdParams& p, const Seq& seq, int b, int h0_, int heads, int key0,
+                                        int keys)
+      : h0(h0_) {
+    const typename C::Mod bounds(p.mods, seq.len_q, seq.len_k, p.softmax_scale, b, h0);
     int first_m = 0, end_m = (seq.len_q + C::kBlockM - 1) / C::kBlockM;
     if (C::kCausal || (C::Mod::kLocal && bounds.right >= 0))
       first_m = max(0, (key0 - bounds.diag - bounds.right) / C::kBlockM);
@@ -174,9 +177,9 @@ struct QuerySteps {
       const int last_row = key0 + keys - 1 - bounds.diag + bounds.left;  // last query that sees a key here
       end_m = last_row < 0 ? 0 : min(end_m, last_row / C::kBlockM + 1);
     }
-    row_begin = first_m * C::kBlockM, row_end = end_m * C::kBlockM, count = group * max(0, end_m - first_m);
+    row_begin = first_m * C::kBlockM, row_end = end_m * C::kBlockM, count = heads * max(0, end_m - first_m);
   }
-  __device__ __forceinline__ Pos first(int h_k, int group) const { return {h_k * group, row_begin}; }
+  __device__ __forceinline__ Pos first() const { return {h0, row_begin}; }
   __device__ __forceinline__ Pos next(Pos s) const {
     s.row0 += C::kBlockM;
     if (s.row0 >= row_end) s.row0 = row_begin, ++s.h;
@@ -343,7 +346,7 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
   // step's copy and the previous step's dS^T, and retires every read of the buffers the next copy
   // and this step's dS^T overwrite (both last read in step - 1). The fast path's dQ product for a
   // step runs at the start of the next one, so it needs no barrier of its own.
-  const QuerySteps<C> schedule(p, seq, b, h_k, group, key0, keys);
+  const QuerySteps<C> schedule(p, seq, b, h_k * group, group, key0, keys);
   using StepPos = typename QuerySteps<C>::Pos;
   const int steps = schedule.count;
   auto stage = [&](StepPos s, int buf) {
@@ -357,7 +360,7 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
     accumulate_dq<C>(p, sdS2 + buf * C::kBlockN * C::kBlockM, sK, seq.stat_row(s.h, 0), seq.len_q, s.row0, warp,
                      lane);
   };
-  StepPos cur = schedule.first(h_k, group), prev = cur;
+  StepPos cur = schedule.first(), prev = cur;
   if (steps > 0) stage(cur, 0);
   cp_async_commit();
   for (int step = 0; step < steps; ++step) {
@@ -431,28 +434,60 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
 }
 
 // ---- 3a. dQ = scale * the fp32 buffer, rounded: one warp per row ------------------------------
-template <class C>
-__global__ void __launch_bounds__(128) dq_convert_kernel(const __grid_constant__ BwdParams p) {
-  const int lane = threadIdx.x & 31;
-  const int64_t row = int64_t(blockIdx.x) * 4 + (threadIdx.x >> 5);
-  const int rows = stat_plane_rows(p);
-  if (row >= stat_rows(p) || lane >= C::kDHead / 8) return;
-  const RowIndex at(row, p, rows);
+// Row `at` of an fp32 buffer of planes of `rows` rows, kW wide (kTiled: bwd_sm90.cuh's layout of
+// 64-column halves with 16-byte chunks swizzled, else plain rows), times s, rounded into `out`'s row:
+// the first kCols columns, 8 a lane.
+template <class C, int kW, int kCols, bool kTiled>
+__device__ __forceinline__ void round_row(const float* accum, const RowIndex& at, int rows, const TensorRef& out,
+                                          float s, int lane) {
+  if (lane >= kCols / 8) return;
   float4 x, y;
-  if constexpr (C::kDqTiled) {  // bwd_sm90.cuh's layout: 64-column halves, 16-byte chunks swizzled
+  if constexpr (kTiled) {
     const int64_t half = lane / 8;
     const float4* src =
-        reinterpret_cast<const float4*>(p.dq_accum + ((int64_t(at.plane) * (C::kD / 64) + half) * rows + at.i) * 64);
+        reinterpret_cast<const float4*>(accum + ((int64_t(at.plane) * (kW / 64) + half) * rows + at.i) * 64);
     x = src[((lane % 8) * 2) ^ (at.i & 7)];
     y = src[((lane % 8) * 2 + 1) ^ (at.i & 7)];
   } else {
-    const float4* src = reinterpret_cast<const float4*>(p.dq_accum + row * C::kD) + lane * 2;
+    const float4* src = reinterpret_cast<const float4*>(accum + (int64_t(at.plane) * rows + at.i) * kW) + lane * 2;
     x = src[0], y = src[1];
   }
-  const float s = p.softmax_scale * C::dropout_scale(p);
-  *reinterpret_cast<uint4*>(p.dq.at<elem_t>(at.b, at.h, at.i) + lane * 8) =
+  *reinterpret_cast<uint4*>(out.at<elem_t>(at.b, at.h, at.i) + lane * 8) =
       make_uint4(pack2<C::kBf16>(x.x * s, x.y * s), pack2<C::kBf16>(x.z * s, x.w * s),
                  pack2<C::kBf16>(y.x * s, y.y * s), pack2<C::kBf16>(y.z * s, y.w * s));
+}
+
+template <class C>
+__global__ void __launch_bounds__(128) dq_convert_kernel(const __grid_constant__ BwdParams p) {
+  const int64_t row = int64_t(blockIdx.x) * 4 + (threadIdx.x >> 5);
+  const int rows = stat_plane_rows(p);
+  if (row >= stat_rows(p)) return;
+  round_row<C, C::kD, C::kDHead, C::kDqTiled>(p.dq_accum, RowIndex(row, p.heads, rows), rows, p.dq,
+                                              p.softmax_scale * C::dropout_scale(p), threadIdx.x & 31);
+}
+
+// ---- 3c. dK and dV from dkv_accum (bwd_sm90.cuh's one CTA per query head), already scaled -----
+// dkv_accum: dK's sums, then dV's, each over key_rows(p) rows in dq_accum's tiling. In a varlen
+// batch the packed rows outside every sequence (from cu_seqlens_k[batch]) are left as they are, as
+// the one-CTA-per-group kernel leaves them.
+template <class C>
+__global__ void __launch_bounds__(128) dkv_convert_kernel(const __grid_constant__ BwdParams p) {
+  const int64_t per = key_rows(p);
+  int64_t row = int64_t(blockIdx.x) * 4 + (threadIdx.x >> 5);
+  const bool value = row >= per;
+  row -= value ? per : 0;
+  const int rows = key_plane_rows(p), lane = threadIdx.x & 31;
+  if (row >= per) return;
+  const RowIndex at(row, p.heads_k, rows);
+  if (p.varlen.cu_seqlens_q != nullptr) {  // varlen (cu_seqlens_k is read only then)
+    int len;
+    const int first = Seq::bounded(p.varlen.cu_seqlens_k, 0, p.varlen.total_k, len);
+    if (at.i < first || at.i >= max(min(p.varlen.cu_seqlens_k[p.batch], p.varlen.total_k), first)) return;
+  }
+  if (value)
+    round_row<C, C::kDV, C::kDHeadV, true>(p.dkv_accum + per * C::kD, at, rows, p.dv, 1.f, lane);
+  else
+    round_row<C, C::kD, C::kDHead, true>(p.dkv_accum, at, rows, p.dk, 1.f, lane);
 }
 
 // ---- 3b. dQ, deterministic ----------------------------------------------------------------------
@@ -584,14 +619,20 @@ cudaError_t opt_in_smem(Kernel kernel) {
 }
 
 // The D kernel, `dkdv` (this file's dkdv_kernel, or bwd_sm90.cuh's), then dQ's conversion or kernel.
+// With p.dkv_accum (kernels whose Config::kHeadSplit says they can), one dK/dV CTA per query head
+// and dK, dV converted from the fp32 sums at the end.
 template <class C, class Kernel>
 cudaError_t launch_with(const BwdParams& p, cudaStream_t stream, Kernel dkdv) {
   if (p.batch == 0 || p.heads == 0 || p.seqlen_q == 0) return cudaSuccess;
   if (!C::kDeterministic && p.dq_accum == nullptr) return cudaErrorInvalidValue;
+  const bool per_q_head = p.dkv_accum != nullptr;
+  if (per_q_head && !C::kHeadSplit) return cudaErrorInvalidValue;
   const int64_t rows = stat_rows(p);  // of the row kernels: B * H * Sq, or H * total_q for a varlen batch
-  const int64_t kv_blocks = int64_t((p.seqlen_k + C::kBlockN - 1) / C::kBlockN) * p.heads_k * p.batch;
+  const int64_t kv_blocks =
+      int64_t((p.seqlen_k + C::kBlockN - 1) / C::kBlockN) * (per_q_head ? p.heads : p.heads_k) * p.batch;
   const int64_t q_blocks = int64_t((p.seqlen_q + C::kBlockN - 1) / C::kBlockN) * p.heads * p.batch;
-  if ((rows + 3) / 4 > 0x7fffffff || kv_blocks > 0x7fffffff || q_blocks > 0x7fffffff)
+  if ((rows + 3) / 4 > 0x7fffffff || kv_blocks > 0x7fffffff || q_blocks > 0x7fffffff ||
+      (2 * key_rows(p) + 3) / 4 > 0x7fffffff)
     return cudaErrorInvalidConfiguration;
   cudaError_t err;
   if ((err = opt_in_smem<C>(dkdv)) != cudaSuccess) return err;
@@ -604,6 +645,8 @@ cudaError_t launch_with(const BwdParams& p, cudaStream_t stream, Kernel dkdv) {
   } else {  // with Sk = 0 the buffer stays zero: dQ = 0
     dq_convert_kernel<C><<<row_blocks, 128, 0, stream>>>(p);
   }
+  if constexpr (C::kHeadSplit)
+    if (per_q_head && key_rows(p) > 0) dkv_convert_kernel<C><<<unsigned((2 * key_rows(p) + 3) / 4), 128, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

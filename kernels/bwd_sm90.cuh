@@ -48,6 +48,9 @@ struct Config {
   // warp's 16 x 64 share of a step's dQ is 4 KiB in one piece, staged conflict-free in shared memory
   // and added with one bulk reduction (bwd_sm80.cuh's dq_convert_kernel reads this layout).
   static constexpr bool kDqTiled = true;
+  // With p.dkv_accum, one CTA per (key block, query head): its dK/dV share is added to fp32 sums in
+  // the dq_accum tiling by bulk reductions and bwd_sm80.cuh's dkv_convert_kernel rounds them.
+  static constexpr bool kHeadSplit = true;
   static constexpr int kDqStageBytes = 16 * 64 * 4;  // per warp
   using TileN = GmmaTile<kBlockN, kD>;       // K, V
   using TileM = GmmaTile<kBlockM, kD>;       // Q, dO (two stages each)
@@ -61,7 +64,48 @@ struct Config {
                 "softcap's factors push the d_head 64 wgmma backward (128-query steps) past 255 registers");
   // dK and dV are staged for the copy out through the two Q stages and the two dO stages.
   static_assert(2 * kBlockM >= kBlockN, "dK/dV are staged through the Q / dO tiles");
+  static_assert(kWarps * 2 * (kD / 64) * 16 * 64 * 4 <= kSmemBytes - 1024, "add_dkdv stages dK and dV in fp32");
 };
+
+// This warp's 16 key rows of dK and dV (from key row0, `rows` of them real), scaled, added to
+// p.dkv_accum (params.cuh) by bulk reductions: staged in shared memory (the whole buffer is free by
+// now; 2 kD / 64 pieces of 16 x 64 floats a warp) in the tiling dq_accum has, so each piece is one
+// contiguous 4 KiB run there, written conflict-free.
+template <class C>
+__device__ __forceinline__ void add_dkdv(const BwdParams& p, const Seq& seq, int b, int h_k, int row0, int rows,
+                                         const float (&dk)[1][C::kNtD][4], const float (&dv)[1][C::kNtD][4],
+                                         unsigned char* smem, int lane, int warp) {
+  constexpr int kHalves = C::kD / 64;
+  float* stage = reinterpret_cast<float*>(smem) + warp * 2 * kHalves * 16 * 64;
+  const float scale_v = C::dropout_scale(p), scale_k = p.softmax_scale * scale_v;
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    // The swizzle key is the buffer row's, k_start + row0 + r, and row0 is a multiple of 16.
+    const int r = (lane >> 2) + hf * 8, key = (r + seq.k_start) & 7;
+#pragma unroll
+    for (int nt = 0; nt < C::kNtD; ++nt) {
+      const int piece = nt / 8, chunk = (2 * (nt % 8) + (lane & 3) / 2) ^ key;
+      float* at = stage + piece * 1024 + r * 64 + chunk * 4 + (lane & 1) * 2;
+      *reinterpret_cast<float2*>(at) = make_float2(dk[0][nt][2 * hf] * scale_k, dk[0][nt][2 * hf + 1] * scale_k);
+      *reinterpret_cast<float2*>(at + kHalves * 1024) =
+          make_float2(dv[0][nt][2 * hf] * scale_v, dv[0][nt][2 * hf + 1] * scale_v);
+    }
+  }
+  fence_proxy_async();
+  __syncwarp();
+  if (lane == 0 && rows > 0) {
+    // Plane b * H_k + h_k of key_plane_rows (varlen: plane h_k, and k_start is the packed row).
+    const int64_t plane = p.varlen.cu_seqlens_q != nullptr ? h_k : int64_t(b) * p.heads_k + h_k;
+    const int plane_rows = key_plane_rows(p);
+    for (int t = 0; t < 2; ++t)
+#pragma unroll
+      for (int piece = 0; piece < kHalves; ++piece)
+        bulk_reduce_add_f32(p.dkv_accum + t * key_rows(p) * C::kD +
+                                ((plane * kHalves + piece) * plane_rows + seq.k_start + row0) * 64,
+                            stage + (t * kHalves + piece) * 1024, uint32_t(rows) * 64 * 4);
+    bulk_wait_read<0>();  // the sources are read before the CTA (and its shared memory) is gone
+  }
+}
 
 template <class C>
 __global__ void __launch_bounds__(C::kThreads, 1) dkdv_kernel(const __grid_constant__ BwdParams p) {
@@ -79,9 +123,18 @@ __global__ void __launch_bounds__(C::kThreads, 1) dkdv_kernel(const __grid_const
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wg = __shfl_sync(0xffffffffu, warp >> 2, 0);  // warpgroup: a shuffle makes it warp-uniform to the compiler
   const int r0 = warp * 16;  // this warp's first key row: warpgroup wg's 64 keys, 16 per warp
-  const int num_n = (p.seqlen_k + C::kBlockN - 1) / C::kBlockN;
-  const int n_block = blockIdx.x % num_n, bh_k = blockIdx.x / num_n;
-  const int h_k = bh_k % p.heads_k, b = bh_k / p.heads_k, group = p.heads / p.heads_k;
+  const int num_n = (p.seqlen_k + C::kBlockN - 1) / C::kBlockN, group = p.heads / p.heads_k;
+  // The CTA's key block, batch, kv head and query heads: every head of the GQA group, or with
+  // dkv_accum one, the key block outermost (causal: the longest CTAs, the first key blocks, first).
+  const bool per_q_head = p.dkv_accum != nullptr;
+  int n_block, b, h_k, h0;
+  if (per_q_head) {
+    const int bh = blockIdx.x % (p.batch * p.heads);
+    n_block = blockIdx.x / (p.batch * p.heads), b = bh / p.heads, h0 = bh % p.heads, h_k = h0 / group;
+  } else {
+    const int bh_k = blockIdx.x / num_n;
+    n_block = blockIdx.x % num_n, b = bh_k / p.heads_k, h_k = bh_k % p.heads_k, h0 = h_k * group;
+  }
   const Seq seq(p, b);
   const int key0 = n_block * C::kBlockN;
   if (key0 >= seq.len_k) return;  // varlen: past this sequence's keys (the grid fits the longest)
@@ -117,7 +170,7 @@ __global__ void __launch_bounds__(C::kThreads, 1) dkdv_kernel(const __grid_const
   // One step per (query head of the group, query block), software-pipelined over two Q / dO
   // stages as in bwd_sm80.cuh. Two barriers per step: the first publishes the step's copy and
   // retires every read of the stage the next copy refills and of dS^T; the second publishes dS^T.
-  const bwd::QuerySteps<C> schedule(p, seq, b, h_k, group, key0, keys);
+  const bwd::QuerySteps<C> schedule(p, seq, b, h0, per_q_head ? 1 : group, key0, keys);
   using StepPos = typename bwd::QuerySteps<C>::Pos;
   const int steps = schedule.count;
   auto stage = [&](StepPos s, int buf) {
@@ -131,7 +184,7 @@ __global__ void __launch_bounds__(C::kThreads, 1) dkdv_kernel(const __grid_const
     bwd::load_row_stats<C>(s_lse2 + buf * C::kBlockM, s_dvec2 + buf * C::kBlockM, p, seq.stat_row(s.h, 0),
                            seq.len_q, s.row0, tid);
   };
-  StepPos cur = schedule.first(h_k, group);
+  StepPos cur = schedule.first();
   if (steps > 0) stage(cur, 0);
   cp_async_commit();
   // Dropout (common/dropout.cuh): this warp's masks, rows = keys, for the current step. Each step
@@ -261,6 +314,10 @@ __global__ void __launch_bounds__(C::kThreads, 1) dkdv_kernel(const __grid_const
   cp_async_wait<0>();
   if (lane == 0) bulk_wait_all();  // the dQ reductions have read shared memory (and are done)
   __syncthreads();  // every wgmma read of the Q / dO stages is done (each warpgroup waited for its own)
+  if (per_q_head) {
+    add_dkdv<C>(p, seq, b, h_k, key0 + r0, min(16, keys - r0), dk, dv, smem, lane, warp);
+    return;
+  }
 
   // Stage dK and dV through the Q / dO stages (plain swizzled rows, as bwd_sm80.cuh), then
   // coalesced stores. Both hold 2 * kBlockM >= kBlockN rows.

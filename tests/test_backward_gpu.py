@@ -342,3 +342,43 @@ def test_deterministic_dq_of_rows_that_see_no_key(d):
             f"dQ of rows that see no key must be exactly 0: {int((dq[:, :empty] != 0).sum())} elements are not"
     ref, low = reference_and_low(q[:, empty:], k, v, dout[:, empty:], causal=True)
     assert_all_close(GRADS, (dq[:, empty:], dk, dv), ref[1:], low[1:])
+
+
+# ---- GQA: one dK/dV CTA per query head (the wgmma kernel's head_split) ----------------------------
+HEAD_SPLIT = [  # (B, Sq, Sk, H, H_k, d, causal, features)
+    (2, 77, 300, 8, 2, 128, True, ""),  # keys past the last 128-key block, rows of partial blocks
+    (1, 300, 77, 6, 2, 64, True, ""),  # Sq > Sk causal: rows that see no key, CTAs with no step
+    (1, 130, 257, 4, 1, 80, False, "dropout"),  # d 80 in the 128 tile; the mask is the query head's
+    (2, 65, 129, 4, 2, 64, True, "window+alibi"),  # per-head slopes: each CTA its own head's
+    (1, 200, 200, 4, 4, 128, False, ""),  # no GQA: split anyway (one writer per sum) when asked
+]
+
+
+@pytest.mark.parametrize("split", [True, False])
+@pytest.mark.parametrize("shape", HEAD_SPLIT, ids=str)
+def test_gqa_head_split_matches_reference(shape, split):
+    """The wgmma backward with one dK/dV CTA per query head (dK, dV added to fp32 sums by bulk
+    reductions, then rounded) and with one per key/value head (the group summed in registers): both
+    against the fp32 reference, poisoned outputs; and the two agree within rounding."""
+    b, sq, sk, h, hk, d, causal, features = shape
+    kwargs = dict(causal=causal, softmax_scale=_odd_scale(d))
+    if "window" in features:
+        kwargs.update(window_size=(40, 9), alibi_slopes=torch.rand(h, device="cuda") * 0.3)
+    mask = None
+    if "dropout" in features:
+        kwargs.update(dropout_p=0.17, philox=(torch.randint(0, 2**62, ()).item(), 12345))
+        mask = philox_keep_mask(*kwargs["philox"], interface.dropout_threshold(0.17), b, h, sq, sk, "cuda")
+    config = default_bwd_config("bf16", d, causal, local="window" in features, alibi="window" in features,
+                                dropout="dropout" in features, wgmma=True)
+    assert isinstance(config, BwdSm90Config)
+    _skip_unless_buildable(config)
+    q, k, v = _inputs(b, sq, sk, h, hk, d)
+    dout = torch.randn_like(q)
+    out, lse = flashjit.forward(q, k, v, return_lse=True, **kwargs)
+    grads = [flashjit.backward(dout, q, k, v, out, lse, config=config, head_split=mode, **_poisoned(q, k, v),
+                               **kwargs) for mode in (split, not split)]
+    ref, low = reference_and_low(q, k, v, dout, dropout_mask=mask,
+                                 **{key: val for key, val in kwargs.items() if key != "philox"})
+    assert_all_close(GRADS, grads[0], ref[1:], low[1:])
+    for name, a, c in zip(GRADS, *grads):  # fp32 sums in another order, rounded once
+        torch.testing.assert_close(a.float(), c.float(), atol=2e-2, rtol=2e-2, msg=lambda m: f"{name}: {m}")

@@ -152,3 +152,33 @@ def test_dropout_threshold_and_mask_fraction(p, threshold):
         assert abs(keep.float().mean().item() - (1 - threshold / 256)) < 0.01
     with pytest.raises(ValueError, match="dropout_p"):
         dropout_threshold(1.0)
+
+
+def test_backward_splits_heads_only_gqa_grids_below_the_waves():
+    """One dK/dV CTA per query head only for GQA, and only while the key/value-head grid is short of
+    the dispatcher's waves of SMs (132 here: an H100/H200): 4 causal, under one without a mask."""
+    from flashjit.dispatch import HEAD_SPLIT_WAVES, HEAD_SPLIT_WAVES_CAUSAL, backward_splits_heads
+
+    sms = 132
+    for causal in (False, True):
+        assert not backward_splits_heads(1, 16, 16, 1024, 128, sms, causal), "no GQA: nothing to split"
+        assert backward_splits_heads(1, 32, 8, 1024, 128, sms, causal)  # 64 CTAs: half the SMs idle
+        assert not backward_splits_heads(64, 32, 8, 4096, 128, sms, causal)
+        edge = int((HEAD_SPLIT_WAVES_CAUSAL if causal else HEAD_SPLIT_WAVES) * sms)  # enough CTAs from here
+        assert backward_splits_heads(1, 32, 8, (edge // 8 - 1) * 128, 128, sms, causal)
+        assert not backward_splits_heads(1, 32, 8, (edge // 8 + 1) * 128, 128, sms, causal)
+    assert backward_splits_heads(1, 16, 4, 4096, 128, sms, True)  # the transformers shape: 128 CTAs
+    assert not backward_splits_heads(1, 16, 4, 4096, 128, sms, False)
+
+
+def test_head_split_needs_the_wgmma_backward():
+    """head_split=True with an sm_80 backward config is refused before anything is allocated, naming
+    the argument and what to pass instead; False or None never raises."""
+    from flashjit import BwdConfig
+    from flashjit.interface import dkv_sums
+
+    config = BwdConfig("bf16", 128)
+    with pytest.raises(ValueError, match=r"head_split=True needs the wgmma backward.*head_split=None or False"):
+        dkv_sums(config, True, 1, 16, 4, 4096, 4 * 4096, 0)
+    assert dkv_sums(config, False, 1, 16, 4, 4096, 4 * 4096, 0) is None
+    assert dkv_sums(config, None, 1, 16, 4, 4096, 4 * 4096, 0) is None

@@ -484,17 +484,20 @@ def test_qkvpacked_reference_shape_check(monkeypatch):
 def test_params_structs_end_with_the_varlen_fields():
     """flashjit/launch.py mirrors kernels/common/params.cuh: VarlenParams after the sizes and score
     values in both structs (a dense caller's positional construction leaves it null), two pointers and
-    two int32 (24 bytes); the backward's last, the forward's followed only by CacheParams."""
+    two int32 (24 bytes); the forward's followed only by CacheParams, the backward's by dkv_accum."""
     from flashjit.launch import BwdParams, FwdParams
 
     for struct in (FwdParams, BwdParams):
         names = [name for name, _ in struct._fields_]
         end = names.index("total_k") + 1
         assert names[end - 4:end] == ["cu_seqlens_q", "cu_seqlens_k", "total_q", "total_k"]
-        assert names[end:] == ([] if struct is BwdParams else [n for n, _ in __import__("flashjit.launch").launch._CACHE])
+        assert names[end:] == (["dkv_accum"] if struct is BwdParams
+                               else [n for n, _ in __import__("flashjit.launch").launch._CACHE])
         assert struct.cu_seqlens_q.offset == struct.sink.offset + 8
         assert struct.total_k.offset + 4 == struct.cu_seqlens_q.offset + 24
-    assert __import__("ctypes").sizeof(BwdParams) == BwdParams.total_k.offset + 4
+    assert BwdParams.dkv_accum.offset == BwdParams.total_k.offset + 4  # VarlenParams is 24 bytes: no padding
+    assert __import__("ctypes").sizeof(BwdParams) == BwdParams.dkv_accum.offset + 8
+    assert not BwdParams().dkv_accum, "a positional construction leaves dkv_accum null"
     assert not FwdParams().cu_seqlens_q, "a dense call leaves the varlen fields null"
 
 
@@ -512,3 +515,28 @@ def test_varlen_default_kernels_compile_with_the_params_struct(arch):
     for config in (fwd, bwd):
         assert config.family.arch in (None, arch)
         CompiledKernel(jit.ensure_built(config, arch), config)
+
+
+@gpu
+@pytest.mark.parametrize("split", [True, False])
+@pytest.mark.parametrize("d, causal", [(64, True), (128, False)])
+def test_gqa_head_split_of_a_varlen_batch(d, causal, split):
+    """varlen_backward on the wgmma kernel with one dK/dV CTA per query head (fp32 sums over k's
+    packed rows, a sequence with no keys and one with no queries) and with one per key/value head,
+    against each sequence's own fp32 reference."""
+    from flashjit import BwdSm90Config, jit
+    from flashjit.dispatch import default_bwd_config
+
+    config = default_bwd_config("bf16", d, causal, wgmma=True)
+    if jit.arch_for(torch.cuda.current_device()) != "sm_90a" or not isinstance(config, BwdSm90Config):
+        pytest.skip("head_split is the wgmma backward's (sm_90a)")
+    lens_q, lens_k = LENS
+    q, k, v, cu_q, cu_k, max_q, max_k = _batch(lens_q, lens_k, 6, 2, d)
+    dout = torch.randn_like(q)
+    kwargs = dict(causal=causal, softmax_scale=_odd_scale(d))
+    out, lse = varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
+    grads = varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, config=config, head_split=split,
+                            **_poisoned(q, k, v), **kwargs)
+    ref, low = _per_sequence(q, k, v, dout, lens_q, lens_k, window_size=(-1, -1), **kwargs)
+    assert_all_close(("out", *GRADS), (out, *grads), ref, low)
+

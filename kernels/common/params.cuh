@@ -107,6 +107,8 @@ struct FwdParams {
 // backward kernel) are [B, H, Sq] fp32, contiguous (varlen [H, total_q]); dq_accum (the
 // non-deterministic path's dQ sums) is B * H * Sq * D fp32, contiguous ([B, H, Sq, D], varlen
 // [H, total_q, D], or the tiling of bwd_sm90.cuh's Config), or null for deterministic kernels.
+// dkv_accum (bwd_sm90.cuh only): null, or zeroed fp32 sums of dK then dV in the dQ tiling over k's
+// rows, when the caller asks for one dK/dV CTA per query head (GQA with too few CTAs otherwise).
 struct BwdParams {
   TensorRef q, k, v, o, dout, dq, dk, dv;
   const float* lse;
@@ -115,7 +117,8 @@ struct BwdParams {
   int32_t batch, seqlen_q, seqlen_k, heads, heads_k;
   float softmax_scale;
   ScoreParams mods;
-  VarlenParams varlen;  // last, as in FwdParams
+  VarlenParams varlen;  // as in FwdParams
+  float* dkv_accum;     // last: a positional initialisation without it leaves it null
 };
 
 }  // namespace flashjit

@@ -27,6 +27,16 @@ __host__ __device__ __forceinline__ int64_t stat_rows(const P& p) {
   return int64_t(p.varlen.cu_seqlens_q != nullptr ? p.heads : p.batch * p.heads) * stat_plane_rows(p);
 }
 
+// Likewise for k's rows (bwd_sm90.cuh's dK/dV sums): a plane is a (batch, kv head) or a kv head.
+template <class P>
+__host__ __device__ __forceinline__ int key_plane_rows(const P& p) {
+  return p.varlen.cu_seqlens_q != nullptr ? p.varlen.total_k : p.seqlen_k;
+}
+template <class P>
+__host__ __device__ __forceinline__ int64_t key_rows(const P& p) {
+  return int64_t(p.varlen.cu_seqlens_q != nullptr ? p.heads_k : p.batch * p.heads_k) * key_plane_rows(p);
+}
+
 struct Seq {
   int q_start, k_start;   // first row of the sequence in q/o and in k/v
   int len_q, len_k;       // its query and key counts
