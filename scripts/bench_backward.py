@@ -5,13 +5,18 @@ TFLOP/s conventions: forward 4 * B * H * S^2 * D (halved for causal), backward 2
 forward+backward 3.5x. batch * seqlen = --tokens, heads * head_dim = --hidden.
 --candidates also times flashjit.backward alone (no autograd) for each listed (n_warps, block_m,
 deterministic[, d_split[, group_rows]]) backward config: how the defaults in flashjit/dispatch.py were chosen.
+GQA points (--gqa, BATCHxSEQLENxHEADSxKV_HEADS each, over --dtypes, --head-dims and --causal): the same
+contenders (SDPA with enable_gqa), and flashjit.backward alone with head_split=True (one dK/dV CTA per
+query head, "split") and False (one per kv head, "group"): how dispatch.backward_splits_heads was chosen.
 
     python scripts/bench_backward.py --out bench-out
     python scripts/bench_backward.py --candidates 8x64x0,4x64x0,8x64x1,8x64x0x2x32 --out bench-out
+    python scripts/bench_backward.py --seqlens '' --gqa 1x4096x16x4 --head-dims 128 --causal 1
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -80,6 +85,42 @@ def candidate_tflops(spec: str, point, q, k, v, dout, drop: float, flops: float)
     return out_tflops
 
 
+def gqa_points(args):
+    """(point, q, k, v) for each --gqa BATCHxSEQLENxHEADSxKV_HEADS point over dtypes, head dims and causal."""
+    for spec, dtype, d_head, causal in itertools.product(
+            [s for s in args.gqa.split(",") if s], args.dtypes.split(","), map(int, args.head_dims.split(",")),
+            [bool(int(c)) for c in args.causal.split(",")]):
+        batch, seqlen, heads, heads_k = map(int, spec.split("x"))
+        torch.manual_seed(0)
+        dt = torch.bfloat16 if dtype == "bf16" else torch.float16
+        q = torch.randn(batch, seqlen, heads, d_head, device="cuda", dtype=dt, requires_grad=True)
+        k, v = (torch.randn(batch, seqlen, heads_k, d_head, device="cuda", dtype=dt, requires_grad=True)
+                for _ in range(2))
+        yield dict(dtype=dtype, d_head=d_head, causal=causal, seqlen=seqlen, batch=batch, heads=heads,
+                   heads_k=heads_k), q, k, v
+
+
+def head_split_tflops(point, q, k, v, dout, drop: float, flops: float) -> dict:
+    """Backward TFLOP/s of flashjit.backward (kernels only, the dispatcher's config) with head_split
+    True ("split") and False ("group")."""
+    philox = flashjit.interface.philox_state(q.get_device()) if drop else None
+    with torch.no_grad():
+        out, lse = flashjit.forward(q, k, v, causal=point["causal"], return_lse=True, dropout_p=drop, philox=philox)
+    found = {}
+    for label, split in (("split", True), ("group", False)):
+        def run(split=split):
+            return flashjit.backward(dout, q, k, v, out, lse, causal=point["causal"], dropout_p=drop, philox=philox,
+                                     head_split=split)
+        try:
+            run()
+        except ValueError as exc:  # not the wgmma kernel here
+            print(f"    ({label}: {str(exc)[:100]})")
+            found[label] = None
+            continue
+        found[label] = flops / (do_bench(run, warmup=25, rep=100, return_mode="median") * 1e-3) / 1e12
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     add_grid_arguments(parser, "bf16", "64,128", "1024,2048,4096,8192,16384")
@@ -88,13 +129,16 @@ def main() -> None:
     parser.add_argument("--sink", action="store_true", help="also time flashjit with learnable sinks (their cost)")
     parser.add_argument("--candidates", default="", help="comma-separated WARPSxBLOCK_MxDET[xD_SPLIT[xGROUP_ROWS]] backward configs, or "
                         "'wgmma' for the Hopper kernel")
+    parser.add_argument("--gqa", default="1x8192x32x8,2x2048x32x4,1x4096x16x4",
+                        help="GQA points BATCHxSEQLENxHEADSxKV_HEADS, comma-separated ('' for none)")
     args = parser.parse_args()
     _require_torch_cuda("bench_backward.py")
     drop = args.dropout_p
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for point, q, k, v in grid(args, requires_grad=True):
+    points = itertools.chain(grid(args, requires_grad=True) if args.seqlens else (), gqa_points(args))
+    for point, q, k, v in points:
         causal = point["causal"]
         dout = torch.randn_like(q)
         fwd_flops = 4 * point["batch"] * point["heads"] * point["seqlen"] ** 2 * point["d_head"] / (2 if causal else 1)
@@ -115,7 +159,8 @@ def main() -> None:
             row[f"{label}_fwdbwd_tflops"] = t and 3.5 * fwd_flops / (t[1] * 1e-3) / 1e12
         rows.append(row)
         fmt = lambda x: f"{x:6.1f}" if x else "   n/a"  # noqa: E731
-        print(f"{point['dtype']} d{point['d_head']:<3} causal={int(causal)} S={point['seqlen']:<5} bwd: flashjit "
+        shape = (f"B={point['batch']} H={point['heads']}/{point['heads_k']} " if "heads_k" in point else "")
+        print(f"{point['dtype']} d{point['d_head']:<3} causal={int(causal)} S={point['seqlen']:<5} {shape}bwd: flashjit "
               f"{fmt(row['flashjit_bwd_tflops'])} fa2 {fmt(row['fa2_bwd_tflops'])} cudnn "
               f"{fmt(row['cudnn_bwd_tflops'])} | fwd+bwd: flashjit {fmt(row['flashjit_fwdbwd_tflops'])} "
               f"fa2 {fmt(row['fa2_fwdbwd_tflops'])} cudnn {fmt(row['cudnn_fwdbwd_tflops'])} TFLOP/s", flush=True)
@@ -123,6 +168,10 @@ def main() -> None:
             print(f"    with sinks: bwd {fmt(row['flashjit_sink_bwd_tflops'])} fwd+bwd "
                   f"{fmt(row['flashjit_sink_fwdbwd_tflops'])} TFLOP/s (time x"
                   f"{row['flashjit_fwdbwd_tflops'] / row['flashjit_sink_fwdbwd_tflops']:.3f} of without)", flush=True)
+        if "heads_k" in point:
+            row["head_split"] = head_split_tflops(point, q, k, v, dout, drop, 2.5 * fwd_flops)
+            print("    flashjit.backward alone: " + "  ".join(f"{name} {fmt(t)}" for name, t in row["head_split"].items()),
+                  flush=True)
         if args.candidates:
             row["candidates"] = candidate_tflops(args.candidates, point, q, k, v, dout, drop, 2.5 * fwd_flops)
             print("    " + "  ".join(f"{name}: {fmt(t)}" for name, t in row["candidates"].items()), flush=True)

@@ -1,5 +1,5 @@
-"""transformers benchmark: a Llama (4 layers, hidden 2048, 16 heads of dim 128, bf16, random init from
-its config) with attn_implementation="sdpa" vs flashjit's ("fjit", flashjit.integrations.transformers),
+"""transformers benchmark: a Llama (4 layers, hidden 2048, 16 heads of dim 128 sharing --kv-heads key/value
+heads, bf16, random init from its config) with attn_implementation="sdpa" vs flashjit's ("fjit", flashjit.integrations.transformers),
 one model switched between the two with set_attn_implementation (the same weights):
 
 - a training step (forward + backward of the LM loss, no KV cache) at [1, 4096] and [4, 2048];
@@ -76,6 +76,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench-out"), help="folder for bench_transformers.json")
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=16, help="key/value heads of the 16 query heads (GQA below 16)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--profile", action="store_true",
                         help="after timing, print each case's CUDA kernels whose totals differ most between the two")
@@ -89,7 +90,7 @@ def main() -> None:
 
     name = register()
     config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=args.layers,
-                         num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=8192, pad_token_id=0)
+                         num_attention_heads=16, num_key_value_heads=args.kv_heads, max_position_embeddings=8192, pad_token_id=0)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.bfloat16).cuda()
     has_varlen = varlen_func() is not None
