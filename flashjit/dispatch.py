@@ -6,6 +6,7 @@ Which family serves a problem is decided here; the families themselves live in f
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 
@@ -184,10 +185,19 @@ def backward_splits_heads(batch: int, heads: int, heads_k: int, seqlen_k: int, b
     return ctas < (HEAD_SPLIT_WAVES_CAUSAL if causal else HEAD_SPLIT_WAVES) * sm_count
 
 
+def with_head_split(config, batch: int, heads: int, heads_k: int, seqlen_k: int, sm_count: int):
+    """The dispatcher's backward config for a call's shape: a BwdSm90Config with head_split set where
+    backward_splits_heads says so, else config as it is."""
+    if isinstance(config, BwdSm90Config) and not config.head_split and backward_splits_heads(
+            batch, heads, heads_k, seqlen_k, config.block_n, sm_count, config.causal):
+        return dataclasses.replace(config, head_split=True)
+    return config
+
+
 def get_kernels_to_build(smem_limit: int = SMEM_LIMIT_SM90, arch: str | None = None) -> list:
     """The default build set for `arch` (None: any, so no sm_90a-only kernel): the dispatcher's
     choice for every dtype, tile-width head dim (HEAD_DIMS) and causal flag at long and short sequence
-    lengths (what `python -m flashjit precompile` builds without names). Other head dims, e.g. 80, are
+    lengths and GQA grids short or not (what `python -m flashjit precompile` builds without names). Other head dims, e.g. 80, are
     kernels of their own (their d_head is a template parameter): precompile names them."""
     configs = []
     for dtype, d_head, causal, seqlen in itertools.product(DTYPES, HEAD_DIMS, (False, True), (4096, 1)):
@@ -200,8 +210,10 @@ def get_kernels_to_build(smem_limit: int = SMEM_LIMIT_SM90, arch: str | None = N
                                      wgmma=arch == WGMMA_ARCH)
         except ValueError:  # d_head 256 on a 99 KiB GPU: no backward fits
             continue
-        if cfg not in configs:
-            configs.append(cfg)
+        # and its one-CTA-per-query-head twin, which with_head_split picks for short GQA grids
+        for cfg in (cfg, dataclasses.replace(cfg, head_split=True)) if isinstance(cfg, BwdSm90Config) else (cfg,):
+            if cfg not in configs:
+                configs.append(cfg)
     return configs
 
 

@@ -23,7 +23,7 @@ from .configs import families
 from .configs.bwd_sm80 import BwdConfig
 from .configs.bwd_sm90 import WGMMA_ARCH, BwdSm90Config
 from .configs.common import FEATURES, MAX_HEAD_DIM, ConfigBase
-from .dispatch import backward_pads_value, backward_splits_heads, default_bwd_config, default_config
+from .dispatch import backward_pads_value, default_bwd_config, default_config, with_head_split
 from .launch import BwdParams, FwdParams, tensor_ref
 
 log = logging.getLogger("flashjit")
@@ -504,7 +504,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
              philox: tuple[int, int] | None = None, deterministic: bool = False,
              config: BwdConfig | BwdSm90Config | None = None, dq: torch.Tensor | None = None,
              dk: torch.Tensor | None = None, dv: torch.Tensor | None = None,
-             learnable_sink: torch.Tensor | None = None, head_split: bool | None = None):
+             learnable_sink: torch.Tensor | None = None):
     """Gradients (dq, dk, dv) of forward() given dout and the forward's out (both [B, Sq, H, D_v]) and lse;
     (dq, dk, dv, dsink) when the forward had learnable_sink (dsink shaped and typed like it: per head,
     -sum over batch and rows of P_sink * rowsum(dO o O), P_sink = exp(sink - lse), computed in fp32).
@@ -516,9 +516,9 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     dtype, head dim and features must match the call.
     dq, dk, dv: optional output tensors (as flash-attn's low-level backward takes), shaped and typed
     like q, k, v with a contiguous last dim and 16-byte aligned rows; every element is written.
-    head_split (GQA): True runs one dK/dV CTA per query head, its share added to fp32 sums (the wgmma
-    kernel only), False one per key/value head summing the group in registers, None (the default) lets
-    dispatch.backward_splits_heads choose by how many CTAs the call would have."""
+    GQA on sm_90a: the dispatcher runs one dK/dV CTA per query head where one per key/value head would
+    leave too few CTAs (BwdSm90Config.head_split; dispatch.with_head_split); a config passed here is
+    run as it is."""
     check_qkv(q, k, v)
     check_douts(dout, out, q, v)
     lse_shape = (q.shape[0], q.shape[2], q.shape[1])
@@ -531,8 +531,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         given = [None if t is None else _check_output(t, like, name, kernel_writes=False)
                  for t, like, name in zip((dq, dk, dv), (q, k, v), ("dq", "dk", "dv"))]
         padded = backward(*_pad_head_dim(dout, q, k, v, out), lse, causal, softmax_scale, window_size, softcap,
-                          alibi_slopes, dropout_p, philox, deterministic, config, learnable_sink=learnable_sink,
-                          head_split=head_split)
+                          alibi_slopes, dropout_p, philox, deterministic, config, learnable_sink=learnable_sink)
         grads = tuple(_unpad_into(t, grad, like.shape[-1]) for t, grad, like in zip(given, padded, (q, k, v)))
         return grads + padded[3:]
     if dropout_p and philox is None:
@@ -542,10 +541,12 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     if config is None and _pads_value(q, v, causal, mods, deterministic, device_index, q.shape[1]):
         return with_value_padded(lambda dout, v, out: backward(
             dout, q, k, v, out, lse, causal, softmax_scale, window_size, softcap, alibi_slopes, dropout_p, philox,
-            deterministic, dq=dq, dk=dk, learnable_sink=learnable_sink, head_split=head_split), dout, q, v, out, dv)
+            deterministic, dq=dq, dk=dk, learnable_sink=learnable_sink), dout, q, v, out, dv)
     chosen = config is None
     config = bwd_config(config, q.dtype, q.shape[3], causal, q.shape[1], mods, deterministic, device_index,
                         d_v=v.shape[3])
+    if chosen:
+        config = with_head_split(config, q.shape[0], q.shape[2], k.shape[2], k.shape[1], sm_count(device_index))
     if chosen and log.isEnabledFor(logging.DEBUG):
         log.debug("backward [B=%d, Sq=%d, Sk=%d, H=%d, H_k=%d, D=%d, D_v=%d] dispatched to %s (default for "
                   "dtype/head dims/features/deterministic on %s and its shared memory)", q.shape[0], q.shape[1],
@@ -564,8 +565,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     # The atomic path's fp32 dQ sums, zeroed by the first kernel (dQ is q's width: d_tile, whatever D_v).
     dq_accum = None if config.deterministic else torch.empty((batch, heads, seqlen_q, config.d_tile),
                                                              dtype=torch.float32, device=q.device)
-    dkv_accum = dkv_sums(config, head_split, batch, heads, k.shape[2], k.shape[1], batch * k.shape[2] * k.shape[1],
-                         device_index)
+    dkv_accum = dkv_sums(config, batch * k.shape[2] * k.shape[1], device_index)
     refs = [x for t in (q, k, v, out, dout, dq, dk, dv) for x in tensor_ref(t)]
     params = BwdParams(*refs, lse.data_ptr(), dvec.data_ptr(), 0 if dq_accum is None else dq_accum.data_ptr(),
                        batch, seqlen_q, k.shape[1], heads, k.shape[2], softmax_scale, *mods.values,
@@ -581,21 +581,13 @@ def sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def dkv_sums(config, head_split: bool | None, batch: int, heads: int, heads_k: int, seqlen_k: int, key_rows: int,
-             device_index: int) -> torch.Tensor | None:
-    """The zeroed fp32 dK and dV sums (kernels/common/params.cuh: BwdParams::dkv_accum, key_rows rows of
-    the kernel's tile width each) when the backward runs one dK/dV CTA per query head, else None.
-    head_split as backward() takes it (None: dispatch.backward_splits_heads decides)."""
-    wgmma = isinstance(config, BwdSm90Config)
-    if head_split and not wgmma:
-        raise ValueError(f"head_split=True needs the wgmma backward (a BwdSm90Config, sm_90a); {config.name} sums "
-                         "each GQA group's dK/dV inside one CTA: pass head_split=None or False")
-    if head_split is None:
-        head_split = wgmma and backward_splits_heads(batch, heads, heads_k, seqlen_k, config.block_n,
-                                                     sm_count(device_index), config.causal)
-    if not head_split or key_rows == 0:
+def dkv_sums(config, key_rows: int, device_index: int) -> torch.Tensor | None:
+    """The zeroed fp32 dK and dV sums a head-split backward kernel adds to (kernels/common/params.cuh:
+    BwdParams::dkv_accum, key_rows rows of the kernel's tile width each), else None."""
+    if not (isinstance(config, BwdSm90Config) and config.head_split):
         return None
-    return torch.zeros(2 * key_rows * config.d_tile, dtype=torch.float32, device=torch.device("cuda", device_index))
+    return torch.zeros(2 * max(key_rows, 1) * config.d_tile, dtype=torch.float32,
+                       device=torch.device("cuda", device_index))
 
 
 def _pads_value(q: torch.Tensor, v: torch.Tensor, causal: bool, mods: ScoreMods, deterministic: bool,

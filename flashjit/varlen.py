@@ -306,11 +306,12 @@ def varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seq
                     softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None, dropout_p: float = 0.0,
                     philox: tuple[int, int] | None = None, deterministic: bool = False, config=None,
                     dq: torch.Tensor | None = None, dk: torch.Tensor | None = None, dv: torch.Tensor | None = None,
-                    learnable_sink: torch.Tensor | None = None, head_split: bool | None = None):
+                    learnable_sink: torch.Tensor | None = None):
     """Gradients (dq, dk, dv) of varlen_forward given dout and its out ([total_q, H, D_v]) and lse [H, total_q];
     (dq, dk, dv, dsink) with learnable_sink, as interface.backward. GQA: dk/dv summed over the query
-    heads of each key/value head (head_split as interface.backward takes it). dq, dk, dv: optional
-    outputs; rows that no sequence covers (past cu_seqlens[-1]) stay unwritten, as in flash-attn."""
+    heads of each key/value head (on sm_90a by one CTA per query head where the dispatcher finds the
+    grid short, as interface.backward). dq, dk, dv: optional outputs; rows that no sequence covers
+    (past cu_seqlens[-1]) stay unwritten, as in flash-attn."""
     batch, max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k = _check_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     interface.check_douts(dout, out, q, v)
@@ -325,8 +326,7 @@ def varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seq
                  for t, like, name in zip((dq, dk, dv), (q, k, v), ("dq", "dk", "dv"))]
         padded = varlen_backward(*interface._pad_head_dim(dout, q, k, v, out), lse, cu_seqlens_q, cu_seqlens_k,
                                  max_seqlen_q, max_seqlen_k, causal, softmax_scale, window_size, softcap, alibi_slopes,
-                                 dropout_p, philox, deterministic, config, learnable_sink=learnable_sink,
-                                 head_split=head_split)
+                                 dropout_p, philox, deterministic, config, learnable_sink=learnable_sink)
         grads = tuple(interface._unpad_into(t, grad, like.shape[-1])
                       for t, grad, like in zip(given, padded, (q, k, v)))
         return grads + padded[3:]
@@ -340,9 +340,13 @@ def varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seq
         return interface.with_value_padded(lambda dout, v, out: varlen_backward(
             dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
             window_size, softcap, alibi_slopes, dropout_p, philox, deterministic, dq=dq, dk=dk,
-            learnable_sink=learnable_sink, head_split=head_split), dout, q, v, out, dv)
+            learnable_sink=learnable_sink), dout, q, v, out, dv)
+    chosen = config is None
     config = interface.bwd_config(config, q.dtype, q.shape[-1], causal, max_seqlen_q, mods, bool(deterministic),
                                   device_index, d_v=v.shape[-1])
+    if chosen:
+        config = interface.with_head_split(config, batch, q.shape[1], k.shape[1], max_seqlen_k,
+                                           interface.sm_count(device_index))
     dq, dk, dv = (_output(given, like, name) for given, like, name in ((dq, q, "dq"), (dk, k, "dk"), (dv, v, "dv")))
     total_q, heads = q.shape[0], q.shape[1]
     if total_q == 0:  # no query reaches any key: dK = dV = 0 exactly
@@ -355,8 +359,7 @@ def varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seq
     # The atomic path's fp32 dQ sums ([H, total_q, d_tile], or bwd_sm90.cuh's tiling of as many floats).
     dq_accum = None if config.deterministic else torch.empty((heads, total_q, config.d_tile), dtype=torch.float32,
                                                              device=q.device)
-    dkv_accum = interface.dkv_sums(config, head_split, batch, heads, k.shape[1], max_seqlen_k, k.shape[1] * k.shape[0],
-                                   device_index)
+    dkv_accum = interface.dkv_sums(config, k.shape[1] * k.shape[0], device_index)
     refs = [x for t in (q, k, v, out, dout, dq, dk, dv) for x in _ref(t)]
     params = BwdParams(*refs, lse.data_ptr(), dvec.data_ptr(), 0 if dq_accum is None else dq_accum.data_ptr(),
                        batch, max_seqlen_q, max_seqlen_k, heads, k.shape[1], softmax_scale, *mods.values,

@@ -26,6 +26,8 @@
 // 3b. deterministic: dq_kernel, one CTA per (query block, head, batch), walks the key blocks and
 //     recomputes P and dP (7 products per block pair, but every output has exactly one writer, so
 //     gradients are bit-identical run to run).
+// 4. dkv_convert_kernel (bwd_sm90.cuh's one dK/dV CTA per query head only): dK, dV rounded from
+//    their fp32 sums, one warp per key row.
 // Variable-length batches (common/params.cuh: VarlenParams): every CTA finds its sequence's rows with
 // common/varlen.cuh's Seq and exits when its block starts past the sequence's end; the row kernels
 // (1, 3a) walk H * total_q rows, which need no sequence bounds at all.
@@ -60,7 +62,7 @@ struct Config {
   // The value head dim (v, o, dO, dV; kDHeadV_ == 0: kDHead) and its tile.
   static constexpr int kDHeadV = kDHeadV_ == 0 ? kDHead_ : kDHeadV_, kDV = head_dim_tile(kDHeadV);
   static constexpr bool kDqTiled = false;  // dq_accum is [B, H, Sq, kD] (bwd_sm90.cuh tiles it)
-  static constexpr bool kHeadSplit = false;  // one dK/dV CTA per GQA group (bwd_sm90.cuh can split it)
+  static constexpr bool kHeadSplit = false;  // one dK/dV CTA per GQA group (bwd_sm90.cuh's Config can split it)
   // kDSplit warps (a group) share kGroupRows accumulator rows (kRT m-tiles), each owning kD / kDSplit
   // of the columns.
   static constexpr int kDSplit = kDSplit_, kGroups = kWarps / kDSplit, kGroupRows = kGroupRows_;
@@ -466,7 +468,7 @@ __global__ void __launch_bounds__(128) dq_convert_kernel(const __grid_constant__
                                               p.softmax_scale * C::dropout_scale(p), threadIdx.x & 31);
 }
 
-// ---- 3c. dK and dV from dkv_accum (bwd_sm90.cuh's one CTA per query head), already scaled -----
+// ---- 4. dK and dV from dkv_accum (bwd_sm90.cuh's kHeadSplit), already scaled -------------------
 // dkv_accum: dK's sums, then dV's, each over key_rows(p) rows in dq_accum's tiling. In a varlen
 // batch the packed rows outside every sequence (from cu_seqlens_k[batch]) are left as they are, as
 // the one-CTA-per-group kernel leaves them.
@@ -619,20 +621,19 @@ cudaError_t opt_in_smem(Kernel kernel) {
 }
 
 // The D kernel, `dkdv` (this file's dkdv_kernel, or bwd_sm90.cuh's), then dQ's conversion or kernel.
-// With p.dkv_accum (kernels whose Config::kHeadSplit says they can), one dK/dV CTA per query head
-// and dK, dV converted from the fp32 sums at the end.
+// Config::kHeadSplit (bwd_sm90.cuh): one dK/dV CTA per query head, adding to p.dkv_accum, and dK,
+// dV converted from those fp32 sums at the end.
 template <class C, class Kernel>
 cudaError_t launch_with(const BwdParams& p, cudaStream_t stream, Kernel dkdv) {
   if (p.batch == 0 || p.heads == 0 || p.seqlen_q == 0) return cudaSuccess;
   if (!C::kDeterministic && p.dq_accum == nullptr) return cudaErrorInvalidValue;
-  const bool per_q_head = p.dkv_accum != nullptr;
-  if (per_q_head && !C::kHeadSplit) return cudaErrorInvalidValue;
+  if (C::kHeadSplit && p.dkv_accum == nullptr) return cudaErrorInvalidValue;
   const int64_t rows = stat_rows(p);  // of the row kernels: B * H * Sq, or H * total_q for a varlen batch
   const int64_t kv_blocks =
-      int64_t((p.seqlen_k + C::kBlockN - 1) / C::kBlockN) * (per_q_head ? p.heads : p.heads_k) * p.batch;
+      int64_t((p.seqlen_k + C::kBlockN - 1) / C::kBlockN) * (C::kHeadSplit ? p.heads : p.heads_k) * p.batch;
   const int64_t q_blocks = int64_t((p.seqlen_q + C::kBlockN - 1) / C::kBlockN) * p.heads * p.batch;
   if ((rows + 3) / 4 > 0x7fffffff || kv_blocks > 0x7fffffff || q_blocks > 0x7fffffff ||
-      (2 * key_rows(p) + 3) / 4 > 0x7fffffff)
+      (C::kHeadSplit && (2 * key_rows(p) + 3) / 4 > 0x7fffffff))
     return cudaErrorInvalidConfiguration;
   cudaError_t err;
   if ((err = opt_in_smem<C>(dkdv)) != cudaSuccess) return err;
@@ -646,7 +647,7 @@ cudaError_t launch_with(const BwdParams& p, cudaStream_t stream, Kernel dkdv) {
     dq_convert_kernel<C><<<row_blocks, 128, 0, stream>>>(p);
   }
   if constexpr (C::kHeadSplit)
-    if (per_q_head && key_rows(p) > 0) dkv_convert_kernel<C><<<unsigned((2 * key_rows(p) + 3) / 4), 128, 0, stream>>>(p);
+    if (key_rows(p) > 0) dkv_convert_kernel<C><<<unsigned((2 * key_rows(p) + 3) / 4), 128, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

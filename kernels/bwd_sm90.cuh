@@ -3,7 +3,9 @@
 // Same algorithm and the same first and last kernels (dvec_kernel, dq_convert_kernel); the dK/dV
 // kernel (fast dQ path: an fp32 buffer) is rewritten around wgmma. One CTA per (128-key block, kv
 // head, batch): two warpgroups, each owning 64 keys of the accumulators, walk the query blocks of every
-// query head of the GQA group. Per step, warpgroup g (keys 64 g ..):
+// query head of the GQA group. With kHeadSplit one CTA per (key block, query head, batch) instead,
+// adding dK/dV to fp32 sums that dkv_convert_kernel rounds (GQA grids too short to fill the GPU).
+// Per step, warpgroup g (keys 64 g ..):
 //   S^T  = K_g Q^T,  dP^T = V_g dO^T          A and B from shared memory (both K-major)
 //   P^T, dS^T element-wise in registers       (the accumulator layout is mma.sync's)
 //   dV_g += P^T dO,  dK_g += dS^T Q           A from registers, B N-major from shared memory
@@ -24,7 +26,7 @@ namespace flashjit::bwd_sm90 {
 // What this kernel fixes (two warpgroups of 64 keys, one 16-row group a warp, dQ by fp32 bulk
 // reductions, never the deterministic dQ kernel) is a constant here and a class constant there.
 template <bool kBf16_, int kDHead_, int kBlockM_, bool kCausal_, bool kLocal_, bool kSoftcap_, bool kAlibi_,
-          bool kDropout_>
+          bool kDropout_, bool kHeadSplit_>
 struct Config {
   static constexpr bool kBf16 = kBf16_, kCausal = kCausal_, kSwizzle = true, kDeterministic = false;
   static constexpr bool kDropout = kDropout_;
@@ -48,9 +50,11 @@ struct Config {
   // warp's 16 x 64 share of a step's dQ is 4 KiB in one piece, staged conflict-free in shared memory
   // and added with one bulk reduction (bwd_sm80.cuh's dq_convert_kernel reads this layout).
   static constexpr bool kDqTiled = true;
-  // With p.dkv_accum, one CTA per (key block, query head): its dK/dV share is added to fp32 sums in
-  // the dq_accum tiling by bulk reductions and bwd_sm80.cuh's dkv_convert_kernel rounds them.
-  static constexpr bool kHeadSplit = true;
+  // One CTA per (key block, query head), not per kv head: its dK/dV share is added to p.dkv_accum's
+  // fp32 sums by bulk reductions and bwd_sm80.cuh's dkv_convert_kernel rounds them. A template
+  // parameter, not a runtime branch: the branch's epilogue cost the feature variants' step loops
+  // 20-40 bytes of spills.
+  static constexpr bool kHeadSplit = kHeadSplit_;
   static constexpr int kDqStageBytes = 16 * 64 * 4;  // per warp
   using TileN = GmmaTile<kBlockN, kD>;       // K, V
   using TileM = GmmaTile<kBlockM, kD>;       // Q, dO (two stages each)
@@ -125,10 +129,10 @@ __global__ void __launch_bounds__(C::kThreads, 1) dkdv_kernel(const __grid_const
   const int r0 = warp * 16;  // this warp's first key row: warpgroup wg's 64 keys, 16 per warp
   const int num_n = (p.seqlen_k + C::kBlockN - 1) / C::kBlockN, group = p.heads / p.heads_k;
   // The CTA's key block, batch, kv head and query heads: every head of the GQA group, or with
-  // dkv_accum one, the key block outermost (causal: the longest CTAs, the first key blocks, first).
-  const bool per_q_head = p.dkv_accum != nullptr;
+  // kHeadSplit one, the key block outermost (causal: the longest CTAs, the first key blocks, first).
+  constexpr bool per_q_head = C::kHeadSplit;
   int n_block, b, h_k, h0;
-  if (per_q_head) {
+  if constexpr (per_q_head) {
     const int bh = blockIdx.x % (p.batch * p.heads);
     n_block = blockIdx.x / (p.batch * p.heads), b = bh / p.heads, h0 = bh % p.heads, h_k = h0 / group;
   } else {
@@ -314,7 +318,7 @@ __global__ void __launch_bounds__(C::kThreads, 1) dkdv_kernel(const __grid_const
   cp_async_wait<0>();
   if (lane == 0) bulk_wait_all();  // the dQ reductions have read shared memory (and are done)
   __syncthreads();  // every wgmma read of the Q / dO stages is done (each warpgroup waited for its own)
-  if (per_q_head) {
+  if constexpr (per_q_head) {
     add_dkdv<C>(p, seq, b, h_k, key0 + r0, min(16, keys - r0), dk, dv, smem, lane, warp);
     return;
   }
@@ -328,7 +332,8 @@ __global__ void __launch_bounds__(C::kThreads, 1) dkdv_kernel(const __grid_const
   bwd::store_rows<C, C::kBlockN>(p.dv, b, h_k, seq.k_start + key0, sdO2, keys, tid);
 }
 
-// The D kernel, this dK/dV kernel, the dQ conversion: bwd_sm80.cuh's launch sequence.
+// The D kernel, this dK/dV kernel, the dQ conversion (and with kHeadSplit the dK/dV one):
+// bwd_sm80.cuh's launch sequence.
 template <class C>
 cudaError_t launch(const BwdParams& p, cudaStream_t stream) {
   return bwd::launch_with<C>(p, stream, dkdv_kernel<C>);

@@ -6,8 +6,9 @@ forward+backward 3.5x. batch * seqlen = --tokens, heads * head_dim = --hidden.
 --candidates also times flashjit.backward alone (no autograd) for each listed (n_warps, block_m,
 deterministic[, d_split[, group_rows]]) backward config: how the defaults in flashjit/dispatch.py were chosen.
 GQA points (--gqa, BATCHxSEQLENxHEADSxKV_HEADS each, over --dtypes, --head-dims and --causal): the same
-contenders (SDPA with enable_gqa), and flashjit.backward alone with head_split=True (one dK/dV CTA per
-query head, "split") and False (one per kv head, "group"): how dispatch.backward_splits_heads was chosen.
+contenders (SDPA with enable_gqa), and flashjit.backward alone on the wgmma config with head_split True (one
+dK/dV CTA per query head, "split") and False (one per kv head, "group"): how dispatch.backward_splits_heads
+was chosen.
 
     python scripts/bench_backward.py --out bench-out
     python scripts/bench_backward.py --candidates 8x64x0,4x64x0,8x64x1,8x64x0x2x32 --out bench-out
@@ -16,6 +17,7 @@ query head, "split") and False (one per kv head, "group"): how dispatch.backward
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -101,22 +103,23 @@ def gqa_points(args):
 
 
 def head_split_tflops(point, q, k, v, dout, drop: float, flops: float) -> dict:
-    """Backward TFLOP/s of flashjit.backward (kernels only, the dispatcher's config) with head_split
-    True ("split") and False ("group")."""
+    """Backward TFLOP/s of flashjit.backward (kernels only) on the dispatcher's wgmma config with
+    head_split True ("split") and False ("group"); {} where the wgmma kernel does not run this point."""
+    cfg = flashjit.dispatch.default_bwd_config(point["dtype"], point["d_head"], point["causal"], dropout=drop > 0,
+                                               wgmma=True)
+    if not isinstance(cfg, flashjit.BwdSm90Config):
+        return {}
     philox = flashjit.interface.philox_state(q.get_device()) if drop else None
     with torch.no_grad():
         out, lse = flashjit.forward(q, k, v, causal=point["causal"], return_lse=True, dropout_p=drop, philox=philox)
     found = {}
     for label, split in (("split", True), ("group", False)):
-        def run(split=split):
+        config = dataclasses.replace(cfg, head_split=split)
+
+        def run(config=config):
             return flashjit.backward(dout, q, k, v, out, lse, causal=point["causal"], dropout_p=drop, philox=philox,
-                                     head_split=split)
-        try:
-            run()
-        except ValueError as exc:  # not the wgmma kernel here
-            print(f"    ({label}: {str(exc)[:100]})")
-            found[label] = None
-            continue
+                                     config=config)
+        run()
         found[label] = flops / (do_bench(run, warmup=25, rep=100, return_mode="median") * 1e-3) / 1e12
     return found
 

@@ -4,6 +4,7 @@ from dQ and dV; the A100 and RTX default configs; odd shapes through every kerne
 compute-sanitizer selection of scripts/sanitize.py); the deterministic dQ kernel's CTAs whose rows
 see no key. Every comparison goes through tests/numerics.py (fp32 reference, 2x PyTorch's
 low-precision error, relative floor); every gradient output is NaN-poisoned."""
+import dataclasses
 import itertools
 import math
 
@@ -344,7 +345,7 @@ def test_deterministic_dq_of_rows_that_see_no_key(d):
     assert_all_close(GRADS, (dq[:, empty:], dk, dv), ref[1:], low[1:])
 
 
-# ---- GQA: one dK/dV CTA per query head (the wgmma kernel's head_split) ----------------------------
+# ---- GQA: one dK/dV CTA per query head (BwdSm90Config.head_split) ---------------------------------
 HEAD_SPLIT = [  # (B, Sq, Sk, H, H_k, d, causal, features)
     (2, 77, 300, 8, 2, 128, True, ""),  # keys past the last 128-key block, rows of partial blocks
     (1, 300, 77, 6, 2, 64, True, ""),  # Sq > Sk causal: rows that see no key, CTAs with no step
@@ -375,8 +376,8 @@ def test_gqa_head_split_matches_reference(shape, split):
     q, k, v = _inputs(b, sq, sk, h, hk, d)
     dout = torch.randn_like(q)
     out, lse = flashjit.forward(q, k, v, return_lse=True, **kwargs)
-    grads = [flashjit.backward(dout, q, k, v, out, lse, config=config, head_split=mode, **_poisoned(q, k, v),
-                               **kwargs) for mode in (split, not split)]
+    configs = [dataclasses.replace(config, head_split=mode) for mode in (split, not split)]
+    grads = [flashjit.backward(dout, q, k, v, out, lse, config=c, **_poisoned(q, k, v), **kwargs) for c in configs]
     ref, low = reference_and_low(q, k, v, dout, dropout_mask=mask,
                                  **{key: val for key, val in kwargs.items() if key != "philox"})
     assert_all_close(GRADS, grads[0], ref[1:], low[1:])

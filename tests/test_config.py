@@ -257,7 +257,7 @@ def test_sm90_backward_configs():
     assert (fixed.n_warps, fixed.d_split, fixed.group_rows, fixed.deterministic, fixed.block_n) == \
         (8, 1, 16, False, 128)
     assert {f.name for f in dataclasses.fields(BwdSm90Config)} == {
-        "dtype", "d_head", "block_m", "causal", *common.FEATURES}
+        "dtype", "d_head", "block_m", "causal", *common.FEATURES, "head_split"}
     with pytest.raises(ValueError, match="builds only for sm_90a, not sm_80"):
         jit.ensure_built(BwdSm90Config(d_head=128), "sm_80")
 
@@ -271,6 +271,10 @@ def test_old_wgmma_names_parse_to_bwd_sm90_config():
     featured = "bwd_fp16_d40_w8_m128_s1_r16_det0_causal1_local_alibi_dropout_wgmma"
     assert config_from_name(featured) == BwdSm90Config("fp16", 40, 128, True, local=True, alibi=True, dropout=True)
     assert config_from_name(featured).name == featured
+    split = "bwd_fp16_d40_w8_m128_s1_r16_det0_causal1_local_alibi_dropout_hs_wgmma"  # one CTA per query head
+    assert config_from_name(split) == BwdSm90Config("fp16", 40, 128, True, local=True, alibi=True, dropout=True,
+                                                    head_split=True)
+    assert config_from_name(split).name == split and split.replace("_hs", "") == featured
     for never in (name.replace("_w8_", "_w4_"), name.replace("_det0_", "_det1_"), name.replace("_s1_", "_s2_")):
         with pytest.raises(ValueError, match="is not a flashjit backward kernel name"):
             config_from_name(never)

@@ -171,14 +171,17 @@ def test_backward_splits_heads_only_gqa_grids_below_the_waves():
     assert not backward_splits_heads(1, 16, 4, 4096, 128, sms, False)
 
 
-def test_head_split_needs_the_wgmma_backward():
-    """head_split=True with an sm_80 backward config is refused before anything is allocated, naming
-    the argument and what to pass instead; False or None never raises."""
-    from flashjit import BwdConfig
-    from flashjit.interface import dkv_sums
+def test_with_head_split_sets_the_field_only_for_short_gqa_grids_on_the_wgmma_kernel():
+    """dispatch.with_head_split turns the wgmma backward config of a short GQA grid into its head-split
+    twin and leaves every other config (sm_80 family, long grids, no GQA) as it is."""
+    import dataclasses
 
-    config = BwdConfig("bf16", 128)
-    with pytest.raises(ValueError, match=r"head_split=True needs the wgmma backward.*head_split=None or False"):
-        dkv_sums(config, True, 1, 16, 4, 4096, 4 * 4096, 0)
-    assert dkv_sums(config, False, 1, 16, 4, 4096, 4 * 4096, 0) is None
-    assert dkv_sums(config, None, 1, 16, 4, 4096, 4 * 4096, 0) is None
+    from flashjit import BwdConfig, BwdSm90Config
+    from flashjit.dispatch import with_head_split
+
+    wgmma = BwdSm90Config("bf16", 128, 64, causal=True)
+    assert with_head_split(wgmma, 1, 16, 4, 4096, 132) == dataclasses.replace(wgmma, head_split=True)
+    assert with_head_split(wgmma, 1, 16, 16, 4096, 132) is wgmma
+    assert with_head_split(wgmma, 64, 16, 4, 4096, 132) is wgmma
+    sm80 = BwdConfig("bf16", 128, causal=True)
+    assert with_head_split(sm80, 1, 16, 4, 4096, 132) is sm80

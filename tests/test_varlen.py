@@ -7,6 +7,7 @@ head dims 32-256 and 59 (padded), fp16/bf16, both dQ paths and the wgmma backwar
 reference given the kernels' mask; bit-for-bit equality with dense per-sequence calls of the same
 config; determinism; rows outside every sequence and bytes around the outputs untouched, also with
 offsets that break the contract. CPU: the argument checks and the reference backend."""
+import dataclasses
 import itertools
 import logging
 import math
@@ -530,13 +531,14 @@ def test_gqa_head_split_of_a_varlen_batch(d, causal, split):
     config = default_bwd_config("bf16", d, causal, wgmma=True)
     if jit.arch_for(torch.cuda.current_device()) != "sm_90a" or not isinstance(config, BwdSm90Config):
         pytest.skip("head_split is the wgmma backward's (sm_90a)")
+    config = dataclasses.replace(config, head_split=split)
     lens_q, lens_k = LENS
     q, k, v, cu_q, cu_k, max_q, max_k = _batch(lens_q, lens_k, 6, 2, d)
     dout = torch.randn_like(q)
     kwargs = dict(causal=causal, softmax_scale=_odd_scale(d))
     out, lse = varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
-    grads = varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, config=config, head_split=split,
-                            **_poisoned(q, k, v), **kwargs)
+    grads = varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, config=config, **_poisoned(q, k, v),
+                            **kwargs)
     ref, low = _per_sequence(q, k, v, dout, lens_q, lens_k, window_size=(-1, -1), **kwargs)
     assert_all_close(("out", *GRADS), (out, *grads), ref, low)
 

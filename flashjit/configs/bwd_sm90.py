@@ -42,7 +42,9 @@ class BwdSm90Config(ConfigBase):
     """One sm_90a backward specialization (kernels/bwd_sm90.cuh): dtype, d_head (33 to 128, run in a
     64 or 128 tile), block_m (queries per step: 128 for the 64 tile, 64 for the 128 one), causal and
     the score features. Each CTA's two warpgroups own 64 keys each; dQ is added up in fp32 by TMA bulk
-    reductions (no deterministic variant). bwd_sm80.cuh's first and last kernels (D, dQ conversion)."""
+    reductions (no deterministic variant). bwd_sm80.cuh's first and last kernels (D, dQ conversion).
+    head_split (name tail _hs): one CTA per query head instead of per kv head, dK/dV added up in fp32
+    and rounded by one more kernel (so dK/dV, like dQ, may then differ in their last bits run to run)."""
 
     dtype: str = "bf16"
     d_head: int = 128
@@ -52,6 +54,9 @@ class BwdSm90Config(ConfigBase):
     softcap: bool = False
     alibi: bool = False
     dropout: bool = False
+    # One dK/dV CTA per query head, dK/dV added to fp32 sums (GQA grids with too few CTAs; the
+    # dispatcher sets it by shape: dispatch.with_head_split), instead of one per kv head.
+    head_split: bool = False
 
     # Fixed by the kernel (Config::kWarps, two warpgroups; one 16-row group a warp; fp32 atomics for
     # dQ); readable like BwdConfig's fields, so code that reads any backward config needs no branch.
@@ -89,10 +94,11 @@ class BwdSm90Config(ConfigBase):
         """BwdConfig's name pattern with the fixed values and a _wgmma tail: the name the kernel had as
         BwdConfig(wgmma=True), so caches, bundles and names users wrote down keep working."""
         return (f"bwd_{self.dtype}_d{self.d_head}_w{self.n_warps}_m{self.block_m}_s{self.d_split}_r{self.group_rows}"
-                f"_det{int(self.deterministic)}_causal{int(self.causal)}{features_suffix(self)}_wgmma")
+                f"_det{int(self.deterministic)}_causal{int(self.causal)}{features_suffix(self)}"
+                f"{'_hs' if self.head_split else ''}_wgmma")
 
     _NAME_RE = re.compile(r"^bwd_(?P<dtype>fp16|bf16)_d(?P<d_head>\d+)_w8_m(?P<block_m>\d+)_s1_r16_det0"
-                          r"_causal(?P<causal>[01])" + FEATURES_RE + "_wgmma$")
+                          r"_causal(?P<causal>[01])" + FEATURES_RE + "(?P<hs>_hs)?_wgmma$")
 
     @classmethod
     def parse_name(cls, name: str) -> "BwdSm90Config | None":
@@ -100,7 +106,7 @@ class BwdSm90Config(ConfigBase):
         if not match:
             return None
         return cls(match["dtype"], int(match["d_head"]), int(match["block_m"]), bool(int(match["causal"])),
-                   *(match[f] is not None for f in FEATURES))
+                   *(match[f] is not None for f in FEATURES), head_split=match["hs"] is not None)
 
 
 def from_wgmma_bwd_config(values: dict) -> BwdSm90Config:
@@ -114,7 +120,7 @@ def from_wgmma_bwd_config(values: dict) -> BwdSm90Config:
     fixed = {k: values[k] for k in ("n_warps", "d_split", "group_rows")}
     if fixed != {k: getattr(BwdSm90Config, k) for k in fixed}:
         raise ValueError(f"BwdConfig(..., wgmma=True) with {fixed}: {WHY_WGMMA_WARPS}")
-    return BwdSm90Config(**{f.name: values[f.name] for f in fields(BwdSm90Config)})
+    return BwdSm90Config(**{f.name: values[f.name] for f in fields(BwdSm90Config) if f.name != "head_split"})
 
 
 BwdSm90Config.family = FAMILY = Family(

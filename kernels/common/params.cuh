@@ -107,8 +107,8 @@ struct FwdParams {
 // backward kernel) are [B, H, Sq] fp32, contiguous (varlen [H, total_q]); dq_accum (the
 // non-deterministic path's dQ sums) is B * H * Sq * D fp32, contiguous ([B, H, Sq, D], varlen
 // [H, total_q, D], or the tiling of bwd_sm90.cuh's Config), or null for deterministic kernels.
-// dkv_accum (bwd_sm90.cuh only): null, or zeroed fp32 sums of dK then dV in the dQ tiling over k's
-// rows, when the caller asks for one dK/dV CTA per query head (GQA with too few CTAs otherwise).
+// dkv_accum (bwd_sm90.cuh's kHeadSplit kernels, null for the others): zeroed fp32 sums of dK then
+// dV, each in dq_accum's tiling over k's rows (key_rows: B * H_k * Sk, varlen H_k * total_k).
 struct BwdParams {
   TensorRef q, k, v, o, dout, dq, dk, dv;
   const float* lse;
