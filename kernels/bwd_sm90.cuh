@@ -71,6 +71,23 @@ struct Config {
   static_assert(kWarps * 2 * (kD / 64) * 16 * 64 * 4 <= kSmemBytes - 1024, "add_dkdv stages dK and dV in fp32");
 };
 
+// A warp's 16 x 64 fp32 share of an accumulator (n-tiles nt0 .. nt0 + 7 of acc, rows (lane >> 2) + 8 h),
+// times scale, into a 16 x 64 staging tile laid out as dq_accum tiles its buffer: 16-byte chunk c of
+// row r at c ^ ((r + row_base) & 7), row_base the buffer row of the tile's row 0 mod 8. The stores
+// are conflict-free (8 rows, 8 chunks), and the tile is one contiguous run of the buffer.
+template <int kNt>
+__device__ __forceinline__ void stage_rows_f32(float* tile, const float (&acc)[kNt][4], int nt0, int row_base, float scale,
+                                               int lane) {
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = (lane >> 2) + half * 8, key = (r + row_base) & 7;
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+      *reinterpret_cast<float2*>(tile + r * 64 + (((2 * nt + (lane & 3) / 2) ^ key) * 4) + (lane & 1) * 2) =
+          make_float2(acc[nt0 + nt][2 * half] * scale, acc[nt0 + nt][2 * half + 1] * scale);
+  }
+}
+
 // This warp's 16 key rows of dK and dV (from key row0, `rows` of them real), scaled, added to
 // p.dkv_accum (params.cuh) by bulk reductions: staged in shared memory (the whole buffer is free by
 // now; 2 kD / 64 pieces of 16 x 64 floats a warp) in the tiling dq_accum has, so each piece is one
@@ -82,18 +99,11 @@ __device__ __forceinline__ void add_dkdv(const BwdParams& p, const Seq& seq, int
   constexpr int kHalves = C::kD / 64;
   float* stage = reinterpret_cast<float*>(smem) + warp * 2 * kHalves * 16 * 64;
   const float scale_v = C::dropout_scale(p), scale_k = p.softmax_scale * scale_v;
+  // The buffer row of the tiles' row 0 is k_start + row0, and row0 is a multiple of 16.
 #pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    // The swizzle key is the buffer row's, k_start + row0 + r, and row0 is a multiple of 16.
-    const int r = (lane >> 2) + hf * 8, key = (r + seq.k_start) & 7;
-#pragma unroll
-    for (int nt = 0; nt < C::kNtD; ++nt) {
-      const int piece = nt / 8, chunk = (2 * (nt % 8) + (lane & 3) / 2) ^ key;
-      float* at = stage + piece * 1024 + r * 64 + chunk * 4 + (lane & 1) * 2;
-      *reinterpret_cast<float2*>(at) = make_float2(dk[0][nt][2 * hf] * scale_k, dk[0][nt][2 * hf + 1] * scale_k);
-      *reinterpret_cast<float2*>(at + kHalves * 1024) =
-          make_float2(dv[0][nt][2 * hf] * scale_v, dv[0][nt][2 * hf + 1] * scale_v);
-    }
+  for (int piece = 0; piece < kHalves; ++piece) {
+    stage_rows_f32(stage + piece * 1024, dk[0], piece * 8, seq.k_start, scale_k, lane);
+    stage_rows_f32(stage + (kHalves + piece) * 1024, dv[0], piece * 8, seq.k_start, scale_v, lane);
   }
   fence_proxy_async();
   __syncwarp();
@@ -295,16 +305,9 @@ __global__ void __launch_bounds__(C::kThreads, 1) dkdv_kernel(const __grid_const
     // dQ: staged (once the previous step's reduction has read the buffer), then one bulk reduction.
     if (lane == 0) bulk_wait_read<0>();
     __syncwarp();
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      // The swizzle key is the buffer row's: q_start + row0 + dq_row + r, and row0, dq_row are
-      // multiples of 16 (q_start, a varlen sequence's first row, is 0 when dense).
-      const int r = (lane >> 2) + half * 8, key = (r + seq.q_start) & 7;
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-        *reinterpret_cast<float2*>(s_dq + r * 64 + (((2 * nt + (lane & 3) / 2) ^ key) * 4) + (lane & 1) * 2) =
-            make_float2(dq[nt][2 * half], dq[nt][2 * half + 1]);
-    }
+    // The buffer row of the tile's row 0 is q_start + row0 + dq_row, and row0, dq_row are multiples of
+    // 16 (q_start, a varlen sequence's first row, is 0 when dense).
+    stage_rows_f32(s_dq, dq, 0, seq.q_start, 1.f, lane);
     fence_proxy_async();
     __syncwarp();
     const int dq_rows = min(16, seq.len_q - row0 - dq_row);
