@@ -197,8 +197,9 @@ def with_head_split(config, batch: int, heads: int, heads_k: int, seqlen_k: int,
 def get_kernels_to_build(smem_limit: int = SMEM_LIMIT_SM90, arch: str | None = None) -> list:
     """The default build set for `arch` (None: any, so no sm_90a-only kernel): the dispatcher's
     choice for every dtype, tile-width head dim (HEAD_DIMS) and causal flag at long and short sequence
-    lengths and GQA grids short or not (what `python -m flashjit precompile` builds without names). Other head dims, e.g. 80, are
-    kernels of their own (their d_head is a template parameter): precompile names them."""
+    lengths and GQA grids short or not (what `python -m flashjit precompile` builds without names).
+    Other head dims, e.g. 80, are kernels of their own (their d_head is a template parameter):
+    precompile names them."""
     configs = []
     for dtype, d_head, causal, seqlen in itertools.product(DTYPES, HEAD_DIMS, (False, True), (4096, 1)):
         cfg = default_config(dtype, d_head, causal, seqlen, smem_limit, arch=arch)

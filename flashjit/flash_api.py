@@ -37,6 +37,7 @@ class _JitAttention(torch.autograd.Function):
         ctx.args = dict(causal=causal, softmax_scale=softmax_scale, window_size=window_size, softcap=softcap,
                         dropout_p=dropout_p, philox=philox, deterministic=deterministic)
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # no zeros for lse's (never read) gradient; out's is always given
         return out, lse
 
     @staticmethod
