@@ -544,9 +544,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
             deterministic, dq=dq, dk=dk, learnable_sink=learnable_sink), dout, q, v, out, dv)
     chosen = config is None
     config = bwd_config(config, q.dtype, q.shape[3], causal, q.shape[1], mods, deterministic, device_index,
-                        d_v=v.shape[3])
-    if chosen:
-        config = with_head_split(config, q.shape[0], q.shape[2], k.shape[2], k.shape[1], sm_count(device_index))
+                        d_v=v.shape[3], grid=(q.shape[0], q.shape[2], k.shape[2], k.shape[1]))
     if chosen and log.isEnabledFor(logging.DEBUG):
         log.debug("backward [B=%d, Sq=%d, Sk=%d, H=%d, H_k=%d, D=%d, D_v=%d] dispatched to %s (default for "
                   "dtype/head dims/features/deterministic on %s and its shared memory)", q.shape[0], q.shape[1],
@@ -615,17 +613,19 @@ def with_value_padded(run, dout: torch.Tensor, q: torch.Tensor, v: torch.Tensor,
 
 
 def bwd_config(config, dtype: torch.dtype, d_head: int, causal: bool, seqlen_q: int, mods: ScoreMods,
-               deterministic: bool, device_index: int, d_v: int | None = None):
+               deterministic: bool, device_index: int, d_v: int | None = None, grid: tuple | None = None):
     """The backward config of a call (d_v: v's head dim, None for d_head): `config` checked against
     it, or the tuned table's entry for the problem, else the dispatcher's default for the device's arch
-    and shared memory."""
+    and shared memory; a chosen one with head_split where the call's grid (batch, heads, heads_k,
+    seqlen_k) is short (dispatch.with_head_split)."""
     d_v = d_head if d_v is None else d_v
     wanted = default_bwd_config(_DTYPES[dtype], d_head, bool(causal), *mods.flags, deterministic=bool(deterministic),
                                 smem_limit=_smem_limit(device_index)[0], wgmma=jit.arch_for(device_index) == WGMMA_ARCH,
                                 d_v=d_v)
     if config is None:  # tuned entries are for d_v == d_head
-        return (d_v == d_head and tuning.lookup(device_index, "bwd", _DTYPES[dtype], d_head, bool(causal), seqlen_q,
-                                                tuple(zip(FEATURES, mods.flags)), bool(deterministic))) or wanted
+        chosen = (d_v == d_head and tuning.lookup(device_index, "bwd", _DTYPES[dtype], d_head, bool(causal), seqlen_q,
+                                                  tuple(zip(FEATURES, mods.flags)), bool(deterministic))) or wanted
+        return chosen if grid is None else with_head_split(chosen, *grid, sm_count(device_index))
     _check_config_type(config, "bwd")
     config.validate()
     mismatched = [f"{f}={getattr(config, f)!r} (the call needs {getattr(wanted, f)!r})"

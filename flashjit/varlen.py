@@ -341,12 +341,8 @@ def varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seq
             dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
             window_size, softcap, alibi_slopes, dropout_p, philox, deterministic, dq=dq, dk=dk,
             learnable_sink=learnable_sink), dout, q, v, out, dv)
-    chosen = config is None
     config = interface.bwd_config(config, q.dtype, q.shape[-1], causal, max_seqlen_q, mods, bool(deterministic),
-                                  device_index, d_v=v.shape[-1])
-    if chosen:
-        config = interface.with_head_split(config, batch, q.shape[1], k.shape[1], max_seqlen_k,
-                                           interface.sm_count(device_index))
+                                  device_index, d_v=v.shape[-1], grid=(batch, q.shape[1], k.shape[1], max_seqlen_k))
     dq, dk, dv = (_output(given, like, name) for given, like, name in ((dq, q, "dq"), (dk, k, "dk"), (dv, v, "dv")))
     total_q, heads = q.shape[0], q.shape[1]
     if total_q == 0:  # no query reaches any key: dK = dV = 0 exactly

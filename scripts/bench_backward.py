@@ -171,10 +171,9 @@ def main() -> None:
             print(f"    with sinks: bwd {fmt(row['flashjit_sink_bwd_tflops'])} fwd+bwd "
                   f"{fmt(row['flashjit_sink_fwdbwd_tflops'])} TFLOP/s (time x"
                   f"{row['flashjit_fwdbwd_tflops'] / row['flashjit_sink_fwdbwd_tflops']:.3f} of without)", flush=True)
-        if "heads_k" in point:
-            row["head_split"] = head_split_tflops(point, q, k, v, dout, drop, 2.5 * fwd_flops)
-            print("    flashjit.backward alone: " + "  ".join(f"{name} {fmt(t)}" for name, t in row["head_split"].items()),
-                  flush=True)
+        if "heads_k" in point and (split := head_split_tflops(point, q, k, v, dout, drop, 2.5 * fwd_flops)):
+            row["head_split"] = split
+            print("    flashjit.backward alone: " + "  ".join(f"{name} {fmt(t)}" for name, t in split.items()), flush=True)
         if args.candidates:
             row["candidates"] = candidate_tflops(args.candidates, point, q, k, v, dout, drop, 2.5 * fwd_flops)
             print("    " + "  ".join(f"{name}: {fmt(t)}" for name, t in row["candidates"].items()), flush=True)

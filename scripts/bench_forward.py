@@ -123,15 +123,18 @@ def _compiled_flex():
     return _FLEX[0]
 
 
-def add_grid_arguments(parser: argparse.ArgumentParser, dtypes: str, head_dims: str, seqlens: str) -> None:
-    """The benchmark grid, shared with bench_backward.py."""
+def add_grid_arguments(parser: argparse.ArgumentParser, dtypes: str, head_dims: str | None, seqlens: str,
+                       out: str = "bench-out") -> None:
+    """The benchmark grid, shared with bench_backward.py and bench_head_dim_v.py (head_dims None: no
+    --head-dims, the script has its own)."""
     parser.add_argument("--dtypes", default=dtypes)
-    parser.add_argument("--head-dims", default=head_dims)
+    if head_dims is not None:
+        parser.add_argument("--head-dims", default=head_dims)
     parser.add_argument("--causal", default="0,1")
     parser.add_argument("--seqlens", default=seqlens)
     parser.add_argument("--tokens", type=int, default=16384, help="batch * seqlen")
-    parser.add_argument("--hidden", type=int, default=2048, help="heads * head_dim")
-    parser.add_argument("--out", default="bench-out")
+    parser.add_argument("--hidden", type=int, default=2048, help="heads * head_dim (d_qk)")
+    parser.add_argument("--out", default=out)
 
 
 def grid(args, requires_grad: bool = False):

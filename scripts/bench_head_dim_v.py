@@ -36,7 +36,8 @@ import time
 import warnings
 from pathlib import Path
 
-from bench_forward import DTYPES, _require_torch_cuda, exit_unless_gpu, flex, sdpa, time_ms, tflops  # same folder
+from bench_forward import (DTYPES, _require_torch_cuda, add_grid_arguments, exit_unless_gpu, flex, sdpa,  # same folder
+                           time_ms, tflops)
 
 TOLERANCE = 2e-2
 
@@ -104,15 +105,10 @@ def cell(x, width: int, spec: str = ".1f") -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_grid_arguments(parser, "bf16", None, "1024,4096", out="bench-out/head_dim_v.json")  # --out: the JSON
     parser.add_argument("--pairs", default="192/128,128/64,96/64", help="comma-separated d_qk/d_v")
-    parser.add_argument("--dtypes", default="bf16")
-    parser.add_argument("--causal", default="0,1")
-    parser.add_argument("--seqlens", default="1024,4096")
     parser.add_argument("--passes", default="fwd,bwd")
-    parser.add_argument("--tokens", type=int, default=16384, help="batch * seqlen")
-    parser.add_argument("--hidden", type=int, default=2048, help="heads * d_qk")
     parser.add_argument("--no-flex", action="store_true", help="do not time FlexAttention")
-    parser.add_argument("--out", default="bench-out/head_dim_v.json", help="results JSON")
     args = parser.parse_args()
     # SDPA says, once per shape, why a backend it was asked for declines: attempt() records it in the JSON.
     warnings.filterwarnings("ignore", message=".*(not used because|runtime disabled|same num_heads)")
