@@ -261,25 +261,40 @@ def resolve_config(q: torch.Tensor, k: torch.Tensor, config: ConfigBase | None, 
     with a DEBUG line), else `config`, checked against the call."""
     dtype, d_head = _DTYPES[q.dtype], q.shape[3]
     d_v = d_head if v is None else v.shape[3]
-    if config is None:
-        device_index = q.get_device() if device_index is None else device_index
-        arch, limit = jit.arch_for(device_index), _smem_limit(device_index)[0]
-        sink = mods.sink is not None
-        features = (*zip(FEATURES, mods.flags), ("sink", sink))
-        # tuned entries are for d_v == d_head: another d_v takes the dispatcher's default
-        config = (d_v == d_head and tuning.lookup(device_index, "fwd", dtype, d_head, bool(causal), q.shape[1],
-                                                  features)) or \
-            default_config(dtype, d_head, bool(causal), q.shape[1], limit, *mods.flags, arch=arch, sink=sink, d_v=d_v)
-        if config.family.arch is not None and (why := _tma_unaddressable(q, k, v, out)):
-            config = default_config(dtype, d_head, bool(causal), q.shape[1], limit, *mods.flags, sink=sink, d_v=d_v)
-            log.debug("TMA cannot address %s: running the %s family instead", why, config.family.name)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("dispatching [B=%d, Sq=%d, Sk=%d, H=%d, H_k=%d, D=%d, D_v=%d] to %s (tuned table, else the "
-                      "default for dtype/head dims/causal/seqlen and shared memory)", q.shape[0], q.shape[1],
-                      k.shape[1], q.shape[2], k.shape[2], d_head, d_v, config.name)
-        return config
+    if config is not None:
+        return checked_config(config, dtype, d_head, d_v, causal, mods, (q, k, v, out))
+    device_index = q.get_device() if device_index is None else device_index
+    config = chosen_config(dtype, d_head, d_v, causal, q.shape[1], mods, device_index, (q, k, v, out))
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("dispatching [B=%d, Sq=%d, Sk=%d, H=%d, H_k=%d, D=%d, D_v=%d] to %s (tuned table, else the "
+                  "default for dtype/head dims/causal/seqlen and shared memory)", q.shape[0], q.shape[1],
+                  k.shape[1], q.shape[2], k.shape[2], d_head, d_v, config.name)
+    return config
+
+
+def chosen_config(dtype: str, d_head: int, d_v: int, causal: bool, seqlen_q: int, mods: ScoreMods,
+                  device_index: int, tensors) -> ConfigBase:
+    """The dispatcher's forward config on this device (dense and varlen calls alike; seqlen_q: the
+    longest sequence): the tuned table's entry, else the default for the device's arch, in the sm_80
+    family where TMA cannot address one of `tensors` (with a DEBUG line)."""
+    arch, limit = jit.arch_for(device_index), _smem_limit(device_index)[0]
+    sink = mods.sink is not None
+    features = (*zip(FEATURES, mods.flags), ("sink", sink))
+    # tuned entries are for d_v == d_head: another d_v takes the dispatcher's default
+    config = (d_v == d_head and tuning.lookup(device_index, "fwd", dtype, d_head, bool(causal), seqlen_q, features)) \
+        or default_config(dtype, d_head, bool(causal), seqlen_q, limit, *mods.flags, arch=arch, sink=sink, d_v=d_v)
+    if config.family.arch is not None and (why := _tma_unaddressable(*tensors)):
+        config = default_config(dtype, d_head, bool(causal), seqlen_q, limit, *mods.flags, sink=sink, d_v=d_v)
+        log.debug("TMA cannot address %s: running the %s family instead", why, config.family.name)
+    return config
+
+
+def checked_config(config: ConfigBase, dtype: str, d_head: int, d_v: int, causal: bool, mods: ScoreMods,
+                   tensors) -> ConfigBase:
+    """A caller's forward config, validated: ValueError (naming the field and the fix) where it does
+    not match the call, or where it loads with TMA and TMA cannot address one of `tensors`."""
     _check_config_type(config, "fwd")
-    if config.family.arch is not None and (why := _tma_unaddressable(q, k, v, out)):
+    if config.family.arch is not None and (why := _tma_unaddressable(*tensors)):
         raise ValueError(f"config {config.name} loads with TMA, which cannot address {why}; pass contiguous "
                          "tensors (e.g. k.contiguous()) or a flashjit.KernelConfig")
     for field, wanted, given in (("dtype", dtype, config.dtype), ("d_head", d_head, config.d_head),

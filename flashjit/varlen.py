@@ -16,9 +16,10 @@ allowed (a sequence with no keys gives out = 0 and lse = +inf, or its sink), and
 Philox state would (flashjit.reference.philox_keep_mask, sliced to the sequence).
 
 The kernels are the dense ones (kernels/common/params.cuh: VarlenParams): a CTA reads its sequence's
-bounds from cu_seqlens and exits when its block lies past the sequence's end. On sm_90a the forward
-runs in the sm_80 family (the Hopper forward's TMA maps describe one [B, S, H, D] tensor per batch
-entry; a DEBUG line says so); the backward's wgmma kernel takes variable lengths.
+bounds from cu_seqlens and exits when its block lies past the sequence's end. On sm_90a both the
+Hopper forward (its TMA maps see the packed tensors as one batch entry; a tile ending past its
+sequence stores O from registers, so the next sequence's rows are never written) and the wgmma
+backward take variable lengths.
 
 What is checked without a device sync: dtypes, devices, shapes, strides, that max_seqlen_* are ints
 and 0 only for empty tensors. What is not: cu_seqlens' values (monotonic, from 0 to the totals) and
@@ -36,10 +37,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import interface, jit, kvattn, ops, tuning
-from .configs.bwd_sm90 import WGMMA_ARCH
-from .configs.common import FEATURES
-from .dispatch import default_config
+from . import interface, kvattn, ops
 from .interface import backend
 from .launch import BwdParams, FwdParams, tensor_ref
 from .reference import attention_reference, philox_keep_mask
@@ -231,37 +229,17 @@ def _kernel(config, device_index: int):
     return interface._kernels.get((config, device_index)) or interface._kernel_for(config, device_index)
 
 
-def _forward_config(q, v, config, causal: bool, max_seqlen_q: int, mods, device_index: int):
-    """The sm_80 forward family on every arch: the tuned table's entry when it is of that family (and
-    d_v == d_head, which tuned entries are for), else the dispatcher's default for the longest
-    sequence. An explicit config must match the call."""
+def _forward_config(q, k, v, out, config, causal: bool, max_seqlen_q: int, mods, device_index: int):
+    """The dispatcher's choice for the longest sequence (as a dense call's: the Hopper family on
+    sm_90a), or the caller's config checked against the call."""
     dtype, d_head, d_v = interface._DTYPES[q.dtype], q.shape[-1], v.shape[-1]
-    sink = mods.sink is not None
-    if config is None:
-        features = (*zip(FEATURES, mods.flags), ("sink", sink))
-        config = tuning.lookup(device_index, "fwd", dtype, d_head, causal, max_seqlen_q, features) if d_v == d_head \
-            else None
-        if config is None or config.family.arch is not None:
-            config = default_config(dtype, d_head, causal, max_seqlen_q, interface._smem_limit(device_index)[0],
-                                    *mods.flags, sink=sink, d_v=d_v)
-        if log.isEnabledFor(logging.DEBUG):
-            arch = jit.arch_for(device_index)
-            log.debug("varlen forward [total_q=%d, H=%d, D=%d, D_v=%d, max_seqlen_q=%d] dispatched to %s%s",
-                      q.shape[0], q.shape[1], d_head, d_v, max_seqlen_q, config.name,
-                      " (the sm_80 family: the Hopper forward's TMA maps are per batch entry)"
-                      if arch == WGMMA_ARCH else "")
-        return config
-    interface._check_config_type(config, "fwd")
-    if config.family.arch is not None:
-        raise ValueError(f"config {config.name} is a {config.family.name} kernel, whose TMA maps cannot describe a "
-                         "variable-length batch; pass a flashjit.KernelConfig (or None)")
-    for field, wanted in (("dtype", dtype), ("d_head", d_head), ("causal", causal), *zip(FEATURES, mods.flags),
-                          ("sink", sink)):
-        if getattr(config, field) != wanted:
-            raise ValueError(f"config.{field}={getattr(config, field)!r} does not match the call ({field}={wanted!r}); "
-                             f"use dataclasses.replace(config, {field}={wanted!r})")
-    interface.check_head_dim_v(config, d_v)
-    return config.validate()
+    if config is not None:
+        return interface.checked_config(config, dtype, d_head, d_v, causal, mods, (q, k, v, out))
+    config = interface.chosen_config(dtype, d_head, d_v, causal, max_seqlen_q, mods, device_index, (q, k, v, out))
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("varlen forward [total_q=%d, H=%d, D=%d, D_v=%d, max_seqlen_q=%d] dispatched to %s",
+                  q.shape[0], q.shape[1], d_head, d_v, max_seqlen_q, config.name)
+    return config
 
 
 def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, causal: bool = False,
@@ -286,7 +264,7 @@ def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_s
                                 learnable_sink)
     softmax_scale = interface.softmax_scale_or_default(q, softmax_scale)
     device_index = q.get_device()
-    config = _forward_config(q, v, config, causal, max_seqlen_q, mods, device_index)
+    config = _forward_config(q, k, v, out, config, causal, max_seqlen_q, mods, device_index)
     kernel = _kernel(config, device_index)
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     out = interface._out_for(out, q, v)

@@ -3,7 +3,9 @@
 // Same result as fwd_sm80.cuh (same masks, softmax, dropout mask and lse), different machine:
 //   O[b, i, h, :] = sum_j softmax_j(scale * Q[b, i, h, :] . K[b, j, h_k, :]) V[b, j, h_k, :]
 // q: [B, Sq, H, D], k: [B, Sk, H_k, D], v: [B, Sk, H_k, D_v], o: [B, Sq, H, D_v] (D_v <= D; usually
-// D_v = D); lse: [B, H, Sq] fp32 or null.
+// D_v = D); lse: [B, H, Sq] fp32 or null. Variable-length batches as params.cuh's VarlenParams: q/o
+// [total_q, H, D], k/v [total_k, H_k, D], lse [H, total_q]; each sequence computed as a dense call of
+// its own lengths.
 //
 // Roles. One CTA owns kBlockM query rows of one (batch, head):
 //   warpgroup 0            producer: one thread issues every TMA load, the rest only wait; it gives
@@ -149,26 +151,36 @@ __device__ __forceinline__ void scores_to_p(float (&s)[1][C::kBlockN / 8][4], ui
 
 // One tile of work: kBlockM query rows of one (batch, head) and the key blocks [j_begin, j_end) any
 // of its rows can see (as fwd_sm80.cuh). Tiles are numbered m-block fastest (neighbouring CTAs share
-// K/V in L2), then head, then batch; with a causal mask the longest rows come first.
+// K/V in L2), then head, then batch; with a causal mask the longest rows come first. A variable-length
+// batch numbers tiles by its longest sequence: a tile past its own sequence's end is skipped (by the
+// producer and the consumers alike, so the rings and the Q phase stay in step).
 template <class C>
 struct Tile {
   int bh, b, h, h_k, q_row0, q_rows, j_begin, j_end;
+  // The TMA coordinates: the row of query q_row0 and of key 0, and the batch entry. Dense: q_row0, 0,
+  // b. Varlen (the maps see [total, H, D] as one batch entry): the sequence's rows in the packed tensors.
+  int q_first, k_first, tma_b;
   typename C::Mod mod;
 
-  __device__ __forceinline__ Tile(const FwdParams& p, int tile, int num_m)
+  __device__ __forceinline__ Tile(const FwdParams& p, int tile, int num_m) : Tile(p, tile, num_m, Seq(p, tile / num_m / p.heads)) {}
+
+  __device__ __forceinline__ Tile(const FwdParams& p, int tile, int num_m, const Seq& seq)
       : bh(tile / num_m), b(bh / p.heads), h(bh % p.heads), h_k(h / (p.heads / p.heads_k)),
-        mod(p.mods, p.seqlen_q, p.seqlen_k, p.softmax_scale, bh / p.heads, bh % p.heads) {
+        mod(p.mods, seq.len_q, seq.len_k, p.softmax_scale, bh / p.heads, bh % p.heads) {
     const int m_block = C::kCausal ? num_m - 1 - tile % num_m : tile % num_m;
     q_row0 = m_block * C::kBlockM;
-    q_rows = min(C::kBlockM, p.seqlen_q - q_row0);
+    q_rows = min(C::kBlockM, seq.len_q - q_row0);  // <= 0: past a varlen sequence's end
+    const bool varlen = p.varlen.cu_seqlens_q != nullptr;
+    q_first = seq.q_start + q_row0, k_first = seq.k_start, tma_b = varlen ? 0 : b;
     j_begin = 0;
-    j_end = (p.seqlen_k + C::kBlockN - 1) / C::kBlockN;
+    j_end = (seq.len_k + C::kBlockN - 1) / C::kBlockN;
     if (C::kCausal || (C::Mod::kLocal && mod.right >= 0)) {
       const int last_col = q_row0 + q_rows - 1 + mod.diag + mod.right;  // rightmost visible key
       j_end = last_col < 0 ? 0 : min(j_end, last_col / C::kBlockN + 1);
     }
     if (C::Mod::kLocal && mod.left >= 0) j_begin = max(0, (q_row0 + mod.diag - mod.left) / C::kBlockN);
   }
+  __device__ __forceinline__ bool skipped() const { return q_rows <= 0; }
   __device__ __forceinline__ bool empty() const { return j_begin >= j_end; }
 };
 
@@ -196,13 +208,16 @@ struct Smem {
 // Normalise O and write it with lse. One CTA per tile: O goes through this warpgroup's rows of the Q
 // tile and out with a TMA store (clipped to Sq and d_head by the map). Persistent: the Q tile may
 // already hold the next tile's rows, so each thread stores its pairs straight from registers (a
-// quad writes 16 contiguous bytes of a row; O is a small share of the traffic).
+// quad writes 16 contiguous bytes of a row; O is a small share of the traffic). So does a varlen
+// tile that ends past its sequence: the packed rows after it are the next sequence's, which no map
+// can clip.
 template <class C>
 __device__ __forceinline__ void epilogue(const Args& args, const Smem<C>& sm, const Tile<C>& T, float (&o)[1][C::kDV / 8][4],
                                          const float (&m)[1][2], const float (&l)[1][2], float scale, int g, int t) {
   const FwdParams& p = args.p;
+  const Seq seq(p, T.b);  // read again here rather than held in registers through the key loop
   const int lane = t & 31, row_cta = g * 64 + (t / 32) * 16;
-  float* lse = p.lse + (int64_t(T.b) * p.heads + T.h) * p.seqlen_q;  // unused when p.lse is null
+  const bool direct = C::kPersistent || (p.varlen.cu_seqlens_q != nullptr && T.q_rows < C::kBlockM);
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     float sum = l[0][half];
@@ -213,12 +228,12 @@ __device__ __forceinline__ void epilogue(const Args& args, const Smem<C>& sm, co
     // Dropped entries still count in the softmax denominator; kept ones are scaled by 1 / (1 - p).
     const float inv = sum > 0.f ? (C::kDropout ? p.mods.dropout_scale : 1.f) * corr / sum : 0.f;
     const int row = row_cta + (lane >> 2) + half * 8, q_row = T.q_row0 + row;
-    if (C::kPersistent) {
-      elem_t* dst = p.o.at<elem_t>(T.b, T.h, q_row);
+    if (direct) {
+      elem_t* dst = p.o.at<elem_t>(T.b, T.h, seq.q_start + q_row);
 #pragma unroll
       for (int nt = 0; nt < C::kDV / 8; ++nt) {
         const int col = nt * 8 + (lane & 3) * 2;
-        if (q_row < p.seqlen_q && col < C::kDHeadV)
+        if (q_row < seq.len_q && col < C::kDHeadV)
           *reinterpret_cast<uint32_t*>(dst + col) = pack2<C::kBf16>(o[0][nt][2 * half] * inv, o[0][nt][2 * half + 1] * inv);
       }
     } else {
@@ -227,16 +242,17 @@ __device__ __forceinline__ void epilogue(const Args& args, const Smem<C>& sm, co
         *reinterpret_cast<uint32_t*>(sm.q + C::TileQ::offset(row, nt) + (lane & 3) * 2) =
             pack2<C::kBf16>(o[0][nt][2 * half] * inv, o[0][nt][2 * half + 1] * inv);
     }
-    if (p.lse != nullptr && (lane & 3) == 0 && q_row < p.seqlen_q)
-      lse[q_row] = sum > 0.f ? m_nat + logf(sum) : INFINITY;
+    if (p.lse != nullptr && (lane & 3) == 0 && q_row < seq.len_q)
+      p.lse[seq.stat_row(T.h, q_row)] = sum > 0.f ? m_nat + logf(sum) : INFINITY;
   }
-  if (!C::kPersistent) {
+  if (!direct) {
     fence_proxy_async();  // the stores above, visible to the TMA unit
     named_sync(int(Barrier::kEpilogue) + g, 128);
     if (t == 0) {
 #pragma unroll
       for (int c = 0; c < C::kDV / 64; ++c)
-        tma_store_4d(&args.o, sm.q + c * C::TileQ::kBlockBytes / 2 + g * 64 * 64, c * 64, T.q_row0 + g * 64, T.h, T.b);
+        tma_store_4d(&args.o, sm.q + c * C::TileQ::kBlockBytes / 2 + g * 64 * 64, c * 64, T.q_first + g * 64, T.h,
+                     T.tma_b);
       tma_store_commit();
       tma_store_wait_read();
     }
@@ -254,29 +270,31 @@ __device__ __forceinline__ void produce(const Args& args, const Smem<C>& sm, int
   tma_prefetch_map(&args.v);
   RingState<C::kStages> st;
   int it = 0;
-  for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x, ++it) {
+  for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
     const Tile<C> T(p, tile, num_m);
+    if (T.skipped()) continue;
     // A tile of `width` columns: one TMA box per 64-column block.
     auto load = [&](const CUtensorMap* map, elem_t* dst, uint64_t* bar, int row0, int rows_block_bytes, int head,
                     int width) {
 #pragma unroll
-      for (int c = 0; c < width / 64; ++c) tma_load_4d(dst + c * rows_block_bytes / 2, map, bar, c * 64, row0, head, T.b);
+      for (int c = 0; c < width / 64; ++c) tma_load_4d(dst + c * rows_block_bytes / 2, map, bar, c * 64, row0, head, T.tma_b);
     };
     for (int j = T.j_begin; j < T.j_end; ++j, st.advance()) {
-      load(&args.k, sm.k_stage(st.stage), sm.k_ring->acquire(st, C::TileKV::kBytes), j * C::kBlockN,
+      load(&args.k, sm.k_stage(st.stage), sm.k_ring->acquire(st, C::TileKV::kBytes), T.k_first + j * C::kBlockN,
            C::TileKV::kBlockBytes, T.h_k, C::kD);
       if (j == T.j_begin) {
         mbarrier_wait(sm.q_empty, (it & 1) ^ 1);
         mbarrier_arrive_expect_tx(sm.q_full, C::TileQ::kBytes);
-        load(&args.q, sm.q, sm.q_full, T.q_row0, C::TileQ::kBlockBytes, T.h, C::kD);
+        load(&args.q, sm.q, sm.q_full, T.q_first, C::TileQ::kBlockBytes, T.h, C::kD);
       }
-      load(&args.v, sm.v_stage(st.stage), sm.v_ring->acquire(st, C::TileV::kBytes), j * C::kBlockN,
+      load(&args.v, sm.v_stage(st.stage), sm.v_ring->acquire(st, C::TileV::kBytes), T.k_first + j * C::kBlockN,
            C::TileV::kBlockBytes, T.h_k, C::kDV);
     }
     if (T.empty()) {  // nothing to load: the phase still turns, so both sides keep counting tiles
       mbarrier_wait(sm.q_empty, (it & 1) ^ 1);
       mbarrier_arrive(sm.q_full);
     }
+    ++it;
   }
 }
 
@@ -319,8 +337,9 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
   auto v_desc = [&](int stage) { return gmma_desc(smem_addr(sm.v_stage(stage)), C::TileV::kBlockBytes); };
   RingState<C::kStages> st;
   int it = 0;
-  for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x, ++it) {
+  for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
     const Tile<C> T(p, tile, num_m);
+    if (T.skipped()) continue;
     const int row0 = T.q_row0 + row_cta;  // this warp's first row, globally
     float o[1][C::kDV / 8][4];
     float m[1][2] = {{-INFINITY, -INFINITY}}, l[1][2] = {{0.f, 0.f}};
@@ -415,28 +434,31 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
       sm.v_ring->release(prev);
     }
     epilogue<C>(args, sm, T, o, m, l, scale, g, t);
+    ++it;
   }
 }
 
 template <class C>
 cudaError_t launch(const FwdParams& p, cudaStream_t stream) {
-  // The TMA maps describe [B, S, H, D] tensors per batch entry: variable-length batches run in the
-  // sm_80 family (flashjit/varlen.py routes them there), and a varlen call reaching this kernel is refused.
-  if (p.varlen.cu_seqlens_q != nullptr) return cudaErrorInvalidValue;
   if (p.batch == 0 || p.heads == 0 || p.seqlen_q == 0) return cudaSuccess;
   const int64_t blocks = int64_t((p.seqlen_q + C::kBlockM - 1) / C::kBlockM) * p.heads * p.batch;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   Args args;
   args.p = p;
-  // With Sk = 0 no K/V tile is ever loaded; the maps must still encode, so they describe Q.
-  const bool no_keys = p.seqlen_k == 0;
+  // The maps' rows: a dense call's [B, S, H, D] per batch entry; a varlen batch's [total, H, D] as one
+  // entry (its TensorRefs have batch stride 0), each tile addressing its sequence's rows in it.
+  const bool varlen = p.varlen.cu_seqlens_q != nullptr;
+  const int map_batch = varlen ? 1 : p.batch, q_rows = varlen ? p.varlen.total_q : p.seqlen_q;
+  // With no keys no K/V tile is ever loaded; the maps must still encode, so they describe Q.
+  const bool no_keys = (varlen ? p.varlen.total_k : p.seqlen_k) == 0;
   const TensorRef& k = no_keys ? p.q : p.k;
   const TensorRef& v = no_keys ? p.q : p.v;
-  const int kv_rows = no_keys ? p.seqlen_q : p.seqlen_k, kv_heads = no_keys ? p.heads : p.heads_k;
-  if (!encode_bshd(&args.q, p.q, C::kBf16, p.batch, p.seqlen_q, p.heads, C::kDHead, C::kBlockM) ||
-      !encode_bshd(&args.k, k, C::kBf16, p.batch, kv_rows, kv_heads, C::kDHead, C::kBlockN) ||
-      !encode_bshd(&args.v, v, C::kBf16, p.batch, kv_rows, kv_heads, no_keys ? C::kDHead : C::kDHeadV, C::kBlockN) ||
-      !encode_bshd(&args.o, p.o, C::kBf16, p.batch, p.seqlen_q, p.heads, C::kDHeadV, 64))
+  const int kv_rows = no_keys ? q_rows : varlen ? p.varlen.total_k : p.seqlen_k;
+  const int kv_heads = no_keys ? p.heads : p.heads_k;
+  if (!encode_bshd(&args.q, p.q, C::kBf16, map_batch, q_rows, p.heads, C::kDHead, C::kBlockM) ||
+      !encode_bshd(&args.k, k, C::kBf16, map_batch, kv_rows, kv_heads, C::kDHead, C::kBlockN) ||
+      !encode_bshd(&args.v, v, C::kBf16, map_batch, kv_rows, kv_heads, no_keys ? C::kDHead : C::kDHeadV, C::kBlockN) ||
+      !encode_bshd(&args.o, p.o, C::kBf16, map_batch, q_rows, p.heads, C::kDHeadV, 64))
     return cudaErrorInvalidValue;
   int device = 0;  // above 48 KiB a kernel must opt in to dynamic shared memory, once per device
   cudaError_t err = cudaGetDevice(&device);

@@ -232,10 +232,26 @@ def test_packed_forms_equal_the_unpacked_call(layout, monkeypatch):
 
 
 # ---- the same kernels as dense calls --------------------------------------------------------------
+# The forward kernels a varlen batch can run: the sm_80 family (every arch), the Hopper family's default
+# and its other tile walk (persistent or one CTA per tile; sm_90a only).
+FORWARD_FAMILIES = ["sm80", "sm90", "sm90-other-walk"]
+
+
+def _forward_config(family: str, d: int, causal: bool, max_q: int, mods) -> object:
+    if family == "sm80":
+        return default_config("bf16", d, causal, max_q, 160 * 1024, *mods.flags)
+    if _arch() != WGMMA_ARCH:
+        pytest.skip("the Hopper forward runs on sm_90a")
+    # (the dispatcher gives a short query block the sm_80 kernel; these tests want the Hopper one)
+    config = default_config("bf16", d, causal, max(max_q, 128), 227 * 1024, *mods.flags, arch=WGMMA_ARCH)
+    return config if family == "sm90" else dataclasses.replace(config, persistent=not config.persistent)
+
+
 @gpu
+@pytest.mark.parametrize("family", FORWARD_FAMILIES)
 @pytest.mark.parametrize("d, causal, features", [(128, True, {}), (64, False, dict(window_size=(30, 5))),
                                                  (96, True, dict(alibi_slopes="batch_heads", softcap=2.0))], ids=str)
-def test_equal_bit_for_bit_to_dense_calls_of_each_sequence(d, causal, features):
+def test_equal_bit_for_bit_to_dense_calls_of_each_sequence(d, causal, features, family):
     """With one explicit config, a varlen batch computes exactly what a dense call on each sequence
     alone computes: out, lse, and (deterministic backward; and the wgmma kernel's dk, dv) gradients."""
     lens_q, lens_k = LENS
@@ -246,9 +262,9 @@ def test_equal_bit_for_bit_to_dense_calls_of_each_sequence(d, causal, features):
     slopes = kwargs.pop("alibi_slopes", None)
     mods = interface.score_mods(q[None], causal, kwargs.get("window_size", (-1, -1)), kwargs.get("softcap", 0.0),
                                 None if slopes is None else slopes[0])
-    fwd = default_config("bf16", d, causal, max_q, 160 * 1024, *mods.flags)
+    fwd = _forward_config(family, d, causal, max_q, mods)
     bwd_configs = [default_bwd_config("bf16", d, causal, *mods.flags, deterministic=True)]
-    if _arch() == WGMMA_ARCH and d in (64, 128):
+    if _arch() == WGMMA_ARCH and d in (64, 128) and family == "sm80":
         bwd_configs.append(default_bwd_config("bf16", d, causal, *mods.flags, wgmma=True))
     out, lse = varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, config=fwd, alibi_slopes=slopes, **kwargs)
     for config in bwd_configs:
@@ -287,19 +303,22 @@ def _guarded(like: torch.Tensor, guard: int = 64):
 
 
 @gpu
+@pytest.mark.parametrize("family", FORWARD_FAMILIES)
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_rows_outside_the_sequences_and_around_the_outputs_are_untouched(deterministic):
+def test_rows_outside_the_sequences_and_around_the_outputs_are_untouched(deterministic, family):
     """cu_seqlens ending before the tensors' last rows (as flash-attn allows) and max_seqlen larger
     than any sequence: the rows past the last sequence stay as they were (NaN; dq's are 0 on the atomic
     path, whose conversion walks every row), and so do guard rows around every output; the sequences'
-    own rows match the reference."""
+    own rows match the reference. 130 query rows: the Hopper forward's last tile of that sequence ends
+    past it, where the next rows are outside every sequence."""
     lens_q, lens_k = [40, 0, 130], [70, 20, 129]
     h, hk, d = 4, 2, 128
     q, k, v, _, _, _, _ = _batch(lens_q + [25], lens_k + [9], h, hk, d)
     cu_q, cu_k = _cu(lens_q, "cuda"), _cu(lens_k, "cuda")  # the last 25 query / 9 key rows are in no sequence
     dout = torch.randn_like(q)
     bufs = [_guarded(t) for t in (q, q, k, v)]
-    out, lse = varlen_forward(q, k, v, cu_q, cu_k, 1000, 1000, causal=True, out=bufs[0][1])
+    config = _forward_config(family, d, True, 1000, interface.score_mods(q[None], True, (-1, -1), 0.0, None))
+    out, lse = varlen_forward(q, k, v, cu_q, cu_k, 1000, 1000, causal=True, out=bufs[0][1], config=config)
     varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, 1000, 1000, causal=True, deterministic=deterministic,
                     dq=bufs[1][1], dk=bufs[2][1], dv=bufs[3][1])
     n_q, n_k = sum(lens_q), sum(lens_k)
@@ -315,9 +334,10 @@ def test_rows_outside_the_sequences_and_around_the_outputs_are_untouched(determi
 
 
 @gpu
+@pytest.mark.parametrize("family", FORWARD_FAMILIES)
 @pytest.mark.parametrize("offsets_q, offsets_k", [([0, 50, 20, 10**6], [0, 5, 2**31 - 1, -7]),
                                                   ([-100, 3, 2, 1], [0, 0, 0, 10**9])], ids=str)
-def test_offsets_that_break_the_contract_stay_in_bounds(offsets_q, offsets_k):
+def test_offsets_that_break_the_contract_stay_in_bounds(offsets_q, offsets_k, family):
     """cu_seqlens that are not monotonic or leave the tensors (not checked on the host: that needs a
     device sync) give wrong sequences but no access outside q, k, v and the outputs: the kernels clamp
     every offset. Guard rows around each output stay NaN and the device stays usable."""
@@ -326,8 +346,9 @@ def test_offsets_that_break_the_contract_stay_in_bounds(offsets_q, offsets_k):
     k, v = (torch.randn(40, h, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     cu_q, cu_k = (torch.tensor(o, dtype=torch.int32, device="cuda") for o in (offsets_q, offsets_k))
     bufs = [_guarded(t) for t in (q, q, k, v)]
+    config = _forward_config(family, d, True, 60, interface.score_mods(q[None], True, (-1, -1), 0.0, None))
     for det in (False, True):
-        out, lse = varlen_forward(q, k, v, cu_q, cu_k, 60, 40, causal=True, out=bufs[0][1])
+        out, lse = varlen_forward(q, k, v, cu_q, cu_k, 60, 40, causal=True, out=bufs[0][1], config=config)
         varlen_backward(torch.randn_like(q), q, k, v, out, lse, cu_q, cu_k, 60, 40, causal=True, deterministic=det,
                         dq=bufs[1][1], dk=bufs[2][1], dv=bufs[3][1])
         torch.cuda.synchronize()
@@ -342,18 +363,28 @@ def test_offsets_that_break_the_contract_stay_in_bounds(offsets_q, offsets_k):
 
 # ---- dispatch and device-side argument checks -----------------------------------------------------------
 @gpu
-def test_forward_runs_in_the_sm80_family_and_says_so_on_hopper(caplog):
+def test_forward_dispatch_names_the_kernel_and_falls_back_where_tma_cannot_address(caplog):
+    """The dispatcher picks the dense call's family for the arch (the Hopper one on sm_90a) and logs it;
+    k broadcast with expand (a zero stride TMA cannot describe) runs the sm_80 family, and an explicit
+    Hopper config is then refused, naming the fix."""
+    from flashjit import FwdSm90Config
     lens = [100, 3]
     q, k, v, cu_q, cu_k, max_q, max_k = _batch(lens, lens, 2, 2, 128)
     with caplog.at_level(logging.DEBUG, logger="flashjit"):
-        varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k)
+        out, _ = varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k)
     lines = [r.getMessage() for r in caplog.records if "varlen forward" in r.getMessage()]
-    assert lines and "fwd_bf16_d128" in lines[-1]
-    if _arch() == WGMMA_ARCH:
-        assert "sm_80 family" in lines[-1]
-    with pytest.raises(ValueError, match="TMA"):
-        from flashjit import FwdSm90Config
-        varlen_forward(q, k, v, cu_q, cu_k, max_q, max_k, config=FwdSm90Config("bf16", 128))
+    hopper = _arch() == WGMMA_ARCH
+    assert lines and ("fwd_sm90_bf16_d128" if hopper else "fwd_bf16_d128") in lines[-1]
+    k1, v1 = k[:, :1].expand(-1, 2, -1), v[:, :1].expand(-1, 2, -1)
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="flashjit"):
+        broadcast, _ = varlen_forward(q, k1, v1, cu_q, cu_k, max_q, max_k)
+    assert torch.equal(broadcast, varlen_forward(q, k1.contiguous(), v1.contiguous(), cu_q, cu_k, max_q, max_k,
+                                                 config=default_config("bf16", 128, False, max_q, 160 * 1024))[0])
+    if hopper:
+        assert any("TMA cannot address" in r.getMessage() for r in caplog.records)
+        with pytest.raises(ValueError, match="TMA"):
+            varlen_forward(q, k1, v1, cu_q, cu_k, max_q, max_k, config=FwdSm90Config("bf16", 128))
 
 
 @gpu
@@ -505,13 +536,13 @@ def test_params_structs_end_with_the_varlen_fields():
 @pytest.mark.compile
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
 def test_varlen_default_kernels_compile_with_the_params_struct(arch):
-    """What a varlen call dispatches to (the sm_80 forward family on every arch; the backward the dense
-    dispatcher picks, wgmma on sm_90a) builds, and its library's params struct is launch.py's size (the
+    """What a varlen call dispatches to (the forward and backward the dense dispatcher picks: the Hopper
+    families on sm_90a) builds, and its library's params struct is launch.py's size (the
     CompiledKernel load checks it)."""
     from flashjit import jit
     from flashjit.launch import CompiledKernel
 
-    fwd = default_config("bf16", 128, True, 1000, 227 * 1024)
+    fwd = default_config("bf16", 128, True, 1000, 227 * 1024, arch=arch)
     bwd = default_bwd_config("bf16", 128, True, wgmma=arch == WGMMA_ARCH)
     for config in (fwd, bwd):
         assert config.family.arch in (None, arch)
