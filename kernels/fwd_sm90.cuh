@@ -11,7 +11,7 @@
 //   warpgroup 0            producer: one thread issues every TMA load, the rest only wait; it gives
 //                          its registers to the consumers (setmaxnreg).
 //   warpgroups 1..kWG      consumers: 64 query rows each, O and the softmax statistics in registers.
-// Persistent, a CTA per SM walks tiles blockIdx.x, + gridDim.x, ...; the rings run on across tiles.
+// Persistent, a CTA per SM walks a tile per round (tile_of); the rings run on across tiles.
 // Barriers (who arrives / who waits):
 //   q_full                 producer (expect_tx: the Q tile)      / every consumer thread, once a tile
 //   q_empty                every consumer thread, after its last  / the producer, before the next
@@ -184,6 +184,18 @@ struct Tile {
   __device__ __forceinline__ bool empty() const { return j_begin >= j_end; }
 };
 
+// The tile a CTA takes in its round r (r = 0 only, unless persistent): round r covers tiles
+// [r * grid, (r + 1) * grid), in reverse on odd rounds. Tiles are numbered m-block fastest, so where
+// num_m divides the grid (22 m-blocks of 192 rows at S = 4k, 132 SMs) plain striding would give a CTA
+// the same m-block every round: under a causal mask the same work every round, long for some CTAs
+// and short for others. Reversed odd rounds pair each CTA's long tile with a short one, and each
+// round's tiles stay contiguous (neighbouring m-blocks share K/V in L2).
+template <class C>
+__device__ __forceinline__ int tile_of(int round) {
+  const int base = round * int(gridDim.x);
+  return base + (C::kPersistent && (round & 1) ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x));
+}
+
 // The shared memory: Q, the K and V rings, the barriers (q_empty: every consumer thread has issued
 // and retired its last QK^T of a tile, so the persistent producer may load the next Q).
 template <class C>
@@ -270,7 +282,7 @@ __device__ __forceinline__ void produce(const Args& args, const Smem<C>& sm, int
   tma_prefetch_map(&args.v);
   RingState<C::kStages> st;
   int it = 0;
-  for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+  for (int round = 0, tile = tile_of<C>(0); tile < num_tiles; tile = tile_of<C>(++round)) {
     const Tile<C> T(p, tile, num_m);
     if (T.skipped()) continue;
     // A tile of `width` columns: one TMA box per 64-column block.
@@ -337,7 +349,7 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
   auto v_desc = [&](int stage) { return gmma_desc(smem_addr(sm.v_stage(stage)), C::TileV::kBlockBytes); };
   RingState<C::kStages> st;
   int it = 0;
-  for (int tile = blockIdx.x; tile < num_tiles; tile += gridDim.x) {
+  for (int round = 0, tile = tile_of<C>(0); tile < num_tiles; tile = tile_of<C>(++round)) {
     const Tile<C> T(p, tile, num_m);
     if (T.skipped()) continue;
     const int row0 = T.q_row0 + row_cta;  // this warp's first row, globally
@@ -470,7 +482,7 @@ cudaError_t launch(const FwdParams& p, cudaStream_t stream) {
     if (device < 64) opted_in[device] = true;
   }
   unsigned grid = unsigned(blocks);
-  if (C::kPersistent) {  // one CTA per SM, each walking tiles blockIdx.x, + gridDim.x, ...
+  if (C::kPersistent) {  // one CTA per SM, each walking its tile_of every round
     static int sm_count[64] = {};
     if (device >= 64 || sm_count[device] == 0) {
       int count = 0;
