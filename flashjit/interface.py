@@ -411,20 +411,73 @@ class _Plan:
         return out, lse
 
 
-_plans: OrderedDict = OrderedDict()  # plan key -> _Plan, least recently made first
+class _BwdPlan:
+    """A repeated backward call, worked out once, as _Plan is for the forward: made by the first call
+    of a key (shapes, strides, dtypes, devices, flags of dout, q, k, v, out, lse) whose kernel the
+    dispatcher chose with no copies, no caller outputs, no ALiBi or sink and no padding; later calls
+    skip the checks, the config choice and the params packing: the gradients' and the scratch buffers'
+    allocations, the pointers, the launch. Retired by a tuned table written since, as _Plan."""
+
+    __slots__ = ("kernel", "template", "device_index", "device", "dtype", "shapes", "dvec_shape", "accum_shape",
+                 "dkv_numel", "dropout", "generation")
+
+    def __init__(self, kernel, params, q, k, v, dvec, dq_accum, dkv_accum, dropout: bool):
+        self.kernel, self.template, self.dropout = kernel, bytes(params), dropout
+        self.device_index, self.device, self.dtype = q.get_device(), q.device, q.dtype
+        self.shapes, self.dvec_shape = (q.shape, k.shape, v.shape), dvec.shape
+        self.accum_shape = None if dq_accum is None else dq_accum.shape
+        self.dkv_numel = None if dkv_accum is None else dkv_accum.numel()
+        self.generation = tuning.current_generation()
+
+    def launch(self, dout, q, k, v, out, lse, philox):
+        """(dq, dk, dv), or None when this call cannot use the plan (an input not 16-byte aligned, or a
+        tuned table written since)."""
+        if (q.data_ptr() | k.data_ptr() | v.data_ptr() | out.data_ptr() | dout.data_ptr()) & 15 \
+                or self.generation != tuning.current_generation():
+            return None
+        dq, dk, dv = (torch.empty(shape, dtype=self.dtype, device=self.device) for shape in self.shapes)
+        dvec = torch.empty(self.dvec_shape, dtype=torch.float32, device=self.device)
+        params = BwdParams.from_buffer_copy(self.template)
+        params.q, params.k, params.v, params.o, params.dout = (t.data_ptr() for t in (q, k, v, out, dout))
+        params.dq, params.dk, params.dv = dq.data_ptr(), dk.data_ptr(), dv.data_ptr()
+        params.lse, params.dvec = lse.data_ptr(), dvec.data_ptr()
+        if self.accum_shape is not None:  # the atomic path's fp32 dQ sums (zeroed by the first kernel)
+            dq_accum = torch.empty(self.accum_shape, dtype=torch.float32, device=self.device)
+            params.dq_accum = dq_accum.data_ptr()
+        if self.dkv_numel is not None:  # the head split's dK/dV sums, zeroed here (dkv_sums)
+            dkv_accum = torch.zeros(self.dkv_numel, dtype=torch.float32, device=self.device)
+            params.dkv_accum = dkv_accum.data_ptr()
+        if self.dropout:
+            params.philox_seed, params.philox_offset = philox
+        _run(self.kernel, params, self.device_index)
+        return dq, dk, dv
+
+
+_plans: OrderedDict = OrderedDict()  # forward plan key -> _Plan, least recently made first
+_bwd_plans: OrderedDict = OrderedDict()  # backward plan key -> _BwdPlan, likewise
 _MAX_PLANS = 2048  # a server decoding against a growing cache makes a key per length: bounded, oldest out
 
 
-def _plan_key(q, k, v, *flags):
-    """The key of a forward call for _plans: everything its checks, config and params depend on but
-    the data pointers. None when an argument is not what a plan can describe."""
+def _plan_key(q, k, v, *flags, more=()):
+    """The key of a call for _plans (or _bwd_plans, with the `more` tensors): everything its checks,
+    config and params depend on but the data pointers. None when an argument is not what a plan can
+    describe."""
     try:
-        key = (q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device,
-               v.shape, v.stride(), v.dtype, v.device, *flags)
+        key = (*(x for t in (q, k, v, *more) for x in _layout(t)), *flags)
         hash(key)
         return key
     except (AttributeError, TypeError):  # not tensors, or a window_size given as a list
         return None
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    return t.shape, t.stride(), t.dtype, t.device
+
+
+def _remember(plans: OrderedDict, key, plan) -> None:
+    plans[key] = plan
+    if len(plans) > _MAX_PLANS:
+        plans.popitem(last=False)
 
 
 def _launch(q, k, v, config, causal, softmax_scale, out=None, want_lse=True, mods: ScoreMods = _NO_MODS,
@@ -447,9 +500,7 @@ def _launch(q, k, v, config, causal, softmax_scale, out=None, want_lse=True, mod
                        lse.data_ptr() if want_lse else None, batch, seqlen_q, k.shape[1], heads, k.shape[2],
                        softmax_scale, *mods.values)
     if plan_key is not None and chosen and all(a is b for a, b in zip(given, (q, k, v))) and not mods.alibi and mods.sink is None:
-        _plans[plan_key] = _Plan(kernel, params, q, out, want_lse, mods.dropout)
-        if len(_plans) > _MAX_PLANS:
-            _plans.popitem(last=False)
+        _remember(_plans, plan_key, _Plan(kernel, params, q, out, want_lse, mods.dropout))
 
     def run():
         _run(kernel, params, device_index)
@@ -534,6 +585,14 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     GQA on sm_90a: the dispatcher runs one dK/dV CTA per query head where one per key/value head would
     leave too few CTAs (BwdSm90Config.head_split; dispatch.with_head_split); a config passed here is
     run as it is."""
+    plan_key = None
+    if config is None and alibi_slopes is None and learnable_sink is None and dq is dk is dv is None \
+            and not (dropout_p and philox is None):
+        plan_key = _plan_key(q, k, v, causal, softmax_scale, window_size, softcap, dropout_p, deterministic,
+                             more=(dout, out, lse))
+        plan = _bwd_plans.get(plan_key) if plan_key is not None else None
+        if plan is not None and (grads := plan.launch(dout, q, k, v, out, lse, philox)) is not None:
+            return grads
     check_qkv(q, k, v)
     check_douts(dout, out, q, v)
     lse_shape = (q.shape[0], q.shape[2], q.shape[1])
@@ -569,6 +628,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         dk.zero_(), dv.zero_()
         return (dq, dk, dv) if learnable_sink is None else (dq, dk, dv, torch.zeros_like(learnable_sink))
     kernel = _kernels.get((config, device_index)) or _kernel_for(config, device_index)
+    given = (q, k, v, out, dout, lse)
     # out and dout are only read: a layout the kernels cannot address is copied once (as _aligned does)
     out, dout = (t if t.stride(-1) == 1 else t.contiguous() for t in (out, dout))
     q, k, v, out, dout = (_aligned(t) for t in (q, k, v, out, dout))
@@ -584,6 +644,8 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                        batch, seqlen_q, k.shape[1], heads, k.shape[2], softmax_scale, *mods.values,
                        dkv_accum=0 if dkv_accum is None else dkv_accum.data_ptr())
     _run(kernel, params, device_index)
+    if plan_key is not None and chosen and all(a is b for a, b in zip(given, (q, k, v, out, dout, lse))):
+        _remember(_bwd_plans, plan_key, _BwdPlan(kernel, params, q, k, v, dvec, dq_accum, dkv_accum, mods.dropout))
     if learnable_sink is None:
         return dq, dk, dv
     return dq, dk, dv, sink_grad(mods, lse, dvec, head_dim=1).to(learnable_sink.dtype)

@@ -221,6 +221,43 @@ def test_launch_plan_is_reused_and_checks_still_run():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kwargs", [dict(causal=True, deterministic=True),
+                                    dict(dropout_p=0.2, philox=(7, 64), window_size=(40, 3), deterministic=True),
+                                    dict(causal=True)], ids=["causal", "dropout-window", "atomic"])
+def test_backward_plan_is_reused_and_checks_still_run(kwargs):
+    """A repeated backward uses the plan its first call made (no config choice) and computes the same
+    gradients (bit for bit where deterministic; the atomic path to fp32 rounding); a call with a
+    misaligned input, a caller's dq or another flag takes the full path."""
+    q, k, v = (t.detach() for t in _gpu_inputs(100, 150)[:3])
+    fwd_kwargs = {name: value for name, value in kwargs.items() if name != "deterministic"}
+    out, lse = flashjit.forward(q, k, v, return_lse=True, **fwd_kwargs)
+    dout = torch.randn_like(out)
+    first = flashjit.backward(dout, q, k, v, out, lse, **kwargs)
+    calls = []
+    original = interface.bwd_config
+    interface.bwd_config = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    exact = dict(atol=0, rtol=0) if kwargs.get("deterministic") else dict(atol=2e-2, rtol=0)
+    try:
+        again = flashjit.backward(dout, q, k, v, out, lse, **kwargs)
+        assert not calls, "the planned call chose a config again"
+        for name, a, b in zip(("dq", "dk", "dv"), again, first):
+            torch.testing.assert_close(a, b, **exact, msg=name)
+        misaligned = torch.empty(dout.numel() + 1, dtype=dout.dtype, device=dout.device)[1:].view(dout.shape)
+        torch.testing.assert_close(flashjit.backward(misaligned.copy_(dout), q, k, v, out, lse, **kwargs)[2], first[2],
+                                   **exact)
+        assert calls, "a misaligned input used the plan"
+        calls.clear()
+        dq = torch.full_like(q, float("nan"))
+        flashjit.backward(dout, q, k, v, out, lse, dq=dq, **kwargs)
+        assert calls and not dq.isnan().any(), "a caller's dq used the plan or was not written"
+        calls.clear()
+        flashjit.backward(dout, q, k, v, out, lse, **dict(kwargs, softcap=5.0))
+        assert calls, "another softcap used the plan"
+    finally:
+        interface.bwd_config = original
+
+
+@pytest.mark.gpu
 def test_opcheck_of_the_ops_on_the_kernels():
     q, k, v, _ = _gpu_inputs(77, 130, d=64)
     sink = torch.randn(q.shape[2], device="cuda", requires_grad=True)
