@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import heapq
 import itertools
 
 from .configs.bwd_sm80 import BWD_BLOCK_M, BWD_D_SPLIT, BWD_GROUP_ROWS, BwdConfig
@@ -194,6 +195,47 @@ def with_head_split(config, batch: int, heads: int, heads_k: int, seqlen_k: int,
     return config
 
 
+# persistent_walk_balances: a persistent causal grid keeps its static walk unless the hardware's own
+# scheduling of one CTA per tile would balance it better than this (the walk's prologue overlap is
+# worth ~5%: d64 non-causal, persistent vs not, 0.98-1.12x), and grids of more rounds than this are
+# taken as balanced (rounds of mixed lengths average out; the simulation's cost stays ~ms).
+WALK_MARGIN = 0.95
+WALK_MAX_ROUNDS = 32
+
+
+@functools.lru_cache(maxsize=1024)
+def persistent_walk_balances(batch_heads: int, seqlen_q: int, block_m: int, block_n: int, sm_count: int) -> bool:
+    """Whether the persistent Hopper forward's static tile walk (kernels/fwd_sm90.cuh: tile_of, odd
+    rounds reversed) balances a causal grid of batch * heads rows of query tiles about as well as one
+    CTA per tile, which the hardware hands to whichever SM frees first (tiles longest first per head).
+    A simulation of both, a tile's work its key blocks plus one block's worth of overhead: it matches
+    the H200's d64 causal figures (docs/perf-log.md, fourteenth session): at 16k tokens, 32 heads, the
+    walk balances S = 1k-4k (simulated 0.94-0.97 of ideal; measured persistent 1.02-1.12x one CTA
+    per tile) but not S = 8k (0.83 against 0.96; measured 0.92x), where 43 query blocks do not divide
+    132 SMs."""
+    num_m = -(-seqlen_q // block_m)
+    work = [(min(m * block_m + block_m, seqlen_q) - 1) // block_n + 2 for m in reversed(range(num_m))] * batch_heads
+    if len(work) > WALK_MAX_ROUNDS * sm_count:
+        return True
+    walk = [0] * sm_count  # tile i of round r goes to CTA i mod G, or G - 1 - that on odd rounds
+    for i, w in enumerate(work):
+        r, c = divmod(i, sm_count)
+        walk[sm_count - 1 - c if r & 1 else c] += w
+    free = [0] * sm_count  # one CTA per tile: each to the SM that frees first
+    for w in work:
+        heapq.heapreplace(free, free[0] + w)
+    return max(free) >= WALK_MARGIN * max(walk)
+
+
+def with_tile_walk(config, batch: int, heads: int, seqlen_q: int, sm_count: int):
+    """The dispatcher's forward config for a dense call's grid: a persistent causal FwdSm90Config whose
+    static walk would leave SMs idle (persistent_walk_balances) launches one CTA per tile instead."""
+    if isinstance(config, FwdSm90Config) and config.persistent and config.causal and not config.local and \
+            not persistent_walk_balances(batch * heads, seqlen_q, config.block_m, config.block_n, sm_count):
+        return dataclasses.replace(config, persistent=False)
+    return config
+
+
 def get_kernels_to_build(smem_limit: int = SMEM_LIMIT_SM90, arch: str | None = None) -> list:
     """The default build set for `arch` (None: any, so no sm_90a-only kernel): the dispatcher's
     choice for every dtype, tile-width head dim (HEAD_DIMS) and causal flag at long and short sequence
@@ -203,8 +245,12 @@ def get_kernels_to_build(smem_limit: int = SMEM_LIMIT_SM90, arch: str | None = N
     configs = []
     for dtype, d_head, causal, seqlen in itertools.product(DTYPES, HEAD_DIMS, (False, True), (4096, 1)):
         cfg = default_config(dtype, d_head, causal, seqlen, smem_limit, arch=arch)
-        if cfg not in configs:
-            configs.append(cfg)
+        # and a persistent causal kernel's one-CTA-per-tile twin, which with_tile_walk picks for some grids
+        twins = (dataclasses.replace(cfg, persistent=False),) if isinstance(cfg, FwdSm90Config) and cfg.persistent \
+            and causal else ()
+        for cfg in (cfg, *twins):
+            if cfg not in configs:
+                configs.append(cfg)
     for dtype, d_head, causal, det in itertools.product(DTYPES, HEAD_DIMS, (False, True), (False, True)):
         try:
             cfg = default_bwd_config(dtype, d_head, causal, deterministic=det, smem_limit=smem_limit,

@@ -23,7 +23,7 @@ from .configs import families
 from .configs.bwd_sm80 import BwdConfig
 from .configs.bwd_sm90 import WGMMA_ARCH, BwdSm90Config
 from .configs.common import FEATURES, MAX_HEAD_DIM, ConfigBase
-from .dispatch import backward_pads_value, default_bwd_config, default_config, with_head_split
+from .dispatch import backward_pads_value, default_bwd_config, default_config, with_head_split, with_tile_walk
 from .launch import BwdParams, FwdParams, tensor_ref
 
 log = logging.getLogger("flashjit")
@@ -264,7 +264,8 @@ def resolve_config(q: torch.Tensor, k: torch.Tensor, config: ConfigBase | None, 
     if config is not None:
         return checked_config(config, dtype, d_head, d_v, causal, mods, (q, k, v, out))
     device_index = q.get_device() if device_index is None else device_index
-    config = chosen_config(dtype, d_head, d_v, causal, q.shape[1], mods, device_index, (q, k, v, out))
+    config = chosen_config(dtype, d_head, d_v, causal, q.shape[1], mods, device_index, (q, k, v, out),
+                           grid=(q.shape[0], q.shape[2]))
     if log.isEnabledFor(logging.DEBUG):
         log.debug("dispatching [B=%d, Sq=%d, Sk=%d, H=%d, H_k=%d, D=%d, D_v=%d] to %s (tuned table, else the "
                   "default for dtype/head dims/causal/seqlen and shared memory)", q.shape[0], q.shape[1],
@@ -273,16 +274,21 @@ def resolve_config(q: torch.Tensor, k: torch.Tensor, config: ConfigBase | None, 
 
 
 def chosen_config(dtype: str, d_head: int, d_v: int, causal: bool, seqlen_q: int, mods: ScoreMods,
-                  device_index: int, tensors) -> ConfigBase:
+                  device_index: int, tensors, grid: tuple | None = None) -> ConfigBase:
     """The dispatcher's forward config on this device (dense and varlen calls alike; seqlen_q: the
-    longest sequence): the tuned table's entry, else the default for the device's arch, in the sm_80
+    longest sequence): the tuned table's entry, else the default for the device's arch (with a dense
+    call's `grid`, (batch, heads), its tile walk fitted to it: dispatch.with_tile_walk), in the sm_80
     family where TMA cannot address one of `tensors` (with a DEBUG line)."""
     arch, limit = jit.arch_for(device_index), _smem_limit(device_index)[0]
     sink = mods.sink is not None
     features = (*zip(FEATURES, mods.flags), ("sink", sink))
     # tuned entries are for d_v == d_head: another d_v takes the dispatcher's default
-    config = (d_v == d_head and tuning.lookup(device_index, "fwd", dtype, d_head, bool(causal), seqlen_q, features)) \
-        or default_config(dtype, d_head, bool(causal), seqlen_q, limit, *mods.flags, arch=arch, sink=sink, d_v=d_v)
+    config = d_v == d_head and tuning.lookup(device_index, "fwd", dtype, d_head, bool(causal), seqlen_q, features)
+    if not config:
+        config = default_config(dtype, d_head, bool(causal), seqlen_q, limit, *mods.flags, arch=arch, sink=sink,
+                                d_v=d_v)
+        if grid is not None:
+            config = with_tile_walk(config, *grid, seqlen_q, sm_count(device_index))
     if config.family.arch is not None and (why := _tma_unaddressable(*tensors)):
         config = default_config(dtype, d_head, bool(causal), seqlen_q, limit, *mods.flags, sink=sink, d_v=d_v)
         log.debug("TMA cannot address %s: running the %s family instead", why, config.family.name)

@@ -171,6 +171,38 @@ def test_backward_splits_heads_only_gqa_grids_below_the_waves():
     assert not backward_splits_heads(1, 16, 4, 4096, 128, sms, False)
 
 
+def test_persistent_walk_balances_where_the_h200_measured_it_did():
+    """The simulation behind dispatch.with_tile_walk agrees with the H200's d64 causal forward (192-row
+    tiles, 128 keys, 132 SMs; 16k tokens, 32 heads): the persistent walk won at S = 1k, 2k, 4k and lost
+    at 8k to one CTA per tile. Grids of many rounds count as balanced."""
+    from flashjit.dispatch import WALK_MAX_ROUNDS, persistent_walk_balances
+
+    for seqlen, won in ((1024, True), (2048, True), (4096, True), (8192, False)):
+        assert persistent_walk_balances(16384 // seqlen * 32, seqlen, 192, 128, 132) == won, seqlen
+    rows = WALK_MAX_ROUNDS * 132 // 43 + 1  # 43 query blocks at 8k: past the simulated rounds
+    assert persistent_walk_balances(rows, 8192, 192, 128, 132)
+
+
+def test_with_tile_walk_drops_persistence_only_for_unbalanced_causal_grids():
+    import dataclasses
+
+    from flashjit import FwdSm90Config, KernelConfig
+    from flashjit.dispatch import default_config, get_kernels_to_build, with_tile_walk
+
+    causal = default_config("bf16", 64, True, 8192, arch="sm_90a")
+    assert isinstance(causal, FwdSm90Config) and causal.persistent, "d64's default walks persistently"
+    assert with_tile_walk(causal, 2, 32, 8192, 132) == dataclasses.replace(causal, persistent=False)
+    assert with_tile_walk(causal, 4, 32, 4096, 132) is causal
+    plain = default_config("bf16", 64, False, 8192, arch="sm_90a")
+    assert with_tile_walk(plain, 2, 32, 8192, 132) is plain, "equal tiles: nothing to balance"
+    window = dataclasses.replace(causal, local=True)
+    assert with_tile_walk(window, 2, 32, 8192, 132) is window
+    sm80 = KernelConfig("bf16", 64, causal=True)
+    assert with_tile_walk(sm80, 2, 32, 8192, 132) is sm80
+    assert dataclasses.replace(causal, persistent=False) in get_kernels_to_build(arch="sm_90a"), \
+        "the twin with_tile_walk picks is in the build set"
+
+
 def test_with_head_split_sets_the_field_only_for_short_gqa_grids_on_the_wgmma_kernel():
     """dispatch.with_head_split turns the wgmma backward config of a short GQA grid into its head-split
     twin and leaves every other config (sm_80 family, long grids, no GQA) as it is."""
