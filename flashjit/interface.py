@@ -244,12 +244,12 @@ def _check_config_type(config, direction: str) -> None:
 
 
 def _tma_unaddressable(*tensors) -> str | None:
-    """Why a TMA map cannot describe one of these [B, S, H, D] tensors, or None. The kernels' inputs
-    are 16-byte aligned by then (_aligned, _check_output); what is left is a zero stride over an extent
-    above 1 (a tensor broadcast with expand), which the map's encoder refuses."""
+    """Why a TMA map cannot describe one of these [B, S, H, D] (or varlen [total, H, D]) tensors, or
+    None. The kernels' inputs are 16-byte aligned by then (_aligned, _check_output); what is left is a
+    zero stride over an extent above 1 (a tensor broadcast with expand), which the map's encoder refuses."""
     for t in tensors:
         if t is not None and any(stride == 0 and extent > 1 for stride, extent in zip(t.stride()[:3], t.shape[:3])):
-            return f"a [B, S, H, D] input with strides {t.stride()} (a zero stride: broadcast by expand?)"
+            return f"an input of shape {tuple(t.shape)} with strides {t.stride()} (a zero stride: broadcast by expand?)"
     return None
 
 
@@ -422,7 +422,8 @@ class _BwdPlan:
     of a key (shapes, strides, dtypes, devices, flags of dout, q, k, v, out, lse) whose kernel the
     dispatcher chose with no copies, no caller outputs, no ALiBi or sink and no padding; later calls
     skip the checks, the config choice and the params packing: the gradients' and the scratch buffers'
-    allocations, the pointers, the launch. Retired by a tuned table written since, as _Plan."""
+    allocations, the pointers, the launch. Retired by a tuned table written since; FLASHJIT_CUDA_ARCH
+    is read when a key is first seen, as for _Plan."""
 
     __slots__ = ("kernel", "template", "device_index", "device", "dtype", "shapes", "dvec_shape", "accum_shape",
                  "dkv_numel", "dropout", "generation")

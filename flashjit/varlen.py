@@ -16,10 +16,13 @@ allowed (a sequence with no keys gives out = 0 and lse = +inf, or its sink), and
 Philox state would (flashjit.reference.philox_keep_mask, sliced to the sequence).
 
 The kernels are the dense ones (kernels/common/params.cuh: VarlenParams): a CTA reads its sequence's
-bounds from cu_seqlens and exits when its block lies past the sequence's end. On sm_90a both the
-Hopper forward (its TMA maps see the packed tensors as one batch entry; a tile ending past its
-sequence stores O from registers, so the next sequence's rows are never written) and the wgmma
-backward take variable lengths.
+bounds from cu_seqlens and skips a block that lies past the sequence's end. On sm_90a the varlen
+forward dispatches as a dense call does (the Hopper forward, whose TMA maps see the packed tensors as
+one batch entry: a tile ending past its sequence stores O from registers and zeroes the V rows it read
+past its keys, so no other sequence's rows are written or leak in; the sm_80 family for a
+max_seqlen_q of 64 or less or a broadcast input), and so does the backward (the wgmma kernel where the
+dense dispatcher picks it). The forward and the backward must not race with writes to cu_seqlens
+(the kernels' CTAs read them independently).
 
 What is checked without a device sync: dtypes, devices, shapes, strides, that max_seqlen_* are ints
 and 0 only for empty tensors. What is not: cu_seqlens' values (monotonic, from 0 to the totals) and

@@ -21,12 +21,14 @@
 //                          PV product has retired                    stage s
 //   Barrier::kEpilogue+g   consumer warpgroup g's 128 threads, before its thread 0 stores O by TMA
 //   Barrier::kPingPong+g   (ping-pong) warpgroup g may issue its next matrix products
+//   Barrier::kVTail        every consumer thread, varlen only: V's rows past a sequence's keys are
+//                          zeroed in the stage (zero_v_past_keys) before any PV reads it
 // Schedule of consumer warpgroup g over its key blocks j (stage s = j mod kStages):
 //   wait k.full[s]; S = Q_g K_j^T (wgmma, A and B from shared memory); release k.empty[s]
 //   mask, online softmax in registers, P = exp(S - m)     [under the previous block's PV with overlap]
 //   wait v.full[s]; O += P V_j (wgmma, P from registers, V from shared memory); release v.empty[s]
-//   epilogue: O / l into this warpgroup's rows of the Q tile, TMA store (persistent: straight from
-//   registers, the Q tile may hold the next tile already); lse from registers.
+//   epilogue: O / l into this warpgroup's rows of the Q tile, TMA store (persistent, or a varlen tile
+//   ending past its sequence: straight from registers); lse from registers.
 // With kOverlap the QK^T of block j+1 is issued before the softmax of block j, and PV of block j runs
 // while the softmax of block j+1 computes its exponentials (FlashAttention-3's intra-warpgroup
 // overlap). With kPingPong the warpgroups take turns issuing their matrix products, so one's softmax
@@ -44,7 +46,7 @@ namespace flashjit::fwd_sm90 {
 using namespace flashjit::sm90;
 
 // Named barrier ids (0 is __syncthreads).
-enum class Barrier : int { kEpilogue = 1, kPingPong = 5 };
+enum class Barrier : int { kEpilogue = 1, kPingPong = 5, kVTail = 7 };
 
 // One template parameter per FwdSm90Config field (flashjit/configs/fwd_sm90.py), in the same order; every
 // static_assert message is one of its WHY_* reasons, verbatim.
@@ -139,6 +141,23 @@ __device__ __forceinline__ void mask_scores(float (&s)[1][C::kBlockN / 8][4], co
 template <class C>
 __device__ __forceinline__ bool block_masked(const typename C::Mod& mod, int q_row0, int j) {
   return mod.block_needs_mask(q_row0, C::kBlockM, j * C::kBlockN, C::kBlockN);
+}
+
+// Varlen: the box of a sequence's last, partial key block runs past its keys into the next
+// sequence's rows (or rows in no sequence), which no map can clip. Their scores are masked, so P is 0
+// there, but 0 * NaN is NaN: V's rows past the keys are zeroed before PV reads them. The consumers
+// split the rows, make the zeros visible to the tensor cores and wait for each other (each reads the
+// whole stage). ct: the thread's index among the consumers. Uniform across the CTA (the tile's keys).
+template <class C>
+__device__ __forceinline__ void zero_v_past_keys(const FwdParams& p, elem_t* v_stage, const typename C::Mod& mod,
+                                                 int j, int ct) {
+  const int keys = mod.seqlen_k - j * C::kBlockN;  // of block j, in the sequence
+  if (p.varlen.cu_seqlens_q == nullptr || keys >= C::kBlockN) return;  // dense: the map zero-fills past Sk
+  constexpr int kChunks = C::kDV / 8;  // 16-byte chunks a row
+  for (int i = keys * kChunks + ct; i < C::kBlockN * kChunks; i += C::kConsumers * 128)
+    *reinterpret_cast<uint4*>(v_stage + C::TileV::offset(i / kChunks, i % kChunks)) = make_uint4(0, 0, 0, 0);
+  fence_proxy_async();
+  named_sync(int(Barrier::kVTail), C::kConsumers * 128);
 }
 
 // Softmax'd (and dropped-out) S as the A fragments of PV.
@@ -387,6 +406,7 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
         fwd::online_softmax<W>(s, o, m, l, scale, scale_log2);
         scores_to_p<C>(s, pf, p, T.bh, row0, j, lane);
         sm.v_ring->wait(st);
+        zero_v_past_keys<C>(p, sm.v_stage(st.stage), T.mod, j, g * 128 + t);
         issue_pv<C>(o[0], pf, v_desc(st.stage));
         wgmma_wait<0>();
         wgmma_settle(o[0]);
@@ -438,6 +458,9 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
         else step(j, std::false_type{});
       }
       sm.v_ring->wait(prev);
+      // (the only block that can end past the sequence's keys is the last; every consumer reaches this
+      // before its last token, so the barrier in it cannot wait on a hand-over)
+      zero_v_past_keys<C>(p, sm.v_stage(prev.stage), T.mod, T.j_end - 1, g * 128 + t);
       take_token();
       issue_pv<C>(o[0], pf, v_desc(prev.stage));
       pass_token(true);

@@ -335,6 +335,30 @@ def test_rows_outside_the_sequences_and_around_the_outputs_are_untouched(determi
 
 @gpu
 @pytest.mark.parametrize("family", FORWARD_FAMILIES)
+@pytest.mark.parametrize("d, causal", [(64, True), (128, False)])
+def test_non_finite_keys_of_other_sequences_do_not_leak(d, causal, family):
+    """A sequence's last key block reads past its keys (a tile is whole blocks): into the next
+    sequence's rows and rows in no sequence. Those hold NaN / inf here (an uninitialised tail; another
+    sequence's overflow): every sequence's output must still be its own, finite, as flash-attn's."""
+    lens_q, lens_k = [77, 130, 5], [70, 129, 33]
+    h, hk = 4, 2
+    q, k, v, _, _, _, _ = _batch(lens_q, lens_k + [40], h, hk, d)
+    cu_q, cu_k = _cu(lens_q, "cuda"), _cu(lens_k, "cuda")  # the last 40 key rows are in no sequence
+    n_k = sum(lens_k)
+    k[n_k:], v[n_k:] = float("nan"), float("nan")
+    k[n_k - 5:n_k], v[n_k - 5:n_k] = float("inf"), float("-inf")  # the last sequence's last keys
+    cut = slice(0, len(lens_q) - 1)  # the sequences whose keys are all finite
+    config = _forward_config(family, d, causal, max(lens_q), interface.score_mods(q[None], causal, (-1, -1), 0.0, None))
+    out, lse = varlen_forward(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal, config=config)
+    n_q = sum(lens_q[cut])
+    assert out[:n_q].isfinite().all() and lse[:, :n_q].isfinite().all(), "another sequence's NaN/inf leaked"
+    (ref, ref_lse), (low, low_lse) = _per_sequence(q[:n_q], k[:sum(lens_k[cut])], v[:sum(lens_k[cut])], None,
+                                                   lens_q[cut], lens_k[cut], causal=causal)
+    assert_close("out", out[:n_q], ref, low)
+
+
+@gpu
+@pytest.mark.parametrize("family", FORWARD_FAMILIES)
 @pytest.mark.parametrize("offsets_q, offsets_k", [([0, 50, 20, 10**6], [0, 5, 2**31 - 1, -7]),
                                                   ([-100, 3, 2, 1], [0, 0, 0, 10**9])], ids=str)
 def test_offsets_that_break_the_contract_stay_in_bounds(offsets_q, offsets_k, family):

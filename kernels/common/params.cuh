@@ -45,7 +45,7 @@ struct ScoreParams {
 // sequences are packed along the rows: q/o are [total_q, H, D], k/v [total_k, H_k, D], passed as
 // TensorRefs with batch_stride 0, and sequence b owns rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]) of
 // q/o and [cu_seqlens_k[b], cu_seqlens_k[b + 1]) of k/v. The params' seqlen_q / seqlen_k are then the
-// longest sequence's (they size the grid; a CTA past its own sequence's end exits at once), and all
+// longest sequence's (they size the grid; a tile past its own sequence's end is skipped), and all
 // of a sequence's masks (causal bottom-right, window, ALiBi distances) and its dropout numbering
 // (row, column, b * H + h) are those of a dense call of its own lengths.
 // Row statistics (lse, dvec, dq_accum) are planes of rows, one per (batch, head) when dense: plane

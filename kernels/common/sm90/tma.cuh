@@ -5,7 +5,9 @@
 // flashjit's tensors are [B, S, H, D] with a contiguous last dim: a map sees them as the 4-D tensor
 // (D, S, H, B), innermost first, so a box of {64 columns, rows, 1, 1} at (col, row, h, b) is one
 // 64-column block of a GmmaTile (wgmma.cuh), written with the same 128-byte swizzle. Rows past S and
-// columns past D read as zeros and are never written: odd shapes need no predicates.
+// columns past D read as zeros and are never written: odd shapes need no predicates. (A varlen map
+// spans the packed rows of every sequence: a box reaching past its sequence reads the next one's, so
+// the kernels mask or zero those rows themselves: fwd_sm90.cuh's zero_v_past_keys.)
 #pragma once
 #include <cstdint>
 #include <cuda.h>  // CUtensorMap and its enums only: the encoder is reached through the runtime
