@@ -137,7 +137,8 @@ def test_check_runs_the_reference_backend_and_says_so():
     assert "no CUDA GPU is visible" in hidden.stderr and "PASS (reference backend)" in hidden.stdout
 
 
-@pytest.mark.parametrize("script", ["bench_forward.py", "bench_backward.py", "bench_jit.py"])
+@pytest.mark.parametrize("script", ["bench_forward.py", "bench_backward.py", "bench_jit.py", "bench_decode.py",
+                                    "bench_varlen.py"])
 def test_benchmarks_without_a_gpu_say_so_in_one_line(script):
     result = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--out", "unused"], cwd=REPO,
                             capture_output=True, text=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""),
