@@ -274,11 +274,11 @@ def resolve_config(q: torch.Tensor, k: torch.Tensor, config: ConfigBase | None, 
 
 
 def chosen_config(dtype: str, d_head: int, d_v: int, causal: bool, seqlen_q: int, mods: ScoreMods,
-                  device_index: int, tensors, grid: tuple | None = None) -> ConfigBase:
+                  device_index: int, tensors, grid: tuple | None) -> ConfigBase:
     """The dispatcher's forward config on this device (dense and varlen calls alike; seqlen_q: the
-    longest sequence): the tuned table's entry, else the default for the device's arch (with a dense
-    call's `grid`, (batch, heads), its tile walk fitted to it: dispatch.with_tile_walk), in the sm_80
-    family where TMA cannot address one of `tensors` (with a DEBUG line)."""
+    longest sequence): the tuned table's entry, else the default for the device's arch with its tile
+    walk fitted to the call's `grid`, (batch, heads), or None for a varlen batch (dispatch.with_tile_walk),
+    in the sm_80 family where TMA cannot address one of `tensors` (with a DEBUG line)."""
     arch, limit = jit.arch_for(device_index), _smem_limit(device_index)[0]
     sink = mods.sink is not None
     features = (*zip(FEATURES, mods.flags), ("sink", sink))
@@ -287,8 +287,7 @@ def chosen_config(dtype: str, d_head: int, d_v: int, causal: bool, seqlen_q: int
     if not config:
         config = default_config(dtype, d_head, bool(causal), seqlen_q, limit, *mods.flags, arch=arch, sink=sink,
                                 d_v=d_v)
-        if grid is not None:
-            config = with_tile_walk(config, *grid, seqlen_q, sm_count(device_index))
+        config = with_tile_walk(config, grid, seqlen_q, sm_count(device_index))
     if config.family.arch is not None and (why := _tma_unaddressable(*tensors)):
         config = default_config(dtype, d_head, bool(causal), seqlen_q, limit, *mods.flags, sink=sink, d_v=d_v)
         log.debug("TMA cannot address %s: running the %s family instead", why, config.family.name)

@@ -238,7 +238,8 @@ def _forward_config(q, k, v, out, config, causal: bool, max_seqlen_q: int, mods,
     dtype, d_head, d_v = interface._DTYPES[q.dtype], q.shape[-1], v.shape[-1]
     if config is not None:
         return interface.checked_config(config, dtype, d_head, d_v, causal, mods, (q, k, v, out))
-    config = interface.chosen_config(dtype, d_head, d_v, causal, max_seqlen_q, mods, device_index, (q, k, v, out))
+    config = interface.chosen_config(dtype, d_head, d_v, causal, max_seqlen_q, mods, device_index, (q, k, v, out),
+                                     grid=None)
     if log.isEnabledFor(logging.DEBUG):
         log.debug("varlen forward [total_q=%d, H=%d, D=%d, D_v=%d, max_seqlen_q=%d] dispatched to %s",
                   q.shape[0], q.shape[1], d_head, d_v, max_seqlen_q, config.name)

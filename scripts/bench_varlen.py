@@ -65,7 +65,7 @@ def main() -> None:
                 row[name] = None if ms is None else work / (ms * 1e-3) / 1e12
             row["kernel"] = flashjit.interface.chosen_config(
                 args.dtype, d, d, causal, longest, flashjit.interface.score_mods(q[None], causal),
-                torch.cuda.current_device(), (q, k, v)).name
+                torch.cuda.current_device(), (q, k, v), grid=None).name
             rows.append(row)
             shown = "  ".join(f"{label} {row[name]:7.1f}" if row[name] else f"{label}       -" for name, label in (
                 ("flashjit", "flashjit"), ("sm80", "sm_80 family"), ("dense", "dense same tokens")))
