@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 import heapq
 import itertools
 
@@ -227,9 +228,10 @@ def persistent_walk_balances(batch_heads: int, seqlen_q: int, block_m: int, bloc
     return max(free) >= WALK_MARGIN * max(walk)
 
 
-def with_tile_walk(config, grid: tuple | None, seqlen_q: int, sm_count: int):
+def with_tile_walk(config, grid: tuple | None, seqlen_q: int, sm_count: Callable[[], int]):
     """The dispatcher's forward config for a call's grid, (batch, heads) of a dense call or None for a
-    variable-length batch: a persistent FwdSm90Config launches one CTA per tile instead where its static
+    variable-length batch (sm_count: the device's SMs, asked only where the walk is simulated, as it
+    queries the GPU): a persistent FwdSm90Config launches one CTA per tile instead where its static
     walk would leave SMs idle: a causal dense grid that persistent_walk_balances rejects, and every
     varlen batch, whose tiles' lengths the host cannot see (cu_seqlens live on the device) and whose
     mixed lengths unbalance a static walk (simulated for ~16k tokens of 256-4096-token sequences at
@@ -237,7 +239,7 @@ def with_tile_walk(config, grid: tuple | None, seqlen_q: int, sm_count: int):
     if not (isinstance(config, FwdSm90Config) and config.persistent):
         return config
     if grid is None or (config.causal and not config.local and not persistent_walk_balances(
-            grid[0] * grid[1], seqlen_q, config.block_m, config.block_n, sm_count)):
+            grid[0] * grid[1], seqlen_q, config.block_m, config.block_n, sm_count())):
         return dataclasses.replace(config, persistent=False)
     return config
 

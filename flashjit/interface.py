@@ -287,7 +287,7 @@ def chosen_config(dtype: str, d_head: int, d_v: int, causal: bool, seqlen_q: int
     if not config:
         config = default_config(dtype, d_head, bool(causal), seqlen_q, limit, *mods.flags, arch=arch, sink=sink,
                                 d_v=d_v)
-        config = with_tile_walk(config, grid, seqlen_q, sm_count(device_index))
+        config = with_tile_walk(config, grid, seqlen_q, functools.partial(sm_count, device_index))
     if config.family.arch is not None and (why := _tma_unaddressable(*tensors)):
         config = default_config(dtype, d_head, bool(causal), seqlen_q, limit, *mods.flags, sink=sink, d_v=d_v)
         log.debug("TMA cannot address %s: running the %s family instead", why, config.family.name)

@@ -191,18 +191,19 @@ def test_with_tile_walk_drops_persistence_only_for_unbalanced_causal_grids():
 
     causal = default_config("bf16", 64, True, 8192, arch="sm_90a")
     assert isinstance(causal, FwdSm90Config) and causal.persistent, "d64's default walks persistently"
-    assert with_tile_walk(causal, (2, 32), 8192, 132) == dataclasses.replace(causal, persistent=False)
-    assert with_tile_walk(causal, (4, 32), 4096, 132) is causal
+    assert with_tile_walk(causal, (2, 32), 8192, lambda: 132) == dataclasses.replace(causal, persistent=False)
+    assert with_tile_walk(causal, (4, 32), 4096, lambda: 132) is causal
     plain = default_config("bf16", 64, False, 8192, arch="sm_90a")
-    assert with_tile_walk(plain, (2, 32), 8192, 132) is plain, "equal tiles: nothing to balance"
+    assert with_tile_walk(plain, (2, 32), 8192, lambda: 132) is plain, "equal tiles: nothing to balance"
     window = dataclasses.replace(causal, local=True)
-    assert with_tile_walk(window, (2, 32), 8192, 132) is window
+    assert with_tile_walk(window, (2, 32), 8192, lambda: 132) is window
     for config in (causal, plain):  # a varlen batch: lengths unknown to the host, mixed
-        assert with_tile_walk(config, None, 4096, 132) == dataclasses.replace(config, persistent=False)
+        assert with_tile_walk(config, None, 4096, lambda: 132) == dataclasses.replace(config, persistent=False)
         assert dataclasses.replace(config, persistent=False) in get_kernels_to_build(arch="sm_90a"), \
             "the twin with_tile_walk picks is in the build set"
     sm80 = KernelConfig("bf16", 64, causal=True)
-    assert with_tile_walk(sm80, (2, 32), 8192, 132) is sm80 and with_tile_walk(sm80, None, 8192, 132) is sm80
+    assert with_tile_walk(sm80, (2, 32), 8192, lambda: 132) is sm80
+    assert with_tile_walk(sm80, None, 8192, lambda: 132) is sm80
 
 
 def test_with_head_split_sets_the_field_only_for_short_gqa_grids_on_the_wgmma_kernel():
