@@ -244,6 +244,8 @@ def _forward_config(family: str, d: int, causal: bool, max_q: int, mods) -> obje
         pytest.skip("the Hopper forward runs on sm_90a")
     # (the dispatcher gives a short query block the sm_80 kernel; these tests want the Hopper one)
     config = default_config("bf16", d, causal, max(max_q, 128), 227 * 1024, *mods.flags, arch=WGMMA_ARCH)
+    if family == "sm90-no-overlap":
+        return dataclasses.replace(config, overlap=False, pingpong=False)
     return config if family == "sm90" else dataclasses.replace(config, persistent=not config.persistent)
 
 
@@ -334,9 +336,9 @@ def test_rows_outside_the_sequences_and_around_the_outputs_are_untouched(determi
 
 
 @gpu
-@pytest.mark.parametrize("family", FORWARD_FAMILIES)
-@pytest.mark.parametrize("d, causal", [(64, True), (128, False)])
-def test_non_finite_keys_of_other_sequences_do_not_leak(d, causal, family):
+@pytest.mark.parametrize("family", [*FORWARD_FAMILIES, "sm90-no-overlap"])
+@pytest.mark.parametrize("d, causal, softcap", [(64, True, 0.0), (128, False, 0.0), (256, True, 5.0)])
+def test_non_finite_keys_of_other_sequences_do_not_leak(d, causal, softcap, family):
     """A sequence's last key block reads past its keys (a tile is whole blocks): into the next
     sequence's rows and rows in no sequence. Those hold NaN / inf here (an uninitialised tail; another
     sequence's overflow): every sequence's output must still be its own, finite, as flash-attn's."""
@@ -348,12 +350,14 @@ def test_non_finite_keys_of_other_sequences_do_not_leak(d, causal, family):
     k[n_k:], v[n_k:] = float("nan"), float("nan")
     k[n_k - 5:n_k], v[n_k - 5:n_k] = float("inf"), float("-inf")  # the last sequence's last keys
     cut = slice(0, len(lens_q) - 1)  # the sequences whose keys are all finite
-    config = _forward_config(family, d, causal, max(lens_q), interface.score_mods(q[None], causal, (-1, -1), 0.0, None))
-    out, lse = varlen_forward(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal, config=config)
+    config = _forward_config(family, d, causal, max(lens_q),
+                             interface.score_mods(q[None], causal, (-1, -1), softcap, None))
+    out, lse = varlen_forward(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal, softcap=softcap,
+                              config=config)
     n_q = sum(lens_q[cut])
     assert out[:n_q].isfinite().all() and lse[:, :n_q].isfinite().all(), "another sequence's NaN/inf leaked"
     (ref, ref_lse), (low, low_lse) = _per_sequence(q[:n_q], k[:sum(lens_k[cut])], v[:sum(lens_k[cut])], None,
-                                                   lens_q[cut], lens_k[cut], causal=causal)
+                                                   lens_q[cut], lens_k[cut], causal=causal, softcap=softcap)
     assert_close("out", out[:n_q], ref, low)
 
 
