@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
 import heapq
 import itertools
+from collections.abc import Callable
 
 from .configs.bwd_sm80 import BWD_BLOCK_M, BWD_D_SPLIT, BWD_GROUP_ROWS, BwdConfig
 from .configs.bwd_sm90 import WGMMA_ARCH, WGMMA_SHAPES, BwdSm90Config, wgmma_tile

@@ -181,12 +181,12 @@ def _paged(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, max_seq
         return _reference(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, 0.0, softmax_scale, causal, window_size,
                           softcap, alibi_slopes, False, learnable_sink)
     return _paged_kernels(q, k_cache, v_cache, block_table, cu_q, cu_k, batch, max_seqlen_q, causal,
-                                softmax_scale, window_size, softcap, alibi_slopes, learnable_sink)
+                          softmax_scale, window_size, softcap, alibi_slopes, learnable_sink)
 
 
 # ---- the kernels -----------------------------------------------------------------------------------
 def _paged_kernels(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, batch: int, max_seqlen_q: int,
-                         causal: bool, softmax_scale, window_size, softcap, alibi_slopes, learnable_sink):
+                   causal: bool, softmax_scale, window_size, softcap, alibi_slopes, learnable_sink):
     """out [total_q, H, D] of a variable-length batch (q packed, flashjit/varlen.py checked everything)
     over a paged cache: the kvcache kernels with the queries' VarlenParams, each sequence's keys the
     first cu_seqlens_k[b + 1] - cu_seqlens_k[b] slots of its block_table row (kernels/fwd_sm80.cuh
@@ -200,7 +200,7 @@ def _paged_kernels(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k,
                                 learnable_sink=learnable_sink)
     device_index = q.get_device()
     config = kvattn._config(q.dtype, d_head, causal, max_seqlen_q <= 64, *mods.flags[:3], mods.sink is not None,
-                     interface._smem_limit(device_index)[0])
+                            interface._smem_limit(device_index)[0])
     kernel = interface._kernels.get((config, device_index)) or interface._kernel_for(config, device_index)
     q, k_cache, v_cache = (interface._aligned(t) for t in (q, k_cache, v_cache))
     slots = k_cache.shape[1] * block_table.shape[1]

@@ -481,7 +481,7 @@ __global__ void __launch_bounds__(128) dkv_convert_kernel(const __grid_constant_
   const int rows = key_plane_rows(p), lane = threadIdx.x & 31;
   if (row >= per) return;
   const RowIndex at(row, p.heads_k, rows);
-  if (p.varlen.cu_seqlens_q != nullptr) {  // varlen (cu_seqlens_k is read only then)
+  if (is_varlen(p)) {  // varlen (cu_seqlens_k is read only then)
     int len;
     const int first = Seq::bounded(p.varlen.cu_seqlens_k, 0, p.varlen.total_k, len);
     if (at.i < first || at.i >= max(min(p.varlen.cu_seqlens_k[p.batch], p.varlen.total_k), first)) return;

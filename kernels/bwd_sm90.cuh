@@ -109,7 +109,7 @@ __device__ __forceinline__ void add_dkdv(const BwdParams& p, const Seq& seq, int
   __syncwarp();
   if (lane == 0 && rows > 0) {
     // Plane b * H_k + h_k of key_plane_rows (varlen: plane h_k, and k_start is the packed row).
-    const int64_t plane = p.varlen.cu_seqlens_q != nullptr ? h_k : int64_t(b) * p.heads_k + h_k;
+    const int64_t plane = is_varlen(p) ? h_k : int64_t(b) * p.heads_k + h_k;
     const int plane_rows = key_plane_rows(p);
     for (int t = 0; t < 2; ++t)
 #pragma unroll

@@ -452,7 +452,7 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
   // sequence's key count from cu_seqlens_k, within the slots its table row holds (seqlen_k).
   int k_start = seq.k_start, len_k = seq.len_k, kv_b = b;
   if (C::kKvCache)
-    cache_keys(p.cache, b, p.varlen.cu_seqlens_q != nullptr ? min(seq.len_k, p.seqlen_k) : p.seqlen_k, k_start, len_k,
+    cache_keys(p.cache, b, is_varlen(p) ? min(seq.len_k, p.seqlen_k) : p.seqlen_k, k_start, len_k,
                kv_b);
 
   const int q_row0 = m_block * C::kBr;                 // first query row of the CTA

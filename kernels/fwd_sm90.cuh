@@ -152,7 +152,7 @@ template <class C>
 __device__ __forceinline__ void zero_v_past_keys(const FwdParams& p, elem_t* v_stage, const typename C::Mod& mod,
                                                  int j, int ct) {
   const int keys = mod.seqlen_k - j * C::kBlockN;  // of block j, in the sequence
-  if (p.varlen.cu_seqlens_q == nullptr || keys >= C::kBlockN) return;  // dense: the map zero-fills past Sk
+  if (!is_varlen(p) || keys >= C::kBlockN) return;  // dense: the map zero-fills past Sk
   constexpr int kChunks = C::kDV / 8;  // 16-byte chunks a row
   for (int i = keys * kChunks + ct; i < C::kBlockN * kChunks; i += C::kConsumers * 128)
     *reinterpret_cast<uint4*>(v_stage + C::TileV::offset(i / kChunks, i % kChunks)) = make_uint4(0, 0, 0, 0);
@@ -189,8 +189,7 @@ struct Tile {
     const int m_block = C::kCausal ? num_m - 1 - tile % num_m : tile % num_m;
     q_row0 = m_block * C::kBlockM;
     q_rows = min(C::kBlockM, seq.len_q - q_row0);  // <= 0: past a varlen sequence's end
-    const bool varlen = p.varlen.cu_seqlens_q != nullptr;
-    q_first = seq.q_start + q_row0, k_first = seq.k_start, tma_b = varlen ? 0 : b;
+    q_first = seq.q_start + q_row0, k_first = seq.k_start, tma_b = is_varlen(p) ? 0 : b;
     j_begin = 0;
     j_end = (seq.len_k + C::kBlockN - 1) / C::kBlockN;
     if (C::kCausal || (C::Mod::kLocal && mod.right >= 0)) {
@@ -248,7 +247,7 @@ __device__ __forceinline__ void epilogue(const Args& args, const Smem<C>& sm, co
   const FwdParams& p = args.p;
   const Seq seq(p, T.b);  // read again here rather than held in registers through the key loop
   const int lane = t & 31, row_cta = g * 64 + (t / 32) * 16;
-  const bool direct = C::kPersistent || (p.varlen.cu_seqlens_q != nullptr && T.q_rows < C::kBlockM);
+  const bool direct = C::kPersistent || (is_varlen(p) && T.q_rows < C::kBlockM);
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     float sum = l[0][half];
@@ -482,13 +481,13 @@ cudaError_t launch(const FwdParams& p, cudaStream_t stream) {
   args.p = p;
   // The maps' rows: a dense call's [B, S, H, D] per batch entry; a varlen batch's [total, H, D] as one
   // entry (its TensorRefs have batch stride 0), each tile addressing its sequence's rows in it.
-  const bool varlen = p.varlen.cu_seqlens_q != nullptr;
-  const int map_batch = varlen ? 1 : p.batch, q_rows = varlen ? p.varlen.total_q : p.seqlen_q;
+  // (rows per batch entry: common/varlen.cuh's planes of query and key rows)
+  const int map_batch = is_varlen(p) ? 1 : p.batch, q_rows = stat_plane_rows(p);
   // With no keys no K/V tile is ever loaded; the maps must still encode, so they describe Q.
-  const bool no_keys = (varlen ? p.varlen.total_k : p.seqlen_k) == 0;
+  const bool no_keys = key_plane_rows(p) == 0;
   const TensorRef& k = no_keys ? p.q : p.k;
   const TensorRef& v = no_keys ? p.q : p.v;
-  const int kv_rows = no_keys ? q_rows : varlen ? p.varlen.total_k : p.seqlen_k;
+  const int kv_rows = no_keys ? q_rows : key_plane_rows(p);
   const int kv_heads = no_keys ? p.heads : p.heads_k;
   if (!encode_bshd(&args.q, p.q, C::kBf16, map_batch, q_rows, p.heads, C::kDHead, C::kBlockM) ||
       !encode_bshd(&args.k, k, C::kBf16, map_batch, kv_rows, kv_heads, C::kDHead, C::kBlockN) ||

@@ -16,25 +16,36 @@
 
 namespace flashjit {
 
-// Statistic rows per plane and planes' total rows, for kernels that walk every row (bwd_sm80.cuh's
-// dvec and dQ conversion kernels): a plane is a (batch, head) when dense, a head when varlen.
+template <class P>
+__host__ __device__ __forceinline__ bool is_varlen(const P& p) {
+  return p.varlen.cu_seqlens_q != nullptr;
+}
+
+// Rows of a buffer of planes of rows, one plane per (batch, head) when dense and per head when varlen
+// (`heads` planes of `plane_rows`), for kernels that walk every row.
+template <class P>
+__host__ __device__ __forceinline__ int64_t plane_buffer_rows(const P& p, int heads, int plane_rows) {
+  return int64_t(is_varlen(p) ? heads : p.batch * heads) * plane_rows;
+}
+
+// The statistics (bwd_sm80.cuh's dvec and dQ conversion kernels): planes of the query rows.
 template <class P>
 __host__ __device__ __forceinline__ int stat_plane_rows(const P& p) {
-  return p.varlen.cu_seqlens_q != nullptr ? p.varlen.total_q : p.seqlen_q;
+  return is_varlen(p) ? p.varlen.total_q : p.seqlen_q;
 }
 template <class P>
 __host__ __device__ __forceinline__ int64_t stat_rows(const P& p) {
-  return int64_t(p.varlen.cu_seqlens_q != nullptr ? p.heads : p.batch * p.heads) * stat_plane_rows(p);
+  return plane_buffer_rows(p, p.heads, stat_plane_rows(p));
 }
 
-// Likewise for k's rows (bwd_sm90.cuh's dK/dV sums): a plane is a (batch, kv head) or a kv head.
+// bwd_sm90.cuh's dK/dV sums: planes of the key rows, per (batch, kv head) or per kv head.
 template <class P>
 __host__ __device__ __forceinline__ int key_plane_rows(const P& p) {
-  return p.varlen.cu_seqlens_q != nullptr ? p.varlen.total_k : p.seqlen_k;
+  return is_varlen(p) ? p.varlen.total_k : p.seqlen_k;
 }
 template <class P>
 __host__ __device__ __forceinline__ int64_t key_rows(const P& p) {
-  return int64_t(p.varlen.cu_seqlens_q != nullptr ? p.heads_k : p.batch * p.heads_k) * key_plane_rows(p);
+  return plane_buffer_rows(p, p.heads_k, key_plane_rows(p));
 }
 
 struct Seq {
@@ -44,7 +55,7 @@ struct Seq {
 
   template <class P>
   __device__ __forceinline__ Seq(const P& p, int b) {
-    if (p.varlen.cu_seqlens_q == nullptr) {  // uniform across the grid: no divergence, one predicate
+    if (!is_varlen(p)) {  // uniform across the grid: no divergence, one predicate
       q_start = k_start = 0;
       len_q = p.seqlen_q, len_k = p.seqlen_k;
       plane0 = b * p.heads, plane_rows = p.seqlen_q;
