@@ -1,5 +1,5 @@
 """Variable-length forward benchmark: one packed batch of sequences of random lengths (a training or
-prefill batch without padding) through flashjit.varlen_forward with the dispatcher's kernel (the
+prefill batch without padding) through flashjit.varlen.varlen_forward with the dispatcher's kernel (the
 Hopper family on sm_90a) and with the sm_80 family, beside one dense flash_attn_func call on the same
 number of tokens in equal lengths (what the packed batch would cost with no length spread). TFLOP/s
 of the work each does: 4 * H * D * sum(Sq * Sk) over the sequences, causal counting the visible
@@ -33,7 +33,9 @@ def main() -> None:
     import torch
 
     import flashjit
+    from flashjit import interface
     from flashjit.dispatch import default_config
+    from flashjit.varlen import varlen_forward
 
     dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[args.dtype])
     low, high = map(int, args.lengths.split(":"))
@@ -54,7 +56,7 @@ def main() -> None:
             sm80 = default_config(args.dtype, d, causal, longest, 227 * 1024)
 
             def varlen(config=None):
-                return lambda: flashjit.varlen_forward(q, k, v, cu, cu, longest, longest, causal=causal, config=config)
+                return lambda: varlen_forward(q, k, v, cu, cu, longest, longest, causal=causal, config=config)
             equal = total // len(lens)
             qd = q[:len(lens) * equal].view(len(lens), equal, heads, d)
             dense_flops = 4 * heads * d * len(lens) * (equal * (equal + 1) // 2 if causal else equal * equal)
@@ -63,8 +65,8 @@ def main() -> None:
                                    ("dense", lambda: flashjit.flash_attn_func(qd, qd, qd, causal=causal), dense_flops)):
                 ms = time_ms(fn)
                 row[name] = None if ms is None else work / (ms * 1e-3) / 1e12
-            row["kernel"] = flashjit.interface.chosen_config(
-                args.dtype, d, d, causal, longest, flashjit.interface.score_mods(q[None], causal),
+            row["kernel"] = interface.chosen_config(
+                args.dtype, d, d, causal, longest, interface.score_mods(q[None], causal),
                 torch.cuda.current_device(), (q, k, v), grid=None).name
             rows.append(row)
             shown = "  ".join(f"{label} {row[name]:7.1f}" if row[name] else f"{label}       -" for name, label in (

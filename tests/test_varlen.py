@@ -355,10 +355,12 @@ def test_non_finite_keys_of_other_sequences_do_not_leak(d, causal, softcap, fami
     out, lse = varlen_forward(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal, softcap=softcap,
                               config=config)
     n_q = sum(lens_q[cut])
-    assert out[:n_q].isfinite().all() and lse[:, :n_q].isfinite().all(), "another sequence's NaN/inf leaked"
+    assert out[:n_q].isfinite().all(), "another sequence's NaN/inf leaked into out"
     (ref, ref_lse), (low, low_lse) = _per_sequence(q[:n_q], k[:sum(lens_k[cut])], v[:sum(lens_k[cut])], None,
                                                    lens_q[cut], lens_k[cut], causal=causal, softcap=softcap)
     assert_close("out", out[:n_q], ref, low)
+    # lse is +inf exactly on rows that see no key (causal with more queries than keys), as flash-attn's
+    assert_lse_close(lse[:, :n_q], ref_lse, low_lse)
 
 
 @gpu
