@@ -41,6 +41,7 @@
 //   the tensor; inside a varlen batch they are the next sequence's (finite), and lse +inf makes
 //   their P and dS zero as in the cp.async kernel. Keys past the sequence: P = 0 by the mask.
 #pragma once
+#include <type_traits>
 #include "bwd_sm80.cuh"
 #include "common/wgmma.cuh"
 #include "common/sm90/mbarrier.cuh"
@@ -302,7 +303,7 @@ __device__ __forceinline__ void step_products(const typename C::Mod& mod, const 
   for_each_acc<1, C::kNtM>([&](int, int nt, int e) {
     // dS^T / rp, rp = 1 / (1 - p): dS = P o (Z o dP rp - D), and s_dvec holds D / rp.
     float dp = dpt[0][nt][e];
-    if (C::kDropout) dp = Dropout::masked(dp, keep.keep(0, nt, e));
+    if (C::kDropout) dp = keep.masked(dp, 0, nt, e);
     dpt[0][nt][e] = st[0][nt][e] * (dp - s_dvec[query(nt, e)]);
     if constexpr (C::Mod::kSoftcap) {
       float g[2];
@@ -376,9 +377,12 @@ __device__ __forceinline__ void write_dkdv(const BwdParams& p, const Work<C>& w,
   bwd::store_rows<C, C::kBlockN>(p.dv, w.b, w.h_k, w.seq.k_start + w.key0, sm.dout, w.keys, tid);
 }
 
-// Dropout (common/dropout.cuh): this warp's masks, rows = keys, for a step.
+// Dropout (common/dropout.cuh): this warp's masks, rows = keys, for a step. Made at the end of the
+// step before and held through this one's S^T and P^T: the producer-warpgroup kernel's 240
+// registers hold them packed (2 registers instead of kNtM / 2: d_head 64's dropout spilled 57-67
+// instructions' worth without), the cp.async kernel's 255 as the sm_80 kernel does.
 template <class C>
-using StepMask = KeyRowsMask<1, C::kNtM>;
+using StepMask = std::conditional_t<C::kTma, PackedKeyRowsMask<C::kNtM>, KeyRowsMask<1, C::kNtM>>;
 template <class C>
 __device__ __forceinline__ StepMask<C> step_mask(const BwdParams& p, int b, typename bwd::QuerySteps<C>::Pos s,
                                                  int my_key0, int lane) {
