@@ -23,14 +23,14 @@
 //   retires every read of the stage the next copy refills and of dS^T, the second publishes dS^T.
 // dkdv_tma_kernel (kTma): warp-specialised as fwd_sm90.cuh, one warpgroup more.
 //   warpgroup 0       producer: gives its registers to the consumers (setmaxnreg). Warp 0's lane 0
-//                     issues the TMA copies of K and V (once) and of each step's Q and dO; warps 2
-//                     and 3 store the step's lse (x log2 e, +inf past the sequence: P = 0 there)
-//                     and D (0 there) from plain loads; warp 1 exits.
+//                     issues the TMA copies of K and V (once) and of each step's Q and dO; warp 1
+//                     stores the step's lse (x log2 e, +inf past the sequence: P = 0 there) and D
+//                     (0 there) from plain loads; warps 2 and 3 exit.
 //   warpgroups 1, 2   consumers: the steps above, 64 keys each (the cp.async kernel's 256 threads).
 //   A step's Q, dO, lse and D share one stage of a two-stage ring. Barriers (who arrives / waits):
 //   kv_full           lane 0 (expect_tx: K and V)          / every consumer thread, before its first step
 //   ring.full[s]      lane 0 (expect_tx: Q and dO) and the / every consumer thread, before S^T
-//                     64 statistics lanes once stored
+//                     32 statistics lanes once stored
 //   ring.empty[s]     every consumer thread, once its      / lane 0 and the statistics lanes, before
 //                     step's products have retired           refilling stage s
 //   Barrier::kConsumers  the 256 consumer threads: once a step, dS^T stored (both warpgroups' keys)
@@ -471,9 +471,27 @@ struct Args {
   CUtensorMap q, dout, k, v;
 };
 
+// bwd::load_row_stats for the producer's statistics warp (24 registers): the step's kBlockM rows from
+// statistic `stat` (its row 0; `rows` of them real), lane and lane + 32 i, through one pointer per
+// tensor and immediate offsets (the per-row 64-bit index sums spilled at d64's four rows a lane).
+template <class C>
+__device__ __forceinline__ void store_step_stats(float* s_lse, float* s_dvec, const BwdParams& p, uint64_t stat,
+                                                 int rows, int lane) {
+  static_assert(C::kBlockM % C::kStatThreads == 0 && C::kStatThreads == 32, "a warp, whole rows a lane");
+  const float* lse = p.lse + stat + lane;
+  const float* dvec = p.dvec + stat + lane;
+  rows -= lane;
+#pragma unroll
+  for (int i = 0; i < C::kBlockM / 32; ++i) {
+    const bool valid = i * 32 < rows;
+    s_lse[lane + i * 32] = valid ? lse[i * 32] * 1.4426950408889634f : INFINITY;
+    s_dvec[lane + i * 32] = valid ? dvec[i * 32] : 0.f;
+  }
+}
+
 // The producer warpgroup's warp `warp`: warp 0's lane 0 issues the TMA copies, K and V once, then
-// per step Q and dO into a stage once the consumers have released its previous step; warps 2 and 3
-// store the step's lse and D there. Warp 1, and a CTA with no step, do nothing (its consumers wait
+// per step Q and dO into a stage once the consumers have released its previous step; warp 1 stores
+// the step's lse and D there. Warps 2 and 3, and a CTA with no step, do nothing (its consumers wait
 // for nothing either). Each warp keeps only its own loop's state: 24 registers.
 template <class C>
 __device__ __forceinline__ void produce(const Args& args, const Smem<C>& sm, int warp, int lane) {
@@ -486,8 +504,11 @@ __device__ __forceinline__ void produce(const Args& args, const Smem<C>& sm, int
   if (warp == 1) {
     for (int step = 0; step < w.steps.count; ++step, s = w.steps.next(s), st.advance()) {
       sm.ring->wait_free(st);
-      bwd::load_row_stats<C, C::kStatThreads>(sm.lse_stage(st.stage), sm.dvec_stage(st.stage), p,
-                                              w.seq.stat_row(s.h, 0), w.seq.len_q, s.row0, lane);
+      // Seq::stat_row(s.h, s.row0) as one unsigned 32 x 32 -> 64 multiply-add (every term is
+      // non-negative): its signed 64-bit product needed a register more, and spilled.
+      const uint64_t stat = uint64_t(uint32_t(w.seq.plane0 + s.h)) * uint32_t(w.seq.plane_rows) +
+                            uint32_t(w.seq.q_start + s.row0);
+      store_step_stats<C>(sm.lse_stage(st.stage), sm.dvec_stage(st.stage), p, stat, w.seq.len_q - s.row0, lane);
       sm.ring->filled(st);
     }
     return;
