@@ -230,6 +230,16 @@ __device__ __forceinline__ float probability(const typename C::Mod& mod, float s
   return fast_exp2(t - lse2);
 }
 
+// probability() for query column c of a key's range r (ScoreMod::key_range): the same arithmetic.
+template <class C>
+__device__ __forceinline__ float probability_in(const typename C::Mod& mod, const typename C::Mod::KeyRange& r, int c,
+                                                float s, float lse2, float scale_log2, float& grad) {
+  grad = 1.f;
+  if (!r.visible(c)) return 0.f;
+  const float t = C::Mod::kTransforms ? mod.scaled_at(s, r.x0 + c, grad) * 1.4426950408889634f : s * scale_log2;
+  return fast_exp2(t - lse2);
+}
+
 // acc = A(kMT * 16 rows of tile_a from a_row0) x B^T(kNT * 8 rows of tile_b from b_row0), k over a
 // head dim of tile width kW (kD: q/k, kDV: v/dO).
 template <class C, int kW, int kMT, int kNT>
