@@ -205,7 +205,7 @@ struct Work {
   int keys;  // of the block, in [1, kBlockN] unless idle()
   bwd::QuerySteps<C> steps;
 
-  __device__ __forceinline__ explicit Work(const BwdParams& p) : Work(p, ids(p)) {}
+  __device__ __forceinline__ explicit Work(const BwdParams& p, unsigned block = blockIdx.x) : Work(p, ids(p, block)) {}
   // Past its sequence's keys (varlen: the grid fits the longest): nothing to do, not even a copy out.
   __device__ __forceinline__ bool idle() const { return keys <= 0; }
 
@@ -213,14 +213,14 @@ struct Work {
   struct Ids {
     int n_block, b, h_k, h0;
   };
-  __device__ __forceinline__ static Ids ids(const BwdParams& p) {
+  __device__ __forceinline__ static Ids ids(const BwdParams& p, unsigned block) {
     const int num_n = (p.seqlen_k + C::kBlockN - 1) / C::kBlockN, group = p.heads / p.heads_k;
     if constexpr (C::kHeadSplit) {
-      const int bh = blockIdx.x % (p.batch * p.heads), h0 = bh % p.heads;
-      return {int(blockIdx.x) / (p.batch * p.heads), bh / p.heads, h0 / group, h0};
+      const int bh = block % (p.batch * p.heads), h0 = bh % p.heads;
+      return {int(block) / (p.batch * p.heads), bh / p.heads, h0 / group, h0};
     } else {
-      const int bh_k = blockIdx.x / num_n, h_k = bh_k % p.heads_k;
-      return {int(blockIdx.x) % num_n, bh_k / p.heads_k, h_k, h_k * group};
+      const int bh_k = block / num_n, h_k = bh_k % p.heads_k;
+      return {int(block) % num_n, bh_k / p.heads_k, h_k, h_k * group};
     }
   }
   __device__ __forceinline__ Work(const BwdParams& p, Ids id)
@@ -575,7 +575,8 @@ __device__ __forceinline__ void consume(const BwdParams& p, const Smem<C>& sm, u
     if (step + 1 < steps) keep = step_mask<C>(p, w.b, next, my_key0, lane);
     cur = next;
   }
-  write_dkdv<C>(p, w, sm, smem, dk, dv, r0, tid, sync);
+  // The CTA's key block, heads and sequence found again: held through the loop, they spilled.
+  write_dkdv<C>(p, Work<C>(p, block_index_again()), sm, smem, dk, dv, r0, tid, sync);
 }
 
 template <class C>
