@@ -276,20 +276,38 @@ __device__ __forceinline__ void step_products(const typename C::Mod& mod, const 
   uint32_t grad[C::Mod::kSoftcap ? C::kNtM : 1][2];
   const auto query = [&](int nt, int e) { return nt * 8 + (lane & 3) * 2 + (e & 1); };  // in the block
   // The queries each of this lane's keys (my_key0 + 8 half) sees, as columns nt * 8 + (e & 1) from
-  // its first, row0 + (lane & 3) * 2.
-  const typename C::Mod::KeyRange range[2] = {mod.template key_range<C::kBlockM>(row0 + (lane & 3) * 2, my_key0),
-                                              mod.template key_range<C::kBlockM>(row0 + (lane & 3) * 2, my_key0 + 8)};
+  // its first, row0 + (lane & 3) * 2. Not in the cp.async kernel with softcap (255 registers and
+  // spilling already): there the ranges cost 8 spill instructions more.
+  if constexpr (C::kTma || !C::Mod::kSoftcap) {
+    const typename C::Mod::KeyRange range[2] = {
+        mod.template key_range<C::kBlockM>(row0 + (lane & 3) * 2, my_key0),
+        mod.template key_range<C::kBlockM>(row0 + (lane & 3) * 2, my_key0 + 8)};
 #pragma unroll
-  for (int nt = 0; nt < C::kNtM; ++nt)
+    for (int nt = 0; nt < C::kNtM; ++nt)
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      float g[2];
+      for (int half = 0; half < 2; ++half) {
+        float g[2];
 #pragma unroll
-      for (int e = 2 * half; e < 2 * half + 2; ++e)
-        st[0][nt][e] = bwd::probability_in<C>(mod, range[half], nt * 8 + (e & 1), st[0][nt][e], s_lse[query(nt, e)],
-                                              scale_log2, g[e & 1]);
-      if (C::Mod::kSoftcap) grad[nt][half] = pack2<false>(g[0], g[1]);
-    }
+        for (int e = 2 * half; e < 2 * half + 2; ++e)
+          st[0][nt][e] = bwd::probability_in<C>(mod, range[half], nt * 8 + (e & 1), st[0][nt][e],
+                                                s_lse[query(nt, e)], scale_log2, g[e & 1]);
+        if (C::Mod::kSoftcap) grad[nt][half] = pack2<false>(g[0], g[1]);
+      }
+  } else {
+#pragma unroll
+    for (int nt = 0; nt < C::kNtM; ++nt)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        float g[2];
+#pragma unroll
+        for (int e = 2 * half; e < 2 * half + 2; ++e) {
+          const int col = query(nt, e);
+          st[0][nt][e] = bwd::probability<C>(mod, st[0][nt][e], row0 + col, my_key0 + half * 8, s_lse[col],
+                                             scale_log2, g[e & 1]);
+        }
+        if (C::Mod::kSoftcap) grad[nt][half] = pack2<false>(g[0], g[1]);
+      }
+  }
   uint32_t pa[1][C::kNtM / 2][4];
   acc_to_a<C::kBf16>(st, pa);
   if (C::kDropout) keep.apply(pa);  // P o Z
