@@ -62,6 +62,7 @@ struct Config {
   // The value head dim (v, o, dO, dV; kDHeadV_ == 0: kDHead) and its tile.
   static constexpr int kDHeadV = kDHeadV_ == 0 ? kDHead_ : kDHeadV_, kDV = head_dim_tile(kDHeadV);
   static constexpr bool kDqTiled = false;  // dq_accum is [B, H, Sq, kD] (bwd_sm90.cuh tiles it)
+  static constexpr int kCtaThreads = kThreads;  // all compute (bwd_sm90.cuh's TMA kernel has a producer more)
   static constexpr bool kHeadSplit = false;  // one dK/dV CTA per GQA group (bwd_sm90.cuh's Config can split it)
   // kDSplit warps (a group) share kGroupRows accumulator rows (kRT m-tiles), each owning kD / kDSplit
   // of the columns.
@@ -207,10 +208,11 @@ __device__ __forceinline__ void store_rows(const TensorRef& t, int b, int h, int
 // Stage one query block's lse (in log2 units, +inf past the end: P = 0 there) and D in shared memory.
 // stat0: the statistic of the head's row 0 (Seq::stat_row(h, 0)); len_q: the sequence's queries.
 // Plain loads: staging these through cp.async with the block's Q and dO measured 2-5% slower.
-template <class C>
+// kThreads: the threads sharing the rows (tid among them).
+template <class C, int kThreads = C::kThreads>
 __device__ __forceinline__ void load_row_stats(float* s_lse, float* s_dvec, const BwdParams& p, int64_t stat0,
                                                int len_q, int row0, int tid) {
-  for (int r = tid; r < C::kBlockM; r += C::kThreads) {
+  for (int r = tid; r < C::kBlockM; r += kThreads) {
     const bool valid = row0 + r < len_q;
     s_lse[r] = valid ? p.lse[stat0 + row0 + r] * 1.4426950408889634f : INFINITY;
     s_dvec[r] = valid ? p.dvec[stat0 + row0 + r] : 0.f;
@@ -225,6 +227,16 @@ __device__ __forceinline__ float probability(const typename C::Mod& mod, float s
   grad = 1.f;
   if (!mod.visible(i, j)) return 0.f;
   const float t = C::Mod::kTransforms ? mod.scaled(s, i, j, grad) * 1.4426950408889634f : s * scale_log2;
+  return fast_exp2(t - lse2);
+}
+
+// probability() for query column c of a key's range r (ScoreMod::key_range): the same arithmetic.
+template <class C>
+__device__ __forceinline__ float probability_in(const typename C::Mod& mod, const typename C::Mod::KeyRange& r, int c,
+                                                float s, float lse2, float scale_log2, float& grad) {
+  grad = 1.f;
+  if (!r.visible(c)) return 0.f;
+  const float t = C::Mod::kTransforms ? mod.scaled_at(s, r.x0 + c, grad) * 1.4426950408889634f : s * scale_log2;
   return fast_exp2(t - lse2);
 }
 
@@ -620,11 +632,21 @@ cudaError_t opt_in_smem(Kernel kernel) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
 }
 
-// The D kernel, `dkdv` (this file's dkdv_kernel, or bwd_sm90.cuh's), then dQ's conversion or kernel.
-// Config::kHeadSplit (bwd_sm90.cuh): one dK/dV CTA per query head, adding to p.dkv_accum, and dK,
-// dV converted from those fp32 sums at the end.
-template <class C, class Kernel>
-cudaError_t launch_with(const BwdParams& p, cudaStream_t stream, Kernel dkdv) {
+// A kernel of C's CTAs (kCtaThreads threads, kSmemBytes of shared memory) over `blocks` CTAs, with
+// its one parameter (BwdParams, or bwd_sm90.cuh's Args with TMA maps).
+template <class C, class Kernel, class Arg>
+cudaError_t launch_kernel(Kernel kernel, unsigned blocks, cudaStream_t stream, const Arg& arg) {
+  const cudaError_t err = opt_in_smem<C>(kernel);
+  if (err != cudaSuccess) return err;
+  kernel<<<blocks, C::kCtaThreads, C::kSmemBytes, stream>>>(arg);
+  return cudaSuccess;  // launch_with reads the launch's error
+}
+
+// The D kernel, the dK/dV kernel (launch_dkdv(blocks): this file's dkdv_kernel, or bwd_sm90.cuh's),
+// then dQ's conversion or kernel. Config::kHeadSplit (bwd_sm90.cuh): one dK/dV CTA per query head,
+// adding to p.dkv_accum, and dK, dV converted from those fp32 sums at the end.
+template <class C, class LaunchDkdv>
+cudaError_t launch_with(const BwdParams& p, cudaStream_t stream, LaunchDkdv launch_dkdv) {
   if (p.batch == 0 || p.heads == 0 || p.seqlen_q == 0) return cudaSuccess;
   if (!C::kDeterministic && p.dq_accum == nullptr) return cudaErrorInvalidValue;
   if (C::kHeadSplit && p.dkv_accum == nullptr) return cudaErrorInvalidValue;
@@ -636,10 +658,9 @@ cudaError_t launch_with(const BwdParams& p, cudaStream_t stream, Kernel dkdv) {
       (C::kHeadSplit && (2 * key_rows(p) + 3) / 4 > 0x7fffffff))
     return cudaErrorInvalidConfiguration;
   cudaError_t err;
-  if ((err = opt_in_smem<C>(dkdv)) != cudaSuccess) return err;
   const unsigned row_blocks = unsigned((rows + 3) / 4);
   dvec_kernel<C><<<row_blocks, 128, 0, stream>>>(p);
-  if (kv_blocks > 0) dkdv<<<unsigned(kv_blocks), C::kThreads, C::kSmemBytes, stream>>>(p);
+  if (kv_blocks > 0 && (err = launch_dkdv(unsigned(kv_blocks))) != cudaSuccess) return err;
   if constexpr (C::kDeterministic) {
     if ((err = opt_in_smem<C>(dq_kernel<C>)) != cudaSuccess) return err;
     dq_kernel<C><<<unsigned(q_blocks), C::kThreads, C::kSmemBytes, stream>>>(p);
@@ -653,7 +674,7 @@ cudaError_t launch_with(const BwdParams& p, cudaStream_t stream, Kernel dkdv) {
 
 template <class C>
 cudaError_t launch(const BwdParams& p, cudaStream_t stream) {
-  return launch_with<C>(p, stream, dkdv_kernel<C>);
+  return launch_with<C>(p, stream, [&](unsigned blocks) { return launch_kernel<C>(dkdv_kernel<C>, blocks, stream, p); });
 }
 
 }  // namespace flashjit::bwd

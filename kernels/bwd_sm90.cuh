@@ -16,17 +16,50 @@
 // while dV is, and dS^T is stored while dK is. Unlike mma.sync, B never passes through registers,
 // which is what frees the registers and the issue slots the sm_80 kernel runs out of.
 // Variable-length batches as in bwd_sm80.cuh (common/varlen.cuh's Seq).
+//
+// Two ways to feed the steps (Config::kTma, BwdSm90Config.tma):
+// dkdv_kernel (cp.async): the 256 threads copy K and V once and each step's Q, dO, lse and D one
+//   step ahead into two stages. Two CTA barriers a step: the first publishes the step's copy and
+//   retires every read of the stage the next copy refills and of dS^T, the second publishes dS^T.
+// dkdv_tma_kernel (kTma): warp-specialised as fwd_sm90.cuh, one warpgroup more.
+//   warpgroup 0       producer: gives its registers to the consumers (setmaxnreg). Warp 0's lane 0
+//                     issues the TMA copies of K and V (once) and of each step's Q and dO; warp 1
+//                     stores the step's lse (x log2 e, +inf past the sequence: P = 0 there) and D
+//                     (0 there) from plain loads; warps 2 and 3 exit.
+//   warpgroups 1, 2   consumers: the steps above, 64 keys each (the cp.async kernel's 256 threads).
+//   A step's Q, dO, lse and D share one stage of a two-stage ring. Barriers (who arrives / waits):
+//   kv_full           lane 0 (expect_tx: K and V)          / every consumer thread, before its first step
+//   ring.full[s]      lane 0 (expect_tx: Q and dO) and the / every consumer thread, before S^T
+//                     32 statistics lanes once stored
+//   ring.empty[s]     every consumer thread, once its      / lane 0 and the statistics lanes, before
+//                     step's products have retired           refilling stage s
+//   Barrier::kConsumers  the 256 consumer threads: once a step, dS^T stored (both warpgroups' keys)
+//                     before dQ; and around the epilogue's staging of dK and dV.
+//   dS^T has two buffers (step parity): a warpgroup writes buffer b at step t + 2 only after the
+//   barrier of step t + 1, which the other warpgroup reaches after its dQ of step t has retired, so
+//   the cp.async kernel's first barrier has no job left. Rows past the sequence: TMA zero-fills past
+//   the tensor; inside a varlen batch they are the next sequence's (finite), and lse +inf makes
+//   their P and dS zero as in the cp.async kernel. Keys past the sequence: P = 0 by the mask.
 #pragma once
+#include <type_traits>
 #include "bwd_sm80.cuh"
 #include "common/wgmma.cuh"
+#include "common/sm90/mbarrier.cuh"
+#include "common/sm90/tma.cuh"
+#include "common/sm90/warpgroup.cuh"
 
 namespace flashjit::bwd_sm90 {
+
+using namespace flashjit::sm90;
+
+// Named barrier ids (0 is __syncthreads): the producer-warpgroup kernel's 256 consumer threads.
+enum class Barrier : int { kConsumers = 1 };
 
 // One template parameter per BwdSm90Config field (flashjit/configs/bwd_sm90.py), in the same order.
 // What this kernel fixes (two warpgroups of 64 keys, one 16-row group a warp, dQ by fp32 bulk
 // reductions, never the deterministic dQ kernel) is a constant here and a class constant there.
 template <bool kBf16_, int kDHead_, int kBlockM_, bool kCausal_, bool kLocal_, bool kSoftcap_, bool kAlibi_,
-          bool kDropout_, bool kHeadSplit_>
+          bool kDropout_, bool kHeadSplit_, bool kTma_>
 struct Config {
   static constexpr bool kBf16 = kBf16_, kCausal = kCausal_, kSwizzle = true, kDeterministic = false;
   static constexpr bool kDropout = kDropout_;
@@ -55,20 +88,33 @@ struct Config {
   // parameter, not a runtime branch: the branch's epilogue cost the feature variants' step loops
   // 20-40 bytes of spills.
   static constexpr bool kHeadSplit = kHeadSplit_;
+  // A producer warpgroup feeds the steps (dkdv_tma_kernel) instead of every thread copying
+  // (dkdv_kernel). kThreads stays the 256 that compute: the per-warp roles and the copies out are
+  // theirs; the CTA has kCtaThreads. The register split as fwd_sm90.cuh's with two consumers.
+  static constexpr bool kTma = kTma_;
+  static constexpr int kCtaThreads = kThreads + (kTma ? 128 : 0);
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
+  static constexpr int kStatThreads = 32;  // the producer's threads that load a step's lse and D
   static constexpr int kDqStageBytes = 16 * 64 * 4;  // per warp
   using TileN = GmmaTile<kBlockN, kD>;       // K, V
   using TileM = GmmaTile<kBlockM, kD>;       // Q, dO (two stages each)
-  using TileS = GmmaTile<kBlockN, kBlockM>;  // dS^T
+  using TileS = GmmaTile<kBlockN, kBlockM>;  // dS^T (two buffers with kTma)
+  static constexpr int kDsBuffers = kTma ? 2 : 1;
+  // kv_full and a Ring<2> (a step's Q, dO, lse and D), after everything else: the epilogues'
+  // staging never reaches them.
+  static constexpr int kBarrierBytes = kTma ? 8 * (1 + 2 * 2) : 0;
   // 1 KiB of slack: the dynamic shared memory is aligned up to the swizzle's 1024 bytes by hand.
-  static constexpr int kSmemBytes =
-      1024 + 2 * TileN::kBytes + 4 * TileM::kBytes + TileS::kBytes + 2 * 2 * kBlockM * 4 + kWarps * kDqStageBytes;
+  static constexpr int kSmemBytes = 1024 + 2 * TileN::kBytes + 4 * TileM::kBytes + kDsBuffers * TileS::kBytes +
+                                    2 * 2 * kBlockM * 4 + kWarps * kDqStageBytes + kBarrierBytes;
   static_assert((kD == 64 && kBlockM == 128) || (kD == 128 && kBlockM == 64),
                 "the wgmma backward supports d_head 33-64 with block_m 128 and 65-128 with block_m 64");
   static_assert(!(kSoftcap_ && kBlockM == 128),
                 "softcap's factors push the d_head 64 wgmma backward (128-query steps) past 255 registers");
   // dK and dV are staged for the copy out through the two Q stages and the two dO stages.
   static_assert(2 * kBlockM >= kBlockN, "dK/dV are staged through the Q / dO tiles");
-  static_assert(kWarps * 2 * (kD / 64) * 16 * 64 * 4 <= kSmemBytes - 1024, "add_dkdv stages dK and dV in fp32");
+  static_assert(kWarps * 2 * (kD / 64) * 16 * 64 * 4 <= kSmemBytes - 1024 - kBarrierBytes,
+                "add_dkdv stages dK and dV in fp32");
+  static_assert(kSmemBytes <= 227 * 1024, "the dK/dV kernel's tiles need more than 227 KiB of shared memory");
 };
 
 // A warp's 16 x 64 fp32 share of an accumulator (n-tiles nt0 .. nt0 + 7 of acc, rows (lane >> 2) + 8 h),
@@ -121,128 +167,133 @@ __device__ __forceinline__ void add_dkdv(const BwdParams& p, const Seq& seq, int
   }
 }
 
+
+// The shared memory of either kernel: K, V, two stages of Q and of dO, dS^T (kDsBuffers), two
+// stages of lse and D, a dQ staging tile per warp, then (kTma) the barriers.
 template <class C>
-__global__ void __launch_bounds__(C::kThreads, 1) dkdv_kernel(const __grid_constant__ BwdParams p) {
-  extern __shared__ unsigned char smem_raw[];
-  const uint32_t base = (smem_addr(smem_raw) + 1023) & ~1023u;
-  unsigned char* smem = smem_raw + (base - smem_addr(smem_raw));
-  elem_t* sK = reinterpret_cast<elem_t*>(smem);
-  elem_t* sV = sK + C::TileN::kBytes / 2;
-  elem_t* sQ2 = sV + C::TileN::kBytes / 2;       // two stages of Q
-  elem_t* sdO2 = sQ2 + 2 * C::TileM::kBytes / 2;  // two stages of dO
-  elem_t* sdS = sdO2 + 2 * C::TileM::kBytes / 2;  // dS^T [kBlockN keys, kBlockM queries]
-  float* s_lse2 = reinterpret_cast<float*>(sdS + C::TileS::kBytes / 2);
-  float* s_dvec2 = s_lse2 + 2 * C::kBlockM;
+struct Smem {
+  elem_t *k, *v, *q, *dout, *ds;
+  float *lse, *dvec, *dq;
+  uint64_t* kv_full;
+  Ring<2>* ring;  // a step's Q, dO, lse and D
 
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int wg = __shfl_sync(0xffffffffu, warp >> 2, 0);  // warpgroup: a shuffle makes it warp-uniform to the compiler
-  const int r0 = warp * 16;  // this warp's first key row: warpgroup wg's 64 keys, 16 per warp
-  const int num_n = (p.seqlen_k + C::kBlockN - 1) / C::kBlockN, group = p.heads / p.heads_k;
-  // The CTA's key block, batch, kv head and query heads: every head of the GQA group, or with
-  // kHeadSplit one, the key block outermost (causal: the longest CTAs, the first key blocks, first).
-  constexpr bool per_q_head = C::kHeadSplit;
-  int n_block, b, h_k, h0;
-  if constexpr (per_q_head) {
-    const int bh = blockIdx.x % (p.batch * p.heads);
-    n_block = blockIdx.x / (p.batch * p.heads), b = bh / p.heads, h0 = bh % p.heads, h_k = h0 / group;
-  } else {
-    const int bh_k = blockIdx.x / num_n;
-    n_block = blockIdx.x % num_n, b = bh_k / p.heads_k, h_k = bh_k % p.heads_k, h0 = h_k * group;
+  __device__ __forceinline__ explicit Smem(unsigned char* base) {
+    k = reinterpret_cast<elem_t*>(base);
+    v = k + C::TileN::kBytes / 2;
+    q = v + C::TileN::kBytes / 2;
+    dout = q + 2 * C::TileM::kBytes / 2;
+    ds = dout + 2 * C::TileM::kBytes / 2;
+    lse = reinterpret_cast<float*>(ds + C::kDsBuffers * C::TileS::kBytes / 2);
+    dvec = lse + 2 * C::kBlockM;
+    dq = dvec + 2 * C::kBlockM;
+    kv_full = reinterpret_cast<uint64_t*>(dq + C::kWarps * (C::kDqStageBytes / 4));
+    ring = reinterpret_cast<Ring<2>*>(kv_full + 1);
   }
-  const Seq seq(p, b);
-  const int key0 = n_block * C::kBlockN;
-  if (key0 >= seq.len_k) return;  // varlen: past this sequence's keys (the grid fits the longest)
-  const int keys = min(C::kBlockN, seq.len_k - key0);
-  const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
+  __device__ __forceinline__ elem_t* q_stage(int s) const { return q + s * C::TileM::kBytes / 2; }
+  __device__ __forceinline__ elem_t* dout_stage(int s) const { return dout + s * C::TileM::kBytes / 2; }
+  __device__ __forceinline__ float* lse_stage(int s) const { return lse + s * C::kBlockM; }
+  __device__ __forceinline__ float* dvec_stage(int s) const { return dvec + s * C::kBlockM; }
+};
 
-  load_gmma_tile<C::kBlockN, C::kD, C::kThreads, C::kDHead>(sK, p.k.at<const elem_t>(b, h_k, seq.k_start + key0),
-                                                            p.k.row_stride, keys, tid);
-  load_gmma_tile<C::kBlockN, C::kD, C::kThreads, C::kDHead>(sV, p.v.at<const elem_t>(b, h_k, seq.k_start + key0),
-                                                            p.v.row_stride, keys, tid);
-  cp_async_commit();
+// What a CTA computes: its key block, batch, kv head and query heads (h0 .. h0 + heads - 1): every
+// head of the GQA group, or with kHeadSplit one, the key block outermost (causal: the longest CTAs,
+// the first key blocks, first); its sequence and its steps.
+template <class C>
+struct Work {
+  int b, h_k, key0;
+  Seq seq;
+  int keys;  // of the block, in [1, kBlockN] unless idle()
+  bwd::QuerySteps<C> steps;
 
-  float dk[1][C::kNtD][4], dv[1][C::kNtD][4];
-  zero(dk);
-  zero(dv);
-  const int my_key0 = key0 + r0 + (lane >> 2);  // key of row half h: my_key0 + 8 h
+  __device__ __forceinline__ explicit Work(const BwdParams& p, unsigned block = blockIdx.x) : Work(p, ids(p, block)) {}
+  // Past its sequence's keys (varlen: the grid fits the longest): nothing to do, not even a copy out.
+  __device__ __forceinline__ bool idle() const { return keys <= 0; }
 
-  // Descriptors: K and V as K-major A (this warpgroup's 64 rows), Q and dO as K-major B (scores)
-  // and as N-major B (dV, dK), K as N-major B and dS^T as M-major A (dQ).
-  const uint64_t dK_a = gmma_desc(smem_addr(sK) + wg * 64 * 128, 16);
-  const uint64_t dV_a = gmma_desc(smem_addr(sV) + wg * 64 * 128, 16);
-  const uint64_t dQ_b = gmma_desc(smem_addr(sQ2), C::TileM::kBlockBytes);
-  const uint64_t ddO_b = gmma_desc(smem_addr(sdO2), C::TileM::kBlockBytes);
-  const uint64_t dS_a = gmma_desc(smem_addr(sdS) + (C::kDqByRows ? wg * C::TileS::kBlockBytes : 0),
-                                  C::TileS::kBlockBytes);
-  const uint64_t dKq_b = gmma_desc(smem_addr(sK) + (C::kDqByRows ? 0 : wg * C::TileN::kBlockBytes),
-                                   C::TileN::kBlockBytes);
-  // This warp's 16 rows of the step's dQ block, in 64-column half dq_half of dq_accum, and where
-  // its 16 x 64 share is staged for the bulk reduction.
-  const int dq_row = (C::kDqByRows ? wg * 64 : 0) + (warp & 3) * 16, dq_half = C::kDqByRows ? 0 : wg;
-  float* s_dq = s_dvec2 + 2 * C::kBlockM + warp * (C::kDqStageBytes / 4);
-
-  // One step per (query head of the group, query block), software-pipelined over two Q / dO
-  // stages as in bwd_sm80.cuh. Two barriers per step: the first publishes the step's copy and
-  // retires every read of the stage the next copy refills and of dS^T; the second publishes dS^T.
-  const bwd::QuerySteps<C> schedule(p, seq, b, h0, per_q_head ? 1 : group, key0, keys);
-  using StepPos = typename bwd::QuerySteps<C>::Pos;
-  const int steps = schedule.count;
-  auto stage = [&](StepPos s, int buf) {
-    const int rows = min(C::kBlockM, seq.len_q - s.row0);
-    load_gmma_tile<C::kBlockM, C::kD, C::kThreads, C::kDHead>(sQ2 + buf * C::TileM::kBytes / 2,
-                                                              p.q.at<const elem_t>(b, s.h, seq.q_start + s.row0),
-                                                              p.q.row_stride, rows, tid);
-    load_gmma_tile<C::kBlockM, C::kD, C::kThreads, C::kDHead>(sdO2 + buf * C::TileM::kBytes / 2,
-                                                              p.dout.at<const elem_t>(b, s.h, seq.q_start + s.row0),
-                                                              p.dout.row_stride, rows, tid);
-    bwd::load_row_stats<C>(s_lse2 + buf * C::kBlockM, s_dvec2 + buf * C::kBlockM, p, seq.stat_row(s.h, 0),
-                           seq.len_q, s.row0, tid);
+ private:
+  struct Ids {
+    int n_block, b, h_k, h0;
   };
-  StepPos cur = schedule.first();
-  if (steps > 0) stage(cur, 0);
-  cp_async_commit();
-  // Dropout (common/dropout.cuh): this warp's masks, rows = keys, for the current step. Each step
-  // makes the next step's at its very end, where the warps would otherwise wait at the top of the
-  // loop for the next block and the other warpgroup. Made inside the step, ptxas put the Philox
-  // calls after the wait for S^T, on the path to the dV product (d64: 15-20% cost, now 6-9%).
-  using Mask = KeyRowsMask<1, C::kNtM>;
-  const auto masks = [&](StepPos s) {
-    return Mask(C::kDropout, Dropout(p.mods, int(int64_t(b) * p.heads + s.h)), s.row0, my_key0, lane);
-  };
-  Mask keep = masks(cur);
-  for (int step = 0; step < steps; ++step) {
-    cp_async_wait<0>();  // K, V and this step's block have landed (for this thread)
-    fence_proxy_async();
-    __syncthreads();
-    const StepPos next = schedule.next(cur);
-    if (step + 1 < steps) stage(next, (step + 1) & 1);
-    cp_async_commit();
-    const int h = cur.h, row0 = cur.row0, buf = step & 1;
-    const typename C::Mod mod(p.mods, seq.len_q, seq.len_k, p.softmax_scale, b, h);
-    const float* s_lse = s_lse2 + buf * C::kBlockM;
-    const float* s_dvec = s_dvec2 + buf * C::kBlockM;
-    const uint32_t stage_bytes = buf * C::TileM::kBytes;
+  __device__ __forceinline__ static Ids ids(const BwdParams& p, unsigned block) {
+    const int num_n = (p.seqlen_k + C::kBlockN - 1) / C::kBlockN, group = p.heads / p.heads_k;
+    if constexpr (C::kHeadSplit) {
+      const int bh = block % (p.batch * p.heads), h0 = bh % p.heads;
+      return {int(block) / (p.batch * p.heads), bh / p.heads, h0 / group, h0};
+    } else {
+      const int bh_k = block / num_n, h_k = bh_k % p.heads_k;
+      return {int(block) % num_n, bh_k / p.heads_k, h_k, h_k * group};
+    }
+  }
+  __device__ __forceinline__ Work(const BwdParams& p, Ids id)
+      : b(id.b), h_k(id.h_k), key0(id.n_block * C::kBlockN), seq(p, id.b), keys(min(C::kBlockN, seq.len_k - key0)),
+        steps(p, seq, id.b, id.h0, C::kHeadSplit ? 1 : p.heads / p.heads_k, key0, keys) {}
+};
 
-    // S^T = K Q^T and dP^T = V dO^T, two commit groups.
-    float st[1][C::kNtM][4], dpt[1][C::kNtM][4];
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < C::kKsD; ++ks)
-      wgmma_ss<C::kBlockM, C::kBf16, 0, 0>(st[0], gmma_desc_add(dK_a, kmajor_step<C::kBlockN>(ks)),
-                                           gmma_desc_add(dQ_b, stage_bytes + kmajor_step<C::kBlockM>(ks)), ks > 0);
-    wgmma_commit();
-#pragma unroll
-    for (int ks = 0; ks < C::kKsD; ++ks)
-      wgmma_ss<C::kBlockM, C::kBf16, 0, 0>(dpt[0], gmma_desc_add(dV_a, kmajor_step<C::kBlockN>(ks)),
-                                           gmma_desc_add(ddO_b, stage_bytes + kmajor_step<C::kBlockM>(ks)), ks > 0);
-    wgmma_commit();
+// A consumer warpgroup's descriptors: K and V as K-major A (its 64 rows), Q and dO as K-major B
+// (scores) and as N-major B (dV, dK), K as N-major B and dS^T as M-major A (dQ). Stage s of Q / dO
+// and buffer b of dS^T are these moved on by s * TileM::kBytes and b * TileS::kBytes.
+template <class C>
+struct Descs {
+  uint64_t k_a, v_a, q_b, dout_b, ds_a, kq_b;
 
-    // P^T (rows = keys, columns = queries) while dP^T runs.
-    wgmma_wait<1>();
-    wgmma_settle(st[0]);
-    // Softcap's chain-rule factors (in [0, 1]) as fp16 pairs: as fp32 they pushed d_head 64 into spills.
-    uint32_t grad[C::Mod::kSoftcap ? C::kNtM : 1][2];
-    const auto query = [&](int nt, int e) { return nt * 8 + (lane & 3) * 2 + (e & 1); };  // in the block
+  __device__ __forceinline__ Descs(const Smem<C>& sm, int wg)
+      : k_a(gmma_desc(smem_addr(sm.k) + wg * 64 * 128, 16)),
+        v_a(gmma_desc(smem_addr(sm.v) + wg * 64 * 128, 16)),
+        q_b(gmma_desc(smem_addr(sm.q), C::TileM::kBlockBytes)),
+        dout_b(gmma_desc(smem_addr(sm.dout), C::TileM::kBlockBytes)),
+        ds_a(gmma_desc(smem_addr(sm.ds) + (C::kDqByRows ? wg * C::TileS::kBlockBytes : 0), C::TileS::kBlockBytes)),
+        kq_b(gmma_desc(smem_addr(sm.k) + (C::kDqByRows ? 0 : wg * C::TileN::kBlockBytes), C::TileN::kBlockBytes)) {}
+};
+
+// One step's products for this warp's 16 keys (from my_key0; its rows r0 of the CTA's 128) and
+// query block row0 of head mod's: dV, dK accumulated, dQ (this warpgroup's share) returned, every
+// product retired on return. stage_bytes: the Q / dO stage; s_lse, s_dvec: its statistics; sdS,
+// ds_bytes: the dS^T buffer. sync_ds() runs between storing dS^T and dQ (every warp's keys of dS^T
+// are in).
+template <class C, class Mask, class SyncDs>
+__device__ __forceinline__ void step_products(const typename C::Mod& mod, const Descs<C>& d, uint32_t stage_bytes,
+                                              const float* s_lse, const float* s_dvec, elem_t* sdS, uint32_t ds_bytes,
+                                              const Mask& keep, int row0, int my_key0, int r0, int lane,
+                                              float scale_log2, float (&dk)[1][C::kNtD][4],
+                                              float (&dv)[1][C::kNtD][4], float (&dq)[64 / 8][4], SyncDs sync_ds) {
+  // S^T = K Q^T and dP^T = V dO^T, two commit groups.
+  float st[1][C::kNtM][4], dpt[1][C::kNtM][4];
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < C::kKsD; ++ks)
+    wgmma_ss<C::kBlockM, C::kBf16, 0, 0>(st[0], gmma_desc_add(d.k_a, kmajor_step<C::kBlockN>(ks)),
+                                         gmma_desc_add(d.q_b, stage_bytes + kmajor_step<C::kBlockM>(ks)), ks > 0);
+  wgmma_commit();
+#pragma unroll
+  for (int ks = 0; ks < C::kKsD; ++ks)
+    wgmma_ss<C::kBlockM, C::kBf16, 0, 0>(dpt[0], gmma_desc_add(d.v_a, kmajor_step<C::kBlockN>(ks)),
+                                         gmma_desc_add(d.dout_b, stage_bytes + kmajor_step<C::kBlockM>(ks)), ks > 0);
+  wgmma_commit();
+
+  // P^T (rows = keys, columns = queries) while dP^T runs.
+  wgmma_wait<1>();
+  wgmma_settle(st[0]);
+  // Softcap's chain-rule factors (in [0, 1]) as fp16 pairs: as fp32 they pushed d_head 64 into spills.
+  uint32_t grad[C::Mod::kSoftcap ? C::kNtM : 1][2];
+  const auto query = [&](int nt, int e) { return nt * 8 + (lane & 3) * 2 + (e & 1); };  // in the block
+  // The queries each of this lane's keys (my_key0 + 8 half) sees, as columns nt * 8 + (e & 1) from
+  // its first, row0 + (lane & 3) * 2. Not in the cp.async kernel with softcap (255 registers and
+  // spilling already): there the ranges cost 8 spill instructions more.
+  if constexpr (C::kTma || !C::Mod::kSoftcap) {
+    const typename C::Mod::KeyRange range[2] = {
+        mod.template key_range<C::kBlockM>(row0 + (lane & 3) * 2, my_key0),
+        mod.template key_range<C::kBlockM>(row0 + (lane & 3) * 2, my_key0 + 8)};
+#pragma unroll
+    for (int nt = 0; nt < C::kNtM; ++nt)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        float g[2];
+#pragma unroll
+        for (int e = 2 * half; e < 2 * half + 2; ++e)
+          st[0][nt][e] = bwd::probability_in<C>(mod, range[half], nt * 8 + (e & 1), st[0][nt][e],
+                                                s_lse[query(nt, e)], scale_log2, g[e & 1]);
+        if (C::Mod::kSoftcap) grad[nt][half] = pack2<false>(g[0], g[1]);
+      }
+  } else {
 #pragma unroll
     for (int nt = 0; nt < C::kNtM; ++nt)
 #pragma unroll
@@ -256,90 +307,351 @@ __global__ void __launch_bounds__(C::kThreads, 1) dkdv_kernel(const __grid_const
         }
         if (C::Mod::kSoftcap) grad[nt][half] = pack2<false>(g[0], g[1]);
       }
-    uint32_t pa[1][C::kNtM / 2][4];
-    acc_to_a<C::kBf16>(st, pa);
-    if (C::kDropout) keep.apply(pa);  // P o Z
-    wgmma_fence();
+  }
+  uint32_t pa[1][C::kNtM / 2][4];
+  acc_to_a<C::kBf16>(st, pa);
+  if (C::kDropout) keep.apply(pa);  // P o Z
+  wgmma_fence();
 #pragma unroll
-    for (int ks = 0; ks < C::kKsM; ++ks)  // dV += P^T dO
-      wgmma_rs<C::kD, C::kBf16, 1>(dv[0], pa[0][ks], gmma_desc_add(ddO_b, stage_bytes + mnmajor_step(ks)), true);
-    wgmma_commit();
+  for (int ks = 0; ks < C::kKsM; ++ks)  // dV += P^T dO
+    wgmma_rs<C::kD, C::kBf16, 1>(dv[0], pa[0][ks], gmma_desc_add(d.dout_b, stage_bytes + mnmajor_step(ks)), true);
+  wgmma_commit();
 
-    // dS^T = P^T o (Z o dP^T - D) while dV runs.
-    wgmma_wait<1>();
-    wgmma_settle(dpt[0]);
-    for_each_acc<1, C::kNtM>([&](int, int nt, int e) {
-      // dS^T / rp, rp = 1 / (1 - p): dS = P o (Z o dP rp - D), and s_dvec holds D / rp.
-      float dp = dpt[0][nt][e];
-      if (C::kDropout) dp = Dropout::masked(dp, keep.keep(0, nt, e));
-      dpt[0][nt][e] = st[0][nt][e] * (dp - s_dvec[query(nt, e)]);
-      if constexpr (C::Mod::kSoftcap) {
-        float g[2];
-        unpack2<false>(grad[nt][e >> 1], g[0], g[1]);
-        dpt[0][nt][e] *= g[e & 1];
-      }
-    });
-    uint32_t dsa[1][C::kNtM / 2][4];
-    acc_to_a<C::kBf16>(dpt, dsa);
-    wgmma_fence();
+  // dS^T = P^T o (Z o dP^T - D) while dV runs.
+  wgmma_wait<1>();
+  wgmma_settle(dpt[0]);
+  for_each_acc<1, C::kNtM>([&](int, int nt, int e) {
+    // dS^T / rp, rp = 1 / (1 - p): dS = P o (Z o dP rp - D), and s_dvec holds D / rp.
+    float dp = dpt[0][nt][e];
+    if (C::kDropout) dp = keep.masked(dp, 0, nt, e);
+    dpt[0][nt][e] = st[0][nt][e] * (dp - s_dvec[query(nt, e)]);
+    if constexpr (C::Mod::kSoftcap) {
+      float g[2];
+      unpack2<false>(grad[nt][e >> 1], g[0], g[1]);
+      dpt[0][nt][e] *= g[e & 1];
+    }
+  });
+  uint32_t dsa[1][C::kNtM / 2][4];
+  acc_to_a<C::kBf16>(dpt, dsa);
+  wgmma_fence();
 #pragma unroll
-    for (int ks = 0; ks < C::kKsM; ++ks)  // dK += dS^T Q
-      wgmma_rs<C::kD, C::kBf16, 1>(dk[0], dsa[0][ks], gmma_desc_add(dQ_b, stage_bytes + mnmajor_step(ks)), true);
-    wgmma_commit();
+  for (int ks = 0; ks < C::kKsM; ++ks)  // dK += dS^T Q
+    wgmma_rs<C::kD, C::kBf16, 1>(dk[0], dsa[0][ks], gmma_desc_add(d.q_b, stage_bytes + mnmajor_step(ks)), true);
+  wgmma_commit();
 
-    // dS^T to shared memory while dK runs; then this warpgroup's share of dQ = dS K.
-    store_a_in<typename C::TileS>(sdS, dsa, r0, lane);  // conflict-free: 8 rows, 8 different chunks
+  // dS^T to shared memory while dK runs; then this warpgroup's share of dQ = dS K.
+  store_a_in<typename C::TileS>(sdS, dsa, r0, lane);  // conflict-free: 8 rows, 8 different chunks
+  fence_proxy_async();
+  sync_ds();
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < C::kKsN; ++ks)
+    wgmma_ss<64, C::kBf16, 1, 1>(dq, gmma_desc_add(d.ds_a, ds_bytes + mnmajor_step(ks)),
+                                 gmma_desc_add(d.kq_b, mnmajor_step(ks)), ks > 0);
+  wgmma_commit();
+  wgmma_wait<0>();
+  wgmma_settle(dq);
+  wgmma_settle(dk[0]);
+  wgmma_settle(dv[0]);
+}
+
+// This warp's 16 rows of a step's dQ (query block row0 of head h: rows dq_row .., 64-column half
+// dq_half) added to dq_accum: staged in s_dq once the previous step's reduction has read it, then
+// one bulk reduction.
+template <class C>
+__device__ __forceinline__ void add_dq(const BwdParams& p, const Seq& seq, int h, int row0, int dq_row, int dq_half,
+                                       float* s_dq, const float (&dq)[64 / 8][4], int lane) {
+  if (lane == 0) bulk_wait_read<0>();
+  __syncwarp();
+  // The buffer row of the tile's row 0 is q_start + row0 + dq_row, and row0, dq_row are multiples of
+  // 16 (q_start, a varlen sequence's first row, is 0 when dense).
+  stage_rows_f32(s_dq, dq, 0, seq.q_start, 1.f, lane);
+  fence_proxy_async();
+  __syncwarp();
+  const int dq_rows = min(16, seq.len_q - row0 - dq_row);
+  if (lane == 0 && dq_rows > 0)
+    bulk_reduce_add_f32(p.dq_accum + ((int64_t(seq.plane0 + h) * (C::kD / 64) + dq_half) * seq.plane_rows +
+                                      seq.q_start + row0 + dq_row) * 64,
+                        s_dq, uint32_t(dq_rows) * 64 * 4);
+}
+
+// After the last step (every Q / dO stage landed and read): dK and dV out, by the 256 threads that
+// computed them (tid, warp: among those); sync() is a barrier of theirs. Staged through the Q / dO
+// stages (plain swizzled rows, as bwd_sm80.cuh: both hold 2 * kBlockM >= kBlockN rows) for
+// coalesced stores, or with kHeadSplit added to the fp32 sums.
+template <class C, class Sync>
+__device__ __forceinline__ void write_dkdv(const BwdParams& p, const Work<C>& w, const Smem<C>& sm,
+                                          unsigned char* smem, float (&dk)[1][C::kNtD][4],
+                                          float (&dv)[1][C::kNtD][4], int r0, int tid, Sync sync) {
+  const int lane = tid & 31, warp = tid >> 5;
+  if (lane == 0) bulk_wait_all();  // the dQ reductions have read shared memory (and are done)
+  sync();  // every wgmma read of the Q / dO stages and of K / V is done (each warpgroup waited for its own)
+  if constexpr (C::kHeadSplit) {
+    add_dkdv<C>(p, w.seq, w.b, w.h_k, w.key0 + r0, min(16, w.keys - r0), dk, dv, smem, lane, warp);
+    return;
+  }
+  store_acc<C::kD, C::kSwizzle, C::kBf16>(sm.q, dk, r0, lane, p.softmax_scale * C::dropout_scale(p));
+  store_acc<C::kD, C::kSwizzle, C::kBf16>(sm.dout, dv, r0, lane, C::dropout_scale(p));
+  sync();
+  bwd::store_rows<C, C::kBlockN>(p.dk, w.b, w.h_k, w.seq.k_start + w.key0, sm.q, w.keys, tid);
+  bwd::store_rows<C, C::kBlockN>(p.dv, w.b, w.h_k, w.seq.k_start + w.key0, sm.dout, w.keys, tid);
+}
+
+// Dropout (common/dropout.cuh): this warp's masks, rows = keys, for a step. Made at the end of the
+// step before and held through this one's S^T and P^T: the producer-warpgroup kernel's 240
+// registers hold them packed (2 registers instead of kNtM / 2: d_head 64's dropout spilled 57-67
+// instructions' worth without), the cp.async kernel's 255 as the sm_80 kernel does.
+template <class C>
+using StepMask = std::conditional_t<C::kTma, PackedKeyRowsMask<C::kNtM>, KeyRowsMask<1, C::kNtM>>;
+template <class C>
+__device__ __forceinline__ StepMask<C> step_mask(const BwdParams& p, int b, typename bwd::QuerySteps<C>::Pos s,
+                                                 int my_key0, int lane) {
+  return StepMask<C>(C::kDropout, Dropout(p.mods, int(int64_t(b) * p.heads + s.h)), s.row0, my_key0, lane);
+}
+
+// ---- The cp.async kernel -------------------------------------------------------------------------
+template <class C>
+__global__ void __launch_bounds__(C::kThreads, 1) dkdv_kernel(const __grid_constant__ BwdParams p) {
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t base = (smem_addr(smem_raw) + 1023) & ~1023u;
+  unsigned char* smem = smem_raw + (base - smem_addr(smem_raw));
+  const Smem<C> sm(smem);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wg = __shfl_sync(0xffffffffu, warp >> 2, 0);  // warpgroup: a shuffle makes it warp-uniform to the compiler
+  const int r0 = warp * 16;  // this warp's first key row: warpgroup wg's 64 keys, 16 per warp
+  const Work<C> w(p);
+  if (w.idle()) return;
+  const Seq& seq = w.seq;
+  const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
+
+  load_gmma_tile<C::kBlockN, C::kD, C::kThreads, C::kDHead>(sm.k, p.k.at<const elem_t>(w.b, w.h_k, seq.k_start + w.key0),
+                                                            p.k.row_stride, w.keys, tid);
+  load_gmma_tile<C::kBlockN, C::kD, C::kThreads, C::kDHead>(sm.v, p.v.at<const elem_t>(w.b, w.h_k, seq.k_start + w.key0),
+                                                            p.v.row_stride, w.keys, tid);
+  cp_async_commit();
+
+  float dk[1][C::kNtD][4], dv[1][C::kNtD][4];
+  zero(dk);
+  zero(dv);
+  const int my_key0 = w.key0 + r0 + (lane >> 2);  // key of row half h: my_key0 + 8 h
+  const Descs<C> d(sm, wg);
+  // This warp's 16 rows of the step's dQ block, in 64-column half dq_half of dq_accum, and where
+  // its 16 x 64 share is staged for the bulk reduction.
+  const int dq_row = (C::kDqByRows ? wg * 64 : 0) + (warp & 3) * 16, dq_half = C::kDqByRows ? 0 : wg;
+  float* s_dq = sm.dq + warp * (C::kDqStageBytes / 4);
+
+  // One step per (query head of the group, query block), software-pipelined over two Q / dO
+  // stages as in bwd_sm80.cuh. Two barriers per step: the first publishes the step's copy and
+  // retires every read of the stage the next copy refills and of dS^T; the second publishes dS^T.
+  using StepPos = typename bwd::QuerySteps<C>::Pos;
+  const int steps = w.steps.count;
+  auto stage = [&](StepPos s, int buf) {
+    const int rows = min(C::kBlockM, seq.len_q - s.row0);
+    load_gmma_tile<C::kBlockM, C::kD, C::kThreads, C::kDHead>(sm.q_stage(buf),
+                                                              p.q.at<const elem_t>(w.b, s.h, seq.q_start + s.row0),
+                                                              p.q.row_stride, rows, tid);
+    load_gmma_tile<C::kBlockM, C::kD, C::kThreads, C::kDHead>(sm.dout_stage(buf),
+                                                              p.dout.at<const elem_t>(w.b, s.h, seq.q_start + s.row0),
+                                                              p.dout.row_stride, rows, tid);
+    bwd::load_row_stats<C>(sm.lse_stage(buf), sm.dvec_stage(buf), p, seq.stat_row(s.h, 0), seq.len_q, s.row0, tid);
+  };
+  StepPos cur = w.steps.first();
+  if (steps > 0) stage(cur, 0);
+  cp_async_commit();
+  // Each step makes the next step's dropout masks at its very end, where the warps would otherwise
+  // wait at the top of the loop for the next block and the other warpgroup. Made inside the step,
+  // ptxas put the Philox calls after the wait for S^T, on the path to the dV product (d64: 15-20%
+  // cost, now 6-9%).
+  auto keep = step_mask<C>(p, w.b, cur, my_key0, lane);
+  for (int step = 0; step < steps; ++step) {
+    cp_async_wait<0>();  // K, V and this step's block have landed (for this thread)
     fence_proxy_async();
     __syncthreads();
+    const StepPos next = w.steps.next(cur);
+    if (step + 1 < steps) stage(next, (step + 1) & 1);
+    cp_async_commit();
+    const int buf = step & 1;
+    const typename C::Mod mod(p.mods, seq.len_q, seq.len_k, p.softmax_scale, w.b, cur.h);
     float dq[64 / 8][4];
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < C::kKsN; ++ks)
-      wgmma_ss<64, C::kBf16, 1, 1>(dq, gmma_desc_add(dS_a, mnmajor_step(ks)), gmma_desc_add(dKq_b, mnmajor_step(ks)),
-                                   ks > 0);
-    wgmma_commit();
-    wgmma_wait<0>();
-    wgmma_settle(dq);
-    wgmma_settle(dk[0]);
-    wgmma_settle(dv[0]);
-    // dQ: staged (once the previous step's reduction has read the buffer), then one bulk reduction.
-    if (lane == 0) bulk_wait_read<0>();
-    __syncwarp();
-    // The buffer row of the tile's row 0 is q_start + row0 + dq_row, and row0, dq_row are multiples of
-    // 16 (q_start, a varlen sequence's first row, is 0 when dense).
-    stage_rows_f32(s_dq, dq, 0, seq.q_start, 1.f, lane);
-    fence_proxy_async();
-    __syncwarp();
-    const int dq_rows = min(16, seq.len_q - row0 - dq_row);
-    if (lane == 0 && dq_rows > 0)
-      bulk_reduce_add_f32(p.dq_accum + ((int64_t(seq.plane0 + h) * (C::kD / 64) + dq_half) * seq.plane_rows +
-                                        seq.q_start + row0 + dq_row) * 64,
-                          s_dq, uint32_t(dq_rows) * 64 * 4);
-    if (step + 1 < steps) keep = masks(next);
+    step_products<C>(mod, d, buf * C::TileM::kBytes, sm.lse_stage(buf), sm.dvec_stage(buf), sm.ds, 0, keep, cur.row0,
+                     my_key0, r0, lane, scale_log2, dk, dv, dq, [] { __syncthreads(); });
+    add_dq<C>(p, seq, cur.h, cur.row0, dq_row, dq_half, s_dq, dq, lane);
+    if (step + 1 < steps) keep = step_mask<C>(p, w.b, next, my_key0, lane);
     cur = next;
   }
   cp_async_wait<0>();
-  if (lane == 0) bulk_wait_all();  // the dQ reductions have read shared memory (and are done)
-  __syncthreads();  // every wgmma read of the Q / dO stages is done (each warpgroup waited for its own)
-  if constexpr (per_q_head) {
-    add_dkdv<C>(p, seq, b, h_k, key0 + r0, min(16, keys - r0), dk, dv, smem, lane, warp);
-    return;
-  }
-
-  // Stage dK and dV through the Q / dO stages (plain swizzled rows, as bwd_sm80.cuh), then
-  // coalesced stores. Both hold 2 * kBlockM >= kBlockN rows.
-  store_acc<C::kD, C::kSwizzle, C::kBf16>(sQ2, dk, r0, lane, p.softmax_scale * C::dropout_scale(p));
-  store_acc<C::kD, C::kSwizzle, C::kBf16>(sdO2, dv, r0, lane, C::dropout_scale(p));
-  __syncthreads();
-  bwd::store_rows<C, C::kBlockN>(p.dk, b, h_k, seq.k_start + key0, sQ2, keys, tid);
-  bwd::store_rows<C, C::kBlockN>(p.dv, b, h_k, seq.k_start + key0, sdO2, keys, tid);
+  write_dkdv<C>(p, w, sm, smem, dk, dv, r0, tid, [] { __syncthreads(); });
 }
 
-// The D kernel, this dK/dV kernel, the dQ conversion (and with kHeadSplit the dK/dV one):
+// ---- The producer-warpgroup (TMA) kernel ---------------------------------------------------------
+// The kernel's parameters: the plain ones and a TMA map per tensor it loads (encoded by launch()).
+struct Args {
+  BwdParams p;
+  CUtensorMap q, dout, k, v;
+};
+
+// bwd::load_row_stats for the producer's statistics warp (24 registers): the step's kBlockM rows from
+// statistic `stat` (its row 0; `rows` of them real), lane and lane + 32 i, through one pointer per
+// tensor and immediate offsets (the per-row 64-bit index sums spilled at d64's four rows a lane).
+template <class C>
+__device__ __forceinline__ void store_step_stats(float* s_lse, float* s_dvec, const BwdParams& p, uint64_t stat,
+                                                 int rows, int lane) {
+  static_assert(C::kBlockM % C::kStatThreads == 0 && C::kStatThreads == 32, "a warp, whole rows a lane");
+  const float* lse = p.lse + stat + lane;
+  const float* dvec = p.dvec + stat + lane;
+  rows -= lane;
+#pragma unroll
+  for (int i = 0; i < C::kBlockM / 32; ++i) {
+    const bool valid = i * 32 < rows;
+    s_lse[lane + i * 32] = valid ? lse[i * 32] * 1.4426950408889634f : INFINITY;
+    s_dvec[lane + i * 32] = valid ? dvec[i * 32] : 0.f;
+  }
+}
+
+// The producer warpgroup's warp `warp`: warp 0's lane 0 issues the TMA copies, K and V once, then
+// per step Q and dO into a stage once the consumers have released its previous step; warp 1 stores
+// the step's lse and D there. Warps 2 and 3, and a CTA with no step, do nothing (its consumers wait
+// for nothing either). Each warp keeps only its own loop's state: 24 registers.
+template <class C>
+__device__ __forceinline__ void produce(const Args& args, const Smem<C>& sm, int warp, int lane) {
+  const BwdParams& p = args.p;
+  if (warp > 1 || (warp == 0 && lane > 0)) return;
+  const Work<C> w(p);
+  if (w.idle() || w.steps.count == 0) return;
+  RingState<2> st;
+  auto s = w.steps.first();
+  if (warp == 1) {
+    for (int step = 0; step < w.steps.count; ++step, s = w.steps.next(s), st.advance()) {
+      sm.ring->wait_free(st);
+      // Seq::stat_row(s.h, s.row0) as one unsigned 32 x 32 -> 64 multiply-add (every term is
+      // non-negative): its signed 64-bit product needed a register more, and spilled.
+      const uint64_t stat = uint64_t(uint32_t(w.seq.plane0 + s.h)) * uint32_t(w.seq.plane_rows) +
+                            uint32_t(w.seq.q_start + s.row0);
+      store_step_stats<C>(sm.lse_stage(st.stage), sm.dvec_stage(st.stage), p, stat, w.seq.len_q - s.row0, lane);
+      sm.ring->filled(st);
+    }
+    return;
+  }
+  // The maps' batch entry: b, or a varlen batch's one entry (its sequences' rows packed).
+  const int tma_b = p.varlen.cu_seqlens_q != nullptr ? 0 : w.b;
+  // A tile of kD columns at `row` of head `head`: one box per 64-column block.
+  const auto load = [&](const CUtensorMap* map, elem_t* dst, uint64_t* bar, int block_bytes, int row, int head) {
+#pragma unroll
+    for (int c = 0; c < C::kD / 64; ++c) tma_load_4d(dst + c * block_bytes / 2, map, bar, c * 64, row, head, tma_b);
+  };
+  tma_prefetch_map(&args.q);
+  tma_prefetch_map(&args.dout);
+  mbarrier_arrive_expect_tx(sm.kv_full, 2 * C::TileN::kBytes);
+  load(&args.k, sm.k, sm.kv_full, C::TileN::kBlockBytes, w.seq.k_start + w.key0, w.h_k);
+  load(&args.v, sm.v, sm.kv_full, C::TileN::kBlockBytes, w.seq.k_start + w.key0, w.h_k);
+  for (int step = 0; step < w.steps.count; ++step, s = w.steps.next(s), st.advance()) {
+    uint64_t* full = sm.ring->acquire(st, 2 * C::TileM::kBytes);
+    load(&args.q, sm.q_stage(st.stage), full, C::TileM::kBlockBytes, w.seq.q_start + s.row0, s.h);
+    load(&args.dout, sm.dout_stage(st.stage), full, C::TileM::kBlockBytes, w.seq.q_start + s.row0, s.h);
+  }
+}
+
+// The consumer warpgroups' 256 threads (tid among them): the cp.async kernel's step loop, fed by
+// the ring, with one barrier a step.
+template <class C>
+__device__ __forceinline__ void consume(const BwdParams& p, const Smem<C>& sm, unsigned char* smem, int tid) {
+  const int lane = tid & 31, warp = tid >> 5;
+  const int wg = __shfl_sync(0xffffffffu, warp >> 2, 0);
+  const int r0 = warp * 16;
+  const Work<C> w(p);
+  if (w.idle()) return;  // every consumer thread: no barrier waits for them
+  const Seq& seq = w.seq;
+  const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
+  float dk[1][C::kNtD][4], dv[1][C::kNtD][4];
+  zero(dk);
+  zero(dv);
+  const int my_key0 = w.key0 + r0 + (lane >> 2);
+  const Descs<C> d(sm, wg);
+  const int dq_row = (C::kDqByRows ? wg * 64 : 0) + (warp & 3) * 16, dq_half = C::kDqByRows ? 0 : wg;
+  float* s_dq = sm.dq + warp * (C::kDqStageBytes / 4);
+  using StepPos = typename bwd::QuerySteps<C>::Pos;
+  const int steps = w.steps.count;
+  StepPos cur = w.steps.first();
+  auto keep = step_mask<C>(p, w.b, cur, my_key0, lane);
+  const auto sync = [] { named_sync(int(Barrier::kConsumers), C::kThreads); };
+  if (steps > 0) mbarrier_wait(sm.kv_full, 0);
+  for (int step = 0; step < steps; ++step) {
+    const StepPos next = w.steps.next(cur);
+    const typename C::Mod mod(p.mods, seq.len_q, seq.len_k, p.softmax_scale, w.b, cur.h);
+    // The ring's stage and pass, from the step (no state of their own: registers are short here);
+    // the dS^T buffer is the stage.
+    RingState<2> st;
+    st.stage = step & 1, st.phase = (step >> 1) & 1;
+    float dq[64 / 8][4];
+    sm.ring->wait(st);
+    step_products<C>(mod, d, st.stage * C::TileM::kBytes, sm.lse_stage(st.stage), sm.dvec_stage(st.stage),
+                     sm.ds + st.stage * C::TileS::kBytes / 2, st.stage * C::TileS::kBytes, keep, cur.row0, my_key0,
+                     r0, lane, scale_log2, dk, dv, dq, sync);
+    sm.ring->release(st);
+    add_dq<C>(p, seq, cur.h, cur.row0, dq_row, dq_half, s_dq, dq, lane);
+    if (step + 1 < steps) keep = step_mask<C>(p, w.b, next, my_key0, lane);
+    cur = next;
+  }
+  // The CTA's key block, heads and sequence found again: held through the loop, they spilled.
+  write_dkdv<C>(p, Work<C>(p, block_index_again()), sm, smem, dk, dv, r0, tid, sync);
+}
+
+template <class C>
+__global__ void __launch_bounds__(C::kCtaThreads, 1) dkdv_tma_kernel(const __grid_constant__ Args args) {
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t base = (smem_addr(smem_raw) + 1023) & ~1023u;
+  unsigned char* smem = smem_raw + (base - smem_addr(smem_raw));
+  const Smem<C> sm(smem);
+  if (threadIdx.x == 0) {
+    mbarrier_init(sm.kv_full, 1);
+    sm.ring->init(C::kThreads, 1 + C::kStatThreads);  // the TMA issuer's expect_tx, then the statistics lanes
+    mbarrier_init_fence();
+  }
+  __syncthreads();
+  // Each role finds its work itself: nothing computed before the register hand-over stays live
+  // across it (the producer's 24 registers).
+  const int role = __shfl_sync(0xffffffffu, int(threadIdx.x) / 128, 0);  // warp-uniform to the compiler
+  if (role == 0) {
+    warpgroup_release_registers<C::kProducerRegs>();
+    produce<C>(args, sm, threadIdx.x / 32, threadIdx.x % 32);
+  } else {
+    warpgroup_claim_registers<C::kConsumerRegs>();
+    consume<C>(args.p, sm, smem, threadIdx.x - 128);
+  }
+}
+
+// The maps of q, dout, k and v: a dense call's [B, S, H, D] per batch entry; a varlen batch's
+// [total, H, D] as one entry (its TensorRefs have batch stride 0), each step addressing its
+// sequence's rows in it. Boxes of a Q / dO tile's and a K / V tile's rows. False if the encoder
+// refuses one (a stride TMA cannot take).
+template <class C>
+bool encode_maps(Args& args) {
+  const BwdParams& p = args.p;
+  const bool varlen = p.varlen.cu_seqlens_q != nullptr;
+  const int batch = varlen ? 1 : p.batch;
+  const int q_rows = varlen ? p.varlen.total_q : p.seqlen_q, k_rows = varlen ? p.varlen.total_k : p.seqlen_k;
+  return encode_bshd(&args.q, p.q, C::kBf16, batch, q_rows, p.heads, C::kDHead, C::kBlockM) &&
+         encode_bshd(&args.dout, p.dout, C::kBf16, batch, q_rows, p.heads, C::kDHead, C::kBlockM) &&
+         encode_bshd(&args.k, p.k, C::kBf16, batch, k_rows, p.heads_k, C::kDHead, C::kBlockN) &&
+         encode_bshd(&args.v, p.v, C::kBf16, batch, k_rows, p.heads_k, C::kDHead, C::kBlockN);
+}
+
+// The D kernel, a dK/dV kernel, the dQ conversion (and with kHeadSplit the dK/dV one):
 // bwd_sm80.cuh's launch sequence.
 template <class C>
 cudaError_t launch(const BwdParams& p, cudaStream_t stream) {
-  return bwd::launch_with<C>(p, stream, dkdv_kernel<C>);
+  if constexpr (C::kTma) {
+    return bwd::launch_with<C>(p, stream, [&](unsigned blocks) {
+      Args args;
+      args.p = p;
+      if (!encode_maps<C>(args)) return cudaErrorInvalidValue;
+      return bwd::launch_kernel<C>(dkdv_tma_kernel<C>, blocks, stream, args);
+    });
+  } else {
+    return bwd::launch_with<C>(p, stream,
+                               [&](unsigned blocks) { return bwd::launch_kernel<C>(dkdv_kernel<C>, blocks, stream, p); });
+  }
 }
 
 }  // namespace flashjit::bwd_sm90

@@ -12,6 +12,7 @@ was chosen.
 
     python scripts/bench_backward.py --out bench-out
     python scripts/bench_backward.py --candidates 8x64x0,4x64x0,8x64x1,8x64x0x2x32 --out bench-out
+    python scripts/bench_backward.py --candidates wgmma,wgmma_tma --head-dims 64,128 --seqlens 4096 --gqa ''
     python scripts/bench_backward.py --seqlens '' --gqa 1x4096x16x4 --head-dims 128 --causal 1
 """
 from __future__ import annotations
@@ -69,9 +70,10 @@ def candidate_tflops(spec: str, point, q, k, v, dout, drop: float, flops: float)
         out, lse = flashjit.forward(q, k, v, causal=point["causal"], return_lse=True, dropout_p=drop, philox=philox)
     out_tflops = {}
     for item in spec.split(","):
-        if item == "wgmma":  # the Hopper kernel's shape for this head dim
+        if item in ("wgmma", "wgmma_tma"):  # the Hopper kernel's shape for this head dim; _tma: its TMA producer
             block_m = dict(WGMMA_SHAPES).get(wgmma_tile(point["d_head"]), 0)
-            cfg = flashjit.BwdSm90Config(point["dtype"], point["d_head"], block_m, point["causal"], dropout=drop > 0)
+            cfg = flashjit.BwdSm90Config(point["dtype"], point["d_head"], block_m, point["causal"], dropout=drop > 0,
+                                         tma=item == "wgmma_tma")
         else:
             values = [int(x) for x in item.split("x")]
             n_warps, block_m, det, d_split, group_rows = values + [1, 16][len(values) - 3:]  # defaults: 1, 16
@@ -131,7 +133,7 @@ def main() -> None:
     parser.add_argument("--deterministic", action="store_true", help="flashjit's deterministic backward")
     parser.add_argument("--sink", action="store_true", help="also time flashjit with learnable sinks (their cost)")
     parser.add_argument("--candidates", default="", help="comma-separated WARPSxBLOCK_MxDET[xD_SPLIT[xGROUP_ROWS]] backward configs, or "
-                        "'wgmma' for the Hopper kernel")
+                        "'wgmma' for the Hopper kernel ('wgmma_tma': fed by its TMA producer warpgroup)")
     parser.add_argument("--gqa", default="1x8192x32x8,2x2048x32x4,1x4096x16x4",
                         help="GQA points BATCHxSEQLENxHEADSxKV_HEADS, comma-separated ('' for none)")
     args = parser.parse_args()

@@ -227,6 +227,8 @@ BWD_MASK_CASES = [  # (Sq, Sk, d, deterministic, explicit config): every kernel 
     (300, 200, 256, False, BwdConfig("fp16", 256, 8, 64, 4, 32, dropout=True)),
     (300, 100, 64, False, BwdSm90Config("fp16", 64, 128, dropout=True)),
     (200, 150, 128, False, BwdSm90Config("fp16", 128, 64, dropout=True)),
+    (300, 100, 64, False, BwdSm90Config("fp16", 64, 128, dropout=True, tma=True)),
+    (200, 150, 128, False, BwdSm90Config("fp16", 128, 64, dropout=True, tma=True)),
 ]
 
 
@@ -288,6 +290,9 @@ ODD = [  # (B, Sq, Sk, H, H_k, d, causal, variant); single-key problems (dq = 0 
     (1, 29, 90, 2, 2, 64, False, "features"),
     # Sq >> Sk, causal: whole dQ CTAs (128 rows) see no key block
     (1, 300, 20, 2, 1, 128, True, "deterministic"), (1, 300, 20, 2, 1, 64, True, "deterministic"),
+    # the wgmma kernel fed by its producer warpgroup (BwdSm90Config.tma): TMA's zero-filled rows
+    (1, 70, 45, 2, 1, 128, False, "wgmma_tma"), (1, 45, 130, 2, 2, 64, True, "wgmma_tma"),
+    (1, 300, 20, 2, 1, 64, True, "wgmma_tma"), (1, 37, 50, 2, 1, 80, True, "features_tma"),
 ]
 
 
@@ -299,10 +304,17 @@ def test_odd_shape_backward(shape):
     b, sq, sk, h, hk, d, causal, variant = shape
     kwargs = dict(causal=causal, softmax_scale=_odd_scale(d))
     config = None
-    if variant in ("atomic", "deterministic", "wgmma"):
+    if variant in ("atomic", "deterministic", "wgmma", "wgmma_tma"):
         config = default_bwd_config("bf16", d, causal, deterministic=variant == "deterministic",
-                                    wgmma=variant == "wgmma")
-        assert isinstance(config, BwdSm90Config) == (variant == "wgmma")
+                                    wgmma=variant.startswith("wgmma"))
+        assert isinstance(config, BwdSm90Config) == variant.startswith("wgmma")
+        if variant == "wgmma_tma":
+            config = dataclasses.replace(config, tma=True)
+        _skip_unless_buildable(config)
+    elif variant == "features_tma":  # every score feature but dropout, on the producer-warpgroup kernel
+        kwargs.update(window_size=(20, 7), softcap=3.0, alibi_slopes=torch.rand(h, device="cuda") * 0.3)
+        config = dataclasses.replace(default_bwd_config("bf16", d, causal, local=True, softcap=True, alibi=True,
+                                                        wgmma=True), tma=True)
         _skip_unless_buildable(config)
     elif variant == "dropout":
         philox = (torch.randint(0, 2**63 - 1, ()).item(), 2**32 + torch.randint(0, 2**32, ()).item())
@@ -355,12 +367,14 @@ HEAD_SPLIT = [  # (B, Sq, Sk, H, H_k, d, causal, features)
 ]
 
 
+@pytest.mark.parametrize("tma", [False, True])
 @pytest.mark.parametrize("split", [True, False])
 @pytest.mark.parametrize("shape", HEAD_SPLIT, ids=str)
-def test_gqa_head_split_matches_reference(shape, split):
+def test_gqa_head_split_matches_reference(shape, split, tma):
     """The wgmma backward with one dK/dV CTA per query head (dK, dV added to fp32 sums by bulk
     reductions, then rounded) and with one per key/value head (the group summed in registers): both
-    against the fp32 reference, poisoned outputs; and the two agree within rounding."""
+    against the fp32 reference, poisoned outputs; and the two agree within rounding. tma: both fed
+    by the producer warpgroup (BwdSm90Config.tma) instead of cp.async."""
     b, sq, sk, h, hk, d, causal, features = shape
     kwargs = dict(causal=causal, softmax_scale=_odd_scale(d))
     if "window" in features:
@@ -376,7 +390,7 @@ def test_gqa_head_split_matches_reference(shape, split):
     q, k, v = _inputs(b, sq, sk, h, hk, d)
     dout = torch.randn_like(q)
     out, lse = flashjit.forward(q, k, v, return_lse=True, **kwargs)
-    configs = [dataclasses.replace(config, head_split=mode) for mode in (split, not split)]
+    configs = [dataclasses.replace(config, head_split=mode, tma=tma) for mode in (split, not split)]
     grads = [flashjit.backward(dout, q, k, v, out, lse, config=c, **_poisoned(q, k, v), **kwargs) for c in configs]
     ref, low = reference_and_low(q, k, v, dout, dropout_mask=mask,
                                  **{key: val for key, val in kwargs.items() if key != "philox"})

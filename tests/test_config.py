@@ -257,9 +257,16 @@ def test_sm90_backward_configs():
     assert (fixed.n_warps, fixed.d_split, fixed.group_rows, fixed.deterministic, fixed.block_n) == \
         (8, 1, 16, False, 128)
     assert {f.name for f in dataclasses.fields(BwdSm90Config)} == {
-        "dtype", "d_head", "block_m", "causal", *common.FEATURES, "head_split"}
+        "dtype", "d_head", "block_m", "causal", *common.FEATURES, "head_split", "tma"}
     with pytest.raises(ValueError, match="builds only for sm_90a, not sm_80"):
         jit.ensure_built(BwdSm90Config(d_head=128), "sm_80")
+    # tma: a second dS^T buffer and 5 mbarriers more (Config::kSmemBytes; tests/test_jit_cache.py
+    # reads the compiled value), within Hopper's 227 KiB for both tiles.
+    for d_head, block_m in ((128, 64), (64, 128)):
+        plain = BwdSm90Config(d_head=d_head, block_m=block_m)
+        loaded = dataclasses.replace(plain, tma=True)
+        assert loaded.smem_bytes == plain.smem_bytes + 2 * plain.block_n * block_m + 5 * 8 <= 227 * 1024
+        assert not loaded.problems()
 
 
 def test_old_wgmma_names_parse_to_bwd_sm90_config():
@@ -275,6 +282,10 @@ def test_old_wgmma_names_parse_to_bwd_sm90_config():
     assert config_from_name(split) == BwdSm90Config("fp16", 40, 128, True, local=True, alibi=True, dropout=True,
                                                     head_split=True)
     assert config_from_name(split).name == split and split.replace("_hs", "") == featured
+    loaded = split.replace("_hs_", "_hs_tma_")  # the producer-warpgroup (TMA) variant, after _hs
+    assert config_from_name(loaded) == dataclasses.replace(config_from_name(split), tma=True)
+    assert config_from_name(loaded).name == loaded
+    assert config_from_name(featured.replace("_wgmma", "_tma_wgmma")).tma
     for never in (name.replace("_w8_", "_w4_"), name.replace("_det0_", "_det1_"), name.replace("_s1_", "_s2_")):
         with pytest.raises(ValueError, match="is not a flashjit backward kernel name"):
             config_from_name(never)

@@ -39,6 +39,7 @@ SUBSET = [  # both dtypes, several head dims, causal, knobs off, both archs
     ("sm_90a", BwdSm90Config("bf16", 128, 64, causal=True, dropout=True)),
     ("sm_90a", BwdSm90Config("fp16", 64, 128, local=True, alibi=True)),
     ("sm_90a", BwdSm90Config("bf16", 128, 64, causal=True, head_split=True)),  # + the dK/dV conversion kernel
+    ("sm_90a", BwdSm90Config("bf16", 64, 128, dropout=True, tma=True)),  # the producer warpgroup, TMA maps
     ("sm_90a", FwdSm90Config("bf16", 128)),
     ("sm_90a", FwdSm90Config("fp16", 64, 128, 128, 4, True, True, True, causal=True, local=True, softcap=True,
                              alibi=True, dropout=True)),

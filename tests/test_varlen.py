@@ -580,19 +580,21 @@ def test_varlen_default_kernels_compile_with_the_params_struct(arch):
 
 
 @gpu
+@pytest.mark.parametrize("tma", [False, True])
 @pytest.mark.parametrize("split", [True, False])
 @pytest.mark.parametrize("d, causal", [(64, True), (128, False)])
-def test_gqa_head_split_of_a_varlen_batch(d, causal, split):
+def test_gqa_head_split_of_a_varlen_batch(d, causal, split, tma):
     """varlen_backward on the wgmma kernel with one dK/dV CTA per query head (fp32 sums over k's
     packed rows, a sequence with no keys and one with no queries) and with one per key/value head,
-    against each sequence's own fp32 reference."""
+    against each sequence's own fp32 reference; fed by cp.async or by the producer warpgroup (tma:
+    its maps over the packed rows, a tile's rows past its sequence the next one's)."""
     from flashjit import BwdSm90Config, jit
     from flashjit.dispatch import default_bwd_config
 
     config = default_bwd_config("bf16", d, causal, wgmma=True)
     if jit.arch_for(torch.cuda.current_device()) != "sm_90a" or not isinstance(config, BwdSm90Config):
         pytest.skip("head_split is the wgmma backward's (sm_90a)")
-    config = dataclasses.replace(config, head_split=split)
+    config = dataclasses.replace(config, head_split=split, tma=tma)
     lens_q, lens_k = LENS
     q, k, v, cu_q, cu_k, max_q, max_k = _batch(lens_q, lens_k, 6, 2, d)
     dout = torch.randn_like(q)

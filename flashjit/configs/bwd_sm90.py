@@ -44,7 +44,9 @@ class BwdSm90Config(ConfigBase):
     the score features. Each CTA's two warpgroups own 64 keys each; dQ is added up in fp32 by TMA bulk
     reductions (no deterministic variant). bwd_sm80.cuh's first and last kernels (D, dQ conversion).
     head_split (name tail _hs): one CTA per query head instead of per kv head, dK/dV added up in fp32
-    and rounded by one more kernel (so dK/dV, like dQ, may then differ in their last bits run to run)."""
+    and rounded by one more kernel (so dK/dV, like dQ, may then differ in their last bits run to run).
+    tma (name tail _tma): a producer warpgroup loads K/V once and Q/dO (TMA) with lse/D through a
+    two-stage ring of mbarriers, so the consumers' steps need one barrier each instead of two."""
 
     dtype: str = "bf16"
     d_head: int = 128
@@ -57,6 +59,10 @@ class BwdSm90Config(ConfigBase):
     # One dK/dV CTA per query head, dK/dV added to fp32 sums (GQA grids with too few CTAs; the
     # dispatcher sets it by shape: dispatch.with_head_split), instead of one per kv head.
     head_split: bool = False
+    # A third warpgroup that only loads (experimental, issue 15; the dispatcher leaves it off until
+    # it is measured): TMA for Q, dO, K, V, plain loads for lse and D, full/empty mbarriers per stage
+    # and dS^T double-buffered, instead of cp.async by all threads and a CTA barrier at every step.
+    tma: bool = False
 
     # Fixed by the kernel (Config::kWarps, two warpgroups; one 16-row group a warp; fp32 atomics for
     # dQ); readable like BwdConfig's fields, so code that reads any backward config needs no branch.
@@ -74,10 +80,12 @@ class BwdSm90Config(ConfigBase):
 
     @property
     def smem_bytes(self) -> int:
-        """Config::kSmemBytes: 1 KiB alignment slack, K, V, two stages of Q and dO, dS^T, lse and D, dQ
-        staging; tests/test_jit_cache.py checks it against the compiled kernel."""
+        """Config::kSmemBytes: 1 KiB alignment slack, K, V, two stages of Q and dO, dS^T (two with tma),
+        lse and D, dQ staging, and with tma the mbarriers (K/V, and full/empty for two stages: 5 of 8
+        bytes); tests/test_jit_cache.py checks it against the compiled kernel."""
         return 1024 + 2 * 2 * self.block_n * self.d_tile + 4 * 2 * self.block_m * self.d_tile + \
-            2 * self.block_n * self.block_m + 2 * 2 * self.block_m * 4 + self.n_warps * 16 * 64 * 4
+            (2 if self.tma else 1) * 2 * self.block_n * self.block_m + 2 * 2 * self.block_m * 4 + \
+            self.n_warps * 16 * 64 * 4 + (5 * 8 if self.tma else 0)
 
     def problems(self) -> list[str]:
         out = self._choices(dtype=DTYPES) + head_dim_problem(self.d_head)
@@ -95,10 +103,10 @@ class BwdSm90Config(ConfigBase):
         BwdConfig(wgmma=True), so caches, bundles and names users wrote down keep working."""
         return (f"bwd_{self.dtype}_d{self.d_head}_w{self.n_warps}_m{self.block_m}_s{self.d_split}_r{self.group_rows}"
                 f"_det{int(self.deterministic)}_causal{int(self.causal)}{features_suffix(self)}"
-                f"{'_hs' if self.head_split else ''}_wgmma")
+                f"{'_hs' if self.head_split else ''}{'_tma' if self.tma else ''}_wgmma")
 
     _NAME_RE = re.compile(r"^bwd_(?P<dtype>fp16|bf16)_d(?P<d_head>\d+)_w8_m(?P<block_m>\d+)_s1_r16_det0"
-                          r"_causal(?P<causal>[01])" + FEATURES_RE + "(?P<hs>_hs)?_wgmma$")
+                          r"_causal(?P<causal>[01])" + FEATURES_RE + "(?P<hs>_hs)?(?P<tma>_tma)?_wgmma$")
 
     @classmethod
     def parse_name(cls, name: str) -> "BwdSm90Config | None":
@@ -106,7 +114,8 @@ class BwdSm90Config(ConfigBase):
         if not match:
             return None
         return cls(match["dtype"], int(match["d_head"]), int(match["block_m"]), bool(int(match["causal"])),
-                   *(match[f] is not None for f in FEATURES), head_split=match["hs"] is not None)
+                   *(match[f] is not None for f in FEATURES), head_split=match["hs"] is not None,
+                   tma=match["tma"] is not None)
 
 
 def from_wgmma_bwd_config(values: dict) -> BwdSm90Config:
@@ -120,7 +129,8 @@ def from_wgmma_bwd_config(values: dict) -> BwdSm90Config:
     fixed = {k: values[k] for k in ("n_warps", "d_split", "group_rows")}
     if fixed != {k: getattr(BwdSm90Config, k) for k in fixed}:
         raise ValueError(f"BwdConfig(..., wgmma=True) with {fixed}: {WHY_WGMMA_WARPS}")
-    return BwdSm90Config(**{f.name: values[f.name] for f in fields(BwdSm90Config) if f.name != "head_split"})
+    return BwdSm90Config(**{f.name: values[f.name] for f in fields(BwdSm90Config)
+                          if f.name not in ("head_split", "tma")})
 
 
 BwdSm90Config.family = FAMILY = Family(

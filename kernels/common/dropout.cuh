@@ -138,6 +138,11 @@ struct KeyRowsMask {
     return Dropout::mask(word(mt, nt, e & 1), byte(nt, e));
   }
 
+  // x if element (mt, nt, e) is kept, else +0.
+  __device__ __forceinline__ float masked(float x, int mt, int nt, int e) const {
+    return Dropout::masked(x, keep(mt, nt, e));
+  }
+
   // P o Z on 16-bit A fragments (pa[mt][kt]: n-tiles 2 kt, 2 kt + 1), a packed pair (queries of
   // residues +0, +1) at a time.
   template <int kKT>
@@ -151,6 +156,66 @@ struct KeyRowsMask {
           const int nt = 2 * kt + r / 2, b = byte(nt, 2 * (r & 1));
           pa[mt][kt][r] &= Dropout::mask2(word(mt, nt, 0), word(mt, nt, 1), b);
         }
+  }
+};
+
+// KeyRowsMask<1, kNt> (one m-tile of 16 keys) in two registers instead of kNt: the top bits of
+// its 2 kNt / 4 flag words, packed per residue. bits[res] holds, at bit 8 b + 7 - k, the flag of
+// byte b of the word in slot k = 2 span + w (span: 32-query span, w: its word), so (bits << k) is
+// that word again as Dropout::mask reads it (top bit of each byte) and a single flag is one bit
+// test. The Philox calls, their bytes and which entry each decides are KeyRowsMask's; one shuffle
+// (the packed half for lane ^ 4) replaces one a word. For kernels that hold a step's mask while
+// every accumulator is live (bwd_sm90.cuh's producer-warpgroup kernel: 240 registers).
+template <int kNt>
+struct PackedKeyRowsMask {
+  static constexpr int kSpans = kNt / 4;
+  static_assert(kNt % 4 == 0 && 2 * kSpans <= 8, "a slot per flag word of a residue, at most 8 in 32 bits");
+  uint32_t bits[2];
+
+  __device__ __forceinline__ PackedKeyRowsMask(bool enabled, const Dropout& drop, int query0, int my_key0, int lane) {
+    if (!enabled) return;
+    const int parity = (lane >> 2) & 1;  // = my_key0 & 1
+    uint32_t half[2] = {0u, 0u};         // the calls' halves e = 0, 1 (words 0, 1 and 2, 3), packed
+#pragma unroll
+    for (int span = 0; span < kSpans; ++span) {
+      const uint4 f = drop.keep_flags(query0 + span * 32 + (lane & 3) * 2 + parity, my_key0);
+#pragma unroll
+      for (int e = 0; e < 2; ++e)
+#pragma unroll
+        for (int w = 0; w < 2; ++w) half[e] |= (Dropout::word(f, 2 * e + w) & 0x80808080u) >> slot(span, w);
+    }
+    // Mine: the half of my parity (my keys) of my residue's calls; the other goes to lane ^ 4, whose
+    // keys have the other parity and who made the other residue's calls.
+    const uint32_t mine = parity ? half[1] : half[0], theirs = parity ? half[0] : half[1];
+    const uint32_t received = __shfl_xor_sync(0xffffffffu, theirs, 4);
+    bits[0] = parity ? received : mine;
+    bits[1] = parity ? mine : received;
+  }
+
+  __device__ __forceinline__ static constexpr int slot(int span, int w) { return 2 * span + w; }
+  // Element (nt, e) as KeyRowsMask: span nt / 4, word (nt >> 1) & 1, byte (nt & 1) * 2 + (e >> 1)
+  // of residue e & 1.
+  __device__ __forceinline__ static constexpr int slot(int nt) { return slot(nt / 4, (nt >> 1) & 1); }
+  __device__ __forceinline__ static constexpr int byte(int nt, int e) { return (nt & 1) * 2 + (e >> 1); }
+
+  __device__ __forceinline__ bool kept(int nt, int e) const {
+    return (bits[e & 1] >> (8 * byte(nt, e) + 7 - slot(nt))) & 1u;
+  }
+  // x if element (nt, e) of the (one) m-tile is kept, else +0: KeyRowsMask::masked's result.
+  __device__ __forceinline__ float masked(float x, int /*mt = 0*/, int nt, int e) const {
+    return kept(nt, e) ? x : 0.f;
+  }
+
+  // P o Z on 16-bit A fragments of the one m-tile, as KeyRowsMask::apply.
+  template <int kKT>
+  __device__ __forceinline__ void apply(uint32_t (&pa)[1][kKT][4]) const {
+#pragma unroll
+    for (int kt = 0; kt < kKT; ++kt)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {  // elements (nt, e) = (2 kt + r / 2, 2 (r & 1) + {0, 1})
+        const int nt = 2 * kt + r / 2, k = slot(nt);
+        pa[0][kt][r] &= Dropout::mask2(bits[0] << k, bits[1] << k, byte(nt, 2 * (r & 1)));
+      }
   }
 };
 

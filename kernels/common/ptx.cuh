@@ -9,6 +9,15 @@ __device__ __forceinline__ uint32_t smem_addr(const void* ptr) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
 }
 
+// blockIdx.x read anew (volatile): the compiler can reuse neither an earlier read nor what was
+// computed from one, so a kernel can recompute per-CTA values after a loop instead of holding them
+// in registers through it.
+__device__ __forceinline__ unsigned block_index_again() {
+  unsigned block;
+  asm volatile("mov.u32 %0, %%ctaid.x;\n" : "=r"(block));
+  return block;
+}
+
 // 16-byte global->shared copy that bypasses L1. With valid == false nothing is read and the 16
 // destination bytes are zero-filled (src-size 0), which is how rows past the sequence end are padded.
 __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {

@@ -38,6 +38,27 @@ struct ScoreMod {
     return false;
   }
 
+  // The queries i0 + c, c in [0, kCols), that key j sees, as a range of c: visible(i0 + c, j) iff
+  // lo <= c <= hi. x0 = i0 + diag - j, scaled_at's x at c = 0. For kernels whose rows are keys (the
+  // dK/dV kernels): two compares an element instead of visible()'s conditions, which the compiler
+  // evaluated ahead and held, a register an element. In 32 bits: windows past 2^30 are clamped to
+  // 2^30 (as unbounded as the larger ones while |x0| < 2^30, i.e. sequences under 2^29), so nothing
+  // overflows where visible()'s sums i + diag +- window might.
+  struct KeyRange {
+    int lo, hi, x0;
+    __device__ __forceinline__ bool visible(int c) const { return c >= lo && c <= hi; }
+  };
+  template <int kCols>
+  __device__ __forceinline__ KeyRange key_range(int i0, int j) const {
+    constexpr int kFar = 1 << 30;
+    const int x0 = i0 + diag - j;  // x = i + diag - j is visible iff (causal) x >= 0, x >= -right, x <= left
+    int lo = kCausal ? -x0 : 0, hi = kCols - 1;
+    if (kLocal && right >= 0) lo = max(lo, -min(right, kFar) - x0);
+    if (kLocal && left >= 0) hi = min(hi, min(left, kFar) - x0);
+    if (j >= seqlen_k) lo = kCols;
+    return {lo, hi, x0};
+  }
+
   // The score in softmax units; `grad` gets d scaled / d (scale * s) (1 - tanh^2 with softcap, else 1).
   __device__ __forceinline__ float scaled(float s, int i, int j, float& grad) const {
     float t = s * scale;
@@ -48,6 +69,19 @@ struct ScoreMod {
       grad = 1.f - th * th;
     }
     if (kAlibi_) t -= slope * fabsf(float(i + diag - j));
+    return t;
+  }
+  // The same from x = i + diag - j (ALiBi's distance is |x|). Spelled out again rather than called by
+  // scaled(): computing x before the softcap moved the sm_80 kernels' schedules (+-16 instructions).
+  __device__ __forceinline__ float scaled_at(float s, int x, float& grad) const {
+    float t = s * scale;
+    grad = 1.f;
+    if (kSoftcap) {
+      const float th = tanhf(t / cap);
+      t = cap * th;
+      grad = 1.f - th * th;
+    }
+    if (kAlibi_) t -= slope * fabsf(float(x));
     return t;
   }
 };

@@ -55,18 +55,26 @@ template <int kStages>
 struct Ring {
   uint64_t full[kStages], empty[kStages];
 
-  // One thread: `consumers` arrivals release a stage.
-  __device__ __forceinline__ void init(int consumers) {
+  // One thread: `consumers` arrivals release a stage; `producers` arrivals (and the announced bytes)
+  // fill one: the TMA issuer's, plus one per thread that also stores into the stage (filled()).
+  __device__ __forceinline__ void init(int consumers, int producers = 1) {
 #pragma unroll
-    for (int s = 0; s < kStages; ++s) mbarrier_init(&full[s], 1), mbarrier_init(&empty[s], consumers);
+    for (int s = 0; s < kStages; ++s) mbarrier_init(&full[s], producers), mbarrier_init(&empty[s], consumers);
   }
   // Producer: wait until stage st is free (its previous pass released), announce `bytes` and return
   // the barrier the TMA copies of this stage signal.
   __device__ __forceinline__ uint64_t* acquire(RingState<kStages> st, uint32_t bytes) {
-    mbarrier_wait(&empty[st.stage], st.phase ^ 1);
+    wait_free(st);
+    return fill(st, bytes);
+  }
+  // acquire() in two, for a stage that threads besides the TMA issuer fill too: each waits until
+  // it is free; the issuer announces the bytes (one arrival) and copies; the others store and arrive.
+  __device__ __forceinline__ void wait_free(RingState<kStages> st) { mbarrier_wait(&empty[st.stage], st.phase ^ 1); }
+  __device__ __forceinline__ uint64_t* fill(RingState<kStages> st, uint32_t bytes) {
     mbarrier_arrive_expect_tx(&full[st.stage], bytes);
     return &full[st.stage];
   }
+  __device__ __forceinline__ void filled(RingState<kStages> st) { mbarrier_arrive(&full[st.stage]); }
   // Consumer: wait until stage st's bytes have landed; release it when done reading.
   __device__ __forceinline__ void wait(RingState<kStages> st) { mbarrier_wait(&full[st.stage], st.phase); }
   __device__ __forceinline__ void release(RingState<kStages> st) { mbarrier_arrive(&empty[st.stage]); }
