@@ -124,12 +124,13 @@ def default_bwd_config(dtype: str, d_head: int, causal: bool, local: bool = Fals
     """The first preference that builds and fits `smem_limit` bytes of shared memory per block; if
     none does, the deterministic last resort (on GPUs with 99 KiB per block, sm_86 and sm_89, the
     d_head 128 backward is deterministic either way). Raises ValueError if even that does not fit.
-    wgmma=True (the target is sm_90a) puts the Hopper kernel (BwdSm90Config) first where it exists;
+    wgmma=True (the target is sm_90a) puts the Hopper kernel (BwdSm90Config) first where it exists,
+    fed by its TMA producer warpgroup (tma: 1.27-1.32x the cp.async feed at S=4k, H200, docs/perf-log.md);
     a value head dim `d_v` other than d_head runs the sm_80 family (the only one that has it)."""
     d_v = 0 if d_v == d_head else d_v
     block_m = dict(WGMMA_SHAPES).get(wgmma_tile(d_head)) if wgmma and not d_v else None
     if block_m and not deterministic:  # the Hopper kernel has no deterministic variant
-        cfg = BwdSm90Config(dtype, d_head, block_m, causal, local, softcap, alibi, dropout)
+        cfg = BwdSm90Config(dtype, d_head, block_m, causal, local, softcap, alibi, dropout, tma=True)
         if not cfg.problems() and cfg.smem_bytes <= smem_limit:
             return cfg
     size = "wide" if d_head > 128 else 128 if head_dim_tile(d_head) == 128 else "narrow"

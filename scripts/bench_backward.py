@@ -70,7 +70,7 @@ def candidate_tflops(spec: str, point, q, k, v, dout, drop: float, flops: float)
         out, lse = flashjit.forward(q, k, v, causal=point["causal"], return_lse=True, dropout_p=drop, philox=philox)
     out_tflops = {}
     for item in spec.split(","):
-        if item in ("wgmma", "wgmma_tma"):  # the Hopper kernel's shape for this head dim; _tma: its TMA producer
+        if item in ("wgmma", "wgmma_tma"):  # the Hopper kernel's shape for this head dim, cp.async- or TMA-fed
             block_m = dict(WGMMA_SHAPES).get(wgmma_tile(point["d_head"]), 0)
             cfg = flashjit.BwdSm90Config(point["dtype"], point["d_head"], block_m, point["causal"], dropout=drop > 0,
                                          tma=item == "wgmma_tma")
@@ -133,7 +133,8 @@ def main() -> None:
     parser.add_argument("--deterministic", action="store_true", help="flashjit's deterministic backward")
     parser.add_argument("--sink", action="store_true", help="also time flashjit with learnable sinks (their cost)")
     parser.add_argument("--candidates", default="", help="comma-separated WARPSxBLOCK_MxDET[xD_SPLIT[xGROUP_ROWS]] backward configs, or "
-                        "'wgmma' for the Hopper kernel ('wgmma_tma': fed by its TMA producer warpgroup)")
+                        "'wgmma' for the Hopper kernel fed by cp.async ('wgmma_tma': by its TMA producer warpgroup, the "
+                        "dispatcher's choice)")
     parser.add_argument("--gqa", default="1x8192x32x8,2x2048x32x4,1x4096x16x4",
                         help="GQA points BATCHxSEQLENxHEADSxKV_HEADS, comma-separated ('' for none)")
     args = parser.parse_args()

@@ -290,9 +290,10 @@ ODD = [  # (B, Sq, Sk, H, H_k, d, causal, variant); single-key problems (dq = 0 
     (1, 29, 90, 2, 2, 64, False, "features"),
     # Sq >> Sk, causal: whole dQ CTAs (128 rows) see no key block
     (1, 300, 20, 2, 1, 128, True, "deterministic"), (1, 300, 20, 2, 1, 64, True, "deterministic"),
-    # the wgmma kernel fed by its producer warpgroup (BwdSm90Config.tma): TMA's zero-filled rows
-    (1, 70, 45, 2, 1, 128, False, "wgmma_tma"), (1, 45, 130, 2, 2, 64, True, "wgmma_tma"),
-    (1, 300, 20, 2, 1, 64, True, "wgmma_tma"), (1, 37, 50, 2, 1, 80, True, "features_tma"),
+    # the wgmma kernel fed by cp.async from every thread (BwdSm90Config(tma=False)) instead of the
+    # dispatcher's producer warpgroup; and every score feature but dropout on the dispatcher's
+    (1, 70, 45, 2, 1, 128, False, "wgmma_cp"), (1, 45, 130, 2, 2, 64, True, "wgmma_cp"),
+    (1, 300, 20, 2, 1, 64, True, "wgmma_cp"), (1, 37, 50, 2, 1, 80, True, "features_wgmma"),
 ]
 
 
@@ -304,17 +305,17 @@ def test_odd_shape_backward(shape):
     b, sq, sk, h, hk, d, causal, variant = shape
     kwargs = dict(causal=causal, softmax_scale=_odd_scale(d))
     config = None
-    if variant in ("atomic", "deterministic", "wgmma", "wgmma_tma"):
+    if variant in ("atomic", "deterministic", "wgmma", "wgmma_cp"):
         config = default_bwd_config("bf16", d, causal, deterministic=variant == "deterministic",
                                     wgmma=variant.startswith("wgmma"))
         assert isinstance(config, BwdSm90Config) == variant.startswith("wgmma")
-        if variant == "wgmma_tma":
-            config = dataclasses.replace(config, tma=True)
+        assert not isinstance(config, BwdSm90Config) or config.tma, "the dispatcher's Hopper backward is TMA-fed"
+        if variant == "wgmma_cp":
+            config = dataclasses.replace(config, tma=False)
         _skip_unless_buildable(config)
-    elif variant == "features_tma":  # every score feature but dropout, on the producer-warpgroup kernel
+    elif variant == "features_wgmma":  # every score feature but dropout, on the dispatcher's Hopper kernel
         kwargs.update(window_size=(20, 7), softcap=3.0, alibi_slopes=torch.rand(h, device="cuda") * 0.3)
-        config = dataclasses.replace(default_bwd_config("bf16", d, causal, local=True, softcap=True, alibi=True,
-                                                        wgmma=True), tma=True)
+        config = default_bwd_config("bf16", d, causal, local=True, softcap=True, alibi=True, wgmma=True)
         _skip_unless_buildable(config)
     elif variant == "dropout":
         philox = (torch.randint(0, 2**63 - 1, ()).item(), 2**32 + torch.randint(0, 2**32, ()).item())

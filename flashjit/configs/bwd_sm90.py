@@ -59,9 +59,9 @@ class BwdSm90Config(ConfigBase):
     # One dK/dV CTA per query head, dK/dV added to fp32 sums (GQA grids with too few CTAs; the
     # dispatcher sets it by shape: dispatch.with_head_split), instead of one per kv head.
     head_split: bool = False
-    # A third warpgroup that only loads (experimental, issue 15; the dispatcher leaves it off until
-    # it is measured): TMA for Q, dO, K, V, plain loads for lse and D, full/empty mbarriers per stage
-    # and dS^T double-buffered, instead of cp.async by all threads and a CTA barrier at every step.
+    # A third warpgroup that only loads (the dispatcher's choice, dispatch.default_bwd_config): TMA for
+    # Q, dO, K, V, plain loads for lse and D, full/empty mbarriers per stage and dS^T double-buffered,
+    # instead of cp.async by all threads and a CTA barrier at every step.
     tma: bool = False
 
     # Fixed by the kernel (Config::kWarps, two warpgroups; one 16-row group a warp; fp32 atomics for
