@@ -73,7 +73,9 @@ def root() -> Path:
 
 def ensure_writable(path: Path, what: str, fix: str) -> None:
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        # resolved first: a symlink to a directory not made yet (a scratch disk's) is created, where
+        # mkdir on the link itself fails with "File exists"
+        path.resolve().mkdir(parents=True, exist_ok=True)
         probe = path / f".write-test.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         probe.write_bytes(b"")
         probe.unlink()

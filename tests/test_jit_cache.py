@@ -294,6 +294,15 @@ def test_unwritable_cache_dir_is_a_clear_error(tmp_path, monkeypatch):
         jit.ensure_built(CHEAP, "sm_80")
 
 
+def test_cache_dir_through_a_symlink_to_a_missing_directory_is_created(tmp_path, monkeypatch):
+    """FLASHJIT_CACHE_DIR naming a symlink whose target does not exist yet: the target is made (a fresh
+    machine whose cache link points at a scratch directory), not a "File exists" error."""
+    (tmp_path / "link").symlink_to(tmp_path / "scratch" / "flashjit")
+    monkeypatch.setenv("FLASHJIT_CACHE_DIR", str(tmp_path / "link"))
+    root = cache.root()
+    assert root.is_dir() and (tmp_path / "scratch" / "flashjit").is_dir()
+
+
 def test_compile_error_carries_log_and_source_and_leaves_no_entry(private_cache, monkeypatch):
     monkeypatch.setattr(jit.codegen, "render", lambda config: '#error "flashjit test: deliberate failure"\n')
     with pytest.raises(jit.CompileError) as info:
