@@ -10,10 +10,11 @@ Returns out [B, Sq, H, D_v] (q's dtype) and, if asked, lse [B, H, Sq] fp32 (natu
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
-from collections import OrderedDict
 import math
+from collections import OrderedDict
 from typing import NamedTuple
 
 import torch
@@ -253,6 +254,13 @@ def _tma_unaddressable(*tensors) -> str | None:
     return None
 
 
+def _refuse_tma_unaddressable(config: ConfigBase, tensors, instead: str) -> None:
+    """ValueError where a caller's `config` loads with TMA and a map cannot address one of `tensors`."""
+    if config.loads_with_tma and (why := _tma_unaddressable(*tensors)):
+        raise ValueError(f"config {config.name} loads with TMA, which cannot address {why}; pass contiguous "
+                         f"tensors (e.g. k.contiguous()) or {instead}")
+
+
 def resolve_config(q: torch.Tensor, k: torch.Tensor, config: ConfigBase | None, causal: bool,
                    device_index: int | None = None, mods: ScoreMods = _NO_MODS, v: torch.Tensor | None = None,
                    out: torch.Tensor | None = None) -> ConfigBase:
@@ -288,7 +296,7 @@ def chosen_config(dtype: str, d_head: int, d_v: int, causal: bool, seqlen_q: int
         config = default_config(dtype, d_head, bool(causal), seqlen_q, limit, *mods.flags, arch=arch, sink=sink,
                                 d_v=d_v)
         config = with_tile_walk(config, grid, seqlen_q, functools.partial(sm_count, device_index))
-    if config.family.arch is not None and (why := _tma_unaddressable(*tensors)):
+    if config.loads_with_tma and (why := _tma_unaddressable(*tensors)):
         config = default_config(dtype, d_head, bool(causal), seqlen_q, limit, *mods.flags, sink=sink, d_v=d_v)
         log.debug("TMA cannot address %s: running the %s family instead", why, config.family.name)
     return config
@@ -299,9 +307,7 @@ def checked_config(config: ConfigBase, dtype: str, d_head: int, d_v: int, causal
     """A caller's forward config, validated: ValueError (naming the field and the fix) where it does
     not match the call, or where it loads with TMA and TMA cannot address one of `tensors`."""
     _check_config_type(config, "fwd")
-    if config.family.arch is not None and (why := _tma_unaddressable(*tensors)):
-        raise ValueError(f"config {config.name} loads with TMA, which cannot address {why}; pass contiguous "
-                         "tensors (e.g. k.contiguous()) or a flashjit.KernelConfig")
+    _refuse_tma_unaddressable(config, tensors, "a flashjit.KernelConfig")
     for field, wanted, given in (("dtype", dtype, config.dtype), ("d_head", d_head, config.d_head),
                                  ("causal", bool(causal), config.causal), ("local", mods.local, config.local),
                                  ("softcap", mods.softcap, config.softcap), ("alibi", mods.alibi, config.alibi),
@@ -625,9 +631,12 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         return with_value_padded(lambda dout, v, out: backward(
             dout, q, k, v, out, lse, causal, softmax_scale, window_size, softcap, alibi_slopes, dropout_p, philox,
             deterministic, dq=dq, dk=dk, learnable_sink=learnable_sink), dout, q, v, out, dv)
+    given = (q, k, v, out, dout, lse)
+    # out and dout are only read: a layout the kernels cannot address is copied once (as _aligned does)
+    out, dout = (t if t.stride(-1) == 1 else t.contiguous() for t in (out, dout))
     chosen = config is None
     config = bwd_config(config, q.dtype, q.shape[3], causal, q.shape[1], mods, deterministic, device_index,
-                        d_v=v.shape[3], grid=(q.shape[0], q.shape[2], k.shape[2], k.shape[1]))
+                        d_v=v.shape[3], grid=(q.shape[0], q.shape[2], k.shape[2], k.shape[1]), tensors=(q, k, v, dout))
     if chosen and log.isEnabledFor(logging.DEBUG):
         log.debug("backward [B=%d, Sq=%d, Sk=%d, H=%d, H_k=%d, D=%d, D_v=%d] dispatched to %s (default for "
                   "dtype/head dims/features/deterministic on %s and its shared memory)", q.shape[0], q.shape[1],
@@ -637,9 +646,6 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         dk.zero_(), dv.zero_()
         return (dq, dk, dv) if learnable_sink is None else (dq, dk, dv, torch.zeros_like(learnable_sink))
     kernel = _kernels.get((config, device_index)) or _kernel_for(config, device_index)
-    given = (q, k, v, out, dout, lse)
-    # out and dout are only read: a layout the kernels cannot address is copied once (as _aligned does)
-    out, dout = (t if t.stride(-1) == 1 else t.contiguous() for t in (out, dout))
     q, k, v, out, dout = (_aligned(t) for t in (q, k, v, out, dout))
     lse = lse.contiguous()
     batch, seqlen_q, heads, _ = q.shape
@@ -699,11 +705,14 @@ def with_value_padded(run, dout: torch.Tensor, q: torch.Tensor, v: torch.Tensor,
 
 
 def bwd_config(config, dtype: torch.dtype, d_head: int, causal: bool, seqlen_q: int, mods: ScoreMods,
-               deterministic: bool, device_index: int, d_v: int | None = None, grid: tuple | None = None):
+               deterministic: bool, device_index: int, d_v: int | None = None, grid: tuple | None = None,
+               tensors=()):
     """The backward config of a call (d_v: v's head dim, None for d_head): `config` checked against
     it, or the tuned table's entry for the problem, else the dispatcher's default for the device's arch
     and shared memory; a chosen one with head_split where the call's grid (batch, heads, heads_k,
-    seqlen_k) is short (dispatch.with_head_split)."""
+    seqlen_k) is short (dispatch.with_head_split). `tensors`, what the Hopper kernel's TMA producer
+    would load (q, k, v, dout): where a map cannot address one, a chosen config copies with cp.async
+    instead (tma=False, a DEBUG line) and a given one is a ValueError."""
     d_v = d_head if d_v is None else d_v
     wanted = default_bwd_config(_DTYPES[dtype], d_head, bool(causal), *mods.flags, deterministic=bool(deterministic),
                                 smem_limit=_smem_limit(device_index)[0], wgmma=jit.arch_for(device_index) == WGMMA_ARCH,
@@ -711,9 +720,13 @@ def bwd_config(config, dtype: torch.dtype, d_head: int, causal: bool, seqlen_q: 
     if config is None:  # tuned entries are for d_v == d_head
         chosen = (d_v == d_head and tuning.lookup(device_index, "bwd", _DTYPES[dtype], d_head, bool(causal), seqlen_q,
                                                   tuple(zip(FEATURES, mods.flags)), bool(deterministic))) or wanted
+        if chosen.loads_with_tma and (why := _tma_unaddressable(*tensors)):
+            chosen = dataclasses.replace(chosen, tma=False)
+            log.debug("TMA cannot address %s: the backward copies with cp.async (%s)", why, chosen.name)
         return chosen if grid is None else with_head_split(chosen, *grid, sm_count(device_index))
     _check_config_type(config, "bwd")
     config.validate()
+    _refuse_tma_unaddressable(config, tensors, "the config with tma=False")
     mismatched = [f"{f}={getattr(config, f)!r} (the call needs {getattr(wanted, f)!r})"
                   for f in ("dtype", "d_head", "causal", *FEATURES) if getattr(config, f) != getattr(wanted, f)]
     if mismatched:

@@ -323,15 +323,17 @@ def varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seq
             dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
             window_size, softcap, alibi_slopes, dropout_p, philox, deterministic, dq=dq, dk=dk,
             learnable_sink=learnable_sink), dout, q, v, out, dv)
+    q, k, v, out, dout = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, out, dout))
     config = interface.bwd_config(config, q.dtype, q.shape[-1], causal, max_seqlen_q, mods, bool(deterministic),
-                                  device_index, d_v=v.shape[-1], grid=(batch, q.shape[1], k.shape[1], max_seqlen_k))
+                                  device_index, d_v=v.shape[-1], grid=(batch, q.shape[1], k.shape[1], max_seqlen_k),
+                                  tensors=(q, k, v, dout))
     dq, dk, dv = (_output(given, like, name) for given, like, name in ((dq, q, "dq"), (dk, k, "dk"), (dv, v, "dv")))
     total_q, heads = q.shape[0], q.shape[1]
     if total_q == 0:  # no query reaches any key: dK = dV = 0 exactly
         dk.zero_(), dv.zero_()
         return (dq, dk, dv) if learnable_sink is None else (dq, dk, dv, torch.zeros_like(learnable_sink))
     kernel = _kernel(config, device_index)
-    q, k, v, out, dout = (_aligned(t if t.stride(-1) == 1 else t.contiguous()) for t in (q, k, v, out, dout))
+    q, k, v, out, dout = (_aligned(t) for t in (q, k, v, out, dout))
     lse = lse.contiguous()
     dvec = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
     # The atomic path's fp32 dQ sums ([H, total_q, d_tile], or bwd_sm90.cuh's tiling of as many floats).

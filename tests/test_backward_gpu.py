@@ -151,6 +151,24 @@ def test_strided_backward_matches_reference(layout, deterministic):
 
 
 # ---- the launch stream ---------------------------------------------------------------------------
+def test_backward_of_broadcast_inputs_and_gradient():
+    """k/v broadcast over the batch by expand and a dout broadcast over the rows (the gradient of a mean
+    over positions): zero strides, which a TMA map cannot address. The dispatcher's backward reads them
+    another way (on sm_90a the Hopper kernel copying with cp.async instead of its TMA producer) and
+    matches the reference; a TMA-fed config given explicitly is a ValueError naming the fix."""
+    q = torch.randn(2, 70, 4, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 90, 2, 128, device="cuda", dtype=torch.bfloat16).expand(2, -1, -1, -1) for _ in range(2))
+    dout = torch.randn(2, 1, 4, 128, device="cuda", dtype=torch.bfloat16).expand(-1, 70, -1, -1)
+    _check_backward(q, k, v, dout, causal=True, softmax_scale=_odd_scale(128))
+    config = default_bwd_config("bf16", 128, True, wgmma=True)
+    if _arch() != WGMMA_ARCH:
+        return
+    assert config.tma
+    out, lse = flashjit.forward(q, k, v, causal=True, return_lse=True)
+    with pytest.raises(ValueError, match="cannot address .*tma=False"):
+        flashjit.backward(dout, q, k, v, out, lse, causal=True, config=config)
+
+
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_backward_runs_on_the_current_stream(deterministic):
     """Every backward kernel must run on torch's current stream: a side stream sleeps, then

@@ -122,6 +122,34 @@ def test_configs_of_the_other_direction_are_refused(monkeypatch):
         iface.backward(dout, q, k, v, out, lse, config=BwdSm90Config(d_head=64, block_m=128))
 
 
+def test_hopper_backward_copies_with_cp_async_where_tma_cannot_address(monkeypatch):
+    """The dispatcher's Hopper backward loads with TMA, whose maps cannot address a zero stride (k/v
+    broadcast by expand, a dout broadcast over the rows): then it takes the same kernel fed by cp.async
+    (tma=False); a caller's TMA-fed config is a ValueError naming the fix."""
+    import dataclasses
+
+    import flashjit.interface as iface
+
+    monkeypatch.setattr(iface.jit, "arch_for", lambda device_index: "sm_90a")
+    monkeypatch.setattr(iface, "_smem_limit", lambda device_index: (227 * 1024, "H100"))
+    monkeypatch.setattr(iface.tuning, "lookup", lambda *args, **kwargs: None)
+    q = torch.randn(2, 64, 4, 128, dtype=torch.bfloat16)
+    k = torch.randn(1, 64, 2, 128, dtype=torch.bfloat16).expand(2, -1, -1, -1)
+    dout = torch.randn(2, 1, 4, 128, dtype=torch.bfloat16).expand(-1, 64, -1, -1)
+    mods = iface.score_mods(q, False)
+
+    def pick(*tensors, config=None):
+        return iface.bwd_config(config, q.dtype, 128, False, 64, mods, False, 0, tensors=tensors)
+
+    assert pick(q, q, q, q).tma
+    for tensors in ((q, k, k, q), (q, q, q, dout)):
+        chosen = pick(*tensors)
+        assert chosen == dataclasses.replace(pick(q, q, q, q), tma=False)
+        with pytest.raises(ValueError, match="loads with TMA, which cannot address .*tma=False"):
+            pick(*tensors, config=dataclasses.replace(chosen, tma=True))
+        assert pick(*tensors, config=chosen) == chosen  # the cp.async feed takes any strides
+
+
 @pytest.mark.parametrize("rounds, zero_out, ones_out", [
     (7, [0x5F6FB709, 0x0D893F64, 0x4F121F81, 0x4F730A48], [0x5207DDC2, 0x45165E59, 0x4D8EE751, 0x8C52F662]),
     (10, [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8], [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]),

@@ -79,6 +79,10 @@ class BwdSm90Config(ConfigBase):
         return wgmma_tile(self.d_head)
 
     @property
+    def loads_with_tma(self) -> bool:
+        return self.tma
+
+    @property
     def smem_bytes(self) -> int:
         """Config::kSmemBytes: 1 KiB alignment slack, K, V, two stages of Q and dO, dS^T (two with tma),
         lse and D, dQ staging, and with tma the mbarriers (K/V, and full/empty for two stages: 5 of 8

@@ -100,6 +100,13 @@ class ConfigBase:
         """The head dim of v and of the output: d_v where a family has it and it is set, else d_head."""
         return getattr(self, "d_v", 0) or self.d_head
 
+    @property
+    def loads_with_tma(self) -> bool:
+        """Whether the kernel reads q/k/v (and the backward's dout) through TMA maps, which cannot
+        address a zero stride (interface._tma_unaddressable): the Hopper families (arch set), unless
+        a config says otherwise (BwdSm90Config.tma)."""
+        return self.family.arch is not None
+
     def _choices(self, **allowed: tuple) -> list[str]:
         return [f"{name} must be one of {values}, got {getattr(self, name)!r}"
                 for name, values in allowed.items() if getattr(self, name) not in values]
