@@ -3,6 +3,7 @@
 
 TFLOP/s conventions: forward 4 * B * H * S^2 * D (halved for causal), backward 2.5x that,
 forward+backward 3.5x. batch * seqlen = --tokens, heads * head_dim = --hidden.
+--kernels lists the GPU kernels of flashjit's and cuDNN's backward with their time per call (torch.profiler).
 --candidates also times flashjit.backward alone (no autograd) for each listed (n_warps, block_m,
 deterministic[, d_split[, group_rows]]) backward config: how the defaults in flashjit/dispatch.py were chosen.
 GQA points (--gqa, BATCHxSEQLENxHEADSxKV_HEADS each, over --dtypes, --head-dims and --causal): the same
@@ -14,6 +15,7 @@ was chosen.
     python scripts/bench_backward.py --candidates 8x64x0,4x64x0,8x64x1,8x64x0x2x32 --out bench-out
     python scripts/bench_backward.py --candidates wgmma,wgmma_tma --head-dims 64,128 --seqlens 4096 --gqa ''
     python scripts/bench_backward.py --seqlens '' --gqa 1x4096x16x4 --head-dims 128 --causal 1
+    python scripts/bench_backward.py --seqlens 1024 --gqa '' --kernels
 """
 from __future__ import annotations
 
@@ -61,6 +63,34 @@ def timings(attn, q, k, v, dout):
         out.backward(dout, retain_graph=True)
     return (do_bench(bwd, warmup=25, rep=100, return_mode="median"),
             do_bench(fwd_bwd, warmup=25, rep=100, return_mode="median"))
+
+
+def kernel_times(fn, iters: int = 10) -> dict:
+    """{kernel: microseconds per call} of the GPU work fn() launches (kernels and memsets), from
+    torch.profiler over `iters` calls after one warm-up, longest first. Template arguments are cut:
+    flashjit's kernels by their function name (dvec_kernel, dkdv_tma_kernel, dq_convert_kernel, ...)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    found = {}
+    for event in prof.key_averages():
+        if getattr(event, "device_type", None) != DeviceType.CUDA:
+            continue
+        name = event.key.split("<")[0].split("(")[0].split("::")[-1].removeprefix("void ").strip() or event.key[:60]
+        found[name] = found.get(name, 0.0) + event.self_device_time_total / iters
+    return dict(sorted(found.items(), key=lambda item: -item[1]))
+
+
+def show_kernel_times(label: str, times: dict) -> str:
+    total = sum(times.values()) or 1.0
+    return f"{label} {total:.0f} us: " + ", ".join(f"{name[:48]} {us:.1f} ({100 * us / total:.0f}%)"
+                                                  for name, us in times.items())
 
 
 def candidate_tflops(spec: str, point, q, k, v, dout, drop: float, flops: float) -> dict:
@@ -135,6 +165,9 @@ def main() -> None:
     parser.add_argument("--candidates", default="", help="comma-separated WARPSxBLOCK_MxDET[xD_SPLIT[xGROUP_ROWS]] backward configs, or "
                         "'wgmma' for the Hopper kernel fed by cp.async ('wgmma_tma': by its TMA producer warpgroup, the "
                         "dispatcher's choice)")
+    parser.add_argument("--kernels", action="store_true",
+                        help="also list each backward's GPU kernels with their time per call (torch.profiler), "
+                        "flashjit's and cuDNN's: where the time goes")
     parser.add_argument("--gqa", default="1x8192x32x8,2x2048x32x4,1x4096x16x4",
                         help="GQA points BATCHxSEQLENxHEADSxKV_HEADS, comma-separated ('' for none)")
     args = parser.parse_args()
@@ -174,6 +207,15 @@ def main() -> None:
             print(f"    with sinks: bwd {fmt(row['flashjit_sink_bwd_tflops'])} fwd+bwd "
                   f"{fmt(row['flashjit_sink_fwdbwd_tflops'])} TFLOP/s (time x"
                   f"{row['flashjit_fwdbwd_tflops'] / row['flashjit_sink_fwdbwd_tflops']:.3f} of without)", flush=True)
+        if args.kernels:
+            row["kernels"] = {}
+            for label in ("flashjit", "cudnn"):
+                out = contenders[label](q, k, v)
+                times = kernel_times(lambda: out.backward(dout, retain_graph=True))  # noqa: B023
+                row["kernels"][label] = times
+                print("    " + show_kernel_times(label, times), flush=True)
+            for t in (q, k, v):
+                t.grad = None
         if "heads_k" in point and (split := head_split_tflops(point, q, k, v, dout, drop, 2.5 * fwd_flops)):
             row["head_split"] = split
             print("    flashjit.backward alone: " + "  ".join(f"{name} {fmt(t)}" for name, t in split.items()), flush=True)
