@@ -1,5 +1,5 @@
 """Backward and forward+backward benchmark: flashjit.flash_attn_func vs PyTorch SDPA's flash
-(FlashAttention-2) and cuDNN backends, through autograd, in one run.
+(FlashAttention-2) and cuDNN backends (and with --flex FlexAttention), through autograd, in one run.
 
 TFLOP/s conventions: forward 4 * B * H * S^2 * D (halved for causal), backward 2.5x that,
 forward+backward 3.5x. batch * seqlen = --tokens, heads * head_dim = --hidden.
@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_forward import _require_torch_cuda, add_grid_arguments, exit_unless_gpu, grid, sdpa  # same folder
+from bench_forward import _require_torch_cuda, add_grid_arguments, exit_unless_gpu, flex, grid, sdpa  # same folder
 
 if __name__ == "__main__" and not {"-h", "--help"} & set(sys.argv[1:]):
     exit_unless_gpu("bench_backward.py")  # before the heavy imports: one line, no traceback
@@ -165,6 +165,9 @@ def main() -> None:
     parser.add_argument("--candidates", default="", help="comma-separated WARPSxBLOCK_MxDET[xD_SPLIT[xGROUP_ROWS]] backward configs, or "
                         "'wgmma' for the Hopper kernel fed by cp.async ('wgmma_tma': by its TMA producer warpgroup, the "
                         "dispatcher's choice)")
+    parser.add_argument("--flex", action="store_true",
+                        help="also time FlexAttention (torch.compile(flex_attention), a causal block mask; its compile "
+                        "takes tens of seconds a shape; not with dropout, which it lacks)")
     parser.add_argument("--kernels", action="store_true",
                         help="also list each backward's GPU kernels with their time per call (torch.profiler), "
                         "flashjit's and cuDNN's: where the time goes")
@@ -192,6 +195,9 @@ def main() -> None:
             def attn(q, k, v, backend=backend):
                 return sdpa(backend, q, k, v, causal, drop)().transpose(1, 2)
             contenders[label] = attn
+        if args.flex and not drop:
+            run_flex = flex(q, k, v, causal)  # compiled per shape, its block mask built once
+            contenders["flex"] = lambda q, k, v: run_flex().transpose(1, 2)  # noqa: B023 (this point's q, k, v)
         for label, fn in contenders.items():
             t = timings(fn, q, k, v, dout)
             row[f"{label}_bwd_tflops"] = t and 2.5 * fwd_flops / (t[0] * 1e-3) / 1e12
@@ -203,6 +209,9 @@ def main() -> None:
               f"{fmt(row['flashjit_bwd_tflops'])} fa2 {fmt(row['fa2_bwd_tflops'])} cudnn "
               f"{fmt(row['cudnn_bwd_tflops'])} | fwd+bwd: flashjit {fmt(row['flashjit_fwdbwd_tflops'])} "
               f"fa2 {fmt(row['fa2_fwdbwd_tflops'])} cudnn {fmt(row['cudnn_fwdbwd_tflops'])} TFLOP/s", flush=True)
+        if "flex" in contenders:
+            print(f"    flex: bwd {fmt(row['flex_bwd_tflops'])} fwd+bwd {fmt(row['flex_fwdbwd_tflops'])} TFLOP/s "
+                  f"(flashjit x{(row['flashjit_bwd_tflops'] or 0) / (row['flex_bwd_tflops'] or 1):.2f} bwd)", flush=True)
         if args.sink:
             print(f"    with sinks: bwd {fmt(row['flashjit_sink_bwd_tflops'])} fwd+bwd "
                   f"{fmt(row['flashjit_sink_fwdbwd_tflops'])} TFLOP/s (time x"
