@@ -1,9 +1,10 @@
-"""Variable-length forward benchmark: one packed batch of sequences of random lengths (a training or
-prefill batch without padding) through flashjit.varlen.varlen_forward with the dispatcher's kernel (the
-Hopper family on sm_90a) and with the sm_80 family, beside one dense flash_attn_func call on the same
-number of tokens in equal lengths (what the packed batch would cost with no length spread). TFLOP/s
-of the work each does: 4 * H * D * sum(Sq * Sk) over the sequences, causal counting the visible
-(i, j) pairs. PyTorch's SDPA has no packed-batch entry, so no SDPA column. Writes JSON to --out.
+"""Variable-length benchmark: one packed batch of sequences of random lengths (a training or prefill
+batch without padding) through flashjit.varlen.varlen_forward with the dispatcher's kernel (the Hopper
+family on sm_90a) and with the sm_80 family, beside one dense flash_attn_func call on the same number
+of tokens in equal lengths (what the packed batch would cost with no length spread); and the backward,
+varlen_backward against flashjit.backward of that dense call. TFLOP/s of the work each does: forward
+4 * H * D * sum(Sq * Sk) over the sequences, causal counting the visible (i, j) pairs, backward 2.5x
+that. PyTorch's SDPA has no packed-batch entry, so no SDPA column. Writes JSON to --out.
 
     python scripts/bench_varlen.py --out bench-out
     python scripts/bench_varlen.py --head-dims 128 --causal 1 --lengths 256:4096 --tokens 16384
@@ -35,7 +36,7 @@ def main() -> None:
     import flashjit
     from flashjit import interface
     from flashjit.dispatch import default_config
-    from flashjit.varlen import varlen_forward
+    from flashjit.varlen import varlen_backward, varlen_forward
 
     dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[args.dtype])
     low, high = map(int, args.lengths.split(":"))
@@ -65,12 +66,25 @@ def main() -> None:
                                    ("dense", lambda: flashjit.flash_attn_func(qd, qd, qd, causal=causal), dense_flops)):
                 ms = time_ms(fn)
                 row[name] = None if ms is None else work / (ms * 1e-3) / 1e12
+            # the backward of the packed batch and of the dense call (the dispatcher's kernels)
+            out, lse = varlen_forward(q, k, v, cu, cu, longest, longest, causal=causal)
+            dout = torch.randn_like(out)
+            dense_out, dense_lse = flashjit.forward(qd, qd, qd, causal=causal, return_lse=True)
+            dense_dout = dout[:len(lens) * equal].view_as(dense_out)
+            for name, fn, work in (
+                    ("flashjit_bwd", lambda: varlen_backward(dout, q, k, v, out, lse, cu, cu, longest, longest,
+                                                             causal=causal), 2.5 * flops),
+                    ("dense_bwd", lambda: flashjit.backward(dense_dout, qd, qd, qd, dense_out, dense_lse,
+                                                            causal=causal), 2.5 * dense_flops)):
+                ms = time_ms(fn)
+                row[name] = None if ms is None else work / (ms * 1e-3) / 1e12
             row["kernel"] = interface.chosen_config(
                 args.dtype, d, d, causal, longest, interface.score_mods(q[None], causal),
                 torch.cuda.current_device(), (q, k, v), grid=None).name
             rows.append(row)
             shown = "  ".join(f"{label} {row[name]:7.1f}" if row[name] else f"{label}       -" for name, label in (
-                ("flashjit", "flashjit"), ("sm80", "sm_80 family"), ("dense", "dense same tokens")))
+                ("flashjit", "flashjit"), ("sm80", "sm_80 family"), ("dense", "dense same tokens"),
+                ("flashjit_bwd", "| bwd flashjit"), ("dense_bwd", "dense same tokens")))
             print(f"d{d:<4} causal={int(causal)}  {shown}  {row['kernel']}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_varlen.json").write_text(json.dumps(
