@@ -61,19 +61,17 @@ struct ScoreMod {
 
   // The score in softmax units; `grad` gets d scaled / d (scale * s) (1 - tanh^2 with softcap, else 1).
   __device__ __forceinline__ float scaled(float s, int i, int j, float& grad) const {
-    float t = s * scale;
-    grad = 1.f;
-    if (kSoftcap) {
-      const float th = tanhf(t / cap);
-      t = cap * th;
-      grad = 1.f - th * th;
-    }
-    if (kAlibi_) t -= slope * fabsf(float(i + diag - j));
-    return t;
+    const float t = capped(s, grad);
+    return kAlibi_ ? t - slope * fabsf(float(i + diag - j)) : t;
   }
-  // The same from x = i + diag - j (ALiBi's distance is |x|). Spelled out again rather than called by
-  // scaled(): computing x before the softcap moved the sm_80 kernels' schedules (+-16 instructions).
+  // The same from x = i + diag - j (ALiBi's distance is |x|). scaled() does not call it: computing x
+  // before the softcap moved the sm_80 kernels' schedules (+-16 instructions).
   __device__ __forceinline__ float scaled_at(float s, int x, float& grad) const {
+    const float t = capped(s, grad);
+    return kAlibi_ ? t - slope * fabsf(float(x)) : t;
+  }
+  // s * scale through the softcap (grad: its chain-rule factor), before ALiBi.
+  __device__ __forceinline__ float capped(float s, float& grad) const {
     float t = s * scale;
     grad = 1.f;
     if (kSoftcap) {
@@ -81,7 +79,6 @@ struct ScoreMod {
       t = cap * th;
       grad = 1.f - th * th;
     }
-    if (kAlibi_) t -= slope * fabsf(float(x));
     return t;
   }
 };
