@@ -27,7 +27,7 @@
 //     recomputes P and dP (7 products per block pair, but every output has exactly one writer, so
 //     gradients are bit-identical run to run).
 // 4. dkv_convert_kernel (bwd_sm90.cuh's one dK/dV CTA per query head only): dK, dV rounded from
-//    their fp32 sums, one warp per key row.
+//    their fp32 sums, a lane group per key row (row_lanes, as the D kernel and dQ conversion).
 // Variable-length batches (common/params.cuh: VarlenParams): every CTA finds its sequence's rows with
 // common/varlen.cuh's Seq and exits when its block starts past the sequence's end; the row kernels
 // (1, 3a) walk H * total_q rows, which need no sequence bounds at all.
@@ -120,7 +120,7 @@ struct Config {
   static_assert(kRegEstimate <= 255, "the backward accumulators of this config need more than 255 registers");
 };
 
-// ---- 1. D = rowsum(dO * O), one warp per row; the fast path also zeroes the row's fp32 dQ ---------
+// ---- 1. D = rowsum(dO * O), a lane group per row; the fast path also zeroes the row's fp32 dQ ----
 // Row `row` of the statistics (planes of rows, i fastest: common/varlen.cuh) as (plane, b, h, i):
 // dense [B, H, Sq], plane b * H + h; varlen [H, total_q], plane h, b = 0 and i the packed row (the
 // TensorRefs' batch stride is 0), so q.at(b, h, i) addresses the row either way.
@@ -131,31 +131,52 @@ struct RowIndex {
       : plane(int(row / rows)), b(plane / heads), h(plane % heads), i(int(row % rows)) {}
 };
 
+// The row kernels (D, the dQ and dK/dV conversions) give a row to a group of lanes: the fewest (a power
+// of two) that cover its columns 8 a lane, so that a warp has 32 / row_lanes rows in flight instead of
+// one row with most lanes idle (d64: 8 lanes a row, 4 rows a warp). 128-thread blocks.
+__host__ __device__ constexpr int row_lanes(int cols) {
+  return cols <= 8 ? 1 : cols <= 16 ? 2 : cols <= 32 ? 4 : cols <= 64 ? 8 : cols <= 128 ? 16 : 32;
+}
+template <int kCols>
+__device__ __forceinline__ int64_t lane_group_row() {
+  constexpr int kLanes = row_lanes(kCols);
+  return (int64_t(blockIdx.x) * 4 + (threadIdx.x >> 5)) * (32 / kLanes) + (threadIdx.x & 31) / kLanes;
+}
+template <int kCols>
+inline unsigned row_kernel_blocks(int64_t rows) {
+  constexpr int64_t kRowsPerBlock = 4 * (32 / row_lanes(kCols));
+  return unsigned((rows + kRowsPerBlock - 1) / kRowsPerBlock);
+}
+
 template <class C>
 __global__ void __launch_bounds__(128) dvec_kernel(const __grid_constant__ BwdParams p) {
-  const int lane = threadIdx.x & 31;
-  const int64_t row = int64_t(blockIdx.x) * 4 + (threadIdx.x >> 5);
-  if (row >= stat_rows(p)) return;
-  const RowIndex at(row, p.heads, stat_plane_rows(p));
+  constexpr int kLanes = row_lanes(C::kDHeadV);
+  const int sub = threadIdx.x % kLanes;  // this lane's place in its row's group
+  const int64_t row = lane_group_row<C::kDHeadV>();
+  // Rows past the end keep their lanes to the shuffles below (a lane that left would break them).
+  const bool valid = row < stat_rows(p);
   float sum = 0.f;
-  if (lane < C::kDHeadV / 8) {
-    const uint4 o = *reinterpret_cast<const uint4*>(p.o.at<const elem_t>(at.b, at.h, at.i) + lane * 8);
-    const uint4 d = *reinterpret_cast<const uint4*>(p.dout.at<const elem_t>(at.b, at.h, at.i) + lane * 8);
-    const uint32_t ow[4] = {o.x, o.y, o.z, o.w}, dw[4] = {d.x, d.y, d.z, d.w};
+  if (valid) {
+    const RowIndex at(row, p.heads, stat_plane_rows(p));
+    if (sub < C::kDHeadV / 8) {
+      const uint4 o = *reinterpret_cast<const uint4*>(p.o.at<const elem_t>(at.b, at.h, at.i) + sub * 8);
+      const uint4 d = *reinterpret_cast<const uint4*>(p.dout.at<const elem_t>(at.b, at.h, at.i) + sub * 8);
+      const uint32_t ow[4] = {o.x, o.y, o.z, o.w}, dw[4] = {d.x, d.y, d.z, d.w};
 #pragma unroll
-    for (int w = 0; w < 4; ++w) {
-      float o0, o1, d0, d1;
-      unpack2<C::kBf16>(ow[w], o0, o1);
-      unpack2<C::kBf16>(dw[w], d0, d1);
-      sum = fmaf(o0, d0, fmaf(o1, d1, sum));
+      for (int w = 0; w < 4; ++w) {
+        float o0, o1, d0, d1;
+        unpack2<C::kBf16>(ow[w], o0, o1);
+        unpack2<C::kBf16>(dw[w], d0, d1);
+        sum = fmaf(o0, d0, fmaf(o1, d1, sum));
+      }
     }
+    if (!C::kDeterministic)
+      for (int c = sub; c < C::kD / 4; c += kLanes)
+        reinterpret_cast<float4*>(p.dq_accum + row * C::kD)[c] = make_float4(0.f, 0.f, 0.f, 0.f);
   }
-  if (!C::kDeterministic)
-    for (int c = lane; c < C::kD / 4; c += 32)
-      reinterpret_cast<float4*>(p.dq_accum + row * C::kD)[c] = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-  if (lane == 0) p.dvec[row] = C::kDropout ? sum / p.mods.dropout_scale : sum;  // D (1 - p): see dkdv_kernel
+  for (int offset = kLanes / 2; offset > 0; offset >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+  if (valid && sub == 0) p.dvec[row] = C::kDropout ? sum / p.mods.dropout_scale : sum;  // D (1 - p): see dkdv_kernel
 }
 
 // The steps of a dK/dV CTA: one per (query head h0 .. h0 + heads - 1, query block that sees any key
@@ -447,7 +468,7 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
   store_rows<C, C::kBlockN, true>(p.dv, b, h_k, seq.k_start + key0, sdO2, keys, tid);
 }
 
-// ---- 3a. dQ = scale * the fp32 buffer, rounded: one warp per row ------------------------------
+// ---- 3a. dQ = scale * the fp32 buffer, rounded: a lane group per row (row_lanes) --------------
 // Row `at` of an fp32 buffer of planes of `rows` rows, kW wide (kTiled: bwd_sm90.cuh's layout of
 // 64-column halves with 16-byte chunks swizzled, else plain rows), times s, rounded into `out`'s row:
 // the first kCols columns, 8 a lane.
@@ -473,11 +494,12 @@ __device__ __forceinline__ void round_row(const float* accum, const RowIndex& at
 
 template <class C>
 __global__ void __launch_bounds__(128) dq_convert_kernel(const __grid_constant__ BwdParams p) {
-  const int64_t row = int64_t(blockIdx.x) * 4 + (threadIdx.x >> 5);
+  const int64_t row = lane_group_row<C::kDHead>();
   const int rows = stat_plane_rows(p);
   if (row >= stat_rows(p)) return;
   round_row<C, C::kD, C::kDHead, C::kDqTiled>(p.dq_accum, RowIndex(row, p.heads, rows), rows, p.dq,
-                                              p.softmax_scale * C::dropout_scale(p), threadIdx.x & 31);
+                                              p.softmax_scale * C::dropout_scale(p),
+                                              threadIdx.x % row_lanes(C::kDHead));
 }
 
 // ---- 4. dK and dV from dkv_accum (bwd_sm90.cuh's kHeadSplit), already scaled -------------------
@@ -487,10 +509,10 @@ __global__ void __launch_bounds__(128) dq_convert_kernel(const __grid_constant__
 template <class C>
 __global__ void __launch_bounds__(128) dkv_convert_kernel(const __grid_constant__ BwdParams p) {
   const int64_t per = key_rows(p);
-  int64_t row = int64_t(blockIdx.x) * 4 + (threadIdx.x >> 5);
+  int64_t row = lane_group_row<C::kDHead>();  // d_v <= d_head: dV rows use a part of their group
   const bool value = row >= per;
   row -= value ? per : 0;
-  const int rows = key_plane_rows(p), lane = threadIdx.x & 31;
+  const int rows = key_plane_rows(p), lane = threadIdx.x % row_lanes(C::kDHead);
   if (row >= per) return;
   const RowIndex at(row, p.heads_k, rows);
   if (is_varlen(p)) {  // varlen (cu_seqlens_k is read only then)
@@ -658,17 +680,16 @@ cudaError_t launch_with(const BwdParams& p, cudaStream_t stream, LaunchDkdv laun
       (C::kHeadSplit && (2 * key_rows(p) + 3) / 4 > 0x7fffffff))
     return cudaErrorInvalidConfiguration;
   cudaError_t err;
-  const unsigned row_blocks = unsigned((rows + 3) / 4);
-  dvec_kernel<C><<<row_blocks, 128, 0, stream>>>(p);
+  dvec_kernel<C><<<row_kernel_blocks<C::kDHeadV>(rows), 128, 0, stream>>>(p);
   if (kv_blocks > 0 && (err = launch_dkdv(unsigned(kv_blocks))) != cudaSuccess) return err;
   if constexpr (C::kDeterministic) {
     if ((err = opt_in_smem<C>(dq_kernel<C>)) != cudaSuccess) return err;
     dq_kernel<C><<<unsigned(q_blocks), C::kThreads, C::kSmemBytes, stream>>>(p);
   } else {  // with Sk = 0 the buffer stays zero: dQ = 0
-    dq_convert_kernel<C><<<row_blocks, 128, 0, stream>>>(p);
+    dq_convert_kernel<C><<<row_kernel_blocks<C::kDHead>(rows), 128, 0, stream>>>(p);
   }
   if constexpr (C::kHeadSplit)
-    if (key_rows(p) > 0) dkv_convert_kernel<C><<<unsigned((2 * key_rows(p) + 3) / 4), 128, 0, stream>>>(p);
+    if (key_rows(p) > 0) dkv_convert_kernel<C><<<row_kernel_blocks<C::kDHead>(2 * key_rows(p)), 128, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
