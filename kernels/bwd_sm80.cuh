@@ -36,6 +36,7 @@
 #include <cuda_runtime.h>
 
 #include "common/dropout.cuh"
+#include "common/grid_order.cuh"
 #include "common/fragments.cuh"
 #include "common/params.cuh"
 #include "common/ptx.cuh"
@@ -359,7 +360,10 @@ __global__ void __launch_bounds__(C::kThreads) dkdv_kernel(const __grid_constant
   // (score products) and of the head dim (accumulators).
   const int g = warp / C::kDSplit, part = warp % C::kDSplit, q0 = part * C::kMW, r0 = g * C::kGroupRows;
   const int num_n = (p.seqlen_k + C::kBlockN - 1) / C::kBlockN;
-  const int n_block = blockIdx.x % num_n, bh_k = blockIdx.x / num_n;
+  // causal: common/grid_order.cuh's order (key block 0, the longest, first in a row)
+  const GridPos at = C::kCausal ? longest_first(blockIdx.x, p.batch * p.heads_k, num_n)
+                                : GridPos{int(blockIdx.x) / num_n, int(blockIdx.x) % num_n};
+  const int n_block = at.block, bh_k = at.row;
   const int h_k = bh_k % p.heads_k, b = bh_k / p.heads_k, group = p.heads / p.heads_k;
   const Seq seq(p, b);
   const int key0 = n_block * C::kBlockN;
@@ -542,9 +546,11 @@ __global__ void __launch_bounds__(C::kThreads) dq_kernel(const __grid_constant__
   // block (k0: score products) and of the head dim (accumulator).
   const int g = warp / C::kDSplit, part = warp % C::kDSplit, k0 = part * C::kNW, r0 = g * C::kGroupRows;
   const int num_m = (p.seqlen_q + kRows - 1) / kRows;
-  int m_block = blockIdx.x % num_m;
-  const int bh = blockIdx.x / num_m, h = bh % p.heads, b = bh / p.heads;
-  if (C::kCausal) m_block = num_m - 1 - m_block;  // longest rows first
+  // causal: the longest rows (the last query block) first, in common/grid_order.cuh's order
+  const GridPos at = C::kCausal ? longest_first(blockIdx.x, p.batch * p.heads, num_m)
+                                : GridPos{int(blockIdx.x) / num_m, int(blockIdx.x) % num_m};
+  const int m_block = C::kCausal ? num_m - 1 - at.block : at.block;
+  const int bh = at.row, h = bh % p.heads, b = bh / p.heads;
   const int h_k = h / (p.heads / p.heads_k);
   const Seq seq(p, b);
   const int row0 = m_block * kRows;

@@ -43,6 +43,7 @@
 #pragma once
 #include <type_traits>
 #include "bwd_sm80.cuh"
+#include "common/grid_order.cuh"
 #include "common/wgmma.cuh"
 #include "common/sm90/mbarrier.cuh"
 #include "common/sm90/tma.cuh"
@@ -197,7 +198,8 @@ struct Smem {
 
 // What a CTA computes: its key block, batch, kv head and query heads (h0 .. h0 + heads - 1): every
 // head of the GQA group, or with kHeadSplit one, the key block outermost (causal: the longest CTAs,
-// the first key blocks, first); its sequence and its steps.
+// the first key blocks, first; without it a causal grid takes common/grid_order.cuh's order); its
+// sequence and its steps.
 template <class C>
 struct Work {
   int b, h_k, key0;
@@ -218,9 +220,11 @@ struct Work {
     if constexpr (C::kHeadSplit) {
       const int bh = block % (p.batch * p.heads), h0 = bh % p.heads;
       return {int(block) / (p.batch * p.heads), bh / p.heads, h0 / group, h0};
-    } else {
-      const int bh_k = block / num_n, h_k = bh_k % p.heads_k;
-      return {int(block) % num_n, bh_k / p.heads_k, h_k, h_k * group};
+    } else {  // causal: common/grid_order.cuh's order (key block 0, the longest, first in a row)
+      const GridPos at = C::kCausal ? longest_first(int(block), p.batch * p.heads_k, num_n)
+                                    : GridPos{int(block) / num_n, int(block) % num_n};
+      const int h_k = at.row % p.heads_k;
+      return {at.block, at.row / p.heads_k, h_k, h_k * group};
     }
   }
   __device__ __forceinline__ Work(const BwdParams& p, Ids id)

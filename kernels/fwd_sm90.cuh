@@ -36,6 +36,7 @@
 #pragma once
 #include <type_traits>
 #include "fwd_sm80.cuh"
+#include "common/grid_order.cuh"
 #include "common/wgmma.cuh"
 #include "common/sm90/mbarrier.cuh"
 #include "common/sm90/tma.cuh"
@@ -181,12 +182,24 @@ struct Tile {
   int q_first, k_first, tma_b;
   typename C::Mod mod;
 
-  __device__ __forceinline__ Tile(const FwdParams& p, int tile, int num_m) : Tile(p, tile, num_m, Seq(p, tile / num_m / p.heads)) {}
+  // (b, h) and the query block of a tile: its row of the grid and the block in it, the longest (the last
+  // query block) first with causal; one CTA a causal tile takes common/grid_order.cuh's order, whose
+  // tail runs block-outermost. The persistent walk keeps plain rows (dispatch.persistent_walk_balances
+  // simulates that order).
+  __device__ __forceinline__ static GridPos position(const FwdParams& p, int tile, int num_m) {
+    if (C::kCausal && !C::kPersistent) return longest_first(tile, p.batch * p.heads, num_m);
+    return {tile / num_m, tile % num_m};
+  }
 
-  __device__ __forceinline__ Tile(const FwdParams& p, int tile, int num_m, const Seq& seq)
-      : bh(tile / num_m), b(bh / p.heads), h(bh % p.heads), h_k(h / (p.heads / p.heads_k)),
+  __device__ __forceinline__ Tile(const FwdParams& p, int tile, int num_m) : Tile(p, position(p, tile, num_m), num_m) {}
+
+  __device__ __forceinline__ Tile(const FwdParams& p, GridPos at, int num_m)
+      : Tile(p, at, num_m, Seq(p, at.row / p.heads)) {}
+
+  __device__ __forceinline__ Tile(const FwdParams& p, GridPos at, int num_m, const Seq& seq)
+      : bh(at.row), b(bh / p.heads), h(bh % p.heads), h_k(h / (p.heads / p.heads_k)),
         mod(p.mods, seq.len_q, seq.len_k, p.softmax_scale, bh / p.heads, bh % p.heads) {
-    const int m_block = C::kCausal ? num_m - 1 - tile % num_m : tile % num_m;
+    const int m_block = C::kCausal ? num_m - 1 - at.block : at.block;
     q_row0 = m_block * C::kBlockM;
     q_rows = min(C::kBlockM, seq.len_q - q_row0);  // <= 0: past a varlen sequence's end
     q_first = seq.q_start + q_row0, k_first = seq.k_start, tma_b = is_varlen(p) ? 0 : b;
