@@ -310,9 +310,15 @@ __device__ __forceinline__ void step_products(const typename C::Mod& mod, const 
         if (C::Mod::kSoftcap) grad[nt][half] = pack2<false>(g[0], g[1]);
       }
   }
+  // Dropout in the producer-warpgroup kernel: the mask in P^T's sign bit (dropped: -P, as
+  // FlashAttention-2), one flag test an element (R2P, 7 at a time) for both uses: the dV operand,
+  // packed with ReLU (dropped -> 0, kept as before), and dS^T's Z in FP32 arithmetic below, where
+  // a bit test and a select an element sat in an issue-bound stretch.
+  constexpr bool kSignMask = C::kDropout && C::kTma;
+  if constexpr (kSignMask) keep.sign_code(st[0]);
   uint32_t pa[1][C::kNtM / 2][4];
-  acc_to_a<C::kBf16>(st, pa);
-  if (C::kDropout) keep.apply(pa);  // P o Z
+  acc_to_a<C::kBf16, kSignMask>(st, pa);
+  if constexpr (C::kDropout && !kSignMask) keep.apply(pa);  // P o Z
   wgmma_fence();
 #pragma unroll
   for (int ks = 0; ks < C::kKsM; ++ks)  // dV += P^T dO
@@ -325,8 +331,15 @@ __device__ __forceinline__ void step_products(const typename C::Mod& mod, const 
   for_each_acc<1, C::kNtM>([&](int, int nt, int e) {
     // dS^T / rp, rp = 1 / (1 - p): dS = P o (Z o dP rp - D), and s_dvec holds D / rp.
     float dp = dpt[0][nt][e];
-    if (C::kDropout) dp = keep.masked(dp, 0, nt, e);
-    dpt[0][nt][e] = st[0][nt][e] * (dp - s_dvec[query(nt, e)]);
+    if constexpr (kSignMask) {
+      // P is 0 or normal (ex2.approx.ftz), so z = sat(2^127 P_signed) is Z exactly and
+      // |P_signed| (z dP - D) rounds as P (Z o dP - D) does: three FP32 operations.
+      const float ps = st[0][nt][e];
+      dpt[0][nt][e] = fabsf(ps) * fmaf(__saturatef(ps * 0x1p127f), dp, -s_dvec[query(nt, e)]);
+    } else {
+      if constexpr (C::kDropout) dp = keep.masked(dp, 0, nt, e);
+      dpt[0][nt][e] = st[0][nt][e] * (dp - s_dvec[query(nt, e)]);
+    }
     if constexpr (C::Mod::kSoftcap) {
       float g[2];
       unpack2<false>(grad[nt][e >> 1], g[0], g[1]);
