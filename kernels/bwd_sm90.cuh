@@ -252,13 +252,15 @@ struct Descs {
 // query block row0 of head mod's: dV, dK accumulated, dQ (this warpgroup's share) returned, every
 // product retired on return. stage_bytes: the Q / dO stage; s_lse, s_dvec: its statistics; sdS,
 // ds_bytes: the dS^T buffer. sync_ds() runs between storing dS^T and dQ (every warp's keys of dS^T
-// are in).
-template <class C, class Mask, class SyncDs>
+// are in); under_dq() after dQ is issued, before the wait for it and dK: the tensor cores are busy
+// there and the issue slots free (the producer-warpgroup kernel makes the next step's dropout mask).
+template <class C, class Mask, class SyncDs, class UnderDq>
 __device__ __forceinline__ void step_products(const typename C::Mod& mod, const Descs<C>& d, uint32_t stage_bytes,
                                               const float* s_lse, const float* s_dvec, elem_t* sdS, uint32_t ds_bytes,
                                               const Mask& keep, int row0, int my_key0, int r0, int lane,
                                               float scale_log2, float (&dk)[1][C::kNtD][4],
-                                              float (&dv)[1][C::kNtD][4], float (&dq)[64 / 8][4], SyncDs sync_ds) {
+                                              float (&dv)[1][C::kNtD][4], float (&dq)[64 / 8][4], SyncDs sync_ds,
+                                              UnderDq under_dq) {
   // S^T = K Q^T and dP^T = V dO^T, two commit groups.
   float st[1][C::kNtM][4], dpt[1][C::kNtM][4];
   wgmma_fence();
@@ -312,9 +314,15 @@ __device__ __forceinline__ void step_products(const typename C::Mod& mod, const 
         if (C::Mod::kSoftcap) grad[nt][half] = pack2<false>(g[0], g[1]);
       }
   }
+  // Dropout in the producer-warpgroup kernel: the mask in P^T's sign bit (dropped: -P, as
+  // FlashAttention-2), one flag test an element (R2P, 7 at a time) for both uses: the dV operand,
+  // packed with ReLU (dropped -> 0, kept as before), and dS^T's Z in FP32 arithmetic below, where
+  // a bit test and a select an element sat in an issue-bound stretch.
+  constexpr bool kSignMask = C::kDropout && C::kTma;
+  if constexpr (kSignMask) keep.sign_code(st[0]);
   uint32_t pa[1][C::kNtM / 2][4];
-  acc_to_a<C::kBf16>(st, pa);
-  if (C::kDropout) keep.apply(pa);  // P o Z
+  acc_to_a<C::kBf16, kSignMask>(st, pa);
+  if constexpr (C::kDropout && !kSignMask) keep.apply(pa);  // P o Z
   wgmma_fence();
 #pragma unroll
   for (int ks = 0; ks < C::kKsM; ++ks)  // dV += P^T dO
@@ -327,8 +335,15 @@ __device__ __forceinline__ void step_products(const typename C::Mod& mod, const 
   for_each_acc<1, C::kNtM>([&](int, int nt, int e) {
     // dS^T / rp, rp = 1 / (1 - p): dS = P o (Z o dP rp - D), and s_dvec holds D / rp.
     float dp = dpt[0][nt][e];
-    if (C::kDropout) dp = keep.masked(dp, 0, nt, e);
-    dpt[0][nt][e] = st[0][nt][e] * (dp - s_dvec[query(nt, e)]);
+    if constexpr (kSignMask) {
+      // P is 0 or normal (ex2.approx.ftz), so z = sat(2^127 P_signed) is Z exactly and
+      // |P_signed| (z dP - D) rounds as P (Z o dP - D) does: three FP32 operations.
+      const float ps = st[0][nt][e];
+      dpt[0][nt][e] = fabsf(ps) * fmaf(__saturatef(ps * 0x1p127f), dp, -s_dvec[query(nt, e)]);
+    } else {
+      if constexpr (C::kDropout) dp = keep.masked(dp, 0, nt, e);
+      dpt[0][nt][e] = st[0][nt][e] * (dp - s_dvec[query(nt, e)]);
+    }
     if constexpr (C::Mod::kSoftcap) {
       float g[2];
       unpack2<false>(grad[nt][e >> 1], g[0], g[1]);
@@ -353,6 +368,7 @@ __device__ __forceinline__ void step_products(const typename C::Mod& mod, const 
     wgmma_ss<64, C::kBf16, 1, 1>(dq, gmma_desc_add(d.ds_a, ds_bytes + mnmajor_step(ks)),
                                  gmma_desc_add(d.kq_b, mnmajor_step(ks)), ks > 0);
   wgmma_commit();
+  under_dq();  // reads no accumulator and no A fragment (keep is not read past dS^T)
   wgmma_wait<0>();
   wgmma_settle(dq);
   wgmma_settle(dk[0]);
@@ -402,9 +418,10 @@ __device__ __forceinline__ void write_dkdv(const BwdParams& p, const Work<C>& w,
 }
 
 // Dropout (common/dropout.cuh): this warp's masks, rows = keys, for a step. Made at the end of the
-// step before and held through this one's S^T and P^T: the producer-warpgroup kernel's 240
-// registers hold them packed (2 registers instead of kNtM / 2: d_head 64's dropout spilled 57-67
-// instructions' worth without), the cp.async kernel's 255 as the sm_80 kernel does.
+// step before (the producer-warpgroup kernel: under its dK and dQ products) and held through this
+// one's S^T and P^T: the producer-warpgroup kernel's 240 registers hold them packed (2 registers
+// instead of kNtM / 2: d_head 64's dropout spilled 57-67 instructions' worth without), the cp.async
+// kernel's 255 as the sm_80 kernel does.
 template <class C>
 using StepMask = std::conditional_t<C::kTma, PackedKeyRowsMask<C::kNtM>, KeyRowsMask<1, C::kNtM>>;
 template <class C>
@@ -479,7 +496,7 @@ __global__ void __launch_bounds__(C::kThreads, 1) dkdv_kernel(const __grid_const
     const typename C::Mod mod(p.mods, seq.len_q, seq.len_k, p.softmax_scale, w.b, cur.h);
     float dq[64 / 8][4];
     step_products<C>(mod, d, buf * C::TileM::kBytes, sm.lse_stage(buf), sm.dvec_stage(buf), sm.ds, 0, keep, cur.row0,
-                     my_key0, r0, lane, scale_log2, dk, dv, dq, [] { __syncthreads(); });
+                     my_key0, r0, lane, scale_log2, dk, dv, dq, [] { __syncthreads(); }, [] {});
     add_dq<C>(p, seq, cur.h, cur.row0, dq_row, dq_half, s_dq, dq, lane);
     if (step + 1 < steps) keep = step_mask<C>(p, w.b, next, my_key0, lane);
     cur = next;
@@ -591,10 +608,18 @@ __device__ __forceinline__ void consume(const BwdParams& p, const Smem<C>& sm, u
     sm.ring->wait(st);
     step_products<C>(mod, d, st.stage * C::TileM::kBytes, sm.lse_stage(st.stage), sm.dvec_stage(st.stage),
                      sm.ds + st.stage * C::TileS::kBytes / 2, st.stage * C::TileS::kBytes, keep, cur.row0, my_key0,
-                     r0, lane, scale_log2, dk, dv, dq, sync);
+                     r0, lane, scale_log2, dk, dv, dq, sync, [&] {
+                       // The next step's dropout mask while dK and dQ are on the tensor cores (made
+                       // after add_dq, its 133 (d128) to 240 (d64) instructions a warp ran with the
+                       // tensor cores idle). Made past the last step too, unread: computed under a
+                       // branch, d128 causal spilled 4 bytes.
+                       if constexpr (C::kDropout) {
+                         const auto made = step_mask<C>(p, w.b, next, my_key0, lane);
+                         if (step + 1 < steps) keep = made;
+                       }
+                     });
     sm.ring->release(st);
     add_dq<C>(p, seq, cur.h, cur.row0, dq_row, dq_half, s_dq, dq, lane);
-    if (step + 1 < steps) keep = step_mask<C>(p, w.b, next, my_key0, lane);
     cur = next;
   }
   // The CTA's key block, heads and sequence found again: held through the loop, they spilled.

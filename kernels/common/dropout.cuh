@@ -15,7 +15,8 @@
 // Every byte of every call is used once, and no entry needs more than a byte permute to become a
 // mask. Keep iff byte >= threshold (p rounded to a multiple of 1/256). Kept values are scaled by
 // 1 / (1 - p) for the requested p, as flash-attn does (ScoreParams::dropout_scale); the kernels apply
-// that scale once, to the accumulated output or gradients, and mask with a bitwise AND.
+// that scale once, to the accumulated output or gradients, and mask with a bitwise AND (bwd_sm90.cuh's
+// producer-warpgroup kernel: in P's sign bit, PackedKeyRowsMask::sign_code).
 // flashjit/reference.py:philox_keep_mask is the same function in PyTorch.
 #pragma once
 #include <cstdint>
@@ -160,12 +161,12 @@ struct KeyRowsMask {
 };
 
 // KeyRowsMask<1, kNt> (one m-tile of 16 keys) in two registers instead of kNt: the top bits of
-// its 2 kNt / 4 flag words, packed per residue. bits[res] holds, at bit 8 b + 7 - k, the flag of
-// byte b of the word in slot k = 2 span + w (span: 32-query span, w: its word), so (bits << k) is
-// that word again as Dropout::mask reads it (top bit of each byte) and a single flag is one bit
-// test. The Philox calls, their bytes and which entry each decides are KeyRowsMask's; one shuffle
-// (the packed half for lane ^ 4) replaces one a word. For kernels that hold a step's mask while
-// every accumulator is live (bwd_sm90.cuh's producer-warpgroup kernel: 240 registers).
+// its 2 kNt / 4 flag words, packed per residue. bits[res] holds, at bit 8 b + k, the flag of byte b
+// of the word in slot k = 2 span + w (span: 32-query span, w: its word): a single flag is one bit
+// test, and a byte's flags are consecutive bits from its bit 0, which ptxas tests 7 at a time (R2P).
+// The Philox calls, their bytes and which entry each decides are KeyRowsMask's; one shuffle (the
+// packed half for lane ^ 4) replaces one a word. For kernels that hold a step's mask while every
+// accumulator is live (bwd_sm90.cuh's producer-warpgroup kernel: 240 registers).
 template <int kNt>
 struct PackedKeyRowsMask {
   static constexpr int kSpans = kNt / 4;
@@ -182,7 +183,7 @@ struct PackedKeyRowsMask {
 #pragma unroll
       for (int e = 0; e < 2; ++e)
 #pragma unroll
-        for (int w = 0; w < 2; ++w) half[e] |= (Dropout::word(f, 2 * e + w) & 0x80808080u) >> slot(span, w);
+        for (int w = 0; w < 2; ++w) half[e] |= (Dropout::word(f, 2 * e + w) & 0x80808080u) >> (7 - slot(span, w));
     }
     // Mine: the half of my parity (my keys) of my residue's calls; the other goes to lane ^ 4, whose
     // keys have the other parity and who made the other residue's calls.
@@ -199,23 +200,21 @@ struct PackedKeyRowsMask {
   __device__ __forceinline__ static constexpr int byte(int nt, int e) { return (nt & 1) * 2 + (e >> 1); }
 
   __device__ __forceinline__ bool kept(int nt, int e) const {
-    return (bits[e & 1] >> (8 * byte(nt, e) + 7 - slot(nt))) & 1u;
-  }
-  // x if element (nt, e) of the (one) m-tile is kept, else +0: KeyRowsMask::masked's result.
-  __device__ __forceinline__ float masked(float x, int /*mt = 0*/, int nt, int e) const {
-    return kept(nt, e) ? x : 0.f;
+    return (bits[e & 1] >> (8 * byte(nt, e) + slot(nt))) & 1u;
   }
 
-  // P o Z on 16-bit A fragments of the one m-tile, as KeyRowsMask::apply.
-  template <int kKT>
-  __device__ __forceinline__ void apply(uint32_t (&pa)[1][kKT][4]) const {
+  // P o Z in the sign bit, as FlashAttention-2's encode_dropout_in_sign_bit: acc[nt][e] (P >= 0)
+  // negated where dropped. In bit order (residue, byte, slot), so ptxas tests the flags with R2P.
+  __device__ __forceinline__ void sign_code(float (&acc)[kNt][4]) const {
 #pragma unroll
-    for (int kt = 0; kt < kKT; ++kt)
+    for (int res = 0; res < 2; ++res)
 #pragma unroll
-      for (int r = 0; r < 4; ++r) {  // elements (nt, e) = (2 kt + r / 2, 2 (r & 1) + {0, 1})
-        const int nt = 2 * kt + r / 2, k = slot(nt);
-        pa[0][kt][r] &= Dropout::mask2(bits[0] << k, bits[1] << k, byte(nt, 2 * (r & 1)));
-      }
+      for (int b = 0; b < 4; ++b)
+#pragma unroll
+        for (int k = 0; k < 2 * kSpans; ++k) {  // the element with slot(nt) = k, byte(nt, e) = b
+          const int nt = 4 * (k >> 1) + 2 * (k & 1) + (b >> 1), e = 2 * (b & 1) + res;
+          if (!kept(nt, e)) acc[nt][e] = -acc[nt][e];
+        }
   }
 };
 

@@ -98,11 +98,12 @@ __device__ __forceinline__ void for_each_acc(F f) {
 
 // The C fragments of n-tiles 2kt and 2kt+1 of an fp32 accumulator are exactly the A fragment of
 // k-tile kt of the same matrix in 16-bit: how P (and dS) feed the next product without shared memory.
-// `f(mt, nt, e, value)` may rewrite each element on the way (e.g. apply a dropout mask).
+// `f(mt, nt, e, value)` may rewrite each element on the way (e.g. apply a dropout mask); kRelu packs
+// negative values as 0.
 struct Identity {
   __device__ __forceinline__ float operator()(int, int, int, float x) const { return x; }
 };
-template <bool kBf16, int kMT, int kNT, class F = Identity>
+template <bool kBf16, bool kRelu = false, int kMT, int kNT, class F = Identity>
 __device__ __forceinline__ void acc_to_a(const float (&c)[kMT][kNT][4], uint32_t (&a)[kMT][kNT / 2][4], F f = F()) {
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt)
@@ -111,7 +112,7 @@ __device__ __forceinline__ void acc_to_a(const float (&c)[kMT][kNT][4], uint32_t
 #pragma unroll
       for (int r = 0; r < 4; ++r) {  // r: (row half, n-tile) = (r & 1, 2 kt + r / 2)
         const int nt = 2 * kt + r / 2, e = (r & 1) * 2;
-        a[mt][kt][r] = pack2<kBf16>(f(mt, nt, e, c[mt][nt][e]), f(mt, nt, e + 1, c[mt][nt][e + 1]));
+        a[mt][kt][r] = pack2<kBf16, kRelu>(f(mt, nt, e, c[mt][nt][e]), f(mt, nt, e + 1, c[mt][nt][e + 1]));
       }
 }
 

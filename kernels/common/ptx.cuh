@@ -53,11 +53,16 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 }
 
 // Two fp32 -> one register of two 16-bit values, `lo` in the low half (the lower column index).
-template <bool kBf16>
+// kRelu: negative values become 0 (the same instruction, F2FP.RELU).
+template <bool kBf16, bool kRelu = false>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   uint32_t r;
-  if constexpr (kBf16) {
+  if constexpr (kBf16 && kRelu) {
+    asm("cvt.rn.relu.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  } else if constexpr (kBf16) {
     asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+  } else if constexpr (kRelu) {
+    asm("cvt.rn.relu.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
   } else {
     asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
   }
