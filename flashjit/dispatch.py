@@ -40,9 +40,16 @@ _PREFERENCES = {  # (head-dim class, causal) -> tiles, best first
 # S=4k (0.93x one CTA per tile); d192 128x96 0.95-1.05x; d256 128x64 0.93-1.02x. Persistent CTAs lost
 # 3-16% at d>64 (the static tile order), so only d64 takes them.
 # With score features the 192-row tile's 160 registers a consumer thread spill: d64 then takes 128 rows.
+# Causal d64 up to SHORT_CAUSAL queries (sixteenth session, bf16 16k tokens): 128 rows with ping-pong,
+# persistent, ran 293.8 / 349.2 TFLOP/s at S = 1k / 2k against 254.2 / 339.5 for 192 rows (a 1k row of
+# queries is 5.3 tiles of 192: its last tile a third full), but 409 / 416 against 437 / 461 at 8k / 16k
+# and level at 4k. Keyed (tile width, "short causal"), looked up before the tile width alone.
+SHORT_CAUSAL = 2048
 _SM90_PREFERENCES = {
     64: [dict(block_m=192, block_n=128, stages=4, overlap=True, pingpong=False, persistent=True),
          dict(block_m=128, block_n=128, stages=4)],
+    (64, "short causal"): [dict(block_m=128, block_n=128, stages=4, persistent=True),
+                           dict(block_m=128, block_n=128, stages=4)],
     128: [dict(block_m=128, block_n=128, stages=2)],
     192: [dict(block_m=128, block_n=96, stages=2)],
     256: [dict(block_m=128, block_n=64, stages=2)],
@@ -61,7 +68,9 @@ def default_config(dtype: str, d_head: int, causal: bool, seqlen_q: int = 4096,
     d_head (MLA-style) takes the tiles of d_head (QK^T's width)."""
     d_v = 0 if d_v == d_head else d_v
     if arch == WGMMA_ARCH and seqlen_q > 64:
-        for knobs in _SM90_PREFERENCES[sm90_tile(d_head)]:
+        tile = sm90_tile(d_head)
+        short_causal = (tile, "short causal") if causal and seqlen_q <= SHORT_CAUSAL else None
+        for knobs in _SM90_PREFERENCES.get(short_causal, _SM90_PREFERENCES[tile]):
             cfg = FwdSm90Config(dtype, d_head, causal=causal, local=local, softcap=softcap, alibi=alibi,
                                 dropout=dropout, sink=sink, d_v=d_v, **knobs)
             if not cfg.problems() and cfg.smem_bytes <= smem_limit:
@@ -247,12 +256,12 @@ def with_tile_walk(config, grid: tuple | None, seqlen_q: int, sm_count: Callable
 
 def get_kernels_to_build(smem_limit: int = SMEM_LIMIT_SM90, arch: str | None = None) -> list:
     """The default build set for `arch` (None: any, so no sm_90a-only kernel): the dispatcher's
-    choice for every dtype, tile-width head dim (HEAD_DIMS) and causal flag at long and short sequence
-    lengths and GQA grids short or not (what `python -m flashjit precompile` builds without names).
+    choice for every dtype, tile-width head dim (HEAD_DIMS) and causal flag at long, short (SHORT_CAUSAL)
+    and decoding-like sequence lengths and GQA grids short or not (what `python -m flashjit precompile` builds without names).
     Other head dims, e.g. 80, are kernels of their own (their d_head is a template parameter):
     precompile names them."""
     configs = []
-    for dtype, d_head, causal, seqlen in itertools.product(DTYPES, HEAD_DIMS, (False, True), (4096, 1)):
+    for dtype, d_head, causal, seqlen in itertools.product(DTYPES, HEAD_DIMS, (False, True), (4096, SHORT_CAUSAL, 1)):
         cfg = default_config(dtype, d_head, causal, seqlen, smem_limit, arch=arch)
         # and a persistent kernel's one-CTA-per-tile twin, which with_tile_walk picks for some grids
         twins = (dataclasses.replace(cfg, persistent=False),) if isinstance(cfg, FwdSm90Config) and cfg.persistent \
