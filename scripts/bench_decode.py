@@ -9,6 +9,11 @@ through flash_attn_with_kvcache: the checks, appending one new key/value in plac
 
     python scripts/bench_decode.py --out bench-out
     python scripts/bench_decode.py --points 1x32768 32x2048 --page-size 16
+    python scripts/bench_decode.py --points 1x32768 --splits 16,32,64,128 --kernels
+
+--splits times the kvcache call (graph replay) at each given num_splits as well (0 is the heuristic's
+choice); --kernels lists its GPU kernels (attention, combine, ...) with their time per call
+(torch.profiler): where a short call's time goes.
 """
 from __future__ import annotations
 
@@ -30,6 +35,8 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--splits", default="", help="comma-separated num_splits to time too (graph replay)")
+    parser.add_argument("--kernels", action="store_true", help="list the kvcache call's GPU kernels and their time")
     args = parser.parse_args()
     exit_unless_gpu("bench_decode.py")
     _require_torch_cuda("bench_decode.py")
@@ -37,6 +44,7 @@ def main() -> None:
     from torch.nn.attention import SDPBackend
 
     import flashjit
+    from bench_backward import kernel_times, show_kernel_times  # same folder
     from flashjit import kvattn
 
     dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[args.dtype])
@@ -84,6 +92,20 @@ def main() -> None:
         row["max_abs_diff_vs_fa2"] = (fns["fjit"]().float() - ref.transpose(1, 2).float()).abs().max().item()
         rows.append(row)
         print(f"{point:>14} " + " ".join(f"{row[n]:8.0f}" if row[n] else "       -" for n in names))
+        if args.splits:
+            row["by_splits"] = {}
+            for splits in map(int, args.splits.split(",")):
+                kvattn.forward_kvcache(q, k, v, lengths, num_splits=splits)
+                replay = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(replay):
+                    kvattn.forward_kvcache(q, k, v, lengths, num_splits=splits)
+                ms = time_ms(replay.replay)
+                row["by_splits"][splits] = None if ms is None else nbytes / (ms * 1e-3) / 1e9
+            print(f"{'':>14} graph GB/s by num_splits: " +
+                  ", ".join(f"{n} {gbs:.0f}" if gbs else f"{n} -" for n, gbs in row["by_splits"].items()))
+        if args.kernels:
+            row["kernels_us"] = kernel_times(fns["fjit"])
+            print(show_kernel_times(f"{'':>14} fjit", row["kernels_us"]))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_decode.json").write_text(json.dumps(
         {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "heads": args.heads, "head_dim": d,
