@@ -257,11 +257,12 @@ def with_tile_walk(config, grid: tuple | None, seqlen_q: int, sm_count: Callable
 def get_kernels_to_build(smem_limit: int = SMEM_LIMIT_SM90, arch: str | None = None) -> list:
     """The default build set for `arch` (None: any, so no sm_90a-only kernel): the dispatcher's
     choice for every dtype, tile-width head dim (HEAD_DIMS) and causal flag at long, short (SHORT_CAUSAL)
-    and decoding-like sequence lengths and GQA grids short or not (what `python -m flashjit precompile` builds without names).
-    Other head dims, e.g. 80, are kernels of their own (their d_head is a template parameter):
-    precompile names them."""
+    and decoding-like sequence lengths and GQA grids short or not (what `python -m flashjit precompile`
+    builds without names). Other head dims, e.g. 80, are kernels of their own (their d_head is a
+    template parameter): precompile names them."""
     configs = []
-    for dtype, d_head, causal, seqlen in itertools.product(DTYPES, HEAD_DIMS, (False, True), (4096, SHORT_CAUSAL, 1)):
+    seqlens = (4096, SHORT_CAUSAL, 1)
+    for dtype, d_head, causal, seqlen in itertools.product(DTYPES, HEAD_DIMS, (False, True), seqlens):
         cfg = default_config(dtype, d_head, causal, seqlen, smem_limit, arch=arch)
         # and a persistent kernel's one-CTA-per-tile twin, which with_tile_walk picks for some grids
         twins = (dataclasses.replace(cfg, persistent=False),) if isinstance(cfg, FwdSm90Config) and cfg.persistent \
