@@ -29,12 +29,15 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=2048, help="heads * head_dim")
     parser.add_argument("--lengths", default="256:4096", help="MIN:MAX sequence length (uniform)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--configs", nargs="*", default=[],
+                        help="kernel names also timed on the packed batch (those matching a point's d and causal)")
     args = parser.parse_args()
     _require_torch_cuda("bench_varlen.py")
     import torch
 
     import flashjit
     from flashjit import interface
+    from flashjit.configs import config_from_name
     from flashjit.dispatch import default_config
     from flashjit.varlen import varlen_backward, varlen_forward
 
@@ -47,6 +50,7 @@ def main() -> None:
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
     total, longest = sum(lens), max(lens)
     print(f"{torch.cuda.get_device_name()}: {len(lens)} sequences, {total} tokens, {low}-{high} long; TFLOP/s")
+    named = [config_from_name(n) for n in args.configs]
     rows = []
     for d in map(int, args.head_dims.split(",")):
         heads = args.hidden // d
@@ -66,6 +70,10 @@ def main() -> None:
                                    ("dense", lambda: flashjit.flash_attn_func(qd, qd, qd, causal=causal), dense_flops)):
                 ms = time_ms(fn)
                 row[name] = None if ms is None else work / (ms * 1e-3) / 1e12
+            for cfg in (c for c in named if (c.dtype, c.d_head, c.causal) == (args.dtype, d, causal)):
+                ms = time_ms(varlen(cfg))
+                row[cfg.name] = None if ms is None else flops / (ms * 1e-3) / 1e12
+                print(f"d{d:<4} causal={int(causal)}  {cfg.name}  {row[cfg.name] or 0:7.1f}")
             # the backward of the packed batch and of the dense call (the dispatcher's kernels)
             out, lse = varlen_forward(q, k, v, cu, cu, longest, longest, causal=causal)
             dout = torch.randn_like(out)
