@@ -16,7 +16,7 @@ from .configs.bwd_sm80 import BWD_BLOCK_M, BWD_D_SPLIT, BWD_GROUP_ROWS, BwdConfi
 from .configs.bwd_sm90 import WGMMA_ARCH, WGMMA_SHAPES, BwdSm90Config, wgmma_tile
 from .configs.common import DTYPES, HEAD_DIMS, SMEM_LIMIT_SM90, WARPS, head_dim_tile
 from .configs.fwd_sm80 import BLOCK_COLS, BLOCK_ROWS, KernelConfig
-from .configs.fwd_sm90 import FwdSm90Config, sm90_tile
+from .configs.fwd_sm90 import BLOCK_M, BLOCK_N, STAGES, FwdSm90Config, sm90_tile
 
 # Measured preferences (docs/perf-log.md, H100 SXM, 2026-11-22), best first; the first that is valid
 # and fits the device's shared memory wins. At d_head=256, 128x128 on 8 warps ran at 332 TFLOP/s
@@ -307,7 +307,7 @@ def get_autotuning_kernel_configs(dtype: str = "bf16", d_head: int = 128, causal
     if arch == WGMMA_ARCH:
         out = []
         for block_m, block_n, stages, overlap, pingpong, persistent in itertools.product(
-                (128, 192), (64, 96, 128, 192), (2, 3, 4), (True, False), (True, False), (False, True)):
+                BLOCK_M, BLOCK_N, STAGES, (True, False), (True, False), (False, True)):
             cfg = FwdSm90Config(dtype, d_head, block_m, block_n, stages, overlap, pingpong, persistent, causal)
             if not cfg.problems():
                 out.append(cfg)

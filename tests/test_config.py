@@ -11,7 +11,7 @@ import pytest
 import flashjit
 from flashjit import BwdConfig, BwdSm90Config, FwdSm90Config, KernelConfig, codegen, config as cfgmod, dispatch, jit, launch
 from flashjit.configs import (FAMILIES, Family, bwd_sm80, bwd_sm90, common, config_from_name, family_of, fwd_sm80,
-                              register)
+                              fwd_sm90, register)
 from flashjit.configs.common import ConfigBase, smem_limit_for_arch
 
 
@@ -138,6 +138,29 @@ def test_every_hopper_forward_knob_changes_the_rendered_code():
     assert set(flips) == {f.name for f in dataclasses.fields(FwdSm90Config)}
     for name, value in flips.items():
         assert codegen.render(dataclasses.replace(base, **{name: value})) != codegen.render(base), name
+
+
+def test_fa3_tiles_n176_n80_parse_fit_and_are_tuning_candidates_only():
+    """block_n 176 (d128) and 80 (d256), FlashAttention-3's tiles: their names parse, they fit with two
+    stages (209 and 225 KiB of 227) and no more; 176 does not fit d256's registers nor a 192-row tile;
+    the tuner times them; the defaults and the build set do not take them (a GPU measurement decides)."""
+    for d, n, kib in ((128, 176, 209), (256, 80, 225)):
+        for dtype, causal, pingpong, persistent in itertools.product(("bf16", "fp16"), (False, True), (False, True),
+                                                                     (False, True)):
+            cfg = FwdSm90Config(dtype, d, 128, n, 2, True, pingpong, persistent, causal)
+            assert not cfg.problems() and config_from_name(cfg.name) == cfg and f"_n{n}_st2_" in cfg.name
+            assert cfg.smem_bytes // 1024 == kib and f"/*block_n=*/{n}," in codegen.render(cfg)
+        base = FwdSm90Config("bf16", d, 128, n, 2)
+        for stages in (3, 4):
+            assert any(fwd_sm90.WHY_SMEM in p for p in dataclasses.replace(base, stages=stages).problems())
+        assert any(fwd_sm90.WHY_REGISTERS in p for p in dataclasses.replace(base, block_m=192, pingpong=False).problems())
+        assert base in dispatch.get_autotuning_kernel_configs("bf16", d, False, arch="sm_90a")
+    assert any(fwd_sm90.WHY_REGISTERS in p for p in FwdSm90Config("bf16", 256, block_n=176).problems())
+    assert any(fwd_sm90.WHY_REGISTERS in p for p in FwdSm90Config("bf16", 128, block_n=176, local=True,
+                                                                  softcap=True).problems())
+    assert any(fwd_sm90.WHY_BLOCK_N in p for p in FwdSm90Config(block_n=112).problems())
+    assert {c.block_n for c in flashjit.get_kernels_to_build(arch="sm_90a") if isinstance(c, FwdSm90Config)} \
+        .isdisjoint({80, 176})
 
 
 def test_build_set_and_defaults_are_valid():

@@ -4,6 +4,7 @@ tiles, and equality with the sm_80 family within the tolerance rule (tests/numer
 forward tests (test_forward_gpu.py, test_flash_api.py) run this family too: it is the dispatcher's
 choice on sm_90a. Outputs are NaN-poisoned; inputs fresh, seeded per test."""
 import dataclasses
+import itertools
 import logging
 
 import pytest
@@ -67,6 +68,79 @@ def test_knobs(knobs, causal):
     _check(q, k, v, config, causal=causal)
 
 
+# FlashAttention-3's tiles: block_n 176 at d128 and 80 at d256, key blocks that are a multiple of 16
+# but not of 64 (QK^T's wgmma N = 176 / 80, PV over 11 / 5 k-steps of 16, 22 / 10 S n-tiles in the
+# softmax and masks). Test ids are the config names: -k "n176 or n80" selects every test of them.
+FA3_TILES = ((128, 176), (256, 80))
+FA3_VARIANTS = [dict(), dict(persistent=True), dict(pingpong=False), dict(pingpong=False, persistent=True),
+                dict(overlap=False, pingpong=False)]
+FA3_CONFIGS = [FwdSm90Config("bf16", d, block_n=n, causal=causal, **knobs).validate()
+               for d, n in FA3_TILES for causal in (False, True) for knobs in FA3_VARIANTS] + \
+              [FwdSm90Config("fp16", d, block_n=n, causal=causal).validate() for d, n in FA3_TILES for causal in (False, True)]
+FA3_SHAPES = [  # batch, Sq, Sk, H, H_k: lengths that are no multiple of 176 or 80, Sq != Sk, GQA
+    (3, 1000, 777, 8, 2), (2, 333, 901, 4, 1), (1, 1100, 300, 4, 4), (2, 17, 100, 2, 1), (1, 65, 1, 2, 2)]
+
+
+@pytest.mark.parametrize("shape", FA3_SHAPES, ids=str)
+@pytest.mark.parametrize("config", FA3_CONFIGS, ids=lambda c: c.name)
+def test_fa3_tiles(config, shape):
+    """Against the fp32 reference (out and lse); causal with Sq > Sk leaves rows that see no key: out
+    exactly 0 there. (1000 queries: 8 tiles of 128 rows a head, more tiles than SMs with 8 heads x 3.)"""
+    batch, sq, sk, h, hk = shape
+    q, k, v = _inputs(batch, sq, sk, h, hk, config.d_head, DTYPES[config.dtype])
+    out = _check(q, k, v, config, causal=config.causal)
+    if config.causal and sq > sk:
+        assert out[:, : sq - sk].abs().max().item() == 0
+
+
+FA3_FEATURES = [dict(window_size=(300, 11)), dict(window_size=(-1, 5)), dict(window_size=(200, -1)),
+                dict(softcap=5.0), dict(alibi_slopes="bh"), dict(learnable_sink=True)]
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+@pytest.mark.parametrize("feature", FA3_FEATURES, ids=lambda d: ",".join(d))
+@pytest.mark.parametrize("d, n", [pytest.param(d, n, id=f"d{d}_n{n}") for d, n in FA3_TILES])
+def test_fa3_tiles_features(d, n, feature, persistent):
+    """Window edges inside a 176- or 80-key block, softcap, ALiBi and sinks on the FA3 tiles (windows of
+    a few hundred keys start and end at key blocks whose edges are not 64-aligned)."""
+    q, k, v = _inputs(2, 700, 533, 4, 2, d, torch.bfloat16)
+    kw = dict(feature)
+    if "alibi_slopes" in kw:
+        kw["alibi_slopes"] = torch.rand(2, 4, device="cuda") * 0.3
+    if "learnable_sink" in kw:
+        kw["learnable_sink"] = torch.randn(4, device="cuda")
+    mods = interface.score_mods(q, False, kw.get("window_size", (-1, -1)), kw.get("softcap", 0.0), kw.get("alibi_slopes"))
+    config = FwdSm90Config("bf16", d, block_n=n, persistent=persistent, local=mods.local, softcap=mods.softcap,
+                           alibi=mods.alibi, sink="learnable_sink" in kw).validate()
+    _check(q, k, v, config, **kw)
+
+
+@pytest.mark.parametrize("config", [FwdSm90Config("bf16", d, block_n=n, causal=c) for d, n in FA3_TILES
+                                    for c in (False, True)], ids=lambda c: c.name)
+def test_fa3_tiles_varlen_equal_dense_calls(config):
+    """A varlen batch on the FA3 tiles: each sequence's last key block runs past its keys into the next
+    sequence's rows, which hold NaN here (zero_v_past_keys must clear a 176- or 80-row V stage);
+    out and lse equal a dense call of each sequence alone, bit for bit."""
+    from flashjit.varlen import varlen_forward
+
+    lens_q, lens_k = [300, 5, 177, 0, 81], [190, 353, 176, 40, 79]
+    h, hk, d = 4, 2, config.d_head
+    q = torch.randn(sum(lens_q), h, d, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(sum(lens_k) + 200, hk, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    k[sum(lens_k):], v[sum(lens_k):] = float("nan"), float("nan")  # rows in no sequence
+    cu = lambda lens: torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device="cuda")
+    out, lse = varlen_forward(q, k, v, cu(lens_q), cu(lens_k), max(lens_q), max(lens_k), causal=config.causal,
+                              config=config)
+    q0 = k0 = 0
+    for b, (lq, lk) in enumerate(zip(lens_q, lens_k)):
+        if lq:
+            one, one_lse = flashjit.forward(q[q0:q0 + lq][None], k[k0:k0 + lk][None], v[k0:k0 + lk][None],
+                                            config=config, causal=config.causal, return_lse=True)
+            assert torch.equal(out[q0:q0 + lq], one[0]), f"out of sequence {b}"
+            assert torch.equal(lse[:, q0:q0 + lq], one_lse[0]), f"lse of sequence {b}"
+        q0, k0 = q0 + lq, k0 + lk
+
+
 @pytest.mark.parametrize("causal, window", [(False, (-1, -1)), (True, (-1, -1)), (False, (100, 0))])
 def test_persistent_ctas_walk_many_tiles(causal, window):
     """Several tiles per persistent CTA (so the q_full/q_empty parities and the rings wrap many times),
@@ -119,7 +193,10 @@ def test_features(feature, persistent):
 @pytest.mark.parametrize("p", [0.17, 0.5])
 @pytest.mark.parametrize("config", [FwdSm90Config("fp16", 64, dropout=True),
                                     FwdSm90Config("fp16", 64, stages=4, persistent=True, dropout=True),
-                                    FwdSm90Config("fp16", 128, block_n=64, stages=3, dropout=True)], ids=lambda c: c.name)
+                                    FwdSm90Config("fp16", 128, block_n=64, stages=3, dropout=True),
+                                    FwdSm90Config("fp16", 128, block_n=176, dropout=True),  # FA3's tiles:
+                                    FwdSm90Config("fp16", 256, block_n=80, dropout=True)],  # 16-key chunks
+                         ids=lambda c: c.name)
 def test_dropout_mask_is_philox_keep_mask_bit_for_bit(config, p):
     """The same Philox keep mask as the sm_80 family and reference.philox_keep_mask (so the existing
     backward regenerates it), read exactly from the output (numerics.forward_keep_mask)."""

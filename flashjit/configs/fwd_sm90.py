@@ -16,13 +16,16 @@ from .registry import Family
 
 ARCH = "sm_90a"
 BLOCK_M = (128, 192)        # query rows per CTA: 64 per consumer warpgroup
-BLOCK_N = (64, 96, 128, 192)  # keys per main-loop step (the QK^T wgmma's N)
+# Keys per main-loop step (the QK^T wgmma's N). 176 and 80 are FlashAttention-3's d128 and d256 tiles
+# (two stages: 209 and 225 KiB of shared memory); like every value here they pass only where
+# problems()' register and shared-memory rules let them.
+BLOCK_N = (64, 80, 96, 128, 176, 192)
 STAGES = (2, 3, 4)
 SMEM_LIMIT = 227 * 1024
 
 # The reasons, shared verbatim with the static_asserts in kernels/fwd_sm90.cuh.
 WHY_BLOCK_M = "block_m must be 128 or 192 (two or three consumer warpgroups)"
-WHY_BLOCK_N = "block_n must be 64, 96, 128 or 192"
+WHY_BLOCK_N = "block_n must be 64, 80, 96, 128, 176 or 192"
 WHY_STAGES = "stages must be 2, 3 or 4"
 WHY_PINGPONG = "ping-pong alternates two consumer warpgroups (block_m 128) and needs the overlap"
 WHY_REGISTERS = "O, S and P of this config do not fit the consumers' registers"

@@ -112,6 +112,8 @@ __device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wa
 // FJ_ACC<n> is the operand list "{%0, ..., %(n-1)}", FJ_F<n>(d) binds d[0..n-1].
 #define FJ_ACC32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, "  \
   "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define FJ_ACC40 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, "  \
+  "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39}"
 #define FJ_ACC48 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, "  \
   "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, "  \
   "%40, %41, %42, %43, %44, %45, %46, %47}"
@@ -119,6 +121,11 @@ __device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wa
   "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, "  \
   "%40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, "  \
   "%59, %60, %61, %62, %63}"
+#define FJ_ACC88 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, "  \
+  "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, "  \
+  "%40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, "  \
+  "%59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, "  \
+  "%78, %79, %80, %81, %82, %83, %84, %85, %86, %87}"
 #define FJ_ACC96 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, "  \
   "%21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, "  \
   "%40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, "  \
@@ -135,8 +142,10 @@ __device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wa
                     "+f"(d[i + 6]), "+f"(d[i + 7])
 #define FJ_F16(d, i) FJ_F8(d, i), FJ_F8(d, i + 8)
 #define FJ_F32(d) FJ_F16(d, 0), FJ_F16(d, 16)
+#define FJ_F40(d) FJ_F32(d), FJ_F8(d, 32)
 #define FJ_F48(d) FJ_F32(d), FJ_F16(d, 32)
 #define FJ_F64(d) FJ_F32(d), FJ_F16(d, 32), FJ_F16(d, 48)
+#define FJ_F88(d) FJ_F64(d), FJ_F16(d, 64), FJ_F8(d, 80)
 #define FJ_F96(d) FJ_F64(d), FJ_F16(d, 64), FJ_F16(d, 80)
 #define FJ_F128(d) FJ_F96(d), FJ_F16(d, 96), FJ_F16(d, 112)
 // scale-d (accumulate or overwrite) is a predicate set from a register; scale-a/b are +1.
@@ -148,7 +157,9 @@ __device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wa
 // d (+)= A B, A and B from shared memory; kTransA / kTransB: A is M-major / B is N-major.
 template <int N, bool kBf16, int kTransA, int kTransB>
 __device__ __forceinline__ void wgmma_ss(float (&d)[N / 8][4], uint64_t desc_a, uint64_t desc_b, bool accumulate) {
-  static_assert(N == 64 || N == 96 || N == 128 || N == 192 || N == 256, "wgmma_ss is written out for N = 64, 96, 128, 192, 256");
+  // 80 and 176: the Hopper forward's block_n for d256 and d128 (FlashAttention-3's tiles), QK^T only.
+  static_assert(N == 64 || N == 80 || N == 96 || N == 128 || N == 176 || N == 192 || N == 256,
+                "wgmma_ss is written out for N = 64, 80, 96, 128, 176, 192, 256");
   float* f = &d[0][0];
   const int acc = accumulate;
   if constexpr (N == 64 && kBf16)
@@ -157,6 +168,12 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[N / 8][4], uint64_t desc_a, 
   else if constexpr (N == 64 && !kBf16)
     asm volatile(FJ_WGMMA(64, "f16", FJ_ACC32, "%32, %33, p, 1, 1, %35, %36", "%34")
                  : FJ_F32(f) : "l"(desc_a), "l"(desc_b), "r"(acc), "n"(kTransA), "n"(kTransB));
+  else if constexpr (N == 80 && kBf16)
+    asm volatile(FJ_WGMMA(80, "bf16", FJ_ACC40, "%40, %41, p, 1, 1, %43, %44", "%42")
+                 : FJ_F40(f) : "l"(desc_a), "l"(desc_b), "r"(acc), "n"(kTransA), "n"(kTransB));
+  else if constexpr (N == 80 && !kBf16)
+    asm volatile(FJ_WGMMA(80, "f16", FJ_ACC40, "%40, %41, p, 1, 1, %43, %44", "%42")
+                 : FJ_F40(f) : "l"(desc_a), "l"(desc_b), "r"(acc), "n"(kTransA), "n"(kTransB));
   else if constexpr (N == 96 && kBf16)
     asm volatile(FJ_WGMMA(96, "bf16", FJ_ACC48, "%48, %49, p, 1, 1, %51, %52", "%50")
                  : FJ_F48(f) : "l"(desc_a), "l"(desc_b), "r"(acc), "n"(kTransA), "n"(kTransB));
@@ -169,6 +186,12 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[N / 8][4], uint64_t desc_a, 
   else if constexpr (N == 128 && !kBf16)
     asm volatile(FJ_WGMMA(128, "f16", FJ_ACC64, "%64, %65, p, 1, 1, %67, %68", "%66")
                  : FJ_F64(f) : "l"(desc_a), "l"(desc_b), "r"(acc), "n"(kTransA), "n"(kTransB));
+  else if constexpr (N == 176 && kBf16)
+    asm volatile(FJ_WGMMA(176, "bf16", FJ_ACC88, "%88, %89, p, 1, 1, %91, %92", "%90")
+                 : FJ_F88(f) : "l"(desc_a), "l"(desc_b), "r"(acc), "n"(kTransA), "n"(kTransB));
+  else if constexpr (N == 176 && !kBf16)
+    asm volatile(FJ_WGMMA(176, "f16", FJ_ACC88, "%88, %89, p, 1, 1, %91, %92", "%90")
+                 : FJ_F88(f) : "l"(desc_a), "l"(desc_b), "r"(acc), "n"(kTransA), "n"(kTransB));
   else if constexpr (N == 192 && kBf16)
     asm volatile(FJ_WGMMA(192, "bf16", FJ_ACC96, "%96, %97, p, 1, 1, %99, %100", "%98")
                  : FJ_F96(f) : "l"(desc_a), "l"(desc_b), "r"(acc), "n"(kTransA), "n"(kTransB));
@@ -225,15 +248,19 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&
 #undef FJ_WGMMA
 #undef FJ_F128
 #undef FJ_F96
+#undef FJ_F88
 #undef FJ_F64
 #undef FJ_F48
+#undef FJ_F40
 #undef FJ_F32
 #undef FJ_F16
 #undef FJ_F8
 #undef FJ_ACC128
 #undef FJ_ACC96
+#undef FJ_ACC88
 #undef FJ_ACC64
 #undef FJ_ACC48
+#undef FJ_ACC40
 #undef FJ_ACC32
 
 }  // namespace flashjit
