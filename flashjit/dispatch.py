@@ -138,6 +138,8 @@ def default_bwd_config(dtype: str, d_head: int, causal: bool, local: bool = Fals
     a value head dim `d_v` other than d_head runs the sm_80 family (the only one that has it)."""
     d_v = 0 if d_v == d_head else d_v
     block_m = dict(WGMMA_SHAPES).get(wgmma_tile(d_head)) if wgmma and not d_v else None
+    if d_head > 128:  # the wide kernel (d_head 129-256): not the dispatcher's choice before a GPU has run it
+        block_m = None
     if block_m and not deterministic:  # the Hopper kernel has no deterministic variant
         cfg = BwdSm90Config(dtype, d_head, block_m, causal, local, softcap, alibi, dropout, tma=True)
         if not cfg.problems() and cfg.smem_bytes <= smem_limit:
