@@ -108,11 +108,12 @@ __device__ __forceinline__ void bulk_wait_read() {
 __device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
 
 // ---- Reductions from registers --------------------------------------------------------------------
-// addr[0..3] += (a, b, c, d) in global memory, one 16-byte fp32 reduction (sm_90; addr 16-byte
-// aligned), no return value.
-__device__ __forceinline__ void red_add_f32x4(float* addr, float a, float b, float c, float d) {
-  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(addr), "f"(a), "f"(b), "f"(c), "f"(d)
-               : "memory");
+// addr[0..3] += (a, b, c, d) in global memory if pred, one 16-byte fp32 reduction (sm_90; addr 16-byte
+// aligned), no return value. The predicate is the instruction's: as an `if`, ptxas branched around
+// each reduction and its operands' selects.
+__device__ __forceinline__ void red_add_f32x4(float* addr, float a, float b, float c, float d, bool pred) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %5, 0;\n@p red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n}\n"
+               ::"l"(addr), "f"(a), "f"(b), "f"(c), "f"(d), "r"(int(pred)) : "memory");
 }
 
 // A warp's 16 x 64 share of an fp32 accumulator (n-tiles nt0 .. nt0 + 7, rows (lane >> 2) + 8 h),
@@ -135,9 +136,8 @@ __device__ __forceinline__ void red_rows_f32(float* rows_base, int row, int vali
     // The even lane sends row r + 8's pair, the odd lane row r's.
     const float x = __shfl_xor_sync(0xffffffffu, odd ? a[0] : a[2], 1);
     const float y = __shfl_xor_sync(0xffffffffu, odd ? a[1] : a[3], 1);
-    if (valid)
-      red_add_f32x4(dst + (((2 * nt + c0) ^ swz) << 2), (odd ? x : a[0]) * scale, (odd ? y : a[1]) * scale,
-                    (odd ? a[2] : x) * scale, (odd ? a[3] : y) * scale);
+    red_add_f32x4(dst + (((2 * nt + c0) ^ swz) << 2), (odd ? x : a[0]) * scale, (odd ? y : a[1]) * scale,
+                  (odd ? a[2] : x) * scale, (odd ? a[3] : y) * scale, valid);
   }
 }
 
