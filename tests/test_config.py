@@ -250,8 +250,15 @@ def test_sm90_backward_configs():
     for bad, reason in ((BwdSm90Config(d_head=128, block_m=128), bwd_sm90.WHY_WGMMA_SHAPES),
                         (BwdSm90Config(d_head=96, block_m=128), bwd_sm90.WHY_WGMMA_SHAPES),
                         (BwdSm90Config(d_head=32, block_m=128), bwd_sm90.WHY_WGMMA_SHAPES),
-                        (BwdSm90Config(d_head=64, block_m=128, softcap=True), bwd_sm90.WHY_WGMMA_SOFTCAP)):
+                        (BwdSm90Config(d_head=64, block_m=128, softcap=True), bwd_sm90.WHY_WGMMA_SOFTCAP),
+                        (BwdSm90Config(d_head=256, block_m=128, tma=True), bwd_sm90.WHY_WGMMA_SHAPES),
+                        (BwdSm90Config(d_head=192, block_m=64), bwd_sm90.WHY_WGMMA_WIDE_TMA)):
         assert any(reason in p for p in bad.problems()), bad
+    # the wide kernel (d_head 129-256): 64-key CTAs, whole 64-column blocks (160 in 192), under 227 KiB
+    for d_head, tile in ((136, 192), (160, 192), (192, 192), (200, 256), (256, 256)):
+        wide = BwdSm90Config(d_head=d_head, block_m=64, tma=True, head_split=True, softcap=True, dropout=True)
+        assert not wide.problems() and (wide.d_tile, wide.block_n) == (tile, 64) and wide.smem_bytes <= 227 * 1024
+        assert config_from_name(wide.name) == wide
     assert not BwdSm90Config(d_head=64, block_m=128).problems() and not BwdSm90Config().problems()
     fixed = BwdSm90Config()
     assert (fixed.n_warps, fixed.d_split, fixed.group_rows, fixed.deterministic, fixed.block_n) == \
