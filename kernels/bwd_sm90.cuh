@@ -56,8 +56,9 @@ namespace flashjit::bwd_sm90 {
 using namespace flashjit::sm90;
 
 // Named barrier ids (0 is __syncthreads): the producer-warpgroup kernel's 256 consumer threads, and
-// the wide kernel's hand-overs between its two consumer warpgroups (consume_wide: the protocol).
-enum class Barrier : int { kConsumers = 1, kSDone = 2, kPReady = 3, kDsReady = 4 };
+// the wide kernel's hand-overs between its two consumer warpgroups (consume_wide: the protocol) and
+// each warpgroup's own epilogue (kStaged + warpgroup).
+enum class Barrier : int { kConsumers = 1, kSDone = 2, kPReady = 3, kDsReady = 4, kStaged = 5 };
 
 // One template parameter per BwdSm90Config field (flashjit/configs/bwd_sm90.py), in the same order.
 // What this kernel fixes (two warpgroups of 64 keys, one 16-row group a warp, dQ by fp32 bulk
@@ -738,7 +739,7 @@ __device__ __forceinline__ void wide_dq(const BwdParams& p, const Seq& seq, cons
 }
 
 // After the last step: warpgroup kWg's accumulator (WG0 dV, WG1 dK; r0: this warp's 16 key rows)
-// staged through the Q / dO stages and stored by the 256 consumer threads (tid among them), or with
+// staged through the Q / dO stage and stored by the warpgroup's own 128 threads (tid among the 256), or with
 // kHeadSplit added to p.dkv_accum's fp32 sums (dK's, then dV's) from registers.
 template <class C, int kWg>
 __device__ __forceinline__ void write_dkdv_wide(const BwdParams& p, const Work<C>& w, const Smem<C>& sm,
@@ -755,12 +756,17 @@ __device__ __forceinline__ void write_dkdv_wide(const BwdParams& p, const Work<C
                    piece * 8, scale, lane);
     return;
   }
-  const auto sync = [] { named_sync(int(Barrier::kConsumers), C::kThreads); };
-  sync();  // every wgmma read of the Q / dO stages is done (each warpgroup waited for its own)
-  store_acc<C::kD, C::kSwizzle, C::kBf16>(kWg == 0 ? sm.dout : sm.q, acc, r0, lane, scale);
-  sync();
-  bwd::store_rows<C, C::kBlockN>(p.dk, w.b, w.h_k, w.seq.k_start + w.key0, sm.q, w.keys, tid);
-  bwd::store_rows<C, C::kBlockN>(p.dv, w.b, w.h_k, w.seq.k_start + w.key0, sm.dout, w.keys, tid);
+  // Both warpgroups: every wgmma read of the Q and dO stages is done (each waited for its own), so
+  // WG1 may overwrite Q's first stage with dK and WG0 dO's with dV.
+  named_sync(int(Barrier::kConsumers), C::kThreads);
+  elem_t* staged = kWg == 0 ? sm.dout : sm.q;
+  store_acc<C::kD, C::kSwizzle, C::kBf16>(staged, acc, r0, lane, scale);
+  // Each warpgroup stores the tile it staged: no data crosses warpgroups here, so a warpgroup's own
+  // barrier orders its stores and loads.
+  named_sync(int(Barrier::kStaged) + kWg, 128);
+  const TensorRef& out = kWg == 0 ? p.dv : p.dk;
+  store_tile<C::kBlockN, C::kD, C::kSwizzle, 128, C::kDHead>(out.at<elem_t>(w.b, w.h_k, w.seq.k_start + w.key0),
+                                                             out.row_stride, staged, w.keys, tid & 127);
 }
 
 // Consumer warpgroup kWg of the wide kernel (tid among the 256 consumer threads): its step loop, fed
