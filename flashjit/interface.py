@@ -712,7 +712,8 @@ def bwd_config(config, dtype: torch.dtype, d_head: int, causal: bool, seqlen_q: 
     and shared memory; a chosen one with head_split where the call's grid (batch, heads, heads_k,
     seqlen_k) is short (dispatch.with_head_split). `tensors`, what the Hopper kernel's TMA producer
     would load (q, k, v, dout): where a map cannot address one, a chosen config copies with cp.async
-    instead (tma=False, a DEBUG line) and a given one is a ValueError."""
+    instead (tma=False, a DEBUG line; the wide kernel, TMA-fed only: the sm_80 family) and a given one is a
+    ValueError."""
     d_v = d_head if d_v is None else d_v
     wanted = default_bwd_config(_DTYPES[dtype], d_head, bool(causal), *mods.flags, deterministic=bool(deterministic),
                                 smem_limit=_smem_limit(device_index)[0], wgmma=jit.arch_for(device_index) == WGMMA_ARCH,
@@ -722,6 +723,10 @@ def bwd_config(config, dtype: torch.dtype, d_head: int, causal: bool, seqlen_q: 
                                                   tuple(zip(FEATURES, mods.flags)), bool(deterministic))) or wanted
         if chosen.loads_with_tma and (why := _tma_unaddressable(*tensors)):
             chosen = dataclasses.replace(chosen, tma=False)
+            if chosen.problems():  # the wide wgmma kernel (d_head > 128) has no cp.async feed: the sm_80 family
+                chosen = default_bwd_config(_DTYPES[dtype], d_head, bool(causal), *mods.flags,
+                                            deterministic=bool(deterministic), smem_limit=_smem_limit(device_index)[0],
+                                            d_v=d_v)
             log.debug("TMA cannot address %s: the backward copies with cp.async (%s)", why, chosen.name)
         return chosen if grid is None else with_head_split(chosen, *grid, sm_count(device_index))
     _check_config_type(config, "bwd")

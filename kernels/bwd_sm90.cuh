@@ -16,6 +16,8 @@
 // while dV is, and dS^T is stored while dK is. Unlike mma.sync, B never passes through registers,
 // which is what frees the registers and the issue slots the sm_80 kernel runs out of.
 // Variable-length batches as in bwd_sm80.cuh (common/varlen.cuh's Seq).
+// d_head 129-256 (Config::kWide, TMA-fed only): CTAs of 64 keys whose two consumer warpgroups split
+// each step by product instead of by keys (consume_wide: roles, hand-overs and barriers).
 //
 // Two ways to feed the steps (Config::kTma, BwdSm90Config.tma):
 // dkdv_kernel (cp.async): the 256 threads copy K and V once and each step's Q, dO, lse and D one
@@ -53,8 +55,10 @@ namespace flashjit::bwd_sm90 {
 
 using namespace flashjit::sm90;
 
-// Named barrier ids (0 is __syncthreads): the producer-warpgroup kernel's 256 consumer threads.
-enum class Barrier : int { kConsumers = 1 };
+// Named barrier ids (0 is __syncthreads): the producer-warpgroup kernel's 256 consumer threads, and
+// the wide kernel's hand-overs between its two consumer warpgroups (consume_wide: the protocol) and
+// each warpgroup's own epilogue (kStaged + warpgroup).
+enum class Barrier : int { kConsumers = 1, kSDone = 2, kPReady = 3, kDsReady = 4, kStaged = 5 };
 
 // One template parameter per BwdSm90Config field (flashjit/configs/bwd_sm90.py), in the same order.
 // What this kernel fixes (two warpgroups of 64 keys, one 16-row group a warp, dQ by fp32 bulk
@@ -69,12 +73,18 @@ struct Config {
   __device__ __forceinline__ static float dropout_scale(const BwdParams& p) {
     return kDropout ? p.mods.dropout_scale : 1.f;
   }
-  // kDHead: the real head dim; kD: its tile, one or two 64-column swizzle blocks (configs/bwd_sm90.py:
+  // kDHead: the real head dim; kD: its tile, one to four 64-column swizzle blocks (configs/bwd_sm90.py:
   // wgmma_tile).
   static constexpr int kDHead = kDHead_, kWarps = 8, kThreads = kWarps * 32;
-  static constexpr int kD = kDHead > 32 && kDHead <= 64 ? 64 : kDHead > 64 && kDHead <= 128 ? 128 : head_dim_tile(kDHead);
+  static constexpr int kD = kDHead > 32 && kDHead <= 64 ? 64 : kDHead > 64 && kDHead <= 128 ? 128
+                          : kDHead > 128 ? (kDHead + 63) / 64 * 64 : head_dim_tile(kDHead);
+  // d_head 129-256 (a 192 or 256 tile): the wide kernel (consume_wide, below). Its accumulators
+  // (dV or dK, 64 keys x kD) fill a warpgroup's registers, so a CTA holds 64 keys, both consumer
+  // warpgroups work on all of them and split each step by product instead of by keys.
+  static constexpr bool kWide = kDHead > 128;
   static constexpr int kDHeadV = kDHead, kDV = kD;  // v's head dim is q/k's (bwd_sm80.cuh's helpers read these)
-  static constexpr int kBlockM = kBlockM_, kBlockN = 128;  // queries per step, keys per CTA (64 per warpgroup)
+  // queries per step, keys per CTA (64 per warpgroup; the wide kernel: 64 shared by both)
+  static constexpr int kBlockM = kBlockM_, kBlockN = kWide ? 64 : 128;
   static constexpr int kNtM = kBlockM / 8, kNtD = kD / 8, kKsD = kD / 16, kKsM = kBlockM / 16, kKsN = kBlockN / 16;
   // dQ of a step, [kBlockM, kD]: each warpgroup computes a 64 x 64 share, by rows when kBlockM = 128
   // (then kD = 64), else by columns (kD = 128).
@@ -100,21 +110,25 @@ struct Config {
   using TileN = GmmaTile<kBlockN, kD>;       // K, V
   using TileM = GmmaTile<kBlockM, kD>;       // Q, dO (two stages each)
   using TileS = GmmaTile<kBlockN, kBlockM>;  // dS^T (two buffers with kTma)
-  static constexpr int kDsBuffers = kTma ? 2 : 1;
+  static constexpr int kDsBuffers = kTma && !kWide ? 2 : 1;
+  // After lse and D: the dQ staging tiles (a warp's 16 x 64 fp32 each), or in the wide kernel P^T
+  // in fp32 (kBlockN x kBlockM), handed from warpgroup 0 to warpgroup 1.
+  static constexpr int kScratchBytes = kWide ? kBlockN * kBlockM * 4 : kWarps * kDqStageBytes;
   // kv_full and a Ring<2> (a step's Q, dO, lse and D), after everything else: the epilogues'
   // staging never reaches them.
   static constexpr int kBarrierBytes = kTma ? 8 * (1 + 2 * 2) : 0;
   // 1 KiB of slack: the dynamic shared memory is aligned up to the swizzle's 1024 bytes by hand.
   static constexpr int kSmemBytes = 1024 + 2 * TileN::kBytes + 4 * TileM::kBytes + kDsBuffers * TileS::kBytes +
-                                    2 * 2 * kBlockM * 4 + kWarps * kDqStageBytes + kBarrierBytes;
-  static_assert((kD == 64 && kBlockM == 128) || (kD == 128 && kBlockM == 64),
-                "the wgmma backward supports d_head 33-64 with block_m 128 and 65-128 with block_m 64");
+                                    2 * 2 * kBlockM * 4 + kScratchBytes + kBarrierBytes;
+  static_assert((kD == 64 && kBlockM == 128) || (kD >= 128 && kBlockM == 64),
+                "the wgmma backward supports d_head 33-64 with block_m 128 and 65-256 with block_m 64");
+  static_assert(!kWide || kTma, "the d_head 129-256 wgmma backward is fed only by its TMA producer (tma=True)");
   static_assert(!(kSoftcap_ && kBlockM == 128),
                 "softcap's factors push the d_head 64 wgmma backward (128-query steps) past 255 registers");
   // dK and dV are staged for the copy out through the two Q stages and the two dO stages.
   static_assert(2 * kBlockM >= kBlockN, "dK/dV are staged through the Q / dO tiles");
-  static_assert(kWarps * 2 * (kD / 64) * 16 * 64 * 4 <= kSmemBytes - 1024 - kBarrierBytes,
-                "add_dkdv stages dK and dV in fp32");
+  static_assert(kWide || kWarps * 2 * (kD / 64) * 16 * 64 * 4 <= kSmemBytes - 1024 - kBarrierBytes,
+                "add_dkdv stages dK and dV in fp32");  // the wide kernel adds them from registers
   static_assert(kSmemBytes <= 227 * 1024, "the dK/dV kernel's tiles need more than 227 KiB of shared memory");
 };
 
@@ -170,7 +184,8 @@ __device__ __forceinline__ void add_dkdv(const BwdParams& p, const Seq& seq, int
 
 
 // The shared memory of either kernel: K, V, two stages of Q and of dO, dS^T (kDsBuffers), two
-// stages of lse and D, a dQ staging tile per warp, then (kTma) the barriers.
+// stages of lse and D, a dQ staging tile per warp (the wide kernel: P^T in fp32), then (kTma) the
+// barriers.
 template <class C>
 struct Smem {
   elem_t *k, *v, *q, *dout, *ds;
@@ -187,7 +202,7 @@ struct Smem {
     lse = reinterpret_cast<float*>(ds + C::kDsBuffers * C::TileS::kBytes / 2);
     dvec = lse + 2 * C::kBlockM;
     dq = dvec + 2 * C::kBlockM;
-    kv_full = reinterpret_cast<uint64_t*>(dq + C::kWarps * (C::kDqStageBytes / 4));
+    kv_full = reinterpret_cast<uint64_t*>(dq + C::kScratchBytes / 4);
     ring = reinterpret_cast<Ring<2>*>(kv_full + 1);
   }
   __device__ __forceinline__ elem_t* q_stage(int s) const { return q + s * C::TileM::kBytes / 2; }
@@ -248,6 +263,51 @@ struct Descs {
         kq_b(gmma_desc(smem_addr(sm.k) + (C::kDqByRows ? 0 : wg * C::TileN::kBlockBytes), C::TileN::kBlockBytes)) {}
 };
 
+// The two kinds of a step's products for a warpgroup's 64 keys (every product issued, none committed):
+// acc = A B^T over the head dim, A 64 rows of K or V (K-major), B the Q or dO stage at b_bytes
+// (K-major): S^T or dP^T.
+template <class C>
+__device__ __forceinline__ void gemm_scores_t(float (&acc)[C::kNtM][4], uint64_t a, uint64_t b, uint32_t b_bytes) {
+#pragma unroll
+  for (int ks = 0; ks < C::kKsD; ++ks)
+    wgmma_ss<C::kBlockM, C::kBf16, 0, 0>(acc, gmma_desc_add(a, kmajor_step<C::kBlockN>(ks)),
+                                         gmma_desc_add(b, b_bytes + kmajor_step<C::kBlockM>(ks)), ks > 0);
+}
+// acc += A B, A a 64 x kBlockM fragment in registers (P^T or dS^T), B the Q or dO stage at b_bytes
+// (N-major): dV or dK.
+template <class C>
+__device__ __forceinline__ void gemm_frag_t(float (&acc)[C::kNtD][4], const uint32_t (&a)[C::kKsM][4], uint64_t b,
+                                            uint32_t b_bytes) {
+#pragma unroll
+  for (int ks = 0; ks < C::kKsM; ++ks)
+    wgmma_rs<C::kD, C::kBf16, 1>(acc, a[ks], gmma_desc_add(b, b_bytes + mnmajor_step(ks)), true);
+}
+
+// P^T from S^T in place, for a warp's 16 keys (my_key0 and my_key0 + 8: row halves) and the kNtM
+// query n-tiles from row0 (s_lse: their lse in log2 units): exp2(scaled - lse) where visible, else
+// 0. Softcap's chain-rule factors (in [0, 1]) go to grad as fp16 pairs: as fp32 they pushed d_head
+// 64 into spills.
+template <class C>
+__device__ __forceinline__ void probabilities_t(const typename C::Mod& mod, float (&st)[C::kNtM][4],
+                                                uint32_t (&grad)[C::Mod::kSoftcap ? C::kNtM : 1][2],
+                                                const float* s_lse, int row0, int my_key0, int lane, float scale_log2) {
+  // The queries each of this lane's keys (my_key0 + 8 half) sees, as columns nt * 8 + (e & 1) from
+  // its first, row0 + (lane & 3) * 2.
+  const typename C::Mod::KeyRange range[2] = {mod.template key_range<C::kBlockM>(row0 + (lane & 3) * 2, my_key0),
+                                              mod.template key_range<C::kBlockM>(row0 + (lane & 3) * 2, my_key0 + 8)};
+#pragma unroll
+  for (int nt = 0; nt < C::kNtM; ++nt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      float g[2];
+#pragma unroll
+      for (int e = 2 * half; e < 2 * half + 2; ++e)
+        st[nt][e] = bwd::probability_in<C>(mod, range[half], nt * 8 + (e & 1), st[nt][e],
+                                           s_lse[nt * 8 + (lane & 3) * 2 + (e & 1)], scale_log2, g[e & 1]);
+      if (C::Mod::kSoftcap) grad[nt][half] = pack2<false>(g[0], g[1]);
+    }
+}
+
 // One step's products for this warp's 16 keys (from my_key0; its rows r0 of the CTA's 128) and
 // query block row0 of head mod's: dV, dK accumulated, dQ (this warpgroup's share) returned, every
 // product retired on return. stage_bytes: the Q / dO stage; s_lse, s_dvec: its statistics; sdS,
@@ -264,15 +324,9 @@ __device__ __forceinline__ void step_products(const typename C::Mod& mod, const 
   // S^T = K Q^T and dP^T = V dO^T, two commit groups.
   float st[1][C::kNtM][4], dpt[1][C::kNtM][4];
   wgmma_fence();
-#pragma unroll
-  for (int ks = 0; ks < C::kKsD; ++ks)
-    wgmma_ss<C::kBlockM, C::kBf16, 0, 0>(st[0], gmma_desc_add(d.k_a, kmajor_step<C::kBlockN>(ks)),
-                                         gmma_desc_add(d.q_b, stage_bytes + kmajor_step<C::kBlockM>(ks)), ks > 0);
+  gemm_scores_t<C>(st[0], d.k_a, d.q_b, stage_bytes);
   wgmma_commit();
-#pragma unroll
-  for (int ks = 0; ks < C::kKsD; ++ks)
-    wgmma_ss<C::kBlockM, C::kBf16, 0, 0>(dpt[0], gmma_desc_add(d.v_a, kmajor_step<C::kBlockN>(ks)),
-                                         gmma_desc_add(d.dout_b, stage_bytes + kmajor_step<C::kBlockM>(ks)), ks > 0);
+  gemm_scores_t<C>(dpt[0], d.v_a, d.dout_b, stage_bytes);
   wgmma_commit();
 
   // P^T (rows = keys, columns = queries) while dP^T runs.
@@ -283,7 +337,9 @@ __device__ __forceinline__ void step_products(const typename C::Mod& mod, const 
   const auto query = [&](int nt, int e) { return nt * 8 + (lane & 3) * 2 + (e & 1); };  // in the block
   // The queries each of this lane's keys (my_key0 + 8 half) sees, as columns nt * 8 + (e & 1) from
   // its first, row0 + (lane & 3) * 2. Not in the cp.async kernel with softcap (255 registers and
-  // spilling already): there the ranges cost 8 spill instructions more.
+  // spilling already): there the ranges cost 8 spill instructions more. (probabilities_t, which the
+  // wide kernel calls, is this branch; called here it changed this kernel's SASS: 8 bytes more
+  // spills at d_head 128 causal softcap.)
   if constexpr (C::kTma || !C::Mod::kSoftcap) {
     const typename C::Mod::KeyRange range[2] = {
         mod.template key_range<C::kBlockM>(row0 + (lane & 3) * 2, my_key0),
@@ -324,9 +380,7 @@ __device__ __forceinline__ void step_products(const typename C::Mod& mod, const 
   acc_to_a<C::kBf16, kSignMask>(st, pa);
   if constexpr (C::kDropout && !kSignMask) keep.apply(pa);  // P o Z
   wgmma_fence();
-#pragma unroll
-  for (int ks = 0; ks < C::kKsM; ++ks)  // dV += P^T dO
-    wgmma_rs<C::kD, C::kBf16, 1>(dv[0], pa[0][ks], gmma_desc_add(d.dout_b, stage_bytes + mnmajor_step(ks)), true);
+  gemm_frag_t<C>(dv[0], pa[0], d.dout_b, stage_bytes);  // dV += P^T dO
   wgmma_commit();
 
   // dS^T = P^T o (Z o dP^T - D) while dV runs.
@@ -353,9 +407,7 @@ __device__ __forceinline__ void step_products(const typename C::Mod& mod, const 
   uint32_t dsa[1][C::kNtM / 2][4];
   acc_to_a<C::kBf16>(dpt, dsa);
   wgmma_fence();
-#pragma unroll
-  for (int ks = 0; ks < C::kKsM; ++ks)  // dK += dS^T Q
-    wgmma_rs<C::kD, C::kBf16, 1>(dk[0], dsa[0][ks], gmma_desc_add(d.q_b, stage_bytes + mnmajor_step(ks)), true);
+  gemm_frag_t<C>(dk[0], dsa[0], d.q_b, stage_bytes);  // dK += dS^T Q
   wgmma_commit();
 
   // dS^T to shared memory while dK runs; then this warpgroup's share of dQ = dS K.
@@ -626,6 +678,212 @@ __device__ __forceinline__ void consume(const BwdParams& p, const Smem<C>& sm, u
   write_dkdv<C>(p, Work<C>(p, block_index_again()), sm, smem, dk, dv, r0, tid, sync);
 }
 
+// ---- The wide kernel (d_head 129-256: Config::kWide) --------------------------------------------
+// dkdv_tma_kernel with a CTA of 64 keys (kBlockN) and 64-query steps (kBlockM). One accumulator of
+// 64 keys x kD in fp32 is 128 registers a consumer thread at d256, so the narrow kernel's split (each
+// warpgroup dK and dV of its own 64 keys) does not fit: each warpgroup holds one accumulator for all
+// 64 keys and the two split each step by product:
+//   warpgroup 0 (WG0)   S^T = K Q^T; P^T; dV += P^T dO        tensor work a step, in 64^3 units at
+//   warpgroup 1 (WG1)   dP^T = V dO^T; dS^T; dK += dS^T Q     d256: 4 + 4 a warpgroup,
+//   both                dQ = dS K, 64-column pieces wg, wg + 2, ..         + 2 a warpgroup
+// dS needs the exact P (fp32): WG0 hands over P^T o softcap's factor, sign-coded with dropout's mask
+// (the narrow kernel's P^T in registers), through 16 KiB of shared memory (sm.dq: a thread's 32
+// floats as 8 float4, thread-major, conflict-free; WG1's thread t reads WG0's thread t: the same
+// accumulator layout). dS^T goes the other way through one 16-bit tile (sm.ds) for dQ, whose pieces
+// are added to dq_accum with 16-byte fp32 reductions straight from registers (red_rows_f32): staging
+// tiles do not fit. Shared memory at d256: K, V 32 KiB each, two stages of Q and dO 128 KiB, dS^T
+// 8 KiB, lse and D 1 KiB, P^T 16 KiB, barriers: 218 KiB of 227 (1 KiB alignment slack included).
+// Named barriers, 256 threads each (WG0's and WG1's), once a step t:
+//   kSDone    WG0 arrives once its S^T(t) has retired (and     / WG1 syncs before issuing dP^T(t):
+//             its dQ(t - 1), which read sm.ds)                  S^T first on the tensor cores,
+//                                                               and sm.ds free for dS^T(t)
+//   kPReady   WG0 arrives once P^T(t) is in sm.dq              / WG1 syncs before reading it
+//   kDsReady  WG1 arrives once dS^T(t) is in sm.ds (fenced for / WG0 syncs before its dQ(t) and
+//             wgmma) and it has read P^T(t) from sm.dq           before writing P^T(t + 1)
+// No warp arrives twice at a barrier before its phase completes: WG0 reaches kSDone(t + 1) and
+// kPReady(t + 1) only after kDsReady(t), which WG1 reaches after kSDone(t) and kPReady(t); WG1
+// reaches kDsReady(t + 1) only after kPReady(t + 1), which WG0 signals after kDsReady(t). The ids are
+// not the narrow kernel's kConsumers (1), which both warpgroups take around the epilogue. The ring
+// (Q, dO, lse, D) as in the narrow kernel: a consumer thread releases step t's stage once its
+// warpgroup's dV or dK of step t has retired (dQ reads only K and sm.ds).
+
+// This warpgroup's share of a step's dQ = dS K (dS^T from sm.ds M-major, K N-major): 64-column pieces
+// kWg, kWg + 2, .., each added to dq_accum from registers (this warp's 16 of the step's queries from
+// row0 of head h). Issued after the warpgroup's dV or dK product: under_dq() runs while the first
+// piece is on the tensor cores, retired() once dV or dK has retired.
+template <class C, int kWg, class UnderDq, class Retired>
+__device__ __forceinline__ void wide_dq(const BwdParams& p, const Seq& seq, const Descs<C>& d, int h, int row0,
+                                        int warp, int lane, UnderDq under_dq, Retired retired) {
+  const int q16 = (warp & 3) * 16;
+  // dq_accum as the narrow kernel's add_dq addresses it: plane, 64-column piece, row.
+  float* plane = p.dq_accum + int64_t(seq.plane0 + h) * (C::kD / 64) * seq.plane_rows * 64;
+#pragma unroll
+  for (int piece = kWg; piece < C::kD / 64; piece += 2) {
+    float dq[64 / 8][4];
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < C::kKsN; ++ks)
+      wgmma_ss<64, C::kBf16, 1, 1>(dq, gmma_desc_add(d.ds_a, mnmajor_step(ks)),
+                                   gmma_desc_add(d.kq_b, piece * C::TileN::kBlockBytes + mnmajor_step(ks)), ks > 0);
+    wgmma_commit();
+    if (piece == kWg) {
+      under_dq();
+      wgmma_wait<1>();
+      retired();
+    }
+    wgmma_wait<0>();
+    wgmma_settle(dq);
+    red_rows_f32(plane + int64_t(piece) * seq.plane_rows * 64, seq.q_start + row0 + q16, seq.len_q - row0 - q16, dq,
+                 0, 1.f, lane);
+  }
+}
+
+// After the last step: warpgroup kWg's accumulator (WG0 dV, WG1 dK; r0: this warp's 16 key rows)
+// staged through the Q / dO stage and stored by the warpgroup's own 128 threads (tid among the 256), or with
+// kHeadSplit added to p.dkv_accum's fp32 sums (dK's, then dV's) from registers.
+template <class C, int kWg>
+__device__ __forceinline__ void write_dkdv_wide(const BwdParams& p, const Work<C>& w, const Smem<C>& sm,
+                                                float (&acc)[1][C::kNtD][4], int r0, int tid) {
+  const int lane = tid & 31;
+  const float scale = (kWg == 1 ? p.softmax_scale : 1.f) * C::dropout_scale(p);
+  if constexpr (C::kHeadSplit) {
+    const int64_t plane = is_varlen(p) ? w.h_k : int64_t(w.b) * p.heads_k + w.h_k;
+    const int plane_rows = key_plane_rows(p);
+    float* sums = p.dkv_accum + (kWg == 0 ? key_rows(p) * C::kD : 0) + plane * (C::kD / 64) * plane_rows * 64;
+#pragma unroll
+    for (int piece = 0; piece < C::kD / 64; ++piece)
+      red_rows_f32(sums + int64_t(piece) * plane_rows * 64, w.seq.k_start + w.key0 + r0, w.keys - r0, acc[0],
+                   piece * 8, scale, lane);
+    return;
+  }
+  // Both warpgroups: every wgmma read of the Q and dO stages is done (each waited for its own), so
+  // WG1 may overwrite Q's first stage with dK and WG0 dO's with dV.
+  named_sync(int(Barrier::kConsumers), C::kThreads);
+  elem_t* staged = kWg == 0 ? sm.dout : sm.q;
+  store_acc<C::kD, C::kSwizzle, C::kBf16>(staged, acc, r0, lane, scale);
+  // Each warpgroup stores the tile it staged: no data crosses warpgroups here, so a warpgroup's own
+  // barrier orders its stores and loads.
+  named_sync(int(Barrier::kStaged) + kWg, 128);
+  const TensorRef& out = kWg == 0 ? p.dv : p.dk;
+  store_tile<C::kBlockN, C::kD, C::kSwizzle, 128, C::kDHead>(out.at<elem_t>(w.b, w.h_k, w.seq.k_start + w.key0),
+                                                             out.row_stride, staged, w.keys, tid & 127);
+}
+
+// Consumer warpgroup kWg of the wide kernel (tid among the 256 consumer threads): its step loop, fed
+// by the ring, and the epilogue.
+template <class C, int kWg>
+__device__ __forceinline__ void consume_wide(const BwdParams& p, const Smem<C>& sm, int tid) {
+  const int lane = tid & 31, warp = tid >> 5;
+  const int r0 = (warp & 3) * 16;  // this warp's 16 keys of the CTA's 64 (accumulator rows)
+  const Work<C> w(p);
+  if (w.idle()) return;  // every consumer thread: no barrier waits for them
+  const Seq& seq = w.seq;
+  const float scale_log2 = p.softmax_scale * 1.4426950408889634f;
+  float acc[1][C::kNtD][4];  // WG0: dV, WG1: dK
+  zero(acc);
+  const int my_key0 = w.key0 + r0 + (lane >> 2);  // key of row half h: my_key0 + 8 h
+  const Descs<C> d(sm, 0);                       // both warpgroups read all 64 keys of K and V
+  float4* s_pt = reinterpret_cast<float4*>(sm.dq) + (tid & 127);  // this thread's P^T: n-tile nt at [nt * 128]
+  using StepPos = typename bwd::QuerySteps<C>::Pos;
+  const int steps = w.steps.count;
+  StepPos cur = w.steps.first();
+  // Dropout's masks, WG0 only (WG1 reads them from P^T's signs), made a step ahead as the narrow kernel.
+  const auto mask_of = [&](StepPos s) {
+    return StepMask<C>(C::kDropout && kWg == 0, Dropout(p.mods, int(int64_t(w.b) * p.heads + s.h)), s.row0, my_key0,
+                       lane);
+  };
+  auto keep = mask_of(cur);
+  if (steps > 0) mbarrier_wait(sm.kv_full, 0);
+  for (int step = 0; step < steps; ++step) {
+    const StepPos next = w.steps.next(cur);
+    RingState<2> st;  // from the step, as consume()
+    st.stage = step & 1, st.phase = (step >> 1) & 1;
+    const uint32_t stage_bytes = st.stage * C::TileM::kBytes;
+    const auto retired = [&] {  // dV or dK of this step has retired: its stage is free
+      wgmma_settle(acc[0]);
+      sm.ring->release(st);
+    };
+    float s[1][C::kNtM][4];  // WG0: S^T, then P^T; WG1: dP^T, then dS^T
+    sm.ring->wait(st);
+    if constexpr (kWg == 0) {
+      wgmma_fence();
+      gemm_scores_t<C>(s[0], d.k_a, d.q_b, stage_bytes);
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_settle(s[0]);
+      named_arrive(int(Barrier::kSDone), 2 * 128);
+      const typename C::Mod mod(p.mods, seq.len_q, seq.len_k, p.softmax_scale, w.b, cur.h);
+      uint32_t grad[C::Mod::kSoftcap ? C::kNtM : 1][2];
+      probabilities_t<C>(mod, s[0], grad, sm.lse_stage(st.stage), cur.row0, my_key0, lane, scale_log2);
+      // Dropout: the mask in P^T's sign bit (dropped: -P), as the narrow kernel: the dV operand packed
+      // with ReLU (dropped -> 0), and WG1 takes Z from the sign.
+      if constexpr (C::kDropout) keep.sign_code(s[0]);
+      uint32_t pa[1][C::kKsM][4];
+      acc_to_a<C::kBf16, C::kDropout>(s, pa);
+      wgmma_fence();
+      gemm_frag_t<C>(acc[0], pa[0], d.dout_b, stage_bytes);  // dV += P^T dO
+      wgmma_commit();
+      // P^T o softcap's factor (in [0, 1]: the sign stays) for WG1, while dV runs.
+#pragma unroll
+      for (int nt = 0; nt < C::kNtM; ++nt) {
+        float g[4] = {1.f, 1.f, 1.f, 1.f};
+        if constexpr (C::Mod::kSoftcap) {
+          unpack2<false>(grad[nt][0], g[0], g[1]);
+          unpack2<false>(grad[nt][1], g[2], g[3]);
+        }
+        s_pt[nt * 128] = make_float4(s[0][nt][0] * g[0], s[0][nt][1] * g[1], s[0][nt][2] * g[2], s[0][nt][3] * g[3]);
+      }
+      named_arrive(int(Barrier::kPReady), 2 * 128);
+      named_sync(int(Barrier::kDsReady), 2 * 128);
+      wide_dq<C, 0>(p, seq, d, cur.h, cur.row0, warp, lane, [&] {
+        // The next step's mask while dQ is on the tensor cores (made past the last step too, unread).
+        if constexpr (C::kDropout) {
+          const auto made = mask_of(next);
+          if (step + 1 < steps) keep = made;
+        }
+      }, retired);
+    } else {
+      named_sync(int(Barrier::kSDone), 2 * 128);
+      wgmma_fence();
+      gemm_scores_t<C>(s[0], d.v_a, d.dout_b, stage_bytes);
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_settle(s[0]);
+      // dS^T / rp = P^T o (Z o dP^T - D / rp) (rp = 1 / (1 - p); s_dvec holds D / rp: see the narrow
+      // kernel), times softcap's factor. Without dropout D comes off before the wait for P^T.
+      const float* s_dvec = sm.dvec_stage(st.stage);
+      const auto query = [&](int nt, int e) { return nt * 8 + (lane & 3) * 2 + (e & 1); };  // in the block
+      if constexpr (!C::kDropout)
+        for_each_acc<1, C::kNtM>([&](int, int nt, int e) { s[0][nt][e] -= s_dvec[query(nt, e)]; });
+      named_sync(int(Barrier::kPReady), 2 * 128);
+#pragma unroll
+      for (int nt = 0; nt < C::kNtM; ++nt) {
+        const float4 v = s_pt[nt * 128];
+        const float pt[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          if constexpr (C::kDropout)  // z = sat(2^127 P_signed) is Z (see the narrow kernel)
+            s[0][nt][e] = fabsf(pt[e]) * fmaf(__saturatef(pt[e] * 0x1p127f), s[0][nt][e], -s_dvec[query(nt, e)]);
+          else
+            s[0][nt][e] *= pt[e];
+        }
+      }
+      uint32_t dsa[1][C::kKsM][4];
+      acc_to_a<C::kBf16>(s, dsa);
+      wgmma_fence();
+      gemm_frag_t<C>(acc[0], dsa[0], d.q_b, stage_bytes);  // dK += dS^T Q
+      wgmma_commit();
+      store_a_in<typename C::TileS>(sm.ds, dsa, r0, lane);  // conflict-free: 8 rows, 8 different chunks
+      fence_proxy_async();
+      named_arrive(int(Barrier::kDsReady), 2 * 128);
+      wide_dq<C, 1>(p, seq, d, cur.h, cur.row0, warp, lane, [] {}, retired);
+    }
+    cur = next;
+  }
+  // The CTA's key block, heads and sequence found again: held through the loop they cost registers.
+  write_dkdv_wide<C, kWg>(p, Work<C>(p, block_index_again()), sm, acc, r0, tid);
+}
+
 template <class C>
 __global__ void __launch_bounds__(C::kCtaThreads, 1) dkdv_tma_kernel(const __grid_constant__ Args args) {
   extern __shared__ unsigned char smem_raw[];
@@ -646,7 +904,14 @@ __global__ void __launch_bounds__(C::kCtaThreads, 1) dkdv_tma_kernel(const __gri
     produce<C>(args, sm, threadIdx.x / 32, threadIdx.x % 32);
   } else {
     warpgroup_claim_registers<C::kConsumerRegs>();
-    consume<C>(args.p, sm, smem, threadIdx.x - 128);
+    if constexpr (C::kWide) {
+      if (role == 1)
+        consume_wide<C, 0>(args.p, sm, threadIdx.x - 128);
+      else
+        consume_wide<C, 1>(args.p, sm, threadIdx.x - 128);
+    } else {
+      consume<C>(args.p, sm, smem, threadIdx.x - 128);
+    }
   }
 }
 

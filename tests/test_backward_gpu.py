@@ -312,6 +312,10 @@ ODD = [  # (B, Sq, Sk, H, H_k, d, causal, variant); single-key problems (dq = 0 
     # dispatcher's producer warpgroup; and every score feature but dropout on the dispatcher's
     (1, 70, 45, 2, 1, 128, False, "wgmma_cp"), (1, 45, 130, 2, 2, 64, True, "wgmma_cp"),
     (1, 300, 20, 2, 1, 64, True, "wgmma_cp"), (1, 37, 50, 2, 1, 80, True, "features_wgmma"),
+    # the wide wgmma kernel (d_head 129-256, CTAs of 64 keys), explicitly: partial key and query blocks,
+    # Sq >> Sk causal (rows that see no key, CTAs with no step), GQA
+    (1, 70, 45, 2, 1, 256, False, "wgmma_wide"), (1, 45, 130, 2, 2, 160, True, "wgmma_wide"),
+    (1, 300, 20, 2, 1, 192, True, "wgmma_wide"),
 ]
 
 
@@ -330,6 +334,9 @@ def test_odd_shape_backward(shape):
         assert not isinstance(config, BwdSm90Config) or config.tma, "the dispatcher's Hopper backward is TMA-fed"
         if variant == "wgmma_cp":
             config = dataclasses.replace(config, tma=False)
+        _skip_unless_buildable(config)
+    elif variant == "wgmma_wide":
+        config = BwdSm90Config("bf16", d, 64, causal, tma=True).validate()
         _skip_unless_buildable(config)
     elif variant == "features_wgmma":  # every score feature but dropout, on the dispatcher's Hopper kernel
         kwargs.update(window_size=(20, 7), softcap=3.0, alibi_slopes=torch.rand(h, device="cuda") * 0.3)
@@ -416,3 +423,101 @@ def test_gqa_head_split_matches_reference(shape, split, tma):
     assert_all_close(GRADS, grads[0], ref[1:], low[1:])
     for name, a, c in zip(GRADS, *grads):  # fp32 sums in another order, rounded once
         torch.testing.assert_close(a.float(), c.float(), atol=2e-2, rtol=2e-2, msg=lambda m: f"{name}: {m}")
+
+
+# ---- the wide wgmma backward (d_head 129-256: BwdSm90Config's kWide path, CTAs of 64 keys) --------
+WIDE = [  # (B, Sq, Sk, H, H_k, d, causal, features, dtype)
+    (2, 300, 300, 2, 2, 256, False, "", "bf16"),
+    (1, 200, 333, 3, 1, 192, True, "", "fp16"),  # GQA 3:1, Sq < Sk causal, partial key block
+    (1, 333, 130, 2, 2, 160, True, "", "bf16"),  # d 160 in the 192 tile; Sq > Sk causal: rows with no key
+    (2, 129, 257, 4, 2, 256, True, "", "fp16"),  # GQA, one key past the last 64-key block
+    (1, 100, 100, 2, 1, 224, False, "", "bf16"),  # d 224 in the 256 tile
+    (1, 1, 70, 2, 2, 256, False, "", "bf16"),  # a single query row
+    (1, 257, 190, 2, 2, 192, False, "window+alibi", "bf16"),
+    (1, 150, 211, 2, 2, 256, True, "softcap", "fp16"),
+    (1, 190, 150, 2, 2, 192, False, "dropout", "bf16"),
+    (1, 211, 150, 4, 2, 256, True, "window+softcap+alibi+dropout", "bf16"),
+]
+
+
+def _wide_case(shape):
+    """(config, q, k, v, kwargs, dropout mask or None) of a WIDE shape."""
+    b, sq, sk, h, hk, d, causal, features, dtype = shape
+    kwargs = dict(causal=causal, softmax_scale=_odd_scale(d))
+    if "window" in features:
+        kwargs.update(window_size=(60, 11))
+    if "alibi" in features:
+        kwargs.update(alibi_slopes=torch.rand(h, device="cuda") * 0.3)
+    if "softcap" in features:
+        kwargs.update(softcap=3.0)
+    mask = None
+    if "dropout" in features:
+        kwargs.update(dropout_p=0.17, philox=(torch.randint(0, 2**62, ()).item(), 2**32 + 4321))
+        mask = philox_keep_mask(*kwargs["philox"], interface.dropout_threshold(0.17), b, h, sq, sk, "cuda")
+    config = BwdSm90Config(dtype, d, 64, causal, "window" in features, "softcap" in features, "alibi" in features,
+                           "dropout" in features, tma=True).validate()
+    _skip_unless_buildable(config)
+    q, k, v = _inputs(b, sq, sk, h, hk, d, dtype=getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[dtype]))
+    return config, q, k, v, kwargs, mask
+
+
+def _wide_check(config, q, k, v, kwargs, mask, head_split=False, dout=None):
+    """forward, then the backward of `config` (head_split set as given) against the reference: the grads."""
+    dout = torch.randn_like(q) if dout is None else dout
+    out, lse = flashjit.forward(q, k, v, return_lse=True, **kwargs)
+    config = dataclasses.replace(config, head_split=head_split)
+    grads = flashjit.backward(dout, q, k, v, out, lse, config=config, **_poisoned(q, k, v), **kwargs)
+    ref, low = reference_and_low(q, k, v, dout, dropout_mask=mask,
+                                 **{key: val for key, val in kwargs.items() if key != "philox"})
+    assert_all_close(GRADS, grads, ref[1:], low[1:])
+    return grads
+
+
+@pytest.mark.parametrize("shape", WIDE, ids=str)
+def test_wide_backward_matches_reference(shape):
+    """The wide wgmma backward (two consumer warpgroups splitting each step by product, P^T handed over
+    in fp32, dQ by 16-byte fp32 reductions from registers) against the fp32 reference with poisoned
+    outputs: d 160/192/224/256, bf16 and fp16, odd lengths (partial 64-key and 64-query blocks), Sq != Sk,
+    causal rows that see no key, GQA, window, ALiBi, softcap and dropout (the forward's Philox mask)."""
+    _wide_check(*_wide_case(shape))
+
+
+@pytest.mark.parametrize("shape", [WIDE[1], WIDE[3], WIDE[9]], ids=str)
+def test_wide_gqa_head_split_matches_reference(shape):
+    """The wide kernel with one dK/dV CTA per query head (dK, dV added to fp32 sums by 16-byte reductions
+    from registers, then rounded) against the reference, and against one CTA per kv head within rounding."""
+    case = _wide_case(shape)
+    dout = torch.randn_like(case[1])
+    split = _wide_check(*case, head_split=True, dout=dout)
+    whole = _wide_check(*case, head_split=False, dout=dout)
+    for name, a, c in zip(GRADS, split, whole):  # fp32 sums in another order, rounded once
+        torch.testing.assert_close(a.float(), c.float(), atol=2e-2, rtol=2e-2, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("p", [0.17, 0.333])
+@pytest.mark.parametrize("sq, sk, d", [(300, 200, 256), (130, 190, 192)], ids=str)
+def test_wide_dropout_mask_is_philox_keep_mask_bit_for_bit(sq, sk, d, p):
+    """The mask the wide kernel regenerates (warpgroup 0 sign-codes P^T; warpgroup 1 reads Z from the
+    sign: read through dV and dQ) equals reference.philox_keep_mask bit for bit."""
+    config = BwdSm90Config("fp16", d, 64, dropout=True, tma=True).validate()
+    _skip_unless_buildable(config)
+    b, h = 2, 2
+    philox = (torch.randint(0, 2**63 - 1, ()).item(), 2**32 * torch.randint(1, 2**31, ()).item() + 777)
+    from_dq, from_dv = _backward_keep_masks(b, sq, sk, h, d, p, philox, False, config)
+    want = philox_keep_mask(*philox, interface.dropout_threshold(p), b, h, sq, sk, "cuda")
+    assert torch.equal(from_dv, want), mask_mismatch("wide backward mask read through dV", from_dv, want)
+    assert torch.equal(from_dq, want), mask_mismatch("wide backward mask read through dQ", from_dq, want)
+
+
+def test_wide_backward_of_broadcast_inputs_falls_back():
+    """Zero strides (k/v expanded over the batch) at d 256: TMA cannot address them and the wide kernel
+    has no cp.async feed, so the dispatcher runs the sm_80 family; an explicit wide config is refused."""
+    q = torch.randn(2, 70, 4, 256, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 90, 2, 256, device="cuda", dtype=torch.bfloat16).expand(2, -1, -1, -1) for _ in range(2))
+    dout = torch.randn_like(q)
+    _check_backward(q, k, v, dout, causal=True, softmax_scale=_odd_scale(256))
+    if _arch() != WGMMA_ARCH:
+        return
+    out, lse = flashjit.forward(q, k, v, causal=True, return_lse=True)
+    with pytest.raises(ValueError, match="cannot address"):
+        flashjit.backward(dout, q, k, v, out, lse, causal=True, config=BwdSm90Config("bf16", 256, 64, True, tma=True))

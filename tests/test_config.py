@@ -107,7 +107,7 @@ def test_head_dims_run_in_the_next_tile(d_head, tile):
         bwd = dispatch.default_bwd_config("bf16", d_head, False, wgmma=wgmma)
         assert bwd.d_head == d_head and not bwd.problems()
         hopper = isinstance(bwd, BwdSm90Config)
-        assert hopper == (wgmma and 32 < d_head <= 128)
+        assert hopper == (wgmma and 32 < d_head <= 256)
         assert bwd.d_tile == (bwd_sm90.wgmma_tile(d_head) if hopper else tile)
         assert config_from_name(bwd.name) == bwd
     assert KernelConfig.from_name(fwd.name) == fwd
@@ -262,7 +262,7 @@ def test_sm90_backward_configs():
                                                                      (False, True), (False, True), (False, True)):
         cfg = dispatch.default_bwd_config(dtype, d, causal, softcap=softcap, dropout=dropout, deterministic=det,
                                           wgmma=True)
-        expected = 32 < d <= 128 and not det and not (softcap and d <= 64)  # 96 runs in its 128 tile
+        expected = 32 < d <= 256 and not det and not (softcap and d <= 64)  # 96 in its 128 tile, 160 in 192
         assert isinstance(cfg, BwdSm90Config) == expected and config_from_name(cfg.name) == cfg and not cfg.problems()
         assert ("bwd_sm90.cuh" if expected else "bwd_sm80.cuh") in codegen.render(cfg)
         assert cfg.deterministic == det  # the Hopper kernel is never picked for a deterministic call
@@ -273,8 +273,15 @@ def test_sm90_backward_configs():
     for bad, reason in ((BwdSm90Config(d_head=128, block_m=128), bwd_sm90.WHY_WGMMA_SHAPES),
                         (BwdSm90Config(d_head=96, block_m=128), bwd_sm90.WHY_WGMMA_SHAPES),
                         (BwdSm90Config(d_head=32, block_m=128), bwd_sm90.WHY_WGMMA_SHAPES),
-                        (BwdSm90Config(d_head=64, block_m=128, softcap=True), bwd_sm90.WHY_WGMMA_SOFTCAP)):
+                        (BwdSm90Config(d_head=64, block_m=128, softcap=True), bwd_sm90.WHY_WGMMA_SOFTCAP),
+                        (BwdSm90Config(d_head=256, block_m=128, tma=True), bwd_sm90.WHY_WGMMA_SHAPES),
+                        (BwdSm90Config(d_head=192, block_m=64), bwd_sm90.WHY_WGMMA_WIDE_TMA)):
         assert any(reason in p for p in bad.problems()), bad
+    # the wide kernel (d_head 129-256): 64-key CTAs, whole 64-column blocks (160 in 192), under 227 KiB
+    for d_head, tile in ((136, 192), (160, 192), (192, 192), (200, 256), (256, 256)):
+        wide = BwdSm90Config(d_head=d_head, block_m=64, tma=True, head_split=True, softcap=True, dropout=True)
+        assert not wide.problems() and (wide.d_tile, wide.block_n) == (tile, 64) and wide.smem_bytes <= 227 * 1024
+        assert config_from_name(wide.name) == wide
     assert not BwdSm90Config(d_head=64, block_m=128).problems() and not BwdSm90Config().problems()
     fixed = BwdSm90Config()
     assert (fixed.n_warps, fixed.d_split, fixed.group_rows, fixed.deterministic, fixed.block_n) == \

@@ -1,9 +1,11 @@
 """The sm_90a backward family (kernels/bwd_sm90.cuh, Hopper only: wgmma and TMA bulk reductions):
 BwdSm90Config, its validation and its canonical name.
 
-The kernel fixes its warps (two warpgroups of 64 keys: n_warps 8, d_split 1, group_rows 16) and has
-no deterministic variant, so those are class constants here, as they are constants of
-``flashjit::bwd_sm90::Config``; the fields map one-to-one onto that template's parameters.
+The kernel fixes its warps (two consumer warpgroups: n_warps 8, d_split 1, group_rows 16) and has no
+deterministic variant, so those are class constants here, as they are constants of
+``flashjit::bwd_sm90::Config``; the fields map one-to-one onto that template's parameters. d_head
+129-256 is the wide kernel (Config::kWide: a CTA of 64 keys whose warpgroups split each step by
+product), a path of the same template chosen by the head dim, not a knob: block_n follows d_head.
 """
 from __future__ import annotations
 
@@ -16,10 +18,11 @@ from .common import DTYPES, FEATURES, FEATURES_RE, ConfigBase, features_suffix, 
 from .registry import Family
 
 WGMMA_ARCH = "sm_90a"
-WGMMA_SHAPES = ((64, 128), (128, 64))  # (tile width, block_m)
+WGMMA_SHAPES = ((64, 128), (128, 64), (192, 64), (256, 64))  # (tile width, block_m)
 
 # The reasons, shared verbatim with the static_asserts in kernels/bwd_sm90.cuh.
-WHY_WGMMA_SHAPES = "the wgmma backward supports d_head 33-64 with block_m 128 and 65-128 with block_m 64"
+WHY_WGMMA_SHAPES = "the wgmma backward supports d_head 33-64 with block_m 128 and 65-256 with block_m 64"
+WHY_WGMMA_WIDE_TMA = "the d_head 129-256 wgmma backward is fed only by its TMA producer (tma=True)"
 WHY_WGMMA_SOFTCAP = "softcap's factors push the d_head 64 wgmma backward (128-query steps) past 255 registers"
 # Not rules any more (the kernel fixes these): what the deprecated BwdConfig(..., wgmma=True) says
 # when it is given other values.
@@ -28,21 +31,24 @@ WHY_WGMMA_VARIANTS = "the wgmma backward has no deterministic variant"
 
 
 def wgmma_tile(d_head: int) -> int:
-    """The wgmma backward's tile width (kernels/bwd_sm90.cuh: Config::kD): 64 or 128, one or two
-    64-column swizzle blocks, never 96. Measured on an H200 (docs/perf-log.md): at d_head 80 its 128
-    tile ran 1.10-1.17x FA2 where the sm_80 kernel's 96 tile ran 0.98-1.04x; at d_head 32 its 64
-    tile ran 0.76-0.86x FA2, so head dims up to 32 keep the sm_80 kernel's own 32 tile."""
+    """The wgmma backward's tile width (kernels/bwd_sm90.cuh: Config::kD): whole 64-column swizzle
+    blocks, 64 to 256 (d_head 160 in 192), never 96. Measured on an H200 (docs/perf-log.md): at d_head
+    80 its 128 tile ran 1.10-1.17x FA2 where the sm_80 kernel's 96 tile ran 0.98-1.04x; at d_head 32
+    its 64 tile ran 0.76-0.86x FA2, so head dims up to 32 keep the sm_80 kernel's own 32 tile."""
     if 32 < d_head <= 64:
         return 64
-    return 128 if 64 < d_head <= 128 else head_dim_tile(d_head)
+    return 128 if 64 < d_head <= 128 else -(-d_head // 64) * 64 if 128 < d_head <= 256 else head_dim_tile(d_head)
 
 
 @dataclass(frozen=True)
 class BwdSm90Config(ConfigBase):
-    """One sm_90a backward specialization (kernels/bwd_sm90.cuh): dtype, d_head (33 to 128, run in a
-    64 or 128 tile), block_m (queries per step: 128 for the 64 tile, 64 for the 128 one), causal and
-    the score features. Each CTA's two warpgroups own 64 keys each; dQ is added up in fp32 by TMA bulk
-    reductions (no deterministic variant). bwd_sm80.cuh's first and last kernels (D, dQ conversion).
+    """One sm_90a backward specialization (kernels/bwd_sm90.cuh): dtype, d_head (33 to 256, run in a
+    64, 128, 192 or 256 tile), block_m (queries per step: 128 for the 64 tile, 64 for the others),
+    causal and the score features. Up to d_head 128 each CTA's two warpgroups own 64 keys each and dQ
+    is added up in fp32 by TMA bulk reductions; d_head 129-256 (the wide kernel, TMA-fed only) has
+    CTAs of 64 keys whose warpgroups split each step (S^T, P^T, dV / dP^T, dS^T, dK) and adds dQ with
+    16-byte fp32 reductions from registers. No deterministic variant (dQ's fp32 sums).
+    bwd_sm80.cuh's first and last kernels (D, dQ conversion).
     head_split (name tail _hs): one CTA per query head instead of per kv head, dK/dV added up in fp32
     and rounded by one more kernel (so dK/dV, like dQ, may then differ in their last bits run to run).
     tma (name tail _tma): a producer warpgroup loads K/V once and Q/dO (TMA) with lse/D through a
@@ -70,7 +76,6 @@ class BwdSm90Config(ConfigBase):
     d_split: ClassVar[int] = 1
     group_rows: ClassVar[int] = 16
     deterministic: ClassVar[bool] = False
-    block_n: ClassVar[int] = 128  # keys per CTA (Config::kBlockN)
 
     _WHAT = "sm_90a backward kernel"
 
@@ -79,17 +84,29 @@ class BwdSm90Config(ConfigBase):
         return wgmma_tile(self.d_head)
 
     @property
+    def wide(self) -> bool:
+        """The wide kernel (Config::kWide): d_head 129-256."""
+        return self.d_head > 128
+
+    @property
+    def block_n(self) -> int:
+        """Keys per CTA (Config::kBlockN): 128, the wide kernel's 64."""
+        return 64 if self.wide else 128
+
+    @property
     def loads_with_tma(self) -> bool:
         return self.tma
 
     @property
     def smem_bytes(self) -> int:
-        """Config::kSmemBytes: 1 KiB alignment slack, K, V, two stages of Q and dO, dS^T (two with tma),
-        lse and D, dQ staging, and with tma the mbarriers (K/V, and full/empty for two stages: 5 of 8
-        bytes); tests/test_jit_cache.py checks it against the compiled kernel."""
+        """Config::kSmemBytes: 1 KiB alignment slack, K, V, two stages of Q and dO, dS^T (two with tma,
+        but for the wide kernel), lse and D, dQ staging (the wide kernel: P^T in fp32), and with tma the
+        mbarriers (K/V, and full/empty for two stages: 5 of 8 bytes); tests/test_jit_cache.py checks it
+        against the compiled kernel."""
+        scratch = 4 * self.block_n * self.block_m if self.wide else self.n_warps * 16 * 64 * 4
         return 1024 + 2 * 2 * self.block_n * self.d_tile + 4 * 2 * self.block_m * self.d_tile + \
-            (2 if self.tma else 1) * 2 * self.block_n * self.block_m + 2 * 2 * self.block_m * 4 + \
-            self.n_warps * 16 * 64 * 4 + (5 * 8 if self.tma else 0)
+            (2 if self.tma and not self.wide else 1) * 2 * self.block_n * self.block_m + 2 * 2 * self.block_m * 4 + \
+            scratch + (5 * 8 if self.tma else 0)
 
     def problems(self) -> list[str]:
         out = self._choices(dtype=DTYPES) + head_dim_problem(self.d_head)
@@ -99,6 +116,8 @@ class BwdSm90Config(ConfigBase):
             out.append(f"{WHY_WGMMA_SHAPES} (d_head={self.d_head} in a {self.d_tile} tile, block_m={self.block_m})")
         if self.softcap and self.block_m == 128:
             out.append(WHY_WGMMA_SOFTCAP)
+        if self.wide and not self.tma:
+            out.append(WHY_WGMMA_WIDE_TMA)
         return out
 
     @functools.cached_property
@@ -139,4 +158,4 @@ def from_wgmma_bwd_config(values: dict) -> BwdSm90Config:
 
 BwdSm90Config.family = FAMILY = Family(
     "bwd_sm90", BwdSm90Config, template="bwd_sm90.cuh", namespace="bwd_sm90", params="BwdParams", direction="bwd",
-    arch=WGMMA_ARCH, reasons=(WHY_WGMMA_SHAPES, WHY_WGMMA_SOFTCAP))
+    arch=WGMMA_ARCH, reasons=(WHY_WGMMA_SHAPES, WHY_WGMMA_SOFTCAP, WHY_WGMMA_WIDE_TMA))
