@@ -434,6 +434,9 @@ __global__ void __launch_bounds__(kCombineMaxWarps * 32) combine_kernel(const __
   // A slot past the last row loads nothing and writes nothing, but takes part in the barriers.
   const bool live = r < rows;
   const int first = wr * kSplitsPerWarp, own = first + (lane & 7);  // own: the split whose lse this lane reads
+  // Launched as a programmatic dependent (sm_90+): the CTA may be running before the attention kernel has
+  // finished; everything above reads only the params, everything below the partials it writes.
+  griddep_wait();
 
   // ---- every load of the warp, before any use ----
   // Each address is clamped into the buffers (a slot past the last row reads the last row, a split past
@@ -658,6 +661,9 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
   if (C::kAsync) cp_async_wait<0>();
   if (split) {  // a partial for the combine kernel instead
     store_partial<C>(p, o, m, l, scale, b, h, q_row0, q_rows, warp_row0, lane);
+    // The combine (a programmatic dependent launch on sm_90+) may start once every CTA is here; it
+    // reads the partials only after griddep_wait, which waits for this whole grid and its writes.
+    griddep_launch_dependents();
     return;
   }
   __syncthreads();  // sQ's copies (possibly issued by other threads) are complete before reuse
@@ -689,6 +695,45 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
     if (row < tail.len_q - q_row0 && chunk < C::kDHeadV / 8)
       *reinterpret_cast<uint4*>(gO + int64_t(row) * p.o.row_stride + chunk * 8) =
           *reinterpret_cast<const uint4*>(sQ + LO::offset(row, chunk));
+  }
+}
+
+// Whether every arch this TU is built for has programmatic dependent launch (sm_90+). A kernel library is
+// built for one arch (flashjit/toolchain.py: gencode_flags); nvcc names it in __CUDA_ARCH_LIST__ in the
+// host pass too, so the launcher and the kernels agree on it.
+#if defined(__CUDA_ARCH_LIST__)
+inline constexpr int kBuiltArchs[] = {__CUDA_ARCH_LIST__};
+#else
+inline constexpr int kBuiltArchs[] = {0};  // an nvcc too old to say: plain launches
+#endif
+constexpr bool built_for_programmatic_launch() {
+  for (int arch : kBuiltArchs)
+    if (arch < 900) return false;
+  return true;
+}
+
+// The split-KV combine, after the attention kernel on the same stream. On sm_90+ a programmatic dependent
+// launch (cudaLaunchAttributeProgrammaticStreamSerialization): its CTAs are scheduled as the attention
+// kernel's last CTAs finish (each calls griddep_launch_dependents after its partials' stores) and wait in
+// griddep_wait for the whole grid, instead of starting only after the kernel boundary. Stream capture
+// records it as a programmatic edge, so a CUDA graph replays the same overlap. sm_80: a plain launch.
+template <class C>
+cudaError_t launch_combine(const FwdParams& p, unsigned blocks, int threads, int smem_bytes, cudaStream_t stream) {
+  if constexpr (built_for_programmatic_launch()) {
+    cudaLaunchAttribute attribute[1];
+    attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(blocks);
+    config.blockDim = dim3(unsigned(threads));
+    config.dynamicSmemBytes = size_t(smem_bytes);
+    config.stream = stream;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+    return cudaLaunchKernelEx(&config, combine_kernel<C>, p);
+  } else {
+    combine_kernel<C><<<blocks, threads, smem_bytes, stream>>>(p);
+    return cudaGetLastError();
   }
 }
 
@@ -727,8 +772,8 @@ cudaError_t launch(const FwdParams& p, cudaStream_t stream) {
     if (splits > 1) {
       const cudaError_t err = cudaGetLastError();
       if (err != cudaSuccess) return err;
-      combine_kernel<C><<<unsigned(combine_blocks), rows_per_cta * per_row * 32,
-                          combine_smem_bytes<C::kDHead>(per_row), stream>>>(p);
+      return launch_combine<C>(p, unsigned(combine_blocks), rows_per_cta * per_row * 32,
+                               combine_smem_bytes<C::kDHead>(per_row), stream);
     }
   }
   return cudaGetLastError();

@@ -225,6 +225,34 @@ def _combine_case(splits, sq, heads, d, dtype, causal=False, window=(-1, -1), si
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("splits", [2, 9, 29, 128])
+def test_split_calls_replay_in_a_cuda_graph(splits):
+    """A decode step captured once and replayed with new inputs written in place (as serving loops and
+    bench_decode.py do): the attention kernel and its combine (on sm_90+ a programmatic dependent launch,
+    kernels/fwd_sm80.cuh: launch_combine, which capture records as a programmatic edge) give exactly what
+    an eager call gives, replay after replay, with eager calls and further replays queued behind them."""
+    q = torch.randn(3, 1, 32, 128, dtype=torch.bfloat16, device="cuda")
+    k, v = (torch.randn(3, 4096, 8, 128, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    lengths = torch.tensor([4096, 1000, 17], dtype=torch.int32, device="cuda")
+    kvattn.forward_kvcache(q, k, v, lengths, num_splits=splits)  # compiled, and the plan made, before the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_g, lse_g = kvattn.forward_kvcache(q, k, v, lengths, num_splits=splits, return_lse=True)
+    for step, lens in enumerate(([4096, 0, 3000], [1, 4095, 0], [2048, 2049, 4096])):
+        for t in (q, k, v):
+            t.copy_(torch.randn_like(t))
+        lengths.copy_(torch.tensor(lens, dtype=torch.int32))
+        graph.replay()
+        out_e, lse_e = kvattn.forward_kvcache(q, k, v, lengths, num_splits=splits, return_lse=True)
+        graph.replay()  # again, queued behind the eager call: the same values
+        torch.cuda.synchronize()
+        assert torch.equal(out_g, out_e), f"step {step}: the replayed out differs from the eager call's"
+        assert torch.equal(lse_g, lse_e), f"step {step}: the replayed lse differs from the eager call's"
+        assert (out_g[[b for b, n in enumerate(lens) if n == 0]] == 0).all()
+
+
+@pytest.mark.gpu
 def test_gqa_packing_and_splits_agree_with_the_unpacked_kernel():
     """Packing (Sq = 1, 32/8 heads) and splitting change only the rounding order: within fp32 noise of the
     plain launch (which sees the same cache through alibi slopes of 0, a feature that disables packing)."""
