@@ -17,7 +17,9 @@ the GPU idle and read every K/V byte once per query head:
   ALiBi, sinks or a window, whose values depend on the real head or row (as in flash-attn).
 - Split-KV: when batch x heads x query blocks cannot fill the GPU, each row's key blocks are split over
   num_splits CTAs (0: chosen here, flash-attn's heuristic); their fp32 partials are combined by a
-  second kernel. Useful for prefill chunks against a long cache too.
+  second kernel (a warp per 8 splits of a row; on sm_90+ launched as a programmatic dependent of the
+  attention kernel, so it starts as that one's last CTAs finish). Useful for prefill chunks against a
+  long cache too.
 
 Not checked (they would need a device sync): the values of seqlens_k, leftpad_k, kv_batch_idx and
 block_table. The kernels clamp each to the tensors' bounds, so bad values give wrong results, never an

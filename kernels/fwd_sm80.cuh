@@ -383,49 +383,158 @@ __device__ __forceinline__ void store_partial(const FwdParams& p, const float (&
     }
 }
 
-// Split-KV: one warp a query row weighs the splits' partials by exp(lse_s - lse) into o and lse
-// (+inf for a row that saw no key; with a learnable sink, lse includes it and O shrinks by
-// exp(lse_keys - lse)). Splits are at most kMaxSplits (the host's bound).
-constexpr int kMaxSplits = 128;
+// ---- split-KV combine (common/params.cuh: CacheParams) ---------------------------------------------
+// Row r = (b * H + h) * Sq + i of the output (GQA-packed calls: H = H_k, Sq = the group) is
+//   lse_keys = log sum_s exp(lse_s),   o = sum_s exp(lse_s - lse_keys) o_s
+// over the splits s whose lse_s is finite (a split that saw no key has lse_s = -inf and is skipped);
+// lse is +inf for a row no split saw a key of; with a learnable sink, lse = logaddexp(lse_keys, sink) and
+// O shrinks by exp(lse_keys - lse). o_s: o_accum [splits, rows, kDHead] fp32, lse_s: lse_accum [splits, rows].
+//
+// One CTA a row (several rows a CTA when a row needs fewer than 4 warps: see combine_rows_per_cta), a warp
+// for each kSplitsPerWarp splits of it. A warp issues all its loads at once (its 8 splits' lse, one a
+// lane, and their 16-byte pieces of o_s, kDHead / 128 per lane and split) before using any, so a row
+// costs about one L2 round trip instead of one per split; then its group's max and sum-exp by shuffles,
+// the row's lse from every warp's pair in shared memory, and the weighted sum of its 8 partials, which
+// the row's warps add up in shared memory (one warp a row writes straight from registers).
+constexpr int kMaxSplits = 128;     // flashjit/kvattn.py: MAX_SPLITS, the launcher refuses more
+constexpr int kSplitsPerWarp = 8;   // the lse a warp reads in one 8-lane group (lanes j, j + 8, ... alike)
+constexpr int kCombineMaxWarps = kMaxSplits / kSplitsPerWarp;
+
+// Warps that combine one row of `splits` partials.
+__host__ __device__ constexpr int combine_warps_per_row(int splits) {
+  const int warps = (splits + kSplitsPerWarp - 1) / kSplitsPerWarp;
+  return warps < 1 ? 1 : warps > kCombineMaxWarps ? kCombineMaxWarps : warps;
+}
+// Rows a CTA combines: rows of 1 or 2 warps share a CTA of 4 warps, so that many rows (a prefill chunk
+// over a split cache) are not capped by the SM's CTA slots at 1-warp CTAs (32 a Hopper SM: half its warps).
+__host__ __device__ constexpr int combine_rows_per_cta(int warps_per_row) {
+  return warps_per_row == 1 ? 4 : warps_per_row == 2 ? 2 : 1;
+}
+// Dynamic shared memory of a combine CTA: each warp's weighted sum (kDHead fp32) and its (max,
+// sum-exp) pair; none for 1-warp rows, which need no exchange.
+template <int kDHead>
+__host__ __device__ constexpr int combine_smem_bytes(int warps_per_row) {
+  return warps_per_row == 1 ? 0 : combine_rows_per_cta(warps_per_row) * warps_per_row * (kDHead * 4 + 8);
+}
+
 template <class C>
-__global__ void __launch_bounds__(128) combine_kernel(const __grid_constant__ FwdParams p) {
-  __shared__ float weights[4][kMaxSplits];
+__global__ void __launch_bounds__(kCombineMaxWarps * 32) combine_kernel(const __grid_constant__ FwdParams p) {
+  constexpr int kPieces = (C::kDHead + 127) / 128;  // 16-byte pieces (4 fp32 columns) a lane takes of a row
+  constexpr int kRowPieces = C::kDHead / 4;         // ... of which a row has (kDHead is a multiple of 8)
+  static_assert(C::kDHead % 8 == 0, "the combine reads rows of d_head fp32 in 16-byte pieces");
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+
+  const int splits = p.cache.num_splits;
+  const int per_row = combine_warps_per_row(splits), rows_per_cta = combine_rows_per_cta(per_row);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t rows = int64_t(p.batch) * p.heads * p.seqlen_q, r = int64_t(blockIdx.x) * 4 + warp;
-  if (r >= rows) return;
-  const int splits = p.cache.num_splits, i = int(r % p.seqlen_q);
-  const int bh = int(r / p.seqlen_q), h = bh % p.heads, b = bh / p.heads;
-  const float* lse_part = p.cache.lse_accum + r;  // split s at lse_part[s * rows]
-  float mx = -INFINITY;
-  for (int s = lane; s < splits; s += 32) mx = fmaxf(mx, lse_part[s * rows]);
+  // The CTA's row slot and the warp's place in its row (warp / per_row, without a division).
+  const int slot = per_row == 1 ? warp : per_row == 2 ? warp >> 1 : 0, wr = warp - slot * per_row;
+  const int64_t rows = int64_t(p.batch) * p.heads * p.seqlen_q;
+  const int64_t r = int64_t(blockIdx.x) * rows_per_cta + slot;
+  // A slot past the last row loads nothing and writes nothing, but takes part in the barriers.
+  const bool live = r < rows;
+  const int first = wr * kSplitsPerWarp, own = first + (lane & 7);  // own: the split whose lse this lane reads
+  // Launched as a programmatic dependent (sm_90+): the CTA may be running before the attention kernel has
+  // finished; everything above reads only the params, everything below the partials it writes.
+  griddep_wait();
+
+  // ---- every load of the warp, before any use ----
+  // Each address is clamped into the buffers (a slot past the last row reads the last row, a split past
+  // the count the last split, a lane past the row's end its last piece), so no load needs a predicate
+  // and ptxas issues them back to back; a padding split's values weigh 0 and are skipped below.
+  const int64_t row = live ? r : rows - 1;
+  const float* o_row = p.cache.o_accum + row * C::kDHead;
+  float4 x[kSplitsPerWarp][kPieces];
 #pragma unroll
-  for (int d = 16; d > 0; d >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, d));
-  float sum = 0.f;
-  if (mx != -INFINITY)
-    for (int s = lane; s < splits; s += 32) sum += __expf(lse_part[s * rows] - mx);
+  for (int j = 0; j < kSplitsPerWarp; ++j)
 #pragma unroll
-  for (int d = 16; d > 0; d >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, d);
+    for (int c = 0; c < kPieces; ++c) {
+      const int s = min(first + j, splits - 1);
+      const int piece = kRowPieces % 32 == 0 ? lane + c * 32 : min(lane + c * 32, kRowPieces - 1);
+      x[j][c] = __ldcs(reinterpret_cast<const float4*>(o_row + int64_t(s) * rows * C::kDHead + piece * 4));
+    }
+  const float lse_read = p.cache.lse_accum[int64_t(min(own, splits - 1)) * rows + row];
+  const float lse_own = live && own < splits ? lse_read : -INFINITY;
+
+  // ---- the row's lse: each warp's max and sum-exp over its splits, then over the row's warps ----
+  float mx = lse_own;
+#pragma unroll
+  for (int d = 1; d < kSplitsPerWarp; d <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, d));
+  float sum = mx == -INFINITY ? 0.f : __expf(lse_own - mx);  // an empty split: exp(-inf) = 0
+#pragma unroll
+  for (int d = 1; d < kSplitsPerWarp; d <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, d);
+  float4* sums = reinterpret_cast<float4*>(smem_raw);  // [rows_per_cta * per_row][kRowPieces]
+  float2* stats = reinterpret_cast<float2*>(sums + rows_per_cta * per_row * kRowPieces);  // [rows_per_cta * per_row]
+  if (per_row > 1) {
+    if (lane == 0) stats[warp] = make_float2(mx, sum);
+    __syncthreads();
+    float row_mx = -INFINITY;
+    for (int w = 0; w < per_row; ++w) row_mx = fmaxf(row_mx, stats[slot * per_row + w].x);
+    float row_sum = 0.f;
+    if (row_mx != -INFINITY)
+      for (int w = 0; w < per_row; ++w) {
+        const float2 st = stats[slot * per_row + w];
+        row_sum += st.x == -INFINITY ? 0.f : st.y * __expf(st.x - row_mx);
+      }
+    mx = row_mx, sum = row_sum;
+  }
   const float lse_keys = mx == -INFINITY ? -INFINITY : mx + logf(sum);
   float lse = lse_keys == -INFINITY ? INFINITY : lse_keys, shrink = 1.f;
   if (C::kSink) {
-    const float sink = p.mods.sink[h];
+    const float sink = live ? p.mods.sink[int(r / p.seqlen_q % p.heads)] : 0.f;
     lse = lse_keys == -INFINITY ? sink : fmaxf(lse_keys, sink) + log1pf(__expf(-fabsf(lse_keys - sink)));
     shrink = lse_keys == -INFINITY ? 0.f : __expf(lse_keys - lse);
   }
-  for (int s = lane; s < splits; s += 32)
-    weights[warp][s] = lse_keys == -INFINITY ? 0.f : __expf(lse_part[s * rows] - lse_keys) * shrink;
-  __syncwarp();
-  if (p.lse != nullptr && lane == 0) p.lse[r] = lse;
-  const float* o_part = p.cache.o_accum + r * C::kDHead;  // split s at o_part[s * rows * kDHead]
-  elem_t* out = p.o.at<elem_t>(b, h, i);
-  for (int c = lane * 4; c < C::kDHead; c += 128) {
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int s = 0; s < splits; ++s) {
-      const float w = weights[warp][s];
-      const float4 x = *reinterpret_cast<const float4*>(o_part + int64_t(s) * rows * C::kDHead + c);
-      acc.x += w * x.x, acc.y += w * x.y, acc.z += w * x.z, acc.w += w * x.w;
+
+  // ---- this warp's weighted sum of its splits' partials ----
+  const float w_own = lse_own == -INFINITY || lse_keys == -INFINITY ? 0.f : __expf(lse_own - lse_keys) * shrink;
+  float4 acc[kPieces];
+#pragma unroll
+  for (int c = 0; c < kPieces; ++c) acc[c] = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+  for (int j = 0; j < kSplitsPerWarp; ++j) {
+    const float w = __shfl_sync(0xffffffffu, w_own, j);  // lane j read split first + j
+    const bool use = w != 0.f;  // skipped: empty splits (and padding past the count) add nothing, NaN or not
+#pragma unroll
+    for (int c = 0; c < kPieces; ++c) {
+      acc[c].x = use ? fmaf(w, x[j][c].x, acc[c].x) : acc[c].x;
+      acc[c].y = use ? fmaf(w, x[j][c].y, acc[c].y) : acc[c].y;
+      acc[c].z = use ? fmaf(w, x[j][c].z, acc[c].z) : acc[c].z;
+      acc[c].w = use ? fmaf(w, x[j][c].w, acc[c].w) : acc[c].w;
     }
-    *reinterpret_cast<uint2*>(out + c) = make_uint2(pack2<C::kBf16>(acc.x, acc.y), pack2<C::kBf16>(acc.z, acc.w));
+  }
+
+  // ---- the row's sum over its warps, one write of o and lse ----
+  if (live && wr == 0 && lane == 0 && p.lse != nullptr) p.lse[r] = lse;
+  elem_t* out = nullptr;
+  if (live) {
+    const int i = int(r % p.seqlen_q), bh = int(r / p.seqlen_q);
+    out = p.o.at<elem_t>(bh / p.heads, bh % p.heads, i);
+  }
+  auto store = [&](int piece, const float4& v) {  // columns [4 piece, 4 piece + 4) of the row
+    *reinterpret_cast<uint2*>(out + piece * 4) = make_uint2(pack2<C::kBf16>(v.x, v.y), pack2<C::kBf16>(v.z, v.w));
+  };
+  if (per_row == 1) {
+    if (!live) return;
+#pragma unroll
+    for (int c = 0; c < kPieces; ++c)
+      if (kRowPieces % 32 == 0 || lane + c * 32 < kRowPieces) store(lane + c * 32, acc[c]);
+    return;
+  }
+  float4* mine = sums + int64_t(warp) * kRowPieces;
+#pragma unroll
+  for (int c = 0; c < kPieces; ++c)
+    if (kRowPieces % 32 == 0 || lane + c * 32 < kRowPieces) mine[lane + c * 32] = acc[c];
+  __syncthreads();
+  if (!live) return;
+  const float4* row_sums = sums + int64_t(slot) * per_row * kRowPieces;
+  for (int piece = wr * 32 + lane; piece < kRowPieces; piece += per_row * 32) {
+    float4 v = row_sums[piece];
+    for (int w = 1; w < per_row; ++w) {
+      const float4 y = row_sums[w * kRowPieces + piece];
+      v.x += y.x, v.y += y.y, v.z += y.z, v.w += y.w;
+    }
+    store(piece, v);
   }
 }
 
@@ -552,6 +661,9 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
   if (C::kAsync) cp_async_wait<0>();
   if (split) {  // a partial for the combine kernel instead
     store_partial<C>(p, o, m, l, scale, b, h, q_row0, q_rows, warp_row0, lane);
+    // The combine (a programmatic dependent launch on sm_90+) may start once every CTA is here; it
+    // reads the partials only after griddep_wait, which waits for this whole grid and its writes.
+    griddep_launch_dependents();
     return;
   }
   __syncthreads();  // sQ's copies (possibly issued by other threads) are complete before reuse
@@ -586,6 +698,45 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
   }
 }
 
+// Whether every arch this TU is built for has programmatic dependent launch (sm_90+). A kernel library is
+// built for one arch (flashjit/toolchain.py: gencode_flags); nvcc names it in __CUDA_ARCH_LIST__ in the
+// host pass too, so the launcher and the kernels agree on it.
+#if defined(__CUDA_ARCH_LIST__)
+inline constexpr int kBuiltArchs[] = {__CUDA_ARCH_LIST__};
+#else
+inline constexpr int kBuiltArchs[] = {0};  // an nvcc too old to say: plain launches
+#endif
+constexpr bool built_for_programmatic_launch() {
+  for (int arch : kBuiltArchs)
+    if (arch < 900) return false;
+  return true;
+}
+
+// The split-KV combine, after the attention kernel on the same stream. On sm_90+ a programmatic dependent
+// launch (cudaLaunchAttributeProgrammaticStreamSerialization): its CTAs are scheduled as the attention
+// kernel's last CTAs finish (each calls griddep_launch_dependents after its partials' stores) and wait in
+// griddep_wait for the whole grid, instead of starting only after the kernel boundary. Stream capture
+// records it as a programmatic edge, so a CUDA graph replays the same overlap. sm_80: a plain launch.
+template <class C>
+cudaError_t launch_combine(const FwdParams& p, unsigned blocks, int threads, int smem_bytes, cudaStream_t stream) {
+  if constexpr (built_for_programmatic_launch()) {
+    cudaLaunchAttribute attribute[1];
+    attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(blocks);
+    config.blockDim = dim3(unsigned(threads));
+    config.dynamicSmemBytes = size_t(smem_bytes);
+    config.stream = stream;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+    return cudaLaunchKernelEx(&config, combine_kernel<C>, p);
+  } else {
+    combine_kernel<C><<<blocks, threads, smem_bytes, stream>>>(p);
+    return cudaGetLastError();
+  }
+}
+
 template <class C>
 cudaError_t launch(const FwdParams& p, cudaStream_t stream) {
   if (p.batch == 0 || p.heads == 0 || p.seqlen_q == 0) return cudaSuccess;
@@ -604,6 +755,11 @@ cudaError_t launch(const FwdParams& p, cudaStream_t stream) {
   }
   const int splits = C::kKvCache && p.cache.num_splits > 1 ? p.cache.num_splits : 1;
   if (splits > kMaxSplits) return cudaErrorInvalidValue;
+  // The combine's grid (rows_per_cta rows a CTA), checked before anything is launched.
+  const int64_t rows = int64_t(p.batch) * p.heads * p.seqlen_q;
+  const int per_row = combine_warps_per_row(splits), rows_per_cta = combine_rows_per_cta(per_row);
+  const int64_t combine_blocks = (rows + rows_per_cta - 1) / rows_per_cta;
+  if (splits > 1 && combine_blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   if constexpr (C::kKvCache) {
     if (p.cache.new_rows > 0) {
       append_kernel<C><<<unsigned(p.batch * p.cache.new_rows), 128, 0, stream>>>(p);
@@ -616,8 +772,8 @@ cudaError_t launch(const FwdParams& p, cudaStream_t stream) {
     if (splits > 1) {
       const cudaError_t err = cudaGetLastError();
       if (err != cudaSuccess) return err;
-      const int64_t rows = int64_t(p.batch) * p.heads * p.seqlen_q;
-      combine_kernel<C><<<unsigned((rows + 3) / 4), 128, 0, stream>>>(p);
+      return launch_combine<C>(p, unsigned(combine_blocks), rows_per_cta * per_row * 32,
+                               combine_smem_bytes<C::kDHead>(per_row), stream);
     }
   }
   return cudaGetLastError();

@@ -153,6 +153,105 @@ def _run_case(splits, sq=1, heads=(8, 2), d=64, dtype=torch.bfloat16, page_size=
         assert_lse_close(lse[b:b + 1], ref[1], low[1])
 
 
+COMBINE_CASES = [  # (name, kwargs of _combine_case): the rows the combine kernel sees, each kind once
+    # GQA-packed rows (H_k x the group of 4), 128-key blocks, one 16-byte piece a lane
+    ("decode GQA d128", dict(sq=1, heads=(8, 2), d=128)),
+    # Sq > 1 (not packed), rows that see no key (causal rows before the first key of a short entry), a
+    # window that leaves most splits of a long row empty; 3 x 3 x 5 = 45 rows: an odd count, so CTAs of
+    # 2 or 4 rows have slots past the last row
+    ("chunk causal window d64", dict(sq=3, heads=(3, 1), d=64, causal=True, window=(300, 0))),
+    # two pieces a lane, the sink's lse and shrink, 32-key blocks (more of them to split)
+    ("decode sink d256", dict(sq=1, heads=(3, 3), d=256, sink=True)),
+    # lanes past the row's end (40 columns: 10 pieces)
+    ("chunk d40", dict(sq=2, heads=(2, 1), d=40)),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("splits", [1, 2, 7, 8, 9, 64, 128])
+@pytest.mark.parametrize("name, case", COMBINE_CASES, ids=[c[0] for c in COMBINE_CASES])
+def test_combine_at_every_warp_count(name, case, splits, dtype):
+    """The split-KV combine (kernels/fwd_sm80.cuh: combine_kernel, 8 splits a warp) at split counts
+    around its warp boundaries (1: no combine; 2, 7, 8: one warp a row, several rows a CTA; 9: two; 64
+    and 128: 8 and 16 warps), over entries whose keys fill all splits, a few or none (length 0): out and
+    lse against the fp32 reference, and within rounding of the unsplit call (num_splits=1). Rows that
+    see no key: out exactly 0, lse +inf (the sink's logit with a sink)."""
+    out, lse, reference = _combine_case(splits=splits, dtype=dtype, **case)
+    out1, lse1, _ = _combine_case(splits=1, dtype=dtype, inputs=reference["inputs"], **case)
+    for b, (ref, low) in enumerate(reference["per_entry"]):
+        assert_close(f"out[{b}]", out[b:b + 1], ref[0], low[0])
+        assert_lse_close(lse[b:b + 1], ref[1], low[1])
+    # the unsplit call: the same kernel without partials, so only the rounding order differs
+    finite = torch.isfinite(lse1)
+    assert torch.equal(torch.isfinite(lse), finite) and torch.equal(lse[~finite], lse1[~finite])
+    assert ((lse - lse1)[finite].abs() <= 1e-5 + 1e-5 * lse1[finite].abs()).all(), "lse differs from num_splits=1"
+    ulp = 2.0 ** (-7 if dtype == torch.bfloat16 else -10)
+    row_scale = out1.float().abs().amax(-1, keepdim=True)
+    diff = (out.float() - out1.float()).abs()
+    assert (diff <= 2 * ulp * row_scale + 1e-6).all(), f"out differs from num_splits=1 by {diff.max().item():.3e}"
+    empty = reference["lengths"] == 0  # entries without keys: every row's splits are all empty
+    assert (out[empty] == 0).all()
+    if case.get("sink"):
+        assert torch.equal(lse[empty], reference["sinks"][None, :, None].expand_as(lse[empty]))
+    else:
+        assert (lse[empty] == float("inf")).all()
+
+
+def _combine_case(splits, sq, heads, d, dtype, causal=False, window=(-1, -1), sink=False, inputs=None):
+    """forward_kvcache over a dense cache of 5 entries (lengths 0, 1, full, 130, random), cache slots no
+    entry reads NaN: (out, lse, {"inputs", "per_entry": [(ref, low)], "lengths", "sinks"})."""
+    batch, h, hk = 5, *heads
+    capacity = 9000 if d <= 128 else 4600  # 71 key blocks of 128 (d <= 128), 144 of 32 (d256)
+    drawn = inputs is None
+    if drawn:
+        lengths = [0, 1, capacity, 130, int(torch.randint(2, capacity, ()))]
+        k, v, _ = _cache(batch, capacity, hk, d, dtype)
+        for b in range(batch):
+            for cache in (k, v):
+                _fill(cache, None, b, 0, lengths[b], None)
+        q = torch.randn(batch, sq, h, d, dtype=dtype, device="cuda")
+        sinks = torch.randn(h, device="cuda") if sink else None
+        inputs = (q, k, v, torch.tensor(lengths, dtype=torch.int32, device="cuda"), sinks)
+    q, k, v, lengths, sinks = inputs
+    out, lse = kvattn.forward_kvcache(q, k, v, lengths, causal=causal, window_size=window, num_splits=splits,
+                                      learnable_sink=sinks, return_lse=True)
+    per_entry = []
+    if drawn:  # the reference once, for the call that drew the inputs
+        for b, n in enumerate(lengths.tolist()):
+            per_entry.append(reference_and_low(q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n], causal=causal,
+                                               window_size=window, learnable_sink=sinks))
+    return out, lse, {"inputs": inputs, "per_entry": per_entry, "lengths": lengths, "sinks": sinks}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [2, 9, 29, 128])
+def test_split_calls_replay_in_a_cuda_graph(splits):
+    """A decode step captured once and replayed with new inputs written in place (as serving loops and
+    bench_decode.py do): the attention kernel and its combine (on sm_90+ a programmatic dependent launch,
+    kernels/fwd_sm80.cuh: launch_combine, which capture records as a programmatic edge) give exactly what
+    an eager call gives, replay after replay, with eager calls and further replays queued behind them."""
+    q = torch.randn(3, 1, 32, 128, dtype=torch.bfloat16, device="cuda")
+    k, v = (torch.randn(3, 4096, 8, 128, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    lengths = torch.tensor([4096, 1000, 17], dtype=torch.int32, device="cuda")
+    kvattn.forward_kvcache(q, k, v, lengths, num_splits=splits)  # compiled, and the plan made, before the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_g, lse_g = kvattn.forward_kvcache(q, k, v, lengths, num_splits=splits, return_lse=True)
+    for step, lens in enumerate(([4096, 0, 3000], [1, 4095, 0], [2048, 2049, 4096])):
+        for t in (q, k, v):
+            t.copy_(torch.randn_like(t))
+        lengths.copy_(torch.tensor(lens, dtype=torch.int32))
+        graph.replay()
+        out_e, lse_e = kvattn.forward_kvcache(q, k, v, lengths, num_splits=splits, return_lse=True)
+        graph.replay()  # again, queued behind the eager call: the same values
+        torch.cuda.synchronize()
+        assert torch.equal(out_g, out_e), f"step {step}: the replayed out differs from the eager call's"
+        assert torch.equal(lse_g, lse_e), f"step {step}: the replayed lse differs from the eager call's"
+        assert (out_g[[b for b, n in enumerate(lens) if n == 0]] == 0).all()
+
+
 @pytest.mark.gpu
 def test_gqa_packing_and_splits_agree_with_the_unpacked_kernel():
     """Packing (Sq = 1, 32/8 heads) and splitting change only the rounding order: within fp32 noise of the

@@ -573,7 +573,7 @@ def test_jit_matches_the_reference(d, dtype, features, num_splits, monkeypatch):
 
 @gpu
 @pytest.mark.parametrize("sq", [1, 2, 3, 4, 5])
-@pytest.mark.parametrize("num_splits", [0, 1, 3, 17])
+@pytest.mark.parametrize("num_splits", [0, 1, 3, 9, 17, 128])
 def test_jit_decode_lengths_and_splits(sq, num_splits, monkeypatch):
     """Sq = 1..5 queries per entry over ragged caches of up to 3000 keys, B = 8, GQA, every split count:
     out and lse against the reference_kvcache_attention contract (fp32) and PyTorch's low precision."""

@@ -98,6 +98,22 @@ __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+// Programmatic dependent launch (sm_90+; no-ops below, where no launch is programmatic). A kernel
+// launched with cudaLaunchAttributeProgrammaticStreamSerialization may start while the kernel before it
+// on the stream still runs: once every CTA of that one has called griddep_launch_dependents (or exited).
+// griddep_wait blocks until that kernel has completed and its memory writes are visible (a plain launch:
+// returns at once), so it must precede the dependent's first read of what that kernel writes.
+__device__ __forceinline__ void griddep_launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void griddep_wait() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
