@@ -143,7 +143,8 @@ def test_every_hopper_forward_knob_changes_the_rendered_code():
 def test_fa3_tiles_n176_n80_parse_fit_and_are_tuning_candidates_only():
     """block_n 176 (d128) and 80 (d256), FlashAttention-3's tiles: their names parse, they fit with two
     stages (209 and 225 KiB of 227) and no more; 176 does not fit d256's registers nor a 192-row tile;
-    the tuner times them; the defaults and the build set do not take them (a GPU measurement decides)."""
+    the tuner times them; d256 takes 80 by default past SHORT_CAUSAL causal queries (measured faster there),
+    the build set with it; d128's 176 (measured level) stays a tuning candidate."""
     for d, n, kib in ((128, 176, 209), (256, 80, 225)):
         for dtype, causal, pingpong, persistent in itertools.product(("bf16", "fp16"), (False, True), (False, True),
                                                                      (False, True)):
@@ -159,8 +160,15 @@ def test_fa3_tiles_n176_n80_parse_fit_and_are_tuning_candidates_only():
     assert any(fwd_sm90.WHY_REGISTERS in p for p in FwdSm90Config("bf16", 128, block_n=176, local=True,
                                                                   softcap=True).problems())
     assert any(fwd_sm90.WHY_BLOCK_N in p for p in FwdSm90Config(block_n=112).problems())
-    assert {c.block_n for c in flashjit.get_kernels_to_build(arch="sm_90a") if isinstance(c, FwdSm90Config)} \
-        .isdisjoint({80, 176})
+    build = [c for c in flashjit.get_kernels_to_build(arch="sm_90a") if isinstance(c, FwdSm90Config)]
+    assert 176 not in {c.block_n for c in build}
+    assert {c.block_n for c in build if c.d_head == 256 and c.causal} == {64, 80}  # short causal: 64
+    assert {c.block_n for c in build if c.d_head == 256 and not c.causal} == {80}
+    long, short = (dispatch.default_config("bf16", 256, True, s, arch="sm_90a") for s in (4096, dispatch.SHORT_CAUSAL))
+    assert (long.block_n, short.block_n) == (80, 64)
+    # with every feature 80 does not fit the registers: the next preference, 64
+    assert dispatch.default_config("bf16", 256, True, 4096, arch="sm_90a", local=True, softcap=True, alibi=True,
+                                   dropout=True).block_n == 64
 
 
 def test_build_set_and_defaults_are_valid():
