@@ -316,6 +316,8 @@ ODD = [  # (B, Sq, Sk, H, H_k, d, causal, variant); single-key problems (dq = 0 
     # Sq >> Sk causal (rows that see no key, CTAs with no step), GQA
     (1, 70, 45, 2, 1, 256, False, "wgmma_wide"), (1, 45, 130, 2, 2, 160, True, "wgmma_wide"),
     (1, 300, 20, 2, 1, 192, True, "wgmma_wide"),
+    # whole 64-key CTAs, GQA 2:1: the epilogue stores every row each warpgroup staged (racecheck's case)
+    (1, 70, 128, 2, 1, 256, False, "wgmma_wide"),
 ]
 
 
