@@ -698,8 +698,9 @@ __device__ __forceinline__ void consume(const BwdParams& p, const Smem<C>& sm, u
 //             its dQ(t - 1), which read sm.ds)                  S^T first on the tensor cores,
 //                                                               and sm.ds free for dS^T(t)
 //   kPReady   WG0 arrives once P^T(t) is in sm.dq              / WG1 syncs before reading it
-//   kDsReady  WG1 arrives once dS^T(t) is in sm.ds (fenced for / WG0 syncs before its dQ(t) and
-//             wgmma) and it has read P^T(t) from sm.dq           before writing P^T(t + 1)
+//   kDsReady  WG1 syncs once dS^T(t) is in sm.ds (fenced for   / WG0 syncs before its dQ(t) and
+//             wgmma) and it has read P^T(t) from sm.dq, before    before writing P^T(t + 1)
+//             its own dQ(t), which reads all four warps' rows
 // No warp arrives twice at a barrier before its phase completes: WG0 reaches kSDone(t + 1) and
 // kPReady(t + 1) only after kDsReady(t), which WG1 reaches after kSDone(t) and kPReady(t); WG1
 // reaches kDsReady(t + 1) only after kPReady(t + 1), which WG0 signals after kDsReady(t). The ids are
@@ -875,7 +876,9 @@ __device__ __forceinline__ void consume_wide(const BwdParams& p, const Smem<C>& 
       wgmma_commit();
       store_a_in<typename C::TileS>(sm.ds, dsa, r0, lane);  // conflict-free: 8 rows, 8 different chunks
       fence_proxy_async();
-      named_arrive(int(Barrier::kDsReady), 2 * 128);
+      // A sync, not an arrive: this warpgroup's own dQ reads every warp's rows of sm.ds (the product
+      // sums over the 64 keys), so its warps wait for each other too. WG0 is already waiting here.
+      named_sync(int(Barrier::kDsReady), 2 * 128);
       wide_dq<C, 1>(p, seq, d, cur.h, cur.row0, warp, lane, [] {}, retired);
     }
     cur = next;
