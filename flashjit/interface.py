@@ -715,23 +715,24 @@ def bwd_config(config, dtype: torch.dtype, d_head: int, causal: bool, seqlen_q: 
     instead (tma=False, a DEBUG line; the wide kernel, TMA-fed only: the sm_80 family) and a given one is a
     ValueError."""
     d_v = d_head if d_v is None else d_v
-    wanted = default_bwd_config(_DTYPES[dtype], d_head, bool(causal), *mods.flags, deterministic=bool(deterministic),
-                                smem_limit=_smem_limit(device_index)[0], wgmma=jit.arch_for(device_index) == WGMMA_ARCH,
-                                d_v=d_v)
+    default = functools.partial(default_bwd_config, _DTYPES[dtype], d_head, bool(causal), *mods.flags,
+                                deterministic=bool(deterministic), smem_limit=_smem_limit(device_index)[0], d_v=d_v)
+    wanted = default(wgmma=jit.arch_for(device_index) == WGMMA_ARCH)
     if config is None:  # tuned entries are for d_v == d_head
         chosen = (d_v == d_head and tuning.lookup(device_index, "bwd", _DTYPES[dtype], d_head, bool(causal), seqlen_q,
                                                   tuple(zip(FEATURES, mods.flags)), bool(deterministic))) or wanted
         if chosen.loads_with_tma and (why := _tma_unaddressable(*tensors)):
             chosen = dataclasses.replace(chosen, tma=False)
             if chosen.problems():  # the wide wgmma kernel (d_head > 128) has no cp.async feed: the sm_80 family
-                chosen = default_bwd_config(_DTYPES[dtype], d_head, bool(causal), *mods.flags,
-                                            deterministic=bool(deterministic), smem_limit=_smem_limit(device_index)[0],
-                                            d_v=d_v)
+                chosen = default()
             log.debug("TMA cannot address %s: the backward copies with cp.async (%s)", why, chosen.name)
         return chosen if grid is None else with_head_split(chosen, *grid, sm_count(device_index))
     _check_config_type(config, "bwd")
     config.validate()
-    _refuse_tma_unaddressable(config, tensors, "the config with tma=False")
+    if config.loads_with_tma and _tma_unaddressable(*tensors):  # (the wide kernel has no tma=False twin)
+        copies = not dataclasses.replace(config, tma=False).problems()
+        _refuse_tma_unaddressable(config, tensors, "the config with tma=False" if copies else
+                                  "config=None (the dispatcher then picks a kernel that can)")
     mismatched = [f"{f}={getattr(config, f)!r} (the call needs {getattr(wanted, f)!r})"
                   for f in ("dtype", "d_head", "causal", *FEATURES) if getattr(config, f) != getattr(wanted, f)]
     if mismatched:

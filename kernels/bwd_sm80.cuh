@@ -220,11 +220,12 @@ __device__ __forceinline__ void load_rows(elem_t* tile, const TensorRef& t, int 
   load_tile<kRows, kW, C::kSwizzle, true, C::kThreads, kCols>(tile, t.at<const elem_t>(b, h, row0), t.row_stride, rows,
                                                               tid);
 }
-template <class C, int kRows, bool kValue = false>
+// kThreads: the threads sharing the rows (tid among them).
+template <class C, int kRows, bool kValue = false, int kThreads = C::kThreads>
 __device__ __forceinline__ void store_rows(const TensorRef& t, int b, int h, int row0, const elem_t* tile, int rows,
                                            int tid) {
   constexpr int kW = kValue ? C::kDV : C::kD, kCols = kValue ? C::kDHeadV : C::kDHead;
-  store_tile<kRows, kW, C::kSwizzle, C::kThreads, kCols>(t.at<elem_t>(b, h, row0), t.row_stride, tile, rows, tid);
+  store_tile<kRows, kW, C::kSwizzle, kThreads, kCols>(t.at<elem_t>(b, h, row0), t.row_stride, tile, rows, tid);
 }
 
 // Stage one query block's lse (in log2 units, +inf past the end: P = 0 there) and D in shared memory.

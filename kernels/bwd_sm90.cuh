@@ -765,9 +765,8 @@ __device__ __forceinline__ void write_dkdv_wide(const BwdParams& p, const Work<C
   // Each warpgroup stores the tile it staged: no data crosses warpgroups here, so a warpgroup's own
   // barrier orders its stores and loads.
   named_sync(int(Barrier::kStaged) + kWg, 128);
-  const TensorRef& out = kWg == 0 ? p.dv : p.dk;
-  store_tile<C::kBlockN, C::kD, C::kSwizzle, 128, C::kDHead>(out.at<elem_t>(w.b, w.h_k, w.seq.k_start + w.key0),
-                                                             out.row_stride, staged, w.keys, tid & 127);
+  bwd::store_rows<C, C::kBlockN, kWg == 0, 128>(kWg == 0 ? p.dv : p.dk, w.b, w.h_k, w.seq.k_start + w.key0, staged,
+                                                w.keys, tid & 127);
 }
 
 // Consumer warpgroup kWg of the wide kernel (tid among the 256 consumer threads): its step loop, fed
