@@ -31,9 +31,10 @@ def restored():
 
 
 def _cuda_kernel_of(op: str) -> str:
-    """The line of the dispatcher's table that says who serves `op` on CUDA."""
+    """The line of the dispatcher's table that says who serves `op` on CUDA; "" where nobody does (a
+    CPU-only build of torch registers no CUDA kernel of its own, yet activate() still registers one)."""
     table = torch._C._dispatch_dump(f"aten::{op}")
-    return next(line for line in table.splitlines() if line.startswith("CUDA:"))
+    return next((line for line in table.splitlines() if line.startswith("CUDA:")), "")
 
 
 # ---- CPU: registry and bookkeeping ---------------------------------------------------------------
