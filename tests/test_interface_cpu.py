@@ -67,6 +67,74 @@ def test_reference_matches_naive_loop(sq, sk, causal):
     assert torch.allclose(lse[torch.isfinite(lse)].double(), n_lse[torch.isfinite(n_lse)], atol=1e-5)
 
 
+def _naive_features(q, k, v, scale, causal, window, softcap, slopes, sink):
+    """flash-attn 2.x's definition, one element at a time in float64 (its tests' attention_ref and
+    construct_local_mask): scores scale * q.k, then softcap * tanh(score / softcap), then ALiBi's
+    -slope * |i + Sk - Sq - j|; key j is visible to query i iff j <= i + Sk - Sq + right (causal: right
+    = 0) and, with left >= 0, j >= i + Sk - Sq - left; a sink logit joins the denominator only. lse is
+    the true log-sum-exp of those scores: flash-attn's causal kernel adds slope * j instead of the
+    distance term (the same probabilities; its lse is larger by slope * (i + Sk - Sq)), flashjit keeps
+    the distance term in every mode so that lse from causal and non-causal calls can be merged."""
+    b, sq, h, _ = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    left, right = window[0], 0 if causal else window[1]
+    out = torch.zeros(b, sq, h, v.shape[-1], dtype=torch.float64)
+    lse = torch.full((b, h, sq), math.inf, dtype=torch.float64)
+    for bi in range(b):
+        for hi in range(h):
+            kh = hi // (h // hk)
+            for i in range(sq):
+                diag = i + sk - sq
+                keys = [j for j in range(sk) if (right < 0 or j <= diag + right) and (left < 0 or j >= diag - left)]
+                logits = []
+                for j in keys:
+                    s = float(q[bi, i, hi].double() @ k[bi, j, kh].double()) * scale
+                    if softcap > 0:
+                        s = softcap * math.tanh(s / softcap)
+                    if slopes is not None:
+                        s -= float(slopes[hi]) * abs(diag - j)
+                    logits.append(s)
+                extra = [float(sink[hi])] if sink is not None else []
+                if not logits and not extra:
+                    continue  # a row that sees nothing: out 0, lse +inf
+                m = max(logits + extra)
+                total = sum(math.exp(x - m) for x in logits + extra)
+                lse[bi, hi, i] = m + math.log(total)
+                for j, x in zip(keys, logits):
+                    out[bi, i, hi] += math.exp(x - m) / total * v[bi, j, kh].double()
+    return out, lse
+
+
+@pytest.mark.parametrize("trial", range(24))
+def test_reference_features_match_flash_attn_definition(trial):
+    """attention_reference is the oracle of every GPU test; here it meets an independent element-wise
+    definition over random combinations of lengths (Sq > Sk included, so rows see nothing), causal,
+    windows, softcap, ALiBi, sinks, GQA and a value head dim below q's."""
+    gen = torch.Generator().manual_seed(1000 + trial)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=gen))]
+
+    sq, sk = pick([1, 3, 5, 8]), pick([1, 2, 5, 9])
+    h, hk = pick([(2, 2), (4, 2), (4, 1)])
+    d, d_v = pick([(8, 8), (16, 8)])
+    causal = pick([False, True])
+    window = pick([(-1, -1), (2, -1), (-1, 1), (1, 2), (0, 0)])
+    softcap = pick([0.0, 0.7])
+    slopes = pick([None, torch.rand(h, generator=gen, dtype=torch.float64)])
+    sink = pick([None, torch.randn(h, generator=gen, dtype=torch.float64)])
+    q = torch.randn(2, sq, h, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(2, sk, hk, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(2, sk, hk, d_v, generator=gen, dtype=torch.float64)
+    scale = 0.3
+    out, lse = attention_reference(q, k, v, causal=causal, softmax_scale=scale, compute_dtype=torch.float64,
+                                   window_size=window, softcap=softcap, alibi_slopes=slopes, learnable_sink=sink)
+    n_out, n_lse = _naive_features(q, k, v, scale, causal, window, softcap, slopes, sink)
+    assert torch.allclose(out, n_out, atol=1e-10), (sq, sk, causal, window, softcap, slopes, sink)
+    assert torch.equal(torch.isinf(lse), torch.isinf(n_lse))
+    assert torch.allclose(lse[torch.isfinite(lse)].double(), n_lse[torch.isfinite(n_lse)], atol=1e-5)
+
+
 def test_import_is_light():
     code = "import sys, time; t = time.perf_counter(); import flashjit; print(time.perf_counter() - t, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
