@@ -47,6 +47,10 @@ SUBSET = [  # both dtypes, several head dims, causal, knobs off, both archs
     ("sm_90a", FwdSm90Config("fp16", 64, 128, 128, 4, True, True, True, causal=True, local=True, softcap=True,
                              alibi=True, dropout=True)),
     ("sm_90a", FwdSm90Config("bf16", 256, 128, 64, 2, False, False, dropout=True)),
+    ("sm_90a", FwdSm90Config("bf16", 256, 128, 80)),  # d256's default: FlashAttention-3's 80-key tile
+    # Decoding (kvcache): the split-KV combine, a programmatic dependent launch where sm_90 is built.
+    ("sm_90a", KernelConfig(dtype="bf16", d_head=128, B_r=64, B_c=128, causal=True, kvcache=True)),
+    ("sm_80", KernelConfig(dtype="fp16", d_head=64, B_r=64, B_c=128, kvcache=True)),
     # A value head dim below q/k's (MLA-style d_qk != d_v): every family that has it.
     ("sm_90a", KernelConfig(d_head=192, B_r=64, B_c=64, mma_double_buffer_loads=False, causal=True, d_v=128)),
     ("sm_90a", BwdConfig("bf16", 192, 8, 64, 4, 32, d_v=128)),
