@@ -25,6 +25,15 @@ log = logging.getLogger("flashjit")
 BACKENDS, backend = interface.BACKENDS, interface.backend  # (where flashjit.flash_api.backend was)
 
 
+# ---- flash-attn's leniencies, applied by every flash-attn-compatible function (varlen, kvcache too) ----
+
+def contiguous_last_dim(*tensors):
+    """flash-attn copies a q/k/v whose last dim is strided (flash_attn_interface.py: maybe_contiguous)
+    instead of refusing it; the kernels need stride 1 there, so the same copy is made here."""
+    return tuple(t.contiguous() if isinstance(t, torch.Tensor) and t.dim() and t.stride(-1) != 1 else t
+                 for t in tensors)
+
+
 class _JitAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes, dropout_p, philox,
@@ -62,6 +71,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     FlashAttention-4 names it): gpt-oss-style sink logits, one per query head, in every row's softmax
     denominator (not its numerator); differentiable (its gradient is fp32 math, returned in its dtype);
     softmax_lse then includes it."""
+    q, k, v = contiguous_last_dim(q, k, v)
     if causal:
         window_size = (window_size[0], 0)  # flash-attn's convention: causal is a window with right = 0
     if torch.compiler.is_compiling():  # a custom op: dynamo cannot trace the launch (flashjit/ops.py)

@@ -441,3 +441,32 @@ def test_backward_logs_its_dispatch(caplog, monkeypatch):
     line = next(r.getMessage() for r in caplog.records if "backward [B=1, Sq=130" in r.getMessage())
     assert f"on {arch}" in line and "bwd_bf16_d128_" in line
     assert line.split(" dispatched to ")[1].split()[0].endswith("_wgmma") == (arch == "sm_90a")
+
+
+# ---- CPU: flash-attn 2.x's leniencies (flash_attn_interface.py / csrc/flash_attn/flash_api.cpp at v2.8.3) ----
+def _last_dim_strided(t):
+    """t's values with a last-dim stride of 2 (a view into a wider buffer)."""
+    wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype)
+    wide[..., ::2] = t.detach()
+    return wide[..., ::2].requires_grad_(t.requires_grad)
+
+
+def test_strided_last_dim_is_copied_as_flash_attn_does(monkeypatch):
+    """flash-attn copies q/k/v whose last dim is strided (maybe_contiguous) instead of refusing them:
+    flash_attn_func, the packed forms and flash_attn_varlen_func give the contiguous call's out and grads."""
+    from flashjit import flash_attn_varlen_func
+
+    monkeypatch.setenv("FLASHJIT_BACKEND", "reference")
+    q, k, v = _qkv(2, 5, 7, 4, 2, 16, torch.float64, "cpu")
+    strided = [_last_dim_strided(t) for t in (q, k, v)]
+    assert all(t.stride(-1) == 2 for t in strided)
+    out = flash_attn_func(*strided, causal=True)
+    out.sum().backward()
+    torch.testing.assert_close(out, flash_attn_func(q, k, v, causal=True))
+    assert all(t.grad is not None and t.grad.shape == t.shape for t in strided)
+    qkv = _last_dim_strided(torch.randn(2, 5, 3, 4, 16, dtype=torch.float64))
+    torch.testing.assert_close(flash_attn_qkvpacked_func(qkv), flash_attn_func(*qkv.contiguous().unbind(2)))
+    cu = torch.tensor([0, 5, 10], dtype=torch.int32)
+    packed = [_last_dim_strided(t.flatten(0, 1)) for t in (q, k[:, :5], v[:, :5])]
+    torch.testing.assert_close(flash_attn_varlen_func(*packed, cu, cu, 5, 5),
+                               flash_attn_varlen_func(*(t.contiguous() for t in packed), cu, cu, 5, 5))
