@@ -34,6 +34,15 @@ def contiguous_last_dim(*tensors):
                  for t in tensors)
 
 
+def softcap_or_off(softcap):
+    """flash-attn treats softcap <= 0 as off ("<=0.0 means deactivate", flash_attn_interface.py; the
+    kernels test softcap > 0), so a negative softcap is 0 here, not an error. NaN and non-numbers still
+    reach interface.score_mods, which rejects them."""
+    if isinstance(softcap, (int, float)) and not isinstance(softcap, bool) and softcap < 0:
+        return 0.0
+    return softcap
+
+
 class _JitAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, softmax_scale, causal, window_size, softcap, alibi_slopes, dropout_p, philox,
@@ -72,6 +81,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     denominator (not its numerator); differentiable (its gradient is fp32 math, returned in its dtype);
     softmax_lse then includes it."""
     q, k, v = contiguous_last_dim(q, k, v)
+    softcap = softcap_or_off(softcap)
     if causal:
         window_size = (window_size[0], 0)  # flash-attn's convention: causal is a window with right = 0
     if torch.compiler.is_compiling():  # a custom op: dynamo cannot trace the launch (flashjit/ops.py)

@@ -52,6 +52,7 @@ import torch
 from torch import Tensor
 
 from . import interface
+from .flash_api import softcap_or_off
 from .interface import backend
 from .kvattn import MAX_SPLITS, PAGE_MULTIPLE  # the kernels' limits (MAX_SPLITS is flash-attn 2's cap too)
 from .reference import attention_reference
@@ -398,6 +399,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     alibi_slopes ([H] or [B, H] fp32) and learnable_sink ([H]) as flash_attn_func. num_splits:
     how many chunks the keys are split into (0: a heuristic; the reference backend ignores it).
     No backward. Under torch.compile: the custom op flashjit::fwd_kvcache."""
+    softcap = softcap_or_off(softcap)  # flash-attn: softcap <= 0 is off
     if torch.compiler.is_compiling():  # a custom op that mutates the caches (below)
         seqlens_int = None if isinstance(cache_seqlens, torch.Tensor) or cache_seqlens is None else cache_seqlens
         out, lse = fwd_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin,

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from . import interface, kvattn, ops
-from .flash_api import contiguous_last_dim
+from .flash_api import contiguous_last_dim, softcap_or_off
 from .interface import backend
 from .launch import BwdParams, FwdParams, tensor_ref
 from .reference import attention_reference, philox_keep_mask
@@ -451,6 +451,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     multiple of 16 rows): sequence b's keys are the first cu_seqlens_k[b + 1] - cu_seqlens_k[b] slots of
     its row of pages; inference only, as in flash-attn (no backward, dropout or return_attn_probs)."""
     q, k, v = contiguous_last_dim(q, k, v)  # flash-attn's leniencies, as flash_attn_func's
+    softcap = softcap_or_off(softcap)
     if causal:
         window_size = (window_size[0], 0)  # flash-attn's convention: causal is a window with right = 0
     if block_table is not None:

@@ -315,7 +315,7 @@ def test_unknown_backend(monkeypatch):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(dropout_p=1.0), "dropout_p"), (dict(softmax_scale=-1.0), "softmax_scale"),
-    (dict(window_size=(-2, 0)), "window_size"), (dict(softcap=-1.0), "softcap"),
+    (dict(window_size=(-2, 0)), "window_size"), (dict(softcap=float("nan")), "softcap"),  # negative: off
     (dict(alibi_slopes=torch.ones(3)), "alibi_slopes"),
 ])
 def test_reference_backend_rejects_bad_arguments(kwargs, match, monkeypatch):
@@ -470,3 +470,21 @@ def test_strided_last_dim_is_copied_as_flash_attn_does(monkeypatch):
     packed = [_last_dim_strided(t.flatten(0, 1)) for t in (q, k[:, :5], v[:, :5])]
     torch.testing.assert_close(flash_attn_varlen_func(*packed, cu, cu, 5, 5),
                                flash_attn_varlen_func(*(t.contiguous() for t in packed), cu, cu, 5, 5))
+
+
+def test_negative_softcap_is_off_as_in_flash_attn(monkeypatch):
+    """flash-attn: softcap <= 0 deactivates softcapping (flash_attn_qkvpacked_func's "<=0.0 means
+    deactivate"; flash_api.cpp tests softcap > 0), in every function."""
+    from flashjit import flash_attn_varlen_func, flash_attn_with_kvcache
+
+    monkeypatch.setenv("FLASHJIT_BACKEND", "reference")
+    q, k, v = _qkv(2, 5, 7, 4, 2, 16, torch.float64, "cpu", grad=False)
+    torch.testing.assert_close(flash_attn_func(q, k, v, softcap=-1.0), flash_attn_func(q, k, v))
+    qkv = torch.stack([q, q, q], 2)
+    torch.testing.assert_close(flash_attn_qkvpacked_func(qkv, softcap=-30), flash_attn_qkvpacked_func(qkv))
+    cu_q, cu_k = torch.tensor([0, 5, 10], dtype=torch.int32), torch.tensor([0, 7, 14], dtype=torch.int32)
+    args = (q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_q, cu_k, 5, 7)
+    torch.testing.assert_close(flash_attn_varlen_func(*args, softcap=-2.5), flash_attn_varlen_func(*args))
+    torch.testing.assert_close(flash_attn_with_kvcache(q, k, v, softcap=-1.0), flash_attn_with_kvcache(q, k, v))
+    with pytest.raises(ValueError, match="softcap"):  # not a number at all: still an error
+        flash_attn_func(q, k, v, softcap=float("nan"))
