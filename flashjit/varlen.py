@@ -435,6 +435,16 @@ def _padded_probs(probs: list, batch: int, heads: int, max_q: int, max_k: int, d
 
 # ---- flash-attn's functions -------------------------------------------------------------------------------
 
+def _seqlen_from_tensor(value):
+    """flash-attn passes max_seqlen_q/_k to a torch custom op's int argument, which also takes a
+    1-element integer tensor (read on the host: a device sync), as code built on
+    cu_seqlens.diff().max() passes it; flashjit takes it too. Anything else goes to _check_max_seqlen."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point() \
+            and not value.is_complex() and value.dtype != torch.bool:
+        return int(value)
+    return value
+
+
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                            deterministic=False, return_attn_probs=False, block_table=None, *, learnable_sink=None):
@@ -452,6 +462,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     its row of pages; inference only, as in flash-attn (no backward, dropout or return_attn_probs)."""
     q, k, v = contiguous_last_dim(q, k, v)  # flash-attn's leniencies, as flash_attn_func's
     softcap = softcap_or_off(softcap)
+    max_seqlen_q, max_seqlen_k = _seqlen_from_tensor(max_seqlen_q), _seqlen_from_tensor(max_seqlen_k)
     if causal:
         window_size = (window_size[0], 0)  # flash-attn's convention: causal is a window with right = 0
     if block_table is not None:

@@ -488,3 +488,23 @@ def test_negative_softcap_is_off_as_in_flash_attn(monkeypatch):
     torch.testing.assert_close(flash_attn_with_kvcache(q, k, v, softcap=-1.0), flash_attn_with_kvcache(q, k, v))
     with pytest.raises(ValueError, match="softcap"):  # not a number at all: still an error
         flash_attn_func(q, k, v, softcap=float("nan"))
+
+
+def test_varlen_max_seqlen_may_be_a_one_element_integer_tensor(monkeypatch):
+    """flash-attn hands max_seqlen_q/_k to a torch custom op's int argument, which also takes a
+    1-element integer tensor (e.g. cu_seqlens.diff().max()); a float or longer tensor is still refused."""
+    from flashjit import flash_attn_varlen_func, flash_attn_varlen_qkvpacked_func
+
+    monkeypatch.setenv("FLASHJIT_BACKEND", "reference")
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    q, k, v = (torch.randn(8, 2, 16, dtype=torch.float64) for _ in range(3))
+    expected = flash_attn_varlen_func(q, k, v, cu, cu, 5, 5, causal=True)
+    longest = cu.diff().max()
+    assert longest.dim() == 0 and longest.dtype == torch.int32
+    torch.testing.assert_close(flash_attn_varlen_func(q, k, v, cu, cu, longest, longest.long()[None], causal=True),
+                               expected)
+    torch.testing.assert_close(flash_attn_varlen_qkvpacked_func(torch.stack([q, k, v], 1), cu, longest, causal=True),
+                               expected)
+    for bad in (torch.tensor(5.0), torch.tensor([5, 5])):
+        with pytest.raises(TypeError, match="max_seqlen_q must be a Python int"):
+            flash_attn_varlen_func(q, k, v, cu, cu, bad, 5)

@@ -437,7 +437,7 @@ def _cpu_batch(lens_q=(3, 0, 5), lens_k=(4, 2, 5), h=2, hk=1, d=8, dtype=torch.f
     (dict(cu_seqlens_k="2d"), ValueError, "cu_seqlens_k must be 1-D"),
     (dict(cu_seqlens_k="short"), ValueError, "batch \\+ 1 entries"),
     (dict(cu_seqlens_q="list"), TypeError, "cu_seqlens_q must be a torch.Tensor"),
-    (dict(max_seqlen_q="tensor"), TypeError, "max_seqlen_q must be a Python int"),
+    (dict(max_seqlen_q="tensor2"), TypeError, "max_seqlen_q must be a Python int"),  # 1 element: taken
     (dict(max_seqlen_k=2.5), TypeError, "max_seqlen_k must be a Python int"),
     (dict(max_seqlen_k=-1), ValueError, "max_seqlen_k must be >= 0"),
     (dict(max_seqlen_q=0), ValueError, "max_seqlen_q is 0 but q has 8 rows"),
@@ -459,7 +459,7 @@ def test_argument_errors_name_the_argument(change, error, match, monkeypatch):
     q, k, v, cu_q, cu_k, max_q, max_k = _cpu_batch()
     args = dict(q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k)
     variants = {"int64": lambda t: t.long(), "2d": lambda t: t[None], "short": lambda t: t[:-1],
-                "list": lambda t: t.tolist(), "tensor": lambda t: torch.tensor(t), "4d": lambda t: t[None],
+                "list": lambda t: t.tolist(), "tensor2": lambda t: torch.tensor([t, t]), "4d": lambda t: t[None],
                 "heads3": lambda t: t.expand(-1, 3, -1), "int": lambda t: t.long(),
                 "decreasing": lambda t: torch.tensor([0, 5, 3, 8], dtype=torch.int32),
                 "total": lambda t: torch.tensor([0, 4, 6, 12], dtype=torch.int32)}
