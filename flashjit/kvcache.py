@@ -400,6 +400,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     how many chunks the keys are split into (0: a heuristic; the reference backend ignores it).
     No backward. Under torch.compile: the custom op flashjit::fwd_kvcache."""
     softcap = softcap_or_off(softcap)  # flash-attn: softcap <= 0 is off
+    if isinstance(num_splits, int) and not isinstance(num_splits, bool) and num_splits < 0:
+        num_splits = 0  # flash-attn (mha_fwd_kvcache: num_splits < 1) chooses by its heuristic, as 0 does
     if torch.compiler.is_compiling():  # a custom op that mutates the caches (below)
         seqlens_int = None if isinstance(cache_seqlens, torch.Tensor) or cache_seqlens is None else cache_seqlens
         out, lse = fwd_kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin,

@@ -508,3 +508,14 @@ def test_varlen_max_seqlen_may_be_a_one_element_integer_tensor(monkeypatch):
     for bad in (torch.tensor(5.0), torch.tensor([5, 5])):
         with pytest.raises(TypeError, match="max_seqlen_q must be a Python int"):
             flash_attn_varlen_func(q, k, v, cu, cu, bad, 5)
+
+
+def test_kvcache_negative_num_splits_chooses_as_flash_attn(monkeypatch):
+    """flash-attn's mha_fwd_kvcache runs its split heuristic for any num_splits < 1, as for 0."""
+    from flashjit import flash_attn_with_kvcache
+
+    monkeypatch.setenv("FLASHJIT_BACKEND", "reference")
+    q, k, v = _qkv(2, 1, 9, 4, 2, 16, torch.float64, "cpu", grad=False)
+    seqlens = torch.tensor([4, 9], dtype=torch.int32)
+    torch.testing.assert_close(flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens, num_splits=-1),
+                               flash_attn_with_kvcache(q, k, v, cache_seqlens=seqlens, num_splits=0))

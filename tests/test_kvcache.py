@@ -366,7 +366,7 @@ ERRORS = [  # (change, error, match): what is changed in a valid dense (or paged
     (dict(rotary_cos="1d", rotary_sin="1d"), ValueError, "rotary_cos must be a floating-point tensor \\[seqlen_ro"),
     (dict(rotary_cos="wide", rotary_sin="wide"), ValueError, "rotary_dim .*= 34\\) must be at most head_dim 32"),
     (dict(rotary_cos="few", rotary_sin="few"), ValueError, "have 63 rows .* the cache has 64 slots"),
-    (dict(num_splits=-1), ValueError, "num_splits must be an int from 0 to 128"),
+    (dict(num_splits=1.5), ValueError, "num_splits must be an int from 0 to 128"),  # < 0: chosen, as 0
     (dict(num_splits=129), ValueError, "num_splits must be an int from 0 to 128"),
     (dict(window_size=(1.5, 0)), ValueError, "window_size must be a pair of ints"),
     (dict(softcap=float("nan")), ValueError, "softcap must be a finite number"),  # < 0: off, as flash-attn
