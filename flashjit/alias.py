@@ -31,7 +31,8 @@ VERSION = f"{FLASH_ATTN_API_VERSION}+flashjit.{_flashjit_version}"
 INTERFACE = ("flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func",
              "flash_attn_varlen_func", "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func",
              "flash_attn_with_kvcache")
-PADDING = ("unpad_input", "pad_input", "index_first_axis", "index_put_first_axis")
+PADDING = ("unpad_input", "pad_input", "index_first_axis", "index_put_first_axis", "index_first_axis_residual",
+           "unpad_input_for_concatenated_sequences")
 
 
 def _from_flashjit(name: str):

@@ -129,6 +129,7 @@ def test_install_is_idempotent_and_the_modules_answer_like_packages(clean_module
     assert flash_attn.flash_attn_func is flashjit.flash_attn_func
     assert flash_attn.flash_attn_interface.flash_attn_kvpacked_func is flashjit.flash_attn_kvpacked_func
     assert flash_attn.bert_padding.unpad_input is flashjit.unpad_input
+    from flash_attn.bert_padding import index_first_axis_residual, unpad_input_for_concatenated_sequences  # noqa: F401
     assert importlib.util.find_spec("flash_attn") is not None  # availability checks see it
     assert "flash_attn_qkvpacked_func" in dir(flash_attn)
     with pytest.raises(ModuleNotFoundError):

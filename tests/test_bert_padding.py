@@ -83,3 +83,38 @@ def test_no_tokens_at_all():
     padded.sum().backward()
     assert padded.shape == (2, 5, 3) and not padded.any() and not x.grad.any()
     assert index_first_axis(torch.randn(0, 4), torch.zeros(0, dtype=torch.long)).shape == (0, 4)
+
+
+def test_unpad_input_for_concatenated_sequences_as_flash_attn():
+    """flash-attn's docstring example: rows holding several samples, attention_mask_in_length listing
+    their lengths; cu_seqlens counts samples, not rows. Four return values."""
+    from flashjit.bert_padding import unpad_input_for_concatenated_sequences
+
+    lengths = torch.tensor([[2, 3, 0, 0, 0, 0], [3, 2, 0, 0, 0, 0], [6, 0, 0, 0, 0, 0]])
+    hidden = torch.randn(3, 6, 2, 4, dtype=torch.float64, requires_grad=True)
+    result = unpad_input_for_concatenated_sequences(hidden, lengths)
+    assert len(result) == 4
+    packed, indices, cu_seqlens, max_seqlen = result
+    assert indices.tolist() == [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 12, 13, 14, 15, 16, 17] and indices.dtype == torch.int64
+    assert cu_seqlens.tolist() == [0, 2, 5, 8, 10, 16] and cu_seqlens.dtype == torch.int32
+    assert max_seqlen == 6 and type(max_seqlen) is int
+    assert torch.equal(packed, hidden.detach().reshape(18, 2, 4)[indices])
+    packed.sum().backward()
+    assert hidden.grad.reshape(18, 8).sum(-1).ne(0).nonzero().flatten().tolist() == indices.tolist()
+
+
+def test_index_first_axis_residual_adds_the_rows_gradient_to_the_residuals():
+    """flash-attn's index_first_axis_residual: (input[indices], input detached); input's gradient is the
+    residual's plus the selected rows' at their indices."""
+    from flashjit.bert_padding import index_first_axis_residual
+
+    x = torch.randn(7, 2, 3, dtype=torch.float64, requires_grad=True)
+    idx = torch.tensor([5, 1, 2])
+    rows, residual = index_first_axis_residual(x, idx)
+    assert torch.equal(rows, x[idx]) and torch.equal(residual, x)
+    w_rows, w_res = torch.randn_like(rows), torch.randn_like(residual)
+    ((rows * w_rows).sum() + (residual * w_res).sum()).backward()
+    expected = w_res.clone()
+    expected[idx] += w_rows
+    torch.testing.assert_close(x.grad, expected)
+    assert torch.autograd.gradcheck(lambda t: index_first_axis_residual(t, idx), (x.detach().requires_grad_(),))
