@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import logging
 import math
+import numbers
 from collections import OrderedDict
 from typing import NamedTuple
 
@@ -50,6 +51,10 @@ _DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 # The reference backend (PyTorch on any device) also computes in fp32 and fp64 (for gradcheck).
 _REFERENCE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT32_MAX = 2**31 - 1
+# The longest sequence (and varlen total) the kernels take: they index rows, and sum a row, the
+# query-key diagonal and a window edge, in 32-bit ints, which stays exact below 2^31 while each term is
+# under 2^29. A window at least this long is as unbounded as -1 (score_mods maps it to -1).
+MAX_SEQLEN = 2**29
 
 
 def check_4d(name: str, t, layout: str, dtypes, allowed: str) -> None:
@@ -58,6 +63,8 @@ def check_4d(name: str, t, layout: str, dtypes, allowed: str) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != 4:
         raise ValueError(f"{name} must have 4 dims {layout}, got shape {tuple(t.shape)}")
+    if t.layout != torch.strided:
+        raise ValueError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; pass {name}.to_dense()")
     if t.dtype not in dtypes:
         raise ValueError(f"{name} must be {allowed}, got {t.dtype}; cast it with .half() or .bfloat16()")
 
@@ -94,8 +101,11 @@ def check_qkv(q, k, v, reference: bool = False) -> None:
     if heads_k == 0 or heads % heads_k:
         raise ValueError(f"the number of query heads ({heads}) must be divisible by the number of key/value "
                          f"heads ({heads_k}) for GQA/MQA")
-    if seqlen_q > _INT32_MAX or k_shape[1] > _INT32_MAX or batch * heads > _INT32_MAX:
-        raise ValueError("batch * heads and the sequence lengths must each fit in 32 bits")
+    if seqlen_q > MAX_SEQLEN or k_shape[1] > MAX_SEQLEN:
+        raise ValueError(f"sequence lengths must be at most 2**29 = {MAX_SEQLEN} (the kernels index rows in 32 bits), "
+                         f"got seqlen_q {seqlen_q} and seqlen_k {k_shape[1]}")
+    if batch * heads > _INT32_MAX:
+        raise ValueError(f"batch * heads must fit in 32 bits, got {batch} * {heads}")
     if not q.is_cuda and not reference:
         raise ValueError(f"q is on {q.device}: the JIT kernels need CUDA tensors. For CPU (or any device) use "
                          "the PyTorch reference backend: FLASHJIT_BACKEND=reference")
@@ -142,9 +152,13 @@ def _smem_limit(device_index: int) -> tuple[int, str]:
 def softmax_scale_or_default(q: torch.Tensor, softmax_scale) -> float:
     if softmax_scale is None:
         return 1.0 / math.sqrt(q.shape[-1])
-    if not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale) and softmax_scale > 0):
+    # Any real number, as flash-attn's C++ binding converts it: a NumPy scalar or a one-element tensor too.
+    scale = softmax_scale
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1 and not scale.is_complex():
+        scale = scale.item()
+    if not (isinstance(scale, numbers.Real) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale!r}")
-    return float(softmax_scale)
+    return float(scale)
 
 
 class ScoreMods(NamedTuple):
@@ -188,6 +202,19 @@ def philox_state(device_index: int, increment: int = 4) -> tuple[int, int]:
     return gen.initial_seed(), offset
 
 
+def checked_philox(philox) -> tuple[int, int]:
+    """philox as the kernels take it: a pair of ints (seed, offset), each an unsigned 64-bit value."""
+    try:
+        seed, offset = philox
+        ok = all(isinstance(x, numbers.Integral) and not isinstance(x, bool) and 0 <= x < 2**64 for x in (seed, offset))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"philox must be a pair of ints (seed, offset) in [0, 2**64), as philox_state() returns, "
+                         f"got {philox!r}")
+    return int(seed), int(offset)
+
+
 def score_mods(q: torch.Tensor, causal: bool, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                dropout_p: float = 0.0, philox: tuple[int, int] | None = None, learnable_sink=None) -> ScoreMods:
     """Validate flash-attn's window_size/softcap/alibi_slopes/dropout_p (ValueError naming the
@@ -199,10 +226,13 @@ def score_mods(q: torch.Tensor, causal: bool, window_size=(-1, -1), softcap=0.0,
     try:
         left, right = (int(w) for w in window_size)
         ok = all(w >= -1 and w == orig for w, orig in zip((left, right), window_size))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
         ok = False
     if not ok:
         raise ValueError(f"window_size must be a pair of ints >= -1 (-1: unbounded), got {window_size!r}")
+    # A window as long as any sequence can be is unbounded: exact, and the kernels' 32-bit sums of a
+    # row, the diagonal and the edge cannot overflow (MAX_SEQLEN).
+    left, right = (-1 if w >= MAX_SEQLEN else w for w in (left, right))
     if causal:
         right = 0
     if not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:
@@ -358,6 +388,9 @@ def _check_output(given, like: torch.Tensor, name: str, kernel_writes: bool = Tr
     if kernel_writes and (given.stride(-1) != 1 or given.data_ptr() % 16 or any(s % 8 for s in given.stride()[:-1])):
         raise ValueError(f"{name} must have a contiguous last dim and 16-byte aligned rows, got strides "
                          f"{given.stride()}")
+    if kernel_writes and torch._debug_has_internal_overlap(given) == 1:  # e.g. expand()ed: CTAs would race
+        raise ValueError(f"{name} has elements that share memory (strides {given.stride()}, e.g. from expand()); "
+                         "pass a tensor of its own, e.g. torch.empty of that shape")
     return given
 
 
@@ -534,6 +567,10 @@ def forward(q, k, v, config: ConfigBase | None = None, causal: bool = False,
     learnable_sink: [H] logits (gpt-oss sinks, FlashAttention-4's name), one per query head in the
     units of the scaled scores, each joining its head's softmax denominators; the lse returned
     includes it (a row that sees no key then has lse = its sink, out = 0)."""
+    if philox is not None:
+        philox = checked_philox(philox)
+    if isinstance(softmax_scale, torch.Tensor):  # a number in the plan key, not the tensor object
+        softmax_scale = softmax_scale_or_default(q, softmax_scale)
     plan_key = None
     if config is None and out is None and alibi_slopes is None and learnable_sink is None:
         plan_key = _plan_key(q, k, v, causal, softmax_scale, window_size, softcap, dropout_p, return_lse)
@@ -600,6 +637,10 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     GQA on sm_90a: the dispatcher runs one dK/dV CTA per query head where one per key/value head would
     leave too few CTAs (BwdSm90Config.head_split; dispatch.with_head_split); a config passed here is
     run as it is."""
+    if philox is not None:
+        philox = checked_philox(philox)
+    if isinstance(softmax_scale, torch.Tensor):  # a number in the plan key, not the tensor object
+        softmax_scale = softmax_scale_or_default(q, softmax_scale)
     plan_key = None
     if config is None and alibi_slopes is None and learnable_sink is None and dq is dk is dv is None \
             and not (dropout_p and philox is None):

@@ -88,7 +88,11 @@ def _check(q, k_cache, v_cache, seqlens_k, leftpad_k, block_table, kv_batch_idx)
     def rows_as_batch(t):  # check_qkv compares batch sizes; a cache's rows are not the batch
         return t[:1].expand(batch, *t.shape[1:]) if isinstance(t, torch.Tensor) and t.dim() == 4 and len(t) else t
 
-    # dtypes, devices, 4 dims, contiguous last dims, head dims, GQA divisibility
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if isinstance(t, torch.Tensor) and t.dim() == 4 and not 0 < len(t) <= interface._INT32_MAX:
+            raise ValueError(f"{name} must have from 1 to 2**31 - 1 {'pages' if block_table is not None else 'rows'} "
+                             f"(dim 0), got {len(t)}")
+    # dtypes, devices, 4 dims, contiguous last dims, head dims, GQA divisibility, sequence lengths
     interface.check_qkv(q, rows_as_batch(k_cache), rows_as_batch(v_cache))
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
@@ -113,6 +117,9 @@ def _check(q, k_cache, v_cache, seqlens_k, leftpad_k, block_table, kv_batch_idx)
         if k_cache.shape[1] % PAGE_MULTIPLE:
             raise ValueError(f"the paged cache's page size (k_cache.shape[1] = {k_cache.shape[1]}) must be a "
                              f"multiple of {PAGE_MULTIPLE}")
+        if block_table.shape[1] * k_cache.shape[1] > interface.MAX_SEQLEN:
+            raise ValueError(f"block_table's {block_table.shape[1]} pages of {k_cache.shape[1]} slots exceed the longest "
+                             f"cache the kernels address (2**29 = {interface.MAX_SEQLEN} slots, 32-bit rows)")
     elif kv_batch_idx is None and k_cache.shape[0] != batch:
         raise ValueError(f"k_cache has {k_cache.shape[0]} rows for a batch of {batch}: pass kv_batch_idx "
                          "(cache_batch_idx) to pick each entry's row")

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from flashjit import interface
 from flashjit.interface import check_qkv
 from flashjit.reference import attention_reference
 
@@ -133,6 +134,78 @@ def test_reference_features_match_flash_attn_definition(trial):
     assert torch.allclose(out, n_out, atol=1e-10), (sq, sk, causal, window, softcap, slopes, sink)
     assert torch.equal(torch.isinf(lse), torch.isinf(n_lse))
     assert torch.allclose(lse[torch.isfinite(lse)].double(), n_lse[torch.isfinite(n_lse)], atol=1e-5)
+
+
+def test_windows_past_any_sequence_are_unbounded_and_never_wrap():
+    """A window edge >= 2**29 (MAX_SEQLEN) is -1: exact, and no 32-bit sum in the kernels can wrap
+    (2**32 once reached them as 0: the diagonal only)."""
+    q = torch.zeros(1, 4, 2, 64, dtype=torch.float16)
+    for window, causal, expected, local in [((2**32, 0), False, (-1, 0), True), ((2**40 + 5, 3), False, (-1, 3), True),
+                                            ((-1, 2**31 - 1), False, (-1, -1), False), ((2**31 - 1, -1), True, (-1, 0), False),
+                                            ((2**29 - 1, 7), False, (2**29 - 1, 7), True)]:
+        mods = interface.score_mods(q, causal, window)
+        assert mods.values[:2] == expected and mods.local == local, window
+    for bad in [(float("inf"), 0), (1.5, 0), (-2, 0), None, (1,)]:
+        with pytest.raises(ValueError, match="window_size"):
+            interface.score_mods(q, False, bad)
+
+
+def test_sequence_lengths_are_capped_where_32_bit_indices_stay_exact():
+    q = torch.zeros(1, 1, 1, 64, dtype=torch.float16).expand(1, 2**29 + 1, 1, 64)  # no memory
+    k = torch.zeros(1, 1, 1, 64, dtype=torch.float16).expand(1, 8, 1, 64)
+    with pytest.raises(ValueError, match=r"at most 2\*\*29.*seqlen_q 536870913"):
+        check_qkv(q, k, k)
+    with pytest.raises(ValueError, match="seqlen_k 536870913"):
+        check_qkv(k[:, :1], q, q)
+
+
+def test_outputs_that_share_elements_are_refused():
+    like = torch.zeros(2, 4, 2, 64, dtype=torch.float16)
+    expanded = torch.zeros(1, 4, 2, 64, dtype=torch.float16).expand(2, 4, 2, 64)
+    with pytest.raises(ValueError, match="out has elements that share memory"):
+        interface._check_output(expanded, like, "out")
+    assert interface._check_output(like.clone(), like, "out") is not None
+    interface._check_output(expanded, like, "out", kernel_writes=False)  # written by a copy: fine
+
+
+@pytest.mark.parametrize("philox", [(1.5, 2), (1,), (-1, 0), (0, 2**64), "ab", None, (True, 0)])
+def test_philox_must_be_a_pair_of_uint64(philox):
+    with pytest.raises(ValueError, match="philox must be a pair of ints"):
+        interface.checked_philox(philox)
+
+
+def test_philox_accepts_what_philox_state_returns():
+    assert interface.checked_philox((2**64 - 1, 0)) == (2**64 - 1, 0)
+
+
+def test_softmax_scale_takes_any_real_number_as_flash_attn():
+    np = pytest.importorskip("numpy")
+    q = torch.zeros(1, 2, 1, 64, dtype=torch.float16)
+    for scale in (np.float32(0.25), torch.tensor(0.25), torch.tensor([0.25]), 0.25, 1):
+        assert interface.softmax_scale_or_default(q, scale) == float(scale)
+    for bad in (torch.tensor([0.1, 0.2]), "0.1", -0.1, float("nan"), torch.tensor(1j)):
+        with pytest.raises(ValueError, match="softmax_scale"):
+            interface.softmax_scale_or_default(q, bad)
+
+
+def test_sparse_inputs_are_named():
+    q = torch.zeros(1, 4, 2, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="q must be a dense"):
+        check_qkv(q.to_sparse(), q, q)
+
+
+def test_kv_cache_page_and_capacity_limits(monkeypatch):
+    from flashjit import kvattn
+    q = torch.zeros(2, 1, 2, 64, dtype=torch.float16)
+    empty = torch.zeros(0, 16, 2, 64, dtype=torch.float16)
+    lens = torch.zeros(2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="k_cache must have from 1 to 2\\*\\*31 - 1 pages"):
+        kvattn._check(q, empty, empty, lens, None, torch.zeros(2, 1, dtype=torch.int32), None)
+    monkeypatch.setattr(interface, "check_qkv", lambda *a, **k: None)  # past the CUDA check, to the arithmetic
+    cache = torch.zeros(1, 16, 2, 64, dtype=torch.float16)
+    table = torch.zeros(1, 1, dtype=torch.int32).expand(2, 2**25 + 1)  # (2**25 + 1) * 16 slots > 2**29
+    with pytest.raises(ValueError, match="exceed the longest cache"):
+        kvattn._check(q, cache, cache, lens, None, table, None)
 
 
 def test_import_is_light():
