@@ -27,11 +27,27 @@ BACKENDS, backend = interface.BACKENDS, interface.backend  # (where flashjit.fla
 
 # ---- flash-attn's leniencies, applied by every flash-attn-compatible function (varlen, kvcache too) ----
 
-def contiguous_last_dim(*tensors):
+def contiguous_last_dim(q, k, v):
     """flash-attn copies a q/k/v whose last dim is strided (flash_attn_interface.py: maybe_contiguous)
-    instead of refusing it; the kernels need stride 1 there, so the same copy is made here."""
+    instead of refusing it; the kernels need stride 1 there, so the same copy is made here. The common
+    case is three attribute reads (this runs on every call; a generator over them costs ~2 us)."""
+    try:
+        if q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1:
+            return q, k, v
+    except (AttributeError, TypeError, RuntimeError, IndexError):  # not tensors, or 0-dim: the checks name them
+        return q, k, v
     return tuple(t.contiguous() if isinstance(t, torch.Tensor) and t.dim() and t.stride(-1) != 1 else t
-                 for t in tensors)
+                 for t in (q, k, v))
+
+
+def causal_window(window_size) -> tuple:
+    """flash-attn's convention: causal is a window whose right edge is 0. ValueError naming
+    window_size unless it is a pair (its values are checked by interface.score_mods)."""
+    try:
+        left, _ = window_size
+    except (TypeError, ValueError):
+        raise ValueError(f"window_size must be a pair of ints (negative: unbounded), got {window_size!r}") from None
+    return left, 0
 
 
 def softcap_or_off(softcap):
@@ -73,9 +89,10 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     """Attention over q [B, Sq, H, D], k [B, Sk, H_k, D], v [B, Sk, H_k, D_v] (H divisible by H_k;
     D_v <= D, usually equal), as flash-attn. The default softmax_scale is 1/sqrt(D) (q's head dim).
 
-    Returns out [B, Sq, H, D_v]; with return_attn_probs, (out, softmax_lse [B, H, Sq], S_dmask
-    [B, H, Sq, Sk]) where S_dmask holds the attention probabilities (negated where dropout dropped
-    them; for testing only: it is quadratic in memory). deterministic=True makes the backward
+    Returns out [B, Sq, H, D_v]; with return_attn_probs, (out, softmax_lse [B, H, Sq], S_dmask) where,
+    with dropout, S_dmask [B, H, Sq, Sk] holds the attention probabilities (negated where dropout
+    dropped them; for testing only: it is quadratic in memory), and without dropout it is empty, as
+    flash-attn's (code asks for return_attn_probs to get the lse). deterministic=True makes the backward
     bit-identical run to run (no atomics; slower), as in flash-attn. learnable_sink [H] (keyword, as
     FlashAttention-4 names it): gpt-oss-style sink logits, one per query head, in every row's softmax
     denominator (not its numerator); differentiable (its gradient is fp32 math, returned in its dtype);
@@ -83,7 +100,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     q, k, v = contiguous_last_dim(q, k, v)
     softcap = softcap_or_off(softcap)
     if causal:
-        window_size = (window_size[0], 0)  # flash-attn's convention: causal is a window with right = 0
+        window_size = causal_window(window_size)
     if torch.compiler.is_compiling():  # a custom op: dynamo cannot trace the launch (flashjit/ops.py)
         return _compiled(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                          return_attn_probs, learnable_sink)
@@ -96,9 +113,12 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         result = attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale,
                                      compute_dtype=torch.promote_types(q.dtype, torch.float32),
                                      window_size=tuple(window_size), softcap=softcap, alibi_slopes=alibi_slopes,
-                                     dropout_p=dropout_p, return_probs=return_attn_probs, learnable_sink=learnable_sink)
+                                     dropout_p=dropout_p, return_probs=return_attn_probs and dropout_p > 0,
+                                     learnable_sink=learnable_sink)
         out = result[0].to(q.dtype)
-        return (out, result[1], result[2]) if return_attn_probs else out
+        if not return_attn_probs:
+            return out
+        return out, result[1], result[2] if dropout_p > 0 else q.new_empty((0,))
 
     # No gradient wanted: straight to interface.forward, whose launch plan makes a repeated call cheap
     # (its checks run on a shape's first call); an autograd.Function would only add its own cost.
@@ -124,6 +144,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
                                    dropout_p, philox, bool(deterministic), learnable_sink)
     if not return_attn_probs:
         return out
+    if not dropout_p:  # flash-attn returns S_dmask only with dropout: an empty tensor of q's dtype
+        return out, lse, q.new_empty((0,))
     with torch.no_grad():  # recomputed for inspection, as flash-attn's tests use it
         mask = None
         if philox is not None:

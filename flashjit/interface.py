@@ -225,14 +225,15 @@ def score_mods(q: torch.Tensor, causal: bool, window_size=(-1, -1), softcap=0.0,
         return _NO_MODS
     try:
         left, right = (int(w) for w in window_size)
-        ok = all(w >= -1 and w == orig for w, orig in zip((left, right), window_size))
+        ok = left == window_size[0] and right == window_size[1]
     except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
         ok = False
     if not ok:
-        raise ValueError(f"window_size must be a pair of ints >= -1 (-1: unbounded), got {window_size!r}")
-    # A window as long as any sequence can be is unbounded: exact, and the kernels' 32-bit sums of a
-    # row, the diagonal and the edge cannot overflow (MAX_SEQLEN).
-    left, right = (-1 if w >= MAX_SEQLEN else w for w in (left, right))
+        raise ValueError(f"window_size must be a pair of ints (negative: unbounded), got {window_size!r}")
+    # Any negative edge is unbounded, as in flash-attn (mha_fwd). A window as long as any sequence can
+    # be is unbounded too: exact, and the kernels' 32-bit sums of a row, the diagonal and the edge
+    # cannot overflow (MAX_SEQLEN).
+    left, right = (-1 if w < 0 or w >= MAX_SEQLEN else w for w in (left, right))
     if causal:
         right = 0
     if not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:

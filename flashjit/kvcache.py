@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 
 from . import interface
-from .flash_api import softcap_or_off
+from .flash_api import causal_window, softcap_or_off
 from .interface import backend
 from .kvattn import MAX_SPLITS, PAGE_MULTIPLE  # the kernels' limits (MAX_SPLITS is flash-attn 2's cap too)
 from .reference import attention_reference
@@ -324,12 +324,12 @@ def _kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, c
                          "copy of the cache would be made on every call); pad the cache's head dim when allocating it")
     causal = bool(causal)
     if causal:
-        window_size = (window_size[0], 0)  # flash-attn's convention: causal is a window with right = 0
+        window_size = causal_window(window_size)
     interface.score_mods(q, causal, window_size, softcap, alibi_slopes, learnable_sink=learnable_sink)  # checks
     softmax_scale = interface.softmax_scale_or_default(q, softmax_scale)
     # flash-attn drops a window side that reaches past the cache's capacity (mha_fwd_kvcache): the mask
     # is the same, but then a window (capacity, -1) is not local for the rotary rule below.
-    window_size = tuple(-1 if w >= capacity else int(w) for w in window_size)
+    window_size = tuple(-1 if w >= capacity or w < 0 else int(w) for w in window_size)
 
     batch, seqlen_q, new = q.shape[0], q.shape[1], 0 if k is None else k.shape[1]
     device = q.device

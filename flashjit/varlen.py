@@ -6,8 +6,8 @@
                                                 cu_seqlens[b]:cu_seqlens[b + 1] (0, non-decreasing, total)
     max_seqlen_q, max_seqlen_k                  Python ints, at least every sequence's length
     -> out [total_q, H, D_v]; with return_attn_probs also softmax_lse [H, total_q] fp32 (flash-attn's
-       varlen layout) and S_dmask [B, H, max_seqlen_q, max_seqlen_k] (each sequence's probabilities,
-       zero-padded; dropped entries negated)
+       varlen layout) and S_dmask: with dropout [B, H, max_seqlen_q, max_seqlen_k] (each sequence's
+       probabilities, zero-padded; dropped entries negated), without it empty (as flash-attn)
 
 Each sequence is computed exactly as a dense call of its own lengths: causal is bottom-right aligned
 per sequence, windows and ALiBi distances count from its own diagonal, zero-length sequences are
@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from . import interface, kvattn, ops
-from .flash_api import contiguous_last_dim, softcap_or_off
+from .flash_api import causal_window, contiguous_last_dim, softcap_or_off
 from .interface import backend
 from .launch import BwdParams, FwdParams, tensor_ref
 from .reference import attention_reference, philox_keep_mask
@@ -410,16 +410,18 @@ def _reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
         result = attention_reference(q[rows][None], k[keys][None], v[keys][None], causal=causal,
                                      softmax_scale=softmax_scale, compute_dtype=compute,
                                      window_size=tuple(window_size), softcap=softcap, alibi_slopes=slopes,
-                                     dropout_p=dropout_p, return_probs=return_attn_probs,
+                                     dropout_p=dropout_p, return_probs=return_attn_probs and dropout_p > 0,
                                      learnable_sink=learnable_sink)
         outs.append(result[0][0])
         lses.append(result[1][0])
-        if return_attn_probs:
+        if return_attn_probs and dropout_p > 0:
             probs.append(result[2][0])
     out = torch.cat(outs).to(q.dtype) if outs else q.new_empty(interface.out_shape(q, v))
     lse = torch.cat(lses, dim=1)
     if not return_attn_probs:
         return out
+    if not dropout_p:  # flash-attn returns S_dmask only with dropout: an empty tensor of q's dtype
+        return out, lse, q.new_empty((0,))
     return out, lse, _padded_probs(probs, batch, heads, max_seqlen_q, max_seqlen_k, lse.device)
 
 
@@ -452,9 +454,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 
     q [total_q, H, D], k [total_k, H_k, D], v [total_k, H_k, D_v] (H divisible by H_k; D_v <= D),
     cu_seqlens_q/_k int32 [B + 1] on q's device, max_seqlen_q/_k ints. Returns out [total_q, H, D_v];
-    with return_attn_probs, (out, softmax_lse [H, total_q] fp32, S_dmask [B, H, max_seqlen_q,
-    max_seqlen_k]: per-sequence probabilities, zero-padded, negated where dropout dropped them; for
-    tests only).
+    with return_attn_probs, (out, softmax_lse [H, total_q] fp32, S_dmask: with dropout [B, H,
+    max_seqlen_q, max_seqlen_k], per-sequence probabilities, zero-padded, negated where dropout dropped
+    them, for tests only; without it empty, as flash-attn's).
     dropout_p, softmax_scale, causal (bottom-right per sequence), window_size, softcap, alibi_slopes
     ([H] or [B, H]), deterministic and learnable_sink ([H], keyword) as flash_attn_func.
     block_table (int32 [B, max_pages]) makes k and v a paged cache [num_pages, page_size, H_k, D] (pages a
@@ -464,7 +466,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     softcap = softcap_or_off(softcap)
     max_seqlen_q, max_seqlen_k = _seqlen_from_tensor(max_seqlen_q), _seqlen_from_tensor(max_seqlen_k)
     if causal:
-        window_size = (window_size[0], 0)  # flash-attn's convention: causal is a window with right = 0
+        window_size = causal_window(window_size)
     if block_table is not None:
         return _paged(q, k, v, block_table, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                       softmax_scale, bool(causal), tuple(window_size), softcap, alibi_slopes, return_attn_probs,
@@ -491,6 +493,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                                       bool(deterministic), learnable_sink)
     if not return_attn_probs:
         return out
+    if not dropout_p:  # flash-attn returns S_dmask only with dropout: an empty tensor of q's dtype
+        return out, lse, q.new_empty((0,))
     return out, lse, _attn_probs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, philox,
                                  softmax_scale, bool(causal), window_size, softcap, alibi_slopes, learnable_sink)
 

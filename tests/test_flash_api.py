@@ -315,7 +315,8 @@ def test_unknown_backend(monkeypatch):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(dropout_p=1.0), "dropout_p"), (dict(softmax_scale=-1.0), "softmax_scale"),
-    (dict(window_size=(-2, 0)), "window_size"), (dict(softcap=float("nan")), "softcap"),  # negative: off
+    (dict(window_size=(0.5, 0)), "window_size"), (dict(window_size=None, causal=True), "window_size"),
+    (dict(softcap=float("nan")), "softcap"),  # a negative softcap is off, a negative window edge unbounded
     (dict(alibi_slopes=torch.ones(3)), "alibi_slopes"),
 ])
 def test_reference_backend_rejects_bad_arguments(kwargs, match, monkeypatch):
@@ -340,6 +341,28 @@ def test_reference_backend_features_have_exact_gradients(kwargs, monkeypatch):
     assert torch.autograd.gradcheck(fn, (q, k, v))
     out = flash_attn_func(q, k, v, **kwargs)
     assert torch.allclose(out, fn(q, k, v))
+
+
+def test_negative_window_edges_are_unbounded_as_flash_attn(monkeypatch):
+    monkeypatch.setenv("FLASHJIT_BACKEND", "reference")
+    q, k, v = _qkv(1, 6, 9, 2, 2, 16, torch.float32, "cpu", grad=False)
+    for negative, unbounded in [((-5, 2), (-1, 2)), ((3, -2**40), (3, -1)), ((-3, -7), (-1, -1))]:
+        torch.testing.assert_close(flash_attn_func(q, k, v, window_size=negative),
+                                   flash_attn_func(q, k, v, window_size=unbounded), atol=0, rtol=0)
+    torch.testing.assert_close(flash_attn_func(q, k, v, causal=True, window_size=(-4, -4)),
+                               flash_attn_func(q, k, v, causal=True), atol=0, rtol=0)
+
+
+def test_return_attn_probs_without_dropout_gives_an_empty_s_dmask(monkeypatch):
+    """flash-attn returns S_dmask only with dropout (an empty tensor of q's dtype otherwise): code asks for
+    return_attn_probs to get the lse, and must not pay for a [B, H, Sq, Sk] tensor."""
+    monkeypatch.setenv("FLASHJIT_BACKEND", "reference")
+    q, k, v = _qkv(1, 6, 9, 2, 2, 16, torch.float32, "cpu", grad=False)
+    out, lse, s_dmask = flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    assert s_dmask.shape == (0,) and s_dmask.dtype == q.dtype and lse.shape == (1, 2, 6)
+    torch.testing.assert_close(out, flash_attn_func(q, k, v, causal=True), atol=0, rtol=0)
+    _, _, s_dmask = flash_attn_func(q, k, v, causal=True, dropout_p=0.5, return_attn_probs=True)
+    assert s_dmask.shape == (1, 2, 6, 9)
 
 
 def test_reference_window_matches_an_explicit_mask():

@@ -138,14 +138,15 @@ def test_reference_features_match_flash_attn_definition(trial):
 
 def test_windows_past_any_sequence_are_unbounded_and_never_wrap():
     """A window edge >= 2**29 (MAX_SEQLEN) is -1: exact, and no 32-bit sum in the kernels can wrap
-    (2**32 once reached them as 0: the diagonal only)."""
+    (2**32 once reached them as 0: the diagonal only). Any negative edge is -1, as flash-attn's."""
     q = torch.zeros(1, 4, 2, 64, dtype=torch.float16)
     for window, causal, expected, local in [((2**32, 0), False, (-1, 0), True), ((2**40 + 5, 3), False, (-1, 3), True),
                                             ((-1, 2**31 - 1), False, (-1, -1), False), ((2**31 - 1, -1), True, (-1, 0), False),
-                                            ((2**29 - 1, 7), False, (2**29 - 1, 7), True)]:
+                                            ((2**29 - 1, 7), False, (2**29 - 1, 7), True),
+                                            ((-2, 3), False, (-1, 3), True), ((-7, -2**40), False, (-1, -1), False)]:
         mods = interface.score_mods(q, causal, window)
         assert mods.values[:2] == expected and mods.local == local, window
-    for bad in [(float("inf"), 0), (1.5, 0), (-2, 0), None, (1,)]:
+    for bad in [(float("inf"), 0), (1.5, 0), ("2", 0), None, (1,)]:
         with pytest.raises(ValueError, match="window_size"):
             interface.score_mods(q, False, bad)
 

@@ -171,8 +171,9 @@ def test_dropout_matches_reference_with_the_kernels_mask(d, causal, deterministi
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_flash_attn_varlen_func_autograd(deterministic, monkeypatch):
     """The public function with autograd (GQA, causal, ALiBi [B, H], a sink with its gradient): out and
-    return_attn_probs' (softmax_lse [H, total_q], S_dmask [B, H, max_q, max_k]) and the gradients of
-    q, k, v and the sink against the reference."""
+    return_attn_probs' softmax_lse [H, total_q] (S_dmask empty without dropout, as flash-attn's) and the
+    gradients of q, k, v and the sink against the reference; with dropout, S_dmask [B, H, max_q, max_k]
+    holds each sequence's probabilities (negated where dropped), zero past it."""
     monkeypatch.setenv("FLASHJIT_BACKEND", "jit")
     lens_q, lens_k = LENS
     h, hk, d = 4, 2, 64
@@ -185,17 +186,20 @@ def test_flash_attn_varlen_func_autograd(deterministic, monkeypatch):
                                              deterministic=deterministic, return_attn_probs=True,
                                              learnable_sink=sink)
     out.backward(dout)
-    assert lse.shape == (h, q.shape[0]) and probs.shape == (len(lens_q), h, max_q, max_k)
+    assert lse.shape == (h, q.shape[0]) and probs.numel() == 0 and probs.dtype == q.dtype
     ref, low = _per_sequence(q, k, v, dout, lens_q, lens_k, causal=True, alibi_slopes=slopes, learnable_sink=sink)
     assert_all_close(("out", *GRADS, "dsink"), (out, *(t.grad for t in leaves), sink.grad), ref, low)
     (_, ref_lse), (_, low_lse) = _per_sequence(q, k, v, None, lens_q, lens_k, causal=True, alibi_slopes=slopes,
                                                learnable_sink=sink)
     assert_lse_close(lse, ref_lse, low_lse)
+    _, _, probs = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.25, causal=True,
+                                         alibi_slopes=slopes, return_attn_probs=True, learnable_sink=sink)
+    assert probs.shape == (len(lens_q), h, max_q, max_k) and (probs < 0).any()
     for b, (rows, keys) in enumerate(zip(_spans(lens_q), _spans(lens_k))):
         sq, sk = rows.stop - rows.start, keys.stop - keys.start
         _, _, want = attention_reference(q[rows][None], k[keys][None], v[keys][None], causal=True,
                                          alibi_slopes=slopes[b], return_probs=True, learnable_sink=sink)
-        torch.testing.assert_close(probs[b, :, :sq, :sk], want[0].to(probs.dtype), atol=2e-3, rtol=0)
+        torch.testing.assert_close(probs[b, :, :sq, :sk].abs(), want[0].to(probs.dtype), atol=2e-3, rtol=0)
         assert not probs[b, :, sq:].any() and not probs[b, :, :, sk:].any(), "S_dmask is zero past each sequence"
 
 
@@ -504,8 +508,12 @@ def test_reference_backend_is_the_dense_reference_per_sequence(kwargs, monkeypat
     if kwargs.get("learnable_sink"):
         kwargs["learnable_sink"] = torch.randn(h, dtype=torch.float64, requires_grad=True)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out, lse, probs = flash_attn_varlen_func(*leaves, cu_q, cu_k, max_q, max_k, return_attn_probs=True, **kwargs)
-    assert out.shape == q.shape and lse.shape == (h, q.shape[0]) and probs.shape == (4, h, max_q, max_k)
+    out, lse, empty = flash_attn_varlen_func(*leaves, cu_q, cu_k, max_q, max_k, return_attn_probs=True, **kwargs)
+    assert out.shape == q.shape and lse.shape == (h, q.shape[0]) and empty.numel() == 0  # no dropout: as flash-attn
+    with torch.no_grad():
+        _, _, probs = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.5, return_attn_probs=True,
+                                             **kwargs)
+    assert probs.shape == (4, h, max_q, max_k) and (probs < 0).any()
     out.sum().backward()
     for b, (rows, keys) in enumerate(zip(_spans(lens_q), _spans(lens_k))):
         one = dict(kwargs, window_size=kwargs.get("window_size", (-1, -1)))
@@ -515,7 +523,8 @@ def test_reference_backend_is_the_dense_reference_per_sequence(kwargs, monkeypat
                                       return_probs=True, **one)
         torch.testing.assert_close(out[rows], o[0])
         torch.testing.assert_close(lse[:, rows], l[0])
-        torch.testing.assert_close(probs[b, :, :rows.stop - rows.start, :keys.stop - keys.start], p[0])
+        torch.testing.assert_close(probs[b, :, :rows.stop - rows.start, :keys.stop - keys.start].abs(), p[0])
+        assert not probs[b, :, rows.stop - rows.start:].any() and not probs[b, :, :, keys.stop - keys.start:].any()
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
     assert not leaves[1].grad[_spans(lens_k)[1]].any(), "keys of a sequence with no queries get no gradient"
     if kwargs.get("learnable_sink") is not None:
