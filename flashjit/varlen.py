@@ -151,6 +151,10 @@ def _check_paged(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, m
                          f"page numbers a sequence, as cu_seqlens_q/_k's {batch} sequences), got "
                          f"{tuple(block_table.shape) if isinstance(block_table, torch.Tensor) else block_table!r}")
     slots = k_cache.shape[1] * block_table.shape[1]
+    if slots > interface.MAX_SEQLEN or len(k_cache) > _INT32_MAX:
+        raise ValueError(f"block_table's {block_table.shape[1]} pages of {k_cache.shape[1]} slots, over {len(k_cache)} "
+                         f"pages in k/v, exceed what the kernels address (at most 2**29 = {interface.MAX_SEQLEN} "
+                         "slots a sequence and 2**31 - 1 pages)")
     max_seqlen_q = _check_max_seqlen(max_seqlen_q, "max_seqlen_q", q.shape[0], "q")
     max_seqlen_k = _check_max_seqlen(max_seqlen_k, "max_seqlen_k", slots, "a block_table row's slots")
     return batch, max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k, block_table.contiguous()

@@ -78,6 +78,9 @@ def test_paged_varlen_refuses_what_it_cannot_do(monkeypatch):
         flash_attn_varlen_func(q, k_cache[:, :8], v_cache[:, :8], *args, block_table=table)
     with pytest.raises(ValueError, match="block_table must be an int32 tensor of shape \\(5, max_pages\\)"):
         flash_attn_varlen_func(q, k_cache, v_cache, *args, block_table=table.long())
+    wide = table[:, :1].expand(-1, 2**25 + 1)  # (2**25 + 1) * 16 slots a sequence: past 32-bit rows' 2**29
+    with pytest.raises(ValueError, match="exceed what the kernels address"):
+        flash_attn_varlen_func(q, k_cache, v_cache, *args, block_table=wide)
     with pytest.raises(ValueError, match="paged caches of one non-empty shape"):
         flash_attn_varlen_func(q, k_cache, v_cache[..., :16], *args, block_table=table)
     with pytest.raises(ValueError, match="k must be a tensor of 4 dims"):
