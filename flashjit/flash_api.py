@@ -27,19 +27,6 @@ BACKENDS, backend = interface.BACKENDS, interface.backend  # (where flashjit.fla
 
 # ---- flash-attn's leniencies, applied by every flash-attn-compatible function (varlen, kvcache too) ----
 
-def contiguous_last_dim(q, k, v):
-    """flash-attn copies a q/k/v whose last dim is strided (flash_attn_interface.py: maybe_contiguous)
-    instead of refusing it; the kernels need stride 1 there, so the same copy is made here. The common
-    case is three attribute reads (this runs on every call; a generator over them costs ~2 us)."""
-    try:
-        if q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1:
-            return q, k, v
-    except (AttributeError, TypeError, RuntimeError, IndexError):  # not tensors, or 0-dim: the checks name them
-        return q, k, v
-    return tuple(t.contiguous() if isinstance(t, torch.Tensor) and t.dim() and t.stride(-1) != 1 else t
-                 for t in (q, k, v))
-
-
 def causal_window(window_size) -> tuple:
     """flash-attn's convention: causal is a window whose right edge is 0. ValueError naming
     window_size unless it is a pair (its values are checked by interface.score_mods)."""
@@ -48,15 +35,6 @@ def causal_window(window_size) -> tuple:
     except (TypeError, ValueError):
         raise ValueError(f"window_size must be a pair of ints (negative: unbounded), got {window_size!r}") from None
     return left, 0
-
-
-def softcap_or_off(softcap):
-    """flash-attn treats softcap <= 0 as off ("<=0.0 means deactivate", flash_attn_interface.py; the
-    kernels test softcap > 0), so a negative softcap is 0 here, not an error. NaN and non-numbers still
-    reach interface.score_mods, which rejects them."""
-    if isinstance(softcap, (int, float)) and not isinstance(softcap, bool) and softcap < 0:
-        return 0.0
-    return softcap
 
 
 class _JitAttention(torch.autograd.Function):
@@ -97,14 +75,13 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     FlashAttention-4 names it): gpt-oss-style sink logits, one per query head, in every row's softmax
     denominator (not its numerator); differentiable (its gradient is fp32 math, returned in its dtype);
     softmax_lse then includes it."""
-    q, k, v = contiguous_last_dim(q, k, v)
-    softcap = softcap_or_off(softcap)
     if causal:
         window_size = causal_window(window_size)
     if torch.compiler.is_compiling():  # a custom op: dynamo cannot trace the launch (flashjit/ops.py)
         return _compiled(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                          return_attn_probs, learnable_sink)
     if backend() == "reference":
+        q, k, v = interface.contiguous_last_dim(q, k, v)
         interface.check_qkv(q, k, v, reference=True)  # the kernels' checks and messages (fp32 and CPU allowed)
         interface.dropout_threshold(dropout_p)
         interface.softmax_scale_or_default(q, softmax_scale)
@@ -120,37 +97,38 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
             return out
         return out, result[1], result[2] if dropout_p > 0 else q.new_empty((0,))
 
-    # No gradient wanted: straight to interface.forward, whose launch plan makes a repeated call cheap
-    # (its checks run on a shape's first call); an autograd.Function would only add its own cost.
-    if not return_attn_probs and not (torch.is_grad_enabled() and (
-            getattr(q, "requires_grad", False) or getattr(k, "requires_grad", False)
-            or getattr(v, "requires_grad", False) or getattr(learnable_sink, "requires_grad", False))):
-        return interface.forward(q, k, v, causal=bool(causal), softmax_scale=softmax_scale, window_size=window_size,
-                                 softcap=softcap, alibi_slopes=alibi_slopes, dropout_p=dropout_p,
-                                 learnable_sink=learnable_sink)
-    if not return_attn_probs:  # the checks run inside interface.forward (planned calls skip them)
+    if not (return_attn_probs and dropout_p):
+        # The checks run inside interface.forward, whose launch plan makes a repeated call cheap (a
+        # shape's first call checks); without dropout, return_attn_probs is out, lse and flash-attn's
+        # empty S_dmask, so asking for the lse this way costs nothing more.
+        if not (torch.is_grad_enabled() and (
+                getattr(q, "requires_grad", False) or getattr(k, "requires_grad", False)
+                or getattr(v, "requires_grad", False) or getattr(learnable_sink, "requires_grad", False))):
+            # No gradient wanted: an autograd.Function would only add its own cost.
+            result = interface.forward(q, k, v, causal=bool(causal), softmax_scale=softmax_scale,
+                                       window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+                                       dropout_p=dropout_p, learnable_sink=learnable_sink, return_lse=return_attn_probs)
+            return (*result, q.new_empty((0,))) if return_attn_probs else result
         philox = None
         if interface.dropout_threshold(dropout_p):  # inputs checked before the generator advances
-            interface.check_qkv(q, k, v)
+            interface.check_qkv(*interface.contiguous_last_dim(q, k, v))
             philox = interface.philox_state(q.get_device())
-        return _JitAttention.apply(q, k, v, softmax_scale, bool(causal), window_size, softcap, alibi_slopes,
-                                   dropout_p, philox, bool(deterministic), learnable_sink)[0]
+        out, lse = _JitAttention.apply(q, k, v, softmax_scale, bool(causal), window_size, softcap, alibi_slopes,
+                                       dropout_p, philox, bool(deterministic), learnable_sink)
+        return (out, lse, q.new_empty((0,))) if return_attn_probs else out
+
+    # return_attn_probs with dropout: S_dmask recomputed for inspection, as flash-attn's tests use it.
+    q, k, v = interface.contiguous_last_dim(q, k, v)
     interface.check_qkv(q, k, v)  # device and shape errors first, naming the argument
     interface.dropout_threshold(dropout_p)
     window_size = tuple(window_size)
     interface.score_mods(q, causal, window_size, softcap, alibi_slopes, learnable_sink=learnable_sink)
-    philox = interface.philox_state(q.get_device()) if dropout_p > 0 else None
+    philox = interface.philox_state(q.get_device())
     out, lse = _JitAttention.apply(q, k, v, softmax_scale, bool(causal), window_size, softcap, alibi_slopes,
                                    dropout_p, philox, bool(deterministic), learnable_sink)
-    if not return_attn_probs:
-        return out
-    if not dropout_p:  # flash-attn returns S_dmask only with dropout: an empty tensor of q's dtype
-        return out, lse, q.new_empty((0,))
-    with torch.no_grad():  # recomputed for inspection, as flash-attn's tests use it
-        mask = None
-        if philox is not None:
-            mask = philox_keep_mask(*philox, interface.dropout_threshold(dropout_p), q.shape[0], q.shape[2],
-                                    q.shape[1], k.shape[1], q.device)
+    with torch.no_grad():
+        mask = philox_keep_mask(*philox, interface.dropout_threshold(dropout_p), q.shape[0], q.shape[2],
+                                q.shape[1], k.shape[1], q.device)
         _, _, probs = attention_reference(q, k, v, causal=causal, softmax_scale=softmax_scale,
                                           window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
                                           dropout_p=dropout_p, dropout_mask=mask, return_probs=True,
@@ -163,12 +141,17 @@ def _compiled(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, a
     """flash_attn_func inside torch.compile: the custom op, whose own checks run when it runs."""
     from . import ops
 
-    if return_attn_probs:
-        raise ValueError("return_attn_probs=True is not supported under torch.compile (it is for tests: it "
-                         "materialises [B, H, Sq, Sk]); call flash_attn_func eagerly for it")
+    if return_attn_probs and dropout_p:
+        raise ValueError("return_attn_probs=True with dropout is not supported under torch.compile (S_dmask "
+                         "materialises [B, H, Sq, Sk] for tests); call flash_attn_func eagerly for it")
+    if isinstance(softmax_scale, torch.Tensor):  # NumPy scalars arrive as tensors under dynamo too
+        raise ValueError("softmax_scale must be a Python float (or None) under torch.compile, got a tensor or NumPy "
+                         "scalar; pass float(softmax_scale)")
+    q, k, v = interface.contiguous_last_dim(q, k, v)
     left, right = window_size
-    return ops.fwd(q, k, v, alibi_slopes, learnable_sink, softmax_scale, bool(causal), int(left), int(right),
-                   float(softcap), float(dropout_p), bool(deterministic))[0]
+    out, lse = ops.fwd(q, k, v, alibi_slopes, learnable_sink, softmax_scale, bool(causal), int(left), int(right),
+                       float(softcap), float(dropout_p), bool(deterministic))[:2]
+    return (out, lse, q.new_empty((0,))) if return_attn_probs else out
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),

@@ -51,6 +51,7 @@ _DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 # The reference backend (PyTorch on any device) also computes in fp32 and fp64 (for gradcheck).
 _REFERENCE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT32_MAX = 2**31 - 1
+_U64 = 2**64
 # The longest sequence (and varlen total) the kernels take: they index rows, and sum a row, the
 # query-key diagonal and a window edge, in 32-bit ints, which stays exact below 2^31 while each term is
 # under 2^29. A window at least this long is as unbounded as -1 (score_mods maps it to -1).
@@ -67,6 +68,14 @@ def check_4d(name: str, t, layout: str, dtypes, allowed: str) -> None:
         raise ValueError(f"{name} must be a dense (strided) tensor, got layout {t.layout}; pass {name}.to_dense()")
     if t.dtype not in dtypes:
         raise ValueError(f"{name} must be {allowed}, got {t.dtype}; cast it with .half() or .bfloat16()")
+
+
+def contiguous_last_dim(*tensors) -> tuple:
+    """flash-attn copies a q/k/v whose last dim is strided (flash_attn_interface.py: maybe_contiguous)
+    instead of refusing it; the kernels need stride 1 there, so the same copy is made here (on the
+    paths that run checks: a planned call's key holds the strides of a call that needed no copy)."""
+    return tuple(t.contiguous() if isinstance(t, torch.Tensor) and t.dim() and t.stride(-1) != 1 else t
+                 for t in tensors)
 
 
 def check_qkv(q, k, v, reference: bool = False) -> None:
@@ -203,7 +212,13 @@ def philox_state(device_index: int, increment: int = 4) -> tuple[int, int]:
 
 
 def checked_philox(philox) -> tuple[int, int]:
-    """philox as the kernels take it: a pair of ints (seed, offset), each an unsigned 64-bit value."""
+    """philox as the kernels take it: a pair of ints (seed, offset), each an unsigned 64-bit value.
+    Every dropout call passes one (flash_attn_func's from philox_state): the common form is checked
+    first, in a few hundred nanoseconds."""
+    if type(philox) is tuple and len(philox) == 2:
+        seed, offset = philox
+        if type(seed) is int and type(offset) is int and 0 <= seed < _U64 and 0 <= offset < _U64:
+            return philox
     try:
         seed, offset = philox
         ok = all(isinstance(x, numbers.Integral) and not isinstance(x, bool) and 0 <= x < 2**64 for x in (seed, offset))
@@ -236,8 +251,9 @@ def score_mods(q: torch.Tensor, causal: bool, window_size=(-1, -1), softcap=0.0,
     left, right = (-1 if w < 0 or w >= MAX_SEQLEN else w for w in (left, right))
     if causal:
         right = 0
-    if not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:
-        raise ValueError(f"softcap must be a finite number >= 0 (0 disables it), got {softcap!r}")
+    if not isinstance(softcap, (int, float)) or not math.isfinite(softcap):
+        raise ValueError(f"softcap must be a finite number (0 or less disables it, as in flash-attn), got {softcap!r}")
+    softcap = max(float(softcap), 0.0)  # flash-attn: "<=0.0 means deactivate"
     pointer, stride = None, 0
     if alibi_slopes is not None:
         batch, heads = q.shape[0], q.shape[2]
@@ -578,6 +594,10 @@ def forward(q, k, v, config: ConfigBase | None = None, causal: bool = False,
         plan = _plans.get(plan_key) if plan_key is not None else None
         if plan is not None and (result := plan.launch(q, k, v, philox)) is not None:
             return result if return_lse else result[0]
+    copies = contiguous_last_dim(q, k, v)
+    if any(c is not t for c, t in zip(copies, (q, k, v))):  # copied: no plan for the caller's strides
+        q, k, v = copies
+        plan_key = None
     check_qkv(q, k, v)
     if q.shape[-1] % 8 or v.shape[-1] % 8:
         if out is not None:  # checked before anything runs; written by a copy, so any layout does
@@ -650,6 +670,10 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         plan = _bwd_plans.get(plan_key) if plan_key is not None else None
         if plan is not None and (grads := plan.launch(dout, q, k, v, out, lse, philox)) is not None:
             return grads
+    copies = contiguous_last_dim(q, k, v)
+    if any(c is not t for c, t in zip(copies, (q, k, v))):  # copied: no plan for the caller's strides
+        q, k, v = copies
+        plan_key = None
     check_qkv(q, k, v)
     check_douts(dout, out, q, v)
     lse_shape = (q.shape[0], q.shape[2], q.shape[1])

@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 
 from . import interface
-from .flash_api import causal_window, softcap_or_off
+from .flash_api import causal_window
 from .interface import backend
 from .kvattn import MAX_SPLITS, PAGE_MULTIPLE  # the kernels' limits (MAX_SPLITS is flash-attn 2's cap too)
 from .reference import attention_reference
@@ -399,7 +399,6 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     alibi_slopes ([H] or [B, H] fp32) and learnable_sink ([H]) as flash_attn_func. num_splits:
     how many chunks the keys are split into (0: a heuristic; the reference backend ignores it).
     No backward. Under torch.compile: the custom op flashjit::fwd_kvcache."""
-    softcap = softcap_or_off(softcap)  # flash-attn: softcap <= 0 is off
     if isinstance(num_splits, int) and not isinstance(num_splits, bool) and num_splits < 0:
         num_splits = 0  # flash-attn (mha_fwd_kvcache: num_splits < 1) chooses by its heuristic, as 0 does
     if torch.compiler.is_compiling():  # a custom op that mutates the caches (below)

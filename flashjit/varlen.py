@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from . import interface, kvattn, ops
-from .flash_api import causal_window, contiguous_last_dim, softcap_or_off
+from .flash_api import causal_window
 from .interface import backend
 from .launch import BwdParams, FwdParams, tensor_ref
 from .reference import attention_reference, philox_keep_mask
@@ -53,11 +53,13 @@ _INT32_MAX = 2**31 - 1
 # ---- argument checks -------------------------------------------------------------------------------
 
 def _check_max_seqlen(value, name: str, total: int, total_name: str) -> int:
-    """max_seqlen_q/_k as an int (flash-attn takes host ints: a tensor would cost a device sync), at
-    most the total (no sequence is longer, so a larger bound only launches CTAs that exit)."""
+    """max_seqlen_q/_k as an int (a one-element integer tensor was read on the host before this, by
+    _seqlen_from_tensor), at most the total (no sequence is longer, so a larger bound only launches CTAs
+    that exit)."""
     if isinstance(value, torch.Tensor) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a Python int (the longest sequence's length, as flash-attn takes it), got "
-                        f"{type(value).__name__}; compute it on the host, e.g. int(seqlens.max())")
+        raise TypeError(f"{name} must be an int or a one-element integer tensor (the longest sequence's length, as "
+                        f"flash-attn takes it), got "
+                        f"{f'a {value.dtype} tensor of shape {tuple(value.shape)}' if isinstance(value, torch.Tensor) else value}")
     try:
         value = operator.index(value)
     except TypeError:
@@ -259,6 +261,8 @@ def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_s
     low-level call under flash_attn_varlen_func, as interface.forward is under flash_attn_func. For
     dropout pass the same `philox` (seed, offset) to varlen_backward (interface.philox_state() draws
     one; without it this draws its own). `out`, when given, is written ([total_q, H, D_v])."""
+    if philox is not None:
+        philox = interface.checked_philox(philox)
     batch, max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k = _check_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if q.shape[-1] % 8 or v.shape[-1] % 8:  # zero-padded to multiples of 8, as flash-attn (interface._pad_head_dim)
@@ -299,6 +303,8 @@ def varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seq
     heads of each key/value head (on sm_90a by one CTA per query head where the dispatcher finds the
     grid short, as interface.backward). dq, dk, dv: optional outputs; rows that no sequence covers
     (past cu_seqlens[-1]) stay unwritten, as in flash-attn."""
+    if philox is not None:
+        philox = interface.checked_philox(philox)
     batch, max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k = _check_varlen(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     interface.check_douts(dout, out, q, v)
@@ -466,8 +472,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     block_table (int32 [B, max_pages]) makes k and v a paged cache [num_pages, page_size, H_k, D] (pages a
     multiple of 16 rows): sequence b's keys are the first cu_seqlens_k[b + 1] - cu_seqlens_k[b] slots of
     its row of pages; inference only, as in flash-attn (no backward, dropout or return_attn_probs)."""
-    q, k, v = contiguous_last_dim(q, k, v)  # flash-attn's leniencies, as flash_attn_func's
-    softcap = softcap_or_off(softcap)
+    q, k, v = interface.contiguous_last_dim(q, k, v)  # flash-attn copies a strided last dim, as flash_attn_func
     max_seqlen_q, max_seqlen_k = _seqlen_from_tensor(max_seqlen_q), _seqlen_from_tensor(max_seqlen_k)
     if causal:
         window_size = causal_window(window_size)

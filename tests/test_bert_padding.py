@@ -118,3 +118,17 @@ def test_index_first_axis_residual_adds_the_rows_gradient_to_the_residuals():
     expected[idx] += w_rows
     torch.testing.assert_close(x.grad, expected)
     assert torch.autograd.gradcheck(lambda t: index_first_axis_residual(t, idx), (x.detach().requires_grad_(),))
+
+
+def test_index_first_axis_residual_takes_an_expanded_incoming_gradient():
+    """residual.sum() hands backward an expanded (stride-0) gradient: adding the rows into it in place
+    (flash-attn's scatter_add_) would raise; the gradient is still the residual's plus the rows'."""
+    from flashjit.bert_padding import index_first_axis_residual
+
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    idx = torch.tensor([4, 0])
+    rows, residual = index_first_axis_residual(x, idx)
+    (rows.sum() + residual.sum()).backward()
+    expected = torch.ones(5, 3, dtype=torch.float64)
+    expected[idx] += 1
+    torch.testing.assert_close(x.grad, expected)

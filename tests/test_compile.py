@@ -106,10 +106,27 @@ def test_compiled_dropout_regenerates_the_forwards_mask(reference_backend):
     assert (got[0] - plain).abs().max() > 0.1  # dropout happened
 
 
-def test_return_attn_probs_under_compile_is_refused(reference_backend):
+def test_return_attn_probs_under_compile_gives_the_lse_and_refuses_only_s_dmask(reference_backend):
+    """Without dropout S_dmask is empty (flash-attn's), so code that asks for the lse this way compiles;
+    with dropout it would materialise [B, H, Sq, Sk] and is refused with a message."""
     q, k, v, _ = _inputs(1, 8, 8, 1, 1, 16, "cpu", torch.float32)
-    with pytest.raises(Exception, match="return_attn_probs=True is not supported under torch.compile"):
-        torch.compile(lambda q, k, v: flash_attn_func(q, k, v, return_attn_probs=True), fullgraph=True)(q, k, v)
+    out, lse, s_dmask = torch.compile(lambda q, k, v: flash_attn_func(q, k, v, causal=True, return_attn_probs=True),
+                                      fullgraph=True)(q, k, v)
+    want_out, want_lse, _ = flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    torch.testing.assert_close(out, want_out)
+    torch.testing.assert_close(lse, want_lse)
+    assert s_dmask.numel() == 0 and s_dmask.dtype == q.dtype
+    with pytest.raises(Exception, match="return_attn_probs=True with dropout is not supported under torch.compile"):
+        torch.compile(lambda q, k, v: flash_attn_func(q, k, v, dropout_p=0.1, return_attn_probs=True),
+                      fullgraph=True)(q, k, v)
+
+
+def test_strided_last_dim_under_compile_is_copied_as_eager(reference_backend):
+    q, k, v, _ = _inputs(1, 8, 8, 1, 1, 16, "cpu", torch.float32)
+    strided = [t.transpose(-1, -3).contiguous().transpose(-1, -3) for t in (q, k, v)]  # same values, stride(-1) != 1
+    assert all(t.stride(-1) != 1 for t in strided)
+    got = torch.compile(lambda q, k, v: flash_attn_func(q, k, v, causal=True), fullgraph=True)(*strided)
+    torch.testing.assert_close(got, flash_attn_func(q, k, v, causal=True))
 
 
 def test_opcheck_of_the_forward_op(reference_backend):

@@ -60,6 +60,22 @@ def test_jit_gradients_match_reference(shape, causal, dtype, monkeypatch):
 
 
 @gpu
+@pytest.mark.parametrize("grad", [False, True])
+def test_jit_return_attn_probs_without_dropout_is_out_lse_and_an_empty_s_dmask(grad, monkeypatch):
+    """flash-attn's (out, softmax_lse, empty S_dmask) on the planned paths, with and without grad, and a
+    strided last dim copied as flash-attn does: out and lse those of interface.forward."""
+    monkeypatch.setenv("FLASHJIT_BACKEND", "jit")
+    q, k, v = _qkv(2, 70, 90, 4, 2, 64, torch.bfloat16, "cuda", grad=grad)
+    want_out, want_lse = interface.forward(q.detach(), k.detach(), v.detach(), causal=True, return_lse=True)
+    for _ in range(2):  # the first call plans, the second runs the plan
+        out, lse, s_dmask = flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+        assert s_dmask.shape == (0,) and s_dmask.dtype == q.dtype and s_dmask.device == q.device
+        assert torch.equal(out.detach(), want_out) and torch.equal(lse, want_lse) and out.requires_grad == grad
+    strided = [t.detach().transpose(-1, -3).contiguous().transpose(-1, -3) for t in (q, k, v)]
+    assert strided[0].stride(-1) != 1 and torch.equal(flash_attn_func(*strided, causal=True), want_out)
+
+
+@gpu
 @pytest.mark.parametrize("config", [c for c in flashjit.get_kernels_to_build(arch="sm_90a")
                                     if c.family.direction == "bwd"], ids=lambda c: c.name)
 def test_backward_build_set(config):
@@ -529,7 +545,7 @@ def test_varlen_max_seqlen_may_be_a_one_element_integer_tensor(monkeypatch):
     torch.testing.assert_close(flash_attn_varlen_qkvpacked_func(torch.stack([q, k, v], 1), cu, longest, causal=True),
                                expected)
     for bad in (torch.tensor(5.0), torch.tensor([5, 5])):
-        with pytest.raises(TypeError, match="max_seqlen_q must be a Python int"):
+        with pytest.raises(TypeError, match="max_seqlen_q must be an int or a one-element integer tensor"):
             flash_attn_varlen_func(q, k, v, cu, cu, bad, 5)
 
 

@@ -179,6 +179,23 @@ def test_philox_accepts_what_philox_state_returns():
     assert interface.checked_philox((2**64 - 1, 0)) == (2**64 - 1, 0)
 
 
+def test_forward_backward_and_varlen_check_philox_first():
+    """The check runs before anything else (a planned call included), on the CPU too."""
+    from flashjit import varlen
+
+    q = torch.zeros(1, 4, 2, 64, dtype=torch.float16)
+    lse = torch.zeros(1, 2, 4)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    calls = [lambda p: interface.forward(q, q, q, dropout_p=0.1, philox=p),
+             lambda p: interface.backward(q, q, q, q, q, lse, dropout_p=0.1, philox=p),
+             lambda p: varlen.varlen_forward(q[0], q[0], q[0], cu, cu, 4, 4, dropout_p=0.1, philox=p),
+             lambda p: varlen.varlen_backward(q[0], q[0], q[0], q[0], q[0], lse[0], cu, cu, 4, 4, dropout_p=0.1,
+                                              philox=p)]
+    for call in calls:
+        with pytest.raises(ValueError, match="philox must be a pair of ints"):
+            call((2**64 + 5, 0))
+
+
 def test_softmax_scale_takes_any_real_number_as_flash_attn():
     np = pytest.importorskip("numpy")
     q = torch.zeros(1, 2, 1, 64, dtype=torch.float16)

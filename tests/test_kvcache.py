@@ -255,14 +255,16 @@ def test_decode_causal_is_non_causal(reference):
 
 
 def test_window_past_the_capacity_is_no_window(reference):
-    """flash-attn drops window sides at or beyond the cache's capacity: (capacity, -1) is the plain
-    mask, and the queries' rotary positions are then all cache_seqlens (not per row)."""
+    """flash-attn drops window sides at or beyond the cache's capacity (and negative ones): (capacity, -1)
+    is the plain mask, and the queries' rotary positions are then all cache_seqlens (not per row)."""
     cache, kwargs = _call(dict(new=2, sq=3, rotary=("neox", 16)))
     k0, v0 = cache.k.clone(), cache.v.clone()
     plain = flash_attn_with_kvcache(**kwargs)
     kwargs.update(k_cache=k0, v_cache=v0, window_size=(cache.capacity, -1))
     windowed = flash_attn_with_kvcache(**kwargs)
     assert torch.equal(plain[0], windowed[0])
+    kwargs.update(k_cache=cache.k.clone(), v_cache=cache.v.clone(), window_size=(-3, -5))  # negative: unbounded
+    assert torch.equal(plain[0], flash_attn_with_kvcache(**kwargs)[0])
     kwargs.update(k_cache=cache.k.clone(), v_cache=cache.v.clone(), window_size=(cache.capacity - 1, -1))
     local = flash_attn_with_kvcache(**kwargs)  # a real window: per-row query positions
     assert not torch.allclose(plain[0], local[0])

@@ -441,7 +441,7 @@ def _cpu_batch(lens_q=(3, 0, 5), lens_k=(4, 2, 5), h=2, hk=1, d=8, dtype=torch.f
     (dict(cu_seqlens_k="2d"), ValueError, "cu_seqlens_k must be 1-D"),
     (dict(cu_seqlens_k="short"), ValueError, "batch \\+ 1 entries"),
     (dict(cu_seqlens_q="list"), TypeError, "cu_seqlens_q must be a torch.Tensor"),
-    (dict(max_seqlen_q="tensor2"), TypeError, "max_seqlen_q must be a Python int"),  # 1 element: taken
+    (dict(max_seqlen_q="tensor2"), TypeError, "max_seqlen_q must be an int or a one-element integer tensor"),  # 1 element: taken
     (dict(max_seqlen_k=2.5), TypeError, "max_seqlen_k must be a Python int"),
     (dict(max_seqlen_k=-1), ValueError, "max_seqlen_k must be >= 0"),
     (dict(max_seqlen_q=0), ValueError, "max_seqlen_q is 0 but q has 8 rows"),
