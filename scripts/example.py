@@ -1,8 +1,14 @@
 """An example attention call: flashjit's kernel on a CUDA GPU, checked against the PyTorch reference.
 Without a GPU it says so and runs the reference backend instead."""
-import torch
+import warnings
 
-import flashjit
+# torch warns at import where NumPy is absent or mismatched ("Failed to initialize NumPy"); nothing here
+# uses NumPy, so a first run in a fresh environment should not greet the user with that warning.
+warnings.filterwarnings("ignore", message=".*(Failed to initialize NumPy|compiled using NumPy)")
+
+import torch  # noqa: E402  (after the filter)
+
+import flashjit  # noqa: E402
 
 torch.manual_seed(0)
 batch, seqlen, heads, d_head = 2, 1024, 16, 128

@@ -154,3 +154,14 @@ def test_import_and_cli_show_no_numpy_warning():
     for result in (subprocess.run([sys.executable, "-c", "import flashjit"], capture_output=True, text=True),
                    run("precompile", "--arch", "sm_90a", "--list", "--filter", "_d32_")):
         assert "NumPy" not in result.stderr
+
+
+def test_the_readme_example_runs_without_a_gpu_and_without_warnings():
+    """README's first command on a GPU-less machine: it says so, runs the reference backend, and shows no
+    traceback or NumPy warning (torch prints one at import where NumPy is absent, as in a fresh venv)."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "example.py")], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "No CUDA GPU is visible" in result.stdout and "reference backend (CPU)" in result.stdout
+    assert "Traceback" not in result.stderr and "NumPy" not in result.stderr, result.stderr
