@@ -394,10 +394,18 @@ def _current_stream(device_index: int) -> int:
     return getter(device_index) if getter else torch.cuda.current_stream(device_index).cuda_stream
 
 
-def _check_output(given, like: torch.Tensor, name: str, kernel_writes: bool = True, shape=None) -> torch.Tensor:
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last) bytes a strided tensor can touch (what an overlap test may compare)."""
+    extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if size > 0) + 1
+    return t.data_ptr(), t.data_ptr() + extent * t.element_size()
+
+
+def _check_output(given, like: torch.Tensor, name: str, kernel_writes: bool = True, shape=None,
+                  reads: tuple = ()) -> torch.Tensor:
     """An output tensor the caller passed: shaped like `like` (or `shape`), typed and placed like it
     and, where a kernel writes it directly, with a contiguous last dim and 16-byte aligned rows
-    (16-byte stores)."""
+    (16-byte stores), no element twice, and none of the memory of `reads` (named tensors the kernels
+    read while they write it: e.g. dk in k's memory would feed dK to the deterministic dQ kernel)."""
     shape = like.shape if shape is None else shape
     if not isinstance(given, torch.Tensor) or given.shape != shape or given.dtype != like.dtype \
             or given.device != like.device:
@@ -408,21 +416,30 @@ def _check_output(given, like: torch.Tensor, name: str, kernel_writes: bool = Tr
     if kernel_writes and torch._debug_has_internal_overlap(given) == 1:  # e.g. expand()ed: CTAs would race
         raise ValueError(f"{name} has elements that share memory (strides {given.stride()}, e.g. from expand()); "
                          "pass a tensor of its own, e.g. torch.empty of that shape")
+    if kernel_writes and given.numel():
+        start, end = _byte_span(given)
+        for other_name, other in reads:
+            if isinstance(other, torch.Tensor) and other.numel() and other.device == given.device:
+                other_start, other_end = _byte_span(other)
+                if start < other_end and other_start < end:
+                    raise ValueError(f"{name} shares memory with {other_name}, which the kernels read while they write "
+                                     f"{name}; pass a tensor of its own")
     return given
 
 
-def _grad_out(given, like: torch.Tensor, name: str) -> torch.Tensor:
+def _grad_out(given, like: torch.Tensor, name: str, reads: tuple = ()) -> torch.Tensor:
     """A gradient output shaped like `like`: the caller's (checked), else a fresh contiguous one."""
     if given is None:
         return torch.empty_like(like, memory_format=torch.contiguous_format)
-    return _check_output(given, like, name)
+    return _check_output(given, like, name, reads=reads)
 
 
-def _out_for(given, q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The out a forward kernel writes ([.., D_v]): the caller's (checked), else a fresh contiguous one."""
+def _out_for(given, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The out a forward kernel writes ([.., D_v]): the caller's (checked: not in k's or v's memory,
+    which other CTAs read), else a fresh contiguous one."""
     if given is None:
         return torch.empty(out_shape(q, v), dtype=q.dtype, device=q.device)
-    return _check_output(given, q, "out", shape=out_shape(q, v))
+    return _check_output(given, q, "out", shape=out_shape(q, v), reads=(("k", k), ("v", v)))
 
 
 def _run(kernel, params, device_index: int) -> None:
@@ -559,7 +576,7 @@ def _launch(q, k, v, config, causal, softmax_scale, out=None, want_lse=True, mod
     given = (q, k, v)
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
     batch, seqlen_q, heads, _ = q.shape
-    out = _out_for(out, q, v)
+    out = _out_for(out, q, k, v)
     lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device) if want_lse else None
     params = FwdParams(*tensor_ref(q), *tensor_ref(k), *tensor_ref(v), *tensor_ref(out),
                        lse.data_ptr() if want_lse else None, batch, seqlen_q, k.shape[1], heads, k.shape[2],
@@ -707,7 +724,8 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         log.debug("backward [B=%d, Sq=%d, Sk=%d, H=%d, H_k=%d, D=%d, D_v=%d] dispatched to %s (default for "
                   "dtype/head dims/features/deterministic on %s and its shared memory)", q.shape[0], q.shape[1],
                   k.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3], config.name, jit.arch_for(device_index))
-    dq, dk, dv = (_grad_out(given, like, name) for given, like, name in ((dq, q, "dq"), (dk, k, "dk"), (dv, v, "dv")))
+    reads = (("q", q), ("k", k), ("v", v), ("out", out), ("dout", dout))
+    dq, dk, dv = (_grad_out(given, like, name, reads) for given, like, name in ((dq, q, "dq"), (dk, k, "dk"), (dv, v, "dv")))
     if q.numel() == 0:  # Sq = 0 (or no batch or heads): no query reaches any key, dK = dV = 0 exactly
         dk.zero_(), dv.zero_()
         return (dq, dk, dv) if learnable_sink is None else (dq, dk, dv, torch.zeros_like(learnable_sink))

@@ -280,7 +280,7 @@ def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_s
     config = _forward_config(q, k, v, out, config, causal, max_seqlen_q, mods, device_index)
     kernel = _kernel(config, device_index)
     q, k, v = _aligned(q), _aligned(k), _aligned(v)
-    out = interface._out_for(out, q, v)
+    out = interface._out_for(out, q, k, v)
     total_q, heads = q.shape[0], q.shape[1]
     lse = torch.empty((heads, total_q), dtype=torch.float32, device=q.device)
     if total_q == 0:
@@ -338,7 +338,8 @@ def varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seq
     config = interface.bwd_config(config, q.dtype, q.shape[-1], causal, max_seqlen_q, mods, bool(deterministic),
                                   device_index, d_v=v.shape[-1], grid=(batch, q.shape[1], k.shape[1], max_seqlen_k),
                                   tensors=(q, k, v, dout))
-    dq, dk, dv = (_output(given, like, name) for given, like, name in ((dq, q, "dq"), (dk, k, "dk"), (dv, v, "dv")))
+    reads = (("q", q), ("k", k), ("v", v), ("out", out), ("dout", dout))
+    dq, dk, dv = (_output(given, like, name, reads) for given, like, name in ((dq, q, "dq"), (dk, k, "dk"), (dv, v, "dv")))
     total_q, heads = q.shape[0], q.shape[1]
     if total_q == 0:  # no query reaches any key: dK = dV = 0 exactly
         dk.zero_(), dv.zero_()

@@ -169,6 +169,20 @@ def test_outputs_that_share_elements_are_refused():
     interface._check_output(expanded, like, "out", kernel_writes=False)  # written by a copy: fine
 
 
+def test_outputs_in_the_memory_of_what_the_kernels_read_are_refused():
+    """out in k's memory would be read by other CTAs while written; dk in k's feeds dK to the
+    deterministic dQ kernel. Disjoint views of one buffer pass."""
+    buf = torch.zeros(2, 8, 4, 64, dtype=torch.float16)
+    q, k, v = buf[0:1], buf[1:2], torch.zeros(1, 8, 4, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="out shares memory with k"):
+        interface._out_for(buf[1:2], q, k, v)
+    with pytest.raises(ValueError, match="dk shares memory with k"):
+        interface._grad_out(k, k, "dk", reads=(("q", q), ("k", k), ("v", v)))
+    fresh = torch.zeros(1, 8, 4, 64, dtype=torch.float16)
+    assert interface._out_for(fresh, q, k, v) is fresh
+    assert interface._grad_out(buf[0:1], k, "dk", reads=(("k", k), ("v", v))) is not None  # disjoint from k and v
+
+
 @pytest.mark.parametrize("philox", [(1.5, 2), (1,), (-1, 0), (0, 2**64), "ab", None, (True, 0)])
 def test_philox_must_be_a_pair_of_uint64(philox):
     with pytest.raises(ValueError, match="philox must be a pair of ints"):
