@@ -27,6 +27,12 @@ BACKENDS, backend = interface.BACKENDS, interface.backend  # (where flashjit.fla
 
 # ---- flash-attn's leniencies, applied by every flash-attn-compatible function (varlen, kvcache too) ----
 
+def no_s_dmask(q: torch.Tensor) -> torch.Tensor:
+    """return_attn_probs' S_dmask without dropout: flash-attn returns one only with dropout, and an
+    empty tensor of q's dtype otherwise (code asks for return_attn_probs to get the lse)."""
+    return q.new_empty((0,))
+
+
 def causal_window(window_size) -> tuple:
     """flash-attn's convention: causal is a window whose right edge is 0. ValueError naming
     window_size unless it is a pair (its values are checked by interface.score_mods)."""
@@ -95,7 +101,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         out = result[0].to(q.dtype)
         if not return_attn_probs:
             return out
-        return out, result[1], result[2] if dropout_p > 0 else q.new_empty((0,))
+        return out, result[1], result[2] if dropout_p > 0 else no_s_dmask(q)
 
     if not (return_attn_probs and dropout_p):
         # The checks run inside interface.forward, whose launch plan makes a repeated call cheap (a
@@ -108,14 +114,14 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
             result = interface.forward(q, k, v, causal=bool(causal), softmax_scale=softmax_scale,
                                        window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
                                        dropout_p=dropout_p, learnable_sink=learnable_sink, return_lse=return_attn_probs)
-            return (*result, q.new_empty((0,))) if return_attn_probs else result
+            return (*result, no_s_dmask(q)) if return_attn_probs else result
         philox = None
         if interface.dropout_threshold(dropout_p):  # inputs checked before the generator advances
             interface.check_qkv(*interface.contiguous_last_dim(q, k, v))
             philox = interface.philox_state(q.get_device())
         out, lse = _JitAttention.apply(q, k, v, softmax_scale, bool(causal), window_size, softcap, alibi_slopes,
                                        dropout_p, philox, bool(deterministic), learnable_sink)
-        return (out, lse, q.new_empty((0,))) if return_attn_probs else out
+        return (out, lse, no_s_dmask(q)) if return_attn_probs else out
 
     # return_attn_probs with dropout: S_dmask recomputed for inspection, as flash-attn's tests use it.
     q, k, v = interface.contiguous_last_dim(q, k, v)
@@ -151,7 +157,7 @@ def _compiled(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, a
     left, right = window_size
     out, lse = ops.fwd(q, k, v, alibi_slopes, learnable_sink, softmax_scale, bool(causal), int(left), int(right),
                        float(softcap), float(dropout_p), bool(deterministic))[:2]
-    return (out, lse, q.new_empty((0,))) if return_attn_probs else out
+    return (out, lse, no_s_dmask(q)) if return_attn_probs else out
 
 
 def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),

@@ -78,6 +78,12 @@ def contiguous_last_dim(*tensors) -> tuple:
                  for t in tensors)
 
 
+def _contiguous_qkv(q, k, v) -> tuple:
+    """(q, k, v, whether any was copied) after contiguous_last_dim."""
+    copies = contiguous_last_dim(q, k, v)
+    return (*copies, any(c is not t for c, t in zip(copies, (q, k, v))))
+
+
 def check_qkv(q, k, v, reference: bool = False) -> None:
     """ValueError/TypeError naming the offending argument, before anything is launched. Ordered so
     that the common, valid call costs a handful of attribute reads. reference=True: the checks of
@@ -221,7 +227,7 @@ def checked_philox(philox) -> tuple[int, int]:
             return philox
     try:
         seed, offset = philox
-        ok = all(isinstance(x, numbers.Integral) and not isinstance(x, bool) and 0 <= x < 2**64 for x in (seed, offset))
+        ok = all(isinstance(x, numbers.Integral) and not isinstance(x, bool) and 0 <= x < _U64 for x in (seed, offset))
     except (TypeError, ValueError):
         ok = False
     if not ok:
@@ -611,9 +617,8 @@ def forward(q, k, v, config: ConfigBase | None = None, causal: bool = False,
         plan = _plans.get(plan_key) if plan_key is not None else None
         if plan is not None and (result := plan.launch(q, k, v, philox)) is not None:
             return result if return_lse else result[0]
-    copies = contiguous_last_dim(q, k, v)
-    if any(c is not t for c, t in zip(copies, (q, k, v))):  # copied: no plan for the caller's strides
-        q, k, v = copies
+    q, k, v, copied = _contiguous_qkv(q, k, v)
+    if copied:  # no plan for the caller's strides
         plan_key = None
     check_qkv(q, k, v)
     if q.shape[-1] % 8 or v.shape[-1] % 8:
@@ -687,9 +692,8 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         plan = _bwd_plans.get(plan_key) if plan_key is not None else None
         if plan is not None and (grads := plan.launch(dout, q, k, v, out, lse, philox)) is not None:
             return grads
-    copies = contiguous_last_dim(q, k, v)
-    if any(c is not t for c, t in zip(copies, (q, k, v))):  # copied: no plan for the caller's strides
-        q, k, v = copies
+    q, k, v, copied = _contiguous_qkv(q, k, v)
+    if copied:  # no plan for the caller's strides
         plan_key = None
     check_qkv(q, k, v)
     check_douts(dout, out, q, v)

@@ -325,11 +325,12 @@ def _kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, c
     causal = bool(causal)
     if causal:
         window_size = causal_window(window_size)
-    interface.score_mods(q, causal, window_size, softcap, alibi_slopes, learnable_sink=learnable_sink)  # checks
+    mods = interface.score_mods(q, causal, window_size, softcap, alibi_slopes, learnable_sink=learnable_sink)
     softmax_scale = interface.softmax_scale_or_default(q, softmax_scale)
-    # flash-attn drops a window side that reaches past the cache's capacity (mha_fwd_kvcache): the mask
-    # is the same, but then a window (capacity, -1) is not local for the rotary rule below.
-    window_size = tuple(-1 if w >= capacity or w < 0 else int(w) for w in window_size)
+    # The window as score_mods normalised it (negative edges -1). flash-attn also drops a side that
+    # reaches past the cache's capacity (mha_fwd_kvcache): the mask is the same, but then a window
+    # (capacity, -1) is not local for the rotary rule below.
+    window_size = tuple(-1 if w >= capacity else w for w in mods.values[:2])
 
     batch, seqlen_q, new = q.shape[0], q.shape[1], 0 if k is None else k.shape[1]
     device = q.device

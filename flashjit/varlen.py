@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from . import interface, kvattn, ops
-from .flash_api import causal_window
+from .flash_api import causal_window, no_s_dmask
 from .interface import backend
 from .launch import BwdParams, FwdParams, tensor_ref
 from .reference import attention_reference, philox_keep_mask
@@ -57,9 +57,9 @@ def _check_max_seqlen(value, name: str, total: int, total_name: str) -> int:
     _seqlen_from_tensor), at most the total (no sequence is longer, so a larger bound only launches CTAs
     that exit)."""
     if isinstance(value, torch.Tensor) or isinstance(value, bool):
+        got = f"a {value.dtype} tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else value
         raise TypeError(f"{name} must be an int or a one-element integer tensor (the longest sequence's length, as "
-                        f"flash-attn takes it), got "
-                        f"{f'a {value.dtype} tensor of shape {tuple(value.shape)}' if isinstance(value, torch.Tensor) else value}")
+                        f"flash-attn takes it), got {got}")
     try:
         value = operator.index(value)
     except TypeError:
@@ -414,6 +414,7 @@ def _reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
     offsets_k = _host_offsets(cu_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, "max_seqlen_k")
     compute = torch.promote_types(q.dtype, torch.float32)
     outs, lses, probs = [], [], []
+    want_probs = return_attn_probs and dropout_p > 0  # S_dmask exists only with dropout (no_s_dmask)
     heads = q.shape[1]
     for b in range(batch):
         rows, keys = slice(offsets_q[b], offsets_q[b + 1]), slice(offsets_k[b], offsets_k[b + 1])
@@ -421,18 +422,18 @@ def _reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
         result = attention_reference(q[rows][None], k[keys][None], v[keys][None], causal=causal,
                                      softmax_scale=softmax_scale, compute_dtype=compute,
                                      window_size=tuple(window_size), softcap=softcap, alibi_slopes=slopes,
-                                     dropout_p=dropout_p, return_probs=return_attn_probs and dropout_p > 0,
+                                     dropout_p=dropout_p, return_probs=want_probs,
                                      learnable_sink=learnable_sink)
         outs.append(result[0][0])
         lses.append(result[1][0])
-        if return_attn_probs and dropout_p > 0:
+        if want_probs:
             probs.append(result[2][0])
     out = torch.cat(outs).to(q.dtype) if outs else q.new_empty(interface.out_shape(q, v))
     lse = torch.cat(lses, dim=1)
     if not return_attn_probs:
         return out
-    if not dropout_p:  # flash-attn returns S_dmask only with dropout: an empty tensor of q's dtype
-        return out, lse, q.new_empty((0,))
+    if not dropout_p:
+        return out, lse, no_s_dmask(q)
     return out, lse, _padded_probs(probs, batch, heads, max_seqlen_q, max_seqlen_k, lse.device)
 
 
@@ -503,8 +504,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                                       bool(deterministic), learnable_sink)
     if not return_attn_probs:
         return out
-    if not dropout_p:  # flash-attn returns S_dmask only with dropout: an empty tensor of q's dtype
-        return out, lse, q.new_empty((0,))
+    if not dropout_p:
+        return out, lse, no_s_dmask(q)
     return out, lse, _attn_probs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, philox,
                                  softmax_scale, bool(causal), window_size, softcap, alibi_slopes, learnable_sink)
 
