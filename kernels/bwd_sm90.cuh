@@ -759,7 +759,7 @@ __device__ __forceinline__ void write_dkdv_wide(const BwdParams& p, const Work<C
   }
   // Both warpgroups: every wgmma read of the Q and dO stages is done (each waited for its own), so
   // WG1 may overwrite Q's first stage with dK and WG0 dO's with dV.
-  named_sync(int(Barrier::kConsumers), C::kThreads);
+  named_sync_unaligned(int(Barrier::kConsumers), C::kThreads);  // each warpgroup from its own code
   elem_t* staged = kWg == 0 ? sm.dout : sm.q;
   store_acc<C::kD, C::kSwizzle, C::kBf16>(staged, acc, r0, lane, scale);
   // Each warpgroup stores the tile it staged: no data crosses warpgroups here, so a warpgroup's own
@@ -834,7 +834,7 @@ __device__ __forceinline__ void consume_wide(const BwdParams& p, const Smem<C>& 
         s_pt[nt * 128] = make_float4(s[0][nt][0] * g[0], s[0][nt][1] * g[1], s[0][nt][2] * g[2], s[0][nt][3] * g[3]);
       }
       named_arrive(int(Barrier::kPReady), 2 * 128);
-      named_sync(int(Barrier::kDsReady), 2 * 128);
+      named_sync_unaligned(int(Barrier::kDsReady), 2 * 128);
       wide_dq<C, 0>(p, seq, d, cur.h, cur.row0, warp, lane, [&] {
         // The next step's mask while dQ is on the tensor cores (made past the last step too, unread).
         if constexpr (C::kDropout) {
@@ -877,7 +877,7 @@ __device__ __forceinline__ void consume_wide(const BwdParams& p, const Smem<C>& 
       fence_proxy_async();
       // A sync, not an arrive: this warpgroup's own dQ reads every warp's rows of sm.ds (the product
       // sums over the 64 keys), so its warps wait for each other too. WG0 is already waiting here.
-      named_sync(int(Barrier::kDsReady), 2 * 128);
+      named_sync_unaligned(int(Barrier::kDsReady), 2 * 128);
       wide_dq<C, 1>(p, seq, d, cur.h, cur.row0, warp, lane, [] {}, retired);
     }
     cur = next;

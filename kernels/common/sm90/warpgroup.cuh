@@ -27,5 +27,11 @@ __device__ __forceinline__ void named_sync(int id, int threads) {
 __device__ __forceinline__ void named_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
+// named_sync for a barrier whose waiting warps reach it at different instructions (two warpgroups'
+// own code): bar.sync is barrier.sync.aligned, which PTX defines only when every thread waiting on
+// it executes the same instruction (compute-sanitizer's synccheck reports the others as divergent).
+__device__ __forceinline__ void named_sync_unaligned(int id, int threads) {
+  asm volatile("barrier.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
 
 }  // namespace flashjit::sm90
