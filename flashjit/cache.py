@@ -37,7 +37,9 @@ from . import envvars
 from .notify import notify
 
 LAYOUT = "v1"
-LIBRARY = "kernel.so"
+LIBRARY = "kernel.so"   # the launcher (host code), which loads ...
+CUBIN = "kernel.cubin"  # ... the kernels (device code): both are the entry's binary
+BINARIES = (LIBRARY, CUBIN)
 MANIFEST = "manifest.json"
 SOURCE = "source.cu"
 
@@ -89,6 +91,11 @@ def key_hash(inputs: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
+def _record(binary: str, what: str) -> str:
+    """The manifest key of a binary's size or sha256: library_size, cubin_sha256, ..."""
+    return f"{'library' if binary == LIBRARY else 'cubin'}_{what}"
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -128,11 +135,12 @@ class Entry:
             return None
 
     def intact(self) -> bool:
-        """Whether the manifest is there and the library matches its recorded size and sha256."""
+        """Whether the manifest is there and the library and cubin match their recorded sizes and sha256."""
         manifest = self.manifest()
         try:
-            return (manifest is not None and self.library.stat().st_size == manifest["library_size"]
-                    and file_sha256(self.library) == manifest["library_sha256"])
+            return manifest is not None and all(
+                (self.path / name).stat().st_size == manifest[_record(name, "size")]
+                and file_sha256(self.path / name) == manifest[_record(name, "sha256")] for name in BINARIES)
         except (OSError, KeyError, TypeError):
             return False
 
@@ -182,9 +190,10 @@ class Staging:
     path: Path
 
     def publish(self, manifest: dict) -> Path:
-        library = self.path / LIBRARY
-        manifest = dict(manifest, library_size=library.stat().st_size, library_sha256=file_sha256(library),
-                        published=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        manifest = dict(manifest, published=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        for name in BINARIES:
+            manifest[_record(name, "size")] = (self.path / name).stat().st_size
+            manifest[_record(name, "sha256")] = file_sha256(self.path / name)
         tmp = self.path / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
         os.replace(tmp, self.path / MANIFEST)

@@ -1,8 +1,11 @@
 """A kernel config (any family) -> a self-contained CUDA translation unit.
 
-The TU includes only the templates in kernels/ (no torch headers: 62 s vs 2 s a build, measured) and
-exports a C ABI that flashjit/launch.py calls through ctypes:
+The TU includes only the templates in kernels/ (no torch headers: 62 s vs 2 s a build, measured). It
+is compiled twice, at once (flashjit/jit.py): by nvcc to a cubin (the kernels), and by the host C++
+compiler to the launcher library, which sees no device code (kernels/common/launch.cuh) and exports a
+C ABI that flashjit/launch.py calls through ctypes:
 
+    void flashjit_set_image(const void* cubin)         -> the kernels, loaded at the first launch
     int flashjit_run(const FwdParams* or BwdParams*, cudaStream_t) -> cudaError_t of the launch(es)
     int flashjit_params_size()                         -> sizeof(the params struct), checked against ctypes
     int flashjit_smem_bytes()                          -> dynamic shared memory per CTA
@@ -18,7 +21,7 @@ from pathlib import Path
 from .configs import FAMILIES, family_of
 from .configs.common import ConfigBase
 
-ABI_VERSION = 10
+ABI_VERSION = 11
 
 # One template for every family: the family names the header, the namespace and the params struct,
 # the config its Config<...> arguments (configs/common.py: ConfigBase.template_args).
@@ -30,14 +33,18 @@ _TEMPLATE = """\
 using Cfg = flashjit::{ns}::Config<
     {args}>;
 
-// The C ABI every library exports (flashjit/launch.py calls it through ctypes).
-extern "C" int flashjit_run(const flashjit::{params}* params, cudaStream_t stream) {{
+// The C ABI every library exports (flashjit/launch.py calls it through ctypes). nvcc compiles only
+// the kernels this instantiates; the host compiler builds the launcher, which takes them from the cubin.
+#ifndef __CUDACC__
+FLASHJIT_EXPORT void flashjit_set_image(const void* cubin) {{ flashjit::image::set(cubin); }}
+#endif
+FLASHJIT_EXPORT int flashjit_run(const flashjit::{params}* params, cudaStream_t stream) {{
   return static_cast<int>(flashjit::{ns}::launch<Cfg>(*params, stream));
 }}
-extern "C" int flashjit_params_size() {{ return static_cast<int>(sizeof(flashjit::{params})); }}
-extern "C" int flashjit_smem_bytes() {{ return Cfg::kSmemBytes; }}
-extern "C" const char* flashjit_config_name() {{ return "{name}"; }}
-extern "C" const char* flashjit_error_string(int err) {{
+FLASHJIT_EXPORT int flashjit_params_size() {{ return static_cast<int>(sizeof(flashjit::{params})); }}
+FLASHJIT_EXPORT int flashjit_smem_bytes() {{ return Cfg::kSmemBytes; }}
+FLASHJIT_EXPORT const char* flashjit_config_name() {{ return "{name}"; }}
+FLASHJIT_EXPORT const char* flashjit_error_string(int err) {{
   return cudaGetErrorString(static_cast<cudaError_t>(err));
 }}
 """

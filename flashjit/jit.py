@@ -2,8 +2,11 @@
 render, compile, publish).
 
 The first use of a kernel in a process costs a dict miss plus, when a bundle or the disk cache has
-it, a dlopen; every later use is a dict lookup. Compiles go through torch.utils.cpp_extension.load on
-a TU with no torch headers (about 2 s instead of a minute), into a private staging directory.
+it, a dlopen; every later use is a dict lookup. A build compiles the rendered TU (no torch headers:
+about 2 s instead of a minute) twice at once, into a private staging directory: nvcc to a cubin of
+the kernels, and torch.utils.cpp_extension.load with the host compiler to the launcher library that
+loads it. nvcc then runs no host pass over the CUDA runtime's headers, and cpp_extension's import
+and the launcher's compile and link happen while nvcc works (docs/perf-log.md, issue 17).
 
 The key of an entry hashes key_inputs: the config and arch, what this process knows by itself
 (local_inputs: flashjit, codegen ABI, sources hash, torch and its CUDA) and what only the toolchain
@@ -21,6 +24,7 @@ import logging
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -55,7 +59,19 @@ class CompileError(RuntimeError):
 
 
 def build_flags(arch: str, toolkit: toolchain.Toolkit) -> list[str]:
+    """nvcc's flags for the kernels' cubin."""
     return ["-O3", "-std=c++17", "-DNDEBUG", *toolchain.gencode_flags(arch, toolkit)]
+
+
+# The launcher's host compiler flags (cpp_extension adds its own, which the torch version decides).
+# Hidden visibility: each kernel library keeps its statics (kernels/common/launch.cuh: FLASHJIT_EXPORT).
+HOST_FLAGS = ["-O2", "-std=c++17", "-DNDEBUG", "-fvisibility=hidden", "-fvisibility-inlines-hidden"]
+
+
+def host_flags(arch: str) -> list[str]:
+    """HOST_FLAGS plus the arch as nvcc names it to host code, so the launcher and the kernels agree on
+    what the cubin can do (kernels/fwd_sm80.cuh: programmatic launches from sm_90 on)."""
+    return [*HOST_FLAGS, f"-D__CUDA_ARCH_LIST__={toolchain.arch_number(arch)}0"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -93,7 +109,7 @@ def local_inputs() -> dict:
     cpp_extension's own flags, compiler checks and link line come from it."""
     torch_version, torch_cuda = torch_versions()
     return {"flashjit": __version__, "codegen_abi": codegen.ABI_VERSION, "sources": codegen.sources_hash(),
-            "torch": torch_version, "torch_cuda": torch_cuda}
+            "torch": torch_version, "torch_cuda": torch_cuda, "host_flags": HOST_FLAGS}
 
 
 def _key_inputs(config: ConfigBase, arch: str, toolchain_part: dict, flags: list[str]) -> dict:
@@ -293,32 +309,27 @@ def _build(entry: cache.Entry, config: ConfigBase, arch: str, toolkit: toolchain
            f"cached afterwards in {entry.path.parent})")
     started = time.perf_counter()
     try:
-        with _compiler_environment(toolkit) as cpp_extension:
-            try:
-                built = cpp_extension.load(
-                    name=f"flashjit_{entry.path.name.rsplit('-', 1)[1]}",
-                    sources=[str(source)],
-                    extra_cflags=["-O2"],
-                    # -Xptxas=-v only reports registers/spills; it does not change the binary.
-                    extra_cuda_cflags=flags + (["-Xptxas=-v"] if verbose else []),
-                    extra_include_paths=[str(codegen.kernels_dir())],
-                    # Static cudart (where the toolkit has it: system toolkits and the CUDA 13 wheels),
-                    # and no torch libraries: the TU uses none, and this keeps the library loadable
-                    # whatever libcudart the environment would otherwise find. --as-needed drops the
-                    # torch libraries and the -lcudart that cpp_extension appends after these flags.
-                    extra_ldflags=[*toolchain.cudart_link_flags(toolkit), "-ldl", "-lrt", "-lpthread",
-                                   *toolchain.link_shim(toolkit, staging.path / "link"), "-Wl,--as-needed"],
-                    build_directory=str(_fresh_dir(staging.path / "build")),
-                    verbose=verbose,
-                    is_python_module=False,
-                )
-            except Exception as exc:  # cpp_extension raises RuntimeError/CalledProcessError
-                raise _compile_error(entry, config, arch, source, exc) from exc
+        # -Xptxas=-v only reports registers/spills; it does not change the binary.
+        nvcc = [str(toolkit.nvcc), *flags, *(["-Xptxas=-v"] if verbose else []), "-I", str(codegen.kernels_dir()),
+                "-cubin", "-o", str(staging.path / cache.CUBIN), str(source)]
+        device = subprocess.Popen(nvcc, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            built = _build_launcher(entry, config, arch, toolkit, source, staging.path, verbose)
+        finally:
+            if sys.exc_info()[0] is not None:
+                device.kill()
+            log = device.communicate()[0]
+        if device.returncode != 0:
+            error = subprocess.CalledProcessError(device.returncode, nvcc, output=log)
+            raise _compile_error(entry, config, arch, source, error) from None
+        if verbose and log:
+            notify(log.rstrip())
         # Publish a copy, not the file cpp_extension just dlopen'ed into this process: a later
         # rewrite of the cache file (damage, a manual edit) must never alter pages this process has mapped.
         shutil.copyfile(built, staging.path / cache.LIBRARY)
-        shutil.rmtree(staging.path / "build", ignore_errors=True)
-        shutil.rmtree(staging.path / "link", ignore_errors=True)
+        for scratch in ("build", "link", _LAUNCHER):
+            target = staging.path / scratch
+            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
         seconds = time.perf_counter() - started
         library = staging.publish(dict(inputs, build_seconds=round(seconds, 3)))
     except BaseException:
@@ -326,6 +337,34 @@ def _build(entry: cache.Entry, config: ConfigBase, arch: str, toolkit: toolchain
         raise
     notify(f"compiled {config.name} for {arch} in {seconds:.1f} s")
     return library
+
+
+_LAUNCHER = "launcher.cpp"  # the rendered TU under the name that makes cpp_extension use the host compiler
+
+
+def _build_launcher(entry: cache.Entry, config: ConfigBase, arch: str, toolkit: toolchain.Toolkit, source: Path,
+                    staging: Path, verbose: bool) -> str:
+    """The launcher library (host code only) built by cpp_extension.load in `staging`; its path."""
+    launcher = staging / _LAUNCHER
+    shutil.copyfile(source, launcher)
+    with _compiler_environment(toolkit) as cpp_extension:
+        try:
+            return cpp_extension.load(
+                name=f"flashjit_{entry.path.name.rsplit('-', 1)[1]}",
+                sources=[str(launcher)],
+                extra_cflags=host_flags(arch),
+                extra_include_paths=[str(codegen.kernels_dir()), str(toolkit.include_dir)],
+                # Static cudart (where the toolkit has it: system toolkits and the CUDA 13 wheels), and
+                # no torch libraries: the TU uses none, and this keeps the library loadable whatever
+                # libcudart the environment would otherwise find. --as-needed drops the torch libraries.
+                extra_ldflags=[*toolchain.cudart_link_flags(toolkit), "-ldl", "-lrt", "-lpthread", "-Wl,--as-needed"],
+                build_directory=str(_fresh_dir(staging / "build")),
+                verbose=verbose,
+                with_cuda=False,
+                is_python_module=False,
+            )
+        except Exception as exc:  # cpp_extension raises RuntimeError/CalledProcessError
+            raise _compile_error(entry, config, arch, source, exc) from exc
 
 
 def _fresh_dir(path: Path) -> Path:

@@ -1,13 +1,15 @@
 """Calling a compiled kernel library: the ctypes mirror of kernels/common/params.cuh and the launch.
 
-No torch extension is involved: the library exports plain C functions and is called with a pointer
-to a params struct and torch's current CUDA stream.
+No torch extension is involved: the library (the launcher) exports plain C functions, is handed the
+kernels' cubin from its cache entry, and is called with a pointer to a params struct and torch's
+current CUDA stream.
 """
 from __future__ import annotations
 
 import ctypes
 from pathlib import Path
 
+from .cache import CUBIN
 from .configs import config_from_name, family_of
 
 _i64, _i32, _ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
@@ -75,8 +77,11 @@ class CompiledKernel:
         config = config_from_name(config) if isinstance(config, str) else config
         name, params_type = config.name, PARAMS[family_of(config).params]
         try:
+            # The kernels: the runtime loads them at the first launch, from these bytes (kept alive here).
+            self._cubin = (path.parent / CUBIN).read_bytes()
             self.lib = ctypes.CDLL(str(path))
             fn = self.lib.flashjit_run
+            self.lib.flashjit_set_image.argtypes, self.lib.flashjit_set_image.restype = [ctypes.c_char_p], None
         except (OSError, AttributeError) as exc:
             raise KernelLibraryError(f"cannot load kernel library {path}: {exc}") from exc
         fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int
@@ -90,6 +95,7 @@ class CompiledKernel:
             raise KernelLibraryError(
                 f"kernel library {path} was built for {built_for} with a {params_size}-byte params struct; "
                 f"expected {name} and {ctypes.sizeof(params_type)} bytes")
+        self.lib.flashjit_set_image(self._cubin)
         self.path, self.name = path, name
         self.smem_bytes = self.lib.flashjit_smem_bytes()
 

@@ -9,7 +9,7 @@ unpack into one root, ``site-packages/nvidia/cu13``: ``bin/nvcc`` (nvidia-cuda-n
 (nvidia-nvvm), ``include/crt`` (nvidia-cuda-crt), ``include/cuda_runtime.h`` and ``lib/libcudart.so.13``
 plus ``lib/libcudart_static.a`` (nvidia-cuda-runtime, which torch itself depends on) and
 ``include/cccl`` (nvidia-cuda-cccl). The runtime lives in ``lib/``, not ``lib64/``, and there is no
-unversioned ``libcudart.so``: see cudart_link_flags and link_shim.
+unversioned ``libcudart.so``: see cudart_link_flags.
 """
 from __future__ import annotations
 
@@ -69,6 +69,11 @@ class Toolkit:
         return self.home / "lib64"
 
     @property
+    def include_dir(self) -> Path:
+        """The runtime's headers (cuda_runtime_api.h, cuda.h), for the host compiler's launcher build."""
+        return self.home / "include"
+
+    @property
     def identity(self) -> dict:
         """What, beyond nvcc's version and the root path, decides the binary: the wheels' versions and
         how cudart is linked. Part of the cache key."""
@@ -94,21 +99,6 @@ def cudart_link_flags(toolkit: Toolkit) -> list[str]:
         raise ToolchainError(f"the CUDA toolkit at {toolkit.home} has no CUDA runtime library "
                              f"(libcudart_static.a or libcudart.so.*) in {lib}. Fix: {PIP_ADVICE}")
     return [f"-L{lib}", str(shared), f"-Wl,-rpath,{lib}"]
-
-
-def link_shim(toolkit: Toolkit, scratch: Path) -> list[str]:
-    """torch's cpp_extension always appends ``-L<CUDA_HOME>/lib64`` (or ``lib``) and ``-lcudart``. The
-    wheels have no unversioned libcudart.so, so that ``-lcudart`` fails the link. Give the linker a
-    ``libcudart.so`` that is an empty linker script (cudart is already linked by cudart_link_flags)
-    in `scratch`, only when the toolkit lacks a real one: a system toolkit links exactly as before."""
-    home_lib = toolkit.home / "lib64"
-    if not home_lib.exists() and (toolkit.home / "lib").exists():
-        home_lib = toolkit.home / "lib"  # cpp_extension's own choice
-    if (home_lib / "libcudart.so").exists():
-        return []
-    scratch.mkdir(parents=True, exist_ok=True)
-    (scratch / "libcudart.so").write_text("/* flashjit: cudart is linked explicitly, see flashjit/toolchain.py */\n")
-    return [f"-L{scratch}"]
 
 
 def _is_toolkit(home: Path) -> bool:

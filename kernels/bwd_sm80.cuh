@@ -43,6 +43,7 @@
 #include "common/score_mod.cuh"
 #include "common/smem_tile.cuh"
 #include "common/varlen.cuh"
+#include "common/launch.cuh"
 
 namespace flashjit::bwd {
 
@@ -126,11 +127,13 @@ struct Config {
 // dense [B, H, Sq], plane b * H + h; varlen [H, total_q], plane h, b = 0 and i the packed row (the
 // TensorRefs' batch stride is 0), so q.at(b, h, i) addresses the row either way.
 // bwd_sm90.cuh's dK/dV sums walk k's rows the same way (heads_k planes of key rows).
+#ifdef __CUDACC__  // device code (the launcher's host-only build skips it: common/launch.cuh)
 struct RowIndex {
   int plane, b, h, i;
   __device__ __forceinline__ RowIndex(int64_t row, int heads, int rows)
       : plane(int(row / rows)), b(plane / heads), h(plane % heads), i(int(row % rows)) {}
 };
+#endif  // __CUDACC__
 
 // The row kernels (D, the dQ and dK/dV conversions) give a row to a group of lanes: the fewest (a power
 // of two) that cover its columns 8 a lane, so that a warp has 32 / row_lanes rows in flight instead of
@@ -138,17 +141,21 @@ struct RowIndex {
 __host__ __device__ constexpr int row_lanes(int cols) {
   return cols <= 8 ? 1 : cols <= 16 ? 2 : cols <= 32 ? 4 : cols <= 64 ? 8 : cols <= 128 ? 16 : 32;
 }
+#ifdef __CUDACC__  // device code (the launcher's host-only build skips it: common/launch.cuh)
 template <int kCols>
 __device__ __forceinline__ int64_t lane_group_row() {
   constexpr int kLanes = row_lanes(kCols);
   return (int64_t(blockIdx.x) * 4 + (threadIdx.x >> 5)) * (32 / kLanes) + (threadIdx.x & 31) / kLanes;
 }
+#endif  // __CUDACC__
+
 template <int kCols>
 inline unsigned row_kernel_blocks(int64_t rows) {
   constexpr int64_t kRowsPerBlock = 4 * (32 / row_lanes(kCols));
   return unsigned((rows + kRowsPerBlock - 1) / kRowsPerBlock);
 }
 
+#ifdef __CUDACC__  // device code (the launcher's host-only build skips it: common/launch.cuh)
 template <class C>
 __global__ void __launch_bounds__(128) dvec_kernel(const __grid_constant__ BwdParams p) {
   constexpr int kLanes = row_lanes(C::kDHeadV);
@@ -654,21 +661,15 @@ __global__ void __launch_bounds__(C::kThreads) dq_kernel(const __grid_constant__
   __syncthreads();
   store_rows<C, kRows>(p.dq, b, h, seq.q_start + row0, sQ, rows, tid);
 }
-
-template <class C, class Kernel>
-cudaError_t opt_in_smem(Kernel kernel) {
-  if (C::kSmemBytes <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
-}
+#endif  // __CUDACC__
 
 // A kernel of C's CTAs (kCtaThreads threads, kSmemBytes of shared memory) over `blocks` CTAs, with
 // its one parameter (BwdParams, or bwd_sm90.cuh's Args with TMA maps).
-template <class C, class Kernel, class Arg>
-cudaError_t launch_kernel(Kernel kernel, unsigned blocks, cudaStream_t stream, const Arg& arg) {
-  const cudaError_t err = opt_in_smem<C>(kernel);
+template <class C, class Arg>
+cudaError_t launch_ctas(const void* kernel, unsigned blocks, cudaStream_t stream, const Arg& arg) {
+  const cudaError_t err = opt_in_smem(kernel, C::kSmemBytes);
   if (err != cudaSuccess) return err;
-  kernel<<<blocks, C::kCtaThreads, C::kSmemBytes, stream>>>(arg);
-  return cudaSuccess;  // launch_with reads the launch's error
+  return launch_kernel(kernel, blocks, C::kCtaThreads, C::kSmemBytes, stream, arg);
 }
 
 // The D kernel, the dK/dV kernel (launch_dkdv(blocks): this file's dkdv_kernel, or bwd_sm90.cuh's),
@@ -686,23 +687,27 @@ cudaError_t launch_with(const BwdParams& p, cudaStream_t stream, LaunchDkdv laun
   if ((rows + 3) / 4 > 0x7fffffff || kv_blocks > 0x7fffffff || q_blocks > 0x7fffffff ||
       (C::kHeadSplit && (2 * key_rows(p) + 3) / 4 > 0x7fffffff))
     return cudaErrorInvalidConfiguration;
-  cudaError_t err;
-  dvec_kernel<C><<<row_kernel_blocks<C::kDHeadV>(rows), 128, 0, stream>>>(p);
-  if (kv_blocks > 0 && (err = launch_dkdv(unsigned(kv_blocks))) != cudaSuccess) return err;
+  cudaError_t err = launch_kernel(FLASHJIT_KERNEL(dvec_kernel, C), row_kernel_blocks<C::kDHeadV>(rows), 128, 0, stream, p);
+  if (err == cudaSuccess && kv_blocks > 0) err = launch_dkdv(unsigned(kv_blocks));
+  if (err != cudaSuccess) return err;
   if constexpr (C::kDeterministic) {
-    if ((err = opt_in_smem<C>(dq_kernel<C>)) != cudaSuccess) return err;
-    dq_kernel<C><<<unsigned(q_blocks), C::kThreads, C::kSmemBytes, stream>>>(p);
+    const void* dq = FLASHJIT_KERNEL(dq_kernel, C);
+    if ((err = opt_in_smem(dq, C::kSmemBytes)) != cudaSuccess) return err;
+    err = launch_kernel(dq, unsigned(q_blocks), C::kThreads, C::kSmemBytes, stream, p);
   } else {  // with Sk = 0 the buffer stays zero: dQ = 0
-    dq_convert_kernel<C><<<row_kernel_blocks<C::kDHead>(rows), 128, 0, stream>>>(p);
+    err = launch_kernel(FLASHJIT_KERNEL(dq_convert_kernel, C), row_kernel_blocks<C::kDHead>(rows), 128, 0, stream, p);
   }
   if constexpr (C::kHeadSplit)
-    if (key_rows(p) > 0) dkv_convert_kernel<C><<<row_kernel_blocks<C::kDHead>(2 * key_rows(p)), 128, 0, stream>>>(p);
-  return cudaGetLastError();
+    if (err == cudaSuccess && key_rows(p) > 0)
+      err = launch_kernel(FLASHJIT_KERNEL(dkv_convert_kernel, C), row_kernel_blocks<C::kDHead>(2 * key_rows(p)), 128, 0,
+                          stream, p);
+  return err;
 }
 
 template <class C>
 cudaError_t launch(const BwdParams& p, cudaStream_t stream) {
-  return launch_with<C>(p, stream, [&](unsigned blocks) { return launch_kernel<C>(dkdv_kernel<C>, blocks, stream, p); });
+  return launch_with<C>(p, stream,
+                        [&](unsigned blocks) { return launch_ctas<C>(FLASHJIT_KERNEL(dkdv_kernel, C), blocks, stream, p); });
 }
 
 }  // namespace flashjit::bwd

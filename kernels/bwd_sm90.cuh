@@ -132,6 +132,7 @@ struct Config {
   static_assert(kSmemBytes <= 227 * 1024, "the dK/dV kernel's tiles need more than 227 KiB of shared memory");
 };
 
+#ifdef __CUDACC__  // device code (the launcher's host-only build skips it: common/launch.cuh)
 // A warp's 16 x 64 fp32 share of an accumulator (n-tiles nt0 .. nt0 + 7 of acc, rows (lane >> 2) + 8 h),
 // times scale, into a 16 x 64 staging tile laid out as dq_accum tiles its buffer: 16-byte chunk c of
 // row r at c ^ ((r + row_base) & 7), row_base the buffer row of the tile's row 0 mod 8. The stores
@@ -556,6 +557,7 @@ __global__ void __launch_bounds__(C::kThreads, 1) dkdv_kernel(const __grid_const
   cp_async_wait<0>();
   write_dkdv<C>(p, w, sm, smem, dk, dv, r0, tid, [] { __syncthreads(); });
 }
+#endif  // __CUDACC__
 
 // ---- The producer-warpgroup (TMA) kernel ---------------------------------------------------------
 // The kernel's parameters: the plain ones and a TMA map per tensor it loads (encoded by launch()).
@@ -564,6 +566,7 @@ struct Args {
   CUtensorMap q, dout, k, v;
 };
 
+#ifdef __CUDACC__  // device code (the launcher's host-only build skips it: common/launch.cuh)
 // bwd::load_row_stats for the producer's statistics warp (24 registers): the step's kBlockM rows from
 // statistic `stat` (its row 0; `rows` of them real), lane and lane + 32 i, through one pointer per
 // tensor and immediate offsets (the per-row 64-bit index sums spilled at d64's four rows a lane).
@@ -916,6 +919,7 @@ __global__ void __launch_bounds__(C::kCtaThreads, 1) dkdv_tma_kernel(const __gri
     }
   }
 }
+#endif  // __CUDACC__
 
 // The maps of q, dout, k and v: a dense call's [B, S, H, D] per batch entry; a varlen batch's
 // [total, H, D] as one entry (its TensorRefs have batch stride 0), each step addressing its
@@ -942,11 +946,12 @@ cudaError_t launch(const BwdParams& p, cudaStream_t stream) {
       Args args;
       args.p = p;
       if (!encode_maps<C>(args)) return cudaErrorInvalidValue;
-      return bwd::launch_kernel<C>(dkdv_tma_kernel<C>, blocks, stream, args);
+      return bwd::launch_ctas<C>(FLASHJIT_KERNEL(dkdv_tma_kernel, C), blocks, stream, args);
     });
   } else {
-    return bwd::launch_with<C>(p, stream,
-                               [&](unsigned blocks) { return bwd::launch_kernel<C>(dkdv_kernel<C>, blocks, stream, p); });
+    return bwd::launch_with<C>(p, stream, [&](unsigned blocks) {
+      return bwd::launch_ctas<C>(FLASHJIT_KERNEL(dkdv_kernel, C), blocks, stream, p);
+    });
   }
 }
 

@@ -21,6 +21,7 @@
 #include "common/fragments.cuh"
 #include "common/smem_tile.cuh"
 #include "common/varlen.cuh"
+#include "common/launch.cuh"
 
 namespace flashjit::fwd {
 
@@ -90,6 +91,7 @@ struct Config {
                 "the fragments of this config need more than 255 registers per thread and would spill");
 };
 
+#ifdef __CUDACC__  // device code (the launcher's host-only build skips it: common/launch.cuh)
 // Which chunk of fragments to fetch when the k loop reaches k-tile `kt`: the chunk starting at kt,
 // or with double buffering the one after it (the caller fetches chunk 0 before the loop starts).
 template <int kChunk, int kTiles, bool kDb>
@@ -382,6 +384,7 @@ __device__ __forceinline__ void store_partial(const FwdParams& p, const float (&
       if ((lane & 3) == 0) lse_part[row] = sum > 0.f ? m_nat + logf(sum) : -INFINITY;
     }
 }
+#endif  // __CUDACC__
 
 // ---- split-KV combine (common/params.cuh: CacheParams) ---------------------------------------------
 // Row r = (b * H + h) * Sq + i of the output (GQA-packed calls: H = H_k, Sq = the group) is
@@ -417,6 +420,7 @@ __host__ __device__ constexpr int combine_smem_bytes(int warps_per_row) {
   return warps_per_row == 1 ? 0 : combine_rows_per_cta(warps_per_row) * warps_per_row * (kDHead * 4 + 8);
 }
 
+#ifdef __CUDACC__  // device code (the launcher's host-only build skips it: common/launch.cuh)
 template <class C>
 __global__ void __launch_bounds__(kCombineMaxWarps * 32) combine_kernel(const __grid_constant__ FwdParams p) {
   constexpr int kPieces = (C::kDHead + 127) / 128;  // 16-byte pieces (4 fp32 columns) a lane takes of a row
@@ -697,10 +701,11 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
           *reinterpret_cast<const uint4*>(sQ + LO::offset(row, chunk));
   }
 }
+#endif  // __CUDACC__
 
 // Whether every arch this TU is built for has programmatic dependent launch (sm_90+). A kernel library is
-// built for one arch (flashjit/toolchain.py: gencode_flags); nvcc names it in __CUDA_ARCH_LIST__ in the
-// host pass too, so the launcher and the kernels agree on it.
+// built for one arch (flashjit/toolchain.py: gencode_flags); nvcc names it in __CUDA_ARCH_LIST__, and the
+// launcher's host compiler is given the same (flashjit/jit.py: host_flags), so the two agree on it.
 #if defined(__CUDA_ARCH_LIST__)
 inline constexpr int kBuiltArchs[] = {__CUDA_ARCH_LIST__};
 #else
@@ -730,10 +735,12 @@ cudaError_t launch_combine(const FwdParams& p, unsigned blocks, int threads, int
     config.stream = stream;
     config.attrs = attribute;
     config.numAttrs = 1;
-    return cudaLaunchKernelEx(&config, combine_kernel<C>, p);
+    const void* kernel = FLASHJIT_KERNEL(combine_kernel, C);
+    if (kernel == nullptr) return missing_kernel();
+    void* args[] = {const_cast<FwdParams*>(&p)};
+    return cudaLaunchKernelExC(&config, kernel, args);
   } else {
-    combine_kernel<C><<<blocks, threads, smem_bytes, stream>>>(p);
-    return cudaGetLastError();
+    return launch_kernel(FLASHJIT_KERNEL(combine_kernel, C), blocks, unsigned(threads), size_t(smem_bytes), stream, p);
   }
 }
 
@@ -742,17 +749,9 @@ cudaError_t launch(const FwdParams& p, cudaStream_t stream) {
   if (p.batch == 0 || p.heads == 0 || p.seqlen_q == 0) return cudaSuccess;
   const int64_t blocks = int64_t((p.seqlen_q + C::kBr - 1) / C::kBr) * p.heads * p.batch;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  if (C::kSmemBytes > 48 * 1024) {  // above 48 KiB a kernel must opt in to dynamic shared memory,
-    int device = 0;                  // once per device (a driver call we keep off the per-launch path)
-    cudaError_t err = cudaGetDevice(&device);
-    if (err != cudaSuccess) return err;
-    static bool opted_in[64] = {};
-    if (device >= 64 || !opted_in[device]) {
-      err = cudaFuncSetAttribute(fwd_kernel<C>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
-      if (err != cudaSuccess) return err;
-      if (device < 64) opted_in[device] = true;
-    }
-  }
+  const void* kernel = FLASHJIT_KERNEL(fwd_kernel, C);
+  static bool opted_in[64] = {};
+  if (const cudaError_t err = opt_in_smem(kernel, C::kSmemBytes, &opted_in); err != cudaSuccess) return err;
   const int splits = C::kKvCache && p.cache.num_splits > 1 ? p.cache.num_splits : 1;
   if (splits > kMaxSplits) return cudaErrorInvalidValue;
   // The combine's grid (rows_per_cta rows a CTA), checked before anything is launched.
@@ -762,21 +761,21 @@ cudaError_t launch(const FwdParams& p, cudaStream_t stream) {
   if (splits > 1 && combine_blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   if constexpr (C::kKvCache) {
     if (p.cache.new_rows > 0) {
-      append_kernel<C><<<unsigned(p.batch * p.cache.new_rows), 128, 0, stream>>>(p);
-      const cudaError_t err = cudaGetLastError();
+      const cudaError_t err = launch_kernel(FLASHJIT_KERNEL(append_kernel, C), unsigned(p.batch * p.cache.new_rows),
+                                            128, 0, stream, p);
       if (err != cudaSuccess) return err;
     }
   }
-  fwd_kernel<C><<<dim3(unsigned(blocks), unsigned(splits)), C::kThreads, C::kSmemBytes, stream>>>(p);
+  const cudaError_t err = launch_kernel(kernel, dim3(unsigned(blocks), unsigned(splits)), C::kThreads,
+                                        C::kSmemBytes, stream, p);
   if constexpr (C::kKvCache) {
     if (splits > 1) {
-      const cudaError_t err = cudaGetLastError();
       if (err != cudaSuccess) return err;
       return launch_combine<C>(p, unsigned(combine_blocks), rows_per_cta * per_row * 32,
                                combine_smem_bytes<C::kDHead>(per_row), stream);
     }
   }
-  return cudaGetLastError();
+  return err;
 }
 
 }  // namespace flashjit::fwd

@@ -34,6 +34,7 @@
 // overlap). With kPingPong the warpgroups take turns issuing their matrix products, so one's softmax
 // runs under the other's tensor-core work.
 #pragma once
+#include <algorithm>
 #include <type_traits>
 #include "fwd_sm80.cuh"
 #include "common/grid_order.cuh"
@@ -110,6 +111,7 @@ struct Args {
   CUtensorMap q, k, v, o;
 };
 
+#ifdef __CUDACC__  // device code (the launcher's host-only build skips it: common/launch.cuh)
 // ---- consumer steps ------------------------------------------------------------------------------
 // S = Q_g K^T over the real head dim's 16-wide k-steps; asynchronous (commit only).
 template <class C>
@@ -489,6 +491,7 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
     ++it;
   }
 }
+#endif  // __CUDACC__
 
 template <class C>
 cudaError_t launch(const FwdParams& p, cudaStream_t stream) {
@@ -512,29 +515,26 @@ cudaError_t launch(const FwdParams& p, cudaStream_t stream) {
       !encode_bshd(&args.v, v, C::kBf16, map_batch, kv_rows, kv_heads, no_keys ? C::kDHead : C::kDHeadV, C::kBlockN) ||
       !encode_bshd(&args.o, p.o, C::kBf16, map_batch, q_rows, p.heads, C::kDHeadV, 64))
     return cudaErrorInvalidValue;
-  int device = 0;  // above 48 KiB a kernel must opt in to dynamic shared memory, once per device
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
+  const void* kernel = FLASHJIT_KERNEL(fwd_kernel, C);
   static bool opted_in[64] = {};
-  if (device >= 64 || !opted_in[device]) {
-    err = cudaFuncSetAttribute(fwd_kernel<C>, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes);
-    if (err != cudaSuccess) return err;
-    if (device < 64) opted_in[device] = true;
-  }
+  cudaError_t err = opt_in_smem(kernel, C::kSmemBytes, &opted_in);
+  if (err != cudaSuccess) return err;
   unsigned grid = unsigned(blocks);
   if (C::kPersistent) {  // one CTA per SM, each walking its tile_of every round
+    int device = 0;
+    err = cudaGetDevice(&device);
+    if (err != cudaSuccess) return err;
     static int sm_count[64] = {};
     if (device >= 64 || sm_count[device] == 0) {
       int count = 0;
       err = cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
       if (err != cudaSuccess) return err;
-      if (device >= 64) grid = min(grid, unsigned(count));
+      if (device >= 64) grid = std::min(grid, unsigned(count));
       else sm_count[device] = count;
     }
-    if (device < 64) grid = min(grid, unsigned(sm_count[device]));
+    if (device < 64) grid = std::min(grid, unsigned(sm_count[device]));
   }
-  fwd_kernel<C><<<grid, C::kThreads, C::kSmemBytes, stream>>>(args);
-  return cudaGetLastError();
+  return launch_kernel(kernel, grid, C::kThreads, C::kSmemBytes, stream, args);
 }
 
 }  // namespace flashjit::fwd_sm90

@@ -89,7 +89,7 @@ def test_precompile_out_writes_a_bundle(built, private_cache, tmp_path):
     # <arch>/<name>-<key>/ as in the cache, with the very key the cache would use on this machine
     entry = cache.Entry(_entry(bundle))
     assert entry.path.name == f"{CHEAP.name}-{cache.key_hash(cli.key_inputs(CHEAP, 'sm_80'))}"
-    assert sorted(p.name for p in entry.path.iterdir()) == ["kernel.so", "manifest.json", "source.cu"]
+    assert sorted(p.name for p in entry.path.iterdir()) == ["kernel.cubin", "kernel.so", "manifest.json", "source.cu"]
     assert entry.verified_library() == entry.library
 
     # Again into a writable copy: found there, nothing compiled; a new arch joins the same manifest.

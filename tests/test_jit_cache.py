@@ -69,6 +69,37 @@ def test_compile_real_kernels(arch, config):
     assert library.parent.name.startswith(config.name + "-")
     kernel = CompiledKernel(library, config.name)  # loads on a GPU-less machine too
     assert kernel.smem_bytes == config.smem_bytes
+    # The split build's contract (kernels/common/launch.cuh): the launcher finds each kernel in the cubin
+    # by its template's name, so every kernel there is the one instantiation of a name it launches ...
+    launched = set(re.findall(r"FLASHJIT_KERNEL\((\w+),", "".join(
+        p.read_text() for p in codegen.kernels_dir().rglob("*.cuh"))))
+    kernels = [name for name, info, other in _elf_symbols(library.parent / cache.CUBIN, 2) if other & 0x10]
+    owners = [[t for t in launched if f"{len(t)}{t}I" in name] for name in kernels]
+    assert kernels and all(len(o) == 1 for o in owners), list(zip(kernels, owners))
+    assert len({o[0] for o in owners}) == len(kernels), kernels
+    # ... and the launcher exports its C ABI only: its statics stay its own in a process of many libraries.
+    exported = {name for name, info, other in _elf_symbols(library, 11) if info >> 4 != 0 and name}
+    assert exported - {"_init", "_fini"} <= {n for n in exported if n.startswith("flashjit_")}, exported
+
+
+def _elf_symbols(path: Path, section_type: int) -> list[tuple[str, int, int]]:
+    """(name, st_info, st_other) of the defined symbols of an ELF64 file's SHT_SYMTAB (2) or SHT_DYNSYM (11)."""
+    import struct
+
+    data = path.read_bytes()
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    out = []
+    for _, kind, _, _, offset, size, link, _, _, entsize in sections:
+        if kind != section_type:
+            continue
+        strtab = sections[link][4]
+        for at in range(offset, offset + size, entsize):
+            name, info, other, shndx = struct.unpack_from("<IBBH", data, at)
+            if shndx:  # defined here
+                out.append((data[strtab + name:data.index(b"\0", strtab + name)].decode(), info, other))
+    return out
 
 
 def _run(code: str, env: dict) -> subprocess.CompletedProcess:
@@ -170,7 +201,7 @@ def test_sixteen_processes_one_compile(private_cache, tmp_path):
                 p.kill()
                 p.wait()
     assert all(rc == 0 for _, _, rc in results), [err for _, err, rc in results if rc]
-    compiles = [line for line in nvcc_log.read_text().splitlines() if re.search(r"-c \S*source\.cu\b", line)]
+    compiles = [line for line in nvcc_log.read_text().splitlines() if re.search(r"-cubin .*source\.cu\b", line)]
     assert len(compiles) == 1, compiles  # what nvcc itself was asked to do
     assert sum(err.count("compiling kernel") for _, err, _ in results) == 1  # and what users were told
     # The test raced them for real: every other process found the lock held and waited for it.

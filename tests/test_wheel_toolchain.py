@@ -64,20 +64,18 @@ def test_wheel_toolchain_compiles_links_and_loads(system_toolkit_hidden, private
 
 def test_shared_cudart_only_links_by_full_path_with_an_rpath(tmp_path):
     """A runtime wheel with no static library (libcudart.so.13 only, as an older or trimmed wheel
-    may be): link that file by its path, with an rpath, and give cpp_extension's -lcudart a shim."""
+    may be): link that file by its path, with an rpath."""
     (tmp_path / "lib").mkdir()
     (tmp_path / "lib" / "libcudart.so.13").write_bytes(b"")
     toolkit = toolchain.Toolkit(home=tmp_path, nvcc=tmp_path / "bin" / "nvcc", version="13.0.88", found_by="test")
     assert toolchain.cudart_link_flags(toolkit) == [
         f"-L{tmp_path / 'lib'}", str(tmp_path / "lib" / "libcudart.so.13"), f"-Wl,-rpath,{tmp_path / 'lib'}"]
-    assert toolchain.link_shim(toolkit, tmp_path / "shim") == [f"-L{tmp_path / 'shim'}"]
-    assert (tmp_path / "shim" / "libcudart.so").read_text().startswith("/*")  # an empty linker script
     (tmp_path / "lib" / "libcudart_static.a").write_bytes(b"")
     assert toolchain.cudart_link_flags(toolkit) == [f"-L{tmp_path / 'lib'}", "-l:libcudart_static.a"]
 
 
 def test_system_toolkit_links_as_before():
-    """A system toolkit: static cudart from lib64, and no shim (its lib64 has libcudart.so)."""
+    """A system toolkit: static cudart from lib64."""
     try:
         toolkit = toolchain.find_toolkit()
     except toolchain.ToolchainError as exc:
@@ -85,4 +83,3 @@ def test_system_toolkit_links_as_before():
     if toolkit.components:
         pytest.skip("the toolkit found here is the pip wheels")
     assert toolchain.cudart_link_flags(toolkit) == [f"-L{toolkit.home / 'lib64'}", "-l:libcudart_static.a"]
-    assert toolchain.link_shim(toolkit, Path("/nonexistent")) == []

@@ -24,6 +24,7 @@
 
 namespace flashjit {
 
+#ifdef __CUDACC__  // device code (the launcher's host-only build skips it: common/launch.cuh)
 constexpr int kPhiloxRounds = 7;  // flashjit/reference.py:PHILOX_ROUNDS
 
 __device__ __forceinline__ uint4 philox4x32(uint2 key, uint4 ctr) {
@@ -217,5 +218,7 @@ struct PackedKeyRowsMask {
         }
   }
 };
+
+#endif  // __CUDACC__
 
 }  // namespace flashjit

@@ -12,6 +12,7 @@
 
 namespace flashjit {
 
+#ifdef __CUDACC__  // device code (the launcher's host-only build skips it: common/launch.cuh)
 using elem_t = uint16_t;  // fp16 or bf16 bits; only mma_16816/pack2 need to know which
 
 // a[mt][kt]: rows row0 + 16 mt .. +15, k columns 16 kt .. +15 (one ldmatrix.x4 each).
@@ -163,5 +164,7 @@ __device__ __forceinline__ void store_a(elem_t* tile, const uint32_t (&a)[kMT][k
                                         int chunk0 = 0) {
   store_a_in<SmemLayout<kD, kSwizzle>>(tile, a, row0, lane, chunk0);
 }
+
+#endif  // __CUDACC__
 
 }  // namespace flashjit

@@ -8,6 +8,7 @@ struct GridPos {
   int row, block;  // block: 0 = the row's longest CTA
 };
 
+#ifdef __CUDACC__  // device code (the launcher's host-only build skips it: common/launch.cuh)
 // CTA `index` of the grid. Rows run one after another with their blocks together, longest first (a
 // row's CTAs share its K/V, or Q/dO, in L2), except the last `tail` rows, which run block-outermost,
 // so that the last waves hold only short CTAs instead of some rows' long ones. tail: two waves of
@@ -23,5 +24,6 @@ __device__ __forceinline__ GridPos longest_first(int index, int rows, int blocks
   const int rest = index - together;
   return {rows - tail + rest % tail, rest / tail};
 }
+#endif  // __CUDACC__
 
 }  // namespace flashjit

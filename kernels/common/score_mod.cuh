@@ -8,6 +8,7 @@
 
 namespace flashjit {
 
+#ifdef __CUDACC__  // device code (the launcher's host-only build skips it: common/launch.cuh)
 template <bool kCausal, bool kLocal_, bool kSoftcap_, bool kAlibi_>
 struct ScoreMod {
   static constexpr bool kLocal = kLocal_, kSoftcap = kSoftcap_;
@@ -95,5 +96,10 @@ __device__ __forceinline__ float fold_sink(float sink, float& m_nat, float& sum)
   m_nat = m_new;
   return corr;
 }
+
+#else
+template <bool kCausal, bool kLocal_, bool kSoftcap_, bool kAlibi_>
+struct ScoreMod;  // named by the configs
+#endif  // __CUDACC__
 
 }  // namespace flashjit

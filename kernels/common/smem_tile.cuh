@@ -8,6 +8,7 @@
 
 namespace flashjit {
 
+#ifdef __CUDACC__  // device code (the launcher's host-only build skips it: common/launch.cuh)
 template <int kD, bool kSwizzle>
 struct SmemLayout {
   static constexpr int kChunks = kD / 8;  // 16-byte chunks per row
@@ -99,5 +100,7 @@ __device__ __forceinline__ void store_tile(T* gmem, int64_t row_stride, const T*
           *reinterpret_cast<const uint4*>(smem + L::offset(row, chunk));
   }
 }
+
+#endif  // __CUDACC__
 
 }  // namespace flashjit

@@ -48,6 +48,7 @@ __host__ __device__ __forceinline__ int64_t key_rows(const P& p) {
   return plane_buffer_rows(p, p.heads_k, key_plane_rows(p));
 }
 
+#ifdef __CUDACC__  // device code (the launcher's host-only build skips it: common/launch.cuh)
 struct Seq {
   int q_start, k_start;   // first row of the sequence in q/o and in k/v
   int len_q, len_k;       // its query and key counts
@@ -81,5 +82,6 @@ struct Seq {
     return start;
   }
 };
+#endif  // __CUDACC__
 
 }  // namespace flashjit

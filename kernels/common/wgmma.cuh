@@ -29,6 +29,7 @@ struct GmmaTile {
   }
 };
 
+#ifdef __CUDACC__  // device code (the launcher's host-only build skips it: common/launch.cuh)
 // Copy rows [0, kRows) of a row-strided global [rows x kCols] tile into a GmmaTile with cp.async;
 // rows >= valid_rows and the columns past kValidCols (a head dim narrower than its tile) are
 // zero-filled and never read.
@@ -296,5 +297,6 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&
 #undef FJ_ACC48
 #undef FJ_ACC40
 #undef FJ_ACC32
+#endif  // __CUDACC__
 
 }  // namespace flashjit

@@ -12,6 +12,7 @@
 
 namespace flashjit::sm90 {
 
+#ifdef __CUDACC__  // device code (the launcher's host-only build skips it: common/launch.cuh)
 __device__ __forceinline__ void mbarrier_init(uint64_t* bar, int arrivals) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(arrivals) : "memory");
 }
@@ -79,5 +80,7 @@ struct Ring {
   __device__ __forceinline__ void wait(RingState<kStages> st) { mbarrier_wait(&full[st.stage], st.phase); }
   __device__ __forceinline__ void release(RingState<kStages> st) { mbarrier_arrive(&empty[st.stage]); }
 };
+
+#endif  // __CUDACC__
 
 }  // namespace flashjit::sm90

@@ -17,6 +17,7 @@
 
 namespace flashjit::sm90 {
 
+#ifdef __CUDACC__  // device code (the launcher's host-only build skips it: common/launch.cuh)
 // ---- Device side ---------------------------------------------------------------------------------
 // The map lives in kernel parameter space (__grid_constant__); its generic address is what the
 // instructions take.
@@ -43,6 +44,7 @@ __device__ __forceinline__ void tma_store_commit() { asm volatile("cp.async.bulk
 // Until this thread's committed stores have read their shared-memory sources (before the CTA exits
 // or the buffer is reused).
 __device__ __forceinline__ void tma_store_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+#endif  // __CUDACC__
 
 // ---- Host side -----------------------------------------------------------------------------------
 using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,

@@ -5,6 +5,7 @@
 
 namespace flashjit::sm90 {
 
+#ifdef __CUDACC__  // device code (the launcher's host-only build skips it: common/launch.cuh)
 // setmaxnreg: the CTA starts with an even split of the register file; a producer warpgroup that
 // only issues TMA copies gives registers back and the consumer warpgroups take them. Every warp of
 // a warpgroup must execute the same one.
@@ -33,5 +34,7 @@ __device__ __forceinline__ void named_arrive(int id, int threads) {
 __device__ __forceinline__ void named_sync_unaligned(int id, int threads) {
   asm volatile("barrier.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
+
+#endif  // __CUDACC__
 
 }  // namespace flashjit::sm90
