@@ -46,6 +46,7 @@ v_cache: fullgraph=True traces it, and its checks run when it runs, as flashjit/
 from __future__ import annotations
 
 import operator
+from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -54,7 +55,7 @@ from torch import Tensor
 from . import interface
 from .flash_api import causal_window
 from .interface import backend
-from .kvattn import MAX_SPLITS, PAGE_MULTIPLE  # the kernels' limits (MAX_SPLITS is flash-attn 2's cap too)
+from .kvattn import MAX_SPLITS, PAGE_MULTIPLE, _signature  # the kernels' limits (MAX_SPLITS: flash-attn 2's cap too)
 from .reference import attention_reference
 
 
@@ -194,9 +195,7 @@ def _check_call(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens
         except TypeError:
             raise TypeError(f"cache_seqlens must be an int or an int32 tensor [batch], got "
                             f"{type(cache_seqlens).__name__}") from None
-        if not 0 <= cache_seqlens <= capacity - new:
-            raise ValueError(f"cache_seqlens={cache_seqlens}{f' plus {new} new keys' if new else ''} must lie in "
-                             f"[0, {capacity}], the cache's capacity")
+        _check_int_lengths(cache_seqlens, capacity, new)
     if cache_leftpad is not None:
         cache_leftpad = _check_index("cache_leftpad", cache_leftpad, (batch,), "each entry's first valid slot",
                                      q.device, reference)
@@ -227,6 +226,12 @@ def _check_call(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens
         raise ValueError(f"num_splits must be an int from 0 to {MAX_SPLITS} (0: chosen by a heuristic, 1: no split), "
                          f"got {num_splits!r}")
     return capacity, cache_seqlens, lengths, cache_batch_idx, cache_leftpad, block_table
+
+
+def _check_int_lengths(cache_seqlens: int, capacity: int, new: int) -> None:
+    if not 0 <= cache_seqlens <= capacity - new:
+        raise ValueError(f"cache_seqlens={cache_seqlens}{f' plus {new} new keys' if new else ''} must lie in "
+                         f"[0, {capacity}], the cache's capacity")
 
 
 # ---- host-side value checks (the reference backend) ---------------------------------------------------
@@ -313,12 +318,16 @@ def _append(k_cache, v_cache, k, v, positions, batch_idx, block_table, capacity:
 @torch.no_grad()
 def _kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
              block_table, softmax_scale, causal, window_size, softcap, rotary_interleaved, alibi_slopes, num_splits,
-             return_softmax_lse, learnable_sink):
+             return_softmax_lse, learnable_sink, plan_key=None):
     reference = backend() == "reference"
+    given = (q, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table)
     q, k, v = (t.contiguous() if isinstance(t, torch.Tensor) and t.stride(-1) != 1 else t for t in (q, k, v))
     capacity, cache_seqlens, lengths, cache_batch_idx, cache_leftpad, block_table = _check_call(
         q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
         block_table, num_splits, reference)
+    # Whether the checks copied an input (a plan must not skip those copies)
+    copied = any(a is not b for a, b in zip(given, (q, k, v, given[3] if lengths is None else lengths, cache_batch_idx,
+                                                     cache_leftpad, block_table)))
     if not reference and q.shape[-1] % 8:  # kvattn refuses it too, but only after an empty q's append here
         raise ValueError(f"head dim {q.shape[-1]} of a KV cache must be a multiple of 8 for the kernels (a padded "
                          "copy of the cache would be made on every call); pad the cache's head dim when allocating it")
@@ -376,10 +385,15 @@ def _kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, c
     else:
         from . import kvattn  # the kernels' entry; imported here so that the reference needs none of it
 
-        if block_table is None and cache_batch_idx is None:  # flash-attn reads rows 0..B-1 of a larger cache
-            k_cache, v_cache = k_cache[:batch], v_cache[:batch]
+        rows = batch if block_table is None and cache_batch_idx is None else None  # flash-attn reads rows 0..B-1
+        if rows is not None:
+            k_cache, v_cache = k_cache[:rows], v_cache[:rows]
         out, lse = kvattn.forward_kvcache(q, k_cache, v_cache, seqlens_k, num_splits=num_splits, return_lse=True,
                                           k_new=k if fused else None, v_new=v if fused else None, **kwargs)
+        if plan_key is not None and not copied and (fused or not new) and rotary_cos is None:
+            settings = dict(causal=causal, softmax_scale=softmax_scale, window_size=window_size, softcap=softcap,
+                            num_splits=num_splits)
+            interface._remember(_plans, plan_key, _Plan(capacity, new, rows, settings))
     return (out, lse) if return_softmax_lse else out
 
 
@@ -410,9 +424,61 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                                int(window_size[1]), float(softcap), bool(rotary_interleaved), alibi_slopes,
                                int(num_splits), learnable_sink)
         return (out, lse) if return_softmax_lse else out
+    plan_key = None
+    if rotary_cos is None and alibi_slopes is None and learnable_sink is None:
+        plan_key = _plan_key(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
+                             softmax_scale, causal, window_size, softcap, num_splits)
+        plan = _plans.get(plan_key) if plan_key is not None else None
+        if plan is not None and backend() == "jit":
+            out, lse = plan.run(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table)
+            return (out, lse) if return_softmax_lse else out
     return _kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
                     block_table, softmax_scale, causal, window_size, softcap, rotary_interleaved, alibi_slopes,
-                    num_splits, return_softmax_lse, learnable_sink)
+                    num_splits, return_softmax_lse, learnable_sink, plan_key)
+
+
+# ---- the repeated call ---------------------------------------------------------------------------------------
+# Decoding makes the same call every step: the same layouts and flags, only the data and the lengths'
+# values change. The checks and normalisation above depend on nothing else, so the first call of a layout
+# records their outcome (a _Plan) and later calls skip to the kernels' own planned launch: an H200's host spent
+# about 50 us a step there (docs/perf-log.md, nineteenth session). Rotary, ALiBi and sinks take the full path.
+
+class _Plan:
+    __slots__ = ("capacity", "new", "rows", "kwargs")
+
+    def __init__(self, capacity: int, new: int, rows: int | None, kwargs: dict):
+        self.capacity, self.new, self.rows, self.kwargs = capacity, new, rows, kwargs
+
+    def run(self, q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table):
+        """(out, lse) as _kvcache's JIT path: the plan's key fixed everything but the values."""
+        if not isinstance(cache_seqlens, torch.Tensor):  # None or an int: the key tells them from a tensor
+            length = self.capacity if cache_seqlens is None else operator.index(cache_seqlens)
+            _check_int_lengths(length, self.capacity, self.new)
+            cache_seqlens = torch.full((q.shape[0],), length, dtype=torch.int32, device=q.device)
+        if self.rows is not None:
+            k_cache, v_cache = k_cache[:self.rows], v_cache[:self.rows]
+        from . import kvattn
+
+        return kvattn.forward_kvcache(q, k_cache, v_cache, cache_seqlens, leftpad_k=cache_leftpad,
+                                      block_table=block_table, kv_batch_idx=cache_batch_idx, return_lse=True,
+                                      k_new=k if self.new else None, v_new=v if self.new else None, **self.kwargs)
+
+
+_plans: OrderedDict = OrderedDict()
+
+
+def _plan_key(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, softmax_scale,
+              causal, window_size, softcap, num_splits):
+    """Everything _kvcache's checks and choices read but the data and an int cache_seqlens' value; None
+    for a call a plan cannot describe (a tensor softmax_scale or softcap, a list window_size)."""
+    if not (softmax_scale is None or type(softmax_scale) in (int, float)) or type(softcap) not in (int, float):
+        return None
+    lengths = cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else type(cache_seqlens)
+    try:
+        return interface._plan_key(q, k_cache, v_cache, softmax_scale, causal, tuple(window_size), softcap, num_splits,
+                                   *map(_signature, (k, v, lengths, cache_batch_idx, cache_leftpad, block_table)))
+    except TypeError:
+        return None
 
 
 # ---- a custom op for torch.compile, as flashjit/ops.py's ---------------------------------------------------

@@ -600,3 +600,87 @@ def test_jit_decode_lengths_and_splits(sq, num_splits, monkeypatch):
                                                              causal=True)
     assert_close("out (reference_kvcache_attention)", out, contract_out, low_out)
     assert_lse_close(lse, contract_lse, low_lse)
+
+
+# ---- the repeated call: a plan of the checks (flashjit/kvcache.py: _Plan) ------------------------------------
+PLANNED = [c for c in CASES if not {"rotary", "alibi", "sink"} & set(c[1])]
+
+
+def test_plan_key_ignores_the_values_and_refuses_what_a_plan_cannot_describe():
+    """Decoding's next step (new data, new lengths) has the first step's key; an int and a tensor
+    cache_seqlens do not share one; a tensor softmax_scale or softcap (values a plan would miss) has none."""
+    from flashjit import kvcache
+
+    def key(kwargs, **change):
+        a = dict(kwargs, **change)
+        return kvcache._plan_key(a["q"], a["k_cache"], a["v_cache"], a.get("k"), a.get("v"), a.get("cache_seqlens"),
+                                 a.get("cache_batch_idx"), a.get("cache_leftpad"), a["block_table"], a["softmax_scale"],
+                                 a["causal"], a["window_size"], a["softcap"], 0)
+
+    _, first = _call(dict(new=1, sq=1, page=16))
+    _, second = _call(dict(new=1, sq=1, page=16))
+    assert key(first) is not None and key(first) == key(second)
+    assert key(first, cache_seqlens=5) != key(first) and key(first, cache_seqlens=5) == key(second, cache_seqlens=9)
+    assert key(first, causal=not first["causal"]) != key(first)
+    assert key(first, softmax_scale=torch.tensor(0.1)) is None and key(first, softcap=torch.tensor(1.0)) is None
+
+
+@pytest.mark.parametrize("name, features", PLANNED, ids=[c[0] for c in PLANNED])
+def test_plan_hands_the_kernels_what_the_checked_path_does(name, features, monkeypatch):
+    """On CPU, with the kernels' entry replaced by a recorder (and the JIT path's CUDA checks waived):
+    a repeated call runs from the plan and hands kvattn.forward_kvcache exactly the arguments the
+    checked path computed for it (the same tensors, lengths of the same values, the same settings)."""
+    import inspect
+
+    from flashjit import kvattn, kvcache
+
+    calls = []
+    monkeypatch.setattr(kvcache, "backend", lambda: "jit")
+    real_check = kvcache._check_call
+    monkeypatch.setattr(kvcache, "_check_call", lambda *a: real_check(*a[:-1], True))  # no CUDA needed here
+    signature = inspect.signature(kvattn.forward_kvcache)
+    monkeypatch.setattr(kvattn, "forward_kvcache", lambda *a, **kw: calls.append(signature.bind(*a, **kw)) or (0, 0))
+    kvcache._plans.clear()
+    _, kwargs = _call(dict(features, d=32))
+    for _ in range(2):
+        flash_attn_with_kvcache(**kwargs)
+    assert len(kvcache._plans) == 1 and len(calls) == 2
+    for bound in calls:
+        bound.apply_defaults()
+    checked, planned = (bound.arguments for bound in calls)
+    for arg, a in checked.items():
+        b = planned[arg]
+        if arg == "seqlens_k":  # an int or None becomes a tensor in each call
+            assert torch.equal(a, b) and (a is b) == isinstance(kwargs.get("cache_seqlens"), torch.Tensor)
+        elif isinstance(a, torch.Tensor):
+            assert isinstance(b, torch.Tensor) and (a.data_ptr(), a.shape, a.stride()) == (b.data_ptr(), b.shape,
+                                                                                            b.stride()), arg
+        else:
+            assert a == b, (arg, a, b)
+    kvcache._plans.clear()
+
+
+@gpu
+@pytest.mark.parametrize("name, features", PLANNED, ids=[c[0] for c in PLANNED])
+def test_repeated_call_runs_from_the_plan_bit_for_bit(name, features, monkeypatch):
+    """The second call of a layout (new data and lengths, as decoding's next step) skips the checks
+    (_kvcache is not entered) and gives bit for bit what the unplanned path gives: out, lse, the append."""
+    from flashjit import kvcache
+
+    monkeypatch.setenv("FLASHJIT_BACKEND", "jit")
+    kvcache._plans.clear()
+    flash_attn_with_kvcache(**_call(features, device="cuda", dtype=torch.bfloat16)[1])  # records the plan
+    assert len(kvcache._plans) == 1
+    cache, kwargs = _call(features, device="cuda", dtype=torch.bfloat16)
+    k_copy, v_copy = cache.k.clone(), cache.v.clone()
+    entered = []
+    full_path = kvcache._kvcache
+    monkeypatch.setattr(kvcache, "_kvcache", lambda *a: entered.append(1) or full_path(*a))
+    out, lse = flash_attn_with_kvcache(**kwargs)
+    assert not entered, "the repeated call did not take the plan"
+    kvcache._plans.clear()
+    want_out, want_lse = flash_attn_with_kvcache(**dict(kwargs, k_cache=k_copy, v_cache=v_copy))
+    assert entered
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+    assert torch.equal(cache.k, k_copy) and torch.equal(cache.v, v_copy)
+    kvcache._plans.clear()
