@@ -315,10 +315,11 @@ def _build(entry: cache.Entry, config: ConfigBase, arch: str, toolkit: toolchain
         device = subprocess.Popen(nvcc, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
             built = _build_launcher(entry, config, arch, toolkit, source, staging.path, verbose)
-        finally:
-            if sys.exc_info()[0] is not None:
-                device.kill()
             log = device.communicate()[0]
+        finally:
+            if device.returncode is None:  # the launcher failed, or an interrupt: stop nvcc, reap it
+                device.kill()
+                device.communicate()
         if device.returncode != 0:
             error = subprocess.CalledProcessError(device.returncode, nvcc, output=log)
             raise _compile_error(entry, config, arch, source, error) from None

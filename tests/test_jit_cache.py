@@ -82,6 +82,16 @@ def test_compile_real_kernels(arch, config):
     assert exported - {"_init", "_fini"} <= {n for n in exported if n.startswith("flashjit_")}, exported
 
 
+def test_a_build_inside_an_except_block_completes(private_cache):
+    """The common `try: import flash_attn / except ImportError: <use flashjit>` pattern: a first call
+    compiled while an exception is being handled must not take it for its own failure."""
+    try:
+        raise ImportError("No module named 'flash_attn'")
+    except ImportError:
+        library = jit.ensure_built(CHEAP, "sm_80")
+    assert cache.Entry(library.parent).verified_library() == library
+
+
 def _elf_symbols(path: Path, section_type: int) -> list[tuple[str, int, int]]:
     """(name, st_info, st_other) of the defined symbols of an ELF64 file's SHT_SYMTAB (2) or SHT_DYNSYM (11)."""
     import struct
