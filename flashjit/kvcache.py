@@ -425,7 +425,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                                int(num_splits), learnable_sink)
         return (out, lse) if return_softmax_lse else out
     plan_key = None
-    if rotary_cos is None and alibi_slopes is None and learnable_sink is None:
+    if rotary_cos is None and rotary_sin is None and alibi_slopes is None and learnable_sink is None:
         plan_key = _plan_key(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table,
                              softmax_scale, causal, window_size, softcap, num_splits)
         plan = _plans.get(plan_key) if plan_key is not None else None
@@ -470,15 +470,20 @@ _plans: OrderedDict = OrderedDict()
 def _plan_key(q, k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, cache_leftpad, block_table, softmax_scale,
               causal, window_size, softcap, num_splits):
     """Everything _kvcache's checks and choices read but the data and an int cache_seqlens' value; None
-    for a call a plan cannot describe (a tensor softmax_scale or softcap, a list window_size)."""
-    if not (softmax_scale is None or type(softmax_scale) in (int, float)) or type(softcap) not in (int, float):
+    for a call a plan cannot describe (values that are tensors, or a window_size that is no pair of ints)."""
+    scalars = (softmax_scale, causal, softcap, num_splits)
+    if any(type(x) not in (int, float, bool) for x in scalars if x is not None) or softcap is None:
         return None
-    lengths = cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else type(cache_seqlens)
     try:
-        return interface._plan_key(q, k_cache, v_cache, softmax_scale, causal, tuple(window_size), softcap, num_splits,
-                                   *map(_signature, (k, v, lengths, cache_batch_idx, cache_leftpad, block_table)))
+        window = tuple(window_size)
     except TypeError:
         return None
+    if any(type(w) is not int for w in window):
+        return None
+    # The types count too: the checks tell 1 from True and 1.0 (and an int cache_seqlens from None).
+    lengths = _signature(cache_seqlens) if isinstance(cache_seqlens, torch.Tensor) else type(cache_seqlens)
+    return interface._plan_key(q, k_cache, v_cache, *scalars, *map(type, scalars), window, lengths,
+                               *map(_signature, (k, v, cache_batch_idx, cache_leftpad, block_table)))
 
 
 # ---- a custom op for torch.compile, as flashjit/ops.py's ---------------------------------------------------

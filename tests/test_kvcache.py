@@ -623,6 +623,9 @@ def test_plan_key_ignores_the_values_and_refuses_what_a_plan_cannot_describe():
     assert key(first, cache_seqlens=5) != key(first) and key(first, cache_seqlens=5) == key(second, cache_seqlens=9)
     assert key(first, causal=not first["causal"]) != key(first)
     assert key(first, softmax_scale=torch.tensor(0.1)) is None and key(first, softcap=torch.tensor(1.0)) is None
+    # the checks tell these apart (True and 5.0 are refused as lengths, None has no int to check): so must the key
+    assert len({key(first, cache_seqlens=x) for x in (5, True, 5.0, None, "5")}) == 5
+    assert key(first, window_size=(torch.tensor(3), -1)) is None and key(first, causal=torch.tensor(True)) is None
 
 
 @pytest.mark.parametrize("name, features", PLANNED, ids=[c[0] for c in PLANNED])
@@ -645,6 +648,13 @@ def test_plan_hands_the_kernels_what_the_checked_path_does(name, features, monke
     for _ in range(2):
         flash_attn_with_kvcache(**kwargs)
     assert len(kvcache._plans) == 1 and len(calls) == 2
+    # A call the checks refuse never runs from that plan: the same layouts with rotary_sin alone, or
+    # num_splits=True, raise as on the checked path.
+    with pytest.raises(ValueError, match="rotary_cos and rotary_sin"):
+        flash_attn_with_kvcache(**kwargs, rotary_sin=torch.ones(64, 4, dtype=kwargs["q"].dtype))
+    with pytest.raises(ValueError, match="num_splits"):
+        flash_attn_with_kvcache(**kwargs, num_splits=True)
+    assert len(calls) == 2
     for bound in calls:
         bound.apply_defaults()
     checked, planned = (bound.arguments for bound in calls)
