@@ -3,15 +3,16 @@
 Layout (``python -m flashjit info`` prints the root)::
 
     <root>/v1/<arch>/<config name>-<12-hex key>/   one published entry
-        kernel.so       the compiled translation unit
-        source.cu       what it was compiled from
-        manifest.json   the key's inputs, the library's size and sha256, build time, resource usage
+        kernel.so       the launcher: the translation unit's host code (the host compiler's build)
+        kernel.cubin    its kernels (nvcc's build of the same unit), which the launcher loads
+        source.cu       what both were compiled from
+        manifest.json   the key's inputs, both binaries' sizes and sha256, build time
     <root>/v1/locks/<entry>.lock                    one filelock per entry (the OS drops it if the holder dies)
     <root>/v1/staging/<entry>.<pid>.<random>/       private build directories, never read by loaders
 
 An entry is built in its own staging directory and published with ``os.replace`` (a rename within
 one file system: readers see either no entry or a whole one). A loader trusts an entry only when
-its library matches the size and sha256 recorded in the manifest; anything else is rebuilt.
+its library and cubin match the sizes and sha256 recorded in the manifest; anything else is rebuilt.
 
 A bundle (``python -m flashjit precompile --out DIR``) is the same entry layout under DIR, built by
 the same Entry/Staging code with DIR as the root, plus ``DIR/flashjit-bundle.json``: the toolchain

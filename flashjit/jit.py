@@ -312,14 +312,17 @@ def _build(entry: cache.Entry, config: ConfigBase, arch: str, toolkit: toolchain
         # -Xptxas=-v only reports registers/spills; it does not change the binary.
         nvcc = [str(toolkit.nvcc), *flags, *(["-Xptxas=-v"] if verbose else []), "-I", str(codegen.kernels_dir()),
                 "-cubin", "-o", str(staging.path / cache.CUBIN), str(source)]
-        device = subprocess.Popen(nvcc, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        log_path = staging.path / "nvcc.log"  # a file, not a pipe: a long log must not stall nvcc meanwhile
+        with open(log_path, "w") as log_file:
+            device = subprocess.Popen(nvcc, stdout=log_file, stderr=subprocess.STDOUT)
         try:
             built = _build_launcher(entry, config, arch, toolkit, source, staging.path, verbose)
-            log = device.communicate()[0]
+            device.wait()
         finally:
             if device.returncode is None:  # the launcher failed, or an interrupt: stop nvcc, reap it
                 device.kill()
-                device.communicate()
+                device.wait()
+        log = log_path.read_text(errors="replace")
         if device.returncode != 0:
             error = subprocess.CalledProcessError(device.returncode, nvcc, output=log)
             raise _compile_error(entry, config, arch, source, error) from None
@@ -328,7 +331,7 @@ def _build(entry: cache.Entry, config: ConfigBase, arch: str, toolkit: toolchain
         # Publish a copy, not the file cpp_extension just dlopen'ed into this process: a later
         # rewrite of the cache file (damage, a manual edit) must never alter pages this process has mapped.
         shutil.copyfile(built, staging.path / cache.LIBRARY)
-        for scratch in ("build", "link", _LAUNCHER):
+        for scratch in ("build", _LAUNCHER, log_path.name):
             target = staging.path / scratch
             shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
         seconds = time.perf_counter() - started
@@ -381,9 +384,11 @@ def _compile_error(entry: cache.Entry, config: ConfigBase, arch: str, source: Pa
     kept.mkdir(parents=True, exist_ok=True)
     shutil.copy(source, kept / source.name)
     text = str(exc)
+    streams = []  # CalledProcessError's stdout is its output: each stream once
     for stream in ("output", "stdout", "stderr"):
         extra = getattr(exc, stream, None)
-        if extra:
+        if extra and not any(extra is seen for seen in streams):
+            streams.append(extra)
             text += "\n" + (extra.decode(errors="replace") if isinstance(extra, bytes) else str(extra))
     (kept / "build.log").write_text(text)
     tail = "\n".join(text.strip().splitlines()[-40:])
