@@ -5,7 +5,8 @@ is compiled twice, at once (flashjit/jit.py): by nvcc to a cubin (the kernels), 
 compiler to the launcher library, which sees no device code (kernels/common/launch.cuh) and exports a
 C ABI that flashjit/launch.py calls through ctypes:
 
-    void flashjit_set_image(const void* cubin)         -> the kernels, loaded at the first launch
+    void flashjit_set_image(const char* cubin, size_t size, const char* kernel_names)
+                                                       -> the kernels (copied), loaded at the first launch
     int flashjit_run(const FwdParams* or BwdParams*, cudaStream_t) -> cudaError_t of the launch(es)
     int flashjit_params_size()                         -> sizeof(the params struct), checked against ctypes
     int flashjit_smem_bytes()                          -> dynamic shared memory per CTA
@@ -21,7 +22,7 @@ from pathlib import Path
 from .configs import FAMILIES, family_of
 from .configs.common import ConfigBase
 
-ABI_VERSION = 11
+ABI_VERSION = 12
 
 # One template for every family: the family names the header, the namespace and the params struct,
 # the config its Config<...> arguments (configs/common.py: ConfigBase.template_args).
@@ -36,7 +37,9 @@ using Cfg = flashjit::{ns}::Config<
 // The C ABI every library exports (flashjit/launch.py calls it through ctypes). nvcc compiles only
 // the kernels this instantiates; the host compiler builds the launcher, which takes them from the cubin.
 #ifndef __CUDACC__
-FLASHJIT_EXPORT void flashjit_set_image(const void* cubin) {{ flashjit::image::set(cubin); }}
+FLASHJIT_EXPORT void flashjit_set_image(const char* cubin, size_t size, const char* kernel_names) {{
+  flashjit::image::set(cubin, size, kernel_names);
+}}
 #endif
 FLASHJIT_EXPORT int flashjit_run(const flashjit::{params}* params, cudaStream_t stream) {{
   return static_cast<int>(flashjit::{ns}::launch<Cfg>(*params, stream));

@@ -7,6 +7,7 @@ current CUDA stream.
 from __future__ import annotations
 
 import ctypes
+import struct
 from pathlib import Path
 
 from .cache import CUBIN
@@ -65,6 +66,29 @@ def tensor_ref(t) -> tuple:
     return t.data_ptr(), b, r, h
 
 
+def cubin_kernels(cubin: bytes) -> list[str]:
+    """The mangled names of a cubin's entry kernels: its ELF64 symbol table's global functions marked
+    STO_CUDA_ENTRY (0x10). The launcher looks its kernels up among them (kernels/common/launch.cuh)."""
+    try:
+        if cubin[:5] != b"\x7fELF\x02":
+            raise ValueError("not an ELF64 file")
+        shoff, = struct.unpack_from("<Q", cubin, 0x28)
+        shentsize, shnum = struct.unpack_from("<HH", cubin, 0x3A)
+        sections = [struct.unpack_from("<IIQQQQIIQQ", cubin, shoff + i * shentsize) for i in range(shnum)]
+        names = []
+        for _, kind, _, _, offset, size, link, _, _, entsize in sections:
+            if kind != 2 or not entsize:  # SHT_SYMTAB
+                continue
+            strings = sections[link][4]
+            for at in range(offset, offset + size, entsize):
+                name, info, other, shndx = struct.unpack_from("<IBBH", cubin, at)
+                if info == 0x12 and other & 0x10 and shndx:  # STB_GLOBAL | STT_FUNC, a kernel, defined here
+                    names.append(cubin[strings + name:cubin.index(b"\0", strings + name)].decode())
+        return names
+    except (struct.error, IndexError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the cubin's kernels: {exc}") from exc
+
+
 class KernelLibraryError(RuntimeError):
     """A cached library that cannot be loaded or does not match this flashjit."""
 
@@ -77,12 +101,13 @@ class CompiledKernel:
         config = config_from_name(config) if isinstance(config, str) else config
         name, params_type = config.name, PARAMS[family_of(config).params]
         try:
-            # The kernels: the runtime loads them at the first launch, from these bytes (kept alive here).
-            self._cubin = (path.parent / CUBIN).read_bytes()
+            cubin = (path.parent / CUBIN).read_bytes()  # the kernels, which the library loads at its first launch
+            names = cubin_kernels(cubin)
             self.lib = ctypes.CDLL(str(path))
             fn = self.lib.flashjit_run
-            self.lib.flashjit_set_image.argtypes, self.lib.flashjit_set_image.restype = [ctypes.c_char_p], None
-        except (OSError, AttributeError) as exc:
+            self.lib.flashjit_set_image.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p]
+            self.lib.flashjit_set_image.restype = None
+        except (OSError, AttributeError, ValueError) as exc:
             raise KernelLibraryError(f"cannot load kernel library {path}: {exc}") from exc
         fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int
         self._fn = fn
@@ -95,7 +120,7 @@ class CompiledKernel:
             raise KernelLibraryError(
                 f"kernel library {path} was built for {built_for} with a {params_size}-byte params struct; "
                 f"expected {name} and {ctypes.sizeof(params_type)} bytes")
-        self.lib.flashjit_set_image(self._cubin)
+        self.lib.flashjit_set_image(cubin, len(cubin), "\n".join(names).encode())
         self.path, self.name = path, name
         self.smem_bytes = self.lib.flashjit_smem_bytes()
 

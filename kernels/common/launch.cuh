@@ -20,13 +20,19 @@
 #ifdef __CUDACC__
 #define FLASHJIT_KERNEL(kernel, ...) reinterpret_cast<const void*>(&kernel<__VA_ARGS__>)
 #else
-#include <cstdio>
+#include <atomic>
 #include <cstring>
+#include <mutex>
+#include <string>
+#include <utility>
 #include <vector>
-// One lookup per launch site (a function-local static of the launcher's instantiation).
-#define FLASHJIT_KERNEL(kernel, ...) [] {                                     \
-  static const void* const found = ::flashjit::image::kernel_named(#kernel); \
-  return found;                                                              \
+// A lookup per launch site until one succeeds (a function-local static of the launcher's instantiation).
+#define FLASHJIT_KERNEL(kernel, ...) [] {                                           \
+  static std::atomic<const void*> found{nullptr};                                  \
+  const void* handle = found.load(std::memory_order_acquire);                      \
+  if (handle == nullptr && (handle = ::flashjit::image::kernel_named(#kernel)))    \
+    found.store(handle, std::memory_order_release);                                \
+  return handle;                                                                   \
 }()
 #endif
 
@@ -35,13 +41,18 @@ namespace flashjit {
 #ifndef __CUDACC__
 namespace image {
 
-// The cubin, given by flashjit_set_image before the first launch (the caller keeps the bytes alive),
-// loaded on first use: the runtime loads its module into each device's context when a kernel is
-// first launched there.
+// The kernels' cubin and the mangled names of its entry kernels (flashjit/launch.py reads them from
+// its ELF symbols), copied in by flashjit_set_image before any launch. Loaded with the runtime's
+// library API (CUDA 12.0+) at the first launch, which is retried until it succeeds (an out-of-memory
+// first load is not final); the runtime then loads the module into each device's context when a
+// kernel is first launched there.
 struct Loaded {
-  const void* data = nullptr;
-  cudaError_t status = cudaSuccess;
-  std::vector<std::pair<const char*, const void*>> kernels;  // mangled name, cudaKernel_t
+  std::mutex mutex;
+  std::vector<char> cubin;
+  std::vector<std::string> names;
+  cudaLibrary_t library = nullptr;
+  std::vector<std::pair<std::string, const void*>> kernels;  // mangled name, cudaKernel_t
+  cudaError_t last_error = cudaErrorInvalidResourceHandle;   // of the last failed lookup: no image yet
 };
 
 inline Loaded& loaded() {
@@ -49,49 +60,67 @@ inline Loaded& loaded() {
   return image;
 }
 
-inline void set(const void* data) { loaded().data = data; }
+// names: '\n'-separated. A second call (another CompiledKernel of this library) keeps the first image.
+inline void set(const char* data, size_t size, const char* names) {
+  Loaded& image = loaded();
+  const std::lock_guard<std::mutex> lock(image.mutex);
+  if (!image.cubin.empty()) return;
+  image.cubin.assign(data, data + size);
+  for (const char* at = names; *at != '\0';) {
+    const char* end = std::strchr(at, '\n');
+    if (end == nullptr) end = at + std::strlen(at);
+    if (end > at) image.names.emplace_back(at, end);
+    at = *end == '\0' ? end : end + 1;
+  }
+}
 
-inline cudaError_t load() {
-  static const cudaError_t status = [] {  // once, thread-safe (a static's initialisation)
-    Loaded& image = loaded();
-    if (image.data == nullptr) return cudaErrorInvalidResourceHandle;
-    cudaLibrary_t library = nullptr;
-    cudaError_t err = cudaLibraryLoadData(&library, image.data, nullptr, nullptr, 0, nullptr, nullptr, 0);
-    unsigned count = 0;
-    if (err == cudaSuccess) err = cudaLibraryGetKernelCount(&count, library);
-    std::vector<cudaKernel_t> all(count);
-    if (err == cudaSuccess && count > 0) err = cudaLibraryEnumerateKernels(all.data(), count, library);
-    for (unsigned i = 0; err == cudaSuccess && i < count; ++i) {
-      const char* name = nullptr;
-      err = cudaFuncGetName(&name, reinterpret_cast<const void*>(all[i]));
-      if (err == cudaSuccess) image.kernels.emplace_back(name, reinterpret_cast<const void*>(all[i]));
-    }
+inline cudaError_t load(Loaded& image) {  // image.mutex held
+  if (image.library != nullptr) return cudaSuccess;
+  if (image.cubin.empty()) return cudaErrorInvalidResourceHandle;
+  cudaLibrary_t library = nullptr;
+  cudaError_t err = cudaLibraryLoadData(&library, image.cubin.data(), nullptr, nullptr, 0, nullptr, nullptr, 0);
+  std::vector<std::pair<std::string, const void*>> kernels;
+  for (size_t i = 0; err == cudaSuccess && i < image.names.size(); ++i) {
+    cudaKernel_t kernel = nullptr;
+    err = cudaLibraryGetKernel(&kernel, library, image.names[i].c_str());
+    kernels.emplace_back(image.names[i], reinterpret_cast<const void*>(kernel));
+  }
+  if (err != cudaSuccess) {
+    if (library != nullptr) cudaLibraryUnload(library);
     return err;
-  }();
-  return status;
+  }
+  image.library = library;
+  image.kernels = std::move(kernels);
+  return cudaSuccess;
 }
 
 // The cubin's kernel whose template is `name` (a TU instantiates each kernel template once, for its
-// Config): the Itanium-mangled name holds it as <length><name>I. nullptr if there is none or more
-// than one; launch() then reports why.
+// Config): the Itanium-mangled name holds it as <length><name>I. nullptr if the image does not load or
+// holds no such kernel, or more than one; missing() then says which.
 inline const void* kernel_named(const char* name) {
-  if (load() != cudaSuccess) return nullptr;
-  char key[128];
-  const int n = std::snprintf(key, sizeof key, "%zu%sI", std::strlen(name), name);
-  if (n <= 0 || n >= int(sizeof key)) return nullptr;
+  Loaded& image = loaded();
+  const std::lock_guard<std::mutex> lock(image.mutex);
+  cudaError_t err = load(image);
+  const std::string key = std::to_string(std::strlen(name)) + name + "I";
   const void* found = nullptr;
-  for (const auto& [mangled, kernel] : loaded().kernels) {
-    if (std::strstr(mangled, key) == nullptr) continue;
-    if (found != nullptr) return nullptr;
-    found = kernel;
+  for (size_t i = 0; err == cudaSuccess && i < image.kernels.size(); ++i) {
+    if (image.kernels[i].first.find(key) == std::string::npos) continue;
+    if (found != nullptr) err = cudaErrorSymbolNotFound;  // two kernels of that name: refuse both
+    found = image.kernels[i].second;
+  }
+  if (err == cudaSuccess && found == nullptr) err = cudaErrorSymbolNotFound;
+  if (err != cudaSuccess) {
+    image.last_error = err;
+    return nullptr;
   }
   return found;
 }
 
-// Why a kernel is missing: the image's load error, or a name the cubin does not hold once.
+// Why the last lookup found no kernel.
 inline cudaError_t missing() {
-  const cudaError_t err = load();
-  return err != cudaSuccess ? err : cudaErrorSymbolNotFound;
+  Loaded& image = loaded();
+  const std::lock_guard<std::mutex> lock(image.mutex);
+  return image.last_error;
 }
 
 }  // namespace image
