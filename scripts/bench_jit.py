@@ -1,6 +1,6 @@
-"""JIT costs on the GPU machine: cold first call (compile + load + launch) with an empty cache, warm
-first call in a new process (import + load + first launch), and per-call host overhead at a tiny
-shape, each beside PyTorch SDPA's flash backend.
+"""JIT costs on the GPU machine: the cold first call (compile + load + launch) with an empty cache (the
+median of --cold runs), the warm first call in a new process (import + load + first launch), and the
+per-call host overhead at a tiny shape, each beside PyTorch SDPA's flash backend.
 
     python scripts/bench_jit.py --out bench-out
 """
@@ -69,6 +69,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="bench-out")
     parser.add_argument("--profile", action="store_true", help="print a cProfile of flash_attn_func (grad) calls")
+    parser.add_argument("--cold", type=int, default=3, help="cold first calls to time, each with an empty cache "
+                        "(the median is reported; default 3)")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_forward import _require_torch_cuda, exit_unless_gpu  # same folder; imports no torch
@@ -77,9 +79,15 @@ def main() -> None:
     _require_torch_cuda("bench_jit.py")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # The cold first call, each time with an empty cache (it compiles), args.cold times: one sample
+    # swings by tenths of a second with the host's load.
+    colds = [first_call("flashjit", dict(os.environ, FLASHJIT_CACHE_DIR=tempfile.mkdtemp(prefix="flashjit-cold-")))
+             for _ in range(args.cold)]
     env = dict(os.environ, FLASHJIT_CACHE_DIR=tempfile.mkdtemp(prefix="flashjit-cold-"))
+    first_call("flashjit", env)  # fills this cache
     result = {
-        "cold_flashjit": first_call("flashjit", env),   # empty cache: compiles
+        "cold_flashjit": sorted(colds, key=lambda r: r["first_call_s"])[len(colds) // 2],  # the median run
+        "cold_first_call_s": [r["first_call_s"] for r in colds],
         "warm_flashjit": first_call("flashjit", env),   # new process, cache filled
         "sdpa_flash": first_call("sdpa", env),
     }
@@ -141,6 +149,7 @@ def main() -> None:
         r = result[key]
         print(f"{key:14} import torch {r['import_torch_s']:.3f} s, CUDA init {r['cuda_init_s']:.3f} s, "
               f"first call {r['first_call_s']:.3f} s")
+    print(f"cold first calls {', '.join(f'{s:.3f}' for s in result['cold_first_call_s'])} s (median above)")
     for key, us in result["host_us"].items():
         print(f"host overhead {key:30} {us:6.1f} us/call")
 
