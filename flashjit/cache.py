@@ -4,7 +4,8 @@ Layout (``python -m flashjit info`` prints the root)::
 
     <root>/v1/<arch>/<config name>-<12-hex key>/   one published entry
         kernel.so       the launcher: the translation unit's host code (the host compiler's build)
-        kernel.cubin    its kernels (nvcc's build of the same unit), which the launcher loads
+        kernel.cubin    its kernels (nvcc's build of the same unit), which the launcher loads; absent
+                        where nvcc built one library of both (a toolkit before CUDA 12.8: flashjit/jit.py)
         source.cu       what both were compiled from
         manifest.json   the key's inputs, both binaries' sizes and sha256, build time
     <root>/v1/locks/<entry>.lock                    one filelock per entry (the OS drops it if the holder dies)
@@ -139,9 +140,10 @@ class Entry:
         """Whether the manifest is there and the library and cubin match their recorded sizes and sha256."""
         manifest = self.manifest()
         try:
-            return manifest is not None and all(
+            binaries = manifest["binaries"] if manifest is not None else ()
+            return LIBRARY in binaries and all(
                 (self.path / name).stat().st_size == manifest[_record(name, "size")]
-                and file_sha256(self.path / name) == manifest[_record(name, "sha256")] for name in BINARIES)
+                and file_sha256(self.path / name) == manifest[_record(name, "sha256")] for name in binaries)
         except (OSError, KeyError, TypeError):
             return False
 
@@ -191,8 +193,9 @@ class Staging:
     path: Path
 
     def publish(self, manifest: dict) -> Path:
-        manifest = dict(manifest, published=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        for name in BINARIES:
+        binaries = [name for name in BINARIES if (self.path / name).exists()]  # no cubin: nvcc's whole build
+        manifest = dict(manifest, binaries=binaries, published=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        for name in binaries:
             manifest[_record(name, "size")] = (self.path / name).stat().st_size
             manifest[_record(name, "sha256")] = file_sha256(self.path / name)
         tmp = self.path / (MANIFEST + ".tmp")

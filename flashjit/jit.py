@@ -58,9 +58,20 @@ class CompileError(RuntimeError):
         return (type(self), (str(self), self.log_tail, self.source_path))
 
 
+# The runtime's library API that the split build's launcher loads its cubin with (cudaLibraryLoadData,
+# cudaLibraryGetKernel) is in cudart from CUDA 12.8 on; with an older toolkit nvcc builds the whole TU
+# into one library (kernels and launcher, the headers' __CUDACC__ side), as before the split.
+SPLIT_BUILD_FROM = (12, 8)
+
+
+def split_build(toolkit: toolchain.Toolkit) -> bool:
+    return toolkit.version_tuple >= SPLIT_BUILD_FROM
+
+
 def build_flags(arch: str, toolkit: toolchain.Toolkit) -> list[str]:
-    """nvcc's flags for the kernels' cubin."""
-    return ["-O3", "-std=c++17", "-DNDEBUG", *toolchain.gencode_flags(arch, toolkit)]
+    """nvcc's flags: for the kernels' cubin (-cubin) where the toolkit allows the split build."""
+    return ["-O3", "-std=c++17", "-DNDEBUG", *toolchain.gencode_flags(arch, toolkit),
+            *(["-cubin"] if split_build(toolkit) else [])]
 
 
 # The launcher's host compiler flags (cpp_extension adds its own, which the torch version decides).
@@ -309,29 +320,12 @@ def _build(entry: cache.Entry, config: ConfigBase, arch: str, toolkit: toolchain
            f"cached afterwards in {entry.path.parent})")
     started = time.perf_counter()
     try:
-        # -Xptxas=-v only reports registers/spills; it does not change the binary.
-        nvcc = [str(toolkit.nvcc), *flags, *(["-Xptxas=-v"] if verbose else []), "-I", str(codegen.kernels_dir()),
-                "-cubin", "-o", str(staging.path / cache.CUBIN), str(source)]
-        log_path = staging.path / "nvcc.log"  # a file, not a pipe: a long log must not stall nvcc meanwhile
-        with open(log_path, "w") as log_file:
-            device = subprocess.Popen(nvcc, stdout=log_file, stderr=subprocess.STDOUT)
-        try:
-            built = _build_launcher(entry, config, arch, toolkit, source, staging.path, verbose)
-            device.wait()
-        finally:
-            if device.returncode is None:  # the launcher failed, or an interrupt: stop nvcc, reap it
-                device.kill()
-                device.wait()
-        log = log_path.read_text(errors="replace")
-        if device.returncode != 0:
-            error = subprocess.CalledProcessError(device.returncode, nvcc, output=log)
-            raise _compile_error(entry, config, arch, source, error) from None
-        if verbose and log:
-            notify(log.rstrip())
+        make = _build_split if split_build(toolkit) else _build_whole
+        built = make(entry, config, arch, toolkit, flags, source, staging.path, verbose)
         # Publish a copy, not the file cpp_extension just dlopen'ed into this process: a later
         # rewrite of the cache file (damage, a manual edit) must never alter pages this process has mapped.
         shutil.copyfile(built, staging.path / cache.LIBRARY)
-        for scratch in ("build", _LAUNCHER, log_path.name):
+        for scratch in ("build", _LAUNCHER, _NVCC_LOG):
             target = staging.path / scratch
             shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
         seconds = time.perf_counter() - started
@@ -344,31 +338,73 @@ def _build(entry: cache.Entry, config: ConfigBase, arch: str, toolkit: toolchain
 
 
 _LAUNCHER = "launcher.cpp"  # the rendered TU under the name that makes cpp_extension use the host compiler
+_NVCC_LOG = "nvcc.log"
+
+
+def _build_split(entry: cache.Entry, config: ConfigBase, arch: str, toolkit: toolchain.Toolkit, flags: list[str],
+                 source: Path, staging: Path, verbose: bool) -> str:
+    """nvcc's cubin of the kernels, while the launcher builds beside it; the launcher's path."""
+    # -Xptxas=-v only reports registers/spills; it does not change the binary.
+    nvcc = [str(toolkit.nvcc), *flags, *(["-Xptxas=-v"] if verbose else []), "-I", str(codegen.kernels_dir()),
+            "-o", str(staging / cache.CUBIN), str(source)]
+    log_path = staging / _NVCC_LOG  # a file, not a pipe: a long log must not stall nvcc meanwhile
+    with open(log_path, "w") as log_file:
+        device = subprocess.Popen(nvcc, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        built = _build_launcher(entry, config, arch, toolkit, source, staging, verbose)
+        device.wait()
+    finally:
+        if device.returncode is None:  # the launcher failed, or an interrupt: stop nvcc, reap it
+            device.kill()
+            device.wait()
+    log = log_path.read_text(errors="replace")
+    if device.returncode != 0:
+        error = subprocess.CalledProcessError(device.returncode, nvcc, output=log)
+        raise _compile_error(entry, config, arch, source, error) from None
+    if verbose and log:
+        notify(log.rstrip())
+    return built
+
+
+def _build_whole(entry: cache.Entry, config: ConfigBase, arch: str, toolkit: toolchain.Toolkit, flags: list[str],
+                 source: Path, staging: Path, verbose: bool) -> str:
+    """One library of kernels and launcher, nvcc's whole build (a toolkit older than SPLIT_BUILD_FROM)."""
+    # -Xptxas=-v only reports registers/spills; it does not change the binary.
+    return _cpp_extension_build(entry, config, arch, toolkit, source, staging, verbose, extra_cflags=["-O2"],
+                                extra_cuda_cflags=flags + (["-Xptxas=-v"] if verbose else []))
 
 
 def _build_launcher(entry: cache.Entry, config: ConfigBase, arch: str, toolkit: toolchain.Toolkit, source: Path,
                     staging: Path, verbose: bool) -> str:
-    """The launcher library (host code only) built by cpp_extension.load in `staging`; its path."""
+    """The launcher library (host code only), built by the host compiler; its path."""
     launcher = staging / _LAUNCHER
     shutil.copyfile(source, launcher)
+    return _cpp_extension_build(entry, config, arch, toolkit, launcher, staging, verbose,
+                                extra_cflags=host_flags(arch), with_cuda=False,
+                                extra_include_paths=[str(toolkit.include_dir)])
+
+
+def _cpp_extension_build(entry: cache.Entry, config: ConfigBase, arch: str, toolkit: toolchain.Toolkit, file: Path,
+                         staging: Path, verbose: bool, extra_include_paths=(), **compile_args) -> str:
+    """cpp_extension.load of `file` into a library in `staging`; its path."""
     with _compiler_environment(toolkit) as cpp_extension:
         try:
             return cpp_extension.load(
                 name=f"flashjit_{entry.path.name.rsplit('-', 1)[1]}",
-                sources=[str(launcher)],
-                extra_cflags=host_flags(arch),
-                extra_include_paths=[str(codegen.kernels_dir()), str(toolkit.include_dir)],
+                sources=[str(file)],
+                extra_include_paths=[str(codegen.kernels_dir()), *extra_include_paths],
                 # Static cudart (where the toolkit has it: system toolkits and the CUDA 13 wheels), and
                 # no torch libraries: the TU uses none, and this keeps the library loadable whatever
-                # libcudart the environment would otherwise find. --as-needed drops the torch libraries.
+                # libcudart the environment would otherwise find. --as-needed drops the torch libraries
+                # (and, in a whole build, the -lcudart cpp_extension appends).
                 extra_ldflags=[*toolchain.cudart_link_flags(toolkit), "-ldl", "-lrt", "-lpthread", "-Wl,--as-needed"],
                 build_directory=str(_fresh_dir(staging / "build")),
                 verbose=verbose,
-                with_cuda=False,
                 is_python_module=False,
+                **compile_args,
             )
         except Exception as exc:  # cpp_extension raises RuntimeError/CalledProcessError
-            raise _compile_error(entry, config, arch, source, exc) from exc
+            raise _compile_error(entry, config, arch, file, exc) from exc
 
 
 def _fresh_dir(path: Path) -> Path:

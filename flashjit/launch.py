@@ -101,12 +101,14 @@ class CompiledKernel:
         config = config_from_name(config) if isinstance(config, str) else config
         name, params_type = config.name, PARAMS[family_of(config).params]
         try:
-            cubin = (path.parent / CUBIN).read_bytes()  # the kernels, which the library loads at its first launch
-            names = cubin_kernels(cubin)
             self.lib = ctypes.CDLL(str(path))
             fn = self.lib.flashjit_run
-            self.lib.flashjit_set_image.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p]
-            self.lib.flashjit_set_image.restype = None
+            image = None
+            if hasattr(self.lib, "flashjit_set_image"):  # a launcher, whose kernels are the entry's cubin
+                cubin = (path.parent / CUBIN).read_bytes()
+                image = (cubin, len(cubin), "\n".join(cubin_kernels(cubin)).encode())
+                self.lib.flashjit_set_image.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p]
+                self.lib.flashjit_set_image.restype = None
         except (OSError, AttributeError, ValueError) as exc:
             raise KernelLibraryError(f"cannot load kernel library {path}: {exc}") from exc
         fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int
@@ -120,7 +122,8 @@ class CompiledKernel:
             raise KernelLibraryError(
                 f"kernel library {path} was built for {built_for} with a {params_size}-byte params struct; "
                 f"expected {name} and {ctypes.sizeof(params_type)} bytes")
-        self.lib.flashjit_set_image(cubin, len(cubin), "\n".join(names).encode())
+        if image is not None:  # the library loads it at its first launch
+            self.lib.flashjit_set_image(*image)
         self.path, self.name = path, name
         self.smem_bytes = self.lib.flashjit_smem_bytes()
 

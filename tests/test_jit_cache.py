@@ -87,6 +87,23 @@ def test_compile_real_kernels(arch, config):
     assert len(abi) == 6 and not [n for n in exported - abi if "flashjit" in n], exported
 
 
+def test_a_toolkit_before_cuda_12_8_builds_one_whole_library(private_cache, monkeypatch):
+    """Without the runtime's library API (cudart before 12.8) nvcc builds kernels and launcher as one
+    library, as before the split: no cubin in the entry, none recorded, and it loads (no image to set)."""
+    monkeypatch.setattr(jit, "SPLIT_BUILD_FROM", (99, 0))  # this toolkit, treated as too old for the split
+    toolkit = toolchain.find_toolkit()
+    assert "-cubin" not in jit.build_flags("sm_80", toolkit)
+    library = jit.ensure_built(CHEAP, "sm_80")
+    entry = cache.Entry(library.parent)
+    assert sorted(p.name for p in entry.path.iterdir()) == ["kernel.so", "manifest.json", "source.cu"]
+    assert entry.manifest()["binaries"] == ["kernel.so"] and entry.verified_library() == library
+    kernel = CompiledKernel(library, CHEAP.name)
+    assert kernel.smem_bytes == CHEAP.smem_bytes and not hasattr(kernel.lib, "flashjit_set_image")
+    monkeypatch.setattr(jit, "SPLIT_BUILD_FROM", (0, 0))  # and the split build's entry records both binaries
+    split = jit.ensure_built(CHEAP, "sm_80")
+    assert split != library and cache.Entry(split.parent).manifest()["binaries"] == ["kernel.so", "kernel.cubin"]
+
+
 def test_a_build_inside_an_except_block_completes(private_cache, monkeypatch):
     """The common `try: import flash_attn / except ImportError: <use flashjit>` pattern: a first call
     compiled while an exception is being handled must not take it for its own failure."""
