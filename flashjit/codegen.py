@@ -2,7 +2,8 @@
 
 The TU includes only the templates in kernels/ (no torch headers: 62 s vs 2 s a build, measured). It
 is compiled twice, at once (flashjit/jit.py): by nvcc to a cubin (the kernels), and by the host C++
-compiler to the launcher library, which sees no device code (kernels/common/launch.cuh) and exports a
+compiler to the launcher library, which sees no device code (kernels/common/launch.cuh); a toolkit
+before CUDA 12.8 builds it whole with nvcc instead (no flashjit_set_image then). The library exports a
 C ABI that flashjit/launch.py calls through ctypes:
 
     void flashjit_set_image(const char* cubin, size_t size, const char* kernel_names)
