@@ -93,11 +93,6 @@ def key_hash(inputs: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
-def _record(binary: str, what: str) -> str:
-    """The manifest key of a binary's size or sha256: library_size, cubin_sha256, ..."""
-    return f"{'library' if binary == LIBRARY else 'cubin'}_{what}"
-
-
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -140,10 +135,10 @@ class Entry:
         """Whether the manifest is there and the library and cubin match their recorded sizes and sha256."""
         manifest = self.manifest()
         try:
-            binaries = manifest["binaries"] if manifest is not None else ()
+            binaries = manifest["binaries"] if manifest is not None else {}
             return LIBRARY in binaries and all(
-                (self.path / name).stat().st_size == manifest[_record(name, "size")]
-                and file_sha256(self.path / name) == manifest[_record(name, "sha256")] for name in binaries)
+                (self.path / name).stat().st_size == record["size"] and file_sha256(self.path / name) == record["sha256"]
+                for name, record in binaries.items())
         except (OSError, KeyError, TypeError):
             return False
 
@@ -193,11 +188,9 @@ class Staging:
     path: Path
 
     def publish(self, manifest: dict) -> Path:
-        binaries = [name for name in BINARIES if (self.path / name).exists()]  # no cubin: nvcc's whole build
+        binaries = {name: {"size": (self.path / name).stat().st_size, "sha256": file_sha256(self.path / name)}
+                    for name in BINARIES if (self.path / name).exists()}  # no cubin: nvcc's whole build
         manifest = dict(manifest, binaries=binaries, published=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-        for name in binaries:
-            manifest[_record(name, "size")] = (self.path / name).stat().st_size
-            manifest[_record(name, "sha256")] = file_sha256(self.path / name)
         tmp = self.path / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
         os.replace(tmp, self.path / MANIFEST)

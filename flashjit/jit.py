@@ -325,9 +325,7 @@ def _build(entry: cache.Entry, config: ConfigBase, arch: str, toolkit: toolchain
         # Publish a copy, not the file cpp_extension just dlopen'ed into this process: a later
         # rewrite of the cache file (damage, a manual edit) must never alter pages this process has mapped.
         shutil.copyfile(built, staging.path / cache.LIBRARY)
-        for scratch in ("build", _LAUNCHER, _NVCC_LOG):
-            target = staging.path / scratch
-            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+        shutil.rmtree(staging.path / _SCRATCH, ignore_errors=True)
         seconds = time.perf_counter() - started
         library = staging.publish(dict(inputs, build_seconds=round(seconds, 3)))
     except BaseException:
@@ -337,8 +335,8 @@ def _build(entry: cache.Entry, config: ConfigBase, arch: str, toolkit: toolchain
     return library
 
 
+_SCRATCH = "build"  # in a staging directory: everything a build writes but the entry's files
 _LAUNCHER = "launcher.cpp"  # the rendered TU under the name that makes cpp_extension use the host compiler
-_NVCC_LOG = "nvcc.log"
 
 
 def _build_split(entry: cache.Entry, config: ConfigBase, arch: str, toolkit: toolchain.Toolkit, flags: list[str],
@@ -347,7 +345,7 @@ def _build_split(entry: cache.Entry, config: ConfigBase, arch: str, toolkit: too
     # -Xptxas=-v only reports registers/spills; it does not change the binary.
     nvcc = [str(toolkit.nvcc), *flags, *(["-Xptxas=-v"] if verbose else []), "-I", str(codegen.kernels_dir()),
             "-o", str(staging / cache.CUBIN), str(source)]
-    log_path = staging / _NVCC_LOG  # a file, not a pipe: a long log must not stall nvcc meanwhile
+    log_path = _fresh_dir(staging / _SCRATCH) / "nvcc.log"  # a file, not a pipe: a long log must not stall nvcc
     with open(log_path, "w") as log_file:
         device = subprocess.Popen(nvcc, stdout=log_file, stderr=subprocess.STDOUT)
     try:
@@ -377,7 +375,7 @@ def _build_whole(entry: cache.Entry, config: ConfigBase, arch: str, toolkit: too
 def _build_launcher(entry: cache.Entry, config: ConfigBase, arch: str, toolkit: toolchain.Toolkit, source: Path,
                     staging: Path, verbose: bool) -> str:
     """The launcher library (host code only), built by the host compiler; its path."""
-    launcher = staging / _LAUNCHER
+    launcher = _fresh_dir(staging / _SCRATCH) / _LAUNCHER
     shutil.copyfile(source, launcher)
     return _cpp_extension_build(entry, config, arch, toolkit, launcher, staging, verbose,
                                 extra_cflags=host_flags(arch), with_cuda=False,
@@ -398,7 +396,7 @@ def _cpp_extension_build(entry: cache.Entry, config: ConfigBase, arch: str, tool
                 # libcudart the environment would otherwise find. --as-needed drops the torch libraries
                 # (and, in a whole build, the -lcudart cpp_extension appends).
                 extra_ldflags=[*toolchain.cudart_link_flags(toolkit), "-ldl", "-lrt", "-lpthread", "-Wl,--as-needed"],
-                build_directory=str(_fresh_dir(staging / "build")),
+                build_directory=str(_fresh_dir(staging / _SCRATCH)),
                 verbose=verbose,
                 is_python_module=False,
                 **compile_args,

@@ -52,7 +52,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import interface
+from . import interface, kvattn
 from .flash_api import causal_window
 from .interface import backend
 from .kvattn import MAX_SPLITS, PAGE_MULTIPLE, _signature  # the kernels' limits (MAX_SPLITS: flash-attn 2's cap too)
@@ -383,8 +383,6 @@ def _kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, c
     if reference:
         out, lse = reference_kvcache_attention(q, k_cache, v_cache, seqlens_k, **kwargs)
     else:
-        from . import kvattn  # the kernels' entry; imported here so that the reference needs none of it
-
         rows = batch if block_table is None and cache_batch_idx is None else None  # flash-attn reads rows 0..B-1
         if rows is not None:
             k_cache, v_cache = k_cache[:rows], v_cache[:rows]
@@ -457,8 +455,6 @@ class _Plan:
             cache_seqlens = torch.full((q.shape[0],), length, dtype=torch.int32, device=q.device)
         if self.rows is not None:
             k_cache, v_cache = k_cache[:self.rows], v_cache[:self.rows]
-        from . import kvattn
-
         return kvattn.forward_kvcache(q, k_cache, v_cache, cache_seqlens, leftpad_k=cache_leftpad,
                                       block_table=block_table, kv_batch_idx=cache_batch_idx, return_lse=True,
                                       k_new=k if self.new else None, v_new=v if self.new else None, **self.kwargs)
