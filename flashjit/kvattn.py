@@ -14,12 +14,18 @@ CacheParams), on every arch, with two things done for decoding, where one query 
 the GPU idle and read every K/V byte once per query head:
 - GQA packing: with Sq = 1 the H / H_k query heads that share a KV head become the rows of one tile
   (q viewed as [B, H / H_k, H_k, D], no copy), so each K/V byte is read once per KV head. Not with
-  ALiBi, sinks or a window, whose values depend on the real head or row (as in flash-attn).
+  ALiBi, sinks or a window, whose values depend on the real head or row (as in flash-attn). The tile's
+  warps without a packed row only copy tiles: at decode the kernel is bound by issued instructions as
+  much as by DRAM (docs/perf-log.md, twentieth session).
 - Split-KV: when batch x heads x query blocks cannot fill the GPU, each row's key blocks are split over
   num_splits CTAs (0: chosen here, flash-attn's heuristic); their fp32 partials are combined by a
   second kernel (a warp per 8 splits of a row; on sm_90+ launched as a programmatic dependent of the
   attention kernel, so it starts as that one's last CTAs finish). Useful for prefill chunks against a
   long cache too.
+
+Paged caches: each key block's table entries are fetched into shared memory with the block before
+(cp.async), and a block that starts on a multiple of 16 slots is copied as a dense one (one page lookup a
+thread), so paged decode runs within a few percent of the dense cache.
 
 Not checked (they would need a device sync): the values of seqlens_k, leftpad_k, kv_batch_idx and
 block_table. The kernels clamp each to the tensors' bounds, so bad values give wrong results, never an

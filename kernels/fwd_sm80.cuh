@@ -50,7 +50,9 @@ struct Config {
   static constexpr int kNtD = kDMmaV / 8;    // n-tiles of PV (over the value head dim)
   static constexpr int kNtC = kBc / 8;       // n-tiles of QK^T (over keys)
   static constexpr int kKtC = kBc / 16;      // k-tiles of PV (over keys)
-  static constexpr int kSmemBytes = ((kBr + kBc) * kD + kBc * kDV) * 2;  // Q, K, V
+  // kvcache: a paged cache's table entries of two key blocks (fetch_pages), each kPageEntries ints
+  static constexpr int kPageEntries = kBc / kPageMultiple + 1;  // the most pages kBc slots can touch
+  static constexpr int kSmemBytes = ((kBr + kBc) * kD + kBc * kDV) * 2 + (kKvCache ? 2 * kPageEntries * 4 : 0);
 
   // Chunk sizes (k-tiles loaded into registers at once) and whether each operand double-buffers.
   static constexpr int kChunkQ = kDepthQ == 0 ? kKtD : kDepthQ;
@@ -278,43 +280,68 @@ __device__ __forceinline__ void cache_keys(const CacheParams& c, int b, int capa
   if (c.block_table != nullptr) kv_b = 0;  // paged: rows come from the table (keep the unused base in the tensor)
 }
 
-// Row `slot` (logical) of head h_k of a paged cache: its page from the table (entries past the table
-// and page numbers past the pages clamped), then the row within the page.
-__device__ __forceinline__ const elem_t* paged_row(const CacheParams& c, const int32_t* table, const TensorRef& t,
-                                                   int page_index, int in_page, int h_k) {
-  const int page = min(max(table[min(page_index, c.table_stride - 1)], 0), c.num_rows - 1);
-  return t.at<const elem_t>(page, h_k, in_page);
+// Row in_page of head h_k in the page a table entry names (entries past the pages clamped).
+__device__ __forceinline__ const elem_t* page_row(const CacheParams& c, const TensorRef& t, int entry, int in_page,
+                                                  int h_k) {
+  return t.at<const elem_t>(min(max(entry, 0), c.num_rows - 1), h_k, in_page);
 }
 
-// paged_row of a logical slot.
+// Row `slot` (logical) of head h_k of a paged cache, its page read from the table in global memory
+// (positions past the table's width clamped).
 __device__ __forceinline__ const elem_t* paged_slot(const CacheParams& c, const int32_t* table, const TensorRef& t,
                                                     int slot, int h_k) {
   const int page_index = slot / c.page_size;
-  return paged_row(c, table, t, page_index, slot - page_index * c.page_size, h_k);
+  return page_row(c, t, table[min(page_index, c.table_stride - 1)], slot - page_index * c.page_size, h_k);
 }
 
-// load_tile for kRows logical slots from slot0 of a paged cache. Each thread copies one chunk of
-// kPer consecutive rows (not of every kThreads / kChunks-th row, as load_tile), so it looks its page
-// up once, and again only where its rows cross into the next page: one table read and one division a
-// thread and tile instead of one per row, which put a dependent global load before every copy.
+// The table entries of the pages that slots [slot0, slot0 + kRows) touch, copied into `pages`
+// (kRows / kPageMultiple + 1 ints, positions past the table's width clamped) by the first threads,
+// asynchronously: issued with the previous block's copies, they let load_tile_paged find its pages in
+// shared memory instead of behind a dependent global load on every copy's critical path.
+template <int kRows, bool kAsync>
+__device__ __forceinline__ void fetch_pages(int32_t* pages, const CacheParams& c, const int32_t* table, int slot0,
+                                            int tid) {
+  constexpr int kEntries = kRows / kPageMultiple + 1;
+  if (tid < kEntries) {
+    const int32_t* src = table + min(slot0 / c.page_size + tid, c.table_stride - 1);
+    if constexpr (kAsync) cp_async_4(smem_addr(pages + tid), src);
+    else pages[tid] = *src;
+  }
+}
+
+// load_tile for kRows logical slots from slot0 of a paged cache, with fetch_pages' entries for them in
+// `pages`. Each thread copies one chunk of kPer consecutive rows (not of every kThreads / kChunks-th
+// row, as load_tile), so it looks its page up once: a tile that starts on a multiple of 16 slots (no
+// left padding) then copies as load_tile does, a running pointer and no per-row test; from any other
+// slot a thread checks each row for the step into the next page.
 template <int kRows, int kD, bool kSwizzle, bool kAsync, int kThreads, int kCols>
-__device__ __forceinline__ void load_tile_paged(elem_t* smem, const CacheParams& c, const int32_t* table,
+__device__ __forceinline__ void load_tile_paged(elem_t* smem, const CacheParams& c, const int32_t* pages,
                                                 const TensorRef& t, int h_k, int slot0, int valid_rows, int tid) {
   constexpr int kChunks = SmemLayout<kD, kSwizzle>::kChunks, kValidChunks = kCols / 8;
   const elem_t* fallback = static_cast<const elem_t*>(t.data);
+  const int first = slot0 / c.page_size;  // the page pages[0] names
   if constexpr (kThreads % kChunks == 0 && (kRows * kChunks) % kThreads == 0) {
     constexpr int kPer = kRows * kChunks / kThreads;
     const int chunk = tid % kChunks, row0 = (tid / kChunks) * kPer;
     const int rows = kValidChunks == kChunks || chunk < kValidChunks ? valid_rows : 0;  // this thread's column
     int page_index = (slot0 + row0) / c.page_size, in_page = slot0 + row0 - page_index * c.page_size;
-    const elem_t* src = paged_row(c, table, t, page_index, in_page, h_k) + chunk * 8;
+    const elem_t* src = page_row(c, t, pages[page_index - first], in_page, h_k) + chunk * 8;
+    if constexpr (kPageMultiple % kPer == 0) {
+      if (slot0 % kPageMultiple == 0) {  // the tile starts a 16-row group: each thread's rows share a page
+#pragma unroll
+        for (int it = 0; it < kPer; ++it, src += t.row_stride)
+          copy_chunk<kD, kSwizzle, kAsync>(smem, fallback, src, row0 + it, chunk, row0 + it < rows);
+        return;
+      }
+    }
+    // Any start (a left-padded entry): rows may cross into the next page.
 #pragma unroll
     for (int it = 0; it < kPer; ++it) {
       const int row = row0 + it;
       copy_chunk<kD, kSwizzle, kAsync>(smem, fallback, row < rows ? src : fallback, row, chunk, row < rows);
       if (++in_page == c.page_size) {  // the next row starts the next page
         ++page_index, in_page = 0;
-        if (it + 1 < kPer && row + 1 < rows) src = paged_row(c, table, t, page_index, 0, h_k) + chunk * 8;
+        if (it + 1 < kPer && row + 1 < rows) src = page_row(c, t, pages[page_index - first], 0, h_k) + chunk * 8;
       } else {
         src += t.row_stride;
       }
@@ -326,8 +353,12 @@ __device__ __forceinline__ void load_tile_paged(elem_t* smem, const CacheParams&
       const int i = it * kThreads + tid, row = i / kChunks, chunk = i % kChunks;
       if (kTotal % kThreads == 0 || i < kTotal) {
         const bool valid = row < valid_rows && (kValidChunks == kChunks || chunk < kValidChunks);
-        copy_chunk<kD, kSwizzle, kAsync>(smem, fallback, valid ? paged_slot(c, table, t, slot0 + row, h_k) + chunk * 8
-                                                               : fallback, row, chunk, valid);
+        const int page_index = (slot0 + row) / c.page_size;
+        copy_chunk<kD, kSwizzle, kAsync>(
+            smem, fallback,
+            valid ? page_row(c, t, pages[page_index - first], slot0 + row - page_index * c.page_size, h_k) + chunk * 8
+                  : fallback,
+            row, chunk, valid);
       }
     }
   }
@@ -572,6 +603,9 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
   if (q_row0 >= seq.len_q) return;                     // varlen: past this sequence's end (the grid fits the longest)
   const int q_rows = min(C::kBr, seq.len_q - q_row0);  // valid query rows of the CTA
   const int warp_row0 = warp * C::kWarpRows;           // first row of this warp within the CTA
+  // kvcache: a warp whose rows are all past the CTA's valid ones only copies tiles (a GQA-packed decode
+  // tile holds H / H_k rows, so most warps have none); other kernels keep one unbranched loop.
+  const bool computes = !C::kKvCache || warp_row0 < q_rows;
   const typename C::Mod mod(p.mods, seq.len_q, len_k, p.softmax_scale, b, h);
   const elem_t* gQ = p.q.at<const elem_t>(b, h, seq.q_start + q_row0);
   const elem_t* gK = p.k.at<const elem_t>(kv_b, h_k, k_start);  // paged: unused (rows come from the table)
@@ -589,15 +623,25 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
     const int per = ((len_k + C::kBc - 1) / C::kBc + p.cache.num_splits - 1) / p.cache.num_splits;
     j_begin = max(j_begin, int(blockIdx.y) * per), j_end = min(j_end, int(blockIdx.y + 1) * per);
   }
+  // A paged cache: block j's table entries sit in sPages[j % 2], fetched with block j - 1's K copies
+  // (or, for the first block, before Q's) and read by both of block j's tiles.
+  const bool paged = C::kKvCache && p.cache.block_table != nullptr;
+  int32_t* sPages = reinterpret_cast<int32_t*>(sV + C::kBc * C::kDV);
+  auto fetch_pages_of = [&](int block) {
+    if constexpr (C::kKvCache)
+      if (paged && block < j_end)
+        fetch_pages<C::kBc, C::kAsync>(sPages + (block & 1) * C::kPageEntries, p.cache,
+                                       p.cache.block_table + int64_t(b) * p.cache.table_stride,
+                                       k_start + block * C::kBc, tid);
+  };
   // Block `block` of K (kW = kD, kCols = kDHead) or V (kDV, kDHeadV) into its tile.
   auto load_kv = [&](auto width, auto cols, elem_t* dst, const elem_t* src, const TensorRef& t, int block) {
     constexpr int kW = decltype(width)::value, kCols = decltype(cols)::value;
     if constexpr (C::kKvCache) {
-      if (p.cache.block_table != nullptr) {  // paged: each row's page from the table
-        const int32_t* table = p.cache.block_table + int64_t(b) * p.cache.table_stride;
-        const int slot0 = k_start + block * C::kBc;
+      if (paged) {
         load_tile_paged<C::kBc, kW, C::kSwizzle, C::kAsync, C::kThreads, kCols>(
-            dst, p.cache, table, t, h_k, slot0, len_k - block * C::kBc, tid);
+            dst, p.cache, sPages + (block & 1) * C::kPageEntries, t, h_k, k_start + block * C::kBc,
+            len_k - block * C::kBc, tid);
         return;
       }
     }
@@ -620,11 +664,19 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
   // Transformed scores are already in softmax units; otherwise the scale folds into the exp2 argument.
   const float scale = C::Mod::kTransforms ? 1.f : p.softmax_scale, scale_log2 = scale * 1.4426950408889634f;
 
+  if (paged) {  // the first block's pages in a group of their own, so K_0 waits for them and not for Q
+    fetch_pages_of(j_begin);
+    if (C::kAsync) cp_async_commit();
+  }
   load_tile<C::kBr, C::kD, C::kSwizzle, C::kAsync, C::kThreads, C::kDHead>(sQ, gQ, p.q.row_stride, q_rows, tid);
   if (C::kEager) {
     cp_async_commit();
-    if (j_begin < j_end) load_k(j_begin);
+    if (paged) cp_async_wait<1>(), __syncthreads();  // the pages' group, issued before Q's, has landed
+    if (j_begin < j_end) load_k(j_begin), fetch_pages_of(j_begin + 1);
     cp_async_commit();
+  } else if (paged) {
+    if (C::kAsync) cp_async_commit(), cp_async_wait<0>();
+    __syncthreads();
   }
 
   for (int j = j_begin; j < j_end; ++j) {
@@ -634,31 +686,33 @@ __global__ void __launch_bounds__(C::kThreads) fwd_kernel(const __grid_constant_
       load_v(j);  // V_j streams in under QK^T and the softmax
       cp_async_commit();
     } else {
-      __syncthreads();  // every warp is done with K_{j-1}, V_{j-1}
+      __syncthreads();  // every warp is done with K_{j-1}, V_{j-1} (and block j - 1's pages)
       load_k(j);
       load_v(j);
+      fetch_pages_of(j + 1);
       if (C::kAsync) cp_async_commit(), cp_async_wait<0>();
       __syncthreads();
     }
-    if (C::kDepthQ == 0 && j == j_begin) load_a<C::kD, C::kSwizzle>(qf, sQ, warp_row0, lane, 0, C::kKtD);
-
-    float s[C::kM][C::kNtC][4];
-    gemm_qk<C>(s, qf, sQ, sK, warp_row0, lane);
-    const int col0 = j * C::kBc;
-    const bool need_mask = mod.block_needs_mask(q_row0 + warp_row0, C::kWarpRows, col0, C::kBc);
-    if (need_mask || C::Mod::kTransforms) apply_score_mod<C>(s, mod, q_row0 + warp_row0, col0, need_mask, lane);
-    online_softmax<C>(s, o, m, l, scale, scale_log2);
-    if (C::kDropout) apply_dropout<C>(s, Dropout(p.mods, bh), q_row0 + warp_row0, col0, lane);
     uint32_t pf[C::kM][C::kKtC][4];
-    acc_to_a<C::kBf16>(s, pf);
+    if (computes) {
+      if (C::kDepthQ == 0 && j == j_begin) load_a<C::kD, C::kSwizzle>(qf, sQ, warp_row0, lane, 0, C::kKtD);
+      float s[C::kM][C::kNtC][4];
+      gemm_qk<C>(s, qf, sQ, sK, warp_row0, lane);
+      const int col0 = j * C::kBc;
+      const bool need_mask = mod.block_needs_mask(q_row0 + warp_row0, C::kWarpRows, col0, C::kBc);
+      if (need_mask || C::Mod::kTransforms) apply_score_mod<C>(s, mod, q_row0 + warp_row0, col0, need_mask, lane);
+      online_softmax<C>(s, o, m, l, scale, scale_log2);
+      if (C::kDropout) apply_dropout<C>(s, Dropout(p.mods, bh), q_row0 + warp_row0, col0, lane);
+      acc_to_a<C::kBf16>(s, pf);
+    }
 
     if (C::kEager) {
       cp_async_wait<0>();  // V_j has landed
-      __syncthreads();     // ... for every thread; and every warp is done reading K_j
-      if (j + 1 < j_end) load_k(j + 1);  // K_{j+1} streams in under PV
+      __syncthreads();     // ... for every thread; and every warp is done reading K_j (and V_j's pages)
+      if (j + 1 < j_end) load_k(j + 1), fetch_pages_of(j + 2);  // K_{j+1} streams in under PV
       cp_async_commit();
     }
-    gemm_pv<C>(o, pf, sV, lane);
+    if (computes) gemm_pv<C>(o, pf, sV, lane);
   }
 
   // ---- epilogue: normalise, stage O through this warp's rows of sQ, 16-byte coalesced stores ----

@@ -97,6 +97,9 @@ CASES = [  # (name, kwargs): every knob of the contract, one or two at a time
     ("decode paged 16", dict(page_size=16)),
     ("decode paged 48", dict(page_size=48, heads=(4, 4))),
     ("decode paged 256 leftpad", dict(page_size=256, leftpad=True)),
+    # a key block of 128 slots from an unaligned slot crosses 9 pages: the most the kernel fetches
+    ("decode paged 16 leftpad", dict(page_size=16, leftpad=True, d=128)),
+    ("chunk paged 16 leftpad", dict(sq=70, page_size=16, leftpad=True)),
     ("decode leftpad batch_idx", dict(leftpad=True, batch_idx=True)),
     ("decode MQA", dict(heads=(8, 1))),
     ("decode softcap", dict(softcap=20.0)),

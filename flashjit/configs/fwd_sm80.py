@@ -114,8 +114,10 @@ class KernelConfig(ConfigBase):
 
     @property
     def smem_bytes(self) -> int:
-        """Q tile + K tile + V tile, 2 bytes an element."""
-        return ((self.B_r + self.B_c) * self.d_tile + self.B_c * self.d_tile_v) * 2
+        """Q tile + K tile + V tile, 2 bytes an element; kvcache kernels add two key blocks' page-table
+        entries (B_c / 16 + 1 int32 each: fwd_sm80.cuh, Config::kSmemBytes)."""
+        pages = 2 * (self.B_c // 16 + 1) * 4 if self.kvcache else 0
+        return ((self.B_r + self.B_c) * self.d_tile + self.B_c * self.d_tile_v) * 2 + pages
 
     def k_tiles(self, operand: str) -> int:
         """k-tiles (16 wide) of the loop that loads this operand: D for Q and K, B_c for V."""
