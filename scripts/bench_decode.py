@@ -4,8 +4,10 @@ flash_attn_func on the cache (the dense path), PyTorch SDPA's flash (FlashAttent
 backends, in one run. Bandwidth = bytes of K and V read / time (the whole cache is valid), beside a
 device-to-device copy of the same bytes. Paged points use 16-slot pages (the issue's target size) in shuffled order. "graph" is
 the same kvcache call replayed from a CUDA graph: the kernels' own time, without Python's (the eager
-columns include the host time per call, which bounds short calls). "api" is a whole decoding step
-through flash_attn_with_kvcache: the checks, appending one new key/value in place, the attention.
+columns include the host time per call, which bounds short calls); "FA2 graph" and "cuDNN graph" replay
+SDPA's call likewise, so a point where a slow host bounds SDPA's eager call (its `sdpa_kernel` context
+costs tens of us) still compares kernels. "api" is a whole decoding step through flash_attn_with_kvcache:
+the checks, appending one new key/value in place, the attention.
 
     python scripts/bench_decode.py --out bench-out
     python scripts/bench_decode.py --points 1x32768 32x2048 --page-size 16
@@ -25,6 +27,22 @@ from pathlib import Path
 from bench_forward import _require_torch_cuda, exit_unless_gpu, sdpa, time_ms  # same folder
 
 POINTS = ["1x32768", "32x2048", "32x8192", "128x1024"]
+
+
+def replay_of(fn):
+    """fn captured in a CUDA graph (after a warm call), as its replay; None where it cannot be captured."""
+    import torch
+
+    try:
+        fn()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError as exc:
+        print(f"    (no graph: {str(exc).splitlines()[0][:100]})")
+        return None
+    return graph.replay
 
 
 def main() -> None:
@@ -52,8 +70,8 @@ def main() -> None:
     d = args.head_dim
     rows = []
     print(f"{torch.cuda.get_device_name()}: decode, {h}/{hk} heads, d{d}, {args.dtype}; GB/s of K+V read")
-    names = ("copy", "fjit", "graph", "api", "paged", "dense fn", "FA2", "cuDNN")
-    print(f"{'batch x cache':>14} " + " ".join(f"{n:>8}" for n in names))
+    names = ("copy", "fjit", "graph", "api", "paged", "dense fn", "FA2", "cuDNN", "FA2 graph", "cuDNN graph")
+    print(f"{'batch x cache':>14} " + " ".join(f"{n:>{max(8, len(n))}}" for n in names))
     for point in args.points:
         batch, length = map(int, point.split("x"))
         q = torch.randn(batch, 1, h, d, dtype=dtype, device="cuda")
@@ -84,14 +102,17 @@ def main() -> None:
             "FA2": sdpa(SDPBackend.FLASH_ATTENTION, q, k, v, False),
             "cuDNN": sdpa(SDPBackend.CUDNN_ATTENTION, q, k, v, False),
         }
+        fns["FA2 graph"] = replay_of(fns["FA2"])
+        fns["cuDNN graph"] = replay_of(fns["cuDNN"])
         row = {"batch": batch, "cache": length}
         for name, fn in fns.items():
-            ms = time_ms(fn)
+            ms = None if fn is None else time_ms(fn)
             row[name] = None if ms is None else nbytes / (ms * 1e-3) / 1e9
         ref = fns["FA2"]()
         row["max_abs_diff_vs_fa2"] = (fns["fjit"]().float() - ref.transpose(1, 2).float()).abs().max().item()
         rows.append(row)
-        print(f"{point:>14} " + " ".join(f"{row[n]:8.0f}" if row[n] else "       -" for n in names))
+        print(f"{point:>14} " + " ".join(f"{row[n]:{max(8, len(n))}.0f}" if row[n] else f"{'-':>{max(8, len(n))}}"
+                                        for n in names))
         if args.splits:
             row["by_splits"] = {}
             for splits in map(int, args.splits.split(",")):
