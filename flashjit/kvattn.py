@@ -41,12 +41,12 @@ from collections import OrderedDict
 import torch
 
 from . import interface
+from .configs.fwd_sm80 import PAGE_MULTIPLE
 from .dispatch import default_config
 from .launch import FwdParams, tensor_ref
 
 log = logging.getLogger("flashjit")
 MAX_SPLITS = 128  # kernels/fwd_sm80.cuh: kMaxSplits
-PAGE_MULTIPLE = 16  # page sizes the kernels take: multiples of 16 rows (flash-attn 2 asks for multiples of 256)
 
 
 @functools.lru_cache(maxsize=4096)  # per (grid, GPU, cache length): decoding asks the same every step

@@ -338,7 +338,7 @@ __device__ __forceinline__ void load_tile_paged(elem_t* smem, const CacheParams&
 #pragma unroll
     for (int it = 0; it < kPer; ++it) {
       const int row = row0 + it;
-      copy_chunk<kD, kSwizzle, kAsync>(smem, fallback, row < rows ? src : fallback, row, chunk, row < rows);
+      copy_chunk<kD, kSwizzle, kAsync>(smem, fallback, src, row, chunk, row < rows);
       if (++in_page == c.page_size) {  // the next row starts the next page
         ++page_index, in_page = 0;
         if (it + 1 < kPer && row + 1 < rows) src = page_row(c, t, pages[page_index - first], 0, h_k) + chunk * 8;

@@ -27,6 +27,9 @@ WHY_DOUBLE_BUFFER = ("mma_double_buffer_loads needs a fragment depth that splits
                      "(0 < depth < k-tiles) for Q, K or V")
 WHY_KVCACHE = "kvcache kernels have no dropout (flash_attn_with_kvcache has none)"
 WHY_KVCACHE_D_V = "kvcache kernels need d_v == d_head (flash_attn_with_kvcache's caches share a head dim)"
+# Page sizes the kvcache kernels take: multiples of 16 rows (common/params.cuh: kPageMultiple; flash-attn 2
+# asks for multiples of 256).
+PAGE_MULTIPLE = 16
 WHY_REGISTERS = "the fragments of this config need more than 255 registers per thread and would spill"
 
 
@@ -115,8 +118,8 @@ class KernelConfig(ConfigBase):
     @property
     def smem_bytes(self) -> int:
         """Q tile + K tile + V tile, 2 bytes an element; kvcache kernels add two key blocks' page-table
-        entries (B_c / 16 + 1 int32 each: fwd_sm80.cuh, Config::kSmemBytes)."""
-        pages = 2 * (self.B_c // 16 + 1) * 4 if self.kvcache else 0
+        entries (B_c / PAGE_MULTIPLE + 1 int32 each: fwd_sm80.cuh, Config::kSmemBytes)."""
+        pages = 2 * (self.B_c // PAGE_MULTIPLE + 1) * 4 if self.kvcache else 0
         return ((self.B_r + self.B_c) * self.d_tile + self.B_c * self.d_tile_v) * 2 + pages
 
     def k_tiles(self, operand: str) -> int:

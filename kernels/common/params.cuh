@@ -76,7 +76,7 @@ struct VarlenParams {
 // Split-KV: with num_splits > 1 the CTAs of gridDim.y split each row's key blocks evenly; each writes
 // its normalised partial O and its lse (-inf: no key) to o_accum / lse_accum, and a combine kernel
 // weighs them into o and lse (folding in the learnable sink, if any).
-constexpr int kPageMultiple = 16;  // page sizes are multiples of this (flashjit/kvattn.py: PAGE_MULTIPLE)
+constexpr int kPageMultiple = 16;  // page sizes are multiples of this (flashjit/configs/fwd_sm80.py: PAGE_MULTIPLE)
 struct CacheParams {
   const int32_t* seqused_k;    // [B] one past the last valid slot (before an append), or null: seqlen_k
                                // (required with new_rows > 0)
