@@ -256,7 +256,7 @@ def with_tile_walk(config, grid: tuple | None, seqlen_q: int, sm_count: Callable
         return config
     if grid is None or (config.causal and not config.local and not persistent_walk_balances(
             grid[0] * grid[1], seqlen_q, config.block_m, config.block_n, sm_count())):
-        return dataclasses.replace(config, persistent=False)
+        return config.one_cta_per_tile()
     return config
 
 
@@ -271,8 +271,7 @@ def get_kernels_to_build(smem_limit: int = SMEM_LIMIT_SM90, arch: str | None = N
     for dtype, d_head, causal, seqlen in itertools.product(DTYPES, HEAD_DIMS, (False, True), seqlens):
         cfg = default_config(dtype, d_head, causal, seqlen, smem_limit, arch=arch)
         # and a persistent kernel's one-CTA-per-tile twin, which with_tile_walk picks for some grids
-        twins = (dataclasses.replace(cfg, persistent=False),) if isinstance(cfg, FwdSm90Config) and cfg.persistent \
-            else ()
+        twins = (cfg.one_cta_per_tile(),) if isinstance(cfg, FwdSm90Config) and cfg.persistent else ()
         for cfg in (cfg, *twins):
             if cfg not in configs:
                 configs.append(cfg)
@@ -307,14 +306,15 @@ def get_autotuning_bwd_configs(dtype: str = "bf16", d_head: int = 128, causal: b
 def get_autotuning_kernel_configs(dtype: str = "bf16", d_head: int = 128, causal: bool = False,
                                   exhaustive: bool = False, arch: str | None = None) -> list:
     """The search space for `flashjit.tune`. On sm_90a (`arch`): the Hopper family's tiles, stages,
-    overlap, ping-pong and persistence (every combination that builds). Else the sm_80 kernel's: by
+    overlap, ping-pong, persistence and the cross-tile pipeline (every combination that builds). Else the sm_80 kernel's: by
     default the knobs that only ever help (cp.async, eager loading, swizzling, the fused softmax) stay
     on; exhaustive=True varies them too."""
     if arch == WGMMA_ARCH:
         out = []
-        for block_m, block_n, stages, overlap, pingpong, persistent in itertools.product(
-                BLOCK_M, BLOCK_N, STAGES, (True, False), (True, False), (False, True)):
-            cfg = FwdSm90Config(dtype, d_head, block_m, block_n, stages, overlap, pingpong, persistent, causal)
+        for block_m, block_n, stages, overlap, pingpong, persistent, cross_tile in itertools.product(
+                BLOCK_M, BLOCK_N, STAGES, (True, False), (True, False), (False, True), (False, True)):
+            cfg = FwdSm90Config(dtype, d_head, block_m, block_n, stages, overlap, pingpong, persistent, causal,
+                                cross_tile=cross_tile)
             if not cfg.problems():
                 out.append(cfg)
         return out

@@ -13,9 +13,9 @@
 //   warpgroups 1..kWG      consumers: 64 query rows each, O and the softmax statistics in registers.
 // Persistent, a CTA per SM walks a tile per round (tile_of); the rings run on across tiles.
 // Barriers (who arrives / who waits):
-//   q_full                 producer (expect_tx: the Q tile)      / every consumer thread, once a tile
-//   q_empty                every consumer thread, after its last  / the producer, before the next
-//                          QK^T of the tile retired                  tile's Q
+//   q.full[s]              producer (expect_tx: the Q tile)      / every consumer thread, once a tile
+//   q.empty[s]             every consumer thread, after its last  / the producer, before a later
+//                          QK^T of the tile retired                  tile's Q into stage s
 //   k.full[s], v.full[s]   producer (expect_tx: the K / V tile)   / every consumer thread
 //   k.empty[s], v.empty[s] every consumer thread, once its QK^T /  / the producer, before refilling
 //                          PV product has retired                    stage s
@@ -32,7 +32,13 @@
 // With kOverlap the QK^T of block j+1 is issued before the softmax of block j, and PV of block j runs
 // while the softmax of block j+1 computes its exponentials (FlashAttention-3's intra-warpgroup
 // overlap). With kPingPong the warpgroups take turns issuing their matrix products, so one's softmax
-// runs under the other's tensor-core work.
+// runs under the other's tensor-core work. With kCrossTile (persistent) that pipeline runs on across
+// a CTA's tiles: a tile's first QK^T is issued with the previous tile's last PV, its first
+// exponentials run under it, and the previous tile's epilogue follows (Q in two stages, so the next
+// tile's Q is resident while the current one's is still read). Without it each tile starts and ends
+// its pipeline: the first block's softmax and the last PV and epilogue run with none of the
+// warpgroup's own products under them (with ping-pong the other warpgroup's still are). Measured
+// level with that on an H200 (docs/perf-log.md, 2026-12-04): a tuning candidate, no default.
 #pragma once
 #include <algorithm>
 #include <type_traits>
@@ -54,10 +60,12 @@ enum class Barrier : int { kEpilogue = 1, kPingPong = 5, kVTail = 7 };
 // static_assert message is one of its WHY_* reasons, verbatim.
 template <bool kBf16_, int kDHead_, int kBlockM_, int kBlockN_, int kStages_, bool kOverlap_, bool kPingPong_,
           bool kPersistent_, bool kCausal_, bool kLocal_, bool kSoftcap_, bool kAlibi_, bool kDropout_, bool kSink_,
-          int kDHeadV_>
+          int kDHeadV_, bool kCrossTile_>
 struct Config {
   static constexpr bool kBf16 = kBf16_, kOverlap = kOverlap_, kPingPong = kPingPong_, kCausal = kCausal_;
-  static constexpr bool kPersistent = kPersistent_;
+  static constexpr bool kPersistent = kPersistent_, kCrossTile = kCrossTile_;
+  // Q buffers: the next tile's Q loads while the current one's is still read (cross-tile) or after.
+  static constexpr int kQStages = kCrossTile_ ? 2 : 1;
   static constexpr bool kDropout = kDropout_, kSink = kSink_;
   using Mod = ScoreMod<kCausal_, kLocal_, kSoftcap_, kAlibi_>;
   // kD: the tile width, whole 64-column swizzle blocks (TMA boxes); kDMma: the QK^T k extent.
@@ -71,9 +79,10 @@ struct Config {
   using TileQ = GmmaTile<kBlockM, kD>;
   using TileKV = GmmaTile<kBlockN, kD>;  // a K stage
   using TileV = GmmaTile<kBlockN, kDV>;  // a V stage
-  // 1 KiB of slack (the swizzle needs 1024-byte aligned tiles), Q, the K/V ring, the barriers.
-  static constexpr int kBarrierBytes = 8 * (2 + 4 * kStages);
-  static constexpr int kSmemBytes = 1024 + TileQ::kBytes + kStages * (TileKV::kBytes + TileV::kBytes) + kBarrierBytes;
+  // 1 KiB of slack (the swizzle needs 1024-byte aligned tiles), the Q and K/V rings, their barriers.
+  static constexpr int kBarrierBytes = 8 * (2 * kQStages + 4 * kStages);
+  static constexpr int kSmemBytes =
+      1024 + kQStages * TileQ::kBytes + kStages * (TileKV::kBytes + TileV::kBytes) + kBarrierBytes;
 
   // The element-wise passes of fwd_sm80.cuh, seen from one consumer warp: 16 rows (one m-tile).
   struct Warp {
@@ -96,6 +105,8 @@ struct Config {
   static_assert(kStages >= 2 && kStages <= 4, "stages must be 2, 3 or 4");
   static_assert(!kPingPong || (kConsumers == 2 && kOverlap),
                 "ping-pong alternates two consumer warpgroups (block_m 128) and needs the overlap");
+  static_assert(!kCrossTile || (kPersistent && kOverlap),
+                "cross_tile runs one CTA's tiles as one pipeline: it needs persistent and the overlap");
   // Per consumer thread: O (kDV / 2 fp32), S (kBlockN / 2 fp32) and P (kBlockN / 4 packed pairs).
   // Each score feature keeps a few more values live (window bounds, slopes, the Philox state): 8 each,
   // measured as spills of the 160-register block_m 192 tile with any of them.
@@ -234,23 +245,24 @@ __device__ __forceinline__ int tile_of(int round) {
   return base + (C::kPersistent && (round & 1) ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x));
 }
 
-// The shared memory: Q, the K and V rings, the barriers (q_empty: every consumer thread has issued
-// and retired its last QK^T of a tile, so the persistent producer may load the next Q).
+// The shared memory: the Q ring (a stage a tile; released once every consumer thread has issued and
+// retired its last QK^T of the tile, so a persistent producer may load a later tile's Q), the K and V
+// rings, their barriers.
 template <class C>
 struct Smem {
   elem_t *q, *k, *v;
-  uint64_t *q_full, *q_empty;
+  sm90::Ring<C::kQStages>* q_ring;
   sm90::Ring<C::kStages>*k_ring, *v_ring;
 
   __device__ __forceinline__ explicit Smem(unsigned char* base) {
     q = reinterpret_cast<elem_t*>(base);
-    k = q + C::TileQ::kBytes / 2;
+    k = q + C::kQStages * C::TileQ::kBytes / 2;
     v = k + C::kStages * C::TileKV::kBytes / 2;
-    q_full = reinterpret_cast<uint64_t*>(v + C::kStages * C::TileV::kBytes / 2);
-    q_empty = q_full + 1;
-    k_ring = reinterpret_cast<sm90::Ring<C::kStages>*>(q_empty + 1);
+    q_ring = reinterpret_cast<sm90::Ring<C::kQStages>*>(v + C::kStages * C::TileV::kBytes / 2);
+    k_ring = reinterpret_cast<sm90::Ring<C::kStages>*>(q_ring + 1);
     v_ring = k_ring + 1;
   }
+  __device__ __forceinline__ elem_t* q_stage(int s) const { return q + s * C::TileQ::kBytes / 2; }
   __device__ __forceinline__ elem_t* k_stage(int s) const { return k + s * C::TileKV::kBytes / 2; }
   __device__ __forceinline__ elem_t* v_stage(int s) const { return v + s * C::TileV::kBytes / 2; }
 };
@@ -309,9 +321,9 @@ __device__ __forceinline__ void epilogue(const Args& args, const Smem<C>& sm, co
   }
 }
 
-// The producer thread: per tile, Q once (after the previous tile released it) and K/V block by
-// block into the rings, which run on across tiles so the next tile's first blocks load under the
-// current tile's last ones. K_{j_begin} goes first: it does not wait for Q's release.
+// The producer thread: per tile, Q once (into the Q stage a tile kQStages earlier released) and K/V
+// block by block into the rings, which run on across tiles so the next tile's first blocks load under
+// the current tile's last ones. K_{j_begin} goes first: it does not wait for a Q stage.
 template <class C>
 __device__ __forceinline__ void produce(const Args& args, const Smem<C>& sm, int num_m, int num_tiles) {
   const FwdParams& p = args.p;
@@ -319,7 +331,7 @@ __device__ __forceinline__ void produce(const Args& args, const Smem<C>& sm, int
   tma_prefetch_map(&args.k);
   tma_prefetch_map(&args.v);
   RingState<C::kStages> st;
-  int it = 0;
+  RingState<C::kQStages> qs;
   for (int round = 0, tile = tile_of<C>(0); tile < num_tiles; tile = tile_of<C>(++round)) {
     const Tile<C> T(p, tile, num_m);
     if (T.skipped()) continue;
@@ -332,19 +344,17 @@ __device__ __forceinline__ void produce(const Args& args, const Smem<C>& sm, int
     for (int j = T.j_begin; j < T.j_end; ++j, st.advance()) {
       load(&args.k, sm.k_stage(st.stage), sm.k_ring->acquire(st, C::TileKV::kBytes), T.k_first + j * C::kBlockN,
            C::TileKV::kBlockBytes, T.h_k, C::kD);
-      if (j == T.j_begin) {
-        mbarrier_wait(sm.q_empty, (it & 1) ^ 1);
-        mbarrier_arrive_expect_tx(sm.q_full, C::TileQ::kBytes);
-        load(&args.q, sm.q, sm.q_full, T.q_first, C::TileQ::kBlockBytes, T.h, C::kD);
-      }
+      if (j == T.j_begin)
+        load(&args.q, sm.q_stage(qs.stage), sm.q_ring->acquire(qs, C::TileQ::kBytes), T.q_first, C::TileQ::kBlockBytes,
+             T.h, C::kD);
       load(&args.v, sm.v_stage(st.stage), sm.v_ring->acquire(st, C::TileV::kBytes), T.k_first + j * C::kBlockN,
            C::TileV::kBlockBytes, T.h_k, C::kDV);
     }
-    if (T.empty()) {  // nothing to load: the phase still turns, so both sides keep counting tiles
-      mbarrier_wait(sm.q_empty, (it & 1) ^ 1);
-      mbarrier_arrive(sm.q_full);
+    if (T.empty()) {  // nothing to load: the Q stage still turns, so both sides keep counting tiles
+      sm.q_ring->wait_free(qs);
+      sm.q_ring->filled(qs);
     }
-    ++it;
+    qs.advance();
   }
 }
 
@@ -360,8 +370,7 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
   const int num_tiles = num_m * p.heads * p.batch;  // the launch is one CTA per tile unless persistent
 
   if (tid == 0) {
-    mbarrier_init(sm.q_full, 1);
-    mbarrier_init(sm.q_empty, C::kConsumers * 128);
+    sm.q_ring->init(C::kConsumers * 128);
     sm.k_ring->init(C::kConsumers * 128);
     sm.v_ring->init(C::kConsumers * 128);
     mbarrier_init_fence();
@@ -382,40 +391,62 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
   const float scale = C::Mod::kTransforms ? 1.f : p.softmax_scale;
   const float scale_log2 = scale * 1.4426950408889634f;
   using W = typename C::Warp;
-  const uint64_t q_desc = gmma_desc(smem_addr(sm.q) + g * 64 * 128, 16);
+  auto q_desc = [&](int stage) { return gmma_desc(smem_addr(sm.q_stage(stage)) + g * 64 * 128, 16); };
   auto k_desc = [&](int stage) { return gmma_desc(smem_addr(sm.k_stage(stage)), 16); };
   auto v_desc = [&](int stage) { return gmma_desc(smem_addr(sm.v_stage(stage)), C::TileV::kBlockBytes); };
-  RingState<C::kStages> st;
-  int it = 0;
+  RingState<C::kStages> st, prev;  // prev: the V stage of the PV not issued yet
+  RingState<C::kQStages> qs;
+  float o[1][C::kDV / 8][4];
+  float m[1][2], l[1][2];
+  float s[1][C::kBlockN / 8][4];
+  uint32_t pf[1][C::kBlockN / 16][4];
+  // Ping-pong: warpgroup g issues its matrix products only while it holds the token (barrier
+  // kPingPong + g, completed by the other warpgroup's arrival) and hands it over right after issuing,
+  // so its softmax runs under the other's products. Warpgroup 1 hands the token to 0 first, once a
+  // CTA; both issue the same sequence of products, and 0 takes 1's last hand-over at the end.
+  auto take_token = [&] {
+    if (C::kPingPong) named_sync(int(Barrier::kPingPong) + g, 256);
+  };
+  auto pass_token = [&] {
+    if (C::kPingPong) named_arrive(int(Barrier::kPingPong) + 1 - g, 256);
+  };
+  if (C::kPingPong && g == 1) named_arrive(int(Barrier::kPingPong), 256);
+  // The tile whose last PV has not been issued (P in pf, V in stage prev; -1: none): with kCrossTile
+  // it pairs with the next tile's first QK^T; finish() issues it alone and stores the tile. Only its
+  // number is kept (the Tile is rebuilt where needed: 160-register consumers spilled holding it).
+  int pending = -1;
+  auto finish = [&] {
+    const Tile<C> Tp(p, pending, num_m);
+    sm.v_ring->wait(prev);
+    // (the only block that can end past the sequence's keys is the last; both warpgroups reach this
+    // before taking the token, so the barrier in it cannot wait on a hand-over)
+    zero_v_past_keys<C>(p, sm.v_stage(prev.stage), Tp.mod, Tp.j_end - 1, g * 128 + t);
+    take_token();
+    issue_pv<C>(o[0], pf, v_desc(prev.stage));
+    pass_token();
+    wgmma_wait<0>();
+    wgmma_settle(o[0]);
+    sm.v_ring->release(prev);
+    epilogue<C>(args, sm, Tp, o, m, l, scale, g, t);
+    pending = -1;
+  };
   for (int round = 0, tile = tile_of<C>(0); tile < num_tiles; tile = tile_of<C>(++round)) {
     const Tile<C> T(p, tile, num_m);
     if (T.skipped()) continue;
     const int row0 = T.q_row0 + row_cta;  // this warp's first row, globally
-    float o[1][C::kDV / 8][4];
-    float m[1][2] = {{-INFINITY, -INFINITY}}, l[1][2] = {{0.f, 0.f}};
-    zero(o);
-    mbarrier_wait(sm.q_full, it & 1);
-    // Q is released once this thread's last QK^T of the tile has retired.
+    sm.q_ring->wait(qs);
+    // The Q stage is released once this thread's last QK^T of the tile has retired.
     auto q_done = [&](int j) {
-      if (j == T.j_end - 1) mbarrier_arrive(sm.q_empty);
+      if (j == T.j_end - 1) sm.q_ring->release(qs);
     };
-    if (T.empty()) mbarrier_arrive(sm.q_empty);
-    // Ping-pong: warpgroup g issues its matrix products only while it holds the token (barrier
-    // kPingPong + g, completed by the other warpgroup's arrival) and hands it over right after
-    // issuing, so its softmax runs under the other's products. Per tile, warpgroup 1 hands the token
-    // to 0 first and skips its own last hand-over, so every arrival is waited for.
-    auto take_token = [&] {
-      if (C::kPingPong) named_sync(int(Barrier::kPingPong) + g, 256);
-    };
-    auto pass_token = [&](bool last) {
-      if (C::kPingPong && !(last && g == 1)) named_arrive(int(Barrier::kPingPong) + 1 - g, 256);
-    };
-    float s[1][C::kBlockN / 8][4];
-    uint32_t pf[1][C::kBlockN / 16][4];
-    if (!C::kOverlap) {
-      for (int j = T.j_begin; j < T.j_end; ++j, st.advance()) {
+    if (!C::kOverlap || T.empty()) {
+      if (T.empty()) sm.q_ring->release(qs);
+      if (C::kCrossTile && pending >= 0) finish();
+      zero(o);
+      m[0][0] = m[0][1] = -INFINITY, l[0][0] = l[0][1] = 0.f;
+      for (int j = T.j_begin; !C::kOverlap && j < T.j_end; ++j, st.advance()) {
         sm.k_ring->wait(st);
-        issue_qk<C>(s[0], q_desc, k_desc(st.stage));
+        issue_qk<C>(s[0], q_desc(qs.stage), k_desc(st.stage));
         wgmma_wait<0>();
         wgmma_settle(s[0]);
         sm.k_ring->release(st);
@@ -431,33 +462,63 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
         wgmma_settle(o[0]);
         sm.v_ring->release(st);
       }
-    } else if (!T.empty()) {
-      // Block j_begin alone: its scores; then per block j, its QK^T is issued with block j-1's PV,
-      // and block j's exponentials run under that PV (O is rescaled once the PV has retired).
-      if (C::kPingPong && g == 1) named_arrive(int(Barrier::kPingPong), 256);
-      sm.k_ring->wait(st);
-      take_token();
-      issue_qk<C>(s[0], q_desc, k_desc(st.stage));
-      pass_token(false);
-      wgmma_wait<0>();
-      wgmma_settle(s[0]);
-      sm.k_ring->release(st);
-      q_done(T.j_begin);
-      if (block_masked<C>(T.mod, T.q_row0, T.j_begin)) mask_scores<C, true>(s, T.mod, row0, T.j_begin, lane);
-      else mask_scores<C, false>(s, T.mod, row0, T.j_begin, lane);
-      fwd::online_softmax<W>(s, o, m, l, scale, scale_log2);
-      scores_to_p<C>(s, pf, p, T.bh, row0, T.j_begin, lane);
-      RingState<C::kStages> prev = st;
+      epilogue<C>(args, sm, T, o, m, l, scale, g, t);
+    } else {
+      // Block j_begin: its scores, with fresh statistics. Chained (a pending tile): its QK^T is issued
+      // with the pending tile's last PV, its exponentials run under that PV, and the pending tile's
+      // epilogue follows; compiled per (chained, masked), so no branch sits between the two waits.
+      auto first = [&](auto chained, auto masked) {
+        constexpr bool kChained = decltype(chained)::value;
+        sm.k_ring->wait(st);
+        if constexpr (kChained) {
+          sm.v_ring->wait(prev);
+          const Tile<C> Tp(p, pending, num_m);
+          zero_v_past_keys<C>(p, sm.v_stage(prev.stage), Tp.mod, Tp.j_end - 1, g * 128 + t);
+        }
+        take_token();
+        issue_qk<C>(s[0], q_desc(qs.stage), k_desc(st.stage));
+        if constexpr (kChained) issue_pv<C>(o[0], pf, v_desc(prev.stage));
+        pass_token();
+        wgmma_wait<kChained ? 1 : 0>();  // S is ready; the pending PV may still run
+        wgmma_settle(s[0]);
+        sm.k_ring->release(st);
+        q_done(T.j_begin);
+        mask_scores<C, decltype(masked)::value>(s, T.mod, row0, T.j_begin, lane);
+        float m1[1][2] = {{-INFINITY, -INFINITY}}, l1[1][2] = {{0.f, 0.f}}, alpha[1][2];
+        fwd::softmax_rows<W>(s, m1, l1, alpha, scale, scale_log2);
+        if constexpr (kChained) {
+          wgmma_wait<0>();
+          wgmma_settle(o[0]);
+          sm.v_ring->release(prev);
+        }
+        scores_to_p<C>(s, pf, p, T.bh, row0, T.j_begin, lane);
+        if constexpr (kChained) epilogue<C>(args, sm, Tile<C>(p, pending, num_m), o, m, l, scale, g, t);
+        zero(o);
+        m[0][0] = m1[0][0], m[0][1] = m1[0][1], l[0][0] = l1[0][0], l[0][1] = l1[0][1];
+      };
+      const bool masked = block_masked<C>(T.mod, T.q_row0, T.j_begin);
+      if (C::kCrossTile && pending >= 0) {
+        if constexpr (C::kCrossTile) {
+          if (masked) first(std::true_type{}, std::true_type{});
+          else first(std::true_type{}, std::false_type{});
+        }
+      } else if (masked) {
+        first(std::false_type{}, std::true_type{});
+      } else {
+        first(std::false_type{}, std::false_type{});
+      }
+      prev = st;
       st.advance();
-      // One steady-state step, compiled twice (masked or not): between its two waits there is no
-      // branch, so the exponentials stay under the PV product.
+      // One steady-state step, compiled twice (masked or not): its QK^T is issued with block j-1's PV,
+      // and its exponentials run under that PV (O is rescaled once the PV has retired); between its
+      // two waits there is no branch, so the exponentials stay under the PV product.
       auto step = [&](int j, auto masked) {
         sm.k_ring->wait(st);
         sm.v_ring->wait(prev);
         take_token();
-        issue_qk<C>(s[0], q_desc, k_desc(st.stage));
+        issue_qk<C>(s[0], q_desc(qs.stage), k_desc(st.stage));
         issue_pv<C>(o[0], pf, v_desc(prev.stage));
-        pass_token(false);
+        pass_token();
         wgmma_wait<1>();  // S_j is ready; PV_{j-1} may still run
         wgmma_settle(s[0]);
         sm.k_ring->release(st);
@@ -476,20 +537,13 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
         if (block_masked<C>(T.mod, T.q_row0, j)) step(j, std::true_type{});
         else step(j, std::false_type{});
       }
-      sm.v_ring->wait(prev);
-      // (the only block that can end past the sequence's keys is the last; every consumer reaches this
-      // before its last token, so the barrier in it cannot wait on a hand-over)
-      zero_v_past_keys<C>(p, sm.v_stage(prev.stage), T.mod, T.j_end - 1, g * 128 + t);
-      take_token();
-      issue_pv<C>(o[0], pf, v_desc(prev.stage));
-      pass_token(true);
-      wgmma_wait<0>();
-      wgmma_settle(o[0]);
-      sm.v_ring->release(prev);
+      pending = tile;
+      if (!C::kCrossTile) finish();
     }
-    epilogue<C>(args, sm, T, o, m, l, scale, g, t);
-    ++it;
+    qs.advance();
   }
+  if (C::kCrossTile && pending >= 0) finish();
+  if (C::kPingPong && g == 0) take_token();  // warpgroup 1's last hand-over
 }
 #endif  // __CUDACC__
 

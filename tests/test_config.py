@@ -134,10 +134,28 @@ def test_every_knob_changes_the_rendered_code():
 def test_every_hopper_forward_knob_changes_the_rendered_code():
     base = FwdSm90Config(d_head=64, pingpong=False)  # ping-pong needs block_m 128 and the overlap: flipped on alone
     flips = dict(dtype="fp16", d_head=128, block_m=192, block_n=64, stages=3, overlap=False, pingpong=True,
-                 persistent=True, causal=True, local=True, softcap=True, alibi=True, dropout=True, sink=True, d_v=32)
+                 persistent=True, causal=True, local=True, softcap=True, alibi=True, dropout=True, sink=True, d_v=32,
+                 cross_tile=True)
     assert set(flips) == {f.name for f in dataclasses.fields(FwdSm90Config)}
     for name, value in flips.items():
-        assert codegen.render(dataclasses.replace(base, **{name: value})) != codegen.render(base), name
+        at = dataclasses.replace(base, persistent=True) if name == "cross_tile" else base  # it needs persistent
+        assert codegen.render(dataclasses.replace(at, **{name: value})) != codegen.render(at), name
+
+
+def test_cross_tile_needs_persistent_overlap_and_room_for_a_second_q():
+    """cross_tile: its name (an `_xt` suffix, so every older name keeps its meaning and cache entry)
+    parses back; it needs persistent CTAs and the overlap; its second Q stage must fit (d128 yes, d256
+    no); the one-CTA-per-tile twin drops it."""
+    cfg = FwdSm90Config("bf16", 128, persistent=True, cross_tile=True)
+    assert not cfg.problems() and cfg.name.endswith("_xt") and config_from_name(cfg.name) == cfg
+    assert cfg.smem_bytes - dataclasses.replace(cfg, cross_tile=False).smem_bytes == 2 * 128 * 128 + 16
+    assert not config_from_name(dataclasses.replace(cfg, cross_tile=False).name).cross_tile
+    for bad in (dict(persistent=False), dict(overlap=False, pingpong=False)):
+        assert fwd_sm90.WHY_CROSS_TILE in dataclasses.replace(cfg, **bad).problems()
+    assert any(fwd_sm90.WHY_SMEM in p for p in FwdSm90Config("bf16", 256, block_n=80, persistent=True,
+                                                            cross_tile=True).problems())
+    assert cfg.one_cta_per_tile() == FwdSm90Config("bf16", 128)
+    assert cfg in dispatch.get_autotuning_kernel_configs("bf16", 128, False, arch="sm_90a")
 
 
 def test_fa3_tiles_n176_n80_parse_fit_and_are_tuning_candidates_only():

@@ -54,7 +54,9 @@ def test_build_set(config):
 
 KNOBS = [dict(), dict(overlap=False, pingpong=False), dict(pingpong=False), dict(persistent=True),
          dict(stages=3), dict(stages=4, block_n=64), dict(block_n=96), dict(block_n=192, stages=2),
-         dict(block_m=192, pingpong=False), dict(block_m=192, pingpong=False, overlap=False, persistent=True)]
+         dict(block_m=192, pingpong=False), dict(block_m=192, pingpong=False, overlap=False, persistent=True),
+         dict(persistent=True, cross_tile=True), dict(persistent=True, cross_tile=True, pingpong=False),
+         dict(block_m=192, pingpong=False, persistent=True, cross_tile=True, stages=4)]
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -116,7 +118,9 @@ def test_fa3_tiles_features(d, n, feature, persistent):
 
 
 @pytest.mark.parametrize("config", [FwdSm90Config("bf16", d, block_n=n, causal=c) for d, n in FA3_TILES
-                                    for c in (False, True)], ids=lambda c: c.name)
+                                    for c in (False, True)] +
+                         [FwdSm90Config("bf16", 128, persistent=True, cross_tile=True, causal=c) for c in (False, True)],
+                         ids=lambda c: c.name)
 def test_fa3_tiles_varlen_equal_dense_calls(config):
     """A varlen batch on the FA3 tiles: each sequence's last key block runs past its keys into the next
     sequence's rows, which hold NaN here (zero_v_past_keys must clear a 176- or 80-row V stage);
@@ -141,17 +145,35 @@ def test_fa3_tiles_varlen_equal_dense_calls(config):
         q0, k0 = q0 + lq, k0 + lk
 
 
+@pytest.mark.parametrize("cross_tile", [False, True])
 @pytest.mark.parametrize("causal, window", [(False, (-1, -1)), (True, (-1, -1)), (False, (100, 0))])
-def test_persistent_ctas_walk_many_tiles(causal, window):
-    """Several tiles per persistent CTA (so the q_full/q_empty parities and the rings wrap many times),
+def test_persistent_ctas_walk_many_tiles(causal, window, cross_tile):
+    """Several tiles per persistent CTA (so the Q ring's parities and the K/V rings wrap many times),
     with empty tiles mixed in: causal with Sq > Sk leaves the first 800 rows without keys, a window
-    with Sq > Sk likewise."""
+    with Sq > Sk likewise (cross-tile: a pending tile finished before an empty one)."""
     local = window != (-1, -1)  # a feature: the 192-row tile's registers would spill, so 128 rows with ping-pong
-    config = FwdSm90Config("bf16", 64, 128 if local else 192, 128, 4, True, local, True, causal=causal, local=local)
+    config = FwdSm90Config("bf16", 64, 128 if local else 192, 128, 4, True, local, True, causal=causal, local=local,
+                           cross_tile=cross_tile).validate()
     q, k, v = _inputs(8, 1100, 300, 16, 4, 64, torch.bfloat16)
     out = _check(q, k, v, config, causal=causal, window_size=window)
     if causal:
         assert out[:, :800].abs().max().item() == 0
+
+
+@pytest.mark.parametrize("d, block_m", [(64, 192), (128, 128)])
+@pytest.mark.parametrize("causal, window", [(False, (-1, -1)), (True, (-1, -1)), (False, (100, 0))])
+def test_cross_tile_equals_persistent_bit_for_bit(d, block_m, causal, window):
+    """The cross-tile pipeline reorders when each tile starts and stores, not the arithmetic: out and
+    lse equal the persistent kernel's bit for bit, over many tiles a CTA, empty tiles among them (Sq > Sk
+    under the causal mask or a window), lengths no multiple of the tiles."""
+    local = window != (-1, -1)
+    block_m = 128 if local else block_m  # a feature: the 192-row tile's registers would spill
+    base = FwdSm90Config("bf16", d, block_m, 128, 4 if d == 64 else 2, True, block_m == 128, True, causal=causal,
+                         local=local).validate()
+    q, k, v = _inputs(6, 1300, 700, 16, 4, d, torch.bfloat16)
+    runs = [flashjit.forward(q, k, v, config=cfg, causal=causal, window_size=window, return_lse=True,
+                             out=poisoned_like(q)) for cfg in (base, dataclasses.replace(base, cross_tile=True).validate())]
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
 
 ODD = [  # batch, Sq, Sk, H, H_k, D
@@ -161,13 +183,26 @@ ODD = [  # batch, Sq, Sk, H, H_k, D
 ]
 
 
-@pytest.mark.parametrize("persistent", [False, True])
+# How a config's CTAs take tiles: one CTA each, persistent, persistent as one pipeline.
+WALKS = {"tile": dict(persistent=False, cross_tile=False), "persistent": dict(persistent=True, cross_tile=False),
+         "cross_tile": dict(persistent=True, cross_tile=True)}
+
+
+def _walk(config, walk):
+    """`config` taking tiles as WALKS[walk]; skips where the cross-tile Q stage does not fit."""
+    config = dataclasses.replace(config, **WALKS[walk])
+    if config.problems():
+        pytest.skip(f"{config.name}: {config.problems()[0]}")
+    return config
+
+
+@pytest.mark.parametrize("walk", WALKS)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shape", ODD, ids=str)
-def test_odd_shapes(shape, causal, persistent):
+def test_odd_shapes(shape, causal, walk):
     batch, sq, sk, h, hk, d = shape
     # The dispatcher's Hopper tile for this head dim (at Sq <= 64 it would pick the sm_80 family).
-    config = dataclasses.replace(dispatch.default_config("bf16", d, causal, 4096, arch="sm_90a"), persistent=persistent)
+    config = _walk(dispatch.default_config("bf16", d, causal, 4096, arch="sm_90a"), walk)
     q, k, v = _inputs(batch, sq, sk, h, hk, d, torch.bfloat16)
     out = _check(q, k, v, config, causal=causal)
     if causal and sq > sk:  # rows that see no key are exactly zero
@@ -178,21 +213,22 @@ FEATURES = [dict(window_size=(37, 11)), dict(window_size=(-1, 5)), dict(window_s
             dict(alibi_slopes="bh"), dict(softcap=3.0, window_size=(64, 0), alibi_slopes="h")]
 
 
-@pytest.mark.parametrize("persistent", [False, True])
+@pytest.mark.parametrize("walk", WALKS)
 @pytest.mark.parametrize("feature", FEATURES, ids=lambda d: ",".join(d))
-def test_features(feature, persistent):
+def test_features(feature, walk):
     q, k, v = _inputs(2, 600, 433, 4, 2, 96, torch.float16)
     kw = dict(feature)
     if "alibi_slopes" in kw:
         kw["alibi_slopes"] = torch.rand(*((2, 4) if kw["alibi_slopes"] == "bh" else (4,)), device="cuda") * 0.3
     mods = interface.score_mods(q, False, kw.get("window_size", (-1, -1)), kw.get("softcap", 0.0), kw.get("alibi_slopes"))
-    config = FwdSm90Config("fp16", 96, persistent=persistent, local=mods.local, softcap=mods.softcap, alibi=mods.alibi)
+    config = _walk(FwdSm90Config("fp16", 96, local=mods.local, softcap=mods.softcap, alibi=mods.alibi), walk)
     _check(q, k, v, config, **kw)
 
 
 @pytest.mark.parametrize("p", [0.17, 0.5])
 @pytest.mark.parametrize("config", [FwdSm90Config("fp16", 64, dropout=True),
                                     FwdSm90Config("fp16", 64, stages=4, persistent=True, dropout=True),
+                                    FwdSm90Config("fp16", 64, stages=4, persistent=True, cross_tile=True, dropout=True),
                                     FwdSm90Config("fp16", 128, block_n=64, stages=3, dropout=True),
                                     FwdSm90Config("fp16", 128, block_n=176, dropout=True),  # FA3's tiles:
                                     FwdSm90Config("fp16", 256, block_n=80, dropout=True)],  # 16-key chunks

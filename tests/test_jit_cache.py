@@ -47,6 +47,7 @@ SUBSET = [  # both dtypes, several head dims, causal, knobs off, both archs
     ("sm_90a", FwdSm90Config("bf16", 128)),
     ("sm_90a", FwdSm90Config("fp16", 64, 128, 128, 4, True, True, True, causal=True, local=True, softcap=True,
                              alibi=True, dropout=True)),
+    ("sm_90a", FwdSm90Config("bf16", 64, 192, 128, 4, True, False, True, causal=True, cross_tile=True)),  # two Q stages
     ("sm_90a", FwdSm90Config("bf16", 256, 128, 64, 2, False, False, dropout=True)),
     ("sm_90a", FwdSm90Config("bf16", 256, 128, 80)),  # d256's default: FlashAttention-3's 80-key tile
     # Decoding (kvcache): the split-KV combine, a programmatic dependent launch where sm_90 is built.

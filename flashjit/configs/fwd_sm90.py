@@ -6,6 +6,7 @@ rule ``problems()`` enforces is a ``static_assert`` there with the same message 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ WHY_BLOCK_M = "block_m must be 128 or 192 (two or three consumer warpgroups)"
 WHY_BLOCK_N = "block_n must be 64, 80, 96, 128, 176 or 192"
 WHY_STAGES = "stages must be 2, 3 or 4"
 WHY_PINGPONG = "ping-pong alternates two consumer warpgroups (block_m 128) and needs the overlap"
+WHY_CROSS_TILE = "cross_tile runs one CTA's tiles as one pipeline: it needs persistent and the overlap"
 WHY_REGISTERS = "O, S and P of this config do not fit the consumers' registers"
 WHY_SMEM = "Q and the K/V stages of this config need more than 227 KiB of shared memory"
 
@@ -57,6 +59,9 @@ class FwdSm90Config(ConfigBase):
     causal, local, softcap, alibi, dropout, sink   as KernelConfig (same masks, same Philox dropout mask)
     d_v          v's and the output's head dim when it differs from d_head (0 = d_head; a multiple of 8
                  up to d_head): V stages and PV's N are d_tile_v wide
+    cross_tile   (persistent) run a CTA's tiles as one pipeline: each tile's first QK^T and softmax run
+                 under the previous tile's last PV, whose epilogue follows; Q takes two shared-memory
+                 stages; speed only (H200: level at d128, within -4..+4% at d64; a tuning candidate)
     """
 
     dtype: str = "bf16"
@@ -74,6 +79,7 @@ class FwdSm90Config(ConfigBase):
     dropout: bool = False
     sink: bool = False
     d_v: int = 0
+    cross_tile: bool = False
 
     @property
     def d_tile(self) -> int:
@@ -87,11 +93,20 @@ class FwdSm90Config(ConfigBase):
     def consumers(self) -> int:
         return self.block_m // 64
 
+    def one_cta_per_tile(self) -> "FwdSm90Config":
+        """The same kernel launched one CTA per tile (not persistent, so no cross-tile pipeline)."""
+        return dataclasses.replace(self, persistent=False, cross_tile=False)
+
+    @property
+    def q_stages(self) -> int:
+        """Q tiles in shared memory (Config::kQStages): two with cross_tile."""
+        return 2 if self.cross_tile else 1
+
     @property
     def smem_bytes(self) -> int:
-        """Alignment slack, Q, `stages` K and V tiles, the mbarriers (Config::kSmemBytes)."""
-        return 1024 + 2 * self.block_m * self.d_tile + 2 * self.stages * self.block_n * (self.d_tile + self.d_tile_v) + \
-            8 * (2 + 4 * self.stages)
+        """Alignment slack, the Q stages, `stages` K and V tiles, the mbarriers (Config::kSmemBytes)."""
+        return 1024 + 2 * self.q_stages * self.block_m * self.d_tile + \
+            2 * self.stages * self.block_n * (self.d_tile + self.d_tile_v) + 8 * (2 * self.q_stages + 4 * self.stages)
 
     def register_estimate(self) -> int:
         """Per consumer thread: O, S and P fragments plus indices, and 8 for each score feature
@@ -117,6 +132,8 @@ class FwdSm90Config(ConfigBase):
             return out
         if self.pingpong and (self.consumers != 2 or not self.overlap):
             out.append(WHY_PINGPONG)
+        if self.cross_tile and not (self.persistent and self.overlap):
+            out.append(WHY_CROSS_TILE)
         if self.register_estimate() > self.register_budget:
             out.append(f"{WHY_REGISTERS} (about {self.register_estimate()} of {self.register_budget}); "
                        "use a smaller block_n or block_m 128")
@@ -128,12 +145,12 @@ class FwdSm90Config(ConfigBase):
     def name(self) -> str:
         return (f"fwd_sm90_{self.dtype}_d{self.d_head}_m{self.block_m}_n{self.block_n}_st{self.stages}"
                 f"_ov{int(self.overlap)}_pp{int(self.pingpong)}_ps{int(self.persistent)}_causal{int(self.causal)}"
-                f"{features_suffix(self)}{d_v_suffix(self)}")
+                f"{features_suffix(self)}{d_v_suffix(self)}{'_xt' if self.cross_tile else ''}")
 
     _NAME_RE = re.compile(r"^fwd_sm90_(?P<dtype>fp16|bf16)_d(?P<d_head>\d+)_m(?P<block_m>\d+)_n(?P<block_n>\d+)"
                           r"_st(?P<stages>\d+)_ov(?P<overlap>[01])_pp(?P<pingpong>[01])_ps(?P<persistent>[01])"
                           r"_causal(?P<causal>[01])"
-                          + FWD_FEATURES_RE + D_V_RE + "$")
+                          + FWD_FEATURES_RE + D_V_RE + r"(?P<cross_tile>_xt)?$")
 
     @classmethod
     def parse_name(cls, name: str) -> "FwdSm90Config | None":
@@ -143,9 +160,10 @@ class FwdSm90Config(ConfigBase):
         return cls(match["dtype"], int(match["d_head"]), int(match["block_m"]), int(match["block_n"]),
                    int(match["stages"]), match["overlap"] == "1", match["pingpong"] == "1", match["persistent"] == "1",
                    match["causal"] == "1",
-                   *(match[f] is not None for f in FEATURES), match["sink"] is not None, int(match["d_v"] or 0))
+                   *(match[f] is not None for f in FEATURES), match["sink"] is not None, int(match["d_v"] or 0),
+                   match["cross_tile"] is not None)
 
 
 FwdSm90Config.family = FAMILY = Family(
     "fwd_sm90", FwdSm90Config, template="fwd_sm90.cuh", namespace="fwd_sm90", params="FwdParams", direction="fwd",
-    arch=ARCH, reasons=(WHY_HEAD_DIM, WHY_HEAD_DIM_V, WHY_BLOCK_M, WHY_BLOCK_N, WHY_STAGES, WHY_PINGPONG, WHY_REGISTERS, WHY_SMEM))
+    arch=ARCH, reasons=(WHY_HEAD_DIM, WHY_HEAD_DIM_V, WHY_BLOCK_M, WHY_BLOCK_N, WHY_STAGES, WHY_PINGPONG, WHY_CROSS_TILE, WHY_REGISTERS, WHY_SMEM))
