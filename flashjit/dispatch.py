@@ -38,7 +38,9 @@ _PREFERENCES = {  # (head-dim class, causal) -> tiles, best first
 # session, bf16 16k tokens): d128 128x128 with overlap + ping-pong ran 0.90-0.96x cuDNN against 0.77-0.88x
 # without the overlap, 128x192 and 128x64 lost 5-20%; d64 192x128 over 4 stages, persistent, 1.04x at
 # S=4k (0.93x one CTA per tile); d192 128x96 0.95-1.05x; d256 128x64 0.93-1.02x. Persistent CTAs lost
-# 3-16% at d>64 (the static tile order), so only d64 takes them.
+# 3-16% at d>64 with the first static tile order; with odd rounds reversed (and with_tile_walk's one CTA
+# per tile where the walk would not balance) d128 persistent ran +3-8% causal at S = 1k-2k and level
+# elsewhere (twenty-first session, H200, interleaved A/B runs), so the 128-wide tile takes them too.
 # With score features the 192-row tile's 160 registers a consumer thread spill: d64 then takes 128 rows.
 # Causal d64 up to SHORT_CAUSAL queries (sixteenth session, bf16 16k tokens): 128 rows with ping-pong,
 # persistent, ran 293.8 / 349.2 TFLOP/s at S = 1k / 2k against 254.2 / 339.5 for 192 rows (a 1k row of
@@ -52,7 +54,7 @@ _SM90_PREFERENCES = {
          dict(block_m=128, block_n=128, stages=4)],
     (64, "short causal"): [dict(block_m=128, block_n=128, stages=4, persistent=True),
                            dict(block_m=128, block_n=128, stages=4)],
-    128: [dict(block_m=128, block_n=128, stages=2)],
+    128: [dict(block_m=128, block_n=128, stages=2, persistent=True)],
     192: [dict(block_m=128, block_n=96, stages=2)],
     256: [dict(block_m=128, block_n=80, stages=2), dict(block_m=128, block_n=64, stages=2)],
     (256, "short causal"): [dict(block_m=128, block_n=64, stages=2)],

@@ -23,6 +23,7 @@ def table(private_cache, monkeypatch):
     monkeypatch.setattr(tuning, "device_identity", lambda device_index: H200)
     monkeypatch.setattr(interface.jit, "arch_for", lambda device_index: "sm_90a")
     monkeypatch.setattr(interface, "_smem_limit", lambda device_index: (227 * 1024, "NVIDIA H200"))
+    monkeypatch.setattr(interface, "sm_count", lambda device_index: H200["sm_count"])  # a persistent default's walk
     tuning._entries_for.cache_clear()
     path = tuning.write_table(H200, {
         tuning.problem_key("fwd", "bf16", 128, False, 4096): dict(config=TUNED_FWD.name, ms=1.0, default="x", default_ms=1.1),
