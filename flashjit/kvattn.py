@@ -51,9 +51,14 @@ MAX_SPLITS = 128  # kernels/fwd_sm80.cuh: kMaxSplits
 
 @functools.lru_cache(maxsize=4096)  # per (grid, GPU, cache length): decoding asks the same every step
 def num_splits_heuristic(ctas: int, sms: int, key_blocks: int, max_splits: int = MAX_SPLITS) -> int:
-    """flash-attn 2's choice: no split when the CTAs already fill 80% of the GPU's slots; else the fewest
-    splits whose wave efficiency (CTAs / SM slots, against whole waves) is within 85% of the best,
-    counting only split counts that change the blocks per split."""
+    """flash-attn 2's choice, then the rounds it pays for filled: no split when the CTAs already fill 80%
+    of the GPU's slots (`sms`: CTA slots); else the fewest splits whose wave efficiency (CTAs / slots,
+    against whole waves) is within 85% of the best, counting only split counts that change the blocks
+    per split. That count's waves then take as many splits as still fit in them, and of those the
+    fewest with the same blocks per split: at 8 CTAs and 256 key blocks (batch 1, 8 KV heads, a 32k
+    cache) flash-attn's 29 splits of 9 blocks become 32 of 8 in the same single wave (measured 2% faster
+    on an H200, docs/perf-log.md, seventeenth session); a CTA never gets more blocks, nor a call more
+    waves."""
     if ctas >= 0.8 * sms:
         return 1
     max_splits = min(max_splits, sms, key_blocks)
@@ -68,7 +73,10 @@ def num_splits_heuristic(ctas: int, sms: int, key_blocks: int, max_splits: int =
         return waves / -(-waves // 1)
 
     best = max(efficiency(s) for s in range(1, max_splits + 1) if eligible(s))
-    return next(s for s in range(1, max_splits + 1) if eligible(s) and efficiency(s) >= 0.85 * best)
+    chosen = next(s for s in range(1, max_splits + 1) if eligible(s) and efficiency(s) >= 0.85 * best)
+    fit = min(max_splits, -(-ctas * chosen // sms) * sms // ctas)  # the most splits in the same waves
+    blocks = -(-key_blocks // fit)
+    return -(-key_blocks // blocks)
 
 
 @functools.lru_cache(maxsize=None)

@@ -26,6 +26,23 @@ def test_split_heuristic_fills_the_gpu_and_never_splits_a_full_one():
     assert kvattn.num_splits_heuristic(ctas=1, sms=264, key_blocks=1) == 1
 
 
+@pytest.mark.parametrize("ctas, key_blocks, flash_attn, ours", [
+    (8, 256, 29, 32),     # batch 1, 8 KV heads, a 32k cache: 9 blocks a split -> 8, one wave either way
+    (16, 256, 14, 16),    # batch 2: 19 blocks a split -> 16
+    (32, 64, 7, 8),       # batch 4, 8k: 10 -> 8
+    (8, 16, 16, 16),      # 2k: already one block a split
+    (192, 1024, 4, 4),    # batch 24, 128k: 3 waves, no room for a fifth split in them
+])
+def test_split_heuristic_fills_the_waves_flash_attn_pays_for(ctas, key_blocks, flash_attn, ours):
+    """flash-attn 2's count (`flash_attn`, its rule's result for these grids) takes as many splits as
+    fit in its own waves, then the fewest with the same blocks a split: never more waves, never more
+    blocks for a CTA."""
+    s = kvattn.num_splits_heuristic(ctas=ctas, sms=264, key_blocks=key_blocks)
+    assert s == ours
+    waves = lambda n: -(-ctas * n // 264)
+    assert waves(s) == waves(flash_attn) and -(-key_blocks // s) <= -(-key_blocks // flash_attn)
+
+
 def test_kvcache_config_name_and_rules():
     config = KernelConfig(d_head=80, B_r=64, B_c=128, kvcache=True, causal=True, local=True)
     assert config.name.endswith("_local_kvcache") and KernelConfig.from_name(config.name) == config
