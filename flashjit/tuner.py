@@ -26,6 +26,17 @@ def time_ms(fn, warmup: int = 10, reps: int = 30) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def agrees(got, expected, tolerance: float = 0.05) -> bool:
+    """Whether a candidate's result matches the default kernel's: finite everywhere, and no element
+    further from it than `tolerance` times the default's largest magnitude. Kernels of one problem
+    differ only in summation order, far inside that; a candidate that does not is broken, and a table
+    entry would send every later call to it."""
+    import torch
+
+    scale = expected.abs().max().item()
+    return bool(torch.isfinite(got).all()) and (got.float() - expected.float()).abs().max().item() <= tolerance * max(scale, 1e-6)
+
+
 def candidates(direction: str, dtype: str, d_head: int, causal: bool, arch: str, smem_limit: int,
                deterministic: bool = False, limit: int = 0, seqlen: int = 4096) -> list:
     """The configs `tune` times for a problem: the family's autotuning space for `arch` that fits the
@@ -51,7 +62,8 @@ def tune_problem(direction: str, dtype: str, d_head: int, causal: bool, seqlen: 
                  tokens: int = 16384, hidden: int = 2048, deterministic: bool = False, limit: int = 0,
                  jobs: int = 8) -> dict:
     """Compile and time every candidate for one problem (batch * seqlen = tokens, heads * d_head =
-    hidden, random inputs) on the device; the winner's entry for the table."""
+    hidden, random inputs) on the device; the winner's entry for the table. A candidate whose first
+    result disagrees with the default's (agrees()) is skipped with a warning, never timed."""
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
@@ -78,7 +90,7 @@ def tune_problem(direction: str, dtype: str, d_head: int, causal: bool, seqlen: 
         q, k, v, dout = (torch.randn(batch, seqlen, heads, d_head, device="cuda", dtype=torch_dtype) for _ in range(4))
         out, lse = interface.forward(q, k, v, causal=causal, return_lse=True)
         grads = [torch.empty_like(t) for t in (q, k, v)]
-        timed = {}
+        expected, timed = None, {}
         for config in configs:
             if direction == "fwd":
                 fn = lambda c=config: interface.forward(q, k, v, config=c, causal=causal, out=out)  # noqa: E731
@@ -86,6 +98,13 @@ def tune_problem(direction: str, dtype: str, d_head: int, causal: bool, seqlen: 
                 fn = lambda c=config: interface.backward(dout, q, k, v, out, lse, causal=causal, config=c,  # noqa: E731
                                                          deterministic=deterministic, dq=grads[0], dk=grads[1],
                                                          dv=grads[2])
+            fn()
+            got = [out] if direction == "fwd" else grads
+            if expected is None:  # the default comes first: the others must agree with it
+                expected = [t.clone() for t in got]
+            elif not all(agrees(g, e) for g, e in zip(got, expected)):
+                log.warning("tune: skipping %s: its result disagrees with the default kernel's", config.name)
+                continue
             timed[config.name] = time_ms(fn)
     default = configs[0].name
     best = min(timed, key=timed.get)

@@ -113,6 +113,36 @@ def test_tune_without_a_gpu_says_so(monkeypatch):
     assert result.returncode == 1 and "no CUDA GPU is visible; nothing was tuned" in result.stderr
 
 
+def test_tune_agrees_rule():
+    """A candidate's result must be finite and within 5% of the default's largest magnitude: rounding
+    and summation order pass, a wrong kernel does not."""
+    ref = torch.randn(64, 64)
+    assert tuner.agrees(ref + 1e-3 * torch.randn_like(ref), ref) and tuner.agrees(ref.to(torch.bfloat16), ref)
+    assert not tuner.agrees(ref + 0.5, ref) and not tuner.agrees(torch.zeros_like(ref), ref)
+    bad = ref.clone()
+    bad[3, 4] = float("nan")
+    assert not tuner.agrees(bad, ref)
+
+
+@pytest.mark.gpu
+def test_tune_skips_a_candidate_that_disagrees(private_cache, monkeypatch):
+    """A candidate whose output is wrong is skipped (a warning), never timed nor stored."""
+    device = torch.cuda.current_device()
+    default, bad = tuner.candidates("fwd", "bf16", 64, False, "sm_90a", interface._smem_limit(device)[0],
+                                    limit=3, seqlen=512)[:2]
+    real = interface.forward
+
+    def forward(*args, config=None, **kwargs):
+        result = real(*args, config=config, **kwargs)
+        if config == bad:
+            (result[0] if isinstance(result, tuple) else result).add_(1.0)
+        return result
+
+    monkeypatch.setattr(interface, "forward", forward)
+    entry = tuner.tune_problem("fwd", "bf16", 64, False, 512, device, tokens=2048, hidden=256, limit=3)
+    assert entry["candidates"] == 2 and entry["config"] != bad.name and entry["default"] == default.name
+
+
 @pytest.mark.gpu
 def test_tune_on_the_gpu(private_cache):
     """A real (small) tuning run: every candidate compiled and timed, the default among them, the
