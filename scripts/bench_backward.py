@@ -28,7 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench_forward import _require_torch_cuda, add_grid_arguments, exit_unless_gpu, flex, grid, sdpa  # same folder
+from bench_forward import (_require_torch_cuda, add_grid_arguments, exit_unless_gpu, flex, grid, sdpa,  # same folder
+                           time_rounds)
 
 if __name__ == "__main__" and not {"-h", "--help"} & set(sys.argv[1:]):
     exit_unless_gpu("bench_backward.py")  # before the heavy imports: one line, no traceback
@@ -162,6 +163,8 @@ def main() -> None:
     parser.add_argument("--dropout-p", type=float, default=0.0, help="dropout for every contender")
     parser.add_argument("--deterministic", action="store_true", help="flashjit's deterministic backward")
     parser.add_argument("--sink", action="store_true", help="also time flashjit with learnable sinks (their cost)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time every contender this many times, interleaved, and report the median")
     parser.add_argument("--candidates", default="", help="comma-separated WARPSxBLOCK_MxDET[xD_SPLIT[xGROUP_ROWS]] backward configs, or "
                         "'wgmma' for the Hopper kernel fed by cp.async ('wgmma_tma': by its TMA producer warpgroup, the "
                         "dispatcher's choice)")
@@ -198,8 +201,8 @@ def main() -> None:
         if args.flex and not drop:
             run_flex = flex(q, k, v, causal)  # compiled per shape, its block mask built once
             contenders["flex"] = lambda q, k, v: run_flex().transpose(1, 2)  # noqa: B023 (this point's q, k, v)
-        for label, fn in contenders.items():
-            t = timings(fn, q, k, v, dout)
+        timed = time_rounds(contenders, args.rounds, lambda fn: timings(fn, q, k, v, dout))  # noqa: B023
+        for label, (t, _) in timed.items():
             row[f"{label}_bwd_tflops"] = t and 2.5 * fwd_flops / (t[0] * 1e-3) / 1e12
             row[f"{label}_fwdbwd_tflops"] = t and 3.5 * fwd_flops / (t[1] * 1e-3) / 1e12
         rows.append(row)

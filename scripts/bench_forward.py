@@ -9,6 +9,7 @@ random inputs. Writes JSON (+ a PNG plot when matplotlib is present) to --out an
     python scripts/bench_forward.py --out bench-out
     python scripts/bench_forward.py --dtypes bf16 --head-dims 128 --seqlens 4096 --configs NAME [NAME ...]
     python scripts/bench_forward.py --no-flex          # skip FlexAttention (its compile takes ~10 s a shape)
+    python scripts/bench_forward.py --rounds 3 --configs A B  # A/B: every column timed 3 times, interleaved
 """
 from __future__ import annotations
 
@@ -77,6 +78,26 @@ def time_ms(fn) -> float | None:
     except RuntimeError as exc:  # a backend that does not support this point
         print(f"    (skipped: {str(exc).splitlines()[0][:100]})")
         return None
+
+
+def time_rounds(timers: dict, rounds: int, measure=None) -> dict:
+    """{key: (median, every round's result)} of measure(fn) (default time_ms) for each callable, timed
+    `rounds` times interleaved: round r times each once before round r + 1 starts. Timings of one kernel
+    in separate passes or processes moved by up to 5-7% on an H200 (docs/perf-log.md, 2026-12-04), more
+    than many a change's effect; interleaving lets each round's drift hit every column alike. A measure
+    may return a tuple (medians per component); None where a callable is declined."""
+    measure = measure or time_ms
+    samples = {key: [] for key in timers}
+    for _ in range(max(1, rounds)):
+        for key, fn in timers.items():
+            if None not in samples[key]:
+                samples[key].append(measure(fn))
+
+    def median(values):
+        if isinstance(values[0], tuple):
+            return tuple(sorted(c)[len(c) // 2] for c in zip(*values))
+        return sorted(values)[len(values) // 2]
+    return {key: (None, ms) if None in ms else (median(ms), ms) for key, ms in samples.items()}
 
 
 def sdpa(backend, q, k, v, causal, dropout_p=0.0):
@@ -172,6 +193,8 @@ def main() -> None:
     parser.add_argument("--gqa", default="8192", help="seqlens of the B=1, 32/8-head GQA points ('' for none)")
     parser.add_argument("--no-flex", action="store_true", help="do not time FlexAttention")
     parser.add_argument("--sink", action="store_true", help="also time flashjit with learnable sinks (their cost)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time every column this many times, interleaved, and report the median")
     args = parser.parse_args()
     # SDPA says, once per shape, why a backend it was asked for declines: the table says it (0.0).
     warnings.filterwarnings("ignore", message=".*(not used because|runtime disabled|same num_heads)")
@@ -191,16 +214,17 @@ def main() -> None:
         batch, heads = point["batch"], point["heads"]
         configs = [config_from_name(n) for n in args.configs] if args.configs else [None]
         configs = [c for c in configs if c is None or (c.dtype, c.d_head, c.causal) == (dtype, d_head, causal)]
-        base = {}
-        for label, backend in (("fa2", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
-            ms = time_ms(sdpa(backend, q, k, v, causal))
-            base[label] = ms and tflops(batch, heads, seqlen, d_head, causal, ms)
-        base["flex"] = None
+        timers = {"fa2": sdpa(SDPBackend.FLASH_ATTENTION, q, k, v, causal),
+                  "cudnn": sdpa(SDPBackend.CUDNN_ATTENTION, q, k, v, causal)}
         if not args.no_flex:
-            ms = time_ms(flex(q, k, v, causal))
-            base["flex"] = ms and tflops(batch, heads, seqlen, d_head, causal, ms)
-        for config in configs:
-            ms = time_ms(lambda: flashjit.forward(q, k, v, config=config, causal=causal))
+            timers["flex"] = flex(q, k, v, causal)
+        for i, config in enumerate(configs):
+            timers[i] = lambda c=config: flashjit.forward(q, k, v, config=c, causal=causal)
+        timed = time_rounds(timers, args.rounds)
+        base = {label: timed[label][0] and tflops(batch, heads, seqlen, d_head, causal, timed[label][0])
+                if label in timed else None for label in ("fa2", "cudnn", "flex")}
+        for i, config in enumerate(configs):
+            ms, samples = timed[i]
             if ms is None:
                 continue
             if args.sink:
@@ -209,7 +233,7 @@ def main() -> None:
                 print(f"    with sinks: time x{sink_ms / ms:.3f} of without", flush=True)
             used = flashjit.interface.resolve_config(q, k, config, causal, v=v)
             ours = tflops(batch, heads, seqlen, d_head, causal, ms)
-            row = dict(point, config=used.name, ms=ms, tflops=ours, fa2_tflops=base["fa2"],
+            row = dict(point, config=used.name, ms=ms, ms_rounds=samples, tflops=ours, fa2_tflops=base["fa2"],
                        cudnn_tflops=base["cudnn"], flex_tflops=base["flex"], vs_fa2=base["fa2"] and ours / base["fa2"],
                        vs_cudnn=base["cudnn"] and ours / base["cudnn"], vs_flex=base["flex"] and ours / base["flex"])
             rows.append(row)
