@@ -249,7 +249,8 @@ __device__ __forceinline__ int tile_of(int round) {
 }
 
 // The shared memory: the Q ring (a stage a tile; released once every consumer thread has issued and
-// retired its last QK^T of the tile, so a persistent producer may load a later tile's Q), the K and V
+// retired its last QK^T of the tile, so a persistent producer may load a later tile's Q; cross-tile,
+// by each consumer warpgroup's thread 0 once the TMA store of O staged in it has read it), the K and V
 // rings, their barriers.
 template <class C>
 struct Smem {
