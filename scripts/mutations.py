@@ -45,6 +45,8 @@ FWD_MASK = [f"{FWD}::test_dropout_mask_is_philox_keep_mask_bit_for_bit[(2, 77, 2
             for p in ("0.17", "0.7519")]
 BWD_MASK = [f"{BWD}::test_backward_dropout_mask_is_philox_keep_mask_bit_for_bit[{case}-0.17]"
             for case in ("300-256-256-True-None", "150-100-64-False-bwd_fp16_d64_w8_m128_s1_r16_det0_causal0_dropout")]
+XT_EQUAL = [f"tests/test_forward_sm90.py::test_cross_tile_equals_persistent_bit_for_bit[{case}]"
+            for case in ("False-window0-128-128", "True-window1-64-192", "False-window2-128-128")]
 EMPTY_DQ = [f"{BWD}::test_deterministic_dq_of_rows_that_see_no_key",
             _odd("(1, 300, 20, 2, 1, 128, True, 'deterministic')"),
             _odd("(1, 300, 20, 2, 1, 64, True, 'deterministic')")]
@@ -68,11 +70,11 @@ MUTATIONS = [
              "(sQ2, dk, r0, lane, C::dropout_scale(p), part * C::kNtDW);", ODD_SM80,
              "the softmax scale dropped from the dK store (sm_80 kernel)"),
     Mutation("dk_scale_dropped_sm90", "kernels/bwd_sm90.cuh",
-             "(sQ2, dk, r0, lane, p.softmax_scale * C::dropout_scale(p));",
-             "(sQ2, dk, r0, lane, C::dropout_scale(p));", ODD_WGMMA,
+             "(sm.q, dk, r0, lane, p.softmax_scale * C::dropout_scale(p));",
+             "(sm.q, dk, r0, lane, C::dropout_scale(p));", ODD_WGMMA,
              "the softmax scale dropped from the dK store (wgmma kernel)", needs_sm90a=True),
     Mutation("dk_unwritten", "kernels/bwd_sm80.cuh",
-             "  store_rows<C, C::kBlockN>(p.dk, b, h_k, key0, sQ2, keys, tid);\n", "", ODD_SM80,
+             "  store_rows<C, C::kBlockN>(p.dk, b, h_k, seq.k_start + key0, sQ2, keys, tid);\n", "", ODD_SM80,
              "dK never stored (the poisoned output stays NaN)"),
     Mutation("keep_bit", "kernels/common/dropout.cuh",
              "threshold4(uint32_t(m.dropout_threshold) * 0x01010101u)",
@@ -84,18 +86,26 @@ MUTATIONS = [
              [f"{FWD}::test_forward_runs_on_the_current_stream", f"{BWD}::test_backward_runs_on_the_current_stream"],
              "every kernel launched on the legacy default stream instead of torch's current stream"),
     Mutation("default_stream_backward", "flashjit/interface.py",
-             "    with torch.cuda.device(device_index):\n        kernel(params, _current_stream(device_index))\n"
-             "    return dq, dk, dv\n",
-             "    with torch.cuda.device(device_index):\n        kernel(params, 0)\n    return dq, dk, dv\n",
+             "    _run(kernel, params, device_index)\n    if plan_key is not None and chosen and all(a is b for a, b in "
+             "zip(given, (q, k, v, out, dout, lse))):\n",
+             "    kernel(params, 0)\n    if plan_key is not None and chosen and all(a is b for a, b in "
+             "zip(given, (q, k, v, out, dout, lse))):\n",
              [f"{BWD}::test_backward_runs_on_the_current_stream"],
              "the backward launched on the legacy default stream"),
     Mutation("dropout_scale_rounded", "flashjit/interface.py",
-             "threshold, 1.0 / (1.0 - dropout_p))", "threshold, 256.0 / (256 - threshold))", FWD_MASK,
+             "threshold, 1.0 / (1.0 - dropout_p),", "threshold, 256.0 / (256 - threshold),", FWD_MASK,
              "kept entries scaled by 256 / (256 - threshold) instead of flash-attn's 1 / (1 - p)"),
     Mutation("zero_length_dk", "flashjit/interface.py",
              "        dk.zero_(), dv.zero_()\n", "        pass\n",
              ["tests/test_parity.py::test_zero_length_sequences"],
              "Sq = 0: dK/dV left as allocated instead of exact zeros"),
+    Mutation("cross_tile_o_carried", "kernels/fwd_sm90.cuh",
+             "        zero(o);\n        m[0][0] = m1[0][0]", "        if constexpr (!kChained) zero(o);\n        m[0][0] = m1[0][0]",
+             XT_EQUAL, "cross-tile: a tile's O starts from the previous tile's instead of zero", needs_sm90a=True),
+    Mutation("cross_tile_q_reused_early", "kernels/fwd_sm90.cuh",
+             "      tma_store_wait_read();\n", "", XT_EQUAL,
+             "cross-tile: the Q stage released before the TMA store of O staged in it has read it",
+             needs_sm90a=True, race=XT_EQUAL[:1]),
     Mutation("dq_barrier", "kernels/bwd_sm80.cuh",
              "  __syncthreads();\n  store_acc<C::kD, C::kSwizzle, C::kBf16>(sQ, dq, r0, lane,",
              "  group_sync<C>(g);\n  store_acc<C::kD, C::kSwizzle, C::kBf16>(sQ, dq, r0, lane,", EMPTY_DQ,

@@ -148,6 +148,20 @@ def test_benchmarks_without_a_gpu_say_so_in_one_line(script):
     assert result.stderr.startswith(f"{script}: no CUDA GPU is visible")
 
 
+def test_every_mutation_still_applies():
+    """scripts/mutations.py's breakages name exact text that must occur once in their files; kernels and
+    Python change, and a stale entry stops the GPU check with "could not be applied" (four had gone
+    stale before this test). Each mutation's selection names tests that exist."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import mutations
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    for m in mutations.MUTATIONS:
+        assert (REPO / m.path).read_text().count(m.old) == 1, f"{m.name}: its old text is not in {m.path} exactly once"
+        assert m.selection and all((REPO / test.split("::")[0]).is_file() for test in m.selection), m.name
+
+
 def test_import_and_cli_show_no_numpy_warning():
     """torch warns ("Failed to initialize NumPy", "compiled using NumPy 1.x") when numpy does not
     match it; `import flashjit` does not import torch, and the CLI must not print such a warning."""
