@@ -37,9 +37,12 @@ SELECTION = [  # small odd shapes: forward (both dtypes, causal, GQA, Sq > Sk), 
     "tests/test_forward_gpu.py::test_odd_shapes[(1, 77, 513, 2, 2, 160)-False-fp16]",
     "tests/test_backward_gpu.py::test_odd_shape_backward",  # atomic, deterministic, wgmma, dropout, features
     # The Hopper forward (also what the forward tests above run on sm_90a), persistent: tiles walked
-    # by one CTA, the rings and q_empty across tiles; skipped on other GPUs.
-    "tests/test_forward_sm90.py::test_odd_shapes[(2, 17, 300, 4, 2, 72)-True-True]",
-    "tests/test_forward_sm90.py::test_odd_shapes[(1, 300, 17, 2, 1, 40)-False-True]",
+    # by one CTA, the rings and the Q stages across tiles; cross-tile: one pipeline over them, O stored
+    # through the Q stage; skipped on other GPUs.
+    "tests/test_forward_sm90.py::test_odd_shapes[(2, 17, 300, 4, 2, 72)-True-persistent]",
+    "tests/test_forward_sm90.py::test_odd_shapes[(1, 300, 17, 2, 1, 40)-False-persistent]",
+    "tests/test_forward_sm90.py::test_odd_shapes[(2, 17, 300, 4, 2, 72)-True-cross_tile]",
+    "tests/test_forward_sm90.py::test_odd_shapes[(1, 300, 17, 2, 1, 40)-False-cross_tile]",
     # A value head dim below q/k's: the sm_80 forward and backward with rows that see no key, the Hopper
     # forward (dispatched), a deterministic varlen backward.
     "tests/test_head_dim_v.py::test_flash_attn_func_matches_reference[96-64-torch.bfloat16-True-(1, 300, 17, 4, 2)-sm80]",

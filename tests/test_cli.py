@@ -148,18 +148,23 @@ def test_benchmarks_without_a_gpu_say_so_in_one_line(script):
     assert result.stderr.startswith(f"{script}: no CUDA GPU is visible")
 
 
-def test_every_mutation_still_applies():
-    """scripts/mutations.py's breakages name exact text that must occur once in their files; kernels and
-    Python change, and a stale entry stops the GPU check with "could not be applied" (four had gone
-    stale before this test). Each mutation's selection names tests that exist."""
+def test_the_gpu_checks_name_what_exists():
+    """scripts/mutations.py's breakages name exact text that must occur once in their files, and it and
+    scripts/sanitize.py name test ids. Kernels, Python and test parameters change: four breakages and
+    two sanitizer ids had gone stale unseen (the checks run only on a GPU). Every old text applies once,
+    and every named test collects."""
     sys.path.insert(0, str(REPO / "scripts"))
     try:
         import mutations
+        import sanitize
     finally:
         sys.path.remove(str(REPO / "scripts"))
     for m in mutations.MUTATIONS:
         assert (REPO / m.path).read_text().count(m.old) == 1, f"{m.name}: its old text is not in {m.path} exactly once"
-        assert m.selection and all((REPO / test.split("::")[0]).is_file() for test in m.selection), m.name
+    ids = sorted({t for m in mutations.MUTATIONS for t in m.selection + m.race} | set(sanitize.SELECTION))
+    result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *ids],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 
 
 def test_import_and_cli_show_no_numpy_warning():
