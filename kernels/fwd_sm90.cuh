@@ -346,6 +346,12 @@ __device__ __forceinline__ void produce(const Args& args, const Smem<C>& sm, int
   for (int round = 0, tile = tile_of<C>(0); tile < num_tiles; tile = tile_of<C>(++round)) {
     const Tile<C> T(p, tile, num_m);
     if (T.skipped()) continue;
+    // Persistent: this tile's Q waits for a Q stage (the previous tile's last QK^T), and Q is read
+    // once, from DRAM; its L2 prefetch now, about `stages` key blocks before the stage frees, turns
+    // that load into an L2 read (FlashAttention-3 does the same).
+    if (C::kPersistent && !T.empty())
+#pragma unroll
+      for (int c = 0; c < C::kD / 64; ++c) tma_prefetch_l2_4d(&args.q, c * 64, T.q_first, T.h, T.tma_b);
     // A tile of `width` columns: one TMA box per 64-column block.
     auto load = [&](const CUtensorMap* map, elem_t* dst, uint64_t* bar, int row0, int rows_block_bytes, int head,
                     int width) {
