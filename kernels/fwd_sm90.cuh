@@ -531,8 +531,10 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
       prev = st;
       st.advance();
       // One steady-state step, compiled twice (masked or not): its QK^T is issued with block j-1's PV,
-      // and its exponentials run under that PV (O is rescaled once the PV has retired); between its
-      // two waits there is no branch, so the exponentials stay under the PV product.
+      // its softmax written to run under that PV (O is rescaled once the PV has retired), with no
+      // branch between the two waits. ptxas 13.0 still moves the PV's wait above the exponentials
+      // (their S registers belong to the same wgmma stage: docs/perf-log.md, 2026-12-03); with
+      // ping-pong the other warpgroup's products run under them instead.
       auto step = [&](int j, auto masked) {
         sm.k_ring->wait(st);
         sm.v_ring->wait(prev);
