@@ -308,9 +308,9 @@ def get_autotuning_bwd_configs(dtype: str = "bf16", d_head: int = 128, causal: b
 def get_autotuning_kernel_configs(dtype: str = "bf16", d_head: int = 128, causal: bool = False,
                                   exhaustive: bool = False, arch: str | None = None) -> list:
     """The search space for `flashjit.tune`. On sm_90a (`arch`): the Hopper family's tiles, stages,
-    overlap, ping-pong, persistence and the cross-tile pipeline (every combination that builds). Else the sm_80 kernel's: by
-    default the knobs that only ever help (cp.async, eager loading, swizzling, the fused softmax) stay
-    on; exhaustive=True varies them too."""
+    overlap, ping-pong, persistence and the cross-tile pipeline (every combination that builds). Else
+    the sm_80 kernel's: by default the knobs that only ever help (cp.async, eager loading, swizzling,
+    the fused softmax) stay on; exhaustive=True varies them too."""
     if arch == WGMMA_ARCH:
         out = []
         for block_m, block_n, stages, overlap, pingpong, persistent, cross_tile in itertools.product(

@@ -33,8 +33,9 @@ def agrees(got, expected, tolerance: float = 0.05) -> bool:
     entry would send every later call to it."""
     import torch
 
-    scale = expected.abs().max().item()
-    return bool(torch.isfinite(got).all()) and (got.float() - expected.float()).abs().max().item() <= tolerance * max(scale, 1e-6)
+    scale = max(expected.abs().max().item(), 1e-6)
+    error = (got.float() - expected.float()).abs().max().item()
+    return bool(torch.isfinite(got).all()) and error <= tolerance * scale
 
 
 def candidates(direction: str, dtype: str, d_head: int, causal: bool, arch: str, smem_limit: int,

@@ -119,7 +119,8 @@ def test_fa3_tiles_features(d, n, feature, persistent):
 
 @pytest.mark.parametrize("config", [FwdSm90Config("bf16", d, block_n=n, causal=c) for d, n in FA3_TILES
                                     for c in (False, True)] +
-                         [FwdSm90Config("bf16", 128, persistent=True, cross_tile=True, causal=c) for c in (False, True)],
+                         [FwdSm90Config("bf16", 128, persistent=True, cross_tile=True, causal=c)
+                          for c in (False, True)],
                          ids=lambda c: c.name)
 def test_fa3_tiles_varlen_equal_dense_calls(config):
     """A varlen batch on the FA3 tiles: each sequence's last key block runs past its keys into the next
@@ -171,8 +172,9 @@ def test_cross_tile_equals_persistent_bit_for_bit(d, block_m, causal, window):
     base = FwdSm90Config("bf16", d, block_m, 128, 4 if d == 64 else 2, True, block_m == 128, True, causal=causal,
                          local=local).validate()
     q, k, v = _inputs(6, 1300, 700, 16, 4, d, torch.bfloat16)
+    chained = dataclasses.replace(base, cross_tile=True).validate()
     runs = [flashjit.forward(q, k, v, config=cfg, causal=causal, window_size=window, return_lse=True,
-                             out=poisoned_like(q)) for cfg in (base, dataclasses.replace(base, cross_tile=True).validate())]
+                             out=poisoned_like(q)) for cfg in (base, chained)]
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
 
 
