@@ -15,11 +15,14 @@
 // Barriers (who arrives / who waits):
 //   q.full[s]              producer (expect_tx: the Q tile)      / every consumer thread, once a tile
 //   q.empty[s]             every consumer thread, after its last  / the producer, before a later
-//                          QK^T of the tile retired                  tile's Q into stage s
+//                          QK^T of the tile retired (cross-tile:     tile's Q into stage s
+//                          thread 0 of each consumer warpgroup,
+//                          once O staged in the stage is stored)
 //   k.full[s], v.full[s]   producer (expect_tx: the K / V tile)   / every consumer thread
 //   k.empty[s], v.empty[s] every consumer thread, once its QK^T /  / the producer, before refilling
 //                          PV product has retired                    stage s
 //   Barrier::kEpilogue+g   consumer warpgroup g's 128 threads, before its thread 0 stores O by TMA
+//                          (cross-tile: or releases the Q stage)
 //   Barrier::kPingPong+g   (ping-pong) warpgroup g may issue its next matrix products
 //   Barrier::kVTail        every consumer thread, varlen only: V's rows past a sequence's keys are
 //                          zeroed in the stage (zero_v_past_keys) before any PV reads it
@@ -27,8 +30,8 @@
 //   wait k.full[s]; S = Q_g K_j^T (wgmma, A and B from shared memory); release k.empty[s]
 //   mask, online softmax in registers, P = exp(S - m)     [under the previous block's PV with overlap]
 //   wait v.full[s]; O += P V_j (wgmma, P from registers, V from shared memory); release v.empty[s]
-//   epilogue: O / l into this warpgroup's rows of the Q tile, TMA store (persistent, or a varlen tile
-//   ending past its sequence: straight from registers); lse from registers.
+//   epilogue: O / l into this warpgroup's rows of the Q tile, TMA store (persistent without cross-tile,
+//   or a varlen tile ending past its sequence: straight from registers); lse from registers.
 // With kOverlap the QK^T of block j+1 is issued before the softmax of block j, and PV of block j runs
 // while the softmax of block j+1 computes its exponentials (FlashAttention-3's intra-warpgroup
 // overlap). With kPingPong the warpgroups take turns issuing their matrix products, so one's softmax
@@ -246,7 +249,8 @@ __device__ __forceinline__ int tile_of(int round) {
 }
 
 // The shared memory: the Q ring (a stage a tile; released once every consumer thread has issued and
-// retired its last QK^T of the tile, so a persistent producer may load a later tile's Q), the K and V
+// retired its last QK^T of the tile, so a persistent producer may load a later tile's Q; cross-tile,
+// by each consumer warpgroup's thread 0 once the TMA store of O staged in it has read it), the K and V
 // rings, their barriers.
 template <class C>
 struct Smem {
@@ -267,19 +271,22 @@ struct Smem {
   __device__ __forceinline__ elem_t* v_stage(int s) const { return v + s * C::TileV::kBytes / 2; }
 };
 
-// Normalise O and write it with lse. One CTA per tile: O goes through this warpgroup's rows of the Q
-// tile and out with a TMA store (clipped to Sq and d_head by the map). Persistent: the Q tile may
-// already hold the next tile's rows, so each thread stores its pairs straight from registers (a
-// quad writes 16 contiguous bytes of a row; O is a small share of the traffic). So does a varlen
-// tile that ends past its sequence: the packed rows after it are the next sequence's, which no map
-// can clip.
+// Normalise O and write it with lse. One CTA per tile, or cross-tile: O goes through this warpgroup's
+// rows of the tile's Q stage (qs) and out with a TMA store (clipped to Sq and d_head by the map);
+// cross-tile, the stage is released only once that store has read it (its next Q is two tiles on).
+// Persistent otherwise: the single Q stage may already hold the next tile's rows, so each thread
+// stores its pairs straight from registers (a quad writes 16 contiguous bytes of a row: twice the L2
+// sectors of the TMA store, measured at S = 1k). So does a varlen tile that ends past its sequence:
+// the packed rows after it are the next sequence's, which no map can clip.
 template <class C>
-__device__ __forceinline__ void epilogue(const Args& args, const Smem<C>& sm, const Tile<C>& T, float (&o)[1][C::kDV / 8][4],
+__device__ __forceinline__ void epilogue(const Args& args, const Smem<C>& sm, const Tile<C>& T,
+                                         RingState<C::kQStages> qs, float (&o)[1][C::kDV / 8][4],
                                          const float (&m)[1][2], const float (&l)[1][2], float scale, int g, int t) {
   const FwdParams& p = args.p;
   const Seq seq(p, T.b);  // read again here rather than held in registers through the key loop
   const int lane = t & 31, row_cta = g * 64 + (t / 32) * 16;
-  const bool direct = C::kPersistent || (is_varlen(p) && T.q_rows < C::kBlockM);
+  const bool direct = (C::kPersistent && !C::kCrossTile) || (is_varlen(p) && T.q_rows < C::kBlockM);
+  elem_t* const q_tile = sm.q_stage(qs.stage);
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     float sum = l[0][half];
@@ -301,7 +308,7 @@ __device__ __forceinline__ void epilogue(const Args& args, const Smem<C>& sm, co
     } else {
 #pragma unroll
       for (int nt = 0; nt < C::kDV / 8; ++nt)  // O's 64-column blocks are the Q tile's first kDV / 64
-        *reinterpret_cast<uint32_t*>(sm.q + C::TileQ::offset(row, nt) + (lane & 3) * 2) =
+        *reinterpret_cast<uint32_t*>(q_tile + C::TileQ::offset(row, nt) + (lane & 3) * 2) =
             pack2<C::kBf16>(o[0][nt][2 * half] * inv, o[0][nt][2 * half + 1] * inv);
     }
     if (p.lse != nullptr && (lane & 3) == 0 && q_row < seq.len_q)
@@ -313,11 +320,15 @@ __device__ __forceinline__ void epilogue(const Args& args, const Smem<C>& sm, co
     if (t == 0) {
 #pragma unroll
       for (int c = 0; c < C::kDV / 64; ++c)
-        tma_store_4d(&args.o, sm.q + c * C::TileQ::kBlockBytes / 2 + g * 64 * 64, c * 64, T.q_first + g * 64, T.h,
+        tma_store_4d(&args.o, q_tile + c * C::TileQ::kBlockBytes / 2 + g * 64 * 64, c * 64, T.q_first + g * 64, T.h,
                      T.tma_b);
       tma_store_commit();
       tma_store_wait_read();
     }
+  }
+  if (C::kCrossTile) {  // one arrival a warpgroup releases the stage (Smem's q ring counts warpgroups)
+    if (direct) named_sync(int(Barrier::kEpilogue) + g, 128);  // every thread's last QK^T has retired
+    if (t == 0) sm.q_ring->release(qs);
   }
 }
 
@@ -335,6 +346,12 @@ __device__ __forceinline__ void produce(const Args& args, const Smem<C>& sm, int
   for (int round = 0, tile = tile_of<C>(0); tile < num_tiles; tile = tile_of<C>(++round)) {
     const Tile<C> T(p, tile, num_m);
     if (T.skipped()) continue;
+    // Persistent: this tile's Q waits for a Q stage (the previous tile's last QK^T), and Q is read
+    // once, from DRAM; its L2 prefetch now, about `stages` key blocks before the stage frees, turns
+    // that load into an L2 read (FlashAttention-3 does the same).
+    if (C::kPersistent && !T.empty())
+#pragma unroll
+      for (int c = 0; c < C::kD / 64; ++c) tma_prefetch_l2_4d(&args.q, c * 64, T.q_first, T.h, T.tma_b);
     // A tile of `width` columns: one TMA box per 64-column block.
     auto load = [&](const CUtensorMap* map, elem_t* dst, uint64_t* bar, int row0, int rows_block_bytes, int head,
                     int width) {
@@ -370,7 +387,8 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
   const int num_tiles = num_m * p.heads * p.batch;  // the launch is one CTA per tile unless persistent
 
   if (tid == 0) {
-    sm.q_ring->init(C::kConsumers * 128);
+    // Cross-tile, a Q stage holds O until its TMA store: thread 0 of each warpgroup releases it.
+    sm.q_ring->init(C::kCrossTile ? C::kConsumers : C::kConsumers * 128);
     sm.k_ring->init(C::kConsumers * 128);
     sm.v_ring->init(C::kConsumers * 128);
     mbarrier_init_fence();
@@ -411,10 +429,12 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
     if (C::kPingPong) named_arrive(int(Barrier::kPingPong) + 1 - g, 256);
   };
   if (C::kPingPong && g == 1) named_arrive(int(Barrier::kPingPong), 256);
-  // The tile whose last PV has not been issued (P in pf, V in stage prev; -1: none): with kCrossTile
-  // it pairs with the next tile's first QK^T; finish() issues it alone and stores the tile. Only its
-  // number is kept (the Tile is rebuilt where needed: 160-register consumers spilled holding it).
+  // The tile whose last PV has not been issued (P in pf, V in stage prev, Q in stage q_pending; -1:
+  // none): with kCrossTile it pairs with the next tile's first QK^T; finish() issues it alone and
+  // stores the tile. Only its number is kept (the Tile is rebuilt where needed: 160-register consumers
+  // spilled holding it).
   int pending = -1;
+  RingState<C::kQStages> q_pending;
   auto finish = [&] {
     const Tile<C> Tp(p, pending, num_m);
     sm.v_ring->wait(prev);
@@ -427,7 +447,7 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
     wgmma_wait<0>();
     wgmma_settle(o[0]);
     sm.v_ring->release(prev);
-    epilogue<C>(args, sm, Tp, o, m, l, scale, g, t);
+    epilogue<C>(args, sm, Tp, q_pending, o, m, l, scale, g, t);
     pending = -1;
   };
   for (int round = 0, tile = tile_of<C>(0); tile < num_tiles; tile = tile_of<C>(++round)) {
@@ -435,12 +455,13 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
     if (T.skipped()) continue;
     const int row0 = T.q_row0 + row_cta;  // this warp's first row, globally
     sm.q_ring->wait(qs);
-    // The Q stage is released once this thread's last QK^T of the tile has retired.
+    // The Q stage is released once this thread's last QK^T of the tile has retired (cross-tile: by
+    // the epilogue, once O staged in it has been stored).
     auto q_done = [&](int j) {
-      if (j == T.j_end - 1) sm.q_ring->release(qs);
+      if (!C::kCrossTile && j == T.j_end - 1) sm.q_ring->release(qs);
     };
     if (!C::kOverlap || T.empty()) {
-      if (T.empty()) sm.q_ring->release(qs);
+      if (!C::kCrossTile && T.empty()) sm.q_ring->release(qs);
       if (C::kCrossTile && pending >= 0) finish();
       zero(o);
       m[0][0] = m[0][1] = -INFINITY, l[0][0] = l[0][1] = 0.f;
@@ -462,7 +483,7 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
         wgmma_settle(o[0]);
         sm.v_ring->release(st);
       }
-      epilogue<C>(args, sm, T, o, m, l, scale, g, t);
+      epilogue<C>(args, sm, T, qs, o, m, l, scale, g, t);
     } else {
       // Block j_begin: its scores, with fresh statistics. Chained (a pending tile): its QK^T is issued
       // with the pending tile's last PV, its exponentials run under that PV, and the pending tile's
@@ -492,7 +513,7 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
           sm.v_ring->release(prev);
         }
         scores_to_p<C>(s, pf, p, T.bh, row0, T.j_begin, lane);
-        if constexpr (kChained) epilogue<C>(args, sm, Tile<C>(p, pending, num_m), o, m, l, scale, g, t);
+        if constexpr (kChained) epilogue<C>(args, sm, Tile<C>(p, pending, num_m), q_pending, o, m, l, scale, g, t);
         zero(o);
         m[0][0] = m1[0][0], m[0][1] = m1[0][1], l[0][0] = l1[0][0], l[0][1] = l1[0][1];
       };
@@ -539,7 +560,7 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
         if (block_masked<C>(T.mod, T.q_row0, j)) step(j, std::true_type{});
         else step(j, std::false_type{});
       }
-      pending = tile;
+      pending = tile, q_pending = qs;
       if (!C::kCrossTile) finish();
     }
     qs.advance();

@@ -5,7 +5,7 @@ odd-shape forward and backward GPU tests, and fail on any error it reports in fl
     python3 scripts/sanitize.py --out sanitize-out                      # all four tools
     python3 scripts/sanitize.py --tool racecheck --out sanitize-out     # one (repeat --tool for more)
     python3 scripts/sanitize.py --out o -- 'tests/test_backward_gpu.py::test_odd_shape_backward'   # own selection
-    FLASHJIT_SANITIZE_SELECTION='tests/a.py::t tests/b.py::u' python3 scripts/sanitize.py   # likewise
+    FLASHJIT_SANITIZE_SELECTION='tests/a.py::t "tests/b.py::u[(1, 2)]"' python3 scripts/sanitize.py   # likewise
 
 The selection (SELECTION below, the wgmma backward included) runs once without the sanitizer first,
 which compiles its kernels into <out>/flashjit-cache, then once per tool in a single pytest process
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -169,7 +170,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="sanitize-out", help="directory for the logs and the kernel cache")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per tool (default 1800)")
     parser.add_argument("selection", nargs="*", help="pytest node ids (default: SELECTION, or "
-                        "$FLASHJIT_SANITIZE_SELECTION, space-separated)")
+                        "$FLASHJIT_SANITIZE_SELECTION, split like a shell line: quote ids with spaces)")
     args = parser.parse_args(argv)
     if not gpu_available():
         print("sanitize: no CUDA GPU is visible on this machine; nothing was run")
@@ -178,7 +179,7 @@ def main(argv=None) -> int:
     if sanitizer is None:
         print("sanitize: compute-sanitizer was not found (PATH, the CUDA toolkit's bin/); nothing was run")
         return 2
-    selection = args.selection or os.environ.get("FLASHJIT_SANITIZE_SELECTION", "").split() or SELECTION
+    selection = args.selection or shlex.split(os.environ.get("FLASHJIT_SANITIZE_SELECTION", "")) or SELECTION
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     env = sanitizer_env(out)

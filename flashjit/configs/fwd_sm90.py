@@ -61,7 +61,9 @@ class FwdSm90Config(ConfigBase):
                  up to d_head): V stages and PV's N are d_tile_v wide
     cross_tile   (persistent) run a CTA's tiles as one pipeline: each tile's first QK^T and softmax run
                  under the previous tile's last PV, whose epilogue follows; Q takes two shared-memory
-                 stages; speed only (H200: level at d128, within -4..+4% at d64; a tuning candidate)
+                 stages, and O leaves through its tile's stage by a TMA store (persistent kernels
+                 otherwise store O from registers); speed only (H200, before the TMA store: level at
+                 d128, within -4..+4% at d64; a tuning candidate)
     """
 
     dtype: str = "bf16"

@@ -33,6 +33,13 @@ __device__ __forceinline__ void tma_load_4d(void* smem, const CUtensorMap* map, 
       "r"(c2), "r"(c3)
       : "memory");
 }
+// The box at (c0, c1, c2, c3) into L2 only, no barrier: a later tma_load_4d of it reads L2 instead of
+// DRAM. No architectural effect (a box past the tensor prefetches nothing).
+__device__ __forceinline__ void tma_prefetch_l2_4d(const CUtensorMap* map, int c0, int c1, int c2, int c3) {
+  asm volatile("cp.async.bulk.prefetch.tensor.4d.L2.global.tile [%0, {%1, %2, %3, %4}];\n"
+               ::"l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+               : "memory");
+}
 // Shared memory -> the box at (c0, c1, c2, c3), clipped to the tensor. Call fence_proxy_async()
 // (wgmma.cuh) after the threads' shared-memory writes and a barrier before it.
 __device__ __forceinline__ void tma_store_4d(const CUtensorMap* map, const void* smem, int c0, int c1, int c2, int c3) {
