@@ -48,13 +48,21 @@ _PREFERENCES = {  # (head-dim class, causal) -> tiles, best first
 # and level at 4k. Keyed (tile width, "short causal"), looked up before the tile width alone.
 # d256 128x80 (FlashAttention-3's tile; seventeenth session, two runs, bf16 16k tokens) against 128x64:
 # non-causal +2-5% at 2k-16k (level at 1k), causal +1-5% at 4k-16k but -4% at 1k and 2k.
+# d128 up to SHORT queries (twenty-second session, H200, bf16 16k tokens, three runs of interleaved
+# rounds): cross_tile with its TMA epilogue against persistent alone, non-causal +3.2 / +2.8 / +3.7% at
+# 1k and +5.3% at 512, causal +1.3 / +3.1 / +2.9% at 1k and level at 512; at 2k-4k the runs disagree
+# (-2 to +3%), so longer rows keep persistent. Not with a window: its cross-tile kernel spills (ptxas,
+# causal + local: 32 bytes against 8). Keyed (tile width, "short").
 SHORT_CAUSAL = 2048
+SHORT = 1024
 _SM90_PREFERENCES = {
     64: [dict(block_m=192, block_n=128, stages=4, overlap=True, pingpong=False, persistent=True),
          dict(block_m=128, block_n=128, stages=4)],
     (64, "short causal"): [dict(block_m=128, block_n=128, stages=4, persistent=True),
                            dict(block_m=128, block_n=128, stages=4)],
     128: [dict(block_m=128, block_n=128, stages=2, persistent=True)],
+    (128, "short"): [dict(block_m=128, block_n=128, stages=2, persistent=True, cross_tile=True),
+                     dict(block_m=128, block_n=128, stages=2, persistent=True)],
     192: [dict(block_m=128, block_n=96, stages=2)],
     256: [dict(block_m=128, block_n=80, stages=2), dict(block_m=128, block_n=64, stages=2)],
     (256, "short causal"): [dict(block_m=128, block_n=64, stages=2)],
@@ -74,8 +82,9 @@ def default_config(dtype: str, d_head: int, causal: bool, seqlen_q: int = 4096,
     d_v = 0 if d_v == d_head else d_v
     if arch == WGMMA_ARCH and seqlen_q > 64:
         tile = sm90_tile(d_head)
-        short_causal = (tile, "short causal") if causal and seqlen_q <= SHORT_CAUSAL else None
-        for knobs in _SM90_PREFERENCES.get(short_causal, _SM90_PREFERENCES[tile]):
+        keys = ((tile, "short causal") if causal and seqlen_q <= SHORT_CAUSAL else None,
+                (tile, "short") if seqlen_q <= SHORT and not local else None, tile)
+        for knobs in _SM90_PREFERENCES[next(key for key in keys if key in _SM90_PREFERENCES)]:
             cfg = FwdSm90Config(dtype, d_head, causal=causal, local=local, softcap=softcap, alibi=alibi,
                                 dropout=dropout, sink=sink, d_v=d_v, **knobs)
             if not cfg.problems() and cfg.smem_bytes <= smem_limit:
@@ -264,12 +273,12 @@ def with_tile_walk(config, grid: tuple | None, seqlen_q: int, sm_count: Callable
 
 def get_kernels_to_build(smem_limit: int = SMEM_LIMIT_SM90, arch: str | None = None) -> list:
     """The default build set for `arch` (None: any, so no sm_90a-only kernel): the dispatcher's
-    choice for every dtype, tile-width head dim (HEAD_DIMS) and causal flag at long, short (SHORT_CAUSAL)
-    and decoding-like sequence lengths and GQA grids short or not (what `python -m flashjit precompile`
+    choice for every dtype, tile-width head dim (HEAD_DIMS) and causal flag at long, short (SHORT_CAUSAL,
+    SHORT) and decoding-like sequence lengths and GQA grids short or not (what `python -m flashjit precompile`
     builds without names). Other head dims, e.g. 80, are kernels of their own (their d_head is a
     template parameter): precompile names them."""
     configs = []
-    seqlens = (4096, SHORT_CAUSAL, 1)
+    seqlens = (4096, SHORT_CAUSAL, SHORT, 1)
     for dtype, d_head, causal, seqlen in itertools.product(DTYPES, HEAD_DIMS, (False, True), seqlens):
         cfg = default_config(dtype, d_head, causal, seqlen, smem_limit, arch=arch)
         # and a persistent kernel's one-CTA-per-tile twin, which with_tile_walk picks for some grids

@@ -40,8 +40,9 @@
 // exponentials run under it, and the previous tile's epilogue follows (Q in two stages, so the next
 // tile's Q is resident while the current one's is still read). Without it each tile starts and ends
 // its pipeline: the first block's softmax and the last PV and epilogue run with none of the
-// warpgroup's own products under them (with ping-pong the other warpgroup's still are). Measured
-// level with that on an H200 (docs/perf-log.md, 2026-12-04): a tuning candidate, no default.
+// warpgroup's own products under them (with ping-pong the other warpgroup's still are). Measured on an
+// H200 (docs/perf-log.md, 2026-12-04): with O stored through the Q stage, +3-5% at d128 up to 1k
+// queries (the dispatcher's choice there), level or mixed beyond and at d64.
 #pragma once
 #include <algorithm>
 #include <type_traits>

@@ -248,9 +248,11 @@ def _forward_config(family: str, d: int, causal: bool, max_q: int, mods) -> obje
         pytest.skip("the Hopper forward runs on sm_90a")
     # (the dispatcher gives a short query block the sm_80 kernel; these tests want the Hopper one)
     config = default_config("bf16", d, causal, max(max_q, 128), 227 * 1024, *mods.flags, arch=WGMMA_ARCH)
-    if family == "sm90-no-overlap":
-        return dataclasses.replace(config, overlap=False, pingpong=False)
-    return config if family == "sm90" else dataclasses.replace(config, persistent=not config.persistent)
+    if family == "sm90-no-overlap":  # (cross_tile is an overlap across tiles: it goes too)
+        return dataclasses.replace(config, overlap=False, pingpong=False, cross_tile=False)
+    if family == "sm90":
+        return config
+    return config.one_cta_per_tile() if config.persistent else dataclasses.replace(config, persistent=True)
 
 
 @gpu

@@ -62,8 +62,8 @@ class FwdSm90Config(ConfigBase):
     cross_tile   (persistent) run a CTA's tiles as one pipeline: each tile's first QK^T and softmax run
                  under the previous tile's last PV, whose epilogue follows; Q takes two shared-memory
                  stages, and O leaves through its tile's stage by a TMA store (persistent kernels
-                 otherwise store O from registers); speed only (H200, before the TMA store: level at
-                 d128, within -4..+4% at d64; a tuning candidate)
+                 otherwise store O from registers); speed only (H200: +3-5% at d128 up to 1k queries,
+                 the default there; level or mixed at longer rows and at d64)
     """
 
     dtype: str = "bf16"
