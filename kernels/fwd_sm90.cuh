@@ -422,10 +422,7 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
   // Ping-pong: warpgroup g issues its matrix products only while it holds the token (barrier
   // kPingPong + g, completed by the other warpgroup's arrival) and hands it over right after issuing,
   // so its softmax runs under the other's products. Warpgroup 1 hands the token to 0 first, once a
-  // CTA; both issue the same sequence of products, and 0 takes 1's last hand-over at the end. A tile's
-  // first QK^T and its last PV, which have no other product of the warpgroup beside them, are issued
-  // without the token (as FlashAttention-3 does): a warpgroup does not wait on the other's hand-over
-  // at a tile's edges. Both skip the same products, so the hand-overs stay paired.
+  // CTA; both issue the same sequence of products, and 0 takes 1's last hand-over at the end.
   auto take_token = [&] {
     if (C::kPingPong) named_sync(int(Barrier::kPingPong) + g, 256);
   };
@@ -442,10 +439,12 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
   auto finish = [&] {
     const Tile<C> Tp(p, pending, num_m);
     sm.v_ring->wait(prev);
-    // (the only block that can end past the sequence's keys is the last; no token is taken from here
-    // to the next step, so the barrier in it cannot wait on a hand-over)
+    // (the only block that can end past the sequence's keys is the last; both warpgroups reach this
+    // before taking the token, so the barrier in it cannot wait on a hand-over)
     zero_v_past_keys<C>(p, sm.v_stage(prev.stage), Tp.mod, Tp.j_end - 1, g * 128 + t);
-    issue_pv<C>(o[0], pf, v_desc(prev.stage));  // (no token: the tile's last product)
+    take_token();
+    issue_pv<C>(o[0], pf, v_desc(prev.stage));
+    pass_token();
     wgmma_wait<0>();
     wgmma_settle(o[0]);
     sm.v_ring->release(prev);
@@ -498,10 +497,10 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
           const Tile<C> Tp(p, pending, num_m);
           zero_v_past_keys<C>(p, sm.v_stage(prev.stage), Tp.mod, Tp.j_end - 1, g * 128 + t);
         }
-        if constexpr (kChained) take_token();  // alone, a tile's first product takes no token
+        take_token();
         issue_qk<C>(s[0], q_desc(qs.stage), k_desc(st.stage));
         if constexpr (kChained) issue_pv<C>(o[0], pf, v_desc(prev.stage));
-        if constexpr (kChained) pass_token();
+        pass_token();
         wgmma_wait<kChained ? 1 : 0>();  // S is ready; the pending PV may still run
         wgmma_settle(s[0]);
         sm.k_ring->release(st);
