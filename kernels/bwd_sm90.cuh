@@ -457,10 +457,7 @@ __device__ __forceinline__ void write_dkdv(const BwdParams& p, const Work<C>& w,
                                           unsigned char* smem, float (&dk)[1][C::kNtD][4],
                                           float (&dv)[1][C::kNtD][4], int r0, int tid, Sync sync) {
   const int lane = tid & 31, warp = tid >> 5;
-  // The dQ reductions have read this warp's staging tile (nothing in this kernel reads dq_accum, and
-  // the dQ conversion is a later launch, so their writes need not have landed: FlashAttention-3's
-  // backward waits for the read alone too).
-  if (lane == 0) bulk_wait_read<0>();
+  if (lane == 0) bulk_wait_all();  // the dQ reductions have read shared memory (and are done)
   sync();  // every wgmma read of the Q / dO stages and of K / V is done (each warpgroup waited for its own)
   if constexpr (C::kHeadSplit) {
     add_dkdv<C>(p, w.seq, w.b, w.h_k, w.key0 + r0, min(16, w.keys - r0), dk, dv, smem, lane, warp);
