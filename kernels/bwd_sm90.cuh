@@ -313,16 +313,15 @@ __device__ __forceinline__ void probabilities_t(const typename C::Mod& mod, floa
 // query block row0 of head mod's: dV, dK accumulated, dQ (this warpgroup's share) returned, every
 // product retired on return. stage_bytes: the Q / dO stage; s_lse, s_dvec: its statistics; sdS,
 // ds_bytes: the dS^T buffer. sync_ds() runs between storing dS^T and dQ (every warp's keys of dS^T
-// are in); under_dq() after dQ and dK are issued, before the wait for them: the tensor cores are busy
-// there and the issue slots free (the producer-warpgroup kernel makes the next step's dropout mask);
-// with_dq(dq) once dQ has retired, while dK still runs (the caller writes dQ out there).
-template <class C, class Mask, class SyncDs, class UnderDq, class WithDq>
+// are in); under_dq() after dQ is issued, before the wait for it and dK: the tensor cores are busy
+// there and the issue slots free (the producer-warpgroup kernel makes the next step's dropout mask).
+template <class C, class Mask, class SyncDs, class UnderDq>
 __device__ __forceinline__ void step_products(const typename C::Mod& mod, const Descs<C>& d, uint32_t stage_bytes,
                                               const float* s_lse, const float* s_dvec, elem_t* sdS, uint32_t ds_bytes,
                                               const Mask& keep, int row0, int my_key0, int r0, int lane,
                                               float scale_log2, float (&dk)[1][C::kNtD][4],
                                               float (&dv)[1][C::kNtD][4], float (&dq)[64 / 8][4], SyncDs sync_ds,
-                                              UnderDq under_dq, WithDq with_dq) {
+                                              UnderDq under_dq) {
   // S^T = K Q^T and dP^T = V dO^T, two commit groups.
   float st[1][C::kNtM][4], dpt[1][C::kNtM][4];
   wgmma_fence();
@@ -408,10 +407,11 @@ __device__ __forceinline__ void step_products(const typename C::Mod& mod, const 
   });
   uint32_t dsa[1][C::kNtM / 2][4];
   acc_to_a<C::kBf16>(dpt, dsa);
+  wgmma_fence();
+  gemm_frag_t<C>(dk[0], dsa[0], d.q_b, stage_bytes);  // dK += dS^T Q
+  wgmma_commit();
 
-  // dS^T to shared memory; then this warpgroup's share of dQ = dS K, and dK += dS^T Q after it, so
-  // that dQ retires first and is written out (with_dq) while dK runs (as FlashAttention-3 orders
-  // them); issued the other way round, the tensor cores sat idle while each warp staged its dQ.
+  // dS^T to shared memory while dK runs; then this warpgroup's share of dQ = dS K.
   store_a_in<typename C::TileS>(sdS, dsa, r0, lane);  // conflict-free: 8 rows, 8 different chunks
   fence_proxy_async();
   sync_ds();
@@ -421,13 +421,9 @@ __device__ __forceinline__ void step_products(const typename C::Mod& mod, const 
     wgmma_ss<64, C::kBf16, 1, 1>(dq, gmma_desc_add(d.ds_a, ds_bytes + mnmajor_step(ks)),
                                  gmma_desc_add(d.kq_b, mnmajor_step(ks)), ks > 0);
   wgmma_commit();
-  gemm_frag_t<C>(dk[0], dsa[0], d.q_b, stage_bytes);  // dK += dS^T Q
-  wgmma_commit();
   under_dq();  // reads no accumulator and no A fragment (keep is not read past dS^T)
-  wgmma_wait<1>();
-  wgmma_settle(dq);
-  with_dq(dq);
   wgmma_wait<0>();
+  wgmma_settle(dq);
   wgmma_settle(dk[0]);
   wgmma_settle(dv[0]);
 }
@@ -553,8 +549,8 @@ __global__ void __launch_bounds__(C::kThreads, 1) dkdv_kernel(const __grid_const
     const typename C::Mod mod(p.mods, seq.len_q, seq.len_k, p.softmax_scale, w.b, cur.h);
     float dq[64 / 8][4];
     step_products<C>(mod, d, buf * C::TileM::kBytes, sm.lse_stage(buf), sm.dvec_stage(buf), sm.ds, 0, keep, cur.row0,
-                     my_key0, r0, lane, scale_log2, dk, dv, dq, [] { __syncthreads(); }, [] {},
-                     [&](const float (&q)[64 / 8][4]) { add_dq<C>(p, seq, cur.h, cur.row0, dq_row, dq_half, s_dq, q, lane); });
+                     my_key0, r0, lane, scale_log2, dk, dv, dq, [] { __syncthreads(); }, [] {});
+    add_dq<C>(p, seq, cur.h, cur.row0, dq_row, dq_half, s_dq, dq, lane);
     if (step + 1 < steps) keep = step_mask<C>(p, w.b, next, my_key0, lane);
     cur = next;
   }
@@ -676,9 +672,9 @@ __device__ __forceinline__ void consume(const BwdParams& p, const Smem<C>& sm, u
                          const auto made = step_mask<C>(p, w.b, next, my_key0, lane);
                          if (step + 1 < steps) keep = made;
                        }
-                     },
-                     [&](const float (&q)[64 / 8][4]) { add_dq<C>(p, seq, cur.h, cur.row0, dq_row, dq_half, s_dq, q, lane); });
+                     });
     sm.ring->release(st);
+    add_dq<C>(p, seq, cur.h, cur.row0, dq_row, dq_half, s_dq, dq, lane);
     cur = next;
   }
   // The CTA's key block, heads and sequence found again: held through the loop, they spilled.
