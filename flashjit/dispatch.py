@@ -51,7 +51,7 @@ _PREFERENCES = {  # (head-dim class, causal) -> tiles, best first
 # d128 up to SHORT queries (twenty-second session, H200, bf16 16k tokens, three runs of interleaved
 # rounds): cross_tile with its TMA epilogue against persistent alone, non-causal +3.2 / +2.8 / +3.7% at
 # 1k and +5.3% at 512, causal +1.3 / +3.1 / +2.9% at 1k and level at 512; at 2k-4k the runs disagree
-# (-2 to +3%), so longer rows keep persistent. Not with a window: its cross-tile kernel spills (ptxas,
+# (-3.5 to +2.4%), so longer rows keep persistent. Not with a window: its cross-tile kernel spills (ptxas,
 # causal + local: 32 bytes against 8). Keyed (tile width, "short").
 SHORT_CAUSAL = 2048
 SHORT = 1024
