@@ -68,6 +68,10 @@ template <bool kBf16_, int kDHead_, int kBlockM_, bool kCausal_, bool kLocal_, b
 struct Config {
   static constexpr bool kBf16 = kBf16_, kCausal = kCausal_, kSwizzle = true, kDeterministic = false;
   static constexpr bool kDropout = kDropout_;
+  // A step issues dQ before dK and writes dQ out while dK runs (step_products). Not with dropout or
+  // local+ALiBi: holding dQ across dK's issue spilled 8-52 bytes in their step loops, so they issue
+  // dK first and write dQ after the step.
+  static constexpr bool kDqFirst = !kDropout && !(kLocal_ && kAlibi_);
   using Mod = ScoreMod<kCausal_, kLocal_, kSoftcap_, kAlibi_>;
   // 1 / (1 - p), applied once to dK, dV and dQ (see bwd_sm80.cuh).
   __device__ __forceinline__ static float dropout_scale(const BwdParams& p) {
@@ -310,18 +314,29 @@ __device__ __forceinline__ void probabilities_t(const typename C::Mod& mod, floa
 }
 
 // One step's products for this warp's 16 keys (from my_key0; its rows r0 of the CTA's 128) and
+// step_products' with_dq: the caller's dQ writer when C::kDqFirst, else one that does nothing. (The
+// writer passed in unused, its references to the loop's locals cost the dropout step loop 4 bytes of
+// spills.)
+template <class C, class F>
+__device__ __forceinline__ auto dq_writer(const F& write) {
+  if constexpr (C::kDqFirst) return write;
+  else return [](const float (&)[64 / 8][4]) {};
+}
+
 // query block row0 of head mod's: dV, dK accumulated, dQ (this warpgroup's share) returned, every
 // product retired on return. stage_bytes: the Q / dO stage; s_lse, s_dvec: its statistics; sdS,
 // ds_bytes: the dS^T buffer. sync_ds() runs between storing dS^T and dQ (every warp's keys of dS^T
-// are in); under_dq() after dQ is issued, before the wait for it and dK: the tensor cores are busy
-// there and the issue slots free (the producer-warpgroup kernel makes the next step's dropout mask).
-template <class C, class Mask, class SyncDs, class UnderDq>
+// are in); under_dq() after dQ is issued, before the wait for it: the tensor cores are busy there and
+// the issue slots free (the producer-warpgroup kernel makes the next step's dropout mask). With
+// C::kDqFirst, with_dq(dq) once dQ has retired, while dK still runs (it writes dQ out); otherwise
+// the caller writes dQ after the step.
+template <class C, class Mask, class SyncDs, class UnderDq, class WithDq>
 __device__ __forceinline__ void step_products(const typename C::Mod& mod, const Descs<C>& d, uint32_t stage_bytes,
                                               const float* s_lse, const float* s_dvec, elem_t* sdS, uint32_t ds_bytes,
                                               const Mask& keep, int row0, int my_key0, int r0, int lane,
                                               float scale_log2, float (&dk)[1][C::kNtD][4],
                                               float (&dv)[1][C::kNtD][4], float (&dq)[64 / 8][4], SyncDs sync_ds,
-                                              UnderDq under_dq) {
+                                              UnderDq under_dq, WithDq with_dq) {
   // S^T = K Q^T and dP^T = V dO^T, two commit groups.
   float st[1][C::kNtM][4], dpt[1][C::kNtM][4];
   wgmma_fence();
@@ -407,11 +422,15 @@ __device__ __forceinline__ void step_products(const typename C::Mod& mod, const 
   });
   uint32_t dsa[1][C::kNtM / 2][4];
   acc_to_a<C::kBf16>(dpt, dsa);
-  wgmma_fence();
-  gemm_frag_t<C>(dk[0], dsa[0], d.q_b, stage_bytes);  // dK += dS^T Q
-  wgmma_commit();
+  if constexpr (!C::kDqFirst) {
+    wgmma_fence();
+    gemm_frag_t<C>(dk[0], dsa[0], d.q_b, stage_bytes);  // dK += dS^T Q, under the dS^T store
+    wgmma_commit();
+  }
 
-  // dS^T to shared memory while dK runs; then this warpgroup's share of dQ = dS K.
+  // dS^T to shared memory; then this warpgroup's share of dQ = dS K, and dK += dS^T Q after it, so
+  // that dQ retires first and is written out (with_dq) while dK runs (as FlashAttention-3 orders
+  // them); issued the other way round, the tensor cores sat idle while each warp staged its dQ.
   store_a_in<typename C::TileS>(sdS, dsa, r0, lane);  // conflict-free: 8 rows, 8 different chunks
   fence_proxy_async();
   sync_ds();
@@ -421,9 +440,20 @@ __device__ __forceinline__ void step_products(const typename C::Mod& mod, const 
     wgmma_ss<64, C::kBf16, 1, 1>(dq, gmma_desc_add(d.ds_a, ds_bytes + mnmajor_step(ks)),
                                  gmma_desc_add(d.kq_b, mnmajor_step(ks)), ks > 0);
   wgmma_commit();
+  if constexpr (C::kDqFirst) {
+    gemm_frag_t<C>(dk[0], dsa[0], d.q_b, stage_bytes);  // dK += dS^T Q
+    wgmma_commit();
+  }
   under_dq();  // reads no accumulator and no A fragment (keep is not read past dS^T)
-  wgmma_wait<0>();
-  wgmma_settle(dq);
+  if constexpr (C::kDqFirst) {
+    wgmma_wait<1>();
+    wgmma_settle(dq);
+    with_dq(dq);
+    wgmma_wait<0>();
+  } else {
+    wgmma_wait<0>();
+    wgmma_settle(dq);
+  }
   wgmma_settle(dk[0]);
   wgmma_settle(dv[0]);
 }
@@ -457,7 +487,10 @@ __device__ __forceinline__ void write_dkdv(const BwdParams& p, const Work<C>& w,
                                           unsigned char* smem, float (&dk)[1][C::kNtD][4],
                                           float (&dv)[1][C::kNtD][4], int r0, int tid, Sync sync) {
   const int lane = tid & 31, warp = tid >> 5;
-  if (lane == 0) bulk_wait_all();  // the dQ reductions have read shared memory (and are done)
+  // The dQ reductions have read this warp's staging tile (nothing in this kernel reads dq_accum, and
+  // the dQ conversion is a later launch, so their writes need not have landed: FlashAttention-3's
+  // backward waits for the read alone too).
+  if (lane == 0) bulk_wait_read<0>();
   sync();  // every wgmma read of the Q / dO stages and of K / V is done (each warpgroup waited for its own)
   if constexpr (C::kHeadSplit) {
     add_dkdv<C>(p, w.seq, w.b, w.h_k, w.key0 + r0, min(16, w.keys - r0), dk, dv, smem, lane, warp);
@@ -548,9 +581,12 @@ __global__ void __launch_bounds__(C::kThreads, 1) dkdv_kernel(const __grid_const
     const int buf = step & 1;
     const typename C::Mod mod(p.mods, seq.len_q, seq.len_k, p.softmax_scale, w.b, cur.h);
     float dq[64 / 8][4];
+    const auto write_dq = [&](const float (&q)[64 / 8][4]) {
+      add_dq<C>(p, seq, cur.h, cur.row0, dq_row, dq_half, s_dq, q, lane);
+    };
     step_products<C>(mod, d, buf * C::TileM::kBytes, sm.lse_stage(buf), sm.dvec_stage(buf), sm.ds, 0, keep, cur.row0,
-                     my_key0, r0, lane, scale_log2, dk, dv, dq, [] { __syncthreads(); }, [] {});
-    add_dq<C>(p, seq, cur.h, cur.row0, dq_row, dq_half, s_dq, dq, lane);
+                     my_key0, r0, lane, scale_log2, dk, dv, dq, [] { __syncthreads(); }, [] {}, dq_writer<C>(write_dq));
+    if constexpr (!C::kDqFirst) write_dq(dq);
     if (step + 1 < steps) keep = step_mask<C>(p, w.b, next, my_key0, lane);
     cur = next;
   }
@@ -661,6 +697,9 @@ __device__ __forceinline__ void consume(const BwdParams& p, const Smem<C>& sm, u
     st.stage = step & 1, st.phase = (step >> 1) & 1;
     float dq[64 / 8][4];
     sm.ring->wait(st);
+    const auto write_dq = [&](const float (&q)[64 / 8][4]) {
+      add_dq<C>(p, seq, cur.h, cur.row0, dq_row, dq_half, s_dq, q, lane);
+    };
     step_products<C>(mod, d, st.stage * C::TileM::kBytes, sm.lse_stage(st.stage), sm.dvec_stage(st.stage),
                      sm.ds + st.stage * C::TileS::kBytes / 2, st.stage * C::TileS::kBytes, keep, cur.row0, my_key0,
                      r0, lane, scale_log2, dk, dv, dq, sync, [&] {
@@ -672,9 +711,10 @@ __device__ __forceinline__ void consume(const BwdParams& p, const Smem<C>& sm, u
                          const auto made = step_mask<C>(p, w.b, next, my_key0, lane);
                          if (step + 1 < steps) keep = made;
                        }
-                     });
+                     },
+                     dq_writer<C>(write_dq));
     sm.ring->release(st);
-    add_dq<C>(p, seq, cur.h, cur.row0, dq_row, dq_half, s_dq, dq, lane);
+    if constexpr (!C::kDqFirst) write_dq(dq);
     cur = next;
   }
   // The CTA's key block, heads and sequence found again: held through the loop, they spilled.
