@@ -12,7 +12,6 @@
 // all key blocks of B_c rows, keeping its O rows and softmax statistics in registers.
 #pragma once
 #include <cstdint>
-#include <type_traits>
 #include <cuda_runtime.h>
 
 #include "common/params.cuh"
@@ -190,18 +189,7 @@ __device__ __forceinline__ void apply_dropout(float (&s)[C::kM][C::kNtC][4], con
 // the new row maxima and rescales the row sums, returning each row's factor alpha; rescale_o applies
 // alpha to O. Row statistics live per thread for rows lane/4 (+8); the max is reduced over the 4-lane
 // quad that shares a row, the sum only at the end. With kOptSoftmax, m is kept in raw-score units
-// and the scale * log2(e) is folded into one FMA per element feeding ex2, or (every C::kExpPoly-th
-// 8-column group, where the config has that knob) feeding poly_exp2 on the FMA pipe: at d64 on Hopper
-// the exponentials of a block take the MUFU unit as long as its two products take the tensor cores.
-template <class C, class = void>
-struct ExpPolyOf {
-  static constexpr int value = 0;
-};
-template <class C>
-struct ExpPolyOf<C, std::void_t<decltype(C::kExpPoly)>> {
-  static constexpr int value = C::kExpPoly;
-};
-
+// and the scale * log2(e) is folded into one FMA per element feeding ex2.
 template <class C>
 __device__ __forceinline__ void softmax_rows(float (&s)[C::kM][C::kNtC][4], float (&m)[C::kM][2],
                                              float (&l)[C::kM][2], float (&alpha)[C::kM][2], float scale,
@@ -227,9 +215,7 @@ __device__ __forceinline__ void softmax_rows(float (&s)[C::kM][C::kNtC][4], floa
         for (int nt = 0; nt < C::kNtC; ++nt)
 #pragma unroll
           for (int e = 2 * half; e < 2 * half + 2; ++e) {
-            constexpr int kPoly = ExpPolyOf<C>::value;
-            const float x = fmaf(s[mt][nt][e], scale_log2, -m_scaled);
-            s[mt][nt][e] = kPoly > 0 && nt % kPoly == kPoly - 1 ? poly_exp2<C::kBf16 ? 3 : 4>(x) : fast_exp2(x);
+            s[mt][nt][e] = fast_exp2(fmaf(s[mt][nt][e], scale_log2, -m_scaled));
             sum += s[mt][nt][e];
           }
       } else {

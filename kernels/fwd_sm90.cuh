@@ -64,7 +64,7 @@ enum class Barrier : int { kEpilogue = 1, kPingPong = 5, kVTail = 7 };
 // static_assert message is one of its WHY_* reasons, verbatim.
 template <bool kBf16_, int kDHead_, int kBlockM_, int kBlockN_, int kStages_, bool kOverlap_, bool kPingPong_,
           bool kPersistent_, bool kCausal_, bool kLocal_, bool kSoftcap_, bool kAlibi_, bool kDropout_, bool kSink_,
-          int kDHeadV_, bool kCrossTile_, int kExpPoly_>
+          int kDHeadV_, bool kCrossTile_>
 struct Config {
   static constexpr bool kBf16 = kBf16_, kOverlap = kOverlap_, kPingPong = kPingPong_, kCausal = kCausal_;
   static constexpr bool kPersistent = kPersistent_, kCrossTile = kCrossTile_;
@@ -92,7 +92,6 @@ struct Config {
   struct Warp {
     static constexpr int kM = 1, kNtC = kBlockN / 8, kKtC = kBlockN / 16, kNtD = kDV / 8;
     static constexpr bool kOptSoftmax = true, kBf16 = kBf16_;
-    static constexpr int kExpPoly = kExpPoly_;  // every kExpPoly-th column group's exponentials by polynomial
     using Mod = Config::Mod;
   };
 
@@ -108,7 +107,6 @@ struct Config {
                     kBlockN == 192,
                 "block_n must be 64, 80, 96, 128, 176 or 192");
   static_assert(kStages >= 2 && kStages <= 4, "stages must be 2, 3 or 4");
-  static_assert(kExpPoly_ == 0 || (kExpPoly_ >= 2 && kExpPoly_ <= 8), "exp_poly must be 0 (off) or 2 to 8");
   static_assert(!kPingPong || (kConsumers == 2 && kOverlap),
                 "ping-pong alternates two consumer warpgroups (block_m 128) and needs the overlap");
   static_assert(!kCrossTile || (kPersistent && kOverlap),

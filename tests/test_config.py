@@ -135,23 +135,11 @@ def test_every_hopper_forward_knob_changes_the_rendered_code():
     base = FwdSm90Config(d_head=64, pingpong=False)  # ping-pong needs block_m 128 and the overlap: flipped on alone
     flips = dict(dtype="fp16", d_head=128, block_m=192, block_n=64, stages=3, overlap=False, pingpong=True,
                  persistent=True, causal=True, local=True, softcap=True, alibi=True, dropout=True, sink=True, d_v=32,
-                 cross_tile=True, exp_poly=4)
+                 cross_tile=True)
     assert set(flips) == {f.name for f in dataclasses.fields(FwdSm90Config)}
     for name, value in flips.items():
         at = dataclasses.replace(base, persistent=True) if name == "cross_tile" else base  # it needs persistent
         assert codegen.render(dataclasses.replace(at, **{name: value})) != codegen.render(at), name
-
-
-def test_exp_poly_is_named_only_when_on_and_takes_0_or_2_to_8():
-    """exp_poly: an `_ep<N>` suffix only when on (every older name keeps its meaning and cache entry),
-    parsed back; 1 (every exponential by polynomial), 9 and bools are refused with the reason."""
-    cfg = FwdSm90Config("bf16", 64, causal=True, exp_poly=4)
-    assert not cfg.problems() and cfg.name.endswith("_causal1_ep4") and config_from_name(cfg.name) == cfg
-    assert "_ep" not in FwdSm90Config("bf16", 64).name
-    with_all = FwdSm90Config("fp16", 96, persistent=True, cross_tile=True, local=True, d_v=64, exp_poly=8)
-    assert config_from_name(with_all.name) == with_all
-    for bad in (1, 9, -2, True):
-        assert any(fwd_sm90.WHY_EXP_POLY in p for p in dataclasses.replace(cfg, exp_poly=bad).problems()), bad
 
 
 def test_cross_tile_needs_persistent_overlap_and_room_for_a_second_q():

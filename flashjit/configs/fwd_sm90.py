@@ -28,7 +28,6 @@ SMEM_LIMIT = 227 * 1024
 WHY_BLOCK_M = "block_m must be 128 or 192 (two or three consumer warpgroups)"
 WHY_BLOCK_N = "block_n must be 64, 80, 96, 128, 176 or 192"
 WHY_STAGES = "stages must be 2, 3 or 4"
-WHY_EXP_POLY = "exp_poly must be 0 (off) or 2 to 8"
 WHY_PINGPONG = "ping-pong alternates two consumer warpgroups (block_m 128) and needs the overlap"
 WHY_CROSS_TILE = "cross_tile runs one CTA's tiles as one pipeline: it needs persistent and the overlap"
 WHY_REGISTERS = "O, S and P of this config do not fit the consumers' registers"
@@ -65,10 +64,6 @@ class FwdSm90Config(ConfigBase):
                  stages, and O leaves through its tile's stage by a TMA store (persistent kernels
                  otherwise store O from registers); speed only (H200: +3-5% at d128 up to 1k queries,
                  the default there; level or mixed at longer rows and at d64)
-    exp_poly     every exp_poly-th 8-key column group of S takes its exponentials from a polynomial on
-                 the FMA pipe instead of the MUFU unit (0: none; 4: a quarter); speed only (at d64 the
-                 MUFU unit is as busy as the tensor cores). Degree 3 with bf16 (relative error 8.6e-5),
-                 4 with fp16 (3.0e-6), against ex2.approx's 2^-22
     """
 
     dtype: str = "bf16"
@@ -87,7 +82,6 @@ class FwdSm90Config(ConfigBase):
     sink: bool = False
     d_v: int = 0
     cross_tile: bool = False
-    exp_poly: int = 0
 
     @property
     def d_tile(self) -> int:
@@ -135,8 +129,6 @@ class FwdSm90Config(ConfigBase):
             out.append(f"{WHY_BLOCK_N}, got {self.block_n!r}")
         if self.stages not in STAGES:
             out.append(f"{WHY_STAGES}, got {self.stages!r}")
-        if not (self.exp_poly == 0 or 2 <= self.exp_poly <= 8) or isinstance(self.exp_poly, bool):
-            out.append(f"{WHY_EXP_POLY}, got {self.exp_poly!r}")
         out += head_dim_v_problem(self.d_head, self.d_v)
         if out:
             return out
@@ -155,13 +147,12 @@ class FwdSm90Config(ConfigBase):
     def name(self) -> str:
         return (f"fwd_sm90_{self.dtype}_d{self.d_head}_m{self.block_m}_n{self.block_n}_st{self.stages}"
                 f"_ov{int(self.overlap)}_pp{int(self.pingpong)}_ps{int(self.persistent)}_causal{int(self.causal)}"
-                f"{features_suffix(self)}{d_v_suffix(self)}{'_xt' if self.cross_tile else ''}"
-                f"{f'_ep{self.exp_poly}' if self.exp_poly else ''}")
+                f"{features_suffix(self)}{d_v_suffix(self)}{'_xt' if self.cross_tile else ''}")
 
     _NAME_RE = re.compile(r"^fwd_sm90_(?P<dtype>fp16|bf16)_d(?P<d_head>\d+)_m(?P<block_m>\d+)_n(?P<block_n>\d+)"
                           r"_st(?P<stages>\d+)_ov(?P<overlap>[01])_pp(?P<pingpong>[01])_ps(?P<persistent>[01])"
                           r"_causal(?P<causal>[01])"
-                          + FWD_FEATURES_RE + D_V_RE + r"(?P<cross_tile>_xt)?(?:_ep(?P<exp_poly>\d+))?$")
+                          + FWD_FEATURES_RE + D_V_RE + r"(?P<cross_tile>_xt)?$")
 
     @classmethod
     def parse_name(cls, name: str) -> "FwdSm90Config | None":
@@ -172,10 +163,10 @@ class FwdSm90Config(ConfigBase):
                    int(match["stages"]), match["overlap"] == "1", match["pingpong"] == "1", match["persistent"] == "1",
                    match["causal"] == "1",
                    *(match[f] is not None for f in FEATURES), match["sink"] is not None, int(match["d_v"] or 0),
-                   match["cross_tile"] is not None, int(match["exp_poly"] or 0))
+                   match["cross_tile"] is not None)
 
 
 FwdSm90Config.family = FAMILY = Family(
     "fwd_sm90", FwdSm90Config, template="fwd_sm90.cuh", namespace="fwd_sm90", params="FwdParams", direction="fwd",
-    arch=ARCH, reasons=(WHY_HEAD_DIM, WHY_HEAD_DIM_V, WHY_BLOCK_M, WHY_BLOCK_N, WHY_STAGES, WHY_EXP_POLY, WHY_PINGPONG,
-                        WHY_CROSS_TILE, WHY_REGISTERS, WHY_SMEM))
+    arch=ARCH, reasons=(WHY_HEAD_DIM, WHY_HEAD_DIM_V, WHY_BLOCK_M, WHY_BLOCK_N, WHY_STAGES, WHY_PINGPONG, WHY_CROSS_TILE,
+                        WHY_REGISTERS, WHY_SMEM))

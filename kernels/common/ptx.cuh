@@ -125,31 +125,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
-// 2^x for x <= 0 without the MUFU unit (16 results a clock an SM on sm_90, against 128 FMAs): the
-// integer part goes into the exponent field, 2^frac comes from a minimax polynomial (p(0) = 1) by
-// Horner FMAs. Relative error 8.6e-5 (degree 3: a fiftieth of a bf16 ulp) or 3.0e-6 (degree 4, for
-// fp16's finer P). x <= -127 (a masked score's -inf) gives +0 exactly: clamped to -127, the integer
-// part cancels 1.0's exponent and the fraction is 0. 9 instructions against ex2's 1, so a kernel
-// sends only part of its exponentials here (fwd_sm80.cuh: softmax_rows, C::kExpPoly).
-template <int kDegree>
-__device__ __forceinline__ float poly_exp2(float x) {
-  static_assert(kDegree == 3 || kDegree == 4, "poly_exp2: degree 3 or 4");
-  x = fmaxf(x, -127.f);
-  // 1.5 * 2^23 + x rounded down: floor(x) sits in the low mantissa bits, and subtracting 1.5 * 2^23
-  // again gives it as a float.
-  const float shifted = __fadd_rd(x, 12582912.f);
-  const float frac = x - (shifted - 12582912.f);  // in [0, 1)
-  float p;
-  if constexpr (kDegree == 3) {
-    p = fmaf(fmaf(fmaf(0.07706724107265472f, frac, 0.22764497995376587f), frac, 0.6951166391372681f), frac, 1.f);
-  } else {
-    p = fmaf(fmaf(fmaf(fmaf(0.013425154611468315f, frac, 0.0522453747689724f), frac, 0.24127855896949768f), frac,
-                  0.6930451393127441f),
-             frac, 1.f);
-  }
-  return __int_as_float(__float_as_int(p) + (__float_as_int(shifted) << 23));
-}
-
 #endif  // __CUDACC__
 
 }  // namespace flashjit
