@@ -138,7 +138,7 @@ def test_check_runs_the_reference_backend_and_says_so():
 
 
 @pytest.mark.parametrize("script", ["bench_forward.py", "bench_backward.py", "bench_jit.py", "bench_decode.py",
-                                    "bench_varlen.py"])
+                                    "bench_varlen.py", "profile_ncu.py"])
 def test_benchmarks_without_a_gpu_say_so_in_one_line(script):
     result = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--out", "unused"], cwd=REPO,
                             capture_output=True, text=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""),
@@ -184,3 +184,23 @@ def test_the_readme_example_runs_without_a_gpu_and_without_warnings():
     assert result.returncode == 0, result.stderr
     assert "No CUDA GPU is visible" in result.stdout and "reference backend (CPU)" in result.stdout
     assert "Traceback" not in result.stderr and "NumPy" not in result.stderr, result.stderr
+
+
+def test_profile_summary_ranks_stall_reasons_and_instructions():
+    """scripts/profile_ncu.py's reading of ncu's raw and source pages (no ncu here: their CSV shapes):
+    the stall reasons as shares of the samples, largest first, without the not-issued twins; the SASS
+    lines by their share of all stall samples, thousands separators read."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import profile_ncu
+
+    raw = ('"ID","Kernel Name","smsp__pcsamp_warps_issue_stalled_barrier",'
+           '"smsp__pcsamp_warps_issue_stalled_barrier_not_issued","smsp__pcsamp_warps_issue_stalled_wait"\n'
+           '"","","","",""\n"0","k","1,500","1,400","500"\n')
+    assert profile_ncu.stall_reasons(raw) == [" 75.0%  barrier", " 25.0%  wait"]
+    source = ('"Address","Source","Warp Stall Sampling (All Samples)","Warp Stall Sampling (Not-issued Samples)"\n'
+              '"0x10","HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], RZ","1,000","900"\n'
+              '"0x20","BAR.SYNC.DEFER_BLOCKING 0x5","3,000","2,900"\n"0x30","FFMA R1, R2, R3, R4","0","0"\n')
+    summary = profile_ncu.summarize("    Duration    us    47.2\n    Other    1\n", source, 2, raw)
+    assert "Duration" in summary and "Other" not in summary and "75.0%  barrier" in summary
+    top = summary.splitlines()[-2:]
+    assert top[0].startswith(" 75.0%") and "BAR.SYNC" in top[0] and top[1].startswith(" 25.0%") and "HGMMA" in top[1]
