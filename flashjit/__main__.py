@@ -216,6 +216,8 @@ def cmd_precompile(args) -> int:
                     failed += 1
                     progress(futures[future], 0.0, "FAILED")
                     print(f"[flashjit] {futures[future]}: {exc}", file=sys.stderr, flush=True)
+    if not args.names and bundle is None and envvars.NATIVE_AUTOGRAD.flag():
+        failed += not _precompile_native()  # the build set also gets flash_attn_func's C++ autograd node
     if bundle is not None:
         held = cache.Bundle(bundle).record_contents()["kernels"]
         print(f"bundle {bundle}: {sum(map(len, held.values()))} kernels ("
@@ -225,6 +227,21 @@ def cmd_precompile(args) -> int:
           f"{total - len(todo)} cached{f', {failed} FAILED' if failed else ''}) in "
           f"{time.perf_counter() - started:.1f} s")
     return 1 if failed else 0
+
+
+def _precompile_native() -> bool:
+    """Build (or find) the C++ autograd node in the cache (flashjit/native.py); whether it is there.
+    Host code: the same for every arch, so never part of a bundle."""
+    from . import native
+
+    started = time.perf_counter()
+    try:
+        native.build()
+    except Exception as exc:
+        print(f"[flashjit] the C++ autograd node: {str(exc).splitlines()[0]}", file=sys.stderr, flush=True)
+        return False
+    print(f"C++ autograd node ready in {time.perf_counter() - started:.1f} s", flush=True)
+    return True
 
 
 def _open_bundle(path: Path, arch: str) -> None:

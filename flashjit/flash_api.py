@@ -18,7 +18,7 @@ import logging
 
 import torch
 
-from . import interface
+from . import interface, native
 from .reference import attention_reference, philox_keep_mask
 
 log = logging.getLogger("flashjit")
@@ -119,6 +119,11 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         if interface.dropout_threshold(dropout_p):  # inputs checked before the generator advances
             interface.check_qkv(*interface.contiguous_last_dim(q, k, v))
             philox = interface.philox_state(q.get_device())
+        elif alibi_slopes is None and learnable_sink is None:
+            # A shape seen before: its launch plan and autograd node in C++ (flashjit/native.py).
+            result = native.attn(q, k, v, bool(causal), softmax_scale, window_size, softcap, bool(deterministic))
+            if result is not None:
+                return (*result, no_s_dmask(q)) if return_attn_probs else result[0]
         out, lse = _JitAttention.apply(q, k, v, softmax_scale, bool(causal), window_size, softcap, alibi_slopes,
                                        dropout_p, philox, bool(deterministic), learnable_sink)
         return (out, lse, no_s_dmask(q)) if return_attn_probs else out

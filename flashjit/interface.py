@@ -468,10 +468,11 @@ class _Plan:
     FLASHJIT_TUNED (its value is part of that generation)."""
 
     __slots__ = ("kernel", "template", "device_index", "device", "dtype", "out_shape", "lse_shape", "dropout",
-                 "generation")
+                 "generation", "native")
 
     def __init__(self, kernel, params, q: torch.Tensor, out: torch.Tensor, want_lse: bool, dropout: bool):
         self.kernel, self.template, self.dropout = kernel, bytes(params), dropout
+        self.native = None  # the C++ autograd node's copy of this plan (native.py), made at its first use
         self.device_index, self.device, self.dtype = q.get_device(), q.device, q.dtype
         batch, seqlen_q, heads, _ = q.shape
         self.out_shape, self.lse_shape = out.shape, ((batch, heads, seqlen_q) if want_lse else None)

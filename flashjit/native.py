@@ -1,0 +1,186 @@
+"""flash_attn_func's autograd node in C++ (csrc/autograd_node.cpp): the host cost of a call whose
+inputs require grad.
+
+A Python autograd.Function costs about 13 us a call on an H200's host before it does anything, and
+SDPA's whole call with grad about 19-22 us (docs/perf-log.md, 2026-12-03). This module builds a small
+torch extension whose C++ autograd::Function launches the forward from the call's launch plan
+(interface._Plan: the kernel and its params, packed once a shape) and calls back into Python only for
+the backward. The extension is built like a kernel: once per key (torch, toolchain, flashjit, this
+source) into the cache under the entry's lock, published whole, and loaded by every later process.
+
+FLASHJIT_NATIVE_AUTOGRAD: '0' (the default until a GPU has measured it) never uses it; 'auto' loads
+it from the cache, or builds it in a background thread at the first call that could use it, while
+calls take the autograd.Function until it is loaded; '1' builds it at that call and waits.
+`python -m flashjit precompile` builds it too when it is on. A call uses it once its launch plan
+exists (a shape's first call makes the plan on the Python path) and when it has no dropout, ALiBi or
+sink (those keep the autograd.Function).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib.machinery
+import importlib.util
+import logging
+import math
+import shutil
+import sys
+import sysconfig
+import threading
+import time
+from pathlib import Path
+
+from . import cache, envvars, interface, jit, toolchain, tuning
+from .launch import FwdParams
+from .notify import notify
+
+NAME = "flashjit_autograd_node"  # the extension's module name (its PyInit_ symbol): fixed
+SOURCE = Path(__file__).resolve().parent / "csrc" / "autograd_node.cpp"
+ARCH_DIR = "host"  # the cache's directory for it beside the sm_* ones: it runs on the CPU
+_POINTERS = ("q", "k", "v", "o", "lse")  # the FwdParams fields a call fills in, in the Plan's order
+
+_module = None  # the loaded extension
+_state = None  # None: not looked for yet; "building"; "ready"; "off"; "failed"
+_lock = threading.Lock()
+
+
+def key_inputs(toolkit: toolchain.Toolkit) -> dict:
+    """What the extension's binary depends on: torch (its headers and libraries), the toolchain, the
+    interpreter's ABI, flashjit and this source."""
+    return {**jit.toolchain_inputs(toolkit), **jit.local_inputs(), "extension": NAME,
+            "source": hashlib.sha256(SOURCE.read_bytes()).hexdigest(),
+            "python_abi": sysconfig.get_config_var("EXT_SUFFIX") or sys.version}
+
+
+def _entry(toolkit: toolchain.Toolkit, base: Path | None) -> tuple[cache.Entry, dict]:
+    inputs = key_inputs(toolkit)
+    return cache.Entry.for_key(ARCH_DIR, NAME, cache.key_hash(inputs), base=base), inputs
+
+
+def build() -> Path:
+    """The verified extension library in the cache, compiled there under the entry's lock if it is
+    missing or damaged (nothing half-written stays behind). Needs a CUDA build of torch and nvcc's
+    toolkit (for the CUDA runtime's headers), no GPU."""
+    toolkit = toolchain.find_toolkit()
+    entry, inputs = _entry(toolkit, cache.location())
+    library = entry.verified_library()
+    if library is not None:
+        return library
+    cache.root()  # CacheError with the fix when the cache cannot be written
+    with entry.locked():
+        library = entry.verified_library()
+        if library is not None:
+            return library
+        staging = entry.staged_build()
+        notify(f"compiling flashjit's C++ autograd node (once per torch and flashjit version; cached in "
+               f"{entry.path.parent})")
+        started = time.perf_counter()
+        try:
+            scratch = staging.path / "build"
+            scratch.mkdir()
+            with jit._compiler_environment(toolkit) as cpp_extension:
+                built = cpp_extension.load(
+                    name=NAME, sources=[str(SOURCE)], extra_cflags=["-O2", "-DNDEBUG"],
+                    extra_include_paths=[str(toolkit.include_dir)],  # cuda_runtime_api.h for c10/cuda
+                    extra_ldflags=["-lc10_cuda"], build_directory=str(scratch), is_python_module=False,
+                    with_cuda=False, verbose=envvars.VERBOSE.flag())
+            shutil.copyfile(built, staging.path / cache.LIBRARY)
+            shutil.copyfile(SOURCE, staging.path / SOURCE.name)
+            shutil.rmtree(scratch, ignore_errors=True)
+            seconds = time.perf_counter() - started
+            library = staging.publish(dict(inputs, build_seconds=round(seconds, 3)))
+        except BaseException:
+            staging.discard()
+            raise
+    notify(f"compiled the C++ autograd node in {seconds:.1f} s")
+    return library
+
+
+def load(library: Path):
+    """The extension module from its library file, its backward hook set."""
+    loader = importlib.machinery.ExtensionFileLoader(NAME, str(library))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(NAME, loader))
+    loader.exec_module(module)
+    module.set_backward(_backward)
+    return module
+
+
+def _find_or_build() -> None:
+    """Background (or, with FLASHJIT_NATIVE_AUTOGRAD=1, inline) work of module(): the cached
+    extension, else a build unless FLASHJIT_DISABLE_JIT; then load it."""
+    global _module, _state
+    try:
+        if envvars.DISABLE_JIT.flag():
+            entry, _ = _entry(toolchain.find_toolkit(), cache.location())
+            library = entry.verified_library()
+            if library is None:
+                _state = "off"  # never compile: the autograd.Function it is
+                return
+        else:
+            library = build()
+        _module, _state = load(library), "ready"
+    except Exception as exc:  # the autograd.Function still works: say why once and keep using it
+        _state = "failed"
+        notify(f"the C++ autograd node is unavailable ({str(exc).splitlines()[0][:200]}); flash_attn_func "
+               "with grad keeps the Python autograd.Function", logging.WARNING)
+
+
+def module():
+    """The loaded extension, or None while it is not (yet) usable: see the module docstring."""
+    global _state
+    if _state is None:
+        with _lock:
+            if _state is None:
+                mode = envvars.NATIVE_AUTOGRAD.get().lower()
+                if mode in ("0", "false", "no", "off"):
+                    _state = "off"
+                else:
+                    _state = "building"
+                    if mode == "auto":
+                        threading.Thread(target=_find_or_build, name="flashjit-native-build", daemon=True).start()
+                    else:
+                        _find_or_build()
+    return _module
+
+
+def use(node) -> None:
+    """Make `node` (load(build())) what flash_attn_func calls, or with None the autograd.Function,
+    now and without looking further: benchmarks and tests compare the two."""
+    global _module, _state
+    with _lock:
+        _module, _state = node, ("ready" if node is not None else "off")
+
+
+def _backward(dout, q, k, v, out, lse, causal, softmax_scale, window_left, window_right, softcap, deterministic):
+    """The node's backward (called from C++ with the GIL): interface.backward's (dq, dk, dv)."""
+    return interface.backward(dout, q, k, v, out, lse, causal=causal, softmax_scale=softmax_scale,
+                              window_size=(window_left, window_right), softcap=softcap,
+                              deterministic=deterministic)[:3]
+
+
+def _native_plan(node, plan: interface._Plan, causal: bool, softmax_scale, window_size, softcap):
+    lib = plan.kernel.lib
+    return node.Plan(plan.template, [getattr(FwdParams, f).offset for f in _POINTERS],
+                     ctypes.cast(lib.flashjit_run, ctypes.c_void_p).value,
+                     ctypes.cast(lib.flashjit_error_string, ctypes.c_void_p).value,
+                     list(plan.out_shape), list(plan.lse_shape), bool(causal),
+                     math.nan if softmax_scale is None else float(softmax_scale),
+                     int(window_size[0]), int(window_size[1]), float(softcap))
+
+
+def attn(q, k, v, causal: bool, softmax_scale, window_size, softcap, deterministic: bool):
+    """(out, lse) with the C++ node, or None where this call takes the autograd.Function: the node
+    not loaded (yet), no launch plan for this call's key (the plan of interface.forward(...,
+    return_lse=True) with no dropout, ALiBi or sink: the key the autograd.Function's forward uses),
+    a tuned table written since the plan, or an input not 16-byte aligned."""
+    node = _module if _module is not None else module()
+    if node is None or not (softmax_scale is None or isinstance(softmax_scale, float)):
+        return None
+    key = interface._plan_key(q, k, v, causal, softmax_scale, window_size, softcap, 0.0, True)
+    plan = interface._plans.get(key) if key is not None else None
+    if plan is None or plan.generation != tuning.current_generation():
+        return None
+    native = plan.native
+    if native is None:
+        native = plan.native = _native_plan(node, plan, causal, softmax_scale, window_size, softcap)
+    return node.attn(q, k, v, native, deterministic)

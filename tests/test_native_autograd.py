@@ -1,0 +1,158 @@
+"""flash_attn_func's C++ autograd node (flashjit/native.py, flashjit/csrc/autograd_node.cpp).
+
+compile tier (nvcc and a CUDA build of torch, no GPU: CI): the extension builds into the cache once,
+whole, and a second build() finds it; its autograd wiring, on CPU tensors with a stand-in kernel (a C
+callback that writes out and lse through the params' pointers, as a kernel library's flashjit_run
+does): the outputs, the graph, what the backward is handed, and the refusals (an input changed in
+place, an unaligned input, a failed launch). gpu tier: flash_attn_func takes the node from a shape's
+second call on and matches the autograd.Function path bit for bit, forward and backward."""
+import ctypes
+import hashlib
+
+import pytest
+import torch
+
+import flashjit
+from flashjit import cache, native
+
+B, S, H, D = 2, 5, 3, 8
+_RUN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+_ERROR = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_int)  # a const char* that outlives the call:
+_MESSAGE = ctypes.create_string_buffer(b"stand-in failure")  # ctypes cannot hand back a str it made
+_loaded = {}
+
+
+@pytest.fixture
+def node():
+    """The extension, built into this session's cache once (~45 s), loaded once; afterwards the
+    module's state is as it was and its backward hook is native's own."""
+    if "node" not in _loaded:
+        _loaded["node"] = native.load(native.build())
+    saved = native._module, native._state
+    yield _loaded["node"]
+    _loaded["node"].set_backward(native._backward)
+    native._module, native._state = saved
+
+
+def _stand_in(status=0):
+    """A kernel library's flashjit_run and flashjit_error_string for CPU fp32 tensors: params hold the
+    q, k, v, o, lse pointers at bytes 0-39; out = 2 q, lse = 1.5 (or the launch fails with `status`)."""
+    def run(params, _stream):
+        q, _, _, o, lse = (ctypes.c_uint64 * 5).from_address(params)
+        if status:
+            return status
+        n = B * S * H * D
+        ctypes.memmove(o, q, 4 * n)
+        out = (ctypes.c_float * n).from_address(o)
+        for i in range(n):
+            out[i] *= 2
+        lse_values = (ctypes.c_float * (B * H * S)).from_address(lse)
+        for i in range(B * H * S):
+            lse_values[i] = 1.5
+        return 0
+    callbacks = _RUN(run), _ERROR(lambda err: ctypes.addressof(_MESSAGE))
+    return callbacks, [ctypes.cast(c, ctypes.c_void_p).value for c in callbacks]
+
+
+def _plan(node, entry_points, softmax_scale=float("nan")):
+    return node.Plan(bytes(48), [0, 8, 16, 24, 32], *entry_points, [B, S, H, D], [B, H, S], True, softmax_scale,
+                     -1, 0, 0.0)
+
+
+def _qkv(grad=True):
+    return [torch.randn(B, S, H, D, requires_grad=grad) for _ in range(3)]
+
+
+@pytest.mark.compile
+def test_the_extension_builds_once_into_the_cache(node, capfd):
+    library = native.build()  # the fixture built it: found, verified, not compiled again
+    assert "compiling" not in capfd.readouterr().err
+    assert library.parent.parent.name == native.ARCH_DIR and library.parent.name.startswith(native.NAME)
+    manifest = cache.Entry(library.parent).manifest()
+    assert manifest["source"] == hashlib.sha256(native.SOURCE.read_bytes()).hexdigest()
+    assert set(manifest["binaries"]) == {cache.LIBRARY}
+
+
+@pytest.mark.compile
+def test_the_node_runs_the_plan_and_hands_the_backward_its_inputs(node):
+    callbacks, entry_points = _stand_in()
+    seen = {}
+
+    def backward(dout, q, k, v, out, lse, causal, scale, left, right, softcap, deterministic):
+        seen.update(out=out, lse=lse, flags=(causal, scale, left, right, softcap, deterministic))
+        return 2 * dout, torch.zeros_like(k), torch.ones_like(v)
+    node.set_backward(backward)
+    q, k, v = _qkv()
+    out, lse = node.attn(q, k, v, _plan(node, entry_points), True)
+    assert torch.equal(out, 2 * q.detach()) and torch.equal(lse, torch.full((B, H, S), 1.5))
+    assert out.grad_fn is not None and not lse.requires_grad
+    out.backward(torch.ones_like(out))
+    assert torch.equal(q.grad, torch.full_like(q, 2.0)) and not k.grad.any() and torch.equal(v.grad, torch.ones_like(v))
+    assert seen["flags"] == (True, None, -1, 0, 0.0, True)  # NaN scale: None, the default
+    assert torch.equal(seen["out"], out.detach()) and torch.equal(seen["lse"], lse)
+
+    out, _ = node.attn(*_qkv(), _plan(node, entry_points, softmax_scale=0.25), False)
+    out.sum().backward()
+    assert seen["flags"][1] == 0.25 and seen["flags"][5] is False
+    with torch.no_grad():
+        out, _ = node.attn(*_qkv(), _plan(node, entry_points), False)
+    assert out.grad_fn is None and not out.requires_grad
+    del callbacks
+
+
+@pytest.mark.compile
+def test_the_node_refuses_what_the_python_path_refuses(node):
+    callbacks, entry_points = _stand_in()
+    plan = _plan(node, entry_points)
+    _, k, v = _qkv()
+    unaligned = torch.randn(B * S * H * D + 1)[1:].view(B, S, H, D)
+    assert node.attn(unaligned, k, v, plan, False) is None  # the caller takes the Python path, which copies
+    x = torch.randn(B, S, H, D, requires_grad=True) * 1
+    out, _ = node.attn(x, k, v, plan, False)
+    x.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+    failing, failing_points = _stand_in(status=700)
+    with pytest.raises(RuntimeError, match=r"failed to launch: CUDA error 700 \(stand-in failure\)"):
+        node.attn(*_qkv(), _plan(node, failing_points), False)
+    del callbacks, failing
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kwargs", [dict(causal=True), dict(window_size=(37, 11), softcap=5.0, softmax_scale=0.1)],
+                         ids=["causal", "window,softcap,scale"])
+def test_flash_attn_func_takes_the_node_and_matches_the_autograd_function(node, kwargs, monkeypatch):
+    monkeypatch.setenv("FLASHJIT_BACKEND", "jit")
+    q = torch.randn(2, 300, 4, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(2, 257, 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    dout = torch.randn(2, 300, 4, 128, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        for t in (q, k, v):
+            t.grad = None
+        out, lse, _ = flashjit.flash_attn_func(q, k, v, deterministic=True, return_attn_probs=True, **kwargs)
+        out.backward(dout)
+        return out, lse, q.grad, k.grad, v.grad
+    native.use(None)
+    python_path = step()  # also the shape's first call: it makes the launch plan
+    assert type(python_path[0].grad_fn).__name__ == "_JitAttentionBackward"
+    native.use(node)
+    through_node = step()
+    assert type(through_node[0].grad_fn).__name__ != "_JitAttentionBackward"
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), through_node, python_path):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.compile
+def test_the_switch_and_never_compiling_without_the_jit(private_cache, monkeypatch):
+    """FLASHJIT_NATIVE_AUTOGRAD=0: never looked for. With FLASHJIT_DISABLE_JIT and nothing cached, the
+    node is off (flash_attn_func keeps the autograd.Function) and nothing was compiled or written."""
+    monkeypatch.setattr(native, "_module", None)
+    monkeypatch.setattr(native, "_state", None)
+    monkeypatch.setenv("FLASHJIT_NATIVE_AUTOGRAD", "0")
+    assert native.module() is None and native._state == "off"
+    monkeypatch.setattr(native, "_state", None)
+    monkeypatch.setenv("FLASHJIT_NATIVE_AUTOGRAD", "1")  # inline: the answer is there on return
+    monkeypatch.setenv("FLASHJIT_DISABLE_JIT", "1")
+    assert native.module() is None and native._state == "off"
+    assert not (private_cache / "v1" / native.ARCH_DIR).exists()
