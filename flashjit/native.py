@@ -5,7 +5,8 @@ A Python autograd.Function costs about 13 us a call on an H200's host before it 
 SDPA's whole call with grad about 19-22 us (docs/perf-log.md, 2026-12-03). This module builds a small
 torch extension whose C++ autograd::Function launches the forward from the call's launch plan
 (interface._Plan: the kernel and its params, packed once a shape) and calls back into Python only for
-the backward. The extension is built like a kernel: once per key (torch, toolchain, flashjit, this
+the backward. Once it is loaded, every planned forward without dropout launches through it too
+(interface.native_node), grad or not: ~2 us less Python a call than the ctypes launch. The extension is built like a kernel: once per key (torch, toolchain, flashjit, this
 source) into the cache under the entry's lock, published whole, and loaded by every later process.
 
 FLASHJIT_NATIVE_AUTOGRAD: '0' (the default until a GPU has measured it) never uses it; 'auto' loads
@@ -17,12 +18,10 @@ sink (those keep the autograd.Function).
 """
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import importlib.machinery
 import importlib.util
 import logging
-import math
 import shutil
 import sys
 import sysconfig
@@ -31,17 +30,15 @@ import time
 from pathlib import Path
 
 from . import cache, envvars, interface, jit, toolchain, tuning
-from .launch import FwdParams
 from .notify import notify
 
 NAME = "flashjit_autograd_node"  # the extension's module name (its PyInit_ symbol): fixed
 SOURCE = Path(__file__).resolve().parent / "csrc" / "autograd_node.cpp"
 ARCH_DIR = "host"  # the cache's directory for it beside the sm_* ones: it runs on the CPU
-_POINTERS = ("q", "k", "v", "o", "lse")  # the FwdParams fields a call fills in, in the Plan's order
 
 _module = None  # the loaded extension
 _state = None  # None: not looked for yet; "building"; "ready"; "off"; "failed"
-_lock = threading.Lock()
+_lock = threading.RLock()  # module() may build inline, whose use() takes it again
 
 
 def key_inputs(toolkit: toolchain.Toolkit) -> dict:
@@ -118,7 +115,7 @@ def _find_or_build() -> None:
                 return
         else:
             library = build()
-        _module, _state = load(library), "ready"
+        use(load(library))
     except Exception as exc:  # the autograd.Function still works: say why once and keep using it
         _state = "failed"
         notify(f"the C++ autograd node is unavailable ({str(exc).splitlines()[0][:200]}); flash_attn_func "
@@ -149,6 +146,7 @@ def use(node) -> None:
     global _module, _state
     with _lock:
         _module, _state = node, ("ready" if node is not None else "off")
+        interface.native_node = node
 
 
 def _backward(dout, q, k, v, out, lse, causal, softmax_scale, window_left, window_right, softcap, deterministic):
@@ -156,16 +154,6 @@ def _backward(dout, q, k, v, out, lse, causal, softmax_scale, window_left, windo
     return interface.backward(dout, q, k, v, out, lse, causal=causal, softmax_scale=softmax_scale,
                               window_size=(window_left, window_right), softcap=softcap,
                               deterministic=deterministic)[:3]
-
-
-def _native_plan(node, plan: interface._Plan, causal: bool, softmax_scale, window_size, softcap):
-    lib = plan.kernel.lib
-    return node.Plan(plan.template, [getattr(FwdParams, f).offset for f in _POINTERS],
-                     ctypes.cast(lib.flashjit_run, ctypes.c_void_p).value,
-                     ctypes.cast(lib.flashjit_error_string, ctypes.c_void_p).value,
-                     list(plan.out_shape), list(plan.lse_shape), bool(causal),
-                     math.nan if softmax_scale is None else float(softmax_scale),
-                     int(window_size[0]), int(window_size[1]), float(softcap))
 
 
 def attn(q, k, v, causal: bool, softmax_scale, window_size, softcap, deterministic: bool):
@@ -180,7 +168,5 @@ def attn(q, k, v, causal: bool, softmax_scale, window_size, softcap, determinist
     plan = interface._plans.get(key) if key is not None else None
     if plan is None or plan.generation != tuning.current_generation():
         return None
-    native = plan.native
-    if native is None:
-        native = plan.native = _native_plan(node, plan, causal, softmax_scale, window_size, softcap)
-    return node.attn(q, k, v, native, deterministic)
+    return node.attn(q, k, v, plan.native_plan(node), causal, softmax_scale, int(window_size[0]), int(window_size[1]),
+                     float(softcap), deterministic)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import flashjit
-from flashjit import cache, native
+from flashjit import cache, interface, native
 
 B, S, H, D = 2, 5, 3, 8
 _RUN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
@@ -24,14 +24,14 @@ _loaded = {}
 
 @pytest.fixture
 def node():
-    """The extension, built into this session's cache once (~45 s), loaded once; afterwards the
-    module's state is as it was and its backward hook is native's own."""
+    """The extension, built into this session's cache once (~45 s), loaded once; afterwards native's
+    and interface's state is as it was and the extension's backward hook is native's own."""
     if "node" not in _loaded:
         _loaded["node"] = native.load(native.build())
-    saved = native._module, native._state
+    saved = native._module, native._state, interface.native_node
     yield _loaded["node"]
     _loaded["node"].set_backward(native._backward)
-    native._module, native._state = saved
+    native._module, native._state, interface.native_node = saved
 
 
 def _stand_in(status=0):
@@ -46,17 +46,21 @@ def _stand_in(status=0):
         out = (ctypes.c_float * n).from_address(o)
         for i in range(n):
             out[i] *= 2
-        lse_values = (ctypes.c_float * (B * H * S)).from_address(lse)
-        for i in range(B * H * S):
-            lse_values[i] = 1.5
+        if lse:  # a plan without lse leaves the params' pointer null
+            lse_values = (ctypes.c_float * (B * H * S)).from_address(lse)
+            for i in range(B * H * S):
+                lse_values[i] = 1.5
         return 0
     callbacks = _RUN(run), _ERROR(lambda err: ctypes.addressof(_MESSAGE))
     return callbacks, [ctypes.cast(c, ctypes.c_void_p).value for c in callbacks]
 
 
-def _plan(node, entry_points, softmax_scale=float("nan")):
-    return node.Plan(bytes(48), [0, 8, 16, 24, 32], *entry_points, [B, S, H, D], [B, H, S], True, softmax_scale,
-                     -1, 0, 0.0)
+def _plan(node, entry_points, lse=True):
+    return node.Plan(bytes(48), [0, 8, 16, 24, 32], *entry_points, [B, S, H, D], [B, H, S] if lse else [])
+
+
+def _attn(node, q, k, v, plan, softmax_scale=None, deterministic=True):
+    return node.attn(q, k, v, plan, True, softmax_scale, -1, 0, 0.0, deterministic)
 
 
 def _qkv(grad=True):
@@ -83,20 +87,23 @@ def test_the_node_runs_the_plan_and_hands_the_backward_its_inputs(node):
         return 2 * dout, torch.zeros_like(k), torch.ones_like(v)
     node.set_backward(backward)
     q, k, v = _qkv()
-    out, lse = node.attn(q, k, v, _plan(node, entry_points), True)
+    out, lse = _attn(node, q, k, v, _plan(node, entry_points))
     assert torch.equal(out, 2 * q.detach()) and torch.equal(lse, torch.full((B, H, S), 1.5))
     assert out.grad_fn is not None and not lse.requires_grad
     out.backward(torch.ones_like(out))
     assert torch.equal(q.grad, torch.full_like(q, 2.0)) and not k.grad.any() and torch.equal(v.grad, torch.ones_like(v))
-    assert seen["flags"] == (True, None, -1, 0, 0.0, True)  # NaN scale: None, the default
+    assert seen["flags"] == (True, None, -1, 0, 0.0, True)  # None: the default scale
     assert torch.equal(seen["out"], out.detach()) and torch.equal(seen["lse"], lse)
 
-    out, _ = node.attn(*_qkv(), _plan(node, entry_points, softmax_scale=0.25), False)
+    out, _ = _attn(node, *_qkv(), _plan(node, entry_points), softmax_scale=0.25, deterministic=False)
     out.sum().backward()
     assert seen["flags"][1] == 0.25 and seen["flags"][5] is False
     with torch.no_grad():
-        out, _ = node.attn(*_qkv(), _plan(node, entry_points), False)
+        out, _ = _attn(node, *_qkv(), _plan(node, entry_points))
     assert out.grad_fn is None and not out.requires_grad
+    q = _qkv()[0]  # the plain launch (interface._Plan.launch's): no graph, and no lse where the plan has none
+    out, lse = node.launch(q, q, q, _plan(node, entry_points, lse=False))
+    assert torch.equal(out, 2 * q.detach()) and lse is None and out.grad_fn is None
     del callbacks
 
 
@@ -106,15 +113,16 @@ def test_the_node_refuses_what_the_python_path_refuses(node):
     plan = _plan(node, entry_points)
     _, k, v = _qkv()
     unaligned = torch.randn(B * S * H * D + 1)[1:].view(B, S, H, D)
-    assert node.attn(unaligned, k, v, plan, False) is None  # the caller takes the Python path, which copies
+    assert _attn(node, unaligned, k, v, plan) is None  # the caller takes the Python path, which copies
+    assert node.launch(unaligned, k, v, plan) is None
     x = torch.randn(B, S, H, D, requires_grad=True) * 1
-    out, _ = node.attn(x, k, v, plan, False)
+    out, _ = _attn(node, x, k, v, plan)
     x.add_(1)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
     failing, failing_points = _stand_in(status=700)
     with pytest.raises(RuntimeError, match=r"failed to launch: CUDA error 700 \(stand-in failure\)"):
-        node.attn(*_qkv(), _plan(node, failing_points), False)
+        _attn(node, *_qkv(), _plan(node, failing_points))
     del callbacks, failing
 
 
@@ -141,6 +149,13 @@ def test_flash_attn_func_takes_the_node_and_matches_the_autograd_function(node, 
     assert type(through_node[0].grad_fn).__name__ != "_JitAttentionBackward"
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), through_node, python_path):
         assert torch.equal(a, b), name
+    # Without grad, a planned forward launches through the extension too (interface._Plan.launch).
+    plain = [t.detach() for t in (q, k, v)]
+    native.use(None)
+    by_ctypes = flashjit.forward(*plain, return_lse=True, **kwargs)
+    native.use(node)
+    by_node = flashjit.forward(*plain, return_lse=True, **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(by_node, by_ctypes))
 
 
 @pytest.mark.compile
