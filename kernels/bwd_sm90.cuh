@@ -761,31 +761,24 @@ __device__ __forceinline__ void wide_dq(const BwdParams& p, const Seq& seq, cons
   const int q16 = (warp & 3) * 16;
   // dq_accum as the narrow kernel's add_dq addresses it: plane, 64-column piece, row.
   float* plane = p.dq_accum + int64_t(seq.plane0 + h) * (C::kD / 64) * seq.plane_rows * 64;
-  // Every piece is issued before the first is added: piece i's reductions run while piece i + 1 is on
-  // the tensor cores (one at a time, they ran with this warpgroup's tensor queue empty).
-  constexpr int kPieces = (C::kD / 64 - kWg + 1) / 2;  // this warpgroup's: 1 or 2
-  static_assert(kPieces == 1 || kPieces == 2, "the wide kernel's tiles are 192 or 256 wide");
-  float dq[kPieces][64 / 8][4];
 #pragma unroll
-  for (int i = 0; i < kPieces; ++i) {
+  for (int piece = kWg; piece < C::kD / 64; piece += 2) {
+    float dq[64 / 8][4];
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < C::kKsN; ++ks)
-      wgmma_ss<64, C::kBf16, 1, 1>(dq[i], gmma_desc_add(d.ds_a, mnmajor_step(ks)),
-                                   gmma_desc_add(d.kq_b, (kWg + 2 * i) * C::TileN::kBlockBytes + mnmajor_step(ks)),
-                                   ks > 0);
+      wgmma_ss<64, C::kBf16, 1, 1>(dq, gmma_desc_add(d.ds_a, mnmajor_step(ks)),
+                                   gmma_desc_add(d.kq_b, piece * C::TileN::kBlockBytes + mnmajor_step(ks)), ks > 0);
     wgmma_commit();
-  }
-  under_dq();
-  wgmma_wait<kPieces>();  // the warpgroup's dV or dK, issued before these
-  retired();
-#pragma unroll
-  for (int i = 0; i < kPieces; ++i) {
-    if (i == 0) wgmma_wait<kPieces - 1>();
-    else wgmma_wait<0>();
-    wgmma_settle(dq[i]);
-    red_rows_f32(plane + int64_t(kWg + 2 * i) * seq.plane_rows * 64, seq.q_start + row0 + q16,
-                 seq.len_q - row0 - q16, dq[i], 0, 1.f, lane);
+    if (piece == kWg) {
+      under_dq();
+      wgmma_wait<1>();
+      retired();
+    }
+    wgmma_wait<0>();
+    wgmma_settle(dq);
+    red_rows_f32(plane + int64_t(piece) * seq.plane_rows * 64, seq.q_start + row0 + q16, seq.len_q - row0 - q16, dq,
+                 0, 1.f, lane);
   }
 }
 
