@@ -485,7 +485,7 @@ class _Plan:
     def launch(self, q, k, v, philox):
         """(out, lse or None), or None when this call cannot use the plan (an input not 16-byte aligned,
         or a tuned table written since)."""
-        if (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15 or self.generation != tuning.current_generation():
+        if not self.usable(q, k, v):
             return None
         node = native_node
         if node is not None and not self.dropout:  # the same launch from C++: ~2 us less Python a call
@@ -501,6 +501,11 @@ class _Plan:
             params.philox_seed, params.philox_offset = philox or philox_state(self.device_index)
         _run(self.kernel, params, self.device_index)
         return out, lse
+
+    def usable(self, q, k, v) -> bool:
+        """Whether this call may take the plan: inputs 16-byte aligned (the kernels' vector loads; the
+        planless path copies) and no tuned table written since it was made."""
+        return not (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15 and self.generation == tuning.current_generation()
 
     def native_plan(self, node):
         """This plan as `node` (the C++ extension, flashjit/native.py) takes it: the params bytes, where

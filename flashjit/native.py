@@ -29,39 +29,36 @@ import threading
 import time
 from pathlib import Path
 
-from . import cache, envvars, interface, jit, toolchain, tuning
+from . import cache, envvars, interface, jit, toolchain
+from ._version import __version__
 from .notify import notify
 
 NAME = "flashjit_autograd_node"  # the extension's module name (its PyInit_ symbol): fixed
 SOURCE = Path(__file__).resolve().parent / "csrc" / "autograd_node.cpp"
 ARCH_DIR = "host"  # the cache's directory for it beside the sm_* ones: it runs on the CPU
 
-_module = None  # the loaded extension
 _state = None  # None: not looked for yet; "building"; "ready"; "off"; "failed"
 _lock = threading.RLock()  # module() may build inline, whose use() takes it again
 
 
 def key_inputs(toolkit: toolchain.Toolkit) -> dict:
     """What the extension's binary depends on: torch (its headers and libraries), the toolchain, the
-    interpreter's ABI, flashjit and this source."""
-    return {**jit.toolchain_inputs(toolkit), **jit.local_inputs(), "extension": NAME,
-            "source": hashlib.sha256(SOURCE.read_bytes()).hexdigest(),
+    interpreter's ABI, flashjit's version and this source (not the kernel templates: it includes none)."""
+    torch_version, torch_cuda = jit.torch_versions()
+    return {**jit.toolchain_inputs(toolkit), "flashjit": __version__, "torch": torch_version, "torch_cuda": torch_cuda,
+            "extension": NAME, "source": hashlib.sha256(SOURCE.read_bytes()).hexdigest(),
             "python_abi": sysconfig.get_config_var("EXT_SUFFIX") or sys.version}
 
 
-def _entry(toolkit: toolchain.Toolkit, base: Path | None) -> tuple[cache.Entry, dict]:
-    inputs = key_inputs(toolkit)
-    return cache.Entry.for_key(ARCH_DIR, NAME, cache.key_hash(inputs), base=base), inputs
-
-
-def build() -> Path:
+def build(compile: bool = True) -> Path | None:
     """The verified extension library in the cache, compiled there under the entry's lock if it is
-    missing or damaged (nothing half-written stays behind). Needs a CUDA build of torch and nvcc's
-    toolkit (for the CUDA runtime's headers), no GPU."""
+    missing or damaged (nothing half-written stays behind); with compile=False, None then. Needs a CUDA
+    build of torch and nvcc's toolkit (for the CUDA runtime's headers), no GPU."""
     toolkit = toolchain.find_toolkit()
-    entry, inputs = _entry(toolkit, cache.location())
+    inputs = key_inputs(toolkit)
+    entry = cache.Entry.for_key(ARCH_DIR, NAME, cache.key_hash(inputs), base=cache.location())
     library = entry.verified_library()
-    if library is not None:
+    if library is not None or not compile:
         return library
     cache.root()  # CacheError with the fix when the cache cannot be written
     with entry.locked():
@@ -105,16 +102,12 @@ def load(library: Path):
 def _find_or_build() -> None:
     """Background (or, with FLASHJIT_NATIVE_AUTOGRAD=1, inline) work of module(): the cached
     extension, else a build unless FLASHJIT_DISABLE_JIT; then load it."""
-    global _module, _state
+    global _state
     try:
-        if envvars.DISABLE_JIT.flag():
-            entry, _ = _entry(toolchain.find_toolkit(), cache.location())
-            library = entry.verified_library()
-            if library is None:
-                _state = "off"  # never compile: the autograd.Function it is
-                return
-        else:
-            library = build()
+        library = build(compile=not envvars.DISABLE_JIT.flag())
+        if library is None:
+            _state = "off"  # never compile: the autograd.Function it is
+            return
         use(load(library))
     except Exception as exc:  # the autograd.Function still works: say why once and keep using it
         _state = "failed"
@@ -137,16 +130,16 @@ def module():
                         threading.Thread(target=_find_or_build, name="flashjit-native-build", daemon=True).start()
                     else:
                         _find_or_build()
-    return _module
+    return interface.native_node
 
 
 def use(node) -> None:
     """Make `node` (load(build())) what flash_attn_func calls, or with None the autograd.Function,
     now and without looking further: benchmarks and tests compare the two."""
-    global _module, _state
+    global _state
     with _lock:
-        _module, _state = node, ("ready" if node is not None else "off")
-        interface.native_node = node
+        _state = "ready" if node is not None else "off"
+        interface.native_node = node  # where the loaded extension lives: planned forwards launch through it
 
 
 def _backward(dout, q, k, v, out, lse, causal, softmax_scale, window_left, window_right, softcap, deterministic):
@@ -161,12 +154,12 @@ def attn(q, k, v, causal: bool, softmax_scale, window_size, softcap, determinist
     not loaded (yet), no launch plan for this call's key (the plan of interface.forward(...,
     return_lse=True) with no dropout, ALiBi or sink: the key the autograd.Function's forward uses),
     a tuned table written since the plan, or an input not 16-byte aligned."""
-    node = _module if _module is not None else module()
+    node = interface.native_node or module()
     if node is None or not (softmax_scale is None or isinstance(softmax_scale, float)):
         return None
     key = interface._plan_key(q, k, v, causal, softmax_scale, window_size, softcap, 0.0, True)
     plan = interface._plans.get(key) if key is not None else None
-    if plan is None or plan.generation != tuning.current_generation():
+    if plan is None or not plan.usable(q, k, v):
         return None
     return node.attn(q, k, v, plan.native_plan(node), causal, softmax_scale, int(window_size[0]), int(window_size[1]),
                      float(softcap), deterministic)

@@ -28,10 +28,10 @@ def node():
     and interface's state is as it was and the extension's backward hook is native's own."""
     if "node" not in _loaded:
         _loaded["node"] = native.load(native.build())
-    saved = native._module, native._state, interface.native_node
+    saved = native._state, interface.native_node
     yield _loaded["node"]
     _loaded["node"].set_backward(native._backward)
-    native._module, native._state, interface.native_node = saved
+    native._state, interface.native_node = saved
 
 
 def _stand_in(status=0):
@@ -162,7 +162,7 @@ def test_flash_attn_func_takes_the_node_and_matches_the_autograd_function(node, 
 def test_the_switch_and_never_compiling_without_the_jit(private_cache, monkeypatch):
     """FLASHJIT_NATIVE_AUTOGRAD=0: never looked for. With FLASHJIT_DISABLE_JIT and nothing cached, the
     node is off (flash_attn_func keeps the autograd.Function) and nothing was compiled or written."""
-    monkeypatch.setattr(native, "_module", None)
+    monkeypatch.setattr(interface, "native_node", None)
     monkeypatch.setattr(native, "_state", None)
     monkeypatch.setenv("FLASHJIT_NATIVE_AUTOGRAD", "0")
     assert native.module() is None and native._state == "off"
