@@ -116,8 +116,16 @@ struct Config {
   using TileS = GmmaTile<kBlockN, kBlockM>;  // dS^T (two buffers with kTma)
   static constexpr int kDsBuffers = kTma && !kWide ? 2 : 1;
   // After lse and D: the dQ staging tiles (a warp's 16 x 64 fp32 each), or in the wide kernel P^T
-  // in fp32 (kBlockN x kBlockM), handed from warpgroup 0 to warpgroup 1.
-  static constexpr int kScratchBytes = kWide ? kBlockN * kBlockM * 4 : kWarps * kDqStageBytes;
+  // (kBlockN x kBlockM), handed from warpgroup 0 to warpgroup 1, then a dQ staging tile a warp of
+  // kWideDqRows rows. The wide kernel's dQ goes out by bulk reductions as the narrow kernel's: its
+  // 16-byte reductions from registers took 55% of its time (the kernel ran 2.2x as fast without
+  // them: docs/perf-log.md, 2026-12-04; the L2 at 82% of its throughput). At d_head 256 the whole
+  // pieces do not fit: P^T goes over in fp16 (relative error 2^-11 on P in [0, 1], under the 2^-9
+  // of dS's own bf16 rounding) and a warp stages half a piece at a time.
+  static constexpr bool kPtHalf = kWide && kD > 192;
+  static constexpr int kWideDqRows = kPtHalf ? 8 : 16;
+  static constexpr int kPtBytes = kBlockN * kBlockM * (kPtHalf ? 2 : 4);
+  static constexpr int kScratchBytes = kWide ? kPtBytes + kWarps * kWideDqRows * 64 * 4 : kWarps * kDqStageBytes;
   // kv_full and a Ring<2> (a step's Q, dO, lse and D), after everything else: the epilogues'
   // staging never reaches them.
   static constexpr int kBarrierBytes = kTma ? 8 * (1 + 2 * 2) : 0;
@@ -141,12 +149,14 @@ struct Config {
 // times scale, into a 16 x 64 staging tile laid out as dq_accum tiles its buffer: 16-byte chunk c of
 // row r at c ^ ((r + row_base) & 7), row_base the buffer row of the tile's row 0 mod 8. The stores
 // are conflict-free (8 rows, 8 chunks), and the tile is one contiguous run of the buffer.
-template <int kNt>
+// kHalf 0 or 1: only that 8-row half of the share, into an 8 x 64 tile (the same layout: 8 is a
+// multiple of the swizzle's period).
+template <int kNt, int kHalf = -1>
 __device__ __forceinline__ void stage_rows_f32(float* tile, const float (&acc)[kNt][4], int nt0, int row_base, float scale,
                                                int lane) {
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int r = (lane >> 2) + half * 8, key = (r + row_base) & 7;
+  for (int half = kHalf < 0 ? 0 : kHalf; half < (kHalf < 0 ? 2 : kHalf + 1); ++half) {
+    const int key = ((lane >> 2) + half * 8 + row_base) & 7, r = (lane >> 2) + (kHalf < 0 ? half * 8 : 0);
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt)
       *reinterpret_cast<float2*>(tile + r * 64 + (((2 * nt + (lane & 3) / 2) ^ key) * 4) + (lane & 1) * 2) =
@@ -189,7 +199,7 @@ __device__ __forceinline__ void add_dkdv(const BwdParams& p, const Seq& seq, int
 
 
 // The shared memory of either kernel: K, V, two stages of Q and of dO, dS^T (kDsBuffers), two
-// stages of lse and D, a dQ staging tile per warp (the wide kernel: P^T in fp32), then (kTma) the
+// stages of lse and D, a dQ staging tile per warp (the wide kernel: P^T and dQ staging), then (kTma) the
 // barriers.
 template <class C>
 struct Smem {
@@ -752,15 +762,16 @@ __device__ __forceinline__ void consume(const BwdParams& p, const Smem<C>& sm, u
 // warpgroup's dV or dK of step t has retired (dQ reads only K and sm.ds).
 
 // This warpgroup's share of a step's dQ = dS K (dS^T from sm.ds M-major, K N-major): 64-column pieces
-// kWg, kWg + 2, .., each added to dq_accum from registers (this warp's 16 of the step's queries from
-// row0 of head h). Issued after the warpgroup's dV or dK product: under_dq() runs while the first
+// kWg, kWg + 2, .., each staged by each warp (this warp's 16 of the step's queries from row0 of head
+// h) in s_dq, kWideDqRows rows at a time, and added to dq_accum by a bulk reduction, as the narrow
+// kernel's add_dq. Issued after the warpgroup's dV or dK product: under_dq() runs while the first
 // piece is on the tensor cores, retired() once dV or dK has retired.
 template <class C, int kWg, class UnderDq, class Retired>
-__device__ __forceinline__ void wide_dq(const BwdParams& p, const Seq& seq, const Descs<C>& d, int h, int row0,
-                                        int warp, int lane, UnderDq under_dq, Retired retired) {
-  const int q16 = (warp & 3) * 16;
+__device__ __forceinline__ void wide_dq(const BwdParams& p, const Seq& seq, const Descs<C>& d, float* s_dq, int h,
+                                        int row0, int warp, int lane, UnderDq under_dq, Retired retired) {
+  const int q16 = (warp & 3) * 16, rows = seq.len_q - row0 - q16;  // this warp's real rows: rows > 0 up to 16
   // dq_accum as the narrow kernel's add_dq addresses it: plane, 64-column piece, row.
-  float* plane = p.dq_accum + int64_t(seq.plane0 + h) * (C::kD / 64) * seq.plane_rows * 64;
+  float* dst = p.dq_accum + (int64_t(seq.plane0 + h) * (C::kD / 64) * seq.plane_rows + seq.q_start + row0 + q16) * 64;
 #pragma unroll
   for (int piece = kWg; piece < C::kD / 64; piece += 2) {
     float dq[64 / 8][4];
@@ -777,8 +788,21 @@ __device__ __forceinline__ void wide_dq(const BwdParams& p, const Seq& seq, cons
     }
     wgmma_wait<0>();
     wgmma_settle(dq);
-    red_rows_f32(plane + int64_t(piece) * seq.plane_rows * 64, seq.q_start + row0 + q16, seq.len_q - row0 - q16, dq,
-                 0, 1.f, lane);
+#pragma unroll
+    for (int part = 0; part < 16 / C::kWideDqRows; ++part) {
+      if (lane == 0) bulk_wait_read<0>();  // the previous reduction has read s_dq
+      __syncwarp();
+      // The buffer row of the tile's row 0 is q_start + row0 + q16 (+ 8 part), row0 and q16 multiples of 16.
+      if constexpr (C::kWideDqRows == 16) stage_rows_f32(s_dq, dq, 0, seq.q_start, 1.f, lane);
+      else if (part == 0) stage_rows_f32<8, 0>(s_dq, dq, 0, seq.q_start, 1.f, lane);
+      else stage_rows_f32<8, 1>(s_dq, dq, 0, seq.q_start, 1.f, lane);
+      fence_proxy_async();
+      __syncwarp();
+      const int n = min(C::kWideDqRows, rows - part * C::kWideDqRows);
+      if (lane == 0 && n > 0)
+        bulk_reduce_add_f32(dst + int64_t(piece) * seq.plane_rows * 64 + part * C::kWideDqRows * 64, s_dq,
+                            uint32_t(n) * 64 * 4);
+    }
   }
 }
 
@@ -790,6 +814,7 @@ __device__ __forceinline__ void write_dkdv_wide(const BwdParams& p, const Work<C
                                                 float (&acc)[1][C::kNtD][4], int r0, int tid) {
   const int lane = tid & 31;
   const float scale = (kWg == 1 ? p.softmax_scale : 1.f) * C::dropout_scale(p);
+  if (lane == 0) bulk_wait_read<0>();  // the dQ reductions have read this warp's staging tile (as write_dkdv)
   if constexpr (C::kHeadSplit) {
     const int64_t plane = is_varlen(p) ? w.h_k : int64_t(w.b) * p.heads_k + w.h_k;
     const int plane_rows = key_plane_rows(p);
@@ -826,7 +851,10 @@ __device__ __forceinline__ void consume_wide(const BwdParams& p, const Smem<C>& 
   zero(acc);
   const int my_key0 = w.key0 + r0 + (lane >> 2);  // key of row half h: my_key0 + 8 h
   const Descs<C> d(sm, 0);                       // both warpgroups read all 64 keys of K and V
-  float4* s_pt = reinterpret_cast<float4*>(sm.dq) + (tid & 127);  // this thread's P^T: n-tile nt at [nt * 128]
+  // This thread's P^T, n-tile nt at [nt * 128]: four floats, or (kPtHalf) four fp16 in 8 bytes.
+  float4* s_pt = reinterpret_cast<float4*>(sm.dq) + (tid & 127);
+  uint2* s_pt_half = reinterpret_cast<uint2*>(sm.dq) + (tid & 127);
+  float* s_dq = sm.dq + C::kPtBytes / 4 + warp * C::kWideDqRows * 64;  // this warp's dQ staging tile
   using StepPos = typename bwd::QuerySteps<C>::Pos;
   const int steps = w.steps.count;
   StepPos cur = w.steps.first();
@@ -874,11 +902,15 @@ __device__ __forceinline__ void consume_wide(const BwdParams& p, const Smem<C>& 
           unpack2<false>(grad[nt][0], g[0], g[1]);
           unpack2<false>(grad[nt][1], g[2], g[3]);
         }
-        s_pt[nt * 128] = make_float4(s[0][nt][0] * g[0], s[0][nt][1] * g[1], s[0][nt][2] * g[2], s[0][nt][3] * g[3]);
+        if constexpr (C::kPtHalf)
+          s_pt_half[nt * 128] = make_uint2(pack2<false>(s[0][nt][0] * g[0], s[0][nt][1] * g[1]),
+                                           pack2<false>(s[0][nt][2] * g[2], s[0][nt][3] * g[3]));
+        else
+          s_pt[nt * 128] = make_float4(s[0][nt][0] * g[0], s[0][nt][1] * g[1], s[0][nt][2] * g[2], s[0][nt][3] * g[3]);
       }
       named_arrive(int(Barrier::kPReady), 2 * 128);
       named_sync_unaligned(int(Barrier::kDsReady), 2 * 128);
-      wide_dq<C, 0>(p, seq, d, cur.h, cur.row0, warp, lane, [&] {
+      wide_dq<C, 0>(p, seq, d, s_dq, cur.h, cur.row0, warp, lane, [&] {
         // The next step's mask while dQ is on the tensor cores (made past the last step too, unread).
         if constexpr (C::kDropout) {
           const auto made = mask_of(next);
@@ -901,8 +933,15 @@ __device__ __forceinline__ void consume_wide(const BwdParams& p, const Smem<C>& 
       named_sync(int(Barrier::kPReady), 2 * 128);
 #pragma unroll
       for (int nt = 0; nt < C::kNtM; ++nt) {
-        const float4 v = s_pt[nt * 128];
-        const float pt[4] = {v.x, v.y, v.z, v.w};
+        float pt[4];
+        if constexpr (C::kPtHalf) {
+          const uint2 v = s_pt_half[nt * 128];
+          unpack2<false>(v.x, pt[0], pt[1]);
+          unpack2<false>(v.y, pt[2], pt[3]);
+        } else {
+          const float4 v = s_pt[nt * 128];
+          pt[0] = v.x, pt[1] = v.y, pt[2] = v.z, pt[3] = v.w;
+        }
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           if constexpr (C::kDropout)  // z = sat(2^127 P_signed) is Z (see the narrow kernel)
@@ -921,7 +960,7 @@ __device__ __forceinline__ void consume_wide(const BwdParams& p, const Smem<C>& 
       // A sync, not an arrive: this warpgroup's own dQ reads every warp's rows of sm.ds (the product
       // sums over the 64 keys), so its warps wait for each other too. WG0 is already waiting here.
       named_sync_unaligned(int(Barrier::kDsReady), 2 * 128);
-      wide_dq<C, 1>(p, seq, d, cur.h, cur.row0, warp, lane, [] {}, retired);
+      wide_dq<C, 1>(p, seq, d, s_dq, cur.h, cur.row0, warp, lane, [] {}, retired);
     }
     cur = next;
   }
