@@ -489,7 +489,7 @@ class _Plan:
             return None
         node = native_node
         if node is not None and not self.dropout:  # the same launch from C++: ~2 us less Python a call
-            return node.launch(q, k, v, self.native_plan(node))
+            return self.checked(node.launch(q, k, v, self.native_plan(node)))
         out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
         params = FwdParams.from_buffer_copy(self.template)
         params.q, params.k, params.v, params.o = q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()
@@ -507,14 +507,27 @@ class _Plan:
         planless path copies) and no tuned table written since it was made."""
         return not (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15 and self.generation == tuning.current_generation()
 
+    def checked(self, result):
+        """A result of native_node's launch or attn with this plan: itself, or the error it stands for
+        raised (the extension returns its failures, never throws them: flashjit/csrc/autograd_node.cpp):
+        a launch's CUDA error (an int) as the ctypes path raises it, a failure's message (a str) as
+        torch.OutOfMemoryError or RuntimeError."""
+        if isinstance(result, int):
+            raise self.kernel.launch_error(result)
+        if isinstance(result, str):
+            kind, _, message = result.partition(": ")
+            raise (torch.OutOfMemoryError if kind == "OutOfMemoryError" else RuntimeError)(message)
+        return result
+
     def native_plan(self, node):
         """This plan as `node` (the C++ extension, flashjit/native.py) takes it: the params bytes, where
-        q, k, v, o and lse go in them, the library's launch and error-string entry points, the shapes."""
+        q, k, v, o and lse go in them (checked here: the extension writes there unchecked), the
+        library's launch entry point, the shapes."""
         if self.native is None:
-            lib = self.kernel.lib
-            self.native = node.Plan(self.template, [getattr(FwdParams, f).offset for f in ("q", "k", "v", "o", "lse")],
-                                    ctypes.cast(lib.flashjit_run, ctypes.c_void_p).value,
-                                    ctypes.cast(lib.flashjit_error_string, ctypes.c_void_p).value,
+            offsets = [getattr(FwdParams, f).offset for f in ("q", "k", "v", "o", "lse")]
+            if not all(0 <= at <= len(self.template) - 8 for at in offsets):
+                raise RuntimeError(f"flashjit: pointer offsets {offsets} outside the {len(self.template)}-byte params")
+            self.native = node.Plan(self.template, offsets, ctypes.cast(self.kernel.lib.flashjit_run, ctypes.c_void_p).value,
                                     list(self.out_shape), list(self.lse_shape or ()))
         return self.native
 

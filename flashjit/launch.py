@@ -130,5 +130,9 @@ class CompiledKernel:
     def __call__(self, params: ctypes.Structure, stream: int) -> None:
         err = self._fn(ctypes.byref(params), stream)
         if err:
-            raise RuntimeError(f"flashjit kernel {self.name} failed to launch: CUDA error {err} "
-                               f"({self.lib.flashjit_error_string(err).decode()})")
+            raise self.launch_error(err)
+
+    def launch_error(self, err: int) -> RuntimeError:
+        """The error of a launch that returned CUDA error `err` (here, or through flashjit/native.py)."""
+        return RuntimeError(f"flashjit kernel {self.name} failed to launch: CUDA error {err} "
+                            f"({self.lib.flashjit_error_string(err).decode()})")

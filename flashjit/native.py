@@ -2,16 +2,19 @@
 inputs require grad.
 
 A Python autograd.Function costs about 13 us a call on an H200's host before it does anything, and
-SDPA's whole call with grad about 19-22 us (docs/perf-log.md, 2026-12-03). This module builds a small
+SDPA's whole call with grad about 19-22 us (docs/perf-log.md, 2026-12-03); through this node a grad
+call costs 18.6-33 us against the Function's 36-87 and SDPA's 21-31 in the same runs (2026-12-04). This module builds a small
 torch extension whose C++ autograd::Function launches the forward from the call's launch plan
 (interface._Plan: the kernel and its params, packed once a shape) and calls back into Python only for
 the backward. Once it is loaded, every planned forward without dropout launches through it too
-(interface.native_node), grad or not: ~2 us less Python a call than the ctypes launch. The extension is built like a kernel: once per key (torch, toolchain, flashjit, this
-source) into the cache under the entry's lock, published whole, and loaded by every later process.
+(interface.native_node), grad or not: ~2 us less Python a call than the ctypes launch. The extension
+is built like a kernel: once per key (torch, toolchain, flashjit, this source) into the cache under
+the entry's lock, published whole, and loaded by every later process. It returns its failures and
+never throws them (csrc/autograd_node.cpp: Launched).
 
-FLASHJIT_NATIVE_AUTOGRAD: '0' (the default until a GPU has measured it) never uses it; 'auto' loads
-it from the cache, or builds it in a background thread at the first call that could use it, while
-calls take the autograd.Function until it is loaded; '1' builds it at that call and waits.
+FLASHJIT_NATIVE_AUTOGRAD: 'auto' (the default) loads it from the cache, or builds it in a background
+thread at the first call that could use it (a GPU call whose launch plan exists), while calls take
+the autograd.Function until it is loaded; '1' builds it at that call and waits; '0' never uses it.
 `python -m flashjit precompile` builds it too when it is on. A call uses it once its launch plan
 exists (a shape's first call makes the plan on the Python path) and when it has no dropout, ALiBi or
 sink (those keep the autograd.Function).
@@ -154,12 +157,15 @@ def attn(q, k, v, causal: bool, softmax_scale, window_size, softcap, determinist
     not loaded (yet), no launch plan for this call's key (the plan of interface.forward(...,
     return_lse=True) with no dropout, ALiBi or sink: the key the autograd.Function's forward uses),
     a tuned table written since the plan, or an input not 16-byte aligned."""
-    node = interface.native_node or module()
-    if node is None or not (softmax_scale is None or isinstance(softmax_scale, float)):
+    if not (softmax_scale is None or isinstance(softmax_scale, float)):
         return None
     key = interface._plan_key(q, k, v, causal, softmax_scale, window_size, softcap, 0.0, True)
     plan = interface._plans.get(key) if key is not None else None
     if plan is None or not plan.usable(q, k, v):
         return None
-    return node.attn(q, k, v, plan.native_plan(node), causal, softmax_scale, int(window_size[0]), int(window_size[1]),
-                     float(softcap), deterministic)
+    node = interface.native_node or module()  # asked only here: a call with no plan (no GPU) builds nothing
+    if node is None:
+        return None
+    result = node.attn(q, k, v, plan.native_plan(node), causal, softmax_scale, int(window_size[0]),
+                       int(window_size[1]), float(softcap), deterministic)
+    return plan.checked(result)

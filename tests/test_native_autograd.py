@@ -17,8 +17,6 @@ from flashjit import cache, interface, native
 
 B, S, H, D = 2, 5, 3, 8
 _RUN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
-_ERROR = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_int)  # a const char* that outlives the call:
-_MESSAGE = ctypes.create_string_buffer(b"stand-in failure")  # ctypes cannot hand back a str it made
 _loaded = {}
 
 
@@ -35,8 +33,8 @@ def node():
 
 
 def _stand_in(status=0):
-    """A kernel library's flashjit_run and flashjit_error_string for CPU fp32 tensors: params hold the
-    q, k, v, o, lse pointers at bytes 0-39; out = 2 q, lse = 1.5 (or the launch fails with `status`)."""
+    """A kernel library's flashjit_run for CPU fp32 tensors: params hold the q, k, v, o, lse pointers at
+    bytes 0-39; out = 2 q, lse = 1.5 (or the launch fails with `status`)."""
     def run(params, _stream):
         q, _, _, o, lse = (ctypes.c_uint64 * 5).from_address(params)
         if status:
@@ -51,12 +49,12 @@ def _stand_in(status=0):
             for i in range(B * H * S):
                 lse_values[i] = 1.5
         return 0
-    callbacks = _RUN(run), _ERROR(lambda err: ctypes.addressof(_MESSAGE))
-    return callbacks, [ctypes.cast(c, ctypes.c_void_p).value for c in callbacks]
+    callback = _RUN(run)
+    return callback, ctypes.cast(callback, ctypes.c_void_p).value
 
 
-def _plan(node, entry_points, lse=True):
-    return node.Plan(bytes(48), [0, 8, 16, 24, 32], *entry_points, [B, S, H, D], [B, H, S] if lse else [])
+def _plan(node, entry_point, lse=True):
+    return node.Plan(bytes(48), [0, 8, 16, 24, 32], entry_point, [B, S, H, D], [B, H, S] if lse else [])
 
 
 def _attn(node, q, k, v, plan, softmax_scale=None, deterministic=True):
@@ -79,7 +77,7 @@ def test_the_extension_builds_once_into_the_cache(node, capfd):
 
 @pytest.mark.compile
 def test_the_node_runs_the_plan_and_hands_the_backward_its_inputs(node):
-    callbacks, entry_points = _stand_in()
+    callback, entry_point = _stand_in()
     seen = {}
 
     def backward(dout, q, k, v, out, lse, causal, scale, left, right, softcap, deterministic):
@@ -87,7 +85,7 @@ def test_the_node_runs_the_plan_and_hands_the_backward_its_inputs(node):
         return 2 * dout, torch.zeros_like(k), torch.ones_like(v)
     node.set_backward(backward)
     q, k, v = _qkv()
-    out, lse = _attn(node, q, k, v, _plan(node, entry_points))
+    out, lse = _attn(node, q, k, v, _plan(node, entry_point))
     assert torch.equal(out, 2 * q.detach()) and torch.equal(lse, torch.full((B, H, S), 1.5))
     assert out.grad_fn is not None and not lse.requires_grad
     out.backward(torch.ones_like(out))
@@ -95,22 +93,22 @@ def test_the_node_runs_the_plan_and_hands_the_backward_its_inputs(node):
     assert seen["flags"] == (True, None, -1, 0, 0.0, True)  # None: the default scale
     assert torch.equal(seen["out"], out.detach()) and torch.equal(seen["lse"], lse)
 
-    out, _ = _attn(node, *_qkv(), _plan(node, entry_points), softmax_scale=0.25, deterministic=False)
+    out, _ = _attn(node, *_qkv(), _plan(node, entry_point), softmax_scale=0.25, deterministic=False)
     out.sum().backward()
     assert seen["flags"][1] == 0.25 and seen["flags"][5] is False
     with torch.no_grad():
-        out, _ = _attn(node, *_qkv(), _plan(node, entry_points))
+        out, _ = _attn(node, *_qkv(), _plan(node, entry_point))
     assert out.grad_fn is None and not out.requires_grad
     q = _qkv()[0]  # the plain launch (interface._Plan.launch's): no graph, and no lse where the plan has none
-    out, lse = node.launch(q, q, q, _plan(node, entry_points, lse=False))
+    out, lse = node.launch(q, q, q, _plan(node, entry_point, lse=False))
     assert torch.equal(out, 2 * q.detach()) and lse is None and out.grad_fn is None
-    del callbacks
+    del callback
 
 
 @pytest.mark.compile
 def test_the_node_refuses_what_the_python_path_refuses(node):
-    callbacks, entry_points = _stand_in()
-    plan = _plan(node, entry_points)
+    callback, entry_point = _stand_in()
+    plan = _plan(node, entry_point)
     _, k, v = _qkv()
     unaligned = torch.randn(B * S * H * D + 1)[1:].view(B, S, H, D)
     assert _attn(node, unaligned, k, v, plan) is None  # the caller takes the Python path, which copies
@@ -120,10 +118,56 @@ def test_the_node_refuses_what_the_python_path_refuses(node):
     x.add_(1)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
-    failing, failing_points = _stand_in(status=700)
-    with pytest.raises(RuntimeError, match=r"failed to launch: CUDA error 700 \(stand-in failure\)"):
-        _attn(node, *_qkv(), _plan(node, failing_points))
-    del callbacks, failing
+    # A failed launch comes back as its CUDA error, never as an exception (native.py raises it with the
+    # library's message: test_a_failed_launch_raises_the_kernels_error).
+    failing, failing_point = _stand_in(status=700)
+    assert _attn(node, *_qkv(), _plan(node, failing_point)) == 700
+    assert node.launch(*_qkv(grad=False), _plan(node, failing_point)) == 700
+    assert _attn(node, *_qkv(), _plan(node, entry_point, lse=False)) is None  # the backward needs the lse
+    del callback, failing
+
+
+@pytest.mark.compile
+def test_a_failed_launch_raises_the_kernels_error(node, monkeypatch):
+    """The extension returns its failures (a launch's CUDA error, an allocation's message) and never
+    throws them; native.attn and interface._Plan.launch raise them (interface._Plan.checked): the
+    kernel's RuntimeError as the ctypes path words it, or the allocation's error."""
+    failing, failing_point = _stand_in(status=700)
+    working, working_point = _stand_in()
+
+    class Kernel:
+        @staticmethod
+        def launch_error(err):
+            return RuntimeError(f"flashjit kernel stand-in failed to launch: CUDA error {err} (stand-in)")
+
+    class Plan:
+        kernel, dropout, checked = Kernel, False, interface._Plan.checked
+
+        def __init__(self, plan):
+            self.plan = plan
+
+        def usable(self, q, k, v):
+            return True
+
+        def native_plan(self, _node):
+            return self.plan
+    monkeypatch.setattr(interface, "_plan_key", lambda *args: "key")
+    monkeypatch.setitem(interface._plans, "key", Plan(_plan(node, failing_point)))
+    native.use(node)
+    with pytest.raises(RuntimeError, match=r"stand-in failed to launch: CUDA error 700 \(stand-in\)"):
+        native.attn(*_qkv(), True, None, (-1, 0), 0.0, True)
+    with pytest.raises(RuntimeError, match=r"stand-in failed to launch: CUDA error 700"):
+        interface._Plan.launch(Plan(_plan(node, failing_point)), *_qkv(grad=False), None)
+    # An output the extension cannot allocate (at::empty throws a c10::Error inside it): its message.
+    impossible = node.Plan(bytes(48), [0, 8, 16, 24, 32], working_point, [B, -1, H, D], [B, H, S])
+    message = node.attn(*_qkv(), impossible, True, None, -1, 0, 0.0, True)
+    assert message.startswith("RuntimeError: ") and "negative dimension" in message
+    monkeypatch.setitem(interface._plans, "key", Plan(impossible))
+    with pytest.raises(RuntimeError, match="negative dimension"):
+        native.attn(*_qkv(), True, None, (-1, 0), 0.0, True)
+    with pytest.raises(torch.OutOfMemoryError, match="no memory"):
+        interface._Plan.checked(Plan(impossible), "OutOfMemoryError: no memory")
+    del failing, working
 
 
 @pytest.mark.gpu

@@ -11,9 +11,11 @@
 #include <c10/core/DeviceGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
@@ -25,16 +27,25 @@ using torch::autograd::variable_list;
 namespace {
 
 using RunFn = int (*)(const void* params, void* stream);  // a kernel library's flashjit_run
-using ErrorFn = const char* (*)(int);                      // its flashjit_error_string
 
 // A forward plan: the params bytes with every size, stride and score value in, where a call's five
-// pointers go, the library's entry points, the outputs' shapes (no lse_shape: no lse).
+// pointers go, the library's launch entry point, the outputs' shapes (no lse_shape: no lse).
 struct Plan {
   std::string params;
   int64_t at_q, at_k, at_v, at_o, at_lse;  // byte offsets of the pointer fields in params
   RunFn run;
-  ErrorFn error;
   std::vector<int64_t> out_shape, lse_shape;
+};
+
+// A planned launch: its outputs (lse undefined without), or the CUDA error the library returned.
+// No c10::Error leaves this module through pybind11: on the H200 machine's torch 2.11 (Python 3.12,
+// the extension built by Ubuntu's g++ 13) a TORCH_CHECK thrown out of a binding crashed the process,
+// where a pybind11 cast error did not (docs/perf-log.md, 2026-12-04). So a failed launch comes back as
+// its number, any other failure (an allocation) as its message (guarded()), and the caller
+// (interface._Plan.checked) raises them.
+struct Launched {
+  at::Tensor out, lse;
+  int err = 0;
 };
 
 // What the backward is told: interface.backward's arguments besides the tensors.
@@ -57,34 +68,31 @@ bool aligned(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {  /
   return ((address(q) | address(k) | address(v)) & 15) == 0;
 }
 
-// The planned launch on torch's current stream of the tensors' device: (out, lse or undefined).
-std::pair<at::Tensor, at::Tensor> run_plan(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                           const Plan& plan) {
+// The planned launch on torch's current stream of the tensors' device.
+Launched run_plan(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Plan& plan) {
   const c10::DeviceGuard guard(q.device());  // the tensors' device, not the current one
-  at::Tensor out = at::empty(plan.out_shape, q.options());
-  at::Tensor lse;
+  Launched launched;
+  launched.out = at::empty(plan.out_shape, q.options());
   std::string params = plan.params;
   put_pointer(params, plan.at_q, q.data_ptr());
   put_pointer(params, plan.at_k, k.data_ptr());
   put_pointer(params, plan.at_v, v.data_ptr());
-  put_pointer(params, plan.at_o, out.data_ptr());
+  put_pointer(params, plan.at_o, launched.out.data_ptr());
   if (!plan.lse_shape.empty()) {
-    lse = at::empty(plan.lse_shape, q.options().dtype(at::kFloat));
-    put_pointer(params, plan.at_lse, lse.data_ptr());
+    launched.lse = at::empty(plan.lse_shape, q.options().dtype(at::kFloat));
+    put_pointer(params, plan.at_lse, launched.lse.data_ptr());
   }
   void* stream = q.is_cuda() ? static_cast<void*>(c10::cuda::getCurrentCUDAStream(q.device().index()).stream())
                              : nullptr;  // a CPU "kernel": tests/test_native_autograd.py
-  const int err = plan.run(params.data(), stream);
-  TORCH_CHECK(err == 0, "flashjit: the forward kernel failed to launch: CUDA error ", err, " (", plan.error(err),
-              ")");
-  return {out, lse};
+  launched.err = plan.run(params.data(), stream);
+  return launched;
 }
 
 struct FlashAttn : public torch::autograd::Function<FlashAttn> {
+  // The kernel has run (attn(): its failure is returned, not thrown); this records the node.
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                               const Plan* plan, const Flags& flags) {
-    TORCH_CHECK(!plan->lse_shape.empty(), "flashjit: the autograd node needs a plan with the lse");
-    auto [out, lse] = run_plan(q, k, v, *plan);
+                               const Launched* launched, const Flags& flags) {
+    const at::Tensor &out = launched->out, &lse = launched->lse;
     ctx->save_for_backward({q, k, v, out, lse});
     ctx->saved_data["causal"] = flags.causal;
     ctx->saved_data["softmax_scale"] = flags.softmax_scale;
@@ -108,29 +116,53 @@ struct FlashAttn : public torch::autograd::Function<FlashAttn> {
                                          data.at("window_left").toInt(), data.at("window_right").toInt(),
                                          data.at("softcap").toDouble(), data.at("deterministic").toBool());
     const auto result = grads_in.cast<std::vector<at::Tensor>>();
-    TORCH_CHECK(result.size() == 3, "flashjit: the backward returned ", result.size(), " gradients, not 3");
+    if (result.size() != 3)  // (inside the autograd engine, which raises it; no TORCH_CHECK here: see Launched)
+      throw std::runtime_error("flashjit: the backward returned " + std::to_string(result.size()) + " gradients, not 3");
     return {result[0], result[1], result[2], at::Tensor(), at::Tensor()};
   }
 };
 
-// (out, lse) of the planned forward with autograd, or None where this call cannot use the plan (an
-// input not 16-byte aligned; the Python path copies).
+// f()'s result, or the message of what it threw ("OutOfMemoryError: ..." for an allocation that
+// failed), the c10::Error's without its C++ backtrace.
+template <class F>
+py::object guarded(F f) {
+  try {
+    return f();
+  } catch (const c10::OutOfMemoryError& e) {
+    return py::str(std::string("OutOfMemoryError: ") + e.what_without_backtrace());
+  } catch (const c10::Error& e) {
+    return py::str(std::string("RuntimeError: ") + e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    return py::str(std::string("RuntimeError: ") + e.what());
+  }
+}
+
+// (out, lse) of the planned forward with autograd; the CUDA error (an int) of a failed launch; a
+// failure's message (guarded()); or None where this call cannot use the plan (an input not 16-byte aligned: the Python path copies; a
+// plan without the lse, which the backward needs).
 py::object attn(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Plan& plan, bool causal,
                 py::object softmax_scale, int64_t window_left, int64_t window_right, double softcap,
                 bool deterministic) {
-  if (!aligned(q, k, v)) return py::none();
+  if (!aligned(q, k, v) || plan.lse_shape.empty()) return py::none();
   const Flags flags{causal, softmax_scale.is_none() ? std::nan("") : softmax_scale.cast<double>(), window_left,
                     window_right, softcap, deterministic};
-  const variable_list result = FlashAttn::apply(q, k, v, &plan, flags);
-  return py::make_tuple(result[0], result[1]);
+  return guarded([&]() -> py::object {
+    const Launched launched = run_plan(q, k, v, plan);
+    if (launched.err != 0) return py::int_(launched.err);
+    const variable_list result = FlashAttn::apply(q, k, v, &launched, flags);
+    return py::make_tuple(result[0], result[1]);
+  });
 }
 
-// (out, lse or None) of the planned forward without autograd (interface._Plan.launch), or None for an
-// unaligned input.
+// (out, lse or None) of the planned forward without autograd (interface._Plan.launch), the CUDA
+// error (an int) of a failed launch, a failure's message, or None for an unaligned input.
 py::object launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Plan& plan) {
   if (!aligned(q, k, v)) return py::none();
-  auto [out, lse] = run_plan(q, k, v, plan);
-  return py::make_tuple(out, lse.defined() ? py::cast(lse) : py::none());
+  return guarded([&]() -> py::object {
+    const Launched launched = run_plan(q, k, v, plan);
+    if (launched.err != 0) return py::int_(launched.err);
+    return py::make_tuple(launched.out, launched.lse.defined() ? py::cast(launched.lse) : py::none());
+  });
 }
 
 }  // namespace
@@ -138,19 +170,14 @@ py::object launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "flashjit's C++ autograd node for planned flash_attn_func calls (flashjit/native.py)";
   py::class_<Plan>(m, "Plan")
-      .def(py::init([](py::bytes params, std::vector<int64_t> offsets, uintptr_t run, uintptr_t error,
-                       std::vector<int64_t> out_shape, std::vector<int64_t> lse_shape) {
-             TORCH_CHECK(offsets.size() == 5, "Plan: five pointer offsets (q, k, v, o, lse)");
-             Plan plan{std::string(params), offsets[0], offsets[1], offsets[2], offsets[3], offsets[4],
-                       reinterpret_cast<RunFn>(run), reinterpret_cast<ErrorFn>(error), std::move(out_shape),
-                       std::move(lse_shape)};
-             for (const int64_t at : offsets)
-               TORCH_CHECK(at >= 0 && static_cast<size_t>(at) + sizeof(void*) <= plan.params.size(),
-                           "Plan: a pointer offset outside the params");
-             return plan;
+      // The offsets are checked by the caller (flashjit/native.py: plan()), which raises: nothing
+      // here throws.
+      .def(py::init([](py::bytes params, std::array<int64_t, 5> offsets, uintptr_t run, std::vector<int64_t> out_shape,
+                       std::vector<int64_t> lse_shape) {
+             return Plan{std::string(params), offsets[0], offsets[1], offsets[2], offsets[3], offsets[4],
+                         reinterpret_cast<RunFn>(run), std::move(out_shape), std::move(lse_shape)};
            }),
-           py::arg("params"), py::arg("offsets"), py::arg("run"), py::arg("error"), py::arg("out_shape"),
-           py::arg("lse_shape"));
+           py::arg("params"), py::arg("offsets"), py::arg("run"), py::arg("out_shape"), py::arg("lse_shape"));
   m.def("set_backward", [](py::object fn) {
     if (backward_fn == nullptr) backward_fn = new py::object();  // outlives the interpreter's teardown
     *backward_fn = std::move(fn);
