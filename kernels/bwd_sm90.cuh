@@ -739,13 +739,14 @@ __device__ __forceinline__ void consume(const BwdParams& p, const Smem<C>& sm, u
 //   warpgroup 0 (WG0)   S^T = K Q^T; P^T; dV += P^T dO        tensor work a step, in 64^3 units at
 //   warpgroup 1 (WG1)   dP^T = V dO^T; dS^T; dK += dS^T Q     d256: 4 + 4 a warpgroup,
 //   both                dQ = dS K, 64-column pieces wg, wg + 2, ..         + 2 a warpgroup
-// dS needs the exact P (fp32): WG0 hands over P^T o softcap's factor, sign-coded with dropout's mask
-// (the narrow kernel's P^T in registers), through 16 KiB of shared memory (sm.dq: a thread's 32
-// floats as 8 float4, thread-major, conflict-free; WG1's thread t reads WG0's thread t: the same
-// accumulator layout). dS^T goes the other way through one 16-bit tile (sm.ds) for dQ, whose pieces
-// are added to dq_accum with 16-byte fp32 reductions straight from registers (red_rows_f32): staging
-// tiles do not fit. Shared memory at d256: K, V 32 KiB each, two stages of Q and dO 128 KiB, dS^T
-// 8 KiB, lse and D 1 KiB, P^T 16 KiB, barriers: 218 KiB of 227 (1 KiB alignment slack included).
+// dS needs P: WG0 hands over P^T o softcap's factor, sign-coded with dropout's mask (the narrow
+// kernel's P^T in registers), through shared memory (sm.dq: a thread's 32 values as 8 float4, or at
+// d256 (kPtHalf) as 8 fp16 quadruples, thread-major, conflict-free; WG1's thread t reads WG0's thread
+// t: the same accumulator layout). dS^T goes the other way through one 16-bit tile (sm.ds) for dQ,
+// whose pieces each warp stages (after P^T in sm.dq: 16 rows, at d256 8 at a time) and adds to
+// dq_accum with bulk reductions (wide_dq). Shared memory at d256: K, V 32 KiB each, two stages of Q
+// and dO 128 KiB, dS^T 8 KiB, lse and D 1 KiB, P^T 8 KiB, dQ staging 16 KiB, barriers: 226 KiB of
+// 227 (1 KiB alignment slack included).
 // Named barriers, 256 threads each (WG0's and WG1's), once a step t:
 //   kSDone    WG0 arrives once its S^T(t) has retired (and     / WG1 syncs before issuing dP^T(t):
 //             its dQ(t - 1), which read sm.ds)                  S^T first on the tensor cores,

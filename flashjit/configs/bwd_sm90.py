@@ -46,8 +46,8 @@ class BwdSm90Config(ConfigBase):
     64, 128, 192 or 256 tile), block_m (queries per step: 128 for the 64 tile, 64 for the others),
     causal and the score features. Up to d_head 128 each CTA's two warpgroups own 64 keys each and dQ
     is added up in fp32 by TMA bulk reductions; d_head 129-256 (the wide kernel, TMA-fed only) has
-    CTAs of 64 keys whose warpgroups split each step (S^T, P^T, dV / dP^T, dS^T, dK) and adds dQ with
-    16-byte fp32 reductions from registers. No deterministic variant (dQ's fp32 sums).
+    CTAs of 64 keys whose warpgroups split each step (S^T, P^T, dV / dP^T, dS^T, dK) and adds dQ by
+    bulk reductions too, staged a warp at a time. No deterministic variant (dQ's fp32 sums).
     bwd_sm80.cuh's first and last kernels (D, dQ conversion).
     head_split (name tail _hs): one CTA per query head instead of per kv head, dK/dV added up in fp32
     and rounded by one more kernel (so dK/dV, like dQ, may then differ in their last bits run to run).
