@@ -16,6 +16,13 @@ the checks, appending one new key/value in place, the attention.
 --splits times the kvcache call (graph replay) at each given num_splits as well (0 is the heuristic's
 choice); --kernels lists its GPU kernels (attention, combine, ...) with their time per call
 (torch.profiler): where a short call's time goes.
+
+Every column is timed by do_bench, whose L2 flush writes 256 MB of zeros before each call: the timed
+call then also pays for writing back the flush's dirty lines (up to the H200's 50 MB), a larger share
+of a 134 MB decode's traffic than of the copy's 268 MB. "copy clean" and "graph clean" time the copy
+and the replayed kvcache call after a flush that only reads (nothing to write back), and the last
+column is the issue-16 figure, the replayed call's read bandwidth over the copy's traffic (2x its
+bytes read), both ways: do_bench's / clean.
 """
 from __future__ import annotations
 
@@ -45,6 +52,37 @@ def replay_of(fn):
     return graph.replay
 
 
+_FLUSH = []  # the clean flush's 256 MB buffer, made once
+
+
+def time_clean_l2_ms(fn, warmup: int = 10, reps: int = 100) -> float | None:
+    """Median ms of fn over reps calls, each after an L2 flush that leaves the cache clean (a read of a
+    256 MB buffer: it evicts as do_bench's zeroing does, and leaves no dirty line for the timed call to
+    write back); CUDA events around each call alone. None where fn is None or raises."""
+    import torch
+
+    if fn is None:
+        return None
+    if not _FLUSH:
+        _FLUSH.append(torch.ones(64 * 2**20, dtype=torch.float32, device="cuda"))
+    try:
+        fn()
+    except RuntimeError as exc:
+        print(f"    (skipped: {str(exc).splitlines()[0][:100]})")
+        return None
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for i in range(warmup + reps):
+        _FLUSH[0].amax()  # reads every line; writes one value
+        if i >= warmup:
+            events[i - warmup][0].record()
+        fn()
+        if i >= warmup:
+            events[i - warmup][1].record()
+    torch.cuda.synchronize()
+    times = sorted(start.elapsed_time(end) for start, end in events)
+    return times[len(times) // 2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
@@ -70,8 +108,9 @@ def main() -> None:
     d = args.head_dim
     rows = []
     print(f"{torch.cuda.get_device_name()}: decode, {h}/{hk} heads, d{d}, {args.dtype}; GB/s of K+V read")
-    names = ("copy", "fjit", "graph", "api", "paged", "dense fn", "FA2", "cuDNN", "FA2 graph", "cuDNN graph")
-    print(f"{'batch x cache':>14} " + " ".join(f"{n:>{max(8, len(n))}}" for n in names))
+    names = ("copy", "fjit", "graph", "api", "paged", "dense fn", "FA2", "cuDNN", "FA2 graph", "cuDNN graph",
+             "copy clean", "graph clean")
+    print(f"{'batch x cache':>14} " + " ".join(f"{n:>{max(8, len(n))}}" for n in names) + "  of copy traffic")
     for point in args.points:
         batch, length = map(int, point.split("x"))
         q = torch.randn(batch, 1, h, d, dtype=dtype, device="cuda")
@@ -104,11 +143,18 @@ def main() -> None:
         for name, fn in fns.items():
             ms = None if fn is None else time_ms(fn)
             row[name] = None if ms is None else nbytes / (ms * 1e-3) / 1e9
+        for name, fn in (("copy clean", fns["copy"]), ("graph clean", fns["graph"])):
+            ms = time_clean_l2_ms(fn)
+            row[name] = None if ms is None else nbytes / (ms * 1e-3) / 1e9
+        # The issue-16 figure: the replayed call's reads over the copy's traffic (reads and writes).
+        row["of_copy_traffic"] = [row[g] / (2 * row[c]) if row[g] and row[c] else None
+                                  for g, c in (("graph", "copy"), ("graph clean", "copy clean"))]
         ref = fns["FA2"]()
         row["max_abs_diff_vs_fa2"] = (fns["fjit"]().float() - ref.transpose(1, 2).float()).abs().max().item()
         rows.append(row)
         print(f"{point:>14} " + " ".join(f"{row[n]:{max(8, len(n))}.0f}" if row[n] else f"{'-':>{max(8, len(n))}}"
-                                        for n in names))
+                                        for n in names)
+              + "  " + " / ".join(f"{r:.2f}" if r else "-" for r in row["of_copy_traffic"]))
         if args.splits:
             row["by_splits"] = {}
             for splits in map(int, args.splits.split(",")):
