@@ -54,7 +54,7 @@ TUNED = EnvVar(
 NATIVE_AUTOGRAD = EnvVar(
     "FLASHJIT_NATIVE_AUTOGRAD", "auto",
     "flash_attn_func's C++ autograd node (a grad call's host cost about halved on an H200's host): "
-    "'auto' (default) loads it from the cache, or builds it there once in a background thread (~45 s of one core); "
+    "'auto' (default) loads it from the cache, or builds it there once in a background process (~45 s of one core); "
     "'1' builds it at the first call that can use it, waiting; '0' never (the Python autograd.Function).")
 
 ALL = (CACHE_DIR, VERBOSE, CUDA_ARCH, BACKEND, JOBS, PREBUILT, DISABLE_JIT, TUNED, NATIVE_AUTOGRAD)

@@ -120,8 +120,9 @@ struct Config {
   // kWideDqRows rows. The wide kernel's dQ goes out by bulk reductions as the narrow kernel's: its
   // 16-byte reductions from registers took 55% of its time (the kernel ran 2.2x as fast without
   // them: docs/perf-log.md, 2026-12-04; the L2 at 82% of its throughput). At d_head 256 the whole
-  // pieces do not fit: P^T goes over in fp16 (relative error 2^-11 on P in [0, 1], under the 2^-9
-  // of dS's own bf16 rounding) and a warp stages half a piece at a time.
+  // pieces do not fit: P^T goes over in fp16 (relative error 2^-11 on P in [0, 1], absolute 2^-25 below
+  // 2^-14: under the 2^-9 of dS's own rounding in bf16, about as large as it in fp16) and a warp
+  // stages half a piece at a time.
   static constexpr bool kPtHalf = kWide && kD > 192;
   static constexpr int kWideDqRows = kPtHalf ? 8 : 16;
   static constexpr int kPtBytes = kBlockN * kBlockM * (kPtHalf ? 2 : 4);
@@ -770,7 +771,8 @@ __device__ __forceinline__ void consume(const BwdParams& p, const Smem<C>& sm, u
 template <class C, int kWg, class UnderDq, class Retired>
 __device__ __forceinline__ void wide_dq(const BwdParams& p, const Seq& seq, const Descs<C>& d, float* s_dq, int h,
                                         int row0, int warp, int lane, UnderDq under_dq, Retired retired) {
-  const int q16 = (warp & 3) * 16, rows = seq.len_q - row0 - q16;  // this warp's real rows: rows > 0 up to 16
+  // This warp's real rows: min(16, rows) of them (none where rows <= 0: past the sequence's end).
+  const int q16 = (warp & 3) * 16, rows = seq.len_q - row0 - q16;
   // dq_accum as the narrow kernel's add_dq addresses it: plane, 64-column piece, row.
   float* dst = p.dq_accum + (int64_t(seq.plane0 + h) * (C::kD / 64) * seq.plane_rows + seq.q_start + row0 + q16) * 64;
 #pragma unroll

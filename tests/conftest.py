@@ -37,9 +37,16 @@ def shared_cache(tmp_path_factory):
     return path
 
 
+# flash_attn_func's C++ autograd node: its default (auto) would start a background build from the first
+# grad call of any GPU test; the suite runs with it off unless the caller's environment says otherwise
+# (tests/test_native_autograd.py loads it itself).
+_NATIVE_AUTOGRAD = os.environ.get("FLASHJIT_NATIVE_AUTOGRAD", "0")
+
+
 @pytest.fixture(autouse=True)
 def _cache_env(shared_cache, monkeypatch):
     monkeypatch.setenv("FLASHJIT_CACHE_DIR", shared_cache)
+    monkeypatch.setenv("FLASHJIT_NATIVE_AUTOGRAD", _NATIVE_AUTOGRAD)
 
 
 @pytest.fixture

@@ -8,12 +8,13 @@ place, an unaligned input, a failed launch). gpu tier: flash_attn_func takes the
 second call on and matches the autograd.Function path bit for bit, forward and backward."""
 import ctypes
 import hashlib
+import sys
 
 import pytest
 import torch
 
 import flashjit
-from flashjit import cache, interface, native
+from flashjit import cache, interface, native, toolchain
 
 B, S, H, D = 2, 5, 3, 8
 _RUN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
@@ -128,6 +129,30 @@ def test_the_node_refuses_what_the_python_path_refuses(node):
 
 
 @pytest.mark.compile
+def test_python_exceptions_inside_the_node_leave_as_themselves(node):
+    """A saved-tensor hook that raises during the node's save_for_backward: its exception, not a
+    message (torch.utils.checkpoint's non-reentrant early stop is one); and non-reentrant checkpointing
+    of the node runs forward and backward."""
+    callback, entry_point = _stand_in()
+    plan = _plan(node, entry_point)
+
+    class Stop(Exception):
+        pass
+
+    def pack(t):
+        raise Stop("pack hook")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), pytest.raises(Stop, match="pack hook"):
+        _attn(node, *_qkv(), plan)
+    node.set_backward(lambda dout, q, k, v, *rest: (2 * dout, torch.zeros_like(k), torch.zeros_like(v)))
+    q, k, v = _qkv()
+    out = torch.utils.checkpoint.checkpoint(lambda q, k, v: _attn(node, q, k, v, plan)[0], q, k, v,
+                                            use_reentrant=False)
+    out.backward(torch.ones_like(out))
+    assert torch.equal(out, 2 * q.detach()) and torch.equal(q.grad, torch.full_like(q, 2.0))
+    del callback
+
+
+@pytest.mark.compile
 def test_a_failed_launch_raises_the_kernels_error(node, monkeypatch):
     """The extension returns its failures (a launch's CUDA error, an allocation's message) and never
     throws them; native.attn and interface._Plan.launch raise them (interface._Plan.checked): the
@@ -200,6 +225,49 @@ def test_flash_attn_func_takes_the_node_and_matches_the_autograd_function(node, 
     native.use(node)
     by_node = flashjit.forward(*plain, return_lse=True, **kwargs)
     assert all(torch.equal(a, b) for a, b in zip(by_node, by_ctypes))
+
+
+@pytest.mark.compile
+def test_auto_loads_the_cached_node_or_builds_it_in_a_process_of_its_own(node, monkeypatch, tmp_path):
+    """FLASHJIT_NATIVE_AUTOGRAD=auto (the default): the cached extension is loaded at once, with no
+    build; without one a build process starts and module() says None until it has exited; a failed
+    build leaves its output in a marker beside the entry, and a later process does not build again;
+    with no toolkit or FLASHJIT_DISABLE_JIT nothing starts."""
+    monkeypatch.setattr(interface, "native_node", None)
+    monkeypatch.setenv("FLASHJIT_NATIVE_AUTOGRAD", "auto")
+    monkeypatch.setattr(native, "load", lambda library: node)  # loaded once by the fixture
+    started = []
+    real_popen = native.subprocess.Popen
+    monkeypatch.setattr(native.subprocess, "Popen",
+                        lambda *args, **kwargs: started.append(args) or real_popen(*args, **kwargs))
+
+    monkeypatch.setattr(native, "_state", None)
+    assert native.module() is node and native._state == "ready" and not started  # the session cache has it
+
+    monkeypatch.setenv("FLASHJIT_CACHE_DIR", str(tmp_path / "cache"))  # nothing cached here
+    monkeypatch.setattr(interface, "native_node", None)
+    failing_build = (sys.executable, "-c", "print('no compiler here'); raise SystemExit(3)")
+    monkeypatch.setattr(native, "BUILD_COMMAND", failing_build)
+    monkeypatch.setattr(native, "_state", None)
+    assert native.module() is None and native._state == "building" and len(started) == 1
+    native._builder[0].wait()
+    assert native.module() is None and native._state == "failed" and native._builder is None
+    marker = native._failure_marker(native._entry(toolchain.find_toolkit())[0])
+    assert "no compiler here" in marker.read_text()
+    monkeypatch.setattr(native, "_state", None)  # a later process: the marker stops it
+    assert native.module() is None and native._state == "off" and len(started) == 1
+
+    marker.unlink()
+    monkeypatch.setenv("FLASHJIT_DISABLE_JIT", "1")
+    monkeypatch.setattr(native, "_state", None)
+    assert native.module() is None and native._state == "off" and len(started) == 1
+    monkeypatch.delenv("FLASHJIT_DISABLE_JIT")
+
+    def no_toolkit():
+        raise toolchain.ToolchainError("no nvcc here")
+    monkeypatch.setattr(native.toolchain, "find_toolkit", no_toolkit)
+    monkeypatch.setattr(native, "_state", None)
+    assert native.module() is None and native._state == "off" and len(started) == 1
 
 
 @pytest.mark.compile

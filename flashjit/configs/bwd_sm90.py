@@ -100,7 +100,7 @@ class BwdSm90Config(ConfigBase):
     @property
     def smem_bytes(self) -> int:
         """Config::kSmemBytes: 1 KiB alignment slack, K, V, two stages of Q and dO, dS^T (two with tma,
-        but for the wide kernel), lse and D, dQ staging (the wide kernel: P^T in fp32), and with tma the
+        but for the wide kernel), lse and D, dQ staging (the wide kernel: P^T and dQ staging), and with tma the
         mbarriers (K/V, and full/empty for two stages: 5 of 8 bytes); tests/test_jit_cache.py checks it
         against the compiled kernel. The wide kernel's scratch: P^T and a dQ staging tile a warp, in fp16
         and of 8 rows at d_head 256 (Config::kPtHalf), else in fp32 and of 16 rows."""

@@ -116,37 +116,45 @@ struct FlashAttn : public torch::autograd::Function<FlashAttn> {
                                          data.at("window_left").toInt(), data.at("window_right").toInt(),
                                          data.at("softcap").toDouble(), data.at("deterministic").toBool());
     const auto result = grads_in.cast<std::vector<at::Tensor>>();
-    if (result.size() != 3)  // (inside the autograd engine, which raises it; no TORCH_CHECK here: see Launched)
-      throw std::runtime_error("flashjit: the backward returned " + std::to_string(result.size()) + " gradients, not 3");
+    if (result.size() != 3)  // inside the autograd engine, which raises it (no TORCH_CHECK here: see Launched)
+      throw std::runtime_error("flashjit: the backward returned " + std::to_string(result.size()) +
+                               " gradients, not 3");
     return {result[0], result[1], result[2], at::Tensor(), at::Tensor()};
   }
 };
 
 // f()'s result, or the message of what it threw ("OutOfMemoryError: ..." for an allocation that
-// failed), the c10::Error's without its C++ backtrace.
+// failed), the c10::Error's without its C++ backtrace. A Python exception raised inside (a saved-tensor
+// hook's during save_for_backward, as torch.utils.checkpoint's early stop) leaves as itself.
 template <class F>
 py::object guarded(F f) {
   try {
     return f();
+  } catch (py::error_already_set&) {
+    throw;
+  } catch (python_error& e) {  // torch's carrier of a Python exception: set it again and raise that
+    e.restore();
+    throw py::error_already_set();
   } catch (const c10::OutOfMemoryError& e) {
     return py::str(std::string("OutOfMemoryError: ") + e.what_without_backtrace());
   } catch (const c10::Error& e) {
     return py::str(std::string("RuntimeError: ") + e.what_without_backtrace());
   } catch (const std::exception& e) {
+    if (PyErr_Occurred()) throw py::error_already_set();  // a Python exception behind a C++ one
     return py::str(std::string("RuntimeError: ") + e.what());
   }
 }
 
 // (out, lse) of the planned forward with autograd; the CUDA error (an int) of a failed launch; a
-// failure's message (guarded()); or None where this call cannot use the plan (an input not 16-byte aligned: the Python path copies; a
-// plan without the lse, which the backward needs).
+// failure's message (guarded()); or None where this call cannot use the plan (an input not 16-byte
+// aligned: the Python path copies; a plan without the lse, which the backward needs).
 py::object attn(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Plan& plan, bool causal,
                 py::object softmax_scale, int64_t window_left, int64_t window_right, double softcap,
                 bool deterministic) {
-  if (!aligned(q, k, v) || plan.lse_shape.empty()) return py::none();
   const Flags flags{causal, softmax_scale.is_none() ? std::nan("") : softmax_scale.cast<double>(), window_left,
                     window_right, softcap, deterministic};
   return guarded([&]() -> py::object {
+    if (!aligned(q, k, v) || plan.lse_shape.empty()) return py::none();
     const Launched launched = run_plan(q, k, v, plan);
     if (launched.err != 0) return py::int_(launched.err);
     const variable_list result = FlashAttn::apply(q, k, v, &launched, flags);
@@ -157,8 +165,8 @@ py::object attn(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
 // (out, lse or None) of the planned forward without autograd (interface._Plan.launch), the CUDA
 // error (an int) of a failed launch, a failure's message, or None for an unaligned input.
 py::object launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Plan& plan) {
-  if (!aligned(q, k, v)) return py::none();
   return guarded([&]() -> py::object {
+    if (!aligned(q, k, v)) return py::none();
     const Launched launched = run_plan(q, k, v, plan);
     if (launched.err != 0) return py::int_(launched.err);
     return py::make_tuple(launched.out, launched.lse.defined() ? py::cast(launched.lse) : py::none());
