@@ -742,7 +742,7 @@ __device__ __forceinline__ void consume(const BwdParams& p, const Smem<C>& sm, u
 //   both                dQ = dS K, 64-column pieces wg, wg + 2, ..         + 2 a warpgroup
 // dS needs P: WG0 hands over P^T o softcap's factor, sign-coded with dropout's mask (the narrow
 // kernel's P^T in registers), through shared memory (sm.dq: a thread's 32 values as 8 float4, or at
-// d256 (kPtHalf) as 8 fp16 quadruples, warp-major, conflict-free; WG1's thread t reads WG0's thread
+// d256 (kPtHalf) as 8 fp16 quadruples, thread-major, conflict-free; WG1's thread t reads WG0's thread
 // t: the same accumulator layout). dS^T goes the other way through one 16-bit tile (sm.ds) for dQ,
 // whose pieces each warp stages (after P^T in sm.dq: 16 rows, at d256 8 at a time) and adds to
 // dq_accum with bulk reductions (wide_dq). Shared memory at d256: K, V 32 KiB each, two stages of Q
@@ -766,16 +766,11 @@ __device__ __forceinline__ void consume(const BwdParams& p, const Smem<C>& sm, u
 // This warpgroup's share of a step's dQ = dS K (dS^T from sm.ds M-major, K N-major): 64-column pieces
 // kWg, kWg + 2, .., each staged by each warp (this warp's 16 of the step's queries from row0 of head
 // h) in s_dq, kWideDqRows rows at a time, and added to dq_accum by a bulk reduction, as the narrow
-// kernel's add_dq. WG0 stages alternately in s_dq and in its warp's share of the P^T tile (s_pt_own:
-// free from kDsReady, when WG1 has read it, until WG0 writes the next P^T, which waits for these
-// reductions' reads), so a staging waits only for the reduction before the last. Issued after the
-// warpgroup's dV or dK product: under_dq() runs while the first piece is on the tensor cores,
-// retired() once dV or dK has retired.
+// kernel's add_dq. Issued after the warpgroup's dV or dK product: under_dq() runs while the first
+// piece is on the tensor cores, retired() once dV or dK has retired.
 template <class C, int kWg, class UnderDq, class Retired>
-__device__ __forceinline__ void wide_dq(const BwdParams& p, const Seq& seq, const Descs<C>& d, float* s_dq,
-                                        float* s_pt_own, int h, int row0, int warp, int lane, UnderDq under_dq,
-                                        Retired retired) {
-  constexpr int kParts = 16 / C::kWideDqRows;  // stagings a piece
+__device__ __forceinline__ void wide_dq(const BwdParams& p, const Seq& seq, const Descs<C>& d, float* s_dq, int h,
+                                        int row0, int warp, int lane, UnderDq under_dq, Retired retired) {
   // This warp's real rows: min(16, rows) of them (none where rows <= 0: past the sequence's end).
   const int q16 = (warp & 3) * 16, rows = seq.len_q - row0 - q16;
   // dq_accum as the narrow kernel's add_dq addresses it: plane, 64-column piece, row.
@@ -797,31 +792,18 @@ __device__ __forceinline__ void wide_dq(const BwdParams& p, const Seq& seq, cons
     wgmma_wait<0>();
     wgmma_settle(dq);
 #pragma unroll
-    for (int part = 0; part < kParts; ++part) {
-      // The staging's index in this step (a constant once unrolled) picks WG0's buffer.
-      const bool other = kWg == 0 && (((piece - kWg) / 2 * kParts + part) & 1);
-      float* tile = other ? s_pt_own : s_dq;
-      if (lane == 0) {  // the reduction that last read `tile` has: the one before the last (WG0), or the last
-        if constexpr (kWg == 0) {
-          // Unless the staging before this one issued none (its rows past the sequence: n <= 0, as the
-          // second half at d256 when rows <= 8): then the last group issued read `tile`.
-          const int prev = (piece - kWg) / 2 * kParts + part - 1;
-          if (prev >= 0 && rows - (prev % kParts) * C::kWideDqRows <= 0) bulk_wait_read<0>();
-          else bulk_wait_read<1>();
-        } else {
-          bulk_wait_read<0>();
-        }
-      }
+    for (int part = 0; part < 16 / C::kWideDqRows; ++part) {
+      if (lane == 0) bulk_wait_read<0>();  // the previous reduction has read s_dq
       __syncwarp();
       // The buffer row of the tile's row 0 is q_start + row0 + q16 (+ 8 part), row0 and q16 multiples of 16.
-      if constexpr (C::kWideDqRows == 16) stage_rows_f32(tile, dq, 0, seq.q_start, 1.f, lane);
-      else if (part == 0) stage_rows_f32<8, 0>(tile, dq, 0, seq.q_start, 1.f, lane);
-      else stage_rows_f32<8, 1>(tile, dq, 0, seq.q_start, 1.f, lane);
+      if constexpr (C::kWideDqRows == 16) stage_rows_f32(s_dq, dq, 0, seq.q_start, 1.f, lane);
+      else if (part == 0) stage_rows_f32<8, 0>(s_dq, dq, 0, seq.q_start, 1.f, lane);
+      else stage_rows_f32<8, 1>(s_dq, dq, 0, seq.q_start, 1.f, lane);
       fence_proxy_async();
       __syncwarp();
       const int n = min(C::kWideDqRows, rows - part * C::kWideDqRows);
       if (lane == 0 && n > 0)
-        bulk_reduce_add_f32(dst + int64_t(piece) * seq.plane_rows * 64 + part * C::kWideDqRows * 64, tile,
+        bulk_reduce_add_f32(dst + int64_t(piece) * seq.plane_rows * 64 + part * C::kWideDqRows * 64, s_dq,
                             uint32_t(n) * 64 * 4);
     }
   }
@@ -872,13 +854,9 @@ __device__ __forceinline__ void consume_wide(const BwdParams& p, const Smem<C>& 
   zero(acc);
   const int my_key0 = w.key0 + r0 + (lane >> 2);  // key of row half h: my_key0 + 8 h
   const Descs<C> d(sm, 0);                       // both warpgroups read all 64 keys of K and V
-  // This thread's P^T, n-tile nt at [nt * 32]: four floats, or (kPtHalf) four fp16 in 8 bytes.
-  static_assert(4 * C::kWideDqRows * 64 * 4 == C::kPtBytes, "a WG0 warp's share of P^T is one dQ staging tile");
-  // Warp-major (warp w's 32 lanes x 8 n-tiles contiguous: 4 KiB, or 2 KiB in fp16, one staging tile's
-  // size), so that a warp of WG0 can stage dQ in its own share of it (wide_dq).
-  float4* s_pt = reinterpret_cast<float4*>(sm.dq) + (warp & 3) * 256 + lane;
-  uint2* s_pt_half = reinterpret_cast<uint2*>(sm.dq) + (warp & 3) * 256 + lane;
-  float* s_pt_own = C::kPtHalf ? reinterpret_cast<float*>(s_pt_half - lane) : reinterpret_cast<float*>(s_pt - lane);
+  // This thread's P^T, n-tile nt at [nt * 128]: four floats, or (kPtHalf) four fp16 in 8 bytes.
+  float4* s_pt = reinterpret_cast<float4*>(sm.dq) + (tid & 127);
+  uint2* s_pt_half = reinterpret_cast<uint2*>(sm.dq) + (tid & 127);
   float* s_dq = sm.dq + C::kPtBytes / 4 + warp * C::kWideDqRows * 64;  // this warp's dQ staging tile
   using StepPos = typename bwd::QuerySteps<C>::Pos;
   const int steps = w.steps.count;
@@ -919,10 +897,7 @@ __device__ __forceinline__ void consume_wide(const BwdParams& p, const Smem<C>& 
       wgmma_fence();
       gemm_frag_t<C>(acc[0], pa[0], d.dout_b, stage_bytes);  // dV += P^T dO
       wgmma_commit();
-      // P^T o softcap's factor (in [0, 1]: the sign stays) for WG1, while dV runs, once the reductions
-      // this warp staged in its share of the tile last step have read it (wide_dq).
-      if (lane == 0) bulk_wait_read<0>();
-      __syncwarp();
+      // P^T o softcap's factor (in [0, 1]: the sign stays) for WG1, while dV runs.
 #pragma unroll
       for (int nt = 0; nt < C::kNtM; ++nt) {
         float g[4] = {1.f, 1.f, 1.f, 1.f};
@@ -931,14 +906,14 @@ __device__ __forceinline__ void consume_wide(const BwdParams& p, const Smem<C>& 
           unpack2<false>(grad[nt][1], g[2], g[3]);
         }
         if constexpr (C::kPtHalf)
-          s_pt_half[nt * 32] = make_uint2(pack2<false>(s[0][nt][0] * g[0], s[0][nt][1] * g[1]),
+          s_pt_half[nt * 128] = make_uint2(pack2<false>(s[0][nt][0] * g[0], s[0][nt][1] * g[1]),
                                            pack2<false>(s[0][nt][2] * g[2], s[0][nt][3] * g[3]));
         else
-          s_pt[nt * 32] = make_float4(s[0][nt][0] * g[0], s[0][nt][1] * g[1], s[0][nt][2] * g[2], s[0][nt][3] * g[3]);
+          s_pt[nt * 128] = make_float4(s[0][nt][0] * g[0], s[0][nt][1] * g[1], s[0][nt][2] * g[2], s[0][nt][3] * g[3]);
       }
       named_arrive(int(Barrier::kPReady), 2 * 128);
       named_sync_unaligned(int(Barrier::kDsReady), 2 * 128);
-      wide_dq<C, 0>(p, seq, d, s_dq, s_pt_own, cur.h, cur.row0, warp, lane, [&] {
+      wide_dq<C, 0>(p, seq, d, s_dq, cur.h, cur.row0, warp, lane, [&] {
         // The next step's mask while dQ is on the tensor cores (made past the last step too, unread).
         if constexpr (C::kDropout) {
           const auto made = mask_of(next);
@@ -963,11 +938,11 @@ __device__ __forceinline__ void consume_wide(const BwdParams& p, const Smem<C>& 
       for (int nt = 0; nt < C::kNtM; ++nt) {
         float pt[4];
         if constexpr (C::kPtHalf) {
-          const uint2 v = s_pt_half[nt * 32];
+          const uint2 v = s_pt_half[nt * 128];
           unpack2<false>(v.x, pt[0], pt[1]);
           unpack2<false>(v.y, pt[2], pt[3]);
         } else {
-          const float4 v = s_pt[nt * 32];
+          const float4 v = s_pt[nt * 128];
           pt[0] = v.x, pt[1] = v.y, pt[2] = v.z, pt[3] = v.w;
         }
 #pragma unroll
@@ -988,7 +963,7 @@ __device__ __forceinline__ void consume_wide(const BwdParams& p, const Smem<C>& 
       // A sync, not an arrive: this warpgroup's own dQ reads every warp's rows of sm.ds (the product
       // sums over the 64 keys), so its warps wait for each other too. WG0 is already waiting here.
       named_sync_unaligned(int(Barrier::kDsReady), 2 * 128);
-      wide_dq<C, 1>(p, seq, d, s_dq, s_pt_own, cur.h, cur.row0, warp, lane, [] {}, retired);
+      wide_dq<C, 1>(p, seq, d, s_dq, cur.h, cur.row0, warp, lane, [] {}, retired);
     }
     cur = next;
   }
