@@ -195,6 +195,93 @@ def test_a_failed_launch_raises_the_kernels_error(node, monkeypatch):
     del failing, working
 
 
+def _bwd_stand_in():
+    """A backward library's flashjit_run for CPU fp32 tensors: params hold 12 pointers at bytes 0-95 (q, k,
+    v, o, dout, dq, dk, dv, lse, dvec, dq_accum, dkv_accum); dq = dout + q, dk = 2 dout, dv = -dout,
+    dvec and dq_accum written whole; error 1 unless dkv_accum arrives zeroed."""
+    n, rows = B * S * H * D, B * H * S
+
+    def run(params, _stream):
+        q, _, _, _, dout, dq, dk, dv, _, dvec, accum, dkv = (ctypes.c_uint64 * 12).from_address(params)
+        views = {name: (ctypes.c_float * n).from_address(at) for name, at in
+                 (("q", q), ("dout", dout), ("dq", dq), ("dk", dk), ("dv", dv), ("accum", accum))}
+        if any((ctypes.c_float * n).from_address(dkv)):
+            return 1
+        for i in range(n):
+            g = views["dout"][i]
+            views["dq"][i], views["dk"][i], views["dv"][i], views["accum"][i] = g + views["q"][i], 2 * g, -g, g
+        (ctypes.c_float * rows).from_address(dvec)[:] = [7.0] * rows
+        return 0
+    callback = _RUN(run)
+    return callback, ctypes.cast(callback, ctypes.c_void_p).value
+
+
+@pytest.mark.compile
+def test_the_backward_plan_launches_from_the_extension(node):
+    """launch_backward (interface._BwdPlan.launch's C++ launch): the gradients' allocation, every pointer
+    in place, the fp32 dQ and zeroed dK/dV sums, a failed launch's error, an unaligned input; and
+    _BwdPlan.launch takes it once the node is loaded."""
+    callback, entry_point = _bwd_stand_in()
+    shape = [B, S, H, D]
+    plan = node.BwdPlan(bytes(96), list(range(0, 96, 8)), entry_point, shape, shape, shape, [B, H, S],
+                        shape, B * S * H * D)
+    q, k, v, out, dout = _qkv(grad=False) + _qkv(grad=False)[:2]
+    lse = torch.zeros(B, H, S)
+    dq, dk, dv = node.launch_backward(dout, q, k, v, out, lse, plan)
+    assert torch.equal(dq, dout + q) and torch.equal(dk, 2 * dout) and torch.equal(dv, -dout)
+    unaligned = torch.randn(B * S * H * D + 1)[1:].view(B, S, H, D)
+    assert node.launch_backward(unaligned, q, k, v, out, lse, plan) is None
+    failing, failing_point = _stand_in(status=700)
+    bad = node.BwdPlan(bytes(96), list(range(0, 96, 8)), failing_point, shape, shape, shape, [B, H, S], [], 0)
+    assert node.launch_backward(dout, q, k, v, out, lse, bad) == 700
+
+    class Kernel:
+        @staticmethod
+        def launch_error(err):
+            return RuntimeError(f"stand-in backward failed to launch: CUDA error {err}")
+
+    class Planned:  # what _BwdPlan.launch reads of its plan
+        kernel, dropout, generation = Kernel, False, interface.tuning.current_generation()
+
+        def __init__(self, native_plan):
+            self.native = native_plan
+
+        def native_plan(self, _node):
+            return self.native
+    native.use(node)
+    grads = interface._BwdPlan.launch(Planned(plan), dout, q, k, v, out, lse, None)
+    assert torch.equal(grads[0], dout + q) and torch.equal(grads[2], -dout)
+    with pytest.raises(RuntimeError, match="stand-in backward failed to launch: CUDA error 700"):
+        interface._BwdPlan.launch(Planned(bad), dout, q, k, v, out, lse, None)
+    del callback, failing
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(2, 300, 257, 4, 2, 128), (1, 512, 512, 16, 1, 64)], ids=["gqa", "head_split"])
+def test_planned_backwards_launch_from_the_node(node, shape, monkeypatch):
+    """interface._BwdPlan.launch through launch_backward with the default (not deterministic) Hopper
+    backward: the fp32 dQ sums and, for a GQA grid too short to fill the GPU, the head split's zeroed
+    dK/dV sums, all allocated by the extension. Equal to the Python launch up to the order of those
+    fp32 additions."""
+    monkeypatch.setenv("FLASHJIT_BACKEND", "jit")
+    batch, seqlen_q, seqlen_k, heads, heads_k, d = shape
+    q = torch.randn(batch, seqlen_q, heads, d, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(batch, seqlen_k, heads_k, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    dout = torch.randn_like(q)
+    out, lse = flashjit.forward(q, k, v, causal=True, return_lse=True)
+
+    def grads():
+        return flashjit.backward(dout, q, k, v, out, lse, causal=True)
+    native.use(None)
+    grads()  # the key's first call: it makes the plan
+    by_python = grads()
+    native.use(node)
+    through_node = grads()
+    assert interface._bwd_plans[next(reversed(interface._bwd_plans))].native is not None  # it went through C++
+    for name, a, b in zip(("dq", "dk", "dv"), through_node, by_python):
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2, msg=name)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kwargs", [dict(causal=True), dict(window_size=(37, 11), softcap=5.0, softmax_scale=0.1)],
                          ids=["causal", "window,softcap,scale"])
