@@ -489,7 +489,7 @@ class _Plan:
             return None
         node = native_node
         if node is not None and not self.dropout:  # the same launch from C++: ~2 us less Python a call
-            return _checked(self.kernel, node.launch(q, k, v, self.native_plan(node)))
+            return self.checked(node.launch(q, k, v, self.native_plan(node)))
         out = torch.empty(self.out_shape, dtype=self.dtype, device=self.device)
         params = FwdParams.from_buffer_copy(self.template)
         params.q, params.k, params.v, params.o = q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()
@@ -508,44 +508,28 @@ class _Plan:
         return not (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15 and self.generation == tuning.current_generation()
 
     def checked(self, result):
-        """_checked for this plan's kernel (native.attn's results)."""
-        return _checked(self.kernel, result)
+        """A result of native_node's launch or attn with this plan: itself, or the error it stands for
+        raised (the extension returns its failures, never throws them: flashjit/csrc/autograd_node.cpp):
+        a launch's CUDA error (an int) as the ctypes path raises it, a failure's message (a str) as
+        torch.OutOfMemoryError or RuntimeError."""
+        if isinstance(result, int):
+            raise self.kernel.launch_error(result)
+        if isinstance(result, str):
+            kind, _, message = result.partition(": ")
+            raise (torch.OutOfMemoryError if kind == "OutOfMemoryError" else RuntimeError)(message)
+        return result
 
     def native_plan(self, node):
         """This plan as `node` (the C++ extension, flashjit/native.py) takes it: the params bytes, where
         q, k, v, o and lse go in them (checked here: the extension writes there unchecked), the
         library's launch entry point, the shapes."""
         if self.native is None:
-            self.native = node.Plan(self.template, _pointer_offsets(FwdParams, ("q", "k", "v", "o", "lse")),
-                                    _entry_point(self.kernel), list(self.out_shape), list(self.lse_shape or ()))
+            offsets = [getattr(FwdParams, f).offset for f in ("q", "k", "v", "o", "lse")]
+            if not all(0 <= at <= len(self.template) - 8 for at in offsets):
+                raise RuntimeError(f"flashjit: pointer offsets {offsets} outside the {len(self.template)}-byte params")
+            self.native = node.Plan(self.template, offsets, ctypes.cast(self.kernel.lib.flashjit_run, ctypes.c_void_p).value,
+                                    list(self.out_shape), list(self.lse_shape or ()))
         return self.native
-
-
-def _checked(kernel, result):
-    """A result of native_node's launch, launch_backward or attn: itself, or the failure it stands for
-    raised (the extension returns its failures, never throws them: flashjit/csrc/autograd_node.cpp): a
-    launch's CUDA error (an int) as the ctypes path raises it (kernel.launch_error), any other (a str,
-    "Kind: message") as torch.OutOfMemoryError or RuntimeError."""
-    if isinstance(result, int):
-        raise kernel.launch_error(result)
-    if isinstance(result, str):
-        kind, _, message = result.partition(": ")
-        raise (torch.OutOfMemoryError if kind == "OutOfMemoryError" else RuntimeError)(message)
-    return result
-
-
-def _pointer_offsets(params_type, fields) -> list[int]:
-    """Where the pointer fields go in a params struct's bytes, checked here: the extension writes
-    there unchecked."""
-    offsets = [getattr(params_type, f).offset for f in fields]
-    if not all(0 <= at <= ctypes.sizeof(params_type) - 8 for at in offsets):
-        raise RuntimeError(f"flashjit: pointer offsets {offsets} outside the {ctypes.sizeof(params_type)}-byte params")
-    return offsets
-
-
-def _entry_point(kernel) -> int:
-    """The address of a kernel library's flashjit_run, for the extension to call."""
-    return ctypes.cast(kernel.lib.flashjit_run, ctypes.c_void_p).value
 
 
 class _BwdPlan:
@@ -557,7 +541,7 @@ class _BwdPlan:
     is read when a key is first seen, as for _Plan."""
 
     __slots__ = ("kernel", "template", "device_index", "device", "dtype", "shapes", "dvec_shape", "accum_shape",
-                 "dkv_numel", "dropout", "generation", "native")
+                 "dkv_numel", "dropout", "generation")
 
     def __init__(self, kernel, params, q, k, v, dvec, dq_accum, dkv_accum, dropout: bool):
         self.kernel, self.template, self.dropout = kernel, bytes(params), dropout
@@ -566,7 +550,6 @@ class _BwdPlan:
         self.accum_shape = None if dq_accum is None else dq_accum.shape
         self.dkv_numel = None if dkv_accum is None else dkv_accum.numel()
         self.generation = tuning.current_generation()
-        self.native = None  # this plan in native_node's terms, made at its first use there
 
     def launch(self, dout, q, k, v, out, lse, philox):
         """(dq, dk, dv), or None when this call cannot use the plan (an input not 16-byte aligned, or a
@@ -574,9 +557,6 @@ class _BwdPlan:
         if (q.data_ptr() | k.data_ptr() | v.data_ptr() | out.data_ptr() | dout.data_ptr()) & 15 \
                 or self.generation != tuning.current_generation():
             return None
-        node = native_node
-        if node is not None and not self.dropout:  # the same launch from C++ (~20 us less Python a call)
-            return _checked(self.kernel, node.launch_backward(dout, q, k, v, out, lse, self.native_plan(node)))
         dq, dk, dv = (torch.empty(shape, dtype=self.dtype, device=self.device) for shape in self.shapes)
         dvec = torch.empty(self.dvec_shape, dtype=torch.float32, device=self.device)
         params = BwdParams.from_buffer_copy(self.template)
@@ -593,16 +573,6 @@ class _BwdPlan:
             params.philox_seed, params.philox_offset = philox
         _run(self.kernel, params, self.device_index)
         return dq, dk, dv
-
-    def native_plan(self, node):
-        """This plan as `node` (the C++ extension) takes it: the params bytes, where the pointers go, the
-        library's launch entry point, the shapes of what a launch allocates."""
-        if self.native is None:
-            fields = ("q", "k", "v", "o", "dout", "dq", "dk", "dv", "lse", "dvec", "dq_accum", "dkv_accum")
-            self.native = node.BwdPlan(self.template, _pointer_offsets(BwdParams, fields), _entry_point(self.kernel),
-                                       *(list(shape) for shape in self.shapes), list(self.dvec_shape),
-                                       list(self.accum_shape or ()), self.dkv_numel or 0)
-        return self.native
 
 
 _plans: OrderedDict = OrderedDict()  # forward plan key -> _Plan, least recently made first

@@ -48,18 +48,6 @@ struct Launched {
   int err = 0;
 };
 
-// A backward plan (interface._BwdPlan): the params bytes with every size, stride and score value in,
-// where the pointers go (q, k, v, o, dout, dq, dk, dv, lse, dvec, dq_accum, dkv_accum), the library's
-// launch entry point, and the buffers a launch allocates: dq, dk, dv (contiguous, like q, k, v), D, the
-// fp32 dQ sums (empty shape: none) and the zeroed fp32 dK/dV sums (0: none).
-struct BwdPlan {
-  std::string params;
-  std::array<int64_t, 12> at;
-  RunFn run;
-  std::vector<int64_t> dq_shape, dk_shape, dv_shape, dvec_shape, accum_shape;
-  int64_t dkv_numel;
-};
-
 // What the backward is told: interface.backward's arguments besides the tensors.
 struct Flags {
   bool causal;
@@ -174,39 +162,6 @@ py::object attn(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
   });
 }
 
-// (dq, dk, dv) of a planned backward (interface._BwdPlan.launch), the CUDA error (an int) of a failed
-// launch, a failure's message, or None for an input not 16-byte aligned. The caller has matched the
-// call's layouts to the plan's key; this allocates, fills in the pointers and launches, as the Python
-// path does, without its ~20 us of Python.
-py::object launch_backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                           const at::Tensor& out, const at::Tensor& lse, const BwdPlan& plan) {
-  return guarded([&]() -> py::object {
-    const auto address = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()); };
-    if ((address(dout) | address(q) | address(k) | address(v) | address(out)) & 15) return py::none();
-    const c10::DeviceGuard guard(q.device());
-    const auto options = q.options(), fp32 = q.options().dtype(at::kFloat);
-    const at::Tensor dq = at::empty(plan.dq_shape, options), dk = at::empty(plan.dk_shape, options),
-                     dv = at::empty(plan.dv_shape, options), dvec = at::empty(plan.dvec_shape, fp32);
-    at::Tensor accum, dkv;
-    std::string params = plan.params;
-    const at::Tensor* in_order[] = {&q, &k, &v, &out, &dout, &dq, &dk, &dv, &lse, &dvec};
-    for (int i = 0; i < 10; ++i) put_pointer(params, plan.at[i], in_order[i]->data_ptr());
-    if (!plan.accum_shape.empty()) {  // the atomic path's fp32 dQ sums (zeroed by the first kernel)
-      accum = at::empty(plan.accum_shape, fp32);
-      put_pointer(params, plan.at[10], accum.data_ptr());
-    }
-    if (plan.dkv_numel > 0) {  // the head split's dK/dV sums, zeroed here
-      dkv = at::zeros({plan.dkv_numel}, fp32);
-      put_pointer(params, plan.at[11], dkv.data_ptr());
-    }
-    void* stream = q.is_cuda() ? static_cast<void*>(c10::cuda::getCurrentCUDAStream(q.device().index()).stream())
-                               : nullptr;  // a CPU "kernel": tests/test_native_autograd.py
-    const int err = plan.run(params.data(), stream);
-    if (err != 0) return py::int_(err);
-    return py::make_tuple(dq, dk, dv);
-  });
-}
-
 // (out, lse or None) of the planned forward without autograd (interface._Plan.launch), the CUDA
 // error (an int) of a failed launch, a failure's message, or None for an unaligned input.
 py::object launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Plan& plan) {
@@ -223,7 +178,7 @@ py::object launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "flashjit's C++ autograd node for planned flash_attn_func calls (flashjit/native.py)";
   py::class_<Plan>(m, "Plan")
-      // The offsets are checked by the caller (interface._Plan.native_plan), which raises: nothing
+      // The offsets are checked by the caller (flashjit/native.py: plan()), which raises: nothing
       // here throws.
       .def(py::init([](py::bytes params, std::array<int64_t, 5> offsets, uintptr_t run, std::vector<int64_t> out_shape,
                        std::vector<int64_t> lse_shape) {
@@ -231,16 +186,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                          reinterpret_cast<RunFn>(run), std::move(out_shape), std::move(lse_shape)};
            }),
            py::arg("params"), py::arg("offsets"), py::arg("run"), py::arg("out_shape"), py::arg("lse_shape"));
-  py::class_<BwdPlan>(m, "BwdPlan")  // offsets checked by interface._BwdPlan.native_plan
-      .def(py::init([](py::bytes params, std::array<int64_t, 12> offsets, uintptr_t run, std::vector<int64_t> dq_shape,
-                       std::vector<int64_t> dk_shape, std::vector<int64_t> dv_shape, std::vector<int64_t> dvec_shape,
-                       std::vector<int64_t> accum_shape, int64_t dkv_numel) {
-             return BwdPlan{std::string(params), offsets, reinterpret_cast<RunFn>(run), std::move(dq_shape),
-                            std::move(dk_shape), std::move(dv_shape), std::move(dvec_shape), std::move(accum_shape),
-                            dkv_numel};
-           }),
-           py::arg("params"), py::arg("offsets"), py::arg("run"), py::arg("dq_shape"), py::arg("dk_shape"),
-           py::arg("dv_shape"), py::arg("dvec_shape"), py::arg("accum_shape"), py::arg("dkv_numel"));
   m.def("set_backward", [](py::object fn) {
     if (backward_fn == nullptr) backward_fn = new py::object();  // outlives the interpreter's teardown
     *backward_fn = std::move(fn);
@@ -249,6 +194,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("softmax_scale"), py::arg("window_left"), py::arg("window_right"), py::arg("softcap"),
         py::arg("deterministic"));
   m.def("launch", &launch, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("plan"));
-  m.def("launch_backward", &launch_backward, py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
-        py::arg("lse"), py::arg("plan"));
 }
