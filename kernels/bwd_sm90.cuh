@@ -469,36 +469,24 @@ __device__ __forceinline__ void step_products(const typename C::Mod& mod, const 
   wgmma_settle(dv[0]);
 }
 
-// dq_accum's row row0 + row (of the sequence) of head h's 64-column piece `piece` (the buffer's
-// layout: Config).
-template <class C>
-__device__ __forceinline__ float* dq_accum_row(const BwdParams& p, const Seq& seq, int h, int piece, int row0, int row) {
-  return p.dq_accum + ((int64_t(seq.plane0 + h) * (C::kD / 64) + piece) * seq.plane_rows + seq.q_start + row0 + row) * 64;
-}
-
-// A warp's 16 x 64 piece of dQ (or, kHalf 0 / 1, that 8-row half) staged in `tile` once the warp's
-// previous bulk reduction has read it, then added to dq_accum's rows from dst by one bulk reduction:
-// the first `rows` of them (none if rows <= 0: past the sequence's end). The buffer row of the
-// tile's row 0 is q_start plus multiples of 8, so q_start is the swizzle's row base.
-template <int kHalf = -1>
-__device__ __forceinline__ void bulk_add_dq(float* dst, float* tile, const float (&dq)[64 / 8][4], int q_start,
-                                            int rows, int lane) {
-  if (lane == 0) bulk_wait_read<0>();
-  __syncwarp();
-  stage_rows_f32<64 / 8, kHalf>(tile, dq, 0, q_start, 1.f, lane);
-  fence_proxy_async();
-  __syncwarp();
-  const int n = min(kHalf < 0 ? 16 : 8, rows);
-  if (lane == 0 && n > 0) bulk_reduce_add_f32(dst, tile, uint32_t(n) * 64 * 4);
-}
-
 // This warp's 16 rows of a step's dQ (query block row0 of head h: rows dq_row .., 64-column half
-// dq_half) added to dq_accum through s_dq (the previous step's reduction has long read it).
+// dq_half) added to dq_accum: staged in s_dq once the previous step's reduction has read it, then
+// one bulk reduction.
 template <class C>
 __device__ __forceinline__ void add_dq(const BwdParams& p, const Seq& seq, int h, int row0, int dq_row, int dq_half,
                                        float* s_dq, const float (&dq)[64 / 8][4], int lane) {
-  bulk_add_dq(dq_accum_row<C>(p, seq, h, dq_half, row0, dq_row), s_dq, dq, seq.q_start, seq.len_q - row0 - dq_row,
-              lane);
+  if (lane == 0) bulk_wait_read<0>();
+  __syncwarp();
+  // The buffer row of the tile's row 0 is q_start + row0 + dq_row, and row0, dq_row are multiples of
+  // 16 (q_start, a varlen sequence's first row, is 0 when dense).
+  stage_rows_f32(s_dq, dq, 0, seq.q_start, 1.f, lane);
+  fence_proxy_async();
+  __syncwarp();
+  const int dq_rows = min(16, seq.len_q - row0 - dq_row);
+  if (lane == 0 && dq_rows > 0)
+    bulk_reduce_add_f32(p.dq_accum + ((int64_t(seq.plane0 + h) * (C::kD / 64) + dq_half) * seq.plane_rows +
+                                      seq.q_start + row0 + dq_row) * 64,
+                        s_dq, uint32_t(dq_rows) * 64 * 4);
 }
 
 // After the last step (every Q / dO stage landed and read): dK and dV out, by the 256 threads that
@@ -777,14 +765,16 @@ __device__ __forceinline__ void consume(const BwdParams& p, const Smem<C>& sm, u
 
 // This warpgroup's share of a step's dQ = dS K (dS^T from sm.ds M-major, K N-major): 64-column pieces
 // kWg, kWg + 2, .., each staged by each warp (this warp's 16 of the step's queries from row0 of head
-// h) in s_dq, kWideDqRows rows at a time, and added to dq_accum by a bulk reduction (bulk_add_dq, as
-// the narrow kernel's add_dq). Issued after the warpgroup's dV or dK product: under_dq() runs while the first
+// h) in s_dq, kWideDqRows rows at a time, and added to dq_accum by a bulk reduction, as the narrow
+// kernel's add_dq. Issued after the warpgroup's dV or dK product: under_dq() runs while the first
 // piece is on the tensor cores, retired() once dV or dK has retired.
 template <class C, int kWg, class UnderDq, class Retired>
 __device__ __forceinline__ void wide_dq(const BwdParams& p, const Seq& seq, const Descs<C>& d, float* s_dq, int h,
                                         int row0, int warp, int lane, UnderDq under_dq, Retired retired) {
   // This warp's real rows: min(16, rows) of them (none where rows <= 0: past the sequence's end).
   const int q16 = (warp & 3) * 16, rows = seq.len_q - row0 - q16;
+  // dq_accum as the narrow kernel's add_dq addresses it: plane, 64-column piece, row.
+  float* dst = p.dq_accum + (int64_t(seq.plane0 + h) * (C::kD / 64) * seq.plane_rows + seq.q_start + row0 + q16) * 64;
 #pragma unroll
   for (int piece = kWg; piece < C::kD / 64; piece += 2) {
     float dq[64 / 8][4];
@@ -801,12 +791,20 @@ __device__ __forceinline__ void wide_dq(const BwdParams& p, const Seq& seq, cons
     }
     wgmma_wait<0>();
     wgmma_settle(dq);
-    float* dst = dq_accum_row<C>(p, seq, h, piece, row0, q16);
-    if constexpr (C::kWideDqRows == 16) {
-      bulk_add_dq(dst, s_dq, dq, seq.q_start, rows, lane);
-    } else {
-      bulk_add_dq<0>(dst, s_dq, dq, seq.q_start, rows, lane);
-      bulk_add_dq<1>(dst + 8 * 64, s_dq, dq, seq.q_start, rows - 8, lane);
+#pragma unroll
+    for (int part = 0; part < 16 / C::kWideDqRows; ++part) {
+      if (lane == 0) bulk_wait_read<0>();  // the previous reduction has read s_dq
+      __syncwarp();
+      // The buffer row of the tile's row 0 is q_start + row0 + q16 (+ 8 part), row0 and q16 multiples of 16.
+      if constexpr (C::kWideDqRows == 16) stage_rows_f32(s_dq, dq, 0, seq.q_start, 1.f, lane);
+      else if (part == 0) stage_rows_f32<8, 0>(s_dq, dq, 0, seq.q_start, 1.f, lane);
+      else stage_rows_f32<8, 1>(s_dq, dq, 0, seq.q_start, 1.f, lane);
+      fence_proxy_async();
+      __syncwarp();
+      const int n = min(C::kWideDqRows, rows - part * C::kWideDqRows);
+      if (lane == 0 && n > 0)
+        bulk_reduce_add_f32(dst + int64_t(piece) * seq.plane_rows * 64 + part * C::kWideDqRows * 64, s_dq,
+                            uint32_t(n) * 64 * 4);
     }
   }
 }
