@@ -231,9 +231,9 @@ def cmd_precompile(args) -> int:
     return 1 if failed else 0
 
 
-def _precompile_native() -> bool:
-    """Build (or find) the C++ autograd node in the cache (flashjit/native.py); whether it is there.
-    Host code: the same for every arch, so never part of a bundle."""
+def _precompile_native() -> None:
+    """Build (or find) the C++ autograd node in the cache (flashjit/native.py), or say why not. Host
+    code: the same for every arch, so never part of a bundle."""
     from . import native
 
     started = time.perf_counter()
@@ -242,9 +242,8 @@ def _precompile_native() -> bool:
     except Exception as exc:
         print(f"[flashjit] the C++ autograd node was not built ({str(exc).splitlines()[0]}); flash_attn_func "
               "with grad keeps its Python autograd.Function", file=sys.stderr, flush=True)
-        return False
+        return
     print(f"C++ autograd node ready in {time.perf_counter() - started:.1f} s", flush=True)
-    return True
 
 
 def _open_bundle(path: Path, arch: str) -> None:

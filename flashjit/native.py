@@ -130,13 +130,15 @@ def _find_or_build() -> None:
             return
         use(load(library))
     except Exception as exc:  # the autograd.Function still works: say why once and keep using it
-        _unavailable((str(exc).splitlines() or ["?"])[0][:200])
+        _unavailable(exc)
 
 
-def _unavailable(why: str) -> None:
-    """Say once why the node is not there and keep the autograd.Function."""
+def _unavailable(why: str | Exception) -> None:
+    """Say once why the node is not there (an exception: its first line) and keep the autograd.Function."""
     global _state
     _state = "failed"
+    if isinstance(why, Exception):
+        why = (str(why).splitlines() or [type(why).__name__])[0][:200]
     notify(f"the C++ autograd node is unavailable ({why}); flash_attn_func with grad keeps the Python "
            "autograd.Function", logging.WARNING)
 
@@ -197,7 +199,7 @@ def _poll() -> None:
     try:
         use(load(library))
     except Exception as exc:
-        _unavailable((str(exc).splitlines() or ["?"])[0][:200])
+        _unavailable(exc)
 
 
 def module():
@@ -206,17 +208,14 @@ def module():
     if _state is None or _state == "building":
         with _lock:
             if _state is None:
-                mode = envvars.NATIVE_AUTOGRAD.get().lower()
-                if mode in ("0", "false", "no", "off"):
+                if not envvars.NATIVE_AUTOGRAD.flag():
                     _state = "off"
-                elif mode == "auto":
-                    _state = "building"
+                elif envvars.NATIVE_AUTOGRAD.get().lower() == "auto":
                     try:
-                        _start_auto()
+                        _start_auto()  # sets the state: ready, building or off
                     except Exception as exc:
-                        _unavailable((str(exc).splitlines() or ["?"])[0][:200])
+                        _unavailable(exc)
                 else:
-                    _state = "building"
                     _find_or_build()
             elif _builder is not None:
                 _poll()
