@@ -46,6 +46,11 @@ _PREFERENCES = {  # (head-dim class, causal) -> tiles, best first
 # persistent, ran 293.8 / 349.2 TFLOP/s at S = 1k / 2k against 254.2 / 339.5 for 192 rows (a 1k row of
 # queries is 5.3 tiles of 192: its last tile a third full), but 409 / 416 against 437 / 461 at 8k / 16k
 # and level at 4k. Keyed (tile width, "short causal"), looked up before the tile width alone.
+# d64's 192 rows with the ping-pong token round its three consumer warpgroups (twenty-fifth session,
+# H200, bf16 16k tokens, three interleaved rounds), against 192 rows without ping-pong: non-causal
+# 445 / 461 TFLOP/s at 2k / 4k against 420 / 442 (+6 / +4%) but 374 against 381 at 1k, so non-causal
+# rows up to SHORT keep it off; causal 4k 406 against 381 (+6%); causal 1k-2k keep 128 rows (291 / 349
+# against 255 / 348 for 192 rows with ping-pong).
 # d256 128x80 (FlashAttention-3's tile; seventeenth session, two runs, bf16 16k tokens) against 128x64:
 # non-causal +2-5% at 2k-16k (level at 1k), causal +1-5% at 4k-16k but -4% at 1k and 2k.
 # d128 up to SHORT queries (twenty-second session, H200, bf16 16k tokens, three runs of interleaved
@@ -56,8 +61,10 @@ _PREFERENCES = {  # (head-dim class, causal) -> tiles, best first
 SHORT_CAUSAL = 2048
 SHORT = 1024
 _SM90_PREFERENCES = {
-    64: [dict(block_m=192, block_n=128, stages=4, overlap=True, pingpong=False, persistent=True),
+    64: [dict(block_m=192, block_n=128, stages=4, overlap=True, pingpong=True, persistent=True),
          dict(block_m=128, block_n=128, stages=4)],
+    (64, "short"): [dict(block_m=192, block_n=128, stages=4, overlap=True, pingpong=False, persistent=True),
+                    dict(block_m=128, block_n=128, stages=4)],
     (64, "short causal"): [dict(block_m=128, block_n=128, stages=4, persistent=True),
                            dict(block_m=128, block_n=128, stages=4)],
     128: [dict(block_m=128, block_n=128, stages=2, persistent=True)],

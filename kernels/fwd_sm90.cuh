@@ -23,7 +23,7 @@
 //                          PV product has retired                    stage s
 //   Barrier::kEpilogue+g   consumer warpgroup g's 128 threads, before its thread 0 stores O by TMA
 //                          (cross-tile: or releases the Q stage)
-//   Barrier::kPingPong+g   (ping-pong) warpgroup g may issue its next matrix products
+//   Barrier::kPingPong+g   (ping-pong) warpgroup g may issue its next matrix products (g - 1 arrives)
 //   Barrier::kVTail        every consumer thread, varlen only: V's rows past a sequence's keys are
 //                          zeroed in the stage (zero_v_past_keys) before any PV reads it
 // Schedule of consumer warpgroup g over its key blocks j (stage s = j mod kStages):
@@ -40,7 +40,7 @@
 // exponentials run under it, and the previous tile's epilogue follows (Q in two stages, so the next
 // tile's Q is resident while the current one's is still read). Without it each tile starts and ends
 // its pipeline: the first block's softmax and the last PV and epilogue run with none of the
-// warpgroup's own products under them (with ping-pong the other warpgroup's still are). Measured on an
+// warpgroup's own products under them (with ping-pong the other warpgroups' still are). Measured on an
 // H200 (docs/perf-log.md, 2026-12-04): with O stored through the Q stage, +3-5% at d128 up to 1k
 // queries (the dispatcher's choice there), level or mixed beyond and at d64.
 #pragma once
@@ -58,7 +58,7 @@ namespace flashjit::fwd_sm90 {
 using namespace flashjit::sm90;
 
 // Named barrier ids (0 is __syncthreads).
-enum class Barrier : int { kEpilogue = 1, kPingPong = 5, kVTail = 7 };
+enum class Barrier : int { kEpilogue = 1, kPingPong = 5, kVTail = 8 };
 
 // One template parameter per FwdSm90Config field (flashjit/configs/fwd_sm90.py), in the same order; every
 // static_assert message is one of its WHY_* reasons, verbatim.
@@ -107,8 +107,9 @@ struct Config {
                     kBlockN == 192,
                 "block_n must be 64, 80, 96, 128, 176 or 192");
   static_assert(kStages >= 2 && kStages <= 4, "stages must be 2, 3 or 4");
-  static_assert(!kPingPong || (kConsumers == 2 && kOverlap),
-                "ping-pong alternates two consumer warpgroups (block_m 128) and needs the overlap");
+  static_assert(!kPingPong || kOverlap, "ping-pong passes a token around the consumer warpgroups and needs the overlap");
+  // Named barrier ids stay disjoint: kEpilogue + g (1..3), kPingPong + g (5..7), kVTail (8).
+  static_assert(1 + kConsumers <= 5 && 5 + kConsumers <= 8, "named barrier ids of three warpgroups at most");
   static_assert(!kCrossTile || (kPersistent && kOverlap),
                 "cross_tile runs one CTA's tiles as one pipeline: it needs persistent and the overlap");
   // Per consumer thread: O (kDV / 2 fp32), S (kBlockN / 2 fp32) and P (kBlockN / 4 packed pairs).
@@ -420,16 +421,20 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
   float s[1][C::kBlockN / 8][4];
   uint32_t pf[1][C::kBlockN / 16][4];
   // Ping-pong: warpgroup g issues its matrix products only while it holds the token (barrier
-  // kPingPong + g, completed by the other warpgroup's arrival) and hands it over right after issuing,
-  // so its softmax runs under the other's products. Warpgroup 1 hands the token to 0 first, once a
-  // CTA; both issue the same sequence of products, and 0 takes 1's last hand-over at the end.
+  // kPingPong + g, completed by warpgroup g - 1's arrival, around the ring of kConsumers) and hands it
+  // to g + 1 right after issuing, so its softmax runs under the others' products. The last warpgroup
+  // hands the token to 0 first, once a CTA; all issue the same sequence of products, and 0 takes the
+  // last one's last hand-over at the end. No warpgroup arrives twice at a barrier before its phase
+  // completes: g - 1's next hand-over needs the token to have gone round, through g's take.
   auto take_token = [&] {
     if (C::kPingPong) named_sync(int(Barrier::kPingPong) + g, 256);
   };
   auto pass_token = [&] {
-    if (C::kPingPong) named_arrive(int(Barrier::kPingPong) + 1 - g, 256);
+    // (the next warpgroup, spelled so that two warpgroups compile as before: 1 - g)
+    if (C::kPingPong)
+      named_arrive(int(Barrier::kPingPong) + (C::kConsumers == 2 ? 1 - g : g + 1 == C::kConsumers ? 0 : g + 1), 256);
   };
-  if (C::kPingPong && g == 1) named_arrive(int(Barrier::kPingPong), 256);
+  if (C::kPingPong && g == C::kConsumers - 1) named_arrive(int(Barrier::kPingPong), 256);
   // The tile whose last PV has not been issued (P in pf, V in stage prev, Q in stage q_pending; -1:
   // none): with kCrossTile it pairs with the next tile's first QK^T; finish() issues it alone and
   // stores the tile. Only its number is kept (the Tile is rebuilt where needed: 160-register consumers
@@ -439,7 +444,7 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
   auto finish = [&] {
     const Tile<C> Tp(p, pending, num_m);
     sm.v_ring->wait(prev);
-    // (the only block that can end past the sequence's keys is the last; both warpgroups reach this
+    // (the only block that can end past the sequence's keys is the last; all warpgroups reach this
     // before taking the token, so the barrier in it cannot wait on a hand-over)
     zero_v_past_keys<C>(p, sm.v_stage(prev.stage), Tp.mod, Tp.j_end - 1, g * 128 + t);
     take_token();
@@ -567,7 +572,7 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
     qs.advance();
   }
   if (C::kCrossTile && pending >= 0) finish();
-  if (C::kPingPong && g == 0) take_token();  // warpgroup 1's last hand-over
+  if (C::kPingPong && g == 0) take_token();  // the last warpgroup's last hand-over
 }
 #endif  // __CUDACC__
 

@@ -132,7 +132,7 @@ def test_every_knob_changes_the_rendered_code():
 
 
 def test_every_hopper_forward_knob_changes_the_rendered_code():
-    base = FwdSm90Config(d_head=64, pingpong=False)  # ping-pong needs block_m 128 and the overlap: flipped on alone
+    base = FwdSm90Config(d_head=64, pingpong=False)  # ping-pong needs the overlap: flipped on alone
     flips = dict(dtype="fp16", d_head=128, block_m=192, block_n=64, stages=3, overlap=False, pingpong=True,
                  persistent=True, causal=True, local=True, softcap=True, alibi=True, dropout=True, sink=True, d_v=32,
                  cross_tile=True)

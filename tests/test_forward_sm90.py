@@ -56,7 +56,9 @@ KNOBS = [dict(), dict(overlap=False, pingpong=False), dict(pingpong=False), dict
          dict(stages=3), dict(stages=4, block_n=64), dict(block_n=96), dict(block_n=192, stages=2),
          dict(block_m=192, pingpong=False), dict(block_m=192, pingpong=False, overlap=False, persistent=True),
          dict(persistent=True, cross_tile=True), dict(persistent=True, cross_tile=True, pingpong=False),
-         dict(block_m=192, pingpong=False, persistent=True, cross_tile=True, stages=4)]
+         dict(block_m=192, pingpong=False, persistent=True, cross_tile=True, stages=4),
+         dict(block_m=192, stages=4), dict(block_m=192, stages=4, persistent=True),  # a token round three
+         dict(block_m=192, stages=4, persistent=True, cross_tile=True)]
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -120,7 +122,9 @@ def test_fa3_tiles_features(d, n, feature, persistent):
 @pytest.mark.parametrize("config", [FwdSm90Config("bf16", d, block_n=n, causal=c) for d, n in FA3_TILES
                                     for c in (False, True)] +
                          [FwdSm90Config("bf16", 128, persistent=True, cross_tile=True, causal=c)
-                          for c in (False, True)],
+                          for c in (False, True)] +
+                         [FwdSm90Config("bf16", 64, 192, 128, 4, causal=c, persistent=p)  # three-way ping-pong
+                          for c in (False, True) for p in (False, True)],
                          ids=lambda c: c.name)
 def test_fa3_tiles_varlen_equal_dense_calls(config):
     """A varlen batch on the FA3 tiles: each sequence's last key block runs past its keys into the next

@@ -28,7 +28,7 @@ SMEM_LIMIT = 227 * 1024
 WHY_BLOCK_M = "block_m must be 128 or 192 (two or three consumer warpgroups)"
 WHY_BLOCK_N = "block_n must be 64, 80, 96, 128, 176 or 192"
 WHY_STAGES = "stages must be 2, 3 or 4"
-WHY_PINGPONG = "ping-pong alternates two consumer warpgroups (block_m 128) and needs the overlap"
+WHY_PINGPONG = "ping-pong passes a token around the consumer warpgroups and needs the overlap"
 WHY_CROSS_TILE = "cross_tile runs one CTA's tiles as one pipeline: it needs persistent and the overlap"
 WHY_REGISTERS = "O, S and P of this config do not fit the consumers' registers"
 WHY_SMEM = "Q and the K/V stages of this config need more than 227 KiB of shared memory"
@@ -51,8 +51,9 @@ class FwdSm90Config(ConfigBase):
     stages       K/V shared-memory buffers in the TMA ring (how far the producer runs ahead)
     overlap      issue block j's QK^T with block j-1's PV and compute block j's exponentials while
                  that PV runs (FlashAttention-3's intra-warpgroup overlap); speed only
-    pingpong     the two consumer warpgroups take turns issuing their products, so one's softmax
-                 runs under the other's (named barriers); speed only; needs overlap and block_m 128
+    pingpong     the consumer warpgroups take turns issuing their products (a token passed round
+                 them), so one's softmax runs under the others' (named barriers); speed only; needs
+                 overlap
     persistent   one CTA per SM walks the tiles (the K/V ring runs on into the next tile, whose Q
                  loads once the last QK^T of the current one retired; O is stored from registers)
                  instead of one CTA per tile (O through shared memory and a TMA store); speed only
@@ -132,7 +133,7 @@ class FwdSm90Config(ConfigBase):
         out += head_dim_v_problem(self.d_head, self.d_v)
         if out:
             return out
-        if self.pingpong and (self.consumers != 2 or not self.overlap):
+        if self.pingpong and not self.overlap:
             out.append(WHY_PINGPONG)
         if self.cross_tile and not (self.persistent and self.overlap):
             out.append(WHY_CROSS_TILE)
