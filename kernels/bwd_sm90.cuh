@@ -89,7 +89,11 @@ struct Config {
   static constexpr int kDHeadV = kDHead, kDV = kD;  // v's head dim is q/k's (bwd_sm80.cuh's helpers read these)
   // queries per step, keys per CTA (64 per warpgroup; the wide kernel: 64 shared by both)
   static constexpr int kBlockM = kBlockM_, kBlockN = kWide ? 64 : 128;
-  static constexpr int kNtM = kBlockM / 8, kNtD = kD / 8, kKsD = kD / 16, kKsM = kBlockM / 16, kKsN = kBlockN / 16;
+  static constexpr int kNtM = kBlockM / 8, kNtD = kD / 8, kKsM = kBlockM / 16, kKsN = kBlockN / 16;
+  // S^T's and dP^T's k-steps: the real head dim's, as the forward's kDMma (d_head 80 and 96 run in the
+  // 128 tile, d_head 160 in the 192 one): the tile's columns past d_head are TMA's zeros, whose
+  // products add nothing.
+  static constexpr int kKsD = (kDHead + 15) / 16;
   // dQ of a step, [kBlockM, kD]: each warpgroup computes a 64 x 64 share, by rows when kBlockM = 128
   // (then kD = 64), else by columns (kD = 128).
   static constexpr bool kDqByRows = kBlockM == 128;
