@@ -12,6 +12,7 @@ bench_transformers.json to --out. The loss of both implementations is printed as
 
     python scripts/bench_transformers.py --out bench-out
     python scripts/bench_transformers.py --iters 20 --layers 8
+    python scripts/bench_transformers.py --host   # is the step host-bound? its syncs
 """
 from __future__ import annotations
 
@@ -41,6 +42,30 @@ def time_ms(fn, warmup: int, iters: int) -> tuple[float, float]:
 
     torch.cuda.reset_peak_memory_stats()
     return median_ms(fn, warmup, iters), torch.cuda.max_memory_allocated() / 2**30
+
+
+def host_figures(fn, iters: int) -> dict:
+    """Whether the host bounds fn: the host time a call takes to issue its work when calls follow each
+    other without a sync (close to the measured time: the GPU waits for the host), and the
+    synchronising torch calls inside one call (torch.cuda.set_sync_debug_mode): after each, the GPU
+    runs at the host's pace until the host is ahead again. Syncs outside torch (ctypes) are not seen."""
+    import time
+    import warnings
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    issue_ms = (time.perf_counter() - start) * 1e3 / iters
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return {"issue_ms": issue_ms, "syncs": sum("synchronizing" in str(w.message) for w in caught)}
 
 
 def kernel_totals(fn) -> dict:
@@ -81,6 +106,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="after timing, print each case's CUDA kernels whose totals differ most between the two")
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--host", action="store_true",
+                        help="after timing, also print the host time a call takes to issue its work and the "
+                             "synchronising torch calls in one call (is the host the bound?)")
     args = parser.parse_args()
     _require_torch_cuda("bench_transformers.py")
     import transformers
@@ -135,6 +163,8 @@ def main() -> None:
                 row[implementation] = {"ms": ms, "peak_gib": gib}
                 if args.profile:
                     row[implementation]["kernels_us"] = kernel_totals(fn)
+                if args.host:
+                    row[implementation].update(host_figures(fn, args.iters))
             except (RuntimeError, NotImplementedError, ValueError) as exc:
                 print(f"    ({implementation} failed on {label}: {str(exc).splitlines()[0][:120]})")
                 row[implementation] = None
@@ -144,6 +174,9 @@ def main() -> None:
         diff = f"{abs(losses['sdpa'] - losses[name]):.1e}" if len(losses) == 2 else "-"
         print(f"{label:<34} {cell(s, 'ms', '9.2f'):>9} {cell(f, 'ms', '9.2f'):>9} {speedup:>8} "
               f"{cell(s, 'peak_gib', '9.2f'):>9} {cell(f, 'peak_gib', '9.2f'):>9}  {diff}")
+        if args.host and s and f:
+            print(f"    host: issue {s['issue_ms']:.2f} / {f['issue_ms']:.2f} ms a call (sdpa / {name}), "
+                  f"syncs {s['syncs']} / {f['syncs']}")
         if args.profile and s and f:
             print_kernel_diff(s["kernels_us"], f["kernels_us"], name)
 
