@@ -256,6 +256,21 @@ def test_masks_it_cannot_express_are_refused():
         fjt.attention_forward(torch.nn.Module(), q, q, q, torch.ones(2, 1, 6, 6, dtype=torch.bool))
 
 
+def test_the_plain_causal_mask_needs_no_device_read(monkeypatch):
+    """Without an attention_mask, masking_utils' own causal function (nothing wraps it: no packing) gives
+    the unmasked path, and a static cache's ones, without the checks and their device sync; a wrapped
+    function (packed sequences) still goes through them."""
+    def no_checks(*args, **kwargs):
+        raise AssertionError("the checks ran")
+    monkeypatch.setattr(fjt.torch, "stack", no_checks)
+    assert fjt.build_mask(batch_size=2, q_length=6, kv_length=6, mask_function=causal_mask_function) is None
+    segments = fjt.build_mask(batch_size=2, q_length=1, kv_length=16, q_offset=torch.tensor(5),
+                              mask_function=causal_mask_function)
+    assert segments.dtype == torch.int32 and segments.tolist() == [[1] * 6] * 2
+    with pytest.raises(AssertionError, match="the checks ran"):
+        fjt.build_mask(batch_size=2, q_length=6, kv_length=6, mask_function=lambda b, h, q, kv: kv <= q)
+
+
 def test_masks_for_padding_and_static_caches():
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[0, :2] = False

@@ -36,7 +36,7 @@ import flashjit
 
 try:
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.masking_utils import AttentionMaskInterface, causal_mask_function
 except ImportError as exc:  # an optional extra: say how to get it
     raise ImportError("flashjit.integrations.transformers needs transformers>=5: "
                       "pip install 'flashjit[transformers]'") from exc
@@ -82,6 +82,11 @@ def build_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_fu
             "e.g. image tokens attending bidirectionally), which flashjit cannot express; use 'sdpa' or 'eager'")
     bidirectional = "allow_is_bidirectional_skip" in kwargs  # only create_bidirectional*_mask pass it
     length = kv_length if bidirectional else int(q_offset) - kv_offset + q_length  # static caches: q_offset a tensor
+    if attention_mask is None and mask_function is causal_mask_function and not bidirectional:
+        # masking_utils passes its plain causal function only when nothing (packing, overlays) wraps it:
+        # no padding, one sequence a row, known without the checks' device sync. That sync made a
+        # training step wait for the host (bench_transformers --host: 2 syncs a step against sdpa's 1).
+        return None if length == kv_length else torch.ones(batch_size, length, dtype=torch.int32, device=device)
     valid = torch.ones(batch_size, length, dtype=torch.bool, device=device)
     if attention_mask is not None:
         given = attention_mask[:, kv_offset:kv_offset + length]
