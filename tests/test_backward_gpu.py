@@ -481,8 +481,8 @@ def _wide_check(config, q, k, v, kwargs, mask, head_split=False, dout=None):
 @pytest.mark.parametrize("shape", WIDE, ids=str)
 def test_wide_backward_matches_reference(shape):
     """The wide wgmma backward (two consumer warpgroups splitting each step by product, P^T handed over
-    in fp32, dQ by 16-byte fp32 reductions from registers) against the fp32 reference with poisoned
-    outputs: d 160/192/224/256, bf16 and fp16, odd lengths (partial 64-key and 64-query blocks), Sq != Sk,
+    in fp32, or in 16 bits in the 256 tile; dQ staged per warp in shared memory and added by bulk
+    reductions) against the fp32 reference with poisoned outputs: d 160/192/224/256, bf16 and fp16, odd lengths (partial 64-key and 64-query blocks), Sq != Sk,
     causal rows that see no key, GQA, window, ALiBi, softcap and dropout (the forward's Philox mask)."""
     _wide_check(*_wide_case(shape))
 
