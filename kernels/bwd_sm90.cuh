@@ -232,10 +232,9 @@ struct Smem {
 };
 
 // What a CTA computes: its key block, batch, kv head and query heads (h0 .. h0 + heads - 1): every
-// head of the GQA group, or with kHeadSplit one; its sequence and its steps. The grid's rows are
-// (batch, kv head) pairs, or with kHeadSplit (batch, query head) pairs, and a row's key blocks run
-// together (they read the same Q and dO, which then come from L2); causal grids take
-// common/grid_order.cuh's order (a row's longest CTA, key block 0, first; the last rows block-outermost).
+// head of the GQA group, or with kHeadSplit one, the key block outermost (causal: the longest CTAs,
+// the first key blocks, first; without it a causal grid takes common/grid_order.cuh's order); its
+// sequence and its steps.
 template <class C>
 struct Work {
   int b, h_k, key0;
@@ -253,12 +252,15 @@ struct Work {
   };
   __device__ __forceinline__ static Ids ids(const BwdParams& p, unsigned block) {
     const int num_n = (p.seqlen_k + C::kBlockN - 1) / C::kBlockN, group = p.heads / p.heads_k;
-    const int heads = C::kHeadSplit ? p.heads : p.heads_k;  // a row's head: a query head, or a kv head
-    const GridPos at = C::kCausal ? longest_first(int(block), p.batch * heads, num_n)
-                                  : GridPos{int(block) / num_n, int(block) % num_n};
-    const int h = at.row % heads;
-    if constexpr (C::kHeadSplit) return {at.block, at.row / heads, h / group, h};
-    else return {at.block, at.row / heads, h, h * group};
+    if constexpr (C::kHeadSplit) {
+      const int bh = block % (p.batch * p.heads), h0 = bh % p.heads;
+      return {int(block) / (p.batch * p.heads), bh / p.heads, h0 / group, h0};
+    } else {  // causal: common/grid_order.cuh's order (key block 0, the longest, first in a row)
+      const GridPos at = C::kCausal ? longest_first(int(block), p.batch * p.heads_k, num_n)
+                                    : GridPos{int(block) / num_n, int(block) % num_n};
+      const int h_k = at.row % p.heads_k;
+      return {at.block, at.row / p.heads_k, h_k, h_k * group};
+    }
   }
   __device__ __forceinline__ Work(const BwdParams& p, Ids id)
       : b(id.b), h_k(id.h_k), key0(id.n_block * C::kBlockN), seq(p, id.b), keys(min(C::kBlockN, seq.len_k - key0)),
