@@ -109,7 +109,7 @@ struct Config {
   static_assert(kStages >= 2 && kStages <= 4, "stages must be 2, 3 or 4");
   static_assert(!kPingPong || kOverlap, "ping-pong passes a token around the consumer warpgroups and needs the overlap");
   // Named barrier ids stay disjoint: kEpilogue + g (1..3), kPingPong + g (5..7), kVTail (8).
-  static_assert(1 + kConsumers <= 5 && 5 + kConsumers <= 8, "named barrier ids of three warpgroups at most");
+  static_assert(1 + kConsumers <= 5 && 5 + kConsumers <= 8, "block_m must be 128 or 192 (two or three consumer warpgroups)");
   static_assert(!kCrossTile || (kPersistent && kOverlap),
                 "cross_tile runs one CTA's tiles as one pipeline: it needs persistent and the overlap");
   // Per consumer thread: O (kDV / 2 fp32), S (kBlockN / 2 fp32) and P (kBlockN / 4 packed pairs).

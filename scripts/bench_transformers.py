@@ -46,9 +46,11 @@ def time_ms(fn, warmup: int, iters: int) -> tuple[float, float]:
 
 def host_figures(fn, iters: int) -> dict:
     """Whether the host bounds fn: the host time a call takes to issue its work when calls follow each
-    other without a sync (close to the measured time: the GPU waits for the host), and the
-    synchronising torch calls inside one call (torch.cuda.set_sync_debug_mode): after each, the GPU
-    runs at the host's pace until the host is ahead again. Syncs outside torch (ctypes) are not seen."""
+    other without a sync, and the synchronising torch calls inside one call
+    (torch.cuda.set_sync_debug_mode). With no sync, an issue time close to the measured time means
+    the GPU waits for the host; each sync makes the host wait for the GPU (so the issue time then
+    includes GPU time) and after it the GPU runs at the host's pace until the host is ahead again.
+    Syncs outside torch (ctypes) are not seen."""
     import time
     import warnings
 
@@ -58,13 +60,14 @@ def host_figures(fn, iters: int) -> dict:
         fn()
     issue_ms = (time.perf_counter() - start) * 1e3 / iters
     torch.cuda.synchronize()
+    before = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             fn()
     finally:
-        torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.set_sync_debug_mode(before)
     return {"issue_ms": issue_ms, "syncs": sum("synchronizing" in str(w.message) for w in caught)}
 
 

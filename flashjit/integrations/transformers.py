@@ -84,8 +84,9 @@ def build_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_fu
     length = kv_length if bidirectional else int(q_offset) - kv_offset + q_length  # static caches: q_offset a tensor
     if attention_mask is None and mask_function is causal_mask_function and not bidirectional:
         # masking_utils passes its plain causal function only when nothing (packing, overlays) wraps it:
-        # no padding, one sequence a row, known without the checks' device sync. That sync made a
-        # training step wait for the host (bench_transformers --host: 2 syncs a step against sdpa's 1).
+        # no padding, one sequence a row, known without the checks' device sync (a static cache's
+        # q_offset, a device tensor, is still read above). That sync made a training step wait for the
+        # host (bench_transformers --host: 2 syncs a step against sdpa's 1).
         return None if length == kv_length else torch.ones(batch_size, length, dtype=torch.int32, device=device)
     valid = torch.ones(batch_size, length, dtype=torch.bool, device=device)
     if attention_mask is not None:
