@@ -9,14 +9,19 @@ import logging
 log = logging.getLogger("flashjit")
 
 
-def time_ms(fn, warmup: int = 10, reps: int = 30) -> float:
-    """Median of `reps` CUDA-event timings of fn() after `warmup` calls."""
+def time_ms(fn, warmup: int = 10, reps: int = 30, before=None) -> float:
+    """Median of `reps` CUDA-event timings of fn() after `warmup` calls; before(), if given, runs
+    untimed ahead of each call (e.g. an L2 flush)."""
     import torch
 
     for _ in range(warmup):
+        if before is not None:
+            before()
         fn()
     times = []
     for _ in range(reps):
+        if before is not None:
+            before()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()

@@ -770,7 +770,8 @@ __device__ __forceinline__ void consume(const BwdParams& p, const Smem<C>& sm, u
 // This warpgroup's share of a step's dQ = dS K (dS^T from sm.ds M-major, K N-major): 64-column pieces
 // kWg, kWg + 2, .., each staged by each warp (this warp's 16 of the step's queries from row0 of head
 // h) in s_dq, kWideDqRows rows at a time, and added to dq_accum by a bulk reduction, as the narrow
-// kernel's add_dq. Issued after the warpgroup's dV or dK product: under_dq() runs while the first
+// kernel's add_dq (one helper for both, a6d3cde, ran 1.3-2% slower at d96/d128: docs/perf-log.md,
+// 2026-12-04, so each kernel keeps its own). Issued after the warpgroup's dV or dK product: under_dq() runs while the first
 // piece is on the tensor cores, retired() once dV or dK has retired.
 template <class C, int kWg, class UnderDq, class Retired>
 __device__ __forceinline__ void wide_dq(const BwdParams& p, const Seq& seq, const Descs<C>& d, float* s_dq, int h,

@@ -61,6 +61,8 @@ def time_clean_l2_ms(fn, warmup: int = 10, reps: int = 100) -> float | None:
     write back); CUDA events around each call alone. None where fn is None or raises."""
     import torch
 
+    from flashjit.tuner import time_ms as events_ms
+
     if fn is None:
         return None
     if not _FLUSH:
@@ -70,17 +72,7 @@ def time_clean_l2_ms(fn, warmup: int = 10, reps: int = 100) -> float | None:
     except RuntimeError as exc:
         print(f"    (skipped: {str(exc).splitlines()[0][:100]})")
         return None
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for i in range(warmup + reps):
-        _FLUSH[0].amax()  # reads every line; writes one value
-        if i >= warmup:
-            events[i - warmup][0].record()
-        fn()
-        if i >= warmup:
-            events[i - warmup][1].record()
-    torch.cuda.synchronize()
-    times = sorted(start.elapsed_time(end) for start, end in events)
-    return times[len(times) // 2]
+    return events_ms(fn, warmup, reps, before=_FLUSH[0].amax)  # amax reads every line, writes one value
 
 
 def main() -> None:
@@ -140,12 +132,13 @@ def main() -> None:
         fns["FA2 graph"] = replay_of(fns["FA2"])
         fns["cuDNN graph"] = replay_of(fns["cuDNN"])
         row = {"batch": batch, "cache": length}
+
+        def gbps(ms):  # K and V's bytes read over a time in ms
+            return None if ms is None else nbytes / (ms * 1e-3) / 1e9
         for name, fn in fns.items():
-            ms = None if fn is None else time_ms(fn)
-            row[name] = None if ms is None else nbytes / (ms * 1e-3) / 1e9
+            row[name] = gbps(None if fn is None else time_ms(fn))
         for name, fn in (("copy clean", fns["copy"]), ("graph clean", fns["graph"])):
-            ms = time_clean_l2_ms(fn)
-            row[name] = None if ms is None else nbytes / (ms * 1e-3) / 1e9
+            row[name] = gbps(time_clean_l2_ms(fn))
         # The issue-16 figure: the replayed call's reads over the copy's traffic (reads and writes).
         row["of_copy_traffic"] = [row[g] / (2 * row[c]) if row[g] and row[c] else None
                                   for g, c in (("graph", "copy"), ("graph clean", "copy clean"))]
@@ -159,8 +152,7 @@ def main() -> None:
             row["by_splits"] = {}
             for splits in map(int, args.splits.split(",")):
                 replay = replay_of(lambda: kvattn.forward_kvcache(q, k, v, lengths, num_splits=splits))
-                ms = None if replay is None else time_ms(replay)
-                row["by_splits"][splits] = None if ms is None else nbytes / (ms * 1e-3) / 1e9
+                row["by_splits"][splits] = gbps(None if replay is None else time_ms(replay))
             print(f"{'':>14} graph GB/s by num_splits: " +
                   ", ".join(f"{n} {gbs:.0f}" if gbs else f"{n} -" for n, gbs in row["by_splits"].items()))
         if args.kernels:
