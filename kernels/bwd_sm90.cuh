@@ -145,7 +145,7 @@ struct Config {
   // dK and dV are staged for the copy out through the two Q stages and the two dO stages.
   static_assert(2 * kBlockM >= kBlockN, "dK/dV are staged through the Q / dO tiles");
   static_assert(kWide || kWarps * 2 * (kD / 64) * 16 * 64 * 4 <= kSmemBytes - 1024 - kBarrierBytes,
-                "add_dkdv stages dK and dV in fp32");  // the wide kernel adds them from registers
+                "add_dkdv stages dK and dV in fp32");  // the wide kernel: over Q's and dO's stages
   static_assert(kSmemBytes <= 227 * 1024, "the dK/dV kernel's tiles need more than 227 KiB of shared memory");
 };
 
@@ -169,10 +169,37 @@ __device__ __forceinline__ void stage_rows_f32(float* tile, const float (&acc)[k
   }
 }
 
-// This warp's 16 key rows of dK and dV (from key row0, `rows` of them real), scaled, added to
-// p.dkv_accum (params.cuh) by bulk reductions: staged in shared memory (the whole buffer is free by
-// now; 2 kD / 64 pieces of 16 x 64 floats a warp) in the tiling dq_accum has, so each piece is one
-// contiguous 4 KiB run there, written conflict-free.
+// With kHeadSplit, a warp's 16 key rows of dK or dV reach p.dkv_accum's fp32 sums (params.cuh) by
+// bulk reductions: staged in shared memory as kD / 64 pieces of 16 x 64 floats in the tiling
+// dq_accum has (stage_dkdv_rows), so each piece is one contiguous 4 KiB run there, written
+// conflict-free; then lane 0 adds the real rows (reduce_dkdv_rows). From registers, each 16-byte
+// reduction makes 16 L2 requests (the wide kernel's dQ that way took 55% of its time).
+template <class C>
+__device__ __forceinline__ void stage_dkdv_rows(float* stage, const float (&acc)[1][C::kNtD][4], float scale,
+                                                const Seq& seq, int lane) {
+  // The buffer row of the tile's row 0 is k_start + the CTA's key row, a multiple of 16.
+#pragma unroll
+  for (int piece = 0; piece < C::kD / 64; ++piece)
+    stage_rows_f32(stage + piece * 1024, acc[0], piece * 8, seq.k_start, scale, lane);
+}
+// Lane 0: the staged rows row0 .. row0 + rows - 1 (rows > 0) of sum t (0: dK, 1: dV) of kv head h_k.
+template <class C>
+__device__ __forceinline__ void reduce_dkdv_rows(const BwdParams& p, const Seq& seq, int b, int h_k, int t, int row0,
+                                                 int rows, const float* stage) {
+  constexpr int kHalves = C::kD / 64;
+  // Plane b * H_k + h_k of key_plane_rows (varlen: plane h_k, and k_start is the packed row).
+  const int64_t plane = is_varlen(p) ? h_k : int64_t(b) * p.heads_k + h_k;
+  const int plane_rows = key_plane_rows(p);
+#pragma unroll
+  for (int piece = 0; piece < kHalves; ++piece)
+    bulk_reduce_add_f32(p.dkv_accum + t * key_rows(p) * C::kD +
+                            ((plane * kHalves + piece) * plane_rows + seq.k_start + row0) * 64,
+                        stage + piece * 1024, uint32_t(rows) * 64 * 4);
+}
+
+// The narrow kernel's dK and dV of this warp's 16 key rows (from key row0, `rows` of them real),
+// scaled, added to the sums: staged from the start of shared memory (the whole buffer is free by now;
+// 2 kD / 64 pieces a warp).
 template <class C>
 __device__ __forceinline__ void add_dkdv(const BwdParams& p, const Seq& seq, int b, int h_k, int row0, int rows,
                                          const float (&dk)[1][C::kNtD][4], const float (&dv)[1][C::kNtD][4],
@@ -180,24 +207,15 @@ __device__ __forceinline__ void add_dkdv(const BwdParams& p, const Seq& seq, int
   constexpr int kHalves = C::kD / 64;
   float* stage = reinterpret_cast<float*>(smem) + warp * 2 * kHalves * 16 * 64;
   const float scale_v = C::dropout_scale(p), scale_k = p.softmax_scale * scale_v;
-  // The buffer row of the tiles' row 0 is k_start + row0, and row0 is a multiple of 16.
 #pragma unroll
-  for (int piece = 0; piece < kHalves; ++piece) {
+  for (int piece = 0; piece < kHalves; ++piece) {  // dK's and dV's pieces in turn (stage_dkdv_rows' order)
     stage_rows_f32(stage + piece * 1024, dk[0], piece * 8, seq.k_start, scale_k, lane);
     stage_rows_f32(stage + (kHalves + piece) * 1024, dv[0], piece * 8, seq.k_start, scale_v, lane);
   }
   fence_proxy_async();
   __syncwarp();
   if (lane == 0 && rows > 0) {
-    // Plane b * H_k + h_k of key_plane_rows (varlen: plane h_k, and k_start is the packed row).
-    const int64_t plane = is_varlen(p) ? h_k : int64_t(b) * p.heads_k + h_k;
-    const int plane_rows = key_plane_rows(p);
-    for (int t = 0; t < 2; ++t)
-#pragma unroll
-      for (int piece = 0; piece < kHalves; ++piece)
-        bulk_reduce_add_f32(p.dkv_accum + t * key_rows(p) * C::kD +
-                                ((plane * kHalves + piece) * plane_rows + seq.k_start + row0) * 64,
-                            stage + (t * kHalves + piece) * 1024, uint32_t(rows) * 64 * 4);
+    for (int t = 0; t < 2; ++t) reduce_dkdv_rows<C>(p, seq, b, h_k, t, row0, rows, stage + t * kHalves * 1024);
     bulk_wait_read<0>();  // the sources are read before the CTA (and its shared memory) is gone
   }
 }
@@ -232,9 +250,10 @@ struct Smem {
 };
 
 // What a CTA computes: its key block, batch, kv head and query heads (h0 .. h0 + heads - 1): every
-// head of the GQA group, or with kHeadSplit one, the key block outermost (causal: the longest CTAs,
-// the first key blocks, first; without it a causal grid takes common/grid_order.cuh's order); its
-// sequence and its steps.
+// head of the GQA group, or with kHeadSplit one; its sequence and its steps. The grid's rows are
+// (batch, kv head) pairs, or with kHeadSplit (batch, query head) pairs, and a row's key blocks run
+// together (they read the same Q and dO, which then come from L2); causal grids take
+// common/grid_order.cuh's order (a row's longest CTA, key block 0, first; the last rows block-outermost).
 template <class C>
 struct Work {
   int b, h_k, key0;
@@ -252,15 +271,12 @@ struct Work {
   };
   __device__ __forceinline__ static Ids ids(const BwdParams& p, unsigned block) {
     const int num_n = (p.seqlen_k + C::kBlockN - 1) / C::kBlockN, group = p.heads / p.heads_k;
-    if constexpr (C::kHeadSplit) {
-      const int bh = block % (p.batch * p.heads), h0 = bh % p.heads;
-      return {int(block) / (p.batch * p.heads), bh / p.heads, h0 / group, h0};
-    } else {  // causal: common/grid_order.cuh's order (key block 0, the longest, first in a row)
-      const GridPos at = C::kCausal ? longest_first(int(block), p.batch * p.heads_k, num_n)
-                                    : GridPos{int(block) / num_n, int(block) % num_n};
-      const int h_k = at.row % p.heads_k;
-      return {at.block, at.row / p.heads_k, h_k, h_k * group};
-    }
+    const int heads = C::kHeadSplit ? p.heads : p.heads_k;  // a row's head: a query head, or a kv head
+    const GridPos at = C::kCausal ? longest_first(int(block), p.batch * heads, num_n)
+                                  : GridPos{int(block) / num_n, int(block) % num_n};
+    const int h = at.row % heads;
+    if constexpr (C::kHeadSplit) return {at.block, at.row / heads, h / group, h};
+    else return {at.block, at.row / heads, h, h * group};
   }
   __device__ __forceinline__ Work(const BwdParams& p, Ids id)
       : b(id.b), h_k(id.h_k), key0(id.n_block * C::kBlockN), seq(p, id.b), keys(min(C::kBlockN, seq.len_k - key0)),
@@ -815,27 +831,30 @@ __device__ __forceinline__ void wide_dq(const BwdParams& p, const Seq& seq, cons
 }
 
 // After the last step: warpgroup kWg's accumulator (WG0 dV, WG1 dK; r0: this warp's 16 key rows)
-// staged through the Q / dO stage and stored by the warpgroup's own 128 threads (tid among the 256), or with
-// kHeadSplit added to p.dkv_accum's fp32 sums (dK's, then dV's) from registers.
+// staged through the Q / dO stages and stored by the warpgroup's own 128 threads (tid among the 256), or
+// with kHeadSplit staged there in fp32 (64 rows x kD floats: both stages' bytes) and added to
+// p.dkv_accum's sums by bulk reductions.
 template <class C, int kWg>
 __device__ __forceinline__ void write_dkdv_wide(const BwdParams& p, const Work<C>& w, const Smem<C>& sm,
                                                 float (&acc)[1][C::kNtD][4], int r0, int tid) {
   const int lane = tid & 31;
   const float scale = (kWg == 1 ? p.softmax_scale : 1.f) * C::dropout_scale(p);
   if (lane == 0) bulk_wait_read<0>();  // the dQ reductions have read this warp's staging tile (as write_dkdv)
+  // Both warpgroups: every wgmma read of the Q and dO stages is done (each waited for its own), so
+  // WG1 may overwrite Q's stages with dK and WG0 dO's with dV.
+  named_sync_unaligned(int(Barrier::kConsumers), C::kThreads);  // each warpgroup from its own code
   if constexpr (C::kHeadSplit) {
-    const int64_t plane = is_varlen(p) ? w.h_k : int64_t(w.b) * p.heads_k + w.h_k;
-    const int plane_rows = key_plane_rows(p);
-    float* sums = p.dkv_accum + (kWg == 0 ? key_rows(p) * C::kD : 0) + plane * (C::kD / 64) * plane_rows * 64;
-#pragma unroll
-    for (int piece = 0; piece < C::kD / 64; ++piece)
-      red_rows_f32(sums + int64_t(piece) * plane_rows * 64, w.seq.k_start + w.key0 + r0, w.keys - r0, acc[0],
-                   piece * 8, scale, lane);
+    static_assert(64 * C::kD * 4 <= 2 * C::TileM::kBytes, "a warpgroup's fp32 dK or dV fits its two stages");
+    float* stage = reinterpret_cast<float*>(kWg == 0 ? sm.dout : sm.q) + (r0 / 16) * (C::kD / 64) * 1024;
+    stage_dkdv_rows<C>(stage, acc, scale, w.seq, lane);
+    fence_proxy_async();
+    __syncwarp();
+    if (lane == 0 && w.keys > r0) {
+      reduce_dkdv_rows<C>(p, w.seq, w.b, w.h_k, kWg == 0 ? 1 : 0, w.key0 + r0, min(16, w.keys - r0), stage);
+      bulk_wait_read<0>();  // the sources are read before the CTA (and its shared memory) is gone
+    }
     return;
   }
-  // Both warpgroups: every wgmma read of the Q and dO stages is done (each waited for its own), so
-  // WG1 may overwrite Q's first stage with dK and WG0 dO's with dV.
-  named_sync_unaligned(int(Barrier::kConsumers), C::kThreads);  // each warpgroup from its own code
   elem_t* staged = kWg == 0 ? sm.dout : sm.q;
   store_acc<C::kD, C::kSwizzle, C::kBf16>(staged, acc, r0, lane, scale);
   // Each warpgroup stores the tile it staged: no data crosses warpgroups here, so a warpgroup's own

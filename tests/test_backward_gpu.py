@@ -489,8 +489,9 @@ def test_wide_backward_matches_reference(shape):
 
 @pytest.mark.parametrize("shape", [WIDE[1], WIDE[3], WIDE[9]], ids=str)
 def test_wide_gqa_head_split_matches_reference(shape):
-    """The wide kernel with one dK/dV CTA per query head (dK, dV added to fp32 sums by 16-byte reductions
-    from registers, then rounded) against the reference, and against one CTA per kv head within rounding."""
+    """The wide kernel with one dK/dV CTA per query head (dK, dV staged over the Q / dO stages and added
+    to fp32 sums by bulk reductions, then rounded) against the reference, and against one CTA per kv head
+    within rounding."""
     case = _wide_case(shape)
     dout = torch.randn_like(case[1])
     split = _wide_check(*case, head_split=True, dout=dout)

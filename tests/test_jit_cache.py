@@ -41,7 +41,7 @@ SUBSET = [  # both dtypes, several head dims, causal, knobs off, both archs
     ("sm_90a", BwdSm90Config("fp16", 64, 128, local=True, alibi=True)),
     ("sm_90a", BwdSm90Config("bf16", 128, 64, causal=True, head_split=True)),  # + the dK/dV conversion kernel
     ("sm_90a", BwdSm90Config("bf16", 64, 128, dropout=True, tma=True)),  # the producer warpgroup, TMA maps
-    # the wide kernel (d_head 129-256): warpgroups split by product, dQ by 16-byte reductions; + head split
+    # the wide kernel (d_head 129-256): warpgroups split by product, dQ by bulk reductions; + head split
     ("sm_90a", BwdSm90Config("fp16", 160, 64, causal=True, softcap=True, dropout=True, tma=True)),
     ("sm_90a", BwdSm90Config("bf16", 256, 64, local=True, alibi=True, head_split=True, tma=True)),
     ("sm_90a", FwdSm90Config("bf16", 128)),

@@ -108,40 +108,6 @@ __device__ __forceinline__ void bulk_wait_read() {
 // Until this thread's bulk reductions are complete.
 __device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
 
-// ---- Reductions from registers --------------------------------------------------------------------
-// addr[0..3] += (a, b, c, d) in global memory if pred, one 16-byte fp32 reduction (sm_90; addr 16-byte
-// aligned), no return value. The predicate is the instruction's: as an `if`, ptxas branched around
-// each reduction and its operands' selects.
-__device__ __forceinline__ void red_add_f32x4(float* addr, float a, float b, float c, float d, bool pred) {
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %5, 0;\n@p red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n}\n"
-               ::"l"(addr), "f"(a), "f"(b), "f"(c), "f"(d), "r"(int(pred)) : "memory");
-}
-
-// A warp's 16 x 64 share of an fp32 accumulator (n-tiles nt0 .. nt0 + 7, rows (lane >> 2) + 8 h),
-// times scale, added to a buffer of 64-float rows whose 16-byte chunk c of row i sits at c ^ (i % 8)
-// (bwd_sm90.cuh's dq_accum / dkv_accum tiling): `rows_base` is the buffer's row 0 and `row` the
-// buffer row of the share's row 0; share rows >= valid_rows are not added. Lane pairs (lane, lane ^ 1)
-// trade halves with two shuffles an n-tile, so each lane holds 4 consecutive columns of one row
-// (the even lane row r, the odd one row r + 8) for one 16-byte reduction: 8 a lane, and a warp's 32
-// per n-tile pair cover 16 rows x 2 chunks, each chunk once.
-template <int kNt>
-__device__ __forceinline__ void red_rows_f32(float* rows_base, int row, int valid_rows, const float (&acc)[kNt][4],
-                                             int nt0, float scale, int lane) {
-  const bool odd = lane & 1;
-  const int r = (lane >> 2) + (odd ? 8 : 0), swz = (row + r) & 7, c0 = (lane & 3) >> 1;
-  float* dst = rows_base + int64_t(row + r) * 64;  // one 64-bit address; the chunks are 32-bit offsets
-  const bool valid = r < valid_rows;
-#pragma unroll
-  for (int nt = 0; nt < 8; ++nt) {
-    const float* a = acc[nt0 + nt];
-    // The even lane sends row r + 8's pair, the odd lane row r's.
-    const float x = __shfl_xor_sync(0xffffffffu, odd ? a[0] : a[2], 1);
-    const float y = __shfl_xor_sync(0xffffffffu, odd ? a[1] : a[3], 1);
-    red_add_f32x4(dst + (((2 * nt + c0) ^ swz) << 2), (odd ? x : a[0]) * scale, (odd ? y : a[1]) * scale,
-                  (odd ? a[2] : x) * scale, (odd ? a[3] : y) * scale, valid);
-  }
-}
-
 // ---- The MMAs ------------------------------------------------------------------------------------
 // Inline assembly has no loops, so the N / 2 accumulator operands of each shape are written out:
 // FJ_ACC<n> is the operand list "{%0, ..., %(n-1)}", FJ_F<n>(d) binds d[0..n-1].
