@@ -200,33 +200,40 @@ def backward_pads_value(dtype: str, d_head: int, d_v: int, causal: bool, local: 
 
 
 # backward_splits_heads: the kv-head grid, in waves of one CTA per SM, below which the wgmma backward
-# runs one dK/dV CTA per query head instead: causal (uneven CTAs), and without a mask (even ones).
+# runs one dK/dV CTA per query head instead: causal (uneven CTAs; the wide kernel, d_head > 128, has
+# 64-key CTAs and gains from splitting up to larger grids), and without a mask (even ones).
 HEAD_SPLIT_WAVES_CAUSAL = 4
+HEAD_SPLIT_WAVES_CAUSAL_WIDE = 16
 HEAD_SPLIT_WAVES = 0.75
 
 
 def backward_splits_heads(batch: int, heads: int, heads_k: int, seqlen_k: int, block_n: int, sm_count: int,
-                          causal: bool) -> bool:
+                          causal: bool, wide: bool = False) -> bool:
     """Whether the wgmma backward of a GQA call (heads > heads_k) runs one dK/dV CTA per query head,
     adding dK/dV to fp32 sums and rounding them afterwards, instead of one per key/value head walking
-    the whole group. Measured on an H200 (132 SMs; bf16, d64/d128, kernels alone, TFLOP/s split vs
-    group; docs/perf-log.md, thirteenth session): causal, the first key blocks' CTAs walk every query
-    block and the last ones almost none, so a short grid ends on a few long CTAs: split won 1.11-1.12x
-    at B=1 S=8k 32/8 heads (512 kv-head CTAs), 1.49-1.56x at B=2 S=2k 32/4 (128), 1.68-1.73x at B=1
-    S=4k 16/4 (128). Without a mask every CTA has the same work and the fp32 sums cost 3-8%: group won
-    at all three (1.02-1.09x), so it splits only a grid that leaves SMs idle: at 64 kv-head CTAs (S=1k,
-    B=1 32/8 and B=2 32/4) split won 1.23-1.59x."""
+    the whole group. Measured on an H200 (132 SMs; bf16, kernels alone, TFLOP/s split vs group;
+    docs/perf-log.md, twenty-sixth session, split grids in rows of (batch, query head)). Causal, the
+    first key blocks' CTAs walk every query block and the last ones almost none, so a short grid ends
+    on a few long CTAs. The narrow kernel (d <= 128, 128-key CTAs): split won 1.35-1.55x at 128 kv-head
+    CTAs (B=2 S=2k 32/4, B=1 S=4k 16/4), 1.00-1.03x at 512 (B=1 S=8k 32/8), level at 1024 and lost
+    0.98x at 2048. The wide kernel (64-key CTAs, d192/d256): split won 1.25-1.34x at 256 (B=2 S=2k 32/4)
+    but lost 0.94-0.99x at the other 256 (B=1 S=4k 16/4), won 1.14-1.19x at 1024 (B=1 S=8k 32/8) and
+    1.08x at 2048 (d256, B=2), lost 0.95x at 4096 (B=4). Without a mask every CTA has the same work and
+    the fp32 sums cost: group won 1.01-1.05x at 512-1024 kv-head CTAs (d128, d256 S=8k 32/8), so it
+    splits only a grid that leaves SMs idle: at 64 kv-head CTAs (S=1k, B=1 32/8 and B=2 32/4) split won
+    1.23-1.59x (thirteenth session)."""
     if heads <= heads_k:
         return False
     ctas = batch * heads_k * -(-seqlen_k // block_n)
-    return ctas < (HEAD_SPLIT_WAVES_CAUSAL if causal else HEAD_SPLIT_WAVES) * sm_count
+    waves = (HEAD_SPLIT_WAVES_CAUSAL_WIDE if wide else HEAD_SPLIT_WAVES_CAUSAL) if causal else HEAD_SPLIT_WAVES
+    return ctas < waves * sm_count
 
 
 def with_head_split(config, batch: int, heads: int, heads_k: int, seqlen_k: int, sm_count: int):
     """The dispatcher's backward config for a call's shape: a BwdSm90Config with head_split set where
     backward_splits_heads says so, else config as it is."""
     if isinstance(config, BwdSm90Config) and not config.head_split and backward_splits_heads(
-            batch, heads, heads_k, seqlen_k, config.block_n, sm_count, config.causal):
+            batch, heads, heads_k, seqlen_k, config.block_n, sm_count, config.causal, config.wide):
         return dataclasses.replace(config, head_split=True)
     return config
 

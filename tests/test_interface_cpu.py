@@ -357,7 +357,8 @@ def test_dropout_threshold_and_mask_fraction(p, threshold):
 
 def test_backward_splits_heads_only_gqa_grids_below_the_waves():
     """One dK/dV CTA per query head only for GQA, and only while the key/value-head grid is short of
-    the dispatcher's waves of SMs (132 here: an H100/H200): 4 causal, under one without a mask."""
+    the dispatcher's waves of SMs (132 here: an H100/H200): 4 causal (16 for the wide kernel), under one
+    without a mask."""
     from flashjit.dispatch import HEAD_SPLIT_WAVES, HEAD_SPLIT_WAVES_CAUSAL, backward_splits_heads
 
     sms = 132
@@ -370,6 +371,13 @@ def test_backward_splits_heads_only_gqa_grids_below_the_waves():
         assert not backward_splits_heads(1, 32, 8, (edge // 8 + 1) * 128, 128, sms, causal)
     assert backward_splits_heads(1, 16, 4, 4096, 128, sms, True)  # the transformers shape: 128 CTAs
     assert not backward_splits_heads(1, 16, 4, 4096, 128, sms, False)
+    # The wide kernel (64-key CTAs) splits causal grids up to more waves: B=1 S=8k 32/8 (1024 kv-head
+    # CTAs) splits there and not in the narrow kernel's 128-key grid of the same shape (512)...
+    assert backward_splits_heads(1, 32, 8, 8192, 64, sms, True, wide=True)
+    assert not backward_splits_heads(2, 32, 8, 8192, 128, sms, True)
+    # ...but not B=4 (4096), nor without a mask.
+    assert not backward_splits_heads(4, 32, 8, 8192, 64, sms, True, wide=True)
+    assert not backward_splits_heads(1, 32, 8, 8192, 64, sms, False, wide=True)
 
 
 def test_persistent_walk_balances_where_the_h200_measured_it_did():
