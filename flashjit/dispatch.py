@@ -59,12 +59,20 @@ _PREFERENCES = {  # (head-dim class, causal) -> tiles, best first
 # 1k and +5.3% at 512, causal +1.3 / +3.1 / +2.9% at 1k and level at 512; at 2k-4k the runs disagree
 # (-3.5 to +2.4%), so longer rows keep persistent. Not with a window: its cross-tile kernel spills (ptxas,
 # causal + local: 32 bytes against 8). Keyed (tile width, "short").
+# d64 non-causal up to SHORT (twenty-sixth session, H200, bf16 16k tokens, three interleaved rounds in
+# each of two processes): 192 rows with ping-pong and cross_tile against the 192 rows without ping-pong
+# that were the default, 366.7 TFLOP/s at 512 and 396.1 / 398.5 at 1k (two processes) against 340.9 and
+# 382.6 / 388.0 (+8%, +3-4%); at 2k 451.3 against 444.4 for ping-pong alone (+1.6%, one run: longer rows keep it off,
+# as d64's cross_tile lost 1-4% at 4k-16k in the twenty-first session). Score features other than sinks
+# leave the 192-row tile (registers), so the next entries serve them.
 SHORT_CAUSAL = 2048
 SHORT = 1024
 _SM90_PREFERENCES = {
     64: [dict(block_m=192, block_n=128, stages=4, overlap=True, pingpong=True, persistent=True),
          dict(block_m=128, block_n=128, stages=4)],
-    (64, "short"): [dict(block_m=192, block_n=128, stages=4, overlap=True, pingpong=False, persistent=True),
+    (64, "short"): [dict(block_m=192, block_n=128, stages=4, overlap=True, pingpong=True, persistent=True,
+                         cross_tile=True),
+                    dict(block_m=192, block_n=128, stages=4, overlap=True, pingpong=False, persistent=True),
                     dict(block_m=128, block_n=128, stages=4)],
     (64, "short causal"): [dict(block_m=128, block_n=128, stages=4, persistent=True),
                            dict(block_m=128, block_n=128, stages=4)],

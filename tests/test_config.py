@@ -472,7 +472,7 @@ def test_short_causal_d64_takes_the_128_row_persistent_tile():
 
 def test_short_d128_takes_the_cross_tile_pipeline():
     """Up to SHORT queries the 128-wide Hopper tile (d 72-128) runs cross_tile (measured +3-5% non-causal,
-    +1-3% causal at S = 512-1k on an H200), causal or not, except with a window (its cross-tile kernel
+    +1-3% causal at S = 512-1k on an H200), causal or not, and the 64-wide one non-causal, except with a window (its cross-tile kernel
     spills); longer rows keep the persistent kernel; the tile walk's twin drops both; precompile's build
     set holds the short kernel and that twin."""
     for d_head, causal in itertools.product((96, 128), (False, True)):
@@ -481,7 +481,12 @@ def test_short_d128_takes_the_cross_tile_pipeline():
         longer = dispatch.default_config("bf16", d_head, causal, dispatch.SHORT + 1, arch="sm_90a")
         assert (longer.persistent, longer.cross_tile) == (True, False), longer.name
     assert not dispatch.default_config("bf16", 128, True, 512, arch="sm_90a", local=True).cross_tile
-    assert not dispatch.default_config("bf16", 64, False, 512, arch="sm_90a").cross_tile  # measured level at d64
+    # d64's 192-row tile takes it with ping-pong non-causal (+3-8% at 512-1k), not causal (128 rows there)
+    d64 = dispatch.default_config("bf16", 64, False, 512, arch="sm_90a")
+    assert (d64.block_m, d64.pingpong, d64.cross_tile) == (192, True, True), d64.name
+    assert not dispatch.default_config("bf16", 64, False, dispatch.SHORT + 1, arch="sm_90a").cross_tile
+    assert not dispatch.default_config("bf16", 64, True, 512, arch="sm_90a").cross_tile
+    assert not dispatch.default_config("bf16", 64, False, 512, arch="sm_90a", softcap=True).cross_tile
     short = dispatch.default_config("fp16", 128, True, 1024, arch="sm_90a")
     twin = dispatch.with_tile_walk(short, None, 1024, lambda: 132)  # a varlen batch: one CTA per tile
     assert (twin.persistent, twin.cross_tile) == (False, False) and not twin.problems()
