@@ -7,7 +7,8 @@ one model switched between the two with set_attn_implementation (the same weight
   through flashjit.flash_attn_varlen_func; without it that point is skipped for flashjit, with a message.
 
 Times: CUDA events around each iteration, the median of --iters after --warmup (the warmup also
-compiles flashjit's kernels); peak memory allocated. Prints a table and writes
+compiles flashjit's kernels), taken --rounds times for each implementation in turn, and the median of
+those; peak memory allocated. Prints a table and writes
 bench_transformers.json to --out. The loss of both implementations is printed as a sanity check.
 
     python scripts/bench_transformers.py --out bench-out
@@ -17,12 +18,13 @@ bench_transformers.json to --out. The loss of both implementations is printed as
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
 from pathlib import Path
 
-from bench_forward import _require_torch_cuda, exit_unless_gpu  # same folder
+from bench_forward import _require_torch_cuda, exit_unless_gpu, time_rounds  # same folder
 
 if __name__ == "__main__" and not {"-h", "--help"} & set(sys.argv[1:]):
     exit_unless_gpu("bench_transformers.py")  # before the heavy imports: one line, no traceback
@@ -109,6 +111,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="after timing, print each case's CUDA kernels whose totals differ most between the two")
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="time sdpa and flashjit this many times each, interleaved; report each one's median")
     parser.add_argument("--host", action="store_true",
                         help="after timing, also print the host time a call takes to issue its work and the "
                              "synchronising torch calls in one call (is the host the bound?)")
@@ -149,7 +153,7 @@ def main() -> None:
 
     rows = []
     print(f"{torch.cuda.get_device_name()}: Llama {args.layers} layers, hidden 2048, 16 heads x d128, bf16; "
-          f"median of {args.iters} iterations")
+          f"median of {args.iters} iterations, of {args.rounds} interleaved rounds")
     print(f"{'case':<34} {'sdpa ms':>9} {name + ' ms':>9} {'speedup':>8} {'sdpa GiB':>9} {name + ' GiB':>9}  loss diff")
     for label, needs_varlen, fn in cases:
         row = {"case": label}
@@ -162,31 +166,53 @@ def main() -> None:
             model.set_attn_implementation(implementation)
             try:
                 losses[implementation] = fn().item()
-                ms, gib = time_ms(fn, args.warmup, args.iters)
-                row[implementation] = {"ms": ms, "peak_gib": gib}
-                if args.profile:
-                    row[implementation]["kernels_us"] = kernel_totals(fn)
-                if args.host:
-                    row[implementation].update(host_figures(fn, args.iters))
             except (RuntimeError, NotImplementedError, ValueError) as exc:
                 print(f"    ({implementation} failed on {label}: {str(exc).splitlines()[0][:120]})")
                 row[implementation] = None
+
+        def timed(implementation, fn=fn, label=label):
+            model.set_attn_implementation(implementation)
+            try:
+                return time_ms(fn, args.warmup, args.iters)
+            except (RuntimeError, NotImplementedError, ValueError) as exc:  # then no further rounds of it
+                print(f"    ({implementation} failed on {label}: {str(exc).splitlines()[0][:120]})")
+                return None
+        # Interleaved rounds: a step's time drifts by a few percent between passes, as much as the two
+        # implementations differ, so each round times both.
+        timings = time_rounds({impl: functools.partial(timed, impl) for impl in losses}, args.rounds, lambda f: f())
+        for implementation, (median, samples) in timings.items():
+            if median is None:
+                row[implementation] = None
+                continue
+            row[implementation] = {"ms": median[0], "peak_gib": max(gib for _, gib in samples),
+                                   "rounds_ms": [round(m, 3) for m, _ in samples]}
+            model.set_attn_implementation(implementation)
+            if args.profile:
+                row[implementation]["kernels_us"] = kernel_totals(fn)
+            if args.host:
+                row[implementation].update(host_figures(fn, args.iters))
         rows.append(row)
         s, f = row.get("sdpa"), row.get(name)
         speedup = f"{s['ms'] / f['ms']:.2f}x" if s and f else "-"
+        spread = ""
+        if s and f and args.rounds > 1:  # each round's own ratio: how far the median can be trusted
+            ratios = [a / b for a, b in zip(s["rounds_ms"], f["rounds_ms"])]
+            spread = f"  (rounds {min(ratios):.2f}-{max(ratios):.2f}x)"
         diff = f"{abs(losses['sdpa'] - losses[name]):.1e}" if len(losses) == 2 else "-"
         print(f"{label:<34} {cell(s, 'ms', '9.2f'):>9} {cell(f, 'ms', '9.2f'):>9} {speedup:>8} "
-              f"{cell(s, 'peak_gib', '9.2f'):>9} {cell(f, 'peak_gib', '9.2f'):>9}  {diff}")
+              f"{cell(s, 'peak_gib', '9.2f'):>9} {cell(f, 'peak_gib', '9.2f'):>9}  {diff}{spread}")
         if args.host and s and f:
+            waits = " (a sync in the call: its issue time includes waiting for the GPU)" if s["syncs"] or f["syncs"] else ""
             print(f"    host: issue {s['issue_ms']:.2f} / {f['issue_ms']:.2f} ms a call (sdpa / {name}), "
-                  f"syncs {s['syncs']} / {f['syncs']}")
+                  f"syncs {s['syncs']} / {f['syncs']}{waits}")
         if args.profile and s and f:
             print_kernel_diff(s["kernels_us"], f["kernels_us"], name)
 
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "transformers": transformers.__version__, "flashjit": flashjit.__version__, "name": name,
-              "layers": args.layers, "warmup": args.warmup, "iters": args.iters, "has_varlen": has_varlen,
+              "layers": args.layers, "warmup": args.warmup, "iters": args.iters, "rounds": args.rounds,
+              "has_varlen": has_varlen,
               "rows": rows}
     path = args.out / "bench_transformers.json"
     path.write_text(json.dumps(result, indent=1))
