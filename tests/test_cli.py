@@ -137,10 +137,11 @@ def test_check_runs_the_reference_backend_and_says_so():
     assert "no CUDA GPU is visible" in hidden.stderr and "PASS (reference backend)" in hidden.stdout
 
 
-@pytest.mark.parametrize("script", ["bench_forward.py", "bench_backward.py", "bench_jit.py", "bench_decode.py",
-                                    "bench_varlen.py", "profile_ncu.py"])
-def test_benchmarks_without_a_gpu_say_so_in_one_line(script):
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--out", "unused"], cwd=REPO,
+@pytest.mark.parametrize("script, args", [(s, ["--out", "unused"]) for s in (
+    "bench_forward.py", "bench_backward.py", "bench_jit.py", "bench_decode.py", "bench_varlen.py", "profile_ncu.py")]
+    + [("fwd_outputs.py", ["--save", "unused.pt"])])
+def test_benchmarks_without_a_gpu_say_so_in_one_line(script, args):
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / script), *args], cwd=REPO,
                             capture_output=True, text=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""),
                             timeout=120)
     assert result.returncode == 1
@@ -204,3 +205,25 @@ def test_profile_summary_ranks_stall_reasons_and_instructions():
     assert "Duration" in summary and "Other" not in summary and "75.0%  barrier" in summary
     top = summary.splitlines()[-2:]
     assert top[0].startswith(" 75.0%") and "BAR.SYNC" in top[0] and top[1].startswith(" 25.0%") and "HGMMA" in top[1]
+
+
+def test_fwd_outputs_compares_saved_outputs_bit_for_bit(tmp_path):
+    """scripts/fwd_outputs.py --compare (CPU): equal files pass; one differing bit or a missing entry
+    fails, and the line names the entry."""
+    import torch
+
+    ones = (torch.ones(3, dtype=torch.bfloat16), torch.zeros(3))
+    nudged = (torch.tensor([1.0, 1.0, 1.0078125], dtype=torch.bfloat16), torch.zeros(3))  # one ulp at 1
+    for name, results in {"a": {("k", (1,)): ones, ("j", (2,)): ones}, "b": {("k", (1,)): nudged, ("j", (2,)): ones},
+                          "c": {("k", (1,)): ones}}.items():
+        torch.save(results, tmp_path / f"{name}.pt")
+
+    def compare(x, y):
+        return subprocess.run([sys.executable, str(REPO / "scripts" / "fwd_outputs.py"), "--compare",
+                               str(tmp_path / f"{x}.pt"), str(tmp_path / f"{y}.pt")], capture_output=True, text=True,
+                              timeout=120)
+    same = compare("a", "a")
+    assert same.returncode == 0 and "2 of 2 equal bit for bit" in same.stdout, same.stdout + same.stderr
+    nudged_run = compare("a", "b")
+    assert nudged_run.returncode == 1 and "differs: ('k', (1,))" in nudged_run.stdout
+    assert compare("a", "c").returncode == 1
