@@ -88,27 +88,12 @@ struct Config {
   static constexpr int kSmemBytes =
       1024 + kQStages * TileQ::kBytes + kStages * (TileKV::kBytes + TileV::kBytes) + kBarrierBytes;
 
-  // The element-wise passes of fwd_sm80.cuh, seen from one consumer warp: 16 rows (one m-tile) of
-  // kN keys (a block, or its first half).
-  template <int kN>
-  struct WarpOf {
-    static constexpr int kM = 1, kNtC = kN / 8, kKtC = kN / 16, kNtD = kDV / 8;
+  // The element-wise passes of fwd_sm80.cuh, seen from one consumer warp: 16 rows (one m-tile).
+  struct Warp {
+    static constexpr int kM = 1, kNtC = kBlockN / 8, kKtC = kBlockN / 16, kNtD = kDV / 8;
     static constexpr bool kOptSoftmax = true, kBf16 = kBf16_;
     using Mod = Config::Mod;
   };
-  using Warp = WarpOf<kBlockN>;
-  // A key block of which a consumer warpgroup's 64 rows see only the first half (the causal diagonal
-  // for every other warpgroup of a tile, a window's right edge, a sequence's short last block) runs
-  // QK^T, the softmax and PV at half width for that warpgroup: the other half is masked, so this
-  // skips products of zeros and changes no bit of the result. wgmma_ss is written out for the halves
-  // of 128 and 192.
-  static constexpr bool kHalfBlocks = kBlockN == 128 || kBlockN == 192;
-  static constexpr int kHalfN = kBlockN / 2;
-  // A consumer warpgroup whose rows are all past its tile's queries (a 192-row tile's last at S = 1k,
-  // a varlen sequence's last) computes nothing, only keeps to the barriers and the token. Not with a
-  // window or sinks: their kernels then spilled (ptxas: d192 causal+local 16 bytes against 8, d64
-  // 192-row causal+sink 16 against 0).
-  static constexpr bool kIdleWarpgroups = !kLocal_ && !kSink_;
 
   static_assert(kDHead % 8 == 0 && kDHead >= 8 && kDHead <= 256, "d_head must be a multiple of 8 from 8 to 256");
   static_assert(kDHeadV_ == 0 || (kDHeadV_ % 8 == 0 && kDHeadV_ >= 8 && kDHeadV_ <= kDHead_),
@@ -144,80 +129,42 @@ struct Args {
 
 #ifdef __CUDACC__  // device code (the launcher's host-only build skips it: common/launch.cuh)
 // ---- consumer steps ------------------------------------------------------------------------------
-// The first kNt n-tiles of a fragment array (a half block's scores or P), as an array of their own.
-template <int kNt, class T, int kM, int kAll>
-__device__ __forceinline__ auto& leading(T (&a)[kM][kAll][4]) {
-  static_assert(kNt <= kAll, "a view of the leading n-tiles");
-  return *reinterpret_cast<T(*)[kM][kNt][4]>(&a);
-}
-
-// A block's keys a warpgroup computes, as a type: all (kBlockN), the first half (kHalfN) or none (an
-// idle warpgroup's, its rows all past the tile's queries).
-template <int kKeys>
-using Keys = std::integral_constant<int, kKeys>;
-
-// S = Q_g K^T for the block's first kN keys (the K stage's first kN rows), over the real head dim's
-// 16-wide k-steps; asynchronous (commit only). kN = 0 commits an empty group, so the waits that count
-// groups count the same.
-template <class C, int kN = C::kBlockN>
-__device__ __forceinline__ void issue_qk(float (&s)[1][C::kBlockN / 8][4], uint64_t q_desc, uint64_t k_desc) {
+// S = Q_g K^T over the real head dim's 16-wide k-steps; asynchronous (commit only).
+template <class C>
+__device__ __forceinline__ void issue_qk(float (&s)[C::kBlockN / 8][4], uint64_t q_desc, uint64_t k_desc) {
   wgmma_fence();
-  if constexpr (kN > 0) {
 #pragma unroll
-    for (int ks = 0; ks < C::kDMma / 16; ++ks)
-      wgmma_ss<kN, C::kBf16, 0, 0>(leading<kN / 8>(s)[0], gmma_desc_add(q_desc, kmajor_step<C::kBlockM>(ks)),
-                                   gmma_desc_add(k_desc, kmajor_step<C::kBlockN>(ks)), ks > 0);
-  }
+  for (int ks = 0; ks < C::kDMma / 16; ++ks)
+    wgmma_ss<C::kBlockN, C::kBf16, 0, 0>(s, gmma_desc_add(q_desc, kmajor_step<C::kBlockM>(ks)),
+                                         gmma_desc_add(k_desc, kmajor_step<C::kBlockN>(ks)), ks > 0);
   wgmma_commit();
 }
 
-// O += P V over the block's first kKeys keys (P's columns past them were never written); asynchronous
-// (commit only; an empty group for none). A compile-time count: a wgmma left out at run time makes
-// ptxas close the group with a dummy one and split the products with fences.
-template <class C, int kKeys = C::kBlockN>
+// O += P V; asynchronous (commit only).
+template <class C>
 __device__ __forceinline__ void issue_pv(float (&o)[C::kDV / 8][4], const uint32_t (&pf)[1][C::kBlockN / 16][4],
                                          uint64_t v_desc) {
   wgmma_fence();
 #pragma unroll
-  for (int ks = 0; ks < kKeys / 16; ++ks)
+  for (int ks = 0; ks < C::kBlockN / 16; ++ks)
     wgmma_rs<C::kDV, C::kBf16, 1>(o, pf[0][ks], gmma_desc_add(v_desc, mnmajor_step(ks)), true);
   wgmma_commit();
-}
-// The pending P's PV over the keys it has (pv_keys). An idle warpgroup's (0 keys) runs whole: its rows
-// are past the tile's queries, so what it adds to O is never stored, and a third, empty branch here
-// pushed the 192-row non-causal kernel into 12 bytes of spills.
-template <class C>
-__device__ __forceinline__ void issue_pending_pv(float (&o)[C::kDV / 8][4], const uint32_t (&pf)[1][C::kBlockN / 16][4],
-                                                 uint64_t v_desc, int keys) {
-  if (C::kHalfBlocks && keys == C::kHalfN) issue_pv<C, C::kHalfBlocks ? C::kHalfN : 0>(o, pf, v_desc);
-  else issue_pv<C>(o, pf, v_desc);
 }
 
 // Score modifiers and masks of block j for this warp's 16 rows (row0: global index of its first).
 // kMask: the block has keys some row of the tile cannot see (a compile-time choice, so the
 // overlapped step has no branch between its two wgmma waits: ptxas otherwise hoists the second
 // wait above the exponentials it is meant to overlap).
-template <class C, bool kMask, int kN = C::kBlockN>
+template <class C, bool kMask>
 __device__ __forceinline__ void mask_scores(float (&s)[1][C::kBlockN / 8][4], const typename C::Mod& mod, int row0,
                                             int j, int lane) {
   if constexpr (kMask || C::Mod::kTransforms)
-    fwd::apply_score_mod<typename C::template WarpOf<kN>>(leading<kN / 8>(s), mod, row0, j * C::kBlockN, kMask,
-                                                          lane);
+    fwd::apply_score_mod<typename C::Warp>(s, mod, row0, j * C::kBlockN, kMask, lane);
 }
 // Whether block j needs the per-element mask for any row of the tile (uniform across the CTA).
 template <class C>
 __device__ __forceinline__ bool block_masked(const typename C::Mod& mod, int q_row0, int j) {
   return mod.block_needs_mask(q_row0, C::kBlockM, j * C::kBlockN, C::kBlockN);
-}
-// Whether consumer warpgroup g's rows (q_row0 + 64 g ..., 64 of them) see no key in the second half of
-// block j: past the sequence's keys, or right of the causal diagonal or the window (uniform across
-// the warpgroup).
-template <class C>
-__device__ __forceinline__ bool half_block(const typename C::Mod& mod, int q_row0, int g, int j) {
-  if constexpr (!C::kHalfBlocks) return false;
-  int end = mod.seqlen_k;  // one past the last key any of the rows sees
-  if (C::kCausal || (C::Mod::kLocal && mod.right >= 0)) end = min(end, q_row0 + g * 64 + 64 + mod.diag + mod.right);
-  return end - j * C::kBlockN <= C::kHalfN;
 }
 
 // Varlen: the box of a sequence's last, partial key block runs past its keys into the next
@@ -238,13 +185,11 @@ __device__ __forceinline__ void zero_v_past_keys(const FwdParams& p, elem_t* v_s
 }
 
 // Softmax'd (and dropped-out) S as the A fragments of PV.
-template <class C, int kN = C::kBlockN>
+template <class C>
 __device__ __forceinline__ void scores_to_p(float (&s)[1][C::kBlockN / 8][4], uint32_t (&pf)[1][C::kBlockN / 16][4],
                                             const FwdParams& p, int bh, int row0, int j, int lane) {
-  if (C::kDropout)
-    fwd::apply_dropout<typename C::template WarpOf<kN>>(leading<kN / 8>(s), Dropout(p.mods, bh), row0, j * C::kBlockN,
-                                                        lane);
-  acc_to_a<C::kBf16>(leading<kN / 8>(s), leading<kN / 16>(pf));
+  if (C::kDropout) fwd::apply_dropout<typename C::Warp>(s, Dropout(p.mods, bh), row0, j * C::kBlockN, lane);
+  acc_to_a<C::kBf16>(s, pf);
 }
 
 // One tile of work: kBlockM query rows of one (batch, head) and the key blocks [j_begin, j_end) any
@@ -474,7 +419,7 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
   float o[1][C::kDV / 8][4];
   float m[1][2], l[1][2];
   float s[1][C::kBlockN / 8][4];
-  uint32_t pf[1][C::kBlockN / 16][4] = {};  // (an idle warpgroup's whole PV may read it before any P)
+  uint32_t pf[1][C::kBlockN / 16][4];
   // Ping-pong: warpgroup g issues its matrix products only while it holds the token (barrier
   // kPingPong + g, completed by warpgroup g - 1's arrival, around the ring of kConsumers) and hands it
   // to g + 1 right after issuing, so its softmax runs under the others' products. The last warpgroup
@@ -496,9 +441,6 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
   // spilled holding it).
   int pending = -1;
   RingState<C::kQStages> q_pending;
-  // The keys of the P in pf (kBlockN; kHalfN: a half block's, its second half unwritten; 0: an idle
-  // warpgroup's, none written): its PV takes those.
-  int pv_keys = C::kBlockN;
   auto finish = [&] {
     const Tile<C> Tp(p, pending, num_m);
     sm.v_ring->wait(prev);
@@ -506,7 +448,7 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
     // before taking the token, so the barrier in it cannot wait on a hand-over)
     zero_v_past_keys<C>(p, sm.v_stage(prev.stage), Tp.mod, Tp.j_end - 1, g * 128 + t);
     take_token();
-    issue_pending_pv<C>(o[0], pf, v_desc(prev.stage), pv_keys);
+    issue_pv<C>(o[0], pf, v_desc(prev.stage));
     pass_token();
     wgmma_wait<0>();
     wgmma_settle(o[0]);
@@ -518,8 +460,6 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
     const Tile<C> T(p, tile, num_m);
     if (T.skipped()) continue;
     const int row0 = T.q_row0 + row_cta;  // this warp's first row, globally
-    // No query of this tile in this warpgroup's rows: it issues no product (Config::kIdleWarpgroups).
-    auto idle = [&] { return C::kIdleWarpgroups && g * 64 >= T.q_rows; };
     sm.q_ring->wait(qs);
     // The Q stage is released once this thread's last QK^T of the tile has retired (cross-tile: by
     // the epilogue, once O staged in it has been stored).
@@ -533,7 +473,7 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
       m[0][0] = m[0][1] = -INFINITY, l[0][0] = l[0][1] = 0.f;
       for (int j = T.j_begin; !C::kOverlap && j < T.j_end; ++j, st.advance()) {
         sm.k_ring->wait(st);
-        issue_qk<C>(s, q_desc(qs.stage), k_desc(st.stage));
+        issue_qk<C>(s[0], q_desc(qs.stage), k_desc(st.stage));
         wgmma_wait<0>();
         wgmma_settle(s[0]);
         sm.k_ring->release(st);
@@ -553,9 +493,9 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
     } else {
       // Block j_begin: its scores, with fresh statistics. Chained (a pending tile): its QK^T is issued
       // with the pending tile's last PV, its exponentials run under that PV, and the pending tile's
-      // epilogue follows; compiled per (chained, masked, idle), so no branch sits between the two waits.
-      auto first = [&](auto chained, auto masked, auto idle_wg) {
-        constexpr bool kChained = decltype(chained)::value, kIdle = decltype(idle_wg)::value;
+      // epilogue follows; compiled per (chained, masked), so no branch sits between the two waits.
+      auto first = [&](auto chained, auto masked) {
+        constexpr bool kChained = decltype(chained)::value;
         sm.k_ring->wait(st);
         if constexpr (kChained) {
           sm.v_ring->wait(prev);
@@ -563,44 +503,36 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
           zero_v_past_keys<C>(p, sm.v_stage(prev.stage), Tp.mod, Tp.j_end - 1, g * 128 + t);
         }
         take_token();
-        issue_qk<C, kIdle ? 0 : C::kBlockN>(s, q_desc(qs.stage), k_desc(st.stage));
-        if constexpr (kChained) issue_pending_pv<C>(o[0], pf, v_desc(prev.stage), pv_keys);
+        issue_qk<C>(s[0], q_desc(qs.stage), k_desc(st.stage));
+        if constexpr (kChained) issue_pv<C>(o[0], pf, v_desc(prev.stage));
         pass_token();
         wgmma_wait<kChained ? 1 : 0>();  // S is ready; the pending PV may still run
-        if constexpr (!kIdle) wgmma_settle(s[0]);
+        wgmma_settle(s[0]);
         sm.k_ring->release(st);
         q_done(T.j_begin);
+        mask_scores<C, decltype(masked)::value>(s, T.mod, row0, T.j_begin, lane);
         float m1[1][2] = {{-INFINITY, -INFINITY}}, l1[1][2] = {{0.f, 0.f}}, alpha[1][2];
-        if constexpr (!kIdle) {
-          mask_scores<C, decltype(masked)::value>(s, T.mod, row0, T.j_begin, lane);
-          fwd::softmax_rows<W>(s, m1, l1, alpha, scale, scale_log2);
-        }
+        fwd::softmax_rows<W>(s, m1, l1, alpha, scale, scale_log2);
         if constexpr (kChained) {
           wgmma_wait<0>();
           wgmma_settle(o[0]);
           sm.v_ring->release(prev);
         }
-        if constexpr (!kIdle) scores_to_p<C>(s, pf, p, T.bh, row0, T.j_begin, lane);
-        pv_keys = kIdle ? 0 : C::kBlockN;
+        scores_to_p<C>(s, pf, p, T.bh, row0, T.j_begin, lane);
         if constexpr (kChained) epilogue<C>(args, sm, Tile<C>(p, pending, num_m), q_pending, o, m, l, scale, g, t);
         zero(o);
         m[0][0] = m1[0][0], m[0][1] = m1[0][1], l[0][0] = l1[0][0], l[0][1] = l1[0][1];
       };
-      using F = std::false_type;
-      using T1 = std::true_type;
       const bool masked = block_masked<C>(T.mod, T.q_row0, T.j_begin);
       if (C::kCrossTile && pending >= 0) {
         if constexpr (C::kCrossTile) {
-          if (idle()) first(T1{}, F{}, T1{});
-          else if (masked) first(T1{}, T1{}, F{});
-          else first(T1{}, F{}, F{});
+          if (masked) first(std::true_type{}, std::true_type{});
+          else first(std::true_type{}, std::false_type{});
         }
-      } else if (idle()) {
-        first(F{}, F{}, T1{});
       } else if (masked) {
-        first(F{}, T1{}, F{});
+        first(std::false_type{}, std::true_type{});
       } else {
-        first(F{}, F{}, F{});
+        first(std::false_type{}, std::false_type{});
       }
       prev = st;
       st.advance();
@@ -609,44 +541,30 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
       // branch between the two waits. ptxas 13.0 still moves the PV's wait above the exponentials
       // (their S registers belong to the same wgmma stage: docs/perf-log.md, 2026-12-03); with
       // ping-pong the other warpgroup's products run under them instead.
-      // Compiled per (masked, keys of S_j, keys of P_{j-1}): a half block (half_block: masked, this
-      // warpgroup sees none of its second half) computes S, its softmax and P over the first kHalfN
-      // keys, and its PV, in the next step or finish(), takes those (a block after a half one is all
-      // invisible to the warpgroup, so half too); an idle warpgroup computes none.
-      auto step = [&](int j, auto masked, auto qk_keys, auto pv_keys_t) {
-        constexpr int kN = decltype(qk_keys)::value;
+      auto step = [&](int j, auto masked) {
         sm.k_ring->wait(st);
         sm.v_ring->wait(prev);
         take_token();
-        issue_qk<C, kN>(s, q_desc(qs.stage), k_desc(st.stage));
-        issue_pv<C, decltype(pv_keys_t)::value>(o[0], pf, v_desc(prev.stage));
+        issue_qk<C>(s[0], q_desc(qs.stage), k_desc(st.stage));
+        issue_pv<C>(o[0], pf, v_desc(prev.stage));
         pass_token();
         wgmma_wait<1>();  // S_j is ready; PV_{j-1} may still run
-        if constexpr (kN > 0) wgmma_settle(s[0]);  // (idle: S is not written, so not held live either)
+        wgmma_settle(s[0]);
         sm.k_ring->release(st);
+        mask_scores<C, decltype(masked)::value>(s, T.mod, row0, j, lane);
         float alpha[1][2];
-        if constexpr (kN > 0) {
-          mask_scores<C, decltype(masked)::value, kN>(s, T.mod, row0, j, lane);
-          fwd::softmax_rows<typename C::template WarpOf<kN>>(leading<kN / 8>(s), m, l, alpha, scale, scale_log2);
-        }
+        fwd::softmax_rows<W>(s, m, l, alpha, scale, scale_log2);
         wgmma_wait<0>();
         wgmma_settle(o[0]);
         sm.v_ring->release(prev);
         q_done(j);
-        if constexpr (kN > 0) {
-          fwd::rescale_o<W>(o, alpha);
-          scores_to_p<C, kN>(s, pf, p, T.bh, row0, j, lane);
-        }
-        pv_keys = kN;
+        fwd::rescale_o<W>(o, alpha);
+        scores_to_p<C>(s, pf, p, T.bh, row0, j, lane);
         prev = st;
       };
-      constexpr int kHalfKeys = C::kHalfBlocks ? C::kHalfN : C::kBlockN;  // (no half blocks: never taken)
       for (int j = T.j_begin + 1; j < T.j_end; ++j, st.advance()) {
-        if (idle()) step(j, F{}, Keys<0>{}, Keys<0>{});
-        else if (C::kHalfBlocks && pv_keys == C::kHalfN) step(j, T1{}, Keys<kHalfKeys>{}, Keys<kHalfKeys>{});
-        else if (!block_masked<C>(T.mod, T.q_row0, j)) step(j, F{}, Keys<C::kBlockN>{}, Keys<C::kBlockN>{});
-        else if (C::kHalfBlocks && half_block<C>(T.mod, T.q_row0, g, j)) step(j, T1{}, Keys<kHalfKeys>{}, Keys<C::kBlockN>{});
-        else step(j, T1{}, Keys<C::kBlockN>{}, Keys<C::kBlockN>{});
+        if (block_masked<C>(T.mod, T.q_row0, j)) step(j, std::true_type{});
+        else step(j, std::false_type{});
       }
       pending = tile, q_pending = qs;
       if (!C::kCrossTile) finish();
