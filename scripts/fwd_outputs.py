@@ -5,7 +5,8 @@ each tree (`PYTHONPATH=<tree> python3 <tree>/scripts/fwd_outputs.py --save <tree
 `--compare a.pt b.pt` lists every (config, shape) whose out or lse differ. Inputs are seeded per shape,
 so both runs see the same ones. The default configs are the dispatcher's for d64 / d128 causal and not
 (short and long rows) and a windowed one, on lengths where the causal diagonal and the key blocks do not
-line up (Sq != Sk, no multiple of the tiles), GQA; `--configs NAME ...` takes kernel names instead.
+line up (Sq != Sk, no multiple of the tiles), GQA, for the GPU's arch; `--configs NAME ...` takes kernel
+names instead.
 
     python3 scripts/fwd_outputs.py --save main.pt
     python3 scripts/fwd_outputs.py --compare main.pt change.pt
@@ -21,12 +22,12 @@ SHAPES = [  # batch, Sq, Sk, heads, kv heads
 WINDOW = (300, 11)
 
 
-def default_configs():
+def default_configs(arch: str):
     from flashjit.dispatch import default_config
 
-    configs = [default_config("bf16", d, causal, seqlen, arch="sm_90a")
+    configs = [default_config("bf16", d, causal, seqlen, arch=arch)
                for d in (64, 128) for causal in (True, False) for seqlen in (1024, 2048, 8192)]
-    configs.append(default_config("bf16", 128, False, 4096, arch="sm_90a", local=True))
+    configs.append(default_config("bf16", 128, False, 4096, arch=arch, local=True))
     return list(dict.fromkeys(configs))  # distinct, in order
 
 
@@ -34,14 +35,15 @@ def save(path: str, names: list[str]) -> None:
     import torch
 
     import flashjit
+    from flashjit import jit
     from flashjit.configs import config_from_name
 
-    configs = [config_from_name(n) for n in names] if names else default_configs()
+    configs = [config_from_name(n) for n in names] if names else default_configs(jit.arch_for(0))
     results = {}
     for config in configs:
-        for shape in SHAPES:
+        for seed, shape in enumerate(SHAPES):
             batch, sq, sk, heads, heads_k = shape
-            gen = torch.Generator(device="cuda").manual_seed(hash(shape) % 2**31)
+            gen = torch.Generator(device="cuda").manual_seed(seed)
             q = torch.randn(batch, sq, heads, config.d_head, device="cuda", generator=gen).to(torch.bfloat16)
             k, v = (torch.randn(batch, sk, heads_k, config.d_head, device="cuda", generator=gen).to(torch.bfloat16)
                     for _ in range(2))
