@@ -50,8 +50,9 @@ _PREFERENCES = {  # (head-dim class, causal) -> tiles, best first
 # H200, bf16 16k tokens, three interleaved rounds), against 192 rows without ping-pong: non-causal
 # 445 / 461 TFLOP/s at 2k / 4k against 420 / 442 (+6 / +4%) but 374 against 381 at 1k (so non-causal
 # rows up to SHORT kept it off, until cross_tile with it won there: below); causal 4k 406 against 381
-# (+6%); causal 1k-2k keep 128 rows (291 / 349 against 255 / 348 for 192 rows with ping-pong). The new default at 8k / 16k ran 1.03-1.13x cuDNN
-# (not timed against the old one there); d32-56, which share the 64-wide tile, were not measured.
+# (+6%); causal 1k-2k keep 128 rows (291 / 349 against 255 / 348 for 192 rows with ping-pong). The
+# new default at 8k / 16k ran 1.03-1.13x cuDNN (not timed against the old one there); d32-56, which
+# share the 64-wide tile, were not measured.
 # d256 128x80 (FlashAttention-3's tile; seventeenth session, two runs, bf16 16k tokens) against 128x64:
 # non-causal +2-5% at 2k-16k (level at 1k), causal +1-5% at 4k-16k but -4% at 1k and 2k.
 # d128 up to SHORT queries (twenty-second session, H200, bf16 16k tokens, three runs of interleaved
