@@ -22,6 +22,7 @@ import functools
 import importlib.util
 import logging
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -361,7 +362,20 @@ def _build_split(entry: cache.Entry, config: ConfigBase, arch: str, toolkit: too
         raise _compile_error(entry, config, arch, source, error) from None
     if verbose and log:
         notify(log.rstrip())
+    for loss in perf_losses(log):
+        notify(f"{config.name} for {arch}: ptxas: {loss}. The kernel is correct but slower than its config "
+               "should be (a tuning candidate that will lose; in a default kernel, a bug to report)", logging.WARNING)
     return built
+
+
+# ptxas's "Potential Performance Loss" notes (C75xx), printed without -v: wgmma products serialized, which
+# costs a Hopper kernel 10-40% with nothing else to show for it (docs/perf-log.md, 2026-12-04).
+_PERF_LOSS = re.compile(r"\((C75\d\d)\) Potential Performance Loss: (.*?)(?: in the function '\w+')?\s*$", re.M)
+
+
+def perf_losses(log: str) -> list[str]:
+    """ptxas's performance-loss notes in an nvcc log, one line each ("C7511: wgmma.mma_async ...")."""
+    return [f"{code}: {text}" for code, text in _PERF_LOSS.findall(log)]
 
 
 def _build_whole(entry: cache.Entry, config: ConfigBase, arch: str, toolkit: toolchain.Toolkit, flags: list[str],

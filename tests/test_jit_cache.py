@@ -529,6 +529,23 @@ def test_hopper_forward_build_set_compiles(private_cache):
                           "--filter", "fwd_sm90_*"], env=env, cwd=REPO, capture_output=True, text=True)
     assert pre.returncode == 0, pre.stderr[-3000:]
     assert wanted and {manifest["config"] for _, manifest, _ in cache.entries()} == wanted
+    # and none of them has its wgmma products serialized by ptxas (C7511-C7513: -17% for the one a
+    # template change once did it to, with no other sign; jit.perf_losses)
+    assert "ptxas: C75" not in pre.stderr, [line for line in pre.stderr.splitlines() if "ptxas: C75" in line]
+
+
+def test_ptxas_performance_losses_are_read_from_the_log():
+    log = ("ptxas info    : (C7511) Potential Performance Loss: wgmma.mma_async instructions are serialized due to "
+           "insufficient register resources for the wgmma pipeline in the function '_ZN8flashjit8fwd_sm9010fwd_kernelE'\n"
+           "ptxas info    : Used 168 registers, used 16 barriers\n"
+           "ptxas info    : (C7513) Potential Performance Loss: wgmma.mma_async instructions are serialized due to "
+           "non wgmma instructions defining input registers of a wgmma between start and end of the pipeline stage "
+           "in the function '_Z1fv'\n")
+    assert jit.perf_losses(log) == [
+        "C7511: wgmma.mma_async instructions are serialized due to insufficient register resources for the wgmma pipeline",
+        "C7513: wgmma.mma_async instructions are serialized due to non wgmma instructions defining input registers of "
+        "a wgmma between start and end of the pipeline stage"]
+    assert jit.perf_losses("ptxas info    : Used 168 registers\n") == []
 
 
 def test_cli_precompile_list_clear(private_cache):
