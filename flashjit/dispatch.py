@@ -66,8 +66,18 @@ _PREFERENCES = {  # (head-dim class, causal) -> tiles, best first
 # 382.6 / 388.0 (+8%, +3-4%); at 2k 451.3 against 444.4 for ping-pong alone (+1.6%, one run: longer rows keep it off,
 # as d64's cross_tile lost 1-4% at 4k-16k in the twenty-first session). Score features other than sinks
 # leave the 192-row tile (registers), so the next entries serve them.
+# Half blocks (FwdSm90Config.half_blocks; twenty-seventh session, H200, bf16 16k tokens, three
+# interleaved rounds in each of two processes, TFLOP/s without -> with): d64 causal 128 rows 288 -> 298
+# at 1k, 343 -> 347 at 2k; 192 rows 253 -> 270 / 341 -> 359 / 394 -> 405 at 1k / 2k / 4k, 402 -> 404 at
+# 8k; d128 causal persistent 469 -> 472 / 524 -> 526 / 551 -> 559 at 2k / 4k / 8k, and with cross_tile
+# as well 489 / 539 / 564 (so causal d128 takes cross_tile at every length, not only up to SHORT: it
+# had measured -3.5 to +2.4% alone at 2k-4k); 1k 400 against 396 (xt). Every causal kernel takes them,
+# except with softcap, ALiBi or sinks: with those ptxas serialized the wgmmas of several kernels (C7511,
+# too few registers for a third compiled step). And with them the 128-row tile leads d64's causal rows
+# only up to SHORT (298 against 270 at 1k; 347 against 359 at 2k).
 SHORT_CAUSAL = 2048
 SHORT = 1024
+_SHORT_CAUSAL_BY_TILE = {64: SHORT}  # where "short causal" ends for a tile width, if not at SHORT_CAUSAL
 _SM90_PREFERENCES = {
     64: [dict(block_m=192, block_n=128, stages=4, overlap=True, pingpong=True, persistent=True),
          dict(block_m=128, block_n=128, stages=4)],
@@ -78,6 +88,8 @@ _SM90_PREFERENCES = {
     (64, "short causal"): [dict(block_m=128, block_n=128, stages=4, persistent=True),
                            dict(block_m=128, block_n=128, stages=4)],
     128: [dict(block_m=128, block_n=128, stages=2, persistent=True)],
+    (128, "causal"): [dict(block_m=128, block_n=128, stages=2, persistent=True, cross_tile=True),
+                      dict(block_m=128, block_n=128, stages=2, persistent=True)],
     (128, "short"): [dict(block_m=128, block_n=128, stages=2, persistent=True, cross_tile=True),
                      dict(block_m=128, block_n=128, stages=2, persistent=True)],
     192: [dict(block_m=128, block_n=96, stages=2)],
@@ -99,11 +111,16 @@ def default_config(dtype: str, d_head: int, causal: bool, seqlen_q: int = 4096,
     d_v = 0 if d_v == d_head else d_v
     if arch == WGMMA_ARCH and seqlen_q > 64:
         tile = sm90_tile(d_head)
-        keys = ((tile, "short causal") if causal and seqlen_q <= SHORT_CAUSAL else None,
+        short_causal = _SHORT_CAUSAL_BY_TILE.get(tile, SHORT_CAUSAL)
+        keys = ((tile, "short causal") if causal and seqlen_q <= short_causal else None,
+                (tile, "causal") if causal and not local else None,  # a window's cross-tile kernel spills
                 (tile, "short") if seqlen_q <= SHORT and not local else None, tile)
+        half = causal and not (softcap or alibi or sink)
         for knobs in _SM90_PREFERENCES[next(key for key in keys if key in _SM90_PREFERENCES)]:
             cfg = FwdSm90Config(dtype, d_head, causal=causal, local=local, softcap=softcap, alibi=alibi,
                                 dropout=dropout, sink=sink, d_v=d_v, **knobs)
+            if half and not dataclasses.replace(cfg, half_blocks=True).problems():
+                cfg = dataclasses.replace(cfg, half_blocks=True)
             if not cfg.problems() and cfg.smem_bytes <= smem_limit:
                 return cfg
     size = next(c for c in (64, 128, 160, 192, 256) if d_head <= c)
@@ -341,15 +358,15 @@ def get_autotuning_bwd_configs(dtype: str = "bf16", d_head: int = 128, causal: b
 def get_autotuning_kernel_configs(dtype: str = "bf16", d_head: int = 128, causal: bool = False,
                                   exhaustive: bool = False, arch: str | None = None) -> list:
     """The search space for `flashjit.tune`. On sm_90a (`arch`): the Hopper family's tiles, stages,
-    overlap, ping-pong, persistence and the cross-tile pipeline (every combination that builds). Else
+    overlap, ping-pong, persistence, the cross-tile pipeline and half blocks (every combination that builds). Else
     the sm_80 kernel's: by default the knobs that only ever help (cp.async, eager loading, swizzling,
     the fused softmax) stay on; exhaustive=True varies them too."""
     if arch == WGMMA_ARCH:
         out = []
-        for block_m, block_n, stages, overlap, pingpong, persistent, cross_tile in itertools.product(
-                BLOCK_M, BLOCK_N, STAGES, (True, False), (True, False), (False, True), (False, True)):
+        for block_m, block_n, stages, overlap, pingpong, persistent, cross_tile, half_blocks in itertools.product(
+                BLOCK_M, BLOCK_N, STAGES, (True, False), (True, False), (False, True), (False, True), (False, True)):
             cfg = FwdSm90Config(dtype, d_head, block_m, block_n, stages, overlap, pingpong, persistent, causal,
-                                cross_tile=cross_tile)
+                                cross_tile=cross_tile, half_blocks=half_blocks)
             if not cfg.problems():
                 out.append(cfg)
         return out

@@ -64,7 +64,7 @@ enum class Barrier : int { kEpilogue = 1, kPingPong = 5, kVTail = 8 };
 // static_assert message is one of its WHY_* reasons, verbatim.
 template <bool kBf16_, int kDHead_, int kBlockM_, int kBlockN_, int kStages_, bool kOverlap_, bool kPingPong_,
           bool kPersistent_, bool kCausal_, bool kLocal_, bool kSoftcap_, bool kAlibi_, bool kDropout_, bool kSink_,
-          int kDHeadV_, bool kCrossTile_>
+          int kDHeadV_, bool kCrossTile_, bool kHalfBlocks_>
 struct Config {
   static constexpr bool kBf16 = kBf16_, kOverlap = kOverlap_, kPingPong = kPingPong_, kCausal = kCausal_;
   static constexpr bool kPersistent = kPersistent_, kCrossTile = kCrossTile_;
@@ -88,12 +88,22 @@ struct Config {
   static constexpr int kSmemBytes =
       1024 + kQStages * TileQ::kBytes + kStages * (TileKV::kBytes + TileV::kBytes) + kBarrierBytes;
 
-  // The element-wise passes of fwd_sm80.cuh, seen from one consumer warp: 16 rows (one m-tile).
-  struct Warp {
-    static constexpr int kM = 1, kNtC = kBlockN / 8, kKtC = kBlockN / 16, kNtD = kDV / 8;
+  // The element-wise passes of fwd_sm80.cuh, seen from one consumer warp: 16 rows (one m-tile) of
+  // kN keys (a block, or its first half).
+  template <int kN>
+  struct WarpOf {
+    static constexpr int kM = 1, kNtC = kN / 8, kKtC = kN / 16, kNtD = kDV / 8;
     static constexpr bool kOptSoftmax = true, kBf16 = kBf16_;
     using Mod = Config::Mod;
   };
+  using Warp = WarpOf<kBlockN>;
+  // kHalfBlocks: a key block of which a consumer warpgroup's 64 rows see only the first half (the
+  // causal diagonal for every other warpgroup of a tile, a window's right edge, a sequence's short
+  // last block) runs QK^T and the softmax at half width for that warpgroup, and so does the tile's
+  // last PV: the other half is masked, so this skips products of zeros and changes no bit of the
+  // result. wgmma_ss is written out for the halves of 128 and 192.
+  static constexpr bool kHalfBlocks = kHalfBlocks_;
+  static constexpr int kHalfN = kBlockN / 2;
 
   static_assert(kDHead % 8 == 0 && kDHead >= 8 && kDHead <= 256, "d_head must be a multiple of 8 from 8 to 256");
   static_assert(kDHeadV_ == 0 || (kDHeadV_ % 8 == 0 && kDHeadV_ >= 8 && kDHeadV_ <= kDHead_),
@@ -112,6 +122,8 @@ struct Config {
   static_assert(1 + kConsumers <= 5 && 5 + kConsumers <= 8, "block_m must be 128 or 192 (two or three consumer warpgroups)");
   static_assert(!kCrossTile || (kPersistent && kOverlap),
                 "cross_tile runs one CTA's tiles as one pipeline: it needs persistent and the overlap");
+  static_assert(!kHalfBlocks || (kOverlap && (kBlockN == 128 || kBlockN == 192)),
+                "half_blocks runs a block's first half at wgmma width block_n / 2: it needs the overlap and block_n 128 or 192");
   // Per consumer thread: O (kDV / 2 fp32), S (kBlockN / 2 fp32) and P (kBlockN / 4 packed pairs).
   // Each score feature keeps a few more values live (window bounds, slopes, the Philox state): 8 each,
   // measured as spills of the 160-register block_m 192 tile with any of them.
@@ -129,42 +141,70 @@ struct Args {
 
 #ifdef __CUDACC__  // device code (the launcher's host-only build skips it: common/launch.cuh)
 // ---- consumer steps ------------------------------------------------------------------------------
-// S = Q_g K^T over the real head dim's 16-wide k-steps; asynchronous (commit only).
-template <class C>
-__device__ __forceinline__ void issue_qk(float (&s)[C::kBlockN / 8][4], uint64_t q_desc, uint64_t k_desc) {
+// The first kNt n-tiles of a fragment array (a half block's scores or P), as an array of their own.
+template <int kNt, class T, int kM, int kAll>
+__device__ __forceinline__ auto& leading(T (&a)[kM][kAll][4]) {
+  static_assert(kNt <= kAll, "a view of the leading n-tiles");
+  return *reinterpret_cast<T(*)[kM][kNt][4]>(&a);
+}
+
+// S = Q_g K^T for the block's first kN keys (the K stage's first kN rows), over the real head dim's
+// 16-wide k-steps; asynchronous (commit only).
+template <class C, int kN = C::kBlockN>
+__device__ __forceinline__ void issue_qk(float (&s)[1][C::kBlockN / 8][4], uint64_t q_desc, uint64_t k_desc) {
   wgmma_fence();
 #pragma unroll
   for (int ks = 0; ks < C::kDMma / 16; ++ks)
-    wgmma_ss<C::kBlockN, C::kBf16, 0, 0>(s, gmma_desc_add(q_desc, kmajor_step<C::kBlockM>(ks)),
-                                         gmma_desc_add(k_desc, kmajor_step<C::kBlockN>(ks)), ks > 0);
+    wgmma_ss<kN, C::kBf16, 0, 0>(leading<kN / 8>(s)[0], gmma_desc_add(q_desc, kmajor_step<C::kBlockM>(ks)),
+                                 gmma_desc_add(k_desc, kmajor_step<C::kBlockN>(ks)), ks > 0);
   wgmma_commit();
 }
 
-// O += P V; asynchronous (commit only).
-template <class C>
+// O += P V over the block's keys, or its first half's (kHalf: P's second half is zero);
+// asynchronous (commit only). A compile-time width: a wgmma left out at run time makes ptxas close
+// the group with a dummy one and split the products with fences.
+template <class C, bool kHalf = false>
 __device__ __forceinline__ void issue_pv(float (&o)[C::kDV / 8][4], const uint32_t (&pf)[1][C::kBlockN / 16][4],
                                          uint64_t v_desc) {
   wgmma_fence();
 #pragma unroll
-  for (int ks = 0; ks < C::kBlockN / 16; ++ks)
+  for (int ks = 0; ks < (kHalf ? C::kHalfN : C::kBlockN) / 16; ++ks)
     wgmma_rs<C::kDV, C::kBf16, 1>(o, pf[0][ks], gmma_desc_add(v_desc, mnmajor_step(ks)), true);
   wgmma_commit();
+}
+// The pending P's PV at its width (pv_half).
+template <class C>
+__device__ __forceinline__ void issue_pending_pv(float (&o)[C::kDV / 8][4], const uint32_t (&pf)[1][C::kBlockN / 16][4],
+                                                 uint64_t v_desc, bool half) {
+  if (C::kHalfBlocks && half) issue_pv<C, C::kHalfBlocks>(o, pf, v_desc);
+  else issue_pv<C>(o, pf, v_desc);
 }
 
 // Score modifiers and masks of block j for this warp's 16 rows (row0: global index of its first).
 // kMask: the block has keys some row of the tile cannot see (a compile-time choice, so the
 // overlapped step has no branch between its two wgmma waits: ptxas otherwise hoists the second
 // wait above the exponentials it is meant to overlap).
-template <class C, bool kMask>
+template <class C, bool kMask, int kN = C::kBlockN>
 __device__ __forceinline__ void mask_scores(float (&s)[1][C::kBlockN / 8][4], const typename C::Mod& mod, int row0,
                                             int j, int lane) {
   if constexpr (kMask || C::Mod::kTransforms)
-    fwd::apply_score_mod<typename C::Warp>(s, mod, row0, j * C::kBlockN, kMask, lane);
+    fwd::apply_score_mod<typename C::template WarpOf<kN>>(leading<kN / 8>(s), mod, row0, j * C::kBlockN, kMask,
+                                                          lane);
 }
 // Whether block j needs the per-element mask for any row of the tile (uniform across the CTA).
 template <class C>
 __device__ __forceinline__ bool block_masked(const typename C::Mod& mod, int q_row0, int j) {
   return mod.block_needs_mask(q_row0, C::kBlockM, j * C::kBlockN, C::kBlockN);
+}
+// Whether consumer warpgroup g's rows (q_row0 + 64 g ..., 64 of them) see no key in the second half of
+// block j: past the sequence's keys, or right of the causal diagonal or the window (uniform across
+// the warpgroup).
+template <class C>
+__device__ __forceinline__ bool half_block(const typename C::Mod& mod, int q_row0, int g, int j) {
+  if constexpr (!C::kHalfBlocks) return false;
+  int end = mod.seqlen_k;  // one past the last key any of the rows sees
+  if (C::kCausal || (C::Mod::kLocal && mod.right >= 0)) end = min(end, q_row0 + g * 64 + 64 + mod.diag + mod.right);
+  return end - j * C::kBlockN <= C::kHalfN;
 }
 
 // Varlen: the box of a sequence's last, partial key block runs past its keys into the next
@@ -185,11 +225,17 @@ __device__ __forceinline__ void zero_v_past_keys(const FwdParams& p, elem_t* v_s
 }
 
 // Softmax'd (and dropped-out) S as the A fragments of PV.
-template <class C>
+template <class C, int kN = C::kBlockN>
 __device__ __forceinline__ void scores_to_p(float (&s)[1][C::kBlockN / 8][4], uint32_t (&pf)[1][C::kBlockN / 16][4],
                                             const FwdParams& p, int bh, int row0, int j, int lane) {
-  if (C::kDropout) fwd::apply_dropout<typename C::Warp>(s, Dropout(p.mods, bh), row0, j * C::kBlockN, lane);
-  acc_to_a<C::kBf16>(s, pf);
+  if (C::kDropout)
+    fwd::apply_dropout<typename C::template WarpOf<kN>>(leading<kN / 8>(s), Dropout(p.mods, bh), row0, j * C::kBlockN,
+                                                        lane);
+  acc_to_a<C::kBf16>(leading<kN / 8>(s), leading<kN / 16>(pf));
+  // A half block's second half is zero, so a full-width PV of it adds nothing (the main loop issues
+  // every PV at full width: a fourth compiled step made ptxas serialize the wgmmas, C7511).
+#pragma unroll
+  for (int kt = kN / 16; kt < C::kBlockN / 16; ++kt) pf[0][kt][0] = pf[0][kt][1] = pf[0][kt][2] = pf[0][kt][3] = 0u;
 }
 
 // One tile of work: kBlockM query rows of one (batch, head) and the key blocks [j_begin, j_end) any
@@ -441,6 +487,8 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
   // spilled holding it).
   int pending = -1;
   RingState<C::kQStages> q_pending;
+  // Whether the P in pf is a half block's (its second half zero): finish() runs its PV over the first half's keys.
+  bool pv_half = false;
   auto finish = [&] {
     const Tile<C> Tp(p, pending, num_m);
     sm.v_ring->wait(prev);
@@ -448,7 +496,7 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
     // before taking the token, so the barrier in it cannot wait on a hand-over)
     zero_v_past_keys<C>(p, sm.v_stage(prev.stage), Tp.mod, Tp.j_end - 1, g * 128 + t);
     take_token();
-    issue_pv<C>(o[0], pf, v_desc(prev.stage));
+    issue_pending_pv<C>(o[0], pf, v_desc(prev.stage), pv_half);
     pass_token();
     wgmma_wait<0>();
     wgmma_settle(o[0]);
@@ -473,7 +521,7 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
       m[0][0] = m[0][1] = -INFINITY, l[0][0] = l[0][1] = 0.f;
       for (int j = T.j_begin; !C::kOverlap && j < T.j_end; ++j, st.advance()) {
         sm.k_ring->wait(st);
-        issue_qk<C>(s[0], q_desc(qs.stage), k_desc(st.stage));
+        issue_qk<C>(s, q_desc(qs.stage), k_desc(st.stage));
         wgmma_wait<0>();
         wgmma_settle(s[0]);
         sm.k_ring->release(st);
@@ -503,8 +551,8 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
           zero_v_past_keys<C>(p, sm.v_stage(prev.stage), Tp.mod, Tp.j_end - 1, g * 128 + t);
         }
         take_token();
-        issue_qk<C>(s[0], q_desc(qs.stage), k_desc(st.stage));
-        if constexpr (kChained) issue_pv<C>(o[0], pf, v_desc(prev.stage));
+        issue_qk<C>(s, q_desc(qs.stage), k_desc(st.stage));
+        if constexpr (kChained) issue_pending_pv<C>(o[0], pf, v_desc(prev.stage), pv_half);
         pass_token();
         wgmma_wait<kChained ? 1 : 0>();  // S is ready; the pending PV may still run
         wgmma_settle(s[0]);
@@ -519,6 +567,7 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
           sm.v_ring->release(prev);
         }
         scores_to_p<C>(s, pf, p, T.bh, row0, T.j_begin, lane);
+        pv_half = false;
         if constexpr (kChained) epilogue<C>(args, sm, Tile<C>(p, pending, num_m), q_pending, o, m, l, scale, g, t);
         zero(o);
         m[0][0] = m1[0][0], m[0][1] = m1[0][1], l[0][0] = l1[0][0], l[0][1] = l1[0][1];
@@ -541,30 +590,39 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
       // branch between the two waits. ptxas 13.0 still moves the PV's wait above the exponentials
       // (their S registers belong to the same wgmma stage: docs/perf-log.md, 2026-12-03); with
       // ping-pong the other warpgroup's products run under them instead.
-      auto step = [&](int j, auto masked) {
+      // A half block (half_block: masked, this warpgroup sees none of its second half; also every
+      // block after one) is a third compilation: its QK^T, softmax and P cover the first kHalfN keys
+      // (P's second half zeroed). Its PV runs at full width in the next step (a half-width one there
+      // would be a fourth compilation, which made ptxas 13.0 serialize the wgmmas of the d64 128-row
+      // kernel for want of registers: C7511, -17% at 1k) and at half width only in finish() (pv_half).
+      auto step = [&](int j, auto masked, auto half) {
+        constexpr int kN = decltype(half)::value ? C::kHalfN : C::kBlockN;
         sm.k_ring->wait(st);
         sm.v_ring->wait(prev);
         take_token();
-        issue_qk<C>(s[0], q_desc(qs.stage), k_desc(st.stage));
+        issue_qk<C, kN>(s, q_desc(qs.stage), k_desc(st.stage));
         issue_pv<C>(o[0], pf, v_desc(prev.stage));
         pass_token();
         wgmma_wait<1>();  // S_j is ready; PV_{j-1} may still run
         wgmma_settle(s[0]);
         sm.k_ring->release(st);
-        mask_scores<C, decltype(masked)::value>(s, T.mod, row0, j, lane);
+        mask_scores<C, decltype(masked)::value, kN>(s, T.mod, row0, j, lane);
         float alpha[1][2];
-        fwd::softmax_rows<W>(s, m, l, alpha, scale, scale_log2);
+        fwd::softmax_rows<typename C::template WarpOf<kN>>(leading<kN / 8>(s), m, l, alpha, scale, scale_log2);
         wgmma_wait<0>();
         wgmma_settle(o[0]);
         sm.v_ring->release(prev);
         q_done(j);
         fwd::rescale_o<W>(o, alpha);
-        scores_to_p<C>(s, pf, p, T.bh, row0, j, lane);
+        scores_to_p<C, kN>(s, pf, p, T.bh, row0, j, lane);
+        pv_half = decltype(half)::value;
         prev = st;
       };
       for (int j = T.j_begin + 1; j < T.j_end; ++j, st.advance()) {
-        if (block_masked<C>(T.mod, T.q_row0, j)) step(j, std::true_type{});
-        else step(j, std::false_type{});
+        if (!block_masked<C>(T.mod, T.q_row0, j)) step(j, std::false_type{}, std::false_type{});
+        else if (C::kHalfBlocks && half_block<C>(T.mod, T.q_row0, g, j))
+          step(j, std::true_type{}, std::bool_constant<C::kHalfBlocks>{});
+        else step(j, std::true_type{}, std::false_type{});
       }
       pending = tile, q_pending = qs;
       if (!C::kCrossTile) finish();

@@ -135,7 +135,7 @@ def test_every_hopper_forward_knob_changes_the_rendered_code():
     base = FwdSm90Config(d_head=64, pingpong=False)  # ping-pong needs the overlap: flipped on alone
     flips = dict(dtype="fp16", d_head=128, block_m=192, block_n=64, stages=3, overlap=False, pingpong=True,
                  persistent=True, causal=True, local=True, softcap=True, alibi=True, dropout=True, sink=True, d_v=32,
-                 cross_tile=True)
+                 cross_tile=True, half_blocks=True)
     assert set(flips) == {f.name for f in dataclasses.fields(FwdSm90Config)}
     for name, value in flips.items():
         at = dataclasses.replace(base, persistent=True) if name == "cross_tile" else base  # it needs persistent
@@ -155,6 +155,19 @@ def test_cross_tile_needs_persistent_overlap_and_room_for_a_second_q():
     assert any(fwd_sm90.WHY_SMEM in p for p in FwdSm90Config("bf16", 256, block_n=80, persistent=True,
                                                             cross_tile=True).problems())
     assert cfg.one_cta_per_tile() == FwdSm90Config("bf16", 128)
+    assert cfg in dispatch.get_autotuning_kernel_configs("bf16", 128, False, arch="sm_90a")
+
+
+def test_half_blocks_need_the_overlap_and_a_halvable_block():
+    """half_blocks: an `_hb` suffix after `_xt` (older names keep their meaning); it needs the overlap
+    (the steps it compiles a third time) and block_n 128 or 192 (the half widths wgmma_ss has); the
+    tuner times it."""
+    cfg = FwdSm90Config("bf16", 128, persistent=True, cross_tile=True, half_blocks=True)
+    assert not cfg.problems() and cfg.name.endswith("_xt_hb") and config_from_name(cfg.name) == cfg
+    assert cfg.smem_bytes == dataclasses.replace(cfg, half_blocks=False).smem_bytes
+    for bad in (dict(overlap=False, pingpong=False, cross_tile=False), dict(block_n=96), dict(block_n=176)):
+        assert fwd_sm90.WHY_HALF_BLOCKS in dataclasses.replace(cfg, **bad).problems(), bad
+    assert not FwdSm90Config("bf16", 64, 192, 128, 4, half_blocks=True).problems()
     assert cfg in dispatch.get_autotuning_kernel_configs("bf16", 128, False, arch="sm_90a")
 
 
@@ -458,28 +471,47 @@ def test_flashjit_config_still_exports_what_it_did():
 
 
 def test_short_causal_d64_takes_the_128_row_persistent_tile():
-    """Up to SHORT_CAUSAL queries a causal d64 (and d32: the same 64 tile) forward on sm_90a runs 128-row
-    tiles with ping-pong, persistent (measured 1.16x / 1.03x the 192-row tile at S = 1k / 2k, 0.90x at
-    16k); longer or non-causal keeps 192 rows; precompile's build set holds both and their twins."""
-    short = dispatch.default_config("bf16", 64, True, dispatch.SHORT_CAUSAL, arch="sm_90a")
-    assert (short.block_m, short.pingpong, short.persistent) == (128, True, True)
-    for causal, seqlen in ((True, dispatch.SHORT_CAUSAL + 1), (False, 1024)):
+    """Up to SHORT causal queries a d64 (and d32: the same 64 tile) forward on sm_90a runs 128-row tiles
+    with ping-pong, persistent (with half blocks: 298 against 270 TFLOP/s for 192 rows at S = 1k on an
+    H200; 347 against 359 at 2k, so 2k takes 192 rows); longer or non-causal rows keep 192 rows;
+    precompile's build set holds both and their twins."""
+    short = dispatch.default_config("bf16", 64, True, dispatch.SHORT, arch="sm_90a")
+    assert (short.block_m, short.pingpong, short.persistent, short.half_blocks) == (128, True, True, True)
+    for causal, seqlen in ((True, dispatch.SHORT + 1), (True, dispatch.SHORT_CAUSAL), (False, 1024)):
         assert dispatch.default_config("bf16", 64, causal, seqlen, arch="sm_90a").block_m == 192
     assert dispatch.default_config("fp16", 32, True, 1024, arch="sm_90a").block_m == 128
     built = dispatch.get_kernels_to_build(arch="sm_90a")
     assert short in built and dataclasses.replace(short, persistent=False) in built
 
 
+def test_causal_defaults_take_half_blocks_but_not_with_softcap_alibi_or_sinks():
+    """Every causal Hopper default whose tile halves (block_n 128 or 192) runs half blocks, window or
+    dropout too; softcap, ALiBi and sinks do not (ptxas serialized several such kernels' wgmmas: C7511),
+    nor do non-causal rows (a half block there is only a short last block) nor d192/d256 (block_n 96, 80
+    or 64). The tile walk's one-CTA twin keeps them."""
+    for d_head, seqlen in itertools.product((32, 64, 96, 128), (512, 1024, 2048, 4096, 16384)):
+        for feature in ({}, dict(local=True), dict(dropout=True)):
+            cfg = dispatch.default_config("bf16", d_head, True, seqlen, arch="sm_90a", **feature)
+            assert cfg.half_blocks and cfg.one_cta_per_tile().half_blocks, cfg.name
+        for feature in (dict(softcap=True), dict(alibi=True), dict(sink=True)):
+            assert not dispatch.default_config("bf16", d_head, True, seqlen, arch="sm_90a", **feature).half_blocks
+        assert not dispatch.default_config("bf16", d_head, False, seqlen, arch="sm_90a").half_blocks
+    for d_head in (192, 256):
+        assert not dispatch.default_config("bf16", d_head, True, 4096, arch="sm_90a").half_blocks
+
+
 def test_short_d128_takes_the_cross_tile_pipeline():
     """Up to SHORT queries the 128-wide Hopper tile (d 72-128) runs cross_tile (measured +3-5% non-causal,
     +1-3% causal at S = 512-1k on an H200), causal or not, and the 64-wide one non-causal, except with a window (its cross-tile kernel
-    spills); longer rows keep the persistent kernel; the tile walk's twin drops both; precompile's build
-    set holds the short kernel and that twin."""
+    spills); longer non-causal rows keep the persistent kernel, causal ones cross_tile too; the tile walk's
+    twin drops both; precompile's build set holds the short kernel and that twin."""
     for d_head, causal in itertools.product((96, 128), (False, True)):
         short = dispatch.default_config("bf16", d_head, causal, dispatch.SHORT, arch="sm_90a")
         assert (short.persistent, short.cross_tile) == (True, True), short.name
         longer = dispatch.default_config("bf16", d_head, causal, dispatch.SHORT + 1, arch="sm_90a")
-        assert (longer.persistent, longer.cross_tile) == (True, False), longer.name
+        # causal rows keep it at every length (with half blocks: +2-4% at 2k-8k, twenty-seventh session)
+        assert (longer.persistent, longer.cross_tile) == (True, causal), longer.name
+    assert not dispatch.default_config("bf16", 128, True, 4096, arch="sm_90a", local=True).cross_tile
     assert not dispatch.default_config("bf16", 128, True, 512, arch="sm_90a", local=True).cross_tile
     # d64's 192-row tile takes it with ping-pong non-causal (+3-8% at 512-1k), not causal (128 rows there)
     d64 = dispatch.default_config("bf16", 64, False, 512, arch="sm_90a")

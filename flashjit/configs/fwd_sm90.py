@@ -30,6 +30,7 @@ WHY_BLOCK_N = "block_n must be 64, 80, 96, 128, 176 or 192"
 WHY_STAGES = "stages must be 2, 3 or 4"
 WHY_PINGPONG = "ping-pong passes a token around the consumer warpgroups and needs the overlap"
 WHY_CROSS_TILE = "cross_tile runs one CTA's tiles as one pipeline: it needs persistent and the overlap"
+WHY_HALF_BLOCKS = "half_blocks runs a block's first half at wgmma width block_n / 2: it needs the overlap and block_n 128 or 192"
 WHY_REGISTERS = "O, S and P of this config do not fit the consumers' registers"
 WHY_SMEM = "Q and the K/V stages of this config need more than 227 KiB of shared memory"
 
@@ -65,6 +66,11 @@ class FwdSm90Config(ConfigBase):
                  stages, and O leaves through its tile's stage by a TMA store (persistent kernels
                  otherwise store O from registers); speed only (H200: +3-5% at d128 up to 1k queries,
                  the default there; level or mixed at longer rows and at d64)
+    half_blocks  where a consumer warpgroup's 64 rows see none of a key block's second half (the causal
+                 diagonal, a window's right edge, a short last block), run that block's QK^T and softmax
+                 at half width for it, and the tile's last PV too (the skipped products are of zeros: no
+                 bit of the output changes); a third compiled step, so with score features it can push
+                 ptxas past the registers its wgmma pipeline needs; speed only (H200: d64 causal, below)
     """
 
     dtype: str = "bf16"
@@ -83,6 +89,7 @@ class FwdSm90Config(ConfigBase):
     sink: bool = False
     d_v: int = 0
     cross_tile: bool = False
+    half_blocks: bool = False
 
     @property
     def d_tile(self) -> int:
@@ -137,6 +144,8 @@ class FwdSm90Config(ConfigBase):
             out.append(WHY_PINGPONG)
         if self.cross_tile and not (self.persistent and self.overlap):
             out.append(WHY_CROSS_TILE)
+        if self.half_blocks and not (self.overlap and self.block_n in (128, 192)):
+            out.append(WHY_HALF_BLOCKS)
         if self.register_estimate() > self.register_budget:
             out.append(f"{WHY_REGISTERS} (about {self.register_estimate()} of {self.register_budget}); "
                        "use a smaller block_n or block_m 128")
@@ -148,12 +157,13 @@ class FwdSm90Config(ConfigBase):
     def name(self) -> str:
         return (f"fwd_sm90_{self.dtype}_d{self.d_head}_m{self.block_m}_n{self.block_n}_st{self.stages}"
                 f"_ov{int(self.overlap)}_pp{int(self.pingpong)}_ps{int(self.persistent)}_causal{int(self.causal)}"
-                f"{features_suffix(self)}{d_v_suffix(self)}{'_xt' if self.cross_tile else ''}")
+                f"{features_suffix(self)}{d_v_suffix(self)}{'_xt' if self.cross_tile else ''}"
+                f"{'_hb' if self.half_blocks else ''}")
 
     _NAME_RE = re.compile(r"^fwd_sm90_(?P<dtype>fp16|bf16)_d(?P<d_head>\d+)_m(?P<block_m>\d+)_n(?P<block_n>\d+)"
                           r"_st(?P<stages>\d+)_ov(?P<overlap>[01])_pp(?P<pingpong>[01])_ps(?P<persistent>[01])"
                           r"_causal(?P<causal>[01])"
-                          + FWD_FEATURES_RE + D_V_RE + r"(?P<cross_tile>_xt)?$")
+                          + FWD_FEATURES_RE + D_V_RE + r"(?P<cross_tile>_xt)?(?P<half_blocks>_hb)?$")
 
     @classmethod
     def parse_name(cls, name: str) -> "FwdSm90Config | None":
@@ -164,10 +174,10 @@ class FwdSm90Config(ConfigBase):
                    int(match["stages"]), match["overlap"] == "1", match["pingpong"] == "1", match["persistent"] == "1",
                    match["causal"] == "1",
                    *(match[f] is not None for f in FEATURES), match["sink"] is not None, int(match["d_v"] or 0),
-                   match["cross_tile"] is not None)
+                   match["cross_tile"] is not None, match["half_blocks"] is not None)
 
 
 FwdSm90Config.family = FAMILY = Family(
     "fwd_sm90", FwdSm90Config, template="fwd_sm90.cuh", namespace="fwd_sm90", params="FwdParams", direction="fwd",
     arch=ARCH, reasons=(WHY_HEAD_DIM, WHY_HEAD_DIM_V, WHY_BLOCK_M, WHY_BLOCK_N, WHY_STAGES, WHY_PINGPONG, WHY_CROSS_TILE,
-                        WHY_REGISTERS, WHY_SMEM))
+                        WHY_HALF_BLOCKS, WHY_REGISTERS, WHY_SMEM))
