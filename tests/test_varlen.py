@@ -248,8 +248,8 @@ def _forward_config(family: str, d: int, causal: bool, max_q: int, mods) -> obje
         pytest.skip("the Hopper forward runs on sm_90a")
     # (the dispatcher gives a short query block the sm_80 kernel; these tests want the Hopper one)
     config = default_config("bf16", d, causal, max(max_q, 128), 227 * 1024, *mods.flags, arch=WGMMA_ARCH)
-    if family == "sm90-no-overlap":  # (cross_tile is an overlap across tiles: it goes too)
-        return dataclasses.replace(config, overlap=False, pingpong=False, cross_tile=False)
+    if family == "sm90-no-overlap":  # (cross_tile and half blocks live in the overlapped loop: they go too)
+        return dataclasses.replace(config, overlap=False, pingpong=False, cross_tile=False, half_blocks=False)
     if family == "sm90":
         return config
     return config.one_cta_per_tile() if config.persistent else dataclasses.replace(config, persistent=True)
