@@ -266,6 +266,8 @@ def cmd_cache(args) -> int:
     for entry, manifest, size in listed:
         built = manifest.get("build_seconds", "?") if manifest else "?"
         state = "" if manifest else "  (incomplete)"
+        if manifest and manifest.get("ptxas_notes"):  # jit.perf_losses: runs, slower than its config should
+            state = f"  (ptxas: {', '.join(n.split(':')[0] for n in manifest['ptxas_notes'])}, wgmma serialized)"
         print(f"{entry.path.parent.name:8} {_human(size):>10}  built in {built} s  {entry.path.name}{state}")
     print(f"{len(listed)} kernels, {_human(sum(s for _, _, s in listed))} in {cache.root()}")
     return 0

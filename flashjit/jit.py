@@ -322,13 +322,18 @@ def _build(entry: cache.Entry, config: ConfigBase, arch: str, toolkit: toolchain
     started = time.perf_counter()
     try:
         make = _build_split if split_build(toolkit) else _build_whole
-        built = make(entry, config, arch, toolkit, flags, source, staging.path, verbose)
+        built, log = make(entry, config, arch, toolkit, flags, source, staging.path, verbose)
+        notes = perf_losses(log)
+        for note in notes:
+            notify(f"{config.name} for {arch}: ptxas: {note}. The kernel is correct but slower than its config "
+                   "should be (a tuning candidate that will lose; in a default kernel, a bug to report)",
+                   logging.WARNING)
         # Publish a copy, not the file cpp_extension just dlopen'ed into this process: a later
         # rewrite of the cache file (damage, a manual edit) must never alter pages this process has mapped.
         shutil.copyfile(built, staging.path / cache.LIBRARY)
         shutil.rmtree(staging.path / _SCRATCH, ignore_errors=True)
         seconds = time.perf_counter() - started
-        library = staging.publish(dict(inputs, build_seconds=round(seconds, 3)))
+        library = staging.publish(dict(inputs, build_seconds=round(seconds, 3), ptxas_notes=notes))
     except BaseException:
         staging.discard()  # nothing half-written stays behind, also on KeyboardInterrupt
         raise
@@ -341,8 +346,8 @@ _LAUNCHER = "launcher.cpp"  # the rendered TU under the name that makes cpp_exte
 
 
 def _build_split(entry: cache.Entry, config: ConfigBase, arch: str, toolkit: toolchain.Toolkit, flags: list[str],
-                 source: Path, staging: Path, verbose: bool) -> str:
-    """nvcc's cubin of the kernels, while the launcher builds beside it; the launcher's path."""
+                 source: Path, staging: Path, verbose: bool) -> tuple[str, str]:
+    """nvcc's cubin of the kernels, while the launcher builds beside it; the launcher's path and nvcc's log."""
     # -Xptxas=-v only reports registers/spills; it does not change the binary.
     nvcc = [str(toolkit.nvcc), *flags, *(["-Xptxas=-v"] if verbose else []), "-I", str(codegen.kernels_dir()),
             "-o", str(staging / cache.CUBIN), str(source)]
@@ -362,10 +367,7 @@ def _build_split(entry: cache.Entry, config: ConfigBase, arch: str, toolkit: too
         raise _compile_error(entry, config, arch, source, error) from None
     if verbose and log:
         notify(log.rstrip())
-    for loss in perf_losses(log):
-        notify(f"{config.name} for {arch}: ptxas: {loss}. The kernel is correct but slower than its config "
-               "should be (a tuning candidate that will lose; in a default kernel, a bug to report)", logging.WARNING)
-    return built
+    return built, log
 
 
 # ptxas's "Potential Performance Loss" notes (C75xx), printed without -v: wgmma products serialized, which
@@ -379,11 +381,12 @@ def perf_losses(log: str) -> list[str]:
 
 
 def _build_whole(entry: cache.Entry, config: ConfigBase, arch: str, toolkit: toolchain.Toolkit, flags: list[str],
-                 source: Path, staging: Path, verbose: bool) -> str:
-    """One library of kernels and launcher, nvcc's whole build (a toolkit older than SPLIT_BUILD_FROM)."""
+                 source: Path, staging: Path, verbose: bool) -> tuple[str, str]:
+    """One library of kernels and launcher, nvcc's whole build (a toolkit older than SPLIT_BUILD_FROM);
+    its path, and no log (cpp_extension shows nvcc's only with verbose)."""
     # -Xptxas=-v only reports registers/spills; it does not change the binary.
     return _cpp_extension_build(entry, config, arch, toolkit, source, staging, verbose, extra_cflags=["-O2"],
-                                extra_cuda_cflags=flags + (["-Xptxas=-v"] if verbose else []))
+                                extra_cuda_cflags=flags + (["-Xptxas=-v"] if verbose else [])), ""
 
 
 def _build_launcher(entry: cache.Entry, config: ConfigBase, arch: str, toolkit: toolchain.Toolkit, source: Path,
