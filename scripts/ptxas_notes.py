@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""ptxas over every Hopper kernel the dispatcher can pick, no GPU needed: which ones get a "Potential
+Performance Loss" note (C75xx: wgmma products serialized, which costs 10-40% and shows nowhere else) or
+spill. Run it after a change to kernels/fwd_sm90.cuh, kernels/bwd_sm90.cuh or the dispatcher's rules;
+CI checks only the build set (tests/test_jit_cache.py), which has no score features, odd head dims or
+one-CTA twins with a window.
+
+The kernels: flashjit.dispatch's choice for every head dim from 8 to 256 in steps of 8 (and d_v 64 at
+d96/d128), causal or not, short and long rows, each score feature alone and window + dropout, plus the
+one-CTA-per-tile twin with_tile_walk takes for varlen batches and unbalanced grids, forward and backward;
+bf16 (fp16 compiles to the same registers). Each is rendered and compiled to a cubin by nvcc with the
+JIT's flags (about 2 s a kernel a core).
+
+    python3 scripts/ptxas_notes.py --jobs 2              # every kernel; exit 1 if any has a note
+    python3 scripts/ptxas_notes.py --filter _hb --list   # names only
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+FEATURES = ({}, dict(local=True), dict(dropout=True), dict(softcap=True), dict(alibi=True), dict(sink=True),
+            dict(local=True, dropout=True))
+SEQLENS = (512, 1024, 2048, 8192)
+_SPILL = re.compile(r"(\d+) bytes spill stores")
+
+
+def kernels() -> list:
+    """The distinct sm_90a kernels of dispatch's choices above, in a stable order."""
+    from flashjit import dispatch
+    from flashjit import FwdSm90Config
+
+    found = {}
+    for d_head in range(8, 257, 8):
+        for d_v in (0, 64) if d_head in (96, 128) else (0,):
+            for causal in (False, True):
+                for feature in FEATURES:
+                    if "sink" in feature and d_v:
+                        continue
+                    for seqlen in SEQLENS:
+                        cfg = dispatch.default_config("bf16", d_head, causal, seqlen, arch="sm_90a", d_v=d_v, **feature)
+                        if isinstance(cfg, FwdSm90Config):
+                            found.setdefault(cfg.name, cfg)
+                            found.setdefault(cfg.one_cta_per_tile().name, cfg.one_cta_per_tile())
+                    if "sink" in feature:
+                        continue  # the backward has no sinks argument here: the forward's sink kernels only
+                    try:
+                        bwd = dispatch.default_bwd_config("bf16", d_head, causal, wgmma=True, d_v=d_v, **feature)
+                    except ValueError:
+                        continue
+                    if bwd.family.arch == "sm_90a":
+                        found.setdefault(bwd.name, bwd)
+    return list(found.values())
+
+
+def compile_one(config, flags: list[str], nvcc: str, include: str, scratch: Path) -> tuple[str, list[str], int]:
+    """(name, ptxas's notes, spill-store bytes) of one kernel's cubin."""
+    from flashjit import codegen, jit
+
+    source = scratch / f"{config.name}.cu"
+    source.write_text(codegen.render(config))
+    run = subprocess.run([nvcc, *flags, "-Xptxas=-v", "-I", include, "-o", str(source.with_suffix(".cubin")),
+                          str(source)], capture_output=True, text=True)
+    log = run.stdout + run.stderr
+    if run.returncode != 0:
+        raise RuntimeError(f"{config.name}: nvcc failed\n{log[-2000:]}")
+    return config.name, jit.perf_losses(log), max((int(n) for n in _SPILL.findall(log)), default=0)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=2, help="nvcc processes at once")
+    parser.add_argument("--filter", action="append", default=[], help="keep names containing this (repeatable)")
+    parser.add_argument("--list", action="store_true", help="print the kernel names and exit")
+    args = parser.parse_args()
+    from flashjit import codegen, jit, toolchain
+
+    chosen = [c for c in kernels() if not args.filter or any(f in c.name for f in args.filter)]
+    if args.list:
+        print("\n".join(c.name for c in chosen))
+        return 0
+    toolkit = toolchain.find_toolkit()
+    flags = [f for f in jit.build_flags("sm_90a", toolkit) if f != "-cubin"] + ["-cubin"]
+    noted, spilled = 0, 0
+    with tempfile.TemporaryDirectory(prefix="flashjit-ptxas-") as scratch, \
+            concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        jobs = [pool.submit(compile_one, c, flags, str(toolkit.nvcc), str(codegen.kernels_dir()), Path(scratch))
+                for c in chosen]
+        for job in concurrent.futures.as_completed(jobs):
+            name, notes, spill = job.result()
+            noted += bool(notes)
+            spilled += spill > 0
+            if notes or spill:
+                print(f"{name}: {'; '.join(notes) or 'no note'}; {spill} bytes spilled", flush=True)
+    print(f"{len(chosen)} kernels: {noted} with ptxas performance-loss notes, {spilled} spilling", file=sys.stderr)
+    return 1 if noted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
