@@ -70,11 +70,13 @@ _PREFERENCES = {  # (head-dim class, causal) -> tiles, best first
 # interleaved rounds in each of two processes, TFLOP/s without -> with): d64 causal 128 rows 288 -> 298
 # at 1k, 343 -> 347 at 2k; 192 rows 253 -> 270 / 341 -> 359 / 394 -> 405 at 1k / 2k / 4k, 402 -> 404 at
 # 8k; d128 causal persistent 469 -> 472 / 524 -> 526 / 551 -> 559 at 2k / 4k / 8k, and with cross_tile
-# as well 489 / 539 / 564 (so causal d128 takes cross_tile at every length, not only up to SHORT: it
-# had measured -3.5 to +2.4% alone at 2k-4k); 1k 400 against 396 (xt). Every causal kernel takes them,
-# except with softcap, ALiBi or sinks: with those ptxas serialized the wgmmas of several kernels (C7511,
-# too few registers for a third compiled step). And with them the 128-row tile leads d64's causal rows
-# only up to SHORT (298 against 270 at 1k; 347 against 359 at 2k).
+# as well 491 / 540 / 564 (so causal d128 takes cross_tile at every length, not only up to SHORT: it
+# had measured -3.5 to +2.4% alone at 2k-4k); 1k 396 against 400 for xt alone (-1%, one run). Causal
+# kernels take them from d64 up, except with a window, softcap, ALiBi, sinks or d_v != d_head: there
+# ptxas serialized the wgmmas of some kernels (C7511, too few registers for a third compiled step; d40,
+# d48, d8, d16 too; scripts/ptxas_notes.py lists them) or a window's kernels spilled 20-32 bytes more.
+# And with them the 128-row tile leads d64's causal rows only up to SHORT (298 against 270 at 1k; 347
+# against 359 at 2k).
 SHORT_CAUSAL = 2048
 SHORT = 1024
 _SHORT_CAUSAL_BY_TILE = {64: SHORT}  # where "short causal" ends for a tile width, if not at SHORT_CAUSAL
@@ -115,7 +117,7 @@ def default_config(dtype: str, d_head: int, causal: bool, seqlen_q: int = 4096,
         keys = ((tile, "short causal") if causal and seqlen_q <= short_causal else None,
                 (tile, "causal") if causal and not local else None,  # a window's cross-tile kernel spills
                 (tile, "short") if seqlen_q <= SHORT and not local else None, tile)
-        half = causal and not (softcap or alibi or sink)
+        half = causal and d_head >= 64 and not (local or softcap or alibi or sink or d_v)  # ptxas: C7511 else
         for knobs in _SM90_PREFERENCES[next(key for key in keys if key in _SM90_PREFERENCES)]:
             cfg = FwdSm90Config(dtype, d_head, causal=causal, local=local, softcap=softcap, alibi=alibi,
                                 dropout=dropout, sink=sink, d_v=d_v, **knobs)
@@ -364,7 +366,8 @@ def get_autotuning_kernel_configs(dtype: str = "bf16", d_head: int = 128, causal
     if arch == WGMMA_ARCH:
         out = []
         for block_m, block_n, stages, overlap, pingpong, persistent, cross_tile, half_blocks in itertools.product(
-                BLOCK_M, BLOCK_N, STAGES, (True, False), (True, False), (False, True), (False, True), (False, True)):
+                BLOCK_M, BLOCK_N, STAGES, (True, False), (True, False), (False, True), (False, True),
+                (False, True) if causal else (False,)):  # half blocks: non-causal, only a short last block
             cfg = FwdSm90Config(dtype, d_head, block_m, block_n, stages, overlap, pingpong, persistent, causal,
                                 cross_tile=cross_tile, half_blocks=half_blocks)
             if not cfg.problems():

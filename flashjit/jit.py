@@ -323,8 +323,8 @@ def _build(entry: cache.Entry, config: ConfigBase, arch: str, toolkit: toolchain
     try:
         make = _build_split if split_build(toolkit) else _build_whole
         built, log = make(entry, config, arch, toolkit, flags, source, staging.path, verbose)
-        notes = perf_losses(log)
-        for note in notes:
+        notes = perf_losses(log) if log is not None else None  # None: a whole build, whose log nobody reads
+        for note in notes or ():
             notify(f"{config.name} for {arch}: ptxas: {note}. The kernel is correct but slower than its config "
                    "should be (a tuning candidate that will lose; in a default kernel, a bug to report)",
                    logging.WARNING)
@@ -381,12 +381,12 @@ def perf_losses(log: str) -> list[str]:
 
 
 def _build_whole(entry: cache.Entry, config: ConfigBase, arch: str, toolkit: toolchain.Toolkit, flags: list[str],
-                 source: Path, staging: Path, verbose: bool) -> tuple[str, str]:
+                 source: Path, staging: Path, verbose: bool) -> tuple[str, None]:
     """One library of kernels and launcher, nvcc's whole build (a toolkit older than SPLIT_BUILD_FROM);
     its path, and no log (cpp_extension shows nvcc's only with verbose)."""
     # -Xptxas=-v only reports registers/spills; it does not change the binary.
     return _cpp_extension_build(entry, config, arch, toolkit, source, staging, verbose, extra_cflags=["-O2"],
-                                extra_cuda_cflags=flags + (["-Xptxas=-v"] if verbose else [])), ""
+                                extra_cuda_cflags=flags + (["-Xptxas=-v"] if verbose else [])), None
 
 
 def _build_launcher(entry: cache.Entry, config: ConfigBase, arch: str, toolkit: toolchain.Toolkit, source: Path,

@@ -126,7 +126,9 @@ def test_fa3_tiles_features(d, n, feature, persistent):
                          [FwdSm90Config("bf16", 128, persistent=True, cross_tile=True, causal=c)
                           for c in (False, True)] +
                          [FwdSm90Config("bf16", 64, 192, 128, 4, causal=c, persistent=p)  # three-way ping-pong
-                          for c in (False, True) for p in (False, True)],
+                          for c in (False, True) for p in (False, True)] +
+                         [FwdSm90Config("bf16", d, m, 128, 2, causal=True, half_blocks=True)  # sequences ending
+                          for d, m in ((64, 128), (64, 192), (128, 128))],  # mid-block: half blocks
                          ids=lambda c: c.name)
 def test_fa3_tiles_varlen_equal_dense_calls(config):
     """A varlen batch on the FA3 tiles: each sequence's last key block runs past its keys into the next
@@ -190,22 +192,26 @@ HALF_CONFIGS = [FwdSm90Config("bf16", 64, 128, 128, 4, persistent=True), FwdSm90
 
 
 @pytest.mark.parametrize("config", HALF_CONFIGS, ids=lambda c: c.name)
-@pytest.mark.parametrize("causal, window, softcap", [(True, (-1, -1), 0.0), (False, (-1, -1), 0.0), (False, (100, 37), 0.0),
-                                                     (True, (-1, -1), 4.0), (False, (-1, 70), 0.0)])
-def test_half_blocks_change_no_bit(config, causal, window, softcap):
+@pytest.mark.parametrize("causal, window, softcap, dropout", [
+    (True, (-1, -1), 0.0, 0.0), (False, (-1, -1), 0.0, 0.0), (False, (100, 37), 0.0, 0.0), (True, (-1, -1), 4.0, 0.0),
+    (False, (-1, 70), 0.0, 0.0), (True, (-1, -1), 0.0, 0.3), (True, (200, -1), 0.0, 0.0)])
+def test_half_blocks_change_no_bit(config, causal, window, softcap, dropout):
     """half_blocks leaves out products of zeros (a block's second half no row of a warpgroup sees: the
     causal diagonal, a window's right edge, a short last block of keys): out and lse equal the full-width
-    kernel's bit for bit. Sq != Sk and lengths no multiple of the tiles put the diagonal anywhere in a
-    block; 1050 keys leave a last block of 26 (a half block for every row, non-causal too)."""
+    kernel's bit for bit, with dropout's Philox mask too (one fixed seed and offset for both). Sq != Sk and
+    lengths no multiple of the tiles put the diagonal anywhere in a block; 1050 keys leave a last block
+    of 26 (a half block for every row, non-causal too)."""
     local = window != (-1, -1)
-    base = dataclasses.replace(config, causal=causal, local=local, softcap=softcap > 0)
+    base = dataclasses.replace(config, causal=causal, local=local, softcap=softcap > 0, dropout=dropout > 0)
     if base.problems():  # the 192-row tile with a score feature: its registers
         pytest.skip(f"{base.name}: {base.problems()[0]}")
     halves = dataclasses.replace(base, half_blocks=True).validate()
+    philox = (torch.randint(0, 2**63 - 1, ()).item(), 4 * torch.randint(1, 2**20, ()).item()) if dropout else None
     for batch, sq, sk, h, hk in ((3, 1000, 777, 8, 2), (2, 333, 1050, 4, 1), (1, 1300, 1300, 4, 4)):
         q, k, v = _inputs(batch, sq, sk, h, hk, config.d_head, DTYPES[config.dtype])
         runs = [flashjit.forward(q, k, v, config=cfg, causal=causal, window_size=window, softcap=softcap,
-                                 return_lse=True, out=poisoned_like(q)) for cfg in (base, halves)]
+                                 dropout_p=dropout, philox=philox, return_lse=True, out=poisoned_like(q))
+                for cfg in (base, halves)]
         assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1]), (batch, sq, sk)
 
 

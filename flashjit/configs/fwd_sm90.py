@@ -69,8 +69,10 @@ class FwdSm90Config(ConfigBase):
     half_blocks  where a consumer warpgroup's 64 rows see none of a key block's second half (the causal
                  diagonal, a window's right edge, a short last block), run that block's QK^T and softmax
                  at half width for it, and the tile's last PV too (the skipped products are of zeros: no
-                 bit of the output changes); a third compiled step, so with score features it can push
-                 ptxas past the registers its wgmma pipeline needs; speed only (H200: d64 causal, below)
+                 bit of the output changes, for finite inputs); a third compiled step, so it can push
+                 ptxas past the registers its wgmma pipeline needs (C7511: the dispatcher leaves it off
+                 with a window, softcap, ALiBi, sinks, d_v or below d64; scripts/ptxas_notes.py); speed
+                 only (H200: +1-7% at d64/d128 causal, flashjit/dispatch.py)
     """
 
     dtype: str = "bf16"
