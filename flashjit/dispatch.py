@@ -367,7 +367,7 @@ def get_autotuning_kernel_configs(dtype: str = "bf16", d_head: int = 128, causal
         out = []
         for block_m, block_n, stages, overlap, pingpong, persistent, cross_tile, half_blocks in itertools.product(
                 BLOCK_M, BLOCK_N, STAGES, (True, False), (True, False), (False, True), (False, True),
-                (False, True) if causal else (False,)):  # half blocks: non-causal, only a short last block
+                (False, True) if causal else (False,)):  # non-causal rows: only a short last block halves
             cfg = FwdSm90Config(dtype, d_head, block_m, block_n, stages, overlap, pingpong, persistent, causal,
                                 cross_tile=cross_tile, half_blocks=half_blocks)
             if not cfg.problems():
