@@ -121,8 +121,9 @@ def default_config(dtype: str, d_head: int, causal: bool, seqlen_q: int = 4096,
         for knobs in _SM90_PREFERENCES[next(key for key in keys if key in _SM90_PREFERENCES)]:
             cfg = FwdSm90Config(dtype, d_head, causal=causal, local=local, softcap=softcap, alibi=alibi,
                                 dropout=dropout, sink=sink, d_v=d_v, **knobs)
-            if half and not dataclasses.replace(cfg, half_blocks=True).problems():
-                cfg = dataclasses.replace(cfg, half_blocks=True)
+            if half:  # where this tile can halve its blocks at all (FwdSm90Config.problems)
+                halves = dataclasses.replace(cfg, half_blocks=True)
+                cfg = cfg if halves.problems() else halves
             if not cfg.problems() and cfg.smem_bytes <= smem_limit:
                 return cfg
     size = next(c for c in (64, 128, 160, 192, 256) if d_head <= c)

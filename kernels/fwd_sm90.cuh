@@ -201,7 +201,6 @@ __device__ __forceinline__ bool block_masked(const typename C::Mod& mod, int q_r
 // the warpgroup).
 template <class C>
 __device__ __forceinline__ bool half_block(const typename C::Mod& mod, int q_row0, int g, int j) {
-  if constexpr (!C::kHalfBlocks) return false;
   int end = mod.seqlen_k;  // one past the last key any of the rows sees
   if (C::kCausal || (C::Mod::kLocal && mod.right >= 0)) end = min(end, q_row0 + g * 64 + 64 + mod.diag + mod.right);
   return end - j * C::kBlockN <= C::kHalfN;
@@ -620,7 +619,7 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
       };
       for (int j = T.j_begin + 1; j < T.j_end; ++j, st.advance()) {
         if (!block_masked<C>(T.mod, T.q_row0, j)) step(j, std::false_type{}, std::false_type{});
-        else if (C::kHalfBlocks && half_block<C>(T.mod, T.q_row0, g, j))
+        else if (C::kHalfBlocks && half_block<C>(T.mod, T.q_row0, g, j))  // off, the branch folds away
           step(j, std::true_type{}, std::bool_constant<C::kHalfBlocks>{});
         else step(j, std::true_type{}, std::false_type{});
       }

@@ -85,7 +85,8 @@ def main() -> int:
         print("\n".join(c.name for c in chosen))
         return 0
     toolkit = toolchain.find_toolkit()
-    flags = [f for f in jit.build_flags("sm_90a", toolkit) if f != "-cubin"] + ["-cubin"]
+    flags = jit.build_flags("sm_90a", toolkit)
+    flags += [] if "-cubin" in flags else ["-cubin"]  # (a toolkit before the split build: cubin all the same)
     noted, spilled = 0, 0
     with tempfile.TemporaryDirectory(prefix="flashjit-ptxas-") as scratch, \
             concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:

@@ -536,7 +536,6 @@ def test_hopper_forward_build_set_compiles(private_cache):
     assert not any(notes.values()), {name: n for name, n in notes.items() if n}
     if jit.split_build(toolchain.find_toolkit()):  # (a whole build's log is not read: None)
         assert None not in notes.values()
-    assert "ptxas: C75" not in pre.stderr  # (which would also have been logged)
 
 
 def test_a_kernel_ptxas_serializes_is_named_and_its_manifest_says_why(private_cache, caplog):
