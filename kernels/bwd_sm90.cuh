@@ -27,16 +27,14 @@
 //   warpgroup 0       producer: gives its registers to the consumers (setmaxnreg). Warp 0's lane 0
 //                     issues the TMA copies of K and V (once) and of each step's Q and dO; warp 1
 //                     stores the step's lse (x log2 e, +inf past the sequence: P = 0 there) and D
-//                     (0 there) from plain loads; warps 2 and 3 make the step's dropout mask
-//                     (Config::kMaskByProducer), or exit.
+//                     (0 there) from plain loads; warps 2 and 3 exit.
 //   warpgroups 1, 2   consumers: the steps above, 64 keys each (the cp.async kernel's 256 threads).
-//   A step's Q, dO, lse, D (and mask) share one stage of a two-stage ring. Barriers (who arrives / waits):
+//   A step's Q, dO, lse and D share one stage of a two-stage ring. Barriers (who arrives / waits):
 //   kv_full           lane 0 (expect_tx: K and V)          / every consumer thread, before its first step
-//   ring.full[s]      lane 0 (expect_tx: Q and dO), the 32 / every consumer thread, before S^T
-//                     statistics lanes once stored, and
-//                     the 64 mask lanes once stored
-//   ring.empty[s]     every consumer thread, once its      / lane 0, the statistics and mask lanes,
-//                     step's products have retired           before refilling stage s
+//   ring.full[s]      lane 0 (expect_tx: Q and dO) and the / every consumer thread, before S^T
+//                     32 statistics lanes once stored
+//   ring.empty[s]     every consumer thread, once its      / lane 0 and the statistics lanes, before
+//                     step's products have retired           refilling stage s
 //   Barrier::kConsumers  the 256 consumer threads: once a step, dS^T stored (both warpgroups' keys)
 //                     before dQ; and around the epilogue's staging of dK and dV.
 //   dS^T has two buffers (step parity): a warpgroup writes buffer b at step t + 2 only after the
@@ -73,7 +71,7 @@ struct Config {
   // A step issues dQ before dK and writes dQ out while dK runs (step_products). Not with dropout or
   // local+ALiBi: holding dQ across dK's issue spilled 8-52 bytes in their step loops, so they issue
   // dK first and write dQ after the step.
-  static constexpr bool kDqFirst = (!kDropout || (kTma_ && kDHead_ > 64 && kDHead_ <= 128)) && !(kLocal_ && kAlibi_);
+  static constexpr bool kDqFirst = !kDropout && !(kLocal_ && kAlibi_);
   using Mod = ScoreMod<kCausal_, kLocal_, kSoftcap_, kAlibi_>;
   // 1 / (1 - p), applied once to dK, dV and dQ (see bwd_sm80.cuh).
   __device__ __forceinline__ static float dropout_scale(const BwdParams& p) {
@@ -114,13 +112,8 @@ struct Config {
   // theirs; the CTA has kCtaThreads. The register split as fwd_sm90.cuh's with two consumers.
   static constexpr bool kTma = kTma_;
   static constexpr int kCtaThreads = kThreads + (kTma ? 128 : 0);
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
   static constexpr int kStatThreads = 32;  // the producer's threads that load a step's lse and D
-  // With dropout the producer's warps 2 and 3 make each step's mask into its stage (produce_masks):
-  // a PackedKeyRowsMask (8 bytes) a consumer thread. Not the wide kernel's (its warpgroup 0 makes them).
-  static constexpr bool kMaskByProducer = kTma && kDropout && !kWide;
-  static constexpr int kMaskThreads = kMaskByProducer ? 64 : 0, kMaskStageBytes = kMaskByProducer ? kThreads * 8 : 0;
-  // The mask's Philox calls spilled in 24 registers: its warps take 40, the consumers 8 fewer.
-  static constexpr int kProducerRegs = kMaskByProducer ? 40 : 24, kConsumerRegs = kMaskByProducer ? 232 : 240;
   static constexpr int kDqStageBytes = 16 * 64 * 4;  // per warp
   using TileN = GmmaTile<kBlockN, kD>;       // K, V
   using TileM = GmmaTile<kBlockM, kD>;       // Q, dO (two stages each)
@@ -143,7 +136,7 @@ struct Config {
   static constexpr int kBarrierBytes = kTma ? 8 * (1 + 2 * 2) : 0;
   // 1 KiB of slack: the dynamic shared memory is aligned up to the swizzle's 1024 bytes by hand.
   static constexpr int kSmemBytes = 1024 + 2 * TileN::kBytes + 4 * TileM::kBytes + kDsBuffers * TileS::kBytes +
-                                    2 * 2 * kBlockM * 4 + kScratchBytes + 2 * kMaskStageBytes + kBarrierBytes;
+                                    2 * 2 * kBlockM * 4 + kScratchBytes + kBarrierBytes;
   static_assert((kD == 64 && kBlockM == 128) || (kD >= 128 && kBlockM == 64),
                 "the wgmma backward supports d_head 33-64 with block_m 128 and 65-256 with block_m 64");
   static_assert(!kWide || kTma, "the d_head 129-256 wgmma backward is fed only by its TMA producer (tma=True)");
@@ -229,13 +222,12 @@ __device__ __forceinline__ void add_dkdv(const BwdParams& p, const Seq& seq, int
 
 
 // The shared memory of either kernel: K, V, two stages of Q and of dO, dS^T (kDsBuffers), two
-// stages of lse and D, a dQ staging tile per warp (the wide kernel: P^T and dQ staging), two stages
-// of dropout masks (kMaskByProducer), then (kTma) the barriers.
+// stages of lse and D, a dQ staging tile per warp (the wide kernel: P^T and dQ staging), then (kTma) the
+// barriers.
 template <class C>
 struct Smem {
   elem_t *k, *v, *q, *dout, *ds;
   float *lse, *dvec, *dq;
-  uint2* mask;
   uint64_t* kv_full;
   Ring<2>* ring;  // a step's Q, dO, lse and D
 
@@ -248,15 +240,13 @@ struct Smem {
     lse = reinterpret_cast<float*>(ds + C::kDsBuffers * C::TileS::kBytes / 2);
     dvec = lse + 2 * C::kBlockM;
     dq = dvec + 2 * C::kBlockM;
-    mask = reinterpret_cast<uint2*>(dq + C::kScratchBytes / 4);
-    kv_full = reinterpret_cast<uint64_t*>(mask + 2 * C::kMaskStageBytes / 8);
+    kv_full = reinterpret_cast<uint64_t*>(dq + C::kScratchBytes / 4);
     ring = reinterpret_cast<Ring<2>*>(kv_full + 1);
   }
   __device__ __forceinline__ elem_t* q_stage(int s) const { return q + s * C::TileM::kBytes / 2; }
   __device__ __forceinline__ elem_t* dout_stage(int s) const { return dout + s * C::TileM::kBytes / 2; }
   __device__ __forceinline__ float* lse_stage(int s) const { return lse + s * C::kBlockM; }
   __device__ __forceinline__ float* dvec_stage(int s) const { return dvec + s * C::kBlockM; }
-  __device__ __forceinline__ uint2* mask_stage(int s) const { return mask + s * C::kMaskStageBytes / 8; }
 };
 
 // What a CTA computes: its key block, batch, kv head and query heads (h0 .. h0 + heads - 1): every
@@ -662,48 +652,16 @@ __device__ __forceinline__ void store_step_stats(float* s_lse, float* s_dvec, co
   }
 }
 
-// Warps 2 and 3 of the producer with dropout (C::kMaskByProducer; `index` = their lane, 0-63):
-// each step's mask into its stage, as the consumer thread's StepMask (8 bytes), made for a pair of
-// lanes (l, l ^ 4) of a consumer warp at a time without the shuffle: 128 pairs, two a lane. Made by
-// the consumers themselves (under dK and dQ), the Philox rounds sat in their dependency chains:
-// d64 ran 28% longer with dropout while issuing 0.40 warps a cycle a scheduler (0.35 without), so
-// the step was bound by latency, not by issue slots, and these warps had nothing to do.
-template <class C>
-__device__ __forceinline__ void produce_masks(const BwdParams& p, const Work<C>& w, const Smem<C>& sm, int index) {
-  RingState<2> st;
-  auto s = w.steps.first();
-  for (int step = 0; step < w.steps.count; ++step, s = w.steps.next(s), st.advance()) {
-    const Dropout drop(p.mods, int(int64_t(w.b) * p.heads + s.h));
-    sm.ring->wait_free(st);
-#pragma unroll 1
-    for (int k = 0; k < 2; ++k) {
-      // Consumer warp pair / 16, its lanes (pair % 4) + 8 (pair / 4 % 4) and that + 4; its keys as consume()'s.
-      const int pair = index + 64 * k, warp = pair >> 4, lane = (pair & 3) + ((pair >> 2) & 3) * 8;
-      StepMask<C> made[2];
-      StepMask<C>::pair(drop, s.row0, w.key0 + warp * 16 + (lane >> 2), lane, made);
-      uint2* to = sm.mask_stage(st.stage) + warp * 32 + lane;
-      to[0] = make_uint2(made[0].bits[0], made[0].bits[1]);
-      to[4] = make_uint2(made[1].bits[0], made[1].bits[1]);
-    }
-    sm.ring->filled(st);
-  }
-}
-
 // The producer warpgroup's warp `warp`: warp 0's lane 0 issues the TMA copies, K and V once, then
 // per step Q and dO into a stage once the consumers have released its previous step; warp 1 stores
-// the step's lse and D there; with dropout warps 2 and 3 its mask (produce_masks). Otherwise warps
-// 2 and 3, and a CTA with no step, do nothing (its consumers wait for nothing either). Each warp
-// keeps only its own loop's state: 24 registers.
+// the step's lse and D there. Warps 2 and 3, and a CTA with no step, do nothing (its consumers wait
+// for nothing either). Each warp keeps only its own loop's state: 24 registers.
 template <class C>
 __device__ __forceinline__ void produce(const Args& args, const Smem<C>& sm, int warp, int lane) {
   const BwdParams& p = args.p;
-  if ((warp > 1 && !C::kMaskByProducer) || (warp == 0 && lane > 0)) return;
+  if (warp > 1 || (warp == 0 && lane > 0)) return;
   const Work<C> w(p);
   if (w.idle() || w.steps.count == 0) return;
-  if (warp > 1) {
-    if constexpr (C::kMaskByProducer) produce_masks<C>(p, w, sm, (warp - 2) * 32 + lane);
-    return;
-  }
   RingState<2> st;
   auto s = w.steps.first();
   if (warp == 1) {
@@ -758,6 +716,7 @@ __device__ __forceinline__ void consume(const BwdParams& p, const Smem<C>& sm, u
   using StepPos = typename bwd::QuerySteps<C>::Pos;
   const int steps = w.steps.count;
   StepPos cur = w.steps.first();
+  auto keep = step_mask<C>(p, w.b, cur, my_key0, lane);
   const auto sync = [] { named_sync(int(Barrier::kConsumers), C::kThreads); };
   if (steps > 0) mbarrier_wait(sm.kv_full, 0);
   for (int step = 0; step < steps; ++step) {
@@ -769,17 +728,22 @@ __device__ __forceinline__ void consume(const BwdParams& p, const Smem<C>& sm, u
     st.stage = step & 1, st.phase = (step >> 1) & 1;
     float dq[64 / 8][4];
     sm.ring->wait(st);
-    StepMask<C> keep;  // with dropout, the producer's (produce_masks)
-    if constexpr (C::kDropout) {
-      const uint2 made = sm.mask_stage(st.stage)[tid];
-      keep.bits[0] = made.x, keep.bits[1] = made.y;
-    }
     const auto write_dq = [&](const float (&q)[64 / 8][4]) {
       add_dq<C>(p, seq, cur.h, cur.row0, dq_row, dq_half, s_dq, q, lane);
     };
     step_products<C>(mod, d, st.stage * C::TileM::kBytes, sm.lse_stage(st.stage), sm.dvec_stage(st.stage),
                      sm.ds + st.stage * C::TileS::kBytes / 2, st.stage * C::TileS::kBytes, keep, cur.row0, my_key0,
-                     r0, lane, scale_log2, dk, dv, dq, sync, [] {}, dq_writer<C>(write_dq));
+                     r0, lane, scale_log2, dk, dv, dq, sync, [&] {
+                       // The next step's dropout mask while dK and dQ are on the tensor cores (made
+                       // after add_dq, its 133 (d128) to 240 (d64) instructions a warp ran with the
+                       // tensor cores idle). Made past the last step too, unread: computed under a
+                       // branch, d128 causal spilled 4 bytes.
+                       if constexpr (C::kDropout) {
+                         const auto made = step_mask<C>(p, w.b, next, my_key0, lane);
+                         if (step + 1 < steps) keep = made;
+                       }
+                     },
+                     dq_writer<C>(write_dq));
     sm.ring->release(st);
     if constexpr (!C::kDqFirst) write_dq(dq);
     cur = next;
@@ -1039,8 +1003,7 @@ __global__ void __launch_bounds__(C::kCtaThreads, 1) dkdv_tma_kernel(const __gri
   const Smem<C> sm(smem);
   if (threadIdx.x == 0) {
     mbarrier_init(sm.kv_full, 1);
-    // The TMA issuer's expect_tx, then the statistics lanes and the mask lanes.
-    sm.ring->init(C::kThreads, 1 + C::kStatThreads + C::kMaskThreads);
+    sm.ring->init(C::kThreads, 1 + C::kStatThreads);  // the TMA issuer's expect_tx, then the statistics lanes
     mbarrier_init_fence();
   }
   __syncthreads();

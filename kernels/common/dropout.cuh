@@ -174,43 +174,24 @@ struct PackedKeyRowsMask {
   static_assert(kNt % 4 == 0 && 2 * kSpans <= 8, "a slot per flag word of a residue, at most 8 in 32 bits");
   uint32_t bits[2];
 
-  __device__ __forceinline__ PackedKeyRowsMask() {}
   __device__ __forceinline__ PackedKeyRowsMask(bool enabled, const Dropout& drop, int query0, int my_key0, int lane) {
     if (!enabled) return;
     const int parity = (lane >> 2) & 1;  // = my_key0 & 1
-    uint32_t half[2];
-    halves(drop, query0 + (lane & 3) * 2 + parity, my_key0, half);
+    uint32_t half[2] = {0u, 0u};         // the calls' halves e = 0, 1 (words 0, 1 and 2, 3), packed
+#pragma unroll
+    for (int span = 0; span < kSpans; ++span) {
+      const uint4 f = drop.keep_flags(query0 + span * 32 + (lane & 3) * 2 + parity, my_key0);
+#pragma unroll
+      for (int e = 0; e < 2; ++e)
+#pragma unroll
+        for (int w = 0; w < 2; ++w) half[e] |= (Dropout::word(f, 2 * e + w) & 0x80808080u) >> (7 - slot(span, w));
+    }
     // Mine: the half of my parity (my keys) of my residue's calls; the other goes to lane ^ 4, whose
     // keys have the other parity and who made the other residue's calls.
     const uint32_t mine = parity ? half[1] : half[0], theirs = parity ? half[0] : half[1];
     const uint32_t received = __shfl_xor_sync(0xffffffffu, theirs, 4);
     bits[0] = parity ? received : mine;
     bits[1] = parity ? mine : received;
-  }
-
-  // The calls of query `query` (a residue's, in the span of each call) and key `key` (either of its
-  // pair), packed: half[e] holds the calls' half e (words 2 e, 2 e + 1), a flag a slot.
-  __device__ __forceinline__ static void halves(const Dropout& drop, int query, int key, uint32_t (&half)[2]) {
-    half[0] = half[1] = 0u;
-#pragma unroll
-    for (int span = 0; span < kSpans; ++span) {
-      const uint4 f = drop.keep_flags(query + span * 32, key);
-#pragma unroll
-      for (int e = 0; e < 2; ++e)
-#pragma unroll
-        for (int w = 0; w < 2; ++w) half[e] |= (Dropout::word(f, 2 * e + w) & 0x80808080u) >> (7 - slot(span, w));
-    }
-  }
-
-  // Made by one thread for both lanes of a pair (no shuffle): lanes l and l ^ 4 (l & 4 == 0) of a warp
-  // whose lane l has key `key` (lane l ^ 4: key + 1) at a step from query0. out[0] is lane l's mask,
-  // out[1] lane l ^ 4's (as the constructor makes them: half e of a call is for the keys of parity e).
-  __device__ __forceinline__ static void pair(const Dropout& drop, int query0, int key, int lane, PackedKeyRowsMask (&out)[2]) {
-    uint32_t even[2], odd[2];  // the calls of residues 2 (lane % 4) and 2 (lane % 4) + 1
-    halves(drop, query0 + (lane & 3) * 2, key, even);
-    halves(drop, query0 + (lane & 3) * 2 + 1, key, odd);
-    out[0].bits[0] = even[0], out[0].bits[1] = odd[0];
-    out[1].bits[0] = even[1], out[1].bits[1] = odd[1];
   }
 
   __device__ __forceinline__ static constexpr int slot(int span, int w) { return 2 * span + w; }
