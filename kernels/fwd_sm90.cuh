@@ -43,8 +43,6 @@
 // warpgroup's own products under them (with ping-pong the other warpgroups' still are). Measured on an
 // H200 (docs/perf-log.md, 2026-12-04): with O stored through the Q stage, +3-5% at d128 up to 1k
 // queries (the dispatcher's choice there), level or mixed beyond and at d64.
-// With kTwoCtas two CTAs share an SM (half the registers and shared memory each; d64, 64-key blocks,
-// no overlap): the other CTA's warpgroups run under a warpgroup's softmax instead of its own next QK^T.
 #pragma once
 #include <algorithm>
 #include <type_traits>
@@ -66,7 +64,7 @@ enum class Barrier : int { kEpilogue = 1, kPingPong = 5, kVTail = 8 };
 // static_assert message is one of its WHY_* reasons, verbatim.
 template <bool kBf16_, int kDHead_, int kBlockM_, int kBlockN_, int kStages_, bool kOverlap_, bool kPingPong_,
           bool kPersistent_, bool kCausal_, bool kLocal_, bool kSoftcap_, bool kAlibi_, bool kDropout_, bool kSink_,
-          int kDHeadV_, bool kCrossTile_, bool kHalfBlocks_, bool kTwoCtas_>
+          int kDHeadV_, bool kCrossTile_, bool kHalfBlocks_>
 struct Config {
   static constexpr bool kBf16 = kBf16_, kOverlap = kOverlap_, kPingPong = kPingPong_, kCausal = kCausal_;
   static constexpr bool kPersistent = kPersistent_, kCrossTile = kCrossTile_;
@@ -80,13 +78,8 @@ struct Config {
   static constexpr int kDHeadV = kDHeadV_ == 0 ? kDHead_ : kDHeadV_, kDV = (kDHeadV + 63) / 64 * 64;
   static constexpr int kBlockM = kBlockM_, kBlockN = kBlockN_, kStages = kStages_;
   static constexpr int kConsumers = kBlockM / 64, kThreads = 128 * (kConsumers + 1);
-  // kTwoCtas: two CTAs an SM, four consumer warpgroups hiding each other's latency in place of the
-  // intra-warpgroup overlap. Launch bounds of two blocks leave 80 registers a thread at launch (30720
-  // a CTA), of which the consumers can claim 104 (with the overlap's second S that spilled: C7512).
-  static constexpr int kCtasPerSm = kTwoCtas_ ? 2 : 1;
-  // The register file (64 K, per CTA) split: 24 or 32 for the producer, the rest for the consumers.
-  static constexpr int kProducerRegs = kConsumers == 2 ? 24 : 32;
-  static constexpr int kConsumerRegs = kTwoCtas_ ? 104 : kConsumers == 2 ? 240 : 160;
+  // The register file (64 K) split: 24 or 32 for the producer, the rest for the consumers.
+  static constexpr int kProducerRegs = kConsumers == 2 ? 24 : 32, kConsumerRegs = kConsumers == 2 ? 240 : 160;
   using TileQ = GmmaTile<kBlockM, kD>;
   using TileKV = GmmaTile<kBlockN, kD>;  // a K stage
   using TileV = GmmaTile<kBlockN, kDV>;  // a V stage
@@ -136,9 +129,7 @@ struct Config {
   // measured as spills of the 160-register block_m 192 tile with any of them.
   static constexpr int kRegEstimate =
       kDV / 2 + kBlockN / 2 + kBlockN / 4 + 32 + 8 * (int(kLocal_) + int(kSoftcap_) + int(kAlibi_) + int(kDropout_));
-  static_assert(kTwoCtas_ || kRegEstimate <= kConsumerRegs, "O, S and P of this config do not fit the consumers' registers");
-  static_assert(!kTwoCtas_ || (kConsumers == 2 && !kOverlap_ && kD == 64 && kDV == 64 && kBlockN == 64),
-                "two_ctas gives a consumer thread 104 registers (two CTAs an SM): it needs block_m 128, no overlap, d_head <= 64 and block_n 64");
+  static_assert(kRegEstimate <= kConsumerRegs, "O, S and P of this config do not fit the consumers' registers");
   static_assert(kSmemBytes <= 227 * 1024, "Q and the K/V stages of this config need more than 227 KiB of shared memory");
 };
 
@@ -432,7 +423,7 @@ __device__ __forceinline__ void produce(const Args& args, const Smem<C>& sm, int
 }
 
 template <class C>
-__global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const __grid_constant__ Args args) {
+__global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_constant__ Args args) {
   const FwdParams& p = args.p;
   extern __shared__ unsigned char smem_raw[];
   const uint32_t base = (smem_addr(smem_raw) + 1023) & ~1023u;
@@ -669,7 +660,7 @@ cudaError_t launch(const FwdParams& p, cudaStream_t stream) {
   cudaError_t err = opt_in_smem(kernel, C::kSmemBytes, &opted_in);
   if (err != cudaSuccess) return err;
   unsigned grid = unsigned(blocks);
-  if (C::kPersistent) {  // one CTA per SM (kCtasPerSm), each walking its tile_of every round
+  if (C::kPersistent) {  // one CTA per SM, each walking its tile_of every round
     int device = 0;
     err = cudaGetDevice(&device);
     if (err != cudaSuccess) return err;
@@ -678,10 +669,10 @@ cudaError_t launch(const FwdParams& p, cudaStream_t stream) {
       int count = 0;
       err = cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
       if (err != cudaSuccess) return err;
-      if (device >= 64) grid = std::min(grid, unsigned(count * C::kCtasPerSm));
+      if (device >= 64) grid = std::min(grid, unsigned(count));
       else sm_count[device] = count;
     }
-    if (device < 64) grid = std::min(grid, unsigned(sm_count[device] * C::kCtasPerSm));
+    if (device < 64) grid = std::min(grid, unsigned(sm_count[device]));
   }
   return launch_kernel(kernel, grid, C::kThreads, C::kSmemBytes, stream, args);
 }

@@ -60,9 +60,7 @@ KNOBS = [dict(), dict(overlap=False, pingpong=False), dict(pingpong=False), dict
          dict(block_m=192, stages=4), dict(block_m=192, stages=4, persistent=True),  # a token round three
          dict(block_m=192, stages=4, persistent=True, cross_tile=True),
          dict(half_blocks=True), dict(block_m=192, stages=4, persistent=True, half_blocks=True),
-         dict(persistent=True, cross_tile=True, half_blocks=True),
-         dict(two_ctas=True, overlap=False, pingpong=False, block_n=64),  # d64: two CTAs an SM
-         dict(two_ctas=True, overlap=False, pingpong=False, block_n=64, stages=4, persistent=True)]
+         dict(persistent=True, cross_tile=True, half_blocks=True)]
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -70,7 +68,7 @@ KNOBS = [dict(), dict(overlap=False, pingpong=False), dict(pingpong=False), dict
 def test_knobs(knobs, causal):
     """Each knob on shapes with more tiles than SMs (a persistent CTA walks several, its rings running
     on across tiles, some tiles empty under the causal mask) and GQA."""
-    d = 64 if knobs.get("block_m") == 192 or knobs.get("two_ctas") else 128
+    d = 64 if knobs.get("block_m") == 192 else 128
     config = dataclasses.replace(FwdSm90Config(dtype="fp16", d_head=d, causal=causal), **knobs).validate()
     q, k, v = _inputs(3, 1000, 777, 8, 2, d, torch.float16)
     _check(q, k, v, config, causal=causal)

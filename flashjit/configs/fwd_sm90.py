@@ -31,8 +31,6 @@ WHY_STAGES = "stages must be 2, 3 or 4"
 WHY_PINGPONG = "ping-pong passes a token around the consumer warpgroups and needs the overlap"
 WHY_CROSS_TILE = "cross_tile runs one CTA's tiles as one pipeline: it needs persistent and the overlap"
 WHY_HALF_BLOCKS = "half_blocks runs a block's first half at wgmma width block_n / 2: it needs the overlap and block_n 128 or 192"
-WHY_TWO_CTAS = ("two_ctas gives a consumer thread 104 registers (two CTAs an SM): it needs block_m 128, no overlap, "
-                "d_head <= 64 and block_n 64")
 WHY_REGISTERS = "O, S and P of this config do not fit the consumers' registers"
 WHY_SMEM = "Q and the K/V stages of this config need more than 227 KiB of shared memory"
 
@@ -75,12 +73,6 @@ class FwdSm90Config(ConfigBase):
                  ptxas past the registers its wgmma pipeline needs (C7511: the dispatcher leaves it off
                  with a window, softcap, ALiBi, sinks, d_v or below d64; scripts/ptxas_notes.py); speed
                  only (H200: +1-7% at d64/d128 causal, flashjit/dispatch.py)
-    two_ctas     two CTAs an SM, each with half the register file (the consumers 104 registers a thread)
-                 and of the shared memory (its tiles take at most 81 KiB of the 113 a CTA can have two
-                 an SM); persistent grids are two CTAs an SM. The other
-                 CTA's warpgroups fill the tensor cores during a warpgroup's softmax in place of the
-                 overlap, which does not fit 104 registers (ptxas spills it and serializes its wgmmas):
-                 d_head <= 64, block_n 64, block_m 128, no overlap; speed only (not measured yet)
     """
 
     dtype: str = "bf16"
@@ -100,7 +92,6 @@ class FwdSm90Config(ConfigBase):
     d_v: int = 0
     cross_tile: bool = False
     half_blocks: bool = False
-    two_ctas: bool = False
 
     @property
     def d_tile(self) -> int:
@@ -113,11 +104,6 @@ class FwdSm90Config(ConfigBase):
     @property
     def consumers(self) -> int:
         return self.block_m // 64
-
-    @property
-    def ctas_per_sm(self) -> int:
-        """CTAs an SM (Config::kCtasPerSm): a persistent grid's size is this times the SMs."""
-        return 2 if self.two_ctas else 1
 
     def one_cta_per_tile(self) -> "FwdSm90Config":
         """The same kernel launched one CTA per tile (not persistent, so no cross-tile pipeline)."""
@@ -142,10 +128,8 @@ class FwdSm90Config(ConfigBase):
 
     @property
     def register_budget(self) -> int:
-        """What setmaxnreg gives each consumer thread: 240 with two consumer warpgroups, 160 with three,
-        104 with two CTAs an SM (two_ctas, whose own rule stands in for the estimate: ptxas fits its
-        one shape in 104 without spills, where the estimate's allowance says 112)."""
-        return 104 if self.two_ctas else 240 if self.consumers == 2 else 160
+        """What setmaxnreg gives each consumer thread: 240 with two consumer warpgroups, 160 with three."""
+        return 240 if self.consumers == 2 else 160
 
     def problems(self) -> list[str]:
         out = self._choices(dtype=DTYPES) + head_dim_problem(self.d_head)
@@ -164,10 +148,7 @@ class FwdSm90Config(ConfigBase):
             out.append(WHY_CROSS_TILE)
         if self.half_blocks and not (self.overlap and self.block_n in (128, 192)):
             out.append(WHY_HALF_BLOCKS)
-        if self.two_ctas and not (self.consumers == 2 and not self.overlap and self.d_tile == 64 and
-                                  self.d_tile_v == 64 and self.block_n == 64):
-            out.append(WHY_TWO_CTAS)
-        if not self.two_ctas and self.register_estimate() > self.register_budget:
+        if self.register_estimate() > self.register_budget:
             out.append(f"{WHY_REGISTERS} (about {self.register_estimate()} of {self.register_budget}); "
                        "use a smaller block_n or block_m 128")
         if self.smem_bytes > SMEM_LIMIT:
@@ -179,12 +160,12 @@ class FwdSm90Config(ConfigBase):
         return (f"fwd_sm90_{self.dtype}_d{self.d_head}_m{self.block_m}_n{self.block_n}_st{self.stages}"
                 f"_ov{int(self.overlap)}_pp{int(self.pingpong)}_ps{int(self.persistent)}_causal{int(self.causal)}"
                 f"{features_suffix(self)}{d_v_suffix(self)}{'_xt' if self.cross_tile else ''}"
-                f"{'_hb' if self.half_blocks else ''}{'_x2' if self.two_ctas else ''}")
+                f"{'_hb' if self.half_blocks else ''}")
 
     _NAME_RE = re.compile(r"^fwd_sm90_(?P<dtype>fp16|bf16)_d(?P<d_head>\d+)_m(?P<block_m>\d+)_n(?P<block_n>\d+)"
                           r"_st(?P<stages>\d+)_ov(?P<overlap>[01])_pp(?P<pingpong>[01])_ps(?P<persistent>[01])"
                           r"_causal(?P<causal>[01])"
-                          + FWD_FEATURES_RE + D_V_RE + r"(?P<cross_tile>_xt)?(?P<half_blocks>_hb)?(?P<two_ctas>_x2)?$")
+                          + FWD_FEATURES_RE + D_V_RE + r"(?P<cross_tile>_xt)?(?P<half_blocks>_hb)?$")
 
     @classmethod
     def parse_name(cls, name: str) -> "FwdSm90Config | None":
@@ -195,10 +176,10 @@ class FwdSm90Config(ConfigBase):
                    int(match["stages"]), match["overlap"] == "1", match["pingpong"] == "1", match["persistent"] == "1",
                    match["causal"] == "1",
                    *(match[f] is not None for f in FEATURES), match["sink"] is not None, int(match["d_v"] or 0),
-                   match["cross_tile"] is not None, match["half_blocks"] is not None, match["two_ctas"] is not None)
+                   match["cross_tile"] is not None, match["half_blocks"] is not None)
 
 
 FwdSm90Config.family = FAMILY = Family(
     "fwd_sm90", FwdSm90Config, template="fwd_sm90.cuh", namespace="fwd_sm90", params="FwdParams", direction="fwd",
     arch=ARCH, reasons=(WHY_HEAD_DIM, WHY_HEAD_DIM_V, WHY_BLOCK_M, WHY_BLOCK_N, WHY_STAGES, WHY_PINGPONG, WHY_CROSS_TILE,
-                        WHY_HALF_BLOCKS, WHY_TWO_CTAS, WHY_REGISTERS, WHY_SMEM))
+                        WHY_HALF_BLOCKS, WHY_REGISTERS, WHY_SMEM))
