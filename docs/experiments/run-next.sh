@@ -1,0 +1,104 @@
+#!/bin/bash
+# The measurements queued in docs/perf-log.md ("Next on the GPU"), one device call a step, most important
+# first. On the lent GPU, from the checkout's root, with the wheels carried (../shared/DEVICE.md):
+#   run(carry=[".whl"], command="bash docs/experiments/run-next.sh STEP")
+# Steps (each fits one 10-minute call; a step's log and JSON go to $OUT):
+#   twoctas   fwd-two-ctas.patch: its GPU tests, then d64 causal 1k / 2k and non-causal 1k, the default
+#             against the _x2 kernels (bench_forward --rounds 3 --configs)
+#   bwdcuts   bwd-step-cuts.patch: test_backward_gpu.py with both commits, then bench_backward for main,
+#             the first commit and both (d64 / d128, 1k / 4k, causal or not)
+#   dropout   the attribution of dropout's backward cost (d64, 1k / 4k, p = 0.1): main, Philox with one
+#             round, the mask made but not applied (both timing only: their gradients are wrong)
+#   table     issue 15's whole backward table (bench_backward, the defaults)
+# The device copy has no usable .git: each variant is a copy of this tree with its patches applied by
+# patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
+# serves all, since the templates' hash is part of every key.
+set -euo pipefail
+STEP=${1:?usage: run-next.sh twoctas|bwdcuts|dropout|table}
+ROOT=$(pwd)
+OUT=${OUT:-/tmp/run-next-out}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" >/dev/null; then  # the device (../shared/DEVICE.md); elsewhere torch is there already
+  python3 -m pip install -q --no-index --no-deps .whl/*.whl
+  python3 -m pip install -q --no-build-isolation --no-deps -e . >/dev/null 2>&1
+fi
+export FLASHJIT_CACHE_DIR=/tmp/fj-cache PYTHONUNBUFFERED=1
+EXP=$ROOT/docs/experiments
+
+# variant NAME PATCH...: /tmp/variants/NAME, this tree with the patches applied in order.
+variant() {
+  local name=$1 dir=/tmp/variants/$1
+  shift
+  rm -rf "$dir" && mkdir -p "$dir"
+  cp -r "$ROOT"/{flashjit,kernels,scripts,tests,docs,pyproject.toml} "$dir"/
+  for patch in "$@"; do (cd "$dir" && patch -f -s -p1 <"$patch"); done
+  echo "$dir"
+}
+# with_variant NAME CMD...: run CMD with variant NAME's flashjit (main: this tree).
+with_variant() {
+  local name=$1
+  shift
+  if [ "$name" = main ]; then (cd "$ROOT" && "$@"); else (cd "/tmp/variants/$name" && PYTHONPATH=$PWD "$@"); fi
+}
+# warm "V1 V2 ..." ARGS: one untimed bench_backward pass of each variant at once, so that their kernels
+# compile (in parallel, under the cache's locks) before any timed pass.
+warm() {
+  for v in $1; do eval with_variant $v python3 scripts/bench_backward.py $2 --out /tmp/warm-$v >/dev/null 2>&1 & done
+  wait
+}
+# The first commit of a two-commit patch file (git format-patch output).
+first_commit() { awk '/^From [0-9a-f]+ Mon Sep 17 00:00:00 2001$/ {n++} n == 1' "$1" >"$2"; }
+
+case $STEP in
+twoctas)
+  variant x2 "$EXP/fwd-two-ctas.patch" >/dev/null
+  with_variant x2 python3 -m pytest -q -x tests/test_forward_sm90.py -k two_ctas 2>&1 | tail -3 | tee "$OUT/tests.txt"
+  with_variant x2 python3 -m pytest -q -x tests/test_jit_cache.py -k x2 2>&1 | tail -2 | tee -a "$OUT/tests.txt"
+  X2=fwd_sm90_bf16_d64_m128_n64
+  for causal in 1 0; do
+    if [ $causal = 1 ]; then seqlens=1024,2048; defaults="fwd_sm90_bf16_d64_m128_n128_st4_ov1_pp1_ps1_causal1_hb
+        fwd_sm90_bf16_d64_m192_n128_st4_ov1_pp1_ps1_causal1_hb"; else seqlens=1024
+      defaults=fwd_sm90_bf16_d64_m192_n128_st4_ov1_pp1_ps1_causal0_xt; fi
+    with_variant x2 python3 scripts/bench_forward.py --dtypes bf16 --head-dims 64 --causal $causal --seqlens $seqlens \
+      --rounds 3 --out "$OUT/causal$causal" --configs $defaults \
+      ${X2}_st2_ov0_pp0_ps0_causal${causal}_x2 ${X2}_st4_ov0_pp0_ps0_causal${causal}_x2 \
+      ${X2}_st2_ov0_pp0_ps1_causal${causal}_x2 ${X2}_st4_ov0_pp0_ps1_causal${causal}_x2 2>&1 | tee "$OUT/bench$causal.txt"
+  done
+  ;;
+bwdcuts)
+  first_commit "$EXP/bwd-step-cuts.patch" /tmp/lse-pairs.patch
+  variant lse /tmp/lse-pairs.patch >/dev/null
+  variant cuts "$EXP/bwd-step-cuts.patch" >/dev/null
+  with_variant cuts python3 -m pytest -q -x -n 8 tests/test_backward_gpu.py 2>&1 | tail -3 | tee "$OUT/tests.txt"
+  BWD="--dtypes bf16 --head-dims 64,128 --seqlens 1024,4096 --causal 0,1 --gqa ''"
+  warm "main lse cuts" "$BWD"
+  for pass in 1 2; do  # two passes, order reversed in the second: each variant twice, in two processes
+    order="main lse cuts"; [ $pass = 2 ] && order="cuts lse main"
+    for v in $order; do
+      echo "== $v (pass $pass)"
+      eval with_variant $v python3 scripts/bench_backward.py $BWD --out "$OUT/$v-$pass" 2>&1 | grep -E "^bf16" || true
+    done
+  done | tee "$OUT/bench.txt"
+  ;;
+dropout)
+  variant philox1 "$EXP/dropout-philox1-timing-only.patch" >/dev/null
+  variant noapply "$EXP/dropout-no-apply-timing-only.patch" >/dev/null
+  DROP="--dtypes bf16 --head-dims 64 --seqlens 1024,4096 --causal 0,1 --dropout-p 0.1 --gqa ''"
+  warm "main philox1 noapply" "$DROP"
+  for pass in 1 2; do
+    order="main philox1 noapply"; [ $pass = 2 ] && order="noapply philox1 main"
+    for v in $order; do
+      echo "== $v (pass $pass)"
+      eval with_variant $v python3 scripts/bench_backward.py $DROP --out "$OUT/$v-$pass" 2>&1 | grep -E "^bf16" || true
+    done
+  done | tee "$OUT/bench.txt"
+  ;;
+table)
+  python3 scripts/bench_backward.py --dtypes bf16 --head-dims 64,128,256 --seqlens 1024,2048,4096,8192,16384 \
+    --causal 0,1 --gqa 1x8192x32x8 --out "$OUT" 2>&1 | grep -Ev "^\s*$" | tee "$OUT/bench.txt"
+  ;;
+*)
+  echo "unknown step $STEP (twoctas, bwdcuts, dropout, table)" >&2
+  exit 2
+  ;;
+esac
