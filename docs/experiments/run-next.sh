@@ -3,6 +3,8 @@
 # first. On the lent GPU, from the checkout's root, with the wheels carried (../shared/DEVICE.md):
 #   run(carry=[".whl"], command="bash docs/experiments/run-next.sh STEP")
 # Steps (each fits one 10-minute call; a step's log and JSON go to $OUT):
+#   softmax   fwd-softmax-cuts.patch (lazy_rescale, mma_sums): its GPU tests, then the default against _lr,
+#             _ms and _lr_ms at d64 causal 1k, d128 non-causal 1k / 4k, d128 causal 4k (--rounds 3 --configs)
 #   twoctas   fwd-two-ctas.patch: its GPU tests, then d64 causal 1k / 2k and non-causal 1k, the default
 #             against the _x2 kernels (bench_forward --rounds 3 --configs)
 #   bwdcuts   bwd-step-cuts.patch: test_backward_gpu.py with both commits, then bench_backward for main,
@@ -14,7 +16,7 @@
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh twoctas|bwdcuts|dropout|table}
+STEP=${1:?usage: run-next.sh softmax|twoctas|bwdcuts|dropout|table}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -24,6 +26,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then  # the device (../shared/DEVICE.md);
 fi
 export FLASHJIT_CACHE_DIR=/tmp/fj-cache PYTHONUNBUFFERED=1
 EXP=$ROOT/docs/experiments
+XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || true)  # pytest-xdist, where installed
 
 # variant NAME PATCH...: /tmp/variants/NAME, this tree with the patches applied in order.
 variant() {
@@ -50,10 +53,28 @@ warm() {
 first_commit() { awk '/^From [0-9a-f]+ Mon Sep 17 00:00:00 2001$/ {n++} n == 1' "$1" >"$2"; }
 
 case $STEP in
+softmax)
+  variant cuts "$EXP/fwd-softmax-cuts.patch" >/dev/null
+  with_variant cuts python3 -m pytest -q $XDIST tests/test_forward_sm90.py -k softmax_cuts 2>&1 | tail -3 | tee "$OUT/tests.txt" || true
+  F=fwd_sm90_bf16
+  # d_head, causal, seqlens, a kernel name without knob suffixes, the suffixes ("-": none); d128 causal xt_hb takes
+  # one knob at a time (with both ptxas serialized its wgmmas: C7511)
+  POINTS="64 1 1024 ${F}_d64_m128_n128_st4_ov1_pp1_ps1_causal1_hb - _lr _ms _lr_ms
+128 0 1024 ${F}_d128_m128_n128_st2_ov1_pp1_ps1_causal0_xt - _lr _ms _lr_ms
+128 0 4096 ${F}_d128_m128_n128_st2_ov1_pp1_ps1_causal0 - _lr _ms _lr_ms
+128 1 4096 ${F}_d128_m128_n128_st2_ov1_pp1_ps1_causal1_xt_hb - _lr _ms"
+  names_of() { local base=$1 k; shift; for k in "$@"; do echo -n "$base${k#-} "; done; }
+  all=$(echo "$POINTS" | while read -r d causal seqlens base knobs; do names_of "$base" $knobs; done)
+  with_variant cuts python3 -m flashjit precompile --arch sm_90a --jobs 16 $all 2>&1 | tail -2 || true
+  echo "$POINTS" | while read -r d causal seqlens base knobs; do
+    with_variant cuts python3 scripts/bench_forward.py --dtypes bf16 --head-dims "$d" --causal "$causal" \
+      --seqlens "$seqlens" --rounds 3 --out "$OUT/d$d-c$causal-$seqlens" --configs $(names_of "$base" $knobs) 2>&1
+  done | tee "$OUT/bench.txt"
+  ;;
 twoctas)
   variant x2 "$EXP/fwd-two-ctas.patch" >/dev/null
-  with_variant x2 python3 -m pytest -q -x tests/test_forward_sm90.py -k two_ctas 2>&1 | tail -3 | tee "$OUT/tests.txt"
-  with_variant x2 python3 -m pytest -q -x tests/test_jit_cache.py -k x2 2>&1 | tail -2 | tee -a "$OUT/tests.txt"
+  with_variant x2 python3 -m pytest -q $XDIST tests/test_forward_sm90.py -k two_ctas 2>&1 | tail -3 | tee "$OUT/tests.txt" || true
+  with_variant x2 python3 -m pytest -q $XDIST tests/test_jit_cache.py -k x2 2>&1 | tail -2 | tee -a "$OUT/tests.txt" || true
   X2=fwd_sm90_bf16_d64_m128_n64
   for causal in 1 0; do
     if [ $causal = 1 ]; then seqlens=1024,2048; defaults="fwd_sm90_bf16_d64_m128_n128_st4_ov1_pp1_ps1_causal1_hb
@@ -69,7 +90,7 @@ bwdcuts)
   first_commit "$EXP/bwd-step-cuts.patch" /tmp/lse-pairs.patch
   variant lse /tmp/lse-pairs.patch >/dev/null
   variant cuts "$EXP/bwd-step-cuts.patch" >/dev/null
-  with_variant cuts python3 -m pytest -q -x -n 8 tests/test_backward_gpu.py 2>&1 | tail -3 | tee "$OUT/tests.txt"
+  with_variant cuts python3 -m pytest -q $XDIST tests/test_backward_gpu.py 2>&1 | tail -3 | tee "$OUT/tests.txt" || true
   BWD="--dtypes bf16 --head-dims 64,128 --seqlens 1024,4096 --causal 0,1 --gqa ''"
   warm "main lse cuts" "$BWD"
   for pass in 1 2; do  # two passes, order reversed in the second: each variant twice, in two processes
@@ -98,7 +119,7 @@ table)
     --causal 0,1 --gqa 1x8192x32x8 --out "$OUT" 2>&1 | grep -Ev "^\s*$" | tee "$OUT/bench.txt"
   ;;
 *)
-  echo "unknown step $STEP (twoctas, bwdcuts, dropout, table)" >&2
+  echo "unknown step $STEP (softmax, twoctas, bwdcuts, dropout, table)" >&2
   exit 2
   ;;
 esac
