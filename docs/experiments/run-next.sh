@@ -4,7 +4,8 @@
 #   run(carry=[".whl"], command="bash docs/experiments/run-next.sh STEP")
 # Steps (each fits one 10-minute call; a step's log and JSON go to $OUT):
 #   softmax   fwd-softmax-cuts.patch (lazy_rescale, mma_sums): its GPU tests, then the default against _lr,
-#             _ms and _lr_ms at d64 causal 1k, d128 non-causal 1k / 4k, d128 causal 4k (--rounds 3 --configs)
+#             _ms and _lr_ms at d64 causal 1k, non-causal 1k / 4k, d128 non-causal 1k / 4k, causal 4k
+#             (--rounds 3 --configs)
 #   twoctas   fwd-two-ctas.patch: its GPU tests, then d64 causal 1k / 2k and non-causal 1k, the default
 #             against the _x2 kernels (bench_forward --rounds 3 --configs)
 #   bwdcuts   bwd-step-cuts.patch: test_backward_gpu.py with both commits, then bench_backward for main,
@@ -62,7 +63,9 @@ softmax)
   POINTS="64 1 1024 ${F}_d64_m128_n128_st4_ov1_pp1_ps1_causal1_hb - _lr _ms _lr_ms
 128 0 1024 ${F}_d128_m128_n128_st2_ov1_pp1_ps1_causal0_xt - _lr _ms _lr_ms
 128 0 4096 ${F}_d128_m128_n128_st2_ov1_pp1_ps1_causal0 - _lr _ms _lr_ms
-128 1 4096 ${F}_d128_m128_n128_st2_ov1_pp1_ps1_causal1_xt_hb - _lr _ms"
+128 1 4096 ${F}_d128_m128_n128_st2_ov1_pp1_ps1_causal1_xt_hb - _lr _ms
+64 0 1024 ${F}_d64_m192_n128_st4_ov1_pp1_ps1_causal0_xt - _lr _ms _lr_ms
+64 0 4096 ${F}_d64_m192_n128_st4_ov1_pp1_ps1_causal0 - _lr _ms _lr_ms"
   names_of() { local base=$1 k; shift; for k in "$@"; do echo -n "$base${k#-} "; done; }
   all=$(echo "$POINTS" | while read -r d causal seqlens base knobs; do names_of "$base" $knobs; done)
   with_variant cuts python3 -m flashjit precompile --arch sm_90a --jobs 16 $all 2>&1 | tail -2 || true
