@@ -71,7 +71,7 @@ softmax)
   with_variant cuts python3 -m flashjit precompile --arch sm_90a --jobs 16 $all 2>&1 | tail -2 || true
   echo "$POINTS" | while read -r d causal seqlens base knobs; do
     with_variant cuts python3 scripts/bench_forward.py --dtypes bf16 --head-dims "$d" --causal "$causal" \
-      --seqlens "$seqlens" --rounds 3 --out "$OUT/d$d-c$causal-$seqlens" --configs $(names_of "$base" $knobs) 2>&1
+      --seqlens "$seqlens" --rounds 3 --no-flex --out "$OUT/d$d-c$causal-$seqlens" --configs $(names_of "$base" $knobs) 2>&1
   done | tee "$OUT/bench.txt"
   ;;
 twoctas)
@@ -84,7 +84,7 @@ twoctas)
         fwd_sm90_bf16_d64_m192_n128_st4_ov1_pp1_ps1_causal1_hb"; else seqlens=1024
       defaults=fwd_sm90_bf16_d64_m192_n128_st4_ov1_pp1_ps1_causal0_xt; fi
     with_variant x2 python3 scripts/bench_forward.py --dtypes bf16 --head-dims 64 --causal $causal --seqlens $seqlens \
-      --rounds 3 --out "$OUT/causal$causal" --configs $defaults \
+      --rounds 3 --no-flex --out "$OUT/causal$causal" --configs $defaults \
       ${X2}_st2_ov0_pp0_ps0_causal${causal}_x2 ${X2}_st4_ov0_pp0_ps0_causal${causal}_x2 \
       ${X2}_st2_ov0_pp0_ps1_causal${causal}_x2 ${X2}_st4_ov0_pp0_ps1_causal${causal}_x2 2>&1 | tee "$OUT/bench$causal.txt"
   done
