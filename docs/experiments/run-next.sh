@@ -6,10 +6,13 @@
 #   softmax   fwd-softmax-cuts.patch (lazy_rescale, mma_sums): its GPU tests, then the default against _lr,
 #             _ms and _lr_ms at d64 causal 1k, non-causal 1k / 4k, d128 non-causal 1k / 4k, causal 4k
 #             (--rounds 3 --configs)
+#   ranges    fwd-mask-ranges.patch (one key range a row in the forwards' masks): the forward GPU tests, then
+#             main against it on the defaults at causal d64 1k / 2k / 4k, d128 1k / 4k (two passes)
+#   bwdtests  bwd-step-cuts.patch: test_backward_gpu.py with both commits (stmatrix's layout)
+#   bwdcuts   then bench_backward for main, the first commit and both (d64 / d128: 1k, 4k, causal 4k;
+#             two passes)
 #   twoctas   fwd-two-ctas.patch: its GPU tests, then d64 causal 1k / 2k and non-causal 1k, the default
 #             against the _x2 kernels (bench_forward --rounds 3 --configs)
-#   bwdcuts   bwd-step-cuts.patch: test_backward_gpu.py with both commits, then bench_backward for main,
-#             the first commit and both (d64 / d128, 1k / 4k, causal or not)
 #   dropout   the attribution of dropout's backward cost (d64, 1k / 4k, p = 0.1): main, Philox with one
 #             round, the mask made but not applied (both timing only: their gradients are wrong)
 #   table     issue 15's whole backward table (bench_backward, the defaults)
@@ -17,7 +20,7 @@
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh softmax|twoctas|bwdcuts|dropout|table}
+STEP=${1:?usage: run-next.sh softmax|ranges|bwdtests|bwdcuts|twoctas|dropout|table}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -89,11 +92,29 @@ twoctas)
       ${X2}_st2_ov0_pp0_ps1_causal${causal}_x2 ${X2}_st4_ov0_pp0_ps1_causal${causal}_x2 2>&1 | tee "$OUT/bench$causal.txt"
   done
   ;;
+ranges)
+  variant ranges "$EXP/fwd-mask-ranges.patch" >/dev/null
+  with_variant ranges python3 -m pytest -q $XDIST tests/test_forward_sm90.py tests/test_forward_gpu.py \
+    tests/test_score_mod_host.py 2>&1 | tail -3 | tee "$OUT/tests.txt" || true
+  FWD="--dtypes bf16 --head-dims 64,128 --seqlens 1024,2048,4096 --causal 1 --gqa '' --no-flex"
+  for v in main ranges; do eval with_variant $v python3 scripts/bench_forward.py $FWD --out /tmp/warm-$v >/dev/null 2>&1 & done
+  wait
+  for pass in 1 2; do
+    order="main ranges"; [ $pass = 2 ] && order="ranges main"
+    for v in $order; do
+      echo "== $v (pass $pass)"
+      eval with_variant $v python3 scripts/bench_forward.py $FWD --rounds 2 --out "$OUT/$v-$pass" 2>&1 | grep -E "^bf16" || true
+    done
+  done | tee "$OUT/bench.txt"
+  ;;
+bwdtests)
+  variant cuts "$EXP/bwd-step-cuts.patch" >/dev/null
+  with_variant cuts python3 -m pytest -q $XDIST tests/test_backward_gpu.py 2>&1 | tail -3 | tee "$OUT/tests.txt" || true
+  ;;
 bwdcuts)
   first_commit "$EXP/bwd-step-cuts.patch" /tmp/lse-pairs.patch
   variant lse /tmp/lse-pairs.patch >/dev/null
   variant cuts "$EXP/bwd-step-cuts.patch" >/dev/null
-  with_variant cuts python3 -m pytest -q $XDIST tests/test_backward_gpu.py 2>&1 | tail -3 | tee "$OUT/tests.txt" || true
   BWD="--dtypes bf16 --head-dims 64,128 --seqlens 1024,4096 --causal 0,1 --gqa ''"
   warm "main lse cuts" "$BWD"
   for pass in 1 2; do  # two passes, order reversed in the second: each variant twice, in two processes
@@ -122,7 +143,7 @@ table)
     --causal 0,1 --gqa 1x8192x32x8 --out "$OUT" 2>&1 | grep -Ev "^\s*$" | tee "$OUT/bench.txt"
   ;;
 *)
-  echo "unknown step $STEP (softmax, twoctas, bwdcuts, dropout, table)" >&2
+  echo "unknown step $STEP (softmax, ranges, bwdtests, bwdcuts, twoctas, dropout, table)" >&2
   exit 2
   ;;
 esac
