@@ -6,8 +6,9 @@
 #   softmax   fwd-softmax-cuts.patch (lazy_rescale, mma_sums): its GPU tests, then the default against _lr,
 #             _ms and _lr_ms at d64 causal 1k, non-causal 1k / 4k, d128 non-causal 1k / 4k, causal 4k
 #             (--rounds 3 --configs)
-#   ranges    fwd-mask-ranges.patch (one key range a row in the forwards' masks): the forward GPU tests, then
-#             main against it on the defaults at causal d64 1k / 2k / 4k, d128 1k / 4k (two passes)
+#   ranges-tests, ranges    fwd-mask-ranges.patch (one key range a row in the forwards' masks): the forward
+#             GPU tests; then main against it on the defaults, d64 / d128, 1k / 4k, causal or not (two passes)
+#   ustages-tests, ustages  fwd-uniform-stages.patch (the K/V descriptors on the uniform datapath): the same
 #   bwdtests  bwd-step-cuts.patch: test_backward_gpu.py with both commits (stmatrix's layout)
 #   bwdcuts   then bench_backward for main, the first commit and both (d64 / d128: 1k, 4k, causal 4k;
 #             two passes)
@@ -20,7 +21,7 @@
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh softmax|ranges|bwdtests|bwdcuts|twoctas|dropout|table}
+STEP=${1:?usage: run-next.sh softmax|ranges-tests|ranges|ustages-tests|ustages|bwdtests|bwdcuts|twoctas|dropout|table}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -62,11 +63,11 @@ softmax)
   with_variant cuts python3 -m pytest -q $XDIST tests/test_forward_sm90.py -k softmax_cuts 2>&1 | tail -3 | tee "$OUT/tests.txt" || true
   F=fwd_sm90_bf16
   # d_head, causal, seqlens, a kernel name without knob suffixes, the suffixes ("-": none); d128 causal xt_hb takes
-  # one knob at a time (with both ptxas serialized its wgmmas: C7511)
+  # _ms only (with _lr ptxas serialized its wgmmas: C7511)
   POINTS="64 1 1024 ${F}_d64_m128_n128_st4_ov1_pp1_ps1_causal1_hb - _lr _ms _lr_ms
 128 0 1024 ${F}_d128_m128_n128_st2_ov1_pp1_ps1_causal0_xt - _lr _ms _lr_ms
 128 0 4096 ${F}_d128_m128_n128_st2_ov1_pp1_ps1_causal0 - _lr _ms _lr_ms
-128 1 4096 ${F}_d128_m128_n128_st2_ov1_pp1_ps1_causal1_xt_hb - _lr _ms
+128 1 4096 ${F}_d128_m128_n128_st2_ov1_pp1_ps1_causal1_xt_hb - _ms
 64 0 1024 ${F}_d64_m192_n128_st4_ov1_pp1_ps1_causal0_xt - _lr _ms _lr_ms
 64 0 4096 ${F}_d64_m192_n128_st4_ov1_pp1_ps1_causal0 - _lr _ms _lr_ms"
   names_of() { local base=$1 k; shift; for k in "$@"; do echo -n "$base${k#-} "; done; }
@@ -92,15 +93,22 @@ twoctas)
       ${X2}_st2_ov0_pp0_ps1_causal${causal}_x2 ${X2}_st4_ov0_pp0_ps1_causal${causal}_x2 2>&1 | tee "$OUT/bench$causal.txt"
   done
   ;;
-ranges)
-  variant ranges "$EXP/fwd-mask-ranges.patch" >/dev/null
-  with_variant ranges python3 -m pytest -q $XDIST tests/test_forward_sm90.py tests/test_forward_gpu.py \
+ranges-tests | ustages-tests)
+  # A forward change without a knob: the forward GPU tests with it.
+  name=${STEP%-tests}; patch=fwd-mask-ranges.patch; [ $name = ustages ] && patch=fwd-uniform-stages.patch
+  variant $name "$EXP/$patch" >/dev/null
+  with_variant $name python3 -m pytest -q $XDIST tests/test_forward_sm90.py tests/test_forward_gpu.py \
     tests/test_score_mod_host.py 2>&1 | tail -3 | tee "$OUT/tests.txt" || true
-  FWD="--dtypes bf16 --head-dims 64,128 --seqlens 1024,2048,4096 --causal 1 --gqa '' --no-flex"
-  for v in main ranges; do eval with_variant $v python3 scripts/bench_forward.py $FWD --out /tmp/warm-$v >/dev/null 2>&1 & done
+  ;;
+ranges | ustages)
+  # ... then main against it on the defaults (two passes, the order reversed in the second).
+  patch=fwd-mask-ranges.patch; [ $STEP = ustages ] && patch=fwd-uniform-stages.patch
+  variant $STEP "$EXP/$patch" >/dev/null
+  FWD="--dtypes bf16 --head-dims 64,128 --seqlens 1024,4096 --causal 0,1 --gqa '' --no-flex"
+  for v in main $STEP; do eval with_variant $v python3 scripts/bench_forward.py $FWD --out /tmp/warm-$v >/dev/null 2>&1 & done
   wait
   for pass in 1 2; do
-    order="main ranges"; [ $pass = 2 ] && order="ranges main"
+    order="main $STEP"; [ $pass = 2 ] && order="$STEP main"
     for v in $order; do
       echo "== $v (pass $pass)"
       eval with_variant $v python3 scripts/bench_forward.py $FWD --rounds 2 --out "$OUT/$v-$pass" 2>&1 | grep -E "^bf16" || true
@@ -143,7 +151,7 @@ table)
     --causal 0,1 --gqa 1x8192x32x8 --out "$OUT" 2>&1 | grep -Ev "^\s*$" | tee "$OUT/bench.txt"
   ;;
 *)
-  echo "unknown step $STEP (softmax, ranges, bwdtests, bwdcuts, twoctas, dropout, table)" >&2
+  echo "unknown step $STEP (see the list at the top)" >&2
   exit 2
   ;;
 esac
