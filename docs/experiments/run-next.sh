@@ -8,7 +8,8 @@
 #             (--rounds 3 --configs)
 #   ranges-tests, ranges    fwd-mask-ranges.patch (one key range a row in the forwards' masks): the forward
 #             GPU tests; then main against it on the defaults, d64 / d128, 1k / 4k, causal or not (two passes)
-#   ustages-tests, ustages  fwd-uniform-stages.patch (the K/V descriptors on the uniform datapath): the same
+#   ustages-tests, ustages  fwd-uniform-stages.patch (the K/V descriptors on the uniform datapath): the same,
+#             and causal d128 / d64 without half blocks (so with uniform stages) against the defaults
 #   bwdtests  bwd-step-cuts.patch: test_backward_gpu.py with both commits (stmatrix's layout)
 #   bwdcuts   then bench_backward for main, the first commit and both (d64 / d128: 1k, 4k, causal 4k;
 #             two passes)
@@ -114,6 +115,15 @@ ranges | ustages)
       eval with_variant $v python3 scripts/bench_forward.py $FWD --rounds 2 --out "$OUT/$v-$pass" 2>&1 | grep -E "^bf16" || true
     done
   done | tee "$OUT/bench.txt"
+  if [ $STEP = ustages ]; then  # causal kernels without half blocks take the uniform stages: against the defaults
+    F=fwd_sm90_bf16
+    with_variant ustages python3 scripts/bench_forward.py --dtypes bf16 --head-dims 128 --causal 1 --seqlens 1024,4096 \
+      --gqa '' --no-flex --rounds 3 --out "$OUT/nohb128" --configs ${F}_d128_m128_n128_st2_ov1_pp1_ps1_causal1_xt_hb \
+      ${F}_d128_m128_n128_st2_ov1_pp1_ps1_causal1_xt 2>&1 | grep -E "^bf16" | tee -a "$OUT/bench.txt" || true
+    with_variant ustages python3 scripts/bench_forward.py --dtypes bf16 --head-dims 64 --causal 1 --seqlens 1024 \
+      --gqa '' --no-flex --rounds 3 --out "$OUT/nohb64" --configs ${F}_d64_m128_n128_st4_ov1_pp1_ps1_causal1_hb \
+      ${F}_d64_m128_n128_st4_ov1_pp1_ps1_causal1 2>&1 | grep -E "^bf16" | tee -a "$OUT/bench.txt" || true
+  fi
   ;;
 bwdtests)
   variant cuts "$EXP/bwd-step-cuts.patch" >/dev/null
