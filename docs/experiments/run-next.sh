@@ -49,11 +49,24 @@ with_variant() {
   shift
   if [ "$name" = main ]; then (cd "$ROOT" && "$@"); else (cd "/tmp/variants/$name" && PYTHONPATH=$PWD "$@"); fi
 }
-# warm "V1 V2 ..." ARGS: one untimed bench_backward pass of each variant at once, so that their kernels
-# compile (in parallel, under the cache's locks) before any timed pass.
+# warm SCRIPT ARGS "V1 V2 ...": one untimed pass of each variant at once, so that their kernels compile (in
+# parallel, under the cache's locks) before any timed pass.
 warm() {
-  for v in $1; do eval with_variant $v python3 scripts/bench_backward.py $2 --out /tmp/warm-$v >/dev/null 2>&1 & done
+  local v
+  for v in $3; do eval with_variant $v python3 scripts/$1 $2 --out /tmp/warm-$v >/dev/null 2>&1 & done
   wait
+}
+# passes SCRIPT ARGS "V1 V2 ...": two timed passes, the order reversed in the second, so each variant is
+# timed in two processes; the result lines to $OUT/bench.txt.
+passes() {
+  local pass order v
+  for pass in 1 2; do
+    order=$3; [ $pass = 2 ] && order=$(echo $3 | tr ' ' '\n' | tac | tr '\n' ' ')
+    for v in $order; do
+      echo "== $v (pass $pass)"
+      eval with_variant $v python3 scripts/$1 $2 --out "$OUT/$v-$pass" 2>&1 | grep -E "^bf16" || true
+    done
+  done | tee "$OUT/bench.txt"
 }
 # The first commit of a two-commit patch file (git format-patch output).
 first_commit() { awk '/^From [0-9a-f]+ Mon Sep 17 00:00:00 2001$/ {n++} n == 1' "$1" >"$2"; }
@@ -105,16 +118,9 @@ ranges | ustages)
   # ... then main against it on the defaults (two passes, the order reversed in the second).
   patch=fwd-mask-ranges.patch; [ $STEP = ustages ] && patch=fwd-uniform-stages.patch
   variant $STEP "$EXP/$patch" >/dev/null
-  FWD="--dtypes bf16 --head-dims 64,128 --seqlens 1024,4096 --causal 0,1 --gqa '' --no-flex"
-  for v in main $STEP; do eval with_variant $v python3 scripts/bench_forward.py $FWD --out /tmp/warm-$v >/dev/null 2>&1 & done
-  wait
-  for pass in 1 2; do
-    order="main $STEP"; [ $pass = 2 ] && order="$STEP main"
-    for v in $order; do
-      echo "== $v (pass $pass)"
-      eval with_variant $v python3 scripts/bench_forward.py $FWD --rounds 2 --out "$OUT/$v-$pass" 2>&1 | grep -E "^bf16" || true
-    done
-  done | tee "$OUT/bench.txt"
+  FWD="--dtypes bf16 --head-dims 64,128 --seqlens 1024,4096 --causal 0,1 --gqa '' --no-flex --rounds 2"
+  warm bench_forward.py "$FWD" "main $STEP"
+  passes bench_forward.py "$FWD" "main $STEP"
   if [ $STEP = ustages ]; then  # causal kernels without half blocks take the uniform stages: against the defaults
     F=fwd_sm90_bf16
     with_variant ustages python3 scripts/bench_forward.py --dtypes bf16 --head-dims 128 --causal 1 --seqlens 1024,4096 \
@@ -134,27 +140,15 @@ bwdcuts)
   variant lse /tmp/lse-pairs.patch >/dev/null
   variant cuts "$EXP/bwd-step-cuts.patch" >/dev/null
   BWD="--dtypes bf16 --head-dims 64,128 --seqlens 1024,4096 --causal 0,1 --gqa ''"
-  warm "main lse cuts" "$BWD"
-  for pass in 1 2; do  # two passes, order reversed in the second: each variant twice, in two processes
-    order="main lse cuts"; [ $pass = 2 ] && order="cuts lse main"
-    for v in $order; do
-      echo "== $v (pass $pass)"
-      eval with_variant $v python3 scripts/bench_backward.py $BWD --out "$OUT/$v-$pass" 2>&1 | grep -E "^bf16" || true
-    done
-  done | tee "$OUT/bench.txt"
+  warm bench_backward.py "$BWD" "main lse cuts"
+  passes bench_backward.py "$BWD" "main lse cuts"
   ;;
 dropout)
   variant philox1 "$EXP/dropout-philox1-timing-only.patch" >/dev/null
   variant noapply "$EXP/dropout-no-apply-timing-only.patch" >/dev/null
   DROP="--dtypes bf16 --head-dims 64 --seqlens 1024,4096 --causal 0,1 --dropout-p 0.1 --gqa ''"
-  warm "main philox1 noapply" "$DROP"
-  for pass in 1 2; do
-    order="main philox1 noapply"; [ $pass = 2 ] && order="noapply philox1 main"
-    for v in $order; do
-      echo "== $v (pass $pass)"
-      eval with_variant $v python3 scripts/bench_backward.py $DROP --out "$OUT/$v-$pass" 2>&1 | grep -E "^bf16" || true
-    done
-  done | tee "$OUT/bench.txt"
+  warm bench_backward.py "$DROP" "main philox1 noapply"
+  passes bench_backward.py "$DROP" "main philox1 noapply"
   ;;
 table)
   python3 scripts/bench_backward.py --dtypes bf16 --head-dims 64,128,256 --seqlens 1024,2048,4096,8192,16384 \
