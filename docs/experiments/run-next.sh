@@ -4,8 +4,8 @@
 #   run(carry=[".whl"], command="bash docs/experiments/run-next.sh STEP")
 # Steps (each fits one 10-minute call; a step's log and JSON go to $OUT):
 #   softmax   fwd-softmax-cuts.patch (lazy_rescale, mma_sums): its GPU tests, then the default against _lr,
-#             _ms and _lr_ms at d64 causal 1k, non-causal 1k / 4k, d128 non-causal 1k / 4k, causal 4k
-#             (--rounds 3 --configs)
+#             _ms and _lr_ms at d64 causal 1k, non-causal 1k / 4k, d128 non-causal 1k / 4k, causal 4k, d256
+#             4k (--rounds 3 --configs)
 #   ranges-tests, ranges    fwd-mask-ranges.patch (one key range a row in the forwards' masks): the forward
 #             GPU tests; then main against it on the defaults, d64 / d128, 1k / 4k, causal or not (two passes)
 #   ustages-tests, ustages  fwd-uniform-stages.patch (the K/V descriptors on the uniform datapath): the same,
@@ -83,7 +83,9 @@ softmax)
 128 0 4096 ${F}_d128_m128_n128_st2_ov1_pp1_ps1_causal0 - _lr _ms _lr_ms
 128 1 4096 ${F}_d128_m128_n128_st2_ov1_pp1_ps1_causal1_xt_hb - _ms
 64 0 1024 ${F}_d64_m192_n128_st4_ov1_pp1_ps1_causal0_xt - _lr _ms _lr_ms
-64 0 4096 ${F}_d64_m192_n128_st4_ov1_pp1_ps1_causal0 - _lr _ms _lr_ms"
+64 0 4096 ${F}_d64_m192_n128_st4_ov1_pp1_ps1_causal0 - _lr _ms _lr_ms
+256 0 4096 ${F}_d256_m128_n80_st2_ov1_pp1_ps0_causal0 - _lr _ms _lr_ms
+256 1 4096 ${F}_d256_m128_n80_st2_ov1_pp1_ps0_causal1 - _lr _lr_ms"
   names_of() { local base=$1 k; shift; for k in "$@"; do echo -n "$base${k#-} "; done; }
   all=$(echo "$POINTS" | while read -r d causal seqlens base knobs; do names_of "$base" $knobs; done)
   with_variant cuts python3 -m flashjit precompile --arch sm_90a --jobs 16 $all 2>&1 | tail -2 || true
