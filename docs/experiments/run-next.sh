@@ -3,7 +3,7 @@
 # first. On the lent GPU, from the checkout's root, with the wheels carried (../shared/DEVICE.md):
 #   run(carry=[".whl"], command="bash docs/experiments/run-next.sh STEP")
 # Steps (each fits one 10-minute call; a step's log and JSON go to $OUT):
-#   softmax   fwd-softmax-cuts.patch (lazy_rescale, mma_sums): its GPU tests, then the default against _lr,
+#   softmax-tests, softmax  fwd-softmax-cuts.patch (lazy_rescale, mma_sums): its GPU tests; then the default against _lr,
 #             _ms and _lr_ms at d64 causal 1k, non-causal 1k / 4k, d128 non-causal 1k / 4k, causal 4k, d256
 #             4k (--rounds 3 --configs)
 #   ranges-tests, ranges    fwd-mask-ranges.patch (one key range a row in the forwards' masks): the forward
@@ -22,7 +22,7 @@
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh softmax|ranges-tests|ranges|ustages-tests|ustages|bwdtests|bwdcuts|twoctas|dropout|table}
+STEP=${1:?usage: run-next.sh softmax-tests|softmax|ranges-tests|ranges|ustages-tests|ustages|bwdtests|bwdcuts|twoctas|dropout|table}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -72,9 +72,13 @@ passes() {
 first_commit() { awk '/^From [0-9a-f]+ Mon Sep 17 00:00:00 2001$/ {n++} n == 1' "$1" >"$2"; }
 
 case $STEP in
+softmax-tests)
+  variant cuts "$EXP/fwd-softmax-cuts.patch" >/dev/null
+  with_variant cuts python3 -m pytest -q $XDIST tests/test_forward_sm90.py -k "softmax_cuts or varlen_equal" \
+    tests/test_config.py 2>&1 | tail -3 | tee "$OUT/tests.txt" || true
+  ;;
 softmax)
   variant cuts "$EXP/fwd-softmax-cuts.patch" >/dev/null
-  with_variant cuts python3 -m pytest -q $XDIST tests/test_forward_sm90.py -k softmax_cuts 2>&1 | tail -3 | tee "$OUT/tests.txt" || true
   F=fwd_sm90_bf16
   # d_head, causal, seqlens, a kernel name without knob suffixes, the suffixes ("-": none); d128 causal xt_hb takes
   # _ms only (with _lr ptxas serialized its wgmmas: C7511)
