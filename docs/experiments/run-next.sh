@@ -10,6 +10,8 @@
 #             GPU tests; then main against it on the defaults, d64 / d128, 1k / 4k, causal or not (two passes)
 #   ustages-tests, ustages  fwd-uniform-stages.patch (the K/V descriptors on the uniform datapath): the same,
 #             and causal d128 / d64 without half blocks (so with uniform stages) against the defaults
+#   combo     fwd-softmax-ustages.patch (the knobs on top of the uniform stages): the default there against the
+#             knobs, non-causal d64 / d128 / d256 and causal d256 at 4k
 #   bwdtests  bwd-step-cuts.patch: test_backward_gpu.py with both commits (stmatrix's layout)
 #   bwdcuts   then bench_backward for main, the first commit and both (d64 / d128: 1k, 4k, causal 4k;
 #             two passes)
@@ -22,7 +24,7 @@
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh softmax-tests|softmax|ranges-tests|ranges|ustages-tests|ustages|bwdtests|bwdcuts|twoctas|dropout|table}
+STEP=${1:?usage: run-next.sh softmax-tests|softmax|ranges-tests|ranges|ustages-tests|ustages|combo|bwdtests|bwdcuts|twoctas|dropout|table}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -68,6 +70,23 @@ passes() {
     done
   done | tee "$OUT/bench.txt"
 }
+# names_of BASE SUFFIX...: kernel names, BASE with each suffix ("-": none).
+names_of() {
+  local base=$1 k
+  shift
+  for k in "$@"; do echo -n "$base${k#-} "; done
+}
+# knob_ab VARIANT POINTS: in VARIANT's tree, precompile every kernel POINTS names, then one bench_forward a
+# line "d_head causal seqlens base suffixes..." timing those kernels in interleaved rounds (--configs).
+knob_ab() {
+  local all
+  all=$(echo "$2" | while read -r d causal seqlens base knobs; do names_of "$base" $knobs; done)
+  with_variant $1 python3 -m flashjit precompile --arch sm_90a --jobs 16 $all 2>&1 | tail -2 || true
+  echo "$2" | while read -r d causal seqlens base knobs; do
+    with_variant $1 python3 scripts/bench_forward.py --dtypes bf16 --head-dims "$d" --causal "$causal" \
+      --seqlens "$seqlens" --rounds 3 --no-flex --out "$OUT/d$d-c$causal-$seqlens" --configs $(names_of "$base" $knobs) 2>&1
+  done | tee "$OUT/bench.txt"
+}
 # The first commit of a two-commit patch file (git format-patch output).
 first_commit() { awk '/^From [0-9a-f]+ Mon Sep 17 00:00:00 2001$/ {n++} n == 1' "$1" >"$2"; }
 
@@ -80,9 +99,9 @@ softmax-tests)
 softmax)
   variant cuts "$EXP/fwd-softmax-cuts.patch" >/dev/null
   F=fwd_sm90_bf16
-  # d_head, causal, seqlens, a kernel name without knob suffixes, the suffixes ("-": none); d128 causal xt_hb takes
-  # _ms only (with _lr ptxas serialized its wgmmas: C7511)
-  POINTS="64 1 1024 ${F}_d64_m128_n128_st4_ov1_pp1_ps1_causal1_hb - _lr _ms _lr_ms
+  # d_head, causal, seqlens, a kernel name without knob suffixes, the suffixes ("-": none); the causal hb kernels
+  # leave out what ptxas serializes (C7511): d128 xt_hb with _lr, d64 m128 hb with _lr_ms
+  POINTS="64 1 1024 ${F}_d64_m128_n128_st4_ov1_pp1_ps1_causal1_hb - _lr _ms
 128 0 1024 ${F}_d128_m128_n128_st2_ov1_pp1_ps1_causal0_xt - _lr _ms _lr_ms
 128 0 4096 ${F}_d128_m128_n128_st2_ov1_pp1_ps1_causal0 - _lr _ms _lr_ms
 128 1 4096 ${F}_d128_m128_n128_st2_ov1_pp1_ps1_causal1_xt_hb - _ms
@@ -90,13 +109,7 @@ softmax)
 64 0 4096 ${F}_d64_m192_n128_st4_ov1_pp1_ps1_causal0 - _lr _ms _lr_ms
 256 0 4096 ${F}_d256_m128_n80_st2_ov1_pp1_ps0_causal0 - _lr _ms _lr_ms
 256 1 4096 ${F}_d256_m128_n80_st2_ov1_pp1_ps0_causal1 - _lr _lr_ms"
-  names_of() { local base=$1 k; shift; for k in "$@"; do echo -n "$base${k#-} "; done; }
-  all=$(echo "$POINTS" | while read -r d causal seqlens base knobs; do names_of "$base" $knobs; done)
-  with_variant cuts python3 -m flashjit precompile --arch sm_90a --jobs 16 $all 2>&1 | tail -2 || true
-  echo "$POINTS" | while read -r d causal seqlens base knobs; do
-    with_variant cuts python3 scripts/bench_forward.py --dtypes bf16 --head-dims "$d" --causal "$causal" \
-      --seqlens "$seqlens" --rounds 3 --no-flex --out "$OUT/d$d-c$causal-$seqlens" --configs $(names_of "$base" $knobs) 2>&1
-  done | tee "$OUT/bench.txt"
+  knob_ab cuts "$POINTS"
   ;;
 twoctas)
   variant x2 "$EXP/fwd-two-ctas.patch" >/dev/null
@@ -112,6 +125,17 @@ twoctas)
       ${X2}_st2_ov0_pp0_ps0_causal${causal}_x2 ${X2}_st4_ov0_pp0_ps0_causal${causal}_x2 \
       ${X2}_st2_ov0_pp0_ps1_causal${causal}_x2 ${X2}_st4_ov0_pp0_ps1_causal${causal}_x2 2>&1 | tee "$OUT/bench$causal.txt"
   done
+  ;;
+combo)
+  # fwd-softmax-ustages.patch: the softmax knobs on top of the uniform stages (both GPU-tested by then): the
+  # default there (uniform stages) against the knobs, non-causal d64 / d128 / d256 and causal d256, 4k.
+  variant combo "$EXP/fwd-softmax-ustages.patch" >/dev/null
+  F=fwd_sm90_bf16
+  POINTS="128 0 4096 ${F}_d128_m128_n128_st2_ov1_pp1_ps1_causal0 - _lr _ms _lr_ms
+64 0 4096 ${F}_d64_m192_n128_st4_ov1_pp1_ps1_causal0 - _ms
+256 0 4096 ${F}_d256_m128_n80_st2_ov1_pp1_ps0_causal0 - _lr _lr_ms
+256 1 4096 ${F}_d256_m128_n80_st2_ov1_pp1_ps0_causal1 - _lr _lr_ms"
+  knob_ab combo "$POINTS"
   ;;
 ranges-tests | ustages-tests)
   # A forward change without a knob: the forward GPU tests with it.
