@@ -2,7 +2,8 @@
 # The measurements queued in docs/perf-log.md ("Next on the GPU"), one device call a step, most important
 # first. On the lent GPU, from the checkout's root, with the wheels carried (../shared/DEVICE.md):
 #   run(carry=[".whl"], command="bash docs/experiments/run-next.sh STEP")
-# Steps (each fits one 10-minute call; a step's log and JSON go to $OUT):
+# Steps (each fits one 10-minute call; a step's log and JSON go to $OUT). A timing step runs a few of its
+# variant's GPU tests first (smoke.txt); the whole tests (the -tests steps) are for the variants that win.
 #   softmax-tests, softmax  fwd-softmax-cuts.patch (lazy_rescale, mma_sums): its GPU tests; then the default against _lr,
 #             _ms and _lr_ms at d64 causal 1k, non-causal 1k / 4k, d128 non-causal 1k / 4k, causal 4k, d256
 #             4k (--rounds 3 --configs)
@@ -76,6 +77,11 @@ names_of() {
   shift
   for k in "$@"; do echo -n "$base${k#-} "; done
 }
+# smoke VARIANT PYTEST_K: a few of VARIANT's GPU tests before its timing (a wrong kernel times nothing real);
+# the whole tests are steps of their own, for the variants that win.
+smoke() {
+  with_variant $1 python3 -m pytest -q $XDIST tests/test_forward_sm90.py -k "$2" 2>&1 | tail -2 | tee "$OUT/smoke.txt" || true
+}
 # knob_ab VARIANT POINTS: in VARIANT's tree, precompile every kernel POINTS names, then one bench_forward a
 # line "d_head causal seqlens base suffixes..." timing those kernels in interleaved rounds (--configs).
 knob_ab() {
@@ -109,6 +115,7 @@ softmax)
 64 0 4096 ${F}_d64_m192_n128_st4_ov1_pp1_ps1_causal0 - _lr _ms _lr_ms
 256 0 4096 ${F}_d256_m128_n80_st2_ov1_pp1_ps0_causal0 - _lr _ms _lr_ms
 256 1 4096 ${F}_d256_m128_n80_st2_ov1_pp1_ps0_causal1 - _lr _lr_ms"
+  smoke cuts "softmax_cuts and growing and (d128_m128_n128_st2_ov1_pp1_ps0_causal0 or d64_m128_n128_st4_ov1_pp1_ps1_causal1 or d256)"
   knob_ab cuts "$POINTS"
   ;;
 twoctas)
@@ -135,6 +142,7 @@ combo)
 64 0 4096 ${F}_d64_m192_n128_st4_ov1_pp1_ps1_causal0 - _ms
 256 0 4096 ${F}_d256_m128_n80_st2_ov1_pp1_ps0_causal0 - _lr _lr_ms
 256 1 4096 ${F}_d256_m128_n80_st2_ov1_pp1_ps0_causal1 - _lr _lr_ms"
+  smoke combo "softmax_cuts and growing and causal0 and not dv64"
   knob_ab combo "$POINTS"
   ;;
 ranges-tests | ustages-tests)
@@ -148,6 +156,7 @@ ranges | ustages)
   # ... then main against it on the defaults (two passes, the order reversed in the second).
   patch=fwd-mask-ranges.patch; [ $STEP = ustages ] && patch=fwd-uniform-stages.patch
   variant $STEP "$EXP/$patch" >/dev/null
+  smoke $STEP "test_build_set and bf16"
   FWD="--dtypes bf16 --head-dims 64,128 --seqlens 1024,4096 --causal 0,1 --gqa '' --no-flex --rounds 2"
   warm bench_forward.py "$FWD" "main $STEP"
   passes bench_forward.py "$FWD" "main $STEP"
