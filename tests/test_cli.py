@@ -207,6 +207,29 @@ def test_profile_summary_ranks_stall_reasons_and_instructions():
     assert top[0].startswith(" 75.0%") and "BAR.SYNC" in top[0] and top[1].startswith(" 25.0%") and "HGMMA" in top[1]
 
 
+def test_sass_steps_reads_a_steps_instructions_and_its_skipped_rescale():
+    """scripts/sass_steps.py (docs/perf-log.md's step counts) on cuobjdump-shaped text, no compiler: a step
+    runs from a token sync through QK^T and PV wgmmas to the first unconditional or backward branch after
+    its last wait; a run of 16+ multiplies a branch after that wait jumps over is the skippable rescale;
+    a stretch without a PV wgmma (the producer's, the epilogue's) is no step."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import sass_steps
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    lines = ["BAR.SYNC.DEFER_BLOCKING R18, 0x100", "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR16], RZ, !UPT",
+             "HGMMA.64x64x16.F32.BF16 R88, R144, gdesc[UR20].tnspB, R88, gsb0", "WARPGROUP.DEPBAR.LE gsb0, 0x1",
+             "FMNMX R1, R24, R25, !PT", "VOTE.ANY P0, P0", "WARPGROUP.DEPBAR.LE gsb0, 0x0", "@!P0 BRA 0x1e0",
+             *[f"FMUL R{88 + i}, R{88 + i}, R153" for i in range(16)], "FFMA R2, R155, R2, R16", "@!P1 BRA 0x0",
+             "BAR.SYNC.DEFER_BLOCKING R18, 0x100", "FADD R1, R2, R3", "WARPGROUP.DEPBAR.LE gsb0, 0x0", "EXIT"]
+    sass = "\n".join(f"        /*{16 * i:04x}*/                   {text} ;  /* 0x000 */" for i, text in enumerate(lines))
+    code = sass_steps.parse(sass)
+    assert len(code) == len(lines) and code[7] == (0x70, "@!P0 BRA 0x1e0")
+    (step,) = sass_steps.steps(code)
+    assert (step.address, step.qk_n, len(step.instructions), step.skippable, step.common) == (0, 64, 26, 16, 10)
+    assert sass_steps.opcode("@!P0 BRA 0x1e0") == "BRA" and sass_steps.opcode("FMUL R1, R2, R3") == "FMUL"
+
+
 def test_fwd_outputs_compares_saved_outputs_bit_for_bit(tmp_path):
     """scripts/fwd_outputs.py --compare (CPU): equal files pass; one differing bit or a missing entry
     fails, and the line names the entry."""
