@@ -10,10 +10,10 @@
 #   ranges-tests, ranges    fwd-mask-ranges.patch (one key range a row in the forwards' masks): the forward
 #             GPU tests; then main against it on the defaults, d64 / d128, 1k / 4k, causal or not (two passes)
 #   ustages-tests, ustages  fwd-uniform-stages.patch (the K/V descriptors on the uniform datapath): the same,
-#             and causal d128 / d64 without half blocks (so with uniform stages) against the defaults
+#             and causal d128 / d64 without half blocks against the half-block defaults
 #   combo     fwd-softmax-ustages.patch (the knobs on top of the uniform stages): the default there against the
 #             knobs, non-causal d64 / d128 / d256 and causal d256 at 4k; causal d64 1k and d128 1k / 4k: the
-#             half-block defaults against kernels without half blocks (so with uniform stages), with _lr_ms
+#             half-block defaults with and without a knob against kernels without half blocks with _lr_ms
 #   bwdtests  bwd-step-cuts.patch: test_backward_gpu.py with both commits (stmatrix's layout)
 #   bwdcuts   then bench_backward for main, the first commit and both (d64 / d128: 1k, 4k, causal 4k;
 #             two passes)
@@ -143,8 +143,8 @@ combo)
 64 0 4096 ${F}_d64_m192_n128_st4_ov1_pp1_ps1_causal0 - _ms
 256 0 4096 ${F}_d256_m128_n80_st2_ov1_pp1_ps0_causal0 - _lr _lr_ms
 256 1 4096 ${F}_d256_m128_n80_st2_ov1_pp1_ps0_causal1 - _lr _lr_ms
-64 1 1024 ${F}_d64_m128_n128_st4_ov1_pp1_ps1_causal1 _hb - _lr_ms
-128 1 1024,4096 ${F}_d128_m128_n128_st2_ov1_pp1_ps1_causal1_xt _hb - _lr_ms"
+64 1 1024 ${F}_d64_m128_n128_st4_ov1_pp1_ps1_causal1 _hb _hb_lr - _lr_ms
+128 1 1024,4096 ${F}_d128_m128_n128_st2_ov1_pp1_ps1_causal1_xt _hb _hb_ms - _lr_ms"
   smoke combo "softmax_cuts and growing and causal0 and not dv64"
   knob_ab combo "$POINTS"
   ;;
