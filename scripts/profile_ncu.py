@@ -38,7 +38,7 @@ def parse_args(argv=None):
     parser.add_argument("--hidden", type=int, default=2048, help="heads * head dim")
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     parser.add_argument("--causal", action="store_true")
-    parser.add_argument("--dropout-p", type=float, default=0.0, help="dropout probability (backward runs)")
+    parser.add_argument("--dropout-p", type=float, default=0.0, help="dropout probability")
     parser.add_argument("--backward", action="store_true", help="profile the backward's kernels (after a forward)")
     parser.add_argument("--config", help="a kernel name to run instead of the dispatcher's choice (forward only)")
     parser.add_argument("--kernel", default=None,
@@ -65,7 +65,7 @@ def run_launches(args) -> None:
             out = flashjit.flash_attn_func(q, k, v, dropout_p=args.dropout_p, causal=args.causal)
             out.backward(torch.ones_like(out))
         else:
-            flashjit.forward(q, k, v, config=config, causal=args.causal)
+            flashjit.forward(q, k, v, config=config, causal=args.causal, dropout_p=args.dropout_p)
     torch.cuda.synchronize()
     print(f"ran {WARMUP + 1} launches: B={batch} S={args.seqlen} H={heads} d={args.d} {args.dtype} "
           f"causal={args.causal} dropout_p={args.dropout_p} {'backward' if args.backward else 'forward'}", flush=True)

@@ -58,8 +58,16 @@ def kernels() -> list:
     return list(found.values())
 
 
+def cubin_flags(toolkit) -> list[str]:
+    """The JIT's nvcc flags for an sm_90a cubin."""
+    from flashjit import jit
+
+    flags = jit.build_flags("sm_90a", toolkit)
+    return flags + ([] if "-cubin" in flags else ["-cubin"])  # (a toolkit before the split build: cubin all the same)
+
+
 def compile_one(config, flags: list[str], nvcc: str, include: str, scratch: Path) -> tuple[str, list[str], int]:
-    """(name, ptxas's notes, spill-store bytes) of one kernel's cubin."""
+    """(name, ptxas's notes, spill-store bytes) of one kernel's cubin, left at scratch/<name>.cubin."""
     from flashjit import codegen, jit
 
     source = scratch / f"{config.name}.cu"
@@ -78,15 +86,14 @@ def main() -> int:
     parser.add_argument("--filter", action="append", default=[], help="keep names containing this (repeatable)")
     parser.add_argument("--list", action="store_true", help="print the kernel names and exit")
     args = parser.parse_args()
-    from flashjit import codegen, jit, toolchain
+    from flashjit import codegen, toolchain
 
     chosen = [c for c in kernels() if not args.filter or any(f in c.name for f in args.filter)]
     if args.list:
         print("\n".join(c.name for c in chosen))
         return 0
     toolkit = toolchain.find_toolkit()
-    flags = jit.build_flags("sm_90a", toolkit)
-    flags += [] if "-cubin" in flags else ["-cubin"]  # (a toolkit before the split build: cubin all the same)
+    flags = cubin_flags(toolkit)
     noted, spilled = 0, 0
     with tempfile.TemporaryDirectory(prefix="flashjit-ptxas-") as scratch, \
             concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:

@@ -12,7 +12,7 @@ warpgroup taking the token) and holds a PV wgmma (an HGMMA reading B N-major: `.
 (`WARPGROUP.DEPBAR`); it ends at the first unconditional or backward branch after its last wait. Kernels
 without ping-pong have no such sync and list no steps. Needs nvcc, cuobjdump and the nvdisasm it runs (the
 CUDA toolkit's, or pip's nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm with their bin on PATH); the kernels
-are built with the JIT's flags for sm_90a.
+are built as scripts/ptxas_notes.py builds them, and its notes (C75xx) and spills are printed too.
 """
 from __future__ import annotations
 
@@ -93,24 +93,19 @@ def cuobjdump() -> str:
     return found
 
 
-def kernel_sass(name: str, scratch: Path) -> str:
-    from flashjit import codegen, jit, toolchain
+def kernel_sass(name: str, scratch: Path) -> tuple[str, list[str], int]:
+    """(SASS, ptxas's performance-loss notes, spill-store bytes) of one kernel, built as ptxas_notes.py builds it."""
+    from flashjit import codegen, toolchain
     from flashjit.configs import config_from_name
+    from ptxas_notes import compile_one, cubin_flags  # same folder
 
     toolkit = toolchain.find_toolkit()
-    flags = jit.build_flags("sm_90a", toolkit)
-    flags += [] if "-cubin" in flags else ["-cubin"]
-    source = scratch / f"{name}.cu"
-    source.write_text(codegen.render(config_from_name(name)))
-    cubin = source.with_suffix(".cubin")
-    run = subprocess.run([str(toolkit.nvcc), *flags, "-I", str(codegen.kernels_dir()), "-o", str(cubin), str(source)],
-                         capture_output=True, text=True)
-    if run.returncode != 0:
-        sys.exit(f"{name}: nvcc failed\n{(run.stdout + run.stderr)[-2000:]}")
-    dump = subprocess.run([cuobjdump(), "--dump-sass", str(cubin)], capture_output=True, text=True)
+    _, notes, spill = compile_one(config_from_name(name), cubin_flags(toolkit), str(toolkit.nvcc),
+                                  str(codegen.kernels_dir()), scratch)
+    dump = subprocess.run([cuobjdump(), "--dump-sass", str(scratch / f"{name}.cubin")], capture_output=True, text=True)
     if dump.returncode != 0:  # e.g. nvdisasm, which it runs, not on PATH
         sys.exit(f"{name}: cuobjdump failed: {dump.stderr.strip()[-500:]}")
-    return dump.stdout
+    return dump.stdout, notes, spill
 
 
 def main() -> int:
@@ -120,9 +115,12 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="flashjit-sass-") as scratch:
         for name in args.names:
-            found = steps(parse(kernel_sass(name, Path(scratch))))
+            sass, notes, spill = kernel_sass(name, Path(scratch))
+            found = steps(parse(sass))
             print(f"{name}: " + ("  ".join(f"N={s.qk_n}: {s.common}" + (f" (+{s.skippable} skipped)" if s.skippable else "")
                                            for s in found) or "no ping-pong steps found"))
+            if notes or spill:  # a count from serialized wgmmas or a spilling kernel says little on its own
+                print(f"    ptxas: {'; '.join(notes) or 'no note'}; {spill} bytes spilled")
             if args.ops is not None and args.ops < len(found):
                 counts = collections.Counter(opcode(t) for t in found[args.ops].instructions)
                 print("    " + ", ".join(f"{op} {n}" for op, n in counts.most_common()))

@@ -84,7 +84,8 @@ smoke() {
   with_variant $1 python3 -m pytest -q $XDIST tests/test_forward_sm90.py -k "$2" 2>&1 | tail -2 | tee "$OUT/smoke.txt" || true
 }
 # knob_ab VARIANT POINTS: in VARIANT's tree, precompile every kernel POINTS names, then one bench_forward a
-# line "d_head causal seqlens base suffixes..." timing those kernels in interleaved rounds (--configs).
+# line "d_head causal seqlens base suffixes..." timing those kernels in interleaved rounds (--configs); the
+# result lines added to $OUT/bench.txt.
 knob_ab() {
   local all
   all=$(echo "$2" | while read -r d causal seqlens base knobs; do names_of "$base" $knobs; done)
@@ -92,7 +93,14 @@ knob_ab() {
   echo "$2" | while read -r d causal seqlens base knobs; do
     with_variant $1 python3 scripts/bench_forward.py --dtypes bf16 --head-dims "$d" --causal "$causal" \
       --seqlens "$seqlens" --rounds 3 --no-flex --out "$OUT/d$d-c$causal-$seqlens" --configs $(names_of "$base" $knobs) 2>&1
-  done | tee "$OUT/bench.txt"
+  done | tee -a "$OUT/bench.txt"
+}
+# The patch of a forward change without a knob.
+patch_of() {
+  case $1 in
+  ranges) echo "$EXP/fwd-mask-ranges.patch" ;;
+  ustages) echo "$EXP/fwd-uniform-stages.patch" ;;
+  esac
 }
 # The first commit of a two-commit patch file (git format-patch output).
 first_commit() { awk '/^From [0-9a-f]+ Mon Sep 17 00:00:00 2001$/ {n++} n == 1' "$1" >"$2"; }
@@ -150,27 +158,21 @@ combo)
   ;;
 ranges-tests | ustages-tests)
   # A forward change without a knob: the forward GPU tests with it.
-  name=${STEP%-tests}; patch=fwd-mask-ranges.patch; [ $name = ustages ] && patch=fwd-uniform-stages.patch
-  variant $name "$EXP/$patch" >/dev/null
+  name=${STEP%-tests}
+  variant $name "$(patch_of $name)" >/dev/null
   with_variant $name python3 -m pytest -q $XDIST tests/test_forward_sm90.py tests/test_forward_gpu.py \
     tests/test_score_mod_host.py 2>&1 | tail -3 | tee "$OUT/tests.txt" || true
   ;;
 ranges | ustages)
   # ... then main against it on the defaults (two passes, the order reversed in the second).
-  patch=fwd-mask-ranges.patch; [ $STEP = ustages ] && patch=fwd-uniform-stages.patch
-  variant $STEP "$EXP/$patch" >/dev/null
+  variant $STEP "$(patch_of $STEP)" >/dev/null
   smoke $STEP "test_build_set and bf16"
   FWD="--dtypes bf16 --head-dims 64,128 --seqlens 1024,4096 --causal 0,1 --gqa '' --no-flex --rounds 2"
   warm bench_forward.py "$FWD" "main $STEP"
   passes bench_forward.py "$FWD" "main $STEP"
-  if [ $STEP = ustages ]; then  # causal kernels without half blocks take the uniform stages: against the defaults
-    F=fwd_sm90_bf16
-    with_variant ustages python3 scripts/bench_forward.py --dtypes bf16 --head-dims 128 --causal 1 --seqlens 1024,4096 \
-      --gqa '' --no-flex --rounds 3 --out "$OUT/nohb128" --configs ${F}_d128_m128_n128_st2_ov1_pp1_ps1_causal1_xt_hb \
-      ${F}_d128_m128_n128_st2_ov1_pp1_ps1_causal1_xt 2>&1 | grep -E "^bf16" | tee -a "$OUT/bench.txt" || true
-    with_variant ustages python3 scripts/bench_forward.py --dtypes bf16 --head-dims 64 --causal 1 --seqlens 1024 \
-      --gqa '' --no-flex --rounds 3 --out "$OUT/nohb64" --configs ${F}_d64_m128_n128_st4_ov1_pp1_ps1_causal1_hb \
-      ${F}_d64_m128_n128_st4_ov1_pp1_ps1_causal1 2>&1 | grep -E "^bf16" | tee -a "$OUT/bench.txt" || true
+  if [ $STEP = ustages ]; then  # causal without half blocks against the half-block defaults, both with them
+    knob_ab ustages "128 1 1024,4096 fwd_sm90_bf16_d128_m128_n128_st2_ov1_pp1_ps1_causal1_xt _hb -
+64 1 1024 fwd_sm90_bf16_d64_m128_n128_st4_ov1_pp1_ps1_causal1 _hb -"
   fi
   ;;
 bwdtests)
