@@ -4,6 +4,17 @@
 #   run(carry=[".whl"], command="bash docs/experiments/run-next.sh STEP")
 # Steps (each fits one 10-minute call; a step's log and JSON go to $OUT). A timing step runs a few of its
 # variant's GPU tests first (smoke.txt); the whole tests (the -tests steps) are for the variants that win.
+#   all-tests  all.patch: the patches below in one series (the softmax knobs, the uniform stages, the mask
+#             ranges, the backward's two cuts, two CTAs), main's whole GPU suite on it but the transformers
+#             and multi-GPU files; each test's line goes to $OUT/tests.log as it ends (a timeout keeps them)
+#   all       main against all.patch's defaults (the uniform stages, the mask ranges): bench_forward d64 /
+#             d128, 1k / 4k, causal or not, and d256 4k (two passes)
+#   allknobs  in all.patch's tree, each default against its knobs (_lr, _ms, _lr_ms where ptxas does not
+#             serialize them; at d64 causal 1k also the _x2 kernels), --rounds 3 --configs
+#   allbwd    main against all.patch: bench_backward d64 / d128, 1k / 4k, causal or not (two passes)
+#   If all-tests passes and a timing step wins, land the series (git am docs/experiments/all.patch) and make
+#   the knobs that won dispatcher defaults (ptxas_notes.py clean); otherwise the single-patch steps below
+#   say which part failed or lost.
 #   softmax-tests, softmax  fwd-softmax-cuts.patch (lazy_rescale, mma_sums): its GPU tests; then the default against _lr,
 #             _ms and _lr_ms at d64 causal 1k, non-causal 1k / 4k, d128 non-causal 1k / 4k, causal 4k, d256
 #             4k (--rounds 3 --configs)
@@ -26,7 +37,7 @@
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh softmax-tests|softmax|ranges-tests|ranges|ustages-tests|ustages|combo|bwdtests|bwdcuts|twoctas|dropout|table}
+STEP=${1:?usage: run-next.sh all-tests|all|allknobs|allbwd|softmax-tests|softmax|ranges-tests|ranges|ustages-tests|ustages|combo|bwdtests|bwdcuts|twoctas|dropout|table}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -70,13 +81,13 @@ passes() {
       echo "== $v (pass $pass)"
       eval with_variant $v python3 scripts/$1 $2 --out "$OUT/$v-$pass" 2>&1 | grep -E "^bf16" || true
     done
-  done | tee "$OUT/bench.txt"
+  done | tee -a "$OUT/bench.txt"
 }
-# names_of BASE SUFFIX...: kernel names, BASE with each suffix ("-": none).
+# names_of BASE SUFFIX...: kernel names, BASE with each suffix ("-": none; a whole name, fwd_...: itself).
 names_of() {
   local base=$1 k
   shift
-  for k in "$@"; do echo -n "$base${k#-} "; done
+  for k in "$@"; do case $k in fwd_*) echo -n "$k " ;; *) echo -n "$base${k#-} " ;; esac; done
 }
 # smoke VARIANT PYTEST_K: a few of VARIANT's GPU tests before its timing (a wrong kernel times nothing real);
 # the whole tests are steps of their own, for the variants that win.
@@ -106,6 +117,47 @@ patch_of() {
 first_commit() { awk '/^From [0-9a-f]+ Mon Sep 17 00:00:00 2001$/ {n++} n == 1' "$1" >"$2"; }
 
 case $STEP in
+all-tests)
+  variant all "$EXP/all.patch" >/dev/null
+  XDIST16=$(python3 -c "import xdist" 2>/dev/null && echo "-n 16" || true)
+  with_variant all timeout 570 python3 -m pytest -v $XDIST16 -p no:cacheprovider tests/ \
+    --ignore=tests/test_transformers_integration.py --ignore=tests/test_multi_gpu.py >"$OUT/tests.log" 2>&1 || true
+  grep -E "FAILED|ERROR" "$OUT/tests.log" | head -40 || true
+  echo "passed $(grep -c PASSED "$OUT/tests.log"), skipped $(grep -c SKIPPED "$OUT/tests.log")"
+  tail -2 "$OUT/tests.log"
+  ;;
+all)
+  variant all "$EXP/all.patch" >/dev/null
+  smoke all "test_build_set and bf16"
+  FWD="--dtypes bf16 --head-dims 64,128 --seqlens 1024,4096 --causal 0,1 --gqa '' --no-flex --rounds 2"
+  FWD256="--dtypes bf16 --head-dims 256 --seqlens 4096 --causal 0,1 --gqa '' --no-flex --rounds 2"
+  warm bench_forward.py "$FWD" "main all" & warm bench_forward.py "$FWD256" "main all" & wait
+  passes bench_forward.py "$FWD" "main all"
+  passes bench_forward.py "$FWD256" "main all"
+  ;;
+allknobs)
+  variant all "$EXP/all.patch" >/dev/null
+  smoke all "softmax_cuts and growing and (d128_m128_n128_st2_ov1_pp1_ps0_causal0 or d64_m128_n128_st4_ov1_pp1_ps1_causal1 or d256)"
+  F=fwd_sm90_bf16
+  X2=${F}_d64_m128_n64_st4_ov0_pp0_ps1_causal1
+  # each default, then its knobs but what ptxas serializes there (C7511: d64 m128 causal hb _lr, d64 m192
+  # causal hb _lr_ms); at d64 causal 1k the two-CTA kernels too
+  POINTS="64 1 1024 ${F}_d64_m128_n128_st4_ov1_pp1_ps1_causal1_hb - _ms _lr_ms ${X2}_x2 ${X2}_ms_x2
+64 1 4096 ${F}_d64_m192_n128_st4_ov1_pp1_ps1_causal1_hb - _lr _ms
+64 0 1024 ${F}_d64_m192_n128_st4_ov1_pp1_ps1_causal0_xt - _lr _ms _lr_ms
+64 0 4096 ${F}_d64_m192_n128_st4_ov1_pp1_ps1_causal0 - _lr _ms _lr_ms
+128 0 4096 ${F}_d128_m128_n128_st2_ov1_pp1_ps1_causal0 - _lr _ms _lr_ms
+128 1 1024,4096 ${F}_d128_m128_n128_st2_ov1_pp1_ps1_causal1_xt_hb - _lr _ms _lr_ms
+256 0 4096 ${F}_d256_m128_n80_st2_ov1_pp1_ps0_causal0 - _lr _ms _lr_ms
+256 1 4096 ${F}_d256_m128_n80_st2_ov1_pp1_ps0_causal1 - _lr _ms _lr_ms"
+  knob_ab all "$POINTS"
+  ;;
+allbwd)
+  variant all "$EXP/all.patch" >/dev/null
+  BWD="--dtypes bf16 --head-dims 64,128 --seqlens 1024,4096 --causal 0,1 --gqa ''"
+  warm bench_backward.py "$BWD" "main all"
+  passes bench_backward.py "$BWD" "main all"
+  ;;
 softmax-tests)
   variant cuts "$EXP/fwd-softmax-cuts.patch" >/dev/null
   with_variant cuts python3 -m pytest -q $XDIST tests/test_forward_sm90.py -k "softmax_cuts or varlen_equal" \
