@@ -159,6 +159,37 @@ def get_kernel(config: ConfigBase, arch: str) -> CompiledKernel:
     return kernel
 
 
+@functools.lru_cache(maxsize=None)
+def unserialized(config: ConfigBase, arch: str) -> ConfigBase:
+    """A dispatcher's `config`, or its plain twin (config.plain()) where this machine's ptxas serialized
+    `config`'s wgmma products (a C75xx note in its manifest: 10-40% slower) and not the twin's. ptxas
+    decides that register by register: kernels a small source change apart, or one kernel under two
+    toolkits, can fall on either side, so a default measured whole on one toolkit may be serialized on
+    another. Builds `config` if needed (the call would next), and the twin only where `config` is noted;
+    where the twin cannot be had (FLASHJIT_DISABLE_JIT without it, a failed build) `config` stays."""
+    plain = config.plain()
+    if plain is None or not notes_of(config, arch):
+        return config
+    try:
+        plain_notes = notes_of(plain, arch)
+    except (JitDisabledError, CompileError) as exc:
+        notify(f"{config.name} for {arch} is serialized by ptxas and its plain twin {plain.name} cannot be "
+               f"had ({str(exc).splitlines()[0]}): running it as it is", logging.WARNING)
+        return config
+    if plain_notes:
+        return config
+    notify(f"{config.name} for {arch}: ptxas serialized its wgmma products on this toolkit, not {plain.name}'s; "
+           f"running {plain.name} instead", logging.WARNING)
+    return plain
+
+
+def notes_of(config: ConfigBase, arch: str) -> list[str]:
+    """ptxas's performance-loss notes recorded when (config, arch) was built, building it if needed (none
+    recorded: a whole build, whose log nobody reads, or none printed)."""
+    manifest = cache.Entry(ensure_built(config, arch).parent).manifest() or {}
+    return list(manifest.get("ptxas_notes") or ())
+
+
 def ensure_built(config: ConfigBase, arch: str) -> Path:
     """Path of the verified library for (config, arch): from the first FLASHJIT_PREBUILT bundle that
     has it (no nvcc, no writes), else from the cache, compiling it there if needed (unless
@@ -326,7 +357,8 @@ def _build(entry: cache.Entry, config: ConfigBase, arch: str, toolkit: toolchain
         notes = perf_losses(log) if log is not None else None  # None: a whole build, whose log nobody reads
         for note in notes or ():
             notify(f"{config.name} for {arch}: ptxas: {note}. The kernel is correct but slower than its config "
-                   "should be (a tuning candidate that will lose; in a default kernel, a bug to report)",
+                   "should be (a tuning candidate that will lose; a dispatcher's choice gives way to its plain twin where "
+                   "that compiles whole: jit.unserialized)",
                    logging.WARNING)
         # Publish a copy, not the file cpp_extension just dlopen'ed into this process: a later
         # rewrite of the cache file (damage, a manual edit) must never alter pages this process has mapped.

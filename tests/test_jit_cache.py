@@ -1,5 +1,6 @@
 """The JIT pipeline through real nvcc (no GPU needed): compile tests for sm_80 and sm_90a, the cache
 key, reuse across processes, concurrency, crashes, corruption, unwritable caches, compile errors."""
+import dataclasses
 import os
 import re
 import shutil
@@ -540,7 +541,9 @@ def test_hopper_forward_build_set_compiles(private_cache):
 
 def test_a_kernel_ptxas_serializes_is_named_and_its_manifest_says_why(private_cache, caplog):
     """The d64 192-row non-causal kernel with half blocks: nvcc 13.0's ptxas serializes its wgmmas (C7511,
-    its third compiled step's registers). A warning names the kernel, and the manifest keeps the note."""
+    its third compiled step's registers). A warning names the kernel, and the manifest keeps the note;
+    were the dispatcher to choose it, jit.unserialized runs its plain twin (no half blocks), which ptxas
+    compiles whole."""
     config = FwdSm90Config("bf16", 64, 192, 128, 4, persistent=True, half_blocks=True)
     library = jit.ensure_built(config, "sm_90a")
     notes = cache.Entry(library.parent).manifest()["ptxas_notes"]
@@ -549,6 +552,40 @@ def test_a_kernel_ptxas_serializes_is_named_and_its_manifest_says_why(private_ca
     listed = subprocess.run([sys.executable, "-m", "flashjit", "cache", "list"], capture_output=True, text=True,
                             env=dict(os.environ, FLASHJIT_CACHE_DIR=str(private_cache)), cwd=REPO)
     assert "(ptxas: C7511, wgmma serialized)" in listed.stdout, listed.stdout + listed.stderr
+    if jit.split_build(toolchain.find_toolkit()):  # (a whole build records no notes: nothing to fall back from)
+        jit.unserialized.cache_clear()
+        assert jit.unserialized(config, "sm_90a") == config.plain() == dataclasses.replace(config, half_blocks=False)
+        assert jit.notes_of(config.plain(), "sm_90a") == []
+        assert f"running {config.plain().name} instead" in caplog.text
+
+
+@pytest.mark.parametrize("noted", [(), ("config",), ("config", "plain"), ("config", "no plain")])
+def test_unserialized_takes_the_plain_twin_only_where_the_choice_alone_is_serialized(monkeypatch, noted):
+    """jit.unserialized: no note, the choice (and its twin is never built); the choice alone noted, the twin;
+    both noted, or the twin not to be had (FLASHJIT_DISABLE_JIT without it), the choice; a config without
+    a twin (BwdSm90Config, the sm_80 families, a forward without half blocks) is never built here."""
+    config = FwdSm90Config("bf16", 128, persistent=True, causal=True, half_blocks=True)
+    built = []
+
+    def notes_of(cfg, arch):
+        built.append(cfg)
+        if cfg == config.plain() and "no plain" in noted:
+            raise jit.JitDisabledError("not prebuilt")
+        return ["C7511: serialized"] if ("config" if cfg == config else "plain") in noted else []
+
+    monkeypatch.setattr(jit, "notes_of", notes_of)
+    jit.unserialized.cache_clear()
+    try:
+        chosen = jit.unserialized(config, "sm_90a")
+        assert chosen == (config.plain() if noted == ("config",) else config)
+        assert built == ([config] if not noted else [config, config.plain()])
+        assert jit.unserialized(config, "sm_90a") == chosen and len(built) == max(1, 2 * bool(noted))  # memoized
+        for other in (dataclasses.replace(config, half_blocks=False), BwdSm90Config("bf16", 128, 64),
+                      KernelConfig(dtype="bf16", d_head=128)):
+            assert jit.unserialized(other, "sm_90a") == other
+        assert len(built) == max(1, 2 * bool(noted))
+    finally:
+        jit.unserialized.cache_clear()
 
 
 def test_ptxas_performance_losses_are_read_from_the_log():

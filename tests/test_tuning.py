@@ -41,7 +41,8 @@ def _qkv(seqlen=4096, d=128):
     return tuple(torch.randn(1, seqlen, 2, d, dtype=torch.bfloat16) for _ in range(3))
 
 
-def test_the_dispatcher_takes_the_tuned_forward(table):
+def test_the_dispatcher_takes_the_tuned_forward(table, monkeypatch):
+    monkeypatch.setattr(interface.jit, "unserialized", lambda config, arch: config)  # (it builds a causal default)
     q, k, v = _qkv()
     assert interface.resolve_config(q, k, None, False, device_index=0, v=v) == TUNED_FWD
     # nearest tuned length in log2: 3000 -> 4096, 600 -> 512

@@ -120,6 +120,12 @@ class ConfigBase:
             raise ValueError(f"invalid {type(self).__name__} {self}:\n  - " + "\n  - ".join(self._problems_cached))
         return self
 
+    def plain(self) -> "ConfigBase | None":
+        """This config with its speed-only knobs that ptxas may serialize turned off (a C75xx note: too
+        few registers for the wgmma pipeline), or None where it has none on: jit.unserialized's fallback
+        for a dispatcher's choice that this machine's ptxas serialized."""
+        return None
+
     def check_shared_memory(self, limit_bytes: int, device: str) -> None:
         if self.smem_bytes > limit_bytes:
             raise ValueError(

@@ -109,6 +109,11 @@ class FwdSm90Config(ConfigBase):
         """The same kernel launched one CTA per tile (not persistent, so no cross-tile pipeline)."""
         return dataclasses.replace(self, persistent=False, cross_tile=False)
 
+    def plain(self) -> "FwdSm90Config | None":
+        """Without half blocks, whose third compiled step is what ptxas has serialized (C7511) in kernels a
+        small source change away from ones it compiles whole (docs/perf-log.md, twenty-seventh session on)."""
+        return dataclasses.replace(self, half_blocks=False) if self.half_blocks else None
+
     @property
     def q_stages(self) -> int:
         """Q tiles in shared memory (Config::kQStages): two with cross_tile."""
