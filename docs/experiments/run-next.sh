@@ -14,7 +14,8 @@
 #   allbwd    main against all.patch: bench_backward d64 / d128, 1k / 4k, causal or not (two passes)
 #   If all-tests passes and a timing step wins, land the series (git am docs/experiments/all.patch) and make
 #   the knobs that won dispatcher defaults (ptxas_notes.py clean); otherwise the single-patch steps below
-#   say which part failed or lost.
+#   say which part failed or lost. (ptxas serializes 3 of the series' 38 half-block kernels, d104-d120
+#   causal: the dispatcher runs their plain twins there, jit.unserialized.)
 #   softmax-tests, softmax  fwd-softmax-cuts.patch (lazy_rescale, mma_sums): its GPU tests; then the default against _lr,
 #             _ms and _lr_ms at d64 causal 1k, non-causal 1k / 4k, d128 non-causal 1k / 4k, causal 4k, d256
 #             4k (--rounds 3 --configs)
