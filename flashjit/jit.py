@@ -166,15 +166,17 @@ def unserialized(config: ConfigBase, arch: str) -> ConfigBase:
     decides that register by register: kernels a small source change apart, or one kernel under two
     toolkits, can fall on either side, so a default measured whole on one toolkit may be serialized on
     another. Builds `config` if needed (the call would next), and the twin only where `config` is noted;
-    where the twin cannot be had (FLASHJIT_DISABLE_JIT without it, a failed build) `config` stays."""
+    where the twin cannot be had (FLASHJIT_DISABLE_JIT without it, no nvcc beside a bundle, a read-only
+    cache, a failed build) `config` stays. Decided once a process for each (config, arch)."""
     plain = config.plain()
     if plain is None or not notes_of(config, arch):
         return config
     try:
         plain_notes = notes_of(plain, arch)
-    except (JitDisabledError, CompileError) as exc:
-        notify(f"{config.name} for {arch} is serialized by ptxas and its plain twin {plain.name} cannot be "
-               f"had ({str(exc).splitlines()[0]}): running it as it is", logging.WARNING)
+    except Exception as exc:  # whatever keeps the twin away (no nvcc beside a bundle, a read-only cache, ...):
+        # `config` itself is built, so the call runs as it would have without this fallback
+        notify(f"{config.name} for {arch} is serialized by ptxas and its plain twin {plain.name} cannot be built "
+               f"here ({type(exc).__name__}): running it as it is", logging.WARNING)
         return config
     if plain_notes:
         return config

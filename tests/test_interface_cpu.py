@@ -429,3 +429,38 @@ def test_with_head_split_sets_the_field_only_for_short_gqa_grids_on_the_wgmma_ke
     assert with_head_split(wgmma, 64, 16, 4, 4096, 132) is wgmma
     sm80 = BwdConfig("bf16", 128, causal=True)
     assert with_head_split(sm80, 1, 16, 4, 4096, 132) is sm80
+
+
+def test_the_dispatchers_default_gives_way_to_its_plain_twin_where_ptxas_serialized_it(monkeypatch):
+    """chosen_config passes its default (not a tuned entry, nor the sm_80 kernel it takes where TMA cannot
+    address an input) through jit.unserialized: with the causal d128 default's build noted and its twin's
+    not, the twin (no half blocks) runs; a tuned entry is left as it is."""
+    import dataclasses
+
+    from flashjit import FwdSm90Config, jit
+
+    monkeypatch.setattr(interface.jit, "arch_for", lambda device_index: "sm_90a")
+    monkeypatch.setattr(interface, "_smem_limit", lambda device_index: (227 * 1024, "H100"))
+    monkeypatch.setattr(interface, "sm_count", lambda device_index: 132)
+    monkeypatch.setattr(interface.tuning, "lookup", lambda *args, **kwargs: None)
+    asked = []
+    monkeypatch.setattr(jit, "notes_of", lambda cfg, arch: asked.append(cfg) or (["C7511"] if cfg.half_blocks else []))
+    jit.unserialized.cache_clear()
+    try:
+        q, k, v = (t.bfloat16() for t in _qkv(2, 4096, 4096, 16, 16, 128))
+        out = torch.empty_like(q)
+
+        def chosen(*tensors):
+            return interface.chosen_config("bf16", 128, 128, True, 4096, interface._NO_MODS, 0, tensors, grid=(2, 16))
+
+        default = chosen(q, k, v, out)
+        assert isinstance(default, FwdSm90Config) and not default.half_blocks and asked[-1] == default
+        assert asked[0].half_blocks and asked[0].plain() == default  # the dispatcher's choice, then its twin
+        broadcast = k[:1].expand(2, -1, -1, -1)  # a zero batch stride: TMA cannot address it
+        asked.clear()
+        assert not isinstance(chosen(q, broadcast, v, out), FwdSm90Config) and asked == []
+        tuned = dataclasses.replace(default, half_blocks=True)  # (as if timed: it stays, noted or not)
+        monkeypatch.setattr(interface.tuning, "lookup", lambda *args, **kwargs: tuned)
+        assert chosen(q, k, v, out) == tuned and asked == []
+    finally:
+        jit.unserialized.cache_clear()

@@ -559,10 +559,11 @@ def test_a_kernel_ptxas_serializes_is_named_and_its_manifest_says_why(private_ca
         assert f"running {config.plain().name} instead" in caplog.text
 
 
-@pytest.mark.parametrize("noted", [(), ("config",), ("config", "plain"), ("config", "no plain")])
+@pytest.mark.parametrize("noted", [(), ("config",), ("config", "plain"), ("config", "no plain"),
+                                   ("config", "no nvcc")])
 def test_unserialized_takes_the_plain_twin_only_where_the_choice_alone_is_serialized(monkeypatch, noted):
     """jit.unserialized: no note, the choice (and its twin is never built); the choice alone noted, the twin;
-    both noted, or the twin not to be had (FLASHJIT_DISABLE_JIT without it), the choice; a config without
+    both noted, or the twin not to be had (FLASHJIT_DISABLE_JIT without it, no nvcc), the choice; a config without
     a twin (BwdSm90Config, the sm_80 families, a forward without half blocks) is never built here."""
     config = FwdSm90Config("bf16", 128, persistent=True, causal=True, half_blocks=True)
     built = []
@@ -571,6 +572,8 @@ def test_unserialized_takes_the_plain_twin_only_where_the_choice_alone_is_serial
         built.append(cfg)
         if cfg == config.plain() and "no plain" in noted:
             raise jit.JitDisabledError("not prebuilt")
+        if cfg == config.plain() and "no nvcc" in noted:  # a bundle's kernel, and no toolkit to build the twin
+            raise toolchain.ToolchainError("no nvcc")
         return ["C7511: serialized"] if ("config" if cfg == config else "plain") in noted else []
 
     monkeypatch.setattr(jit, "notes_of", notes_of)
