@@ -201,14 +201,13 @@ def cmd_precompile(args) -> int:
         done += 1
         print(f"[{done:>{width}}/{total}] {state:8} {seconds:6.1f} s  {name}", flush=True)
 
-    cached = {c.name for c in configs} - {c.name for c in todo}
-    for config in configs:
-        if config.name in cached:
-            progress(config.name, 0.0, "cached")
-    if todo:
+    def build_all(batch: list) -> None:
+        nonlocal failed
+        if not batch:
+            return
         # Only kernels missing from the cache reach a worker, and a worker imports torch only to compile.
         with ProcessPoolExecutor(max_workers=jobs, initializer=_quiet_worker) as pool:
-            futures = {pool.submit(_build_one, c.name, arch, bundle): c.name for c in todo}
+            futures = {pool.submit(_build_one, c.name, arch, bundle): c.name for c in batch}
             for future in as_completed(futures):
                 try:
                     progress(*future.result(), "compiled")
@@ -216,6 +215,27 @@ def cmd_precompile(args) -> int:
                     failed += 1
                     progress(futures[future], 0.0, "FAILED")
                     print(f"[flashjit] {futures[future]}: {exc}", file=sys.stderr, flush=True)
+
+    cached = {c.name for c in configs} - {c.name for c in todo}
+    for config in configs:
+        if config.name in cached:
+            progress(config.name, 0.0, "cached")
+    build_all(todo)
+    # The dispatcher runs a kernel's plain twin where this toolkit's ptxas serialized it (jit.unserialized):
+    # a bundle (or a cache used with FLASHJIT_DISABLE_JIT) needs the twin too.
+    asked = {c.name for c in configs}
+    twins = [t for t in _plain_twins(configs, arch, bundle) if t.name not in asked]
+    if twins:
+        print(f"ptxas serialized {len(twins)} of them here: adding their plain twins, which the dispatcher runs "
+              "instead", flush=True)
+        total += len(twins)
+        width = len(str(total))
+        missing = [t for t in twins if cached_library(t, arch, bundle) is None]
+        for twin in twins:
+            if twin not in missing:
+                progress(twin.name, 0.0, "cached")
+        build_all(missing)
+        todo += missing
     if not args.names and bundle is None and envvars.NATIVE_AUTOGRAD.flag():
         # The build set also gets flash_attn_func's C++ autograd node; without it flash_attn_func keeps its
         # Python autograd.Function, so its failure is reported and fails no kernel.
@@ -229,6 +249,16 @@ def cmd_precompile(args) -> int:
           f"{total - len(todo)} cached{f', {failed} FAILED' if failed else ''}) in "
           f"{time.perf_counter() - started:.1f} s")
     return 1 if failed else 0
+
+
+def _plain_twins(configs: list, arch: str, bundle: Path | None) -> list:
+    """The plain twins (config.plain()) of the built `configs` whose build ptxas noted (C75xx), in order."""
+    twins = {}
+    for config in configs:
+        library, plain = cached_library(config, arch, bundle), config.plain()
+        if library is not None and plain is not None and (cache.Entry(library.parent).manifest() or {}).get("ptxas_notes"):
+            twins.setdefault(plain.name, plain)
+    return list(twins.values())
 
 
 def _precompile_native() -> None:

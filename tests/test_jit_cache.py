@@ -559,6 +559,23 @@ def test_a_kernel_ptxas_serializes_is_named_and_its_manifest_says_why(private_ca
         assert f"running {config.plain().name} instead" in caplog.text
 
 
+def test_precompile_adds_the_plain_twin_of_a_kernel_ptxas_serializes(private_cache):
+    """The dispatcher runs a noted kernel's plain twin (jit.unserialized), so precompile builds the twin too
+    (a bundle, or a cache used with FLASHJIT_DISABLE_JIT, must hold it); a clean kernel gets none."""
+    noted = FwdSm90Config("bf16", 64, 192, 128, 4, persistent=True, half_blocks=True)
+    clean = FwdSm90Config("bf16", 128, persistent=True, causal=True, half_blocks=True)
+    run = subprocess.run([sys.executable, "-m", "flashjit", "precompile", "--arch", "sm_90a", noted.name, clean.name],
+                         capture_output=True, text=True, env=dict(os.environ, FLASHJIT_CACHE_DIR=str(private_cache)),
+                         cwd=REPO)
+    assert run.returncode == 0, run.stdout + run.stderr
+    built = {manifest["config"] for _, manifest, _ in cache.entries()}
+    if jit.split_build(toolchain.find_toolkit()):  # (a whole build records no notes: nothing to add)
+        assert "adding their plain twins" in run.stdout and "3 of 3 kernels" in run.stdout, run.stdout
+        assert built == {noted.name, clean.name, noted.plain().name}
+    else:
+        assert built == {noted.name, clean.name}
+
+
 @pytest.mark.parametrize("noted", [(), ("config",), ("config", "plain"), ("config", "no plain"),
                                    ("config", "no nvcc")])
 def test_unserialized_takes_the_plain_twin_only_where_the_choice_alone_is_serialized(monkeypatch, noted):
