@@ -539,6 +539,27 @@ def test_hopper_forward_build_set_compiles(private_cache):
         assert None not in notes.values()
 
 
+def test_the_dispatchers_kernels_with_a_plain_twin_compile_whole(private_cache):
+    """Every kernel the dispatcher can pick (scripts/ptxas_notes.py's list) that has a plain twin (half blocks,
+    the knobs ptxas has serialized) compiles without a ptxas performance-loss note with this toolkit. Where
+    one does not, jit.unserialized runs its twin: correct, but without the knob's gain, and nothing else
+    shows it. ptxas tips such kernels for changes outside their loops (docs/perf-log.md, thirtieth session),
+    and a hand-run sweep over a few head dims missed three (d104-d120)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import ptxas_notes
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    names = sorted(c.name for c in ptxas_notes.kernels() if c.plain() is not None)
+    pre = subprocess.run([sys.executable, "-m", "flashjit", "precompile", "--arch", "sm_90a", "--jobs", "2", *names],
+                         env=dict(os.environ, FLASHJIT_CACHE_DIR=str(private_cache)), cwd=REPO, capture_output=True,
+                         text=True)
+    assert pre.returncode == 0, pre.stderr[-3000:]
+    notes = {manifest["config"]: manifest["ptxas_notes"] for _, manifest, _ in cache.entries()}
+    assert len(names) >= 30 and set(names) <= set(notes)
+    assert not any(notes[name] for name in names), sorted(name for name in names if notes[name])
+
+
 def test_a_kernel_ptxas_serializes_is_named_and_its_manifest_says_why(private_cache, caplog):
     """The d64 192-row non-causal kernel with half blocks: nvcc 13.0's ptxas serializes its wgmmas (C7511,
     its third compiled step's registers). A warning names the kernel, and the manifest keeps the note;
