@@ -5,7 +5,7 @@
 # Steps (each fits one 10-minute call; a step's log and JSON go to $OUT). A timing step runs a few of its
 # variant's GPU tests first (smoke.txt); the whole tests (the -tests steps) are for the variants that win.
 #   all-tests  all.patch: the patches below in one series (the softmax knobs, the uniform stages, the mask
-#             ranges, the backward's two cuts, two CTAs), main's whole GPU suite on it but the transformers
+#             ranges, the backward's two cuts, two CTAs, a dispatcher rule), the whole GPU suite on it but the transformers
 #             and multi-GPU files; each test's line goes to $OUT/tests.log as it ends (a timeout keeps them)
 #   all       main against all.patch's defaults (the uniform stages, the mask ranges): bench_forward d64 /
 #             d128, 1k / 4k, causal or not, and d256 4k (two passes)
@@ -14,8 +14,8 @@
 #   allbwd    main against all.patch: bench_backward d64 / d128, 1k / 4k, causal or not (two passes)
 #   If all-tests passes and a timing step wins, land the series (git am docs/experiments/all.patch) and make
 #   the knobs that won dispatcher defaults (ptxas_notes.py clean); otherwise the single-patch steps below
-#   say which part failed or lost. (ptxas serializes 3 of the series' 38 half-block kernels, d104-d120
-#   causal: the dispatcher runs their plain twins there, jit.unserialized.)
+#   say which part failed or lost. (ptxas serialized 3 of the series' half-block kernels, d104-d120 causal:
+#   its last commit takes those head dims off half blocks.)
 #   softmax-tests, softmax  fwd-softmax-cuts.patch (lazy_rescale, mma_sums): its GPU tests; then the default against _lr,
 #             _ms and _lr_ms at d64 causal 1k, non-causal 1k / 4k, d128 non-causal 1k / 4k, causal 4k, d256
 #             4k (--rounds 3 --configs)
