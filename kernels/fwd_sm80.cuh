@@ -184,16 +184,27 @@ __device__ __forceinline__ void apply_dropout(float (&s)[C::kM][C::kNtC][4], con
   }
 }
 
+// Lazy rescaling (softmax_rows' kLazy): a row's max moves only when a block's is more than this far
+// above it (log2 units, so P stays below 2^8), and O needs its rescale only when some row's moved.
+constexpr float kLazyRescaleLog2 = 8.f;
+
 // The online softmax of one key block, in two parts so a Hopper kernel can run the first while the
 // tensor cores still add the previous block into O: softmax_rows turns S into unnormalised P against
 // the new row maxima and rescales the row sums, returning each row's factor alpha; rescale_o applies
 // alpha to O. Row statistics live per thread for rows lane/4 (+8); the max is reduced over the 4-lane
 // quad that shares a row, the sum only at the end. With kOptSoftmax, m is kept in raw-score units
 // and the scale * log2(e) is folded into one FMA per element feeding ex2.
-template <class C>
-__device__ __forceinline__ void softmax_rows(float (&s)[C::kM][C::kNtC][4], float (&m)[C::kM][2],
+// The Hopper forward's knobs (fwd_sm90.cuh): kLazy keeps a row's max unless the block's is more than
+// kLazyRescaleLog2 above it (or the row had none: -inf), alpha then 1 (FlashAttention-4's conditional
+// rescaling; the result is the same function, P up to 2^8 instead of 1); returns whether some row of
+// this thread moved (always true without kLazy). kSums = false leaves l alone (the tensor cores sum
+// P instead).
+template <class C, bool kLazy = false, bool kSums = true>
+__device__ __forceinline__ bool softmax_rows(float (&s)[C::kM][C::kNtC][4], float (&m)[C::kM][2],
                                              float (&l)[C::kM][2], float (&alpha)[C::kM][2], float scale,
                                              float scale_log2) {
+  static_assert(!kLazy || C::kOptSoftmax, "lazy rescaling compares maxima kept in raw-score units");
+  bool moved = !kLazy;
 #pragma unroll
   for (int mt = 0; mt < C::kM; ++mt)
 #pragma unroll
@@ -207,16 +218,22 @@ __device__ __forceinline__ void softmax_rows(float (&s)[C::kM][C::kNtC][4], floa
       for (int nt = 0; nt < C::kNtC; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * half], s[mt][nt][2 * half + 1]));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      // (lazily: false while both are -inf; a row that has seen no key keeps O = 0, l = 0 either way)
+      const bool up = !kLazy || (mx - m[mt][half]) * scale_log2 > kLazyRescaleLog2;
+      moved |= up;
+      if (!up) mx = m[mt][half];
       float sum = 0.f;
       if (C::kOptSoftmax) {
         const float m_scaled = mx == -INFINITY ? 0.f : mx * scale_log2;  // all masked so far: keep P = 0
-        alpha[mt][half] = fast_exp2(m[mt][half] * scale_log2 - m_scaled);
+        // A kept max's alpha is exactly 1: exp2 of m * scale_log2 - m_scaled, fused into one FMA, is 2 to
+        // that product's rounding error, which l would take every step and O, not rescaled, would not.
+        alpha[mt][half] = up ? fast_exp2(m[mt][half] * scale_log2 - m_scaled) : 1.f;
 #pragma unroll
         for (int nt = 0; nt < C::kNtC; ++nt)
 #pragma unroll
           for (int e = 2 * half; e < 2 * half + 2; ++e) {
             s[mt][nt][e] = fast_exp2(fmaf(s[mt][nt][e], scale_log2, -m_scaled));
-            sum += s[mt][nt][e];
+            if (kSums) sum += s[mt][nt][e];
           }
       } else {
         const float m_use = mx == -INFINITY ? 0.f : mx;
@@ -230,8 +247,9 @@ __device__ __forceinline__ void softmax_rows(float (&s)[C::kM][C::kNtC][4], floa
           }
       }
       m[mt][half] = mx;
-      l[mt][half] = l[mt][half] * alpha[mt][half] + sum;
+      if (kSums) l[mt][half] = l[mt][half] * alpha[mt][half] + sum;
     }
+  return moved;
 }
 
 template <class C>

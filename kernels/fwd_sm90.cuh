@@ -43,6 +43,13 @@
 // warpgroup's own products under them (with ping-pong the other warpgroups' still are). Measured on an
 // H200 (docs/perf-log.md, 2026-12-04): with O stored through the Q stage, +3-5% at d128 up to 1k
 // queries (the dispatcher's choice there), level or mixed beyond and at d64.
+// Two cuts in the softmax, each a knob (the step's instructions a warp, bf16 non-causal: 683 at d128,
+// 469 at d64 without either): kLazyRescale moves a row's max only when a block's is 2^8 above it, so
+// the rescale of O (a multiply per O element, on the path from one PV's wait to the next PV's issue)
+// runs only in the steps where some row of the warp moved (FlashAttention-4's conditional rescaling);
+// kMmaSums has the tensor cores sum P's rows: each PV k-step's P fragment times a block of ones in
+// shared memory (wgmma N = 8) into an extra n-tile of O, which the rescale covers with O, instead of
+// an add an element (the sums are then of the rounded P that PV multiplies).
 #pragma once
 #include <algorithm>
 #include <type_traits>
@@ -64,18 +71,21 @@ enum class Barrier : int { kEpilogue = 1, kPingPong = 5, kVTail = 8 };
 // static_assert message is one of its WHY_* reasons, verbatim.
 template <bool kBf16_, int kDHead_, int kBlockM_, int kBlockN_, int kStages_, bool kOverlap_, bool kPingPong_,
           bool kPersistent_, bool kCausal_, bool kLocal_, bool kSoftcap_, bool kAlibi_, bool kDropout_, bool kSink_,
-          int kDHeadV_, bool kCrossTile_, bool kHalfBlocks_>
+          int kDHeadV_, bool kCrossTile_, bool kHalfBlocks_, bool kLazyRescale_, bool kMmaSums_>
 struct Config {
   static constexpr bool kBf16 = kBf16_, kOverlap = kOverlap_, kPingPong = kPingPong_, kCausal = kCausal_;
   static constexpr bool kPersistent = kPersistent_, kCrossTile = kCrossTile_;
   // Q buffers: the next tile's Q loads while the current one's is still read (cross-tile) or after.
   static constexpr int kQStages = kCrossTile_ ? 2 : 1;
   static constexpr bool kDropout = kDropout_, kSink = kSink_;
+  static constexpr bool kLazyRescale = kLazyRescale_, kMmaSums = kMmaSums_;
   using Mod = ScoreMod<kCausal_, kLocal_, kSoftcap_, kAlibi_>;
   // kD: the tile width, whole 64-column swizzle blocks (TMA boxes); kDMma: the QK^T k extent.
   static constexpr int kDHead = kDHead_, kD = (kDHead_ + 63) / 64 * 64, kDMma = (kDHead_ + 15) / 16 * 16;
   // The value head dim (of V and O; kDHeadV_ == 0: kDHead) and its tile, PV's N.
   static constexpr int kDHeadV = kDHeadV_ == 0 ? kDHead_ : kDHeadV_, kDV = (kDHeadV + 63) / 64 * 64;
+  // O's n-tiles in registers: kDV / 8, and with kMmaSums one more, the row sums (all 8 columns alike).
+  static constexpr int kNtO = kDV / 8 + (kMmaSums_ ? 1 : 0);
   static constexpr int kBlockM = kBlockM_, kBlockN = kBlockN_, kStages = kStages_;
   static constexpr int kConsumers = kBlockM / 64, kThreads = 128 * (kConsumers + 1);
   // The register file (64 K) split: 24 or 32 for the producer, the rest for the consumers.
@@ -83,16 +93,17 @@ struct Config {
   using TileQ = GmmaTile<kBlockM, kD>;
   using TileKV = GmmaTile<kBlockN, kD>;  // a K stage
   using TileV = GmmaTile<kBlockN, kDV>;  // a V stage
-  // 1 KiB of slack (the swizzle needs 1024-byte aligned tiles), the Q and K/V rings, their barriers.
-  static constexpr int kBarrierBytes = 8 * (2 * kQStages + 4 * kStages);
+  // 1 KiB of slack (the swizzle needs 1024-byte aligned tiles), the Q and K/V rings, kMmaSums' ones (a
+  // swizzle atom, so the sums read it with K's descriptor), the barriers.
+  static constexpr int kBarrierBytes = 8 * (2 * kQStages + 4 * kStages), kOnesBytes = kMmaSums_ ? 1024 : 0;
   static constexpr int kSmemBytes =
-      1024 + kQStages * TileQ::kBytes + kStages * (TileKV::kBytes + TileV::kBytes) + kBarrierBytes;
+      1024 + kQStages * TileQ::kBytes + kStages * (TileKV::kBytes + TileV::kBytes) + kOnesBytes + kBarrierBytes;
 
   // The element-wise passes of fwd_sm80.cuh, seen from one consumer warp: 16 rows (one m-tile) of
   // kN keys (a block, or its first half).
   template <int kN>
   struct WarpOf {
-    static constexpr int kM = 1, kNtC = kN / 8, kKtC = kN / 16, kNtD = kDV / 8;
+    static constexpr int kM = 1, kNtC = kN / 8, kKtC = kN / 16, kNtD = kNtO;  // (O's rescale: the sums too)
     static constexpr bool kOptSoftmax = true, kBf16 = kBf16_;
     using Mod = Config::Mod;
   };
@@ -124,9 +135,12 @@ struct Config {
                 "cross_tile runs one CTA's tiles as one pipeline: it needs persistent and the overlap");
   static_assert(!kHalfBlocks || (kOverlap && (kBlockN == 128 || kBlockN == 192)),
                 "half_blocks runs a block's first half at wgmma width block_n / 2: it needs the overlap and block_n 128 or 192");
+  static_assert(!kMmaSums || !kDropout,
+                "mma_sums sums the P that PV multiplies: not with dropout, whose dropped entries still count in the sums");
   // Per consumer thread: O (kDV / 2 fp32), S (kBlockN / 2 fp32) and P (kBlockN / 4 packed pairs).
   // Each score feature keeps a few more values live (window bounds, slopes, the Philox state): 8 each,
-  // measured as spills of the 160-register block_m 192 tile with any of them.
+  // measured as spills of the 160-register block_m 192 tile with any of them. (kMmaSums' n-tile of sums
+  // takes the place of l and the running sums, no longer live in the loop: that tile fits with it.)
   static constexpr int kRegEstimate =
       kDV / 2 + kBlockN / 2 + kBlockN / 4 + 32 + 8 * (int(kLocal_) + int(kSoftcap_) + int(kAlibi_) + int(kDropout_));
   static_assert(kRegEstimate <= kConsumerRegs, "O, S and P of this config do not fit the consumers' registers");
@@ -160,24 +174,35 @@ __device__ __forceinline__ void issue_qk(float (&s)[1][C::kBlockN / 8][4], uint6
   wgmma_commit();
 }
 
-// O += P V over the block's keys, or its first half's (kHalf: P's second half is zero);
+// O += P V over the block's keys, or its first half's (kHalf: P's second half is zero), and with
+// kMmaSums the row sums (O's last n-tile) += P times ones (ones_desc: K-major, any k-step reads ones);
 // asynchronous (commit only). A compile-time width: a wgmma left out at run time makes ptxas close
 // the group with a dummy one and split the products with fences.
 template <class C, bool kHalf = false>
-__device__ __forceinline__ void issue_pv(float (&o)[C::kDV / 8][4], const uint32_t (&pf)[1][C::kBlockN / 16][4],
-                                         uint64_t v_desc) {
+__device__ __forceinline__ void issue_pv(float (&o)[C::kNtO][4], const uint32_t (&pf)[1][C::kBlockN / 16][4],
+                                         uint64_t v_desc, uint64_t ones_desc) {
+  auto& o_v = *reinterpret_cast<float(*)[C::kDV / 8][4]>(&o);  // O proper, and the sums' n-tile
+  auto& sums = *reinterpret_cast<float(*)[1][4]>(&o[C::kDV / 8]);
   wgmma_fence();
 #pragma unroll
-  for (int ks = 0; ks < (kHalf ? C::kHalfN : C::kBlockN) / 16; ++ks)
-    wgmma_rs<C::kDV, C::kBf16, 1>(o, pf[0][ks], gmma_desc_add(v_desc, mnmajor_step(ks)), true);
+  for (int ks = 0; ks < (kHalf ? C::kHalfN : C::kBlockN) / 16; ++ks) {
+    wgmma_rs<C::kDV, C::kBf16, 1>(o_v, pf[0][ks], gmma_desc_add(v_desc, mnmajor_step(ks)), true);
+    if constexpr (C::kMmaSums) wgmma_rs<8, C::kBf16, 0>(sums, pf[0][ks], ones_desc, true);
+  }
   wgmma_commit();
 }
 // The pending P's PV at its width (pv_half).
 template <class C>
-__device__ __forceinline__ void issue_pending_pv(float (&o)[C::kDV / 8][4], const uint32_t (&pf)[1][C::kBlockN / 16][4],
-                                                 uint64_t v_desc, bool half) {
-  if (C::kHalfBlocks && half) issue_pv<C, C::kHalfBlocks>(o, pf, v_desc);
-  else issue_pv<C>(o, pf, v_desc);
+__device__ __forceinline__ void issue_pending_pv(float (&o)[C::kNtO][4], const uint32_t (&pf)[1][C::kBlockN / 16][4],
+                                                 uint64_t v_desc, uint64_t ones_desc, bool half) {
+  if (C::kHalfBlocks && half) issue_pv<C, C::kHalfBlocks>(o, pf, v_desc, ones_desc);
+  else issue_pv<C>(o, pf, v_desc, ones_desc);
+}
+// O (and the sums) times each row's alpha; with kLazyRescale only where some row of the warp moved
+// its max (moved: softmax_rows' answer for this thread's rows; always true without).
+template <class C>
+__device__ __forceinline__ void rescale(float (&o)[1][C::kNtO][4], const float (&alpha)[1][2], bool moved) {
+  if (!C::kLazyRescale || __any_sync(0xffffffffu, moved)) fwd::rescale_o<typename C::Warp>(o, alpha);
 }
 
 // Score modifiers and masks of block j for this warp's 16 rows (row0: global index of its first).
@@ -298,10 +323,10 @@ __device__ __forceinline__ int tile_of(int round) {
 // The shared memory: the Q ring (a stage a tile; released once every consumer thread has issued and
 // retired its last QK^T of the tile, so a persistent producer may load a later tile's Q; cross-tile,
 // by each consumer warpgroup's thread 0 once the TMA store of O staged in it has read it), the K and V
-// rings, their barriers.
+// rings, kMmaSums' ones, the barriers.
 template <class C>
 struct Smem {
-  elem_t *q, *k, *v;
+  elem_t *q, *k, *v, *ones;
   sm90::Ring<C::kQStages>* q_ring;
   sm90::Ring<C::kStages>*k_ring, *v_ring;
 
@@ -309,7 +334,8 @@ struct Smem {
     q = reinterpret_cast<elem_t*>(base);
     k = q + C::kQStages * C::TileQ::kBytes / 2;
     v = k + C::kStages * C::TileKV::kBytes / 2;
-    q_ring = reinterpret_cast<sm90::Ring<C::kQStages>*>(v + C::kStages * C::TileV::kBytes / 2);
+    ones = v + C::kStages * C::TileV::kBytes / 2;
+    q_ring = reinterpret_cast<sm90::Ring<C::kQStages>*>(ones + C::kOnesBytes / 2);
     k_ring = reinterpret_cast<sm90::Ring<C::kStages>*>(q_ring + 1);
     v_ring = k_ring + 1;
   }
@@ -327,7 +353,7 @@ struct Smem {
 // the packed rows after it are the next sequence's, which no map can clip.
 template <class C>
 __device__ __forceinline__ void epilogue(const Args& args, const Smem<C>& sm, const Tile<C>& T,
-                                         RingState<C::kQStages> qs, float (&o)[1][C::kDV / 8][4],
+                                         RingState<C::kQStages> qs, float (&o)[1][C::kNtO][4],
                                          const float (&m)[1][2], const float (&l)[1][2], float scale, int g, int t) {
   const FwdParams& p = args.p;
   const Seq seq(p, T.b);  // read again here rather than held in registers through the key loop
@@ -336,9 +362,9 @@ __device__ __forceinline__ void epilogue(const Args& args, const Smem<C>& sm, co
   elem_t* const q_tile = sm.q_stage(qs.stage);
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    float sum = l[0][half];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    float sum = l[0][half];  // this thread's columns' share, or (kMmaSums) the tensor cores' whole row
+    if (C::kMmaSums) sum = o[0][C::kDV / 8][2 * half];
+    else sum = fwd::quad_sum(sum);
     float m_nat = m[0][half] * scale;  // natural-log units (m: raw-score units)
     const float corr = C::kSink ? fold_sink(p.mods.sink[T.h], m_nat, sum) : 1.f;
     // Dropped entries still count in the softmax denominator; kept ones are scaled by 1 / (1 - p).
@@ -433,6 +459,10 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
   const int num_m = (p.seqlen_q + C::kBlockM - 1) / C::kBlockM;
   const int num_tiles = num_m * p.heads * p.batch;  // the launch is one CTA per tile unless persistent
 
+  if (C::kMmaSums && tid < C::kOnesBytes / 4) {  // the ones PV's row sums multiply P by
+    reinterpret_cast<uint32_t*>(sm.ones)[tid] = pack2<C::kBf16>(1.f, 1.f);
+    fence_proxy_async();  // visible to the tensor cores (the async proxy) after the barrier below
+  }
   if (tid == 0) {
     // Cross-tile, a Q stage holds O until its TMA store: thread 0 of each warpgroup releases it.
     sm.q_ring->init(C::kCrossTile ? C::kConsumers : C::kConsumers * 128);
@@ -459,9 +489,10 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
   auto q_desc = [&](int stage) { return gmma_desc(smem_addr(sm.q_stage(stage)) + g * 64 * 128, 16); };
   auto k_desc = [&](int stage) { return gmma_desc(smem_addr(sm.k_stage(stage)), 16); };
   auto v_desc = [&](int stage) { return gmma_desc(smem_addr(sm.v_stage(stage)), C::TileV::kBlockBytes); };
+  const uint64_t ones_desc = gmma_desc(smem_addr(sm.ones), 16);  // (unused without kMmaSums)
   RingState<C::kStages> st, prev;  // prev: the V stage of the PV not issued yet
   RingState<C::kQStages> qs;
-  float o[1][C::kDV / 8][4];
+  float o[1][C::kNtO][4];  // O, and with kMmaSums its row sums
   float m[1][2], l[1][2];
   float s[1][C::kBlockN / 8][4];
   uint32_t pf[1][C::kBlockN / 16][4];
@@ -495,7 +526,7 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
     // before taking the token, so the barrier in it cannot wait on a hand-over)
     zero_v_past_keys<C>(p, sm.v_stage(prev.stage), Tp.mod, Tp.j_end - 1, g * 128 + t);
     take_token();
-    issue_pending_pv<C>(o[0], pf, v_desc(prev.stage), pv_half);
+    issue_pending_pv<C>(o[0], pf, v_desc(prev.stage), ones_desc, pv_half);
     pass_token();
     wgmma_wait<0>();
     wgmma_settle(o[0]);
@@ -527,11 +558,12 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
         q_done(j);
         if (block_masked<C>(T.mod, T.q_row0, j)) mask_scores<C, true>(s, T.mod, row0, j, lane);
         else mask_scores<C, false>(s, T.mod, row0, j, lane);
-        fwd::online_softmax<W>(s, o, m, l, scale, scale_log2);
+        float alpha[1][2];
+        rescale<C>(o, alpha, fwd::softmax_rows<W, C::kLazyRescale, !C::kMmaSums>(s, m, l, alpha, scale, scale_log2));
         scores_to_p<C>(s, pf, p, T.bh, row0, j, lane);
         sm.v_ring->wait(st);
         zero_v_past_keys<C>(p, sm.v_stage(st.stage), T.mod, j, g * 128 + t);
-        issue_pv<C>(o[0], pf, v_desc(st.stage));
+        issue_pv<C>(o[0], pf, v_desc(st.stage), ones_desc);
         wgmma_wait<0>();
         wgmma_settle(o[0]);
         sm.v_ring->release(st);
@@ -551,7 +583,7 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
         }
         take_token();
         issue_qk<C>(s, q_desc(qs.stage), k_desc(st.stage));
-        if constexpr (kChained) issue_pending_pv<C>(o[0], pf, v_desc(prev.stage), pv_half);
+        if constexpr (kChained) issue_pending_pv<C>(o[0], pf, v_desc(prev.stage), ones_desc, pv_half);
         pass_token();
         wgmma_wait<kChained ? 1 : 0>();  // S is ready; the pending PV may still run
         wgmma_settle(s[0]);
@@ -559,7 +591,7 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
         q_done(T.j_begin);
         mask_scores<C, decltype(masked)::value>(s, T.mod, row0, T.j_begin, lane);
         float m1[1][2] = {{-INFINITY, -INFINITY}}, l1[1][2] = {{0.f, 0.f}}, alpha[1][2];
-        fwd::softmax_rows<W>(s, m1, l1, alpha, scale, scale_log2);
+        fwd::softmax_rows<W, false, !C::kMmaSums>(s, m1, l1, alpha, scale, scale_log2);  // (fresh: alpha unused)
         if constexpr (kChained) {
           wgmma_wait<0>();
           wgmma_settle(o[0]);
@@ -600,19 +632,20 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
         sm.v_ring->wait(prev);
         take_token();
         issue_qk<C, kN>(s, q_desc(qs.stage), k_desc(st.stage));
-        issue_pv<C>(o[0], pf, v_desc(prev.stage));
+        issue_pv<C>(o[0], pf, v_desc(prev.stage), ones_desc);
         pass_token();
         wgmma_wait<1>();  // S_j is ready; PV_{j-1} may still run
         wgmma_settle(s[0]);
         sm.k_ring->release(st);
         mask_scores<C, decltype(masked)::value, kN>(s, T.mod, row0, j, lane);
         float alpha[1][2];
-        fwd::softmax_rows<typename C::template WarpOf<kN>>(leading<kN / 8>(s), m, l, alpha, scale, scale_log2);
+        const bool moved = fwd::softmax_rows<typename C::template WarpOf<kN>, C::kLazyRescale, !C::kMmaSums>(
+            leading<kN / 8>(s), m, l, alpha, scale, scale_log2);
         wgmma_wait<0>();
         wgmma_settle(o[0]);
         sm.v_ring->release(prev);
         q_done(j);
-        fwd::rescale_o<W>(o, alpha);
+        rescale<C>(o, alpha, moved);
         scores_to_p<C, kN>(s, pf, p, T.bh, row0, j, lane);
         pv_half = decltype(half)::value;
         prev = st;

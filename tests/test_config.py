@@ -135,7 +135,7 @@ def test_every_hopper_forward_knob_changes_the_rendered_code():
     base = FwdSm90Config(d_head=64, pingpong=False)  # ping-pong needs the overlap: flipped on alone
     flips = dict(dtype="fp16", d_head=128, block_m=192, block_n=64, stages=3, overlap=False, pingpong=True,
                  persistent=True, causal=True, local=True, softcap=True, alibi=True, dropout=True, sink=True, d_v=32,
-                 cross_tile=True, half_blocks=True)
+                 cross_tile=True, half_blocks=True, lazy_rescale=True, mma_sums=True)
     assert set(flips) == {f.name for f in dataclasses.fields(FwdSm90Config)}
     for name, value in flips.items():
         at = dataclasses.replace(base, persistent=True) if name == "cross_tile" else base  # it needs persistent
@@ -170,6 +170,31 @@ def test_half_blocks_need_the_overlap_and_a_halvable_block():
     assert not FwdSm90Config("bf16", 64, 192, 128, 4, half_blocks=True).problems()
     assert cfg in dispatch.get_autotuning_kernel_configs("bf16", 128, True, arch="sm_90a")
     assert not any(c.half_blocks for c in dispatch.get_autotuning_kernel_configs("bf16", 128, False, arch="sm_90a"))
+
+
+def test_softmax_cuts_lazy_rescale_and_mma_sums():
+    """lazy_rescale (`_lr`) and mma_sums (`_ms`): suffixes after `_hb`, so older names keep their meaning;
+    mma_sums takes 1 KiB of ones (its n-tile of sums replaces l and the running sums: the register estimate
+    stays, so d64's 192-row tile takes it), and not dropout (its sums would miss the dropped entries);
+    neither is a default nor a tuning candidate until a GPU has timed them."""
+    cfg = FwdSm90Config("bf16", 128, persistent=True, causal=True, cross_tile=True, half_blocks=True,
+                        lazy_rescale=True, mma_sums=True)
+    assert not cfg.problems() and cfg.name.endswith("_xt_hb_lr_ms") and config_from_name(cfg.name) == cfg
+    for knob in ("lazy_rescale", "mma_sums"):
+        alone = FwdSm90Config("bf16", 64, **{knob: True})
+        assert config_from_name(alone.name) == alone and not config_from_name(FwdSm90Config("bf16", 64).name).__dict__[knob]
+    plain = dataclasses.replace(cfg, mma_sums=False)
+    assert (cfg.smem_bytes - plain.smem_bytes, cfg.register_estimate() - plain.register_estimate()) == (1024, 0)
+    assert not FwdSm90Config("bf16", 64, 192, 128, 4, persistent=True, cross_tile=True, mma_sums=True).problems()
+    assert fwd_sm90.WHY_MMA_SUMS in dataclasses.replace(cfg, dropout=True).problems()
+    assert not dataclasses.replace(cfg, dropout=True, mma_sums=False).problems()  # lazy rescaling takes dropout
+    for d_head in (64, 128, 256):
+        for causal in (False, True):
+            assert not any(c.lazy_rescale or c.mma_sums
+                           for c in dispatch.get_autotuning_kernel_configs("bf16", d_head, causal, arch="sm_90a"))
+            for seqlen in (1024, 4096):
+                picked = dispatch.default_config("bf16", d_head, causal, seqlen, arch="sm_90a")
+                assert not (picked.lazy_rescale or picked.mma_sums)
 
 
 def test_fa3_tiles_n176_n80_parse_fit_and_are_tuning_candidates_only():

@@ -74,6 +74,77 @@ def test_knobs(knobs, causal):
     _check(q, k, v, config, causal=causal)
 
 
+# The softmax cuts (FwdSm90Config.lazy_rescale, mma_sums) on the tiles the dispatcher picks and on the
+# steps they change: overlapped or not, half blocks, cross-tile, a 192-row tile, d256's 80-key tile.
+SOFTMAX_CUTS = [dict(lazy_rescale=True), dict(mma_sums=True), dict(lazy_rescale=True, mma_sums=True)]
+SOFTMAX_CUT_TILES = [dict(d_head=128), dict(d_head=128, persistent=True, cross_tile=True),
+                     dict(d_head=128, overlap=False, pingpong=False), dict(d_head=64, stages=4, persistent=True),
+                     dict(d_head=64, stages=4, persistent=True, half_blocks=True), dict(d_head=256, block_n=80),
+                     dict(d_head=64, block_m=192, stages=4, persistent=True, cross_tile=True),
+                     dict(dtype="fp16", d_head=128, persistent=True),  # wgmma_rs<8>'s f16 form, fp16 P up to 2^8
+                     dict(d_head=128, d_v=64)]  # the sums' n-tile after d_v's, not d_head's
+
+
+def _softmax_cut_configs():
+    for tile, cut, causal in itertools.product(SOFTMAX_CUT_TILES, SOFTMAX_CUTS, (False, True)):
+        config = dataclasses.replace(FwdSm90Config(**{"dtype": "bf16", **tile}, causal=causal), **cut)
+        if not config.problems() and not (config.half_blocks and not causal):
+            yield config
+
+
+@pytest.mark.parametrize("growing", [False, True], ids=["plain", "growing"])
+@pytest.mark.parametrize("config", list(_softmax_cut_configs()), ids=lambda c: c.name)
+def test_softmax_cuts(config, growing):
+    """Against the fp32 reference. "growing": keys scaled up along the sequence (x1 to x6) and queries
+    x3, so rows meet maxima 2^8 and more above their running one in later blocks, some rows of a warp
+    and not others: lazy_rescale's rescale runs in some steps and not in others. Sq != Sk, GQA, a causal
+    Sq > Sk leaves rows that see no key (out 0 there)."""
+    q, k, v = _inputs(2, 700, 611, 4, 2, config.d_head, DTYPES[config.dtype])
+    v = v[..., : config.head_dim_v]
+    if growing:
+        q = q * 3
+        k = k * torch.linspace(1, 6, k.shape[1], device="cuda", dtype=k.dtype)[None, :, None, None]
+    out = _check(q, k, v, config, causal=config.causal)
+    if config.causal:
+        assert out[:, : 700 - 611].abs().max().item() == 0
+
+
+def _check_dropout(q, k, v, config, p):
+    """A causal dropout forward against the fp32 reference with the same Philox keep mask."""
+    b, sq, h, sk = q.shape[0], q.shape[1], q.shape[2], k.shape[1]
+    philox = (torch.randint(0, 2**62, ()).item(), torch.randint(0, 2**40, ()).item())
+    out, lse = flashjit.forward(q, k, v, config=config, causal=True, dropout_p=p, philox=philox, return_lse=True,
+                                out=poisoned_like(q))
+    mask = philox_keep_mask(*philox, interface.dropout_threshold(p), b, h, sq, sk, "cuda")
+    (ref, ref_lse), (low, low_lse) = reference_and_low(q, k, v, causal=True, dropout_p=p, dropout_mask=mask)
+    assert_close("out", out, ref, low)
+    assert_lse_close(lse, ref_lse, low_lse)
+
+
+@pytest.mark.parametrize("feature", [dict(window_size=(300, 11)), dict(softcap=5.0), dict(alibi_slopes=True),
+                                     dict(learnable_sink=True), dict(dropout_p=0.2)], ids=lambda d: ",".join(d))
+def test_softmax_cuts_with_score_features(feature):
+    """lazy_rescale with each score feature (dropout: against the reference with the same Philox keep
+    mask), mma_sums with all but dropout."""
+    q, k, v = _inputs(2, 500, 433, 4, 2, 128, torch.bfloat16)
+    kw = dict(feature)
+    if "alibi_slopes" in kw:
+        kw["alibi_slopes"] = torch.rand(2, 4, device="cuda") * 0.3
+    if "learnable_sink" in kw:
+        kw["learnable_sink"] = torch.randn(4, device="cuda")
+    mods = interface.score_mods(q, True, kw.get("window_size", (-1, -1)), kw.get("softcap", 0.0), kw.get("alibi_slopes"))
+    for cut in SOFTMAX_CUTS:
+        config = FwdSm90Config("bf16", 128, persistent=True, causal=True, local=mods.local, softcap=mods.softcap,
+                               alibi=mods.alibi, sink="learnable_sink" in kw, dropout="dropout_p" in kw, **cut)
+        if config.problems():
+            assert "dropout_p" in kw and config.mma_sums
+            continue
+        if "dropout_p" in kw:
+            _check_dropout(q, k, v, config, kw["dropout_p"])
+        else:
+            _check(q, k, v, config, causal=True, **kw)
+
+
 # FlashAttention-3's tiles: block_n 176 at d128 and 80 at d256, key blocks that are a multiple of 16
 # but not of 64 (QK^T's wgmma N = 176 / 80, PV over 11 / 5 k-steps of 16, 22 / 10 S n-tiles in the
 # softmax and masks). Test ids are the config names: -k "n176 or n80" selects every test of them.
@@ -128,7 +199,9 @@ def test_fa3_tiles_features(d, n, feature, persistent):
                          [FwdSm90Config("bf16", 64, 192, 128, 4, causal=c, persistent=p)  # three-way ping-pong
                           for c in (False, True) for p in (False, True)] +
                          [FwdSm90Config("bf16", d, m, 128, 2, causal=True, half_blocks=True)  # sequences ending
-                          for d, m in ((64, 128), (64, 192), (128, 128))],  # mid-block: half blocks
+                          for d, m in ((64, 128), (64, 192), (128, 128))] +  # mid-block: half blocks
+                         [FwdSm90Config("bf16", 128, persistent=True, causal=c, **cut)  # the softmax cuts
+                          for c in (False, True) for cut in SOFTMAX_CUTS],
                          ids=lambda c: c.name)
 def test_fa3_tiles_varlen_equal_dense_calls(config):
     """A varlen batch on the FA3 tiles: each sequence's last key block runs past its keys into the next

@@ -31,6 +31,8 @@ WHY_STAGES = "stages must be 2, 3 or 4"
 WHY_PINGPONG = "ping-pong passes a token around the consumer warpgroups and needs the overlap"
 WHY_CROSS_TILE = "cross_tile runs one CTA's tiles as one pipeline: it needs persistent and the overlap"
 WHY_HALF_BLOCKS = "half_blocks runs a block's first half at wgmma width block_n / 2: it needs the overlap and block_n 128 or 192"
+WHY_MMA_SUMS = ("mma_sums sums the P that PV multiplies: not with dropout, whose dropped entries still count in "
+                "the sums")
 WHY_REGISTERS = "O, S and P of this config do not fit the consumers' registers"
 WHY_SMEM = "Q and the K/V stages of this config need more than 227 KiB of shared memory"
 
@@ -73,6 +75,13 @@ class FwdSm90Config(ConfigBase):
                  ptxas past the registers its wgmma pipeline needs (C7511: the dispatcher leaves it off
                  with a window, softcap, ALiBi, sinks, d_v or below d64; scripts/ptxas_notes.py); speed
                  only (H200: +1-7% at d64/d128 causal, flashjit/dispatch.py)
+    lazy_rescale move a row's running max only when a key block's is more than 2^8 above it, so O's
+                 rescale (a multiply an O element) runs only in the steps where some row of a warp moved
+                 (FlashAttention-4's conditional rescaling; P is then below 2^8 rather than 1, the same
+                 function up to rounding); speed only
+    mma_sums     the tensor cores sum P's rows (P times ones, wgmma N = 8, in an extra n-tile of O) instead
+                 of an add an element; the sums are of the rounded P that PV multiplies; 1 KiB more shared
+                 memory; not with dropout (its dropped entries count in the sums); speed only
     """
 
     dtype: str = "bf16"
@@ -92,6 +101,8 @@ class FwdSm90Config(ConfigBase):
     d_v: int = 0
     cross_tile: bool = False
     half_blocks: bool = False
+    lazy_rescale: bool = False
+    mma_sums: bool = False
 
     @property
     def d_tile(self) -> int:
@@ -111,8 +122,10 @@ class FwdSm90Config(ConfigBase):
 
     def plain(self) -> "FwdSm90Config | None":
         """Without half blocks, whose third compiled step is what ptxas has serialized (C7511) in kernels a
-        small source change away from ones it compiles whole (docs/perf-log.md, twenty-seventh session on)."""
-        return dataclasses.replace(self, half_blocks=False) if self.half_blocks else None
+        small source change away from ones it compiles whole (docs/perf-log.md, twenty-seventh session on),
+        and without the softmax knobs, which ptxas has serialized with half blocks."""
+        knobs = dict(half_blocks=False, lazy_rescale=False, mma_sums=False)
+        return dataclasses.replace(self, **knobs) if any(getattr(self, k) for k in knobs) else None
 
     @property
     def q_stages(self) -> int:
@@ -121,13 +134,16 @@ class FwdSm90Config(ConfigBase):
 
     @property
     def smem_bytes(self) -> int:
-        """Alignment slack, the Q stages, `stages` K and V tiles, the mbarriers (Config::kSmemBytes)."""
+        """Alignment slack, the Q stages, `stages` K and V tiles, mma_sums' ones, the mbarriers
+        (Config::kSmemBytes)."""
         return 1024 + 2 * self.q_stages * self.block_m * self.d_tile + \
-            2 * self.stages * self.block_n * (self.d_tile + self.d_tile_v) + 8 * (2 * self.q_stages + 4 * self.stages)
+            2 * self.stages * self.block_n * (self.d_tile + self.d_tile_v) + 1024 * self.mma_sums + \
+            8 * (2 * self.q_stages + 4 * self.stages)
 
     def register_estimate(self) -> int:
         """Per consumer thread: O, S and P fragments plus indices, and 8 for each score feature
-        (Config::kRegEstimate; with any feature the 160-register block_m 192 tile spilled)."""
+        (Config::kRegEstimate; with any feature the 160-register block_m 192 tile spilled). mma_sums' n-tile
+        of sums takes the place of l and the running sums (ptxas: d64's 192-row tile with it, 0 spills)."""
         features = self.local + self.softcap + self.alibi + self.dropout
         return self.d_tile_v // 2 + self.block_n // 2 + self.block_n // 4 + 32 + 8 * features
 
@@ -153,6 +169,8 @@ class FwdSm90Config(ConfigBase):
             out.append(WHY_CROSS_TILE)
         if self.half_blocks and not (self.overlap and self.block_n in (128, 192)):
             out.append(WHY_HALF_BLOCKS)
+        if self.mma_sums and self.dropout:
+            out.append(WHY_MMA_SUMS)
         if self.register_estimate() > self.register_budget:
             out.append(f"{WHY_REGISTERS} (about {self.register_estimate()} of {self.register_budget}); "
                        "use a smaller block_n or block_m 128")
@@ -165,12 +183,14 @@ class FwdSm90Config(ConfigBase):
         return (f"fwd_sm90_{self.dtype}_d{self.d_head}_m{self.block_m}_n{self.block_n}_st{self.stages}"
                 f"_ov{int(self.overlap)}_pp{int(self.pingpong)}_ps{int(self.persistent)}_causal{int(self.causal)}"
                 f"{features_suffix(self)}{d_v_suffix(self)}{'_xt' if self.cross_tile else ''}"
-                f"{'_hb' if self.half_blocks else ''}")
+                f"{'_hb' if self.half_blocks else ''}{'_lr' if self.lazy_rescale else ''}"
+                f"{'_ms' if self.mma_sums else ''}")
 
     _NAME_RE = re.compile(r"^fwd_sm90_(?P<dtype>fp16|bf16)_d(?P<d_head>\d+)_m(?P<block_m>\d+)_n(?P<block_n>\d+)"
                           r"_st(?P<stages>\d+)_ov(?P<overlap>[01])_pp(?P<pingpong>[01])_ps(?P<persistent>[01])"
                           r"_causal(?P<causal>[01])"
-                          + FWD_FEATURES_RE + D_V_RE + r"(?P<cross_tile>_xt)?(?P<half_blocks>_hb)?$")
+                          + FWD_FEATURES_RE + D_V_RE + r"(?P<cross_tile>_xt)?(?P<half_blocks>_hb)?(?P<lazy_rescale>_lr)?"
+                          r"(?P<mma_sums>_ms)?$")
 
     @classmethod
     def parse_name(cls, name: str) -> "FwdSm90Config | None":
@@ -181,10 +201,11 @@ class FwdSm90Config(ConfigBase):
                    int(match["stages"]), match["overlap"] == "1", match["pingpong"] == "1", match["persistent"] == "1",
                    match["causal"] == "1",
                    *(match[f] is not None for f in FEATURES), match["sink"] is not None, int(match["d_v"] or 0),
-                   match["cross_tile"] is not None, match["half_blocks"] is not None)
+                   match["cross_tile"] is not None, match["half_blocks"] is not None,
+                   match["lazy_rescale"] is not None, match["mma_sums"] is not None)
 
 
 FwdSm90Config.family = FAMILY = Family(
     "fwd_sm90", FwdSm90Config, template="fwd_sm90.cuh", namespace="fwd_sm90", params="FwdParams", direction="fwd",
     arch=ARCH, reasons=(WHY_HEAD_DIM, WHY_HEAD_DIM_V, WHY_BLOCK_M, WHY_BLOCK_N, WHY_STAGES, WHY_PINGPONG, WHY_CROSS_TILE,
-                        WHY_HALF_BLOCKS, WHY_REGISTERS, WHY_SMEM))
+                        WHY_HALF_BLOCKS, WHY_MMA_SUMS, WHY_REGISTERS, WHY_SMEM))

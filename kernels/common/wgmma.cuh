@@ -211,10 +211,20 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[N / 8][4], uint64_t desc_a, 
 template <int N, bool kBf16, int kTransB>
 __device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t desc_b,
                                          bool accumulate) {
-  static_assert(N == 64 || N == 96 || N == 128 || N == 192 || N == 256, "wgmma_rs is written out for N = 64, 96, 128, 192, 256");
+  // 8: the Hopper forward's row sums (P times a block of ones).
+  static_assert(N == 8 || N == 64 || N == 96 || N == 128 || N == 192 || N == 256,
+                "wgmma_rs is written out for N = 8, 64, 96, 128, 192, 256");
   float* f = &d[0][0];
   const int acc = accumulate;
-  if constexpr (N == 64 && kBf16)
+  if constexpr (N == 8 && kBf16)
+    asm volatile(FJ_WGMMA(8, "bf16", "{%0, %1, %2, %3}", "{%4, %5, %6, %7}, %8, p, 1, 1, %10", "%9")
+                 : "+f"(f[0]), "+f"(f[1]), "+f"(f[2]), "+f"(f[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(acc), "n"(kTransB));
+  else if constexpr (N == 8 && !kBf16)
+    asm volatile(FJ_WGMMA(8, "f16", "{%0, %1, %2, %3}", "{%4, %5, %6, %7}, %8, p, 1, 1, %10", "%9")
+                 : "+f"(f[0]), "+f"(f[1]), "+f"(f[2]), "+f"(f[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(acc), "n"(kTransB));
+  else if constexpr (N == 64 && kBf16)
     asm volatile(FJ_WGMMA(64, "bf16", FJ_ACC32, "{%32, %33, %34, %35}, %36, p, 1, 1, %38", "%37")
                  : FJ_F32(f) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(acc), "n"(kTransB));
   else if constexpr (N == 64 && !kBf16)
