@@ -626,13 +626,23 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
       // (P's second half zeroed). Its PV runs at full width in the next step (a half-width one there
       // would be a fourth compilation, which made ptxas 13.0 serialize the wgmmas of the d64 128-row
       // kernel for want of registers: C7511, -17% at 1k) and at half width only in finish() (pv_half).
+      uint64_t uniform_k = 0, uniform_v = 0;  // half blocks: the step's descriptors (below)
       auto step = [&](int j, auto masked, auto half) {
         constexpr int kN = decltype(half)::value ? C::kHalfN : C::kBlockN;
         sm.k_ring->wait(st);
         sm.v_ring->wait(prev);
         take_token();
-        issue_qk<C, kN>(s, q_desc(qs.stage), k_desc(st.stage));
-        issue_pv<C>(o[0], pf, v_desc(prev.stage), ones_desc);
+        // The K and V descriptors from warp-uniform stages, so that ptxas builds them on the uniform
+        // datapath: from the ring states, loop-carried through the step's compilations, it built them
+        // in vector registers and moved each k-step's to uniform ones (a 64-bit add and two R2UR a
+        // wgmma; d128's step 525 instructions a warp, 458 this way). Without half blocks, a shuffle from
+        // lane 0 here; with them (a third compiled step), uniform_k and uniform_v, made before the
+        // branch to the step (below). Not in first() and finish(): there ptxas serialized some kernels'
+        // wgmmas (C7511: registers; d96 and d128 causal).
+        const uint64_t kd = C::kHalfBlocks ? uniform_k : k_desc(__shfl_sync(0xffffffffu, st.stage, 0));
+        const uint64_t vd = C::kHalfBlocks ? uniform_v : v_desc(__shfl_sync(0xffffffffu, prev.stage, 0));
+        issue_qk<C, kN>(s, q_desc(qs.stage), kd);
+        issue_pv<C>(o[0], pf, vd, ones_desc);
         pass_token();
         wgmma_wait<1>();  // S_j is ready; PV_{j-1} may still run
         wgmma_settle(s[0]);
@@ -651,6 +661,15 @@ __global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_consta
         prev = st;
       };
       for (int j = T.j_begin + 1; j < T.j_end; ++j, st.advance()) {
+        if constexpr (C::kHalfBlocks) {
+          // Half blocks: the step's K and V descriptors, from the stages made warp-uniform by a
+          // redux.sync (its result is a uniform register), once a key block before the branch. In the
+          // step instead (shuffled or reduced, before or between the QK^T and the PV, K's or V's or
+          // both, in some compilations or all), ptxas serialized the wgmmas of some half-block kernel
+          // (C7511; d64 to d128, 128- and 192-row); a shuffle here did the same for d128 causal xt_hb.
+          const auto uniform = [](int stage) { return int(__reduce_or_sync(0xffffffffu, unsigned(stage))); };
+          uniform_k = k_desc(uniform(st.stage)), uniform_v = v_desc(uniform(prev.stage));
+        }
         if (!block_masked<C>(T.mod, T.q_row0, j)) step(j, std::false_type{}, std::false_type{});
         else if (C::kHalfBlocks && half_block<C>(T.mod, T.q_row0, g, j))  // off, the branch folds away
           step(j, std::true_type{}, std::bool_constant<C::kHalfBlocks>{});
