@@ -147,18 +147,28 @@ __device__ __forceinline__ void gemm_pv(float (&o)[C::kM][C::kNtD][4], const uin
 template <class C>
 __device__ __forceinline__ void apply_score_mod(float (&s)[C::kM][C::kNtC][4], const typename C::Mod& mod, int row0,
                                                 int col0, bool need_mask, int lane) {
+  const int col_t = col0 + (lane & 3) * 2;  // this thread's first column; its others are col_t + 8 nt + (e & 1)
 #pragma unroll
   for (int mt = 0; mt < C::kM; ++mt)
 #pragma unroll
-    for (int nt = 0; nt < C::kNtC; ++nt)
+    for (int half = 0; half < 2; ++half) {
+      const int row = row0 + mt * 16 + (lane >> 2) + half * 8;
+      // The row's visible keys, once a row (dead without the mask), made opaque where they are made:
+      // with the range's loop-invariant parts hoisted out of the key loop (or, from an opaque row, its
+      // arithmetic moved), ptxas serialized the wgmmas of d64's 192-row causal kernel, or of d128's
+      // causal default (C7511: registers).
+      typename C::Mod::QueryRange keys = mod.query_range(row, col_t);
+      asm volatile("" : "+r"(keys.lo), "+r"(keys.hi));
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int row = row0 + mt * 16 + (lane >> 2) + (e >> 1) * 8;
-        const int col = col0 + nt * 8 + (lane & 3) * 2 + (e & 1);
-        float unused_grad;
-        if (C::Mod::kTransforms) s[mt][nt][e] = mod.scaled(s[mt][nt][e], row, col, unused_grad);
-        if (need_mask && !mod.visible(row, col)) s[mt][nt][e] = -INFINITY;
-      }
+      for (int nt = 0; nt < C::kNtC; ++nt)
+#pragma unroll
+        for (int e = 2 * half; e < 2 * half + 2; ++e) {
+          const int c = nt * 8 + (e & 1);
+          float unused_grad;
+          if (C::Mod::kTransforms) s[mt][nt][e] = mod.scaled(s[mt][nt][e], row, col_t + c, unused_grad);
+          if (need_mask && !keys.visible(c)) s[mt][nt][e] = -INFINITY;
+        }
+    }
 }
 
 // Zero the dropped entries of P (after the row sums took them: the softmax is that of all keys;

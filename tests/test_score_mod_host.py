@@ -13,7 +13,7 @@ import pytest
 from flashjit import codegen
 
 # One program: for each (causal, local) it draws shapes (Sq, Sk), windows (unbounded, small, huge) and
-# blocks, and counts the entries where a range disagrees with visible(); for block_needs_mask, the
+# blocks, and counts the entries where a range (key_range, query_range) disagrees with visible(); for block_needs_mask, the
 # blocks it lets through unmasked that hold an invisible entry. Prints "<check> <mismatches> <cases>".
 PROGRAM = r"""
 #include <algorithm>
@@ -31,7 +31,7 @@ using namespace flashjit;
 struct Counts { long bad = 0, cases = 0; };
 
 template <bool kCausal, bool kLocal>
-void check(std::mt19937& rng, long trials, Counts& keys, Counts& blocks) {
+void check(std::mt19937& rng, long trials, Counts& keys, Counts& queries, Counts& blocks) {
   std::uniform_int_distribution<int> len(1, 3000), win(-1, 700), pick(0, 9), rows(1, 192), cols(1, 256);
   for (long t = 0; t < trials; ++t) {
     ScoreParams m{};
@@ -45,6 +45,11 @@ void check(std::mt19937& rng, long trials, Counts& keys, Counts& blocks) {
     const auto range = mod.template key_range<128>(i0, j);
     for (int c = 0; c < 128; ++c) keys.bad += range.visible(c) != mod.visible(i0 + c, j);
     ++keys.cases;
+    // query_range(i, j0): the keys j0 + c that query i sees (the forwards' rows are queries; j0 even)
+    const int i = std::uniform_int_distribution<int>(0, sq - 1)(rng), j0 = (key(rng) - 8) / 2 * 2;
+    const auto row = mod.query_range(i, j0);
+    for (int c = 0; c < 256; ++c) queries.bad += row.visible(c) != mod.visible(i, j0 + c);
+    ++queries.cases;
     // block_needs_mask(row0, rows, col0, cols) false: every entry of the block visible
     const int row0 = std::uniform_int_distribution<int>(0, sq - 1)(rng), col0 = std::uniform_int_distribution<int>(0, sk)(rng);
     const int r = rows(rng), n = cols(rng);
@@ -60,13 +65,14 @@ void check(std::mt19937& rng, long trials, Counts& keys, Counts& blocks) {
 
 int main() {
   std::mt19937 rng(20261204);
-  Counts keys, blocks;
+  Counts keys, queries, blocks;
   const long n = 100000;
-  check<false, false>(rng, n, keys, blocks);
-  check<true, false>(rng, n, keys, blocks);
-  check<false, true>(rng, n, keys, blocks);
-  check<true, true>(rng, n, keys, blocks);
-  std::printf("key_range %ld %ld\nblock_needs_mask %ld %ld\n", keys.bad, keys.cases, blocks.bad, blocks.cases);
+  check<false, false>(rng, n, keys, queries, blocks);
+  check<true, false>(rng, n, keys, queries, blocks);
+  check<false, true>(rng, n, keys, queries, blocks);
+  check<true, true>(rng, n, keys, queries, blocks);
+  std::printf("key_range %ld %ld\nquery_range %ld %ld\nblock_needs_mask %ld %ld\n", keys.bad, keys.cases, queries.bad,
+              queries.cases, blocks.bad, blocks.cases);
   return 0;
 }
 """
@@ -92,6 +98,13 @@ def test_key_range_is_visible_along_a_key(results):
     (two compares an entry instead of visible()'s sums); it must agree with visible() everywhere."""
     bad, cases = results["key_range"]
     assert cases == 400000 and bad == 0, f"{bad} entries of {cases} blocks x 128 queries differ from visible()"
+
+
+def test_query_range_is_visible_along_a_query(results):
+    """The forwards' rows are queries: query_range(i, j0) gives the keys j0 + c query i sees as lo <= c <= hi
+    (apply_score_mod's mask: one range a row, a compare an entry); it must agree with visible() everywhere."""
+    bad, cases = results["query_range"]
+    assert cases == 400000 and bad == 0, f"{bad} entries of {cases} rows x 256 keys differ from visible()"
 
 
 def test_block_needs_mask_never_skips_an_invisible_entry(results):

@@ -39,6 +39,24 @@ struct ScoreMod {
     return false;
   }
 
+  // The keys j0 + c that query i sees, as a range of c: visible(i, j0 + c) iff lo <= c <= hi. For kernels
+  // whose rows are queries (the forwards' masked blocks): one range a row, then a compare an element
+  // against a compile-time c, where visible() had the column's sum and two compares an element. Bounds
+  // as key_range's (windows clamped to 2^30; exact while |i + diag - j0| < 2^30).
+  struct QueryRange {
+    int lo, hi;
+    __device__ __forceinline__ bool visible(int c) const { return c >= lo && c <= hi; }
+  };
+  __device__ __forceinline__ QueryRange query_range(int i, int j0) const {
+    constexpr int kFar = 1 << 30;
+    const int x0 = i + diag - j0;  // key j0 + c is visible iff (causal) c <= x0, c <= x0 + right, c >= x0 - left
+    int lo = -kFar, hi = seqlen_k - 1 - j0;
+    if (kCausal) hi = min(hi, x0);
+    if (kLocal && right >= 0) hi = min(hi, x0 + min(right, kFar));
+    if (kLocal && left >= 0) lo = x0 - min(left, kFar);
+    return {lo, hi};
+  }
+
   // The queries i0 + c, c in [0, kCols), that key j sees, as a range of c: visible(i0 + c, j) iff
   // lo <= c <= hi. x0 = i0 + diag - j, scaled_at's x at c = 0. For kernels whose rows are keys (the
   // dK/dV kernels): two compares an element instead of visible()'s conditions, which the compiler
