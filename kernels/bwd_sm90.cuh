@@ -332,16 +332,20 @@ __device__ __forceinline__ void probabilities_t(const typename C::Mod& mod, floa
   const typename C::Mod::KeyRange range[2] = {mod.template key_range<C::kBlockM>(row0 + (lane & 3) * 2, my_key0),
                                               mod.template key_range<C::kBlockM>(row0 + (lane & 3) * 2, my_key0 + 8)};
 #pragma unroll
-  for (int nt = 0; nt < C::kNtM; ++nt)
+  for (int nt = 0; nt < C::kNtM; ++nt) {
+    // Both columns' lse in one load, read by both halves: loaded per element, ptxas sank each load under
+    // its half's range predicate, four scalar loads where one pair does (d64: 64 LDS a step, now 16).
+    const float2 lse = *reinterpret_cast<const float2*>(s_lse + nt * 8 + (lane & 3) * 2);
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       float g[2];
 #pragma unroll
       for (int e = 2 * half; e < 2 * half + 2; ++e)
-        st[nt][e] = bwd::probability_in<C>(mod, range[half], nt * 8 + (e & 1), st[nt][e],
-                                           s_lse[nt * 8 + (lane & 3) * 2 + (e & 1)], scale_log2, g[e & 1]);
+        st[nt][e] = bwd::probability_in<C>(mod, range[half], nt * 8 + (e & 1), st[nt][e], e & 1 ? lse.y : lse.x,
+                                           scale_log2, g[e & 1]);
       if (C::Mod::kSoftcap) grad[nt][half] = pack2<false>(g[0], g[1]);
     }
+  }
 }
 
 // One step's products for this warp's 16 keys (from my_key0; its rows r0 of the CTA's 128) and
@@ -382,26 +386,10 @@ __device__ __forceinline__ void step_products(const typename C::Mod& mod, const 
   // Softcap's chain-rule factors (in [0, 1]) as fp16 pairs: as fp32 they pushed d_head 64 into spills.
   uint32_t grad[C::Mod::kSoftcap ? C::kNtM : 1][2];
   const auto query = [&](int nt, int e) { return nt * 8 + (lane & 3) * 2 + (e & 1); };  // in the block
-  // The queries each of this lane's keys (my_key0 + 8 half) sees, as columns nt * 8 + (e & 1) from
-  // its first, row0 + (lane & 3) * 2. Not in the cp.async kernel with softcap (255 registers and
-  // spilling already): there the ranges cost 8 spill instructions more. (probabilities_t, which the
-  // wide kernel calls, is this branch; called here it changed this kernel's SASS: 8 bytes more
-  // spills at d_head 128 causal softcap.)
+  // The key ranges (probabilities_t), but not in the cp.async kernel with softcap (255 registers and
+  // spilling already): there they cost 8 spill instructions more.
   if constexpr (C::kTma || !C::Mod::kSoftcap) {
-    const typename C::Mod::KeyRange range[2] = {
-        mod.template key_range<C::kBlockM>(row0 + (lane & 3) * 2, my_key0),
-        mod.template key_range<C::kBlockM>(row0 + (lane & 3) * 2, my_key0 + 8)};
-#pragma unroll
-    for (int nt = 0; nt < C::kNtM; ++nt)
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        float g[2];
-#pragma unroll
-        for (int e = 2 * half; e < 2 * half + 2; ++e)
-          st[0][nt][e] = bwd::probability_in<C>(mod, range[half], nt * 8 + (e & 1), st[0][nt][e],
-                                                s_lse[query(nt, e)], scale_log2, g[e & 1]);
-        if (C::Mod::kSoftcap) grad[nt][half] = pack2<false>(g[0], g[1]);
-      }
+    probabilities_t<C>(mod, st[0], grad, s_lse, row0, my_key0, lane, scale_log2);
   } else {
 #pragma unroll
     for (int nt = 0; nt < C::kNtM; ++nt)
