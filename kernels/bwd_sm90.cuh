@@ -450,7 +450,7 @@ __device__ __forceinline__ void step_products(const typename C::Mod& mod, const 
   // dS^T to shared memory; then this warpgroup's share of dQ = dS K, and dK += dS^T Q after it, so
   // that dQ retires first and is written out (with_dq) while dK runs (as FlashAttention-3 orders
   // them); issued the other way round, the tensor cores sat idle while each warp staged its dQ.
-  store_a_in<typename C::TileS>(sdS, dsa, r0, lane);  // conflict-free: 8 rows, 8 different chunks
+  stmatrix_a<typename C::TileS>(sdS, dsa, r0, lane);
   fence_proxy_async();
   sync_ds();
   wgmma_fence();
@@ -970,7 +970,7 @@ __device__ __forceinline__ void consume_wide(const BwdParams& p, const Smem<C>& 
       wgmma_fence();
       gemm_frag_t<C>(acc[0], dsa[0], d.q_b, stage_bytes);  // dK += dS^T Q
       wgmma_commit();
-      store_a_in<typename C::TileS>(sm.ds, dsa, r0, lane);  // conflict-free: 8 rows, 8 different chunks
+      stmatrix_a<typename C::TileS>(sm.ds, dsa, r0, lane);
       fence_proxy_async();
       // A sync, not an arrive: this warpgroup's own dQ reads every warp's rows of sm.ds (the product
       // sums over the 64 keys), so its warps wait for each other too. WG0 is already waiting here.

@@ -30,6 +30,26 @@ struct GmmaTile {
 };
 
 #ifdef __CUDACC__  // device code (the launcher's host-only build skips it: common/launch.cuh)
+// Four 8x8 16-bit matrices from registers into shared memory, ldmatrix_x4's inverse: lane i supplies
+// the row address of matrix i / 8, row i % 8, and r[j] is matrix j's fragment (mma.sync's layout).
+__device__ __forceinline__ void stmatrix_x4(uint32_t addr, const uint32_t (&r)[4]) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1,%2,%3,%4};\n" ::"r"(addr), "r"(r[0]), "r"(r[1]),
+               "r"(r[2]), "r"(r[3])
+               : "memory");
+}
+
+// 16-bit A fragments a[mt][kt] (rows row0 + 16 mt + lane / 4 (+8), columns 16 kt + 2 (lane % 4) (+8), the
+// layout of fragments.cuh's store_a_in) into tile Tile (a GmmaTile): one stmatrix an (mt, kt) where
+// store_a_in makes four 4-byte stores. Conflict-free: a matrix's 8 rows of one chunk sit in 8 chunks.
+template <class Tile, int kMT, int kKT, typename T>
+__device__ __forceinline__ void stmatrix_a(T* tile, const uint32_t (&a)[kMT][kKT][4], int row0, int lane) {
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int kt = 0; kt < kKT; ++kt)
+      stmatrix_x4(smem_addr(tile + Tile::offset(row0 + mt * 16 + (lane & 15), kt * 2 + (lane >> 4))), a[mt][kt]);
+}
+
 // Copy rows [0, kRows) of a row-strided global [rows x kCols] tile into a GmmaTile with cp.async;
 // rows >= valid_rows and the columns past kValidCols (a head dim narrower than its tile) are
 // zero-filled and never read.
