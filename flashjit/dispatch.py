@@ -310,7 +310,7 @@ def with_tile_walk(config, grid: tuple | None, seqlen_q: int, sm_count: Callable
     if not (isinstance(config, FwdSm90Config) and config.persistent):
         return config
     if grid is None or (config.causal and not config.local and not persistent_walk_balances(
-            grid[0] * grid[1], seqlen_q, config.block_m, config.block_n, sm_count())):
+            grid[0] * grid[1], seqlen_q, config.block_m, config.block_n, sm_count() * config.ctas_per_sm)):
         return config.one_cta_per_tile()
     return config
 

@@ -11,7 +11,8 @@
 //   warpgroup 0            producer: one thread issues every TMA load, the rest only wait; it gives
 //                          its registers to the consumers (setmaxnreg).
 //   warpgroups 1..kWG      consumers: 64 query rows each, O and the softmax statistics in registers.
-// Persistent, a CTA per SM walks a tile per round (tile_of); the rings run on across tiles.
+// Persistent, a CTA per SM (two with kTwoCtas) walks a tile per round (tile_of); the rings run on across
+// tiles.
 // Barriers (who arrives / who waits):
 //   q.full[s]              producer (expect_tx: the Q tile)      / every consumer thread, once a tile
 //   q.empty[s]             every consumer thread, after its last  / the producer, before a later
@@ -50,6 +51,8 @@
 // kMmaSums has the tensor cores sum P's rows: each PV k-step's P fragment times a block of ones in
 // shared memory (wgmma N = 8) into an extra n-tile of O, which the rescale covers with O, instead of
 // an add an element (the sums are then of the rounded P that PV multiplies).
+// With kTwoCtas two CTAs share an SM (half the registers and shared memory each; d64, 64-key blocks,
+// no overlap): the other CTA's warpgroups run under a warpgroup's softmax instead of its own next QK^T.
 #pragma once
 #include <algorithm>
 #include <type_traits>
@@ -71,7 +74,7 @@ enum class Barrier : int { kEpilogue = 1, kPingPong = 5, kVTail = 8 };
 // static_assert message is one of its WHY_* reasons, verbatim.
 template <bool kBf16_, int kDHead_, int kBlockM_, int kBlockN_, int kStages_, bool kOverlap_, bool kPingPong_,
           bool kPersistent_, bool kCausal_, bool kLocal_, bool kSoftcap_, bool kAlibi_, bool kDropout_, bool kSink_,
-          int kDHeadV_, bool kCrossTile_, bool kHalfBlocks_, bool kLazyRescale_, bool kMmaSums_>
+          int kDHeadV_, bool kCrossTile_, bool kHalfBlocks_, bool kLazyRescale_, bool kMmaSums_, bool kTwoCtas_>
 struct Config {
   static constexpr bool kBf16 = kBf16_, kOverlap = kOverlap_, kPingPong = kPingPong_, kCausal = kCausal_;
   static constexpr bool kPersistent = kPersistent_, kCrossTile = kCrossTile_;
@@ -88,8 +91,13 @@ struct Config {
   static constexpr int kNtO = kDV / 8 + (kMmaSums_ ? 1 : 0);
   static constexpr int kBlockM = kBlockM_, kBlockN = kBlockN_, kStages = kStages_;
   static constexpr int kConsumers = kBlockM / 64, kThreads = 128 * (kConsumers + 1);
-  // The register file (64 K) split: 24 or 32 for the producer, the rest for the consumers.
-  static constexpr int kProducerRegs = kConsumers == 2 ? 24 : 32, kConsumerRegs = kConsumers == 2 ? 240 : 160;
+  // kTwoCtas: two CTAs an SM, four consumer warpgroups hiding each other's latency in place of the
+  // intra-warpgroup overlap. Launch bounds of two blocks leave 80 registers a thread at launch (30720
+  // a CTA), of which the consumers can claim 104 (with the overlap's second S that spilled: C7512).
+  static constexpr int kCtasPerSm = kTwoCtas_ ? 2 : 1;
+  // The register file (64 K, per CTA) split: 24 or 32 for the producer, the rest for the consumers.
+  static constexpr int kProducerRegs = kConsumers == 2 ? 24 : 32;
+  static constexpr int kConsumerRegs = kTwoCtas_ ? 104 : kConsumers == 2 ? 240 : 160;
   using TileQ = GmmaTile<kBlockM, kD>;
   using TileKV = GmmaTile<kBlockN, kD>;  // a K stage
   using TileV = GmmaTile<kBlockN, kDV>;  // a V stage
@@ -143,8 +151,17 @@ struct Config {
   // takes the place of l and the running sums, no longer live in the loop: that tile fits with it.)
   static constexpr int kRegEstimate =
       kDV / 2 + kBlockN / 2 + kBlockN / 4 + 32 + 8 * (int(kLocal_) + int(kSoftcap_) + int(kAlibi_) + int(kDropout_));
-  static_assert(kRegEstimate <= kConsumerRegs, "O, S and P of this config do not fit the consumers' registers");
+  static_assert(kTwoCtas_ || kRegEstimate <= kConsumerRegs, "O, S and P of this config do not fit the consumers' registers");
+  static_assert(!kTwoCtas_ || (kConsumers == 2 && !kOverlap_ && kD == 64 && kDV == 64 && kBlockN == 64),
+                "two_ctas gives a consumer thread 104 registers (two CTAs an SM): it needs block_m 128, no overlap, d_head <= 64 and block_n 64");
   static_assert(kSmemBytes <= 227 * 1024, "Q and the K/V stages of this config need more than 227 KiB of shared memory");
+  // What the rules above guarantee for kTwoCtas, kept true by whoever changes them: setmaxnreg stays inside
+  // the pool the launch bound gives a CTA (else .inc waits forever), and two CTAs' tiles (and the 1 KiB
+  // the hardware reserves for each) fit an SM's 228 KiB (else only one runs there).
+  static_assert(128 * kProducerRegs + 128 * kConsumers * kConsumerRegs <=
+                    kThreads * ((65536 / (kCtasPerSm * kThreads)) & ~7),
+                "the warpgroups' setmaxnreg counts exceed the registers the launch bound gives a CTA");
+  static_assert(kCtasPerSm * (kSmemBytes + 1024) <= 228 * 1024, "kCtasPerSm CTAs' shared memory exceeds an SM's");
 };
 
 // The kernel's parameters: the plain ones and a TMA map per tensor (encoded by launch()).
@@ -449,7 +466,7 @@ __device__ __forceinline__ void produce(const Args& args, const Smem<C>& sm, int
 }
 
 template <class C>
-__global__ void __launch_bounds__(C::kThreads, 1) fwd_kernel(const __grid_constant__ Args args) {
+__global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const __grid_constant__ Args args) {
   const FwdParams& p = args.p;
   extern __shared__ unsigned char smem_raw[];
   const uint32_t base = (smem_addr(smem_raw) + 1023) & ~1023u;
@@ -711,8 +728,17 @@ cudaError_t launch(const FwdParams& p, cudaStream_t stream) {
   static bool opted_in[64] = {};
   cudaError_t err = opt_in_smem(kernel, C::kSmemBytes, &opted_in);
   if (err != cudaSuccess) return err;
+  if (C::kCtasPerSm > 1) {  // the largest carveout, so that the driver's choice never leaves room for one CTA
+    static bool carved[64] = {};
+    int device = 0;
+    err = cudaGetDevice(&device);
+    if (err == cudaSuccess && (device >= 64 || !carved[device]))
+      err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+    if (err != cudaSuccess) return err;
+    if (device < 64) carved[device] = true;
+  }
   unsigned grid = unsigned(blocks);
-  if (C::kPersistent) {  // one CTA per SM, each walking its tile_of every round
+  if (C::kPersistent) {  // one CTA per SM (kCtasPerSm), each walking its tile_of every round
     int device = 0;
     err = cudaGetDevice(&device);
     if (err != cudaSuccess) return err;
@@ -721,10 +747,10 @@ cudaError_t launch(const FwdParams& p, cudaStream_t stream) {
       int count = 0;
       err = cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
       if (err != cudaSuccess) return err;
-      if (device >= 64) grid = std::min(grid, unsigned(count));
+      if (device >= 64) grid = std::min(grid, unsigned(count * C::kCtasPerSm));
       else sm_count[device] = count;
     }
-    if (device < 64) grid = std::min(grid, unsigned(sm_count[device]));
+    if (device < 64) grid = std::min(grid, unsigned(sm_count[device] * C::kCtasPerSm));
   }
   return launch_kernel(kernel, grid, C::kThreads, C::kSmemBytes, stream, args);
 }

@@ -135,10 +135,11 @@ def test_every_hopper_forward_knob_changes_the_rendered_code():
     base = FwdSm90Config(d_head=64, pingpong=False)  # ping-pong needs the overlap: flipped on alone
     flips = dict(dtype="fp16", d_head=128, block_m=192, block_n=64, stages=3, overlap=False, pingpong=True,
                  persistent=True, causal=True, local=True, softcap=True, alibi=True, dropout=True, sink=True, d_v=32,
-                 cross_tile=True, half_blocks=True, lazy_rescale=True, mma_sums=True)
+                 cross_tile=True, half_blocks=True, lazy_rescale=True, mma_sums=True, two_ctas=True)
     assert set(flips) == {f.name for f in dataclasses.fields(FwdSm90Config)}
     for name, value in flips.items():
-        at = dataclasses.replace(base, persistent=True) if name == "cross_tile" else base  # it needs persistent
+        needs = dict(cross_tile=dict(persistent=True), two_ctas=dict(overlap=False, block_n=64)).get(name, {})
+        at = dataclasses.replace(base, **needs)  # what the knob needs besides itself
         assert codegen.render(dataclasses.replace(at, **{name: value})) != codegen.render(at), name
 
 
@@ -195,6 +196,29 @@ def test_softmax_cuts_lazy_rescale_and_mma_sums():
             for seqlen in (1024, 4096):
                 picked = dispatch.default_config("bf16", d_head, causal, seqlen, arch="sm_90a")
                 assert not (picked.lazy_rescale or picked.mma_sums)
+
+
+def test_two_ctas_take_the_one_shape_that_fits_104_registers(monkeypatch):
+    """two_ctas: an `_x2` suffix last (older names keep their meaning); 104 registers a consumer thread
+    (half a CTA's file at two an SM), so d_head <= 64, 64-key blocks, two consumer warpgroups and no
+    overlap (ptxas spilled the overlap's second S and serialized its wgmmas: C7512); a persistent
+    grid is two CTAs an SM, which the causal tile walk's simulation is given."""
+    cfg = FwdSm90Config("bf16", 64, 128, 64, 4, overlap=False, pingpong=False, persistent=True, causal=True,
+                        two_ctas=True)
+    assert not cfg.problems() and cfg.name.endswith("_causal1_x2") and config_from_name(cfg.name) == cfg
+    assert (cfg.register_budget, cfg.ctas_per_sm, dataclasses.replace(cfg, two_ctas=False).ctas_per_sm) == (104, 2, 1)
+    assert cfg.smem_bytes <= (228 - 2) * 1024 // 2  # two CTAs' tiles and reserved 1 KiB each in the SM's 228
+    assert not dataclasses.replace(cfg, d_head=40, local=True, dropout=True).problems()
+    for bad in (dict(overlap=True), dict(overlap=True, pingpong=True), dict(block_n=128), dict(d_head=96),
+                dict(block_m=192), dict(d_head=128, d_v=64)):
+        assert fwd_sm90.WHY_TWO_CTAS in dataclasses.replace(cfg, **bad).problems(), bad
+    assert not any(c.two_ctas for d in (64, 128) for causal in (False, True)
+                   for c in dispatch.get_autotuning_kernel_configs("bf16", d, causal, arch="sm_90a"))
+    walked = []  # the grid sizes the causal walk is simulated for
+    monkeypatch.setattr(dispatch, "persistent_walk_balances", lambda *args: walked.append(args[-1]) or True)
+    dispatch.with_tile_walk(cfg, (16, 32), 1024, lambda: 132)
+    dispatch.with_tile_walk(dataclasses.replace(cfg, two_ctas=False, overlap=True), (16, 32), 1024, lambda: 132)
+    assert walked == [264, 132]
 
 
 def test_fa3_tiles_n176_n80_parse_fit_and_are_tuning_candidates_only():

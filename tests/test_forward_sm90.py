@@ -60,7 +60,9 @@ KNOBS = [dict(), dict(overlap=False, pingpong=False), dict(pingpong=False), dict
          dict(block_m=192, stages=4), dict(block_m=192, stages=4, persistent=True),  # a token round three
          dict(block_m=192, stages=4, persistent=True, cross_tile=True),
          dict(half_blocks=True), dict(block_m=192, stages=4, persistent=True, half_blocks=True),
-         dict(persistent=True, cross_tile=True, half_blocks=True)]
+         dict(persistent=True, cross_tile=True, half_blocks=True),
+         dict(two_ctas=True, overlap=False, pingpong=False, block_n=64),  # d64: two CTAs an SM
+         dict(two_ctas=True, overlap=False, pingpong=False, block_n=64, stages=4, persistent=True)]
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -68,7 +70,7 @@ KNOBS = [dict(), dict(overlap=False, pingpong=False), dict(pingpong=False), dict
 def test_knobs(knobs, causal):
     """Each knob on shapes with more tiles than SMs (a persistent CTA walks several, its rings running
     on across tiles, some tiles empty under the causal mask) and GQA."""
-    d = 64 if knobs.get("block_m") == 192 else 128
+    d = 64 if knobs.get("block_m") == 192 or knobs.get("two_ctas") else 128
     config = dataclasses.replace(FwdSm90Config(dtype="fp16", d_head=d, causal=causal), **knobs).validate()
     q, k, v = _inputs(3, 1000, 777, 8, 2, d, torch.float16)
     _check(q, k, v, config, causal=causal)
@@ -240,6 +242,33 @@ def test_persistent_ctas_walk_many_tiles(causal, window, cross_tile):
     out = _check(q, k, v, config, causal=causal, window_size=window)
     if causal:
         assert out[:, :800].abs().max().item() == 0
+
+
+@pytest.mark.parametrize("features", [dict(), dict(local=True), dict(dropout=True), dict(softcap=True, alibi=True),
+                                      dict(sink=True), dict(local=True, dropout=True)],
+                         ids=lambda f: ",".join(f) or "plain")
+@pytest.mark.parametrize("causal", [False, True])
+def test_two_ctas_equal_one_cta_bit_for_bit(causal, features):
+    """two_ctas changes where the kernel runs (two CTAs an SM, 104 registers a consumer thread, a persistent
+    grid of twice the SMs), not what it computes: out and lse equal the one-CTA kernel's bit for bit, with
+    every score feature (one fixed Philox seed and offset for both), on 1152 tiles (over four rounds of the
+    persistent walk: its reversed odd rounds, the rings wrapping many times) with empty tiles mixed in."""
+    one = FwdSm90Config("bf16", 64, 128, 64, 4, overlap=False, pingpong=False, persistent=True, causal=causal,
+                        **features).validate()
+    two = dataclasses.replace(one, two_ctas=True).validate()
+    q, k, v = _inputs(8, 1100, 300, 16, 4, 64, torch.bfloat16)
+    kw = dict(window_size=(100, 0) if one.local else (-1, -1), softcap=5.0 if one.softcap else 0.0)
+    if one.alibi:
+        kw["alibi_slopes"] = torch.rand(8, 16, device="cuda") * 0.3
+    if one.sink:
+        kw["learnable_sink"] = torch.randn(16, device="cuda")
+    if one.dropout:
+        kw.update(dropout_p=0.2, philox=(torch.randint(0, 2**62, ()).item(), 4 * torch.randint(1, 2**20, ()).item()))
+    runs = [flashjit.forward(q, k, v, config=cfg, causal=causal, return_lse=True, out=poisoned_like(q), **kw)
+            for cfg in (one, two)]
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    if not one.dropout:  # and right, not only alike
+        _check(q, k, v, two, causal=causal, **{key: val for key, val in kw.items() if key != "philox"})
 
 
 @pytest.mark.parametrize("d, block_m", [(64, 192), (128, 128)])

@@ -53,6 +53,8 @@ SUBSET = [  # both dtypes, several head dims, causal, knobs off, both archs
     ("sm_90a", FwdSm90Config("bf16", 256, 128, 80)),  # d256's default: FlashAttention-3's 80-key tile
     # the softmax cuts: lazy rescaling's branch, the row sums' wgmma N = 8 and the ones in shared memory
     ("sm_90a", FwdSm90Config("bf16", 128, persistent=True, lazy_rescale=True, mma_sums=True)),
+    # two CTAs an SM: launch bounds of two blocks, 104 registers a consumer thread
+    ("sm_90a", FwdSm90Config("bf16", 64, 128, 64, 2, False, False, True, causal=True, two_ctas=True)),
     # Decoding (kvcache): the split-KV combine, a programmatic dependent launch where sm_90 is built.
     ("sm_90a", KernelConfig(dtype="bf16", d_head=128, B_r=64, B_c=128, causal=True, kvcache=True)),
     ("sm_80", KernelConfig(dtype="fp16", d_head=64, B_r=64, B_c=128, kvcache=True)),

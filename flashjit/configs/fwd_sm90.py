@@ -33,6 +33,8 @@ WHY_CROSS_TILE = "cross_tile runs one CTA's tiles as one pipeline: it needs pers
 WHY_HALF_BLOCKS = "half_blocks runs a block's first half at wgmma width block_n / 2: it needs the overlap and block_n 128 or 192"
 WHY_MMA_SUMS = ("mma_sums sums the P that PV multiplies: not with dropout, whose dropped entries still count in "
                 "the sums")
+WHY_TWO_CTAS = ("two_ctas gives a consumer thread 104 registers (two CTAs an SM): it needs block_m 128, no overlap, "
+                "d_head <= 64 and block_n 64")
 WHY_REGISTERS = "O, S and P of this config do not fit the consumers' registers"
 WHY_SMEM = "Q and the K/V stages of this config need more than 227 KiB of shared memory"
 
@@ -82,6 +84,12 @@ class FwdSm90Config(ConfigBase):
     mma_sums     the tensor cores sum P's rows (P times ones, wgmma N = 8, in an extra n-tile of O) instead
                  of an add an element; the sums are of the rounded P that PV multiplies; 1 KiB more shared
                  memory; not with dropout (its dropped entries count in the sums); speed only
+    two_ctas     two CTAs an SM, each with half the register file (the consumers 104 registers a thread)
+                 and of the shared memory (its tiles take at most 81 KiB of the 113 a CTA can have two
+                 an SM); persistent grids are two CTAs an SM. The other
+                 CTA's warpgroups fill the tensor cores during a warpgroup's softmax in place of the
+                 overlap, which does not fit 104 registers (ptxas spills it and serializes its wgmmas):
+                 d_head <= 64, block_n 64, block_m 128, no overlap; speed only (not measured yet)
     """
 
     dtype: str = "bf16"
@@ -103,6 +111,7 @@ class FwdSm90Config(ConfigBase):
     half_blocks: bool = False
     lazy_rescale: bool = False
     mma_sums: bool = False
+    two_ctas: bool = False
 
     @property
     def d_tile(self) -> int:
@@ -115,6 +124,11 @@ class FwdSm90Config(ConfigBase):
     @property
     def consumers(self) -> int:
         return self.block_m // 64
+
+    @property
+    def ctas_per_sm(self) -> int:
+        """CTAs an SM (Config::kCtasPerSm): a persistent grid's size is this times the SMs."""
+        return 2 if self.two_ctas else 1
 
     def one_cta_per_tile(self) -> "FwdSm90Config":
         """The same kernel launched one CTA per tile (not persistent, so no cross-tile pipeline)."""
@@ -149,8 +163,10 @@ class FwdSm90Config(ConfigBase):
 
     @property
     def register_budget(self) -> int:
-        """What setmaxnreg gives each consumer thread: 240 with two consumer warpgroups, 160 with three."""
-        return 240 if self.consumers == 2 else 160
+        """What setmaxnreg gives each consumer thread: 240 with two consumer warpgroups, 160 with three,
+        104 with two CTAs an SM (two_ctas, whose own rule stands in for the estimate: ptxas fits its
+        one shape in 104 without spills, where the estimate's allowance says 112)."""
+        return 104 if self.two_ctas else 240 if self.consumers == 2 else 160
 
     def problems(self) -> list[str]:
         out = self._choices(dtype=DTYPES) + head_dim_problem(self.d_head)
@@ -171,7 +187,10 @@ class FwdSm90Config(ConfigBase):
             out.append(WHY_HALF_BLOCKS)
         if self.mma_sums and self.dropout:
             out.append(WHY_MMA_SUMS)
-        if self.register_estimate() > self.register_budget:
+        if self.two_ctas and not (self.consumers == 2 and not self.overlap and self.d_tile == 64 and
+                                  self.d_tile_v == 64 and self.block_n == 64):
+            out.append(WHY_TWO_CTAS)
+        if not self.two_ctas and self.register_estimate() > self.register_budget:
             out.append(f"{WHY_REGISTERS} (about {self.register_estimate()} of {self.register_budget}); "
                        "use a smaller block_n or block_m 128")
         if self.smem_bytes > SMEM_LIMIT:
@@ -184,13 +203,13 @@ class FwdSm90Config(ConfigBase):
                 f"_ov{int(self.overlap)}_pp{int(self.pingpong)}_ps{int(self.persistent)}_causal{int(self.causal)}"
                 f"{features_suffix(self)}{d_v_suffix(self)}{'_xt' if self.cross_tile else ''}"
                 f"{'_hb' if self.half_blocks else ''}{'_lr' if self.lazy_rescale else ''}"
-                f"{'_ms' if self.mma_sums else ''}")
+                f"{'_ms' if self.mma_sums else ''}{'_x2' if self.two_ctas else ''}")
 
     _NAME_RE = re.compile(r"^fwd_sm90_(?P<dtype>fp16|bf16)_d(?P<d_head>\d+)_m(?P<block_m>\d+)_n(?P<block_n>\d+)"
                           r"_st(?P<stages>\d+)_ov(?P<overlap>[01])_pp(?P<pingpong>[01])_ps(?P<persistent>[01])"
                           r"_causal(?P<causal>[01])"
                           + FWD_FEATURES_RE + D_V_RE + r"(?P<cross_tile>_xt)?(?P<half_blocks>_hb)?(?P<lazy_rescale>_lr)?"
-                          r"(?P<mma_sums>_ms)?$")
+                          r"(?P<mma_sums>_ms)?(?P<two_ctas>_x2)?$")
 
     @classmethod
     def parse_name(cls, name: str) -> "FwdSm90Config | None":
@@ -202,10 +221,10 @@ class FwdSm90Config(ConfigBase):
                    match["causal"] == "1",
                    *(match[f] is not None for f in FEATURES), match["sink"] is not None, int(match["d_v"] or 0),
                    match["cross_tile"] is not None, match["half_blocks"] is not None,
-                   match["lazy_rescale"] is not None, match["mma_sums"] is not None)
+                   match["lazy_rescale"] is not None, match["mma_sums"] is not None, match["two_ctas"] is not None)
 
 
 FwdSm90Config.family = FAMILY = Family(
     "fwd_sm90", FwdSm90Config, template="fwd_sm90.cuh", namespace="fwd_sm90", params="FwdParams", direction="fwd",
     arch=ARCH, reasons=(WHY_HEAD_DIM, WHY_HEAD_DIM_V, WHY_BLOCK_M, WHY_BLOCK_N, WHY_STAGES, WHY_PINGPONG, WHY_CROSS_TILE,
-                        WHY_HALF_BLOCKS, WHY_MMA_SUMS, WHY_REGISTERS, WHY_SMEM))
+                        WHY_HALF_BLOCKS, WHY_MMA_SUMS, WHY_TWO_CTAS, WHY_REGISTERS, WHY_SMEM))
