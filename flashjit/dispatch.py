@@ -75,6 +75,8 @@ _PREFERENCES = {  # (head-dim class, causal) -> tiles, best first
 # kernels take them from d64 up, except with a window, softcap, ALiBi, sinks or d_v != d_head: there
 # ptxas serialized the wgmmas of some kernels (C7511, too few registers for a third compiled step; d40,
 # d48, d8, d16 too; scripts/ptxas_notes.py lists them) or a window's kernels spilled 20-32 bytes more.
+# Nor at d104-d120: with the mask ranges (one key range a row) ptxas serialized three of their kernels
+# (tests/test_jit_cache.py checks every half-block kernel the dispatcher can pick).
 # And with them the 128-row tile leads d64's causal rows only up to SHORT (298 against 270 at 1k; 347
 # against 359 at 2k).
 SHORT_CAUSAL = 2048
@@ -117,7 +119,8 @@ def default_config(dtype: str, d_head: int, causal: bool, seqlen_q: int = 4096,
         keys = ((tile, "short causal") if causal and seqlen_q <= short_causal else None,
                 (tile, "causal") if causal and not local else None,  # a window's cross-tile kernel spills
                 (tile, "short") if seqlen_q <= SHORT and not local else None, tile)
-        half = causal and d_head >= 64 and not (local or softcap or alibi or sink or d_v)  # ptxas: C7511 else
+        half = (causal and d_head >= 64 and d_head not in (104, 112, 120)  # ptxas: C7511 else (see above)
+                and not (local or softcap or alibi or sink or d_v))
         for knobs in _SM90_PREFERENCES[next(key for key in keys if key in _SM90_PREFERENCES)]:
             cfg = FwdSm90Config(dtype, d_head, causal=causal, local=local, softcap=softcap, alibi=alibi,
                                 dropout=dropout, sink=sink, d_v=d_v, **knobs)

@@ -537,17 +537,17 @@ def test_short_causal_d64_takes_the_128_row_persistent_tile():
 def test_causal_defaults_take_half_blocks_where_ptxas_keeps_their_wgmmas_pipelined():
     """Causal Hopper defaults from d64 up whose tile halves (block_n 128 or 192) run half blocks, with
     dropout too, and so does the tile walk's one-CTA twin. Not with a window, softcap, ALiBi, sinks or
-    d_v != d_head, nor below d64: ptxas serialized some of those kernels' wgmmas (C7511) or spilled more
-    (scripts/ptxas_notes.py). Not non-causal rows (only a short last block would be half: by choice) nor
-    d192/d256 (block_n 96, 80 or 64)."""
-    for d_head, seqlen in itertools.product((64, 72, 96, 120, 128), (512, 1024, 2048, 4096, 16384)):
+    d_v != d_head, nor below d64, nor at d104-d120: ptxas serialized some of those kernels' wgmmas (C7511) or
+    spilled more (scripts/ptxas_notes.py). Not non-causal rows (only a short last block would be half: by
+    choice) nor d192/d256 (block_n 96, 80 or 64)."""
+    for d_head, seqlen in itertools.product((64, 72, 96, 128), (512, 1024, 2048, 4096, 16384)):
         for feature in ({}, dict(dropout=True)):
             cfg = dispatch.default_config("bf16", d_head, True, seqlen, arch="sm_90a", **feature)
             assert cfg.half_blocks and cfg.one_cta_per_tile().half_blocks, cfg.name
         for feature in (dict(local=True), dict(softcap=True), dict(alibi=True), dict(sink=True), dict(d_v=32)):
             assert not dispatch.default_config("bf16", d_head, True, seqlen, arch="sm_90a", **feature).half_blocks
         assert not dispatch.default_config("bf16", d_head, False, seqlen, arch="sm_90a").half_blocks
-    for d_head in (8, 32, 48, 192, 256):
+    for d_head in (8, 32, 48, 104, 112, 120, 192, 256):
         assert not dispatch.default_config("bf16", d_head, True, 4096, arch="sm_90a").half_blocks
 
 
