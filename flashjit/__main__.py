@@ -230,9 +230,11 @@ def cmd_precompile(args) -> int:
               "instead", flush=True)
         total += len(twins)
         width = len(str(total))
-        missing = [t for t in twins if cached_library(t, arch, bundle) is None]
+        missing = []
         for twin in twins:
-            if twin not in missing:
+            if cached_library(twin, arch, bundle) is None:
+                missing.append(twin)
+            else:
                 progress(twin.name, 0.0, "cached")
         build_all(missing)
         todo += missing
@@ -256,7 +258,7 @@ def _plain_twins(configs: list, arch: str, bundle: Path | None) -> list:
     twins = {}
     for config in configs:
         library, plain = cached_library(config, arch, bundle), config.plain()
-        if library is not None and plain is not None and (cache.Entry(library.parent).manifest() or {}).get("ptxas_notes"):
+        if library is not None and plain is not None and cache.Entry(library.parent).ptxas_notes():
             twins.setdefault(plain.name, plain)
     return list(twins.values())
 

@@ -131,6 +131,11 @@ class Entry:
         except (OSError, ValueError):
             return None
 
+    def ptxas_notes(self) -> list[str]:
+        """ptxas's performance-loss notes its build recorded (jit.perf_losses; none: a whole build, whose log
+        nobody reads, or none printed)."""
+        return list((self.manifest() or {}).get("ptxas_notes") or ())
+
     def intact(self) -> bool:
         """Whether the manifest is there and the library and cubin match their recorded sizes and sha256."""
         manifest = self.manifest()

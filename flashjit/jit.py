@@ -186,10 +186,8 @@ def unserialized(config: ConfigBase, arch: str) -> ConfigBase:
 
 
 def notes_of(config: ConfigBase, arch: str) -> list[str]:
-    """ptxas's performance-loss notes recorded when (config, arch) was built, building it if needed (none
-    recorded: a whole build, whose log nobody reads, or none printed)."""
-    manifest = cache.Entry(ensure_built(config, arch).parent).manifest() or {}
-    return list(manifest.get("ptxas_notes") or ())
+    """ptxas's performance-loss notes recorded when (config, arch) was built, building it if needed."""
+    return cache.Entry(ensure_built(config, arch).parent).ptxas_notes()
 
 
 def ensure_built(config: ConfigBase, arch: str) -> Path:

@@ -40,6 +40,18 @@ def _check(q, k, v, config, causal=False, **kw):
     return out
 
 
+def _feature_kwargs(q, feature: dict, causal: bool = False):
+    """A feature dict's call kwargs, its tensors made (alibi_slopes "h": a slope a head, anything else: a head
+    and batch entry; learnable_sink: one a head), and the call's ScoreMods."""
+    kw, batch, heads = dict(feature), q.shape[0], q.shape[2]
+    if "alibi_slopes" in kw:
+        kw["alibi_slopes"] = torch.rand(*((heads,) if kw["alibi_slopes"] == "h" else (batch, heads)), device="cuda") * 0.3
+    if "learnable_sink" in kw:
+        kw["learnable_sink"] = torch.randn(heads, device="cuda")
+    return kw, interface.score_mods(q, causal, kw.get("window_size", (-1, -1)), kw.get("softcap", 0.0),
+                                    kw.get("alibi_slopes"))
+
+
 def test_default_on_hopper_is_this_family():
     q, k, v = _inputs(1, 300, 300, 2, 2, 128, torch.bfloat16)
     assert isinstance(interface.resolve_config(q, k, None, False), FwdSm90Config)
@@ -129,12 +141,7 @@ def test_softmax_cuts_with_score_features(feature):
     """lazy_rescale with each score feature (dropout: against the reference with the same Philox keep
     mask), mma_sums with all but dropout."""
     q, k, v = _inputs(2, 500, 433, 4, 2, 128, torch.bfloat16)
-    kw = dict(feature)
-    if "alibi_slopes" in kw:
-        kw["alibi_slopes"] = torch.rand(2, 4, device="cuda") * 0.3
-    if "learnable_sink" in kw:
-        kw["learnable_sink"] = torch.randn(4, device="cuda")
-    mods = interface.score_mods(q, True, kw.get("window_size", (-1, -1)), kw.get("softcap", 0.0), kw.get("alibi_slopes"))
+    kw, mods = _feature_kwargs(q, feature, causal=True)
     for cut in SOFTMAX_CUTS:
         config = FwdSm90Config("bf16", 128, persistent=True, causal=True, local=mods.local, softcap=mods.softcap,
                                alibi=mods.alibi, sink="learnable_sink" in kw, dropout="dropout_p" in kw, **cut)
@@ -183,12 +190,7 @@ def test_fa3_tiles_features(d, n, feature, persistent):
     """Window edges inside a 176- or 80-key block, softcap, ALiBi and sinks on the FA3 tiles (windows of
     a few hundred keys start and end at key blocks whose edges are not 64-aligned)."""
     q, k, v = _inputs(2, 700, 533, 4, 2, d, torch.bfloat16)
-    kw = dict(feature)
-    if "alibi_slopes" in kw:
-        kw["alibi_slopes"] = torch.rand(2, 4, device="cuda") * 0.3
-    if "learnable_sink" in kw:
-        kw["learnable_sink"] = torch.randn(4, device="cuda")
-    mods = interface.score_mods(q, False, kw.get("window_size", (-1, -1)), kw.get("softcap", 0.0), kw.get("alibi_slopes"))
+    kw, mods = _feature_kwargs(q, feature)
     config = FwdSm90Config("bf16", d, block_n=n, persistent=persistent, local=mods.local, softcap=mods.softcap,
                            alibi=mods.alibi, sink="learnable_sink" in kw).validate()
     _check(q, k, v, config, **kw)
@@ -358,10 +360,7 @@ FEATURES = [dict(window_size=(37, 11)), dict(window_size=(-1, 5)), dict(window_s
 @pytest.mark.parametrize("feature", FEATURES, ids=lambda d: ",".join(d))
 def test_features(feature, walk):
     q, k, v = _inputs(2, 600, 433, 4, 2, 96, torch.float16)
-    kw = dict(feature)
-    if "alibi_slopes" in kw:
-        kw["alibi_slopes"] = torch.rand(*((2, 4) if kw["alibi_slopes"] == "bh" else (4,)), device="cuda") * 0.3
-    mods = interface.score_mods(q, False, kw.get("window_size", (-1, -1)), kw.get("softcap", 0.0), kw.get("alibi_slopes"))
+    kw, mods = _feature_kwargs(q, feature)
     config = _walk(FwdSm90Config("fp16", 96, local=mods.local, softcap=mods.softcap, alibi=mods.alibi), walk)
     _check(q, k, v, config, **kw)
 

@@ -89,7 +89,8 @@ class FwdSm90Config(ConfigBase):
                  an SM); persistent grids are two CTAs an SM. The other
                  CTA's warpgroups fill the tensor cores during a warpgroup's softmax in place of the
                  overlap, which does not fit 104 registers (ptxas spills it and serializes its wgmmas):
-                 d_head <= 64, block_n 64, block_m 128, no overlap; speed only (not measured yet)
+                 d_head <= 64, block_n 64, block_m 128, no overlap; speed only (a first H200 run: +8% at
+                 d64 causal 1k; not a default until measured further)
     """
 
     dtype: str = "bf16"
