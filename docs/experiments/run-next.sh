@@ -6,14 +6,17 @@
 #   knobs     the defaults against the knobs that won a first run (thirtieth session, docs/perf-log.md):
 #             lazy_rescale (_lr) where it won, two CTAs an SM (_x2) at d64's short causal rows, at more
 #             lengths (--rounds 3 --configs): the data for making them defaults
+#   knobs2    lazy_rescale where no run has timed it yet: d192, d256's short causal rows, d96; two CTAs an
+#             SM at d64's short non-causal rows and causal 2k / 8k
 #   dropout   the attribution of dropout's backward cost (d64, 1k / 4k, p = 0.1): main, Philox with one
 #             round, the mask made but not applied (both timing only: their gradients are wrong)
 #   table     issue 15's whole backward table (bench_backward, the defaults)
+#   fwdtable DTYPE   issue 14's whole forward table (bench_forward, the defaults, with FlexAttention)
 # The device copy has no usable .git: each variant is a copy of this tree with its patches applied by
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|dropout|table}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table|fwdtable DTYPE}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -83,11 +86,24 @@ knobs)
   X2=${F}_d64_m128_n64_st4_ov0_pp0_ps1_causal1
   POINTS="64 1 512,1024,2048 ${F}_d64_m128_n128_st4_ov1_pp1_ps1_causal1_hb - _ms ${X2}_x2 ${X2}_ms_x2 ${F}_d64_m128_n64_st2_ov0_pp0_ps1_causal1_x2
 64 1 4096 ${F}_d64_m192_n128_st4_ov1_pp1_ps1_causal1_hb - ${X2}_x2
-64 0 1024,4096 ${F}_d64_m192_n128_st4_ov1_pp1_ps1_causal0_xt - _lr
-128 0 1024,4096,16384 ${F}_d128_m128_n128_st2_ov1_pp1_ps1_causal0 - _lr
+64 0 512,1024 ${F}_d64_m192_n128_st4_ov1_pp1_ps1_causal0_xt - _lr
+64 0 4096,16384 ${F}_d64_m192_n128_st4_ov1_pp1_ps1_causal0 - _lr
+128 0 1024 ${F}_d128_m128_n128_st2_ov1_pp1_ps1_causal0_xt - _lr
+128 0 4096,16384 ${F}_d128_m128_n128_st2_ov1_pp1_ps1_causal0 - _lr
 128 1 1024,4096,16384 ${F}_d128_m128_n128_st2_ov1_pp1_ps1_causal1_xt_hb - _lr
 256 0 1024,4096,16384 ${F}_d256_m128_n80_st2_ov1_pp1_ps0_causal0 - _lr
 256 1 2048,4096,16384 ${F}_d256_m128_n80_st2_ov1_pp1_ps0_causal1 - _lr"
+  knob_ab main "$POINTS"
+  ;;
+knobs2)
+  F=fwd_sm90_bf16
+  X2=${F}_d64_m128_n64_st4_ov0_pp0_ps1
+  POINTS="64 0 512,1024 ${F}_d64_m192_n128_st4_ov1_pp1_ps1_causal0_xt - _lr ${X2}_causal0_x2
+64 1 2048,8192 ${F}_d64_m192_n128_st4_ov1_pp1_ps1_causal1_hb - ${X2}_causal1_x2
+192 0 1024,4096,16384 ${F}_d192_m128_n96_st2_ov1_pp1_ps0_causal0 - _lr
+192 1 2048,4096,16384 ${F}_d192_m128_n96_st2_ov1_pp1_ps0_causal1 - _lr
+256 1 1024 ${F}_d256_m128_n64_st2_ov1_pp1_ps0_causal1 - _lr
+96 0 4096 ${F}_d96_m128_n128_st2_ov1_pp1_ps1_causal0 - _lr"
   knob_ab main "$POINTS"
   ;;
 dropout)
@@ -96,6 +112,11 @@ dropout)
   DROP="--dtypes bf16 --head-dims 64 --seqlens 1024,4096 --causal 0,1 --dropout-p 0.1 --gqa ''"
   warm bench_backward.py "$DROP" "main philox1 noapply"
   passes bench_backward.py "$DROP" "main philox1 noapply"
+  ;;
+fwdtable)  # fwdtable DTYPE: issue 14's forward table, the defaults against FA2, cuDNN and FlexAttention
+  python3 -m flashjit precompile --arch sm_90a --jobs 16 --filter "fwd_sm90_${2:?fwdtable bf16|fp16}_*" 2>&1 | tail -1
+  python3 scripts/bench_forward.py --dtypes "${2:?fwdtable bf16|fp16}" --head-dims 64,128,256 \
+    --seqlens 1024,2048,4096,8192,16384 --causal 0,1 --out "$OUT" 2>&1 | grep -Ev "^\s*$" | tee "$OUT/bench.txt"
   ;;
 table)
   python3 scripts/bench_backward.py --dtypes bf16 --head-dims 64,128,256 --seqlens 1024,2048,4096,8192,16384 \
