@@ -79,6 +79,30 @@ _PREFERENCES = {  # (head-dim class, causal) -> tiles, best first
 # (tests/test_jit_cache.py checks every half-block kernel the dispatcher can pick).
 # And with them the 128-row tile leads d64's causal rows only up to SHORT (298 against 270 at 1k; 347
 # against 359 at 2k).
+# Two CTAs an SM (two_ctas: 128 rows, 64-key blocks, no overlap) lead d64's causal rows up to SHORT
+# (thirtieth / thirty-first sessions, H200, bf16 16k tokens, three interleaved rounds): 256 against the
+# 128-row half-block tile's 221 at 512, 313 against 289 at 1k (297 -> 321 the session before); at 2k 359
+# against 369 for the 192 rows there, at 4k / 8k 396 / 407 against 416 / 417, so longer rows keep them.
+# Non-causal (1k) 386 against 403 for the lazy 192 rows. ptxas: all 224 kernels of the knob at d8-d64, each
+# score feature, compile without spills or notes.
+# Lazy rescaling (FwdSm90Config.lazy_rescale: O rescaled only in the steps where a row's max moved by more
+# than 2^8) by (tile width, causal). Thirty-first session, H200, bf16 16k tokens, each default against itself
+# with _lr, three interleaved rounds (--configs), TFLOP/s at S = 1k / 4k / 16k and the B=1 8k 32/8 GQA point:
+# d64 non-causal 394 -> 403 / 465 -> 479 / 494 -> 513 / 474 -> 496 (512: 357 -> 369); d128 non-causal 540 ->
+# 544 / 594 -> 587 / 603 -> 625 / 588 -> 615 (the thirtieth session's 4k: 597 -> 604); d192 non-causal 550 ->
+# 567 / 650 -> 629 / 659 -> 715 / 645 -> 706, causal (2k / 4k / 16k / GQA) 503 -> 522 / 576 -> 605 / 637 ->
+# 674 / 621 -> 632; d256 non-causal 589 -> 601 / 668 -> 673 / 662 -> 739 / 667 -> 736, causal 427 -> 448 (1k,
+# its 64-key tile) / 608 -> 605 / 636 -> 685 / 637 -> 662; d96 (the 128-wide tile) 4k 477 -> 480. So on for
+# those, despite d192's -3% at 4k and d128's -1% there. Off at d64 causal (192 rows: -0.4 / -1.4%, thirtieth
+# session) and d128 causal (level: 405 -> 404 / 542 -> 545 / 576 -> 578 at 1k / 4k / GQA).
+_LAZY_RESCALE = {(64, False), (128, False), (192, False), (192, True), (256, False), (256, True)}
+
+
+def lazy_rescale(d_head: int, causal: bool) -> bool:
+    """Whether the Hopper forward rescales lazily at this head dim and mask (the measured table above)."""
+    return (sm90_tile(d_head), causal) in _LAZY_RESCALE
+
+
 SHORT_CAUSAL = 2048
 SHORT = 1024
 _SHORT_CAUSAL_BY_TILE = {64: SHORT}  # where "short causal" ends for a tile width, if not at SHORT_CAUSAL
@@ -89,7 +113,9 @@ _SM90_PREFERENCES = {
                          cross_tile=True),
                     dict(block_m=192, block_n=128, stages=4, overlap=True, pingpong=False, persistent=True),
                     dict(block_m=128, block_n=128, stages=4)],
-    (64, "short causal"): [dict(block_m=128, block_n=128, stages=4, persistent=True),
+    (64, "short causal"): [dict(block_m=128, block_n=64, stages=4, overlap=False, pingpong=False, persistent=True,
+                                two_ctas=True),
+                           dict(block_m=128, block_n=128, stages=4, persistent=True),
                            dict(block_m=128, block_n=128, stages=4)],
     128: [dict(block_m=128, block_n=128, stages=2, persistent=True)],
     (128, "causal"): [dict(block_m=128, block_n=128, stages=2, persistent=True, cross_tile=True),
@@ -123,7 +149,8 @@ def default_config(dtype: str, d_head: int, causal: bool, seqlen_q: int = 4096,
                 and not (local or softcap or alibi or sink or d_v))
         for knobs in _SM90_PREFERENCES[next(key for key in keys if key in _SM90_PREFERENCES)]:
             cfg = FwdSm90Config(dtype, d_head, causal=causal, local=local, softcap=softcap, alibi=alibi,
-                                dropout=dropout, sink=sink, d_v=d_v, **knobs)
+                                dropout=dropout, sink=sink, d_v=d_v, lazy_rescale=lazy_rescale(d_head, causal),
+                                **knobs)
             if half:  # where this tile can halve its blocks at all (FwdSm90Config.problems)
                 halves = dataclasses.replace(cfg, half_blocks=True)
                 cfg = cfg if halves.problems() else halves
@@ -364,16 +391,18 @@ def get_autotuning_bwd_configs(dtype: str = "bf16", d_head: int = 128, causal: b
 def get_autotuning_kernel_configs(dtype: str = "bf16", d_head: int = 128, causal: bool = False,
                                   exhaustive: bool = False, arch: str | None = None) -> list:
     """The search space for `flashjit.tune`. On sm_90a (`arch`): the Hopper family's tiles, stages,
-    overlap, ping-pong, persistence, the cross-tile pipeline and half blocks (every combination that builds). Else
+    overlap, ping-pong, persistence, the cross-tile pipeline and half blocks (every combination that builds),
+    with lazy rescaling as the dispatcher has it for (d_head, causal) (exhaustive=True: both ways). Else
     the sm_80 kernel's: by default the knobs that only ever help (cp.async, eager loading, swizzling,
     the fused softmax) stay on; exhaustive=True varies them too."""
     if arch == WGMMA_ARCH:
         out = []
-        for block_m, block_n, stages, overlap, pingpong, persistent, cross_tile, half_blocks in itertools.product(
+        rescales = (False, True) if exhaustive else (lazy_rescale(d_head, causal),)
+        for block_m, block_n, stages, overlap, pingpong, persistent, cross_tile, half_blocks, lazy in itertools.product(
                 BLOCK_M, BLOCK_N, STAGES, (True, False), (True, False), (False, True), (False, True),
-                (False, True) if causal else (False,)):  # non-causal rows: only a short last block halves
+                (False, True) if causal else (False,), rescales):  # non-causal rows: only a short last block halves
             cfg = FwdSm90Config(dtype, d_head, block_m, block_n, stages, overlap, pingpong, persistent, causal,
-                                cross_tile=cross_tile, half_blocks=half_blocks)
+                                cross_tile=cross_tile, half_blocks=half_blocks, lazy_rescale=lazy)
             if not cfg.problems():
                 out.append(cfg)
         return out

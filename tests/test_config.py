@@ -156,7 +156,7 @@ def test_cross_tile_needs_persistent_overlap_and_room_for_a_second_q():
     assert any(fwd_sm90.WHY_SMEM in p for p in FwdSm90Config("bf16", 256, block_n=80, persistent=True,
                                                             cross_tile=True).problems())
     assert cfg.one_cta_per_tile() == FwdSm90Config("bf16", 128)
-    assert cfg in dispatch.get_autotuning_kernel_configs("bf16", 128, False, arch="sm_90a")
+    assert cfg in dispatch.get_autotuning_kernel_configs("bf16", 128, False, exhaustive=True, arch="sm_90a")
 
 
 def test_half_blocks_need_the_overlap_and_a_halvable_block():
@@ -176,8 +176,10 @@ def test_half_blocks_need_the_overlap_and_a_halvable_block():
 def test_softmax_cuts_lazy_rescale_and_mma_sums():
     """lazy_rescale (`_lr`) and mma_sums (`_ms`): suffixes after `_hb`, so older names keep their meaning;
     mma_sums takes 1 KiB of ones (its n-tile of sums replaces l and the running sums: the register estimate
-    stays, so d64's 192-row tile takes it), and not dropout (its sums would miss the dropped entries);
-    neither is a default nor a tuning candidate until a GPU has timed them."""
+    stays, so d64's 192-row tile takes it), and not dropout (its sums would miss the dropped entries).
+    mma_sums lost where the tensor cores are busy and is never picked; lazy rescaling is the dispatcher's
+    where it was timed faster (dispatch.lazy_rescale), and the tuner's candidates follow it (both ways when
+    exhaustive)."""
     cfg = FwdSm90Config("bf16", 128, persistent=True, causal=True, cross_tile=True, half_blocks=True,
                         lazy_rescale=True, mma_sums=True)
     assert not cfg.problems() and cfg.name.endswith("_xt_hb_lr_ms") and config_from_name(cfg.name) == cfg
@@ -191,11 +193,17 @@ def test_softmax_cuts_lazy_rescale_and_mma_sums():
     assert not dataclasses.replace(cfg, dropout=True, mma_sums=False).problems()  # lazy rescaling takes dropout
     for d_head in (64, 128, 256):
         for causal in (False, True):
-            assert not any(c.lazy_rescale or c.mma_sums
-                           for c in dispatch.get_autotuning_kernel_configs("bf16", d_head, causal, arch="sm_90a"))
+            lazy = dispatch.lazy_rescale(d_head, causal)
+            space = dispatch.get_autotuning_kernel_configs("bf16", d_head, causal, arch="sm_90a")
+            assert {c.lazy_rescale for c in space} == {lazy} and not any(c.mma_sums for c in space)
+            whole = dispatch.get_autotuning_kernel_configs("bf16", d_head, causal, exhaustive=True, arch="sm_90a")
+            assert set(whole) == set(space) | {dataclasses.replace(c, lazy_rescale=not lazy) for c in space}
             for seqlen in (1024, 4096):
                 picked = dispatch.default_config("bf16", d_head, causal, seqlen, arch="sm_90a")
-                assert not (picked.lazy_rescale or picked.mma_sums)
+                assert (picked.lazy_rescale, picked.mma_sums) == (lazy, False)
+    # measured: faster at d256 either way and d64/d128 non-causal; not at d64 causal (192 rows, -0.4 to -1.4%)
+    assert [dispatch.lazy_rescale(d, c) for d, c in ((256, True), (128, False), (64, False), (64, True))] == \
+        [True, True, True, False]
 
 
 def test_two_ctas_take_the_one_shape_that_fits_104_registers(monkeypatch):
@@ -236,7 +244,8 @@ def test_fa3_tiles_n176_n80_parse_fit_and_are_tuning_candidates_only():
         for stages in (3, 4):
             assert any(fwd_sm90.WHY_SMEM in p for p in dataclasses.replace(base, stages=stages).problems())
         assert any(fwd_sm90.WHY_REGISTERS in p for p in dataclasses.replace(base, block_m=192, pingpong=False).problems())
-        assert base in dispatch.get_autotuning_kernel_configs("bf16", d, False, arch="sm_90a")
+        as_dispatched = dataclasses.replace(base, lazy_rescale=dispatch.lazy_rescale(d, False))
+        assert as_dispatched in dispatch.get_autotuning_kernel_configs("bf16", d, False, arch="sm_90a")
     assert any(fwd_sm90.WHY_REGISTERS in p for p in FwdSm90Config("bf16", 256, block_n=176).problems())
     assert any(fwd_sm90.WHY_REGISTERS in p for p in FwdSm90Config("bf16", 128, block_n=176, local=True,
                                                                   softcap=True).problems())
@@ -520,18 +529,22 @@ def test_flashjit_config_still_exports_what_it_did():
         assert hasattr(cfgmod, name), name
 
 
-def test_short_causal_d64_takes_the_128_row_persistent_tile():
-    """Up to SHORT causal queries a d64 (and d32: the same 64 tile) forward on sm_90a runs 128-row tiles
-    with ping-pong, persistent (with half blocks: 298 against 270 TFLOP/s for 192 rows at S = 1k on an
-    H200; 347 against 359 at 2k, so 2k takes 192 rows); longer or non-causal rows keep 192 rows;
-    precompile's build set holds both and their twins."""
-    short = dispatch.default_config("bf16", 64, True, dispatch.SHORT, arch="sm_90a")
-    assert (short.block_m, short.pingpong, short.persistent, short.half_blocks) == (128, True, True, True)
+def test_short_causal_d64_takes_two_ctas_an_sm():
+    """Up to SHORT causal queries a d64 (and d32: the same 64 tile) forward on sm_90a runs two CTAs an SM of
+    128 rows and 64-key blocks, persistent (313 against 289 TFLOP/s for the 128-row half-block tile at S = 1k
+    on an H200, 256 against 221 at 512), with every score feature (ptxas: no spills); at 2k and longer, and
+    non-causal, 192 rows (two CTAs: 359 against 369 at 2k); precompile's build set holds it and its twin."""
+    for feature in ({}, dict(local=True), dict(softcap=True), dict(alibi=True), dict(dropout=True), dict(sink=True)):
+        short = dispatch.default_config("bf16", 64, True, dispatch.SHORT, arch="sm_90a", **feature)
+        assert (short.block_m, short.block_n, short.overlap, short.persistent, short.two_ctas) == \
+            (128, 64, False, True, True), short.name
     for causal, seqlen in ((True, dispatch.SHORT + 1), (True, dispatch.SHORT_CAUSAL), (False, 1024)):
-        assert dispatch.default_config("bf16", 64, causal, seqlen, arch="sm_90a").block_m == 192
-    assert dispatch.default_config("fp16", 32, True, 1024, arch="sm_90a").block_m == 128
+        longer = dispatch.default_config("bf16", 64, causal, seqlen, arch="sm_90a")
+        assert (longer.block_m, longer.two_ctas) == (192, False), longer.name
+    assert dispatch.default_config("fp16", 32, True, 1024, arch="sm_90a").two_ctas
+    short = dispatch.default_config("bf16", 64, True, dispatch.SHORT, arch="sm_90a")
     built = dispatch.get_kernels_to_build(arch="sm_90a")
-    assert short in built and dataclasses.replace(short, persistent=False) in built
+    assert short in built and short.one_cta_per_tile() in built
 
 
 def test_causal_defaults_take_half_blocks_where_ptxas_keeps_their_wgmmas_pipelined():
@@ -541,6 +554,8 @@ def test_causal_defaults_take_half_blocks_where_ptxas_keeps_their_wgmmas_pipelin
     spilled more (scripts/ptxas_notes.py). Not non-causal rows (only a short last block would be half: by
     choice) nor d192/d256 (block_n 96, 80 or 64)."""
     for d_head, seqlen in itertools.product((64, 72, 96, 128), (512, 1024, 2048, 4096, 16384)):
+        if d_head == 64 and seqlen <= dispatch.SHORT:
+            continue  # two CTAs an SM (no overlap, so no half blocks): the test above
         for feature in ({}, dict(dropout=True)):
             cfg = dispatch.default_config("bf16", d_head, True, seqlen, arch="sm_90a", **feature)
             assert cfg.half_blocks and cfg.one_cta_per_tile().half_blocks, cfg.name

@@ -544,17 +544,19 @@ def test_hopper_forward_build_set_compiles(private_cache):
 
 
 def test_the_dispatchers_kernels_with_a_plain_twin_compile_whole(private_cache):
-    """Every kernel the dispatcher can pick (scripts/ptxas_notes.py's list) that has a plain twin (half blocks,
-    the knobs ptxas has serialized) compiles without a ptxas performance-loss note with this toolkit. Where
-    one does not, jit.unserialized runs its twin: correct, but without the knob's gain, and nothing else
-    shows it. ptxas tips such kernels for changes outside their loops (docs/perf-log.md, thirtieth session),
-    and a hand-run sweep over a few head dims missed three (d104-d120)."""
+    """Every kernel the dispatcher can pick (scripts/ptxas_notes.py's list) with half blocks (the third
+    compiled step, what ptxas has serialized) compiles without a ptxas performance-loss note with this
+    toolkit. Where one does not, jit.unserialized runs its plain twin: correct, but without the knob's gain,
+    and nothing else shows it. ptxas tips such kernels for changes outside their loops (docs/perf-log.md,
+    thirtieth session), and a hand-run sweep over a few head dims missed three (d104-d120). The kernels
+    with lazy rescaling alone (~440, ~4 min on CI's two cores) are left to scripts/ptxas_notes.py
+    (thirty-first session: none noted) and, at the build set's head dims, to the build-set test above."""
     sys.path.insert(0, str(REPO / "scripts"))
     try:
         import ptxas_notes
     finally:
         sys.path.remove(str(REPO / "scripts"))
-    names = sorted(c.name for c in ptxas_notes.kernels() if c.plain() is not None)
+    names = sorted(c.name for c in ptxas_notes.kernels() if getattr(c, "half_blocks", False))
     pre = subprocess.run([sys.executable, "-m", "flashjit", "precompile", "--arch", "sm_90a", "--jobs", "2", *names],
                          env=dict(os.environ, FLASHJIT_CACHE_DIR=str(private_cache)), cwd=REPO, capture_output=True,
                          text=True)

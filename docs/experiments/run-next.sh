@@ -12,11 +12,12 @@
 #             round, the mask made but not applied (both timing only: their gradients are wrong)
 #   table     issue 15's whole backward table (bench_backward, the defaults)
 #   fwdtable DTYPE   issue 14's whole forward table (bench_forward, the defaults, with FlexAttention)
+#   tests     the GPU tests over the forward defaults (after a change to the dispatcher's choices)
 # The device copy has no usable .git: each variant is a copy of this tree with its patches applied by
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table|fwdtable DTYPE}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table|tests|fwdtable DTYPE}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -112,6 +113,10 @@ dropout)
   DROP="--dtypes bf16 --head-dims 64 --seqlens 1024,4096 --causal 0,1 --dropout-p 0.1 --gqa ''"
   warm bench_backward.py "$DROP" "main philox1 noapply"
   passes bench_backward.py "$DROP" "main philox1 noapply"
+  ;;
+tests)  # the GPU tests that run the dispatcher's forward defaults (every head dim, feature and odd shape)
+  python3 -m pytest -q -n 16 -p no:cacheprovider tests/test_forward_sm90.py tests/test_parity.py tests/test_flash_api.py \
+    tests/test_varlen.py tests/test_head_dim_v.py 2>&1 | tail -30 | tee "$OUT/tests.txt"
   ;;
 fwdtable)  # fwdtable DTYPE: issue 14's forward table, the defaults against FA2, cuDNN and FlexAttention
   python3 -m flashjit precompile --arch sm_90a --jobs 16 --filter "fwd_sm90_${2:?fwdtable bf16|fp16}_*" 2>&1 | tail -1

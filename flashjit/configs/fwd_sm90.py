@@ -80,7 +80,8 @@ class FwdSm90Config(ConfigBase):
     lazy_rescale move a row's running max only when a key block's is more than 2^8 above it, so O's
                  rescale (a multiply an O element) runs only in the steps where some row of a warp moved
                  (FlashAttention-4's conditional rescaling; P is then below 2^8 rather than 1, the same
-                 function up to rounding); speed only
+                 function up to rounding); speed only (H200: up to +12% at d192/d256, the default
+                 there and at d64-d128 non-causal: flashjit/dispatch.py)
     mma_sums     the tensor cores sum P's rows (P times ones, wgmma N = 8, in an extra n-tile of O) instead
                  of an add an element; the sums are of the rounded P that PV multiplies; 1 KiB more shared
                  memory; not with dropout (its dropped entries count in the sums); speed only
@@ -89,8 +90,8 @@ class FwdSm90Config(ConfigBase):
                  an SM); persistent grids are two CTAs an SM. The other
                  CTA's warpgroups fill the tensor cores during a warpgroup's softmax in place of the
                  overlap, which does not fit 104 registers (ptxas spills it and serializes its wgmmas):
-                 d_head <= 64, block_n 64, block_m 128, no overlap; speed only (a first H200 run: +8% at
-                 d64 causal 1k; not a default until measured further)
+                 d_head <= 64, block_n 64, block_m 128, no overlap; speed only (H200: +8-16% at d64
+                 causal up to 1k, the default there; behind 192 rows from 2k: flashjit/dispatch.py)
     """
 
     dtype: str = "bf16"
