@@ -46,13 +46,18 @@ def agrees(got, expected, tolerance: float = 0.05) -> bool:
 def candidates(direction: str, dtype: str, d_head: int, causal: bool, arch: str, smem_limit: int,
                deterministic: bool = False, limit: int = 0, seqlen: int = 4096) -> list:
     """The configs `tune` times for a problem: the family's autotuning space for `arch` that fits the
-    GPU, the dispatcher's default for the problem (its seqlen included) first. limit > 0 keeps an
-    evenly spread subset of that many."""
+    GPU, the dispatcher's default for the problem (its seqlen included) first, then on sm_90a the default
+    with lazy rescaling the other way (the dispatcher's rule is by head dim and mask, and lost 1-3% at some
+    lengths). limit > 0 keeps an evenly spread subset of the space."""
+    import dataclasses
+
     from . import dispatch
 
     if direction == "fwd":
         default = dispatch.default_config(dtype, d_head, causal, seqlen, smem_limit, arch=arch)
         space = dispatch.get_autotuning_kernel_configs(dtype, d_head, causal, arch=arch)
+        if isinstance(default, dispatch.FwdSm90Config):
+            space = [dataclasses.replace(default, lazy_rescale=not default.lazy_rescale), *space]
     else:
         default = dispatch.default_bwd_config(dtype, d_head, causal, deterministic=deterministic,
                                               smem_limit=smem_limit, wgmma=arch == dispatch.WGMMA_ARCH)

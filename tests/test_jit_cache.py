@@ -543,20 +543,23 @@ def test_hopper_forward_build_set_compiles(private_cache):
         assert None not in notes.values()
 
 
-def test_the_dispatchers_kernels_with_a_plain_twin_compile_whole(private_cache):
+def test_the_dispatchers_half_block_and_two_cta_kernels_compile_whole(private_cache):
     """Every kernel the dispatcher can pick (scripts/ptxas_notes.py's list) with half blocks (the third
-    compiled step, what ptxas has serialized) compiles without a ptxas performance-loss note with this
-    toolkit. Where one does not, jit.unserialized runs its plain twin: correct, but without the knob's gain,
-    and nothing else shows it. ptxas tips such kernels for changes outside their loops (docs/perf-log.md,
-    thirtieth session), and a hand-run sweep over a few head dims missed three (d104-d120). The kernels
-    with lazy rescaling alone (~440, ~4 min on CI's two cores) are left to scripts/ptxas_notes.py
-    (thirty-first session: none noted) and, at the build set's head dims, to the build-set test above."""
+    compiled step, what ptxas has serialized) or two CTAs an SM (104 registers a consumer thread, the
+    tightest budget, and no plain twin to fall back to) compiles without a ptxas performance-loss note with
+    this toolkit. Where a half-block one does not, jit.unserialized runs its plain twin: correct, but without
+    the knob's gain, and nothing else shows it. ptxas tips such kernels for changes outside their loops
+    (docs/perf-log.md, thirtieth session), and a hand-run sweep over a few head dims missed three
+    (d104-d120). The kernels with lazy rescaling alone (~550, ~6 min on CI's two cores) are left to
+    scripts/ptxas_notes.py (thirty-first session: none noted) and, at the build set's head dims, to the
+    build-set test above."""
     sys.path.insert(0, str(REPO / "scripts"))
     try:
         import ptxas_notes
     finally:
         sys.path.remove(str(REPO / "scripts"))
-    names = sorted(c.name for c in ptxas_notes.kernels() if getattr(c, "half_blocks", False))
+    names = sorted(c.name for c in ptxas_notes.kernels() if getattr(c, "half_blocks", False) or
+                   getattr(c, "two_ctas", False))
     pre = subprocess.run([sys.executable, "-m", "flashjit", "precompile", "--arch", "sm_90a", "--jobs", "2", *names],
                          env=dict(os.environ, FLASHJIT_CACHE_DIR=str(private_cache)), cwd=REPO, capture_output=True,
                          text=True)
@@ -608,7 +611,8 @@ def test_precompile_adds_the_plain_twin_of_a_kernel_ptxas_serializes(private_cac
 def test_unserialized_takes_the_plain_twin_only_where_the_choice_alone_is_serialized(monkeypatch, noted):
     """jit.unserialized: no note, the choice (and its twin is never built); the choice alone noted, the twin;
     both noted, or the twin not to be had (FLASHJIT_DISABLE_JIT without it, no nvcc), the choice; a config without
-    a twin (BwdSm90Config, the sm_80 families, a forward without half blocks) is never built here."""
+    a twin (BwdSm90Config, the sm_80 families, a forward without half blocks or lazy rescaling) is never built
+    here."""
     config = FwdSm90Config("bf16", 128, persistent=True, causal=True, half_blocks=True)
     built = []
 

@@ -97,6 +97,7 @@ def test_writes_merge_and_are_whole(table):
 def test_candidates_put_the_default_first_and_fit():
     fwd = tuner.candidates("fwd", "bf16", 128, False, "sm_90a", 227 * 1024, limit=8)
     assert len(fwd) == 8 and len(set(fwd)) == 8 and isinstance(fwd[0], FwdSm90Config)
+    assert fwd[1] == dataclasses.replace(fwd[0], lazy_rescale=not fwd[0].lazy_rescale)  # the rule's other side
     bwd = tuner.candidates("bwd", "bf16", 128, False, "sm_80", 99 * 1024)
     assert all(c.smem_bytes <= 99 * 1024 for c in bwd) and all(isinstance(c, BwdConfig) for c in bwd)
     assert not any(c.deterministic for c in bwd[1:])  # (the default at 99 KiB and d128 is the deterministic one)

@@ -80,8 +80,8 @@ class FwdSm90Config(ConfigBase):
     lazy_rescale move a row's running max only when a key block's is more than 2^8 above it, so O's
                  rescale (a multiply an O element) runs only in the steps where some row of a warp moved
                  (FlashAttention-4's conditional rescaling; P is then below 2^8 rather than 1, the same
-                 function up to rounding); speed only (H200: up to +12% at d192/d256, the default
-                 there and at d64-d128 non-causal: flashjit/dispatch.py)
+                 function up to rounding); speed only (H200: up to +12% at d192/d256; the default
+                 non-causal and above d128 causal: flashjit/dispatch.py)
     mma_sums     the tensor cores sum P's rows (P times ones, wgmma N = 8, in an extra n-tile of O) instead
                  of an add an element; the sums are of the rounded P that PV multiplies; 1 KiB more shared
                  memory; not with dropout (its dropped entries count in the sums); speed only
