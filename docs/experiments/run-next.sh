@@ -3,21 +3,23 @@
 # first. On the lent GPU, from the checkout's root, with the wheels carried (../shared/DEVICE.md):
 #   run(carry=[".whl"], command="bash docs/experiments/run-next.sh STEP")
 # Steps (each fits one 10-minute call; a step's log and JSON go to $OUT):
-#   knobs     the defaults against the knobs that won a first run (thirtieth session, docs/perf-log.md):
+#   knobs     (ran in the thirty-first session; its baselines are the defaults before that session)
+#             the defaults against the knobs that won a first run (thirtieth session, docs/perf-log.md):
 #             lazy_rescale (_lr) where it won, two CTAs an SM (_x2) at d64's short causal rows, at more
 #             lengths (--rounds 3 --configs): the data for making them defaults
-#   knobs2    lazy_rescale where no run has timed it yet: d192, d256's short causal rows, d96; two CTAs an
+#   knobs2    (ran in the thirty-first session) lazy_rescale where no run had timed it: d192, d256's short causal rows, d96; two CTAs an
 #             SM at d64's short non-causal rows and causal 2k / 8k
 #   dropout   the attribution of dropout's backward cost (d64, 1k / 4k, p = 0.1): main, Philox with one
 #             round, the mask made but not applied (both timing only: their gradients are wrong)
-#   table     issue 15's whole backward table (bench_backward, the defaults)
+#   table [DTYPE]    issue 15's whole backward table (bench_backward, the defaults; bf16 unless fp16)
+#   gqa       issue 15's other GQA points (B=2 2k 32/4, B=1 4k 16/4), bf16 and fp16
 #   fwdtable DTYPE   issue 14's whole forward table (bench_forward, the defaults, with FlexAttention)
 #   tests     the GPU tests over the forward defaults (after a change to the dispatcher's choices)
 # The device copy has no usable .git: each variant is a copy of this tree with its patches applied by
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table|tests|fwdtable DTYPE}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -123,9 +125,13 @@ fwdtable)  # fwdtable DTYPE: issue 14's forward table, the defaults against FA2,
   python3 scripts/bench_forward.py --dtypes "${2:?fwdtable bf16|fp16}" --head-dims 64,128,256 \
     --seqlens 1024,2048,4096,8192,16384 --causal 0,1 --out "$OUT" 2>&1 | grep -Ev "^\s*$" | tee "$OUT/bench.txt"
   ;;
-table)
-  python3 scripts/bench_backward.py --dtypes bf16 --head-dims 64,128,256 --seqlens 1024,2048,4096,8192,16384 \
+table)  # table [DTYPE]: bf16 (default) or fp16
+  python3 scripts/bench_backward.py --dtypes "${2:-bf16}" --head-dims 64,128,256 --seqlens 1024,2048,4096,8192,16384 \
     --causal 0,1 --gqa 1x8192x32x8 --out "$OUT" 2>&1 | grep -Ev "^\s*$" | tee "$OUT/bench.txt"
+  ;;
+gqa)  # issue 15's other two GQA points (B=2 S=2k 32/4 heads; the transformers shape B=1 S=4k 16/4), both dtypes
+  python3 scripts/bench_backward.py --dtypes bf16,fp16 --head-dims 64,128,256 --seqlens '' --causal 0,1 \
+    --gqa 2x2048x32x4,1x4096x16x4 --out "$OUT" 2>&1 | grep -Ev "^\s*$" | tee "$OUT/bench.txt"
   ;;
 *)
   echo "unknown step $STEP (see the list at the top)" >&2
