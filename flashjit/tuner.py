@@ -4,6 +4,7 @@ inputs and return the winner's entry for the table (flashjit/tuning.py, which th
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 log = logging.getLogger("flashjit")
@@ -49,8 +50,6 @@ def candidates(direction: str, dtype: str, d_head: int, causal: bool, arch: str,
     GPU, the dispatcher's default for the problem (its seqlen included) first, then on sm_90a the default
     with lazy rescaling the other way (the dispatcher's rule is by head dim and mask, and lost 1-3% at some
     lengths). limit > 0 keeps an evenly spread subset of the space."""
-    import dataclasses
-
     from . import dispatch
 
     if direction == "fwd":
