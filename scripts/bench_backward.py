@@ -4,6 +4,10 @@
 TFLOP/s conventions: forward 4 * B * H * S^2 * D (halved for causal), backward 2.5x that,
 forward+backward 3.5x. batch * seqlen = --tokens, heads * head_dim = --hidden.
 --kernels lists the GPU kernels of flashjit's and cuDNN's backward with their time per call (torch.profiler).
+--host times, for each contender's backward through autograd, what one call costs the host (50 calls queued
+back to back, no synchronization inside) against the wall time of those calls: where the host's time a call
+exceeds the GPU's, a short backward is host-bound, and do_bench's figure (which flushes L2 before each call
+and times it alone) shows the host's time, not the kernels'.
 --candidates also times flashjit.backward alone (no autograd) for each listed (n_warps, block_m,
 deterministic[, d_split[, group_rows]]) backward config: how the defaults in flashjit/dispatch.py were chosen.
 GQA points (--gqa, BATCHxSEQLENxHEADSxKV_HEADS each, over --dtypes, --head-dims and --causal): the same
@@ -16,6 +20,7 @@ was chosen.
     python scripts/bench_backward.py --candidates wgmma,wgmma_tma --head-dims 64,128 --seqlens 4096 --gqa ''
     python scripts/bench_backward.py --seqlens '' --gqa 1x4096x16x4 --head-dims 128 --causal 1
     python scripts/bench_backward.py --seqlens 1024 --gqa '' --kernels
+    python scripts/bench_backward.py --seqlens '' --gqa 1x4096x16x4 --head-dims 64 --causal 1 --kernels --host
 """
 from __future__ import annotations
 
@@ -64,6 +69,22 @@ def timings(attn, q, k, v, dout):
         out.backward(dout, retain_graph=True)
     return (do_bench(bwd, warmup=25, rep=100, return_mode="median"),
             do_bench(fwd_bwd, warmup=25, rep=100, return_mode="median"))
+
+
+def host_times(fn, calls: int = 50) -> tuple[float, float]:
+    """(host microseconds a call, wall microseconds a call) of `calls` calls of fn queued back to back
+    after a synchronized warm-up call: the first until the last call returns (nothing waits for the
+    GPU inside the loop), the second until the GPU has finished them too. Host >= wall means the GPU
+    waited for the host."""
+    fn()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    queued = time.perf_counter()
+    torch.cuda.synchronize()
+    done = time.perf_counter()
+    return (queued - started) / calls * 1e6, (done - started) / calls * 1e6
 
 
 def kernel_times(fn, iters: int = 10) -> dict:
@@ -174,6 +195,9 @@ def main() -> None:
     parser.add_argument("--kernels", action="store_true",
                         help="also list each backward's GPU kernels with their time per call (torch.profiler), "
                         "flashjit's and cuDNN's: where the time goes")
+    parser.add_argument("--host", action="store_true",
+                        help="also time what each contender's backward call costs the host against its wall time "
+                        "(host-bound short calls)")
     parser.add_argument("--gqa", default="1x8192x32x8,2x2048x32x4,1x4096x16x4",
                         help="GQA points BATCHxSEQLENxHEADSxKV_HEADS, comma-separated ('' for none)")
     args = parser.parse_args()
@@ -228,6 +252,20 @@ def main() -> None:
                 print("    " + show_kernel_times(label, times), flush=True)
             for t in (q, k, v):
                 t.grad = None
+        if args.host:
+            row["host_us"] = {}
+            for label, attn in contenders.items():
+                out = attn(q, k, v)
+
+                def bwd(out=out):
+                    for t in (q, k, v):  # noqa: B023 (this point's tensors)
+                        t.grad = None
+                    out.backward(dout, retain_graph=True)  # noqa: B023
+                row["host_us"][label] = host_times(bwd)
+            for t in (q, k, v):
+                t.grad = None
+            print("    host / wall us a backward call: " + "  ".join(
+                f"{label} {host:.0f} / {wall:.0f}" for label, (host, wall) in row["host_us"].items()), flush=True)
         if "heads_k" in point and (split := head_split_tflops(point, q, k, v, dout, drop, 2.5 * fwd_flops)):
             row["head_split"] = split
             print("    flashjit.backward alone: " + "  ".join(f"{name} {fmt(t)}" for name, t in split.items()), flush=True)

@@ -15,11 +15,13 @@
 #   gqa       issue 15's other GQA points (B=2 2k 32/4, B=1 4k 16/4), bf16 and fp16
 #   fwdtable DTYPE   issue 14's whole forward table (bench_forward, the defaults, with FlexAttention)
 #   tests     the GPU tests over the forward defaults (after a change to the dispatcher's choices)
+#   outlier   issue 15's short GQA backwards (d64, B=1 4k 16/4 and B=2 2k 32/4): the kernels' GPU time,
+#             the host's time a call (--host) and do_bench's figure, with the C++ autograd node and without
 # The device copy has no usable .git: each variant is a copy of this tree with its patches applied by
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -132,6 +134,15 @@ table)  # table [DTYPE]: bf16 (default) or fp16
 gqa)  # issue 15's other two GQA points (B=2 S=2k 32/4 heads; the transformers shape B=1 S=4k 16/4), both dtypes
   python3 scripts/bench_backward.py --dtypes bf16,fp16 --head-dims 64,128,256 --seqlens '' --causal 0,1 \
     --gqa 2x2048x32x4,1x4096x16x4 --out "$OUT" 2>&1 | grep -Ev "^\s*$" | tee "$OUT/bench.txt"
+  ;;
+outlier)  # why d64 causal B=1 4k 16/4 ran 187 through autograd where flashjit.backward alone ran 365
+  python3 -c "from flashjit import native; native.build()"  # the node cached before any timing
+  ARGS="--head-dims 64 --seqlens '' --causal 0,1 --gqa 1x4096x16x4,2x2048x32x4 --kernels --host --rounds 3"
+  for node in auto 0; do
+    echo "== FLASHJIT_NATIVE_AUTOGRAD=$node"
+    eval FLASHJIT_NATIVE_AUTOGRAD=$node python3 scripts/bench_backward.py --dtypes bf16,fp16 $ARGS --out "$OUT/node-$node" 2>&1 \
+      | grep -Ev "^\s*$"
+  done | tee "$OUT/bench.txt"
   ;;
 *)
   echo "unknown step $STEP (see the list at the top)" >&2
