@@ -4,10 +4,10 @@
 TFLOP/s conventions: forward 4 * B * H * S^2 * D (halved for causal), backward 2.5x that,
 forward+backward 3.5x. batch * seqlen = --tokens, heads * head_dim = --hidden.
 --kernels lists the GPU kernels of flashjit's and cuDNN's backward with their time per call (torch.profiler).
---host times, for each contender's backward through autograd, what one call costs the host (50 calls queued
-back to back, no synchronization inside) against the wall time of those calls: where the host's time a call
-exceeds the GPU's, a short backward is host-bound, and do_bench's figure (which flushes L2 before each call
-and times it alone) shows the host's time, not the kernels'.
+--host times, for each contender's backward (and forward+backward) through autograd, what one call costs
+the host (50 calls queued back to back, no synchronization inside) against the wall time of those calls:
+where the host's time a call exceeds the GPU's, a short call is host-bound, and do_bench's figure (which
+flushes L2 before each call and times it alone) shows the host's time, not the kernels'.
 --candidates also times flashjit.backward alone (no autograd) for each listed (n_warps, block_m,
 deterministic[, d_split[, group_rows]]) backward config: how the defaults in flashjit/dispatch.py were chosen.
 GQA points (--gqa, BATCHxSEQLENxHEADSxKV_HEADS each, over --dtypes, --head-dims and --causal): the same
@@ -261,11 +261,18 @@ def main() -> None:
                     for t in (q, k, v):  # noqa: B023 (this point's tensors)
                         t.grad = None
                     out.backward(dout, retain_graph=True)  # noqa: B023
-                row["host_us"][label] = host_times(bwd)
+
+                def fwd_bwd(attn=attn):
+                    for t in (q, k, v):  # noqa: B023
+                        t.grad = None
+                    attn(q, k, v).backward(dout)  # noqa: B023
+                row["host_us"][label] = dict(bwd=host_times(bwd), fwd_bwd=host_times(fwd_bwd))
             for t in (q, k, v):
                 t.grad = None
-            print("    host / wall us a backward call: " + "  ".join(
-                f"{label} {host:.0f} / {wall:.0f}" for label, (host, wall) in row["host_us"].items()), flush=True)
+            for part in ("bwd", "fwd_bwd"):
+                print(f"    host / wall us a {part} call: " + "  ".join(
+                    f"{label} {times[part][0]:.0f} / {times[part][1]:.0f}" for label, times in row["host_us"].items()),
+                      flush=True)
         if "heads_k" in point and (split := head_split_tflops(point, q, k, v, dout, drop, 2.5 * fwd_flops)):
             row["head_split"] = split
             print("    flashjit.backward alone: " + "  ".join(f"{name} {fmt(t)}" for name, t in split.items()), flush=True)
