@@ -17,15 +17,20 @@
 #   tests     the GPU tests over the forward defaults (after a change to the dispatcher's choices)
 #   outlier   issue 15's short GQA backwards (d64, B=1 4k 16/4 and B=2 2k 32/4): the kernels' GPU time,
 #             the host's time a call (--host) and do_bench's figure, with the C++ autograd node and without
+#   fa3       FlashAttention-3's own forward over issue 14's grid (+ GQA 1x8192x32x8), bf16 and fp16, d 64/128/256:
+#             .fa3bench/fa3_bench --table (carry [".whl", ".fa3bench"]; the binary is built on the CPU machine by
+#             docs/experiments/fa3_bench/build.sh, see its README.md; rebuilt here from .fa3bench/fa3src.tgz if
+#             this image cannot start it)
+#   fa3check  that binary's correctness check alone (every point of the grid against an fp32 reference, no timing)
 # The device copy has no usable .git: each variant is a copy of this tree with its patches applied by
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|fa3|fa3check}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
-if compgen -G ".whl/*.whl" >/dev/null; then  # the device (../shared/DEVICE.md); elsewhere torch is there already
+if [[ $STEP != fa3* ]] && compgen -G ".whl/*.whl" >/dev/null; then  # the device (../shared/DEVICE.md); elsewhere torch is there already; fa3* need no Python
   python3 -m pip install -q --no-index --no-deps .whl/*.whl
   python3 -m pip install -q --no-build-isolation --no-deps -e . >/dev/null 2>&1
 fi
@@ -83,6 +88,21 @@ knob_ab() {
     with_variant $1 python3 scripts/bench_forward.py --dtypes bf16 --head-dims "$d" --causal "$causal" \
       --seqlens "$seqlens" --rounds 3 --no-flex --out "$OUT/d$d-c$causal-$seqlens" --configs $(names_of "$base" $knobs) 2>&1
   done | tee -a "$OUT/bench.txt"
+}
+
+# fa3_bench: the path of a FlashAttention-3 forward benchmark that starts here: the carried
+# .fa3bench/fa3_bench, else (this image's libraries refuse it) one built here from the carried
+# .fa3bench/fa3src.tgz with build.sh (16 cores, ~1.5 min); its build log to $OUT/fa3-build.log.
+fa3_bench() {
+  local bin=$ROOT/.fa3bench/fa3_bench
+  if ! "$bin" --help >/dev/null 2>"$OUT/fa3-start.log"; then
+    echo "the carried fa3_bench does not start here ($(head -1 "$OUT/fa3-start.log")); rebuilding it" >&2
+    rm -rf /tmp/fa3src && mkdir -p /tmp/fa3src && tar -xzf "$ROOT/.fa3bench/fa3src.tgz" -C /tmp/fa3src
+    JOBS=16 OUTDIR=/tmp/fa3bench-device SRC_TARBALL=0 bash "$EXP/fa3_bench/build.sh" /tmp/fa3src/flash-attention \
+      /tmp/fa3src/cutlass >"$OUT/fa3-build.log" 2>&1 || { tail -20 "$OUT/fa3-build.log" >&2; exit 1; }
+    bin=/tmp/fa3bench-device/fa3_bench
+  fi
+  echo "$bin"
 }
 
 case $STEP in
@@ -143,6 +163,14 @@ outlier)  # why d64 causal B=1 4k 16/4 ran 187 through autograd where flashjit.b
     eval FLASHJIT_NATIVE_AUTOGRAD=$node python3 scripts/bench_backward.py --dtypes bf16,fp16 $ARGS --out "$OUT/node-$node" 2>&1 \
       | grep -Ev "^\s*$"
   done | tee "$OUT/bench.txt"
+  ;;
+fa3)  # needs .fa3bench/fa3_bench, built on the CPU machine by docs/experiments/fa3_bench/build.sh and carried
+  FA3=$(fa3_bench)
+  "$FA3" --table 2>&1 | tee "$OUT/fa3.txt"
+  ;;
+fa3check)  # the same binary's correctness mode only: exits 1 if any point is off
+  FA3=$(fa3_bench)
+  "$FA3" --table --check-only 2>&1 | tee "$OUT/fa3check.txt"
   ;;
 *)
   echo "unknown step $STEP (see the list at the top)" >&2
