@@ -15,8 +15,13 @@
 #   gqa       issue 15's other GQA points (B=2 2k 32/4, B=1 4k 16/4), bf16 and fp16
 #   fwdtable DTYPE   issue 14's whole forward table (bench_forward, the defaults, with FlexAttention)
 #   tests     the GPU tests over the forward defaults (after a change to the dispatcher's choices)
-#   outlier   issue 15's short GQA backwards (d64, B=1 4k 16/4 and B=2 2k 32/4): the kernels' GPU time,
-#             the host's time a call (--host) and do_bench's figure, with the C++ autograd node and without
+#   outlier   issue 15's short GQA backwards (d64 and d256, B=1 4k 16/4 and B=2 2k 32/4): the kernels' GPU
+#             time, the host's time a call (--host), do_bench's figure and flashjit.backward alone split /
+#             group (d256 non-causal fp16 ran 0.93x cuDNN through the group kernel, split alone 0.97x), with
+#             the C++ autograd node and without
+#   knobs3    d128 non-causal: the default (128-key blocks, lazy rescaling) against FlashAttention-3's 176-key
+#             block with lazy rescaling (n176 was level before lazy rescaling existed; with it its step is 407
+#             instructions a 128 keys against n128's 444, read off the SASS)
 #   fa3       FlashAttention-3's own forward over issue 14's grid (+ GQA 1x8192x32x8), bf16 and fp16, d 64/128/256:
 #             .fa3bench/fa3_bench --table (carry [".whl", ".fa3bench"]; the binary is built on the CPU machine by
 #             docs/experiments/fa3_bench/build.sh, see its README.md; rebuilt here from .fa3bench/fa3src.tgz if
@@ -26,7 +31,7 @@
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|fa3|fa3check}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|fa3|fa3check}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -131,6 +136,10 @@ knobs2)
 96 0 4096 ${F}_d96_m128_n128_st2_ov1_pp1_ps1_causal0 - _lr"
   knob_ab main "$POINTS"
   ;;
+knobs3)
+  F=fwd_sm90_bf16_d128_m128
+  knob_ab main "128 0 1024,4096,16384 ${F}_n128_st2_ov1_pp1_ps1_causal0 _lr ${F}_n176_st2_ov1_pp1_ps1_causal0_lr"
+  ;;
 dropout)
   variant philox1 "$EXP/dropout-philox1-timing-only.patch" >/dev/null
   variant noapply "$EXP/dropout-no-apply-timing-only.patch" >/dev/null
@@ -157,7 +166,7 @@ gqa)  # issue 15's other two GQA points (B=2 S=2k 32/4 heads; the transformers s
   ;;
 outlier)  # why d64 causal B=1 4k 16/4 ran 187 through autograd where flashjit.backward alone ran 365
   python3 -c "from flashjit import native; native.build()"  # the node cached before any timing
-  ARGS="--head-dims 64 --seqlens '' --causal 0,1 --gqa 1x4096x16x4,2x2048x32x4 --kernels --host --rounds 3"
+  ARGS="--head-dims 64,256 --seqlens '' --causal 0,1 --gqa 1x4096x16x4,2x2048x32x4 --kernels --host --rounds 3"
   for node in auto 0; do
     echo "== FLASHJIT_NATIVE_AUTOGRAD=$node"
     eval FLASHJIT_NATIVE_AUTOGRAD=$node python3 scripts/bench_backward.py --dtypes bf16,fp16 $ARGS --out "$OUT/node-$node" 2>&1 \
