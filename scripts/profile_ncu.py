@@ -10,6 +10,11 @@ and summary.txt (printed last: the stall reasons and the top instructions).
     python scripts/profile_ncu.py --d 64 --causal --seqlen 1024 --out prof-d64c1k
     python scripts/profile_ncu.py --d 128 --seqlen 2048 --backward --kernel dkdv --out prof-bwd
     python scripts/profile_ncu.py --d 64 --seqlen 1024 --config fwd_sm90_bf16_d64_m192_n128_st4_ov1_pp0_ps1_causal0
+    python scripts/profile_ncu.py --kernel FlashAttnFwdSm90 --out prof-fa3 \
+        --external ".fa3bench/fa3_bench --d 128 --causal 0 --batch 4 --seqlen 4096 --heads 16 --iters 5"
+
+--external profiles another program's launches the same way (FlashAttention-3's forward through
+docs/experiments/fa3_bench, for the same figures beside flashjit's); the problem is then its command line's.
 
 The problem is bench_forward's: batch * seqlen = --tokens, heads * d = --hidden, bf16 by default.
 ncu runs with --clock-control none (METHOD.md: leave the clocks alone).
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -44,6 +50,8 @@ def parse_args(argv=None):
     parser.add_argument("--kernel", default=None,
                         help="regex on the demangled kernel name (default: 'fwd' forward, 'dkdv' backward)")
     parser.add_argument("--top", type=int, default=30, help="SASS instructions to list")
+    parser.add_argument("--external", help="a command whose launches to profile instead of flashjit's (with --kernel "
+                        "naming its kernel)")
     parser.add_argument("--out", default="profile-out")
     return parser.parse_args(argv)
 
@@ -91,7 +99,7 @@ def profile(args) -> None:
                "--import-source", "no", "-f", "-o", str(report)]
     for section in SECTIONS:
         command += ["--section", section]
-    command += [sys.executable, __file__, *sys.argv[1:]]
+    command += shlex.split(args.external) if args.external else [sys.executable, __file__, *sys.argv[1:]]
     print(" ".join(command), flush=True)
     run = subprocess.run(command, env=dict(os.environ, **{CHILD: "1"}), capture_output=True, text=True)
     (out / "ncu.log").write_text(run.stdout + run.stderr)
@@ -129,6 +137,16 @@ def stall_reasons(raw_csv: str) -> list[str]:
     return [f"{100 * v / total:5.1f}%  {reason}" for v, reason in sorted(found, reverse=True)[:12] if v > 0]
 
 
+def tensor_pipe(raw_csv: str) -> list[str]:
+    """The raw page's tensor-pipe utilisation metrics (sm__pipe_tensor_*..pct..., as the sections collect
+    them), the share of the SMs' cycles the tensor cores were busy."""
+    rows = list(csv.reader(raw_csv.splitlines()))
+    if len(rows) < 2:
+        return []
+    return [f"{name}: {value}" for name, value in zip(rows[0], rows[-1])
+            if name.startswith("sm__pipe_tensor") and "pct" in name]
+
+
 def summarize(details: str, source_csv: str, top: int, raw_csv: str = "") -> str:
     """The warp-state and speed-of-light lines of the details page, the sampled stall reasons, then the
     `top` SASS instructions by stall samples (whichever sampling columns this ncu version writes)."""
@@ -136,6 +154,7 @@ def summarize(details: str, source_csv: str, top: int, raw_csv: str = "") -> str
             "Issued Warp Per Scheduler", "No Eligible", "Active Warps Per Scheduler", "Eligible Warps Per Scheduler",
             "Registers Per Thread", "Achieved Occupancy", "Stall", "stall")
     lines = [line.rstrip() for line in details.splitlines() if any(word in line for word in keep)]
+    lines += tensor_pipe(raw_csv)
     reasons = stall_reasons(raw_csv)
     if reasons:
         lines += ["", "stall reasons (share of the warps' stall samples):", *reasons]

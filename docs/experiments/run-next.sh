@@ -26,12 +26,14 @@
 #             .fa3bench/fa3_bench --table (carry [".whl", ".fa3bench"]; the binary is built on the CPU machine by
 #             docs/experiments/fa3_bench/build.sh, see its README.md; rebuilt here from .fa3bench/fa3src.tgz if
 #             this image cannot start it)
+#   ncu128    Nsight Compute on flashjit's d128 non-causal 4k default and on FlashAttention-3's kernel at the same
+#             point (scripts/profile_ncu.py --external; needs the fa3_bench binary too): tensor pipe, stalls
 #   fa3check  that binary's correctness check alone (every point of the grid against an fp32 reference, no timing)
 # The device copy has no usable .git: each variant is a copy of this tree with its patches applied by
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|fa3|fa3check}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|ncu128|fa3|fa3check}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -176,6 +178,12 @@ outlier)  # why d64 causal B=1 4k 16/4 ran 187 through autograd where flashjit.b
 fa3)  # needs .fa3bench/fa3_bench, built on the CPU machine by docs/experiments/fa3_bench/build.sh and carried
   FA3=$(fa3_bench)
   "$FA3" --table 2>&1 | tee "$OUT/fa3.txt"
+  ;;
+ncu128)  # where each kernel's warps wait, flashjit's and FA3's, same point (B=4 S=4k H=16 d128 bf16)
+  python3 scripts/profile_ncu.py --d 128 --seqlen 4096 --out "$OUT/ncu-flashjit" 2>&1 | tail -45
+  FA3=$(fa3_bench)
+  python3 scripts/profile_ncu.py --kernel FlashAttnFwdSm90 --out "$OUT/ncu-fa3" \
+    --external "$FA3 --dtype bf16 --d 128 --causal 0 --batch 4 --seqlen 4096 --heads 16 --iters 5" 2>&1 | tail -45
   ;;
 fa3check)  # the same binary's correctness mode only: exits 1 if any point is off
   FA3=$(fa3_bench)
