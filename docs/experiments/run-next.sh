@@ -43,6 +43,16 @@ if [[ $STEP != fa3* ]] && compgen -G ".whl/*.whl" >/dev/null; then  # the device
 fi
 export FLASHJIT_CACHE_DIR=/tmp/fj-cache PYTHONUNBUFFERED=1
 EXP=$ROOT/docs/experiments
+# The SM clock and power twice a second for the whole step, to $OUT/clocks.csv: fp16 ran 3-13% below bf16 at
+# the same points with kernels of the same instruction counts (the wide backward's step loops: 664-687 a
+# warp either way), which a power cap would explain (fp16's longer mantissa toggles more bits).
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu --format=csv -lms 500 >"$OUT/clocks.csv" 2>&1 &
+  CLOCKS=$!
+  trap 'kill $CLOCKS 2>/dev/null || true' EXIT
+fi
+# stamp: each line with the time it was printed, to find a line's clocks in clocks.csv.
+stamp() { while IFS= read -r line; do printf '%s %s\n' "$(date +%T)" "$line"; done; }
 
 # variant NAME PATCH...: /tmp/variants/NAME, this tree with the patches applied in order.
 variant() {
@@ -156,15 +166,15 @@ tests)  # the GPU tests that run the dispatcher's forward defaults (every head d
 fwdtable)  # fwdtable DTYPE: issue 14's forward table, the defaults against FA2, cuDNN and FlexAttention
   python3 -m flashjit precompile --arch sm_90a --jobs 16 --filter "fwd_sm90_${2:?fwdtable bf16|fp16}_*" 2>&1 | tail -1
   python3 scripts/bench_forward.py --dtypes "${2:?fwdtable bf16|fp16}" --head-dims 64,128,256 \
-    --seqlens 1024,2048,4096,8192,16384 --causal 0,1 --out "$OUT" 2>&1 | grep -Ev "^\s*$" | tee "$OUT/bench.txt"
+    --seqlens 1024,2048,4096,8192,16384 --causal 0,1 --out "$OUT" 2>&1 | grep -Ev "^\s*$" | stamp | tee "$OUT/bench.txt"
   ;;
 table)  # table [DTYPE]: bf16 (default) or fp16
   python3 scripts/bench_backward.py --dtypes "${2:-bf16}" --head-dims 64,128,256 --seqlens 1024,2048,4096,8192,16384 \
-    --causal 0,1 --gqa 1x8192x32x8 --out "$OUT" 2>&1 | grep -Ev "^\s*$" | tee "$OUT/bench.txt"
+    --causal 0,1 --gqa 1x8192x32x8 --out "$OUT" 2>&1 | grep -Ev "^\s*$" | stamp | tee "$OUT/bench.txt"
   ;;
 gqa)  # issue 15's other two GQA points (B=2 S=2k 32/4 heads; the transformers shape B=1 S=4k 16/4), both dtypes
   python3 scripts/bench_backward.py --dtypes bf16,fp16 --head-dims 64,128,256 --seqlens '' --causal 0,1 \
-    --gqa 2x2048x32x4,1x4096x16x4 --out "$OUT" 2>&1 | grep -Ev "^\s*$" | tee "$OUT/bench.txt"
+    --gqa 2x2048x32x4,1x4096x16x4 --out "$OUT" 2>&1 | grep -Ev "^\s*$" | stamp | tee "$OUT/bench.txt"
   ;;
 outlier)  # why d64 causal B=1 4k 16/4 ran 187 through autograd where flashjit.backward alone ran 365
   python3 -c "from flashjit import native; native.build()"  # the node cached before any timing
