@@ -19,8 +19,8 @@
 #             time, the host's time a call (--host), do_bench's figure and flashjit.backward alone split /
 #             group (d256 non-causal fp16 ran 0.93x cuDNN through the group kernel, split alone 0.97x), with
 #             the C++ autograd node and without
-#   knobs3    d128 non-causal: the default (128-key blocks, lazy rescaling) against FlashAttention-3's 176-key
-#             block with lazy rescaling (n176 was level before lazy rescaling existed; with it its step is 407
+#   knobs3    d128 non-causal: the default (128-key blocks, lazy rescaling; cross-tile at 1k) against
+#             FlashAttention-3's 176-key block with lazy rescaling (at 1k no cross-tile: 241 KiB) (n176 was level before lazy rescaling existed; with it its step is 407
 #             instructions a 128 keys against n128's 444, read off the SASS)
 #   fa3       FlashAttention-3's own forward over issue 14's grid (+ GQA 1x8192x32x8), bf16 and fp16, d 64/128/256:
 #             .fa3bench/fa3_bench --table (carry [".whl", ".fa3bench"]; the binary is built on the CPU machine by
@@ -47,7 +47,9 @@ EXP=$ROOT/docs/experiments
 # the same points with kernels of the same instruction counts (the wide backward's step loops: 664-687 a
 # warp either way), which a power cap would explain (fp16's longer mantissa toggles more bits).
 if command -v nvidia-smi >/dev/null; then
-  nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu --format=csv -lms 500 >"$OUT/clocks.csv" 2>&1 &
+  FIELDS=timestamp,clocks.sm,power.draw.instant,power.limit,temperature.gpu,clocks_event_reasons.active
+  nvidia-smi --query-gpu=$FIELDS --format=csv -c 1 >/dev/null 2>&1 || FIELDS=timestamp,clocks.sm,power.draw,temperature.gpu
+  nvidia-smi --query-gpu=$FIELDS --format=csv -lms 500 >"$OUT/clocks.csv" 2>&1 &
   CLOCKS=$!
   trap 'kill $CLOCKS 2>/dev/null || true' EXIT
 fi
@@ -84,7 +86,7 @@ passes() {
     order=$3; [ $pass = 2 ] && order=$(echo $3 | tr ' ' '\n' | tac | tr '\n' ' ')
     for v in $order; do
       echo "== $v (pass $pass)"
-      eval with_variant $v python3 scripts/$1 $2 --out "$OUT/$v-$pass" 2>&1 | grep -E "^bf16" || true
+      eval with_variant $v python3 scripts/$1 $2 --out "$OUT/$v-$pass" 2>&1 | grep --line-buffered -E "^bf16" || true
     done
   done | tee -a "$OUT/bench.txt"
 }
@@ -115,8 +117,10 @@ fa3_bench() {
   if ! "$bin" --help >/dev/null 2>"$OUT/fa3-start.log"; then
     echo "the carried fa3_bench does not start here ($(head -1 "$OUT/fa3-start.log")); rebuilding it" >&2
     rm -rf /tmp/fa3src && mkdir -p /tmp/fa3src && tar -xzf "$ROOT/.fa3bench/fa3src.tgz" -C /tmp/fa3src
-    JOBS=16 OUTDIR=/tmp/fa3bench-device SRC_TARBALL=0 bash "$EXP/fa3_bench/build.sh" /tmp/fa3src/flash-attention \
-      /tmp/fa3src/cutlass >"$OUT/fa3-build.log" 2>&1 || { tail -20 "$OUT/fa3-build.log" >&2; exit 1; }
+    # shellcheck disable=SC1091  # the head dims and dtypes the carried binary was built with
+    (source /tmp/fa3src/BUILT && export HDIMS DTYPES && JOBS=16 OUTDIR=/tmp/fa3bench-device SRC_TARBALL=0 \
+      bash "$EXP/fa3_bench/build.sh" /tmp/fa3src/flash-attention /tmp/fa3src/cutlass) >"$OUT/fa3-build.log" 2>&1 \
+      || { tail -20 "$OUT/fa3-build.log" >&2; exit 1; }
     bin=/tmp/fa3bench-device/fa3_bench
   fi
   echo "$bin"
@@ -150,7 +154,8 @@ knobs2)
   ;;
 knobs3)
   F=fwd_sm90_bf16_d128_m128
-  knob_ab main "128 0 1024,4096,16384 ${F}_n128_st2_ov1_pp1_ps1_causal0 _lr ${F}_n176_st2_ov1_pp1_ps1_causal0_lr"
+  knob_ab main "128 0 1024 ${F}_n128_st2_ov1_pp1_ps1_causal0 _xt_lr _lr ${F}_n176_st2_ov1_pp1_ps1_causal0_lr
+128 0 4096,16384 ${F}_n128_st2_ov1_pp1_ps1_causal0 _lr ${F}_n176_st2_ov1_pp1_ps1_causal0_lr"
   ;;
 dropout)
   variant philox1 "$EXP/dropout-philox1-timing-only.patch" >/dev/null
@@ -166,34 +171,37 @@ tests)  # the GPU tests that run the dispatcher's forward defaults (every head d
 fwdtable)  # fwdtable DTYPE: issue 14's forward table, the defaults against FA2, cuDNN and FlexAttention
   python3 -m flashjit precompile --arch sm_90a --jobs 16 --filter "fwd_sm90_${2:?fwdtable bf16|fp16}_*" 2>&1 | tail -1
   python3 scripts/bench_forward.py --dtypes "${2:?fwdtable bf16|fp16}" --head-dims 64,128,256 \
-    --seqlens 1024,2048,4096,8192,16384 --causal 0,1 --out "$OUT" 2>&1 | grep -Ev "^\s*$" | stamp | tee "$OUT/bench.txt"
+    --seqlens 1024,2048,4096,8192,16384 --causal 0,1 --out "$OUT" 2>&1 | grep --line-buffered -Ev "^\s*$" | stamp | tee "$OUT/bench.txt"
   ;;
 table)  # table [DTYPE]: bf16 (default) or fp16
   python3 scripts/bench_backward.py --dtypes "${2:-bf16}" --head-dims 64,128,256 --seqlens 1024,2048,4096,8192,16384 \
-    --causal 0,1 --gqa 1x8192x32x8 --out "$OUT" 2>&1 | grep -Ev "^\s*$" | stamp | tee "$OUT/bench.txt"
+    --causal 0,1 --gqa 1x8192x32x8 --out "$OUT" 2>&1 | grep --line-buffered -Ev "^\s*$" | stamp | tee "$OUT/bench.txt"
   ;;
 gqa)  # issue 15's other two GQA points (B=2 S=2k 32/4 heads; the transformers shape B=1 S=4k 16/4), both dtypes
   python3 scripts/bench_backward.py --dtypes bf16,fp16 --head-dims 64,128,256 --seqlens '' --causal 0,1 \
-    --gqa 2x2048x32x4,1x4096x16x4 --out "$OUT" 2>&1 | grep -Ev "^\s*$" | stamp | tee "$OUT/bench.txt"
+    --gqa 2x2048x32x4,1x4096x16x4 --out "$OUT" 2>&1 | grep --line-buffered -Ev "^\s*$" | stamp | tee "$OUT/bench.txt"
   ;;
 outlier)  # why d64 causal B=1 4k 16/4 ran 187 through autograd where flashjit.backward alone ran 365
   python3 -c "from flashjit import native; native.build()"  # the node cached before any timing
-  ARGS="--head-dims 64,256 --seqlens '' --causal 0,1 --gqa 1x4096x16x4,2x2048x32x4 --kernels --host --rounds 3"
+  # the build set's d64 and d256 kernels in parallel (the points' other kernels compile on first use)
+  python3 -m flashjit precompile --arch sm_90a --jobs 16 --filter _d64_ --filter _d256_ 2>&1 | tail -1
+  ARGS=(--head-dims 64,256 --seqlens '' --causal 0,1 --gqa 1x4096x16x4,2x2048x32x4 --kernels --host --rounds 3)
   for node in auto 0; do
     echo "== FLASHJIT_NATIVE_AUTOGRAD=$node"
-    eval FLASHJIT_NATIVE_AUTOGRAD=$node python3 scripts/bench_backward.py --dtypes bf16,fp16 $ARGS --out "$OUT/node-$node" 2>&1 \
-      | grep -Ev "^\s*$"
-  done | tee "$OUT/bench.txt"
+    FLASHJIT_NATIVE_AUTOGRAD=$node python3 scripts/bench_backward.py --dtypes bf16,fp16 "${ARGS[@]}" \
+      --out "$OUT/node-$node" 2>&1 | grep --line-buffered -Ev "^\s*$"
+  done | stamp | tee "$OUT/bench.txt"
   ;;
 fa3)  # needs .fa3bench/fa3_bench, built on the CPU machine by docs/experiments/fa3_bench/build.sh and carried
   FA3=$(fa3_bench)
   "$FA3" --table 2>&1 | tee "$OUT/fa3.txt"
   ;;
 ncu128)  # where each kernel's warps wait, flashjit's and FA3's, same point (B=4 S=4k H=16 d128 bf16)
-  python3 scripts/profile_ncu.py --d 128 --seqlen 4096 --out "$OUT/ncu-flashjit" 2>&1 | tail -45
+  python3 scripts/profile_ncu.py --d 128 --seqlen 4096 --out "$OUT/ncu-flashjit" >"$OUT/ncu-flashjit.log" 2>&1 || true
   FA3=$(fa3_bench)
   python3 scripts/profile_ncu.py --kernel FlashAttnFwdSm90 --out "$OUT/ncu-fa3" \
-    --external "$FA3 --dtype bf16 --d 128 --causal 0 --batch 4 --seqlen 4096 --heads 16 --iters 5" 2>&1 | tail -45
+    --external "$FA3 --dtype bf16 --d 128 --causal 0 --batch 4 --seqlen 4096 --heads 16 --iters 5" >"$OUT/ncu-fa3.log" 2>&1 || true
+  for who in flashjit fa3; do echo "== $who"; cat "$OUT/ncu-$who/summary.txt" || tail -20 "$OUT/ncu-$who.log"; done
   ;;
 fa3check)  # the same binary's correctness mode only: exits 1 if any point is off
   FA3=$(fa3_bench)

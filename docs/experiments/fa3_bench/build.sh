@@ -101,7 +101,8 @@ if [ "${SRC_TARBALL:-1}" = 1 ]; then  # the sources, laid out as build.sh's two 
     if [ -f "$CUTLASS_DIR/$f" ]; then cp "$CUTLASS_DIR/$f" "$STAGE/cutlass/"; fi
   done
   echo "$FA3_REV" >"$STAGE/flash-attention/REV"
-  tar -czf "$OUTDIR/fa3src.tgz" -C "$STAGE" flash-attention cutlass
+  printf 'HDIMS="%s"\nDTYPES="%s"\n' "$HDIMS" "$DTYPES" >"$STAGE/BUILT"  # what a rebuild from it must build
+  tar -czf "$OUTDIR/fa3src.tgz" -C "$STAGE" flash-attention cutlass BUILT
   rm -rf "$STAGE"
   echo "wrote $OUTDIR/fa3src.tgz ($(du -h "$OUTDIR/fa3src.tgz" | cut -f1))"
 fi
