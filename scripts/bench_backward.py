@@ -58,6 +58,14 @@ def timings(attn, q, k, v, dout):
         print(f"    (skipped: {str(exc).splitlines()[0][:100]})")
         return None
 
+    bwd, fwd_bwd = autograd_calls(attn, out, q, k, v, dout)
+    return (do_bench(bwd, warmup=25, rep=100, return_mode="median"),
+            do_bench(fwd_bwd, warmup=25, rep=100, return_mode="median"))
+
+
+def autograd_calls(attn, out, q, k, v, dout):
+    """(bwd, fwd_bwd): callables that run out's backward again (its graph retained) and attn's forward and
+    backward afresh, each with the inputs' gradients reset first (assigned, not accumulated)."""
     def fwd_bwd():
         for t in (q, k, v):
             t.grad = None
@@ -67,8 +75,7 @@ def timings(attn, q, k, v, dout):
         for t in (q, k, v):
             t.grad = None
         out.backward(dout, retain_graph=True)
-    return (do_bench(bwd, warmup=25, rep=100, return_mode="median"),
-            do_bench(fwd_bwd, warmup=25, rep=100, return_mode="median"))
+    return bwd, fwd_bwd
 
 
 def host_times(fn, calls: int = 50) -> tuple[float, float]:
@@ -257,17 +264,7 @@ def main() -> None:
             for label, attn in contenders.items():
                 if timed[label][0] is None:  # declined this point (timings() said why)
                     continue
-                out = attn(q, k, v)
-
-                def bwd(out=out):
-                    for t in (q, k, v):  # noqa: B023 (this point's tensors)
-                        t.grad = None
-                    out.backward(dout, retain_graph=True)  # noqa: B023
-
-                def fwd_bwd(attn=attn):
-                    for t in (q, k, v):  # noqa: B023
-                        t.grad = None
-                    attn(q, k, v).backward(dout)  # noqa: B023
+                bwd, fwd_bwd = autograd_calls(attn, attn(q, k, v), q, k, v, dout)
                 row["host_us"][label] = dict(bwd=host_times(bwd), fwd_bwd=host_times(fwd_bwd))
             for t in (q, k, v):
                 t.grad = None

@@ -240,8 +240,8 @@ def main() -> None:
             walked = flashjit.dispatch.with_tile_walk(used, (batch, heads), seqlen,
                                                       lambda: flashjit.interface.sm_count(q.get_device()))
             ours = tflops(batch, heads, seqlen, d_head, causal, ms)
-            row = dict(point, config=used.name, call_runs=walked.name, ms=ms, ms_rounds=samples, tflops=ours, fa2_tflops=base["fa2"],
-                       cudnn_tflops=base["cudnn"], flex_tflops=base["flex"], vs_fa2=base["fa2"] and ours / base["fa2"],
+            row = dict(point, config=used.name, call_runs=walked.name, ms=ms, ms_rounds=samples, tflops=ours,
+                       fa2_tflops=base["fa2"], cudnn_tflops=base["cudnn"], flex_tflops=base["flex"], vs_fa2=base["fa2"] and ours / base["fa2"],
                        vs_cudnn=base["cudnn"] and ours / base["cudnn"], vs_flex=base["flex"] and ours / base["flex"])
             rows.append(row)
             hk = f"/{point['heads_k']}" if "heads_k" in point else ""

@@ -126,15 +126,17 @@ def profile(args) -> None:
     print(summary)
 
 
+def raw_metrics(raw_csv: str) -> list[tuple[str, str]]:
+    """(metric, value) of the raw page (--csv: names, units, then the profiled launch's values)."""
+    rows = list(csv.reader(raw_csv.splitlines()))
+    return list(zip(rows[0], rows[-1])) if len(rows) >= 2 else []
+
+
 def stall_reasons(raw_csv: str) -> list[str]:
     """The sampled stall reasons of the raw page (smsp__pcsamp_warps_issue_stalled_*), largest first."""
-    rows = list(csv.reader(raw_csv.splitlines()))
-    if len(rows) < 2:
-        return []
-    names, values = rows[0], rows[-1]
     prefix = "smsp__pcsamp_warps_issue_stalled_"
     found = []
-    for name, value in zip(names, values):
+    for name, value in raw_metrics(raw_csv):
         if name.startswith(prefix) and not name.endswith("_not_issued"):
             try:
                 found.append((float(value.replace(",", "")), name[len(prefix):]))
@@ -147,12 +149,9 @@ def stall_reasons(raw_csv: str) -> list[str]:
 def tensor_pipe(raw_csv: str) -> list[str]:
     """The raw page's tensor-pipe utilisation metrics (sm__pipe_tensor_*..pct..., as the sections collect
     them), the share of the SMs' cycles the tensor cores were busy."""
-    rows = list(csv.reader(raw_csv.splitlines()))
-    if len(rows) < 2:
-        return []
-    found = [f"{name}: {value}" for name, value in zip(rows[0], rows[-1])
-             if name.startswith("sm__pipe_tensor") and "pct" in name]
-    return found or ["(no tensor-pipe metric on the raw page)"]
+    metrics = raw_metrics(raw_csv)
+    found = [f"{name}: {value}" for name, value in metrics if name.startswith("sm__pipe_tensor") and "pct" in name]
+    return found or (["(no tensor-pipe metric on the raw page)"] if metrics else [])
 
 
 def summarize(details: str, source_csv: str, top: int, raw_csv: str = "") -> str:

@@ -42,52 +42,37 @@ static void fa3_launch(Flash_fwd_params &p, cudaStream_t s) {
   run_mha_fwd_<90, T, D, D, false, false, false, false>(p, s);
 }
 
-static bool fa3_built(bool bf16, int d) {
-#define FA3B_CASE(B, D, M) if (bf16 == B && d == D) return M;
+using Fa3Launch = void (*)(Flash_fwd_params &, cudaStream_t);
+
+// run_mha_fwd_constexpr's dispatch, restricted to what was built: the launcher, or nullptr.
+static Fa3Launch fa3_kernel(bool bf16, int d) {
+#define FA3B_CASE(B, T, D) if (bf16 == B && d == D) return fa3_launch<T, D>;
 #ifdef FA3B_HAVE_BF16_D64
-  FA3B_CASE(true, 64, true)
+  FA3B_CASE(true, cutlass::bfloat16_t, 64)
 #endif
 #ifdef FA3B_HAVE_BF16_D128
-  FA3B_CASE(true, 128, true)
+  FA3B_CASE(true, cutlass::bfloat16_t, 128)
 #endif
 #ifdef FA3B_HAVE_BF16_D256
-  FA3B_CASE(true, 256, true)
+  FA3B_CASE(true, cutlass::bfloat16_t, 256)
 #endif
 #ifdef FA3B_HAVE_FP16_D64
-  FA3B_CASE(false, 64, true)
+  FA3B_CASE(false, cutlass::half_t, 64)
 #endif
 #ifdef FA3B_HAVE_FP16_D128
-  FA3B_CASE(false, 128, true)
+  FA3B_CASE(false, cutlass::half_t, 128)
 #endif
 #ifdef FA3B_HAVE_FP16_D256
-  FA3B_CASE(false, 256, true)
+  FA3B_CASE(false, cutlass::half_t, 256)
 #endif
-  return false;
+#undef FA3B_CASE
+  return nullptr;
 }
 
-// run_mha_fwd_constexpr's dispatch, restricted to what was built.
+static bool fa3_built(bool bf16, int d) { return fa3_kernel(bf16, d) != nullptr; }
+
 static void fa3_fwd(Flash_fwd_params &p, cudaStream_t s) {
-  if (p.is_bf16) {
-#ifdef FA3B_HAVE_BF16_D64
-    if (p.d == 64) return fa3_launch<cutlass::bfloat16_t, 64>(p, s);
-#endif
-#ifdef FA3B_HAVE_BF16_D128
-    if (p.d == 128) return fa3_launch<cutlass::bfloat16_t, 128>(p, s);
-#endif
-#ifdef FA3B_HAVE_BF16_D256
-    if (p.d == 256) return fa3_launch<cutlass::bfloat16_t, 256>(p, s);
-#endif
-  } else {
-#ifdef FA3B_HAVE_FP16_D64
-    if (p.d == 64) return fa3_launch<cutlass::half_t, 64>(p, s);
-#endif
-#ifdef FA3B_HAVE_FP16_D128
-    if (p.d == 128) return fa3_launch<cutlass::half_t, 128>(p, s);
-#endif
-#ifdef FA3B_HAVE_FP16_D256
-    if (p.d == 256) return fa3_launch<cutlass::half_t, 256>(p, s);
-#endif
-  }
+  if (const Fa3Launch launch = fa3_kernel(p.is_bf16, p.d)) return launch(p, s);
   fprintf(stderr, "error: no FA3 instantiation for %s d=%d in this build\n", p.is_bf16 ? "bf16" : "fp16", p.d);
   exit(2);
 }
