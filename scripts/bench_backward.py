@@ -27,14 +27,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
 from bench_forward import (_require_torch_cuda, add_grid_arguments, exit_unless_gpu, flex, grid, sdpa,  # same folder
-                           time_rounds)
+                           time_rounds, write_result)
 
 if __name__ == "__main__" and not {"-h", "--help"} & set(sys.argv[1:]):
     exit_unless_gpu("bench_backward.py")  # before the heavy imports: one line, no traceback
@@ -278,9 +277,7 @@ def main() -> None:
         if args.candidates:
             row["candidates"] = candidate_tflops(args.candidates, point, q, k, v, dout, drop, 2.5 * fwd_flops)
             print("    " + "  ".join(f"{name}: {fmt(t)}" for name, t in row["candidates"].items()), flush=True)
-    result = dict(device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"), torch=torch.__version__,
-                  rows=rows)
-    (out_dir / "bench_backward.json").write_text(json.dumps(result, indent=1))
+        write_result(out_dir / "bench_backward.json", rows, torch)
 
 
 if __name__ == "__main__":

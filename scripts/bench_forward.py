@@ -189,6 +189,16 @@ def gqa_points(args):
             yield dict(dtype=dtype, d_head=d_head, causal=causal, seqlen=seqlen, batch=1, heads=32, heads_k=8), q, k, v
 
 
+def write_result(path: Path, rows: list, torch) -> None:
+    """The table so far as JSON at `path`, rewritten after every point (whole, by a rename): a run cut off
+    by the device's time limit still leaves the points it measured."""
+    result = dict(device=torch.cuda.get_device_name(), date=time.strftime("%Y-%m-%d"), torch=torch.__version__,
+                  rows=rows)
+    part = path.with_name(path.name + ".part")
+    part.write_text(json.dumps(result, indent=1))
+    part.replace(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     add_grid_arguments(parser, "bf16,fp16", "64,128,256", "512,1024,2048,4096,8192,16384")
@@ -212,6 +222,7 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name()
     rows = []
+    write_result(out_dir / "bench_forward.json", rows, torch)
     for point, q, k, v in itertools.chain(grid(args), gqa_points(args)):
         dtype, d_head, causal, seqlen = point["dtype"], point["d_head"], point["causal"], point["seqlen"]
         batch, heads = point["batch"], point["heads"]
@@ -250,8 +261,7 @@ def main() -> None:
                   f"flex {base['flex'] or 0:6.1f} TFLOP/s  x{row['vs_cudnn'] or 0:.3f} cudnn  "
                   f"x{row['vs_flex'] or 0:.3f} flex  x{row['vs_fa2'] or 0:.3f} fa2  {used.name}"
                   + (f"  (as a default it would run {walked.name} on this grid)" if walked != used else ""), flush=True)
-    result = dict(device=device, date=time.strftime("%Y-%m-%d"), torch=torch.__version__, rows=rows)
-    (out_dir / "bench_forward.json").write_text(json.dumps(result, indent=1))
+        write_result(out_dir / "bench_forward.json", rows, torch)
     plot(rows, device, out_dir / "bench_forward.png")
 
 

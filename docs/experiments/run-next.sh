@@ -13,7 +13,8 @@
 #             round, the mask made but not applied (both timing only: their gradients are wrong)
 #   table [DTYPE]    issue 15's whole backward table (bench_backward, the defaults; bf16 unless fp16)
 #   gqa       issue 15's other GQA points (B=2 2k 32/4, B=1 4k 16/4), bf16 and fp16
-#   fwdtable DTYPE   issue 14's whole forward table (bench_forward, the defaults, with FlexAttention)
+#   fwdtable DTYPE [HEAD_DIMS]   issue 14's forward table (bench_forward, the defaults, with FlexAttention;
+#             head dims 64,128,256 unless given: one call may not hold all three, see the step)
 #   tests     the GPU tests over the forward defaults (after a change to the dispatcher's choices)
 #   outlier   issue 15's short GQA backwards (d64 and d256, B=1 4k 16/4 and B=2 2k 32/4): the kernels' GPU
 #             time, the host's time a call (--host), do_bench's figure and flashjit.backward alone split /
@@ -168,9 +169,12 @@ tests)  # the GPU tests that run the dispatcher's forward defaults (every head d
   python3 -m pytest -q -n 16 -p no:cacheprovider tests/test_forward_sm90.py tests/test_parity.py tests/test_flash_api.py \
     tests/test_varlen.py tests/test_head_dim_v.py 2>&1 | tail -30 | tee "$OUT/tests.txt"
   ;;
-fwdtable)  # fwdtable DTYPE: issue 14's forward table, the defaults against FA2, cuDNN and FlexAttention
+fwdtable)  # fwdtable DTYPE [HEAD_DIMS]: issue 14's forward table, the defaults against FA2, cuDNN and FlexAttention
+  # FlexAttention compiles once a shape (~10 s: 36 shapes a dtype), so the whole table may outlast a 10-minute
+  # call: split it by head dims over two calls (64, then 128,256). The JSON is rewritten after every point,
+  # so a call cut off still brings back what it measured.
   python3 -m flashjit precompile --arch sm_90a --jobs 16 --filter "fwd_sm90_${2:?fwdtable bf16|fp16}_*" 2>&1 | tail -1
-  python3 scripts/bench_forward.py --dtypes "${2:?fwdtable bf16|fp16}" --head-dims 64,128,256 \
+  python3 scripts/bench_forward.py --dtypes "$2" --head-dims "${3:-64,128,256}" \
     --seqlens 1024,2048,4096,8192,16384 --causal 0,1 --out "$OUT" 2>&1 | grep --line-buffered -Ev "^\s*$" | stamp | tee "$OUT/bench.txt"
   ;;
 table)  # table [DTYPE]: bf16 (default) or fp16
