@@ -212,6 +212,7 @@ def main() -> None:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
+    write_result(out_dir / "bench_backward.json", rows, torch)  # (no stale table from an earlier run)
     points = itertools.chain(grid(args, requires_grad=True) if args.seqlens else (), gqa_points(args))
     for point, q, k, v in points:
         causal = point["causal"]

@@ -222,7 +222,7 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name()
     rows = []
-    write_result(out_dir / "bench_forward.json", rows, torch)
+    write_result(out_dir / "bench_forward.json", rows, torch)  # (no stale table from an earlier run)
     for point, q, k, v in itertools.chain(grid(args), gqa_points(args)):
         dtype, d_head, causal, seqlen = point["dtype"], point["d_head"], point["causal"], point["seqlen"]
         batch, heads = point["batch"], point["heads"]
