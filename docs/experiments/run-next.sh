@@ -30,11 +30,14 @@
 #   ncu128    Nsight Compute on flashjit's d128 non-causal 4k default and on FlashAttention-3's kernel at the same
 #             point (scripts/profile_ncu.py --external; needs the fa3_bench binary too): tensor pipe, stalls
 #   fa3check  that binary's correctness check alone (every point of the grid against an fp32 reference, no timing)
+#   quant     the last round's idle SMs: non-causal points at 32 heads (4096 tiles of 128 rows on 132 SMs: 31.03
+#             rounds' work in 32) against 33 heads (32 rounds' work in 32; d128 also 34: 32.97), same tokens;
+#             if a partial last round costs its share, flashjit's TFLOP/s rise ~3% from 32 to 33 heads
 # The device copy has no usable .git: each variant is a copy of this tree with its patches applied by
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|ncu128|fa3|fa3check}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|ncu128|fa3|fa3check|quant}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -206,6 +209,18 @@ ncu128)  # where each kernel's warps wait, flashjit's and FA3's, same point (B=4
   python3 scripts/profile_ncu.py --kernel FlashAttnFwdSm90 --out "$OUT/ncu-fa3" \
     --external "$FA3 --dtype bf16 --d 128 --causal 0 --batch 4 --seqlen 4096 --heads 16 --iters 5" >"$OUT/ncu-fa3.log" 2>&1 || true
   for who in flashjit fa3; do echo "== $who"; cat "$OUT/ncu-$who/summary.txt" || tail -20 "$OUT/ncu-$who.log"; done
+  ;;
+quant)  # heads (hidden = heads * d) d seqlens: the tiles' rounds on 132 SMs, full or with a partial last round
+  python3 -m flashjit precompile --arch sm_90a --jobs 16 --filter "fwd_sm90_bf16_*causal0*" 2>&1 | tail -1
+  while read -r d seqlens heads; do
+    for h in $heads; do
+      python3 scripts/bench_forward.py --dtypes bf16 --head-dims "$d" --causal 0 --seqlens "$seqlens" --gqa '' \
+        --hidden $((h * d)) --rounds 3 --no-flex --out "$OUT/quant-d$d-h$h" 2>&1 | grep --line-buffered -E "^bf16" |
+        sed "s/^/heads $h: /"
+    done
+  done <<<"128 4096 32 33 34
+64 1024,4096 32 33
+256 4096 32 33" | stamp | tee "$OUT/bench.txt"
   ;;
 fa3check)  # the same binary's correctness mode only: exits 1 if any point is off
   FA3=$(fa3_bench)
