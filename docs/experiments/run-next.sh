@@ -33,11 +33,15 @@
 #   quant     the last round's idle SMs: non-causal points at 32 heads (4096 tiles of 128 rows on 132 SMs: 31.03
 #             rounds' work in 32) against 33 heads (32 rounds' work in 32; d128 also 34: 32.97), same tokens;
 #             if a partial last round costs its share, flashjit's TFLOP/s rise ~3% from 32 to 33 heads
+#   sk-tests  the stream-K tail (docs/experiments/stream-k.patch, branch experiment/stream-k): the GPU tests that run
+#             the forward defaults (as `tests`, which now split the last tiles of non-causal calls) and its own
+#   sk        the same patch timed: each non-causal default against its stream_k twin in one process (--configs,
+#             three interleaved rounds; at 1k also the cross-tile default it would replace)
 # The device copy has no usable .git: each variant is a copy of this tree with its patches applied by
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|ncu128|fa3|fa3check|quant}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|ncu128|fa3|fa3check|quant|sk-tests|sk}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -171,6 +175,21 @@ dropout)
 tests)  # the GPU tests that run the dispatcher's forward defaults (every head dim, feature and odd shape)
   python3 -m pytest -q -n 16 -p no:cacheprovider tests/test_forward_sm90.py tests/test_parity.py tests/test_flash_api.py \
     tests/test_varlen.py tests/test_head_dim_v.py 2>&1 | tail -30 | tee "$OUT/tests.txt"
+  ;;
+sk-tests)  # `tests` in the stream-K variant, and its CPU tests (the walk's cover, the params' C layout)
+  variant sk "$EXP/stream-k.patch" >/dev/null
+  with_variant sk python3 -m pytest -q -n 16 -p no:cacheprovider tests/test_forward_sm90.py tests/test_parity.py \
+    tests/test_flash_api.py tests/test_varlen.py tests/test_head_dim_v.py tests/test_config.py 2>&1 | tail -30 |
+    tee "$OUT/sk-tests.txt"
+  ;;
+sk)  # default (whole tiles) against stream_k, bf16, issue 14's non-causal lengths; 1k: the cross-tile default too
+  variant sk "$EXP/stream-k.patch" >/dev/null
+  F=fwd_sm90_bf16
+  knob_ab sk "64 0 1024 ${F}_d64_m192_n128_st4_ov1_pp1_ps1_causal0 _xt_lr _lr _lr_sk
+64 0 2048,4096,16384 ${F}_d64_m192_n128_st4_ov1_pp1_ps1_causal0 _lr _lr_sk
+128 0 1024 ${F}_d128_m128_n128_st2_ov1_pp1_ps1_causal0 _xt_lr _lr _lr_sk
+128 0 2048,4096,16384 ${F}_d128_m128_n128_st2_ov1_pp1_ps1_causal0 _lr _lr_sk
+256 0 1024,4096,16384 ${F}_d256_m128_n80_st2_ov1_pp1_ps0_causal0 _lr _lr_sk"
   ;;
 fwdtable)  # fwdtable DTYPE [HEAD_DIMS]: issue 14's forward table, the defaults against FA2, cuDNN and FlexAttention
   # FlexAttention compiles once a shape (~10 s: 36 shapes a dtype), so the whole table may outlast a 10-minute
