@@ -69,7 +69,7 @@ variant() {
   local name=$1 dir=/tmp/variants/$1
   shift
   rm -rf "$dir" && mkdir -p "$dir"
-  cp -r "$ROOT"/{flashjit,kernels,scripts,tests,docs,pyproject.toml} "$dir"/
+  cp -r "$ROOT"/{flashjit,kernels,scripts,tests,docs,pyproject.toml,README.md} "$dir"/  # (README: patches and a test read it)
   for patch in "$@"; do (cd "$dir" && patch -f -s -p1 <"$patch"); done
   echo "$dir"
 }
