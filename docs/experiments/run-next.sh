@@ -32,7 +32,8 @@
 #   fa3check  that binary's correctness check alone (every point of the grid against an fp32 reference, no timing)
 #   quant     the last round's idle SMs: non-causal points at 32 heads (4096 tiles of 128 rows on 132 SMs: 31.03
 #             rounds' work in 32) against 33 heads (32 rounds' work in 32; d128 also 34: 32.97), same tokens;
-#             if a partial last round costs its share, flashjit's TFLOP/s rise ~3% from 32 to 33 heads
+#             if a partial last round costs its share, flashjit's TFLOP/s rise ~3% from 32 to 33 heads; the
+#             backward likewise at hidden 4096 against 4224 (its dK/dV grid: a CTA a key block and KV head)
 #   sk-tests  the stream-K tail (docs/experiments/stream-k.patch, branch experiment/stream-k): the GPU tests that run
 #             the forward defaults (as `tests`, which now split the last tiles of non-causal calls) and its own
 #   sk        the same patch timed: each non-causal default against its stream_k twin in one process (--configs,
@@ -240,6 +241,15 @@ quant)  # heads (hidden = heads * d) d seqlens: the tiles' rounds on 132 SMs, fu
   done <<<"128 4096 32 33 34
 64 1024,4096 32 33
 256 4096 32 33" | stamp | tee "$OUT/bench.txt"
+  # The backward's dK/dV kernel: one CTA a 128-key block (d256: 64) and KV head, one an SM: at 4k keys and 16k
+  # tokens, 4096 CTAs at 32 heads (d256: 8192, 62.06 rounds' work in 63), 4224 (8448) at 33.
+  for d in 64 128 256; do
+    for h in 32 33; do
+      python3 scripts/bench_backward.py --dtypes bf16 --head-dims $d --causal 0 --seqlens 4096 --gqa '' \
+        --hidden $((h * d)) --rounds 3 --out "$OUT/quant-bwd-d$d-h$h" 2>&1 | grep --line-buffered -E "^bf16" |
+        sed "s/^/heads $h: /"
+    done
+  done | stamp | tee -a "$OUT/bench.txt"
   ;;
 fa3check)  # the same binary's correctness mode only: exits 1 if any point is off
   FA3=$(fa3_bench)
