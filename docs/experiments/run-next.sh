@@ -36,13 +36,14 @@
 #             backward likewise at hidden 4096 against 4224 (its dK/dV grid: a CTA a key block and KV head)
 #   sk-tests  the stream-K tail (docs/experiments/stream-k.patch, branch experiment/stream-k): the GPU tests that run
 #             the forward defaults (as `tests`, which now split the last tiles of non-causal calls) and its own
+#   sk-sanitize  compute-sanitizer (memcheck, racecheck, synccheck, initcheck) over the patch's tail tests
 #   sk        the same patch timed: each non-causal default against its stream_k twin in one process (--configs,
 #             three interleaved rounds; at 1k also the cross-tile default it would replace)
 # The device copy has no usable .git: each variant is a copy of this tree with its patches applied by
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|ncu128|fa3|fa3check|quant|sk-tests|sk}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -182,6 +183,13 @@ sk-tests)  # `tests` in the stream-K variant, and its CPU tests (the walk's cove
   with_variant sk python3 -m pytest -q -n 16 -p no:cacheprovider tests/test_forward_sm90.py tests/test_parity.py \
     tests/test_flash_api.py tests/test_varlen.py tests/test_head_dim_v.py tests/test_config.py 2>&1 | tail -30 |
     tee "$OUT/sk-tests.txt"
+  ;;
+sk-sanitize)  # compute-sanitizer's four tools over the tail's two tests in scripts/sanitize.py's selection
+  variant sk "$EXP/stream-k.patch" >/dev/null
+  with_variant sk python3 scripts/sanitize.py --out "$OUT/sanitize" -- \
+    "tests/test_forward_sm90.py::test_stream_k_tail[fwd_sm90_bf16_d128_m128_n128_st2_ov1_pp1_ps1_causal0_lr_sk-(1, 300, 5000, 2, 1)]" \
+    "tests/test_forward_sm90.py::test_stream_k_tail[fwd_sm90_fp16_d128_m128_n128_st2_ov1_pp1_ps0_causal0_sk-(1, 300, 5000, 2, 1)]" \
+    2>&1 | tail -8 | tee "$OUT/sk-sanitize.txt"
   ;;
 sk)  # default (whole tiles) against stream_k, bf16, issue 14's non-causal lengths; 1k: the cross-tile default too
   variant sk "$EXP/stream-k.patch" >/dev/null
