@@ -194,8 +194,10 @@ sk-sanitize)  # compute-sanitizer's four tools over the tail's two tests in scri
 sk)  # default (whole tiles) against stream_k, bf16, issue 14's non-causal lengths; 1k: the cross-tile default too
   variant sk "$EXP/stream-k.patch" >/dev/null
   F=fwd_sm90_bf16
-  knob_ab sk "64 0 1024 ${F}_d64_m192_n128_st4_ov1_pp1_ps1_causal0 _xt_lr _lr _lr_sk
-64 0 2048,4096,16384 ${F}_d64_m192_n128_st4_ov1_pp1_ps1_causal0 _lr _lr_sk
+  M128=${F}_d64_m128_n128_st4_ov1_pp1_ps1_causal0  # (1k / 2k: 192-row tiles leave 1/3 of a tile's rows a head idle)
+  knob_ab sk "64 0 1024 ${F}_d64_m192_n128_st4_ov1_pp1_ps1_causal0 _xt_lr _lr _lr_sk ${M128}_xt_lr ${M128}_lr_sk
+64 0 2048 ${F}_d64_m192_n128_st4_ov1_pp1_ps1_causal0 _lr _lr_sk ${M128}_lr_sk
+64 0 4096,16384 ${F}_d64_m192_n128_st4_ov1_pp1_ps1_causal0 _lr _lr_sk
 128 0 1024 ${F}_d128_m128_n128_st2_ov1_pp1_ps1_causal0 _xt_lr _lr _lr_sk
 128 0 2048,4096,16384 ${F}_d128_m128_n128_st2_ov1_pp1_ps1_causal0 _lr _lr_sk
 256 0 1024,4096,16384 ${F}_d256_m128_n80_st2_ov1_pp1_ps0_causal0 _lr _lr_sk"
