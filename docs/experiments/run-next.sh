@@ -37,13 +37,15 @@
 #   sk-tests  the stream-K tail (docs/experiments/stream-k.patch, branch experiment/stream-k): the GPU tests that run
 #             the forward defaults (as `tests`, which now split the last tiles of non-causal calls) and its own
 #   sk-sanitize  compute-sanitizer (memcheck, racecheck, synccheck, initcheck) over the patch's tail tests
+#   idle      warpgroups with no query rows in a tile skip their products (docs/experiments/idle-wg.patch, on top of
+#             stream-k.patch; branch experiment/idle-wg): its GPU tests, then it against stream-k alone
 #   sk        the same patch timed: each non-causal default against its stream_k twin in one process (--configs,
 #             three interleaved rounds; at 1k also the cross-tile default it would replace)
 # The device copy has no usable .git: each variant is a copy of this tree with its patches applied by
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -190,6 +192,24 @@ sk-sanitize)  # compute-sanitizer's four tools over the tail's two tests in scri
     "tests/test_forward_sm90.py::test_stream_k_tail[fwd_sm90_bf16_d128_m128_n128_st2_ov1_pp1_ps1_causal0_lr_sk-(1, 300, 5000, 2, 1)]" \
     "tests/test_forward_sm90.py::test_stream_k_tail[fwd_sm90_fp16_d128_m128_n128_st2_ov1_pp1_ps0_causal0_sk-(1, 300, 5000, 2, 1)]" \
     2>&1 | tail -8 | tee "$OUT/sk-sanitize.txt"
+  ;;
+idle)  # warpgroups whose rows are all past Sq skip their products (idle-wg.patch, on top of stream-k.patch): its
+  # GPU tests, then it against stream-k alone (each in two processes) where tiles end part-empty
+  variant sk "$EXP/stream-k.patch" >/dev/null
+  variant skidle "$EXP/stream-k.patch" "$EXP/idle-wg.patch" >/dev/null
+  with_variant skidle python3 -m pytest -q -n 16 -p no:cacheprovider tests/test_forward_sm90.py tests/test_varlen.py \
+    tests/test_flash_api.py 2>&1 | tail -15 | tee "$OUT/idle-tests.txt"
+  F=fwd_sm90_bf16_d64_m192_n128_st4_ov1_pp1_ps1_causal0  # (1k: a head's 6th tile has 64 rows; 2k-4k: 128 / 64)
+  IDLE="--dtypes bf16 --head-dims 64 --causal 0 --seqlens 1024,2048,4096 --gqa '' --no-flex --configs ${F}_lr_sk ${F}_xt_lr"
+  warm bench_forward.py "$IDLE" "sk skidle"
+  passes bench_forward.py "$IDLE" "sk skidle"
+  for pass in 1 2; do  # a packed batch of 100-1500-token sequences: every sequence's last tile part-empty
+    for v in sk skidle; do
+      echo "== $v (pass $pass)"
+      with_variant $v python3 scripts/bench_varlen.py --dtype bf16 --head-dims 64,128 --causal 0 --lengths 100:1500 \
+        --out "$OUT/varlen-$v-$pass" 2>&1 | grep --line-buffered -E "^d" || true
+    done
+  done | tee -a "$OUT/bench.txt"
   ;;
 sk)  # default (whole tiles) against stream_k, bf16, issue 14's non-causal lengths; 1k: the cross-tile default too
   variant sk "$EXP/stream-k.patch" >/dev/null
