@@ -55,6 +55,8 @@ if [[ $STEP != fa3* ]] && compgen -G ".whl/*.whl" >/dev/null; then  # the device
 fi
 export FLASHJIT_CACHE_DIR=/tmp/fj-cache PYTHONUNBUFFERED=1
 EXP=$ROOT/docs/experiments
+# The GPU tests that run the dispatcher's forward defaults (`tests`, and the same in an experiment's variant).
+FWD_TESTS="tests/test_forward_sm90.py tests/test_parity.py tests/test_flash_api.py tests/test_varlen.py tests/test_head_dim_v.py"
 # The SM clock and power twice a second for the whole step, to $OUT/clocks.csv: fp16 ran 3-13% below bf16 at
 # the same points with kernels of the same instruction counts (the wide backward's step loops: 664-687 a
 # warp either way), which a power cap would explain (fp16's longer mantissa toggles more bits).
@@ -90,15 +92,15 @@ warm() {
   for v in $3; do eval with_variant $v python3 scripts/$1 $2 --out /tmp/warm-$v >/dev/null 2>&1 & done
   wait
 }
-# passes SCRIPT ARGS "V1 V2 ...": two timed passes, the order reversed in the second, so each variant is
-# timed in two processes; the result lines to $OUT/bench.txt.
+# passes SCRIPT ARGS "V1 V2 ..." [LINES]: two timed passes, the order reversed in the second, so each variant is
+# timed in two processes; the result lines (those matching LINES, default ^bf16) to $OUT/bench.txt.
 passes() {
   local pass order v
   for pass in 1 2; do
     order=$3; [ $pass = 2 ] && order=$(echo $3 | tr ' ' '\n' | tac | tr '\n' ' ')
     for v in $order; do
       echo "== $v (pass $pass)"
-      eval with_variant $v python3 scripts/$1 $2 --out "$OUT/$v-$pass" 2>&1 | grep --line-buffered -E "^bf16" || true
+      eval with_variant $v python3 scripts/$1 $2 --out "$OUT/${1%.py}-$v-$pass" 2>&1 | grep --line-buffered -E "${4:-^bf16}" || true
     done
   done | tee -a "$OUT/bench.txt"
 }
@@ -177,13 +179,11 @@ dropout)
   passes bench_backward.py "$DROP" "main philox1 noapply"
   ;;
 tests)  # the GPU tests that run the dispatcher's forward defaults (every head dim, feature and odd shape)
-  python3 -m pytest -q -n 16 -p no:cacheprovider tests/test_forward_sm90.py tests/test_parity.py tests/test_flash_api.py \
-    tests/test_varlen.py tests/test_head_dim_v.py 2>&1 | tail -30 | tee "$OUT/tests.txt"
+  python3 -m pytest -q -n 16 -p no:cacheprovider $FWD_TESTS 2>&1 | tail -30 | tee "$OUT/tests.txt"
   ;;
 sk-tests)  # `tests` in the stream-K variant, and its CPU tests (the walk's cover, the params' C layout)
   variant sk "$EXP/stream-k.patch" >/dev/null
-  with_variant sk python3 -m pytest -q -n 16 -p no:cacheprovider tests/test_forward_sm90.py tests/test_parity.py \
-    tests/test_flash_api.py tests/test_varlen.py tests/test_head_dim_v.py tests/test_config.py 2>&1 | tail -30 |
+  with_variant sk python3 -m pytest -q -n 16 -p no:cacheprovider $FWD_TESTS tests/test_config.py 2>&1 | tail -30 |
     tee "$OUT/sk-tests.txt"
   ;;
 sk-sanitize)  # compute-sanitizer's four tools over the tail's two tests in scripts/sanitize.py's selection
@@ -203,13 +203,8 @@ idle)  # warpgroups whose rows are all past Sq skip their products (idle-wg.patc
   IDLE="--dtypes bf16 --head-dims 64 --causal 0 --seqlens 1024,2048,4096 --gqa '' --no-flex --configs ${F}_lr_sk ${F}_xt_lr"
   warm bench_forward.py "$IDLE" "sk skidle"
   passes bench_forward.py "$IDLE" "sk skidle"
-  for pass in 1 2; do  # a packed batch of 100-1500-token sequences: every sequence's last tile part-empty
-    for v in sk skidle; do
-      echo "== $v (pass $pass)"
-      with_variant $v python3 scripts/bench_varlen.py --dtype bf16 --head-dims 64,128 --causal 0 --lengths 100:1500 \
-        --out "$OUT/varlen-$v-$pass" 2>&1 | grep --line-buffered -E "^d" || true
-    done
-  done | tee -a "$OUT/bench.txt"
+  # a packed batch of 100-1500-token sequences: every sequence's last tile part-empty
+  passes bench_varlen.py "--dtype bf16 --head-dims 64,128 --causal 0 --lengths 100:1500" "sk skidle" "^d"
   ;;
 sk)  # default (whole tiles) against stream_k, bf16, issue 14's non-causal lengths; 1k: the cross-tile default too
   variant sk "$EXP/stream-k.patch" >/dev/null
