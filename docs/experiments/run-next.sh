@@ -22,7 +22,9 @@
 #             the C++ autograd node and without
 #   knobs3    d128 non-causal: the default (128-key blocks, lazy rescaling; cross-tile at 1k) against
 #             FlashAttention-3's 176-key block with lazy rescaling (at 1k no cross-tile: 241 KiB) (n176 was level before lazy rescaling existed; with it its step is 407
-#             instructions a 128 keys against n128's 444, read off the SASS)
+#             instructions a 128 keys against n128's 444, read off the SASS); and cross-tile at every length,
+#             d64 and d128 non-causal (the thirty-fifth session's B=1 8k 32/8 point: +2-3% over the default,
+#             one process; before lazy rescaling it was level or lost at 2k-16k)
 #   fa3       FlashAttention-3's own forward over issue 14's grid (+ GQA 1x8192x32x8), bf16 and fp16, d 64/128/256:
 #             .fa3bench/fa3_bench --table (carry [".whl", ".fa3bench"]; the binary is built on the CPU machine by
 #             docs/experiments/fa3_bench/build.sh, see its README.md; rebuilt here from .fa3bench/fa3src.tgz if
@@ -86,11 +88,12 @@ with_variant() {
   if [ "$name" = main ]; then (cd "$ROOT" && "$@"); else (cd "/tmp/variants/$name" && PYTHONPATH=$PWD "$@"); fi
 }
 # warm SCRIPT ARGS "V1 V2 ...": one untimed pass of each variant at once, so that their kernels compile (in
-# parallel, under the cache's locks) before any timed pass.
+# parallel, under the cache's locks) before any timed pass. It waits for those passes alone: a bare `wait` also
+# waited for the clocks logger (nvidia-smi -lms, which never ends), and the idle step hung there until cut off.
 warm() {
-  local v
-  for v in $3; do eval with_variant $v python3 scripts/$1 $2 --out /tmp/warm-$v >/dev/null 2>&1 & done
-  wait
+  local v pids=()
+  for v in $3; do eval with_variant $v python3 scripts/$1 $2 --out /tmp/warm-$v >/dev/null 2>&1 & pids+=($!); done
+  wait "${pids[@]}"
 }
 # passes SCRIPT ARGS "V1 V2 ..." [LINES]: two timed passes, the order reversed in the second, so each variant is
 # timed in two processes; the result lines (those matching LINES, default ^bf16) to $OUT/bench.txt.
@@ -168,8 +171,10 @@ knobs2)
   ;;
 knobs3)
   F=fwd_sm90_bf16_d128_m128
+  D64=fwd_sm90_bf16_d64_m192_n128_st4_ov1_pp1_ps1_causal0
   knob_ab main "128 0 1024 ${F}_n128_st2_ov1_pp1_ps1_causal0 _xt_lr _lr ${F}_n176_st2_ov1_pp1_ps1_causal0_lr
-128 0 4096,16384 ${F}_n128_st2_ov1_pp1_ps1_causal0 _lr ${F}_n176_st2_ov1_pp1_ps1_causal0_lr"
+128 0 2048,4096,8192,16384 ${F}_n128_st2_ov1_pp1_ps1_causal0 _lr _xt_lr ${F}_n176_st2_ov1_pp1_ps1_causal0_lr
+64 0 2048,4096,8192,16384 $D64 _lr _xt_lr"
   ;;
 dropout)
   variant philox1 "$EXP/dropout-philox1-timing-only.patch" >/dev/null
