@@ -32,16 +32,16 @@
 #   ncu128    Nsight Compute on flashjit's d128 non-causal 4k default and on FlashAttention-3's kernel at the same
 #             point (scripts/profile_ncu.py --external; needs the fa3_bench binary too): tensor pipe, stalls
 #   fa3check  that binary's correctness check alone (every point of the grid against an fp32 reference, no timing)
-#   quant     the last round's idle SMs: non-causal points at 32 heads (4096 tiles of 128 rows on 132 SMs: 31.03
+#   quant     (ran in the thirty-fifth session, H100: +3-4% forward from 32 to 33 heads) the last round's idle SMs: non-causal points at 32 heads (4096 tiles of 128 rows on 132 SMs: 31.03
 #             rounds' work in 32) against 33 heads (32 rounds' work in 32; d128 also 34: 32.97), same tokens;
 #             if a partial last round costs its share, flashjit's TFLOP/s rise ~3% from 32 to 33 heads; the
 #             backward likewise at hidden 4096 against 4224 (its dK/dV grid: a CTA a key block and KV head)
-#   sk-tests  the stream-K tail (docs/experiments/stream-k.patch, branch experiment/stream-k): the GPU tests that run
+#   sk-tests  (ran in the thirty-fifth session: passed) the stream-K tail (docs/experiments/stream-k.patch, branch experiment/stream-k): the GPU tests that run
 #             the forward defaults (as `tests`, which now split the last tiles of non-causal calls) and its own
 #   sk-sanitize  compute-sanitizer (memcheck, racecheck, synccheck, initcheck) over the patch's tail tests
-#   idle      warpgroups with no query rows in a tile skip their products (docs/experiments/idle-wg.patch, on top of
+#   idle      (ran in the thirty-fifth session: +0.4-1.2%, not landed) warpgroups with no query rows in a tile skip their products (docs/experiments/idle-wg.patch, on top of
 #             stream-k.patch; branch experiment/idle-wg): its GPU tests, then it against stream-k alone
-#   sk        the same patch timed: each non-causal default against its stream_k twin in one process (--configs,
+#   sk        (ran in the thirty-fifth session: slower, -13% to +1%, not landed) the same patch timed: each non-causal default against its stream_k twin in one process (--configs,
 #             three interleaved rounds; at 1k also the cross-tile default it would replace)
 # The device copy has no usable .git: each variant is a copy of this tree with its patches applied by
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
