@@ -43,11 +43,20 @@
 #             stream-k.patch; branch experiment/idle-wg): its GPU tests, then it against stream-k alone
 #   sk        (ran in the thirty-fifth session: slower, -13% to +1%, not landed) the same patch timed: each non-causal default against its stream_k twin in one process (--configs,
 #             three interleaved rounds; at 1k also the cross-tile default it would replace)
+#   ks-tests  split_keys (docs/experiments/split-keys.patch, branch experiment/split-keys): the forward GPU tests
+#             over the patch's defaults (its dispatcher turns split_keys on wherever the tile takes it) with
+#             its own tests, and the config tests
+#   ks        split_keys timed: its probe (every tile of <= 64 queries against every tile whole, with and
+#             without the knob, and the dispatcher's sm_80 choice at Sq <= 64), each dense default against
+#             its split twin where the last tile has <= 64 queries (one process), the varlen batch of
+#             100-1500-token sequences main against the patch (two processes each)
+#   ks-sanitize  compute-sanitizer's four tools over two of the patch's tests (split and whole tiles mixed in
+#             a persistent CTA; a varlen batch, whose last V block's zeroing every warpgroup joins)
 # The device copy has no usable .git: each variant is a copy of this tree with its patches applied by
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -190,6 +199,31 @@ sk-tests)  # `tests` in the stream-K variant, and its CPU tests (the walk's cove
   variant sk "$EXP/stream-k.patch" >/dev/null
   with_variant sk python3 -m pytest -q -n 16 -p no:cacheprovider $FWD_TESTS tests/test_config.py 2>&1 | tail -30 |
     tee "$OUT/sk-tests.txt"
+  ;;
+ks-tests)
+  variant ks "$EXP/split-keys.patch" >/dev/null
+  with_variant ks python3 -m pytest -q -n 16 -p no:cacheprovider $FWD_TESTS tests/test_config.py 2>&1 | tail -30 |
+    tee "$OUT/ks-tests.txt"
+  ;;
+ks)  # (1k / 4k / 16k: d64's last 192-row tile has 64 queries; d128 at 1050 / 4000: 26 / 32 of 128)
+  variant ks "$EXP/split-keys.patch" >/dev/null
+  F=fwd_sm90_bf16_d64_m192_n128_st4_ov1_pp1_ps1_causal0
+  G=fwd_sm90_bf16_d128_m128_n128_st2_ov1_pp1_ps1_causal0
+  knob_ab ks "64 0 1024 $F _xt_lr _lr _lr_ks
+64 0 4096,16384 $F _lr _lr_ks
+128 0 1050,4000 $G _lr _lr_ks"
+  with_variant ks python3 docs/experiments/split_keys_probe.py --configs ${F}_lr ${F}_lr_ks ${G}_lr ${G}_lr_ks default \
+    2>&1 | tee -a "$OUT/bench.txt"
+  VARLEN="--dtype bf16 --head-dims 64,128 --causal 0 --lengths 100:1500"
+  warm bench_varlen.py "$VARLEN" "main ks"
+  passes bench_varlen.py "$VARLEN" "main ks" "^d"
+  ;;
+ks-sanitize)
+  variant ks "$EXP/split-keys.patch" >/dev/null
+  with_variant ks python3 scripts/sanitize.py --out "$OUT/sanitize" -- \
+    "tests/test_forward_sm90.py::test_split_keys_tiles[fwd_sm90_bf16_d64_m192_n128_st4_ov1_pp1_ps1_causal0_lr_ks-448-300]" \
+    "tests/test_forward_sm90.py::test_fa3_tiles_varlen_equal_dense_calls[fwd_sm90_bf16_d64_m192_n128_st4_ov1_pp1_ps1_causal0_lr_ks]" \
+    2>&1 | tail -8 | tee "$OUT/ks-sanitize.txt"
   ;;
 sk-sanitize)  # compute-sanitizer's four tools over the tail's two tests in scripts/sanitize.py's selection
   variant sk "$EXP/stream-k.patch" >/dev/null
