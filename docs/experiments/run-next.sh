@@ -205,12 +205,14 @@ ks-tests)
   with_variant ks python3 -m pytest -q -n 16 -p no:cacheprovider $FWD_TESTS tests/test_config.py 2>&1 | tail -30 |
     tee "$OUT/ks-tests.txt"
   ;;
-ks)  # (1k / 4k / 16k: d64's last 192-row tile has 64 queries; d128 at 1050 / 4000: 26 / 32 of 128)
+ks)  # (1k / 4k / 16k: d64's last 192-row tile has 64 queries, causal: the one that sees every key; d128 at
+  # 1050 / 4000: 26 / 32 of 128)
   variant ks "$EXP/split-keys.patch" >/dev/null
   F=fwd_sm90_bf16_d64_m192_n128_st4_ov1_pp1_ps1_causal0
   G=fwd_sm90_bf16_d128_m128_n128_st2_ov1_pp1_ps1_causal0
   knob_ab ks "64 0 1024 $F _xt_lr _lr _lr_ks
 64 0 4096,16384 $F _lr _lr_ks
+64 1 4096,16384 ${F%0}1 _hb _hb_ks
 128 0 1050,4000 $G _lr _lr_ks"
   with_variant ks python3 docs/experiments/split_keys_probe.py --configs ${F}_lr ${F}_lr_ks ${G}_lr ${G}_lr_ks default \
     2>&1 | tee -a "$OUT/bench.txt"
