@@ -200,10 +200,10 @@ sk-tests)  # `tests` in the stream-K variant, and its CPU tests (the walk's cove
   with_variant sk python3 -m pytest -q -n 16 -p no:cacheprovider $FWD_TESTS tests/test_config.py 2>&1 | tail -30 |
     tee "$OUT/sk-tests.txt"
   ;;
-ks-tests)
+ks-tests)  # (cut off at 520 s, so that a hung kernel still leaves the call its report)
   variant ks "$EXP/split-keys.patch" >/dev/null
-  with_variant ks python3 -m pytest -q -n 16 -p no:cacheprovider $FWD_TESTS tests/test_config.py 2>&1 | tail -30 |
-    tee "$OUT/ks-tests.txt"
+  with_variant ks timeout 520 python3 -m pytest -q -n 16 -p no:cacheprovider --maxfail 30 $FWD_TESTS tests/test_config.py \
+    2>&1 | tail -30 | tee "$OUT/ks-tests.txt"
   ;;
 ks)  # (1k / 4k / 16k: d64's last 192-row tile has 64 queries, causal: the one that sees every key; d128 at
   # 1050 / 4000: 26 / 32 of 128)
