@@ -250,3 +250,41 @@ def test_fwd_outputs_compares_saved_outputs_bit_for_bit(tmp_path):
     nudged_run = compare("a", "b")
     assert nudged_run.returncode == 1 and "differs: ('k', (1,))" in nudged_run.stdout
     assert compare("a", "c").returncode == 1
+
+
+def test_targets_reads_issue_targets_off_benchmark_json(tmp_path):
+    """scripts/targets.py (CPU): a target is met only where every point it speaks of has a figure at or above
+    its floor; points short of it are listed worst first; a missing figure (FlexAttention not run) is not
+    met; files merge, a point timed again keeping its last row; dropout's cost is its backward's extra time
+    over the same point without dropout; the exit status says whether all were met."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import targets
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+
+    def fwd(d, causal, s, tflops, cudnn, flex):
+        return dict(dtype="bf16", d_head=d, causal=causal, seqlen=s, batch=16384 // s, heads=2048 // d,
+                    tflops=tflops, cudnn_tflops=cudnn, flex_tflops=flex)
+
+    first = [fwd(128, False, 4096, 600.0, 610.0, 450.0), fwd(64, False, 1024, 400.0, 390.0, 0.0)]
+    again = [fwd(128, False, 4096, 660.0, 590.0, 450.0), fwd(256, True, 4096, 700.0, 650.0, 300.0)]
+    for name, rows in (("a", first), ("b", again)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(dict(rows=rows)))
+    rows = targets.merged([str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    assert len(rows) == 3 and {r["tflops"] for r in rows if r["d_head"] == 128} == {660.0}  # the last row kept
+    cudnn, cudnn_long, flex, d128 = (targets.report(t, rows) for t in targets.FORWARD)
+    assert cudnn[0] and not cudnn[1][1:]  # 660 / 590, 400 / 390, 700 / 650: all at or above 1.0
+    assert not cudnn_long[0] and cudnn_long[1][1:] == ["    short: bf16 d256 causal S=4096 B=4 H=8: 1.08x"]
+    assert not flex[0] and any("not timed" in line and "d64" in line for line in flex[1])  # flex 0: not run
+    assert d128[0] and "660" in d128[1][0]
+    bwd = [dict(dtype="fp16", d_head=64, causal=False, seqlen=4096, batch=4, heads=32, dropout_p=p,
+                flashjit_bwd_tflops=t, cudnn_bwd_tflops=400.0, fa2_bwd_tflops=300.0) for p, t in ((0.0, 440.0), (0.1, 390.0))]
+    (tmp_path / "bwd.json").write_text(json.dumps(dict(rows=bwd)))
+    (row, cost), = targets.dropout_costs(targets.merged([str(tmp_path / "bwd.json")]))
+    assert row["dropout_p"] == 0.1 and abs(cost - (440 / 390 - 1)) < 1e-12
+    met, lines = targets.dropout_report(targets.merged([str(tmp_path / "bwd.json")]))
+    assert not met and "+12.8%" in lines[1]
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "targets.py"), "--backward", str(tmp_path / "bwd.json")],
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and result.stdout.splitlines()[0].startswith("met: backward >= 1.0x cuDNN")

@@ -265,10 +265,12 @@ fwdtable)  # fwdtable DTYPE [HEAD_DIMS]: issue 14's forward table, the defaults 
   python3 -m flashjit precompile --arch sm_90a --jobs 16 --filter "fwd_sm90_${2:?fwdtable bf16|fp16}_*" 2>&1 | tail -1
   python3 scripts/bench_forward.py --dtypes "$2" --head-dims "${3:-64,128,256}" \
     --seqlens 1024,2048,4096,8192,16384 --causal 0,1 --out "$OUT" 2>&1 | grep --line-buffered -Ev "^\s*$" | stamp | tee "$OUT/bench.txt"
+  python3 scripts/targets.py --forward "$OUT/bench_forward.json" | tee "$OUT/targets.txt" || true  # (this call's points)
   ;;
 table)  # table [DTYPE]: bf16 (default) or fp16
   python3 scripts/bench_backward.py --dtypes "${2:-bf16}" --head-dims 64,128,256 --seqlens 1024,2048,4096,8192,16384 \
     --causal 0,1 --gqa 1x8192x32x8 --out "$OUT" 2>&1 | grep --line-buffered -Ev "^\s*$" | stamp | tee "$OUT/bench.txt"
+  python3 scripts/targets.py --backward "$OUT/bench_backward.json" | tee "$OUT/targets.txt" || true
   ;;
 gqa)  # issue 15's other two GQA points (B=2 S=2k 32/4 heads; the transformers shape B=1 S=4k 16/4), both dtypes
   python3 scripts/bench_backward.py --dtypes bf16,fp16 --head-dims 64,128,256 --seqlens '' --causal 0,1 \

@@ -1,0 +1,132 @@
+"""Issues 14 and 15's targets read off benchmark JSON: each target met or not, and the points short of it,
+worst first, so that a closing note states them from the numbers rather than by eye.
+
+Forward (issue 14; scripts/bench_forward.py's rows): at least 1.0x cuDNN at every point, and 1.1x at S >= 4k
+for d128 and d256; ahead of FlexAttention everywhere; d128 non-causal at S >= 4k at or above 650 TFLOP/s.
+Backward (issue 15; scripts/bench_backward.py's rows, the backward's TFLOP/s): at least 1.0x cuDNN and 1.2x
+FlashAttention-2 at every point; dropout (p > 0) costing under 10% of the same point's time without it.
+A point a file lacks a figure for (FlexAttention not run, say) is listed as not timed, never as met. Several
+files (a table split over calls) merge; a point timed twice keeps its last row.
+
+    python3 scripts/targets.py --forward OUT/bench_forward.json ... --backward OUT/bench_backward.json ...
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from typing import Callable
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    applies: Callable[[dict], bool]   # which rows the target speaks of
+    value: Callable[[dict], float | None]  # the row's figure (None: not timed)
+    floor: float                      # met where value >= floor
+    unit: str = "x"
+
+
+def point(row: dict) -> str:
+    heads = f"{row['heads']}/{row['heads_k']}" if "heads_k" in row else str(row["heads"])
+    drop = f" p={row['dropout_p']:g}" if row.get("dropout_p") else ""
+    return (f"{row['dtype']} d{row['d_head']} {'causal' if row['causal'] else 'non-causal'} S={row['seqlen']} "
+            f"B={row['batch']} H={heads}{drop}")
+
+
+def _ratio(num: str, den: str) -> Callable[[dict], float | None]:
+    return lambda row: row[num] / row[den] if row.get(num) and row.get(den) else None
+
+
+FORWARD = [
+    Target("forward >= 1.0x cuDNN at every point", lambda r: True, _ratio("tflops", "cudnn_tflops"), 1.0),
+    Target("forward >= 1.1x cuDNN at S >= 4k, d128 and d256", lambda r: r["seqlen"] >= 4096 and r["d_head"] in (128, 256),
+           _ratio("tflops", "cudnn_tflops"), 1.1),
+    Target("forward ahead of FlexAttention everywhere", lambda r: True, _ratio("tflops", "flex_tflops"), 1.0),
+    Target("d128 non-causal forward at S >= 4k >= 650 TFLOP/s",
+           lambda r: r["d_head"] == 128 and not r["causal"] and r["seqlen"] >= 4096, lambda r: r.get("tflops"), 650.0,
+           " TFLOP/s"),
+]
+BACKWARD = [
+    Target("backward >= 1.0x cuDNN at every point", lambda r: not r.get("dropout_p"),
+           _ratio("flashjit_bwd_tflops", "cudnn_bwd_tflops"), 1.0),
+    Target("backward >= 1.2x FlashAttention-2 at every point", lambda r: not r.get("dropout_p"),
+           _ratio("flashjit_bwd_tflops", "fa2_bwd_tflops"), 1.2),
+]
+
+
+def _key(row: dict) -> tuple:
+    return (row["dtype"], row["d_head"], row["causal"], row["seqlen"], row["batch"], row["heads"], row.get("heads_k"),
+            row.get("dropout_p") or 0.0)
+
+
+def merged(paths: list[str]) -> list[dict]:
+    rows = {}
+    for path in paths:
+        with open(path) as f:
+            for row in json.load(f)["rows"]:
+                rows[_key(row)] = row
+    return list(rows.values())
+
+
+def dropout_costs(rows: list[dict]) -> list[tuple[dict, float | None]]:
+    """(row with dropout, its backward's extra time over the same point without dropout, None if that was
+    not timed): time goes as 1 / TFLOP/s at a fixed point."""
+    plain = {_key(r)[:-1]: r for r in rows if not r.get("dropout_p")}
+    out = []
+    for row in (r for r in rows if r.get("dropout_p")):
+        base = plain.get(_key(row)[:-1])
+        ok = base and base.get("flashjit_bwd_tflops") and row.get("flashjit_bwd_tflops")
+        out.append((row, base["flashjit_bwd_tflops"] / row["flashjit_bwd_tflops"] - 1 if ok else None))
+    return out
+
+
+def report(target: Target, rows: list[dict]) -> tuple[bool, list[str]]:
+    """(met, lines): met only where every row it applies to has a figure at or above the floor."""
+    rows = [r for r in rows if target.applies(r)]
+    timed = [(target.value(r), r) for r in rows]
+    short = sorted(((v, r) for v, r in timed if v is not None and v < target.floor), key=lambda vr: vr[0])
+    missing = [r for v, r in timed if v is None]
+    met = bool(rows) and not short and not missing
+    head = f"{'met' if met else 'NOT MET'}: {target.name} ({len(rows)} points"
+    if timed and len(missing) < len(rows):
+        values = [v for v, _ in timed if v is not None]
+        head += f", {min(values):.3g}-{max(values):.3g}{target.unit}"
+    lines = [head + ")"]
+    lines += [f"    short: {point(r)}: {v:.3g}{target.unit}" for v, r in short]
+    lines += [f"    not timed: {point(r)}" for r in missing]
+    return met, lines
+
+
+def dropout_report(rows: list[dict], limit: float = 0.10) -> tuple[bool, list[str]]:
+    costs = dropout_costs(rows)
+    over = sorted(((c, r) for r, c in costs if c is not None and c >= limit), key=lambda cr: -cr[0])
+    missing = [r for r, c in costs if c is None]
+    met = bool(costs) and not over and not missing
+    lines = [f"{'met' if met else 'NOT MET'}: backward dropout costs under {limit:.0%} ({len(costs)} points)"]
+    lines += [f"    over: {point(r)}: +{c:.1%}" for c, r in over]
+    lines += [f"    not timed without dropout: {point(r)}" for r in missing]
+    return met, lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--forward", nargs="*", default=[], help="bench_forward.json files")
+    parser.add_argument("--backward", nargs="*", default=[], help="bench_backward.json files")
+    args = parser.parse_args(argv)
+    if not args.forward and not args.backward:
+        parser.error("give --forward and/or --backward JSON files")
+    results = []
+    if args.forward:
+        rows = merged(args.forward)
+        results += [report(t, rows) for t in FORWARD]
+    if args.backward:
+        rows = merged(args.backward)
+        results += [report(t, rows) for t in BACKWARD] + [dropout_report(rows)]
+    for _, lines in results:
+        print("\n".join(lines))
+    return 0 if all(met for met, _ in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
