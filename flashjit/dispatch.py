@@ -59,7 +59,14 @@ _PREFERENCES = {  # (head-dim class, causal) -> tiles, best first
 # rounds): cross_tile with its TMA epilogue against persistent alone, non-causal +3.2 / +2.8 / +3.7% at
 # 1k and +5.3% at 512, causal +1.3 / +3.1 / +2.9% at 1k and level at 512; at 2k-4k the runs disagree
 # (-3.5 to +2.4%), so longer rows keep persistent. Not with a window: its cross-tile kernel spills (ptxas,
-# causal + local: 32 bytes against 8). Keyed (tile width, "short").
+# causal + local: 32 bytes against 8).
+# Cross-tile at every non-causal length, d64 and d128 (thirty-sixth session, H100, bf16 16k tokens, three
+# interleaved rounds, each default against itself with _xt, TFLOP/s): d128 2k 569.9 -> 599.0, 4k 595.1 ->
+# 620.6, 8k 634.0 -> 629.4, 16k 616.4 -> 655.8, B=1 8k 32/8 605.4 -> 638.8 (+5.1 / +4.3 / -0.7 / +6.4 /
+# +5.5%); d64 2k 459.5 -> 467.4, 4k 477.1 -> 488.0, 8k 499.8 -> 516.7, 16k 505.8 -> 522.6, GQA 486.4 -> 504.5
+# (+1.7 / +2.3 / +3.4 / +3.3 / +3.7%). Before lazy rescaling it had lost 1-4% at d64 4k-16k and the
+# runs disagreed at d128 2k-4k (above); each tile's first QK^T and softmax now run under the last one's PV
+# and epilogue, worth ~1 key block a tile. Keyed (tile width, "non-causal"), without a window.
 # d64 non-causal up to SHORT (twenty-sixth session, H200, bf16 16k tokens, three interleaved rounds in
 # each of two processes): 192 rows with ping-pong and cross_tile against the 192 rows without ping-pong
 # that were the default, 366.7 TFLOP/s at 512 and 396.1 / 398.5 at 1k (two processes) against 340.9 and
@@ -109,7 +116,7 @@ _SHORT_CAUSAL_BY_TILE = {64: SHORT}  # where "short causal" ends for a tile widt
 _SM90_PREFERENCES = {
     64: [dict(block_m=192, block_n=128, stages=4, overlap=True, pingpong=True, persistent=True),
          dict(block_m=128, block_n=128, stages=4)],
-    (64, "short"): [dict(block_m=192, block_n=128, stages=4, overlap=True, pingpong=True, persistent=True,
+    (64, "non-causal"): [dict(block_m=192, block_n=128, stages=4, overlap=True, pingpong=True, persistent=True,
                          cross_tile=True),
                     dict(block_m=192, block_n=128, stages=4, overlap=True, pingpong=False, persistent=True),
                     dict(block_m=128, block_n=128, stages=4)],
@@ -120,7 +127,7 @@ _SM90_PREFERENCES = {
     128: [dict(block_m=128, block_n=128, stages=2, persistent=True)],
     (128, "causal"): [dict(block_m=128, block_n=128, stages=2, persistent=True, cross_tile=True),
                       dict(block_m=128, block_n=128, stages=2, persistent=True)],
-    (128, "short"): [dict(block_m=128, block_n=128, stages=2, persistent=True, cross_tile=True),
+    (128, "non-causal"): [dict(block_m=128, block_n=128, stages=2, persistent=True, cross_tile=True),
                      dict(block_m=128, block_n=128, stages=2, persistent=True)],
     192: [dict(block_m=128, block_n=96, stages=2)],
     256: [dict(block_m=128, block_n=80, stages=2), dict(block_m=128, block_n=64, stages=2)],
@@ -144,7 +151,7 @@ def default_config(dtype: str, d_head: int, causal: bool, seqlen_q: int = 4096,
         short_causal = _SHORT_CAUSAL_BY_TILE.get(tile, SHORT_CAUSAL)
         keys = ((tile, "short causal") if causal and seqlen_q <= short_causal else None,
                 (tile, "causal") if causal and not local else None,  # a window's cross-tile kernel spills
-                (tile, "short") if seqlen_q <= SHORT and not local else None, tile)
+                (tile, "non-causal") if not (causal or local) else None, tile)
         half = (causal and d_head >= 64 and d_head not in (104, 112, 120)  # ptxas: C7511 else (see above)
                 and not (local or softcap or alibi or sink or d_v))
         for knobs in _SM90_PREFERENCES[next(key for key in keys if key in _SM90_PREFERENCES)]:
