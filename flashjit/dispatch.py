@@ -10,7 +10,6 @@ import dataclasses
 import functools
 import heapq
 import itertools
-from collections.abc import Callable
 
 from .configs.bwd_sm80 import BWD_BLOCK_M, BWD_D_SPLIT, BWD_GROUP_ROWS, BwdConfig
 from .configs.bwd_sm90 import WGMMA_ARCH, WGMMA_SHAPES, BwdSm90Config, wgmma_tile
@@ -38,9 +37,10 @@ _PREFERENCES = {  # (head-dim class, causal) -> tiles, best first
 # session, bf16 16k tokens): d128 128x128 with overlap + ping-pong ran 0.90-0.96x cuDNN against 0.77-0.88x
 # without the overlap, 128x192 and 128x64 lost 5-20%; d64 192x128 over 4 stages, persistent, 1.04x at
 # S=4k (0.93x one CTA per tile); d192 128x96 0.95-1.05x; d256 128x64 0.93-1.02x. Persistent CTAs lost
-# 3-16% at d>64 with the first static tile order; with odd rounds reversed (and with_tile_walk's one CTA
-# per tile where the walk would not balance) d128 persistent ran +3-8% causal at S = 1k-2k and level
-# elsewhere (twenty-first session, H200, interleaved A/B runs), so the 128-wide tile takes them too.
+# 3-16% at d>64 with the first static tile order; with odd rounds reversed (and one CTA per tile where
+# the walk would not balance) d128 persistent ran +3-8% causal at S = 1k-2k and level elsewhere
+# (twenty-first session, H200, interleaved A/B runs), so the 128-wide tile takes them too (a causal grid
+# now walks causal_walk's lists instead).
 # With score features the 192-row tile's 160 registers a consumer thread spill: d64 then takes 128 rows.
 # Causal d64 up to SHORT_CAUSAL queries (sixteenth session, bf16 16k tokens): 128 rows with ping-pong,
 # persistent, ran 293.8 / 349.2 TFLOP/s at S = 1k / 2k against 254.2 / 339.5 for 192 rows (a 1k row of
@@ -304,50 +304,59 @@ def with_head_split(config, batch: int, heads: int, heads_k: int, seqlen_k: int,
     return config
 
 
-# persistent_walk_balances: a persistent causal grid keeps its static walk unless the hardware's own
-# scheduling of one CTA per tile would balance it better than this (the walk's prologue overlap is
-# worth ~5%: d64 non-causal, persistent vs not, 0.98-1.12x), and grids of more rounds than this are
-# taken as balanced (rounds of mixed lengths average out; the simulation's cost stays ~ms).
-WALK_MARGIN = 0.95
+# causal_walk: a persistent causal grid's tiles, each CTA's list, fixed on the host. The kernel's own static
+# walk (kernels/fwd_sm90.cuh: tile_of, odd rounds reversed) serves grids past WALK_MAX_ROUNDS rounds (rounds of
+# mixed lengths average out; the simulation's cost stays ~ms) and calls made while a CUDA graph is captured.
 WALK_MAX_ROUNDS = 32
 
 
 @functools.lru_cache(maxsize=1024)
-def persistent_walk_balances(batch_heads: int, seqlen_q: int, block_m: int, block_n: int, sm_count: int) -> bool:
-    """Whether the persistent Hopper forward's static tile walk (kernels/fwd_sm90.cuh: tile_of, odd
-    rounds reversed) balances a causal grid of batch * heads rows of query tiles about as well as one
-    CTA per tile, which the hardware hands to whichever SM frees first (tiles longest first per head).
-    A simulation of both, a tile's work its key blocks plus one block's worth of overhead: it matches
-    the H200's d64 causal figures (docs/perf-log.md, fourteenth session): at 16k tokens, 32 heads, the
-    walk balances S = 1k-4k (simulated 0.94-0.97 of ideal; measured persistent 1.02-1.12x one CTA
-    per tile) but not S = 8k (0.83 against 0.96; measured 0.92x), where 43 query blocks do not divide
-    132 SMs."""
+def causal_walk(rows: int, seqlen_q: int, seqlen_k: int, block_m: int, block_n: int, ctas: int) -> tuple | None:
+    """The tiles each CTA of the persistent Hopper forward takes on a causal dense grid of `rows` rows (batch *
+    heads) of query tiles, `ctas` CTAs at most (SMs * ctas_per_sm): what one CTA per tile gets from the hardware,
+    which hands each tile to whichever SM frees first, in common/grid_order.cuh's longest_first order (rows
+    together, longest first, the last two waves' rows block-outermost), simulated with a tile's time its key
+    blocks plus one block's worth of overhead, so that the persistent kernel (its rings and, with cross_tile,
+    its pipeline running on across tiles) keeps that balance. Its static walk does not: simulated at 16k
+    tokens (132 SMs), d128 causal 0.97 of ideal at S = 1k-8k and 0.65 at 16k, d64 0.84 / 0.79 at 8k / 16k,
+    d256 0.66 / 0.56, where this list reaches 0.98-0.997 (the order the simulation matched on the H200, d64
+    causal: persistent 1.02-1.12x one CTA per tile where the walk balanced, 0.92x where it did not).
+    As kernels/fwd_sm90.cuh's tile_of reads it: (grid, grid + 1 offsets into the tiles, the tiles), a tile
+    numbered row * num_m + block, block 0 the row's last (longest) query block; None past WALK_MAX_ROUNDS."""
     num_m = -(-seqlen_q // block_m)
-    work = [(min(m * block_m + block_m, seqlen_q) - 1) // block_n + 2 for m in reversed(range(num_m))] * batch_heads
-    if len(work) > WALK_MAX_ROUNDS * sm_count:
-        return True
-    walk = [0] * sm_count  # tile i of round r goes to CTA i mod G, or G - 1 - that on odd rounds
-    for i, w in enumerate(work):
-        r, c = divmod(i, sm_count)
-        walk[sm_count - 1 - c if r & 1 else c] += w
-    free = [0] * sm_count  # one CTA per tile: each to the SM that frees first
-    for w in work:
-        heapq.heapreplace(free, free[0] + w)
-    return max(free) >= WALK_MARGIN * max(walk)
+    tiles = rows * num_m
+    if tiles > WALK_MAX_ROUNDS * ctas:
+        return None
+    grid = min(tiles, ctas)
+    blocks_k = -(-seqlen_k // block_n)
+
+    def work(block: int) -> int:  # key blocks + 1, as Tile's j_end for bottom-right causal rows
+        q_row0 = (num_m - 1 - block) * block_m
+        last_col = min(q_row0 + block_m, seqlen_q) - 1 + seqlen_k - seqlen_q
+        return (0 if last_col < 0 else min(blocks_k, last_col // block_n + 1)) + 1
+
+    tail = min(rows, -(-2 * ctas // num_m))
+    together = (rows - tail) * num_m
+    order = [i if i < together else (rows - tail + (i - together) % tail) * num_m + (i - together) // tail
+             for i in range(tiles)]
+    free = [(0, c) for c in range(grid)]  # (time it frees, CTA): ties to the lower CTA
+    lists = [[] for _ in range(grid)]
+    for tile in order:
+        at, cta = free[0]
+        lists[cta].append(tile)
+        heapq.heapreplace(free, (at + work(tile % num_m), cta))
+    offsets = list(itertools.accumulate((len(t) for t in lists), initial=0))
+    return (grid, *offsets, *itertools.chain.from_iterable(lists))
 
 
-def with_tile_walk(config, grid: tuple | None, seqlen_q: int, sm_count: Callable[[], int]):
+def with_tile_walk(config, grid: tuple | None):
     """The dispatcher's forward config for a call's grid, (batch, heads) of a dense call or None for a
-    variable-length batch (sm_count: the device's SMs, asked only where the walk is simulated, as it
-    queries the GPU): a persistent FwdSm90Config launches one CTA per tile instead where its static
-    walk would leave SMs idle: a causal dense grid that persistent_walk_balances rejects, and every
-    varlen batch, whose tiles' lengths the host cannot see (cu_seqlens live on the device) and whose
-    mixed lengths unbalance a static walk (simulated for ~16k tokens of 256-4096-token sequences at
-    d64: 0.80-0.90 of ideal against 0.96-0.97 for one CTA per tile)."""
-    if not (isinstance(config, FwdSm90Config) and config.persistent):
-        return config
-    if grid is None or (config.causal and not config.local and not persistent_walk_balances(
-            grid[0] * grid[1], seqlen_q, config.block_m, config.block_n, sm_count() * config.ctas_per_sm)):
+    variable-length batch: a persistent FwdSm90Config launches one CTA per tile instead for a varlen batch,
+    whose tiles' lengths the host cannot see (cu_seqlens live on the device) and whose mixed lengths
+    unbalance a static walk (simulated for ~16k tokens of 256-4096-token sequences at d64: 0.80-0.90 of
+    ideal against 0.96-0.97 for one CTA per tile). A dense causal grid keeps it, walking causal_walk's
+    lists (interface.py hands them to the kernel)."""
+    if isinstance(config, FwdSm90Config) and config.persistent and grid is None:
         return config.one_cta_per_tile()
     return config
 
@@ -362,7 +371,7 @@ def get_kernels_to_build(smem_limit: int = SMEM_LIMIT_SM90, arch: str | None = N
     seqlens = (4096, SHORT_CAUSAL, SHORT, 1)
     for dtype, d_head, causal, seqlen in itertools.product(DTYPES, HEAD_DIMS, (False, True), seqlens):
         cfg = default_config(dtype, d_head, causal, seqlen, smem_limit, arch=arch)
-        # and a persistent kernel's one-CTA-per-tile twin, which with_tile_walk picks for some grids
+        # and a persistent kernel's one-CTA-per-tile twin, which with_tile_walk picks for varlen batches
         twins = (cfg.one_cta_per_tile(),) if isinstance(cfg, FwdSm90Config) and cfg.persistent else ()
         for cfg in (cfg, *twins):
             if cfg not in configs:

@@ -26,7 +26,9 @@ from .configs import families
 from .configs.bwd_sm80 import BwdConfig
 from .configs.bwd_sm90 import WGMMA_ARCH, BwdSm90Config
 from .configs.common import FEATURES, MAX_HEAD_DIM, ConfigBase
-from .dispatch import backward_pads_value, default_bwd_config, default_config, with_head_split, with_tile_walk
+from .configs.fwd_sm90 import FwdSm90Config
+from .dispatch import (backward_pads_value, causal_walk, default_bwd_config, default_config, with_head_split,
+                       with_tile_walk)
 from .launch import BwdParams, FwdParams, tensor_ref
 
 log = logging.getLogger("flashjit")
@@ -338,8 +340,8 @@ def resolve_config(q: torch.Tensor, k: torch.Tensor, config: ConfigBase | None, 
 def chosen_config(dtype: str, d_head: int, d_v: int, causal: bool, seqlen_q: int, mods: ScoreMods,
                   device_index: int, tensors, grid: tuple | None) -> ConfigBase:
     """The dispatcher's forward config on this device (dense and varlen calls alike; seqlen_q: the
-    longest sequence): the tuned table's entry, else the default for the device's arch with its tile
-    walk fitted to the call's `grid`, (batch, heads), or None for a varlen batch (dispatch.with_tile_walk),
+    longest sequence): the tuned table's entry, else the default for the device's arch (one CTA a tile for a
+    varlen batch, `grid` None; else grid is (batch, heads): dispatch.with_tile_walk),
     and its plain twin where this machine's ptxas serialized it (jit.unserialized: builds it here); in the
     sm_80 family where TMA cannot address one of `tensors` (with a DEBUG line)."""
     arch, limit = jit.arch_for(device_index), _smem_limit(device_index)[0]
@@ -348,8 +350,7 @@ def chosen_config(dtype: str, d_head: int, d_v: int, causal: bool, seqlen_q: int
     # tuned entries are for d_v == d_head: another d_v takes the dispatcher's default
     tuned = d_v == d_head and tuning.lookup(device_index, "fwd", dtype, d_head, bool(causal), seqlen_q, features)
     config = tuned or with_tile_walk(default_config(dtype, d_head, bool(causal), seqlen_q, limit, *mods.flags,
-                                                    arch=arch, sink=sink, d_v=d_v),
-                                     grid, seqlen_q, functools.partial(sm_count, device_index))
+                                                    arch=arch, sink=sink, d_v=d_v), grid)
     if config.loads_with_tma and (why := _tma_unaddressable(*tensors)):
         config = default_config(dtype, d_head, bool(causal), seqlen_q, limit, *mods.flags, sink=sink, d_v=d_v)
         log.debug("TMA cannot address %s: running the %s family instead", why, config.family.name)
@@ -474,10 +475,11 @@ class _Plan:
     FLASHJIT_TUNED (its value is part of that generation)."""
 
     __slots__ = ("kernel", "template", "device_index", "device", "dtype", "out_shape", "lse_shape", "dropout",
-                 "generation", "native")
+                 "generation", "native", "walk")
 
-    def __init__(self, kernel, params, q: torch.Tensor, out: torch.Tensor, want_lse: bool, dropout: bool):
+    def __init__(self, kernel, params, q: torch.Tensor, out: torch.Tensor, want_lse: bool, dropout: bool, walk=None):
         self.kernel, self.template, self.dropout = kernel, bytes(params), dropout
+        self.walk = walk  # the tile walk its params point to (_walks never frees one; held here all the same)
         self.native = None  # this plan in native_node's terms, made at its first use there
         self.device_index, self.device, self.dtype = q.get_device(), q.device, q.dtype
         batch, seqlen_q, heads, _ = q.shape
@@ -607,6 +609,26 @@ def _remember(plans: OrderedDict, key, plan) -> None:
         plans.popitem(last=False)
 
 
+_walks: dict = {}  # (device, grid, lengths, tile) -> (dispatch.causal_walk's lists on the device, its grid) or None
+_MAX_WALKS = 1024  # each at most ~35 KB (32 rounds of CTAs); past this many, new grids take the kernel's own walk
+
+
+def _walk(config, q: torch.Tensor, k: torch.Tensor, device_index: int) -> tuple | None:
+    """(the int32 tile walk on q's device, the grid it is for) that a persistent causal Hopper forward of this
+    dense call's grid takes (dispatch.causal_walk), or None (the kernel then walks its static order). Made once
+    a grid and never freed: plans and CUDA graphs captured with it hold its pointer. Not made while a graph
+    is being captured (the copy to the device would break the capture): such a call walks the static order
+    unless an earlier call of the same grid made it."""
+    if not (isinstance(config, FwdSm90Config) and config.persistent and config.causal and not config.local):
+        return None
+    ctas = sm_count(device_index) * config.ctas_per_sm
+    key = (device_index, q.shape[0] * q.shape[2], q.shape[1], k.shape[1], config.block_m, config.block_n, ctas)
+    if key not in _walks and len(_walks) < _MAX_WALKS and not torch.cuda.is_current_stream_capturing():
+        tiles = causal_walk(*key[1:])
+        _walks[key] = None if tiles is None else (torch.tensor(tiles, dtype=torch.int32, device=q.device), tiles[0])
+    return _walks.get(key)
+
+
 def _launch(q, k, v, config, causal, softmax_scale, out=None, want_lse=True, mods: ScoreMods = _NO_MODS,
             plan_key=None):
     """Choose and build the kernel (inputs already checked), allocate outputs. Returns (run, out, lse).
@@ -626,8 +648,11 @@ def _launch(q, k, v, config, causal, softmax_scale, out=None, want_lse=True, mod
     params = FwdParams(*tensor_ref(q), *tensor_ref(k), *tensor_ref(v), *tensor_ref(out),
                        lse.data_ptr() if want_lse else None, batch, seqlen_q, k.shape[1], heads, k.shape[2],
                        softmax_scale, *mods.values)
+    walk = _walk(config, q, k, device_index)
+    if walk is not None:
+        params.tile_walk, params.tile_walk_grid = walk[0].data_ptr(), walk[1]
     if plan_key is not None and chosen and all(a is b for a, b in zip(given, (q, k, v))) and not mods.alibi and mods.sink is None:
-        _remember(_plans, plan_key, _Plan(kernel, params, q, out, want_lse, mods.dropout))
+        _remember(_plans, plan_key, _Plan(kernel, params, q, out, want_lse, mods.dropout, walk))
 
     def run():
         _run(kernel, params, device_index)

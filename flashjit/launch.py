@@ -43,9 +43,11 @@ _CACHE = [("seqused_k", _ptr), ("leftpad_k", _ptr), ("batch_idx", _ptr), ("block
 
 class FwdParams(ctypes.Structure):
     """flashjit::FwdParams: TensorRef q, k, v, o; float* lse; sizes; scale; ScoreParams; VarlenParams;
-    CacheParams."""
+    CacheParams; the persistent causal kernel's tile walk and the grid it is for (set by keyword:
+    interface._walk)."""
 
-    _fields_ = [*_tensor_refs("q", "k", "v", "o"), ("lse", _ptr), *_SIZES, *_VARLEN, *_CACHE]
+    _fields_ = [*_tensor_refs("q", "k", "v", "o"), ("lse", _ptr), *_SIZES, *_VARLEN, *_CACHE, ("tile_walk", _ptr),
+                ("tile_walk_grid", _i32)]
 
 
 class BwdParams(ctypes.Structure):

@@ -294,8 +294,8 @@ struct Tile {
 
   // (b, h) and the query block of a tile: its row of the grid and the block in it, the longest (the last
   // query block) first with causal; one CTA a causal tile takes common/grid_order.cuh's order, whose
-  // tail runs block-outermost. The persistent walk keeps plain rows (dispatch.persistent_walk_balances
-  // simulates that order).
+  // tail runs block-outermost. The persistent walk keeps plain rows (a causal walk's lists number its
+  // tiles so too: dispatch.causal_walk).
   __device__ __forceinline__ static GridPos position(const FwdParams& p, int tile, int num_m) {
     if (C::kCausal && !C::kPersistent) return longest_first(tile, p.batch * p.heads, num_m);
     return {tile / num_m, tile % num_m};
@@ -330,9 +330,27 @@ struct Tile {
 // num_m divides the grid (22 m-blocks of 192 rows at S = 4k, 132 SMs) plain striding would give a CTA
 // the same m-block every round: under a causal mask the same work every round, long for some CTAs
 // and short for others. Reversed odd rounds pair each CTA's long tile with a short one, and each
-// round's tiles stay contiguous (neighbouring m-blocks share K/V in L2).
+// round's tiles stay contiguous (neighbouring m-blocks share K/V in L2). A causal grid whose rows that
+// walk leaves unbalanced comes with its own: FwdParams::tile_walk, (grid, grid + 1 offsets, tiles), each
+// CTA's tiles as the hardware would hand them out one CTA a tile (dispatch.causal_walk); the launcher
+// drops one made for another grid size, so a stale walk cannot drop or repeat a tile. num_tiles: past
+// the last.
+// (ld_global: a load the compiler may not hoist out of the tile loop, and no check here of the walk's
+// grid: either, a value held across the loop, cost d64's 192-row causal consumers the registers that keep
+// their wgmmas pipelined: ptxas C7511)
+__device__ __forceinline__ int ld_global(const int32_t* at) {
+  int value;
+  asm volatile("ld.global.u32 %0, [%1];" : "=r"(value) : "l"(at));
+  return value;
+}
+
 template <class C>
-__device__ __forceinline__ int tile_of(int round) {
+__device__ __forceinline__ int tile_of(const FwdParams& p, int round, int num_tiles) {
+  if (C::kPersistent && C::kCausal && p.tile_walk != nullptr) {
+    const int32_t* offsets = p.tile_walk + 1;
+    const int at = ld_global(offsets + blockIdx.x) + round;
+    return at < ld_global(offsets + blockIdx.x + 1) ? ld_global(offsets + gridDim.x + 1 + at) : num_tiles;
+  }
   const int base = round * int(gridDim.x);
   return base + (C::kPersistent && (round & 1) ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x));
 }
@@ -433,7 +451,7 @@ __device__ __forceinline__ void produce(const Args& args, const Smem<C>& sm, int
   tma_prefetch_map(&args.v);
   RingState<C::kStages> st;
   RingState<C::kQStages> qs;
-  for (int round = 0, tile = tile_of<C>(0); tile < num_tiles; tile = tile_of<C>(++round)) {
+  for (int round = 0, tile = tile_of<C>(p, 0, num_tiles); tile < num_tiles; tile = tile_of<C>(p, ++round, num_tiles)) {
     const Tile<C> T(p, tile, num_m);
     if (T.skipped()) continue;
     // Persistent: this tile's Q waits for a Q stage (the previous tile's last QK^T), and Q is read
@@ -551,7 +569,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
     epilogue<C>(args, sm, Tp, q_pending, o, m, l, scale, g, t);
     pending = -1;
   };
-  for (int round = 0, tile = tile_of<C>(0); tile < num_tiles; tile = tile_of<C>(++round)) {
+  for (int round = 0, tile = tile_of<C>(p, 0, num_tiles); tile < num_tiles; tile = tile_of<C>(p, ++round, num_tiles)) {
     const Tile<C> T(p, tile, num_m);
     if (T.skipped()) continue;
     const int row0 = T.q_row0 + row_cta;  // this warp's first row, globally
@@ -752,6 +770,7 @@ cudaError_t launch(const FwdParams& p, cudaStream_t stream) {
     }
     if (device < 64) grid = std::min(grid, unsigned(sm_count[device] * C::kCtasPerSm));
   }
+  if (args.p.tile_walk_grid != int(grid)) args.p.tile_walk = nullptr;  // made for another grid: the static walk
   return launch_kernel(kernel, grid, C::kThreads, C::kSmemBytes, stream, args);
 }
 

@@ -246,6 +246,32 @@ def test_persistent_ctas_walk_many_tiles(causal, window, cross_tile):
         assert out[:, :800].abs().max().item() == 0
 
 
+@pytest.mark.parametrize("config", [FwdSm90Config("bf16", 64, 192, 128, 4, True, True, True, causal=True, half_blocks=True),
+                                    FwdSm90Config("bf16", 128, persistent=True, causal=True, cross_tile=True),
+                                    FwdSm90Config("fp16", 64, 128, 64, 4, False, False, True, causal=True, two_ctas=True)],
+                         ids=lambda c: c.name)
+@pytest.mark.parametrize("batch, sq, sk, heads", [(2, 3000, 3000, 5), (1, 4100, 2500, 3), (3, 700, 1900, 7)], ids=str)
+def test_causal_walk_equals_the_static_walk_bit_for_bit(config, batch, sq, sk, heads, monkeypatch):
+    """A causal persistent grid walks dispatch.causal_walk's lists (interface._walk): which CTA runs a tile and
+    when, not what it computes, so out and lse equal the static walk's bit for bit, and are right; a list made
+    for another grid size (a stale one) is dropped by the launcher, not followed. Sq > Sk leaves rows without
+    keys (empty tiles in the lists); Sq < Sk, bottom-right, tiles of unequal key counts."""
+    q, k, v = _inputs(batch, sq, sk, heads, heads, config.d_head, torch.bfloat16 if config.dtype == "bf16" else torch.float16)
+    walk, grid = interface._walk(config, q, k, q.get_device())
+    tiles = batch * heads * -(-sq // config.block_m)
+    assert walk[0].item() == grid == min(tiles, interface.sm_count(q.get_device()) * config.ctas_per_sm)
+    out = _check(q, k, v, config, causal=True)
+    _, lse = flashjit.forward(q, k, v, config=config, causal=True, return_lse=True)
+    monkeypatch.setattr(interface, "_walk", lambda *args: None)
+    static = flashjit.forward(q, k, v, config=config, causal=True, return_lse=True, out=poisoned_like(q))
+    assert torch.equal(out, static[0]) and torch.equal(lse, static[1])
+    stale = torch.tensor(dispatch.causal_walk(batch * heads, sq, sk, config.block_m, config.block_n, 7),
+                         dtype=torch.int32, device="cuda")  # seven CTAs' lists: the launcher drops them
+    monkeypatch.setattr(interface, "_walk", lambda *args: (stale, 7))
+    run = flashjit.forward(q, k, v, config=config, causal=True, return_lse=True, out=poisoned_like(q))
+    assert torch.equal(out, run[0]) and torch.equal(lse, run[1])
+
+
 @pytest.mark.parametrize("features", [dict(), dict(local=True), dict(dropout=True), dict(softcap=True, alibi=True),
                                       dict(sink=True), dict(local=True, dropout=True)],
                          ids=lambda f: ",".join(f) or "plain")

@@ -380,19 +380,55 @@ def test_backward_splits_heads_only_gqa_grids_below_the_waves():
     assert not backward_splits_heads(1, 32, 8, 8192, 64, sms, False, wide=True)
 
 
-def test_persistent_walk_balances_where_the_h200_measured_it_did():
-    """The simulation behind dispatch.with_tile_walk agrees with the H200's d64 causal forward (192-row
-    tiles, 128 keys, 132 SMs; 16k tokens, 32 heads): the persistent walk won at S = 1k, 2k, 4k and lost
-    at 8k to one CTA per tile. Grids of many rounds count as balanced."""
-    from flashjit.dispatch import WALK_MAX_ROUNDS, persistent_walk_balances
-
-    for seqlen, won in ((1024, True), (2048, True), (4096, True), (8192, False)):
-        assert persistent_walk_balances(16384 // seqlen * 32, seqlen, 192, 128, 132) == won, seqlen
-    rows = WALK_MAX_ROUNDS * 132 // 43 + 1  # 43 query blocks at 8k: past the simulated rounds
-    assert persistent_walk_balances(rows, 8192, 192, 128, 132)
+def _walk_loads(walk, num_m, work):
+    """(each CTA's load, the tiles in walk order) of a dispatch.causal_walk tuple."""
+    grid, offsets, tiles = walk[0], walk[1:walk[0] + 2], walk[walk[0] + 2:]
+    return [sum(work(t % num_m) for t in tiles[offsets[c]:offsets[c + 1]]) for c in range(grid)], list(tiles)
 
 
-def test_with_tile_walk_drops_persistence_only_for_unbalanced_causal_grids():
+@pytest.mark.parametrize("rows, seqlen, block_m, block_n, static", [
+    (16, 16384, 128, 128, 0.651), (64, 8192, 192, 128, 0.835), (16, 8192, 128, 80, 0.656), (8, 16384, 128, 80, 0.559),
+    (64, 4096, 128, 128, 0.970), (512, 1024, 192, 128, 0.945)], ids=str)
+def test_causal_walk_balances_where_the_static_walk_did_not(rows, seqlen, block_m, block_n, static):
+    """dispatch.causal_walk covers every tile of the grid once, in per-CTA lists laid out as the kernel reads
+    them, and balances the grids (16k tokens, 132 SMs) that the kernel's static walk (odd rounds reversed,
+    simulated here: `static` of ideal) left idle, to within 3% of ideal."""
+    from flashjit.dispatch import causal_walk
+
+    walk = causal_walk(rows, seqlen, seqlen, block_m, block_n, 132)
+    num_m = -(-seqlen // block_m)
+    work = lambda block: (min((num_m - block) * block_m, seqlen) - 1) // block_n + 2  # noqa: E731
+    loads, tiles = _walk_loads(walk, num_m, work)
+    assert walk[0] == 132 and sorted(tiles) == list(range(rows * num_m))
+    ideal = sum(loads) / 132
+    assert ideal / max(loads) >= 0.97
+    rounds = [0] * 132  # the static walk: tile i of round r to CTA i mod 132, reversed on odd rounds
+    for i, block in enumerate(b for _ in range(rows) for b in range(num_m)):
+        r, c = divmod(i, 132)
+        rounds[131 - c if r & 1 else c] += work(block)
+    assert abs(ideal / max(rounds) - static) < 0.005
+
+
+def test_causal_walk_bottom_right_rows_small_grids_and_its_limit():
+    """Bottom-right causal rows: with Sq > Sk the first rows see no key (a tile of no key blocks still counts
+    one block's overhead), with Sq < Sk every tile sees Sk - Sq more keys; fewer tiles than CTAs give a grid
+    of one tile a CTA (the launcher's grid: min(tiles, CTAs)); past WALK_MAX_ROUNDS rounds, no list (the
+    kernel's static walk: many rounds of mixed lengths average out)."""
+    from flashjit.dispatch import WALK_MAX_ROUNDS, causal_walk
+
+    # Sq 1000 over Sk 300: blocks (0 = rows 896-999) see 3 / 2 / 1 / 0... key blocks (+1 each): 4 3 2 1 1 1 1 1,
+    # handed to whichever of two CTAs frees first (the lower on a tie); Sq 300 over Sk 1000: 9 9 8.
+    for seqlen_q, seqlen_k, lists in ((1000, 300, ([0, 3, 4, 6], [1, 2, 5, 7])), (300, 1000, ([0, 2], [1]))):
+        assert causal_walk(1, seqlen_q, seqlen_k, 128, 128, 2) == (2, 0, len(lists[0]), sum(map(len, lists)),
+                                                                   *lists[0], *lists[1])
+        walk = causal_walk(1, seqlen_q, seqlen_k, 128, 128, 132)  # fewer tiles than CTAs: one each, in order
+        tiles = sum(map(len, lists))
+        assert walk == (tiles, *range(tiles + 1), *range(tiles))
+    assert causal_walk(WALK_MAX_ROUNDS * 132 // 32, 4096, 4096, 128, 128, 132) is not None
+    assert causal_walk(WALK_MAX_ROUNDS * 132 // 32 + 1, 4096, 4096, 128, 128, 132) is None
+
+
+def test_with_tile_walk_runs_one_cta_a_tile_only_for_varlen_batches():
     import dataclasses
 
     from flashjit import FwdSm90Config, KernelConfig
@@ -400,19 +436,15 @@ def test_with_tile_walk_drops_persistence_only_for_unbalanced_causal_grids():
 
     causal = default_config("bf16", 64, True, 8192, arch="sm_90a")
     assert isinstance(causal, FwdSm90Config) and causal.persistent, "d64's default walks persistently"
-    assert with_tile_walk(causal, (2, 32), 8192, lambda: 132) == dataclasses.replace(causal, persistent=False)
-    assert with_tile_walk(causal, (4, 32), 4096, lambda: 132) is causal
+    assert with_tile_walk(causal, (2, 32)) is causal
     plain = default_config("bf16", 64, False, 8192, arch="sm_90a")
-    assert with_tile_walk(plain, (2, 32), 8192, lambda: 132) is plain, "equal tiles: nothing to balance"
-    window = dataclasses.replace(causal, local=True)
-    assert with_tile_walk(window, (2, 32), 8192, lambda: 132) is window
+    assert with_tile_walk(plain, (2, 32)) is plain
     for config in (causal, plain):  # a varlen batch: lengths unknown to the host, mixed
-        assert with_tile_walk(config, None, 4096, lambda: 132) == dataclasses.replace(config, persistent=False)
-        assert dataclasses.replace(config, persistent=False) in get_kernels_to_build(arch="sm_90a"), \
+        assert with_tile_walk(config, None) == dataclasses.replace(config, persistent=False, cross_tile=False)
+        assert with_tile_walk(config, None) in get_kernels_to_build(arch="sm_90a"), \
             "the twin with_tile_walk picks is in the build set"
     sm80 = KernelConfig("bf16", 64, causal=True)
-    assert with_tile_walk(sm80, (2, 32), 8192, lambda: 132) is sm80
-    assert with_tile_walk(sm80, None, 8192, lambda: 132) is sm80
+    assert with_tile_walk(sm80, (2, 32)) is sm80 and with_tile_walk(sm80, None) is sm80
 
 
 def test_with_head_split_sets_the_field_only_for_short_gqa_grids_on_the_wgmma_kernel():

@@ -54,7 +54,8 @@ def test_cache_params_follow_the_varlen_params():
     """CacheParams sits after VarlenParams (kernels/common/params.cuh), so dense and varlen callers'
     positional construction leaves it null."""
     assert FwdParams.seqused_k.offset == (FwdParams.total_k.offset + 4 + 7) // 8 * 8  # the next pointer slot
-    assert ctypes.sizeof(FwdParams) == FwdParams.new_rows.offset + 8  # 4 bytes of padding to 8-byte alignment
+    assert FwdParams.tile_walk.offset == FwdParams.new_rows.offset + 8  # 4 bytes of padding to 8-byte alignment
+    assert ctypes.sizeof(FwdParams) == FwdParams.tile_walk_grid.offset + 8
     assert FwdParams.k_new.offset == FwdParams.lse_accum.offset + 8 and FwdParams.v_new.offset == FwdParams.k_new.offset + 32
     params = FwdParams()
     assert not params.seqused_k and not params.block_table and params.num_splits == 0

@@ -557,7 +557,8 @@ def test_qkvpacked_reference_shape_check(monkeypatch):
 def test_params_structs_end_with_the_varlen_fields():
     """flashjit/launch.py mirrors kernels/common/params.cuh: VarlenParams after the sizes and score
     values in both structs (a dense caller's positional construction leaves it null), two pointers and
-    two int32 (24 bytes); the forward's followed only by CacheParams, the backward's by dkv_accum."""
+    two int32 (24 bytes); the forward's followed only by CacheParams and the tile walk, the backward's by
+    dkv_accum."""
     from flashjit.launch import BwdParams, FwdParams
 
     for struct in (FwdParams, BwdParams):
@@ -565,7 +566,7 @@ def test_params_structs_end_with_the_varlen_fields():
         end = names.index("total_k") + 1
         assert names[end - 4:end] == ["cu_seqlens_q", "cu_seqlens_k", "total_q", "total_k"]
         assert names[end:] == (["dkv_accum"] if struct is BwdParams
-                               else [n for n, _ in __import__("flashjit.launch").launch._CACHE])
+                               else [n for n, _ in __import__("flashjit.launch").launch._CACHE] + ["tile_walk", "tile_walk_grid"])
         assert struct.cu_seqlens_q.offset == struct.sink.offset + 8
         assert struct.total_k.offset + 4 == struct.cu_seqlens_q.offset + 24
     assert BwdParams.dkv_accum.offset == BwdParams.total_k.offset + 4  # VarlenParams is 24 bytes: no padding

@@ -102,6 +102,10 @@ struct FwdParams {
   ScoreParams mods;
   VarlenParams varlen;  // after the sizes, so a dense caller's positional initialisation leaves it null
   CacheParams cache;    // likewise: null unless the kernel is a kvcache one
+  // fwd_sm90.cuh's persistent causal kernels: each CTA's tiles (dispatch.causal_walk) for a grid of
+  // tile_walk_grid CTAs, or null: their static walk.
+  const int32_t* tile_walk;
+  int32_t tile_walk_grid;
 };
 
 // Backward: dout/dq like q, dk/dv like k; lse and dvec (rowsum(dO * O), computed by the first
