@@ -52,11 +52,17 @@
 #             100-1500-token sequences main against the patch (two processes each)
 #   ks-sanitize  compute-sanitizer's four tools over two of the patch's tests (split and whole tiles mixed in
 #             a persistent CTA; a varlen batch, whose last V block's zeroing every warpgroup joins)
+#   walk-tests  the causal tile walk (dispatch.causal_walk, on main since the thirty-sixth session): the forward
+#             GPU tests over the defaults (every causal dense call walks its lists) and the walk's own test
+#   walk      the walk timed: causal bf16 d64 / d128 / d256 at 1k-16k, main against causal-walk-revert.patch
+#             (the static walk, one CTA a tile where it would not balance), two processes each, the order
+#             reversed in the second; d64 causal's 192 rows with cross-tile against without, d256 causal
+#             persistent (walking the lists) against its one CTA a tile default (one process each)
 # The device copy has no usable .git: each variant is a copy of this tree with its patches applied by
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk-tests|walk}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -199,6 +205,20 @@ sk-tests)  # `tests` in the stream-K variant, and its CPU tests (the walk's cove
   variant sk "$EXP/stream-k.patch" >/dev/null
   with_variant sk python3 -m pytest -q -n 16 -p no:cacheprovider $FWD_TESTS tests/test_config.py 2>&1 | tail -30 |
     tee "$OUT/sk-tests.txt"
+  ;;
+walk-tests)  # (cut off at 520 s, so that a hung kernel still leaves the call its report)
+  timeout 520 python3 -m pytest -q -n 16 -p no:cacheprovider --maxfail 30 $FWD_TESTS 2>&1 | tail -30 |
+    tee "$OUT/walk-tests.txt"
+  ;;
+walk)
+  variant nowalk "$EXP/causal-walk-revert.patch" >/dev/null
+  WALK="--dtypes bf16 --head-dims 64,128,256 --causal 1 --seqlens 1024,4096,8192,16384 --gqa 1x8192x32x8 --no-flex"
+  warm bench_forward.py "$WALK" "main nowalk"
+  passes bench_forward.py "$WALK" "main nowalk"
+  F=fwd_sm90_bf16_d64_m192_n128_st4_ov1_pp1_ps1_causal1
+  G=fwd_sm90_bf16_d256_m128_n80_st2_ov1_pp1_ps
+  knob_ab main "64 1 4096,16384 $F _hb _xt_hb
+256 1 4096,16384 ${G}0_causal1_lr - ${G}1_causal1_lr"
   ;;
 ks-tests)  # (cut off at 520 s, so that a hung kernel still leaves the call its report)
   variant ks "$EXP/split-keys.patch" >/dev/null
