@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import heapq
 import itertools
+from collections.abc import Callable
 
 from .configs.bwd_sm80 import BWD_BLOCK_M, BWD_D_SPLIT, BWD_GROUP_ROWS, BwdConfig
 from .configs.bwd_sm90 import WGMMA_ARCH, WGMMA_SHAPES, BwdSm90Config, wgmma_tile
@@ -322,10 +323,11 @@ def causal_walk(rows: int, seqlen_q: int, seqlen_k: int, block_m: int, block_n: 
     d256 0.66 / 0.56, where this list reaches 0.98-0.997 (the order the simulation matched on the H200, d64
     causal: persistent 1.02-1.12x one CTA per tile where the walk balanced, 0.92x where it did not).
     As kernels/fwd_sm90.cuh's tile_of reads it: (grid, grid + 1 offsets into the tiles, the tiles), a tile
-    numbered row * num_m + block, block 0 the row's last (longest) query block; None past WALK_MAX_ROUNDS."""
+    numbered row * num_m + block, block 0 the row's last (longest) query block; None past WALK_MAX_ROUNDS
+    or for no tile."""
     num_m = -(-seqlen_q // block_m)
     tiles = rows * num_m
-    if tiles > WALK_MAX_ROUNDS * ctas:
+    if not tiles or tiles > WALK_MAX_ROUNDS * ctas:
         return None
     grid = min(tiles, ctas)
     blocks_k = -(-seqlen_k // block_n)
@@ -349,14 +351,31 @@ def causal_walk(rows: int, seqlen_q: int, seqlen_k: int, block_m: int, block_n: 
     return (grid, *offsets, *itertools.chain.from_iterable(lists))
 
 
-def with_tile_walk(config, grid: tuple | None):
+# Rows of more query blocks than this take one CTA a tile (where the grid is within WALK_MAX_ROUNDS): the walk's
+# lists, fixed from a model of each tile's time, drift from the real times over a CTA's many tiles of very
+# different lengths, where the hardware hands each tile to the SM that is actually free (thirty-sixth session, H100,
+# bf16 16k tokens, one process, persistent with the lists against one CTA a tile: d128 causal 8k (64 blocks)
+# 579.6 / 567.9, B=1 8k 32/8 565.0 / 561.0, d64 8k (43) 463.6 / 454.7, B=1 8k 32/8 475.6 / 462.8; 16k: d128
+# (128 blocks) 605.2 / 615.7 and 588.7 / 599.2, d64 (86) 481.1 / 487.9 and 473.8 / 472.3).
+WALK_MAX_BLOCKS = 64
+
+
+def with_tile_walk(config, grid: tuple | None, seqlen_q: int, sm_count: Callable[[], int]):
     """The dispatcher's forward config for a call's grid, (batch, heads) of a dense call or None for a
-    variable-length batch: a persistent FwdSm90Config launches one CTA per tile instead for a varlen batch,
-    whose tiles' lengths the host cannot see (cu_seqlens live on the device) and whose mixed lengths
-    unbalance a static walk (simulated for ~16k tokens of 256-4096-token sequences at d64: 0.80-0.90 of
-    ideal against 0.96-0.97 for one CTA per tile). A dense causal grid keeps it, walking causal_walk's
-    lists (interface.py hands them to the kernel)."""
-    if isinstance(config, FwdSm90Config) and config.persistent and grid is None:
+    variable-length batch (sm_count: the device's SMs, asked only for long causal rows): a persistent
+    FwdSm90Config launches one CTA per tile instead for a varlen batch, whose tiles' lengths the host cannot
+    see (cu_seqlens live on the device) and whose mixed lengths unbalance a static walk (simulated for ~16k
+    tokens of 256-4096-token sequences at d64: 0.80-0.90 of ideal against 0.96-0.97 for one CTA per tile),
+    and for a causal grid of rows longer than WALK_MAX_BLOCKS query blocks within WALK_MAX_ROUNDS rounds
+    (beyond, its static walk balances). Other causal grids keep it, walking causal_walk's lists
+    (interface.py hands them to the kernel)."""
+    if not (isinstance(config, FwdSm90Config) and config.persistent):
+        return config
+    if grid is None:
+        return config.one_cta_per_tile()
+    num_m = -(-seqlen_q // config.block_m)
+    if config.causal and not config.local and num_m > WALK_MAX_BLOCKS and \
+            grid[0] * grid[1] * num_m <= WALK_MAX_ROUNDS * sm_count() * config.ctas_per_sm:
         return config.one_cta_per_tile()
     return config
 
@@ -371,7 +390,7 @@ def get_kernels_to_build(smem_limit: int = SMEM_LIMIT_SM90, arch: str | None = N
     seqlens = (4096, SHORT_CAUSAL, SHORT, 1)
     for dtype, d_head, causal, seqlen in itertools.product(DTYPES, HEAD_DIMS, (False, True), seqlens):
         cfg = default_config(dtype, d_head, causal, seqlen, smem_limit, arch=arch)
-        # and a persistent kernel's one-CTA-per-tile twin, which with_tile_walk picks for varlen batches
+        # and a persistent kernel's one-CTA-per-tile twin, which with_tile_walk picks for some grids
         twins = (cfg.one_cta_per_tile(),) if isinstance(cfg, FwdSm90Config) and cfg.persistent else ()
         for cfg in (cfg, *twins):
             if cfg not in configs:

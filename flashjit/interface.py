@@ -340,8 +340,8 @@ def resolve_config(q: torch.Tensor, k: torch.Tensor, config: ConfigBase | None, 
 def chosen_config(dtype: str, d_head: int, d_v: int, causal: bool, seqlen_q: int, mods: ScoreMods,
                   device_index: int, tensors, grid: tuple | None) -> ConfigBase:
     """The dispatcher's forward config on this device (dense and varlen calls alike; seqlen_q: the
-    longest sequence): the tuned table's entry, else the default for the device's arch (one CTA a tile for a
-    varlen batch, `grid` None; else grid is (batch, heads): dispatch.with_tile_walk),
+    longest sequence): the tuned table's entry, else the default for the device's arch with its tile walk
+    fitted to the call's `grid`, (batch, heads), or None for a varlen batch (dispatch.with_tile_walk),
     and its plain twin where this machine's ptxas serialized it (jit.unserialized: builds it here); in the
     sm_80 family where TMA cannot address one of `tensors` (with a DEBUG line)."""
     arch, limit = jit.arch_for(device_index), _smem_limit(device_index)[0]
@@ -350,7 +350,8 @@ def chosen_config(dtype: str, d_head: int, d_v: int, causal: bool, seqlen_q: int
     # tuned entries are for d_v == d_head: another d_v takes the dispatcher's default
     tuned = d_v == d_head and tuning.lookup(device_index, "fwd", dtype, d_head, bool(causal), seqlen_q, features)
     config = tuned or with_tile_walk(default_config(dtype, d_head, bool(causal), seqlen_q, limit, *mods.flags,
-                                                    arch=arch, sink=sink, d_v=d_v), grid)
+                                                    arch=arch, sink=sink, d_v=d_v),
+                                     grid, seqlen_q, functools.partial(sm_count, device_index))
     if config.loads_with_tma and (why := _tma_unaddressable(*tensors)):
         config = default_config(dtype, d_head, bool(causal), seqlen_q, limit, *mods.flags, sink=sink, d_v=d_v)
         log.debug("TMA cannot address %s: running the %s family instead", why, config.family.name)

@@ -338,18 +338,18 @@ struct Tile {
 // (ld_global: a load the compiler may not hoist out of the tile loop, and no check here of the walk's
 // grid: either, a value held across the loop, cost d64's 192-row causal consumers the registers that keep
 // their wgmmas pipelined: ptxas C7511)
-__device__ __forceinline__ int ld_global(const int32_t* at) {
+__device__ __forceinline__ int ld_global(const int32_t* base, int index) {
   int value;
-  asm volatile("ld.global.u32 %0, [%1];" : "=r"(value) : "l"(at));
+  asm volatile("{\n .reg .u64 at;\n mul.wide.s32 at, %1, 4;\n add.u64 at, at, %2;\n ld.global.u32 %0, [at];\n}"
+               : "=r"(value) : "r"(index), "l"(base));
   return value;
 }
 
 template <class C>
 __device__ __forceinline__ int tile_of(const FwdParams& p, int round, int num_tiles) {
   if (C::kPersistent && C::kCausal && p.tile_walk != nullptr) {
-    const int32_t* offsets = p.tile_walk + 1;
-    const int at = ld_global(offsets + blockIdx.x) + round;
-    return at < ld_global(offsets + blockIdx.x + 1) ? ld_global(offsets + gridDim.x + 1 + at) : num_tiles;
+    const int at = ld_global(p.tile_walk, 1 + blockIdx.x) + round;  // offsets from tile_walk[1], tiles after them
+    return at < ld_global(p.tile_walk, 2 + blockIdx.x) ? ld_global(p.tile_walk, 2 + gridDim.x + at) : num_tiles;
   }
   const int base = round * int(gridDim.x);
   return base + (C::kPersistent && (round & 1) ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x));

@@ -7,7 +7,7 @@ one-CTA twins with a window.
 
 The kernels: flashjit.dispatch's choice for every head dim from 8 to 256 in steps of 8 (and d_v 64 at
 d96/d128), causal or not, short and long rows, each score feature alone and window + dropout, plus the
-one-CTA-per-tile twin with_tile_walk takes for varlen batches, forward and backward;
+one-CTA-per-tile twin with_tile_walk takes for varlen batches and long causal rows, forward and backward;
 bf16 (fp16 compiles to the same registers). Each is rendered and compiled to a cubin by nvcc with the
 JIT's flags (about 2 s a kernel a core).
 

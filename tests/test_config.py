@@ -580,7 +580,7 @@ def test_cross_tile_defaults():
         assert not dispatch.default_config("bf16", 64, True, seqlen, arch="sm_90a").cross_tile
         assert not dispatch.default_config("bf16", 64, False, seqlen, arch="sm_90a", softcap=True).cross_tile
     short = dispatch.default_config("fp16", 128, True, 1024, arch="sm_90a")
-    twin = dispatch.with_tile_walk(short, None)  # a varlen batch: one CTA per tile
+    twin = dispatch.with_tile_walk(short, None, 1024, lambda: 132)  # a varlen batch: one CTA per tile
     assert (twin.persistent, twin.cross_tile) == (False, False) and not twin.problems()
     built = dispatch.get_kernels_to_build(arch="sm_90a")
     assert short in built and twin in built

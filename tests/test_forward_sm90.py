@@ -265,9 +265,9 @@ def test_causal_walk_equals_the_static_walk_bit_for_bit(config, batch, sq, sk, h
     monkeypatch.setattr(interface, "_walk", lambda *args: None)
     static = flashjit.forward(q, k, v, config=config, causal=True, return_lse=True, out=poisoned_like(q))
     assert torch.equal(out, static[0]) and torch.equal(lse, static[1])
-    stale = torch.tensor(dispatch.causal_walk(batch * heads, sq, sk, config.block_m, config.block_n, 7),
-                         dtype=torch.int32, device="cuda")  # seven CTAs' lists: the launcher drops them
-    monkeypatch.setattr(interface, "_walk", lambda *args: (stale, 7))
+    stale = torch.tensor(dispatch.causal_walk(batch * heads, sq, sk, config.block_m, config.block_n, 16),
+                         dtype=torch.int32, device="cuda")  # sixteen CTAs' lists: the launcher drops them
+    monkeypatch.setattr(interface, "_walk", lambda *args: (stale, 16))
     run = flashjit.forward(q, k, v, config=config, causal=True, return_lse=True, out=poisoned_like(q))
     assert torch.equal(out, run[0]) and torch.equal(lse, run[1])
 

@@ -428,23 +428,32 @@ def test_causal_walk_bottom_right_rows_small_grids_and_its_limit():
     assert causal_walk(WALK_MAX_ROUNDS * 132 // 32 + 1, 4096, 4096, 128, 128, 132) is None
 
 
-def test_with_tile_walk_runs_one_cta_a_tile_only_for_varlen_batches():
+def test_with_tile_walk_runs_one_cta_a_tile_for_varlen_batches_and_long_causal_rows():
+    """One CTA a tile for a varlen batch, and for causal rows of more than WALK_MAX_BLOCKS query blocks in a grid
+    of at most WALK_MAX_ROUNDS rounds (measured faster than the walk's lists there); every other dense grid
+    keeps the persistent kernel (causal ones walk dispatch.causal_walk's lists)."""
     import dataclasses
 
     from flashjit import FwdSm90Config, KernelConfig
-    from flashjit.dispatch import default_config, get_kernels_to_build, with_tile_walk
+    from flashjit.dispatch import WALK_MAX_BLOCKS, WALK_MAX_ROUNDS, default_config, get_kernels_to_build, with_tile_walk
 
+    sms = lambda: 132  # noqa: E731
     causal = default_config("bf16", 64, True, 8192, arch="sm_90a")
     assert isinstance(causal, FwdSm90Config) and causal.persistent, "d64's default walks persistently"
-    assert with_tile_walk(causal, (2, 32)) is causal
-    plain = default_config("bf16", 64, False, 8192, arch="sm_90a")
-    assert with_tile_walk(plain, (2, 32)) is plain
+    twin = dataclasses.replace(causal, persistent=False)
+    assert with_tile_walk(causal, (2, 32), 8192, sms) is causal  # 43 blocks of 192 rows
+    assert with_tile_walk(causal, (1, 32), 192 * WALK_MAX_BLOCKS + 1, sms) == twin
+    long_rows = WALK_MAX_ROUNDS * 132 // (WALK_MAX_BLOCKS + 1) + 1  # past the rounds: the static walk balances
+    assert with_tile_walk(causal, (long_rows, 1), 192 * (WALK_MAX_BLOCKS + 1), sms) is causal
+    assert with_tile_walk(dataclasses.replace(causal, local=True), (1, 32), 16384, sms).persistent
+    plain = default_config("bf16", 64, False, 16384, arch="sm_90a")
+    assert with_tile_walk(plain, (1, 32), 16384, sms) is plain
     for config in (causal, plain):  # a varlen batch: lengths unknown to the host, mixed
-        assert with_tile_walk(config, None) == dataclasses.replace(config, persistent=False, cross_tile=False)
-        assert with_tile_walk(config, None) in get_kernels_to_build(arch="sm_90a"), \
+        assert with_tile_walk(config, None, 4096, sms) == dataclasses.replace(config, persistent=False, cross_tile=False)
+        assert with_tile_walk(config, None, 4096, sms) in get_kernels_to_build(arch="sm_90a"), \
             "the twin with_tile_walk picks is in the build set"
     sm80 = KernelConfig("bf16", 64, causal=True)
-    assert with_tile_walk(sm80, (2, 32)) is sm80 and with_tile_walk(sm80, None) is sm80
+    assert with_tile_walk(sm80, (1, 32), 16384, sms) is sm80 and with_tile_walk(sm80, None, 16384, sms) is sm80
 
 
 def test_with_head_split_sets_the_field_only_for_short_gqa_grids_on_the_wgmma_kernel():

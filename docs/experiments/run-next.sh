@@ -54,7 +54,7 @@
 #             a persistent CTA; a varlen batch, whose last V block's zeroing every warpgroup joins)
 #   walk-tests  the causal tile walk (dispatch.causal_walk, on main since the thirty-sixth session): the forward
 #             GPU tests over the defaults (every causal dense call walks its lists) and the walk's own test
-#   walk      the walk timed: causal bf16 d64 / d128 / d256 at 1k-16k, main against causal-walk-revert.patch
+#   walk      the walk timed: causal bf16 d64 / d128 at 4k-16k and B=1 8k 32/8, main against causal-walk-revert.patch
 #             (the static walk, one CTA a tile where it would not balance), two processes each, the order
 #             reversed in the second; d64 causal's 192 rows with cross-tile against without, d256 causal
 #             persistent (walking the lists) against its one CTA a tile default (one process each)
@@ -212,7 +212,7 @@ walk-tests)  # (cut off at 520 s, so that a hung kernel still leaves the call it
   ;;
 walk)
   variant nowalk "$EXP/causal-walk-revert.patch" >/dev/null
-  WALK="--dtypes bf16 --head-dims 64,128,256 --causal 1 --seqlens 1024,4096,8192,16384 --gqa 1x8192x32x8 --no-flex"
+  WALK="--dtypes bf16 --head-dims 64,128 --causal 1 --seqlens 4096,8192,16384 --gqa 8192 --no-flex"
   warm bench_forward.py "$WALK" "main nowalk"
   passes bench_forward.py "$WALK" "main nowalk"
   F=fwd_sm90_bf16_d64_m192_n128_st4_ov1_pp1_ps1_causal1
