@@ -54,15 +54,21 @@
 #             a persistent CTA; a varlen batch, whose last V block's zeroing every warpgroup joins)
 #   walk-tests  the causal tile walk (dispatch.causal_walk, on main since the thirty-sixth session): the forward
 #             GPU tests over the defaults (every causal dense call walks its lists) and the walk's own test
-#   walk      the walk timed: causal bf16 d64 / d128 at 4k-16k and B=1 8k 32/8, main against causal-walk-revert.patch
+#   walk      (ran in the thirty-sixth session; main has changed since) the walk timed: causal bf16 d64 / d128 at 4k-16k and B=1 8k 32/8, main against causal-walk-revert.patch
 #             (the static walk, one CTA a tile where it would not balance), two processes each, the order
 #             reversed in the second; d64 causal's 192 rows with cross-tile against without, d256 causal
 #             persistent (walking the lists) against its one CTA a tile default (one process each)
+#   dyn-tests  the dynamic tile order (docs/experiments/dynamic-tiles.patch, branch experiment/dynamic-tiles: a
+#             persistent causal grid draws its tiles from a per-call counter instead of main's host-made lists, or
+#             one CTA a tile past 64 query blocks): the forward GPU tests over its defaults and its own test
+#   dyn       it timed: causal bf16 d64 / d128 at 4k-16k and B=1 8k 32/8, main against the patch (two processes
+#             each, the order reversed in the second); in the patch's tree, d256 causal persistent against its
+#             one CTA a tile default at 4k-16k and the GQA point (one process)
 # The device copy has no usable .git: each variant is a copy of this tree with its patches applied by
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk-tests|walk}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk-tests|walk|dyn-tests|dyn}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -219,6 +225,19 @@ walk)
   G=fwd_sm90_bf16_d256_m128_n80_st2_ov1_pp1_ps
   knob_ab main "64 1 4096,16384 $F _hb _xt_hb
 256 1 4096,16384 ${G}0_causal1_lr - ${G}1_causal1_lr"
+  ;;
+dyn-tests)  # (cut off at 520 s, so that a hung kernel still leaves the call its report)
+  variant dyn "$EXP/dynamic-tiles.patch" >/dev/null
+  with_variant dyn timeout 520 python3 -m pytest -q -n 16 -p no:cacheprovider --maxfail 30 $FWD_TESTS tests/test_config.py \
+    2>&1 | tail -30 | tee "$OUT/dyn-tests.txt"
+  ;;
+dyn)
+  variant dyn "$EXP/dynamic-tiles.patch" >/dev/null
+  DYN="--dtypes bf16 --head-dims 64,128 --causal 1 --seqlens 4096,8192,16384 --gqa 8192 --no-flex"
+  warm bench_forward.py "$DYN" "main dyn"
+  passes bench_forward.py "$DYN" "main dyn"
+  G=fwd_sm90_bf16_d256_m128_n80_st2_ov1_pp1_ps
+  knob_ab dyn "256 1 4096,8192,16384 ${G}0_causal1_lr - ${G}1_causal1_lr"
   ;;
 ks-tests)  # (cut off at 520 s, so that a hung kernel still leaves the call its report)
   variant ks "$EXP/split-keys.patch" >/dev/null
