@@ -413,7 +413,7 @@ def test_causal_walk_bottom_right_rows_small_grids_and_its_limit():
     """Bottom-right causal rows: with Sq > Sk the first rows see no key (a tile of no key blocks still counts
     one block's overhead), with Sq < Sk every tile sees Sk - Sq more keys; fewer tiles than CTAs give a grid
     of one tile a CTA (the launcher's grid: min(tiles, CTAs)); past WALK_MAX_ROUNDS rounds, no list (the
-    kernel's static walk: many rounds of mixed lengths average out)."""
+    kernel's static walk: many rounds of mixed lengths average out), nor for no tile at all."""
     from flashjit.dispatch import WALK_MAX_ROUNDS, causal_walk
 
     # Sq 1000 over Sk 300: blocks (0 = rows 896-999) see 3 / 2 / 1 / 0... key blocks (+1 each): 4 3 2 1 1 1 1 1,
@@ -426,6 +426,7 @@ def test_causal_walk_bottom_right_rows_small_grids_and_its_limit():
         assert walk == (tiles, *range(tiles + 1), *range(tiles))
     assert causal_walk(WALK_MAX_ROUNDS * 132 // 32, 4096, 4096, 128, 128, 132) is not None
     assert causal_walk(WALK_MAX_ROUNDS * 132 // 32 + 1, 4096, 4096, 128, 128, 132) is None
+    assert causal_walk(1, 0, 300, 128, 128, 132) is None  # no query (a varlen batch's empty sequence as a dense call)
 
 
 def test_with_tile_walk_runs_one_cta_a_tile_for_varlen_batches_and_long_causal_rows():
