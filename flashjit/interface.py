@@ -476,11 +476,10 @@ class _Plan:
     FLASHJIT_TUNED (its value is part of that generation)."""
 
     __slots__ = ("kernel", "template", "device_index", "device", "dtype", "out_shape", "lse_shape", "dropout",
-                 "generation", "native", "walk")
+                 "generation", "native")
 
-    def __init__(self, kernel, params, q: torch.Tensor, out: torch.Tensor, want_lse: bool, dropout: bool, walk=None):
+    def __init__(self, kernel, params, q: torch.Tensor, out: torch.Tensor, want_lse: bool, dropout: bool):
         self.kernel, self.template, self.dropout = kernel, bytes(params), dropout
-        self.walk = walk  # the tile walk its params point to (_walks never frees one; held here all the same)
         self.native = None  # this plan in native_node's terms, made at its first use there
         self.device_index, self.device, self.dtype = q.get_device(), q.device, q.dtype
         batch, seqlen_q, heads, _ = q.shape
@@ -653,7 +652,7 @@ def _launch(q, k, v, config, causal, softmax_scale, out=None, want_lse=True, mod
     if walk is not None:
         params.tile_walk, params.tile_walk_grid = walk[0].data_ptr(), walk[1]
     if plan_key is not None and chosen and all(a is b for a, b in zip(given, (q, k, v))) and not mods.alibi and mods.sink is None:
-        _remember(_plans, plan_key, _Plan(kernel, params, q, out, want_lse, mods.dropout, walk))
+        _remember(_plans, plan_key, _Plan(kernel, params, q, out, want_lse, mods.dropout))
 
     def run():
         _run(kernel, params, device_index)

@@ -52,8 +52,6 @@
 #             100-1500-token sequences main against the patch (two processes each)
 #   ks-sanitize  compute-sanitizer's four tools over two of the patch's tests (split and whole tiles mixed in
 #             a persistent CTA; a varlen batch, whose last V block's zeroing every warpgroup joins)
-#   walk-tests  the causal tile walk (dispatch.causal_walk, on main since the thirty-sixth session): the forward
-#             GPU tests over the defaults (every causal dense call walks its lists) and the walk's own test
 #   walk      (ran in the thirty-sixth session; main has changed since) the walk timed: causal bf16 d64 / d128 at 4k-16k and B=1 8k 32/8, main against causal-walk-revert.patch
 #             (the static walk, one CTA a tile where it would not balance), two processes each, the order
 #             reversed in the second; d64 causal's 192 rows with cross-tile against without, d256 causal
@@ -68,7 +66,7 @@
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk-tests|walk|dyn-tests|dyn}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -127,6 +125,14 @@ passes() {
       eval with_variant $v python3 scripts/$1 $2 --out "$OUT/${1%.py}-$v-$pass" 2>&1 | grep --line-buffered -E "${4:-^bf16}" || true
     done
   done | tee -a "$OUT/bench.txt"
+}
+# gpu_tests VARIANT NAME [MORE TESTS...]: the forward GPU tests ($FWD_TESTS, and MORE) in VARIANT's tree (main: this
+# one), cut off at 520 s so that a hung kernel still leaves the call its report; the tail to $OUT/NAME.txt.
+gpu_tests() {
+  local v=$1 name=$2
+  shift 2
+  with_variant "$v" timeout 520 python3 -m pytest -q -n 16 -p no:cacheprovider --maxfail 30 $FWD_TESTS "$@" 2>&1 |
+    tail -30 | tee "$OUT/$name.txt"
 }
 # names_of BASE SUFFIX...: kernel names, BASE with each suffix ("-": none; a whole name, fwd_...: itself).
 names_of() {
@@ -205,16 +211,12 @@ dropout)
   passes bench_backward.py "$DROP" "main philox1 noapply"
   ;;
 tests)  # the GPU tests that run the dispatcher's forward defaults (every head dim, feature and odd shape)
-  python3 -m pytest -q -n 16 -p no:cacheprovider $FWD_TESTS 2>&1 | tail -30 | tee "$OUT/tests.txt"
+  gpu_tests main tests
   ;;
 sk-tests)  # `tests` in the stream-K variant, and its CPU tests (the walk's cover, the params' C layout)
   variant sk "$EXP/stream-k.patch" >/dev/null
   with_variant sk python3 -m pytest -q -n 16 -p no:cacheprovider $FWD_TESTS tests/test_config.py 2>&1 | tail -30 |
     tee "$OUT/sk-tests.txt"
-  ;;
-walk-tests)  # (cut off at 520 s, so that a hung kernel still leaves the call its report)
-  timeout 520 python3 -m pytest -q -n 16 -p no:cacheprovider --maxfail 30 $FWD_TESTS 2>&1 | tail -30 |
-    tee "$OUT/walk-tests.txt"
   ;;
 walk)
   variant nowalk "$EXP/causal-walk-revert.patch" >/dev/null
@@ -226,10 +228,9 @@ walk)
   knob_ab main "64 1 4096,16384 $F _hb _xt_hb
 256 1 4096,16384 ${G}0_causal1_lr - ${G}1_causal1_lr"
   ;;
-dyn-tests)  # (cut off at 520 s, so that a hung kernel still leaves the call its report)
+dyn-tests)
   variant dyn "$EXP/dynamic-tiles.patch" >/dev/null
-  with_variant dyn timeout 520 python3 -m pytest -q -n 16 -p no:cacheprovider --maxfail 30 $FWD_TESTS tests/test_config.py \
-    2>&1 | tail -30 | tee "$OUT/dyn-tests.txt"
+  gpu_tests dyn dyn-tests tests/test_config.py
   ;;
 dyn)
   variant dyn "$EXP/dynamic-tiles.patch" >/dev/null
@@ -239,10 +240,9 @@ dyn)
   G=fwd_sm90_bf16_d256_m128_n80_st2_ov1_pp1_ps
   knob_ab dyn "256 1 4096,8192,16384 ${G}0_causal1_lr - ${G}1_causal1_lr"
   ;;
-ks-tests)  # (cut off at 520 s, so that a hung kernel still leaves the call its report)
+ks-tests)
   variant ks "$EXP/split-keys.patch" >/dev/null
-  with_variant ks timeout 520 python3 -m pytest -q -n 16 -p no:cacheprovider --maxfail 30 $FWD_TESTS tests/test_config.py \
-    2>&1 | tail -30 | tee "$OUT/ks-tests.txt"
+  gpu_tests ks ks-tests tests/test_config.py
   ;;
 ks)  # (1k / 4k / 16k: d64's last 192-row tile has 64 queries, causal: the one that sees every key; d128 at
   # 1050 / 4000: 26 / 32 of 128)
