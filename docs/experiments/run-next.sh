@@ -56,10 +56,12 @@
 #             (the static walk, one CTA a tile where it would not balance), two processes each, the order
 #             reversed in the second; d64 causal's 192 rows with cross-tile against without, d256 causal
 #             persistent (walking the lists) against its one CTA a tile default (one process each)
-#   dyn-tests  the dynamic tile order (docs/experiments/dynamic-tiles.patch, branch experiment/dynamic-tiles: a
+#   dyn-tests  (ran in the thirty-seventh session: passed) the dynamic tile order (docs/experiments/dynamic-tiles.patch, branch experiment/dynamic-tiles: a
 #             persistent causal grid draws its tiles from a per-call counter instead of main's host-made lists, or
 #             one CTA a tile past 64 query blocks): the forward GPU tests over its defaults and its own test
-#   dyn       it timed: causal bf16 d64 / d128 at 4k-16k and B=1 8k 32/8, main against the patch (two processes
+#   dyn       (ran in the thirty-seventh session: 4k-8k level or -1%, d128 16k +2.4%, d256 16k persistent +7%
+#             against a one-CTA figure that the next run did not repeat; then docs/experiments/draw-tiles.patch,
+#             branch experiment/draw-tiles, drew only the long rows: level there too, not landed) it timed: causal bf16 d64 / d128 at 4k-16k and B=1 8k 32/8, main against the patch (two processes
 #             each, the order reversed in the second); in the patch's tree, d256 causal persistent against its
 #             one CTA a tile default at 4k-16k and the GQA point (one process)
 # The device copy has no usable .git: each variant is a copy of this tree with its patches applied by
