@@ -29,7 +29,7 @@
 #             .fa3bench/fa3_bench --table (carry [".whl", ".fa3bench"]; the binary is built on the CPU machine by
 #             docs/experiments/fa3_bench/build.sh, see its README.md; rebuilt here from .fa3bench/fa3src.tgz if
 #             this image cannot start it)
-#   ncu128    Nsight Compute on flashjit's d128 non-causal 4k default and on FlashAttention-3's kernel at the same
+#   ncu128 [CAUSAL [SEQLEN]]  Nsight Compute on flashjit's d128 default (non-causal 4k unless given) and on FlashAttention-3's kernel at the same
 #             point (scripts/profile_ncu.py --external; needs the fa3_bench binary too): tensor pipe, stalls
 #   fa3check  that binary's correctness check alone (every point of the grid against an fp32 reference, no timing)
 #   quant     (ran in the thirty-fifth session, H100: +3-4% forward from 32 to 33 heads) the last round's idle SMs: non-causal points at 32 heads (4096 tiles of 128 rows on 132 SMs: 31.03
@@ -332,11 +332,15 @@ fa3)  # needs .fa3bench/fa3_bench, built on the CPU machine by docs/experiments/
   FA3=$(fa3_bench)
   "$FA3" --table 2>&1 | tee "$OUT/fa3.txt"
   ;;
-ncu128)  # where each kernel's warps wait, flashjit's and FA3's, same point (B=4 S=4k H=16 d128 bf16)
-  python3 scripts/profile_ncu.py --d 128 --seqlen 4096 --out "$OUT/ncu-flashjit" >"$OUT/ncu-flashjit.log" 2>&1 || true
+ncu128)  # ncu128 [CAUSAL [SEQLEN]]: where each kernel's warps wait, flashjit's and FA3's, same point (d128 bf16,
+  # 16k tokens, 16 heads; non-causal 4k unless given, e.g. `ncu128 1 16384`: causal 16k, FA3 8% ahead there)
+  CAUSAL=${2:-0} SEQ=${3:-4096}
+  python3 scripts/profile_ncu.py --d 128 --seqlen "$SEQ" $([ "$CAUSAL" = 1 ] && echo --causal) \
+    --out "$OUT/ncu-flashjit" >"$OUT/ncu-flashjit.log" 2>&1 || true
   FA3=$(fa3_bench)
-  python3 scripts/profile_ncu.py --kernel FlashAttnFwdSm90 --out "$OUT/ncu-fa3" \
-    --external "$FA3 --dtype bf16 --d 128 --causal 0 --batch 4 --seqlen 4096 --heads 16 --iters 5" >"$OUT/ncu-fa3.log" 2>&1 || true
+  python3 scripts/profile_ncu.py --kernel FlashAttnFwdSm90 --out "$OUT/ncu-fa3" --external \
+    "$FA3 --dtype bf16 --d 128 --causal $CAUSAL --batch $((16384 / SEQ)) --seqlen $SEQ --heads 16 --iters 5" \
+    >"$OUT/ncu-fa3.log" 2>&1 || true
   for who in flashjit fa3; do echo "== $who"; cat "$OUT/ncu-$who/summary.txt" || tail -20 "$OUT/ncu-$who.log"; done
   ;;
 quant)  # heads (hidden = heads * d) d seqlens: the tiles' rounds on 132 SMs, full or with a partial last round
