@@ -128,6 +128,14 @@ passes() {
     done
   done | tee -a "$OUT/bench.txt"
 }
+# causal_ab VARIANT PATCH: the tile-order A/B, main against VARIANT (this tree with PATCH): causal bf16 d64 / d128
+# at 4k-16k and B=1 8k 32/8, two processes each (passes).
+causal_ab() {
+  variant "$1" "$2" >/dev/null
+  local args="--dtypes bf16 --head-dims 64,128 --causal 1 --seqlens 4096,8192,16384 --gqa 8192 --no-flex"
+  warm bench_forward.py "$args" "main $1"
+  passes bench_forward.py "$args" "main $1"
+}
 # gpu_tests VARIANT NAME [MORE TESTS...]: the forward GPU tests ($FWD_TESTS, and MORE) in VARIANT's tree (main: this
 # one), cut off at 520 s so that a hung kernel still leaves the call its report; the tail to $OUT/NAME.txt.
 gpu_tests() {
@@ -221,10 +229,7 @@ sk-tests)  # `tests` in the stream-K variant, and its CPU tests (the walk's cove
     tee "$OUT/sk-tests.txt"
   ;;
 walk)
-  variant nowalk "$EXP/causal-walk-revert.patch" >/dev/null
-  WALK="--dtypes bf16 --head-dims 64,128 --causal 1 --seqlens 4096,8192,16384 --gqa 8192 --no-flex"
-  warm bench_forward.py "$WALK" "main nowalk"
-  passes bench_forward.py "$WALK" "main nowalk"
+  causal_ab nowalk "$EXP/causal-walk-revert.patch"
   F=fwd_sm90_bf16_d64_m192_n128_st4_ov1_pp1_ps1_causal1
   G=fwd_sm90_bf16_d256_m128_n80_st2_ov1_pp1_ps
   knob_ab main "64 1 4096,16384 $F _hb _xt_hb
@@ -235,10 +240,7 @@ dyn-tests)
   gpu_tests dyn dyn-tests tests/test_config.py
   ;;
 dyn)
-  variant dyn "$EXP/dynamic-tiles.patch" >/dev/null
-  DYN="--dtypes bf16 --head-dims 64,128 --causal 1 --seqlens 4096,8192,16384 --gqa 8192 --no-flex"
-  warm bench_forward.py "$DYN" "main dyn"
-  passes bench_forward.py "$DYN" "main dyn"
+  causal_ab dyn "$EXP/dynamic-tiles.patch"
   G=fwd_sm90_bf16_d256_m128_n80_st2_ov1_pp1_ps
   knob_ab dyn "256 1 4096,8192,16384 ${G}0_causal1_lr - ${G}1_causal1_lr"
   ;;
