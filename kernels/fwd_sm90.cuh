@@ -51,6 +51,9 @@
 // kMmaSums has the tensor cores sum P's rows: each PV k-step's P fragment times a block of ones in
 // shared memory (wgmma N = 8) into an extra n-tile of O, which the rescale covers with O, instead of
 // an add an element (the sums are then of the rounded P that PV multiplies).
+// With one CTA a tile and without kLazyRescale, O's rescale is applied a step late, between the next
+// QK^T and its PV (FlashAttention-3's order), so that its multiplies run under that QK^T rather than
+// between the PV's wait and the exponentials (kLateRescale in the consumer).
 // With kTwoCtas two CTAs share an SM (half the registers and shared memory each; d64, 64-key blocks,
 // no overlap): the other CTA's warpgroups run under a warpgroup's softmax instead of its own next QK^T.
 #pragma once
@@ -531,6 +534,17 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
   float m[1][2], l[1][2];
   float s[1][C::kBlockN / 8][4];
   uint32_t pf[1][C::kBlockN / 16][4];
+  // The rescale of O by a step's alpha, applied in the next step between its QK^T and its PV, or by
+  // finish() before the tile's last PV: from the PV's wait to the next issue ptxas keeps every
+  // exponential (it will not place them under the PV; docs/perf-log.md, 2026-12-03), and the multiplies
+  // moved out of that stretch, which the other warpgroup's products must cover. H100, bf16, 16k tokens
+  // (thirty-eighth session): d64 causal 16k at one CTA a tile +1-4% in three runs, d128 causal 16k
+  // level, the persistent d64 causal kernels (2k-8k) level. So only at one CTA a tile (long causal rows,
+  // varlen batches) and without lazy rescaling (it rarely rescales; the non-causal defaults lost 0-2.5%
+  // with it): in persistent kernels the carried alpha pushed ptxas into serialized wgmmas (C7511 /
+  // C7512) at d128 causal _hb and _xt_hb, d88 _xt_hb and the dropout cross-tile kernels of d72-d120.
+  constexpr bool kLateRescale = C::kOverlap && !C::kLazyRescale && !C::kPersistent;
+  float alpha_p[1][2] = {{1.f, 1.f}};
   // Ping-pong: warpgroup g issues its matrix products only while it holds the token (barrier
   // kPingPong + g, completed by warpgroup g - 1's arrival, around the ring of kConsumers) and hands it
   // to g + 1 right after issuing, so its softmax runs under the others' products. The last warpgroup
@@ -560,6 +574,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
     // (the only block that can end past the sequence's keys is the last; all warpgroups reach this
     // before taking the token, so the barrier in it cannot wait on a hand-over)
     zero_v_past_keys<C>(p, sm.v_stage(prev.stage), Tp.mod, Tp.j_end - 1, g * 128 + t);
+    if (kLateRescale) rescale<C>(o, alpha_p, true);
     take_token();
     issue_pending_pv<C>(o[0], pf, v_desc(prev.stage), ones_desc, pv_half);
     pass_token();
@@ -637,6 +652,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
         if constexpr (kChained) epilogue<C>(args, sm, Tile<C>(p, pending, num_m), q_pending, o, m, l, scale, g, t);
         zero(o);
         m[0][0] = m1[0][0], m[0][1] = m1[0][1], l[0][0] = l1[0][0], l[0][1] = l1[0][1];
+        alpha_p[0][0] = alpha_p[0][1] = 1.f;  // (O is zero: any finite alpha would do)
       };
       const bool masked = block_masked<C>(T.mod, T.q_row0, T.j_begin);
       if (C::kCrossTile && pending >= 0) {
@@ -677,20 +693,20 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
         const uint64_t kd = C::kHalfBlocks ? uniform_k : k_desc(__shfl_sync(0xffffffffu, st.stage, 0));
         const uint64_t vd = C::kHalfBlocks ? uniform_v : v_desc(__shfl_sync(0xffffffffu, prev.stage, 0));
         issue_qk<C, kN>(s, q_desc(qs.stage), kd);
+        if (kLateRescale) rescale<C>(o, alpha_p, true);  // the previous step's alpha, before its PV
         issue_pv<C>(o[0], pf, vd, ones_desc);
         pass_token();
         wgmma_wait<1>();  // S_j is ready; PV_{j-1} may still run
         wgmma_settle(s[0]);
         sm.k_ring->release(st);
         mask_scores<C, decltype(masked)::value, kN>(s, T.mod, row0, j, lane);
-        float alpha[1][2];
         const bool moved = fwd::softmax_rows<typename C::template WarpOf<kN>, C::kLazyRescale, !C::kMmaSums>(
-            leading<kN / 8>(s), m, l, alpha, scale, scale_log2);
+            leading<kN / 8>(s), m, l, alpha_p, scale, scale_log2);
         wgmma_wait<0>();
         wgmma_settle(o[0]);
         sm.v_ring->release(prev);
         q_done(j);
-        rescale<C>(o, alpha, moved);
+        if (!kLateRescale) rescale<C>(o, alpha_p, moved);
         scores_to_p<C, kN>(s, pf, p, T.bh, row0, j, lane);
         pv_half = decltype(half)::value;
         prev = st;
