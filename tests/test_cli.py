@@ -207,6 +207,31 @@ def test_profile_summary_ranks_stall_reasons_and_instructions():
     assert top[0].startswith(" 75.0%") and "BAR.SYNC" in top[0] and top[1].startswith(" 25.0%") and "HGMMA" in top[1]
 
 
+def test_ncu_compare_counts_a_blocks_instructions_and_finds_a_spinning_wait(tmp_path):
+    """scripts/ncu_compare.py on two source.csv shapes (a kernel-name row, then the table): instructions per
+    key block by opcode (16 HGMMA a block), a try_wait executed far more often than the loop body listed as a
+    spin in the kernel that has it and in no other, stall samples ranked with offsets from the kernel's start."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import ncu_compare
+
+    head = ('"Kernel Name","k"\n"Address","Source","Warp Stall Sampling (All Samples)","Instructions Executed"\n'
+            '"0x7f00","HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], RZ","100","1,600"\n'
+            '"0x7f10","MUFU.EX2 R1, R1","50","6,400"\n')
+    spinning = tmp_path / "a.csv"
+    spinning.write_text(head + '"0x7f20","SYNCS.PHASECHK.TRANS64.TRYWAIT P0, [UR17+0x10], R0","10","40,000"\n'
+                               '"0x7f30","@!P0  BRA 0x7f20","300","40,000"\n')
+    quiet = tmp_path / "b.csv"
+    quiet.write_text(head)
+    a, b = ncu_compare.load(str(spinning)), ncu_compare.load(str(quiet))
+    assert [i.offset for i in a] == [0, 0x10, 0x20, 0x30] and a[3].executed == 40000
+    assert ncu_compare.mix(a, 16) == {"HGMMA": 16.0, "MUFU": 64.0, "SYNCS": 400.0, "BRA": 400.0}
+    assert [i.offset for i in ncu_compare.spins(a, 4.0)] == [0x20, 0x30] and ncu_compare.spins(b, 4.0) == []
+    text = ncu_compare.report([str(spinning), str(quiet)], ["fj", "fa3"], 16, 4.0, 1)
+    assert "fj 0.1 M (880 a key block and warp), fa3 0.0 M (80 a key block and warp)" in text
+    assert "fa3: instructions run more than 4x the loop body's count: none" in text
+    assert text.splitlines()[-4].strip().startswith("0x30  65.2%") and "HGMMA" in text.splitlines()[-1]
+
+
 def test_sass_steps_reads_a_steps_instructions_and_its_skipped_rescale():
     """scripts/sass_steps.py (docs/perf-log.md's step counts) on cuobjdump-shaped text, no compiler: a step
     runs from a token sync through QK^T and PV wgmmas to the first unconditional or backward branch after

@@ -9,14 +9,14 @@
 #             lengths (--rounds 3 --configs): the data for making them defaults
 #   knobs2    (ran in the thirty-first session) lazy_rescale where no run had timed it: d192, d256's short causal rows, d96; two CTAs an
 #             SM at d64's short non-causal rows and causal 2k / 8k
-#   dropout   the attribution of dropout's backward cost (d64, 1k / 4k, p = 0.1): main, Philox with one
+#   dropout   (ran in the thirty-eighth session: Philox's rounds 9-14%, the mask's application 4-11%) the attribution of dropout's backward cost (d64, 1k / 4k, p = 0.1): main, Philox with one
 #             round, the mask made but not applied (both timing only: their gradients are wrong)
 #   table [DTYPE]    issue 15's whole backward table (bench_backward, the defaults; bf16 unless fp16)
 #   gqa       issue 15's other GQA points (B=2 2k 32/4, B=1 4k 16/4), bf16 and fp16
 #   fwdtable DTYPE [HEAD_DIMS]   issue 14's forward table (bench_forward, the defaults, with FlexAttention;
 #             head dims 64,128,256 unless given: one call may not hold all three, see the step)
 #   tests     the GPU tests over the forward defaults (after a change to the dispatcher's choices)
-#   outlier   issue 15's short GQA backwards (d64 and d256, B=1 4k 16/4 and B=2 2k 32/4): the kernels' GPU
+#   outlier   (ran in the thirty-eighth session: host-bound calls, not the kernels) issue 15's short GQA backwards (d64 and d256, B=1 4k 16/4 and B=2 2k 32/4): the kernels' GPU
 #             time, the host's time a call (--host), do_bench's figure and flashjit.backward alone split /
 #             group (d256 non-causal fp16 ran 0.93x cuDNN through the group kernel, split alone 0.97x), with
 #             the C++ autograd node and without
@@ -29,8 +29,9 @@
 #             .fa3bench/fa3_bench --table (carry [".whl", ".fa3bench"]; the binary is built on the CPU machine by
 #             docs/experiments/fa3_bench/build.sh, see its README.md; rebuilt here from .fa3bench/fa3src.tgz if
 #             this image cannot start it)
-#   ncu128 [CAUSAL [SEQLEN]]  Nsight Compute on flashjit's d128 default (non-causal 4k unless given) and on FlashAttention-3's kernel at the same
-#             point (scripts/profile_ncu.py --external; needs the fa3_bench binary too): tensor pipe, stalls
+#   ncu128 [CAUSAL [SEQLEN]]  (ran in the thirty-eighth session at 1 16384: tensor pipe 72% against FA3's 87%) Nsight Compute on flashjit's d128 default (non-causal 4k unless given) and on FlashAttention-3's kernel at the same
+#             point (scripts/profile_ncu.py --external; needs the fa3_bench binary too): tensor pipe, stalls; both
+#             folders come back in ncu.tgz (scripts/ncu_compare.py reads their source.csv side by side)
 #   fa3check  that binary's correctness check alone (every point of the grid against an fp32 reference, no timing)
 #   quant     (ran in the thirty-fifth session, H100: +3-4% forward from 32 to 33 heads) the last round's idle SMs: non-causal points at 32 heads (4096 tiles of 128 rows on 132 SMs: 31.03
 #             rounds' work in 32) against 33 heads (32 rounds' work in 32; d128 also 34: 32.97), same tokens;
@@ -344,6 +345,10 @@ ncu128)  # ncu128 [CAUSAL [SEQLEN]]: where each kernel's warps wait, flashjit's 
     "$FA3 --dtype bf16 --d 128 --causal $CAUSAL --batch $((16384 / SEQ)) --seqlen $SEQ --heads 16 --iters 5" \
     >"$OUT/ncu-fa3.log" 2>&1 || true
   for who in flashjit fa3; do echo "== $who"; cat "$OUT/ncu-$who/summary.txt" || tail -20 "$OUT/ncu-$who.log"; done
+  # One archive of both folders, less the reports (the device call returns only a few files: the thirty-seventh
+  # session's run lost flashjit's source.csv, the per-instruction table scripts/ncu_compare.py reads).
+  rm -f "$OUT"/ncu-*/report.ncu-rep
+  tar -czf "$OUT/ncu.tgz" -C "$OUT" ncu-flashjit ncu-fa3 && rm -rf "$OUT"/ncu-flashjit "$OUT"/ncu-fa3
   ;;
 quant)  # heads (hidden = heads * d) d seqlens: the tiles' rounds on 132 SMs, full or with a partial last round
   python3 -m flashjit precompile --arch sm_90a --jobs 16 --filter "fwd_sm90_bf16_*causal0*" 2>&1 | tail -1
