@@ -543,6 +543,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
   // varlen batches) and without lazy rescaling (it rarely rescales; the non-causal defaults lost 0-2.5%
   // with it): in persistent kernels the carried alpha pushed ptxas into serialized wgmmas (C7511 /
   // C7512) at d128 causal _hb and _xt_hb, d88 _xt_hb and the dropout cross-tile kernels of d72-d120.
+  // A tile's first step rescales a zero O: alpha is always finite (2^(old max - new max), 0 from -inf), so
+  // whatever alpha_p holds then is harmless.
   constexpr bool kLateRescale = C::kOverlap && !C::kLazyRescale && !C::kPersistent;
   float alpha_p[1][2] = {{1.f, 1.f}};
   // Ping-pong: warpgroup g issues its matrix products only while it holds the token (barrier
@@ -652,7 +654,6 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
         if constexpr (kChained) epilogue<C>(args, sm, Tile<C>(p, pending, num_m), q_pending, o, m, l, scale, g, t);
         zero(o);
         m[0][0] = m1[0][0], m[0][1] = m1[0][1], l[0][0] = l1[0][0], l[0][1] = l1[0][1];
-        alpha_p[0][0] = alpha_p[0][1] = 1.f;  // (O is zero: any finite alpha would do)
       };
       const bool masked = block_masked<C>(T.mod, T.q_row0, T.j_begin);
       if (C::kCrossTile && pending >= 0) {

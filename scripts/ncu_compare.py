@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import argparse
 import collections
-import csv
 from dataclasses import dataclass
+
+from profile_ncu import number, source_table  # same folder
 
 
 @dataclass
@@ -28,22 +29,20 @@ class Instruction:
 
 
 def load(path: str) -> list[Instruction]:
-    """source.csv's rows (the header is the row naming "Address" and "Source"; ncu writes a kernel-name
-    row above it)."""
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    at = next(i for i, row in enumerate(rows) if "Address" in row and "Source" in row)
-    names = {name: i for i, name in enumerate(rows[at])}
-    body = [row for row in rows[at + 1:] if len(row) == len(rows[at])]
+    """source.csv's instructions (profile_ncu.source_table's rows)."""
+    with open(path) as f:
+        table = source_table(f.read())
+    if table is None:
+        raise SystemExit(f"{path}: no per-instruction table (no row names a Source column)")
+    header, rows = table
+    names = {name: i for i, name in enumerate(header)}
+    body = [row for row in rows if len(row) == len(header)]
 
-    def number(row, column):
-        try:
-            return int(float(row[names[column]].replace(",", "")))
-        except (KeyError, ValueError):
-            return 0
+    def count(row, column):
+        return int(number(row[names[column]])) if column in names else 0
     base = int(body[0][names["Address"]], 16)
     return [Instruction(int(row[names["Address"]], 16) - base, row[names["Source"]].strip(),
-                        number(row, "Instructions Executed"), number(row, "Warp Stall Sampling (All Samples)"))
+                        count(row, "Instructions Executed"), count(row, "Warp Stall Sampling (All Samples)"))
             for row in body]
 
 

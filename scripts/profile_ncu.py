@@ -154,6 +154,22 @@ def tensor_pipe(raw_csv: str) -> list[str]:
     return found or (["(no tensor-pipe metric on the raw page)"] if metrics else [])
 
 
+def number(cell: str) -> float:
+    """A table cell as a number (ncu writes thousands separators); 0 for text."""
+    try:
+        return float(cell.replace(",", ""))
+    except ValueError:
+        return 0.0
+
+
+def source_table(source_csv: str) -> tuple[list[str], list[list[str]]] | None:
+    """(column names, rows) of the source page (its header is the row naming the "Source" column; ncu may
+    write a kernel-name row above it), or None without one."""
+    rows = list(csv.reader(source_csv.splitlines()))
+    header = next((i for i, row in enumerate(rows) if any("Source" in cell for cell in row)), None)
+    return None if header is None else (rows[header], rows[header + 1:])
+
+
 def summarize(details: str, source_csv: str, top: int, raw_csv: str = "") -> str:
     """The warp-state and speed-of-light lines of the details page, the sampled stall reasons, then the
     `top` SASS instructions by stall samples (whichever sampling columns this ncu version writes)."""
@@ -165,21 +181,14 @@ def summarize(details: str, source_csv: str, top: int, raw_csv: str = "") -> str
     reasons = stall_reasons(raw_csv)
     if reasons:
         lines += ["", "stall reasons (share of the warps' stall samples):", *reasons]
-    rows = list(csv.reader(source_csv.splitlines()))
-    header = next((i for i, row in enumerate(rows) if any("Source" in cell for cell in row)), None)
-    if header is None:
+    table = source_table(source_csv)
+    if table is None:
         return "\n".join(lines + ["(no per-instruction table: see source.csv)"])
-    names, body = rows[header], rows[header + 1:]
+    names, body = table
     samples = next((i for i, n in enumerate(names) if "Warp Stall Sampling (All" in n), None)
     text = next(i for i, n in enumerate(names) if "Source" in n)
     if samples is None:
         return "\n".join(lines + [f"(no stall-sampling column among {names}: see source.csv)"])
-
-    def number(cell):
-        try:
-            return float(cell.replace(",", ""))
-        except ValueError:
-            return 0.0
     total = sum(number(row[samples]) for row in body if len(row) > samples) or 1.0
     ranked = sorted((row for row in body if len(row) > samples), key=lambda row: -number(row[samples]))
     lines += ["", f"top {top} SASS instructions by stall samples ({int(total)} samples in all):"]
