@@ -65,11 +65,16 @@
 #             branch experiment/draw-tiles, drew only the long rows: level there too, not landed) it timed: causal bf16 d64 / d128 at 4k-16k and B=1 8k 32/8, main against the patch (two processes
 #             each, the order reversed in the second); in the patch's tree, d256 causal persistent against its
 #             one CTA a tile default at 4k-16k and the GQA point (one process)
+#   steady    where d128's steady key loop leaves the tensor pipe idle (25% of it at 16k against FA3's 13-15%):
+#             timing-only variants of the steady step, each without a part of the softmax (steady-*-timing-only.patch:
+#             nosm none of it, noexp no exponentials, nomax no row max, nosum no row sums), against main, d128
+#             causal or not at 4k / 16k (two processes each). If nosm runs near the tensor pipe's ceiling the
+#             softmax's overlap is the limit; if it gains little, the pipeline around it is
 # The device copy has no usable .git: each variant is a copy of this tree with its patches applied by
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -239,6 +244,12 @@ walk)
 dyn-tests)
   variant dyn "$EXP/dynamic-tiles.patch" >/dev/null
   gpu_tests dyn dyn-tests tests/test_config.py
+  ;;
+steady)
+  for v in nosm noexp nomax nosum; do variant $v "$EXP/steady-$v-timing-only.patch" >/dev/null; done
+  ARGS="--dtypes bf16 --head-dims 128 --causal 0,1 --seqlens 4096,16384 --gqa '' --no-flex"
+  warm bench_forward.py "$ARGS" "main nosm noexp nomax nosum"
+  passes bench_forward.py "$ARGS" "main nosm noexp nomax nosum"
   ;;
 dyn)
   causal_ab dyn "$EXP/dynamic-tiles.patch"
