@@ -154,6 +154,23 @@ def test_softmax_cuts_with_score_features(feature):
             _check(q, k, v, config, causal=True, **kw)
 
 
+@pytest.mark.parametrize("config", [FwdSm90Config("bf16", 128, local=True, lazy_rescale=True),
+                                    FwdSm90Config("bf16", 128, local=True, lazy_rescale=True, persistent=True,
+                                                  cross_tile=True),
+                                    FwdSm90Config("fp16", 96, local=True, lazy_rescale=True)], ids=lambda c: c.name)
+def test_lazy_rows_that_start_seeing_keys(config):
+    """lazy_rescale's step computes a thread's P before its quad agrees on the row's max (d96-d128): rows
+    that saw no key in a tile's first block and see two in the next (a window of this query's key and the
+    one before), which only some threads of the quad hold, with every score ~-260 in exp2 units, so that
+    the threads without a visible key go from the reference 0 of a row without keys to the new max 2^-260
+    lower (their P is 0, and must stay 0: never 0 * inf). Equal scores: each row averages its visible V."""
+    dtype, d = DTYPES[config.dtype], config.d_head
+    q = torch.full((1, 700, 4, d), 4.0, device="cuda", dtype=dtype)
+    k = torch.full((1, 700, 2, d), -4.0, device="cuda", dtype=dtype)
+    v = torch.randn(1, 700, 2, d, device="cuda", dtype=dtype)
+    _check(q, k, v, config, window_size=(1, 0))
+
+
 # FlashAttention-3's tiles: block_n 176 at d128 and 80 at d256, key blocks that are a multiple of 16
 # but not of 64 (QK^T's wgmma N = 176 / 80, PV over 11 / 5 k-steps of 16, 22 / 10 S n-tiles in the
 # softmax and masks). Test ids are the config names: -k "n176 or n80" selects every test of them.
