@@ -561,11 +561,12 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
   // whatever alpha_p holds then is harmless.
   constexpr bool kLateRescale = C::kOverlap && !C::kLazyRescale && !C::kPersistent;
   // The step's exponentials against the kept maxima (the step, below) where the softmax is what the
-  // tensor cores wait for: two consumer warpgroups of 96- or 128-wide heads. H100, bf16 16k tokens, non-causal
-  // (2026-12-05): d128 4k +2.5%, 16k +0.9%; d64's 192-row tile -1 to -3% and d256 -1 to -2%, where a softmax
-  // already runs under two warpgroups' products or under longer ones.
+  // tensor cores wait for: two consumer warpgroups, heads from 72 to 192 wide. H100, bf16 16k tokens,
+  // non-causal (2026-12-05): d96 4k / 16k +3.6 / +1.8%, d128 +2.5 / +0.9%, d192 level / +2.5%; d64's 192-row
+  // tile -1 to -3% and d256 -1 to -2%, where a softmax already runs under two warpgroups' products or
+  // under longer ones.
   constexpr bool kKeptExps = C::kOverlap && C::kLazyRescale && !C::kDropout && !C::kMmaSums && C::kConsumers == 2 &&
-                             C::kDHead > 64 && C::kDHead <= 128;
+                             C::kDHead > 64 && C::kDHead <= 192;
   float alpha_p[1][2] = {{1.f, 1.f}};
   // Ping-pong: warpgroup g issues its matrix products only while it holds the token (barrier
   // kPingPong + g, completed by warpgroup g - 1's arrival, around the ring of kConsumers) and hands it

@@ -157,9 +157,11 @@ def test_softmax_cuts_with_score_features(feature):
 @pytest.mark.parametrize("config", [FwdSm90Config("bf16", 128, local=True, lazy_rescale=True),
                                     FwdSm90Config("bf16", 128, local=True, lazy_rescale=True, persistent=True,
                                                   cross_tile=True),
-                                    FwdSm90Config("fp16", 96, local=True, lazy_rescale=True)], ids=lambda c: c.name)
+                                    FwdSm90Config("fp16", 96, local=True, lazy_rescale=True),
+                                    FwdSm90Config("bf16", 192, block_n=96, local=True, lazy_rescale=True)],
+                         ids=lambda c: c.name)
 def test_lazy_rows_that_start_seeing_keys(config):
-    """lazy_rescale's step computes a thread's P before its quad agrees on the row's max (d96-d128): rows
+    """lazy_rescale's step computes a thread's P before its quad agrees on the row's max (d72-d192): rows
     that saw no key in a tile's first block and see two in the next (a window of this query's key and the
     one before), which only some threads of the quad hold, with every score ~-260 in exp2 units, so that
     the threads without a visible key go from the reference 0 of a row without keys to the new max 2^-260
