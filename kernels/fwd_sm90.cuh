@@ -268,19 +268,76 @@ __device__ __forceinline__ void zero_v_past_keys(const FwdParams& p, elem_t* v_s
   named_sync(int(Barrier::kVTail), C::kConsumers * 128);
 }
 
-// Each of this thread's two rows' max over its kNt n-tiles of a block, as a tree (depth log2 kNt, not kNt:
-// the step's exponentials wait on it, see the step's kKeptExps).
-template <int kNt>
-__device__ __forceinline__ float thread_row_max(const float (&s)[1][kNt][4], int half) {
-  float v[kNt];
+// The online softmax of a lazy-rescaling step with P computed before the block's max is known, in two
+// parts around the PV's wait (fwd::softmax_rows and rescale's roles). Lazy rescaling keeps a row's max m
+// unless the block's is 2^8 above it, so the exponentials need not wait for the max's shuffles: exps()
+// takes m as each row's reference, or this thread's own part of the block's max where that is 2^8 above
+// m (P <= 2^8 either way, never inf), and computes P before the quad has agreed, under the PV (ptxas
+// then keeps 37 of d128's 64 exponentials above the PV's wait, none before). settle(), after the wait:
+// where some row of the warp moves its max (rare), P, its sums and O are brought to the row's new max;
+// elsewhere the result is fwd::softmax_rows' bit for bit.
+struct KeptSoftmax {
+  float ref[2], sum[2], mx[2];  // a row's P reference (exp2 units), P's sum, the quad's max
+
+  // This thread's part of a row's max, as a tree (depth log2 kNt, not kNt: the exponentials wait on it).
+  template <int kNt>
+  __device__ __forceinline__ static float thread_max(const float (&s)[1][kNt][4], int half) {
+    float v[kNt];
 #pragma unroll
-  for (int nt = 0; nt < kNt; ++nt) v[nt] = fmaxf(s[0][nt][2 * half], s[0][nt][2 * half + 1]);
+    for (int nt = 0; nt < kNt; ++nt) v[nt] = fmaxf(s[0][nt][2 * half], s[0][nt][2 * half + 1]);
 #pragma unroll
-  for (int w = 1; w < kNt; w *= 2)
+    for (int w = 1; w < kNt; w *= 2)
 #pragma unroll
-    for (int i = 0; i + w < kNt; i += 2 * w) v[i] = fmaxf(v[i], v[i + w]);
-  return v[0];
-}
+      for (int i = 0; i + w < kNt; i += 2 * w) v[i] = fmaxf(v[i], v[i + w]);
+    return v[0];
+  }
+  template <int kNt>
+  __device__ __forceinline__ void exps(float (&s)[1][kNt][4], const float (&m)[1][2], float scale_log2) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const float t = thread_max(s, half);
+      ref[half] = (t - m[0][half]) * scale_log2 > fwd::kLazyRescaleLog2 ? t * scale_log2
+                  : m[0][half] == -INFINITY                              ? 0.f
+                                                                         : m[0][half] * scale_log2;
+      sum[half] = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < kNt; ++nt)
+#pragma unroll
+        for (int e = 2 * half; e < 2 * half + 2; ++e) {
+          s[0][nt][e] = fast_exp2(fmaf(s[0][nt][e], scale_log2, -ref[half]));
+          sum[half] += s[0][nt][e];
+        }
+      mx[half] = fmaxf(m[0][half], t);
+      mx[half] = fmaxf(mx[half], __shfl_xor_sync(0xffffffffu, mx[half], 1));
+      mx[half] = fmaxf(mx[half], __shfl_xor_sync(0xffffffffu, mx[half], 2));
+    }
+  }
+  template <class C, int kNt>
+  __device__ __forceinline__ void settle(float (&s)[1][kNt][4], float (&m)[1][2], float (&l)[1][2],
+                                        float (&o)[1][C::kNtO][4], float scale_log2) {
+    float alpha[1][2] = {{1.f, 1.f}};
+    const bool up0 = (mx[0] - m[0][0]) * scale_log2 > fwd::kLazyRescaleLog2;
+    const bool up1 = (mx[1] - m[0][1]) * scale_log2 > fwd::kLazyRescaleLog2;
+    if (__any_sync(0xffffffffu, up0 || up1)) {  // some row of the warp moves its max
+      const bool up[2] = {up0, up1};
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const float kept = m[0][half] == -INFINITY ? 0.f : m[0][half] * scale_log2;
+        const float target = up[half] ? mx[half] * scale_log2 : kept;
+        // (a thread's reference exceeds the target only where its P is all 0: a row that had seen no
+        // key, and sees none in this thread's columns; there 2^(ref - target) could be inf)
+        const float beta = ref[half] == target ? 1.f : fast_exp2(fminf(ref[half] - target, 0.f));
+        if (up[half]) alpha[0][half] = fast_exp2(m[0][half] * scale_log2 - target), m[0][half] = mx[half];
+        sum[half] *= beta;
+#pragma unroll
+        for (int nt = 0; nt < kNt; ++nt) s[0][nt][2 * half] *= beta, s[0][nt][2 * half + 1] *= beta;
+      }
+      fwd::rescale_o<typename C::Warp>(o, alpha);
+    }
+#pragma unroll
+    for (int half = 0; half < 2; ++half) l[0][half] = l[0][half] * alpha[0][half] + sum[half];
+  }
+};
 
 // Softmax'd (and dropped-out) S as the A fragments of PV.
 template <class C, int kN = C::kBlockN>
@@ -560,7 +617,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
   // A tile's first step rescales a zero O: alpha is always finite (2^(old max - new max), 0 from -inf), so
   // whatever alpha_p holds then is harmless.
   constexpr bool kLateRescale = C::kOverlap && !C::kLazyRescale && !C::kPersistent;
-  // The step's exponentials against the kept maxima (the step, below) where the softmax is what the
+  // The step's exponentials against the kept maxima (KeptSoftmax) where the softmax is what the
   // tensor cores wait for: two consumer warpgroups, heads from 72 to 192 wide. H100, bf16 16k tokens,
   // non-causal (2026-12-05): d96 4k / 16k +3.6 / +1.8%, d128 +2.5 / +0.9%, d192 level / +2.5%; d64's 192-row
   // tile -1 to -3% and d256 -1 to -2%, where a softmax already runs under two warpgroups' products or
@@ -722,67 +779,19 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
         wgmma_settle(s[0]);
         sm.k_ring->release(st);
         mask_scores<C, decltype(masked)::value, kN>(s, T.mod, row0, j, lane);
-        if constexpr (kKeptExps) {
-          // Lazy rescaling keeps a row's max m unless the block's is 2^8 above it, so the exponentials
-          // need not wait for the max's shuffles: each thread takes m, or its own part of the block's
-          // max where that is 2^8 above m (P <= 2^8 either way, never inf), and computes P before the
-          // quad has agreed, under the PV. Where some row of the warp moves (rare), P, its sums and O
-          // are brought to the row's new max after the PV's wait; elsewhere the result is
-          // fwd::softmax_rows' bit for bit.
-          float ref[2], sum[2], mx[2], alpha[1][2] = {{1.f, 1.f}};
-#pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            const float t = thread_row_max<kN / 8>(leading<kN / 8>(s), half);
-            ref[half] = (t - m[0][half]) * scale_log2 > fwd::kLazyRescaleLog2 ? t * scale_log2
-                        : m[0][half] == -INFINITY                              ? 0.f
-                                                                               : m[0][half] * scale_log2;
-            sum[half] = 0.f;
-#pragma unroll
-            for (int nt = 0; nt < kN / 8; ++nt)
-#pragma unroll
-              for (int e = 2 * half; e < 2 * half + 2; ++e) {
-                s[0][nt][e] = fast_exp2(fmaf(s[0][nt][e], scale_log2, -ref[half]));
-                sum[half] += s[0][nt][e];
-              }
-            mx[half] = fmaxf(m[0][half], t);
-            mx[half] = fmaxf(mx[half], __shfl_xor_sync(0xffffffffu, mx[half], 1));
-            mx[half] = fmaxf(mx[half], __shfl_xor_sync(0xffffffffu, mx[half], 2));
-          }
-          wgmma_wait<0>();
-          wgmma_settle(o[0]);
-          sm.v_ring->release(prev);
-          q_done(j);
-          const bool up0 = (mx[0] - m[0][0]) * scale_log2 > fwd::kLazyRescaleLog2;
-          const bool up1 = (mx[1] - m[0][1]) * scale_log2 > fwd::kLazyRescaleLog2;
-          if (__any_sync(0xffffffffu, up0 || up1)) {  // some row of the warp moves its max
-            const bool up[2] = {up0, up1};
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {
-              const float kept = m[0][half] == -INFINITY ? 0.f : m[0][half] * scale_log2;
-              const float target = up[half] ? mx[half] * scale_log2 : kept;
-              // (a thread's reference exceeds the target only where its P is all 0: a row that had seen
-              // no key, and sees none in this thread's columns; there 2^(ref - target) could be inf)
-              const float beta = ref[half] == target ? 1.f : fast_exp2(fminf(ref[half] - target, 0.f));
-              if (up[half]) alpha[0][half] = fast_exp2(m[0][half] * scale_log2 - target), m[0][half] = mx[half];
-              sum[half] *= beta;
-#pragma unroll
-              for (int nt = 0; nt < kN / 8; ++nt) s[0][nt][2 * half] *= beta, s[0][nt][2 * half + 1] *= beta;
-            }
-            fwd::rescale_o<typename C::Warp>(o, alpha);
-          }
-#pragma unroll
-          for (int half = 0; half < 2; ++half) l[0][half] = l[0][half] * alpha[0][half] + sum[half];
-          scores_to_p<C, kN>(s, pf, p, T.bh, row0, j, lane);
-        } else {
-          const bool moved = fwd::softmax_rows<typename C::template WarpOf<kN>, C::kLazyRescale, !C::kMmaSums>(
+        KeptSoftmax kept;
+        bool moved = true;
+        if constexpr (kKeptExps) kept.exps(leading<kN / 8>(s), m, scale_log2);
+        else
+          moved = fwd::softmax_rows<typename C::template WarpOf<kN>, C::kLazyRescale, !C::kMmaSums>(
               leading<kN / 8>(s), m, l, alpha_p, scale, scale_log2);
-          wgmma_wait<0>();
-          wgmma_settle(o[0]);
-          sm.v_ring->release(prev);
-          q_done(j);
-          if (!kLateRescale) rescale<C>(o, alpha_p, moved);
-          scores_to_p<C, kN>(s, pf, p, T.bh, row0, j, lane);
-        }
+        wgmma_wait<0>();
+        wgmma_settle(o[0]);
+        sm.v_ring->release(prev);
+        q_done(j);
+        if constexpr (kKeptExps) kept.settle<C>(leading<kN / 8>(s), m, l, o, scale_log2);
+        else if (!kLateRescale) rescale<C>(o, alpha_p, moved);
+        scores_to_p<C, kN>(s, pf, p, T.bh, row0, j, lane);
         pv_half = decltype(half)::value;
         prev = st;
       };
