@@ -779,7 +779,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
         wgmma_settle(s[0]);
         sm.k_ring->release(st);
         mask_scores<C, decltype(masked)::value, kN>(s, T.mod, row0, j, lane);
-        KeptSoftmax kept;
+        [[maybe_unused]] KeptSoftmax kept;  // (kKeptExps only)
         bool moved = true;
         if constexpr (kKeptExps) kept.exps(leading<kN / 8>(s), m, scale_log2);
         else
