@@ -65,16 +65,22 @@
 #             branch experiment/draw-tiles, drew only the long rows: level there too, not landed) it timed: causal bf16 d64 / d128 at 4k-16k and B=1 8k 32/8, main against the patch (two processes
 #             each, the order reversed in the second); in the patch's tree, d256 causal persistent against its
 #             one CTA a tile default at 4k-16k and the GQA point (one process)
-#   steady    where d128's steady key loop leaves the tensor pipe idle (25% of it at 16k against FA3's 13-15%):
+#   steady    (ran in the thirty-ninth session: no softmax +19-21%, no exponentials +6-8%, no row max +4-7%, no sums +0-2%) where d128's steady key loop leaves the tensor pipe idle (25% of it at 16k against FA3's 13-15%):
 #             timing-only variants of the steady step, each without a part of the softmax (steady-*-timing-only.patch:
 #             nosm none of it, noexp no exponentials, nomax no row max, nosum no row sums), against main, d128
 #             causal or not at 4k / 16k (two processes each). If nosm runs near the tensor pipe's ceiling the
 #             softmax's overlap is the limit; if it gains little, the pipeline around it is
+#   emu       a quarter / an eighth of the forward softmax's exponentials on the FMA pipe instead of MUFU
+#             (exp2-emulation.patch, branch experiment/exp2-emulation; -every8.patch on top for the eighth): its
+#             forward GPU tests (build set, softmax cuts, the kept-max row starts), then both against main, bf16
+#             d64 / d128 / d256, causal or not, 4k and 16k (two processes each). d64's 192-row tile issues as many
+#             MUFU cycles as tensor cycles a step (3 warps x 66 x 8 against 1536): there the quarter should pay
+#
 # The device copy has no usable .git: each variant is a copy of this tree with its patches applied by
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -244,6 +250,15 @@ walk)
 dyn-tests)
   variant dyn "$EXP/dynamic-tiles.patch" >/dev/null
   gpu_tests dyn dyn-tests tests/test_config.py
+  ;;
+emu)
+  variant emu4 "$EXP/exp2-emulation.patch" >/dev/null
+  variant emu8 "$EXP/exp2-emulation.patch" "$EXP/exp2-emulation-every8.patch" >/dev/null
+  with_variant emu4 timeout 200 python3 -m pytest -q -n 16 -p no:cacheprovider tests/test_forward_sm90.py \
+    -k "build_set or softmax_cuts or lazy_rows" 2>&1 | tail -3 | tee "$OUT/emu4-tests.txt"
+  ARGS="--dtypes bf16 --head-dims 64,128,256 --causal 0,1 --seqlens 4096,16384 --gqa '' --no-flex"
+  warm bench_forward.py "$ARGS" "main emu4 emu8"
+  passes bench_forward.py "$ARGS" "main emu4 emu8"
   ;;
 steady)
   for v in nosm noexp nomax nosum; do variant $v "$EXP/steady-$v-timing-only.patch" >/dev/null; done
