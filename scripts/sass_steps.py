@@ -2,7 +2,8 @@
 """The Hopper forward's key-loop steps in SASS, counted, no GPU needed: for each kernel name, the
 instructions a consumer warp issues in each compiled step (from a warpgroup's ping-pong token sync
 through its QK^T and PV wgmmas to the step's branch), the run of O-rescale multiplies a branch skips
-(lazy_rescale), and with --ops the opcode counts of one step. docs/perf-log.md's step counts are made so.
+(lazy_rescale), how many of the step's exponentials ptxas placed above the PV's wait (they run under the
+PV; the rest wait for it), and with --ops the opcode counts of one step. docs/perf-log.md's step counts are made so.
 
     python3 scripts/sass_steps.py fwd_sm90_bf16_d128_m128_n128_st2_ov1_pp1_ps1_causal0
     python3 scripts/sass_steps.py --ops 1 NAME [NAME ...]   # also the opcodes of each kernel's step 1
@@ -43,6 +44,14 @@ class Step:
     def common(self) -> int:
         """Instructions issued when the skippable run is skipped."""
         return len(self.instructions) - self.skippable
+
+    @property
+    def exps_above_pv_wait(self) -> tuple[int, int]:
+        """(exponentials between the step's first wait, the QK^T's, and its last, the PV's; all of the
+        step's): those above the PV's wait run under the PV, the rest after it (docs/perf-log.md, 2026-12-05)."""
+        waits = [i for i, t in enumerate(self.instructions) if t.startswith("WARPGROUP.DEPBAR")]
+        exps = [i for i, t in enumerate(self.instructions) if opcode(t).startswith("MUFU.EX2")]
+        return sum(waits[0] < i < waits[-1] for i in exps), len(exps)
 
 
 def opcode(text: str) -> str:
@@ -118,6 +127,7 @@ def main() -> int:
             sass, notes, spill = kernel_sass(name, Path(scratch))
             found = steps(parse(sass))
             print(f"{name}: " + ("  ".join(f"N={s.qk_n}: {s.common}" + (f" (+{s.skippable} skipped)" if s.skippable else "")
+                                           + " [ex2 %d of %d above the PV's wait]" % s.exps_above_pv_wait
                                            for s in found) or "no ping-pong steps found"))
             if notes or spill:  # a count from serialized wgmmas or a spilling kernel says little on its own
                 print(f"    ptxas: {'; '.join(notes) or 'no note'}; {spill} bytes spilled")

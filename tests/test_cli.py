@@ -236,7 +236,8 @@ def test_sass_steps_reads_a_steps_instructions_and_its_skipped_rescale():
     """scripts/sass_steps.py (docs/perf-log.md's step counts) on cuobjdump-shaped text, no compiler: a step
     runs from a token sync through QK^T and PV wgmmas to the first unconditional or backward branch after
     its last wait; a run of 16+ multiplies a branch after that wait jumps over is the skippable rescale;
-    a stretch without a PV wgmma (the producer's, the epilogue's) is no step."""
+    exponentials between the two waits run under the PV; a stretch without a PV wgmma (the producer's, the
+    epilogue's) is no step."""
     sys.path.insert(0, str(REPO / "scripts"))
     try:
         import sass_steps
@@ -244,14 +245,16 @@ def test_sass_steps_reads_a_steps_instructions_and_its_skipped_rescale():
         sys.path.remove(str(REPO / "scripts"))
     lines = ["BAR.SYNC.DEFER_BLOCKING R18, 0x100", "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR16], RZ, !UPT",
              "HGMMA.64x64x16.F32.BF16 R88, R144, gdesc[UR20].tnspB, R88, gsb0", "WARPGROUP.DEPBAR.LE gsb0, 0x1",
-             "FMNMX R1, R24, R25, !PT", "VOTE.ANY P0, P0", "WARPGROUP.DEPBAR.LE gsb0, 0x0", "@!P0 BRA 0x1e0",
-             *[f"FMUL R{88 + i}, R{88 + i}, R153" for i in range(16)], "FFMA R2, R155, R2, R16", "@!P1 BRA 0x0",
+             "FMNMX R1, R24, R25, !PT", "MUFU.EX2 R24, R24", "VOTE.ANY P0, P0", "WARPGROUP.DEPBAR.LE gsb0, 0x0",
+             "@!P0 BRA 0x1f0", *[f"FMUL R{88 + i}, R{88 + i}, R153" for i in range(16)], "MUFU.EX2 R25, R25",
+             "FFMA R2, R155, R2, R16", "@!P1 BRA 0x0",
              "BAR.SYNC.DEFER_BLOCKING R18, 0x100", "FADD R1, R2, R3", "WARPGROUP.DEPBAR.LE gsb0, 0x0", "EXIT"]
     sass = "\n".join(f"        /*{16 * i:04x}*/                   {text} ;  /* 0x000 */" for i, text in enumerate(lines))
     code = sass_steps.parse(sass)
-    assert len(code) == len(lines) and code[7] == (0x70, "@!P0 BRA 0x1e0")
+    assert len(code) == len(lines) and code[8] == (0x80, "@!P0 BRA 0x1f0")
     (step,) = sass_steps.steps(code)
-    assert (step.address, step.qk_n, len(step.instructions), step.skippable, step.common) == (0, 64, 26, 16, 10)
+    assert (step.address, step.qk_n, len(step.instructions), step.skippable, step.common) == (0, 64, 28, 16, 12)
+    assert step.exps_above_pv_wait == (1, 2)
     assert sass_steps.opcode("@!P0 BRA 0x1e0") == "BRA" and sass_steps.opcode("FMUL R1, R2, R3") == "FMUL"
 
 
