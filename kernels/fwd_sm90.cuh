@@ -273,7 +273,8 @@ __device__ __forceinline__ void zero_v_past_keys(const FwdParams& p, elem_t* v_s
 // unless the block's is 2^8 above it, so the exponentials need not wait for the max's shuffles: exps()
 // takes m as each row's reference, or this thread's own part of the block's max where that is 2^8 above
 // m (P <= 2^8 either way, never inf), and computes P before the quad has agreed, under the PV (ptxas
-// then keeps 37 of d128's 64 exponentials above the PV's wait, none before). settle(), after the wait:
+// then keeps 37 of d128's 64 exponentials above the PV's wait; behind the shuffles it kept none there:
+// scripts/sass_steps.py counts them). settle(), after the wait:
 // where some row of the warp moves its max (rare), P, its sums and O are brought to the row's new max;
 // elsewhere the result is fwd::softmax_rows' bit for bit.
 struct KeptSoftmax {
