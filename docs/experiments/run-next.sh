@@ -76,11 +76,15 @@
 #             d64 / d128 / d256, causal or not, 4k and 16k (two processes each). d64's 192-row tile issues as many
 #             MUFU cycles as tensor cycles a step (3 warps x 66 x 8 against 1536): there the quarter should pay
 #
+#   keptc     lazy rescaling (and so the kept max) for the persistent d96 / d128 causal defaults, `_xt_hb` against
+#             `_xt_hb_lr` at 1k-8k (+ the GQA point), two processes: one process in the thirty-ninth session read
+#             d128 4k +1.1%, 8k +0.4%, GQA +1.6% (within its noise)
+#
 # The device copy has no usable .git: each variant is a copy of this tree with its patches applied by
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -259,6 +263,14 @@ emu)
   ARGS="--dtypes bf16 --head-dims 64,128,256 --causal 0,1 --seqlens 4096,16384 --gqa '' --no-flex"
   warm bench_forward.py "$ARGS" "main emu4 emu8"
   passes bench_forward.py "$ARGS" "main emu4 emu8"
+  ;;
+keptc)
+  F=fwd_sm90_bf16_d128_m128_n128_st2_ov1_pp1_ps1_causal1
+  G=fwd_sm90_bf16_d96_m128_n128_st2_ov1_pp1_ps1_causal1
+  for pass in 1 2; do
+    knob_ab main "128 1 1024,2048,4096,8192 $F _xt_hb _xt_hb_lr
+96 1 1024,4096,8192 $G _xt_hb _xt_hb_lr"
+  done
   ;;
 steady)
   for v in nosm noexp nomax nosum; do variant $v "$EXP/steady-$v-timing-only.patch" >/dev/null; done
