@@ -297,6 +297,8 @@ struct KeptSoftmax {
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const float t = thread_max(s, half);
+      // (written out: the same choice through small helper functions, shared with settle(), made ptxas
+      // keep 14 of d128's exponentials above the PV's wait instead of 37)
       ref[half] = (t - m[0][half]) * scale_log2 > fwd::kLazyRescaleLog2 ? t * scale_log2
                   : m[0][half] == -INFINITY                              ? 0.f
                                                                          : m[0][half] * scale_log2;

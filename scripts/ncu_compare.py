@@ -18,6 +18,7 @@ import collections
 from dataclasses import dataclass
 
 from profile_ncu import number, source_table  # same folder
+import sass_steps  # same folder
 
 
 @dataclass
@@ -48,10 +49,7 @@ def load(path: str) -> list[Instruction]:
 
 def opcode(text: str) -> str:
     """The SASS opcode without modifiers or predicate: `@!P0 BRA 0x..` -> BRA, `HGMMA.64x128x16.F32` -> HGMMA."""
-    words = text.split()
-    if words and words[0].startswith("@"):
-        words = words[1:]
-    return words[0].split(".")[0] if words else "?"
+    return sass_steps.opcode(text).split(".")[0] if text.split() else "?"
 
 
 def blocks(code: list[Instruction], hgmma_per_block: int) -> float:
