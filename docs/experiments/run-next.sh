@@ -80,7 +80,8 @@
 #             experiment/mask-warps): the backward GPU tests (the mask read bit for bit from dQ and dV, odd shapes,
 #             GQA head split with dropout, causal rows with no key), the flash-attn API's and varlen's dropout
 #             tests; then compute-sanitizer's four tools over the two GQA dropout tests (the ring's fill count)
-#   mw        the same timed: dropout 0.1 backward, d64 / d128 bf16, 1k / 4k, causal or not, main against mw and mwdq
+#   mw [HEAD_DIMS]  the same timed: dropout 0.1 backward, bf16 d64 (or HEAD_DIMS: one call may not hold 64,128),
+#             1k / 4k, causal or not, main against mw and mwdq
 #             (mask-warps-dqfirst.patch on top: dQ issued before dK with dropout too), two processes each; and
 #             main without dropout (the cost's reference). The twenty-eighth session's two-warp form (spilling,
 #             consumers at 232 registers) was slower; this one spills nothing and leaves the consumers 240
@@ -285,11 +286,12 @@ mw-tests)
 mw)
   variant mw "$EXP/mask-warps.patch" >/dev/null
   variant mwdq "$EXP/mask-warps.patch" "$EXP/mask-warps-dqfirst.patch" >/dev/null
-  DROP="--dtypes bf16 --head-dims 64,128 --seqlens 1024,4096 --causal 0,1 --dropout-p 0.1 --gqa ''"
+  HD=${2:-64}
+  DROP="--dtypes bf16 --head-dims $HD --seqlens 1024,4096 --causal 0,1 --dropout-p 0.1 --gqa ''"
   warm bench_backward.py "$DROP" "main mw mwdq"
   passes bench_backward.py "$DROP" "main mw mwdq"
   echo "== main without dropout" | tee -a "$OUT/bench.txt"
-  with_variant main python3 scripts/bench_backward.py --dtypes bf16 --head-dims 64,128 --seqlens 1024,4096 --causal 0,1 \
+  with_variant main python3 scripts/bench_backward.py --dtypes bf16 --head-dims $HD --seqlens 1024,4096 --causal 0,1 \
     --gqa '' --out "$OUT/bench_backward-nodrop" 2>&1 | grep -E "^bf16" | tee -a "$OUT/bench.txt" || true
   ;;
 keptc)
