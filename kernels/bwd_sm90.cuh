@@ -147,6 +147,10 @@ struct Config {
   static_assert(kWide || kWarps * 2 * (kD / 64) * 16 * 64 * 4 <= kSmemBytes - 1024 - kBarrierBytes,
                 "add_dkdv stages dK and dV in fp32");  // the wide kernel: over Q's and dO's stages
   static_assert(kSmemBytes <= 227 * 1024, "the dK/dV kernel's tiles need more than 227 KiB of shared memory");
+  // setmaxnreg moves registers only within the pool the launch bound gives a CTA (.inc waits forever
+  // for more): 168 a thread at 384 threads, so 24 + 2 x 240 at most.
+  static_assert(!kTma || 128 * kProducerRegs + kThreads * kConsumerRegs <= kCtaThreads * ((65536 / kCtaThreads) & ~7),
+                "the warpgroups' setmaxnreg counts exceed the registers the launch bound gives a CTA");
 };
 
 #ifdef __CUDACC__  // device code (the launcher's host-only build skips it: common/launch.cuh)
