@@ -280,6 +280,38 @@ def test_fwd_outputs_compares_saved_outputs_bit_for_bit(tmp_path):
     assert compare("a", "c").returncode == 1
 
 
+def test_ab_means_reads_passes_off_benchmark_json(tmp_path):
+    """scripts/ab_means.py (CPU): each variant's figure at a point is the mean of its passes, its change is
+    against the first variant's mean, a point a variant did not time says so, and with a plain (no dropout)
+    JSON each variant's dropout cost is its extra time over that point."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import ab_means
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+
+    def bwd(s, t, p=0.1):
+        return dict(dtype="bf16", d_head=64, causal=False, seqlen=s, batch=16384 // s, heads=32, dropout_p=p,
+                    flashjit_bwd_tflops=t)
+
+    passes = {("main", 1): [bwd(1024, 300.0), bwd(4096, 360.0)], ("main", 2): [bwd(1024, 310.0), bwd(4096, 370.0)],
+              ("mw", 1): [bwd(1024, 330.0)], ("mw", 2): [bwd(1024, 340.0)]}
+    for (v, n), rows in passes.items():
+        (tmp_path / f"bench_backward-{v}-{n}").mkdir()
+        (tmp_path / f"bench_backward-{v}-{n}" / "bench_backward.json").write_text(json.dumps(dict(rows=rows)))
+    (tmp_path / "plain.json").write_text(json.dumps(dict(rows=[bwd(1024, 375.0, 0.0)])))
+    lines = ab_means.table(str(tmp_path), "bench_backward", ["main", "mw"], str(tmp_path / "plain.json"))
+    assert len(lines) == 2
+    s1k, = (line for line in lines if "S=1024" in line)
+    assert "main 305.0 (300.0 / 310.0) cost +23.0%" in s1k
+    assert f"mw 335.0 (330.0 / 340.0) {335 / 305 - 1:+.1%} cost {375 / 335 - 1:+.1%}" in s1k
+    s4k, = (line for line in lines if "S=4096" in line)
+    assert "main 365.0" in s4k and "mw not timed" in s4k and "cost" not in s4k  # no plain point at 4k
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "ab_means.py"), str(tmp_path), "--script",
+                             "bench_forward", "--variants", "main"], capture_output=True, text=True)
+    assert result.returncode == 1 and "no bench_forward JSON" in result.stdout
+
+
 def test_targets_reads_issue_targets_off_benchmark_json(tmp_path):
     """scripts/targets.py (CPU): a target is met only where every point it speaks of has a figure at or above
     its floor; points short of it are listed worst first; a missing figure (FlexAttention not run) is not

@@ -142,7 +142,8 @@ warm() {
   wait "${pids[@]}"
 }
 # passes SCRIPT ARGS "V1 V2 ..." [LINES]: two timed passes, the order reversed in the second, so each variant is
-# timed in two processes; the result lines (those matching LINES, default ^bf16) to $OUT/bench.txt.
+# timed in two processes; the result lines (those matching LINES, default ^bf16) to $OUT/bench.txt, then each
+# point's means and changes against V1 (scripts/ab_means.py).
 passes() {
   local pass order v
   for pass in 1 2; do
@@ -152,6 +153,8 @@ passes() {
       eval with_variant $v python3 scripts/$1 $2 --out "$OUT/${1%.py}-$v-$pass" 2>&1 | grep --line-buffered -E "${4:-^bf16}" || true
     done
   done | tee -a "$OUT/bench.txt"
+  { echo "== means (scripts/ab_means.py)"; python3 scripts/ab_means.py "$OUT" --script "${1%.py}" --variants $3 || true; } |
+    tee -a "$OUT/bench.txt"
 }
 # causal_ab VARIANT PATCH: the tile-order A/B, main against VARIANT (this tree with PATCH): causal bf16 d64 / d128
 # at 4k-16k and B=1 8k 32/8, two processes each (passes).
@@ -293,6 +296,8 @@ mw)
   echo "== main without dropout" | tee -a "$OUT/bench.txt"
   with_variant main python3 scripts/bench_backward.py --dtypes bf16 --head-dims $HD --seqlens 1024,4096 --causal 0,1 \
     --gqa '' --out "$OUT/bench_backward-nodrop" 2>&1 | grep -E "^bf16" | tee -a "$OUT/bench.txt" || true
+  python3 scripts/ab_means.py "$OUT" --script bench_backward --variants main mw mwdq \
+    --plain "$OUT/bench_backward-nodrop/bench_backward.json" 2>&1 | tee -a "$OUT/bench.txt" || true
   ;;
 keptc)
   F=fwd_sm90_bf16_d128_m128_n128_st2_ov1_pp1_ps1_causal1
