@@ -85,6 +85,9 @@
 #             (mask-warps-dqfirst.patch on top: dQ issued before dK with dropout too), two processes each; and
 #             main without dropout (the cost's reference). The twenty-eighth session's two-warp form (spilling,
 #             consumers at 232 registers) was slower; this one spills nothing and leaves the consumers 240
+#   kahead-tests  the forward's producer loading K a block ahead of V (docs/experiments/k-ahead.patch, branch
+#             experiment/k-ahead; FlashAttention-3's order): the forward GPU tests (`tests`) in its tree
+#   kahead    it timed against main, bf16 d64 / d128 / d256, causal or not, 4k and 16k, two processes each
 #   keptc     lazy rescaling (and so the kept max) for the persistent d96 / d128 causal defaults, `_xt_hb` against
 #             `_xt_hb_lr` at 1k-8k (+ the GQA point), two processes: one process in the thirty-ninth session read
 #             d128 4k +1.1%, 8k +0.4%, GQA +1.6% (within its noise)
@@ -93,7 +96,7 @@
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|mw-tests|mw|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|mw-tests|mw|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -275,6 +278,16 @@ emu)
   ARGS="--dtypes bf16 --head-dims 64,128,256 --causal 0,1 --seqlens 4096,16384 --gqa '' --no-flex"
   warm bench_forward.py "$ARGS" "main emu4 emu8"
   passes bench_forward.py "$ARGS" "main emu4 emu8"
+  ;;
+kahead-tests)
+  variant kahead "$EXP/k-ahead.patch" >/dev/null
+  gpu_tests kahead kahead-tests
+  ;;
+kahead)
+  variant kahead "$EXP/k-ahead.patch" >/dev/null
+  ARGS="--dtypes bf16 --head-dims 64,128,256 --causal 0,1 --seqlens 4096,16384 --gqa '' --no-flex"
+  warm bench_forward.py "$ARGS" "main kahead"
+  passes bench_forward.py "$ARGS" "main kahead"
   ;;
 mw-tests)
   variant mw "$EXP/mask-warps.patch" >/dev/null
