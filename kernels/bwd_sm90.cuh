@@ -27,14 +27,18 @@
 //   warpgroup 0       producer: gives its registers to the consumers (setmaxnreg). Warp 0's lane 0
 //                     issues the TMA copies of K and V (once) and of each step's Q and dO; warp 1
 //                     stores the step's lse (x log2 e, +inf past the sequence: P = 0 there) and D
-//                     (0 there) from plain loads; warps 2 and 3 exit.
+//                     (0 there) from plain loads; warps 2 and 3 exit. With dropout (the narrow
+//                     kernel) every producer warp also makes a quarter of the step's masks
+//                     (make_step_masks).
 //   warpgroups 1, 2   consumers: the steps above, 64 keys each (the cp.async kernel's 256 threads).
-//   A step's Q, dO, lse and D share one stage of a two-stage ring. Barriers (who arrives / waits):
+//   A step's Q, dO, lse, D (and masks) share one stage of a two-stage ring. Barriers (who arrives / waits):
 //   kv_full           lane 0 (expect_tx: K and V)          / every consumer thread, before its first step
 //   ring.full[s]      lane 0 (expect_tx: Q and dO) and the / every consumer thread, before S^T
-//                     32 statistics lanes once stored
-//   ring.empty[s]     every consumer thread, once its      / lane 0 and the statistics lanes, before
-//                     step's products have retired           refilling stage s
+//                     32 statistics lanes once stored (with
+//                     masks: the 128 producer threads)
+//   ring.empty[s]     every consumer thread, once its      / lane 0 and the statistics lanes (with
+//                     step's products have retired           masks: every producer thread), before
+//                                                            refilling stage s
 //   Barrier::kConsumers  the 256 consumer threads: once a step, dS^T stored (both warpgroups' keys)
 //                     before dQ; and around the epilogue's staging of dK and dV.
 //   dS^T has two buffers (step parity): a warpgroup writes buffer b at step t + 2 only after the
@@ -68,10 +72,11 @@ template <bool kBf16_, int kDHead_, int kBlockM_, bool kCausal_, bool kLocal_, b
 struct Config {
   static constexpr bool kBf16 = kBf16_, kCausal = kCausal_, kSwizzle = true, kDeterministic = false;
   static constexpr bool kDropout = kDropout_;
-  // A step issues dQ before dK and writes dQ out while dK runs (step_products). Not with dropout or
-  // local+ALiBi: holding dQ across dK's issue spilled 8-52 bytes in their step loops, so they issue
-  // dK first and write dQ after the step.
-  static constexpr bool kDqFirst = !kDropout && !(kLocal_ && kAlibi_);
+  // A step issues dQ before dK and writes dQ out while dK runs (step_products). Not with local+ALiBi,
+  // nor with dropout but in the TMA kernel's 64-query steps (d65-d128; the producer makes the masks):
+  // holding dQ across dK spilled 4-52 bytes in their step loops, so they issue dK first, dQ after.
+  // (With dropout at d64 it spilled 4-12 bytes and measured within 1% of dK first.)
+  static constexpr bool kDqFirst = !(kDropout && !(kTma_ && kBlockM_ == 64)) && !(kLocal_ && kAlibi_);
   using Mod = ScoreMod<kCausal_, kLocal_, kSoftcap_, kAlibi_>;
   // 1 / (1 - p), applied once to dK, dV and dQ (see bwd_sm80.cuh).
   __device__ __forceinline__ static float dropout_scale(const BwdParams& p) {
@@ -112,8 +117,16 @@ struct Config {
   // theirs; the CTA has kCtaThreads. The register split as fwd_sm90.cuh's with two consumers.
   static constexpr bool kTma = kTma_;
   static constexpr int kCtaThreads = kThreads + (kTma ? 128 : 0);
-  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
   static constexpr int kStatThreads = 32;  // the producer's threads that load a step's lse and D
+  // Dropout in the narrow TMA kernel: the producer's four warps make each step's masks, every consumer
+  // lane's PackedKeyRowsMask bits, into the step's stage (kMaskBytes: two stages of 8 bytes a consumer
+  // thread), and each of their threads arrives on the stage's full barrier (kFillThreads: else the
+  // statistics warp's alone). Made by the consumers in their own step, the Philox rounds cost the
+  // d64 backward 9-14% (docs/perf-log.md, thirty-eighth session); moved here, dropout 0.1 ran +1.1 to
+  // +4.2% at d64 and (with dQ first) +2.1 to +4.2% at d128 (H100, 1k / 4k, fortieth session).
+  static constexpr bool kMaskWarps = kDropout && kTma && !kWide;
+  static constexpr int kFillThreads = kMaskWarps ? 128 : kStatThreads, kMaskBytes = kMaskWarps ? 2 * kThreads * 8 : 0;
+  static constexpr int kProducerRegs = 24, kConsumerRegs = 240;
   static constexpr int kDqStageBytes = 16 * 64 * 4;  // per warp
   using TileN = GmmaTile<kBlockN, kD>;       // K, V
   using TileM = GmmaTile<kBlockM, kD>;       // Q, dO (two stages each)
@@ -136,7 +149,7 @@ struct Config {
   static constexpr int kBarrierBytes = kTma ? 8 * (1 + 2 * 2) : 0;
   // 1 KiB of slack: the dynamic shared memory is aligned up to the swizzle's 1024 bytes by hand.
   static constexpr int kSmemBytes = 1024 + 2 * TileN::kBytes + 4 * TileM::kBytes + kDsBuffers * TileS::kBytes +
-                                    2 * 2 * kBlockM * 4 + kScratchBytes + kBarrierBytes;
+                                    2 * 2 * kBlockM * 4 + kScratchBytes + kMaskBytes + kBarrierBytes;
   static_assert((kD == 64 && kBlockM == 128) || (kD >= 128 && kBlockM == 64),
                 "the wgmma backward supports d_head 33-64 with block_m 128 and 65-256 with block_m 64");
   static_assert(!kWide || kTma, "the d_head 129-256 wgmma backward is fed only by its TMA producer (tma=True)");
@@ -232,6 +245,7 @@ template <class C>
 struct Smem {
   elem_t *k, *v, *q, *dout, *ds;
   float *lse, *dvec, *dq;
+  uint2* mask;  // C::kMaskWarps: two stages of a uint2 a consumer thread
   uint64_t* kv_full;
   Ring<2>* ring;  // a step's Q, dO, lse and D
 
@@ -244,13 +258,15 @@ struct Smem {
     lse = reinterpret_cast<float*>(ds + C::kDsBuffers * C::TileS::kBytes / 2);
     dvec = lse + 2 * C::kBlockM;
     dq = dvec + 2 * C::kBlockM;
-    kv_full = reinterpret_cast<uint64_t*>(dq + C::kScratchBytes / 4);
+    mask = reinterpret_cast<uint2*>(dq + C::kScratchBytes / 4);
+    kv_full = reinterpret_cast<uint64_t*>(mask + C::kMaskBytes / 8);
     ring = reinterpret_cast<Ring<2>*>(kv_full + 1);
   }
   __device__ __forceinline__ elem_t* q_stage(int s) const { return q + s * C::TileM::kBytes / 2; }
   __device__ __forceinline__ elem_t* dout_stage(int s) const { return dout + s * C::TileM::kBytes / 2; }
   __device__ __forceinline__ float* lse_stage(int s) const { return lse + s * C::kBlockM; }
   __device__ __forceinline__ float* dvec_stage(int s) const { return dvec + s * C::kBlockM; }
+  __device__ __forceinline__ uint2* mask_stage(int s) const { return mask + s * C::kThreads; }
 };
 
 // What a CTA computes: its key block, batch, kv head and query heads (h0 .. h0 + heads - 1): every
@@ -644,26 +660,56 @@ __device__ __forceinline__ void store_step_stats(float* s_lse, float* s_dvec, co
   }
 }
 
+// C::kMaskWarps: producer warp `pw` makes the step's dropout masks of consumer warps pw and pw + 4
+// into stage `stage` (lane for lane: the calls and the shuffle a consumer lane would make,
+// common/dropout.cuh). One Philox call at a time: d64's four calls a warp unrolled spilled in 32
+// registers.
+template <class C>
+__device__ __forceinline__ void make_step_masks(const BwdParams& p, const Smem<C>& sm, const Work<C>& w,
+                                                typename bwd::QuerySteps<C>::Pos s, int stage, int pw, int lane) {
+  using Mask = PackedKeyRowsMask<C::kNtM>;
+  const Dropout drop(p.mods, int(int64_t(w.b) * p.heads + s.h));
+#pragma unroll 1
+  for (int warp = pw; warp < C::kWarps; warp += 4) {
+    uint32_t half[2] = {0u, 0u};
+#pragma unroll 1
+    for (int span = 0; span < Mask::kSpans; ++span)
+      Mask::add_call(half, span, drop.keep_flags(Mask::call_query(s.row0, span, lane), w.key0 + warp * 16 + (lane >> 2)));
+    Mask m(make_uint2(0u, 0u));
+    m.finish(half, lane);
+    sm.mask_stage(stage)[warp * 32 + lane] = make_uint2(m.bits[0], m.bits[1]);
+  }
+}
+
 // The producer warpgroup's warp `warp`: warp 0's lane 0 issues the TMA copies, K and V once, then
 // per step Q and dO into a stage once the consumers have released its previous step; warp 1 stores
-// the step's lse and D there. Warps 2 and 3, and a CTA with no step, do nothing (its consumers wait
-// for nothing either). Each warp keeps only its own loop's state: 24 registers.
+// the step's lse and D there. With dropout (C::kMaskWarps) every producer warp also makes a quarter
+// of the step's masks (make_step_masks), a stage ahead of the consumers, on issue slots they leave
+// idle while they wait for their products; without, warps 2 and 3 and warp 0's other lanes exit. A
+// CTA with no step does nothing (its consumers wait for nothing either). Each warp keeps only its
+// own loop's state: kProducerRegs registers.
 template <class C>
 __device__ __forceinline__ void produce(const Args& args, const Smem<C>& sm, int warp, int lane) {
   const BwdParams& p = args.p;
-  if (warp > 1 || (warp == 0 && lane > 0)) return;
+  if (!C::kMaskWarps && (warp > 1 || (warp == 0 && lane > 0))) return;
   const Work<C> w(p);
   if (w.idle() || w.steps.count == 0) return;
   RingState<2> st;
   auto s = w.steps.first();
-  if (warp == 1) {
+  const auto masks = [&] {
+    if constexpr (C::kMaskWarps) make_step_masks<C>(p, sm, w, s, st.stage, warp, lane);
+  };
+  if (C::kMaskWarps ? warp > 0 : warp == 1) {
     for (int step = 0; step < w.steps.count; ++step, s = w.steps.next(s), st.advance()) {
       sm.ring->wait_free(st);
-      // Seq::stat_row(s.h, s.row0) as one unsigned 32 x 32 -> 64 multiply-add (every term is
-      // non-negative): its signed 64-bit product needed a register more, and spilled.
-      const uint64_t stat = uint64_t(uint32_t(w.seq.plane0 + s.h)) * uint32_t(w.seq.plane_rows) +
-                            uint32_t(w.seq.q_start + s.row0);
-      store_step_stats<C>(sm.lse_stage(st.stage), sm.dvec_stage(st.stage), p, stat, w.seq.len_q - s.row0, lane);
+      if (!C::kMaskWarps || warp == 1) {
+        // Seq::stat_row(s.h, s.row0) as one unsigned 32 x 32 -> 64 multiply-add (every term is
+        // non-negative): its signed 64-bit product needed a register more, and spilled.
+        const uint64_t stat = uint64_t(uint32_t(w.seq.plane0 + s.h)) * uint32_t(w.seq.plane_rows) +
+                              uint32_t(w.seq.q_start + s.row0);
+        store_step_stats<C>(sm.lse_stage(st.stage), sm.dvec_stage(st.stage), p, stat, w.seq.len_q - s.row0, lane);
+      }
+      masks();
       sm.ring->filled(st);
     }
     return;
@@ -675,15 +721,25 @@ __device__ __forceinline__ void produce(const Args& args, const Smem<C>& sm, int
 #pragma unroll
     for (int c = 0; c < C::kD / 64; ++c) tma_load_4d(dst + c * block_bytes / 2, map, bar, c * 64, row, head, tma_b);
   };
-  tma_prefetch_map(&args.q);
-  tma_prefetch_map(&args.dout);
-  mbarrier_arrive_expect_tx(sm.kv_full, 2 * C::TileN::kBytes);
-  load(&args.k, sm.k, sm.kv_full, C::TileN::kBlockBytes, w.seq.k_start + w.key0, w.h_k);
-  load(&args.v, sm.v, sm.kv_full, C::TileN::kBlockBytes, w.seq.k_start + w.key0, w.h_k);
+  const bool issuer = !C::kMaskWarps || lane == 0;
+  if (issuer) {
+    tma_prefetch_map(&args.q);
+    tma_prefetch_map(&args.dout);
+    mbarrier_arrive_expect_tx(sm.kv_full, 2 * C::TileN::kBytes);
+    load(&args.k, sm.k, sm.kv_full, C::TileN::kBlockBytes, w.seq.k_start + w.key0, w.h_k);
+    load(&args.v, sm.v, sm.kv_full, C::TileN::kBlockBytes, w.seq.k_start + w.key0, w.h_k);
+  }
   for (int step = 0; step < w.steps.count; ++step, s = w.steps.next(s), st.advance()) {
-    uint64_t* full = sm.ring->acquire(st, 2 * C::TileM::kBytes);
-    load(&args.q, sm.q_stage(st.stage), full, C::TileM::kBlockBytes, w.seq.q_start + s.row0, s.h);
-    load(&args.dout, sm.dout_stage(st.stage), full, C::TileM::kBlockBytes, w.seq.q_start + s.row0, s.h);
+    sm.ring->wait_free(st);
+    if (issuer) {
+      uint64_t* full = sm.ring->fill(st, 2 * C::TileM::kBytes);
+      load(&args.q, sm.q_stage(st.stage), full, C::TileM::kBlockBytes, w.seq.q_start + s.row0, s.h);
+      load(&args.dout, sm.dout_stage(st.stage), full, C::TileM::kBlockBytes, w.seq.q_start + s.row0, s.h);
+    }
+    if constexpr (C::kMaskWarps) {
+      masks();
+      sm.ring->filled(st);
+    }
   }
 }
 
@@ -708,7 +764,6 @@ __device__ __forceinline__ void consume(const BwdParams& p, const Smem<C>& sm, u
   using StepPos = typename bwd::QuerySteps<C>::Pos;
   const int steps = w.steps.count;
   StepPos cur = w.steps.first();
-  auto keep = step_mask<C>(p, w.b, cur, my_key0, lane);
   const auto sync = [] { named_sync(int(Barrier::kConsumers), C::kThreads); };
   if (steps > 0) mbarrier_wait(sm.kv_full, 0);
   for (int step = 0; step < steps; ++step) {
@@ -720,22 +775,16 @@ __device__ __forceinline__ void consume(const BwdParams& p, const Smem<C>& sm, u
     st.stage = step & 1, st.phase = (step >> 1) & 1;
     float dq[64 / 8][4];
     sm.ring->wait(st);
+    // Dropout: this lane's mask for the step, made by the producer warps (make_step_masks) into the stage.
+    static_assert(!C::kDropout || C::kMaskWarps, "the narrow TMA kernel takes its masks from the mask warps");
+    PackedKeyRowsMask<C::kNtM> keep(make_uint2(0u, 0u));
+    if constexpr (C::kDropout) keep = PackedKeyRowsMask<C::kNtM>(sm.mask_stage(st.stage)[tid]);
     const auto write_dq = [&](const float (&q)[64 / 8][4]) {
       add_dq<C>(p, seq, cur.h, cur.row0, dq_row, dq_half, s_dq, q, lane);
     };
     step_products<C>(mod, d, st.stage * C::TileM::kBytes, sm.lse_stage(st.stage), sm.dvec_stage(st.stage),
                      sm.ds + st.stage * C::TileS::kBytes / 2, st.stage * C::TileS::kBytes, keep, cur.row0, my_key0,
-                     r0, lane, scale_log2, dk, dv, dq, sync, [&] {
-                       // The next step's dropout mask while dK and dQ are on the tensor cores (made
-                       // after add_dq, its 133 (d128) to 240 (d64) instructions a warp ran with the
-                       // tensor cores idle). Made past the last step too, unread: computed under a
-                       // branch, d128 causal spilled 4 bytes.
-                       if constexpr (C::kDropout) {
-                         const auto made = step_mask<C>(p, w.b, next, my_key0, lane);
-                         if (step + 1 < steps) keep = made;
-                       }
-                     },
-                     dq_writer<C>(write_dq));
+                     r0, lane, scale_log2, dk, dv, dq, sync, [] {}, dq_writer<C>(write_dq));
     sm.ring->release(st);
     if constexpr (!C::kDqFirst) write_dq(dq);
     cur = next;
@@ -997,7 +1046,8 @@ __global__ void __launch_bounds__(C::kCtaThreads, 1) dkdv_tma_kernel(const __gri
   const Smem<C> sm(smem);
   if (threadIdx.x == 0) {
     mbarrier_init(sm.kv_full, 1);
-    sm.ring->init(C::kThreads, 1 + C::kStatThreads);  // the TMA issuer's expect_tx, then the statistics lanes
+    // The TMA issuer's expect_tx, then the threads that store into a stage.
+    sm.ring->init(C::kThreads, 1 + C::kFillThreads);
     mbarrier_init_fence();
   }
   __syncthreads();
@@ -1006,7 +1056,10 @@ __global__ void __launch_bounds__(C::kCtaThreads, 1) dkdv_tma_kernel(const __gri
   const int role = __shfl_sync(0xffffffffu, int(threadIdx.x) / 128, 0);  // warp-uniform to the compiler
   if (role == 0) {
     warpgroup_release_registers<C::kProducerRegs>();
-    produce<C>(args, sm, threadIdx.x / 32, threadIdx.x % 32);
+    // With mask warps, the warp made warp-uniform to the compiler as the role: their Philox keys then
+    // live in uniform registers (in vector registers, 32 were too few: d64 spilled 140 bytes).
+    const int warp = C::kMaskWarps ? __shfl_sync(0xffffffffu, int(threadIdx.x / 32), 0) : int(threadIdx.x / 32);
+    produce<C>(args, sm, warp, threadIdx.x % 32);
   } else {
     warpgroup_claim_registers<C::kConsumerRegs>();
     if constexpr (C::kWide) {

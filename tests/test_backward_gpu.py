@@ -393,6 +393,7 @@ HEAD_SPLIT = [  # (B, Sq, Sk, H, H_k, d, causal, features)
     (2, 77, 300, 8, 2, 128, True, ""),  # keys past the last 128-key block, rows of partial blocks
     (1, 300, 77, 6, 2, 64, True, ""),  # Sq > Sk causal: rows that see no key, CTAs with no step
     (1, 130, 257, 4, 1, 80, False, "dropout"),  # d 80 in the 128 tile; the mask is the query head's
+    (2, 300, 190, 4, 2, 64, True, "dropout"),  # 128-query steps through both heads; rows with no key
     (2, 65, 129, 4, 2, 64, True, "window+alibi"),  # per-head slopes: each CTA its own head's
     (1, 200, 200, 4, 4, 128, False, ""),  # no GQA: split anyway (one writer per sum) when asked
 ]

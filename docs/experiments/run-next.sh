@@ -70,24 +70,15 @@
 #             nosm none of it, noexp no exponentials, nomax no row max, nosum no row sums), against main, d128
 #             causal or not at 4k / 16k (two processes each). If nosm runs near the tensor pipe's ceiling the
 #             softmax's overlap is the limit; if it gains little, the pipeline around it is
-#   emu       a quarter / an eighth of the forward softmax's exponentials on the FMA pipe instead of MUFU
+#   emu       (ran in the fortieth session: quarter -6.5 to -11% at d64 / d128, eighth -1 to -7%, d256 level; refuted)
+#             a quarter / an eighth of the forward softmax's exponentials on the FMA pipe instead of MUFU
 #             (exp2-emulation.patch, branch experiment/exp2-emulation; -every8.patch on top for the eighth): its
 #             forward GPU tests (build set, softmax cuts, the kept-max row starts), then both against main, bf16
 #             d64 / d128 / d256, causal or not, 4k and 16k (two processes each). d64's 192-row tile issues as many
 #             MUFU cycles as tensor cycles a step (3 warps x 66 x 8 against 1536): there the quarter should pay
 #
-#   mw-tests  the dropout masks from the producer warpgroup's four warps (docs/experiments/mask-warps.patch, branch
-#             experiment/mask-warps): the backward GPU tests (the mask read bit for bit from dQ and dV, odd shapes,
-#             GQA head split with dropout, causal rows with no key), the flash-attn API's and varlen's dropout
-#             tests; then compute-sanitizer's four tools over the two GQA dropout tests (the ring's fill count)
-#   mw [HEAD_DIMS]  the same timed: dropout 0.1 backward, bf16 d64 (or HEAD_DIMS: one call may not hold 64,128),
-#             1k / 4k, causal or not, main against mw and mwdq
-#             (mask-warps-dqfirst.patch on top: dQ issued before dK with dropout too), two processes each; and
-#             main without dropout (the cost's reference). The twenty-eighth session's two-warp form (spilling,
-#             consumers at 232 registers) was slower; this one spills nothing and leaves the consumers 240
-#   kahead-tests  the forward's producer loading K a block ahead of V (docs/experiments/k-ahead.patch, branch
-#             experiment/k-ahead; FlashAttention-3's order): the forward GPU tests (`tests`) in its tree
-#   kahead    it timed against main, bf16 d64 / d128 / d256, causal or not, 4k and 16k, two processes each
+#   mw-tests, mw  (ran in the fortieth session; landed: the dropout masks from the producer warpgroup's four warps,
+#             d64 dropout +1.1 to +4.2%, d128 with dQ first +2.1 to +4.2%; docs/perf-log.md)
 #   keptc     lazy rescaling (and so the kept max) for the persistent d96 / d128 causal defaults, `_xt_hb` against
 #             `_xt_hb_lr` at 1k-8k (+ the GQA point), two processes: one process in the thirty-ninth session read
 #             d128 4k +1.1%, 8k +0.4%, GQA +1.6% (within its noise)
@@ -96,7 +87,7 @@
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|mw-tests|mw|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -288,29 +279,6 @@ kahead)
   ARGS="--dtypes bf16 --head-dims 64,128,256 --causal 0,1 --seqlens 4096,16384 --gqa '' --no-flex"
   warm bench_forward.py "$ARGS" "main kahead"
   passes bench_forward.py "$ARGS" "main kahead"
-  ;;
-mw-tests)
-  variant mw "$EXP/mask-warps.patch" >/dev/null
-  with_variant mw timeout 400 python3 -m pytest -q -n 16 -p no:cacheprovider --maxfail 30 tests/test_backward_gpu.py \
-    tests/test_flash_api.py tests/test_varlen.py tests/test_native_autograd.py -k "dropout or backward_gpu" 2>&1 |
-    tail -30 | tee "$OUT/mw-tests.txt"
-  T="tests/test_backward_gpu.py::test_gqa_head_split_matches_reference"
-  with_variant mw timeout 180 python3 scripts/sanitize.py --out "$OUT/sanitize" -- \
-    "$T[(2, 300, 190, 4, 2, 64, True, 'dropout')-False-True]" "$T[(1, 130, 257, 4, 1, 80, False, 'dropout')-False-True]" \
-    2>&1 | tail -8 | tee "$OUT/mw-sanitize.txt"
-  ;;
-mw)
-  variant mw "$EXP/mask-warps.patch" >/dev/null
-  variant mwdq "$EXP/mask-warps.patch" "$EXP/mask-warps-dqfirst.patch" >/dev/null
-  HD=${2:-64}
-  DROP="--dtypes bf16 --head-dims $HD --seqlens 1024,4096 --causal 0,1 --dropout-p 0.1 --gqa ''"
-  warm bench_backward.py "$DROP" "main mw mwdq"
-  passes bench_backward.py "$DROP" "main mw mwdq"
-  echo "== main without dropout" | tee -a "$OUT/bench.txt"
-  with_variant main python3 scripts/bench_backward.py --dtypes bf16 --head-dims $HD --seqlens 1024,4096 --causal 0,1 \
-    --gqa '' --out "$OUT/bench_backward-nodrop" 2>&1 | grep -E "^bf16" | tee -a "$OUT/bench.txt" || true
-  python3 scripts/ab_means.py "$OUT" --script bench_backward --variants main mw mwdq \
-    --plain "$OUT/bench_backward-nodrop/bench_backward.json" 2>&1 | tee -a "$OUT/bench.txt" || true
   ;;
 keptc)
   F=fwd_sm90_bf16_d128_m128_n128_st2_ov1_pp1_ps1_causal1

@@ -103,13 +103,15 @@ class BwdSm90Config(ConfigBase):
         but for the wide kernel), lse and D, dQ staging (the wide kernel: P^T and dQ staging), and with tma the
         mbarriers (K/V, and full/empty for two stages: 5 of 8 bytes); tests/test_jit_cache.py checks it
         against the compiled kernel. The wide kernel's scratch: P^T and a dQ staging tile a warp, in fp16
-        and of 8 rows at d_head 256 (Config::kPtHalf), else in fp32 and of 16 rows."""
+        and of 8 rows at d_head 256 (Config::kPtHalf), else in fp32 and of 16 rows. With tma and dropout (not the
+        wide kernel): two stages of the producer warps' masks, 8 bytes a consumer thread (Config::kMaskBytes)."""
         half = self.wide and self.d_tile > 192
         scratch = (self.block_n * self.block_m * (2 if half else 4) + self.n_warps * (8 if half else 16) * 64 * 4
                    if self.wide else self.n_warps * 16 * 64 * 4)
         return 1024 + 2 * 2 * self.block_n * self.d_tile + 4 * 2 * self.block_m * self.d_tile + \
             (2 if self.tma and not self.wide else 1) * 2 * self.block_n * self.block_m + 2 * 2 * self.block_m * 4 + \
-            scratch + (5 * 8 if self.tma else 0)
+            scratch + (2 * self.n_warps * 32 * 8 if self.tma and self.dropout and not self.wide else 0) + \
+            (5 * 8 if self.tma else 0)
 
     def problems(self) -> list[str]:
         out = self._choices(dtype=DTYPES) + head_dim_problem(self.d_head)

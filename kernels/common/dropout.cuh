@@ -174,20 +174,32 @@ struct PackedKeyRowsMask {
   static_assert(kNt % 4 == 0 && 2 * kSpans <= 8, "a slot per flag word of a residue, at most 8 in 32 bits");
   uint32_t bits[2];
 
+  // Made elsewhere (bwd_sm90.cuh's mask warps make them for every consumer lane).
+  __device__ __forceinline__ explicit PackedKeyRowsMask(uint2 made) : bits{made.x, made.y} {}
   __device__ __forceinline__ PackedKeyRowsMask(bool enabled, const Dropout& drop, int query0, int my_key0, int lane) {
     if (!enabled) return;
+    uint32_t half[2] = {0u, 0u};
+#pragma unroll
+    for (int span = 0; span < kSpans; ++span) add_call(half, span, drop.keep_flags(call_query(query0, span, lane), my_key0));
+    finish(half, lane);
+  }
+
+  // The constructor in parts, for a caller that orders the calls itself (bwd_sm90.cuh's mask warps,
+  // in 32 registers): span's call is at (call_query, my_key0); add_call packs its flags into the
+  // calls' halves e = 0, 1 (words 0, 1 and 2, 3); finish keeps this lane's.
+  __device__ __forceinline__ static int call_query(int query0, int span, int lane) {
+    return query0 + span * 32 + (lane & 3) * 2 + ((lane >> 2) & 1);  // the residue of this lane's parity
+  }
+  __device__ __forceinline__ static void add_call(uint32_t (&half)[2], int span, const uint4& f) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e)
+#pragma unroll
+      for (int w = 0; w < 2; ++w) half[e] |= (Dropout::word(f, 2 * e + w) & 0x80808080u) >> (7 - slot(span, w));
+  }
+  // Mine: the half of my parity (my keys) of my residue's calls; the other goes to lane ^ 4, whose
+  // keys have the other parity and who made the other residue's calls.
+  __device__ __forceinline__ void finish(const uint32_t (&half)[2], int lane) {
     const int parity = (lane >> 2) & 1;  // = my_key0 & 1
-    uint32_t half[2] = {0u, 0u};         // the calls' halves e = 0, 1 (words 0, 1 and 2, 3), packed
-#pragma unroll
-    for (int span = 0; span < kSpans; ++span) {
-      const uint4 f = drop.keep_flags(query0 + span * 32 + (lane & 3) * 2 + parity, my_key0);
-#pragma unroll
-      for (int e = 0; e < 2; ++e)
-#pragma unroll
-        for (int w = 0; w < 2; ++w) half[e] |= (Dropout::word(f, 2 * e + w) & 0x80808080u) >> (7 - slot(span, w));
-    }
-    // Mine: the half of my parity (my keys) of my residue's calls; the other goes to lane ^ 4, whose
-    // keys have the other parity and who made the other residue's calls.
     const uint32_t mine = parity ? half[1] : half[0], theirs = parity ? half[0] : half[1];
     const uint32_t received = __shfl_xor_sync(0xffffffffu, theirs, 4);
     bits[0] = parity ? received : mine;
