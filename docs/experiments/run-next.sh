@@ -72,13 +72,17 @@
 #             softmax's overlap is the limit; if it gains little, the pipeline around it is
 #   emu       (ran in the fortieth session: quarter -6.5 to -11% at d64 / d128, eighth -1 to -7%, d256 level; refuted)
 #             a quarter / an eighth of the forward softmax's exponentials on the FMA pipe instead of MUFU
-#             (exp2-emulation.patch, branch experiment/exp2-emulation; -every8.patch on top for the eighth): its
+#             (exp2-emulation.patch; -every8.patch on top for the eighth): its
 #             forward GPU tests (build set, softmax cuts, the kept-max row starts), then both against main, bf16
 #             d64 / d128 / d256, causal or not, 4k and 16k (two processes each). d64's 192-row tile issues as many
 #             MUFU cycles as tensor cycles a step (3 warps x 66 x 8 against 1536): there the quarter should pay
 #
 #   mw-tests, mw  (ran in the fortieth session; landed: the dropout masks from the producer warpgroup's four warps,
 #             d64 dropout +1.1 to +4.2%, d128 with dQ first +2.1 to +4.2%; docs/perf-log.md)
+#   kahead-tests  (ran in the fortieth session: 1119 passed, 13 skipped) the forward's producer loading K a block
+#             ahead of V (docs/experiments/k-ahead.patch; FlashAttention-3's order): the forward GPU tests in its tree
+#   kahead    (ran in the fortieth session: level, d128 non-causal 16k -3.8%; refuted) it timed against main, bf16
+#             d64 / d128 / d256, causal or not, 4k and 16k, two processes each
 #   keptc     lazy rescaling (and so the kept max) for the persistent d96 / d128 causal defaults, `_xt_hb` against
 #             `_xt_hb_lr` at 1k-8k (+ the GQA point), two processes: one process in the thirty-ninth session read
 #             d128 4k +1.1%, 8k +0.4%, GQA +1.6% (within its noise)
