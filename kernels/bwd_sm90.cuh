@@ -75,7 +75,7 @@ struct Config {
   // A step issues dQ before dK and writes dQ out while dK runs (step_products). Not with local+ALiBi,
   // nor with dropout but in the TMA kernel's 64-query steps (d65-d128; the producer makes the masks):
   // holding dQ across dK spilled 4-52 bytes in their step loops, so they issue dK first, dQ after.
-  // (With dropout at d64 it spilled 4-12 bytes and measured within 1% of dK first.)
+  // (With dropout at d64 it spilled 4-12 bytes and measured -0.7 to +2.2% against dK first: not taken.)
   static constexpr bool kDqFirst = !(kDropout && !(kTma_ && kBlockM_ == 64)) && !(kLocal_ && kAlibi_);
   using Mod = ScoreMod<kCausal_, kLocal_, kSoftcap_, kAlibi_>;
   // 1 / (1 - p), applied once to dK, dV and dQ (see bwd_sm80.cuh).
@@ -662,8 +662,8 @@ __device__ __forceinline__ void store_step_stats(float* s_lse, float* s_dvec, co
 
 // C::kMaskWarps: producer warp `pw` makes the step's dropout masks of consumer warps pw and pw + 4
 // into stage `stage` (lane for lane: the calls and the shuffle a consumer lane would make,
-// common/dropout.cuh). One Philox call at a time: d64's four calls a warp unrolled spilled in 32
-// registers.
+// common/dropout.cuh). One Philox call at a time: d64's four calls a warp unrolled spilled (24
+// bytes even in 32 registers; the producer has 24).
 template <class C>
 __device__ __forceinline__ void make_step_masks(const BwdParams& p, const Smem<C>& sm, const Work<C>& w,
                                                 typename bwd::QuerySteps<C>::Pos s, int stage, int pw, int lane) {
