@@ -247,7 +247,7 @@ struct Smem {
   float *lse, *dvec, *dq;
   uint2* mask;  // C::kMaskWarps: two stages of a uint2 a consumer thread
   uint64_t* kv_full;
-  Ring<2>* ring;  // a step's Q, dO, lse and D
+  Ring<2>* ring;  // a step's Q, dO, lse and D (and with dropout its masks)
 
   __device__ __forceinline__ explicit Smem(unsigned char* base) {
     k = reinterpret_cast<elem_t*>(base);
@@ -381,17 +381,15 @@ __device__ __forceinline__ auto dq_writer(const F& write) {
 // query block row0 of head mod's: dV, dK accumulated, dQ (this warpgroup's share) returned, every
 // product retired on return. stage_bytes: the Q / dO stage; s_lse, s_dvec: its statistics; sdS,
 // ds_bytes: the dS^T buffer. sync_ds() runs between storing dS^T and dQ (every warp's keys of dS^T
-// are in); under_dq() after dQ is issued, before the wait for it: the tensor cores are busy there and
-// the issue slots free (the producer-warpgroup kernel makes the next step's dropout mask). With
-// C::kDqFirst, with_dq(dq) once dQ has retired, while dK still runs (it writes dQ out); otherwise
-// the caller writes dQ after the step.
-template <class C, class Mask, class SyncDs, class UnderDq, class WithDq>
+// are in). With C::kDqFirst, with_dq(dq) once dQ has retired, while dK still runs (it writes dQ
+// out); otherwise the caller writes dQ after the step.
+template <class C, class Mask, class SyncDs, class WithDq>
 __device__ __forceinline__ void step_products(const typename C::Mod& mod, const Descs<C>& d, uint32_t stage_bytes,
                                               const float* s_lse, const float* s_dvec, elem_t* sdS, uint32_t ds_bytes,
                                               const Mask& keep, int row0, int my_key0, int r0, int lane,
                                               float scale_log2, float (&dk)[1][C::kNtD][4],
                                               float (&dv)[1][C::kNtD][4], float (&dq)[64 / 8][4], SyncDs sync_ds,
-                                              UnderDq under_dq, WithDq with_dq) {
+                                              WithDq with_dq) {
   // S^T = K Q^T and dP^T = V dO^T, two commit groups.
   float st[1][C::kNtM][4], dpt[1][C::kNtM][4];
   wgmma_fence();
@@ -483,7 +481,6 @@ __device__ __forceinline__ void step_products(const typename C::Mod& mod, const 
     gemm_frag_t<C>(dk[0], dsa[0], d.q_b, stage_bytes);  // dK += dS^T Q
     wgmma_commit();
   }
-  under_dq();  // reads no accumulator and no A fragment (keep is not read past dS^T)
   if constexpr (C::kDqFirst) {
     wgmma_wait<1>();
     wgmma_settle(dq);
@@ -624,7 +621,7 @@ __global__ void __launch_bounds__(C::kThreads, 1) dkdv_kernel(const __grid_const
       add_dq<C>(p, seq, cur.h, cur.row0, dq_row, dq_half, s_dq, q, lane);
     };
     step_products<C>(mod, d, buf * C::TileM::kBytes, sm.lse_stage(buf), sm.dvec_stage(buf), sm.ds, 0, keep, cur.row0,
-                     my_key0, r0, lane, scale_log2, dk, dv, dq, [] { __syncthreads(); }, [] {}, dq_writer<C>(write_dq));
+                     my_key0, r0, lane, scale_log2, dk, dv, dq, [] { __syncthreads(); }, dq_writer<C>(write_dq));
     if constexpr (!C::kDqFirst) write_dq(dq);
     if (step + 1 < steps) keep = step_mask<C>(p, w.b, next, my_key0, lane);
     cur = next;
@@ -675,9 +672,7 @@ __device__ __forceinline__ void make_step_masks(const BwdParams& p, const Smem<C
 #pragma unroll 1
     for (int span = 0; span < Mask::kSpans; ++span)
       Mask::add_call(half, span, drop.keep_flags(Mask::call_query(s.row0, span, lane), w.key0 + warp * 16 + (lane >> 2)));
-    Mask m(make_uint2(0u, 0u));
-    m.finish(half, lane);
-    sm.mask_stage(stage)[warp * 32 + lane] = make_uint2(m.bits[0], m.bits[1]);
+    sm.mask_stage(stage)[warp * 32 + lane] = Mask::finish(half, lane);
   }
 }
 
@@ -784,7 +779,7 @@ __device__ __forceinline__ void consume(const BwdParams& p, const Smem<C>& sm, u
     };
     step_products<C>(mod, d, st.stage * C::TileM::kBytes, sm.lse_stage(st.stage), sm.dvec_stage(st.stage),
                      sm.ds + st.stage * C::TileS::kBytes / 2, st.stage * C::TileS::kBytes, keep, cur.row0, my_key0,
-                     r0, lane, scale_log2, dk, dv, dq, sync, [] {}, dq_writer<C>(write_dq));
+                     r0, lane, scale_log2, dk, dv, dq, sync, dq_writer<C>(write_dq));
     sm.ring->release(st);
     if constexpr (!C::kDqFirst) write_dq(dq);
     cur = next;

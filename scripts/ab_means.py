@@ -19,7 +19,7 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from targets import _key, point  # noqa: E402  (same folder)
+from targets import point, point_key  # noqa: E402  (same folder)
 
 
 def figure(row: dict) -> float | None:
@@ -27,29 +27,29 @@ def figure(row: dict) -> float | None:
     return row.get("flashjit_bwd_tflops", row.get("tflops")) or None
 
 
-def timings(out: str, script: str, variant: str) -> dict[tuple, list[float]]:
-    """Point key -> the variant's figures, one a pass that timed it."""
+def timings(out: str, script: str, variant: str) -> tuple[dict[tuple, list[float]], dict[tuple, dict]]:
+    """(point key -> the variant's figures, one a pass that timed it; point key -> a row of it)."""
     found: dict[tuple, list[float]] = {}
+    rows: dict[tuple, dict] = {}
     for path in sorted(glob.glob(os.path.join(out, f"{script}-{variant}-*", f"{script}.json"))):
         with open(path) as f:
             for row in json.load(f)["rows"]:
+                rows[point_key(row)] = row
                 if figure(row):
-                    found.setdefault(_key(row), []).append(figure(row))
-    return found
+                    found.setdefault(point_key(row), []).append(figure(row))
+    return found, rows
 
 
 def table(out: str, script: str, variants: list[str], plain: str | None = None) -> list[str]:
     """One line a point timed by the first variant: each variant's mean (and its passes), its change
     against the first, and with `plain` its dropout cost."""
-    runs = {v: timings(out, script, v) for v in variants}
-    rows = {}
-    for path in glob.glob(os.path.join(out, f"{script}-{variants[0]}-*", f"{script}.json")):
-        with open(path) as f:
-            rows.update((_key(r), r) for r in json.load(f)["rows"])
+    read = {v: timings(out, script, v) for v in variants}  # each pass's JSON once
+    runs = {v: found for v, (found, _) in read.items()}
+    rows = read[variants[0]][1]
     base_rows = {}
     if plain:
         with open(plain) as f:
-            base_rows = {_key(r)[:-1]: r for r in json.load(f)["rows"] if not r.get("dropout_p")}
+            base_rows = {point_key(r)[:-1]: r for r in json.load(f)["rows"] if not r.get("dropout_p")}
     lines = []
     for key in sorted(rows, key=lambda k: tuple(str(x) for x in k)):
         first = statistics.mean(runs[variants[0]][key]) if key in runs[variants[0]] else None

@@ -63,7 +63,8 @@ BACKWARD = [
 ]
 
 
-def _key(row: dict) -> tuple:
+def point_key(row: dict) -> tuple:
+    """A point's identity in a table: its shape and dropout (the last field), not its figures."""
     return (row["dtype"], row["d_head"], row["causal"], row["seqlen"], row["batch"], row["heads"], row.get("heads_k"),
             row.get("dropout_p") or 0.0)
 
@@ -73,17 +74,17 @@ def merged(paths: list[str]) -> list[dict]:
     for path in paths:
         with open(path) as f:
             for row in json.load(f)["rows"]:
-                rows[_key(row)] = row
+                rows[point_key(row)] = row
     return list(rows.values())
 
 
 def dropout_costs(rows: list[dict]) -> list[tuple[dict, float | None]]:
     """(row with dropout, its backward's extra time over the same point without dropout, None if that was
     not timed): time goes as 1 / TFLOP/s at a fixed point."""
-    plain = {_key(r)[:-1]: r for r in rows if not r.get("dropout_p")}
+    plain = {point_key(r)[:-1]: r for r in rows if not r.get("dropout_p")}
     out = []
     for row in (r for r in rows if r.get("dropout_p")):
-        base = plain.get(_key(row)[:-1])
+        base = plain.get(point_key(row)[:-1])
         ok = base and base.get("flashjit_bwd_tflops") and row.get("flashjit_bwd_tflops")
         out.append((row, base["flashjit_bwd_tflops"] / row["flashjit_bwd_tflops"] - 1 if ok else None))
     return out

@@ -181,12 +181,14 @@ struct PackedKeyRowsMask {
     uint32_t half[2] = {0u, 0u};
 #pragma unroll
     for (int span = 0; span < kSpans; ++span) add_call(half, span, drop.keep_flags(call_query(query0, span, lane), my_key0));
-    finish(half, lane);
+    const uint2 made = finish(half, lane);
+    bits[0] = made.x, bits[1] = made.y;
   }
 
-  // The constructor in parts, for a caller that orders the calls itself (bwd_sm90.cuh's mask warps,
-  // in 32 registers): span's call is at (call_query, my_key0); add_call packs its flags into the
-  // calls' halves e = 0, 1 (words 0, 1 and 2, 3); finish keeps this lane's.
+  // The constructor in parts, for a caller that orders the calls itself (bwd_sm90.cuh's producer
+  // warps, one call at a time in 24 registers): span's call is at (call_query, my_key0); add_call
+  // packs its flags into the calls' halves e = 0, 1 (words 0, 1 and 2, 3); finish returns this
+  // lane's bits (as bits[0], bits[1]).
   __device__ __forceinline__ static int call_query(int query0, int span, int lane) {
     return query0 + span * 32 + (lane & 3) * 2 + ((lane >> 2) & 1);  // the residue of this lane's parity
   }
@@ -198,12 +200,11 @@ struct PackedKeyRowsMask {
   }
   // Mine: the half of my parity (my keys) of my residue's calls; the other goes to lane ^ 4, whose
   // keys have the other parity and who made the other residue's calls.
-  __device__ __forceinline__ void finish(const uint32_t (&half)[2], int lane) {
+  __device__ __forceinline__ static uint2 finish(const uint32_t (&half)[2], int lane) {
     const int parity = (lane >> 2) & 1;  // = my_key0 & 1
     const uint32_t mine = parity ? half[1] : half[0], theirs = parity ? half[0] : half[1];
     const uint32_t received = __shfl_xor_sync(0xffffffffu, theirs, 4);
-    bits[0] = parity ? received : mine;
-    bits[1] = parity ? mine : received;
+    return make_uint2(parity ? received : mine, parity ? mine : received);
   }
 
   __device__ __forceinline__ static constexpr int slot(int span, int w) { return 2 * span + w; }
