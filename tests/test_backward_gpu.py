@@ -447,7 +447,8 @@ WIDE = [  # (B, Sq, Sk, H, H_k, d, causal, features, dtype)
 
 
 def _wide_case(shape):
-    """(config, q, k, v, kwargs, dropout mask or None) of a WIDE shape."""
+    """(config, q, k, v, kwargs, dropout mask or None) of a WIDE shape (or any (B, Sq, Sk, H, H_k, d, causal,
+    features, dtype) shape: the TMA-fed kernel with 64-query steps, narrow below d 129)."""
     b, sq, sk, h, hk, d, causal, features, dtype = shape
     kwargs = dict(causal=causal, softmax_scale=_odd_scale(d))
     if "window" in features:
@@ -485,6 +486,22 @@ def test_wide_backward_matches_reference(shape):
     in fp32, or in 16 bits in the 256 tile; dQ staged per warp in shared memory and added by bulk
     reductions) against the fp32 reference with poisoned outputs: d 160/192/224/256, bf16 and fp16, odd lengths (partial 64-key and 64-query blocks), Sq != Sk,
     causal rows that see no key, GQA, window, ALiBi, softcap and dropout (the forward's Philox mask)."""
+    _wide_check(*_wide_case(shape))
+
+
+# Dropout with score features in the narrow TMA kernel: its producer warps make the masks, and at its
+# 64-query steps (d 65-128) dQ goes before dK with dropout too, but not with a window and ALiBi together.
+NARROW_DROPOUT_FEATURES = [  # (B, Sq, Sk, H, H_k, d, causal, features, dtype)
+    (1, 211, 150, 4, 2, 96, True, "window+softcap+dropout", "bf16"),  # dQ first; rows with no key
+    (2, 130, 257, 4, 1, 128, False, "softcap+alibi+dropout", "fp16"),  # dQ first; keys past the last block
+    (1, 150, 211, 2, 2, 80, True, "window+alibi+dropout", "bf16"),  # dK first (window and ALiBi)
+]
+
+
+@pytest.mark.parametrize("shape", NARROW_DROPOUT_FEATURES, ids=str)
+def test_narrow_tma_dropout_with_features_matches_reference(shape):
+    """The narrow TMA backward with dropout and a window, softcap or ALiBi (the dropout tests above run it
+    without features) against the fp32 reference with the forward's Philox mask, poisoned outputs."""
     _wide_check(*_wide_case(shape))
 
 

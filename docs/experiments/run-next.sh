@@ -83,6 +83,8 @@
 #             ahead of V (docs/experiments/k-ahead.patch; FlashAttention-3's order): the forward GPU tests in its tree
 #   kahead    (ran in the fortieth session: level, d128 non-causal 16k -3.8%; refuted) it timed against main, bf16
 #             d64 / d128 / d256, causal or not, 4k and 16k, two processes each
+#   bwd-tests the backward's GPU tests and every dropout test (after a backward change; the fortieth session's
+#             landed mask warps ran them before test_narrow_tma_dropout_with_features_matches_reference existed)
 #   keptc     lazy rescaling (and so the kept max) for the persistent d96 / d128 causal defaults, `_xt_hb` against
 #             `_xt_hb_lr` at 1k-8k (+ the GQA point), two processes: one process in the thirty-ninth session read
 #             d128 4k +1.1%, 8k +0.4%, GQA +1.6% (within its noise)
@@ -91,7 +93,7 @@
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -245,6 +247,11 @@ dropout)
   DROP="--dtypes bf16 --head-dims 64 --seqlens 1024,4096 --causal 0,1 --dropout-p 0.1 --gqa ''"
   warm bench_backward.py "$DROP" "main philox1 noapply"
   passes bench_backward.py "$DROP" "main philox1 noapply"
+  ;;
+bwd-tests)
+  timeout 520 python3 -m pytest -q -n 16 -p no:cacheprovider --maxfail 30 tests/test_backward_gpu.py tests/test_flash_api.py \
+    tests/test_varlen.py tests/test_native_autograd.py tests/test_compile.py -k "dropout or backward_gpu" 2>&1 | tail -30 |
+    tee "$OUT/bwd-tests.txt"
   ;;
 tests)  # the GPU tests that run the dispatcher's forward defaults (every head dim, feature and odd shape)
   gpu_tests main tests
