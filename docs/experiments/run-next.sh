@@ -9,8 +9,10 @@
 #             lengths (--rounds 3 --configs): the data for making them defaults
 #   knobs2    (ran in the thirty-first session) lazy_rescale where no run had timed it: d192, d256's short causal rows, d96; two CTAs an
 #             SM at d64's short non-causal rows and causal 2k / 8k
-#   dropout   (ran in the thirty-eighth session: Philox's rounds 9-14%, the mask's application 4-11%) the attribution of dropout's backward cost (d64, 1k / 4k, p = 0.1): main, Philox with one
-#             round, the mask made but not applied (both timing only: their gradients are wrong)
+#   dropout   (ran in the thirty-eighth session, before the mask warps: Philox's rounds 9-14%, the mask's
+#             application 4-11%) the attribution of dropout's backward cost (d64, 1k / 4k, p = 0.1): main,
+#             Philox with one round, the mask made but not applied (both timing only: their gradients are
+#             wrong), then main without dropout, for each one's cost
 #   table [DTYPE]    issue 15's whole backward table (bench_backward, the defaults; bf16 unless fp16)
 #   gqa       issue 15's other GQA points (B=2 2k 32/4, B=1 4k 16/4), bf16 and fp16
 #   fwdtable DTYPE [HEAD_DIMS]   issue 14's forward table (bench_forward, the defaults, with FlexAttention;
@@ -83,8 +85,9 @@
 #             ahead of V (docs/experiments/k-ahead.patch; FlashAttention-3's order): the forward GPU tests in its tree
 #   kahead    (ran in the fortieth session: level, d128 non-causal 16k -3.8%; refuted) it timed against main, bf16
 #             d64 / d128 / d256, causal or not, 4k and 16k, two processes each
-#   bwd-tests the backward's GPU tests and every dropout test (after a backward change; the fortieth session's
-#             landed mask warps ran them before test_narrow_tma_dropout_with_features_matches_reference existed)
+#   bwd-tests [K]  the backward's GPU tests and every dropout test, or those `pytest -k K` selects (after a
+#             backward change; the fortieth session's landed mask warps ran them before
+#             test_narrow_tma_dropout_with_features_matches_reference existed)
 #   keptc     lazy rescaling (and so the kept max) for the persistent d96 / d128 causal defaults, `_xt_hb` against
 #             `_xt_hb_lr` at 1k-8k (+ the GQA point), two processes: one process in the thirty-ninth session read
 #             d128 4k +1.1%, 8k +0.4%, GQA +1.6% (within its noise)
@@ -247,11 +250,16 @@ dropout)
   DROP="--dtypes bf16 --head-dims 64 --seqlens 1024,4096 --causal 0,1 --dropout-p 0.1 --gqa ''"
   warm bench_backward.py "$DROP" "main philox1 noapply"
   passes bench_backward.py "$DROP" "main philox1 noapply"
+  # main without dropout, for each variant's cost over it
+  eval python3 scripts/bench_backward.py "${DROP/--dropout-p 0.1/}" --out "$OUT/nodrop" 2>&1 | grep -E "^bf16" |
+    tee -a "$OUT/bench.txt" || true
+  python3 scripts/ab_means.py "$OUT" --script bench_backward --variants main philox1 noapply \
+    --plain "$OUT/nodrop/bench_backward.json" 2>&1 | tee -a "$OUT/bench.txt" || true
   ;;
-bwd-tests)
+bwd-tests)  # [K]: the tests `pytest -k K` selects
   timeout 520 python3 -m pytest -q -n 16 -p no:cacheprovider --maxfail 30 tests/test_backward_gpu.py tests/test_flash_api.py \
-    tests/test_varlen.py tests/test_native_autograd.py tests/test_compile.py -k "dropout or backward_gpu" 2>&1 | tail -30 |
-    tee "$OUT/bwd-tests.txt"
+    tests/test_varlen.py tests/test_native_autograd.py tests/test_compile.py -k "${2:-dropout or backward_gpu}" 2>&1 |
+    tail -30 | tee "$OUT/bwd-tests.txt"
   ;;
 tests)  # the GPU tests that run the dispatcher's forward defaults (every head dim, feature and odd shape)
   gpu_tests main tests
