@@ -88,6 +88,10 @@
 #   bwd-tests [K]  the backward's GPU tests and every dropout test, or those `pytest -k K` selects (after a
 #             backward change; the fortieth session's landed mask warps ran them before
 #             test_narrow_tma_dropout_with_features_matches_reference existed)
+#   treemax   a row's max over a thread's scores as a tree in fwd::softmax_rows (tree-max.patch; the kept-max
+#             steps have had one since the thirty-ninth session), depth log2 kNtC instead of a chain of kNtC
+#             FMNMX: the same instructions (sass_steps), results bit for bit; main against it, causal bf16
+#             d64 / d128 / d256 at 1k / 4k / 16k and the GQA point, two processes each
 #   keptc     lazy rescaling (and so the kept max) for the persistent d96 / d128 causal defaults, `_xt_hb` against
 #             `_xt_hb_lr` at 1k-8k (+ the GQA point), two processes: one process in the thirty-ninth session read
 #             d128 4k +1.1%, 8k +0.4%, GQA +1.6% (within its noise)
@@ -96,7 +100,7 @@
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -298,6 +302,12 @@ kahead)
   ARGS="--dtypes bf16 --head-dims 64,128,256 --causal 0,1 --seqlens 4096,16384 --gqa '' --no-flex"
   warm bench_forward.py "$ARGS" "main kahead"
   passes bench_forward.py "$ARGS" "main kahead"
+  ;;
+treemax)  # (the paths softmax_rows serves: causal steps, masked and first blocks, d64's short causal two-CTA kernel)
+  variant treemax "$EXP/tree-max.patch" >/dev/null
+  ARGS="--dtypes bf16 --head-dims 64,128,256 --causal 1 --seqlens 1024,4096,16384 --gqa 8192 --no-flex"
+  warm bench_forward.py "$ARGS" "main treemax"
+  passes bench_forward.py "$ARGS" "main treemax"
   ;;
 keptc)
   F=fwd_sm90_bf16_d128_m128_n128_st2_ov1_pp1_ps1_causal1
