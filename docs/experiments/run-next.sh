@@ -91,7 +91,7 @@
 #   treemax   a row's max over a thread's scores as a tree in fwd::softmax_rows (tree-max.patch; the kept-max
 #             steps have had one since the thirty-ninth session), depth log2 kNtC instead of a chain of kNtC
 #             FMNMX: the same instructions (sass_steps), results bit for bit; main against it, causal bf16
-#             d64 / d128 / d256 at 1k / 4k / 16k and the GQA point, two processes each
+#             d64 / d128 (or the head dims given) at 1k / 4k / 16k and the GQA point, two processes each
 #   keptc     lazy rescaling (and so the kept max) for the persistent d96 / d128 causal defaults, `_xt_hb` against
 #             `_xt_hb_lr` at 1k-8k (+ the GQA point), two processes: one process in the thirty-ninth session read
 #             d128 4k +1.1%, 8k +0.4%, GQA +1.6% (within its noise)
@@ -303,9 +303,9 @@ kahead)
   warm bench_forward.py "$ARGS" "main kahead"
   passes bench_forward.py "$ARGS" "main kahead"
   ;;
-treemax)  # (the paths softmax_rows serves: causal steps, masked and first blocks, d64's short causal two-CTA kernel)
+treemax)  # [HEAD_DIMS] (the paths softmax_rows serves: causal steps, masked and first blocks, d64's short causal two-CTA kernel)
   variant treemax "$EXP/tree-max.patch" >/dev/null
-  ARGS="--dtypes bf16 --head-dims 64,128,256 --causal 1 --seqlens 1024,4096,16384 --gqa 8192 --no-flex"
+  ARGS="--dtypes bf16 --head-dims ${2:-64,128} --causal 1 --seqlens 1024,4096,16384 --gqa 8192 --no-flex"
   warm bench_forward.py "$ARGS" "main treemax"
   passes bench_forward.py "$ARGS" "main treemax"
   ;;
