@@ -539,17 +539,18 @@ __device__ __forceinline__ void write_dkdv(const BwdParams& p, const Work<C>& w,
   bwd::store_rows<C, C::kBlockN>(p.dv, w.b, w.h_k, w.seq.k_start + w.key0, sm.dout, w.keys, tid);
 }
 
-// Dropout (common/dropout.cuh): this warp's masks, rows = keys, for a step. Made at the end of the
-// step before (the producer-warpgroup kernel: under its dK and dQ products) and held through this
-// one's S^T and P^T: the producer-warpgroup kernel's 240 registers hold them packed (2 registers
-// instead of kNtM / 2: d_head 64's dropout spilled 57-67 instructions' worth without), the cp.async
-// kernel's 255 as the sm_80 kernel does.
+// Dropout (common/dropout.cuh): this warp's masks, rows = keys, for a step (nothing made unless
+// enabled). The cp.async kernel and the wide kernel's WG0 make them at the end of the step before and
+// hold them through this one's S^T and P^T (the narrow TMA kernel's come from its producer warps:
+// make_step_masks): the TMA kernels' 240 registers hold them packed (2 registers instead of kNtM / 2:
+// d_head 64's dropout spilled 57-67 instructions' worth without), the cp.async kernel's 255 as the
+// sm_80 kernel does.
 template <class C>
 using StepMask = std::conditional_t<C::kTma, PackedKeyRowsMask<C::kNtM>, KeyRowsMask<1, C::kNtM>>;
 template <class C>
 __device__ __forceinline__ StepMask<C> step_mask(const BwdParams& p, int b, typename bwd::QuerySteps<C>::Pos s,
-                                                 int my_key0, int lane) {
-  return StepMask<C>(C::kDropout, Dropout(p.mods, int(int64_t(b) * p.heads + s.h)), s.row0, my_key0, lane);
+                                                 int my_key0, int lane, bool enabled = C::kDropout) {
+  return StepMask<C>(enabled, Dropout(p.mods, int(int64_t(b) * p.heads + s.h)), s.row0, my_key0, lane);
 }
 
 // ---- The cp.async kernel -------------------------------------------------------------------------
@@ -772,8 +773,7 @@ __device__ __forceinline__ void consume(const BwdParams& p, const Smem<C>& sm, u
     sm.ring->wait(st);
     // Dropout: this lane's mask for the step, made by the producer warps (make_step_masks) into the stage.
     static_assert(!C::kDropout || C::kMaskWarps, "the narrow TMA kernel takes its masks from the mask warps");
-    PackedKeyRowsMask<C::kNtM> keep(make_uint2(0u, 0u));
-    if constexpr (C::kDropout) keep = PackedKeyRowsMask<C::kNtM>(sm.mask_stage(st.stage)[tid]);
+    const PackedKeyRowsMask<C::kNtM> keep(C::kDropout ? sm.mask_stage(st.stage)[tid] : make_uint2(0u, 0u));
     const auto write_dq = [&](const float (&q)[64 / 8][4]) {
       add_dq<C>(p, seq, cur.h, cur.row0, dq_row, dq_half, s_dq, q, lane);
     };
@@ -921,11 +921,8 @@ __device__ __forceinline__ void consume_wide(const BwdParams& p, const Smem<C>& 
   using StepPos = typename bwd::QuerySteps<C>::Pos;
   const int steps = w.steps.count;
   StepPos cur = w.steps.first();
-  // Dropout's masks, WG0 only (WG1 reads them from P^T's signs), made a step ahead as the narrow kernel.
-  const auto mask_of = [&](StepPos s) {
-    return StepMask<C>(C::kDropout && kWg == 0, Dropout(p.mods, int(int64_t(w.b) * p.heads + s.h)), s.row0, my_key0,
-                       lane);
-  };
+  // Dropout's masks, WG0 only (WG1 reads them from P^T's signs), made a step ahead.
+  const auto mask_of = [&](StepPos s) { return step_mask<C>(p, w.b, s, my_key0, lane, C::kDropout && kWg == 0); };
   auto keep = mask_of(cur);
   if (steps > 0) mbarrier_wait(sm.kv_full, 0);
   for (int step = 0; step < steps; ++step) {
