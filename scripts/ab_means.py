@@ -19,7 +19,7 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from targets import point, point_key  # noqa: E402  (same folder)
+from targets import extra_time, plain_points, point, point_key  # noqa: E402  (same folder)
 
 
 def figure(row: dict) -> float | None:
@@ -34,9 +34,10 @@ def timings(out: str, script: str, variant: str) -> tuple[dict[tuple, list[float
     for path in sorted(glob.glob(os.path.join(out, f"{script}-{variant}-*", f"{script}.json"))):
         with open(path) as f:
             for row in json.load(f)["rows"]:
-                rows[point_key(row)] = row
-                if figure(row):
-                    found.setdefault(point_key(row), []).append(figure(row))
+                key, value = point_key(row), figure(row)
+                rows[key] = row
+                if value:
+                    found.setdefault(key, []).append(value)
     return found, rows
 
 
@@ -49,7 +50,7 @@ def table(out: str, script: str, variants: list[str], plain: str | None = None) 
     base_rows = {}
     if plain:
         with open(plain) as f:
-            base_rows = {point_key(r)[:-1]: r for r in json.load(f)["rows"] if not r.get("dropout_p")}
+            base_rows = plain_points(json.load(f)["rows"])
     lines = []
     for key in sorted(rows, key=lambda k: tuple(str(x) for x in k)):
         first = statistics.mean(runs[variants[0]][key]) if key in runs[variants[0]] else None
@@ -65,7 +66,7 @@ def table(out: str, script: str, variants: list[str], plain: str | None = None) 
             if v != variants[0] and first:
                 cell += f" {mean / first - 1:+.1%}"
             if base:
-                cell += f" cost {base / mean - 1:+.1%}"
+                cell += f" cost {extra_time(base, mean):+.1%}"
             cells.append(cell)
         lines.append(f"{point(rows[key])}: " + "; ".join(cells))
     return lines

@@ -78,16 +78,24 @@ def merged(paths: list[str]) -> list[dict]:
     return list(rows.values())
 
 
+def plain_points(rows: list[dict]) -> dict[tuple, dict]:
+    """The rows without dropout, by their point's shape (point_key without the dropout field)."""
+    return {point_key(r)[:-1]: r for r in rows if not r.get("dropout_p")}
+
+
+def extra_time(plain_tflops: float | None, tflops: float | None) -> float | None:
+    """The extra time of a point timed at `tflops` over the same point at `plain_tflops` (time goes as
+    1 / TFLOP/s at a fixed point); None without both figures."""
+    return plain_tflops / tflops - 1 if plain_tflops and tflops else None
+
+
 def dropout_costs(rows: list[dict]) -> list[tuple[dict, float | None]]:
     """(row with dropout, its backward's extra time over the same point without dropout, None if that was
-    not timed): time goes as 1 / TFLOP/s at a fixed point."""
-    plain = {point_key(r)[:-1]: r for r in rows if not r.get("dropout_p")}
-    out = []
-    for row in (r for r in rows if r.get("dropout_p")):
-        base = plain.get(point_key(row)[:-1])
-        ok = base and base.get("flashjit_bwd_tflops") and row.get("flashjit_bwd_tflops")
-        out.append((row, base["flashjit_bwd_tflops"] / row["flashjit_bwd_tflops"] - 1 if ok else None))
-    return out
+    not timed)."""
+    plain = plain_points(rows)
+    return [(row, extra_time(plain.get(point_key(row)[:-1], {}).get("flashjit_bwd_tflops"),
+                             row.get("flashjit_bwd_tflops")))
+            for row in rows if row.get("dropout_p")]
 
 
 def report(target: Target, rows: list[dict]) -> tuple[bool, list[str]]:
