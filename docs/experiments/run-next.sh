@@ -100,7 +100,7 @@
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|short}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|short|early}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -308,6 +308,19 @@ treemax)  # [HEAD_DIMS] (the paths softmax_rows serves: causal steps, masked and
   ARGS="--dtypes bf16 --head-dims ${2:-64,128} --causal 1 --seqlens 1024,4096,16384 --gqa 8192 --no-flex"
   warm bench_forward.py "$ARGS" "main treemax"
   passes bench_forward.py "$ARGS" "main treemax"
+  ;;
+early)  # dropout's masks made before the stage's wait (masks-early.patch): the backward dropout tests on it, then
+  # main / early at d64 and d128 (p = 0.1), two processes each, and main without dropout for the cost
+  variant early "$EXP/masks-early.patch" >/dev/null
+  with_variant early timeout 200 python3 -m pytest -q -n 16 -p no:cacheprovider --maxfail 30 tests/test_backward_gpu.py \
+    tests/test_flash_api.py tests/test_native_autograd.py -k dropout 2>&1 | tail -3 | tee "$OUT/early-tests.txt"
+  DROP="--dtypes bf16 --head-dims 64,128 --seqlens 1024,4096 --causal 0,1 --dropout-p 0.1 --gqa ''"
+  warm bench_backward.py "$DROP" "main early"
+  passes bench_backward.py "$DROP" "main early"
+  eval python3 scripts/bench_backward.py "${DROP/--dropout-p 0.1/}" --out "$OUT/nodrop" 2>&1 | grep -E "^bf16" |
+    tee -a "$OUT/bench.txt" || true
+  python3 scripts/ab_means.py "$OUT" --script bench_backward --variants main early \
+    --plain "$OUT/nodrop/bench_backward.json" 2>&1 | tee -a "$OUT/bench.txt" || true
   ;;
 short)  # [HEAD_DIMS] calls of <= 64 queries: main (the sm_80 family's 64-row tile) against short-sm90.patch (the Hopper defaults)
   variant short "$EXP/short-sm90.patch" >/dev/null
