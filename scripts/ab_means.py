@@ -4,7 +4,8 @@ times every variant in two processes (the order reversed in the second), each pa
 OUT/<script>-<variant>-<pass>/<script>.json; the perf log reports the means and changes this prints.
 
 Forward rows (scripts/bench_forward.py) give `tflops`; backward rows (scripts/bench_backward.py) the
-backward's `flashjit_bwd_tflops`. With --plain (a backward JSON timed without dropout), each dropout point
+backward's `flashjit_bwd_tflops`; a varlen batch's rows (scripts/bench_varlen.py) the forward's `flashjit`
+(its point: S=varlen, B = the batch's sequences). With --plain (a backward JSON timed without dropout), each dropout point
 also shows each variant's dropout cost: its backward's extra time over the plain point (as targets.py).
 
     python3 scripts/ab_means.py OUT --script bench_backward --variants main mw mwdq --plain OUT/nodrop/bench_backward.json
@@ -27,13 +28,22 @@ def figure(row: dict) -> float | None:
     return row.get("flashjit_bwd_tflops", row.get("tflops")) or None
 
 
+def rows_of(doc: dict) -> list[dict]:
+    """A JSON's rows as forward and backward rows: bench_varlen's name one dtype for the file and their
+    batch by its sequences, so they take those fields and the forward's figure as `tflops`."""
+    if "lengths" not in doc:
+        return doc["rows"]
+    return [{**row, "dtype": doc["dtype"], "seqlen": "varlen", "batch": row["sequences"], "heads": None,
+             "tflops": row["flashjit"]} for row in doc["rows"]]
+
+
 def timings(out: str, script: str, variant: str) -> tuple[dict[tuple, list[float]], dict[tuple, dict]]:
     """(point key -> the variant's figures, one a pass that timed it; point key -> a row of it)."""
     found: dict[tuple, list[float]] = {}
     rows: dict[tuple, dict] = {}
     for path in sorted(glob.glob(os.path.join(out, f"{script}-{variant}-*", f"{script}.json"))):
         with open(path) as f:
-            for row in json.load(f)["rows"]:
+            for row in rows_of(json.load(f)):
                 key, value = point_key(row), figure(row)
                 rows[key] = row
                 if value:

@@ -310,6 +310,13 @@ def test_ab_means_reads_passes_off_benchmark_json(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "ab_means.py"), str(tmp_path), "--script",
                              "bench_forward", "--variants", "main"], capture_output=True, text=True)
     assert result.returncode == 1 and "no bench_forward JSON" in result.stdout
+    # a varlen batch's JSON (scripts/bench_varlen.py): one dtype for the file, the batch by its sequences
+    for v, n, t in (("main", 1, 300.0), ("main", 2, 310.0), ("ks", 1, 320.0)):
+        (tmp_path / f"bench_varlen-{v}-{n}").mkdir()
+        (tmp_path / f"bench_varlen-{v}-{n}" / "bench_varlen.json").write_text(json.dumps(dict(
+            dtype="bf16", lengths=[100, 1500], rows=[dict(d_head=64, causal=False, sequences=2, flashjit=t)])))
+    line, = ab_means.table(str(tmp_path), "bench_varlen", ["main", "ks"])
+    assert line == f"bf16 d64 non-causal S=varlen B=2 H=None: main 305.0 (300.0 / 310.0); ks 320.0 (320.0) {320 / 305 - 1:+.1%}"
 
 
 def test_targets_reads_issue_targets_off_benchmark_json(tmp_path):
