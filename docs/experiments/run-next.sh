@@ -309,11 +309,9 @@ treemax)  # [HEAD_DIMS] (the paths softmax_rows serves: causal steps, masked and
   warm bench_forward.py "$ARGS" "main treemax"
   passes bench_forward.py "$ARGS" "main treemax"
   ;;
-early)  # dropout's masks made before the stage's wait (masks-early.patch): the backward dropout tests on it, then
-  # main / early at d64 and d128 (p = 0.1), two processes each, and main without dropout for the cost
+early)  # dropout's masks made before the stage's wait (masks-early.patch): main / early at d64 and d128 (p = 0.1),
+  # two processes each, main without dropout for the cost, then the backward's dropout tests on it
   variant early "$EXP/masks-early.patch" >/dev/null
-  with_variant early timeout 200 python3 -m pytest -q -n 16 -p no:cacheprovider --maxfail 30 tests/test_backward_gpu.py \
-    tests/test_flash_api.py tests/test_native_autograd.py -k dropout 2>&1 | tail -3 | tee "$OUT/early-tests.txt"
   DROP="--dtypes bf16 --head-dims 64,128 --seqlens 1024,4096 --causal 0,1 --dropout-p 0.1 --gqa ''"
   warm bench_backward.py "$DROP" "main early"
   passes bench_backward.py "$DROP" "main early"
@@ -321,6 +319,8 @@ early)  # dropout's masks made before the stage's wait (masks-early.patch): the 
     tee -a "$OUT/bench.txt" || true
   python3 scripts/ab_means.py "$OUT" --script bench_backward --variants main early \
     --plain "$OUT/nodrop/bench_backward.json" 2>&1 | tee -a "$OUT/bench.txt" || true
+  with_variant early timeout "${2:-300}" python3 -m pytest -q -n 16 -p no:cacheprovider --maxfail 30 \
+    tests/test_backward_gpu.py -k dropout 2>&1 | tail -3 | tee "$OUT/early-tests.txt"
   ;;
 short)  # [HEAD_DIMS] calls of <= 64 queries: main (the sm_80 family's 64-row tile) against short-sm90.patch (the Hopper defaults)
   variant short "$EXP/short-sm90.patch" >/dev/null
