@@ -309,10 +309,10 @@ treemax)  # [HEAD_DIMS] (the paths softmax_rows serves: causal steps, masked and
   warm bench_forward.py "$ARGS" "main treemax"
   passes bench_forward.py "$ARGS" "main treemax"
   ;;
-early)  # dropout's masks made before the stage's wait (masks-early.patch): main / early at d64 and d128 (p = 0.1),
+early)  # [TEST_SECONDS [HEAD_DIMS]] dropout's masks made before the stage's wait (masks-early.patch): main / early at d64 and d128 (p = 0.1),
   # two processes each, main without dropout for the cost, then the backward's dropout tests on it
   variant early "$EXP/masks-early.patch" >/dev/null
-  DROP="--dtypes bf16 --head-dims 64,128 --seqlens 1024,4096 --causal 0,1 --dropout-p 0.1 --gqa ''"
+  DROP="--dtypes bf16 --head-dims ${3:-64,128} --seqlens 1024,4096 --causal 0,1 --dropout-p 0.1 --gqa ''"
   warm bench_backward.py "$DROP" "main early"
   passes bench_backward.py "$DROP" "main early"
   eval python3 scripts/bench_backward.py "${DROP/--dropout-p 0.1/}" --out "$OUT/nodrop" 2>&1 | grep -E "^bf16" |
