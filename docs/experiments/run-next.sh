@@ -100,7 +100,7 @@
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|short|early}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|short|early|ncudrop}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -443,6 +443,18 @@ outlier)  # why d64 causal B=1 4k 16/4 ran 187 through autograd where flashjit.b
 fa3)  # needs .fa3bench/fa3_bench, built on the CPU machine by docs/experiments/fa3_bench/build.sh and carried
   FA3=$(fa3_bench)
   "$FA3" --table 2>&1 | tee "$OUT/fa3.txt"
+  ;;
+ncudrop)  # where d64's dropout backward waits (dK/dV kernel, non-causal 4k): with p = 0.1 and without. If the
+  # extra stalls are `no_instruction` (the instruction cache: the consumers' step loop is 13.8 KB with dropout,
+  # 11.4 KB without, and each scheduler also runs a producer warp's mask loop), the cost is code size, not
+  # the Philox rounds' latency or issue slots (docs/perf-log.md, forty-second session)
+  for p in 0.1 0; do
+    python3 scripts/profile_ncu.py --d 64 --seqlen 4096 --backward --kernel dkdv --dropout-p $p \
+      --out "$OUT/ncu-drop$p" >"$OUT/ncu-drop$p.log" 2>&1 || true
+    echo "== dropout $p"; cat "$OUT/ncu-drop$p/summary.txt" || tail -20 "$OUT/ncu-drop$p.log"
+    rm -f "$OUT/ncu-drop$p/report.ncu-rep"
+  done
+  tar -czf "$OUT/ncudrop.tgz" -C "$OUT" ncu-drop0.1 ncu-drop0 && rm -rf "$OUT"/ncu-drop0.1 "$OUT"/ncu-drop0
   ;;
 ncu128)  # ncu128 [CAUSAL [SEQLEN]]: where each kernel's warps wait, flashjit's and FA3's, same point (d128 bf16,
   # 16k tokens, 16 heads; non-causal 4k unless given, e.g. `ncu128 1 16384`: causal 16k, FA3 8% ahead there)
