@@ -7,8 +7,8 @@ forty-second session (docs/perf-log.md) timed the Hopper family's 192-row tile a
     python3 docs/experiments/short_queries_probe.py [--head-dims 64,128,256] [--sq 1,16,64] [--sk 1024,4096,16384]
         [--bh 16x32,2x8] [--causal 0,1]
 
-One line a point: head dim, causal, Sq, Sk, batch x heads, the kernel that ran (flashjit's
-`last_config`-free way: the dispatcher's own choice for the call) and its median time (do_bench).
+One line a point: head dim, causal, Sq, Sk, batch x heads, its median time (do_bench) and the kernel that
+ran (interface.chosen_config: the dispatcher's choice for the call, as flashjit.forward makes it).
 """
 import argparse
 
