@@ -173,6 +173,17 @@ causal_ab() {
 }
 # gpu_tests VARIANT NAME [MORE TESTS...]: the forward GPU tests ($FWD_TESTS, and MORE) in VARIANT's tree (main: this
 # one), cut off at 520 s so that a hung kernel still leaves the call its report; the tail to $OUT/NAME.txt.
+# A backward A/B with dropout 0.1 (HEAD_DIMS, "VARIANTS", the first the baseline; bf16 1k / 4k, causal or not),
+# then main without dropout, so each variant's dropout cost comes out of ab_means (--plain).
+dropout_ab() {
+  local drop="--dtypes bf16 --head-dims $1 --seqlens 1024,4096 --causal 0,1 --dropout-p 0.1 --gqa ''"
+  warm bench_backward.py "$drop" "$2"
+  passes bench_backward.py "$drop" "$2"
+  eval python3 scripts/bench_backward.py "${drop/--dropout-p 0.1/}" --out "$OUT/nodrop" 2>&1 | grep -E "^bf16" |
+    tee -a "$OUT/bench.txt" || true
+  python3 scripts/ab_means.py "$OUT" --script bench_backward --variants $2 \
+    --plain "$OUT/nodrop/bench_backward.json" 2>&1 | tee -a "$OUT/bench.txt" || true
+}
 gpu_tests() {
   local v=$1 name=$2
   shift 2
@@ -251,14 +262,7 @@ knobs3)
 dropout)
   variant philox1 "$EXP/dropout-philox1-timing-only.patch" >/dev/null
   variant noapply "$EXP/dropout-no-apply-timing-only.patch" >/dev/null
-  DROP="--dtypes bf16 --head-dims 64 --seqlens 1024,4096 --causal 0,1 --dropout-p 0.1 --gqa ''"
-  warm bench_backward.py "$DROP" "main philox1 noapply"
-  passes bench_backward.py "$DROP" "main philox1 noapply"
-  # main without dropout, for each variant's cost over it
-  eval python3 scripts/bench_backward.py "${DROP/--dropout-p 0.1/}" --out "$OUT/nodrop" 2>&1 | grep -E "^bf16" |
-    tee -a "$OUT/bench.txt" || true
-  python3 scripts/ab_means.py "$OUT" --script bench_backward --variants main philox1 noapply \
-    --plain "$OUT/nodrop/bench_backward.json" 2>&1 | tee -a "$OUT/bench.txt" || true
+  dropout_ab 64 "main philox1 noapply"
   ;;
 bwd-tests)  # [K]: the tests `pytest -k K` selects
   timeout 520 python3 -m pytest -q -n 16 -p no:cacheprovider --maxfail 30 tests/test_backward_gpu.py tests/test_flash_api.py \
@@ -312,13 +316,7 @@ treemax)  # [HEAD_DIMS] (the paths softmax_rows serves: causal steps, masked and
 early)  # [TEST_SECONDS [HEAD_DIMS]] dropout's masks made before the stage's wait (masks-early.patch): main / early at d64 and d128 (p = 0.1),
   # two processes each, main without dropout for the cost, then the backward's dropout tests on it
   variant early "$EXP/masks-early.patch" >/dev/null
-  DROP="--dtypes bf16 --head-dims ${3:-64,128} --seqlens 1024,4096 --causal 0,1 --dropout-p 0.1 --gqa ''"
-  warm bench_backward.py "$DROP" "main early"
-  passes bench_backward.py "$DROP" "main early"
-  eval python3 scripts/bench_backward.py "${DROP/--dropout-p 0.1/}" --out "$OUT/nodrop" 2>&1 | grep -E "^bf16" |
-    tee -a "$OUT/bench.txt" || true
-  python3 scripts/ab_means.py "$OUT" --script bench_backward --variants main early \
-    --plain "$OUT/nodrop/bench_backward.json" 2>&1 | tee -a "$OUT/bench.txt" || true
+  dropout_ab "${3:-64,128}" "main early"
   with_variant early timeout "${2:-300}" python3 -m pytest -q -n 16 -p no:cacheprovider --maxfail 30 \
     tests/test_backward_gpu.py -k dropout 2>&1 | tail -3 | tee "$OUT/early-tests.txt"
   ;;
