@@ -100,7 +100,7 @@
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|short|early|ncudrop}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|short|early|ncudrop|alu}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -263,6 +263,14 @@ dropout)
   variant philox1 "$EXP/dropout-philox1-timing-only.patch" >/dev/null
   variant noapply "$EXP/dropout-no-apply-timing-only.patch" >/dev/null
   dropout_ab 64 "main philox1 noapply"
+  ;;
+alu)  # dropout's Philox multiplies (IMAD.WIDE, the FMA pipe the consumers' FFMA / FMUL share) against ALU adds and
+  # rotates of the same count (dropout-alu-timing-only.patch), and one round, d64 p = 0.1: whether the
+  # consumers' dispatch stalls (ncudrop) come from FMA-pipe contention (alu near philox1) or from the rounds'
+  # instructions as such (alu near main)
+  variant alu "$EXP/dropout-alu-timing-only.patch" >/dev/null
+  variant philox1 "$EXP/dropout-philox1-timing-only.patch" >/dev/null
+  dropout_ab 64 "main alu philox1"
   ;;
 bwd-tests)  # [K]: the tests `pytest -k K` selects
   timeout 520 python3 -m pytest -q -n 16 -p no:cacheprovider --maxfail 30 tests/test_backward_gpu.py tests/test_flash_api.py \
