@@ -267,10 +267,12 @@ dropout)
 alu)  # dropout's Philox multiplies (IMAD.WIDE, the FMA pipe the consumers' FFMA / FMUL share) against ALU adds and
   # rotates of the same count (dropout-alu-timing-only.patch), and one round, d64 p = 0.1: whether the
   # consumers' dispatch stalls (ncudrop) come from FMA-pipe contention (alu near philox1) or from the rounds'
-  # instructions as such (alu near main)
+  # instructions as such (alu near main); and Threefry-4x32-13 (dropout-threefry-timing-only.patch: no multiply,
+  # a call loop of 110 instructions against Philox's 57), the price of a multiply-free generator of known
+  # quality (the thirty-eighth session's one-round Philox cost 9.7-12%; main 17-25%)
   variant alu "$EXP/dropout-alu-timing-only.patch" >/dev/null
-  variant philox1 "$EXP/dropout-philox1-timing-only.patch" >/dev/null
-  dropout_ab 64 "main alu philox1"
+  variant threefry "$EXP/dropout-threefry-timing-only.patch" >/dev/null
+  dropout_ab 64 "main alu threefry"
   ;;
 bwd-tests)  # [K]: the tests `pytest -k K` selects
   timeout 520 python3 -m pytest -q -n 16 -p no:cacheprovider --maxfail 30 tests/test_backward_gpu.py tests/test_flash_api.py \
