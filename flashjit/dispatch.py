@@ -143,11 +143,13 @@ def default_config(dtype: str, d_head: int, causal: bool, seqlen_q: int = 4096,
                    sink: bool = False, d_v: int = 0) -> KernelConfig | FwdSm90Config:
     """The dispatcher's choice when no tuned entry exists for (dtype, d_head, causal, seqlen_q) on a
     device allowing `smem_limit` bytes of shared memory per block. On sm_90a (`arch`) the Hopper
-    family, except for a single short block of queries (decoding-like, Sq <= 64), which gets the sm_80
-    kernel's 64-row tile rather than wasting most of a 128-row one. A value head dim `d_v` other than
-    d_head (MLA-style) takes the tiles of d_head (QK^T's width)."""
+    family at every length: a single short block of queries (Sq <= 64) wastes most of its 128- or
+    192-row tile, yet streams its keys 1.1-1.3x faster than the sm_80 kernel's 64-row tile at B x H = 512
+    and 1.4-2.5x at B x H = 16 (H100, Sq 1-64, Sk 1k-16k; d256 with many heads 0.99-1.06x:
+    docs/perf-log.md, forty-third session). A value head dim `d_v` other than d_head (MLA-style) takes the
+    tiles of d_head (QK^T's width)."""
     d_v = 0 if d_v == d_head else d_v
-    if arch == WGMMA_ARCH and seqlen_q > 64:
+    if arch == WGMMA_ARCH:
         tile = sm90_tile(d_head)
         short_causal = _SHORT_CAUSAL_BY_TILE.get(tile, SHORT_CAUSAL)
         keys = ((tile, "short causal") if causal and seqlen_q <= short_causal else None,
