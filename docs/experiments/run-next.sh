@@ -100,7 +100,7 @@
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|short|early|ncudrop|alu}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -329,19 +329,6 @@ early)  # [TEST_SECONDS [HEAD_DIMS]] dropout's masks made before the stage's wai
   dropout_ab "${3:-64,128}" "main early"
   with_variant early timeout "${2:-300}" python3 -m pytest -q -n 16 -p no:cacheprovider --maxfail 30 \
     tests/test_backward_gpu.py -k dropout 2>&1 | tail -3 | tee "$OUT/early-tests.txt"
-  ;;
-short)  # [HEAD_DIMS] calls of <= 64 queries: main (the sm_80 family's 64-row tile) against short-sm90.patch (the Hopper defaults)
-  variant short "$EXP/short-sm90.patch" >/dev/null
-  NAMES=(fwd_bf16_d{64,128}_br64_bc64_w4_ac1_el1_sw1_fq1_fk1_fv1_db1_os1_causal{0,1}
-    fwd_bf16_d256_br64_bc32_w4_ac1_el1_sw1_fq1_fk1_fv1_db0_os1_causal{0,1}
-    fwd_sm90_bf16_d64_m192_n128_st4_ov1_pp1_ps1_causal0_xt_lr fwd_sm90_bf16_d64_m128_n64_st4_ov0_pp0_ps1_causal1_x2
-    fwd_sm90_bf16_d128_m128_n128_st2_ov1_pp1_ps1_causal0_xt_lr fwd_sm90_bf16_d128_m128_n128_st2_ov1_pp1_ps1_causal1_xt_hb
-    fwd_sm90_bf16_d256_m128_n80_st2_ov1_pp1_ps0_causal0_lr fwd_sm90_bf16_d256_m128_n64_st2_ov1_pp1_ps0_causal1_lr)
-  python3 -m flashjit precompile --arch sm_90a --jobs 16 "${NAMES[@]}" 2>&1 | tail -1
-  for v in main short short main; do
-    echo "== $v"
-    with_variant $v python3 docs/experiments/short_queries_probe.py --head-dims "${2:-64,128,256}" 2>&1 | grep -E "^d|Error"
-  done | tee -a "$OUT/bench.txt"
   ;;
 keptc)
   F=fwd_sm90_bf16_d128_m128_n128_st2_ov1_pp1_ps1_causal1

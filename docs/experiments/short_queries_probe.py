@@ -1,8 +1,8 @@
 """Short-query probe: the forward's time for calls of at most 64 queries (decoding-like rows without a KV
 cache, cross-attention with few queries), through flashjit.forward's own dispatch, so that the same script
-run in main and in a variant of the dispatcher compares what a user's call would run. On sm_90a main sends
-Sq <= 64 to the sm_80 family's 64-row tile (flashjit/dispatch.py: default_config); the ks probe of the
-forty-second session (docs/perf-log.md) timed the Hopper family's 192-row tile ahead of it at d64.
+run in main and in a variant of the dispatcher compares what a user's call would run. Until the forty-third
+session main sent Sq <= 64 on sm_90a to the sm_80 family's 64-row tile; this probe timed the Hopper defaults
+1.1-2.5x ahead of it (docs/perf-log.md), and the dispatcher now picks them.
 
     python3 docs/experiments/short_queries_probe.py [--head-dims 64,128,256] [--sq 1,16,64] [--sk 1024,4096,16384]
         [--bh 16x32,2x8] [--causal 0,1]
