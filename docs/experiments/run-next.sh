@@ -100,7 +100,7 @@
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|mw}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -273,6 +273,14 @@ alu)  # dropout's Philox multiplies (IMAD.WIDE, the FMA pipe the consumers' FFMA
   variant alu "$EXP/dropout-alu-timing-only.patch" >/dev/null
   variant threefry "$EXP/dropout-threefry-timing-only.patch" >/dev/null
   dropout_ab 64 "main alu threefry"
+  ;;
+mw)  # the forward's dropout masks from the producer warpgroup's idle warps (fwd-mask-warps.patch, branch
+  # fwd-mask-warps): the forward GPU tests with dropout in it (the bit-for-bit mask test among them), then
+  # main / mw with dropout through autograd, d64 and d128 (bench_backward's fwd+bwd figure carries the
+  # forward's change; its bwd figure should stay level)
+  variant mw "$EXP/fwd-mask-warps.patch" >/dev/null
+  gpu_tests mw mw-tests -k dropout
+  dropout_ab 64,128 "main mw"
   ;;
 bwd-tests)  # [K]: the tests `pytest -k K` selects
   timeout 520 python3 -m pytest -q -n 16 -p no:cacheprovider --maxfail 30 tests/test_backward_gpu.py tests/test_flash_api.py \
