@@ -100,7 +100,7 @@
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|mw}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|mw|mw2}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -281,6 +281,13 @@ mw)  # the forward's dropout masks from the producer warpgroup's idle warps (fwd
   variant mw "$EXP/fwd-mask-warps.patch" >/dev/null
   gpu_tests mw mw-tests -k dropout
   dropout_ab 64,128 "main mw"
+  ;;
+mw2)  # mw at d64, where it lost (-5 to -14% forward): main / mw / mw2 (fwd-mask-warps-ilp2.patch on top: two Philox
+  # calls in flight a mask warp), the bit-for-bit mask test in mw2 first
+  variant mw "$EXP/fwd-mask-warps.patch" >/dev/null
+  variant mw2 "$EXP/fwd-mask-warps.patch" "$EXP/fwd-mask-warps-ilp2.patch" >/dev/null
+  gpu_tests mw2 mw2-tests -k philox_keep_mask_bit_for_bit
+  dropout_ab 64 "main mw mw2"
   ;;
 bwd-tests)  # [K]: the tests `pytest -k K` selects
   timeout 520 python3 -m pytest -q -n 16 -p no:cacheprovider --maxfail 30 tests/test_backward_gpu.py tests/test_flash_api.py \
