@@ -9,7 +9,9 @@
 //
 // Roles. One CTA owns kBlockM query rows of one (batch, head):
 //   warpgroup 0            producer: one thread issues every TMA load, the rest only wait; it gives
-//                          its registers to the consumers (setmaxnreg).
+//                          its registers to the consumers (setmaxnreg). With dropout its warps 1-3
+//                          make each key block's mask bits (make_block_masks: a Philox call serves
+//                          two consumer warps) a K stage ahead, off the consumers' softmax.
 //   warpgroups 1..kWG      consumers: 64 query rows each, O and the softmax statistics in registers.
 // Persistent, a CTA per SM (two with kTwoCtas) walks a tile per round (tile_of); the rings run on across
 // tiles.
@@ -19,9 +21,11 @@
 //                          QK^T of the tile retired (cross-tile:     tile's Q into stage s
 //                          thread 0 of each consumer warpgroup,
 //                          once O staged in the stage is stored)
-//   k.full[s], v.full[s]   producer (expect_tx: the K / V tile)   / every consumer thread
+//   k.full[s], v.full[s]   producer (expect_tx: the K / V tile;   / every consumer thread
+//                          k.full: with dropout also each mask
+//                          warp thread, its bits stored)
 //   k.empty[s], v.empty[s] every consumer thread, once its QK^T /  / the producer, before refilling
-//                          PV product has retired                    stage s
+//                          PV product has retired                    stage s (k: the mask warps too)
 //   Barrier::kEpilogue+g   consumer warpgroup g's 128 threads, before its thread 0 stores O by TMA
 //                          (cross-tile: or releases the Q stage)
 //   Barrier::kPingPong+g   (ping-pong) warpgroup g may issue its next matrix products (g - 1 arrives)
@@ -107,8 +111,24 @@ struct Config {
   // 1 KiB of slack (the swizzle needs 1024-byte aligned tiles), the Q and K/V rings, kMmaSums' ones (a
   // swizzle atom, so the sums read it with K's descriptor), the barriers.
   static constexpr int kBarrierBytes = 8 * (2 * kQStages + 4 * kStages), kOnesBytes = kMmaSums_ ? 1024 : 0;
-  static constexpr int kSmemBytes =
+  // Dropout's masks, made by the producer warpgroup's mask warps (make_block_masks) a key block at a time:
+  // per block and consumer thread a bit an entry of its two rows, 8 a 16-key chunk, in kMaskWords words.
+  // Twice as many slots as K stages (block n's: n mod 2 kStages, Smem::mask_slot), each filled under the K
+  // ring's barriers: a consumer reads block n's bits after releasing its K stage, yet before it releases
+  // block n + 1's, which the mask warps' write of block n + 2 kStages waits for.
+  // Only in persistent kernels, whose mask warps run ahead across a CTA's tiles: with one CTA a tile each
+  // tile's first K stage waits for its block's masks (11 calls a lane at d64's 128 x 128), a bubble every
+  // tile; H100, d64 at one CTA a tile: forward -4 to -14%; persistent d128 causal +12 to +23%, non-causal
+  // level (docs/perf-log.md, forty-third session). Elsewhere, and where the slots do not fit beside the
+  // tiles (d256's 80-key blocks), the consumers make their own masks as the sm_80 family does
+  // (fwd::apply_dropout, half of each call unused).
+  static constexpr int kMaskWords = (kBlockN / 16 + 3) / 4;
+  static constexpr int kTileBytes =
       1024 + kQStages * TileQ::kBytes + kStages * (TileKV::kBytes + TileV::kBytes) + kOnesBytes + kBarrierBytes;
+  static constexpr int kSlotBytes = 2 * kStages * 128 * kConsumers * kMaskWords * 4;
+  static constexpr int kMaskWarps = kDropout_ && kPersistent_ && kTileBytes + kSlotBytes <= 227 * 1024 ? 3 : 0;
+  static constexpr int kMaskBytes = kMaskWarps ? kSlotBytes : 0;  // (the mask warps: producer warps 1..3)
+  static constexpr int kSmemBytes = kTileBytes + kMaskBytes;
 
   // The element-wise passes of fwd_sm80.cuh, seen from one consumer warp: 16 rows (one m-tile) of
   // kN keys (a block, or its first half).
@@ -342,13 +362,45 @@ struct KeptSoftmax {
   }
 };
 
-// Softmax'd (and dropped-out) S as the A fragments of PV.
+// A consumer thread's dropout bits of one key block, as the mask warps made them (make_block_masks): bit
+// 8 (c % 4) + 4 (e & 1) + 2 (e >> 1) + (nt & 1) of word c / 4 keeps element (nt, e) of 16-key chunk
+// c = nt / 2 (the entry fwd::apply_dropout keeps). Read from the block's mask slot (Config::kMaskBytes)
+// right where P is made, by volatile loads: ptxas hoisted plain ones to the K stage's wait, and the two
+// or three registers held across the step serialized the wgmmas of d64's causal half-block kernel
+// (C7511). Nothing without mask warps.
+template <class C>
+struct BlockMask {
+  uint32_t w[C::kMaskWarps ? C::kMaskWords : 1];
+  template <bool kVolatile = true>
+  __device__ __forceinline__ BlockMask(const uint32_t* slot, int ct, std::bool_constant<kVolatile> = {}) {
+    if constexpr (C::kMaskWarps)
+#pragma unroll
+      for (int i = 0; i < C::kMaskWords; ++i)
+        if constexpr (kVolatile)
+          asm volatile("ld.shared.u32 %0, [%1];\n" : "=r"(w[i]) : "r"(smem_addr(slot + i * 128 * C::kConsumers + ct)));
+        else
+          w[i] = slot[i * 128 * C::kConsumers + ct];
+  }
+  __device__ __forceinline__ bool kept(int nt, int e) const {
+    return (w[nt / 8] >> (8 * ((nt / 2) % 4) + 4 * (e & 1) + 2 * (e >> 1) + (nt & 1))) & 1u;
+  }
+};
+
+// Softmax'd (and dropped-out) S as the A fragments of PV: dropout by the mask warps' bits (keep), or without
+// mask warps by this warp's own Philox calls (block j of (b, h) = bh, the warp's rows from row0).
 template <class C, int kN = C::kBlockN>
 __device__ __forceinline__ void scores_to_p(float (&s)[1][C::kBlockN / 8][4], uint32_t (&pf)[1][C::kBlockN / 16][4],
-                                            const FwdParams& p, int bh, int row0, int j, int lane) {
-  if (C::kDropout)
+                                            const BlockMask<C>& keep, const FwdParams& p, int bh, int row0, int j,
+                                            int lane) {
+  if constexpr (C::kMaskWarps) {
+#pragma unroll
+    for (int nt = 0; nt < kN / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[0][nt][e] = keep.kept(nt, e) ? s[0][nt][e] : 0.f;
+  } else if constexpr (C::kDropout) {
     fwd::apply_dropout<typename C::template WarpOf<kN>>(leading<kN / 8>(s), Dropout(p.mods, bh), row0, j * C::kBlockN,
                                                         lane);
+  }
   acc_to_a<C::kBf16>(leading<kN / 8>(s), leading<kN / 16>(pf));
   // A half block's second half is zero, so a full-width PV of it adds nothing (the main loop issues
   // every PV at full width: a fourth compiled step made ptxas serialize the wgmmas, C7511).
@@ -439,6 +491,7 @@ __device__ __forceinline__ int tile_of(const FwdParams& p, int round, int num_ti
 template <class C>
 struct Smem {
   elem_t *q, *k, *v, *ones;
+  uint32_t* mask;  // dropout's bits: [slot][word][consumer thread] (Config::kMaskBytes)
   sm90::Ring<C::kQStages>* q_ring;
   sm90::Ring<C::kStages>*k_ring, *v_ring;
 
@@ -447,13 +500,18 @@ struct Smem {
     k = q + C::kQStages * C::TileQ::kBytes / 2;
     v = k + C::kStages * C::TileKV::kBytes / 2;
     ones = v + C::kStages * C::TileV::kBytes / 2;
-    q_ring = reinterpret_cast<sm90::Ring<C::kQStages>*>(ones + C::kOnesBytes / 2);
+    mask = reinterpret_cast<uint32_t*>(ones + C::kOnesBytes / 2);
+    q_ring = reinterpret_cast<sm90::Ring<C::kQStages>*>(mask + C::kMaskBytes / 4);
     k_ring = reinterpret_cast<sm90::Ring<C::kStages>*>(q_ring + 1);
     v_ring = k_ring + 1;
   }
   __device__ __forceinline__ elem_t* q_stage(int s) const { return q + s * C::TileQ::kBytes / 2; }
   __device__ __forceinline__ elem_t* k_stage(int s) const { return k + s * C::TileKV::kBytes / 2; }
   __device__ __forceinline__ elem_t* v_stage(int s) const { return v + s * C::TileV::kBytes / 2; }
+  // The mask slot of the key block whose K stage is st (the ring's phase tells two passes apart).
+  __device__ __forceinline__ uint32_t* mask_slot(RingState<C::kStages> st) const {
+    return mask + (st.stage + C::kStages * int(st.phase)) * C::kMaskBytes / (8 * C::kStages);
+  }
 };
 
 // Normalise O and write it with lse. One CTA per tile, or cross-tile: O goes through this warpgroup's
@@ -560,6 +618,53 @@ __device__ __forceinline__ void produce(const Args& args, const Smem<C>& sm, int
   }
 }
 
+// Dropout (C::kMaskWarps): producer warp mw (1..3) makes its share of block j's masks into the block's
+// mask slot. A unit is (pair q of consumer warps 2q and 2q + 1, whose 32 rows are one span of Philox calls;
+// 16-key chunk c); unit u is warp 1 + u % 3's. A lane's call at (its row of the span, its key pair of the
+// chunk) is what lane `lane` of both warps of the pair would make (fwd::apply_dropout: a 16-row warp
+// uses half of each call), so each call serves 16 entries, not 8: one byte of bits for each warp's lane
+// (BlockMask's layout). One call at a time: the producer warpgroup keeps 24 or 32 registers.
+template <class C>
+__device__ __forceinline__ void make_block_masks(const Dropout& drop, uint32_t* stage_mask, int q_row0, int j, int mw,
+                                                 int lane) {
+  constexpr int kChunks = C::kBlockN / 16, kUnits = 2 * C::kConsumers * kChunks;
+  unsigned char* bytes = reinterpret_cast<unsigned char*>(stage_mask);
+  // The top bits of a flag word's four bytes (Dropout::keep_flags), as bits 0-3 (no carries: the
+  // product's terms land on distinct bits).
+  const auto top_bits = [](uint32_t x) { return ((x & 0x80808080u) * 0x00204081u) >> 28; };
+#pragma unroll 1
+  for (int u = mw - 1; u < kUnits; u += C::kMaskWarps) {
+    const int q = u / kChunks, c = u % kChunks;
+    const uint4 f = drop.keep_flags(q_row0 + 32 * q + (lane >> 2), j * C::kBlockN + c * 16 + (lane & 3) * 2);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {  // the 16-row half of the span: words h (e & 1 = 0) and 2 + h
+      const int thread = (2 * q + h) * 32 + lane;  // the consumer thread (its index among the consumers)
+      bytes[((c / 4) * 128 * C::kConsumers + thread) * 4 + c % 4] =
+          static_cast<unsigned char>(top_bits(Dropout::word(f, h)) | top_bits(Dropout::word(f, 2 + h)) << 4);
+    }
+  }
+}
+
+// The mask warps' walk: the producer's tiles and key blocks, each block's masks into its slot once the
+// block's K stage is free (Config::kMaskBytes says why the slot is then no longer read); the K stage's
+// full barrier counts their arrivals with the TMA copy's, so a consumer past its wait finds them made.
+template <class C>
+__device__ __forceinline__ void produce_masks(const Args& args, const Smem<C>& sm, int num_m, int num_tiles, int mw,
+                                              int lane) {
+  const FwdParams& p = args.p;
+  RingState<C::kStages> st;
+  for (int round = 0, tile = tile_of<C>(p, 0, num_tiles); tile < num_tiles; tile = tile_of<C>(p, ++round, num_tiles)) {
+    const Tile<C> T(p, tile, num_m);
+    if (T.skipped()) continue;
+    const Dropout drop(p.mods, T.bh);
+    for (int j = T.j_begin; j < T.j_end; ++j, st.advance()) {
+      sm.k_ring->wait_free(st);
+      make_block_masks<C>(drop, sm.mask_slot(st), T.q_row0, j, mw, lane);
+      sm.k_ring->filled(st);
+    }
+  }
+}
+
 template <class C>
 __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const __grid_constant__ Args args) {
   const FwdParams& p = args.p;
@@ -578,7 +683,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
   if (tid == 0) {
     // Cross-tile, a Q stage holds O until its TMA store: thread 0 of each warpgroup releases it.
     sm.q_ring->init(C::kCrossTile ? C::kConsumers : C::kConsumers * 128);
-    sm.k_ring->init(C::kConsumers * 128);
+    sm.k_ring->init(C::kConsumers * 128, 1 + 32 * C::kMaskWarps);  // with dropout the mask warps fill it too
     sm.v_ring->init(C::kConsumers * 128);
     mbarrier_init_fence();
   }
@@ -586,7 +691,14 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
 
   if (wg == 0) {  // ---- producer -----------------------------------------------------------------
     warpgroup_release_registers<C::kProducerRegs>();
-    if (tid == 0) produce<C>(args, sm, num_m, num_tiles);
+    // (the warp made warp-uniform to the compiler, and the mask warps' branch taken on it alone, so that
+    // their Philox keys live in uniform registers: in vector ones, 40 registers spilled)
+    const int warp = C::kMaskWarps ? __shfl_sync(0xffffffffu, tid / 32, 0) : tid / 32;
+    if (warp == 0) {
+      if (tid == 0) produce<C>(args, sm, num_m, num_tiles);
+    } else if (C::kMaskWarps) {
+      produce_masks<C>(args, sm, num_m, num_tiles, warp, tid % 32);
+    }
     return;
   }
 
@@ -693,7 +805,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
         else mask_scores<C, false>(s, T.mod, row0, j, lane);
         float alpha[1][2];
         rescale<C>(o, alpha, fwd::softmax_rows<W, C::kLazyRescale, !C::kMmaSums>(s, m, l, alpha, scale, scale_log2));
-        scores_to_p<C>(s, pf, p, T.bh, row0, j, lane);
+        scores_to_p<C>(s, pf, BlockMask<C>(sm.mask_slot(st), g * 128 + t), p, T.bh, row0, j, lane);
         sm.v_ring->wait(st);
         zero_v_past_keys<C>(p, sm.v_stage(st.stage), T.mod, j, g * 128 + t);
         issue_pv<C>(o[0], pf, v_desc(st.stage), ones_desc);
@@ -720,6 +832,10 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
         pass_token();
         wgmma_wait<kChained ? 1 : 0>();  // S is ready; the pending PV may still run
         wgmma_settle(s[0]);
+        // A tile's first block: its bits by plain loads (scheduled where ptxas likes), but volatile ones where
+        // P is made in the cross-tile kernels; the other way round, ptxas serialized d64's causal half-block
+        // or d128's causal cross-tile wgmmas (C7511).
+        [[maybe_unused]] BlockMask<C> early(sm.mask_slot(st), g * 128 + t, std::false_type{});
         sm.k_ring->release(st);
         q_done(T.j_begin);
         mask_scores<C, decltype(masked)::value>(s, T.mod, row0, T.j_begin, lane);
@@ -730,7 +846,10 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
           wgmma_settle(o[0]);
           sm.v_ring->release(prev);
         }
-        scores_to_p<C>(s, pf, p, T.bh, row0, T.j_begin, lane);
+        if constexpr (C::kCrossTile)
+          scores_to_p<C>(s, pf, BlockMask<C>(sm.mask_slot(st), g * 128 + t), p, T.bh, row0, T.j_begin, lane);
+        else
+          scores_to_p<C>(s, pf, early, p, T.bh, row0, T.j_begin, lane);
         pv_half = false;
         if constexpr (kChained) epilogue<C>(args, sm, Tile<C>(p, pending, num_m), q_pending, o, m, l, scale, g, t);
         zero(o);
@@ -794,7 +913,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
         q_done(j);
         if constexpr (kKeptExps) kept.settle<C>(leading<kN / 8>(s), m, l, o, scale_log2);
         else if (!kLateRescale) rescale<C>(o, alpha_p, moved);
-        scores_to_p<C, kN>(s, pf, p, T.bh, row0, j, lane);
+        scores_to_p<C, kN>(s, pf, BlockMask<C>(sm.mask_slot(st), g * 128 + t), p, T.bh, row0, j, lane);
         pv_half = decltype(half)::value;
         prev = st;
       };

@@ -150,11 +150,21 @@ class FwdSm90Config(ConfigBase):
 
     @property
     def smem_bytes(self) -> int:
-        """Alignment slack, the Q stages, `stages` K and V tiles, mma_sums' ones, the mbarriers
-        (Config::kSmemBytes)."""
-        return 1024 + 2 * self.q_stages * self.block_m * self.d_tile + \
+        """Alignment slack, the Q stages, `stages` K and V tiles, mma_sums' ones, the mbarriers, and with
+        dropout its masks' slots where they fit beside the rest (Config::kSmemBytes)."""
+        tiles = 1024 + 2 * self.q_stages * self.block_m * self.d_tile + \
             2 * self.stages * self.block_n * (self.d_tile + self.d_tile_v) + 1024 * self.mma_sums + \
             8 * (2 * self.q_stages + 4 * self.stages)
+        return tiles + self.mask_slot_bytes if tiles + self.mask_slot_bytes <= SMEM_LIMIT else tiles
+
+    @property
+    def mask_slot_bytes(self) -> int:
+        """Dropout's mask slots (Config::kSlotBytes): a bit an entry of each consumer thread's, in whole
+        words, two slots a K stage, in persistent kernels; the producer's mask warps fill them where they fit
+        (else, and at one CTA a tile, the consumers make their own masks)."""
+        if not (self.dropout and self.persistent):
+            return 0
+        return 2 * self.stages * 128 * self.consumers * 4 * ((self.block_n // 16 + 3) // 4)
 
     def register_estimate(self) -> int:
         """Per consumer thread: O, S and P fragments plus indices, and 8 for each score feature
