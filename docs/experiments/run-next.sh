@@ -92,15 +92,19 @@
 #             steps have had one since the thirty-ninth session), depth log2 kNtC instead of a chain of kNtC
 #             FMNMX: the same instructions (sass_steps), results bit for bit; main against it, causal bf16
 #             d64 / d128 (or the head dims given) at 1k / 4k / 16k and the GQA point, two processes each
-#   keptc     lazy rescaling (and so the kept max) for the persistent d96 / d128 causal defaults, `_xt_hb` against
-#             `_xt_hb_lr` at 1k-8k (+ the GQA point), two processes: one process in the thirty-ninth session read
-#             d128 4k +1.1%, 8k +0.4%, GQA +1.6% (within its noise)
+#   keptc     (ran in the forty-third session: mixed, -1.8 to +3.9%; the defaults stay) lazy rescaling (and so the
+#             kept max) for the persistent d96 / d128 causal defaults, `_xt_hb` against `_xt_hb_lr` at 1k-8k (+ the
+#             GQA point), two processes
+#   alu       (ran in the forty-third session: alu +5.8-7.3% backward, Threefry +2.6-5.2%, but the forward pays)
+#             dropout's Philox multiplies against ALU stand-ins (timing only), whether its cost is FMA-pipe contention
+#   dropfwd   the forward GPU tests with dropout and the fwd+bwd dropout figures at d64 / d96 / d128 after the
+#             forward's mask warps landed (forty-third session) without a GPU run of their final form
 #
 # The device copy has no usable .git: each variant is a copy of this tree with its patches applied by
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|mw|mw2}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -274,20 +278,13 @@ alu)  # dropout's Philox multiplies (IMAD.WIDE, the FMA pipe the consumers' FFMA
   variant threefry "$EXP/dropout-threefry-timing-only.patch" >/dev/null
   dropout_ab 64 "main alu threefry"
   ;;
-mw)  # the forward's dropout masks from the producer warpgroup's idle warps (fwd-mask-warps.patch, branch
-  # fwd-mask-warps): the forward GPU tests with dropout in it (the bit-for-bit mask test among them), then
-  # main / mw with dropout through autograd, d64 and d128 (bench_backward's fwd+bwd figure carries the
-  # forward's change; its bwd figure should stay level)
-  variant mw "$EXP/fwd-mask-warps.patch" >/dev/null
-  gpu_tests mw mw-tests -k dropout
-  dropout_ab 64,128 "main mw"
-  ;;
-mw2)  # mw at d64, where it lost (-5 to -14% forward): main / mw / mw2 (fwd-mask-warps-ilp2.patch on top: two Philox
-  # calls in flight a mask warp), the bit-for-bit mask test in mw2 first
-  variant mw "$EXP/fwd-mask-warps.patch" >/dev/null
-  variant mw2 "$EXP/fwd-mask-warps.patch" "$EXP/fwd-mask-warps-ilp2.patch" >/dev/null
-  gpu_tests mw2 mw2-tests -k philox_keep_mask_bit_for_bit
-  dropout_ab 64 "main mw mw2"
+dropfwd)  # the forward's dropout masks from the producer's mask warps in persistent kernels (landed in the forty-third
+  # session, 796f798, without a GPU run of that final form): the forward GPU tests with dropout, then main with
+  # and without dropout through autograd at d64 / d96 / d128 (the forward's share: from the fwd+bwd and bwd
+  # figures). The mw / mw2 A/B that chose the rule: docs/perf-log.md; two Philox calls in flight a mask warp
+  # (fwd-mask-warps-ilp2.patch, on main) was level with one.
+  gpu_tests main dropfwd-tests -k dropout
+  dropout_ab 64,96,128 main
   ;;
 bwd-tests)  # [K]: the tests `pytest -k K` selects
   timeout 520 python3 -m pytest -q -n 16 -p no:cacheprovider --maxfail 30 tests/test_backward_gpu.py tests/test_flash_api.py \
