@@ -208,6 +208,23 @@ def test_softmax_cuts_lazy_rescale_and_mma_sums():
     assert on == {(d, False) for d in dims} | {(d, True) for d in dims if d > 128}
 
 
+def test_dropout_mask_slots_only_in_persistent_kernels_where_they_fit():
+    """The forward's mask warps (kernels/fwd_sm90.cuh, Config::kMaskWarps) fill two slots a K stage, a bit an
+    entry of each consumer thread's in whole words: only in persistent kernels (at one CTA a tile each
+    tile's first block waited for its masks) and where the slots fit beside the tiles (not d256's 80-key
+    one, whose consumers keep making their own); tests/test_jit_cache.py checks the compiled size."""
+    for d_head, block_n, stages in ((64, 128, 4), (128, 128, 2), (128, 176, 2), (96, 128, 2)):
+        plain = FwdSm90Config("bf16", d_head, 128, block_n, stages, persistent=True)
+        words = (block_n // 16 + 3) // 4
+        with_dropout = dataclasses.replace(plain, dropout=True)
+        assert with_dropout.smem_bytes - plain.smem_bytes == 2 * stages * 256 * 4 * words
+        assert not with_dropout.problems()
+        one_cta = dataclasses.replace(with_dropout, persistent=False, cross_tile=False)
+        assert one_cta.smem_bytes == dataclasses.replace(plain, persistent=False).smem_bytes
+    d256 = FwdSm90Config("bf16", 256, 128, 80, 2, persistent=True)
+    assert dataclasses.replace(d256, dropout=True).smem_bytes == d256.smem_bytes <= 227 * 1024
+
+
 def test_two_ctas_take_the_one_shape_that_fits_104_registers():
     """two_ctas: an `_x2` suffix last (older names keep their meaning); 104 registers a consumer thread
     (half a CTA's file at two an SM), so d_head <= 64, 64-key blocks, two consumer warpgroups and no
