@@ -9,9 +9,10 @@
 //
 // Roles. One CTA owns kBlockM query rows of one (batch, head):
 //   warpgroup 0            producer: one thread issues every TMA load, the rest only wait; it gives
-//                          its registers to the consumers (setmaxnreg). With dropout its warps 1-3
-//                          make each key block's mask bits (make_block_masks: a Philox call serves
-//                          two consumer warps) a K stage ahead, off the consumers' softmax.
+//                          its registers to the consumers (setmaxnreg). With dropout, in persistent
+//                          kernels (Config::kMaskWarps), its warps 1-3 make each key block's mask bits
+//                          (make_block_masks: a Philox call serves two consumer warps) a K stage
+//                          ahead, off the consumers' softmax.
 //   warpgroups 1..kWG      consumers: 64 query rows each, O and the softmax statistics in registers.
 // Persistent, a CTA per SM (two with kTwoCtas) walks a tile per round (tile_of); the rings run on across
 // tiles.
@@ -22,8 +23,8 @@
 //                          thread 0 of each consumer warpgroup,
 //                          once O staged in the stage is stored)
 //   k.full[s], v.full[s]   producer (expect_tx: the K / V tile;   / every consumer thread
-//                          k.full: with dropout also each mask
-//                          warp thread, its bits stored)
+//                          k.full: with mask warps also each
+//                          mask warp thread, its bits stored)
 //   k.empty[s], v.empty[s] every consumer thread, once its QK^T /  / the producer, before refilling
 //                          PV product has retired                    stage s (k: the mask warps too)
 //   Barrier::kEpilogue+g   consumer warpgroup g's 128 threads, before its thread 0 stores O by TMA
@@ -683,7 +684,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
   if (tid == 0) {
     // Cross-tile, a Q stage holds O until its TMA store: thread 0 of each warpgroup releases it.
     sm.q_ring->init(C::kCrossTile ? C::kConsumers : C::kConsumers * 128);
-    sm.k_ring->init(C::kConsumers * 128, 1 + 32 * C::kMaskWarps);  // with dropout the mask warps fill it too
+    sm.k_ring->init(C::kConsumers * 128, 1 + 32 * C::kMaskWarps);  // and the mask warps, if any
     sm.v_ring->init(C::kConsumers * 128);
     mbarrier_init_fence();
   }
@@ -691,13 +692,17 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
 
   if (wg == 0) {  // ---- producer -----------------------------------------------------------------
     warpgroup_release_registers<C::kProducerRegs>();
-    // (the warp made warp-uniform to the compiler, and the mask warps' branch taken on it alone, so that
-    // their Philox keys live in uniform registers: in vector ones, 40 registers spilled)
-    const int warp = C::kMaskWarps ? __shfl_sync(0xffffffffu, tid / 32, 0) : tid / 32;
-    if (warp == 0) {
-      if (tid == 0) produce<C>(args, sm, num_m, num_tiles);
-    } else if (C::kMaskWarps) {
-      produce_masks<C>(args, sm, num_m, num_tiles, warp, tid % 32);
+    if constexpr (C::kMaskWarps) {
+      // (the warp made warp-uniform to the compiler, and the mask warps' branch taken on it alone, so that
+      // their Philox keys live in uniform registers: in vector ones they spilled, even at 40 registers)
+      const int warp = __shfl_sync(0xffffffffu, tid / 32, 0);
+      if (warp == 0) {
+        if (tid == 0) produce<C>(args, sm, num_m, num_tiles);
+      } else {
+        produce_masks<C>(args, sm, num_m, num_tiles, warp, tid % 32);
+      }
+    } else if (tid == 0) {
+      produce<C>(args, sm, num_m, num_tiles);
     }
     return;
   }
