@@ -104,7 +104,7 @@
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -285,6 +285,14 @@ dropfwd)  # the forward's dropout masks from the producer's mask warps in persis
   # (fwd-mask-warps-ilp2.patch, on main) was level with one.
   gpu_tests main dropfwd-tests -k dropout
   dropout_ab 64,96,128 main
+  ;;
+drop192)  # d64 (the 64-wide tile: d8-d64) with dropout on the 192-row persistent tile, whose consumers fit in 160
+  # registers once the mask warps make the masks (d64-dropout-192.patch; main: the 128-row tile at one CTA a
+  # tile, its consumers making their own masks): the forward GPU tests with dropout on it, then main / drop192
+  # through autograd at d64 (p = 0.1), with main without dropout for each one's cost
+  variant drop192 "$EXP/d64-dropout-192.patch" >/dev/null
+  gpu_tests drop192 drop192-tests -k "dropout or 192_rows"
+  dropout_ab 64 "main drop192"
   ;;
 bwd-tests)  # [K]: the tests `pytest -k K` selects
   timeout 520 python3 -m pytest -q -n 16 -p no:cacheprovider --maxfail 30 tests/test_backward_gpu.py tests/test_flash_api.py \
