@@ -104,7 +104,7 @@
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -293,6 +293,25 @@ drop192)  # d64 (the 64-wide tile: d8-d64) with dropout on the 192-row persisten
   variant drop192 "$EXP/d64-dropout-192.patch" >/dev/null
   gpu_tests drop192 drop192-tests -k "dropout or 192_rows"
   dropout_ab 64 "main drop192"
+  ;;
+ncufwddrop)  # where d64's forward with dropout waits (non-causal 4k, one launch under ncu): main's default (the
+  # 128-row tile, its consumers making their masks), drop192's 192-row kernel (the mask warps make them), and the
+  # 192-row default without dropout. Both dropout kernels ran at half the speed without (the forty-fourth session),
+  # though the mask warps' consumers issue 21% more instructions a step than without dropout, main's 107% more.
+  variant drop192 "$EXP/d64-dropout-192.patch" >/dev/null
+  prof() {  # NAME VARIANT ARGS...
+    local name=$1 v=$2
+    shift 2
+    with_variant "$v" python3 scripts/profile_ncu.py --d 64 --seqlen 4096 "$@" --out "$OUT/ncu-$name" \
+      >"$OUT/ncu-$name.log" 2>&1 || true
+    echo "== $name"; cat "$OUT/ncu-$name/summary.txt" 2>/dev/null || tail -20 "$OUT/ncu-$name.log"
+    rm -f "$OUT/ncu-$name/report.ncu-rep"
+  }
+  prof main-drop main --dropout-p 0.1
+  prof mw192-drop drop192 --dropout-p 0.1 --config fwd_sm90_bf16_d64_m192_n128_st4_ov1_pp1_ps1_causal0_dropout_xt_lr
+  prof nodrop main
+  tar -czf "$OUT/ncufwddrop.tgz" -C "$OUT" ncu-main-drop ncu-mw192-drop ncu-nodrop
+  rm -rf "$OUT"/ncu-main-drop "$OUT"/ncu-mw192-drop "$OUT"/ncu-nodrop
   ;;
 bwd-tests)  # [K]: the tests `pytest -k K` selects
   timeout 520 python3 -m pytest -q -n 16 -p no:cacheprovider --maxfail 30 tests/test_backward_gpu.py tests/test_flash_api.py \
