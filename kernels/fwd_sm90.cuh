@@ -624,7 +624,10 @@ __device__ __forceinline__ void produce(const Args& args, const Smem<C>& sm, int
 // 16-key chunk c); unit u is warp 1 + u % 3's. A lane's call at (its row of the span, its key pair of the
 // chunk) is what lane `lane` of both warps of the pair would make (fwd::apply_dropout: a 16-row warp
 // uses half of each call), so each call serves 16 entries, not 8: one byte of bits for each warp's lane
-// (BlockMask's layout). One call at a time: the producer warpgroup keeps 24 or 32 registers.
+// (BlockMask's layout). Two calls in flight with 64-key blocks (d64's short causal two-CTA kernel, whose
+// consumers outrun one call at a time: forward with p = 0.1 +6% at causal 1k, H100), one at 128 keys (level
+// there: d96 / d128 -1.7 to +0.6%; docs/perf-log.md, forty-fourth session). The producer warpgroup keeps 24
+// or 32 registers.
 template <class C>
 __device__ __forceinline__ void make_block_masks(const Dropout& drop, uint32_t* stage_mask, int q_row0, int j, int mw,
                                                  int lane) {
@@ -633,7 +636,8 @@ __device__ __forceinline__ void make_block_masks(const Dropout& drop, uint32_t* 
   // The top bits of a flag word's four bytes (Dropout::keep_flags), as bits 0-3 (no carries: the
   // product's terms land on distinct bits).
   const auto top_bits = [](uint32_t x) { return ((x & 0x80808080u) * 0x00204081u) >> 28; };
-#pragma unroll 1
+  constexpr int kInFlight = C::kBlockN == 64 ? 2 : 1;
+#pragma unroll kInFlight
   for (int u = mw - 1; u < kUnits; u += C::kMaskWarps) {
     const int q = u / kChunks, c = u % kChunks;
     const uint4 f = drop.keep_flags(q_row0 + 32 * q + (lane >> 2), j * C::kBlockN + c * 16 + (lane & 3) * 2);
