@@ -633,20 +633,26 @@ __device__ __forceinline__ void make_block_masks(const Dropout& drop, uint32_t* 
                                                  int lane) {
   constexpr int kChunks = C::kBlockN / 16, kUnits = 2 * C::kConsumers * kChunks;
   unsigned char* bytes = reinterpret_cast<unsigned char*>(stage_mask);
-  // The top bits of a flag word's four bytes (Dropout::keep_flags), as bits 0-3 (no carries: the
-  // product's terms land on distinct bits).
-  const auto top_bits = [](uint32_t x) { return ((x & 0x80808080u) * 0x00204081u) >> 28; };
+  // The top bits of two flag words' bytes (Dropout::keep_flags) in one byte, lo's as bits 0-3 and hi's as 4-7:
+  // lo's moved 4 down, both gathered by one multiply (its terms land on distinct bits, so nothing carries).
+  const auto top_bits = [](uint32_t lo, uint32_t hi) {
+    return static_cast<unsigned char>(((((lo & 0x80808080u) >> 4) | (hi & 0x80808080u)) * 0x00204081u) >> 24);
+  };
+  // The call at query q_row0 + 32 q + (lane >> 2), key j kBlockN + 16 c + 2 (lane & 3) has counter words
+  // (x0 + 8 q, y0 + 4 c) (Dropout::keep_flags_at; q_row0 is a multiple of 32, kBlockN of 16), and its bytes go
+  // to consumer thread (2 q + h) 32 + lane's word c / 4, byte c % 4: a lane's fixed part made once a block,
+  // the rest uniform (the loop's own arithmetic had been a third of its instructions).
+  const uint32_t x0 = uint32_t(q_row0 >> 5) * 8 + uint32_t(lane >> 2), y0 = uint32_t(j * kChunks * 4 + (lane & 3));
+  unsigned char* lane_bytes = bytes + lane * 4;
   constexpr int kInFlight = C::kBlockN == 64 ? 2 : 1;
 #pragma unroll kInFlight
   for (int u = mw - 1; u < kUnits; u += C::kMaskWarps) {
-    const int q = u / kChunks, c = u % kChunks;
-    const uint4 f = drop.keep_flags(q_row0 + 32 * q + (lane >> 2), j * C::kBlockN + c * 16 + (lane & 3) * 2);
+    const int q = unsigned(u) / kChunks, c = unsigned(u) % kChunks;  // (unsigned: no rounding toward zero)
+    const uint4 f = drop.keep_flags_at(x0 + 8 * q, y0 + 4 * c);
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {  // the 16-row half of the span: words h (e & 1 = 0) and 2 + h
-      const int thread = (2 * q + h) * 32 + lane;  // the consumer thread (its index among the consumers)
-      bytes[((c / 4) * 128 * C::kConsumers + thread) * 4 + c % 4] =
-          static_cast<unsigned char>(top_bits(Dropout::word(f, h)) | top_bits(Dropout::word(f, 2 + h)) << 4);
-    }
+    for (int h = 0; h < 2; ++h)  // the 16-row half of the span: words h (e & 1 = 0) and 2 + h
+      lane_bytes[(c / 4) * 512 * C::kConsumers + (2 * q + h) * 128 + c % 4] =
+          top_bits(Dropout::word(f, h), Dropout::word(f, 2 + h));
   }
 }
 

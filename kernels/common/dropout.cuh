@@ -51,8 +51,12 @@ struct Dropout {
   // Keep flags of the call covering query i and key j: the top bit of each byte is set iff that
   // entry is kept (the other bits are garbage; mask() reads only the top one).
   __device__ __forceinline__ uint4 keep_flags(int i, int j) const {
-    const uint4 r = philox4x32(key, make_uint4(uint32_t((i >> 5) * 8 + (i & 7)), uint32_t((j >> 4) * 4 + ((j >> 1) & 3)),
-                                               bh, offset));
+    return keep_flags_at(uint32_t((i >> 5) * 8 + (i & 7)), uint32_t((j >> 4) * 4 + ((j >> 1) & 3)));
+  }
+  // The same for the call's counter words (x, y) = (8 (i >> 5) + (i & 7), 4 (j >> 4) + ((j >> 1) & 3)), for a
+  // caller that steps them itself.
+  __device__ __forceinline__ uint4 keep_flags_at(uint32_t x, uint32_t y) const {
+    const uint4 r = philox4x32(key, make_uint4(x, y, bh, offset));
     return make_uint4(at_least(r.x), at_least(r.y), at_least(r.z), at_least(r.w));
   }
 
