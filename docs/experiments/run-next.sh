@@ -97,8 +97,12 @@
 #             GQA point), two processes
 #   alu       (ran in the forty-third session: alu +5.8-7.3% backward, Threefry +2.6-5.2%, but the forward pays)
 #             dropout's Philox multiplies against ALU stand-ins (timing only), whether its cost is FMA-pipe contention
-#   dropfwd   the forward GPU tests with dropout and the fwd+bwd dropout figures at d64 / d96 / d128 after the
-#             forward's mask warps landed (forty-third session) without a GPU run of their final form
+#   dropfwd   (ran in the forty-fourth session: 87 passed) the forward GPU tests with dropout and the fwd+bwd
+#             dropout figures at d64 / d96 / d128 after the forward's mask warps landed (forty-third session)
+#   drop192   (ran in the forty-fourth session: level to -6%, refuted) d64's dropout calls on the 192-row tile
+#             with mask warps (d64-dropout-192.patch), its tests and the fwd+bwd A/B
+#   ncufwddrop (ran in the forty-fourth session: the mask warps are what the consumers wait for) ncu on d64's
+#             forward with dropout: main's kernel, drop192's, and the default without dropout
 #
 # The device copy has no usable .git: each variant is a copy of this tree with its patches applied by
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
