@@ -103,12 +103,14 @@
 #             with mask warps (d64-dropout-192.patch), its tests and the fwd+bwd A/B
 #   ncufwddrop (ran in the forty-fourth session: the mask warps are what the consumers wait for) ncu on d64's
 #             forward with dropout: main's kernel, drop192's, and the default without dropout
+#   pairswap  dropout without mask warps: a span's two consumer warps split its Philox calls and swap halves
+#             (dropout-pair-swap.patch): the forward dropout tests, then the forward alone at d64 / d192 / d256
 #
 # The device copy has no usable .git: each variant is a copy of this tree with its patches applied by
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -316,6 +318,19 @@ ncufwddrop)  # where d64's forward with dropout waits (non-causal 4k, one launch
   prof nodrop main
   tar -czf "$OUT/ncufwddrop.tgz" -C "$OUT" ncu-main-drop ncu-mw192-drop ncu-nodrop
   rm -rf "$OUT"/ncu-main-drop "$OUT"/ncu-mw192-drop "$OUT"/ncu-nodrop
+  ;;
+pairswap)  # dropout without mask warps (d64's and d192's one-CTA-a-tile defaults): the two consumer warps of a
+  # 32-row span split its Philox calls and swap halves through shared memory (dropout-pair-swap.patch; main: each
+  # warp makes every call of its span and uses half). The forward GPU tests with dropout on it (the bit-for-bit
+  # mask test's one-CTA configs take the swap), then the forward alone, main / pairswap, two rounds
+  variant pairswap "$EXP/dropout-pair-swap.patch" >/dev/null
+  gpu_tests pairswap pairswap-tests -k dropout tests/test_forward_gpu.py
+  for r in 1 2; do
+    for v in main pairswap; do
+      echo "== $v ($r)"
+      with_variant $v python3 docs/experiments/fwd_dropout_probe.py 64 192 256 2>&1 | grep '^d' | sed 's/ \[fwd[^]]*\]//g'
+    done
+  done | tee "$OUT/bench.txt"
   ;;
 bwd-tests)  # [K]: the tests `pytest -k K` selects
   timeout 520 python3 -m pytest -q -n 16 -p no:cacheprovider --maxfail 30 tests/test_backward_gpu.py tests/test_flash_api.py \
