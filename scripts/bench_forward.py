@@ -14,6 +14,7 @@ its line names that kernel too.
     python scripts/bench_forward.py --dtypes bf16 --head-dims 128 --seqlens 4096 --configs NAME [NAME ...]
     python scripts/bench_forward.py --no-flex          # skip FlexAttention (its compile takes ~10 s a shape)
     python scripts/bench_forward.py --rounds 3 --configs A B  # A/B: every column timed 3 times, interleaved
+    python scripts/bench_forward.py --dropout-p 0.1    # with dropout (FlexAttention has none: not timed then)
 """
 from __future__ import annotations
 
@@ -209,6 +210,8 @@ def main() -> None:
     parser.add_argument("--sink", action="store_true", help="also time flashjit with learnable sinks (their cost)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="time every column this many times, interleaved, and report the median")
+    parser.add_argument("--dropout-p", type=float, default=0.0,
+                        help="attention dropout for flashjit and SDPA's backends (FlexAttention is then not timed)")
     args = parser.parse_args()
     # SDPA says, once per shape, why a backend it was asked for declines: the table says it (0.0).
     warnings.filterwarnings("ignore", message=".*(not used because|runtime disabled|same num_heads)")
@@ -229,12 +232,13 @@ def main() -> None:
         batch, heads = point["batch"], point["heads"]
         configs = [config_from_name(n) for n in args.configs] if args.configs else [None]
         configs = [c for c in configs if c is None or (c.dtype, c.d_head, c.causal) == (dtype, d_head, causal)]
-        timers = {"fa2": sdpa(SDPBackend.FLASH_ATTENTION, q, k, v, causal),
-                  "cudnn": sdpa(SDPBackend.CUDNN_ATTENTION, q, k, v, causal)}
-        if not args.no_flex:
+        drop = args.dropout_p
+        timers = {"fa2": sdpa(SDPBackend.FLASH_ATTENTION, q, k, v, causal, drop),
+                  "cudnn": sdpa(SDPBackend.CUDNN_ATTENTION, q, k, v, causal, drop)}
+        if not (args.no_flex or drop):
             timers["flex"] = flex(q, k, v, causal)
         for i, config in enumerate(configs):
-            timers[i] = lambda c=config: flashjit.forward(q, k, v, config=c, causal=causal)
+            timers[i] = lambda c=config: flashjit.forward(q, k, v, config=c, causal=causal, dropout_p=drop)
         timed = time_rounds(timers, args.rounds)
         base = {label: timed[label][0] and tflops(batch, heads, seqlen, d_head, causal, timed[label][0])
                 if label in timed else None for label in ("fa2", "cudnn", "flex")}
@@ -246,18 +250,20 @@ def main() -> None:
                 sink = torch.randn(heads, device="cuda")
                 sink_ms = time_ms(lambda: flashjit.forward(q, k, v, causal=causal, learnable_sink=sink))
                 print(f"    with sinks: time x{sink_ms / ms:.3f} of without", flush=True)
-            used = flashjit.interface.resolve_config(q, k, config, causal, v=v)
+            mods = flashjit.interface.score_mods(q, causal, dropout_p=drop, philox=(0, 0))  # (the kernel's flags only)
+            used = flashjit.interface.resolve_config(q, k, config, causal, mods=mods, v=v)
             # A named persistent causal kernel is timed as named; chosen by the dispatcher, it would run its
             # one-CTA-a-tile twin on this grid where the rows are long (dispatch.with_tile_walk).
             walked = flashjit.dispatch.with_tile_walk(used, (batch, heads), seqlen,
                                                       lambda: flashjit.interface.sm_count(q.get_device()))
             ours = tflops(batch, heads, seqlen, d_head, causal, ms)
-            row = dict(point, config=used.name, call_runs=walked.name, ms=ms, ms_rounds=samples, tflops=ours,
+            row = dict(point, dropout_p=drop, config=used.name, call_runs=walked.name, ms=ms, ms_rounds=samples, tflops=ours,
                        fa2_tflops=base["fa2"], cudnn_tflops=base["cudnn"], flex_tflops=base["flex"], vs_fa2=base["fa2"] and ours / base["fa2"],
                        vs_cudnn=base["cudnn"] and ours / base["cudnn"], vs_flex=base["flex"] and ours / base["flex"])
             rows.append(row)
             hk = f"/{point['heads_k']}" if "heads_k" in point else ""
             print(f"{dtype} d{d_head:<3} causal={int(causal)} S={seqlen:<5} B={batch:<3} H={heads}{hk:<3} "
+                  + (f"p={drop} " if drop else "") +
                   f"flashjit {ours:6.1f}  fa2 {base['fa2'] or 0:6.1f}  cudnn {base['cudnn'] or 0:6.1f}  "
                   f"flex {base['flex'] or 0:6.1f} TFLOP/s  x{row['vs_cudnn'] or 0:.3f} cudnn  "
                   f"x{row['vs_flex'] or 0:.3f} flex  x{row['vs_fa2'] or 0:.3f} fa2  {used.name}"
