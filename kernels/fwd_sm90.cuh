@@ -632,7 +632,6 @@ template <class C>
 __device__ __forceinline__ void make_block_masks(const Dropout& drop, uint32_t* stage_mask, int q_row0, int j, int mw,
                                                  int lane) {
   constexpr int kChunks = C::kBlockN / 16, kUnits = 2 * C::kConsumers * kChunks;
-  unsigned char* bytes = reinterpret_cast<unsigned char*>(stage_mask);
   // The top bits of two flag words' bytes (Dropout::keep_flags) in one byte, lo's as bits 0-3 and hi's as 4-7:
   // lo's moved 4 down, both gathered by one multiply (its terms land on distinct bits, so nothing carries).
   const auto top_bits = [](uint32_t lo, uint32_t hi) {
@@ -643,7 +642,7 @@ __device__ __forceinline__ void make_block_masks(const Dropout& drop, uint32_t* 
   // to consumer thread (2 q + h) 32 + lane's word c / 4, byte c % 4: a lane's fixed part made once a block,
   // the rest uniform (the loop's own arithmetic had been a third of its instructions).
   const uint32_t x0 = uint32_t(q_row0 >> 5) * 8 + uint32_t(lane >> 2), y0 = uint32_t(j * kChunks * 4 + (lane & 3));
-  unsigned char* lane_bytes = bytes + lane * 4;
+  unsigned char* lane_bytes = reinterpret_cast<unsigned char*>(stage_mask) + lane * 4;
   constexpr int kInFlight = C::kBlockN == 64 ? 2 : 1;
 #pragma unroll kInFlight
   for (int u = mw - 1; u < kUnits; u += C::kMaskWarps) {

@@ -100,7 +100,8 @@
 #   dropfwd   (ran in the forty-fourth session: 87 passed) the forward GPU tests with dropout and the fwd+bwd
 #             dropout figures at d64 / d96 / d128 after the forward's mask warps landed (forty-third session)
 #   drop192   (ran in the forty-fourth session: level to -6%, refuted) d64's dropout calls on the 192-row tile
-#             with mask warps (d64-dropout-192.patch), its tests and the fwd+bwd A/B
+#             with mask warps (d64-dropout-192.patch), its tests and the fwd+bwd A/B; the patch is against
+#             that run's main (its test hunk no longer applies: branch experiment/d64-dropout-192 holds it)
 #   ncufwddrop (ran in the forty-fourth session: the mask warps are what the consumers wait for) ncu on d64's
 #             forward with dropout: main's kernel, drop192's, and the default without dropout
 #   pairswap  dropout without mask warps: a span's two consumer warps split its Philox calls and swap halves
@@ -322,15 +323,12 @@ ncufwddrop)  # where d64's forward with dropout waits (non-causal 4k, one launch
 pairswap)  # dropout without mask warps (d64's and d192's one-CTA-a-tile defaults): the two consumer warps of a
   # 32-row span split its Philox calls and swap halves through shared memory (dropout-pair-swap.patch; main: each
   # warp makes every call of its span and uses half). The forward GPU tests with dropout on it (the bit-for-bit
-  # mask test's one-CTA configs take the swap), then the forward alone, main / pairswap, two rounds
+  # mask test's one-CTA configs take the swap), then the forward with dropout, main / pairswap, two passes
   variant pairswap "$EXP/dropout-pair-swap.patch" >/dev/null
   gpu_tests pairswap pairswap-tests -k dropout tests/test_forward_gpu.py
-  for r in 1 2; do
-    for v in main pairswap; do
-      echo "== $v ($r)"
-      with_variant $v python3 docs/experiments/fwd_dropout_probe.py 64 192 256 2>&1 | grep '^d' | sed 's/ \[fwd[^]]*\]//g'
-    done
-  done | tee "$OUT/bench.txt"
+  args="--dtypes bf16 --head-dims 64,192,256 --seqlens 1024,4096 --causal 0,1 --gqa '' --no-flex --dropout-p 0.1"
+  warm bench_forward.py "$args" "main pairswap"
+  passes bench_forward.py "$args" "main pairswap"
   ;;
 bwd-tests)  # [K]: the tests `pytest -k K` selects
   timeout 520 python3 -m pytest -q -n 16 -p no:cacheprovider --maxfail 30 tests/test_backward_gpu.py tests/test_flash_api.py \
