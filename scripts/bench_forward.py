@@ -220,6 +220,7 @@ def main() -> None:
     from torch.nn.attention import SDPBackend
 
     import flashjit
+    import flashjit.interface  # (score_mods, resolve_config, sm_count: not re-exported at the top)
     from flashjit.configs import config_from_name
 
     out_dir = Path(args.out)
