@@ -30,6 +30,8 @@
 //   Barrier::kEpilogue+g   consumer warpgroup g's 128 threads, before its thread 0 stores O by TMA
 //                          (cross-tile: or releases the Q stage)
 //   Barrier::kPingPong+g   (ping-pong) warpgroup g may issue its next matrix products (g - 1 arrives)
+//   Barrier::kMaskPair+k   dropout's swap (Config::kPairSwap): the two warps of warp pair k (consumer warps
+//                          2k, 2k + 1, one 32-row span), once each has left the other its half of its calls
 //   Barrier::kVTail        every consumer thread, varlen only: V's rows past a sequence's keys are
 //                          zeroed in the stage (zero_v_past_keys) before any PV reads it
 // Schedule of consumer warpgroup g over its key blocks j (stage s = j mod kStages):
@@ -76,7 +78,11 @@ namespace flashjit::fwd_sm90 {
 using namespace flashjit::sm90;
 
 // Named barrier ids (0 is __syncthreads).
-enum class Barrier : int { kEpilogue = 1, kPingPong = 5, kVTail = 8 };
+enum class Barrier : int { kEpilogue = 1, kPingPong = 5, kVTail = 8, kMaskPair = 9 };
+
+// Whether a CTA of `bytes` of shared memory fits: 227 KiB a CTA, and `ctas` of them (with the 1 KiB the hardware
+// reserves for each) in an SM's 228 (FwdSm90Config.smem_bytes mirrors it).
+constexpr bool fits_smem(int bytes, int ctas) { return bytes <= 227 * 1024 && ctas * (bytes + 1024) <= 228 * 1024; }
 
 // One template parameter per FwdSm90Config field (flashjit/configs/fwd_sm90.py), in the same order; every
 // static_assert message is one of its WHY_* reasons, verbatim.
@@ -121,15 +127,22 @@ struct Config {
   // tile's first K stage waits for its block's masks (11 calls a lane at d64's 128 x 128), a bubble every
   // tile; H100, d64 at one CTA a tile: forward -4 to -14%; persistent d128 causal +12 to +23%, non-causal
   // level (docs/perf-log.md, forty-third session). Elsewhere, and where the slots do not fit beside the
-  // tiles (d256's 80-key blocks), the consumers make their own masks as the sm_80 family does
-  // (fwd::apply_dropout, half of each call unused).
+  // tiles (d256's 80-key blocks), the consumers make their own masks (kPairSwap below, else as the sm_80
+  // family does: fwd::apply_dropout, half of each call unused).
   static constexpr int kMaskWords = (kBlockN / 16 + 3) / 4;
   static constexpr int kTileBytes =
       1024 + kQStages * TileQ::kBytes + kStages * (TileKV::kBytes + TileV::kBytes) + kOnesBytes + kBarrierBytes;
   static constexpr int kSlotBytes = 2 * kStages * 128 * kConsumers * kMaskWords * 4;
-  static constexpr int kMaskWarps = kDropout_ && kPersistent_ && kTileBytes + kSlotBytes <= 227 * 1024 ? 3 : 0;
+  static constexpr int kMaskWarps = kDropout_ && kPersistent_ && fits_smem(kTileBytes + kSlotBytes, kCtasPerSm) ? 3 : 0;
   static constexpr int kMaskBytes = kMaskWarps ? kSlotBytes : 0;  // (the mask warps: producer warps 1..3)
-  static constexpr int kSmemBytes = kTileBytes + kMaskBytes;
+  // Dropout without mask warps: a Philox call covers a 32-row span, two consumer warps' rows (fwd::apply_dropout
+  // uses half of each). The two warps of a span split its calls and swap the halves through shared memory
+  // (swap_dropout_halves): per warp pair, two buffers (blocks alternate) of a uint2 a lane and 16-key chunk;
+  // where that fits beside the tiles (else each warp makes every call, as the sm_80 family).
+  static constexpr int kPairBytes = 2 * (2 * kConsumers) * (kBlockN / 16) * 32 * 8;
+  static constexpr bool kPairSwap = kDropout_ && !kMaskWarps && fits_smem(kTileBytes + kPairBytes, kCtasPerSm);
+  static_assert(!kPairSwap || int(Barrier::kMaskPair) + 2 * kConsumers <= 16, "a named barrier a warp pair: ids < 16");
+  static constexpr int kSmemBytes = kTileBytes + kMaskBytes + (kPairSwap ? kPairBytes : 0);
 
   // The element-wise passes of fwd_sm80.cuh, seen from one consumer warp: 16 rows (one m-tile) of
   // kN keys (a block, or its first half).
@@ -387,17 +400,57 @@ struct BlockMask {
   }
 };
 
+// Dropout without mask warps (C::kPairSwap): this warp's 16 rows (from row0, 16-aligned) are half h = (row0 / 16)
+// % 2 of a 32-row span, whose other half is the next or previous warp's (warps 2k and 2k + 1 of the consumer
+// warpgroup). A Philox call covers both halves of a 16-key chunk (fwd::apply_dropout: words h and 2 + h are
+// this half's). The warp makes the calls of the chunks c with c % 2 == h, keeps its own two words and leaves the
+// other half's in `slot` for its partner; past the pair's named barrier (64 threads) it reads the words of the
+// chunks the partner made. Half the calls a warp, and the same mask (bit for bit).
+template <class C, int kN>
+__device__ __forceinline__ void swap_dropout_halves(float (&s)[1][C::kBlockN / 8][4], const Dropout& drop, int row0,
+                                                    int col0, uint2* slot, int pair, int lane) {
+  constexpr int kChunks = kN / 16, kMine = (kChunks + 1) / 2;
+  const int h = (row0 >> 4) & 1;
+  uint2 mine[kMine], theirs[kMine];
+#pragma unroll
+  for (int i = 0; i < kMine; ++i) {
+    const int c = 2 * i + h;
+    if (c < kChunks) {
+      const uint4 f = drop.keep_flags(row0 + (lane >> 2), col0 + c * 16 + (lane & 3) * 2);
+      mine[i] = make_uint2(Dropout::word(f, h), Dropout::word(f, 2 + h));
+      slot[c * 32 + lane] = make_uint2(Dropout::word(f, 1 - h), Dropout::word(f, 3 - h));
+    }
+  }
+  named_sync(int(Barrier::kMaskPair) + pair, 64);
+#pragma unroll
+  for (int i = 0; i < kMine; ++i) {
+    const int c = 2 * i + 1 - h;
+    if (c < kChunks) theirs[i] = slot[c * 32 + lane];
+  }
+#pragma unroll
+  for (int nt = 0; nt < kN / 8; ++nt) {
+    const int c = nt / 2;  // chunk c is this warp's own iff c % 2 == h
+    const uint2 w = (c & 1) == h ? mine[c / 2] : theirs[c / 2];
+#pragma unroll
+    for (int e = 0; e < 4; ++e)  // as Dropout::query_rows_mask: word (e & 1) * 2 + h, byte (e >> 1) * 2 + (nt & 1)
+      s[0][nt][e] = Dropout::masked(s[0][nt][e], Dropout::mask(e & 1 ? w.y : w.x, (e >> 1) * 2 + (nt & 1)));
+  }
+}
+
 // Softmax'd (and dropped-out) S as the A fragments of PV: dropout by the mask warps' bits (keep), or without
-// mask warps by this warp's own Philox calls (block j of (b, h) = bh, the warp's rows from row0).
+// mask warps by this warp's Philox calls (block j of (b, h) = bh, the warp's rows from row0), half of them
+// swapped with the other warp of its span (warp pair `pair`, its buffer pair_slot) where kPairSwap.
 template <class C, int kN = C::kBlockN>
 __device__ __forceinline__ void scores_to_p(float (&s)[1][C::kBlockN / 8][4], uint32_t (&pf)[1][C::kBlockN / 16][4],
-                                            const BlockMask<C>& keep, const FwdParams& p, int bh, int row0, int j,
-                                            int lane) {
+                                            const BlockMask<C>& keep, uint2* pair_slot, int pair, const FwdParams& p,
+                                            int bh, int row0, int j, int lane) {
   if constexpr (C::kMaskWarps) {
 #pragma unroll
     for (int nt = 0; nt < kN / 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[0][nt][e] = keep.kept(nt, e) ? s[0][nt][e] : 0.f;
+  } else if constexpr (C::kPairSwap) {
+    swap_dropout_halves<C, kN>(s, Dropout(p.mods, bh), row0, j * C::kBlockN, pair_slot, pair, lane);
   } else if constexpr (C::kDropout) {
     fwd::apply_dropout<typename C::template WarpOf<kN>>(leading<kN / 8>(s), Dropout(p.mods, bh), row0, j * C::kBlockN,
                                                         lane);
@@ -493,6 +546,7 @@ template <class C>
 struct Smem {
   elem_t *q, *k, *v, *ones;
   uint32_t* mask;  // dropout's bits: [slot][word][consumer thread] (Config::kMaskBytes)
+  uint2* pairs;     // dropout's swapped halves: [buffer][warp pair][chunk][lane] (Config::kPairSwap)
   sm90::Ring<C::kQStages>* q_ring;
   sm90::Ring<C::kStages>*k_ring, *v_ring;
 
@@ -502,7 +556,8 @@ struct Smem {
     v = k + C::kStages * C::TileKV::kBytes / 2;
     ones = v + C::kStages * C::TileV::kBytes / 2;
     mask = reinterpret_cast<uint32_t*>(ones + C::kOnesBytes / 2);
-    q_ring = reinterpret_cast<sm90::Ring<C::kQStages>*>(mask + C::kMaskBytes / 4);
+    pairs = reinterpret_cast<uint2*>(mask + C::kMaskBytes / 4);
+    q_ring = reinterpret_cast<sm90::Ring<C::kQStages>*>(pairs + (C::kPairSwap ? C::kPairBytes / 8 : 0));
     k_ring = reinterpret_cast<sm90::Ring<C::kStages>*>(q_ring + 1);
     v_ring = k_ring + 1;
   }
@@ -512,6 +567,13 @@ struct Smem {
   // The mask slot of the key block whose K stage is st (the ring's phase tells two passes apart).
   __device__ __forceinline__ uint32_t* mask_slot(RingState<C::kStages> st) const {
     return mask + (st.stage + C::kStages * int(st.phase)) * C::kMaskBytes / (8 * C::kStages);
+  }
+  // The swap buffer of the key block whose K stage is st for warp pair `pair` (consumer warpgroup g's warps
+  // 2 (pair % 2), + 1): blocks alternate buffers (stage + kStages phase counts the CTA's blocks, its parity
+  // theirs), so a buffer is rewritten only after both warps passed the next block's barrier.
+  __device__ __forceinline__ uint2* pair_slot(RingState<C::kStages> st, int pair) const {
+    const int buffer = (st.stage + C::kStages * int(st.phase)) & 1;
+    return pairs + (buffer * 2 * C::kConsumers + pair) * (C::kBlockN / 16) * 32;
   }
 };
 
@@ -719,6 +781,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
   // ---- consumers -----------------------------------------------------------------------------------
   warpgroup_claim_registers<C::kConsumerRegs>();
   const int g = wg - 1, t = tid % 128, lane = t & 31;
+  const int pair = g * 2 + t / 64;  // this warp's pair of a 32-row span (dropout's swap: Smem::pair_slot)
   const int row_cta = g * 64 + (t / 32) * 16;  // this warp's first row within the tile
   // Transformed scores are already in softmax units; otherwise the scale folds into the exp2 argument.
   const float scale = C::Mod::kTransforms ? 1.f : p.softmax_scale;
@@ -819,7 +882,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
         else mask_scores<C, false>(s, T.mod, row0, j, lane);
         float alpha[1][2];
         rescale<C>(o, alpha, fwd::softmax_rows<W, C::kLazyRescale, !C::kMmaSums>(s, m, l, alpha, scale, scale_log2));
-        scores_to_p<C>(s, pf, BlockMask<C>(sm.mask_slot(st), g * 128 + t), p, T.bh, row0, j, lane);
+        scores_to_p<C>(s, pf, BlockMask<C>(sm.mask_slot(st), g * 128 + t), sm.pair_slot(st, pair), pair, p, T.bh, row0, j, lane);
         sm.v_ring->wait(st);
         zero_v_past_keys<C>(p, sm.v_stage(st.stage), T.mod, j, g * 128 + t);
         issue_pv<C>(o[0], pf, v_desc(st.stage), ones_desc);
@@ -861,9 +924,10 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
           sm.v_ring->release(prev);
         }
         if constexpr (C::kCrossTile)
-          scores_to_p<C>(s, pf, BlockMask<C>(sm.mask_slot(st), g * 128 + t), p, T.bh, row0, T.j_begin, lane);
+          scores_to_p<C>(s, pf, BlockMask<C>(sm.mask_slot(st), g * 128 + t), sm.pair_slot(st, pair), pair, p, T.bh, row0,
+                         T.j_begin, lane);
         else
-          scores_to_p<C>(s, pf, early, p, T.bh, row0, T.j_begin, lane);
+          scores_to_p<C>(s, pf, early, sm.pair_slot(st, pair), pair, p, T.bh, row0, T.j_begin, lane);
         pv_half = false;
         if constexpr (kChained) epilogue<C>(args, sm, Tile<C>(p, pending, num_m), q_pending, o, m, l, scale, g, t);
         zero(o);
@@ -927,7 +991,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
         q_done(j);
         if constexpr (kKeptExps) kept.settle<C>(leading<kN / 8>(s), m, l, o, scale_log2);
         else if (!kLateRescale) rescale<C>(o, alpha_p, moved);
-        scores_to_p<C, kN>(s, pf, BlockMask<C>(sm.mask_slot(st), g * 128 + t), p, T.bh, row0, j, lane);
+        scores_to_p<C, kN>(s, pf, BlockMask<C>(sm.mask_slot(st), g * 128 + t), sm.pair_slot(st, pair), pair, p, T.bh, row0, j,
+                             lane);
         pv_half = decltype(half)::value;
         prev = st;
       };

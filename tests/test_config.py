@@ -212,7 +212,9 @@ def test_dropout_mask_slots_only_in_persistent_kernels_where_they_fit():
     """The forward's mask warps (kernels/fwd_sm90.cuh, Config::kMaskWarps) fill two slots a K stage, a bit an
     entry of each consumer thread's in whole words: only in persistent kernels (at one CTA a tile each
     tile's first block waited for its masks) and where the slots fit beside the tiles (not d256's 80-key
-    one, whose consumers keep making their own); tests/test_jit_cache.py checks the compiled size."""
+    one, whose consumers keep making their own); one CTA a tile, the consumer warps of a 32-row span swap
+    halves of their Philox calls through buffers of their own where those fit (Config::kPairSwap);
+    tests/test_jit_cache.py checks the compiled sizes."""
     for d_head, block_n, stages in ((64, 128, 4), (128, 128, 2), (128, 176, 2), (96, 128, 2)):
         plain = FwdSm90Config("bf16", d_head, 128, block_n, stages, persistent=True)
         words = (block_n // 16 + 3) // 4
@@ -220,7 +222,9 @@ def test_dropout_mask_slots_only_in_persistent_kernels_where_they_fit():
         assert with_dropout.smem_bytes - plain.smem_bytes == 2 * stages * 256 * 4 * words
         assert not with_dropout.problems()
         one_cta = dataclasses.replace(with_dropout, persistent=False, cross_tile=False)
-        assert one_cta.smem_bytes == dataclasses.replace(plain, persistent=False).smem_bytes
+        tiles = dataclasses.replace(plain, persistent=False).smem_bytes
+        swap = 2 * 4 * (block_n // 16) * 32 * 8  # its warp pairs swap halves of Philox calls instead, where they fit
+        assert one_cta.smem_bytes == (tiles + swap if tiles + swap <= 227 * 1024 else tiles)
     d256 = FwdSm90Config("bf16", 256, 128, 80, 2, persistent=True)
     assert dataclasses.replace(d256, dropout=True).smem_bytes == d256.smem_bytes <= 227 * 1024
 

@@ -418,7 +418,8 @@ def test_features(feature, walk):
                                                   persistent=True, two_ctas=True, dropout=True),  # two calls in flight
                                     FwdSm90Config("fp16", 128, block_n=64, stages=3, dropout=True),
                                     FwdSm90Config("fp16", 128, block_n=176, dropout=True),  # FA3's tiles:
-                                    FwdSm90Config("fp16", 256, block_n=80, dropout=True)],  # 16-key chunks
+                                    FwdSm90Config("fp16", 256, block_n=80, dropout=True),  # 16-key chunks
+                                    FwdSm90Config("fp16", 128, block_n=80, dropout=True)],  # an odd count, swapped
                          ids=lambda c: c.name)
 def test_dropout_mask_is_philox_keep_mask_bit_for_bit(config, p):
     """The same Philox keep mask as the sm_80 family and reference.philox_keep_mask (so the existing

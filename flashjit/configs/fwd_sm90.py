@@ -151,11 +151,17 @@ class FwdSm90Config(ConfigBase):
     @property
     def smem_bytes(self) -> int:
         """Alignment slack, the Q stages, `stages` K and V tiles, mma_sums' ones, the mbarriers, and with
-        dropout its masks' slots where they fit beside the rest (Config::kSmemBytes)."""
+        dropout its masks' slots (persistent kernels) or the warp pairs' swap buffers (the others) where they
+        fit beside the rest (Config::kSmemBytes)."""
         tiles = 1024 + 2 * self.q_stages * self.block_m * self.d_tile + \
             2 * self.stages * self.block_n * (self.d_tile + self.d_tile_v) + 1024 * self.mma_sums + \
             8 * (2 * self.q_stages + 4 * self.stages)
-        return tiles + self.mask_slot_bytes if tiles + self.mask_slot_bytes <= SMEM_LIMIT else tiles
+
+        def fits(extra: int) -> bool:  # Config::fits: a CTA's 227 KiB, and ctas_per_sm CTAs (+ 1 KiB each) an SM's 228
+            return tiles + extra <= SMEM_LIMIT and self.ctas_per_sm * (tiles + extra + 1024) <= 228 * 1024
+        if self.mask_slot_bytes and fits(self.mask_slot_bytes):
+            return tiles + self.mask_slot_bytes
+        return tiles + self.pair_swap_bytes if self.dropout and fits(self.pair_swap_bytes) else tiles
 
     @property
     def mask_slot_bytes(self) -> int:
@@ -165,6 +171,12 @@ class FwdSm90Config(ConfigBase):
         if not (self.dropout and self.persistent):
             return 0
         return 2 * self.stages * 128 * self.consumers * 4 * ((self.block_n // 16 + 3) // 4)
+
+    @property
+    def pair_swap_bytes(self) -> int:
+        """Dropout without mask warps: the buffers in which the two warps of a 32-row span swap their halves of
+        the Philox calls (Config::kPairBytes), used where they fit."""
+        return 2 * 2 * self.consumers * (self.block_n // 16) * 32 * 8
 
     def register_estimate(self) -> int:
         """Per consumer thread: O, S and P fragments plus indices, and 8 for each score feature
