@@ -106,12 +106,15 @@
 #             forward with dropout: main's kernel, drop192's, and the default without dropout
 #   pairswap  dropout without mask warps: a span's two consumer warps split its Philox calls and swap halves
 #             (dropout-pair-swap.patch): the forward dropout tests, then the forward alone at d64 / d192 / d256
+#             (ran in the forty-fifth session: 106 passed, +20-28% d64, +5-11% d192; landed)
+#   dropps    d96 / d128 (and d64 causal 1k) with dropout: the persistent mask-warp defaults against one CTA a
+#             tile whose consumers make their masks with the pair swap
 #
 # The device copy has no usable .git: each variant is a copy of this tree with its patches applied by
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -207,16 +210,16 @@ names_of() {
   shift
   for k in "$@"; do case $k in fwd_*) echo -n "$k " ;; *) echo -n "$base${k#-} " ;; esac; done
 }
-# knob_ab VARIANT POINTS: in VARIANT's tree, precompile every kernel POINTS names, then one bench_forward a
-# line "d_head causal seqlens base suffixes..." timing those kernels in interleaved rounds (--configs); the
-# result lines added to $OUT/bench.txt.
+# knob_ab VARIANT POINTS [ARGS]: in VARIANT's tree, precompile every kernel POINTS names, then one bench_forward a
+# line "d_head causal seqlens base suffixes..." timing those kernels in interleaved rounds (--configs), with
+# bench_forward's ARGS (e.g. "--dropout-p 0.1"); the result lines added to $OUT/bench.txt.
 knob_ab() {
   local all
   all=$(echo "$2" | while read -r d causal seqlens base knobs; do names_of "$base" $knobs; done)
   with_variant $1 python3 -m flashjit precompile --arch sm_90a --jobs 16 $all 2>&1 | tail -2 || true
   echo "$2" | while read -r d causal seqlens base knobs; do
     with_variant $1 python3 scripts/bench_forward.py --dtypes bf16 --head-dims "$d" --causal "$causal" \
-      --seqlens "$seqlens" --rounds 3 --no-flex --out "$OUT/d$d-c$causal-$seqlens" --configs $(names_of "$base" $knobs) 2>&1
+      --seqlens "$seqlens" --rounds 3 --no-flex --out "$OUT/d$d-c$causal-$seqlens" ${3:-} --configs $(names_of "$base" $knobs) 2>&1
   done | tee -a "$OUT/bench.txt"
 }
 
@@ -329,6 +332,16 @@ pairswap)  # dropout without mask warps (d64's and d192's one-CTA-a-tile default
   args="--dtypes bf16 --head-dims 64,192,256 --seqlens 1024,4096 --causal 0,1 --gqa '' --no-flex --dropout-p 0.1"
   warm bench_forward.py "$args" "main pairswap"
   passes bench_forward.py "$args" "main pairswap"
+  ;;
+dropps)  # dropout's two mask makers at d96 / d128 / d64's causal 1k: the defaults (persistent, the producer's mask
+  # warps) against one CTA a tile, whose consumers now make their masks with the pair swap (361c8d6: +20-28% at
+  # d64); p = 0.1, rounds interleaved in one process
+  F=fwd_sm90_bf16
+  knob_ab main "128 0 1024,4096 ${F}_d128_m128_n128_st2_ov1_pp1_ps1_causal0_dropout _xt_lr ${F}_d128_m128_n128_st2_ov1_pp1_ps0_causal0_dropout_lr
+128 1 1024,4096 ${F}_d128_m128_n128_st2_ov1_pp1_ps1_causal1_dropout _xt_hb ${F}_d128_m128_n128_st2_ov1_pp1_ps0_causal1_dropout_hb
+96 0 1024,4096 ${F}_d96_m128_n128_st2_ov1_pp1_ps1_causal0_dropout _xt_lr ${F}_d96_m128_n128_st2_ov1_pp1_ps0_causal0_dropout_lr
+96 1 1024,4096 ${F}_d96_m128_n128_st2_ov1_pp1_ps1_causal1_dropout _xt_hb ${F}_d96_m128_n128_st2_ov1_pp1_ps0_causal1_dropout_hb
+64 1 1024 ${F}_d64_m128_n64_st4_ov0_pp0_ps1_causal1_dropout _x2 ${F}_d64_m128_n128_st4_ov1_pp1_ps0_causal1_dropout_hb" "--dropout-p 0.1"
   ;;
 bwd-tests)  # [K]: the tests `pytest -k K` selects
   timeout 520 python3 -m pytest -q -n 16 -p no:cacheprovider --maxfail 30 tests/test_backward_gpu.py tests/test_flash_api.py \
