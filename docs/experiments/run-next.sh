@@ -342,6 +342,13 @@ dropps)  # dropout's two mask makers at d96 / d128 / d64's causal 1k: the defaul
 96 0 1024,4096 ${F}_d96_m128_n128_st2_ov1_pp1_ps1_causal0_dropout _xt_lr ${F}_d96_m128_n128_st2_ov1_pp1_ps0_causal0_dropout_lr
 96 1 1024,4096 ${F}_d96_m128_n128_st2_ov1_pp1_ps1_causal1_dropout _xt_hb ${F}_d96_m128_n128_st2_ov1_pp1_ps0_causal1_dropout_hb
 64 1 1024 ${F}_d64_m128_n64_st4_ov0_pp0_ps1_causal1_dropout _x2 ${F}_d64_m128_n128_st4_ov1_pp1_ps0_causal1_dropout_hb" "--dropout-p 0.1"
+  # the same in persistent-pair-swap-probe.patch's tree, whose persistent kernels have no mask warps (their
+  # consumers make the masks with the swap): the one-CTA-a-tile column, the same kernels in both, anchors the two
+  variant psw "$EXP/persistent-pair-swap-probe.patch" >/dev/null
+  knob_ab psw "128 0 1024,4096 ${F}_d128_m128_n128_st2_ov1_pp1_ps1_causal0_dropout _xt_lr ${F}_d128_m128_n128_st2_ov1_pp1_ps0_causal0_dropout_lr
+128 1 1024,4096 ${F}_d128_m128_n128_st2_ov1_pp1_ps1_causal1_dropout _xt_hb ${F}_d128_m128_n128_st2_ov1_pp1_ps0_causal1_dropout_hb
+96 0 1024,4096 ${F}_d96_m128_n128_st2_ov1_pp1_ps1_causal0_dropout _xt_lr ${F}_d96_m128_n128_st2_ov1_pp1_ps0_causal0_dropout_lr
+96 1 1024,4096 ${F}_d96_m128_n128_st2_ov1_pp1_ps1_causal1_dropout _xt_hb ${F}_d96_m128_n128_st2_ov1_pp1_ps0_causal1_dropout_hb" "--dropout-p 0.1"
   ;;
 bwd-tests)  # [K]: the tests `pytest -k K` selects
   timeout 520 python3 -m pytest -q -n 16 -p no:cacheprovider --maxfail 30 tests/test_backward_gpu.py tests/test_flash_api.py \
