@@ -111,6 +111,17 @@ def lazy_rescale(d_head: int, causal: bool) -> bool:
     return (sm90_tile(d_head), causal) in _LAZY_RESCALE
 
 
+# Dropout's masks in persistent kernels (FwdSm90Config.mask_warps; forty-fifth session, H100, bf16 16k
+# tokens, p = 0.1, three interleaved rounds, TFLOP/s): the producer's mask warps against the consumers
+# making them with the pair swap, d128 / d96 causal 1k 316 / 251 against 267 / 213 (+18%), but at 4k and the
+# B=1 8k 32/8 point the consumers lead: d128 non-causal 408 / 419 against 444 / 465, causal 388 / 409
+# against 415 / 431, d96 non-causal 329 / 333 against 361 / 379, causal 310 / 321 against 340 / 353 (+7 to
+# +14%; non-causal 1k too: +7-8%). So the mask warps serve causal rows up to MASK_WARPS_CAUSAL only (d64's
+# two-CTA kernel among them). At 2k the swap still led: d128 376 against 362, d96 308 against 287.
+# And with the swap d64's causal rows past SHORT take persistent 128-row tiles (their 192 rows do not fit the
+# registers with dropout): 258 / 287 / 300 at 2k / 4k / 8k against 242 / 273 / 291 at one CTA a tile (+3 to
+# +7%); non-causal they were level (270 / 286 / 296 against 264 / 288 / 300 at 1k / 2k / 4k), so keep it.
+MASK_WARPS_CAUSAL = 1024
 SHORT_CAUSAL = 2048
 SHORT = 1024
 _SHORT_CAUSAL_BY_TILE = {64: SHORT}  # where "short causal" ends for a tile width, if not at SHORT_CAUSAL
@@ -121,6 +132,8 @@ _SM90_PREFERENCES = {
                          cross_tile=True),
                     dict(block_m=192, block_n=128, stages=4, overlap=True, pingpong=False, persistent=True),
                     dict(block_m=128, block_n=128, stages=4)],
+    (64, "causal dropout"): [dict(block_m=128, block_n=128, stages=4, persistent=True),
+                             dict(block_m=128, block_n=128, stages=4)],
     (64, "short causal"): [dict(block_m=128, block_n=64, stages=4, overlap=False, pingpong=False, persistent=True,
                                 two_ctas=True),
                            dict(block_m=128, block_n=128, stages=4, persistent=True),
@@ -153,6 +166,7 @@ def default_config(dtype: str, d_head: int, causal: bool, seqlen_q: int = 4096,
         tile = sm90_tile(d_head)
         short_causal = _SHORT_CAUSAL_BY_TILE.get(tile, SHORT_CAUSAL)
         keys = ((tile, "short causal") if causal and seqlen_q <= short_causal else None,
+                (tile, "causal dropout") if causal and dropout and not local else None,
                 (tile, "causal") if causal and not local else None,  # a window's cross-tile kernel spills
                 (tile, "non-causal") if not (causal or local) else None, tile)
         half = (causal and d_head >= 64 and d_head not in (104, 112, 120)  # ptxas: C7511 else (see above)
@@ -164,6 +178,9 @@ def default_config(dtype: str, d_head: int, causal: bool, seqlen_q: int = 4096,
             if half:  # where this tile can halve its blocks at all (FwdSm90Config.problems)
                 halves = dataclasses.replace(cfg, half_blocks=True)
                 cfg = cfg if halves.problems() else halves
+            if dropout and causal and seqlen_q <= MASK_WARPS_CAUSAL and cfg.persistent:
+                masked = dataclasses.replace(cfg, mask_warps=True)
+                cfg = cfg if masked.problems() else masked
             if not cfg.problems() and cfg.smem_bytes <= smem_limit:
                 return cfg
     size = next(c for c in (64, 128, 160, 192, 256) if d_head <= c)

@@ -9,10 +9,10 @@
 //
 // Roles. One CTA owns kBlockM query rows of one (batch, head):
 //   warpgroup 0            producer: one thread issues every TMA load, the rest only wait; it gives
-//                          its registers to the consumers (setmaxnreg). With dropout, in persistent
-//                          kernels (Config::kMaskWarps), its warps 1-3 make each key block's mask bits
-//                          (make_block_masks: a Philox call serves two consumer warps) a K stage
-//                          ahead, off the consumers' softmax.
+//                          its registers to the consumers (setmaxnreg). With dropout and mask_warps
+//                          (persistent kernels; Config::kMaskWarps), its warps 1-3 make each key block's
+//                          mask bits (make_block_masks: a Philox call serves two consumer warps) a K
+//                          stage ahead, off the consumers' softmax.
 //   warpgroups 1..kWG      consumers: 64 query rows each, O and the softmax statistics in registers.
 // Persistent, a CTA per SM (two with kTwoCtas) walks a tile per round (tile_of); the rings run on across
 // tiles.
@@ -88,7 +88,8 @@ constexpr bool fits_smem(int bytes, int ctas) { return bytes <= 227 * 1024 && ct
 // static_assert message is one of its WHY_* reasons, verbatim.
 template <bool kBf16_, int kDHead_, int kBlockM_, int kBlockN_, int kStages_, bool kOverlap_, bool kPingPong_,
           bool kPersistent_, bool kCausal_, bool kLocal_, bool kSoftcap_, bool kAlibi_, bool kDropout_, bool kSink_,
-          int kDHeadV_, bool kCrossTile_, bool kHalfBlocks_, bool kLazyRescale_, bool kMmaSums_, bool kTwoCtas_>
+          int kDHeadV_, bool kCrossTile_, bool kHalfBlocks_, bool kLazyRescale_, bool kMmaSums_, bool kTwoCtas_,
+          bool kMaskWarps_>
 struct Config {
   static constexpr bool kBf16 = kBf16_, kOverlap = kOverlap_, kPingPong = kPingPong_, kCausal = kCausal_;
   static constexpr bool kPersistent = kPersistent_, kCrossTile = kCrossTile_;
@@ -118,22 +119,22 @@ struct Config {
   // 1 KiB of slack (the swizzle needs 1024-byte aligned tiles), the Q and K/V rings, kMmaSums' ones (a
   // swizzle atom, so the sums read it with K's descriptor), the barriers.
   static constexpr int kBarrierBytes = 8 * (2 * kQStages + 4 * kStages), kOnesBytes = kMmaSums_ ? 1024 : 0;
-  // Dropout's masks, made by the producer warpgroup's mask warps (make_block_masks) a key block at a time:
-  // per block and consumer thread a bit an entry of its two rows, 8 a 16-key chunk, in kMaskWords words.
+  // Dropout's masks with kMaskWarps_, made by the producer warpgroup's mask warps (make_block_masks) a key
+  // block at a time: per block and consumer thread a bit an entry of its two rows, 8 a 16-key chunk, in kMaskWords words.
   // Twice as many slots as K stages (block n's: n mod 2 kStages, Smem::mask_slot), each filled under the K
   // ring's barriers: a consumer reads block n's bits after releasing its K stage, yet before it releases
   // block n + 1's, which the mask warps' write of block n + 2 kStages waits for.
   // Only in persistent kernels, whose mask warps run ahead across a CTA's tiles: with one CTA a tile each
   // tile's first K stage waits for its block's masks (11 calls a lane at d64's 128 x 128), a bubble every
-  // tile; H100, d64 at one CTA a tile: forward -4 to -14%; persistent d128 causal +12 to +23%, non-causal
-  // level (docs/perf-log.md, forty-third session). Elsewhere, and where the slots do not fit beside the
-  // tiles (d256's 80-key blocks), the consumers make their own masks (kPairSwap below, else as the sm_80
-  // family does: fwd::apply_dropout, half of each call unused).
+  // tile. Where they pay over the consumers' pair swap (below) is the dispatcher's call (short causal rows:
+  // flashjit/dispatch.py). Elsewhere the consumers make their own masks (kPairSwap, else where its buffers
+  // do not fit beside the tiles, d256's 80-key blocks, as the sm_80 family does: fwd::apply_dropout, half of
+  // each call unused).
   static constexpr int kMaskWords = (kBlockN / 16 + 3) / 4;
   static constexpr int kTileBytes =
       1024 + kQStages * TileQ::kBytes + kStages * (TileKV::kBytes + TileV::kBytes) + kOnesBytes + kBarrierBytes;
   static constexpr int kSlotBytes = 2 * kStages * 128 * kConsumers * kMaskWords * 4;
-  static constexpr int kMaskWarps = kDropout_ && kPersistent_ && fits_smem(kTileBytes + kSlotBytes, kCtasPerSm) ? 3 : 0;
+  static constexpr int kMaskWarps = kMaskWarps_ ? 3 : 0;
   static constexpr int kMaskBytes = kMaskWarps ? kSlotBytes : 0;  // (the mask warps: producer warps 1..3)
   // Dropout without mask warps: a Philox call covers a 32-row span, two consumer warps' rows (fwd::apply_dropout
   // uses half of each). The two warps of a span split its calls and swap the halves through shared memory
@@ -191,6 +192,8 @@ struct Config {
   static_assert(kTwoCtas_ || kRegEstimate <= kConsumerRegs, "O, S and P of this config do not fit the consumers' registers");
   static_assert(!kTwoCtas_ || (kConsumers == 2 && !kOverlap_ && kD == 64 && kDV == 64 && kBlockN == 64),
                 "two_ctas gives a consumer thread 104 registers (two CTAs an SM): it needs block_m 128, no overlap, d_head <= 64 and block_n 64");
+  static_assert(!kMaskWarps_ || (kDropout_ && kPersistent_ && fits_smem(kTileBytes + kSlotBytes, kCtasPerSm)),
+                "mask_warps has the producer's idle warps make dropout's masks across a CTA's tiles: it needs dropout, persistent and room for the masks' slots beside the tiles");
   static_assert(kSmemBytes <= 227 * 1024, "Q and the K/V stages of this config need more than 227 KiB of shared memory");
   // What the rules above guarantee for kTwoCtas, kept true by whoever changes them: setmaxnreg stays inside
   // the pool the launch bound gives a CTA (else .inc waits forever), and two CTAs' tiles (and the 1 KiB

@@ -135,10 +135,11 @@ def test_every_hopper_forward_knob_changes_the_rendered_code():
     base = FwdSm90Config(d_head=64, pingpong=False)  # ping-pong needs the overlap: flipped on alone
     flips = dict(dtype="fp16", d_head=128, block_m=192, block_n=64, stages=3, overlap=False, pingpong=True,
                  persistent=True, causal=True, local=True, softcap=True, alibi=True, dropout=True, sink=True, d_v=32,
-                 cross_tile=True, half_blocks=True, lazy_rescale=True, mma_sums=True, two_ctas=True)
+                 cross_tile=True, half_blocks=True, lazy_rescale=True, mma_sums=True, two_ctas=True, mask_warps=True)
     assert set(flips) == {f.name for f in dataclasses.fields(FwdSm90Config)}
     for name, value in flips.items():
-        needs = dict(cross_tile=dict(persistent=True), two_ctas=dict(overlap=False, block_n=64)).get(name, {})
+        needs = dict(cross_tile=dict(persistent=True), two_ctas=dict(overlap=False, block_n=64),
+                     mask_warps=dict(persistent=True, dropout=True)).get(name, {})
         at = dataclasses.replace(base, **needs)  # what the knob needs besides itself
         assert codegen.render(dataclasses.replace(at, **{name: value})) != codegen.render(at), name
 
@@ -208,25 +209,36 @@ def test_softmax_cuts_lazy_rescale_and_mma_sums():
     assert on == {(d, False) for d in dims} | {(d, True) for d in dims if d > 128}
 
 
-def test_dropout_mask_slots_only_in_persistent_kernels_where_they_fit():
-    """The forward's mask warps (kernels/fwd_sm90.cuh, Config::kMaskWarps) fill two slots a K stage, a bit an
-    entry of each consumer thread's in whole words: only in persistent kernels (at one CTA a tile each
-    tile's first block waited for its masks) and where the slots fit beside the tiles (not d256's 80-key
-    one, whose consumers keep making their own); one CTA a tile, the consumer warps of a 32-row span swap
+def test_dropout_mask_slots_with_mask_warps_where_they_fit_else_swap_buffers():
+    """The forward's mask warps (mask_warps, `_mw` last; kernels/fwd_sm90.cuh, Config::kMaskWarps) fill two
+    slots a K stage, a bit an entry of each consumer thread's in whole words: only with dropout, in
+    persistent kernels (at one CTA a tile each tile's first block waited for its masks) and where the slots
+    fit beside the tiles (not d256's 80-key one). Without them the consumer warps of a 32-row span swap
     halves of their Philox calls through buffers of their own where those fit (Config::kPairSwap);
     tests/test_jit_cache.py checks the compiled sizes."""
     for d_head, block_n, stages in ((64, 128, 4), (128, 128, 2), (128, 176, 2), (96, 128, 2)):
         plain = FwdSm90Config("bf16", d_head, 128, block_n, stages, persistent=True)
         words = (block_n // 16 + 3) // 4
-        with_dropout = dataclasses.replace(plain, dropout=True)
-        assert with_dropout.smem_bytes - plain.smem_bytes == 2 * stages * 256 * 4 * words
-        assert not with_dropout.problems()
-        one_cta = dataclasses.replace(with_dropout, persistent=False, cross_tile=False)
-        tiles = dataclasses.replace(plain, persistent=False).smem_bytes
-        swap = 2 * 4 * (block_n // 16) * 32 * 8  # its warp pairs swap halves of Philox calls instead, where they fit
-        assert one_cta.smem_bytes == (tiles + swap if tiles + swap <= 227 * 1024 else tiles)
-    d256 = FwdSm90Config("bf16", 256, 128, 80, 2, persistent=True)
-    assert dataclasses.replace(d256, dropout=True).smem_bytes == d256.smem_bytes <= 227 * 1024
+        swap = 2 * 4 * (block_n // 16) * 32 * 8
+        masked = dataclasses.replace(plain, dropout=True, mask_warps=True)
+        assert masked.smem_bytes - plain.smem_bytes == 2 * stages * 256 * 4 * words
+        assert not masked.problems() and masked.name.endswith("_mw") and config_from_name(masked.name) == masked
+        for swapped in (dataclasses.replace(masked, mask_warps=False), masked.one_cta_per_tile()):
+            tiles = dataclasses.replace(swapped, dropout=False).smem_bytes
+            assert swapped.smem_bytes == (tiles + swap if tiles + swap <= 227 * 1024 else tiles)
+            assert not swapped.problems()
+        assert fwd_sm90.WHY_MASK_WARPS in dataclasses.replace(masked, persistent=False, cross_tile=False).problems()
+        assert fwd_sm90.WHY_MASK_WARPS in dataclasses.replace(plain, mask_warps=True).problems()
+    d256 = FwdSm90Config("bf16", 256, 128, 80, 2, persistent=True, dropout=True)
+    assert fwd_sm90.WHY_MASK_WARPS in dataclasses.replace(d256, mask_warps=True).problems()
+    assert d256.smem_bytes == dataclasses.replace(d256, dropout=False).smem_bytes <= 227 * 1024
+    # the dispatcher's rule (flashjit/dispatch.py): causal rows up to MASK_WARPS_CAUSAL, persistent kernels only
+    for d_head in (64, 96, 128):
+        for causal in (False, True):
+            for seqlen in (512, 1024, 2048, 4096):
+                cfg = dispatch.default_config("bf16", d_head, causal, seqlen, arch="sm_90a", dropout=True)
+                want = causal and seqlen <= dispatch.MASK_WARPS_CAUSAL and cfg.persistent
+                assert cfg.mask_warps == want, cfg.name
 
 
 def test_two_ctas_take_the_one_shape_that_fits_104_registers():

@@ -413,9 +413,15 @@ def test_features(feature, walk):
 @pytest.mark.parametrize("p", [0.17, 0.5])
 @pytest.mark.parametrize("config", [FwdSm90Config("fp16", 64, dropout=True),
                                     FwdSm90Config("fp16", 64, stages=4, persistent=True, dropout=True),
+                                    FwdSm90Config("fp16", 64, stages=4, persistent=True, dropout=True, mask_warps=True),
                                     FwdSm90Config("fp16", 64, stages=4, persistent=True, cross_tile=True, dropout=True),
+                                    FwdSm90Config("fp16", 64, stages=4, persistent=True, cross_tile=True, dropout=True,
+                                                  mask_warps=True),
                                     FwdSm90Config("fp16", 64, block_n=64, stages=4, overlap=False, pingpong=False,
-                                                  persistent=True, two_ctas=True, dropout=True),  # two calls in flight
+                                                  persistent=True, two_ctas=True, dropout=True),
+                                    FwdSm90Config("fp16", 64, block_n=64, stages=4, overlap=False, pingpong=False,
+                                                  persistent=True, two_ctas=True, dropout=True,
+                                                  mask_warps=True),  # two calls in flight
                                     FwdSm90Config("fp16", 128, block_n=64, stages=3, dropout=True),
                                     FwdSm90Config("fp16", 128, block_n=176, dropout=True),  # FA3's tiles:
                                     FwdSm90Config("fp16", 256, block_n=80, dropout=True),  # 16-key chunks

@@ -108,13 +108,15 @@
 #             (dropout-pair-swap.patch): the forward dropout tests, then the forward alone at d64 / d192 / d256
 #             (ran in the forty-fifth session: 106 passed, +20-28% d64, +5-11% d192; landed)
 #   dropps    d96 / d128 (and d64 causal 1k) with dropout: the persistent mask-warp defaults against one CTA a
-#             tile whose consumers make their masks with the pair swap
+#             tile whose consumers make their masks with the pair swap (ran in the forty-fifth session; the
+#             psw tree's persistent kernels without mask warps led at 4k-8k: mask_warps became a knob)
+#   mwknob    the forward dropout tests on the mask_warps knob, _mw at causal 2k, d64's persistent tiles
 #
 # The device copy has no usable .git: each variant is a copy of this tree with its patches applied by
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -349,6 +351,18 @@ dropps)  # dropout's two mask makers at d96 / d128 / d64's causal 1k: the defaul
 128 1 1024,4096 ${F}_d128_m128_n128_st2_ov1_pp1_ps1_causal1_dropout _xt_hb ${F}_d128_m128_n128_st2_ov1_pp1_ps0_causal1_dropout_hb
 96 0 1024,4096 ${F}_d96_m128_n128_st2_ov1_pp1_ps1_causal0_dropout _xt_lr ${F}_d96_m128_n128_st2_ov1_pp1_ps0_causal0_dropout_lr
 96 1 1024,4096 ${F}_d96_m128_n128_st2_ov1_pp1_ps1_causal1_dropout _xt_hb ${F}_d96_m128_n128_st2_ov1_pp1_ps0_causal1_dropout_hb" "--dropout-p 0.1"
+  ;;
+mwknob)  # mask_warps as a knob (the dispatcher: causal rows up to 1k): the forward dropout tests, then _mw against the
+  # pair swap at causal 2k (d96 / d128: 1k went to the mask warps by +18%, 4k to the swap by +7-10%), and d64's
+  # one-CTA-a-tile dropout defaults against persistent 128-row tiles (now without mask warps' smem)
+  [ "${2:-}" = d64 ] || gpu_tests main mwknob-tests -k dropout tests/test_forward_gpu.py
+  F=fwd_sm90_bf16
+  points="128 1 2048 ${F}_d128_m128_n128_st2_ov1_pp1_ps1_causal1_dropout_xt_hb - _mw
+96 1 2048 ${F}_d96_m128_n128_st2_ov1_pp1_ps1_causal1_dropout_xt_hb - _mw
+64 0 1024,2048,4096 ${F}_d64_m128_n128_st4_ov1_pp1_ps0_causal0_dropout_lr - ${F}_d64_m128_n128_st4_ov1_pp1_ps1_causal0_dropout_xt_lr ${F}_d64_m128_n128_st4_ov1_pp1_ps1_causal0_dropout_lr
+64 1 2048,4096,8192 ${F}_d64_m128_n128_st4_ov1_pp1_ps0_causal1_dropout_hb - ${F}_d64_m128_n128_st4_ov1_pp1_ps1_causal1_dropout_hb"
+  [ "${2:-}" = d64 ] && points=$(echo "$points" | grep "^64 ")  # (mwknob d64: d64's points alone)
+  knob_ab main "$points" "--dropout-p 0.1 --gqa="
   ;;
 bwd-tests)  # [K]: the tests `pytest -k K` selects
   timeout 520 python3 -m pytest -q -n 16 -p no:cacheprovider --maxfail 30 tests/test_backward_gpu.py tests/test_flash_api.py \

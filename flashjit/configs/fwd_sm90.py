@@ -35,6 +35,8 @@ WHY_MMA_SUMS = ("mma_sums sums the P that PV multiplies: not with dropout, whose
                 "the sums")
 WHY_TWO_CTAS = ("two_ctas gives a consumer thread 104 registers (two CTAs an SM): it needs block_m 128, no overlap, "
                 "d_head <= 64 and block_n 64")
+WHY_MASK_WARPS = ("mask_warps has the producer's idle warps make dropout's masks across a CTA's tiles: it needs "
+                  "dropout, persistent and room for the masks' slots beside the tiles")
 WHY_REGISTERS = "O, S and P of this config do not fit the consumers' registers"
 WHY_SMEM = "Q and the K/V stages of this config need more than 227 KiB of shared memory"
 
@@ -92,6 +94,11 @@ class FwdSm90Config(ConfigBase):
                  overlap, which does not fit 104 registers (ptxas spills it and serializes its wgmmas):
                  d_head <= 64, block_n 64, block_m 128, no overlap; speed only (H200: +8-16% at d64
                  causal up to 1k, the default there; behind 192 rows from 2k: flashjit/dispatch.py)
+    mask_warps   (dropout, persistent) the producer warpgroup's three idle warps make dropout's masks into
+                 shared-memory slots, running ahead across the CTA's tiles, instead of the consumers (whose
+                 two warps of a 32-row span otherwise share each Philox call's work and swap halves through
+                 shared memory); the same mask; speed only (H100: +17-18% at d96 / d128 causal 1k, but -7 to
+                 -14% at 4k-8k: flashjit/dispatch.py)
     """
 
     dtype: str = "bf16"
@@ -114,6 +121,7 @@ class FwdSm90Config(ConfigBase):
     lazy_rescale: bool = False
     mma_sums: bool = False
     two_ctas: bool = False
+    mask_warps: bool = False
 
     @property
     def d_tile(self) -> int:
@@ -133,8 +141,9 @@ class FwdSm90Config(ConfigBase):
         return 2 if self.two_ctas else 1
 
     def one_cta_per_tile(self) -> "FwdSm90Config":
-        """The same kernel launched one CTA per tile (not persistent, so no cross-tile pipeline)."""
-        return dataclasses.replace(self, persistent=False, cross_tile=False)
+        """The same kernel launched one CTA per tile (not persistent, so no cross-tile pipeline and no mask
+        warps: the consumers make dropout's masks)."""
+        return dataclasses.replace(self, persistent=False, cross_tile=False, mask_warps=False)
 
     def plain(self) -> "FwdSm90Config | None":
         """Without half blocks, whose third compiled step is what ptxas has serialized (C7511) in kernels a
@@ -149,26 +158,32 @@ class FwdSm90Config(ConfigBase):
         return 2 if self.cross_tile else 1
 
     @property
-    def smem_bytes(self) -> int:
-        """Alignment slack, the Q stages, `stages` K and V tiles, mma_sums' ones, the mbarriers, and with
-        dropout its masks' slots (persistent kernels) or the warp pairs' swap buffers (the others) where they
-        fit beside the rest (Config::kSmemBytes)."""
-        tiles = 1024 + 2 * self.q_stages * self.block_m * self.d_tile + \
+    def tile_bytes(self) -> int:
+        """Alignment slack, the Q stages, `stages` K and V tiles, mma_sums' ones and the mbarriers
+        (Config::kTileBytes)."""
+        return 1024 + 2 * self.q_stages * self.block_m * self.d_tile + \
             2 * self.stages * self.block_n * (self.d_tile + self.d_tile_v) + 1024 * self.mma_sums + \
             8 * (2 * self.q_stages + 4 * self.stages)
 
-        def fits(extra: int) -> bool:  # Config::fits: a CTA's 227 KiB, and ctas_per_sm CTAs (+ 1 KiB each) an SM's 228
-            return tiles + extra <= SMEM_LIMIT and self.ctas_per_sm * (tiles + extra + 1024) <= 228 * 1024
-        if self.mask_slot_bytes and fits(self.mask_slot_bytes):
-            return tiles + self.mask_slot_bytes
-        return tiles + self.pair_swap_bytes if self.dropout and fits(self.pair_swap_bytes) else tiles
+    def fits_beside_tiles(self, extra: int) -> bool:
+        """Config::fits_smem(kTileBytes + extra): a CTA's 227 KiB, and ctas_per_sm CTAs (+ 1 KiB each) an SM's 228."""
+        total = self.tile_bytes + extra
+        return total <= SMEM_LIMIT and self.ctas_per_sm * (total + 1024) <= 228 * 1024
+
+    @property
+    def smem_bytes(self) -> int:
+        """The tiles, and with dropout the mask warps' slots (mask_warps) or, where they fit, the warp pairs'
+        swap buffers (Config::kSmemBytes)."""
+        if self.mask_slot_bytes:  # (problems() holds them to fitting)
+            return self.tile_bytes + self.mask_slot_bytes
+        swap = self.dropout and self.fits_beside_tiles(self.pair_swap_bytes)
+        return self.tile_bytes + (self.pair_swap_bytes if swap else 0)
 
     @property
     def mask_slot_bytes(self) -> int:
-        """Dropout's mask slots (Config::kSlotBytes): a bit an entry of each consumer thread's, in whole
-        words, two slots a K stage, in persistent kernels; the producer's mask warps fill them where they fit
-        (else, and at one CTA a tile, the consumers make their own masks)."""
-        if not (self.dropout and self.persistent):
+        """Dropout's mask slots (Config::kSlotBytes) with mask_warps: a bit an entry of each consumer
+        thread's, in whole words, two slots a K stage, which the producer's mask warps fill."""
+        if not (self.mask_warps and self.dropout and self.persistent):
             return 0
         return 2 * self.stages * 128 * self.consumers * 4 * ((self.block_n // 16 + 3) // 4)
 
@@ -214,6 +229,8 @@ class FwdSm90Config(ConfigBase):
         if self.two_ctas and not (self.consumers == 2 and not self.overlap and self.d_tile == 64 and
                                   self.d_tile_v == 64 and self.block_n == 64):
             out.append(WHY_TWO_CTAS)
+        if self.mask_warps and not (self.dropout and self.persistent and self.fits_beside_tiles(self.mask_slot_bytes)):
+            out.append(WHY_MASK_WARPS)
         if not self.two_ctas and self.register_estimate() > self.register_budget:
             out.append(f"{WHY_REGISTERS} (about {self.register_estimate()} of {self.register_budget}); "
                        "use a smaller block_n or block_m 128")
@@ -227,13 +244,13 @@ class FwdSm90Config(ConfigBase):
                 f"_ov{int(self.overlap)}_pp{int(self.pingpong)}_ps{int(self.persistent)}_causal{int(self.causal)}"
                 f"{features_suffix(self)}{d_v_suffix(self)}{'_xt' if self.cross_tile else ''}"
                 f"{'_hb' if self.half_blocks else ''}{'_lr' if self.lazy_rescale else ''}"
-                f"{'_ms' if self.mma_sums else ''}{'_x2' if self.two_ctas else ''}")
+                f"{'_ms' if self.mma_sums else ''}{'_x2' if self.two_ctas else ''}{'_mw' if self.mask_warps else ''}")
 
     _NAME_RE = re.compile(r"^fwd_sm90_(?P<dtype>fp16|bf16)_d(?P<d_head>\d+)_m(?P<block_m>\d+)_n(?P<block_n>\d+)"
                           r"_st(?P<stages>\d+)_ov(?P<overlap>[01])_pp(?P<pingpong>[01])_ps(?P<persistent>[01])"
                           r"_causal(?P<causal>[01])"
                           + FWD_FEATURES_RE + D_V_RE + r"(?P<cross_tile>_xt)?(?P<half_blocks>_hb)?(?P<lazy_rescale>_lr)?"
-                          r"(?P<mma_sums>_ms)?(?P<two_ctas>_x2)?$")
+                          r"(?P<mma_sums>_ms)?(?P<two_ctas>_x2)?(?P<mask_warps>_mw)?$")
 
     @classmethod
     def parse_name(cls, name: str) -> "FwdSm90Config | None":
@@ -245,10 +262,11 @@ class FwdSm90Config(ConfigBase):
                    match["causal"] == "1",
                    *(match[f] is not None for f in FEATURES), match["sink"] is not None, int(match["d_v"] or 0),
                    match["cross_tile"] is not None, match["half_blocks"] is not None,
-                   match["lazy_rescale"] is not None, match["mma_sums"] is not None, match["two_ctas"] is not None)
+                   match["lazy_rescale"] is not None, match["mma_sums"] is not None, match["two_ctas"] is not None,
+                   match["mask_warps"] is not None)
 
 
 FwdSm90Config.family = FAMILY = Family(
     "fwd_sm90", FwdSm90Config, template="fwd_sm90.cuh", namespace="fwd_sm90", params="FwdParams", direction="fwd",
     arch=ARCH, reasons=(WHY_HEAD_DIM, WHY_HEAD_DIM_V, WHY_BLOCK_M, WHY_BLOCK_N, WHY_STAGES, WHY_PINGPONG, WHY_CROSS_TILE,
-                        WHY_HALF_BLOCKS, WHY_MMA_SUMS, WHY_TWO_CTAS, WHY_REGISTERS, WHY_SMEM))
+                        WHY_HALF_BLOCKS, WHY_MMA_SUMS, WHY_TWO_CTAS, WHY_MASK_WARPS, WHY_REGISTERS, WHY_SMEM))
