@@ -122,6 +122,18 @@ def lazy_rescale(d_head: int, causal: bool) -> bool:
 # registers with dropout): 258 / 287 / 300 at 2k / 4k / 8k against 242 / 273 / 291 at one CTA a tile (+3 to
 # +7%); non-causal they were level (270 / 286 / 296 against 264 / 288 / 300 at 1k / 2k / 4k), so keep it.
 MASK_WARPS_CAUSAL = 1024
+
+
+def with_mask_warps(cfg, seqlen_q: int):
+    """A Hopper forward config with dropout in persistent kernels: with the producer's mask warps where
+    the rule above wants them (causal rows up to MASK_WARPS_CAUSAL) and their slots fit, else without
+    (a tuned entry gets its features switched on, so it passes here too). Other configs as they are."""
+    if not (isinstance(cfg, FwdSm90Config) and cfg.dropout and cfg.persistent):
+        return cfg
+    masked = dataclasses.replace(cfg, mask_warps=cfg.causal and seqlen_q <= MASK_WARPS_CAUSAL)
+    return cfg if masked.problems() else masked
+
+
 SHORT_CAUSAL = 2048
 SHORT = 1024
 _SHORT_CAUSAL_BY_TILE = {64: SHORT}  # where "short causal" ends for a tile width, if not at SHORT_CAUSAL
@@ -178,9 +190,7 @@ def default_config(dtype: str, d_head: int, causal: bool, seqlen_q: int = 4096,
             if half:  # where this tile can halve its blocks at all (FwdSm90Config.problems)
                 halves = dataclasses.replace(cfg, half_blocks=True)
                 cfg = cfg if halves.problems() else halves
-            if dropout and causal and seqlen_q <= MASK_WARPS_CAUSAL and cfg.persistent:
-                masked = dataclasses.replace(cfg, mask_warps=True)
-                cfg = cfg if masked.problems() else masked
+            cfg = with_mask_warps(cfg, seqlen_q)
             if not cfg.problems() and cfg.smem_bytes <= smem_limit:
                 return cfg
     size = next(c for c in (64, 128, 160, 192, 256) if d_head <= c)

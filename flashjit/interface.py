@@ -28,7 +28,7 @@ from .configs.bwd_sm90 import WGMMA_ARCH, BwdSm90Config
 from .configs.common import FEATURES, MAX_HEAD_DIM, ConfigBase
 from .configs.fwd_sm90 import FwdSm90Config
 from .dispatch import (backward_pads_value, causal_walk, default_bwd_config, default_config, with_head_split,
-                       with_tile_walk)
+                       with_mask_warps, with_tile_walk)
 from .launch import BwdParams, FwdParams, tensor_ref
 
 log = logging.getLogger("flashjit")
@@ -349,6 +349,7 @@ def chosen_config(dtype: str, d_head: int, d_v: int, causal: bool, seqlen_q: int
     features = (*zip(FEATURES, mods.flags), ("sink", sink))
     # tuned entries are for d_v == d_head: another d_v takes the dispatcher's default
     tuned = d_v == d_head and tuning.lookup(device_index, "fwd", dtype, d_head, bool(causal), seqlen_q, features)
+    tuned = tuned and with_mask_warps(tuned, seqlen_q)  # (the table's entries are tuned without dropout)
     config = tuned or with_tile_walk(default_config(dtype, d_head, bool(causal), seqlen_q, limit, *mods.flags,
                                                     arch=arch, sink=sink, d_v=d_v),
                                      grid, seqlen_q, functools.partial(sm_count, device_index))

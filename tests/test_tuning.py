@@ -60,6 +60,22 @@ def test_the_calls_features_go_onto_the_tuned_tiles(table):
     assert got == dataclasses.replace(TUNED_FWD, local=True, softcap=True, sink=True)
 
 
+def test_a_tuned_persistent_forward_with_dropout_takes_the_mask_warps_rule(table, monkeypatch):
+    """Entries are tuned without dropout; switched on, a persistent kernel takes the producer's mask warps
+    where the dispatcher's rule does (dispatch.with_mask_warps: causal rows up to 1k), else the swap."""
+    monkeypatch.setattr(interface.jit, "unserialized", lambda config, arch: config)
+    tuned = FwdSm90Config("bf16", 128, stages=2, persistent=True, causal=True)
+    tuning.write_table(H200, {tuning.problem_key("fwd", "bf16", 128, True, n): dict(config=tuned.name, ms=1.0,
+                                                                                     default="x", default_ms=1.1)
+                              for n in (1024, 4096)})
+    tuning._entries_for.cache_clear()
+    for seqlen, mask_warps in ((1024, True), (4096, False)):
+        q, k, v = _qkv(seqlen)
+        mods = interface.score_mods(q, True, dropout_p=0.1, philox=(0, 0))
+        got = interface.resolve_config(q, k, None, True, device_index=0, mods=mods, v=v)
+        assert got == dataclasses.replace(tuned, dropout=True, mask_warps=mask_warps)
+
+
 def test_the_backward_takes_the_tuned_config(table):
     assert tuning.lookup(0, "bwd", "bf16", 128, True, 4096, (("dropout", True),)) == \
         dataclasses.replace(TUNED_BWD, causal=True, dropout=True)
