@@ -110,13 +110,15 @@
 #   dropps    d96 / d128 (and d64 causal 1k) with dropout: the persistent mask-warp defaults against one CTA a
 #             tile whose consumers make their masks with the pair swap (ran in the forty-fifth session; the
 #             psw tree's persistent kernels without mask warps led at 4k-8k: mask_warps became a knob)
-#   mwknob    the forward dropout tests on the mask_warps knob, _mw at causal 2k, d64's persistent tiles
+#   mwknob    (ran in the forty-fifth session: landed) the forward dropout tests on the mask_warps knob, _mw at
+#             causal 2k, d64's persistent tiles
+#   hybrid    the mask warps make half a CTA's blocks' masks, the consumers (swap) the rest (dropout-hybrid.patch)
 #
 # The device copy has no usable .git: each variant is a copy of this tree with its patches applied by
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -363,6 +365,19 @@ mwknob)  # mask_warps as a knob (the dispatcher: causal rows up to 1k): the forw
 64 1 2048,4096,8192 ${F}_d64_m128_n128_st4_ov1_pp1_ps0_causal1_dropout_hb - ${F}_d64_m128_n128_st4_ov1_pp1_ps1_causal1_dropout_hb"
   [ "${2:-}" = d64 ] && points=$(echo "$points" | grep "^64 ")  # (mwknob d64: d64's points alone)
   knob_ab main "$points" "--dropout-p 0.1 --gqa="
+  ;;
+hybrid)  # the mask warps and the consumers' swap sharing a CTA's blocks (dropout-hybrid.patch: the mask warps make the
+  # blocks at even ring positions, the consumers those at odd ones, where both fit): the forward dropout tests in
+  # its tree, then in each tree _mw against the swap alone (the same kernel in both: the anchor), p = 0.1
+  variant hyb "$EXP/dropout-hybrid.patch" >/dev/null
+  gpu_tests hyb hybrid-tests -k dropout tests/test_forward_gpu.py
+  F=fwd_sm90_bf16
+  points="128 0 1024,4096 ${F}_d128_m128_n128_st2_ov1_pp1_ps1_causal0_dropout_xt_lr - _mw
+128 1 1024,4096 ${F}_d128_m128_n128_st2_ov1_pp1_ps1_causal1_dropout_xt_hb - _mw
+96 0 4096 ${F}_d96_m128_n128_st2_ov1_pp1_ps1_causal0_dropout_xt_lr - _mw
+96 1 1024,4096 ${F}_d96_m128_n128_st2_ov1_pp1_ps1_causal1_dropout_xt_hb - _mw"
+  knob_ab main "$points" "--dropout-p 0.1 --gqa="
+  knob_ab hyb "$points" "--dropout-p 0.1 --gqa="
   ;;
 bwd-tests)  # [K]: the tests `pytest -k K` selects
   timeout 520 python3 -m pytest -q -n 16 -p no:cacheprovider --maxfail 30 tests/test_backward_gpu.py tests/test_flash_api.py \
