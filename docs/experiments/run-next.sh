@@ -112,13 +112,15 @@
 #             psw tree's persistent kernels without mask warps led at 4k-8k: mask_warps became a knob)
 #   mwknob    (ran in the forty-fifth session: landed) the forward dropout tests on the mask_warps knob, _mw at
 #             causal 2k, d64's persistent tiles
-#   hybrid    the mask warps make half a CTA's blocks' masks, the consumers (swap) the rest (dropout-hybrid.patch)
+#   hybrid    (ran in the forty-fifth session: refuted) the mask warps make half a CTA's blocks' masks, the
+#             consumers (swap) the rest (dropout-hybrid.patch)
+#   droptable the forward defaults with dropout and without, d64-d256, against SDPA's flash and cuDNN
 #
 # The device copy has no usable .git: each variant is a copy of this tree with its patches applied by
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -378,6 +380,16 @@ hybrid)  # the mask warps and the consumers' swap sharing a CTA's blocks (dropou
 96 1 1024,4096 ${F}_d96_m128_n128_st2_ov1_pp1_ps1_causal1_dropout_xt_hb - _mw"
   knob_ab main "$points" "--dropout-p 0.1 --gqa="
   knob_ab hyb "$points" "--dropout-p 0.1 --gqa="
+  ;;
+droptable)  # the forward's defaults with dropout p = 0.1 and without, d64-d256, 1k / 4k, causal or not, against
+  # SDPA's flash and cuDNN backends with the same p (each kernel precompiled first, 16 at a time)
+  python3 -m flashjit precompile --arch sm_90a --jobs 16 $(python3 -c "
+from flashjit import dispatch
+print(' '.join({dispatch.default_config('bf16', d, c, s, arch='sm_90a', dropout=p).name
+                for d in (64, 96, 128, 192, 256) for c in (0, 1) for s in (1024, 4096) for p in (0, 1)}))") 2>&1 | tail -1
+  args="--dtypes bf16 --head-dims 64,96,128,192,256 --seqlens 1024,4096 --causal 0,1 --gqa= --no-flex"
+  python3 scripts/bench_forward.py $args --dropout-p 0.1 --out "$OUT/drop" 2>&1 | grep --line-buffered "^bf16" | tee "$OUT/bench.txt"
+  python3 scripts/bench_forward.py $args --out "$OUT/nodrop" 2>&1 | grep --line-buffered "^bf16" | tee -a "$OUT/bench.txt"
   ;;
 bwd-tests)  # [K]: the tests `pytest -k K` selects
   timeout 520 python3 -m pytest -q -n 16 -p no:cacheprovider --maxfail 30 tests/test_backward_gpu.py tests/test_flash_api.py \
