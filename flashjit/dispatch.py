@@ -124,14 +124,17 @@ def lazy_rescale(d_head: int, causal: bool) -> bool:
 MASK_WARPS_CAUSAL = 1024
 
 
-def with_mask_warps(cfg, seqlen_q: int):
+def with_mask_warps(cfg, seqlen_q: int, smem_limit: int = SMEM_LIMIT_SM90):
     """A Hopper forward config with dropout in persistent kernels: with the producer's mask warps where
-    the rule above wants them (causal rows up to MASK_WARPS_CAUSAL) and their slots fit, else without
-    (a tuned entry gets its features switched on, so it passes here too). Other configs as they are."""
+    the rule above wants them (causal rows up to MASK_WARPS_CAUSAL), or where the swap's buffers do not fit
+    beside the tiles (FlashAttention-3's 176-key tiles: the consumers would then make every call of a span
+    each), and where their slots fit; else without. A tuned entry gets its features switched on, so it
+    passes here too. Other configs as they are."""
     if not (isinstance(cfg, FwdSm90Config) and cfg.dropout and cfg.persistent):
         return cfg
-    masked = dataclasses.replace(cfg, mask_warps=cfg.causal and seqlen_q <= MASK_WARPS_CAUSAL)
-    return cfg if masked.problems() else masked
+    want = (cfg.causal and seqlen_q <= MASK_WARPS_CAUSAL) or not cfg.fits_beside_tiles(cfg.pair_swap_bytes)
+    masked = dataclasses.replace(cfg, mask_warps=want)
+    return masked if not masked.problems() and masked.smem_bytes <= smem_limit else dataclasses.replace(cfg, mask_warps=False)
 
 
 SHORT_CAUSAL = 2048
@@ -190,7 +193,7 @@ def default_config(dtype: str, d_head: int, causal: bool, seqlen_q: int = 4096,
             if half:  # where this tile can halve its blocks at all (FwdSm90Config.problems)
                 halves = dataclasses.replace(cfg, half_blocks=True)
                 cfg = cfg if halves.problems() else halves
-            cfg = with_mask_warps(cfg, seqlen_q)
+            cfg = with_mask_warps(cfg, seqlen_q, smem_limit)
             if not cfg.problems() and cfg.smem_bytes <= smem_limit:
                 return cfg
     size = next(c for c in (64, 128, 160, 192, 256) if d_head <= c)

@@ -175,7 +175,8 @@ struct Config {
                 "block_n must be 64, 80, 96, 128, 176 or 192");
   static_assert(kStages >= 2 && kStages <= 4, "stages must be 2, 3 or 4");
   static_assert(!kPingPong || kOverlap, "ping-pong passes a token around the consumer warpgroups and needs the overlap");
-  // Named barrier ids stay disjoint: kEpilogue + g (1..3), kPingPong + g (5..7), kVTail (8).
+  // Named barrier ids stay disjoint: kEpilogue + g (1..3), kPingPong + g (5..7), kVTail (8), and dropout's swap
+  // kMaskPair + pair (9..14, asserted with kPairSwap above).
   static_assert(1 + kConsumers <= 5 && 5 + kConsumers <= 8, "block_m must be 128 or 192 (two or three consumer warpgroups)");
   static_assert(!kCrossTile || (kPersistent && kOverlap),
                 "cross_tile runs one CTA's tiles as one pipeline: it needs persistent and the overlap");

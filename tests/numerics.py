@@ -94,21 +94,26 @@ def assert_lse_close(lse: torch.Tensor, ref_lse: torch.Tensor, low_lse: torch.Te
 
 
 def forward_keep_mask(run, batch: int, seqlen_q: int, seqlen_k: int, heads: int, d: int, dropout_p: float,
-                      heads_k: int | None = None, dtype=torch.float16, before_each=None) -> torch.Tensor:
+                      heads_k: int | None = None, dtype=torch.float16, before_each=None, causal: bool = False) -> torch.Tensor:
     """The dropout keep mask [B, H, Sq, Sk] (bool) that a forward kernel used, read exactly from its
     output: run(q, k, v) -> out is called with q = 0 (every score 0, so P = 1/Sk: non-causal, no
     window) and one-hot values, v[j] = e_(j - c0) for the keys of one chunk of d keys (0 elsewhere),
     so out[b, i, h, j - c0] = Z_ij / (Sk (1 - p)): exactly 0 where dropped (the kernels mask with a
     bitwise AND), and fp16(fp32(1 / (1 - p)) / Sk) where kept (checked within one fp16 ulp: a kept
     entry scaled by 256 / (256 - threshold) instead of flash-attn's 1 / (1 - p) fails). One call per
-    chunk of d keys; before_each() runs before each call (e.g. to reset torch's generator offset)."""
+    chunk of d keys; before_each() runs before each call (e.g. to reset torch's generator offset). With
+    `causal` (run makes a bottom-right causal call) row i sees n_i = i + 1 + Sk - Sq keys, so its kept
+    entries are fp16(fp32(1 / (1 - p)) / n_i) and the entries it cannot see read as dropped."""
     heads_k = heads if heads_k is None else heads_k
     q = torch.zeros(batch, seqlen_q, heads, d, device="cuda", dtype=dtype)
     # k is irrelevant (q = 0), and drawn on the CPU so that torch's CUDA generator, which dropout
     # draws its (seed, offset) from, is not advanced between a caller's reading it and the call.
     k = torch.randn(batch, seqlen_k, heads_k, d, generator=torch.Generator().manual_seed(seqlen_k)).to("cuda", dtype)
     mask = torch.empty(batch, heads, seqlen_q, seqlen_k, dtype=torch.bool, device="cuda")
-    kept_value = (torch.tensor(1.0 / (1.0 - dropout_p), dtype=torch.float32) / seqlen_k).to(dtype).double().item()
+    seen = torch.full((seqlen_q, 1), seqlen_k, dtype=torch.float32)  # keys a row sees
+    if causal:
+        seen = (torch.arange(seqlen_q, dtype=torch.float32) + 1 + seqlen_k - seqlen_q).clamp(1, seqlen_k)[:, None]
+    kept_value = (torch.tensor(1.0 / (1.0 - dropout_p), dtype=torch.float32) / seen).to(dtype).double().to("cuda")
     ulp = 2.0 ** (-10 if dtype == torch.float16 else -7)
     for c0 in range(0, seqlen_k, d):
         n = min(d, seqlen_k - c0)
@@ -122,9 +127,11 @@ def forward_keep_mask(run, batch: int, seqlen_q: int, seqlen_k: int, heads: int,
         assert not out[..., n:].any(), "dropout readout: columns past the chunk must be exactly 0"
         chunk = out[..., :n].permute(0, 2, 1, 3)  # [B, H, Sq, n]
         kept = chunk != 0
-        bad = (chunk[kept] - kept_value).abs() > ulp * kept_value
-        assert not bad.any(), (f"dropout readout: {int(bad.sum())} kept entries differ from fp16(1/((1-p) Sk)) = "
-                               f"{kept_value:.6e}, e.g. {chunk[kept][bad][:4].tolist()}")
+        want = kept_value.expand(seqlen_q, n).expand_as(chunk)
+        bad = (chunk[kept] - want[kept]).abs() > ulp * want[kept]
+        assert not bad.any(), (f"dropout readout: {int(bad.sum())} kept entries differ from fp16(1/((1-p) n_i)) "
+                               f"(n_i: the keys row i sees), e.g. {chunk[kept][bad][:4].tolist()} against "
+                               f"{want[kept][bad][:4].tolist()}")
         mask[..., c0:c0 + n] = kept
     return mask
 

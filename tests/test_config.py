@@ -225,14 +225,18 @@ def test_dropout_mask_slots_with_mask_warps_where_they_fit_else_swap_buffers():
         assert not masked.problems() and masked.name.endswith("_mw") and config_from_name(masked.name) == masked
         for swapped in (dataclasses.replace(masked, mask_warps=False), masked.one_cta_per_tile()):
             tiles = dataclasses.replace(swapped, dropout=False).smem_bytes
-            assert swapped.smem_bytes == (tiles + swap if tiles + swap <= 227 * 1024 else tiles)
+            assert swapped.smem_bytes == (tiles + swap if swapped.fits_beside_tiles(swap) else tiles)
             assert not swapped.problems()
         assert fwd_sm90.WHY_MASK_WARPS in dataclasses.replace(masked, persistent=False, cross_tile=False).problems()
         assert fwd_sm90.WHY_MASK_WARPS in dataclasses.replace(plain, mask_warps=True).problems()
     d256 = FwdSm90Config("bf16", 256, 128, 80, 2, persistent=True, dropout=True)
     assert fwd_sm90.WHY_MASK_WARPS in dataclasses.replace(d256, mask_warps=True).problems()
     assert d256.smem_bytes == dataclasses.replace(d256, dropout=False).smem_bytes <= 227 * 1024
-    # the dispatcher's rule (flashjit/dispatch.py): causal rows up to MASK_WARPS_CAUSAL, persistent kernels only
+    # the dispatcher's rule (flashjit/dispatch.py): causal rows up to MASK_WARPS_CAUSAL, or where the swap's
+    # buffers do not fit (FlashAttention-3's 176-key tile: its consumers would make every call of a span each)
+    n176 = FwdSm90Config("bf16", 128, 128, 176, 2, persistent=True, dropout=True)
+    assert not n176.fits_beside_tiles(n176.pair_swap_bytes) and dispatch.with_mask_warps(n176, 4096).mask_warps
+    assert not dispatch.with_mask_warps(dataclasses.replace(n176, block_n=128), 4096).mask_warps
     for d_head in (64, 96, 128):
         for causal in (False, True):
             for seqlen in (512, 1024, 2048, 4096):

@@ -439,6 +439,31 @@ def test_dropout_mask_is_philox_keep_mask_bit_for_bit(config, p):
     assert torch.equal(got, want), mask_mismatch(f"forward, philox {philox}", got, want)
 
 
+_CAUSAL_DROPOUT = dict(causal=True, dropout=True)
+
+
+@pytest.mark.parametrize("config", [
+    FwdSm90Config("fp16", 128, persistent=True, cross_tile=True, half_blocks=True, **_CAUSAL_DROPOUT),
+    FwdSm90Config("fp16", 128, persistent=True, cross_tile=True, half_blocks=True, mask_warps=True, **_CAUSAL_DROPOUT),
+    FwdSm90Config("fp16", 64, stages=4, persistent=True, half_blocks=True, **_CAUSAL_DROPOUT),  # d64's default past 1k
+    FwdSm90Config("fp16", 64, 192, 64, persistent=True, cross_tile=True, **_CAUSAL_DROPOUT),  # pair ids 9..14
+    FwdSm90Config("fp16", 64, block_n=64, stages=4, overlap=False, pingpong=False, persistent=True, two_ctas=True,
+                  **_CAUSAL_DROPOUT)], ids=lambda c: c.name)
+def test_dropout_mask_is_philox_keep_mask_across_a_ctas_tiles(config):
+    """The same keep mask where persistent CTAs walk several causal tiles each (2 x 16 heads x 12 tiles of 128
+    rows on 132 SMs): the swap's buffers alternating across tiles, the cross-tile pipeline's first blocks, half
+    blocks, three warpgroups' warp pairs, and the mask warps' run-ahead; entries a row cannot see read as
+    dropped."""
+    b, s, h, p = 2, 1536, 16, 0.2
+    philox = (torch.randint(0, 2**63 - 1, ()).item(), 4 * torch.randint(1, 2**30, ()).item())
+    got = forward_keep_mask(lambda q, k, v: flashjit.forward(q, k, v, config=config, causal=True, dropout_p=p,
+                                                             philox=philox, out=poisoned_like(q)),
+                            b, s, s, h, config.d_head, p, causal=True)
+    visible = torch.ones(s, s, dtype=torch.bool, device="cuda").tril()
+    want = philox_keep_mask(*philox, interface.dropout_threshold(p), b, h, s, s, "cuda") & visible
+    assert torch.equal(got, want), mask_mismatch(f"forward, philox {philox}", got, want)
+
+
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_equals_the_sm80_family(d):
     """The two families on the same inputs agree within the tolerance rule (each against the fp32

@@ -50,6 +50,9 @@ SUBSET = [  # both dtypes, several head dims, causal, knobs off, both archs
                              alibi=True, dropout=True)),
     ("sm_90a", FwdSm90Config("bf16", 64, 192, 128, 4, True, False, True, causal=True, cross_tile=True)),  # two Q stages
     ("sm_90a", FwdSm90Config("bf16", 256, 128, 64, 2, False, False, dropout=True)),
+    # dropout's masks from the producer's mask warps (slots beside the tiles) in a cross-tile causal kernel
+    ("sm_90a", FwdSm90Config("bf16", 128, persistent=True, cross_tile=True, causal=True, half_blocks=True,
+                             dropout=True, mask_warps=True)),
     ("sm_90a", FwdSm90Config("bf16", 256, 128, 80)),  # d256's default: FlashAttention-3's 80-key tile
     # the softmax cuts: lazy rescaling's branch, the row sums' wgmma N = 8 and the ones in shared memory
     ("sm_90a", FwdSm90Config("bf16", 128, persistent=True, lazy_rescale=True, mma_sums=True)),
