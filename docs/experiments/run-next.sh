@@ -114,13 +114,15 @@
 #             causal 2k, d64's persistent tiles
 #   hybrid    (ran in the forty-fifth session: refuted) the mask warps make half a CTA's blocks' masks, the
 #             consumers (swap) the rest (dropout-hybrid.patch)
-#   droptable the forward defaults with dropout and without, d64-d256, against SDPA's flash and cuDNN
+#   droptable (ran in the forty-fifth session) the forward defaults with dropout and without, d64-d256,
+#             against SDPA's flash and cuDNN
+#   ncuswap   ncu on d128 causal 1k with dropout: the swap against the mask warps, and without dropout
 #
 # The device copy has no usable .git: each variant is a copy of this tree with its patches applied by
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -390,6 +392,23 @@ print(' '.join({dispatch.default_config('bf16', d, c, s, arch='sm_90a', dropout=
   args="--dtypes bf16 --head-dims 64,96,128,192,256 --seqlens 1024,4096 --causal 0,1 --gqa= --no-flex"
   python3 scripts/bench_forward.py $args --dropout-p 0.1 --out "$OUT/drop" 2>&1 | grep --line-buffered "^bf16" | tee "$OUT/bench.txt"
   python3 scripts/bench_forward.py $args --out "$OUT/nodrop" 2>&1 | grep --line-buffered "^bf16" | tee -a "$OUT/bench.txt"
+  ;;
+ncuswap)  # where d128's causal 1k forward with dropout waits: the swap (the consumers make the masks; 263 TFLOP/s)
+  # against the mask warps (`_mw`, 316), one launch each under ncu (scripts/profile_ncu.py), and the same kernel
+  # without dropout; the stall reasons at the swap's named barrier and the mask loop first
+  F=fwd_sm90_bf16_d128_m128_n128_st2_ov1_pp1_ps1_causal1
+  prof() {  # NAME ARGS...
+    local name=$1
+    shift
+    python3 scripts/profile_ncu.py --d 128 --seqlen 1024 --causal "$@" --out "$OUT/ncu-$name" >"$OUT/ncu-$name.log" 2>&1 || true
+    echo "== $name"; cat "$OUT/ncu-$name/summary.txt" 2>/dev/null || tail -20 "$OUT/ncu-$name.log"
+    rm -f "$OUT/ncu-$name/report.ncu-rep"
+  }
+  prof swap --dropout-p 0.1 --config ${F}_dropout_xt_hb
+  prof mw --dropout-p 0.1 --config ${F}_dropout_xt_hb_mw
+  prof nodrop --config ${F}_xt_hb
+  tar -czf "$OUT/ncuswap.tgz" -C "$OUT" ncu-swap ncu-mw ncu-nodrop
+  rm -rf "$OUT"/ncu-swap "$OUT"/ncu-mw "$OUT"/ncu-nodrop
   ;;
 bwd-tests)  # [K]: the tests `pytest -k K` selects
   timeout 520 python3 -m pytest -q -n 16 -p no:cacheprovider --maxfail 30 tests/test_backward_gpu.py tests/test_flash_api.py \
