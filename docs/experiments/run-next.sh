@@ -117,12 +117,13 @@
 #   droptable (ran in the forty-fifth session) the forward defaults with dropout and without, d64-d256,
 #             against SDPA's flash and cuDNN
 #   ncuswap   ncu on d128 causal 1k with dropout: the swap against the mask warps, and without dropout
+#   d64r192   d64 with dropout on 192-row, 96-key tiles against the 128-row defaults
 #
 # The device copy has no usable .git: each variant is a copy of this tree with its patches applied by
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -409,6 +410,14 @@ ncuswap)  # where d128's causal 1k forward with dropout waits: the swap (the con
   prof nodrop --config ${F}_xt_hb
   tar -czf "$OUT/ncuswap.tgz" -C "$OUT" ncu-swap ncu-mw ncu-nodrop
   rm -rf "$OUT"/ncu-swap "$OUT"/ncu-mw "$OUT"/ncu-nodrop
+  ;;
+d64r192)  # d64 with dropout on 192-row tiles of 96-key blocks (three consumer warpgroups; the 128-key 192-row tile
+  # does not fit the registers with dropout): ptxas clean without cross_tile (its `_xt` twin spills 8 bytes), the
+  # consumers making their masks with the swap; against the defaults (128 x 128, one CTA a tile non-causal,
+  # persistent half blocks causal), p = 0.1
+  F=fwd_sm90_bf16_d64
+  knob_ab main "64 0 1024,4096 ${F}_m128_n128_st4_ov1_pp1_ps0_causal0_dropout_lr - ${F}_m192_n96_st4_ov1_pp1_ps1_causal0_dropout_lr ${F}_m192_n96_st4_ov1_pp1_ps0_causal0_dropout_lr
+64 1 2048,8192 ${F}_m128_n128_st4_ov1_pp1_ps1_causal1_dropout_hb - ${F}_m192_n96_st4_ov1_pp1_ps1_causal1_dropout" "--dropout-p 0.1 --gqa="
   ;;
 bwd-tests)  # [K]: the tests `pytest -k K` selects
   timeout 520 python3 -m pytest -q -n 16 -p no:cacheprovider --maxfail 30 tests/test_backward_gpu.py tests/test_flash_api.py \
