@@ -134,7 +134,9 @@ def with_mask_warps(cfg, seqlen_q: int, smem_limit: int = SMEM_LIMIT_SM90):
         return cfg
     want = (cfg.causal and seqlen_q <= MASK_WARPS_CAUSAL) or not cfg.fits_beside_tiles(cfg.pair_swap_bytes)
     masked = dataclasses.replace(cfg, mask_warps=want)
-    return masked if not masked.problems() and masked.smem_bytes <= smem_limit else dataclasses.replace(cfg, mask_warps=False)
+    if masked.problems() or masked.smem_bytes > smem_limit:
+        return dataclasses.replace(cfg, mask_warps=False)
+    return masked
 
 
 SHORT_CAUSAL = 2048

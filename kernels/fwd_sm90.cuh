@@ -120,7 +120,8 @@ struct Config {
   // swizzle atom, so the sums read it with K's descriptor), the barriers.
   static constexpr int kBarrierBytes = 8 * (2 * kQStages + 4 * kStages), kOnesBytes = kMmaSums_ ? 1024 : 0;
   // Dropout's masks with kMaskWarps_, made by the producer warpgroup's mask warps (make_block_masks) a key
-  // block at a time: per block and consumer thread a bit an entry of its two rows, 8 a 16-key chunk, in kMaskWords words.
+  // block at a time: per block and consumer thread a bit an entry of its two rows, 8 a 16-key chunk, in
+  // kMaskWords words.
   // Twice as many slots as K stages (block n's: n mod 2 kStages, Smem::mask_slot), each filled under the K
   // ring's barriers: a consumer reads block n's bits after releasing its K stage, yet before it releases
   // block n + 1's, which the mask warps' write of block n + 2 kStages waits for.
