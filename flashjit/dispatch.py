@@ -132,7 +132,13 @@ def with_mask_warps(cfg, seqlen_q: int, smem_limit: int = SMEM_LIMIT_SM90):
     passes here too. Other configs as they are."""
     if not (isinstance(cfg, FwdSm90Config) and cfg.dropout and cfg.persistent):
         return cfg
-    want = (cfg.causal and seqlen_q <= MASK_WARPS_CAUSAL) or not cfg.fits_beside_tiles(cfg.pair_swap_bytes)
+    return _mask_warps_as(cfg, cfg.causal and seqlen_q <= MASK_WARPS_CAUSAL, smem_limit)
+
+
+@functools.lru_cache(maxsize=None)
+def _mask_warps_as(cfg: FwdSm90Config, short_causal: bool, smem_limit: int) -> FwdSm90Config:
+    """with_mask_warps once the call's rows are read (cached: a tuned entry passes here on every call)."""
+    want = short_causal or not cfg.fits_beside_tiles(cfg.pair_swap_bytes)
     masked = dataclasses.replace(cfg, mask_warps=want)
     if masked.problems() or masked.smem_bytes > smem_limit:
         return dataclasses.replace(cfg, mask_warps=False)

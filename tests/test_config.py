@@ -225,7 +225,8 @@ def test_dropout_mask_slots_with_mask_warps_where_they_fit_else_swap_buffers():
         assert not masked.problems() and masked.name.endswith("_mw") and config_from_name(masked.name) == masked
         for swapped in (dataclasses.replace(masked, mask_warps=False), masked.one_cta_per_tile()):
             tiles = dataclasses.replace(swapped, dropout=False).smem_bytes
-            assert swapped.smem_bytes == (tiles + swap if swapped.fits_beside_tiles(swap) else tiles)
+            # (one CTA an SM here: the buffers go in where the CTA's 227 KiB hold them, counted independently)
+            assert swapped.smem_bytes == (tiles + swap if tiles + swap <= 227 * 1024 else tiles)
             assert not swapped.problems()
         assert fwd_sm90.WHY_MASK_WARPS in dataclasses.replace(masked, persistent=False, cross_tile=False).problems()
         assert fwd_sm90.WHY_MASK_WARPS in dataclasses.replace(plain, mask_warps=True).problems()
