@@ -119,6 +119,8 @@
 #   ncuswap   ncu on d128 causal 1k with dropout: the swap against the mask warps, and without dropout
 #   d64r192   d64 with dropout on 192-row, 96-key tiles against the 128-row defaults
 #   d256n64   d256 with dropout: the 80-key default (no swap) against 64-key tiles (the swap)
+#   ncucudnn  cuDNN's forward at the short causal points (d128 / d64 causal 1k) under ncu beside ours: its kernel
+#             name, grid, block, registers, shared memory, tensor pipe (what tile and schedule it runs)
 #   fwd-tests [K]  the forward GPU tests ($FWD_TESTS), or those `pytest -k K` selects (e.g. `across`: the causal
 #             keep mask bit for bit across a CTA's tiles, written after the forty-fifth session's review)
 #
@@ -126,7 +128,7 @@
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -428,6 +430,23 @@ d256n64)  # d256 with dropout: the default 80-key tile (no room for the swap's b
   F=fwd_sm90_bf16_d256_m128
   knob_ab main "256 0 1024,4096,16384 ${F}_n80_st2_ov1_pp1_ps0_causal0_dropout_lr - ${F}_n64_st2_ov1_pp1_ps0_causal0_dropout_lr
 256 1 2048,4096,16384 ${F}_n80_st2_ov1_pp1_ps0_causal1_dropout_lr - ${F}_n64_st2_ov1_pp1_ps0_causal1_dropout_lr" "--dropout-p 0.1 --gqa="
+  ;;
+ncucudnn)  # cuDNN's forward at d128 / d64 causal 1k (where it leads ours by 4-8%) under ncu, and ours: the launch
+  # statistics (grid, block, registers, shared memory: cuDNN's tile and schedule) and the tensor pipe
+  for d in 128 64; do
+    L="python3 $EXP/sdpa_launch.py --d $d --seqlen 1024 --causal"
+    $L --names | tee "$OUT/cudnn-d$d-names.txt"
+    K=$(grep -m1 '^kernel:' "$OUT/cudnn-d$d-names.txt" | sed 's/^kernel: //' | cut -c1-40 | sed 's/[^A-Za-z0-9_]/./g')
+    for who in cudnn ours; do
+      if [ $who = cudnn ]; then A=(--external "$L" --kernel "$K"); else A=(--d $d --seqlen 1024 --causal); fi
+      python3 scripts/profile_ncu.py "${A[@]}" --out "$OUT/ncu-$who-d$d" >"$OUT/ncu-$who-d$d.log" 2>&1 || true
+      echo "== $who d$d"
+      grep -E 'Grid Size|Block Size|Registers Per|Shared Memory Config|Dynamic Shared|Static Shared|Duration|Waves Per|Threads  |Theoretical Occ|Achieved Occ' \
+        "$OUT/ncu-$who-d$d/details.txt" 2>/dev/null | sed 's/  */ /g' || tail -5 "$OUT/ncu-$who-d$d.log"
+      head -30 "$OUT/ncu-$who-d$d/summary.txt" 2>/dev/null | grep -E 'tensor|Issued|Eligible|No Elig' || true
+      rm -f "$OUT/ncu-$who-d$d/report.ncu-rep" "$OUT/ncu-$who-d$d/raw.csv"
+    done
+  done
   ;;
 fwd-tests)  # [K]: the forward GPU tests `pytest -k K` selects (all of them without K)
   gpu_tests main fwd-tests ${2:+-k "$2"}
