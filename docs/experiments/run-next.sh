@@ -436,7 +436,7 @@ ncucudnn)  # cuDNN's forward at d128 / d64 causal 1k (where it leads ours by 4-8
   for d in 128 64; do
     L="python3 $EXP/sdpa_launch.py --d $d --seqlen 1024 --causal"
     $L --names | tee "$OUT/cudnn-d$d-names.txt"
-    K=$(grep -m1 '^kernel:' "$OUT/cudnn-d$d-names.txt" | sed 's/^kernel: //' | cut -c1-40 | sed 's/[^A-Za-z0-9_]/./g')
+    K=$(grep -m1 '^kernel: cudnn' "$OUT/cudnn-d$d-names.txt" | sed 's/^kernel: //' | cut -c1-40 | sed 's/[^A-Za-z0-9_]/./g')
     for who in cudnn ours; do
       if [ $who = cudnn ]; then A=(--external "$L" --kernel "$K"); else A=(--d $d --seqlen 1024 --causal); fi
       python3 scripts/profile_ncu.py "${A[@]}" --out "$OUT/ncu-$who-d$d" >"$OUT/ncu-$who-d$d.log" 2>&1 || true
