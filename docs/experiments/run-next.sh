@@ -121,6 +121,9 @@
 #   d256n64   d256 with dropout: the 80-key default (no swap) against 64-key tiles (the swap)
 #   ncucudnn  cuDNN's forward at the short causal points (d128 / d64 causal 1k) under ncu beside ours: its kernel
 #             name, grid, block, registers, shared memory, tensor pipe (what tile and schedule it runs)
+#   st3       d128 at the short points with three K/V stages (cuDNN's kernel there: 232 KiB of shared memory, one
+#             CTA an SM, 384 threads, like ours but for the stages): st3 half blocks without cross-tile against the
+#             st2 defaults (cross-tile's second Q stage leaves no room for a third K/V stage)
 #   fwd-tests [K]  the forward GPU tests ($FWD_TESTS), or those `pytest -k K` selects (e.g. `across`: the causal
 #             keep mask bit for bit across a CTA's tiles, written after the forty-fifth session's review)
 #
@@ -128,7 +131,7 @@
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -430,6 +433,11 @@ d256n64)  # d256 with dropout: the default 80-key tile (no room for the swap's b
   F=fwd_sm90_bf16_d256_m128
   knob_ab main "256 0 1024,4096,16384 ${F}_n80_st2_ov1_pp1_ps0_causal0_dropout_lr - ${F}_n64_st2_ov1_pp1_ps0_causal0_dropout_lr
 256 1 2048,4096,16384 ${F}_n80_st2_ov1_pp1_ps0_causal1_dropout_lr - ${F}_n64_st2_ov1_pp1_ps0_causal1_dropout_lr" "--dropout-p 0.1 --gqa="
+  ;;
+st3)  # d128 with three K/V stages at the short points (ncucudnn: cuDNN's 232 KiB kernel), against the defaults
+  F=fwd_sm90_bf16_d128_m128_n128
+  knob_ab main "128 1 1024,2048 ${F}_st2_ov1_pp1_ps1_causal1_xt_hb - ${F}_st2_ov1_pp1_ps1_causal1_hb ${F}_st3_ov1_pp1_ps1_causal1_hb
+128 0 1024,2048 ${F}_st2_ov1_pp1_ps1_causal0_xt_lr - ${F}_st2_ov1_pp1_ps1_causal0_lr ${F}_st3_ov1_pp1_ps1_causal0_lr" "--gqa="
   ;;
 ncucudnn)  # cuDNN's forward at d128 / d64 causal 1k (where it leads ours by 4-8%) under ncu, and ours: the launch
   # statistics (grid, block, registers, shared memory: cuDNN's tile and schedule) and the tensor pipe
