@@ -126,6 +126,8 @@
 #             st2 defaults (cross-tile's second Q stage leaves no room for a third K/V stage)
 #   qfirst    cross-tile's producer loads a tile's Q before its first K (q-first.patch): main against it, d64 / d128
 #             causal or not at 1k / 2k / 4k, two processes each; then [tests] the forward GPU tests in its tree
+#   qsleep    q-first, and q-first with every mbarrier wait sleeping on a suspend-time hint (wait-sleep.patch:
+#             NANOSLEEP.SYNCS on the retry path, as cuDNN's kernel), against main: qfirst's points, two processes
 #   fwd-tests [K]  the forward GPU tests ($FWD_TESTS), or those `pytest -k K` selects (e.g. `across`: the causal
 #             keep mask bit for bit across a CTA's tiles, written after the forty-fifth session's review)
 #
@@ -133,7 +135,7 @@
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -435,6 +437,13 @@ d256n64)  # d256 with dropout: the default 80-key tile (no room for the swap's b
   F=fwd_sm90_bf16_d256_m128
   knob_ab main "256 0 1024,4096,16384 ${F}_n80_st2_ov1_pp1_ps0_causal0_dropout_lr - ${F}_n64_st2_ov1_pp1_ps0_causal0_dropout_lr
 256 1 2048,4096,16384 ${F}_n80_st2_ov1_pp1_ps0_causal1_dropout_lr - ${F}_n64_st2_ov1_pp1_ps0_causal1_dropout_lr" "--dropout-p 0.1 --gqa="
+  ;;
+qsleep)  # main, q-first, q-first + wait-sleep (the mbarrier waits sleep on a suspend-time hint) at qfirst's points
+  variant qf "$EXP/q-first.patch" >/dev/null
+  variant qfs "$EXP/q-first.patch" "$EXP/wait-sleep.patch" >/dev/null
+  args="--dtypes bf16 --head-dims 128,64 --causal 1,0 --seqlens 1024,2048,4096 --gqa '' --no-flex"
+  warm bench_forward.py "$args" "main qf qfs"
+  passes bench_forward.py "$args" "main qf qfs"
   ;;
 qfirst)  # [tests]: cross-tile's Q before its tile's first K (q-first.patch), against main; with `tests`, its GPU tests
   variant qf "$EXP/q-first.patch" >/dev/null
