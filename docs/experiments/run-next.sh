@@ -128,6 +128,8 @@
 #             causal or not at 1k / 2k / 4k, two processes each; then [tests] the forward GPU tests in its tree
 #   qsleep    q-first, and q-first with every mbarrier wait sleeping on a suspend-time hint (wait-sleep.patch:
 #             NANOSLEEP.SYNCS on the retry path, as cuDNN's kernel), against main: qfirst's points, two processes
+#   exppp     ping-pong without the overlap, its token around the exponentials (cuDNN's short causal kernel; exp-pingpong.patch):
+#             a correctness check of its kernels, then against the defaults at d128 causal 1k / 2k, non-causal 1k, d64 causal 1k
 #   fwd-tests [K]  the forward GPU tests ($FWD_TESTS), or those `pytest -k K` selects (e.g. `across`: the causal
 #             keep mask bit for bit across a CTA's tiles, written after the forty-fifth session's review)
 #
@@ -135,7 +137,7 @@
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -437,6 +439,16 @@ d256n64)  # d256 with dropout: the default 80-key tile (no room for the swap's b
   F=fwd_sm90_bf16_d256_m128
   knob_ab main "256 0 1024,4096,16384 ${F}_n80_st2_ov1_pp1_ps0_causal0_dropout_lr - ${F}_n64_st2_ov1_pp1_ps0_causal0_dropout_lr
 256 1 2048,4096,16384 ${F}_n80_st2_ov1_pp1_ps0_causal1_dropout_lr - ${F}_n64_st2_ov1_pp1_ps0_causal1_dropout_lr" "--dropout-p 0.1 --gqa="
+  ;;
+exppp)  # ping-pong around the exponentials without the overlap (exp-pingpong.patch) against the defaults
+  variant epp "$EXP/exp-pingpong.patch" >/dev/null
+  F=fwd_sm90_bf16_d128_m128_n128_st2
+  G=fwd_sm90_bf16_d64_m128_n128_st4
+  with_variant epp python3 "$EXP/check_configs.py" ${F}_ov0_pp1_ps1_causal1 ${F}_ov0_pp1_ps1_causal0 ${G}_ov0_pp1_ps1_causal1 \
+    fwd_sm90_bf16_d64_m192_n128_st4_ov0_pp1_ps1_causal1 2>&1 | tail -8 | tee "$OUT/exppp-check.txt"
+  knob_ab epp "128 1 1024,2048 ${F}_ov1_pp1_ps1_causal1_xt_hb - ${F}_ov0_pp1_ps1_causal1 ${F}_ov0_pp0_ps1_causal1
+128 0 1024 ${F}_ov1_pp1_ps1_causal0_xt_lr - ${F}_ov0_pp1_ps1_causal0
+64 1 1024 fwd_sm90_bf16_d64_m128_n64_st4_ov0_pp0_ps1_causal1_x2 - ${G}_ov0_pp1_ps1_causal1 fwd_sm90_bf16_d64_m192_n128_st4_ov0_pp1_ps1_causal1" "--gqa="
   ;;
 qsleep)  # main, q-first, q-first + wait-sleep (the mbarrier waits sleep on a suspend-time hint) at qfirst's points
   variant qf "$EXP/q-first.patch" >/dev/null
