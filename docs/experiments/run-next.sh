@@ -130,6 +130,7 @@
 #             NANOSLEEP.SYNCS on the retry path, as cuDNN's kernel), against main: qfirst's points, two processes
 #   exppp     ping-pong without the overlap, its token around the exponentials (cuDNN's short causal kernel; exp-pingpong.patch):
 #             a correctness check of its kernels, then against the defaults at d128 causal 1k / 2k, non-causal 1k, d64 causal 1k
+#   exppp3    exppp's kernels on three K/V stages (cuDNN's 232 KiB), d128 causal 1k / 2k, non-causal 1k
 #   fwd-tests [K]  the forward GPU tests ($FWD_TESTS), or those `pytest -k K` selects (e.g. `across`: the causal
 #             keep mask bit for bit across a CTA's tiles, written after the forty-fifth session's review)
 #
@@ -137,7 +138,7 @@
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -449,6 +450,12 @@ exppp)  # ping-pong around the exponentials without the overlap (exp-pingpong.pa
   knob_ab epp "128 1 1024,2048 ${F}_ov1_pp1_ps1_causal1_xt_hb - ${F}_ov0_pp1_ps1_causal1 ${F}_ov0_pp0_ps1_causal1
 128 0 1024 ${F}_ov1_pp1_ps1_causal0_xt_lr - ${F}_ov0_pp1_ps1_causal0
 64 1 1024 fwd_sm90_bf16_d64_m128_n64_st4_ov0_pp0_ps1_causal1_x2 - ${G}_ov0_pp1_ps1_causal1 fwd_sm90_bf16_d64_m192_n128_st4_ov0_pp1_ps1_causal1" "--gqa="
+  ;;
+exppp3)  # exppp's kernels with three K/V stages against two (exp-pingpong.patch's tree)
+  variant epp "$EXP/exp-pingpong.patch" >/dev/null
+  F=fwd_sm90_bf16_d128_m128_n128
+  knob_ab epp "128 1 1024,2048 ${F}_st2_ov1_pp1_ps1_causal1_xt_hb - ${F}_st2_ov0_pp1_ps1_causal1 ${F}_st3_ov0_pp1_ps1_causal1 ${F}_st3_ov0_pp0_ps1_causal1
+128 0 1024 ${F}_st2_ov1_pp1_ps1_causal0_xt_lr - ${F}_st2_ov0_pp1_ps1_causal0 ${F}_st3_ov0_pp1_ps1_causal0" "--gqa="
   ;;
 qsleep)  # main, q-first, q-first + wait-sleep (the mbarrier waits sleep on a suspend-time hint) at qfirst's points
   variant qf "$EXP/q-first.patch" >/dev/null
