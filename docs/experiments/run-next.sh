@@ -116,21 +116,24 @@
 #             consumers (swap) the rest (dropout-hybrid.patch)
 #   droptable (ran in the forty-fifth session) the forward defaults with dropout and without, d64-d256,
 #             against SDPA's flash and cuDNN
-#   ncuswap   ncu on d128 causal 1k with dropout: the swap against the mask warps, and without dropout
-#   d64r192   d64 with dropout on 192-row, 96-key tiles against the 128-row defaults
-#   d256n64   d256 with dropout: the 80-key default (no swap) against 64-key tiles (the swap)
-#   ncucudnn  cuDNN's forward at the short causal points (d128 / d64 causal 1k) under ncu beside ours: its kernel
+#   ncuswap   (ran in the forty-sixth session: the swap's kernel stalls on instruction fetch, 20% of its samples)
+#             ncu on d128 causal 1k with dropout: the swap against the mask warps, and without dropout
+#   d64r192   (ran in the forty-sixth session: -5 to +2%, refuted) d64 with dropout on 192-row, 96-key tiles
+#             against the 128-row defaults
+#   d256n64   (ran in the forty-sixth session: +6 to +9%, landed) d256 with dropout: the 80-key default (no swap)
+#             against 64-key tiles (the swap)
+#   ncucudnn  (ran in the forty-sixth session) cuDNN's forward at the short causal points (d128 / d64 causal 1k) under ncu beside ours: its kernel
 #             name, grid, block, registers, shared memory, tensor pipe (what tile and schedule it runs)
-#   st3       d128 at the short points with three K/V stages (cuDNN's kernel there: 232 KiB of shared memory, one
+#   st3       (ran in the forty-sixth session: refuted; the causal st3 half-block kernel has C7511) d128 at the short points with three K/V stages (cuDNN's kernel there: 232 KiB of shared memory, one
 #             CTA an SM, 384 threads, like ours but for the stages): st3 half blocks without cross-tile against the
 #             st2 defaults (cross-tile's second Q stage leaves no room for a third K/V stage)
-#   qfirst    cross-tile's producer loads a tile's Q before its first K (q-first.patch): main against it, d64 / d128
+#   qfirst    (ran in the forty-sixth session as part of qsleep: -2.5 to +0.8%, refuted) cross-tile's producer loads a tile's Q before its first K (q-first.patch): main against it, d64 / d128
 #             causal or not at 1k / 2k / 4k, two processes each; then [tests] the forward GPU tests in its tree
-#   qsleep    q-first, and q-first with every mbarrier wait sleeping on a suspend-time hint (wait-sleep.patch:
+#   qsleep    (ran in the forty-sixth session: level, refuted) q-first, and q-first with every mbarrier wait sleeping on a suspend-time hint (wait-sleep.patch:
 #             NANOSLEEP.SYNCS on the retry path, as cuDNN's kernel), against main: qfirst's points, two processes
-#   exppp     ping-pong without the overlap, its token around the exponentials (cuDNN's short causal kernel; exp-pingpong.patch):
+#   exppp     (ran in the forty-sixth session: -6% at d128 causal 1k, refuted) ping-pong without the overlap, its token around the exponentials (cuDNN's short causal kernel; exp-pingpong.patch):
 #             a correctness check of its kernels, then against the defaults at d128 causal 1k / 2k, non-causal 1k, d64 causal 1k
-#   exppp3    exppp's kernels on three K/V stages (cuDNN's 232 KiB), d128 causal 1k / 2k, non-causal 1k
+#   exppp3    (ran in the forty-sixth session: level to -3%, refuted) exppp's kernels on three K/V stages (cuDNN's 232 KiB), d128 causal 1k / 2k, non-causal 1k
 #   fwd-tests [K]  the forward GPU tests ($FWD_TESTS), or those `pytest -k K` selects (e.g. `across`: the causal
 #             keep mask bit for bit across a CTA's tiles, written after the forty-fifth session's review)
 #
