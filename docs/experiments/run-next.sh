@@ -134,6 +134,8 @@
 #   exppp     (ran in the forty-sixth session: -6% at d128 causal 1k, refuted) ping-pong without the overlap, its token around the exponentials (cuDNN's short causal kernel; exp-pingpong.patch):
 #             a correctness check of its kernels, then against the defaults at d128 causal 1k / 2k, non-causal 1k, d64 causal 1k
 #   exppp3    (ran in the forty-sixth session: level to -3%, refuted) exppp's kernels on three K/V stages (cuDNN's 232 KiB), d128 causal 1k / 2k, non-causal 1k
+#   ncuxt     instruction fetch at d128 causal 1k: `_xt_hb` (the default) against `_xt` (one compilation fewer), ncu's
+#             no_instruction share and the kernels' sizes, and both timed (three interleaved rounds)
 #   fwd-tests [K]  the forward GPU tests ($FWD_TESTS), or those `pytest -k K` selects (e.g. `across`: the causal
 #             keep mask bit for bit across a CTA's tiles, written after the forty-fifth session's review)
 #
@@ -141,7 +143,7 @@
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -453,6 +455,27 @@ exppp)  # ping-pong around the exponentials without the overlap (exp-pingpong.pa
   knob_ab epp "128 1 1024,2048 ${F}_ov1_pp1_ps1_causal1_xt_hb - ${F}_ov0_pp1_ps1_causal1 ${F}_ov0_pp0_ps1_causal1
 128 0 1024 ${F}_ov1_pp1_ps1_causal0_xt_lr - ${F}_ov0_pp1_ps1_causal0
 64 1 1024 fwd_sm90_bf16_d64_m128_n64_st4_ov0_pp0_ps1_causal1_x2 - ${G}_ov0_pp1_ps1_causal1 fwd_sm90_bf16_d64_m192_n128_st4_ov0_pp1_ps1_causal1" "--gqa="
+  ;;
+ncuxt)  # d128 causal 1k: how much of the default's time is instruction fetch (no_instruction), with and without half blocks
+  F=fwd_sm90_bf16_d128_m128_n128_st2_ov1_pp1_ps1_causal1
+  knob_ab main "128 1 1024 ${F}_xt_hb - ${F}_xt" "--gqa="
+  for k in xt_hb xt; do
+    python3 scripts/profile_ncu.py --d 128 --seqlen 1024 --causal --config ${F}_$k --out "$OUT/ncu-$k" >"$OUT/ncu-$k.log" 2>&1 || true
+    echo "== $k"
+    grep -E 'Duration|tensor_cycles_active.avg.pct_of_peak_sustained_active' "$OUT/ncu-$k/summary.txt" || tail -5 "$OUT/ncu-$k.log"
+    python3 - "$OUT/ncu-$k/source.csv" <<'PY' || true
+import csv, sys
+rows = list(csv.reader(open(sys.argv[1])))
+head = next(i for i, r in enumerate(rows) if "Source" in r)
+names, body = rows[head], rows[head + 1:]
+ex, ni = names.index("Instructions Executed"), names.index("stall_no_inst")
+reasons = [i for i, n in enumerate(names) if n.startswith("stall_") and "Not Issued" not in n]
+total = sum(int(r[i] or 0) for r in body for i in reasons) or 1
+print(f"instructions {len(body)}, executed at all {sum(int(r[ex]) > 0 for r in body)}, "
+      f"no_instruction {100 * sum(int(r[ni] or 0) for r in body) / total:.1f}% of stall samples")
+PY
+    rm -f "$OUT/ncu-$k/report.ncu-rep" "$OUT/ncu-$k/raw.csv" "$OUT/ncu-$k/source.csv" "$OUT/ncu-$k/details.txt"
+  done
   ;;
 exppp3)  # exppp's kernels with three K/V stages against two (exp-pingpong.patch's tree)
   variant epp "$EXP/exp-pingpong.patch" >/dev/null
