@@ -134,7 +134,7 @@
 #   exppp     (ran in the forty-sixth session: -6% at d128 causal 1k, refuted) ping-pong without the overlap, its token around the exponentials (cuDNN's short causal kernel; exp-pingpong.patch):
 #             a correctness check of its kernels, then against the defaults at d128 causal 1k / 2k, non-causal 1k, d64 causal 1k
 #   exppp3    (ran in the forty-sixth session: level to -3%, refuted) exppp's kernels on three K/V stages (cuDNN's 232 KiB), d128 causal 1k / 2k, non-causal 1k
-#   ncuxt     instruction fetch at d128 causal 1k: `_xt_hb` (the default) against `_xt` (one compilation fewer), ncu's
+#   ncuxt     (ran in the forty-sixth session: _xt 5.6% no_instruction against 6.7%, +0.9%) instruction fetch at d128 causal 1k: `_xt_hb` (the default) against `_xt` (one compilation fewer), ncu's
 #             no_instruction share and the kernels' sizes, and both timed (three interleaved rounds)
 #   fwd-tests [K]  the forward GPU tests ($FWD_TESTS), or those `pytest -k K` selects (e.g. `across`: the causal
 #             keep mask bit for bit across a CTA's tiles, written after the forty-fifth session's review)
