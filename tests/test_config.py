@@ -294,6 +294,12 @@ def test_fa3_tiles_n176_n80_parse_fit_and_are_tuning_candidates_only():
     # with every feature 80 does not fit the registers: the next preference, 64
     assert dispatch.default_config("bf16", 256, True, 4096, arch="sm_90a", local=True, softcap=True, alibi=True,
                                    dropout=True).block_n == 64
+    # with dropout 64 at every length: only 64-key tiles leave room for the pair swap's buffers (+6-9%, H200)
+    for d_head, causal, seqlen in itertools.product((200, 256), (False, True), (512, 4096, 16384)):
+        cfg = dispatch.default_config("bf16", d_head, causal, seqlen, arch="sm_90a", dropout=True)
+        assert cfg.block_n == 64 and cfg.fits_beside_tiles(cfg.pair_swap_bytes), cfg.name
+    n80 = FwdSm90Config("bf16", 256, 128, 80, 2, dropout=True)
+    assert not n80.fits_beside_tiles(n80.pair_swap_bytes)
 
 
 def test_build_set_and_defaults_are_valid():
