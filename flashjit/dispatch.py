@@ -122,11 +122,6 @@ def lazy_rescale(d_head: int, causal: bool) -> bool:
 # registers with dropout): 258 / 287 / 300 at 2k / 4k / 8k against 242 / 273 / 291 at one CTA a tile (+3 to
 # +7%); non-causal they were level (270 / 286 / 296 against 264 / 288 / 300 at 1k / 2k / 4k), so keep it.
 MASK_WARPS_CAUSAL = 1024
-# d256 with dropout takes 64-key tiles at every length (forty-sixth session, H200, bf16 16k tokens, p = 0.1,
-# three interleaved rounds, TFLOP/s, 80 -> 64 keys): non-causal 470 -> 503 / 527 -> 560 / 544 -> 574 at 1k /
-# 4k / 16k, causal 441 -> 479 / 491 -> 523 / 535 -> 566 at 2k / 4k / 16k (+6 to +9%; again on an H100: +7 to
-# +16%), where without dropout the 80-key tile leads by 2-5%: only the 64-key tile leaves room for the pair
-# swap's buffers, so with 80 keys each consumer warp makes every Philox call of its span.
 
 
 def with_mask_warps(cfg, seqlen_q: int, smem_limit: int = SMEM_LIMIT_SM90):
@@ -150,6 +145,11 @@ def _mask_warps_as(cfg: FwdSm90Config, short_causal: bool, smem_limit: int) -> F
     return masked
 
 
+# d256 with dropout takes 64-key tiles at every length ((256, "dropout") below; forty-sixth session, H200,
+# bf16 16k tokens, p = 0.1, three interleaved rounds, TFLOP/s, 80 -> 64 keys): non-causal 470 -> 503 / 527 ->
+# 560 / 544 -> 574 at 1k / 4k / 16k, causal 441 -> 479 / 491 -> 523 / 535 -> 566 at 2k / 4k / 16k (+6 to +9%;
+# again on an H100: +7 to +16%), where without dropout the 80-key tile leads by 2-5%: only the 64-key tile
+# leaves room for the pair swap's buffers, so with 80 keys each consumer warp makes every Philox call of its span.
 SHORT_CAUSAL = 2048
 SHORT = 1024
 _SHORT_CAUSAL_BY_TILE = {64: SHORT}  # where "short causal" ends for a tile width, if not at SHORT_CAUSAL

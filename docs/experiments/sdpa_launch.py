@@ -1,13 +1,19 @@
 """SDPA's own forward launches, for profile_ncu.py --external: bench_forward's problem (16k tokens, hidden 2048,
-bf16) through one torch SDPA backend, --iters calls; --names prints the CUDA kernels one call launches
-(torch.profiler), so that ncu's --kernel regex can name cuDNN's or FlashAttention-2's kernel.
+bf16) through one torch SDPA backend, timed there by the same call (scripts/bench_forward.py's sdpa), --iters
+calls; --names prints the CUDA kernels one call launches (torch.profiler), so that ncu's --kernel regex can name
+cuDNN's or FlashAttention-2's kernel.
 
     python docs/experiments/sdpa_launch.py --backend cudnn --d 128 --seqlen 1024 --causal --names
 """
 import argparse
+import sys
+from pathlib import Path
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+from bench_forward import sdpa  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--backend", choices=("cudnn", "flash"), default="cudnn")
@@ -18,20 +24,19 @@ parser.add_argument("--iters", type=int, default=10)
 parser.add_argument("--names", action="store_true")
 args = parser.parse_args()
 batch, heads = 16384 // args.seqlen, 2048 // args.d
-q, k, v = (torch.randn(batch, heads, args.seqlen, args.d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[args.backend]
-with sdpa_kernel(backend):
-    call = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=args.causal)  # noqa: E731
-    call()
-    torch.cuda.synchronize()
-    if args.names:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            call()
-            torch.cuda.synchronize()
-        for event in prof.events():
-            if event.device_type == torch.autograd.DeviceType.CUDA:
-                print("kernel:", event.name)
-    else:
-        for _ in range(args.iters):
-            call()
+q, k, v = (torch.randn(batch, args.seqlen, heads, args.d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+call = sdpa({"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[args.backend], q, k, v,
+            args.causal)
+call()
+torch.cuda.synchronize()
+if args.names:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        call()
         torch.cuda.synchronize()
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            print("kernel:", event.name)
+else:
+    for _ in range(args.iters):
+        call()
+    torch.cuda.synchronize()
