@@ -138,12 +138,18 @@
 #             no_instruction share and the kernels' sizes, and both timed (three interleaved rounds)
 #   fwd-tests [K]  the forward GPU tests ($FWD_TESTS), or those `pytest -k K` selects (e.g. `across`: the causal
 #             keep mask bit for bit across a CTA's tiles, written after the forty-fifth session's review)
+#   power     the SM clock and power each kernel runs at (docs/experiments/power_probe.py): flashjit, cuDNN and
+#             FlashAttention-3 with and without its two-CTA clusters (carry .fa3bench: fa3_bench and
+#             fa3_bench_nocluster, built by fa3_bench/build.sh, the second with
+#             EXTRA_FLAGS=-DFLASHATTENTION_DISABLE_CLUSTER), back to back for ~3.5 s each, at d128 non-causal 4k /
+#             16k (bf16), 4k (fp16), causal 1k; nvidia-smi sampled every 100 ms. Whether FA3's lead at d128
+#             non-causal is work a cycle or clock, and what its cluster's K/V multicast is worth
 #
 # The device copy has no usable .git: each variant is a copy of this tree with its patches applied by
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -161,7 +167,7 @@ FWD_TESTS="tests/test_forward_sm90.py tests/test_parity.py tests/test_flash_api.
 if command -v nvidia-smi >/dev/null; then
   FIELDS=timestamp,clocks.sm,power.draw.instant,power.limit,temperature.gpu,clocks_event_reasons.active
   nvidia-smi --query-gpu=$FIELDS --format=csv -c 1 >/dev/null 2>&1 || FIELDS=timestamp,clocks.sm,power.draw,temperature.gpu
-  nvidia-smi --query-gpu=$FIELDS --format=csv -lms 500 >"$OUT/clocks.csv" 2>&1 &
+  nvidia-smi --query-gpu=$FIELDS --format=csv -lms "$([ "$STEP" = power ] && echo 100 || echo 500)" >"$OUT/clocks.csv" 2>&1 &
   CLOCKS=$!
   trap 'kill $CLOCKS 2>/dev/null || true' EXIT
 fi
@@ -734,6 +740,43 @@ quant)  # heads (hidden = heads * d) d seqlens: the tiles' rounds on 132 SMs, fu
         sed "s/^/heads $h: /"
     done
   done | stamp | tee -a "$OUT/bench.txt"
+  ;;
+power)  # each contender's sustained TFLOP/s beside the clock and power it held (docs/experiments/power_probe.py)
+  FA3=$(fa3_bench)
+  NOC=$ROOT/.fa3bench/fa3_bench_nocluster
+  "$NOC" --help >/dev/null 2>&1 || { echo "no fa3_bench_nocluster here: FA3 with clusters only" >&2; NOC=; }
+  W=$OUT/windows.jsonl
+  fa3_window() {  # NAME BIN DTYPE D CAUSAL S: FA3 back to back (no flush) for ~3.5 s, its window to $W
+    local b=$((16384 / $6)) h=$((2048 / $4)) iters line
+    iters=$(python3 -c "print(max(200, int(3.5 / (4 * $b * $h * $6 * $6 * $4 / (2 if $5 else 1) / 600e12))))")
+    line=$("$2" --dtype "$3" --d "$4" --causal "$5" --batch $b --seqlen "$6" --heads $h --iters "$iters" --no-flush |
+      grep -v '^#' | tail -1)
+    python3 - "$1" "$line" "$(date +%s.%N)" "$iters" "$W" <<'PY'
+import json, sys
+name, line, end, iters, path = sys.argv[1], sys.argv[2].split(), float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+ms, tf = float(line[7]), float(line[8])
+row = dict(dtype=line[0], d=int(line[1]), causal=line[2] == "1", seqlen=int(line[3]), name=name,
+           start=end - iters * ms / 1e3, end=end, calls=iters, ms=ms, tflops=tf)
+print(f"{name:10s} {line[0]} d{line[1]} causal={line[2]} S={line[3]}: {ms:.3f} ms {tf:.1f} TFLOP/s over {iters} calls",
+      " ".join(line[9:]))
+open(path, "a").write(json.dumps(row) + "\n")
+PY
+    sleep 1.5
+  }
+  python3 -m flashjit precompile --arch sm_90a --jobs 16 --filter "fwd_sm90_*_d128_*" 2>&1 | tail -1
+  while read -r dt c s; do
+    P=(--dtype "$dt" --d 128 --seqlen "$s" $([ "$c" = 1 ] && echo --causal) --seconds 3.5 --gap 1.5 --windows "$W")
+    python3 "$EXP/power_probe.py" run "${P[@]}" --contenders flashjit,cudnn
+    fa3_window fa3 "$FA3" "$dt" 128 "$c" "$s"
+    if [ -n "$NOC" ]; then fa3_window fa3-nocluster "$NOC" "$dt" 128 "$c" "$s"; fa3_window fa3-nocluster "$NOC" "$dt" 128 "$c" "$s"; fi
+    fa3_window fa3 "$FA3" "$dt" 128 "$c" "$s"
+    python3 "$EXP/power_probe.py" run "${P[@]}" --contenders cudnn,flashjit
+  done <<<"bf16 0 4096
+bf16 0 16384
+fp16 0 4096
+bf16 1 1024" 2>&1 | stamp | tee "$OUT/power-runs.txt"
+  sleep 1  # the clocks log's last samples
+  python3 "$EXP/power_probe.py" join --windows "$W" --clocks "$OUT/clocks.csv" | tee "$OUT/power.txt"
   ;;
 fa3check)  # the same binary's correctness mode only: exits 1 if any point is off
   FA3=$(fa3_bench)

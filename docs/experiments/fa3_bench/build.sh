@@ -12,7 +12,8 @@
 #      the GPU), OBJDIR (default ${TMPDIR:-/tmp}/fa3bench-obj). An FA3 object is rebuilt when missing, older than its .cu,
 #      or built with other flags / another nvcc (OBJDIR/flags.txt); CLEAN=1 rebuilds all (after header edits).
 #      FA3_REV (default: FA3_DIR/REV, else its git rev, else "unknown"): printed by the binary, for the record.
-#      SRC_TARBALL=0 skips fa3src.tgz.
+#      SRC_TARBALL=0 skips fa3src.tgz. EXTRA_FLAGS: more nvcc flags for FA3's objects and the harness (e.g.
+#      -DFLASHATTENTION_DISABLE_CLUSTER: FA3 without its two-CTA clusters; give that build its own OBJDIR / OUTDIR).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/../../.." && pwd)
@@ -46,6 +47,8 @@ FLAGS=(-O3 -std=c++17 --ftemplate-backtrace-limit=0 --use_fast_math --expt-relax
   -DFLASHATTENTION_DISABLE_SM8x -DFLASHATTENTION_DISABLE_HDIMDIFF64 -DFLASHATTENTION_DISABLE_HDIMDIFF192
   -diag-suppress 20013,20014,177,550
   -I"$HOPPER" -I"$CUTLASS_DIR/include" -gencode arch=compute_90a,code=sm_90a)
+read -r -a EXTRA <<<"${EXTRA_FLAGS:-}"
+FLAGS+=(${EXTRA[@]+"${EXTRA[@]}"})
 
 SRCS=("$HOPPER/flash_prepare_scheduler.cu")  # referenced (not run) by run_flash_fwd's varlen branch
 HAVE=("-DFA3B_REV=\"$FA3_REV\"")

@@ -172,7 +172,11 @@ static void fa3_call(Fa3Call &c, cudaStream_t s) {
 static std::string fa3_variant(const Point &pt) {
   auto t = tile_size_fwd_sm90(pt.d, pt.d, pt.causal, false, 2, false, false, false);
   const int bm = std::get<0>(t), bn = std::get<1>(t);
+#ifdef FLASHATTENTION_DISABLE_CLUSTER
+  const bool enable_cluster = false;  // (built with EXTRA_FLAGS=-DFLASHATTENTION_DISABLE_CLUSTER)
+#else
   const bool enable_cluster = pt.d >= 128 && !pt.causal;
+#endif
   const bool use_cluster = ((pt.S + bm - 1) / bm) % 2 == 0;
   char buf[128];
   snprintf(buf, sizeof buf, "tile=%dx%d cluster=%d sched=%s", bm, bn, enable_cluster && use_cluster ? 2 : 1,
