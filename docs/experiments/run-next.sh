@@ -765,7 +765,7 @@ PY
   }
   python3 -m flashjit precompile --arch sm_90a --jobs 16 --filter "fwd_sm90_*_d128_*" 2>&1 | tail -1
   while read -r dt c s; do
-    P=(--dtype "$dt" --d 128 --seqlen "$s" $([ "$c" = 1 ] && echo --causal) --seconds 3.5 --gap 1.5 --windows "$W")
+    P=(--dtype "$dt" --d 128 --seqlen "$s" $([ "$c" = 1 ] && echo --causal || true) --seconds 3.5 --gap 1.5 --windows "$W")
     python3 "$EXP/power_probe.py" run "${P[@]}" --contenders flashjit,cudnn
     fa3_window fa3 "$FA3" "$dt" 128 "$c" "$s"
     if [ -n "$NOC" ]; then fa3_window fa3-nocluster "$NOC" "$dt" 128 "$c" "$s"; fa3_window fa3-nocluster "$NOC" "$dt" 128 "$c" "$s"; fi
