@@ -356,6 +356,13 @@ def with_head_split(config, batch: int, heads: int, heads_k: int, seqlen_k: int,
 # walk (kernels/fwd_sm90.cuh: tile_of, odd rounds reversed) serves grids past WALK_MAX_ROUNDS rounds (rounds of
 # mixed lengths average out; the simulation's cost stays ~ms) and calls made while a CUDA graph is captured.
 WALK_MAX_ROUNDS = 32
+# A tile's fixed cost in the walk's model, in key blocks (its Q's wait, the diagonal's mask, the epilogue): 1.5,
+# fit to the forty-seventh session's A/B (H100, bf16, causal, two processes each): lists made with 2 / 3 / 4 ran
+# d128 1k +6.9 / +5.2 / +6.0% and d96 1k +7.8 / +5.8 / +7.9% over 1's, and -1 to -3% at 2k-4k; simulated with
+# a true cost of 1.5 the lists give +6.8 / +4.6 / +5.2% and +7.6 / +4.7 / +8.0% at 1k and 0 to -3% at 2k-4k,
+# with a true cost of 1 (the model before) -2 to -5% at 1k. Short rows are where the model matters: a 1k row of
+# 128-row tiles has tiles of 1-8 key blocks.
+WALK_TILE_COST = 1.5
 
 
 @functools.lru_cache(maxsize=1024)
@@ -364,9 +371,9 @@ def causal_walk(rows: int, seqlen_q: int, seqlen_k: int, block_m: int, block_n: 
     heads) of query tiles, `ctas` CTAs at most (SMs * ctas_per_sm): what one CTA per tile gets from the hardware,
     which hands each tile to whichever SM frees first, in common/grid_order.cuh's longest_first order (rows
     together, longest first, the last two waves' rows block-outermost), simulated with a tile's time its key
-    blocks plus one block's worth of overhead, so that the persistent kernel (its rings and, with cross_tile,
-    its pipeline running on across tiles) keeps that balance. Its static walk does not: simulated at 16k
-    tokens (132 SMs), d128 causal 0.97 of ideal at S = 1k-8k and 0.65 at 16k, d64 0.84 / 0.79 at 8k / 16k,
+    blocks plus WALK_TILE_COST blocks' worth of fixed cost, so that the persistent kernel (its rings and, with
+    cross_tile, its pipeline running on across tiles) keeps that balance. Its static walk does not: simulated
+    (a tile's cost one block) at 16k tokens (132 SMs), d128 causal 0.97 of ideal at S = 1k-8k and 0.65 at 16k, d64 0.84 / 0.79 at 8k / 16k,
     d256 0.66 / 0.56, where this list reaches 0.98-0.997 (the order the simulation matched on the H200, d64
     causal: persistent 1.02-1.12x one CTA per tile where the walk balanced, 0.92x where it did not).
     As kernels/fwd_sm90.cuh's tile_of reads it: (grid, grid + 1 offsets into the tiles, the tiles), a tile
@@ -379,10 +386,10 @@ def causal_walk(rows: int, seqlen_q: int, seqlen_k: int, block_m: int, block_n: 
     grid = min(tiles, ctas)
     blocks_k = -(-seqlen_k // block_n)
 
-    def work(block: int) -> int:  # key blocks + 1, as Tile's j_end for bottom-right causal rows
+    def work(block: int) -> float:  # key blocks (as Tile's j_end for bottom-right causal rows) + a tile's cost
         q_row0 = (num_m - 1 - block) * block_m
         last_col = min(q_row0 + block_m, seqlen_q) - 1 + seqlen_k - seqlen_q
-        return (0 if last_col < 0 else min(blocks_k, last_col // block_n + 1)) + 1
+        return (0 if last_col < 0 else min(blocks_k, last_col // block_n + 1)) + WALK_TILE_COST
 
     tail = min(rows, -(-2 * ctas // num_m))
     together = (rows - tail) * num_m

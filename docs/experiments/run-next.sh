@@ -144,7 +144,11 @@
 #             EXTRA_FLAGS=-DFLASHATTENTION_DISABLE_CLUSTER), back to back for ~3.5 s each, at d128 non-causal 4k /
 #             16k (bf16), 4k (fp16), causal 1k; nvidia-smi sampled every 100 ms. Whether FA3's lead at d128
 #             non-causal is work a cycle or clock, and what its cluster's K/V multicast is worth
-#   walkc     the causal walk's model of a tile's fixed cost (walk-cost.patch: WALK_TILE_COST key blocks, main's 1)
+#   walkc [COSTS] [tests]  the causal walk's model of a tile's fixed cost (dispatch.WALK_TILE_COST, main's 1.5; ran in
+#             the forty-seventh session with main at 1 and COSTS "2 3 4": +5-8% at d96 / d128 causal 1k, -1 to -3%
+#             at 2k-4k, which a true cost of 1.5 reproduces in the simulation): main against a copy of this tree
+#             with each cost of COSTS, causal bf16 d64 / d96 / d128 at 1k / 2k / 4k and B=1 8k 32/8, two
+#             processes each; with `tests`, first the GPU tests of the walk (bit for bit against the static walk)
 #             at 2 / 3 / 4 against main, causal bf16 d64 / d96 / d128 at 1k / 2k / 4k and B=1 8k 32/8, two
 #             processes each (power: our d128 causal 1k tiles cost ~2 blocks more than the model's one, where
 #             the c=1 walk balances to ~0.84 of ideal; ncu had the SMs active 87% of the kernel, cuDNN's 91%)
@@ -153,7 +157,7 @@
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -745,15 +749,21 @@ quant)  # heads (hidden = heads * d) d seqlens: the tiles' rounds on 132 SMs, fu
     done
   done | stamp | tee -a "$OUT/bench.txt"
   ;;
-walkc)  # WALK_TILE_COST 2 / 3 / 4 against main's 1 (walk-cost.patch, the constant set in each variant's copy)
-  for c in 2 3 4; do
-    dir=$(variant wc$c "$EXP/walk-cost.patch")
-    sed -i "s/^WALK_TILE_COST = 1 /WALK_TILE_COST = $c /" "$dir/flashjit/dispatch.py"
-    grep -q "^WALK_TILE_COST = $c " "$dir/flashjit/dispatch.py"
+walkc)  # [COSTS] [tests]: main against copies of this tree with WALK_TILE_COST set to each of COSTS (default "1")
+  if [ "${3:-}" = tests ]; then
+    python3 -m pytest -q -n 16 -p no:cacheprovider tests/test_forward_sm90.py tests/test_interface_cpu.py -k walk 2>&1 |
+      tail -3 | tee "$OUT/walk-tests.txt"
+  fi
+  names=main
+  for c in ${2:-1}; do
+    dir=$(variant wc$c)
+    sed -i "s/^WALK_TILE_COST = [0-9.]*$/WALK_TILE_COST = $c/" "$dir/flashjit/dispatch.py"
+    grep -q "^WALK_TILE_COST = $c$" "$dir/flashjit/dispatch.py"
+    names="$names wc$c"
   done
   args="--dtypes bf16 --head-dims 64,96,128 --causal 1 --seqlens 1024,2048,4096 --gqa 8192 --no-flex"
-  warm bench_forward.py "$args" "main wc2 wc3 wc4"
-  passes bench_forward.py "$args" "main wc2 wc3 wc4"
+  warm bench_forward.py "$args" "$names"
+  passes bench_forward.py "$args" "$names"
   ;;
 power)  # each contender's sustained TFLOP/s beside the clock and power it held (docs/experiments/power_probe.py)
   FA3=$(fa3_bench)
