@@ -144,6 +144,10 @@
 #             EXTRA_FLAGS=-DFLASHATTENTION_DISABLE_CLUSTER), back to back for ~3.5 s each, at d128 non-causal 4k /
 #             16k (bf16), 4k (fp16), causal 1k; nvidia-smi sampled every 100 ms. Whether FA3's lead at d128
 #             non-causal is work a cycle or clock, and what its cluster's K/V multicast is worth
+#   q3        cross-tile kernels without dropout with three Q stages where they fit (q-three-stages.patch; d64's
+#             192-row and d96-d128's 128-row tiles): a tile's Q no longer waits for the O store of the tile two
+#             back (the d128 causal 1k consumers' first wait of a tile: 4.4% of ncu's samples). Its GPU tests of
+#             the persistent / cross-tile walks, then against main at d64 / d96 / d128, causal or not, 1k-4k
 #   walkc [COSTS] [tests]  the causal walk's model of a tile's fixed cost (dispatch.WALK_TILE_COST, main's 1.5; ran in
 #             the forty-seventh session with main at 1 and COSTS "2 3 4": +5-8% at d96 / d128 causal 1k, -1 to -3%
 #             at 2k-4k, which a true cost of 1.5 reproduces in the simulation): main against a copy of this tree
@@ -157,7 +161,7 @@
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -748,6 +752,14 @@ quant)  # heads (hidden = heads * d) d seqlens: the tiles' rounds on 132 SMs, fu
         sed "s/^/heads $h: /"
     done
   done | stamp | tee -a "$OUT/bench.txt"
+  ;;
+q3)  # three Q stages for the cross-tile kernels without dropout (q-three-stages.patch) against main
+  variant q3 "$EXP/q-three-stages.patch" >/dev/null
+  with_variant q3 timeout 200 python3 -m pytest -q -n 16 -p no:cacheprovider tests/test_forward_sm90.py \
+    -k "walk_many_tiles or cross_tile_equals or causal_walk" 2>&1 | tail -3 | tee "$OUT/q3-tests.txt"
+  args="--dtypes bf16 --head-dims 64,96,128 --causal 0,1 --seqlens 1024,2048,4096 --gqa '' --no-flex"
+  warm bench_forward.py "$args" "main q3"
+  passes bench_forward.py "$args" "main q3"
   ;;
 walkc)  # [COSTS] [tests]: main against copies of this tree with WALK_TILE_COST set to each of COSTS (default "1")
   if [ "${3:-}" = tests ]; then
