@@ -148,6 +148,8 @@
 #             192-row and d96-d128's 128-row tiles): a tile's Q no longer waits for the O store of the tile two
 #             back (the d128 causal 1k consumers' first wait of a tile: 4.4% of ncu's samples). Its GPU tests of
 #             the persistent / cross-tile walks, then against main at d64 / d96 / d128, causal or not, 1k-4k
+#   ncuq3     d128 causal 1k under ncu in main and in q3's tree (three Q stages, level in q3): where each one's
+#             warps wait on mbarriers (docs/experiments/ncu_waits.py: a wait's samples and its retry path's runs)
 #   walkc [COSTS] [tests]  the causal walk's model of a tile's fixed cost (dispatch.WALK_TILE_COST, main's 1.5; ran in
 #             the forty-seventh session with main at 1 and COSTS "2 3 4": +5-8% at d96 / d128 causal 1k, -1 to -3%
 #             at 2k-4k, which a true cost of 1.5 reproduces in the simulation): main against a copy of this tree
@@ -161,7 +163,7 @@
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -752,6 +754,16 @@ quant)  # heads (hidden = heads * d) d seqlens: the tiles' rounds on 132 SMs, fu
         sed "s/^/heads $h: /"
     done
   done | stamp | tee -a "$OUT/bench.txt"
+  ;;
+ncuq3)  # d128 causal 1k profiled in main and in q3's tree; each one's mbarrier waits (ncu_waits.py)
+  variant q3 "$EXP/q-three-stages.patch" >/dev/null
+  for v in main q3; do
+    with_variant $v python3 scripts/profile_ncu.py --d 128 --seqlen 1024 --causal --out "$OUT/ncu-$v" >"$OUT/ncu-$v.log" 2>&1 || true
+    grep -E 'tensor_cycles_active.avg.pct_of_peak_sustained_(active|elapsed)' "$OUT/ncu-$v/summary.txt" || tail -5 "$OUT/ncu-$v.log"
+    python3 "$EXP/ncu_waits.py" "$OUT/ncu-$v" | tee -a "$OUT/waits.txt"
+    rm -f "$OUT/ncu-$v/report.ncu-rep" "$OUT/ncu-$v/raw.csv"
+  done
+  tar -czf "$OUT/ncuq3.tgz" -C "$OUT" ncu-main ncu-q3 && rm -rf "$OUT"/ncu-main "$OUT"/ncu-q3
   ;;
 q3)  # three Q stages for the cross-tile kernels without dropout (q-three-stages.patch) against main
   variant q3 "$EXP/q-three-stages.patch" >/dev/null
