@@ -150,6 +150,9 @@
 #             the persistent / cross-tile walks, then against main at d64 / d96 / d128, causal or not, 1k-4k
 #   ncuq3     d128 causal 1k under ncu in main and in q3's tree (three Q stages, level in q3): where each one's
 #             warps wait on mbarriers (docs/experiments/ncu_waits.py: a wait's samples and its retry path's runs)
+#   qa        q3's three Q stages with each tile's Q loaded during the tile before (q-ahead.patch, q-three-stages.patch
+#             included): ncuq3 had the consumers' first wait of a tile unchanged by the third stage (the new tile's
+#             Q and K and the last V, 96 KiB at d128, arrive together); its GPU tests, then q3's A/B
 #   walkc [COSTS] [tests]  the causal walk's model of a tile's fixed cost (dispatch.WALK_TILE_COST, main's 1.5; ran in
 #             the forty-seventh session with main at 1 and COSTS "2 3 4": +5-8% at d96 / d128 causal 1k, -1 to -3%
 #             at 2k-4k, which a true cost of 1.5 reproduces in the simulation): main against a copy of this tree
@@ -163,7 +166,7 @@
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -754,6 +757,14 @@ quant)  # heads (hidden = heads * d) d seqlens: the tiles' rounds on 132 SMs, fu
         sed "s/^/heads $h: /"
     done
   done | stamp | tee -a "$OUT/bench.txt"
+  ;;
+qa)  # q3 with each tile's Q a tile ahead (q-ahead.patch, the three stages included) against main
+  variant qa "$EXP/q-ahead.patch" >/dev/null
+  with_variant qa timeout 200 python3 -m pytest -q -n 16 -p no:cacheprovider tests/test_forward_sm90.py \
+    -k "walk_many_tiles or cross_tile_equals or causal_walk" 2>&1 | tail -3 | tee "$OUT/qa-tests.txt"
+  args="--dtypes bf16 --head-dims 64,96,128 --causal 0,1 --seqlens 1024,2048,4096 --gqa '' --no-flex"
+  warm bench_forward.py "$args" "main qa"
+  passes bench_forward.py "$args" "main qa"
   ;;
 ncuq3)  # d128 causal 1k profiled in main and in q3's tree; each one's mbarrier waits (ncu_waits.py)
   variant q3 "$EXP/q-three-stages.patch" >/dev/null
