@@ -153,6 +153,8 @@
 #   qa        q3's three Q stages with each tile's Q loaded during the tile before (q-ahead.patch, q-three-stages.patch
 #             included): ncuq3 had the consumers' first wait of a tile unchanged by the third stage (the new tile's
 #             Q and K and the last V, 96 KiB at d128, arrive together); its GPU tests, then q3's A/B
+#   qf        q-ahead with the early Q only where its stage is already free (q-ahead-free.patch: a non-blocking
+#             test of the empty barrier, else the Q at its usual place); its GPU tests, then qa's A/B
 #   walkc [COSTS] [tests]  the causal walk's model of a tile's fixed cost (dispatch.WALK_TILE_COST, main's 1.5; ran in
 #             the forty-seventh session with main at 1 and COSTS "2 3 4": +5-8% at d96 / d128 causal 1k, -1 to -3%
 #             at 2k-4k, which a true cost of 1.5 reproduces in the simulation): main against a copy of this tree
@@ -166,7 +168,7 @@
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -757,6 +759,14 @@ quant)  # heads (hidden = heads * d) d seqlens: the tiles' rounds on 132 SMs, fu
         sed "s/^/heads $h: /"
     done
   done | stamp | tee -a "$OUT/bench.txt"
+  ;;
+qf)  # q-ahead only where the early Q's stage is free (q-ahead-free.patch) against main
+  variant qf "$EXP/q-ahead-free.patch" >/dev/null
+  with_variant qf timeout 200 python3 -m pytest -q -n 16 -p no:cacheprovider tests/test_forward_sm90.py \
+    -k "walk_many_tiles or cross_tile_equals or causal_walk" 2>&1 | tail -3 | tee "$OUT/qf-tests.txt"
+  args="--dtypes bf16 --head-dims 96,128 --causal 0,1 --seqlens 1024,2048,4096 --gqa '' --no-flex"
+  warm bench_forward.py "$args" "main qf"
+  passes bench_forward.py "$args" "main qf"
   ;;
 qa)  # q3 with each tile's Q a tile ahead (q-ahead.patch, the three stages included) against main
   variant qa "$EXP/q-ahead.patch" >/dev/null
