@@ -358,9 +358,10 @@ def with_head_split(config, batch: int, heads: int, heads_k: int, seqlen_k: int,
 WALK_MAX_ROUNDS = 32
 # A tile's fixed cost in the walk's model, in key blocks (its Q's wait, the diagonal's mask, the epilogue): 1.5,
 # fit to the forty-seventh session's A/B (H100, bf16, causal, two processes each): lists made with 2 / 3 / 4 ran
-# d128 1k +6.9 / +5.2 / +6.0% and d96 1k +7.8 / +5.8 / +7.9% over 1's, and -1 to -3% at 2k-4k; simulated with
-# a true cost of 1.5 the lists give +6.8 / +4.6 / +5.2% and +7.6 / +4.7 / +8.0% at 1k and 0 to -3% at 2k-4k,
-# with a true cost of 1 (the model before) -2 to -5% at 1k. Short rows are where the model matters: a 1k row of
+# d128 1k +6.9 / +5.2 / +6.0% and d96 1k +7.8 / +5.8 / +7.9% over 1's, and -3.2 to +1.9% at 2k-4k; simulated
+# with a true cost of 1.5 the lists give +6.8 / +4.6 / +5.2% and +7.6 / +4.7 / +8.0% at 1k and +0.3 to -2.8% at
+# 2k-4k, with a true cost of 1 (the model before) -2 to -5% at 1k. (Halves keep the simulation's sums exact, so
+# ties, and the lists, are the same in every process.) Short rows are where the model matters: a 1k row of
 # 128-row tiles has tiles of 1-8 key blocks.
 WALK_TILE_COST = 1.5
 

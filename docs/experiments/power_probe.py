@@ -78,18 +78,22 @@ def _clock_samples(path: Path) -> list:
 
 def join(args) -> None:
     samples = _clock_samples(Path(args.clocks))
-    print(f"{'contender':14s} {'point':26s} {'TFLOP/s':>8s} {'MHz':>6s} {'W':>6s} {'TFLOP/s/GHz':>11s} samples")
+    # busy: the share of the window the contender's kernels ran (calls x median time): a short call launched
+    # from Python may leave the GPU idle between calls, which would lift its clock (FA3's C++ loop: ~1).
+    print(f"{'contender':14s} {'point':26s} {'TFLOP/s':>8s} {'MHz':>6s} {'W':>6s} {'TFLOP/s/GHz':>11s} {'busy':>5s} "
+          "samples")
     for line in open(args.windows):
         row = json.loads(line)
         inside = [(mhz, w) for t, mhz, w in samples if row["start"] + args.settle <= t <= row["end"]]
         point = f"{row['dtype']} d{row['d']} c{int(row['causal'])} S{row['seqlen']}"
+        busy = row["calls"] * row["ms"] / 1e3 / (row["end"] - row["start"])
         if not inside:
             print(f"{row['name']:14s} {point:26s} {row['tflops']:8.1f}  (no clock samples in the window)")
             continue
         mhz = sum(m for m, _ in inside) / len(inside)
         watts = sum(w for _, w in inside) / len(inside)
         print(f"{row['name']:14s} {point:26s} {row['tflops']:8.1f} {mhz:6.0f} {watts:6.0f} "
-              f"{row['tflops'] / mhz * 1000:11.1f} {len(inside)}")
+              f"{row['tflops'] / mhz * 1000:11.1f} {busy:5.2f} {len(inside)}")
 
 
 def main() -> None:

@@ -155,14 +155,12 @@
 #             Q and K and the last V, 96 KiB at d128, arrive together); its GPU tests, then q3's A/B
 #   qf        q-ahead with the early Q only where its stage is already free (q-ahead-free.patch: a non-blocking
 #             test of the empty barrier, else the Q at its usual place); its GPU tests, then qa's A/B
-#   walkc [COSTS] [tests]  the causal walk's model of a tile's fixed cost (dispatch.WALK_TILE_COST, main's 1.5; ran in
-#             the forty-seventh session with main at 1 and COSTS "2 3 4": +5-8% at d96 / d128 causal 1k, -1 to -3%
-#             at 2k-4k, which a true cost of 1.5 reproduces in the simulation): main against a copy of this tree
-#             with each cost of COSTS, causal bf16 d64 / d96 / d128 at 1k / 2k / 4k and B=1 8k 32/8, two
-#             processes each; with `tests`, first the GPU tests of the walk (bit for bit against the static walk)
-#             at 2 / 3 / 4 against main, causal bf16 d64 / d96 / d128 at 1k / 2k / 4k and B=1 8k 32/8, two
-#             processes each (power: our d128 causal 1k tiles cost ~2 blocks more than the model's one, where
-#             the c=1 walk balances to ~0.84 of ideal; ncu had the SMs active 87% of the kernel, cuDNN's 91%)
+#   walkc [COSTS] [tests]  the causal walk's model of a tile's fixed cost (dispatch.WALK_TILE_COST, main's 1.5): main
+#             against a copy of this tree with each cost of COSTS (numbers, default "1"), causal bf16 d64 / d96 /
+#             d128 at 1k / 2k / 4k and B=1 8k 32/8, two processes each; with `tests`, first the GPU and CPU tests of
+#             the walk (bit for bit against the static walk). Ran in the forty-seventh session with main at 1 and
+#             COSTS "2 3 4" (+5-8% at d96 / d128 causal 1k, -3 to +2% at 2k-4k: a true cost of 1.5 reproduces both
+#             in the simulation), then on 1.5 with "1 2" tests (+6.3 / +8.7% over 1 at d128 / d96 causal 1k)
 #
 # The device copy has no usable .git: each variant is a copy of this tree with its patches applied by
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
@@ -275,6 +273,17 @@ knob_ab() {
     with_variant $1 python3 scripts/bench_forward.py --dtypes bf16 --head-dims "$d" --causal "$causal" \
       --seqlens "$seqlens" --rounds 3 --no-flex --out "$OUT/d$d-c$causal-$seqlens" ${3:-} --configs $(names_of "$base" $knobs) 2>&1
   done | tee -a "$OUT/bench.txt"
+}
+
+# q_variant_ab NAME PATCH HEAD_DIMS: in NAME's tree (this one with docs/experiments/PATCH), the GPU tests of the
+# persistent and cross-tile walks, then main against it, bf16 HEAD_DIMS causal or not at 1k-4k, two processes each.
+q_variant_ab() {
+  variant "$1" "$EXP/$2" >/dev/null
+  with_variant "$1" timeout 200 python3 -m pytest -q -n 16 -p no:cacheprovider tests/test_forward_sm90.py \
+    -k "walk_many_tiles or cross_tile_equals or causal_walk" 2>&1 | tail -3 | tee "$OUT/$1-tests.txt"
+  local args="--dtypes bf16 --head-dims $3 --causal 0,1 --seqlens 1024,2048,4096 --gqa '' --no-flex"
+  warm bench_forward.py "$args" "main $1"
+  passes bench_forward.py "$args" "main $1"
 }
 
 # fa3_bench: the path of a FlashAttention-3 forward benchmark that starts here: the carried
@@ -760,39 +769,20 @@ quant)  # heads (hidden = heads * d) d seqlens: the tiles' rounds on 132 SMs, fu
     done
   done | stamp | tee -a "$OUT/bench.txt"
   ;;
-qf)  # q-ahead only where the early Q's stage is free (q-ahead-free.patch) against main
-  variant qf "$EXP/q-ahead-free.patch" >/dev/null
-  with_variant qf timeout 200 python3 -m pytest -q -n 16 -p no:cacheprovider tests/test_forward_sm90.py \
-    -k "walk_many_tiles or cross_tile_equals or causal_walk" 2>&1 | tail -3 | tee "$OUT/qf-tests.txt"
-  args="--dtypes bf16 --head-dims 96,128 --causal 0,1 --seqlens 1024,2048,4096 --gqa '' --no-flex"
-  warm bench_forward.py "$args" "main qf"
-  passes bench_forward.py "$args" "main qf"
-  ;;
-qa)  # q3 with each tile's Q a tile ahead (q-ahead.patch, the three stages included) against main
-  variant qa "$EXP/q-ahead.patch" >/dev/null
-  with_variant qa timeout 200 python3 -m pytest -q -n 16 -p no:cacheprovider tests/test_forward_sm90.py \
-    -k "walk_many_tiles or cross_tile_equals or causal_walk" 2>&1 | tail -3 | tee "$OUT/qa-tests.txt"
-  args="--dtypes bf16 --head-dims 64,96,128 --causal 0,1 --seqlens 1024,2048,4096 --gqa '' --no-flex"
-  warm bench_forward.py "$args" "main qa"
-  passes bench_forward.py "$args" "main qa"
+q3|qa|qf)  # a Q-ring variant of the cross-tile kernels (q3: q-three-stages.patch; qa: q-ahead.patch; qf:
+  # q-ahead-free.patch; each patch holds q3's hunks too) against main: its GPU tests of the walks, then the A/B
+  q_variant_ab "$STEP" "$(case $STEP in q3) echo q-three-stages ;; qa) echo q-ahead ;; qf) echo q-ahead-free ;; esac).patch" \
+    "$([ "$STEP" = qf ] && echo 96,128 || echo 64,96,128)"
   ;;
 ncuq3)  # d128 causal 1k profiled in main and in q3's tree; each one's mbarrier waits (ncu_waits.py)
   variant q3 "$EXP/q-three-stages.patch" >/dev/null
   for v in main q3; do
     with_variant $v python3 scripts/profile_ncu.py --d 128 --seqlen 1024 --causal --out "$OUT/ncu-$v" >"$OUT/ncu-$v.log" 2>&1 || true
     grep -E 'tensor_cycles_active.avg.pct_of_peak_sustained_(active|elapsed)' "$OUT/ncu-$v/summary.txt" || tail -5 "$OUT/ncu-$v.log"
-    python3 "$EXP/ncu_waits.py" "$OUT/ncu-$v" | tee -a "$OUT/waits.txt"
+    { python3 "$EXP/ncu_waits.py" "$OUT/ncu-$v" || true; } | tee -a "$OUT/waits.txt"
     rm -f "$OUT/ncu-$v/report.ncu-rep" "$OUT/ncu-$v/raw.csv"
   done
   tar -czf "$OUT/ncuq3.tgz" -C "$OUT" ncu-main ncu-q3 && rm -rf "$OUT"/ncu-main "$OUT"/ncu-q3
-  ;;
-q3)  # three Q stages for the cross-tile kernels without dropout (q-three-stages.patch) against main
-  variant q3 "$EXP/q-three-stages.patch" >/dev/null
-  with_variant q3 timeout 200 python3 -m pytest -q -n 16 -p no:cacheprovider tests/test_forward_sm90.py \
-    -k "walk_many_tiles or cross_tile_equals or causal_walk" 2>&1 | tail -3 | tee "$OUT/q3-tests.txt"
-  args="--dtypes bf16 --head-dims 64,96,128 --causal 0,1 --seqlens 1024,2048,4096 --gqa '' --no-flex"
-  warm bench_forward.py "$args" "main q3"
-  passes bench_forward.py "$args" "main q3"
   ;;
 walkc)  # [COSTS] [tests]: main against copies of this tree with WALK_TILE_COST set to each of COSTS (default "1")
   if [ "${3:-}" = tests ]; then
@@ -800,6 +790,7 @@ walkc)  # [COSTS] [tests]: main against copies of this tree with WALK_TILE_COST 
       tail -3 | tee "$OUT/walk-tests.txt"
   fi
   names=main
+  [[ ${2:-1} =~ ^[0-9.\ ]+$ ]] || { echo "walkc COSTS: numbers, e.g. walkc \"1 2\" tests" >&2; exit 2; }
   for c in ${2:-1}; do
     dir=$(variant wc$c)
     sed -i "s/^WALK_TILE_COST = [0-9.]*$/WALK_TILE_COST = $c/" "$dir/flashjit/dispatch.py"
@@ -835,11 +826,13 @@ PY
   python3 -m flashjit precompile --arch sm_90a --jobs 16 --filter "fwd_sm90_*_d128_*" 2>&1 | tail -1
   while read -r dt c s; do
     P=(--dtype "$dt" --d 128 --seqlen "$s" $([ "$c" = 1 ] && echo --causal || true) --seconds 3.5 --gap 1.5 --windows "$W")
-    python3 "$EXP/power_probe.py" run "${P[@]}" --contenders flashjit,cudnn
-    fa3_window fa3 "$FA3" "$dt" 128 "$c" "$s"
-    if [ -n "$NOC" ]; then fa3_window fa3-nocluster "$NOC" "$dt" 128 "$c" "$s"; fa3_window fa3-nocluster "$NOC" "$dt" 128 "$c" "$s"; fi
-    fa3_window fa3 "$FA3" "$dt" 128 "$c" "$s"
-    python3 "$EXP/power_probe.py" run "${P[@]}" --contenders cudnn,flashjit
+    {  # (stdin: not the point list's)
+      python3 "$EXP/power_probe.py" run "${P[@]}" --contenders flashjit,cudnn
+      fa3_window fa3 "$FA3" "$dt" 128 "$c" "$s"
+      if [ -n "$NOC" ]; then fa3_window fa3-nocluster "$NOC" "$dt" 128 "$c" "$s"; fa3_window fa3-nocluster "$NOC" "$dt" 128 "$c" "$s"; fi
+      fa3_window fa3 "$FA3" "$dt" 128 "$c" "$s"
+      python3 "$EXP/power_probe.py" run "${P[@]}" --contenders cudnn,flashjit
+    } </dev/null
   done <<<"bf16 0 4096
 bf16 0 16384
 fp16 0 4096
