@@ -155,6 +155,9 @@
 #             Q and K and the last V, 96 KiB at d128, arrive together); its GPU tests, then q3's A/B
 #   qf        q-ahead with the early Q only where its stage is already free (q-ahead-free.patch: a non-blocking
 #             test of the empty barrier, else the Q at its usual place); its GPU tests, then qa's A/B
+#   pvf       a chained tile start issues the last tile's pending PV before waiting for the new Q and first K
+#             (pv-first.patch: the PV runs while they land; the new block's softmax loses the PV under it); its
+#             GPU tests of the walks, then main against it at d64 / d128 (d96 causal serializes: C7511)
 #   walkc [COSTS] [tests]  the causal walk's model of a tile's fixed cost (dispatch.WALK_TILE_COST, main's 1.5): main
 #             against a copy of this tree with each cost of COSTS (numbers, default "1"), causal bf16 d64 / d96 /
 #             d128 at 1k / 2k / 4k and B=1 8k 32/8, two processes each; with `tests`, first the GPU and CPU tests of
@@ -166,7 +169,7 @@
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -768,6 +771,9 @@ quant)  # heads (hidden = heads * d) d seqlens: the tiles' rounds on 132 SMs, fu
         sed "s/^/heads $h: /"
     done
   done | stamp | tee -a "$OUT/bench.txt"
+  ;;
+pvf)  # the pending PV before the new tile's Q and K (pv-first.patch) against main
+  q_variant_ab pvf pv-first.patch 64,128
   ;;
 q3|qa|qf)  # a Q-ring variant of the cross-tile kernels (q3: q-three-stages.patch; qa: q-ahead.patch; qf:
   # q-ahead-free.patch; each patch holds q3's hunks too) against main: its GPU tests of the walks, then the A/B
