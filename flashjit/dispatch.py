@@ -374,8 +374,8 @@ def causal_walk(rows: int, seqlen_q: int, seqlen_k: int, block_m: int, block_n: 
     together, longest first, the last two waves' rows block-outermost), simulated with a tile's time its key
     blocks plus WALK_TILE_COST blocks' worth of fixed cost, so that the persistent kernel (its rings and, with
     cross_tile, its pipeline running on across tiles) keeps that balance. Its static walk does not: simulated
-    (a tile's cost one block) at 16k tokens (132 SMs), d128 causal 0.97 of ideal at S = 1k-8k and 0.65 at 16k, d64 0.84 / 0.79 at 8k / 16k,
-    d256 0.66 / 0.56, where this list reaches 0.98-0.997 (the order the simulation matched on the H200, d64
+    (a tile's cost one block) at 16k tokens (132 SMs), d128 causal 0.97 of ideal at S = 1k-8k and 0.65 at 16k,
+    d64 0.84 / 0.79 at 8k / 16k, d256 0.66 / 0.56, where this list reaches 0.98-0.997 (the order the simulation matched on the H200, d64
     causal: persistent 1.02-1.12x one CTA per tile where the walk balanced, 0.92x where it did not).
     As kernels/fwd_sm90.cuh's tile_of reads it: (grid, grid + 1 offsets into the tiles, the tiles), a tile
     numbered row * num_m + block, block 0 the row's last (longest) query block; None past WALK_MAX_ROUNDS

@@ -94,7 +94,8 @@ def assert_lse_close(lse: torch.Tensor, ref_lse: torch.Tensor, low_lse: torch.Te
 
 
 def forward_keep_mask(run, batch: int, seqlen_q: int, seqlen_k: int, heads: int, d: int, dropout_p: float,
-                      heads_k: int | None = None, dtype=torch.float16, before_each=None, causal: bool = False) -> torch.Tensor:
+                      heads_k: int | None = None, dtype=torch.float16, before_each=None,
+                      causal: bool = False) -> torch.Tensor:
     """The dropout keep mask [B, H, Sq, Sk] (bool) that a forward kernel used, read exactly from its
     output: run(q, k, v) -> out is called with q = 0 (every score 0, so P = 1/Sk: non-causal, no
     window) and one-hot values, v[j] = e_(j - c0) for the keys of one chunk of d keys (0 elsewhere),

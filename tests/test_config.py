@@ -268,7 +268,8 @@ def test_fa3_tiles_n176_n80_parse_fit_and_are_tuning_candidates_only():
     """block_n 176 (d128) and 80 (d256), FlashAttention-3's tiles: their names parse, they fit with two
     stages (209 and 225 KiB of 227) and no more; 176 does not fit d256's registers nor a 192-row tile;
     the tuner times them; d256 takes 80 by default past SHORT_CAUSAL causal queries (measured faster there),
-    the build set with it, but 64 with dropout (the pair swap's room); d128's 176 (measured level) stays a tuning candidate."""
+    the build set with it, but 64 with dropout (the pair swap's room); d128's 176 (measured level) stays a
+    tuning candidate."""
     for d, n, kib in ((128, 176, 209), (256, 80, 225)):
         for dtype, causal, pingpong, persistent in itertools.product(("bf16", "fp16"), (False, True), (False, True),
                                                                      (False, True)):

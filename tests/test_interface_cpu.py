@@ -380,6 +380,11 @@ def test_backward_splits_heads_only_gqa_grids_below_the_waves():
     assert not backward_splits_heads(1, 32, 8, 8192, 64, sms, False, wide=True)
 
 
+# A causal tile's fixed cost in key blocks, measured (H100, the forty-seventh session: the value that reproduces
+# the walk A/Bs at 1k-4k, docs/perf-log.md); the walk tests score lists with it, not with dispatch's own model.
+MEASURED_TILE_COST = 1.5
+
+
 def _walk_loads(walk, num_m, work):
     """(each CTA's load, the tiles in walk order) of a dispatch.causal_walk tuple."""
     grid, offsets, tiles = walk[0], walk[1:walk[0] + 2], walk[walk[0] + 2:]
@@ -392,15 +397,14 @@ def _walk_loads(walk, num_m, work):
 def test_causal_walk_balances_where_the_static_walk_did_not(rows, seqlen, block_m, block_n, static):
     """dispatch.causal_walk covers every tile of the grid once, in per-CTA lists laid out as the kernel reads
     them, and balances the grids (16k tokens, 132 SMs) that the kernel's static walk (odd rounds reversed,
-    simulated here: `static` of ideal) left idle, and d128's 1k rows, to within 3% of ideal. Scored with a tile's measured time, its
-    key blocks plus 1.5 blocks of fixed cost (H100, the forty-seventh session: the value that reproduces the
-    walk A/Bs at 1k-4k, docs/perf-log.md): at 1k rows of 128 (tiles of 1-8 blocks) lists made with a cost
-    of 1 score 0.908 and fail."""
+    simulated here: `static` of ideal) left idle, and d128's 1k rows, to within 3% of ideal. Scored with a
+    tile's measured time, its key blocks plus MEASURED_TILE_COST: at 1k rows of 128 (tiles of 1-8 blocks) lists
+    made with a cost of 1 score 0.908 and fail."""
     from flashjit.dispatch import causal_walk
 
     walk = causal_walk(rows, seqlen, seqlen, block_m, block_n, 132)
     num_m = -(-seqlen // block_m)
-    work = lambda block: (min((num_m - block) * block_m, seqlen) - 1) // block_n + 1 + 1.5  # noqa: E731
+    work = lambda block: (min((num_m - block) * block_m, seqlen) - 1) // block_n + 1 + MEASURED_TILE_COST  # noqa: E731
     loads, tiles = _walk_loads(walk, num_m, work)
     assert walk[0] == 132 and sorted(tiles) == list(range(rows * num_m))
     ideal = sum(loads) / 132

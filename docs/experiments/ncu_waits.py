@@ -52,11 +52,7 @@ def waits(folder: Path) -> None:
         spent = samples[i] + (samples[i + 1] if loop else 0) + sum(samples[k] for k in loop)
         retries = next((executed[k] for k in loop if "SYNCS" in text[k]), 0)
         print(f"   {address[i]:#x}: exec {executed[i]:8d}  samples {spent:5d} ({100 * spent / total:4.1f}%)  "
-              f"retries {retries:8d}  {t_short(text[i])}")
-
-
-def t_short(text: str) -> str:
-    return " ".join(text.split())[:70]
+              f"retries {retries:8d}  {' '.join(text[i].split())[:70]}")
 
 
 for arg in sys.argv[1:]:
