@@ -67,6 +67,7 @@
 #include <algorithm>
 #include <type_traits>
 #include "fwd_sm80.cuh"
+#include "common/fast_div.cuh"
 #include "common/grid_order.cuh"
 #include "common/wgmma.cuh"
 #include "common/sm90/mbarrier.cuh"
@@ -206,10 +207,13 @@ struct Config {
   static_assert(kCtasPerSm * (kSmemBytes + 1024) <= 228 * 1024, "kCtasPerSm CTAs' shared memory exceeds an SM's");
 };
 
-// The kernel's parameters: the plain ones and a TMA map per tensor (encoded by launch()).
+// The kernel's parameters: the plain ones, a TMA map per tensor and the divisors of a tile's decode (its
+// query blocks a (batch, head) row, the heads, the query heads a KV head: common/fast_div.cuh), all made by
+// launch().
 struct Args {
   FwdParams p;
   CUtensorMap q, k, v, o;
+  FastDiv by_m, by_heads, by_group;
 };
 
 #ifdef __CUDACC__  // device code (the launcher's host-only build skips it: common/launch.cuh)
@@ -484,20 +488,23 @@ struct Tile {
   // query block) first with causal; one CTA a causal tile takes common/grid_order.cuh's order, whose
   // tail runs block-outermost. The persistent walk keeps plain rows (a causal walk's lists number its
   // tiles so too: dispatch.causal_walk).
-  __device__ __forceinline__ static GridPos position(const FwdParams& p, int tile, int num_m) {
-    if (C::kCausal && !C::kPersistent) return longest_first(tile, p.batch * p.heads, num_m);
-    return {tile / num_m, tile % num_m};
+  __device__ __forceinline__ static GridPos position(const Args& a, int tile) {
+    if (C::kCausal && !C::kPersistent) return longest_first(tile, a.p.batch * a.p.heads, int(a.by_m.divisor));
+    const int row = a.by_m.div(tile);
+    return {row, a.by_m.mod(tile, row)};
   }
 
-  __device__ __forceinline__ Tile(const FwdParams& p, int tile, int num_m) : Tile(p, position(p, tile, num_m), num_m) {}
+  __device__ __forceinline__ Tile(const Args& a, int tile) : Tile(a, position(a, tile)) {}
 
-  __device__ __forceinline__ Tile(const FwdParams& p, GridPos at, int num_m)
-      : Tile(p, at, num_m, Seq(p, at.row / p.heads)) {}
+  __device__ __forceinline__ Tile(const Args& a, GridPos at) : Tile(a, at, a.by_heads.div(at.row)) {}
 
-  __device__ __forceinline__ Tile(const FwdParams& p, GridPos at, int num_m, const Seq& seq)
-      : bh(at.row), b(bh / p.heads), h(bh % p.heads), h_k(h / (p.heads / p.heads_k)),
-        mod(p.mods, seq.len_q, seq.len_k, p.softmax_scale, bh / p.heads, bh % p.heads) {
-    const int m_block = C::kCausal ? num_m - 1 - at.block : at.block;
+  __device__ __forceinline__ Tile(const Args& a, GridPos at, int batch) : Tile(a, at, batch, Seq(a.p, batch)) {}
+
+  __device__ __forceinline__ Tile(const Args& a, GridPos at, int batch, const Seq& seq)
+      : bh(at.row), b(batch), h(a.by_heads.mod(at.row, batch)), h_k(a.by_group.div(h)),
+        mod(a.p.mods, seq.len_q, seq.len_k, a.p.softmax_scale, b, h) {
+    const FwdParams& p = a.p;
+    const int m_block = C::kCausal ? int(a.by_m.divisor) - 1 - at.block : at.block;
     q_row0 = m_block * C::kBlockM;
     q_rows = min(C::kBlockM, seq.len_q - q_row0);  // <= 0: past a varlen sequence's end
     q_first = seq.q_start + q_row0, k_first = seq.k_start, tma_b = is_varlen(p) ? 0 : b;
@@ -647,7 +654,7 @@ __device__ __forceinline__ void epilogue(const Args& args, const Smem<C>& sm, co
 // block by block into the rings, which run on across tiles so the next tile's first blocks load under
 // the current tile's last ones. K_{j_begin} goes first: it does not wait for a Q stage.
 template <class C>
-__device__ __forceinline__ void produce(const Args& args, const Smem<C>& sm, int num_m, int num_tiles) {
+__device__ __forceinline__ void produce(const Args& args, const Smem<C>& sm, int num_tiles) {
   const FwdParams& p = args.p;
   tma_prefetch_map(&args.q);
   tma_prefetch_map(&args.k);
@@ -655,7 +662,7 @@ __device__ __forceinline__ void produce(const Args& args, const Smem<C>& sm, int
   RingState<C::kStages> st;
   RingState<C::kQStages> qs;
   for (int round = 0, tile = tile_of<C>(p, 0, num_tiles); tile < num_tiles; tile = tile_of<C>(p, ++round, num_tiles)) {
-    const Tile<C> T(p, tile, num_m);
+    const Tile<C> T(args, tile);
     if (T.skipped()) continue;
     // Persistent: this tile's Q waits for a Q stage (the previous tile's last QK^T), and Q is read
     // once, from DRAM; its L2 prefetch now, about `stages` key blocks before the stage frees, turns
@@ -726,12 +733,12 @@ __device__ __forceinline__ void make_block_masks(const Dropout& drop, uint32_t* 
 // block's K stage is free (Config::kMaskBytes says why the slot is then no longer read); the K stage's
 // full barrier counts their arrivals with the TMA copy's, so a consumer past its wait finds them made.
 template <class C>
-__device__ __forceinline__ void produce_masks(const Args& args, const Smem<C>& sm, int num_m, int num_tiles, int mw,
+__device__ __forceinline__ void produce_masks(const Args& args, const Smem<C>& sm, int num_tiles, int mw,
                                               int lane) {
   const FwdParams& p = args.p;
   RingState<C::kStages> st;
   for (int round = 0, tile = tile_of<C>(p, 0, num_tiles); tile < num_tiles; tile = tile_of<C>(p, ++round, num_tiles)) {
-    const Tile<C> T(p, tile, num_m);
+    const Tile<C> T(args, tile);
     if (T.skipped()) continue;
     const Dropout drop(p.mods, T.bh);
     for (int j = T.j_begin; j < T.j_end; ++j, st.advance()) {
@@ -773,12 +780,12 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
       // their Philox keys live in uniform registers: in vector ones they spilled, even at 40 registers)
       const int warp = __shfl_sync(0xffffffffu, tid / 32, 0);
       if (warp == 0) {
-        if (tid == 0) produce<C>(args, sm, num_m, num_tiles);
+        if (tid == 0) produce<C>(args, sm, num_tiles);
       } else {
-        produce_masks<C>(args, sm, num_m, num_tiles, warp, tid % 32);
+        produce_masks<C>(args, sm, num_tiles, warp, tid % 32);
       }
     } else if (tid == 0) {
-      produce<C>(args, sm, num_m, num_tiles);
+      produce<C>(args, sm, num_tiles);
     }
     return;
   }
@@ -846,7 +853,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
   // Whether the P in pf is a half block's (its second half zero): finish() runs its PV over the first half's keys.
   bool pv_half = false;
   auto finish = [&] {
-    const Tile<C> Tp(p, pending, num_m);
+    const Tile<C> Tp(args, pending);
     sm.v_ring->wait(prev);
     // (the only block that can end past the sequence's keys is the last; all warpgroups reach this
     // before taking the token, so the barrier in it cannot wait on a hand-over)
@@ -862,7 +869,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
     pending = -1;
   };
   for (int round = 0, tile = tile_of<C>(p, 0, num_tiles); tile < num_tiles; tile = tile_of<C>(p, ++round, num_tiles)) {
-    const Tile<C> T(p, tile, num_m);
+    const Tile<C> T(args, tile);
     if (T.skipped()) continue;
     const int row0 = T.q_row0 + row_cta;  // this warp's first row, globally
     sm.q_ring->wait(qs);
@@ -905,7 +912,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
         sm.k_ring->wait(st);
         if constexpr (kChained) {
           sm.v_ring->wait(prev);
-          const Tile<C> Tp(p, pending, num_m);
+          const Tile<C> Tp(args, pending);
           zero_v_past_keys<C>(p, sm.v_stage(prev.stage), Tp.mod, Tp.j_end - 1, g * 128 + t);
         }
         take_token();
@@ -934,7 +941,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
         else
           scores_to_p<C>(s, pf, early, sm.pair_slot(st, pair), pair, p, T.bh, row0, T.j_begin, lane);
         pv_half = false;
-        if constexpr (kChained) epilogue<C>(args, sm, Tile<C>(p, pending, num_m), q_pending, o, m, l, scale, g, t);
+        if constexpr (kChained) epilogue<C>(args, sm, Tile<C>(args, pending), q_pending, o, m, l, scale, g, t);
         zero(o);
         m[0][0] = m1[0][0], m[0][1] = m1[0][1], l[0][0] = l1[0][0], l[0][1] = l1[0][1];
       };
@@ -1031,8 +1038,12 @@ cudaError_t launch(const FwdParams& p, cudaStream_t stream) {
   if (p.batch == 0 || p.heads == 0 || p.seqlen_q == 0) return cudaSuccess;
   const int64_t blocks = int64_t((p.seqlen_q + C::kBlockM - 1) / C::kBlockM) * p.heads * p.batch;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  if (p.heads_k <= 0 || p.heads % p.heads_k != 0) return cudaErrorInvalidValue;  // (the Python side checks it)
   Args args;
   args.p = p;
+  args.by_m = FastDiv::of(unsigned((p.seqlen_q + C::kBlockM - 1) / C::kBlockM));
+  args.by_heads = FastDiv::of(unsigned(p.heads));
+  args.by_group = FastDiv::of(unsigned(p.heads / p.heads_k));
   // The maps' rows: a dense call's [B, S, H, D] per batch entry; a varlen batch's [total, H, D] as one
   // entry (its TensorRefs have batch stride 0), each tile addressing its sequence's rows in it.
   // (rows per batch entry: common/varlen.cuh's planes of query and key rows)
