@@ -117,9 +117,17 @@ struct Config {
   using TileQ = GmmaTile<kBlockM, kD>;
   using TileKV = GmmaTile<kBlockN, kD>;  // a K stage
   using TileV = GmmaTile<kBlockN, kDV>;  // a V stage
+  // Cross-tile, a tile's O goes out through its Q stage: the consumers stage it and a store warp (the
+  // producer warpgroup's warp 1, idle otherwise) stores it by TMA, waits until the copy has read the stage and
+  // releases it, so that none of it sits between a warpgroup's tile start and its next products (clock64
+  // stamps: ~800 cycles a warpgroup at d128's tile transitions, docs/perf-log.md, forty-eighth session). Not
+  // with mask warps (warps 1-3 make dropout's masks): there warpgroup thread 0 stores, as one CTA a tile does.
+  static constexpr bool kStoreWarp = kCrossTile_ && !kMaskWarps_;
   // 1 KiB of slack (the swizzle needs 1024-byte aligned tiles), the Q and K/V rings, kMmaSums' ones (a
-  // swizzle atom, so the sums read it with K's descriptor), the barriers.
-  static constexpr int kBarrierBytes = 8 * (2 * kQStages + 4 * kStages), kOnesBytes = kMmaSums_ ? 1024 : 0;
+  // swizzle atom, so the sums read it with K's descriptor), the barriers (the store warp's o_ready: a Q
+  // stage and consumer warpgroup each).
+  static constexpr int kBarrierBytes = 8 * (2 * kQStages + 4 * kStages + (kStoreWarp ? kQStages * kConsumers : 0));
+  static constexpr int kOnesBytes = kMmaSums_ ? 1024 : 0;
   // Dropout's masks with kMaskWarps_, made by the producer warpgroup's mask warps (make_block_masks) a key
   // block at a time: per block and consumer thread a bit an entry of its two rows, 8 a 16-key chunk, in
   // kMaskWords words.
@@ -561,6 +569,7 @@ struct Smem {
   uint2* pairs;     // dropout's swapped halves: [buffer][warp pair][chunk][lane] (Config::kPairSwap)
   sm90::Ring<C::kQStages>* q_ring;
   sm90::Ring<C::kStages>*k_ring, *v_ring;
+  uint64_t* o_ready_;
 
   __device__ __forceinline__ explicit Smem(unsigned char* base) {
     q = reinterpret_cast<elem_t*>(base);
@@ -572,7 +581,11 @@ struct Smem {
     q_ring = reinterpret_cast<sm90::Ring<C::kQStages>*>(pairs + (C::kPairSwap ? C::kPairBytes / 8 : 0));
     k_ring = reinterpret_cast<sm90::Ring<C::kStages>*>(q_ring + 1);
     v_ring = k_ring + 1;
+    o_ready_ = reinterpret_cast<uint64_t*>(v_ring + 1);
   }
+  // The store warp's barrier of Q stage s and consumer warpgroup g (Config::kStoreWarp): the warpgroup's 128
+  // threads arrive once O's rows are staged there (or stored straight).
+  __device__ __forceinline__ uint64_t* o_ready(int s, int g) const { return o_ready_ + s * C::kConsumers + g; }
   __device__ __forceinline__ elem_t* q_stage(int s) const { return q + s * C::TileQ::kBytes / 2; }
   __device__ __forceinline__ elem_t* k_stage(int s) const { return k + s * C::TileKV::kBytes / 2; }
   __device__ __forceinline__ elem_t* v_stage(int s) const { return v + s * C::TileV::kBytes / 2; }
@@ -589,6 +602,12 @@ struct Smem {
   }
 };
 
+// A row's normaliser, 1 / its sum (0 where the row saw nothing).
+__device__ __forceinline__ float rcp_of_sum(float sum) { return sum > 0.f ? 1.f / sum : 0.f; }
+// The same from this thread's share of the sum: the epilogue's, or made early (kEarlyRcp) by the same
+// operations, so both give the same bits.
+__device__ __forceinline__ float row_rcp(float share) { return rcp_of_sum(fwd::quad_sum(share)); }
+
 // Normalise O and write it with lse. One CTA per tile, or cross-tile: O goes through this warpgroup's
 // rows of the tile's Q stage (qs) and out with a TMA store (clipped to Sq and d_head by the map);
 // cross-tile, the stage is released only once that store has read it (its next Q is two tiles on).
@@ -596,10 +615,17 @@ struct Smem {
 // stores its pairs straight from registers (a quad writes 16 contiguous bytes of a row: twice the L2
 // sectors of the TMA store, measured at S = 1k). So does a varlen tile that ends past its sequence:
 // the packed rows after it are the next sequence's, which no map can clip.
-template <class C>
+// With a store warp (Config::kStoreWarp) the warpgroup's threads only stage O (or store it straight) and arrive
+// on the stage's o_ready barrier: the store warp stores and releases the stage (store_tiles).
+// kEarlyRcp: the rows' normalisers come made (rcp, row_rcp's; not with sinks or kMmaSums, whose sums are
+// final only here, nor dropout, whose kernels keep the division below).
+template <class C, bool kEarlyRcp = false>
 __device__ __forceinline__ void epilogue(const Args& args, const Smem<C>& sm, const Tile<C>& T,
                                          RingState<C::kQStages> qs, float (&o)[1][C::kNtO][4],
-                                         const float (&m)[1][2], const float (&l)[1][2], float scale, int g, int t) {
+                                         const float (&m)[1][2], const float (&l)[1][2], float scale, int g, int t,
+                                         const float (&rcp)[2] = {}) {
+  static_assert(!kEarlyRcp || !(C::kSink || C::kMmaSums || C::kDropout),
+                "early normalisers: not with sinks, mma_sums or dropout");
   const FwdParams& p = args.p;
   const Seq seq(p, T.b);  // read again here rather than held in registers through the key loop
   const int lane = t & 31, row_cta = g * 64 + (t / 32) * 16;
@@ -607,13 +633,22 @@ __device__ __forceinline__ void epilogue(const Args& args, const Smem<C>& sm, co
   elem_t* const q_tile = sm.q_stage(qs.stage);
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    float sum = l[0][half];  // this thread's columns' share, or (kMmaSums) the tensor cores' whole row
-    if (C::kMmaSums) sum = o[0][C::kDV / 8][2 * half];
-    else sum = fwd::quad_sum(sum);
     float m_nat = m[0][half] * scale;  // natural-log units (m: raw-score units)
-    const float corr = C::kSink ? fold_sink(p.mods.sink[T.h], m_nat, sum) : 1.f;
+    // r: 1 / the row's sum (0 for a row that saw nothing); lse = m_nat - log(r). With dropout the division of
+    // kernels before the early normalisers instead (the same bits in every dropout kernel, which never makes
+    // them early): as r, d96's causal cross-tile dropout kernel serialized its wgmmas (C7511).
+    float corr = 1.f, r, sum = 0.f;
+    if constexpr (kEarlyRcp) {
+      r = rcp[half];
+    } else if constexpr (C::kMmaSums || C::kSink || C::kDropout) {
+      sum = C::kMmaSums ? o[0][C::kDV / 8][2 * half] : fwd::quad_sum(l[0][half]);  // (kMmaSums: the whole row)
+      if (C::kSink) corr = fold_sink(p.mods.sink[T.h], m_nat, sum);
+      r = rcp_of_sum(sum);
+    } else {
+      r = row_rcp(l[0][half]);
+    }
     // Dropped entries still count in the softmax denominator; kept ones are scaled by 1 / (1 - p).
-    const float inv = sum > 0.f ? (C::kDropout ? p.mods.dropout_scale : 1.f) * corr / sum : 0.f;
+    const float inv = !C::kDropout ? corr * r : sum > 0.f ? p.mods.dropout_scale * corr / sum : 0.f;
     const int row = row_cta + (lane >> 2) + half * 8, q_row = T.q_row0 + row;
     if (direct) {
       elem_t* dst = p.o.at<elem_t>(T.b, T.h, seq.q_start + q_row);
@@ -630,7 +665,14 @@ __device__ __forceinline__ void epilogue(const Args& args, const Smem<C>& sm, co
             pack2<C::kBf16>(o[0][nt][2 * half] * inv, o[0][nt][2 * half + 1] * inv);
     }
     if (p.lse != nullptr && (lane & 3) == 0 && q_row < seq.len_q)
-      p.lse[seq.stat_row(T.h, q_row)] = sum > 0.f ? m_nat + logf(sum) : INFINITY;
+      p.lse[seq.stat_row(T.h, q_row)] = C::kDropout ? (sum > 0.f ? m_nat + logf(sum) : INFINITY)
+                                        : r > 0.f                 ? m_nat - logf(r)
+                                                                  : INFINITY;
+  }
+  if constexpr (C::kStoreWarp) {
+    fence_proxy_async();  // the stores above, visible to the TMA unit (and the store warp's copy)
+    mbarrier_arrive(sm.o_ready(qs.stage, g));
+    return;
   }
   if (!direct) {
     fence_proxy_async();  // the stores above, visible to the TMA unit
@@ -653,16 +695,35 @@ __device__ __forceinline__ void epilogue(const Args& args, const Smem<C>& sm, co
 // The producer thread: per tile, Q once (into the Q stage a tile kQStages earlier released) and K/V
 // block by block into the rings, which run on across tiles so the next tile's first blocks load under
 // the current tile's last ones. K_{j_begin} goes first: it does not wait for a Q stage.
+// Cross-tile (kLateV below), a tile's last V is issued only once the next tile is decoded: a chained tile
+// start needs it with the next tile's first K, and its stage frees only after the tile's last PV but one,
+// which the producer used to wait for with the decode still ahead of that K (clock64 stamps: the first K
+// issued ~1100 cycles after the last V at d128, docs/perf-log.md, forty-eighth session).
 template <class C>
 __device__ __forceinline__ void produce(const Args& args, const Smem<C>& sm, int num_tiles) {
   const FwdParams& p = args.p;
   tma_prefetch_map(&args.q);
   tma_prefetch_map(&args.k);
   tma_prefetch_map(&args.v);
-  RingState<C::kStages> st;
+  RingState<C::kStages> st, v_st;
   RingState<C::kQStages> qs;
+  // A tile of `width` columns: one TMA box per 64-column block.
+  auto load = [&](const CUtensorMap* map, elem_t* dst, uint64_t* bar, int row0, int rows_block_bytes, int head,
+                  int width, int b) {
+#pragma unroll
+    for (int c = 0; c < width / 64; ++c) tma_load_4d(dst + c * rows_block_bytes / 2, map, bar, c * 64, row0, head, b);
+  };
+  auto load_v = [&](RingState<C::kStages> at, int row0, int head, int b) {
+    load(&args.v, sm.v_stage(at.stage), sm.v_ring->acquire(at, C::TileV::kBytes), row0, C::TileV::kBlockBytes, head,
+         C::kDV, b);
+  };
+  // kLateV: the last tile's last V, not issued yet where v_row >= 0, into stage v_st. Not with a causal mask:
+  // beside the causal walk's loads the producer's 24 registers spilled (12-20 bytes, d96 / d128 _xt_hb).
+  constexpr bool kLateV = C::kCrossTile && !C::kCausal;
+  int v_row = -1, v_head = 0, v_b = 0;
   for (int round = 0, tile = tile_of<C>(p, 0, num_tiles); tile < num_tiles; tile = tile_of<C>(p, ++round, num_tiles)) {
     const Tile<C> T(args, tile);
+    if (kLateV && v_row >= 0) load_v(v_st, v_row, v_head, v_b), v_row = -1;
     if (T.skipped()) continue;
     // Persistent: this tile's Q waits for a Q stage (the previous tile's last QK^T), and Q is read
     // once, from DRAM; its L2 prefetch now, about `stages` key blocks before the stage frees, turns
@@ -670,25 +731,49 @@ __device__ __forceinline__ void produce(const Args& args, const Smem<C>& sm, int
     if (C::kPersistent && !T.empty())
 #pragma unroll
       for (int c = 0; c < C::kD / 64; ++c) tma_prefetch_l2_4d(&args.q, c * 64, T.q_first, T.h, T.tma_b);
-    // A tile of `width` columns: one TMA box per 64-column block.
-    auto load = [&](const CUtensorMap* map, elem_t* dst, uint64_t* bar, int row0, int rows_block_bytes, int head,
-                    int width) {
-#pragma unroll
-      for (int c = 0; c < width / 64; ++c) tma_load_4d(dst + c * rows_block_bytes / 2, map, bar, c * 64, row0, head, T.tma_b);
-    };
     for (int j = T.j_begin; j < T.j_end; ++j, st.advance()) {
       load(&args.k, sm.k_stage(st.stage), sm.k_ring->acquire(st, C::TileKV::kBytes), T.k_first + j * C::kBlockN,
-           C::TileKV::kBlockBytes, T.h_k, C::kD);
+           C::TileKV::kBlockBytes, T.h_k, C::kD, T.tma_b);
       if (j == T.j_begin)
         load(&args.q, sm.q_stage(qs.stage), sm.q_ring->acquire(qs, C::TileQ::kBytes), T.q_first, C::TileQ::kBlockBytes,
-             T.h, C::kD);
-      load(&args.v, sm.v_stage(st.stage), sm.v_ring->acquire(st, C::TileV::kBytes), T.k_first + j * C::kBlockN,
-           C::TileV::kBlockBytes, T.h_k, C::kDV);
+             T.h, C::kD, T.tma_b);
+      if (kLateV && j == T.j_end - 1) v_row = T.k_first + j * C::kBlockN, v_head = T.h_k, v_b = T.tma_b, v_st = st;
+      else load_v(st, T.k_first + j * C::kBlockN, T.h_k, T.tma_b);
     }
     if (T.empty()) {  // nothing to load: the Q stage still turns, so both sides keep counting tiles
       sm.q_ring->wait_free(qs);
       sm.q_ring->filled(qs);
     }
+    qs.advance();
+  }
+  if (kLateV && v_row >= 0) load_v(v_st, v_row, v_head, v_b);
+}
+
+// The store warp's thread (Config::kStoreWarp): per tile of the walk, once each consumer warpgroup has staged
+// its rows of O in the tile's Q stage, their TMA store; then, once the copies have read the stage, its release
+// to the producer (a later tile's Q). A varlen tile ending past its sequence was stored by the consumers
+// straight from registers (epilogue): only the release.
+template <class C>
+__device__ __forceinline__ void store_tiles(const Args& args, const Smem<C>& sm, int num_tiles) {
+  const FwdParams& p = args.p;
+  tma_prefetch_map(&args.o);
+  RingState<C::kQStages> qs;
+  for (int round = 0, tile = tile_of<C>(p, 0, num_tiles); tile < num_tiles; tile = tile_of<C>(p, ++round, num_tiles)) {
+    const Tile<C> T(args, tile);
+    if (T.skipped()) continue;
+    const bool direct = is_varlen(p) && T.q_rows < C::kBlockM;
+    elem_t* const q_tile = sm.q_stage(qs.stage);
+    for (int g = 0; g < C::kConsumers; ++g) {
+      mbarrier_wait(sm.o_ready(qs.stage, g), qs.phase);
+      if (!direct)
+#pragma unroll
+        for (int c = 0; c < C::kDV / 64; ++c)
+          tma_store_4d(&args.o, q_tile + c * C::TileQ::kBlockBytes / 2 + g * 64 * 64, c * 64, T.q_first + g * 64, T.h,
+                       T.tma_b);
+    }
+    tma_store_commit();
+    tma_store_wait_read();
+    sm.q_ring->release(qs);
     qs.advance();
   }
 }
@@ -765,8 +850,11 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
     fence_proxy_async();  // visible to the tensor cores (the async proxy) after the barrier below
   }
   if (tid == 0) {
-    // Cross-tile, a Q stage holds O until its TMA store: thread 0 of each warpgroup releases it.
-    sm.q_ring->init(C::kCrossTile ? C::kConsumers : C::kConsumers * 128);
+    // Cross-tile, a Q stage holds O until its TMA store: the store warp, or thread 0 of each warpgroup, releases it.
+    sm.q_ring->init(C::kStoreWarp ? 1 : C::kCrossTile ? C::kConsumers : C::kConsumers * 128);
+    if constexpr (C::kStoreWarp)
+      for (int i = 0; i < C::kQStages * C::kConsumers; ++i)
+        mbarrier_init(sm.o_ready(i / C::kConsumers, i % C::kConsumers), 128);
     sm.k_ring->init(C::kConsumers * 128, 1 + 32 * C::kMaskWarps);  // and the mask warps, if any
     sm.v_ring->init(C::kConsumers * 128);
     mbarrier_init_fence();
@@ -775,17 +863,16 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
 
   if (wg == 0) {  // ---- producer -----------------------------------------------------------------
     warpgroup_release_registers<C::kProducerRegs>();
-    if constexpr (C::kMaskWarps) {
-      // (the warp made warp-uniform to the compiler, and the mask warps' branch taken on it alone, so that
-      // their Philox keys live in uniform registers: in vector ones they spilled, even at 40 registers)
-      const int warp = __shfl_sync(0xffffffffu, tid / 32, 0);
-      if (warp == 0) {
-        if (tid == 0) produce<C>(args, sm, num_tiles);
-      } else {
-        produce_masks<C>(args, sm, num_tiles, warp, tid % 32);
-      }
-    } else if (tid == 0) {
-      produce<C>(args, sm, num_tiles);
+    // (the warp made warp-uniform to the compiler, and the other warps' branch taken on it alone, so that the
+    // mask warps' Philox keys live in uniform registers (in vector ones they spilled, even at 40 registers),
+    // and the producer's loop keeps its 24 registers beside the store warp's (branching on tid, it spilled)
+    const int warp = __shfl_sync(0xffffffffu, tid / 32, 0);
+    if (warp == 0) {
+      if (tid == 0) produce<C>(args, sm, num_tiles);
+    } else if constexpr (C::kMaskWarps) {
+      produce_masks<C>(args, sm, num_tiles, warp, tid % 32);
+    } else if (C::kStoreWarp && warp == 1) {
+      if (tid == 32) store_tiles<C>(args, sm, num_tiles);
     }
     return;
   }
@@ -850,6 +937,12 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
   // spilled holding it).
   int pending = -1;
   RingState<C::kQStages> q_pending;
+  // A chained tile start's epilogue: the pending tile's statistics are final once its last softmax is done,
+  // so its rows' normalisers are made at the start, before the waits, not in the epilogue where the other
+  // warpgroup's exponentials keep the reciprocal unit busy (clock64 stamps, docs/perf-log.md, forty-eighth
+  // session). Not with half blocks: the two values held through the first block's softmax serialized the
+  // wgmmas (C7511) of d96's causal cross-tile kernel.
+  constexpr bool kEarlyRcp = !C::kSink && !C::kMmaSums && !C::kDropout && !C::kHalfBlocks;
   // Whether the P in pf is a half block's (its second half zero): finish() runs its PV over the first half's keys.
   bool pv_half = false;
   auto finish = [&] {
@@ -909,6 +1002,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
       // epilogue follows; compiled per (chained, masked), so no branch sits between the two waits.
       auto first = [&](auto chained, auto masked) {
         constexpr bool kChained = decltype(chained)::value;
+        [[maybe_unused]] float rcp[2];
+        if constexpr (kChained && kEarlyRcp) rcp[0] = row_rcp(l[0][0]), rcp[1] = row_rcp(l[0][1]);
         sm.k_ring->wait(st);
         if constexpr (kChained) {
           sm.v_ring->wait(prev);
@@ -941,7 +1036,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
         else
           scores_to_p<C>(s, pf, early, sm.pair_slot(st, pair), pair, p, T.bh, row0, T.j_begin, lane);
         pv_half = false;
-        if constexpr (kChained) epilogue<C>(args, sm, Tile<C>(args, pending), q_pending, o, m, l, scale, g, t);
+        if constexpr (kChained)
+          epilogue<C, kEarlyRcp>(args, sm, Tile<C>(args, pending), q_pending, o, m, l, scale, g, t, rcp);
         zero(o);
         m[0][0] = m1[0][0], m[0][1] = m1[0][1], l[0][0] = l1[0][0], l[0][1] = l1[0][1];
       };
