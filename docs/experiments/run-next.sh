@@ -158,6 +158,15 @@
 #   pvf       a chained tile start issues the last tile's pending PV before waiting for the new Q and first K
 #             (pv-first.patch: the PV runs while they land; the new block's softmax loses the PV under it); its
 #             GPU tests of the walks, then main against it at d64 / d128 (d96 causal serializes: C7511)
+#   notes [FILTER]  ptxas over the forward kernels the dispatcher can pick (16 jobs): C75xx notes and spills
+#   tt REVERT_PATCH  this tree against main before the tile transition's cuts (REVERT_PATCH restores it): the
+#             walks' GPU tests, then bf16 d64 / d96 / d128, causal or not, 1k-4k, two processes each
+#   tt3 CUT_PATCH REVERT_PATCH  as tt, with a third tree: this one with CUT_PATCH (one cut off)
+#   ttq CUT_PATCH REVERT_PATCH  tt3 at d128 only, causal or not, 1k and 4k, without its tests
+#   trace [SEQLENS] [D] [PATCH]  clock64 stamps of the non-causal default's schedule (tile_trace_instrument.py
+#             edits a copy of this tree, PATCH applied first if given; a timing probe: the stamps go to a buffer
+#             passed as the tile walk, which non-causal kernels ignore): the steady step's period, the tile's
+#             overhead over its blocks, and each event of a tile transition (tile_trace.py)
 #   walkc [COSTS] [tests]  the causal walk's model of a tile's fixed cost (dispatch.WALK_TILE_COST, main's 1.5): main
 #             against a copy of this tree with each cost of COSTS (numbers, default "1"), causal bf16 d64 / d96 /
 #             d128 at 1k / 2k / 4k and B=1 8k 32/8, two processes each; with `tests`, first the GPU and CPU tests of
@@ -169,7 +178,7 @@
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf|trace [SEQLENS] [D] [PATCH]|notes [FILTER]|tt REVERT_PATCH|tt3 CUT_PATCH REVERT_PATCH|ttq CUT_PATCH REVERT_PATCH}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -256,7 +265,7 @@ dropout_ab() {
 gpu_tests() {
   local v=$1 name=$2
   shift 2
-  with_variant "$v" timeout 520 python3 -m pytest -q -n 16 -p no:cacheprovider --maxfail 30 $FWD_TESTS "$@" 2>&1 |
+  with_variant "$v" timeout "${GPU_TESTS_TIMEOUT:-520}" python3 -m pytest -q -n 16 -p no:cacheprovider --maxfail 30 $FWD_TESTS "$@" 2>&1 |
     tail -30 | tee "$OUT/$name.txt"
 }
 # names_of BASE SUFFIX...: kernel names, BASE with each suffix ("-": none; a whole name, fwd_...: itself).
@@ -771,6 +780,36 @@ quant)  # heads (hidden = heads * d) d seqlens: the tiles' rounds on 132 SMs, fu
         sed "s/^/heads $h: /"
     done
   done | stamp | tee -a "$OUT/bench.txt"
+  ;;
+trace)  # clock64 stamps around the tile transitions of the non-causal default (tile_trace_instrument.py, tile_trace.py)
+  # in this tree, or with docs/experiments/$4 applied (e.g. a revert patch: main before a change)
+  variant trace ${4:+"$EXP/$4"} >/dev/null
+  (cd /tmp/variants/trace && python3 docs/experiments/tile_trace_instrument.py)
+  with_variant trace python3 docs/experiments/tile_trace.py --seqlens "${2:-1024,2048,4096}" --head-dim "${3:-128}" \
+    --out "$OUT/trace${4:+-${4%.patch}}.json" 2>&1 | tee "$OUT/trace${4:+-${4%.patch}}.txt"
+  ;;
+notes)  # ptxas over every forward kernel the dispatcher can pick (scripts/ptxas_notes.py): C75xx notes, spills
+  python3 scripts/ptxas_notes.py --jobs 16 --filter "${2:-fwd_sm90}" 2>&1 | tail -40 | tee "$OUT/notes.txt"
+  ;;
+tt)  # the tile transition's cuts (this tree) against main before them (docs/experiments/$2, a revert patch):
+  # the GPU tests of the walks, then bf16 d64 / d96 / d128 causal or not at 1k-4k, two processes each
+  q_variant_ab before "$2" 64,96,128
+  ;;
+ttq)  # a quick tt3: d128 causal or not at 1k / 4k and d96 non-causal 1k, no tests
+  variant cut "$EXP/$2" >/dev/null
+  variant before "$EXP/$3" >/dev/null
+  args="--dtypes bf16 --head-dims 128 --causal 0,1 --seqlens 1024,4096 --gqa '' --no-flex"
+  warm bench_forward.py "$args" "main cut before"
+  passes bench_forward.py "$args" "main cut before"
+  ;;
+tt3)  # this tree against two older ones: docs/experiments/$2 (a patch: a cut off) and $3 (a revert patch), the
+  # walks' GPU tests in this tree, then bf16 d64 / d96 / d128 causal or not at 1k-4k, two processes each
+  variant cut "$EXP/$2" >/dev/null
+  variant before "$EXP/$3" >/dev/null
+  gpu_tests main walks -k "walk_many_tiles or cross_tile_equals or causal_walk"
+  args="--dtypes bf16 --head-dims 64,96,128 --causal 0,1 --seqlens 1024,2048,4096 --gqa '' --no-flex"
+  warm bench_forward.py "$args" "main cut before"
+  passes bench_forward.py "$args" "main cut before"
   ;;
 pvf)  # the pending PV before the new tile's Q and K (pv-first.patch) against main
   q_variant_ab pvf pv-first.patch 64,128
