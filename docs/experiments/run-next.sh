@@ -189,7 +189,7 @@ fi
 export FLASHJIT_CACHE_DIR=/tmp/fj-cache PYTHONUNBUFFERED=1
 EXP=$ROOT/docs/experiments
 # The GPU tests that run the dispatcher's forward defaults (`tests`, and the same in an experiment's variant).
-FWD_TESTS="tests/test_forward_sm90.py tests/test_parity.py tests/test_flash_api.py tests/test_varlen.py tests/test_head_dim_v.py"
+FWD_TESTS=${FWD_TESTS:-"tests/test_forward_sm90.py tests/test_parity.py tests/test_flash_api.py tests/test_varlen.py tests/test_head_dim_v.py"}
 # The SM clock and power twice a second for the whole step, to $OUT/clocks.csv: fp16 ran 3-13% below bf16 at
 # the same points with kernels of the same instruction counts (the wide backward's step loops: 664-687 a
 # warp either way), which a power cap would explain (fp16's longer mantissa toggles more bits).
