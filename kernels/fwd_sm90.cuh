@@ -12,7 +12,8 @@
 //                          its registers to the consumers (setmaxnreg). With dropout and mask_warps
 //                          (persistent kernels; Config::kMaskWarps), its warps 1-3 make each key block's
 //                          mask bits (make_block_masks: a Philox call serves two consumer warps) a K
-//                          stage ahead, off the consumers' softmax.
+//                          stage ahead, off the consumers' softmax. Cross-tile without mask warps
+//                          (Config::kStoreWarp), its warp 1's thread stores each tile's O (store_tiles).
 //   warpgroups 1..kWG      consumers: 64 query rows each, O and the softmax statistics in registers.
 // Persistent, a CTA per SM (two with kTwoCtas) walks a tile per round (tile_of); the rings run on across
 // tiles.
@@ -20,15 +21,19 @@
 //   q.full[s]              producer (expect_tx: the Q tile)      / every consumer thread, once a tile
 //   q.empty[s]             every consumer thread, after its last  / the producer, before a later
 //                          QK^T of the tile retired (cross-tile:     tile's Q into stage s
+//                          the store warp, or with mask warps
 //                          thread 0 of each consumer warpgroup,
 //                          once O staged in the stage is stored)
+//   o_ready(s, g)          (store warp) consumer warpgroup g's    / the store warp, before storing
+//                          128 threads, once its rows of O are      those rows by TMA
+//                          staged in Q stage s (or stored)
 //   k.full[s], v.full[s]   producer (expect_tx: the K / V tile;   / every consumer thread
 //                          k.full: with mask warps also each
 //                          mask warp thread, its bits stored)
 //   k.empty[s], v.empty[s] every consumer thread, once its QK^T /  / the producer, before refilling
 //                          PV product has retired                    stage s (k: the mask warps too)
 //   Barrier::kEpilogue+g   consumer warpgroup g's 128 threads, before its thread 0 stores O by TMA
-//                          (cross-tile: or releases the Q stage)
+//                          (cross-tile with mask warps: or releases the Q stage)
 //   Barrier::kPingPong+g   (ping-pong) warpgroup g may issue its next matrix products (g - 1 arrives)
 //   Barrier::kMaskPair+k   dropout's swap (Config::kPairSwap): the two warps of warp pair k (consumer warps
 //                          2k, 2k + 1, one 32-row span), once each has left the other its half of its calls
@@ -560,8 +565,9 @@ __device__ __forceinline__ int tile_of(const FwdParams& p, int round, int num_ti
 
 // The shared memory: the Q ring (a stage a tile; released once every consumer thread has issued and
 // retired its last QK^T of the tile, so a persistent producer may load a later tile's Q; cross-tile,
-// by each consumer warpgroup's thread 0 once the TMA store of O staged in it has read it), the K and V
-// rings, kMmaSums' ones, the barriers.
+// once the TMA store of O staged in it has read it: by the store warp, or with mask warps by each
+// consumer warpgroup's thread 0), the K and V rings, kMmaSums' ones, the barriers (and the store warp's
+// o_ready).
 template <class C>
 struct Smem {
   elem_t *q, *k, *v, *ones;
@@ -696,9 +702,9 @@ __device__ __forceinline__ void epilogue(const Args& args, const Smem<C>& sm, co
 // block by block into the rings, which run on across tiles so the next tile's first blocks load under
 // the current tile's last ones. K_{j_begin} goes first: it does not wait for a Q stage.
 // Cross-tile (kLateV below), a tile's last V is issued only once the next tile is decoded: a chained tile
-// start needs it with the next tile's first K, and its stage frees only after the tile's last PV but one,
-// which the producer used to wait for with the decode still ahead of that K (clock64 stamps: the first K
-// issued ~1100 cycles after the last V at d128, docs/perf-log.md, forty-eighth session).
+// start needs it with the next tile's first K, and its stage frees only once the PV of the block kStages
+// before it has retired, which the producer used to wait for with the decode still ahead of that K (clock64
+// stamps: the first K issued ~1100 cycles after the last V at d128, docs/perf-log.md, forty-eighth session).
 template <class C>
 __device__ __forceinline__ void produce(const Args& args, const Smem<C>& sm, int num_tiles) {
   const FwdParams& p = args.p;
@@ -966,8 +972,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
     if (T.skipped()) continue;
     const int row0 = T.q_row0 + row_cta;  // this warp's first row, globally
     sm.q_ring->wait(qs);
-    // The Q stage is released once this thread's last QK^T of the tile has retired (cross-tile: by
-    // the epilogue, once O staged in it has been stored).
+    // The Q stage is released once this thread's last QK^T of the tile has retired (cross-tile: once O
+    // staged in it has been stored, by the store warp or the epilogue).
     auto q_done = [&](int j) {
       if (!C::kCrossTile && j == T.j_end - 1) sm.q_ring->release(qs);
     };

@@ -37,7 +37,8 @@ int main() {
   for (uint32_t d : divisors) {
     const FastDiv f = FastDiv::of(d);
     std::vector<uint32_t> ns = {0, 1, d - 1, d, d + 1, 2 * d - 1, 2 * d, 0x7fffffffu, 0x7ffffffeu};
-    for (uint32_t m = 3; m < 40; m += 7) if (uint64_t(m) * d < 0x80000000ull) ns.push_back(m * d), ns.push_back(m * d - 1);
+    for (uint32_t m = 3; m < 40; m += 7)
+      if (uint64_t(m) * d < 0x80000000ull) ns.push_back(m * d), ns.push_back(m * d - 1);
     for (int i = 0; i < 64; ++i) ns.push_back(num(rng));
     for (uint32_t n : ns) {
       if (n > 0x7fffffffu) continue;
