@@ -608,6 +608,16 @@ struct Smem {
   }
 };
 
+// Consumer warpgroup g's 64 rows of O, staged in its rows of the tile's Q stage (q_tile), out by TMA: a box a
+// 64-column block, clipped to Sq and d_head by the map. Issued only (the caller commits and waits).
+template <class C>
+__device__ __forceinline__ void store_o_rows(const Args& args, elem_t* q_tile, const Tile<C>& T, int g) {
+#pragma unroll
+  for (int c = 0; c < C::kDV / 64; ++c)
+    tma_store_4d(&args.o, q_tile + c * C::TileQ::kBlockBytes / 2 + g * 64 * 64, c * 64, T.q_first + g * 64, T.h,
+                 T.tma_b);
+}
+
 // A row's normaliser, 1 / its sum (0 where the row saw nothing).
 __device__ __forceinline__ float rcp_of_sum(float sum) { return sum > 0.f ? 1.f / sum : 0.f; }
 // The same from this thread's share of the sum: the epilogue's, or made early (kEarlyRcp) by the same
@@ -684,10 +694,7 @@ __device__ __forceinline__ void epilogue(const Args& args, const Smem<C>& sm, co
     fence_proxy_async();  // the stores above, visible to the TMA unit
     named_sync(int(Barrier::kEpilogue) + g, 128);
     if (t == 0) {
-#pragma unroll
-      for (int c = 0; c < C::kDV / 64; ++c)
-        tma_store_4d(&args.o, q_tile + c * C::TileQ::kBlockBytes / 2 + g * 64 * 64, c * 64, T.q_first + g * 64, T.h,
-                     T.tma_b);
+      store_o_rows<C>(args, q_tile, T, g);
       tma_store_commit();
       tma_store_wait_read();
     }
@@ -771,11 +778,7 @@ __device__ __forceinline__ void store_tiles(const Args& args, const Smem<C>& sm,
     elem_t* const q_tile = sm.q_stage(qs.stage);
     for (int g = 0; g < C::kConsumers; ++g) {
       mbarrier_wait(sm.o_ready(qs.stage, g), qs.phase);
-      if (!direct)
-#pragma unroll
-        for (int c = 0; c < C::kDV / 64; ++c)
-          tma_store_4d(&args.o, q_tile + c * C::TileQ::kBlockBytes / 2 + g * 64 * 64, c * 64, T.q_first + g * 64, T.h,
-                       T.tma_b);
+      if (!direct) store_o_rows<C>(args, q_tile, T, g);
     }
     tma_store_commit();
     tma_store_wait_read();

@@ -6,12 +6,9 @@ GPU tests see only at the shapes they run. Needs a host C++ compiler (CI has the
 a GPU."""
 from __future__ import annotations
 
-import shutil
-import subprocess
-
 import pytest
 
-from flashjit import codegen
+from host_cxx import run_program
 
 # Prints "<mismatches> <cases>"; the first mismatch, if any, on stderr.
 PROGRAM = r"""
@@ -57,16 +54,7 @@ int main() {
 
 @pytest.fixture(scope="module")
 def counts(tmp_path_factory) -> tuple[int, int, str]:
-    cxx = shutil.which("c++") or shutil.which("g++")
-    if cxx is None:
-        pytest.skip("no host C++ compiler (c++ or g++) on PATH to build kernels/common/fast_div.cuh for the CPU")
-    work = tmp_path_factory.mktemp("fast_div")
-    (work / "check.cpp").write_text(PROGRAM)
-    build = subprocess.run([cxx, "-O2", "-std=c++17", "-I", str(codegen.kernels_dir()), "check.cpp", "-o", "check"],
-                           cwd=work, capture_output=True, text=True)
-    assert build.returncode == 0, build.stderr
-    run = subprocess.run([str(work / "check")], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
+    run = run_program(tmp_path_factory, "fast_div", PROGRAM, "kernels/common/fast_div.cuh")
     bad, cases = map(int, run.stdout.split())
     return bad, cases, run.stderr
 
