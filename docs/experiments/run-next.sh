@@ -160,7 +160,7 @@
 #             GPU tests of the walks, then main against it at d64 / d128 (d96 causal serializes: C7511)
 #   notes [FILTER]  ptxas over the forward kernels the dispatcher can pick (16 jobs): C75xx notes and spills
 #   tt REVERT_PATCH  this tree against main before the tile transition's cuts (REVERT_PATCH restores it): the
-#             walks' GPU tests, then bf16 d64 / d96 / d128, causal or not, 1k-4k, two processes each
+#             walks' GPU tests in this tree, then bf16 d64 / d96 / d128, causal or not, 1k-4k, two processes each
 #   tt3 CUT_PATCH REVERT_PATCH  as tt, with a third tree: this one with CUT_PATCH (one cut off)
 #   ttq CUT_PATCH REVERT_PATCH  tt3 at d128 only, causal or not, 1k and 4k, without its tests
 #   trace [SEQLENS] [D] [PATCH]  clock64 stamps of the non-causal default's schedule (tile_trace_instrument.py
@@ -296,6 +296,18 @@ q_variant_ab() {
   local args="--dtypes bf16 --head-dims $3 --causal 0,1 --seqlens 1024,2048,4096 --gqa '' --no-flex"
   warm bench_forward.py "$args" "main $1"
   passes bench_forward.py "$args" "main $1"
+}
+
+# trees_ab "NAME=PATCH ..." HEAD_DIMS SEQLENS [tests]: this tree (main) against a copy of it per NAME with
+# docs/experiments/PATCH applied; with `tests`, first the walks' GPU tests in this tree (the one being landed:
+# q_variant_ab tests its variant instead), then bf16 HEAD_DIMS causal or not at SEQLENS, two processes each.
+trees_ab() {
+  local tree names=main
+  for tree in $1; do variant "${tree%%=*}" "$EXP/${tree#*=}" >/dev/null; names="$names ${tree%%=*}"; done
+  [ "${4:-}" = tests ] && gpu_tests main walks -k "walk_many_tiles or cross_tile_equals or causal_walk"
+  local args="--dtypes bf16 --head-dims $2 --causal 0,1 --seqlens $3 --gqa '' --no-flex"
+  warm bench_forward.py "$args" "$names"
+  passes bench_forward.py "$args" "$names"
 }
 
 # fa3_bench: the path of a FlashAttention-3 forward benchmark that starts here: the carried
@@ -791,25 +803,14 @@ trace)  # clock64 stamps around the tile transitions of the non-causal default (
 notes)  # ptxas over every forward kernel the dispatcher can pick (scripts/ptxas_notes.py): C75xx notes, spills
   python3 scripts/ptxas_notes.py --jobs 16 --filter "${2:-fwd_sm90}" 2>&1 | tail -40 | tee "$OUT/notes.txt"
   ;;
-tt)  # the tile transition's cuts (this tree) against main before them (docs/experiments/$2, a revert patch):
-  # the GPU tests of the walks, then bf16 d64 / d96 / d128 causal or not at 1k-4k, two processes each
-  q_variant_ab before "$2" 64,96,128
+tt)  # the tile transition's cuts (this tree) against main before them (docs/experiments/$2, a revert patch)
+  trees_ab "before=$2" 64,96,128 1024,2048,4096 tests
   ;;
-ttq)  # a quick tt3: d128 causal or not at 1k / 4k and d96 non-causal 1k, no tests
-  variant cut "$EXP/$2" >/dev/null
-  variant before "$EXP/$3" >/dev/null
-  args="--dtypes bf16 --head-dims 128 --causal 0,1 --seqlens 1024,4096 --gqa '' --no-flex"
-  warm bench_forward.py "$args" "main cut before"
-  passes bench_forward.py "$args" "main cut before"
+tt3)  # as tt, with a third tree: this one with docs/experiments/$2 (a patch turning one cut off)
+  trees_ab "cut=$2 before=$3" 64,96,128 1024,2048,4096 tests
   ;;
-tt3)  # this tree against two older ones: docs/experiments/$2 (a patch: a cut off) and $3 (a revert patch), the
-  # walks' GPU tests in this tree, then bf16 d64 / d96 / d128 causal or not at 1k-4k, two processes each
-  variant cut "$EXP/$2" >/dev/null
-  variant before "$EXP/$3" >/dev/null
-  gpu_tests main walks -k "walk_many_tiles or cross_tile_equals or causal_walk"
-  args="--dtypes bf16 --head-dims 64,96,128 --causal 0,1 --seqlens 1024,2048,4096 --gqa '' --no-flex"
-  warm bench_forward.py "$args" "main cut before"
-  passes bench_forward.py "$args" "main cut before"
+ttq)  # a quick tt3: d128 only, 1k and 4k, no tests
+  trees_ab "cut=$2 before=$3" 128 1024,4096
   ;;
 pvf)  # the pending PV before the new tile's Q and K (pv-first.patch) against main
   q_variant_ab pvf pv-first.patch 64,128

@@ -23,7 +23,7 @@ import sys
 import torch
 
 import flashjit
-from flashjit import interface
+from flashjit import dispatch, interface
 
 SLOTS = 64 * 64 * 16  # per CTA and role: (round < 64, j < 64) x 16 codes
 NAMES = {("c", 0): "tile start", ("c", 1): "Q landed", ("c", 2): "K0 landed", ("c", 3): "V(last) landed",
@@ -48,14 +48,17 @@ def quart(xs):
 
 
 def run_point(seqlen, batch, heads, d, dtype, calls):
+    """(the stamps [grid, role, round, j, code], the dispatcher's config, the traced kernel's ms a call)."""
     q, k, v = (torch.randn(batch, seqlen, heads, d, device="cuda", dtype=dtype) for _ in range(3))
     out = flashjit.forward(q, k, v)  # compiles; the plan
+    config = dispatch.default_config("bf16" if dtype == torch.bfloat16 else "fp16", d, False, seqlen,
+                                     arch=dispatch.WGMMA_ARCH)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    num_tiles = (seqlen + 127) // 128 * heads * batch
-    grid = min(num_tiles, sms)
+    # the launcher's grid (it drops a walk made for another): min(tiles, SMs x CTAs an SM)
+    grid = min(-(-seqlen // config.block_m) * heads * batch, sms * config.ctas_per_sm)
     buf = torch.zeros(grid * 4 * SLOTS, dtype=torch.int64, device="cuda")
     orig = interface._walk
-    interface._walk = lambda config, q_, k_, dev: (buf, grid)
+    interface._walk = lambda _config, _q, _k, _device: (buf, grid)
     interface._plans.clear()
     try:
         for _ in range(calls):
@@ -71,12 +74,12 @@ def run_point(seqlen, batch, heads, d, dtype, calls):
     end.record()
     torch.cuda.synchronize()
     ms = start.elapsed_time(end) / 20
-    return buf.view(grid, 4, 64, 64, 16).cpu(), grid, ms
+    return buf.view(grid, 4, 64, 64, 16).cpu(), config, ms
 
 
-def summarize(t, seqlen):
+def summarize(t, seqlen, block_n):
     grid = t.shape[0]
-    jn = (seqlen + 127) // 128
+    jn = -(-seqlen // block_n)
     per = {}  # label -> list of cycles relative to WG0's last issue of the tile before
     steady = {0: [], 1: []}
     steady_ev = {}
@@ -142,8 +145,9 @@ def main():
     a = ap.parse_args()
     results = {}
     for s in map(int, a.seqlens.split(",")):
-        t, grid, ms = run_point(s, a.tokens // s, a.heads, a.head_dim, torch.bfloat16, a.calls)
-        res = summarize(t, s)
+        t, config, ms = run_point(s, a.tokens // s, a.heads, a.head_dim, torch.bfloat16, a.calls)
+        res = summarize(t, s, config.block_n)
+        grid = t.shape[0]
         flops = 4 * (a.tokens // s) * a.heads * s * s * a.head_dim
         res.update(grid=grid, ms=ms, tflops=flops / ms / 1e9)
         results[s] = res
