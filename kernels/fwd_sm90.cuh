@@ -12,7 +12,8 @@
 //                          its registers to the consumers (setmaxnreg). With dropout and mask_warps
 //                          (persistent kernels; Config::kMaskWarps), its warps 1-3 make each key block's
 //                          mask bits (make_block_masks: a Philox call serves two consumer warps) a K
-//                          stage ahead, off the consumers' softmax.
+//                          stage ahead, off the consumers' softmax. Cross-tile without mask warps
+//                          (Config::kStoreWarp), its warp 1's thread stores each tile's O (store_tiles).
 //   warpgroups 1..kWG      consumers: 64 query rows each, O and the softmax statistics in registers.
 // Persistent, a CTA per SM (two with kTwoCtas) walks a tile per round (tile_of); the rings run on across
 // tiles.
@@ -20,15 +21,19 @@
 //   q.full[s]              producer (expect_tx: the Q tile)      / every consumer thread, once a tile
 //   q.empty[s]             every consumer thread, after its last  / the producer, before a later
 //                          QK^T of the tile retired (cross-tile:     tile's Q into stage s
+//                          the store warp, or with mask warps
 //                          thread 0 of each consumer warpgroup,
 //                          once O staged in the stage is stored)
+//   o_ready(s, g)          (store warp) consumer warpgroup g's    / the store warp, before storing
+//                          128 threads, once its rows of O are      those rows by TMA
+//                          staged in Q stage s (or stored)
 //   k.full[s], v.full[s]   producer (expect_tx: the K / V tile;   / every consumer thread
 //                          k.full: with mask warps also each
 //                          mask warp thread, its bits stored)
 //   k.empty[s], v.empty[s] every consumer thread, once its QK^T /  / the producer, before refilling
 //                          PV product has retired                    stage s (k: the mask warps too)
 //   Barrier::kEpilogue+g   consumer warpgroup g's 128 threads, before its thread 0 stores O by TMA
-//                          (cross-tile: or releases the Q stage)
+//                          (cross-tile with mask warps: or releases the Q stage)
 //   Barrier::kPingPong+g   (ping-pong) warpgroup g may issue its next matrix products (g - 1 arrives)
 //   Barrier::kMaskPair+k   dropout's swap (Config::kPairSwap): the two warps of warp pair k (consumer warps
 //                          2k, 2k + 1, one 32-row span), once each has left the other its half of its calls
@@ -67,6 +72,7 @@
 #include <algorithm>
 #include <type_traits>
 #include "fwd_sm80.cuh"
+#include "common/fast_div.cuh"
 #include "common/grid_order.cuh"
 #include "common/wgmma.cuh"
 #include "common/sm90/mbarrier.cuh"
@@ -116,9 +122,17 @@ struct Config {
   using TileQ = GmmaTile<kBlockM, kD>;
   using TileKV = GmmaTile<kBlockN, kD>;  // a K stage
   using TileV = GmmaTile<kBlockN, kDV>;  // a V stage
+  // Cross-tile, a tile's O goes out through its Q stage: the consumers stage it and a store warp (the
+  // producer warpgroup's warp 1, idle otherwise) stores it by TMA, waits until the copy has read the stage and
+  // releases it, so that none of it sits between a warpgroup's tile start and its next products (clock64
+  // stamps: ~800 cycles a warpgroup at d128's tile transitions, docs/perf-log.md, forty-eighth session). Not
+  // with mask warps (warps 1-3 make dropout's masks): there warpgroup thread 0 stores, as one CTA a tile does.
+  static constexpr bool kStoreWarp = kCrossTile_ && !kMaskWarps_;
   // 1 KiB of slack (the swizzle needs 1024-byte aligned tiles), the Q and K/V rings, kMmaSums' ones (a
-  // swizzle atom, so the sums read it with K's descriptor), the barriers.
-  static constexpr int kBarrierBytes = 8 * (2 * kQStages + 4 * kStages), kOnesBytes = kMmaSums_ ? 1024 : 0;
+  // swizzle atom, so the sums read it with K's descriptor), the barriers (the store warp's o_ready: a Q
+  // stage and consumer warpgroup each).
+  static constexpr int kBarrierBytes = 8 * (2 * kQStages + 4 * kStages + (kStoreWarp ? kQStages * kConsumers : 0));
+  static constexpr int kOnesBytes = kMmaSums_ ? 1024 : 0;
   // Dropout's masks with kMaskWarps_, made by the producer warpgroup's mask warps (make_block_masks) a key
   // block at a time: per block and consumer thread a bit an entry of its two rows, 8 a 16-key chunk, in
   // kMaskWords words.
@@ -206,10 +220,13 @@ struct Config {
   static_assert(kCtasPerSm * (kSmemBytes + 1024) <= 228 * 1024, "kCtasPerSm CTAs' shared memory exceeds an SM's");
 };
 
-// The kernel's parameters: the plain ones and a TMA map per tensor (encoded by launch()).
+// The kernel's parameters: the plain ones, a TMA map per tensor and the divisors of a tile's decode (its
+// query blocks a (batch, head) row, the heads, the query heads a KV head: common/fast_div.cuh), all made by
+// launch().
 struct Args {
   FwdParams p;
   CUtensorMap q, k, v, o;
+  FastDiv by_m, by_heads, by_group;
 };
 
 #ifdef __CUDACC__  // device code (the launcher's host-only build skips it: common/launch.cuh)
@@ -484,20 +501,23 @@ struct Tile {
   // query block) first with causal; one CTA a causal tile takes common/grid_order.cuh's order, whose
   // tail runs block-outermost. The persistent walk keeps plain rows (a causal walk's lists number its
   // tiles so too: dispatch.causal_walk).
-  __device__ __forceinline__ static GridPos position(const FwdParams& p, int tile, int num_m) {
-    if (C::kCausal && !C::kPersistent) return longest_first(tile, p.batch * p.heads, num_m);
-    return {tile / num_m, tile % num_m};
+  __device__ __forceinline__ static GridPos position(const Args& a, int tile) {
+    if (C::kCausal && !C::kPersistent) return longest_first(tile, a.p.batch * a.p.heads, int(a.by_m.divisor));
+    const int row = a.by_m.div(tile);
+    return {row, a.by_m.mod(tile, row)};
   }
 
-  __device__ __forceinline__ Tile(const FwdParams& p, int tile, int num_m) : Tile(p, position(p, tile, num_m), num_m) {}
+  __device__ __forceinline__ Tile(const Args& a, int tile) : Tile(a, position(a, tile)) {}
 
-  __device__ __forceinline__ Tile(const FwdParams& p, GridPos at, int num_m)
-      : Tile(p, at, num_m, Seq(p, at.row / p.heads)) {}
+  __device__ __forceinline__ Tile(const Args& a, GridPos at) : Tile(a, at, a.by_heads.div(at.row)) {}
 
-  __device__ __forceinline__ Tile(const FwdParams& p, GridPos at, int num_m, const Seq& seq)
-      : bh(at.row), b(bh / p.heads), h(bh % p.heads), h_k(h / (p.heads / p.heads_k)),
-        mod(p.mods, seq.len_q, seq.len_k, p.softmax_scale, bh / p.heads, bh % p.heads) {
-    const int m_block = C::kCausal ? num_m - 1 - at.block : at.block;
+  __device__ __forceinline__ Tile(const Args& a, GridPos at, int batch) : Tile(a, at, batch, Seq(a.p, batch)) {}
+
+  __device__ __forceinline__ Tile(const Args& a, GridPos at, int batch, const Seq& seq)
+      : bh(at.row), b(batch), h(a.by_heads.mod(at.row, batch)), h_k(a.by_group.div(h)),
+        mod(a.p.mods, seq.len_q, seq.len_k, a.p.softmax_scale, b, h) {
+    const FwdParams& p = a.p;
+    const int m_block = C::kCausal ? int(a.by_m.divisor) - 1 - at.block : at.block;
     q_row0 = m_block * C::kBlockM;
     q_rows = min(C::kBlockM, seq.len_q - q_row0);  // <= 0: past a varlen sequence's end
     q_first = seq.q_start + q_row0, k_first = seq.k_start, tma_b = is_varlen(p) ? 0 : b;
@@ -545,8 +565,9 @@ __device__ __forceinline__ int tile_of(const FwdParams& p, int round, int num_ti
 
 // The shared memory: the Q ring (a stage a tile; released once every consumer thread has issued and
 // retired its last QK^T of the tile, so a persistent producer may load a later tile's Q; cross-tile,
-// by each consumer warpgroup's thread 0 once the TMA store of O staged in it has read it), the K and V
-// rings, kMmaSums' ones, the barriers.
+// once the TMA store of O staged in it has read it: by the store warp, or with mask warps by each
+// consumer warpgroup's thread 0), the K and V rings, kMmaSums' ones, the barriers (and the store warp's
+// o_ready).
 template <class C>
 struct Smem {
   elem_t *q, *k, *v, *ones;
@@ -554,6 +575,7 @@ struct Smem {
   uint2* pairs;     // dropout's swapped halves: [buffer][warp pair][chunk][lane] (Config::kPairSwap)
   sm90::Ring<C::kQStages>* q_ring;
   sm90::Ring<C::kStages>*k_ring, *v_ring;
+  uint64_t* o_ready_;
 
   __device__ __forceinline__ explicit Smem(unsigned char* base) {
     q = reinterpret_cast<elem_t*>(base);
@@ -565,7 +587,11 @@ struct Smem {
     q_ring = reinterpret_cast<sm90::Ring<C::kQStages>*>(pairs + (C::kPairSwap ? C::kPairBytes / 8 : 0));
     k_ring = reinterpret_cast<sm90::Ring<C::kStages>*>(q_ring + 1);
     v_ring = k_ring + 1;
+    o_ready_ = reinterpret_cast<uint64_t*>(v_ring + 1);
   }
+  // The store warp's barrier of Q stage s and consumer warpgroup g (Config::kStoreWarp): the warpgroup's 128
+  // threads arrive once O's rows are staged there (or stored straight).
+  __device__ __forceinline__ uint64_t* o_ready(int s, int g) const { return o_ready_ + s * C::kConsumers + g; }
   __device__ __forceinline__ elem_t* q_stage(int s) const { return q + s * C::TileQ::kBytes / 2; }
   __device__ __forceinline__ elem_t* k_stage(int s) const { return k + s * C::TileKV::kBytes / 2; }
   __device__ __forceinline__ elem_t* v_stage(int s) const { return v + s * C::TileV::kBytes / 2; }
@@ -582,6 +608,22 @@ struct Smem {
   }
 };
 
+// Consumer warpgroup g's 64 rows of O, staged in its rows of the tile's Q stage (q_tile), out by TMA: a box a
+// 64-column block, clipped to Sq and d_head by the map. Issued only (the caller commits and waits).
+template <class C>
+__device__ __forceinline__ void store_o_rows(const Args& args, elem_t* q_tile, const Tile<C>& T, int g) {
+#pragma unroll
+  for (int c = 0; c < C::kDV / 64; ++c)
+    tma_store_4d(&args.o, q_tile + c * C::TileQ::kBlockBytes / 2 + g * 64 * 64, c * 64, T.q_first + g * 64, T.h,
+                 T.tma_b);
+}
+
+// A row's normaliser, 1 / its sum (0 where the row saw nothing).
+__device__ __forceinline__ float rcp_of_sum(float sum) { return sum > 0.f ? 1.f / sum : 0.f; }
+// The same from this thread's share of the sum: the epilogue's, or made early (kEarlyRcp) by the same
+// operations, so both give the same bits.
+__device__ __forceinline__ float row_rcp(float share) { return rcp_of_sum(fwd::quad_sum(share)); }
+
 // Normalise O and write it with lse. One CTA per tile, or cross-tile: O goes through this warpgroup's
 // rows of the tile's Q stage (qs) and out with a TMA store (clipped to Sq and d_head by the map);
 // cross-tile, the stage is released only once that store has read it (its next Q is two tiles on).
@@ -589,10 +631,17 @@ struct Smem {
 // stores its pairs straight from registers (a quad writes 16 contiguous bytes of a row: twice the L2
 // sectors of the TMA store, measured at S = 1k). So does a varlen tile that ends past its sequence:
 // the packed rows after it are the next sequence's, which no map can clip.
-template <class C>
+// With a store warp (Config::kStoreWarp) the warpgroup's threads only stage O (or store it straight) and arrive
+// on the stage's o_ready barrier: the store warp stores and releases the stage (store_tiles).
+// kEarlyRcp: the rows' normalisers come made (rcp, row_rcp's; not with sinks or kMmaSums, whose sums are
+// final only here, nor dropout, whose kernels keep the division below).
+template <class C, bool kEarlyRcp = false>
 __device__ __forceinline__ void epilogue(const Args& args, const Smem<C>& sm, const Tile<C>& T,
                                          RingState<C::kQStages> qs, float (&o)[1][C::kNtO][4],
-                                         const float (&m)[1][2], const float (&l)[1][2], float scale, int g, int t) {
+                                         const float (&m)[1][2], const float (&l)[1][2], float scale, int g, int t,
+                                         const float (&rcp)[2] = {}) {
+  static_assert(!kEarlyRcp || !(C::kSink || C::kMmaSums || C::kDropout),
+                "early normalisers: not with sinks, mma_sums or dropout");
   const FwdParams& p = args.p;
   const Seq seq(p, T.b);  // read again here rather than held in registers through the key loop
   const int lane = t & 31, row_cta = g * 64 + (t / 32) * 16;
@@ -600,13 +649,22 @@ __device__ __forceinline__ void epilogue(const Args& args, const Smem<C>& sm, co
   elem_t* const q_tile = sm.q_stage(qs.stage);
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-    float sum = l[0][half];  // this thread's columns' share, or (kMmaSums) the tensor cores' whole row
-    if (C::kMmaSums) sum = o[0][C::kDV / 8][2 * half];
-    else sum = fwd::quad_sum(sum);
     float m_nat = m[0][half] * scale;  // natural-log units (m: raw-score units)
-    const float corr = C::kSink ? fold_sink(p.mods.sink[T.h], m_nat, sum) : 1.f;
+    // r: 1 / the row's sum (0 for a row that saw nothing); lse = m_nat - log(r). With dropout the division of
+    // kernels before the early normalisers instead (the same bits in every dropout kernel, which never makes
+    // them early): as r, d96's causal cross-tile dropout kernel serialized its wgmmas (C7511).
+    float corr = 1.f, r, sum = 0.f;
+    if constexpr (kEarlyRcp) {
+      r = rcp[half];
+    } else if constexpr (C::kMmaSums || C::kSink || C::kDropout) {
+      sum = C::kMmaSums ? o[0][C::kDV / 8][2 * half] : fwd::quad_sum(l[0][half]);  // (kMmaSums: the whole row)
+      if (C::kSink) corr = fold_sink(p.mods.sink[T.h], m_nat, sum);
+      r = rcp_of_sum(sum);
+    } else {
+      r = row_rcp(l[0][half]);
+    }
     // Dropped entries still count in the softmax denominator; kept ones are scaled by 1 / (1 - p).
-    const float inv = sum > 0.f ? (C::kDropout ? p.mods.dropout_scale : 1.f) * corr / sum : 0.f;
+    const float inv = !C::kDropout ? corr * r : sum > 0.f ? p.mods.dropout_scale * corr / sum : 0.f;
     const int row = row_cta + (lane >> 2) + half * 8, q_row = T.q_row0 + row;
     if (direct) {
       elem_t* dst = p.o.at<elem_t>(T.b, T.h, seq.q_start + q_row);
@@ -623,16 +681,20 @@ __device__ __forceinline__ void epilogue(const Args& args, const Smem<C>& sm, co
             pack2<C::kBf16>(o[0][nt][2 * half] * inv, o[0][nt][2 * half + 1] * inv);
     }
     if (p.lse != nullptr && (lane & 3) == 0 && q_row < seq.len_q)
-      p.lse[seq.stat_row(T.h, q_row)] = sum > 0.f ? m_nat + logf(sum) : INFINITY;
+      p.lse[seq.stat_row(T.h, q_row)] = C::kDropout ? (sum > 0.f ? m_nat + logf(sum) : INFINITY)
+                                        : r > 0.f                 ? m_nat - logf(r)
+                                                                  : INFINITY;
+  }
+  if constexpr (C::kStoreWarp) {
+    fence_proxy_async();  // the stores above, visible to the TMA unit (and the store warp's copy)
+    mbarrier_arrive(sm.o_ready(qs.stage, g));
+    return;
   }
   if (!direct) {
     fence_proxy_async();  // the stores above, visible to the TMA unit
     named_sync(int(Barrier::kEpilogue) + g, 128);
     if (t == 0) {
-#pragma unroll
-      for (int c = 0; c < C::kDV / 64; ++c)
-        tma_store_4d(&args.o, q_tile + c * C::TileQ::kBlockBytes / 2 + g * 64 * 64, c * 64, T.q_first + g * 64, T.h,
-                     T.tma_b);
+      store_o_rows<C>(args, q_tile, T, g);
       tma_store_commit();
       tma_store_wait_read();
     }
@@ -646,16 +708,35 @@ __device__ __forceinline__ void epilogue(const Args& args, const Smem<C>& sm, co
 // The producer thread: per tile, Q once (into the Q stage a tile kQStages earlier released) and K/V
 // block by block into the rings, which run on across tiles so the next tile's first blocks load under
 // the current tile's last ones. K_{j_begin} goes first: it does not wait for a Q stage.
+// Cross-tile (kLateV below), a tile's last V is issued only once the next tile is decoded: a chained tile
+// start needs it with the next tile's first K, and its stage frees only once the PV of the block kStages
+// before it has retired, which the producer used to wait for with the decode still ahead of that K (clock64
+// stamps: the first K issued ~1100 cycles after the last V at d128, docs/perf-log.md, forty-eighth session).
 template <class C>
-__device__ __forceinline__ void produce(const Args& args, const Smem<C>& sm, int num_m, int num_tiles) {
+__device__ __forceinline__ void produce(const Args& args, const Smem<C>& sm, int num_tiles) {
   const FwdParams& p = args.p;
   tma_prefetch_map(&args.q);
   tma_prefetch_map(&args.k);
   tma_prefetch_map(&args.v);
-  RingState<C::kStages> st;
+  RingState<C::kStages> st, v_st;
   RingState<C::kQStages> qs;
+  // A tile of `width` columns: one TMA box per 64-column block.
+  auto load = [&](const CUtensorMap* map, elem_t* dst, uint64_t* bar, int row0, int rows_block_bytes, int head,
+                  int width, int b) {
+#pragma unroll
+    for (int c = 0; c < width / 64; ++c) tma_load_4d(dst + c * rows_block_bytes / 2, map, bar, c * 64, row0, head, b);
+  };
+  auto load_v = [&](RingState<C::kStages> at, int row0, int head, int b) {
+    load(&args.v, sm.v_stage(at.stage), sm.v_ring->acquire(at, C::TileV::kBytes), row0, C::TileV::kBlockBytes, head,
+         C::kDV, b);
+  };
+  // kLateV: the last tile's last V, not issued yet where v_row >= 0, into stage v_st. Not with a causal mask:
+  // beside the causal walk's loads the producer's 24 registers spilled (12-20 bytes, d96 / d128 _xt_hb).
+  constexpr bool kLateV = C::kCrossTile && !C::kCausal;
+  int v_row = -1, v_head = 0, v_b = 0;
   for (int round = 0, tile = tile_of<C>(p, 0, num_tiles); tile < num_tiles; tile = tile_of<C>(p, ++round, num_tiles)) {
-    const Tile<C> T(p, tile, num_m);
+    const Tile<C> T(args, tile);
+    if (kLateV && v_row >= 0) load_v(v_st, v_row, v_head, v_b), v_row = -1;
     if (T.skipped()) continue;
     // Persistent: this tile's Q waits for a Q stage (the previous tile's last QK^T), and Q is read
     // once, from DRAM; its L2 prefetch now, about `stages` key blocks before the stage frees, turns
@@ -663,25 +744,45 @@ __device__ __forceinline__ void produce(const Args& args, const Smem<C>& sm, int
     if (C::kPersistent && !T.empty())
 #pragma unroll
       for (int c = 0; c < C::kD / 64; ++c) tma_prefetch_l2_4d(&args.q, c * 64, T.q_first, T.h, T.tma_b);
-    // A tile of `width` columns: one TMA box per 64-column block.
-    auto load = [&](const CUtensorMap* map, elem_t* dst, uint64_t* bar, int row0, int rows_block_bytes, int head,
-                    int width) {
-#pragma unroll
-      for (int c = 0; c < width / 64; ++c) tma_load_4d(dst + c * rows_block_bytes / 2, map, bar, c * 64, row0, head, T.tma_b);
-    };
     for (int j = T.j_begin; j < T.j_end; ++j, st.advance()) {
       load(&args.k, sm.k_stage(st.stage), sm.k_ring->acquire(st, C::TileKV::kBytes), T.k_first + j * C::kBlockN,
-           C::TileKV::kBlockBytes, T.h_k, C::kD);
+           C::TileKV::kBlockBytes, T.h_k, C::kD, T.tma_b);
       if (j == T.j_begin)
         load(&args.q, sm.q_stage(qs.stage), sm.q_ring->acquire(qs, C::TileQ::kBytes), T.q_first, C::TileQ::kBlockBytes,
-             T.h, C::kD);
-      load(&args.v, sm.v_stage(st.stage), sm.v_ring->acquire(st, C::TileV::kBytes), T.k_first + j * C::kBlockN,
-           C::TileV::kBlockBytes, T.h_k, C::kDV);
+             T.h, C::kD, T.tma_b);
+      if (kLateV && j == T.j_end - 1) v_row = T.k_first + j * C::kBlockN, v_head = T.h_k, v_b = T.tma_b, v_st = st;
+      else load_v(st, T.k_first + j * C::kBlockN, T.h_k, T.tma_b);
     }
     if (T.empty()) {  // nothing to load: the Q stage still turns, so both sides keep counting tiles
       sm.q_ring->wait_free(qs);
       sm.q_ring->filled(qs);
     }
+    qs.advance();
+  }
+  if (kLateV && v_row >= 0) load_v(v_st, v_row, v_head, v_b);
+}
+
+// The store warp's thread (Config::kStoreWarp): per tile of the walk, once each consumer warpgroup has staged
+// its rows of O in the tile's Q stage, their TMA store; then, once the copies have read the stage, its release
+// to the producer (a later tile's Q). A varlen tile ending past its sequence was stored by the consumers
+// straight from registers (epilogue): only the release.
+template <class C>
+__device__ __forceinline__ void store_tiles(const Args& args, const Smem<C>& sm, int num_tiles) {
+  const FwdParams& p = args.p;
+  tma_prefetch_map(&args.o);
+  RingState<C::kQStages> qs;
+  for (int round = 0, tile = tile_of<C>(p, 0, num_tiles); tile < num_tiles; tile = tile_of<C>(p, ++round, num_tiles)) {
+    const Tile<C> T(args, tile);
+    if (T.skipped()) continue;
+    const bool direct = is_varlen(p) && T.q_rows < C::kBlockM;
+    elem_t* const q_tile = sm.q_stage(qs.stage);
+    for (int g = 0; g < C::kConsumers; ++g) {
+      mbarrier_wait(sm.o_ready(qs.stage, g), qs.phase);
+      if (!direct) store_o_rows<C>(args, q_tile, T, g);
+    }
+    tma_store_commit();
+    tma_store_wait_read();
+    sm.q_ring->release(qs);
     qs.advance();
   }
 }
@@ -726,12 +827,12 @@ __device__ __forceinline__ void make_block_masks(const Dropout& drop, uint32_t* 
 // block's K stage is free (Config::kMaskBytes says why the slot is then no longer read); the K stage's
 // full barrier counts their arrivals with the TMA copy's, so a consumer past its wait finds them made.
 template <class C>
-__device__ __forceinline__ void produce_masks(const Args& args, const Smem<C>& sm, int num_m, int num_tiles, int mw,
+__device__ __forceinline__ void produce_masks(const Args& args, const Smem<C>& sm, int num_tiles, int mw,
                                               int lane) {
   const FwdParams& p = args.p;
   RingState<C::kStages> st;
   for (int round = 0, tile = tile_of<C>(p, 0, num_tiles); tile < num_tiles; tile = tile_of<C>(p, ++round, num_tiles)) {
-    const Tile<C> T(p, tile, num_m);
+    const Tile<C> T(args, tile);
     if (T.skipped()) continue;
     const Dropout drop(p.mods, T.bh);
     for (int j = T.j_begin; j < T.j_end; ++j, st.advance()) {
@@ -758,8 +859,11 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
     fence_proxy_async();  // visible to the tensor cores (the async proxy) after the barrier below
   }
   if (tid == 0) {
-    // Cross-tile, a Q stage holds O until its TMA store: thread 0 of each warpgroup releases it.
-    sm.q_ring->init(C::kCrossTile ? C::kConsumers : C::kConsumers * 128);
+    // Cross-tile, a Q stage holds O until its TMA store: the store warp, or thread 0 of each warpgroup, releases it.
+    sm.q_ring->init(C::kStoreWarp ? 1 : C::kCrossTile ? C::kConsumers : C::kConsumers * 128);
+    if constexpr (C::kStoreWarp)
+      for (int i = 0; i < C::kQStages * C::kConsumers; ++i)
+        mbarrier_init(sm.o_ready(i / C::kConsumers, i % C::kConsumers), 128);
     sm.k_ring->init(C::kConsumers * 128, 1 + 32 * C::kMaskWarps);  // and the mask warps, if any
     sm.v_ring->init(C::kConsumers * 128);
     mbarrier_init_fence();
@@ -768,17 +872,16 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
 
   if (wg == 0) {  // ---- producer -----------------------------------------------------------------
     warpgroup_release_registers<C::kProducerRegs>();
-    if constexpr (C::kMaskWarps) {
-      // (the warp made warp-uniform to the compiler, and the mask warps' branch taken on it alone, so that
-      // their Philox keys live in uniform registers: in vector ones they spilled, even at 40 registers)
-      const int warp = __shfl_sync(0xffffffffu, tid / 32, 0);
-      if (warp == 0) {
-        if (tid == 0) produce<C>(args, sm, num_m, num_tiles);
-      } else {
-        produce_masks<C>(args, sm, num_m, num_tiles, warp, tid % 32);
-      }
-    } else if (tid == 0) {
-      produce<C>(args, sm, num_m, num_tiles);
+    // (the warp made warp-uniform to the compiler, and the other warps' branch taken on it alone, so that the
+    // mask warps' Philox keys live in uniform registers (in vector ones they spilled, even at 40 registers),
+    // and the producer's loop keeps its 24 registers beside the store warp's (branching on tid, it spilled)
+    const int warp = __shfl_sync(0xffffffffu, tid / 32, 0);
+    if (warp == 0) {
+      if (tid == 0) produce<C>(args, sm, num_tiles);
+    } else if constexpr (C::kMaskWarps) {
+      produce_masks<C>(args, sm, num_tiles, warp, tid % 32);
+    } else if (C::kStoreWarp && warp == 1) {
+      if (tid == 32) store_tiles<C>(args, sm, num_tiles);
     }
     return;
   }
@@ -843,10 +946,16 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
   // spilled holding it).
   int pending = -1;
   RingState<C::kQStages> q_pending;
+  // A chained tile start's epilogue: the pending tile's statistics are final once its last softmax is done,
+  // so its rows' normalisers are made at the start, before the waits, not in the epilogue where the other
+  // warpgroup's exponentials keep the reciprocal unit busy (clock64 stamps, docs/perf-log.md, forty-eighth
+  // session). Not with half blocks: the two values held through the first block's softmax serialized the
+  // wgmmas (C7511) of d96's causal cross-tile kernel.
+  constexpr bool kEarlyRcp = !C::kSink && !C::kMmaSums && !C::kDropout && !C::kHalfBlocks;
   // Whether the P in pf is a half block's (its second half zero): finish() runs its PV over the first half's keys.
   bool pv_half = false;
   auto finish = [&] {
-    const Tile<C> Tp(p, pending, num_m);
+    const Tile<C> Tp(args, pending);
     sm.v_ring->wait(prev);
     // (the only block that can end past the sequence's keys is the last; all warpgroups reach this
     // before taking the token, so the barrier in it cannot wait on a hand-over)
@@ -862,12 +971,12 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
     pending = -1;
   };
   for (int round = 0, tile = tile_of<C>(p, 0, num_tiles); tile < num_tiles; tile = tile_of<C>(p, ++round, num_tiles)) {
-    const Tile<C> T(p, tile, num_m);
+    const Tile<C> T(args, tile);
     if (T.skipped()) continue;
     const int row0 = T.q_row0 + row_cta;  // this warp's first row, globally
     sm.q_ring->wait(qs);
-    // The Q stage is released once this thread's last QK^T of the tile has retired (cross-tile: by
-    // the epilogue, once O staged in it has been stored).
+    // The Q stage is released once this thread's last QK^T of the tile has retired (cross-tile: once O
+    // staged in it has been stored, by the store warp or the epilogue).
     auto q_done = [&](int j) {
       if (!C::kCrossTile && j == T.j_end - 1) sm.q_ring->release(qs);
     };
@@ -902,10 +1011,12 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
       // epilogue follows; compiled per (chained, masked), so no branch sits between the two waits.
       auto first = [&](auto chained, auto masked) {
         constexpr bool kChained = decltype(chained)::value;
+        [[maybe_unused]] float rcp[2];
+        if constexpr (kChained && kEarlyRcp) rcp[0] = row_rcp(l[0][0]), rcp[1] = row_rcp(l[0][1]);
         sm.k_ring->wait(st);
         if constexpr (kChained) {
           sm.v_ring->wait(prev);
-          const Tile<C> Tp(p, pending, num_m);
+          const Tile<C> Tp(args, pending);
           zero_v_past_keys<C>(p, sm.v_stage(prev.stage), Tp.mod, Tp.j_end - 1, g * 128 + t);
         }
         take_token();
@@ -934,7 +1045,8 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
         else
           scores_to_p<C>(s, pf, early, sm.pair_slot(st, pair), pair, p, T.bh, row0, T.j_begin, lane);
         pv_half = false;
-        if constexpr (kChained) epilogue<C>(args, sm, Tile<C>(p, pending, num_m), q_pending, o, m, l, scale, g, t);
+        if constexpr (kChained)
+          epilogue<C, kEarlyRcp>(args, sm, Tile<C>(args, pending), q_pending, o, m, l, scale, g, t, rcp);
         zero(o);
         m[0][0] = m1[0][0], m[0][1] = m1[0][1], l[0][0] = l1[0][0], l[0][1] = l1[0][1];
       };
@@ -1031,8 +1143,12 @@ cudaError_t launch(const FwdParams& p, cudaStream_t stream) {
   if (p.batch == 0 || p.heads == 0 || p.seqlen_q == 0) return cudaSuccess;
   const int64_t blocks = int64_t((p.seqlen_q + C::kBlockM - 1) / C::kBlockM) * p.heads * p.batch;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  if (p.heads_k <= 0 || p.heads % p.heads_k != 0) return cudaErrorInvalidValue;  // (the Python side checks it)
   Args args;
   args.p = p;
+  args.by_m = FastDiv::of(unsigned((p.seqlen_q + C::kBlockM - 1) / C::kBlockM));
+  args.by_heads = FastDiv::of(unsigned(p.heads));
+  args.by_group = FastDiv::of(unsigned(p.heads / p.heads_k));
   // The maps' rows: a dense call's [B, S, H, D] per batch entry; a varlen batch's [total, H, D] as one
   // entry (its TensorRefs have batch stride 0), each tile addressing its sequence's rows in it.
   // (rows per batch entry: common/varlen.cuh's planes of query and key rows)

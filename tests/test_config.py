@@ -150,7 +150,9 @@ def test_cross_tile_needs_persistent_overlap_and_room_for_a_second_q():
     no); the one-CTA-per-tile twin drops it."""
     cfg = FwdSm90Config("bf16", 128, persistent=True, cross_tile=True)
     assert not cfg.problems() and cfg.name.endswith("_xt") and config_from_name(cfg.name) == cfg
-    assert cfg.smem_bytes - dataclasses.replace(cfg, cross_tile=False).smem_bytes == 2 * 128 * 128 + 16
+    # the second Q stage and its two barriers, and the store warp's barrier a Q stage and consumer warpgroup
+    assert cfg.store_warp and not dataclasses.replace(cfg, cross_tile=False).store_warp
+    assert cfg.smem_bytes - dataclasses.replace(cfg, cross_tile=False).smem_bytes == 2 * 128 * 128 + 16 + 8 * 2 * 2
     assert not config_from_name(dataclasses.replace(cfg, cross_tile=False).name).cross_tile
     for bad in (dict(persistent=False), dict(overlap=False, pingpong=False)):
         assert fwd_sm90.WHY_CROSS_TILE in dataclasses.replace(cfg, **bad).problems()

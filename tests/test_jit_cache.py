@@ -573,11 +573,12 @@ def test_the_dispatchers_half_block_and_two_cta_kernels_compile_whole(private_ca
 
 
 def test_a_kernel_ptxas_serializes_is_named_and_its_manifest_says_why(private_cache, caplog):
-    """The d64 192-row non-causal kernel with half blocks: nvcc 13.0's ptxas serializes its wgmmas (C7511,
-    its third compiled step's registers). A warning names the kernel, and the manifest keeps the note;
-    were the dispatcher to choose it, jit.unserialized runs its plain twin (no half blocks), which ptxas
-    compiles whole."""
-    config = FwdSm90Config("bf16", 64, 192, 128, 4, persistent=True, half_blocks=True)
+    """The persistent d128 causal kernel with softcap and half blocks (why the dispatcher gives softcap no half
+    blocks): nvcc 13.0's ptxas serializes its wgmmas (C7511, its third compiled step's registers). A warning
+    names the kernel, and the manifest keeps the note; were the dispatcher to choose it, jit.unserialized runs
+    its plain twin (no half blocks), which ptxas compiles whole. (The d64 192-row non-causal one with half
+    blocks was the example until the tile decode by FastDivs left its consumers the registers.)"""
+    config = FwdSm90Config("bf16", 128, persistent=True, causal=True, softcap=True, half_blocks=True)
     library = jit.ensure_built(config, "sm_90a")
     notes = cache.Entry(library.parent).manifest()["ptxas_notes"]
     assert notes and all(n.startswith("C75") and "serialized" in n for n in notes), notes
@@ -595,7 +596,7 @@ def test_a_kernel_ptxas_serializes_is_named_and_its_manifest_says_why(private_ca
 def test_precompile_adds_the_plain_twin_of_a_kernel_ptxas_serializes(private_cache):
     """The dispatcher runs a noted kernel's plain twin (jit.unserialized), so precompile builds the twin too
     (a bundle, or a cache used with FLASHJIT_DISABLE_JIT, must hold it); a clean kernel gets none."""
-    noted = FwdSm90Config("bf16", 64, 192, 128, 4, persistent=True, half_blocks=True)
+    noted = FwdSm90Config("bf16", 128, persistent=True, causal=True, softcap=True, half_blocks=True)
     clean = FwdSm90Config("bf16", 128, persistent=True, causal=True, half_blocks=True)
     run = subprocess.run([sys.executable, "-m", "flashjit", "precompile", "--arch", "sm_90a", noted.name, clean.name],
                          capture_output=True, text=True, env=dict(os.environ, FLASHJIT_CACHE_DIR=str(private_cache)),

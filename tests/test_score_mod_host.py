@@ -5,12 +5,9 @@ bound here (a window clamp, an off-by-one at the diagonal) would show there only
 to hit it. Needs a host C++ compiler (CI has the one cpp_extension uses), not a GPU."""
 from __future__ import annotations
 
-import shutil
-import subprocess
-
 import pytest
 
-from flashjit import codegen
+from host_cxx import run_program
 
 # One program: for each (causal, local) it draws shapes (Sq, Sk), windows (unbounded, small, huge) and
 # blocks, and counts the entries where a range (key_range, query_range) disagrees with visible(); for block_needs_mask, the
@@ -80,16 +77,7 @@ int main() {
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
-    cxx = shutil.which("c++") or shutil.which("g++")
-    if cxx is None:
-        pytest.skip("no host C++ compiler (c++ or g++) on PATH to build kernels/common/score_mod.cuh for the CPU")
-    work = tmp_path_factory.mktemp("score_mod")
-    (work / "check.cpp").write_text(PROGRAM)
-    build = subprocess.run([cxx, "-O2", "-std=c++17", "-I", str(codegen.kernels_dir()), "check.cpp", "-o", "check"],
-                           cwd=work, capture_output=True, text=True)
-    assert build.returncode == 0, build.stderr
-    run = subprocess.run([str(work / "check")], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
+    run = run_program(tmp_path_factory, "score_mod", PROGRAM, "kernels/common/score_mod.cuh")
     return {name: (int(bad), int(cases)) for name, bad, cases in (line.split() for line in run.stdout.splitlines())}
 
 

@@ -158,12 +158,18 @@ class FwdSm90Config(ConfigBase):
         return 2 if self.cross_tile else 1
 
     @property
+    def store_warp(self) -> bool:
+        """Whether a store warp (the producer warpgroup's warp 1) stores each tile's O by TMA and releases its Q
+        stage (Config::kStoreWarp): cross-tile kernels whose warps 1-3 make no dropout masks."""
+        return self.cross_tile and not self.mask_warps
+
+    @property
     def tile_bytes(self) -> int:
-        """Alignment slack, the Q stages, `stages` K and V tiles, mma_sums' ones and the mbarriers
-        (Config::kTileBytes)."""
+        """Alignment slack, the Q stages, `stages` K and V tiles, mma_sums' ones and the mbarriers, with the
+        store warp's one a Q stage and consumer warpgroup (Config::kTileBytes)."""
         return 1024 + 2 * self.q_stages * self.block_m * self.d_tile + \
             2 * self.stages * self.block_n * (self.d_tile + self.d_tile_v) + 1024 * self.mma_sums + \
-            8 * (2 * self.q_stages + 4 * self.stages)
+            8 * (2 * self.q_stages + 4 * self.stages + self.store_warp * self.q_stages * self.consumers)
 
     def fits_beside_tiles(self, extra: int) -> bool:
         """Config::fits_smem(kTileBytes + extra): a CTA's 227 KiB, and ctas_per_sm CTAs (+ 1 KiB each) an SM's 228."""
