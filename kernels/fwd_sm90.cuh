@@ -647,6 +647,7 @@ __device__ __forceinline__ void epilogue(const Args& args, const Smem<C>& sm, co
   const int lane = t & 31, row_cta = g * 64 + (t / 32) * 16;
   const bool direct = (C::kPersistent && !C::kCrossTile) || (is_varlen(p) && T.q_rows < C::kBlockM);
   elem_t* const q_tile = sm.q_stage(qs.stage);
+  float inv[2];  // each row half's factor: O times it is the output
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     float m_nat = m[0][half] * scale;  // natural-log units (m: raw-score units)
@@ -664,26 +665,29 @@ __device__ __forceinline__ void epilogue(const Args& args, const Smem<C>& sm, co
       r = row_rcp(l[0][half]);
     }
     // Dropped entries still count in the softmax denominator; kept ones are scaled by 1 / (1 - p).
-    const float inv = !C::kDropout ? corr * r : sum > 0.f ? p.mods.dropout_scale * corr / sum : 0.f;
-    const int row = row_cta + (lane >> 2) + half * 8, q_row = T.q_row0 + row;
+    inv[half] = !C::kDropout ? corr * r : sum > 0.f ? p.mods.dropout_scale * corr / sum : 0.f;
+    const int q_row = T.q_row0 + row_cta + (lane >> 2) + half * 8;
     if (direct) {
       elem_t* dst = p.o.at<elem_t>(T.b, T.h, seq.q_start + q_row);
 #pragma unroll
       for (int nt = 0; nt < C::kDV / 8; ++nt) {
         const int col = nt * 8 + (lane & 3) * 2;
         if (q_row < seq.len_q && col < C::kDHeadV)
-          *reinterpret_cast<uint32_t*>(dst + col) = pack2<C::kBf16>(o[0][nt][2 * half] * inv, o[0][nt][2 * half + 1] * inv);
+          *reinterpret_cast<uint32_t*>(dst + col) =
+              pack2<C::kBf16>(o[0][nt][2 * half] * inv[half], o[0][nt][2 * half + 1] * inv[half]);
       }
-    } else {
-#pragma unroll
-      for (int nt = 0; nt < C::kDV / 8; ++nt)  // O's 64-column blocks are the Q tile's first kDV / 64
-        *reinterpret_cast<uint32_t*>(q_tile + C::TileQ::offset(row, nt) + (lane & 3) * 2) =
-            pack2<C::kBf16>(o[0][nt][2 * half] * inv, o[0][nt][2 * half + 1] * inv);
     }
     if (p.lse != nullptr && (lane & 3) == 0 && q_row < seq.len_q)
       p.lse[seq.stat_row(T.h, q_row)] = C::kDropout ? (sum > 0.f ? m_nat + logf(sum) : INFINITY)
                                         : r > 0.f                 ? m_nat - logf(r)
                                                                   : INFINITY;
+  }
+  if (!direct) {  // O's 64-column blocks are the Q tile's first kDV / 64; a stmatrix for 16 of a warp's columns
+    // (the accumulator's n-tiles 2kt and 2kt + 1 are a 16-bit A fragment), where 4-byte stores took four
+    uint32_t a[1][C::kDV / 16][4];
+    acc_to_a<C::kBf16>(*reinterpret_cast<const float(*)[1][C::kDV / 8][4]>(&o), a,
+                       [&](int, int, int e, float x) { return x * inv[e >> 1]; });
+    stmatrix_a<typename C::TileQ>(q_tile, a, row_cta, lane);
   }
   if constexpr (C::kStoreWarp) {
     fence_proxy_async();  // the stores above, visible to the TMA unit (and the store warp's copy)
