@@ -40,9 +40,10 @@ struct Trace {
 
 // The shared memory: the Q ring''')
 # producer
+# (the V load: plain, or kLateV's choice of holding a tile's last V back)
 m = re.search(r"\n    for \(int j = T\.j_begin; j < T\.j_end; \+\+j, st\.advance\(\)\) \{\n"
               r"(      load\(&args\.k, [^;]*;\n)(      if \(j == T\.j_begin\)\n        load\(&args\.q,[^;]*;\n)"
-              r"(      load\(&args\.v,[^;]*;\n)    \}", s)
+              r"(      (?:load\(&args\.v,[^;]*;|if \(kLateV[^\n]*\n      else load_v\([^;]*;)\n)    \}", s)
 if not m:
     sys.exit("tile_trace_instrument: the producer's key loop not found")
 qload = m.group(2).replace("      if (j == T.j_begin)\n", "      if (j == T.j_begin) {\n") + \
@@ -50,14 +51,15 @@ qload = m.group(2).replace("      if (j == T.j_begin)\n", "      if (j == T.j_be
 s = s[:m.start()] + ("\n    for (int j = T.j_begin; j < T.j_end; ++j, st.advance()) {\n      tr.rec(round, j, 0);\n" +
                      m.group(1) + "      tr.rec(round, j, 1);\n" + qload + m.group(3) +
                      "      tr.rec(round, j, 3);\n    }") + s[m.end():]
-rep("""  RingState<C::kStages> st;
-  RingState<C::kQStages> qs;
-  for (int round = 0, tile = tile_of<C>(p, 0, num_tiles); tile < num_tiles; tile = tile_of<C>(p, ++round, num_tiles)) {
-    const Tile<C> T(""", """  RingState<C::kStages> st;
-  RingState<C::kQStages> qs;
-  const Trace<C> tr(p, 0);
-  for (int round = 0, tile = tile_of<C>(p, 0, num_tiles); tile < num_tiles; tile = tile_of<C>(p, ++round, num_tiles)) {
-    const Tile<C> T(""")
+# the producer's walk: its trace made before the tile loop
+at = s.index("  for (int round = 0, tile = tile_of<C>(p, 0, num_tiles);", s.index("void produce("))
+s = s[:at] + "  const Trace<C> tr(p, 0);\n" + s[at:]
+# kLateV: a tile's last V is issued at the next tile's decode; its code-3 stamp is rewritten then
+if "constexpr bool kLateV" in s:
+    rep("  int v_row = -1, v_head = 0, v_b = 0;\n", "  int v_row = -1, v_head = 0, v_b = 0, tr_r = 0, tr_j = 0;\n")
+    rep("v_b = T.tma_b, v_st = st;\n", "v_b = T.tma_b, v_st = st, tr_r = round, tr_j = j;\n")
+    rep("    if (kLateV && v_row >= 0) load_v(v_st, v_row, v_head, v_b), v_row = -1;\n",
+        "    if (kLateV && v_row >= 0) load_v(v_st, v_row, v_head, v_b), v_row = -1, tr.rec(tr_r, tr_j, 3);\n")
 rep("""    if (T.skipped()) continue;
     // Persistent: this tile's Q waits""", """    if (T.skipped()) continue;
     tr.rec(round, 0, 4);
@@ -120,7 +122,7 @@ rep("""        wgmma_wait<0>();
         q_done(j);""")
 # the epilogue
 m = re.search(r"(const float \(&m\)\[1\]\[2\], const float \(&l\)\[1\]\[2\], float scale, int g, int t)"
-              r"(,\s*const float \(&rcp\)\[2\] = \{\})?\) \{\n((?:  static_assert.*\n)?)  const FwdParams& p = args\.p;\n", s)
+              r"(,\s*const float \(&rcp\)\[2\] = \{\})?\) \{\n((?:  static_assert[^;]*;\n)?)  const FwdParams& p = args\.p;\n", s)
 s = s[:m.start()] + m.group(1) + (m.group(2) or ",\n                                         const float (&rcp)[2] = {}") + \
     (", int round = 63) {\n" + m.group(3) + "  const FwdParams& p = args.p;\n"
      "  const Trace<C> tr(p, 1 + g);\n  if (t == 0) tr.rec(round, 0, 8);\n") + s[m.end():]
