@@ -1145,12 +1145,13 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
 template <class C>
 cudaError_t launch(const FwdParams& p, cudaStream_t stream) {
   if (p.batch == 0 || p.heads == 0 || p.seqlen_q == 0) return cudaSuccess;
-  const int64_t blocks = int64_t((p.seqlen_q + C::kBlockM - 1) / C::kBlockM) * p.heads * p.batch;
+  const int num_m = (p.seqlen_q + C::kBlockM - 1) / C::kBlockM;  // query blocks a (batch, head) row
+  const int64_t blocks = int64_t(num_m) * p.heads * p.batch;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   if (p.heads_k <= 0 || p.heads % p.heads_k != 0) return cudaErrorInvalidValue;  // (the Python side checks it)
   Args args;
   args.p = p;
-  args.by_m = FastDiv::of(unsigned((p.seqlen_q + C::kBlockM - 1) / C::kBlockM));
+  args.by_m = FastDiv::of(unsigned(num_m));
   args.by_heads = FastDiv::of(unsigned(p.heads));
   args.by_group = FastDiv::of(unsigned(p.heads / p.heads_k));
   // The maps' rows: a dense call's [B, S, H, D] per batch entry; a varlen batch's [total, H, D] as one
