@@ -173,12 +173,17 @@
 #             the walk (bit for bit against the static walk). Ran in the forty-seventh session with main at 1 and
 #             COSTS "2 3 4" (+5-8% at d96 / d128 causal 1k, -3 to +2% at 2k-4k: a true cost of 1.5 reproduces both
 #             in the simulation), then on 1.5 with "1 2" tests (+6.3 / +8.7% over 1 at d128 / d96 causal 1k)
+#   knobs4    two knobs never timed at these points since the tile transition landed (a chained tile start ~1 step,
+#             no longer 1.6-1.7): d64 causal on the 192-row half blocks with cross-tile (`_xt_hb`) against the
+#             defaults (`_hb`; at 1k the two-CTA `_x2`), 1k-16k; d256 non-causal persistent (`ps1`: the next tile's Q
+#             and first K load under the current tile's last blocks) against its one CTA a tile default, 2k-16k;
+#             three interleaved rounds, one process, with the GQA point
 #
 # The device copy has no usable .git: each variant is a copy of this tree with its patches applied by
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf|trace [SEQLENS] [D] [PATCH]|notes [FILTER]|tt REVERT_PATCH|tt3 CUT_PATCH REVERT_PATCH|ttq CUT_PATCH REVERT_PATCH}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf|trace [SEQLENS] [D] [PATCH]|notes [FILTER]|tt REVERT_PATCH|tt3 CUT_PATCH REVERT_PATCH|ttq CUT_PATCH REVERT_PATCH|knobs4}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -635,6 +640,13 @@ early)  # [TEST_SECONDS [HEAD_DIMS]] dropout's masks made before the stage's wai
   dropout_ab "${3:-64,128}" "main early"
   with_variant early timeout "${2:-300}" python3 -m pytest -q -n 16 -p no:cacheprovider --maxfail 30 \
     tests/test_backward_gpu.py -k dropout 2>&1 | tail -3 | tee "$OUT/early-tests.txt"
+  ;;
+knobs4)
+  F=fwd_sm90_bf16_d64_m192_n128_st4_ov1_pp1_ps1_causal1
+  G=fwd_sm90_bf16_d256_m128_n80_st2_ov1_pp1
+  knob_ab main "64 1 1024 $F _hb _xt_hb fwd_sm90_bf16_d64_m128_n64_st4_ov0_pp0_ps1_causal1_x2
+64 1 2048,4096,8192,16384 $F _hb _xt_hb
+256 0 2048,4096,8192,16384 $G _ps0_causal0_lr _ps1_causal0_lr"
   ;;
 keptc)
   F=fwd_sm90_bf16_d128_m128_n128_st2_ov1_pp1_ps1_causal1
