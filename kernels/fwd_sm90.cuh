@@ -856,7 +856,9 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
   const int tid = threadIdx.x;
   const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);  // warp-uniform to the compiler
   const int num_m = (p.seqlen_q + C::kBlockM - 1) / C::kBlockM;
-  const int num_tiles = num_m * p.heads * p.batch;  // the launch is one CTA per tile unless persistent
+  // the launch is one CTA per tile unless persistent (num_m as launch() counts it; read from args.by_m.divisor
+  // instead, the count serialized the wgmmas of d128's causal cross-tile mask-warp dropout kernel: C7511)
+  const int num_tiles = num_m * p.heads * p.batch;
 
   if (C::kMmaSums && tid < C::kOnesBytes / 4) {  // the ones PV's row sums multiply P by
     reinterpret_cast<uint32_t*>(sm.ones)[tid] = pack2<C::kBf16>(1.f, 1.f);
