@@ -336,6 +336,7 @@ def test_cross_tile_equals_persistent_bit_for_bit(d, block_m, causal, window):
 
 
 HALF_CONFIGS = [FwdSm90Config("bf16", 64, 128, 128, 4, persistent=True), FwdSm90Config("bf16", 64, 192, 128, 4, persistent=True),
+                FwdSm90Config("bf16", 64, 192, 128, 4, persistent=True, cross_tile=True),
                 FwdSm90Config("bf16", 128, persistent=True, cross_tile=True), FwdSm90Config("fp16", 64, 128, 192, 2),
                 FwdSm90Config("bf16", 96, 128, 128, 2, pingpong=False)]
 

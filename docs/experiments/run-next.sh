@@ -178,12 +178,15 @@
 #             defaults (`_hb`; at 1k the two-CTA `_x2`), 1k-16k; d256 non-causal persistent (`ps1`: the next tile's Q
 #             and first K load under the current tile's last blocks) against its one CTA a tile default, 2k-16k;
 #             three interleaved rounds, one process, with the GQA point
+#   xt64-tests  the dispatcher's d64 causal cross-tile rule (d64-causal-xt.patch; branch experiment/d64-causal-xt):
+#             the forward GPU tests over its defaults (every head dim up to 64 takes cross-tile causal past SHORT;
+#             its new sink case: d64 causal Sq 1100 with a learnable sink, the gpt-oss shape), and the config tests
 #
 # The device copy has no usable .git: each variant is a copy of this tree with its patches applied by
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf|trace [SEQLENS] [D] [PATCH]|notes [FILTER]|tt REVERT_PATCH|tt3 CUT_PATCH REVERT_PATCH|ttq CUT_PATCH REVERT_PATCH|knobs4}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf|trace [SEQLENS] [D] [PATCH]|notes [FILTER]|tt REVERT_PATCH|tt3 CUT_PATCH REVERT_PATCH|ttq CUT_PATCH REVERT_PATCH|knobs4|xt64-tests}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -666,6 +669,10 @@ dyn)
   causal_ab dyn "$EXP/dynamic-tiles.patch"
   G=fwd_sm90_bf16_d256_m128_n80_st2_ov1_pp1_ps
   knob_ab dyn "256 1 4096,8192,16384 ${G}0_causal1_lr - ${G}1_causal1_lr"
+  ;;
+xt64-tests)
+  variant xt64 "$EXP/d64-causal-xt.patch" >/dev/null
+  gpu_tests xt64 xt64-tests tests/test_config.py tests/test_interface_cpu.py
   ;;
 ks-tests)
   variant ks "$EXP/split-keys.patch" >/dev/null
