@@ -181,12 +181,16 @@
 #   xt64-tests  the dispatcher's d64 causal cross-tile rule (d64-causal-xt.patch; branch experiment/d64-causal-xt):
 #             the forward GPU tests over its defaults (every head dim up to 64 takes cross-tile causal past SHORT;
 #             its new sink case: d64 causal Sq 1100 with a learnable sink, the gpt-oss shape), and the config tests
+#   knobs5    d64 causal 1k, the table's point furthest under cuDNN (0.93x; cuDNN's kernel there: 128 rows, 128-key
+#             blocks, a CTA an SM walking a tile counter): the two-CTA default against the 128-row tile with 128-key
+#             blocks, persistent, half blocks, with and without cross-tile (it fills 1k's rows exactly; the 192-row
+#             tile's last is a third full), and the 192-row `_xt_hb`; three interleaved rounds, two processes
 #
 # The device copy has no usable .git: each variant is a copy of this tree with its patches applied by
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf|trace [SEQLENS] [D] [PATCH]|notes [FILTER]|tt REVERT_PATCH|tt3 CUT_PATCH REVERT_PATCH|ttq CUT_PATCH REVERT_PATCH|knobs4|xt64-tests}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf|trace [SEQLENS] [D] [PATCH]|notes [FILTER]|tt REVERT_PATCH|tt3 CUT_PATCH REVERT_PATCH|ttq CUT_PATCH REVERT_PATCH|knobs4|xt64-tests|knobs5}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -650,6 +654,12 @@ knobs4)
   knob_ab main "64 1 1024 $F _hb _xt_hb fwd_sm90_bf16_d64_m128_n64_st4_ov0_pp0_ps1_causal1_x2
 64 1 2048,4096,8192,16384 $F _hb _xt_hb
 256 0 2048,4096,8192,16384 $G _ps0_causal0_lr _ps1_causal0_lr"
+  ;;
+knobs5)
+  F=fwd_sm90_bf16_d64_m128_n128_st4_ov1_pp1_ps1_causal1
+  for pass in 1 2; do
+    knob_ab main "64 1 1024 $F _hb _xt_hb fwd_sm90_bf16_d64_m128_n64_st4_ov0_pp0_ps1_causal1_x2 fwd_sm90_bf16_d64_m192_n128_st4_ov1_pp1_ps1_causal1_xt_hb"
+  done
   ;;
 keptc)
   F=fwd_sm90_bf16_d128_m128_n128_st2_ov1_pp1_ps1_causal1
