@@ -150,6 +150,11 @@ def _mask_warps_as(cfg: FwdSm90Config, short_causal: bool, smem_limit: int) -> F
 # 560 / 544 -> 574 at 1k / 4k / 16k, causal 441 -> 479 / 491 -> 523 / 535 -> 566 at 2k / 4k / 16k (+6 to +9%;
 # again on an H100: +7 to +16%), where without dropout the 80-key tile leads by 2-5%: only the 64-key tile
 # leaves room for the pair swap's buffers, so with 80 keys each consumer warp makes every Philox call of its span.
+# d64's causal rows past SHORT take cross-tile on their 192-row half blocks ((64, "causal"); fiftieth session,
+# H100, bf16 16k tokens, three interleaved rounds, two processes, TFLOP/s, without / with): 2k 385.6 -> 393.0 and
+# 382.7 -> 397.0 (+1.9 / +3.7%), 4k 422.5 -> 423.4, 8k 461.7 -> 466.6 and 470.4 -> 465.6, B=1 8k 32/8 454.8 -> 468.0
+# and 461.6 -> 470.1 (+2.9 / +1.8%); since the tile transition (a chained tile start ~1 step) it no longer loses.
+# Rows long enough for one CTA a tile (with_tile_walk) run the same twin either way.
 SHORT_CAUSAL = 2048
 SHORT = 1024
 _SHORT_CAUSAL_BY_TILE = {64: SHORT}  # where "short causal" ends for a tile width, if not at SHORT_CAUSAL
@@ -160,6 +165,10 @@ _SM90_PREFERENCES = {
                          cross_tile=True),
                     dict(block_m=192, block_n=128, stages=4, overlap=True, pingpong=False, persistent=True),
                     dict(block_m=128, block_n=128, stages=4)],
+    (64, "causal"): [dict(block_m=192, block_n=128, stages=4, overlap=True, pingpong=True, persistent=True,
+                          cross_tile=True),
+                     dict(block_m=192, block_n=128, stages=4, overlap=True, pingpong=True, persistent=True),
+                     dict(block_m=128, block_n=128, stages=4)],
     (64, "causal dropout"): [dict(block_m=128, block_n=128, stages=4, persistent=True),
                              dict(block_m=128, block_n=128, stages=4)],
     (64, "short causal"): [dict(block_m=128, block_n=64, stages=4, overlap=False, pingpong=False, persistent=True,

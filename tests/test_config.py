@@ -612,20 +612,22 @@ def test_causal_defaults_take_half_blocks_where_ptxas_keeps_their_wgmmas_pipelin
 
 def test_cross_tile_defaults():
     """The 128-wide Hopper tile (d 72-128) runs cross_tile at every length, causal or not (measured +3-6%
-    non-causal at 2k-16k on an H100, +1-3% causal), and the 64-wide one non-causal (+2-4%), except with a
-    window (its cross-tile kernel spills); the tile walk's twin drops both; precompile's build set holds the
-    short kernel and that twin."""
+    non-causal at 2k-16k on an H100, +1-3% causal), and the 64-wide one non-causal (+2-4%) and causal past the
+    short causal rows (+2-4% at 2k), except with a window (its cross-tile kernel spills); the tile walk's twin
+    drops both; precompile's build set holds the short kernel and that twin."""
     for d_head, causal, seqlen in itertools.product((96, 128), (False, True), (512, dispatch.SHORT, 4096, 16384)):
         cfg = dispatch.default_config("bf16", d_head, causal, seqlen, arch="sm_90a")
         assert (cfg.persistent, cfg.cross_tile) == (True, True), cfg.name
     assert not dispatch.default_config("bf16", 128, True, 4096, arch="sm_90a", local=True).cross_tile
     assert not dispatch.default_config("bf16", 128, False, 512, arch="sm_90a", local=True).cross_tile
-    # d64's 192-row tile takes it with ping-pong non-causal, not causal (128 rows up to SHORT, then 192 alone)
+    # d64's 192-row tile takes it with ping-pong, causal past SHORT (up to it the two-CTA 128-row tile)
     for seqlen in (512, dispatch.SHORT + 1, 16384):
         d64 = dispatch.default_config("bf16", 64, False, seqlen, arch="sm_90a")
         assert (d64.block_m, d64.pingpong, d64.cross_tile) == (192, True, True), d64.name
-        assert not dispatch.default_config("bf16", 64, True, seqlen, arch="sm_90a").cross_tile
+        causal = dispatch.default_config("bf16", 64, True, seqlen, arch="sm_90a")
+        assert causal.cross_tile == (seqlen > dispatch.SHORT) and causal.two_ctas == (seqlen <= dispatch.SHORT)
         assert not dispatch.default_config("bf16", 64, False, seqlen, arch="sm_90a", softcap=True).cross_tile
+        assert not dispatch.default_config("bf16", 64, True, seqlen, arch="sm_90a", softcap=True).cross_tile
     short = dispatch.default_config("fp16", 128, True, 1024, arch="sm_90a")
     twin = dispatch.with_tile_walk(short, None, 1024, lambda: 132)  # a varlen batch: one CTA per tile
     assert (twin.persistent, twin.cross_tile) == (False, False) and not twin.problems()

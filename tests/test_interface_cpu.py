@@ -449,7 +449,7 @@ def test_with_tile_walk_runs_one_cta_a_tile_for_varlen_batches_and_long_causal_r
     sms = lambda: 132  # noqa: E731
     causal = default_config("bf16", 64, True, 8192, arch="sm_90a")
     assert isinstance(causal, FwdSm90Config) and causal.persistent, "d64's default walks persistently"
-    twin = dataclasses.replace(causal, persistent=False)
+    twin = causal.one_cta_per_tile()
     assert with_tile_walk(causal, (2, 32), 8192, sms) is causal  # 43 blocks of 192 rows
     assert with_tile_walk(causal, (1, 32), 192 * WALK_MAX_BLOCKS + 1, sms) == twin
     long_rows = WALK_MAX_ROUNDS * 132 // (WALK_MAX_BLOCKS + 1) + 1  # past the rounds: the static walk balances

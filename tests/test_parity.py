@@ -217,6 +217,7 @@ SINK_CASES = [  # (B, Sq, Sk, H, H_k, d, causal, window, dropout_p)
     (2, 257, 129, 2, 1, 96, True, (-1, -1), 0.0),  # Sq > Sk causal: empty rows (lse = sink, out = 0)
     (1, 200, 333, 4, 1, 256, False, (32, 8), 0.0), (2, 77, 190, 3, 3, 80, False, (-1, -1), 0.17),
     (1, 64, 64, 2, 2, 40, True, (-1, -1), 0.0),  # Sq <= 64: one query block (and the short causal tile on sm_90a)
+    (1, 1100, 1000, 2, 1, 64, True, (-1, -1), 0.0),  # past the short causal rows: sm_90a's cross-tile causal kernel
 ]
 
 
