@@ -185,12 +185,18 @@
 #             blocks, a CTA an SM walking a tile counter): the two-CTA default against the 128-row tile with 128-key
 #             blocks, persistent, half blocks, with and without cross-tile (it fills 1k's rows exactly; the 192-row
 #             tile's last is a third full), and the 192-row `_xt_hb`; three interleaved rounds, two processes
+#   knobs6    d64 causal 512 / 1k on the two-CTA kernel (`_x2`, the default there, 0.95x cuDNN at 1k): its stages
+#             (4, the default, against 2 and 3), one CTA a tile instead of persistent, lazy rescaling; three
+#             interleaved rounds, two processes
+#   gqa256    issue 15's d256 causal B=1 8k 32/8 point (0.956 / 0.926x cuDNN in the fifty-first session's tables,
+#             0.997 / 0.995 in the forty-third's): bf16 and fp16, three interleaved rounds, the kernels' times
+#             (torch.profiler) of flashjit's and cuDNN's backward, and flashjit.backward alone, split and group
 #
 # The device copy has no usable .git: each variant is a copy of this tree with its patches applied by
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf|trace [SEQLENS] [D] [PATCH]|notes [FILTER]|tt REVERT_PATCH|tt3 CUT_PATCH REVERT_PATCH|ttq CUT_PATCH REVERT_PATCH|knobs4|xt64-tests|knobs5}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf|trace [SEQLENS] [D] [PATCH]|notes [FILTER]|tt REVERT_PATCH|tt3 CUT_PATCH REVERT_PATCH|ttq CUT_PATCH REVERT_PATCH|knobs4|xt64-tests|knobs5|knobs6|gqa256}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -660,6 +666,16 @@ knobs5)
   for pass in 1 2; do
     knob_ab main "64 1 1024 $F _hb _xt_hb fwd_sm90_bf16_d64_m128_n64_st4_ov0_pp0_ps1_causal1_x2 fwd_sm90_bf16_d64_m192_n128_st4_ov1_pp1_ps1_causal1_xt_hb"
   done
+  ;;
+knobs6)
+  F=fwd_sm90_bf16_d64_m128_n64
+  for pass in 1 2; do
+    knob_ab main "64 1 512,1024 ${F}_st4_ov0_pp0_ps1_causal1 _x2 ${F}_st2_ov0_pp0_ps1_causal1_x2 ${F}_st3_ov0_pp0_ps1_causal1_x2 ${F}_st4_ov0_pp0_ps0_causal1_x2 ${F}_st4_ov0_pp0_ps1_causal1_lr_x2"
+  done
+  ;;
+gqa256)
+  python3 scripts/bench_backward.py --dtypes bf16,fp16 --head-dims 256 --seqlens '' --causal 1 --gqa 1x8192x32x8 \
+    --rounds 3 --kernels --out "$OUT" 2>&1 | grep --line-buffered -Ev "^\s*$" | stamp | tee "$OUT/bench.txt"
   ;;
 keptc)
   F=fwd_sm90_bf16_d128_m128_n128_st2_ov1_pp1_ps1_causal1
