@@ -188,6 +188,9 @@
 #   knobs6    d64 causal 512 / 1k on the two-CTA kernel (`_x2`, the default there, 0.95x cuDNN at 1k): its stages
 #             (4, the default, against 2 and 3), one CTA a tile instead of persistent, lazy rescaling; three
 #             interleaved rounds, two processes
+#   x2walk    the two-CTA kernel's walk rule (dispatch.TWO_CTAS_WALK_MAX_BLOCKS): persistent against one CTA a tile
+#             at d64 causal 512 / 768 / 1k, two processes; then the forward GPU tests of causal calls, which
+#             run the rule's defaults
 #   gqa256    issue 15's d256 causal B=1 8k 32/8 point (0.956 / 0.926x cuDNN in the fifty-first session's tables,
 #             0.997 / 0.995 in the forty-third's): bf16 and fp16, three interleaved rounds, the kernels' times
 #             (torch.profiler) of flashjit's and cuDNN's backward, and flashjit.backward alone, split and group
@@ -196,7 +199,7 @@
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf|trace [SEQLENS] [D] [PATCH]|notes [FILTER]|tt REVERT_PATCH|tt3 CUT_PATCH REVERT_PATCH|ttq CUT_PATCH REVERT_PATCH|knobs4|xt64-tests|knobs5|knobs6|gqa256}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf|trace [SEQLENS] [D] [PATCH]|notes [FILTER]|tt REVERT_PATCH|tt3 CUT_PATCH REVERT_PATCH|ttq CUT_PATCH REVERT_PATCH|knobs4|xt64-tests|knobs5|knobs6|gqa256|x2walk}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -672,6 +675,12 @@ knobs6)
   for pass in 1 2; do
     knob_ab main "64 1 512,1024 ${F}_st4_ov0_pp0_ps1_causal1 _x2 ${F}_st2_ov0_pp0_ps1_causal1_x2 ${F}_st3_ov0_pp0_ps1_causal1_x2 ${F}_st4_ov0_pp0_ps0_causal1_x2 ${F}_st4_ov0_pp0_ps1_causal1_lr_x2"
   done
+  ;;
+x2walk)
+  F=fwd_sm90_bf16_d64_m128_n64_st4_ov0_pp0
+  for pass in 1 2; do knob_ab main "64 1 512,768,1024 $F _ps1_causal1_x2 _ps0_causal1_x2"; done
+  timeout "${TESTS_S:-200}" python3 -m pytest -q -n 16 -p no:cacheprovider tests/test_forward_sm90.py tests/test_parity.py \
+    tests/test_flash_api.py -k causal 2>&1 | tail -5 | tee "$OUT/x2walk-tests.txt"
   ;;
 gqa256)
   python3 scripts/bench_backward.py --dtypes bf16,fp16 --head-dims 256 --seqlens '' --causal 1 --gqa 1x8192x32x8 \
