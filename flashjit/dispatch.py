@@ -422,6 +422,14 @@ def causal_walk(rows: int, seqlen_q: int, seqlen_k: int, block_m: int, block_n: 
 # 579.6 / 567.9, B=1 8k 32/8 565.0 / 561.0, d64 8k (43) 463.6 / 454.7, B=1 8k 32/8 475.6 / 462.8; 16k: d128
 # (128 blocks) 605.2 / 615.7 and 588.7 / 599.2, d64 (86) 481.1 / 487.9 and 473.8 / 472.3).
 WALK_MAX_BLOCKS = 64
+# Two-CTA grids (d <= 64 causal rows up to SHORT) of more query blocks than this take one CTA a tile too: a tile's
+# time there depends on what the SM's other CTA runs beside it, which fixed lists cannot know and the hardware's
+# hand-out absorbs (fifty-first session, H100, bf16 16k tokens, three interleaved rounds, two processes, TFLOP/s
+# persistent -> one CTA a tile: 1k (8 blocks) 304.9 -> 316.7 and 311.5 -> 318.2 (+3.9 / +2.1%), 512 (4 blocks)
+# 236.7 -> 233.6 and 238.1 -> 234.2 (-1.3 / -1.6%); the walk's tile cost at 2-4 blocks had moved 1k by +0.5-1.6%).
+# Not with dropout, whose two-CTA kernels keep the producer's mask warps only when persistent, nor (unmeasured) with a
+# window.
+TWO_CTAS_WALK_MAX_BLOCKS = 4
 
 
 def with_tile_walk(config, grid: tuple | None, seqlen_q: int, sm_count: Callable[[], int]):
@@ -431,13 +439,16 @@ def with_tile_walk(config, grid: tuple | None, seqlen_q: int, sm_count: Callable
     see (cu_seqlens live on the device) and whose mixed lengths unbalance a static walk (simulated for ~16k
     tokens of 256-4096-token sequences at d64: 0.80-0.90 of ideal against 0.96-0.97 for one CTA per tile),
     and for a causal grid of rows longer than WALK_MAX_BLOCKS query blocks within WALK_MAX_ROUNDS rounds
-    (beyond, its static walk balances). Other causal grids keep it, walking causal_walk's lists
-    (interface.py hands them to the kernel)."""
+    (beyond, its static walk balances), or, two CTAs an SM without dropout or a window, longer than
+    TWO_CTAS_WALK_MAX_BLOCKS. Other causal grids keep it, walking causal_walk's lists (interface.py hands
+    them to the kernel)."""
     if not (isinstance(config, FwdSm90Config) and config.persistent):
         return config
     if grid is None:
         return config.one_cta_per_tile()
     num_m = -(-seqlen_q // config.block_m)
+    if config.causal and config.two_ctas and not (config.dropout or config.local) and num_m > TWO_CTAS_WALK_MAX_BLOCKS:
+        return config.one_cta_per_tile()
     if config.causal and not config.local and num_m > WALK_MAX_BLOCKS and \
             grid[0] * grid[1] * num_m <= WALK_MAX_ROUNDS * sm_count() * config.ctas_per_sm:
         return config.one_cta_per_tile()
