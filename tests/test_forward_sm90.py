@@ -299,7 +299,8 @@ def test_two_ctas_equal_one_cta_bit_for_bit(causal, features):
     """two_ctas changes where the kernel runs (two CTAs an SM, 104 registers a consumer thread, a persistent
     grid of twice the SMs), not what it computes: out and lse equal the one-CTA kernel's bit for bit, with
     every score feature (one fixed Philox seed and offset for both), on 1152 tiles (over four rounds of the
-    persistent walk: its reversed odd rounds, the rings wrapping many times) with empty tiles mixed in."""
+    persistent walk: its reversed odd rounds, the rings wrapping many times) with empty tiles mixed in; and
+    so does its one-CTA-a-tile twin, which dispatch.with_tile_walk picks for causal rows past four blocks."""
     one = FwdSm90Config("bf16", 64, 128, 64, 4, overlap=False, pingpong=False, persistent=True, causal=causal,
                         **features).validate()
     two = dataclasses.replace(one, two_ctas=True).validate()
@@ -312,8 +313,9 @@ def test_two_ctas_equal_one_cta_bit_for_bit(causal, features):
     if one.dropout:
         kw.update(dropout_p=0.2, philox=(torch.randint(0, 2**62, ()).item(), 4 * torch.randint(1, 2**20, ()).item()))
     runs = [flashjit.forward(q, k, v, config=cfg, causal=causal, return_lse=True, out=poisoned_like(q), **kw)
-            for cfg in (one, two)]
-    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+            for cfg in (one, two, two.one_cta_per_tile())]
+    for other in runs[1:]:
+        assert torch.equal(runs[0][0], other[0]) and torch.equal(runs[0][1], other[1])
     if not one.dropout:  # and right, not only alike
         _check(q, k, v, two, causal=causal, **{key: val for key, val in kw.items() if key != "philox"})
 

@@ -190,7 +190,8 @@
 #             interleaved rounds, two processes
 #   x2walk    the two-CTA kernel's walk rule (dispatch.TWO_CTAS_WALK_MAX_BLOCKS): persistent against one CTA a tile
 #             at d64 causal 512 / 768 / 1k, two processes; then the forward GPU tests of causal calls, which
-#             run the rule's defaults
+#             run the rule's defaults (landed in the fifty-first session before they ran: no device time), and
+#             test_two_ctas_equal_one_cta_bit_for_bit, which now checks the twin the rule picks with every feature
 #   gqa256    issue 15's d256 causal B=1 8k 32/8 point (0.956 / 0.926x cuDNN in the fifty-first session's tables,
 #             0.997 / 0.995 in the forty-third's): bf16 and fp16, three interleaved rounds, the kernels' times
 #             (torch.profiler) of flashjit's and cuDNN's backward, and flashjit.backward alone, split and group
@@ -680,7 +681,7 @@ x2walk)
   F=fwd_sm90_bf16_d64_m128_n64_st4_ov0_pp0
   for pass in 1 2; do knob_ab main "64 1 512,768,1024 $F _ps1_causal1_x2 _ps0_causal1_x2"; done
   timeout "${TESTS_S:-200}" python3 -m pytest -q -n 16 -p no:cacheprovider tests/test_forward_sm90.py tests/test_parity.py \
-    tests/test_flash_api.py -k causal 2>&1 | tail -5 | tee "$OUT/x2walk-tests.txt"
+    tests/test_flash_api.py -k "causal or two_ctas" 2>&1 | tail -5 | tee "$OUT/x2walk-tests.txt"
   ;;
 gqa256)
   python3 scripts/bench_backward.py --dtypes bf16,fp16 --head-dims 256 --seqlens '' --causal 1 --gqa 1x8192x32x8 \
