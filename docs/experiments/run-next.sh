@@ -189,6 +189,7 @@
 #             (4, the default, against 2 and 3), one CTA a tile instead of persistent, lazy rescaling; three
 #             interleaved rounds, two processes
 #   x2walk    the two-CTA kernel's walk rule (dispatch.TWO_CTAS_WALK_MAX_BLOCKS): persistent against one CTA a tile
+#             (and one CTA a tile with two stages)
 #             at d64 causal 512 / 768 / 1k, two processes; then the forward GPU tests of causal calls, which
 #             run the rule's defaults (landed in the fifty-first session before they ran: no device time), and
 #             test_two_ctas_equal_one_cta_bit_for_bit, which now checks the twin the rule picks with every feature
@@ -679,7 +680,7 @@ knobs6)
   ;;
 x2walk)
   F=fwd_sm90_bf16_d64_m128_n64_st4_ov0_pp0
-  for pass in 1 2; do knob_ab main "64 1 512,768,1024 $F _ps1_causal1_x2 _ps0_causal1_x2"; done
+  for pass in 1 2; do knob_ab main "64 1 512,768,1024 $F _ps1_causal1_x2 _ps0_causal1_x2 fwd_sm90_bf16_d64_m128_n64_st2_ov0_pp0_ps0_causal1_x2"; done
   timeout "${TESTS_S:-200}" python3 -m pytest -q -n 16 -p no:cacheprovider tests/test_forward_sm90.py tests/test_parity.py \
     tests/test_flash_api.py -k "causal or two_ctas" 2>&1 | tail -5 | tee "$OUT/x2walk-tests.txt"
   ;;
