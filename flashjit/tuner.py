@@ -49,23 +49,28 @@ def candidates(direction: str, dtype: str, d_head: int, causal: bool, arch: str,
     """The configs `tune` times for a problem: the family's autotuning space for `arch` that fits the
     GPU, the dispatcher's default for the problem (its seqlen included) first, then on sm_90a the default
     with lazy rescaling the other way (the dispatcher's rule is by head dim and mask, and lost 1-3% at some
-    lengths). limit > 0 keeps an evenly spread subset of the space."""
+    lengths) and a persistent default's one-CTA-a-tile twin (what dispatch.with_tile_walk runs for some
+    grids: a tuned entry is run as it is). limit > 0 keeps those and an evenly spread subset of the space."""
     from . import dispatch
 
+    first = []  # kept whatever the limit
     if direction == "fwd":
         default = dispatch.default_config(dtype, d_head, causal, seqlen, smem_limit, arch=arch)
         space = dispatch.get_autotuning_kernel_configs(dtype, d_head, causal, arch=arch)
         if isinstance(default, dispatch.FwdSm90Config):
-            space = [dataclasses.replace(default, lazy_rescale=not default.lazy_rescale), *space]
+            first = [dataclasses.replace(default, lazy_rescale=not default.lazy_rescale)]
+            first += [default.one_cta_per_tile()] if default.persistent else []
     else:
         default = dispatch.default_bwd_config(dtype, d_head, causal, deterministic=deterministic,
                                               smem_limit=smem_limit, wgmma=arch == dispatch.WGMMA_ARCH)
         space = dispatch.get_autotuning_bwd_configs(dtype, d_head, causal, deterministic, arch=arch)
-    space = [c for c in space if c != default and c.smem_bytes <= smem_limit]
-    if limit and len(space) > limit - 1:
-        step = len(space) / (limit - 1)
-        space = [space[int(i * step)] for i in range(limit - 1)]
-    return [default, *space]
+    first = [c for c in first if c.smem_bytes <= smem_limit]
+    space = [c for c in space if c != default and c not in first and c.smem_bytes <= smem_limit]
+    room = max(limit - 1 - len(first), 0)
+    if limit and len(space) > room:
+        step = len(space) / room if room else 0
+        space = [space[int(i * step)] for i in range(room)]
+    return [default, *first, *space]
 
 
 def tune_problem(direction: str, dtype: str, d_head: int, causal: bool, seqlen: int, device_index: int,

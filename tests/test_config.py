@@ -613,7 +613,8 @@ def test_causal_defaults_take_half_blocks_where_ptxas_keeps_their_wgmmas_pipelin
 def test_cross_tile_defaults():
     """The 128-wide Hopper tile (d 72-128) runs cross_tile at every length, causal or not (measured +3-6%
     non-causal at 2k-16k on an H100, +1-3% causal), and the 64-wide one non-causal (+2-4%) and causal past the
-    short causal rows (+2-4% at 2k), except with a window (its cross-tile kernel spills); the tile walk's twin
+    short causal rows (+2-4% at 2k), except with a window (its cross-tile kernel spills) and, at d64, with a score
+    feature other than sinks (the 192-row tile's registers: the 128-row fallback); the tile walk's twin
     drops both; precompile's build set holds the short kernel and that twin."""
     for d_head, causal, seqlen in itertools.product((96, 128), (False, True), (512, dispatch.SHORT, 4096, 16384)):
         cfg = dispatch.default_config("bf16", d_head, causal, seqlen, arch="sm_90a")

@@ -114,6 +114,9 @@ def test_candidates_put_the_default_first_and_fit():
     fwd = tuner.candidates("fwd", "bf16", 128, False, "sm_90a", 227 * 1024, limit=8)
     assert len(fwd) == 8 and len(set(fwd)) == 8 and isinstance(fwd[0], FwdSm90Config)
     assert fwd[1] == dataclasses.replace(fwd[0], lazy_rescale=not fwd[0].lazy_rescale)  # the rule's other side
+    assert fwd[0].persistent and fwd[2] == fwd[0].one_cta_per_tile()  # what with_tile_walk runs for some grids
+    short = tuner.candidates("fwd", "bf16", 64, True, "sm_90a", 227 * 1024, limit=3, seqlen=1024)
+    assert short[0].two_ctas and short[2] == short[0].one_cta_per_tile() and len(short) == 3
     bwd = tuner.candidates("bwd", "bf16", 128, False, "sm_80", 99 * 1024)
     assert all(c.smem_bytes <= 99 * 1024 for c in bwd) and all(isinstance(c, BwdConfig) for c in bwd)
     assert not any(c.deterministic for c in bwd[1:])  # (the default at 99 KiB and d128 is the deterministic one)
