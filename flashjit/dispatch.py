@@ -446,11 +446,11 @@ def with_tile_walk(config, grid: tuple | None, seqlen_q: int, sm_count: Callable
         return config
     if grid is None:
         return config.one_cta_per_tile()
+    if not config.causal or config.local:
+        return config
     num_m = -(-seqlen_q // config.block_m)
-    if config.causal and config.two_ctas and not (config.dropout or config.local) and num_m > TWO_CTAS_WALK_MAX_BLOCKS:
-        return config.one_cta_per_tile()
-    if config.causal and not config.local and num_m > WALK_MAX_BLOCKS and \
-            grid[0] * grid[1] * num_m <= WALK_MAX_ROUNDS * sm_count() * config.ctas_per_sm:
+    if config.two_ctas and not config.dropout and num_m > TWO_CTAS_WALK_MAX_BLOCKS or \
+            num_m > WALK_MAX_BLOCKS and grid[0] * grid[1] * num_m <= WALK_MAX_ROUNDS * sm_count() * config.ctas_per_sm:
         return config.one_cta_per_tile()
     return config
 

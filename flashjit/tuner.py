@@ -68,8 +68,7 @@ def candidates(direction: str, dtype: str, d_head: int, causal: bool, arch: str,
     space = [c for c in space if c != default and c not in first and c.smem_bytes <= smem_limit]
     room = max(limit - 1 - len(first), 0)
     if limit and len(space) > room:
-        step = len(space) / room if room else 0
-        space = [space[int(i * step)] for i in range(room)]
+        space = [space[i * len(space) // room] for i in range(room)]
     return [default, *first, *space]
 
 
