@@ -195,7 +195,8 @@
 #             test_two_ctas_equal_one_cta_bit_for_bit, which now checks the twin the rule picks with every feature
 #   wgskip    consumer warpgroups passing over key blocks none of their rows see (the two-CTA kernels' loop,
 #             wg-skip.patch): A/B against main at d64 causal 512-2k; wgskip-tests: the causal / window GPU tests in
-#             its tree, and a mutant that must fail; wgskip-ab1k: a ~3-minute A/B at 1k
+#             its tree, and a mutant that must fail; wgskip-ab1k: a ~3-minute A/B at 1k; wgcompare: both patches'
+#             outputs against main's (the lazy-rescaling kernels bit for bit)
 #   ghost     the same in the overlapped loop (wg-ghost.patch over wg-skip.patch): its causal / window / varlen tests,
 #             and d64 causal 2k-8k against the skip's tree
 #   gqa256    issue 15's d256 causal B=1 8k 32/8 point (0.956 / 0.926x cuDNN in the fifty-first session's tables,
@@ -206,7 +207,7 @@
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf|trace [SEQLENS] [D] [PATCH]|notes [FILTER]|tt REVERT_PATCH|tt3 CUT_PATCH REVERT_PATCH|ttq CUT_PATCH REVERT_PATCH|knobs4|xt64-tests|knobs5|knobs6|gqa256|x2walk|wgskip|wgskip-tests|wgskip-ab1k|ghost}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf|trace [SEQLENS] [D] [PATCH]|notes [FILTER]|tt REVERT_PATCH|tt3 CUT_PATCH REVERT_PATCH|ttq CUT_PATCH REVERT_PATCH|knobs4|xt64-tests|knobs5|knobs6|gqa256|x2walk|wgskip|wgskip-tests|wgskip-ab1k|wgcompare|ghost}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -721,6 +722,23 @@ wgskip-ab1k)  # the skip's A/B where a call has ~3 minutes: d64 causal 1k's defa
   for v in main skip main; do echo "== $v"; knob_ab $v "64 1 1024 $N -"; done
   with_variant skip timeout "${TESTS_S:-100}" python3 -m pytest -q -n 16 -p no:cacheprovider tests/test_forward_sm90.py \
     -k two_ctas_equal 2>&1 | tail -4 | tee "$OUT/wgskip-tests.txt"
+  ;;
+wgcompare)  # main, the skip's tree and the ghost's on fixed inputs (scripts/fwd_outputs.py), out and lse compared: the
+  # lazy-rescaling kernels (_lr) must match main bit for bit; the others may move by an ulp (a skipped step's alpha,
+  # 2 to the rounding error of the fused m * scale - m_scaled, no longer scales O and l: docs/perf-log.md)
+  variant skip "$EXP/wg-skip.patch" >/dev/null
+  variant ghost "$EXP/wg-skip.patch" "$EXP/wg-ghost.patch" >/dev/null
+  F=fwd_sm90_bf16_d64
+  A="${F}_m128_n64_st4_ov0_pp0_ps1_causal1_x2 ${F}_m128_n64_st4_ov0_pp0_ps1_causal1_lr_x2 ${F}_m128_n64_st4_ov0_pp0_ps1_causal0_local_x2"
+  B="${F}_m192_n128_st4_ov1_pp1_ps1_causal1_xt_hb ${F}_m192_n128_st4_ov1_pp1_ps1_causal1_xt_lr ${F}_m128_n128_st4_ov1_pp1_ps1_causal0_local"
+  for v in main skip ghost; do with_variant $v python3 -m flashjit precompile --arch sm_90a --jobs 16 $A $B 2>&1 | tail -1; done
+  with_variant main python3 scripts/fwd_outputs.py --save "$OUT/main-A.pt" --configs $A 2>&1 | tail -1
+  with_variant skip python3 scripts/fwd_outputs.py --save "$OUT/skip-A.pt" --configs $A 2>&1 | tail -1
+  with_variant main python3 scripts/fwd_outputs.py --save "$OUT/main-B.pt" --configs $B 2>&1 | tail -1
+  with_variant ghost python3 scripts/fwd_outputs.py --save "$OUT/ghost-B.pt" --configs $B 2>&1 | tail -1
+  { echo "== skip against main (no-overlap kernels)"; python3 scripts/fwd_outputs.py --compare "$OUT/main-A.pt" "$OUT/skip-A.pt" || true
+    echo "== ghost against main (overlapped kernels)"; python3 scripts/fwd_outputs.py --compare "$OUT/main-B.pt" "$OUT/ghost-B.pt" || true
+  } 2>&1 | tee "$OUT/wgcompare.txt"
   ;;
 ghost)  # the overlapped loop's ghosts (wg-ghost.patch over wg-skip.patch: a warpgroup passes a tile's last block its rows
   # cannot see with the token only) against the skip's tree: the forward GPU tests of causal / window / varlen calls in
