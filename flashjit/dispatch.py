@@ -449,8 +449,10 @@ def with_tile_walk(config, grid: tuple | None, seqlen_q: int, sm_count: Callable
     if not config.causal or config.local:
         return config
     num_m = -(-seqlen_q // config.block_m)
-    if config.two_ctas and not config.dropout and num_m > TWO_CTAS_WALK_MAX_BLOCKS or \
-            num_m > WALK_MAX_BLOCKS and grid[0] * grid[1] * num_m <= WALK_MAX_ROUNDS * sm_count() * config.ctas_per_sm:
+    two_ctas_rows = config.two_ctas and not config.dropout and num_m > TWO_CTAS_WALK_MAX_BLOCKS
+    long_rows = num_m > WALK_MAX_BLOCKS and \
+        grid[0] * grid[1] * num_m <= WALK_MAX_ROUNDS * sm_count() * config.ctas_per_sm
+    if two_ctas_rows or long_rows:
         return config.one_cta_per_tile()
     return config
 
