@@ -80,31 +80,35 @@ def compile_one(config, flags: list[str], nvcc: str, include: str, scratch: Path
     return config.name, jit.perf_losses(log), max((int(n) for n in _SPILL.findall(log)), default=0)
 
 
+def check(configs: list, jobs: int) -> dict[str, tuple[list[str], int]]:
+    """{name: (ptxas's notes, spill-store bytes)} of each config's cubin, `jobs` nvcc processes at once."""
+    from flashjit import codegen, toolchain
+
+    toolkit = toolchain.find_toolkit()
+    flags = cubin_flags(toolkit)
+    with tempfile.TemporaryDirectory(prefix="flashjit-ptxas-") as scratch, \
+            concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        futures = [pool.submit(compile_one, c, flags, str(toolkit.nvcc), str(codegen.kernels_dir()), Path(scratch))
+                   for c in configs]
+        return {name: (notes, spill) for name, notes, spill in (f.result() for f in futures)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=2, help="nvcc processes at once")
     parser.add_argument("--filter", action="append", default=[], help="keep names containing this (repeatable)")
     parser.add_argument("--list", action="store_true", help="print the kernel names and exit")
     args = parser.parse_args()
-    from flashjit import codegen, toolchain
-
     chosen = [c for c in kernels() if not args.filter or any(f in c.name for f in args.filter)]
     if args.list:
         print("\n".join(c.name for c in chosen))
         return 0
-    toolkit = toolchain.find_toolkit()
-    flags = cubin_flags(toolkit)
-    noted, spilled = 0, 0
-    with tempfile.TemporaryDirectory(prefix="flashjit-ptxas-") as scratch, \
-            concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        jobs = [pool.submit(compile_one, c, flags, str(toolkit.nvcc), str(codegen.kernels_dir()), Path(scratch))
-                for c in chosen]
-        for job in concurrent.futures.as_completed(jobs):
-            name, notes, spill = job.result()
-            noted += bool(notes)
-            spilled += spill > 0
-            if notes or spill:
-                print(f"{name}: {'; '.join(notes) or 'no note'}; {spill} bytes spilled", flush=True)
+    found = check(chosen, args.jobs)
+    for name, (notes, spill) in found.items():
+        if notes or spill:
+            print(f"{name}: {'; '.join(notes) or 'no note'}; {spill} bytes spilled")
+    noted = sum(bool(notes) for notes, _ in found.values())
+    spilled = sum(spill > 0 for _, spill in found.values())
     print(f"{len(chosen)} kernels: {noted} with ptxas performance-loss notes, {spilled} spilling", file=sys.stderr)
     return 1 if noted else 0
 
