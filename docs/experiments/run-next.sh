@@ -196,7 +196,8 @@
 #   wgskip    consumer warpgroups passing over key blocks none of their rows see (the two-CTA kernels' loop,
 #             wg-skip.patch): A/B against main at d64 causal 512-2k; wgskip-tests: the causal / window GPU tests in
 #             its tree, and a mutant that must fail; wgskip-ab1k: a ~3-minute A/B at 1k; wgcompare: both patches'
-#             outputs against main's (the lazy-rescaling kernels bit for bit)
+#             outputs against main's (the lazy-rescaling kernels bit for bit); wgskip-one: tests, mutant, compare and
+#             the 1k A/B in one call
 #   ghost     the same in the overlapped loop (wg-ghost.patch over wg-skip.patch): its causal / window / varlen tests,
 #             and d64 causal 2k-8k against the skip's tree
 #   gqa256    issue 15's d256 causal B=1 8k 32/8 point (0.956 / 0.926x cuDNN in the fifty-first session's tables,
@@ -207,7 +208,7 @@
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf|trace [SEQLENS] [D] [PATCH]|notes [FILTER]|tt REVERT_PATCH|tt3 CUT_PATCH REVERT_PATCH|ttq CUT_PATCH REVERT_PATCH|knobs4|xt64-tests|knobs5|knobs6|gqa256|x2walk|wgskip|wgskip-tests|wgskip-ab1k|wgcompare|ghost}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf|trace [SEQLENS] [D] [PATCH]|notes [FILTER]|tt REVERT_PATCH|tt3 CUT_PATCH REVERT_PATCH|ttq CUT_PATCH REVERT_PATCH|knobs4|xt64-tests|knobs5|knobs6|gqa256|x2walk|wgskip|wgskip-tests|wgskip-ab1k|wgskip-one|wgcompare|ghost}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -722,6 +723,30 @@ wgskip-ab1k)  # the skip's A/B where a call has ~3 minutes: d64 causal 1k's defa
   for v in main skip main; do echo "== $v"; knob_ab $v "64 1 1024 $N -"; done
   with_variant skip timeout "${TESTS_S:-100}" python3 -m pytest -q -n 16 -p no:cacheprovider tests/test_forward_sm90.py \
     -k two_ctas_equal 2>&1 | tail -4 | tee "$OUT/wgskip-tests.txt"
+  ;;
+wgskip-one)  # wgskip's verdict in one call, where only one may start (~7-8 minutes cold): its tests and the mutant
+  # (as wgskip-tests, the kernels of the A/B compiling beside them), the no-overlap kernels' outputs against main's (as
+  # wgcompare's first half), then d64 causal 1k's default, main / skip / main / skip, one process each
+  variant skip "$EXP/wg-skip.patch" >/dev/null
+  variant mutant "$EXP/wg-skip.patch" "$EXP/wg-skip-mutant.patch" >/dev/null
+  N=fwd_sm90_bf16_d64_m128_n64_st4_ov0_pp0_ps0_causal1_x2
+  F=fwd_sm90_bf16_d64_m128_n64_st4_ov0_pp0
+  A="${F}_ps1_causal1_x2 ${F}_ps1_causal1_lr_x2 ${F}_ps1_causal0_local_x2"
+  local_pids=()
+  for v in main skip; do with_variant $v python3 -m flashjit precompile --arch sm_90a --jobs 2 $N $A >/dev/null 2>&1 &
+    local_pids+=($!); done
+  with_variant mutant timeout 200 python3 -m pytest -q -n 2 -p no:cacheprovider tests/test_forward_sm90.py \
+    -k "two_ctas_equal and (True-plain or False-local)" 2>&1 | tail -4 >"$OUT/wgskip-mutant.txt" & local_pids+=($!)
+  with_variant skip timeout "${TESTS_S:-240}" python3 -m pytest -q -n 10 -p no:cacheprovider tests/test_forward_sm90.py \
+    tests/test_parity.py tests/test_flash_api.py tests/test_varlen.py -k "causal or two_ctas or window or local or x2 or ov0" \
+    2>&1 | tail -5 | tee "$OUT/wgskip-tests.txt"
+  wait "${local_pids[@]}" || true  # (not a bare wait: the clock sampler runs in the background too)
+  echo "== mutant (must fail)"; cat "$OUT/wgskip-mutant.txt"
+  with_variant main python3 scripts/fwd_outputs.py --save "$OUT/main-A.pt" --configs $A 2>&1 | tail -1
+  with_variant skip python3 scripts/fwd_outputs.py --save "$OUT/skip-A.pt" --configs $A 2>&1 | tail -1
+  { echo "== skip against main (no-overlap kernels; _lr bit for bit)"
+    python3 scripts/fwd_outputs.py --compare "$OUT/main-A.pt" "$OUT/skip-A.pt" || true; } 2>&1 | tee "$OUT/wgcompare.txt"
+  for v in main skip main skip; do echo "== $v"; knob_ab $v "64 1 1024 $N -"; done
   ;;
 wgcompare)  # main, the skip's tree and the ghost's on fixed inputs (scripts/fwd_outputs.py), out and lse compared: the
   # lazy-rescaling kernels (_lr) must match main bit for bit; the others may move by an ulp (a skipped step's alpha,
