@@ -739,14 +739,14 @@ wgskip-one)  # wgskip's verdict in one call, where only one may start (~7-8 minu
     -k "two_ctas_equal and (True-plain or False-local)" 2>&1 | tail -4 >"$OUT/wgskip-mutant.txt" & local_pids+=($!)
   with_variant skip timeout "${TESTS_S:-240}" python3 -m pytest -q -n 10 -p no:cacheprovider tests/test_forward_sm90.py \
     tests/test_parity.py tests/test_flash_api.py tests/test_varlen.py -k "causal or two_ctas or window or local or x2 or ov0" \
-    2>&1 | tail -5 | tee "$OUT/wgskip-tests.txt"
+    2>&1 | tail -5 | tee "$OUT/wgskip-tests.txt" || true
   wait "${local_pids[@]}" || true  # (not a bare wait: the clock sampler runs in the background too)
   echo "== mutant (must fail)"; cat "$OUT/wgskip-mutant.txt"
-  with_variant main python3 scripts/fwd_outputs.py --save "$OUT/main-A.pt" --configs $A 2>&1 | tail -1
-  with_variant skip python3 scripts/fwd_outputs.py --save "$OUT/skip-A.pt" --configs $A 2>&1 | tail -1
+  with_variant main python3 scripts/fwd_outputs.py --save "$OUT/main-A.pt" --configs $A 2>&1 | tail -1 || true
+  with_variant skip python3 scripts/fwd_outputs.py --save "$OUT/skip-A.pt" --configs $A 2>&1 | tail -1 || true
   { echo "== skip against main (no-overlap kernels; _lr bit for bit)"
     python3 scripts/fwd_outputs.py --compare "$OUT/main-A.pt" "$OUT/skip-A.pt" || true; } 2>&1 | tee "$OUT/wgcompare.txt"
-  for v in main skip main skip; do echo "== $v"; knob_ab $v "64 1 1024 $N -"; done
+  for v in main skip main skip; do echo "== $v"; knob_ab $v "64 1 1024 $N -" || true; done
   ;;
 wgcompare)  # main, the skip's tree and the ghost's on fixed inputs (scripts/fwd_outputs.py), out and lse compared: the
   # lazy-rescaling kernels (_lr) must match main bit for bit; the others may move by an ulp (a skipped step's alpha,
