@@ -43,6 +43,8 @@
 //   wait k.full[s]; S = Q_g K_j^T (wgmma, A and B from shared memory); release k.empty[s]
 //   mask, online softmax in registers, P = exp(S - m)     [under the previous block's PV with overlap]
 //   wait v.full[s]; O += P V_j (wgmma, P from registers, V from shared memory); release v.empty[s]
+//   (without kOverlap, a block none of the warpgroup's rows see: wait k.full[s] and v.full[s], pass the
+//   ping-pong token, release both: pass_over, warpgroup_sees)
 //   epilogue: O / l into this warpgroup's rows of the Q tile, TMA store (persistent without cross-tile,
 //   or a varlen tile ending past its sequence: straight from registers); lse from registers.
 // With kOverlap the QK^T of block j+1 is issued before the softmax of block j, and PV of block j runs
@@ -305,6 +307,21 @@ __device__ __forceinline__ bool half_block(const typename C::Mod& mod, int q_row
   int end = mod.seqlen_k;  // one past the last key any of the rows sees
   if (C::kCausal || (C::Mod::kLocal && mod.right >= 0)) end = min(end, q_row0 + g * 64 + 64 + mod.diag + mod.right);
   return end - j * C::kBlockN <= C::kHalfN;
+}
+
+// Whether block j lies wholly right of what consumer warpgroup g's rows (q_row0 + 64 g ..., 64 of them) see: the
+// causal diagonal or a window's right edge (uniform across the warpgroup). With 64-key blocks a causal tile's last
+// block does for its first warpgroup; on a 192-row tile of 128-key blocks for warpgroups 0 and 1 of every other tile.
+template <class C>
+__device__ __forceinline__ bool warpgroup_past(const typename C::Mod& mod, int q_row0, int g, int j) {
+  return (C::kCausal || (C::Mod::kLocal && mod.right >= 0)) &&
+         j * C::kBlockN > q_row0 + g * 64 + 63 + mod.diag + mod.right;
+}
+// Whether some row of consumer warpgroup g sees a key of block j (Tile's block range for its rows alone).
+template <class C>
+__device__ __forceinline__ bool warpgroup_sees(const typename C::Mod& mod, int q_row0, int g, int j) {
+  return !warpgroup_past<C>(mod, q_row0, g, j) &&
+         !(C::Mod::kLocal && mod.left >= 0 && (j + 1) * C::kBlockN <= q_row0 + g * 64 + mod.diag - mod.left);
 }
 
 // Varlen: the box of a sequence's last, partial key block runs past its keys into the next
@@ -986,12 +1003,34 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
     auto q_done = [&](int j) {
       if (!C::kCrossTile && j == T.j_end - 1) sm.q_ring->release(qs);
     };
+    // Block j, none of whose keys this warpgroup's rows see: its products would add zeros (an all-masked block
+    // leaves m and l as they are; without lazy rescaling its alpha, 2 to the rounding error of the fused
+    // m * scale - m_scaled, scaled O and l by 1 +- an ulp), so the warpgroup only passes it on. The stages are
+    // released once filled (an early arrival could complete an empty phase the other warpgroups still read), the
+    // ping-pong token goes round as in a step, dropout's swap pair still meets (a swap buffer is rewritten only after
+    // both warps read it: Smem::pair_slot), and a varlen block's V tail is zeroed with the others (its barrier counts
+    // every consumer thread).
+    auto pass_over = [&](int j) {
+      if constexpr (C::kPairSwap) named_sync(int(Barrier::kMaskPair) + pair, 64);
+      sm.k_ring->wait(st);
+      sm.v_ring->wait(st);
+      take_token();
+      pass_token();
+      sm.k_ring->release(st);
+      q_done(j);
+      zero_v_past_keys<C>(p, sm.v_stage(st.stage), T.mod, j, g * 128 + t);
+      sm.v_ring->release(st);
+    };
     if (!C::kOverlap || T.empty()) {
       if (!C::kCrossTile && T.empty()) sm.q_ring->release(qs);
       if (C::kCrossTile && pending >= 0) finish();
       zero(o);
       m[0][0] = m[0][1] = -INFINITY, l[0][0] = l[0][1] = 0.f;
       for (int j = T.j_begin; !C::kOverlap && j < T.j_end; ++j, st.advance()) {
+        if (!warpgroup_sees<C>(T.mod, T.q_row0, g, j)) {
+          pass_over(j);
+          continue;
+        }
         sm.k_ring->wait(st);
         issue_qk<C>(s, q_desc(qs.stage), k_desc(st.stage));
         wgmma_wait<0>();
