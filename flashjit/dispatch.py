@@ -422,14 +422,6 @@ def causal_walk(rows: int, seqlen_q: int, seqlen_k: int, block_m: int, block_n: 
 # 579.6 / 567.9, B=1 8k 32/8 565.0 / 561.0, d64 8k (43) 463.6 / 454.7, B=1 8k 32/8 475.6 / 462.8; 16k: d128
 # (128 blocks) 605.2 / 615.7 and 588.7 / 599.2, d64 (86) 481.1 / 487.9 and 473.8 / 472.3).
 WALK_MAX_BLOCKS = 64
-# Two-CTA grids (d <= 64 causal rows up to SHORT) of more query blocks than this take one CTA a tile too: a tile's
-# time there depends on what the SM's other CTA runs beside it, which fixed lists cannot know and the hardware's
-# hand-out absorbs (fifty-first session, H100, bf16 16k tokens, three interleaved rounds, two processes, TFLOP/s
-# persistent -> one CTA a tile: 1k (8 blocks) 304.9 -> 316.7 and 311.5 -> 318.2 (+3.9 / +2.1%), 512 (4 blocks)
-# 236.7 -> 233.6 and 238.1 -> 234.2 (-1.3 / -1.6%); the walk's tile cost at 2-4 blocks had moved 1k by +0.5-1.6%).
-# Not with dropout, whose two-CTA kernels keep the producer's mask warps only when persistent, nor (unmeasured) with a
-# window.
-TWO_CTAS_WALK_MAX_BLOCKS = 4
 
 
 def with_tile_walk(config, grid: tuple | None, seqlen_q: int, sm_count: Callable[[], int]):
@@ -439,9 +431,13 @@ def with_tile_walk(config, grid: tuple | None, seqlen_q: int, sm_count: Callable
     see (cu_seqlens live on the device) and whose mixed lengths unbalance a static walk (simulated for ~16k
     tokens of 256-4096-token sequences at d64: 0.80-0.90 of ideal against 0.96-0.97 for one CTA per tile),
     and for a causal grid of rows longer than WALK_MAX_BLOCKS query blocks within WALK_MAX_ROUNDS rounds
-    (beyond, its static walk balances), or, two CTAs an SM without dropout or a window, longer than
-    TWO_CTAS_WALK_MAX_BLOCKS. Other causal grids keep it, walking causal_walk's lists (interface.py hands
-    them to the kernel)."""
+    (beyond, its static walk balances). Other causal grids keep it, walking causal_walk's lists (interface.py
+    hands them to the kernel); the two-CTA kernels' short rows too: one CTA a tile led there from 6 blocks
+    (fifty-first session, H100, bf16 16k tokens, three interleaved rounds, two processes, TFLOP/s persistent ->
+    one CTA a tile: 1k 304.9 -> 316.7 and 311.5 -> 318.2) until a warpgroup passed over the blocks it cannot see
+    (fwd_sm90's pass_over); since, the lists lead at every length those kernels run (fifty-third session, same
+    method: 512 263.2 / 262.5 against 243.4 / 244.5, 768 312.2 / 309.6 against 297.0 / 296.0, 1k 329.8 / 336.6
+    against 328.8 / 327.6)."""
     if not (isinstance(config, FwdSm90Config) and config.persistent):
         return config
     if grid is None:
@@ -449,12 +445,9 @@ def with_tile_walk(config, grid: tuple | None, seqlen_q: int, sm_count: Callable
     if not config.causal or config.local:
         return config
     num_m = -(-seqlen_q // config.block_m)
-    two_ctas_rows = config.two_ctas and not config.dropout and num_m > TWO_CTAS_WALK_MAX_BLOCKS
     long_rows = num_m > WALK_MAX_BLOCKS and \
         grid[0] * grid[1] * num_m <= WALK_MAX_ROUNDS * sm_count() * config.ctas_per_sm
-    if two_ctas_rows or long_rows:
-        return config.one_cta_per_tile()
-    return config
+    return config.one_cta_per_tile() if long_rows else config
 
 
 def get_kernels_to_build(smem_limit: int = SMEM_LIMIT_SM90, arch: str | None = None) -> list:

@@ -300,8 +300,7 @@ def test_two_ctas_equal_one_cta_bit_for_bit(causal, features):
     grid of twice the SMs), not what it computes: out and lse equal the one-CTA kernel's bit for bit, with
     every score feature (one fixed Philox seed and offset for both), on 1152 tiles (over four rounds of the
     persistent walk: its reversed odd rounds, the rings wrapping many times) with empty tiles mixed in; and
-    so does its one-CTA-a-tile twin, which dispatch.with_tile_walk picks for causal rows past four blocks
-    (without dropout or a window; it is checked with them too)."""
+    so does its one-CTA-a-tile twin, which dispatch.with_tile_walk picks for a varlen batch."""
     one = FwdSm90Config("bf16", 64, 128, 64, 4, overlap=False, pingpong=False, persistent=True, causal=causal,
                         **features).validate()
     two = dataclasses.replace(one, two_ctas=True).validate()

@@ -438,15 +438,13 @@ def test_causal_walk_bottom_right_rows_small_grids_and_its_limit():
 
 
 def test_with_tile_walk_runs_one_cta_a_tile_for_varlen_batches_and_long_causal_rows():
-    """One CTA a tile for a varlen batch, for causal rows of more than WALK_MAX_BLOCKS query blocks in a grid
-    of at most WALK_MAX_ROUNDS rounds, and for two-CTA causal rows (no dropout, no window) of more than
-    TWO_CTAS_WALK_MAX_BLOCKS (each measured faster than the walk's lists there); every other dense grid
-    keeps the persistent kernel (causal ones walk dispatch.causal_walk's lists)."""
+    """One CTA a tile for a varlen batch and for causal rows of more than WALK_MAX_BLOCKS query blocks in a
+    grid of at most WALK_MAX_ROUNDS rounds (measured faster than the walk's lists there); every other dense
+    grid keeps the persistent kernel (causal ones walk dispatch.causal_walk's lists), two CTAs an SM too."""
     import dataclasses
 
     from flashjit import FwdSm90Config, KernelConfig
-    from flashjit.dispatch import (TWO_CTAS_WALK_MAX_BLOCKS, WALK_MAX_BLOCKS, WALK_MAX_ROUNDS, default_config,
-                                   get_kernels_to_build, with_tile_walk)
+    from flashjit.dispatch import WALK_MAX_BLOCKS, WALK_MAX_ROUNDS, default_config, get_kernels_to_build, with_tile_walk
 
     sms = lambda: 132  # noqa: E731
     causal = default_config("bf16", 64, True, 8192, arch="sm_90a")
@@ -459,12 +457,12 @@ def test_with_tile_walk_runs_one_cta_a_tile_for_varlen_batches_and_long_causal_r
     assert with_tile_walk(dataclasses.replace(causal, local=True), (1, 32), 16384, sms).persistent
     plain = default_config("bf16", 64, False, 16384, arch="sm_90a")
     assert with_tile_walk(plain, (1, 32), 16384, sms) is plain
-    two = default_config("bf16", 64, True, 1024, arch="sm_90a")  # two CTAs an SM: past 4 blocks, one CTA a tile
+    two = default_config("bf16", 64, True, 1024, arch="sm_90a")  # two CTAs an SM
     assert two.two_ctas and two.persistent, "d64's causal 1k default runs two CTAs an SM, persistent"
-    assert with_tile_walk(two, (16, 32), 1024, sms) == two.one_cta_per_tile()
-    assert with_tile_walk(two, (16, 32), 128 * TWO_CTAS_WALK_MAX_BLOCKS, sms) is two
-    for kept in (dataclasses.replace(two, local=True), default_config("bf16", 64, True, 1024, dropout=True, arch="sm_90a")):
-        assert kept.two_ctas and with_tile_walk(kept, (16, 32), 1024, sms) is kept, kept.name
+    for kept in (two, dataclasses.replace(two, local=True), default_config("bf16", 64, True, 1024, dropout=True,
+                                                                            arch="sm_90a")):
+        assert kept.two_ctas and all(with_tile_walk(kept, (b, 32), s, sms) is kept
+                                     for b, s in ((32, 512), (21, 768), (16, 1024), (1, 1024))), kept.name
     assert two.one_cta_per_tile() in get_kernels_to_build(arch="sm_90a")
     for config in (causal, plain):  # a varlen batch: lengths unknown to the host, mixed
         assert with_tile_walk(config, None, 4096, sms) == dataclasses.replace(config, persistent=False, cross_tile=False)
