@@ -188,18 +188,15 @@
 #   knobs6    d64 causal 512 / 1k on the two-CTA kernel (`_x2`, the default there, 0.95x cuDNN at 1k): its stages
 #             (4, the default, against 2 and 3), one CTA a tile instead of persistent, lazy rescaling; three
 #             interleaved rounds, two processes
-#   x2walk    the two-CTA kernel's walk rule (dispatch.TWO_CTAS_WALK_MAX_BLOCKS): persistent against one CTA a tile
-#             (and one CTA a tile with two stages)
-#             at d64 causal 512 / 768 / 1k, two processes; then the forward GPU tests of causal calls, which
-#             run the rule's defaults (landed in the fifty-first session before they ran: no device time), and
-#             test_two_ctas_equal_one_cta_bit_for_bit, which now checks the twin the rule picks with every feature
-#   wgskip    consumer warpgroups passing over key blocks none of their rows see (the two-CTA kernels' loop,
-#             wg-skip.patch): A/B against main at d64 causal 512-2k; wgskip-tests: the causal / window GPU tests in
-#             its tree, and a mutant that must fail; wgskip-ab1k: a ~3-minute A/B at 1k; wgcompare: both patches'
-#             outputs against main's (the lazy-rescaling kernels bit for bit); wgskip-one: tests, mutant, compare and
-#             the 1k A/B in one call
-#   ghost     the same in the overlapped loop (wg-ghost.patch over wg-skip.patch): its causal / window / varlen tests,
-#             and d64 causal 2k-8k against the skip's tree
+#   x2walk    (ran in the fifty-third session, after wg-skip landed, as knob_ab lines: persistent led one CTA a tile at
+#             512 / 768 / 1k, and the fifty-first session's rule, one CTA a tile past four blocks, was removed) the
+#             two-CTA kernel, persistent against one CTA a tile (and one CTA a tile with two stages) at d64 causal
+#             512 / 768 / 1k, two processes; then the forward GPU tests of causal calls
+#   wgskip-mutant  (ran in the fifty-third session: both fail) a warpgroup passing over blocks its last 32 rows see
+#             (wg-skip-mutant.patch): its two-CTA equality tests of a causal and a windowed call must fail. wg-skip
+#             itself (pass_over) landed in that session: tests, sanitizers and the 1k A/B (+2.7%) in docs/perf-log.md
+#   ghost     (ran in the fifty-third session: tests pass, -1.5 to -2.3% at 2k-8k; refuted) pass_over in the
+#             overlapped loop (wg-ghost.patch): its causal / window / varlen tests, and d64 causal 2k-8k against main
 #   gqa256    issue 15's d256 causal B=1 8k 32/8 point (0.956 / 0.926x cuDNN in the fifty-first session's tables,
 #             0.997 / 0.995 in the forty-third's): bf16 and fp16, three interleaved rounds, the kernels' times
 #             (torch.profiler) of flashjit's and cuDNN's backward, and flashjit.backward alone, split and group
@@ -208,7 +205,7 @@
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf|trace [SEQLENS] [D] [PATCH]|notes [FILTER]|tt REVERT_PATCH|tt3 CUT_PATCH REVERT_PATCH|ttq CUT_PATCH REVERT_PATCH|knobs4|xt64-tests|knobs5|knobs6|gqa256|x2walk|wgskip|wgskip-tests|wgskip-ab1k|wgskip-one|wgcompare|ghost}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf|trace [SEQLENS] [D] [PATCH]|notes [FILTER]|tt REVERT_PATCH|tt3 CUT_PATCH REVERT_PATCH|ttq CUT_PATCH REVERT_PATCH|knobs4|xt64-tests|knobs5|knobs6|gqa256|x2walk|wgskip-mutant|ghost}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -691,90 +688,20 @@ x2walk)
   timeout "${TESTS_S:-200}" python3 -m pytest -q -n 16 -p no:cacheprovider tests/test_forward_sm90.py tests/test_parity.py \
     tests/test_flash_api.py -k "causal or two_ctas" 2>&1 | tail -5 | tee "$OUT/x2walk-tests.txt"
   ;;
-wgskip)  # consumer warpgroups pass over key blocks none of their rows see (the no-overlap loop: wg-skip.patch) against
-  # main: the two-CTA kernels at d64 causal 512 / 768 / 1k, persistent and one CTA a tile, and at 2k the twin against
-  # the default there (the 192-row cross-tile); two passes, in both orders (WGSKIP_ORDER, WGSKIP_SHORT: 512-1k only)
-  variant skip "$EXP/wg-skip.patch" >/dev/null
-  P="64 1 512,768,1024 fwd_sm90_bf16_d64_m128_n64_st4_ov0_pp0 _ps1_causal1_x2 _ps0_causal1_x2
-64 1 2048 fwd_sm90_bf16_d64_m128_n64_st4_ov0_pp0 _ps0_causal1_x2 fwd_sm90_bf16_d64_m192_n128_st4_ov1_pp1_ps1_causal1_xt_hb"
-  [ -n "${WGSKIP_SHORT:-}" ] && P=$(echo "$P" | head -1)
-  for v in ${WGSKIP_ORDER:-skip main main skip}; do echo "== $v"; knob_ab $v "$P"; done
-  ;;
-wgskip-tests)  # wgskip's tests, a call of their own (a cold machine compiles their kernels): the forward GPU tests of
-  # causal / window / two-CTA calls in the skip's tree, beside a mutant's (wg-skip-mutant.patch over it: a warpgroup
-  # skips blocks its last 32 rows see), whose two-CTA tests of a causal and a windowed call must both fail
-  variant skip "$EXP/wg-skip.patch" >/dev/null
-  variant mutant "$EXP/wg-skip.patch" "$EXP/wg-skip-mutant.patch" >/dev/null
+wgskip-mutant)
+  variant mutant "$EXP/wg-skip-mutant.patch" >/dev/null
   with_variant mutant timeout 200 python3 -m pytest -q -n 4 -p no:cacheprovider tests/test_forward_sm90.py \
-    -k "two_ctas_equal and (True-plain or False-local)" 2>&1 | tail -4 >"$OUT/wgskip-mutant.txt" & M=$!
-  with_variant skip timeout "${TESTS_S:-240}" python3 -m pytest -q -n 12 -p no:cacheprovider tests/test_forward_sm90.py \
-    tests/test_parity.py tests/test_flash_api.py tests/test_varlen.py -k "causal or two_ctas or window or local or x2 or ov0" \
-    2>&1 | tail -5 | tee "$OUT/wgskip-tests.txt"
-  wait $M || true
-  cat "$OUT/wgskip-mutant.txt"
+    -k "two_ctas_equal and (True-plain or False-local)" 2>&1 | tail -4 | tee "$OUT/wgskip-mutant.txt" || true
   ;;
-wgskip-ab1k)  # the skip's A/B where a call has ~3 minutes: d64 causal 1k's default (the two-CTA twin), main, the skip's
-  # tree and main again, after both compile at once; then the two-CTA bit-for-bit tests in the skip's tree while time lasts
-  variant skip "$EXP/wg-skip.patch" >/dev/null
-  N=fwd_sm90_bf16_d64_m128_n64_st4_ov0_pp0_ps0_causal1_x2
-  with_variant main python3 -m flashjit precompile --arch sm_90a $N >/dev/null 2>&1 & C1=$!
-  with_variant skip python3 -m flashjit precompile --arch sm_90a $N >/dev/null 2>&1 & C2=$!
-  wait $C1 $C2 || true
-  for v in main skip main; do echo "== $v"; knob_ab $v "64 1 1024 $N -"; done
-  with_variant skip timeout "${TESTS_S:-100}" python3 -m pytest -q -n 16 -p no:cacheprovider tests/test_forward_sm90.py \
-    -k two_ctas_equal 2>&1 | tail -4 | tee "$OUT/wgskip-tests.txt"
-  ;;
-wgskip-one)  # wgskip's verdict in one call, where only one may start (~7-8 minutes cold): its tests and the mutant
-  # (as wgskip-tests, the kernels of the A/B compiling beside them), the no-overlap kernels' outputs against main's (as
-  # wgcompare's first half), then d64 causal 1k's default, main / skip / main / skip, one process each
-  variant skip "$EXP/wg-skip.patch" >/dev/null
-  variant mutant "$EXP/wg-skip.patch" "$EXP/wg-skip-mutant.patch" >/dev/null
-  N=fwd_sm90_bf16_d64_m128_n64_st4_ov0_pp0_ps0_causal1_x2
-  F=fwd_sm90_bf16_d64_m128_n64_st4_ov0_pp0
-  A="${F}_ps1_causal1_x2 ${F}_ps1_causal1_lr_x2 ${F}_ps1_causal0_local_x2"
-  local_pids=()
-  for v in main skip; do with_variant $v python3 -m flashjit precompile --arch sm_90a --jobs 2 $N $A >/dev/null 2>&1 &
-    local_pids+=($!); done
-  with_variant mutant timeout 200 python3 -m pytest -q -n 2 -p no:cacheprovider tests/test_forward_sm90.py \
-    -k "two_ctas_equal and (True-plain or False-local)" 2>&1 | tail -4 >"$OUT/wgskip-mutant.txt" & local_pids+=($!)
-  with_variant skip timeout "${TESTS_S:-240}" python3 -m pytest -q -n 10 -p no:cacheprovider tests/test_forward_sm90.py \
-    tests/test_parity.py tests/test_flash_api.py tests/test_varlen.py -k "causal or two_ctas or window or local or x2 or ov0" \
-    2>&1 | tail -5 | tee "$OUT/wgskip-tests.txt" || true
-  wait "${local_pids[@]}" || true  # (not a bare wait: the clock sampler runs in the background too)
-  echo "== mutant (must fail)"; cat "$OUT/wgskip-mutant.txt"
-  with_variant main python3 scripts/fwd_outputs.py --save "$OUT/main-A.pt" --configs $A 2>&1 | tail -1 || true
-  with_variant skip python3 scripts/fwd_outputs.py --save "$OUT/skip-A.pt" --configs $A 2>&1 | tail -1 || true
-  { echo "== skip against main (no-overlap kernels; _lr bit for bit)"
-    python3 scripts/fwd_outputs.py --compare "$OUT/main-A.pt" "$OUT/skip-A.pt" || true; } 2>&1 | tee "$OUT/wgcompare.txt"
-  for v in main skip main skip; do echo "== $v"; knob_ab $v "64 1 1024 $N -" || true; done
-  ;;
-wgcompare)  # main, the skip's tree and the ghost's on fixed inputs (scripts/fwd_outputs.py), out and lse compared: the
-  # lazy-rescaling kernels (_lr) must match main bit for bit; the others may move by an ulp (a skipped step's alpha,
-  # 2 to the rounding error of the fused m * scale - m_scaled, no longer scales O and l: docs/perf-log.md)
-  variant skip "$EXP/wg-skip.patch" >/dev/null
-  variant ghost "$EXP/wg-skip.patch" "$EXP/wg-ghost.patch" >/dev/null
-  F=fwd_sm90_bf16_d64
-  A="${F}_m128_n64_st4_ov0_pp0_ps1_causal1_x2 ${F}_m128_n64_st4_ov0_pp0_ps1_causal1_lr_x2 ${F}_m128_n64_st4_ov0_pp0_ps1_causal0_local_x2"
-  B="${F}_m192_n128_st4_ov1_pp1_ps1_causal1_xt_hb ${F}_m192_n128_st4_ov1_pp1_ps1_causal1_xt_lr ${F}_m128_n128_st4_ov1_pp1_ps1_causal0_local"
-  for v in main skip ghost; do with_variant $v python3 -m flashjit precompile --arch sm_90a --jobs 16 $A $B 2>&1 | tail -1; done
-  with_variant main python3 scripts/fwd_outputs.py --save "$OUT/main-A.pt" --configs $A 2>&1 | tail -1
-  with_variant skip python3 scripts/fwd_outputs.py --save "$OUT/skip-A.pt" --configs $A 2>&1 | tail -1
-  with_variant main python3 scripts/fwd_outputs.py --save "$OUT/main-B.pt" --configs $B 2>&1 | tail -1
-  with_variant ghost python3 scripts/fwd_outputs.py --save "$OUT/ghost-B.pt" --configs $B 2>&1 | tail -1
-  { echo "== skip against main (no-overlap kernels)"; python3 scripts/fwd_outputs.py --compare "$OUT/main-A.pt" "$OUT/skip-A.pt" || true
-    echo "== ghost against main (overlapped kernels)"; python3 scripts/fwd_outputs.py --compare "$OUT/main-B.pt" "$OUT/ghost-B.pt" || true
-  } 2>&1 | tee "$OUT/wgcompare.txt"
-  ;;
-ghost)  # the overlapped loop's ghosts (wg-ghost.patch over wg-skip.patch: a warpgroup passes a tile's last block its rows
-  # cannot see with the token only) against the skip's tree: the forward GPU tests of causal / window / varlen calls in
+ghost)  # the overlapped loop's ghosts (wg-ghost.patch: a warpgroup passes a tile's last block its rows
+  # cannot see with the token only) against main: the forward GPU tests of causal / window / varlen calls in
   # the ghost's tree, then d64 causal 2k-8k and B=1 8k 32/8 through the default (the 192-row cross-tile half blocks)
-  variant skip "$EXP/wg-skip.patch" >/dev/null
-  variant ghost "$EXP/wg-skip.patch" "$EXP/wg-ghost.patch" >/dev/null
+  variant ghost "$EXP/wg-ghost.patch" >/dev/null
   with_variant ghost timeout "${TESTS_S:-240}" python3 -m pytest -q -n 16 -p no:cacheprovider tests/test_forward_sm90.py \
     tests/test_parity.py tests/test_varlen.py -k "causal or window or local or varlen" 2>&1 | tail -5 | tee "$OUT/ghost-tests.txt"
   ARGS="--dtypes bf16 --head-dims 64 --causal 1 --seqlens 2048,4096,8192 --gqa 8192 --no-flex"
-  warm bench_forward.py "$ARGS" "skip ghost"
-  passes bench_forward.py "$ARGS" "skip ghost"
+  warm bench_forward.py "$ARGS" "main ghost"
+  passes bench_forward.py "$ARGS" "main ghost"
   ;;
 gqa256)
   python3 scripts/bench_backward.py --dtypes bf16,fp16 --head-dims 256 --seqlens '' --causal 1 --gqa 1x8192x32x8 \
