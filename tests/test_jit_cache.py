@@ -546,7 +546,7 @@ def test_hopper_forward_build_set_compiles(private_cache):
         assert None not in notes.values()
 
 
-def test_the_dispatchers_half_block_and_two_cta_kernels_compile_whole():
+def test_the_dispatchers_half_block_and_two_cta_kernels_compile_unserialized_without_spills():
     """Every kernel the dispatcher can pick (scripts/ptxas_notes.py's list) with half blocks (the third
     compiled step, what ptxas has serialized) or two CTAs an SM (104 registers a consumer thread, the
     tightest budget, and no plain twin to fall back to) compiles without a ptxas performance-loss note or a
@@ -554,7 +554,7 @@ def test_the_dispatchers_half_block_and_two_cta_kernels_compile_whole():
     but without the knob's gain, and nothing else shows it. ptxas tips such kernels for changes outside their
     loops (docs/perf-log.md, thirtieth session), and a hand-run sweep over a few head dims missed three
     (d104-d120). Only the cubins are built, with the JIT's nvcc flags (the launchers, host code alike for all,
-    are the build-set test's: a whole build took this test 205 s on CI's two cores, the cubins ~70 s). The
+    are the build-set test's: whole builds took this test 205 s on two cores, the cubins 115-150 s). The
     kernels with lazy rescaling alone (~550, ~6 min on CI's two cores) are left to scripts/ptxas_notes.py
     (thirty-first session: none noted) and, at the build set's head dims, to the build-set test above."""
     sys.path.insert(0, str(REPO / "scripts"))
