@@ -23,6 +23,7 @@ def _toolkit_reason():
 def pytest_collection_modifyitems(config, items):
     gpu_reason = None if torch.cuda.is_available() else "no CUDA GPU is visible on this machine"
     tk_reason = _toolkit_reason()
+    items.sort(key=lambda item: "heavy" not in item.keywords)  # (stable: the rest keep their order)
     for item in items:
         if "gpu" in item.keywords and gpu_reason:
             item.add_marker(pytest.mark.skip(reason=gpu_reason))
@@ -30,11 +31,33 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=tk_reason))
 
 
+def pytest_configure(config):
+    # pytest-xdist: a test at a time to whichever worker is free (its default sends each worker a quarter of
+    # its share at once, which would give one worker every `heavy` test).
+    if getattr(config.option, "maxschedchunk", False) is None:
+        config.option.maxschedchunk = 1
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (README's test command): a worker a core without a GPU, where the tests are compiles and
+    host code (CI's two cores: 687 -> 570 s); none with one, where the GPU tests would share the device."""
+    if torch.cuda.is_available():
+        return 0
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 @pytest.fixture(scope="session")
 def shared_cache(tmp_path_factory):
-    """One cache for the whole session (kernels compile once), unless FLASHJIT_CACHE_DIR is set."""
-    path = os.environ.get("FLASHJIT_CACHE_DIR") or str(tmp_path_factory.mktemp("flashjit-cache"))
-    return path
+    """One cache for the whole session (kernels compile once), unless FLASHJIT_CACHE_DIR is set. Under
+    pytest-xdist every worker has its own base temp; their common parent holds one cache for all of them
+    (the cache is safe across processes: tests/test_jit_cache.py's sixteen-process test)."""
+    if os.environ.get("FLASHJIT_CACHE_DIR"):
+        return os.environ["FLASHJIT_CACHE_DIR"]
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        path = tmp_path_factory.getbasetemp().parent / "flashjit-cache"
+        path.mkdir(exist_ok=True)
+        return str(path)
+    return str(tmp_path_factory.mktemp("flashjit-cache"))
 
 
 # flash_attn_func's C++ autograd node: its default (auto) would start a background build from the first

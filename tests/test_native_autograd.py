@@ -67,6 +67,7 @@ def _qkv(grad=True):
 
 
 @pytest.mark.compile
+@pytest.mark.heavy  # (its fixture builds the node)
 def test_the_extension_builds_once_into_the_cache(node, capfd):
     library = native.build()  # the fixture built it: found, verified, not compiled again
     assert "compiling" not in capfd.readouterr().err
