@@ -2,8 +2,8 @@
 """ptxas over every Hopper kernel the dispatcher can pick, no GPU needed: which ones get a "Potential
 Performance Loss" note (C75xx: wgmma products serialized, which costs 10-40% and shows nowhere else) or
 spill. Run it after a change to kernels/fwd_sm90.cuh, kernels/bwd_sm90.cuh or the dispatcher's rules;
-CI checks only the build set (tests/test_jit_cache.py), which has no score features, odd head dims or
-one-CTA twins with a window.
+CI checks the build set and, of this list, the half-block and two-CTA kernels from d64 up
+(tests/test_jit_cache.py): not the kernels with lazy rescaling alone, nor the two-CTA ones below d64.
 
 The kernels: flashjit.dispatch's choice for every head dim from 8 to 256 in steps of 8 (and d_v 64 at
 d96/d128), causal or not, short and long rows, each score feature alone and window + dropout, plus the
@@ -66,31 +66,67 @@ def cubin_flags(toolkit) -> list[str]:
     return flags + ([] if "-cubin" in flags else ["-cubin"])  # (a toolkit before the split build: cubin all the same)
 
 
-def compile_one(config, flags: list[str], nvcc: str, include: str, scratch: Path) -> tuple[str, list[str], int]:
-    """(name, ptxas's notes, spill-store bytes) of one kernel's cubin, left at scratch/<name>.cubin."""
-    from flashjit import codegen, jit
+def ptx_flags(toolkit) -> list[str]:
+    """The JIT's nvcc flags, stopped at sm_90a PTX: the C++ front end and cicc, no ptxas."""
+    return [f for f in cubin_flags(toolkit) if not f.startswith("-gencode") and f != "-cubin"] + \
+        ["-arch=compute_90a", "-ptx"]
+
+
+def _nvcc(config, flags: list[str], nvcc: str, include: str, scratch: Path, suffix: str) -> str:
+    """nvcc's log of one kernel's TU, its output left at scratch/<name><suffix>."""
+    from flashjit import codegen
 
     source = scratch / f"{config.name}.cu"
     source.write_text(codegen.render(config))
-    run = subprocess.run([nvcc, *flags, "-Xptxas=-v", "-I", include, "-o", str(source.with_suffix(".cubin")),
-                          str(source)], capture_output=True, text=True)
+    run = subprocess.run([nvcc, *flags, "-I", include, "-o", str(source.with_suffix(suffix)), str(source)],
+                         capture_output=True, text=True)
     log = run.stdout + run.stderr
     if run.returncode != 0:
         raise RuntimeError(f"{config.name}: nvcc failed\n{log[-2000:]}")
+    return log
+
+
+def compile_one(config, flags: list[str], nvcc: str, include: str, scratch: Path) -> tuple[str, list[str], int]:
+    """(name, ptxas's notes, spill-store bytes) of one kernel's cubin, left at scratch/<name>.cubin."""
+    from flashjit import jit
+
+    log = _nvcc(config, [*flags, "-Xptxas=-v"], nvcc, include, scratch, ".cubin")
     return config.name, jit.perf_losses(log), max((int(n) for n in _SPILL.findall(log)), default=0)
+
+
+def _each(configs: list, jobs: int, work) -> list:
+    """work(config, nvcc, include, scratch) for every config, `jobs` at once, in order; the first failure raises."""
+    from flashjit import codegen, toolchain
+
+    nvcc = str(toolchain.find_toolkit().nvcc)
+    with tempfile.TemporaryDirectory(prefix="flashjit-ptxas-") as scratch, \
+            concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        futures = [pool.submit(work, c, nvcc, str(codegen.kernels_dir()), Path(scratch)) for c in configs]
+        return [f.result() for f in futures]
 
 
 def check(configs: list, jobs: int) -> dict[str, tuple[list[str], int]]:
     """{name: (ptxas's notes, spill-store bytes)} of each config's cubin, `jobs` nvcc processes at once."""
-    from flashjit import codegen, toolchain
+    from flashjit import toolchain
 
-    toolkit = toolchain.find_toolkit()
-    flags = cubin_flags(toolkit)
-    with tempfile.TemporaryDirectory(prefix="flashjit-ptxas-") as scratch, \
-            concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-        futures = [pool.submit(compile_one, c, flags, str(toolkit.nvcc), str(codegen.kernels_dir()), Path(scratch))
-                   for c in configs]
-        return {name: (notes, spill) for name, notes, spill in (f.result() for f in futures)}
+    flags = cubin_flags(toolchain.find_toolkit())
+    found = _each(configs, jobs, lambda config, *where: compile_one(config, flags, *where))
+    return {name: (notes, spill) for name, notes, spill in found}
+
+
+def ptx(configs: list, jobs: int) -> list[str]:
+    """Each config compiled to sm_90a PTX (raises on the first that fails); their names. Where a twin's
+    cubin is already checked (bf16 for fp16: the same registers, so the same notes), this proves the rest of
+    the template compiles for about half a cubin's time."""
+    from flashjit import toolchain
+
+    flags = ptx_flags(toolchain.find_toolkit())
+
+    def one(config, *where) -> str:
+        _nvcc(config, flags, *where, ".ptx")
+        return config.name
+
+    return _each(configs, jobs, one)
 
 
 def main() -> int:

@@ -223,6 +223,7 @@ print(kernel.path, kernel.smem_bytes)
 """
 
 
+@pytest.mark.heavy
 def test_sixteen_processes_one_compile(private_cache, tmp_path):
     """N_PROCESSES processes ask for one cold kernel at the same moment (a barrier releases them once
     every one has imported torch and found nvcc): nvcc compiles it once, all load the same file."""
@@ -529,81 +530,99 @@ def test_key_follows_the_arch(private_cache):
     assert len(hashes) == len(dirs)  # a different key, not only a different folder
 
 
+@pytest.mark.heavy
 def test_hopper_forward_build_set_compiles(private_cache):
     """Every fwd_sm90 kernel of the sm_90a build set compiles (the GPU tests run them on an H100/H200;
-    this keeps a template change that breaks one tile or head dim from reaching them)."""
+    this keeps a template change that breaks one tile or head dim from reaching them): the bf16 ones whole
+    through precompile (cubin, launcher, manifest), their fp16 twins to PTX. ptxas gives a twin bf16's
+    registers, so the same notes, and a launcher differs by a template argument (the SUBSET above builds an
+    fp16 one whole): on CI's two cores the twins whole cost ~140 CPU-s, as PTX about half."""
     env = dict(os.environ, FLASHJIT_CACHE_DIR=str(private_cache))
-    wanted = {c.name for c in get_kernels_to_build(arch="sm_90a") if c.family.name == "fwd_sm90"}
+    build_set = [c for c in get_kernels_to_build(arch="sm_90a") if c.family.name == "fwd_sm90"]
+    bf16 = {c.name for c in build_set if c.dtype == "bf16"}
+    fp16 = [c for c in build_set if c.dtype == "fp16"]
+    assert bf16 and sorted(c.name.replace("_fp16_", "_bf16_") for c in fp16) == sorted(bf16)  # twins, all of them
     pre = subprocess.run([sys.executable, "-m", "flashjit", "precompile", "--arch", "sm_90a", "--jobs", "2",
-                          "--filter", "fwd_sm90_*"], env=env, cwd=REPO, capture_output=True, text=True)
+                          "--filter", "fwd_sm90_bf16_*"], env=env, cwd=REPO, capture_output=True, text=True)
     assert pre.returncode == 0, pre.stderr[-3000:]
-    assert wanted and {manifest["config"] for _, manifest, _ in cache.entries()} == wanted
+    assert {manifest["config"] for _, manifest, _ in cache.entries()} == bf16
     # and none of them has its wgmma products serialized by ptxas (C7511-C7513: -17% for the one a
     # template change once did it to, with no other sign; jit.perf_losses, kept in the manifest)
     notes = {manifest["config"]: manifest["ptxas_notes"] for _, manifest, _ in cache.entries()}
     assert not any(notes.values()), {name: n for name, n in notes.items() if n}
     if jit.split_build(toolchain.find_toolkit()):  # (a whole build's log is not read: None)
         assert None not in notes.values()
+    assert sorted(_ptxas_notes().ptx(fp16, jobs=max(2, os.cpu_count() or 2))) == sorted(c.name for c in fp16)
 
 
-def test_the_dispatchers_half_block_and_two_cta_kernels_compile_unserialized_without_spills():
-    """Every kernel the dispatcher can pick (scripts/ptxas_notes.py's list) with half blocks (the third
-    compiled step, what ptxas has serialized) or two CTAs an SM (104 registers a consumer thread, the
-    tightest budget, and no plain twin to fall back to) compiles without a ptxas performance-loss note or a
-    spill with this toolkit. Where a half-block one does not, jit.unserialized runs its plain twin: correct,
-    but without the knob's gain, and nothing else shows it. ptxas tips such kernels for changes outside their
-    loops (docs/perf-log.md, thirtieth session), and a hand-run sweep over a few head dims missed three
-    (d104-d120). Only the cubins are built, with the JIT's nvcc flags (the launchers, host code alike for all,
-    are the build-set test's: whole builds took this test 205 s on two cores, the cubins 115-150 s). The
-    kernels with lazy rescaling alone (~550, ~6 min on CI's two cores) are left to scripts/ptxas_notes.py
-    (thirty-first session: none noted) and, at the build set's head dims, to the build-set test above."""
+def _ptxas_notes():
+    """scripts/ptxas_notes.py as a module (its kernel list and nvcc runs)."""
     sys.path.insert(0, str(REPO / "scripts"))
     try:
         import ptxas_notes
     finally:
         sys.path.remove(str(REPO / "scripts"))
-    chosen = [c for c in ptxas_notes.kernels() if getattr(c, "half_blocks", False) or getattr(c, "two_ctas", False)]
+    return ptxas_notes
+
+
+@pytest.mark.heavy
+def test_the_dispatchers_half_block_and_two_cta_kernels_compile_unserialized_without_spills():
+    """Every kernel the dispatcher can pick (scripts/ptxas_notes.py's list) from d64 up with half blocks (the
+    third compiled step, what ptxas has serialized) or two CTAs an SM (104 registers a consumer thread, the
+    tightest budget, and no plain twin to fall back to) compiles without a ptxas performance-loss note or a
+    spill with this toolkit. Where a half-block one does not, jit.unserialized runs its plain twin: correct,
+    but without the knob's gain, and nothing else shows it. ptxas tips such kernels for changes outside their
+    loops (docs/perf-log.md, thirtieth session), and a hand-run sweep over a few head dims missed three
+    (d104-d120). Only the cubins are built, with the JIT's nvcc flags (the launchers, host code alike for all,
+    are the build-set test's). Below d64 the list's kernels are two-CTA tiles of d64's with a narrower O, so
+    fewer registers a thread (98 kernels, ~60 s on two cores: none noted or spilling when CI stopped building
+    them); those and the kernels with lazy rescaling alone (~550, ~6 min) are left to scripts/ptxas_notes.py
+    (thirty-first session: none noted) and, at the build set's head dims, to the build-set test above."""
+    ptxas_notes = _ptxas_notes()
+    # (the build set's half-block kernels are left to the build-set test, whose manifests carry their notes;
+    # its two-CTA ones stay here, where their spills are read)
+    build_set = {c.name for c in get_kernels_to_build(arch="sm_90a")}
+    chosen = [c for c in ptxas_notes.kernels() if c.d_head >= 64 and (
+        getattr(c, "two_ctas", False) or (getattr(c, "half_blocks", False) and c.name not in build_set))]
     found = ptxas_notes.check(chosen, jobs=max(2, os.cpu_count() or 2))
     assert len(chosen) >= 20 and sorted(found) == sorted(c.name for c in chosen)
     assert not {name: r for name, r in found.items() if r != ([], 0)}, "ptxas notes or spills (notes, bytes)"
 
 
-def test_a_kernel_ptxas_serializes_is_named_and_its_manifest_says_why(private_cache, caplog):
+@pytest.mark.heavy
+def test_a_kernel_ptxas_serializes_is_named_and_precompile_adds_its_plain_twin(private_cache, caplog):
     """The persistent d128 causal kernel with softcap and half blocks (why the dispatcher gives softcap no half
     blocks): nvcc 13.0's ptxas serializes its wgmmas (C7511, its third compiled step's registers). A warning
     names the kernel, and the manifest keeps the note; were the dispatcher to choose it, jit.unserialized runs
-    its plain twin (no half blocks), which ptxas compiles whole. (The d64 192-row non-causal one with half
-    blocks was the example until the tile decode by FastDivs left its consumers the registers.)"""
+    its plain twin (no half blocks), which ptxas compiles whole, so precompile builds the twin too (a bundle,
+    or a cache used with FLASHJIT_DISABLE_JIT, must hold it); a clean kernel gets none. (The d64 192-row
+    non-causal one with half blocks was the example until the tile decode by FastDivs left its consumers the
+    registers.) One test, one cache: three heavy kernels built once each."""
     config = FwdSm90Config("bf16", 128, persistent=True, causal=True, softcap=True, half_blocks=True)
     library = jit.ensure_built(config, "sm_90a")
     notes = cache.Entry(library.parent).manifest()["ptxas_notes"]
     assert notes and all(n.startswith("C75") and "serialized" in n for n in notes), notes
     assert f"{config.name} for sm_90a: ptxas: C75" in caplog.text
+    env = dict(os.environ, FLASHJIT_CACHE_DIR=str(private_cache))
     listed = subprocess.run([sys.executable, "-m", "flashjit", "cache", "list"], capture_output=True, text=True,
-                            env=dict(os.environ, FLASHJIT_CACHE_DIR=str(private_cache)), cwd=REPO)
+                            env=env, cwd=REPO)
     assert "(ptxas: C7511, wgmma serialized)" in listed.stdout, listed.stdout + listed.stderr
-    if jit.split_build(toolchain.find_toolkit()):  # (a whole build records no notes: nothing to fall back from)
-        jit.unserialized.cache_clear()
-        assert jit.unserialized(config, "sm_90a") == config.plain() == dataclasses.replace(config, half_blocks=False)
-        assert jit.notes_of(config.plain(), "sm_90a") == []
-        assert f"running {config.plain().name} instead" in caplog.text
-
-
-def test_precompile_adds_the_plain_twin_of_a_kernel_ptxas_serializes(private_cache):
-    """The dispatcher runs a noted kernel's plain twin (jit.unserialized), so precompile builds the twin too
-    (a bundle, or a cache used with FLASHJIT_DISABLE_JIT, must hold it); a clean kernel gets none."""
-    noted = FwdSm90Config("bf16", 128, persistent=True, causal=True, softcap=True, half_blocks=True)
+    # precompile: the noted kernel (cached above) and a clean one; it builds the clean one and the twin
     clean = FwdSm90Config("bf16", 128, persistent=True, causal=True, half_blocks=True)
-    run = subprocess.run([sys.executable, "-m", "flashjit", "precompile", "--arch", "sm_90a", noted.name, clean.name],
-                         capture_output=True, text=True, env=dict(os.environ, FLASHJIT_CACHE_DIR=str(private_cache)),
-                         cwd=REPO)
+    run = subprocess.run([sys.executable, "-m", "flashjit", "precompile", "--arch", "sm_90a", config.name, clean.name],
+                         capture_output=True, text=True, env=env, cwd=REPO)
     assert run.returncode == 0, run.stdout + run.stderr
     built = {manifest["config"] for _, manifest, _ in cache.entries()}
-    if jit.split_build(toolchain.find_toolkit()):  # (a whole build records no notes: nothing to add)
-        assert "adding their plain twins" in run.stdout and "3 of 3 kernels" in run.stdout, run.stdout
-        assert built == {noted.name, clean.name, noted.plain().name}
-    else:
-        assert built == {noted.name, clean.name}
+    if not jit.split_build(toolchain.find_toolkit()):  # (a whole build records no notes: nothing to fall back from)
+        assert built == {config.name, clean.name}
+        return
+    assert "adding their plain twins" in run.stdout and "3 of 3 kernels" in run.stdout, run.stdout
+    assert "(2 compiled, 1 cached)" in run.stdout, run.stdout
+    assert built == {config.name, clean.name, config.plain().name}
+    jit.unserialized.cache_clear()
+    assert jit.unserialized(config, "sm_90a") == config.plain() == dataclasses.replace(config, half_blocks=False)
+    assert jit.notes_of(config.plain(), "sm_90a") == []
+    assert f"running {config.plain().name} instead" in caplog.text
 
 
 @pytest.mark.parametrize("noted", [(), ("config",), ("config", "plain"), ("config", "no plain"),
