@@ -2,8 +2,8 @@
 """ptxas over every Hopper kernel the dispatcher can pick, no GPU needed: which ones get a "Potential
 Performance Loss" note (C75xx: wgmma products serialized, which costs 10-40% and shows nowhere else) or
 spill. Run it after a change to kernels/fwd_sm90.cuh, kernels/bwd_sm90.cuh or the dispatcher's rules;
-CI checks the build set and, of this list, the half-block and two-CTA kernels from d64 up
-(tests/test_jit_cache.py): not the kernels with lazy rescaling alone, nor the two-CTA ones below d64.
+CI checks the build set and, of this list, the two-CTA kernels at d64 (tests/test_jit_cache.py): not the
+half-block kernels off the build set, the kernels with lazy rescaling alone, nor the two-CTA ones below d64.
 
 The kernels: flashjit.dispatch's choice for every head dim from 8 to 256 in steps of 8 (and d_v 64 at
 d96/d128), causal or not, short and long rows, each score feature alone and window + dropout, plus the
