@@ -575,9 +575,8 @@ def test_the_dispatchers_two_cta_kernels_compile_unserialized_without_spills():
     O, so fewer registers a thread. The half-block kernels, which ptxas has serialized, have their plain twin
     (jit.unserialized): correct, a knob's gain short. Those off the build set (23 from d64 up, ~140 CPU-s on
     CI's two cores, ~40% of CI's longest path), the two-CTA ones below d64 (98) and the kernels with lazy
-    rescaling alone (~550) are left to scripts/ptxas_notes.py, run after a kernel or dispatcher change (the
-    half-block and two-CTA ones, fifty-fourth session: none noted or spilling; lazy rescaling's, thirty-first:
-    none noted); the build set's own to the build-set test above."""
+    rescaling alone (472) are left to scripts/ptxas_notes.py, run after a kernel or dispatcher change (all of
+    those, fifty-fourth session: none noted, none spilling); the build set's own to the build-set test above."""
     ptxas_notes = _ptxas_notes()
     chosen = [c for c in ptxas_notes.kernels() if getattr(c, "two_ctas", False) and c.d_head == 64]
     found = ptxas_notes.check(chosen, jobs=max(2, os.cpu_count() or 2))
