@@ -19,6 +19,7 @@ from flashjit.launch import CompiledKernel, cubin_kernels
 
 pytestmark = pytest.mark.compile
 REPO = Path(__file__).resolve().parents[1]
+NVCC_JOBS = max(2, os.cpu_count() or 2)  # scripts/ptxas_notes.py's nvcc processes at once
 CHEAP = KernelConfig(dtype="fp16", d_head=32, B_r=64, B_c=64, n_warps=4)  # ~1.5 s to compile
 
 SUBSET = [  # both dtypes, several head dims, causal, knobs off, both archs
@@ -552,7 +553,7 @@ def test_hopper_forward_build_set_compiles(private_cache):
     assert not any(notes.values()), {name: n for name, n in notes.items() if n}
     if jit.split_build(toolchain.find_toolkit()):  # (a whole build's log is not read: None)
         assert None not in notes.values()
-    assert sorted(_ptxas_notes().ptx(fp16, jobs=max(2, os.cpu_count() or 2))) == sorted(c.name for c in fp16)
+    assert sorted(_ptxas_notes().ptx(fp16, jobs=NVCC_JOBS)) == sorted(c.name for c in fp16)
 
 
 def _ptxas_notes():
@@ -579,7 +580,7 @@ def test_the_dispatchers_two_cta_kernels_compile_unserialized_without_spills():
     those, fifty-fourth session: none noted, none spilling); the build set's own to the build-set test above."""
     ptxas_notes = _ptxas_notes()
     chosen = [c for c in ptxas_notes.kernels() if getattr(c, "two_ctas", False) and c.d_head == 64]
-    found = ptxas_notes.check(chosen, jobs=max(2, os.cpu_count() or 2))
+    found = ptxas_notes.check(chosen, jobs=NVCC_JOBS)
     assert len(chosen) >= 10 and sorted(found) == sorted(c.name for c in chosen)
     assert not {name: r for name, r in found.items() if r != ([], 0)}, "ptxas notes or spills (notes, bytes)"
 
