@@ -197,11 +197,6 @@
 #             itself (pass_over) landed in that session: tests, sanitizers and the 1k A/B (+2.7%) in docs/perf-log.md
 #   ghost     (ran in the fifty-third session: tests pass, -1.5 to -2.3% at 2k-8k; refuted) pass_over in the
 #             overlapped loop (wg-ghost.patch): its causal / window / varlen tests, and d64 causal 2k-8k against main
-#   fold      the right-edge helpers folded (right-edge-fold.patch: half_block and warpgroup_past share one
-#             warpgroup_right_end; the same blocks by construction, d64's 192-row steps one instruction shorter,
-#             the two-CTA kernel 8 shorter in all): its causal / window / varlen tests, its mutant (a warpgroup
-#             passing blocks its last 32 rows see: the two-CTA equality tests must fail), then main against it at
-#             d64 / d128 causal 1k-4k
 #   gqa256    issue 15's d256 causal B=1 8k 32/8 point (0.956 / 0.926x cuDNN in the fifty-first session's tables,
 #             0.997 / 0.995 in the forty-third's): bf16 and fp16, three interleaved rounds, the kernels' times
 #             (torch.profiler) of flashjit's and cuDNN's backward, and flashjit.backward alone, split and group
@@ -210,7 +205,7 @@
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf|trace [SEQLENS] [D] [PATCH]|notes [FILTER]|tt REVERT_PATCH|tt3 CUT_PATCH REVERT_PATCH|ttq CUT_PATCH REVERT_PATCH|knobs4|xt64-tests|knobs5|knobs6|gqa256|x2walk|wgskip-mutant|ghost|fold}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf|trace [SEQLENS] [D] [PATCH]|notes [FILTER]|tt REVERT_PATCH|tt3 CUT_PATCH REVERT_PATCH|ttq CUT_PATCH REVERT_PATCH|knobs4|xt64-tests|knobs5|knobs6|gqa256|x2walk|wgskip-mutant|ghost}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -707,17 +702,6 @@ ghost)  # the overlapped loop's ghosts (wg-ghost.patch: a warpgroup passes a til
   ARGS="--dtypes bf16 --head-dims 64 --causal 1 --seqlens 2048,4096,8192 --gqa 8192 --no-flex"
   warm bench_forward.py "$ARGS" "main ghost"
   passes bench_forward.py "$ARGS" "main ghost"
-  ;;
-fold)  # the right-edge helpers folded (right-edge-fold.patch) against main: its tests, its mutant, then timed
-  variant fold "$EXP/right-edge-fold.patch" >/dev/null
-  variant foldm "$EXP/right-edge-fold.patch" "$EXP/right-edge-fold-mutant.patch" >/dev/null
-  with_variant fold timeout "${TESTS_S:-240}" python3 -m pytest -q -n 16 -p no:cacheprovider tests/test_forward_sm90.py \
-    tests/test_parity.py tests/test_varlen.py -k "causal or window or local or varlen" 2>&1 | tail -5 | tee "$OUT/fold-tests.txt"
-  with_variant foldm timeout 150 python3 -m pytest -q -n 4 -p no:cacheprovider tests/test_forward_sm90.py \
-    -k "two_ctas_equal and (True-plain or False-local)" 2>&1 | tail -4 | tee "$OUT/fold-mutant.txt" || true
-  ARGS="--dtypes bf16 --head-dims 64,128 --causal 1 --seqlens 1024,2048,4096 --gqa '' --no-flex"
-  warm bench_forward.py "$ARGS" "main fold"
-  passes bench_forward.py "$ARGS" "main fold"
   ;;
 gqa256)
   python3 scripts/bench_backward.py --dtypes bf16,fp16 --head-dims 256 --seqlens '' --causal 1 --gqa 1x8192x32x8 \
