@@ -312,6 +312,8 @@ __device__ __forceinline__ bool half_block(const typename C::Mod& mod, int q_row
 // Whether block j lies wholly right of what consumer warpgroup g's rows (q_row0 + 64 g ..., 64 of them) see: the
 // causal diagonal or a window's right edge (uniform across the warpgroup). With 64-key blocks a causal tile's last
 // block does for its first warpgroup; on a 192-row tile of 128-key blocks for warpgroups 0 and 1 of every other tile.
+// Its edge and half_block's stay two expressions: one helper for both (either form, `+ 64` or `+ 63`) tips ptxas
+// into serializing d72's causal dropout cross-tile kernel's wgmmas (C7511), which compiles clean as written.
 template <class C>
 __device__ __forceinline__ bool warpgroup_past(const typename C::Mod& mod, int q_row0, int g, int j) {
   return (C::kCausal || (C::Mod::kLocal && mod.right >= 0)) &&
