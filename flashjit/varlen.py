@@ -483,12 +483,14 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                       softmax_scale, bool(causal), tuple(window_size), softcap, alibi_slopes, return_attn_probs,
                       learnable_sink)
     if torch.compiler.is_compiling():  # a custom op, as flash_attn_func (flashjit/ops.py)
-        if return_attn_probs:
-            raise ValueError("return_attn_probs=True is not supported under torch.compile; call "
+        if return_attn_probs and dropout_p:  # as flash_attn_func's: without dropout S_dmask is empty
+            raise ValueError("return_attn_probs=True with dropout is not supported under torch.compile (S_dmask "
+                             "materialises [B, H, max_seqlen_q, max_seqlen_k] for tests); call "
                              "flash_attn_varlen_func eagerly for it")
-        return varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
-                              learnable_sink, softmax_scale, bool(causal), int(window_size[0]), int(window_size[1]),
-                              float(softcap), float(dropout_p), bool(deterministic))[0]
+        out, lse, _ = varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes,
+                                 learnable_sink, softmax_scale, bool(causal), int(window_size[0]),
+                                 int(window_size[1]), float(softcap), float(dropout_p), bool(deterministic))
+        return (out, lse, no_s_dmask(q)) if return_attn_probs else out
     if backend() == "reference":
         return _reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale,
                           bool(causal), window_size, softcap, alibi_slopes, return_attn_probs, learnable_sink)
