@@ -166,13 +166,15 @@ def _paged(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, max_seq
            softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs, learnable_sink):
     """flash_attn_varlen_func over a paged K/V cache: sequence b's keys are the first cu_seqlens_k[b + 1]
     - cu_seqlens_k[b] slots of its block_table row (slot s in page block_table[b, s // page_size], row
-    s % page_size). Inference only, as flash-attn's (no backward, no dropout); the KV-cache kernels."""
+    s % page_size). Inference only (no backward, no dropout); the KV-cache kernels. return_attn_probs
+    gives (out, softmax_lse [H, total_q], empty S_dmask) as without a block_table (e.g. for merging the
+    partial results of cascade attention)."""
     if torch.compiler.is_compiling():
         raise NotImplementedError("flash_attn_varlen_func with block_table is not supported under torch.compile; "
                                   "call it eagerly")
-    if return_attn_probs or dropout_p:
-        raise ValueError("flash_attn_varlen_func with block_table takes neither dropout_p nor return_attn_probs "
-                         "(the paged cache's kernels, as flash_attn_with_kvcache's, have neither)")
+    if dropout_p:
+        raise ValueError("flash_attn_varlen_func with block_table takes no dropout_p (inference only: the paged "
+                         "cache's kernels, as flash_attn_with_kvcache's, have no dropout)")
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
                                        for t in (q, k_cache, v_cache, learnable_sink)):
         raise ValueError("flash_attn_varlen_func with block_table has no backward (as flash-attn's): run it under "
@@ -186,23 +188,26 @@ def _paged(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, max_seq
         k, v = (torch.cat([cache[block_table[b].long().to(cache.device)].flatten(0, 1)[:n] for b, n in enumerate(lens)])
                 for cache in (k_cache, v_cache))
         return _reference(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, 0.0, softmax_scale, causal, window_size,
-                          softcap, alibi_slopes, False, learnable_sink)
-    return _paged_kernels(q, k_cache, v_cache, block_table, cu_q, cu_k, batch, max_seqlen_q, causal,
-                          softmax_scale, window_size, softcap, alibi_slopes, learnable_sink)
+                          softcap, alibi_slopes, return_attn_probs, learnable_sink)
+    out, lse = _paged_kernels(q, k_cache, v_cache, block_table, cu_q, cu_k, batch, max_seqlen_q, causal,
+                              softmax_scale, window_size, softcap, alibi_slopes, learnable_sink, return_attn_probs)
+    return (out, lse, no_s_dmask(q)) if return_attn_probs else out
 
 
 # ---- the kernels -----------------------------------------------------------------------------------
 def _paged_kernels(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, batch: int, max_seqlen_q: int,
-                   causal: bool, softmax_scale, window_size, softcap, alibi_slopes, learnable_sink):
-    """out [total_q, H, D] of a variable-length batch (q packed, flashjit/varlen.py checked everything)
-    over a paged cache: the kvcache kernels with the queries' VarlenParams, each sequence's keys the
-    first cu_seqlens_k[b + 1] - cu_seqlens_k[b] slots of its block_table row (kernels/fwd_sm80.cuh
-    clamps them to the row's slots). One CTA a query block: no split-KV, whose partials are laid out
-    per dense batch entry. The kvcache kernels: kvattn.py's config and index fields."""
+                   causal: bool, softmax_scale, window_size, softcap, alibi_slopes, learnable_sink, return_lse: bool):
+    """(out [total_q, H, D], lse [H, total_q] fp32, None without return_lse) of a variable-length batch (q
+    packed, flashjit/varlen.py checked everything) over a paged cache: the kvcache kernels with the queries'
+    VarlenParams, each sequence's keys the first cu_seqlens_k[b + 1] - cu_seqlens_k[b] slots of its block_table
+    row (kernels/fwd_sm80.cuh clamps them to the row's slots). One CTA a query block: no split-KV, whose
+    partials are laid out per dense batch entry. The kvcache kernels: kvattn.py's config and index fields."""
     total_q, heads, d_head = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    # The kernels' varlen planes; without it the kernel skips the writes (a serving call's allocation saved).
+    lse = torch.empty((heads, total_q), dtype=torch.float32, device=q.device) if return_lse else None
     if total_q == 0:
-        return out
+        return out, lse
     mods = interface.score_mods(_batch_view(q, batch), causal, window_size, softcap, alibi_slopes,
                                 learnable_sink=learnable_sink)
     device_index = q.get_device()
@@ -211,8 +216,9 @@ def _paged_kernels(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k,
     kernel = interface._kernels.get((config, device_index)) or interface._kernel_for(config, device_index)
     q, k_cache, v_cache = (interface._aligned(t) for t in (q, k_cache, v_cache))
     slots = k_cache.shape[1] * block_table.shape[1]
-    params = FwdParams(*_ref(q), *tensor_ref(k_cache), *tensor_ref(v_cache), *_ref(out), None, batch,  # no lse
-                       max_seqlen_q, slots, heads, k_cache.shape[2], interface.softmax_scale_or_default(q, softmax_scale),
+    params = FwdParams(*_ref(q), *tensor_ref(k_cache), *tensor_ref(v_cache), *_ref(out),
+                       None if lse is None else lse.data_ptr(), batch, max_seqlen_q, slots, heads, k_cache.shape[2],
+                       interface.softmax_scale_or_default(q, softmax_scale),
                        *mods.values, cu_seqlens_q.data_ptr(), cu_seqlens_k.data_ptr(), total_q, 2**31 - 1)
     kvattn._set_indices(params, None, block_table, None)
     params.table_stride, params.page_size, params.num_rows = block_table.shape[1], k_cache.shape[1], k_cache.shape[0]
@@ -220,7 +226,7 @@ def _paged_kernels(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k,
         log.debug("paged varlen forward [total_q=%d, B=%d, H=%d, H_k=%d, D=%d, pages of %d] on %s", total_q, batch,
                   heads, k_cache.shape[2], d_head, k_cache.shape[1], config.name)
     interface._run(kernel, params, device_index)
-    return out
+    return out, lse
 
 
 
@@ -473,7 +479,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     ([H] or [B, H]), deterministic and learnable_sink ([H], keyword) as flash_attn_func.
     block_table (int32 [B, max_pages]) makes k and v a paged cache [num_pages, page_size, H_k, D] (pages a
     multiple of 16 rows): sequence b's keys are the first cu_seqlens_k[b + 1] - cu_seqlens_k[b] slots of
-    its row of pages; inference only, as in flash-attn (no backward, dropout or return_attn_probs)."""
+    its row of pages; inference only (no backward or dropout); return_attn_probs gives its lse as above."""
     q, k, v = interface.contiguous_last_dim(q, k, v)  # flash-attn copies a strided last dim, as flash_attn_func
     max_seqlen_q, max_seqlen_k = _seqlen_from_tensor(max_seqlen_q), _seqlen_from_tensor(max_seqlen_k)
     if causal:

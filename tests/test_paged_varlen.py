@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from flashjit.varlen import flash_attn_varlen_func
-from numerics import assert_close, reference_and_low
+from numerics import assert_close, assert_lse_close, reference_and_low
 
 gpu = pytest.mark.gpu
 # (query lengths, key lengths): an empty query sequence, a sequence with no keys, Sq > Sk (causal rows
@@ -62,6 +62,12 @@ def test_reference_backend_reads_the_pages(page, causal, monkeypatch):
     args = (cu_q, cu_k, max(LENS[0]), max(LENS[1]))
     out = flash_attn_varlen_func(q, k_cache, v_cache, *args, causal=causal, softcap=2.0, block_table=table)
     torch.testing.assert_close(out, flash_attn_varlen_func(q, k, v, *args, causal=causal, softcap=2.0))
+    # return_attn_probs: the lse [H, total_q] (+inf for rows that see no key) and an empty S_dmask, as dense
+    got = flash_attn_varlen_func(q, k_cache, v_cache, *args, causal=causal, return_attn_probs=True, block_table=table)
+    want = flash_attn_varlen_func(q, k, v, *args, causal=causal, return_attn_probs=True)
+    assert got[1].shape == (4, q.shape[0]) and got[2].numel() == 0
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
 
 
 def test_paged_varlen_refuses_what_it_cannot_do(monkeypatch):
@@ -69,7 +75,7 @@ def test_paged_varlen_refuses_what_it_cannot_do(monkeypatch):
     q, k, v, cu_q, cu_k = _batch(4, 2, 32, torch.float32, "cpu")
     k_cache, v_cache, table = _paged(k, v, LENS[1], 16)
     args = (cu_q, cu_k, max(LENS[0]), max(LENS[1]))
-    with pytest.raises(ValueError, match="neither dropout_p nor return_attn_probs"):
+    with pytest.raises(ValueError, match="with block_table takes no dropout_p"):
         flash_attn_varlen_func(q, k_cache, v_cache, *args, dropout_p=0.1, block_table=table)
     with pytest.raises(ValueError, match="has no backward"):
         flash_attn_varlen_func(q.requires_grad_(), k_cache, v_cache, *args, block_table=table)
@@ -102,13 +108,14 @@ def test_kernels_match_the_reference_per_sequence(dtype, page, d, features):
     if features.get("sink"):
         kwargs["learnable_sink"] = torch.randn(h, device="cuda")
     with torch.no_grad():
-        out = flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, max(LENS[0]), max(LENS[1]), block_table=table,
-                                     **kwargs)
-    assert out.shape == q.shape and out.dtype == dtype
+        out, lse, _ = flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, max(LENS[0]), max(LENS[1]),
+                                             block_table=table, return_attn_probs=True, **kwargs)
+    assert out.shape == q.shape and out.dtype == dtype and lse.shape == (h, q.shape[0])
     starts_q, starts_k = [0, *itertools.accumulate(LENS[0])], [0, *itertools.accumulate(LENS[1])]
     for b in range(len(LENS[0])):
         rows, keys = slice(starts_q[b], starts_q[b + 1]), slice(starts_k[b], starts_k[b + 1])
         if rows.stop == rows.start:
             continue
-        (ref, _), (low, _) = reference_and_low(q[rows][None], k[keys][None], v[keys][None], **kwargs)
+        (ref, ref_lse), (low, low_lse) = reference_and_low(q[rows][None], k[keys][None], v[keys][None], **kwargs)
         assert_close(f"sequence {b}", out[rows][None], ref, low)
+        assert_lse_close(lse[:, rows][None], ref_lse, low_lse)
