@@ -168,10 +168,7 @@ def _paged(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, max_seq
     - cu_seqlens_k[b] slots of its block_table row (slot s in page block_table[b, s // page_size], row
     s % page_size). Inference only (no backward, no dropout); the KV-cache kernels. return_attn_probs
     gives (out, softmax_lse [H, total_q], empty S_dmask) as without a block_table (e.g. for merging the
-    partial results of cascade attention)."""
-    if torch.compiler.is_compiling():
-        raise NotImplementedError("flash_attn_varlen_func with block_table is not supported under torch.compile; "
-                                  "call it eagerly")
+    partial results of cascade attention). Under torch.compile: the custom op flashjit::paged_varlen_fwd."""
     if dropout_p:
         raise ValueError("flash_attn_varlen_func with block_table takes no dropout_p (inference only: the paged "
                          "cache's kernels, as flash_attn_with_kvcache's, have no dropout)")
@@ -179,6 +176,20 @@ def _paged(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, max_seq
                                        for t in (q, k_cache, v_cache, learnable_sink)):
         raise ValueError("flash_attn_varlen_func with block_table has no backward (as flash-attn's): run it under "
                          "torch.no_grad() or pass k and v as [total_k, heads_k, head_dim] tensors")
+    if torch.compiler.is_compiling():  # the checks and the launch inside the op, at run time
+        out, lse = paged_varlen_fwd(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                    max_seqlen_k, alibi_slopes, learnable_sink, softmax_scale, causal,
+                                    int(window_size[0]), int(window_size[1]), float(softcap))
+    else:
+        out, lse = _paged_run(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                              max_seqlen_k, softmax_scale, causal, window_size, softcap, alibi_slopes, learnable_sink,
+                              return_attn_probs)
+    return (out, lse, no_s_dmask(q)) if return_attn_probs else out
+
+
+def _paged_run(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+               softmax_scale, causal, window_size, softcap, alibi_slopes, learnable_sink, return_lse: bool):
+    """_paged's (out, lse: None without return_lse, unless on the reference) once its flags are checked."""
     reference = backend() == "reference"
     batch, max_seqlen_q, max_seqlen_k, cu_q, cu_k, block_table = _check_paged(
         q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, reference)
@@ -188,10 +199,9 @@ def _paged(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, max_seq
         k, v = (torch.cat([cache[block_table[b].long().to(cache.device)].flatten(0, 1)[:n] for b, n in enumerate(lens)])
                 for cache in (k_cache, v_cache))
         return _reference(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, 0.0, softmax_scale, causal, window_size,
-                          softcap, alibi_slopes, return_attn_probs, learnable_sink)
-    out, lse = _paged_kernels(q, k_cache, v_cache, block_table, cu_q, cu_k, batch, max_seqlen_q, causal,
-                              softmax_scale, window_size, softcap, alibi_slopes, learnable_sink, return_attn_probs)
-    return (out, lse, no_s_dmask(q)) if return_attn_probs else out
+                          softcap, alibi_slopes, True, learnable_sink)[:2]
+    return _paged_kernels(q, k_cache, v_cache, block_table, cu_q, cu_k, batch, max_seqlen_q, causal, softmax_scale,
+                          window_size, softcap, alibi_slopes, learnable_sink, return_lse)
 
 
 # ---- the kernels -----------------------------------------------------------------------------------
@@ -609,6 +619,25 @@ def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     rng_state = (torch.empty(2, dtype=torch.int64, device="cpu") if dropout_p > 0
                  else torch.empty(0, dtype=torch.int64, device=q.device))
     return q.new_empty(interface.out_shape(q, v)), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32), rng_state
+
+
+@torch.library.custom_op("flashjit::paged_varlen_fwd", mutates_args=())
+def paged_varlen_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_table: Tensor, cu_seqlens_q: Tensor,
+                     cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, alibi_slopes: Optional[Tensor],
+                     learnable_sink: Optional[Tensor], softmax_scale: Optional[float], causal: bool, window_left: int,
+                     window_right: int, softcap: float) -> tuple[Tensor, Tensor]:
+    """flash_attn_varlen_func with block_table: (out [total_q, H, D], lse [H, total_q]); no autograd (inference
+    only, as flashjit::fwd_kvcache)."""
+    out, lse = _paged_run(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                          softmax_scale, causal, (window_left, window_right), softcap, alibi_slopes, learnable_sink,
+                          True)
+    return out.contiguous(), lse
+
+
+@paged_varlen_fwd.register_fake
+def _paged_varlen_fwd_fake(q, *args):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32))
 
 
 @torch.library.custom_op("flashjit::varlen_bwd", mutates_args=())

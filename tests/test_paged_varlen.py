@@ -119,3 +119,38 @@ def test_kernels_match_the_reference_per_sequence(dtype, page, d, features):
         (ref, ref_lse), (low, low_lse) = reference_and_low(q[rows][None], k[keys][None], v[keys][None], **kwargs)
         assert_close(f"sequence {b}", out[rows][None], ref, low)
         assert_lse_close(lse[:, rows][None], ref_lse, low_lse)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=gpu)])
+def test_fullgraph_compile_matches_eager(device, monkeypatch):
+    """Under torch.compile (fullgraph) the paged call is the custom op flashjit::paged_varlen_fwd (the
+    reference on the CPU, the kernels on the GPU): the same out and lse as the eager call, no graph break."""
+    if device == "cpu":
+        monkeypatch.setenv("FLASHJIT_BACKEND", "reference")
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    q, k, v, cu_q, cu_k = _batch(4, 2, 64, dtype, device)
+    k_cache, v_cache, table = _paged(k, v, LENS[1], 16, device=device)
+    args = (q, k_cache, v_cache, cu_q, cu_k, max(LENS[0]), max(LENS[1]))
+
+    def call(*a):
+        out, lse, _ = flash_attn_varlen_func(*a, causal=True, window_size=(40, 0), return_attn_probs=True,
+                                             block_table=table)
+        return out, lse, flash_attn_varlen_func(*a, softcap=3.0, block_table=table)
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got, want = torch.compile(call, fullgraph=True)(*args), call(*args)
+    for g, w in zip(got, want):  # the same kernels or reference either way
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
+
+
+def test_opcheck_of_the_paged_op(monkeypatch):
+    """torch.library.opcheck: flashjit::paged_varlen_fwd's schema, fake shapes and strides, and AOT dispatch
+    agree with its real outputs (on the reference)."""
+    from flashjit.varlen import paged_varlen_fwd
+
+    monkeypatch.setenv("FLASHJIT_BACKEND", "reference")
+    q, k, v, cu_q, cu_k = _batch(4, 2, 32, torch.float32, "cpu")
+    k_cache, v_cache, table = _paged(k, v, LENS[1], 16)
+    torch.library.opcheck(paged_varlen_fwd, (q, k_cache, v_cache, table, cu_q, cu_k, max(LENS[0]), max(LENS[1]),
+                                             None, None, None, True, -1, 0, 0.0))
