@@ -1,5 +1,6 @@
 """flash_attn_varlen_func with block_table (flashjit/varlen.py: _paged; the KV-cache kernels through
-kvattn.forward_paged_varlen): a variable-length batch over a paged K/V cache, inference only.
+_paged_kernels, and the custom op paged_varlen_fwd under torch.compile): a variable-length batch over a
+paged K/V cache, inference only.
 
 Each test lays a packed batch's keys into shuffled pages (with spare pages no sequence owns and table
 entries past a sequence's keys pointing anywhere) and checks the paged call against the dense varlen
