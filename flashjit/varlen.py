@@ -43,6 +43,7 @@ from torch import Tensor
 from . import interface, kvattn, ops
 from .flash_api import causal_window, no_s_dmask
 from .interface import backend
+from .kvcache import reference_kvcache_attention
 from .launch import BwdParams, FwdParams, tensor_ref
 from .reference import attention_reference, philox_keep_mask
 
@@ -193,6 +194,9 @@ def _paged_run(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, max
     reference = backend() == "reference"
     batch, max_seqlen_q, max_seqlen_k, cu_q, cu_k, block_table = _check_paged(
         q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, reference)
+    if max_seqlen_q == 1 and q.shape[0] == batch:  # decoding: one query a sequence (B of them, none more than 1)
+        return _paged_decode(q, k_cache, v_cache, block_table, cu_k, causal, softmax_scale, window_size, softcap,
+                             alibi_slopes, learnable_sink, return_lse, reference)
     if reference:  # each sequence's pages in table order, cut to its keys: the dense varlen reference on them
         offsets = _host_offsets(cu_k, "cu_seqlens_k", int(cu_k[-1]), max_seqlen_k, "max_seqlen_k")
         lens = [b - a for a, b in zip(offsets, offsets[1:])]
@@ -202,6 +206,24 @@ def _paged_run(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, max
                           softcap, alibi_slopes, True, learnable_sink)[:2]
     return _paged_kernels(q, k_cache, v_cache, block_table, cu_q, cu_k, batch, max_seqlen_q, causal, softmax_scale,
                           window_size, softcap, alibi_slopes, learnable_sink, return_lse)
+
+
+def _paged_decode(q, k_cache, v_cache, block_table, cu_seqlens_k, causal, softmax_scale, window_size, softcap,
+                  alibi_slopes, learnable_sink, return_lse: bool, reference: bool):
+    """_paged_run for a decoding batch (sequence b's one query is row b of q) as flash_attn_with_kvcache's call
+    with cache_seqlens = the sequences' key counts: its kernels pack a GQA group's query heads into one tile's
+    rows and split long key ranges over CTAs (one CTA a query block, _paged_kernels, leaves most SMs idle at a
+    decoding batch's B x H), as flash-attn's varlen call does at max_seqlen_q == 1. The reference backend takes
+    the same route (kvcache.reference_kvcache_attention, the kernels' contract), so the CPU tests check it."""
+    seqlens_k = cu_seqlens_k[1:] - cu_seqlens_k[:-1]  # int32 [B]; the kernels clamp each to its table row's slots
+    kwargs = dict(block_table=block_table, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
+                  softcap=softcap, alibi_slopes=alibi_slopes, learnable_sink=learnable_sink)
+    if reference:
+        out, lse = reference_kvcache_attention(q[:, None], k_cache, v_cache, seqlens_k, **kwargs)
+    else:
+        out, lse = kvattn.forward_kvcache(q[:, None], k_cache, v_cache, seqlens_k, return_lse=True, **kwargs)
+    # lse [B, H, 1] -> [H, total_q] (total_q = B): the varlen layout
+    return out[:, 0], (lse[:, :, 0].t().contiguous() if return_lse or reference else None)
 
 
 # ---- the kernels -----------------------------------------------------------------------------------

@@ -71,6 +71,47 @@ def test_reference_backend_reads_the_pages(page, causal, monkeypatch):
         torch.testing.assert_close(g, w)
 
 
+# A decoding batch: one query a sequence (flash_attn_with_kvcache's kernels: GQA packing, split keys), with a
+# sequence that has no keys and one long enough that the kernels split its keys over CTAs.
+DECODE_LENS_K = [33, 0, 2000, 47, 130]
+
+
+def _decode_batch(h, hk, d, dtype, device):
+    q = torch.randn(len(DECODE_LENS_K), h, d, dtype=dtype, device=device)
+    k, v = (torch.randn(sum(DECODE_LENS_K), hk, d, dtype=dtype, device=device) for _ in range(2))
+    return q, k, v, _cu([1] * len(DECODE_LENS_K), device), _cu(DECODE_LENS_K, device)
+
+
+DECODE_FEATURES = [dict(causal=True), dict(causal=True, window_size=(40, 0)), dict(softcap=3.0), dict(alibi=True),
+                   dict(sink=True)]
+
+
+def _features(features, h, device):
+    kwargs = {key: val for key, val in features.items() if key not in ("alibi", "sink")}
+    if features.get("alibi"):
+        kwargs["alibi_slopes"] = torch.rand(h, device=device)
+    if features.get("sink"):
+        kwargs["learnable_sink"] = torch.randn(h, device=device)
+    return kwargs
+
+
+@pytest.mark.parametrize("features", DECODE_FEATURES, ids=lambda f: "-".join(f))
+def test_reference_decoding_batch_matches_the_dense_call(features, monkeypatch):
+    """max_seqlen_q == 1 takes flash_attn_with_kvcache's route (kvcache.reference_kvcache_attention on the
+    reference backend, the kernels' contract): out and lse [H, total_q] as the dense varlen call's."""
+    monkeypatch.setenv("FLASHJIT_BACKEND", "reference")
+    h, hk = 8, 2
+    q, k, v, cu_q, cu_k = _decode_batch(h, hk, 32, torch.float32, "cpu")
+    k_cache, v_cache, table = _paged(k, v, DECODE_LENS_K, 16)
+    kwargs = _features(features, h, "cpu")
+    args = (cu_q, cu_k, 1, max(DECODE_LENS_K))
+    got = flash_attn_varlen_func(q, k_cache, v_cache, *args, return_attn_probs=True, block_table=table, **kwargs)
+    want = flash_attn_varlen_func(q, k, v, *args, return_attn_probs=True, **kwargs)
+    assert got[1].shape == (h, len(DECODE_LENS_K)) and got[1].is_contiguous()
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
 def test_paged_varlen_refuses_what_it_cannot_do(monkeypatch):
     monkeypatch.setenv("FLASHJIT_BACKEND", "reference")
     q, k, v, cu_q, cu_k = _batch(4, 2, 32, torch.float32, "cpu")
@@ -103,11 +144,7 @@ def test_kernels_match_the_reference_per_sequence(dtype, page, d, features):
     h, hk = 4, 2
     q, k, v, cu_q, cu_k = _batch(h, hk, d, dtype, "cuda")
     k_cache, v_cache, table = _paged(k, v, LENS[1], page, device="cuda")
-    kwargs = {key: val for key, val in features.items() if key not in ("alibi", "sink")}
-    if features.get("alibi"):
-        kwargs["alibi_slopes"] = torch.rand(h, device="cuda")
-    if features.get("sink"):
-        kwargs["learnable_sink"] = torch.randn(h, device="cuda")
+    kwargs = _features(features, h, "cuda")
     with torch.no_grad():
         out, lse, _ = flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, max(LENS[0]), max(LENS[1]),
                                              block_table=table, return_attn_probs=True, **kwargs)
@@ -155,3 +192,25 @@ def test_opcheck_of_the_paged_op(monkeypatch):
     k_cache, v_cache, table = _paged(k, v, LENS[1], 16)
     torch.library.opcheck(paged_varlen_fwd, (q, k_cache, v_cache, table, cu_q, cu_k, max(LENS[0]), max(LENS[1]),
                                              None, None, None, True, -1, 0, 0.0))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("features", DECODE_FEATURES + [dict(causal=True, gqa=False)], ids=lambda f: "-".join(f))
+def test_decoding_batch_kernels_match_the_reference_per_sequence(dtype, features):
+    """The decoding route on the kernels (GQA-packed rows, and split keys for the 2000-key sequence): out and
+    lse of each sequence against the fp32 reference; the sequence with no keys gives 0 and +inf (or the sink)."""
+    h, hk = 8, 8 if features.get("gqa") is False else 2
+    q, k, v, cu_q, cu_k = _decode_batch(h, hk, 128, dtype, "cuda")
+    k_cache, v_cache, table = _paged(k, v, DECODE_LENS_K, 64, device="cuda")
+    kwargs = _features({key: val for key, val in features.items() if key != "gqa"}, h, "cuda")
+    with torch.no_grad():
+        out, lse, _ = flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, 1, max(DECODE_LENS_K), block_table=table,
+                                             return_attn_probs=True, **kwargs)
+    assert out.shape == q.shape and lse.shape == (h, len(DECODE_LENS_K))
+    starts = [0, *itertools.accumulate(DECODE_LENS_K)]
+    for b in range(len(DECODE_LENS_K)):
+        keys = slice(starts[b], starts[b + 1])
+        (ref, ref_lse), (low, low_lse) = reference_and_low(q[b:b + 1, None], k[keys][None], v[keys][None], **kwargs)
+        assert_close(f"sequence {b}", out[b:b + 1, None], ref, low)
+        assert_lse_close(lse[:, b:b + 1][None], ref_lse, low_lse)
