@@ -7,7 +7,9 @@ the same kvcache call replayed from a CUDA graph: the kernels' own time, without
 columns include the host time per call, which bounds short calls); "FA2 graph" and "cuDNN graph" replay
 SDPA's call likewise, so a point where a slow host bounds SDPA's eager call (its `sdpa_kernel` context
 costs tens of us) still compares kernels. "api" is a whole decoding step through flash_attn_with_kvcache:
-the checks, appending one new key/value in place, the attention.
+the checks, appending one new key/value in place, the attention. "varlen pg" is the same paged cache read
+through flash_attn_varlen_func with block_table (one query a sequence: the decoding route to the kvcache
+kernels, plus its host work: the checks and the key counts from cu_seqlens_k).
 
     python scripts/bench_decode.py --out bench-out
     python scripts/bench_decode.py --points 1x32768 32x2048 --page-size 16
@@ -100,7 +102,7 @@ def main() -> None:
     d = args.head_dim
     rows = []
     print(f"{torch.cuda.get_device_name()}: decode, {h}/{hk} heads, d{d}, {args.dtype}; GB/s of K+V read")
-    names = ("copy", "fjit", "graph", "api", "paged", "dense fn", "FA2", "cuDNN", "FA2 graph", "cuDNN graph",
+    names = ("copy", "fjit", "graph", "api", "paged", "varlen pg", "dense fn", "FA2", "cuDNN", "FA2 graph", "cuDNN graph",
              "copy clean", "graph clean")
     print(f"{'batch x cache':>14} " + " ".join(f"{n:>{max(8, len(n))}}" for n in names) + "  of copy traffic")
     for point in args.points:
@@ -117,6 +119,8 @@ def main() -> None:
         for src, dst in ((k, kp), (v, vp)):  # page i of entry b holds slots [i * size, (i + 1) * size)
             padded = torch.nn.functional.pad(src, (0, 0, 0, 0, 0, per * args.page_size - length))
             dst[pages] = padded.view(batch * per, args.page_size, hk, d)
+        cu_q = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+        cu_k = cu_q * length
         nbytes = 2 * k.numel() * k.element_size()
         copy_dst = torch.empty_like(k)
         fns = {
@@ -125,6 +129,8 @@ def main() -> None:
             "graph": replay_of(lambda: kvattn.forward_kvcache(q, k, v, lengths)),
             "api": lambda: flashjit.flash_attn_with_kvcache(q, k, v, k=k_new, v=v_new, cache_seqlens=before),
             "paged": lambda: kvattn.forward_kvcache(q, kp, vp, lengths, block_table=table),
+            "varlen pg": lambda: flashjit.flash_attn_varlen_func(q[:, 0], kp, vp, cu_q, cu_k, 1, length,
+                                                                 block_table=table),
             "dense fn": lambda: flashjit.flash_attn_func(q, k, v, causal=True),
             "FA2": sdpa(SDPBackend.FLASH_ATTENTION, q, k, v, False),
             "cuDNN": sdpa(SDPBackend.CUDNN_ATTENTION, q, k, v, False),

@@ -195,6 +195,9 @@
 #   wgskip-mutant  (ran in the fifty-third session: both fail) a warpgroup passing over blocks its last 32 rows see
 #             (wg-skip-mutant.patch): its two-CTA equality tests of a causal and a windowed call must fail. wg-skip
 #             itself (pass_over) landed in that session: tests, sanitizers and the 1k A/B (+2.7%) in docs/perf-log.md
+#   pgdecode  the paged varlen call's decoding route (fifty-fifth session, landed without a GPU run): the paged
+#             varlen GPU tests, then bench_decode.py's points with paged caches of 16-slot pages ("varlen pg"
+#             against "paged", the same kernels through forward_kvcache: level but the route's host work)
 #   ghost     (ran in the fifty-third session: tests pass, -1.5 to -2.3% at 2k-8k; refuted) pass_over in the
 #             overlapped loop (wg-ghost.patch): its causal / window / varlen tests, and d64 causal 2k-8k against main
 #   gqa256    issue 15's d256 causal B=1 8k 32/8 point (0.956 / 0.926x cuDNN in the fifty-first session's tables,
@@ -205,7 +208,7 @@
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf|trace [SEQLENS] [D] [PATCH]|notes [FILTER]|tt REVERT_PATCH|tt3 CUT_PATCH REVERT_PATCH|ttq CUT_PATCH REVERT_PATCH|knobs4|xt64-tests|knobs5|knobs6|gqa256|x2walk|wgskip-mutant|ghost}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf|trace [SEQLENS] [D] [PATCH]|notes [FILTER]|tt REVERT_PATCH|tt3 CUT_PATCH REVERT_PATCH|ttq CUT_PATCH REVERT_PATCH|knobs4|xt64-tests|knobs5|knobs6|gqa256|x2walk|wgskip-mutant|ghost|pgdecode}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -786,6 +789,10 @@ sk)  # default (whole tiles) against stream_k, bf16, issue 14's non-causal lengt
 128 0 1024 ${F}_d128_m128_n128_st2_ov1_pp1_ps1_causal0 _xt_lr _lr _lr_sk
 128 0 2048,4096,16384 ${F}_d128_m128_n128_st2_ov1_pp1_ps1_causal0 _lr _lr_sk
 256 0 1024,4096,16384 ${F}_d256_m128_n80_st2_ov1_pp1_ps0_causal0 _lr _lr_sk"
+  ;;
+pgdecode)  # the paged varlen call's decoding route: its GPU tests, then bench_decode.py (paged 16-slot pages)
+  GPU_TESTS_TIMEOUT=240 FWD_TESTS="tests/test_paged_varlen.py tests/test_kvcache.py" gpu_tests main pgdecode-tests
+  python3 scripts/bench_decode.py --out "$OUT" 2>&1 | grep -v "^\s*$" | tee "$OUT/bench.txt"
   ;;
 fwdtable)  # fwdtable DTYPE [HEAD_DIMS]: issue 14's forward table, the defaults against FA2, cuDNN and FlexAttention
   # FlexAttention compiles once a shape (~10 s: 36 shapes a dtype), so the whole table may outlast a 10-minute
