@@ -131,6 +131,7 @@ def _bwd_fake(dout, q, k, v, out, lse, rng_state, alibi_slopes, learnable_sink, 
 def _setup_context(ctx, inputs, output):
     q, k, v, alibi_slopes, learnable_sink, *flags = inputs
     out, lse, rng_state = output
+    ctx.mark_non_differentiable(lse, rng_state)  # as the eager call's: no gradient flows back through the lse
     ctx.save_for_backward(q, k, v, out, lse, rng_state, alibi_slopes, learnable_sink)
     ctx.flags = flags  # softmax_scale, causal, window_left, window_right, softcap, dropout_p, deterministic
 

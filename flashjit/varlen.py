@@ -695,6 +695,7 @@ def _varlen_bwd_fake(dout, q, k, v, out, lse, rng_state, cu_seqlens_q, cu_seqlen
 def _varlen_setup_context(ctx, inputs, output):
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, alibi_slopes, learnable_sink, *flags = inputs
     out, lse, rng_state = output
+    ctx.mark_non_differentiable(lse, rng_state)  # as the eager call's: no gradient flows back through the lse
     ctx.save_for_backward(q, k, v, out, lse, rng_state, cu_seqlens_q, cu_seqlens_k, alibi_slopes, learnable_sink)
     ctx.max_seqlens, ctx.flags = (max_seqlen_q, max_seqlen_k), flags
 

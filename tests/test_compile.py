@@ -116,6 +116,7 @@ def test_return_attn_probs_under_compile_gives_the_lse_and_refuses_only_s_dmask(
     torch.testing.assert_close(out, want_out)
     torch.testing.assert_close(lse, want_lse)
     assert s_dmask.numel() == 0 and s_dmask.dtype == q.dtype
+    assert out.requires_grad and not lse.requires_grad  # as the kernels' eager call: no gradient through the lse
     with pytest.raises(Exception, match="return_attn_probs=True with dropout is not supported under torch.compile"):
         torch.compile(lambda q, k, v: flash_attn_func(q, k, v, dropout_p=0.1, return_attn_probs=True),
                       fullgraph=True)(q, k, v)
@@ -319,13 +320,14 @@ def test_varlen_fullgraph_compile_matches_eager_on_the_reference(reference_backe
 def test_varlen_return_attn_probs_under_compile_gives_the_lse_and_refuses_only_s_dmask(reference_backend):
     """As flash_attn_func's: without dropout the compiled varlen call returns the lse and an empty S_dmask."""
     q, k, v, cu_q, cu_k, max_q, max_k = _varlen_inputs([5, 0, 17, 9], [7, 3, 17, 20], 4, 2, 32, "cpu", torch.float32)
-    args = (q, k, v, cu_q, cu_k, max_q, max_k)
+    args = (q.requires_grad_(), k, v, cu_q, cu_k, max_q, max_k)
     call = lambda *a, **kw: flashjit.flash_attn_varlen_func(*a, causal=True, return_attn_probs=True, **kw)  # noqa: E731
     out, lse, s_dmask = torch.compile(call, fullgraph=True)(*args)
     want_out, want_lse, _ = call(*args)
     torch.testing.assert_close(out, want_out)
     torch.testing.assert_close(lse, want_lse)
     assert lse.shape == (4, q.shape[0]) and s_dmask.numel() == 0 and s_dmask.dtype == q.dtype
+    assert out.requires_grad and not lse.requires_grad  # as the kernels' eager call: no gradient through the lse
     with pytest.raises(Exception, match="return_attn_probs=True with dropout is not supported under torch.compile"):
         torch.compile(lambda *a: call(*a, dropout_p=0.1), fullgraph=True)(*args)
 
