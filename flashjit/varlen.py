@@ -195,8 +195,8 @@ def _paged_run(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, max
     batch, max_seqlen_q, max_seqlen_k, cu_q, cu_k, block_table = _check_paged(
         q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, reference)
     if max_seqlen_q == 1 and q.shape[0] == batch:  # decoding: one query a sequence (B of them, none more than 1)
-        return _paged_decode(q, k_cache, v_cache, block_table, cu_k, causal, softmax_scale, window_size, softcap,
-                             alibi_slopes, learnable_sink, return_lse, reference)
+        return _paged_decode(q, k_cache, v_cache, block_table, cu_q, cu_k, max_seqlen_k, causal, softmax_scale,
+                             window_size, softcap, alibi_slopes, learnable_sink, return_lse, reference)
     if reference:  # each sequence's pages in table order, cut to its keys: the dense varlen reference on them
         offsets = _host_offsets(cu_k, "cu_seqlens_k", int(cu_k[-1]), max_seqlen_k, "max_seqlen_k")
         lens = [b - a for a, b in zip(offsets, offsets[1:])]
@@ -208,17 +208,24 @@ def _paged_run(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, max
                           window_size, softcap, alibi_slopes, learnable_sink, return_lse)
 
 
-def _paged_decode(q, k_cache, v_cache, block_table, cu_seqlens_k, causal, softmax_scale, window_size, softcap,
-                  alibi_slopes, learnable_sink, return_lse: bool, reference: bool):
+def _paged_decode(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, max_seqlen_k: int, causal,
+                  softmax_scale, window_size, softcap, alibi_slopes, learnable_sink, return_lse: bool, reference: bool):
     """_paged_run for a decoding batch (sequence b's one query is row b of q) as flash_attn_with_kvcache's call
     with cache_seqlens = the sequences' key counts: its kernels pack a GQA group's query heads into one tile's
     rows and split long key ranges over CTAs (one CTA a query block, _paged_kernels, leaves most SMs idle at a
     decoding batch's B x H), as flash-attn's varlen call does at max_seqlen_q == 1. The reference backend takes
     the same route (kvcache.reference_kvcache_attention, the kernels' contract), so the CPU tests check it."""
     seqlens_k = cu_seqlens_k[1:] - cu_seqlens_k[:-1]  # int32 [B]; the kernels clamp each to its table row's slots
+    # The one query is its sequence's last row: any right edge >= 0 bounds nothing, nor a left edge as long as a
+    # table row; unbounded edges as -1 keep the kernels' GQA packing, which a window turns off.
+    left, right = window_size
+    slots = k_cache.shape[1] * block_table.shape[1]
+    window_size = (-1 if left >= slots else left, -1 if right >= 0 else right)
     kwargs = dict(block_table=block_table, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
                   softcap=softcap, alibi_slopes=alibi_slopes, learnable_sink=learnable_sink)
-    if reference:
+    if reference:  # the offsets read on the host and checked, as on the reference's other paths
+        _host_offsets(cu_seqlens_q, "cu_seqlens_q", q.shape[0], 1, "max_seqlen_q")
+        _host_offsets(cu_seqlens_k, "cu_seqlens_k", int(cu_seqlens_k[-1]), max_seqlen_k, "max_seqlen_k")
         out, lse = reference_kvcache_attention(q[:, None], k_cache, v_cache, seqlens_k, **kwargs)
     else:
         out, lse = kvattn.forward_kvcache(q[:, None], k_cache, v_cache, seqlens_k, return_lse=True, **kwargs)

@@ -82,8 +82,9 @@ def _decode_batch(h, hk, d, dtype, device):
     return q, k, v, _cu([1] * len(DECODE_LENS_K), device), _cu(DECODE_LENS_K, device)
 
 
-DECODE_FEATURES = [dict(causal=True), dict(causal=True, window_size=(40, 0)), dict(softcap=3.0), dict(alibi=True),
-                   dict(sink=True)]
+# (A window wider than every key range and a right edge past the one query bound nothing: the route drops them.)
+DECODE_FEATURES = [dict(causal=True), dict(causal=True, window_size=(40, 0)), dict(causal=True, window_size=(4096, 0)),
+                   dict(window_size=(8, 3)), dict(softcap=3.0), dict(alibi=True), dict(sink=True)]
 
 
 def _features(features, h, device):
@@ -95,11 +96,21 @@ def _features(features, h, device):
     return kwargs
 
 
-@pytest.mark.parametrize("features", DECODE_FEATURES, ids=lambda f: "-".join(f))
+def _spy_on_the_decoding_route(monkeypatch) -> list:
+    """The calls the paged route makes to the kvcache reference (the decoding route's), recorded."""
+    import flashjit.varlen as varlen
+
+    calls, route = [], varlen.reference_kvcache_attention
+    monkeypatch.setattr(varlen, "reference_kvcache_attention", lambda *a, **kw: calls.append(kw) or route(*a, **kw))
+    return calls
+
+
+@pytest.mark.parametrize("features", DECODE_FEATURES, ids=lambda f: "-".join(map(str, f.values())))
 def test_reference_decoding_batch_matches_the_dense_call(features, monkeypatch):
     """max_seqlen_q == 1 takes flash_attn_with_kvcache's route (kvcache.reference_kvcache_attention on the
     reference backend, the kernels' contract): out and lse [H, total_q] as the dense varlen call's."""
     monkeypatch.setenv("FLASHJIT_BACKEND", "reference")
+    calls = _spy_on_the_decoding_route(monkeypatch)
     h, hk = 8, 2
     q, k, v, cu_q, cu_k = _decode_batch(h, hk, 32, torch.float32, "cpu")
     k_cache, v_cache, table = _paged(k, v, DECODE_LENS_K, 16)
@@ -107,9 +118,27 @@ def test_reference_decoding_batch_matches_the_dense_call(features, monkeypatch):
     args = (cu_q, cu_k, 1, max(DECODE_LENS_K))
     got = flash_attn_varlen_func(q, k_cache, v_cache, *args, return_attn_probs=True, block_table=table, **kwargs)
     want = flash_attn_varlen_func(q, k, v, *args, return_attn_probs=True, **kwargs)
+    assert len(calls) == 1, "a decoding batch takes the kvcache route"
     assert got[1].shape == (h, len(DECODE_LENS_K)) and got[1].is_contiguous()
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_only_a_decoding_batch_takes_the_kvcache_route_and_its_offsets_are_checked(monkeypatch):
+    monkeypatch.setenv("FLASHJIT_BACKEND", "reference")
+    calls = _spy_on_the_decoding_route(monkeypatch)
+    q, k, v, cu_q, cu_k = _batch(4, 2, 32, torch.float32, "cpu")
+    k_cache, v_cache, table = _paged(k, v, LENS[1], 16)
+    flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, max(LENS[0]), max(LENS[1]), block_table=table)
+    assert not calls, "a batch with longer query rows keeps the varlen kernels"
+    # The reference reads and checks the offsets on this route too (what the kernels cannot check).
+    q, k, v, cu_q, cu_k = _decode_batch(4, 2, 32, torch.float32, "cpu")
+    k_cache, v_cache, table = _paged(k, v, DECODE_LENS_K, 16)
+    skewed = torch.tensor([0, 0, 2, 3, 4, 5], dtype=torch.int32)  # five rows, but a sequence of two
+    with pytest.raises(ValueError, match="max_seqlen_q=1 is less than the longest sequence in cu_seqlens_q"):
+        flash_attn_varlen_func(q, k_cache, v_cache, skewed, cu_k, 1, max(DECODE_LENS_K), block_table=table)
+    with pytest.raises(ValueError, match="max_seqlen_k=10 is less than the longest sequence in cu_seqlens_k"):
+        flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, 1, 10, block_table=table)
 
 
 def test_paged_varlen_refuses_what_it_cannot_do(monkeypatch):
@@ -159,16 +188,18 @@ def test_kernels_match_the_reference_per_sequence(dtype, page, d, features):
         assert_lse_close(lse[:, rows][None], ref_lse, low_lse)
 
 
+@pytest.mark.parametrize("decoding", [False, True], ids=["prefill", "decoding"])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=gpu)])
-def test_fullgraph_compile_matches_eager(device, monkeypatch):
+def test_fullgraph_compile_matches_eager(device, decoding, monkeypatch):
     """Under torch.compile (fullgraph) the paged call is the custom op flashjit::paged_varlen_fwd (the
     reference on the CPU, the kernels on the GPU): the same out and lse as the eager call, no graph break."""
     if device == "cpu":
         monkeypatch.setenv("FLASHJIT_BACKEND", "reference")
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    q, k, v, cu_q, cu_k = _batch(4, 2, 64, dtype, device)
-    k_cache, v_cache, table = _paged(k, v, LENS[1], 16, device=device)
-    args = (q, k_cache, v_cache, cu_q, cu_k, max(LENS[0]), max(LENS[1]))
+    lens_k = DECODE_LENS_K if decoding else LENS[1]
+    q, k, v, cu_q, cu_k = (_decode_batch if decoding else _batch)(4, 2, 64, dtype, device)
+    k_cache, v_cache, table = _paged(k, v, lens_k, 16, device=device)
+    args = (q, k_cache, v_cache, cu_q, cu_k, 1 if decoding else max(LENS[0]), max(lens_k))
 
     def call(*a):
         out, lse, _ = flash_attn_varlen_func(*a, causal=True, window_size=(40, 0), return_attn_probs=True,
@@ -188,15 +219,17 @@ def test_opcheck_of_the_paged_op(monkeypatch):
     from flashjit.varlen import paged_varlen_fwd
 
     monkeypatch.setenv("FLASHJIT_BACKEND", "reference")
-    q, k, v, cu_q, cu_k = _batch(4, 2, 32, torch.float32, "cpu")
-    k_cache, v_cache, table = _paged(k, v, LENS[1], 16)
-    torch.library.opcheck(paged_varlen_fwd, (q, k_cache, v_cache, table, cu_q, cu_k, max(LENS[0]), max(LENS[1]),
-                                             None, None, None, True, -1, 0, 0.0))
+    for batch, lens_k, max_q in ((_batch, LENS[1], max(LENS[0])), (_decode_batch, DECODE_LENS_K, 1)):
+        q, k, v, cu_q, cu_k = batch(4, 2, 32, torch.float32, "cpu")
+        k_cache, v_cache, table = _paged(k, v, lens_k, 16)
+        torch.library.opcheck(paged_varlen_fwd, (q, k_cache, v_cache, table, cu_q, cu_k, max_q, max(lens_k),
+                                                 None, None, None, True, -1, 0, 0.0))
 
 
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("features", DECODE_FEATURES + [dict(causal=True, gqa=False)], ids=lambda f: "-".join(f))
+@pytest.mark.parametrize("features", DECODE_FEATURES + [dict(causal=True, gqa=False)],
+                         ids=lambda f: "-".join(map(str, f.values())))
 def test_decoding_batch_kernels_match_the_reference_per_sequence(dtype, features):
     """The decoding route on the kernels (GQA-packed rows, and split keys for the 2000-key sequence): out and
     lse of each sequence against the fp32 reference; the sequence with no keys gives 0 and +inf (or the sink)."""
