@@ -204,6 +204,12 @@ def _check_new(q, k_cache, k_new, v_new) -> None:
         raise ValueError("appending (k_new/v_new) needs a non-empty q: the append runs in the attention's launch")
 
 
+def unbounded_past(window_size, capacity: int) -> tuple:
+    """The window with a side that reaches past the cache's capacity as -1, as flash-attn's mha_fwd_kvcache: the
+    same mask, but no longer local, which keeps the kernels' GQA packing (a window turns it off)."""
+    return tuple(-1 if w >= capacity else w for w in window_size)
+
+
 def forward_kvcache(q, k_cache, v_cache, seqlens_k, leftpad_k=None, block_table=None, kv_batch_idx=None,
                     causal: bool = False, softmax_scale: float | None = None, window_size=(-1, -1),
                     softcap: float = 0.0, alibi_slopes=None, num_splits: int = 0, learnable_sink=None,
@@ -238,8 +244,9 @@ def forward_kvcache(q, k_cache, v_cache, seqlens_k, leftpad_k=None, block_table=
         return (out, lse) if return_lse else out
     softmax_scale = interface.softmax_scale_or_default(q, softmax_scale)
     causal = bool(causal)
-    window_size = tuple(window_size)
-    if seqlen_q == 1 and causal:  # the one query is the last position: it sees every key to its left
+    capacity = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
+    window_size = unbounded_past(window_size, capacity)
+    if seqlen_q == 1:  # the one query is the last position: neither causal nor a right edge hides a key from it
         causal, window_size = False, (window_size[0], -1)
     mods = interface.score_mods(q, causal, window_size, softcap, alibi_slopes, learnable_sink=learnable_sink)
     q_run, out_run = q, out
@@ -259,7 +266,6 @@ def forward_kvcache(q, k_cache, v_cache, seqlens_k, leftpad_k=None, block_table=
                              "elements): the kernel writes into the cache itself, not a copy")
         plan_key = None
     b, rows, h_run, _ = q_run.shape
-    capacity = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
     if num_splits == 0:
         ctas = b * h_run * -(-rows // config.B_r)
         num_splits = num_splits_heuristic(ctas, 2 * interface.sm_count(device_index), -(-capacity // config.B_c))

@@ -339,7 +339,7 @@ def _kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, c
     # The window as score_mods normalised it (negative edges -1). flash-attn also drops a side that
     # reaches past the cache's capacity (mha_fwd_kvcache): the mask is the same, but then a window
     # (capacity, -1) is not local for the rotary rule below.
-    window_size = tuple(-1 if w >= capacity else w for w in mods.values[:2])
+    window_size = kvattn.unbounded_past(mods.values[:2], capacity)
 
     batch, seqlen_q, new = q.shape[0], q.shape[1], 0 if k is None else k.shape[1]
     device = q.device

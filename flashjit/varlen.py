@@ -190,7 +190,7 @@ def _paged(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, max_seq
 
 def _paged_run(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                softmax_scale, causal, window_size, softcap, alibi_slopes, learnable_sink, return_lse: bool):
-    """_paged's (out, lse: None without return_lse, unless on the reference) once its flags are checked."""
+    """_paged's (out, lse: may be None without return_lse) once its flags are checked."""
     reference = backend() == "reference"
     batch, max_seqlen_q, max_seqlen_k, cu_q, cu_k, block_table = _check_paged(
         q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, reference)
@@ -216,11 +216,6 @@ def _paged_decode(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, 
     decoding batch's B x H), as flash-attn's varlen call does at max_seqlen_q == 1. The reference backend takes
     the same route (kvcache.reference_kvcache_attention, the kernels' contract), so the CPU tests check it."""
     seqlens_k = cu_seqlens_k[1:] - cu_seqlens_k[:-1]  # int32 [B]; the kernels clamp each to its table row's slots
-    # The one query is its sequence's last row: any right edge >= 0 bounds nothing, nor a left edge as long as a
-    # table row; unbounded edges as -1 keep the kernels' GQA packing, which a window turns off.
-    left, right = window_size
-    slots = k_cache.shape[1] * block_table.shape[1]
-    window_size = (-1 if left >= slots else left, -1 if right >= 0 else right)
     kwargs = dict(block_table=block_table, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
                   softcap=softcap, alibi_slopes=alibi_slopes, learnable_sink=learnable_sink)
     if reference:  # the offsets read on the host and checked, as on the reference's other paths
@@ -230,7 +225,7 @@ def _paged_decode(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, 
     else:
         out, lse = kvattn.forward_kvcache(q[:, None], k_cache, v_cache, seqlens_k, return_lse=True, **kwargs)
     # lse [B, H, 1] -> [H, total_q] (total_q = B): the varlen layout
-    return out[:, 0], (lse[:, :, 0].t().contiguous() if return_lse or reference else None)
+    return out[:, 0], (lse[:, :, 0].t().contiguous() if return_lse else None)
 
 
 # ---- the kernels -----------------------------------------------------------------------------------

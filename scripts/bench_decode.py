@@ -102,8 +102,8 @@ def main() -> None:
     d = args.head_dim
     rows = []
     print(f"{torch.cuda.get_device_name()}: decode, {h}/{hk} heads, d{d}, {args.dtype}; GB/s of K+V read")
-    names = ("copy", "fjit", "graph", "api", "paged", "varlen pg", "dense fn", "FA2", "cuDNN", "FA2 graph", "cuDNN graph",
-             "copy clean", "graph clean")
+    names = ("copy", "fjit", "graph", "api", "paged", "varlen pg", "dense fn", "FA2", "cuDNN", "FA2 graph",
+             "cuDNN graph", "copy clean", "graph clean")
     print(f"{'batch x cache':>14} " + " ".join(f"{n:>{max(8, len(n))}}" for n in names) + "  of copy traffic")
     for point in args.points:
         batch, length = map(int, point.split("x"))
