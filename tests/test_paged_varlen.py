@@ -82,7 +82,8 @@ def _decode_batch(h, hk, d, dtype, device):
     return q, k, v, _cu([1] * len(DECODE_LENS_K), device), _cu(DECODE_LENS_K, device)
 
 
-# (A window wider than every key range and a right edge past the one query bound nothing: the route drops them.)
+# (A window wider than every key range and a right edge past the one query bound nothing: kvattn.forward_kvcache
+# drops them, which keeps its GQA packing; the GPU test checks the masks stay the same.)
 DECODE_FEATURES = [dict(causal=True), dict(causal=True, window_size=(40, 0)), dict(causal=True, window_size=(4096, 0)),
                    dict(window_size=(8, 3)), dict(softcap=3.0), dict(alibi=True), dict(sink=True)]
 
