@@ -21,6 +21,7 @@ Without a GPU it says so in one line and exits 0, touching no file.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -119,11 +120,18 @@ MUTATIONS = [
 ]
 
 
+# One of pytest -q's progress lines: a mark a test ("F" failed, "E" error), then maybe "[ 42%]".
+PROGRESS = re.compile(r"^([.FEsxX]+)\s*(?:\[\s*\d+%\])?$")
+
+
 def pytest_run(selection: list, env: dict, workers: str | None, log: Path, timeout: float):
     """(exit status or 'timeout', summary line) of one pytest run; its output goes to `log`."""
     extra = ["-x"] + (["-n", workers] if workers else [])
     rc = sanitize.run_logged(sanitize.pytest_command(selection, extra), env, log, timeout)
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    if rc == "timeout":  # no summary line: what -q's progress lines recorded before the kill
+        marks = "".join(m.group(1) for m in map(PROGRESS.match, lines) if m)
+        return rc, f"timed out after {marks.count('.')} passed, {marks.count('F') + marks.count('E')} failed"
     return rc, (lines[-1] if lines else "")
 
 
@@ -150,6 +158,8 @@ def judge(rc, summary: str) -> str:
     failure: caught too, when the summary line counts failures."""
     if rc == 1 or (rc == 2 and " failed" in summary):
         return "failed (caught)"
+    if rc == "timeout":  # a hung kernel is caught too, if a test had failed first; else it may be the machine
+        return "failed, then hung (caught)" if " 0 failed" not in summary else "timed out, none failed (BAD)"
     if rc == 0:
         return "passed (BAD)" if " passed" in summary else "all skipped (BAD)"
     return {2: "interrupted", 3: "pytest internal error", 4: "usage error",

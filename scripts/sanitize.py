@@ -24,6 +24,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -134,14 +135,19 @@ def pytest_command(selection: list[str], extra: list[str] = ()) -> list[str]:
 
 def run_logged(cmd: list[str], env: dict, log: Path, timeout: float):
     """Run cmd from the repository root with its output (after the command line) in `log`: its exit
-    status, or 'timeout'. Shared with mutations.py."""
+    status, or 'timeout'. Shared with mutations.py. On a timeout the whole process group is killed:
+    pytest-xdist's workers (or a process under the sanitizer) stuck in a hung kernel would otherwise
+    outlive pytest and keep the GPU busy for every later run."""
     with open(log, "w") as sink:
         sink.write("$ " + " ".join(cmd) + "\n")
         sink.flush()
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         try:
-            return subprocess.run(cmd, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT,
-                                  timeout=timeout).returncode
+            return proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
             return "timeout"
 
 
