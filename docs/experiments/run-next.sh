@@ -198,6 +198,9 @@
 #   pgdecode  the paged varlen call's decoding route (fifty-fifth session, landed without a GPU run): the paged
 #             varlen GPU tests, then bench_decode.py's points with paged caches of 16-slot pages ("varlen pg"
 #             against "paged", the same kernels through forward_kvcache: level but the route's host work)
+#   mutant    mutations.py's cross_tile_o_stored_early with each pytest run cut at 150 s (the fifty-fifth session's run
+#             never reached a verdict); then `initcheck`: docs/experiments/initcheck_dvec.py under initcheck, O as the
+#             forward wrote it (TMA store) and as a PyTorch copy (the fortieth session's dvec_kernel report)
 #   ghost     (ran in the fifty-third session: tests pass, -1.5 to -2.3% at 2k-8k; refuted) pass_over in the
 #             overlapped loop (wg-ghost.patch): its causal / window / varlen tests, and d64 causal 2k-8k against main
 #   gqa256    issue 15's d256 causal B=1 8k 32/8 point (0.956 / 0.926x cuDNN in the fifty-first session's tables,
@@ -208,7 +211,7 @@
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf|trace [SEQLENS] [D] [PATCH]|notes [FILTER]|tt REVERT_PATCH|tt3 CUT_PATCH REVERT_PATCH|ttq CUT_PATCH REVERT_PATCH|knobs4|xt64-tests|knobs5|knobs6|gqa256|x2walk|wgskip-mutant|ghost|pgdecode}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf|trace [SEQLENS] [D] [PATCH]|notes [FILTER]|tt REVERT_PATCH|tt3 CUT_PATCH REVERT_PATCH|ttq CUT_PATCH REVERT_PATCH|knobs4|xt64-tests|knobs5|knobs6|gqa256|x2walk|wgskip-mutant|ghost|pgdecode|mutant|initcheck}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -793,6 +796,17 @@ sk)  # default (whole tiles) against stream_k, bf16, issue 14's non-causal lengt
 pgdecode)  # the paged varlen call's decoding route: its GPU tests, then bench_decode.py (paged 16-slot pages)
   GPU_TESTS_TIMEOUT=240 FWD_TESTS="tests/test_paged_varlen.py tests/test_kvcache.py" gpu_tests main pgdecode-tests
   python3 scripts/bench_decode.py --out "$OUT" 2>&1 | grep -v "^\s*$" | tee "$OUT/bench.txt"
+  ;;
+mutant)  # the cross-tile mutant (never reached a verdict: a hung worker outlived the call), each pytest run cut at 150 s
+  python3 scripts/mutations.py --only cross_tile_o_stored_early -n 8 --timeout 150 --out /tmp/mutations 2>&1 | tail -8 || true
+  cp /tmp/mutations/*.log "$OUT/" 2>/dev/null || true
+  ;;
+initcheck)  # initcheck's dvec_kernel report at d80: O as the forward's TMA store wrote it, then copied by PyTorch
+  CS=$(python3 -c "import sys; sys.path.insert(0, 'scripts'); import sanitize; print(sanitize.find_sanitizer())")
+  for m in fwd copy; do
+    "$CS" --tool initcheck --print-limit 20 python3 docs/experiments/initcheck_dvec.py $m >"$OUT/initcheck-$m.log" 2>&1 || true
+    echo "$m: $(grep -c dvec_kernel "$OUT/initcheck-$m.log") lines name dvec_kernel; $(grep -E 'ERROR SUMMARY|done' "$OUT/initcheck-$m.log" | tr '\n' ' ')"
+  done
   ;;
 fwdtable)  # fwdtable DTYPE [HEAD_DIMS]: issue 14's forward table, the defaults against FA2, cuDNN and FlexAttention
   # FlexAttention compiles once a shape (~10 s: 36 shapes a dtype), so the whole table may outlast a 10-minute
