@@ -101,7 +101,9 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
         out = result[0].to(q.dtype)
         if not return_attn_probs:
             return out
-        return out, result[1], result[2] if dropout_p > 0 else no_s_dmask(q)
+        # lse detached: the kernels' autograd marks it non-differentiable, so a loss that reads it gets the same
+        # gradients (none through the lse) on either backend.
+        return out, result[1].detach(), result[2] if dropout_p > 0 else no_s_dmask(q)
 
     if not (return_attn_probs and dropout_p):
         # The checks run inside interface.forward, whose launch plan makes a repeated call cheap (a

@@ -469,7 +469,7 @@ def _reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 
         if want_probs:
             probs.append(result[2][0])
     out = torch.cat(outs).to(q.dtype) if outs else q.new_empty(interface.out_shape(q, v))
-    lse = torch.cat(lses, dim=1)
+    lse = torch.cat(lses, dim=1).detach()  # non-differentiable, as the kernels' (flash_attn_func's reference too)
     if not return_attn_probs:
         return out
     if not dropout_p:

@@ -381,6 +381,26 @@ def test_return_attn_probs_without_dropout_gives_an_empty_s_dmask(monkeypatch):
     assert s_dmask.shape == (1, 2, 6, 9)
 
 
+def test_reference_backend_lse_is_not_differentiable_as_the_kernels(monkeypatch):
+    """The kernels' autograd (eager and compiled) marks the returned lse non-differentiable; the reference backend
+    must give a loss that reads it the same gradients, not a real gradient through the lse that the GPU drops."""
+    monkeypatch.setenv("FLASHJIT_BACKEND", "reference")
+    q, k, v = _qkv(1, 6, 9, 2, 1, 16, torch.float32, "cpu")
+    out, lse, _ = flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+    assert out.requires_grad and not lse.requires_grad
+    (out.sum() + lse.sum()).backward()
+    with_lse = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    flash_attn_func(q, k, v, causal=True).sum().backward()
+    for got, want in zip(with_lse, (q.grad, k.grad, v.grad)):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    cu = torch.tensor([0, 6], dtype=torch.int32)
+    out, lse, _ = flashjit.flash_attn_varlen_func(q[0], k[0], v[0], cu, torch.tensor([0, 9], dtype=torch.int32), 6,
+                                                  9, causal=True, return_attn_probs=True)
+    assert out.requires_grad and not lse.requires_grad and lse.shape == (2, 6)
+
+
 def test_reference_window_matches_an_explicit_mask():
     q = torch.randn(1, 6, 1, 8, dtype=torch.float64)
     k, v = torch.randn(1, 9, 1, 8, dtype=torch.float64), torch.randn(1, 9, 1, 8, dtype=torch.float64)
