@@ -379,7 +379,8 @@ def test_value_head_dim_configs():
         assert isinstance(bwd, BwdConfig) and bwd.d_v == 64 and bwd.deterministic == det
     with pytest.raises(ValueError, match="d_v must be"):
         dispatch.default_config("bf16", 64, False, 4096, arch="sm_80", d_v=128)
-    with pytest.raises(ValueError, match="wgmma backward needs d_v == d_head"):
+    with pytest.raises(ValueError, match="wgmma backward needs d_v == d_head"), \
+            pytest.warns(DeprecationWarning, match="BwdSm90Config"):  # the old spelling still checks its d_v
         BwdConfig(d_head=128, n_warps=8, d_v=64, wgmma=True)
 
 
