@@ -5,6 +5,9 @@ if only `fwd` reports, the reads are of O and the report is initcheck's blind sp
 uninitialised read is there to find.
 
     compute-sanitizer --tool initcheck --print-limit 100 python3 docs/experiments/initcheck_dvec.py fwd|copy
+
+Fifty-sixth session (H100): `fwd` reports 24000 reads, every 16-byte chunk of O; `copy` reports the clone's
+cudaMemcpy reading O as uninitialised: initcheck does not see TMA-store writes (docs/perf-log.md).
 """
 import sys
 
