@@ -195,12 +195,15 @@
 #   wgskip-mutant  (ran in the fifty-third session: both fail) a warpgroup passing over blocks its last 32 rows see
 #             (wg-skip-mutant.patch): its two-CTA equality tests of a causal and a windowed call must fail. wg-skip
 #             itself (pass_over) landed in that session: tests, sanitizers and the 1k A/B (+2.7%) in docs/perf-log.md
-#   pgdecode  (ran in the fifty-sixth session, cut to fit: every test passes, varlen pg 0.975-0.995x paged) the paged varlen call's decoding route (fifty-fifth session, landed without a GPU run): the paged
-#             varlen GPU tests, then bench_decode.py's points with paged caches of 16-slot pages ("varlen pg"
-#             against "paged", the same kernels through forward_kvcache: level but the route's host work)
-#   mutant    (ran in the fifty-sixth session: "failed, then hung (caught)"; initcheck: a blind spot, perf-log) mutations.py's cross_tile_o_stored_early with each pytest run cut at 150 s (the fifty-fifth session's run
-#             never reached a verdict); then `initcheck`: docs/experiments/initcheck_dvec.py under initcheck, O as the
-#             forward wrote it (TMA store) and as a PyTorch copy (the fortieth session's dvec_kernel report)
+#   pgdecode  (ran in the fifty-sixth session, cut to fit: every test passes, varlen pg 0.975-0.995x paged) the
+#             paged varlen call's decoding route (fifty-fifth session, landed without a GPU run): the paged varlen
+#             GPU tests, then bench_decode.py's points with paged caches of 16-slot pages ("varlen pg" against
+#             "paged", the same kernels through forward_kvcache: level but the route's host work)
+#   mutant    (ran in the fifty-sixth session: "failed, then hung (caught)") mutations.py's cross_tile_o_stored_early
+#             with each pytest run cut at 150 s (the fifty-fifth session's run never reached a verdict)
+#   initcheck (ran in the fifty-sixth session: initcheck's blind spot for TMA stores, docs/perf-log.md)
+#             docs/experiments/initcheck_dvec.py under initcheck, O as the forward wrote it (TMA store) and as a
+#             PyTorch copy (the fortieth session's dvec_kernel report)
 #   ghost     (ran in the fifty-third session: tests pass, -1.5 to -2.3% at 2k-8k; refuted) pass_over in the
 #             overlapped loop (wg-ghost.patch): its causal / window / varlen tests, and d64 causal 2k-8k against main
 #   gqa256    issue 15's d256 causal B=1 8k 32/8 point (0.956 / 0.926x cuDNN in the fifty-first session's tables,
