@@ -16,6 +16,7 @@ import functools
 import logging
 import math
 import numbers
+import threading
 from collections import OrderedDict
 from typing import NamedTuple
 
@@ -626,8 +627,31 @@ def _walk(config, q: torch.Tensor, k: torch.Tensor, device_index: int) -> tuple 
     key = (device_index, q.shape[0] * q.shape[2], q.shape[1], k.shape[1], config.block_m, config.block_n, ctas)
     if key not in _walks and len(_walks) < _MAX_WALKS and not torch.cuda.is_current_stream_capturing():
         tiles = causal_walk(*key[1:])
-        _walks[key] = None if tiles is None else (torch.tensor(tiles, dtype=torch.int32, device=q.device), tiles[0])
+        _walks[key] = None if tiles is None else (
+            _on_own_thread(lambda: torch.tensor(tiles, dtype=torch.int32, device=q.device)), tiles[0])
     return _walks.get(key)
+
+
+def _on_own_thread(make):
+    """make() on a thread of its own, for a device tensor kept across calls: torch.compile's CUDA graph trees
+    route every allocation of the calling thread into a graph's private pool while they warm the graph up,
+    and a block kept there that no graph output owns fails their check of the pool (mode="reduce-overhead").
+    The copy from host memory has finished when make() returns (torch syncs a pageable copy)."""
+    result: list = []
+
+    def target():
+        try:
+            result.append((True, make()))
+        except BaseException as error:  # noqa: BLE001 - raised again on the caller's thread
+            result.append((False, error))
+
+    thread = threading.Thread(target=target, name="flashjit-walk")
+    thread.start()
+    thread.join()
+    ok, value = result[0]
+    if not ok:
+        raise value
+    return value
 
 
 def _launch(q, k, v, config, causal, softmax_scale, out=None, want_lse=True, mods: ScoreMods = _NO_MODS,
