@@ -627,8 +627,10 @@ def _walk(config, q: torch.Tensor, k: torch.Tensor, device_index: int) -> tuple 
     key = (device_index, q.shape[0] * q.shape[2], q.shape[1], k.shape[1], config.block_m, config.block_n, ctas)
     if key not in _walks and len(_walks) < _MAX_WALKS and not torch.cuda.is_current_stream_capturing():
         tiles = causal_walk(*key[1:])
-        _walks[key] = None if tiles is None else (
-            _on_own_thread(lambda: torch.tensor(tiles, dtype=torch.int32, device=q.device)), tiles[0])
+        # setdefault: of two threads making one grid's walk, both launch the first stored (a replaced walk
+        # would be freed under a plan holding its pointer).
+        return _walks.setdefault(key, None if tiles is None else (
+            _on_own_thread(lambda: torch.tensor(tiles, dtype=torch.int32, device=q.device)), tiles[0]))
     return _walks.get(key)
 
 

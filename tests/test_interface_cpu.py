@@ -437,6 +437,47 @@ def test_causal_walk_bottom_right_rows_small_grids_and_its_limit():
     assert causal_walk(1, 0, 300, 128, 128, 132) is None  # no query (a varlen batch's empty sequence as a dense call)
 
 
+def test_walk_tensor_is_made_off_the_callers_thread_and_the_first_stored_wins(monkeypatch):
+    """interface._walk makes a grid's device walk on a thread of its own (torch.compile's CUDA graph trees route
+    the calling thread's allocations into a graph's pool while warming it up: a walk kept from there failed
+    their pool check) and keeps the first walk stored for a grid (one replaced under a plan holding its pointer
+    would be freed). CPU tensors stand in for the device's."""
+    import threading
+
+    from flashjit import FwdSm90Config
+
+    monkeypatch.setattr(interface, "_walks", {})
+    monkeypatch.setattr(interface, "sm_count", lambda device_index: 132)
+    monkeypatch.setattr(interface.torch.cuda, "is_current_stream_capturing", lambda: False)
+    config = FwdSm90Config.parse_name("fwd_sm90_bf16_d64_m128_n64_st4_ov0_pp0_ps1_causal1_x2")
+    q, k = torch.empty(2, 1000, 4, 64), torch.empty(2, 1000, 2, 64)
+    make_on_own_thread, makers = interface._on_own_thread, []
+
+    def recording(make):
+        return make_on_own_thread(lambda: (makers.append(threading.get_ident()), make())[1])
+
+    monkeypatch.setattr(interface, "_on_own_thread", recording)
+    walk = interface._walk(config, q, k, 0)
+    assert walk is not None and walk[0].dtype == torch.int32 and walk[1] == walk[0][0].item()
+    assert makers and makers[0] != threading.get_ident(), "the walk was made on the caller's thread"
+    assert interface._walk(config, q, k, 0) is walk and len(makers) == 1, "a grid's walk is made once"
+
+    # Another thread stores its walk for the grid while this one makes its own: both launch the first stored.
+    (key,) = interface._walks
+    interface._walks.clear()
+    theirs = (torch.zeros(1, dtype=torch.int32), 0)
+
+    def racing(make):
+        mine = make_on_own_thread(make)
+        interface._walks[key] = theirs
+        return mine
+
+    monkeypatch.setattr(interface, "_on_own_thread", racing)
+    assert interface._walk(config, q, k, 0) is theirs and interface._walks[key] is theirs
+    with pytest.raises(ZeroDivisionError):  # an error on the maker's thread is raised on the caller's
+        make_on_own_thread(lambda: 1 / 0)
+
+
 def test_with_tile_walk_runs_one_cta_a_tile_for_varlen_batches_and_long_causal_rows():
     """One CTA a tile for a varlen batch and for causal rows of more than WALK_MAX_BLOCKS query blocks in a
     grid of at most WALK_MAX_ROUNDS rounds (measured faster than the walk's lists there); every other dense
