@@ -204,6 +204,11 @@
 #   initcheck (ran in the fifty-sixth session: initcheck's blind spot for TMA stores, docs/perf-log.md)
 #             docs/experiments/initcheck_dvec.py under initcheck, O as the forward wrote it (TMA store) and as a
 #             PyTorch copy (the fortieth session's dvec_kernel report)
+#   powerbwd  issue 15's fp16 shortfall at the power cap (d256 causal B=1 8k 32/8: 0.971x cuDNN in fp16, 1.046 in
+#             bf16; fifty-first session: our dK/dV kernel 15% slower in fp16, cuDNN's 9.6%): power_probe.py --backward,
+#             flashjit and cuDNN back to back, each point's order reversed in a second pass, bf16 and fp16, with d128
+#             non-causal 4k beside it; the clock and power each window held, and TFLOP/s a GHz. If ours needs more
+#             energy a product (lower clock at equal power), the fp16 gap is power, not the schedule
 #   suite PART  the whole GPU suite in two calls (each ~5 minutes on an H100, kernels compiled cold; ran in the
 #             fifty-seventh session: 1141 passed, then 1118 passed and 5 failed, the CUDA-graph-tree walk bug): 1, the
 #             forward files ($FWD_TESTS, as fwd-tests); 2, every other file (test_multi_gpu aside: one GPU), the
@@ -218,7 +223,7 @@
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf|trace [SEQLENS] [D] [PATCH]|notes [FILTER]|tt REVERT_PATCH|tt3 CUT_PATCH REVERT_PATCH|ttq CUT_PATCH REVERT_PATCH|knobs4|xt64-tests|knobs5|knobs6|gqa256|x2walk|wgskip-mutant|ghost|pgdecode|mutant|initcheck|suite PART}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf|trace [SEQLENS] [D] [PATCH]|notes [FILTER]|tt REVERT_PATCH|tt3 CUT_PATCH REVERT_PATCH|ttq CUT_PATCH REVERT_PATCH|knobs4|xt64-tests|knobs5|knobs6|gqa256|x2walk|wgskip-mutant|ghost|pgdecode|mutant|initcheck|suite PART|powerbwd}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -236,7 +241,7 @@ FWD_TESTS=${FWD_TESTS:-"tests/test_forward_sm90.py tests/test_parity.py tests/te
 if command -v nvidia-smi >/dev/null; then
   FIELDS=timestamp,clocks.sm,power.draw.instant,power.limit,temperature.gpu,clocks_event_reasons.active
   nvidia-smi --query-gpu=$FIELDS --format=csv -c 1 >/dev/null 2>&1 || FIELDS=timestamp,clocks.sm,power.draw,temperature.gpu
-  nvidia-smi --query-gpu=$FIELDS --format=csv -lms "$([ "$STEP" = power ] && echo 100 || echo 500)" >"$OUT/clocks.csv" 2>&1 &
+  nvidia-smi --query-gpu=$FIELDS --format=csv -lms "$([[ $STEP == power* ]] && echo 100 || echo 500)" >"$OUT/clocks.csv" 2>&1 &
   CLOCKS=$!
   trap 'kill $CLOCKS 2>/dev/null || true' EXIT
 fi
@@ -814,6 +819,20 @@ initcheck)  # initcheck's dvec_kernel report at d80: O as the forward's TMA stor
     "$CS" --tool initcheck --print-limit 20 python3 docs/experiments/initcheck_dvec.py $m >"$OUT/initcheck-$m.log" 2>&1 || true
     echo "$m: $(grep -c dvec_kernel "$OUT/initcheck-$m.log") lines name dvec_kernel; $(grep -E 'ERROR SUMMARY|done' "$OUT/initcheck-$m.log" | tr '\n' ' ')"
   done
+  ;;
+powerbwd)  # the backward's sustained TFLOP/s beside its clock and power, flashjit against cuDNN
+  W=$OUT/windows.jsonl
+  while read -r dt d c gqa; do
+    P=(--backward --dtype "$dt" --d "$d" $([ "$c" = 1 ] && echo --causal || true) ${gqa:+--gqa "$gqa"}
+       --seconds 3.5 --gap 1.5 --windows "$W")
+    { python3 "$EXP/power_probe.py" run "${P[@]}" --contenders flashjit,cudnn
+      python3 "$EXP/power_probe.py" run "${P[@]}" --contenders cudnn,flashjit; } </dev/null
+  done <<<"bf16 256 1 1x8192x32x8
+fp16 256 1 1x8192x32x8
+bf16 128 0
+fp16 128 0" 2>&1 | stamp | tee "$OUT/power-runs.txt"
+  sleep 1  # the clocks log's last samples
+  python3 "$EXP/power_probe.py" join --windows "$W" --clocks "$OUT/clocks.csv" | tee "$OUT/power.txt"
   ;;
 suite)  # PART: 1 the forward files, 2 every other file (../shared/DEVICE.md: one GPU, so test_multi_gpu skips)
   case ${2:?suite 1|2} in
