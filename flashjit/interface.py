@@ -638,7 +638,9 @@ def _on_own_thread(make):
     """make() on a thread of its own, for a device tensor kept across calls: torch.compile's CUDA graph trees
     route every allocation of the calling thread into a graph's private pool while they warm the graph up,
     and a block kept there that no graph output owns fails their check of the pool (mode="reduce-overhead").
-    The copy from host memory has finished when make() returns (torch syncs a pageable copy)."""
+    The copy from host memory has finished when make() returns (a blocking copy: torch syncs its stream). A
+    capture in torch's default "global" mode running meanwhile on another stream or thread still fails on that
+    copy, as it did on the caller's thread (thread_local captures, the graph trees', do not)."""
     result: list = []
 
     def target():
