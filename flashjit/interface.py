@@ -10,13 +10,13 @@ Returns out [B, Sq, H, D_v] (q's dtype) and, if asked, lse [B, H, Sq] fp32 (natu
 """
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import dataclasses
 import functools
 import logging
 import math
 import numbers
-import threading
 from collections import OrderedDict
 from typing import NamedTuple
 
@@ -641,21 +641,8 @@ def _on_own_thread(make):
     The copy from host memory has finished when make() returns (a blocking copy: torch syncs its stream). A
     capture in torch's default "global" mode running meanwhile on another stream or thread still fails on that
     copy, as it did on the caller's thread (thread_local captures, the graph trees', do not)."""
-    result: list = []
-
-    def target():
-        try:
-            result.append((True, make()))
-        except BaseException as error:  # noqa: BLE001 - raised again on the caller's thread
-            result.append((False, error))
-
-    thread = threading.Thread(target=target, name="flashjit-walk")
-    thread.start()
-    thread.join()
-    ok, value = result[0]
-    if not ok:
-        raise value
-    return value
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="flashjit-walk") as maker:
+        return maker.submit(make).result()  # make()'s exception, if any, raised here
 
 
 def _launch(q, k, v, config, causal, softmax_scale, out=None, want_lse=True, mods: ScoreMods = _NO_MODS,

@@ -125,13 +125,15 @@ PROGRESS = re.compile(r"^([.FEsxX]+)\s*(?:\[\s*\d+%\])?$")
 
 
 def pytest_run(selection: list, env: dict, workers: str | None, log: Path, timeout: float):
-    """(exit status or 'timeout', summary line) of one pytest run; its output goes to `log`."""
+    """(exit status, 'failed, then timeout' or 'timeout', summary line) of one pytest run; its output goes to
+    `log`."""
     extra = ["-x"] + (["-n", workers] if workers else [])
     rc = sanitize.run_logged(sanitize.pytest_command(selection, extra), env, log, timeout)
     lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
     if rc == "timeout":  # no summary line: what -q's progress lines recorded before the kill
         marks = "".join(m.group(1) for m in map(PROGRESS.match, lines) if m)
-        return rc, f"timed out after {marks.count('.')} passed, {marks.count('F') + marks.count('E')} failed"
+        failed = marks.count("F") + marks.count("E")
+        return ("failed, then timeout" if failed else rc), f"timed out after {marks.count('.')} passed, {failed} failed"
     return rc, (lines[-1] if lines else "")
 
 
@@ -158,8 +160,10 @@ def judge(rc, summary: str) -> str:
     failure: caught too, when the summary line counts failures."""
     if rc == 1 or (rc == 2 and " failed" in summary):
         return "failed (caught)"
-    if rc == "timeout":  # a hung kernel is caught too, if a test had failed first; else it may be the machine
-        return "failed, then hung (caught)" if " 0 failed" not in summary else "timed out, none failed (BAD)"
+    if rc == "failed, then timeout":  # a hung kernel after a failed test: caught
+        return "failed, then hung (caught)"
+    if rc == "timeout":  # none failed before the kill: it may be the machine
+        return "timed out, none failed (BAD)"
     if rc == 0:
         return "passed (BAD)" if " passed" in summary else "all skipped (BAD)"
     return {2: "interrupted", 3: "pytest internal error", 4: "usage error",
