@@ -168,6 +168,25 @@ def test_the_gpu_checks_name_what_exists():
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 
 
+def test_mutations_read_a_timed_out_run_from_its_progress_marks(tmp_path, monkeypatch):
+    """A mutant that hangs a kernel is cut at the timeout with no pytest summary: mutations.pytest_run reads -q's
+    progress marks from the log, so a run that failed a test before hanging is caught and one that hung with
+    none failed is not."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import mutations
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    log = tmp_path / "run.log"
+    for marks, verdict in (("..F", "failed, then hung (caught)"), ("...", "timed out, none failed (BAD)")):
+        monkeypatch.setattr(mutations.sanitize, "run_logged",
+                            lambda cmd, env, path, timeout, marks=marks: path.write_text(f"$ pytest\n{marks}\n") and
+                            "timeout")
+        rc, summary = mutations.pytest_run(["tests/x.py"], {}, None, log, 1.0)
+        assert mutations.judge(rc, summary) == verdict, (marks, rc, summary)
+    assert mutations.judge(1, "1 failed") == "failed (caught)" and mutations.judge(0, "3 passed") == "passed (BAD)"
+
+
 def test_import_and_cli_show_no_numpy_warning():
     """torch warns ("Failed to initialize NumPy", "compiled using NumPy 1.x") when numpy does not
     match it; `import flashjit` does not import torch, and the CLI must not print such a warning."""
