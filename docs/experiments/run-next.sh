@@ -218,12 +218,20 @@
 #   gqa256    issue 15's d256 causal B=1 8k 32/8 point (0.956 / 0.926x cuDNN in the fifty-first session's tables,
 #             0.997 / 0.995 in the forty-third's): bf16 and fp16, three interleaved rounds, the kernels' times
 #             (torch.profiler) of flashjit's and cuDNN's backward, and flashjit.backward alone, split and group
+#   ncubwd [D [SEQLEN [DTYPE]]]  (ran in the fifty-eighth session at d256 causal 4k bf16: ours 3.11M cycles, tensor
+#             pipe 42%, memory throughput 88%; cuDNN 3.04M, 64%, 63%) the backward's dK/dV kernel and cuDNN's under ncu
+#             (sdpa_launch.py --backward): cycles, tensor pipe, stalls, top SASS lines; both source.csv in ncu.tgz
+#   wideab    (ran in the fifty-eighth session: -0.7 to -7.8%, refuted) the wide backward's next S^T / dP^T issued
+#             under the last dQ piece (wide-ahead.patch, wide-ahead-wg0.patch)
+#   widedq [HEAD_DIMS [VARIANTS]]  (ran in the fifty-eighth session) what the wide backward's dQ path costs, timing
+#             only: noreduce +20-27%, nostage +52-91%, nofence +0.5-3.6%, nowait +2-6% (wide-dq-*-timing-only.patch)
+#   sts64     (ran in the fifty-eighth session: level, not landed) stage_rows_f32 with 8-byte shared stores
 #
 # The device copy has no usable .git: each variant is a copy of this tree with its patches applied by
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf|trace [SEQLENS] [D] [PATCH]|notes [FILTER]|tt REVERT_PATCH|tt3 CUT_PATCH REVERT_PATCH|ttq CUT_PATCH REVERT_PATCH|knobs4|xt64-tests|knobs5|knobs6|gqa256|x2walk|wgskip-mutant|ghost|pgdecode|mutant|initcheck|suite PART|powerbwd}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf|trace [SEQLENS] [D] [PATCH]|notes [FILTER]|tt REVERT_PATCH|tt3 CUT_PATCH REVERT_PATCH|ttq CUT_PATCH REVERT_PATCH|knobs4|xt64-tests|knobs5|knobs6|gqa256|x2walk|wgskip-mutant|ghost|pgdecode|mutant|initcheck|suite PART|powerbwd|ncubwd [D [SEQLEN [DTYPE]]]|wideab [HEAD_DIMS]|widedq [HEAD_DIMS [VARIANTS]]|sts64}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -621,6 +629,57 @@ ncucudnn)  # cuDNN's forward at d128 / d64 causal 1k (where it leads ours by 4-8
       rm -f "$OUT/ncu-$who-d$d/report.ncu-rep" "$OUT/ncu-$who-d$d/raw.csv"
     done
   done
+  ;;
+ncubwd)  # [D [SEQLEN [DTYPE]]] the backward's dK/dV kernel, ours and cuDNN's, under ncu (d256 causal 4k bf16 unless
+  # given): cycles, tensor pipe, stall reasons, the top SASS lines; the two source.csv come back for ncu_compare.py
+  d=${2:-256} n=${3:-4096} dt=${4:-bf16}
+  L="python3 $EXP/sdpa_launch.py --d $d --seqlen $n --causal --backward --dtype $dt"
+  $L --names | tee "$OUT/cudnn-bwd-names.txt"
+  # cuDNN's longest kernel that is not its forward's (fprop): the dK/dV/dQ kernel
+  K=$(grep '^kernel: ' "$OUT/cudnn-bwd-names.txt" | grep -v fprop | head -1 | sed 's/^kernel: //' | cut -c1-40 | sed 's/[^A-Za-z0-9_]/./g')
+  for who in cudnn ours; do
+    if [ $who = cudnn ]; then A=(--external "$L" --kernel "$K"); else A=(--d $d --seqlen $n --causal --backward --dtype $dt); fi
+    python3 scripts/profile_ncu.py "${A[@]}" --out "$OUT/ncu-$who" >"$OUT/ncu-$who.log" 2>&1 || tail -5 "$OUT/ncu-$who.log"
+    echo "== $who"
+    grep -E 'Grid Size|Block Size|Registers Per|Dynamic Shared|Duration|Elapsed Cycles|SM Frequency' \
+      "$OUT/ncu-$who/details.txt" 2>/dev/null | sed 's/  */ /g' || true
+    head -45 "$OUT/ncu-$who/summary.txt" 2>/dev/null || true
+    rm -f "$OUT/ncu-$who/report.ncu-rep" "$OUT/ncu-$who/raw.csv"
+  done
+  tar -czf "$OUT/ncu.tgz" -C "$OUT" ncu-cudnn ncu-ours && rm -rf "$OUT/ncu-cudnn" "$OUT/ncu-ours"
+  ;;
+wideab)  # [HEAD_DIMS] the wide backward's next product issued under the last dQ piece (ran in the fifty-eighth
+  # session: tests pass, -0.7 to -7.8%, not landed): its GPU tests in the ahead tree (both warpgroups ahead:
+  # wide-ahead.patch), then main against wg0 (WG0's S^T alone: wide-ahead-wg0.patch) and ahead, bf16, 1k / 4k /
+  # 16k causal or not and B=1 8k 32/8, two processes each
+  variant ahead "$EXP/wide-ahead.patch" >/dev/null
+  variant wg0 "$EXP/wide-ahead-wg0.patch" >/dev/null
+  with_variant ahead timeout 240 python3 -m pytest -q -n 16 -p no:cacheprovider tests/test_backward_gpu.py \
+    tests/test_flash_api.py -k "wide or head_split or odd_shape or 192 or 256" 2>&1 | tail -5 | tee "$OUT/wide-tests.txt"
+  args="--dtypes bf16 --head-dims ${2:-256} --causal 0,1 --seqlens 1024,4096,16384 --gqa 1x8192x32x8"
+  warm bench_backward.py "$args" "main wg0 ahead"
+  passes bench_backward.py "$args" "main wg0 ahead"
+  ;;
+widedq)  # what the wide backward's dQ path costs (timing only: dQ is wrong in both variants): main against
+  # noreduce (staged, never added: wide-dq-noreduce-timing-only.patch) and nostage (neither staged nor added:
+  # wide-dq-nostage-timing-only.patch), bf16 d256, 1k / 4k / 16k causal or not, two processes each
+  # ${3:-...}: the variants (nofence: no proxy fence before a reduction; nowait: no wait for the previous
+  # reduction's read before staging the next part; both timing only too)
+  vs=${3:-"noreduce nostage"}
+  for v in $vs; do variant $v "$EXP/wide-dq-$v-timing-only.patch" >/dev/null; done
+  args="--dtypes bf16 --head-dims ${2:-256} --causal 0,1 --seqlens 1024,4096,16384 --gqa ''"
+  warm bench_backward.py "$args" "main $vs"
+  passes bench_backward.py "$args" "main $vs"
+  ;;
+sts64)  # stage_rows_f32's stores as st.shared.v2.f32 (the front end had split each float2 into two 4-byte
+  # stores; sts64.patch, ran in the fifty-eighth session: level at d256, -0.1 to -2.5% at d128, not landed): its
+  # backward GPU tests, then main against it, bf16 d128 / d256, 1k / 4k, causal or not, two processes each
+  variant sts64 "$EXP/sts64.patch" >/dev/null
+  with_variant sts64 timeout 200 python3 -m pytest -q -n 16 -p no:cacheprovider tests/test_backward_gpu.py \
+    tests/test_varlen.py -k "backward or grad or wide or split" 2>&1 | tail -4 | tee "$OUT/sts64-tests.txt"
+  args="--dtypes bf16 --head-dims 128,256 --causal 0,1 --seqlens 1024,4096 --gqa ''"
+  warm bench_backward.py "$args" "main sts64"
+  passes bench_backward.py "$args" "main sts64"
   ;;
 fwd-tests)  # [K]: the forward GPU tests `pytest -k K` selects (all of them without K)
   gpu_tests main fwd-tests ${2:+-k "$2"}
