@@ -315,6 +315,23 @@ dropout_ab() {
   python3 scripts/ab_means.py "$OUT" --script bench_backward --variants $2 \
     --plain "$OUT/nodrop/bench_backward.json" 2>&1 | tee -a "$OUT/bench.txt" || true
 }
+# bwd_ab "NAME=PATCH ..." ARGS K TEST_FILES...: each NAME a copy of this tree with docs/experiments/PATCH; the first
+# NAME's GPU tests (pytest -k K over TEST_FILES, cut off at 240 s), then main against every NAME (bench_backward ARGS),
+# two processes each.
+bwd_ab() {
+  local spec names="" first=""
+  for spec in $1; do
+    variant "${spec%%=*}" "$EXP/${spec#*=}" >/dev/null
+    names="$names ${spec%%=*}"
+    first=${first:-${spec%%=*}}
+  done
+  local args=$2 k=$3
+  shift 3
+  with_variant "$first" timeout 240 python3 -m pytest -q -n 16 -p no:cacheprovider "$@" -k "$k" 2>&1 | tail -5 |
+    tee "$OUT/$first-tests.txt"
+  warm bench_backward.py "$args" "main$names"
+  passes bench_backward.py "$args" "main$names"
+}
 gpu_tests() {
   local v=$1 name=$2
   shift 2
@@ -652,13 +669,9 @@ wideab)  # [HEAD_DIMS] the wide backward's next product issued under the last dQ
   # session: tests pass, -0.7 to -7.8%, not landed): its GPU tests in the ahead tree (both warpgroups ahead:
   # wide-ahead.patch), then main against wg0 (WG0's S^T alone: wide-ahead-wg0.patch) and ahead, bf16, 1k / 4k /
   # 16k causal or not and B=1 8k 32/8, two processes each
-  variant ahead "$EXP/wide-ahead.patch" >/dev/null
-  variant wg0 "$EXP/wide-ahead-wg0.patch" >/dev/null
-  with_variant ahead timeout 240 python3 -m pytest -q -n 16 -p no:cacheprovider tests/test_backward_gpu.py \
-    tests/test_flash_api.py -k "wide or head_split or odd_shape or 192 or 256" 2>&1 | tail -5 | tee "$OUT/wide-tests.txt"
-  args="--dtypes bf16 --head-dims ${2:-256} --causal 0,1 --seqlens 1024,4096,16384 --gqa 1x8192x32x8"
-  warm bench_backward.py "$args" "main wg0 ahead"
-  passes bench_backward.py "$args" "main wg0 ahead"
+  bwd_ab "ahead=wide-ahead.patch wg0=wide-ahead-wg0.patch" \
+    "--dtypes bf16 --head-dims ${2:-256} --causal 0,1 --seqlens 1024,4096,16384 --gqa 1x8192x32x8" \
+    "wide or head_split or odd_shape or 192 or 256" tests/test_backward_gpu.py tests/test_flash_api.py
   ;;
 widedq)  # what the wide backward's dQ path costs (timing only: dQ is wrong in both variants): main against
   # noreduce (staged, never added: wide-dq-noreduce-timing-only.patch) and nostage (neither staged nor added:
@@ -674,12 +687,8 @@ widedq)  # what the wide backward's dQ path costs (timing only: dQ is wrong in b
 sts64)  # stage_rows_f32's stores as st.shared.v2.f32 (the front end had split each float2 into two 4-byte
   # stores; sts64.patch, ran in the fifty-eighth session: level at d256, -0.1 to -2.5% at d128, not landed): its
   # backward GPU tests, then main against it, bf16 d128 / d256, 1k / 4k, causal or not, two processes each
-  variant sts64 "$EXP/sts64.patch" >/dev/null
-  with_variant sts64 timeout 200 python3 -m pytest -q -n 16 -p no:cacheprovider tests/test_backward_gpu.py \
-    tests/test_varlen.py -k "backward or grad or wide or split" 2>&1 | tail -4 | tee "$OUT/sts64-tests.txt"
-  args="--dtypes bf16 --head-dims 128,256 --causal 0,1 --seqlens 1024,4096 --gqa ''"
-  warm bench_backward.py "$args" "main sts64"
-  passes bench_backward.py "$args" "main sts64"
+  bwd_ab "sts64=sts64.patch" "--dtypes bf16 --head-dims 128,256 --causal 0,1 --seqlens 1024,4096 --gqa ''" \
+    "backward or grad or wide or split" tests/test_backward_gpu.py tests/test_varlen.py
   ;;
 fwd-tests)  # [K]: the forward GPU tests `pytest -k K` selects (all of them without K)
   gpu_tests main fwd-tests ${2:+-k "$2"}
