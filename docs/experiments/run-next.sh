@@ -226,12 +226,13 @@
 #   widedq [HEAD_DIMS [VARIANTS]]  (ran in the fifty-eighth session) what the wide backward's dQ path costs, timing
 #             only: noreduce +20-27%, nostage +52-91%, nofence +0.5-3.6%, nowait +2-6% (wide-dq-*-timing-only.patch)
 #   sts64     (ran in the fifty-eighth session: level, not landed) stage_rows_f32 with 8-byte shared stores
+#   l2hints   (not run yet) the wide backward with L2 evict_last hints on its Q / dO loads and dQ reductions
 #
 # The device copy has no usable .git: each variant is a copy of this tree with its patches applied by
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf|trace [SEQLENS] [D] [PATCH]|notes [FILTER]|tt REVERT_PATCH|tt3 CUT_PATCH REVERT_PATCH|ttq CUT_PATCH REVERT_PATCH|knobs4|xt64-tests|knobs5|knobs6|gqa256|x2walk|wgskip-mutant|ghost|pgdecode|mutant|initcheck|suite PART|powerbwd|ncubwd [D [SEQLEN [DTYPE]]]|wideab [HEAD_DIMS]|widedq [HEAD_DIMS [VARIANTS]]|sts64}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf|trace [SEQLENS] [D] [PATCH]|notes [FILTER]|tt REVERT_PATCH|tt3 CUT_PATCH REVERT_PATCH|ttq CUT_PATCH REVERT_PATCH|knobs4|xt64-tests|knobs5|knobs6|gqa256|x2walk|wgskip-mutant|ghost|pgdecode|mutant|initcheck|suite PART|powerbwd|ncubwd [D [SEQLEN [DTYPE]]]|wideab [HEAD_DIMS]|widedq [HEAD_DIMS [VARIANTS]]|sts64|l2hints}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -689,6 +690,12 @@ sts64)  # stage_rows_f32's stores as st.shared.v2.f32 (the front end had split e
   # backward GPU tests, then main against it, bf16 d128 / d256, 1k / 4k, causal or not, two processes each
   bwd_ab "sts64=sts64.patch" "--dtypes bf16 --head-dims 128,256 --causal 0,1 --seqlens 1024,4096 --gqa ''" \
     "backward or grad or wide or split" tests/test_backward_gpu.py tests/test_varlen.py
+  ;;
+l2hints)  # the wide backward's Q / dO loads and dQ reductions with an L2 evict_last policy (wide-l2-hints.patch;
+  # FlashAttention-3's hints): its tests, then main against it, bf16 d256, 1k / 4k / 16k causal or not, two processes.
+  # Prediction: level to +3% (the L2 is 88% busy at a 95% hit rate: bandwidth, which hints do not cut)
+  bwd_ab "hints=wide-l2-hints.patch" "--dtypes bf16 --head-dims 256 --causal 0,1 --seqlens 1024,4096,16384 --gqa ''" \
+    "wide or head_split" tests/test_backward_gpu.py
   ;;
 fwd-tests)  # [K]: the forward GPU tests `pytest -k K` selects (all of them without K)
   gpu_tests main fwd-tests ${2:+-k "$2"}
