@@ -224,7 +224,7 @@
 #   wideab    (ran in the fifty-eighth session: -0.7 to -7.8%, refuted) the wide backward's next S^T / dP^T issued
 #             under the last dQ piece (wide-ahead.patch, wide-ahead-wg0.patch)
 #   widedq [HEAD_DIMS [VARIANTS]]  (ran in the fifty-eighth session) what the wide backward's dQ path costs, timing
-#             only: noreduce +20-27%, nostage +52-91%, nofence +0.5-3.6%, nowait +2-6% (wide-dq-*-timing-only.patch)
+#             only: noreduce +20-27%, nostage +52-91% (no dQ products left either), nofence +0.5-3.6%, nowait +2-6%
 #   sts64     (ran in the fifty-eighth session: level, not landed) stage_rows_f32 with 8-byte shared stores
 #   l2hints   (not run yet) the wide backward with L2 evict_last hints on its Q / dO loads and dQ reductions
 #
@@ -675,7 +675,7 @@ wideab)  # [HEAD_DIMS] the wide backward's next product issued under the last dQ
     "wide or head_split or odd_shape or 192 or 256" tests/test_backward_gpu.py tests/test_flash_api.py
   ;;
 widedq)  # what the wide backward's dQ path costs (timing only: dQ is wrong in both variants): main against
-  # noreduce (staged, never added: wide-dq-noreduce-timing-only.patch) and nostage (neither staged nor added:
+  # noreduce (staged, never added: wide-dq-noreduce-timing-only.patch) and nostage (neither staged nor added, and ptxas then drops the dQ products:
   # wide-dq-nostage-timing-only.patch), bf16 d256, 1k / 4k / 16k causal or not, two processes each
   # ${3:-...}: the variants (nofence: no proxy fence before a reduction; nowait: no wait for the previous
   # reduction's read before staging the next part; both timing only too)
