@@ -675,8 +675,9 @@ wideab)  # [HEAD_DIMS] the wide backward's next product issued under the last dQ
     "wide or head_split or odd_shape or 192 or 256" tests/test_backward_gpu.py tests/test_flash_api.py
   ;;
 widedq)  # what the wide backward's dQ path costs (timing only: dQ is wrong in both variants): main against
-  # noreduce (staged, never added: wide-dq-noreduce-timing-only.patch) and nostage (neither staged nor added, and ptxas then drops the dQ products:
-  # wide-dq-nostage-timing-only.patch), bf16 d256, 1k / 4k / 16k causal or not, two processes each
+  # noreduce (staged, never added: wide-dq-noreduce-timing-only.patch) and nostage (neither staged nor added, so
+  # ptxas drops the dQ products too: wide-dq-nostage-timing-only.patch), bf16 d256, 1k / 4k / 16k causal or not,
+  # two processes each
   # ${3:-...}: the variants (nofence: no proxy fence before a reduction; nowait: no wait for the previous
   # reduction's read before staging the next part; both timing only too)
   vs=${3:-"noreduce nostage"}
