@@ -227,12 +227,13 @@
 #             only: noreduce +20-27%, nostage +52-91% (no dQ products left either), nofence +0.5-3.6%, nowait +2-6%
 #   sts64     (ran in the fifty-eighth session: level, not landed) stage_rows_f32 with 8-byte shared stores
 #   l2hints   (not run yet) the wide backward with L2 evict_last hints on its Q / dO loads and dQ reductions
+#   narrowdq  (not run yet) the narrow backward's dQ reductions priced as widedq's noreduce, d64 / d128
 #
 # The device copy has no usable .git: each variant is a copy of this tree with its patches applied by
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf|trace [SEQLENS] [D] [PATCH]|notes [FILTER]|tt REVERT_PATCH|tt3 CUT_PATCH REVERT_PATCH|ttq CUT_PATCH REVERT_PATCH|knobs4|xt64-tests|knobs5|knobs6|gqa256|x2walk|wgskip-mutant|ghost|pgdecode|mutant|initcheck|suite PART|powerbwd|ncubwd [D [SEQLEN [DTYPE]]]|wideab [HEAD_DIMS]|widedq [HEAD_DIMS [VARIANTS]]|sts64|l2hints}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf|trace [SEQLENS] [D] [PATCH]|notes [FILTER]|tt REVERT_PATCH|tt3 CUT_PATCH REVERT_PATCH|ttq CUT_PATCH REVERT_PATCH|knobs4|xt64-tests|knobs5|knobs6|gqa256|x2walk|wgskip-mutant|ghost|pgdecode|mutant|initcheck|suite PART|powerbwd|ncubwd [D [SEQLEN [DTYPE]]]|wideab [HEAD_DIMS]|widedq [HEAD_DIMS [VARIANTS]]|sts64|l2hints|narrowdq}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -697,6 +698,14 @@ l2hints)  # the wide backward's Q / dO loads and dQ reductions with an L2 evict_
   # Prediction: level to +3% (the L2 is 88% busy at a 95% hit rate: bandwidth, which hints do not cut)
   bwd_ab "hints=wide-l2-hints.patch" "--dtypes bf16 --head-dims 256 --causal 0,1 --seqlens 1024,4096,16384 --gqa ''" \
     "wide or head_split" tests/test_backward_gpu.py
+  ;;
+narrowdq)  # the narrow backward's (d33-d128) dQ reductions priced, timing only (dQ wrong): main against noreduce
+  # (narrow-dq-noreduce-timing-only.patch: staged, never added), bf16 d64 / d128, 1k / 4k / 16k causal or not, two
+  # processes each. Prediction: +8-15% (the wide kernel's +20-27% scaled by dQ's smaller share of a d128 step)
+  variant noreduce "$EXP/narrow-dq-noreduce-timing-only.patch" >/dev/null
+  args="--dtypes bf16 --head-dims 64,128 --causal 0,1 --seqlens 1024,4096,16384 --gqa ''"
+  warm bench_backward.py "$args" "main noreduce"
+  passes bench_backward.py "$args" "main noreduce"
   ;;
 fwd-tests)  # [K]: the forward GPU tests `pytest -k K` selects (all of them without K)
   gpu_tests main fwd-tests ${2:+-k "$2"}
