@@ -701,7 +701,7 @@ l2hints)  # the wide backward's Q / dO loads and dQ reductions with an L2 evict_
   ;;
 narrowdq)  # the narrow backward's (d33-d128) dQ reductions priced, timing only (dQ wrong): main against noreduce
   # (narrow-dq-noreduce-timing-only.patch: staged, never added), bf16 d64 / d128, 1k / 4k / 16k causal or not, two
-  # processes each. Prediction: +8-15% (the wide kernel's +20-27% scaled by dQ's smaller share of a d128 step)
+  # processes each. Prediction: +10-20% at d128 (the same reduction bytes a flop as d256, half its Q / dO loads)
   variant noreduce "$EXP/narrow-dq-noreduce-timing-only.patch" >/dev/null
   args="--dtypes bf16 --head-dims 64,128 --causal 0,1 --seqlens 1024,4096,16384 --gqa ''"
   warm bench_backward.py "$args" "main noreduce"
