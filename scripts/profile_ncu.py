@@ -53,6 +53,8 @@ def parse_args(argv=None):
     parser.add_argument("--top", type=int, default=30, help="SASS instructions to list")
     parser.add_argument("--external", help="a command whose launches to profile instead of flashjit's (with --kernel "
                         "naming its kernel)")
+    parser.add_argument("--metric", action="append", default=[],
+                        help="one more raw metric to collect and print (repeatable), e.g. lts__t_sectors_op_red.sum")
     parser.add_argument("--out", default="profile-out")
     return parser.parse_args(argv)
 
@@ -103,7 +105,7 @@ def profile(args) -> None:
     target = shlex.split(args.external) if args.external else [sys.executable, __file__, *sys.argv[1:]]
     # The tensor pipe's utilisation, which no section above is sure to collect on every ncu; a version that
     # does not know the metric fails the run, which then goes again without it.
-    for metrics in (["--metrics", TENSOR_PIPE], []):
+    for metrics in (["--metrics", ",".join([TENSOR_PIPE, *args.metric])], []):
         print(" ".join(command + metrics + target), flush=True)
         run = subprocess.run(command + metrics + target, env=dict(os.environ, **{CHILD: "1"}), capture_output=True,
                              text=True)
@@ -121,7 +123,7 @@ def profile(args) -> None:
     (out / "source.csv").write_text(source.stdout + source.stderr)
     raw = subprocess.run([ncu, "-i", rep, "--page", "raw", "--csv"], capture_output=True, text=True)
     (out / "raw.csv").write_text(raw.stdout + raw.stderr)
-    summary = summarize(details.stdout, source.stdout, args.top, raw.stdout)
+    summary = summarize(details.stdout, source.stdout, args.top, raw.stdout, args.metric)
     (out / "summary.txt").write_text(summary)
     print(summary)
 
@@ -170,14 +172,16 @@ def source_table(source_csv: str) -> tuple[list[str], list[list[str]]] | None:
     return None if header is None else (rows[header], rows[header + 1:])
 
 
-def summarize(details: str, source_csv: str, top: int, raw_csv: str = "") -> str:
-    """The warp-state and speed-of-light lines of the details page, the sampled stall reasons, then the
-    `top` SASS instructions by stall samples (whichever sampling columns this ncu version writes)."""
+def summarize(details: str, source_csv: str, top: int, raw_csv: str = "", metrics: tuple = ()) -> str:
+    """The warp-state and speed-of-light lines of the details page, the raw page's `metrics` (--metric), the
+    sampled stall reasons, then the `top` SASS instructions by stall samples (whichever sampling columns this ncu
+    version writes)."""
     keep = ("Duration", "Compute (SM) Throughput", "Memory Throughput", "Warp Cycles Per Issued Instruction",
             "Issued Warp Per Scheduler", "No Eligible", "Active Warps Per Scheduler", "Eligible Warps Per Scheduler",
             "Registers Per Thread", "Achieved Occupancy", "Stall", "stall")
     lines = [line.rstrip() for line in details.splitlines() if any(word in line for word in keep)]
     lines += tensor_pipe(raw_csv)
+    lines += [f"{name}: {value}" for name, value in raw_metrics(raw_csv) if name in metrics]
     reasons = stall_reasons(raw_csv)
     if reasons:
         lines += ["", "stall reasons (share of the warps' stall samples):", *reasons]

@@ -214,14 +214,18 @@ def test_profile_summary_ranks_stall_reasons_and_instructions():
     import profile_ncu
 
     raw = ('"ID","Kernel Name","smsp__pcsamp_warps_issue_stalled_barrier",'
-           '"smsp__pcsamp_warps_issue_stalled_barrier_not_issued","smsp__pcsamp_warps_issue_stalled_wait"\n'
-           '"","","","",""\n"0","k","1,500","1,400","500"\n')
+           '"smsp__pcsamp_warps_issue_stalled_barrier_not_issued","smsp__pcsamp_warps_issue_stalled_wait",'
+           '"lts__t_sectors_op_red.sum","lts__t_sectors_op_read.sum"\n'
+           '"","","","","","sector","sector"\n"0","k","1,500","1,400","500","4,096","8,192"\n')
     assert profile_ncu.stall_reasons(raw) == [" 75.0%  barrier", " 25.0%  wait"]
     source = ('"Address","Source","Warp Stall Sampling (All Samples)","Warp Stall Sampling (Not-issued Samples)"\n'
               '"0x10","HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], RZ","1,000","900"\n'
               '"0x20","BAR.SYNC.DEFER_BLOCKING 0x5","3,000","2,900"\n"0x30","FFMA R1, R2, R3, R4","0","0"\n')
-    summary = profile_ncu.summarize("    Duration    us    47.2\n    Other    1\n", source, 2, raw)
+    summary = profile_ncu.summarize("    Duration    us    47.2\n    Other    1\n", source, 2, raw,
+                                    ("lts__t_sectors_op_red.sum",))
     assert "Duration" in summary and "Other" not in summary and "75.0%  barrier" in summary
+    # a metric asked for (--metric) is printed with its value; one not asked for is not
+    assert "lts__t_sectors_op_red.sum: 4,096" in summary and "op_read" not in summary
     top = summary.splitlines()[-2:]
     assert top[0].startswith(" 75.0%") and "BAR.SYNC" in top[0] and top[1].startswith(" 25.0%") and "HGMMA" in top[1]
 

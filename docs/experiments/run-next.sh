@@ -220,7 +220,8 @@
 #             (torch.profiler) of flashjit's and cuDNN's backward, and flashjit.backward alone, split and group
 #   ncubwd [D [SEQLEN [DTYPE]]]  (ran in the fifty-eighth session at d256 causal 4k bf16: ours 3.11M cycles, tensor
 #             pipe 42%, memory throughput 88%; cuDNN 3.04M, 64%, 63%) the backward's dK/dV kernel and cuDNN's under ncu
-#             (sdpa_launch.py --backward): cycles, tensor pipe, stalls, top SASS lines; both source.csv in ncu.tgz
+#             (sdpa_launch.py --backward): cycles, tensor pipe, the L2's sectors by operation (read, write,
+#             reduction, atomic), stalls, top SASS lines; both source.csv in ncu.tgz
 #   wideab    (ran in the fifty-eighth session: -0.7 to -7.8%, refuted) the wide backward's next S^T / dP^T issued
 #             under the last dQ piece (wide-ahead.patch, wide-ahead-wg0.patch)
 #   widedq [HEAD_DIMS [VARIANTS]]  (ran in the fifty-eighth session) what the wide backward's dQ path costs, timing
@@ -656,13 +657,16 @@ ncubwd)  # [D [SEQLEN [DTYPE]]] the backward's dK/dV kernel, ours and cuDNN's, u
   $L --names | tee "$OUT/cudnn-bwd-names.txt"
   # cuDNN's longest kernel that is not its forward's (fprop): the dK/dV/dQ kernel
   K=$(grep '^kernel: ' "$OUT/cudnn-bwd-names.txt" | grep -v fprop | head -1 | sed 's/^kernel: //' | cut -c1-40 | sed 's/[^A-Za-z0-9_]/./g')
+  # The L2's sectors by operation: loads, stores, reductions (dQ's bulk adds), atomics
+  M=(); for op in read write red atom; do M+=(--metric lts__t_sectors_op_$op.sum); done
   for who in cudnn ours; do
     if [ $who = cudnn ]; then A=(--external "$L" --kernel "$K"); else A=(--d $d --seqlen $n --causal --backward --dtype $dt); fi
-    python3 scripts/profile_ncu.py "${A[@]}" --out "$OUT/ncu-$who" >"$OUT/ncu-$who.log" 2>&1 || tail -5 "$OUT/ncu-$who.log"
+    python3 scripts/profile_ncu.py "${A[@]}" "${M[@]}" --out "$OUT/ncu-$who" >"$OUT/ncu-$who.log" 2>&1 || tail -5 "$OUT/ncu-$who.log"
     echo "== $who"
-    grep -E 'Grid Size|Block Size|Registers Per|Dynamic Shared|Duration|Elapsed Cycles|SM Frequency' \
+    grep -E 'Grid Size|Block Size|Registers Per|Dynamic Shared|Duration|Elapsed Cycles|SM Frequency|L2 Cache Throughput' \
       "$OUT/ncu-$who/details.txt" 2>/dev/null | sed 's/  */ /g' || true
-    head -45 "$OUT/ncu-$who/summary.txt" 2>/dev/null || true
+    grep -E '^lts__|pct_of_peak_sustained_active: ' "$OUT/ncu-$who/summary.txt" 2>/dev/null | grep -E 'lts__|pipe_tensor_cycles' || true
+    sed -n '/^stall reasons/,$p' "$OUT/ncu-$who/summary.txt" 2>/dev/null | head -30 || true
     rm -f "$OUT/ncu-$who/report.ncu-rep" "$OUT/ncu-$who/raw.csv"
   done
   tar -czf "$OUT/ncu.tgz" -C "$OUT" ncu-cudnn ncu-ours && rm -rf "$OUT/ncu-cudnn" "$OUT/ncu-ours"
