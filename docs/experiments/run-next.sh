@@ -227,6 +227,8 @@
 #   widedq [HEAD_DIMS [VARIANTS]]  (ran in the fifty-eighth session) what the wide backward's dQ path costs, timing
 #             only: noreduce +20-27%, nostage +52-91% (no dQ products left either), nofence +0.5-3.6%, nowait +2-6%
 #   sts64     (ran in the fifty-eighth session: level, not landed) stage_rows_f32 with 8-byte shared stores
+#   widedq 256 nodout  (not run yet) the L2 bytes a cluster pair's Q / dO multicast would save, timing only:
+#             predicted +8-13% if the L2's bytes set the pace (noreduce's half of them gave +20-27%)
 #   l2hints   (not run yet) the wide backward with L2 evict_last hints on its Q / dO loads and dQ reductions
 #   narrowdq  (not run yet) the narrow backward's dQ reductions priced as widedq's noreduce, d64 / d128
 #
@@ -684,9 +686,13 @@ widedq)  # what the wide backward's dQ path costs (timing only: dQ is wrong in b
   # ptxas drops the dQ products too: wide-dq-nostage-timing-only.patch), bf16 d256, 1k / 4k / 16k causal or not,
   # two processes each
   # ${3:-...}: the variants (nofence: no proxy fence before a reduction; nowait: no wait for the previous
-  # reduction's read before staging the next part; both timing only too)
+  # reduction's read before staging the next part; nodout: dO loaded for the first two steps alone, the L2 bytes a
+  # cluster pair's Q / dO multicast would save (wide-nodout-timing-only.patch); all timing only too)
   vs=${3:-"noreduce nostage"}
-  for v in $vs; do variant $v "$EXP/wide-dq-$v-timing-only.patch" >/dev/null; done
+  for v in $vs; do
+    f="$EXP/wide-dq-$v-timing-only.patch"; [ -f "$f" ] || f="$EXP/wide-$v-timing-only.patch"
+    variant $v "$f" >/dev/null
+  done
   args="--dtypes bf16 --head-dims ${2:-256} --causal 0,1 --seqlens 1024,4096,16384 --gqa ''"
   warm bench_backward.py "$args" "main $vs"
   passes bench_backward.py "$args" "main $vs"
