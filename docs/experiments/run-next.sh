@@ -320,9 +320,9 @@ dropout_ab() {
   python3 scripts/ab_means.py "$OUT" --script bench_backward --variants $2 \
     --plain "$OUT/nodrop/bench_backward.json" 2>&1 | tee -a "$OUT/bench.txt" || true
 }
-# bwd_ab "NAME=PATCH ..." ARGS K TEST_FILES...: each NAME a copy of this tree with docs/experiments/PATCH; the first
-# NAME's GPU tests (pytest -k K over TEST_FILES, cut off at 240 s), then main against every NAME (bench_backward ARGS),
-# two processes each.
+# bwd_ab "NAME=PATCH ..." ARGS [K TEST_FILES...]: each NAME a copy of this tree with docs/experiments/PATCH; with K,
+# the first NAME's GPU tests (pytest -k K over TEST_FILES, cut off at 240 s; timing-only variants have none); then
+# main against every NAME (bench_backward ARGS), two processes each.
 bwd_ab() {
   local spec names="" first=""
   for spec in $1; do
@@ -330,10 +330,13 @@ bwd_ab() {
     names="$names ${spec%%=*}"
     first=${first:-${spec%%=*}}
   done
-  local args=$2 k=$3
-  shift 3
-  with_variant "$first" timeout 240 python3 -m pytest -q -n 16 -p no:cacheprovider "$@" -k "$k" 2>&1 | tail -5 |
-    tee "$OUT/$first-tests.txt"
+  local args=$2
+  if [ $# -gt 2 ]; then
+    local k=$3
+    shift 3
+    with_variant "$first" timeout 240 python3 -m pytest -q -n 16 -p no:cacheprovider "$@" -k "$k" 2>&1 | tail -5 |
+      tee "$OUT/$first-tests.txt"
+  fi
   warm bench_backward.py "$args" "main$names"
   passes bench_backward.py "$args" "main$names"
 }
@@ -688,14 +691,12 @@ widedq)  # what the wide backward's dQ path costs (timing only: dQ is wrong in b
   # ${3:-...}: the variants (nofence: no proxy fence before a reduction; nowait: no wait for the previous
   # reduction's read before staging the next part; nodout: dO loaded for the first two steps alone, the L2 bytes a
   # cluster pair's Q / dO multicast would save (wide-nodout-timing-only.patch); all timing only too)
-  vs=${3:-"noreduce nostage"}
-  for v in $vs; do
-    f="$EXP/wide-dq-$v-timing-only.patch"; [ -f "$f" ] || f="$EXP/wide-$v-timing-only.patch"
-    variant $v "$f" >/dev/null
+  specs=""
+  for v in ${3:-noreduce nostage}; do
+    f=wide-dq-$v-timing-only.patch; [ -f "$EXP/$f" ] || f=wide-$v-timing-only.patch
+    specs="$specs $v=$f"
   done
-  args="--dtypes bf16 --head-dims ${2:-256} --causal 0,1 --seqlens 1024,4096,16384 --gqa ''"
-  warm bench_backward.py "$args" "main $vs"
-  passes bench_backward.py "$args" "main $vs"
+  bwd_ab "$specs" "--dtypes bf16 --head-dims ${2:-256} --causal 0,1 --seqlens 1024,4096,16384 --gqa ''"
   ;;
 sts64)  # stage_rows_f32's stores as st.shared.v2.f32 (the front end had split each float2 into two 4-byte
   # stores; sts64.patch, ran in the fifty-eighth session: level at d256, -0.1 to -2.5% at d128, not landed): its
@@ -712,10 +713,8 @@ l2hints)  # the wide backward's Q / dO loads and dQ reductions with an L2 evict_
 narrowdq)  # the narrow backward's (d33-d128) dQ reductions priced, timing only (dQ wrong): main against noreduce
   # (narrow-dq-noreduce-timing-only.patch: staged, never added), bf16 d64 / d128, 1k / 4k / 16k causal or not, two
   # processes each. Prediction: +10-20% at d128 (the same reduction bytes a flop as d256, half its Q / dO loads)
-  variant noreduce "$EXP/narrow-dq-noreduce-timing-only.patch" >/dev/null
   args="--dtypes bf16 --head-dims 64,128 --causal 0,1 --seqlens 1024,4096,16384 --gqa ''"
-  warm bench_backward.py "$args" "main noreduce"
-  passes bench_backward.py "$args" "main noreduce"
+  bwd_ab "noreduce=narrow-dq-noreduce-timing-only.patch" "$args"
   ;;
 fwd-tests)  # [K]: the forward GPU tests `pytest -k K` selects (all of them without K)
   gpu_tests main fwd-tests ${2:+-k "$2"}
