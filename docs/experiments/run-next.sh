@@ -704,6 +704,21 @@ sts64)  # stage_rows_f32's stores as st.shared.v2.f32 (the front end had split e
   bwd_ab "sts64=sts64.patch" "--dtypes bf16 --head-dims 128,256 --causal 0,1 --seqlens 1024,4096 --gqa ''" \
     "backward or grad or wide or split" tests/test_backward_gpu.py tests/test_varlen.py
   ;;
+pair)  # [HEAD_DIMS] the wide backward (d129-d256) in clusters of two CTAs on adjacent key blocks (wide-pair.patch): at
+  # each query block both see, each warp stores the 8 of its 16 dQ rows the peer owns into the peer's staging tile
+  # (st.async, counted on the peer's mbarrier) and adds the pair's sum of its own 8, so a pair adds dQ once per 128
+  # keys, as cuDNN's d256 kernel does (fifty-ninth session): its GPU tests, then main against it, bf16, 1k / 4k / 16k
+  # causal or not and B=1 8k 32/8, two processes each. Prediction: +4-9% at d256 (halfreduce's bound less the
+  # exchange's two waits a piece)
+  # (the timing only once the tests pass: a kernel that deadlocks would hold the call to its end)
+  variant pair "$EXP/wide-pair.patch" >/dev/null
+  with_variant pair timeout 200 python3 -m pytest -q -n 16 -p no:cacheprovider --maxfail 10 tests/test_backward_gpu.py \
+    tests/test_flash_api.py tests/test_varlen.py -k "wide or head_split or odd_shape or 192 or 256" 2>&1 | tail -8 |
+    tee "$OUT/pair-tests.txt"
+  if grep -q ' passed' "$OUT/pair-tests.txt" && ! grep -qE 'failed|error' "$OUT/pair-tests.txt"; then
+    bwd_ab "pair=wide-pair.patch" "--dtypes bf16 --head-dims ${2:-256} --causal 0,1 --seqlens 1024,4096,16384 --gqa 1x8192x32x8"
+  fi
+  ;;
 l2hints)  # the wide backward's Q / dO loads and dQ reductions with an L2 evict_last policy (wide-l2-hints.patch;
   # FlashAttention-3's hints): its tests, then main against it, bf16 d256, 1k / 4k / 16k causal or not, two processes.
   # Prediction: level to +3% (the L2 is 88% busy at a 95% hit rate: bandwidth, which hints do not cut)
