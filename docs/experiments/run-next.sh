@@ -719,6 +719,19 @@ pair)  # [HEAD_DIMS] the wide backward (d129-d256) in clusters of two CTAs on ad
     bwd_ab "pair=wide-pair.patch" "--dtypes bf16 --head-dims ${2:-256} --causal 0,1 --seqlens 1024,4096,16384 --gqa ''"
   fi
   ;;
+pairquick)  # `pair` in little device time: the wide and odd-shape backward tests (150 s at most), then one process each
+  # of main and pair at d256 4k, causal or not
+  variant pair "$EXP/wide-pair.patch" >/dev/null
+  with_variant pair timeout 150 python3 -m pytest -q -n 16 -p no:cacheprovider --maxfail 3 tests/test_backward_gpu.py \
+    -k "wide or odd_shape" 2>&1 | tail -6 | tee "$OUT/pair-tests.txt"
+  if grep -q ' passed' "$OUT/pair-tests.txt" && ! grep -qE 'failed|error' "$OUT/pair-tests.txt"; then
+    for v in main pair; do
+      echo "== $v"
+      with_variant $v python3 scripts/bench_backward.py --dtypes bf16 --head-dims 256 --causal 0,1 --seqlens 4096 \
+        --gqa '' --out "$OUT/quick-$v" 2>&1 | grep -E '^bf16'
+    done | tee -a "$OUT/bench.txt"
+  fi
+  ;;
 l2hints)  # the wide backward's Q / dO loads and dQ reductions with an L2 evict_last policy (wide-l2-hints.patch;
   # FlashAttention-3's hints): its tests, then main against it, bf16 d256, 1k / 4k / 16k causal or not, two processes.
   # Prediction: level to +3% (the L2 is 88% busy at a 95% hit rate: bandwidth, which hints do not cut)
