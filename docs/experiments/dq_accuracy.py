@@ -1,8 +1,10 @@
 """dQ's error against a float64 reference, cuDNN's and FlashAttention-2's backward (SDPA) beside flashjit's.
 
-cuDNN's d256 bprop kernel adds 32 KiB of dQ a 64 x 64 step (eight 4-KiB tensor reductions, read off its SASS
-under ncu) where an fp32 64 x 256 share is 64 KiB: if it adds dQ in 16 bits, its dQ error grows with the
-number of key blocks, which this shows (the error at 1k and at 8k keys).
+cuDNN's d256 bprop kernel adds half the dQ bytes ours does (ncu's L2 reduction sectors): were that dQ added in
+16 bits, its error would grow with the number of key blocks, which this shows (max and RMS relative error at
+1k and 8k keys). It does not (docs/perf-log.md, fifty-ninth session): cuDNN adds fp32 dQ once per 128 keys.
+
+    python docs/experiments/dq_accuracy.py   (a GPU with SDPA's cuDNN and flash backends)
 """
 import torch
 import torch.nn.functional as F
