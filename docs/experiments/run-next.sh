@@ -719,6 +719,18 @@ pair)  # [HEAD_DIMS] the wide backward (d129-d256) in clusters of two CTAs on ad
     bwd_ab "pair=wide-pair.patch" "--dtypes bf16 --head-dims ${2:-256} --causal 0,1 --seqlens 1024,4096,16384 --gqa ''"
   fi
   ;;
+pairwalk)  # [HEAD_DIMS] the pair with the even CTA's unshared (causal diagonal) query blocks walked after its
+  # shared ones (wide-pair-walk.patch, which holds wide-pair.patch): its tests as `pair`'s, then main / pair / walk,
+  # causal only. Prediction: walk over pair +3-6% at 1k, +1-2% at 4k, level at 16k
+  variant walk "$EXP/wide-pair-walk.patch" >/dev/null
+  with_variant walk timeout 200 python3 -m pytest -q -n 16 -p no:cacheprovider --maxfail 10 tests/test_backward_gpu.py \
+    tests/test_flash_api.py tests/test_varlen.py -k "wide or head_split or odd_shape or 192 or 256" 2>&1 | tail -8 |
+    tee "$OUT/walk-tests.txt"
+  if grep -q ' passed' "$OUT/walk-tests.txt" && ! grep -qE 'failed|error' "$OUT/walk-tests.txt"; then
+    bwd_ab "pair=wide-pair.patch walk=wide-pair-walk.patch" \
+      "--dtypes bf16 --head-dims ${2:-256} --causal 1 --seqlens 1024,4096,16384 --gqa 1x8192x32x8"
+  fi
+  ;;
 pairquick)  # `pair` in little device time: the wide and odd-shape backward tests (150 s at most), then one process each
   # of main and pair at d256 4k, causal or not
   variant pair "$EXP/wide-pair.patch" >/dev/null
