@@ -236,7 +236,7 @@
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf|trace [SEQLENS] [D] [PATCH]|notes [FILTER]|tt REVERT_PATCH|tt3 CUT_PATCH REVERT_PATCH|ttq CUT_PATCH REVERT_PATCH|knobs4|xt64-tests|knobs5|knobs6|gqa256|x2walk|wgskip-mutant|ghost|pgdecode|mutant|initcheck|suite PART|powerbwd|ncubwd [D [SEQLEN [DTYPE]]]|wideab [HEAD_DIMS]|widedq [HEAD_DIMS [VARIANTS]]|sts64|l2hints|narrowdq}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf|trace [SEQLENS] [D] [PATCH]|notes [FILTER]|tt REVERT_PATCH|tt3 CUT_PATCH REVERT_PATCH|ttq CUT_PATCH REVERT_PATCH|knobs4|xt64-tests|knobs5|knobs6|gqa256|x2walk|wgskip-mutant|ghost|pgdecode|mutant|initcheck|suite PART|powerbwd|ncubwd [D [SEQLEN [DTYPE]]]|wideab [HEAD_DIMS]|widedq [HEAD_DIMS [VARIANTS]]|sts64|l2hints|narrowdq|pair [HEAD_DIMS]|pairquick|pairwalk [HEAD_DIMS]}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -246,6 +246,8 @@ if [[ $STEP != fa3* ]] && compgen -G ".whl/*.whl" >/dev/null; then  # the device
 fi
 export FLASHJIT_CACHE_DIR=/tmp/fj-cache PYTHONUNBUFFERED=1
 EXP=$ROOT/docs/experiments
+# The GPU tests of a wide-backward variant (wide, head-split, odd shapes, d192 / d256 calls)
+WIDE_TESTS="wide or head_split or odd_shape or 192 or 256"
 # The GPU tests that run the dispatcher's forward defaults (`tests`, and the same in an experiment's variant).
 FWD_TESTS=${FWD_TESTS:-"tests/test_forward_sm90.py tests/test_parity.py tests/test_flash_api.py tests/test_varlen.py tests/test_head_dim_v.py"}
 # The SM clock and power twice a second for the whole step, to $OUT/clocks.csv: fp16 ran 3-13% below bf16 at
@@ -320,9 +322,19 @@ dropout_ab() {
   python3 scripts/ab_means.py "$OUT" --script bench_backward --variants $2 \
     --plain "$OUT/nodrop/bench_backward.json" 2>&1 | tee -a "$OUT/bench.txt" || true
 }
+# tests_pass VARIANT SECONDS K TEST_FILES...: VARIANT's GPU tests (pytest -k K over TEST_FILES, cut off after
+# SECONDS), their summary to $OUT/VARIANT-tests.txt; true when some passed and none failed. Timing comes after it
+# only: a variant's kernel that deadlocks would otherwise hold the device call to its end.
+tests_pass() {
+  local v=$1 seconds=$2 k=$3
+  shift 3
+  with_variant "$v" timeout "$seconds" python3 -m pytest -q -n 16 -p no:cacheprovider --maxfail 10 "$@" -k "$k" 2>&1 |
+    tail -6 | tee "$OUT/$v-tests.txt"
+  grep -q ' passed' "$OUT/$v-tests.txt" && ! grep -qE 'failed|error' "$OUT/$v-tests.txt"
+}
 # bwd_ab "NAME=PATCH ..." ARGS [K TEST_FILES...]: each NAME a copy of this tree with docs/experiments/PATCH; with K,
-# the first NAME's GPU tests (pytest -k K over TEST_FILES, cut off at 240 s; timing-only variants have none); then
-# main against every NAME (bench_backward ARGS), two processes each.
+# the first NAME's GPU tests (tests_pass, 240 s; timing-only variants have none), and the timing only if they
+# pass; then main against every NAME (bench_backward ARGS), two processes each.
 bwd_ab() {
   local spec names="" first=""
   for spec in $1; do
@@ -334,8 +346,7 @@ bwd_ab() {
   if [ $# -gt 2 ]; then
     local k=$3
     shift 3
-    with_variant "$first" timeout 240 python3 -m pytest -q -n 16 -p no:cacheprovider "$@" -k "$k" 2>&1 | tail -5 |
-      tee "$OUT/$first-tests.txt"
+    tests_pass "$first" 240 "$k" "$@" || { echo "== $first: tests did not pass, no timing"; return 0; }
   fi
   warm bench_backward.py "$args" "main$names"
   passes bench_backward.py "$args" "main$names"
@@ -682,7 +693,7 @@ wideab)  # [HEAD_DIMS] the wide backward's next product issued under the last dQ
   # 16k causal or not and B=1 8k 32/8, two processes each
   bwd_ab "ahead=wide-ahead.patch wg0=wide-ahead-wg0.patch" \
     "--dtypes bf16 --head-dims ${2:-256} --causal 0,1 --seqlens 1024,4096,16384 --gqa 1x8192x32x8" \
-    "wide or head_split or odd_shape or 192 or 256" tests/test_backward_gpu.py tests/test_flash_api.py
+    "$WIDE_TESTS" tests/test_backward_gpu.py tests/test_flash_api.py
   ;;
 widedq)  # what the wide backward's dQ path costs (timing only: dQ is wrong in both variants): main against
   # noreduce (staged, never added: wide-dq-noreduce-timing-only.patch) and nostage (neither staged nor added, so
@@ -710,33 +721,20 @@ pair)  # [HEAD_DIMS] the wide backward (d129-d256) in clusters of two CTAs on ad
   # keys, as cuDNN's d256 kernel does (fifty-ninth session): its GPU tests, then main against it, bf16, 1k / 4k / 16k
   # causal or not, two processes each. Prediction: +4-9% at d256 (halfreduce's bound less the
   # exchange's two waits a piece)
-  # (the timing only once the tests pass: a kernel that deadlocks would hold the call to its end)
-  variant pair "$EXP/wide-pair.patch" >/dev/null
-  with_variant pair timeout 200 python3 -m pytest -q -n 16 -p no:cacheprovider --maxfail 10 tests/test_backward_gpu.py \
-    tests/test_flash_api.py tests/test_varlen.py -k "wide or head_split or odd_shape or 192 or 256" 2>&1 | tail -8 |
-    tee "$OUT/pair-tests.txt"
-  if grep -q ' passed' "$OUT/pair-tests.txt" && ! grep -qE 'failed|error' "$OUT/pair-tests.txt"; then
-    bwd_ab "pair=wide-pair.patch" "--dtypes bf16 --head-dims ${2:-256} --causal 0,1 --seqlens 1024,4096,16384 --gqa ''"
-  fi
+  bwd_ab "pair=wide-pair.patch" "--dtypes bf16 --head-dims ${2:-256} --causal 0,1 --seqlens 1024,4096,16384 --gqa ''" \
+    "$WIDE_TESTS" tests/test_backward_gpu.py tests/test_flash_api.py tests/test_varlen.py
   ;;
 pairwalk)  # [HEAD_DIMS] the pair with the even CTA's unshared (causal diagonal) query blocks walked after its
   # shared ones (wide-pair-walk.patch, which holds wide-pair.patch): its tests as `pair`'s, then main / pair / walk,
   # causal only. Prediction: walk over pair +3-6% at 1k, +1-2% at 4k, level at 16k
-  variant walk "$EXP/wide-pair-walk.patch" >/dev/null
-  with_variant walk timeout 200 python3 -m pytest -q -n 16 -p no:cacheprovider --maxfail 10 tests/test_backward_gpu.py \
-    tests/test_flash_api.py tests/test_varlen.py -k "wide or head_split or odd_shape or 192 or 256" 2>&1 | tail -8 |
-    tee "$OUT/walk-tests.txt"
-  if grep -q ' passed' "$OUT/walk-tests.txt" && ! grep -qE 'failed|error' "$OUT/walk-tests.txt"; then
-    bwd_ab "pair=wide-pair.patch walk=wide-pair-walk.patch" \
-      "--dtypes bf16 --head-dims ${2:-256} --causal 1 --seqlens 1024,4096,16384 --gqa 1x8192x32x8"
-  fi
+  bwd_ab "walk=wide-pair-walk.patch pair=wide-pair.patch" \
+    "--dtypes bf16 --head-dims ${2:-256} --causal 1 --seqlens 1024,4096,16384 --gqa 1x8192x32x8" \
+    "$WIDE_TESTS" tests/test_backward_gpu.py tests/test_flash_api.py tests/test_varlen.py
   ;;
 pairquick)  # `pair` in little device time: the wide and odd-shape backward tests (150 s at most), then one process each
   # of main and pair at d256 4k, causal or not
   variant pair "$EXP/wide-pair.patch" >/dev/null
-  with_variant pair timeout 150 python3 -m pytest -q -n 16 -p no:cacheprovider --maxfail 3 tests/test_backward_gpu.py \
-    -k "wide or odd_shape" 2>&1 | tail -6 | tee "$OUT/pair-tests.txt"
-  if grep -q ' passed' "$OUT/pair-tests.txt" && ! grep -qE 'failed|error' "$OUT/pair-tests.txt"; then
+  if tests_pass pair 150 "wide or odd_shape" tests/test_backward_gpu.py; then
     for v in main pair; do
       echo "== $v"
       with_variant $v python3 scripts/bench_backward.py --dtypes bf16 --head-dims 256 --causal 0,1 --seqlens 4096 \
