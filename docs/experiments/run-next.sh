@@ -332,7 +332,8 @@ tests_pass() {
     tail -6 | tee "$OUT/$v-tests.txt"
   grep -q ' passed' "$OUT/$v-tests.txt" && ! grep -qE 'failed|error' "$OUT/$v-tests.txt"
 }
-# bwd_ab "NAME=PATCH ..." ARGS [K TEST_FILES...]: each NAME a copy of this tree with docs/experiments/PATCH; with K,
+# bwd_ab "NAME=PATCH ..." ARGS [K TEST_FILES...]: each NAME a copy of this tree with docs/experiments/PATCH; with K
+# (and TESTS_PASSED unset),
 # the first NAME's GPU tests (tests_pass, 240 s; timing-only variants have none), and the timing only if they
 # pass; then main against every NAME (bench_backward ARGS), two processes each.
 bwd_ab() {
@@ -343,7 +344,8 @@ bwd_ab() {
     first=${first:-${spec%%=*}}
   done
   local args=$2
-  if [ $# -gt 2 ]; then
+  # TESTS_PASSED=1: an earlier call of this session ran them on this tree (pairquick): timing only
+  if [ $# -gt 2 ] && [ -z "${TESTS_PASSED:-}" ]; then
     local k=$3
     shift 3
     tests_pass "$first" 240 "$k" "$@" || { echo "== $first: tests did not pass, no timing"; return 0; }
