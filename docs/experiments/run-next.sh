@@ -236,7 +236,7 @@
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf|trace [SEQLENS] [D] [PATCH]|notes [FILTER]|tt REVERT_PATCH|tt3 CUT_PATCH REVERT_PATCH|ttq CUT_PATCH REVERT_PATCH|knobs4|xt64-tests|knobs5|knobs6|gqa256|x2walk|wgskip-mutant|ghost|pgdecode|mutant|initcheck|suite PART|powerbwd|ncubwd [D [SEQLEN [DTYPE]]]|wideab [HEAD_DIMS]|widedq [HEAD_DIMS [VARIANTS]]|sts64|l2hints|narrowdq|pair [HEAD_DIMS]|pairquick|pairwalk [HEAD_DIMS]}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf|trace [SEQLENS] [D] [PATCH]|notes [FILTER]|tt REVERT_PATCH|tt3 CUT_PATCH REVERT_PATCH|ttq CUT_PATCH REVERT_PATCH|knobs4|xt64-tests|knobs5|knobs6|gqa256|x2walk|wgskip-mutant|ghost|pgdecode|mutant|initcheck|suite PART|powerbwd|ncubwd [D [SEQLEN [DTYPE]]]|wideab [HEAD_DIMS]|widedq [HEAD_DIMS [VARIANTS]]|sts64|l2hints|narrowdq|pair [HEAD_DIMS]|pairquick|pairwalk [HEAD_DIMS]|pairsan [PATCH]}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -743,6 +743,14 @@ pairquick)  # `pair` in little device time: the wide and odd-shape backward test
         --gqa '' --out "$OUT/quick-$v" 2>&1 | grep -E '^bf16'
     done | tee -a "$OUT/bench.txt"
   fi
+  ;;
+pairsan)  # compute-sanitizer's memcheck, racecheck and synccheck over two pair tests (wide-pair.patch, or PATCH):
+  # GQA with a key past the last block (a pair's odd CTA on one key), and causal rows with no key with every feature
+  variant pair "$EXP/${2:-wide-pair.patch}" >/dev/null
+  T="tests/test_backward_gpu.py::test_wide_backward_matches_reference"
+  with_variant pair python3 scripts/sanitize.py --tool memcheck --tool racecheck --tool synccheck --out "$OUT/sanitize" -- \
+    "$T[(2, 129, 257, 4, 2, 256, True, '', 'fp16')]" \
+    "$T[(1, 211, 150, 4, 2, 256, True, 'window+softcap+alibi+dropout', 'bf16')]" 2>&1 | tail -8 | tee "$OUT/pair-sanitize.txt"
   ;;
 l2hints)  # the wide backward's Q / dO loads and dQ reductions with an L2 evict_last policy (wide-l2-hints.patch;
   # FlashAttention-3's hints): its tests, then main against it, bf16 d256, 1k / 4k / 16k causal or not, two processes.
