@@ -703,7 +703,8 @@ widedq)  # what the wide backward's dQ path costs (timing only: dQ is wrong in b
   # two processes each
   # ${3:-...}: the variants (nofence: no proxy fence before a reduction; nowait: no wait for the previous
   # reduction's read before staging the next part; nodout: dO loaded for the first two steps alone, the L2 bytes a
-  # cluster pair's Q / dO multicast would save (wide-nodout-timing-only.patch); all timing only too)
+  # cluster pair's Q / dO multicast would save (wide-nodout-timing-only.patch); all timing only too; halfreduce: each warp
+  # reduces 8 of its 16 rows, the bound of adding dQ once per 128 keys, ran in the sixtieth session: +3.0-8.4%)
   specs=""
   for v in ${3:-noreduce nostage}; do
     f=wide-dq-$v-timing-only.patch; [ -f "$EXP/$f" ] || f=wide-$v-timing-only.patch
