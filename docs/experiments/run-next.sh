@@ -236,7 +236,7 @@
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf|trace [SEQLENS] [D] [PATCH]|notes [FILTER]|tt REVERT_PATCH|tt3 CUT_PATCH REVERT_PATCH|ttq CUT_PATCH REVERT_PATCH|knobs4|xt64-tests|knobs5|knobs6|gqa256|x2walk|wgskip-mutant|ghost|pgdecode|mutant|initcheck|suite PART|powerbwd|ncubwd [D [SEQLEN [DTYPE]]]|wideab [HEAD_DIMS]|widedq [HEAD_DIMS [VARIANTS]]|sts64|l2hints|narrowdq|pair [HEAD_DIMS]|pairquick|pairwalk [HEAD_DIMS]|pairsan [PATCH]}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf|trace [SEQLENS] [D] [PATCH]|notes [FILTER]|tt REVERT_PATCH|tt3 CUT_PATCH REVERT_PATCH|ttq CUT_PATCH REVERT_PATCH|knobs4|xt64-tests|knobs5|knobs6|gqa256|x2walk|wgskip-mutant|ghost|pgdecode|mutant|initcheck|suite PART|powerbwd|ncubwd [D [SEQLEN [DTYPE]]]|wideab [HEAD_DIMS]|widedq [HEAD_DIMS [VARIANTS]]|sts64|l2hints|narrowdq|pairquick}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -246,8 +246,6 @@ if [[ $STEP != fa3* ]] && compgen -G ".whl/*.whl" >/dev/null; then  # the device
 fi
 export FLASHJIT_CACHE_DIR=/tmp/fj-cache PYTHONUNBUFFERED=1
 EXP=$ROOT/docs/experiments
-# The GPU tests of a wide-backward variant (wide, head-split, odd shapes, d192 / d256 calls)
-WIDE_TESTS="wide or head_split or odd_shape or 192 or 256"
 # The GPU tests that run the dispatcher's forward defaults (`tests`, and the same in an experiment's variant).
 FWD_TESTS=${FWD_TESTS:-"tests/test_forward_sm90.py tests/test_parity.py tests/test_flash_api.py tests/test_varlen.py tests/test_head_dim_v.py"}
 # The SM clock and power twice a second for the whole step, to $OUT/clocks.csv: fp16 ran 3-13% below bf16 at
@@ -332,8 +330,7 @@ tests_pass() {
     tail -6 | tee "$OUT/$v-tests.txt"
   grep -q ' passed' "$OUT/$v-tests.txt" && ! grep -qE 'failed|error' "$OUT/$v-tests.txt"
 }
-# bwd_ab "NAME=PATCH ..." ARGS [K TEST_FILES...]: each NAME a copy of this tree with docs/experiments/PATCH; with K
-# (and TESTS_PASSED unset),
+# bwd_ab "NAME=PATCH ..." ARGS [K TEST_FILES...]: each NAME a copy of this tree with docs/experiments/PATCH; with K,
 # the first NAME's GPU tests (tests_pass, 240 s; timing-only variants have none), and the timing only if they
 # pass; then main against every NAME (bench_backward ARGS), two processes each.
 bwd_ab() {
@@ -344,8 +341,7 @@ bwd_ab() {
     first=${first:-${spec%%=*}}
   done
   local args=$2
-  # TESTS_PASSED=1: an earlier call of this session ran them on this tree (pairquick): timing only
-  if [ $# -gt 2 ] && [ -z "${TESTS_PASSED:-}" ]; then
+  if [ $# -gt 2 ]; then
     local k=$3
     shift 3
     tests_pass "$first" 240 "$k" "$@" || { echo "== $first: tests did not pass, no timing"; return 0; }
@@ -695,7 +691,7 @@ wideab)  # [HEAD_DIMS] the wide backward's next product issued under the last dQ
   # 16k causal or not and B=1 8k 32/8, two processes each
   bwd_ab "ahead=wide-ahead.patch wg0=wide-ahead-wg0.patch" \
     "--dtypes bf16 --head-dims ${2:-256} --causal 0,1 --seqlens 1024,4096,16384 --gqa 1x8192x32x8" \
-    "$WIDE_TESTS" tests/test_backward_gpu.py tests/test_flash_api.py
+    "wide or head_split or odd_shape or 192 or 256" tests/test_backward_gpu.py tests/test_flash_api.py
   ;;
 widedq)  # what the wide backward's dQ path costs (timing only: dQ is wrong in both variants): main against
   # noreduce (staged, never added: wide-dq-noreduce-timing-only.patch) and nostage (neither staged nor added, so
@@ -703,8 +699,8 @@ widedq)  # what the wide backward's dQ path costs (timing only: dQ is wrong in b
   # two processes each
   # ${3:-...}: the variants (nofence: no proxy fence before a reduction; nowait: no wait for the previous
   # reduction's read before staging the next part; nodout: dO loaded for the first two steps alone, the L2 bytes a
-  # cluster pair's Q / dO multicast would save (wide-nodout-timing-only.patch); all timing only too; halfreduce: each warp
-  # reduces 8 of its 16 rows, the bound of adding dQ once per 128 keys, ran in the sixtieth session: +3.0-8.4%)
+  # cluster pair's Q / dO multicast would save (wide-nodout-timing-only.patch); halfreduce: each warp reduces 8 of
+  # its 16 rows, the bound of adding dQ once per 128 keys, ran in the sixtieth session: +3.0-8.4%; all timing only)
   specs=""
   for v in ${3:-noreduce nostage}; do
     f=wide-dq-$v-timing-only.patch; [ -f "$EXP/$f" ] || f=wide-$v-timing-only.patch
@@ -718,25 +714,11 @@ sts64)  # stage_rows_f32's stores as st.shared.v2.f32 (the front end had split e
   bwd_ab "sts64=sts64.patch" "--dtypes bf16 --head-dims 128,256 --causal 0,1 --seqlens 1024,4096 --gqa ''" \
     "backward or grad or wide or split" tests/test_backward_gpu.py tests/test_varlen.py
   ;;
-pair)  # [HEAD_DIMS] (pairquick ran in the sixtieth session: tests pass, -27% at d256 4k, the exchange's rendezvous;
-  # dropped, not run) the wide backward (d129-d256) in clusters of two CTAs on adjacent key blocks (wide-pair.patch): at
-  # each query block both see, each warp stores the 8 of its 16 dQ rows the peer owns into the peer's staging tile
-  # (st.async, counted on the peer's mbarrier) and adds the pair's sum of its own 8, so a pair adds dQ once per 128
-  # keys, as cuDNN's d256 kernel does (fifty-ninth session): its GPU tests, then main against it, bf16, 1k / 4k / 16k
-  # causal or not, two processes each. Prediction: +4-9% at d256 (halfreduce's bound less the
-  # exchange's two waits a piece)
-  bwd_ab "pair=wide-pair.patch" "--dtypes bf16 --head-dims ${2:-256} --causal 0,1 --seqlens 1024,4096,16384 --gqa ''" \
-    "$WIDE_TESTS" tests/test_backward_gpu.py tests/test_flash_api.py tests/test_varlen.py
-  ;;
-pairwalk)  # [HEAD_DIMS] (not run: the pair lost 27%) the pair with the even CTA's unshared (causal diagonal) query blocks walked after its
-  # shared ones (wide-pair-walk.patch, which holds wide-pair.patch): its tests as `pair`'s, then main / pair / walk,
-  # causal only. Prediction: walk over pair +3-6% at 1k, +1-2% at 4k, level at 16k
-  bwd_ab "walk=wide-pair-walk.patch pair=wide-pair.patch" \
-    "--dtypes bf16 --head-dims ${2:-256} --causal 1 --seqlens 1024,4096,16384 --gqa 1x8192x32x8" \
-    "$WIDE_TESTS" tests/test_backward_gpu.py tests/test_flash_api.py tests/test_varlen.py
-  ;;
-pairquick)  # (ran in the sixtieth session: 33 passed; d256 4k 279.6 / 263.8 against main's 386.3 / 359.8) `pair` in little device time: the wide and odd-shape backward tests (150 s at most), then one process each
-  # of main and pair at d256 4k, causal or not
+pairquick)  # (ran in the sixtieth session: 33 passed; d256 4k 279.6 / 263.8 against main's 386.3 / 359.8, the
+  # exchange's rendezvous: dropped) the wide backward (d129-d256) in clusters of two CTAs on adjacent key blocks
+  # (wide-pair.patch), each warp handing the peer the 8 of its 16 dQ rows the peer owns, so a pair adds dQ once per
+  # 128 keys: the wide and odd-shape backward tests (150 s at most), then one process each of main and pair at
+  # d256 4k, causal or not
   variant pair "$EXP/wide-pair.patch" >/dev/null
   if tests_pass pair 150 "wide or odd_shape" tests/test_backward_gpu.py; then
     for v in main pair; do
@@ -745,14 +727,6 @@ pairquick)  # (ran in the sixtieth session: 33 passed; d256 4k 279.6 / 263.8 aga
         --gqa '' --out "$OUT/quick-$v" 2>&1 | grep -E '^bf16'
     done | tee -a "$OUT/bench.txt"
   fi
-  ;;
-pairsan)  # (not run: the pair lost 27%) compute-sanitizer's memcheck, racecheck and synccheck over two pair tests (wide-pair.patch, or PATCH):
-  # GQA with a key past the last block (a pair's odd CTA on one key), and causal rows with no key with every feature
-  variant pair "$EXP/${2:-wide-pair.patch}" >/dev/null
-  T="tests/test_backward_gpu.py::test_wide_backward_matches_reference"
-  with_variant pair python3 scripts/sanitize.py --tool memcheck --tool racecheck --tool synccheck --out "$OUT/sanitize" -- \
-    "$T[(2, 129, 257, 4, 2, 256, True, '', 'fp16')]" \
-    "$T[(1, 211, 150, 4, 2, 256, True, 'window+softcap+alibi+dropout', 'bf16')]" 2>&1 | tail -8 | tee "$OUT/pair-sanitize.txt"
   ;;
 l2hints)  # the wide backward's Q / dO loads and dQ reductions with an L2 evict_last policy (wide-l2-hints.patch;
   # FlashAttention-3's hints): its tests, then main against it, bf16 d256, 1k / 4k / 16k causal or not, two processes.
