@@ -26,13 +26,13 @@ def main():
             for causal in (False, True):
                 b, h = 1, 8
                 q, k, v, do = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-                ref = grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
-                            *(t.double() for t in (q, k, v)), do.double())
+                def sdpa(q, k, v):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                ref = grads(sdpa, *(t.double() for t in (q, k, v)), do.double())
                 row = []
                 for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("fa2", SDPBackend.FLASH_ATTENTION)):
                     with sdpa_kernel(backend):
-                        g = grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal), q, k, v, do)
-                    row.append((name, g))
+                        row.append((name, grads(sdpa, q, k, v, do)))
                 g = grads(lambda q, k, v: flashjit.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                                  causal=causal).transpose(1, 2), q, k, v, do)
                 row.append(("flashjit", g))
