@@ -231,14 +231,15 @@
 #             predicted +8-13% if the L2's bytes set the pace (noreduce's half of them gave +20-27%)
 #   l2hints   (not run yet) the wide backward with L2 evict_last hints on its Q / dO loads and dQ reductions
 #   narrowdq  (not run yet) the narrow backward's dQ reductions priced as widedq's noreduce, d64 / d128
-#   nomaxb    the kept-max step's bound with no row max at all (timing only), d128 / d256, and d128 causal on
-#             lazy rescaling
+#   nomax [tests]  (ran in the sixty-first session: landed, non-causal +0.9-1.5%, d128 causal `_xt_hb_lr` +5.8-5.9%
+#             over `_xt_hb`) the key loop with no row max against main before it (nomax-revert.patch, made by
+#             `git diff -R kernels/` on the commit that landed it): its forward GPU tests, or the A/B
 #
 # The device copy has no usable .git: each variant is a copy of this tree with its patches applied by
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf|trace [SEQLENS] [D] [PATCH]|notes [FILTER]|tt REVERT_PATCH|tt3 CUT_PATCH REVERT_PATCH|ttq CUT_PATCH REVERT_PATCH|knobs4|xt64-tests|knobs5|knobs6|gqa256|x2walk|wgskip-mutant|ghost|pgdecode|mutant|initcheck|suite PART|powerbwd|ncubwd [D [SEQLEN [DTYPE]]]|wideab [HEAD_DIMS]|widedq [HEAD_DIMS [VARIANTS]]|sts64|l2hints|narrowdq|pairquick|nomaxb}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf|trace [SEQLENS] [D] [PATCH]|notes [FILTER]|tt REVERT_PATCH|tt3 CUT_PATCH REVERT_PATCH|ttq CUT_PATCH REVERT_PATCH|knobs4|xt64-tests|knobs5|knobs6|gqa256|x2walk|wgskip-mutant|ghost|pgdecode|mutant|initcheck|suite PART|powerbwd|ncubwd [D [SEQLEN [DTYPE]]]|wideab [HEAD_DIMS]|widedq [HEAD_DIMS [VARIANTS]]|sts64|l2hints|narrowdq|pairquick|nomax [tests]}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -742,24 +743,26 @@ narrowdq)  # the narrow backward's (d33-d128) dQ reductions priced, timing only 
   args="--dtypes bf16 --head-dims 64,128 --causal 0,1 --seqlens 1024,4096,16384 --gqa ''"
   bwd_ab "noreduce=narrow-dq-noreduce-timing-only.patch" "$args"
   ;;
-nomaxb)  # the bound of the kept-max step without any row max (kept-nomax-timing-only.patch: P against the kept
-  # max alone, no thread max, no quad shuffles; wrong where a row's max moves by 2^8 or starts from -inf after a
-  # tile's first block; kept exps extended to d256): main against it, bf16 d128 / d256, 4k / 16k, causal or not (d128
-  # causal's default has no lazy rescaling, so the same kernel in both: the noise floor), two processes each; then
-  # d128 causal 4k / 8k, main's default `_xt_hb` against `_xt_hb_lr` in both trees (main's is C7511-serialized),
-  # three rounds, one process a tree. Prediction: d128 non-causal +2-3% (the step 536 -> 431 instructions in
-  # sass_steps, nomax's +3.6-5.4% before the kept max took +0.9-2.5% of it), d256 +0-2%, d128 causal lr +3-6%
-  variant nomax "$EXP/kept-nomax-timing-only.patch" >/dev/null
-  args="--dtypes bf16 --head-dims 128,256 --causal 0,1 --seqlens 4096,16384 --gqa '' --no-flex"
-  warm bench_forward.py "$args" "main nomax"
-  passes bench_forward.py "$args" "main nomax"
-  F=fwd_sm90_bf16_d128_m128_n128_st2_ov1_pp1_ps1_causal1
-  for v in main nomax; do
-    echo "== $v" | tee -a "$OUT/bench.txt"
-    with_variant $v python3 scripts/bench_forward.py --dtypes bf16 --head-dims 128 --causal 1 --seqlens 4096,8192 \
-      --gqa '' --rounds 3 --no-flex --configs ${F}_xt_hb ${F}_xt_hb_lr --out "$OUT/causal-$v" 2>&1 | grep -E "^bf16" |
-      tee -a "$OUT/bench.txt"
-  done
+nomax)  # [tests]: the key loop with no row max (KeptSoftmax::exps_kept / settle_kept: P against the kept max, a
+  # move read off P's sums, the scores made again by mma.sync where a P overflowed) against main before it
+  # (nomax-revert.patch). `tests`: the forward GPU tests only. Otherwise bf16 d96 / d128, 4k / 16k, non-causal, two
+  # processes each (d192 and the causal defaults, which have no lazy rescaling, left out for the budget), then d128 causal 4k / 8k `_xt_hb` against `_xt_hb_lr` in both trees, three rounds, one process each.
+  # Prediction: non-causal d96-d192 +2-4% (d128's common step ~412 -> ~294 instructions a warp), causal lr +3-6%
+  if [ "${2:-}" = tests ]; then
+    gpu_tests main nomax-tests
+  else
+    variant before "$EXP/nomax-revert.patch" >/dev/null
+    args="--dtypes bf16 --head-dims 96,128 --causal 0 --seqlens 4096,16384 --gqa '' --no-flex"
+    warm bench_forward.py "$args" "main before"
+    passes bench_forward.py "$args" "main before"
+    F=fwd_sm90_bf16_d128_m128_n128_st2_ov1_pp1_ps1_causal1
+    for v in before main; do
+      echo "== $v" | tee -a "$OUT/bench.txt"
+      with_variant $v python3 scripts/bench_forward.py --dtypes bf16 --head-dims 128 --causal 1 --seqlens 4096,8192 \
+        --gqa '' --rounds 3 --no-flex --configs ${F}_xt_hb ${F}_xt_hb_lr --out "$OUT/causal-$v" 2>&1 | grep -E "^bf16" |
+        tee -a "$OUT/bench.txt"
+    done
+  fi
   ;;
 fwd-tests)  # [K]: the forward GPU tests `pytest -k K` selects (all of them without K)
   gpu_tests main fwd-tests ${2:+-k "$2"}

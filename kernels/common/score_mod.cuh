@@ -11,7 +11,7 @@ namespace flashjit {
 #ifdef __CUDACC__  // device code (the launcher's host-only build skips it: common/launch.cuh)
 template <bool kCausal, bool kLocal_, bool kSoftcap_, bool kAlibi_>
 struct ScoreMod {
-  static constexpr bool kLocal = kLocal_, kSoftcap = kSoftcap_;
+  static constexpr bool kLocal = kLocal_, kSoftcap = kSoftcap_, kAlibi = kAlibi_;
   // Scores need transforming before the softmax (else the scale folds into the exp2 argument).
   static constexpr bool kTransforms = kSoftcap_ || kAlibi_;
   int diag, seqlen_k, left, right;
