@@ -234,12 +234,14 @@
 #   nomax [tests]  (ran in the sixty-first session: landed, non-causal +0.9-1.5%, d128 causal `_xt_hb_lr` +5.8-5.9%
 #             over `_xt_hb`) the key loop with no row max against main before it (nomax-revert.patch, made by
 #             `git diff -R kernels/` on the commit that landed it): its forward GPU tests, or the A/B
+#   causallr [tests]  lazy rescaling for the causal d72-d128 defaults (causal-lr.patch): ptxas and the forward GPU
+#             tests in its tree, or main against it, d96 / d128 causal 1k-16k and the GQA point
 #
 # The device copy has no usable .git: each variant is a copy of this tree with its patches applied by
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf|trace [SEQLENS] [D] [PATCH]|notes [FILTER]|tt REVERT_PATCH|tt3 CUT_PATCH REVERT_PATCH|ttq CUT_PATCH REVERT_PATCH|knobs4|xt64-tests|knobs5|knobs6|gqa256|x2walk|wgskip-mutant|ghost|pgdecode|mutant|initcheck|suite PART|powerbwd|ncubwd [D [SEQLEN [DTYPE]]]|wideab [HEAD_DIMS]|widedq [HEAD_DIMS [VARIANTS]]|sts64|l2hints|narrowdq|pairquick|nomax [tests]}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf|trace [SEQLENS] [D] [PATCH]|notes [FILTER]|tt REVERT_PATCH|tt3 CUT_PATCH REVERT_PATCH|ttq CUT_PATCH REVERT_PATCH|knobs4|xt64-tests|knobs5|knobs6|gqa256|x2walk|wgskip-mutant|ghost|pgdecode|mutant|initcheck|suite PART|powerbwd|ncubwd [D [SEQLEN [DTYPE]]]|wideab [HEAD_DIMS]|widedq [HEAD_DIMS [VARIANTS]]|sts64|l2hints|narrowdq|pairquick|nomax [tests]|causallr [tests]}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -762,6 +764,24 @@ nomax)  # [tests]: the key loop with no row max (KeptSoftmax::exps_kept / settle
         --gqa '' --rounds 3 --no-flex --configs ${F}_xt_hb ${F}_xt_hb_lr --out "$OUT/causal-$v" 2>&1 | grep -E "^bf16" |
         tee -a "$OUT/bench.txt"
     done
+  fi
+  ;;
+causallr)  # [tests]: lazy rescaling for the 128-wide tile's causal rows (d72-d128; causal-lr.patch), now that the
+  # key loop has no row max there (sixty-first session: d128 causal `_xt_hb_lr` +5.9 / +5.8% over `_xt_hb` at 4k /
+  # 8k, one process). `tests`: ptxas over the causal lazy kernels d72-d128 the patched dispatcher can pick (their
+  # dropout, window and ALiBi forms too: lazy rescaling changes them, the row max stays there), then the forward GPU
+  # tests in its tree. Otherwise main against it, bf16 d96 / d128 causal 1k-16k and B=1 8k 32/8, two processes
+  # each. Prediction: +4-7% at 2k-16k, +0-4% at 1k; if the dropout forms lose, the patch needs a dropout exception
+  variant clr "$EXP/causal-lr.patch" >/dev/null
+  if [ "${2:-}" = tests ]; then
+    with_variant clr python3 scripts/ptxas_notes.py --jobs 16 $(with_variant clr python3 scripts/ptxas_notes.py --list |
+      grep causal1 | grep _lr | grep -E "_d(72|80|88|96|104|112|120|128)_" | sed 's/^/--filter /') 2>&1 | tail -5 |
+      tee "$OUT/clr-notes.txt"
+    gpu_tests clr clr-tests
+  else
+    args="--dtypes bf16 --head-dims 96,128 --causal 1 --seqlens 1024,2048,4096,8192,16384 --gqa 8192 --no-flex"
+    warm bench_forward.py "$args" "main clr"
+    passes bench_forward.py "$args" "main clr"
   fi
   ;;
 fwd-tests)  # [K]: the forward GPU tests `pytest -k K` selects (all of them without K)
