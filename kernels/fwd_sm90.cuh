@@ -386,7 +386,10 @@ struct KeptSoftmax {
   // P against the kept max alone, with no row max at all (kNoMaxExps): where every row has a finite max after its
   // tile's first block or sees no key at all (no window), the reference m, or 0 for a row without keys (whose
   // scores are all -inf: P = 0). Whether some P went above 2^8 (the max moved) is read off P's sums after the
-  // PV's wait (settle_kept), the rare case then settled from P itself.
+  // PV's wait (settle_kept), the rare case then settled from P itself. Not covered: a row that sees keys whose
+  // first block's scores are all -inf (a q.k past fp32's range) keeps reference 0, where the kept-max step took its
+  // own max. Sending it to the scores-again path (a reference of -FLT_MAX, or a NaN one caught by the sums' test)
+  // made ptxas serialize d96's causal half-block kernel (C7511), so it is left for such inputs.
   template <int kNt>
   __device__ __forceinline__ void exps_kept(float (&s)[1][kNt][4], const float (&m)[1][2], float scale_log2) {
 #pragma unroll
