@@ -233,7 +233,7 @@
 #   narrowdq  (not run yet) the narrow backward's dQ reductions priced as widedq's noreduce, d64 / d128
 #   nomax [tests]  (ran in the sixty-first session: landed, non-causal +0.9-1.5%, d128 causal `_xt_hb_lr` +5.8-5.9%
 #             over `_xt_hb`) the key loop with no row max against main before it (nomax-revert.patch, made by
-#             `git diff -R kernels/` on the commit that landed it): its forward GPU tests, or the A/B
+#             `git diff HEAD 12337d7 -- kernels/`, 12337d7 being main before it): its forward GPU tests, or the A/B
 #   causallr [tests]  lazy rescaling for the causal d72-d128 defaults (causal-lr.patch): ptxas and the forward GPU
 #             tests in its tree, or main against it, d96 / d128 causal 1k-16k and the GQA point
 #
