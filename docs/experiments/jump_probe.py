@@ -1,12 +1,19 @@
-"""Where a forward goes wrong on test_softmax_cuts' "jump" inputs (keys from the 300th on x the first argument): for each config
-name, the rows whose lse is not finite, their out, and the largest errors against the fp32 reference."""
+"""Where a forward goes wrong on test_softmax_cuts' "jump" inputs (keys from the 300th on x the first argument):
+for each config name, the rows whose lse is not finite, and the largest errors against the fp32 reference beside
+PyTorch's low-precision ones (the tests' pair, tests/numerics.py).
+
+    python3 docs/experiments/jump_probe.py 8 fwd_sm90_bf16_d128_m128_n128_st2_ov1_pp1_ps0_causal0_lr ...
+"""
+import os
 import sys
 
 import torch
 
 import flashjit
 from flashjit.configs import config_from_name
-from flashjit.reference import attention_reference
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests"))
+from numerics import reference_and_low  # noqa: E402  (the tests' reference pair)
 
 torch.manual_seed(0)
 for name in sys.argv[2:]:
@@ -18,8 +25,7 @@ for name in sys.argv[2:]:
     v = torch.randn(2, 611, 2, d, device="cuda", dtype=dtype)[..., : config.head_dim_v]
     k = k * torch.where(torch.arange(611, device="cuda") < 300, 1.0, float(sys.argv[1])).to(dtype)[None, :, None, None]
     out, lse = flashjit.forward(q, k, v, config=config, causal=config.causal, return_lse=True)
-    ref, ref_lse = attention_reference(q.float(), k.float(), v.float(), causal=config.causal)
-    low, low_lse = attention_reference(q, k, v, causal=config.causal, compute_dtype=None)
+    (ref, ref_lse), (low, low_lse) = reference_and_low(q, k, v, causal=config.causal)
     bad = torch.isfinite(lse) != torch.isfinite(ref_lse)
     print(name, "lse mismatch rows:", int(bad.sum()), "nan:", int(lse.isnan().sum()), "inf:", int(lse.isinf().sum()),
           "ref inf:", int(ref_lse.isinf().sum()))

@@ -748,7 +748,8 @@ narrowdq)  # the narrow backward's (d33-d128) dQ reductions priced, timing only 
 nomax)  # [tests]: the key loop with no row max (KeptSoftmax::exps_kept / settle_kept: P against the kept max, a
   # move read off P's sums, the scores made again by mma.sync where a P overflowed) against main before it
   # (nomax-revert.patch). `tests`: the forward GPU tests only. Otherwise bf16 d96 / d128, 4k / 16k, non-causal, two
-  # processes each (d192 and the causal defaults, which have no lazy rescaling, left out for the budget), then d128 causal 4k / 8k `_xt_hb` against `_xt_hb_lr` in both trees, three rounds, one process each.
+  # processes each (d192 and the causal defaults, which have no lazy rescaling, left out for the budget), then
+  # d128 causal 4k / 8k `_xt_hb` against `_xt_hb_lr` in both trees, three rounds, one process each.
   # Prediction: non-causal d96-d192 +2-4% (d128's common step ~412 -> ~294 instructions a warp), causal lr +3-6%
   if [ "${2:-}" = tests ]; then
     gpu_tests main nomax-tests
