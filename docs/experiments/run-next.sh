@@ -783,7 +783,7 @@ causallr)  # [tests]: lazy rescaling for the 128-wide tile's causal rows (d72-d1
   elif [ "${2:-}" = tests ]; then
     gpu_tests clr clr-tests
   else
-    args="--dtypes bf16 --head-dims 96,128 --causal 1 --seqlens 1024,2048,4096,8192,16384 --gqa 8192 --no-flex"
+    args="--dtypes bf16 --head-dims 96,128 --causal 1 --seqlens ${CLR_SEQLENS:-1024,2048,4096,8192,16384} --gqa 8192 --no-flex"
     warm bench_forward.py "$args" "main clr"
     passes bench_forward.py "$args" "main clr"
   fi
