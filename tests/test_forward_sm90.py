@@ -6,6 +6,7 @@ choice on sm_90a. Outputs are NaN-poisoned; inputs fresh, seeded per test."""
 import dataclasses
 import itertools
 import logging
+import math
 
 import pytest
 import torch
@@ -36,8 +37,19 @@ def _check(q, k, v, config, causal=False, **kw):
     out, lse = flashjit.forward(q, k, v, config=config, causal=causal, return_lse=True, out=out, **kw)
     (ref, ref_lse), (low, low_lse) = reference_and_low(q, k, v, causal=causal, **kw)
     assert_close("out", out, ref, low)
-    assert_lse_close(lse, ref_lse, low_lse)
+    assert_lse_close(lse, ref_lse, low_lse, atol=2e-3 + _sums_rounding(config))
     return out
+
+
+def _sums_rounding(config) -> float:
+    """The lse error a kernel's row sums add by summing rounded P (mma_sums: the bf16 / fp16 P that PV
+    multiplies): each P is off by up to 2^-8 (bf16) or 2^-11 (fp16) of itself, so the sum too, and its log by
+    log1p of that. It shows where one key dominates a row and its P is not exactly 1: with lazy rescaling P
+    is 2^x against a kept max (the "jump" inputs below: 3.6e-3 on the H200, sixty-second session); without,
+    a row's largest P is 1, exact."""
+    if not getattr(config, "mma_sums", False):
+        return 0.0
+    return math.log1p(2.0 ** (-8 if config.dtype == "bf16" else -11))
 
 
 def _feature_kwargs(q, feature: dict, causal: bool = False):
@@ -107,23 +119,17 @@ def _softmax_cut_configs():
             yield config
 
 
-# Failed "jump" on the H100 with two seeds in the sixty-first session (docs/perf-log.md), before the assertion
-# could be read: main's lazy rescaling with mma_sums at d_v 64, causal, one CTA a tile (not the kept-max step);
-# the same kernel was right on the same inputs' shape in a probe (docs/experiments/jump_probe.py). Marked, not skipped.
-JUMP_UNEXPLAINED = {"fwd_sm90_bf16_d128_m128_n128_st2_ov1_pp1_ps0_causal1_dv64_lr_ms"}
 
 
 @pytest.mark.parametrize("scores", ["plain", "growing", "jump"])
 @pytest.mark.parametrize("config", list(_softmax_cut_configs()), ids=lambda c: c.name)
-def test_softmax_cuts(config, scores, request):
+def test_softmax_cuts(config, scores):
     """Against the fp32 reference. "growing": keys scaled up along the sequence (x1 to x6) and queries
     x3, so rows meet maxima 2^8 and more above their running one in later blocks, some rows of a warp
     and not others: lazy_rescale's rescale runs in some steps and not in others. "jump": the keys from
     the 300th on x8, so most rows' max rises 2^64 or more in one block, where a step with P against the
     kept max alone makes the scores again (KeptSoftmax::settle_kept), and others' less. Sq != Sk, GQA,
     a causal Sq > Sk leaves rows that see no key (out 0 there)."""
-    if scores == "jump" and config.name in JUMP_UNEXPLAINED:
-        request.applymarker(pytest.mark.xfail(reason="undiagnosed (JUMP_UNEXPLAINED)", strict=False))
     q, k, v = _inputs(2, 700, 611, 4, 2, config.d_head, DTYPES[config.dtype])
     v = v[..., : config.head_dim_v]
     if scores != "plain":
