@@ -234,8 +234,10 @@
 #   nomax [tests]  (ran in the sixty-first session: landed, non-causal +0.9-1.5%, d128 causal `_xt_hb_lr` +5.8-5.9%
 #             over `_xt_hb`) the key loop with no row max against main before it (nomax-revert.patch, made by
 #             `git diff HEAD 12337d7 -- kernels/`, 12337d7 being main before it): its forward GPU tests, or the A/B
-#   causallr [tests]  lazy rescaling for the causal d72-d128 defaults (causal-lr.patch): ptxas and the forward GPU
-#             tests in its tree, or main against it, d96 / d128 causal 1k-16k and the GQA point
+#   causallr [notes|tests]  lazy rescaling for the causal d88-d128 defaults (causal-lr.patch): ptxas (ran on the CPU
+#             in the sixty-second session: d72 / d80's one-CTA twins C7511, so those stay eager), the forward GPU
+#             tests in its tree (84% ran then, no failure, cut by the call's limit), or main against it, d96 / d128
+#             causal 1k-16k and the GQA point
 #   d256nomax [tests]  (not run yet) the no-max key loop at d256 (d256-nomax.patch): ptxas and the d256 GPU tests
 #             in its tree, or main against it, d256 2k-16k causal and not
 #
