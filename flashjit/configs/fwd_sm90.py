@@ -86,7 +86,7 @@ class FwdSm90Config(ConfigBase):
                  non-causal and above d128 causal: flashjit/dispatch.py)
     mma_sums     the tensor cores sum P's rows (P times ones, wgmma N = 8, in an extra n-tile of O) instead
                  of an add an element; the sums are of the rounded P that PV multiplies, so O is normalised
-                 by the very P it holds but lse carries P's rounding: up to log1p(2^-8) = 3.9e-3 in bf16
+                 by the very P it holds but lse carries P's rounding: up to -log1p(-2^-8) = 3.9e-3 in bf16
                  (2^-11 in fp16) where one key dominates a row whose P is not 1 (lazy_rescale); 1 KiB more
                  shared memory; not with dropout (its dropped entries count in the sums); speed only
     two_ctas     two CTAs an SM, each with half the register file (the consumers 104 registers a thread)
