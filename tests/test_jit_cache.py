@@ -578,9 +578,9 @@ def test_the_dispatchers_two_cta_kernels_compile_unserialized_without_spills():
     registers a consumer thread, the tightest budget, and no plain twin to fall back to) compiles without a
     ptxas performance-loss note or a spill with this toolkit: ptxas tips kernels for changes outside their
     loops (docs/perf-log.md, thirtieth session). Only the cubins are built, with the JIT's nvcc flags (the
-    launchers are the build-set test's). Below d64 the list's two-CTA kernels are d64's tiles with a narrower
-    O, so fewer registers a thread. The half-block kernels, which ptxas has serialized, have their plain twin
-    (jit.unserialized): correct, a knob's gain short. Those off the build set (23 from d64 up, ~140 CPU-s on
+    launchers are the SUBSET's, as in the build-set test). Below d64 the list's two-CTA kernels are d64's tiles
+    with a narrower O, so fewer registers a thread. The half-block kernels, which ptxas has serialized, have their
+    plain twin (jit.unserialized): correct, a knob's gain short. Those off the build set (23 from d64 up, ~140 CPU-s on
     CI's two cores, ~40% of CI's longest path), the two-CTA ones below d64 (98) and the kernels with lazy
     rescaling alone (472) are left to scripts/ptxas_notes.py, run after a kernel or dispatcher change (all of
     those, fifty-fourth session: none noted, none spilling); the build set's own to the build-set test above."""
