@@ -546,9 +546,7 @@ def test_hopper_forward_build_set_compiles(private_cache):
     bf16 = [c for c in build_set if c.dtype == "bf16"]
     fp16 = [c for c in build_set if c.dtype == "fp16"]
     assert bf16 and sorted(c.name.replace("_fp16_", "_bf16_") for c in fp16) == sorted(c.name for c in bf16)
-    found = _ptxas_notes().check(bf16, jobs=NVCC_JOBS)
-    assert sorted(found) == sorted(c.name for c in bf16)
-    assert not {name: r for name, r in found.items() if r != ([], 0)}, "ptxas notes or spills (notes, bytes)"
+    _assert_cubins_clean(bf16)
     assert sorted(_ptxas_notes().ptx(fp16, jobs=NVCC_JOBS)) == sorted(c.name for c in fp16)
     # One whole, the way a user's precompile builds it (the smallest: the d32 two-CTA kernel, ~2 s).
     one = min(bf16, key=lambda c: (c.d_head, c.block_m, c.persistent))
@@ -572,6 +570,14 @@ def _ptxas_notes():
     return ptxas_notes
 
 
+def _assert_cubins_clean(configs: list) -> None:
+    """Each config's cubin, built with the JIT's nvcc flags (no launcher), has no ptxas performance-loss note
+    and no spill."""
+    found = _ptxas_notes().check(configs, jobs=NVCC_JOBS)
+    assert sorted(found) == sorted(c.name for c in configs)
+    assert not {name: r for name, r in found.items() if r != ([], 0)}, "ptxas notes or spills (notes, bytes)"
+
+
 @pytest.mark.heavy
 def test_the_dispatchers_two_cta_kernels_compile_unserialized_without_spills():
     """Every kernel the dispatcher can pick (scripts/ptxas_notes.py's list) with two CTAs an SM at d64 (104
@@ -584,11 +590,9 @@ def test_the_dispatchers_two_cta_kernels_compile_unserialized_without_spills():
     CI's two cores, ~40% of CI's longest path), the two-CTA ones below d64 (98) and the kernels with lazy
     rescaling alone (472) are left to scripts/ptxas_notes.py, run after a kernel or dispatcher change (all of
     those, fifty-fourth session: none noted, none spilling); the build set's own to the build-set test above."""
-    ptxas_notes = _ptxas_notes()
-    chosen = [c for c in ptxas_notes.kernels() if getattr(c, "two_ctas", False) and c.d_head == 64]
-    found = ptxas_notes.check(chosen, jobs=NVCC_JOBS)
-    assert len(chosen) >= 10 and sorted(found) == sorted(c.name for c in chosen)
-    assert not {name: r for name, r in found.items() if r != ([], 0)}, "ptxas notes or spills (notes, bytes)"
+    chosen = [c for c in _ptxas_notes().kernels() if getattr(c, "two_ctas", False) and c.d_head == 64]
+    assert len(chosen) >= 10
+    _assert_cubins_clean(chosen)
 
 
 @pytest.mark.heavy
