@@ -102,13 +102,18 @@ _PREFERENCES = {  # (head-dim class, causal) -> tiles, best first
 # 674 / 621 -> 632; d256 non-causal 589 -> 601 / 668 -> 673 / 662 -> 739 / 667 -> 736, causal 427 -> 448 (1k,
 # its 64-key tile) / 608 -> 605 / 636 -> 685 / 637 -> 662; d96 (the 128-wide tile) 4k 477 -> 480. So on for
 # those, despite d192's -3% at 4k and d128's -1% there. Off at d64 causal (192 rows: -0.4 / -1.4%, thirtieth
-# session) and d128 causal (level: 405 -> 404 / 542 -> 545 / 576 -> 578 at 1k / 4k / GQA).
-_LAZY_RESCALE = {(64, False), (128, False), (192, False), (192, True), (256, False), (256, True)}
+# session) and d128 causal (level: 405 -> 404 / 542 -> 545 / 576 -> 578 at 1k / 4k / GQA). Sixty-first session
+# (H100): with the key loop's row max gone (fwd_sm90.cuh kNoMaxExps), d128 causal `_xt_hb_lr` 609.0 / 628.3
+# against `_xt_hb` 575.2 / 593.7 at 4k / 8k (+5.9 / +5.8%), so on for the 128-wide tile's causal rows too,
+# except d72 / d80 (EAGER_CAUSAL_MAX): ptxas 13.0 serialized their one-CTA-a-tile causal lazy kernels (C7511;
+# varlen batches and long causal rows run those), and a persistent kernel and its twin rescale alike.
+_LAZY_RESCALE = {(64, False), (128, False), (128, True), (192, False), (192, True), (256, False), (256, True)}
+EAGER_CAUSAL_MAX = 80
 
 
 def lazy_rescale(d_head: int, causal: bool) -> bool:
     """Whether the Hopper forward rescales lazily at this head dim and mask (the measured table above)."""
-    return (sm90_tile(d_head), causal) in _LAZY_RESCALE
+    return (sm90_tile(d_head), causal) in _LAZY_RESCALE and not (causal and 64 < d_head <= EAGER_CAUSAL_MAX)
 
 
 # Dropout's masks in persistent kernels (FwdSm90Config.mask_warps; forty-fifth session, H100, bf16 16k
