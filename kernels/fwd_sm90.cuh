@@ -1047,14 +1047,16 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
   // tensor cores wait for: two consumer warpgroups, heads from 72 to 192 wide. H100, bf16 16k tokens,
   // non-causal (2026-12-05): d96 4k / 16k +3.6 / +1.8%, d128 +2.5 / +0.9%, d192 level / +2.5%; d64's 192-row
   // tile -1 to -3% and d256 -1 to -2%, where a softmax already runs under two warpgroups' products or
-  // under longer ones.
+  // under longer ones. d256 takes them with no row max at all (below), whose shorter step pays there: H100,
+  // bf16 (sixty-fourth session, two processes) +0.1-1.1% non-causal 2k-16k, +0.6-1.0% causal.
   constexpr bool kKeptExps = C::kOverlap && C::kLazyRescale && !C::kDropout && !C::kMmaSums && C::kConsumers == 2 &&
-                             C::kDHead > 64 && C::kDHead <= 192;
+                             C::kDHead > 64 && (C::kDHead <= 192 || (!C::Mod::kLocal && !C::Mod::kAlibi));
   // ... and with no row max at all (KeptSoftmax::exps_kept) where every row that sees a key has a finite max from
   // its tile's first block on (no window) and the max rarely moves by 2^8 (no ALiBi, whose distance term moves
   // it every block): d128's steady step ~412 -> ~294 instructions a warp on its common path (read off the SASS).
   // H100, bf16 16k tokens, non-causal (sixty-first session): d96 / d128 4k +1.5 / +1.1%, 16k +1.0 / +0.9%; d128
-  // causal on lazy rescaling (`_xt_hb_lr`, not the default) 4k / 8k +5.9 / +5.8% over the default `_xt_hb`.
+  // causal on lazy rescaling (`_xt_hb_lr`, the default since the sixty-fourth session) 4k / 8k +5.9 / +5.8%
+  // over `_xt_hb`.
   constexpr bool kNoMaxExps = kKeptExps && !C::Mod::kLocal && !C::Mod::kAlibi;
   float alpha_p[1][2] = {{1.f, 1.f}};
   // Ping-pong: warpgroup g issues its matrix products only while it holds the token (barrier
