@@ -234,19 +234,16 @@
 #   nomax [tests]  (ran in the sixty-first session: landed, non-causal +0.9-1.5%, d128 causal `_xt_hb_lr` +5.8-5.9%
 #             over `_xt_hb`) the key loop with no row max against main before it (nomax-revert.patch, made by
 #             `git diff HEAD 12337d7 -- kernels/`, 12337d7 being main before it): its forward GPU tests, or the A/B
-#   causallr [notes|tests|tail]  lazy rescaling for the causal d88-d128 defaults (causal-lr.patch): ptxas (ran on the CPU
-#             in the sixty-second session: d72 / d80's one-CTA twins C7511, so those stay eager), the forward GPU
-#             tests in its tree (84% ran then, no failure, cut by the call's limit), or main against it, d96 / d128
-#             causal 1k-16k and the GQA point; `tail`: in one call, the tests that run did not reach (test_varlen,
-#             test_head_dim_v) and the A/B from 2k (~450 s; for a session whose device starts are scarce)
-#   d256nomax [tests|all]  (not run yet) the no-max key loop at d256 (d256-nomax.patch): ptxas and the d256 GPU
-#             tests in its tree, or main against it, d256 2k-16k causal and not; `all`: both in one call
+#   causallr, d256nomax  (ran in the sixty-fourth session, H100: both landed, their steps and patches removed; git
+#             show 9f3d42c:docs/experiments/run-next.sh has them) lazy rescaling for causal d88-d128 (+4.4-7.1% at
+#             d96 / d128 causal 2k-16k and the GQA point, 151 tail tests passed), the no-max key loop at d256
+#             (+0.1-1.1%, 160 d256 tests passed, ptxas clean)
 #
 # The device copy has no usable .git: each variant is a copy of this tree with its patches applied by
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
 # serves all, since the templates' hash is part of every key.
 set -euo pipefail
-STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf|trace [SEQLENS] [D] [PATCH]|notes [FILTER]|tt REVERT_PATCH|tt3 CUT_PATCH REVERT_PATCH|ttq CUT_PATCH REVERT_PATCH|knobs4|xt64-tests|knobs5|knobs6|gqa256|x2walk|wgskip-mutant|ghost|pgdecode|mutant|initcheck|suite PART|powerbwd|ncubwd [D [SEQLEN [DTYPE]]]|wideab [HEAD_DIMS]|widedq [HEAD_DIMS [VARIANTS]]|sts64|l2hints|narrowdq|pairquick|nomax [tests]|causallr [notes|tests|tail]|d256nomax [tests|all]}
+STEP=${1:?usage: run-next.sh knobs|knobs2|dropout|table [DTYPE]|gqa|tests|fwdtable DTYPE|outlier|knobs3|steady|emu|kahead-tests|kahead|bwd-tests|keptc|ncu128|fa3|fa3check|quant|sk-tests|sk-sanitize|sk|idle|ks-tests|ks|ks-sanitize|walk|dyn-tests|dyn|treemax|early|ncudrop|alu|dropfwd|drop192|ncufwddrop|pairswap|dropps|mwknob|hybrid|droptable|ncuswap|d64r192|d256n64|fwd-tests|ncucudnn|st3|qfirst|qsleep|exppp|exppp3|ncuxt|power|walkc [COSTS] [tests]|q3|ncuq3|qa|qf|pvf|trace [SEQLENS] [D] [PATCH]|notes [FILTER]|tt REVERT_PATCH|tt3 CUT_PATCH REVERT_PATCH|ttq CUT_PATCH REVERT_PATCH|knobs4|xt64-tests|knobs5|knobs6|gqa256|x2walk|wgskip-mutant|ghost|pgdecode|mutant|initcheck|suite PART|powerbwd|ncubwd [D [SEQLEN [DTYPE]]]|wideab [HEAD_DIMS]|widedq [HEAD_DIMS [VARIANTS]]|sts64|l2hints|narrowdq|pairquick|nomax [tests]}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/run-next-out}
 mkdir -p "$OUT"
@@ -770,53 +767,6 @@ nomax)  # [tests]: the key loop with no row max (KeptSoftmax::exps_kept / settle
         --gqa '' --rounds 3 --no-flex --configs ${F}_xt_hb ${F}_xt_hb_lr --out "$OUT/causal-$v" 2>&1 | grep -E "^bf16" |
         tee -a "$OUT/bench.txt"
     done
-  fi
-  ;;
-causallr)  # [notes|tests|tail]: lazy rescaling for the 128-wide tile's causal rows (d72-d128; causal-lr.patch), now that the
-  # key loop has no row max there (sixty-first session: d128 causal `_xt_hb_lr` +5.9 / +5.8% over `_xt_hb` at 4k /
-  # 8k, one process). `tests`: ptxas over the causal lazy kernels d72-d128 the patched dispatcher can pick (their
-  # dropout, window and ALiBi forms too: lazy rescaling changes them, the row max stays there), then the forward GPU
-  # tests in its tree. Otherwise main against it, bf16 d96 / d128 causal 1k-16k and B=1 8k 32/8, two processes
-  # each. Prediction: +4-7% at 2k-16k, +0-4% at 1k; if the dropout forms lose, the patch needs a dropout exception
-  variant clr "$EXP/causal-lr.patch" >/dev/null
-  if [ "${2:-}" = notes ]; then
-    with_variant clr python3 scripts/ptxas_notes.py --jobs 16 $(with_variant clr python3 scripts/ptxas_notes.py --list |
-      grep causal1 | grep _lr | grep -E "_d(72|80|88|96|104|112|120|128)_" | sed 's/^/--filter /') 2>&1 | tail -5 |
-      tee "$OUT/clr-notes.txt"
-  elif [ "${2:-}" = tests ]; then
-    gpu_tests clr clr-tests
-  else
-    if [ "${2:-}" = tail ]; then  # the tests the sixty-second session's cut-off run did not reach, then the A/B
-      FWD_TESTS="tests/test_varlen.py tests/test_head_dim_v.py" GPU_TESTS_TIMEOUT=${GPU_TESTS_TIMEOUT:-240} \
-        gpu_tests clr clr-tail-tests || echo "== causal-lr tail tests: exit $?"
-      CLR_SEQLENS=${CLR_SEQLENS:-2048,4096,8192,16384}
-    fi
-    args="--dtypes bf16 --head-dims 96,128 --causal 1 --seqlens ${CLR_SEQLENS:-1024,2048,4096,8192,16384} --gqa 8192 --no-flex"
-    warm bench_forward.py "$args" "main clr"
-    passes bench_forward.py "$args" "main clr"
-  fi
-  ;;
-d256nomax)  # [tests|all]: the key loop with no row max at d256 too (d256-nomax.patch: KeptSoftmax there where there is no
-  # window or ALiBi; the kept-max step it builds on lost 1-2% at d256 before the row max went, fifty-ninth session).
-  # `tests`: ptxas over the d256 lazy kernels, then the forward GPU tests at d256 in its tree. Otherwise main against
-  # it, bf16 d256 non-causal and causal 2k-16k, two processes each. Prediction: +1-3% non-causal (the softmax of an
-  # 80-key block runs under two 256-wide products, so less of it shows than at d128), causal the same or better
-  variant d256 "$EXP/d256-nomax.patch" >/dev/null
-  if [ "${2:-}" = tests ] || [ "${2:-}" = all ]; then
-    with_variant d256 python3 scripts/ptxas_notes.py --jobs 16 $(with_variant d256 python3 scripts/ptxas_notes.py --list |
-      grep _d256_ | grep _lr | sed 's/^/--filter /') 2>&1 | tail -5 | tee "$OUT/d256-notes.txt"
-    # `-k 256`, not d256: the dispatcher-driven tests name the head dim bare (test_equals_the_sm80_family[256], the
-    # empty-row cases 203-113-256); it also takes a few with 256 queries or keys at other head dims
-    if [ "${2:-}" = all ]; then  # (a failure or the cut stops nothing: the A/B below still runs, the log says)
-      GPU_TESTS_TIMEOUT=${GPU_TESTS_TIMEOUT:-240} gpu_tests d256 d256-tests -k 256 || echo "== d256 tests: exit $?"
-    else
-      gpu_tests d256 d256-tests -k 256
-    fi
-  fi
-  if [ "${2:-}" != tests ]; then
-    args="--dtypes bf16 --head-dims 256 --causal 0,1 --seqlens 2048,4096,16384 --gqa '' --no-flex"
-    warm bench_forward.py "$args" "main d256"
-    passes bench_forward.py "$args" "main d256"
   fi
   ;;
 fwd-tests)  # [K]: the forward GPU tests `pytest -k K` selects (all of them without K)
