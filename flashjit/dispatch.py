@@ -105,15 +105,16 @@ _PREFERENCES = {  # (head-dim class, causal) -> tiles, best first
 # session) and d128 causal (level: 405 -> 404 / 542 -> 545 / 576 -> 578 at 1k / 4k / GQA). Sixty-first session
 # (H100): with the key loop's row max gone (fwd_sm90.cuh kNoMaxExps), d128 causal `_xt_hb_lr` 609.0 / 628.3
 # against `_xt_hb` 575.2 / 593.7 at 4k / 8k (+5.9 / +5.8%), so on for the 128-wide tile's causal rows too,
-# except d72 / d80 (EAGER_CAUSAL_MAX): ptxas 13.0 serialized their one-CTA-a-tile causal lazy kernels (C7511;
-# varlen batches and long causal rows run those), and a persistent kernel and its twin rescale alike.
+# except d72 / d80 (_EAGER_CAUSAL_MAX): ptxas 13.0 serialized their one-CTA-a-tile causal lazy kernels (C7511;
+# varlen batches and long causal rows run those), and a persistent kernel and its twin rescale alike. Sixty-fourth
+# session (H100, two processes): +4.4-7.1% at d96 / d128 causal 2k-16k and the B=1 8k 32/8 point.
 _LAZY_RESCALE = {(64, False), (128, False), (128, True), (192, False), (192, True), (256, False), (256, True)}
-EAGER_CAUSAL_MAX = 80
+_EAGER_CAUSAL_MAX = 80
 
 
 def lazy_rescale(d_head: int, causal: bool) -> bool:
     """Whether the Hopper forward rescales lazily at this head dim and mask (the measured table above)."""
-    return (sm90_tile(d_head), causal) in _LAZY_RESCALE and not (causal and 64 < d_head <= EAGER_CAUSAL_MAX)
+    return (sm90_tile(d_head), causal) in _LAZY_RESCALE and not (causal and 64 < d_head <= _EAGER_CAUSAL_MAX)
 
 
 # Dropout's masks in persistent kernels (FwdSm90Config.mask_warps; forty-fifth session, H100, bf16 16k
