@@ -206,8 +206,8 @@ def test_softmax_cuts_lazy_rescale_and_mma_sums():
                 picked = dispatch.default_config("bf16", d_head, causal, seqlen, arch="sm_90a")
                 assert (picked.lazy_rescale, picked.mma_sums) == (lazy, False)
     # measured (docs/perf-log.md, thirty-first, sixty-first and sixty-fourth sessions): faster non-causal and
-    # above d64 causal; not at d64 causal (192 rows, -0.4 to -1.4%). By tile width: d96 as d128, d160 as d192; but d72 / d80
-    # causal stay eager (their one-CTA-a-tile lazy kernels are serialized by ptxas).
+    # above d64 causal; not at d64 causal (192 rows, -0.4 to -1.4%). By tile width: d96 as d128, d160 as d192;
+    # but d72 / d80 causal stay eager (their one-CTA-a-tile lazy kernels are serialized by ptxas).
     dims = (32, 64, 72, 80, 88, 96, 128, 160, 192, 224, 256)
     on = {(d, c) for d in dims for c in (False, True) if dispatch.lazy_rescale(d, c)}
     assert on == {(d, False) for d in dims} | {(d, True) for d in dims if d > 80}
