@@ -1089,10 +1089,11 @@ tt)  # the tile transition's cuts (this tree) against main before them (docs/exp
 tt3)  # as tt, with a third tree: this one with docs/experiments/$2 (a patch turning one cut off)
   trees_ab "cut=$2 before=$3" 64,96,128 1024,2048,4096 tests
   ;;
-lse)  # [tests]: the epilogue's lse by __logf in every lane (lse-fast.patch) against main (logf in each quad's first
-  # lane): d64 / d128 / d256, 1k / 4k, causal or not; with `tests`, the forward GPU tests in the patched tree instead
+lse)  # [tests | HEAD_DIMS]: the epilogue's lse by __logf in every lane (lse-fast.patch) against main (logf in each quad's
+  # first lane): d64 / d128 / d256 unless given, 1k / 4k, causal or not; with `tests`, the forward GPU tests in the
+  # patched tree instead
   if [ "${2:-}" = tests ]; then variant fast "$EXP/lse-fast.patch" >/dev/null && gpu_tests fast lse-tests
-  else trees_ab "fast=lse-fast.patch" 64,128,256 1024,4096; fi
+  else trees_ab "fast=lse-fast.patch" "${2:-64,128,256}" 1024,4096; fi
   ;;
 ttq)  # a quick tt3: d128 only, 1k and 4k, no tests
   trees_ab "cut=$2 before=$3" 128 1024,4096
