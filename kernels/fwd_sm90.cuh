@@ -1253,7 +1253,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kCtasPerSm) fwd_kernel(const _
         sm.k_ring->release(st);
         mask_scores<C, decltype(masked)::value, kN>(s, T.mod, row0, j, lane);
         [[maybe_unused]] KeptSoftmax kept;  // (kKeptExps only)
-        bool moved = true;
+        [[maybe_unused]] bool moved = true;  // (softmax_rows only)
         if constexpr (kNoMaxExps) kept.exps_kept(leading<kN / 8>(s), m, scale_log2);
         else if constexpr (kKeptExps) kept.exps(leading<kN / 8>(s), m, scale_log2);
         else

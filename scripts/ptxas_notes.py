@@ -28,6 +28,9 @@ FEATURES = ({}, dict(local=True), dict(dropout=True), dict(softcap=True), dict(a
             dict(local=True, dropout=True))
 SEQLENS = (512, 1024, 2048, 8192)
 _SPILL = re.compile(r"(\d+) bytes spill stores")
+# The C++ front end's warnings ("...fwd_sm90.cuh(1256): warning #177-D: variable ... never referenced") and ptxas's:
+# the JIT keeps nvcc's log only when a build fails, so a template's warning shows nowhere else.
+_WARNING = re.compile(r"(?:warning #\d+-D|ptxas warning ?): .*")
 
 
 def kernels() -> list:
@@ -86,12 +89,19 @@ def _nvcc(config, flags: list[str], nvcc: str, include: str, scratch: Path, suff
     return log
 
 
-def compile_one(config, flags: list[str], nvcc: str, include: str, scratch: Path) -> tuple[str, list[str], int]:
-    """(name, ptxas's notes, spill-store bytes) of one kernel's cubin, left at scratch/<name>.cubin."""
+def warnings_in(log: str) -> list[str]:
+    """The distinct compiler warnings in an nvcc log."""
+    return sorted(set(_WARNING.findall(log)))
+
+
+def compile_one(config, flags: list[str], nvcc: str, include: str,
+                scratch: Path) -> tuple[str, list[str], int, list[str]]:
+    """(name, ptxas's notes, spill-store bytes, compiler warnings) of one kernel's cubin, left at
+    scratch/<name>.cubin."""
     from flashjit import jit
 
     log = _nvcc(config, [*flags, "-Xptxas=-v"], nvcc, include, scratch, ".cubin")
-    return config.name, jit.perf_losses(log), max((int(n) for n in _SPILL.findall(log)), default=0)
+    return config.name, jit.perf_losses(log), max((int(n) for n in _SPILL.findall(log)), default=0), warnings_in(log)
 
 
 def _each(configs: list, jobs: int, work) -> list:
@@ -105,28 +115,25 @@ def _each(configs: list, jobs: int, work) -> list:
         return [f.result() for f in futures]
 
 
-def check(configs: list, jobs: int) -> dict[str, tuple[list[str], int]]:
-    """{name: (ptxas's notes, spill-store bytes)} of each config's cubin, `jobs` nvcc processes at once."""
+def check(configs: list, jobs: int) -> dict[str, tuple[list[str], int, list[str]]]:
+    """{name: (ptxas's notes, spill-store bytes, compiler warnings)} of each config's cubin, `jobs` nvcc
+    processes at once."""
     from flashjit import toolchain
 
     flags = cubin_flags(toolchain.find_toolkit())
     found = _each(configs, jobs, lambda config, *where: compile_one(config, flags, *where))
-    return {name: (notes, spill) for name, notes, spill in found}
+    return {name: (notes, spill, warned) for name, notes, spill, warned in found}
 
 
-def ptx(configs: list, jobs: int) -> list[str]:
-    """Each config compiled to sm_90a PTX (raises on the first that fails); their names. Where a twin's
-    cubin is already checked (bf16 for fp16: the same registers, so the same notes), this proves the rest of
-    the template compiles for about half a cubin's time."""
+def ptx(configs: list, jobs: int) -> dict[str, list[str]]:
+    """{name: compiler warnings} of each config compiled to sm_90a PTX (raises on the first that fails). Where
+    a twin's cubin is already checked (bf16 for fp16: the same registers, so the same notes), this proves the
+    rest of the template compiles for about half a cubin's time."""
     from flashjit import toolchain
 
     flags = ptx_flags(toolchain.find_toolkit())
-
-    def one(config, *where) -> str:
-        _nvcc(config, flags, *where, ".ptx")
-        return config.name
-
-    return _each(configs, jobs, one)
+    return dict(_each(configs, jobs, lambda config, *where: (config.name,
+                                                             warnings_in(_nvcc(config, flags, *where, ".ptx")))))
 
 
 def main() -> int:
@@ -140,13 +147,16 @@ def main() -> int:
         print("\n".join(c.name for c in chosen))
         return 0
     found = check(chosen, args.jobs)
-    for name, (notes, spill) in found.items():
-        if notes or spill:
-            print(f"{name}: {'; '.join(notes) or 'no note'}; {spill} bytes spilled")
-    noted = sum(bool(notes) for notes, _ in found.values())
-    spilled = sum(spill > 0 for _, spill in found.values())
-    print(f"{len(chosen)} kernels: {noted} with ptxas performance-loss notes, {spilled} spilling", file=sys.stderr)
-    return 1 if noted else 0
+    for name, (notes, spill, warned) in found.items():
+        if notes or spill or warned:
+            print(f"{name}: {'; '.join(notes) or 'no note'}; {spill} bytes spilled" +
+                  "".join(f"\n  {w}" for w in warned))
+    noted = sum(bool(notes) for notes, _, _ in found.values())
+    spilled = sum(spill > 0 for _, spill, _ in found.values())
+    warning = sum(bool(warned) for _, _, warned in found.values())
+    print(f"{len(chosen)} kernels: {noted} with ptxas performance-loss notes, {spilled} spilling, {warning} with "
+          "compiler warnings", file=sys.stderr)
+    return 1 if noted or warning else 0
 
 
 if __name__ == "__main__":
