@@ -240,6 +240,7 @@
 #             (+0.1-1.1%, 160 d256 tests passed, ptxas clean)
 #   lse [tests|HEAD_DIMS]  (not run yet: no device in the sixty-fifth session) the epilogue's lse by __logf in every
 #             lane (lse-fast.patch) against main, d64 / d128 / d256 1k / 4k; `tests`: the forward GPU tests in its tree
+#             and test_native_autograd.py (the node's headers changed in the sixty-sixth session)
 #
 # The device copy has no usable .git: each variant is a copy of this tree with its patches applied by
 # patch(1), imported through PYTHONPATH (its kernels/ come with it: codegen.kernels_dir); one kernel cache
@@ -1093,8 +1094,9 @@ tt3)  # as tt, with a third tree: this one with docs/experiments/$2 (a patch tur
   ;;
 lse)  # [tests | HEAD_DIMS]: the epilogue's lse by __logf in every lane (lse-fast.patch) against main (logf in each quad's
   # first lane): d64 / d128 / d256 unless given, 1k / 4k, causal or not; with `tests`, the forward GPU tests in the
-  # patched tree instead
-  if [ "${2:-}" = tests ]; then variant fast "$EXP/lse-fast.patch" >/dev/null && gpu_tests fast lse-tests
+  # patched tree instead, and test_native_autograd's (the C++ node's leaner headers, sixty-sixth session, untested on a GPU)
+  if [ "${2:-}" = tests ]; then
+    variant fast "$EXP/lse-fast.patch" >/dev/null && gpu_tests fast lse-tests tests/test_native_autograd.py
   else trees_ab "fast=lse-fast.patch" "${2:-64,128,256}" 1024,4096; fi
   ;;
 ttq)  # a quick tt3: d128 only, 1k and 4k, no tests
