@@ -132,8 +132,11 @@ def ptx(configs: list, jobs: int) -> dict[str, list[str]]:
     from flashjit import toolchain
 
     flags = ptx_flags(toolchain.find_toolkit())
-    return dict(_each(configs, jobs, lambda config, *where: (config.name,
-                                                             warnings_in(_nvcc(config, flags, *where, ".ptx")))))
+
+    def one(config, *where) -> tuple[str, list[str]]:
+        return config.name, warnings_in(_nvcc(config, flags, *where, ".ptx"))
+
+    return dict(_each(configs, jobs, one))
 
 
 def main() -> int:

@@ -110,7 +110,7 @@ def kernel_sass(name: str, scratch: Path) -> tuple[str, list[str], int]:
 
     toolkit = toolchain.find_toolkit()
     _, notes, spill, _ = compile_one(config_from_name(name), cubin_flags(toolkit), str(toolkit.nvcc),
-                                  str(codegen.kernels_dir()), scratch)
+                                     str(codegen.kernels_dir()), scratch)
     dump = subprocess.run([cuobjdump(), "--dump-sass", str(scratch / f"{name}.cubin")], capture_output=True, text=True)
     if dump.returncode != 0:  # e.g. nvdisasm, which it runs, not on PATH
         sys.exit(f"{name}: cuobjdump failed: {dump.stderr.strip()[-500:]}")

@@ -536,9 +536,9 @@ def test_hopper_forward_build_set_compiles(private_cache):
     """Every fwd_sm90 kernel of the sm_90a build set compiles (the GPU tests run them on an H100/H200;
     this keeps a template change that breaks one tile or head dim from reaching them): the bf16 ones to cubins
     with the JIT's flags, none with its wgmma products serialized by ptxas (C7511-C7513: -17% for the one a
-    template change once did it to, with no other sign) and none spilling; an fp16 twin of each tile shape to PTX
-    (ptxas gives a twin bf16's registers, so the same notes). The launchers are host code whose only part of a kernel's own
-    is Config's constants (fwd_sm90.cuh's launch): the SUBSET above builds them whole in a dozen forms
+    template change once did it to, with no other sign), none spilling and none with a compiler warning; an fp16
+    twin of each tile shape to PTX, also without a warning (ptxas gives a twin bf16's registers, so the same
+    notes). The launchers are host code whose only part of a kernel's own is Config's constants (fwd_sm90.cuh's launch): the SUBSET above builds them whole in a dozen forms
     (persistent, two CTAs an SM, cross-tile with mask warps, d_v, an fp16 one), and one kernel of the set goes
     through precompile here (cubin, launcher, manifest with ptxas's notes). All 27 launchers whole cost ~70
     CPU-s of CI's two cores (sixty-third session: 162 against 94 CPU-s)."""
